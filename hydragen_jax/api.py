@@ -1,0 +1,200 @@
+"""Public API: attention, Hydragen's shared-prefix attention, and tree-shaped sharing.
+
+Hydragen (arXiv 2402.05099) splits each sequence's keys into the parts it shares with others and its own suffix,
+computes attention over each part, and merges the parts exactly by their log-sum-exp. Shared parts are computed
+once for all sequences that read them, their queries stacked into one matrix (inter-sequence batching).
+
+Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D]`, Hq a multiple of Hkv.
+`backend`: "pallas" (compiled GPU kernels), "interpret" (the same kernels in the Pallas interpreter, for CPU
+tests), "xla" (the pure-jnp reference); None picks "pallas" on GPU and "xla" elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from hydragen_jax import reference
+from hydragen_jax import validation as check
+from hydragen_jax.kernels import ops as pallas_ops
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Level:
+  """One level of a sharing tree.
+
+  Attributes:
+    k, v: `[N, L, Hkv, D]` keys and values of the level's N nodes.
+    lengths: `[N]` valid tokens of each node (<= L); nodes may differ in length, 0 included.
+    seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B).
+    max_group: static bound on how many sequences read one node (None: B); a speed hint for the kernels.
+  """
+
+  k: Array
+  v: Array
+  lengths: Array
+  seq_to_node: Array | None = None
+  max_group: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+  return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+def _level_attention(q, level: Level, *, causal: bool, batched: bool, scale: float, backend: str):
+  """(out, lse) of q over one level; `batched` stacks the queries of each node (inter-sequence batching)."""
+  k, v, lengths, seq_to_node = level.k, level.v, level.lengths, level.seq_to_node
+  if backend == "xla":
+    if batched and k.shape[0] == 1:
+      return reference.shared_attention(q, k[0], v[0], lengths[0], scale=scale)
+    if seq_to_node is not None:  # the reference reads each sequence's node through a gather
+      k, v, lengths = k[seq_to_node], v[seq_to_node], lengths[seq_to_node]
+    return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
+  interpret = backend == "interpret"
+  if batched:
+    nodes = jnp.arange(q.shape[0], dtype=jnp.int32) if seq_to_node is None else seq_to_node
+    return pallas_ops.batched(q, k, v, lengths, nodes, max_group=level.max_group, causal=causal, scale=scale,
+                              interpret=interpret)
+  return pallas_ops.per_sequence(q, k, v, lengths, seq_to_node, causal=causal, scale=scale, interpret=interpret)
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    kv_lengths: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[Array, Array]:
+  """Attention of each sequence's queries over its own keys, with the log-sum-exp for merging.
+
+  Args:
+    q: `[B, T, Hq, D]`.
+    k, v: `[B, S, Hkv, D]`.
+    kv_lengths: `[B]` valid keys per sequence (default S).
+    causal: the T queries are the last T valid keys: query t sees positions <= kv_lengths - T + t.
+    scale: logit scale, default 1/sqrt(D).
+    backend: "pallas", "interpret", "xla" or None.
+
+  Returns:
+    out `[B, T, Hq, D]` (q.dtype; 0 for a query that sees no key) and lse `[B, T, Hq]` float32 (-inf there).
+  """
+  check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  check.check_rank("k", k, 4, "[B, S, Hkv, D]")
+  check.check_same("k", k, "v", v)
+  check.check_heads("q", q, "k", k)
+  if k.shape[0] != q.shape[0]:
+    raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
+  lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1])
+  level = Level(k, v, lengths)
+  return _level_attention(q, level, causal=causal, batched=False, scale=_scale(scale, q.shape[-1]),
+                          backend=check.resolve_backend(backend))
+
+
+def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
+  """Exact log-sum-exp merge of `(out [..., D], lse [...])` parts over disjoint keys; empty parts (lse = -inf)
+  contribute nothing and never produce NaN. Returns (out, lse)."""
+  return reference.merge_states(states)
+
+
+def tree_attention(
+    q: Array,
+    levels: Sequence[Level],
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    batch_shared: bool = True,
+) -> Array:
+  """Attention over keys shared along a tree: each sequence reads one node per level, root to leaf.
+
+  Args:
+    q: `[B, T, Hq, D]`.
+    levels: root to leaf. All levels but the last are fully visible; the last is causal, its T queries being its
+      last T valid tokens (a query t with no visible leaf key still sees the shared levels).
+    scale: logit scale, default 1/sqrt(D).
+    backend: "pallas", "interpret", "xla" or None.
+    batch_shared: stack the queries of all sequences that read a shared node into one matrix (Hydragen). False
+      reads each shared node once per sequence (the shared-storage baseline); results are identical.
+
+  Returns:
+    out `[B, T, Hq, D]` in q.dtype: softmax attention over the concatenation of each sequence's nodes.
+  """
+  check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  if not levels:
+    raise ValueError("levels is empty; expected at least one Level.")
+  backend = check.resolve_backend(backend)
+  scale = _scale(scale, q.shape[-1])
+  batch = q.shape[0]
+  states = []
+  for i, level in enumerate(levels):
+    name = f"levels[{i}]"
+    check.check_rank(f"{name}.k", level.k, 4, "[N, L, Hkv, D]")
+    check.check_same(f"{name}.k", level.k, f"{name}.v", level.v)
+    check.check_heads("q", q, f"{name}.k", level.k)
+    num_nodes, capacity = level.k.shape[:2]
+    lengths = check.lengths_or_full(f"{name}.lengths", level.lengths, num_nodes, capacity)
+    if level.seq_to_node is None:
+      if num_nodes != batch:
+        raise ValueError(f"{name}.seq_to_node is None, which needs one node per sequence, but {name}.k has "
+                         f"{num_nodes} nodes {level.k.shape} for {batch} sequences (q {q.shape}).")
+      nodes = None
+    else:
+      nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes)
+    level = dataclasses.replace(level, lengths=lengths, seq_to_node=nodes)
+    last = i == len(levels) - 1
+    states.append(_level_attention(q, level, causal=last, batched=batch_shared and not last, scale=scale,
+                                   backend=backend))
+  out, _ = reference.merge_states(states)
+  return out.astype(q.dtype)
+
+
+def hydragen_attention(
+    q: Array,
+    prefix_k: Array,
+    prefix_v: Array,
+    suffix_k: Array,
+    suffix_v: Array,
+    *,
+    prefix_length: Array | int | None = None,
+    suffix_lengths: Array | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    batch_prefix: bool = True,
+) -> Array:
+  """Hydragen: one prefix shared by the whole batch plus each sequence's suffix.
+
+  Args:
+    q: `[B, T, Hq, D]`, the last T valid tokens of each suffix.
+    prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible.
+    suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries.
+    prefix_length: valid prefix tokens (default P; 0 allowed).
+    suffix_lengths: `[B]` valid suffix tokens (default S).
+    scale, backend: as `attention`.
+    batch_prefix: one matrix product over the prefix for all B·T·g queries (True), or one read per sequence.
+
+  Returns:
+    out `[B, T, Hq, D]`, equal to causal attention over each sequence's [prefix; suffix].
+  """
+  check.check_rank("prefix_k", prefix_k, 3, "[P, Hkv, D]")
+  check.check_same("prefix_k", prefix_k, "prefix_v", prefix_v)
+  check.check_rank("suffix_k", suffix_k, 4, "[B, S, Hkv, D]")
+  check.check_same("suffix_k", suffix_k, "suffix_v", suffix_v)
+  if prefix_k.shape[1:] != suffix_k.shape[2:]:
+    raise ValueError(f"prefix_k {prefix_k.shape} and suffix_k {suffix_k.shape} must share [Hkv, D].")
+  batch = q.shape[0] if jnp.ndim(q) == 4 else None
+  if batch is not None and suffix_k.shape[0] != batch:
+    raise ValueError(f"batch of suffix_k {suffix_k.shape} differs from batch of q {q.shape}.")
+  prefix = Level(prefix_k[None], prefix_v[None],
+                 check.scalar_length("prefix_length", prefix_length, prefix_k.shape[0]),
+                 jnp.zeros((suffix_k.shape[0],), jnp.int32))
+  suffix = Level(suffix_k, suffix_v,
+                 check.lengths_or_full("suffix_lengths", suffix_lengths, suffix_k.shape[0], suffix_k.shape[1]))
+  return tree_attention(q, [prefix, suffix], scale=scale, backend=backend, batch_shared=batch_prefix)

@@ -1,0 +1,118 @@
+"""The op, defined: softmax attention with ragged lengths, and the log-sum-exp merge.
+
+This module is the specification every implementation is tested against. It is plain `jax.numpy` in float32 and
+reads like the equations of the Hydragen paper (arXiv 2402.05099, section 3):
+
+    attention(q, K, V) = softmax(q Kᵀ · scale) V,          lse = log Σ_j exp(q·k_j · scale)
+
+and for keys split into parts K = [K_1; K_2; …] with per-part results (o_i, lse_i):
+
+    o = Σ_i o_i · exp(lse_i - lse),                        lse = log Σ_i exp(lse_i)
+
+Shapes follow `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, k and v `[B, S, Hkv, D]`. Query head i reads KV
+head i // g with g = Hq // Hkv (multi-head, grouped-query and multi-query attention alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def visible_keys(kv_lengths: Array, num_keys: int, num_queries: int, causal: bool) -> Array:
+  """Which keys each query sees: bool `[B, T, S]`.
+
+  Key position s is visible to query t of sequence b when s < kv_lengths[b] and, if `causal`, when
+  s <= kv_lengths[b] - T + t: the T queries are the last T valid tokens of the sequence.
+  """
+  pos = jnp.arange(num_keys)[None, None, :]
+  lengths = kv_lengths[:, None, None]
+  visible = pos < lengths
+  if causal:
+    last = lengths - num_queries + jnp.arange(num_queries)[None, :, None]
+    visible &= pos <= last
+  return visible
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    kv_lengths: Array,
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[Array, Array]:
+  """Plain softmax attention with its log-sum-exp.
+
+  Args:
+    q: `[B, T, Hq, D]` queries.
+    k, v: `[B, S, Hkv, D]` keys and values; Hq is a multiple of Hkv.
+    kv_lengths: `[B]` valid keys per sequence.
+    causal: the T queries are the last T valid keys (see `visible_keys`).
+    scale: multiplies q·k.
+
+  Returns:
+    out `[B, T, Hq, D]` in q.dtype (0 where a query sees no key) and lse `[B, T, Hq]` float32 (-inf there).
+  """
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32)) * scale
+  visible = visible_keys(kv_lengths, s, t, causal)[:, :, None, None, :]
+  logits = jnp.where(visible, logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+  out = jnp.einsum("bthgs,bshd->bthgd", probs, v.astype(jnp.float32))
+  return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
+
+
+def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: float) -> tuple[Array, Array]:
+  """Attention of every query of the batch to one shared, fully visible KV: the prefix product of Hydragen.
+
+  All B·T·g queries of a KV head meet the shared keys in one matrix product (inter-sequence batching).
+
+  Args:
+    q: `[B, T, Hq, D]`; k, v: `[P, Hkv, D]`; length: scalar count of valid shared keys.
+
+  Returns:
+    out `[B, T, Hq, D]` and lse `[B, T, Hq]` float32, as `attention`.
+  """
+  b, t, hq, d = q.shape
+  p, hkv = k.shape[0], k.shape[1]
+  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("bthgd,phd->bthgp", qg, k.astype(jnp.float32)) * scale
+  visible = jnp.arange(p) < length
+  logits = jnp.where(visible, logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+  out = jnp.einsum("bthgp,phd->bthgd", probs, v.astype(jnp.float32))
+  return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
+
+
+def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
+  """Exact log-sum-exp merge of attention results over disjoint key sets.
+
+  Args:
+    states: `(out_i, lse_i)` pairs, out_i `[..., D]`, lse_i `[...]` (natural log). A part with no keys has
+      lse_i = -inf and contributes nothing; if every part is empty the result is out = 0, lse = -inf (no NaN).
+
+  Returns:
+    out `[..., D]` in the dtype of the first part's out, and lse `[...]` float32.
+  """
+  if not states:
+    raise ValueError("merge_states: `states` is empty; expected at least one (out, lse) pair.")
+  lses = jnp.stack([jnp.asarray(lse, jnp.float32) for _, lse in states])
+  outs = jnp.stack([jnp.asarray(out, jnp.float32) for out, _ in states])
+  top = jnp.max(lses, axis=0)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)  # all parts empty: any finite shift works
+  weights = jnp.exp(lses - top)  # exp(-inf) = 0 for empty parts
+  total = jnp.sum(weights, axis=0)
+  safe_total = jnp.where(total > 0, total, 1.0)
+  out = jnp.sum(outs * (weights / safe_total)[..., None], axis=0)
+  lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
+  return out.astype(states[0][0].dtype), lse

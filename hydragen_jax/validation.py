@@ -1,0 +1,97 @@
+"""Input checks shared by the public functions: each error names the argument, the shape or dtype it got, and
+what was expected. Value checks (lengths within capacity, node indices in range) run only on concrete arrays, so
+everything stays `jax.jit`-able."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("pallas", "interpret", "xla")
+
+
+def default_backend() -> str:
+  """The backend used when none is given: "pallas" on a GPU, "xla" (the pure-jnp reference) elsewhere."""
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def resolve_backend(backend: str | None) -> str:
+  if backend is None:
+    return default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None for the default).")
+  return backend
+
+
+def _concrete(x) -> np.ndarray | None:
+  """The value of x if it is known now (not traced under jit), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+  if jnp.ndim(x) != rank:
+    raise ValueError(f"{name} must have rank {rank} ({layout}); got shape {jnp.shape(x)}.")
+
+
+def check_same(name_a: str, a, name_b: str, b) -> None:
+  """k and v must agree in shape and dtype."""
+  if a.shape != b.shape:
+    raise ValueError(f"{name_a} and {name_b} must have the same shape; got {a.shape} and {b.shape}.")
+  if a.dtype != b.dtype:
+    raise ValueError(f"dtype mismatch between {name_a} ({a.dtype}) and {name_b} ({b.dtype}).")
+
+
+def check_heads(q_name: str, q, kv_name: str, kv) -> None:
+  """q `[..., Hq, D]` against k `[..., Hkv, D]`: same D, Hq a multiple of Hkv, same dtype."""
+  hq, d = q.shape[-2:]
+  hkv, dk = kv.shape[-2:]
+  if d != dk:
+    raise ValueError(f"head dim of {q_name} {q.shape} (D={d}) differs from {kv_name} {kv.shape} (D={dk}).")
+  if hkv == 0 or hq % hkv:
+    raise ValueError(f"query heads of {q_name} {q.shape} (Hq={hq}) must be a multiple of the KV heads of "
+                     f"{kv_name} {kv.shape} (Hkv={hkv}).")
+  if q.dtype != kv.dtype:
+    raise ValueError(f"dtype mismatch between {q_name} ({q.dtype}) and {kv_name} ({kv.dtype}).")
+
+
+def lengths_or_full(name: str, lengths, count: int, capacity: int) -> jax.Array:
+  """Validates `lengths` `[count]` of valid keys (<= capacity); None means all `capacity` keys are valid."""
+  if lengths is None:
+    return jnp.full((count,), capacity, jnp.int32)
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (count,):
+    raise ValueError(f"{name} must have shape ({count},); got {lengths.shape}.")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer; got dtype {lengths.dtype}.")
+  value = _concrete(lengths)
+  if value is not None and value.size and (value.min() < 0 or value.max() > capacity):
+    raise ValueError(f"{name} must lie in [0, {capacity}] (the KV capacity); got min {value.min()}, "
+                     f"max {value.max()}.")
+  return lengths.astype(jnp.int32)
+
+
+def scalar_length(name: str, length, capacity: int) -> jax.Array:
+  """A single valid-key count (or None: all `capacity` keys)."""
+  if length is None:
+    return jnp.full((1,), capacity, jnp.int32)
+  if jnp.ndim(length) != 0:
+    raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(length)}.")
+  return lengths_or_full(name, jnp.reshape(length, (1,)), 1, capacity)
+
+
+def node_index(name: str, seq_to_node, batch: int, num_nodes: int) -> jax.Array:
+  """Validates `seq_to_node` `[batch]` with values in [0, num_nodes)."""
+  seq_to_node = jnp.asarray(seq_to_node)
+  if seq_to_node.shape != (batch,):
+    raise ValueError(f"{name} must have shape ({batch},) (one node per sequence of q); got {seq_to_node.shape}.")
+  if not jnp.issubdtype(seq_to_node.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer; got dtype {seq_to_node.dtype}.")
+  value = _concrete(seq_to_node)
+  if value is not None and value.size and (value.min() < 0 or value.max() >= num_nodes):
+    raise ValueError(f"{name} values must lie in [0, {num_nodes}) (the level has {num_nodes} nodes); got min "
+                     f"{value.min()}, max {value.max()}.")
+  return seq_to_node.astype(jnp.int32)
