@@ -1,0 +1,1 @@
+"""Benchmarks and end-to-end experiments of hydragen-jax (see experiments/README.md)."""

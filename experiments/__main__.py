@@ -1,0 +1,66 @@
+"""Command line: `python -m experiments {run,plot,bench-attention,list} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="run the experiment described by a config (name or path to a .toml)")
+    p_run.add_argument("config")
+    p_run.add_argument("--smoke", action="store_true", help="apply the config's [smoke] overrides (CPU-sized)")
+    p_run.add_argument("--out", help="JSONL path (default experiments/results/NAME-DEVICE-DATE.jsonl)")
+    p_run.add_argument("--plot", action="store_true", help="also draw the plots next to the results")
+    p_run.add_argument("--no-progress", action="store_true")
+
+    p_bench = sub.add_parser("bench-attention", help="run configs/bench_attention.toml (issue #5)")
+    p_bench.add_argument("--smoke", action="store_true")
+    p_bench.add_argument("--out")
+    p_bench.add_argument("--plot", action="store_true")
+    p_bench.add_argument("--no-progress", action="store_true")
+
+    p_plot = sub.add_parser("plot", help="draw PNG plots of one or more results files")
+    p_plot.add_argument("results", nargs="+")
+    p_plot.add_argument("--out", help="directory for the PNGs (default: next to the first results file)")
+
+    sub.add_parser("list", help="list the configs in experiments/configs/")
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+    from experiments import config as config_lib
+
+    if args.command == "list":
+        for path in sorted(config_lib.CONFIG_DIR.glob("*.toml")):
+            print(path.stem)
+        return 0
+    if args.command == "plot":
+        from experiments import plot
+
+        for path in plot.plot_files(args.results, args.out):
+            print(path)
+        return 0
+
+    from experiments import runner
+
+    name = "bench_attention" if args.command == "bench-attention" else args.config
+    try:
+        path = runner.run(name, smoke=args.smoke, out=args.out, progress=not args.no_progress)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.plot:
+        from experiments import plot
+
+        for png in plot.plot_files([path], None):
+            print(png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

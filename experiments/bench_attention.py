@@ -1,0 +1,300 @@
+"""Issue #5's attention microbenchmark: one decode step of B sequences sharing a P-token prefix.
+
+For each seed config and each suffix length s in (1, out/2, out), every variant is compiled and timed on the same
+random bf16 inputs (built once per (config, s), freed before the next). Per-step times are combined with Simpson's
+rule into tokens/s = B / mean step time; the floor (see `floor.py`) uses the copy bandwidth and matmul rate measured
+at the start of the same run.
+
+Variants (`VARIANTS`):
+  hydragen            hydragen_jax.hydragen_attention (pallas on GPU, `cpu_backend` elsewhere)
+  reference           the same function with backend="xla"
+  cudnn_per_sequence  jax.nn.dot_product_attention(implementation="cudnn") on per-sequence KV [B, P+s, Hkv, D]
+  xla_per_sequence    the same with implementation="xla"
+  shared_storage      hydragen_attention(..., batch_prefix=False): prefix stored once, read per sequence
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from experiments import device_rates, floor, memory, records, tables, timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    prefix: int
+    out: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def itemsize(self) -> int:
+        return jnp.dtype(self.dtype).itemsize
+
+    def point(self) -> dict:
+        return {"batch": self.batch, "prefix": self.prefix, "out": self.out, "q_heads": self.q_heads,
+                "kv_heads": self.kv_heads, "head_dim": self.head_dim, "dtype": self.dtype}
+
+    def label(self) -> str:
+        return f"B={self.batch} P={self.prefix} out={self.out} H={self.q_heads}/{self.kv_heads}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    prefix_copied: bool  # the variant keeps per-sequence copies of the prefix
+    needs_gpu: bool = False
+
+
+VARIANTS = {
+    "hydragen": Variant("hydragen", prefix_copied=False),
+    "reference": Variant("reference", prefix_copied=False),
+    "cudnn_per_sequence": Variant("cudnn_per_sequence", prefix_copied=True, needs_gpu=True),
+    "xla_per_sequence": Variant("xla_per_sequence", prefix_copied=True),
+    "shared_storage": Variant("shared_storage", prefix_copied=False),
+}
+BASELINES = ("reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
+
+
+def cases_from_config(config: dict) -> list[Case]:
+    bench = config["bench"]
+    return [Case(head_dim=bench["head_dim"], dtype=bench["dtype"], **row) for row in bench["configs"]]
+
+
+def hydragen_backend(bench: dict) -> str:
+    chosen = bench["hydragen_backend"]
+    if chosen != "auto":
+        return chosen
+    return "pallas" if jax.devices()[0].platform == "gpu" else bench["cpu_backend"]
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def make_inputs(case: Case, s: int, seed: int) -> dict:
+    """Queries, the shared prefix KV and per-sequence suffix KV: random normal data, already on the device."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    dt = jnp.dtype(case.dtype)
+    kv = (case.kv_heads, case.head_dim)
+    return {
+        "q": jax.random.normal(keys[0], (case.batch, 1, case.q_heads, case.head_dim), dt),
+        "prefix_k": jax.random.normal(keys[1], (case.prefix, *kv), dt),
+        "prefix_v": jax.random.normal(keys[2], (case.prefix, *kv), dt),
+        "suffix_k": jax.random.normal(keys[3], (case.batch, s, *kv), dt),
+        "suffix_v": jax.random.normal(keys[4], (case.batch, s, *kv), dt),
+    }
+
+
+@jax.jit
+def _per_sequence(prefix, suffix):
+    batch = suffix.shape[0]
+    copies = jnp.broadcast_to(prefix[None], (batch, *prefix.shape))
+    return jnp.concatenate([copies, suffix], axis=1)
+
+
+def per_sequence_kv(inputs: dict) -> tuple[jax.Array, jax.Array]:
+    """The concatenated per-sequence KV [B, P+s, Hkv, D] that the per-sequence baselines read."""
+    k = _per_sequence(inputs["prefix_k"], inputs["suffix_k"])
+    v = _per_sequence(inputs["prefix_v"], inputs["suffix_v"])
+    return jax.block_until_ready((k, v))
+
+
+def estimate_bytes(case: Case, s: int, variant: Variant) -> int:
+    """Device bytes a variant needs at suffix s: shared inputs, its KV copies, output and f32 logits workspace."""
+    shared = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, False)
+    q_and_out = 2 * case.batch * case.q_heads * case.head_dim * case.itemsize
+    copies = 0
+    if variant.prefix_copied:
+        copies = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
+    logits = 2 * 4 * case.batch * case.q_heads * (case.prefix + s)
+    return shared + q_and_out + copies + logits
+
+
+# ---------------------------------------------------------------- variants
+
+
+def build_variant(name: str, inputs: dict, per_seq: Callable[[], tuple], backend: str) -> tuple[Callable, tuple]:
+    """A function of device arrays and its arguments for one variant."""
+    if name in ("hydragen", "reference", "shared_storage"):
+        import hydragen_jax
+
+        chosen = "xla" if name == "reference" else backend
+        batch_prefix = name != "shared_storage"
+
+        def fn(q, pk, pv, sk, sv):
+            return hydragen_jax.hydragen_attention(q, pk, pv, sk, sv, backend=chosen, batch_prefix=batch_prefix)
+
+        return fn, (inputs["q"], inputs["prefix_k"], inputs["prefix_v"], inputs["suffix_k"], inputs["suffix_v"])
+    if name in ("cudnn_per_sequence", "xla_per_sequence"):
+        implementation = "cudnn" if name == "cudnn_per_sequence" else "xla"
+
+        def fn(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+        k, v = per_seq()
+        return fn, (inputs["q"], k, v)
+    raise KeyError(f"unknown variant {name!r}")
+
+
+def skip_reason(variant: Variant) -> str | None:
+    platform = jax.devices()[0].platform
+    if variant.needs_gpu and platform != "gpu":
+        return f"needs a CUDA GPU with cuDNN (platform is {platform})"
+    return None
+
+
+# ---------------------------------------------------------------- runner
+
+
+def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
+        build: Callable = build_variant) -> list[dict]:
+    """Run the benchmark, writing step, summary and device_rates records. Returns all records written."""
+    bench = config["bench"]
+    timing_kw = timing.timing_options(config["timing"])
+    budget = config["timing"].get("time_budget_s")
+    started = time.perf_counter()
+    backend = hydragen_backend(bench)
+    device_table = config.get("device")
+
+    rates = device_rates.measure(bench["copy_bytes"], bench["matmul_n"], timing_kw)
+    writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
+    print(f"[bench] copy bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
+          f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+
+    cases = cases_from_config(config)
+    copied = [n for n in bench["variants"] if VARIANTS[n].prefix_copied]
+    last_copied = copied[-1] if copied else None
+    steps: dict[tuple[Case, str], dict[int, dict]] = {}
+    work = [(case, s) for case in cases for s in floor.simpson_points(case.out)]
+    for case, s in tqdm(work, desc="bench-attention", disable=not progress):
+        point = {**case.point(), "suffix": s, "backend": backend}
+        if budget is not None and time.perf_counter() - started > budget:
+            for name in bench["variants"]:
+                steps.setdefault((case, name), {})[s] = writer.write(
+                    record="step", point=point, mode=name, status="skipped", reason="time budget exhausted")
+            continue
+        inputs = make_inputs(case, s, bench["seed"] + s)
+        cache: dict[str, tuple] = {}
+
+        def per_seq():
+            if "kv" not in cache:
+                cache["kv"] = per_sequence_kv(inputs)
+            return cache["kv"]
+
+        reference_out = None
+        nbytes = floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim,
+                                  case.itemsize)
+        flops = floor.step_flops(case.batch, case.prefix, s, case.q_heads, case.head_dim)
+        floor_s = floor.floor_time(nbytes, flops, rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+        for name in bench["variants"]:
+            variant = VARIANTS[name]
+            kv_bytes = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim,
+                                            case.itemsize, variant.prefix_copied)
+            base = {"kv_cache_bytes": kv_bytes, "floor_s": floor_s, "floor_bytes": nbytes, "floor_flops": flops}
+            reason = skip_reason(variant)
+            if reason is not None:
+                rec = writer.write(record="step", point=point, mode=name, status="skipped", results=base,
+                                   reason=reason)
+                steps.setdefault((case, name), {})[s] = rec
+                continue
+            args = None
+            try:
+                memory.check_fits(estimate_bytes(case, s, variant), device_table)
+                fn, args = build(name, inputs, per_seq, backend)
+                t = timing.time_fn(fn, args, **timing_kw)
+                out = t.output
+                results = {**base, **t.as_dict(), "step_s": t.median_s, "floor_fraction": floor_s / t.median_s}
+                if name == "reference":
+                    reference_out = out
+                elif reference_out is not None:
+                    diff = jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32)))
+                    results["max_abs_err_vs_reference"] = float(diff)
+                rec = writer.write(record="step", point=point, mode=name, status="ok", results=results)
+            except Exception as error:  # noqa: BLE001 - every failure becomes a record
+                status = "oom" if memory.is_oom(error) else "error"
+                rec = writer.write(record="step", point=point, mode=name, status=status, results=base,
+                                   reason=f"{type(error).__name__}: {str(error)[:500]}")
+            finally:
+                del args
+                if name == last_copied:
+                    cache.clear()  # no later variant reads the per-sequence copies
+                memory.release()
+            steps.setdefault((case, name), {})[s] = rec
+            _print_step(case, s, name, rec)
+        del inputs, reference_out
+        cache.clear()
+        memory.release()
+
+    for case in cases:
+        for name in bench["variants"]:
+            write_summary(writer, case, name, steps.get((case, name), {}), bench["variants"], steps, backend)
+
+    summaries = [r for r in writer.records if r["record"] == "summary"]
+    print(tables.bench_results_table(summaries), flush=True)
+    print(tables.bench_floor_table(summaries), flush=True)
+    return writer.records
+
+
+def _print_step(case: Case, s: int, name: str, rec: dict) -> None:
+    if rec["status"] == "ok":
+        r = rec["results"]
+        tqdm.write(f"[bench] {case.label()} s={s} {name}: {r['median_s'] * 1e6:.1f} us "
+                   f"(compile {r['compile_s']:.1f} s, floor fraction {r['floor_fraction']:.3f})")
+    else:
+        tqdm.write(f"[bench] {case.label()} s={s} {name}: {rec['status']} ({rec.get('reason', '')[:120]})")
+
+
+def summarize(case: Case, by_s: dict[int, dict]) -> tuple[str, dict, str | None]:
+    """Simpson-combined results of one variant on one config from its three step records."""
+    points = floor.simpson_points(case.out)
+    recs = [by_s.get(s) for s in points]
+    if any(r is None for r in recs):
+        return "skipped", {}, "missing step records"
+    statuses = [r["status"] for r in recs]
+    kv_bytes = recs[-1]["results"].get("kv_cache_bytes")
+    floor_mean = floor.simpson(*(r["results"]["floor_s"] for r in recs))
+    base = {"kv_cache_bytes_at_out": kv_bytes, "floor_mean_step_s": floor_mean,
+            "floor_tokens_per_s": case.batch / floor_mean}
+    if all(s == "ok" for s in statuses):
+        mean_step = floor.simpson(*(r["results"]["step_s"] for r in recs))
+        fraction = floor.simpson(*(r["results"]["floor_fraction"] for r in recs))
+        errs = [r["results"].get("max_abs_err_vs_reference") for r in recs]
+        results = {**base, "mean_step_s": mean_step, "tokens_per_s": case.batch / mean_step,
+                   "floor_fraction": fraction, "step_s": [r["results"]["step_s"] for r in recs],
+                   "compile_s": sum(r["results"]["compile_s"] for r in recs)}
+        if any(e is not None for e in errs):
+            results["max_abs_err_vs_reference"] = max(e for e in errs if e is not None)
+        return "ok", results, None
+    worst = next(s for s in ("oom", "error", "skipped") if s in statuses)
+    reasons = "; ".join(f"s={s}: {r.get('reason', '')[:200]}" for s, r in zip(points, recs) if r["status"] != "ok")
+    return worst, base, reasons
+
+
+def write_summary(writer, case, name, by_s, variants, steps, backend) -> dict:
+    status, results, reason = summarize(case, by_s)
+    if status == "ok":
+        for other in variants:
+            if other == name:
+                continue
+            o_status, o_results, _ = summarize(case, steps.get((case, other), {}))
+            if o_status == "ok":
+                results[f"speedup_vs_{other}"] = results["tokens_per_s"] / o_results["tokens_per_s"]
+    point = {**case.point(), "suffixes": list(floor.simpson_points(case.out)), "backend": backend}
+    return writer.write(record="summary", point=point, mode=name, status=status, results=results, reason=reason)
+
+
+def write_markdown(path, all_records: list[dict]) -> None:
+    summaries = [r for r in all_records if r["record"] == "summary"]
+    rates = next((r for r in all_records if r["record"] == "device_rates"), None)
+    with open(path, "w") as f:
+        f.write(tables.bench_markdown(summaries, rates))
+

@@ -1,0 +1,267 @@
+"""Experiment configs: TOML files with a `[smoke]` table of overrides, validated against a schema.
+
+A config names its `kind` (which experiment runs it); every kind has a schema (nested dict of expected keys).
+Leaves of a schema are `Field`s; a list of tables is described by `Rows(schema)`. Unknown or ill-typed keys raise
+`ConfigError` whose message names the dotted key (e.g. `bench.configs[2].batch`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pathlib
+import tomllib
+from typing import Any, Callable
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config is malformed; the message names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    types: tuple[type, ...]
+    required: bool = True
+    check: Callable[[Any], bool] | None = None
+    hint: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A non-empty array of tables, each validated against `schema`."""
+
+    schema: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOf:
+    """A non-empty array of scalars of one of `types`, each passing `check`."""
+
+    types: tuple[type, ...]
+    check: Callable[[Any], bool] | None = None
+    hint: str = ""
+    required: bool = True
+
+
+def positive_int(hint: str = "an integer >= 1") -> Field:
+    return Field((int,), check=lambda v: not isinstance(v, bool) and v >= 1, hint=hint)
+
+
+def non_negative_int() -> Field:
+    return Field((int,), check=lambda v: not isinstance(v, bool) and v >= 0, hint="an integer >= 0")
+
+
+def one_of(*choices: str, required: bool = True) -> Field:
+    return Field((str,), required=required, check=lambda v: v in choices, hint=f"one of {list(choices)}")
+
+
+TIMING_SCHEMA = {
+    "warmup": non_negative_int(),
+    "repeats": positive_int("an integer >= 1 (use >= 5 for reported numbers)"),
+    "min_repeat_s": Field((int, float), required=False, check=lambda v: v >= 0, hint="seconds >= 0"),
+    "max_inner": Field((int,), required=False, check=lambda v: v >= 1, hint="an integer >= 1"),
+    "time_budget_s": Field((int, float), required=False, check=lambda v: v > 0, hint="seconds > 0"),
+}
+
+DEVICE_SCHEMA = {
+    # Overrides the capacity reported by the device (bytes); used for the memory estimate checked before allocating.
+    "memory_capacity_bytes": Field((int,), required=False, check=lambda v: v > 0, hint="bytes > 0"),
+    # Fraction of the capacity that an estimate may use before the point is recorded as out of memory.
+    "memory_fraction": Field((float, int), required=False, check=lambda v: 0 < v <= 1, hint="in (0, 1]"),
+}
+
+COMMON_SCHEMA = {
+    "name": Field((str,)),
+    "kind": one_of("bench_attention", "e2e_throughput", "long_document", "tree_apps"),
+    "description": Field((str,), required=False),
+    "timing": TIMING_SCHEMA,
+    "device": {**DEVICE_SCHEMA, "__optional__": True},
+}
+
+BENCH_VARIANTS = ("hydragen", "reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
+
+BENCH_SCHEMA = {
+    **COMMON_SCHEMA,
+    "bench": {
+        "dtype": one_of("bfloat16", "float16", "float32"),
+        "head_dim": positive_int(),
+        "variants": ListOf((str,), check=lambda v: v in BENCH_VARIANTS, hint=f"one of {list(BENCH_VARIANTS)}"),
+        # Backend of the `hydragen` and `shared_storage` variants: "auto" = pallas on GPU, `cpu_backend` elsewhere.
+        "hydragen_backend": one_of("auto", "pallas", "interpret", "xla"),
+        "cpu_backend": one_of("interpret", "xla"),
+        "copy_bytes": positive_int(),
+        "matmul_n": positive_int(),
+        "seed": non_negative_int(),
+        "configs": Rows({
+            "batch": positive_int(),
+            "prefix": positive_int(),
+            "out": Field((int,), check=lambda v: not isinstance(v, bool) and v >= 2, hint="an integer >= 2"),
+            "q_heads": positive_int(),
+            "kv_heads": positive_int(),
+        }),
+    },
+}
+
+MODES = ("hydragen", "standard", "shared_storage", "none")
+
+MODEL_SCHEMA = {
+    # Model shape: a named preset of the models package (e.g. "llama-7b") plus optional overrides.
+    "preset": Field((str,)),
+    "overrides": {"__optional__": True, "__open__": True},
+    "dtype": one_of("bfloat16", "float16", "float32"),
+    "seed": non_negative_int(),
+}
+
+E2E_COMMON = {
+    **COMMON_SCHEMA,
+    "model": MODEL_SCHEMA,
+    "modes": ListOf((str,), check=lambda v: v in MODES, hint=f"one of {list(MODES)}"),
+    "backend": one_of("auto", "pallas", "interpret", "xla"),
+    "cpu_backend": one_of("interpret", "xla"),
+}
+
+E2E_THROUGHPUT_SCHEMA = {
+    **E2E_COMMON,
+    "grid": {
+        "prefixes": ListOf((int,), check=lambda v: v >= 1, hint="prefix lengths >= 1"),
+        "batches": ListOf((int,), check=lambda v: v >= 1, hint="batch sizes >= 1"),
+        "generate": positive_int(),
+    },
+}
+
+LONG_DOCUMENT_SCHEMA = {
+    **E2E_COMMON,
+    "grid": {
+        "prefixes": ListOf((int,), check=lambda v: v >= 1, hint="prefix lengths >= 1"),
+        "batch": positive_int(),
+        "generate": positive_int(),
+    },
+}
+
+TREE_APPS_SCHEMA = {
+    **E2E_COMMON,
+    "tree": {
+        "fewshot": positive_int(),
+        "problem_prompt": positive_int(),
+        "problems": positive_int(),
+        "samples": positive_int(),
+        "generate": positive_int(),
+        "variants": ListOf((str,), check=lambda v: v in ("two_level", "one_level", "standard"),
+                           hint="one of ['two_level', 'one_level', 'standard']"),
+    },
+}
+
+SCHEMAS = {
+    "bench_attention": BENCH_SCHEMA,
+    "e2e_throughput": E2E_THROUGHPUT_SCHEMA,
+    "long_document": LONG_DOCUMENT_SCHEMA,
+    "tree_apps": TREE_APPS_SCHEMA,
+}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_value(key: str, value: Any, types: tuple[type, ...], check, hint: str) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"key '{key}' must be {_type_name(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"key '{key}' must be {_type_name(types)}, got {value!r}")
+    if check is not None and not check(value):
+        raise ConfigError(f"key '{key}' must be {hint or 'valid'}, got {value!r}")
+
+
+def validate(data: dict, schema: dict, prefix: str = "") -> None:
+    """Raise ConfigError naming the first bad key of `data` under `schema`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"key '{prefix.rstrip('.')}' must be a table")
+    open_table = schema.get("__open__", False)
+    for key in data:
+        if key not in schema and not open_table:
+            raise ConfigError(f"unknown key '{prefix}{key}'")
+    for key, spec in schema.items():
+        if key.startswith("__"):
+            continue
+        full = f"{prefix}{key}"
+        if key not in data:
+            missing_ok = (isinstance(spec, dict) and spec.get("__optional__")) or (
+                isinstance(spec, (Field, ListOf)) and not spec.required)
+            if not missing_ok:
+                raise ConfigError(f"missing key '{full}'")
+            continue
+        value = data[key]
+        if isinstance(spec, dict):
+            validate(value, spec, prefix=f"{full}.")
+        elif isinstance(spec, Field):
+            _check_value(full, value, spec.types, spec.check, spec.hint)
+        elif isinstance(spec, ListOf):
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"key '{full}' must be a non-empty array")
+            for i, item in enumerate(value):
+                _check_value(f"{full}[{i}]", item, spec.types, spec.check, spec.hint)
+        elif isinstance(spec, Rows):
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"key '{full}' must be a non-empty array of tables")
+            for i, row in enumerate(value):
+                validate(row, spec.schema, prefix=f"{full}[{i}].")
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """Tables merge key by key; every other value (arrays included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
+    """A path to a TOML file, or a bare config name looked up in experiments/configs/."""
+    path = pathlib.Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{path.stem}.toml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"no config file {str(name_or_path)!r} (nor {candidate})")
+
+
+def load(name_or_path: str | pathlib.Path, *, smoke: bool = False) -> dict:
+    """Load, apply `[smoke]` overrides when asked, validate. Returns a plain dict with `smoke` set."""
+    path = resolve_path(name_or_path)
+    with open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path.name}: not valid TOML: {e}") from e
+    return from_dict(raw, smoke=smoke, source=path.name)
+
+
+def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>") -> dict:
+    raw = dict(raw)
+    overrides = raw.pop("smoke", None)
+    if overrides is None:
+        raise ConfigError(f"{source}: missing key 'smoke' (every config needs a [smoke] table)")
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: key 'smoke' must be a table")
+    kind = raw.get("kind")
+    if kind not in SCHEMAS:
+        raise ConfigError(f"{source}: key 'kind' must be one of {sorted(SCHEMAS)}, got {kind!r}")
+    schema = SCHEMAS[kind]
+    try:
+        validate(raw, schema)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    merged = deep_merge(raw, overrides)
+    try:
+        validate(merged, schema)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: after [smoke] overrides: {e}") from None
+    config = merged if smoke else raw
+    config["smoke"] = smoke
+    return config

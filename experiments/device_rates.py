@@ -1,0 +1,33 @@
+"""Measured device rates that define the floor: copy bandwidth and bf16 matmul rate (same run, same device)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from experiments import timing
+
+
+def copy_bandwidth(nbytes: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
+    """Bytes read + written per second of an elementwise device-to-device pass over `nbytes` of data."""
+    itemsize = jnp.dtype(dtype).itemsize
+    n = max(1, nbytes // itemsize)
+    x = jax.random.normal(jax.random.key(0), (n,), dtype=dtype)
+    t = timing.time_fn(lambda a: a * 2, (x,), **timing_kw)
+    moved = 2 * n * itemsize
+    del x
+    return {"copy_bytes": n * itemsize, "copy_time_s": t.median_s, "bandwidth_bytes_per_s": moved / t.median_s}
+
+
+def matmul_rate(n: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype` with the default (f32) accumulation."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (n, n), dtype=dtype)
+    b = jax.random.normal(kb, (n, n), dtype=dtype)
+    t = timing.time_fn(lambda x, y: x @ y, (a, b), **timing_kw)
+    del a, b
+    return {"matmul_n": n, "matmul_time_s": t.median_s, "matmul_flops_per_s": 2.0 * n**3 / t.median_s}
+
+
+def measure(copy_bytes: int, matmul_n: int, timing_kw: dict) -> dict:
+    return {**copy_bandwidth(copy_bytes, timing_kw), **matmul_rate(matmul_n, timing_kw)}

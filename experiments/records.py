@@ -1,0 +1,118 @@
+"""Result records: run metadata, JSON-lines writing and reading."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pathlib
+import re
+import subprocess
+from typing import Iterable, Iterator
+
+import jax
+
+REQUIRED_KEYS = ("config", "experiment", "record", "point", "mode", "status", "results", "device", "jax_version",
+                 "date_utc", "git_commit", "smoke")
+STATUSES = ("ok", "oom", "skipped", "error")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_kind() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform}:{device.device_kind}"
+
+
+def device_slug() -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", jax.devices()[0].device_kind).strip("-").lower() or "device"
+
+
+def metadata() -> dict:
+    return {
+        "device": device_kind(),
+        "jax_version": jax.__version__,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+
+
+def default_output(config_name: str, smoke: bool) -> pathlib.Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    suffix = "-smoke" if smoke else ""
+    return RESULTS_DIR / f"{config_name}{suffix}-{device_slug()}-{stamp}.jsonl"
+
+
+def _clean(value):
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RecordWriter:
+    """Appends one JSON object per line, flushing each so that a killed run keeps what it measured."""
+
+    def __init__(self, path: pathlib.Path, config: dict):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.base = {"config": config["name"], "experiment": config["kind"], "smoke": bool(config["smoke"]),
+                     **metadata()}
+        self._file = open(self.path, "w")
+        self.records: list[dict] = []
+
+    def write(self, *, record: str, point: dict, mode: str | None, status: str, results: dict | None = None,
+              reason: str | None = None) -> dict:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        rec = {**self.base, "record": record, "point": point, "mode": mode, "status": status,
+               "results": results or {}}
+        if reason is not None:
+            rec["reason"] = reason
+        rec = _clean(rec)
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        self.records.append(rec)
+        return rec
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read(path: str | pathlib.Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            rec = json.loads(line)
+            missing = [k for k in REQUIRED_KEYS if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{line_no}: record lacks keys {missing}")
+            records.append(rec)
+    return records
+
+
+def read_many(paths: Iterable[str | pathlib.Path]) -> Iterator[dict]:
+    for path in paths:
+        yield from read(path)

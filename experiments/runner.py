@@ -1,0 +1,36 @@
+"""Dispatch a loaded config to its experiment, write JSONL (+ markdown), return the output path."""
+
+from __future__ import annotations
+
+import pathlib
+
+from experiments import config as config_lib
+from experiments import records
+
+
+def experiment_module(kind: str):
+    if kind == "bench_attention":
+        from experiments import bench_attention
+
+        return bench_attention
+    if kind in ("e2e_throughput", "long_document", "tree_apps"):
+        from experiments import e2e
+
+        return e2e
+    raise config_lib.ConfigError(f"key 'kind': no experiment {kind!r}")
+
+
+def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bool = True) -> pathlib.Path:
+    path = pathlib.Path(out) if out else records.default_output(cfg["name"], cfg["smoke"])
+    module = experiment_module(cfg["kind"])
+    print(f"[run] {cfg['name']} ({cfg['kind']}{', smoke' if cfg['smoke'] else ''}) -> {path}", flush=True)
+    with records.RecordWriter(path, cfg) as writer:
+        module.run(cfg, writer, progress=progress)
+    markdown = path.with_suffix(".md")
+    module.write_markdown(markdown, records.read(path))
+    print(f"[run] wrote {path} and {markdown}", flush=True)
+    return path
+
+
+def run(name_or_path: str, *, smoke: bool = False, out: str | None = None, progress: bool = True) -> pathlib.Path:
+    return run_config(config_lib.load(name_or_path, smoke=smoke), out, progress=progress)
