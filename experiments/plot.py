@@ -1,0 +1,199 @@
+"""PNG plots (matplotlib, Agg) of results files, one or two figures per experiment kind."""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+from typing import Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import records  # noqa: E402
+
+
+def _ok(rec: dict, key: str):
+    return rec["results"].get(key) if rec["status"] == "ok" else None
+
+
+def _title(recs: list[dict], what: str) -> str:
+    r = recs[0]
+    smoke = " (smoke)" if r["smoke"] else ""
+    return f"{what}{smoke}\n{r['device']}, JAX {r['jax_version']}, {r['date_utc'][:10]}"
+
+
+def _mark_failures(ax, xs, recs_by_x):
+    """Write OOM / SKIPPED / ERROR at the foot of the bars that have no value."""
+    for x, rec in zip(xs, recs_by_x):
+        if rec is not None and rec["status"] != "ok":
+            ax.annotate(rec["status"].upper(), (x, 0.02), xycoords=("data", "axes fraction"), fontsize=6,
+                        rotation=90, ha="center", va="bottom", color="red")
+
+
+def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    summaries = [r for r in recs if r["record"] == "summary"]
+    if not summaries:
+        return []
+    cases, variants, by = [], [], {}
+    for r in summaries:
+        p = r["point"]
+        case = f"B={p['batch']}\nP={p['prefix']}\nout={p['out']}\n{p['q_heads']}/{p['kv_heads']}"
+        if case not in by:
+            cases.append(case)
+            by[case] = {}
+        if r["mode"] not in variants:
+            variants.append(r["mode"])
+        by[case][r["mode"]] = r
+    x = np.arange(len(cases))
+    width = 0.8 / max(1, len(variants))
+    paths = []
+    for key, ylabel, fname, log in (("tokens_per_s", "tokens/s (Simpson over s)", "tokens_per_s", True),
+                                    ("floor_fraction", "fraction of the floor", "floor_fraction", False)):
+        fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 4.8))
+        for i, v in enumerate(variants):
+            vals = [_ok(by[c].get(v, {"status": "missing", "results": {}}), key) for c in cases]
+            heights = [np.nan if val is None else val for val in vals]
+            xs = x + (i - (len(variants) - 1) / 2) * width
+            ax.bar(xs, heights, width, label=v)
+            _mark_failures(ax, xs, [by[c].get(v) for c in cases])
+        if key == "tokens_per_s":
+            floors = [next(iter(by[c].values()))["results"].get("floor_tokens_per_s") for c in cases]
+            ax.scatter(x, [np.nan if f is None else f for f in floors], marker="_", s=400, color="black",
+                       label="floor", zorder=3)
+        else:
+            ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xticks(x, cases, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(_title(summaries, f"Shared-prefix decode attention: {ylabel}"), fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{fname}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _series(recs: list[dict], x_key: str, group_key: str | None, y_key: str):
+    """{group: {mode: [(x, y or None, rec)]}}"""
+    out: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in recs:
+        g = r["point"].get(group_key) if group_key else None
+        out[g][r["mode"]].append((r["point"][x_key], _ok(r, y_key), r))
+    return out
+
+
+def plot_e2e_throughput(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    recs = [r for r in recs if r["record"] == "decode"]
+    if not recs:
+        return []
+    series = _series(recs, "batch", "prefix", "tokens_per_s")
+    groups = sorted(series)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4), squeeze=False, sharey=True)
+    for ax, g in zip(axes[0], groups):
+        for mode, pts in series[g].items():
+            pts = sorted(pts, key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [np.nan if p[1] is None else p[1] for p in pts], marker="o", label=mode)
+            for bx, y, rec in pts:
+                if y is None:
+                    ax.annotate(rec["status"].upper(), (bx, 0), xycoords=("data", "axes fraction"), fontsize=6,
+                                rotation=90, va="bottom", color="red")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_title(f"prefix {g}", fontsize=9)
+    axes[0][0].set_ylabel("decode tokens/s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(_title(recs, "End-to-end decode throughput"), fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}-throughput.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_long_document(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    recs = [r for r in recs if r["record"] == "decode"]
+    if not recs:
+        return []
+    series = _series(recs, "prefix", None, "tokens_per_s")[None]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, pts in series.items():
+        pts = sorted(pts, key=lambda p: p[0])
+        xs = [p[0] for p in pts]
+        ys = np.array([np.nan if p[1] is None else p[1] for p in pts], dtype=float)
+        axes[0].plot(xs, ys, marker="o", label=mode)
+        base = ys[0] if ys.size and ys[0] == ys[0] else np.nan
+        axes[1].plot(xs, ys / base, marker="o", label=mode)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shared prefix length (tokens)")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("decode tokens/s")
+    axes[1].set_ylabel("throughput relative to the shortest prefix")
+    axes[1].axhline(1.0, color="black", lw=0.8, ls="--")
+    axes[0].legend(fontsize=7)
+    batch = recs[0]["point"].get("batch")
+    fig.suptitle(_title(recs, f"Long shared document, batch {batch}"), fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}-relative.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    recs = [r for r in recs if r["record"] == "decode"]
+    if not recs:
+        return []
+    labels = [r["mode"] for r in recs]
+    vals = [np.nan if _ok(r, "decode_s") is None else _ok(r, "decode_s") for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(labels, vals, color=["C0", "C1", "C2", "C3"][: len(labels)])
+    for i, r in enumerate(recs):
+        if r["status"] != "ok":
+            ax.annotate(r["status"].upper(), (i, 0), fontsize=8, ha="center", va="bottom", color="red")
+    ax.set_ylabel("decode time (s)")
+    p = recs[0]["point"]
+    ax.set_title(_title(recs, f"APPS-like tree: {p.get('problems')} problems x {p.get('samples')} samples"),
+                 fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{stem}-time.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+PLOTTERS = {
+    "bench_attention": plot_bench,
+    "e2e_throughput": plot_e2e_throughput,
+    "long_document": plot_long_document,
+    "tree_apps": plot_tree_apps,
+}
+
+
+def plot_records(recs: list[dict], out_dir: str | pathlib.Path, stem: str) -> list[pathlib.Path]:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    by_kind = collections.defaultdict(list)
+    for r in recs:
+        by_kind[r["experiment"]].append(r)
+    for kind, group in by_kind.items():
+        plotter = PLOTTERS.get(kind)
+        if plotter is not None:
+            paths += plotter(group, out_dir, stem if len(by_kind) == 1 else f"{stem}-{kind}")
+    return paths
+
+
+def plot_files(paths: Iterable[str | pathlib.Path], out_dir: str | pathlib.Path | None) -> list[pathlib.Path]:
+    paths = [pathlib.Path(p) for p in paths]
+    recs = list(records.read_many(paths))
+    out_dir = pathlib.Path(out_dir) if out_dir else paths[0].parent
+    stem = paths[0].stem if len(paths) == 1 else "combined"
+    return plot_records(recs, out_dir, stem)
