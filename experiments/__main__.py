@@ -17,12 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--out", help="JSONL path (default experiments/results/NAME-DEVICE-DATE.jsonl)")
     p_run.add_argument("--plot", action="store_true", help="also draw the plots next to the results")
     p_run.add_argument("--no-progress", action="store_true")
+    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key after [smoke], VALUE in TOML syntax (e.g. timing.repeats=9)")
 
     p_bench = sub.add_parser("bench-attention", help="run configs/bench_attention.toml (issue #5)")
     p_bench.add_argument("--smoke", action="store_true")
+    p_bench.add_argument("--select", help="comma-separated indexes of bench.configs rows to run (default: all)")
     p_bench.add_argument("--out")
     p_bench.add_argument("--plot", action="store_true")
     p_bench.add_argument("--no-progress", action="store_true")
+    p_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key after [smoke], VALUE in TOML syntax (e.g. timing.repeats=9)")
 
     p_plot = sub.add_parser("plot", help="draw PNG plots of one or more results files")
     p_plot.add_argument("results", nargs="+")
@@ -50,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
     name = "bench_attention" if args.command == "bench-attention" else args.config
     try:
-        path = runner.run(name, smoke=args.smoke, out=args.out, progress=not args.no_progress)
+        assignments = list(args.set)
+        if getattr(args, "select", None):
+            assignments.append(select_rows(name, args.smoke, args.select, assignments))
+        path = runner.run(name, smoke=args.smoke, out=args.out, progress=not args.no_progress,
+                          assignments=assignments)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         for png in plot.plot_files([path], None):
             print(png)
     return 0
+
+
+def select_rows(name: str, smoke: bool, select: str, assignments: list[str]) -> str:
+    """A `--set bench.configs=[...]` assignment keeping the rows whose indexes are listed in `select`."""
+    from experiments import config as config_lib
+
+    rows = config_lib.load(name, smoke=smoke, assignments=assignments)["bench"]["configs"]
+    try:
+        picked = [rows[int(i)] for i in select.split(",") if i.strip()]
+    except (ValueError, IndexError) as e:
+        raise config_lib.ConfigError(f"--select {select!r}: indexes must be in 0..{len(rows) - 1}") from e
+    inline = ", ".join("{ " + ", ".join(f"{k} = {v}" for k, v in row.items()) + " }" for row in picked)
+    return f"bench.configs=[{inline}]"
 
 
 if __name__ == "__main__":

@@ -231,18 +231,46 @@ def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
     raise ConfigError(f"no config file {str(name_or_path)!r} (nor {candidate})")
 
 
-def load(name_or_path: str | pathlib.Path, *, smoke: bool = False) -> dict:
-    """Load, apply `[smoke]` overrides when asked, validate. Returns a plain dict with `smoke` set."""
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` with VALUE in TOML syntax (`5`, `"xla"`, `[1, 2]`); a bare word is taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_assignments(data: dict, assignments: list[str]) -> dict:
+    """Command-line overrides applied last (after [smoke]); validated like the rest."""
+    data = copy.deepcopy(data)
+    for text in assignments:
+        keys, value = parse_assignment(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: key '{k}' is not a table")
+        node[keys[-1]] = value
+    return data
+
+
+def load(name_or_path: str | pathlib.Path, *, smoke: bool = False, assignments: list[str] | None = None) -> dict:
+    """Load, apply `[smoke]` overrides when asked, then `--set` assignments, validate. Returns a dict with `smoke`
+    set."""
     path = resolve_path(name_or_path)
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path.name}: not valid TOML: {e}") from e
-    return from_dict(raw, smoke=smoke, source=path.name)
+    return from_dict(raw, smoke=smoke, source=path.name, assignments=assignments)
 
 
-def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>") -> dict:
+def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>", assignments: list[str] | None = None
+              ) -> dict:
     raw = dict(raw)
     overrides = raw.pop("smoke", None)
     if overrides is None:
@@ -263,5 +291,11 @@ def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>") -> dict
     except ConfigError as e:
         raise ConfigError(f"{source}: after [smoke] overrides: {e}") from None
     config = merged if smoke else raw
+    if assignments:
+        config = apply_assignments(config, assignments)
+        try:
+            validate(config, schema)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: after --set overrides: {e}") from None
     config["smoke"] = smoke
     return config

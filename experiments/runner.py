@@ -32,5 +32,7 @@ def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bo
     return path
 
 
-def run(name_or_path: str, *, smoke: bool = False, out: str | None = None, progress: bool = True) -> pathlib.Path:
-    return run_config(config_lib.load(name_or_path, smoke=smoke), out, progress=progress)
+def run(name_or_path: str, *, smoke: bool = False, out: str | None = None, progress: bool = True,
+        assignments: list[str] | None = None) -> pathlib.Path:
+    cfg = config_lib.load(name_or_path, smoke=smoke, assignments=assignments)
+    return run_config(cfg, out, progress=progress)
