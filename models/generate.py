@@ -1,0 +1,491 @@
+"""Generation with shared prefixes: prefill each shared level once, ragged prefill of the unique parts, then the
+whole decode loop in one jit-compiled ``lax.while_loop``.
+
+Public pieces (benchmarks time them separately):
+
+- ``prefill(model, prompts_or_tree, max_new_tokens, *, mode, ...) -> DecodeState``: builds the caches of
+  ``mode`` and the logits of each sequence's next token. Shared levels are prefilled once per node (their tokens
+  attend to their ancestors' nodes and causally to themselves), then the unique suffixes of all sequences in
+  one batched, right-aligned ragged pass. Long levels are processed in chunks of ``prefill_chunk`` tokens.
+- ``decode(model, state, num_steps, *, sampling, backend) -> DecodeState``: up to ``num_steps`` more tokens for
+  every sequence inside one ``lax.while_loop`` (stops early when all sequences are done). No host round trip
+  per token. ``state`` is donated (its buffers are reused); do not use it afterwards.
+- ``generate(model, prompts, ...) -> Generation``: both, from token ids or text, with samples per prompt, EOS
+  and per-sequence stops, progress per chunk of decode steps, and timing stats.
+
+Modes (see ``models.cache``): ``hydragen``, ``standard``, ``shared_storage``, ``none`` (no attention: a
+throughput upper bound for benchmarks only, its text is meaningless).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, make_attend)
+from models.config import LlamaConfig
+from models.llama import Llama
+from models.sharing import SharingTree, build_sharing_tree, expand_samples
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 = greedy (argmax); top_k 0 = off; top_p 1.0 = off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"sampling: temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"sampling: top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def make(cls, spec: "SamplingConfig | dict | str | None") -> "SamplingConfig":
+        """From a SamplingConfig, a dict of options, "greedy" or None (greedy)."""
+        if spec is None or spec == "greedy":
+            return cls(temperature=0.0)
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, dict):
+            known = [f.name for f in dataclasses.fields(cls)]
+            unknown = [k for k in spec if k not in known]
+            if unknown:
+                raise ValueError(f"unknown sampling option {unknown[0]!r}; known options: {known}")
+            return cls(**spec)
+        raise ValueError(f"sampling must be a SamplingConfig, a dict, 'greedy' or None, got {spec!r}")
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits of each row ``[B, V]`` (ties at the k-th value kept), others -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted entry
+    keep = before < p
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Next tokens ``[B]`` int32 from logits ``[B, V]`` and their log-probs ``[B]`` under the model's
+    unmodified distribution (log-softmax of the raw logits)."""
+    logits = logits.astype(jnp.float32)
+    if cfg.greedy:
+        tok = jnp.argmax(logits, axis=-1)
+    else:
+        x = top_p_mask(top_k_mask(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+        tok = jax.random.categorical(key, x, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+    return tok.astype(jnp.int32), logp
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries (a pytree). B sequences, N = max new tokens.
+
+    cache: the mode's cache; logits ``[B, V]`` float32 for the next token; positions ``[B]`` RoPE position of
+    the next token fed; tokens ``[B, N]`` (pad after a sequence stops); logprobs ``[B, N]``; lengths ``[B]``
+    tokens generated (stop token included); done ``[B]``; step () steps taken; key PRNG key; max_new ``[B]``
+    per-sequence budgets; stop_tokens ``[B, K]`` ids that end each sequence (-1 = none).
+    """
+
+    cache: Cache
+    logits: jax.Array
+    positions: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    step: jax.Array
+    key: jax.Array
+    max_new: jax.Array
+    stop_tokens: jax.Array
+    mode: str = struct.field(pytree_node=False, default="hydragen")
+    pad_id: int = struct.field(pytree_node=False, default=0)
+
+
+def _round_up(x: int, m: int) -> int:
+    return max(m, -(-x // m) * m)
+
+
+def _right_aligned(rows: Sequence[Sequence[int]], T: int) -> np.ndarray:
+    out = np.zeros((len(rows), T), np.int32)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, T - len(r):] = r
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static shapes of a prefill (hashable, a jit static argument)."""
+
+    level_nodes: tuple[int, ...]  # N_l
+    level_tokens: tuple[int, ...]  # T_l: longest node
+    level_capacity: tuple[int, ...]  # storage length of each level
+    max_group: tuple[int, ...]
+    suffix_tokens: int  # U: longest suffix
+    suffix_capacity: int  # U + max new tokens, rounded
+    dense_capacity: int  # longest prompt + max new tokens, rounded (standard mode)
+    chunk: int
+
+
+def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int) -> tuple[_Plan, dict]:
+    B = tree.num_sequences
+    arrays: dict[str, Any] = {"levels": []}
+    nodes, tokens, capacity, groups = [], [], [], []
+    offsets = np.zeros((len(tree.levels) + 1, B), np.int32)  # start of level l in each sequence
+    for l, level in enumerate(tree.levels):
+        lens = np.array([len(n) for n in level.nodes], np.int32)
+        s2n = np.array(level.seq_to_node, np.int32)
+        T = int(lens.max())
+        # each node's ancestors and start position, from any sequence reading it
+        reader = np.zeros(len(level.nodes), np.int64)
+        reader[s2n[::-1]] = np.arange(B)[::-1]
+        anc = np.stack([np.array(tree.levels[j].seq_to_node, np.int32)[reader] for j in range(l)]) \
+            if l else np.zeros((0, len(level.nodes)), np.int32)
+        arrays["levels"].append({
+            "tokens": _right_aligned(level.nodes, max(T, 1)), "lengths": lens, "seq_to_node": s2n,
+            "ancestors": anc, "start": offsets[l][reader].astype(np.int32)})
+        offsets[l + 1] = offsets[l] + lens[s2n]
+        nodes.append(len(level.nodes))
+        tokens.append(max(T, 1))
+        capacity.append(_round_up(T, pad_multiple))
+        groups.append(int(np.bincount(s2n).max()))
+    u = np.array([len(s) for s in tree.suffixes], np.int32)
+    U = int(u.max())
+    arrays.update(suffix_tokens=_right_aligned(tree.suffixes, U), suffix_lengths=u, offsets=offsets)
+    prompt_max = int((offsets[-1] + u).max())
+    plan = _Plan(tuple(nodes), tuple(tokens), tuple(capacity), tuple(groups), U,
+                 _round_up(U + max_new, pad_multiple), _round_up(prompt_max + max_new, pad_multiple), chunk)
+    return plan, arrays
+
+
+def _prefill_rows(model: Llama, cache: TreeCache, tokens, lengths, start, plan_chunk: int, backend):
+    """Prefill rows (nodes or sequences) whose right-aligned tokens ``[N, T]`` go into ``cache.k/v``; returns
+    the cache and the final hidden state of each row's last token ``[N, d]``."""
+    N, T = tokens.shape
+    C = min(plan_chunk, T)
+    last = jnp.zeros((N, model.config.hidden_size), model.dtype)
+    for c0 in range(0, T, C):  # chunk c covers token indices [c0, c0 + C) of every row
+        new = jnp.clip(lengths - c0, 0, C)
+        idx = jnp.arange(C)[None, :] - (C - new[:, None]) + c0  # token index in the row of each slot
+        src = jnp.clip(idx + (T - lengths[:, None]), 0, T - 1)  # column in the right-aligned input
+        chunk_tokens = jnp.take_along_axis(tokens, src, axis=1)
+        positions = jnp.maximum(start[:, None] + idx, 0)
+        hidden, cache = model(chunk_tokens, positions, cache, make_attend("hydragen", new, backend))
+        cache = advance(cache, new)
+        ends_here = (lengths > c0) & (lengths <= c0 + C)
+        last = jnp.where(ends_here[:, None], hidden[:, -1], last)
+    return cache, last
+
+
+def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str, backend):
+    model = Llama(config, params)
+    L, Hkv, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    dtype = model.dtype
+    shared: list[LevelCache] = []
+    for l, la in enumerate(arrays["levels"]):
+        N, cap = plan.level_nodes[l], plan.level_capacity[l]
+        own = TreeCache(
+            shared=tuple(LevelCache(lc.k, lc.v, lc.lengths, la["ancestors"][j], None) for j, lc in enumerate(shared)),
+            k=jnp.zeros((L, N, cap, Hkv, D), dtype), v=jnp.zeros((L, N, cap, Hkv, D), dtype),
+            lengths=jnp.zeros((N,), jnp.int32))
+        own, _ = _prefill_rows(model, own, la["tokens"], la["lengths"], la["start"], plan.chunk, backend)
+        shared.append(LevelCache(own.k, own.v, own.lengths, la["seq_to_node"], plan.max_group[l]))
+    B = arrays["suffix_lengths"].shape[0]
+    S = plan.suffix_capacity
+    tree_cache = TreeCache(shared=tuple(shared), k=jnp.zeros((L, B, S, Hkv, D), dtype),
+                           v=jnp.zeros((L, B, S, Hkv, D), dtype), lengths=jnp.zeros((B,), jnp.int32))
+    tree_cache, last = _prefill_rows(model, tree_cache, arrays["suffix_tokens"], arrays["suffix_lengths"],
+                                     arrays["offsets"][-1], plan.chunk, backend)
+    logits = model.logits(last)
+    positions = arrays["offsets"][-1] + arrays["suffix_lengths"]
+    if mode in ("hydragen", "shared_storage"):
+        cache = tree_cache
+    elif mode == "standard":
+        cache = _dense_from_tree(tree_cache, arrays["offsets"], plan.dense_capacity)
+    else:
+        cache = NoCache(lengths=positions)
+    return cache, logits, positions
+
+
+def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
+    """Copy each sequence's whole prompt (its shared nodes, then its suffix) into its own cache."""
+    j = jnp.arange(capacity)[None, :]  # [1, S]
+    parts = [(lc.k[:, lc.seq_to_node], lc.v[:, lc.seq_to_node], lc.lengths[lc.seq_to_node]) for lc in tc.shared]
+    parts.append((tc.k, tc.v, tc.lengths))
+    L, B = tc.k.shape[:2]
+    k = jnp.zeros((L, B, capacity) + tc.k.shape[3:], tc.k.dtype)
+    v = jnp.zeros_like(k)
+    for l, (pk, pv, plen) in enumerate(parts):
+        idx = j - offsets[l][:, None]  # [B, S]: index into this part
+        valid = (idx >= 0) & (idx < plen[:, None])
+        idx = jnp.clip(idx, 0, pk.shape[2] - 1)
+        gk = jnp.take_along_axis(pk, idx[None, :, :, None, None], axis=2)
+        gv = jnp.take_along_axis(pv, idx[None, :, :, None, None], axis=2)
+        k = jnp.where(valid[None, :, :, None, None], gk, k)
+        v = jnp.where(valid[None, :, :, None, None], gv, v)
+    return DenseCache(k=k, v=v, lengths=offsets[-1] + tc.lengths)
+
+
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend"))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+
+
+def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
+    if isinstance(prompts_or_tree, SharingTree):
+        return prompts_or_tree
+    return build_sharing_tree(prompts_or_tree, max_depth=max_depth)
+
+
+def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+            *, mode: str = "hydragen", eos_ids: Sequence[int] | None = None,
+            stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, backend: str | None = None,
+            max_depth: int = 3, pad_multiple: int = 16, prefill_chunk: int = 2048,
+            _compiled: dict | None = None) -> DecodeState:
+    """Caches and first-token logits for every sequence of a sharing tree (or of token-id prompts, one per
+    sequence, whose tree is built by ``build_sharing_tree``).
+
+    max_new_tokens: an int, or one budget per sequence. eos_ids: ids ending every sequence (default: the
+    config's). stop_tokens: extra stop ids per sequence. Raises ``ValueError`` on bad input.
+    """
+    _check_mode(mode)
+    config: LlamaConfig = model.config
+    tree = _as_tree(prompts_or_tree, max_depth)
+    B = tree.num_sequences
+    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (B,))
+    if (budgets < 1).any():
+        raise ValueError(f"max_new_tokens must be >= 1, got {int(budgets.min())}")
+    N = int(budgets.max())
+    for b in range(B):
+        total = tree.prefix_length(b) + len(tree.suffixes[b])
+        if total + budgets[b] > config.max_position_embeddings:
+            raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
+                             f"model's maximum length {config.max_position_embeddings}")
+        bad = [t for t in tree.prompt(b) if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"sequence {b}: token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
+    extra = [list(s) for s in stop_tokens] if stop_tokens is not None else [[] for _ in range(B)]
+    if len(extra) != B:
+        raise ValueError(f"stop_tokens has {len(extra)} entries, expected one per sequence ({B})")
+    K = max(1, max(len(eos) + len(s) for s in extra))
+    stops = np.full((B, K), -1, np.int32)
+    for b, s in enumerate(extra):
+        ids = list(eos) + s
+        stops[b, :len(ids)] = ids
+
+    plan, arrays = _host_arrays(tree, N, pad_multiple, prefill_chunk)
+    args = (model.params(), jax.tree.map(jnp.asarray, arrays))
+    kw = dict(config=config, plan=plan, mode=mode, backend=backend)
+    if _compiled is not None:
+        t0 = time.perf_counter()
+        fn = _prefill_jit.lower(*args, **kw).compile()
+        _compiled["prefill_compile_s"] = time.perf_counter() - t0
+        cache, logits, positions = fn(*args)
+    else:
+        cache, logits, positions = _prefill_jit(*args, **kw)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    return DecodeState(
+        cache=cache, logits=logits, positions=positions,
+        tokens=jnp.full((B, N), pad, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
+        lengths=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32),
+        key=jax.random.key(seed), max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops),
+        mode=mode, pad_id=pad)
+
+
+# ------------------------------------------------------------------------------------------------- decode
+
+
+def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, sampling: SamplingConfig,
+                 backend):
+    model = Llama(config, params)
+    B, N = state.tokens.shape
+    limit = jnp.minimum(state.step + num_steps, N)
+    attend = make_attend(state.mode, jnp.ones((B,), jnp.int32), backend)
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling)
+        active = ~s.done
+        tok = jnp.where(active, tok, s.pad_id)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+        logprobs = jax.lax.dynamic_update_slice(s.logprobs, jnp.where(active, logp, 0.0)[:, None], (0, s.step))
+        lengths = s.lengths + active
+        stop = jnp.any(tok[:, None] == s.stop_tokens, axis=1)
+        done = s.done | (active & (stop | (lengths >= s.max_new)))
+        hidden, cache = model(tok[:, None], s.positions[:, None], s.cache, attend)
+        cache = advance(cache, jnp.ones((B,), jnp.int32))
+        return s.replace(cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1,
+                         tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=s.step + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+_decode_jit = jax.jit(_decode_impl, static_argnames=("config", "sampling", "backend"), donate_argnums=(1,))
+
+
+def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
+           backend: str | None = None) -> DecodeState:
+    """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
+
+    ``state`` is donated: use only the returned state. ``num_steps`` is traced (no recompile per value).
+    """
+    sampling = SamplingConfig.make(sampling)
+    return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
+                       backend=backend)
+
+
+def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
+    """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
+    sampling = SamplingConfig.make(sampling)
+    t0 = time.perf_counter()
+    fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
+                           backend=backend).compile()
+    return fn, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------- generate
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of ``generate``: B = prompts x samples sequences, prompt-major (prompt i's samples adjacent).
+
+    tokens ``[B, N]`` int32 (pad after each sequence's end); lengths ``[B]`` (stop token included);
+    logprobs ``[B, N]`` (model log-probabilities of the chosen tokens, 0 after the end); texts (when a
+    tokenizer was given); tree (the sharing tree used); stats (seconds, throughput).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    tree: SharingTree
+    texts: list[str] | None = None
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    logits: np.ndarray | None = None  # first-token logits [B, V] (for checks)
+
+
+def _tokenize(prompts, tokenizer) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of prompts (token-id lists or strings)")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given (empty prompt list)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {i} is text but no tokenizer was given")
+            p = tokenizer.encode(p)
+        p = [int(t) for t in np.asarray(p).reshape(-1)] if not isinstance(p, list) else [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        out.append(p)
+    return out
+
+
+def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int = 64, sampling=None,
+             mode: str = "hydragen", tokenizer=None, eos_ids: Sequence[int] | None = None,
+             stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, tree: SharingTree | None = None,
+             max_depth: int = 3, backend: str | None = None, chunk_steps: int = 16, progress: bool = False,
+             progress_desc: str | None = None) -> Generation:
+    """Complete every prompt ``num_samples`` times.
+
+    prompts: token-id lists or strings (then ``tokenizer``, any object with encode/decode, is required).
+    sampling: None / "greedy", a ``SamplingConfig`` or a dict (temperature, top_k, top_p).
+    stop_tokens: extra stop ids per prompt (applied to each of its samples), besides ``eos_ids`` (default:
+    the config's EOS ids). tree: an explicit ``SharingTree`` over the B sequences (default: built from the
+    prompts' common prefixes, at most ``max_depth`` shared levels). The decode loop runs in chunks of
+    ``chunk_steps`` steps, one host sync per chunk (progress bar with ``progress=True``).
+    """
+    _check_mode(mode)
+    sampling = SamplingConfig.make(sampling)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    token_prompts = _tokenize(prompts, tokenizer)
+    sequences = expand_samples(token_prompts, num_samples)
+    if tree is None:
+        tree = build_sharing_tree(sequences, max_depth=max_depth)
+    elif [list(tree.prompt(b)) for b in range(tree.num_sequences)] != [list(s) for s in sequences]:
+        raise ValueError("the given tree does not spell the prompts x num_samples sequences")
+    if stop_tokens is not None:
+        if len(stop_tokens) != len(token_prompts):
+            raise ValueError(f"stop_tokens has {len(stop_tokens)} entries, expected one per prompt "
+                             f"({len(token_prompts)})")
+        stop_tokens = [list(s) for s in stop_tokens for _ in range(num_samples)]
+
+    stats: dict[str, float] = {}
+    t0 = time.perf_counter()
+    state = prefill(model, tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens, seed=seed,
+                    backend=backend, _compiled=stats)
+    first_logits = np.asarray(jax.device_get(state.logits))
+    stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
+    fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend)
+    stats["compile_s"] = stats["prefill_compile_s"] + stats["decode_compile_s"]
+    params = model.params()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_new_tokens, desc=progress_desc or mode, unit="step", leave=True)
+    t0 = time.perf_counter()
+    steps = 0
+    while True:
+        state = fn(params, state, jnp.int32(chunk_steps))
+        new_steps = int(state.step)  # one host sync per chunk
+        if bar is not None:
+            bar.update(new_steps - steps)
+        steps = new_steps
+        if steps >= max_new_tokens or bool(jnp.all(state.done)):
+            break
+    stats["decode_s"] = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    B = tree.num_sequences
+    stats["decode_steps"] = steps
+    stats["decode_tokens_per_s"] = B * steps / stats["decode_s"]
+    tokens, lengths, logprobs = (np.asarray(x) for x in jax.device_get((state.tokens, state.lengths, state.logprobs)))
+    stats["generated_tokens"] = int(lengths.sum())
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(tokens[b, :lengths[b]]) for b in range(B)]
+    return Generation(tokens, lengths, logprobs, tree, texts, stats, first_logits)

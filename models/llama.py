@@ -1,0 +1,174 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU.
+
+The per-layer weights are stacked along a leading layer axis ``[L, ...]`` and the layers run under one
+``lax.scan``, so compile time does not grow with depth. Linear weights are stored ``[in, out]``.
+
+Attention is not part of the model: ``Llama.__call__`` takes an ``attend`` callback
+``attend(cache, layer, q, k, v) -> (out, cache)`` with q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]`` (RoPE already
+applied) and out ``[B, T, Hq, D]``, so one model serves training (plain causal attention), the prefill of shared
+prefixes and the decode loop of every attention mode (see ``models.cache``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import LlamaConfig
+
+Params = dict[str, Any]
+AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, Any]:
+    """Shapes of every parameter: top-level arrays and ``layers`` (stacked ``[L, ...]``)."""
+    c = config
+    d, L, I = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {
+        "embed": (c.vocab_size, d),
+        "final_norm": (d,),
+        "layers": {
+            "attn_norm": (L, d), "wq": (L, d, hq), "wk": (L, d, hkv), "wv": (L, d, hkv), "wo": (L, hq, d),
+            "mlp_norm": (L, d), "w_gate": (L, d, I), "w_up": (L, d, I), "w_down": (L, I, d),
+        },
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (d, c.vocab_size)
+    return shapes
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters: norms 1, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
+
+    Jitted by ``init_random``; cheap enough for 7B-shaped benchmark models (generated on device).
+    """
+    shapes = param_shapes(config)
+    flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for k, shape, path in zip(keys, flat, paths):
+        if "norm" in path:
+            leaves.append(jnp.ones(shape, dtype))
+        else:
+            fan_in = config.hidden_size if "embed" in path else shape[-2]
+            leaves.append((jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32, result in ``x.dtype`` (HF Llama semantics)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies ``[D/2]`` (float64 numpy, static), with Llama-3 or linear scaling applied."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    # llama3: long wavelengths (low frequencies) are divided by `factor`, short ones kept, and the band in
+    # between interpolates smoothly in 1/wavelength.
+    wavelen = 2 * np.pi / inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    mid = (1 - smooth) * inv / rs.factor + smooth * inv
+    return np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_attention(cache, layer, q, k, v):
+    """Plain causal self-attention over the T tokens of the call (training / scoring); cache unused."""
+    del layer
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True), cache
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+class Llama(nnx.Module):
+    """Llama decoder. ``Llama(config, params)`` wraps a parameter tree from ``init_params`` / the loader.
+
+    ``__call__(tokens [B, T] int, positions [B, T] int, cache, attend) -> (hidden [B, T, d], cache)``;
+    ``logits(hidden [..., d]) -> [..., V]`` float32.
+    """
+
+    def __init__(self, config: LlamaConfig, params: Params):
+        self.config = config
+        self.embed = nnx.Param(params["embed"])
+        self.final_norm = nnx.Param(params["final_norm"])
+        self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
+        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in LAYER_KEYS})
+
+    @property
+    def dtype(self):
+        return self.embed.value.dtype
+
+    def params(self) -> Params:
+        """The plain parameter tree (arrays), as accepted by ``Llama(config, params)``."""
+        p = {"embed": self.embed.value, "final_norm": self.final_norm.value,
+             "layers": {k: self.layers[k].value for k in LAYER_KEYS}}
+        if self.lm_head is not None:
+            p["lm_head"] = self.lm_head.value
+        return p
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Any, attend: AttendFn):
+        c = self.config
+        B, T = tokens.shape
+        inv_freq = rope_inv_freq(c)
+        x = jnp.take(self.embed.value, tokens, axis=0)
+
+        def layer(carry, xs):
+            x, cache = carry
+            p, idx = xs
+            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+            q = (h @ p["wq"]).reshape(B, T, c.num_attention_heads, c.head_dim)
+            k = (h @ p["wk"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+            v = (h @ p["wv"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            o, cache = attend(cache, idx, q, k, v)
+            x = x + o.astype(x.dtype).reshape(B, T, -1) @ p["wo"]
+            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+            x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+            return (x, cache), None
+
+        layer_params = {k: self.layers[k].value for k in LAYER_KEYS}
+        xs = (layer_params, jnp.arange(c.num_hidden_layers))
+        (x, cache), _ = jax.lax.scan(layer, (x, cache), xs)
+        return rms_norm(x, self.final_norm.value, c.rms_norm_eps), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        w = self.embed.value.T if self.lm_head is None else self.lm_head.value
+        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+
+
+def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0) -> Llama:
+    """A randomly initialised model (one jitted call; for tests and benchmarks)."""
+    params = jax.jit(init_params, static_argnums=(0, 2))(config, jax.random.key(seed), dtype)
+    return Llama(config, params)

@@ -1,0 +1,180 @@
+"""Sharing trees: which prompt tokens are stored once and read by several sequences.
+
+A ``SharingTree`` describes B sequences as a stack of shared levels (root to leaf) plus one unique suffix per
+sequence: sequence b's prompt is ``levels[0].nodes[s0[b]] + levels[1].nodes[s1[b]] + ... + suffixes[b]`` where
+``s_l = levels[l].seq_to_node``. Every level covers every sequence; a sequence with fewer shared parts reads an
+empty node (no tokens). Every suffix holds at least one token (the last prompt token, whose logits start
+generation).
+
+``build_sharing_tree(prompts)`` finds the tree automatically from common prefixes (a radix trie over the
+prompts, up to ``max_depth`` levels), so "few-shot prefix -> problem -> samples" becomes two shared levels
+(few-shot examples, then each problem) and one suffix per sample. A tree may also be given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+Tokens = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedLevel:
+    """One shared level: ``nodes[n]`` the tokens of node n, ``seq_to_node[b]`` the node sequence b reads."""
+
+    nodes: tuple[Tokens, ...]
+    seq_to_node: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "nodes", tuple(tuple(int(t) for t in n) for n in self.nodes))
+        object.__setattr__(self, "seq_to_node", tuple(int(s) for s in self.seq_to_node))
+
+
+@dataclasses.dataclass(frozen=True)
+class SharingTree:
+    """Shared levels (root to leaf) and the per-sequence suffixes; see the module docstring."""
+
+    levels: tuple[SharedLevel, ...]
+    suffixes: tuple[Tokens, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels", tuple(self.levels))
+        object.__setattr__(self, "suffixes", tuple(tuple(int(t) for t in s) for s in self.suffixes))
+        B = len(self.suffixes)
+        if B == 0:
+            raise ValueError("SharingTree: no sequences (empty suffixes)")
+        for b, s in enumerate(self.suffixes):
+            if not s:
+                raise ValueError(f"SharingTree: suffix of sequence {b} is empty; each needs >= 1 token")
+        for l, level in enumerate(self.levels):
+            if len(level.seq_to_node) != B:
+                raise ValueError(f"SharingTree: level {l} maps {len(level.seq_to_node)} sequences, expected {B}")
+            bad = [s for s in level.seq_to_node if not 0 <= s < len(level.nodes)]
+            if bad:
+                raise ValueError(f"SharingTree: level {l} seq_to_node has {bad[0]} outside [0, {len(level.nodes)})")
+        # all sequences of one node must read the same ancestors (their prefix before the node is the same)
+        for l in range(1, len(self.levels)):
+            owner: dict[int, tuple[int, ...]] = {}
+            for b in range(B):
+                n = self.levels[l].seq_to_node[b]
+                if not self.levels[l].nodes[n]:
+                    continue
+                anc = self.ancestors(l, b)
+                if owner.setdefault(n, anc) != anc:
+                    raise ValueError(f"SharingTree: node {n} of level {l} is read by sequences with different "
+                                     f"ancestors {owner[n]} and {anc}")
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.suffixes)
+
+    def ancestors(self, level: int, b: int) -> tuple[int, ...]:
+        """Nodes read by sequence b at the levels above ``level``."""
+        return tuple(self.levels[j].seq_to_node[b] for j in range(level))
+
+    def prompt(self, b: int) -> Tokens:
+        """The full prompt of sequence b."""
+        out: list[int] = []
+        for level in self.levels:
+            out += level.nodes[level.seq_to_node[b]]
+        return tuple(out) + self.suffixes[b]
+
+    def prefix_length(self, b: int) -> int:
+        return sum(len(level.nodes[level.seq_to_node[b]]) for level in self.levels)
+
+    def describe(self) -> str:
+        parts = [f"{len(lv.nodes)} node(s) of {min(map(len, lv.nodes))}-{max(map(len, lv.nodes))} tokens"
+                 for lv in self.levels]
+        u = [len(s) for s in self.suffixes]
+        return (f"{self.num_sequences} sequences; shared levels: " + ("; ".join(parts) or "none")
+                + f"; suffixes {min(u)}-{max(u)} tokens")
+
+
+def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> SharingTree:
+    """Group ``prompts`` (one per sequence) by common prefixes into at most ``max_depth`` shared levels.
+
+    A radix trie over each prompt without its last token: every trie edge read by >= 2 sequences becomes a
+    node; a sequence's edges below the ``max_depth``-th are merged into its deepest node; everything after its
+    last shared edge is its suffix.
+    """
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    prompts = [tuple(int(t) for t in p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given (empty prompt list)")
+    for b, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {b} is empty")
+    heads = [p[:-1] for p in prompts]
+    arrays = [np.asarray(h, np.int64) for h in heads]
+    paths: list[list[tuple[int, int, int]]] = [[] for _ in prompts]  # (group id, start, end) per shared edge
+    group_ids = iter(range(1 << 62))
+
+    def split(seqs: list[int], offset: int) -> None:
+        groups: dict[int, list[int]] = {}
+        for b in seqs:
+            if len(heads[b]) > offset:
+                groups.setdefault(heads[b][offset], []).append(b)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            end = offset + _common_length([arrays[b][offset:] for b in members])
+            gid = next(group_ids)
+            for b in members:
+                paths[b].append((gid, offset, end))
+            split(members, end)
+
+    if max_depth > 0:
+        split(list(range(len(prompts))), 0)
+    for b, path in enumerate(paths):
+        if len(path) > max_depth:
+            tail = path[max_depth - 1:]
+            paths[b] = path[:max_depth - 1] + [(tail[-1][0], tail[0][1], tail[-1][2])]
+    depth = max(len(p) for p in paths)
+    levels = []
+    for l in range(depth):
+        node_of: dict[int, int] = {}
+        nodes: list[Tokens] = []
+        seq_to_node = []
+        for b, path in enumerate(paths):
+            key = path[l][0] if l < len(path) else -1  # -1: the empty node
+            if key not in node_of:
+                node_of[key] = len(nodes)
+                nodes.append(prompts[b][path[l][1]:path[l][2]] if key != -1 else ())
+            seq_to_node.append(node_of[key])
+        levels.append(SharedLevel(tuple(nodes), tuple(seq_to_node)))
+    suffixes = tuple(p[path[-1][2]:] if path else p for p, path in zip(prompts, paths))
+    return SharingTree(tuple(levels), suffixes)
+
+
+def _common_length(seqs: list[np.ndarray]) -> int:
+    """Length of the longest common prefix of 1-D arrays."""
+    n = min(len(a) for a in seqs)
+    ref = seqs[0][:n]
+    for a in seqs[1:]:
+        diff = np.flatnonzero(a[:n] != ref)
+        n = int(diff[0]) if len(diff) else n
+        ref = ref[:n]
+    return n
+
+
+def expand_samples(prompts: Sequence[Sequence[int]], num_samples: int) -> list[Tokens]:
+    """Each prompt repeated ``num_samples`` times (sample-major within a prompt: p0 p0 ... p1 p1 ...)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return [tuple(p) for p in prompts for _ in range(num_samples)]
+
+
+def synthetic_tree(batch: int, shared_len: int, unique_len: int, vocab_size: int, seed: int = 0) -> SharingTree:
+    """A one-level tree for benchmarks: one random shared prefix of ``shared_len`` tokens read by all ``batch``
+    sequences, each with ``unique_len`` (>= 1) random tokens of its own. No text involved."""
+    if unique_len < 1:
+        raise ValueError(f"unique_len must be >= 1, got {unique_len}")
+    rng = np.random.default_rng(seed)
+    prefix = tuple(rng.integers(0, vocab_size, shared_len).tolist())
+    uniques = rng.integers(0, vocab_size, (batch, unique_len)).tolist()
+    levels = (SharedLevel((prefix,), (0,) * batch),) if shared_len else ()
+    return SharingTree(levels, tuple(tuple(u) for u in uniques))
