@@ -1,0 +1,81 @@
+"""Quick kernel timing for development (the full benchmark is `python -m experiments bench-attention`).
+
+Times one decode step (T = 1) at suffix length s = out/2 for the nine seed configs of BRIEF.md and prints the
+fraction of the floor. Usage: python scripts/quick_bench.py [--configs 0,1,...] [--variants a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import hydragen_jax as hj
+
+SEED = [  # B, P, out, Hq, Hkv
+    (64, 1024, 512, 32, 32), (64, 2048, 512, 32, 32), (256, 2048, 512, 32, 32), (256, 2048, 1024, 32, 32),
+    (256, 4096, 1024, 32, 32), (512, 2048, 512, 32, 8), (512, 4096, 512, 32, 8), (1024, 4096, 512, 32, 8),
+    (1024, 8192, 512, 32, 8),
+]
+D = 128
+
+
+def timeit(f, *args, repeats=20):
+  jax.block_until_ready(f(*args))
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def machine_rates():
+  x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB
+  copy = jax.jit(lambda x: x * 1)  # one read, one write
+  t = timeit(copy, x)
+  bw = 2 * x.nbytes / t
+  n = 8192
+  a = jnp.ones((n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a: a @ a)
+  t = timeit(mm, a)
+  return bw, 2 * n**3 / t
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--configs", default=",".join(str(i) for i in range(len(SEED))))
+  parser.add_argument("--variants", default="hydragen,shared_storage,reference")
+  args = parser.parse_args()
+  bw, flops = machine_rates()
+  print(f"device {jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+  print(f"{'cfg':>28} {'variant':>15} {'step us':>9} {'tok/s':>10} {'floor':>6}")
+  for i in map(int, args.configs.split(",")):
+    b, p, out, hq, hkv = SEED[i]
+    s = out // 2
+    keys = jax.random.split(jax.random.PRNGKey(i), 5)
+    q = jax.random.normal(keys[0], (b, 1, hq, D), jnp.bfloat16)
+    pk = jax.random.normal(keys[1], (p, hkv, D), jnp.bfloat16)
+    pv = jax.random.normal(keys[2], (p, hkv, D), jnp.bfloat16)
+    sk = jax.random.normal(keys[3], (b, out, hkv, D), jnp.bfloat16)
+    sv = jax.random.normal(keys[4], (b, out, hkv, D), jnp.bfloat16)
+    lengths = jnp.full((b,), s, jnp.int32)
+    nbytes = 2 * (p + b * s) * hkv * D * 2 + 2 * q.nbytes
+    floor = max(nbytes / bw, 4 * D * hq * b * (p + s) / flops)
+    for variant in args.variants.split(","):
+      backend = "xla" if variant == "reference" else "pallas"
+      f = jax.jit(lambda q, pk, pv, sk, sv, sl, backend=backend, bp=variant != "shared_storage":
+                  hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=sl, backend=backend, batch_prefix=bp))
+      try:
+        t = timeit(f, q, pk, pv, sk, sv, lengths)
+        print(f"{str(SEED[i]):>28} {variant:>15} {t * 1e6:9.1f} {b / t:10.0f} {floor / t:6.2f}", flush=True)
+      except Exception as e:  # noqa: BLE001 - report and go on (OOM on the largest configs)
+        print(f"{str(SEED[i]):>28} {variant:>15} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+"""Shared test base: every implementation (backend) runs the same tests.
+
+"xla" is the pure-jnp reference path, "interpret" runs the Pallas kernels in the interpreter (CPU, CI), "pallas"
+compiles them for the GPU and is skipped, with the reason, where there is none.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+ON_GPU = jax.default_backend() == "gpu"
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled Pallas (Triton) kernels run only there")
+
+BACKEND_PARAMS = [
+    pytest.param("xla", id="xla"),
+    pytest.param("interpret", id="interpret"),
+    pytest.param("pallas", id="pallas", marks=[pytest.mark.gpu, requires_gpu]),
+]
+KERNEL_BACKENDS = BACKEND_PARAMS[1:]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request) -> str:
+  """Every implementation of the op."""
+  return request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request) -> str:
+  """The Pallas kernels: interpreted on CPU, compiled on GPU."""
+  return request.param

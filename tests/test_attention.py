@@ -1,0 +1,319 @@
+"""The shared test base: every backend against the reference and against plain attention over concatenated KV."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hydragen_jax as hj
+from hydragen_jax import Level, reference
+from tests.attention_cases import expected_tree, normal, random_level, tol
+
+# (B, T, Hq, Hkv, D, S): MHA, GQA groups 4 and 8, MQA; D 64/128/256; odd lengths.
+SHAPES = [
+    (2, 1, 4, 4, 64, 37),
+    (3, 4, 8, 2, 64, 50),
+    (2, 1, 8, 1, 128, 23),
+    (1, 4, 16, 2, 128, 70),
+    (2, 1, 4, 1, 256, 19),
+]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _ragged_lengths(key, batch, capacity, minimum=0):
+  lengths = jax.random.randint(key, (batch,), minimum, capacity + 1)
+  return lengths.at[0].set(capacity)  # one full sequence, the others ragged
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hq{}Hkv{}D{}S{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_matches_reference(backend, shape, dtype, causal):
+  b, t, hq, hkv, d, s = shape
+  keys = jax.random.split(jax.random.PRNGKey(hash((shape, causal)) % 2**31), 4)
+  q, k, v = (normal(keys[0], (b, t, hq, d), dtype), normal(keys[1], (b, s, hkv, d), dtype),
+             normal(keys[2], (b, s, hkv, d), dtype))
+  lengths = _ragged_lengths(keys[3], b, s)
+  out, lse = hj.attention(q, k, v, kv_lengths=lengths, causal=causal, backend=backend)
+  ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=causal, scale=d**-0.5)
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out, **tol(dtype))
+  seen = jnp.isfinite(ref_lse)
+  chex.assert_trees_all_equal(jnp.isfinite(lse), seen)
+  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
+
+
+def test_attention_empty_sequences_give_zero_and_minus_inf(backend):
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  q = normal(keys[0], (3, 2, 4, 64), jnp.float32)
+  k, v = normal(keys[1], (3, 20, 2, 64), jnp.float32), normal(keys[2], (3, 20, 2, 64), jnp.float32)
+  # Sequence 0 has no keys; sequence 1 has one key, so its first causal query (position -1) sees none.
+  out, lse = hj.attention(q, k, v, kv_lengths=jnp.array([0, 1, 20]), causal=True, backend=backend)
+  assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
+  chex.assert_trees_all_equal(out[0], jnp.zeros_like(out[0]))
+  assert jnp.all(lse[0] == -jnp.inf) and jnp.all(lse[1, 0] == -jnp.inf) and jnp.all(jnp.isfinite(lse[1, 1]))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hq{}Hkv{}D{}S{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("batch_prefix", [True, False], ids=["batched", "per_seq"])
+def test_hydragen_equals_attention_over_concatenated_kv(backend, shape, dtype, batch_prefix):
+  """The strongest claim: prefix + suffix merged == plain causal attention over [prefix; suffix]."""
+  b, t, hq, hkv, d, s = shape
+  p = 2 * s + 3  # odd, not a multiple of any block
+  keys = jax.random.split(jax.random.PRNGKey(7 + hash(shape) % 1000), 6)
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  prefix = random_level(keys[1], 1, p, [p - 2], [0] * b, hkv, d, dtype)
+  suffix = random_level(keys[2], b, s, _ragged_lengths(keys[3], b, s, minimum=t), None, hkv, d, dtype)
+  out = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, prefix_length=p - 2,
+                              suffix_lengths=suffix.lengths, backend=backend, batch_prefix=batch_prefix)
+  assert out.shape == q.shape and out.dtype == dtype
+  chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, [prefix, suffix]), **tol(dtype))
+
+
+@pytest.mark.parametrize("prefix_length", [0, 1])
+def test_hydragen_empty_or_tiny_prefix(backend, prefix_length):
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  b, t, hq, hkv, d = 3, 1, 8, 2, 64
+  q = normal(keys[0], (b, t, hq, d), jnp.float32)
+  prefix = random_level(keys[1], 1, 16, [prefix_length], [0] * b, hkv, d, jnp.float32)
+  suffix = random_level(keys[2], b, 9, [9, 1, 4], None, hkv, d, jnp.float32)
+  out = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, prefix_length=prefix_length,
+                              suffix_lengths=suffix.lengths, backend=backend)
+  chex.assert_trees_all_close(out, expected_tree(q, [prefix, suffix]), **tol(jnp.float32))
+
+
+def test_hydragen_zero_capacity_prefix(backend):
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  q = normal(keys[0], (2, 1, 4, 64), jnp.float32)
+  suffix = random_level(keys[1], 2, 11, [11, 5], None, 4, 64, jnp.float32)
+  empty = jnp.zeros((0, 4, 64), jnp.float32)
+  out = hj.hydragen_attention(q, empty, empty, suffix.k, suffix.v, suffix_lengths=suffix.lengths, backend=backend)
+  ref, _ = reference.attention(q, suffix.k, suffix.v, suffix.lengths, causal=True, scale=64**-0.5)
+  chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("batch_shared", [True, False], ids=["batched", "per_seq"])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (8, 1, 128), (4, 4, 256)])
+def test_depth3_tree_with_uneven_nodes(backend, dtype, batch_shared, hq, hkv, d):
+  """Few-shot root -> 3 problems (uneven, one empty) -> 7 samples with ragged completions."""
+  keys = jax.random.split(jax.random.PRNGKey(11), 5)
+  b, t = 7, 2
+  seq_to_problem = [0, 0, 0, 1, 2, 2, 1]
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  levels = [
+      random_level(keys[1], 1, 45, [41], [0] * b, hkv, d, dtype),
+      random_level(keys[2], 3, 19, [19, 0, 7], seq_to_problem, hkv, d, dtype),
+      random_level(keys[3], b, 13, [2, 13, 5, 9, 3, 2, 11], None, hkv, d, dtype),
+  ]
+  out = hj.tree_attention(q, levels, backend=backend, batch_shared=batch_shared)
+  chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, levels), **tol(dtype))
+
+
+def test_tree_with_empty_leaf_level_sees_shared_levels_only(backend):
+  keys = jax.random.split(jax.random.PRNGKey(12), 4)
+  b, hq, hkv, d = 4, 4, 2, 64
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  root = random_level(keys[1], 1, 30, [30], [0] * b, hkv, d, jnp.float32)
+  leaf = random_level(keys[2], b, 8, [0, 0, 0, 0], None, hkv, d, jnp.float32)
+  out = hj.tree_attention(q, [root, leaf], backend=backend)
+  ref, _ = reference.shared_attention(q, root.k[0], root.v[0], 30, scale=d**-0.5)
+  chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
+
+
+def test_single_level_tree_is_causal_attention(backend):
+  keys = jax.random.split(jax.random.PRNGKey(13), 4)
+  q = normal(keys[0], (3, 4, 8, 64), jnp.float32)
+  leaf = random_level(keys[1], 3, 21, [21, 4, 9], None, 2, 64, jnp.float32)
+  out = hj.tree_attention(q, [leaf], backend=backend)
+  chex.assert_trees_all_close(out, expected_tree(q, [leaf]), **tol(jnp.float32))
+
+
+def test_under_jit_with_traced_lengths(backend):
+  keys = jax.random.split(jax.random.PRNGKey(5), 5)
+  b, t, hq, hkv, d, p, s = 4, 1, 8, 2, 64, 33, 17
+  q = normal(keys[0], (b, t, hq, d), jnp.float32)
+  prefix = random_level(keys[1], 1, p, [p], [0] * b, hkv, d, jnp.float32)
+  suffix = random_level(keys[2], b, s, [17, 3, 8, 1], None, hkv, d, jnp.float32)
+  f = jax.jit(lambda q, pk, pv, sk, sv, pl, sl: hj.hydragen_attention(
+      q, pk, pv, sk, sv, prefix_length=pl, suffix_lengths=sl, backend=backend))
+  out = f(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, jnp.int32(p), suffix.lengths)
+  chex.assert_trees_all_close(out, expected_tree(q, [prefix, suffix]), **tol(jnp.float32))
+  tree = jax.jit(lambda q, levels: hj.tree_attention(q, levels, backend=backend))
+  chex.assert_trees_all_close(tree(q, [prefix, suffix]), out, **tol(jnp.float32))
+
+
+def test_under_vmap_over_layers(backend):
+  """A leading axis (e.g. layers of a model) mapped with jax.vmap: Pallas' batching rule adds a grid axis."""
+  keys = jax.random.split(jax.random.PRNGKey(6), 5)
+  layers, b, hq, hkv, d, p, s = 2, 3, 4, 2, 64, 20, 9
+  q = normal(keys[0], (layers, b, 1, hq, d), jnp.float32)
+  pk, pv = normal(keys[1], (layers, p, hkv, d), jnp.float32), normal(keys[2], (layers, p, hkv, d), jnp.float32)
+  sk, sv = normal(keys[3], (layers, b, s, hkv, d), jnp.float32), normal(keys[4], (layers, b, s, hkv, d), jnp.float32)
+  lengths = jnp.array([9, 2, 5])
+  out = jax.vmap(lambda q, pk, pv, sk, sv: hj.hydragen_attention(
+      q, pk, pv, sk, sv, suffix_lengths=lengths, backend=backend))(q, pk, pv, sk, sv)
+  for i in range(layers):
+    levels = [Level(pk[i][None], pv[i][None], jnp.array([p]), jnp.zeros(b, jnp.int32)),
+              Level(sk[i], sv[i], lengths)]
+    chex.assert_trees_all_close(out[i], expected_tree(q[i], levels), **tol(jnp.float32))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_random_trees(backend, data):
+  """Hypothesis draws the tree: depth, nodes, lengths (0 included), heads, query tokens."""
+  depth = data.draw(st.integers(1, 3), label="depth")
+  b = data.draw(st.integers(1, 5), label="batch")
+  t = data.draw(st.integers(1, 3), label="T")
+  hkv = data.draw(st.sampled_from([1, 2]), label="Hkv")
+  g = data.draw(st.sampled_from([1, 4, 8]), label="group")
+  d = 64
+  seed = data.draw(st.integers(0, 2**16), label="seed")
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 2 * depth + 2))
+  q = normal(next(keys), (b, t, hkv * g, d), jnp.float32)
+  levels = []
+  for level in range(depth - 1):
+    n = data.draw(st.integers(1, b), label=f"nodes{level}")
+    cap = data.draw(st.integers(1, 40), label=f"capacity{level}")
+    lengths = data.draw(st.lists(st.integers(0, cap), min_size=n, max_size=n), label=f"lengths{level}")
+    nodes = data.draw(st.lists(st.integers(0, n - 1), min_size=b, max_size=b), label=f"seq_to_node{level}")
+    levels.append(random_level(next(keys), n, cap, lengths, nodes, hkv, d, jnp.float32))
+  cap = data.draw(st.integers(t, 30), label="leaf capacity")
+  leaf_lengths = data.draw(st.lists(st.integers(t, cap), min_size=b, max_size=b), label="leaf lengths")
+  levels.append(random_level(next(keys), b, cap, leaf_lengths, None, hkv, d, jnp.float32))
+  batch_shared = data.draw(st.booleans(), label="batch_shared")
+  out = hj.tree_attention(q, levels, backend=backend, batch_shared=batch_shared)
+  chex.assert_trees_all_close(out, expected_tree(q, levels), **tol(jnp.float32))
+
+
+# --- merge_states -------------------------------------------------------------------------------------------
+
+
+def test_merge_of_key_splits_equals_full_attention():
+  keys = jax.random.split(jax.random.PRNGKey(8), 3)
+  q = normal(keys[0], (2, 3, 8, 64), jnp.float32)
+  k, v = normal(keys[1], (2, 50, 2, 64), jnp.float32), normal(keys[2], (2, 50, 2, 64), jnp.float32)
+  full = jnp.full((2,), 50)
+  parts = [reference.attention(q, k[:, a:b], v[:, a:b], jnp.full((2,), b - a), causal=False, scale=0.125)
+           for a, b in [(0, 7), (7, 31), (31, 50)]]
+  out, lse = hj.merge_states(parts)
+  ref_out, ref_lse = reference.attention(q, k, v, full, causal=False, scale=0.125)
+  chex.assert_trees_all_close((out, lse), (ref_out, ref_lse), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_with_empty_parts_has_no_nan():
+  out = jnp.ones((2, 4))
+  empty = (jnp.zeros((2, 4)), jnp.full((2,), -jnp.inf))
+  merged, lse = hj.merge_states([empty, (out, jnp.array([0.5, -3.0])), empty])
+  chex.assert_trees_all_close((merged, lse), (out, jnp.array([0.5, -3.0])))
+  all_empty, lse = hj.merge_states([empty, empty])
+  assert not jnp.isnan(all_empty).any()
+  chex.assert_trees_all_equal(all_empty, jnp.zeros((2, 4)))
+  assert jnp.all(lse == -jnp.inf)
+
+
+def test_merge_is_order_independent_and_keeps_dtype():
+  keys = jax.random.split(jax.random.PRNGKey(9), 6)
+  parts = [(normal(keys[i], (3, 8), jnp.bfloat16), jax.random.normal(keys[i + 3], (3,))) for i in range(3)]
+  a, la = hj.merge_states(parts)
+  b, lb = hj.merge_states(parts[::-1])
+  nested, ln = hj.merge_states([hj.merge_states(parts[:2]), parts[2]])
+  assert a.dtype == jnp.bfloat16
+  chex.assert_trees_all_close((a, la), (b, lb), rtol=1e-2, atol=1e-2)
+  chex.assert_trees_all_close((a, la), (nested, ln), rtol=1e-2, atol=1e-2)
+
+
+def test_merge_rejects_no_parts():
+  with pytest.raises(ValueError, match="states"):
+    hj.merge_states([])
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def _ok():
+  q = jnp.zeros((2, 1, 4, 64))
+  k = jnp.zeros((2, 10, 2, 64))
+  return q, k
+
+
+@pytest.mark.parametrize("case,match", [
+    ("q_rank", r"q must have rank 4 .*\(2, 4, 64\)"),
+    ("heads", r"Hq=4\) must be a multiple of the KV heads.*Hkv=3"),
+    ("kv_dtype", r"dtype mismatch between k \(float32\) and v \(bfloat16\)"),
+    ("kv_shape", r"k and v must have the same shape"),
+    ("head_dim", r"head dim of q .*D=64.*D=32"),
+    ("lengths_shape", r"kv_lengths must have shape \(2,\); got \(3,\)"),
+    ("lengths_above", r"kv_lengths must lie in \[0, 10\].*max 11"),
+    ("lengths_float", r"kv_lengths must be integer"),
+    ("batch", r"batch of k .* differs from batch of q"),
+    ("backend", r"backend='cuda' is not one of"),
+])
+def test_attention_bad_input(case, match):
+  q, k = _ok()
+  kwargs = dict(q=q, k=k, v=k)
+  if case == "q_rank":
+    kwargs["q"] = q[:, 0]
+  elif case == "heads":
+    kwargs["k"] = kwargs["v"] = jnp.zeros((2, 10, 3, 64))
+  elif case == "kv_dtype":
+    kwargs["v"] = k.astype(jnp.bfloat16)
+  elif case == "kv_shape":
+    kwargs["v"] = k[:, :5]
+  elif case == "head_dim":
+    kwargs["k"] = kwargs["v"] = jnp.zeros((2, 10, 2, 32))
+  elif case == "lengths_shape":
+    kwargs["kv_lengths"] = jnp.array([1, 2, 3])
+  elif case == "lengths_above":
+    kwargs["kv_lengths"] = jnp.array([3, 11])
+  elif case == "lengths_float":
+    kwargs["kv_lengths"] = jnp.array([3.0, 1.0])
+  elif case == "batch":
+    kwargs["k"] = kwargs["v"] = jnp.zeros((3, 10, 2, 64))
+  elif case == "backend":
+    kwargs["backend"] = "cuda"
+  with pytest.raises(ValueError, match=match):
+    hj.attention(**kwargs)
+
+
+def test_tree_bad_input():
+  q = jnp.zeros((3, 1, 4, 64))
+  kv = jnp.zeros((2, 8, 2, 64))
+  with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node must have shape \(3,\).*got \(2,\)"):
+    hj.tree_attention(q, [Level(kv, kv, jnp.array([8, 8]), jnp.array([0, 1]))])
+  with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node values must lie in \[0, 2\).*max 2"):
+    hj.tree_attention(q, [Level(kv, kv, jnp.array([8, 8]), jnp.array([0, 1, 2]))])
+  with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node is None.*2 nodes.*3 sequences"):
+    hj.tree_attention(q, [Level(kv, kv, jnp.array([8, 8]))])
+  with pytest.raises(ValueError, match=r"levels\[0\].lengths must lie in \[0, 8\]"):
+    hj.tree_attention(q, [Level(kv, kv, jnp.array([9, 8]), jnp.array([0, 1, 1]))])
+  with pytest.raises(ValueError, match="levels is empty"):
+    hj.tree_attention(q, [])
+
+
+def test_hydragen_bad_input():
+  q = jnp.zeros((2, 1, 4, 64))
+  pk = jnp.zeros((5, 2, 64))
+  sk = jnp.zeros((2, 6, 2, 64))
+  with pytest.raises(ValueError, match=r"prefix_k must have rank 3 \(\[P, Hkv, D\]\)"):
+    hj.hydragen_attention(q, pk[None], pk[None], sk, sk)
+  with pytest.raises(ValueError, match=r"dtype mismatch between prefix_k \(float32\) and prefix_v \(bfloat16\)"):
+    hj.hydragen_attention(q, pk, pk.astype(jnp.bfloat16), sk, sk)
+  with pytest.raises(ValueError, match=r"prefix_length must lie in \[0, 5\]"):
+    hj.hydragen_attention(q, pk, pk, sk, sk, prefix_length=6)
+  with pytest.raises(ValueError, match=r"batch of suffix_k \(3, 6, 2, 64\) differs from batch of q"):
+    hj.hydragen_attention(q, pk, pk, jnp.zeros((3, 6, 2, 64)), jnp.zeros((3, 6, 2, 64)))
+  with pytest.raises(ValueError, match=r"prefix_k \(5, 2, 64\) and suffix_k \(2, 6, 4, 64\) must share"):
+    hj.hydragen_attention(q, pk, pk, jnp.zeros((2, 6, 4, 64)), jnp.zeros((2, 6, 4, 64)))
+
+
+def test_default_backend_is_xla_on_cpu_and_pallas_on_gpu():
+  assert hj.default_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+  assert set(hj.BACKENDS) == {"pallas", "interpret", "xla"}

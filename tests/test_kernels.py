@@ -1,0 +1,73 @@
+"""The Pallas kernel under forced tilings: several key blocks per program, key splits, row blocks that cut
+through a node's rows, padded head dims. Interpreted on CPU, compiled on GPU."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hydragen_jax import reference
+from hydragen_jax.kernels import ops
+from hydragen_jax.kernels.flash import BlockConfig
+from tests.attention_cases import normal, tol
+
+BLOCKS = [
+    BlockConfig(block_m=16, block_k=16, splits=1),
+    BlockConfig(block_m=16, block_k=16, splits=3),
+    BlockConfig(block_m=32, block_k=32, splits=2),
+]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"m{b.block_m}k{b.block_k}s{b.splits}")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_per_sequence_tilings(kernel_backend, block, dtype):
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  b, t, hq, hkv, d, s = 3, 3, 8, 2, 64, 75
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  k, v = normal(keys[1], (b, s, hkv, d), dtype), normal(keys[2], (b, s, hkv, d), dtype)
+  lengths = jnp.array([75, 33, 2])
+  out, lse = ops.per_sequence(q, k, v, lengths, None, causal=True, scale=d**-0.5,
+                              interpret=kernel_backend == "interpret", block=block)
+  ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out, **tol(dtype))
+  seen = jnp.isfinite(ref_lse)
+  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"m{b.block_m}k{b.block_k}s{b.splits}")
+@pytest.mark.parametrize("max_group", [None, 4])
+def test_batched_groups_tilings(kernel_backend, block, max_group):
+  """5 sequences over 3 nodes (sizes 2, 0 and 3... sequences), 8 rows each: row blocks straddle node borders."""
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  b, t, hq, hkv, d, n, cap = 5, 2, 8, 2, 64, 3, 70
+  q = normal(keys[0], (b, t, hq, d), jnp.float32)
+  k, v = normal(keys[1], (n, cap, hkv, d), jnp.float32), normal(keys[2], (n, cap, hkv, d), jnp.float32)
+  lengths = jnp.array([70, 41, 0])
+  seq_to_node = jnp.array([1, 0, 1, 1, 0])
+  out, lse = ops.batched(q, k, v, lengths, seq_to_node, max_group=max_group, causal=False, scale=0.1,
+                         interpret=kernel_backend == "interpret", block=block)
+  ref_out, ref_lse = reference.attention(q, k[seq_to_node], v[seq_to_node], lengths[seq_to_node], causal=False,
+                                         scale=0.1)
+  chex.assert_trees_all_close((out, lse), (ref_out, ref_lse), **tol(jnp.float32))
+
+
+def test_head_dim_not_a_power_of_two(kernel_backend):
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  q = normal(keys[0], (2, 1, 4, 80), jnp.float32)
+  k, v = normal(keys[1], (2, 40, 2, 80), jnp.float32), normal(keys[2], (2, 40, 2, 80), jnp.float32)
+  lengths = jnp.array([40, 17])
+  out, lse = ops.per_sequence(q, k, v, lengths, None, causal=False, scale=0.1,
+                              interpret=kernel_backend == "interpret")
+  chex.assert_trees_all_close((out, lse), reference.attention(q, k, v, lengths, causal=False, scale=0.1),
+                              **tol(jnp.float32))
+
+
+def test_choose_block_splits_keys_when_few_programs():
+  few = ops.choose_block(max_rows=4, total_rows=4 * 8, num_groups=8, num_heads=2, num_keys=8192, head_dim=128)
+  many = ops.choose_block(max_rows=4, total_rows=4 * 4096, num_groups=4096, num_heads=8, num_keys=8192,
+                          head_dim=128)
+  assert few.splits > 1 and many.splits == 1
+  wide = ops.choose_block(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=512, head_dim=256)
+  assert wide.block_m == 64 and all(x & (x - 1) == 0 for x in (wide.block_m, wide.block_k, wide.splits))
