@@ -97,8 +97,8 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
     """Group ``prompts`` (one per sequence) by common prefixes into at most ``max_depth`` shared levels.
 
     A radix trie over each prompt without its last token: every trie edge read by >= 2 sequences becomes a
-    node; a sequence's edges below the ``max_depth``-th are merged into its deepest node; everything after its
-    last shared edge is its suffix.
+    node; a sequence's edges below the ``max_depth``-th are merged into its deepest node (a node this leaves
+    with one reader is un-shared); everything after a sequence's last shared edge is its suffix.
     """
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
@@ -133,6 +133,14 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
         if len(path) > max_depth:
             tail = path[max_depth - 1:]
             paths[b] = path[:max_depth - 1] + [(tail[-1][0], tail[0][1], tail[-1][2])]
+    # capping can leave a sequence alone on its deepest node (the others' nodes merged): un-share it
+    readers: dict[int, int] = {}
+    for path in paths:
+        for gid, _, _ in path:
+            readers[gid] = readers.get(gid, 0) + 1
+    for path in paths:
+        while path and readers[path[-1][0]] < 2:
+            path.pop()
     depth = max(len(p) for p in paths)
     levels = []
     for l in range(depth):

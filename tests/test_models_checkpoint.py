@@ -1,0 +1,259 @@
+"""models.checkpoint + models.llama against an independent plain-numpy Llama.
+
+The test writes a tiny HF-format checkpoint itself (numpy arrays under HF names, sharded with an index), loads
+it in fp32 and bf16, and compares logits with a numpy implementation of the same math written here.
+"""
+
+import json
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.generate import generate, prefill
+from models.llama import causal_attention
+
+import jax.numpy as jnp
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5, "rope_theta": 500.0, "tie_word_embeddings": False, "bos_token_id": 1,
+    "eos_token_id": 2,
+    # original context 16: the three RoPE bands (kept, stretched, blended) all occur with head_dim 8
+    "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 16},
+}
+
+
+def make_tensors(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    d, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hq = cfg["num_attention_heads"] * cfg["head_dim"]
+    hkv = cfg["num_key_value_heads"] * cfg["head_dim"]
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(V, d), "model.norm.weight": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        t[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        t[p + "self_attn.q_proj.weight"] = w(hq, d)
+        t[p + "self_attn.k_proj.weight"] = w(hkv, d)
+        t[p + "self_attn.v_proj.weight"] = w(hkv, d)
+        t[p + "self_attn.o_proj.weight"] = w(d, hq)
+        t[p + "mlp.gate_proj.weight"] = w(I, d)
+        t[p + "mlp.up_proj.weight"] = w(I, d)
+        t[p + "mlp.down_proj.weight"] = w(d, I)
+    if not cfg["tie_word_embeddings"]:
+        t["lm_head.weight"] = w(V, d)
+    return t
+
+
+def write_checkpoint(path, cfg, tensors, shards=1, dtype=np.float32):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    names = sorted(tensors)
+    conv = {n: tensors[n].astype(dtype) for n in names}
+    if shards == 1:
+        save_file(conv, str(path / "model.safetensors"))
+        return
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: conv[n] for n in names[s::shards]}
+        save_file(part, str(path / fname))
+        weight_map.update({n: fname for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+# ------------------------------------------------------------------------------ independent numpy Llama
+
+
+def np_inv_freq(cfg):
+    d, theta = cfg["head_dim"], cfg["rope_theta"]
+    rs = cfg.get("rope_scaling")
+    freqs = []
+    for i in range(0, d, 2):
+        f = theta ** (-i / d)
+        if rs:
+            wl = 2 * math.pi / f
+            old = rs["original_max_position_embeddings"]
+            lo, hi, fac = rs["low_freq_factor"], rs["high_freq_factor"], rs["factor"]
+            if wl > old / lo:
+                f = f / fac
+            elif wl >= old / hi:
+                s = (old / wl - lo) / (hi - lo)
+                f = (1 - s) * f / fac + s * f
+        freqs.append(f)
+    return np.array(freqs)
+
+
+def np_llama_logits(cfg, t, tokens):
+    """Logits ``[T, V]`` of one sequence, float64, straight from HF tensor names and HF Llama math."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps = cfg["rms_norm_eps"]
+    T = len(tokens)
+
+    def norm(x, w):
+        return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+    ang = np.arange(T)[:, None] * np_inv_freq(cfg)[None, :]  # [T, D/2]
+    cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]
+    sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
+
+    def rope(x):  # x [T, H, D]; HF rotate_half
+        half = D // 2
+        rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rot * sin
+
+    x = t["model.embed_tokens.weight"][np.asarray(tokens)]
+    mask = np.tril(np.ones((T, T), bool))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, t[p + "input_layernorm.weight"])
+        q = rope((h @ t[p + "self_attn.q_proj.weight"].T).reshape(T, H, D))
+        k = rope((h @ t[p + "self_attn.k_proj.weight"].T).reshape(T, Hkv, D))
+        v = (h @ t[p + "self_attn.v_proj.weight"].T).reshape(T, Hkv, D)
+        k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / math.sqrt(D)
+        s = np.where(mask[None], s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", a, v).reshape(T, H * D)
+        x = x + o @ t[p + "self_attn.o_proj.weight"].T
+        h = norm(x, t[p + "post_attention_layernorm.weight"])
+        g = h @ t[p + "mlp.gate_proj.weight"].T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
+    x = norm(x, t["model.norm.weight"])
+    head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
+    return x @ head.T
+
+
+def model_logits(model, tokens):
+    toks = jnp.asarray([tokens], jnp.int32)
+    pos = jnp.arange(len(tokens))[None]
+    h, _ = model(toks, pos, None, causal_attention)
+    return np.asarray(model.logits(h)[0])
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_fp32_logits_match_numpy(tmp_path, tied, shards):
+    cfg = dict(CONFIG, tie_word_embeddings=tied)
+    t = make_tensors(cfg)
+    write_checkpoint(tmp_path / "ck", cfg, t, shards=shards)
+    model = load_checkpoint(tmp_path / "ck", dtype=jnp.float32)
+    assert model.dtype == jnp.float32
+    tokens = [1, 7, 3, 9, 21, 30, 5, 5, 44, 12, 0, 3, 17, 18, 19, 20, 33, 2, 4, 6]
+    np.testing.assert_allclose(model_logits(model, tokens), np_llama_logits(cfg, t, tokens), atol=2e-4, rtol=2e-4)
+
+
+def test_bf16_checkpoint_and_params(tmp_path):
+    t = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2, dtype=ml_dtypes.bfloat16)
+    t_bf16 = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in t.items()}
+    tokens = [1, 4, 9, 16, 25, 36, 49, 0, 1, 2]
+    want = np_llama_logits(CONFIG, t_bf16, tokens)
+    m32 = load_checkpoint(tmp_path / "ck", dtype=jnp.float32)  # bf16 file -> fp32 params: exact weights
+    np.testing.assert_allclose(model_logits(m32, tokens), want, atol=2e-4, rtol=2e-4)
+    m16 = load_checkpoint(tmp_path / "ck", dtype=jnp.bfloat16)
+    assert m16.dtype == jnp.bfloat16
+    got = model_logits(m16, tokens)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_generation_path_matches_numpy(tmp_path):
+    """Prefill (through hydragen_jax, shared levels) and greedy decode agree with the numpy model."""
+    t = make_tensors(CONFIG, seed=3)
+    write_checkpoint(tmp_path / "ck", CONFIG, t)
+    model = load_checkpoint(tmp_path / "ck")
+    shared = [1, 5, 9, 13, 17, 21, 25]
+    prompts = [shared + [3, 4], shared + [6], shared + [8, 10, 12]]
+    g = generate(model, prompts, num_samples=2, max_new_tokens=12, eos_ids=())
+    assert len(g.tree.levels) >= 1
+    for b in range(6):
+        p = prompts[b // 2]
+        full = p + g.tokens[b].tolist()
+        ref = np_llama_logits(CONFIG, t, full)
+        np.testing.assert_allclose(g.logits[b], ref[len(p) - 1], atol=2e-4, rtol=2e-4)
+        ref_next = ref[len(p) - 1:len(full) - 1]
+        assert (g.tokens[b] == ref_next.argmax(-1)).all()
+        lsm = ref_next - np.log(np.exp(ref_next - ref_next.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - ref_next.max(-1, keepdims=True)
+        np.testing.assert_allclose(g.logprobs[b], lsm[np.arange(12), g.tokens[b]], atol=2e-4)
+
+
+def test_save_load_round_trip(tmp_path):
+    t = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "a", CONFIG, t)
+    model = load_checkpoint(tmp_path / "a")
+    save_checkpoint(model, tmp_path / "b", max_shard_bytes=20_000)
+    assert (tmp_path / "b" / "model.safetensors.index.json").exists()
+    again = load_checkpoint(tmp_path / "b")
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    np.testing.assert_array_equal(model_logits(model, tokens), model_logits(again, tokens))
+    save_checkpoint(model, tmp_path / "c", dtype=jnp.bfloat16)
+    assert load_checkpoint(tmp_path / "c", dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_missing_tensor(tmp_path):
+    t = make_tensors(CONFIG)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    write_checkpoint(tmp_path / "ck", CONFIG, t)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_missing_lm_head_when_untied(tmp_path):
+    t = make_tensors(dict(CONFIG, tie_word_embeddings=True))
+    write_checkpoint(tmp_path / "ck", CONFIG, t)  # config says untied
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_misshaped_tensor(tmp_path):
+    t = make_tensors(CONFIG)
+    t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((32, 32), np.float32)  # expected (16, 32)
+    write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(32, 32\), "
+                                              r"expected \(16, 32\)"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_missing_shard_and_files(tmp_path):
+    t = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2)
+    (tmp_path / "ck" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_unsupported_config_in_checkpoint(tmp_path):
+    write_checkpoint(tmp_path / "ck", dict(CONFIG, architectures=["Qwen2ForCausalLM"]), make_tensors(CONFIG))
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_prefill_logits_equal_full_forward(tmp_path):
+    t = make_tensors(CONFIG, seed=5)
+    write_checkpoint(tmp_path / "ck", CONFIG, t)
+    model = load_checkpoint(tmp_path / "ck")
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 8], [1, 2, 9]]
+    state = prefill(model, prompts, 4)
+    for b, p in enumerate(prompts):
+        np.testing.assert_allclose(np.asarray(state.logits[b]), model_logits(model, p)[-1], atol=2e-5, rtol=2e-5)

@@ -1,0 +1,206 @@
+"""models.generate: the attention modes agree, sampling, stops, chunked decode, bad input, GPU bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.config import LlamaConfig
+from models.generate import SamplingConfig, decode, generate, prefill, sample, top_k_mask, top_p_mask
+from models.llama import init_random
+from models.sharing import build_sharing_tree, expand_samples
+from models.tokenizer import ByteTokenizer
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_random(CFG, jnp.float32, seed=7)
+
+
+def fewshot_prompts(seed=0, vocab=97):
+    """Few-shot prefix -> 4 ragged problems (one without the prefix) -> samples: a depth-2 tree."""
+    rng = np.random.default_rng(seed)
+    few = rng.integers(0, vocab, 40).tolist()
+    problems = [rng.integers(0, vocab, n).tolist() for n in (5, 11, 2, 8)]
+    prompts = [few + p for p in problems[:3]] + [rng.integers(0, vocab, 9).tolist()]
+    return prompts
+
+
+def test_modes_agree_greedy_fp32(model):
+    prompts = fewshot_prompts()
+    runs = {mode: generate(model, prompts, num_samples=3, max_new_tokens=64, mode=mode)
+            for mode in ("hydragen", "standard", "shared_storage")}
+    h = runs["hydragen"]
+    assert h.tokens.shape == (12, 64) and (h.lengths == 64).all()
+    assert len(h.tree.levels) == 2  # few-shot prefix, then each problem
+    for mode in ("standard", "shared_storage"):
+        np.testing.assert_array_equal(runs[mode].tokens, h.tokens, err_msg=mode)
+        np.testing.assert_allclose(runs[mode].logits, h.logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(runs[mode].logprobs, h.logprobs, atol=1e-4)
+    assert len({tuple(t) for t in h.tokens}) >= 4  # the prompts lead to different completions
+    none = generate(model, prompts, num_samples=3, max_new_tokens=8, mode="none")
+    assert none.tokens.shape == (12, 8) and np.isfinite(none.logprobs).all()
+
+
+def test_modes_agree_interpret_backend(model):
+    """The Pallas kernels (interpreted on CPU) in the model give the same greedy tokens as the jnp path."""
+    rng = np.random.default_rng(1)
+    shared = rng.integers(0, 97, 12).tolist()
+    prompts = [shared + [3, 4, 5], shared + [6], shared + [7, 8]]
+    ref = generate(model, prompts, num_samples=2, max_new_tokens=6, backend="xla")
+    for mode in ("hydragen", "standard"):
+        g = generate(model, prompts, num_samples=2, max_new_tokens=6, mode=mode, backend="interpret")
+        np.testing.assert_array_equal(g.tokens, ref.tokens, err_msg=mode)
+        np.testing.assert_allclose(g.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_decode_equals_generate(model):
+    prompts = fewshot_prompts(seed=2)
+    full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3)
+    state = prefill(model, expand_samples(prompts, 2), 20, seed=3)
+    state = decode(model, state, 7, sampling={"temperature": 0.8})
+    assert int(state.step) == 7
+    state = decode(model, state, 100, sampling={"temperature": 0.8})
+    assert int(state.step) == 20
+    np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
+
+
+def test_explicit_tree_equals_auto(model):
+    prompts = fewshot_prompts(seed=4)
+    seqs = expand_samples(prompts, 2)
+    flat = build_sharing_tree(seqs, max_depth=0)  # no sharing at all: every token in the suffix
+    a = generate(model, prompts, num_samples=2, max_new_tokens=10)
+    b = generate(model, prompts, num_samples=2, max_new_tokens=10, tree=flat)
+    assert b.tree.levels == ()
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_seeds_reproducible(model):
+    prompts = fewshot_prompts(seed=5)
+    kw = dict(num_samples=4, max_new_tokens=12, sampling={"temperature": 1.0, "top_k": 20, "top_p": 0.9})
+    a = generate(model, prompts, seed=11, **kw)
+    b = generate(model, prompts, seed=11, **kw)
+    c = generate(model, prompts, seed=12, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    assert len({tuple(t) for t in a.tokens[:4]}) > 1  # samples of one prompt differ
+
+
+def test_top_k_mask():
+    logits = jnp.array([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    np.testing.assert_array_equal(np.isfinite(top_k_mask(logits, 2)), [[False, True, False, True, False]])
+    np.testing.assert_array_equal(top_k_mask(logits, 0), logits)
+
+
+def test_top_p_mask():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+    keep = lambda p: np.isfinite(np.asarray(top_p_mask(logits, p)))[0].tolist()
+    assert keep(0.5) == [False, True, False, False]
+    assert keep(0.7) == [False, True, False, True]
+    assert keep(0.81) == [False, True, True, True]
+    assert keep(1.0) == [True, True, True, True]
+
+
+def test_sample_distribution_and_options():
+    logits = jnp.tile(jnp.array([[0.0, 1.0, 2.0, 0.5]]), (20000, 1))
+    key = jax.random.key(0)
+    for temp in (0.5, 1.0, 2.0):
+        tok, _ = sample(logits, key, SamplingConfig(temperature=temp))
+        freq = np.bincount(np.asarray(tok), minlength=4) / 20000
+        np.testing.assert_allclose(freq, jax.nn.softmax(logits[0] / temp), atol=0.015)
+    tok, logp = sample(logits[:3], key, SamplingConfig(temperature=0.0))
+    assert (np.asarray(tok) == 2).all()
+    np.testing.assert_allclose(logp, jax.nn.log_softmax(logits[0])[2], rtol=1e-6)
+    tok, _ = sample(logits, key, SamplingConfig(temperature=1.0, top_k=2))
+    assert set(np.unique(np.asarray(tok))) == {1, 2}
+    tok, _ = sample(logits, key, SamplingConfig(temperature=5.0, top_k=1))
+    assert (np.asarray(tok) == 2).all()
+
+
+def test_eos_and_per_sequence_stop(model):
+    prompts = fewshot_prompts(seed=6)
+    free = generate(model, prompts, max_new_tokens=16)
+    eos = int(free.tokens[0, 3])
+    g = generate(model, prompts, max_new_tokens=16, eos_ids=[eos])
+    for b in range(len(prompts)):
+        hits = np.flatnonzero(free.tokens[b] == eos)
+        want = int(hits[0]) + 1 if len(hits) else 16
+        assert g.lengths[b] == want
+        np.testing.assert_array_equal(g.tokens[b, :want], free.tokens[b, :want])
+        assert (g.tokens[b, want:] == 0).all() and (g.logprobs[b, want:] == 0).all()
+    # a stop token for the second prompt only (its 6th token)
+    stop = int(free.tokens[1, 5])
+    g = generate(model, prompts, max_new_tokens=16, stop_tokens=[[], [stop], [], []])
+    first = int(np.flatnonzero(free.tokens[1] == stop)[0])
+    assert g.lengths[1] == first + 1
+    others = [b for b in range(4) if b != 1]
+    assert (g.lengths[others] == 16).all()
+
+
+def test_per_sequence_budgets_and_early_exit(model):
+    seqs = expand_samples(fewshot_prompts(seed=8), 1)
+    state = prefill(model, seqs, [3, 9, 1, 5])
+    state = decode(model, state, 100, sampling="greedy")
+    assert np.asarray(state.lengths).tolist() == [3, 9, 1, 5]
+    assert int(state.step) == 9  # the loop stopped once every sequence was done
+
+
+def test_text_prompts_with_tokenizer():
+    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, eos_token_ids=(257,),
+                      pad_token_id=258)
+    m = init_random(cfg, seed=0)
+    tok = ByteTokenizer()
+    g = generate(m, ["def f(x):\n    return", "def g(y):\n"], num_samples=2, max_new_tokens=5, tokenizer=tok)
+    assert len(g.texts) == 4 and all(isinstance(t, str) for t in g.texts)
+    assert g.tree.levels[0].nodes[0] == tuple(tok.encode("def "))
+
+
+def test_stats(model):
+    g = generate(model, fewshot_prompts(), max_new_tokens=8)
+    for k in ("compile_s", "prefill_s", "decode_s", "decode_tokens_per_s"):
+        assert g.stats[k] > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[]), "empty prompt list"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1] * 500], max_new_tokens=20), "exceeds the model's maximum length 512"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(sampling={"temprature": 0.5}), "unknown sampling option 'temprature'"),
+    (dict(sampling={"top_p": 1.5}), "top_p"),
+    (dict(sampling={"temperature": -1.0}), "temperature"),
+    (dict(mode="paged"), "unknown attention mode 'paged'"),
+    (dict(prompts=["hello"]), "no tokenizer"),
+    (dict(prompts=[[1, 200]]), "token id 200 outside the vocabulary"),
+    (dict(stop_tokens=[[1]] * 5), "stop_tokens has 5 entries"),
+])
+def test_bad_input(model, kwargs, match):
+    args = dict(prompts=[[1, 2, 3], [1, 2, 4]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Pallas kernels, bf16)")
+def test_modes_agree_bf16_gpu():
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      eos_token_ids=())
+    m = init_random(cfg, jnp.bfloat16, seed=0)
+    prompts = fewshot_prompts(seed=9, vocab=1000)
+    prompts = [[t for t in p] * 20 for p in prompts]  # ~1K-token shared prefix
+    runs = {mode: generate(m, prompts, num_samples=8, max_new_tokens=64, mode=mode)
+            for mode in ("hydragen", "standard", "shared_storage")}
+    h = runs["hydragen"]
+    for mode in ("standard", "shared_storage"):
+        g = runs[mode]
+        scale = np.abs(h.logits).max()
+        np.testing.assert_allclose(g.logits, h.logits, atol=0.02 * scale)
+        assert (g.tokens[:, :16] == h.tokens[:, :16]).mean() > 0.9, mode

@@ -1,0 +1,121 @@
+"""models.sharing: prompt trie -> sharing tree (depths 0-3, ragged, identical prompts, explicit trees)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.sharing import SharedLevel, SharingTree, build_sharing_tree, expand_samples, synthetic_tree
+
+
+def spelled(tree, prompts):
+    return all(tree.prompt(b) == tuple(p) for b, p in enumerate(prompts))
+
+
+def level_nodes(tree):
+    return [[len(n) for n in lv.nodes] for lv in tree.levels]
+
+
+def test_no_common_prefix():
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    tree = build_sharing_tree(prompts)
+    assert tree.levels == () and tree.suffixes == ((1, 2, 3), (4, 5), (6,))
+
+
+def test_depth1_one_shared_prefix():
+    prompts = [[9, 9, 9, 1, 2], [9, 9, 9, 3], [9, 9, 9, 4, 5, 6]]
+    tree = build_sharing_tree(prompts)
+    assert len(tree.levels) == 1
+    assert tree.levels[0].nodes == ((9, 9, 9),) and tree.levels[0].seq_to_node == (0, 0, 0)
+    assert tree.suffixes == ((1, 2), (3,), (4, 5, 6))
+    assert spelled(tree, prompts)
+
+
+def test_depth2_fewshot_problem_samples():
+    few = [7] * 10
+    problems = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
+    prompts = expand_samples([few + p for p in problems], 4)
+    tree = build_sharing_tree(prompts)
+    assert len(tree.levels) == 2
+    assert tree.levels[0].nodes == (tuple(few),)
+    assert tree.levels[1].nodes == ((1, 2), (4, 5, 6, 7), (9,))
+    assert tree.levels[1].seq_to_node == (0,) * 4 + (1,) * 4 + (2,) * 4
+    assert all(len(s) == 1 for s in tree.suffixes)  # only the last prompt token is per sample
+    assert spelled(tree, prompts)
+
+
+def test_depth3_and_cap():
+    # system prompt -> two tasks -> two problems each -> 2 samples each
+    prompts = expand_samples([[1, 1, 1, 2, 2, 5, 5, 0], [1, 1, 1, 2, 2, 6, 6, 0],
+                              [1, 1, 1, 3, 3, 7, 7, 0], [1, 1, 1, 3, 3, 8, 8, 0]], 2)
+    tree = build_sharing_tree(prompts, max_depth=3)
+    assert level_nodes(tree) == [[3], [2, 2], [2, 2, 2, 2]]
+    assert spelled(tree, prompts)
+    capped = build_sharing_tree(prompts, max_depth=2)  # deeper edges merge into the deepest level
+    assert level_nodes(capped) == [[3], [4, 4, 4, 4]]
+    assert capped.levels[1].nodes[0] == (2, 2, 5, 5)
+    assert spelled(capped, prompts)
+    flat = build_sharing_tree(prompts, max_depth=0)
+    assert flat.levels == () and spelled(flat, prompts)
+
+
+def test_ragged_tree_uses_empty_nodes():
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 7], [8, 9]]
+    tree = build_sharing_tree(prompts)
+    assert spelled(tree, prompts)
+    # level 0: (1,2) shared by three, empty node for the fourth; level 1: (3,4) for the first two
+    assert tree.levels[0].nodes == ((1, 2), ())
+    assert tree.levels[0].seq_to_node == (0, 0, 0, 1)
+    assert tree.levels[1].nodes == ((3, 4), ())
+    assert tree.levels[1].seq_to_node == (0, 0, 1, 1)
+    assert tree.suffixes == ((5,), (6,), (7,), (8, 9))
+
+
+def test_identical_prompts():
+    prompts = [[5, 6, 7, 8]] * 6
+    tree = build_sharing_tree(prompts)
+    assert tree.levels[0].nodes == ((5, 6, 7),)
+    assert tree.suffixes == ((8,),) * 6
+    single = build_sharing_tree([[4]] * 3)  # one-token prompts: nothing to share
+    assert single.levels == () and single.suffixes == ((4,),) * 3
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="empty prompt list"):
+        build_sharing_tree([])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        build_sharing_tree([[1], []])
+    with pytest.raises(ValueError, match="num_samples"):
+        expand_samples([[1]], 0)
+
+
+def test_explicit_tree_validation():
+    lv = SharedLevel(nodes=((1, 2),), seq_to_node=(0, 0))
+    tree = SharingTree((lv,), ((3,), (4, 5)))
+    assert tree.prompt(1) == (1, 2, 4, 5) and tree.prefix_length(1) == 2
+    with pytest.raises(ValueError, match="suffix of sequence 0 is empty"):
+        SharingTree((lv,), ((), (4,)))
+    with pytest.raises(ValueError, match="maps 2 sequences, expected 3"):
+        SharingTree((lv,), ((3,), (4,), (5,)))
+    with pytest.raises(ValueError, match="outside"):
+        SharingTree((SharedLevel(((1,),), (0, 1)),), ((3,), (4,)))
+    with pytest.raises(ValueError, match="different ancestors"):
+        SharingTree((SharedLevel(((1,), (2,)), (0, 1)), SharedLevel(((3,),), (0, 0))), ((3,), (4,)))
+
+
+def test_synthetic_tree():
+    tree = synthetic_tree(batch=5, shared_len=100, unique_len=3, vocab_size=50)
+    assert tree.num_sequences == 5 and len(tree.levels[0].nodes[0]) == 100
+    assert all(len(s) == 3 for s in tree.suffixes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=10),
+       st.integers(0, 4))
+def test_trie_spells_prompts(prompts, depth):
+    tree = build_sharing_tree(prompts, max_depth=depth)
+    assert spelled(tree, prompts)
+    assert len(tree.levels) <= depth
+    for lv in tree.levels:  # every non-empty node is read by >= 2 sequences
+        for n, toks in enumerate(lv.nodes):
+            if toks:
+                assert lv.seq_to_node.count(n) >= 2
