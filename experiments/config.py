@@ -106,17 +106,35 @@ BENCH_SCHEMA = {
 
 MODES = ("hydragen", "standard", "shared_storage", "none")
 
+def _model_shape_schema() -> dict:
+    """Fields of models.config.LlamaConfig that a config may set (the shape of the random model)."""
+    ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings")
+    schema = {k: positive_int() for k in ints}
+    schema["max_position_embeddings"] = Field((int,), required=False, check=lambda v: v >= 1, hint="an integer >= 1")
+    schema["rope_theta"] = Field((int, float), required=False, check=lambda v: v > 0, hint="> 0")
+    schema["rms_norm_eps"] = Field((float,), required=False, check=lambda v: v > 0, hint="> 0")
+    schema["tie_word_embeddings"] = Field((bool,), required=False)
+    return schema
+
+
 MODEL_SCHEMA = {
-    # Model shape: a named preset of the models package (e.g. "llama-7b") plus optional overrides.
-    "preset": Field((str,)),
-    "overrides": {"__optional__": True, "__open__": True},
     "dtype": one_of("bfloat16", "float16", "float32"),
     "seed": non_negative_int(),
+    "shape": _model_shape_schema(),
+}
+
+DECODE_SCHEMA = {
+    "steps_per_sample": positive_int("decode steps timed at each of the 3 positions, >= 1"),
+    "point_budget_s": Field((int, float), check=lambda v: v > 0, hint="seconds > 0"),
+    "full_decode": Field((bool,)),
+    "prefill_chunk": positive_int(),
 }
 
 E2E_COMMON = {
     **COMMON_SCHEMA,
     "model": MODEL_SCHEMA,
+    "decode": DECODE_SCHEMA,
     "modes": ListOf((str,), check=lambda v: v in MODES, hint=f"one of {list(MODES)}"),
     "backend": one_of("auto", "pallas", "interpret", "xla"),
     "cpu_backend": one_of("interpret", "xla"),
@@ -127,7 +145,8 @@ E2E_THROUGHPUT_SCHEMA = {
     "grid": {
         "prefixes": ListOf((int,), check=lambda v: v >= 1, hint="prefix lengths >= 1"),
         "batches": ListOf((int,), check=lambda v: v >= 1, hint="batch sizes >= 1"),
-        "generate": positive_int(),
+        "generate": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
+        "unique": positive_int("tokens of each sequence's own prompt suffix, >= 1"),
     },
 }
 
@@ -136,20 +155,22 @@ LONG_DOCUMENT_SCHEMA = {
     "grid": {
         "prefixes": ListOf((int,), check=lambda v: v >= 1, hint="prefix lengths >= 1"),
         "batch": positive_int(),
-        "generate": positive_int(),
+        "generate": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
+        "unique": positive_int("tokens of each sequence's own prompt suffix, >= 1"),
     },
 }
 
+TREE_VARIANTS = ("two_level", "one_level", "two_level_shared_storage", "standard")
+
 TREE_APPS_SCHEMA = {
-    **E2E_COMMON,
+    **{k: v for k, v in E2E_COMMON.items() if k != "modes"},
     "tree": {
         "fewshot": positive_int(),
-        "problem_prompt": positive_int(),
+        "problem_prompt": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
         "problems": positive_int(),
         "samples": positive_int(),
-        "generate": positive_int(),
-        "variants": ListOf((str,), check=lambda v: v in ("two_level", "one_level", "standard"),
-                           hint="one of ['two_level', 'one_level', 'standard']"),
+        "generate": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
+        "variants": ListOf((str,), check=lambda v: v in TREE_VARIANTS, hint=f"one of {list(TREE_VARIANTS)}"),
     },
 }
 

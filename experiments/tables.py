@@ -123,3 +123,48 @@ def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "toke
     header = list(point_keys) + [f"{m} {value_key}" for m in modes]
     rows = [[str(v) for v in key] + [_cell(rows_by[key].get(m), value_key, fmt) for m in modes] for key in order]
     return _table(header, rows)
+
+
+def relative_table(records: list[dict], x_key: str) -> str:
+    """tokens/s of each mode divided by its value at the smallest `x_key` (where that one succeeded)."""
+    modes, xs, by = [], [], {}
+    for rec in records:
+        x = rec["point"][x_key]
+        if rec["mode"] not in modes:
+            modes.append(rec["mode"])
+        if x not in xs:
+            xs.append(x)
+        by[(x, rec["mode"])] = rec
+    xs.sort()
+    rows = []
+    for x in xs:
+        row = [str(x)]
+        for m in modes:
+            base, rec = by.get((xs[0], m)), by.get((x, m))
+            if rec is None or rec["status"] != "ok":
+                row.append(rec["status"].upper() if rec else "–")
+            elif base is None or base["status"] != "ok":
+                row.append("–")
+            else:
+                row.append(f"{rec['results']['tokens_per_s'] / base['results']['tokens_per_s']:.3f}")
+        rows.append(row)
+    return _table([x_key] + [f"{m} (rel. to {x_key} {xs[0]})" for m in modes], rows)
+
+
+def tree_table(records: list[dict]) -> str:
+    """tree_apps: decode time per variant and the time saved relative to the one-level decomposition."""
+    base = next((r for r in records if r["mode"] == "one_level" and r["status"] == "ok"), None)
+    rows = []
+    for rec in records:
+        p = rec["point"]
+        cells = [rec["mode"], str(p.get("levels")), str(p.get("batch"))]
+        if rec["status"] == "ok":
+            r = rec["results"]
+            saved = f"{1 - r['decode_s'] / base['results']['decode_s']:+.1%}" if base else "–"
+            cells += [f"{r['decode_s']:.3f}", _fmt_rate(r["tokens_per_s"]), _fmt_gb(r["cache_bytes"]), saved]
+        else:
+            cells += [rec["status"].upper(), "–", "–", "–"]
+        rows.append(cells)
+    header = ["variant", "shared levels", "B", "decode s (G x mean step)", "tok/s", "cache GB",
+              "time saved vs one_level"]
+    return _table(header, rows)

@@ -1,0 +1,259 @@
+"""End-to-end decode experiments (issue #4) on a randomly initialised Llama-shaped model.
+
+Kinds:
+  e2e_throughput  decode tokens/s vs batch size, for several shared-prefix lengths, every mode
+  long_document   one batch, growing shared prefix: throughput relative to the shortest prefix, per mode
+  tree_apps       APPS-like two-level sharing vs one-level vs standard (time of the decode)
+
+Per point (tree of prompts, mode): `models.generate.prefill` (compile and run timed separately), then the decode
+loop (`models.generate.compile_decode`, compile timed) is timed over `steps_per_sample` steps at three positions
+of the generation, step 0, G/2 and G (positions of the suffix s = 1, G/2, G as in bench-attention); each position
+is the median of `repeats` runs; Simpson's rule gives the mean step time, tokens/s = B / mean step time and the
+decode time of G tokens = G * mean step time. With `full_decode = true` one whole G-step decode is timed as well.
+`hydragen`, `shared_storage` and `none` share one prefill (the same TreeCache; see model_api.derive_mode);
+`standard` prefills its per-sequence dense caches. Points whose estimated memory exceeds the device are recorded
+as "oom" without allocating; RESOURCE_EXHAUSTED at run time is recorded as "oom" too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+from tqdm import tqdm
+
+from experiments import floor, memory, records, tables
+
+TREE_MODES = ("hydragen", "shared_storage", "none")
+TREE_VARIANTS = {  # tree_apps variant -> (shared levels, mode)
+    "two_level": (2, "hydragen"),
+    "one_level": (1, "hydragen"),
+    "two_level_shared_storage": (2, "shared_storage"),
+    "standard": (2, "standard"),
+}
+MARGIN_BYTES = 2 * 2**30  # activations, logits, workspace of prefill and decode
+
+
+@dataclasses.dataclass
+class Job:
+    """One prefill and the decode modes timed on it."""
+
+    point: dict
+    tree_fn: object  # () -> SharingTree
+    modes: list[str]  # modes of models.generate
+    labels: list[str]  # names recorded (== modes except for tree_apps variants)
+
+
+def backend_of(config: dict) -> str | None:
+    chosen = config["backend"]
+    if chosen == "auto":
+        return None if jax.devices()[0].platform == "gpu" else config["cpu_backend"]
+    return chosen
+
+
+def jobs_for(config: dict, vocab: int) -> list[Job]:
+    kind, seed = config["kind"], config["model"]["seed"]
+    jobs = []
+    if kind in ("e2e_throughput", "long_document"):
+        grid = config["grid"]
+        batches = grid["batches"] if kind == "e2e_throughput" else [grid["batch"]]
+        for prefix in grid["prefixes"]:
+            for batch in batches:
+                point = {"prefix": prefix, "batch": batch, "generate": grid["generate"], "unique": grid["unique"]}
+                tree_fn = (lambda b=batch, p=prefix: _synthetic(b, p, grid["unique"], vocab, seed))
+                jobs += _split_by_prefill(point, tree_fn, config["modes"], config["modes"])
+    elif kind == "tree_apps":
+        t = config["tree"]
+        point = {k: t[k] for k in ("fewshot", "problem_prompt", "problems", "samples", "generate")}
+        point["batch"] = t["problems"] * t["samples"]
+        for variant in t["variants"]:
+            levels, mode = TREE_VARIANTS[variant]
+            tree_fn = (lambda lv=levels: _apps(t, vocab, seed, lv))
+            jobs.append(Job({**point, "levels": levels}, tree_fn, [mode], [variant]))
+    else:
+        raise ValueError(f"not an end-to-end kind: {kind!r}")
+    return jobs
+
+
+def _synthetic(batch, prefix, unique, vocab, seed):
+    from experiments import model_api
+
+    return model_api.synthetic_tree(batch, prefix, unique, vocab, seed)
+
+
+def _apps(t, vocab, seed, levels):
+    from experiments import model_api
+
+    return model_api.apps_tree(t["fewshot"], t["problem_prompt"], t["problems"], t["samples"], vocab, seed, levels)
+
+
+def _split_by_prefill(point, tree_fn, modes, labels) -> list[Job]:
+    """Tree modes share one prefill; `standard` has its own."""
+    shared = [m for m in modes if m in TREE_MODES]
+    jobs = []
+    if shared:
+        order = [m for m in TREE_MODES if m in shared]  # hydragen first: the others derive from its state
+        jobs.append(Job(point, tree_fn, order, order))
+    if "standard" in modes:
+        jobs.append(Job(point, tree_fn, ["standard"], ["standard"]))
+    return jobs
+
+
+def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) -> list[dict]:
+    from experiments import model_api
+
+    timing_cfg, dec = config["timing"], config["decode"]
+    budget = timing_cfg.get("time_budget_s")
+    started = time.perf_counter()
+    backend = backend_of(config)
+    model_cfg = config["model"]
+    model, init_s = model_api.build_model(model_cfg["shape"], model_cfg["dtype"], model_cfg["seed"])
+    weights = model_api.param_bytes(model)
+    itemsize = jax.numpy.dtype(model_cfg["dtype"]).itemsize
+    writer.write(record="model", point={"shape": model_cfg["shape"], "dtype": model_cfg["dtype"]}, mode=None,
+                 status="ok", results={"init_s": init_s, "param_bytes": weights, "backend": backend or "default"})
+    print(f"[e2e] model {model_cfg['shape'].get('num_hidden_layers')} layers, {weights / 1e9:.2f} GB of weights, "
+          f"init {init_s:.1f} s, backend {backend or 'default'}", flush=True)
+
+    jobs = jobs_for(config, model.config.vocab_size)
+    for job in tqdm(jobs, desc=config["name"], disable=not progress):
+        if budget is not None and time.perf_counter() - started > budget:
+            for label in job.labels:
+                writer.write(record="decode", point=job.point, mode=label, status="skipped",
+                             reason="time budget exhausted")
+            continue
+        run_job(job, model, config, writer, backend, weights, itemsize)
+    return writer.records
+
+
+def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int) -> None:
+    from experiments import model_api
+
+    dec, timing_cfg = config["decode"], config["timing"]
+    generate = job.point["generate"]
+    tree = job.tree_fn()
+    est = model_api.cache_estimate(tree, generate, model.config, itemsize)
+    first = job.modes[0]
+    needed = weights + est["tree"] + MARGIN_BYTES + (est["dense"] if first == "standard" else 0)
+    point = {**job.point, "batch": tree.num_sequences}
+    state = None
+    try:
+        memory.check_fits(needed, config.get("device"))
+        state, pre = model_api.prefill(model, tree, generate, first, backend, dec["prefill_chunk"])
+    except Exception as error:  # noqa: BLE001 - recorded
+        status = "oom" if memory.is_oom(error) else "error"
+        reason = f"prefill: {type(error).__name__}: {str(error)[:400]}"
+        for label in job.labels:
+            writer.write(record="decode", point=point, mode=label, status=status,
+                         results={"estimate_bytes": needed}, reason=reason)
+            tqdm.write(f"[e2e] {_label(point)} {label}: {status} ({reason[:100]})")
+        del state
+        memory.release()
+        return
+    writer.write(record="prefill", point=point, mode=first, status="ok",
+                 results={**pre, "cache_bytes": model_api.cache_bytes(state), "estimate_bytes": needed})
+    org = model_api.origin(state)
+    for mode, label in zip(job.modes, job.labels):
+        try:
+            if mode != first:
+                state = model_api.derive_mode(state, mode)
+            results = time_decode(model, state, org, generate, dec, timing_cfg, backend)
+            state = results.pop("_state")
+            results.update(pre, cache_bytes=model_api.cache_bytes(state), estimate_bytes=needed)
+            rec = writer.write(record="decode", point=point, mode=label, status="ok", results=results)
+        except Exception as error:  # noqa: BLE001 - recorded
+            status = "oom" if memory.is_oom(error) else "error"
+            rec = writer.write(record="decode", point=point, mode=label, status=status,
+                               results={"estimate_bytes": needed}, reason=f"{type(error).__name__}: {str(error)[:400]}")
+            if state is not None and _deleted(state):
+                break  # the donated state is gone; the remaining modes of this prefill cannot run
+        _print(point, label, rec)
+    del state, org
+    memory.release()
+
+
+def _deleted(state) -> bool:
+    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
+
+
+def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, backend) -> dict:
+    """Per-step decode time at s = 1, G/2, G (median of repeats each), Simpson-combined."""
+    from experiments import model_api
+
+    k = min(dec["steps_per_sample"], generate)
+    fn, compile_s = model_api.compile_decode(model, state, backend)
+    starts = [min(max(0, s - 1 - k // 2), generate - k) for s in floor.simpson_points(generate)]
+    for _ in range(max(1, timing_cfg["warmup"])):
+        state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, starts[0]), k)
+    repeats = timing_cfg["repeats"]
+    per_point = 3 * k * (warm_s / k)  # seconds of one repeat over the three positions
+    if per_point * repeats > dec["point_budget_s"]:
+        repeats = max(1, int(dec["point_budget_s"] // max(per_point, 1e-9)))
+    step_s = []
+    for start in starts:
+        times = []
+        for _ in range(repeats):
+            state, elapsed, taken = model_api.run_decode(fn, model, model_api.at_step(state, org, start), k)
+            if taken != k:
+                raise RuntimeError(f"decode took {taken} steps instead of {k}")
+            times.append(elapsed / k)
+        step_s.append(statistics.median(times))
+    mean_step = floor.simpson(*step_s)
+    B = state.positions.shape[0]
+    results = {"decode_compile_s": compile_s, "step_s": step_s, "mean_step_s": mean_step,
+               "tokens_per_s": B / mean_step, "decode_s": generate * mean_step, "repeats": repeats,
+               "steps_per_sample": k, "sample_starts": starts}
+    if dec["full_decode"] and generate * mean_step <= dec["point_budget_s"]:
+        state, full_s, taken = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), generate)
+        results.update(decode_s_full=full_s, tokens_per_s_full=B * taken / full_s)
+    peak = memory.peak_bytes_in_use()
+    if peak is not None:
+        results["peak_bytes_in_use"] = peak
+    results["_state"] = state
+    return results
+
+
+def _label(point: dict) -> str:
+    keys = ("prefix", "fewshot", "problem_prompt", "problems", "samples", "batch", "levels")
+    return " ".join(f"{k}={point[k]}" for k in keys if k in point)
+
+
+def _print(point, label, rec) -> None:
+    if rec["status"] == "ok":
+        r = rec["results"]
+        tqdm.write(f"[e2e] {_label(point)} {label}: {r['tokens_per_s']:.0f} tok/s, step "
+                   f"{r['mean_step_s'] * 1e3:.2f} ms (prefill compile {r['prefill_compile_s']:.1f} s, run "
+                   f"{r['prefill_s']:.2f} s; decode compile {r['decode_compile_s']:.1f} s; repeats {r['repeats']})")
+    else:
+        tqdm.write(f"[e2e] {_label(point)} {label}: {rec['status']} ({rec.get('reason', '')[:120]})")
+
+
+def write_markdown(path, all_records: list[dict]) -> None:
+    decode = [r for r in all_records if r["record"] == "decode"]
+    if not decode:
+        open(path, "w").write("# (no decode records)\n")
+        return
+    r0 = decode[0]
+    kind = r0["experiment"]
+    model = next((r for r in all_records if r["record"] == "model"), None)
+    parts = [f"# {r0['config']} results", "",
+             f"Device `{r0['device']}`, JAX {r0['jax_version']}, {r0['date_utc']}, commit `{r0['git_commit']}`"
+             f"{' (smoke)' if r0['smoke'] else ''}."]
+    if model:
+        shape = model["point"]["shape"]
+        parts.append(f"Model: random {model['point']['dtype']} Llama, {shape.get('num_hidden_layers')} layers, "
+                     f"hidden {shape.get('hidden_size')}, {shape.get('num_attention_heads')}/"
+                     f"{shape.get('num_key_value_heads')} heads, {model['results']['param_bytes'] / 1e9:.2f} GB.")
+    parts += ["", "Decode tokens/s = B / Simpson mean step time (steps timed at s = 1, G/2, G); OOM = did not fit.",
+              ""]
+    if kind == "e2e_throughput":
+        parts.append(tables.e2e_table(decode, ["prefix", "batch"]))
+    elif kind == "long_document":
+        parts.append(tables.e2e_table(decode, ["prefix", "batch"]))
+        parts += ["", "Throughput relative to the shortest prefix:", "", tables.relative_table(decode, "prefix")]
+    else:
+        parts.append(tables.tree_table(decode))
+    parts.append("")
+    open(path, "w").write("\n".join(parts))

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Full (GPU-sized) experiments, one part per call, each meant to finish within ~9 minutes on one H100.
+#
+#   bash experiments/gpu_full.sh PART
+#
+# PART:
+#   bench        bench_attention.toml, all nine seed configs, five variants        (~4-6 min)
+#   bench-mha    bench rows 0-4 (Hq = Hkv = 32)  } use these two instead of `bench` if it runs out of time
+#   bench-gqa    bench rows 5-8 (32/8)           }
+#   e2e-part1    e2e_throughput.toml, prefixes 1K, 2K, 4K
+#   e2e-part2    e2e_throughput.toml, prefixes 8K, 16K
+#   long-doc     long_document.toml
+#   tree         tree_apps.toml
+#   smoke        every config's [smoke] variant (checks the GPU code paths in ~1-2 min)
+#
+# Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png} and a flat copy in $OUT (if set): at most
+# 8 files per call. Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
+# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9").
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+cd "$(dirname "$0")/.."
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|e2e-part1|e2e-part2|long-doc|tree|smoke)}
+LIMIT=${LIMIT:-585}   # seconds; the device call is killed at 600
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+DEVICE=$("$PYTHON" -c 'import jax, re; print(re.sub(r"[^A-Za-z0-9]+", "-", jax.devices()[0].device_kind).strip("-").lower())')
+RESULTS=experiments/results
+mkdir -p "$RESULTS"
+PLATFORM=$("$PYTHON" -c 'import jax; print(jax.devices()[0].platform)')
+if [[ "$PLATFORM" != gpu && "$PART" != smoke && -z "${FORCE:-}" ]]; then
+  echo "[gpu_full] platform is $PLATFORM: full parts are GPU-sized (set FORCE=1 to run anyway)" >&2; exit 2
+fi
+echo "[gpu_full] part=$PART device=$DEVICE python=$PYTHON $("$PYTHON" -c 'import jax; print(jax.__version__, jax.devices())')"
+
+run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to $OUT
+  local name=$1 config=$2; shift 2
+  local base="$RESULTS/$name-$DEVICE-$STAMP"
+  local start=$SECONDS
+  timeout --signal=INT "$LIMIT" "$PYTHON" -m experiments run "$config" --out "$base.jsonl" --no-progress \
+    ${EXTRA:-} "$@" || echo "[gpu_full] $name exited with status $? (partial results kept)"
+  echo "[gpu_full] $name took $((SECONDS - start)) s"
+  if [[ -s "$base.jsonl" ]]; then
+    "$PYTHON" -m experiments plot "$base.jsonl" --out "$RESULTS" || echo "[gpu_full] plotting $name failed"
+    if [[ -n "${OUT:-}" ]]; then
+      mkdir -p "$OUT"
+      cp "$base".* "$OUT"/ 2>/dev/null || true
+      cp "$base"-*.png "$OUT"/ 2>/dev/null || true
+    fi
+  fi
+}
+
+case "$PART" in
+  bench)     run bench_attention bench_attention ;;
+  bench-mha) run bench_attention-mha bench_attention --set "$("$PYTHON" -c 'from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, "0,1,2,3,4", []))')" ;;
+  bench-gqa) run bench_attention-gqa bench_attention --set "$("$PYTHON" -c 'from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, "5,6,7,8", []))')" ;;
+  e2e-part1) run e2e_throughput-part1 e2e_throughput --set "grid.prefixes=[1024, 2048, 4096]" ;;
+  e2e-part2) run e2e_throughput-part2 e2e_throughput --set "grid.prefixes=[8192, 16384]" ;;
+  long-doc)  run long_document long_document ;;
+  tree)      run tree_apps tree_apps ;;
+  smoke)
+    LIMIT=150
+    for c in bench_attention e2e_throughput long_document tree_apps; do run "$c-smoke" "$c" --smoke; done ;;
+  *) echo "unknown part $PART" >&2; exit 2 ;;
+esac
+ls -la "$RESULTS" | tail -n 12

@@ -1,0 +1,162 @@
+"""The only module of experiments/ that touches `models`: build a random model, prefill, compile decode, and
+re-position a decode state for timing.
+
+Decode is timed by running a few steps from a chosen position of the generation (see `at_step`): the decode
+loop of `models.generate` is one jit-compiled `lax.while_loop` that donates its state, and its cost per step
+depends only on the lengths of the caches (not on their contents), so a state can be moved to step j by setting
+the step counter, the positions and the cache lengths, without re-running prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import cache as cache_lib
+from models import generate as gen
+from models import llama
+from models import sharing
+from models.config import LlamaConfig
+
+PAD_MULTIPLE = 16  # prefill's default padding of cache capacities
+
+
+def build_model(shape: dict, dtype: str, seed: int) -> tuple[llama.Llama, float]:
+    """A randomly initialised Llama of `shape` (LlamaConfig fields); returns the model and the init seconds."""
+    config = LlamaConfig(**shape)
+    start = time.perf_counter()
+    model = llama.init_random(config, dtype=jnp.dtype(dtype), seed=seed)
+    jax.block_until_ready(model.params())
+    return model, time.perf_counter() - start
+
+
+def param_bytes(model: llama.Llama) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params()))
+
+
+def _round_up(x: int, m: int = PAD_MULTIPLE) -> int:
+    return max(m, -(-x // m) * m)
+
+
+def kv_bytes_per_token(config: LlamaConfig, itemsize: int) -> int:
+    """K and V of one token in every layer."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+
+
+def cache_estimate(tree: sharing.SharingTree, generate: int, config: LlamaConfig, itemsize: int) -> dict:
+    """Bytes of the caches prefill allocates: the shared levels (+ suffixes), and the dense copies (standard)."""
+    per_token = kv_bytes_per_token(config, itemsize)
+    B = tree.num_sequences
+    shared_tokens = sum(len(level.nodes) * _round_up(max(len(n) for n in level.nodes)) for level in tree.levels)
+    suffix_cap = _round_up(max(len(s) for s in tree.suffixes) + generate)
+    tree_bytes = per_token * (shared_tokens + B * suffix_cap)
+    longest = max(tree.prefix_length(b) + len(tree.suffixes[b]) for b in range(B))
+    dense_bytes = per_token * B * _round_up(longest + generate)
+    return {"tree": tree_bytes, "dense": dense_bytes}
+
+
+def synthetic_tree(batch: int, prefix: int, unique: int, vocab: int, seed: int) -> sharing.SharingTree:
+    return sharing.synthetic_tree(batch, prefix, unique, vocab, seed=seed)
+
+
+def apps_tree(fewshot: int, problem_prompt: int, problems: int, samples: int, vocab: int, seed: int,
+              levels: int) -> sharing.SharingTree:
+    """APPS-like sharing: a few-shot prefix read by every sequence, each problem's prompt read by its samples.
+
+    levels=2: two shared levels (few-shot, then the problem prompt without its last token); each sample's suffix
+    is the problem's last prompt token. levels=1: only the few-shot prefix is shared; each sample holds its
+    problem's whole prompt in its own suffix. levels=0: nothing shared (every sequence's whole prompt in its
+    suffix).
+    """
+    rng = np.random.default_rng(seed)
+    shot = tuple(rng.integers(0, vocab, fewshot).tolist())
+    prompts = [tuple(rng.integers(0, vocab, problem_prompt).tolist()) for _ in range(problems)]
+    B = problems * samples
+    owner = [b // samples for b in range(B)]
+    if levels == 2:
+        lv = (sharing.SharedLevel((shot,), (0,) * B),
+              sharing.SharedLevel(tuple(p[:-1] for p in prompts), tuple(owner)))
+        return sharing.SharingTree(lv, tuple((prompts[i][-1],) for i in owner))
+    if levels == 1:
+        return sharing.SharingTree((sharing.SharedLevel((shot,), (0,) * B),), tuple(prompts[i] for i in owner))
+    return sharing.SharingTree((), tuple(shot + prompts[i] for i in owner))
+
+
+def prefill(model, tree, generate: int, mode: str, backend: str | None, chunk: int) -> tuple[Any, dict]:
+    """models.generate.prefill, timed: first call (compile + run), then a second, cached call (run only).
+
+    EOS is disabled (eos_ids=()) so that every sequence decodes the full length whatever random weights sample.
+    """
+    kw = dict(mode=mode, eos_ids=(), backend=backend, prefill_chunk=chunk)
+    start = time.perf_counter()
+    state = gen.prefill(model, tree, generate, **kw)
+    jax.block_until_ready(state)
+    first = time.perf_counter() - start
+    del state
+    start = time.perf_counter()
+    state = gen.prefill(model, tree, generate, **kw)
+    jax.block_until_ready(state)
+    run = time.perf_counter() - start
+    return state, {"prefill_s": run, "prefill_compile_s": max(0.0, first - run)}
+
+
+def derive_mode(state, mode: str):
+    """The state prefill(mode=...) returns, from a `hydragen` one: `shared_storage` keeps the same TreeCache,
+    `none` keeps only the lengths (as models.generate does for those modes)."""
+    if mode == "shared_storage":
+        return state.replace(mode=mode)
+    if mode == "none":
+        return state.replace(mode=mode, cache=cache_lib.NoCache(lengths=state.positions))
+    raise ValueError(f"cannot derive mode {mode!r}")
+
+
+def cache_bytes(state) -> int:
+    return cache_lib.cache_bytes(state.cache)
+
+
+@dataclasses.dataclass
+class Origin:
+    """Copies of the small arrays of a freshly prefilled state, to move it to any decode step."""
+
+    cache_lengths: jax.Array
+    positions: jax.Array
+    logits: jax.Array
+
+
+def origin(state) -> Origin:
+    return Origin(jnp.copy(state.cache.lengths), jnp.copy(state.positions), jnp.copy(state.logits))
+
+
+def at_step(state, org: Origin, step: int):
+    """`state` as it is after `step` decode steps (lengths and counters; cache contents are not re-created)."""
+    B = state.positions.shape[0]
+    return state.replace(
+        cache=state.cache.replace(lengths=org.cache_lengths + step),
+        positions=org.positions + step,
+        logits=jnp.copy(org.logits),  # the decode call donates its state
+        lengths=jnp.full((B,), step, jnp.int32),
+        done=jnp.zeros((B,), bool),
+        step=jnp.asarray(step, jnp.int32),
+    )
+
+
+def compile_decode(model, state, backend: str | None):
+    """models.generate.compile_decode with greedy sampling: (fn(params, state, num_steps), seconds)."""
+    return gen.compile_decode(model, state, sampling="greedy", backend=backend)
+
+
+def run_decode(fn, model, state, steps: int) -> tuple[Any, float, int]:
+    """Run `steps` decode steps; returns (new state, seconds, steps actually taken)."""
+    params = model.params()
+    before = int(state.step)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    state = fn(params, state, jnp.int32(steps))
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - start
+    return state, elapsed, int(state.step) - before
