@@ -242,21 +242,26 @@ def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str
 
 
 def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
-    """Copy each sequence's whole prompt (its shared nodes, then its suffix) into its own cache."""
-    j = jnp.arange(capacity)[None, :]  # [1, S]
-    parts = [(lc.k[:, lc.seq_to_node], lc.v[:, lc.seq_to_node], lc.lengths[lc.seq_to_node]) for lc in tc.shared]
-    parts.append((tc.k, tc.v, tc.lengths))
+    """Copy each sequence's whole prompt (its shared nodes, then its suffix) into its own cache, with one
+    gather from the tree cache's storage (flattened; one extra zero row serves the unused slots)."""
     L, B = tc.k.shape[:2]
-    k = jnp.zeros((L, B, capacity) + tc.k.shape[3:], tc.k.dtype)
-    v = jnp.zeros_like(k)
-    for l, (pk, pv, plen) in enumerate(parts):
-        idx = j - offsets[l][:, None]  # [B, S]: index into this part
-        valid = (idx >= 0) & (idx < plen[:, None])
-        idx = jnp.clip(idx, 0, pk.shape[2] - 1)
-        gk = jnp.take_along_axis(pk, idx[None, :, :, None, None], axis=2)
-        gv = jnp.take_along_axis(pv, idx[None, :, :, None, None], axis=2)
-        k = jnp.where(valid[None, :, :, None, None], gk, k)
-        v = jnp.where(valid[None, :, :, None, None], gv, v)
+    parts = [(lc.k, lc.v, lc.lengths, lc.seq_to_node) for lc in tc.shared]
+    parts.append((tc.k, tc.v, tc.lengths, jnp.arange(B)))
+    flat_k, flat_v, base = [], [], 0
+    src = jnp.full((B, capacity), -1, jnp.int32)  # row of the flat storage for each dense slot
+    j = jnp.arange(capacity)[None, :]
+    for l, (pk, pv, plen, s2n) in enumerate(parts):
+        n_nodes, cap = pk.shape[1:3]
+        idx = j - offsets[l][:, None]  # [B, S]: index inside this part
+        valid = (idx >= 0) & (idx < plen[s2n][:, None])
+        src = jnp.where(valid, base + s2n[:, None] * cap + idx, src)
+        flat_k.append(pk.reshape(L, n_nodes * cap, *pk.shape[3:]))
+        flat_v.append(pv.reshape(L, n_nodes * cap, *pv.shape[3:]))
+        base += n_nodes * cap
+    zero = jnp.zeros((L, 1) + tc.k.shape[3:], tc.k.dtype)
+    src = jnp.where(src < 0, base, src)
+    k = jnp.concatenate(flat_k + [zero], axis=1)[:, src]
+    v = jnp.concatenate(flat_v + [zero], axis=1)[:, src]
     return DenseCache(k=k, v=v, lengths=offsets[-1] + tc.lengths)
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import LlamaConfig
 from models.llama import Llama, causal_attention, init_params
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
@@ -69,11 +69,17 @@ def loss_fn(params, config: LlamaConfig, tokens):
 
 
 def train(minutes: float, out: str, batch: int = 16, seq: int = 256, peak_lr: float = 3e-3, seed: int = 0,
-          log_every: int = 25) -> list[tuple[int, float, float]]:
-    config = DEFAULT_CONFIG
+          log_every: int = 25, init: str | None = None) -> list[tuple[int, float, float]]:
+    """Train for ``minutes`` (from scratch, or continuing from the checkpoint ``init``) and save to ``out``."""
     train_stream, valid_stream = load_corpus()
     print(f"corpus: {len(train_stream) / 1e6:.1f}M train bytes, {len(valid_stream) / 1e6:.2f}M valid bytes")
-    params = init_params(config, jax.random.key(seed), jnp.float32)
+    if init:
+        model = load_checkpoint(init, dtype=jnp.float32)
+        config, params = model.config, model.params()
+        print(f"continuing from {init}")
+    else:
+        config = DEFAULT_CONFIG
+        params = init_params(config, jax.random.key(seed), jnp.float32)
     print(f"params: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M")
     opt = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), opt)
@@ -126,8 +132,9 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="continue from this checkpoint (e.g. to lengthen the context)")
     args = ap.parse_args(argv)
-    train(args.minutes, args.out, args.batch, args.seq, args.lr, args.seed)
+    train(args.minutes, args.out, args.batch, args.seq, args.lr, args.seed, init=args.init)
 
 
 if __name__ == "__main__":
