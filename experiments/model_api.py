@@ -17,25 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import cache as cache_lib
-from models import generate as gen
-from models import llama
-from models import sharing
-from models.config import LlamaConfig
+import models
+from models import LlamaConfig
 
 PAD_MULTIPLE = 16  # prefill's default padding of cache capacities
 
 
-def build_model(shape: dict, dtype: str, seed: int) -> tuple[llama.Llama, float]:
+def build_model(shape: dict, dtype: str, seed: int) -> tuple[models.Llama, float]:
     """A randomly initialised Llama of `shape` (LlamaConfig fields); returns the model and the init seconds."""
     config = LlamaConfig(**shape)
     start = time.perf_counter()
-    model = llama.init_random(config, dtype=jnp.dtype(dtype), seed=seed)
+    model = models.init_random(config, dtype=jnp.dtype(dtype), seed=seed)
     jax.block_until_ready(model.params())
     return model, time.perf_counter() - start
 
 
-def param_bytes(model: llama.Llama) -> int:
+def param_bytes(model: models.Llama) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params()))
 
 
@@ -48,7 +45,7 @@ def kv_bytes_per_token(config: LlamaConfig, itemsize: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
 
-def cache_estimate(tree: sharing.SharingTree, generate: int, config: LlamaConfig, itemsize: int) -> dict:
+def cache_estimate(tree: models.SharingTree, generate: int, config: LlamaConfig, itemsize: int) -> dict:
     """Bytes of the caches prefill allocates: the shared levels (+ suffixes), and the dense copies (standard)."""
     per_token = kv_bytes_per_token(config, itemsize)
     B = tree.num_sequences
@@ -60,12 +57,12 @@ def cache_estimate(tree: sharing.SharingTree, generate: int, config: LlamaConfig
     return {"tree": tree_bytes, "dense": dense_bytes}
 
 
-def synthetic_tree(batch: int, prefix: int, unique: int, vocab: int, seed: int) -> sharing.SharingTree:
-    return sharing.synthetic_tree(batch, prefix, unique, vocab, seed=seed)
+def synthetic_tree(batch: int, prefix: int, unique: int, vocab: int, seed: int) -> models.SharingTree:
+    return models.synthetic_tree(batch, prefix, unique, vocab, seed=seed)
 
 
 def apps_tree(fewshot: int, problem_prompt: int, problems: int, samples: int, vocab: int, seed: int,
-              levels: int) -> sharing.SharingTree:
+              levels: int) -> models.SharingTree:
     """APPS-like sharing: a few-shot prefix read by every sequence, each problem's prompt read by its samples.
 
     levels=2: two shared levels (few-shot, then the problem prompt without its last token); each sample's suffix
@@ -79,12 +76,12 @@ def apps_tree(fewshot: int, problem_prompt: int, problems: int, samples: int, vo
     B = problems * samples
     owner = [b // samples for b in range(B)]
     if levels == 2:
-        lv = (sharing.SharedLevel((shot,), (0,) * B),
-              sharing.SharedLevel(tuple(p[:-1] for p in prompts), tuple(owner)))
-        return sharing.SharingTree(lv, tuple((prompts[i][-1],) for i in owner))
+        lv = (models.SharedLevel((shot,), (0,) * B),
+              models.SharedLevel(tuple(p[:-1] for p in prompts), tuple(owner)))
+        return models.SharingTree(lv, tuple((prompts[i][-1],) for i in owner))
     if levels == 1:
-        return sharing.SharingTree((sharing.SharedLevel((shot,), (0,) * B),), tuple(prompts[i] for i in owner))
-    return sharing.SharingTree((), tuple(shot + prompts[i] for i in owner))
+        return models.SharingTree((models.SharedLevel((shot,), (0,) * B),), tuple(prompts[i] for i in owner))
+    return models.SharingTree((), tuple(shot + prompts[i] for i in owner))
 
 
 def prefill(model, tree, generate: int, mode: str, backend: str | None, chunk: int) -> tuple[Any, dict]:
@@ -94,12 +91,12 @@ def prefill(model, tree, generate: int, mode: str, backend: str | None, chunk: i
     """
     kw = dict(mode=mode, eos_ids=(), backend=backend, prefill_chunk=chunk)
     start = time.perf_counter()
-    state = gen.prefill(model, tree, generate, **kw)
+    state = models.prefill(model, tree, generate, **kw)
     jax.block_until_ready(state)
     first = time.perf_counter() - start
     del state
     start = time.perf_counter()
-    state = gen.prefill(model, tree, generate, **kw)
+    state = models.prefill(model, tree, generate, **kw)
     jax.block_until_ready(state)
     run = time.perf_counter() - start
     return state, {"prefill_s": run, "prefill_compile_s": max(0.0, first - run)}
@@ -111,12 +108,12 @@ def derive_mode(state, mode: str):
     if mode == "shared_storage":
         return state.replace(mode=mode)
     if mode == "none":
-        return state.replace(mode=mode, cache=cache_lib.NoCache(lengths=state.positions))
+        return state.replace(mode=mode, cache=models.NoCache(lengths=state.positions))
     raise ValueError(f"cannot derive mode {mode!r}")
 
 
 def cache_bytes(state) -> int:
-    return cache_lib.cache_bytes(state.cache)
+    return models.cache_bytes(state.cache)
 
 
 @dataclasses.dataclass
@@ -147,7 +144,7 @@ def at_step(state, org: Origin, step: int):
 
 def compile_decode(model, state, backend: str | None):
     """models.generate.compile_decode with greedy sampling: (fn(params, state, num_steps), seconds)."""
-    return gen.compile_decode(model, state, sampling="greedy", backend=backend)
+    return models.compile_decode(model, state, sampling="greedy", backend=backend)
 
 
 def run_decode(fn, model, state, steps: int) -> tuple[Any, float, int]:

@@ -25,6 +25,22 @@ def _title(recs: list[dict], what: str) -> str:
     return f"{what}{smoke}\n{r['device']}, JAX {r['jax_version']}, {r['date_utc'][:10]}"
 
 
+def _log_if_data(ax, axis: str = "y", base: float = 10) -> None:
+    """Log scale only when the axis has positive finite data (an all-OOM plot stays linear)."""
+    values = []
+    for line in ax.get_lines():
+        values += list(line.get_ydata() if axis == "y" else line.get_xdata())
+    for patch in ax.patches:
+        values.append(patch.get_height() if axis == "y" else patch.get_x())
+    for coll in ax.collections:
+        offsets = coll.get_offsets()
+        if len(offsets):
+            values += list(np.asarray(offsets)[:, 1 if axis == "y" else 0])
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if np.any(np.isfinite(arr) & (arr > 0)):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log", **({"base": base} if base != 10 else {}))
+
+
 def _mark_failures(ax, xs, recs_by_x):
     """Write OOM / SKIPPED / ERROR at the foot of the bars that have no value."""
     for x, rec in zip(xs, recs_by_x):
@@ -66,7 +82,7 @@ def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathl
         else:
             ax.axhline(1.0, color="black", lw=0.8, ls="--")
         if log:
-            ax.set_yscale("log")
+            _log_if_data(ax)
         ax.set_xticks(x, cases, fontsize=7)
         ax.set_ylabel(ylabel)
         ax.set_title(_title(summaries, f"Shared-prefix decode attention: {ylabel}"), fontsize=9)
@@ -103,8 +119,8 @@ def plot_e2e_throughput(recs: list[dict], out_dir: pathlib.Path, stem: str) -> l
                 if y is None:
                     ax.annotate(rec["status"].upper(), (bx, 0), xycoords=("data", "axes fraction"), fontsize=6,
                                 rotation=90, va="bottom", color="red")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_if_data(ax, "x", base=2)
+        _log_if_data(ax)
         ax.set_xlabel("batch size")
         ax.set_title(f"prefix {g}", fontsize=9)
     axes[0][0].set_ylabel("decode tokens/s")
@@ -131,9 +147,9 @@ def plot_long_document(recs: list[dict], out_dir: pathlib.Path, stem: str) -> li
         base = ys[0] if ys.size and ys[0] == ys[0] else np.nan
         axes[1].plot(xs, ys / base, marker="o", label=mode)
     for ax in axes:
-        ax.set_xscale("log", base=2)
+        _log_if_data(ax, "x", base=2)
         ax.set_xlabel("shared prefix length (tokens)")
-    axes[0].set_yscale("log")
+    _log_if_data(axes[0])
     axes[0].set_ylabel("decode tokens/s")
     axes[1].set_ylabel("throughput relative to the shortest prefix")
     axes[1].axhline(1.0, color="black", lw=0.8, ls="--")

@@ -161,10 +161,12 @@ def tree_table(records: list[dict]) -> str:
         if rec["status"] == "ok":
             r = rec["results"]
             saved = f"{1 - r['decode_s'] / base['results']['decode_s']:+.1%}" if base else "–"
-            cells += [f"{r['decode_s']:.3f}", _fmt_rate(r["tokens_per_s"]), _fmt_gb(r["cache_bytes"]), saved]
+            full = f"{r['decode_s_full']:.3f}" if r.get("decode_s_full") is not None else "–"
+            cells += [f"{r['decode_s']:.4g}", full, _fmt_rate(r["tokens_per_s"]), _fmt_gb(r["cache_bytes"]), saved]
         else:
-            cells += [rec["status"].upper(), "–", "–", "–"]
+            cells += [rec["status"].upper(), "–", "–", "–", "–"]
         rows.append(cells)
-    header = ["variant", "shared levels", "B", "decode s (G x mean step)", "tok/s", "cache GB",
+    header = ["variant", "shared levels", "B", "decode s (G x mean step)", "decode s (whole G steps)", "tok/s",
+              "cache GB",
               "time saved vs one_level"]
     return _table(header, rows)

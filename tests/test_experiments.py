@@ -235,3 +235,114 @@ def test_bench_records_estimated_oom_without_allocating(tmp_path):
 def test_jsonl_is_one_object_per_line(bench_smoke):
     for line in bench_smoke.read_text().splitlines():
         assert isinstance(json.loads(line), dict)
+
+
+def test_set_overrides_and_select_rows():
+    cfg = config.load("bench_attention", assignments=["timing.repeats=9", "bench.cpu_backend=xla"])
+    assert cfg["timing"]["repeats"] == 9 and cfg["bench"]["cpu_backend"] == "xla"
+    picked = cli.select_rows("bench_attention", False, "0,8", [])
+    cfg = config.load("bench_attention", assignments=[picked])
+    assert [(r["batch"], r["prefix"]) for r in cfg["bench"]["configs"]] == [(64, 1024), (1024, 8192)]
+    with pytest.raises(config.ConfigError, match=r"--set.*'timing\.repeat'"):
+        config.load("bench_attention", assignments=["timing.repeat=9"])
+
+
+def test_seed_configs_are_data():
+    rows = config.load("bench_attention")["bench"]["configs"]
+    assert len(rows) == 9
+    assert rows[-1] == {"batch": 1024, "prefix": 8192, "out": 512, "q_heads": 32, "kv_heads": 8}
+
+
+# ---------------------------------------------------------------- end-to-end experiments
+
+
+E2E_CONFIGS = ["e2e_throughput", "long_document", "tree_apps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", E2E_CONFIGS)
+def test_e2e_smoke_runs_parses_and_plots(name, tmp_path):
+    out = tmp_path / f"{name}.jsonl"
+    assert cli.main(["run", name, "--smoke", "--out", str(out), "--no-progress", "--plot"]) == 0
+    recs = _check_records(out)
+    decode = [r for r in recs if r["record"] == "decode"]
+    assert decode and all(r["status"] == "ok" for r in decode)
+    for rec in decode:
+        res = rec["results"]
+        assert res["tokens_per_s"] > 0 and len(res["step_s"]) == 3
+        assert res["mean_step_s"] == pytest.approx(floor.simpson(*res["step_s"]))
+        assert res["decode_compile_s"] >= 0 and res["prefill_compile_s"] >= 0 and res["cache_bytes"] > 0
+    assert [r for r in recs if r["record"] == "prefill"]
+    cfg = config.load(name, smoke=True)
+    if name == "tree_apps":
+        assert {r["mode"] for r in decode} == set(cfg["tree"]["variants"])
+        by = {r["mode"]: r["results"]["cache_bytes"] for r in decode}
+        assert by["two_level"] < by["one_level"] < by["standard"]  # problem prompts stored once per problem
+    else:
+        assert {r["mode"] for r in decode} == set(cfg["modes"])
+    assert out.with_suffix(".md").read_text().count("|") > 10
+    pngs = list(tmp_path.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def _tiny_e2e(**device):
+    cfg = config.load("e2e_throughput", smoke=True)
+    cfg["grid"]["batches"] = [2]
+    if device:
+        cfg["device"] = device
+    return cfg
+
+
+def test_e2e_estimated_oom_is_recorded_without_prefill(tmp_path, monkeypatch):
+    from experiments import e2e, model_api
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("prefill must not run when the estimate does not fit")
+
+    monkeypatch.setattr(model_api, "prefill", no_prefill)
+    cfg = _tiny_e2e(memory_capacity_bytes=10**6, memory_fraction=1.0)
+    with records.RecordWriter(tmp_path / "oom.jsonl", cfg) as writer:
+        e2e.run(cfg, writer, progress=False)
+    decode = [r for r in _check_records(tmp_path / "oom.jsonl") if r["record"] == "decode"]
+    assert {r["mode"] for r in decode} == set(cfg["modes"])
+    assert all(r["status"] == "oom" and "estimated" in r["reason"] for r in decode)
+
+
+def test_e2e_runtime_oom_is_recorded(tmp_path, monkeypatch):
+    from experiments import e2e, model_api
+
+    def fake_prefill(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 80.00GiB")
+
+    monkeypatch.setattr(model_api, "prefill", fake_prefill)
+    cfg = _tiny_e2e()
+    with records.RecordWriter(tmp_path / "oom.jsonl", cfg) as writer:
+        e2e.run(cfg, writer, progress=False)
+    decode = [r for r in _check_records(tmp_path / "oom.jsonl") if r["record"] == "decode"]
+    assert decode and all(r["status"] == "oom" and "RESOURCE_EXHAUSTED" in r["reason"] for r in decode)
+    e2e.write_markdown(tmp_path / "oom.md", records.read(tmp_path / "oom.jsonl"))
+    assert "OOM" in (tmp_path / "oom.md").read_text()
+    assert plot_lib.plot_files([tmp_path / "oom.jsonl"], tmp_path)  # plots draw failures too
+
+
+def test_e2e_config_error_names_model_key():
+    with open(config.CONFIG_DIR / "e2e_throughput.toml", "rb") as f:
+        raw = tomllib.load(f)
+    raw["model"]["shape"]["num_layers"] = 32
+    with pytest.raises(config.ConfigError, match=r"unknown key 'model\.shape\.num_layers'"):
+        config.from_dict(raw)
+    raw = tomllib.loads((config.CONFIG_DIR / "tree_apps.toml").read_text())
+    raw["tree"]["variants"] = ["three_level"]
+    with pytest.raises(config.ConfigError, match=r"'tree\.variants\[0\]'"):
+        config.from_dict(raw)
+
+
+def test_apps_tree_shapes():
+    from experiments import model_api
+
+    two = model_api.apps_tree(16, 8, 3, 4, 100, 0, levels=2)
+    one = model_api.apps_tree(16, 8, 3, 4, 100, 0, levels=1)
+    assert two.num_sequences == one.num_sequences == 12
+    assert [two.prompt(b) for b in range(12)] == [one.prompt(b) for b in range(12)]  # same prompts
+    assert len(two.levels) == 2 and len(two.levels[1].nodes) == 3
+    assert all(len(s) == 1 for s in two.suffixes) and all(len(s) == 8 for s in one.suffixes)
