@@ -79,7 +79,7 @@ def _kernel(
 
   @pl.when(first_local < row_count)
   def _():
-    d_pad = q_ref.shape[-1] if head_dim == q_ref.shape[-1] else pl.next_power_of_2(head_dim)
+    d_pad = pl.next_power_of_2(head_dim)  # Triton tiles are powers of two: pad D, mask the extra columns
     local = first_local + jnp.arange(block.block_m)
     row_ok = local < row_count
     col_ok = jnp.arange(d_pad) < head_dim
