@@ -12,6 +12,7 @@ suite), each file framed by BOS/EOS; 1% of the files (every 100th) are held out 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sysconfig
@@ -117,9 +118,15 @@ def train(minutes: float, out: str, batch: int = 16, seq: int = 256, peak_lr: fl
     curve.append((it, ema, v))
     print(f"final: step {it}, train loss {ema:.3f}, valid loss {v:.3f} nats/byte "
           f"({v / math.log(2):.2f} bits/byte), {time.time() - start:.0f}s")
+    runs = []
+    if init:
+        with open(os.path.join(init, "config.json")) as f:
+            prev = json.load(f).get("hydragen_default_model", {})
+        runs = prev.get("runs") or ([prev] if prev else [])
+    runs.append({"steps": it, "batch": batch, "seq": seq, "minutes": minutes, "train_loss": round(ema, 4),
+                 "valid_loss": round(v, 4)})
     save_checkpoint(Llama(config, params), out, dtype=jnp.bfloat16,
-                    extra_config={"hydragen_default_model": {"steps": it, "valid_loss": round(v, 4),
-                                                             "batch": batch, "seq": seq}})
+                    extra_config={"hydragen_default_model": {"valid_loss": round(v, 4), "runs": runs}})
     print(f"saved to {out}")
     return curve
 

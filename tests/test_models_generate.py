@@ -194,13 +194,20 @@ def test_modes_agree_bf16_gpu():
                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
                       eos_token_ids=())
     m = init_random(cfg, jnp.bfloat16, seed=0)
-    prompts = fewshot_prompts(seed=9, vocab=1000)
-    prompts = [[t for t in p] * 20 for p in prompts]  # ~1K-token shared prefix
+    long_prefix = np.random.default_rng(10).integers(0, 1000, 1000).tolist()
+    prompts = [long_prefix + p for p in fewshot_prompts(seed=9, vocab=1000)]  # 1K-token prefix, depth-2 tree
     runs = {mode: generate(m, prompts, num_samples=8, max_new_tokens=64, mode=mode)
             for mode in ("hydragen", "standard", "shared_storage")}
     h = runs["hydragen"]
     for mode in ("standard", "shared_storage"):
         g = runs[mode]
-        scale = np.abs(h.logits).max()
-        np.testing.assert_allclose(g.logits, h.logits, atol=0.02 * scale)
-        assert (g.tokens[:, :16] == h.tokens[:, :16]).mean() > 0.9, mode
+        np.testing.assert_allclose(g.logits, h.logits, atol=0.02 * np.abs(h.logits).max())
+        # bf16 greedy paths may part at near-ties: until they part, the log-probs agree; where they part, both
+        # chose tokens of (nearly) equal probability
+        same = np.cumprod(g.tokens == h.tokens, axis=1).astype(bool)
+        assert np.abs(np.where(same, g.logprobs - h.logprobs, 0)).max() < 0.1, mode
+        first = same.sum(1)
+        parted = first < g.tokens.shape[1]
+        if parted.any():
+            at = np.abs(g.logprobs[parted, first[parted]] - h.logprobs[parted, first[parted]])
+            assert at.max() < 0.1, mode
