@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("list", help="list the configs in experiments/configs/")
 
+    p_plan = sub.add_parser("plan", help="an end-to-end config's points and whether each fits in memory (no GPU)")
+    p_plan.add_argument("config")
+    p_plan.add_argument("--capacity-gb", type=float, default=80 * 0.92,
+                        help="device bytes_limit in GB (default: 92%% of an 80 GB H100)")
+    p_plan.add_argument("--smoke", action="store_true")
+    p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -43,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for path in sorted(config_lib.CONFIG_DIR.glob("*.toml")):
             print(path.stem)
+        return 0
+    if args.command == "plan":
+        from experiments import e2e
+
+        cfg = config_lib.load(args.config, smoke=args.smoke, assignments=args.set)
+        for row in e2e.plan(cfg, int(args.capacity_gb * 1e9)):
+            print(f"{'fits' if row['fits'] else 'OOM '}  {row['needed_bytes'] / 1e9:8.1f} GB  {row['point']}  "
+                  f"{','.join(row['modes'])}")
         return 0
     if args.command == "plot":
         from experiments import plot

@@ -128,15 +128,41 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) ->
     return writer.records
 
 
+def needed_bytes(tree, generate: int, first_mode: str, config, weights: int, itemsize: int) -> int:
+    """Estimated device bytes of one prefill and its decode: weights, caches, margin (dense copies for standard,
+    which prefill builds from the tree cache: both are alive at its peak)."""
+    from experiments import model_api
+
+    est = model_api.cache_estimate(tree, generate, config, itemsize)
+    return weights + est["tree"] + MARGIN_BYTES + (est["dense"] if first_mode == "standard" else 0)
+
+
+def plan(config: dict, capacity: int) -> list[dict]:
+    """Every job's estimated memory against `capacity` bytes (no model is built, nothing is allocated)."""
+    from experiments import model_api
+    from models import LlamaConfig
+
+    shape, dtype = config["model"]["shape"], config["model"]["dtype"]
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    weights = model_api.shape_param_bytes(shape, itemsize)
+    usable = capacity * config.get("device", {}).get("memory_fraction", 0.92)
+    rows = []
+    for job in jobs_for(config, shape["vocab_size"]):
+        tree = job.tree_fn()
+        need = needed_bytes(tree, job.point["generate"], job.modes[0], LlamaConfig(**shape), weights, itemsize)
+        rows.append({"point": {**job.point, "batch": tree.num_sequences}, "modes": job.labels, "needed_bytes": need,
+                     "fits": need <= usable})
+    return rows
+
+
 def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int) -> None:
     from experiments import model_api
 
     dec, timing_cfg = config["decode"], config["timing"]
     generate = job.point["generate"]
     tree = job.tree_fn()
-    est = model_api.cache_estimate(tree, generate, model.config, itemsize)
     first = job.modes[0]
-    needed = weights + est["tree"] + MARGIN_BYTES + (est["dense"] if first == "standard" else 0)
+    needed = needed_bytes(tree, generate, first, model.config, weights, itemsize)
     point = {**job.point, "batch": tree.num_sequences}
     state = None
     try:

@@ -32,6 +32,15 @@ def build_model(shape: dict, dtype: str, seed: int) -> tuple[models.Llama, float
     return model, time.perf_counter() - start
 
 
+def shape_param_bytes(shape: dict, itemsize: int) -> int:
+    """Bytes of the weights of a model of `shape`, without building it."""
+    import math
+
+    shapes = models.llama.param_shapes(LlamaConfig(**shape))
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    return sum(math.prod(s) for s in leaves) * itemsize
+
+
 def param_bytes(model: models.Llama) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params()))
 

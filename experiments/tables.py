@@ -119,6 +119,7 @@ def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "toke
         if rec["mode"] not in modes:
             modes.append(rec["mode"])
         rows_by[key][rec["mode"]] = rec
+    order.sort(key=lambda key: tuple((v is None, v if isinstance(v, (int, float)) else 0) for v in key))
     fmt = _fmt_rate if value_key.endswith("per_s") else (lambda x: f"{x:.3g}")
     header = list(point_keys) + [f"{m} {value_key}" for m in modes]
     rows = [[str(v) for v in key] + [_cell(rows_by[key].get(m), value_key, fmt) for m in modes] for key in order]
