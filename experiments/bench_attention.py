@@ -210,9 +210,12 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
             try:
                 memory.check_fits(estimate_bytes(case, s, variant), device_table)
                 fn, args = build(name, inputs, per_seq, backend)
+                in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
                 t = timing.time_fn(fn, args, **timing_kw)
                 out = t.output
                 results = {**base, **t.as_dict(), "step_s": t.median_s, "floor_fraction": floor_s / t.median_s}
+                if in_use is not None:
+                    results["device_bytes_in_use"] = in_use
                 if name == "reference":
                     reference_out = out
                 elif reference_out is not None:
