@@ -303,9 +303,11 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         if total + budgets[b] > config.max_position_embeddings:
             raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
                              f"model's maximum length {config.max_position_embeddings}")
-        bad = [t for t in tree.prompt(b) if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"sequence {b}: token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
+        ids = np.asarray(part, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+            bad = ids[(ids < 0) | (ids >= config.vocab_size)][0]
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {config.vocab_size})")
     eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
     extra = [list(s) for s in stop_tokens] if stop_tokens is not None else [[] for _ in range(B)]
     if len(extra) != B:
