@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("list", help="list the configs in experiments/configs/")
 
+    p_report = sub.add_parser("report", help="(re)write the markdown tables of results files")
+    p_report.add_argument("results", nargs="+")
+
     p_plan = sub.add_parser("plan", help="an end-to-end config's points and whether each fits in memory (no GPU)")
     p_plan.add_argument("config")
     p_plan.add_argument("--capacity-gb", type=float, default=80 * 0.92,
@@ -50,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for path in sorted(config_lib.CONFIG_DIR.glob("*.toml")):
             print(path.stem)
+        return 0
+    if args.command == "report":
+        from experiments import runner
+
+        for path in args.results:
+            print(runner.write_report(path))
         return 0
     if args.command == "plan":
         from experiments import e2e

@@ -282,7 +282,8 @@ def summarize(case: Case, by_s: dict[int, dict]) -> tuple[str, dict, str | None]
     return worst, base, reasons
 
 
-def write_summary(writer, case, name, by_s, variants, steps, backend) -> dict:
+def summary_fields(case, name, by_s, variants, steps, backend) -> dict:
+    """Keyword arguments of a `summary` record of one variant on one config."""
     status, results, reason = summarize(case, by_s)
     if status == "ok":
         for other in variants:
@@ -292,12 +293,43 @@ def write_summary(writer, case, name, by_s, variants, steps, backend) -> dict:
             if o_status == "ok":
                 results[f"speedup_vs_{other}"] = results["tokens_per_s"] / o_results["tokens_per_s"]
     point = {**case.point(), "suffixes": list(floor.simpson_points(case.out)), "backend": backend}
-    return writer.write(record="summary", point=point, mode=name, status=status, results=results, reason=reason)
+    return {"record": "summary", "point": point, "mode": name, "status": status, "results": results,
+            "reason": reason}
+
+
+def write_summary(writer, case, name, by_s, variants, steps, backend) -> dict:
+    return writer.write(**summary_fields(case, name, by_s, variants, steps, backend))
+
+
+def summaries_from_steps(all_records: list[dict]) -> list[dict]:
+    """Summary records rebuilt from step records (a run stopped before it wrote its summaries)."""
+    steps: dict = {}
+    cases, variants, meta = [], [], None
+    for rec in all_records:
+        if rec["record"] != "step":
+            continue
+        meta = meta or rec
+        p = rec["point"]
+        case = Case(**{k: p[k] for k in ("batch", "prefix", "out", "q_heads", "kv_heads", "head_dim", "dtype")})
+        if case not in cases:
+            cases.append(case)
+        if rec["mode"] not in variants:
+            variants.append(rec["mode"])
+        steps.setdefault((case, rec["mode"]), {})[p["suffix"]] = rec
+    if meta is None:
+        return []
+    base = {k: meta[k] for k in records.REQUIRED_KEYS if k in meta}
+    out = []
+    for case in cases:
+        for name in variants:
+            fields = summary_fields(case, name, steps.get((case, name), {}), variants, steps,
+                                    meta["point"].get("backend"))
+            out.append({**base, **fields})
+    return out
 
 
 def write_markdown(path, all_records: list[dict]) -> None:
-    summaries = [r for r in all_records if r["record"] == "summary"]
+    summaries = [r for r in all_records if r["record"] == "summary"] or summaries_from_steps(all_records)
     rates = next((r for r in all_records if r["record"] == "device_rates"), None)
     with open(path, "w") as f:
         f.write(tables.bench_markdown(summaries, rates))
-

@@ -184,7 +184,7 @@ def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: in
     for mode, label in zip(job.modes, job.labels):
         try:
             if mode != first:
-                state = model_api.derive_mode(state, mode)
+                state, org = model_api.derive_mode(state, mode, org)
             results = time_decode(model, state, org, generate, dec, timing_cfg, backend)
             state = results.pop("_state")
             results.update(pre, cache_bytes=model_api.cache_bytes(state), estimate_bytes=needed)

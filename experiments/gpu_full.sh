@@ -49,6 +49,7 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
     ${EXTRA:-} "$@" || echo "[gpu_full] $name exited with status $? (partial results kept)"
   echo "[gpu_full] $name took $((SECONDS - start)) s"
   if [[ -s "$base.jsonl" ]]; then
+    [[ -s "$base.md" ]] || "$PYTHON" -m experiments report "$base.jsonl" || echo "[gpu_full] report of $name failed"
     "$PYTHON" -m experiments plot "$base.jsonl" --out "$RESULTS" || echo "[gpu_full] plotting $name failed"
     if [[ -n "${OUT:-}" ]]; then  # flat copy, at most 8 files per call (smoke: no PNGs)
       mkdir -p "$OUT"

@@ -111,13 +111,14 @@ def prefill(model, tree, generate: int, mode: str, backend: str | None, chunk: i
     return state, {"prefill_s": run, "prefill_compile_s": max(0.0, first - run)}
 
 
-def derive_mode(state, mode: str):
-    """The state prefill(mode=...) returns, from a `hydragen` one: `shared_storage` keeps the same TreeCache,
-    `none` keeps only the lengths (as models.generate does for those modes)."""
+def derive_mode(state, mode: str, org: "Origin"):
+    """The state (and its origin) that prefill(mode=...) gives, from a `hydragen` one: `shared_storage` keeps the
+    same TreeCache, `none` keeps only lengths equal to the positions (as models.generate does for those modes)."""
     if mode == "shared_storage":
-        return state.replace(mode=mode)
+        return state.replace(mode=mode), org
     if mode == "none":
-        return state.replace(mode=mode, cache=models.NoCache(lengths=state.positions))
+        cache = models.NoCache(lengths=jnp.copy(org.positions))
+        return state.replace(mode=mode, cache=cache), dataclasses.replace(org, cache_lengths=jnp.copy(org.positions))
     raise ValueError(f"cannot derive mode {mode!r}")
 
 

@@ -26,10 +26,20 @@ def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bo
     print(f"[run] {cfg['name']} ({cfg['kind']}{', smoke' if cfg['smoke'] else ''}) -> {path}", flush=True)
     with records.RecordWriter(path, cfg) as writer:
         module.run(cfg, writer, progress=progress)
-    markdown = path.with_suffix(".md")
-    module.write_markdown(markdown, records.read(path))
+    markdown = write_report(path)
     print(f"[run] wrote {path} and {markdown}", flush=True)
     return path
+
+
+def write_report(path: str | pathlib.Path) -> pathlib.Path:
+    """The markdown tables of a results file (also of a partial one, e.g. after a timeout), next to it."""
+    path = pathlib.Path(path)
+    recs = records.read(path)
+    if not recs:
+        raise ValueError(f"{path}: no records")
+    markdown = path.with_suffix(".md")
+    experiment_module(recs[0]["experiment"]).write_markdown(markdown, recs)
+    return markdown
 
 
 def run(name_or_path: str, *, smoke: bool = False, out: str | None = None, progress: bool = True,

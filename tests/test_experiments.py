@@ -346,3 +346,15 @@ def test_apps_tree_shapes():
     assert [two.prompt(b) for b in range(12)] == [one.prompt(b) for b in range(12)]  # same prompts
     assert len(two.levels) == 2 and len(two.levels[1].nodes) == 3
     assert all(len(s) == 1 for s in two.suffixes) and all(len(s) == 8 for s in one.suffixes)
+
+
+def test_report_of_partial_bench_run(bench_smoke, tmp_path):
+    """A run killed before its summaries still gets its markdown tables (rebuilt from step records)."""
+    lines = [l for l in bench_smoke.read_text().splitlines() if '"record": "summary"' not in l]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(lines) + "\n")
+    assert cli.main(["report", str(partial)]) == 0
+    md = partial.with_suffix(".md").read_text()
+    full = bench_smoke.with_suffix(".md").read_text()
+    table = lambda text: [l for l in text.splitlines() if l.startswith("| 4 | 64 |")]
+    assert table(md) == table(full)  # same numbers as the summaries the full run wrote
