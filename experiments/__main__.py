@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="(re)write the markdown tables of results files")
     p_report.add_argument("results", nargs="+")
 
-    p_plan = sub.add_parser("plan", help="an end-to-end config's points and whether each fits in memory (no GPU)")
+    p_plan = sub.add_parser("plan", help="a config's points and whether each fits in device memory (estimates; nothing runs)")
     p_plan.add_argument("config")
     p_plan.add_argument("--capacity-gb", type=float, default=80 * 0.92,
                         help="device bytes_limit in GB (default: 92%% of an 80 GB H100)")
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             print(runner.write_report(path))
         return 0
     if args.command == "plan":
-        from experiments import e2e
+        from experiments import runner
 
         cfg = config_lib.load(args.config, smoke=args.smoke, assignments=args.set)
-        for row in e2e.plan(cfg, int(args.capacity_gb * 1e9)):
+        for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(args.capacity_gb * 1e9)):
             print(f"{'fits' if row['fits'] else 'OOM '}  {row['needed_bytes'] / 1e9:8.1f} GB  {row['point']}  "
                   f"{','.join(row['modes'])}")
         return 0

@@ -119,6 +119,17 @@ def estimate_bytes(case: Case, s: int, variant: Variant) -> int:
     return shared + q_and_out + copies + logits
 
 
+def plan(config: dict, capacity: int) -> list[dict]:
+    """Each config x variant's estimated memory at s = out against `capacity` bytes (nothing is allocated)."""
+    usable = capacity * config.get("device", {}).get("memory_fraction", 0.92)
+    rows = []
+    for case in cases_from_config(config):
+        for name in config["bench"]["variants"]:
+            need = estimate_bytes(case, case.out, VARIANTS[name])
+            rows.append({"point": case.point(), "modes": [name], "needed_bytes": need, "fits": need <= usable})
+    return rows
+
+
 # ---------------------------------------------------------------- variants
 
 

@@ -358,3 +358,13 @@ def test_report_of_partial_bench_run(bench_smoke, tmp_path):
     full = bench_smoke.with_suffix(".md").read_text()
     table = lambda text: [l for l in text.splitlines() if l.startswith("| 4 | 64 |")]
     assert table(md) == table(full)  # same numbers as the summaries the full run wrote
+
+
+def test_plan_estimates_full_configs(capsys):
+    assert cli.main(["plan", "long_document"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(config.load("long_document")["grid"]["prefixes"])
+    assert all(l.startswith("OOM") for l in lines if l.endswith("standard"))  # prompt copied 256 times
+    assert all(l.startswith("fits") for l in lines if "hydragen" in l)
+    assert cli.main(["plan", "bench_attention"]) == 0
+    assert "OOM" not in capsys.readouterr().out  # every seed config fits an 80 GB GPU
