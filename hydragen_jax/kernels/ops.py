@@ -32,15 +32,15 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   """
   wide = head_dim > 128
   block_m = min(max(16, pl.next_power_of_2(max_rows)), 64 if wide else 128)
-  # Few rows (decode): the step is a memory stream, so take long key blocks; many rows: square-ish tiles.
-  block_k = (64 if wide else 128) if block_m <= 32 else (32 if wide else 64)
+  # 64-key blocks (32 for D=256: shared memory), 3 stages in flight; 8 warps for 128-row tensor-core tiles.
+  # From the block sweep on the H100 (experiments/PERF_NOTES.md); 256-key blocks overflow shared memory.
+  block_k, num_warps, num_stages = (32 if wide else 64), (8 if block_m == 128 else 4), 3
   block_k = min(block_k, max(16, pl.next_power_of_2(num_keys)))
   programs = num_heads * max(num_groups, pl.cdiv(total_rows, block_m))  # programs with rows to do
   splits = 1
   while programs * splits < 2 * _num_cores() and num_keys >= 2 * splits * 4 * block_k:
     splits *= 2
-  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits,
-                     num_warps=8 if block_m >= 128 else 4, num_stages=2)
+  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages)
 
 
 def to_rows(q: Array, num_kv_heads: int) -> Array:
