@@ -166,15 +166,42 @@ def skip_reason(variant: Variant) -> str | None:
 # ---------------------------------------------------------------- runner
 
 
+def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callable, *, backend: str,
+                    build: Callable, timing_kw: dict, device_table: dict | None, reference_out=None
+                    ) -> tuple[str, dict, str | None, jax.Array | None]:
+    """(status, results, reason, output) of one variant at one (config, s); failures become statuses."""
+    variant = VARIANTS[name]
+    reason = skip_reason(variant)
+    if reason is not None:
+        return "skipped", {}, reason, None
+    args = None
+    try:
+        memory.check_fits(estimate_bytes(case, s, variant), device_table)
+        fn, args = build(name, inputs, per_seq, backend)
+        in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
+        t = timing.time_fn(fn, args, **timing_kw)
+        results = {**t.as_dict(), "step_s": t.median_s}
+        if in_use is not None:
+            results["device_bytes_in_use"] = in_use
+        if reference_out is not None and name != "reference":
+            diff = jnp.max(jnp.abs(t.output.astype(jnp.float32) - reference_out.astype(jnp.float32)))
+            results["max_abs_err_vs_reference"] = float(diff)
+        return "ok", results, None, t.output
+    except Exception as error:  # noqa: BLE001 - every failure becomes a record
+        status = "oom" if memory.is_oom(error) else "error"
+        return status, {}, f"{type(error).__name__}: {str(error)[:500]}", None
+    finally:
+        del args
+
+
 def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
         build: Callable = build_variant) -> list[dict]:
-    """Run the benchmark, writing step, summary and device_rates records. Returns all records written."""
+    """Run the benchmark, writing device_rates, step and summary records. Returns all records written."""
     bench = config["bench"]
     timing_kw = timing.timing_options(config["timing"])
     budget = config["timing"].get("time_budget_s")
     started = time.perf_counter()
     backend = hydragen_backend(bench)
-    device_table = config.get("device")
 
     rates = device_rates.measure(bench["copy_bytes"], bench["matmul_n"], timing_kw)
     writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
@@ -188,12 +215,34 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
     work = [(case, s) for case in cases for s in floor.simpson_points(case.out)]
     for case, s in tqdm(work, desc="bench-attention", disable=not progress):
         point = {**case.point(), "suffix": s, "backend": backend}
+        nbytes = floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim,
+                                  case.itemsize)
+        flops = floor.step_flops(case.batch, case.prefix, s, case.q_heads, case.head_dim)
+        floor_s = floor.floor_time(nbytes, flops, rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+        base = {"floor_s": floor_s, "floor_bytes": nbytes, "floor_flops": flops}
+
+        def record(name, status, results, reason=None):
+            kv = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize,
+                                      VARIANTS[name].prefix_copied)
+            if status == "ok":
+                results["floor_fraction"] = floor_s / results["step_s"]
+            rec = writer.write(record="step", point=point, mode=name, status=status, reason=reason,
+                               results={"kv_cache_bytes": kv, **base, **results})
+            steps.setdefault((case, name), {})[s] = rec
+            return rec
+
         if budget is not None and time.perf_counter() - started > budget:
             for name in bench["variants"]:
-                steps.setdefault((case, name), {})[s] = writer.write(
-                    record="step", point=point, mode=name, status="skipped", reason="time budget exhausted")
+                record(name, "skipped", {}, "time budget exhausted")
             continue
-        inputs = make_inputs(case, s, bench["seed"] + s)
+        try:
+            inputs = make_inputs(case, s, bench["seed"] + s)
+        except Exception as error:  # noqa: BLE001 - recorded for every variant
+            status = "oom" if memory.is_oom(error) else "error"
+            for name in bench["variants"]:
+                record(name, status, {}, f"inputs: {type(error).__name__}: {str(error)[:400]}")
+            memory.release()
+            continue
         cache: dict[str, tuple] = {}
 
         def per_seq():
@@ -202,48 +251,17 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
             return cache["kv"]
 
         reference_out = None
-        nbytes = floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim,
-                                  case.itemsize)
-        flops = floor.step_flops(case.batch, case.prefix, s, case.q_heads, case.head_dim)
-        floor_s = floor.floor_time(nbytes, flops, rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
         for name in bench["variants"]:
-            variant = VARIANTS[name]
-            kv_bytes = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim,
-                                            case.itemsize, variant.prefix_copied)
-            base = {"kv_cache_bytes": kv_bytes, "floor_s": floor_s, "floor_bytes": nbytes, "floor_flops": flops}
-            reason = skip_reason(variant)
-            if reason is not None:
-                rec = writer.write(record="step", point=point, mode=name, status="skipped", results=base,
-                                   reason=reason)
-                steps.setdefault((case, name), {})[s] = rec
-                continue
-            args = None
-            try:
-                memory.check_fits(estimate_bytes(case, s, variant), device_table)
-                fn, args = build(name, inputs, per_seq, backend)
-                in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
-                t = timing.time_fn(fn, args, **timing_kw)
-                out = t.output
-                results = {**base, **t.as_dict(), "step_s": t.median_s, "floor_fraction": floor_s / t.median_s}
-                if in_use is not None:
-                    results["device_bytes_in_use"] = in_use
-                if name == "reference":
-                    reference_out = out
-                elif reference_out is not None:
-                    diff = jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32)))
-                    results["max_abs_err_vs_reference"] = float(diff)
-                rec = writer.write(record="step", point=point, mode=name, status="ok", results=results)
-            except Exception as error:  # noqa: BLE001 - every failure becomes a record
-                status = "oom" if memory.is_oom(error) else "error"
-                rec = writer.write(record="step", point=point, mode=name, status=status, results=base,
-                                   reason=f"{type(error).__name__}: {str(error)[:500]}")
-            finally:
-                del args
-                if name == last_copied:
-                    cache.clear()  # no later variant reads the per-sequence copies
-                memory.release()
-            steps.setdefault((case, name), {})[s] = rec
-            _print_step(case, s, name, rec)
+            status, results, reason, out = measure_variant(
+                name, case, s, inputs, per_seq, backend=backend, build=build, timing_kw=timing_kw,
+                device_table=config.get("device"), reference_out=reference_out)
+            if name == "reference":
+                reference_out = out
+            del out
+            if name == last_copied:
+                cache.clear()  # no later variant reads the per-sequence copies
+            memory.release()
+            _print_step(case, s, name, record(name, status, results, reason))
         del inputs, reference_out
         cache.clear()
         memory.release()
@@ -254,7 +272,7 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
 
     summaries = [r for r in writer.records if r["record"] == "summary"]
     print(tables.bench_results_table(summaries), flush=True)
-    print(tables.bench_floor_table(summaries), flush=True)
+    print(tables.bench_floor_table(summaries), flush=True)  # the last table: fraction of the floor, speedups
     return writer.records
 
 
