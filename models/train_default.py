@@ -1,12 +1,15 @@
 """Train the embedded default model: a tiny byte-level Llama on Python's standard-library sources.
 
-    python -m models.train_default [--minutes 20] [--out models/default_model]
+    python -m models.train_default [--minutes 30] [--long-minutes 14] [--out models/default_model]
 
 The corpus is every ``*.py`` file under ``sysconfig.get_paths()["stdlib"]`` (without site-packages and the test
 suite), each file framed by BOS/EOS; 1% of the files (every 100th) are held out for validation. The model
 (4 layers, d_model 256, 8 query / 2 KV heads, tied embeddings, vocab 259) trains with AdamW under a time budget
-(warm-up then cosine decay of the learning rate over the budget) and is saved in HF format (bf16, ~6 MB) through
-``models.checkpoint.save_checkpoint``, so it loads through the same path as any Llama checkpoint.
+(warm-up then cosine decay of the learning rate over the budget): first on 256-byte windows (batch 16), then,
+continuing from that checkpoint, on 1536-byte windows (batch 3) so that it also writes sensibly after a
+prompt of a thousand bytes or more (the demo's few-shot prompt). Saved in HF format (bf16, ~6 MB) through
+``models.checkpoint.save_checkpoint``, so it loads through the same path as any Llama checkpoint; the loss of
+each phase is recorded in ``config.json`` under ``hydragen_default_model``.
 """
 
 from __future__ import annotations
@@ -133,7 +136,11 @@ def train(minutes: float, out: str, batch: int = 16, seq: int = 256, peak_lr: fl
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=20.0, help="training time budget")
+    ap.add_argument("--minutes", type=float, default=30.0, help="time budget of the first phase")
+    ap.add_argument("--long-minutes", type=float, default=14.0, help="time budget of the long-window phase (0: skip)")
+    ap.add_argument("--long-seq", type=int, default=1536)
+    ap.add_argument("--long-batch", type=int, default=3)
+    ap.add_argument("--long-lr", type=float, default=1e-3)
     ap.add_argument("--out", default=DEFAULT_DIR)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
@@ -142,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--init", default=None, help="continue from this checkpoint (e.g. to lengthen the context)")
     args = ap.parse_args(argv)
     train(args.minutes, args.out, args.batch, args.seq, args.lr, args.seed, init=args.init)
+    if args.long_minutes > 0:
+        train(args.long_minutes, args.out, args.long_batch, args.long_seq, args.long_lr, args.seed, init=args.out)
 
 
 if __name__ == "__main__":
