@@ -185,7 +185,8 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
             results["device_bytes_in_use"] = in_use
         if reference_out is not None and name != "reference":
             diff = jnp.max(jnp.abs(t.output.astype(jnp.float32) - reference_out.astype(jnp.float32)))
-            results["max_abs_err_vs_reference"] = float(diff)
+            results["max_abs_err_vs_reference"] = float(diff)  # NaN (stored as null) if either is not finite
+            results["output_finite"] = bool(jnp.all(jnp.isfinite(t.output.astype(jnp.float32))))
         return "ok", results, None, t.output
     except Exception as error:  # noqa: BLE001 - every failure becomes a record
         status = "oom" if memory.is_oom(error) else "error"

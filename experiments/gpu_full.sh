@@ -9,8 +9,9 @@
 #   bench-gqa    bench rows 5-8 (32/8)           }
 #   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~5-9 min)
 #   tree         tree_apps.toml: 4 variants of one APPS-like tree                   (~2-4 min)
-#   e2e-part1    e2e_throughput.toml, prefixes 1K and 4K x batches 512, 64, 8       (~5-9 min)
-#   e2e-part2    e2e_throughput.toml, prefix 16K x batches 512, 64, 8               (~3-5 min)
+#   e2e-part1    e2e_throughput.toml, prefix 1K x batches 512, 64, 8                (~3-5 min)
+#   e2e-part2    e2e_throughput.toml, prefix 4K x batches 512, 64, 8                (~3-5 min)
+#   e2e-part3    e2e_throughput.toml, prefix 16K x batches 512, 64, 8               (~3-5 min)
 #   smoke        every config's [smoke] variant (checks the GPU code paths in ~1-2 min)
 # Each config has time_budget_s (<= 500 s): points left when it is spent are recorded as "skipped".
 # Times are estimates (compile times of the 32-layer model on GPU were not measured before): watch the
@@ -29,7 +30,7 @@ cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|e2e-part1|e2e-part2|long-doc|tree|smoke)}
+PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke)}
 LIMIT=${LIMIT:-560}   # seconds for the experiment itself; the whole device call is killed at 600
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 read -r PLATFORM DEVICE <<<"$("$PYTHON" -c 'import jax, re; d = jax.devices()[0]; print(d.platform, re.sub(r"[^A-Za-z0-9]+", "-", d.device_kind).strip("-").lower())')"
@@ -62,8 +63,9 @@ case "$PART" in
   bench)     run bench_attention bench_attention ;;
   bench-mha) run bench_attention-mha bench_attention --set "$("$PYTHON" -c 'from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, "0,1,2,3,4", []))')" ;;
   bench-gqa) run bench_attention-gqa bench_attention --set "$("$PYTHON" -c 'from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, "5,6,7,8", []))')" ;;
-  e2e-part1) run e2e_throughput-part1 e2e_throughput --set "grid.prefixes=[1024, 4096]" ;;
-  e2e-part2) run e2e_throughput-part2 e2e_throughput --set "grid.prefixes=[16384]" ;;
+  e2e-part1) run e2e_throughput-part1 e2e_throughput --set "grid.prefixes=[1024]" ;;
+  e2e-part2) run e2e_throughput-part2 e2e_throughput --set "grid.prefixes=[4096]" ;;
+  e2e-part3) run e2e_throughput-part3 e2e_throughput --set "grid.prefixes=[16384]" ;;
   long-doc)  run long_document long_document ;;
   tree)      run tree_apps tree_apps ;;
   smoke)
