@@ -181,20 +181,26 @@ def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: in
     writer.write(record="prefill", point=point, mode=first, status="ok",
                  results={**pre, "cache_bytes": model_api.cache_bytes(state), "estimate_bytes": needed})
     org = model_api.origin(state)
+    lost = None  # set when a failure consumed the (donated) state: the remaining modes cannot run
     for mode, label in zip(job.modes, job.labels):
+        if lost is not None:
+            rec = writer.write(record="decode", point=point, mode=label, status="error",
+                               results={"estimate_bytes": needed}, reason=f"not run: {lost}")
+            _print(point, label, rec)
+            continue
         try:
             if mode != first:
                 state, org = model_api.derive_mode(state, mode, org)
-            results = time_decode(model, state, org, generate, dec, timing_cfg, backend)
-            state = results.pop("_state")
+            state, results = time_decode(model, state, org, generate, dec, timing_cfg, backend)
             results.update(pre, cache_bytes=model_api.cache_bytes(state), estimate_bytes=needed)
             rec = writer.write(record="decode", point=point, mode=label, status="ok", results=results)
         except Exception as error:  # noqa: BLE001 - recorded
             status = "oom" if memory.is_oom(error) else "error"
+            reason = f"{type(error).__name__}: {str(error)[:400]}"
             rec = writer.write(record="decode", point=point, mode=label, status=status,
-                               results={"estimate_bytes": needed}, reason=f"{type(error).__name__}: {str(error)[:400]}")
-            if state is not None and _deleted(state):
-                break  # the donated state is gone; the remaining modes of this prefill cannot run
+                               results={"estimate_bytes": needed}, reason=reason)
+            if _deleted(state):
+                lost = f"the decode state was consumed by the failure of {label} ({status})"
         _print(point, label, rec)
     del state, org
     memory.release()
@@ -204,8 +210,9 @@ def _deleted(state) -> bool:
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
 
 
-def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, backend) -> dict:
-    """Per-step decode time at s = 1, G/2, G (median of repeats each), Simpson-combined."""
+def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, backend) -> tuple[object, dict]:
+    """Per-step decode time at s = 1, G/2, G (median of repeats each), Simpson-combined. Returns the state (the
+    decode donates its input) and the results."""
     from experiments import model_api
 
     k = min(dec["steps_per_sample"], generate)
@@ -237,8 +244,7 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
     peak = memory.peak_bytes_in_use()
     if peak is not None:
         results["peak_bytes_in_use"] = peak
-    results["_state"] = state
-    return results
+    return state, results
 
 
 def _label(point: dict) -> str:

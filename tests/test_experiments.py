@@ -372,3 +372,22 @@ def test_plan_estimates_full_configs(capsys):
     assert all(l.startswith("fits") for l in lines if "hydragen" in l)
     assert cli.main(["plan", "bench_attention"]) == 0
     assert "OOM" not in capsys.readouterr().out  # every seed config fits an 80 GB GPU
+
+
+def test_e2e_failure_that_consumes_the_state_marks_the_other_modes(tmp_path, monkeypatch):
+    from experiments import e2e
+
+    def failing_decode(model, state, *args, **kwargs):
+        for leaf in jax.tree.leaves(state):  # what a donated call that fails half-way leaves behind
+            leaf.delete()
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory in decode")
+
+    monkeypatch.setattr(e2e, "time_decode", failing_decode)
+    cfg = _tiny_e2e()
+    cfg["modes"] = ["hydragen", "shared_storage", "none"]
+    with records.RecordWriter(tmp_path / "lost.jsonl", cfg) as writer:
+        e2e.run(cfg, writer, progress=False)
+    decode = {r["mode"]: r for r in _check_records(tmp_path / "lost.jsonl") if r["record"] == "decode"}
+    assert decode["hydragen"]["status"] == "oom"
+    assert decode["shared_storage"]["status"] == "error" and "not run" in decode["shared_storage"]["reason"]
+    assert decode["none"]["status"] == "error"
