@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import pathlib
 import re
 import subprocess
@@ -43,6 +44,7 @@ def metadata() -> dict:
         "jax_version": jax.__version__,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
     }
 
 
