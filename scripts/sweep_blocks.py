@@ -21,7 +21,7 @@ from scripts.quick_bench import D, SEED, machine_rates, timeit
 PREFIX_TILES = [BlockConfig(m, k, sp, w, st) for (m, k), sp, w, st in itertools.product(
     [(64, 64), (128, 64), (128, 32), (64, 128)], [1, 2, 4], [4, 8], [2, 3])]
 SUFFIX_TILES = [BlockConfig(16, k, sp, w, st) for k, sp, w, st in itertools.product(
-    [32, 64, 128, 256], [1, 2], [2, 4, 8], [2, 3, 4])]
+    [32, 64, 128], [1, 2], [4, 8], [3, 4])]
 
 
 def main():

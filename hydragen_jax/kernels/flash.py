@@ -8,11 +8,14 @@ One kernel serves both halves of Hydragen:
 * suffix (per-sequence) part: a group is one sequence's T·g rows (the GQA heads of one KV head together), and
   long keys are split over programs.
 
-Layout. Queries come as rows `q_rows [Hkv, R, D]`; group p owns rows [row_start[p], row_start[p] + row_count[p])
-ordered (sequence, token t, head-in-group j), and reads KV sequence kv_index[p] of the caches `k, v [N, S, Hkv, D]`
-(read in place, no copy) up to kv_lengths[kv_index[p]]. The grid is (group, KV head, row block, key split).
-A program streams its key range in blocks of `block_k` with the online softmax; a row sees no key past its
-length (nor, if causal, past its own position) and an empty row gives out = 0, lse = -inf.
+Layout. Queries and outputs stay in their natural layout `[B, T, Hq, D]`, seen as rows `[B·T·Hq, D]`; no
+transposes. Group p takes the sequences order[seq_start[p] :] (row_count[p] = their number × T·g rows, ordered
+(sequence, token t, head-in-group j)) and reads KV sequence kv_index[p] of the caches `k, v [N, S, Hkv, D]` (in
+place, no copy) up to kv_lengths[kv_index[p]]. For KV head h, local row r is the query row
+((seq·T + t)·Hq + h·g + j) with seq = order[seq_start + r // (T·g)], t = (r // g) % T, j = r % g: the kernel
+gathers and scatters those rows itself. The grid is (group, KV head, row block, key split). A program streams its
+key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past
+its own position) and an empty row gives out = 0, lse = -inf.
 
 With `splits > 1` every split writes float32 partial results that `combine_splits` merges by their lse.
 """
@@ -58,11 +61,11 @@ class BlockConfig:
 
 
 def _kernel(
-    row_start_ref, row_count_ref, kv_index_ref, kv_len_ref,  # [G], [G], [G], [N] int32
-    q_ref,  # [Hkv, R, D]
+    seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref,  # [G], [G], [G], [N], [B] int32
+    q_ref,  # [B·T·Hq, D]
     k_ref, v_ref,  # [N, S, Hkv, D]
-    o_ref,  # [splits, Hkv, R, D]
-    lse_ref,  # [splits, Hkv, R]
+    o_ref,  # [splits, B·T·Hq, D]
+    lse_ref,  # [splits, B·T·Hq]
     *,
     block: BlockConfig,
     split_len: int,
@@ -82,17 +85,24 @@ def _kernel(
     d_pad = pl.next_power_of_2(head_dim)  # Triton tiles are powers of two: pad D, mask the extra columns
     local = first_local + jnp.arange(block.block_m)
     row_ok = local < row_count
-    col_ok = jnp.arange(d_pad) < head_dim
-    rows = pl.ds(row_start_ref[p] + first_local, block.block_m)
-    cols = pl.ds(0, d_pad)
-    q = plgpu.load(q_ref.at[h, rows, cols], mask=row_ok[:, None] & col_ok[None, :], other=0)
+    cols = jnp.arange(d_pad)
+    col_ok = cols < head_dim
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    # Which query row each local row is (see the module docstring). Masked rows point one past the end, so that
+    # no store of theirs can land on a real row (the interpreter's scatter drops out-of-bounds updates).
+    seq = plgpu.load(order_ref.at[seq_start_ref[p] + local // (num_queries * group)], mask=row_ok, other=0)
+    token = (local // group) % num_queries
+    num_heads = group * k_ref.shape[2]
+    flat = jnp.where(row_ok, (seq * num_queries + token) * num_heads + h * group + local % group, q_ref.shape[0])
+    q = plgpu.load(q_ref.at[flat[:, None], cols[None, :]], mask=tile_ok, other=0)
 
     node = kv_index_ref[p]
     length = kv_len_ref[node]
     lo = sp * split_len
     hi = jnp.minimum(lo + split_len, length)
-    # Causal: row r is token t = (r // g) % T of its sequence, the (length - T + t)-th key; it sees keys <= that.
-    last_visible = length - num_queries + (local // group) % num_queries
+    # Causal: a row of token t is key (length - T + t) of its sequence; it sees keys up to that one.
+    last_visible = length - num_queries + token
+    kv_cols = pl.ds(0, d_pad)
 
     def step(i, carry):
       acc, m, l = carry
@@ -100,7 +110,7 @@ def _kernel(
       pos = start + jnp.arange(block.block_k)
       key_ok = pos < hi
       kv_mask = key_ok[:, None] & col_ok[None, :]
-      k = plgpu.load(k_ref.at[node, pl.ds(start, block.block_k), h, cols], mask=kv_mask, other=0)
+      k = plgpu.load(k_ref.at[node, pl.ds(start, block.block_k), h, kv_cols], mask=kv_mask, other=0)
       # Logits in base 2: exp(x) = 2^(x·log2 e), so exp2 does the softmax.
       s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2_E)
       ok = key_ok[None, :]
@@ -110,7 +120,7 @@ def _kernel(
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       alpha = jnp.exp2(m - m_new)
       probs = jnp.where(ok, jnp.exp2(s - m_new[:, None]), 0.0)
-      v = plgpu.load(v_ref.at[node, pl.ds(start, block.block_k), h, cols], mask=kv_mask, other=0)
+      v = plgpu.load(v_ref.at[node, pl.ds(start, block.block_k), h, kv_cols], mask=kv_mask, other=0)
       acc = acc * alpha[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
       return acc, m_new, l * alpha + jnp.sum(probs, axis=1)
 
@@ -126,27 +136,27 @@ def _kernel(
     safe_l = jnp.where(seen, l, 1.0)
     out = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0)
     lse = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN_2, -jnp.inf)
-    plgpu.store(o_ref.at[sp, h, rows, cols], out.astype(o_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
-    plgpu.store(lse_ref.at[sp, h, rows], lse, mask=row_ok)
+    plgpu.store(o_ref.at[sp, flat[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=tile_ok)
+    plgpu.store(lse_ref.at[sp, flat], lse, mask=row_ok)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block", "max_rows", "causal", "num_queries", "group", "scale", "interpret"),
+    static_argnames=("block", "max_rows", "causal", "group", "scale", "interpret"),
 )
 def grouped_flash_attention(
-    q_rows: Array,
+    q: Array,
     k: Array,
     v: Array,
     kv_lengths: Array,
-    row_start: Array,
+    order: Array,
+    seq_start: Array,
     row_count: Array,
     kv_index: Array,
     *,
     block: BlockConfig,
     max_rows: int,
     causal: bool,
-    num_queries: int,
     group: int,
     scale: float,
     interpret: bool,
@@ -154,40 +164,45 @@ def grouped_flash_attention(
   """Runs the kernel; see the module docstring for the layout.
 
   Args:
-    q_rows: `[Hkv, R, D]` query rows.
+    q: `[B, T, Hq, D]` queries.
     k, v: `[N, S, Hkv, D]` KV caches, read in place.
     kv_lengths: `[N]` valid keys per KV sequence.
-    row_start, row_count, kv_index: `[G]` each: the rows of group p and the KV sequence they read.
+    order: `[B]` the sequences, group by group.
+    seq_start, row_count, kv_index: `[G]` each: group p's first position in `order`, its rows (sequences × T·g),
+      and the KV sequence it reads.
     block: tiling; `block.splits > 1` returns float32 partials.
     max_rows: static bound on any row_count (sets the number of row blocks in the grid).
-    causal, num_queries, group: causal masking; rows are ordered (sequence, token of num_queries, head of group).
+    causal: the T queries of a sequence are its last T keys.
+    group: g = Hq // Hkv.
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
 
   Returns:
-    out `[splits, Hkv, R, D]` (q dtype if splits == 1, else float32) and lse `[splits, Hkv, R]` float32.
-    Rows that belong to no group are left unwritten.
+    out `[splits, B, T, Hq, D]` (q dtype if splits == 1, else float32) and lse `[splits, B, T, Hq]` float32.
+    Query rows that belong to no group are left unwritten.
   """
-  hkv, r, d = q_rows.shape
-  s = k.shape[1]
-  num_groups = row_start.shape[0]
+  b, t, hq, d = q.shape
+  hkv, s = k.shape[2], k.shape[1]
+  num_groups = seq_start.shape[0]
   split_len = pl.cdiv(pl.cdiv(s, block.splits), block.block_k) * block.block_k
   grid = (num_groups, hkv, pl.cdiv(max_rows, block.block_m), block.splits)
-  out_dtype = q_rows.dtype if block.splits == 1 else jnp.float32
-  precision = lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else lax.Precision.DEFAULT
+  out_dtype = q.dtype if block.splits == 1 else jnp.float32
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
   kernel = functools.partial(
-      _kernel, block=block, split_len=split_len, head_dim=d, causal=causal, num_queries=num_queries,
-      group=group, scale=scale, precision=precision)
+      _kernel, block=block, split_len=split_len, head_dim=d, causal=causal, num_queries=t, group=group,
+      scale=scale, precision=precision)
 
   def whole(x):  # the kernel indexes inside the full array itself
     return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
 
+  rows = b * t * hq
   out_shape = (
-      jax.ShapeDtypeStruct((block.splits, hkv, r, d), out_dtype),
-      jax.ShapeDtypeStruct((block.splits, hkv, r), jnp.float32),
+      jax.ShapeDtypeStruct((block.splits, rows, d), out_dtype),
+      jax.ShapeDtypeStruct((block.splits, rows), jnp.float32),
   )
-  ints = [x.astype(jnp.int32) for x in (row_start, row_count, kv_index, kv_lengths)]
-  return pl.pallas_call(
+  ints = [x.astype(jnp.int32) for x in (seq_start, row_count, kv_index, kv_lengths, order)]
+  q_rows = q.reshape(rows, d)
+  out, lse = pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[whole(x) for x in (*ints, q_rows, k, v)],
@@ -197,6 +212,7 @@ def grouped_flash_attention(
       interpret=interpret,
       name="hydragen_grouped_flash",
   )(*ints, q_rows, k, v)
+  return out.reshape(block.splits, b, t, hq, d), lse.reshape(block.splits, b, t, hq)
 
 
 def combine_splits(out: Array, lse: Array, dtype) -> tuple[Array, Array]:

@@ -1,4 +1,4 @@
-"""Pallas implementation of one level's attention: query layout and tiling around `grouped_flash_attention`.
+"""Pallas implementation of one level's attention: groups of sequences and tiling around `grouped_flash_attention`.
 
 Two ways to read a level's KV (`k, v [N, L, Hkv, D]`, node n valid up to lengths[n]):
 
@@ -43,34 +43,23 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages)
 
 
-def to_rows(q: Array, num_kv_heads: int) -> Array:
-  """`[B, T, Hq, D]` -> `[Hkv, B·T·g, D]`, rows ordered (sequence, token, head in group)."""
-  b, t, hq, d = q.shape
-  g = hq // num_kv_heads
-  return q.reshape(b, t, num_kv_heads, g, d).transpose(2, 0, 1, 3, 4).reshape(num_kv_heads, b * t * g, d)
-
-
-def from_rows(out: Array, lse: Array, batch: int, num_queries: int) -> tuple[Array, Array]:
-  """Inverse of `to_rows` for out `[Hkv, R, D]` and lse `[Hkv, R]`."""
-  hkv, r, d = out.shape
-  g = r // (batch * num_queries)
-  out = out.reshape(hkv, batch, num_queries, g, d).transpose(1, 2, 0, 3, 4).reshape(batch, num_queries, hkv * g, d)
-  lse = lse.reshape(hkv, batch, num_queries, g).transpose(1, 2, 0, 3).reshape(batch, num_queries, hkv * g)
-  return out, lse
-
-
 def _empty(q: Array) -> tuple[Array, Array]:
   return jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
 
 
-def _run(q_rows, k, v, lengths, row_start, row_count, kv_index, *, max_rows, num_queries, group, causal,
-         scale, interpret, block):
+def _run(q, k, v, lengths, order, seq_start, num_seqs, kv_index, *, max_seqs, causal, scale, interpret, block):
+  """Groups of sequences (order[seq_start[p]:][:num_seqs[p]] reads KV row kv_index[p]) -> (out, lse)."""
+  b, t, hq, _ = q.shape
+  n, s, hkv, d = k.shape
+  if s == 0:
+    return _empty(q)
+  rows = t * (hq // hkv)  # query rows of one sequence for one KV head
   if block is None:
-    block = choose_block(max_rows, q_rows.shape[1], row_start.shape[0], k.shape[2], k.shape[1], k.shape[3])
+    block = choose_block(max_seqs * rows, b * rows, seq_start.shape[0], hkv, s, d)
   out, lse = grouped_flash_attention(
-      q_rows, k, v, lengths, row_start, row_count, kv_index, block=block, max_rows=max_rows, causal=causal,
-      num_queries=num_queries, group=group, scale=scale, interpret=interpret)
-  return combine_splits(out, lse, q_rows.dtype)
+      q, k, v, lengths, order, seq_start, num_seqs * rows, kv_index, block=block, max_rows=max_seqs * rows,
+      causal=causal, group=hq // hkv, scale=scale, interpret=interpret)
+  return combine_splits(out, lse, q.dtype)
 
 
 def per_sequence(
@@ -79,17 +68,9 @@ def per_sequence(
 ) -> tuple[Array, Array]:
   """Each sequence attends to its own KV row: q `[B, T, Hq, D]`, k/v `[N, S, Hkv, D]`, lengths `[N]`,
   kv_index `[B]` (None: sequence b reads row b). Returns out `[B, T, Hq, D]`, lse `[B, T, Hq]`."""
-  b, t, hq, _ = q.shape
-  hkv = k.shape[2]
-  if k.shape[1] == 0:
-    return _empty(q)
-  rows = t * (hq // hkv)
-  seq = jnp.arange(b, dtype=jnp.int32)
-  out, lse = _run(
-      to_rows(q, hkv), k, v, lengths, seq * rows, jnp.full((b,), rows, jnp.int32),
-      seq if kv_index is None else kv_index, max_rows=rows, num_queries=t, group=hq // hkv, causal=causal,
-      scale=scale, interpret=interpret, block=block)
-  return from_rows(out, lse, b, t)
+  seqs = jnp.arange(q.shape[0], dtype=jnp.int32)
+  return _run(q, k, v, lengths, seqs, seqs, jnp.ones_like(seqs), seqs if kv_index is None else kv_index,
+              max_seqs=1, causal=causal, scale=scale, interpret=interpret, block=block)
 
 
 def batched(
@@ -101,26 +82,12 @@ def batched(
   q `[B, T, Hq, D]`, k/v `[N, L, Hkv, D]`, lengths `[N]`, seq_to_node `[B]`; max_group: static bound on the
   sequences of one node (None: B). Returns out `[B, T, Hq, D]`, lse `[B, T, Hq]`.
   """
-  b, t, hq, _ = q.shape
-  n, _, hkv, _ = k.shape
-  if k.shape[1] == 0:
-    return _empty(q)
-  rows = t * (hq // hkv)
-  if n == 1:  # one node: rows are already grouped
-    order = None
-    counts = jnp.full((1,), b, jnp.int32)
-  else:  # sort sequences by node so each node's rows are contiguous
-    order = jnp.argsort(seq_to_node, stable=True)
-    q = q[order]
+  b, n = q.shape[0], k.shape[0]
+  if n == 1:  # one node read by every sequence
+    order, counts = jnp.arange(b, dtype=jnp.int32), jnp.full((1,), b, jnp.int32)
+  else:  # the kernel visits the sequences node by node
+    order = jnp.argsort(seq_to_node, stable=True).astype(jnp.int32)
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
-  starts = jnp.cumsum(counts) - counts
-  max_rows = rows * (b if max_group is None else min(max_group, b))
-  out, lse = _run(
-      to_rows(q, hkv), k, v, lengths, starts * rows, counts * rows, jnp.arange(n, dtype=jnp.int32),
-      max_rows=max_rows, num_queries=t, group=hq // hkv, causal=causal, scale=scale, interpret=interpret,
-      block=block)
-  out, lse = from_rows(out, lse, b, t)
-  if order is not None:
-    inverse = jnp.argsort(order)
-    out, lse = out[inverse], lse[inverse]
-  return out, lse
+  return _run(q, k, v, lengths, order, jnp.cumsum(counts) - counts, counts, jnp.arange(n, dtype=jnp.int32),
+              max_seqs=b if max_group is None else min(max_group, b), causal=causal, scale=scale,
+              interpret=interpret, block=block)
