@@ -89,25 +89,41 @@ def _write(k_all, v_all, layer, k, v, lengths, new_tokens):
     return k_all, v_all
 
 
+def _layer_level(k_all, v_all, layer, lengths, seq_to_node, max_group, by_index: bool) -> Level:
+    """The ``Level`` of one layer of k/v ``[L, N, S, Hkv, D]``.
+
+    by_index=False slices the layer out (``k_all[layer]``). by_index=True passes the whole array viewed as
+    ``[L*N, S, Hkv, D]`` and points each sequence at row ``layer * N + node``: no slice is materialized, which
+    matters where the slice would be copied before a kernel call (Pallas custom calls) -- used for levels read
+    once per sequence, whose kernel grid is per sequence (for batched levels, the kernel would see L*N nodes).
+    """
+    if not by_index:
+        return Level(k_all[layer], v_all[layer], lengths, seq_to_node, max_group)
+    L, N = k_all.shape[:2]
+    nodes = jnp.arange(N, dtype=jnp.int32) if seq_to_node is None else seq_to_node
+    flat = lambda x: x.reshape((L * N,) + x.shape[2:])
+    return Level(flat(k_all), flat(v_all), jnp.tile(lengths, L), layer * N + nodes, max_group)
+
+
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
     """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int."""
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+    # The jnp reference fuses a layer slice into its consumers; for the kernels, address layers by index.
+    by_index = hydragen_jax.default_backend() != "xla" if backend is None else backend != "xla"
 
     def attend(cache: Any, layer, q, k, v):
         if mode == "none":
             return jnp.zeros_like(q), cache
         k_all, v_all = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens)
         cache = cache.replace(k=k_all, v=v_all)
-        lengths = cache.lengths + new_tokens
-        if mode == "standard":
-            out, _ = hydragen_jax.attention(q, k_all[layer], v_all[layer], kv_lengths=lengths, causal=True,
-                                            backend=backend)
-            return out, cache
-        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.seq_to_node, lc.max_group)
+        own = _layer_level(k_all, v_all, layer, cache.lengths + new_tokens, None, None, by_index)
+        if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
+            return hydragen_jax.tree_attention(q, [own], backend=backend), cache
+        batched = mode == "hydragen"
+        levels = [_layer_level(lc.k, lc.v, layer, lc.lengths, lc.seq_to_node, lc.max_group, by_index and not batched)
                   for lc in cache.shared]
-        levels.append(Level(k_all[layer], v_all[layer], lengths))
-        out = hydragen_jax.tree_attention(q, levels, backend=backend, batch_shared=mode == "hydragen")
+        out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
         return out, cache
 
     return attend

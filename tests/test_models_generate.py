@@ -51,7 +51,7 @@ def test_modes_agree_interpret_backend(model):
     shared = rng.integers(0, 97, 12).tolist()
     prompts = [shared + [3, 4, 5], shared + [6], shared + [7, 8]]
     ref = generate(model, prompts, num_samples=2, max_new_tokens=6, backend="xla")
-    for mode in ("hydragen", "standard"):
+    for mode in ("hydragen", "standard", "shared_storage"):
         g = generate(model, prompts, num_samples=2, max_new_tokens=6, mode=mode, backend="interpret")
         np.testing.assert_array_equal(g.tokens, ref.tokens, err_msg=mode)
         np.testing.assert_allclose(g.logits, ref.logits, atol=1e-4, rtol=1e-4)
