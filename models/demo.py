@@ -140,7 +140,10 @@ def main(argv=None) -> int:
     for mode, s in rows:
         print(f"{mode:<16}{s['decode_tokens_per_s']:>14,.0f}{s['decode_tokens_per_s'] / base:>12.2f}x"
               f"{s['compile_s']:>11.1f}{mem[mode] / 2**20:>13.1f}")
-    print("(none = attention skipped: an upper bound, its text is meaningless)")
+    if "none" in dict(rows):
+        print("(none = attention skipped: an upper bound, its text is meaningless)")
+    if (args.backend or jax.default_backend()) == "interpret":
+        print("(interpret = the Pallas kernels interpreted on CPU: a correctness check, its timings mean nothing)")
     return 0
 
 
