@@ -30,10 +30,12 @@ class Level:
   """One level of a sharing tree.
 
   Attributes:
-    k, v: `[N, L, Hkv, D]` keys and values of the level's N nodes.
+    k, v: `[N, L, Hkv, D]` keys and values of the level's N nodes; with `layer`, `[num_layers, N, L, Hkv, D]`.
     lengths: `[N]` valid tokens of each node (<= L); nodes may differ in length, 0 included.
     seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B).
     max_group: static bound on how many sequences read one node (None: B); a speed hint for the kernels.
+    layer: optional (traced) index into the leading layer axis of k/v. The kernels read that layer in place,
+      where slicing `k[layer]` under a `lax.scan` over layers would copy it at every step.
   """
 
   k: Array
@@ -41,27 +43,55 @@ class Level:
   lengths: Array
   seq_to_node: Array | None = None
   max_group: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  layer: Array | None = None
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
   return float(head_dim) ** -0.5 if scale is None else float(scale)
 
 
-def _level_attention(q, level: Level, *, causal: bool, batched: bool, scale: float, backend: str):
-  """(out, lse) of q over one level; `batched` stacks the queries of each node (inter-sequence batching)."""
+def _reference_level(q, level: Level, *, causal: bool, batched: bool, scale: float) -> tuple[Array, Array]:
+  """(out, lse) of q over one level with the pure-jnp reference."""
   k, v, lengths, seq_to_node = level.k, level.v, level.lengths, level.seq_to_node
-  if backend == "xla":
-    if batched and k.shape[0] == 1:
-      return reference.shared_attention(q, k[0], v[0], lengths[0], scale=scale)
-    if seq_to_node is not None:  # the reference reads each sequence's node through a gather
-      k, v, lengths = k[seq_to_node], v[seq_to_node], lengths[seq_to_node]
-    return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
-  interpret = backend == "interpret"
+  if level.layer is not None:
+    k, v = k[level.layer], v[level.layer]
+  if batched and k.shape[0] == 1:
+    return reference.shared_attention(q, k[0], v[0], lengths[0], scale=scale)
+  if seq_to_node is not None:  # the reference reads each sequence's node through a gather
+    k, v, lengths = k[seq_to_node], v[seq_to_node], lengths[seq_to_node]
+  return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
+
+
+def _kernel_plan(q, level: Level, *, causal: bool, batched: bool):
+  """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index)."""
+  k, v, lengths = level.k, level.v, level.lengths
+  offset = 0
+  if level.layer is not None:  # view [layers, N, ...] as rows [layers·N, ...]: free, no copy
+    offset = level.layer * k.shape[1]
+    k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))
+  nodes = jnp.arange(q.shape[0], dtype=jnp.int32) if level.seq_to_node is None else level.seq_to_node
   if batched:
-    nodes = jnp.arange(q.shape[0], dtype=jnp.int32) if seq_to_node is None else seq_to_node
-    return pallas_ops.batched(q, k, v, lengths, nodes, max_group=level.max_group, causal=causal, scale=scale,
-                              interpret=interpret)
-  return pallas_ops.per_sequence(q, k, v, lengths, seq_to_node, causal=causal, scale=scale, interpret=interpret)
+    return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
+                              causal=causal)
+  return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal)
+
+
+def _attend(q, levels: Sequence[Level], *, batched: Sequence[bool], scale: float, backend: str):
+  """The `(out, lse)` parts of q over every level (the last one causal), to be merged by `merge_states`."""
+  causal = [i == len(levels) - 1 for i in range(len(levels))]
+  if backend == "xla":
+    return [_reference_level(q, level, causal=c, batched=b, scale=scale)
+            for level, c, b in zip(levels, causal, batched)]
+  plans = [_kernel_plan(q, level, causal=c, batched=b) for level, c, b in zip(levels, causal, batched)]
+  parts = pallas_ops.run(q, plans, scale=scale, interpret=backend == "interpret")
+  return parts or [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
+
+
+def _merge(parts):
+  """merge_states, skipping the arithmetic when there is a single part."""
+  if len(parts) == 1:
+    return parts[0]
+  return reference.merge_states(parts)
 
 
 def attention(
@@ -94,9 +124,10 @@ def attention(
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1])
-  level = Level(k, v, lengths)
-  return _level_attention(q, level, causal=causal, batched=False, scale=_scale(scale, q.shape[-1]),
-                          backend=check.resolve_backend(backend))
+  parts = _attend(q, [Level(k, v, lengths)], batched=[False], scale=_scale(scale, q.shape[-1]),
+                  backend=check.resolve_backend(backend))
+  out, lse = _merge(parts)
+  return out.astype(q.dtype), lse
 
 
 def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
@@ -130,16 +161,19 @@ def tree_attention(
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   if not levels:
     raise ValueError("levels is empty; expected at least one Level.")
-  backend = check.resolve_backend(backend)
-  scale = _scale(scale, q.shape[-1])
   batch = q.shape[0]
-  states = []
+  checked = []
   for i, level in enumerate(levels):
     name = f"levels[{i}]"
-    check.check_rank(f"{name}.k", level.k, 4, "[N, L, Hkv, D]")
+    layered = level.layer is not None
+    layout = "[num_layers, N, L, Hkv, D]" if layered else "[N, L, Hkv, D]"
+    check.check_rank(f"{name}.k", level.k, 5 if layered else 4, layout)
     check.check_same(f"{name}.k", level.k, f"{name}.v", level.v)
     check.check_heads("q", q, f"{name}.k", level.k)
-    num_nodes, capacity = level.k.shape[:2]
+    num_nodes, capacity = level.k.shape[-4:-2]
+    if level.k.shape[-2] != levels[0].k.shape[-2]:
+      raise ValueError(f"{name}.k {level.k.shape} has Hkv={level.k.shape[-2]} KV heads but levels[0].k "
+                       f"{levels[0].k.shape} has {levels[0].k.shape[-2]}; all levels need the same.")
     lengths = check.lengths_or_full(f"{name}.lengths", level.lengths, num_nodes, capacity)
     if level.seq_to_node is None:
       if num_nodes != batch:
@@ -148,11 +182,12 @@ def tree_attention(
       nodes = None
     else:
       nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes)
-    level = dataclasses.replace(level, lengths=lengths, seq_to_node=nodes)
-    last = i == len(levels) - 1
-    states.append(_level_attention(q, level, causal=last, batched=batch_shared and not last, scale=scale,
-                                   backend=backend))
-  out, _ = reference.merge_states(states)
+    layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0]) if layered else None
+    checked.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
+  batched = [batch_shared and i < len(levels) - 1 for i in range(len(levels))]
+  parts = _attend(q, checked, batched=batched, scale=_scale(scale, q.shape[-1]),
+                  backend=check.resolve_backend(backend))
+  out, _ = _merge(parts)
   return out.astype(q.dtype)
 
 

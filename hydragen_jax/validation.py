@@ -95,3 +95,14 @@ def node_index(name: str, seq_to_node, batch: int, num_nodes: int) -> jax.Array:
     raise ValueError(f"{name} values must lie in [0, {num_nodes}) (the level has {num_nodes} nodes); got min "
                      f"{value.min()}, max {value.max()}.")
   return seq_to_node.astype(jnp.int32)
+
+
+def layer_index(name: str, layer, num_layers: int) -> jax.Array:
+  """Validates a scalar integer layer index in [0, num_layers)."""
+  layer = jnp.asarray(layer)
+  if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer scalar; got shape {layer.shape}, dtype {layer.dtype}.")
+  value = _concrete(layer)
+  if value is not None and not 0 <= value < num_layers:
+    raise ValueError(f"{name} must lie in [0, {num_layers}) (the layer axis of k); got {value}.")
+  return layer.astype(jnp.int32)

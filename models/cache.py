@@ -92,17 +92,13 @@ def _write(k_all, v_all, layer, k, v, lengths, new_tokens):
 def _layer_level(k_all, v_all, layer, lengths, seq_to_node, max_group, by_index: bool) -> Level:
     """The ``Level`` of one layer of k/v ``[L, N, S, Hkv, D]``.
 
-    by_index=False slices the layer out (``k_all[layer]``). by_index=True passes the whole array viewed as
-    ``[L*N, S, Hkv, D]`` and points each sequence at row ``layer * N + node``: no slice is materialized, which
-    matters where the slice would be copied before a kernel call (Pallas custom calls) -- used for levels read
-    once per sequence, whose kernel grid is per sequence (for batched levels, the kernel would see L*N nodes).
+    by_index=False slices the layer out (``k_all[layer]``): the jnp reference fuses the slice into its
+    consumers. by_index=True hands the kernels the whole array with ``layer=``, so they read that layer in place:
+    a slice would be copied before each Pallas call, every layer and every step.
     """
     if not by_index:
         return Level(k_all[layer], v_all[layer], lengths, seq_to_node, max_group)
-    L, N = k_all.shape[:2]
-    nodes = jnp.arange(N, dtype=jnp.int32) if seq_to_node is None else seq_to_node
-    flat = lambda x: x.reshape((L * N,) + x.shape[2:])
-    return Level(flat(k_all), flat(v_all), jnp.tile(lengths, L), layer * N + nodes, max_group)
+    return Level(k_all, v_all, lengths, seq_to_node, max_group, layer=layer)
 
 
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
@@ -121,7 +117,7 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
             return hydragen_jax.tree_attention(q, [own], backend=backend), cache
         batched = mode == "hydragen"
-        levels = [_layer_level(lc.k, lc.v, layer, lc.lengths, lc.seq_to_node, lc.max_group, by_index and not batched)
+        levels = [_layer_level(lc.k, lc.v, layer, lc.lengths, lc.seq_to_node, lc.max_group, by_index)
                   for lc in cache.shared]
         out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
         return out, cache

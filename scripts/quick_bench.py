@@ -73,12 +73,12 @@ def main():
     for variant in args.variants.split(","):
       backend = "xla" if variant == "reference" else "pallas"
       if variant == "prefix_half":
-        f = jax.jit(lambda q, pk, pv, sk, sv, sl: ops.batched(
-            q, pk[None], pv[None], jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
+        f = jax.jit(lambda q, pk, pv, sk, sv, sl: ops.run(q, [ops.batched(
+            q, pk[None], pv[None], jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False)],
             scale=0.088, interpret=False))
       elif variant == "suffix_half":
-        f = jax.jit(lambda q, pk, pv, sk, sv, sl: ops.per_sequence(
-            q, sk, sv, sl, None, causal=True, scale=0.088, interpret=False))
+        f = jax.jit(lambda q, pk, pv, sk, sv, sl: ops.run(q, [ops.per_sequence(
+            q, sk, sv, sl, jnp.arange(b), causal=True)], scale=0.088, interpret=False))
       else:
         f = jax.jit(lambda q, pk, pv, sk, sv, sl, backend=backend, bp=variant != "shared_storage":
                     hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=sl, backend=backend, batch_prefix=bp))

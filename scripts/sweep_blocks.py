@@ -2,7 +2,7 @@
 
 For the seed configs of BRIEF.md at suffix length out/2, times the prefix half (`ops.batched`, all B·g queries
 against the shared prefix) and the suffix half (`ops.per_sequence`) under several tilings, and prints each
-half's best tiling with its fraction of that half's own floor. Usage: python scripts/sweep_blocks.py [seconds]
+half's best tiling with its fraction of that half's own floor. Usage: python scripts/sweep_blocks.py [seconds] [prefix,suffix]
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ SUFFIX_TILES = [BlockConfig(16, k, sp, w, st) for k, sp, w, st in itertools.prod
     [32, 64, 128], [1, 2], [4, 8], [3, 4])]
 
 
+HALVES = ("prefix", "suffix")
+
+
 def main():
+  global HALVES
   budget = float(sys.argv[1]) if len(sys.argv) > 1 else 300
+  if len(sys.argv) > 2:
+    HALVES = tuple(sys.argv[2].split(","))
   t_end = time.time() + budget
   bw, flops = machine_rates()
   print(f"copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
@@ -41,19 +47,21 @@ def main():
     zeros = jnp.zeros((b,), jnp.int32)
     halves = {
         "prefix": (PREFIX_TILES, (b, p, hq, hkv),
-                   lambda blk: jax.jit(lambda q, k, v: ops.batched(
-                       q, k, v, jnp.array([p]), zeros, max_group=None, causal=False, scale=0.088,
-                       interpret=False, block=blk)), (q, pk, pv),
+                   lambda blk: jax.jit(lambda q, k, v: ops.run(q, [ops.batched(
+                       q, k, v, jnp.array([p]), zeros, max_group=None, causal=False, block=blk)],
+                       scale=0.088, interpret=False)), (q, pk, pv),
                    max(2 * p * hkv * D * 2 / bw, 4 * D * hq * b * p / flops),
                    ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D)),
         "suffix": (SUFFIX_TILES, (b, out, s, hq, hkv),
-                   lambda blk: jax.jit(lambda q, k, v: ops.per_sequence(
-                       q, k, v, jnp.full((b,), s), None, causal=True, scale=0.088, interpret=False,
-                       block=blk)), (q, sk, sv),
+                   lambda blk: jax.jit(lambda q, k, v: ops.run(q, [ops.per_sequence(
+                       q, k, v, jnp.full((b,), s), jnp.arange(b), causal=True, block=blk)],
+                       scale=0.088, interpret=False)), (q, sk, sv),
                    2 * b * s * hkv * D * 2 / bw,
                    ops.choose_block(hq // hkv, b * hq // hkv, b, hkv, out, D)),
     }
     for name, (tiles, shape_key, make, args, floor, default) in halves.items():
+      if name not in HALVES:
+        continue
       if (name, shape_key) in seen:
         continue
       seen.add((name, shape_key))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -317,3 +319,31 @@ def test_hydragen_bad_input():
 def test_default_backend_is_xla_on_cpu_and_pallas_on_gpu():
   assert hj.default_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
   assert set(hj.BACKENDS) == {"pallas", "interpret", "xla"}
+
+
+def test_layered_levels_read_one_layer_in_place(backend):
+  """Level(layer=i) over k/v [layers, N, L, Hkv, D] equals the level built from the slice k[i]."""
+  keys = jax.random.split(jax.random.PRNGKey(14), 4)
+  layers, b, hq, hkv, d = 3, 4, 8, 2, 64
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  shared = random_level(keys[1], 2, 25, [25, 9], [0, 1, 1, 0], hkv, d, jnp.float32)
+  leaf = random_level(keys[2], b, 10, [10, 3, 6, 1], None, hkv, d, jnp.float32)
+  stack = lambda x, key: jnp.stack([x, normal(key, x.shape, x.dtype), x * 0.5])
+  ks = jax.random.split(keys[3], 4)
+  layered = [Level(stack(lv.k, ks[2 * i]), stack(lv.v, ks[2 * i + 1]), lv.lengths, lv.seq_to_node,
+                   layer=jnp.int32(2)) for i, lv in enumerate([shared, leaf])]
+  sliced = [Level(lv.k[2], lv.v[2], lv.lengths, lv.seq_to_node) for lv in layered]
+  f = jax.jit(lambda q, levels: hj.tree_attention(q, levels, backend=backend))
+  chex.assert_trees_all_close(f(q, layered), expected_tree(q, sliced), **tol(jnp.float32))
+  with pytest.raises(ValueError, match=r"levels\[0\].layer must lie in \[0, 3\).*got 3"):
+    hj.tree_attention(q, [dataclasses.replace(layered[0], layer=jnp.int32(3)), layered[1]], backend=backend)
+  with pytest.raises(ValueError, match=r"levels\[0\].k must have rank 5 \(\[num_layers, N, L, Hkv, D\]\)"):
+    hj.tree_attention(q, [dataclasses.replace(shared, layer=jnp.int32(0)), leaf], backend=backend)
+
+
+def test_levels_must_agree_on_kv_heads():
+  q = jnp.zeros((2, 1, 4, 64))
+  with pytest.raises(ValueError, match=r"levels\[1\].k .* has Hkv=4 KV heads but levels\[0\].k .* has 2"):
+    hj.tree_attention(q, [Level(jnp.zeros((1, 5, 2, 64)), jnp.zeros((1, 5, 2, 64)), jnp.array([5]),
+                                jnp.zeros(2, jnp.int32)),
+                          Level(jnp.zeros((2, 3, 4, 64)), jnp.zeros((2, 3, 4, 64)), jnp.array([3, 3]))])

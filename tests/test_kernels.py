@@ -8,10 +8,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hydragen_jax import reference
+from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
 from tests.attention_cases import normal, tol
+
+def _run(q, plan, scale, backend):
+  """One level through the fused kernel, its key splits merged."""
+  return merge_states(ops.run(q, [plan], scale=scale, interpret=backend == "interpret"))
+
 
 BLOCKS = [
     BlockConfig(block_m=16, block_k=16, splits=1),
@@ -28,8 +33,8 @@ def test_per_sequence_tilings(kernel_backend, block, dtype):
   q = normal(keys[0], (b, t, hq, d), dtype)
   k, v = normal(keys[1], (b, s, hkv, d), dtype), normal(keys[2], (b, s, hkv, d), dtype)
   lengths = jnp.array([75, 33, 2])
-  out, lse = ops.per_sequence(q, k, v, lengths, None, causal=True, scale=d**-0.5,
-                              interpret=kernel_backend == "interpret", block=block)
+  plan = ops.per_sequence(q, k, v, lengths, jnp.arange(b), causal=True, block=block)
+  out, lse = _run(q, plan, d**-0.5, kernel_backend)
   ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
   chex.assert_trees_all_close(out.astype(jnp.float32), ref_out, **tol(dtype))
   seen = jnp.isfinite(ref_lse)
@@ -46,8 +51,8 @@ def test_batched_groups_tilings(kernel_backend, block, max_group):
   k, v = normal(keys[1], (n, cap, hkv, d), jnp.float32), normal(keys[2], (n, cap, hkv, d), jnp.float32)
   lengths = jnp.array([70, 41, 0])
   seq_to_node = jnp.array([1, 0, 1, 1, 0])
-  out, lse = ops.batched(q, k, v, lengths, seq_to_node, max_group=max_group, causal=False, scale=0.1,
-                         interpret=kernel_backend == "interpret", block=block)
+  plan = ops.batched(q, k, v, lengths, seq_to_node, max_group=max_group, causal=False, block=block)
+  out, lse = _run(q, plan, 0.1, kernel_backend)
   ref_out, ref_lse = reference.attention(q, k[seq_to_node], v[seq_to_node], lengths[seq_to_node], causal=False,
                                          scale=0.1)
   chex.assert_trees_all_close((out, lse), (ref_out, ref_lse), **tol(jnp.float32))
@@ -58,8 +63,7 @@ def test_head_dim_not_a_power_of_two(kernel_backend):
   q = normal(keys[0], (2, 1, 4, 80), jnp.float32)
   k, v = normal(keys[1], (2, 40, 2, 80), jnp.float32), normal(keys[2], (2, 40, 2, 80), jnp.float32)
   lengths = jnp.array([40, 17])
-  out, lse = ops.per_sequence(q, k, v, lengths, None, causal=False, scale=0.1,
-                              interpret=kernel_backend == "interpret")
+  out, lse = _run(q, ops.per_sequence(q, k, v, lengths, jnp.arange(2), causal=False), 0.1, kernel_backend)
   chex.assert_trees_all_close((out, lse), reference.attention(q, k, v, lengths, causal=False, scale=0.1),
                               **tol(jnp.float32))
 
@@ -71,3 +75,25 @@ def test_choose_block_splits_keys_when_few_programs():
   assert few.splits > 1 and many.splits == 1
   wide = ops.choose_block(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=512, head_dim=256)
   assert wide.block_m == 64 and all(x & (x - 1) == 0 for x in (wide.block_m, wide.block_k, wide.splits))
+
+
+def test_levels_with_different_tilings_share_one_launch(kernel_backend):
+  """A batched prefix (32-row tiles, 3 key splits) and a per-sequence suffix (16-row tiles, 2 splits) in one
+  launch: the tilings differ per level."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  b, hq, hkv, d = 6, 8, 2, 64
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  pk, pv = normal(keys[1], (1, 90, hkv, d), jnp.float32), normal(keys[2], (1, 90, hkv, d), jnp.float32)
+  sk, sv = normal(keys[3], (b, 20, hkv, d), jnp.float32), normal(keys[4], (b, 20, hkv, d), jnp.float32)
+  lengths = jnp.array([20, 1, 7, 13, 2, 20])
+  plans = [ops.batched(q, pk, pv, jnp.array([87]), jnp.zeros(b, jnp.int32), max_group=None, causal=False,
+                       block=BlockConfig(block_m=32, block_k=16, splits=3)),
+           ops.per_sequence(q, sk, sv, lengths, jnp.arange(b), causal=True,
+                            block=BlockConfig(block_m=16, block_k=16, splits=2))]
+  parts = ops.run(q, plans, scale=0.125, interpret=kernel_backend == "interpret")
+  assert len(parts) == 5
+  out, _ = merge_states(parts)
+  kk = jnp.concatenate([jnp.broadcast_to(pk[:, :87], (b, 87, hkv, d)), sk], axis=1)
+  vv = jnp.concatenate([jnp.broadcast_to(pv[:, :87], (b, 87, hkv, d)), sv], axis=1)
+  ref, _ = reference.attention(q, kk, vv, 87 + lengths, causal=True, scale=0.125)
+  chex.assert_trees_all_close(out, ref, **tol(jnp.float32))

@@ -1,23 +1,26 @@
-"""Pallas GPU kernel: flash attention over groups of query rows that share one KV sequence.
+"""Pallas GPU kernel: flash attention over groups of query rows that share one KV sequence, for all the levels
+of a Hydragen step in a single launch.
 
-One kernel serves both halves of Hydragen:
+One kernel body serves both halves of Hydragen:
 
-* prefix (shared) part: every query of every sequence that reads a shared node, times the GQA group, times the
-  query tokens, is a row of one matrix; a program takes `block_m` of those rows and streams the node's KV once
-  through the tensor cores (inter-sequence batching);
-* suffix (per-sequence) part: a group is one sequence's T·g rows (the GQA heads of one KV head together), and
-  long keys are split over programs.
+* shared (prefix) levels: every query of every sequence that reads a shared node, times the GQA group, times the
+  query tokens, is a row of one matrix; a program takes `block_m` of those rows and streams the node's KV through
+  the tensor cores, so each KV block is read once for `block_m` rows (inter-sequence batching);
+* the per-sequence (suffix) level: a group is one sequence's T·g rows (the GQA heads of one KV head together),
+  and long keys are split over programs.
+
+All levels of a step go into one launch: the grid is one axis whose first programs do the first level's work,
+the next ones the second level's, and so on. The compute-bound prefix programs and the memory-bound suffix
+programs then run side by side on the GPU instead of one after the other.
 
 Layout. Queries and outputs stay in their natural layout `[B, T, Hq, D]`, seen as rows `[B·T·Hq, D]`; no
-transposes. Group p takes the sequences order[seq_start[p] :] (row_count[p] = their number × T·g rows, ordered
-(sequence, token t, head-in-group j)) and reads KV sequence kv_index[p] of the caches `k, v [N, S, Hkv, D]` (in
-place, no copy) up to kv_lengths[kv_index[p]]. For KV head h, local row r is the query row
-((seq·T + t)·Hq + h·g + j) with seq = order[seq_start + r // (T·g)], t = (r // g) % T, j = r % g: the kernel
-gathers and scatters those rows itself. The grid is (group, KV head, row block, key split). A program streams its
-key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past
-its own position) and an empty row gives out = 0, lse = -inf.
-
-With `splits > 1` every split writes float32 partial results that `combine_splits` merges by their lse.
+transposes. In a level, group p takes the sequences order[seq_start[p]:] (row_count[p] = their number × T·g rows,
+ordered (sequence, token t, head-in-group j)) and reads KV row kv_index[p] of the caches `k, v [R, S, Hkv, D]` (in
+place, no copy) up to kv_length[p] keys. For KV head h, local row r is the query row ((seq·T + t)·Hq + h·g + j)
+with seq = order[seq_start + r // (T·g)], t = (r // g) % T, j = r % g: the kernel gathers and scatters those rows
+itself. A level's programs are (group, KV head, key split, row block). Each streams its key range in blocks of
+`block_k` with the online softmax; a row sees no key past its length (nor, if causal, past its own position) and
+an empty row gives out = 0, lse = -inf. With `splits > 1` each split writes float32 partials, merged by lse.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hydragen_jax.reference import merge_states
-
 Array = jax.Array
 
 # Finite stand-in for -inf inside the kernel, so that a fully masked block never computes inf - inf.
@@ -44,13 +45,13 @@ _LN_2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-  """Static tiling of one kernel call (all sizes powers of two, as Triton needs).
+  """Static tiling of one level (all sizes powers of two, as Triton needs).
 
   Attributes:
     block_m: query rows per program (>= 16: the tensor-core minimum).
     block_k: keys per inner step.
     splits: programs that share one row block's keys (flash-decoding split).
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters (a fused launch takes the largest of its levels).
   """
 
   block_m: int = 64
@@ -60,23 +61,42 @@ class BlockConfig:
   num_stages: int = 2
 
 
-def _kernel(
-    seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref,  # [G], [G], [G], [N], [B] int32
-    q_ref,  # [B·T·Hq, D]
-    k_ref, v_ref,  # [N, S, Hkv, D]
-    o_ref,  # [splits, B·T·Hq, D]
-    lse_ref,  # [splits, B·T·Hq]
-    *,
-    block: BlockConfig,
-    split_len: int,
-    head_dim: int,
-    causal: bool,
-    num_queries: int,
-    group: int,
-    scale: float,
-    precision,
-):
-  p, h, mb, sp = (pl.program_id(i) for i in range(4))
+@dataclasses.dataclass(frozen=True)
+class LevelSpec:
+  """Static description of one level's work: tiling, rows bound and masking."""
+
+  block: BlockConfig
+  max_rows: int  # bound on any group's row_count: sets the row blocks per group
+  causal: bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LevelWork:
+  """One level's arrays: groups of sequences and the KV they read.
+
+  Attributes:
+    k, v: `[R, S, Hkv, D]` KV rows, read in place.
+    order: `[B]` the sequences, group by group.
+    seq_start, row_count, kv_index, kv_length: `[G]` each: group p's first position in `order`, its rows
+      (sequences × T·g), its KV row and its valid keys.
+  """
+
+  k: Array
+  v: Array
+  order: Array
+  seq_start: Array
+  row_count: Array
+  kv_index: Array
+  kv_length: Array
+
+
+def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
+            group: int, scale: float, precision):
+  """The work of one program: rows block `mb` of group `p`, KV head `h`, key split `sp`."""
+  p, h, sp, mb = ids
+  seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
+  block = spec.block
   row_count = row_count_ref[p]
   first_local = mb * block.block_m
 
@@ -97,7 +117,8 @@ def _kernel(
     q = plgpu.load(q_ref.at[flat[:, None], cols[None, :]], mask=tile_ok, other=0)
 
     node = kv_index_ref[p]
-    length = kv_len_ref[node]
+    length = kv_len_ref[p]
+    split_len = pl.cdiv(pl.cdiv(k_ref.shape[1], block.splits), block.block_k) * block.block_k
     lo = sp * split_len
     hi = jnp.minimum(lo + split_len, length)
     # Causal: a row of token t is key (length - T + t) of its sequence; it sees keys up to that one.
@@ -114,7 +135,7 @@ def _kernel(
       # Logits in base 2: exp(x) = 2^(x·log2 e), so exp2 does the softmax.
       s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2_E)
       ok = key_ok[None, :]
-      if causal:
+      if spec.causal:
         ok = ok & (pos[None, :] <= last_visible[:, None])
       s = jnp.where(ok, s, _MASKED)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -140,82 +161,78 @@ def _kernel(
     plgpu.store(lse_ref.at[sp, flat], lse, mask=row_ok)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("block", "max_rows", "causal", "group", "scale", "interpret"),
-)
-def grouped_flash_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    kv_lengths: Array,
-    order: Array,
-    seq_start: Array,
-    row_count: Array,
-    kv_index: Array,
-    *,
-    block: BlockConfig,
-    max_rows: int,
-    causal: bool,
-    group: int,
-    scale: float,
-    interpret: bool,
-) -> tuple[Array, Array]:
-  """Runs the kernel; see the module docstring for the layout.
+def _program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
+  """A level's program axes: (groups, KV heads, key splits, row blocks), row blocks fastest so that the
+  programs running together read the same KV blocks (from L2)."""
+  return (work.seq_start.shape[0], work.k.shape[2], spec.block.splits, pl.cdiv(spec.max_rows, spec.block.block_m))
+
+
+def _kernel(*refs, specs, counts, **static):
+  """Dispatches program ids to levels: level l owns programs [start_l, start_l + prod(counts[l]))."""
+  n = len(specs)
+  ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1:]
+  pid = pl.program_id(0)
+  start = 0
+  for l, (spec, shape) in enumerate(zip(specs, counts)):
+    size = math.prod(shape)
+
+    @pl.when((pid >= start) & (pid < start + size))
+    def _(l=l, spec=spec, shape=shape, start=start):
+      rest, ids = pid - start, []
+      for extent in reversed(shape):  # unravel, last axis fastest
+        ids.append(rest % extent)
+        rest = rest // extent
+      _attend(tuple(reversed(ids)), ints[5 * l:5 * l + 5], q_ref, kvs[2 * l], kvs[2 * l + 1], outs[2 * l],
+              outs[2 * l + 1], spec=spec, **static)
+
+    start += size
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret"))
+def fused_levels(
+    q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool
+) -> list[tuple[Array, Array]]:
+  """Attention of q over every level in one kernel launch.
 
   Args:
     q: `[B, T, Hq, D]` queries.
-    k, v: `[N, S, Hkv, D]` KV caches, read in place.
-    kv_lengths: `[N]` valid keys per KV sequence.
-    order: `[B]` the sequences, group by group.
-    seq_start, row_count, kv_index: `[G]` each: group p's first position in `order`, its rows (sequences × T·g),
-      and the KV sequence it reads.
-    block: tiling; `block.splits > 1` returns float32 partials.
-    max_rows: static bound on any row_count (sets the number of row blocks in the grid).
-    causal: the T queries of a sequence are its last T keys.
-    group: g = Hq // Hkv.
+    works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level.
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
 
   Returns:
-    out `[splits, B, T, Hq, D]` (q dtype if splits == 1, else float32) and lse `[splits, B, T, Hq]` float32.
-    Query rows that belong to no group are left unwritten.
+    Per level: out `[splits, B, T, Hq, D]` (q dtype if splits == 1, else float32) and lse `[splits, B, T, Hq]`
+    float32. Query rows that belong to no group of a level are left unwritten in its outputs.
   """
   b, t, hq, d = q.shape
-  hkv, s = k.shape[2], k.shape[1]
-  num_groups = seq_start.shape[0]
-  split_len = pl.cdiv(pl.cdiv(s, block.splits), block.block_k) * block.block_k
-  grid = (num_groups, hkv, pl.cdiv(max_rows, block.block_m), block.splits)
-  out_dtype = q.dtype if block.splits == 1 else jnp.float32
+  hkv = works[0].k.shape[2]
+  counts = tuple(_program_counts(spec, work) for spec, work in zip(specs, works))
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(
-      _kernel, block=block, split_len=split_len, head_dim=d, causal=causal, num_queries=t, group=group,
-      scale=scale, precision=precision)
+  kernel = functools.partial(_kernel, specs=specs, counts=counts, head_dim=d, num_queries=t, group=hq // hkv,
+                             scale=scale, precision=precision)
+  rows = b * t * hq
+  out_shape = []
+  for spec in specs:
+    dtype = q.dtype if spec.block.splits == 1 else jnp.float32
+    out_shape += [jax.ShapeDtypeStruct((spec.block.splits, rows, d), dtype),
+                  jax.ShapeDtypeStruct((spec.block.splits, rows), jnp.float32)]
+  ints = [x.astype(jnp.int32) for w in works for x in (w.seq_start, w.row_count, w.kv_index, w.kv_length, w.order)]
+  kvs = [x for w in works for x in (w.k, w.v)]
+  inputs = [*ints, *kvs, q.reshape(rows, d)]
 
   def whole(x):  # the kernel indexes inside the full array itself
     return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
 
-  rows = b * t * hq
-  out_shape = (
-      jax.ShapeDtypeStruct((block.splits, rows, d), out_dtype),
-      jax.ShapeDtypeStruct((block.splits, rows), jnp.float32),
-  )
-  ints = [x.astype(jnp.int32) for x in (seq_start, row_count, kv_index, kv_lengths, order)]
-  q_rows = q.reshape(rows, d)
-  out, lse = pl.pallas_call(
+  outs = pl.pallas_call(
       kernel,
-      grid=grid,
-      in_specs=[whole(x) for x in (*ints, q_rows, k, v)],
+      grid=(sum(math.prod(c) for c in counts),),
+      in_specs=[whole(x) for x in inputs],
       out_specs=[whole(x) for x in out_shape],
       out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=max(s.block.num_warps for s in specs),
+                                           num_stages=max(s.block.num_stages for s in specs)),
       interpret=interpret,
-      name="hydragen_grouped_flash",
-  )(*ints, q_rows, k, v)
-  return out.reshape(block.splits, b, t, hq, d), lse.reshape(block.splits, b, t, hq)
-
-
-def combine_splits(out: Array, lse: Array, dtype) -> tuple[Array, Array]:
-  """Merges the key splits of `grouped_flash_attention`: out `[splits, ..., D]`, lse `[splits, ...]`."""
-  merged, lse = merge_states([(out[i], lse[i]) for i in range(out.shape[0])])
-  return merged.astype(dtype), lse
+      name="hydragen_fused_levels",
+  )(*inputs)
+  return [(outs[2 * i].reshape(spec.block.splits, b, t, hq, d), outs[2 * i + 1].reshape(spec.block.splits, b, t, hq))
+          for i, spec in enumerate(specs)]

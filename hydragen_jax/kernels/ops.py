@@ -1,11 +1,14 @@
-"""Pallas implementation of one level's attention: groups of sequences and tiling around `grouped_flash_attention`.
+"""Pallas implementation of Hydragen's levels: which groups of sequences read which KV, and their tiling.
 
-Two ways to read a level's KV (`k, v [N, L, Hkv, D]`, node n valid up to lengths[n]):
+Two ways to read a level's KV (`k, v [R, S, Hkv, D]` rows):
 
-* `per_sequence`: each sequence b reads node kv_index[b] on its own (T·g rows a group). This is the suffix
+* `per_sequence`: each sequence b reads row kv_index[b] on its own (T·g query rows a group). This is the suffix
   (decode) attention, and, over a shared node, the "shared storage" baseline that reads the node once per sequence.
 * `batched`: the sequences that read one node are stacked into one row matrix (B_n·T·g rows), so each node's KV
   is read once per row block for all of them: Hydragen's inter-sequence batching.
+
+Each returns a plan (static `LevelSpec`, arrays `LevelWork`); `run` executes the plans of all levels in one
+kernel launch and returns each level's `(out, lse)` parts (one per key split) for `merge_states`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hydragen_jax.kernels.flash import BlockConfig, combine_splits, grouped_flash_attention
+from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels
 
 Array = jax.Array
+Plan = tuple[LevelSpec, LevelWork]
 
 
 def _num_cores() -> int:
@@ -43,51 +47,62 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages)
 
 
-def _empty(q: Array) -> tuple[Array, Array]:
-  return jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
-
-
-def _run(q, k, v, lengths, order, seq_start, num_seqs, kv_index, *, max_seqs, causal, scale, interpret, block):
-  """Groups of sequences (order[seq_start[p]:][:num_seqs[p]] reads KV row kv_index[p]) -> (out, lse)."""
-  b, t, hq, _ = q.shape
-  n, s, hkv, d = k.shape
-  if s == 0:
-    return _empty(q)
-  rows = t * (hq // hkv)  # query rows of one sequence for one KV head
-  if block is None:
-    block = choose_block(max_seqs * rows, b * rows, seq_start.shape[0], hkv, s, d)
-  out, lse = grouped_flash_attention(
-      q, k, v, lengths, order, seq_start, num_seqs * rows, kv_index, block=block, max_rows=max_seqs * rows,
-      causal=causal, group=hq // hkv, scale=scale, interpret=interpret)
-  return combine_splits(out, lse, q.dtype)
-
-
 def per_sequence(
-    q: Array, k: Array, v: Array, lengths: Array, kv_index: Array | None, *, causal: bool, scale: float,
-    interpret: bool, block: BlockConfig | None = None,
-) -> tuple[Array, Array]:
-  """Each sequence attends to its own KV row: q `[B, T, Hq, D]`, k/v `[N, S, Hkv, D]`, lengths `[N]`,
-  kv_index `[B]` (None: sequence b reads row b). Returns out `[B, T, Hq, D]`, lse `[B, T, Hq]`."""
-  seqs = jnp.arange(q.shape[0], dtype=jnp.int32)
-  return _run(q, k, v, lengths, seqs, seqs, jnp.ones_like(seqs), seqs if kv_index is None else kv_index,
-              max_seqs=1, causal=causal, scale=scale, interpret=interpret, block=block)
+    q: Array, k: Array, v: Array, lengths: Array, kv_index: Array, *, causal: bool,
+    block: BlockConfig | None = None,
+) -> Plan | None:
+  """Each sequence b attends to KV row kv_index[b] with lengths[b] valid keys.
+
+  q `[B, T, Hq, D]`, k/v `[R, S, Hkv, D]`, lengths and kv_index `[B]`. None if the level holds no keys.
+  """
+  b, t, hq, _ = q.shape
+  _, s, hkv, d = k.shape
+  if s == 0:
+    return None
+  rows = t * (hq // hkv)
+  seqs = jnp.arange(b, dtype=jnp.int32)
+  block = block or choose_block(rows, b * rows, b, hkv, s, d)
+  return (LevelSpec(block, rows, causal),
+          LevelWork(k, v, seqs, seqs, jnp.full((b,), rows, jnp.int32), kv_index.astype(jnp.int32),
+                    lengths.astype(jnp.int32)))
 
 
 def batched(
-    q: Array, k: Array, v: Array, lengths: Array, seq_to_node: Array, *, max_group: int | None, causal: bool,
-    scale: float, interpret: bool, block: BlockConfig | None = None,
-) -> tuple[Array, Array]:
+    q: Array, k: Array, v: Array, lengths: Array, seq_to_node: Array, *, node_offset: Array | int = 0,
+    max_group: int | None, causal: bool, block: BlockConfig | None = None,
+) -> Plan | None:
   """Inter-sequence batching: the queries of all sequences that read node n form one row matrix per KV head.
 
-  q `[B, T, Hq, D]`, k/v `[N, L, Hkv, D]`, lengths `[N]`, seq_to_node `[B]`; max_group: static bound on the
-  sequences of one node (None: B). Returns out `[B, T, Hq, D]`, lse `[B, T, Hq]`.
+  q `[B, T, Hq, D]`, k/v `[R, L, Hkv, D]` with node n at row node_offset + n, lengths `[N]`, seq_to_node `[B]`;
+  max_group: static bound on the sequences of one node (None: B). None if the level holds no keys.
   """
-  b, n = q.shape[0], k.shape[0]
+  b, t, hq, _ = q.shape
+  _, s, hkv, d = k.shape
+  n = lengths.shape[0]
+  if s == 0:
+    return None
   if n == 1:  # one node read by every sequence
     order, counts = jnp.arange(b, dtype=jnp.int32), jnp.full((1,), b, jnp.int32)
   else:  # the kernel visits the sequences node by node
     order = jnp.argsort(seq_to_node, stable=True).astype(jnp.int32)
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
-  return _run(q, k, v, lengths, order, jnp.cumsum(counts) - counts, counts, jnp.arange(n, dtype=jnp.int32),
-              max_seqs=b if max_group is None else min(max_group, b), causal=causal, scale=scale,
-              interpret=interpret, block=block)
+  rows = t * (hq // hkv)
+  max_rows = rows * (b if max_group is None else min(max_group, b))
+  block = block or choose_block(max_rows, b * rows, n, hkv, s, d)
+  nodes = jnp.arange(n, dtype=jnp.int32)
+  return (LevelSpec(block, max_rows, causal),
+          LevelWork(k, v, order, jnp.cumsum(counts) - counts, counts * rows, node_offset + nodes,
+                    lengths.astype(jnp.int32)))
+
+
+def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool) -> list[tuple[Array, Array]]:
+  """All plans in one kernel launch: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each
+  level (empty levels give none)."""
+  plans = [plan for plan in plans if plan is not None]
+  if not plans:
+    return []
+  specs, works = zip(*plans)
+  parts = []
+  for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret):
+    parts += [(out[i], lse[i]) for i in range(out.shape[0])]
+  return parts
