@@ -76,9 +76,9 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool):
   return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal)
 
 
-def _attend(q, levels: Sequence[Level], *, batched: Sequence[bool], scale: float, backend: str):
-  """The `(out, lse)` parts of q over every level (the last one causal), to be merged by `merge_states`."""
-  causal = [i == len(levels) - 1 for i in range(len(levels))]
+def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
+            backend: str):
+  """The `(out, lse)` parts of q over every level, to be merged by `merge_states`."""
   if backend == "xla":
     return [_reference_level(q, level, causal=c, batched=b, scale=scale)
             for level, c, b in zip(levels, causal, batched)]
@@ -124,7 +124,7 @@ def attention(
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1])
-  parts = _attend(q, [Level(k, v, lengths)], batched=[False], scale=_scale(scale, q.shape[-1]),
+  parts = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
                   backend=check.resolve_backend(backend))
   out, lse = _merge(parts)
   return out.astype(q.dtype), lse
@@ -184,8 +184,9 @@ def tree_attention(
       nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes)
     layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0]) if layered else None
     checked.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
-  batched = [batch_shared and i < len(levels) - 1 for i in range(len(levels))]
-  parts = _attend(q, checked, batched=batched, scale=_scale(scale, q.shape[-1]),
+  last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
+  parts = _attend(q, checked, causal=last, batched=[batch_shared and not leaf for leaf in last],
+                  scale=_scale(scale, q.shape[-1]),
                   backend=check.resolve_backend(backend))
   out, _ = _merge(parts)
   return out.astype(q.dtype)
