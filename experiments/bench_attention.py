@@ -206,7 +206,8 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
 
     rates = device_rates.measure(bench["copy_bytes"], bench["matmul_n"], timing_kw)
     writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
-    print(f"[bench] copy bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
+    print(f"[bench] floor bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (copy "
+          f"{rates['copy_bandwidth_bytes_per_s'] / 1e12:.3f}, read {rates['read_bandwidth_bytes_per_s'] / 1e12:.3f}), "
           f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
 
     cases = cases_from_config(config)

@@ -97,9 +97,12 @@ def bench_markdown(summaries: list[dict], rates: dict | None) -> str:
         parts.append("")
     if rates:
         r = rates["results"]
-        parts.append(f"Copy bandwidth {r['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s "
-                     f"({r['copy_bytes'] / 2**30:.2f} GiB read + written), bf16 matmul "
-                     f"{r['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (n = {r['matmul_n']}).")
+        copy_bw = r.get("copy_bandwidth_bytes_per_s", r["bandwidth_bytes_per_s"])
+        read_bw = r.get("read_bandwidth_bytes_per_s")
+        read = f", read-only {read_bw / 1e12:.3f} TB/s" if read_bw else ""
+        parts.append(f"Floor bandwidth {r['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (the larger of: copy "
+                     f"{copy_bw / 1e12:.3f} TB/s over {r['copy_bytes'] / 2**30:.2f} GiB read + written{read}), "
+                     f"bf16 matmul {r['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (n = {r['matmul_n']}).")
         parts.append("")
     parts += ["## Throughput (tok/s = B / Simpson mean step time over s = 1, out/2, out)", "",
               bench_results_table(summaries), "",

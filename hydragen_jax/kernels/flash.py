@@ -115,6 +115,8 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     num_heads = group * k_ref.shape[2]
     flat = jnp.where(row_ok, (seq * num_queries + token) * num_heads + h * group + local % group, q_ref.shape[0])
     q = plgpu.load(q_ref.at[flat[:, None], cols[None, :]], mask=tile_ok, other=0)
+    # Logits in base 2, scale folded into q once: exp(x·scale) = 2^(x·scale·log2 e), so exp2 does the softmax.
+    q = (q.astype(jnp.float32) * (scale * _LOG2_E)).astype(q.dtype)
 
     node = kv_index_ref[p]
     length = kv_len_ref[p]
@@ -124,34 +126,46 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # Causal: a row of token t is key (length - T + t) of its sequence; it sees keys up to that one.
     last_visible = length - num_queries + token
     kv_cols = pl.ds(0, d_pad)
+    padded = d_pad != head_dim
 
-    def step(i, carry):
+    def step(i, carry, masked: bool):
+      """One key block; `masked` blocks may hold keys past the length or past a row's causal position."""
       acc, m, l = carry
       start = lo + i * block.block_k
-      pos = start + jnp.arange(block.block_k)
-      key_ok = pos < hi
-      kv_mask = key_ok[:, None] & col_ok[None, :]
-      k = plgpu.load(k_ref.at[node, pl.ds(start, block.block_k), h, kv_cols], mask=kv_mask, other=0)
-      # Logits in base 2: exp(x) = 2^(x·log2 e), so exp2 does the softmax.
-      s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2_E)
-      ok = key_ok[None, :]
-      if spec.causal:
-        ok = ok & (pos[None, :] <= last_visible[:, None])
-      s = jnp.where(ok, s, _MASKED)
+      keys = pl.ds(start, block.block_k)
+      if masked:
+        pos = start + jnp.arange(block.block_k)
+        key_ok = pos < hi
+        load = dict(mask=key_ok[:, None] & col_ok[None, :], other=0)
+      else:
+        load = dict(mask=jnp.broadcast_to(col_ok[None, :], (block.block_k, d_pad)), other=0) if padded else {}
+      k = plgpu.load(k_ref.at[node, keys, h, kv_cols], **load)
+      s = plgpu.dot(q, k, trans_b=True, precision=precision)
+      if masked:
+        ok = key_ok[None, :]
+        if spec.causal:
+          ok = ok & (pos[None, :] <= last_visible[:, None])
+        s = jnp.where(ok, s, _MASKED)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       alpha = jnp.exp2(m - m_new)
-      probs = jnp.where(ok, jnp.exp2(s - m_new[:, None]), 0.0)
-      v = plgpu.load(v_ref.at[node, pl.ds(start, block.block_k), h, kv_cols], mask=kv_mask, other=0)
+      probs = jnp.exp2(s - m_new[:, None])
+      if masked:  # a row with no visible key in this block must add nothing (its m_new is still _MASKED)
+        probs = jnp.where(ok, probs, 0.0)
+      v = plgpu.load(v_ref.at[node, keys, h, kv_cols], **load)
       acc = acc * alpha[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
       return acc, m_new, l * alpha + jnp.sum(probs, axis=1)
 
-    init = (
+    carry = (
         jnp.zeros((block.block_m, d_pad), jnp.float32),
         jnp.full((block.block_m,), _MASKED, jnp.float32),
         jnp.zeros((block.block_m,), jnp.float32),
     )
+    # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do.
+    unmasked_end = jnp.minimum(hi, length - num_queries + 1) if spec.causal else hi
+    num_full = jnp.maximum(unmasked_end - lo, 0) // block.block_k
     num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), block.block_k)
-    acc, m, l = lax.fori_loop(0, num_steps, step, init)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
 
     seen = l > 0
     safe_l = jnp.where(seen, l, 1.0)
