@@ -23,8 +23,9 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 # JAX preallocates 75% of the GPU by default; the largest points need more (estimates: python -m experiments plan).
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-$XLA_PYTHON_CLIENT_MEM_FRACTION}
+# (jaxlib 0.11 refuses XLA_PYTHON_CLIENT_MEM_FRACTION together with XLA_CLIENT_MEM_FRACTION: set only the latter.)
+export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}}
+unset XLA_PYTHON_CLIENT_MEM_FRACTION
 # A persistent compilation cache makes a re-run of a part (e.g. after a timeout) skip the compiles already done on
 # this machine; compile_s of a cache hit is small, and the records name the cache directory.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/hydragen_jax_compile_cache}
