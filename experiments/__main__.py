@@ -7,27 +7,27 @@ import os
 import sys
 
 
+def _run_options(parser) -> None:
+    """The options shared by `run` and `bench-attention`."""
+    parser.add_argument("--smoke", action="store_true", help="apply the config's [smoke] overrides (CPU-sized)")
+    parser.add_argument("--out", help="JSONL path (default experiments/results/NAME-DEVICE-DATE.jsonl)")
+    parser.add_argument("--plot", action="store_true", help="also draw the plots next to the results")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key after [smoke], VALUE in TOML syntax (e.g. timing.repeats=9)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_run = sub.add_parser("run", help="run the experiment described by a config (name or path to a .toml)")
     p_run.add_argument("config")
-    p_run.add_argument("--smoke", action="store_true", help="apply the config's [smoke] overrides (CPU-sized)")
-    p_run.add_argument("--out", help="JSONL path (default experiments/results/NAME-DEVICE-DATE.jsonl)")
-    p_run.add_argument("--plot", action="store_true", help="also draw the plots next to the results")
-    p_run.add_argument("--no-progress", action="store_true")
-    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key after [smoke], VALUE in TOML syntax (e.g. timing.repeats=9)")
+    _run_options(p_run)
 
     p_bench = sub.add_parser("bench-attention", help="run configs/bench_attention.toml (issue #5)")
-    p_bench.add_argument("--smoke", action="store_true")
     p_bench.add_argument("--select", help="comma-separated indexes of bench.configs rows to run (default: all)")
-    p_bench.add_argument("--out")
-    p_bench.add_argument("--plot", action="store_true")
-    p_bench.add_argument("--no-progress", action="store_true")
-    p_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key after [smoke], VALUE in TOML syntax (e.g. timing.repeats=9)")
+    _run_options(p_bench)
 
     p_plot = sub.add_parser("plot", help="draw PNG plots of one or more results files")
     p_plot.add_argument("results", nargs="+")

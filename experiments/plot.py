@@ -87,11 +87,7 @@ def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathl
         ax.set_ylabel(ylabel)
         ax.set_title(_title(summaries, f"Shared-prefix decode attention: {ylabel}"), fontsize=9)
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out_dir / f"{stem}-{fname}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"{stem}-{fname}.png"))
     return paths
 
 
@@ -126,11 +122,15 @@ def plot_e2e_throughput(recs: list[dict], out_dir: pathlib.Path, stem: str) -> l
     axes[0][0].set_ylabel("decode tokens/s")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(_title(recs, "End-to-end decode throughput"), fontsize=9)
+    return [_save(fig, out_dir / f"{stem}-throughput.png")]
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+    """Lays out, writes (PNG, 120 dpi) and closes the figure."""
     fig.tight_layout()
-    path = out_dir / f"{stem}-throughput.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [path]
+    return path
 
 
 def plot_long_document(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
@@ -156,11 +156,7 @@ def plot_long_document(recs: list[dict], out_dir: pathlib.Path, stem: str) -> li
     axes[0].legend(fontsize=7)
     batch = recs[0]["point"].get("batch")
     fig.suptitle(_title(recs, f"Long shared document, batch {batch}"), fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"{stem}-relative.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{stem}-relative.png")]
 
 
 def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
@@ -178,11 +174,7 @@ def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[p
     p = recs[0]["point"]
     ax.set_title(_title(recs, f"APPS-like tree: {p.get('problems')} problems x {p.get('samples')} samples"),
                  fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"{stem}-time.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{stem}-time.png")]
 
 
 PLOTTERS = {

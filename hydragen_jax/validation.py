@@ -58,20 +58,26 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
     raise ValueError(f"dtype mismatch between {q_name} ({q.dtype}) and {kv_name} ({kv.dtype}).")
 
 
+def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array, np.ndarray | None]:
+  """`x` as an integer `[count]` array, and its value if concrete (else None)."""
+  x = jnp.asarray(x)
+  if x.shape != (count,):
+    raise ValueError(f"{name} must have shape ({count},){what}; got {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer; got dtype {x.dtype}.")
+  value = _concrete(x)
+  return x.astype(jnp.int32), (value if value is not None and value.size else None)
+
+
 def lengths_or_full(name: str, lengths, count: int, capacity: int) -> jax.Array:
   """Validates `lengths` `[count]` of valid keys (<= capacity); None means all `capacity` keys are valid."""
   if lengths is None:
     return jnp.full((count,), capacity, jnp.int32)
-  lengths = jnp.asarray(lengths)
-  if lengths.shape != (count,):
-    raise ValueError(f"{name} must have shape ({count},); got {lengths.shape}.")
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(f"{name} must be integer; got dtype {lengths.dtype}.")
-  value = _concrete(lengths)
-  if value is not None and value.size and (value.min() < 0 or value.max() > capacity):
+  lengths, value = _int_vector(name, lengths, count, "")
+  if value is not None and (value.min() < 0 or value.max() > capacity):
     raise ValueError(f"{name} must lie in [0, {capacity}] (the KV capacity); got min {value.min()}, "
                      f"max {value.max()}.")
-  return lengths.astype(jnp.int32)
+  return lengths
 
 
 def scalar_length(name: str, length, capacity: int) -> jax.Array:
@@ -85,16 +91,11 @@ def scalar_length(name: str, length, capacity: int) -> jax.Array:
 
 def node_index(name: str, seq_to_node, batch: int, num_nodes: int) -> jax.Array:
   """Validates `seq_to_node` `[batch]` with values in [0, num_nodes)."""
-  seq_to_node = jnp.asarray(seq_to_node)
-  if seq_to_node.shape != (batch,):
-    raise ValueError(f"{name} must have shape ({batch},) (one node per sequence of q); got {seq_to_node.shape}.")
-  if not jnp.issubdtype(seq_to_node.dtype, jnp.integer):
-    raise ValueError(f"{name} must be integer; got dtype {seq_to_node.dtype}.")
-  value = _concrete(seq_to_node)
-  if value is not None and value.size and (value.min() < 0 or value.max() >= num_nodes):
+  seq_to_node, value = _int_vector(name, seq_to_node, batch, " (one node per sequence of q)")
+  if value is not None and (value.min() < 0 or value.max() >= num_nodes):
     raise ValueError(f"{name} values must lie in [0, {num_nodes}) (the level has {num_nodes} nodes); got min "
                      f"{value.min()}, max {value.max()}.")
-  return seq_to_node.astype(jnp.int32)
+  return seq_to_node
 
 
 def layer_index(name: str, layer, num_layers: int) -> jax.Array:
