@@ -219,14 +219,14 @@ def hydragen_attention(
   Returns:
     out `[B, T, Hq, D]`, equal to causal attention over each sequence's [prefix; suffix].
   """
+  check.check_rank("q", q, 4, "[B, T, Hq, D]")
   check.check_rank("prefix_k", prefix_k, 3, "[P, Hkv, D]")
   check.check_same("prefix_k", prefix_k, "prefix_v", prefix_v)
   check.check_rank("suffix_k", suffix_k, 4, "[B, S, Hkv, D]")
   check.check_same("suffix_k", suffix_k, "suffix_v", suffix_v)
   if prefix_k.shape[1:] != suffix_k.shape[2:]:
     raise ValueError(f"prefix_k {prefix_k.shape} and suffix_k {suffix_k.shape} must share [Hkv, D].")
-  batch = q.shape[0] if jnp.ndim(q) == 4 else None
-  if batch is not None and suffix_k.shape[0] != batch:
+  if suffix_k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of suffix_k {suffix_k.shape} differs from batch of q {q.shape}.")
   prefix = Level(prefix_k[None], prefix_v[None],
                  check.scalar_length("prefix_length", prefix_length, prefix_k.shape[0]),

@@ -38,6 +38,13 @@ def visible_keys(kv_lengths: Array, num_keys: int, num_queries: int, causal: boo
   return visible
 
 
+def _softmax(logits: Array, visible: Array) -> tuple[Array, Array]:
+  """softmax over the visible keys (last axis) and its lse; a row with no visible key gets 0 and -inf."""
+  logits = jnp.where(visible, logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0), lse
+
+
 def attention(
     q: Array,
     k: Array,
@@ -64,9 +71,7 @@ def attention(
   qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32)) * scale
   visible = visible_keys(kv_lengths, s, t, causal)[:, :, None, None, :]
-  logits = jnp.where(visible, logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+  probs, lse = _softmax(logits, visible)
   out = jnp.einsum("bthgs,bshd->bthgd", probs, v.astype(jnp.float32))
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
@@ -87,9 +92,7 @@ def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: floa
   qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
   logits = jnp.einsum("bthgd,phd->bthgp", qg, k.astype(jnp.float32)) * scale
   visible = jnp.arange(p) < length
-  logits = jnp.where(visible, logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+  probs, lse = _softmax(logits, visible)
   out = jnp.einsum("bthgp,phd->bthgd", probs, v.astype(jnp.float32))
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
