@@ -22,10 +22,15 @@ BLOCKS = [
     BlockConfig(block_m=16, block_k=16, splits=1),
     BlockConfig(block_m=16, block_k=16, splits=3),
     BlockConfig(block_m=32, block_k=32, splits=2),
+    BlockConfig(block_m=16, block_k=32, splits=2, heads=2),  # both KV heads of a sequence in one program
 ]
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"m{b.block_m}k{b.block_k}s{b.splits}")
+def _block_id(b):
+  return f"m{b.block_m}k{b.block_k}s{b.splits}h{b.heads}"
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_per_sequence_tilings(kernel_backend, block, dtype):
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -41,7 +46,7 @@ def test_per_sequence_tilings(kernel_backend, block, dtype):
   chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"m{b.block_m}k{b.block_k}s{b.splits}")
+@pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
 @pytest.mark.parametrize("max_group", [None, 4])
 def test_batched_groups_tilings(kernel_backend, block, max_group):
   """5 sequences over 3 nodes (sizes 2, 0 and 3... sequences), 8 rows each: row blocks straddle node borders."""
@@ -97,3 +102,64 @@ def test_levels_with_different_tilings_share_one_launch(kernel_backend):
   vv = jnp.concatenate([jnp.broadcast_to(pv[:, :87], (b, 87, hkv, d)), sv], axis=1)
   ref, _ = reference.attention(q, kk, vv, 87 + lengths, causal=True, scale=0.125)
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("hq,hkv,t,heads", [(8, 8, 1, 8), (8, 8, 1, 2), (16, 4, 1, 4), (8, 4, 2, 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_heads_packed_in_one_tile(kernel_backend, hq, hkv, t, heads, dtype):
+  """Decode-shaped levels (T·g < 16 rows per KV head): one program reads `heads` KV heads' keys as (key, head)
+  columns and masks the scores across heads. Odd lengths, an empty sequence, a length under T."""
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  b, d, s = 4, 64, 37
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  k, v = normal(keys[1], (b, s, hkv, d), dtype), normal(keys[2], (b, s, hkv, d), dtype)
+  lengths = jnp.array([37, 0, 1, 20])
+  block = BlockConfig(block_m=16, block_k=8 * heads, splits=2, heads=heads)
+  out, lse = _run(q, ops.per_sequence(q, k, v, lengths, jnp.arange(b), causal=True, block=block), d**-0.5,
+                  kernel_backend)
+  ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out, **tol(dtype))
+  seen = jnp.isfinite(ref_lse)
+  assert bool(jnp.all(jnp.isfinite(lse) == seen))
+  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
+
+
+def test_choose_block_packs_heads_for_decode():
+  mha = ops.choose_block(max_rows=1, total_rows=64, num_groups=64, num_heads=32, num_keys=512, head_dim=128)
+  gqa = ops.choose_block(max_rows=4, total_rows=4 * 64, num_groups=64, num_heads=8, num_keys=512, head_dim=128)
+  prefix = ops.choose_block(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=512, head_dim=128)
+  assert (mha.heads, gqa.heads, prefix.heads) == (16, 4, 1)
+  assert mha.block_m == gqa.block_m == 16
+
+
+def test_block_heads_must_divide_kv_heads():
+  q = jnp.zeros((1, 1, 6, 64))
+  k = jnp.zeros((1, 8, 3, 64))
+  with pytest.raises(ValueError, match="heads=2 must divide the 3 KV heads"):
+    ops.per_sequence(q, k, k, jnp.array([8]), jnp.arange(1), causal=True, block=BlockConfig(16, 16, heads=2))
+
+
+@pytest.mark.parametrize("launch", ops.LAUNCHES)
+def test_launch_schedules_agree(kernel_backend, launch):
+  """The levels' programs in order, interleaved over the grid (uneven program counts: a remainder), or one
+  launch per level: the same result as plain attention over the concatenated keys."""
+  keys = jax.random.split(jax.random.PRNGKey(5), 5)
+  b, hq, hkv, d = 5, 8, 2, 64
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  pk, pv = normal(keys[1], (1, 50, hkv, d), jnp.float32), normal(keys[2], (1, 50, hkv, d), jnp.float32)
+  sk, sv = normal(keys[3], (b, 30, hkv, d), jnp.float32), normal(keys[4], (b, 30, hkv, d), jnp.float32)
+  lengths = jnp.array([30, 0, 7, 13, 29])
+  plans = [ops.batched(q, pk, pv, jnp.array([50]), jnp.zeros(b, jnp.int32), max_group=None, causal=False,
+                       block=BlockConfig(block_m=16, block_k=16, splits=3)),
+           ops.per_sequence(q, sk, sv, lengths, jnp.arange(b), causal=True,
+                            block=BlockConfig(block_m=16, block_k=16, splits=2, heads=2))]
+  out, _ = merge_states(ops.run(q, plans, scale=0.125, interpret=kernel_backend == "interpret", launch=launch))
+  kk = jnp.concatenate([jnp.broadcast_to(pk, (b, 50, hkv, d)), sk], axis=1)
+  vv = jnp.concatenate([jnp.broadcast_to(pv, (b, 50, hkv, d)), sv], axis=1)
+  ref, _ = reference.attention(q, kk, vv, 50 + lengths, causal=True, scale=0.125)
+  chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
+
+
+def test_unknown_launch_is_refused():
+  with pytest.raises(ValueError, match="launch='streams'"):
+    ops.run(jnp.zeros((1, 1, 2, 16)), [], scale=1.0, interpret=True, launch="streams")

@@ -52,6 +52,10 @@ class BlockConfig:
     block_k: keys per inner step.
     splits: programs that share one row block's keys (flash-decoding split).
     num_warps, num_stages: Triton launch parameters (a fused launch takes the largest of its levels).
+    heads: KV heads per program (a power of two dividing Hkv). With few rows per KV head (decode: T·g < 16)
+      a program packs the rows of `heads` KV heads into one tile and reads those heads' keys together, as
+      `block_k` columns of (key, head) pairs; a row's score against another head's key is masked. This wastes
+      tensor-core work (free: decode is memory-bound) for `heads` times fewer, longer, contiguous programs.
   """
 
   block_m: int = 64
@@ -59,6 +63,7 @@ class BlockConfig:
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 2
+  heads: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +98,11 @@ class LevelWork:
 
 def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
             group: int, scale: float, precision):
-  """The work of one program: rows block `mb` of group `p`, KV head `h`, key split `sp`."""
-  p, h, sp, mb = ids
+  """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`."""
+  p, hb, sp, mb = ids
   seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
   block = spec.block
+  heads = block.heads
   row_count = row_count_ref[p]
   first_local = mb * block.block_m
 
@@ -108,50 +114,69 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     cols = jnp.arange(d_pad)
     col_ok = cols < head_dim
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    # Which query row each local row is (see the module docstring). Masked rows point one past the end, so that
-    # no store of theirs can land on a real row (the interpreter's scatter drops out-of-bounds updates).
-    seq = plgpu.load(order_ref.at[seq_start_ref[p] + local // (num_queries * group)], mask=row_ok, other=0)
-    token = (local // group) % num_queries
+    # Which query row each local row is (see the module docstring): a sequence's rows are ordered (token t,
+    # KV head of the block, head j of its GQA group). Masked rows point one past the end, so that no store of
+    # theirs can land on a real row (the interpreter's scatter drops out-of-bounds updates).
+    per_seq = num_queries * heads * group
+    seq = plgpu.load(order_ref.at[seq_start_ref[p] + local // per_seq], mask=row_ok, other=0)
+    within = local % per_seq
+    token = within // (heads * group)
+    row_head = (within // group) % heads  # KV head of the row, within the block
     num_heads = group * k_ref.shape[2]
-    flat = jnp.where(row_ok, (seq * num_queries + token) * num_heads + h * group + local % group, q_ref.shape[0])
+    flat = (seq * num_queries + token) * num_heads + (hb * heads + row_head) * group + within % group
+    flat = jnp.where(row_ok, flat, q_ref.shape[0])
     q = plgpu.load(q_ref.at[flat[:, None], cols[None, :]], mask=tile_ok, other=0)
     # Logits in base 2, scale folded into q once: exp(x·scale) = 2^(x·scale·log2 e), so exp2 does the softmax.
     q = (q.astype(jnp.float32) * (scale * _LOG2_E)).astype(q.dtype)
 
     node = kv_index_ref[p]
     length = kv_len_ref[p]
-    split_len = pl.cdiv(pl.cdiv(k_ref.shape[1], block.splits), block.block_k) * block.block_k
+    # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
+    # c % heads; contiguous in the [S, Hkv, D] layout).
+    step_keys = block.block_k // heads
+    split_len = pl.cdiv(pl.cdiv(k_ref.shape[1], block.splits), step_keys) * step_keys
     lo = sp * split_len
     hi = jnp.minimum(lo + split_len, length)
     # Causal: a row of token t is key (length - T + t) of its sequence; it sees keys up to that one.
     last_visible = length - num_queries + token
     kv_cols = pl.ds(0, d_pad)
     padded = d_pad != head_dim
+    col = jnp.arange(block.block_k)
+    col_key, col_head = col // heads, hb * heads + col % heads
+    same_head = (col % heads)[None, :] == row_head[:, None]  # a row scores only its own KV head's keys
+
+    def load(ref, start, key_ok):
+      if heads == 1:
+        index = ref.at[node, pl.ds(start, block.block_k), hb, kv_cols]
+      else:
+        index = ref.at[node, (start + col_key)[:, None], col_head[:, None], cols[None, :]]
+      if key_ok is not None:
+        return plgpu.load(index, mask=key_ok[:, None] & col_ok[None, :], other=0)
+      if padded:
+        return plgpu.load(index, mask=jnp.broadcast_to(col_ok[None, :], (block.block_k, d_pad)), other=0)
+      return plgpu.load(index)
 
     def step(i, carry, masked: bool):
       """One key block; `masked` blocks may hold keys past the length or past a row's causal position."""
       acc, m, l = carry
-      start = lo + i * block.block_k
-      keys = pl.ds(start, block.block_k)
+      start = lo + i * step_keys
+      pos = start + col_key
+      key_ok = pos < hi if masked else None
+      s = plgpu.dot(q, load(k_ref, start, key_ok), trans_b=True, precision=precision)
+      ok = same_head if heads > 1 else None
       if masked:
-        pos = start + jnp.arange(block.block_k)
-        key_ok = pos < hi
-        load = dict(mask=key_ok[:, None] & col_ok[None, :], other=0)
-      else:
-        load = dict(mask=jnp.broadcast_to(col_ok[None, :], (block.block_k, d_pad)), other=0) if padded else {}
-      k = plgpu.load(k_ref.at[node, keys, h, kv_cols], **load)
-      s = plgpu.dot(q, k, trans_b=True, precision=precision)
-      if masked:
-        ok = key_ok[None, :]
+        ok_keys = key_ok[None, :]
         if spec.causal:
-          ok = ok & (pos[None, :] <= last_visible[:, None])
+          ok_keys = ok_keys & (pos[None, :] <= last_visible[:, None])
+        ok = ok_keys if ok is None else ok & ok_keys
+      if ok is not None:
         s = jnp.where(ok, s, _MASKED)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       alpha = jnp.exp2(m - m_new)
       probs = jnp.exp2(s - m_new[:, None])
       if masked:  # a row with no visible key in this block must add nothing (its m_new is still _MASKED)
         probs = jnp.where(ok, probs, 0.0)
-      v = plgpu.load(v_ref.at[node, keys, h, kv_cols], **load)
+      v = load(v_ref, start, key_ok)
       acc = acc * alpha[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
       return acc, m_new, l * alpha + jnp.sum(probs, axis=1)
 
@@ -160,10 +185,11 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
         jnp.full((block.block_m,), _MASKED, jnp.float32),
         jnp.zeros((block.block_m,), jnp.float32),
     )
-    # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do.
+    # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do. (In an
+    # unmasked block every row sees a key of its own head, so other heads' masked scores underflow to 0.)
     unmasked_end = jnp.minimum(hi, length - num_queries + 1) if spec.causal else hi
-    num_full = jnp.maximum(unmasked_end - lo, 0) // block.block_k
-    num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), block.block_k)
+    num_full = jnp.maximum(unmasked_end - lo, 0) // step_keys
+    num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), step_keys)
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
 
@@ -176,35 +202,60 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
 
 
 def _program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
-  """A level's program axes: (groups, KV heads, key splits, row blocks), row blocks fastest so that the
+  """A level's program axes: (groups, KV head blocks, key splits, row blocks), row blocks fastest so that the
   programs running together read the same KV blocks (from L2)."""
-  return (work.seq_start.shape[0], work.k.shape[2], spec.block.splits, pl.cdiv(spec.max_rows, spec.block.block_m))
+  return (work.seq_start.shape[0], work.k.shape[2] // spec.block.heads, spec.block.splits,
+          pl.cdiv(spec.max_rows, spec.block.block_m))
 
 
-def _kernel(*refs, specs, counts, **static):
-  """Dispatches program ids to levels: level l owns programs [start_l, start_l + prod(counts[l]))."""
+def _schedule(pid, sizes: tuple[int, ...], interleave: bool):
+  """For each level l: (whether program `pid` is one of its programs, its index among them).
+
+  In order: level l owns programs [start_l, start_l + sizes[l]). Interleaved: the grid is cut into
+  K = min(sizes) rounds, round r holding the next sizes[l] // K programs of each level, the remainders at the end;
+  each SM then gets a mix of the levels' programs (e.g. compute-bound prefix tiles beside memory-bound suffix ones).
+  """
+  if not interleave or len(sizes) == 1:
+    starts = [sum(sizes[:l]) for l in range(len(sizes))]
+    return [((pid >= a) & (pid < a + n), pid - a) for a, n in zip(starts, sizes)]
+  rounds = min(sizes)
+  per_round = [n // rounds for n in sizes]
+  chunk = sum(per_round)
+  main_end = rounds * chunk
+  result, cum, tail = [], 0, main_end
+  for n, f in zip(sizes, per_round):
+    off = pid % chunk
+    in_main = (pid < main_end) & (off >= cum) & (off < cum + f)
+    rest = n - rounds * f
+    in_tail = (pid >= tail) & (pid < tail + rest)
+    index = jnp.where(in_main, (pid // chunk) * f + off - cum, rounds * f + pid - tail)
+    result.append((in_main | in_tail, index))
+    cum += f
+    tail += rest
+  return result
+
+
+def _kernel(*refs, specs, counts, interleave, **static):
+  """Dispatches program ids to levels (see `_schedule`), then unravels a level's index into its program axes."""
   n = len(specs)
   ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1:]
-  pid = pl.program_id(0)
-  start = 0
-  for l, (spec, shape) in enumerate(zip(specs, counts)):
-    size = math.prod(shape)
+  owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), interleave)
+  for l, (spec, shape, (mine, index)) in enumerate(zip(specs, counts, owned)):
 
-    @pl.when((pid >= start) & (pid < start + size))
-    def _(l=l, spec=spec, shape=shape, start=start):
-      rest, ids = pid - start, []
+    @pl.when(mine)
+    def _(l=l, spec=spec, shape=shape, rest=index):
+      ids = []
       for extent in reversed(shape):  # unravel, last axis fastest
         ids.append(rest % extent)
         rest = rest // extent
       _attend(tuple(reversed(ids)), ints[5 * l:5 * l + 5], q_ref, kvs[2 * l], kvs[2 * l + 1], outs[2 * l],
               outs[2 * l + 1], spec=spec, **static)
 
-    start += size
 
-
-@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "interleave"))
 def fused_levels(
-    q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool
+    q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
+    interleave: bool = False,
 ) -> list[tuple[Array, Array]]:
   """Attention of q over every level in one kernel launch.
 
@@ -213,6 +264,7 @@ def fused_levels(
     works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level.
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
+    interleave: mix the levels' programs over the grid instead of running them level after level.
 
   Returns:
     Per level: out `[splits, B, T, Hq, D]` (q dtype if splits == 1, else float32) and lse `[splits, B, T, Hq]`
@@ -222,8 +274,8 @@ def fused_levels(
   hkv = works[0].k.shape[2]
   counts = tuple(_program_counts(spec, work) for spec, work in zip(specs, works))
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(_kernel, specs=specs, counts=counts, head_dim=d, num_queries=t, group=hq // hkv,
-                             scale=scale, precision=precision)
+  kernel = functools.partial(_kernel, specs=specs, counts=counts, interleave=interleave, head_dim=d,
+                             num_queries=t, group=hq // hkv, scale=scale, precision=precision)
   rows = b * t * hq
   out_shape = []
   for spec in specs:

@@ -32,19 +32,32 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
                  head_dim: int) -> BlockConfig:
   """Tiling heuristic: big row blocks for the tensor cores, key splits until the GPU has ~2 programs per SM.
 
-  max_rows: rows of the largest group; total_rows: rows of all groups together.
+  max_rows: rows of the largest group for one KV head; total_rows: rows of all groups together (one KV head).
+  With fewer than 16 rows per KV head (decode), a program packs the rows of several KV heads (`heads`).
   """
   wide = head_dim > 128
-  block_m = min(max(16, pl.next_power_of_2(max_rows)), 64 if wide else 128)
+  heads = 1
+  while num_heads % (2 * heads) == 0 and 2 * heads * max_rows <= 16:
+    heads *= 2
+  block_m = min(max(16, pl.next_power_of_2(max_rows * heads)), 64 if wide else 128)
   # 64-key blocks (32 for D=256: shared memory), 3 stages in flight; 8 warps for 128-row tensor-core tiles.
   # From the block sweep on the H100 (experiments/PERF_NOTES.md); 256-key blocks overflow shared memory.
   block_k, num_warps, num_stages = (32 if wide else 64), (8 if block_m == 128 else 4), 3
-  block_k = min(block_k, max(16, pl.next_power_of_2(num_keys)))
-  programs = num_heads * max(num_groups, pl.cdiv(total_rows, block_m))  # programs with rows to do
+  block_k = min(block_k, max(16, pl.next_power_of_2(num_keys * heads)))
+  step_keys = max(1, block_k // heads)
+  programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))  # programs with rows
   splits = 1
-  while programs * splits < 2 * _num_cores() and num_keys >= 2 * splits * 4 * block_k:
+  while programs * splits < 2 * _num_cores() and num_keys >= 2 * splits * 4 * step_keys:
     splits *= 2
-  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages)
+  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages,
+                     heads=heads)
+
+
+def _check_block(block: BlockConfig, num_heads: int) -> BlockConfig:
+  if num_heads % block.heads or block.block_k % block.heads:
+    raise ValueError(f"block.heads={block.heads} must divide the {num_heads} KV heads and "
+                     f"block.block_k={block.block_k}.")
+  return block
 
 
 def per_sequence(
@@ -61,7 +74,8 @@ def per_sequence(
     return None
   rows = t * (hq // hkv)
   seqs = jnp.arange(b, dtype=jnp.int32)
-  block = block or choose_block(rows, b * rows, b, hkv, s, d)
+  block = _check_block(block or choose_block(rows, b * rows, b, hkv, s, d), hkv)
+  rows *= block.heads
   return (LevelSpec(block, rows, causal),
           LevelWork(k, v, seqs, seqs, jnp.full((b,), rows, jnp.int32), kv_index.astype(jnp.int32),
                     lengths.astype(jnp.int32)))
@@ -88,21 +102,34 @@ def batched(
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
   rows = t * (hq // hkv)
   max_rows = rows * (b if max_group is None else min(max_group, b))
-  block = block or choose_block(max_rows, b * rows, n, hkv, s, d)
+  block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d), hkv)
   nodes = jnp.arange(n, dtype=jnp.int32)
-  return (LevelSpec(block, max_rows, causal),
-          LevelWork(k, v, order, jnp.cumsum(counts) - counts, counts * rows, node_offset + nodes,
+  return (LevelSpec(block, max_rows * block.heads, causal),
+          LevelWork(k, v, order, jnp.cumsum(counts) - counts, counts * rows * block.heads, node_offset + nodes,
                     lengths.astype(jnp.int32)))
 
 
-def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool) -> list[tuple[Array, Array]]:
-  """All plans in one kernel launch: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each
-  level (empty levels give none)."""
+LAUNCHES = ("fused", "interleaved", "separate")
+
+
+def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
+        launch: str = "fused") -> list[tuple[Array, Array]]:
+  """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
+  levels give none).
+
+  launch: "fused" (one launch, the levels' programs in order), "interleaved" (one launch, their programs mixed
+  over the grid) or "separate" (one launch per level, each with its own warps and stages).
+  """
+  if launch not in LAUNCHES:
+    raise ValueError(f"launch={launch!r}; expected one of {LAUNCHES}.")
   plans = [plan for plan in plans if plan is not None]
-  if not plans:
-    return []
-  specs, works = zip(*plans)
+  groups = [plans] if launch != "separate" else [[plan] for plan in plans]
   parts = []
-  for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret):
-    parts += [(out[i], lse[i]) for i in range(out.shape[0])]
+  for group in groups:
+    if not group:
+      continue
+    specs, works = zip(*group)
+    for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
+                                 interleave=launch == "interleaved"):
+      parts += [(out[i], lse[i]) for i in range(out.shape[0])]
   return parts

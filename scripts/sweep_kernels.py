@@ -1,0 +1,179 @@
+"""Kernel sweep on the GPU (development tool; the official numbers come from `python -m experiments bench-attention`).
+
+For the nine seed configs of BRIEF.md, times a whole Hydragen decode step (prefix + suffix + merges) at s = 1,
+out/2 and out under several launch schedules and tilings, and prints tok/s over the generation (Simpson mean step)
+as a fraction of the floor's tok/s, all measured in the same run. Then sweeps the prefix tiles alone on the
+compute-heavy configs (TFLOP/s) and the suffix tiles alone (fraction of the bandwidth floor).
+
+Usage: python scripts/sweep_kernels.py [--parts step,prefix,suffix] [--configs 0,1,...] [--variants a,b] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments import device_rates, floor, timing
+from hydragen_jax import merge_states
+from hydragen_jax.kernels import ops
+from hydragen_jax.kernels.flash import BlockConfig
+
+SEED = [  # B, P, out, Hq, Hkv (BRIEF.md)
+    (64, 1024, 512, 32, 32), (64, 2048, 512, 32, 32), (256, 2048, 512, 32, 32), (256, 2048, 1024, 32, 32),
+    (256, 4096, 1024, 32, 32), (512, 2048, 512, 32, 8), (512, 4096, 512, 32, 8), (1024, 4096, 512, 32, 8),
+    (1024, 8192, 512, 32, 8),
+]
+D = 128
+TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
+
+# A step variant: launch schedule, and tiling overrides (None: the heuristic) as BlockConfig field dicts.
+VARIANTS = {
+    "old": dict(launch="fused", suffix=dict(heads=1)),
+    "fused": dict(launch="fused"),
+    "separate": dict(launch="separate"),
+    "interleaved": dict(launch="interleaved"),
+    "sep_sk128": dict(launch="separate", suffix=dict(block_k=128, num_stages=2)),
+    "sep_p128k128": dict(launch="separate", prefix=dict(block_k=128, num_stages=2)),
+    "int_p64": dict(launch="interleaved", prefix=dict(block_m=64, num_warps=4, num_stages=2),
+                    suffix=dict(num_stages=2)),
+    "int_p64s3": dict(launch="interleaved", prefix=dict(block_m=64, num_warps=4, num_stages=3)),
+}
+
+PREFIX_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 4), (128, 64, 4, 3),
+                (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 4, 2)]
+SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0, 128, 8, 2), (0, 32, 4, 3),
+                (0, 64, 4, 4)]  # heads (0: heuristic), block_k, warps, stages
+
+
+def blocks(cfg, which: str, overrides: dict | None) -> BlockConfig:
+  b, p, out, hq, hkv = cfg
+  g = hq // hkv
+  base = (ops.choose_block(b * g, b * g, 1, hkv, p, D) if which == "prefix"
+          else ops.choose_block(g, b * g, b, hkv, out, D))
+  return dataclasses.replace(base, **(overrides or {}))
+
+
+def inputs(i):
+  b, p, out, hq, hkv = SEED[i]
+  keys = jax.random.split(jax.random.PRNGKey(i), 5)
+  return (jax.random.normal(keys[0], (b, 1, hq, D), jnp.bfloat16),
+          jax.random.normal(keys[1], (1, p, hkv, D), jnp.bfloat16),
+          jax.random.normal(keys[2], (1, p, hkv, D), jnp.bfloat16),
+          jax.random.normal(keys[3], (b, out, hkv, D), jnp.bfloat16),
+          jax.random.normal(keys[4], (b, out, hkv, D), jnp.bfloat16))
+
+
+def step_fn(cfg, variant):
+  b, p = cfg[:2]
+  pb, sb = blocks(cfg, "prefix", variant.get("prefix")), blocks(cfg, "suffix", variant.get("suffix"))
+
+  def fn(q, pk, pv, sk, sv, lengths):
+    plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
+                         block=pb),
+             ops.per_sequence(q, sk, sv, lengths, jnp.arange(b), causal=True, block=sb)]
+    out, _ = merge_states(ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"]))
+    return out.astype(q.dtype)
+
+  return fn, (pb, sb)
+
+
+def floor_s(cfg, s, rates):
+  b, p, out, hq, hkv = cfg
+  return floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
+                          rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--parts", default="step,prefix,suffix")
+  parser.add_argument("--configs", default=",".join(map(str, range(len(SEED)))))
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  configs = [int(c) for c in args.configs.split(",")]
+  rates = device_rates.measure(1 << 31, 8192, TIMING)
+  print(f"{jax.devices()[0].device_kind}: bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
+        f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+  records = [dict(kind="rates", **rates)]
+  parts = args.parts.split(",")
+  t0 = time.time()
+  if "step" in parts:
+    names = args.variants.split(",")
+    print(f"\n{'config':>26} " + " ".join(f"{n:>13}" for n in names) + "   (tok/s fraction of floor; us at s=1/mid/out)")
+    for i in configs:
+      cfg = SEED[i]
+      b, out = cfg[0], cfg[2]
+      data = inputs(i)
+      points = floor.simpson_points(out)
+      floor_mean = floor.simpson(*(floor_s(cfg, s, rates) for s in points))
+      cells = []
+      for name in names:
+        try:
+          fn, (pb, sb) = step_fn(cfg, VARIANTS[name])
+          compiled, _ = timing.compile_aot(fn, (*data, jnp.ones((b,), jnp.int32)))
+          steps = [timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
+                   for s in points]
+          frac = floor_mean / floor.simpson(*steps)
+          cells.append(f"{frac:5.3f}")
+          records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
+                              fraction=frac, prefix_block=str(pb), suffix_block=str(sb)))
+          print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
+                f"{floor_mean * 1e6:.0f} us mean)", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+          cells.append("  error")
+          print(f"  [{i}] {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      print(f"{str(cfg):>26} " + " ".join(f"{c:>13}" for c in cells), flush=True)
+  print(f"[sweep] steps took {time.time() - t0:.0f} s", flush=True)
+  if "prefix" in parts:
+    for i in [c for c in configs if c in (4, 8)]:
+      cfg = SEED[i]
+      b, p, out, hq, hkv = cfg
+      q, pk, pv, _, _ = inputs(i)
+      flops = 4 * D * hq * b * p
+      for bm, bk, w, st in PREFIX_TILES:
+        for splits in (1, 2):
+          blk = BlockConfig(bm, bk, splits, w, st)
+          fn = lambda q, k, v, blk=blk: ops.run(q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32),
+                                                               max_group=None, causal=False, block=blk)],
+                                                scale=D**-0.5, interpret=False)
+          try:
+            t = timing.time_fn(fn, (q, pk, pv), **TIMING).median_s
+            records.append(dict(kind="prefix", config=cfg, block=str(blk), step_s=t))
+            print(f"  prefix [{i}] {bm}x{bk} w{w} st{st} sp{splits}: {t * 1e6:7.1f} us {flops / t / 1e12:6.1f} "
+                  f"TFLOP/s ({flops / t / rates['matmul_flops_per_s']:.2f} of matmul)", flush=True)
+          except Exception as e:  # noqa: BLE001
+            print(f"  prefix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+  print(f"[sweep] prefix done at {time.time() - t0:.0f} s", flush=True)
+  if "suffix" in parts:
+    for i in [c for c in configs if c in (0, 8)]:
+      cfg = SEED[i]
+      b, p, out, hq, hkv = cfg
+      q, _, _, sk, sv = inputs(i)
+      for heads, bk, w, st in SUFFIX_TILES:
+        over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
+        blk = blocks(cfg, "suffix", over)
+        fn = lambda q, k, v, lengths, blk=blk: ops.run(q, [ops.per_sequence(
+            q, k, v, lengths, jnp.arange(b), causal=True, block=blk)], scale=D**-0.5, interpret=False)
+        try:
+          compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
+          for s in (1, out // 2, out):
+            t = timing.time_compiled(compiled, (q, sk, sv, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
+            records.append(dict(kind="suffix", config=cfg, s=s, block=str(blk), step_s=t))
+            print(f"  suffix [{i}] s={s} {blk}: {t * 1e6:7.1f} us "
+                  f"{2 * b * s * hkv * D * 2 / t / rates['bandwidth_bytes_per_s']:.2f} of bandwidth", flush=True)
+        except Exception as e:  # noqa: BLE001
+          print(f"  suffix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+  print(f"[sweep] done at {time.time() - t0:.0f} s", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      for r in records:
+        f.write(json.dumps(r, default=str) + "\n")
+
+
+if __name__ == "__main__":
+  main()
