@@ -32,20 +32,24 @@ D = 128
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 
 # A step variant: launch schedule, and tiling overrides (None: the heuristic) as BlockConfig field dicts.
+P64 = dict(block_m=64, num_warps=4, num_stages=3)  # 64-row prefix tiles: as light as a suffix tile
 VARIANTS = {
     "old": dict(launch="fused", suffix=dict(heads=1)),
     "fused": dict(launch="fused"),
     "separate": dict(launch="separate"),
-    "interleaved": dict(launch="interleaved"),
-    "sep_sk128": dict(launch="separate", suffix=dict(block_k=128, num_stages=2)),
-    "sep_p128k128": dict(launch="separate", prefix=dict(block_k=128, num_stages=2)),
-    "int_p64": dict(launch="interleaved", prefix=dict(block_m=64, num_warps=4, num_stages=2),
-                    suffix=dict(num_stages=2)),
-    "int_p64s3": dict(launch="interleaved", prefix=dict(block_m=64, num_warps=4, num_stages=3)),
+    "fused_p64s3": dict(launch="fused", prefix=P64),
+    "int_p64s3": dict(launch="interleaved", prefix=P64),
+    "int_p64s4": dict(launch="interleaved", prefix={**P64, "num_stages": 4}),
+    "int_p64k32s4": dict(launch="interleaved", prefix={**P64, "block_k": 32, "num_stages": 4}),
+    "int_p64s3_sk32": dict(launch="interleaved", prefix=P64, suffix=dict(block_k=32)),
+    "int_p64s3_sp1": dict(launch="interleaved", prefix={**P64, "splits": 1}),
+    "int_p64s3_ssp": dict(launch="interleaved", prefix=P64, suffix="half_splits"),
+    "int_p64s3_ssp2": dict(launch="interleaved", prefix=P64, suffix="double_splits"),
+    "int_p128w8s3": dict(launch="interleaved", prefix=dict(block_m=128, num_warps=8, num_stages=3)),
 }
 
-PREFIX_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 4), (128, 64, 4, 3),
-                (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 4, 2)]
+PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
+                (64, 64, 8, 3)]
 SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0, 128, 8, 2), (0, 32, 4, 3),
                 (0, 64, 4, 4)]  # heads (0: heuristic), block_k, warps, stages
 
@@ -55,6 +59,10 @@ def blocks(cfg, which: str, overrides: dict | None) -> BlockConfig:
   g = hq // hkv
   base = (ops.choose_block(b * g, b * g, 1, hkv, p, D) if which == "prefix"
           else ops.choose_block(g, b * g, b, hkv, out, D))
+  if overrides == "half_splits":
+    overrides = dict(splits=max(1, base.splits // 2))
+  elif overrides == "double_splits":
+    overrides = dict(splits=2 * base.splits)
   return dataclasses.replace(base, **(overrides or {}))
 
 
