@@ -62,7 +62,7 @@ def _reference_level(q, level: Level, *, causal: bool, batched: bool, scale: flo
   return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
 
 
-def _kernel_plan(q, level: Level, *, causal: bool, batched: bool):
+def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch: bool):
   """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index)."""
   k, v, lengths = level.k, level.v, level.lengths
   offset = 0
@@ -72,8 +72,9 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool):
   nodes = jnp.arange(q.shape[0], dtype=jnp.int32) if level.seq_to_node is None else level.seq_to_node
   if batched:
     return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
-                              causal=causal)
-  return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal)
+                              causal=causal, shared_launch=shared_launch)
+  return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal,
+                                 shared_launch=shared_launch)
 
 
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
@@ -82,7 +83,8 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   if backend == "xla":
     return [_reference_level(q, level, causal=c, batched=b, scale=scale)
             for level, c, b in zip(levels, causal, batched)]
-  plans = [_kernel_plan(q, level, causal=c, batched=b) for level, c, b in zip(levels, causal, batched)]
+  plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
+           for level, c, b in zip(levels, causal, batched)]
   parts = pallas_ops.run(q, plans, scale=scale, interpret=backend == "interpret")
   return parts or [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
 

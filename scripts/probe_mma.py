@@ -26,8 +26,10 @@ for blk in (BlockConfig(64, 64, 1, 4, 3), BlockConfig(128, 128, 1, 8, 3)):
                                         scale=d**-0.5, interpret=False)
   jax.jit(fn).lower(q, k, k).compile()
 dump = pathlib.Path(sys.argv[1])
-for f in sorted(dump.rglob("*")):
-  if f.is_file() and f.suffix in (".ptx", ".ll", ".txt", ".mlir"):
+files = [f for f in sorted(dump.rglob("*")) if f.is_file()]
+print(f"{len(files)} dumped files; suffixes: {sorted({f.suffix for f in files})}")
+for f in files:
+  if f.stat().st_size < 200_000_000:
     text = f.read_text(errors="ignore")
     counts = {name: len(re.findall(pattern, text)) for name, pattern in
               [("wgmma", r"wgmma\.mma_async"), ("mma.sync", r"mma\.sync"), ("cp.async", r"cp\.async\.(?:cg|ca)"),

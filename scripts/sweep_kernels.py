@@ -32,20 +32,14 @@ D = 128
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 
 # A step variant: launch schedule, and tiling overrides (None: the heuristic) as BlockConfig field dicts.
-P64 = dict(block_m=64, num_warps=4, num_stages=3)  # 64-row prefix tiles: as light as a suffix tile
 VARIANTS = {
-    "old": dict(launch="fused", suffix=dict(heads=1)),
-    "fused": dict(launch="fused"),
-    "separate": dict(launch="separate"),
-    "fused_p64s3": dict(launch="fused", prefix=P64),
-    "int_p64s3": dict(launch="interleaved", prefix=P64),
-    "int_p64s4": dict(launch="interleaved", prefix={**P64, "num_stages": 4}),
-    "int_p64k32s4": dict(launch="interleaved", prefix={**P64, "block_k": 32, "num_stages": 4}),
-    "int_p64s3_sk32": dict(launch="interleaved", prefix=P64, suffix=dict(block_k=32)),
-    "int_p64s3_sp1": dict(launch="interleaved", prefix={**P64, "splits": 1}),
-    "int_p64s3_ssp": dict(launch="interleaved", prefix=P64, suffix="half_splits"),
-    "int_p64s3_ssp2": dict(launch="interleaved", prefix=P64, suffix="double_splits"),
-    "int_p128w8s3": dict(launch="interleaved", prefix=dict(block_m=128, num_warps=8, num_stages=3)),
+    "auto": dict(launch="interleaved"),
+    "auto_fused": dict(launch="fused"),
+    "auto_separate": dict(launch="separate"),
+    "auto_mk1024": dict(launch="interleaved", max_keys=1024),
+    "auto_mk4096": dict(launch="interleaved", max_keys=4096),
+    "auto_sheads2x": dict(launch="interleaved", suffix="double_heads"),
+    "auto_ssp2x": dict(launch="interleaved", suffix="double_splits"),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
@@ -58,11 +52,13 @@ def blocks(cfg, which: str, overrides: dict | None) -> BlockConfig:
   b, p, out, hq, hkv = cfg
   g = hq // hkv
   base = (ops.choose_block(b * g, b * g, 1, hkv, p, D) if which == "prefix"
-          else ops.choose_block(g, b * g, b, hkv, out, D))
+          else ops.choose_block(g, b * g, b, hkv, out, D))  # (both share the launch)
   if overrides == "half_splits":
     overrides = dict(splits=max(1, base.splits // 2))
   elif overrides == "double_splits":
     overrides = dict(splits=2 * base.splits)
+  elif overrides == "double_heads":
+    overrides = dict(heads=2 * base.heads, block_m=2 * base.block_m, block_k=2 * base.block_k)
   return dataclasses.replace(base, **(overrides or {}))
 
 
@@ -78,7 +74,12 @@ def inputs(i):
 
 def step_fn(cfg, variant):
   b, p = cfg[:2]
-  pb, sb = blocks(cfg, "prefix", variant.get("prefix")), blocks(cfg, "suffix", variant.get("suffix"))
+  saved = ops.MAX_KEYS_PER_PROGRAM
+  ops.MAX_KEYS_PER_PROGRAM = variant.get("max_keys", saved)
+  try:
+    pb, sb = blocks(cfg, "prefix", variant.get("prefix")), blocks(cfg, "suffix", variant.get("suffix"))
+  finally:
+    ops.MAX_KEYS_PER_PROGRAM = saved
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,

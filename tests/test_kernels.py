@@ -73,13 +73,28 @@ def test_head_dim_not_a_power_of_two(kernel_backend):
                               **tol(jnp.float32))
 
 
-def test_choose_block_splits_keys_when_few_programs():
+def test_choose_block_splits_keys_when_few_programs_or_many_keys():
   few = ops.choose_block(max_rows=4, total_rows=4 * 8, num_groups=8, num_heads=2, num_keys=8192, head_dim=128)
-  many = ops.choose_block(max_rows=4, total_rows=4 * 4096, num_groups=4096, num_heads=8, num_keys=8192,
+  many = ops.choose_block(max_rows=4, total_rows=4 * 4096, num_groups=4096, num_heads=8, num_keys=2048,
+                          head_dim=128)
+  long = ops.choose_block(max_rows=4, total_rows=4 * 4096, num_groups=4096, num_heads=8, num_keys=8192,
                           head_dim=128)
   assert few.splits > 1 and many.splits == 1
+  assert 8192 / long.splits <= ops.MAX_KEYS_PER_PROGRAM
   wide = ops.choose_block(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=512, head_dim=256)
   assert wide.block_m == 64 and all(x & (x - 1) == 0 for x in (wide.block_m, wide.block_k, wide.splits))
+
+
+def test_choose_block_light_tiles_when_levels_share_the_launch():
+  """A level alone takes 128-row tiles with 8 warps; beside other levels, 64-row tiles with 4 warps (two
+  programs per SM), and float32 never gets the 128-key blocks that only fit shared memory in 16 bits."""
+  kw = dict(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=4096, head_dim=128)
+  alone = ops.choose_block(**kw, shared_launch=False)
+  shared = ops.choose_block(**kw, shared_launch=True)
+  alone32 = ops.choose_block(**kw, shared_launch=False, itemsize=4)
+  assert (alone.block_m, alone.num_warps, alone.block_k) == (128, 8, 128)
+  assert (shared.block_m, shared.num_warps) == (64, 4)
+  assert alone32.block_k == 64
 
 
 def test_levels_with_different_tilings_share_one_launch(kernel_backend):

@@ -134,7 +134,8 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
     # c % heads; contiguous in the [S, Hkv, D] layout).
     step_keys = block.block_k // heads
-    split_len = pl.cdiv(pl.cdiv(k_ref.shape[1], block.splits), step_keys) * step_keys
+    # Splits share the group's actual keys (not the capacity), so a short suffix still spreads over all of them.
+    split_len = pl.cdiv(pl.cdiv(length, block.splits), step_keys) * step_keys
     lo = sp * split_len
     hi = jnp.minimum(lo + split_len, length)
     # Causal: a row of token t is key (length - T + t) of its sequence; it sees keys up to that one.

@@ -28,26 +28,39 @@ def _num_cores() -> int:
   return int(getattr(device, "core_count", 0) or 132)  # 132 SMs: H100 SXM
 
 
-def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
-                 head_dim: int) -> BlockConfig:
-  """Tiling heuristic: big row blocks for the tensor cores, key splits until the GPU has ~2 programs per SM.
+# A program streams at most this many keys: longer ranges are split over programs, which balances the grid's tail
+# (the prefix programs are its long pole) at the price of float32 partials merged by lse.
+MAX_KEYS_PER_PROGRAM = 2048
 
-  max_rows: rows of the largest group for one KV head; total_rows: rows of all groups together (one KV head).
-  With fewer than 16 rows per KV head (decode), a program packs the rows of several KV heads (`heads`).
+
+def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
+                 head_dim: int, *, shared_launch: bool = True, itemsize: int = 2) -> BlockConfig:
+  """Tiling heuristic, from the sweeps on the H100 (experiments/PERF_NOTES.md).
+
+  max_rows: rows of the largest group for one KV head; total_rows: rows of all groups together (one KV head);
+  shared_launch: other levels run in the same launch; itemsize: bytes per element of q, k, v.
+
+  * Rows: with fewer than 16 rows per KV head (decode), a program packs the rows of several KV heads (`heads`).
+  * A level alone gets 128-row tiles with 8 warps (the fastest prefix product). Levels that share a launch get
+    tiles of at most 64 rows, 4 warps, 3 stages, so that a compute-bound prefix program and memory-bound suffix
+    programs fit on one SM together and overlap.
+  * Splits: until the level alone has a program per SM, and at most MAX_KEYS_PER_PROGRAM keys per program.
   """
   wide = head_dim > 128
   heads = 1
   while num_heads % (2 * heads) == 0 and 2 * heads * max_rows <= 16:
     heads *= 2
-  block_m = min(max(16, pl.next_power_of_2(max_rows * heads)), 64 if wide else 128)
-  # 64-key blocks (32 for D=256: shared memory), 3 stages in flight; 8 warps for 128-row tensor-core tiles.
-  # From the block sweep on the H100 (experiments/PERF_NOTES.md); 256-key blocks overflow shared memory.
-  block_k, num_warps, num_stages = (32 if wide else 64), (8 if block_m == 128 else 4), 3
+  biggest = 64 if wide or shared_launch else 128
+  block_m = min(max(16, pl.next_power_of_2(max_rows * heads)), biggest)
+  # 64-key blocks (32 for D=256: shared memory); a lone 128-row 16-bit level takes 128-key blocks.
+  block_k = 32 if wide else (128 if block_m == 128 and itemsize <= 2 else 64)
+  num_warps, num_stages = (8, 3) if block_m == 128 else (4, 3)
   block_k = min(block_k, max(16, pl.next_power_of_2(num_keys * heads)))
   step_keys = max(1, block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))  # programs with rows
   splits = 1
-  while programs * splits < 2 * _num_cores() and num_keys >= 2 * splits * 4 * step_keys:
+  while ((programs * splits < _num_cores() or num_keys > splits * MAX_KEYS_PER_PROGRAM)
+         and num_keys >= 2 * splits * 4 * step_keys):
     splits *= 2
   return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages,
                      heads=heads)
@@ -62,7 +75,7 @@ def _check_block(block: BlockConfig, num_heads: int) -> BlockConfig:
 
 def per_sequence(
     q: Array, k: Array, v: Array, lengths: Array, kv_index: Array, *, causal: bool,
-    block: BlockConfig | None = None,
+    block: BlockConfig | None = None, shared_launch: bool = True,
 ) -> Plan | None:
   """Each sequence b attends to KV row kv_index[b] with lengths[b] valid keys.
 
@@ -74,7 +87,8 @@ def per_sequence(
     return None
   rows = t * (hq // hkv)
   seqs = jnp.arange(b, dtype=jnp.int32)
-  block = _check_block(block or choose_block(rows, b * rows, b, hkv, s, d), hkv)
+  block = _check_block(block or choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch,
+                                                          itemsize=k.dtype.itemsize), hkv)
   rows *= block.heads
   return (LevelSpec(block, rows, causal),
           LevelWork(k, v, seqs, seqs, jnp.full((b,), rows, jnp.int32), kv_index.astype(jnp.int32),
@@ -83,7 +97,7 @@ def per_sequence(
 
 def batched(
     q: Array, k: Array, v: Array, lengths: Array, seq_to_node: Array, *, node_offset: Array | int = 0,
-    max_group: int | None, causal: bool, block: BlockConfig | None = None,
+    max_group: int | None, causal: bool, block: BlockConfig | None = None, shared_launch: bool = True,
 ) -> Plan | None:
   """Inter-sequence batching: the queries of all sequences that read node n form one row matrix per KV head.
 
@@ -102,7 +116,8 @@ def batched(
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
   rows = t * (hq // hkv)
   max_rows = rows * (b if max_group is None else min(max_group, b))
-  block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d), hkv)
+  block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch,
+                                                          itemsize=k.dtype.itemsize), hkv)
   nodes = jnp.arange(n, dtype=jnp.int32)
   return (LevelSpec(block, max_rows * block.heads, causal),
           LevelWork(k, v, order, jnp.cumsum(counts) - counts, counts * rows * block.heads, node_offset + nodes,
@@ -113,12 +128,13 @@ LAUNCHES = ("fused", "interleaved", "separate")
 
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
-        launch: str = "fused") -> list[tuple[Array, Array]]:
+        launch: str = "interleaved") -> list[tuple[Array, Array]]:
   """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
   levels give none).
 
-  launch: "fused" (one launch, the levels' programs in order), "interleaved" (one launch, their programs mixed
-  over the grid) or "separate" (one launch per level, each with its own warps and stages).
+  launch: "interleaved" (one launch, the levels' programs mixed over the grid so that compute-bound prefix
+  programs and memory-bound suffix programs share the SMs: the fastest on the H100 sweeps), "fused" (one launch,
+  the levels' programs in order) or "separate" (one launch per level, each with its own warps and stages).
   """
   if launch not in LAUNCHES:
     raise ValueError(f"launch={launch!r}; expected one of {LAUNCHES}.")
