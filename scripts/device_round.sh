@@ -14,6 +14,10 @@ fi
 timeout "${SWEEP_LIMIT:-400}" python3 scripts/sweep_kernels.py --out "$OUT/sweep.jsonl" "$@" 2>&1 | tee "$OUT/sweep.log" \
   | grep -v "^  \[" | tail -40
 if [[ -n "${PROBE:-}" ]]; then
-  rm -rf /tmp/dump; XLA_FLAGS=--xla_dump_to=/tmp/dump timeout 120 python3 scripts/probe_mma.py /tmp/dump 2>&1 \
+  rm -rf /tmp/dump; XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_gpu_dump_llvmir=true" timeout 120 python3 scripts/probe_mma.py /tmp/dump 2>&1 \
     | tail -20 | tee "$OUT/probe.log"
+fi
+if [[ -n "${PROFILE:-}" ]]; then
+  timeout 150 python3 scripts/profile_step.py --configs "$PROFILE" 2>&1 | grep -v "^WARNING\|^I0000\|^E0000" \
+    | tee "$OUT/profile.log"
 fi

@@ -33,13 +33,12 @@ TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 
 # A step variant: launch schedule, and tiling overrides (None: the heuristic) as BlockConfig field dicts.
 VARIANTS = {
-    "auto": dict(launch="interleaved"),
-    "auto_fused": dict(launch="fused"),
-    "auto_separate": dict(launch="separate"),
-    "auto_mk1024": dict(launch="interleaved", max_keys=1024),
-    "auto_mk4096": dict(launch="interleaved", max_keys=4096),
-    "auto_sheads2x": dict(launch="interleaved", suffix="double_heads"),
-    "auto_ssp2x": dict(launch="interleaved", suffix="double_splits"),
+    "auto": dict(launch="auto"),
+    "interleaved": dict(launch="interleaved"),
+    "fused": dict(launch="fused"),
+    "auto_mk1024": dict(launch="auto", max_keys=1024),
+    "auto_sheads8": dict(launch="auto", suffix=dict(heads=8)),
+    "auto_sk128": dict(launch="auto", suffix=dict(block_k=128, num_stages=2)),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),

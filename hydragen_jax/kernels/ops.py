@@ -28,9 +28,11 @@ def _num_cores() -> int:
   return int(getattr(device, "core_count", 0) or 132)  # 132 SMs: H100 SXM
 
 
-# A program streams at most this many keys: longer ranges are split over programs, which balances the grid's tail
-# (the prefix programs are its long pole) at the price of float32 partials merged by lse.
+# A program streams at most MAX_KEYS_PER_PROGRAM keys, and at most BALANCED_KEYS unless its level has 4 programs
+# per SM: longer ranges are split over programs, which balances the grid's tail (the prefix programs are its long
+# pole) at the price of float32 partials merged by lse.
 MAX_KEYS_PER_PROGRAM = 2048
+BALANCED_KEYS = 1024
 
 
 def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
@@ -44,7 +46,8 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   * A level alone gets 128-row tiles with 8 warps (the fastest prefix product). Levels that share a launch get
     tiles of at most 64 rows, 4 warps, 3 stages, so that a compute-bound prefix program and memory-bound suffix
     programs fit on one SM together and overlap.
-  * Splits: until the level alone has a program per SM, and at most MAX_KEYS_PER_PROGRAM keys per program.
+  * Splits: until the level alone has a program per SM, and at most MAX_KEYS_PER_PROGRAM keys per program
+    (BALANCED_KEYS while the level has fewer than 4 programs per SM).
   """
   wide = head_dim > 128
   heads = 1
@@ -58,9 +61,15 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   block_k = min(block_k, max(16, pl.next_power_of_2(num_keys * heads)))
   step_keys = max(1, block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))  # programs with rows
+  cores = _num_cores()
+
+  def too_few_or_too_long(splits):
+    keys = num_keys / splits
+    return (programs * splits < cores or keys > MAX_KEYS_PER_PROGRAM
+            or (programs * splits < 4 * cores and keys > BALANCED_KEYS))
+
   splits = 1
-  while ((programs * splits < _num_cores() or num_keys > splits * MAX_KEYS_PER_PROGRAM)
-         and num_keys >= 2 * splits * 4 * step_keys):
+  while too_few_or_too_long(splits) and num_keys >= 2 * splits * 4 * step_keys:
     splits *= 2
   return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages,
                      heads=heads)
@@ -124,21 +133,27 @@ def batched(
                     lengths.astype(jnp.int32)))
 
 
-LAUNCHES = ("fused", "interleaved", "separate")
+LAUNCHES = ("auto", "fused", "interleaved", "separate")
+# "auto" interleaves when a level has at least this many query rows per KV head in one group: its product is
+# compute-bound (B·g rows against each KV element), so it overlaps with the memory-bound levels.
+INTERLEAVE_ROWS = 512
 
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
-        launch: str = "interleaved") -> list[tuple[Array, Array]]:
+        launch: str = "auto") -> list[tuple[Array, Array]]:
   """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
   levels give none).
 
   launch: "interleaved" (one launch, the levels' programs mixed over the grid so that compute-bound prefix
-  programs and memory-bound suffix programs share the SMs: the fastest on the H100 sweeps), "fused" (one launch,
-  the levels' programs in order) or "separate" (one launch per level, each with its own warps and stages).
+  programs and memory-bound suffix programs share the SMs), "fused" (one launch, the levels' programs in order),
+  "separate" (one launch per level, each with its own warps and stages), or "auto": interleaved when a level
+  is compute-bound (INTERLEAVE_ROWS), else fused; the fastest on the H100 sweeps (experiments/PERF_NOTES.md).
   """
   if launch not in LAUNCHES:
     raise ValueError(f"launch={launch!r}; expected one of {LAUNCHES}.")
   plans = [plan for plan in plans if plan is not None]
+  if launch == "auto":
+    launch = "interleaved" if any(spec.max_rows >= INTERLEAVE_ROWS for spec, _ in plans) else "fused"
   groups = [plans] if launch != "separate" else [[plan] for plan in plans]
   parts = []
   for group in groups:

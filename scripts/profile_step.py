@@ -1,0 +1,63 @@
+"""Where a Hydragen decode step spends its GPU time (development tool): kernel-by-kernel durations from a profile.
+
+Runs `hydragen_attention` (the public API, default heuristics) for some seed configs at s = 1, out/2, out under
+`jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData`, and prints, per step, the time of each
+GPU kernel (averaged over the traced steps) next to the wall time per step.
+Usage: python scripts/profile_step.py [--configs 0,1,7] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+import hydragen_jax as hj
+from scripts.sweep_kernels import SEED, inputs
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--configs", default="0,1,7")
+  parser.add_argument("--steps", type=int, default=20)
+  args = parser.parse_args()
+  for i in map(int, args.configs.split(",")):
+    b, p, out, hq, hkv = SEED[i]
+    q, pk, pv, sk, sv = inputs(i)
+    step = jax.jit(lambda q, pk, pv, sk, sv, n: hj.hydragen_attention(q, pk[0], pv[0], sk, sv, suffix_lengths=n,
+                                                                      backend="pallas"))
+    for s in (1, out // 2, out):
+      n = jnp.full((b,), s, jnp.int32)
+      jax.block_until_ready(step(q, pk, pv, sk, sv, n))
+      jax.block_until_ready(step(q, pk, pv, sk, sv, n))
+      with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+          start = time.perf_counter()
+          for _ in range(args.steps):
+            o = step(q, pk, pv, sk, sv, n)
+          jax.block_until_ready(o)
+          wall = (time.perf_counter() - start) / args.steps
+        total = collections.Counter()
+        for f in pathlib.Path(tmp).rglob("*.xplane.pb"):
+          data = jax.profiler.ProfileData.from_file(str(f))
+          for plane in data.planes:
+            if not plane.name.startswith("/device:GPU"):
+              continue
+            for line in plane.lines:
+              if "stream" not in line.name.lower():
+                continue
+              for event in line.events:
+                total[event.name[:70]] += event.duration_ns
+      kernels = sum(total.values()) / args.steps / 1e3
+      print(f"[{i}] {SEED[i]} s={s}: wall {wall * 1e6:.1f} us/step, GPU kernels {kernels:.1f} us/step", flush=True)
+      for name, ns in total.most_common(8):
+        print(f"      {ns / args.steps / 1e3:8.1f} us  {name}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
