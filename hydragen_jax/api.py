@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hydragen_jax import reference
 from hydragen_jax import validation as check
@@ -69,11 +70,13 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
   if level.layer is not None:  # view [layers, N, ...] as rows [layers·N, ...]: free, no copy
     offset = level.layer * k.shape[1]
     k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))
-  nodes = jnp.arange(q.shape[0], dtype=jnp.int32) if level.seq_to_node is None else level.seq_to_node
+  # Static index vectors are numpy constants: no device work per step (an iota or a gather would be a kernel).
+  identity = level.seq_to_node is None
+  nodes = np.arange(q.shape[0], dtype=np.int32) if identity else level.seq_to_node
   if batched:
     return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
                               causal=causal, shared_launch=shared_launch)
-  return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal,
+  return pallas_ops.per_sequence(q, k, v, lengths if identity else lengths[nodes], offset + nodes, causal=causal,
                                  shared_launch=shared_launch)
 
 
@@ -232,7 +235,7 @@ def hydragen_attention(
     raise ValueError(f"batch of suffix_k {suffix_k.shape} differs from batch of q {q.shape}.")
   prefix = Level(prefix_k[None], prefix_v[None],
                  check.scalar_length("prefix_length", prefix_length, prefix_k.shape[0]),
-                 jnp.zeros((suffix_k.shape[0],), jnp.int32))
+                 np.zeros((suffix_k.shape[0],), np.int32))
   suffix = Level(suffix_k, suffix_v,
                  check.lengths_or_full("suffix_lengths", suffix_lengths, suffix_k.shape[0], suffix_k.shape[1]))
   return tree_attention(q, [prefix, suffix], scale=scale, backend=backend, batch_shared=batch_prefix)

@@ -72,7 +72,7 @@ def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array, np.ndar
 def lengths_or_full(name: str, lengths, count: int, capacity: int) -> jax.Array:
   """Validates `lengths` `[count]` of valid keys (<= capacity); None means all `capacity` keys are valid."""
   if lengths is None:
-    return jnp.full((count,), capacity, jnp.int32)
+    return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")
   if value is not None and (value.min() < 0 or value.max() > capacity):
     raise ValueError(f"{name} must lie in [0, {capacity}] (the KV capacity); got min {value.min()}, "
@@ -83,7 +83,7 @@ def lengths_or_full(name: str, lengths, count: int, capacity: int) -> jax.Array:
 def scalar_length(name: str, length, capacity: int) -> jax.Array:
   """A single valid-key count (or None: all `capacity` keys)."""
   if length is None:
-    return jnp.full((1,), capacity, jnp.int32)
+    return np.full((1,), capacity, np.int32)
   if jnp.ndim(length) != 0:
     raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(length)}.")
   return lengths_or_full(name, jnp.reshape(length, (1,)), 1, capacity)

@@ -37,6 +37,7 @@ VARIANTS = {
     "interleaved": dict(launch="interleaved"),
     "fused": dict(launch="fused"),
     "auto_mk1024": dict(launch="auto", max_keys=1024),
+    "auto_bal2048": dict(launch="auto", balanced_keys=2048),
     "auto_sheads8": dict(launch="auto", suffix=dict(heads=8)),
     "auto_sk128": dict(launch="auto", suffix=dict(block_k=128, num_stages=2)),
 }
@@ -73,12 +74,13 @@ def inputs(i):
 
 def step_fn(cfg, variant):
   b, p = cfg[:2]
-  saved = ops.MAX_KEYS_PER_PROGRAM
-  ops.MAX_KEYS_PER_PROGRAM = variant.get("max_keys", saved)
+  saved = ops.MAX_KEYS_PER_PROGRAM, ops.BALANCED_KEYS
+  ops.MAX_KEYS_PER_PROGRAM = variant.get("max_keys", saved[0])
+  ops.BALANCED_KEYS = min(variant.get("balanced_keys", saved[1]), ops.MAX_KEYS_PER_PROGRAM)
   try:
     pb, sb = blocks(cfg, "prefix", variant.get("prefix")), blocks(cfg, "suffix", variant.get("suffix"))
   finally:
-    ops.MAX_KEYS_PER_PROGRAM = saved
+    ops.MAX_KEYS_PER_PROGRAM, ops.BALANCED_KEYS = saved
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,

@@ -6,21 +6,22 @@ One kernel body serves both halves of Hydragen:
 * shared (prefix) levels: every query of every sequence that reads a shared node, times the GQA group, times the
   query tokens, is a row of one matrix; a program takes `block_m` of those rows and streams the node's KV through
   the tensor cores, so each KV block is read once for `block_m` rows (inter-sequence batching);
-* the per-sequence (suffix) level: a group is one sequence's T·g rows (the GQA heads of one KV head together),
-  and long keys are split over programs.
+* the per-sequence (suffix) level: a group is one sequence's T·g rows (the GQA heads of one KV head together;
+  with few rows, those of several KV heads: `BlockConfig.heads`), and long keys are split over programs.
 
-All levels of a step go into one launch: the grid is one axis whose first programs do the first level's work,
-the next ones the second level's, and so on. The compute-bound prefix programs and the memory-bound suffix
-programs then run side by side on the GPU instead of one after the other.
+All levels of a step go into one launch on a 1-D grid. Interleaved (`_schedule`), each stretch of the grid mixes
+the levels' programs, so the compute-bound prefix programs and the memory-bound suffix programs share the SMs and
+overlap; in order, the first programs do the first level's work, the next ones the second level's, and so on.
 
 Layout. Queries and outputs stay in their natural layout `[B, T, Hq, D]`, seen as rows `[B·T·Hq, D]`; no
-transposes. In a level, group p takes the sequences order[seq_start[p]:] (row_count[p] = their number × T·g rows,
-ordered (sequence, token t, head-in-group j)) and reads KV row kv_index[p] of the caches `k, v [R, S, Hkv, D]` (in
-place, no copy) up to kv_length[p] keys. For KV head h, local row r is the query row ((seq·T + t)·Hq + h·g + j)
-with seq = order[seq_start + r // (T·g)], t = (r // g) % T, j = r % g: the kernel gathers and scatters those rows
-itself. A level's programs are (group, KV head, key split, row block). Each streams its key range in blocks of
-`block_k` with the online softmax; a row sees no key past its length (nor, if causal, past its own position) and
-an empty row gives out = 0, lse = -inf. With `splits > 1` each split writes float32 partials, merged by lse.
+transposes. In a level, group p takes the sequences order[seq_start[p]:] (row_count[p] = their number × T·heads·g
+rows, ordered (sequence, token t, KV head i of the block, head j of the GQA group)) and reads KV row kv_index[p] of the caches `k, v [R, S, Hkv, D]` (in
+place, no copy) up to kv_length[p] keys. For the block of `heads` KV heads starting at h0, local row r is the
+query row ((seq·T + t)·Hq + (h0 + i)·g + j) with seq = order[seq_start + r // (T·heads·g)] and (t, i, j) the
+digits of r % (T·heads·g): the kernel gathers and scatters those rows itself. A level's programs are (group, KV
+head block, key split, row block). Each streams its key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past its own position) and
+an empty row gives out = 0, lse = -inf. With `splits > 1` each split writes its normalised partial (in q's
+dtype) and its lse; `merge_states` combines them in float32.
 """
 
 from __future__ import annotations
@@ -268,8 +269,8 @@ def fused_levels(
     interleave: mix the levels' programs over the grid instead of running them level after level.
 
   Returns:
-    Per level: out `[splits, B, T, Hq, D]` (q dtype if splits == 1, else float32) and lse `[splits, B, T, Hq]`
-    float32. Query rows that belong to no group of a level are left unwritten in its outputs.
+    Per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own softmax sum, so a
+    16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]` float32. Query rows that belong to no group of a level are left unwritten in its outputs.
   """
   b, t, hq, d = q.shape
   hkv = works[0].k.shape[2]
@@ -280,8 +281,7 @@ def fused_levels(
   rows = b * t * hq
   out_shape = []
   for spec in specs:
-    dtype = q.dtype if spec.block.splits == 1 else jnp.float32
-    out_shape += [jax.ShapeDtypeStruct((spec.block.splits, rows, d), dtype),
+    out_shape += [jax.ShapeDtypeStruct((spec.block.splits, rows, d), q.dtype),
                   jax.ShapeDtypeStruct((spec.block.splits, rows), jnp.float32)]
   ints = [x.astype(jnp.int32) for w in works for x in (w.seq_start, w.row_count, w.kv_index, w.kv_length, w.order)]
   kvs = [x for w in works for x in (w.k, w.v)]

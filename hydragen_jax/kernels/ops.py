@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels
@@ -30,7 +31,7 @@ def _num_cores() -> int:
 
 # A program streams at most MAX_KEYS_PER_PROGRAM keys, and at most BALANCED_KEYS unless its level has 4 programs
 # per SM: longer ranges are split over programs, which balances the grid's tail (the prefix programs are its long
-# pole) at the price of float32 partials merged by lse.
+# pole) at the price of partial outputs merged by lse.
 MAX_KEYS_PER_PROGRAM = 2048
 BALANCED_KEYS = 1024
 
@@ -95,13 +96,12 @@ def per_sequence(
   if s == 0:
     return None
   rows = t * (hq // hkv)
-  seqs = jnp.arange(b, dtype=jnp.int32)
+  seqs = np.arange(b, dtype=np.int32)  # static index vectors are numpy constants: no kernels
   block = _check_block(block or choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch,
                                                           itemsize=k.dtype.itemsize), hkv)
   rows *= block.heads
   return (LevelSpec(block, rows, causal),
-          LevelWork(k, v, seqs, seqs, jnp.full((b,), rows, jnp.int32), kv_index.astype(jnp.int32),
-                    lengths.astype(jnp.int32)))
+          LevelWork(k, v, seqs, seqs, np.full((b,), rows, np.int32), kv_index, lengths))
 
 
 def batched(
@@ -119,7 +119,7 @@ def batched(
   if s == 0:
     return None
   if n == 1:  # one node read by every sequence
-    order, counts = jnp.arange(b, dtype=jnp.int32), jnp.full((1,), b, jnp.int32)
+    order, counts = np.arange(b, dtype=np.int32), np.full((1,), b, np.int32)
   else:  # the kernel visits the sequences node by node
     order = jnp.argsort(seq_to_node, stable=True).astype(jnp.int32)
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
@@ -127,9 +127,10 @@ def batched(
   max_rows = rows * (b if max_group is None else min(max_group, b))
   block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch,
                                                           itemsize=k.dtype.itemsize), hkv)
-  nodes = jnp.arange(n, dtype=jnp.int32)
+  nodes = np.arange(n, dtype=np.int32)
   return (LevelSpec(block, max_rows * block.heads, causal),
-          LevelWork(k, v, order, jnp.cumsum(counts) - counts, counts * rows * block.heads, node_offset + nodes,
+          LevelWork(k, v, order, np.cumsum(counts) - counts if n == 1 else jnp.cumsum(counts) - counts,
+                    counts * rows * block.heads, node_offset + nodes,
                     lengths.astype(jnp.int32)))
 
 
