@@ -76,7 +76,9 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
   if batched:
     return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
                               causal=causal, shared_launch=shared_launch)
-  return pallas_ops.per_sequence(q, k, v, lengths if identity else lengths[nodes], offset + nodes, causal=causal,
+  if identity:
+    return pallas_ops.per_sequence(q, k, v, lengths, kv_offset=offset, causal=causal, shared_launch=shared_launch)
+  return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal,
                                  shared_launch=shared_launch)
 
 

@@ -15,6 +15,7 @@ head i // g with g = Hq // Hkv (multi-head, grouped-query and multi-query attent
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -109,13 +110,15 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   """
   if not states:
     raise ValueError("merge_states: `states` is empty; expected at least one (out, lse) pair.")
-  lses = jnp.stack([jnp.asarray(lse, jnp.float32) for _, lse in states])
-  outs = jnp.stack([jnp.asarray(out, jnp.float32) for out, _ in states])
-  top = jnp.max(lses, axis=0)
+  # o = Σ_i o_i·e^{lse_i} / Σ_i e^{lse_i}, shifted by the largest lse for range. Written part by part (no stacking),
+  # so that XLA fuses the whole merge into one elementwise pass.
+  lses = [jnp.asarray(lse, jnp.float32) for _, lse in states]
+  top = functools.reduce(jnp.maximum, lses)
   top = jnp.where(jnp.isfinite(top), top, 0.0)  # all parts empty: any finite shift works
-  weights = jnp.exp(lses - top)  # exp(-inf) = 0 for empty parts
-  total = jnp.sum(weights, axis=0)
+  weights = [jnp.exp(lse - top) for lse in lses]  # exp(-inf) = 0 for empty parts
+  total = sum(weights[1:], weights[0])
   safe_total = jnp.where(total > 0, total, 1.0)
-  out = jnp.sum(outs * (weights / safe_total)[..., None], axis=0)
+  out = sum((jnp.asarray(o, jnp.float32) * (w / safe_total)[..., None] for (o, _), w in zip(states, weights)),
+            jnp.zeros((), jnp.float32))
   lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
   return out.astype(states[0][0].dtype), lse

@@ -85,7 +85,7 @@ def step_fn(cfg, variant):
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
                          block=pb),
-             ops.per_sequence(q, sk, sv, lengths, jnp.arange(b), causal=True, block=sb)]
+             ops.per_sequence(q, sk, sv, lengths, causal=True, block=sb)]
     out, _ = merge_states(ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"]))
     return out.astype(q.dtype)
 
@@ -168,7 +168,7 @@ def main():
         over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
         blk = blocks(cfg, "suffix", over)
         fn = lambda q, k, v, lengths, blk=blk: ops.run(q, [ops.per_sequence(
-            q, k, v, lengths, jnp.arange(b), causal=True, block=blk)], scale=D**-0.5, interpret=False)
+            q, k, v, lengths, causal=True, block=blk)], scale=D**-0.5, interpret=False)
         try:
           compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
           for s in (1, out // 2, out):

@@ -32,13 +32,15 @@ def _block_id(b):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_per_sequence_tilings(kernel_backend, block, dtype):
+@pytest.mark.parametrize("direct", [False, True], ids=["indexed", "direct"])
+def test_per_sequence_tilings(kernel_backend, block, dtype, direct):
+  """Sequence b reads KV row b through index vectors (indexed) or by its program id alone (direct)."""
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   b, t, hq, hkv, d, s = 3, 3, 8, 2, 64, 75
   q = normal(keys[0], (b, t, hq, d), dtype)
   k, v = normal(keys[1], (b, s, hkv, d), dtype), normal(keys[2], (b, s, hkv, d), dtype)
   lengths = jnp.array([75, 33, 2])
-  plan = ops.per_sequence(q, k, v, lengths, jnp.arange(b), causal=True, block=block)
+  plan = ops.per_sequence(q, k, v, lengths, None if direct else jnp.arange(b), causal=True, block=block)
   out, lse = _run(q, plan, d**-0.5, kernel_backend)
   ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
   chex.assert_trees_all_close(out.astype(jnp.float32), ref_out, **tol(dtype))
@@ -130,8 +132,7 @@ def test_heads_packed_in_one_tile(kernel_backend, hq, hkv, t, heads, dtype):
   k, v = normal(keys[1], (b, s, hkv, d), dtype), normal(keys[2], (b, s, hkv, d), dtype)
   lengths = jnp.array([37, 0, 1, 20])
   block = BlockConfig(block_m=16, block_k=8 * heads, splits=2, heads=heads)
-  out, lse = _run(q, ops.per_sequence(q, k, v, lengths, jnp.arange(b), causal=True, block=block), d**-0.5,
-                  kernel_backend)
+  out, lse = _run(q, ops.per_sequence(q, k, v, lengths, causal=True, block=block), d**-0.5, kernel_backend)
   ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
   chex.assert_trees_all_close(out.astype(jnp.float32), ref_out, **tol(dtype))
   seen = jnp.isfinite(ref_lse)
@@ -178,3 +179,16 @@ def test_launch_schedules_agree(kernel_backend, launch):
 def test_unknown_launch_is_refused():
   with pytest.raises(ValueError, match="launch='streams'"):
     ops.run(jnp.zeros((1, 1, 2, 16)), [], scale=1.0, interpret=True, launch="streams")
+
+
+def test_direct_rows_start_at_kv_offset(kernel_backend):
+  """per_sequence without kv_index reads rows kv_offset + b of a larger cache (a layer of a stacked cache)."""
+  keys = jax.random.split(jax.random.PRNGKey(6), 3)
+  b, hq, hkv, d, s = 3, 4, 2, 64, 21
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  k, v = normal(keys[1], (3 * b, s, hkv, d), jnp.float32), normal(keys[2], (3 * b, s, hkv, d), jnp.float32)
+  lengths = jnp.array([21, 4, 0])
+  out, lse = _run(q, ops.per_sequence(q, k, v, lengths, kv_offset=jnp.int32(b), causal=True), 0.125, kernel_backend)
+  ref = reference.attention(q, k[b:2 * b], v[b:2 * b], lengths, causal=True, scale=0.125)
+  chex.assert_trees_all_close((out, jnp.where(jnp.isfinite(ref[1]), lse, 0)),
+                              (ref[0], jnp.where(jnp.isfinite(ref[1]), ref[1], 0)), **tol(jnp.float32))

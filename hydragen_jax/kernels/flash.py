@@ -69,11 +69,19 @@ class BlockConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LevelSpec:
-  """Static description of one level's work: tiling, rows bound and masking."""
+  """Static description of one level's work: tiling, rows bound and masking.
+
+  Two static shortcuts spare the kernel index loads (and the step the kernels that would build the index vectors):
+  identity_order: order[i] = i (the level's groups take the sequences in their natural order);
+  per_sequence: group p is sequence p alone, with max_rows rows, reading KV row kv_index[0] + p (then order,
+  seq_start and row_count are not read).
+  """
 
   block: BlockConfig
   max_rows: int  # bound on any group's row_count: sets the row blocks per group
   causal: bool
+  identity_order: bool = False
+  per_sequence: bool = False
 
 
 @jax.tree_util.register_dataclass
@@ -85,7 +93,8 @@ class LevelWork:
     k, v: `[R, S, Hkv, D]` KV rows, read in place.
     order: `[B]` the sequences, group by group.
     seq_start, row_count, kv_index, kv_length: `[G]` each: group p's first position in `order`, its rows
-      (sequences × T·g), its KV row and its valid keys.
+      (sequences × T·heads·g), its KV row and its valid keys. (With LevelSpec.per_sequence only kv_length is
+      `[G]`: kv_index is `[1]`, the KV row of group 0, and order, seq_start, row_count are unused.)
   """
 
   k: Array
@@ -104,7 +113,10 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
   seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
   block = spec.block
   heads = block.heads
-  row_count = row_count_ref[p]
+  if spec.per_sequence:
+    row_count, first_seq, node = spec.max_rows, p, kv_index_ref[0] + p
+  else:
+    row_count, first_seq, node = row_count_ref[p], seq_start_ref[p], kv_index_ref[p]
   first_local = mb * block.block_m
 
   @pl.when(first_local < row_count)
@@ -119,7 +131,9 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # KV head of the block, head j of its GQA group). Masked rows point one past the end, so that no store of
     # theirs can land on a real row (the interpreter's scatter drops out-of-bounds updates).
     per_seq = num_queries * heads * group
-    seq = plgpu.load(order_ref.at[seq_start_ref[p] + local // per_seq], mask=row_ok, other=0)
+    seq = first_seq + local // per_seq
+    if not spec.identity_order:
+      seq = plgpu.load(order_ref.at[seq], mask=row_ok, other=0)
     within = local % per_seq
     token = within // (heads * group)
     row_head = (within // group) % heads  # KV head of the row, within the block
@@ -130,7 +144,6 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # Logits in base 2, scale folded into q once: exp(x·scale) = 2^(x·scale·log2 e), so exp2 does the softmax.
     q = (q.astype(jnp.float32) * (scale * _LOG2_E)).astype(q.dtype)
 
-    node = kv_index_ref[p]
     length = kv_len_ref[p]
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
     # c % heads; contiguous in the [S, Hkv, D] layout).
@@ -206,7 +219,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
 def _program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
   """A level's program axes: (groups, KV head blocks, key splits, row blocks), row blocks fastest so that the
   programs running together read the same KV blocks (from L2)."""
-  return (work.seq_start.shape[0], work.k.shape[2] // spec.block.heads, spec.block.splits,
+  return (work.kv_length.shape[0], work.k.shape[2] // spec.block.heads, spec.block.splits,
           pl.cdiv(spec.max_rows, spec.block.block_m))
 
 

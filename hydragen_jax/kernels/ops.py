@@ -84,10 +84,10 @@ def _check_block(block: BlockConfig, num_heads: int) -> BlockConfig:
 
 
 def per_sequence(
-    q: Array, k: Array, v: Array, lengths: Array, kv_index: Array, *, causal: bool,
-    block: BlockConfig | None = None, shared_launch: bool = True,
+    q: Array, k: Array, v: Array, lengths: Array, kv_index: Array | None = None, *, kv_offset: Array | int = 0,
+    causal: bool, block: BlockConfig | None = None, shared_launch: bool = True,
 ) -> Plan | None:
-  """Each sequence b attends to KV row kv_index[b] with lengths[b] valid keys.
+  """Each sequence b attends to KV row kv_index[b] (default: kv_offset + b) with lengths[b] valid keys.
 
   q `[B, T, Hq, D]`, k/v `[R, S, Hkv, D]`, lengths and kv_index `[B]`. None if the level holds no keys.
   """
@@ -96,11 +96,17 @@ def per_sequence(
   if s == 0:
     return None
   rows = t * (hq // hkv)
-  seqs = np.arange(b, dtype=np.int32)  # static index vectors are numpy constants: no kernels
   block = _check_block(block or choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch,
-                                                          itemsize=k.dtype.itemsize), hkv)
+                                             itemsize=k.dtype.itemsize), hkv)
   rows *= block.heads
-  return (LevelSpec(block, rows, causal),
+  lengths = jnp.asarray(lengths, jnp.int32)
+  if kv_index is None:  # sequence b reads row kv_offset + b: no index vectors at all (LevelSpec.per_sequence)
+    unused = np.zeros((1,), np.int32)
+    start = jnp.reshape(jnp.asarray(kv_offset, jnp.int32), (1,))
+    return (LevelSpec(block, rows, causal, identity_order=True, per_sequence=True),
+            LevelWork(k, v, unused, unused, unused, start, lengths))
+  seqs = np.arange(b, dtype=np.int32)
+  return (LevelSpec(block, rows, causal, identity_order=True),
           LevelWork(k, v, seqs, seqs, np.full((b,), rows, np.int32), kv_index, lengths))
 
 
@@ -118,8 +124,8 @@ def batched(
   n = lengths.shape[0]
   if s == 0:
     return None
-  if n == 1:  # one node read by every sequence
-    order, counts = np.arange(b, dtype=np.int32), np.full((1,), b, np.int32)
+  if n == 1:  # one node read by every sequence, in their natural order (order is not read)
+    order, counts = np.zeros((1,), np.int32), np.full((1,), b, np.int32)
   else:  # the kernel visits the sequences node by node
     order = jnp.argsort(seq_to_node, stable=True).astype(jnp.int32)
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
@@ -128,7 +134,7 @@ def batched(
   block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch,
                                                           itemsize=k.dtype.itemsize), hkv)
   nodes = np.arange(n, dtype=np.int32)
-  return (LevelSpec(block, max_rows * block.heads, causal),
+  return (LevelSpec(block, max_rows * block.heads, causal, identity_order=n == 1),
           LevelWork(k, v, order, np.cumsum(counts) - counts if n == 1 else jnp.cumsum(counts) - counts,
                     counts * rows * block.heads, node_offset + nodes,
                     lengths.astype(jnp.int32)))
