@@ -38,6 +38,9 @@ VARIANTS = {
     "fused": dict(launch="fused"),
     "auto_mk1024": dict(launch="auto", max_keys=1024),
     "auto_bal2048": dict(launch="auto", balanced_keys=2048),
+    "auto_lead75": dict(launch="auto", lead=0.75),
+    "auto_lead50": dict(launch="auto", lead=0.5),
+    "auto_lead25": dict(launch="auto", lead=0.25),
     "auto_sheads8": dict(launch="auto", suffix=dict(heads=8)),
     "auto_sk128": dict(launch="auto", suffix=dict(block_k=128, num_stages=2)),
 }
@@ -86,7 +89,12 @@ def step_fn(cfg, variant):
     plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
                          block=pb),
              ops.per_sequence(q, sk, sv, lengths, causal=True, block=sb)]
-    out, _ = merge_states(ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"]))
+    saved_lead = ops.INTERLEAVE_LEAD
+    ops.INTERLEAVE_LEAD = variant.get("lead", saved_lead)
+    try:
+      out, _ = merge_states(ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"]))
+    finally:
+      ops.INTERLEAVE_LEAD = saved_lead
     return out.astype(q.dtype)
 
   return fn, (pb, sb)

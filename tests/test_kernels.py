@@ -6,10 +6,11 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from hydragen_jax import merge_states, reference
-from hydragen_jax.kernels import ops
+from hydragen_jax.kernels import flash, ops
 from hydragen_jax.kernels.flash import BlockConfig
 from tests.attention_cases import normal, tol
 
@@ -192,3 +193,18 @@ def test_direct_rows_start_at_kv_offset(kernel_backend):
   ref = reference.attention(q, k[b:2 * b], v[b:2 * b], lengths, causal=True, scale=0.125)
   chex.assert_trees_all_close((out, jnp.where(jnp.isfinite(ref[1]), lse, 0)),
                               (ref[0], jnp.where(jnp.isfinite(ref[1]), ref[1], 0)), **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("sizes", [(5, 7), (1024, 2048), (7, 3), (1, 9), (4, 4), (3, 5, 11)])
+@pytest.mark.parametrize("lead", [0.0, 0.25, 0.5, 1.0])
+def test_schedule_is_a_permutation(sizes, lead):
+  """Every program id goes to exactly one level, and each level's indices are 0..n-1 once each."""
+  pid = jnp.arange(sum(sizes))
+  owned = flash._schedule(pid, sizes, lead)
+  mine = np.stack([np.asarray(m) for m, _ in owned])
+  np.testing.assert_array_equal(mine.sum(axis=0), 1)
+  for n, (m, index) in zip(sizes, owned):
+    np.testing.assert_array_equal(np.sort(np.asarray(index)[np.asarray(m)]), np.arange(n))
+  if len(sizes) == 2 and 0 < lead < 1:  # the grid ends with second-level programs only
+    tail = sum(sizes) - (sizes[1] - int(sizes[1] * lead))
+    assert not np.asarray(owned[0][0])[tail:].any()

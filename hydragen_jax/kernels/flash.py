@@ -223,16 +223,26 @@ def _program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
           pl.cdiv(spec.max_rows, spec.block.block_m))
 
 
-def _schedule(pid, sizes: tuple[int, ...], interleave: bool):
+def _schedule(pid, sizes: tuple[int, ...], lead: float):
   """For each level l: (whether program `pid` is one of its programs, its index among them).
 
-  In order: level l owns programs [start_l, start_l + sizes[l]). Interleaved: the grid is cut into
-  K = min(sizes) rounds, round r holding the next sizes[l] // K programs of each level, the remainders at the end;
-  each SM then gets a mix of the levels' programs (e.g. compute-bound prefix tiles beside memory-bound suffix ones).
+  lead = 0: in order, level l owns programs [start_l, start_l + sizes[l]). lead > 0: interleaved, each SM gets a
+  mix of the levels' programs (compute-bound prefix tiles beside memory-bound suffix ones). With two levels, the
+  first level's programs are spread evenly (Bresenham) over a stretch that also holds the first `lead` fraction
+  of the second level's programs, the rest of which follow: lead < 1 ends the grid with the short programs
+  instead of long prefix ones. With more levels: K = min(sizes) rounds, round r holding the next sizes[l] // K
+  programs of each level, the remainders at the end.
   """
-  if not interleave or len(sizes) == 1:
+  if not lead or len(sizes) == 1:
     starts = [sum(sizes[:l]) for l in range(len(sizes))]
     return [((pid >= a) & (pid < a + n), pid - a) for a, n in zip(starts, sizes)]
+  if len(sizes) == 2:
+    n_a, n_b = sizes
+    span = n_a + int(n_b * lead)  # pid < span: a's program iff the count floor((pid + 1)·n_a / span) steps up
+    if span * n_a < 2**31:
+      seen_a = jnp.minimum(pid + 1, span) * n_a // span  # a's programs at pids <= pid
+      is_a = (pid < span) & (seen_a > pid * n_a // span)
+      return [(is_a, seen_a - 1), (~is_a & (pid < n_a + n_b), pid - seen_a)]
   rounds = min(sizes)
   per_round = [n // rounds for n in sizes]
   chunk = sum(per_round)
@@ -250,11 +260,11 @@ def _schedule(pid, sizes: tuple[int, ...], interleave: bool):
   return result
 
 
-def _kernel(*refs, specs, counts, interleave, **static):
+def _kernel(*refs, specs, counts, lead, **static):
   """Dispatches program ids to levels (see `_schedule`), then unravels a level's index into its program axes."""
   n = len(specs)
   ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1:]
-  owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), interleave)
+  owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), lead)
   for l, (spec, shape, (mine, index)) in enumerate(zip(specs, counts, owned)):
 
     @pl.when(mine)
@@ -267,10 +277,10 @@ def _kernel(*refs, specs, counts, interleave, **static):
               outs[2 * l + 1], spec=spec, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "interleave"))
+@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead"))
 def fused_levels(
     q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
-    interleave: bool = False,
+    lead: float = 0.0,
 ) -> list[tuple[Array, Array]]:
   """Attention of q over every level in one kernel launch.
 
@@ -279,7 +289,7 @@ def fused_levels(
     works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level.
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
-    interleave: mix the levels' programs over the grid instead of running them level after level.
+    lead: 0 runs the levels' programs level after level; > 0 mixes them over the grid (see `_schedule`).
 
   Returns:
     Per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own softmax sum, so a
@@ -289,7 +299,7 @@ def fused_levels(
   hkv = works[0].k.shape[2]
   counts = tuple(_program_counts(spec, work) for spec, work in zip(specs, works))
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(_kernel, specs=specs, counts=counts, interleave=interleave, head_dim=d,
+  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, head_dim=d,
                              num_queries=t, group=hq // hkv, scale=scale, precision=precision)
   rows = b * t * hq
   out_shape = []

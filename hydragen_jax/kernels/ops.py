@@ -144,6 +144,9 @@ LAUNCHES = ("auto", "fused", "interleaved", "separate")
 # "auto" interleaves when a level has at least this many query rows per KV head in one group: its product is
 # compute-bound (B·g rows against each KV element), so it overlaps with the memory-bound levels.
 INTERLEAVE_ROWS = 512
+# Interleaved, the shared level's programs are spread over the stretch of the grid that also holds this fraction of
+# the suffix programs (flash._schedule): the grid then ends with short suffix programs, not long prefix ones.
+INTERLEAVE_LEAD = 1.0
 
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
@@ -168,6 +171,6 @@ def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
       continue
     specs, works = zip(*group)
     for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
-                                 interleave=launch == "interleaved"):
+                                 lead=INTERLEAVE_LEAD if launch == "interleaved" else 0.0):
       parts += [(out[i], lse[i]) for i in range(out.shape[0])]
   return parts
