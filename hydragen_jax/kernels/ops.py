@@ -146,7 +146,7 @@ LAUNCHES = ("auto", "fused", "interleaved", "separate")
 INTERLEAVE_ROWS = 512
 # Interleaved, the shared level's programs are spread over the stretch of the grid that also holds this fraction of
 # the suffix programs (flash._schedule): the grid then ends with short suffix programs, not long prefix ones.
-INTERLEAVE_LEAD = 1.0
+INTERLEAVE_LEAD = 0.75
 
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
