@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 
@@ -106,6 +107,75 @@ def floor_s(cfg, s, rates):
                           rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
 
 
+def sweep_steps(configs, names, rates, records):
+  """Whole steps under each variant: tok/s fraction of the floor, and the step times at s = 1, out/2, out."""
+  print(f"\n{'config':>26} " + " ".join(f"{n:>13}" for n in names) + "   (tok/s fraction of floor)")
+  for i in configs:
+    cfg = SEED[i]
+    b, out = cfg[0], cfg[2]
+    data = inputs(i)
+    points = floor.simpson_points(out)
+    floor_mean = floor.simpson(*(floor_s(cfg, s, rates) for s in points))
+    cells = []
+    for name in names:
+      try:
+        fn, (pb, sb) = step_fn(cfg, VARIANTS[name])
+        compiled, _ = timing.compile_aot(fn, (*data, jnp.ones((b,), jnp.int32)))
+        steps = [timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
+                 for s in points]
+        frac = floor_mean / floor.simpson(*steps)
+        cells.append(f"{frac:5.3f}")
+        records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
+                            fraction=frac, prefix_block=str(pb), suffix_block=str(sb)))
+        print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
+              f"{floor_mean * 1e6:.0f} us mean)", flush=True)
+      except Exception as e:  # noqa: BLE001 - report and go on
+        cells.append("  error")
+        print(f"  [{i}] {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"{str(cfg):>26} " + " ".join(f"{c:>13}" for c in cells), flush=True)
+
+
+def sweep_prefix(configs, rates, records):
+  """The prefix product alone (one shared node, all B·g rows) under each tile of PREFIX_TILES: TFLOP/s."""
+  for i in configs:
+    b, p, _, hq, _ = SEED[i]
+    q, pk, pv, _, _ = inputs(i)
+    flops = 4 * D * hq * b * p
+    for (bm, bk, w, st), splits in itertools.product(PREFIX_TILES, (1, 2)):
+      blk = BlockConfig(bm, bk, splits, w, st)
+      fn = lambda q, k, v, blk=blk: ops.run(q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32),
+                                                           max_group=None, causal=False, block=blk)],
+                                            scale=D**-0.5, interpret=False)
+      try:
+        t = timing.time_fn(fn, (q, pk, pv), **TIMING).median_s
+        records.append(dict(kind="prefix", config=SEED[i], block=str(blk), step_s=t))
+        print(f"  prefix [{i}] {bm}x{bk} w{w} st{st} sp{splits}: {t * 1e6:7.1f} us {flops / t / 1e12:6.1f} "
+              f"TFLOP/s ({flops / t / rates['matmul_flops_per_s']:.2f} of matmul)", flush=True)
+      except Exception as e:  # noqa: BLE001
+        print(f"  prefix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def sweep_suffix(configs, rates, records):
+  """The suffix attention alone under each tile of SUFFIX_TILES at s = 1, out/2, out: fraction of the bandwidth."""
+  for i in configs:
+    b, _, out, _, hkv = SEED[i]
+    q, _, _, sk, sv = inputs(i)
+    for heads, bk, w, st in SUFFIX_TILES:
+      over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
+      blk = blocks(SEED[i], "suffix", over)
+      fn = lambda q, k, v, lengths, blk=blk: ops.run(q, [ops.per_sequence(
+          q, k, v, lengths, causal=True, block=blk)], scale=D**-0.5, interpret=False)
+      try:
+        compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
+        for s in (1, out // 2, out):
+          t = timing.time_compiled(compiled, (q, sk, sv, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
+          records.append(dict(kind="suffix", config=SEED[i], s=s, block=str(blk), step_s=t))
+          print(f"  suffix [{i}] s={s} {blk}: {t * 1e6:7.1f} us "
+                f"{2 * b * s * hkv * D * 2 / t / rates['bandwidth_bytes_per_s']:.2f} of bandwidth", flush=True)
+      except Exception as e:  # noqa: BLE001
+        print(f"  suffix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--parts", default="step,prefix,suffix")
@@ -119,74 +189,14 @@ def main():
         f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
   records = [dict(kind="rates", **rates)]
   parts = args.parts.split(",")
-  t0 = time.time()
+  start = time.time()
   if "step" in parts:
-    names = args.variants.split(",")
-    print(f"\n{'config':>26} " + " ".join(f"{n:>13}" for n in names) + "   (tok/s fraction of floor; us at s=1/mid/out)")
-    for i in configs:
-      cfg = SEED[i]
-      b, out = cfg[0], cfg[2]
-      data = inputs(i)
-      points = floor.simpson_points(out)
-      floor_mean = floor.simpson(*(floor_s(cfg, s, rates) for s in points))
-      cells = []
-      for name in names:
-        try:
-          fn, (pb, sb) = step_fn(cfg, VARIANTS[name])
-          compiled, _ = timing.compile_aot(fn, (*data, jnp.ones((b,), jnp.int32)))
-          steps = [timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
-                   for s in points]
-          frac = floor_mean / floor.simpson(*steps)
-          cells.append(f"{frac:5.3f}")
-          records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
-                              fraction=frac, prefix_block=str(pb), suffix_block=str(sb)))
-          print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
-                f"{floor_mean * 1e6:.0f} us mean)", flush=True)
-        except Exception as e:  # noqa: BLE001 - report and go on
-          cells.append("  error")
-          print(f"  [{i}] {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-      print(f"{str(cfg):>26} " + " ".join(f"{c:>13}" for c in cells), flush=True)
-  print(f"[sweep] steps took {time.time() - t0:.0f} s", flush=True)
-  if "prefix" in parts:
-    for i in [c for c in configs if c in (4, 8)]:
-      cfg = SEED[i]
-      b, p, out, hq, hkv = cfg
-      q, pk, pv, _, _ = inputs(i)
-      flops = 4 * D * hq * b * p
-      for bm, bk, w, st in PREFIX_TILES:
-        for splits in (1, 2):
-          blk = BlockConfig(bm, bk, splits, w, st)
-          fn = lambda q, k, v, blk=blk: ops.run(q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32),
-                                                               max_group=None, causal=False, block=blk)],
-                                                scale=D**-0.5, interpret=False)
-          try:
-            t = timing.time_fn(fn, (q, pk, pv), **TIMING).median_s
-            records.append(dict(kind="prefix", config=cfg, block=str(blk), step_s=t))
-            print(f"  prefix [{i}] {bm}x{bk} w{w} st{st} sp{splits}: {t * 1e6:7.1f} us {flops / t / 1e12:6.1f} "
-                  f"TFLOP/s ({flops / t / rates['matmul_flops_per_s']:.2f} of matmul)", flush=True)
-          except Exception as e:  # noqa: BLE001
-            print(f"  prefix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-  print(f"[sweep] prefix done at {time.time() - t0:.0f} s", flush=True)
+    sweep_steps(configs, args.variants.split(","), rates, records)
+  if "prefix" in parts:  # the compute-heavy configs
+    sweep_prefix([c for c in configs if c in (4, 8)], rates, records)
   if "suffix" in parts:
-    for i in [c for c in configs if c in (0, 8)]:
-      cfg = SEED[i]
-      b, p, out, hq, hkv = cfg
-      q, _, _, sk, sv = inputs(i)
-      for heads, bk, w, st in SUFFIX_TILES:
-        over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
-        blk = blocks(cfg, "suffix", over)
-        fn = lambda q, k, v, lengths, blk=blk: ops.run(q, [ops.per_sequence(
-            q, k, v, lengths, causal=True, block=blk)], scale=D**-0.5, interpret=False)
-        try:
-          compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
-          for s in (1, out // 2, out):
-            t = timing.time_compiled(compiled, (q, sk, sv, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
-            records.append(dict(kind="suffix", config=cfg, s=s, block=str(blk), step_s=t))
-            print(f"  suffix [{i}] s={s} {blk}: {t * 1e6:7.1f} us "
-                  f"{2 * b * s * hkv * D * 2 / t / rates['bandwidth_bytes_per_s']:.2f} of bandwidth", flush=True)
-        except Exception as e:  # noqa: BLE001
-          print(f"  suffix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-  print(f"[sweep] done at {time.time() - t0:.0f} s", flush=True)
+    sweep_suffix([c for c in configs if c in (0, 8)], rates, records)
+  print(f"[sweep] done in {time.time() - start:.0f} s", flush=True)
   if args.out:
     with open(args.out, "w") as f:
       for r in records:
