@@ -23,13 +23,8 @@ from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
+from scripts.quick_bench import D, SEED  # the nine seed configs of BRIEF.md
 
-SEED = [  # B, P, out, Hq, Hkv (BRIEF.md)
-    (64, 1024, 512, 32, 32), (64, 2048, 512, 32, 32), (256, 2048, 512, 32, 32), (256, 2048, 1024, 32, 32),
-    (256, 4096, 1024, 32, 32), (512, 2048, 512, 32, 8), (512, 4096, 512, 32, 8), (1024, 4096, 512, 32, 8),
-    (1024, 8192, 512, 32, 8),
-]
-D = 128
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 
 # A step variant: launch schedule, and tiling overrides (None: the heuristic) as BlockConfig field dicts.

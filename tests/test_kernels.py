@@ -14,6 +14,14 @@ from hydragen_jax.kernels import flash, ops
 from hydragen_jax.kernels.flash import BlockConfig
 from tests.attention_cases import normal, tol
 
+def _prefix_then_suffix(q, pk, pv, prefix_length, sk, sv, lengths, scale):
+  """Reference: causal attention of each sequence over [its copy of the prefix; its suffix]."""
+  b, _, hkv, d = sk.shape
+  kk = jnp.concatenate([jnp.broadcast_to(pk[:, :prefix_length], (b, prefix_length, hkv, d)), sk], axis=1)
+  vv = jnp.concatenate([jnp.broadcast_to(pv[:, :prefix_length], (b, prefix_length, hkv, d)), sv], axis=1)
+  return reference.attention(q, kk, vv, prefix_length + lengths, causal=True, scale=scale)[0]
+
+
 def _run(q, plan, scale, backend):
   """One level through the fused kernel, its key splits merged."""
   return merge_states(ops.run(q, [plan], scale=scale, interpret=backend == "interpret"))
@@ -116,9 +124,7 @@ def test_levels_with_different_tilings_share_one_launch(kernel_backend):
   parts = ops.run(q, plans, scale=0.125, interpret=kernel_backend == "interpret")
   assert len(parts) == 5
   out, _ = merge_states(parts)
-  kk = jnp.concatenate([jnp.broadcast_to(pk[:, :87], (b, 87, hkv, d)), sk], axis=1)
-  vv = jnp.concatenate([jnp.broadcast_to(pv[:, :87], (b, 87, hkv, d)), sv], axis=1)
-  ref, _ = reference.attention(q, kk, vv, 87 + lengths, causal=True, scale=0.125)
+  ref = _prefix_then_suffix(q, pk, pv, 87, sk, sv, lengths, 0.125)
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 
@@ -171,9 +177,7 @@ def test_launch_schedules_agree(kernel_backend, launch):
            ops.per_sequence(q, sk, sv, lengths, jnp.arange(b), causal=True,
                             block=BlockConfig(block_m=16, block_k=16, splits=2, heads=2))]
   out, _ = merge_states(ops.run(q, plans, scale=0.125, interpret=kernel_backend == "interpret", launch=launch))
-  kk = jnp.concatenate([jnp.broadcast_to(pk, (b, 50, hkv, d)), sk], axis=1)
-  vv = jnp.concatenate([jnp.broadcast_to(pv, (b, 50, hkv, d)), sv], axis=1)
-  ref, _ = reference.attention(q, kk, vv, 50 + lengths, causal=True, scale=0.125)
+  ref = _prefix_then_suffix(q, pk, pv, 50, sk, sv, lengths, 0.125)
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 

@@ -15,13 +15,14 @@ overlap; in order, the first programs do the first level's work, the next ones t
 
 Layout. Queries and outputs stay in their natural layout `[B, T, Hq, D]`, seen as rows `[B·T·Hq, D]`; no
 transposes. In a level, group p takes the sequences order[seq_start[p]:] (row_count[p] = their number × T·heads·g
-rows, ordered (sequence, token t, KV head i of the block, head j of the GQA group)) and reads KV row kv_index[p] of the caches `k, v [R, S, Hkv, D]` (in
-place, no copy) up to kv_length[p] keys. For the block of `heads` KV heads starting at h0, local row r is the
-query row ((seq·T + t)·Hq + (h0 + i)·g + j) with seq = order[seq_start + r // (T·heads·g)] and (t, i, j) the
-digits of r % (T·heads·g): the kernel gathers and scatters those rows itself. A level's programs are (group, KV
-head block, key split, row block). Each streams its key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past its own position) and
-an empty row gives out = 0, lse = -inf. With `splits > 1` each split writes its normalised partial (in q's
-dtype) and its lse; `merge_states` combines them in float32.
+rows, ordered (sequence, token t, KV head i of the block, head j of the GQA group)) and reads KV row kv_index[p] of
+the caches `k, v [R, S, Hkv, D]` (in place, no copy) up to kv_length[p] keys. For the block of `heads` KV heads
+starting at h0, local row r is the query row ((seq·T + t)·Hq + (h0 + i)·g + j) with
+seq = order[seq_start + r // (T·heads·g)] and (t, i, j) the digits of r % (T·heads·g): the kernel gathers and
+scatters those rows itself. A level's programs are (group, KV head block, key split, row block). Each streams its
+key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past
+its own position) and an empty row gives out = 0, lse = -inf. With `splits > 1` each split writes its normalised
+partial (in q's dtype) and its lse; `merge_states` combines them in float32.
 """
 
 from __future__ import annotations
@@ -293,7 +294,8 @@ def fused_levels(
 
   Returns:
     Per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own softmax sum, so a
-    16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]` float32. Query rows that belong to no group of a level are left unwritten in its outputs.
+    16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]` float32. Query rows
+    that belong to no group of a level are left unwritten in its outputs.
   """
   b, t, hq, d = q.shape
   hkv = works[0].k.shape[2]
