@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import records  # noqa: E402
+from experiments import records, tables  # noqa: E402
 
 
 def _ok(rec: dict, key: str):
@@ -53,16 +53,8 @@ def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathl
     summaries = [r for r in recs if r["record"] == "summary"]
     if not summaries:
         return []
-    cases, variants, by = [], [], {}
-    for r in summaries:
-        p = r["point"]
-        case = f"B={p['batch']}\nP={p['prefix']}\nout={p['out']}\n{p['q_heads']}/{p['kv_heads']}"
-        if case not in by:
-            cases.append(case)
-            by[case] = {}
-        if r["mode"] not in variants:
-            variants.append(r["mode"])
-        by[case][r["mode"]] = r
+    cases, variants, by = tables.group_cases(summaries)
+    labels = [f"B={b}\nP={p}\nout={out}\n{hq}/{hkv}" for b, p, out, hq, hkv in cases]
     x = np.arange(len(cases))
     width = 0.8 / max(1, len(variants))
     paths = []
@@ -83,7 +75,7 @@ def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathl
             ax.axhline(1.0, color="black", lw=0.8, ls="--")
         if log:
             _log_if_data(ax)
-        ax.set_xticks(x, cases, fontsize=7)
+        ax.set_xticks(x, labels, fontsize=7)
         ax.set_ylabel(ylabel)
         ax.set_title(_title(summaries, f"Shared-prefix decode attention: {ylabel}"), fontsize=9)
         ax.legend(fontsize=7, ncol=2)

@@ -25,7 +25,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _group_cases(summaries: list[dict]) -> tuple[list[tuple], list[str], dict]:
+def group_cases(summaries: list[dict]) -> tuple[list[tuple], list[str], dict]:
+    """Bench summaries by case (CASE_KEYS values, in first-seen order): (cases, variants, {case: {variant: rec}})."""
     cases, variants, by = [], [], {}
     for rec in summaries:
         case = tuple(rec["point"][k] for k in CASE_KEYS)
@@ -54,7 +55,7 @@ def _cell(rec: dict | None, key: str, fmt) -> str:
 
 def bench_results_table(summaries: list[dict]) -> str:
     """tok/s per variant (Simpson over s = 1, out/2, out), floor tok/s, KV bytes at s = out."""
-    cases, variants, by = _group_cases(summaries)
+    cases, variants, by = group_cases(summaries)
     header = ["B", "P", "out", "Hq/Hkv"] + [f"{v} tok/s" for v in variants] + ["floor tok/s", "KV GB per-seq copies / prefix once"]
     rows = []
     for case in cases:
@@ -73,7 +74,7 @@ def bench_results_table(summaries: list[dict]) -> str:
 
 def bench_floor_table(summaries: list[dict]) -> str:
     """Fraction of the floor per variant (Simpson-averaged) and hydragen's speedup over each other variant."""
-    cases, variants, by = _group_cases(summaries)
+    cases, variants, by = group_cases(summaries)
     others = [v for v in variants if v != "hydragen"]
     header = (["B", "P", "out", "Hq/Hkv"] + [f"{v} floor frac" for v in variants]
               + [f"hydragen / {v}" for v in others if "hydragen" in variants])
