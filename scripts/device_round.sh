@@ -14,8 +14,10 @@ fi
 timeout "${SWEEP_LIMIT:-400}" python3 scripts/sweep_kernels.py --out "$OUT/sweep.jsonl" "$@" 2>&1 | tee "$OUT/sweep.log" \
   | grep -v "^  \[" | tail -40
 if [[ -n "${PROBE:-}" ]]; then
-  rm -rf /tmp/dump; XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_gpu_dump_llvmir=true" timeout 120 python3 scripts/probe_mma.py /tmp/dump 2>&1 \
-    | tail -20 | tee "$OUT/probe.log"
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  timeout 240 "$NCU" --metrics sm__inst_executed_pipe_tensor_op_gmma.sum,sm__inst_executed_pipe_tensor_op_hmma.sum \
+    python3 scripts/probe_mma.py 2>&1 | grep -v "^WARNING\|^I0000\|^E0000" > "$OUT/probe.log"
+  grep -B2 -A6 "probe_mma\|tensor_op\|ERR" "$OUT/probe.log" | tail -60
 fi
 if [[ -n "${PROFILE:-}" ]]; then
   timeout 150 python3 scripts/profile_step.py --configs "$PROFILE" 2>&1 | grep -v "^WARNING\|^I0000\|^E0000" \

@@ -1,15 +1,16 @@
-"""Which tensor-core instructions the compiled prefix kernel uses (run with XLA_FLAGS=--xla_dump_to=DIR on the GPU).
+"""Which tensor-core instructions the prefix kernels execute (development tool; GPU with Nsight Compute).
 
-Compiles the prefix half of the largest seed config (B=1024, P=8192, 32/8 heads, D=128) with the given tilings,
-then counts wgmma (Hopper warp-group MMA) and mma.sync (Ampere-style MMA) instructions in the dumped PTX.
-Usage: XLA_FLAGS=--xla_dump_to=/tmp/dump python scripts/probe_mma.py /tmp/dump
+The XLA dump of JAX 0.11.2 holds no PTX for Pallas kernels, so this runs the kernels under `ncu` and reads the
+instruction counts of the tensor pipes: `gmma` (Hopper warp-group MMA, wgmma) and `hmma` (mma.sync, the pre-Hopper
+MMA). Runs once each: the prefix product of B=1024 P=8192 (32/8 heads, D=128) with the light (64x64, 4 warps) and
+heavy (128x128, 8 warps) Triton tiles, and JAX's Mosaic GPU attention kernel in float16 as a control that must
+show gmma. Usage (see scripts/device_round.sh, PROBE=1):
+
+  ncu --metrics sm__inst_executed_pipe_tensor_op_gmma.sum,sm__inst_executed_pipe_tensor_op_hmma.sum \
+      python scripts/probe_mma.py
 """
 
 from __future__ import annotations
-
-import pathlib
-import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +19,21 @@ from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
 
 b, p, hq, hkv, d = 1024, 8192, 32, 8, 128
-q = jnp.zeros((b, 1, hq, d), jnp.bfloat16)
-k = jnp.zeros((1, p, hkv, d), jnp.bfloat16)
+keys = jax.random.split(jax.random.PRNGKey(0), 3)
+q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.bfloat16)
+k = jax.random.normal(keys[1], (1, p, hkv, d), jnp.bfloat16)
+v = jax.random.normal(keys[2], (1, p, hkv, d), jnp.bfloat16)
 for blk in (BlockConfig(64, 64, 1, 4, 3), BlockConfig(128, 128, 1, 8, 3)):
-  fn = lambda q, k, v, blk=blk: ops.run(q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32),
-                                                       max_group=None, causal=False, block=blk)],
-                                        scale=d**-0.5, interpret=False)
-  jax.jit(fn).lower(q, k, k).compile()
-dump = pathlib.Path(sys.argv[1])
-files = [f for f in sorted(dump.rglob("*")) if f.is_file()]
-print(f"{len(files)} dumped files; suffixes: {sorted({f.suffix for f in files})}")
-for f in files:
-  if f.stat().st_size < 200_000_000:
-    text = f.read_text(errors="ignore")
-    counts = {name: len(re.findall(pattern, text)) for name, pattern in
-              [("wgmma", r"wgmma\.mma_async"), ("mma.sync", r"mma\.sync"), ("cp.async", r"cp\.async\.(?:cg|ca)"),
-               ("tma", r"cp\.async\.bulk\.tensor")]}
-    if any(counts.values()):
-      print(f.name[:90], counts)
+  print(f"[probe_mma] Triton prefix tile {blk}", flush=True)
+  fn = jax.jit(lambda q, k, v, blk=blk: ops.run(
+      q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
+                      block=blk)], scale=d**-0.5, interpret=False))
+  jax.block_until_ready(fn(q, k, v))
+try:
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+  print("[probe_mma] control: jax attention_mgpu (float16)", flush=True)
+  cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+  f16 = lambda x: x.astype(jnp.float16)
+  jax.block_until_ready(am.attention(f16(q).reshape(1, b, hq, d), f16(k), f16(v), cfg))
+except Exception as e:  # noqa: BLE001 - the control is optional
+  print(f"[probe_mma] control failed: {type(e).__name__}: {str(e)[:200]}")

@@ -34,6 +34,7 @@ VARIANTS = {
     "fused": dict(launch="fused"),
     "auto_mk1024": dict(launch="auto", max_keys=1024),
     "auto_bal2048": dict(launch="auto", balanced_keys=2048),
+    "auto_mk4096": dict(launch="auto", max_keys=4096),
     "auto_lead75": dict(launch="auto", lead=0.75),
     "auto_lead50": dict(launch="auto", lead=0.5),
     "auto_lead25": dict(launch="auto", lead=0.25),
@@ -42,7 +43,7 @@ VARIANTS = {
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
-                (64, 64, 8, 3)]
+                (64, 64, 8, 3), (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 2)]
 SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0, 128, 8, 2), (0, 32, 4, 3),
                 (0, 64, 4, 4)]  # heads (0: heuristic), block_k, warps, stages
 
