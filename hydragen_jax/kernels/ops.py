@@ -31,10 +31,10 @@ def _num_cores() -> int:
 
 # A program streams at most MAX_KEYS_PER_PROGRAM keys, and at most BALANCED_KEYS unless its level has 4 programs
 # per SM: longer ranges are split over programs, which balances the grid's tail (the prefix programs are its long
-# pole) at the price of partial outputs merged by lse (4096 rather than 2048: B=1024 P=8192 then has 2 prefix splits,
-# not 4, +0.02 of the floor; no other seed config changes by more than the noise, experiments/PERF_NOTES.md).
+# pole) at the price of partial outputs merged by lse. 4096 and 2048 rather than 2048 and 1024: B=1024 P=8192 and
+# B=512 P=4096 then have 2 prefix splits, not 4 (+0.02 and +0.03 of the floor in the sweeps, experiments/PERF_NOTES.md).
 MAX_KEYS_PER_PROGRAM = 4096
-BALANCED_KEYS = 1024
+BALANCED_KEYS = 2048
 
 
 def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
