@@ -3,12 +3,14 @@ is a Mosaic GPU (wgmma) prefix kernel on our shapes?
 
 For the compute-heavy GQA configs, times at s = 1, out/2, out:
   auto          the current step (`ops.run(launch="auto")`)
-  seq_triton    Triton prefix (128x128 tile, alone) then Triton suffix, one stream
-  str_triton    the same two launches, the prefix on `compute_on("gpu_stream:1")`
-  seq_mgpu      JAX's Mosaic GPU attention kernel (jax.experimental.pallas.ops.gpu.attention_mgpu) on the prefix,
-                then the Triton suffix
-  str_mgpu      the same, prefix on stream 1
-and the prefix products alone (TFLOP/s). Usage: python scripts/probe_streams.py [--configs 6,8]
+  str_triton    Triton prefix (128x128 tile, alone) on `compute_on("gpu_stream:1")`, Triton suffix on stream 2
+  str_light     the same with the light 64x64 prefix tile; strr_*: the suffix issued first; seq_*: one stream
+  seq_mgpuf16   JAX's Mosaic GPU attention kernel (jax.experimental.pallas.ops.gpu.attention_mgpu, float16 only)
+                on the prefix, then the Triton suffix, one stream; str_mgpuf16 / strr_mgpuf16: on two streams
+and the prefix products alone (TFLOP/s). On the H100 with jaxlib 0.11.2 (experiments/PERF_NOTES.md): the Mosaic
+kernel runs the B=1024 P=8K prefix at ~530 TFLOP/s but, in front of the suffix, gives 0.65 of the floor; every
+two-stream variant fails in XLA with "No ExecutionStreamId found". Usage: python scripts/probe_streams.py
+[--configs 6,8] [--variants ...]
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ VARIANTS = {
     "auto_bal2048": dict(launch="auto", balanced_keys=2048),
     "auto_mk4096": dict(launch="auto", max_keys=4096),
     "auto_bal1024": dict(launch="auto", balanced_keys=1024),
+    "auto_bal4096": dict(launch="auto", balanced_keys=4096),
+    "auto_k8192": dict(launch="auto", max_keys=8192, balanced_keys=8192),
     "auto_lead75": dict(launch="auto", lead=0.75),
     "auto_lead50": dict(launch="auto", lead=0.5),
     "auto_lead25": dict(launch="auto", lead=0.25),

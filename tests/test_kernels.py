@@ -96,6 +96,26 @@ def test_choose_block_splits_keys_when_few_programs_or_many_keys():
   assert wide.block_m == 64 and all(x & (x - 1) == 0 for x in (wide.block_m, wide.block_k, wide.splits))
 
 
+@pytest.mark.parametrize("batch,prefix,q_heads,kv_heads", [(64, 2048, 32, 32), (256, 4096, 32, 32),
+                                                             (512, 4096, 32, 8), (1024, 8192, 32, 8), (3, 9000, 4, 2)])
+def test_choose_block_splits_are_the_fewest_that_keep_the_key_bounds(batch, prefix, q_heads, kv_heads):
+  """Prefix splits: at most MAX_KEYS_PER_PROGRAM keys a program, BALANCED_KEYS while the level has fewer than 4
+  programs per SM, at least one program per SM, and no more splits than that (each split is a partial to merge)."""
+  rows = batch * q_heads // kv_heads
+  blk = ops.choose_block(rows, rows, 1, kv_heads, prefix, 128)
+  programs = kv_heads // blk.heads * -(-rows * blk.heads // blk.block_m)
+  cores = ops._num_cores()
+
+  def bounds_hold(splits):
+    keys = prefix / splits
+    return (keys <= ops.MAX_KEYS_PER_PROGRAM and programs * splits >= cores
+            and (programs * splits >= 4 * cores or keys <= ops.BALANCED_KEYS))
+
+  too_few_keys_to_split_again = prefix < 2 * blk.splits * 4 * (blk.block_k // blk.heads)
+  assert bounds_hold(blk.splits) or too_few_keys_to_split_again
+  assert blk.splits == 1 or not bounds_hold(blk.splits // 2)
+
+
 def test_choose_block_light_tiles_when_levels_share_the_launch():
   """A level alone takes 128-row tiles with 8 warps; beside other levels, 64-row tiles with 4 warps (two
   programs per SM), and float32 never gets the 128-key blocks that only fit shared memory in 16 bits."""
