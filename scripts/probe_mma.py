@@ -15,19 +15,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
+from scripts.quick_bench import prefix_plan, run_plans
+from scripts.sweep_kernels import inputs
 
-b, p, hq, hkv, d = 1024, 8192, 32, 8, 128
-keys = jax.random.split(jax.random.PRNGKey(0), 3)
-q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.bfloat16)
-k = jax.random.normal(keys[1], (1, p, hkv, d), jnp.bfloat16)
-v = jax.random.normal(keys[2], (1, p, hkv, d), jnp.bfloat16)
+q, k, v, _, _ = inputs(8)  # seed config 8: B=1024, P=8192, 32/8 heads, D=128
+b, _, hq, d = q.shape
 for blk in (BlockConfig(64, 64, 1, 4, 3), BlockConfig(128, 128, 1, 8, 3)):
   print(f"[probe_mma] Triton prefix tile {blk}", flush=True)
-  fn = jax.jit(lambda q, k, v, blk=blk: ops.run(
-      q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
-                      block=blk)], scale=d**-0.5, interpret=False))
+  fn = jax.jit(lambda q, k, v, blk=blk: run_plans(q, [prefix_plan(q, k, v, block=blk)]))
   jax.block_until_ready(fn(q, k, v))
 try:
   from jax.experimental.pallas.ops.gpu import attention_mgpu as am

@@ -25,9 +25,8 @@ from jax.experimental.xla_metadata import set_xla_metadata
 
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
-from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
-from scripts.quick_bench import D, SEED
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
 from scripts.sweep_kernels import inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
@@ -37,57 +36,50 @@ def on_stream(n, f):
   return compute_on(compute_type=f"gpu_stream:{n}", out_memory_spaces=jax.memory.Space.Device)(jax.jit(f))
 
 
-def mgpu_prefix(q, pk, pv, dtype, block_kv=128, steps=2):
+def mgpu_prefix(q, pk, pv, dtype):
   """(out [B, 1, Hq, D], lse [B, 1, Hq]) of q over the prefix via JAX's Mosaic GPU kernel (scale folded in q)."""
   from jax.experimental.pallas.ops.gpu import attention_mgpu as am
   b, t, hq, d = q.shape
-  cfg = am.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=steps)
+  cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
   qs = (q * d**-0.5).astype(dtype).reshape(1, b * t, hq, d)
   out, (lse2,) = am.attention(qs, pk.astype(dtype), pv.astype(dtype), cfg, save_residuals=True)
   lse = (lse2[0] * math.log(2.0)).T.reshape(b, t, hq)  # base 2 -> natural, [Hq, B*T] -> [B, T, Hq]
   return out.reshape(b, t, hq, d).astype(q.dtype), lse
 
 
-def triton_prefix(q, pk, pv, p, blk=BlockConfig(128, 128, 2, 8, 3)):
-  b = q.shape[0]
-  return ops.run(q, [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None,
-                                 causal=False, block=blk)], scale=D**-0.5, interpret=False, launch="separate")
+def triton_prefix(q, pk, pv, blk=BlockConfig(128, 128, 2, 8, 3)):
+  return run_plans(q, [prefix_plan(q, pk, pv, block=blk)], launch="separate")
 
 
 def triton_suffix(q, sk, sv, lengths):
-  return ops.run(q, [ops.per_sequence(q, sk, sv, lengths, causal=True, shared_launch=False)], scale=D**-0.5,
-                 interpret=False, launch="separate")
+  return run_plans(q, [suffix_plan(q, sk, sv, lengths, shared_launch=False)], launch="separate")
 
 
-def variant_fn(name, cfg):
-  b, p = cfg[:2]
-
+def variant_fn(name):
   def fn(q, pk, pv, sk, sv, lengths):
     if name == "auto":
-      plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False),
-               ops.per_sequence(q, sk, sv, lengths, causal=True)]
-      parts = ops.run(q, plans, scale=D**-0.5, interpret=False)
+      parts = run_plans(q, [prefix_plan(q, pk, pv), suffix_plan(q, sk, sv, lengths)])
     else:
       kind, impl = name.split("_", 1)
       if impl == "triton":
-        pre = lambda q, pk, pv: triton_prefix(q, pk, pv, p)
+        pre = triton_prefix
       elif impl == "light":
-        pre = lambda q, pk, pv: triton_prefix(q, pk, pv, p, BlockConfig(64, 64, 4, 4, 3))
+        pre = lambda q, pk, pv: triton_prefix(q, pk, pv, BlockConfig(64, 64, 4, 4, 3))
+      elif impl == "mgpuf16":
+        pre = lambda q, pk, pv: [mgpu_prefix(q, pk, pv, jnp.float16)]
       else:
-        dtype = jnp.float16 if impl.endswith("f16") else q.dtype
-        pre = lambda q, pk, pv: [mgpu_prefix(q, pk, pv, dtype)]
+        raise ValueError(f"unknown variant {name!r}")
       suf = triton_suffix
-      if kind == "str":
-        pre, suf = on_stream(1, pre), on_stream(2, suf)
-        with set_xla_metadata(_scheduling_group_id="1"):
-          parts = pre(q, pk, pv) + suf(q, sk, sv, lengths)
-      elif kind == "strr":  # suffix launched first
-        pre, suf = on_stream(1, pre), on_stream(2, suf)
-        with set_xla_metadata(_scheduling_group_id="1"):
-          sparts = suf(q, sk, sv, lengths)
-          parts = pre(q, pk, pv) + sparts
-      else:
+      if kind == "seq":
         parts = pre(q, pk, pv) + suf(q, sk, sv, lengths)
+      else:  # two streams; str issues the prefix first, strr the suffix
+        pre, suf = on_stream(1, pre), on_stream(2, suf)
+        with set_xla_metadata(_scheduling_group_id="1"):
+          if kind == "str":
+            parts = pre(q, pk, pv) + suf(q, sk, sv, lengths)
+          else:
+            sparts = suf(q, sk, sv, lengths)
+            parts = pre(q, pk, pv) + sparts
     out, _ = merge_states(parts)
     return out.astype(q.dtype)
 
@@ -107,39 +99,34 @@ def main():
     b, p, out, hq, hkv = cfg
     q, pk, pv, sk, sv = inputs(i)
     flops = 4 * D * hq * b * p
-    # The prefix alone, and its error against the Triton kernel's.
-    ref = triton_prefix(q, pk, pv, p)
-    ref_out, ref_lse = merge_states(ref)
-    for dtype in (jnp.float16,):
-      for block_kv, steps in ((128, 2),):
-        try:
-          fn = lambda q, k, v: mgpu_prefix(q, k, v, dtype, block_kv, steps)
-          t = timing.time_fn(fn, (q, pk, pv), **TIMING)
-          o, l = t.output
-          err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref_out.astype(jnp.float32))))
-          lerr = float(jnp.max(jnp.abs(l - ref_lse)))
-          print(f"[{i}] mgpu prefix {jnp.dtype(dtype).name} kv{block_kv} st{steps}: {t.median_s * 1e6:.1f} us "
-                f"{flops / t.median_s / 1e12:.0f} TFLOP/s, max err out {err:.4f} lse {lerr:.4f}", flush=True)
-        except Exception as e:  # noqa: BLE001
-          print(f"[{i}] mgpu prefix {jnp.dtype(dtype).name} kv{block_kv}: {type(e).__name__}: {str(e)[:400]}",
-                flush=True)
-    t = timing.time_fn(lambda q, k, v: triton_prefix(q, k, v, p), (q, pk, pv), **TIMING).median_s
+    # The prefix alone, and the Mosaic kernel's error against the Triton kernel's.
+    ref_out, ref_lse = merge_states(triton_prefix(q, pk, pv))
+    try:
+      t = timing.time_fn(lambda q, k, v: mgpu_prefix(q, k, v, jnp.float16), (q, pk, pv), **TIMING)
+      o, l = t.output
+      err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref_out.astype(jnp.float32))))
+      lerr = float(jnp.max(jnp.abs(l - ref_lse)))
+      print(f"[{i}] mgpu prefix float16: {t.median_s * 1e6:.1f} us {flops / t.median_s / 1e12:.0f} TFLOP/s, "
+            f"max err out {err:.4f} lse {lerr:.4f}", flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f"[{i}] mgpu prefix float16: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    t = timing.time_fn(triton_prefix, (q, pk, pv), **TIMING).median_s
     print(f"[{i}] triton prefix 128x128: {t * 1e6:.1f} us {flops / t / 1e12:.0f} TFLOP/s", flush=True)
     points = floor.simpson_points(out)
     floors = [floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
                                rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"]) for s in points]
     print(f"[{i}] {cfg} floors " + " / ".join(f"{x * 1e6:.0f}" for x in floors) + " us", flush=True)
+    lengths = [jnp.full((b,), s, jnp.int32) for s in points]
+    auto = jax.jit(variant_fn("auto"))
+    base = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]
     for name in args.variants.split(","):
       try:
-        compiled, _ = timing.compile_aot(variant_fn(name, cfg), (q, pk, pv, sk, sv, jnp.ones((b,), jnp.int32)))
+        compiled, _ = timing.compile_aot(variant_fn(name), (q, pk, pv, sk, sv, lengths[0]))
         steps, errs = [], []
-        for s in points:
-          lengths = jnp.full((b,), s, jnp.int32)
-          tm = timing.time_compiled(compiled, (q, pk, pv, sk, sv, lengths), **TIMING)
+        for x, want in zip(lengths, base):
+          tm = timing.time_compiled(compiled, (q, pk, pv, sk, sv, x), **TIMING)
           steps.append(tm.median_s)
-          if name != "auto":
-            base = variant_fn("auto", cfg)(q, pk, pv, sk, sv, lengths)
-            errs.append(float(jnp.max(jnp.abs(tm.output.astype(jnp.float32) - base.astype(jnp.float32)))))
+          errs.append(float(jnp.max(jnp.abs(tm.output.astype(jnp.float32) - want))))
         frac = floor.simpson(*floors) / floor.simpson(*steps)
         print(f"[{i}] {name:>12}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
               f"err vs auto {max(errs, default=0):.4f}", flush=True)

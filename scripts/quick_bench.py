@@ -24,6 +24,22 @@ SEED = [  # B, P, out, Hq, Hkv
 D = 128
 
 
+def prefix_plan(q, k, v, **kw):
+  """The shared level of a seed config: the one node of k/v `[1, P, Hkv, D]`, read by every sequence."""
+  b, p = q.shape[0], k.shape[1]
+  return ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False, **kw)
+
+
+def suffix_plan(q, k, v, lengths, **kw):
+  """The per-sequence level of a seed config: sequence b reads row b of k/v `[B, S, Hkv, D]`."""
+  return ops.per_sequence(q, k, v, lengths, causal=True, **kw)
+
+
+def run_plans(q, plans, launch="auto"):
+  """The `(out, lse)` parts of the plans, compiled kernels, softmax scale D**-0.5."""
+  return ops.run(q, plans, scale=D**-0.5, interpret=False, launch=launch)
+
+
 def timeit(f, *args, repeats=15, inner=10):
   """Median over repeats of the time per call, `inner` calls launched back to back (dispatch amortised)."""
   jax.block_until_ready(f(*args))
@@ -73,12 +89,9 @@ def main():
     for variant in args.variants.split(","):
       backend = "xla" if variant == "reference" else "pallas"
       if variant == "prefix_half":
-        f = jax.jit(lambda q, pk, pv, sk, sv, sl: ops.run(q, [ops.batched(
-            q, pk[None], pv[None], jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False)],
-            scale=0.088, interpret=False))
+        f = jax.jit(lambda q, pk, pv, sk, sv, sl: run_plans(q, [prefix_plan(q, pk[None], pv[None])]))
       elif variant == "suffix_half":
-        f = jax.jit(lambda q, pk, pv, sk, sv, sl: ops.run(q, [ops.per_sequence(
-            q, sk, sv, sl, jnp.arange(b), causal=True)], scale=0.088, interpret=False))
+        f = jax.jit(lambda q, pk, pv, sk, sv, sl: run_plans(q, [suffix_plan(q, sk, sv, sl, kv_index=jnp.arange(b))]))
       else:
         f = jax.jit(lambda q, pk, pv, sk, sv, sl, backend=backend, bp=variant != "shared_storage":
                     hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=sl, backend=backend, batch_prefix=bp))

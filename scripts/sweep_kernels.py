@@ -23,7 +23,7 @@ from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
-from scripts.quick_bench import D, SEED  # the nine seed configs of BRIEF.md
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 
@@ -76,7 +76,6 @@ def inputs(i):
 
 
 def step_fn(cfg, variant):
-  b, p = cfg[:2]
   saved = ops.MAX_KEYS_PER_PROGRAM, ops.BALANCED_KEYS
   ops.MAX_KEYS_PER_PROGRAM = variant.get("max_keys", saved[0])
   ops.BALANCED_KEYS = min(variant.get("balanced_keys", saved[1]), ops.MAX_KEYS_PER_PROGRAM)
@@ -86,13 +85,11 @@ def step_fn(cfg, variant):
     ops.MAX_KEYS_PER_PROGRAM, ops.BALANCED_KEYS = saved
 
   def fn(q, pk, pv, sk, sv, lengths):
-    plans = [ops.batched(q, pk, pv, jnp.array([p]), jnp.zeros((b,), jnp.int32), max_group=None, causal=False,
-                         block=pb),
-             ops.per_sequence(q, sk, sv, lengths, causal=True, block=sb)]
+    plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
     saved_lead = ops.INTERLEAVE_LEAD
     ops.INTERLEAVE_LEAD = variant.get("lead", saved_lead)
     try:
-      out, _ = merge_states(ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"]))
+      out, _ = merge_states(run_plans(q, plans, launch=variant["launch"]))
     finally:
       ops.INTERLEAVE_LEAD = saved_lead
     return out.astype(q.dtype)
@@ -142,9 +139,7 @@ def sweep_prefix(configs, rates, records):
     flops = 4 * D * hq * b * p
     for (bm, bk, w, st), splits in itertools.product(PREFIX_TILES, (1, 2)):
       blk = BlockConfig(bm, bk, splits, w, st)
-      fn = lambda q, k, v, blk=blk: ops.run(q, [ops.batched(q, k, v, jnp.array([p]), jnp.zeros((b,), jnp.int32),
-                                                           max_group=None, causal=False, block=blk)],
-                                            scale=D**-0.5, interpret=False)
+      fn = lambda q, k, v, blk=blk: run_plans(q, [prefix_plan(q, k, v, block=blk)])
       try:
         t = timing.time_fn(fn, (q, pk, pv), **TIMING).median_s
         records.append(dict(kind="prefix", config=SEED[i], block=str(blk), step_s=t))
@@ -162,8 +157,7 @@ def sweep_suffix(configs, rates, records):
     for heads, bk, w, st in SUFFIX_TILES:
       over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
       blk = blocks(SEED[i], "suffix", over)
-      fn = lambda q, k, v, lengths, blk=blk: ops.run(q, [ops.per_sequence(
-          q, k, v, lengths, causal=True, block=blk)], scale=D**-0.5, interpret=False)
+      fn = lambda q, k, v, lengths, blk=blk: run_plans(q, [suffix_plan(q, k, v, lengths, block=blk)])
       try:
         compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
         for s in (1, out // 2, out):

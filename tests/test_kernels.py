@@ -104,16 +104,13 @@ def test_choose_block_splits_are_the_fewest_that_keep_the_key_bounds(batch, pref
   rows = batch * q_heads // kv_heads
   blk = ops.choose_block(rows, rows, 1, kv_heads, prefix, 128)
   programs = kv_heads // blk.heads * -(-rows * blk.heads // blk.block_m)
-  cores = ops._num_cores()
-
-  def bounds_hold(splits):
-    keys = prefix / splits
-    return (keys <= ops.MAX_KEYS_PER_PROGRAM and programs * splits >= cores
-            and (programs * splits >= 4 * cores or keys <= ops.BALANCED_KEYS))
-
   too_few_keys_to_split_again = prefix < 2 * blk.splits * 4 * (blk.block_k // blk.heads)
-  assert bounds_hold(blk.splits) or too_few_keys_to_split_again
-  assert blk.splits == 1 or not bounds_hold(blk.splits // 2)
+  assert ops._split_bounds_hold(programs, blk.splits, prefix) or too_few_keys_to_split_again
+  assert blk.splits == 1 or not ops._split_bounds_hold(programs, blk.splits // 2, prefix)
+  # the bounds themselves, on this level
+  keys, total = prefix / blk.splits, programs * blk.splits
+  assert keys <= ops.MAX_KEYS_PER_PROGRAM or too_few_keys_to_split_again
+  assert total >= 4 * ops._num_cores() or keys <= ops.BALANCED_KEYS or too_few_keys_to_split_again
 
 
 def test_choose_block_light_tiles_when_levels_share_the_launch():

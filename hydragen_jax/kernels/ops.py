@@ -37,6 +37,14 @@ MAX_KEYS_PER_PROGRAM = 4096
 BALANCED_KEYS = 2048
 
 
+def _split_bounds_hold(programs: int, splits: int, num_keys: int) -> bool:
+  """Whether a level of `programs` programs, its `num_keys` keys split `splits` ways, has a program per SM, at most
+  MAX_KEYS_PER_PROGRAM keys a program, and at most BALANCED_KEYS while it has fewer than 4 programs per SM."""
+  cores, keys = _num_cores(), num_keys / splits
+  return (programs * splits >= cores and keys <= MAX_KEYS_PER_PROGRAM
+          and (programs * splits >= 4 * cores or keys <= BALANCED_KEYS))
+
+
 def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
                  head_dim: int, *, shared_launch: bool = True, itemsize: int = 2) -> BlockConfig:
   """Tiling heuristic, from the sweeps on the H100 (experiments/PERF_NOTES.md).
@@ -63,15 +71,8 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   block_k = min(block_k, max(16, pl.next_power_of_2(num_keys * heads)))
   step_keys = max(1, block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))  # programs with rows
-  cores = _num_cores()
-
-  def too_few_or_too_long(splits):
-    keys = num_keys / splits
-    return (programs * splits < cores or keys > MAX_KEYS_PER_PROGRAM
-            or (programs * splits < 4 * cores and keys > BALANCED_KEYS))
-
   splits = 1
-  while too_few_or_too_long(splits) and num_keys >= 2 * splits * 4 * step_keys:
+  while not _split_bounds_hold(programs, splits, num_keys) and num_keys >= 2 * splits * 4 * step_keys:
     splits *= 2
   return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages,
                      heads=heads)
