@@ -167,9 +167,13 @@ def skip_reason(variant: Variant) -> str | None:
 
 
 def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callable, *, backend: str,
-                    build: Callable, timing_kw: dict, device_table: dict | None, reference_out=None
-                    ) -> tuple[str, dict, str | None, jax.Array | None]:
-    """(status, results, reason, output) of one variant at one (config, s); failures become statuses."""
+                    build: Callable, timing_kw: dict, device_table: dict | None, reference_out=None,
+                    steps_per_call: int = 1) -> tuple[str, dict, str | None, jax.Array | None]:
+    """(status, results, reason, output) of one variant at one (config, s); failures become statuses.
+
+    One timed call runs `steps_per_call` steps chained (`timing.chain_steps`: each step's output is the next one's
+    query); `step_s` is the call's median time / steps_per_call, and the output compared with the reference's is
+    that of the last step of the chain (the reference runs the same chain)."""
     variant = VARIANTS[name]
     reason = skip_reason(variant)
     if reason is not None:
@@ -179,8 +183,8 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
         memory.check_fits(estimate_bytes(case, s, variant), device_table)
         fn, args = build(name, inputs, per_seq, backend)
         in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
-        t = timing.time_fn(fn, args, **timing_kw)
-        results = {**t.as_dict(), "step_s": t.median_s}
+        t = timing.time_fn(timing.chain_steps(fn, steps_per_call), args, **timing_kw)
+        results = {**t.as_dict(), "steps_per_call": steps_per_call, "step_s": t.median_s / steps_per_call}
         if in_use is not None:
             results["device_bytes_in_use"] = in_use
         if reference_out is not None and name != "reference":
@@ -201,6 +205,7 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
     bench = config["bench"]
     timing_kw = timing.timing_options(config["timing"])
     budget = config["timing"].get("time_budget_s")
+    steps_per_call = config["timing"].get("steps_per_call", 1)
     started = time.perf_counter()
     backend = hydragen_backend(bench)
 
@@ -208,7 +213,8 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
     writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
     print(f"[bench] floor bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (copy "
           f"{rates['copy_bandwidth_bytes_per_s'] / 1e12:.3f}, read {rates['read_bandwidth_bytes_per_s'] / 1e12:.3f}), "
-          f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+          f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; one dispatched call of a trivial op "
+          f"{rates['dispatch_s'] * 1e6:.1f} us; {steps_per_call} decode step(s) chained per timed call", flush=True)
 
     cases = cases_from_config(config)
     copied = [n for n in bench["variants"] if VARIANTS[n].prefix_copied]
@@ -256,7 +262,7 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
         for name in bench["variants"]:
             status, results, reason, out = measure_variant(
                 name, case, s, inputs, per_seq, backend=backend, build=build, timing_kw=timing_kw,
-                device_table=config.get("device"), reference_out=reference_out)
+                device_table=config.get("device"), reference_out=reference_out, steps_per_call=steps_per_call)
             if name == "reference":
                 reference_out = out
             del out
@@ -281,7 +287,7 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
 def _print_step(case: Case, s: int, name: str, rec: dict) -> None:
     if rec["status"] == "ok":
         r = rec["results"]
-        tqdm.write(f"[bench] {case.label()} s={s} {name}: {r['median_s'] * 1e6:.1f} us "
+        tqdm.write(f"[bench] {case.label()} s={s} {name}: {r['step_s'] * 1e6:.1f} us a step "
                    f"(compile {r['compile_s']:.1f} s, floor fraction {r['floor_fraction']:.3f})")
     else:
         tqdm.write(f"[bench] {case.label()} s={s} {name}: {rec['status']} ({rec.get('reason', '')[:120]})")

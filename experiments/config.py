@@ -45,8 +45,8 @@ class ListOf:
     required: bool = True
 
 
-def positive_int(hint: str = "an integer >= 1") -> Field:
-    return Field((int,), check=lambda v: not isinstance(v, bool) and v >= 1, hint=hint)
+def positive_int(hint: str = "an integer >= 1", required: bool = True) -> Field:
+    return Field((int,), check=lambda v: not isinstance(v, bool) and v >= 1, hint=hint, required=required)
 
 
 def non_negative_int() -> Field:
@@ -63,6 +63,8 @@ TIMING_SCHEMA = {
     "min_repeat_s": Field((int, float), required=False, check=lambda v: v >= 0, hint="seconds >= 0"),
     "max_inner": Field((int,), required=False, check=lambda v: v >= 1, hint="an integer >= 1"),
     "time_budget_s": Field((int, float), required=False, check=lambda v: v > 0, hint="seconds > 0"),
+    # bench-attention: decode steps chained in one compiled call (timing.chain_steps); the step time is the call's / this.
+    "steps_per_call": positive_int(required=False),
 }
 
 DEVICE_SCHEMA = {

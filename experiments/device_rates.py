@@ -39,6 +39,14 @@ def matmul_rate(n: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
     return {"matmul_n": n, "matmul_time_s": t.median_s, "matmul_flops_per_s": 2.0 * n**3 / t.median_s}
 
 
+def dispatch_time(timing_kw: dict) -> dict:
+    """Seconds per call of a trivial jitted op (x + 1 on 512 KiB) launched back to back: the host's cost of one
+    dispatch, a lower bound on any step timed one call per step."""
+    x = jnp.ones((64, 32, 128), jnp.bfloat16)
+    t = timing.time_fn(lambda a: a + 1, (x,), **timing_kw)
+    return {"dispatch_s": t.median_s}
+
+
 def measure(copy_bytes: int, matmul_n: int, timing_kw: dict) -> dict:
     """Device rates; `bandwidth_bytes_per_s`, the floor's bandwidth, is the larger of the copy and the read-only
     rates, so that the floor is never set by a slow way of moving bytes."""
@@ -46,4 +54,4 @@ def measure(copy_bytes: int, matmul_n: int, timing_kw: dict) -> dict:
     read = read_bandwidth(copy_bytes, timing_kw)
     copy["copy_bandwidth_bytes_per_s"] = copy["bandwidth_bytes_per_s"]
     copy["bandwidth_bytes_per_s"] = max(copy["bandwidth_bytes_per_s"], read["read_bandwidth_bytes_per_s"])
-    return {**copy, **read, **matmul_rate(matmul_n, timing_kw)}
+    return {**copy, **read, **matmul_rate(matmul_n, timing_kw), **dispatch_time(timing_kw)}

@@ -43,6 +43,13 @@ VARIANTS = {
     "auto_lead25": dict(launch="auto", lead=0.25),
     "auto_sheads8": dict(launch="auto", suffix=dict(heads=8)),
     "auto_sk128": dict(launch="auto", suffix=dict(block_k=128, num_stages=2)),
+    "auto_lead90": dict(launch="auto", lead=0.9),
+    "auto_lead100": dict(launch="auto", lead=1.0),
+    "auto_st2": dict(launch="auto", prefix=dict(num_stages=2), suffix=dict(num_stages=2)),
+    "auto_k32": dict(launch="auto", prefix=dict(block_k=32), suffix=dict(block_k=32)),
+    "auto_k32st4": dict(launch="auto", prefix=dict(block_k=32, num_stages=4), suffix=dict(block_k=32, num_stages=4)),
+    "auto_pm128": dict(launch="auto", prefix=dict(block_m=128, num_warps=8)),
+    "auto_pk128st2": dict(launch="auto", prefix=dict(block_k=128, num_stages=2), suffix=dict(num_stages=2)),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),

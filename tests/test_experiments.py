@@ -6,6 +6,7 @@ import json
 import pathlib
 import tomllib
 
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -70,6 +71,27 @@ def test_time_fn_reports_compile_and_median():
     assert len(t.times_s) == 5 and 1 <= t.inner <= 4
     assert min(t.times_s) <= t.median_s <= max(t.times_s)
     assert t.output.shape == (64, 64)
+
+
+def test_chain_steps_feeds_each_output_to_the_next_step():
+    key_q, key_k = jax.random.split(jax.random.key(3))
+    q = jax.random.normal(key_q, (2, 1, 4, 8))
+    k = jax.random.normal(key_k, (2, 5, 4, 8))
+
+    def step(q, k):  # an attention-like step: out has q's shape
+        return jax.nn.dot_product_attention(q, k, k)
+
+    assert timing.chain_steps(step, 1) is step
+    want = q
+    for _ in range(3):
+        want = step(want, k)
+    got = jax.jit(timing.chain_steps(step, 3))(q, k)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not jnp.allclose(got, step(q, k))  # three steps, not one
+    with pytest.raises(ValueError, match="steps must be >= 1; got 0"):
+        timing.chain_steps(step, 0)
+    with pytest.raises(ValueError, match=r"fn returned shape \(2, 1, 4\); expected the query's \(2, 1, 4, 8\)"):
+        timing.chain_steps(lambda q, k: q.sum(-1), 2)(q, k)
 
 
 def test_is_oom_and_estimate():
@@ -178,9 +200,13 @@ def test_bench_smoke_results(bench_smoke):
             assert res["output_finite"], rec
             assert res["max_abs_err_vs_reference"] is not None and res["max_abs_err_vs_reference"] < 0.05, rec
     assert "speedup_vs_xla_per_sequence" in by_mode["hydragen"]["results"]
+    chained = cfg["timing"]["steps_per_call"]
+    assert chained == 2 and rates[0]["results"]["dispatch_s"] > 0
     for rec in steps:
         if rec["status"] == "ok":
-            assert rec["results"]["compile_s"] > 0 and rec["results"]["repeats"] == cfg["timing"]["repeats"]
+            res = rec["results"]
+            assert res["compile_s"] > 0 and res["repeats"] == cfg["timing"]["repeats"]
+            assert res["steps_per_call"] == chained and res["step_s"] == pytest.approx(res["median_s"] / chained)
     md = bench_smoke.with_suffix(".md").read_text()
     assert "floor frac" in md and "tok/s" in md
 
