@@ -126,19 +126,19 @@ def batched(
   n = lengths.shape[0]
   if s == 0:
     return None
-  if n == 1:  # one node read by every sequence, in their natural order (order is not read)
-    order, counts = np.zeros((1,), np.int32), np.full((1,), b, np.int32)
+  if n == 1:  # one node read by every sequence, in their natural order (order is not read): numpy constants
+    order, counts, starts = np.zeros((1,), np.int32), np.full((1,), b, np.int32), np.zeros((1,), np.int32)
   else:  # the kernel visits the sequences node by node
     order = jnp.argsort(seq_to_node, stable=True).astype(jnp.int32)
     counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
   rows = t * (hq // hkv)
   max_rows = rows * (b if max_group is None else min(max_group, b))
   block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch,
-                                                          itemsize=k.dtype.itemsize), hkv)
+                                             itemsize=k.dtype.itemsize), hkv)
   nodes = np.arange(n, dtype=np.int32)
   return (LevelSpec(block, max_rows * block.heads, causal, identity_order=n == 1),
-          LevelWork(k, v, order, np.cumsum(counts) - counts if n == 1 else jnp.cumsum(counts) - counts,
-                    counts * rows * block.heads, node_offset + nodes,
+          LevelWork(k, v, order, starts, counts * rows * block.heads, node_offset + nodes,
                     lengths.astype(jnp.int32)))
 
 
