@@ -5,8 +5,13 @@ computes attention over each part, and merges the parts exactly by their log-sum
 once for all sequences that read them, their queries stacked into one matrix (inter-sequence batching).
 
 Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D]`, Hq a multiple of Hkv.
-`backend`: "pallas" (compiled GPU kernels), "interpret" (the same kernels in the Pallas interpreter, for CPU
-tests), "xla" (the pure-jnp reference); None picks "pallas" on GPU and "xla" elsewhere.
+`backend`: "pallas" (compiled GPU kernels: the Hopper kernel where it pays, the Triton kernels elsewhere),
+"triton" (the Triton kernels only), "mosaic" (the Hopper kernel wherever it applies), "interpret" /
+"interpret-mosaic" (the Triton / Hopper kernels in Pallas' interpreters, for CPU tests), "xla" (the pure-jnp
+reference); None picks "pallas" on GPU and "xla" elsewhere. The Hopper kernel (`kernels/hopper.py`) applies to
+a one-prefix-plus-suffixes step (`hydragen_attention`, or a two-level tree whose root is one node read by all
+sequences) in bf16/f16 with D = 64 or 128, cache capacities multiples of 8 and no layer axis; anything else runs
+on the Triton kernels whatever the backend.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from hydragen_jax import reference
 from hydragen_jax import validation as check
+from hydragen_jax.kernels import hopper
 from hydragen_jax.kernels import ops as pallas_ops
 
 Array = jax.Array
@@ -82,15 +88,35 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
                                  shared_launch=shared_launch)
 
 
+def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
+                  interpret: bool):
+  """The two parts of a Hydragen step by the Hopper kernel, or None where the levels are not its case: one prefix
+  node shared by the whole batch (batched), then each sequence's own causal suffix, no layer axis."""
+  if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:
+    return None
+  prefix, suffix = levels
+  if prefix.k.shape[0] != 1 or suffix.seq_to_node is not None or prefix.layer is not None or suffix.layer is not None:
+    return None
+  if hopper.supported(q, prefix.k[0], suffix.k) is not None:
+    return None
+  return list(hopper.prefix_suffix_attention(q, prefix.k[0], prefix.v[0], prefix.lengths[0], suffix.k, suffix.v,
+                                             suffix.lengths, scale=scale, interpret=interpret))
+
+
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
             backend: str):
   """The `(out, lse)` parts of q over every level, to be merged by `merge_states`."""
   if backend == "xla":
     return [_reference_level(q, level, causal=c, batched=b, scale=scale)
             for level, c, b in zip(levels, causal, batched)]
+  interpret = backend.startswith("interpret")
+  if backend in ("mosaic", "interpret-mosaic") or (backend == "pallas" and check.hopper_pays(q, levels[0].k.shape[-2], levels[0].k.shape[-3])):
+    parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, interpret=interpret)
+    if parts is not None:
+      return parts
   plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
            for level, c, b in zip(levels, causal, batched)]
-  parts = pallas_ops.run(q, plans, scale=scale, interpret=backend == "interpret")
+  parts = pallas_ops.run(q, plans, scale=scale, interpret=interpret)
   return parts or [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
 
 
@@ -119,7 +145,7 @@ def attention(
     kv_lengths: `[B]` valid keys per sequence (default S).
     causal: the T queries are the last T valid keys: query t sees positions <= kv_lengths - T + t.
     scale: logit scale, default 1/sqrt(D).
-    backend: "pallas", "interpret", "xla" or None.
+    backend: one of BACKENDS (module docstring) or None.
 
   Returns:
     out `[B, T, Hq, D]` (q.dtype; 0 for a query that sees no key) and lse `[B, T, Hq]` float32 (-inf there).
@@ -158,7 +184,7 @@ def tree_attention(
     levels: root to leaf. All levels but the last are fully visible; the last is causal, its T queries being its
       last T valid tokens (a query t with no visible leaf key still sees the shared levels).
     scale: logit scale, default 1/sqrt(D).
-    backend: "pallas", "interpret", "xla" or None.
+    backend: one of BACKENDS (module docstring) or None.
     batch_shared: stack the queries of all sequences that read a shared node into one matrix (Hydragen). False
       reads each shared node once per sequence (the shared-storage baseline); results are identical.
 

@@ -8,12 +8,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("pallas", "interpret", "xla")
+BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
+
+# "pallas" runs the Hopper kernel (kernels/hopper.py) on an H100-class GPU when the prefix product is large:
+# (stacked query rows per KV head, B·T·g) × (prefix capacity) >= HOPPER_MIN_WORK. There it is compute-bound and
+# the kernel overlaps it with the suffix stream; below, the Triton kernels are as fast or faster. Measured on the
+# H100 (experiments/PERF_NOTES.md): B=512 P=2048 g=4 (2048 × 2048) is faster on Triton, B=512 P=4096 (2048 × 4096)
+# and larger on the Hopper kernel.
+HOPPER_MIN_WORK = 2048 * 4096
 
 
 def default_backend() -> str:
   """The backend used when none is given: "pallas" on a GPU, "xla" (the pure-jnp reference) elsewhere."""
   return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def hopper_pays(q, num_kv_heads: int, prefix_capacity: int) -> bool:
+  """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads and a
+  prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, for a large prefix product."""
+  device = jax.devices()[0]
+  hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+  rows = q.shape[0] * q.shape[1] * q.shape[2] // num_kv_heads
+  return hopper and rows * prefix_capacity >= HOPPER_MIN_WORK
 
 
 def resolve_backend(backend: str | None) -> str:

@@ -12,7 +12,8 @@ import numpy as np
 
 from hydragen_jax import Level, reference
 
-TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2),
+             jnp.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
 def tol(dtype) -> dict:

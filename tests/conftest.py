@@ -1,7 +1,9 @@
 """Shared test base: every implementation (backend) runs the same tests.
 
-"xla" is the pure-jnp reference path, "interpret" runs the Pallas kernels in the interpreter (CPU, CI), "pallas"
-compiles them for the GPU and is skipped, with the reason, where there is none.
+"xla" is the pure-jnp reference path, "interpret" / "interpret-mosaic" run the Triton / Hopper Pallas kernels in
+their interpreters (CPU, CI), "pallas" / "mosaic" compile them for the GPU and are skipped, with the reason, where
+there is none. Cases outside the Hopper kernel's (float32, odd capacities, ...) run on the Triton kernels under
+"interpret-mosaic" / "mosaic" too, so those backends also check the fallback.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled 
 BACKEND_PARAMS = [
     pytest.param("xla", id="xla"),
     pytest.param("interpret", id="interpret"),
+    pytest.param("interpret-mosaic", id="interpret-mosaic"),
     pytest.param("pallas", id="pallas", marks=[pytest.mark.gpu, requires_gpu]),
+    pytest.param("mosaic", id="mosaic", marks=[pytest.mark.gpu, requires_gpu]),
 ]
-KERNEL_BACKENDS = BACKEND_PARAMS[1:]
+KERNEL_BACKENDS = [BACKEND_PARAMS[1], BACKEND_PARAMS[3]]  # the Triton kernels (ops.run): interpreted, compiled
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -318,7 +318,7 @@ def test_hydragen_bad_input():
 
 def test_default_backend_is_xla_on_cpu_and_pallas_on_gpu():
   assert hj.default_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
-  assert set(hj.BACKENDS) == {"pallas", "interpret", "xla"}
+  assert set(hj.BACKENDS) == {"pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla"}
 
 
 def test_layered_levels_read_one_layer_in_place(backend):

@@ -1,0 +1,392 @@
+"""Hopper kernel (Pallas Mosaic GPU): a decode step's shared prefix and every suffix in one persistent launch.
+
+Why a second kernel: on the compute-bound configs (large B with GQA) the prefix product must run near the tensor
+cores' rate *and* hide under the memory-bound suffix stream. The Triton tiles reach only ~290 TFLOP/s when they
+share an SM with suffix programs (experiments/PERF_NOTES.md). Here each CTA (one per SM) runs three warpgroups
+side by side, so that the suffixes' TMA copies stream while the prefix's wgmma run:
+
+* warpgroups 0 and 1, the prefix pair: prefix items (h, r), 128 stacked query rows of KV head h (64 each, one
+  wgmma tile) over the same prefix key tiles, which warpgroup 1 loads into a ring that both read;
+* warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring.
+
+Items go round-robin over the CTAs. Both are flash attention: online softmax over 64-key tiles, scores in base 2
+(`s·scale·log2 e`). A suffix item has so few query rows that a 64-row tile would be mostly padding, so its tile is
+transposed: keys on the wgmma's 64 rows, the queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N
+side. That tile's softmax reduces over rows, across warps, through a shared-memory scratch that Mosaic GPU gives
+every warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so nothing races on it.
+
+The returned lse is natural-log, -inf for a query that sees no key (its out is 0). Masked scores are -inf and the
+running max starts at a finite -1e30, so fully masked tiles never produce NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+Array = jax.Array
+
+ROWS = 64  # query rows of one warpgroup's wgmma tile
+BLOCK_K = 64  # keys of a tile
+PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
+_LOG2E = math.log2(math.e)
+_M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 (not NaN) while a row sees no key
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperConfig:
+  """Static configuration of the Hopper kernel.
+
+  num_ctas: CTAs of the persistent grid (one per SM). prefix_stages / suffix_stages: key tiles in flight in the
+  prefix pair's ring and in the suffix warpgroup's (shared memory about (128 + 128·(prefix_stages +
+  suffix_stages))·D·2 bytes: 192 KB for D = 128 and 3 + 2). pair_registers / suffix_registers: registers a thread
+  of the pair / of the suffix warpgroup (setmaxnreg; 2·pair + suffix <= 512, multiples of 8). pingpong: the pair
+  takes turns on the tensor cores, one's softmax running under the other's products (FlashAttention-3's schedule).
+  """
+
+  num_ctas: int = 132
+  prefix_stages: int = 3
+  suffix_stages: int = 2
+  pair_registers: int = 208
+  suffix_registers: int = 88
+  pingpong: bool = True
+
+
+def supported(q: Array, prefix_k: Array, suffix_k: Array) -> str | None:
+  """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`,
+  else the reason it does not."""
+  _, steps, num_q_heads, head_dim = q.shape
+  rows = steps * num_q_heads // prefix_k.shape[-2]
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or {prefix_k.dtype, suffix_k.dtype} != {q.dtype}:
+    return f"dtypes {q.dtype}/{prefix_k.dtype}/{suffix_k.dtype}: wgmma tiles take 16-bit inputs, all the same"
+  if head_dim not in (64, 128):
+    return f"head dim {head_dim}: shared memory holds D = 64 or 128"
+  if _window_rows(rows) > ROWS:
+    return f"T·g = {rows} query rows per sequence and KV head: their 8-aligned window exceeds {ROWS} rows"
+  if any(n % 8 and n > 8 for n in (prefix_k.shape[0], suffix_k.shape[1])):
+    return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is over 8 and not a "
+            "multiple of 8 (a TMA copy needs the caches' key dimension in whole 8-row tiles, or under one)")
+  return None
+
+
+def _window_rows(qrows: int) -> int:
+  """Rows of the 8-aligned window that holds one sequence's `qrows` rows wherever it starts (offset < 8)."""
+  max_offset = 8 - math.gcd(qrows, 8)
+  return -(-(qrows + max_offset) // 8) * 8
+
+
+def _product(a, b, acc_ref, issued=lambda: None):
+  """a @ b on the tensor cores (wgmma) into a zeroed accumulator; returns it (waiting for the wgmma). `issued()`
+  runs between issuing the wgmma and waiting for it."""
+  plgpu.wgmma(acc_ref, a, b)
+  issued()
+  return acc_ref[...]
+
+
+def _accumulate(acc, p, v_tile, p_smem):
+  """acc + p @ v_tile `[64, D]` (rows = queries). Compiled (p_smem None): p is the wgmma's register operand and
+  the wgmma accumulates into acc in place. The interpreter takes neither a register operand nor a pre-initialised
+  accumulator, so there p goes through shared memory and the product into a fresh accumulator."""
+  if p_smem is None:
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_tile))(plgpu.ACC.init(acc))
+  p_smem[...] = p
+  plgpu.commit_smem()
+  return acc + pl.run_scoped(functools.partial(_product, p_smem, v_tile), plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _accumulate_keys_major(acc, p, v_tile, p_smem):
+  """acc + v_tileᵀ @ p `[D, n]` for p `[keys, n]`: p goes to shared memory, written transposed (`[n, keys]`,
+  the wgmma's K-major B operand), and vᵀ is read from v_tile `[keys, D]` as a transposed A operand."""
+  p_smem.transpose((1, 0))[...] = p
+  plgpu.commit_smem()
+  return acc + pl.run_scoped(functools.partial(_product, v_tile.transpose((1, 0)), p_smem.transpose((1, 0))),
+                             plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
+           keys_major, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
+  """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
+
+  Tile j sits in ring slot `slot_of(j)` of k_smem/v_smem `[stages, 64, D]`, its copies arriving on `k_bar(slot)`
+  and `v_bar(slot)`; `after(j, slot)` runs once the tile is no longer read (it refills or releases the slot).
+  `issued()` runs once a tile's score product is issued, `softmax_done()` after its softmax, `before_pv()` before
+  its value product (the prefix pair's ping-pong, see `_kernel`).
+  Tiles below `num_full` are visible to every query and skip the mask; in the others a key at position < `limit`
+  is visible (limit broadcasts against the score tile: per query when causal).
+
+  Two orientations of the score tile:
+  * rows = queries (`[64, 64]`, q_smem `[64, D]`): the prefix's tiles; acc `[64, D]`.
+  * keys_major (`[64, n]`, q_smem `[n, D]`, n = 8 … 64): a suffix item's few query rows on the wgmma's N side
+    instead of 64 rows of mostly padding (8× less tensor and ALU work for n = 8); acc `[D, n]`.
+
+  Returns (acc, m, l): unnormalised output, running max (base 2), sum of exp2, per query.
+  """
+  block_k, head_dim = k_smem.shape[-2:]
+  key_axis = 0 if keys_major else 1
+  q_axis = 1 - key_axis
+  num_q = q_smem.shape[0]
+  tile = (block_k, num_q) if keys_major else (num_q, block_k)
+  keys = plgpu.broadcasted_iota(jnp.int32, tile, key_axis, layout=plgpu.Layout.WGMMA)
+  per_query = lambda x, shape: lax.broadcast_in_dim(x, shape, [q_axis])
+
+  def body(masked, j, carry):
+    acc, m, l = carry
+    slot = slot_of(j)
+    plgpu.barrier_wait(k_bar(slot))
+    a, b = (k_smem.at[slot], q_smem.transpose((1, 0))) if keys_major else (q_smem, k_smem.at[slot].transpose((1, 0)))
+    s = pl.run_scoped(functools.partial(_product, a, b, issued=issued), plgpu.ACC(tile, jnp.float32))
+    if masked:
+      s = jnp.where(keys + j * block_k < limit, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=key_axis) * scale2)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * scale2 - per_query(m_new, tile))  # one FMA and an exp2 per score
+    l = l * alpha + p.sum(axis=key_axis)
+    acc = acc * per_query(alpha, acc.shape)
+    softmax_done()
+    plgpu.barrier_wait(v_bar(slot))
+    before_pv()
+    p = p.astype(k_smem.dtype)
+    if keys_major:
+      acc = _accumulate_keys_major(acc, p, v_smem.at[slot], p_smem)
+    else:
+      acc = _accumulate(acc, p, v_smem.at[slot], p_smem)
+    after(j, slot)  # reading the product waited for the wgmma: the slot is no longer read
+    return acc, m_new, l
+
+  wgmma = plgpu.Layout.WGMMA
+  acc = plgpu.layout_cast(jnp.zeros((head_dim, num_q) if keys_major else (num_q, head_dim), jnp.float32), wgmma)
+  m = plgpu.layout_cast(jnp.full((num_q,), _M_INIT, jnp.float32), wgmma.reduce(key_axis))
+  l = plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(key_axis))
+  num_full = jnp.clip(num_full, 0, num_tiles)
+  carry = lax.fori_loop(0, num_full, functools.partial(body, False), (acc, m, l))
+  return lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
+
+
+def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
+  """Normalise into shared memory: out = acc / l (0 where l = 0), lse = (m + log2 l)·ln 2 (-inf where l = 0).
+  keys_major: acc is `[D, n]` and goes to o_smem `[n, D]` transposed."""
+  seen = l > 0
+  inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+  out = (acc * lax.broadcast_in_dim(inv, acc.shape, [1 if keys_major else 0])).astype(o_smem.dtype)
+  if keys_major:
+    o_smem.transpose((1, 0))[...] = out
+  else:
+    o_smem[...] = out
+  lse_smem[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * math.log(2.0), -jnp.inf)
+  plgpu.commit_smem()
+
+
+def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os_ref, ls_ref, scratch, *,
+            config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int):
+  """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]."""
+  (pq_all, plse_all, pk_smem, pv_smem, q_smem, lse_smem, p_smem, sk_smem, sv_smem,
+   q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all) = scratch
+  wg, cta, num_ctas = lax.axis_index("wg"), lax.axis_index("cta"), config.num_ctas
+  num_heads = pk_ref.shape[1]
+  pairs = op_ref.shape[1] // (PAIR * ROWS)  # 128-row blocks per KV head
+  srows = os_ref.shape[2]  # rows of a suffix item's window
+  flash = functools.partial(_flash, scale2=scale * _LOG2E)
+
+  def load_q(src, dst, bar):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's output has left shared memory
+    plgpu.copy_gmem_to_smem(src, dst, bar)
+    plgpu.barrier_wait(bar)
+
+  def count(num_items):  # this CTA's items: cta, cta + num_ctas, ... < num_items
+    return jnp.maximum(0, (num_items - cta + num_ctas - 1) // num_ctas)
+
+  def prefix_pair():
+    """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
+    a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (warpgroup 0 arrives on
+    `consumed`, warpgroup 1 waits for it)."""
+    stages = pk_smem.shape[0]
+    length = lens_ref[batch]
+    n = pl.cdiv(length, BLOCK_K)
+    total = count(num_heads * pairs) * n
+    loader = wg == 1
+
+    def load(g, slot):
+      item = cta + (g // n) * num_ctas
+      keys = pl.ds((g % n) * BLOCK_K, BLOCK_K)
+      plgpu.copy_gmem_to_smem(pk_ref.at[keys, item // pairs], pk_smem.at[slot], pk_bars.at[slot])
+      plgpu.copy_gmem_to_smem(pv_ref.at[keys, item // pairs], pv_smem.at[slot], pv_bars.at[slot])
+
+    @pl.when(loader)
+    def _():
+      lax.fori_loop(0, jnp.minimum(total, stages), lambda g, _: load(g, g), None)
+
+    # Ping-pong on `sched` (two arrivals a phase): warpgroup 1 starts half a turn late; then in every tile each
+    # issues its score product and meets the other (rendezvous), and after its softmax arrives but waits for the
+    # other's arrival only just before its value product. So one warpgroup's softmax runs while the other's
+    # products use the tensor cores. Warpgroup 0 ends with the rendezvous that warpgroup 1 began with.
+    def rendezvous():
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    hooks = dict(issued=rendezvous, softmax_done=lambda: plgpu.barrier_arrive(sched),
+                 before_pv=lambda: plgpu.barrier_wait(sched)) if config.pingpong else {}
+    if config.pingpong:
+      pl.when(wg == 1)(rendezvous)
+
+    def item(i, _):
+      idx = cta + i * num_ctas
+      h, rows = idx // pairs, pl.ds((idx % pairs) * PAIR * ROWS + wg * ROWS, ROWS)
+      q, lse = pq_all.at[wg], plse_all.at[wg]
+      load_q(qt_ref.at[h, rows], q, q_bars.at[wg])
+      first = i * n
+
+      def after(j, slot):
+        g = first + j
+
+        @pl.when(jnp.logical_not(loader))
+        def _():
+          plgpu.barrier_arrive(consumed.at[slot])
+
+        @pl.when(loader)
+        def _():
+          plgpu.barrier_wait(consumed.at[slot])  # every phase, also the last ones: none is left unobserved
+          pl.when(g + stages < total)(functools.partial(load, g + stages, slot))
+
+      acc, m, l = flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
+                        lambda slot: pk_bars.at[slot], lambda slot: pv_bars.at[slot],
+                        lambda j: lax.rem(first + j, stages), after, n, length // BLOCK_K, length, keys_major=False,
+                        **hooks)
+      _finish(acc, m, l, q, lse, keys_major=False)
+      plgpu.copy_smem_to_gmem(q, op_ref.at[h, rows])
+      plgpu.copy_smem_to_gmem(lse, lp_ref.at[h, rows])
+
+    lax.fori_loop(0, count(num_heads * pairs), item, None)
+    if config.pingpong:
+      pl.when(wg == 0)(rendezvous)
+
+  def suffixes():
+    """Warpgroup 2: each suffix item fills its own ring from slot 0."""
+    stages = sk_smem.shape[0]
+    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K, srows), 1, layout=plgpu.Layout.WGMMA)
+
+    def item(i, _):
+      idx = cta + i * num_ctas
+      b, h = idx // num_heads, idx % num_heads
+      # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
+      start = b * qrows
+      window = pl.multiple_of(start // 8 * 8, 8)
+      load_q(qt_ref.at[h, pl.ds(window, srows)], q_smem, q_bars.at[PAIR])
+      length = lens_ref[b]
+      n = pl.cdiv(length, BLOCK_K)
+      # Window row c is query t = (c - (start - window)) // g of the sequence's last T tokens: it sees suffix keys
+      # < length - T + 1 + t.
+      limit = length - causal_t + 1 + (cols - (start - window)) // group if causal_t > 1 else length
+
+      def load(j, slot):
+        keys = pl.ds(j * BLOCK_K, BLOCK_K)
+        plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot], sk_bars.at[slot])
+        plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot], sv_bars.at[slot])
+
+      # Tile starts are traced values (a loop, not unrolled): TMA clips a tile at the array's end.
+      lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(j, j), None)
+      acc, m, l = flash(q_smem, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
+                        lambda slot: sv_bars.at[slot], lambda j: lax.rem(j, stages),
+                        lambda j, slot: pl.when(j + stages < n)(functools.partial(load, j + stages, slot)),
+                        n, (length - causal_t + 1) // BLOCK_K, limit, keys_major=True)
+      _finish(acc, m, l, q_smem, lse_smem, keys_major=True)
+      plgpu.copy_smem_to_gmem(q_smem, os_ref.at[h, b])
+      plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, b])
+
+    lax.fori_loop(0, count(batch * num_heads), item, None)
+
+  @pl.when(wg < PAIR)
+  def _():
+    plgpu.set_max_registers(config.pair_registers, action="increase")
+    prefix_pair()
+
+  @pl.when(wg == PAIR)
+  def _():
+    plgpu.set_max_registers(config.suffix_registers, action="decrease")
+    suffixes()
+
+  plgpu.wait_smem_to_gmem(0)
+
+
+def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_length: Array, suffix_k: Array,
+                            suffix_v: Array, suffix_lengths: Array, *, scale: float,
+                            config: HopperConfig = HopperConfig(), interpret: bool = False):
+  """The two parts of a Hydragen decode step, for `merge_states` (check `supported` first).
+
+  Args:
+    q: `[B, T, Hq, D]` (bf16/f16), the last T tokens of each suffix.
+    prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible up to `prefix_length` (int32 []).
+    suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries, `suffix_lengths` `[B]` int32 valid keys.
+    interpret: run in Mosaic GPU's interpreter (CPU tests).
+
+  Returns:
+    ((out, lse) over the prefix, (out, lse) over the suffixes): out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
+    float32 (natural log; -inf and out 0 where a query sees no key of that part).
+  """
+  batch, steps, num_q_heads, head_dim = q.shape
+  num_heads = prefix_k.shape[1]
+  group = num_q_heads // num_heads
+  qrows = steps * group  # query rows per sequence and KV head
+  srows = _window_rows(qrows)
+  # [B, T, Hkv·g, D] -> [Hkv, B·T·g, D]: each KV head's rows stacked (a copy of q, not of the caches), padded to
+  # whole 128-row pair blocks and one 8-row tile more (the last suffix window may reach into it): no copy in or out
+  # of the kernel falls off an array's end.
+  qt = q.reshape(batch, steps, num_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
+  qt = qt.reshape(num_heads, batch * qrows, head_dim)
+  rows = -(-batch * qrows // (PAIR * ROWS)) * PAIR * ROWS
+  qt = jnp.pad(qt, ((0, 0), (0, rows + 8 - batch * qrows), (0, 0)))
+  lens = jnp.concatenate([suffix_lengths.astype(jnp.int32), jnp.reshape(prefix_length, (1,)).astype(jnp.int32)])
+  dtype = q.dtype
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  ring = lambda stages: plgpu.SMEM((stages, BLOCK_K, head_dim), dtype, **tiled)
+  scratch = (
+      plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled),  # the pair's queries, then their out
+      plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
+      ring(config.prefix_stages), ring(config.prefix_stages),  # prefix key and value tiles
+      plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries, then its out
+      plgpu.SMEM((srows,), jnp.float32),  # its lse
+      plgpu.SMEM((srows, BLOCK_K), dtype, **tiled),  # a suffix tile's probabilities, transposed
+      ring(config.suffix_stages), ring(config.suffix_stages),  # suffix key and value tiles
+      plgpu.Barrier(num_barriers=PAIR + 1),  # query copies, one per warpgroup
+      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
+      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
+      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix slot read by warpgroup 0
+      plgpu.Barrier(num_barriers=config.suffix_stages),
+      plgpu.Barrier(num_barriers=config.suffix_stages),
+      plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
+      plgpu.SMEM((PAIR, ROWS, BLOCK_K), dtype, **tiled) if interpret else None,  # see _accumulate
+  )
+  kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
+                             group=group)
+  out_type = (
+      jax.ShapeDtypeStruct((num_heads, rows, head_dim), dtype),
+      jax.ShapeDtypeStruct((num_heads, rows), jnp.float32),
+      jax.ShapeDtypeStruct((num_heads, batch, srows, head_dim), dtype),
+      jax.ShapeDtypeStruct((num_heads, batch, srows), jnp.float32),
+  )
+  params = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
+    params = InterpretGPUParams()
+  op, lp, os_, ls = plgpu.kernel(
+      lambda *refs: pl.run_scoped(lambda s: kernel(*refs, s), scratch, collective_axes="wg"),
+      out_type=out_type, grid=(config.num_ctas,), grid_names=("cta",), num_threads=PAIR + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=params,
+  )(qt, prefix_k, prefix_v, suffix_k, suffix_v, lens)
+
+  def back(out, lse):  # [Hkv, B, T·g(, D)] -> [B, T, Hq(, D)]
+    out = out.reshape(num_heads, batch, steps, group, head_dim).transpose(1, 2, 0, 3, 4)
+    lse = lse.reshape(num_heads, batch, steps, group).transpose(1, 2, 0, 3)
+    return (out.reshape(batch, steps, num_q_heads, head_dim), lse.reshape(batch, steps, num_q_heads))
+
+  # Sequence b's rows sit at offset (b·T·g) mod 8 of its window (static: numpy).
+  take = (np.arange(batch)[:, None] * qrows % 8 + np.arange(qrows)[None, :]).astype(np.int32)
+  suffix = back(jnp.take_along_axis(os_, take[None, :, :, None], axis=2), jnp.take_along_axis(ls, take[None], axis=2))
+  return back(op[:, :batch * qrows], lp[:, :batch * qrows]), suffix

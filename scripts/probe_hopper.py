@@ -1,0 +1,109 @@
+"""Probe (development tool): the Hopper (Mosaic GPU) kernel against the current Triton step on the GQA seed configs.
+
+For each config, times a whole decode step (chained as in the benchmark) at s = 1, out/2, out with
+`auto` (the Triton kernels, `ops.run`) and with `hopper.prefix_suffix_attention` under tilings, prints the floor
+fraction of tok/s and the max error against `auto`; then a few odd shapes (T > 1, D = 64, lengths not a
+multiple of the block) against the reference. Usage: python scripts/probe_hopper.py [--configs 5,6,7,8]
+[--variants st2,st3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import device_rates, floor, timing
+from hydragen_jax import merge_states, reference
+from hydragen_jax.kernels import hopper
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
+from scripts.sweep_kernels import inputs
+
+TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
+STEPS = 16
+VARIANTS = {
+    "hop": hopper.HopperConfig(),
+    "nopp": hopper.HopperConfig(pingpong=False),
+    "p2s3": hopper.HopperConfig(prefix_stages=2, suffix_stages=3),
+    "r216": hopper.HopperConfig(pair_registers=216, suffix_registers=80),
+}
+
+
+def step(name):
+  def fn(q, pk, pv, sk, sv, lengths):
+    if name == "auto":  # the Triton kernels
+      parts = run_plans(q, [prefix_plan(q, pk, pv), suffix_plan(q, sk, sv, lengths)])
+    else:
+      parts = hopper.prefix_suffix_attention(q, pk[0], pv[0], jnp.int32(pk.shape[1]), sk, sv, lengths,
+                                             scale=D**-0.5, config=VARIANTS[name])
+    out, _ = merge_states(list(parts))
+    return out.astype(q.dtype)
+  return fn
+
+
+def odd_shapes():
+  rng = np.random.default_rng(0)
+  for b, t, hq, hkv, d, p, s in [(5, 3, 8, 2, 64, 136, 64), (33, 1, 32, 8, 128, 1000, 136), (7, 2, 8, 1, 128, 64, 72),
+                                 (64, 1, 8, 8, 128, 4096, 5)]:
+    ks = jax.random.split(jax.random.key(b), 5)
+    q = jax.random.normal(ks[0], (b, t, hq, d), jnp.bfloat16)
+    pk, pv = (jax.random.normal(k, (p, hkv, d), jnp.bfloat16) for k in ks[1:3])
+    sk, sv = (jax.random.normal(k, (b, s, hkv, d), jnp.bfloat16) for k in ks[3:5])
+    plen = jnp.int32(p - 3)
+    lens = jnp.asarray(rng.integers(0, s + 1, b), jnp.int32)
+    try:
+      (op, lp), (os_, ls) = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=d**-0.5))(
+          q, pk, pv, plen, sk, sv, lens)
+      rp, rlp = reference.shared_attention(q, pk, pv, plen, scale=d**-0.5)
+      rs, rls = reference.attention(q, sk, sv, lens, causal=True, scale=d**-0.5)
+      f = lambda x: np.asarray(x, np.float32)
+      fin = lambda x: np.where(np.isfinite(x), x, 0)
+      print(f"odd {(b, t, hq, hkv, d, p, s)}: prefix out {np.abs(f(op) - f(rp)).max():.4f} lse "
+            f"{np.abs(fin(f(lp)) - fin(f(rlp))).max():.2e}; suffix out {np.abs(f(os_) - f(rs)).max():.4f} lse "
+            f"{np.abs(fin(f(ls)) - fin(f(rls))).max():.2e} (-inf agree: {bool((np.isinf(f(ls)) == np.isinf(f(rls))).all())})",
+            flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f"odd {(b, t, hq, hkv, d, p, s)}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--configs", default="5,6,7,8")
+  parser.add_argument("--variants", default="hop")
+  parser.add_argument("--odd", type=int, default=1)
+  args = parser.parse_args()
+  if args.odd:
+    odd_shapes()
+  rates = device_rates.measure(1 << 31, 8192, TIMING)
+  print(f"bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
+        f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+  for i in map(int, args.configs.split(",")):
+    b, p, out, hq, hkv = SEED[i]
+    q, pk, pv, sk, sv = inputs(i)
+    points = floor.simpson_points(out)
+    floors = [floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
+                               rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"]) for s in points]
+    print(f"[{i}] {SEED[i]} floors " + " / ".join(f"{x * 1e6:.0f}" for x in floors) + " us", flush=True)
+    lengths = [jnp.full((b,), s, jnp.int32) for s in points]
+    auto = jax.jit(step("auto"))
+    want = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]  # tests check auto exactly
+    for name in ["auto"] + args.variants.split(","):
+      try:
+        compiled, _ = timing.compile_aot(timing.chain_steps(step(name), STEPS), (q, pk, pv, sk, sv, lengths[0]))
+        single = jax.jit(step(name))
+        steps, errs = [], []
+        for x, w in zip(lengths, want):
+          tm = timing.time_compiled(compiled, (q, pk, pv, sk, sv, x), **TIMING)
+          steps.append(tm.median_s / STEPS)
+          errs.append(float(jnp.max(jnp.abs(single(q, pk, pv, sk, sv, x).astype(jnp.float32) - w))))
+        frac = floor.simpson(*floors) / floor.simpson(*steps)
+        print(f"[{i}] {name:>8}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
+              f"max err vs auto {max(errs, default=float('nan')):.4f}", flush=True)
+      except Exception as e:  # noqa: BLE001
+        print(f"[{i}] {name}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

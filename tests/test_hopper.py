@@ -1,0 +1,130 @@
+"""The Hopper (Mosaic GPU) kernel: its two parts against the reference, the whole step against attention over the
+concatenated KV, its fallback where it does not apply. Interpreted on CPU (Mosaic GPU's interpreter), compiled on
+the GPU (an H100-class one: wgmma and TMA)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hydragen_jax as hj
+from hydragen_jax import reference
+from hydragen_jax.kernels import hopper
+from tests.attention_cases import expected_tree, normal, random_level, tol
+from tests.conftest import ON_GPU
+
+requires_hopper = pytest.mark.skipif(
+    not ON_GPU or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
+    reason="needs a Hopper GPU (H100/H200): the compiled kernel uses wgmma and TMA")
+MOSAIC = [pytest.param("interpret-mosaic", id="interpret"),
+          pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, requires_hopper])]
+
+# (B, T, Hq, Hkv, D, P, S): GQA groups 4 / 8 / 1, T·g = 4, 16, 1, 12 (8-row windows that hold 2, 1, 8 and 2/3
+# sequences), head dims 64 and 128, capacities multiples of 8 but not of the 64-key tile.
+SHAPES = [
+    (3, 1, 8, 2, 64, 40, 16),
+    (5, 2, 8, 1, 128, 136, 72),
+    (9, 1, 4, 4, 128, 64, 24),
+    (3, 3, 8, 2, 64, 8, 64),
+    (4, 1, 8, 2, 128, 4, 1),  # capacities under one 8-row tile (a decode step's first suffix token)
+]
+
+
+def _inputs(shape, dtype, seed=0):
+  b, t, hq, hkv, d, p, s = shape
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  pk, pv = normal(keys[1], (p, hkv, d), dtype), normal(keys[2], (p, hkv, d), dtype)
+  sk, sv = normal(keys[3], (b, s, hkv, d), dtype), normal(keys[4], (b, s, hkv, d), dtype)
+  return q, pk, pv, sk, sv
+
+
+def _close(out, lse, ref_out, ref_lse, dtype):
+  """out close to the reference's; lse equal to it where the reference row saw a key, -inf where it saw none."""
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol(dtype))
+  seen = jnp.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), np.asarray(seen))
+  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_parts_match_reference(backend, shape, dtype):
+  """Prefix part and suffix part, each against the reference; ragged suffixes with empty ones and ones shorter
+  than T, a prefix that ends inside a key tile."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, dtype)
+  lengths = jnp.asarray(np.random.default_rng(1).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
+  plen = jnp.int32(p - 3)
+  assert hopper.supported(q, pk, sk) is None
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, interpret=backend.startswith("interpret")))(q, pk, pv, plen, sk, sv, lengths)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, plen, scale=d**-0.5), dtype)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), dtype)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
+def test_step_equals_attention_over_concatenated_kv(backend, shape):
+  """The strongest claim through the public API: prefix + suffix merged == causal attention over both."""
+  b, t, hq, hkv, d, p, s = shape
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  q = normal(keys[0], (b, t, hq, d), jnp.bfloat16)
+  prefix = random_level(keys[1], 1, p, [p - 5], [0] * b, hkv, d, jnp.bfloat16)
+  lengths = jax.random.randint(keys[3], (b,), t, s + 1).at[0].set(s)
+  suffix = random_level(keys[2], b, s, lengths, None, hkv, d, jnp.bfloat16)
+  step = jax.jit(lambda q, pl_, sl: hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v,
+                                                           prefix_length=pl_, suffix_lengths=sl, backend=backend))
+  out = step(q, prefix.lengths[0], suffix.lengths)  # lengths traced
+  chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, [prefix, suffix]), **tol(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+def test_empty_prefix_and_empty_suffixes(backend):
+  """A zero-length prefix and all-empty suffixes: no NaN, out 0 and lse -inf where a part sees nothing."""
+  shape = (4, 1, 8, 2, 64, 16, 8)
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16)
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=0.125, interpret=backend.startswith("interpret")))(q, pk, pv, jnp.int32(0), sk, sv,
+                                                                  jnp.zeros(4, jnp.int32))
+  for out, lse in ((po, pl_), (so, sl)):
+    chex.assert_trees_all_equal(out, jnp.zeros_like(out))
+    assert bool(jnp.all(lse == -jnp.inf))
+  out = hj.hydragen_attention(q, pk, pv, sk, sv, prefix_length=0, suffix_lengths=jnp.array([0, 1, 0, 8]),
+                              backend=backend)
+  assert not bool(jnp.any(jnp.isnan(out.astype(jnp.float32))))
+  chex.assert_trees_all_equal(out[0], jnp.zeros_like(out[0]))
+
+
+@pytest.mark.parametrize("case,reason", [
+    (dict(dtype=jnp.float32), "16-bit inputs"),
+    (dict(d=256), "head dim 256"),
+    (dict(p=20), "not a multiple of 8"),  # 4 and 1 are fine: under one tile
+    (dict(t=5, hq=32), "exceeds 64 rows"),
+])
+def test_unsupported_cases_name_the_reason_and_fall_back(case, reason):
+  """Outside its case the kernel says why, and backend="interpret-mosaic" still gives the right answer (Triton)."""
+  b, t, hq, hkv, d, p, s = 2, case.get("t", 1), case.get("hq", 4), 2, case.get("d", 64), case.get("p", 16), 8
+  dtype = case.get("dtype", jnp.bfloat16)
+  keys = jax.random.split(jax.random.PRNGKey(5), 3)
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  prefix = random_level(keys[1], 1, p, [p], [0] * b, hkv, d, dtype)
+  suffix = random_level(keys[2], b, s, [s, t], None, hkv, d, dtype)
+  assert reason in hopper.supported(q, prefix.k[0], suffix.k)
+  out = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, suffix_lengths=suffix.lengths,
+                              backend="interpret-mosaic")
+  chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, [prefix, suffix]), **tol(dtype))
+
+
+def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hopper():
+  """The automatic choice: a Hopper GPU and (rows per KV head) × (prefix capacity) >= HOPPER_MIN_WORK."""
+  from hydragen_jax import validation  # noqa: PLC0415
+  on_hopper = ON_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+  q = jnp.zeros((512, 1, 32, 8), jnp.bfloat16)  # 2048 rows per KV head (g = 4)
+  assert validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048) == on_hopper
+  assert not validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048 - 8)
+  assert not validation.hopper_pays(q, 32, validation.HOPPER_MIN_WORK // 2048)  # MHA: 512 rows
