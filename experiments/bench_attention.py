@@ -6,7 +6,9 @@ rule into tokens/s = B / mean step time; the floor (see `floor.py`) uses the cop
 at the start of the same run.
 
 Variants (`VARIANTS`):
-  hydragen            hydragen_jax.hydragen_attention (pallas on GPU, `cpu_backend` elsewhere)
+  hydragen            hydragen_jax.hydragen_attention (pallas on GPU: the Hopper kernel where it pays, else
+                      Triton; `cpu_backend` elsewhere)
+  hydragen_triton     the same with the Triton kernels only (backend="triton" on GPU)
   reference           the same function with backend="xla"
   cudnn_per_sequence  jax.nn.dot_product_attention(implementation="cudnn") on per-sequence KV [B, P+s, Hkv, D]
   xla_per_sequence    the same with implementation="xla"
@@ -57,6 +59,7 @@ class Variant:
 
 VARIANTS = {
     "hydragen": Variant("hydragen", prefix_copied=False),
+    "hydragen_triton": Variant("hydragen_triton", prefix_copied=False),
     "reference": Variant("reference", prefix_copied=False),
     "cudnn_per_sequence": Variant("cudnn_per_sequence", prefix_copied=True, needs_gpu=True),
     "xla_per_sequence": Variant("xla_per_sequence", prefix_copied=True),
@@ -135,10 +138,12 @@ def plan(config: dict, capacity: int) -> list[dict]:
 
 def build_variant(name: str, inputs: dict, per_seq: Callable[[], tuple], backend: str) -> tuple[Callable, tuple]:
     """A function of device arrays and its arguments for one variant."""
-    if name in ("hydragen", "reference", "shared_storage"):
+    if name in ("hydragen", "hydragen_triton", "reference", "shared_storage"):
         import hydragen_jax
 
         chosen = "xla" if name == "reference" else backend
+        if name == "hydragen_triton" and backend == "pallas":
+            chosen = "triton"
         batch_prefix = name != "shared_storage"
 
         def fn(q, pk, pv, sk, sv):

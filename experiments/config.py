@@ -82,7 +82,7 @@ COMMON_SCHEMA = {
     "device": {**DEVICE_SCHEMA, "__optional__": True},
 }
 
-BENCH_VARIANTS = ("hydragen", "reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
+BENCH_VARIANTS = ("hydragen", "hydragen_triton", "reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
 
 BENCH_SCHEMA = {
     **COMMON_SCHEMA,
@@ -91,7 +91,7 @@ BENCH_SCHEMA = {
         "head_dim": positive_int(),
         "variants": ListOf((str,), check=lambda v: v in BENCH_VARIANTS, hint=f"one of {list(BENCH_VARIANTS)}"),
         # Backend of the `hydragen` and `shared_storage` variants: "auto" = pallas on GPU, `cpu_backend` elsewhere.
-        "hydragen_backend": one_of("auto", "pallas", "interpret", "xla"),
+        "hydragen_backend": one_of("auto", "pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla"),
         "cpu_backend": one_of("interpret", "xla"),
         "copy_bytes": positive_int(),
         "matmul_n": positive_int(),
