@@ -22,12 +22,12 @@ requires_hopper = pytest.mark.skipif(
 MOSAIC = [pytest.param("interpret-mosaic", id="interpret"),
           pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, requires_hopper])]
 
-# (B, T, Hq, Hkv, D, P, S): GQA groups 4 / 8 / 1, T·g = 4, 16, 1, 12 (8-row windows that hold 2, 1, 8 and 2/3
+# (B, T, Hq, Hkv, D, P, S): GQA groups 4 / 8 / 1, T·g = 4, 16, 4, 12 (8-row windows that hold 2, 1, 2 and 2/3
 # sequences), head dims 64 and 128, capacities multiples of 8 but not of the 64-key tile.
 SHAPES = [
     (3, 1, 8, 2, 64, 40, 16),
     (5, 2, 8, 1, 128, 136, 72),
-    (9, 1, 4, 4, 128, 64, 24),
+    (9, 4, 4, 4, 128, 64, 24),
     (3, 3, 8, 2, 64, 8, 64),
     (4, 1, 8, 2, 128, 4, 1),  # capacities under one 8-row tile (a decode step's first suffix token)
 ]
@@ -105,10 +105,11 @@ def test_empty_prefix_and_empty_suffixes(backend):
     (dict(d=256), "head dim 256"),
     (dict(p=20), "not a multiple of 8"),  # 4 and 1 are fine: under one tile
     (dict(t=5, hq=32), "exceeds 64 rows"),
+    (dict(hq=2), "not a multiple of 4"),  # MHA decode: T·g = 1
 ])
 def test_unsupported_cases_name_the_reason_and_fall_back(case, reason):
   """Outside its case the kernel says why, and backend="interpret-mosaic" still gives the right answer (Triton)."""
-  b, t, hq, hkv, d, p, s = 2, case.get("t", 1), case.get("hq", 4), 2, case.get("d", 64), case.get("p", 16), 8
+  b, t, hq, hkv, d, p, s = 2, case.get("t", 1), case.get("hq", 8), 2, case.get("d", 64), case.get("p", 16), 8
   dtype = case.get("dtype", jnp.bfloat16)
   keys = jax.random.split(jax.random.PRNGKey(5), 3)
   q = normal(keys[0], (b, t, hq, d), dtype)

@@ -27,7 +27,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -69,8 +68,9 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array) -> str | None:
     return f"dtypes {q.dtype}/{prefix_k.dtype}/{suffix_k.dtype}: wgmma tiles take 16-bit inputs, all the same"
   if head_dim not in (64, 128):
     return f"head dim {head_dim}: shared memory holds D = 64 or 128"
-  if _window_rows(rows) > ROWS:
-    return f"T·g = {rows} query rows per sequence and KV head: their 8-aligned window exceeds {ROWS} rows"
+  if rows % 4 or _window_rows(rows) > ROWS:
+    return (f"T·g = {rows} query rows per sequence and KV head: not a multiple of 4 (a TMA copy of their lse "
+            f"needs 16 bytes), or their 8-aligned window exceeds {ROWS} rows")
   if any(n % 8 and n > 8 for n in (prefix_k.shape[0], suffix_k.shape[1])):
     return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is over 8 and not a "
             "multiple of 8 (a TMA copy needs the caches' key dimension in whole 8-row tiles, or under one)")
@@ -187,12 +187,12 @@ def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
 def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os_ref, ls_ref, scratch, *,
             config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int):
   """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]."""
-  (pq_all, plse_all, pk_smem, pv_smem, q_smem, lse_smem, p_smem, sk_smem, sv_smem,
+  (pq_all, plse_all, pk_smem, pv_smem, q_smem, o_smem, lse_smem, p_smem, sk_smem, sv_smem,
    q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all) = scratch
   wg, cta, num_ctas = lax.axis_index("wg"), lax.axis_index("cta"), config.num_ctas
   num_heads = pk_ref.shape[1]
   pairs = op_ref.shape[1] // (PAIR * ROWS)  # 128-row blocks per KV head
-  srows = os_ref.shape[2]  # rows of a suffix item's window
+  srows = q_smem.shape[0]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
   def load_q(src, dst, bar):
@@ -296,9 +296,11 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
                         lambda slot: sv_bars.at[slot], lambda j: lax.rem(j, stages),
                         lambda j, slot: pl.when(j + stages < n)(functools.partial(load, j + stages, slot)),
                         n, (length - causal_t + 1) // BLOCK_K, limit, keys_major=True)
-      _finish(acc, m, l, q_smem, lse_smem, keys_major=True)
-      plgpu.copy_smem_to_gmem(q_smem, os_ref.at[h, b])
-      plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, b])
+      _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
+      # Only the sequence's own rows go out (o_smem is untiled: its rows can start anywhere).
+      mine = pl.ds(start - window, qrows)
+      plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(start, qrows)])
+      plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(start, qrows)])
 
     lax.fori_loop(0, count(batch * num_heads), item, None)
 
@@ -350,7 +352,8 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
       plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled),  # the pair's queries, then their out
       plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
       ring(config.prefix_stages), ring(config.prefix_stages),  # prefix key and value tiles
-      plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries, then its out
+      plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries
+      plgpu.SMEM((srows, head_dim), dtype),  # its out
       plgpu.SMEM((srows,), jnp.float32),  # its lse
       plgpu.SMEM((srows, BLOCK_K), dtype, **tiled),  # a suffix tile's probabilities, transposed
       ring(config.suffix_stages), ring(config.suffix_stages),  # suffix key and value tiles
@@ -368,8 +371,8 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   out_type = (
       jax.ShapeDtypeStruct((num_heads, rows, head_dim), dtype),
       jax.ShapeDtypeStruct((num_heads, rows), jnp.float32),
-      jax.ShapeDtypeStruct((num_heads, batch, srows, head_dim), dtype),
-      jax.ShapeDtypeStruct((num_heads, batch, srows), jnp.float32),
+      jax.ShapeDtypeStruct((num_heads, batch * qrows, head_dim), dtype),
+      jax.ShapeDtypeStruct((num_heads, batch * qrows), jnp.float32),
   )
   params = None
   if interpret:
@@ -386,7 +389,4 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     lse = lse.reshape(num_heads, batch, steps, group).transpose(1, 2, 0, 3)
     return (out.reshape(batch, steps, num_q_heads, head_dim), lse.reshape(batch, steps, num_q_heads))
 
-  # Sequence b's rows sit at offset (b·T·g) mod 8 of its window (static: numpy).
-  take = (np.arange(batch)[:, None] * qrows % 8 + np.arange(qrows)[None, :]).astype(np.int32)
-  suffix = back(jnp.take_along_axis(os_, take[None, :, :, None], axis=2), jnp.take_along_axis(ls, take[None], axis=2))
-  return back(op[:, :batch * qrows], lp[:, :batch * qrows]), suffix
+  return back(op[:, :batch * qrows], lp[:, :batch * qrows]), back(os_, ls)
