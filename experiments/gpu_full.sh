@@ -4,7 +4,7 @@
 #   bash experiments/gpu_full.sh PART
 #
 # PART:
-#   bench        bench_attention.toml: 9 seed configs x 3 suffix lengths x 5 variants    (~4-7 min)
+#   bench        bench_attention.toml: 9 seed configs x 3 suffix lengths x 6 variants    (~5-7 min)
 #   bench-mha    bench rows 0-4 (Hq = Hkv = 32)  } use these two instead of `bench` if it runs out of time
 #   bench-gqa    bench rows 5-8 (32/8)           }
 #   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~5-9 min)

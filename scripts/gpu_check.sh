@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool): every GPU test (the shared test base with the compiled Pallas backend,
-# kernel tilings, the models' bf16 check), then the quick benchmark. Compilation is CPU-bound, so the tests run
+# Runs on the GPU machine (device tool): every GPU test (the shared test base with the compiled pallas and mosaic backends,
+# kernel tilings, the Hopper kernel, the models' bf16 check), then the quick benchmark. Compilation is CPU-bound, so the tests run
 # in parallel processes sharing the GPU. Usage: bash scripts/gpu_check.sh [pytest -m expression]
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} XLA_PYTHON_CLIENT_PREALLOCATE=false
