@@ -18,8 +18,8 @@ import numpy as np
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import hopper
-from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
-from scripts.sweep_kernels import inputs
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, time_at_lengths
+from scripts.sweep_kernels import floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
 STEPS = 16
@@ -86,24 +86,21 @@ def main():
     b, p, out, hq, hkv = SEED[i]
     q, pk, pv, sk, sv = inputs(i)
     points = floor.simpson_points(out)
-    floors = [floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
-                               rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"]) for s in points]
+    floors = [floor_s(SEED[i], s, rates) for s in points]
     print(f"[{i}] {SEED[i]} floors " + " / ".join(f"{x * 1e6:.0f}" for x in floors) + " us", flush=True)
     lengths = [jnp.full((b,), s, jnp.int32) for s in points]
     auto = jax.jit(step("auto"))
     want = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]  # tests check auto exactly
     for name in ["auto"] + args.variants.split(","):
       try:
+        # Timed chained (as the benchmark); the error of one step against `auto`'s.
         compiled, _ = timing.compile_aot(timing.chain_steps(step(name), STEPS), (q, pk, pv, sk, sv, lengths[0]))
-        single = jax.jit(step(name))
-        steps, errs = [], []
-        for x, w in zip(lengths, want):
-          tm = timing.time_compiled(compiled, (q, pk, pv, sk, sv, x), **TIMING)
-          steps.append(tm.median_s / STEPS)
-          errs.append(float(jnp.max(jnp.abs(single(q, pk, pv, sk, sv, x).astype(jnp.float32) - w))))
+        steps, _ = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, want, TIMING, STEPS)
+        single = jax.jit(step(name)).lower(q, pk, pv, sk, sv, lengths[0]).compile()
+        _, err = time_at_lengths(single, (q, pk, pv, sk, sv), lengths, want, dict(warmup=0, repeats=1))
         frac = floor.simpson(*floors) / floor.simpson(*steps)
         print(f"[{i}] {name:>8}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
-              f"max err vs auto {max(errs, default=float('nan')):.4f}", flush=True)
+              f"max err vs auto {err:.4f}", flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"[{i}] {name}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
 

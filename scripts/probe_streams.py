@@ -26,8 +26,8 @@ from jax.experimental.xla_metadata import set_xla_metadata
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax.kernels.flash import BlockConfig
-from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
-from scripts.sweep_kernels import inputs
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, time_at_lengths
+from scripts.sweep_kernels import floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 
@@ -113,8 +113,7 @@ def main():
     t = timing.time_fn(triton_prefix, (q, pk, pv), **TIMING).median_s
     print(f"[{i}] triton prefix 128x128: {t * 1e6:.1f} us {flops / t / 1e12:.0f} TFLOP/s", flush=True)
     points = floor.simpson_points(out)
-    floors = [floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
-                               rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"]) for s in points]
+    floors = [floor_s(cfg, s, rates) for s in points]
     print(f"[{i}] {cfg} floors " + " / ".join(f"{x * 1e6:.0f}" for x in floors) + " us", flush=True)
     lengths = [jnp.full((b,), s, jnp.int32) for s in points]
     auto = jax.jit(variant_fn("auto"))
@@ -122,14 +121,10 @@ def main():
     for name in args.variants.split(","):
       try:
         compiled, _ = timing.compile_aot(variant_fn(name), (q, pk, pv, sk, sv, lengths[0]))
-        steps, errs = [], []
-        for x, want in zip(lengths, base):
-          tm = timing.time_compiled(compiled, (q, pk, pv, sk, sv, x), **TIMING)
-          steps.append(tm.median_s)
-          errs.append(float(jnp.max(jnp.abs(tm.output.astype(jnp.float32) - want))))
+        steps, err = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, base, TIMING)
         frac = floor.simpson(*floors) / floor.simpson(*steps)
         print(f"[{i}] {name:>12}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
-              f"err vs auto {max(errs, default=0):.4f}", flush=True)
+              f"err vs auto {err:.4f}", flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"[{i}] {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
 

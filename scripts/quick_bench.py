@@ -40,6 +40,19 @@ def run_plans(q, plans, launch="auto"):
   return ops.run(q, plans, scale=D**-0.5, interpret=False, launch=launch)
 
 
+def time_at_lengths(compiled, inputs, lengths, want, timing_kw, steps_per_call=1):
+  """Step times of `compiled(*inputs, lengths)` at each lengths vector, and the max abs error of its output (the
+  `output` of the timing run, or of `single(...)` when compiled chains steps) against `want` (float32 arrays)."""
+  from experiments import timing  # noqa: PLC0415
+
+  steps, errs = [], []
+  for x, w in zip(lengths, want):
+    tm = timing.time_compiled(compiled, (*inputs, x), **timing_kw)
+    steps.append(tm.median_s / steps_per_call)
+    errs.append(float(jnp.max(jnp.abs(tm.output.astype(jnp.float32) - w))))
+  return steps, max(errs, default=0.0)
+
+
 def timeit(f, *args, repeats=15, inner=10):
   """Median over repeats of the time per call, `inner` calls launched back to back (dispatch amortised)."""
   jax.block_until_ready(f(*args))
