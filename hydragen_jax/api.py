@@ -8,10 +8,12 @@ Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D
 `backend`: "pallas" (compiled GPU kernels: the Hopper kernel where it pays, the Triton kernels elsewhere),
 "triton" (the Triton kernels only), "mosaic" (the Hopper kernel wherever it applies), "interpret" /
 "interpret-mosaic" (the Triton / Hopper kernels in Pallas' interpreters, for CPU tests), "xla" (the pure-jnp
-reference); None picks "pallas" on GPU and "xla" elsewhere. The Hopper kernel (`kernels/hopper.py`) applies to
-a one-prefix-plus-suffixes step (`hydragen_attention`, or a two-level tree whose root is one node read by all
-sequences) in bf16/f16 with D = 64 or 128, cache capacities multiples of 8 and no layer axis; anything else runs
-on the Triton kernels whatever the backend.
+reference); None picks "pallas" on GPU and "xla" elsewhere. The Hopper kernel (`kernels/hopper.py`) applies to a
+one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level
+tree whose root is one node read by all sequences and whose leaves are per sequence, `seq_to_node=None`) in
+bf16/f16 with D = 64 or 128, T·g a multiple of 4 whose 8-aligned window is at most 64 rows, cache capacities
+multiples of 8 (or at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what
+fails). Other steps run on the Triton kernels under every kernel backend.
 """
 
 from __future__ import annotations
@@ -89,18 +91,25 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
 
 
 def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
-                  interpret: bool):
-  """The two parts of a Hydragen step by the Hopper kernel, or None where the levels are not its case: one prefix
-  node shared by the whole batch (batched), then each sequence's own causal suffix, no layer axis."""
+                  backend: str):
+  """The two parts of a Hydragen step by the Hopper kernel, or None where it does not run: levels that are not its
+  case (one prefix node shared by the whole batch and batched, then each sequence's own causal suffix, no layer
+  axis, shapes `hopper.supported` takes), or backend "pallas" where the Triton kernels are as fast
+  (`validation.hopper_pays`)."""
+  if backend not in ("mosaic", "interpret-mosaic", "pallas"):
+    return None
   if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:
     return None
   prefix, suffix = levels
   if prefix.k.shape[0] != 1 or suffix.seq_to_node is not None or prefix.layer is not None or suffix.layer is not None:
     return None
-  if hopper.supported(q, prefix.k[0], suffix.k) is not None:
+  prefix_k = prefix.k[0]  # [P, Hkv, D]
+  if hopper.supported(q, prefix_k, suffix.k) is not None:
     return None
-  return list(hopper.prefix_suffix_attention(q, prefix.k[0], prefix.v[0], prefix.lengths[0], suffix.k, suffix.v,
-                                             suffix.lengths, scale=scale, interpret=interpret))
+  if backend == "pallas" and not check.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0]):
+    return None
+  return list(hopper.prefix_suffix_attention(q, prefix_k, prefix.v[0], prefix.lengths[0], suffix.k, suffix.v,
+                                             suffix.lengths, scale=scale, interpret=backend == "interpret-mosaic"))
 
 
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
@@ -109,14 +118,12 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   if backend == "xla":
     return [_reference_level(q, level, causal=c, batched=b, scale=scale)
             for level, c, b in zip(levels, causal, batched)]
-  interpret = backend.startswith("interpret")
-  if backend in ("mosaic", "interpret-mosaic") or (backend == "pallas" and check.hopper_pays(q, levels[0].k.shape[-2], levels[0].k.shape[-3])):
-    parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, interpret=interpret)
-    if parts is not None:
-      return parts
+  parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
+  if parts is not None:
+    return parts
   plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
            for level, c, b in zip(levels, causal, batched)]
-  parts = pallas_ops.run(q, plans, scale=scale, interpret=interpret)
+  parts = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"))
   return parts or [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
 
 

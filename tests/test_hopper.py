@@ -22,8 +22,8 @@ requires_hopper = pytest.mark.skipif(
 MOSAIC = [pytest.param("interpret-mosaic", id="interpret"),
           pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, requires_hopper])]
 
-# (B, T, Hq, Hkv, D, P, S): GQA groups 4 / 8 / 1, T·g = 4, 16, 4, 12 (8-row windows that hold 2, 1, 2 and 2/3
-# sequences), head dims 64 and 128, capacities multiples of 8 but not of the 64-key tile.
+# (B, T, Hq, Hkv, D, P, S): GQA groups 4 / 8 / 1 / 4 / 4, T·g = 4, 16, 4, 12, 4 (query windows of 8, 16, 8, 16 and
+# 8 rows), head dims 64 and 128, capacities multiples of 8 that end inside a 64-key tile, or a whole tile, or under 8.
 SHAPES = [
     (3, 1, 8, 2, 64, 40, 16),
     (5, 2, 8, 1, 128, 136, 72),
@@ -68,6 +68,42 @@ def test_parts_match_reference(backend, shape, dtype):
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("config", [hopper.HopperConfig(num_ctas=1), hopper.HopperConfig(num_ctas=2, pingpong=False)],
+                         ids=["1cta", "2cta_nopingpong"])
+def test_several_items_per_cta(backend, config):
+  """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
+  reused after the previous item's stores), with and without the ping-pong."""
+  shape = (40, 3, 8, 2, 64, 136, 72)  # 2 pair blocks of 120 rows per KV head: 4 prefix and 80 suffix items
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=2)
+  lengths = jnp.asarray(np.random.default_rng(2).integers(0, s + 1, b), jnp.int32)
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(p - 1), sk, sv, lengths)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 1), scale=d**-0.5), jnp.bfloat16)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("rows,fits", [(48, True), (52, False)])
+def test_shared_memory_count_matches_mosaic_gpu(rows, fits):
+  """`_smem_bytes` against Mosaic GPU's own count: lowered for CUDA (on any machine), T·g = 48 fits an SM and
+  T·g = 52 does not, by the bytes `_smem_bytes` says; `supported` refuses the second."""
+  q = jax.ShapeDtypeStruct((2, rows // 4, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((64, 2, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((2, 64, 2, 128), jnp.bfloat16)
+  need = hopper._smem_bytes(128, hopper._window_rows(rows), hopper.HopperConfig())
+  assert (need <= hopper.SMEM_LIMIT) == fits
+  assert (hopper.supported(q, kv, skv) is None) == fits
+  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=hopper.HopperConfig(num_ctas=4)))
+  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv, jax.ShapeDtypeStruct((2,), jnp.int32))
+  if fits:
+    traced.lower(lowering_platforms=("cuda",))
+  else:
+    with pytest.raises(ValueError, match=f"smem_bytes={need} "):
+      traced.lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
 def test_step_equals_attention_over_concatenated_kv(backend, shape):
   """The strongest claim through the public API: prefix + suffix merged == causal attention over both."""
@@ -106,10 +142,11 @@ def test_empty_prefix_and_empty_suffixes(backend):
     (dict(p=20), "not a multiple of 8"),  # 4 and 1 are fine: under one tile
     (dict(t=5, hq=32), "exceeds 64 rows"),
     (dict(hq=2), "not a multiple of 4"),  # MHA decode: T·g = 1
+    (dict(t=13, d=128), "shared memory"),  # T·g = 52: a 56-row window
 ])
 def test_unsupported_cases_name_the_reason_and_fall_back(case, reason):
   """Outside its case the kernel says why, and backend="interpret-mosaic" still gives the right answer (Triton)."""
-  b, t, hq, hkv, d, p, s = 2, case.get("t", 1), case.get("hq", 8), 2, case.get("d", 64), case.get("p", 16), 8
+  b, t, hq, hkv, d, p, s = 2, case.get("t", 1), case.get("hq", 8), 2, case.get("d", 64), case.get("p", 16), 16
   dtype = case.get("dtype", jnp.bfloat16)
   keys = jax.random.split(jax.random.PRNGKey(5), 3)
   q = normal(keys[0], (b, t, hq, d), dtype)

@@ -116,7 +116,7 @@ def test_choose_block_splits_are_the_fewest_that_keep_the_key_bounds(batch, pref
   # the bounds themselves, on this level
   keys, total = prefix / blk.splits, programs * blk.splits
   assert keys <= ops.MAX_KEYS_PER_PROGRAM or too_few_keys_to_split_again
-  assert total >= 4 * ops._num_cores() or keys <= ops.BALANCED_KEYS or too_few_keys_to_split_again
+  assert total >= 4 * ops.num_cores() or keys <= ops.BALANCED_KEYS or too_few_keys_to_split_again
 
 
 def test_choose_block_light_tiles_when_levels_share_the_launch():

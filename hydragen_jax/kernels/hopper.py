@@ -31,11 +31,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from hydragen_jax.kernels import ops
+
 Array = jax.Array
 
 ROWS = 64  # query rows of one warpgroup's wgmma tile
 BLOCK_K = 64  # keys of a tile
 PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
+SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
 _LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 (not NaN) while a row sees no key
 
@@ -44,14 +47,14 @@ _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 
 class HopperConfig:
   """Static configuration of the Hopper kernel.
 
-  num_ctas: CTAs of the persistent grid (one per SM). prefix_stages / suffix_stages: key tiles in flight in the
-  prefix pair's ring and in the suffix warpgroup's (shared memory about (128 + 128·(prefix_stages +
-  suffix_stages))·D·2 bytes: 192 KB for D = 128 and 3 + 2). pair_registers / suffix_registers: registers a thread
+  num_ctas: CTAs of the persistent grid; None: one per SM of the device. prefix_stages / suffix_stages: key tiles
+  in flight in the prefix pair's ring and in the suffix warpgroup's (shared memory: `_smem_bytes`, at most
+  SMEM_LIMIT; 203 KB for D = 128, T·g = 4 and 3 + 2 stages). pair_registers / suffix_registers: registers a thread
   of the pair / of the suffix warpgroup (setmaxnreg; 2·pair + suffix <= 512, multiples of 8). pingpong: the pair
   takes turns on the tensor cores, one's softmax running under the other's products (FlashAttention-3's schedule).
   """
 
-  num_ctas: int = 132
+  num_ctas: int | None = None
   prefix_stages: int = 3
   suffix_stages: int = 2
   pair_registers: int = 208
@@ -59,7 +62,7 @@ class HopperConfig:
   pingpong: bool = True
 
 
-def supported(q: Array, prefix_k: Array, suffix_k: Array) -> str | None:
+def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig = HopperConfig()) -> str | None:
   """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`,
   else the reason it does not."""
   _, steps, num_q_heads, head_dim = q.shape
@@ -74,7 +77,21 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array) -> str | None:
   if any(n % 8 and n > 8 for n in (prefix_k.shape[0], suffix_k.shape[1])):
     return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is over 8 and not a "
             "multiple of 8 (a TMA copy needs the caches' key dimension in whole 8-row tiles, or under one)")
+  if (need := _smem_bytes(head_dim, _window_rows(rows), config)) > SMEM_LIMIT:
+    return f"shared memory: {need} bytes for D = {head_dim} and T·g = {rows}, over the SM's {SMEM_LIMIT}"
   return None
+
+
+def _smem_bytes(head_dim: int, srows: int, config: HopperConfig) -> int:
+  """Shared memory of one CTA as Mosaic GPU lays it out: every buffer of `prefix_suffix_attention`'s scratch
+  rounded up to 1 KB, the 2 KB cross-warp reduction scratch and the barriers (8 bytes each); checked against
+  Mosaic GPU's own count on the lowered kernel (`tests/test_hopper.py`)."""
+  kb = lambda n: -(-n // 1024) * 1024
+  ring = lambda stages: 2 * kb(stages * BLOCK_K * head_dim * 2)  # keys and values
+  buffers = (kb(PAIR * ROWS * head_dim * 2) + kb(PAIR * ROWS * 4) + ring(config.prefix_stages)
+             + 2 * kb(srows * head_dim * 2) + kb(srows * 4) + kb(srows * BLOCK_K * 2) + ring(config.suffix_stages))
+  barriers = PAIR + 1 + 3 * config.prefix_stages + 2 * config.suffix_stages + 1
+  return buffers + 2048 + 8 * barriers
 
 
 def _window_rows(qrows: int) -> int:
@@ -196,12 +213,14 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
   def load_q(src, dst, bar):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's output has left shared memory
+    # The previous item's out and lse stores have read shared memory: the prefix reloads q into its out buffer,
+    # and both warpgroups' _finish will overwrite those buffers (the suffix's q buffer is not stored from).
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     plgpu.copy_gmem_to_smem(src, dst, bar)
     plgpu.barrier_wait(bar)
 
-  def count(num_items):  # this CTA's items: cta, cta + num_ctas, ... < num_items
-    return jnp.maximum(0, (num_items - cta + num_ctas - 1) // num_ctas)
+  def count(num_items):  # this CTA's items: cta, cta + num_ctas, ... < num_items (0 if cta >= num_items)
+    return (num_items - cta + num_ctas - 1) // num_ctas
 
   def prefix_pair():
     """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
@@ -338,12 +357,14 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   qrows = steps * group  # query rows per sequence and KV head
   srows = _window_rows(qrows)
   # [B, T, Hkv·g, D] -> [Hkv, B·T·g, D]: each KV head's rows stacked (a copy of q, not of the caches), padded to
-  # whole 128-row pair blocks and one 8-row tile more (the last suffix window may reach into it): no copy in or out
-  # of the kernel falls off an array's end.
+  # whole 128-row pair blocks: no copy in or out of the kernel falls off an array's end (a suffix window, T·g a
+  # multiple of 4, ends by the next multiple of 8 after B·T·g).
   qt = q.reshape(batch, steps, num_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
   qt = qt.reshape(num_heads, batch * qrows, head_dim)
   rows = -(-batch * qrows // (PAIR * ROWS)) * PAIR * ROWS
-  qt = jnp.pad(qt, ((0, 0), (0, rows + 8 - batch * qrows), (0, 0)))
+  qt = jnp.pad(qt, ((0, 0), (0, rows - batch * qrows), (0, 0)))
+  if config.num_ctas is None:
+    config = dataclasses.replace(config, num_ctas=ops.num_cores())
   lens = jnp.concatenate([suffix_lengths.astype(jnp.int32), jnp.reshape(prefix_length, (1,)).astype(jnp.int32)])
   dtype = q.dtype
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))

@@ -24,7 +24,8 @@ Array = jax.Array
 Plan = tuple[LevelSpec, LevelWork]
 
 
-def _num_cores() -> int:
+def num_cores() -> int:
+  """SMs of the device (132 where it does not say: an H100 SXM)."""
   device = jax.devices()[0]
   return int(getattr(device, "core_count", 0) or 132)  # 132 SMs: H100 SXM
 
@@ -40,7 +41,7 @@ BALANCED_KEYS = 2048
 def _split_bounds_hold(programs: int, splits: int, num_keys: int) -> bool:
   """Whether a level of `programs` programs, its `num_keys` keys split `splits` ways, has a program per SM, at most
   MAX_KEYS_PER_PROGRAM keys a program, and at most BALANCED_KEYS while it has fewer than 4 programs per SM."""
-  cores, keys = _num_cores(), num_keys / splits
+  cores, keys = num_cores(), num_keys / splits
   return (programs * splits >= cores and keys <= MAX_KEYS_PER_PROGRAM
           and (programs * splits >= 4 * cores or keys <= BALANCED_KEYS))
 
