@@ -82,16 +82,41 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig =
   return None
 
 
+def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool) -> tuple:
+  """The kernel's shared memory: buffers and barriers, in `_kernel`'s order."""
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  ring = lambda stages: plgpu.SMEM((stages, BLOCK_K, head_dim), dtype, **tiled)
+  return (
+      plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled),  # the pair's queries, then their out
+      plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
+      ring(config.prefix_stages), ring(config.prefix_stages),  # prefix key and value tiles
+      plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries
+      plgpu.SMEM((srows, head_dim), dtype),  # its out
+      plgpu.SMEM((srows,), jnp.float32),  # its lse
+      plgpu.SMEM((srows, BLOCK_K), dtype, **tiled),  # a suffix tile's probabilities, transposed
+      ring(config.suffix_stages), ring(config.suffix_stages),  # suffix key and value tiles
+      plgpu.Barrier(num_barriers=PAIR + 1),  # query copies, one per warpgroup
+      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
+      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
+      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix slot read by warpgroup 0
+      plgpu.Barrier(num_barriers=config.suffix_stages),
+      plgpu.Barrier(num_barriers=config.suffix_stages),
+      plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
+      plgpu.SMEM((PAIR, ROWS, BLOCK_K), dtype, **tiled) if interpret else None,  # see _accumulate
+  )
+
+
 def _smem_bytes(head_dim: int, srows: int, config: HopperConfig) -> int:
-  """Shared memory of one CTA as Mosaic GPU lays it out: every buffer of `prefix_suffix_attention`'s scratch
-  rounded up to 1 KB, the 2 KB cross-warp reduction scratch and the barriers (8 bytes each); checked against
-  Mosaic GPU's own count on the lowered kernel (`tests/test_hopper.py`)."""
-  kb = lambda n: -(-n // 1024) * 1024
-  ring = lambda stages: 2 * kb(stages * BLOCK_K * head_dim * 2)  # keys and values
-  buffers = (kb(PAIR * ROWS * head_dim * 2) + kb(PAIR * ROWS * 4) + ring(config.prefix_stages)
-             + 2 * kb(srows * head_dim * 2) + kb(srows * 4) + kb(srows * BLOCK_K * 2) + ring(config.suffix_stages))
-  barriers = PAIR + 1 + 3 * config.prefix_stages + 2 * config.suffix_stages + 1
-  return buffers + 2048 + 8 * barriers
+  """Shared memory of one CTA (16-bit inputs) as Mosaic GPU lays it out: every buffer of `_scratch` rounded up to
+  1 KB, the 2 KB cross-warp reduction scratch and 8 bytes a barrier; checked against Mosaic GPU's own count on the
+  lowered kernel (`tests/test_hopper.py`)."""
+  total = 2048
+  for item in _scratch(head_dim, srows, jnp.bfloat16, config, interpret=False):
+    if isinstance(item, plgpu.Barrier):
+      total += 8 * math.prod(item.num_barriers)
+    elif item is not None:
+      total += -(-math.prod(item.shape) * jnp.dtype(item.dtype).itemsize // 1024) * 1024
+  return total
 
 
 def _window_rows(qrows: int) -> int:
@@ -366,33 +391,13 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   if config.num_ctas is None:
     config = dataclasses.replace(config, num_ctas=ops.num_cores())
   lens = jnp.concatenate([suffix_lengths.astype(jnp.int32), jnp.reshape(prefix_length, (1,)).astype(jnp.int32)])
-  dtype = q.dtype
-  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  ring = lambda stages: plgpu.SMEM((stages, BLOCK_K, head_dim), dtype, **tiled)
-  scratch = (
-      plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled),  # the pair's queries, then their out
-      plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
-      ring(config.prefix_stages), ring(config.prefix_stages),  # prefix key and value tiles
-      plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries
-      plgpu.SMEM((srows, head_dim), dtype),  # its out
-      plgpu.SMEM((srows,), jnp.float32),  # its lse
-      plgpu.SMEM((srows, BLOCK_K), dtype, **tiled),  # a suffix tile's probabilities, transposed
-      ring(config.suffix_stages), ring(config.suffix_stages),  # suffix key and value tiles
-      plgpu.Barrier(num_barriers=PAIR + 1),  # query copies, one per warpgroup
-      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
-      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
-      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix slot read by warpgroup 0
-      plgpu.Barrier(num_barriers=config.suffix_stages),
-      plgpu.Barrier(num_barriers=config.suffix_stages),
-      plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
-      plgpu.SMEM((PAIR, ROWS, BLOCK_K), dtype, **tiled) if interpret else None,  # see _accumulate
-  )
+  scratch = _scratch(head_dim, srows, q.dtype, config, interpret)
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group)
   out_type = (
-      jax.ShapeDtypeStruct((num_heads, rows, head_dim), dtype),
+      jax.ShapeDtypeStruct((num_heads, rows, head_dim), q.dtype),
       jax.ShapeDtypeStruct((num_heads, rows), jnp.float32),
-      jax.ShapeDtypeStruct((num_heads, batch * qrows, head_dim), dtype),
+      jax.ShapeDtypeStruct((num_heads, batch * qrows, head_dim), q.dtype),
       jax.ShapeDtypeStruct((num_heads, batch * qrows), jnp.float32),
   )
   params = None
