@@ -23,13 +23,17 @@ def default_backend() -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x: H100, H200), where the Hopper kernel runs."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 def hopper_pays(q, num_kv_heads: int, prefix_capacity: int) -> bool:
   """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads and a
   prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, for a large prefix product."""
-  device = jax.devices()[0]
-  hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
   rows = q.shape[0] * q.shape[1] * q.shape[2] // num_kv_heads
-  return hopper and rows * prefix_capacity >= HOPPER_MIN_WORK
+  return on_hopper() and rows * prefix_capacity >= HOPPER_MIN_WORK
 
 
 def resolve_backend(backend: str | None) -> str:

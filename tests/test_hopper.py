@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 
 import hydragen_jax as hj
-from hydragen_jax import reference
+from hydragen_jax import reference, validation
 from hydragen_jax.kernels import hopper
-from tests.attention_cases import expected_tree, normal, random_level, tol
-from tests.conftest import ON_GPU
+from tests.attention_cases import assert_close_to_reference, expected_tree, normal, random_level, tol
 
-requires_hopper = pytest.mark.skipif(
-    not ON_GPU or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-    reason="needs a Hopper GPU (H100/H200): the compiled kernel uses wgmma and TMA")
+requires_hopper = pytest.mark.skipif(not validation.on_hopper(),
+                                     reason="needs a Hopper GPU (H100/H200): the compiled kernel uses wgmma and TMA")
 MOSAIC = [pytest.param("interpret-mosaic", id="interpret"),
           pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, requires_hopper])]
 
@@ -43,11 +41,9 @@ def _inputs(shape, dtype, seed=0):
 
 
 def _close(out, lse, ref_out, ref_lse, dtype):
-  """out close to the reference's; lse equal to it where the reference row saw a key, -inf where it saw none."""
-  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol(dtype))
-  seen = jnp.isfinite(ref_lse)
-  np.testing.assert_array_equal(np.isfinite(lse), np.asarray(seen))
-  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
+  """As `assert_close_to_reference`, and lse -inf exactly where the reference row saw no key."""
+  np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+  assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
@@ -160,9 +156,7 @@ def test_unsupported_cases_name_the_reason_and_fall_back(case, reason):
 
 def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hopper():
   """The automatic choice: a Hopper GPU and (rows per KV head) × (prefix capacity) >= HOPPER_MIN_WORK."""
-  from hydragen_jax import validation  # noqa: PLC0415
-  on_hopper = ON_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
   q = jnp.zeros((512, 1, 32, 8), jnp.bfloat16)  # 2048 rows per KV head (g = 4)
-  assert validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048) == on_hopper
+  assert validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048) == validation.on_hopper()
   assert not validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048 - 8)
   assert not validation.hopper_pays(q, 32, validation.HOPPER_MIN_WORK // 2048)  # MHA: 512 rows
