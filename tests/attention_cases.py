@@ -6,6 +6,7 @@ concatenated keys: that is the claim Hydragen makes.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,13 @@ TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e
 
 def tol(dtype) -> dict:
   return TOLERANCE[jnp.dtype(dtype).type]
+
+
+def assert_close_to_reference(out, lse, ref_out, ref_lse, dtype) -> None:
+  """out close to the reference's; lse close where the reference row saw a key (-inf rows compared as 0)."""
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol(dtype))
+  seen = jnp.isfinite(ref_lse)
+  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
 
 
 def normal(key, shape, dtype) -> jax.Array:

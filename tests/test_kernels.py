@@ -12,7 +12,7 @@ import pytest
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import flash, ops
 from hydragen_jax.kernels.flash import BlockConfig
-from tests.attention_cases import normal, tol
+from tests.attention_cases import assert_close_to_reference, normal, tol
 
 
 def _prefix_then_suffix(q, pk, pv, prefix_length, sk, sv, lengths, scale):
@@ -21,13 +21,6 @@ def _prefix_then_suffix(q, pk, pv, prefix_length, sk, sv, lengths, scale):
   kk = jnp.concatenate([jnp.broadcast_to(pk[:, :prefix_length], (b, prefix_length, hkv, d)), sk], axis=1)
   vv = jnp.concatenate([jnp.broadcast_to(pv[:, :prefix_length], (b, prefix_length, hkv, d)), sv], axis=1)
   return reference.attention(q, kk, vv, prefix_length + lengths, causal=True, scale=scale)[0]
-
-
-def _assert_close_to_reference(out, lse, ref_out, ref_lse, dtype):
-  """out close to the reference's; lse close where the reference row saw a key (-inf rows compared as 0)."""
-  chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol(dtype))
-  seen = jnp.isfinite(ref_lse)
-  chex.assert_trees_all_close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse, 0), **tol(dtype))
 
 
 def _run(q, plan, scale, backend):
@@ -60,7 +53,7 @@ def test_per_sequence_tilings(kernel_backend, block, dtype, direct):
   plan = ops.per_sequence(q, k, v, lengths, None if direct else jnp.arange(b), causal=True, block=block)
   out, lse = _run(q, plan, d**-0.5, kernel_backend)
   ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
-  _assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
+  assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
@@ -165,7 +158,7 @@ def test_heads_packed_in_one_tile(kernel_backend, hq, hkv, t, heads, dtype):
   out, lse = _run(q, ops.per_sequence(q, k, v, lengths, causal=True, block=block), d**-0.5, kernel_backend)
   ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
   assert bool(jnp.all(jnp.isfinite(lse) == jnp.isfinite(ref_lse)))
-  _assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
+  assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_choose_block_packs_heads_for_decode():
@@ -216,7 +209,7 @@ def test_direct_rows_start_at_kv_offset(kernel_backend):
   lengths = jnp.array([21, 4, 0])
   out, lse = _run(q, ops.per_sequence(q, k, v, lengths, kv_offset=jnp.int32(b), causal=True), 0.125, kernel_backend)
   ref_out, ref_lse = reference.attention(q, k[b:2 * b], v[b:2 * b], lengths, causal=True, scale=0.125)
-  _assert_close_to_reference(out, lse, ref_out, ref_lse, jnp.float32)
+  assert_close_to_reference(out, lse, ref_out, ref_lse, jnp.float32)
 
 
 @pytest.mark.parametrize("sizes", [(5, 7), (1024, 2048), (7, 3), (1, 9), (4, 4), (3, 5, 11)])
