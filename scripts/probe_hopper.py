@@ -18,7 +18,7 @@ import numpy as np
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import hopper
-from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, time_at_lengths
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
 from scripts.sweep_kernels import floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
@@ -98,9 +98,7 @@ def main():
         steps, _ = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, want, TIMING, STEPS)
         single = jax.jit(step(name)).lower(q, pk, pv, sk, sv, lengths[0]).compile()
         _, err = time_at_lengths(single, (q, pk, pv, sk, sv), lengths, want, dict(warmup=0, repeats=1))
-        frac = floor.simpson(*floors) / floor.simpson(*steps)
-        print(f"[{i}] {name:>8}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
-              f"max err vs auto {err:.4f}", flush=True)
+        print_fraction(i, name, floors, steps, err)
       except Exception as e:  # noqa: BLE001
         print(f"[{i}] {name}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
 

@@ -26,7 +26,7 @@ from jax.experimental.xla_metadata import set_xla_metadata
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax.kernels.flash import BlockConfig
-from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, time_at_lengths
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
 from scripts.sweep_kernels import floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
@@ -122,9 +122,7 @@ def main():
       try:
         compiled, _ = timing.compile_aot(variant_fn(name), (q, pk, pv, sk, sv, lengths[0]))
         steps, err = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, base, TIMING)
-        frac = floor.simpson(*floors) / floor.simpson(*steps)
-        print(f"[{i}] {name:>12}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
-              f"err vs auto {err:.4f}", flush=True)
+        print_fraction(i, name, floors, steps, err)
       except Exception as e:  # noqa: BLE001
         print(f"[{i}] {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
 

@@ -53,6 +53,15 @@ def time_at_lengths(compiled, inputs, lengths, want, timing_kw, steps_per_call=1
   return steps, max(errs, default=0.0)
 
 
+def print_fraction(i, name, floors, steps, err) -> None:
+  """One line of a probe: config i, variant, tok/s fraction of the floor (Simpson means), step times, error."""
+  from experiments import floor  # noqa: PLC0415
+
+  frac = floor.simpson(*floors) / floor.simpson(*steps)
+  print(f"[{i}] {name:>12}: {frac:.3f} of floor ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us) "
+        f"max err vs auto {err:.4f}", flush=True)
+
+
 def timeit(f, *args, repeats=15, inner=10):
   """Median over repeats of the time per call, `inner` calls launched back to back (dispatch amortised)."""
   jax.block_until_ready(f(*args))
