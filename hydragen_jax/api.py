@@ -14,6 +14,16 @@ tree whose root is one node read by all sequences and whose leaves are per seque
 bf16/f16 with D = 64 or 128, T·g a multiple of 4 whose 8-aligned window is at most 64 rows, cache capacities
 multiples of 8 (or at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what
 fails). Other steps run on the Triton kernels under every kernel backend.
+
+Out-of-range values. Concrete lengths and indices outside their range raise `ValueError`. Traced ones (under
+`jax.jit`) cannot be checked while tracing; every backend treats them as clamped: a length to [0, capacity], a
+node index (`seq_to_node`) and a layer index to [0, N - 1]. No read goes outside the arrays, at no cost (the clamps
+sit in index arithmetic the kernels do anyway). For an error instead, pass `checked=True` and wrap the function in
+`jax.experimental.checkify.checkify`; `err.throw()` then raises with the argument, the value and its position:
+
+    f = checkify.checkify(jax.jit(functools.partial(hydragen_attention, checked=True)))
+    err, out = f(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lengths=lengths)
+    err.throw()  # JaxRuntimeError: suffix_lengths must lie in [0, 64] (the KV capacity); got 100000 at index 1.
 """
 
 from __future__ import annotations
@@ -60,27 +70,34 @@ def _scale(scale: float | None, head_dim: int) -> float:
 
 
 def _reference_level(q, level: Level, *, causal: bool, batched: bool, scale: float) -> tuple[Array, Array]:
-  """(out, lse) of q over one level with the pure-jnp reference."""
-  k, v, lengths, seq_to_node = level.k, level.v, level.lengths, level.seq_to_node
+  """(out, lse) of q over one level with the pure-jnp reference; traced lengths and indices are clamped."""
+  k, v, seq_to_node = level.k, level.v, level.seq_to_node
   if level.layer is not None:
-    k, v = k[level.layer], v[level.layer]
+    layer = jnp.clip(level.layer, 0, k.shape[0] - 1)
+    k, v = k[layer], v[layer]
+  lengths = jnp.clip(level.lengths, 0, k.shape[1])
   if batched and k.shape[0] == 1:
     return reference.shared_attention(q, k[0], v[0], lengths[0], scale=scale)
   if seq_to_node is not None:  # the reference reads each sequence's node through a gather
-    k, v, lengths = k[seq_to_node], v[seq_to_node], lengths[seq_to_node]
+    nodes = jnp.clip(seq_to_node, 0, k.shape[0] - 1)
+    k, v, lengths = k[nodes], v[nodes], lengths[nodes]
   return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
 
 
 def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch: bool):
-  """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index)."""
+  """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index).
+
+  Traced indices are clamped here, in the index arithmetic that runs anyway (layer offset, node gather, grouping);
+  the kernels clamp lengths and KV rows themselves."""
   k, v, lengths = level.k, level.v, level.lengths
+  num_nodes = k.shape[-4]
   offset = 0
   if level.layer is not None:  # view [layers, N, ...] as rows [layers·N, ...]: free, no copy
-    offset = level.layer * k.shape[1]
+    offset = jnp.clip(level.layer, 0, k.shape[0] - 1) * num_nodes
     k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))
   # Static index vectors are numpy constants: no device work per step (an iota or a gather would be a kernel).
   identity = level.seq_to_node is None
-  nodes = np.arange(q.shape[0], dtype=np.int32) if identity else level.seq_to_node
+  nodes = np.arange(q.shape[0], dtype=np.int32) if identity else jnp.clip(level.seq_to_node, 0, num_nodes - 1)
   if batched:
     return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
                               causal=causal, shared_launch=shared_launch)
@@ -143,6 +160,7 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     backend: str | None = None,
+    checked: bool = False,
 ) -> tuple[Array, Array]:
   """Attention of each sequence's queries over its own keys, with the log-sum-exp for merging.
 
@@ -153,6 +171,7 @@ def attention(
     causal: the T queries are the last T valid keys: query t sees positions <= kv_lengths - T + t.
     scale: logit scale, default 1/sqrt(D).
     backend: one of BACKENDS (module docstring) or None.
+    checked: check traced kv_lengths with checkify (module docstring: "Out-of-range values").
 
   Returns:
     out `[B, T, Hq, D]` (q.dtype; 0 for a query that sees no key) and lse `[B, T, Hq]` float32 (-inf there).
@@ -163,7 +182,7 @@ def attention(
   check.check_heads("q", q, "k", k)
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
-  lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1])
+  lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1], checked)
   parts = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
                   backend=check.resolve_backend(backend))
   out, lse = _merge(parts)
@@ -183,6 +202,7 @@ def tree_attention(
     scale: float | None = None,
     backend: str | None = None,
     batch_shared: bool = True,
+    checked: bool = False,
 ) -> Array:
   """Attention over keys shared along a tree: each sequence reads one node per level, root to leaf.
 
@@ -194,6 +214,7 @@ def tree_attention(
     backend: one of BACKENDS (module docstring) or None.
     batch_shared: stack the queries of all sequences that read a shared node into one matrix (Hydragen). False
       reads each shared node once per sequence (the shared-storage baseline); results are identical.
+    checked: check traced lengths, seq_to_node and layer with checkify (module docstring: "Out-of-range values").
 
   Returns:
     out `[B, T, Hq, D]` in q.dtype: softmax attention over the concatenation of each sequence's nodes.
@@ -202,7 +223,7 @@ def tree_attention(
   if not levels:
     raise ValueError("levels is empty; expected at least one Level.")
   batch = q.shape[0]
-  checked = []
+  validated = []
   for i, level in enumerate(levels):
     name = f"levels[{i}]"
     layered = level.layer is not None
@@ -214,18 +235,18 @@ def tree_attention(
     if level.k.shape[-2] != levels[0].k.shape[-2]:
       raise ValueError(f"{name}.k {level.k.shape} has Hkv={level.k.shape[-2]} KV heads but levels[0].k "
                        f"{levels[0].k.shape} has {levels[0].k.shape[-2]}; all levels need the same.")
-    lengths = check.lengths_or_full(f"{name}.lengths", level.lengths, num_nodes, capacity)
+    lengths = check.lengths_or_full(f"{name}.lengths", level.lengths, num_nodes, capacity, checked)
     if level.seq_to_node is None:
       if num_nodes != batch:
         raise ValueError(f"{name}.seq_to_node is None, which needs one node per sequence, but {name}.k has "
                          f"{num_nodes} nodes {level.k.shape} for {batch} sequences (q {q.shape}).")
       nodes = None
     else:
-      nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes)
-    layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0]) if layered else None
-    checked.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
+      nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes, checked)
+    layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked) if layered else None
+    validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
-  parts = _attend(q, checked, causal=last, batched=[batch_shared and not leaf for leaf in last],
+  parts = _attend(q, validated, causal=last, batched=[batch_shared and not leaf for leaf in last],
                   scale=_scale(scale, q.shape[-1]),
                   backend=check.resolve_backend(backend))
   out, _ = _merge(parts)
@@ -244,6 +265,7 @@ def hydragen_attention(
     scale: float | None = None,
     backend: str | None = None,
     batch_prefix: bool = True,
+    checked: bool = False,
 ) -> Array:
   """Hydragen: one prefix shared by the whole batch plus each sequence's suffix.
 
@@ -255,6 +277,7 @@ def hydragen_attention(
     suffix_lengths: `[B]` valid suffix tokens (default S).
     scale, backend: as `attention`.
     batch_prefix: one matrix product over the prefix for all B·T·g queries (True), or one read per sequence.
+    checked: check traced prefix_length and suffix_lengths with checkify (module docstring: "Out-of-range values").
 
   Returns:
     out `[B, T, Hq, D]`, equal to causal attention over each sequence's [prefix; suffix].
@@ -269,8 +292,10 @@ def hydragen_attention(
   if suffix_k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of suffix_k {suffix_k.shape} differs from batch of q {q.shape}.")
   prefix = Level(prefix_k[None], prefix_v[None],
-                 check.scalar_length("prefix_length", prefix_length, prefix_k.shape[0]),
+                 check.scalar_length("prefix_length", prefix_length, prefix_k.shape[0], checked),
                  np.zeros((suffix_k.shape[0],), np.int32))
   suffix = Level(suffix_k, suffix_v,
-                 check.lengths_or_full("suffix_lengths", suffix_lengths, suffix_k.shape[0], suffix_k.shape[1]))
-  return tree_attention(q, [prefix, suffix], scale=scale, backend=backend, batch_shared=batch_prefix)
+                 check.lengths_or_full("suffix_lengths", suffix_lengths, suffix_k.shape[0], suffix_k.shape[1],
+                                       checked))
+  return tree_attention(q, [prefix, suffix], scale=scale, backend=backend, batch_shared=batch_prefix,
+                        checked=checked)

@@ -1,12 +1,19 @@
 """Input checks shared by the public functions: each error names the argument, the shape or dtype it got, and
-what was expected. Value checks (lengths within capacity, node indices in range) run only on concrete arrays, so
-everything stays `jax.jit`-able."""
+what was expected.
+
+Value checks (lengths within capacity, node and layer indices in range) raise `ValueError` on concrete arrays. A
+traced value cannot be checked while tracing, so everything stays `jax.jit`-able: every backend then treats it as
+clamped to its range (lengths to [0, capacity], indices to [0, N - 1]) where it is used, in the kernels' own index
+arithmetic (no read outside the arrays, no extra work). With `checked=True` the public functions add
+`jax.experimental.checkify` checks on traced values instead, which report the argument, the position and the value
+(the caller wraps the function in `checkify.checkify` and calls `err.throw()`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
 
@@ -89,41 +96,53 @@ def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array, np.ndar
   return x.astype(jnp.int32), (value if value is not None and value.size else None)
 
 
-def lengths_or_full(name: str, lengths, count: int, capacity: int) -> jax.Array:
+def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bounds: str, what: str,
+                 checked: bool) -> None:
+  """Values of `x` must lie in [0, hi] (shown as `bounds`): a concrete `value` raises ValueError now; a traced one
+  (value None) is checked by checkify if `checked`, else left to be clamped where it is used."""
+  message = f"{name} must lie in {bounds} {what}; got"
+  if value is not None:
+    if value.min() < 0 or value.max() > hi:
+      got = f"{value.item()}" if value.size == 1 else f"min {value.min()}, max {value.max()}"
+      raise ValueError(f"{message} {got}.")
+  elif checked and x.size:
+    flat = jnp.reshape(x, (-1,))
+    bad = (flat < 0) | (flat > hi)
+    first = jnp.argmax(bad)
+    checkify.check(~jnp.any(bad), message + " {} at index {}.", flat[first], first)
+
+
+def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool = False) -> jax.Array:
   """Validates `lengths` `[count]` of valid keys (<= capacity); None means all `capacity` keys are valid."""
   if lengths is None:
     return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")
-  if value is not None and (value.min() < 0 or value.max() > capacity):
-    raise ValueError(f"{name} must lie in [0, {capacity}] (the KV capacity); got min {value.min()}, "
-                     f"max {value.max()}.")
+  _check_range(name, lengths, value, capacity, f"[0, {capacity}]", "(the KV capacity)", checked)
   return lengths
 
 
-def scalar_length(name: str, length, capacity: int) -> jax.Array:
+def scalar_length(name: str, length, capacity: int, checked: bool = False) -> jax.Array:
   """A single valid-key count (or None: all `capacity` keys)."""
   if length is None:
     return np.full((1,), capacity, np.int32)
   if jnp.ndim(length) != 0:
     raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(length)}.")
-  return lengths_or_full(name, jnp.reshape(length, (1,)), 1, capacity)
+  return lengths_or_full(name, jnp.reshape(length, (1,)), 1, capacity, checked)
 
 
-def node_index(name: str, seq_to_node, batch: int, num_nodes: int) -> jax.Array:
+def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool = False) -> jax.Array:
   """Validates `seq_to_node` `[batch]` with values in [0, num_nodes)."""
   seq_to_node, value = _int_vector(name, seq_to_node, batch, " (one node per sequence of q)")
-  if value is not None and (value.min() < 0 or value.max() >= num_nodes):
-    raise ValueError(f"{name} values must lie in [0, {num_nodes}) (the level has {num_nodes} nodes); got min "
-                     f"{value.min()}, max {value.max()}.")
+  _check_range(name, seq_to_node, value, num_nodes - 1, f"[0, {num_nodes})", f"(the level has {num_nodes} nodes)",
+               checked)
   return seq_to_node
 
 
-def layer_index(name: str, layer, num_layers: int) -> jax.Array:
+def layer_index(name: str, layer, num_layers: int, checked: bool = False) -> jax.Array:
   """Validates a scalar integer layer index in [0, num_layers)."""
   layer = jnp.asarray(layer)
   if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer scalar; got shape {layer.shape}, dtype {layer.dtype}.")
-  value = _concrete(layer)
-  if value is not None and not 0 <= value < num_layers:
-    raise ValueError(f"{name} must lie in [0, {num_layers}) (the layer axis of k); got {value}.")
+  _check_range(name, layer, _concrete(layer), num_layers - 1, f"[0, {num_layers})", "(the layer axis of k)",
+               checked)
   return layer.astype(jnp.int32)

@@ -290,7 +290,7 @@ def test_tree_bad_input():
   kv = jnp.zeros((2, 8, 2, 64))
   with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node must have shape \(3,\).*got \(2,\)"):
     hj.tree_attention(q, [Level(kv, kv, jnp.array([8, 8]), jnp.array([0, 1]))])
-  with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node values must lie in \[0, 2\).*max 2"):
+  with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node must lie in \[0, 2\).*max 2"):
     hj.tree_attention(q, [Level(kv, kv, jnp.array([8, 8]), jnp.array([0, 1, 2]))])
   with pytest.raises(ValueError, match=r"levels\[0\].seq_to_node is None.*2 nodes.*3 sequences"):
     hj.tree_attention(q, [Level(kv, kv, jnp.array([8, 8]))])

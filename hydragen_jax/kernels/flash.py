@@ -21,7 +21,8 @@ starting at h0, local row r is the query row ((seq·T + t)·Hq + (h0 + i)·g + j
 seq = order[seq_start + r // (T·heads·g)] and (t, i, j) the digits of r % (T·heads·g): the kernel gathers and
 scatters those rows itself. A level's programs are (group, KV head block, key split, row block). Each streams its
 key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past
-its own position) and an empty row gives out = 0, lse = -inf. With `splits > 1` each split writes its normalised
+its own position) and an empty row gives out = 0, lse = -inf. KV rows and lengths are clamped to the caches' shape,
+so an out-of-range traced value never reads outside them. With `splits > 1` each split writes its normalised
 partial (in q's dtype) and its lse; `merge_states` combines them in float32.
 """
 
@@ -118,6 +119,8 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     row_count, first_seq, node = spec.max_rows, p, kv_index_ref[0] + p
   else:
     row_count, first_seq, node = row_count_ref[p], seq_start_ref[p], kv_index_ref[p]
+  # KV row and length clamped to the caches (a traced length or index may be out of range): no read outside k, v.
+  node = jnp.clip(node, 0, k_ref.shape[0] - 1)
   first_local = mb * block.block_m
 
   @pl.when(first_local < row_count)
@@ -145,7 +148,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # Logits in base 2, scale folded into q once: exp(x·scale) = 2^(x·scale·log2 e), so exp2 does the softmax.
     q = (q.astype(jnp.float32) * (scale * _LOG2_E)).astype(q.dtype)
 
-    length = kv_len_ref[p]
+    length = jnp.clip(kv_len_ref[p], 0, k_ref.shape[1])
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
     # c % heads; contiguous in the [S, Hkv, D] layout).
     step_keys = block.block_k // heads

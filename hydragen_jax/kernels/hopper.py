@@ -370,6 +370,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     q: `[B, T, Hq, D]` (bf16/f16), the last T tokens of each suffix.
     prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible up to `prefix_length` (int32 []).
     suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries, `suffix_lengths` `[B]` int32 valid keys.
+      Lengths are clamped to [0, P] and [0, S].
     interpret: run in Mosaic GPU's interpreter (CPU tests).
 
   Returns:
@@ -390,7 +391,9 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   qt = jnp.pad(qt, ((0, 0), (0, rows - batch * qrows), (0, 0)))
   if config.num_ctas is None:
     config = dataclasses.replace(config, num_ctas=ops.num_cores())
-  lens = jnp.concatenate([suffix_lengths.astype(jnp.int32), jnp.reshape(prefix_length, (1,)).astype(jnp.int32)])
+  # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.
+  lens = jnp.concatenate([jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_k.shape[1]),
+                          jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])])
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret)
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group)

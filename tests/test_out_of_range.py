@@ -1,0 +1,165 @@
+"""Traced lengths and indices out of range: every backend clamps them (no read outside the caches), and the opt-in
+checked mode (`checked=True` under `checkify.checkify`) reports them instead.
+
+On the GPU these run the compiled kernels: an out-of-bounds read there kills the CUDA context, so each test ends
+with an in-range call that must still work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import hydragen_jax as hj
+from hydragen_jax import Level
+from models import init_random, prefill
+from models.cache import advance, make_attend
+from models.config import LlamaConfig
+from tests.attention_cases import expected_tree, normal, random_level, tol
+
+# bf16, D = 64, T·g = 4, capacities multiples of 8: the Hopper kernel's case ("mosaic", "interpret-mosaic"); the
+# other kernel backends run the same shapes on the Triton kernels.
+B, T, HQ, HKV, D, P, S = 3, 1, 8, 2, 64, 24, 16
+DTYPE = jnp.bfloat16
+
+
+def _step_inputs(seed: int):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  return (normal(keys[0], (B, T, HQ, D), DTYPE), normal(keys[1], (P, HKV, D), DTYPE),
+          normal(keys[2], (P, HKV, D), DTYPE), normal(keys[3], (B, S, HKV, D), DTYPE),
+          normal(keys[4], (B, S, HKV, D), DTYPE))
+
+
+def _assert_close(out, expected):
+  out = out.astype(jnp.float32)
+  assert bool(jnp.isfinite(out).all())
+  chex.assert_trees_all_close(out, expected.astype(jnp.float32), **tol(DTYPE))
+
+
+@pytest.mark.parametrize("prefix_length,suffix_lengths", [
+    (P + 7, [5, 100000, -3]),
+    (-1, [S + 1, 0, 2**31 - 1]),
+], ids=["above", "negative"])
+def test_hydragen_clamps_traced_lengths(backend, prefix_length, suffix_lengths):
+  q, pk, pv, sk, sv = _step_inputs(0)
+  f = jax.jit(functools.partial(hj.hydragen_attention, backend=backend))
+  out = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(prefix_length), suffix_lengths=jnp.array(suffix_lengths))
+  clamped_prefix = int(np.clip(prefix_length, 0, P))
+  clamped = np.clip(suffix_lengths, 0, S)
+  levels = [Level(pk[None], pv[None], jnp.array([clamped_prefix]), jnp.zeros(B, jnp.int32)),
+            Level(sk, sv, jnp.asarray(clamped))]
+  _assert_close(out, expected_tree(q, levels))
+  # The same clamped values given in range give the same answer, and the process still works afterwards.
+  in_range = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(clamped_prefix), suffix_lengths=jnp.asarray(clamped))
+  chex.assert_trees_all_close(out.astype(jnp.float32), in_range.astype(jnp.float32), **tol(DTYPE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_clamps_traced_kv_lengths(backend, causal):
+  q, _, _, sk, sv = _step_inputs(1)
+  f = jax.jit(functools.partial(hj.attention, causal=causal, backend=backend))
+  out, lse = f(q, sk, sv, kv_lengths=jnp.array([S + 40, -7, 9]))
+  ref_out, ref_lse = hj.attention(q, sk, sv, kv_lengths=jnp.array([S, 0, 9]), causal=causal, backend="xla")
+  _assert_close(out, ref_out)
+  assert bool(jnp.all(jnp.isneginf(lse[1])))  # a length clamped to 0: the empty row
+  chex.assert_trees_all_close(jnp.where(jnp.isfinite(ref_lse), lse, 0), jnp.where(jnp.isfinite(ref_lse), ref_lse, 0),
+                              **tol(DTYPE))
+
+
+@pytest.mark.parametrize("batch_shared", [True, False], ids=["batched", "per_seq"])
+def test_tree_clamps_traced_node_and_layer_indices(backend, batch_shared):
+  """seq_to_node outside [0, N) reads node 0 or N - 1; a layer index outside [0, L) reads layer 0 or L - 1."""
+  keys = jax.random.split(jax.random.key(2), 6)
+  q = normal(keys[0], (B, T, HQ, D), DTYPE)
+  root = random_level(keys[1], 1, 16, [16], [0] * B, HKV, D, DTYPE)
+  mid = random_level(keys[2], 2, 8, [8, 5], [0, 1, 1], HKV, D, DTYPE)
+  leaf = random_level(keys[3], B, 8, [3, 8, 1], None, HKV, D, DTYPE)
+  layers = 3
+  stacked = [Level(jnp.stack([lv.k * (i + 1) / layers for i in range(layers)]),
+                   jnp.stack([lv.v * (layers - i) / layers for i in range(layers)]),
+                   lv.lengths, lv.seq_to_node) for lv in (root, mid, leaf)]
+  f = jax.jit(lambda q, levels: hj.tree_attention(q, levels, backend=backend, batch_shared=batch_shared))
+  bad = [Level(stacked[0].k, stacked[0].v, jnp.array([99]), jnp.array([5, -2, 0]), layer=jnp.int32(-4)),
+         Level(stacked[1].k, stacked[1].v, jnp.array([-1, 5]), jnp.array([7, 1, -3]), layer=jnp.int32(2)),
+         Level(stacked[2].k, stacked[2].v, jnp.array([3, 800, -8]), None, layer=jnp.int32(17))]
+  out = f(q, bad)
+  expected = [Level(stacked[0].k[0], stacked[0].v[0], jnp.array([16]), jnp.array([0, 0, 0])),
+              Level(stacked[1].k[2], stacked[1].v[2], jnp.array([0, 5]), jnp.array([1, 1, 0])),
+              Level(stacked[2].k[2], stacked[2].v[2], jnp.array([3, 8, 0]), None)]
+  _assert_close(out, expected_tree(q, expected))
+  # In range afterwards: still works.
+  _assert_close(f(q, [dataclasses.replace(lv, layer=jnp.int32(0)) for lv in stacked]),
+                expected_tree(q, [Level(lv.k[0], lv.v[0], lv.lengths, lv.seq_to_node) for lv in stacked]))
+
+
+def test_checked_mode_names_the_argument_and_value(backend):
+  q, pk, pv, sk, sv = _step_inputs(3)
+  f = checkify.checkify(jax.jit(functools.partial(hj.hydragen_attention, backend=backend, checked=True)))
+  err, _ = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(P), suffix_lengths=jnp.array([5, 100000, -3]))
+  with pytest.raises(checkify.JaxRuntimeError,
+                     match=r"suffix_lengths must lie in \[0, 16\] \(the KV capacity\); got 100000 at index 1"):
+    err.throw()
+  err, _ = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(P + 7), suffix_lengths=jnp.array([5, 1, 3]))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"prefix_length must lie in \[0, 24\].*got 31"):
+    err.throw()
+  err, out = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(P), suffix_lengths=jnp.array([5, 1, 3]))
+  err.throw()  # in range: no error, and the same answer as unchecked
+  chex.assert_trees_all_close(out, hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=jnp.array([5, 1, 3]),
+                                                         backend=backend))
+
+
+def test_checked_mode_covers_nodes_layers_and_kv_lengths():
+  q, _, _, sk, sv = _step_inputs(4)
+  attention = checkify.checkify(jax.jit(functools.partial(hj.attention, checked=True)))
+  err, _ = attention(q, sk, sv, kv_lengths=jnp.array([1, -2, 3]))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"kv_lengths must lie in \[0, 16\].*got -2 at index 1"):
+    err.throw()
+  tree = checkify.checkify(jax.jit(functools.partial(hj.tree_attention, checked=True)))
+  root = Level(sk[None, :1], sv[None, :1], jnp.array([4]), jnp.array([0, 1, 0]), layer=jnp.int32(0))
+  err, _ = tree(q, [root, Level(sk, sv, jnp.array([1, 2, 3]))])
+  with pytest.raises(checkify.JaxRuntimeError, match=r"levels\[0\].seq_to_node must lie in \[0, 1\).*got 1 at index 1"):
+    err.throw()
+  root = Level(sk[None, :1], sv[None, :1], jnp.array([4]), jnp.array([0, 0, 0]), layer=jnp.int32(1))
+  err, _ = tree(q, [root, Level(sk, sv, jnp.array([1, 2, 3]))])
+  with pytest.raises(checkify.JaxRuntimeError, match=r"levels\[0\].layer must lie in \[0, 1\).*got 1 at index 0"):
+    err.throw()
+
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("mode", ["hydragen", "standard", "shared_storage"])
+def test_decode_past_cache_capacity_stays_inside_the_caches(kernel_backend, mode):
+  """A user's decode loop that runs more steps than the caches were planned for: writes past a cache's end are
+  dropped (the cache stops changing), reads are clamped, and the logits stay finite."""
+  model = init_random(TINY, seed=0)
+  prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 8, 20, 21]]
+  state = prefill(model, prompts, 2, mode=mode, pad_multiple=16, backend=kernel_backend)
+  cache, positions = state.cache, state.positions
+  capacity = cache.k.shape[2]
+
+  @jax.jit
+  def step(params, cache, tokens, positions):
+    ones = jnp.ones((tokens.shape[0],), jnp.int32)
+    hidden, cache = type(model)(model.config, params)(tokens[:, None], positions[:, None], cache,
+                                                       make_attend(mode, ones, kernel_backend))
+    return advance(cache, ones), model.logits(hidden[:, 0])
+
+  params, tokens = model.params(), jnp.array([3, 4], jnp.int32)
+  full = None
+  for i in range(capacity + 3):
+    cache, logits = step(params, cache, tokens, positions + i)
+    assert bool(jnp.isfinite(logits).all())
+    if full is None and int(cache.lengths.min()) >= capacity:
+      full = (cache.k, cache.v)
+  assert full is not None and int(cache.lengths.min()) > capacity
+  np.testing.assert_array_equal(np.asarray(cache.k), np.asarray(full[0]))  # nothing written past the end
+  np.testing.assert_array_equal(np.asarray(cache.v), np.asarray(full[1]))
