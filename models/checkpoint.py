@@ -118,11 +118,10 @@ def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
     def conv(x):
         return jnp.asarray(x, dtype)
 
-    L = config.num_hidden_layers
-    layers = {}
-    for key in LAYER_KEYS:
-        stack = np.stack([t[f"model.layers.{i}.{_HF_LAYER[key]}"] for i in range(L)])
-        layers[key] = conv(stack if stack.ndim == 2 else np.swapaxes(stack, 1, 2))
+    layers = []
+    for i in range(config.num_hidden_layers):
+        hf = {key: t[f"model.layers.{i}.{_HF_LAYER[key]}"] for key in LAYER_KEYS}
+        layers.append({key: conv(w if w.ndim == 1 else w.T) for key, w in hf.items()})
     params = {"embed": conv(t["model.embed_tokens.weight"]), "final_norm": conv(t["model.norm.weight"]),
               "layers": layers}
     if not config.tie_word_embeddings:
@@ -142,10 +141,9 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         return out.astype(np_dtype) if np_dtype is not None else out.astype(np.asarray(p["embed"]).dtype)
 
     out = {"model.embed_tokens.weight": conv(p["embed"]), "model.norm.weight": conv(p["final_norm"])}
-    for key in LAYER_KEYS:
-        stack = p["layers"][key]
-        for i in range(model.config.num_hidden_layers):
-            w = stack[i]
+    for i, layer in enumerate(p["layers"]):
+        for key in LAYER_KEYS:
+            w = layer[key]
             out[f"model.layers.{i}.{_HF_LAYER[key]}"] = conv(w if w.ndim == 1 else w.T)
     if "lm_head" in p:
         out["lm_head.weight"] = conv(p["lm_head"].T)

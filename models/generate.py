@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, make_attend)
+from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, empty_layers,
+                          make_attend)
 from models.config import LlamaConfig
 from models.llama import Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
@@ -218,16 +219,13 @@ def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str
     shared: list[LevelCache] = []
     for l, la in enumerate(arrays["levels"]):
         N, cap = plan.level_nodes[l], plan.level_capacity[l]
-        own = TreeCache(
-            shared=tuple(LevelCache(lc.k, lc.v, lc.lengths, la["ancestors"][j], None) for j, lc in enumerate(shared)),
-            k=jnp.zeros((L, N, cap, Hkv, D), dtype), v=jnp.zeros((L, N, cap, Hkv, D), dtype),
-            lengths=jnp.zeros((N,), jnp.int32))
+        ancestors = tuple(LevelCache(lc.k, lc.v, lc.lengths, la["ancestors"][j], None) for j, lc in enumerate(shared))
+        own = TreeCache(ancestors, *empty_layers(L, (N, cap, Hkv, D), dtype), lengths=jnp.zeros((N,), jnp.int32))
         own, _ = _prefill_rows(model, own, la["tokens"], la["lengths"], la["start"], plan.chunk, backend)
         shared.append(LevelCache(own.k, own.v, own.lengths, la["seq_to_node"], plan.max_group[l]))
     B = arrays["suffix_lengths"].shape[0]
     S = plan.suffix_capacity
-    tree_cache = TreeCache(shared=tuple(shared), k=jnp.zeros((L, B, S, Hkv, D), dtype),
-                           v=jnp.zeros((L, B, S, Hkv, D), dtype), lengths=jnp.zeros((B,), jnp.int32))
+    tree_cache = TreeCache(tuple(shared), *empty_layers(L, (B, S, Hkv, D), dtype), lengths=jnp.zeros((B,), jnp.int32))
     tree_cache, last = _prefill_rows(model, tree_cache, arrays["suffix_tokens"], arrays["suffix_lengths"],
                                      arrays["offsets"][-1], plan.chunk, backend)
     logits = model.logits(last)
@@ -242,26 +240,29 @@ def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str
 
 
 def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
-    """Copy each sequence's whole prompt (its shared nodes, then its suffix) into its own cache, with one
+    """Copy each sequence's whole prompt (its shared nodes, then its suffix) into its own cache: per layer, one
     gather from the tree cache's storage (flattened; one extra zero row serves the unused slots)."""
-    L, B = tc.k.shape[:2]
+    B = tc.lengths.shape[0]
     parts = [(lc.k, lc.v, lc.lengths, lc.seq_to_node) for lc in tc.shared]
     parts.append((tc.k, tc.v, tc.lengths, jnp.arange(B)))
-    flat_k, flat_v, base = [], [], 0
     src = jnp.full((B, capacity), -1, jnp.int32)  # row of the flat storage for each dense slot
     j = jnp.arange(capacity)[None, :]
-    for l, (pk, pv, plen, s2n) in enumerate(parts):
-        n_nodes, cap = pk.shape[1:3]
+    base = 0
+    for l, (pk, _, plen, s2n) in enumerate(parts):
+        n_nodes, cap = pk[0].shape[:2]
         idx = j - offsets[l][:, None]  # [B, S]: index inside this part
         valid = (idx >= 0) & (idx < plen[s2n][:, None])
         src = jnp.where(valid, base + s2n[:, None] * cap + idx, src)
-        flat_k.append(pk.reshape(L, n_nodes * cap, *pk.shape[3:]))
-        flat_v.append(pv.reshape(L, n_nodes * cap, *pv.shape[3:]))
         base += n_nodes * cap
-    zero = jnp.zeros((L, 1) + tc.k.shape[3:], tc.k.dtype)
     src = jnp.where(src < 0, base, src)
-    k = jnp.concatenate(flat_k + [zero], axis=1)[:, src]
-    v = jnp.concatenate(flat_v + [zero], axis=1)[:, src]
+
+    def gather(layers):  # layers: per part, the part's array of this layer
+        flat = [x.reshape((-1,) + x.shape[2:]) for x in layers]
+        return jnp.concatenate(flat + [jnp.zeros((1,) + flat[0].shape[1:], flat[0].dtype)])[src]
+
+    num_layers = len(tc.k)
+    k = tuple(gather([pk[i] for pk, _, _, _ in parts]) for i in range(num_layers))
+    v = tuple(gather([pv[i] for _, pv, _, _ in parts]) for i in range(num_layers))
     return DenseCache(k=k, v=v, lengths=offsets[-1] + tc.lengths)
 
 

@@ -1,12 +1,14 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU.
 
-The per-layer weights are stacked along a leading layer axis ``[L, ...]`` and the layers run under one
-``lax.scan``, so compile time does not grow with depth. Linear weights are stored ``[in, out]``.
+Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
+run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
+under a ``lax.scan`` made XLA copy each layer's slice out before its GEMM, every step: about one extra read and
+write of all weights; see experiments/PERF_NOTES.md.) Linear weights are stored ``[in, out]``.
 
 Attention is not part of the model: ``Llama.__call__`` takes an ``attend`` callback
-``attend(cache, layer, q, k, v) -> (out, cache)`` with q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]`` (RoPE already
-applied) and out ``[B, T, Hq, D]``, so one model serves training (plain causal attention), the prefill of shared
-prefixes and the decode loop of every attention mode (see ``models.cache``).
+``attend(cache, layer, q, k, v) -> (out, cache)`` with layer a Python int, q ``[B, T, Hq, D]``, k/v
+``[B, T, Hkv, D]`` (RoPE already applied) and out ``[B, T, Hq, D]``, so one model serves training (plain causal
+attention), the prefill of shared prefixes and the decode loop of every attention mode (see ``models.cache``).
 """
 
 from __future__ import annotations
@@ -28,18 +30,14 @@ LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, Any]:
-    """Shapes of every parameter: top-level arrays and ``layers`` (stacked ``[L, ...]``)."""
+    """Shapes of every parameter: top-level arrays and ``layers``, a list of one dict per layer."""
     c = config
-    d, L, I = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    d, I = c.hidden_size, c.intermediate_size
     hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {
-        "embed": (c.vocab_size, d),
-        "final_norm": (d,),
-        "layers": {
-            "attn_norm": (L, d), "wq": (L, d, hq), "wk": (L, d, hkv), "wv": (L, d, hkv), "wo": (L, hq, d),
-            "mlp_norm": (L, d), "w_gate": (L, d, I), "w_up": (L, d, I), "w_down": (L, I, d),
-        },
-    }
+    layer = {"attn_norm": (d,), "wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d),
+             "mlp_norm": (d,), "w_gate": (d, I), "w_up": (d, I), "w_down": (I, d)}
+    shapes = {"embed": (c.vocab_size, d), "final_norm": (d,),
+              "layers": [dict(layer) for _ in range(c.num_hidden_layers)]}
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (d, c.vocab_size)
     return shapes
@@ -51,9 +49,9 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     Jitted by ``init_random``; cheap enough for 7B-shaped benchmark models (generated on device).
     """
     shapes = param_shapes(config)
-    flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
+    flat, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]]
     keys = jax.random.split(key, len(flat))
     leaves = []
     for k, shape, path in zip(keys, flat, paths):
@@ -63,6 +61,15 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
             fan_in = config.hidden_size if "embed" in path else shape[-2]
             leaves.append((jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype))
     return jax.tree.unflatten(treedef, leaves)
+
+
+def per_layer(layers: dict[str, jax.Array] | list[dict[str, jax.Array]]) -> list[dict[str, jax.Array]]:
+    """Layer weights as a list of per-layer dicts; a dict of stacked ``[L, ...]`` arrays is split (a copy: do it
+    once, outside the jitted step)."""
+    if isinstance(layers, dict):
+        num_layers = len(next(iter(layers.values())))
+        return [{k: w[i] for k, w in layers.items()} for i in range(num_layers)]
+    return list(layers)
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -112,8 +119,27 @@ def causal_attention(cache, layer, q, k, v):
 # ----------------------------------------------------------------------------------------------- modules
 
 
+def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: jax.Array, positions: jax.Array,
+                  cache: Any, attend: AttendFn) -> tuple[jax.Array, Any]:
+    """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + SwiGLU MLP; returns (x, cache)."""
+    c = config
+    B, T, _ = x.shape
+    inv_freq = rope_inv_freq(c)
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q = (h @ p["wq"]).reshape(B, T, c.num_attention_heads, c.head_dim)
+    k = (h @ p["wk"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+    v = (h @ p["wv"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    o, cache = attend(cache, layer, q, k, v)
+    x = x + o.astype(x.dtype).reshape(B, T, -1) @ p["wo"]
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    return x, cache
+
+
 class Llama(nnx.Module):
-    """Llama decoder. ``Llama(config, params)`` wraps a parameter tree from ``init_params`` / the loader.
+    """Llama decoder. ``Llama(config, params)`` wraps a parameter tree from ``init_params`` / the loaders (layers
+    as a list of per-layer dicts; stacked ``[L, ...]`` arrays are split once here).
 
     ``__call__(tokens [B, T] int, positions [B, T] int, cache, attend) -> (hidden [B, T, d], cache)``;
     ``logits(hidden [..., d]) -> [..., V]`` float32.
@@ -124,43 +150,30 @@ class Llama(nnx.Module):
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
-        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in LAYER_KEYS})
+        layers = per_layer(params["layers"])
+        if len(layers) != config.num_hidden_layers:
+            raise ValueError(f"params has {len(layers)} layers; the config says {config.num_hidden_layers}")
+        self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
 
     @property
     def dtype(self):
         return self.embed.value.dtype
 
+    def layer_params(self) -> list[dict[str, jax.Array]]:
+        return [{k: w.value for k, w in layer.items()} for layer in self.layers]
+
     def params(self) -> Params:
-        """The plain parameter tree (arrays), as accepted by ``Llama(config, params)``."""
-        p = {"embed": self.embed.value, "final_norm": self.final_norm.value,
-             "layers": {k: self.layers[k].value for k in LAYER_KEYS}}
+        """The plain parameter tree (arrays, one dict per layer), as accepted by ``Llama(config, params)``."""
+        p = {"embed": self.embed.value, "final_norm": self.final_norm.value, "layers": self.layer_params()}
         if self.lm_head is not None:
             p["lm_head"] = self.lm_head.value
         return p
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Any, attend: AttendFn):
         c = self.config
-        B, T = tokens.shape
-        inv_freq = rope_inv_freq(c)
         x = jnp.take(self.embed.value, tokens, axis=0)
-
-        def layer(carry, xs):
-            x, cache = carry
-            p, idx = xs
-            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-            q = (h @ p["wq"]).reshape(B, T, c.num_attention_heads, c.head_dim)
-            k = (h @ p["wk"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
-            v = (h @ p["wv"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-            o, cache = attend(cache, idx, q, k, v)
-            x = x + o.astype(x.dtype).reshape(B, T, -1) @ p["wo"]
-            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-            return (x, cache), None
-
-        layer_params = {k: self.layers[k].value for k in LAYER_KEYS}
-        xs = (layer_params, jnp.arange(c.num_hidden_layers))
-        (x, cache), _ = jax.lax.scan(layer, (x, cache), xs)
+        for i, p in enumerate(self.layer_params()):  # unrolled: each layer's weights are read in place
+            x, cache = decoder_layer(c, p, i, x, positions, cache, attend)
         return rms_norm(x, self.final_norm.value, c.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
