@@ -21,6 +21,30 @@ import hydragen_jax as hj
 from scripts.sweep_kernels import SEED, inputs
 
 
+def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float]:
+  """Runs `call()` `repeats` times under `jax.profiler.trace`: total GPU time per kernel name (ns, over all
+  repeats) and the wall time per call (s)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      start = time.perf_counter()
+      for _ in range(repeats):
+        out = call()
+      jax.block_until_ready(out)
+      wall = (time.perf_counter() - start) / repeats
+    total = collections.Counter()
+    for f in pathlib.Path(tmp).rglob("*.xplane.pb"):
+      data = jax.profiler.ProfileData.from_file(str(f))
+      for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+          continue
+        for line in plane.lines:
+          if "stream" not in line.name.lower():
+            continue
+          for event in line.events:
+            total[event.name[:70]] += event.duration_ns
+  return total, wall
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default="0,1,7")
@@ -35,24 +59,7 @@ def main():
       n = jnp.full((b,), s, jnp.int32)
       jax.block_until_ready(step(q, pk, pv, sk, sv, n))
       jax.block_until_ready(step(q, pk, pv, sk, sv, n))
-      with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-          start = time.perf_counter()
-          for _ in range(args.steps):
-            o = step(q, pk, pv, sk, sv, n)
-          jax.block_until_ready(o)
-          wall = (time.perf_counter() - start) / args.steps
-        total = collections.Counter()
-        for f in pathlib.Path(tmp).rglob("*.xplane.pb"):
-          data = jax.profiler.ProfileData.from_file(str(f))
-          for plane in data.planes:
-            if not plane.name.startswith("/device:GPU"):
-              continue
-            for line in plane.lines:
-              if "stream" not in line.name.lower():
-                continue
-              for event in line.events:
-                total[event.name[:70]] += event.duration_ns
+      total, wall = gpu_kernel_ns(lambda: step(q, pk, pv, sk, sv, n), args.steps)
       kernels = sum(total.values()) / args.steps / 1e3
       print(f"[{i}] {SEED[i]} s={s}: wall {wall * 1e6:.1f} us/step, GPU kernels {kernels:.1f} us/step", flush=True)
       for name, ns in total.most_common(8):

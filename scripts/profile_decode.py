@@ -1,0 +1,113 @@
+"""Where one decode step of the model spends its GPU time, per layer: GEMMs / attention kernels / cache writes /
+the rest, in microseconds, next to the same attention step timed alone (as bench-attention does).
+
+A random Llama of the 7B shape (fewer layers: `--layers`) decodes B sequences that share a P-token prefix; the
+decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under
+`jax.profiler.trace`, and each GPU kernel is classified by its name. The standalone attention step is
+`hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
+
+Usage: python scripts/profile_decode.py [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hydragen_jax as hj
+from experiments import model_api
+from scripts.profile_step import gpu_kernel_ns
+
+SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=65536)
+
+# Kernel names (XLA instruction names, cuBLAS / CUTLASS kernels, Pallas kernels) -> part of the step.
+PARTS = (
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm|matmul", re.I)),
+    ("attention", re.compile(r"hydragen|mosaic|pallas|prefix_suffix|attention", re.I)),
+    ("cache write", re.compile(r"scatter|dynamic.update.slice", re.I)),
+)
+
+
+def classify(name: str) -> str:
+  for part, pattern in PARTS:
+    if pattern.search(name):
+      return part
+  return "rest"
+
+
+def attention_alone(state, mode: str, steps: int, num_q_heads: int) -> float:
+  """Seconds per step of the attention of one layer of `state`'s caches, alone, `steps` calls chained."""
+  cache = state.cache
+  heads = num_q_heads
+  q = jax.random.normal(jax.random.key(0), (cache.lengths.shape[0], 1, heads, cache.k[0].shape[-1]),
+                        cache.k[0].dtype)
+  levels = [hj.Level(lc.k[0], lc.v[0], lc.lengths, lc.seq_to_node, lc.max_group) for lc in
+            getattr(cache, "shared", ())] + [hj.Level(cache.k[0], cache.v[0], cache.lengths)]
+
+  @jax.jit
+  def chained(q, levels):
+    def body(_, q):
+      return hj.tree_attention(q, levels, batch_shared=mode == "hydragen").astype(q.dtype)
+    return jax.lax.fori_loop(0, steps, body, q)
+
+  jax.block_until_ready(chained(q, levels))
+  total, _ = gpu_kernel_ns(lambda: chained(q, levels), 3)
+  return sum(total.values()) / 3 / steps / 1e9
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=512)
+  parser.add_argument("--prefix", type=int, default=1024)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--generate", type=int, default=128)
+  parser.add_argument("--at", type=int, default=64, help="suffix length where the profiled steps start")
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--modes", default="hydragen,none,standard")
+  parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
+  args = parser.parse_args()
+  shape = dict(SHAPE_7B, num_hidden_layers=args.layers)
+  if args.tiny:
+    shape.update(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                 head_dim=16)
+  model, _ = model_api.build_model(shape, "bfloat16", seed=0)
+  tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
+  print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, steps {args.at}..{args.at + args.steps}",
+        flush=True)
+  for mode in args.modes.split(","):
+    state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, None, 2048,
+                                 max_calls=1)
+    org = model_api.origin(state)
+    if mode == "none":
+      state, org = model_api.derive_mode(state, mode, org)
+    fn, compile_s = model_api.compile_decode(model, state, None)
+    alone = attention_alone(state, mode, args.steps, shape["num_attention_heads"]) if mode != "none" else 0.0
+
+    held = [state]  # the decode call donates its state: each run starts from the state the last one returned
+
+    def run():
+      held[0] = fn(model.params(), model_api.at_step(held[0], org, args.at), jnp.int32(args.steps))
+      return held[0]
+
+    jax.block_until_ready(run())
+    total, wall = gpu_kernel_ns(run, 2)
+    per_part = collections.Counter()
+    for name, ns in total.items():
+      per_part[classify(name)] += ns / 2 / args.steps / args.layers / 1e3
+    step_us = sum(total.values()) / 2 / args.steps / 1e3
+    parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "rest"))
+    print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall); per layer (us): {parts}; "
+          f"attention alone {alone * 1e6:.1f} us; compile {compile_s:.1f} s", flush=True)
+    for name, ns in total.most_common(12):
+      print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
+    del state, org, held
+
+
+if __name__ == "__main__":
+  main()
