@@ -87,7 +87,8 @@ def main():
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
     fn, compile_s = model_api.compile_decode(model, state, None)
-    alone = attention_alone(state, mode, args.steps, shape["num_attention_heads"]) if mode != "none" else 0.0
+    alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps, shape["num_attention_heads"])
+             if mode != "none" else 0.0)
 
     held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 

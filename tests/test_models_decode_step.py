@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -20,13 +21,36 @@ CONFIG = LlamaConfig(vocab_size=72, hidden_size=24, intermediate_size=56, num_hi
 LAYERS = CONFIG.num_hidden_layers
 WEIGHT_SHAPES = {(24, 40), (24, 20), (40, 24), (24, 56), (56, 24)}  # [in, out] of wq, wk/wv, wo, gate/up, down
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\][^ ]* (\S+?)\(")
+_LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_NOT_NEW = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant")  # ops that make no new buffer
+GEMM_WIDTHS = (20, 24, 40, 56, 72, 80)  # output widths of the GEMMs (80: q, k and v merged into one GEMM)
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-  """Instruction lines of each computation of an HLO module's text."""
+def _parse(line: str) -> tuple[tuple[int, ...], str, str] | None:
+  """(output shape (a tuple's first element), op name, the line) of one HLO instruction line."""
+  match = _LINE.match(line)
+  if not match:
+    return None
+  rhs = match.group(2)
+  if rhs.startswith("("):  # tuple-shaped output: "(bf16[2,40]{1,0}, s8[...]) custom-call(...)"
+    depth = 0
+    for end, ch in enumerate(rhs):
+      depth += (ch == "(") - (ch == ")")
+      if depth == 0:
+        break
+    shape_text, rest = rhs[1:end], rhs[end + 1:].lstrip()
+  else:
+    shape_text, _, rest = rhs.partition(" ")
+  shape, op = re.match(r"\w+\[([\d,]*)\]", shape_text), re.match(r"([\w\-]+)\(", rest)
+  if not shape or not op:
+    return None
+  return tuple(int(d) for d in shape.group(1).split(",") if d), op.group(1), line
+
+
+def _computations(hlo: str) -> dict[str, list[tuple[tuple[int, ...], str, str]]]:
+  """Parsed instructions of each computation of an HLO module's text."""
   out, name = {}, None
   for line in hlo.splitlines():
     match = _COMPUTATION.match(line)
@@ -34,58 +58,51 @@ def _computations(hlo: str) -> dict[str, list[str]]:
       name = match.group(1)
       out[name] = []
     elif name is not None and line.startswith("  "):
-      out[name].append(line)
+      parsed = _parse(line)
+      if parsed:
+        out[name].append(parsed)
   return out
 
 
-def _shape(dims: str) -> tuple[int, ...]:
-  return tuple(int(d) for d in dims.split(",") if d)
+def _top_level(comps) -> dict:
+  """The computations that are not fusion bodies (their instructions are what runs)."""
+  fused = {c for instrs in comps.values() for _, op, line in instrs if op == "fusion" for c in _CALLS.findall(line)}
+  return {name: instrs for name, instrs in comps.items() if name not in fused}
+
+
+def _width(shape: tuple[int, ...]) -> int | None:
+  """Which GEMM an output shape belongs to (XLA may lay a GEMM's output out transposed: any dimension counts)."""
+  return next((d for d in shape if d in GEMM_WIDTHS), None)
 
 
 def gemm_widths(hlo: str) -> collections.Counter:
-  """Output widths (last dimension) of every GEMM call site: dots outside fusions, fusions whose computation holds a
-  dot, cuBLAS custom calls."""
+  """Output widths of every GEMM call site: dots outside fusions, fusions whose computation holds a dot, cuBLAS
+  custom calls."""
   comps = _computations(hlo)
-  dot_widths = {name: [_shape(m.group(3))[-1] for m in map(_INSTRUCTION.match, lines) if m and m.group(4) == "dot"]
-                for name, lines in comps.items()}
-  fused = {c for lines in comps.values() for line in lines if " fusion(" in line for c in _CALLS.findall(line)}
+  dots = {name: [shape for shape, op, _ in instrs if op == "dot"] for name, instrs in comps.items()}
   widths = collections.Counter()
-  for name, lines in comps.items():
-    if name in fused:
-      continue
-    for line in lines:
-      match = _INSTRUCTION.match(line)
-      if not match:
-        continue
-      if match.group(4) == "dot" or "__cublas$" in line:
-        widths[_shape(match.group(3))[-1]] += 1
-      elif match.group(4) == "fusion":
+  for instrs in _top_level(comps).values():
+    for shape, op, line in instrs:
+      if op == "dot" or (op == "custom-call" and "__cublas" in line):
+        widths[_width(shape)] += 1
+      elif op == "fusion":
         for called in _CALLS.findall(line):
-          widths.update(dot_widths.get(called, []))
+          widths.update(_width(s) for s in dots.get(called, []))
   return widths
 
 
-def weight_copies(hlo: str) -> list[str]:
-  """Instructions outside fusions that produce a new buffer of a layer weight's shape (copies, slices, fusions)."""
-  comps = _computations(hlo)
-  fused = {c for lines in comps.values() for line in lines if " fusion(" in line for c in _CALLS.findall(line)}
-  found = []
-  for name, lines in comps.items():
-    if name in fused:
-      continue
-    for line in lines:
-      match = _INSTRUCTION.match(line)
-      if match and _shape(match.group(3)) in WEIGHT_SHAPES and match.group(4) not in (
-          "parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
-        found.append(line.strip()[:160])
-  return found
+def new_buffers_of_shape(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
+  """Instructions that run (outside fusions) and produce a new buffer of one of `shapes`."""
+  return [line.strip()[:160] for instrs in _top_level(_computations(hlo)).values()
+          for shape, op, line in instrs if shape in shapes and op not in _NOT_NEW]
 
 
-def _compiled_decode(mode: str, dtype, backend) -> str:
+def _compiled_decode(mode: str, dtype, backend):
+  """The optimized HLO text of the decode loop, and the state it was compiled for."""
   model = models.init_random(CONFIG, dtype=dtype, seed=0)
   state = models.prefill(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9]], 4, mode=mode, backend=backend)
   fn, _ = models.compile_decode(model, state, backend=backend)
-  return fn.as_text()
+  return fn.as_text(), state
 
 
 def _cases():
@@ -98,11 +115,10 @@ def _cases():
 @pytest.mark.parametrize("dtype,backend", _cases())
 def test_none_mode_keeps_the_qkv_projections(dtype, backend):
   """The paper's "No Attention": only the attention and the cache writes are skipped, the q/k/v/o projections run."""
-  widths = gemm_widths(_compiled_decode("none", dtype, backend))
-  merged = widths[80]  # XLA may merge q, k and v (one LHS) into one GEMM of width 40 + 20 + 20
-  assert widths[40] + merged == LAYERS, widths  # q
-  assert widths[20] + 2 * merged == 2 * LAYERS, widths  # k, v
-  assert widths[72] == 1, widths  # LM head
+  widths = gemm_widths(_compiled_decode("none", dtype, backend)[0])
+  # q (40), k and v (20 each) in every layer, whether XLA keeps them apart or merges some into one GEMM
+  assert sum(w * widths[w] for w in (20, 40, 80)) == 80 * LAYERS, widths
+  assert widths[24] == 2 * LAYERS and widths[56] == 2 * LAYERS and widths[72] == 1, widths  # o, down, gate, up, head
 
 
 @pytest.mark.parametrize("mode", ["hydragen", "none"])
@@ -110,4 +126,17 @@ def test_none_mode_keeps_the_qkv_projections(dtype, backend):
 def test_decode_step_reads_layer_weights_in_place(mode, dtype, backend):
   """No layer weight is copied or sliced into a new buffer before its GEMM (as a lax.scan over stacked [L, ...]
   weights made XLA do, every step)."""
-  assert weight_copies(_compiled_decode(mode, dtype, backend)) == []
+  assert new_buffers_of_shape(_compiled_decode(mode, dtype, backend)[0], WEIGHT_SHAPES) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled Pallas kernels read the caches in place only there")
+@pytest.mark.parametrize("mode", ["hydragen", "shared_storage", "standard"])
+def test_decode_step_writes_caches_in_place_and_never_copies_them(mode):
+  """Per step, each layer's k and v cache gets one in-place write (2·L cache-shaped buffers in all), and no cache
+  is copied: the kernels read every level where it lies."""
+  hlo, state = _compiled_decode(mode, jnp.bfloat16, "pallas")
+  shapes = {x.shape for x in jax.tree.leaves(state.cache) if x.ndim == 4}
+  made = new_buffers_of_shape(hlo, shapes)
+  assert not [line for line in made if " copy" in line or "transpose(" in line], made
+  assert len(made) == 2 * LAYERS, made
