@@ -1,4 +1,5 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU; with the
+q/k/v biases of Qwen2 and the q/k RMSNorm of Qwen3 where the config's family has them.
 
 The per-layer weights are stacked along a leading layer axis ``[L, ...]`` and the layers run under one
 ``lax.scan``, so compile time does not grow with depth. Linear weights are stored ``[in, out]``.
@@ -7,10 +8,14 @@ Attention is not part of the model: ``Llama.__call__`` takes an ``attend`` callb
 ``attend(cache, layer, q, k, v) -> (out, cache)`` with q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]`` (RoPE already
 applied) and out ``[B, T, Hq, D]``, so one model serves training (plain causal attention), the prefill of shared
 prefixes and the decode loop of every attention mode (see ``models.cache``).
+
+A float32 model runs its matmuls (and ``causal_attention``) at full float32 precision
+(``Precision.HIGHEST``), whatever the platform's default (TF32 on NVIDIA GPUs); bfloat16 runs at the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -24,7 +29,14 @@ from models.config import LlamaConfig
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")  # every family
+QKV_BIAS_KEYS = ("bq", "bk", "bv")  # config.qkv_bias (Qwen2)
+QK_NORM_KEYS = ("q_norm", "k_norm")  # config.qk_norm (Qwen3)
+
+
+def layer_keys(config: LlamaConfig) -> tuple[str, ...]:
+    """The per-layer parameter names of ``config``'s family (plain Llama: ``LAYER_KEYS``)."""
+    return LAYER_KEYS + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, Any]:
@@ -40,13 +52,17 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
             "mlp_norm": (L, d), "w_gate": (L, d, I), "w_up": (L, d, I), "w_down": (L, I, d),
         },
     }
+    if c.qkv_bias:
+        shapes["layers"].update(bq=(L, hq), bk=(L, hkv), bv=(L, hkv))
+    if c.qk_norm:
+        shapes["layers"].update(q_norm=(L, c.head_dim), k_norm=(L, c.head_dim))
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (d, c.vocab_size)
     return shapes
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters: norms 1, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
+    """Random parameters: norms 1, biases 0, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
 
     Jitted by ``init_random``; cheap enough for 7B-shaped benchmark models (generated on device).
     """
@@ -59,6 +75,8 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     for k, shape, path in zip(keys, flat, paths):
         if "norm" in path:
             leaves.append(jnp.ones(shape, dtype))
+        elif any(f"'{b}'" in path for b in QKV_BIAS_KEYS):
+            leaves.append(jnp.zeros(shape, dtype))
         else:
             fan_in = config.hidden_size if "embed" in path else shape[-2]
             leaves.append((jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype))
@@ -103,10 +121,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def matmul_precision(dtype) -> jax.lax.Precision | None:
+    """``HIGHEST`` for float32 operands (exact fp32 products, not TF32), None (the default) otherwise."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def causal_attention(cache, layer, q, k, v):
     """Plain causal self-attention over the T tokens of the call (training / scoring); cache unused."""
     del layer
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True), cache
+    full = matmul_precision(q.dtype) is not None
+    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True), cache
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -120,11 +145,14 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, config: LlamaConfig, params: Params):
+        if set(params["layers"]) != set(layer_keys(config)):
+            raise ValueError(f"Llama: params['layers'] has keys {sorted(params['layers'])}, model_type "
+                             f"{config.model_type!r} needs {sorted(layer_keys(config))}")
         self.config = config
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
-        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in LAYER_KEYS})
+        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in layer_keys(config)})
 
     @property
     def dtype(self):
@@ -133,7 +161,7 @@ class Llama(nnx.Module):
     def params(self) -> Params:
         """The plain parameter tree (arrays), as accepted by ``Llama(config, params)``."""
         p = {"embed": self.embed.value, "final_norm": self.final_norm.value,
-             "layers": {k: self.layers[k].value for k in LAYER_KEYS}}
+             "layers": {k: self.layers[k].value for k in layer_keys(self.config)}}
         if self.lm_head is not None:
             p["lm_head"] = self.lm_head.value
         return p
@@ -143,29 +171,41 @@ class Llama(nnx.Module):
         B, T = tokens.shape
         inv_freq = rope_inv_freq(c)
         x = jnp.take(self.embed.value, tokens, axis=0)
+        precision = matmul_precision(x.dtype)
+
+        def mm(a, w):
+            return jnp.matmul(a, w, precision=precision)
+
+        def proj(h, p, name, heads):  # name "q" | "k" | "v": [B, T, d] -> [B, T, heads, D]
+            y = mm(h, p[f"w{name}"])
+            if c.qkv_bias:  # Qwen2
+                y = y + p[f"b{name}"]
+            return y.reshape(B, T, heads, c.head_dim)
 
         def layer(carry, xs):
             x, cache = carry
             p, idx = xs
             h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-            q = (h @ p["wq"]).reshape(B, T, c.num_attention_heads, c.head_dim)
-            k = (h @ p["wk"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
-            v = (h @ p["wv"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+            q = proj(h, p, "q", c.num_attention_heads)
+            k = proj(h, p, "k", c.num_key_value_heads)
+            v = proj(h, p, "v", c.num_key_value_heads)
+            if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
+                q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
             o, cache = attend(cache, idx, q, k, v)
-            x = x + o.astype(x.dtype).reshape(B, T, -1) @ p["wo"]
+            x = x + mm(o.astype(x.dtype).reshape(B, T, -1), p["wo"])
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+            x = x + mm(jax.nn.silu(mm(h, p["w_gate"])) * mm(h, p["w_up"]), p["w_down"])
             return (x, cache), None
 
-        layer_params = {k: self.layers[k].value for k in LAYER_KEYS}
+        layer_params = {k: self.layers[k].value for k in layer_keys(c)}
         xs = (layer_params, jnp.arange(c.num_hidden_layers))
         (x, cache), _ = jax.lax.scan(layer, (x, cache), xs)
         return rms_norm(x, self.final_norm.value, c.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         w = self.embed.value.T if self.lm_head is None else self.lm_head.value
-        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32, precision=matmul_precision(w.dtype))
 
 
 def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0) -> Llama:
