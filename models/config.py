@@ -56,7 +56,7 @@ _COMMON_KEYS = frozenset({
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
     "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias"})
+    "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias", "rope_interleaved"})
 # Keys known not to change the logits, whatever their value.
 HARMLESS_KEYS = frozenset({
     # bookkeeping written by transformers or the hub
@@ -68,6 +68,8 @@ HARMLESS_KEYS = frozenset({
     "tie_encoder_decoder",
     # this project's own metadata (models.train_default's training record)
     "hydragen_default_model",
+    # written by other tools, read by none of these models (nanotron's SmolLM2 configs, early Llama conversions)
+    "is_llama_config", "max_sequence_length",
     # training only: dropout is off at inference
     "attention_dropout",
     # the same products, split differently (tensor-parallel slices of pretraining, chunks of the MLP)
@@ -173,6 +175,9 @@ class LlamaConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag, False):
                 raise CheckpointError(f"config: {flag}={d[flag]!r} is not supported (no such biases are loaded)")
+        if d.get("rope_interleaved", False):
+            raise CheckpointError(f"config: rope_interleaved={d['rope_interleaved']!r} is not supported (RoPE "
+                                  "rotates the two halves of each head, as transformers does)")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:

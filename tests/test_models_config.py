@@ -226,8 +226,9 @@ def test_llama3_original_context_defaults_to_max_positions():
 def test_harmless_keys_accepted():
     extra = {"torch_dtype": "bfloat16", "dtype": "bfloat16", "use_cache": False, "initializer_range": 0.1,
              "pretraining_tp": 1, "attention_dropout": 0.0, "transformers_version": "5.17.0", "_name_or_path": "x",
-             "id2label": {"0": "LABEL_0"}, "temperature": 0.6, "top_p": 0.9}
+             "id2label": {"0": "LABEL_0"}, "temperature": 0.6, "top_p": 0.9, "is_llama_config": True}
     assert set(extra) <= HARMLESS_KEYS
+    extra["rope_interleaved"] = False  # SmolLM2 (nanotron) writes it; only True would change the math
     assert LlamaConfig.from_dict(dict(LLAMA31_8B, **extra)) == LlamaConfig.from_dict(LLAMA31_8B)
 
 
@@ -256,6 +257,7 @@ RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
     (dict(MISTRAL_7B_V03, attention_bias=True), "attention_bias"),
     (dict(MISTRAL_7B_V03, layer_types=["full_attention"] * 32), "'layer_types'"),  # not a Mistral key
     (dict(RLLAMA, partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    (dict(RLLAMA, rope_interleaved=True), "rope_interleaved=True"),
     (dict(to_v5(RQWEN), rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
      "partial_rotary_factor=0.5"),
     (to_v5(dict(RQWEN, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})),
