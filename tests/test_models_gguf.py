@@ -311,19 +311,20 @@ def assert_modes_agree(model, ref, h, backend):
 
 
 @pytest.fixture(scope="module")
-def hydragen_cpu(smollm2):
+def hydragen_run(smollm2):
+    """The default backend's run: jnp on CPU, the Pallas kernels on a GPU."""
     model, _, ref = smollm2
     return run(model, ref, "hydragen", None)
 
 
-def test_smollm2_matches_transformers_cpu(smollm2, hydragen_cpu):
-    assert_matches_reference(hydragen_cpu, smollm2[2])
+def test_smollm2_matches_transformers(smollm2, hydragen_run):
+    assert_matches_reference(hydragen_run, smollm2[2])
 
 
 @pytest.mark.slow
-def test_smollm2_modes_agree_cpu(smollm2, hydragen_cpu):
+def test_smollm2_modes_agree(smollm2, hydragen_run):
     model, _, ref = smollm2
-    assert_modes_agree(model, ref, hydragen_cpu, None)
+    assert_modes_agree(model, ref, hydragen_run, None)
 
 
 @pytest.mark.gpu
