@@ -243,7 +243,7 @@ class LlamaConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_scaling": _rope_scaling_dict(self.rope_scaling),
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
@@ -252,6 +252,13 @@ class LlamaConfig:
         if self.family.window_flag:
             d["use_sliding_window"] = False
         return d
+
+
+def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
+    """``rs`` as a transformers-4 ``rope_scaling`` dict, with the keys of its type only."""
+    if rs is None:
+        return None
+    return {k: v for k, v in dataclasses.asdict(rs).items() if k == "rope_type" or k in _ROPE_KEYS[rs.rope_type]}
 
 
 def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
@@ -300,7 +307,12 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
     if params is not None:
         if not isinstance(params, dict):
             raise CheckpointError(f"config: rope_parameters must be a dict or null, got {params!r}")
-        if set(params) & set(LAYER_TYPES + tuple(layer_types)):  # one dict per layer type
+        kinds = set(LAYER_TYPES + tuple(layer_types))
+        if set(params) & kinds:  # one dict per layer type
+            stray = [k for k in params if k not in kinds]
+            if stray:
+                raise CheckpointError(f"config: rope_parameters mixes layer types with key {stray[0]!r} = "
+                                      f"{params[stray[0]]!r}")
             for t in dict.fromkeys(layer_types):
                 where = f"rope_parameters[{t!r}]"
                 if params.get(t) is None:

@@ -211,7 +211,7 @@ def test_layouts_agree_when_both_present():
 
 
 def test_round_trip_every_family():
-    for d in ALL.values():
+    for d in list(ALL.values()) + [dict(LLAMA2_7B, rope_scaling={"type": "linear", "factor": 4.0})]:
         c = LlamaConfig.from_dict(d)
         assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
@@ -270,6 +270,8 @@ RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
     (dict(to_v5(RQWEN), rope_parameters={"full_attention": None}), r"rope_parameters\['full_attention'\]"),
     (dict(to_v5(RQWEN), rope_parameters={"sliding_attention": {"rope_type": "default"}}),
      r"rope_parameters\['full_attention'\] is missing"),
+    (dict(to_v5(RQWEN), rope_parameters={"full_attention": {"rope_type": "default"}, "rope_theta": 1e6}),
+     "mixes layer types with key 'rope_theta'"),
     (dict(LLAMA2_7B, num_attention_heads=7, num_key_value_heads=7), "not a multiple"),
     (dict(LLAMA2_7B, model_type="mistral"), "'LlamaForCausalLM' for model_type 'mistral'"),
 ])
