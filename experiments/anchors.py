@@ -192,7 +192,7 @@ def _capture(call: Callable, q):
             call(q)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # JAX's threads stay free to call CUDA
         out = call(q)
     torch.cuda.synchronize()
     return graph, out
