@@ -157,6 +157,12 @@ def test_gguf_bf16_and_linear_rope_scaling(tmp_path):
     assert model.config.rope_scaling.rope_type == "linear" and model.config.rope_scaling.factor == 4.0
 
 
+def test_gguf_dtype_must_be_fp32_or_bf16(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG))
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16, got float16"):
+        load_gguf(path, dtype=jnp.float16)
+
+
 def test_every_supported_block_type_dequantizes():
     for name in [n for n in SUPPORTED_TYPES if n not in ("F32", "F16", "BF16")]:
         qtype = Q[name]
@@ -173,6 +179,8 @@ def test_every_supported_block_type_dequantizes():
     (dict(extra_tensors=[("blk.0.attn_q.bias", np.zeros(32, np.float32), None)]),
      "tensor 'blk.0.attn_q.bias' is not part of a supported Llama"),
     (dict(skip={"blk.1.attn_v.weight"}), r"missing tensor 'blk.1.attn_v.weight' \(1 missing in all\)"),
+    (dict(skip={"blk.1.attn_v.weight"}, extra_tensors=[("blk.1.attn_v.weight", np.zeros((8, 32), np.float32), None)]),
+     r"'blk.1.attn_v.weight' has shape \(8, 32\), expected \(16, 32\)"),
     (dict(extra_tensors=[("rope_freqs.weight", np.ones(4, np.float32), None)]), "'rope_freqs.weight'"),
     (dict(extra_meta={"llama.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING)}),
      "llama.rope.scaling.type='yarn' is not supported"),
