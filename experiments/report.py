@@ -208,8 +208,12 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
            "timed call as in a jit-compiled decode loop; floor = max(bytes / bandwidth, FLOPs / matmul rate) with "
            "both rates measured in the same run; Hydragen / floor = Hydragen tok/s ÷ floor tok/s).", ""]
     for f, idx in sorted(by_file.items(), key=lambda item: item[1][0]):
-        what = f"rows {idx[0]}–{idx[-1]}" if len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1)) else \
-            "rows " + ", ".join(map(str, idx))
+        if len(idx) == 1:
+            what = f"row {idx[0]}"
+        elif idx == list(range(idx[0], idx[-1] + 1)):
+            what = f"rows {idx[0]}–{idx[-1]}"
+        else:
+            what = "rows " + ", ".join(map(str, idx))
         out.append(f"- {_file_line(f, what)}")
     out += ["", tables._table(header, lines), ""]
     hyd = [by.get("hydragen") for _, _, by in rows]

@@ -704,7 +704,8 @@ def test_report_takes_the_latest_session_and_each_row_from_the_newest_file(tmp_p
     assert "| 512 | 4096 | 512 | 32/8 | 900.0k | 300.0k | 400.0k | 1.00M | 0.900 | 2.25x |" in section
     assert "Hydragen / PyTorch Hydragen" in section and "FlashInfer cascade" not in section.split("|---")[0]
     assert "Not run: FlashInfer cascade (flashinfer is not importable" in section
-    assert "rows 1: `bench_attention-nvidia-h200-20261130-100000.*`" in section
+    assert "row 1: `bench_attention-nvidia-h200-20261130-100000.*`" in section
+    assert "row 2: `bench_attention-gqa-nvidia-h200-20261130-103000.*`" in section
     assert "floor bandwidth 4.300 TB/s (best of: copy 4.300, read 4.000, pallas_read failed TB/s)" in section
     assert "2.0–3.0× jnp reference" in section and "within 0.002 of the jnp reference" in section
     # e2e: rows from the newest part1 and part2; part4's stale point left out
