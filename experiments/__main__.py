@@ -35,8 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("list", help="list the configs in experiments/configs/")
 
-    p_report = sub.add_parser("report", help="(re)write the markdown tables of results files")
-    p_report.add_argument("results", nargs="+")
+    p_report = sub.add_parser(
+        "report", help="without files: regenerate README.md's results section (between its report markers) from "
+                       "experiments/results/; with files: (re)write each one's markdown tables")
+    p_report.add_argument("results", nargs="*")
+    p_report.add_argument("--readme", default=None, help="the README to update (default: the repository's)")
+    p_report.add_argument("--results-dir", default=None, help="where the results files are (default: experiments/results)")
+    p_report.add_argument("--device", help="device slug (e.g. nvidia-h200) or records' device; default: the newest run's")
+    p_report.add_argument("--session-gap-hours", type=float, default=None,
+                          help="a gap longer than this between two results files of a kind ends its latest session")
+    p_report.add_argument("--check", action="store_true", help="write nothing; exit 1 (printing the diff) if stale")
+    p_report.add_argument("--no-plot", action="store_true", help="do not draw a missing combined e2e plot")
 
     p_plan = sub.add_parser("plan", help="a config's points and whether each fits in device memory (estimates; nothing runs)")
     p_plan.add_argument("config")
@@ -55,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path.stem)
         return 0
     if args.command == "report":
-        from experiments import runner
-
-        for path in args.results:
-            print(runner.write_report(path))
-        return 0
+        return report(args)
     if args.command == "plan":
         from experiments import runner
 
@@ -92,6 +97,32 @@ def main(argv: list[str] | None = None) -> int:
 
         for png in plot.plot_files([path], None):
             print(png)
+    return 0
+
+
+def report(args) -> int:
+    """The `report` command (see its help)."""
+    import pathlib
+
+    from experiments import records, report as report_lib, runner
+
+    if args.results:
+        for path in args.results:
+            print(runner.write_report(path))
+        return 0
+    readme = pathlib.Path(args.readme) if args.readme else records.REPO_ROOT / "README.md"
+    results_dir = pathlib.Path(args.results_dir) if args.results_dir else records.RESULTS_DIR
+    gap = report_lib.SESSION_GAP_H if args.session_gap_hours is None else args.session_gap_hours
+    try:
+        changed, diff = report_lib.update_readme(readme, results_dir, device=args.device, session_gap_h=gap,
+                                                 check=args.check, plot=not args.no_plot)
+    except ValueError as e:
+        print(f"report: {readme}: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(diff or f"{readme}: results section up to date")
+        return 1 if changed else 0
+    print(f"{readme}: results section {'rewritten' if changed else 'unchanged'}")
     return 0
 
 

@@ -13,6 +13,10 @@ Variants (`VARIANTS`):
   cudnn_per_sequence  jax.nn.dot_product_attention(implementation="cudnn") on per-sequence KV [B, P+s, Hkv, D]
   xla_per_sequence    the same with implementation="xla"
   shared_storage      hydragen_attention(..., batch_prefix=False): prefix stored once, read per sequence
+  torch_hydragen      outside anchor: Hydragen from PyTorch's flash SDPA + log-sum-exp merge (experiments/anchors.py)
+  flashinfer_cascade  outside anchor: FlashInfer's two-level cascade attention (experiments/anchors.py)
+The anchors run where torch (and FlashInfer) are importable on a CUDA GPU, skipped with the reason elsewhere; they
+are timed with CUDA events on the same inputs, chained the same way, their outputs compared with the reference's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from experiments import device_rates, floor, memory, records, tables, timing
+from experiments import anchors, device_rates, floor, memory, records, tables, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Variant:
     name: str
     prefix_copied: bool  # the variant keeps per-sequence copies of the prefix
     needs_gpu: bool = False
+    outside: bool = False  # an outside anchor (experiments/anchors.py): torch, timed with CUDA events
+    kv_copy: bool = False  # builds its own copy of the KV (FlashInfer's paged cache)
 
 
 VARIANTS = {
@@ -64,6 +70,9 @@ VARIANTS = {
     "cudnn_per_sequence": Variant("cudnn_per_sequence", prefix_copied=True, needs_gpu=True),
     "xla_per_sequence": Variant("xla_per_sequence", prefix_copied=True),
     "shared_storage": Variant("shared_storage", prefix_copied=False),
+    "torch_hydragen": Variant("torch_hydragen", prefix_copied=False, needs_gpu=True, outside=True),
+    "flashinfer_cascade": Variant("flashinfer_cascade", prefix_copied=False, needs_gpu=True, outside=True,
+                                  kv_copy=True),
 }
 BASELINES = ("reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
 
@@ -118,6 +127,8 @@ def estimate_bytes(case: Case, s: int, variant: Variant) -> int:
     copies = 0
     if variant.prefix_copied:
         copies = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
+    if variant.kv_copy:
+        copies = shared
     logits = 2 * 4 * case.batch * case.q_heads * (case.prefix + s)
     return shared + q_and_out + copies + logits
 
@@ -162,6 +173,8 @@ def build_variant(name: str, inputs: dict, per_seq: Callable[[], tuple], backend
 
 
 def skip_reason(variant: Variant) -> str | None:
+    if variant.outside:
+        return anchors.skip_reason(variant.name)
     platform = jax.devices()[0].platform
     if variant.needs_gpu and platform != "gpu":
         return f"needs a CUDA GPU with cuDNN (platform is {platform})"
@@ -186,17 +199,21 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
     args = None
     try:
         memory.check_fits(estimate_bytes(case, s, variant), device_table)
-        fn, args = build(name, inputs, per_seq, backend)
-        in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
-        t = timing.time_fn(timing.chain_steps(fn, steps_per_call), args, **timing_kw)
-        results = {**t.as_dict(), "steps_per_call": steps_per_call, "step_s": t.median_s / steps_per_call}
-        if in_use is not None:
-            results["device_bytes_in_use"] = in_use
+        if variant.outside:
+            results, output = anchors.measure(name, inputs, steps_per_call, timing_kw)
+        else:
+            fn, args = build(name, inputs, per_seq, backend)
+            in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
+            t = timing.time_fn(timing.chain_steps(fn, steps_per_call), args, **timing_kw)
+            results = {**t.as_dict(), "steps_per_call": steps_per_call, "step_s": t.median_s / steps_per_call}
+            output = t.output
+            if in_use is not None:
+                results["device_bytes_in_use"] = in_use
         if reference_out is not None and name != "reference":
-            diff = jnp.max(jnp.abs(t.output.astype(jnp.float32) - reference_out.astype(jnp.float32)))
+            diff = jnp.max(jnp.abs(output.astype(jnp.float32) - reference_out.astype(jnp.float32)))
             results["max_abs_err_vs_reference"] = float(diff)  # NaN (stored as null) if either is not finite
-            results["output_finite"] = bool(jnp.all(jnp.isfinite(t.output.astype(jnp.float32))))
-        return "ok", results, None, t.output
+            results["output_finite"] = bool(jnp.all(jnp.isfinite(output.astype(jnp.float32))))
+        return "ok", results, None, output
     except Exception as error:  # noqa: BLE001 - every failure becomes a record
         status = "oom" if memory.is_oom(error) else "error"
         return status, {}, f"{type(error).__name__}: {str(error)[:500]}", None
@@ -214,11 +231,9 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
     started = time.perf_counter()
     backend = hydragen_backend(bench)
 
-    rates = device_rates.measure(bench["copy_bytes"], bench["matmul_n"], timing_kw)
+    rates = device_rates.measure_for(config, timing_kw)
     writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
-    print(f"[bench] floor bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (copy "
-          f"{rates['copy_bandwidth_bytes_per_s'] / 1e12:.3f}, read {rates['read_bandwidth_bytes_per_s'] / 1e12:.3f}), "
-          f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; one dispatched call of a trivial op "
+    print(f"[bench] {device_rates.describe(rates)}; one dispatched call of a trivial op "
           f"{rates['dispatch_s'] * 1e6:.1f} us; {steps_per_call} decode step(s) chained per timed call", flush=True)
 
     cases = cases_from_config(config)

@@ -74,15 +74,29 @@ DEVICE_SCHEMA = {
     "memory_fraction": Field((float, int), required=False, check=lambda v: 0 < v <= 1, hint="in (0, 1]"),
 }
 
+BANDWIDTH_PROBES = ("copy", "read", "pallas_read")  # experiments.device_rates.PROBES
+
+# The device rates measured at the start of every run (experiments.device_rates): the floor's bandwidth is the best
+# of the probes, each over `copy_bytes` of data; the matmul rate is an n x n x n bf16 matmul.
+RATES_SCHEMA = {
+    "copy_bytes": positive_int(),
+    "matmul_n": positive_int(),
+    "probes": ListOf((str,), check=lambda v: v in BANDWIDTH_PROBES, hint=f"one of {list(BANDWIDTH_PROBES)}",
+                     required=False),
+}
+
 COMMON_SCHEMA = {
     "name": Field((str,)),
     "kind": one_of("bench_attention", "e2e_throughput", "long_document", "tree_apps"),
     "description": Field((str,), required=False),
     "timing": TIMING_SCHEMA,
+    "rates": RATES_SCHEMA,
     "device": {**DEVICE_SCHEMA, "__optional__": True},
 }
 
-BENCH_VARIANTS = ("hydragen", "hydragen_triton", "reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
+# The last two are outside anchors (experiments.anchors): PyTorch and FlashInfer, skipped with a reason where absent.
+BENCH_VARIANTS = ("hydragen", "hydragen_triton", "reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage",
+                  "torch_hydragen", "flashinfer_cascade")
 
 BENCH_SCHEMA = {
     **COMMON_SCHEMA,
@@ -93,8 +107,6 @@ BENCH_SCHEMA = {
         # Backend of the `hydragen` and `shared_storage` variants: "auto" = pallas on GPU, `cpu_backend` elsewhere.
         "hydragen_backend": one_of("auto", "pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla"),
         "cpu_backend": one_of("interpret", "xla"),
-        "copy_bytes": positive_int(),
-        "matmul_n": positive_int(),
         "seed": non_negative_int(),
         "configs": Rows({
             "batch": positive_int(),

@@ -13,6 +13,10 @@ decode time of G tokens = G * mean step time. With `full_decode = true` one whol
 `hydragen`, `shared_storage` and `none` share one prefill (the same TreeCache; see model_api.derive_mode);
 `standard` prefills its per-sequence dense caches. Points whose estimated memory exceeds the device are recorded
 as "oom" without allocating; RESOURCE_EXHAUSTED at run time is recorded as "oom" too.
+
+Every decode record carries the step floor (`floor.decode_floor`: each op of the step at max(bytes / bandwidth,
+FLOPs / matmul rate), averaged over the timed steps as the timing is) from the device rates measured at the start
+of the same run (a `device_rates` record), and `floor_fraction` = floor / measured mean step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from experiments import floor, memory, records, tables
+from experiments import device_rates, floor, memory, records, tables, timing
 
 TREE_MODES = ("hydragen", "shared_storage", "none")
 TREE_VARIANTS = {  # tree_apps variant -> (shared levels, mode)
@@ -108,6 +112,9 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) ->
     budget = timing_cfg.get("time_budget_s")
     started = time.perf_counter()
     backend = backend_of(config)
+    rates = device_rates.measure_for(config, timing.timing_options(timing_cfg))  # before the model takes memory
+    writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
+    print(f"[e2e] {device_rates.describe(rates)}", flush=True)
     model_cfg = config["model"]
     model, init_s = model_api.build_model(model_cfg["shape"], model_cfg["dtype"], model_cfg["seed"])
     weights = model_api.param_bytes(model)
@@ -124,7 +131,7 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) ->
                 writer.write(record="decode", point=job.point, mode=label, status="skipped",
                              reason="time budget exhausted")
             continue
-        run_job(job, model, config, writer, backend, weights, itemsize)
+        run_job(job, model, config, writer, backend, weights, itemsize, rates)
     return writer.records
 
 
@@ -155,7 +162,7 @@ def plan(config: dict, capacity: int) -> list[dict]:
     return rows
 
 
-def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int) -> None:
+def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int, rates: dict) -> None:
     from experiments import model_api
 
     dec, timing_cfg = config["decode"], config["timing"]
@@ -164,6 +171,8 @@ def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: in
     first = job.modes[0]
     needed = needed_bytes(tree, generate, first, model.config, weights, itemsize)
     point = {**job.point, "batch": tree.num_sequences}
+    shape = floor.ModelShape.from_config(config["model"]["shape"], itemsize)
+    sharing = model_api.sharing(tree)
     state = None
     try:
         memory.check_fits(needed, config.get("device"))
@@ -193,6 +202,7 @@ def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: in
                 state, org = model_api.derive_mode(state, mode, org)
             state, results = time_decode(model, state, org, generate, dec, timing_cfg, backend)
             results.update(pre, cache_bytes=model_api.cache_bytes(state), estimate_bytes=needed)
+            results.update(floor_fields(shape, sharing, mode, results, rates))
             rec = writer.write(record="decode", point=point, mode=label, status="ok", results=results)
         except Exception as error:  # noqa: BLE001 - recorded
             status = "oom" if memory.is_oom(error) else "error"
@@ -210,6 +220,21 @@ def _deleted(state) -> bool:
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
 
 
+def sample_starts(generate: int, steps: int) -> list[int]:
+    """First step (0-based) of each timed window of `steps` steps: centred on s = 1, G/2, G, inside [0, G)."""
+    return [min(max(0, s - 1 - steps // 2), generate - steps) for s in floor.simpson_points(generate)]
+
+
+def floor_fields(shape: floor.ModelShape, sharing: floor.Sharing, mode: str, results: dict, rates: dict) -> dict:
+    """The step floor of a timed decode (`floor.decode_floor` over the windows it timed) and its fraction."""
+    out = floor.decode_floor(shape, sharing, mode, results["sample_starts"],
+                             results["steps_per_sample"], rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+    out.update(floor_fraction=out["floor_s"] / results["mean_step_s"],
+               floor_bandwidth_bytes_per_s=rates["bandwidth_bytes_per_s"],
+               floor_matmul_flops_per_s=rates["matmul_flops_per_s"])
+    return out
+
+
 def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, backend) -> tuple[object, dict]:
     """Per-step decode time at s = 1, G/2, G (median of repeats each), Simpson-combined. Returns the state (the
     decode donates its input) and the results."""
@@ -217,7 +242,7 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
 
     k = min(dec["steps_per_sample"], generate)
     fn, compile_s = model_api.compile_decode(model, state, backend)
-    starts = [min(max(0, s - 1 - k // 2), generate - k) for s in floor.simpson_points(generate)]
+    starts = sample_starts(generate, k)
     for _ in range(max(1, timing_cfg["warmup"])):
         state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, starts[0]), k)
     repeats = timing_cfg["repeats"]
@@ -270,6 +295,7 @@ def write_markdown(path, all_records: list[dict]) -> None:
     r0 = decode[0]
     kind = r0["experiment"]
     model = next((r for r in all_records if r["record"] == "model"), None)
+    rates = next((r for r in all_records if r["record"] == "device_rates"), None)
     parts = [f"# {r0['config']} results", "",
              f"Device `{r0['device']}`, JAX {r0['jax_version']}, {r0['date_utc']}, commit `{r0['git_commit']}`"
              f"{' (smoke)' if r0['smoke'] else ''}."]
@@ -278,14 +304,33 @@ def write_markdown(path, all_records: list[dict]) -> None:
         parts.append(f"Model: random {model['point']['dtype']} Llama, {shape.get('num_hidden_layers')} layers, "
                      f"hidden {shape.get('hidden_size')}, {shape.get('num_attention_heads')}/"
                      f"{shape.get('num_key_value_heads')} heads, {model['results']['param_bytes'] / 1e9:.2f} GB.")
+    if rates:
+        parts.append(tables.rates_line(rates))
     parts += ["", "Decode tokens/s = B / Simpson mean step time (steps timed at s = 1, G/2, G); OOM = did not fit.",
               ""]
+    keys = ["prefix", "batch"]
     if kind == "e2e_throughput":
-        parts.append(tables.e2e_table(decode, ["prefix", "batch"]))
+        parts.append(tables.e2e_table(decode, keys))
     elif kind == "long_document":
-        parts.append(tables.e2e_table(decode, ["prefix", "batch"]))
-        parts += ["", "Throughput relative to the shortest prefix:", "", tables.relative_table(decode, "prefix")]
+        parts += [tables.e2e_table(decode, keys), "", "Throughput relative to the shortest prefix:", "",
+                  tables.relative_table(decode, "prefix")]
     else:
         parts.append(tables.tree_table(decode))
+        keys = ["levels", "batch"]
+    if tables.has_floors(decode):
+        parts += ["", "## Step floor", "",
+                  "Floor of a step: every op (each layer's GEMMs, attention and cache write; the LM head) at "
+                  "max(bytes / bandwidth, FLOPs / matmul rate), averaged over the timed steps as the timing is; "
+                  "fraction = floor / measured mean step.", "",
+                  tables.e2e_table(decode, keys, "floor_tokens_per_s"), "",
+                  tables.e2e_table(decode, keys, "floor_fraction")]
+        if kind == "long_document":
+            parts += ["", tables.relative_table(decode, "prefix", "floor_tokens_per_s"), "",
+                      tables.prefix_ratio_line(decode)]
+    if kind != "tree_apps" and tables.hydragen_vs_none_rows(decode, keys):
+        parts += ["", "## Hydragen against no attention", "",
+                  "Attention floor: the attention of every layer at its floor (a layer's levels in one op; levels apart: "
+                  "each level alone), cache writes included: what `none` does not do.", "",
+                  tables.hydragen_vs_none_table(decode, keys)]
     parts.append("")
     open(path, "w").write("\n".join(parts))

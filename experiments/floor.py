@@ -1,15 +1,20 @@
-"""The floor of one decode step of shared-prefix attention, and Simpson's rule over a growing suffix.
+"""Floors of one decode step (the time below which the device cannot do the step's work), and Simpson's rule.
 
-One step: B sequences, each with one new query (T = 1) attending to a shared prefix of P tokens and to its own
+Attention alone (bench-attention), one step: B sequences, each with one new query (T = 1) attending to a shared prefix of P tokens and to its own
 suffix of s_b tokens.
     bytes = 2 * (P + sum_b s_b) * Hkv * D * itemsize       (each K and V element read once)
           + 2 * B * T * Hq * D * itemsize                   (queries read, outputs written)
     FLOPs = 4 * D * Hq * T * sum_b (P + s_b)                (Q K^T and P V)
-    floor time = max(bytes / copy bandwidth, FLOPs / matmul rate)
+    floor time = max(bytes / bandwidth, FLOPs / matmul rate)
+
+A whole model's decode step (end-to-end runs, `decode_step_floor`): the sum over the step's ops (every layer's GEMMs,
+attention and cache write, then the LM head) of each op's max(bytes / bandwidth, FLOPs / matmul rate);
+`decode_floor` averages it over the steps a run times, as the run averages its measured steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 
@@ -47,3 +52,185 @@ def kv_cache_bytes(batch: int, prefix: int, suffix: int, kv_heads: int, head_dim
     """Bytes of the K and V arrays a variant keeps: the prefix once (shared) or once per sequence (copied)."""
     prefix_tokens = batch * prefix if prefix_copied else prefix
     return 2 * (prefix_tokens + batch * suffix) * kv_heads * head_dim * itemsize
+
+
+# ---------------------------------------------------------------- one decode step of a whole model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-family decoder that set the work of a decode step (`itemsize`: bytes per weight / KV
+    element)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    itemsize: int
+
+    @classmethod
+    def from_config(cls, shape: dict, itemsize: int) -> "ModelShape":
+        """From a config's `[model.shape]` table (models.LlamaConfig field names)."""
+        return cls(hidden=shape["hidden_size"], intermediate=shape["intermediate_size"],
+                   layers=shape["num_hidden_layers"], q_heads=shape["num_attention_heads"],
+                   kv_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"], vocab=shape["vocab_size"],
+                   itemsize=itemsize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharing:
+    """Which prompt tokens the B sequences of a decode read.
+
+    levels[l]: one (node length, readers) pair per node of shared level l (root first; empty nodes left out).
+    suffix_lengths[b]: prompt tokens of sequence b in its own cache (after the shared levels).
+    prompt_lengths[b]: its whole prompt (what `standard` copies into its own cache).
+    """
+
+    levels: tuple[tuple[tuple[int, int], ...], ...]
+    suffix_lengths: tuple[int, ...]
+    prompt_lengths: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.suffix_lengths) != len(self.prompt_lengths) or not self.suffix_lengths:
+            raise ValueError(f"Sharing: suffix_lengths ({len(self.suffix_lengths)}) and prompt_lengths "
+                             f"({len(self.prompt_lengths)}) must list the same B >= 1 sequences")
+        for l, level in enumerate(self.levels):
+            readers = sum(r for _, r in level)
+            if readers > self.batch:
+                raise ValueError(f"Sharing: level {l} has {readers} readers, more than the batch ({self.batch})")
+
+    @property
+    def batch(self) -> int:
+        return len(self.suffix_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One operation of a step: bytes moved and FLOPs."""
+
+    name: str
+    bytes: float
+    flops: float
+
+    def time(self, bandwidth: float, matmul_rate: float) -> float:
+        return floor_time(self.bytes, self.flops, bandwidth, matmul_rate)
+
+
+def gemm(name: str, rows: int, k: int, n: int, itemsize: int, out_itemsize: int | None = None) -> Op:
+    """[rows, k] @ [k, n]: the weights read once, the activations read and the result written."""
+    out_itemsize = itemsize if out_itemsize is None else out_itemsize
+    return Op(name, k * n * itemsize + rows * k * itemsize + rows * n * out_itemsize, 2 * rows * k * n)
+
+
+def layer_gemms(shape: ModelShape, batch: int) -> list[Op]:
+    """The seven GEMMs of one layer for one new token per sequence (q/k/v/o, gate/up/down); every mode runs them
+    (`none` included: it skips only the attention and the cache writes)."""
+    d, w = shape.hidden, shape.itemsize
+    hq, hkv = shape.q_heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return [gemm("q", batch, d, hq, w), gemm("k", batch, d, hkv, w), gemm("v", batch, d, hkv, w),
+            gemm("o", batch, hq, d, w), gemm("gate", batch, d, shape.intermediate, w),
+            gemm("up", batch, d, shape.intermediate, w), gemm("down", batch, shape.intermediate, d, w)]
+
+
+def lm_head(shape: ModelShape, batch: int) -> Op:
+    """The logits: [B, d] @ [d, V], float32 out."""
+    return gemm("lm_head", batch, shape.hidden, shape.vocab, shape.itemsize, out_itemsize=4)
+
+
+def attention_levels(shape: ModelShape, sharing: Sharing, mode: str, step: int) -> list[Op]:
+    """One layer's attention at decode step `step` (0-based: each sequence's own cache then holds its prompt
+    suffix + `step` generated tokens + the token of this step), one Op per level.
+
+    hydragen: each shared node read once, its readers' queries in one product; shared_storage: each shared node
+    read once per reader; standard: each sequence reads its whole prompt from its own cache; none: no attention.
+    The queries read and outputs written (2 * B * Hq * D elements) are counted on the last level.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if mode == "none":
+        return []
+    kv = 2 * shape.kv_heads * shape.head_dim * shape.itemsize  # bytes of one token's K and V
+    per_query = 4 * shape.head_dim * shape.q_heads  # FLOPs of one query against one key (QK^T and PV)
+    q_and_out = 2 * sharing.batch * shape.q_heads * shape.head_dim * shape.itemsize
+    ops = []
+    if mode != "standard":
+        for l, level in enumerate(sharing.levels):
+            reads = sum(n * (1 if mode == "hydragen" else r) for n, r in level)
+            ops.append(Op(f"shared{l}", reads * kv, per_query * sum(n * r for n, r in level)))
+    own = sharing.prompt_lengths if mode == "standard" else sharing.suffix_lengths
+    tokens = sum(own) + sharing.batch * (step + 1)
+    ops.append(Op("sequence" if mode == "standard" else "suffix", tokens * kv + q_and_out, per_query * tokens))
+    return ops
+
+
+def cache_write(shape: ModelShape, batch: int, mode: str) -> Op:
+    """One layer's cache update: K and V of each sequence's new token written (none: nothing)."""
+    nbytes = 0 if mode == "none" else 2 * batch * shape.kv_heads * shape.head_dim * shape.itemsize
+    return Op("cache_write", nbytes, 0)
+
+
+def decode_step_floor(shape: ModelShape, sharing: Sharing, mode: str, step: int, bandwidth: float,
+                      matmul_rate: float) -> dict:
+    """Seconds of one decode step at the floor: each op at max(bytes / bandwidth, FLOPs / matmul rate), summed.
+
+    Ops: every layer's seven GEMMs, its attention (all levels of a layer as one op: they run in one launch and
+    may overlap, as bench-attention's floor assumes) and its cache write, then the LM head. Norms, RoPE,
+    residuals, the embedding gather and sampling are not counted (they can fuse into the GEMMs).
+
+    Returns {"total", "gemm", "lm_head", "attention", "cache_write", "levels": {level: seconds of that level
+    alone, summed over layers}}.
+    """
+    L, B = shape.layers, sharing.batch
+    gemms = L * sum(op.time(bandwidth, matmul_rate) for op in layer_gemms(shape, B))
+    head = lm_head(shape, B).time(bandwidth, matmul_rate)
+    levels = attention_levels(shape, sharing, mode, step)
+    joint = Op("attention", sum(op.bytes for op in levels), sum(op.flops for op in levels))
+    attention = L * joint.time(bandwidth, matmul_rate) if levels else 0.0
+    write = L * cache_write(shape, B, mode).time(bandwidth, matmul_rate)
+    return {"total": gemms + head + attention + write, "gemm": gemms, "lm_head": head, "attention": attention,
+            "cache_write": write, "levels": {op.name: L * op.time(bandwidth, matmul_rate) for op in levels}}
+
+
+def _mean(dicts: list[dict]) -> dict:
+    out = {}
+    for key, value in dicts[0].items():
+        out[key] = _mean([d[key] for d in dicts]) if isinstance(value, dict) else sum(d[key] for d in dicts) / len(dicts)
+    return out
+
+
+def _simpson_of(dicts: list[dict]) -> dict:
+    out = {}
+    for key, value in dicts[0].items():
+        out[key] = _simpson_of([d[key] for d in dicts]) if isinstance(value, dict) else simpson(*(d[key] for d in dicts))
+    return out
+
+
+def decode_floor(shape: ModelShape, sharing: Sharing, mode: str, starts: Sequence[int], steps_per_sample: int,
+                 bandwidth: float, matmul_rate: float) -> dict:
+    """The floor of a decode timed the way e2e times it: at each of the three sample positions, the mean step floor
+    of the `steps_per_sample` steps from `start`; Simpson's rule over the three.
+
+    Returns (seconds per step): floor_s (the Simpson mean: compare with the measured mean step), floor_step_s [3]
+    (each position), floor_parts_s {gemm, lm_head, attention, cache_write}, attention_floor_s (attention + cache
+    writes: what `none` skips), attention_level_floor_s {level: that level's attention alone}, and
+    floor_tokens_per_s = B / floor_s.
+    """
+    if len(starts) != 3:
+        raise ValueError(f"starts must hold the 3 sample positions; got {list(starts)}")
+    windows = [_mean([decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate)
+                      for j in range(start, start + steps_per_sample)]) for start in starts]
+    mean = _simpson_of(windows)
+    return {
+        "floor_s": mean["total"],
+        "floor_step_s": [w["total"] for w in windows],
+        "floor_parts_s": {k: mean[k] for k in ("gemm", "lm_head", "attention", "cache_write")},
+        "attention_floor_s": mean["attention"] + mean["cache_write"],
+        "attention_level_floor_s": mean["levels"],
+        "floor_tokens_per_s": sharing.batch / mean["total"],
+    }
+
+
+MODES = ("hydragen", "shared_storage", "standard", "none")

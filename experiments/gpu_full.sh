@@ -4,9 +4,11 @@
 #   bash experiments/gpu_full.sh PART
 #
 # PART:
-#   bench        bench_attention.toml: 9 seed configs x 3 suffix lengths x 6 variants    (~5-7 min)
-#   bench-mha    bench rows 0-4 (Hq = Hkv = 32)  } use these two instead of `bench` if it runs out of time
-#   bench-gqa    bench rows 5-8 (32/8)           }
+#   bench        bench_attention.toml: 9 seed configs x 3 suffix lengths x 8 variants    (~7-9 min)
+#   bench-mha    bench rows 0-4 (Hq = Hkv = 32)  } one command each, < 10 min each: use these two rather than
+#   bench-gqa    bench rows 5-8 (32/8)           } `bench` (its anchors add ~1 min of FlashInfer JIT compile)
+#   anchors      (run on THIS machine, not the GPU one) extract FlashInfer's tarball into .anchors/ (git-ignored);
+#                then name .anchors in the GPU call's carry: the bench parts put it on PYTHONPATH
 #   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~5-9 min)
 #   tree         tree_apps.toml: 4 variants of one APPS-like tree                   (~2-4 min)
 #   e2e-part1    e2e_throughput.toml, prefix 1K x batches 512, 64, 8                (~3-5 min)
@@ -19,9 +21,30 @@
 #
 # Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png} and a flat copy in $OUT (if set): at most
 # 8 files per call. Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
-# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9").
+# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), ANCHORS_DIR (default .anchors).
+#
+# Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where PYTHON imports torch
+# with CUDA (and FlashInfer from $ANCHORS_DIR); otherwise they are recorded as skipped with the reason. JAX then takes
+# a smaller share of the GPU (XLA_CLIENT_MEM_FRACTION 0.80) so that torch has room for FlashInfer's paged cache.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors)}
+ANCHORS_DIR=${ANCHORS_DIR:-.anchors}
+if [[ "$PART" == anchors ]]; then  # local set-up: FlashInfer's source tree, for the GPU call's carry
+  TARBALL=${ANCHORS_TARBALL:-../shared/anchors/flashinfer-0.2.14.post1-jit.tar.gz}
+  mkdir -p "$ANCHORS_DIR" && tar -xzf "$TARBALL" -C "$ANCHORS_DIR"
+  grep -qxF "/$ANCHORS_DIR/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$ANCHORS_DIR/" >> .git/info/exclude; }
+  du -sh "$ANCHORS_DIR"; echo "[gpu_full] now carry '$ANCHORS_DIR' to the GPU machine with the bench parts"; exit 0
+fi
+if [[ "$PART" == bench* ]]; then
+  export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.80}}
+  if [[ -d "$ANCHORS_DIR/flashinfer" ]]; then
+    export PYTHONPATH="$PWD/$ANCHORS_DIR${PYTHONPATH:+:$PYTHONPATH}"
+    export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fiws} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    export MAX_JOBS=${MAX_JOBS:-32}
+  fi
+fi
 # JAX preallocates 75% of the GPU by default; the largest points need more (estimates: python -m experiments plan).
 # (jaxlib 0.11 refuses XLA_PYTHON_CLIENT_MEM_FRACTION together with XLA_CLIENT_MEM_FRACTION: set only the latter.)
 export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}}
@@ -30,12 +53,10 @@ unset XLA_PYTHON_CLIENT_MEM_FRACTION
 # this machine; compile_s of a cache hit is small, and the records name the cache directory.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/hydragen_jax_compile_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
-cd "$(dirname "$0")/.."
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke)}
 LIMIT=${LIMIT:-560}   # seconds for the experiment itself; the whole device call is killed at 600
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 read -r PLATFORM DEVICE <<<"$("$PYTHON" -c 'import jax, re; d = jax.devices()[0]; print(d.platform, re.sub(r"[^A-Za-z0-9]+", "-", d.device_kind).strip("-").lower())')"
@@ -45,6 +66,10 @@ if [[ "$PLATFORM" != gpu && "$PART" != smoke && -z "${FORCE:-}" ]]; then
   echo "[gpu_full] platform is $PLATFORM: full parts are GPU-sized (set FORCE=1 to run anyway)" >&2; exit 2
 fi
 echo "[gpu_full] part=$PART platform=$PLATFORM device=$DEVICE python=$PYTHON stamp=$STAMP"
+if [[ "$PART" == bench* ]]; then  # which anchors will run (the bench records the reasons of those that do not)
+  "$PYTHON" -c 'from experiments import anchors
+for name in anchors.ANCHORS: print("[gpu_full] anchor", name + ":", anchors.skip_reason(name) or "runs")' || true
+fi
 
 run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to $OUT
   local name=$1 config=$2; shift 2

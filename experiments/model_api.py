@@ -66,6 +66,20 @@ def cache_estimate(tree: models.SharingTree, generate: int, config: LlamaConfig,
     return {"tree": tree_bytes, "dense": dense_bytes}
 
 
+def sharing(tree: models.SharingTree) -> "floor.Sharing":
+    """What the step floor needs of a tree: each shared node's length and readers, each sequence's own prompt
+    tokens (suffix) and whole prompt."""
+    from experiments import floor
+
+    levels = []
+    for level in tree.levels:
+        readers = np.bincount(np.asarray(level.seq_to_node, np.int64), minlength=len(level.nodes))
+        levels.append(tuple((len(node), int(r)) for node, r in zip(level.nodes, readers) if len(node) and r))
+    suffixes = tuple(len(s) for s in tree.suffixes)
+    prompts = tuple(tree.prefix_length(b) + suffixes[b] for b in range(tree.num_sequences))
+    return floor.Sharing(tuple(levels), suffixes, prompts)
+
+
 def synthetic_tree(batch: int, prefix: int, unique: int, vocab: int, seed: int) -> models.SharingTree:
     return models.synthetic_tree(batch, prefix, unique, vocab, seed=seed)
 

@@ -93,28 +93,49 @@ def _series(recs: list[dict], x_key: str, group_key: str | None, y_key: str):
 
 
 def plot_e2e_throughput(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    """tok/s vs batch per prefix (a panel each; dashed: each mode's step floor), and below, where the records have
+    floors, the fraction of the floor."""
     recs = [r for r in recs if r["record"] == "decode"]
     if not recs:
         return []
     series = _series(recs, "batch", "prefix", "tokens_per_s")
+    floors = _series(recs, "batch", "prefix", "floor_tokens_per_s")
+    fractions = _series(recs, "batch", "prefix", "floor_fraction")
     groups = sorted(series)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4), squeeze=False, sharey=True)
-    for ax, g in zip(axes[0], groups):
-        for mode, pts in series[g].items():
-            pts = sorted(pts, key=lambda p: p[0])
-            ax.plot([p[0] for p in pts], [np.nan if p[1] is None else p[1] for p in pts], marker="o", label=mode)
-            for bx, y, rec in pts:
-                if y is None:
-                    ax.annotate(rec["status"].upper(), (bx, 0), xycoords=("data", "axes fraction"), fontsize=6,
-                                rotation=90, va="bottom", color="red")
+    rows = 2 if tables.has_floors(recs) else 1
+    fig, axes = plt.subplots(rows, len(groups), figsize=(4 * len(groups), 4 * rows), squeeze=False, sharey="row")
+    for col, g in enumerate(groups):
+        ax = axes[0][col]
+        for i, (mode, pts) in enumerate(series[g].items()):
+            color = f"C{i}"
+            _line(ax, pts, mode, color)
+            if rows == 2:
+                _line(ax, floors[g][mode], None, color, ls="--", marker=None)
+                _line(axes[1][col], fractions[g][mode], mode, color)
         _log_if_data(ax, "x", base=2)
         _log_if_data(ax)
-        ax.set_xlabel("batch size")
-        ax.set_title(f"prefix {g}", fontsize=9)
+        ax.set_title(f"prefix {g}" + (" (dashed: step floor)" if rows == 2 else ""), fontsize=9)
+        axes[-1][col].set_xlabel("batch size")
+        if rows == 2:
+            _log_if_data(axes[1][col], "x", base=2)
+            axes[1][col].axhline(1.0, color="black", lw=0.8, ls="--")
     axes[0][0].set_ylabel("decode tokens/s")
     axes[0][0].legend(fontsize=7)
+    if rows == 2:
+        axes[1][0].set_ylabel("fraction of the step floor")
     fig.suptitle(_title(recs, "End-to-end decode throughput"), fontsize=9)
     return [_save(fig, out_dir / f"{stem}-throughput.png")]
+
+
+def _line(ax, pts, label, color, ls="-", marker="o") -> None:
+    """One series [(x, y or None, rec)], sorted by x; failed points annotated at the axis' foot."""
+    pts = sorted(pts, key=lambda p: p[0])
+    ax.plot([p[0] for p in pts], [np.nan if p[1] is None else p[1] for p in pts], marker=marker, ls=ls,
+            color=color, label=label)
+    for x, y, rec in pts:
+        if y is None and rec["status"] != "ok":
+            ax.annotate(rec["status"].upper(), (x, 0), xycoords=("data", "axes fraction"), fontsize=6,
+                        rotation=90, va="bottom", color="red")
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
@@ -126,32 +147,50 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 
 
 def plot_long_document(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    """tok/s vs prefix, the same relative to the shortest prefix (dashed: the step floor's, where recorded), and
+    the fraction of the floor."""
     recs = [r for r in recs if r["record"] == "decode"]
     if not recs:
         return []
     series = _series(recs, "prefix", None, "tokens_per_s")[None]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, pts in series.items():
-        pts = sorted(pts, key=lambda p: p[0])
-        xs = [p[0] for p in pts]
-        ys = np.array([np.nan if p[1] is None else p[1] for p in pts], dtype=float)
-        axes[0].plot(xs, ys, marker="o", label=mode)
-        base = ys[0] if ys.size and ys[0] == ys[0] else np.nan
-        axes[1].plot(xs, ys / base, marker="o", label=mode)
+    floors = _series(recs, "prefix", None, "floor_tokens_per_s")[None]
+    fractions = _series(recs, "prefix", None, "floor_fraction")[None]
+    with_floors = tables.has_floors(recs)
+    fig, axes = plt.subplots(1, 3 if with_floors else 2, figsize=(15 if with_floors else 10, 4))
+    for i, (mode, pts) in enumerate(series.items()):
+        color = f"C{i}"
+        _line(axes[0], pts, mode, color)
+        _line(axes[1], _relative(pts), mode, color)
+        if with_floors:
+            _line(axes[0], floors[mode], None, color, ls="--", marker=None)
+            _line(axes[1], _relative(floors[mode]), None, color, ls="--", marker=None)
+            _line(axes[2], fractions[mode], mode, color)
     for ax in axes:
         _log_if_data(ax, "x", base=2)
         ax.set_xlabel("shared prefix length (tokens)")
     _log_if_data(axes[0])
-    axes[0].set_ylabel("decode tokens/s")
+    axes[0].set_ylabel("decode tokens/s" + (" (dashed: step floor)" if with_floors else ""))
     axes[1].set_ylabel("throughput relative to the shortest prefix")
     axes[1].axhline(1.0, color="black", lw=0.8, ls="--")
+    if with_floors:
+        axes[2].set_ylabel("fraction of the step floor")
+        axes[2].axhline(1.0, color="black", lw=0.8, ls="--")
     axes[0].legend(fontsize=7)
     batch = recs[0]["point"].get("batch")
     fig.suptitle(_title(recs, f"Long shared document, batch {batch}"), fontsize=9)
     return [_save(fig, out_dir / f"{stem}-relative.png")]
 
 
+def _relative(pts):
+    """A series divided by its value at the smallest x (NaN where that one is missing)."""
+    pts = sorted(pts, key=lambda p: p[0])
+    base = pts[0][1] if pts else None
+    return [(x, None if y is None or not base else y / base, rec) for x, y, rec in pts]
+
+
 def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    """Decode time per variant; where recorded, the floor's decode time (black mark) and the fraction over each
+    bar."""
     recs = [r for r in recs if r["record"] == "decode"]
     if not recs:
         return []
@@ -162,7 +201,15 @@ def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[p
     for i, r in enumerate(recs):
         if r["status"] != "ok":
             ax.annotate(r["status"].upper(), (i, 0), fontsize=8, ha="center", va="bottom", color="red")
+        elif r["results"].get("floor_s") is not None:
+            floor_decode = r["point"]["generate"] * r["results"]["floor_s"]
+            ax.scatter([i], [floor_decode], marker="_", s=400, color="black", zorder=3,
+                       label="step floor x G" if i == 0 else None)
+            ax.annotate(f"{r['results']['floor_fraction']:.2f} of floor", (i, vals[i]), fontsize=7, ha="center",
+                        va="bottom")
     ax.set_ylabel("decode time (s)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     p = recs[0]["point"]
     ax.set_title(_title(recs, f"APPS-like tree: {p.get('problems')} problems x {p.get('samples')} samples"),
                  fontsize=9)

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 CASE_KEYS = ("batch", "prefix", "out", "q_heads", "kv_heads")
 
+# The paper's end-to-end numbers (arXiv 2402.05099 v2, Table 3; CodeLlama-13b, 8 x A100-40GB, batch 1024, 128 new
+# tokens): Hydragen's thousand tok/s per shared-prefix length, and the no-attention upper bound's.
+PAPER_HYDRAGEN_KTOK_S = {1024: 15.6, 2048: 15.5, 4096: 15.3, 8192: 14.8, 16384: 14.0}
+PAPER_NONE_KTOK_S = 18.5
+
+
+def fmt_tokens(tokens: int) -> str:
+    """1024 -> '1K', 16384 -> '16K'; other counts as they are."""
+    return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
+
+
+def paper_hydragen_over_none(prefix: int) -> float | None:
+    """The paper's Hydragen / No Attention at this prefix length (None where the paper has no point)."""
+    value = PAPER_HYDRAGEN_KTOK_S.get(prefix)
+    return None if value is None else value / PAPER_NONE_KTOK_S
+
 
 def _fmt_rate(v) -> str:
     if v is None:
@@ -88,6 +104,16 @@ def bench_floor_table(summaries: list[dict]) -> str:
     return _table(header, rows)
 
 
+def rates_line(rates: dict | None) -> str:
+    """The device rates of a run (its `device_rates` record), one sentence; '' without one."""
+    if not rates or rates["status"] != "ok":
+        return ""
+    from experiments import device_rates
+
+    text = device_rates.describe(rates["results"])
+    return text[0].upper() + text[1:] + ", measured at the start of the run."
+
+
 def bench_markdown(summaries: list[dict], rates: dict | None) -> str:
     parts = ["# bench-attention results", ""]
     if summaries:
@@ -97,14 +123,7 @@ def bench_markdown(summaries: list[dict], rates: dict | None) -> str:
                      f"hydragen backend `{s0['point'].get('backend')}`.")
         parts.append("")
     if rates:
-        r = rates["results"]
-        copy_bw = r.get("copy_bandwidth_bytes_per_s", r["bandwidth_bytes_per_s"])
-        read_bw = r.get("read_bandwidth_bytes_per_s")
-        read = f", read-only {read_bw / 1e12:.3f} TB/s" if read_bw else ""
-        parts.append(f"Floor bandwidth {r['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (the larger of: copy "
-                     f"{copy_bw / 1e12:.3f} TB/s over {r['copy_bytes'] / 2**30:.2f} GiB read + written{read}), "
-                     f"bf16 matmul {r['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (n = {r['matmul_n']}).")
-        parts.append("")
+        parts += [rates_line(rates), ""]
     parts += ["## Throughput (tok/s = B / Simpson mean step time over s = 1, out/2, out)", "",
               bench_results_table(summaries), "",
               "## Fraction of the floor (floor time / measured time, Simpson-averaged) and speedups", "",
@@ -130,8 +149,9 @@ def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "toke
     return _table(header, rows)
 
 
-def relative_table(records: list[dict], x_key: str) -> str:
-    """tokens/s of each mode divided by its value at the smallest `x_key` (where that one succeeded)."""
+def relative_table(records: list[dict], x_key: str, value_key: str = "tokens_per_s") -> str:
+    """`value_key` (tokens/s) of each mode divided by its value at the smallest `x_key` (where that one
+    succeeded)."""
     modes, xs, by = [], [], {}
     for rec in records:
         x = rec["point"][x_key]
@@ -148,17 +168,103 @@ def relative_table(records: list[dict], x_key: str) -> str:
             base, rec = by.get((xs[0], m)), by.get((x, m))
             if rec is None or rec["status"] != "ok":
                 row.append(rec["status"].upper() if rec else "–")
-            elif base is None or base["status"] != "ok":
+            elif base is None or base["status"] != "ok" or None in (_get(base, value_key), _get(rec, value_key)):
                 row.append("–")
             else:
-                row.append(f"{rec['results']['tokens_per_s'] / base['results']['tokens_per_s']:.3f}")
+                row.append(f"{_get(rec, value_key) / _get(base, value_key):.3f}")
         rows.append(row)
-    return _table([x_key] + [f"{m} (rel. to {x_key} {xs[0]})" for m in modes], rows)
+    what = "" if value_key == "tokens_per_s" else f"{value_key} "
+    return _table([x_key] + [f"{m} {what}(rel. to {x_key} {xs[0]})" for m in modes], rows)
+
+
+def _get(rec: dict | None, key: str):
+    """A result of an ok record, else None."""
+    if rec is None or rec["status"] != "ok":
+        return None
+    return rec["results"].get(key)
+
+
+def has_floors(records: list[dict]) -> bool:
+    return any(_get(r, "floor_s") is not None for r in records)
+
+
+def _attention_floors(rec: dict) -> tuple[float, float]:
+    """(attention floor with a layer's levels in one op, with each level alone) in seconds a step, cache writes
+    included."""
+    r = rec["results"]
+    write = r["floor_parts_s"]["cache_write"]
+    return r["attention_floor_s"], sum(r["attention_level_floor_s"].values()) + write
+
+
+def hydragen_vs_none_rows(records: list[dict], point_keys: list[str]) -> list[tuple[tuple, dict]]:
+    """Points where both hydragen and none ran: (point values, {hydragen_over_none, paper, extra_s, attention_s,
+    levels_s}); the floors are None where the records have none."""
+    by: dict[tuple, dict] = {}
+    for rec in records:
+        by.setdefault(tuple(rec["point"].get(k) for k in point_keys), {})[rec["mode"]] = rec
+    rows = []
+    for key in sorted(by, key=lambda k: tuple(v if isinstance(v, (int, float)) else 0 for v in k)):
+        hyd, none = by[key].get("hydragen"), by[key].get("none")
+        if _get(hyd, "mean_step_s") is None or _get(none, "mean_step_s") is None:
+            continue
+        extra = hyd["results"]["mean_step_s"] - none["results"]["mean_step_s"]
+        attention, levels = _attention_floors(hyd) if _get(hyd, "attention_floor_s") is not None else (None, None)
+        rows.append((key, {"hydragen_over_none": hyd["results"]["tokens_per_s"] / none["results"]["tokens_per_s"],
+                           "paper": paper_hydragen_over_none(hyd["point"].get("prefix")), "extra_s": extra,
+                           "attention_s": attention, "levels_s": levels}))
+    return rows
+
+
+def _ms(x) -> str:
+    return "–" if x is None else f"{x * 1e3:.3f}"
+
+
+def _ratio(a, b, digits: int = 2) -> str:
+    return "–" if a is None or not b else f"{a / b:.{digits}f}"
+
+
+def hydragen_vs_none_table(records: list[dict], point_keys: list[str]) -> str:
+    """Hydragen against the no-attention upper bound: the throughput ratio (and the paper's), and Hydragen's extra
+    time a step against the attention's own floor (its levels in one op, and each level alone; cache writes
+    included)."""
+    header = list(point_keys) + ["hydragen / none", "paper (13B, B=1024)", "hydragen − none (ms a step)",
+                                 "attention floor (ms)", "extra / attention floor", "levels apart (ms)",
+                                 "extra / levels apart"]
+    rows = []
+    for key, v in hydragen_vs_none_rows(records, point_keys):
+        rows.append([str(x) for x in key] + [
+            f"{v['hydragen_over_none']:.3f}", "–" if v["paper"] is None else f"{v['paper']:.2f}", _ms(v["extra_s"]),
+            _ms(v["attention_s"]), _ratio(v["extra_s"], v["attention_s"]), _ms(v["levels_s"]),
+            _ratio(v["extra_s"], v["levels_s"])])
+    return _table(header, rows)
+
+
+def prefix_ratio_line(records: list[dict], long: int = 16384, short: int = 1024) -> str:
+    """Each mode's tok/s at prefix `long` over `short`, next to the same ratio of its floors (and the paper's
+    Hydragen); '' where a prefix is missing."""
+    by = {(r["point"].get("prefix"), r["mode"]): r for r in records}
+    parts = []
+    for mode in dict.fromkeys(r["mode"] for r in records):
+        a, b = by.get((long, mode)), by.get((short, mode))
+        if _get(a, "tokens_per_s") is None or _get(b, "tokens_per_s") is None:
+            continue
+        text = f"{mode} {_ratio(a['results']['tokens_per_s'], b['results']['tokens_per_s'])}"
+        if _get(a, "floor_tokens_per_s") is not None and _get(b, "floor_tokens_per_s") is not None:
+            text += f" (floors {_ratio(a['results']['floor_tokens_per_s'], b['results']['floor_tokens_per_s'])})"
+        parts.append(text)
+    if not parts:
+        return ""
+    paper = PAPER_HYDRAGEN_KTOK_S.get(long), PAPER_HYDRAGEN_KTOK_S.get(short)
+    note = f"; paper, Hydragen: {paper[0] / paper[1]:.2f}" if None not in paper else ""
+    return (f"Throughput at a {fmt_tokens(long)} prefix / at {fmt_tokens(short)}: " + ", ".join(parts) + note
+            + ".")
 
 
 def tree_table(records: list[dict]) -> str:
-    """tree_apps: decode time per variant and the time saved relative to the one-level decomposition."""
+    """tree_apps: decode time per variant, the time saved relative to the one-level decomposition, and (where
+    recorded) the fraction of the step floor."""
     base = next((r for r in records if r["mode"] == "one_level" and r["status"] == "ok"), None)
+    floors = has_floors(records)
     rows = []
     for rec in records:
         p = rec["point"]
@@ -168,10 +274,11 @@ def tree_table(records: list[dict]) -> str:
             saved = f"{1 - r['decode_s'] / base['results']['decode_s']:+.1%}" if base else "–"
             full = f"{r['decode_s_full']:.3f}" if r.get("decode_s_full") is not None else "–"
             cells += [f"{r['decode_s']:.4g}", full, _fmt_rate(r["tokens_per_s"]), _fmt_gb(r["cache_bytes"]), saved]
+            if floors:
+                cells.append(_cell(rec, "floor_fraction", lambda x: f"{x:.3f}"))
         else:
-            cells += [rec["status"].upper(), "–", "–", "–", "–"]
+            cells += [rec["status"].upper()] + ["–"] * (5 if floors else 4)
         rows.append(cells)
     header = ["variant", "shared levels", "B", "decode s (G x mean step)", "decode s (whole G steps)", "tok/s",
-              "cache GB",
-              "time saved vs one_level"]
+              "cache GB", "time saved vs one_level"] + (["fraction of the step floor"] if floors else [])
     return _table(header, rows)

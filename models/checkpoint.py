@@ -1,29 +1,33 @@
 """Hugging Face-format checkpoints: ``config.json`` + ``*.safetensors`` (one file, or shards + index).
 
-Tensor names and layouts are those of HF ``LlamaForCausalLM`` (linear weights ``[out, in]``); the loader
-transposes them to ``[in, out]`` and stacks the layers along a leading axis (see ``models.llama``).
-Every missing or misshaped tensor raises ``CheckpointError`` naming the tensor, expected and actual shape.
+Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``
+and ``Qwen3ForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
+its config asks for (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms). Linear
+weights are ``[out, in]``; the loader transposes them to ``[in, out]`` and stacks the layers along a leading axis
+(see ``models.llama``). Every missing, misshaped or unexpected tensor, and every unreadable file, raises
+``CheckpointError`` naming the tensor or the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from models.config import LlamaConfig
-from models.llama import LAYER_KEYS, Llama, Params
+from models.config import CheckpointError, LlamaConfig
+from models.llama import Llama, Params, layer_keys, param_shapes
+
+__all__ = ["CheckpointError", "hf_tensor_shapes", "load_checkpoint", "save_checkpoint", "to_hf_tensors"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-# our stacked name -> HF per-layer name pattern
+# our stacked name -> HF per-layer name (all families)
 _HF_LAYER = {
     "attn_norm": "input_layernorm.weight",
     "wq": "self_attn.q_proj.weight",
@@ -34,28 +38,33 @@ _HF_LAYER = {
     "w_gate": "mlp.gate_proj.weight",
     "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
+    "bq": "self_attn.q_proj.bias",  # Qwen2
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",  # Qwen3
+    "k_norm": "self_attn.k_norm.weight",
 }
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete or inconsistent with its config."""
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers recomputed from the config
 
 
 def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF Llama checkpoint must hold for ``config``, with its HF shape."""
-    c = config
-    d, I = c.hidden_size, c.intermediate_size
-    hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    per_layer = {"attn_norm": (d,), "wq": (hq, d), "wk": (hkv, d), "wv": (hkv, d), "wo": (d, hq),
-                 "mlp_norm": (d,), "w_gate": (I, d), "w_up": (I, d), "w_down": (d, I)}
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
-    for i in range(c.num_hidden_layers):
-        for key, shape in per_layer.items():
-            shapes[f"model.layers.{i}.{_HF_LAYER[key]}"] = shape
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, d)
+    """Every tensor an HF checkpoint of ``config`` must hold, with its HF shape (``[out, in]`` matrices)."""
+    ours = param_shapes(config)
+    shapes = {"model.embed_tokens.weight": ours["embed"], "model.norm.weight": ours["final_norm"]}
+    for i, layer in enumerate(ours["layers"]):
+        for key, shape in layer.items():
+            shapes[f"model.layers.{i}.{_HF_LAYER[key]}"] = shape[::-1]  # [in, out] -> [out, in]; vectors as they are
+    if "lm_head" in ours:
+        shapes["lm_head.weight"] = ours["lm_head"][::-1]
     return shapes
+
+
+def _open(fname: str):
+    """``safe_open`` that names the file when it is not a readable safetensors file."""
+    try:
+        return safe_open(fname, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{fname}: not a readable safetensors file ({e})") from e
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -63,7 +72,10 @@ def _tensor_files(path: str) -> dict[str, str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+            try:
+                weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map'")
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
@@ -72,13 +84,39 @@ def _tensor_files(path: str) -> dict[str, str]:
         raise CheckpointError(f"{path}: no *.safetensors file and no {INDEX_FILE}")
     mapping = {}
     for fname in files:
-        with safe_open(os.path.join(path, fname), framework="numpy") as f:
+        with _open(os.path.join(path, fname)) as f:
             mapping.update({name: os.path.join(path, fname) for name in f.keys()})
     return mapping
 
 
+def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int, ...]], path: str):
+    """The named tensors as float32 numpy arrays, each checked against its expected shape."""
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    tensors: dict[str, np.ndarray] = {}
+    for fname, in_file in by_file.items():
+        if not os.path.exists(fname):
+            raise CheckpointError(f"{path}: shard {os.path.basename(fname)} (holding {in_file[0]!r}) not found")
+        with _open(fname) as f:
+            present = set(f.keys())
+            for name in in_file:
+                if name not in present:
+                    raise CheckpointError(f"{path}: missing tensor {name!r} in {os.path.basename(fname)}")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, expected {expected[name]}")
+                try:
+                    tensors[name] = np.asarray(f.get_tensor(name)).astype(np.float32)
+                except (SafetensorError, OSError, ValueError, TypeError) as e:
+                    raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from e
+    return tensors
+
+
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
-    """Load an HF-format Llama directory into a ``Llama`` with parameters in ``dtype`` (fp32 or bf16)."""
+    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3) into a ``Llama`` with parameters in ``dtype``
+    (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
+    tensor, an unreadable file."""
     path = os.fspath(path)
     config = LlamaConfig.from_json(path)
     dtype = jnp.dtype(dtype)
@@ -91,26 +129,16 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} "
                               f"({len(missing)} missing in all, expected shape {expected[missing[0]]})")
     extra = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
-    if extra:
-        warnings.warn(f"{path}: ignoring {len(extra)} unexpected tensors, e.g. {extra[0]!r}")
-
-    by_file: dict[str, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    tensors: dict[str, np.ndarray] = {}
-    for fname, names in by_file.items():
-        if not os.path.exists(fname):
-            raise CheckpointError(f"{path}: shard {os.path.basename(fname)} (holding {names[0]!r}) not found")
-        with safe_open(fname, framework="numpy") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"{path}: missing tensor {name!r} in {os.path.basename(fname)}")
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise CheckpointError(
-                        f"{path}: tensor {name!r} has shape {shape}, expected {expected[name]}")
-                tensors[name] = np.asarray(f.get_tensor(name)).astype(np.float32)
+    tied_head = config.tie_word_embeddings and extra == ["lm_head.weight"]
+    if extra and not tied_head:
+        raise CheckpointError(f"{path}: tensor {extra[0]!r} ({len(extra)} unexpected in all) is not part of a "
+                              f"{config.model_type!r} model of this config, which would not use it")
+    if tied_head:  # an explicit copy of the tied head is fine if it is one
+        expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
+    tensors = _read(files, list(expected), expected, path)
+    if tied_head and not np.array_equal(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"]):
+        raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
+                              "'model.embed_tokens.weight'")
     return Llama(config, _from_hf(config, tensors, dtype))
 
 
@@ -120,7 +148,7 @@ def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
 
     layers = []
     for i in range(config.num_hidden_layers):
-        hf = {key: t[f"model.layers.{i}.{_HF_LAYER[key]}"] for key in LAYER_KEYS}
+        hf = {key: t[f"model.layers.{i}.{_HF_LAYER[key]}"] for key in layer_keys(config)}
         layers.append({key: conv(w if w.ndim == 1 else w.T) for key, w in hf.items()})
     params = {"embed": conv(t["model.embed_tokens.weight"]), "final_norm": conv(t["model.norm.weight"]),
               "layers": layers}
@@ -142,7 +170,7 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
 
     out = {"model.embed_tokens.weight": conv(p["embed"]), "model.norm.weight": conv(p["final_norm"])}
     for i, layer in enumerate(p["layers"]):
-        for key in LAYER_KEYS:
+        for key in layer_keys(model.config):
             w = layer[key]
             out[f"model.layers.{i}.{_HF_LAYER[key]}"] = conv(w if w.ndim == 1 else w.T)
     if "lm_head" in p:

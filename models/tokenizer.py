@@ -1,9 +1,16 @@
-"""Byte-level tokenizer of the default model: ids 0-255 are the UTF-8 bytes, then BOS, EOS and PAD.
+"""Tokenizers: the default model's bytes, and byte-level BPE (GPT-2 family) for GGUF models.
 
-``generate`` accepts any tokenizer with ``encode(text) -> list[int]`` and ``decode(ids) -> str``.
+``generate`` accepts any tokenizer with ``encode(text) -> list[int]`` and ``decode(ids) -> str``; both classes
+here also carry ``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
+
+``BPETokenizer`` is built with the optional ``tokenizers`` package (and renders chat templates with the
+optional ``jinja2``): ``pip install -e '.[demo]'``. ``models.gguf.load_gguf_tokenizer`` builds one from a GGUF
+file's vocabulary, merges and chat template.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
@@ -17,3 +24,90 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+# GGUF ``tokenizer.ggml.pre`` -> whether digits are split one by one before the GPT-2 regex (as llama.cpp
+# and the models' own HF tokenizers do: StarCoder's vocabulary, which SmolLM reuses, has no multi-digit tokens).
+PRE_TOKENIZERS = {"gpt2": False, "smollm": True, "starcoder": True}
+
+
+class BPETokenizer:
+    """Byte-level BPE: the GPT-2 regex (after splitting digits one by one for ``pre`` "smollm" / "starcoder"),
+    bytes mapped to the GPT-2 unicode alphabet, then the merges in rank order. ``special_ids`` (control tokens
+    such as ``<|im_start|>``) are matched whole in the text, never split, and dropped by ``decode``.
+
+    tokens: the vocabulary (id -> token string, byte-level alphabet); merges: "left right" pairs in rank order.
+    """
+
+    def __init__(self, tokens: Sequence[str], merges: Sequence[str], *, pre: str = "gpt2", bos_id: int | None,
+                 eos_id: int | None, pad_id: int | None = None, special_ids: Sequence[int] = (),
+                 add_bos: bool = False, chat_template: str | None = None):
+        try:
+            from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        except ImportError as e:
+            raise ImportError("BPETokenizer needs the optional 'tokenizers' package: "
+                              "pip install -e '.[demo]' (or bash scripts/setup_env.sh)") from e
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"BPETokenizer: unsupported pre-tokenizer pre={pre!r} (supported: {sorted(PRE_TOKENIZERS)})")
+        n = len(tokens)
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+            if value is not None and not 0 <= value < n:
+                raise ValueError(f"BPETokenizer: {name}={value} outside the vocabulary [0, {n})")
+        pairs = []
+        for rank, m in enumerate(merges):
+            parts = m.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"BPETokenizer: merge {rank} is {m!r}, expected two tokens separated by one space")
+            pairs.append((parts[0], parts[1]))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != n:
+            raise ValueError(f"BPETokenizer: the vocabulary of {n} tokens has {n - len(vocab)} duplicates")
+        tok = Tokenizer(models.BPE(vocab, pairs))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if PRE_TOKENIZERS[pre] else byte_level)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special_ids])
+        self._tok = tok
+        self.vocab_size = n
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos
+        self.pre = pre
+        self.chat_template = chat_template
+        self._tokens = list(tokens)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text`` (BOS first when ``add_bos``, default: the model's own setting)."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        add = self.add_bos if add_bos is None else add_bos
+        return ([self.bos_id] if add and self.bos_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``, special tokens (BOS, EOS, chat markers) left out."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` (dicts with "role" and "content", e.g. system then user), rendered
+        with the model's Jinja chat template as transformers' ``apply_chat_template`` renders it (sandboxed,
+        ``trim_blocks`` and ``lstrip_blocks``; ``bos_token`` / ``eos_token`` defined). Needs ``jinja2``."""
+        if not self.chat_template:
+            raise ValueError("apply_chat_template: this tokenizer has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+                raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content', "
+                                 f"got {m!r}")
+        try:
+            import jinja2.ext
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as e:
+            raise ImportError("chat templates need the optional 'jinja2' package: pip install -e '.[demo]'") from e
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        special = {name: self._tokens[i] if i is not None else None
+                   for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **special)

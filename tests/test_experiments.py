@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import __main__ as cli
-from experiments import bench_attention, config, floor, memory, records, timing
+from experiments import anchors, bench_attention, config, device_rates, floor, memory, records, report, tables, timing
 from experiments import plot as plot_lib
 
 CONFIGS = sorted(config.CONFIG_DIR.glob("*.toml"))
@@ -59,6 +59,176 @@ def test_kv_cache_bytes_prefix_once_vs_copied():
     copied = floor.kv_cache_bytes(1024, 8192, 512, 8, 128, 2, prefix_copied=True)
     assert shared == 2 * (8192 + 1024 * 512) * 8 * 128 * 2
     assert copied == 2 * 1024 * (8192 + 512) * 8 * 128 * 2
+
+
+# ---------------------------------------------------------------- the step floor of a whole model
+
+# A small shape whose ops are easy to count by hand: d = 8, I = 16, 2 layers, 4/2 heads of 4, vocab 32, 2 bytes.
+TINY = floor.ModelShape(hidden=8, intermediate=16, layers=2, q_heads=4, kv_heads=2, head_dim=4, vocab=32, itemsize=2)
+# B = 3: one shared node of 10 tokens read by all three, prompt suffixes of 1, 2, 3 tokens.
+TINY_SHARING = floor.Sharing(levels=(((10, 3),),), suffix_lengths=(1, 2, 3), prompt_lengths=(11, 12, 13))
+
+
+def test_layer_gemms_and_lm_head_by_hand():
+    ops = {op.name: op for op in floor.layer_gemms(TINY, 3)}
+    assert list(ops) == ["q", "k", "v", "o", "gate", "up", "down"]
+    # q: weights 8x16, activations in 3x8 and out 3x16, 2 bytes each; 2*3*8*16 FLOPs
+    assert (ops["q"].bytes, ops["q"].flops) == (2 * (8 * 16 + 3 * 8 + 3 * 16), 2 * 3 * 8 * 16)
+    assert (ops["k"].bytes, ops["k"].flops) == (2 * (8 * 8 + 3 * 8 + 3 * 8), 2 * 3 * 8 * 8)
+    assert (ops["down"].bytes, ops["down"].flops) == (2 * (16 * 8 + 3 * 16 + 3 * 8), 2 * 3 * 16 * 8)
+    head = floor.lm_head(TINY, 3)
+    assert (head.bytes, head.flops) == (2 * 8 * 32 + 2 * 3 * 8 + 4 * 3 * 32, 2 * 3 * 8 * 32)  # float32 logits
+
+
+def test_attention_levels_per_mode_by_hand():
+    kv = 2 * 2 * 4 * 2  # K and V of one token: 2 KV heads of 4, 2 bytes
+    q_out = 2 * 3 * 4 * 4 * 2  # queries read and outputs written
+    per_key = 4 * 4 * 4  # FLOPs of one query against one key: 4 * D * Hq
+    step = 5  # own cache: suffix + 5 generated + this step's token
+    own = (1 + 2 + 3) + 3 * 6
+    hyd = floor.attention_levels(TINY, TINY_SHARING, "hydragen", step)
+    assert [(op.name, op.bytes, op.flops) for op in hyd] == [
+        ("shared0", 10 * kv, 3 * 10 * per_key), ("suffix", own * kv + q_out, own * per_key)]
+    shared = floor.attention_levels(TINY, TINY_SHARING, "shared_storage", step)
+    assert shared[0].bytes == 3 * 10 * kv and shared[0].flops == hyd[0].flops  # read once per reader
+    standard = floor.attention_levels(TINY, TINY_SHARING, "standard", step)
+    full = (11 + 12 + 13) + 3 * 6
+    assert [(op.name, op.bytes, op.flops) for op in standard] == [("sequence", full * kv + q_out, full * per_key)]
+    assert floor.attention_levels(TINY, TINY_SHARING, "none", step) == []
+    with pytest.raises(ValueError, match="mode must be one of"):
+        floor.attention_levels(TINY, TINY_SHARING, "flash", step)
+
+
+def test_decode_step_floor_sums_ops_and_none_skips_attention():
+    bw, mm = 1e9, 1e12  # every op here is memory-bound at these rates
+    hyd = floor.decode_step_floor(TINY, TINY_SHARING, "hydragen", 0, bw, mm)
+    none = floor.decode_step_floor(TINY, TINY_SHARING, "none", 0, bw, mm)
+    gemm_bytes = sum(op.bytes for op in floor.layer_gemms(TINY, 3))
+    assert hyd["gemm"] == pytest.approx(2 * gemm_bytes / bw) == none["gemm"]  # `none` keeps every GEMM
+    assert none["attention"] == none["cache_write"] == 0 and none["levels"] == {}
+    assert hyd["cache_write"] == pytest.approx(2 * (2 * 3 * 2 * 4 * 2) / bw)
+    levels = floor.attention_levels(TINY, TINY_SHARING, "hydragen", 0)
+    assert hyd["attention"] == pytest.approx(2 * sum(op.bytes for op in levels) / bw)  # one op per layer
+    assert hyd["total"] == pytest.approx(hyd["gemm"] + hyd["lm_head"] + hyd["attention"] + hyd["cache_write"])
+    # compute-bound levels overlap inside a layer's op: the joint floor is below the levels' sum
+    slow_mm = floor.decode_step_floor(TINY, TINY_SHARING, "hydragen", 0, 1e12, 1e6)
+    assert slow_mm["attention"] <= sum(slow_mm["levels"].values())
+
+
+def test_decode_floor_matches_the_issue_estimates():
+    """7B shape, bf16, 1K prefix, 1 unique token, 128 new tokens timed 4 steps at 0, 61, 124, 4.24 TB/s and
+    790 TFLOP/s: issue 12's estimates 3.3 ms (B=8), 6.5 ms (B=256), 13.0 ms (B=512) for hydragen."""
+    shape = floor.ModelShape(4096, 11008, 32, 32, 32, 128, 32000, 2)
+    for batch, want_ms in ((8, 3.3), (256, 6.5), (512, 13.0)):
+        sharing = floor.Sharing((((1024, batch),),), (1,) * batch, (1025,) * batch)
+        got = floor.decode_floor(shape, sharing, "hydragen", [0, 61, 124], 4, 4.24e12, 790e12)
+        assert got["floor_s"] * 1e3 == pytest.approx(want_ms, abs=0.1)  # the issue rounds to 0.1 ms
+        assert got["floor_tokens_per_s"] == pytest.approx(batch / got["floor_s"])
+
+
+def test_decode_floor_averages_like_the_timing():
+    bw, mm = 2e9, 1e10
+    starts, k = [0, 3, 6], 2
+    got = floor.decode_floor(TINY, TINY_SHARING, "hydragen", starts, k, bw, mm)
+    per_step = [floor.decode_step_floor(TINY, TINY_SHARING, "hydragen", j, bw, mm) for j in range(8)]
+    windows = [(per_step[s]["total"] + per_step[s + 1]["total"]) / 2 for s in starts]
+    assert got["floor_step_s"] == pytest.approx(windows)
+    assert got["floor_s"] == pytest.approx(floor.simpson(*windows))
+    parts = got["floor_parts_s"]
+    assert got["attention_floor_s"] == pytest.approx(parts["attention"] + parts["cache_write"])
+    assert set(got["attention_level_floor_s"]) == {"shared0", "suffix"}
+    with pytest.raises(ValueError, match="3 sample positions"):
+        floor.decode_floor(TINY, TINY_SHARING, "hydragen", [0, 3], k, bw, mm)
+
+
+def test_sharing_of_trees_and_e2e_floor_fields():
+    from experiments import e2e, model_api
+
+    two = model_api.sharing(model_api.apps_tree(16, 8, 3, 4, 100, 0, levels=2))
+    assert two.levels == (((16, 12),), ((7, 4),) * 3)  # few-shot read by all 12; each problem (but its last token)
+    assert two.suffix_lengths == (1,) * 12 and two.prompt_lengths == (24,) * 12
+    one = model_api.sharing(model_api.apps_tree(16, 8, 3, 4, 100, 0, levels=1))
+    assert one.levels == (((16, 12),),) and one.suffix_lengths == (8,) * 12
+    assert e2e.sample_starts(128, 4) == [0, 61, 124] and e2e.sample_starts(8, 2) == [0, 2, 6]
+    results = {"sample_starts": [0, 3, 6], "steps_per_sample": 2, "mean_step_s": 1e-3}
+    rates = {"bandwidth_bytes_per_s": 2e9, "matmul_flops_per_s": 1e10}
+    fields = e2e.floor_fields(TINY, TINY_SHARING, "hydragen", results, rates)
+    assert fields["floor_fraction"] == pytest.approx(fields["floor_s"] / 1e-3)
+    assert fields["floor_bandwidth_bytes_per_s"] == 2e9 and fields["floor_matmul_flops_per_s"] == 1e10
+
+
+# ---------------------------------------------------------------- device rates
+
+
+def test_bandwidth_probes_each_recorded_and_the_best_used():
+    kw = {"warmup": 1, "repeats": 2}
+    rates = device_rates.bandwidth(1 << 20, kw)
+    probes = rates["bandwidth_probes"]
+    assert list(probes) == list(device_rates.PROBES)
+    for name, probe in probes.items():
+        assert probe["bytes_per_s"] == pytest.approx(probe["bytes"] / probe["best_s"])
+        assert probe["median_s"] >= probe["best_s"] and probe["repeats"] >= device_rates.PROBE_MIN_REPEATS
+        assert rates[f"{name}_bandwidth_bytes_per_s"] == probe["bytes_per_s"]
+    assert probes["copy"]["bytes"] == 2 * (1 << 20)  # read + written
+    assert probes["read"]["bytes"] >= 1 << 20 and probes["pallas_read"]["bytes"] >= 1 << 20
+    best = max(p["bytes_per_s"] for p in probes.values())
+    assert rates["bandwidth_bytes_per_s"] == best
+    assert probes[rates["bandwidth_probe"]]["bytes_per_s"] == best
+
+
+def test_failed_probe_is_recorded_and_no_probe_is_an_error(monkeypatch):
+    def broken(nbytes, timing_kw):
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setitem(device_rates.PROBE_FNS, "pallas_read", broken)
+    rates = device_rates.bandwidth(1 << 16, {"warmup": 0, "repeats": 1}, probes=("copy", "pallas_read"))
+    assert rates["bandwidth_probes"]["pallas_read"] == {"error": "RuntimeError: lowering failed"}
+    assert rates["pallas_read_bandwidth_bytes_per_s"] is None and rates["bandwidth_probe"] == "copy"
+    with pytest.raises(RuntimeError, match="no bandwidth probe ran"):
+        device_rates.bandwidth(1 << 16, {"warmup": 0, "repeats": 1}, probes=("pallas_read",))
+    with pytest.raises(ValueError, match="unknown bandwidth probe 'dma'"):
+        device_rates.bandwidth(1 << 16, {"warmup": 0, "repeats": 1}, probes=("dma",))
+
+
+def test_stream_read_kernel_sums_every_block():
+    x = jax.random.normal(jax.random.key(5), (4 * device_rates.PALLAS_CHUNK * 3, 512), jnp.float32)
+    got = device_rates.stream_read(x, steps=3, interpret=True)
+    want = x.reshape(4, device_rates.PALLAS_CHUNK * 3, 512).sum(axis=1)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="expected a multiple of 48"):
+        device_rates.stream_read(x[:40], steps=3, interpret=True)
+
+
+# ---------------------------------------------------------------- outside anchors
+
+
+def test_anchor_skip_reasons(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    for name in anchors.ANCHORS:
+        assert "torch is not installed" in anchors.skip_reason(name)
+        assert bench_attention.skip_reason(bench_attention.VARIANTS[name]) == anchors.skip_reason(name)
+    with pytest.raises(ValueError, match="not an anchor"):
+        anchors.skip_reason("reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", anchors.ANCHORS)
+def test_anchor_matches_the_reference_on_gpu(name):
+    """On a GPU with torch (and FlashInfer on PYTHONPATH): the anchor's chained output equals our reference's."""
+    reason = anchors.skip_reason(name)
+    if reason is not None:
+        pytest.skip(reason)
+    case = bench_attention.Case(batch=8, prefix=40, out=4, q_heads=8, kv_heads=2, head_dim=128, dtype="bfloat16")
+    inputs = bench_attention.make_inputs(case, 19, 0)
+    kw = {"warmup": 1, "repeats": 2, "min_repeat_s": 0.0, "max_inner": 1}
+    results, out = anchors.measure(name, inputs, 2, kw)
+    fn, args = bench_attention.build_variant("reference", inputs, None, "xla")
+    want = jax.jit(timing.chain_steps(fn, 2))(*args)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - want.astype(jnp.float32)))) < 0.02
+    assert results["step_s"] > 0 and results["timer"] == "cuda_events"
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -185,9 +355,15 @@ def test_bench_smoke_results(bench_smoke):
     assert len(summaries) == n_cases * len(variants)
     rates = [r for r in recs if r["record"] == "device_rates"]
     assert len(rates) == 1 and rates[0]["results"]["bandwidth_bytes_per_s"] > 0
+    probes = rates[0]["results"]["bandwidth_probes"]
+    assert set(probes) == set(device_rates.PROBES)
+    assert rates[0]["results"]["bandwidth_bytes_per_s"] == max(p["bytes_per_s"] for p in probes.values())
     by_mode = {r["mode"]: r for r in summaries}
     assert by_mode["cudnn_per_sequence"]["status"] == "skipped"  # CPU: skipped with a reason
     assert "GPU" in by_mode["cudnn_per_sequence"]["reason"]
+    assert "torch_hydragen" in variants  # no torch, or no GPU: skipped with the reason, never a failure
+    reason = anchors.skip_reason("torch_hydragen")
+    assert by_mode["torch_hydragen"]["status"] == "skipped" and reason in by_mode["torch_hydragen"]["reason"]
     for mode in ("hydragen", "reference", "xla_per_sequence", "shared_storage"):
         res = by_mode[mode]["results"]
         assert by_mode[mode]["status"] == "ok"
@@ -297,11 +473,19 @@ def test_e2e_smoke_runs_parses_and_plots(name, tmp_path):
     recs = _check_records(out)
     decode = [r for r in recs if r["record"] == "decode"]
     assert decode and all(r["status"] == "ok" for r in decode)
+    rates = [r for r in recs if r["record"] == "device_rates"]
+    assert len(rates) == 1 and rates[0]["results"]["bandwidth_probe"] in device_rates.PROBES
     for rec in decode:
         res = rec["results"]
         assert res["tokens_per_s"] > 0 and len(res["step_s"]) == 3
         assert res["mean_step_s"] == pytest.approx(floor.simpson(*res["step_s"]))
         assert res["decode_compile_s"] >= 0 and res["prefill_compile_s"] >= 0 and res["cache_bytes"] > 0
+        # the step floor, from the rates of the same run
+        assert res["floor_bandwidth_bytes_per_s"] == rates[0]["results"]["bandwidth_bytes_per_s"]
+        assert res["floor_s"] == pytest.approx(floor.simpson(*res["floor_step_s"]))
+        assert res["floor_fraction"] == pytest.approx(res["floor_s"] / res["mean_step_s"])
+        assert res["floor_tokens_per_s"] == pytest.approx(rec["point"]["batch"] / res["floor_s"])
+        assert (res["attention_floor_s"] == 0) == (rec["mode"] == "none")
     assert [r for r in recs if r["record"] == "prefill"]
     cfg = config.load(name, smoke=True)
     if name == "tree_apps":
@@ -310,7 +494,8 @@ def test_e2e_smoke_runs_parses_and_plots(name, tmp_path):
         assert by["two_level"] < by["one_level"] < by["standard"]  # problem prompts stored once per problem
     else:
         assert {r["mode"] for r in decode} == set(cfg["modes"])
-    assert out.with_suffix(".md").read_text().count("|") > 10
+    md = out.with_suffix(".md").read_text()
+    assert md.count("|") > 10 and "floor_fraction" in md and "Floor bandwidth" in md
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
@@ -318,6 +503,7 @@ def test_e2e_smoke_runs_parses_and_plots(name, tmp_path):
 def _tiny_e2e(**device):
     cfg = config.load("e2e_throughput", smoke=True)
     cfg["grid"]["batches"] = [2]
+    cfg["rates"] = {"copy_bytes": 1 << 16, "matmul_n": 32, "probes": ["copy"]}
     if device:
         cfg["device"] = device
     return cfg
@@ -417,3 +603,178 @@ def test_e2e_failure_that_consumes_the_state_marks_the_other_modes(tmp_path, mon
     assert decode["hydragen"]["status"] == "oom"
     assert decode["shared_storage"]["status"] == "error" and "not run" in decode["shared_storage"]["reason"]
     assert decode["none"]["status"] == "error"
+
+
+# ---------------------------------------------------------------- the README report
+
+H200 = "gpu:NVIDIA H200"
+H100 = "gpu:NVIDIA H100 80GB HBM3"
+SHAPE = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128}
+
+
+def _rec(kind, record, point, mode, results, status="ok", device=H200, reason=None):
+    rec = {"config": kind, "experiment": kind, "record": record, "point": point, "mode": mode, "status": status,
+           "results": results, "device": device, "jax_version": "0.11.2", "date_utc": "2026-11-30T10:00:00+00:00",
+           "git_commit": "abcdef0123456", "smoke": False}
+    return {**rec, "reason": reason} if reason else rec
+
+
+def _write_results(folder, name, stamp, recs, device=H200):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{report.device_slug(device)}-{stamp}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _rates(device=H200, bandwidth=4.3e12):
+    probes = {"copy": {"bytes_per_s": bandwidth}, "read": {"bytes_per_s": 4.0e12}, "pallas_read": {"error": "x"}}
+    return _rec("bench_attention", "device_rates", {}, None, {
+        "bandwidth_bytes_per_s": bandwidth, "bandwidth_probe": "copy", "bandwidth_probes": probes,
+        "matmul_flops_per_s": 7.0e14, "matmul_n": 8192}, device=device)
+
+
+def _bench_summary(case, mode, tok_s, device=H200, **extra):
+    b, p, out, hq, hkv = case
+    point = {"batch": b, "prefix": p, "out": out, "q_heads": hq, "kv_heads": hkv, "head_dim": 128,
+             "dtype": "bfloat16", "suffixes": [1, out // 2, out], "backend": "pallas"}
+    results = {"tokens_per_s": tok_s, "floor_tokens_per_s": 1e6, "floor_fraction": tok_s / 1e6, **extra}
+    return _rec("bench_attention", "summary", point, mode, results, device=device)
+
+
+def _decode(point, mode, tok_s, kind="e2e_throughput", device=H200, floors=False):
+    results = {"tokens_per_s": tok_s, "mean_step_s": point["batch"] / tok_s}
+    if floors:
+        floor_s = point["batch"] / (2 * tok_s)
+        attention = 0.0 if mode == "none" else 1e-3
+        results.update(floor_s=floor_s, floor_tokens_per_s=point["batch"] / floor_s, floor_fraction=0.5,
+                       attention_floor_s=attention, floor_parts_s={"cache_write": 0.0},
+                       attention_level_floor_s={} if mode == "none" else {"shared0": 1e-3, "suffix": 1e-3})
+    return _rec(kind, "decode", point, mode, results, device=device)
+
+
+def _model(kind="e2e_throughput", device=H200):
+    return _rec(kind, "model", {"shape": SHAPE, "dtype": "bfloat16"}, None, {"param_bytes": 13.48e9}, device=device)
+
+
+def _e2e_point(prefix, batch):
+    return {"prefix": prefix, "batch": batch, "generate": 128, "unique": 1}
+
+
+def _section(readme):
+    text = readme.read_text()
+    return text[text.index(report.BEGIN):text.index(report.END)]
+
+
+@pytest.fixture
+def readme(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text(f"# title\n\nintro\n\n{report.BEGIN} -->\nold text\n{report.END}\n\n## Dependencies\n")
+    return path
+
+
+def test_report_takes_the_latest_session_and_each_row_from_the_newest_file(tmp_path, readme):
+    res = tmp_path / "results"
+    a, b = (64, 1024, 512, 32, 32), (512, 4096, 512, 32, 8)
+    _write_results(res, "bench_attention", "20261130-100000", [_rates(bandwidth=4.2e12)] + [
+        _bench_summary(c, "hydragen", 5e5, speedup_vs_reference=2.0) for c in (a, b)] + [
+        _bench_summary(c, "reference", 2.5e5) for c in (a, b)])
+    _write_results(res, "bench_attention-gqa", "20261130-103000", [_rates(bandwidth=4.3e12),  # newer: row b from here
+        _bench_summary(b, "hydragen", 9e5, speedup_vs_reference=3.0, speedup_vs_torch_hydragen=2.25),
+        _bench_summary(b, "reference", 3e5), _bench_summary(b, "torch_hydragen", 4e5, max_abs_err_vs_reference=0.002),
+        {**_bench_summary(b, "flashinfer_cascade", 1), "status": "skipped", "results": {},
+         "reason": "s=1: flashinfer is not importable (ModuleNotFoundError); extract the tarball"}])
+    for stamp, tok in (("20261130-090000", 100.0), ("20261130-100500", 1000.0)):  # the newer part1 counts
+        _write_results(res, "e2e_throughput-part1", stamp, [_model()] + [
+            _decode(_e2e_point(1024, 4), "hydragen", tok), _decode(_e2e_point(1024, 4), "none", 2 * tok)])
+    _write_results(res, "e2e_throughput-part2", "20261130-095000", [
+        _decode(_e2e_point(4096, 4), "hydragen", 900.0), _decode(_e2e_point(4096, 4), "shared_storage", 300.0)])
+    _write_results(res, "e2e_throughput-part4", "20261130-040000", [  # 5 h before the session: left out
+        _decode(_e2e_point(1024, 1), "hydragen", 7.0)])
+    chosen = report.choose(report.load_results(res))
+    assert sorted(f.label for f in chosen["e2e_throughput"]) == [
+        "e2e_throughput-part1-nvidia-h200-20261130-100500", "e2e_throughput-part2-nvidia-h200-20261130-095000"]
+    changed, _ = report.update_readme(readme, res, plot=False)
+    text = readme.read_text()
+    assert changed and text.startswith("# title\n\nintro\n\n") and text.endswith(f"{report.END}\n\n## Dependencies\n")
+    section = _section(readme)
+    assert "old text" not in section and "## Results on an NVIDIA H200 (JAX 0.11.2)" in section
+    # bench: row a from the full run, row b (with the anchor) from the newer gqa run; the skipped anchor named
+    assert "| 64 | 1024 | 512 | 32/32 | 500.0k | 250.0k | – | 1.00M | 0.500 | – |" in section
+    assert "| 512 | 4096 | 512 | 32/8 | 900.0k | 300.0k | 400.0k | 1.00M | 0.900 | 2.25x |" in section
+    assert "Hydragen / PyTorch Hydragen" in section and "FlashInfer cascade" not in section.split("|---")[0]
+    assert "Not run: FlashInfer cascade (flashinfer is not importable" in section
+    assert "row 1: `bench_attention-nvidia-h200-20261130-100000.*`" in section
+    assert "row 2: `bench_attention-gqa-nvidia-h200-20261130-103000.*`" in section
+    assert "floor bandwidth 4.300 TB/s (best of: copy 4.300, read 4.000, pallas_read failed TB/s)" in section
+    assert "2.0–3.0× jnp reference" in section and "within 0.002 of the jnp reference" in section
+    # e2e: rows from the newest part1 and part2; part4's stale point left out
+    assert "| 1K | 4 | 1.0k | – | 2.0k |" in section and "| 4K | 4 | 900 | 300 | – |" in section
+    assert "| 1K | 1 |" not in section and "| 1K | 4 | 100 |" not in section
+    assert "0.50 at 1K (B=4; paper 0.84)" in section and "3.0× at 4K/4" in section
+    assert "13.48 GB of weights" in section
+
+
+def test_report_shows_floors_and_the_long_document_ratio(tmp_path, readme):
+    res = tmp_path / "results"
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [_model()] + [
+        _decode(_e2e_point(16384, 8), m, tok, floors=True) for m, tok in (("hydragen", 400.0), ("none", 800.0))])
+    _write_results(res, "long_document", "20261130-101000", [
+        _decode({**_e2e_point(p, 256)}, m, tok, kind="long_document", floors=True)
+        for p, m, tok in ((1024, "hydragen", 1e4), (16384, "hydragen", 8e3), (1024, "none", 2e4), (16384, "none", 2e4))])
+    _write_results(res, "tree_apps", "20261130-102000", [
+        _rec("tree_apps", "decode", {"fewshot": 2048, "problem_prompt": 512, "problems": 8, "samples": 16,
+                                     "generate": 128, "batch": 128, "levels": lv}, mode,
+             {"decode_s": d, "tokens_per_s": 128 * 128 / d, "cache_bytes": 1e10}, status="ok")
+        for mode, lv, d in (("two_level", 2, 2.0), ("one_level", 1, 4.0), ("two_level_shared_storage", 2, 5.0))])
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    # e2e floors: floor tok/s 2 x measured, fraction 0.5, extra = 10 ms vs an attention floor of 1 ms (levels 2 ms)
+    assert "| 16K | 8 | 800 | 0.500 | 0.500 | 10.000 | 1.000 | 10.00 | 5.00 |" in section
+    assert "0.50 at 16K (B=8; paper 0.76)" in section
+    assert "| 16K | 8.0k | 0.80 | 1.00 | 0.80 | 0.500 |" in section  # rel. tok/s, rel. floor, fraction
+    assert "Throughput at a 16K prefix / at 1K: hydragen 0.80 (floors 0.80), none 1.00 (floors 1.00); paper, " \
+           "Hydragen: 0.90." in section
+    assert "Two-level Hydragen takes 50% less decode time than one-level (2.00 s vs 4.00 s for 128 tokens) and " \
+           "60% less than two-level shared storage (5.00 s)" in section
+
+
+def test_report_falls_back_to_another_device_per_experiment(tmp_path, readme):
+    res = tmp_path / "results"
+    _write_results(res, "bench_attention", "20261130-100000", [
+        _rates(), _bench_summary((64, 1024, 512, 32, 32), "hydragen", 5e5)])
+    _write_results(res, "tree_apps", "20261125-010000", [_rec(
+        "tree_apps", "decode", {"fewshot": 8, "problem_prompt": 4, "problems": 2, "samples": 2, "generate": 8,
+                                "batch": 4, "levels": 2}, "two_level", {"decode_s": 1.0, "tokens_per_s": 32.0,
+                                                                         "cache_bytes": 1e6}, device=H100)], device=H100)
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    assert section.count("## Results\n") == 1 and "`gpu:NVIDIA H100 80GB HBM3`" in section
+    assert "**[NVIDIA H100 80GB HBM3] APPS-like tree**" in section and "**[NVIDIA H200] One decode step" in section
+    report.update_readme(readme, res, device="nvidia-h100-80gb-hbm3", plot=False)  # asked: H100 (bench falls back)
+    assert "**[NVIDIA H200] One decode step" in _section(readme)
+
+
+def test_report_cli_check_markers_and_plot(tmp_path, readme, capsys):
+    res = tmp_path / "results"
+    for part, prefix in (("part1", 1024), ("part3", 16384)):
+        _write_results(res, f"e2e_throughput-{part}", f"20261130-10{prefix % 7}000", [
+            _decode(_e2e_point(prefix, b), m, 100.0 * b) for b in (8, 64) for m in ("hydragen", "none")])
+    args = ["report", "--readme", str(readme), "--results-dir", str(res)]
+    assert cli.main(args + ["--check"]) == 1 and "+| 1K | 8 |" in capsys.readouterr().out
+    assert "old text" in readme.read_text()  # --check writes nothing
+    assert cli.main(args) == 0
+    plot = res / "e2e_throughput-combined-nvidia-h200-20261130.png"
+    assert plot.stat().st_size > 1000 and f"](experiments/results/{plot.name})" in _section(readme)
+    assert cli.main(args + ["--check"]) == 0
+    readme.write_text("no markers\n")
+    assert cli.main(args) == 2 and "expected one '<!-- report:begin" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="found 2 begin"):
+        report.replace_section(f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n", "x")
+
+
+def test_readme_results_section_is_generated_from_the_results():
+    """README.md's results section is what `python -m experiments report` makes of experiments/results/ (regenerate
+    it after adding results: `python -m experiments report`)."""
+    changed, diff = report.update_readme(records.REPO_ROOT / "README.md", records.RESULTS_DIR, check=True)
+    assert not changed, diff[:3000]

@@ -1,7 +1,9 @@
 """models.checkpoint + models.llama against an independent plain-numpy Llama.
 
 The test writes a tiny HF-format checkpoint itself (numpy arrays under HF names, sharded with an index), loads
-it in fp32 and bf16, and compares logits with a numpy implementation of the same math written here.
+it in fp32 and bf16, and compares logits with a numpy implementation of the same math written here. Also: the
+Qwen2 / Qwen3 tensors (biases, q/k norms) round-trip; missing, unexpected, corrupt or truncated files raise
+``CheckpointError`` naming the tensor or file.
 """
 
 import json
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_hf_tensors
 from models.generate import generate, prefill
 from models.llama import causal_attention
 
@@ -53,6 +55,27 @@ def make_tensors(cfg, seed=0):
         t[p + "mlp.down_proj.weight"] = w(d, I)
     if not cfg["tie_word_embeddings"]:
         t["lm_head.weight"] = w(V, d)
+    return t
+
+
+QWEN2 = dict(CONFIG, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+             sliding_window=None, max_window_layers=2, rope_scaling=None, tie_word_embeddings=True)
+QWEN3 = dict(CONFIG, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16, rope_scaling=None)
+
+
+def family_tensors(cfg, seed=0):
+    """make_tensors plus the family's q/k/v biases (Qwen2) or q/k norms (Qwen3), all random."""
+    rng = np.random.default_rng(seed + 100)
+    t = make_tensors(cfg, seed)
+    hq, hkv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.self_attn."
+        if cfg.get("model_type") == "qwen2":
+            for name, n in (("q", hq), ("k", hkv), ("v", hkv)):
+                t[p + f"{name}_proj.bias"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        if cfg.get("model_type") == "qwen3":
+            for name in ("q", "k"):
+                t[p + f"{name}_norm.weight"] = (1 + 0.1 * rng.standard_normal(cfg["head_dim"])).astype(np.float32)
     return t
 
 
@@ -207,11 +230,13 @@ def test_save_load_round_trip(tmp_path):
     assert load_checkpoint(tmp_path / "c", dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
-def test_missing_tensor(tmp_path):
-    t = make_tensors(CONFIG)
-    del t["model.layers.1.mlp.up_proj.weight"]
-    write_checkpoint(tmp_path / "ck", CONFIG, t)
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+@pytest.mark.parametrize("cfg, name", [(CONFIG, "model.layers.1.mlp.up_proj.weight"),
+                                       (QWEN2, "model.layers.1.self_attn.v_proj.bias")], ids=["llama", "qwen2"])
+def test_missing_tensor(tmp_path, cfg, name):
+    t = family_tensors(cfg)
+    del t[name]
+    write_checkpoint(tmp_path / "ck", cfg, t)
+    with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
         load_checkpoint(tmp_path / "ck")
 
 
@@ -245,7 +270,7 @@ def test_missing_shard_and_files(tmp_path):
 
 def test_unsupported_config_in_checkpoint(tmp_path):
     write_checkpoint(tmp_path / "ck", dict(CONFIG, architectures=["Qwen2ForCausalLM"]), make_tensors(CONFIG))
-    with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
+    with pytest.raises(CheckpointError, match="Qwen2ForCausalLM"):
         load_checkpoint(tmp_path / "ck")
 
 
@@ -257,3 +282,64 @@ def test_prefill_logits_equal_full_forward(tmp_path):
     state = prefill(model, prompts, 4)
     for b, p in enumerate(prompts):
         np.testing.assert_allclose(np.asarray(state.logits[b]), model_logits(model, p)[-1], atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------ families, bad files
+
+
+@pytest.mark.parametrize("cfg", [QWEN2, QWEN3], ids=["qwen2", "qwen3"])
+def test_family_tensors_load_and_round_trip(tmp_path, cfg):
+    t = family_tensors(cfg)
+    write_checkpoint(tmp_path / "a", cfg, t, shards=2)
+    model = load_checkpoint(tmp_path / "a")
+    extra = {"qwen2": ("bq", "bk", "bv"), "qwen3": ("q_norm", "k_norm")}[cfg["model_type"]]
+    assert all(set(extra) <= set(layer) for layer in model.params()["layers"])
+    got = to_hf_tensors(model)
+    assert set(got) == set(t)
+    for name in t:
+        np.testing.assert_array_equal(got[name], t[name], err_msg=name)
+    save_checkpoint(model, tmp_path / "b")
+    again = load_checkpoint(tmp_path / "b")
+    assert again.config == model.config
+    np.testing.assert_array_equal(model_logits(again, [3, 1, 4, 1, 5]), model_logits(model, [3, 1, 4, 1, 5]))
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj.bias", "model.layers.2.mlp.up_proj.weight",
+                                  "model.layers.0.self_attn.q_norm.weight"])
+def test_unexpected_tensor_raises(tmp_path, name):
+    """A tensor the config does not use (a bias, a layer too many, a Qwen3 norm in a Llama) is not ignored."""
+    t = make_tensors(CONFIG)
+    t[name] = np.ones(4, np.float32)
+    write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2)
+    with pytest.raises(CheckpointError, match=f"tensor '{name}'"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_ignored_buffers_and_tied_head_copy(tmp_path):
+    cfg = dict(CONFIG, tie_word_embeddings=True)
+    t = make_tensors(cfg)
+    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)  # old checkpoints hold it
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()  # an explicit copy of the tied head
+    write_checkpoint(tmp_path / "ck", cfg, t)
+    assert "lm_head" not in load_checkpoint(tmp_path / "ck").params()
+    t["lm_head.weight"][0, 0] += 1.0
+    write_checkpoint(tmp_path / "bad", cfg, t)
+    with pytest.raises(CheckpointError, match="'lm_head.weight' differs"):
+        load_checkpoint(tmp_path / "bad")
+
+
+def test_corrupt_or_truncated_files(tmp_path):
+    t = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2)
+    shard = tmp_path / "ck" / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])  # truncated: the header promises more bytes
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: not a readable safetensors"):
+        load_checkpoint(tmp_path / "ck")
+    write_checkpoint(tmp_path / "one", CONFIG, t)  # no index: every file is opened to list its tensors
+    (tmp_path / "one" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors"):
+        load_checkpoint(tmp_path / "one")
+    (tmp_path / "ck" / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        load_checkpoint(tmp_path / "ck")

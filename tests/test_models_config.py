@@ -1,4 +1,5 @@
-"""models.config: HF config.json parsing, refusal of unsupported options, RoPE frequencies (incl. Llama-3)."""
+"""models.config: HF config.json parsing (Llama, Mistral, Qwen2, Qwen3; transformers 4 and 5 layouts), refusal of
+what changes the math and is not implemented, RoPE frequencies (incl. Llama-3)."""
 
 import json
 import math
@@ -6,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from models.config import LlamaConfig, RopeScaling
+from models.checkpoint import CheckpointError as ReExported
+from models.config import HARMLESS_KEYS, CheckpointError, LlamaConfig, RopeScaling
 from models.llama import rope_inv_freq
 
 LLAMA2_7B = {
@@ -68,7 +70,7 @@ def test_round_trip_and_file(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"sliding_window": 4096}, "sliding_window"),
+    ({"sliding_window": 1024}, "sliding_window=1024"),  # below max_position_embeddings 4096: in effect
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
@@ -125,3 +127,173 @@ def test_rope_default_and_linear():
     np.testing.assert_allclose(rope_inv_freq(c), 10000.0 ** (-np.arange(0, 128, 2) / 128), rtol=1e-12)
     c = LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={"type": "linear", "factor": 4.0}))
     np.testing.assert_allclose(rope_inv_freq(c), 10000.0 ** (-np.arange(0, 128, 2) / 128) / 4, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------ families
+
+MISTRAL_7B_V01 = {  # sliding window 4096 < 32768 positions: in effect
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 32000, "bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.34.0.dev0",
+}
+MISTRAL_7B_V03 = dict(MISTRAL_7B_V01, rope_theta=1e6, sliding_window=None, vocab_size=32768)
+MISTRAL_NEMO = dict(MISTRAL_7B_V03, hidden_size=5120, head_dim=128, num_hidden_layers=40, vocab_size=131072,
+                    max_position_embeddings=1024000)
+QWEN25_7B = {  # transformers-4 layout; the window (131072 >= 32768 anyway) is off: use_sliding_window false
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}
+QWEN25_05B = dict(QWEN25_7B, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                  num_hidden_layers=24, num_key_value_heads=2, max_window_layers=21, sliding_window=32768,
+                  tie_word_embeddings=True, vocab_size=151936)
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+    "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN3_06B = dict(QWEN3_8B, hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_hidden_layers=28,
+                 max_window_layers=28, tie_word_embeddings=True)  # head_dim 128 != 1024 / 16
+ALL = {"llama2": LLAMA2_7B, "codellama": CODELLAMA_13B, "llama31": LLAMA31_8B, "llama32": LLAMA32_1B,
+       "mistral_v03": MISTRAL_7B_V03, "mistral_nemo": MISTRAL_NEMO, "qwen25_7b": QWEN25_7B,
+       "qwen25_05b": QWEN25_05B, "qwen3_8b": QWEN3_8B, "qwen3_06b": QWEN3_06B}
+
+
+def to_v5(d, per_layer_type=False):
+    """``d`` as transformers 5 writes it: ``rope_parameters`` (with rope_theta inside) instead of top-level
+    rope_theta / rope_scaling; Qwen configs also get their ``layer_types``."""
+    d = dict(d)
+    rope = dict(d.pop("rope_scaling", None) or {"rope_type": "default"})
+    rope["rope_type"] = rope.pop("type", rope.get("rope_type"))
+    rope["rope_theta"] = float(d.pop("rope_theta", 10000.0))
+    if d["model_type"] in ("qwen2", "qwen3"):
+        window = d["sliding_window"] if d["use_sliding_window"] else None
+        d["sliding_window"] = window
+        d["layer_types"] = ["sliding_attention" if window is not None and i >= d["max_window_layers"]
+                            else "full_attention" for i in range(d["num_hidden_layers"])]
+    d["rope_parameters"] = {"full_attention": rope, "sliding_attention": dict(rope)} if per_layer_type else rope
+    return d
+
+
+def test_families():
+    m = LlamaConfig.from_dict(MISTRAL_7B_V03)
+    assert m.model_type == "mistral" and m.rope_theta == 1e6 and not (m.qkv_bias or m.qk_norm)
+    assert LlamaConfig.from_dict(MISTRAL_NEMO).head_dim == 128  # explicit, != 5120 / 32
+    q2 = LlamaConfig.from_dict(QWEN25_7B)
+    assert q2.qkv_bias and not q2.qk_norm and q2.q_per_kv == 7 and q2.eos_token_ids == (151645,)
+    assert LlamaConfig.from_dict(QWEN25_05B).tie_word_embeddings
+    q3 = LlamaConfig.from_dict(QWEN3_06B)
+    assert q3.qk_norm and not q3.qkv_bias and q3.head_dim == 128 and q3.hidden_size == 1024
+    assert LlamaConfig.from_dict(LLAMA2_7B).model_type == "llama"
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("per_layer_type", [False, True])
+def test_transformers5_layout_gives_the_same_config(name, per_layer_type):
+    v4 = ALL[name]
+    v5 = to_v5(v4, per_layer_type)
+    assert "rope_theta" not in v5 and "rope_scaling" not in v5
+    assert LlamaConfig.from_dict(v5) == LlamaConfig.from_dict(v4)
+
+
+def test_layouts_agree_when_both_present():
+    both = dict(LLAMA31_8B, rope_parameters=dict(LLAMA31_8B["rope_scaling"], rope_theta=500000.0))
+    assert LlamaConfig.from_dict(both) == LlamaConfig.from_dict(LLAMA31_8B)
+
+
+def test_round_trip_every_family():
+    for d in list(ALL.values()) + [dict(LLAMA2_7B, rope_scaling={"type": "linear", "factor": 4.0})]:
+        c = LlamaConfig.from_dict(d)
+        assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_llama3_original_context_defaults_to_max_positions():
+    """As transformers: a llama3 scaling without original_max_position_embeddings uses max_position_embeddings."""
+    rs = {k: v for k, v in LLAMA31_8B["rope_scaling"].items() if k != "original_max_position_embeddings"}
+    c = LlamaConfig.from_dict(dict(LLAMA31_8B, rope_scaling=rs))
+    assert c.rope_scaling.original_max_position_embeddings == 131072
+
+
+def test_harmless_keys_accepted():
+    extra = {"torch_dtype": "bfloat16", "dtype": "bfloat16", "use_cache": False, "initializer_range": 0.1,
+             "pretraining_tp": 1, "attention_dropout": 0.0, "transformers_version": "5.17.0", "_name_or_path": "x",
+             "id2label": {"0": "LABEL_0"}, "temperature": 0.6, "top_p": 0.9, "is_llama_config": True}
+    assert set(extra) <= HARMLESS_KEYS
+    extra["rope_interleaved"] = False  # SmolLM2 (nanotron) writes it; only True would change the math
+    assert LlamaConfig.from_dict(dict(LLAMA31_8B, **extra)) == LlamaConfig.from_dict(LLAMA31_8B)
+
+
+def test_sliding_window_not_in_effect():
+    assert LlamaConfig.from_dict(dict(MISTRAL_7B_V01, sliding_window=32768)).max_position_embeddings == 32768
+    # Qwen: a window applies only with use_sliding_window, and only to layers >= max_window_layers
+    LlamaConfig.from_dict(dict(QWEN25_7B, sliding_window=4096))
+    LlamaConfig.from_dict(dict(QWEN25_7B, sliding_window=4096, use_sliding_window=True, max_window_layers=28))
+    LlamaConfig.from_dict(to_v5(dict(QWEN25_7B, sliding_window=4096)))
+
+
+RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
+
+
+@pytest.mark.parametrize("d, match", [
+    (MISTRAL_7B_V01, "sliding_window=4096 is in effect"),
+    (dict(LLAMA2_7B, sliding_window=2048), "sliding_window=2048"),
+    (dict(QWEN25_7B, sliding_window=4096, use_sliding_window=True, max_window_layers=20),
+     r"sliding_window=4096 \(layers \[20, 21"),
+    (to_v5(dict(QWEN3_8B, sliding_window=4096, use_sliding_window=True, max_window_layers=0)), "sliding_window=4096"),
+    (dict(QWEN3_8B, layer_types=["full_attention"] * 35 + ["chunked_attention"]), "layer_types"),
+    (dict(QWEN3_8B, layer_types=["full_attention"] * 3), "layer_types"),
+    (dict(QWEN3_8B, attention_bias=True), "attention_bias=True"),
+    (dict(RLLAMA, quantization_config={"quant_method": "awq"}), "'quantization_config' = {'quant_method': 'awq'}"),
+    (dict(RLLAMA, logits_scaling=2.0), "'logits_scaling' = 2.0"),
+    (dict(MISTRAL_7B_V03, attention_bias=True), "attention_bias"),
+    (dict(MISTRAL_7B_V03, layer_types=["full_attention"] * 32), "'layer_types'"),  # not a Mistral key
+    (dict(RLLAMA, partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    (dict(RLLAMA, rope_interleaved=True), "rope_interleaved=True"),
+    (dict(to_v5(RQWEN), rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor=0.5"),
+    (to_v5(dict(RQWEN, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})),
+     "rope_parameters type 'yarn'"),
+    (dict(RQWEN, rope_scaling={"rope_type": "longrope", "factor": 4.0}), "'longrope'"),
+    (dict(RQWEN, rope_scaling={"rope_type": "linear", "factor": 2.0, "attention_factor": 2.0}),
+     "'attention_factor' = 2.0"),
+    (dict(RLLAMA, rope_parameters=dict(RLLAMA["rope_scaling"], factor=16.0)), "rope_parameters gives RoPE"),
+    (dict(RQWEN, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "must agree"),
+    (dict(to_v5(RQWEN), rope_parameters={"full_attention": None}), r"rope_parameters\['full_attention'\]"),
+    (dict(to_v5(RQWEN), rope_parameters={"sliding_attention": {"rope_type": "default"}}),
+     r"rope_parameters\['full_attention'\] is missing"),
+    (dict(to_v5(RQWEN), rope_parameters={"full_attention": {"rope_type": "default"}, "rope_theta": 1e6}),
+     "mixes layer types with key 'rope_theta'"),
+    (dict(LLAMA2_7B, num_attention_heads=7, num_key_value_heads=7), "not a multiple"),
+    (dict(LLAMA2_7B, model_type="mistral"), "'LlamaForCausalLM' for model_type 'mistral'"),
+])
+def test_refuses_what_changes_the_math(d, match):
+    with pytest.raises(CheckpointError, match=match):
+        LlamaConfig.from_dict(d)
+
+
+def test_per_layer_type_rope_must_agree_for_the_layers_used():
+    v5 = to_v5(QWEN3_8B, per_layer_type=True)
+    v5["rope_parameters"]["sliding_attention"]["rope_theta"] = 10000.0  # no sliding layer: unused, fine
+    assert LlamaConfig.from_dict(v5) == LlamaConfig.from_dict(QWEN3_8B)
+    v5["layer_types"] = ["full_attention"] * 35 + ["sliding_attention"]  # now used (and no window in effect)
+    with pytest.raises(CheckpointError, match=r"rope_parameters\['sliding_attention'\]"):
+        LlamaConfig.from_dict(v5)
+
+
+def test_error_class_and_bad_json(tmp_path):
+    assert ReExported is CheckpointError and issubclass(CheckpointError, ValueError)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(CheckpointError, match="config.json"):
+        LlamaConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA2_7B, hidden_act="gelu")))
+    with pytest.raises(CheckpointError, match=r"config\.json: config: unsupported hidden_act"):
+        LlamaConfig.from_json(tmp_path)

