@@ -51,7 +51,8 @@ class Level:
   Attributes:
     k, v: `[N, L, Hkv, D]` keys and values of the level's N nodes; with `layer`, `[num_layers, N, L, Hkv, D]`.
     lengths: `[N]` valid tokens of each node (<= L); nodes may differ in length, 0 included.
-    seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B).
+    seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B). A numpy array
+      (a tree known when tracing) lets the kernels group the sequences on the host: no device work per step.
     max_group: static bound on how many sequences read one node (None: B); a speed hint for the kernels.
     layer: optional (traced) index into the leading layer axis of k/v. The kernels read that layer in place,
       where slicing `k[layer]` under a `lax.scan` over layers would copy it at every step.
@@ -97,7 +98,10 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
     k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))
   # Static index vectors are numpy constants: no device work per step (an iota or a gather would be a kernel).
   identity = level.seq_to_node is None
-  nodes = np.arange(q.shape[0], dtype=np.int32) if identity else jnp.clip(level.seq_to_node, 0, num_nodes - 1)
+  if identity:
+    nodes = np.arange(q.shape[0], dtype=np.int32)
+  else:  # a numpy seq_to_node (a static tree) stays numpy: its grouping is computed on the host
+    nodes = (np if isinstance(level.seq_to_node, np.ndarray) else jnp).clip(level.seq_to_node, 0, num_nodes - 1)
   if batched:
     return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
                               causal=causal, shared_launch=shared_launch)

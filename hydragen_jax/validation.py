@@ -85,15 +85,16 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
     raise ValueError(f"dtype mismatch between {q_name} ({q.dtype}) and {kv_name} ({kv.dtype}).")
 
 
-def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array, np.ndarray | None]:
-  """`x` as an integer `[count]` array, and its value if concrete (else None)."""
-  x = jnp.asarray(x)
+def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
+  """`x` as an integer `[count]` array, and its value if concrete (else None). A numpy array stays numpy (its
+  value is known even under jit: a constant of the step)."""
+  x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
   if x.shape != (count,):
     raise ValueError(f"{name} must have shape ({count},){what}; got {x.shape}.")
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must be integer; got dtype {x.dtype}.")
-  value = _concrete(x)
-  return x.astype(jnp.int32), (value if value is not None and value.size else None)
+  value = x if isinstance(x, np.ndarray) else _concrete(x)
+  return x.astype(np.int32), (value if value is not None and value.size else None)
 
 
 def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bounds: str, what: str,
@@ -130,8 +131,9 @@ def scalar_length(name: str, length, capacity: int, checked: bool = False) -> ja
   return lengths_or_full(name, jnp.reshape(length, (1,)), 1, capacity, checked)
 
 
-def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool = False) -> jax.Array:
-  """Validates `seq_to_node` `[batch]` with values in [0, num_nodes)."""
+def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool = False) -> jax.Array | np.ndarray:
+  """Validates `seq_to_node` `[batch]` with values in [0, num_nodes). A numpy array stays one (a static tree: the
+  kernels group its sequences on the host, no device work per step)."""
   seq_to_node, value = _int_vector(name, seq_to_node, batch, " (one node per sequence of q)")
   _check_range(name, seq_to_node, value, num_nodes - 1, f"[0, {num_nodes})", f"(the level has {num_nodes} nodes)",
                checked)

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 import hydragen_jax
@@ -42,13 +43,20 @@ Layers = tuple[jax.Array, ...]
 
 @struct.dataclass
 class LevelCache:
-    """One shared level: k/v per layer (L arrays ``[N, Lmax, Hkv, D]``), lengths ``[N]``, seq_to_node ``[B]``."""
+    """One shared level: k/v per layer (L arrays ``[N, Lmax, Hkv, D]``), lengths ``[N]``; seq_to_node, the node of
+    each of the B sequences, is static (a tuple: the tree is known when the step is traced, so the kernels group
+    the sequences on the host, with no device work per step)."""
 
     k: Layers
     v: Layers
     lengths: jax.Array
-    seq_to_node: jax.Array
+    seq_to_node: tuple[int, ...] = struct.field(pytree_node=False)
     max_group: int | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def nodes(self) -> np.ndarray:
+        """seq_to_node as an int32 array ``[B]``."""
+        return np.asarray(self.seq_to_node, np.int32)
 
 
 @struct.dataclass
@@ -129,7 +137,7 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
             return hydragen_jax.tree_attention(q, [own], backend=backend), cache
         batched = mode == "hydragen"
-        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.seq_to_node, lc.max_group) for lc in cache.shared]
+        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in cache.shared]
         out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
         return out, cache
 

@@ -347,3 +347,23 @@ def test_levels_must_agree_on_kv_heads():
     hj.tree_attention(q, [Level(jnp.zeros((1, 5, 2, 64)), jnp.zeros((1, 5, 2, 64)), jnp.array([5]),
                                 jnp.zeros(2, jnp.int32)),
                           Level(jnp.zeros((2, 3, 4, 64)), jnp.zeros((2, 3, 4, 64)), jnp.array([3, 3]))])
+
+
+def test_static_tree_is_grouped_on_the_host(kernel_backend):
+  """A numpy seq_to_node (a tree known when tracing) gives the same result as a traced one, and the step then has
+  no device work to group the sequences (no sort)."""
+  keys = jax.random.split(jax.random.PRNGKey(15), 3)
+  b, hq, hkv, d = 6, 8, 2, 64
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  nodes = np.array([2, 0, 2, 1, 0, 2], np.int32)
+  shared = random_level(keys[1], 3, 24, [24, 7, 13], nodes, hkv, d, jnp.float32)
+  leaf = random_level(keys[2], b, 8, [8, 3, 1, 6, 2, 5], None, hkv, d, jnp.float32)
+  f = lambda q, levels, nodes: hj.tree_attention(  # noqa: E731
+      q, [dataclasses.replace(levels[0], seq_to_node=nodes), levels[1]], backend=kernel_backend)
+  traced = jax.jit(f)
+  static = jax.jit(lambda q, levels: f(q, levels, nodes))
+  chex.assert_trees_all_close(static(q, [shared, leaf]), traced(q, [shared, leaf], jnp.asarray(nodes)),
+                              **tol(jnp.float32))
+  chex.assert_trees_all_close(static(q, [shared, leaf]), expected_tree(q, [shared, leaf]), **tol(jnp.float32))
+  assert "sort" in str(jax.make_jaxpr(traced)(q, [shared, leaf], jnp.asarray(nodes)))
+  assert "sort" not in str(jax.make_jaxpr(static)(q, [shared, leaf]))

@@ -129,10 +129,12 @@ def batched(
     return None
   if n == 1:  # one node read by every sequence, in their natural order (order is not read): numpy constants
     order, counts, starts = np.zeros((1,), np.int32), np.full((1,), b, np.int32), np.zeros((1,), np.int32)
-  else:  # the kernel visits the sequences node by node
-    order = jnp.argsort(seq_to_node, stable=True).astype(jnp.int32)
-    counts = jnp.bincount(seq_to_node, length=n).astype(jnp.int32)
-    starts = jnp.cumsum(counts) - counts
+  else:  # the kernel visits the sequences node by node; a numpy seq_to_node is grouped here, on the host
+    xp = np if isinstance(seq_to_node, np.ndarray) else jnp
+    order = xp.argsort(seq_to_node, stable=True).astype(np.int32)
+    counts = xp.bincount(seq_to_node, length=n) if xp is jnp else np.bincount(seq_to_node, minlength=n)
+    counts = counts.astype(np.int32)
+    starts = xp.cumsum(counts) - counts
   rows = t * (hq // hkv)
   max_rows = rows * (b if max_group is None else min(max_group, b))
   block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch,
