@@ -108,8 +108,11 @@ def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens) -> tup
     B, T = k.shape[:2]
     pos = write_positions(lengths, new_tokens, T, ks[layer].shape[1])
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    k_new = ks[layer].at[rows, pos].set(k.astype(ks[layer].dtype), mode="drop")
-    v_new = vs[layer].at[rows, pos].set(v.astype(vs[layer].dtype), mode="drop")
+    # (row, position) pairs are sorted and distinct (padding slots all point past the end and are dropped): the
+    # hints let XLA write without atomics.
+    hints = dict(mode="drop", indices_are_sorted=True, unique_indices=True)
+    k_new = ks[layer].at[rows, pos].set(k.astype(ks[layer].dtype), **hints)
+    v_new = vs[layer].at[rows, pos].set(v.astype(vs[layer].dtype), **hints)
     return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]
 
 
