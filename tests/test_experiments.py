@@ -90,7 +90,8 @@ def test_attention_levels_per_mode_by_hand():
     assert [(op.name, op.bytes, op.flops) for op in hyd] == [
         ("shared0", 10 * kv, 3 * 10 * per_key), ("suffix", own * kv + q_out, own * per_key)]
     shared = floor.attention_levels(TINY, TINY_SHARING, "shared_storage", step)
-    assert shared[0].bytes == 3 * 10 * kv and shared[0].flops == hyd[0].flops  # read once per reader
+    # read once per reader, but the repeated reads of a node can hit L2: memory moves it once, as for hydragen
+    assert shared == hyd
     standard = floor.attention_levels(TINY, TINY_SHARING, "standard", step)
     full = (11 + 12 + 13) + 3 * 6
     assert [(op.name, op.bytes, op.flops) for op in standard] == [("sequence", full * kv + q_out, full * per_key)]
