@@ -18,6 +18,7 @@ A float32 model runs its matmuls (and ``causal_attention``) at full float32 prec
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable
 
@@ -59,26 +60,35 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
     return shapes
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _draw(shapes: tuple[tuple[str, tuple[int, ...]], ...], key: jax.Array, dtype, hidden_size: int) -> dict:
+    """Random arrays for ``(name, shape)`` pairs: norms 1, biases 0, matrices N(0, 1/fan_in) (embedding:
+    N(0, 1/hidden_size))."""
+    out = {}
+    for k, (name, shape) in zip(jax.random.split(key, len(shapes)), shapes):
+        if "norm" in name:
+            out[name] = jnp.ones(shape, dtype)
+        elif name in QKV_BIAS_KEYS:
+            out[name] = jnp.zeros(shape, dtype)
+        else:
+            fan_in = hidden_size if name == "embed" else shape[-2]
+            out[name] = (jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+    return out
+
+
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random parameters: norms 1, biases 0, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
 
-    Jitted by ``init_random``; cheap enough for 7B-shaped benchmark models (generated on device).
+    Generated on device, one jitted call for the top-level arrays and one per layer (all layers share one
+    compilation): cheap enough for 7B-shaped benchmark models.
     """
     shapes = param_shapes(config)
-    is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
-    flat, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]]
-    keys = jax.random.split(key, len(flat))
-    leaves = []
-    for k, shape, path in zip(keys, flat, paths):
-        if "norm" in path:
-            leaves.append(jnp.ones(shape, dtype))
-        elif any(f"'{b}'" in path for b in QKV_BIAS_KEYS):
-            leaves.append(jnp.zeros(shape, dtype))
-        else:
-            fan_in = config.hidden_size if "embed" in path else shape[-2]
-            leaves.append((jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype))
-    return jax.tree.unflatten(treedef, leaves)
+    top = tuple((name, shape) for name, shape in shapes.items() if name != "layers")
+    keys = jax.random.split(key, config.num_hidden_layers + 1)
+    params = _draw(top, keys[0], jnp.dtype(dtype), config.hidden_size)
+    params["layers"] = [_draw(tuple(layer.items()), k, jnp.dtype(dtype), config.hidden_size)
+                        for layer, k in zip(shapes["layers"], keys[1:])]
+    return params
 
 
 def per_layer(layers: dict[str, jax.Array] | list[dict[str, jax.Array]]) -> list[dict[str, jax.Array]]:
@@ -223,6 +233,5 @@ class Llama(nnx.Module):
 
 
 def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0) -> Llama:
-    """A randomly initialised model (one jitted call; for tests and benchmarks)."""
-    params = jax.jit(init_params, static_argnums=(0, 2))(config, jax.random.key(seed), dtype)
-    return Llama(config, params)
+    """A randomly initialised model (``init_params``; for tests and benchmarks)."""
+    return Llama(config, init_params(config, jax.random.key(seed), dtype))
