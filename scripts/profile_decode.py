@@ -60,7 +60,7 @@ def attention_alone(state, mode: str, steps: int, num_q_heads: int) -> float:
     return jax.lax.fori_loop(0, steps, body, q)
 
   jax.block_until_ready(chained(q, levels))
-  total, _ = gpu_kernel_ns(lambda: chained(q, levels), 3)
+  total, _, _ = gpu_kernel_ns(lambda: chained(q, levels), 3)
   return sum(total.values()) / 3 / steps / 1e9
 
 
@@ -116,14 +116,15 @@ def main():
     for _ in range(3):
       jax.block_until_ready(run())
     wall = (time.perf_counter() - start) / 3  # untraced: the profiler slows the host down
-    total, _ = gpu_kernel_ns(run, 2)
+    total, _, launches = gpu_kernel_ns(run, 2)
     per_part = collections.Counter()
     for name, ns in total.items():
       per_part[classify(name)] += ns / 2 / args.steps / layers / 1e3
     step_us = sum(total.values()) / 2 / args.steps / 1e3
     parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "rest"))
-    print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall); per layer (us): {parts}; "
-          f"attention alone {alone * 1e6:.1f} us; compile {compile_s:.1f} s", flush=True)
+    kernels = sum(launches.values()) / 2 / args.steps
+    print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, {kernels:.0f} kernels); per layer "
+          f"(us): {parts}; attention alone {alone * 1e6:.1f} us; compile {compile_s:.1f} s", flush=True)
     for name, ns in total.most_common(12):
       print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
     del state, org, held

@@ -21,9 +21,9 @@ import hydragen_jax as hj
 from scripts.sweep_kernels import SEED, inputs
 
 
-def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float]:
+def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float, collections.Counter]:
   """Runs `call()` `repeats` times under `jax.profiler.trace`: total GPU time per kernel name (ns, over all
-  repeats) and the wall time per call (s)."""
+  repeats), the wall time per call (s) and the launches per kernel name (over all repeats)."""
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
       start = time.perf_counter()
@@ -31,7 +31,7 @@ def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float]:
         out = call()
       jax.block_until_ready(out)
       wall = (time.perf_counter() - start) / repeats
-    total = collections.Counter()
+    total, launches = collections.Counter(), collections.Counter()
     for f in pathlib.Path(tmp).rglob("*.xplane.pb"):
       data = jax.profiler.ProfileData.from_file(str(f))
       for plane in data.planes:
@@ -42,7 +42,8 @@ def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float]:
             continue
           for event in line.events:
             total[event.name[:70]] += event.duration_ns
-  return total, wall
+            launches[event.name[:70]] += 1
+  return total, wall, launches
 
 
 def main():
@@ -59,7 +60,7 @@ def main():
       n = jnp.full((b,), s, jnp.int32)
       jax.block_until_ready(step(q, pk, pv, sk, sv, n))
       jax.block_until_ready(step(q, pk, pv, sk, sv, n))
-      total, wall = gpu_kernel_ns(lambda: step(q, pk, pv, sk, sv, n), args.steps)
+      total, wall, _ = gpu_kernel_ns(lambda: step(q, pk, pv, sk, sv, n), args.steps)
       kernels = sum(total.values()) / args.steps / 1e3
       print(f"[{i}] {SEED[i]} s={s}: wall {wall * 1e6:.1f} us/step, GPU kernels {kernels:.1f} us/step", flush=True)
       for name, ns in total.most_common(8):
