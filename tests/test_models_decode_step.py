@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import models
+from hydragen_jax import validation as hj_validation
 from models.config import LlamaConfig
 from tests.conftest import ON_GPU
 
@@ -145,3 +146,19 @@ def test_decode_step_writes_caches_in_place_and_never_copies_them(mode):
   not_writes = [line for line in made if not (" fusion(" in line and set(_CALLS.findall(line)) & writes)]
   assert not not_writes, "\n".join(not_writes)
   assert len(made) >= 2 * LAYERS, "\n".join(made)  # at least each layer's k and v write
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the Hopper kernel is compiled only there")
+def test_model_decode_takes_the_hopper_kernel_with_per_layer_caches():
+  """A GQA model with one shared prefix decodes on the Hopper kernel (backend "mosaic"): each layer's caches are
+  whole arrays, which it reads in place (a layer axis used to send every step to the Triton kernels)."""
+  if not hj_validation.on_hopper():
+    pytest.skip("not a Hopper GPU")
+  config = LlamaConfig(vocab_size=72, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+  model = models.init_random(config, dtype=jnp.bfloat16, seed=0)
+  shared = list(range(1, 40))
+  state = models.prefill(model, [shared + [50], shared + [51, 52]], 8, mode="hydragen", backend="mosaic")
+  fn, _ = models.compile_decode(model, state, backend="mosaic")
+  assert "mosaic_gpu" in fn.as_text()
