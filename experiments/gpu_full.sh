@@ -16,7 +16,7 @@
 #   e2e-part3    e2e_throughput.toml, prefix 16K x batches 512, 64, 8               (~3-5 min)
 #   smoke        every config's [smoke] variant (checks the GPU code paths in ~1-2 min)
 # Tensor parallel (e2e_tp.toml; two GPUs, the nvidia-h200-x2 machine; TP = 1 and 2 in the same run):
-#   tp-smoke     e2e_tp's [smoke] variant on 2 GPUs and the 2-device model tests (tests/tp_cases.py)    (~1-2 min)
+#   tp-smoke     e2e_tp's [smoke] variant on 2 GPUs, then every 2-device case of tests/tp_cases.py      (~3-6 min)
 #   tp-7b-1k     7B shape, prefix 1K, B = 512, 1024, 2048, 3072                                        (~4-6 min)
 #   tp-7b-16k    7B shape, prefix 16K, the same batches                                                (~4-6 min)
 #   tp-13b       CodeLlama-13b shape (40 layers, hidden 5120, 40/40 heads), B = 1024, prefix 1K and 16K (~3-5 min)
@@ -107,7 +107,8 @@ case "$PART" in
   tp-smoke)
     LIMIT=240
     run e2e_tp-smoke e2e_tp --smoke
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/tp_cases.py -x || echo "[gpu_full] tests/tp_cases.py failed" ;;
+    timeout --signal=INT 420 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/tp_cases.py \
+      || echo "[gpu_full] tests/tp_cases.py failed or timed out" ;;
   tp-7b-1k)  run e2e_tp-7b-1k e2e_tp --set "grid.prefixes=[1024]" ;;
   tp-7b-16k) run e2e_tp-7b-16k e2e_tp --set "grid.prefixes=[16384]" ;;
   tp-13b)    run e2e_tp-13b e2e_tp --set "grid.batches=[1024]" --set model.shape.vocab_size=32016 \
