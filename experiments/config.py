@@ -83,6 +83,10 @@ RATES_SCHEMA = {
     "matmul_n": positive_int(),
     "probes": ListOf((str,), check=lambda v: v in BANDWIDTH_PROBES, hint=f"one of {list(BANDWIDTH_PROBES)}",
                      required=False),
+    # Runs on several devices (mesh.model > 1): the all-reduce probe's message sizes in bytes per device; the floor's
+    # inter-device bandwidth is the best bus bandwidth among them (experiments.device_rates.allreduce_rates).
+    "allreduce_bytes": ListOf((int,), check=lambda v: not isinstance(v, bool) and v >= 1, hint="bytes >= 1",
+                              required=False),
 }
 
 COMMON_SCHEMA = {
@@ -145,8 +149,21 @@ DECODE_SCHEMA = {
     "prefill_chunk": positive_int(),
 }
 
+def _tensor_parallel(value) -> bool:
+    sizes = value if isinstance(value, list) else [value]
+    return bool(sizes) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+
+
+# Tensor parallelism (models.parallel): the model's devices along the mesh axis "model"; a list runs the whole grid
+# once per size, in the same run (e.g. [1, 2]: one GPU, then two). Absent: one device, and no `tp` in the points.
+MESH_SCHEMA = {
+    "model": Field((int, list), check=_tensor_parallel, hint="a device count >= 1, or a non-empty list of them"),
+    "__optional__": True,
+}
+
 E2E_COMMON = {
     **COMMON_SCHEMA,
+    "mesh": MESH_SCHEMA,
     "model": MODEL_SCHEMA,
     "decode": DECODE_SCHEMA,
     "modes": ListOf((str,), check=lambda v: v in MODES, hint=f"one of {list(MODES)}"),

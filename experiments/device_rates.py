@@ -9,6 +9,9 @@ The floor's bandwidth is the best of several probes, so that no slow way of movi
 Each probe is timed over several repeats of `calls` back-to-back calls (a repeat lasts >= PROBE_MIN_REPEAT_S, so
 host dispatch overlaps the device work); a probe's figure is its best repeat (its median is recorded too). A probe
 that fails is recorded with its error; the floor uses the best of those that ran.
+
+Runs on several devices (tensor parallel) also time the link between them (`allreduce_rates`): a psum over the
+devices, as the model's row-parallel layers do, giving the all-reduce bus bandwidth of the floor's all-reduce term.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -192,6 +196,35 @@ def dispatch_time(timing_kw: dict) -> dict:
     return {"dispatch_s": t.median_s}
 
 
+ALLREDUCE_BYTES = (4 * 2**20, 64 * 2**20, 256 * 2**20)  # default message sizes of the all-reduce probe
+
+
+def allreduce_rates(devices: int, sizes: tuple[int, ...], timing_kw: dict, dtype=jnp.bfloat16) -> dict:
+    """The inter-device link, as a decode step on `devices` devices uses it: a psum (all-reduce) over the first
+    `devices` devices of `nbytes` per device, for each size, timed like the bandwidth probes (best repeat of
+    back-to-back calls).
+
+    Bus bandwidth (NCCL's convention) = 2 (n - 1) / n * bytes / time: the bytes each device sends and receives in
+    a ring all-reduce, per second. Returns {"devices", "probes": [{bytes, best_s, median_s, bus_bytes_per_s}],
+    "bus_bytes_per_s": the best of the probes (the floor's), "bytes": that probe's size}."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("model",))
+    spec = jax.sharding.PartitionSpec("model")
+    psum = jax.jit(jax.shard_map(lambda a: lax.psum(a, "model"), mesh=mesh, in_specs=spec, out_specs=spec,
+                                 check_vma=False))
+    factor = 2 * (devices - 1) / devices
+    found = []
+    for nbytes in sizes:
+        n = max(1, nbytes // jnp.dtype(dtype).itemsize)
+        x = jax.device_put(jnp.ones((devices * n,), dtype), jax.sharding.NamedSharding(mesh, spec))
+        times, calls = _time_calls(lambda _: psum(x), None, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
+        moved = n * jnp.dtype(dtype).itemsize
+        found.append({"bytes": moved, "best_s": min(times), "median_s": statistics.median(times), "calls": calls,
+                      "bus_bytes_per_s": factor * moved / min(times)})
+        del x
+    best = max(found, key=lambda r: r["bus_bytes_per_s"])
+    return {"devices": devices, "probes": found, "bus_bytes_per_s": best["bus_bytes_per_s"], "bytes": best["bytes"]}
+
+
 def measure(copy_bytes: int, matmul_n: int, timing_kw: dict, probes: tuple[str, ...] = PROBES) -> dict:
     """Device rates of one run: the bandwidth probes (see `bandwidth`), the matmul rate and the dispatch time."""
     return {**bandwidth(copy_bytes, timing_kw, probes), **matmul_rate(matmul_n, timing_kw), **dispatch_time(timing_kw)}
@@ -201,6 +234,20 @@ def measure_for(config: dict, timing_kw: dict) -> dict:
     """`measure` with a config's [rates] table."""
     rates = config["rates"]
     return measure(rates["copy_bytes"], rates["matmul_n"], timing_kw, tuple(rates.get("probes", PROBES)))
+
+
+def measure_allreduce_for(config: dict, devices: list[int], timing_kw: dict) -> dict:
+    """`allreduce_rates` for every device count above 1 in `devices`, keyed by the count (a string, as JSON keeps
+    it); sizes from the config's rates.allreduce_bytes."""
+    sizes = tuple(config["rates"].get("allreduce_bytes", ALLREDUCE_BYTES))
+    return {str(n): allreduce_rates(n, sizes, timing_kw) for n in sorted(set(devices)) if n > 1}
+
+
+def describe_allreduce(rates: dict) -> str:
+    """One line per device count: the best all-reduce bus bandwidth and the time of each probe's size."""
+    return "; ".join(f"all-reduce over {n} devices: bus bandwidth {r['bus_bytes_per_s'] / 1e9:.1f} GB/s ("
+                     + ", ".join(f"{p['bytes'] / 2**20:g} MiB in {p['best_s'] * 1e6:.0f} us" for p in r["probes"])
+                     + ")" for n, r in rates.items())
 
 
 def describe(rates: dict) -> str:

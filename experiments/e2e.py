@@ -17,6 +17,12 @@ as "oom" without allocating; RESOURCE_EXHAUSTED at run time is recorded as "oom"
 Every decode record carries the step floor (`floor.decode_floor`: each op of the step at max(bytes / bandwidth,
 FLOPs / matmul rate), averaged over the timed steps as the timing is) from the device rates measured at the start
 of the same run (a `device_rates` record), and `floor_fraction` = floor / measured mean step.
+
+Tensor parallelism (config `mesh.model`, e.g. `--set mesh.model=2` or `--set "mesh.model=[1, 2]"`): the whole grid
+runs once per device count, in order, each on a model split over that many devices (models.parallel; 1 = the
+single-device model). Points then carry `tp`; memory estimates are per device; the floor is per device plus the
+step's all-reduces at the all-reduce bus bandwidth measured at the start of the run (`allreduce` in the
+`device_rates` record, per device count).
 """
 
 from __future__ import annotations
@@ -105,43 +111,68 @@ def _split_by_prefill(point, tree_fn, modes, labels) -> list[Job]:
     return jobs
 
 
+def tensor_parallel_sizes(config: dict) -> list[int]:
+    """The device counts a run covers, in order (config `mesh.model`, an int or a list); [1] without a mesh table."""
+    sizes = config.get("mesh", {}).get("model", 1)
+    return sizes if isinstance(sizes, list) else [sizes]
+
+
 def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) -> list[dict]:
     from experiments import model_api
 
-    timing_cfg, dec = config["timing"], config["decode"]
+    timing_cfg = config["timing"]
     budget = timing_cfg.get("time_budget_s")
     started = time.perf_counter()
     backend = backend_of(config)
+    sizes = tensor_parallel_sizes(config)
+    if max(sizes) > len(jax.devices()):
+        raise ValueError(f"mesh.model = {config['mesh']['model']} needs {max(sizes)} devices; JAX sees "
+                         f"{len(jax.devices())}")
     rates = device_rates.measure_for(config, timing.timing_options(timing_cfg))  # before the model takes memory
+    if max(sizes) > 1:
+        rates["allreduce"] = device_rates.measure_allreduce_for(config, sizes, timing.timing_options(timing_cfg))
     writer.write(record="device_rates", point={}, mode=None, status="ok", results=rates)
     print(f"[e2e] {device_rates.describe(rates)}", flush=True)
+    if max(sizes) > 1:
+        print(f"[e2e] {device_rates.describe_allreduce(rates['allreduce'])}", flush=True)
     model_cfg = config["model"]
-    model, init_s = model_api.build_model(model_cfg["shape"], model_cfg["dtype"], model_cfg["seed"])
-    weights = model_api.param_bytes(model)
     itemsize = jax.numpy.dtype(model_cfg["dtype"]).itemsize
-    writer.write(record="model", point={"shape": model_cfg["shape"], "dtype": model_cfg["dtype"]}, mode=None,
-                 status="ok", results={"init_s": init_s, "param_bytes": weights, "backend": backend or "default"})
-    print(f"[e2e] model {model_cfg['shape'].get('num_hidden_layers')} layers, {weights / 1e9:.2f} GB of weights, "
-          f"init {init_s:.1f} s, backend {backend or 'default'}", flush=True)
-
-    jobs = jobs_for(config, model.config.vocab_size)
-    for job in tqdm(jobs, desc=config["name"], disable=not progress):
-        if budget is not None and time.perf_counter() - started > budget:
-            for label in job.labels:
-                writer.write(record="decode", point=job.point, mode=label, status="skipped",
-                             reason="time budget exhausted")
-            continue
-        run_job(job, model, config, writer, backend, weights, itemsize, rates)
+    for tp in sizes:
+        model, init_s = model_api.build_model(model_cfg["shape"], model_cfg["dtype"], model_cfg["seed"], tp)
+        weights = model_api.param_bytes(model)
+        writer.write(record="model", point={"shape": model_cfg["shape"], "dtype": model_cfg["dtype"],
+                                            **_tp_key(config, tp)}, mode=None,
+                     status="ok", results={"init_s": init_s, "param_bytes": weights, "backend": backend or "default"})
+        print(f"[e2e] model {model_cfg['shape'].get('num_hidden_layers')} layers, {weights / 1e9:.2f} GB of weights"
+              f"{f' over {tp} devices' if tp > 1 else ''}, init {init_s:.1f} s, backend {backend or 'default'}",
+              flush=True)
+        jobs = jobs_for(config, model.config.vocab_size)
+        for job in tqdm(jobs, desc=f"{config['name']}{f' tp={tp}' if tp > 1 else ''}", disable=not progress):
+            if budget is not None and time.perf_counter() - started > budget:
+                for label in job.labels:
+                    writer.write(record="decode", point={**job.point, **_tp_key(config, tp)}, mode=label,
+                                 status="skipped", reason="time budget exhausted")
+                continue
+            run_job(job, model, config, writer, backend, weights, itemsize, rates, tp)
+        del model
+        memory.release()
     return writer.records
 
 
-def needed_bytes(tree, generate: int, first_mode: str, config, weights: int, itemsize: int) -> int:
-    """Estimated device bytes of one prefill and its decode: weights, caches, margin (dense copies for standard,
-    which prefill builds from the tree cache: both are alive at its peak)."""
+def _tp_key(config: dict, tp: int) -> dict:
+    """`{"tp": tp}` for the points of a run with a mesh table, {} otherwise (single-device records unchanged)."""
+    return {"tp": tp} if "mesh" in config else {}
+
+
+def needed_bytes(tree, generate: int, first_mode: str, config, weights: int, itemsize: int, tp: int = 1) -> int:
+    """Estimated bytes on each device of one prefill and its decode: weights, caches, margin (dense copies for
+    standard, which prefill builds from the tree cache: both are alive at its peak). On `tp` devices: the weights
+    (`weights`: all devices' bytes) and caches split over them."""
     from experiments import model_api
 
     est = model_api.cache_estimate(tree, generate, config, itemsize)
-    return weights + est["tree"] + MARGIN_BYTES + (est["dense"] if first_mode == "standard" else 0)
+    caches = est["tree"] + (est["dense"] if first_mode == "standard" else 0)
+    return int(weights / tp + caches * model_api.kv_share(config, tp)) + MARGIN_BYTES
 
 
 def plan(config: dict, capacity: int) -> list[dict]:
@@ -154,23 +185,25 @@ def plan(config: dict, capacity: int) -> list[dict]:
     weights = model_api.shape_param_bytes(shape, itemsize)
     usable = capacity * config.get("device", {}).get("memory_fraction", 0.92)
     rows = []
-    for job in jobs_for(config, shape["vocab_size"]):
-        tree = job.tree_fn()
-        need = needed_bytes(tree, job.point["generate"], job.modes[0], LlamaConfig(**shape), weights, itemsize)
-        rows.append({"point": {**job.point, "batch": tree.num_sequences}, "modes": job.labels, "needed_bytes": need,
-                     "fits": need <= usable})
+    for tp in tensor_parallel_sizes(config):
+        for job in jobs_for(config, shape["vocab_size"]):
+            tree = job.tree_fn()
+            need = needed_bytes(tree, job.point["generate"], job.modes[0], LlamaConfig(**shape), weights, itemsize,
+                                tp)
+            rows.append({"point": {**job.point, "batch": tree.num_sequences, **_tp_key(config, tp)},
+                         "modes": job.labels, "needed_bytes": need, "fits": need <= usable})
     return rows
 
 
-def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int, rates: dict) -> None:
+def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int, rates: dict, tp: int = 1) -> None:
     from experiments import model_api
 
     dec, timing_cfg = config["decode"], config["timing"]
     generate = job.point["generate"]
     tree = job.tree_fn()
     first = job.modes[0]
-    needed = needed_bytes(tree, generate, first, model.config, weights, itemsize)
-    point = {**job.point, "batch": tree.num_sequences}
+    needed = needed_bytes(tree, generate, first, model.config, weights, itemsize, tp)
+    point = {**job.point, "batch": tree.num_sequences, **_tp_key(config, tp)}
     shape = floor.ModelShape.from_config(config["model"]["shape"], itemsize)
     sharing = model_api.sharing(tree)
     state = None
@@ -202,7 +235,7 @@ def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: in
                 state, org = model_api.derive_mode(state, mode, org)
             state, results = time_decode(model, state, org, generate, dec, timing_cfg, backend)
             results.update(pre, cache_bytes=model_api.cache_bytes(state), estimate_bytes=needed)
-            results.update(floor_fields(shape, sharing, mode, results, rates))
+            results.update(floor_fields(shape, sharing, mode, results, rates, tp))
             rec = writer.write(record="decode", point=point, mode=label, status="ok", results=results)
         except Exception as error:  # noqa: BLE001 - recorded
             status = "oom" if memory.is_oom(error) else "error"
@@ -225,13 +258,18 @@ def sample_starts(generate: int, steps: int) -> list[int]:
     return [min(max(0, s - 1 - steps // 2), generate - steps) for s in floor.simpson_points(generate)]
 
 
-def floor_fields(shape: floor.ModelShape, sharing: floor.Sharing, mode: str, results: dict, rates: dict) -> dict:
-    """The step floor of a timed decode (`floor.decode_floor` over the windows it timed) and its fraction."""
-    out = floor.decode_floor(shape, sharing, mode, results["sample_starts"],
-                             results["steps_per_sample"], rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+def floor_fields(shape: floor.ModelShape, sharing: floor.Sharing, mode: str, results: dict, rates: dict,
+                 tp: int = 1) -> dict:
+    """The step floor of a timed decode (`floor.decode_floor` over the windows it timed) and its fraction; on `tp`
+    devices, with the all-reduce bus bandwidth measured for `tp` devices."""
+    link = rates["allreduce"][str(tp)]["bus_bytes_per_s"] if tp > 1 else None
+    out = floor.decode_floor(shape, sharing, mode, results["sample_starts"], results["steps_per_sample"],
+                             rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"], tp, link)
     out.update(floor_fraction=out["floor_s"] / results["mean_step_s"],
                floor_bandwidth_bytes_per_s=rates["bandwidth_bytes_per_s"],
                floor_matmul_flops_per_s=rates["matmul_flops_per_s"])
+    if tp > 1:
+        out["floor_allreduce_bus_bytes_per_s"] = link
     return out
 
 
@@ -273,7 +311,7 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
 
 
 def _label(point: dict) -> str:
-    keys = ("prefix", "fewshot", "problem_prompt", "problems", "samples", "batch", "levels")
+    keys = ("tp", "prefix", "fewshot", "problem_prompt", "problems", "samples", "batch", "levels")
     return " ".join(f"{k}={point[k]}" for k in keys if k in point)
 
 
@@ -306,27 +344,43 @@ def write_markdown(path, all_records: list[dict]) -> None:
                      f"{shape.get('num_key_value_heads')} heads, {model['results']['param_bytes'] / 1e9:.2f} GB.")
     if rates:
         parts.append(tables.rates_line(rates))
+        if rates["results"].get("allreduce"):
+            line = device_rates.describe_allreduce(rates["results"]["allreduce"])
+            parts.append(line[0].upper() + line[1:] + ".")
     parts += ["", "Decode tokens/s = B / Simpson mean step time (steps timed at s = 1, G/2, G); OOM = did not fit.",
               ""]
-    keys = ["prefix", "batch"]
+    by_tp = {tp: [r for r in decode if r["point"].get("tp") == tp]  # {None: all} without tensor parallelism
+             for tp in sorted({r["point"].get("tp") for r in decode}, key=lambda v: v or 0)}
+    keys = (["tp"] if None not in by_tp else []) + ["prefix", "batch"]
     if kind == "e2e_throughput":
         parts.append(tables.e2e_table(decode, keys))
-    elif kind == "long_document":
-        parts += [tables.e2e_table(decode, keys), "", "Throughput relative to the shortest prefix:", "",
-                  tables.relative_table(decode, "prefix")]
-    else:
-        parts.append(tables.tree_table(decode))
-        keys = ["levels", "batch"]
+        if len(by_tp) > 1:
+            parts += ["", "## Tensor parallel speed-up", "",
+                      "Tokens/s on n devices over tokens/s on the fewest devices of the run, same prefix, batch and "
+                      "mode (every device count measured in the same run).", "",
+                      tables.tp_speedup_table(decode)]
+    for tp, recs in by_tp.items():  # the tables of one device count each
+        title = [f"### {tp} device{'s' if tp > 1 else ''}", ""] if tp is not None else []
+        if kind == "long_document":
+            parts += ["", *title, tables.e2e_table(recs, keys), "", "Throughput relative to the shortest prefix:", "",
+                      tables.relative_table(recs, "prefix")]
+        elif kind == "tree_apps":
+            parts += ["", *title, tables.tree_table(recs)]
+    if kind == "tree_apps":
+        keys = keys[:-2] + ["levels", "batch"]
     if tables.has_floors(decode):
         parts += ["", "## Step floor", "",
                   "Floor of a step: every op (each layer's GEMMs, attention and cache write; the LM head) at "
                   "max(bytes / bandwidth, FLOPs / matmul rate), averaged over the timed steps as the timing is; "
-                  "fraction = floor / measured mean step.", "",
+                  "fraction = floor / measured mean step."
+                  + (" On n > 1 devices: each device's share of those ops, plus the 2 L + 1 all-reduces of [B, d] a "
+                     "step at the measured all-reduce bus bandwidth." if keys[0] == "tp" else ""), "",
                   tables.e2e_table(decode, keys, "floor_tokens_per_s"), "",
                   tables.e2e_table(decode, keys, "floor_fraction")]
         if kind == "long_document":
-            parts += ["", tables.relative_table(decode, "prefix", "floor_tokens_per_s"), "",
-                      tables.prefix_ratio_line(decode)]
+            for recs in by_tp.values():
+                parts += ["", tables.relative_table(recs, "prefix", "floor_tokens_per_s"), "",
+                          tables.prefix_ratio_line(recs)]
     if kind != "tree_apps" and tables.hydragen_vs_none_rows(decode, keys):
         parts += ["", "## Hydragen against no attention", "",
                   "Attention floor: the attention of every layer at its floor (a layer's levels in one op; levels apart: "

@@ -10,6 +10,12 @@ suffix of s_b tokens.
 A whole model's decode step (end-to-end runs, `decode_step_floor`): the sum over the step's ops (every layer's GEMMs,
 attention and cache write, then the LM head) of each op's max(bytes / bandwidth, FLOPs / matmul rate);
 `decode_floor` averages it over the steps a run times, as the run averages its measured steps.
+
+Tensor parallel over n devices (models.parallel): the ops are each device's share (`tensor_parallel`: its query and
+KV heads, MLP columns and vocabulary rows; the batch is whole on every device), plus the all-reduces of a step: one
+of the [B, d] activations after the embedding and after each layer's o and down projections (2 L + 1), each at
+    2 (n - 1) / n * B * d * itemsize / (the measured all-reduce bus bandwidth)
+(a ring all-reduce's bytes sent per device; `allreduce_time`).
 """
 
 from __future__ import annotations
@@ -78,6 +84,21 @@ class ModelShape:
                    layers=shape["num_hidden_layers"], q_heads=shape["num_attention_heads"],
                    kv_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"], vocab=shape["vocab_size"],
                    itemsize=itemsize)
+
+
+def tensor_parallel(shape: ModelShape, devices: int) -> ModelShape:
+    """One device's share of `shape` on `devices` devices (as models.parallel splits it: heads, MLP columns and
+    vocabulary rows divided, rounded up; a KV head per device where there are fewer KV heads than devices)."""
+    if devices == 1:
+        return shape
+    return dataclasses.replace(shape, q_heads=shape.q_heads // devices, kv_heads=max(1, shape.kv_heads // devices),
+                               intermediate=-(-shape.intermediate // devices), vocab=-(-shape.vocab // devices))
+
+
+def allreduce_time(nbytes: float, devices: int, bus_bandwidth: float) -> float:
+    """Seconds of an all-reduce of `nbytes` per device at `bus_bandwidth` (NCCL's bus bandwidth: a ring's bytes
+    sent per device, 2 (n - 1) / n * nbytes, per second); 0 on one device."""
+    return 0.0 if devices == 1 else 2 * (devices - 1) / devices * nbytes / bus_bandwidth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +195,22 @@ def cache_write(shape: ModelShape, batch: int, mode: str) -> Op:
 
 
 def decode_step_floor(shape: ModelShape, sharing: Sharing, mode: str, step: int, bandwidth: float,
-                      matmul_rate: float) -> dict:
+                      matmul_rate: float, devices: int = 1, allreduce_bandwidth: float | None = None) -> dict:
     """Seconds of one decode step at the floor: each op at max(bytes / bandwidth, FLOPs / matmul rate), summed.
 
     Ops: every layer's seven GEMMs, its attention (all levels of a layer as one op: they run in one launch and
     may overlap, as bench-attention's floor assumes) and its cache write, then the LM head. Norms, RoPE,
-    residuals, the embedding gather and sampling are not counted (they can fuse into the GEMMs).
+    residuals, the embedding gather and sampling are not counted (they can fuse into the GEMMs). On `devices` > 1
+    (tensor parallel): each device's share of those ops (`tensor_parallel(shape, devices)`), plus the step's 2 L + 1
+    all-reduces of [B, d] at `allreduce_bandwidth` (bus bandwidth; required then).
 
     Returns {"total", "gemm", "lm_head", "attention", "cache_write", "levels": {level: seconds of that level
-    alone, summed over layers}}.
+    alone, summed over layers}}, and "allreduce" on several devices.
     """
+    if devices > 1 and not allreduce_bandwidth:
+        raise ValueError(f"decode_step_floor: a step on {devices} devices needs the all-reduce bus bandwidth; got "
+                         f"{allreduce_bandwidth!r}")
+    full, shape = shape, tensor_parallel(shape, devices)
     L, B = shape.layers, sharing.batch
     gemms = L * sum(op.time(bandwidth, matmul_rate) for op in layer_gemms(shape, B))
     head = lm_head(shape, B).time(bandwidth, matmul_rate)
@@ -191,8 +218,12 @@ def decode_step_floor(shape: ModelShape, sharing: Sharing, mode: str, step: int,
     joint = Op("attention", sum(op.bytes for op in levels), sum(op.flops for op in levels))
     attention = L * joint.time(bandwidth, matmul_rate) if levels else 0.0
     write = L * cache_write(shape, B, mode).time(bandwidth, matmul_rate)
-    return {"total": gemms + head + attention + write, "gemm": gemms, "lm_head": head, "attention": attention,
-            "cache_write": write, "levels": {op.name: L * op.time(bandwidth, matmul_rate) for op in levels}}
+    out = {"total": gemms + head + attention + write, "gemm": gemms, "lm_head": head, "attention": attention,
+           "cache_write": write, "levels": {op.name: L * op.time(bandwidth, matmul_rate) for op in levels}}
+    if devices > 1:
+        out["allreduce"] = (2 * L + 1) * allreduce_time(B * full.hidden * full.itemsize, devices, allreduce_bandwidth)
+        out["total"] += out["allreduce"]
+    return out
 
 
 def _mean(dicts: list[dict]) -> dict:
@@ -210,24 +241,27 @@ def _simpson_of(dicts: list[dict]) -> dict:
 
 
 def decode_floor(shape: ModelShape, sharing: Sharing, mode: str, starts: Sequence[int], steps_per_sample: int,
-                 bandwidth: float, matmul_rate: float) -> dict:
+                 bandwidth: float, matmul_rate: float, devices: int = 1,
+                 allreduce_bandwidth: float | None = None) -> dict:
     """The floor of a decode timed the way e2e times it: at each of the three sample positions, the mean step floor
     of the `steps_per_sample` steps from `start`; Simpson's rule over the three.
 
     Returns (seconds per step): floor_s (the Simpson mean: compare with the measured mean step), floor_step_s [3]
-    (each position), floor_parts_s {gemm, lm_head, attention, cache_write}, attention_floor_s (attention + cache
+    (each position), floor_parts_s {gemm, lm_head, attention, cache_write[, allreduce]}, attention_floor_s
+    (attention + cache
     writes: what `none` skips), attention_level_floor_s {level: that level's attention alone}, and
     floor_tokens_per_s = B / floor_s.
     """
     if len(starts) != 3:
         raise ValueError(f"starts must hold the 3 sample positions; got {list(starts)}")
-    windows = [_mean([decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate)
+    windows = [_mean([decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate, devices, allreduce_bandwidth)
                       for j in range(start, start + steps_per_sample)]) for start in starts]
     mean = _simpson_of(windows)
     return {
         "floor_s": mean["total"],
         "floor_step_s": [w["total"] for w in windows],
-        "floor_parts_s": {k: mean[k] for k in ("gemm", "lm_head", "attention", "cache_write")},
+        "floor_parts_s": {k: mean[k] for k in ("gemm", "lm_head", "attention", "cache_write", "allreduce")
+                          if k in mean},
         "attention_floor_s": mean["attention"] + mean["cache_write"],
         "attention_level_floor_s": mean["levels"],
         "floor_tokens_per_s": sharing.batch / mean["total"],

@@ -15,6 +15,11 @@
 #   e2e-part2    e2e_throughput.toml, prefix 4K x batches 512, 64, 8                (~3-5 min)
 #   e2e-part3    e2e_throughput.toml, prefix 16K x batches 512, 64, 8               (~3-5 min)
 #   smoke        every config's [smoke] variant (checks the GPU code paths in ~1-2 min)
+# Tensor parallel (e2e_tp.toml; two GPUs, the nvidia-h200-x2 machine; TP = 1 and 2 in the same run):
+#   tp-smoke     e2e_tp's [smoke] variant on 2 GPUs, then every 2-device case of tests/tp_cases.py      (~3-6 min)
+#   tp-7b-1k     7B shape, prefix 1K, B = 512, 1024, 2048, 3072                                        (~4-6 min)
+#   tp-7b-16k    7B shape, prefix 16K, the same batches                                                (~4-6 min)
+#   tp-13b       CodeLlama-13b shape (40 layers, hidden 5120, 40/40 heads), B = 1024, prefix 1K and 16K (~3-5 min)
 # Each config has time_budget_s (<= 500 s): points left when it is spent are recorded as "skipped".
 # Times are estimates (compile times of the 32-layer model on GPU were not measured before): watch the
 # "[e2e] ... (prefill compile X s ...; decode compile Y s ...)" lines of the first call.
@@ -29,13 +34,16 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors)}
+PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)}
 ANCHORS_DIR=${ANCHORS_DIR:-.anchors}
 if [[ "$PART" == anchors ]]; then  # local set-up: FlashInfer's source tree, for the GPU call's carry
   TARBALL=${ANCHORS_TARBALL:-../shared/anchors/flashinfer-0.2.14.post1-jit.tar.gz}
   mkdir -p "$ANCHORS_DIR" && tar -xzf "$TARBALL" -C "$ANCHORS_DIR"
   grep -qxF "/$ANCHORS_DIR/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$ANCHORS_DIR/" >> .git/info/exclude; }
   du -sh "$ANCHORS_DIR"; echo "[gpu_full] now carry '$ANCHORS_DIR' to the GPU machine with the bench parts"; exit 0
+fi
+if [[ "$PART" == tp-* ]]; then  # several GPUs: NCCL's NVLink multicast stays off (the machines' rule)
+  export NCCL_NVLS_ENABLE=0
 fi
 if [[ "$PART" == bench* ]]; then
   export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.80}}
@@ -96,6 +104,17 @@ case "$PART" in
   e2e-part1) run e2e_throughput-part1 e2e_throughput --set "grid.prefixes=[1024]" ;;
   e2e-part2) run e2e_throughput-part2 e2e_throughput --set "grid.prefixes=[4096]" ;;
   e2e-part3) run e2e_throughput-part3 e2e_throughput --set "grid.prefixes=[16384]" ;;
+  tp-smoke)
+    LIMIT=240
+    run e2e_tp-smoke e2e_tp --smoke
+    timeout --signal=INT 420 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/tp_cases.py \
+      || echo "[gpu_full] tests/tp_cases.py failed or timed out" ;;
+  tp-7b-1k)  run e2e_tp-7b-1k e2e_tp --set "grid.prefixes=[1024]" ;;
+  tp-7b-16k) run e2e_tp-7b-16k e2e_tp --set "grid.prefixes=[16384]" ;;
+  tp-13b)    run e2e_tp-13b e2e_tp --set "grid.batches=[1024]" --set model.shape.vocab_size=32016 \
+               --set model.shape.hidden_size=5120 --set model.shape.intermediate_size=13824 \
+               --set model.shape.num_hidden_layers=40 --set model.shape.num_attention_heads=40 \
+               --set model.shape.num_key_value_heads=40 ;;
   long-doc)  run long_document long_document ;;
   tree)      run tree_apps tree_apps ;;
   smoke)

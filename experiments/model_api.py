@@ -18,16 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models import LlamaConfig
+from models import LlamaConfig, parallel
 
 PAD_MULTIPLE = 16  # prefill's default padding of cache capacities
 
 
-def build_model(shape: dict, dtype: str, seed: int) -> tuple[models.Llama, float]:
-    """A randomly initialised Llama of `shape` (LlamaConfig fields); returns the model and the init seconds."""
+def build_model(shape: dict, dtype: str, seed: int, tp: int = 1) -> tuple[models.Llama, float]:
+    """A randomly initialised Llama of `shape` (LlamaConfig fields), tensor parallel over the first `tp` devices
+    (tp = 1: the single-device model, no mesh); returns the model and the init seconds."""
     config = LlamaConfig(**shape)
+    mesh = None if tp == 1 else parallel.make_mesh(tp)
     start = time.perf_counter()
-    model = models.init_random(config, dtype=jnp.dtype(dtype), seed=seed)
+    model = models.init_random(config, dtype=jnp.dtype(dtype), seed=seed, mesh=mesh)
     jax.block_until_ready(model.params())
     return model, time.perf_counter() - start
 
@@ -39,6 +41,12 @@ def shape_param_bytes(shape: dict, itemsize: int) -> int:
     shapes = models.llama.param_shapes(LlamaConfig(**shape))
     leaves = jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple))
     return sum(math.prod(s) for s in leaves) * itemsize
+
+
+def kv_share(config: LlamaConfig, tp: int) -> float:
+    """The fraction of a model's KV cache that one of `tp` devices holds (1 / tp, or 1 / Hkv where KV heads are
+    replicated); ValueError where the heads do not split over `tp` devices."""
+    return parallel.split(config, tp).kv_heads / config.num_key_value_heads
 
 
 def param_bytes(model: models.Llama) -> int:

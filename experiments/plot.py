@@ -230,6 +230,8 @@ def plot_records(recs: list[dict], out_dir: str | pathlib.Path, stem: str) -> li
     paths = []
     by_kind = collections.defaultdict(list)
     for r in recs:
+        if "tp" in r["point"] and r["mode"] is not None:  # tensor parallel runs: one series per mode and device count
+            r = {**r, "mode": f"{r['mode']} tp={r['point']['tp']}"}
         by_kind[r["experiment"]].append(r)
     for kind, group in by_kind.items():
         plotter = PLOTTERS.get(kind)

@@ -10,7 +10,7 @@ consecutive files. Of those, the newest file per NAME (e.g. `e2e_throughput-part
 (one config) and an end-to-end row (one prefix and batch) come whole from the newest of these files that has them
 (every column of a row from one run); long_document and tree_apps come from their newest file. The device is the
 newest results file's, or the one asked for; a kind without results on it falls back to the newest device that has
-it (its section names the device).
+it (its section names the device). Files of tensor-parallel runs (points with `tp`) are left out.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
         if match is None:
             continue
         recs = records.read(path)
-        if not recs or recs[0]["smoke"] or recs[0]["experiment"] not in KINDS:
+        if not recs or recs[0]["smoke"] or recs[0]["experiment"] not in KINDS or _tensor_parallel(recs):
             continue
         slug = device_slug(recs[0]["device"])
         stem = path.name[: match.start()]
@@ -83,6 +83,12 @@ def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
         stamp = datetime.datetime.strptime(match.group(1), "%Y%m%d-%H%M%S")
         found.append(ResultsFile(path, name, stamp, recs[0]["experiment"], recs[0]["device"], tuple(recs)))
     return found
+
+
+def _tensor_parallel(recs: list[dict]) -> bool:
+    """Whether a results file comes from a run over a mesh (its points carry `tp`): the README's section shows
+    single-device runs only; such a file's own markdown has its tables (see experiments/README.md)."""
+    return any("tp" in r["point"] for r in recs)
 
 
 def latest_session(files: list[ResultsFile], session_gap_h: float = SESSION_GAP_H) -> list[ResultsFile]:

@@ -149,6 +149,33 @@ def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "toke
     return _table(header, rows)
 
 
+def tp_speedup_table(records: list[dict]) -> str:
+    """Per (prefix, batch) row and mode: tok/s at each device count n > the smallest over tok/s at the smallest
+    (`x` cells; OOM etc. where one of the two did not run)."""
+    sizes = sorted({r["point"]["tp"] for r in records})
+    by = {(r["point"]["tp"], r["point"].get("prefix"), r["point"]["batch"], r["mode"]): r for r in records}
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    rows = []
+    for prefix, batch in sorted({(r["point"].get("prefix"), r["point"]["batch"]) for r in records},
+                                key=lambda k: tuple(v or 0 for v in k)):
+        row = [str(prefix), str(batch)]
+        for n in sizes[1:]:
+            for m in modes:
+                row.append(_speedup_cell(by.get((n, prefix, batch, m)), by.get((sizes[0], prefix, batch, m))))
+        rows.append(row)
+    header = ["prefix", "batch"] + [f"{m} tp={n} / tp={sizes[0]}" for n in sizes[1:] for m in modes]
+    return _table(header, rows)
+
+
+def _speedup_cell(rec: dict | None, base: dict | None) -> str:
+    """rec's tok/s over base's ('1.93x'), the status of the one that did not run ('OOM'), or '–'."""
+    failed = next((r for r in (rec, base) if r is not None and r["status"] != "ok"), None)
+    if failed is not None:
+        return failed["status"].upper()
+    a, b = _get(rec, "tokens_per_s"), _get(base, "tokens_per_s")
+    return f"{a / b:.2f}x" if a and b else "–"
+
+
 def relative_table(records: list[dict], x_key: str, value_key: str = "tokens_per_s") -> str:
     """`value_key` (tokens/s) of each mode divided by its value at the smallest `x_key` (where that one
     succeeded)."""

@@ -89,10 +89,15 @@ class NoCache:
 Cache = TreeCache | DenseCache | NoCache
 
 
-def empty_layers(num_layers: int, shape: tuple[int, ...], dtype) -> tuple[Layers, Layers]:
-    """Zeroed k and v: ``num_layers`` arrays of ``shape`` each."""
-    return (tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-            tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
+def empty_layers(num_layers: int, shape: tuple[int, ...], dtype, sharding=None) -> tuple[Layers, Layers]:
+    """Zeroed k and v: ``num_layers`` arrays of ``shape`` each; with ``sharding`` (a model on a mesh: split over
+    KV heads), each device makes only its own shard."""
+
+    def zeros():
+        x = jnp.zeros(shape, dtype)
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    return tuple(zeros() for _ in range(num_layers)), tuple(zeros() for _ in range(num_layers))
 
 
 def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity: int) -> jax.Array:

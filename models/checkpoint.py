@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from models.config import CheckpointError, LlamaConfig
@@ -113,10 +115,14 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
     return tensors
 
 
-def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
+def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
     """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3) into a ``Llama`` with parameters in ``dtype``
     (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
-    tensor, an unreadable file."""
+    tensor, an unreadable file.
+
+    mesh: load for tensor parallelism on it (``models.parallel``): tensor by tensor, each is read, put in its mesh
+    layout on the host and sent shard by shard to the devices that hold it (no device receives a whole tensor,
+    and the host holds one tensor at a time)."""
     path = os.fspath(path)
     config = LlamaConfig.from_json(path)
     dtype = jnp.dtype(dtype)
@@ -135,11 +141,40 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
                               f"{config.model_type!r} model of this config, which would not use it")
     if tied_head:  # an explicit copy of the tied head is fine if it is one
         expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
+    if mesh is not None:
+        return Llama(config, _load_sharded(config, files, expected, path, dtype, mesh, tied_head), mesh)
     tensors = _read(files, list(expected), expected, path)
     if tied_head and not np.array_equal(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"]):
         raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
                               "'model.embed_tokens.weight'")
     return Llama(config, _from_hf(config, tensors, dtype))
+
+
+def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: Mesh, tied_head: bool) -> Params:
+    """The parameters on ``mesh``, one tensor at a time (see ``load_checkpoint``)."""
+    from models import parallel
+
+    s = parallel.split(config, parallel.mesh_size(mesh))
+    host_dtype = ml_dtypes.bfloat16 if dtype == jnp.dtype(jnp.bfloat16) else np.float32
+
+    def load(key: str, name: str) -> jax.Array:
+        x = _read(files, [name], expected, path)[name]
+        if tied_head and name == "model.embed_tokens.weight":
+            head = _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"]
+            if not np.array_equal(head, x):
+                raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
+                                      "'model.embed_tokens.weight'")
+        x = x if x.ndim == 1 or key == "embed" else x.T  # HF [out, in] -> [in, out]
+        x = parallel.to_layout(key, x.astype(host_dtype), config, s)
+        return parallel.place(x, mesh, parallel.param_specs_of(key))
+
+    layers = [{key: load(key, f"model.layers.{i}.{_HF_LAYER[key]}") for key in layer_keys(config)}
+              for i in range(config.num_hidden_layers)]
+    params = {"embed": load("embed", "model.embed_tokens.weight"),
+              "final_norm": load("final_norm", "model.norm.weight"), "layers": layers}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = load("lm_head", "lm_head.weight")
+    return params
 
 
 def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
@@ -158,8 +193,13 @@ def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
 
 
 def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
-    """The model's parameters as HF-named numpy arrays (``[out, in]`` layout), optionally cast."""
+    """The model's parameters as HF-named numpy arrays (``[out, in]`` layout), optionally cast (a model on a mesh:
+    its canonical parameters, gathered one tensor at a time)."""
     p = model.params()
+    if model.mesh is not None:
+        from models import parallel
+
+        p = parallel.canonical_params(model.config, p, model.mesh)
     np_dtype = None if dtype is None else (ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16
                                            else np.dtype(dtype))
 

@@ -216,20 +216,22 @@ def _prefill_rows(model: Llama, cache: TreeCache, tokens, lengths, start, plan_c
     return cache, last
 
 
-def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str, backend):
-    model = Llama(config, params)
-    L, Hkv, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str, backend, mesh=None):
+    model = Llama(config, params, mesh)
+    L, Hkv, D = config.num_hidden_layers, model.kv_heads, config.head_dim
     dtype = model.dtype
     shared: list[LevelCache] = []
     for l, la in enumerate(arrays["levels"]):
         N, cap = plan.level_nodes[l], plan.level_capacity[l]
         ancestors = tuple(LevelCache(lc.k, lc.v, lc.lengths, plan.ancestors[l][j]) for j, lc in enumerate(shared))
-        own = TreeCache(ancestors, *empty_layers(L, (N, cap, Hkv, D), dtype), lengths=jnp.zeros((N,), jnp.int32))
+        own = TreeCache(ancestors, *empty_layers(L, (N, cap, Hkv, D), dtype, model.kv_sharding),
+                        lengths=jnp.zeros((N,), jnp.int32))
         own, _ = _prefill_rows(model, own, la["tokens"], la["lengths"], la["start"], plan.chunk, backend)
         shared.append(LevelCache(own.k, own.v, own.lengths, plan.seq_to_node[l], plan.max_group[l]))
     B = arrays["suffix_lengths"].shape[0]
     S = plan.suffix_capacity
-    tree_cache = TreeCache(tuple(shared), *empty_layers(L, (B, S, Hkv, D), dtype), lengths=jnp.zeros((B,), jnp.int32))
+    tree_cache = TreeCache(tuple(shared), *empty_layers(L, (B, S, Hkv, D), dtype, model.kv_sharding),
+                           lengths=jnp.zeros((B,), jnp.int32))
     tree_cache, last = _prefill_rows(model, tree_cache, arrays["suffix_tokens"], arrays["suffix_lengths"],
                                      arrays["offsets"][-1], plan.chunk, backend)
     logits = model.logits(last)
@@ -270,7 +272,7 @@ def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
     return DenseCache(k=k, v=v, lengths=offsets[-1] + tc.lengths)
 
 
-_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend"))
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend", "mesh"))
 
 
 def _check_mode(mode: str) -> None:
@@ -343,7 +345,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 
     plan, arrays = _host_arrays(tree, N, pad_multiple, prefill_chunk)
     args = (model.params(), jax.tree.map(jnp.asarray, arrays))
-    kw = dict(config=config, plan=plan, mode=mode, backend=backend)
+    kw = dict(config=config, plan=plan, mode=mode, backend=backend, mesh=model.mesh)
     if _compiled is not None:
         t0 = time.perf_counter()
         fn = _prefill_jit.lower(*args, **kw).compile()
@@ -364,8 +366,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 
 
 def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, sampling: SamplingConfig,
-                 backend):
-    model = Llama(config, params)
+                 backend, mesh=None):
+    model = Llama(config, params, mesh)
     B, N = state.tokens.shape
     limit = jnp.minimum(state.step + num_steps, N)
     attend = make_attend(state.mode, jnp.ones((B,), jnp.int32), backend)
@@ -390,7 +392,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     return jax.lax.while_loop(cond, body, state)
 
 
-_decode_jit = jax.jit(_decode_impl, static_argnames=("config", "sampling", "backend"), donate_argnums=(1,))
+_decode_jit = jax.jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
@@ -401,7 +403,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     """
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
-                       backend=backend)
+                       backend=backend, mesh=model.mesh)
 
 
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
@@ -409,7 +411,7 @@ def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=N
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
     fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
-                           backend=backend).compile()
+                           backend=backend, mesh=model.mesh).compile()
     return fn, time.perf_counter() - t0
 
 
@@ -485,7 +487,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     t0 = time.perf_counter()
     state = prefill(model, tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens, seed=seed,
                     backend=backend, _compiled=stats)
-    first_logits = np.asarray(jax.device_get(state.logits))
+    first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
     fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend)
     stats["compile_s"] = stats["prefill_compile_s"] + stats["decode_compile_s"]

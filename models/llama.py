@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig
 
@@ -155,8 +156,12 @@ def causal_attention(cache, layer, q, k, v):
 
 
 def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: jax.Array, positions: jax.Array,
-                  cache: Any, attend: AttendFn) -> tuple[jax.Array, Any]:
-    """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + SwiGLU MLP; returns (x, cache)."""
+                  cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None
+                  ) -> tuple[jax.Array, Any]:
+    """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + SwiGLU MLP; returns (x, cache).
+
+    reduce: applied to the outputs of the o and down projections before they join the residual (tensor parallelism:
+    the psum of the devices' partial products, see ``models.parallel``); None on one device."""
     c = config
     B, T, _ = x.shape
     inv_freq = rope_inv_freq(c)
@@ -178,10 +183,25 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     o, cache = attend(cache, layer, q, k, v)
-    x = x + mm(o.astype(x.dtype).reshape(B, T, -1), p["wo"])
+    reduce = reduce or (lambda y: y)
+    x = x + reduce(mm(o.astype(x.dtype).reshape(B, T, -1), p["wo"]))
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    x = x + mm(jax.nn.silu(mm(h, p["w_gate"])) * mm(h, p["w_up"]), p["w_down"])
+    x = x + reduce(mm(jax.nn.silu(mm(h, p["w_gate"])) * mm(h, p["w_up"]), p["w_down"]))
     return x, cache
+
+
+def run_layers(config: LlamaConfig, layers: list[dict[str, jax.Array]], x: jax.Array, positions: jax.Array,
+               cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None):
+    """Every decoder layer in turn (a Python loop: each layer's weights are read in place): x ``[B, T, d]`` ->
+    (x, cache)."""
+    for i, p in enumerate(layers):
+        x, cache = decoder_layer(config, p, i, x, positions, cache, attend, reduce)
+    return x, cache
+
+
+def head_logits(hidden: jax.Array, w: jax.Array) -> jax.Array:
+    """hidden ``[..., d]`` @ w ``[d, V]`` -> float32 logits ``[..., V]``."""
+    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32, precision=matmul_precision(w.dtype))
 
 
 class Llama(nnx.Module):
@@ -190,10 +210,17 @@ class Llama(nnx.Module):
 
     ``__call__(tokens [B, T] int, positions [B, T] int, cache, attend) -> (hidden [B, T, d], cache)``;
     ``logits(hidden [..., d]) -> [..., V]`` float32.
+
+    ``mesh``: a ``jax.sharding.Mesh`` with the one axis ``"model"`` for tensor parallelism (``models.parallel``):
+    params are then global arrays in the mesh layout (``init_random`` / ``load_checkpoint`` / ``shard_model`` with
+    ``mesh=`` make them), each call runs on every device of the mesh, and logits are ``[..., V']`` split over the
+    vocabulary (V' = V rounded up to a multiple of the mesh size; padded logits are -inf). The mesh travels with the
+    model: ``prefill``, ``decode`` and ``generate`` use it.
     """
 
-    def __init__(self, config: LlamaConfig, params: Params):
+    def __init__(self, config: LlamaConfig, params: Params, mesh: Mesh | None = None):
         self.config = config
+        self.mesh = mesh
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
@@ -205,6 +232,10 @@ class Llama(nnx.Module):
                 raise ValueError(f"Llama: params['layers'][{i}] has keys {sorted(layer)}, model_type "
                                  f"{config.model_type!r} needs {sorted(layer_keys(config))}")
         self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
+        if mesh is not None:
+            from models import parallel
+
+            parallel.check_layout(config, self.params(), mesh)
 
     @property
     def dtype(self):
@@ -220,18 +251,57 @@ class Llama(nnx.Module):
             p["lm_head"] = self.lm_head.value
         return p
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads of the model's caches: the config's, or on a mesh with more devices than that, one a device
+        (each KV head replicated, see ``models.parallel``)."""
+        if self.mesh is None:
+            return self.config.num_key_value_heads
+        from models import parallel
+
+        s = parallel.split(self.config, parallel.mesh_size(self.mesh))
+        return s.kv_heads * s.devices
+
+    @property
+    def kv_sharding(self) -> NamedSharding | None:
+        """Sharding of the KV cache arrays ``[N, S, Hkv, D]`` (split over heads on the mesh); None on one device."""
+        if self.mesh is None:
+            return None
+        from models import parallel
+
+        return NamedSharding(self.mesh, parallel.KV_SPEC)
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Any, attend: AttendFn):
         c = self.config
+        if self.mesh is not None:
+            from models import parallel
+
+            return parallel.forward(c, self.mesh, self.params(), tokens, positions, cache, attend)
         x = jnp.take(self.embed.value, tokens, axis=0)
-        for i, p in enumerate(self.layer_params()):  # unrolled: each layer's weights are read in place
-            x, cache = decoder_layer(c, p, i, x, positions, cache, attend)
+        x, cache = run_layers(c, self.layer_params(), x, positions, cache, attend)
         return rms_norm(x, self.final_norm.value, c.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        w = self.embed.value.T if self.lm_head is None else self.lm_head.value
-        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32, precision=matmul_precision(w.dtype))
+        if self.mesh is not None:
+            from models import parallel
+
+            return parallel.logits(self.config, self.mesh, self.params(), hidden)
+        return head_logits(hidden, self.embed.value.T if self.lm_head is None else self.lm_head.value)
 
 
-def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0) -> Llama:
-    """A randomly initialised model (``init_params``; for tests and benchmarks)."""
-    return Llama(config, init_params(config, jax.random.key(seed), dtype))
+def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mesh | None = None) -> Llama:
+    """A randomly initialised model (``init_params``; for tests and benchmarks). With ``mesh``, the parameters are
+    generated in place on the mesh's devices, in its layout (the same values as on one device)."""
+    if mesh is None:
+        return Llama(config, init_params(config, jax.random.key(seed), dtype))
+    from models import parallel
+
+    s = parallel.split(config, parallel.mesh_size(mesh))
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), parallel.param_specs(config),
+                             is_leaf=lambda x: isinstance(x, P))
+
+    def init(key):
+        return parallel.map_params(lambda name, x: parallel.to_layout(name, x, config, s),
+                                   init_params(config, key, dtype))
+
+    return Llama(config, jax.jit(init, out_shardings=shardings)(jax.random.key(seed)), mesh)

@@ -1,0 +1,109 @@
+"""models.parallel: how a config splits over devices (pure, here), and the sharded model on 4 CPU host devices
+(tests/tp_cases.py, run in a subprocess: XLA_FLAGS=--xla_force_host_platform_device_count=4 must be set before JAX
+starts, which this process has done already)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from models import parallel
+from models.config import LlamaConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def config(hq: int, hkv: int, **kw) -> LlamaConfig:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=50, num_hidden_layers=2, num_attention_heads=hq,
+                num_key_value_heads=hkv, head_dim=8)
+    return LlamaConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("hq,hkv,n,per_device", [
+    (32, 8, 2, (16, 4, 1)),  # 4 KV heads a device
+    (32, 8, 8, (4, 1, 1)),
+    (32, 8, 16, (2, 1, 2)),  # each KV head on 2 devices
+    (8, 1, 4, (2, 1, 4)),  # MQA
+    (40, 40, 2, (20, 20, 1)),  # CodeLlama-13b
+])
+def test_split_sizes(hq, hkv, n, per_device):
+    s = parallel.split(config(hq, hkv), n)
+    assert (s.q_heads, s.kv_heads, s.kv_replicas) == per_device
+    assert (s.intermediate, s.vocab) == (-(-50 // n), -(-97 // n))
+    # query head h (on device h // q_heads) reads KV head h // (hq / hkv): device i holds KV heads
+    # [i * kv_heads / r, ...) of the original ones
+    for h in range(hq):
+        device = h // s.q_heads
+        held = [(device * s.kv_heads + j) // s.kv_replicas for j in range(s.kv_heads)]
+        assert h // (hq // hkv) in held
+
+
+@pytest.mark.parametrize("hq,hkv,n,message", [
+    (6, 6, 4, r"num_attention_heads \(6\) must be a multiple of the mesh axis 'model' size \(4\)"),
+    (6, 3, 2, r"num_key_value_heads \(3\) must be a multiple or a divisor of the mesh axis 'model' size \(2\)"),
+    (12, 4, 6, r"num_key_value_heads \(4\) must be a multiple or a divisor of the mesh axis 'model' size \(6\)"),
+])
+def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
+    with pytest.raises(ValueError, match=message):
+        parallel.split(config(hq, hkv), n)
+
+
+@pytest.mark.parametrize("hq,hkv,n", [(8, 2, 4), (8, 8, 2), (4, 1, 4)])
+@pytest.mark.parametrize("key", ["embed", "lm_head", "wk", "bv", "w_gate", "w_down", "wo", "q_norm"])
+def test_layout_round_trip(hq, hkv, n, key):
+    cfg = config(hq, hkv)
+    s = parallel.split(cfg, n)
+    family = {"bv": (hkv * 8,), "q_norm": (8,)}  # Qwen2's and Qwen3's
+    shape = family[key] if key in family else parallel.canonical_shape(key, cfg)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    laid = parallel.to_layout(key, x, cfg, s)
+    assert laid.shape == parallel.layout_shape(key, shape, s)
+    np.testing.assert_array_equal(parallel.from_layout(key, laid, cfg, s), x)
+    if key == "wk" and s.kv_replicas > 1:  # device i's columns are KV head i // r
+        per = laid.reshape(cfg.hidden_size, n, 8)
+        for i in range(n):
+            np.testing.assert_array_equal(per[:, i], x.reshape(cfg.hidden_size, hkv, 8)[:, i // s.kv_replicas])
+    if key == "embed":  # padded rows are zero
+        assert laid.shape[0] % n == 0 and not laid[97:].any()
+
+
+def test_mesh_must_have_the_model_axis_only():
+    devices = np.array(jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"one axis 'model'.*\('data',\)"):
+        parallel.mesh_size(Mesh(devices, ("data",)))
+    with pytest.raises(ValueError, match="must be a jax.sharding.Mesh, got tuple"):
+        parallel.mesh_size((1,))
+    with pytest.raises(ValueError, match=r"devices must be an integer in \[1, \d+\]"):
+        parallel.make_mesh(len(jax.devices()) + 1)
+    assert parallel.mesh_size(parallel.make_mesh(1)) == 1
+
+
+def _run_cases(marker: str) -> None:
+    """tests/tp_cases.py in a fresh Python with 4 CPU host devices; its output shown where it fails."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4",
+                                   "--xla_backend_optimization_level=0"]).strip())  # tiny models: compiles dominate
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
+                           "tests/tp_cases.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-3000:]
+
+
+def test_sharded_model_on_4_host_devices():
+    """Every mode once (MHA, GQA, MQA; 2 and 4 devices; KV heads replicated), sampling, the Pallas kernels under
+    shard_map, init, loader, the decode step's collectives (tests/tp_cases.py, not slow; ~35 s of CPU)."""
+    _run_cases("not slow")
+
+
+@pytest.mark.slow
+def test_sharded_model_on_4_host_devices_every_case():
+    """The whole matrix: every mode on MHA, GQA and MQA over 2 and 4 devices; the experiments runner on one and two
+    devices in the same run (~70 s of CPU)."""
+    _run_cases("slow")

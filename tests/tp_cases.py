@@ -1,0 +1,238 @@
+"""Tensor parallelism on several devices: the cases that need a mesh (run by tests/test_models_parallel.py in a
+subprocess with 4 CPU host devices; on a machine with GPUs, `python -m pytest tests/tp_cases.py` runs them on its
+GPUs, the cases needing more devices than there are skipped).
+
+Sharded vs single device: the same greedy tokens and the same logits (fp32 tolerance) in every attention mode, MHA
+and GQA, 2 and 4 devices, fewer KV heads than devices; the loader and init place each shard on its device; the
+compiled decode step communicates only the all-reduces of the row-parallel layers and the embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import parallel
+from models.config import LlamaConfig
+from tests.conftest import ON_GPU
+from tests.test_models_decode_step import new_buffers_of_shape
+
+# MHA, tied embeddings, a vocabulary (97) and an MLP width (50) that 4 devices do not divide (padded).
+MHA = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=50, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, max_position_embeddings=256, eos_token_ids=(),
+                  tie_word_embeddings=True)
+# GQA 8/2 with Qwen2's q/k/v biases: on 4 devices each KV head (and its biases) is replicated on 2 of them.
+GQA = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=(), model_type="qwen2")
+# One KV head for 4 devices (MQA), Qwen3's q/k norms.
+MQA = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=256, eos_token_ids=(), model_type="qwen3")
+CONFIGS = {"mha": MHA, "gqa": GQA, "mqa": MQA,
+           "gqa1": dataclasses.replace(GQA, num_hidden_layers=1)}  # the kernels' case: interpreting them is slow
+BACKEND = None if ON_GPU else "xla"  # the kernels on a GPU, the jnp reference on CPU (one case interprets them)
+MODES = ("hydragen", "shared_storage", "standard", "none")
+
+
+def needs(devices: int):
+    return pytest.mark.skipif(len(jax.devices()) < devices, reason=f"needs {devices} devices, "
+                              f"JAX sees {len(jax.devices())}")
+
+
+def prompts(vocab: int):
+    """A few-shot prefix -> 3 problems of different lengths, and one prompt of its own: a two-level tree."""
+    rng = np.random.default_rng(0)
+    few = rng.integers(0, vocab, 24).tolist()
+    return [few + rng.integers(0, vocab, n).tolist() for n in (5, 9, 2)] + [rng.integers(0, vocab, 7).tolist()]
+
+
+_single: dict = {}
+
+
+def single(name: str, mode: str, backend=BACKEND, sampling=None):
+    """The single-device generation of config `name` (memoised)."""
+    key = (name, mode, backend, str(sampling))
+    if key not in _single:
+        model = models.init_random(CONFIGS[name], jnp.float32, seed=5)
+        _single[key] = models.generate(model, prompts(model.config.vocab_size), num_samples=2, max_new_tokens=8,
+                                       mode=mode, backend=backend, sampling=sampling, seed=1)
+    return _single[key]
+
+
+def sharded(name: str, devices: int, mode: str, backend=BACKEND, sampling=None):
+    model = models.init_random(CONFIGS[name], jnp.float32, seed=5, mesh=parallel.make_mesh(devices))
+    return models.generate(model, prompts(model.config.vocab_size), num_samples=2, max_new_tokens=8, mode=mode,
+                           backend=backend, sampling=sampling, seed=1)
+
+
+def assert_same(got, want, mode):
+    assert got.logits.shape == want.logits.shape
+    np.testing.assert_allclose(got.logits, want.logits, atol=2e-5, rtol=2e-5, err_msg=mode)
+    np.testing.assert_array_equal(got.tokens, want.tokens, err_msg=mode)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5, err_msg=mode)
+
+
+CASES = [(name, devices) for name in ("mha", "gqa", "mqa") for devices in (2, 4)]
+# The cases CI runs every time: each mode once, on MHA, GQA and MQA, 2 and 4 devices, KV heads replicated; the
+# whole matrix is marked slow.
+FAST = {"hydragen": ("gqa", 4), "shared_storage": ("mha", 2), "standard": ("mqa", 4), "none": ("mha", 4)}
+
+
+def _case(mode, name, devices):
+    marks = [needs(devices)] + ([] if FAST[mode] == (name, devices) else [pytest.mark.slow])
+    return pytest.param(name, devices, mode, marks=marks, id=f"{name}-{devices}-{mode}")
+
+
+@pytest.mark.parametrize("name,devices,mode", [_case(m, n, d) for m in MODES for n, d in CASES])
+def test_sharded_equals_single_device(name, devices, mode):
+    got = sharded(name, devices, mode)
+    assert_same(got, single(name, mode), mode)
+    if mode != "none":  # the text of mode none is meaningless, but the others must write real completions
+        assert len({tuple(t) for t in got.tokens}) >= 3
+
+
+@needs(2)
+def test_sampling_equals_single_device():
+    """Temperature, top-k and top-p sampling on logits split over the vocabulary draws the same tokens."""
+    spec = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
+    got = sharded("gqa", 2, "hydragen", sampling=spec)
+    assert_same(got, single("gqa", "hydragen", sampling=spec), "sampling")
+
+
+@needs(2)
+def test_kernels_under_shard_map():
+    """The Pallas kernels (interpreted on CPU, compiled on a GPU) run per device on its own heads and caches, and
+    agree with the single-device jnp reference (on a GPU: with the single-device kernels)."""
+    backend = "pallas" if ON_GPU else "interpret"
+    got = sharded("gqa1", 2, "hydragen", backend=backend)
+    want = single("gqa1", "hydragen", backend="pallas" if ON_GPU else "xla")
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@needs(4)
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+def test_init_places_each_shard_and_keeps_the_values(name):
+    config, mesh = CONFIGS[name], parallel.make_mesh(4)
+    model = models.init_random(config, jnp.float32, seed=5, mesh=mesh)
+    one = models.init_random(config, jnp.float32, seed=5)
+    canonical = parallel.canonical_params(config, model.params(), mesh)
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(canonical)[0], jax.tree.leaves(one.params())):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    wk = model.params()["layers"][0]["wk"]
+    assert wk.sharding.spec == parallel.param_specs_of("wk")
+    heads = config.num_key_value_heads
+    per_device = max(1, heads // 4) * config.head_dim
+    assert [s.data.shape for s in wk.addressable_shards] == [(config.hidden_size, per_device)] * 4
+    if heads < 4:  # device i holds KV head i // (4 / Hkv)
+        full = np.asarray(one.params()["layers"][0]["wk"]).reshape(config.hidden_size, heads, config.head_dim)
+        for i, shard in enumerate(wk.addressable_shards):
+            np.testing.assert_array_equal(np.asarray(shard.data), full[:, i // (4 // heads)])
+
+
+@needs(4)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_checkpoint_on_a_mesh(tmp_path, dtype):
+    """The loader puts every tensor in its layout, a shard on each device; the values are those of the
+    single-device load; saving the sharded model writes the checkpoint back."""
+    one = models.init_random(GQA, jnp.float32, seed=2)
+    models.save_checkpoint(one, tmp_path / "ckpt", max_shard_bytes=20_000)
+    mesh = parallel.make_mesh(4)
+    model = models.load_checkpoint(tmp_path / "ckpt", dtype=dtype, mesh=mesh)
+    ref = models.load_checkpoint(tmp_path / "ckpt", dtype=dtype)
+    assert model.mesh is mesh and model.dtype == jnp.dtype(dtype)
+    specs = jax.tree.leaves(parallel.param_specs(GQA), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    for x, spec in zip(jax.tree.leaves(model.params()), specs):
+        assert x.sharding.spec == spec and len(x.addressable_shards) == 4
+    canonical = parallel.canonical_params(GQA, model.params(), mesh)
+    for got, want in zip(jax.tree.leaves(canonical), jax.tree.leaves(ref.params())):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    models.save_checkpoint(model, tmp_path / "again")
+    back = models.load_checkpoint(tmp_path / "again", dtype=dtype)
+    for got, want in zip(jax.tree.leaves(back.params()), jax.tree.leaves(ref.params())):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@needs(4)
+def test_shard_model_equals_init_on_the_mesh():
+    mesh = parallel.make_mesh(4)
+    placed = parallel.shard_model(models.init_random(MHA, jnp.float32, seed=5), mesh)
+    made = models.init_random(MHA, jnp.float32, seed=5, mesh=mesh)
+    for a, b in zip(jax.tree.leaves(placed.params()), jax.tree.leaves(made.params())):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="already on a mesh"):
+        parallel.shard_model(made, mesh)
+    with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(97, 32\); on a 4-device mesh it must be "
+                                         r"\(100, 32\)"):
+        models.Llama(MHA, models.init_random(MHA, jnp.float32).params(), mesh)
+
+
+_COLLECTIVE = re.compile(r"= (\(?[^=]*?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                         r"(?:-start)?\(")
+
+
+def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(op, output shapes) of every collective of an HLO module's text."""
+    out = []
+    for match in _COLLECTIVE.finditer(hlo):
+        dims = re.findall(r"\w+\[([\d,]*)\]", match.group(1))
+        shapes = [tuple(int(d) for d in text.split(",") if d) for text in dims]
+        out.append((match.group(2), shapes))
+    return out
+
+
+@needs(2)
+@pytest.mark.parametrize("mode", ["hydragen", pytest.param("standard", marks=pytest.mark.slow)])
+def test_decode_step_communicates_only_the_row_parallel_sums(mode):
+    """The compiled greedy decode loop on 4 devices (2 where there are 2): one all-reduce of [B, 1, d] after the
+    embedding and after each layer's o and down projections (2L + 1), nothing else bigger than a few values per
+    sequence (the argmax and log-softmax of logits split over the vocabulary), no all-to-all; each device's caches
+    are never copied."""
+    config = GQA
+    model = models.init_random(config, jnp.float32, seed=5, mesh=parallel.make_mesh(min(4, len(jax.devices()))))
+    state = models.prefill(model, prompts(config.vocab_size), 4, mode=mode, backend=BACKEND)
+    fn, _ = models.compile_decode(model, state, backend=BACKEND)
+    hlo = fn.as_text()
+    found = collectives(hlo)
+    B, d = state.positions.shape[0], config.hidden_size
+    sums = [s for op, shapes in found if op == "all-reduce" for s in shapes if s == (B, 1, d)]
+    assert len(sums) == 2 * config.num_hidden_layers + 1, found
+    assert not [op for op, _ in found if op not in ("all-reduce", "all-gather")], found
+    small = 4 * B  # per-sequence partial results of the sampling
+    assert all(np.prod(s) <= small for _, shapes in found for s in shapes if s != (B, 1, d)), found
+    local = {x.addressable_shards[0].data.shape for x in jax.tree.leaves(state.cache) if x.ndim == 4}
+    assert all(shape[2] == 1 for shape in local)  # one KV head a device (8/2 heads over 2 or 4 devices)
+    made = new_buffers_of_shape(hlo, local)
+    assert not [line for line in made if " copy" in line or "transpose(" in line], made
+
+
+@needs(2)
+@pytest.mark.slow  # as the single-device smoke runs of tests/test_experiments.py
+def test_e2e_runs_one_and_two_devices_in_the_same_run(tmp_path):
+    """`python -m experiments run e2e_tp --smoke`: the grid once on one device and once on two, the all-reduce probe
+    in the run's device rates, the two-device floors with its all-reduce term, the speed-up table."""
+    from experiments import __main__ as cli
+    from experiments import floor, records
+
+    out = tmp_path / "tp.jsonl"
+    assert cli.main(["run", "e2e_tp", "--smoke", "--out", str(out), "--no-progress"]) == 0
+    recs = records.read(out)
+    rates = next(r for r in recs if r["record"] == "device_rates")["results"]
+    link = rates["allreduce"]["2"]
+    assert link["devices"] == 2 and link["bus_bytes_per_s"] > 0 and len(link["probes"]) == 1
+    assert [r["point"]["tp"] for r in recs if r["record"] == "model"] == [1, 2]
+    decode = [r for r in recs if r["record"] == "decode"]
+    assert {(r["point"]["tp"], r["mode"]) for r in decode} == {(n, m) for n in (1, 2) for m in ("hydragen", "none")}
+    for rec in decode:
+        res = rec["results"]
+        assert rec["status"] == "ok" and res["floor_fraction"] == pytest.approx(res["floor_s"] / res["mean_step_s"])
+        assert ("allreduce" in res["floor_parts_s"]) == (rec["point"]["tp"] == 2)
+        assert res["floor_s"] == pytest.approx(floor.simpson(*res["floor_step_s"]))
+    md = out.with_suffix(".md").read_text()
+    assert "## Tensor parallel speed-up" in md and "hydragen tp=2 / tp=1" in md and "All-reduce over 2 devices" in md
