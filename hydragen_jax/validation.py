@@ -15,14 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
+from hydragen_jax import tuning as tuning_lib
 
-# "pallas" runs the Hopper kernel (kernels/hopper.py) on an H100-class GPU when the prefix product is large:
-# (stacked query rows per KV head, B·T·g) × (prefix capacity) >= HOPPER_MIN_WORK. There it is compute-bound and
-# the kernel overlaps it with the suffix stream; below, the Triton kernels are as fast or faster. Measured on the
-# H100 (experiments/PERF_NOTES.md): B=512 P=2048 g=4 (2048 × 2048) is faster on Triton, B=512 P=4096 (2048 × 4096)
-# and larger on the Hopper kernel.
-HOPPER_MIN_WORK = 2048 * 4096
+BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
 
 
 def default_backend() -> str:
@@ -36,11 +31,20 @@ def on_hopper() -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def hopper_pays(q, num_kv_heads: int, prefix_capacity: int) -> bool:
+def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int) -> int:
+  """Size of the prefix product of queries `[B, T, Hq, D]`: (stacked query rows per KV head, B·T·g) × (prefix
+  capacity)."""
+  return q_shape[0] * q_shape[1] * q_shape[2] // num_kv_heads * prefix_capacity
+
+
+def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.Tuning | None = None) -> bool:
   """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads and a
-  prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, for a large prefix product."""
-  rows = q.shape[0] * q.shape[1] * q.shape[2] // num_kv_heads
-  return on_hopper() and rows * prefix_capacity >= HOPPER_MIN_WORK
+  prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, for a prefix product of at
+  least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
+  overlaps it with the suffix stream; below, the Triton kernels are as fast or faster (measured per device:
+  `hydragen_jax/tuning`)."""
+  work = prefix_work(q.shape, num_kv_heads, prefix_capacity)
+  return on_hopper() and work >= tuning_lib.resolve(tuning).hopper_min_work
 
 
 def resolve_backend(backend: str | None) -> str:

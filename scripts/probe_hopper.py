@@ -32,12 +32,14 @@ VARIANTS = {
 
 
 def step(name):
+  """A whole step: "auto" (the Triton kernels), else the Hopper kernel with VARIANTS[name] or a HopperConfig."""
   def fn(q, pk, pv, sk, sv, lengths):
     if name == "auto":  # the Triton kernels
       parts = run_plans(q, [prefix_plan(q, pk, pv), suffix_plan(q, sk, sv, lengths)])
     else:
+      config = name if isinstance(name, hopper.HopperConfig) else VARIANTS[name]
       parts = hopper.prefix_suffix_attention(q, pk[0], pv[0], jnp.int32(pk.shape[1]), sk, sv, lengths,
-                                             scale=D**-0.5, config=VARIANTS[name])
+                                             scale=D**-0.5, config=config)
     out, _ = merge_states(list(parts))
     return out.astype(q.dtype)
   return fn

@@ -35,9 +35,9 @@ def suffix_plan(q, k, v, lengths, **kw):
   return ops.per_sequence(q, k, v, lengths, causal=True, **kw)
 
 
-def run_plans(q, plans, launch="auto"):
-  """The `(out, lse)` parts of the plans, compiled kernels, softmax scale D**-0.5."""
-  return ops.run(q, plans, scale=D**-0.5, interpret=False, launch=launch)
+def run_plans(q, plans, launch="auto", tuning=None):
+  """The `(out, lse)` parts of the plans, compiled kernels, softmax scale D**-0.5 (tuning: `ops.run`'s)."""
+  return ops.run(q, plans, scale=D**-0.5, interpret=False, launch=launch, tuning=tuning)
 
 
 def time_at_lengths(compiled, inputs, lengths, want, timing_kw, steps_per_call=1):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
+from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
@@ -58,11 +59,23 @@ SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0,
                 (0, 64, 4, 4)]  # heads (0: heuristic), block_k, warps, stages
 
 
-def blocks(cfg, which: str, overrides: dict | None) -> BlockConfig:
+def variant_tuning(variant: dict, base: tuning_lib.Tuning | None = None) -> tuning_lib.Tuning:
+  """The tuning of a step variant: `base` (None: the device's) with its max_keys / balanced_keys / lead."""
+  base = tuning_lib.resolve(base)
+  max_keys = variant.get("max_keys", base.max_keys_per_program)
+  return dataclasses.replace(base, max_keys_per_program=max_keys,
+                             balanced_keys=min(variant.get("balanced_keys", base.balanced_keys), max_keys),
+                             interleave_lead=variant.get("lead", base.interleave_lead))
+
+
+def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | None = None) -> BlockConfig:
+  """The tiling `choose_block` gives config cfg's prefix or suffix level under `tuning` (None: the device's),
+  both levels sharing the launch, with `overrides` (BlockConfig fields, or "half_splits" / "double_splits" /
+  "double_heads")."""
   b, p, out, hq, hkv = cfg
   g = hq // hkv
-  base = (ops.choose_block(b * g, b * g, 1, hkv, p, D) if which == "prefix"
-          else ops.choose_block(g, b * g, b, hkv, out, D))  # (both share the launch)
+  base = (ops.choose_block(b * g, b * g, 1, hkv, p, D, tuning=tuning) if which == "prefix"
+          else ops.choose_block(g, b * g, b, hkv, out, D, tuning=tuning))
   if overrides == "half_splits":
     overrides = dict(splits=max(1, base.splits // 2))
   elif overrides == "double_splits":
@@ -72,9 +85,11 @@ def blocks(cfg, which: str, overrides: dict | None) -> BlockConfig:
   return dataclasses.replace(base, **(overrides or {}))
 
 
-def inputs(i):
-  b, p, out, hq, hkv = SEED[i]
-  keys = jax.random.split(jax.random.PRNGKey(i), 5)
+def config_inputs(cfg, seed: int):
+  """Random bf16 inputs of config cfg = (B, P, out, Hq, Hkv): q `[B, 1, Hq, D]`, the prefix k, v `[1, P, Hkv, D]`,
+  the suffix caches k, v `[B, out, Hkv, D]`."""
+  b, p, out, hq, hkv = cfg
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   return (jax.random.normal(keys[0], (b, 1, hq, D), jnp.bfloat16),
           jax.random.normal(keys[1], (1, p, hkv, D), jnp.bfloat16),
           jax.random.normal(keys[2], (1, p, hkv, D), jnp.bfloat16),
@@ -82,23 +97,19 @@ def inputs(i):
           jax.random.normal(keys[4], (b, out, hkv, D), jnp.bfloat16))
 
 
-def step_fn(cfg, variant):
-  saved = ops.MAX_KEYS_PER_PROGRAM, ops.BALANCED_KEYS
-  ops.MAX_KEYS_PER_PROGRAM = variant.get("max_keys", saved[0])
-  ops.BALANCED_KEYS = min(variant.get("balanced_keys", saved[1]), ops.MAX_KEYS_PER_PROGRAM)
-  try:
-    pb, sb = blocks(cfg, "prefix", variant.get("prefix")), blocks(cfg, "suffix", variant.get("suffix"))
-  finally:
-    ops.MAX_KEYS_PER_PROGRAM, ops.BALANCED_KEYS = saved
+def inputs(i):
+  return config_inputs(SEED[i], i)
+
+
+def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
+  """A whole Hydragen step of config cfg under a variant (launch, BlockConfig overrides "prefix" / "suffix", and the
+  tuning fields of `variant_tuning`), from `tuning` (None: the device's): (fn, (prefix block, suffix block))."""
+  tune = variant_tuning(variant, tuning)
+  pb, sb = blocks(cfg, "prefix", variant.get("prefix"), tune), blocks(cfg, "suffix", variant.get("suffix"), tune)
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
-    saved_lead = ops.INTERLEAVE_LEAD
-    ops.INTERLEAVE_LEAD = variant.get("lead", saved_lead)
-    try:
-      out, _ = merge_states(run_plans(q, plans, launch=variant["launch"]))
-    finally:
-      ops.INTERLEAVE_LEAD = saved_lead
+    out, _ = merge_states(run_plans(q, plans, launch=variant["launch"], tuning=tune))
     return out.astype(q.dtype)
 
   return fn, (pb, sb)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import hydragen_jax as hj
-from hydragen_jax import reference, validation
+from hydragen_jax import reference, tuning, validation
 from hydragen_jax.kernels import hopper
 from tests.attention_cases import assert_close_to_reference, expected_tree, normal, random_level, tol
 
@@ -87,7 +87,7 @@ def test_shared_memory_count_matches_mosaic_gpu(rows, fits):
   q = jax.ShapeDtypeStruct((2, rows // 4, 8, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((64, 2, 128), jnp.bfloat16)
   skv = jax.ShapeDtypeStruct((2, 64, 2, 128), jnp.bfloat16)
-  need = hopper._smem_bytes(128, hopper._window_rows(rows), hopper.HopperConfig())
+  need = hopper._smem_bytes(128, hopper._window_rows(rows), hopper.tuned_config())
   assert (need <= hopper.SMEM_LIMIT) == fits
   assert (hopper.supported(q, kv, skv) is None) == fits
   step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=hopper.HopperConfig(num_ctas=4)))
@@ -155,8 +155,10 @@ def test_unsupported_cases_name_the_reason_and_fall_back(case, reason):
 
 
 def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hopper():
-  """The automatic choice: a Hopper GPU and (rows per KV head) × (prefix capacity) >= HOPPER_MIN_WORK."""
+  """The automatic choice: a Hopper GPU and (rows per KV head) × (prefix capacity) >= the tuning's
+  hopper_min_work."""
   q = jnp.zeros((512, 1, 32, 8), jnp.bfloat16)  # 2048 rows per KV head (g = 4)
-  assert validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048) == validation.on_hopper()
-  assert not validation.hopper_pays(q, 8, validation.HOPPER_MIN_WORK // 2048 - 8)
-  assert not validation.hopper_pays(q, 32, validation.HOPPER_MIN_WORK // 2048)  # MHA: 512 rows
+  min_work = tuning.current().hopper_min_work
+  assert validation.hopper_pays(q, 8, min_work // 2048) == validation.on_hopper()
+  assert not validation.hopper_pays(q, 8, min_work // 2048 - 8)
+  assert not validation.hopper_pays(q, 32, min_work // 2048)  # MHA: 512 rows

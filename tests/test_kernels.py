@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hydragen_jax import merge_states, reference
+from hydragen_jax import merge_states, reference, tuning
 from hydragen_jax.kernels import flash, ops
 from hydragen_jax.kernels.flash import BlockConfig
 from tests.attention_cases import assert_close_to_reference, normal, tol
@@ -90,7 +90,7 @@ def test_choose_block_splits_keys_when_few_programs_or_many_keys():
   long = ops.choose_block(max_rows=4, total_rows=4 * 4096, num_groups=4096, num_heads=8, num_keys=8192,
                           head_dim=128)
   assert few.splits > 1 and many.splits == 1
-  assert 8192 / long.splits <= ops.MAX_KEYS_PER_PROGRAM
+  assert 8192 / long.splits <= tuning.current().max_keys_per_program
   wide = ops.choose_block(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=512, head_dim=256)
   assert wide.block_m == 64 and all(x & (x - 1) == 0 for x in (wide.block_m, wide.block_k, wide.splits))
 
@@ -98,18 +98,21 @@ def test_choose_block_splits_keys_when_few_programs_or_many_keys():
 @pytest.mark.parametrize("batch,prefix,q_heads,kv_heads", [(64, 2048, 32, 32), (256, 4096, 32, 32),
                                                              (512, 4096, 32, 8), (1024, 8192, 32, 8), (3, 9000, 4, 2)])
 def test_choose_block_splits_are_the_fewest_that_keep_the_key_bounds(batch, prefix, q_heads, kv_heads):
-  """Prefix splits: at most MAX_KEYS_PER_PROGRAM keys a program, BALANCED_KEYS while the level has fewer than 4
-  programs per SM, at least one program per SM, and no more splits than that (each split is a partial to merge)."""
+  """Prefix splits: at most max_keys_per_program keys a program, balanced_keys while the level has fewer than
+  balanced_programs_per_core programs per SM, at least one program per SM, and no more splits than that (each split
+  is a partial to merge)."""
+  tune = tuning.current()
   rows = batch * q_heads // kv_heads
   blk = ops.choose_block(rows, rows, 1, kv_heads, prefix, 128)
   programs = kv_heads // blk.heads * -(-rows * blk.heads // blk.block_m)
   too_few_keys_to_split_again = prefix < 2 * blk.splits * 4 * (blk.block_k // blk.heads)
-  assert ops._split_bounds_hold(programs, blk.splits, prefix) or too_few_keys_to_split_again
-  assert blk.splits == 1 or not ops._split_bounds_hold(programs, blk.splits // 2, prefix)
+  assert ops._split_bounds_hold(programs, blk.splits, prefix, tune) or too_few_keys_to_split_again
+  assert blk.splits == 1 or not ops._split_bounds_hold(programs, blk.splits // 2, prefix, tune)
   # the bounds themselves, on this level
   keys, total = prefix / blk.splits, programs * blk.splits
-  assert keys <= ops.MAX_KEYS_PER_PROGRAM or too_few_keys_to_split_again
-  assert total >= 4 * ops.num_cores() or keys <= ops.BALANCED_KEYS or too_few_keys_to_split_again
+  assert keys <= tune.max_keys_per_program or too_few_keys_to_split_again
+  assert (total >= tune.balanced_programs_per_core * ops.num_cores() or keys <= tune.balanced_keys
+          or too_few_keys_to_split_again)
 
 
 def test_choose_block_light_tiles_when_levels_share_the_launch():

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import ops
 
 Array = jax.Array
@@ -45,7 +46,8 @@ _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 
 
 @dataclasses.dataclass(frozen=True)
 class HopperConfig:
-  """Static configuration of the Hopper kernel.
+  """Static configuration of the Hopper kernel. The defaults are the H100's measured choices; `tuned_config()` gives
+  the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
 
   num_ctas: CTAs of the persistent grid; None: one per SM of the device. prefix_stages / suffix_stages: key tiles
   in flight in the prefix pair's ring and in the suffix warpgroup's (shared memory: `_smem_bytes`, at most
@@ -62,9 +64,15 @@ class HopperConfig:
   pingpong: bool = True
 
 
-def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig = HopperConfig()) -> str | None:
-  """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`,
-  else the reason it does not."""
+def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:
+  """The kernel's settings in the device's tuning (None: `tuning.current()`), one CTA per SM."""
+  return HopperConfig(**dataclasses.asdict(tuning_lib.resolve(tuning).hopper))
+
+
+def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig | None = None) -> str | None:
+  """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`
+  with `config` (None: `tuned_config()`), else the reason it does not."""
+  config = tuned_config() if config is None else config
   _, steps, num_q_heads, head_dim = q.shape
   rows = steps * num_q_heads // prefix_k.shape[-2]
   if q.dtype not in (jnp.bfloat16, jnp.float16) or {prefix_k.dtype, suffix_k.dtype} != {q.dtype}:
@@ -363,7 +371,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
 def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_length: Array, suffix_k: Array,
                             suffix_v: Array, suffix_lengths: Array, *, scale: float,
-                            config: HopperConfig = HopperConfig(), interpret: bool = False):
+                            config: HopperConfig | None = None, interpret: bool = False):
   """The two parts of a Hydragen decode step, for `merge_states` (check `supported` first).
 
   Args:
@@ -371,6 +379,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible up to `prefix_length` (int32 []).
     suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries, `suffix_lengths` `[B]` int32 valid keys.
       Lengths are clamped to [0, P] and [0, S].
+    config: the kernel's settings; None: `tuned_config()`.
     interpret: run in Mosaic GPU's interpreter (CPU tests).
 
   Returns:
@@ -389,6 +398,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   qt = qt.reshape(num_heads, batch * qrows, head_dim)
   rows = -(-batch * qrows // (PAIR * ROWS)) * PAIR * ROWS
   qt = jnp.pad(qt, ((0, 0), (0, rows - batch * qrows), (0, 0)))
+  config = tuned_config() if config is None else config
   if config.num_ctas is None:
     config = dataclasses.replace(config, num_ctas=ops.num_cores())
   # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.

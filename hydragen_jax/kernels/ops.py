@@ -18,65 +18,66 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels
+from hydragen_jax.tuning import Tuning
 
 Array = jax.Array
 Plan = tuple[LevelSpec, LevelWork]
 
 
-def num_cores() -> int:
-  """SMs of the device (132 where it does not say: an H100 SXM)."""
+def num_cores(tuning: Tuning | None = None) -> int:
+  """SMs of the device (the tuning's `num_cores` where it does not say: CPU, interpreted runs)."""
   device = jax.devices()[0]
-  return int(getattr(device, "core_count", 0) or 132)  # 132 SMs: H100 SXM
+  return int(getattr(device, "core_count", 0) or tuning_lib.resolve(tuning).num_cores)
 
 
-# A program streams at most MAX_KEYS_PER_PROGRAM keys, and at most BALANCED_KEYS unless its level has 4 programs
-# per SM: longer ranges are split over programs, which balances the grid's tail (the prefix programs are its long
-# pole) at the price of partial outputs merged by lse. 4096 and 2048 rather than 2048 and 1024: B=1024 P=8192 and
-# B=512 P=4096 then have 2 prefix splits, not 4 (+0.02 and +0.03 of the floor in the sweeps, experiments/PERF_NOTES.md).
-MAX_KEYS_PER_PROGRAM = 4096
-BALANCED_KEYS = 2048
-
-
-def _split_bounds_hold(programs: int, splits: int, num_keys: int) -> bool:
+def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning) -> bool:
   """Whether a level of `programs` programs, its `num_keys` keys split `splits` ways, has a program per SM, at most
-  MAX_KEYS_PER_PROGRAM keys a program, and at most BALANCED_KEYS while it has fewer than 4 programs per SM."""
-  cores, keys = num_cores(), num_keys / splits
-  return (programs * splits >= cores and keys <= MAX_KEYS_PER_PROGRAM
-          and (programs * splits >= 4 * cores or keys <= BALANCED_KEYS))
+  `tuning.max_keys_per_program` keys a program, and at most `tuning.balanced_keys` while it has fewer than
+  `tuning.balanced_programs_per_core` programs per SM."""
+  cores, keys = num_cores(tuning), num_keys / splits
+  return (programs * splits >= cores and keys <= tuning.max_keys_per_program
+          and (programs * splits >= tuning.balanced_programs_per_core * cores or keys <= tuning.balanced_keys))
 
 
 def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
-                 head_dim: int, *, shared_launch: bool = True, itemsize: int = 2) -> BlockConfig:
-  """Tiling heuristic, from the sweeps on the H100 (experiments/PERF_NOTES.md).
+                 head_dim: int, *, shared_launch: bool = True, itemsize: int = 2,
+                 tuning: Tuning | None = None) -> BlockConfig:
+  """Tiling heuristic; its numbers are the device's tuning (`hydragen_jax.tuning`, None: `tuning.current()`).
 
   max_rows: rows of the largest group for one KV head; total_rows: rows of all groups together (one KV head);
   shared_launch: other levels run in the same launch; itemsize: bytes per element of q, k, v.
 
   * Rows: with fewer than 16 rows per KV head (decode), a program packs the rows of several KV heads (`heads`).
-  * A level alone gets 128-row tiles with 8 warps (the fastest prefix product). Levels that share a launch get
-    tiles of at most 64 rows, 4 warps, 3 stages, so that a compute-bound prefix program and memory-bound suffix
-    programs fit on one SM together and overlap.
-  * Splits: until the level alone has a program per SM, and at most MAX_KEYS_PER_PROGRAM keys per program
-    (BALANCED_KEYS while the level has fewer than 4 programs per SM).
+  * Row tiles of at most `max_rows_alone` rows for a level alone in its launch (on the H100: 128 rows, 8 warps,
+    the fastest prefix product), `max_rows_shared` when levels share a launch (64 rows, 4 warps, 3 stages: a
+    compute-bound prefix program and memory-bound suffix programs fit on one SM together and overlap); keys per
+    step, warps and stages from the tuning's tile of that row count.
+  * Splits: until the level alone has a program per SM, and at most `max_keys_per_program` keys per program
+    (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM).
   """
+  tuning = tuning_lib.resolve(tuning)
   wide = head_dim > 128
   heads = 1
   while num_heads % (2 * heads) == 0 and 2 * heads * max_rows <= 16:
     heads *= 2
-  biggest = 64 if wide or shared_launch else 128
+  biggest = tuning.max_rows_shared if shared_launch else tuning.max_rows_alone
+  if wide:  # shared memory: at most 64 rows of D = 256
+    biggest = min(biggest, 64)
   block_m = min(max(16, pl.next_power_of_2(max_rows * heads)), biggest)
-  # 64-key blocks (32 for D=256: shared memory); a lone 128-row 16-bit level takes 128-key blocks.
-  block_k = 32 if wide else (128 if block_m == 128 and itemsize <= 2 else 64)
-  num_warps, num_stages = (8, 3) if block_m == 128 else (4, 3)
+  tile = tuning.tile(block_m)
+  block_k = tile.block_k
+  if wide or itemsize > 2:  # shared memory: at most 32 keys a step for D = 256, 64 in 32 bits
+    block_k = min(block_k, 32 if wide else 64)
   block_k = min(block_k, max(16, pl.next_power_of_2(num_keys * heads)))
   step_keys = max(1, block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))  # programs with rows
   splits = 1
-  while not _split_bounds_hold(programs, splits, num_keys) and num_keys >= 2 * splits * 4 * step_keys:
+  while not _split_bounds_hold(programs, splits, num_keys, tuning) and num_keys >= 2 * splits * 4 * step_keys:
     splits *= 2
-  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages,
-                     heads=heads)
+  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=tile.num_warps,
+                     num_stages=tile.num_stages, heads=heads)
 
 
 def _check_block(block: BlockConfig, num_heads: int) -> BlockConfig:
@@ -146,29 +147,32 @@ def batched(
 
 
 LAUNCHES = ("auto", "fused", "interleaved", "separate")
-# "auto" interleaves when a level has at least this many query rows per KV head in one group: its product is
-# compute-bound (B·g rows against each KV element), so it overlaps with the memory-bound levels.
-INTERLEAVE_ROWS = 512
-# Interleaved, the shared level's programs are spread over the stretch of the grid that also holds this fraction of
-# the suffix programs (flash._schedule): the grid then ends with short suffix programs, not long prefix ones.
-INTERLEAVE_LEAD = 0.75
 
 
-def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
-        launch: str = "auto") -> list[tuple[Array, Array]]:
+def auto_launch(max_rows: list[int], tuning: Tuning | None = None) -> str:
+  """The "auto" launch of levels whose groups have at most `max_rows` query rows per KV head: "interleaved" when a
+  level has at least `tuning.interleave_rows` (its product is compute-bound, B·g rows against each KV element, so
+  it overlaps with the memory-bound levels), else "fused"."""
+  return "interleaved" if any(rows >= tuning_lib.resolve(tuning).interleave_rows for rows in max_rows) else "fused"
+
+
+def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, launch: str = "auto",
+        tuning: Tuning | None = None) -> list[tuple[Array, Array]]:
   """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
   levels give none).
 
   launch: "interleaved" (one launch, the levels' programs mixed over the grid so that compute-bound prefix
-  programs and memory-bound suffix programs share the SMs), "fused" (one launch, the levels' programs in order),
-  "separate" (one launch per level, each with its own warps and stages), or "auto": interleaved when a level
-  is compute-bound (INTERLEAVE_ROWS), else fused; the fastest on the H100 sweeps (experiments/PERF_NOTES.md).
+  programs and memory-bound suffix programs share the SMs; the shared level's programs spread over the stretch
+  that also holds `tuning.interleave_lead` of the others, so the grid ends with short suffix programs:
+  flash._schedule), "fused" (one launch, the levels' programs in order), "separate" (one launch per level, each
+  with its own warps and stages), or "auto" (`auto_launch`). tuning: None is `tuning.current()`.
   """
   if launch not in LAUNCHES:
     raise ValueError(f"launch={launch!r}; expected one of {LAUNCHES}.")
+  tuning = tuning_lib.resolve(tuning)
   plans = [plan for plan in plans if plan is not None]
   if launch == "auto":
-    launch = "interleaved" if any(spec.max_rows >= INTERLEAVE_ROWS for spec, _ in plans) else "fused"
+    launch = auto_launch([spec.max_rows for spec, _ in plans], tuning)
   groups = [plans] if launch != "separate" else [[plan] for plan in plans]
   parts = []
   for group in groups:
@@ -176,6 +180,6 @@ def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool,
       continue
     specs, works = zip(*group)
     for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
-                                 lead=INTERLEAVE_LEAD if launch == "interleaved" else 0.0):
+                                 lead=tuning.interleave_lead if launch == "interleaved" else 0.0):
       parts += [(out[i], lse[i]) for i in range(out.shape[0])]
   return parts

@@ -1,0 +1,267 @@
+"""Per-device tuning: the kernels' measured choices, one data file per device kind, chosen at run time.
+
+The choices (when "pallas" takes the Hopper kernel, the Triton tiles and key splits, when and how levels are
+interleaved in one launch, the Hopper kernel's ring depths, ping-pong and registers) were measured on one device
+and differ on another. Each `<slug>.json` next to this module holds the `Tuning` of one device kind
+(`jax.devices()[0].device_kind`; slug: lower case, other characters as "-", e.g. "NVIDIA H200" -> nvidia-h200.json)
+and its provenance: the command, date and commit that measured it (`python -m scripts.tuning.sweep_device` writes
+one), or, in a file not yet measured on its device, saying so (`measured_on` null).
+
+`current()` is the tuning of the default device: its file, else the H100's (`FALLBACK_KIND`, the device the kernels
+were first tuned on), which also serves CPU and interpreted runs. `override(t)` sets the tuning inside a `with`
+block (sweeps, tests); the functions that read it also take it as an argument (None: `current()`).
+
+The tuning is read where the kernels' static choices are made, when a function is traced: a jitted function keeps
+the choices of its first trace (jit it again, or pass the tuning, for another).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import importlib.resources
+import json
+import pathlib
+import re
+from typing import Any, Iterator
+
+import jax
+
+FALLBACK_KIND = "NVIDIA H100 80GB HBM3"
+PROVENANCE_KEYS = ("measured_on", "command", "date", "commit", "note")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """Triton launch of one row-tile size: keys per inner step, warps, pipeline stages."""
+
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperTuning:
+  """The Hopper kernel's measured settings (`kernels.hopper.HopperConfig` holds their meaning)."""
+
+  prefix_stages: int
+  suffix_stages: int
+  pair_registers: int
+  suffix_registers: int
+  pingpong: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """The kernels' measured choices on one device.
+
+  Attributes:
+    hopper_min_work: "pallas" takes the Hopper kernel when (stacked query rows per KV head, B·T·g) × (prefix
+      capacity) is at least this (`validation.hopper_pays`); below, the Triton kernels are as fast.
+    max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
+    balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
+      programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).
+    balanced_programs_per_core: see `balanced_keys`.
+    interleave_rows: `ops.run`'s "auto" launch interleaves the levels' programs when a level has at least this
+      many query rows per KV head in one group (a compute-bound product); else it runs them in order.
+    interleave_lead: interleaved, the shared level's programs spread over the stretch of the grid that also holds
+      this fraction of the other levels' programs.
+    max_rows_alone, max_rows_shared: largest row tile of a level alone in its launch / sharing it with others.
+    tiles: the Triton tile of each row-tile size, `(block_m, Tile)` for every power of two from 16 to at least
+      the larger of the two bounds above (shared-memory limits still cap block_k: `ops.choose_block`).
+    hopper: the Hopper kernel's settings.
+    num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
+  """
+
+  hopper_min_work: int
+  max_keys_per_program: int
+  balanced_keys: int
+  balanced_programs_per_core: int
+  interleave_rows: int
+  interleave_lead: float
+  max_rows_alone: int
+  max_rows_shared: int
+  tiles: tuple[tuple[int, Tile], ...]
+  hopper: HopperTuning
+  num_cores: int
+
+  def __post_init__(self):
+    for name in ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
+                 "interleave_rows", "num_cores"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Tuning.{name} must be a positive int; got {value!r}.")
+    if self.balanced_keys > self.max_keys_per_program:
+      raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
+                       f"{self.max_keys_per_program}.")
+    if not 0.0 <= self.interleave_lead <= 1.0:
+      raise ValueError(f"Tuning.interleave_lead must lie in [0, 1]; got {self.interleave_lead!r}.")
+    for name in ("max_rows_alone", "max_rows_shared"):
+      value = getattr(self, name)
+      if not _power_of_two(value) or value < 16:
+        raise ValueError(f"Tuning.{name} must be a power of two >= 16; got {value!r}.")
+    have = [rows for rows, _ in self.tiles]
+    if have != [16 << i for i in range(len(have))] or have[-1] < max(self.max_rows_alone, self.max_rows_shared):
+      raise ValueError(f"Tuning.tiles must give a Tile for the row tiles 16, 32, 64, ... up to max_rows_alone="
+                       f"{self.max_rows_alone} and max_rows_shared={self.max_rows_shared}, in that order; got {have}.")
+    for rows, tile in self.tiles:
+      if not (_power_of_two(tile.block_k) and tile.block_k >= 16 and tile.num_warps in (1, 2, 4, 8, 16)
+              and tile.num_stages >= 1):
+        raise ValueError(f"Tuning.tiles[{rows}] = {tile}: block_k must be a power of two >= 16, num_warps one "
+                         "of 1, 2, 4, 8, 16, num_stages >= 1.")
+
+  def tile(self, block_m: int) -> Tile:
+    """The Tile of row tiles of `block_m` rows."""
+    for rows, tile in self.tiles:
+      if rows == block_m:
+        return tile
+    raise ValueError(f"no tile for block_m={block_m}; the tuning has {[rows for rows, _ in self.tiles]}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningFile:
+  """One data file: the device kind it serves, its tuning, and where the numbers come from (`PROVENANCE_KEYS`:
+  `measured_on`, the device kind they were measured on or None; the command, date and commit; a note)."""
+
+  device_kind: str
+  tuning: Tuning
+  provenance: dict
+
+  @property
+  def measured(self) -> bool:
+    """Whether its numbers were measured on the device kind it serves."""
+    return self.provenance["measured_on"] == self.device_kind
+
+
+def _power_of_two(x) -> bool:
+  return isinstance(x, int) and x > 0 and x & (x - 1) == 0
+
+
+def slug(device_kind: str) -> str:
+  """File stem of a device kind: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+  return re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower() or "device"
+
+
+def to_dict(tuning: Tuning) -> dict:
+  """The JSON form of a tuning (tiles keyed by their row count)."""
+  out = dataclasses.asdict(tuning)
+  out["tiles"] = {str(rows): dataclasses.asdict(tile) for rows, tile in tuning.tiles}
+  return out
+
+
+def _fields(cls, data: Any, where: str) -> dict:
+  """`data` checked to be a dict with exactly the fields of dataclass `cls`."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  if not isinstance(data, dict):
+    raise ValueError(f"{where}: expected an object with {names}; got {type(data).__name__}.")
+  if missing := [n for n in names if n not in data]:
+    raise ValueError(f"{where}: missing {missing}.")
+  if unknown := sorted(set(data) - set(names)):
+    raise ValueError(f"{where}: unknown {unknown} (fields: {names}).")
+  return data
+
+
+def from_dict(data: dict, where: str = "tuning") -> Tuning:
+  """The tuning of its JSON form (`to_dict`); errors name `where` and the field."""
+  data = dict(_fields(Tuning, data, where))
+  tiles = data["tiles"]
+  if not isinstance(tiles, dict):
+    raise ValueError(f"{where}.tiles: expected an object keyed by row count; got {type(tiles).__name__}.")
+  try:
+    rows = sorted((int(key), key) for key in tiles)
+  except ValueError as e:
+    raise ValueError(f"{where}.tiles: keys must be row counts; got {sorted(tiles)}.") from e
+  data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
+  data["hopper"] = HopperTuning(**_fields(HopperTuning, data["hopper"], f"{where}.hopper"))
+  try:
+    return Tuning(**data)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
+
+
+def dumps(file: TuningFile) -> str:
+  """The text of a data file."""
+  return json.dumps({"device_kind": file.device_kind, "provenance": file.provenance,
+                     "tuning": to_dict(file.tuning)}, indent=2) + "\n"
+
+
+def loads(text: str, where: str = "tuning file") -> TuningFile:
+  """A data file from its text (`dumps`)."""
+  data = json.loads(text)
+  if not isinstance(data, dict) or sorted(data) != ["device_kind", "provenance", "tuning"]:
+    raise ValueError(f"{where}: expected an object with device_kind, provenance, tuning; got "
+                     f"{sorted(data) if isinstance(data, dict) else type(data).__name__}.")
+  provenance = data["provenance"]
+  if not isinstance(provenance, dict) or (missing := [k for k in PROVENANCE_KEYS if k not in provenance]):
+    raise ValueError(f"{where}: provenance must record {list(PROVENANCE_KEYS)}; missing "
+                     f"{missing if isinstance(provenance, dict) else 'all'}.")
+  return TuningFile(data["device_kind"], from_dict(data["tuning"], f"{where}: tuning"), provenance)
+
+
+def load(path: str | pathlib.Path) -> TuningFile:
+  return loads(pathlib.Path(path).read_text(), str(path))
+
+
+def write(path: str | pathlib.Path, file: TuningFile) -> None:
+  loads(dumps(file), str(path))  # what is written must load
+  pathlib.Path(path).write_text(dumps(file))
+
+
+def data_file(device_kind: str):
+  """The path of a device kind's data file (whether or not it exists)."""
+  return importlib.resources.files(__name__) / f"{slug(device_kind)}.json"
+
+
+def known_kinds() -> list[str]:
+  """Device kinds that have a data file."""
+  return sorted(loads(f.read_text(), f.name).device_kind for f in importlib.resources.files(__name__).iterdir()
+                if f.name.endswith(".json"))
+
+
+@functools.lru_cache(maxsize=None)
+def file_for(device_kind: str) -> TuningFile:
+  """The data file of a device kind, else the fallback's (`FALLBACK_KIND`)."""
+  data = data_file(device_kind)
+  if not data.is_file():
+    data, device_kind = data_file(FALLBACK_KIND), FALLBACK_KIND
+  file = loads(data.read_text(), data.name)
+  if file.device_kind != device_kind:
+    raise ValueError(f"{data.name} names device kind {file.device_kind!r}, not {device_kind!r}.")
+  return file
+
+
+def for_device_kind(device_kind: str) -> Tuning:
+  return file_for(device_kind).tuning
+
+
+_OVERRIDE: contextvars.ContextVar[Tuning | None] = contextvars.ContextVar("hydragen_tuning", default=None)
+
+
+def device_kind() -> str:
+  """The default device's kind ("NVIDIA H200", "cpu", ...)."""
+  return jax.devices()[0].device_kind
+
+
+def current() -> Tuning:
+  """The tuning in force: an `override`'s, else the default device's (`for_device_kind`)."""
+  forced = _OVERRIDE.get()
+  return forced if forced is not None else for_device_kind(device_kind())
+
+
+def resolve(tuning: Tuning | None) -> Tuning:
+  """`tuning`, or `current()` where None."""
+  return current() if tuning is None else tuning
+
+
+@contextlib.contextmanager
+def override(tuning: Tuning) -> Iterator[Tuning]:
+  """`current()` returns `tuning` inside the `with` block (this thread or task only)."""
+  if not isinstance(tuning, Tuning):
+    raise TypeError(f"override takes a Tuning; got {type(tuning).__name__}.")
+  token = _OVERRIDE.set(tuning)
+  try:
+    yield tuning
+  finally:
+    _OVERRIDE.reset(token)

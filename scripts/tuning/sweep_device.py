@@ -1,0 +1,360 @@
+"""Per-device tuning sweep: measures the kernels' tuning choices on this GPU and writes its data file.
+
+  python -m scripts.tuning.sweep_device --out hydragen_jax/tuning/nvidia-h200.json   # on the GPU, 450 s budget
+  python -m scripts.tuning.sweep_device --dry-run --out /tmp/tuning.json             # anywhere: the plumbing
+
+Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or
+--base FILE): each candidate value is timed on the seed configs its choice concerns, as the benchmark times a
+step (a whole decode step, 16 chained in one call, at s = 1, out/2, out; Simpson mean), and the candidate with the
+best speed-up over the tuning so far (geometric mean over the configs whose step it changes) takes its place if
+at least --min-gain faster; the next choice starts from the result. A step whose kernels a candidate does not
+change (same tiles, splits, launch) is timed once. Every output is checked against the first step timed on its
+config: a candidate whose output differs, or that fails to compile, is refused. The budget (--budget-s) stops the
+choices early (the rest keep the base's values; the file says which were measured: run again with --base and
+--fields for those) and a final pass times the picked tuning against the base on every config with the kernel the
+API would take ("pallas"). Interactions between choices are seen only through the greedy order and that final pass.
+
+--dry-run builds and traces (jax.eval_shape) every step the sweep would time, on the same configs, but runs and
+times nothing (no memory, any machine): its times are stand-ins derived from each step's signature, so that the
+picking and the file writing run, and it counts the steps a real sweep times; not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import floor, records, timing
+from hydragen_jax import merge_states, validation
+from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.kernels import hopper, ops
+from hydragen_jax.tuning import HopperTuning, Tile, Tuning
+from scripts import probe_hopper, sweep_kernels
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
+
+STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
+# Configs (indices into SEED) a choice is timed on: the GQA rows (compute-bound prefix: the Hopper kernel's case and
+# the interleaved launch), every row, a spread for the tiles (small and large MHA, mid and large GQA) and the largest
+# prefix products alone.
+GROUPS = dict(gqa=(5, 6, 7, 8), all=tuple(range(len(SEED))), prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
+# Candidates: those of the H100 sweeps (scripts/sweep_kernels.py, scripts/probe_hopper.py), the H100's values
+# included so that a sweep from another base can return to them.
+HOPPER_CONFIGS = (HopperTuning(3, 2, 208, 88, True), HopperTuning(3, 2, 208, 88, False),
+                  HopperTuning(2, 3, 208, 88, True), HopperTuning(2, 2, 208, 88, True),
+                  HopperTuning(3, 2, 216, 80, True))
+SUFFIX_TILES = (Tile(64, 4, 3), Tile(64, 4, 2), Tile(64, 4, 4), Tile(128, 4, 2), Tile(32, 4, 3))
+PREFIX_TILES = (Tile(64, 4, 3), Tile(64, 4, 4), Tile(32, 4, 4), Tile(64, 4, 2), Tile(128, 4, 2), Tile(64, 8, 3))
+ALONE_TILES = (Tile(128, 8, 3), Tile(128, 8, 2), Tile(64, 8, 3), Tile(64, 8, 4))
+KEY_SPLITS = ((2048, 1024), (2048, 2048), (4096, 1024), (4096, 2048), (4096, 4096), (8192, 2048), (8192, 4096),
+              (8192, 8192))  # (max_keys_per_program, balanced_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One tuning choice: the field it sets (`read` / `apply`), the kernel it is timed on ("triton": the Triton step;
+  "hopper": the Hopper kernel's step; "pallas": the kernel the API takes; "alone": the prefix level alone in its
+  launch), the group of configs it is timed on, and its candidate values."""
+
+  field: str
+  kernel: str
+  group: str
+  candidates: tuple
+  read: Callable[[Tuning], Any]
+  apply: Callable[[Tuning, Any], Tuning]
+
+
+def field_choice(name: str, kernel: str, group: str, candidates) -> Choice:
+  return Choice(name, kernel, group, tuple(candidates), lambda t: getattr(t, name),
+                lambda t, v: dataclasses.replace(t, **{name: v}))
+
+
+def fields_choice(names: tuple[str, ...], kernel: str, group: str, candidates) -> Choice:
+  """A choice of several fields together (values: tuples), for those that act together."""
+  return Choice("+".join(names), kernel, group, tuple(candidates), lambda t: tuple(getattr(t, n) for n in names),
+                lambda t, v: dataclasses.replace(t, **dict(zip(names, v))))
+
+
+def tile_choice(rows: int, kernel: str, group: str, candidates) -> Choice:
+  def apply(t: Tuning, tile: Tile) -> Tuning:
+    return dataclasses.replace(t, tiles=tuple((r, tile if r == rows else old) for r, old in t.tiles))
+  return Choice(f"tiles[{rows}]", kernel, group, tuple(candidates), lambda t: t.tile(rows), apply)
+
+
+def choices(configs, groups) -> list[Choice]:
+  """The choices, most important first (the time budget may stop the sweep before the last). Thresholds take the
+  configs' own sizes as candidates, and twice the largest (none of them)."""
+  works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in
+                  (configs[i] for i in groups["gqa"])})
+  rows = sorted({b * hq // hkv for b, _, _, hq, hkv in (configs[i] for i in groups["all"])})
+  return [
+      field_choice("hopper", "hopper", "gqa", HOPPER_CONFIGS),
+      field_choice("hopper_min_work", "pallas", "gqa", works + [2 * works[-1]]),
+      field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
+      tile_choice(16, "triton", "suffix", SUFFIX_TILES),
+      fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
+      field_choice("balanced_programs_per_core", "triton", "all", (2, 3, 4, 8)),
+      tile_choice(64, "triton", "prefix", PREFIX_TILES),
+      field_choice("interleave_rows", "triton", "all", rows + [2 * rows[-1]]),
+      field_choice("max_rows_shared", "triton", "gqa", (64, 128)),
+      tile_choice(128, "alone", "alone", ALONE_TILES),
+      field_choice("max_rows_alone", "alone", "alone", (64, 128)),
+  ]
+
+
+def jsonable(value):
+  return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def seconds_record(times) -> list:
+  """Step times for a record: None where not timed, "failed" where the step failed or was wrong."""
+  return [t if t is None or math.isfinite(t) else "failed" for t in times]
+
+
+def speedup(base_s: list[float], cand_s: list[float]) -> float:
+  """Geometric mean of base / candidate time over configs; 0 where the candidate failed (inf)."""
+  if any(math.isinf(t) for t in cand_s):
+    return 0.0
+  return math.exp(sum(math.log(b / t) for b, t in zip(base_s, cand_s)) / len(base_s))
+
+
+def stand_in_time(signature) -> float:
+  """Dry run: a deterministic time of a step signature (0.1–0.12 ms), no measurement."""
+  return 1e-4 * (1 + zlib.crc32(repr(signature).encode()) % 200 / 1000)
+
+
+class Sweep:
+  """Times steps of the configs under tunings; a step is timed once per signature (kernel, tiles, launch)."""
+
+  def __init__(self, configs, *, dry_run: bool, deadline: float, log=None):
+    self.configs, self.dry_run, self.deadline, self.log = configs, dry_run, deadline, log
+    self.seconds: dict[tuple, float] = {}  # signature -> Simpson mean step time (inf: failed)
+    self._inputs: dict[int, tuple] = {}
+    self._reference: dict[tuple, list] = {}  # (config, alone) -> the first outputs timed
+    self.timed = 0
+
+  def structs(self, i: int) -> tuple:
+    b, p, out, hq, hkv = self.configs[i]
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    return s(b, 1, hq, D), s(1, p, hkv, D), s(1, p, hkv, D), s(b, out, hkv, D), s(b, out, hkv, D)
+
+  def signature(self, i: int, tune: Tuning, kernel: str) -> tuple | None:
+    """What the step of config i under `tune` runs (equal signatures: the same compiled step); None where the
+    kernel does not apply (the Hopper kernel on a shape it does not take)."""
+    b, p, _, hq, hkv = cfg = self.configs[i]
+    q, pk, pv, sk, sv = self.structs(i)
+    if kernel == "alone":
+      return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
+                                           tuning=tune))
+    if kernel in ("hopper", "pallas"):
+      fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.tuned_config(tune)) is None
+      if kernel == "hopper" or (fits and validation.prefix_work(q.shape, hkv, p) >= tune.hopper_min_work):
+        return ("hopper", i, tune.hopper) if fits else None
+    pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
+    specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
+    launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
+    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None)
+
+  def step(self, signature: tuple, tune: Tuning) -> Callable:
+    kind, i = signature[:2]
+    if kind == "hopper":
+      return probe_hopper.step(hopper.tuned_config(tune))
+    if kind == "alone":
+      block = signature[2]
+
+      def alone(q, pk, pv, sk, sv, lengths):
+        out, _ = merge_states(run_plans(q, [prefix_plan(q, pk, pv, block=block)], launch="fused", tuning=tune))
+        return out.astype(q.dtype)
+      return alone
+    return sweep_kernels.step_fn(self.configs[i], dict(launch=signature[4]), tune)[0]
+
+  def time(self, i: int, tune: Tuning, kernel: str) -> float | None:
+    """Simpson mean step time of config i under `tune` (inf: the kernel does not apply, fails, or is wrong);
+    None once the deadline has passed."""
+    signature = self.signature(i, tune, kernel)
+    if signature is None:
+      return math.inf
+    if signature in self.seconds:
+      return self.seconds[signature]
+    if time.time() > self.deadline:
+      return None
+    start, error, err = time.time(), None, None
+    try:
+      steps, err = self._measure(i, self.step(signature, tune), signature)
+      seconds = floor.simpson(*steps) if len(steps) == 3 else steps[0]
+    except Exception as e:  # noqa: BLE001 - a candidate that does not compile or run is refused, the sweep goes on
+      steps, seconds, error = None, math.inf, f"{type(e).__name__}: {str(e)[:300]}"
+    self.seconds[signature] = seconds
+    self.timed += 1
+    line = dict(config=self.configs[i], signature=repr(signature), steps_s=steps, seconds=seconds_record([seconds])[0],
+                max_err=err, error=error, wall_s=round(time.time() - start, 2))
+    print(f"  [{i}] {signature[0]} {seconds * 1e6:.1f} us" + (f" ({error})" if error else "")
+          + f"  {signature[2:]}", flush=True)
+    if self.log:
+      self.log.write(json.dumps(line, default=str) + "\n")
+    return seconds
+
+  def _measure(self, i: int, fn: Callable, signature: tuple) -> tuple[list[float], float | None]:
+    """Step times at s = 1, out/2, out (alone: s = 1, the suffix is not read) and the max error of the outputs
+    against the first step timed on this config."""
+    b, _, out, _, _ = self.configs[i]
+    alone = signature[0] == "alone"
+    points = (1,) if alone else floor.simpson_points(out)
+    chained = timing.chain_steps(fn, STEPS)
+    if self.dry_run:
+      shapes = jax.eval_shape(chained, *self.structs(i), jax.ShapeDtypeStruct((b,), jnp.int32))
+      assert shapes.shape == self.structs(i)[0].shape
+      return [stand_in_time((signature, s)) for s in points], None
+    if i not in self._inputs:
+      self._inputs[i] = sweep_kernels.config_inputs(self.configs[i], i)
+    data = self._inputs[i]
+    compiled, _ = timing.compile_aot(chained, (*data, jnp.ones((b,), jnp.int32)))
+    steps, outs = [], []
+    for s in points:
+      tm = timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING)
+      steps.append(tm.median_s / STEPS)
+      outs.append(np.asarray(tm.output, np.float32))
+    want = self._reference.setdefault((i, alone), outs)
+    err = max(float(np.max(np.abs(o - w))) for o, w in zip(outs, want))
+    scale = max(float(np.max(np.abs(w))) for w in want)
+    if not err <= 2e-3 + 0.02 * scale:  # bf16 rounding is ~1e-4 here; a wrong tile is off by 1e-2 and more
+      raise ValueError(f"output differs from the first step timed on this config by {err:.2e} (outputs up to "
+                       f"{scale:.2e})")
+    return steps, err
+
+
+def run_choice(sweep: Sweep, choice: Choice, tune: Tuning, configs: tuple[int, ...], min_gain: float):
+  """One choice from `tune`: (the tuning with its pick, the record of what was timed). A candidate's speed-up is
+  over the configs whose step it changes (the others run the same kernels)."""
+  current = choice.read(tune)
+  base = {i: sweep.time(i, tune, choice.kernel) for i in configs}
+  record = dict(field=choice.field, kernel=choice.kernel, configs=[sweep.configs[i] for i in configs],
+                base=jsonable(current), base_s=seconds_record(base.values()), candidates=[], untimed=0)
+  if any(t is None or math.isinf(t) for t in base.values()):
+    record["status"] = "not measured: " + ("time budget" if None in base.values() else "the base step fails")
+    return tune, record
+  best, best_gain = None, 1.0 + min_gain
+  for value in choice.candidates:
+    if value == current:
+      continue
+    try:
+      candidate = choice.apply(tune, value)
+    except ValueError as e:
+      record["candidates"].append(dict(value=jsonable(value), invalid=str(e)))
+      continue
+    changed = [i for i in configs if sweep.signature(i, candidate, choice.kernel)
+               != sweep.signature(i, tune, choice.kernel)]
+    times = [sweep.time(i, candidate, choice.kernel) for i in changed]
+    entry = dict(value=jsonable(value), changed=[sweep.configs[i] for i in changed])
+    record["candidates"].append(entry)
+    if not changed:
+      entry["status"] = "the same steps as the base"
+    elif None in times:
+      record["untimed"] += 1
+      entry["status"] = "not timed (time budget)"
+    else:
+      gain = speedup([base[i] for i in changed], times)
+      entry |= dict(seconds=seconds_record(times), speedup=round(gain, 4))
+      if gain >= best_gain:
+        best, best_gain = value, gain
+  record["picked"] = jsonable(current if best is None else best)
+  record["status"] = "kept" if best is None else "picked"
+  return (tune if best is None else choice.apply(tune, best)), record
+
+
+def field_notes(recs: list[dict], min_gain: float) -> dict:
+  """What decided each measured field, for the file's provenance."""
+  notes = {}
+  for r in recs:
+    timed = [c for c in r["candidates"] if "speedup" in c]
+    best = max(timed, key=lambda c: c["speedup"], default=None)
+    if r["status"].startswith("not measured"):
+      text = f"{r['status']}: kept from the base"
+    elif r["status"] == "picked":
+      text = (f"measured: {json.dumps(r['picked'])} is {best['speedup']:.3f}x the speed of {json.dumps(r['base'])} "
+              f"({r['kernel']} steps of {best['changed']})")
+    else:
+      text = (f"measured: {json.dumps(r['base'])} kept, no candidate {1 + min_gain:.2f}x as fast"
+              + (f" (best {json.dumps(best['value'])}: {best['speedup']:.3f}x)" if best else ""))
+    notes[r["field"]] = text + (f"; {r['untimed']} candidates not timed (time budget)" if r.get("untimed") else "")
+  return notes
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=None, help="data file to write (default: hydragen_jax/tuning/<device>.json)")
+  parser.add_argument("--base", default=None, help="tuning file to start from (default: the device's)")
+  parser.add_argument("--budget-s", type=float, default=450.0, help="wall time of the sweep, final check included")
+  parser.add_argument("--final-s", type=float, default=60.0, help="of which reserved for the final check")
+  parser.add_argument("--min-gain", type=float, default=0.02, help="a candidate must be this much faster")
+  parser.add_argument("--fields", default=None, help="comma-separated fields to sweep (default: all)")
+  parser.add_argument("--commit", default=None, help="commit of the code (default: git rev-parse HEAD)")
+  parser.add_argument("--log", default=None, help="JSON-lines file of every timed step")
+  parser.add_argument("--dry-run", action="store_true", help="steps traced, not run; stand-in times")
+  args = parser.parse_args(argv)
+  start = time.time()
+  kind = tuning_lib.device_kind()
+  base_file = tuning_lib.load(args.base) if args.base else tuning_lib.file_for(kind)
+  configs, groups = SEED, GROUPS
+  todo = choices(configs, groups)
+  if args.fields:
+    wanted = args.fields.split(",")
+    if unknown := sorted(set(wanted) - {c.field for c in todo}):
+      parser.error(f"--fields: unknown {unknown}; known: {[c.field for c in todo]}")
+    todo = [c for c in todo if c.field in wanted]
+  print(f"{kind}: sweeping {[c.field for c in todo]} from {base_file.device_kind}'s tuning "
+        f"({'dry run' if args.dry_run else f'budget {args.budget_s:.0f} s'})", flush=True)
+  log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
+  sweep = Sweep(configs, dry_run=args.dry_run, deadline=start + args.budget_s - args.final_s, log=log)
+  tune, recs = base_file.tuning, []
+  for choice in todo:
+    print(f"{choice.field} ({choice.kernel}, configs {groups[choice.group]}):", flush=True)
+    tune, record = run_choice(sweep, choice, tune, groups[choice.group], args.min_gain)
+    recs.append(record)
+    print(f"  -> {record['status']}: {record.get('picked', record['base'])}", flush=True)
+  sweep.deadline = start + args.budget_s
+  final = dict(status="the picked tuning is the base's: nothing to compare")
+  if tune != base_file.tuning:
+    pairs = [(sweep.time(i, base_file.tuning, "pallas"), sweep.time(i, tune, "pallas")) for i in groups["all"]]
+    done = [(i, b, t) for i, (b, t) in zip(groups["all"], pairs) if b is not None and t is not None]
+    final = dict(status="timed" if len(done) == len(pairs) else "partial (time budget)",
+                 speedups={str(configs[i]): round(b / t, 4) for i, b, t in done},
+                 speedup=round(speedup([b for _, b, _ in done], [t for _, _, t in done]), 4) if done else None)
+  if log:
+    log.close()
+  elapsed = time.time() - start
+  measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
+  provenance = dict(
+      measured_on=None if args.dry_run else kind,
+      command="python -m scripts.tuning.sweep_device " + " ".join(sys.argv[1:] if argv is None else argv),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      commit=args.commit or records.git_commit(),
+      note=(("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
+            + f"Swept {measured} in {elapsed:.0f} s; the other fields are the base's. Greedy, one choice at a "
+            f"time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
+            "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py)."),
+      jax_version=jax.__version__,
+      base={k: base_file.provenance.get(k) for k in ("measured_on", "date", "commit")}
+      | dict(device_kind=base_file.device_kind, file=args.base),
+      fields=field_notes(recs, args.min_gain),
+      final_check=final,
+      choices=recs,
+      steps_timed=sweep.timed,
+  )
+  out = args.out or str(tuning_lib.data_file(kind))
+  tuning_lib.write(out, tuning_lib.TuningFile(kind, tune, provenance))
+  print(f"wrote {out} ({elapsed:.0f} s, {sweep.timed} steps timed); final check: {final}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

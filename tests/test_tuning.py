@@ -1,0 +1,248 @@
+"""Per-device tuning (`hydragen_jax.tuning`): selection by device kind, the fallback, the override, the data files'
+format and provenance, the H100 data reproducing the choices the kernels made when they were constants (441eec3),
+and the device sweep (`scripts/tuning/sweep_device.py`): its picking and its dry run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydragen_jax import tuning, validation
+from hydragen_jax.kernels import hopper, ops
+from scripts.tuning import sweep_device
+
+H100 = "NVIDIA H100 80GB HBM3"
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def _h100() -> tuning.Tuning:
+  return tuning.for_device_kind(H100)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+  """Data files read from tmp_path (with a copy of the H100's, the fallback), the file cache cleared."""
+  (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text(tuning.data_file(H100).read_text())
+  monkeypatch.setattr(tuning, "data_file", lambda kind: tmp_path / f"{tuning.slug(kind)}.json")
+  tuning.file_for.cache_clear()
+  yield tmp_path
+  tuning.file_for.cache_clear()
+
+
+def _write(directory: pathlib.Path, kind: str, tune: tuning.Tuning, **provenance) -> None:
+  prov = dict(measured_on=kind, command="test", date="2026-11-30", commit="none", note="test") | provenance
+  tuning.write(directory / f"{tuning.slug(kind)}.json", tuning.TuningFile(kind, tune, prov))
+
+
+# --- selection and fallback ---
+
+def test_each_shipped_device_kind_gets_its_own_file():
+  assert {H100, "NVIDIA H200"} <= set(tuning.known_kinds())
+  for kind in tuning.known_kinds():
+    assert tuning.file_for(kind).device_kind == kind
+
+
+@pytest.mark.parametrize("kind", ["cpu", "NVIDIA B200", "NVIDIA H100 PCIe", "TPU v5 lite"])
+def test_unknown_devices_and_cpu_take_the_h100_tuning(kind):
+  assert tuning.FALLBACK_KIND == H100
+  assert tuning.file_for(kind).device_kind == H100
+  assert tuning.for_device_kind(kind) == _h100()
+
+
+def test_current_follows_the_device_kind(data_dir, monkeypatch):
+  fast = dataclasses.replace(_h100(), hopper_min_work=1, max_rows_shared=32)
+  _write(data_dir, "Test GPU", fast)
+  monkeypatch.setattr(tuning, "device_kind", lambda: "Test GPU")
+  assert tuning.current() == fast
+  # the kernels read it: 32-row shared tiles, the Hopper threshold
+  assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 32
+  monkeypatch.setattr(validation, "on_hopper", lambda: True)
+  assert validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 8, 1)
+  monkeypatch.setattr(tuning, "device_kind", lambda: "Other GPU")
+  assert tuning.current() == _h100()
+  assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 64
+  assert not validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 8, 1)
+
+
+def test_a_file_must_serve_the_kind_it_is_named_for(data_dir):
+  _write(data_dir, "Test GPU", _h100())
+  (data_dir / "other-gpu.json").write_text((data_dir / "test-gpu.json").read_text())
+  with pytest.raises(ValueError, match="other-gpu.json names device kind 'Test GPU', not 'Other GPU'"):
+    tuning.file_for("Other GPU")
+
+
+# --- override ---
+
+def test_override_is_scoped_and_an_explicit_tuning_wins():
+  base = tuning.current()
+  a = dataclasses.replace(base, interleave_rows=64, max_rows_shared=32)
+  b = dataclasses.replace(base, interleave_rows=4096)
+  with tuning.override(a):
+    assert tuning.current() is a
+    assert ops.auto_launch([64]) == "interleaved"
+    assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 32
+    with tuning.override(b):
+      assert tuning.current() is b and ops.auto_launch([2048]) == "fused"
+    assert tuning.current() is a
+    assert ops.choose_block(4096, 4096, 1, 8, 4096, 128, tuning=base).block_m == 64  # explicit beats override
+    assert ops.auto_launch([64], base) == "fused"
+  assert tuning.current() == base
+  with pytest.raises(TypeError, match="override takes a Tuning; got dict"):
+    with tuning.override({}):
+      pass
+
+
+def test_run_takes_launch_and_lead_from_the_tuning(monkeypatch):
+  """`ops.run`'s "auto" launch and its interleaving lead come from the tuning."""
+  seen = []
+  monkeypatch.setattr(ops, "fused_levels", lambda q, works, *, specs, scale, interpret, lead: seen.append(lead) or [])
+  q = jnp.zeros((4, 1, 8, 64), jnp.bfloat16)
+  kv = jnp.zeros((1, 32, 2, 64), jnp.bfloat16)
+  plan = ops.batched(q, kv, kv, jnp.array([32]), np.zeros(4, np.int32), max_group=None, causal=False)  # 16 rows
+  for rows, lead, want in [(16, 0.5, 0.5), (17, 0.5, 0.0), (16, 0.9, 0.9)]:
+    ops.run(q, [plan], scale=1.0, interpret=True, tuning=dataclasses.replace(_h100(), interleave_rows=rows,
+                                                                              interleave_lead=lead))
+    assert seen.pop() == want
+  with tuning.override(dataclasses.replace(_h100(), interleave_lead=0.25)):
+    ops.run(q, [plan], scale=1.0, interpret=True, launch="interleaved")
+  assert seen.pop() == 0.25
+
+
+# --- the H100 data: today's choices ---
+
+def test_h100_data_holds_the_constants_the_kernels_had():
+  t = _h100()
+  assert (t.hopper_min_work, t.max_keys_per_program, t.balanced_keys, t.balanced_programs_per_core,
+          t.interleave_rows, t.interleave_lead, t.max_rows_alone, t.max_rows_shared, t.num_cores) == (
+              2048 * 4096, 4096, 2048, 4, 512, 0.75, 128, 64, 132)
+  assert hopper.tuned_config(t) == hopper.HopperConfig()  # 3 + 2 stages, 208 / 88 registers, ping-pong
+  assert (ops.auto_launch([511], t), ops.auto_launch([16, 512], t)) == ("fused", "interleaved")
+
+
+def test_h100_data_reproduces_the_tiles_and_splits_chosen_before():
+  """choose_block under the H100 data against its choices at 441eec3 (fixture: 1350 shapes: the seed configs'
+  levels at T = 1, 2, alone or sharing a launch, and a grid of small ones over D = 64/128/256, 16/32-bit)."""
+  data = json.loads((FIXTURES / "h100_block_choices.json").read_text())
+  for t in (_h100(), tuning.for_device_kind("cpu")):
+    for *args, shared, itemsize, want in data["rows"]:
+      blk = ops.choose_block(*args, shared_launch=shared, itemsize=itemsize, tuning=t)
+      assert [blk.block_m, blk.block_k, blk.splits, blk.num_warps, blk.num_stages, blk.heads] == want, args
+
+
+# --- the file format ---
+
+def test_round_trip(tmp_path):
+  t = dataclasses.replace(_h100(), interleave_lead=0.5, tiles=_h100().tiles + ((256, tuning.Tile(32, 8, 2)),))
+  assert tuning.from_dict(json.loads(json.dumps(tuning.to_dict(t)))) == t
+  file = tuning.TuningFile("Test GPU", t, dict(measured_on=None, command="c", date="d", commit="x", note="n"))
+  tuning.write(tmp_path / "t.json", file)
+  assert tuning.load(tmp_path / "t.json") == file
+  assert not file.measured
+
+
+def test_shipped_files_are_canonical_and_say_where_their_numbers_come_from():
+  for kind in tuning.known_kinds():
+    path = tuning.data_file(kind)
+    file = tuning.load(path)
+    assert tuning.dumps(file) == path.read_text()
+    assert all(file.provenance[k] for k in ("command", "date", "commit", "note"))
+    assert file.measured or "NOT MEASURED" in file.provenance["note"]
+  assert tuning.file_for(H100).measured
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop("balanced_keys"), r"missing \['balanced_keys'\]"),
+    (lambda d: d.update(block_size=1), r"unknown \['block_size'\]"),
+    (lambda d: d["tiles"].pop("32"), r"row tiles 16, 32, 64, ... .*got \[16, 64, 128\]"),
+    (lambda d: d["tiles"].pop("128"), r"up to max_rows_alone=128 .*got \[16, 32, 64\]"),
+    (lambda d: d["tiles"]["16"].update(block_k=48), r"tiles\[16\] = .*block_k must be a power of two"),
+    (lambda d: d["hopper"].pop("pingpong"), r"tuning.hopper: missing \['pingpong'\]"),
+    (lambda d: d.update(balanced_keys=8192), "balanced_keys=8192 exceeds max_keys_per_program=4096"),
+    (lambda d: d.update(interleave_lead=1.5), r"interleave_lead must lie in \[0, 1\]; got 1.5"),
+    (lambda d: d.update(hopper_min_work=8.0e6), "hopper_min_work must be a positive int; got 8000000.0"),
+])
+def test_bad_tuning_data_is_refused_by_name(edit, message):
+  data = tuning.to_dict(_h100())
+  edit(data)
+  with pytest.raises(ValueError, match=message):
+    tuning.from_dict(data)
+
+
+def test_a_file_without_provenance_is_refused():
+  text = tuning.dumps(tuning.file_for(H100))
+  data = json.loads(text)
+  del data["provenance"]["commit"]
+  with pytest.raises(ValueError, match=r"provenance must record .*missing \['commit'\]"):
+    tuning.loads(json.dumps(data), "x.json")
+
+
+# --- the sweep ---
+
+class _FakeSweep:
+  """Steps whose time is a function of the tuning's interleave_lead per config (None: over budget)."""
+
+  configs = [(1,), (2,), (3,)]
+
+  def __init__(self, seconds):
+    self._seconds = seconds  # (config, lead) -> seconds
+
+  def signature(self, i, tune, kernel):
+    return (i, tune.interleave_lead if i < 2 else None)  # config 2 does not interleave: unchanged by the lead
+
+  def time(self, i, tune, kernel):
+    return self._seconds.get((i, tune.interleave_lead), 1.0)
+
+
+def test_sweep_picks_the_fastest_candidate_above_the_minimum_gain():
+  choice = sweep_device.field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9))
+  base = dataclasses.replace(_h100(), interleave_lead=0.75)
+  # 0.5: 1.25x on config 0, 0.8x on config 1 -> geometric mean 1.0: kept out; 0.9: 1.05x on both
+  fake = _FakeSweep({(0, 0.5): 0.8, (1, 0.5): 1.25, (0, 0.9): 1 / 1.05, (1, 0.9): 1 / 1.05, (2, 0.9): 100.0})
+  tune, record = sweep_device.run_choice(fake, choice, base, (0, 1, 2), min_gain=0.02)
+  assert tune.interleave_lead == 0.9 and record["status"] == "picked"
+  assert [c["changed"] for c in record["candidates"]] == [[(1,), (2,)], [(1,), (2,)]]  # config 2: same step
+  assert [c["speedup"] for c in record["candidates"]] == [1.0, 1.05]
+  tune, record = sweep_device.run_choice(fake, choice, base, (0, 1, 2), min_gain=0.06)
+  assert tune == base and record["status"] == "kept"
+  fake._seconds[(1, 0.9)] = None  # the budget ran out before this step
+  tune, record = sweep_device.run_choice(fake, choice, base, (0, 1, 2), min_gain=0.02)
+  assert tune == base and record["untimed"] == 1
+  assert sweep_device.speedup([1.0, 1.0], [0.5, math.inf]) == 0.0
+
+
+def test_sweep_dry_run_writes_a_valid_file(tmp_path):
+  """The sweep on the seed configs, every step traced but not run (stand-in times): a valid file that says it
+  is a dry run and what each choice did."""
+  out = tmp_path / "dry.json"
+  sweep_device.main(["--dry-run", "--out", str(out), "--log", str(tmp_path / "steps.jsonl")])
+  file = tuning.load(out)
+  assert file.device_kind == tuning.device_kind() and not file.measured
+  assert file.provenance["note"].startswith("DRY RUN")
+  fields = [c.field for c in sweep_device.choices(sweep_device.SEED, sweep_device.GROUPS)]
+  assert sorted(file.provenance["fields"]) == sorted(fields)
+  assert all(r["status"] in ("picked", "kept") for r in file.provenance["choices"])
+  steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+  assert len(steps) == file.provenance["steps_timed"] > 0 and not any(s["error"] for s in steps)
+  assert {s["signature"].split("'")[1] for s in steps} == {"triton", "hopper", "alone"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not validation.on_hopper(), reason="needs a Hopper GPU (the sweep times the Hopper kernel)")
+def test_sweep_times_and_checks_real_steps_on_the_gpu(tmp_path):
+  """One choice of the real sweep (the Hopper threshold: Hopper and Triton steps of the GQA configs, each output
+  checked against the first on its config) under a short budget: a measured file, steps timed without error."""
+  out, log = tmp_path / "gpu.json", tmp_path / "steps.jsonl"
+  sweep_device.main(["--out", str(out), "--log", str(log), "--fields", "hopper_min_work", "--budget-s", "90",
+                     "--final-s", "20"])
+  file = tuning.load(out)
+  assert file.measured and file.device_kind == tuning.device_kind()
+  steps = [json.loads(line) for line in log.read_text().splitlines()]
+  assert steps and not any(s["error"] for s in steps)
+  assert all(isinstance(s["seconds"], float) and s["max_err"] is not None for s in steps)
+  assert {s["signature"].split("'")[1] for s in steps} == {"triton", "hopper"}
