@@ -192,8 +192,7 @@ def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int)
     arrays.update(suffix_tokens=_right_aligned(tree.suffixes, U), suffix_lengths=u, offsets=offsets)
     prompt_max = int((offsets[-1] + u).max())
     plan = _Plan(tuple(nodes), tuple(tokens), tuple(capacity), tuple(groups), tuple(seq_to_node), tuple(ancestors),
-                 U,
-                 _round_up(U + max_new, pad_multiple), _round_up(prompt_max + max_new, pad_multiple), chunk)
+                 U, _round_up(U + max_new, pad_multiple), _round_up(prompt_max + max_new, pad_multiple), chunk)
     return plan, arrays
 
 

@@ -92,15 +92,6 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     return params
 
 
-def per_layer(layers: dict[str, jax.Array] | list[dict[str, jax.Array]]) -> list[dict[str, jax.Array]]:
-    """Layer weights as a list of per-layer dicts; a dict of stacked ``[L, ...]`` arrays is split (a copy: do it
-    once, outside the jitted step)."""
-    if isinstance(layers, dict):
-        num_layers = len(next(iter(layers.values())))
-        return [{k: w[i] for k, w in layers.items()} for i in range(num_layers)]
-    return list(layers)
-
-
 # ----------------------------------------------------------------------------------------------- pure math
 
 
@@ -206,7 +197,7 @@ def head_logits(hidden: jax.Array, w: jax.Array) -> jax.Array:
 
 class Llama(nnx.Module):
     """Llama decoder. ``Llama(config, params)`` wraps a parameter tree from ``init_params`` / the loaders (layers
-    as a list of per-layer dicts; stacked ``[L, ...]`` arrays are split once here).
+    as a list of per-layer dicts).
 
     ``__call__(tokens [B, T] int, positions [B, T] int, cache, attend) -> (hidden [B, T, d], cache)``;
     ``logits(hidden [..., d]) -> [..., V]`` float32.
@@ -224,7 +215,10 @@ class Llama(nnx.Module):
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
-        layers = per_layer(params["layers"])
+        layers = params["layers"]
+        if isinstance(layers, dict):
+            raise ValueError("Llama: params['layers'] must be a list of per-layer dicts (one per layer), got a dict "
+                             f"of {sorted(layers)}")
         if len(layers) != config.num_hidden_layers:
             raise ValueError(f"Llama: params has {len(layers)} layers; the config says {config.num_hidden_layers}")
         for i, layer in enumerate(layers):

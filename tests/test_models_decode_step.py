@@ -164,3 +164,16 @@ def test_model_decode_takes_the_hopper_kernel_with_per_layer_caches():
   state = models.prefill(model, [shared + [50], shared + [51, 52]], 8, mode="hydragen", backend="mosaic")
   fn, _ = models.compile_decode(model, state, backend="mosaic")
   assert "mosaic_gpu" in fn.as_text()
+
+
+def test_llama_names_a_bad_parameter_tree():
+  """Each layer's weights are a dict of their own: a stacked dict, a wrong layer count or wrong keys are refused."""
+  params = models.init_params(CONFIG, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"params\['layers'\] must be a list of per-layer dicts"):
+    models.Llama(CONFIG, {**params, "layers": {k: jnp.stack([l[k] for l in params["layers"]])
+                                               for k in params["layers"][0]}})
+  with pytest.raises(ValueError, match="params has 2 layers; the config says 3"):
+    models.Llama(CONFIG, {**params, "layers": params["layers"][:2]})
+  with pytest.raises(ValueError, match=r"params\['layers'\]\[1\] has keys"):
+    models.Llama(CONFIG, {**params, "layers": [params["layers"][0], {"wq": params["layers"][1]["wq"]},
+                                               params["layers"][2]]})
