@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gzip
 import re
 import time
 
@@ -34,6 +35,7 @@ PARTS = (
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm|matmul", re.I)),
     ("attention", re.compile(r"hydragen|mosaic|pallas|prefix_suffix|attention", re.I)),
     ("cache write", re.compile(r"scatter|dynamic.update.slice", re.I)),
+    ("all-reduce", re.compile(r"nccl|all.reduce|allreduce|collective", re.I)),
 )
 
 
@@ -73,6 +75,9 @@ def main():
   parser.add_argument("--at", type=int, default=64, help="suffix length where the profiled steps start")
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--modes", default="hydragen,none,standard")
+  parser.add_argument("--top", type=int, default=12, help="kernels listed per mode")
+  parser.add_argument("--hlo", default=None, metavar="DIR", help="write each mode's compiled decode loop (gzip) here")
+  parser.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (GPU 0's kernels shown)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -90,9 +95,9 @@ def main():
     if args.tiny:
       shape.update(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                    head_dim=16)
-    model, _ = model_api.build_model(shape, "bfloat16", seed=0)
+    model, _ = model_api.build_model(shape, "bfloat16", seed=0, tp=args.tp)
     tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
-    print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}", flush=True)
+    print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}", flush=True)
   layers = model.config.num_hidden_layers
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
   for mode in args.modes.split(","):
@@ -102,8 +107,11 @@ def main():
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
     fn, compile_s = model_api.compile_decode(model, state, None)
+    if args.hlo:
+      with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
+        f.write(fn.as_text())
     alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps, shape["num_attention_heads"])
-             if mode != "none" else 0.0)
+             if mode != "none" and args.tp == 1 else 0.0)
 
     held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 
@@ -116,16 +124,17 @@ def main():
     for _ in range(3):
       jax.block_until_ready(run())
     wall = (time.perf_counter() - start) / 3  # untraced: the profiler slows the host down
-    total, _, launches = gpu_kernel_ns(run, 2)
+    total, _, launches = gpu_kernel_ns(run, 2, device="/device:GPU:0")
     per_part = collections.Counter()
     for name, ns in total.items():
       per_part[classify(name)] += ns / 2 / args.steps / layers / 1e3
     step_us = sum(total.values()) / 2 / args.steps / 1e3
-    parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "rest"))
+    parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "all-reduce",
+                                                                   "rest"))
     kernels = sum(launches.values()) / 2 / args.steps
     print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, {kernels:.0f} kernels); per layer "
           f"(us): {parts}; attention alone {alone * 1e6:.1f} us; compile {compile_s:.1f} s", flush=True)
-    for name, ns in total.most_common(12):
+    for name, ns in total.most_common(args.top):
       print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
     del state, org, held
 

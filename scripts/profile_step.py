@@ -21,9 +21,11 @@ import hydragen_jax as hj
 from scripts.sweep_kernels import SEED, inputs
 
 
-def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float, collections.Counter]:
+def gpu_kernel_ns(call, repeats: int, device: str = "/device:GPU") -> tuple[collections.Counter, float,
+                                                                          collections.Counter]:
   """Runs `call()` `repeats` times under `jax.profiler.trace`: total GPU time per kernel name (ns, over all
-  repeats), the wall time per call (s) and the launches per kernel name (over all repeats)."""
+  repeats), the wall time per call (s) and the launches per kernel name (over all repeats), on the profiler planes
+  whose name starts with `device` (default: every GPU; "/device:GPU:0" for the first one alone)."""
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
       start = time.perf_counter()
@@ -35,7 +37,8 @@ def gpu_kernel_ns(call, repeats: int) -> tuple[collections.Counter, float, colle
     for f in pathlib.Path(tmp).rglob("*.xplane.pb"):
       data = jax.profiler.ProfileData.from_file(str(f))
       for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
+        name = plane.name.split()[0] if plane.name else ""
+        if not (name == device or (device == "/device:GPU" and name.startswith(device))):
           continue
         for line in plane.lines:
           if "stream" not in line.name.lower():
