@@ -12,12 +12,12 @@ from models.demo import DEFAULT_MODEL_DIR, load_default_model
 from models.generate import (DecodeState, Generation, SamplingConfig, compile_decode, decode, generate, prefill,
                              sample)
 from models.gguf import load_gguf, load_gguf_tokenizer, smollm2_path
-from models.llama import Llama, init_params, init_random
+from models.llama import COMPILER_OPTIONS, Llama, init_params, init_random
 from models.sharing import SharedLevel, SharingTree, build_sharing_tree, expand_samples, synthetic_tree
 from models.tokenizer import BPETokenizer, ByteTokenizer
 
 __all__ = [
-    "MODES", "BPETokenizer", "ByteTokenizer", "CheckpointError", "DEFAULT_MODEL_DIR", "DecodeState", "DenseCache",
+    "COMPILER_OPTIONS", "MODES", "BPETokenizer", "ByteTokenizer", "CheckpointError", "DEFAULT_MODEL_DIR", "DecodeState", "DenseCache",
     "Generation", "LevelCache", "Llama", "LlamaConfig", "NoCache", "RopeScaling", "SamplingConfig", "SharedLevel",
     "SharingTree", "TreeCache", "build_sharing_tree", "cache_bytes", "compile_decode", "decode", "expand_samples",
     "generate", "init_params", "init_random", "load_checkpoint", "load_default_model", "load_gguf",

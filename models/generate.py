@@ -33,7 +33,7 @@ from flax import struct
 from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, empty_layers,
                           make_attend)
 from models.config import LlamaConfig
-from models.llama import Llama
+from models.llama import COMPILER_OPTIONS, Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -271,7 +271,8 @@ def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
     return DenseCache(k=k, v=v, lengths=offsets[-1] + tc.lengths)
 
 
-_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend", "mesh"))
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend", "mesh"),
+                       compiler_options=COMPILER_OPTIONS)
 
 
 def _check_mode(mode: str) -> None:
@@ -391,7 +392,8 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     return jax.lax.while_loop(cond, body, state)
 
 
-_decode_jit = jax.jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
+_decode_jit = jax.jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,),
+                      compiler_options=COMPILER_OPTIONS)
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,

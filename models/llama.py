@@ -28,6 +28,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+# XLA options for a jitted step of the model (``jax.jit(..., compiler_options=COMPILER_OPTIONS)``; prefill and
+# decode use them). XLA's dot merger joins GEMMs that share an input (q/k/v, gate/up) into one; below its size
+# threshold (32 MB a weight) it does so by concatenating their weights into a new buffer, every step: at TP = 2
+# every 7B weight shard is below it, and the concatenates took 67 us a layer of a 7B decode step at B = 512 (an
+# H200, scripts/profile_decode.py; experiments/PERF_NOTES.md). Threshold 0 keeps each GEMM on its weight in place.
+COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
 from models.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -293,9 +300,16 @@ def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mes
     s = parallel.split(config, parallel.mesh_size(mesh))
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), parallel.param_specs(config),
                              is_leaf=lambda x: isinstance(x, P))
+    shapes, dt = param_shapes(config), jnp.dtype(dtype)
+    top = tuple((name, shape) for name, shape in shapes.items() if name != "layers")
+    keys = jax.random.split(jax.random.key(seed), config.num_hidden_layers + 1)  # as init_params splits them
 
-    def init(key):
-        return parallel.map_params(lambda name, x: parallel.to_layout(name, x, config, s),
-                                   init_params(config, key, dtype))
+    def draw(names_shapes, out_shardings):  # _draw, then each array in its mesh layout, generated on its devices
+        return jax.jit(lambda key: {name: parallel.to_layout(name, x, config, s) for name, x in
+                                    _draw(names_shapes, key, dt, config.hidden_size).items()},
+                       out_shardings=out_shardings)
 
-    return Llama(config, jax.jit(init, out_shardings=shardings)(jax.random.key(seed)), mesh)
+    params = draw(top, {k: v for k, v in shardings.items() if k != "layers"})(keys[0])
+    layer = draw(tuple(shapes["layers"][0].items()), shardings["layers"][0])  # one compilation for every layer
+    params["layers"] = [layer(k) for k in keys[1:]]
+    return Llama(config, params, mesh)

@@ -20,7 +20,20 @@ from tests.conftest import ON_GPU
 CONFIG = LlamaConfig(vocab_size=72, hidden_size=24, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=10, max_position_embeddings=256)
 LAYERS = CONFIG.num_hidden_layers
-WEIGHT_SHAPES = {(24, 40), (24, 20), (40, 24), (24, 56), (56, 24)}  # [in, out] of wq, wk/wv, wo, gate/up, down
+
+
+def weight_shapes(config: LlamaConfig, devices: int = 1) -> set[tuple[int, ...]]:
+  """Shapes a copy of a layer weight (a device's shard of it on `devices` devices) would have: each weight, and the
+  weights XLA's dot merger may concatenate (q/k/v, gate/up), both orientations."""
+  d, f = config.hidden_size, config.intermediate_size // devices
+  q = config.num_attention_heads // devices * config.head_dim
+  kv = max(1, config.num_key_value_heads // devices) * config.head_dim
+  outs = {q, kv, q + kv, 2 * kv, q + 2 * kv, f, 2 * f}  # column-parallel outputs, alone and merged
+  shapes = {(d, w) for w in outs} | {(q, d), (f, d)}  # + o and down
+  return shapes | {s[::-1] for s in shapes}
+
+
+WEIGHT_SHAPES = weight_shapes(CONFIG)
 
 _LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
@@ -130,6 +143,23 @@ def test_decode_step_reads_layer_weights_in_place(mode, dtype, backend):
   """No layer weight is copied or sliced into a new buffer before its GEMM (as a lax.scan over stacked [L, ...]
   weights made XLA do, every step)."""
   copies = new_buffers_of_shape(_compiled_decode(mode, dtype, backend)[0], WEIGHT_SHAPES)
+  assert not copies, "\n".join(line[:200] for line in copies)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or len(jax.devices()) < 2, reason="needs 2 GPUs: XLA's CPU compiler merges no GEMMs")
+@pytest.mark.parametrize("mode", ["hydragen", "none"])
+def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
+  """On a 2-device mesh no weight shard is copied before its GEMM: XLA's dot merger concatenated the q/k/v and
+  gate/up shards into new buffers every step (each shard below its size threshold) until models.COMPILER_OPTIONS
+  turned it off."""
+  from models import parallel  # noqa: PLC0415
+
+  mesh = parallel.make_mesh(2)
+  model = models.init_random(CONFIG, dtype=jnp.bfloat16, seed=0, mesh=mesh)
+  state = models.prefill(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9]], 4, mode=mode, backend="pallas")
+  fn, _ = models.compile_decode(model, state, backend="pallas")
+  copies = new_buffers_of_shape(fn.as_text(), weight_shapes(CONFIG, 2))
   assert not copies, "\n".join(line[:200] for line in copies)
 
 
