@@ -421,7 +421,12 @@ def tensor_parallel_section(files: list[ResultsFile]) -> list[str]:
            "device count in the same run; the floor adds the step's 2 L + 1 all-reduces of [B, d] at the all-reduce "
            "bus bandwidth measured in the run):", ""]
     keys = ["tp", "prefix", "batch"]
-    for f in sorted(files, key=lambda f: f.name):
+    def order(f):  # the smaller model first (layers, hidden), then the shorter prefix
+        model = next((r["point"]["shape"] for r in f.records if r["record"] == "model"), {})
+        prefixes = [r["point"].get("prefix", 0) for r in f.records if r["record"] == "decode"]
+        return model.get("num_hidden_layers", 0), model.get("hidden_size", 0), min(prefixes, default=0), f.name
+
+    for f in sorted(files, key=order):
         decode = [r for r in f.records if r["record"] == "decode"]
         if not decode:
             continue
