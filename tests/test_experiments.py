@@ -740,6 +740,26 @@ def test_report_shows_floors_and_the_long_document_ratio(tmp_path, readme):
            "60% less than two-level shared storage (5.00 s)" in section
 
 
+def test_report_gives_tensor_parallel_runs_a_section_of_their_own(tmp_path, readme):
+    res = tmp_path / "results"
+    point = lambda tp, b: {**_e2e_point(1024, b), "tp": tp}  # noqa: E731
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [_model(), _decode(_e2e_point(1024, 8), "hydragen", 1e3)])
+    _write_results(res, "e2e_tp-7b-1k", "20261130-101000", [_model()] + [
+        _decode(point(tp, 512), mode, tok * tp, floors=True)
+        for tp in (1, 2) for mode, tok in (("hydragen", 3e4), ("none", 4e4))])
+    chosen = report.choose(report.load_results(res))
+    assert [f.name for f in chosen["e2e_throughput"]] == ["e2e_throughput-part1"]  # TP points stay out of it
+    assert [f.name for f in chosen[report.TP_KIND]] == ["e2e_tp-7b-1k"]
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    tp = section[section.index("**Tensor parallel**"):]
+    assert "`e2e_tp-7b-1k-nvidia-h200-20261130-101000.*`" in tp and "13.48 GB of weights" in tp
+    assert "| 2 | 1024 | 512 | 60.0k | 80.0k |" in tp  # tok/s per device count
+    assert "| 1024 | 512 | 2.00x | 2.00x |" in tp  # speed-up over one device
+    assert "| 2 | 1024 | 512 | 0.5 | 0.5 |" in tp  # floor fractions
+    assert "| 1 | 1024 | 512 |" not in section[:section.index("**Tensor parallel**")]
+
+
 def test_report_falls_back_to_another_device_per_experiment(tmp_path, readme):
     res = tmp_path / "results"
     _write_results(res, "bench_attention", "20261130-100000", [
