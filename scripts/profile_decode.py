@@ -25,7 +25,7 @@ import numpy as np
 import hydragen_jax as hj
 import models
 from experiments import model_api
-from scripts.profile_step import gpu_kernel_ns
+from scripts.tuning.profile_step import gpu_kernel_ns
 
 SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=65536)

@@ -40,7 +40,7 @@ from hydragen_jax import merge_states, validation
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import hopper, ops
 from hydragen_jax.tuning import HopperTuning, Tile, Tuning
-from scripts import probe_hopper, sweep_kernels
+from scripts.tuning import probe_hopper, sweep_kernels
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
 
 STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
@@ -48,7 +48,7 @@ STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
 # the interleaved launch), every row, a spread for the tiles (small and large MHA, mid and large GQA) and the largest
 # prefix products alone.
 GROUPS = dict(gqa=(5, 6, 7, 8), all=tuple(range(len(SEED))), prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
-# Candidates: those of the H100 sweeps (scripts/sweep_kernels.py, scripts/probe_hopper.py), the H100's values
+# Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 HOPPER_CONFIGS = (HopperTuning(3, 2, 208, 88, True), HopperTuning(3, 2, 208, 88, False),
                   HopperTuning(2, 3, 208, 88, True), HopperTuning(2, 2, 208, 88, True),

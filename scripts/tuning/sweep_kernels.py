@@ -5,7 +5,7 @@ out/2 and out under several launch schedules and tilings, and prints tok/s over 
 as a fraction of the floor's tok/s, all measured in the same run. Then sweeps the prefix tiles alone on the
 compute-heavy configs (TFLOP/s) and the suffix tiles alone (fraction of the bandwidth floor).
 
-Usage: python scripts/sweep_kernels.py [--parts step,prefix,suffix] [--configs 0,1,...] [--variants a,b] [--out F]
+Usage: python -m scripts.tuning.sweep_kernels [--parts step,prefix,suffix] [--configs 0,1,...] [--variants a,b] [--out F]
 """
 
 from __future__ import annotations

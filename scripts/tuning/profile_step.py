@@ -3,7 +3,7 @@
 Runs `hydragen_attention` (the public API, default heuristics) for some seed configs at s = 1, out/2, out under
 `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData`, and prints, per step, the time of each
 GPU kernel (averaged over the traced steps) next to the wall time per step.
-Usage: python scripts/profile_step.py [--configs 0,1,7] [--steps 20]
+Usage: python -m scripts.tuning.profile_step [--configs 0,1,7] [--steps 20]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import hydragen_jax as hj
-from scripts.sweep_kernels import SEED, inputs
+from scripts.tuning.sweep_kernels import SEED, inputs
 
 
 def gpu_kernel_ns(call, repeats: int, device: str = "/device:GPU") -> tuple[collections.Counter, float,

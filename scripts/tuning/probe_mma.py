@@ -4,10 +4,10 @@ The XLA dump of JAX 0.11.2 holds no PTX for Pallas kernels, so this runs the ker
 instruction counts of the tensor pipes: `gmma` (Hopper warp-group MMA, wgmma) and `hmma` (mma.sync, the pre-Hopper
 MMA). Runs once each: the prefix product of B=1024 P=8192 (32/8 heads, D=128) with the light (64x64, 4 warps) and
 heavy (128x128, 8 warps) Triton tiles, and JAX's Mosaic GPU attention kernel in float16 as a control that must
-show gmma. Usage (see scripts/device_round.sh, PROBE=1):
+show gmma. Usage (see scripts/tuning/device_round.sh, PROBE=1):
 
   ncu --metrics sm__inst_executed_pipe_tensor_op_gmma.sum,sm__inst_executed_pipe_tensor_op_hmma.sum \
-      python scripts/probe_mma.py
+      python -m scripts.tuning.probe_mma
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import prefix_plan, run_plans
-from scripts.sweep_kernels import inputs
+from scripts.tuning.sweep_kernels import inputs
 
 q, k, v, _, _ = inputs(8)  # seed config 8: B=1024, P=8192, 32/8 heads, D=128
 b, _, hq, d = q.shape

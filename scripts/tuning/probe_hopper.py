@@ -3,7 +3,7 @@
 For each config, times a whole decode step (chained as in the benchmark) at s = 1, out/2, out with
 `auto` (the Triton kernels, `ops.run`) and with `hopper.prefix_suffix_attention` under tilings, prints the floor
 fraction of tok/s and the max error against `auto`; then a few odd shapes (T > 1, D = 64, lengths not a
-multiple of the block) against the reference. Usage: python scripts/probe_hopper.py [--configs 5,6,7,8]
+multiple of the block) against the reference. Usage: python -m scripts.tuning.probe_hopper [--configs 5,6,7,8]
 [--variants st2,st3]
 """
 
@@ -19,7 +19,7 @@ from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import hopper
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
-from scripts.sweep_kernels import floor_s, inputs
+from scripts.tuning.sweep_kernels import floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
 STEPS = 16

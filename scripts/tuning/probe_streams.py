@@ -9,7 +9,7 @@ For the compute-heavy GQA configs, times at s = 1, out/2, out:
                 on the prefix, then the Triton suffix, one stream; str_mgpuf16 / strr_mgpuf16: on two streams
 and the prefix products alone (TFLOP/s). On the H100 with jaxlib 0.11.2 (experiments/PERF_NOTES.md): the Mosaic
 kernel runs the B=1024 P=8K prefix at ~530 TFLOP/s but, in front of the suffix, gives 0.65 of the floor; every
-two-stream variant fails in XLA with "No ExecutionStreamId found". Usage: python scripts/probe_streams.py
+two-stream variant fails in XLA with "No ExecutionStreamId found". Usage: python -m scripts.tuning.probe_streams
 [--configs 6,8] [--variants ...]
 """
 
@@ -27,7 +27,7 @@ from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
-from scripts.sweep_kernels import floor_s, inputs
+from scripts.tuning.sweep_kernels import floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 

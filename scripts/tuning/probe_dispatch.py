@@ -4,7 +4,7 @@ Times a trivial jitted op and the Hydragen step (Pallas and the jnp reference) o
 out/2, one step per call (calls launched back to back, as `experiments.timing` does) and 16 steps chained per call
 (`experiments.timing.chain_steps`, as the benchmark now does). Run it under different XLA_FLAGS to compare, e.g.
 `--xla_gpu_enable_command_buffer=`. Results: experiments/PERF_NOTES.md (session 4).
-Usage: python scripts/probe_dispatch.py [--configs 0,1,6]
+Usage: python -m scripts.tuning.probe_dispatch [--configs 0,1,6]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 import hydragen_jax as hj
 from experiments import timing
-from scripts.sweep_kernels import SEED, inputs
+from scripts.tuning.sweep_kernels import SEED, inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=200)
 
