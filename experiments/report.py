@@ -11,7 +11,8 @@ consecutive files. Of those, the newest file per NAME (e.g. `e2e_throughput-part
 (every column of a row from one run); long_document and tree_apps come from their newest file. The device is the
 newest results file's, or the one asked for; a kind without results on it falls back to the newest device that has
 it (its section names the device). Files of tensor-parallel runs (points with `tp`) form a section of their own
-(report kind `e2e_tensor_parallel`): every file of the latest session, one table set each.
+(report kind `e2e_tensor_parallel`): every file of the latest session, one table set each; runs of the other kinds
+on a mesh are left out.
 """
 
 from __future__ import annotations
@@ -80,18 +81,21 @@ def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
         recs = records.read(path)
         if not recs or recs[0]["smoke"] or recs[0]["experiment"] not in KINDS:
             continue
+        parallel = _tensor_parallel(recs)
+        if parallel and recs[0]["experiment"] != "e2e_throughput":  # e.g. a tree run on a mesh: no part for it
+            continue
         slug = device_slug(recs[0]["device"])
         stem = path.name[: match.start()]
         name = stem.removesuffix(f"-{slug}")
         stamp = datetime.datetime.strptime(match.group(1), "%Y%m%d-%H%M%S")
-        kind = TP_KIND if _tensor_parallel(recs) else recs[0]["experiment"]
+        kind = TP_KIND if parallel else recs[0]["experiment"]
         found.append(ResultsFile(path, name, stamp, kind, recs[0]["device"], tuple(recs)))
     return found
 
 
 def _tensor_parallel(recs: list[dict]) -> bool:
-    """Whether a results file comes from a run over a mesh (its points carry `tp`): reported in the tensor-parallel
-    section, not with the single-device runs."""
+    """Whether a results file comes from a run over a mesh (its points carry `tp`): an e2e one is reported in the
+    tensor-parallel part, not with the single-device runs; other kinds on a mesh are left out."""
     return any("tp" in r["point"] for r in recs)
 
 
@@ -430,8 +434,9 @@ def tensor_parallel_section(files: list[ResultsFile]) -> list[str]:
         decode = [r for r in f.records if r["record"] == "decode"]
         if not decode:
             continue
-        out += [f"- {_file_line(f)} Model: {_model_line([f])}.", "", tables.e2e_table(decode, keys), "",
-                tables.tp_speedup_table(decode), ""]
+        out += [f"- {_file_line(f)} Model: {_model_line([f])}.", "", tables.e2e_table(decode, keys), ""]
+        if len({r["point"]["tp"] for r in decode}) > 1:  # a speed-up needs two device counts
+            out += [tables.tp_speedup_table(decode), ""]
         if tables.has_floors(decode):
             out += [tables.e2e_table(decode, keys, "floor_fraction"), "", tables.hydragen_vs_none_table(decode, keys),
                     ""]

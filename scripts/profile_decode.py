@@ -6,7 +6,7 @@ decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix lengt
 `jax.profiler.trace`, and each GPU kernel is classified by its name. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 
-Usage: python scripts/profile_decode.py [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
+Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def main():
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
   args = parser.parse_args()
+  if args.demo and args.tp != 1:
+    parser.error("--demo profiles the demo's model on one device; --tp applies to the 7B shape")
   if args.demo:  # the demo's model and tree (models.demo, --model default)
     from models import demo  # noqa: PLC0415
     from models.sharing import build_sharing_tree, expand_samples  # noqa: PLC0415
@@ -133,7 +135,8 @@ def main():
                                                                    "rest"))
     kernels = sum(launches.values()) / 2 / args.steps
     print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, {kernels:.0f} kernels); per layer "
-          f"(us): {parts}; attention alone {alone * 1e6:.1f} us; compile {compile_s:.1f} s", flush=True)
+          f"(us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; compile {compile_s:.1f} s",
+          flush=True)
     for name, ns in total.most_common(args.top):
       print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
     del state, org, held

@@ -747,7 +747,11 @@ def test_report_gives_tensor_parallel_runs_a_section_of_their_own(tmp_path, read
     _write_results(res, "e2e_tp-7b-1k", "20261130-101000", [_model()] + [
         _decode(point(tp, 512), mode, tok * tp, floors=True)
         for tp in (1, 2) for mode, tok in (("hydragen", 3e4), ("none", 4e4))])
+    _write_results(res, "tree_apps", "20261130-102000", [_rec(  # a tree on a mesh: no part for it
+        "tree_apps", "decode", {"fewshot": 8, "problem_prompt": 4, "problems": 2, "samples": 2, "generate": 8,
+                                "batch": 4, "levels": 2, "tp": 2}, "two_level", {"decode_s": 1.0})])
     chosen = report.choose(report.load_results(res))
+    assert "tree_apps" not in chosen
     assert [f.name for f in chosen["e2e_throughput"]] == ["e2e_throughput-part1"]  # TP points stay out of it
     assert [f.name for f in chosen[report.TP_KIND]] == ["e2e_tp-7b-1k"]
     report.update_readme(readme, res, plot=False)

@@ -25,9 +25,11 @@ LAYERS = CONFIG.num_hidden_layers
 def weight_shapes(config: LlamaConfig, devices: int = 1) -> set[tuple[int, ...]]:
   """Shapes a copy of a layer weight (a device's shard of it on `devices` devices) would have: each weight, and the
   weights XLA's dot merger may concatenate (q/k/v, gate/up), both orientations."""
-  d, f = config.hidden_size, config.intermediate_size // devices
-  q = config.num_attention_heads // devices * config.head_dim
-  kv = max(1, config.num_key_value_heads // devices) * config.head_dim
+  from models import parallel  # noqa: PLC0415
+
+  split = parallel.split(config, devices)  # the per-device sizes the mesh layout uses (padded MLP width included)
+  d, f = config.hidden_size, split.intermediate
+  q, kv = split.q_heads * config.head_dim, split.kv_heads * config.head_dim
   outs = {q, kv, q + kv, 2 * kv, q + 2 * kv, f, 2 * f}  # column-parallel outputs, alone and merged
   shapes = {(d, w) for w in outs} | {(q, d), (f, d)}  # + o and down
   return shapes | {s[::-1] for s in shapes}
@@ -85,25 +87,25 @@ def _top_level(comps) -> dict:
   return {name: instrs for name, instrs in comps.items() if name not in fused}
 
 
-def _width(shape: tuple[int, ...]) -> int | None:
+def _width(shape: tuple[int, ...], widths: tuple[int, ...] = GEMM_WIDTHS) -> int | None:
   """Which GEMM an output shape belongs to (XLA may lay a GEMM's output out transposed: any dimension counts)."""
-  return next((d for d in shape if d in GEMM_WIDTHS), None)
+  return next((d for d in shape if d in widths), None)
 
 
-def gemm_widths(hlo: str) -> collections.Counter:
-  """Output widths of every GEMM call site: dots outside fusions, fusions whose computation holds a dot, cuBLAS
-  custom calls."""
+def gemm_widths(hlo: str, widths: tuple[int, ...] = GEMM_WIDTHS) -> collections.Counter:
+  """Output widths (among `widths`) of every GEMM call site: dots outside fusions, fusions whose computation holds a
+  dot, cuBLAS custom calls."""
   comps = _computations(hlo)
   dots = {name: [shape for shape, op, _ in instrs if op == "dot"] for name, instrs in comps.items()}
-  widths = collections.Counter()
+  found = collections.Counter()
   for instrs in _top_level(comps).values():
     for shape, op, line in instrs:
       if op == "dot" or (op == "custom-call" and "__cublas" in line):
-        widths[_width(shape)] += 1
+        found[_width(shape, widths)] += 1
       elif op == "fusion":
         for called in _CALLS.findall(line):
-          widths.update(_width(s) for s in dots.get(called, []))
-  return widths
+          found.update(_width(s, widths) for s in dots.get(called, []))
+  return found
 
 
 def new_buffers_of_shape(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
@@ -151,7 +153,7 @@ def test_decode_step_reads_layer_weights_in_place(mode, dtype, backend):
 @pytest.mark.parametrize("mode", ["hydragen", "none"])
 def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
   """On a 2-device mesh no weight shard is copied before its GEMM: XLA's dot merger concatenated the q/k/v and
-  gate/up shards into new buffers every step (each shard below its size threshold) until models.COMPILER_OPTIONS
+  gate/up shards into new buffers every step (under its size threshold) until models.COMPILER_OPTIONS
   turned it off."""
   from models import parallel  # noqa: PLC0415
 
@@ -159,8 +161,16 @@ def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
   model = models.init_random(CONFIG, dtype=jnp.bfloat16, seed=0, mesh=mesh)
   state = models.prefill(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9]], 4, mode=mode, backend="pallas")
   fn, _ = models.compile_decode(model, state, backend="pallas")
-  copies = new_buffers_of_shape(fn.as_text(), weight_shapes(CONFIG, 2))
+  hlo = fn.as_text()
+  copies = new_buffers_of_shape(hlo, weight_shapes(CONFIG, 2))
   assert not copies, "\n".join(line[:200] for line in copies)
+  if mode != "none":  # (attention's own products could share these widths; `none` has only the projections)
+    return
+  # Per device: q 20, k and v 10 each, gate and up 28 each; merged, q+k 30, q+k+v 40, gate+up 56. No GEMM is merged,
+  # whichever kernel XLA would have run it on (a merge into a Triton fusion copies nothing but is the same merger).
+  widths = gemm_widths(hlo, (10, 20, 28, 30, 40, 56))
+  assert widths[10] == 2 * LAYERS and widths[20] == LAYERS and widths[28] == 2 * LAYERS, widths
+  assert not widths[30] + widths[40] + widths[56], widths
 
 
 @pytest.mark.gpu
