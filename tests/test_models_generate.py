@@ -68,6 +68,20 @@ def test_chunked_decode_equals_generate(model):
     np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
 
 
+def test_prefill_and_decode_nest_under_a_users_trace(model):
+    """At the top level prefill and decode compile with models.COMPILER_OPTIONS; under an outer trace (eval_shape, a
+    user's jit) they are part of that program, where XLA refuses per-jit compiler options: same results."""
+    import models  # noqa: PLC0415
+
+    prompts = expand_samples(fewshot_prompts(seed=4), 2)
+    shapes = jax.eval_shape(lambda: prefill(model, prompts, 6).cache)
+    state = prefill(model, prompts, 6)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == jax.tree.map(lambda x: (x.shape, x.dtype), state.cache)
+    top = decode(model, prefill(model, prompts, 6), 5)
+    nested = jax.jit(lambda params, s: decode(models.Llama(CFG, params), s, 5))(model.params(), state)
+    np.testing.assert_array_equal(np.asarray(nested.tokens), np.asarray(top.tokens))
+
+
 def test_explicit_tree_equals_auto(model):
     prompts = fewshot_prompts(seed=4)
     seqs = expand_samples(prompts, 2)
