@@ -24,8 +24,9 @@
 # Times are estimates (compile times of the 32-layer model on GPU were not measured before): watch the
 # "[e2e] ... (prefill compile X s ...; decode compile Y s ...)" lines of the first call.
 #
-# Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png} and a flat copy in $OUT (if set): at most
-# 8 files per call. Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
+# Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png}, and with $OUT set (the device tool's) one archive
+# per part, $OUT/NAME-DEVICE-STAMP.tgz (a call returns at most 8 files; unpack with
+# `tar xzf FILE.tgz -C experiments/results`). Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
 # arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), ANCHORS_DIR (default .anchors).
 #
 # Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where PYTHON imports torch
@@ -89,10 +90,10 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
   if [[ -s "$base.jsonl" ]]; then
     [[ -s "$base.md" ]] || "$PYTHON" -m experiments report "$base.jsonl" || echo "[gpu_full] report of $name failed"
     "$PYTHON" -m experiments plot "$base.jsonl" --out "$RESULTS" || echo "[gpu_full] plotting $name failed"
-    if [[ -n "${OUT:-}" ]]; then  # flat copy, at most 8 files per call (smoke: no PNGs)
+    if [[ -n "${OUT:-}" ]]; then  # one archive a part (jsonl, md, PNGs): several parts fit a call's 8 files
       mkdir -p "$OUT"
-      cp "$base".jsonl "$base".md "$OUT"/ 2>/dev/null || true
-      [[ "$PART" == smoke ]] || cp "$base"-*.png "$OUT"/ 2>/dev/null || true
+      (shopt -s nullglob; cd "$RESULTS" && tar czf "$OUT/${base##*/}.tgz" "${base##*/}".* "${base##*/}"-*.png) \
+        || echo "[gpu_full] archiving $name into \$OUT failed"
     fi
   fi
 }
