@@ -11,9 +11,10 @@ Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D
 reference); None picks "pallas" on GPU and "xla" elsewhere. The Hopper kernel (`kernels/hopper.py`) applies to a
 one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level
 tree whose root is one node read by all sequences and whose leaves are per sequence, `seq_to_node=None`) in
-bf16/f16 with D = 64 or 128, T·g a multiple of 4 whose 8-aligned window is at most 64 rows, cache capacities
-multiples of 8 (or at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what
-fails). Other steps run on the Triton kernels under every kernel backend.
+bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
+at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what fails). Other steps run
+on the Triton kernels under every kernel backend. "pallas" takes it only for T·g a multiple of 4 (MHA decode,
+T·g = 1, is checked interpreted but not yet measured on a GPU: `validation.hopper_pays`).
 
 Out-of-range values. Concrete lengths and indices outside their range raise `ValueError`. Traced ones (under
 `jax.jit`) cannot be checked while tracing; every backend treats them as clamped: a length to [0, capacity], a

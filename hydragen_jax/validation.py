@@ -42,9 +42,12 @@ def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.T
   prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, for a prefix product of at
   least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
   overlaps it with the suffix stream; below, the Triton kernels are as fast or faster (measured per device:
-  `hydragen_jax/tuning`)."""
+  `hydragen_jax/tuning`). Query rows per sequence and KV head (T·g) that are not a multiple of 4 (MHA decode:
+  1) stay on the Triton kernels here: the kernel's path for them is checked interpreted but not yet measured on
+  a GPU (backend "mosaic" takes it)."""
   work = prefix_work(q.shape, num_kv_heads, prefix_capacity)
-  return on_hopper() and work >= tuning_lib.resolve(tuning).hopper_min_work
+  rows = q.shape[1] * q.shape[2] // num_kv_heads
+  return on_hopper() and rows % 4 == 0 and work >= tuning_lib.resolve(tuning).hopper_min_work
 
 
 def resolve_backend(backend: str | None) -> str:

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -79,9 +80,8 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
     return f"dtypes {q.dtype}/{prefix_k.dtype}/{suffix_k.dtype}: wgmma tiles take 16-bit inputs, all the same"
   if head_dim not in (64, 128):
     return f"head dim {head_dim}: shared memory holds D = 64 or 128"
-  if rows % 4 or _window_rows(rows) > ROWS:
-    return (f"T·g = {rows} query rows per sequence and KV head: not a multiple of 4 (a TMA copy of their lse "
-            f"needs 16 bytes), or their 8-aligned window exceeds {ROWS} rows")
+  if _window_rows(rows) > ROWS:
+    return f"T·g = {rows} query rows per sequence and KV head: their 8-aligned window exceeds {ROWS} rows"
   if any(n % 8 and n > 8 for n in (prefix_k.shape[0], suffix_k.shape[1])):
     return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is over 8 and not a "
             "multiple of 8 (a TMA copy needs the caches' key dimension in whole 8-row tiles, or under one)")
@@ -352,7 +352,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       # Only the sequence's own rows go out (o_smem is untiled: its rows can start anywhere).
       mine = pl.ds(start - window, qrows)
       plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(start, qrows)])
-      plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(start, qrows)])
+      if qrows % 4:  # a TMA copy moves whole 16 bytes from and to 16-byte-aligned addresses: the whole window's
+        plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, b])  # lse, [Hkv, B, srows] (unpacked after the kernel)
+      else:
+        plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(start, qrows)])
 
     lax.fori_loop(0, count(batch * num_heads), item, None)
 
@@ -392,12 +395,13 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   qrows = steps * group  # query rows per sequence and KV head
   srows = _window_rows(qrows)
   # [B, T, Hkv·g, D] -> [Hkv, B·T·g, D]: each KV head's rows stacked (a copy of q, not of the caches), padded to
-  # whole 128-row pair blocks: no copy in or out of the kernel falls off an array's end (a suffix window, T·g a
-  # multiple of 4, ends by the next multiple of 8 after B·T·g).
+  # whole 128-row pair blocks (the prefix items' rows: `rows`) and past the last suffix window: no copy in or out
+  # of the kernel falls off an array's end.
   qt = q.reshape(batch, steps, num_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
   qt = qt.reshape(num_heads, batch * qrows, head_dim)
   rows = -(-batch * qrows // (PAIR * ROWS)) * PAIR * ROWS
-  qt = jnp.pad(qt, ((0, 0), (0, rows - batch * qrows), (0, 0)))
+  last_window = (batch - 1) * qrows // 8 * 8
+  qt = jnp.pad(qt, ((0, 0), (0, max(rows, last_window + srows) - batch * qrows), (0, 0)))
   config = tuned_config() if config is None else config
   if config.num_ctas is None:
     config = dataclasses.replace(config, num_ctas=ops.num_cores())
@@ -411,7 +415,8 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
       jax.ShapeDtypeStruct((num_heads, rows, head_dim), q.dtype),
       jax.ShapeDtypeStruct((num_heads, rows), jnp.float32),
       jax.ShapeDtypeStruct((num_heads, batch * qrows, head_dim), q.dtype),
-      jax.ShapeDtypeStruct((num_heads, batch * qrows), jnp.float32),
+      # suffix lse: each sequence's rows, or (T·g not a multiple of 4) each item's whole window
+      jax.ShapeDtypeStruct((num_heads, batch, srows) if qrows % 4 else (num_heads, batch * qrows), jnp.float32),
   )
   params = None
   if interpret:
@@ -428,4 +433,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     lse = lse.reshape(num_heads, batch, steps, group).transpose(1, 2, 0, 3)
     return (out.reshape(batch, steps, num_q_heads, head_dim), lse.reshape(batch, steps, num_q_heads))
 
+  if qrows % 4:  # sequence b's rows sit at offset (b·T·g) mod 8 of its window
+    offsets = (np.arange(batch) * qrows % 8)[:, None] + np.arange(qrows)
+    ls = jnp.take_along_axis(ls, jnp.asarray(offsets)[None], axis=2).reshape(num_heads, batch * qrows)
   return back(op[:, :batch * qrows], lp[:, :batch * qrows]), back(os_, ls)

@@ -1,0 +1,45 @@
+"""The GPU-side tools run on CPU with tiny shapes, so that a device call never finds them broken: the decode-step
+profile (`scripts/profile_decode.py`) and the tensor-parallel probe (`scripts/tuning/probe_tp.py`, on 2 host
+devices). Their numbers mean nothing here (no GPU kernels to time); their plumbing is what is checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], **env) -> subprocess.CompletedProcess:
+  environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  environ.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env)
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=environ, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp():
+  p = _run(["scripts.profile_decode", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--generate", "8",
+            "--at", "2", "--steps", "2", "--modes", "hydragen,none"])
+  assert p.returncode == 0, p.stderr[-2000:]
+  lines = [line for line in p.stdout.splitlines() if line.startswith("[")]
+  assert [line.split("]")[0] for line in lines] == ["[hydragen", "[none"], p.stdout
+  assert all("all-reduce" in line and "compile" in line for line in lines)
+  bad = _run(["scripts.profile_decode", "--demo", "2", "--tp", "2"])
+  assert bad.returncode == 2 and "--demo profiles the demo's model on one device" in bad.stderr
+
+
+def test_probe_tp_writes_a_row_per_measurement(tmp_path):
+  out = tmp_path / "probe.jsonl"
+  p = _run(["scripts.tuning.probe_tp", "--small", "--settings", "base", "--batches", "8", "--steps", "2", "--nopsum",
+            "--out", str(out)], XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert p.returncode == 0, p.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  got = {(r["setting"], r["what"], r.get("variant")) for r in rows}
+  assert got == {("tp1", "allreduce", None), ("tp1", "stack", "psum"), ("base", "allreduce", None),
+                 ("base", "stack", "psum"), ("base", "stack", "psum_halves"), ("base", "stack", "nopsum")}
+  stack = {r["variant"]: r for r in rows if r["setting"] == "base" and r["what"] == "stack"}
+  assert stack["psum"]["all_reduce_ops"] > 0 and stack["nopsum"]["all_reduce_ops"] == 0
+  assert all(r["step_ms"] > 0 for r in stack.values())
