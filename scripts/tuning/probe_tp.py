@@ -11,6 +11,8 @@ Two measurements per setting, each in a fresh process (XLA_FLAGS and NCCL_* are 
 
 Usage (two GPUs; NCCL_NVLS_ENABLE=0 stays set):
   python -m scripts.tuning.probe_tp [--settings base,oneshot,lhs,...] [--batches 64,512] [--out FILE.jsonl]
+On one GPU, the GEMM settings against the default (tp = 1 throughout; the step's GEMMs at M = B):
+  python -m scripts.tuning.probe_tp --tp 1 --settings base,exhaustive,splitk,cublaslt,notriton --batches 8,64,512
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ SETTINGS = {  # name -> (extra XLA flags, extra environment)
                               "--xla_gpu_enable_latency_hiding_scheduler=true "
                               "--xla_gpu_all_reduce_combine_threshold_bytes=0", {}),
     "channels32": ("", {"NCCL_MIN_NCHANNELS": "32"}),
+    # GEMM settings (run with --tp 1: the layer stack is then the 7B decode step's GEMMs without attention)
+    "exhaustive": ("--xla_gpu_exhaustive_tiling_search=true", {}),
+    "splitk": ("--xla_gpu_enable_split_k_autotuning=true --xla_gpu_experimental_enable_split_k_rewrite=true", {}),
+    "cublaslt": ("--xla_gpu_enable_cublaslt=true", {}),
+    "notriton": ("--xla_gpu_enable_triton_gemm=false", {}),
 }
 
 D, F, LAYERS = 4096, 11008, 32
