@@ -271,17 +271,27 @@ def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
     return DenseCache(k=k, v=v, lengths=offsets[-1] + tc.lengths)
 
 
-_PREFILL_STATIC = ("config", "plan", "mode", "backend", "mesh")
-_prefill_jit = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATIC)  # callable under an outer trace
-_prefill_top = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATIC, compiler_options=COMPILER_OPTIONS)
-
-
 def _at_top_level() -> bool:
     """Whether JAX is tracing nothing now: XLA compiler options may be given only to a jit called at the top level
     (under an outer jit or eval_shape, the model's step is compiled as part of that program, with its options)."""
     from jax._src import core  # noqa: PLC0415 (no public query for this in jax 0.11)
 
     return bool(getattr(core, "trace_state_clean", lambda: False)())
+
+
+def _model_jit(fn, **jit_kw):
+    """``fn`` jitted with ``COMPILER_OPTIONS`` where it is called at the top level, plain under an outer trace (where
+    JAX refuses per-jit compiler options); ``.lower`` (ahead-of-time compiles) is the top-level one's."""
+    top, nested = jax.jit(fn, compiler_options=COMPILER_OPTIONS, **jit_kw), jax.jit(fn, **jit_kw)
+
+    def call(*args, **kwargs):
+        return (top if _at_top_level() else nested)(*args, **kwargs)
+
+    call.lower = top.lower
+    return call
+
+
+_prefill_jit = _model_jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend", "mesh"))
 
 
 def _check_mode(mode: str) -> None:
@@ -357,11 +367,11 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     kw = dict(config=config, plan=plan, mode=mode, backend=backend, mesh=model.mesh)
     if _compiled is not None:
         t0 = time.perf_counter()
-        fn = _prefill_top.lower(*args, **kw).compile()
+        fn = _prefill_jit.lower(*args, **kw).compile()
         _compiled["prefill_compile_s"] = time.perf_counter() - t0
         cache, logits, positions = fn(*args)
     else:
-        cache, logits, positions = (_prefill_top if _at_top_level() else _prefill_jit)(*args, **kw)
+        cache, logits, positions = _prefill_jit(*args, **kw)
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     return DecodeState(
         cache=cache, logits=logits, positions=positions,
@@ -401,10 +411,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     return jax.lax.while_loop(cond, body, state)
 
 
-_DECODE_STATIC = ("config", "sampling", "backend", "mesh")
-_decode_jit = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC, donate_argnums=(1,))  # under an outer trace
-_decode_top = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC, donate_argnums=(1,),
-                      compiler_options=COMPILER_OPTIONS)
+_decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
@@ -414,16 +421,15 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     ``state`` is donated: use only the returned state. ``num_steps`` is traced (no recompile per value).
     """
     sampling = SamplingConfig.make(sampling)
-    step = _decode_top if _at_top_level() else _decode_jit
-    return step(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling, backend=backend,
-                mesh=model.mesh)
+    return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
+                       backend=backend, mesh=model.mesh)
 
 
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
-    fn = _decode_top.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
+    fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
                            backend=backend, mesh=model.mesh).compile()
     return fn, time.perf_counter() - t0
 
