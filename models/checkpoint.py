@@ -144,10 +144,16 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     if mesh is not None:
         return Llama(config, _load_sharded(config, files, expected, path, dtype, mesh, tied_head), mesh)
     tensors = _read(files, list(expected), expected, path)
-    if tied_head and not np.array_equal(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"]):
+    if tied_head:
+        _check_tied(path, tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"])
+    return Llama(config, _from_hf(config, tensors, dtype))
+
+
+def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
+    """An explicit copy of a tied head must be one."""
+    if not np.array_equal(head, embed):
         raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
                               "'model.embed_tokens.weight'")
-    return Llama(config, _from_hf(config, tensors, dtype))
 
 
 def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: Mesh, tied_head: bool) -> Params:
@@ -160,13 +166,9 @@ def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: 
     def load(key: str, name: str) -> jax.Array:
         x = _read(files, [name], expected, path)[name]
         if tied_head and name == "model.embed_tokens.weight":
-            head = _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"]
-            if not np.array_equal(head, x):
-                raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
-                                      "'model.embed_tokens.weight'")
+            _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
         x = x if x.ndim == 1 or key == "embed" else x.T  # HF [out, in] -> [in, out]
-        x = parallel.to_layout(key, x.astype(host_dtype), config, s)
-        return parallel.place(x, mesh, parallel.param_specs_of(key))
+        return parallel.put(key, x.astype(host_dtype), config, s, mesh)
 
     layers = [{key: load(key, f"model.layers.{i}.{_HF_LAYER[key]}") for key in layer_keys(config)}
               for i in range(config.num_hidden_layers)]

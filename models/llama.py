@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from models.config import LlamaConfig
 
@@ -91,12 +91,16 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     Generated on device, one jitted call for the top-level arrays and one per layer (all layers share one
     compilation): cheap enough for 7B-shaped benchmark models.
     """
+    return _init(config, key, lambda names_shapes, k: _draw(names_shapes, k, jnp.dtype(dtype), config.hidden_size))
+
+
+def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
+    """The parameter tree of ``config``, each group of arrays made by ``draw(names_shapes, key)``: the top-level
+    arrays, then each layer (every layer the same names and shapes), one key each."""
     shapes = param_shapes(config)
-    top = tuple((name, shape) for name, shape in shapes.items() if name != "layers")
     keys = jax.random.split(key, config.num_hidden_layers + 1)
-    params = _draw(top, keys[0], jnp.dtype(dtype), config.hidden_size)
-    params["layers"] = [_draw(tuple(layer.items()), k, jnp.dtype(dtype), config.hidden_size)
-                        for layer, k in zip(shapes["layers"], keys[1:])]
+    params = draw(tuple((name, shape) for name, shape in shapes.items() if name != "layers"), keys[0])
+    params["layers"] = [draw(tuple(layer.items()), k) for layer, k in zip(shapes["layers"], keys[1:])]
     return params
 
 
@@ -298,19 +302,12 @@ def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mes
         return Llama(config, init_params(config, jax.random.key(seed), dtype))
     from models import parallel
 
-    s = parallel.split(config, parallel.mesh_size(mesh))
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), parallel.param_specs(config),
-                             is_leaf=lambda x: isinstance(x, P))
-    shapes, dt = param_shapes(config), jnp.dtype(dtype)
-    top = tuple((name, shape) for name, shape in shapes.items() if name != "layers")
-    keys = jax.random.split(jax.random.key(seed), config.num_hidden_layers + 1)  # as init_params splits them
+    s, dt = parallel.split(config, parallel.mesh_size(mesh)), jnp.dtype(dtype)
 
-    def draw(names_shapes, out_shardings):  # _draw, then each array in its mesh layout, generated on its devices
+    @functools.cache  # one compilation a group: every layer has the same names and shapes
+    def placed(names_shapes):  # _draw, then each array in its mesh layout, generated on its devices
+        out = {name: NamedSharding(mesh, parallel.param_specs_of(name)) for name, _ in names_shapes}
         return jax.jit(lambda key: {name: parallel.to_layout(name, x, config, s) for name, x in
-                                    _draw(names_shapes, key, dt, config.hidden_size).items()},
-                       out_shardings=out_shardings)
+                                    _draw(names_shapes, key, dt, config.hidden_size).items()}, out_shardings=out)
 
-    params = draw(top, {k: v for k, v in shardings.items() if k != "layers"})(keys[0])
-    layer = draw(tuple(shapes["layers"][0].items()), shardings["layers"][0])  # one compilation for every layer
-    params["layers"] = [layer(k) for k in keys[1:]]
-    return Llama(config, params, mesh)
+    return Llama(config, _init(config, jax.random.key(seed), lambda names_shapes, k: placed(names_shapes)(k)), mesh)

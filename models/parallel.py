@@ -162,9 +162,10 @@ def from_layout(key: str, x, config: LlamaConfig, s: Split):
     return x[:I] if key == "w_down" else x
 
 
-def canonical_shape(key: str, config: LlamaConfig) -> tuple[int, ...]:
-    """The single-device shape of parameter ``key`` (``models.llama.param_shapes``)."""
-    shapes = param_shapes(config)
+def canonical_shape(key: str, config: LlamaConfig, shapes: dict | None = None) -> tuple[int, ...]:
+    """The single-device shape of parameter ``key`` (from ``shapes = models.llama.param_shapes(config)``, made here
+    if not given)."""
+    shapes = param_shapes(config) if shapes is None else shapes
     return shapes["layers"][0][key] if key in shapes["layers"][0] else shapes[key]
 
 
@@ -177,8 +178,9 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
     """The split of ``config`` on ``mesh``; ``ValueError`` naming the first parameter whose shape is not its mesh
     layout (``shard_model`` puts a single-device model's parameters in it)."""
     s = split(config, mesh_size(mesh))
+    shapes = param_shapes(config)
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        want = layout_shape(_key(path), canonical_shape(_key(path), config), s)
+        want = layout_shape(_key(path), canonical_shape(_key(path), config, shapes), s)
         if tuple(x.shape) != want:
             raise ValueError(f"Llama(mesh=...): params{jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; on a "
                              f"{s.devices}-device mesh it must be {want} (use models.shard_model to place a "
@@ -186,11 +188,16 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
     return s
 
 
+def put(key: str, x, config: LlamaConfig, s: Split, mesh: Mesh) -> jax.Array:
+    """Canonical parameter ``key`` (a host or device array) on ``mesh`` in its layout: each device receives only its
+    shard (no whole copy on a device)."""
+    return jax.device_put(to_layout(key, x, config, s), NamedSharding(mesh, _SPECS[key]))
+
+
 def shard_params(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Canonical parameters (host or device arrays) placed on ``mesh`` in their layout, one tensor at a time."""
     s = split(config, mesh_size(mesh))
-    return map_params(lambda key, x: jax.device_put(to_layout(key, x, config, s), NamedSharding(mesh, _SPECS[key])),
-                      params)
+    return map_params(lambda key, x: put(key, x, config, s, mesh), params)
 
 
 def canonical_params(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
@@ -199,10 +206,6 @@ def canonical_params(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) ->
     return map_params(lambda key, x: from_layout(key, x, config, s), params)
 
 
-def place(x: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
-    """A host array as a global array on ``mesh``: each device receives only its shard (no whole copy on a
-    device)."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
 
 # ------------------------------------------------------------------------------------------- the forward
