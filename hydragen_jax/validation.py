@@ -39,15 +39,21 @@ def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: in
 
 def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.Tuning | None = None) -> bool:
   """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads and a
-  prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, for a prefix product of at
-  least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
+  prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, where `pays_on_hopper`."""
+  return on_hopper() and pays_on_hopper(q.shape, num_kv_heads, prefix_capacity, tuning)
+
+
+def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int,
+                   tuning: tuning_lib.Tuning | None = None) -> bool:
+  """Whether the Hopper kernel pays on a Hopper GPU (any machine may ask: the sweep does): for a prefix product of
+  at least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
   overlaps it with the suffix stream; below, the Triton kernels are as fast or faster (measured per device:
   `hydragen_jax/tuning`). Query rows per sequence and KV head (T·g) that are not a multiple of 4 (MHA decode:
-  1) stay on the Triton kernels here: the kernel's path for them is checked interpreted but not yet measured on
-  a GPU (backend "mosaic" takes it)."""
-  work = prefix_work(q.shape, num_kv_heads, prefix_capacity)
-  rows = q.shape[1] * q.shape[2] // num_kv_heads
-  return on_hopper() and rows % 4 == 0 and work >= tuning_lib.resolve(tuning).hopper_min_work
+  1) stay on the Triton kernels: the kernel's path for them is checked interpreted but not yet measured on a GPU
+  (backend "mosaic" takes it)."""
+  rows = q_shape[1] * q_shape[2] // num_kv_heads
+  work = prefix_work(q_shape, num_kv_heads, prefix_capacity)
+  return rows % 4 == 0 and work >= tuning_lib.resolve(tuning).hopper_min_work
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -100,7 +106,7 @@ def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.nda
     raise ValueError(f"{name} must have shape ({count},){what}; got {x.shape}.")
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must be integer; got dtype {x.dtype}.")
-  value = x if isinstance(x, np.ndarray) else _concrete(x)
+  value = _concrete(x)
   return x.astype(np.int32), (value if value is not None and value.size else None)
 
 

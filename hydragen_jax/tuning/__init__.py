@@ -205,8 +205,9 @@ def load(path: str | pathlib.Path) -> TuningFile:
 
 
 def write(path: str | pathlib.Path, file: TuningFile) -> None:
-  loads(dumps(file), str(path))  # what is written must load
-  pathlib.Path(path).write_text(dumps(file))
+  text = dumps(file)
+  loads(text, str(path))  # what is written must load
+  pathlib.Path(path).write_text(text)
 
 
 def data_file(device_kind: str):

@@ -158,7 +158,7 @@ class Sweep:
                                            tuning=tune))
     if kernel in ("hopper", "pallas"):
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.tuned_config(tune)) is None
-      if kernel == "hopper" or (fits and validation.prefix_work(q.shape, hkv, p) >= tune.hopper_min_work):
+      if kernel == "hopper" or (fits and validation.pays_on_hopper(q.shape, hkv, p, tune)):
         return ("hopper", i, tune.hopper) if fits else None
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
