@@ -74,7 +74,7 @@ DEVICE_SCHEMA = {
     "memory_fraction": Field((float, int), required=False, check=lambda v: 0 < v <= 1, hint="in (0, 1]"),
 }
 
-BANDWIDTH_PROBES = ("copy", "read", "pallas_read")  # experiments.device_rates.PROBES
+BANDWIDTH_PROBES = ("copy", "read", "pallas_read")  # the probes of experiments.device_rates
 
 # The device rates measured at the start of every run (experiments.device_rates): the floor's bandwidth is the best
 # of the probes, each over `copy_bytes` of data; the matmul rate is an n x n x n bf16 matmul.

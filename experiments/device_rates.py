@@ -30,9 +30,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from experiments import timing
+from experiments import config, timing
 
-PROBES = ("copy", "read", "pallas_read")
+PROBES = config.BANDWIDTH_PROBES  # the bandwidth probes, in the order they run (a config may name a subset)
 PROBE_MIN_REPEAT_S = 0.05  # each repeat of a probe lasts at least this long
 PROBE_MAX_CALLS = 1000
 PROBE_MIN_REPEATS = 5

@@ -226,18 +226,10 @@ def decode_step_floor(shape: ModelShape, sharing: Sharing, mode: str, step: int,
     return out
 
 
-def _mean(dicts: list[dict]) -> dict:
-    out = {}
-    for key, value in dicts[0].items():
-        out[key] = _mean([d[key] for d in dicts]) if isinstance(value, dict) else sum(d[key] for d in dicts) / len(dicts)
-    return out
-
-
-def _simpson_of(dicts: list[dict]) -> dict:
-    out = {}
-    for key, value in dicts[0].items():
-        out[key] = _simpson_of([d[key] for d in dicts]) if isinstance(value, dict) else simpson(*(d[key] for d in dicts))
-    return out
+def _combine(dicts: list[dict], fn) -> dict:
+    """Nested dicts of the same keys -> one, each leaf `fn` of the leaves at its place."""
+    return {key: _combine([d[key] for d in dicts], fn) if isinstance(value, dict) else fn([d[key] for d in dicts])
+            for key, value in dicts[0].items()}
 
 
 def decode_floor(shape: ModelShape, sharing: Sharing, mode: str, starts: Sequence[int], steps_per_sample: int,
@@ -254,9 +246,10 @@ def decode_floor(shape: ModelShape, sharing: Sharing, mode: str, starts: Sequenc
     """
     if len(starts) != 3:
         raise ValueError(f"starts must hold the 3 sample positions; got {list(starts)}")
-    windows = [_mean([decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate, devices, allreduce_bandwidth)
-                      for j in range(start, start + steps_per_sample)]) for start in starts]
-    mean = _simpson_of(windows)
+    mean_of = lambda v: sum(v) / len(v)  # noqa: E731
+    windows = [_combine([decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate, devices, allreduce_bandwidth)
+                         for j in range(start, start + steps_per_sample)], mean_of) for start in starts]
+    mean = _combine(windows, lambda v: simpson(*v))
     return {
         "floor_s": mean["total"],
         "floor_step_s": [w["total"] for w in windows],

@@ -15,10 +15,6 @@ import numpy as np  # noqa: E402
 from experiments import records, tables  # noqa: E402
 
 
-def _ok(rec: dict, key: str):
-    return rec["results"].get(key) if rec["status"] == "ok" else None
-
-
 def _title(recs: list[dict], what: str) -> str:
     r = recs[0]
     smoke = " (smoke)" if r["smoke"] else ""
@@ -62,7 +58,7 @@ def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathl
                                     ("floor_fraction", "fraction of the floor", "floor_fraction", False)):
         fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 4.8))
         for i, v in enumerate(variants):
-            vals = [_ok(by[c].get(v, {"status": "missing", "results": {}}), key) for c in cases]
+            vals = [tables.result(by[c].get(v, {"status": "missing", "results": {}}), key) for c in cases]
             heights = [np.nan if val is None else val for val in vals]
             xs = x + (i - (len(variants) - 1) / 2) * width
             ax.bar(xs, heights, width, label=v)
@@ -88,7 +84,7 @@ def _series(recs: list[dict], x_key: str, group_key: str | None, y_key: str):
     out: dict = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in recs:
         g = r["point"].get(group_key) if group_key else None
-        out[g][r["mode"]].append((r["point"][x_key], _ok(r, y_key), r))
+        out[g][r["mode"]].append((r["point"][x_key], tables.result(r, y_key), r))
     return out
 
 
@@ -195,7 +191,7 @@ def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[p
     if not recs:
         return []
     labels = [r["mode"] for r in recs]
-    vals = [np.nan if _ok(r, "decode_s") is None else _ok(r, "decode_s") for r in recs]
+    vals = [np.nan if tables.result(r, "decode_s") is None else tables.result(r, "decode_s") for r in recs]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(labels, vals, color=["C0", "C1", "C2", "C3"][: len(labels)])
     for i, r in enumerate(recs):

@@ -7,11 +7,12 @@ import json
 import math
 import os
 import pathlib
-import re
 import subprocess
 from typing import Iterable, Iterator
 
 import jax
+
+from hydragen_jax import tuning
 
 REQUIRED_KEYS = ("config", "experiment", "record", "point", "mode", "status", "results", "device", "jax_version",
                  "date_utc", "git_commit", "smoke")
@@ -35,7 +36,8 @@ def device_kind() -> str:
 
 
 def device_slug() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", jax.devices()[0].device_kind).strip("-").lower() or "device"
+    """The default device's kind as results files name it (the tuning files' slug: "nvidia-h200")."""
+    return tuning.slug(jax.devices()[0].device_kind)
 
 
 def metadata() -> dict:

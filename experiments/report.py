@@ -24,6 +24,7 @@ import pathlib
 import re
 
 from experiments import records, tables
+from hydragen_jax import tuning
 
 BEGIN = "<!-- report:begin"
 END = "<!-- report:end -->"
@@ -67,8 +68,7 @@ class ResultsFile:
 
 def device_slug(device: str) -> str:
     """'gpu:NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (as records.device_slug names files)."""
-    kind = device.split(":", 1)[-1]
-    return re.sub(r"[^A-Za-z0-9]+", "-", kind).strip("-").lower() or "device"
+    return tuning.slug(device.split(":", 1)[-1])
 
 
 def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
@@ -134,12 +134,6 @@ def choose(files: list[ResultsFile], device: str | None = None,
 
 
 # ---------------------------------------------------------------- formatting helpers
-
-
-def _ok(rec: dict | None, key: str):
-    if rec is None or rec["status"] != "ok":
-        return None
-    return rec["results"].get(key)
 
 
 def _range(values: list[float], fmt: str, unit: str = "") -> str:
@@ -231,13 +225,13 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
         out.append(f"- {_file_line(f, what)}")
     out += ["", tables._table(header, lines), ""]
     hyd = [by.get("hydragen") for _, _, by in rows]
-    fractions = [_ok(r, "floor_fraction") for r in hyd]
-    errors = [_ok(r, "max_abs_err_vs_reference") for _, _, by in rows for r in by.values()]
+    fractions = [tables.result(r, "floor_fraction") for r in hyd]
+    errors = [tables.result(r, "max_abs_err_vs_reference") for _, _, by in rows for r in by.values()]
     summary = [f"Hydragen / floor {_range(fractions, '.3f')}"]
     for v in ran:
         if v == "hydragen":
             continue
-        summary.append(f"{_range([_ok(r, f'speedup_vs_{v}') for r in hyd], '.1f', '×')} {titles[v]}")
+        summary.append(f"{_range([tables.result(r, f'speedup_vs_{v}') for r in hyd], '.1f', '×')} {titles[v]}")
     text = f"{summary[0]}; Hydragen's throughput over the others': " + ", ".join(summary[1:]).rstrip(".") + "."
     if any(e is not None for e in errors):
         text += (f" Every variant's output is within {max(e for e in errors if e is not None):.3g} of the jnp "
@@ -328,7 +322,7 @@ def _against_none(rows: dict, points: list[tuple]) -> list[str]:
     for prefix in sorted({p[0] for p in points}):
         batch = max(p[1] for p in points if p[0] == prefix)
         by = rows[(prefix, batch)]
-        hyd, none, shared = (_ok(by.get(m), "tokens_per_s") for m in ("hydragen", "none", "shared_storage"))
+        hyd, none, shared = (tables.result(by.get(m), "tokens_per_s") for m in ("hydragen", "none", "shared_storage"))
         if hyd and none:
             paper = tables.paper_hydragen_over_none(prefix)
             parts.append(f"{hyd / none:.2f} at {tables.fmt_tokens(prefix)} (B={batch}"
@@ -381,10 +375,10 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
             if rec is None or rec["status"] != "ok":
                 cells.append(rec["status"].upper() if rec else "–")
             else:
-                cells.append(tables._ratio(_ok(rec, "tokens_per_s"), _ok(ref, "tokens_per_s")))
+                cells.append(tables._ratio(tables.result(rec, "tokens_per_s"), tables.result(ref, "tokens_per_s")))
         if with_floors:
-            cells += [tables._ratio(_ok(by.get((p, "hydragen")), "floor_tokens_per_s"),
-                                    _ok(by.get((base, "hydragen")), "floor_tokens_per_s")),
+            cells += [tables._ratio(tables.result(by.get((p, "hydragen")), "floor_tokens_per_s"),
+                                    tables.result(by.get((base, "hydragen")), "floor_tokens_per_s")),
                       tables._cell(by.get((p, "hydragen")), "floor_fraction", lambda x: f"{x:.3f}")]
         lines.append(cells)
     batch = decode[0]["point"]["batch"]
@@ -407,7 +401,7 @@ def tree_section(files: list[ResultsFile]) -> list[str]:
            f"→ {p['problems']} problems × {p['problem_prompt']}-token prompts → {p['samples']} samples each, batch "
            f"{p['batch']}, {p['generate']} generated tokens):", "", f"- {_file_line(f)}", "",
            tables.tree_table(decode), ""]
-    by = {r["mode"]: _ok(r, "decode_s") for r in decode}
+    by = {r["mode"]: tables.result(r, "decode_s") for r in decode}
     two, one, shared = by.get("two_level"), by.get("one_level"), by.get("two_level_shared_storage")
     if two and one:
         text = (f"Two-level Hydragen takes {1 - two / one:.0%} less decode time than one-level ({two:.2f} s vs "

@@ -172,7 +172,7 @@ def _speedup_cell(rec: dict | None, base: dict | None) -> str:
     failed = next((r for r in (rec, base) if r is not None and r["status"] != "ok"), None)
     if failed is not None:
         return failed["status"].upper()
-    a, b = _get(rec, "tokens_per_s"), _get(base, "tokens_per_s")
+    a, b = result(rec, "tokens_per_s"), result(base, "tokens_per_s")
     return f"{a / b:.2f}x" if a and b else "–"
 
 
@@ -195,16 +195,16 @@ def relative_table(records: list[dict], x_key: str, value_key: str = "tokens_per
             base, rec = by.get((xs[0], m)), by.get((x, m))
             if rec is None or rec["status"] != "ok":
                 row.append(rec["status"].upper() if rec else "–")
-            elif base is None or base["status"] != "ok" or None in (_get(base, value_key), _get(rec, value_key)):
+            elif base is None or base["status"] != "ok" or None in (result(base, value_key), result(rec, value_key)):
                 row.append("–")
             else:
-                row.append(f"{_get(rec, value_key) / _get(base, value_key):.3f}")
+                row.append(f"{result(rec, value_key) / result(base, value_key):.3f}")
         rows.append(row)
     what = "" if value_key == "tokens_per_s" else f"{value_key} "
     return _table([x_key] + [f"{m} {what}(rel. to {x_key} {xs[0]})" for m in modes], rows)
 
 
-def _get(rec: dict | None, key: str):
+def result(rec: dict | None, key: str):
     """A result of an ok record, else None."""
     if rec is None or rec["status"] != "ok":
         return None
@@ -212,7 +212,7 @@ def _get(rec: dict | None, key: str):
 
 
 def has_floors(records: list[dict]) -> bool:
-    return any(_get(r, "floor_s") is not None for r in records)
+    return any(result(r, "floor_s") is not None for r in records)
 
 
 def _attention_floors(rec: dict) -> tuple[float, float]:
@@ -232,10 +232,10 @@ def hydragen_vs_none_rows(records: list[dict], point_keys: list[str]) -> list[tu
     rows = []
     for key in sorted(by, key=lambda k: tuple(v if isinstance(v, (int, float)) else 0 for v in k)):
         hyd, none = by[key].get("hydragen"), by[key].get("none")
-        if _get(hyd, "mean_step_s") is None or _get(none, "mean_step_s") is None:
+        if result(hyd, "mean_step_s") is None or result(none, "mean_step_s") is None:
             continue
         extra = hyd["results"]["mean_step_s"] - none["results"]["mean_step_s"]
-        attention, levels = _attention_floors(hyd) if _get(hyd, "attention_floor_s") is not None else (None, None)
+        attention, levels = _attention_floors(hyd) if result(hyd, "attention_floor_s") is not None else (None, None)
         rows.append((key, {"hydragen_over_none": hyd["results"]["tokens_per_s"] / none["results"]["tokens_per_s"],
                            "paper": paper_hydragen_over_none(hyd["point"].get("prefix")), "extra_s": extra,
                            "attention_s": attention, "levels_s": levels}))
@@ -273,10 +273,10 @@ def prefix_ratio_line(records: list[dict], long: int = 16384, short: int = 1024)
     parts = []
     for mode in dict.fromkeys(r["mode"] for r in records):
         a, b = by.get((long, mode)), by.get((short, mode))
-        if _get(a, "tokens_per_s") is None or _get(b, "tokens_per_s") is None:
+        if result(a, "tokens_per_s") is None or result(b, "tokens_per_s") is None:
             continue
         text = f"{mode} {_ratio(a['results']['tokens_per_s'], b['results']['tokens_per_s'])}"
-        if _get(a, "floor_tokens_per_s") is not None and _get(b, "floor_tokens_per_s") is not None:
+        if result(a, "floor_tokens_per_s") is not None and result(b, "floor_tokens_per_s") is not None:
             text += f" (floors {_ratio(a['results']['floor_tokens_per_s'], b['results']['floor_tokens_per_s'])})"
         parts.append(text)
     if not parts:
