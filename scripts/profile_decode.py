@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import gzip
 import re
 import time
@@ -49,8 +48,7 @@ def classify(name: str) -> str:
 def attention_alone(state, mode: str, steps: int, num_q_heads: int) -> float:
   """Seconds per step of the attention of one layer of `state`'s caches, alone, `steps` calls chained."""
   cache = state.cache
-  heads = num_q_heads
-  q = jax.random.normal(jax.random.key(0), (cache.lengths.shape[0], 1, heads, cache.k[0].shape[-1]),
+  q = jax.random.normal(jax.random.key(0), (cache.lengths.shape[0], 1, num_q_heads, cache.k[0].shape[-1]),
                         cache.k[0].dtype)
   levels = [hj.Level(lc.k[0], lc.v[0], lc.lengths, lc.seq_to_node, lc.max_group) for lc in
             getattr(cache, "shared", ())] + [hj.Level(cache.k[0], cache.v[0], cache.lengths)]
@@ -90,7 +88,6 @@ def main():
     model = demo.load_default_model(jnp.bfloat16)
     tok = models.ByteTokenizer()
     tree = build_sharing_tree(expand_samples([tok.encode(demo.FEW_SHOT + p) for p in demo.PROBLEMS], args.demo))
-    shape = dataclasses.asdict(model.config)
     print(f"demo model, {tree.describe()}", flush=True)
   else:
     shape = dict(SHAPE_7B, num_hidden_layers=args.layers)
@@ -112,8 +109,8 @@ def main():
     if args.hlo:
       with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
         f.write(fn.as_text())
-    alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps, shape["num_attention_heads"])
-             if mode != "none" and args.tp == 1 else 0.0)
+    alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
+                             model.config.num_attention_heads) if mode != "none" and args.tp == 1 else 0.0)
 
     held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 

@@ -114,9 +114,9 @@ def new_buffers_of_shape(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
           for shape, op, line in instrs if shape in shapes and op not in _NOT_NEW]
 
 
-def _compiled_decode(mode: str, dtype, backend):
-  """The optimized HLO text of the decode loop, and the state it was compiled for."""
-  model = models.init_random(CONFIG, dtype=dtype, seed=0)
+def _compiled_decode(mode: str, dtype, backend, mesh=None):
+  """The optimized HLO text of the decode loop (on `mesh`, if given), and the state it was compiled for."""
+  model = models.init_random(CONFIG, dtype=dtype, seed=0, mesh=mesh)
   state = models.prefill(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9]], 4, mode=mode, backend=backend)
   fn, _ = models.compile_decode(model, state, backend=backend)
   return fn.as_text(), state
@@ -157,11 +157,7 @@ def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
   turned it off."""
   from models import parallel  # noqa: PLC0415
 
-  mesh = parallel.make_mesh(2)
-  model = models.init_random(CONFIG, dtype=jnp.bfloat16, seed=0, mesh=mesh)
-  state = models.prefill(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9]], 4, mode=mode, backend="pallas")
-  fn, _ = models.compile_decode(model, state, backend="pallas")
-  hlo = fn.as_text()
+  hlo, _ = _compiled_decode(mode, jnp.bfloat16, "pallas", mesh=parallel.make_mesh(2))
   copies = new_buffers_of_shape(hlo, weight_shapes(CONFIG, 2))
   assert not copies, "\n".join(line[:200] for line in copies)
   if mode != "none":  # (attention's own products could share these widths; `none` has only the projections)
