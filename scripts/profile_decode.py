@@ -45,7 +45,7 @@ def classify(name: str) -> str:
   return "rest"
 
 
-def attention_alone(state, mode: str, steps: int, num_q_heads: int) -> float:
+def attention_alone(state, mode: str, steps: int, num_q_heads: int, backend: str | None = None) -> float:
   """Seconds per step of the attention of one layer of `state`'s caches, alone, `steps` calls chained."""
   cache = state.cache
   q = jax.random.normal(jax.random.key(0), (cache.lengths.shape[0], 1, num_q_heads, cache.k[0].shape[-1]),
@@ -56,7 +56,7 @@ def attention_alone(state, mode: str, steps: int, num_q_heads: int) -> float:
   @jax.jit
   def chained(q, levels):
     def body(_, q):
-      return hj.tree_attention(q, levels, batch_shared=mode == "hydragen").astype(q.dtype)
+      return hj.tree_attention(q, levels, batch_shared=mode == "hydragen", backend=backend).astype(q.dtype)
     return jax.lax.fori_loop(0, steps, body, q)
 
   jax.block_until_ready(chained(q, levels))
@@ -76,6 +76,7 @@ def main():
   parser.add_argument("--top", type=int, default=12, help="kernels listed per mode")
   parser.add_argument("--hlo", default=None, metavar="DIR", help="write each mode's compiled decode loop (gzip) here")
   parser.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (GPU 0's kernels shown)")
+  parser.add_argument("--backend", default=None, choices=hj.BACKENDS, help="attention backend (default: chosen per device; e.g. mosaic)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -96,21 +97,22 @@ def main():
                    head_dim=16)
     model, _ = model_api.build_model(shape, "bfloat16", seed=0, tp=args.tp)
     tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
-    print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}", flush=True)
+    print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
+          f"backend={args.backend or 'default'}", flush=True)
   layers = model.config.num_hidden_layers
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
   for mode in args.modes.split(","):
-    state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, None, 2048,
+    state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
                                  max_calls=1)
     org = model_api.origin(state)
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
-    fn, compile_s = model_api.compile_decode(model, state, None)
+    fn, compile_s = model_api.compile_decode(model, state, args.backend)
     if args.hlo:
       with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
         f.write(fn.as_text())
     alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
-                             model.config.num_attention_heads) if mode != "none" and args.tp == 1 else 0.0)
+                             model.config.num_attention_heads, args.backend) if mode != "none" and args.tp == 1 else 0.0)
 
     held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 

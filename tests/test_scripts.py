@@ -49,3 +49,15 @@ def test_probe_tp_writes_a_row_per_measurement(tmp_path):
   stack = {r["variant"]: r for r in rows if r["setting"] == "base" and r["what"] == "stack"}
   assert stack["psum"]["all_reduce_ops"] > 0 and stack["nopsum"]["all_reduce_ops"] == 0
   assert all(r["step_ms"] > 0 for r in stack.values())
+
+
+def test_probe_tp_settings_are_flags_this_xla_knows():
+  """XLA aborts a process on an unknown flag: every setting the probe offers must parse (one process, all flags)."""
+  from scripts.tuning.probe_tp import SETTINGS  # noqa: PLC0415
+
+  flags = " ".join(dict.fromkeys(f for flag, _ in SETTINGS.values() for f in flag.split()))
+  code = "import jax.numpy as jnp; print(float((jnp.ones(2) + 1).sum()))"
+  environ = dict(os.environ)
+  environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  q = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
+  assert q.returncode == 0 and q.stdout.strip() == "4.0", q.stderr[-2000:]

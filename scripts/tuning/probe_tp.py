@@ -12,7 +12,7 @@ Two measurements per setting, each in a fresh process (XLA_FLAGS and NCCL_* are 
 Usage (two GPUs; NCCL_NVLS_ENABLE=0 stays set):
   python -m scripts.tuning.probe_tp [--settings base,oneshot,lhs,...] [--batches 64,512] [--out FILE.jsonl]
 On one GPU, the GEMM settings against the default (tp = 1 throughout; the step's GEMMs at M = B):
-  python -m scripts.tuning.probe_tp --tp 1 --settings base,exhaustive,splitk,cublaslt,notriton --batches 8,64,512
+  python -m scripts.tuning.probe_tp --tp 1 --settings base,exhaustive,tritonany,tritonany_exhaustive,warpspec,cublaslt,notriton --batches 8,64,512
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ SETTINGS = {  # name -> (extra XLA flags, extra environment)
     "channels32": ("", {"NCCL_MIN_NCHANNELS": "32"}),
     # GEMM settings (run with --tp 1: the layer stack is then the 7B decode step's GEMMs without attention)
     "exhaustive": ("--xla_gpu_exhaustive_tiling_search=true", {}),
-    "splitk": ("--xla_gpu_enable_split_k_autotuning=true --xla_gpu_experimental_enable_split_k_rewrite=true", {}),
+    "tritonany": ("--xla_gpu_triton_gemm_any=true", {}),  # the autotuner may pick Triton for every GEMM
+    "tritonany_exhaustive": ("--xla_gpu_triton_gemm_any=true --xla_gpu_exhaustive_tiling_search=true", {}),
+    "warpspec": ("--xla_gpu_triton_gemm_any=true --xla_gpu_experimental_enable_triton_warp_specialization=true", {}),
     "cublaslt": ("--xla_gpu_enable_cublaslt=true", {}),
     "notriton": ("--xla_gpu_enable_triton_gemm=false", {}),
 }
