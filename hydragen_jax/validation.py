@@ -48,12 +48,9 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   """Whether the Hopper kernel pays on a Hopper GPU (any machine may ask: the sweep does): for a prefix product of
   at least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
   overlaps it with the suffix stream; below, the Triton kernels are as fast or faster (measured per device:
-  `hydragen_jax/tuning`). Query rows per sequence and KV head (T·g) that are not a multiple of 4 (MHA decode:
-  1) stay on the Triton kernels: the kernel's path for them is checked interpreted but not yet measured on a GPU
-  (backend "mosaic" takes it)."""
-  rows = q_shape[1] * q_shape[2] // num_kv_heads
-  work = prefix_work(q_shape, num_kv_heads, prefix_capacity)
-  return rows % 4 == 0 and work >= tuning_lib.resolve(tuning).hopper_min_work
+  `hydragen_jax/tuning`). Any T·g: MHA decode (T·g = 1) too, measured in the 7B model on the H200 at B = 512,
+  P = 16K (PERF_NOTES.md)."""
+  return prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning_lib.resolve(tuning).hopper_min_work
 
 
 def resolve_backend(backend: str | None) -> str:

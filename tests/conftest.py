@@ -8,8 +8,13 @@ there is none. Cases outside the Hopper kernel's (float32, odd capacities, ...) 
 
 from __future__ import annotations
 
-import jax
-import pytest
+import os
+
+# Several test processes (`pytest -n 6`) share one GPU: none may preallocate most of its memory (JAX's default).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

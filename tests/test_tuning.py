@@ -63,8 +63,8 @@ def test_current_follows_the_device_kind(data_dir, monkeypatch):
   # the kernels read it: 32-row shared tiles, the Hopper threshold
   assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 32
   monkeypatch.setattr(validation, "on_hopper", lambda: True)
-  assert validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)  # g = 4: T·g a multiple of 4
-  assert not validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 8, 1)  # MHA, T·g = 1: Triton until measured
+  assert validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)  # g = 4
+  assert validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 8, 1)  # MHA decode, T·g = 1
   monkeypatch.setattr(tuning, "device_kind", lambda: "Other GPU")
   assert tuning.current() == _h100()
   assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 64
