@@ -389,6 +389,19 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     ((out, lse) over the prefix, (out, lse) over the suffixes): out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
+  config = tuned_config() if config is None else config
+  if config.num_ctas is None:
+    config = dataclasses.replace(config, num_ctas=ops.num_cores())
+  return _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths,
+                                  scale=scale, config=config, interpret=interpret)
+
+
+# One jit for the kernel and its layout changes: a model's layers call it with the same shapes and settings, and a
+# nested jit is lowered once per signature, so they share one Mosaic GPU module (one kernel hash, compiled once);
+# inlined at each call site, every layer would carry a module of its own (a different hash) and compile it again.
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths, *, scale,
+                             config: HopperConfig, interpret: bool):
   batch, steps, num_q_heads, head_dim = q.shape
   num_heads = prefix_k.shape[1]
   group = num_q_heads // num_heads
@@ -402,9 +415,6 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   rows = -(-batch * qrows // (PAIR * ROWS)) * PAIR * ROWS
   last_window = (batch - 1) * qrows // 8 * 8
   qt = jnp.pad(qt, ((0, 0), (0, max(rows, last_window + srows) - batch * qrows), (0, 0)))
-  config = tuned_config() if config is None else config
-  if config.num_ctas is None:
-    config = dataclasses.replace(config, num_ctas=ops.num_cores())
   # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.
   lens = jnp.concatenate([jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_k.shape[1]),
                           jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])])
