@@ -233,6 +233,26 @@ def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   assert {s["signature"].split("'")[1] for s in steps} == {"triton", "hopper", "alone"}
 
 
+def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
+  """A sweep killed during a choice (a device call's time limit) leaves the file with the choices made so far, and
+  the log with every step timed so far."""
+  out, log = tmp_path / "partial.json", tmp_path / "steps.jsonl"
+  real = sweep_device.run_choice
+
+  def stop_at_the_second(sweep, choice, *a, **kw):
+    if choice.field == "interleave_lead":
+      assert log.read_text().count("\n") == sweep.timed > 0  # flushed as it goes
+      raise KeyboardInterrupt
+    return real(sweep, choice, *a, **kw)
+
+  monkeypatch.setattr(sweep_device, "run_choice", stop_at_the_second)
+  with pytest.raises(KeyboardInterrupt):
+    sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields", "hopper_min_work,interleave_lead"])
+  file = tuning.load(out)
+  assert [r["field"] for r in file.provenance["choices"]] == ["hopper_min_work"]
+  assert file.provenance["final_check"]["status"].startswith("not run: the sweep stopped after hopper_min_work")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not validation.on_hopper(), reason="needs a Hopper GPU (the sweep times the Hopper kernel)")
 def test_sweep_times_and_checks_real_steps_on_the_gpu(tmp_path):

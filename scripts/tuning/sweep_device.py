@@ -13,6 +13,8 @@ config: a candidate whose output differs, or that fails to compile, is refused. 
 choices early (the rest keep the base's values; the file says which were measured: run again with --base and
 --fields for those) and a final pass times the picked tuning against the base on every config with the kernel the
 API would take ("pallas"). Interactions between choices are seen only through the greedy order and that final pass.
+The file is written after every choice and the log (--log) after every step, so a sweep stopped from outside keeps
+what it measured; each step is printed before it starts, so one that hangs is named.
 
 --dry-run builds and traces (jax.eval_shape) every step the sweep would time, on the same configs, but runs and
 times nothing (no memory, any machine): its times are stand-ins derived from each step's signature, so that the
@@ -188,6 +190,7 @@ class Sweep:
       return self.seconds[signature]
     if time.time() > self.deadline:
       return None
+    print(f"  [{i}] {signature[0]} ...", end="", flush=True)  # a step that hangs shows which one it is
     start, error, err = time.time(), None, None
     try:
       steps, err = self._measure(i, self.step(signature, tune), signature)
@@ -198,10 +201,11 @@ class Sweep:
     self.timed += 1
     line = dict(config=self.configs[i], signature=repr(signature), steps_s=steps, seconds=seconds_record([seconds])[0],
                 max_err=err, error=error, wall_s=round(time.time() - start, 2))
-    print(f"  [{i}] {signature[0]} {seconds * 1e6:.1f} us" + (f" ({error})" if error else "")
+    print(f" {seconds * 1e6:.1f} us ({line['wall_s']:.0f} s)" + (f" ({error})" if error else "")
           + f"  {signature[2:]}", flush=True)
     if self.log:
       self.log.write(json.dumps(line, default=str) + "\n")
+      self.log.flush()  # a sweep killed from outside keeps what it timed
     return seconds
 
   def _measure(self, i: int, fn: Callable, signature: tuple) -> tuple[list[float], float | None]:
@@ -317,11 +321,15 @@ def main(argv: list[str] | None = None) -> None:
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
   sweep = Sweep(configs, dry_run=args.dry_run, deadline=start + args.budget_s - args.final_s, log=log)
   tune, recs = base_file.tuning, []
+  out = args.out or str(tuning_lib.data_file(kind))
   for choice in todo:
     print(f"{choice.field} ({choice.kernel}, configs {groups[choice.group]}):", flush=True)
     tune, record = run_choice(sweep, choice, tune, groups[choice.group], args.min_gain)
     recs.append(record)
     print(f"  -> {record['status']}: {record.get('picked', record['base'])}", flush=True)
+    # the file after every choice: a sweep stopped from outside (a call's time limit) keeps the choices it made
+    write(out, kind, tune, base_file, args, argv, recs, sweep, start,
+          dict(status=f"not run: the sweep stopped after {choice.field}, or is still running"))
   sweep.deadline = start + args.budget_s
   final = dict(status="the picked tuning is the base's: nothing to compare")
   if tune != base_file.tuning:
@@ -332,6 +340,13 @@ def main(argv: list[str] | None = None) -> None:
                  speedup=round(speedup([b for _, b, _ in done], [t for _, _, t in done]), 4) if done else None)
   if log:
     log.close()
+  write(out, kind, tune, base_file, args, argv, recs, sweep, start, final)
+  print(f"wrote {out} ({time.time() - start:.0f} s, {sweep.timed} steps timed); final check: {final}", flush=True)
+
+
+def write(out: str, kind: str, tune: Tuning, base_file, args, argv, recs: list[dict], sweep: Sweep, start: float,
+          final: dict) -> None:
+  """The data file of the sweep so far: the picked tuning and its provenance."""
   elapsed = time.time() - start
   measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
   provenance = dict(
@@ -351,9 +366,7 @@ def main(argv: list[str] | None = None) -> None:
       choices=recs,
       steps_timed=sweep.timed,
   )
-  out = args.out or str(tuning_lib.data_file(kind))
   tuning_lib.write(out, tuning_lib.TuningFile(kind, tune, provenance))
-  print(f"wrote {out} ({elapsed:.0f} s, {sweep.timed} steps timed); final check: {final}", flush=True)
 
 
 if __name__ == "__main__":
