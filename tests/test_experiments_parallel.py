@@ -26,6 +26,23 @@ def test_tensor_parallel_shape_is_one_device_share():
     assert (wide.q_heads, wide.kv_heads, wide.vocab) == (2, 1, 2001)
 
 
+@pytest.mark.parametrize("heads,kv_heads,intermediate,vocab,devices", [
+    (32, 32, 11008, 32000, 2), (32, 8, 14336, 128256, 4), (32, 8, 14336, 32001, 16), (40, 40, 13824, 32016, 8),
+    (12, 4, 1536, 49152, 4), (8, 2, 64, 99, 8)])
+def test_tensor_parallel_share_is_the_models_split(heads, kv_heads, intermediate, vocab, devices):
+    """floor stays free of jax and models, so it has its own copy of the split: the same sizes as
+    models.parallel.split (what the sharded model runs) on dense, GQA, replicated-KV and odd-vocabulary shapes."""
+    from models import parallel  # noqa: PLC0415
+
+    shape = dataclasses.replace(SEVEN_B, q_heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=vocab)
+    share = floor.tensor_parallel(shape, devices)
+    split = parallel.split(LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=intermediate,
+                                       num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                       head_dim=128), devices)
+    assert (share.q_heads, share.kv_heads, share.intermediate, share.vocab) == (
+        split.q_heads, split.kv_heads, split.intermediate, split.vocab)
+
+
 def test_allreduce_time_is_a_ring_over_the_bus_bandwidth():
     assert floor.allreduce_time(4 * 2**20, 1, LINK) == 0.0
     assert floor.allreduce_time(4 * 2**20, 2, LINK) == pytest.approx(4 * 2**20 / LINK)  # 2 (n-1)/n = 1
