@@ -147,6 +147,8 @@ DECODE_SCHEMA = {
     "point_budget_s": Field((int, float), check=lambda v: v > 0, hint="seconds > 0"),
     "full_decode": Field((bool,)),
     "prefill_chunk": positive_int(),
+    # decode steps per host wait (models.decode's steps_per_sync; absent: 1, a wait before every step)
+    "steps_per_sync": positive_int("an integer >= 1: decode steps per host wait", required=False),
 }
 
 def _tensor_parallel(value) -> bool:

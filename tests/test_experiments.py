@@ -542,6 +542,22 @@ def test_e2e_runtime_oom_is_recorded(tmp_path, monkeypatch):
     assert plot_lib.plot_files([tmp_path / "oom.jsonl"], tmp_path)  # plots draw failures too
 
 
+def test_e2e_steps_per_sync_is_passed_on_and_recorded(tmp_path):
+    from experiments import e2e
+
+    cfg = _tiny_e2e()
+    cfg["modes"] = ["hydragen"]
+    cfg["decode"]["steps_per_sync"] = 2
+    with records.RecordWriter(tmp_path / "sync.jsonl", cfg) as writer:
+        e2e.run(cfg, writer, progress=False)
+    decode = [r for r in _check_records(tmp_path / "sync.jsonl") if r["record"] == "decode"]
+    assert decode and all(r["status"] == "ok" and r["results"]["steps_per_sync"] == 2 for r in decode)
+    raw = tomllib.loads((config.CONFIG_DIR / "e2e_throughput.toml").read_text())
+    raw["decode"]["steps_per_sync"] = 0
+    with pytest.raises(config.ConfigError, match=r"'decode\.steps_per_sync'"):
+        config.from_dict(raw)
+
+
 def test_e2e_config_error_names_model_key():
     with open(config.CONFIG_DIR / "e2e_throughput.toml", "rb") as f:
         raw = tomllib.load(f)
