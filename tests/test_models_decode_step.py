@@ -199,7 +199,12 @@ def test_model_decode_takes_the_hopper_kernel_with_per_layer_caches():
   shared = list(range(1, 40))
   state = models.prefill(model, [shared + [50], shared + [51, 52]], 8, mode="hydragen", backend="mosaic")
   fn, _ = models.compile_decode(model, state, backend="mosaic")
-  assert "mosaic_gpu" in fn.as_text()
+  text = fn.as_text()
+  assert "mosaic_gpu" in text
+  # Both layers call one kernel (one module, one hash: compiled once), not a module of their own each.
+  hashes = re.findall(r'kernel_hash\s*=\s*"((?:[^"\\]|\\.)*)"', text)
+  assert len(hashes) >= config.num_hidden_layers and len(set(hashes)) == 1, (
+      len(hashes), len(set(hashes)), text[text.find("kernel_hash"):][:300])
 
 
 def test_llama_names_a_bad_parameter_tree():
