@@ -3,8 +3,8 @@
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``
 and ``Qwen3ForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
 its config asks for (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms). Linear
-weights are ``[out, in]``; the loader transposes them to ``[in, out]`` and stacks the layers along a leading axis
-(see ``models.llama``). Every missing, misshaped or unexpected tensor, and every unreadable file, raises
+weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``), one dict of arrays per
+layer (see ``models.llama``). Every missing, misshaped or unexpected tensor, and every unreadable file, raises
 ``CheckpointError`` naming the tensor or the file.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,13 @@ from safetensors.numpy import save_file
 from models.config import CheckpointError, LlamaConfig
 from models.llama import Llama, Params, layer_keys, param_shapes
 
-__all__ = ["CheckpointError", "hf_tensor_shapes", "load_checkpoint", "save_checkpoint", "to_hf_tensors"]
+__all__ = ["CheckpointError", "hf_name", "hf_tensor_shapes", "load_checkpoint", "save_checkpoint", "to_hf_tensors"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-# our stacked name -> HF per-layer name (all families)
+# our name -> HF name: the model's own tensors, and a layer's (after "model.layers.{i}.") for all families
+_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 _HF_LAYER = {
     "attn_norm": "input_layernorm.weight",
     "wq": "self_attn.q_proj.weight",
@@ -49,15 +51,43 @@ _HF_LAYER = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers recomputed from the config
 
 
+def hf_name(key: str, layer: int | None = None) -> str:
+    """The HF name of our parameter ``key``: of the model (layer None) or of layer ``layer``."""
+    return _HF_TOP[key] if layer is None else f"model.layers.{layer}.{_HF_LAYER[key]}"
+
+
+def _transposed(key: str, ndim: int) -> bool:
+    """HF linear weights are ``[out, in]``, ours ``[in, out]``; vectors and the embedding (``[vocab, hidden]`` in
+    both) are stored alike."""
+    return ndim == 2 and key != "embed"
+
+
+def _hf_layout(key: str, x):
+    """``x`` (our parameter ``key``) in HF's layout, or back: the transpose is its own inverse."""
+    return x.T if _transposed(key, x.ndim) else x
+
+
+def _names(config: LlamaConfig) -> list[tuple[str, int | None]]:
+    """(key, layer) of every parameter of ``config``: the model's own (layer None), then each layer's."""
+    top = ["embed", "final_norm"] + ([] if config.tie_word_embeddings else ["lm_head"])
+    return [(key, None) for key in top] + [(key, i) for i in range(config.num_hidden_layers)
+                                            for key in layer_keys(config)]
+
+
+def _tree(config: LlamaConfig, values: dict[tuple[str, int | None], Any]) -> Params:
+    """Our parameter tree from {(key, layer): value}."""
+    params = {key: v for (key, layer), v in values.items() if layer is None}
+    params["layers"] = [{key: values[key, i] for key in layer_keys(config)} for i in range(config.num_hidden_layers)]
+    return params
+
+
 def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of ``config`` must hold, with its HF shape (``[out, in]`` matrices)."""
     ours = param_shapes(config)
-    shapes = {"model.embed_tokens.weight": ours["embed"], "model.norm.weight": ours["final_norm"]}
-    for i, layer in enumerate(ours["layers"]):
-        for key, shape in layer.items():
-            shapes[f"model.layers.{i}.{_HF_LAYER[key]}"] = shape[::-1]  # [in, out] -> [out, in]; vectors as they are
-    if "lm_head" in ours:
-        shapes["lm_head.weight"] = ours["lm_head"][::-1]
+    shapes = {}
+    for key, layer in _names(config):
+        shape = ours[key] if layer is None else ours["layers"][layer][key]
+        shapes[hf_name(key, layer)] = shape[::-1] if _transposed(key, len(shape)) else shape
     return shapes
 
 
@@ -163,35 +193,20 @@ def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: 
     s = parallel.split(config, parallel.mesh_size(mesh))
     host_dtype = ml_dtypes.bfloat16 if dtype == jnp.dtype(jnp.bfloat16) else np.float32
 
-    def load(key: str, name: str) -> jax.Array:
+    def load(key: str, layer: int | None) -> jax.Array:
+        name = hf_name(key, layer)
         x = _read(files, [name], expected, path)[name]
-        if tied_head and name == "model.embed_tokens.weight":
+        if tied_head and key == "embed":
             _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
-        x = x if x.ndim == 1 or key == "embed" else x.T  # HF [out, in] -> [in, out]
-        return parallel.put(key, x.astype(host_dtype), config, s, mesh)
+        return parallel.put(key, _hf_layout(key, x).astype(host_dtype), config, s, mesh)
 
-    layers = [{key: load(key, f"model.layers.{i}.{_HF_LAYER[key]}") for key in layer_keys(config)}
-              for i in range(config.num_hidden_layers)]
-    params = {"embed": load("embed", "model.embed_tokens.weight"),
-              "final_norm": load("final_norm", "model.norm.weight"), "layers": layers}
-    if not config.tie_word_embeddings:
-        params["lm_head"] = load("lm_head", "lm_head.weight")
-    return params
+    return _tree(config, {(key, layer): load(key, layer) for key, layer in _names(config)})
 
 
 def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
-    def conv(x):
-        return jnp.asarray(x, dtype)
-
-    layers = []
-    for i in range(config.num_hidden_layers):
-        hf = {key: t[f"model.layers.{i}.{_HF_LAYER[key]}"] for key in layer_keys(config)}
-        layers.append({key: conv(w if w.ndim == 1 else w.T) for key, w in hf.items()})
-    params = {"embed": conv(t["model.embed_tokens.weight"]), "final_norm": conv(t["model.norm.weight"]),
-              "layers": layers}
-    if not config.tie_word_embeddings:
-        params["lm_head"] = conv(t["lm_head.weight"].T)
-    return params
+    """Our parameters (``dtype``) from HF-named, HF-laid-out arrays ``t``."""
+    return _tree(config, {(key, layer): jnp.asarray(_hf_layout(key, t[hf_name(key, layer)]), dtype)
+                          for key, layer in _names(config)})
 
 
 def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
@@ -210,14 +225,8 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         out = np.ascontiguousarray(x)
         return out.astype(np_dtype) if np_dtype is not None else out.astype(np.asarray(p["embed"]).dtype)
 
-    out = {"model.embed_tokens.weight": conv(p["embed"]), "model.norm.weight": conv(p["final_norm"])}
-    for i, layer in enumerate(p["layers"]):
-        for key in layer_keys(model.config):
-            w = layer[key]
-            out[f"model.layers.{i}.{_HF_LAYER[key]}"] = conv(w if w.ndim == 1 else w.T)
-    if "lm_head" in p:
-        out["lm_head.weight"] = conv(p["lm_head"].T)
-    return out
+    return {hf_name(key, layer): conv(_hf_layout(key, p[key] if layer is None else p["layers"][layer][key]))
+            for key, layer in _names(model.config)}
 
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,

@@ -24,7 +24,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from models.checkpoint import CheckpointError, _from_hf, hf_tensor_shapes
+from models.checkpoint import CheckpointError, _from_hf, hf_name, hf_tensor_shapes
 from models.config import LlamaConfig, RopeScaling
 from models.llama import Llama
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer
@@ -46,20 +46,12 @@ _KNOWN_LLAMA_KEYS = {
     "expert_used_count",
 }
 
-# GGUF tensor name -> HF name ({i}: layer index)
-_GGUF_TO_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+# our parameter name -> GGUF tensor name ({i}: layer index); HF names from models.checkpoint.hf_name
+_GGUF = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight", "wq": "blk.{i}.attn_q.weight", "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",
+    "w_gate": "blk.{i}.ffn_gate.weight", "w_up": "blk.{i}.ffn_up.weight", "w_down": "blk.{i}.ffn_down.weight",
 }
 
 
@@ -182,9 +174,9 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 def _expected_names(config: LlamaConfig) -> dict[str, str]:
     """GGUF name -> HF name of every tensor a GGUF file of ``config`` holds."""
     names = {}
-    for gguf_name, hf_name in _GGUF_TO_HF.items():
+    for key, gguf_name in _GGUF.items():
         layers = range(config.num_hidden_layers) if "{i}" in gguf_name else [None]
-        names.update({gguf_name.format(i=i): hf_name.format(i=i) for i in layers})
+        names.update({gguf_name.format(i=i): hf_name(key, i) for i in layers})
     if config.tie_word_embeddings:
         del names["output.weight"]
     return names
