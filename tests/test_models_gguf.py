@@ -21,6 +21,7 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from models.generate import generate
 from models.gguf import SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, smollm2_path
 from models.tokenizer import BPETokenizer
+from tests.params_cases import assert_same_params
 from tests.test_models_checkpoint import make_tensors, write_checkpoint
 
 gguf = pytest.importorskip("gguf", reason="optional 'gguf' package not installed: pip install -e '.[demo]'")
@@ -114,13 +115,6 @@ def write_gguf(path, cfg, tensors, *, arch="llama", qtype=Q.F32, extra_tensors=(
     w.write_tensors_to_file()
     w.close()
     return str(path)
-
-
-def assert_same_params(a, b):
-    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a.params()), jax.tree_util.tree_leaves_with_path(b.params())
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (p, x), (_, y) in zip(flat_a, flat_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
 
 
 # --------------------------------------------------------------------------------- synthetic GGUF files

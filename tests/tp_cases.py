@@ -21,6 +21,7 @@ import models
 from models import parallel
 from models.config import LlamaConfig
 from tests.conftest import ON_GPU
+from tests.params_cases import assert_same_params
 from tests.test_models_decode_step import new_buffers_of_shape
 
 # MHA, tied embeddings, a vocabulary (97) and an MLP width (50) that 4 devices do not divide (padded).
@@ -121,9 +122,7 @@ def test_init_places_each_shard_and_keeps_the_values(name):
     config, mesh = CONFIGS[name], parallel.make_mesh(4)
     model = models.init_random(config, jnp.float32, seed=5, mesh=mesh)
     one = models.init_random(config, jnp.float32, seed=5)
-    canonical = parallel.canonical_params(config, model.params(), mesh)
-    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(canonical)[0], jax.tree.leaves(one.params())):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    assert_same_params(parallel.canonical_params(config, model.params(), mesh), one)
     wk = model.params()["layers"][0]["wk"]
     assert wk.sharding.spec == parallel.param_specs_of("wk")
     heads = config.num_key_value_heads
@@ -149,13 +148,9 @@ def test_load_checkpoint_on_a_mesh(tmp_path, dtype):
     specs = jax.tree.leaves(parallel.param_specs(GQA), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     for x, spec in zip(jax.tree.leaves(model.params()), specs):
         assert x.sharding.spec == spec and len(x.addressable_shards) == 4
-    canonical = parallel.canonical_params(GQA, model.params(), mesh)
-    for got, want in zip(jax.tree.leaves(canonical), jax.tree.leaves(ref.params())):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_params(parallel.canonical_params(GQA, model.params(), mesh), ref)
     models.save_checkpoint(model, tmp_path / "again")
-    back = models.load_checkpoint(tmp_path / "again", dtype=dtype)
-    for got, want in zip(jax.tree.leaves(back.params()), jax.tree.leaves(ref.params())):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_params(models.load_checkpoint(tmp_path / "again", dtype=dtype), ref)
 
 
 @needs(4)
@@ -163,9 +158,8 @@ def test_shard_model_equals_init_on_the_mesh():
     mesh = parallel.make_mesh(4)
     placed = parallel.shard_model(models.init_random(MHA, jnp.float32, seed=5), mesh)
     made = models.init_random(MHA, jnp.float32, seed=5, mesh=mesh)
-    for a, b in zip(jax.tree.leaves(placed.params()), jax.tree.leaves(made.params())):
-        assert a.sharding == b.sharding
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_params(placed, made)
+    assert jax.tree.map(lambda x: x.sharding, placed.params()) == jax.tree.map(lambda x: x.sharding, made.params())
     with pytest.raises(ValueError, match="already on a mesh"):
         parallel.shard_model(made, mesh)
     with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(97, 32\); on a 4-device mesh it must be "
