@@ -7,6 +7,7 @@ decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix lengt
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
+       [--steps-per-sync 1,4] [--backend mosaic] [--tp 2] [--hlo DIR]
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ def main():
   parser.add_argument("--top", type=int, default=12, help="kernels listed per mode")
   parser.add_argument("--hlo", default=None, metavar="DIR", help="write each mode's compiled decode loop (gzip) here")
   parser.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (GPU 0's kernels shown)")
+  parser.add_argument("--steps-per-sync", default="1", metavar="K[,K...]",
+                      help="decode steps per host wait (models.decode's steps_per_sync), each timed in turn")
   parser.add_argument("--backend", default=None, choices=hj.BACKENDS, help="attention backend (default: chosen per device; e.g. mosaic)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
   args = parser.parse_args()
+  syncs = [int(k) for k in args.steps_per_sync.split(",")]
   if args.demo and args.tp != 1:
     parser.error("--demo profiles the demo's model on one device; --tp applies to the 7B shape")
   if args.demo:  # the demo's model and tree (models.demo, --model default)
@@ -99,7 +103,6 @@ def main():
     tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
     print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
           f"backend={args.backend or 'default'}", flush=True)
-  layers = model.config.num_hidden_layers
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
   for mode in args.modes.split(","):
     state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
@@ -107,38 +110,46 @@ def main():
     org = model_api.origin(state)
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
-    fn, compile_s = model_api.compile_decode(model, state, args.backend)
-    if args.hlo:
-      with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
-        f.write(fn.as_text())
     alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
                              model.config.num_attention_heads, args.backend) if mode != "none" and args.tp == 1 else 0.0)
-
     held = [state]  # the decode call donates its state: each run starts from the state the last one returned
-
-    def run():
-      held[0] = fn(model.params(), model_api.at_step(held[0], org, args.at), jnp.int32(args.steps))
-      return held[0]
-
-    jax.block_until_ready(run())
-    start = time.perf_counter()
-    for _ in range(3):
-      jax.block_until_ready(run())
-    wall = (time.perf_counter() - start) / 3  # untraced: the profiler slows the host down
-    total, _, launches = gpu_kernel_ns(run, 2, device="/device:GPU:0")
-    per_part = collections.Counter()
-    for name, ns in total.items():
-      per_part[classify(name)] += ns / 2 / args.steps / layers / 1e3
-    step_us = sum(total.values()) / 2 / args.steps / 1e3
-    parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "all-reduce",
-                                                                   "rest"))
-    kernels = sum(launches.values()) / 2 / args.steps
-    print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, {kernels:.0f} kernels); per layer "
-          f"(us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; compile {compile_s:.1f} s",
-          flush=True)
-    for name, ns in total.most_common(args.top):
-      print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
+    for k in syncs:
+      profile(model, mode, k, held, org, alone, args)
     del state, org, held
+
+
+def profile(model, mode: str, steps_per_sync: int, held: list, org, alone: float, args) -> None:
+  """Compile the decode loop, time it untraced (wall) and traced (GPU kernels), print the split per layer."""
+  layers = model.config.num_hidden_layers
+  fn, compile_s = model_api.compile_decode(model, held[0], args.backend, steps_per_sync)
+  if args.hlo:
+    with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}-sync{steps_per_sync}.hlo.gz", "wt") as f:
+      f.write(fn.as_text())
+
+  def run():
+    held[0] = fn(model.params(), model_api.at_step(held[0], org, args.at), jnp.int32(args.steps))
+    return held[0]
+
+  jax.block_until_ready(run())
+  walls = []
+  for _ in range(7):  # untraced: the profiler slows the host down
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    walls.append(time.perf_counter() - start)
+  wall = sorted(walls)[3]
+  total, _, launches = gpu_kernel_ns(run, 2, device="/device:GPU:0")
+  per_part = collections.Counter()
+  for name, ns in total.items():
+    per_part[classify(name)] += ns / 2 / args.steps / layers / 1e3
+  step_us = sum(total.values()) / 2 / args.steps / 1e3
+  parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "all-reduce",
+                                                                 "rest"))
+  kernels = sum(launches.values()) / 2 / args.steps
+  print(f"[{mode}] steps/sync {steps_per_sync}: step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, "
+        f"median of 7; {kernels:.0f} kernels); per layer (us): {parts}; attention alone "
+        f"{f'{alone * 1e6:.1f} us' if alone else 'n/a'}; compile {compile_s:.1f} s", flush=True)
+  for name, ns in total.most_common(args.top):
+    print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
 
 
 if __name__ == "__main__":
