@@ -7,9 +7,10 @@ Public pieces (benchmarks time them separately):
   ``mode`` and the logits of each sequence's next token. Shared levels are prefilled once per node (their tokens
   attend to their ancestors' nodes and causally to themselves), then the unique suffixes of all sequences in
   one batched, right-aligned ragged pass. Long levels are processed in chunks of ``prefill_chunk`` tokens.
-- ``decode(model, state, num_steps, *, sampling, backend) -> DecodeState``: up to ``num_steps`` more tokens for
-  every sequence inside one ``lax.while_loop`` (stops early when all sequences are done). No host round trip
-  per token. ``state`` is donated (its buffers are reused); do not use it afterwards.
+- ``decode(model, state, num_steps, *, sampling, backend, steps_per_sync) -> DecodeState``: up to ``num_steps``
+  more tokens for every sequence inside one ``lax.while_loop`` (stops early when all sequences are done). No
+  Python between tokens; the loop's condition is read by the host before each step, or once per
+  ``steps_per_sync`` steps. ``state`` is donated (its buffers are reused); do not use it afterwards.
 - ``generate(model, prompts, ...) -> Generation``: both, from token ids or text, with samples per prompt, EOS
   and per-sequence stops, progress per chunk of decode steps, and timing stats.
 
