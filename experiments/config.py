@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import pathlib
 import tomllib
 from typing import Any, Callable
@@ -351,5 +352,10 @@ def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>", assignm
             validate(config, schema)
         except ConfigError as e:
             raise ConfigError(f"{source}: after --set overrides: {e}") from None
+    decode = config.get("decode", {})
+    if decode.get("steps_per_sync", 1) > decode.get("steps_per_sample", math.inf):
+        raise ConfigError(f"{source}: key 'decode.steps_per_sync' ({decode['steps_per_sync']}) must be at most "
+                          f"'decode.steps_per_sample' ({decode['steps_per_sample']}): a timed run of fewer steps "
+                          "would never run a chunk")
     config["smoke"] = smoke
     return config

@@ -48,8 +48,9 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   """Whether the Hopper kernel pays on a Hopper GPU (any machine may ask: the sweep does): for a prefix product of
   at least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
   overlaps it with the suffix stream; below, the Triton kernels are as fast or faster (measured per device:
-  `hydragen_jax/tuning`). Any T·g: MHA decode (T·g = 1) too, measured in the 7B model on the H200 at B = 512,
-  P = 16K (PERF_NOTES.md)."""
+  `hydragen_jax/tuning`; the threshold was measured on GQA rows, T·g = 4). Any T·g: MHA decode (T·g = 1) too,
+  measured faster than Triton in the 7B model on the H200 at B = 512, P = 16K (PERF_NOTES.md), a product at the
+  threshold."""
   return prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning_lib.resolve(tuning).hopper_min_work
 
 

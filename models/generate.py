@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -425,9 +426,10 @@ _decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "b
 
 
 def _check_steps_per_sync(steps_per_sync) -> int:
-    if not isinstance(steps_per_sync, int) or isinstance(steps_per_sync, bool) or steps_per_sync < 1:
-        raise ValueError(f"steps_per_sync must be a positive integer, got {steps_per_sync!r}")
-    return steps_per_sync
+    if not isinstance(steps_per_sync, numbers.Integral) or isinstance(steps_per_sync, bool) or steps_per_sync < 1:
+        raise ValueError(f"steps_per_sync must be a positive integer, got {steps_per_sync!r} "
+                         f"({type(steps_per_sync).__name__})")
+    return int(steps_per_sync)
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
@@ -436,8 +438,10 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
 
     ``state`` is donated: use only the returned state. ``num_steps`` is traced (no recompile per value).
     ``steps_per_sync`` > 1 runs the steps in chunks of that many under a loop of known trip count, so that the
-    host waits on the device once per chunk instead of once per step (the same tokens; the step is compiled
-    twice, once for the chunks and once for the last steps).
+    host waits on the device once per chunk instead of once per step; the last ``num_steps mod k`` steps run one at
+    a time (the step is compiled twice). The same tokens, log-probabilities and lengths; but "all done" is checked
+    per chunk, so when the last sequence stops inside a chunk the rest of the chunk still runs (pad tokens) and the
+    returned ``step``, positions and caches are up to k - 1 steps further than the one-step loop's.
     """
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
@@ -507,6 +511,10 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
+    steps_per_sync = _check_steps_per_sync(steps_per_sync)
+    if not isinstance(chunk_steps, int) or isinstance(chunk_steps, bool) or chunk_steps < steps_per_sync:
+        raise ValueError(f"chunk_steps must be an integer >= steps_per_sync ({steps_per_sync}), got {chunk_steps!r}: "
+                         "each call runs chunk_steps steps, in chunks of steps_per_sync")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -85,6 +85,9 @@ def main():
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
   args = parser.parse_args()
   syncs = [int(k) for k in args.steps_per_sync.split(",")]
+  if max(syncs) > args.steps or min(syncs) < 1:
+    parser.error(f"--steps-per-sync {args.steps_per_sync}: each must be in [1, --steps ({args.steps})]: fewer "
+                 "profiled steps than one chunk would run no chunk")
   if args.demo and args.tp != 1:
     parser.error("--demo profiles the demo's model on one device; --tp applies to the 7B shape")
   if args.demo:  # the demo's model and tree (models.demo, --model default)

@@ -89,6 +89,9 @@ def test_steps_per_sync_gives_the_same_tokens(model, k):
     assert one.lengths.max() <= 3 and one.stats["decode_steps"] < 20
     np.testing.assert_array_equal(chunked.lengths, one.lengths)
     np.testing.assert_array_equal(chunked.tokens, one.tokens)
+    # the loop stops at the first chunk boundary after the last stop (all stop by step 3, within the first call's
+    # chunk_steps = 16 steps)
+    assert chunked.stats["decode_steps"] == -(-one.stats["decode_steps"] // k) * k
 
 
 def test_steps_per_sync_compiles_a_loop_of_known_trip_count(model):
@@ -103,6 +106,9 @@ def test_steps_per_sync_compiles_a_loop_of_known_trip_count(model):
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=f"steps_per_sync must be a positive integer, got {bad!r}"):
             compile_decode(model, state, steps_per_sync=bad)
+    assert '"known_trip_count":{"n":"4"}' in compile_decode(model, state, steps_per_sync=np.int64(4))[0].as_text()
+    with pytest.raises(ValueError, match=r"chunk_steps must be an integer >= steps_per_sync \(8\), got 4"):
+        generate(model, fewshot_prompts(), max_new_tokens=8, chunk_steps=4, steps_per_sync=8)
 
 
 def test_prefill_and_decode_nest_under_a_users_trace(model):

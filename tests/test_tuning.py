@@ -228,6 +228,7 @@ def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   fields = [c.field for c in sweep_device.choices(sweep_device.SEED, sweep_device.GROUPS)]
   assert sorted(file.provenance["fields"]) == sorted(fields)
   assert all(r["status"] in ("picked", "kept") for r in file.provenance["choices"])
+  assert not file.provenance["final_check"]["status"].startswith("not run")  # the final write, after the choices
   steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
   assert len(steps) == file.provenance["steps_timed"] > 0 and not any(s["error"] for s in steps)
   assert {s["signature"].split("'")[1] for s in steps} == {"triton", "hopper", "alone"}
@@ -250,7 +251,8 @@ def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
     sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields", "hopper_min_work,interleave_lead"])
   file = tuning.load(out)
   assert [r["field"] for r in file.provenance["choices"]] == ["hopper_min_work"]
-  assert file.provenance["final_check"]["status"].startswith("not run: the sweep stopped after hopper_min_work")
+  assert file.provenance["final_check"]["status"].startswith("not run: written after the choice hopper_min_work")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.json", "steps.jsonl"]  # no temporary file left
 
 
 @pytest.mark.gpu

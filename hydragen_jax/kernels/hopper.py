@@ -393,7 +393,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   if config.num_ctas is None:
     config = dataclasses.replace(config, num_ctas=ops.num_cores())
   return _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths,
-                                  scale=scale, config=config, interpret=interpret)
+                                  scale=float(scale), config=config, interpret=interpret)
 
 
 # One jit for the kernel and its layout changes: a model's layers call it with the same shapes and settings, and a

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import os
 import pathlib
 import re
 from typing import Any, Iterator
@@ -205,9 +206,14 @@ def load(path: str | pathlib.Path) -> TuningFile:
 
 
 def write(path: str | pathlib.Path, file: TuningFile) -> None:
+  """Write `file` to `path` whole or not at all (a temporary file renamed over it: a process killed while writing
+  leaves the old file, never a truncated one that the device would fail to load)."""
   text = dumps(file)
   loads(text, str(path))  # what is written must load
-  pathlib.Path(path).write_text(text)
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.name}.tmp")
+  temporary.write_text(text)
+  os.replace(temporary, path)
 
 
 def data_file(device_kind: str):

@@ -318,28 +318,31 @@ def main(argv: list[str] | None = None) -> None:
     todo = [c for c in todo if c.field in wanted]
   print(f"{kind}: sweeping {[c.field for c in todo]} from {base_file.device_kind}'s tuning "
         f"({'dry run' if args.dry_run else f'budget {args.budget_s:.0f} s'})", flush=True)
-  log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
-  sweep = Sweep(configs, dry_run=args.dry_run, deadline=start + args.budget_s - args.final_s, log=log)
-  tune, recs = base_file.tuning, []
-  out = args.out or str(tuning_lib.data_file(kind))
-  for choice in todo:
-    print(f"{choice.field} ({choice.kernel}, configs {groups[choice.group]}):", flush=True)
-    tune, record = run_choice(sweep, choice, tune, groups[choice.group], args.min_gain)
-    recs.append(record)
-    print(f"  -> {record['status']}: {record.get('picked', record['base'])}", flush=True)
-    # the file after every choice: a sweep stopped from outside (a call's time limit) keeps the choices it made
-    write(out, kind, tune, base_file, args, argv, recs, sweep, start,
-          dict(status=f"not run: the sweep stopped after {choice.field}, or is still running"))
-  sweep.deadline = start + args.budget_s
-  final = dict(status="the picked tuning is the base's: nothing to compare")
-  if tune != base_file.tuning:
-    pairs = [(sweep.time(i, base_file.tuning, "pallas"), sweep.time(i, tune, "pallas")) for i in groups["all"]]
-    done = [(i, b, t) for i, (b, t) in zip(groups["all"], pairs) if b is not None and t is not None]
-    final = dict(status="timed" if len(done) == len(pairs) else "partial (time budget)",
-                 speedups={str(configs[i]): round(b / t, 4) for i, b, t in done},
-                 speedup=round(speedup([b for _, b, _ in done], [t for _, _, t in done]), 4) if done else None)
-  if log:
-    log.close()
+  log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed in the finally below
+  try:
+    sweep = Sweep(configs, dry_run=args.dry_run, deadline=start + args.budget_s - args.final_s, log=log)
+    tune, recs = base_file.tuning, []
+    out = args.out or str(tuning_lib.data_file(kind))
+    for choice in todo:
+      print(f"{choice.field} ({choice.kernel}, configs {groups[choice.group]}):", flush=True)
+      tune, record = run_choice(sweep, choice, tune, groups[choice.group], args.min_gain)
+      recs.append(record)
+      print(f"  -> {record['status']}: {record.get('picked', record['base'])}", flush=True)
+      # the file after every choice: a sweep stopped from outside (a call's time limit) keeps the choices it made
+      write(out, kind, tune, base_file, args, argv, recs, sweep, start,
+            dict(status=f"not run: written after the choice {choice.field}; the final check follows the "
+                       "last choice"))
+    sweep.deadline = start + args.budget_s
+    final = dict(status="the picked tuning is the base's: nothing to compare")
+    if tune != base_file.tuning:
+      pairs = [(sweep.time(i, base_file.tuning, "pallas"), sweep.time(i, tune, "pallas")) for i in groups["all"]]
+      done = [(i, b, t) for i, (b, t) in zip(groups["all"], pairs) if b is not None and t is not None]
+      final = dict(status="timed" if len(done) == len(pairs) else "partial (time budget)",
+                   speedups={str(configs[i]): round(b / t, 4) for i, b, t in done},
+                   speedup=round(speedup([b for _, b, _ in done], [t for _, _, t in done]), 4) if done else None)
+  finally:  # a sweep stopped from outside closes its log too
+    if log:
+      log.close()
   write(out, kind, tune, base_file, args, argv, recs, sweep, start, final)
   print(f"wrote {out} ({time.time() - start:.0f} s, {sweep.timed} steps timed); final check: {final}", flush=True)
 
