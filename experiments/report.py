@@ -250,11 +250,7 @@ def _decode_by_point(files: list[ResultsFile], keys: tuple[str, ...]) -> tuple[d
     """({point: {mode: record}} from the newest file that has the point, {point: file})."""
     rows, source = {}, {}
     for f in files:  # newest first
-        mine: dict[tuple, dict] = {}
-        for rec in f.records:
-            if rec["record"] == "decode":
-                mine.setdefault(tuple(rec["point"].get(k) for k in keys), {})[rec["mode"]] = rec
-        for point, by in mine.items():
+        for point, by in tables.by_point([r for r in f.records if r["record"] == "decode"], keys).items():
             if point not in rows:
                 rows[point], source[point] = by, f
     return rows, source

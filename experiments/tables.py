@@ -131,18 +131,19 @@ def bench_markdown(summaries: list[dict], rates: dict | None) -> str:
     return "\n".join(parts)
 
 
+def by_point(records: list[dict], point_keys) -> dict[tuple, dict[str, dict]]:
+    """{point (its values of point_keys): {mode: record}}, points and modes in the order the records have them."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for rec in records:
+        by.setdefault(tuple(rec["point"].get(k) for k in point_keys), {})[rec["mode"]] = rec
+    return by
+
+
 def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "tokens_per_s") -> str:
     """One row per point (point_keys), one column per mode."""
-    modes, rows_by, order = [], {}, []
-    for rec in records:
-        key = tuple(rec["point"].get(k) for k in point_keys)
-        if key not in rows_by:
-            rows_by[key] = {}
-            order.append(key)
-        if rec["mode"] not in modes:
-            modes.append(rec["mode"])
-        rows_by[key][rec["mode"]] = rec
-    order.sort(key=lambda key: tuple((v is None, v if isinstance(v, (int, float)) else 0) for v in key))
+    rows_by = by_point(records, point_keys)
+    modes = list(dict.fromkeys(rec["mode"] for rec in records))
+    order = sorted(rows_by, key=lambda key: tuple((v is None, v if isinstance(v, (int, float)) else 0) for v in key))
     fmt = _fmt_rate if value_key.endswith("per_s") else (lambda x: f"{x:.3g}")
     header = list(point_keys) + [f"{m} {value_key}" for m in modes]
     rows = [[str(v) for v in key] + [_cell(rows_by[key].get(m), value_key, fmt) for m in modes] for key in order]
@@ -226,9 +227,7 @@ def _attention_floors(rec: dict) -> tuple[float, float]:
 def hydragen_vs_none_rows(records: list[dict], point_keys: list[str]) -> list[tuple[tuple, dict]]:
     """Points where both hydragen and none ran: (point values, {hydragen_over_none, paper, extra_s, attention_s,
     levels_s}); the floors are None where the records have none."""
-    by: dict[tuple, dict] = {}
-    for rec in records:
-        by.setdefault(tuple(rec["point"].get(k) for k in point_keys), {})[rec["mode"]] = rec
+    by = by_point(records, point_keys)
     rows = []
     for key in sorted(by, key=lambda k: tuple(v if isinstance(v, (int, float)) else 0 for v in k)):
         hyd, none = by[key].get("hydragen"), by[key].get("none")
