@@ -318,20 +318,38 @@ def main(argv: list[str] | None = None) -> None:
     todo = [c for c in todo if c.field in wanted]
   print(f"{kind}: sweeping {[c.field for c in todo]} from {base_file.device_kind}'s tuning "
         f"({'dry run' if args.dry_run else f'budget {args.budget_s:.0f} s'})", flush=True)
+  out = args.out or str(tuning_lib.data_file(kind))
+  fixed = dict(  # the provenance that does not change while the sweep runs
+      measured_on=None if args.dry_run else kind,
+      command="python -m scripts.tuning.sweep_device " + " ".join(sys.argv[1:] if argv is None else argv),
+      commit=args.commit or records.git_commit(), jax_version=jax.__version__,
+      base={k: base_file.provenance.get(k) for k in ("measured_on", "date", "commit")}
+      | dict(device_kind=base_file.device_kind, file=args.base))
+
+  def save(tune: Tuning, recs: list[dict], final: dict) -> None:
+    """The data file of the sweep so far: the picked tuning and its provenance."""
+    measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
+    note = (("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
+            + f"Swept {measured} in {time.time() - start:.0f} s; the other fields are the base's. Greedy, one choice "
+            f"at a time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
+            "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py).")
+    provenance = dict(fixed, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      note=note, fields=field_notes(recs, args.min_gain), final_check=final, choices=recs,
+                      steps_timed=sweep.timed)
+    tuning_lib.write(out, tuning_lib.TuningFile(kind, tune, provenance))
+
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed in the finally below
   try:
     sweep = Sweep(configs, dry_run=args.dry_run, deadline=start + args.budget_s - args.final_s, log=log)
     tune, recs = base_file.tuning, []
-    out = args.out or str(tuning_lib.data_file(kind))
     for choice in todo:
       print(f"{choice.field} ({choice.kernel}, configs {groups[choice.group]}):", flush=True)
       tune, record = run_choice(sweep, choice, tune, groups[choice.group], args.min_gain)
       recs.append(record)
       print(f"  -> {record['status']}: {record.get('picked', record['base'])}", flush=True)
       # the file after every choice: a sweep stopped from outside (a call's time limit) keeps the choices it made
-      write(out, kind, tune, base_file, args, argv, recs, sweep, start,
-            dict(status=f"not run: written after the choice {choice.field}; the final check follows the "
-                       "last choice"))
+      save(tune, recs, dict(status=f"not run: written after the choice {choice.field}; the final check follows "
+                                   "the last choice"))
     sweep.deadline = start + args.budget_s
     final = dict(status="the picked tuning is the base's: nothing to compare")
     if tune != base_file.tuning:
@@ -343,33 +361,8 @@ def main(argv: list[str] | None = None) -> None:
   finally:  # a sweep stopped from outside closes its log too
     if log:
       log.close()
-  write(out, kind, tune, base_file, args, argv, recs, sweep, start, final)
+  save(tune, recs, final)
   print(f"wrote {out} ({time.time() - start:.0f} s, {sweep.timed} steps timed); final check: {final}", flush=True)
-
-
-def write(out: str, kind: str, tune: Tuning, base_file, args, argv, recs: list[dict], sweep: Sweep, start: float,
-          final: dict) -> None:
-  """The data file of the sweep so far: the picked tuning and its provenance."""
-  elapsed = time.time() - start
-  measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
-  provenance = dict(
-      measured_on=None if args.dry_run else kind,
-      command="python -m scripts.tuning.sweep_device " + " ".join(sys.argv[1:] if argv is None else argv),
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      commit=args.commit or records.git_commit(),
-      note=(("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
-            + f"Swept {measured} in {elapsed:.0f} s; the other fields are the base's. Greedy, one choice at a "
-            f"time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
-            "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py)."),
-      jax_version=jax.__version__,
-      base={k: base_file.provenance.get(k) for k in ("measured_on", "date", "commit")}
-      | dict(device_kind=base_file.device_kind, file=args.base),
-      fields=field_notes(recs, args.min_gain),
-      final_check=final,
-      choices=recs,
-      steps_timed=sweep.timed,
-  )
-  tuning_lib.write(out, tuning_lib.TuningFile(kind, tune, provenance))
 
 
 if __name__ == "__main__":
