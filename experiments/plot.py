@@ -191,7 +191,7 @@ def plot_tree_apps(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[p
     if not recs:
         return []
     labels = [r["mode"] for r in recs]
-    vals = [np.nan if tables.result(r, "decode_s") is None else tables.result(r, "decode_s") for r in recs]
+    vals = [np.nan if v is None else v for v in (tables.result(r, "decode_s") for r in recs)]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(labels, vals, color=["C0", "C1", "C2", "C3"][: len(labels)])
     for i, r in enumerate(recs):

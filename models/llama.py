@@ -31,10 +31,11 @@ from jax.sharding import Mesh, NamedSharding
 from models.config import LlamaConfig
 
 # XLA options for a jitted step of the model (``jax.jit(..., compiler_options=COMPILER_OPTIONS)``; prefill and
-# decode use them when called at the top level: XLA takes options only there, not for a jit nested in a trace). XLA's dot merger joins GEMMs that share an input (q/k/v, gate/up) into one. Where the GEMMs are
-# small enough for it (its threshold counts a dot's operand and output bytes, 32 MB by default) and cuBLAS runs the
-# merged GEMM, it concatenates their weights into a new buffer every step: on a 2-GPU mesh it did so for the q/k/v
-# and gate/up shards of the 7B shape, 67 us a layer of a decode step at B = 512 (an H200, scripts/profile_decode.py;
+# decode use them when called at the top level: XLA takes options only there, not for a jit nested in a trace).
+# XLA's dot merger joins GEMMs that share an input (q/k/v, gate/up) into one. Where the GEMMs are small enough for
+# it (its threshold counts a dot's operand and output bytes, 32 MB by default) and cuBLAS runs the merged GEMM, it
+# concatenates their weights into a new buffer every step: on a 2-GPU mesh it did so for the q/k/v and gate/up
+# shards of the 7B shape, 67 us a layer of a decode step at B = 512 (an H200, scripts/profile_decode.py;
 # experiments/PERF_NOTES.md). Threshold 0 turns the merger off: each GEMM reads its weight in place.
 COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
