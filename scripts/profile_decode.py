@@ -79,7 +79,8 @@ def main():
   parser.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (GPU 0's kernels shown)")
   parser.add_argument("--steps-per-sync", default="1", metavar="K[,K...]",
                       help="decode steps per host wait (models.decode's steps_per_sync), each timed in turn")
-  parser.add_argument("--backend", default=None, choices=hj.BACKENDS, help="attention backend (default: chosen per device; e.g. mosaic)")
+  parser.add_argument("--backend", default=None, choices=hj.BACKENDS,
+                      help="attention backend (default: chosen per device; e.g. mosaic)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
