@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -253,6 +254,33 @@ def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   assert [r["field"] for r in file.provenance["choices"]] == ["hopper_min_work"]
   assert file.provenance["final_check"]["status"].startswith("not run: written after the choice hopper_min_work")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.json", "steps.jsonl"]  # no temporary file left
+
+
+def test_sweep_ends_at_a_step_that_does_not_return(tmp_path, monkeypatch):
+  """A step still running after --step-timeout-s (a kernel that never ends: an H100 Hopper candidate did on the
+  H200) ends the sweep from the watchdog: the log names the step, the file keeps the choices made before it."""
+  out, log = tmp_path / "hung.json", tmp_path / "steps.jsonl"
+  real, calls, seen = sweep_device.Sweep._measure, [], {}
+
+  def measure(self, i, fn, signature):
+    if signature[0] == "triton" and signature[-1] == 0.5 and not calls:  # interleave_lead's first candidate
+      time.sleep(1.0)
+    return real(self, i, fn, signature)
+
+  def abort(status):
+    calls.append(status)
+    seen["file"] = tuning.load(out)  # what a stopped process leaves
+
+  monkeypatch.setattr(sweep_device.Sweep, "_measure", measure)
+  monkeypatch.setattr(sweep_device, "_abort", abort)
+  sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields", "hopper_min_work,interleave_lead",
+                     "--step-timeout-s", "0.2"])
+  assert calls == [3]
+  assert [r["field"] for r in seen["file"].provenance["choices"]] == ["hopper_min_work"]
+  assert seen["file"].provenance["final_check"]["status"].startswith(
+      "not run: the sweep stopped in the choice interleave_lead, whose step did not return within 0 s")
+  steps = [json.loads(line) for line in log.read_text().splitlines()]
+  assert [s["error"] for s in steps if s["error"]] == ["hung: no result after 0 s"]
 
 
 @pytest.mark.gpu
