@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--readme", default=None, help="the README to update (default: the repository's)")
     p_report.add_argument("--results-dir", default=None, help="where the results files are (default: experiments/results)")
     p_report.add_argument("--device", help="device slug (e.g. nvidia-h200) or records' device; default: the newest run's")
-    p_report.add_argument("--session-gap-hours", type=float, default=None,
-                          help="a gap longer than this between two results files of a kind ends its latest session")
     p_report.add_argument("--check", action="store_true", help="write nothing; exit 1 (printing the diff) if stale")
     p_report.add_argument("--no-plot", action="store_true", help="do not draw a missing combined e2e plot")
 
@@ -112,9 +110,8 @@ def report(args) -> int:
         return 0
     readme = pathlib.Path(args.readme) if args.readme else records.REPO_ROOT / "README.md"
     results_dir = pathlib.Path(args.results_dir) if args.results_dir else records.RESULTS_DIR
-    gap = report_lib.SESSION_GAP_H if args.session_gap_hours is None else args.session_gap_hours
     try:
-        changed, diff = report_lib.update_readme(readme, results_dir, device=args.device, session_gap_h=gap,
+        changed, diff = report_lib.update_readme(readme, results_dir, device=args.device,
                                                  check=args.check, plot=not args.no_plot)
     except ValueError as e:
         print(f"report: {readme}: {e}", file=sys.stderr)

@@ -27,7 +27,8 @@
 # Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png}, and with $OUT set (the device tool's) one archive
 # per part, $OUT/NAME-DEVICE-STAMP.tgz (a call returns at most 8 files; unpack with
 # `tar xzf FILE.tgz -C experiments/results`). Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
-# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), ANCHORS_DIR (default .anchors).
+# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), ANCHORS_DIR (default .anchors),
+# HYDRAGEN_JAX_COMMIT (the commit the records name, where this tree's .git is not the code's: the device machine).
 #
 # Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where PYTHON imports torch
 # with CUDA (and FlashInfer from $ANCHORS_DIR); otherwise they are recorded as skipped with the reason. JAX then takes

@@ -22,6 +22,10 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str | None:
+    """The code's commit: $HYDRAGEN_JAX_COMMIT where set (a copy of the tree whose .git is not the code's, as on the
+    device machine: pass the commit on its command line), else `git rev-parse HEAD`; None without either."""
+    if commit := os.environ.get("HYDRAGEN_JAX_COMMIT", "").strip():
+        return commit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10)

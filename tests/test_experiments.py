@@ -698,7 +698,7 @@ def readme(tmp_path):
     return path
 
 
-def test_report_takes_the_latest_session_and_each_row_from_the_newest_file(tmp_path, readme):
+def test_report_takes_the_newest_file_of_each_name_and_each_row_from_the_newest_file(tmp_path, readme):
     res = tmp_path / "results"
     a, b = (64, 1024, 512, 32, 32), (512, 4096, 512, 32, 8)
     _write_results(res, "bench_attention", "20261130-100000", [_rates(bandwidth=4.2e12)] + [
@@ -714,11 +714,14 @@ def test_report_takes_the_latest_session_and_each_row_from_the_newest_file(tmp_p
             _decode(_e2e_point(1024, 4), "hydragen", tok), _decode(_e2e_point(1024, 4), "none", 2 * tok)])
     _write_results(res, "e2e_throughput-part2", "20261130-095000", [
         _decode(_e2e_point(4096, 4), "hydragen", 900.0), _decode(_e2e_point(4096, 4), "shared_storage", 300.0)])
-    _write_results(res, "e2e_throughput-part4", "20261130-040000", [  # 5 h before the session: left out
-        _decode(_e2e_point(1024, 1), "hydragen", 7.0)])
+    _write_results(res, "e2e_throughput-part3", "20261130-040000", [  # hours older, another NAME: it counts
+        _decode(_e2e_point(16384, 1), "hydragen", 7.0)])
+    _write_results(res, "e2e_throughput-part2", "20261129-095000", [  # an older part2: left out
+        _decode(_e2e_point(4096, 1), "hydragen", 5.0)])
     chosen = report.choose(report.load_results(res))
     assert sorted(f.label for f in chosen["e2e_throughput"]) == [
-        "e2e_throughput-part1-nvidia-h200-20261130-100500", "e2e_throughput-part2-nvidia-h200-20261130-095000"]
+        "e2e_throughput-part1-nvidia-h200-20261130-100500", "e2e_throughput-part2-nvidia-h200-20261130-095000",
+        "e2e_throughput-part3-nvidia-h200-20261130-040000"]
     changed, _ = report.update_readme(readme, res, plot=False)
     text = readme.read_text()
     assert changed and text.startswith("# title\n\nintro\n\n") and text.endswith(f"{report.END}\n\n## Dependencies\n")
@@ -733,9 +736,10 @@ def test_report_takes_the_latest_session_and_each_row_from_the_newest_file(tmp_p
     assert "row 2: `bench_attention-gqa-nvidia-h200-20261130-103000.*`" in section
     assert "floor bandwidth 4.300 TB/s (best of: copy 4.300, read 4.000, pallas_read failed TB/s)" in section
     assert "2.0–3.0× jnp reference" in section and "within 0.002 of the jnp reference" in section
-    # e2e: rows from the newest part1 and part2; part4's stale point left out
+    # e2e: rows from the newest part1, part2 and part3; the older part1's and part2's rows left out
     assert "| 1K | 4 | 1.0k | – | 2.0k |" in section and "| 4K | 4 | 900 | 300 | – |" in section
-    assert "| 1K | 1 |" not in section and "| 1K | 4 | 100 |" not in section
+    assert "| 16K | 1 | 7 |" in section
+    assert "| 4K | 1 |" not in section and "| 1K | 4 | 100 |" not in section
     assert "0.50 at 1K (B=4; paper 0.84)" in section and "3.0× at 4K/4" in section
     assert "13.48 GB of weights" in section
 
@@ -827,3 +831,14 @@ def test_readme_results_section_is_generated_from_the_results():
     it after adding results: `python -m experiments report`)."""
     changed, diff = report.update_readme(records.REPO_ROOT / "README.md", records.RESULTS_DIR, check=True)
     assert not changed, diff[:3000]
+
+
+def test_records_name_the_commit_given_on_the_command_line(monkeypatch):
+    """The device machine's copy of the tree carries a stale .git: HYDRAGEN_JAX_COMMIT names the code that ran."""
+    monkeypatch.delenv("HYDRAGEN_JAX_COMMIT", raising=False)
+    head = records.git_commit()
+    assert head is None or len(head) == 40
+    monkeypatch.setenv("HYDRAGEN_JAX_COMMIT", " 3b15fcb\n")
+    assert records.git_commit() == "3b15fcb"
+    monkeypatch.setenv("HYDRAGEN_JAX_COMMIT", "")
+    assert records.git_commit() == head
