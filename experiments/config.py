@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import pathlib
 import tomllib
 from typing import Any, Callable
@@ -148,8 +147,6 @@ DECODE_SCHEMA = {
     "point_budget_s": Field((int, float), check=lambda v: v > 0, hint="seconds > 0"),
     "full_decode": Field((bool,)),
     "prefill_chunk": positive_int(),
-    # decode steps per host wait (models.decode's steps_per_sync; absent: 1, a wait before every step)
-    "steps_per_sync": positive_int("an integer >= 1: decode steps per host wait", required=False),
 }
 
 def _tensor_parallel(value) -> bool:
@@ -352,10 +349,5 @@ def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>", assignm
             validate(config, schema)
         except ConfigError as e:
             raise ConfigError(f"{source}: after --set overrides: {e}") from None
-    decode = config.get("decode", {})
-    if decode.get("steps_per_sync", 1) > decode.get("steps_per_sample", math.inf):
-        raise ConfigError(f"{source}: key 'decode.steps_per_sync' ({decode['steps_per_sync']}) must be at most "
-                          f"'decode.steps_per_sample' ({decode['steps_per_sample']}): a timed run of fewer steps "
-                          "would never run a chunk")
     config["smoke"] = smoke
     return config

@@ -278,8 +278,8 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
     decode donates its input) and the results."""
     from experiments import model_api
 
-    k, sync = min(dec["steps_per_sample"], generate), dec.get("steps_per_sync", 1)
-    fn, compile_s = model_api.compile_decode(model, state, backend, sync)
+    k = min(dec["steps_per_sample"], generate)
+    fn, compile_s = model_api.compile_decode(model, state, backend)
     starts = sample_starts(generate, k)
     for _ in range(max(1, timing_cfg["warmup"])):
         state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, starts[0]), k)
@@ -300,7 +300,7 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
     B = state.positions.shape[0]
     results = {"decode_compile_s": compile_s, "step_s": step_s, "mean_step_s": mean_step,
                "tokens_per_s": B / mean_step, "decode_s": generate * mean_step, "repeats": repeats,
-               "steps_per_sample": k, "sample_starts": starts, "steps_per_sync": sync}
+               "steps_per_sample": k, "sample_starts": starts}
     if dec["full_decode"] and generate * mean_step <= dec["point_budget_s"]:
         state, full_s, taken = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), generate)
         results.update(decode_s_full=full_s, tokens_per_s_full=B * taken / full_s)

@@ -178,9 +178,9 @@ def at_step(state, org: Origin, step: int):
     )
 
 
-def compile_decode(model, state, backend: str | None, steps_per_sync: int = 1):
+def compile_decode(model, state, backend: str | None):
     """models.generate.compile_decode with greedy sampling: (fn(params, state, num_steps), seconds)."""
-    return models.compile_decode(model, state, sampling="greedy", backend=backend, steps_per_sync=steps_per_sync)
+    return models.compile_decode(model, state, sampling="greedy", backend=backend)
 
 
 def run_decode(fn, model, state, steps: int) -> tuple[Any, float, int]:

@@ -7,10 +7,10 @@ Public pieces (benchmarks time them separately):
   ``mode`` and the logits of each sequence's next token. Shared levels are prefilled once per node (their tokens
   attend to their ancestors' nodes and causally to themselves), then the unique suffixes of all sequences in
   one batched, right-aligned ragged pass. Long levels are processed in chunks of ``prefill_chunk`` tokens.
-- ``decode(model, state, num_steps, *, sampling, backend, steps_per_sync) -> DecodeState``: up to ``num_steps``
-  more tokens for every sequence inside one ``lax.while_loop`` (stops early when all sequences are done). No
-  Python between tokens; the loop's condition is read by the host before each step, or once per
-  ``steps_per_sync`` steps. ``state`` is donated (its buffers are reused); do not use it afterwards.
+- ``decode(model, state, num_steps, *, sampling, backend) -> DecodeState``: up to ``num_steps`` more tokens for
+  every sequence inside one ``lax.while_loop`` (stops early when all sequences are done). No Python between
+  tokens; the loop's condition is read by the host before each step. ``state`` is donated (its buffers are
+  reused); do not use it afterwards.
 - ``generate(model, prompts, ...) -> Generation``: both, from token ids or text, with samples per prompt, EOS
   and per-sequence stops, progress per chunk of decode steps, and timing stats.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -387,7 +386,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 
 
 def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, sampling: SamplingConfig,
-                 backend, mesh=None, steps_per_sync: int = 1):
+                 backend, mesh=None):
     model = Llama(config, params, mesh)
     B, N = state.tokens.shape
     limit = jnp.minimum(state.step + num_steps, N)
@@ -396,7 +395,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
 
-    def step(s: DecodeState):
+    def body(s: DecodeState):
         tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling)
         active = ~s.done
         tok = jnp.where(active, tok, s.pad_id)
@@ -410,51 +409,29 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
         return s.replace(cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1,
                          tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=s.step + 1)
 
-    if steps_per_sync > 1:
-        # A while loop's condition is read by the host before each iteration (on a GPU: a copy to the host and a
-        # wait for the device). Chunks of k steps under a loop of known trip count (no condition to read) wait
-        # once per k steps; the last < k steps run one at a time. The "all done" check is per chunk: up to k - 1
-        # steps may follow the last sequence's stop (their tokens are pad, as for any finished sequence).
-        k = steps_per_sync
-        chunk = lambda s: jax.lax.fori_loop(0, k, lambda _, s: step(s), s)
-        state = jax.lax.while_loop(lambda s: (s.step + k <= limit) & ~jnp.all(s.done), chunk, state)
-    return jax.lax.while_loop(cond, step, state)
+    return jax.lax.while_loop(cond, body, state)
 
 
-_decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh", "steps_per_sync"),
-                         donate_argnums=(1,))
-
-
-def _check_steps_per_sync(steps_per_sync) -> int:
-    if not isinstance(steps_per_sync, numbers.Integral) or isinstance(steps_per_sync, bool) or steps_per_sync < 1:
-        raise ValueError(f"steps_per_sync must be a positive integer, got {steps_per_sync!r} "
-                         f"({type(steps_per_sync).__name__})")
-    return int(steps_per_sync)
+_decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
-           backend: str | None = None, steps_per_sync: int = 1) -> DecodeState:
+           backend: str | None = None) -> DecodeState:
     """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
 
     ``state`` is donated: use only the returned state. ``num_steps`` is traced (no recompile per value).
-    ``steps_per_sync`` > 1 runs the steps in chunks of that many under a loop of known trip count, so that the
-    host waits on the device once per chunk instead of once per step; the last ``num_steps mod k`` steps run one at
-    a time (the step is compiled twice). The same tokens, log-probabilities and lengths; but "all done" is checked
-    per chunk, so when the last sequence stops inside a chunk the rest of the chunk still runs (pad tokens) and the
-    returned ``step``, positions and caches are up to k - 1 steps further than the one-step loop's.
     """
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
-                       backend=backend, mesh=model.mesh, steps_per_sync=_check_steps_per_sync(steps_per_sync))
+                       backend=backend, mesh=model.mesh)
 
 
-def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None, steps_per_sync: int = 1):
+def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
     fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
-                           backend=backend, mesh=model.mesh,
-                           steps_per_sync=_check_steps_per_sync(steps_per_sync)).compile()
+                           backend=backend, mesh=model.mesh).compile()
     return fn, time.perf_counter() - t0
 
 
@@ -497,8 +474,8 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
 def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int = 64, sampling=None,
              mode: str = "hydragen", tokenizer=None, eos_ids: Sequence[int] | None = None,
              stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, tree: SharingTree | None = None,
-             max_depth: int = 3, backend: str | None = None, chunk_steps: int = 16, steps_per_sync: int = 1,
-             progress: bool = False, progress_desc: str | None = None) -> Generation:
+             max_depth: int = 3, backend: str | None = None, chunk_steps: int = 16, progress: bool = False,
+             progress_desc: str | None = None) -> Generation:
     """Complete every prompt ``num_samples`` times.
 
     prompts: token-id lists or strings (then ``tokenizer``, any object with encode/decode, is required).
@@ -506,15 +483,12 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     stop_tokens: extra stop ids per prompt (applied to each of its samples), besides ``eos_ids`` (default:
     the config's EOS ids). tree: an explicit ``SharingTree`` over the B sequences (default: built from the
     prompts' common prefixes, at most ``max_depth`` shared levels). The decode loop runs in chunks of
-    ``chunk_steps`` steps, one host sync per chunk (progress bar with ``progress=True``); ``steps_per_sync``
-    as ``decode``.
+    ``chunk_steps`` steps, one host sync per chunk (progress bar with ``progress=True``).
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
-    steps_per_sync = _check_steps_per_sync(steps_per_sync)
-    if not isinstance(chunk_steps, int) or isinstance(chunk_steps, bool) or chunk_steps < steps_per_sync:
-        raise ValueError(f"chunk_steps must be an integer >= steps_per_sync ({steps_per_sync}), got {chunk_steps!r}: "
-                         "each call runs chunk_steps steps, in chunks of steps_per_sync")
+    if not isinstance(chunk_steps, int) or isinstance(chunk_steps, bool) or chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -537,8 +511,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
                     backend=backend, _compiled=stats)
     first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
-    fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend,
-                                                   steps_per_sync=steps_per_sync)
+    fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend)
     stats["compile_s"] = stats["prefill_compile_s"] + stats["decode_compile_s"]
     params = model.params()
     bar = None

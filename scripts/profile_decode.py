@@ -7,7 +7,7 @@ decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix lengt
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
-       [--steps-per-sync 1,4] [--backend mosaic] [--tp 2] [--hlo DIR]
+       [--backend mosaic] [--tp 2] [--hlo DIR]
 """
 
 from __future__ import annotations
@@ -77,18 +77,12 @@ def main():
   parser.add_argument("--top", type=int, default=12, help="kernels listed per mode")
   parser.add_argument("--hlo", default=None, metavar="DIR", help="write each mode's compiled decode loop (gzip) here")
   parser.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (GPU 0's kernels shown)")
-  parser.add_argument("--steps-per-sync", default="1", metavar="K[,K...]",
-                      help="decode steps per host wait (models.decode's steps_per_sync), each timed in turn")
   parser.add_argument("--backend", default=None, choices=hj.BACKENDS,
                       help="attention backend (default: chosen per device; e.g. mosaic)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
   args = parser.parse_args()
-  syncs = [int(k) for k in args.steps_per_sync.split(",")]
-  if max(syncs) > args.steps or min(syncs) < 1:
-    parser.error(f"--steps-per-sync {args.steps_per_sync}: each must be in [1, --steps ({args.steps})]: fewer "
-                 "profiled steps than one chunk would run no chunk")
   if args.demo and args.tp != 1:
     parser.error("--demo profiles the demo's model on one device; --tp applies to the 7B shape")
   if args.demo:  # the demo's model and tree (models.demo, --model default)
@@ -116,19 +110,18 @@ def main():
       state, org = model_api.derive_mode(state, mode, org)
     alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
                              model.config.num_attention_heads, args.backend) if mode != "none" and args.tp == 1 else 0.0)
-    held = [state]  # the decode call donates its state: each run starts from the state the last one returned
-    for k in syncs:
-      profile(model, mode, k, held, org, alone, args)
-    del state, org, held
+    profile(model, mode, state, org, alone, args)
+    del state, org
 
 
-def profile(model, mode: str, steps_per_sync: int, held: list, org, alone: float, args) -> None:
+def profile(model, mode: str, state, org, alone: float, args) -> None:
   """Compile the decode loop, time it untraced (wall) and traced (GPU kernels), print the split per layer."""
   layers = model.config.num_hidden_layers
-  fn, compile_s = model_api.compile_decode(model, held[0], args.backend, steps_per_sync)
+  fn, compile_s = model_api.compile_decode(model, state, args.backend)
   if args.hlo:
-    with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}-sync{steps_per_sync}.hlo.gz", "wt") as f:
+    with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
       f.write(fn.as_text())
+  held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 
   def run():
     held[0] = fn(model.params(), model_api.at_step(held[0], org, args.at), jnp.int32(args.steps))
@@ -149,9 +142,9 @@ def profile(model, mode: str, steps_per_sync: int, held: list, org, alone: float
   parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "all-reduce",
                                                                  "rest"))
   kernels = sum(launches.values()) / 2 / args.steps
-  print(f"[{mode}] steps/sync {steps_per_sync}: step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, "
-        f"median of 7; {kernels:.0f} kernels); per layer (us): {parts}; attention alone "
-        f"{f'{alone * 1e6:.1f} us' if alone else 'n/a'}; compile {compile_s:.1f} s", flush=True)
+  print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
+        f"kernels); per layer (us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; "
+        f"compile {compile_s:.1f} s", flush=True)
   for name, ns in total.most_common(args.top):
     print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
 

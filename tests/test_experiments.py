@@ -542,30 +542,6 @@ def test_e2e_runtime_oom_is_recorded(tmp_path, monkeypatch):
     assert plot_lib.plot_files([tmp_path / "oom.jsonl"], tmp_path)  # plots draw failures too
 
 
-def test_e2e_steps_per_sync_is_passed_on_and_recorded(tmp_path, monkeypatch):
-    from experiments import e2e, model_api
-
-    compiled = []
-    real = model_api.compile_decode
-    monkeypatch.setattr(model_api, "compile_decode", lambda *a: compiled.append(a[3]) or real(*a))
-    cfg = _tiny_e2e()
-    cfg["modes"] = ["hydragen"]
-    cfg["decode"]["steps_per_sync"] = 2
-    with records.RecordWriter(tmp_path / "sync.jsonl", cfg) as writer:
-        e2e.run(cfg, writer, progress=False)
-    decode = [r for r in _check_records(tmp_path / "sync.jsonl") if r["record"] == "decode"]
-    assert decode and all(r["status"] == "ok" and r["results"]["steps_per_sync"] == 2 for r in decode)
-    assert compiled and set(compiled) == {2}
-    raw = tomllib.loads((config.CONFIG_DIR / "e2e_throughput.toml").read_text())
-    raw["decode"]["steps_per_sync"] = 0
-    with pytest.raises(config.ConfigError, match=r"'decode\.steps_per_sync'"):
-        config.from_dict(raw)
-    raw["decode"]["steps_per_sync"] = raw["decode"]["steps_per_sample"] + 1  # a timed run would hold no chunk
-    with pytest.raises(config.ConfigError, match=r"'decode\.steps_per_sync' \(5\) must be at most "
-                                                 r"'decode\.steps_per_sample' \(4\)"):
-        config.from_dict(raw)
-
-
 def test_e2e_config_error_names_model_key():
     with open(config.CONFIG_DIR / "e2e_throughput.toml", "rb") as f:
         raw = tomllib.load(f)

@@ -68,49 +68,6 @@ def test_chunked_decode_equals_generate(model):
     np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
 
 
-@pytest.mark.parametrize("k", [3, 8])
-def test_steps_per_sync_gives_the_same_tokens(model, k):
-    """Chunks of k steps under a loop of known trip count (one host wait per chunk), then the rest one by one:
-    the tokens and log-probabilities of one step at a time, sampled, for step counts that k does not divide."""
-    prompts = fewshot_prompts(seed=2)
-    full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3)
-    state = prefill(model, expand_samples(prompts, 2), 20, seed=3)
-    state = decode(model, state, 7, sampling={"temperature": 0.8}, steps_per_sync=k)
-    assert int(state.step) == 7
-    state = decode(model, state, 100, sampling={"temperature": 0.8}, steps_per_sync=k)
-    assert int(state.step) == 20
-    np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
-    np.testing.assert_allclose(np.asarray(state.logprobs), full.logprobs, atol=1e-5)
-    # greedy with stops: every sequence ends early (at its own step), mid-chunk; the same tokens and lengths
-    greedy = generate(model, prompts, num_samples=2, max_new_tokens=20)
-    stops = [[int(greedy.tokens[2 * p, 1 + p % 3])] for p in range(len(prompts))]
-    one = generate(model, prompts, num_samples=2, max_new_tokens=20, stop_tokens=stops)
-    chunked = generate(model, prompts, num_samples=2, max_new_tokens=20, stop_tokens=stops, steps_per_sync=k)
-    assert one.lengths.max() <= 3 and one.stats["decode_steps"] < 20
-    np.testing.assert_array_equal(chunked.lengths, one.lengths)
-    np.testing.assert_array_equal(chunked.tokens, one.tokens)
-    # the loop stops at the first chunk boundary after the last stop (all stop by step 3, within the first call's
-    # chunk_steps = 16 steps)
-    assert chunked.stats["decode_steps"] == -(-one.stats["decode_steps"] // k) * k
-
-
-def test_steps_per_sync_compiles_a_loop_of_known_trip_count(model):
-    """What the chunks are for: XLA knows the inner loop's trip count (no condition for the host to read)."""
-    from models.generate import compile_decode  # noqa: PLC0415
-
-    state = prefill(model, expand_samples(fewshot_prompts(), 1), 8)
-    plain, _ = compile_decode(model, state)
-    chunked, _ = compile_decode(model, state, steps_per_sync=4)
-    assert '"known_trip_count":{"n":"4"}' in chunked.as_text()
-    assert '"known_trip_count":{"n":"4"}' not in plain.as_text()
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match=f"steps_per_sync must be a positive integer, got {bad!r}"):
-            compile_decode(model, state, steps_per_sync=bad)
-    assert '"known_trip_count":{"n":"4"}' in compile_decode(model, state, steps_per_sync=np.int64(4))[0].as_text()
-    with pytest.raises(ValueError, match=r"chunk_steps must be an integer >= steps_per_sync \(8\), got 4"):
-        generate(model, fewshot_prompts(), max_new_tokens=8, chunk_steps=4, steps_per_sync=8)
-
-
 def test_prefill_and_decode_nest_under_a_users_trace(model):
     """At the top level prefill and decode compile with models.COMPILER_OPTIONS; under an outer trace (eval_shape, a
     user's jit) they are part of that program, where XLA refuses per-jit compiler options: same results."""
@@ -229,6 +186,7 @@ def test_stats(model):
     (dict(prompts=[[1] * 500], max_new_tokens=20), "exceeds the model's maximum length 512"),
     (dict(num_samples=0), "num_samples"),
     (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(chunk_steps=0), "chunk_steps must be a positive integer, got 0"),
     (dict(sampling={"temprature": 0.5}), "unknown sampling option 'temprature'"),
     (dict(sampling={"top_p": 1.5}), "top_p"),
     (dict(sampling={"temperature": -1.0}), "temperature"),
