@@ -3,7 +3,8 @@ the rest, in microseconds, next to the same attention step timed alone (as bench
 
 A random Llama of the 7B shape (fewer layers: `--layers`) decodes B sequences that share a P-token prefix; the
 decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under
-`jax.profiler.trace`, and each GPU kernel is classified by its name. The standalone attention step is
+`jax.profiler.trace`, and each GPU kernel is classified by its name. The GPU's idle time between kernels is split
+into short gaps (kernel to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
@@ -25,7 +26,7 @@ import numpy as np
 import hydragen_jax as hj
 import models
 from experiments import model_api
-from scripts.tuning.profile_step import gpu_kernel_ns
+from scripts.tuning.profile_step import gpu_kernel_ns, idle_gaps, kernel_events, per_kernel
 
 SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=65536)
@@ -134,7 +135,8 @@ def profile(model, mode: str, state, org, alone: float, args) -> None:
     jax.block_until_ready(run())
     walls.append(time.perf_counter() - start)
   wall = sorted(walls)[3]
-  total, _, launches = gpu_kernel_ns(run, 2, device="/device:GPU:0")
+  events, _ = kernel_events(run, 2, device="/device:GPU:0")
+  total, launches = per_kernel(events)
   per_part = collections.Counter()
   for name, ns in total.items():
     per_part[classify(name)] += ns / 2 / args.steps / layers / 1e3
@@ -145,8 +147,24 @@ def profile(model, mode: str, state, org, alone: float, args) -> None:
   print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
         f"kernels); per layer (us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; "
         f"compile {compile_s:.1f} s", flush=True)
+  print("  " + idle_line(idle_gaps(events), 2 * args.steps), flush=True)
   for name, ns in total.most_common(args.top):
     print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
+
+
+def idle_line(gaps: list[tuple[int, str]], steps: int, long_ns: int = 20_000, largest: int = 3) -> str:
+  """The GPU's idle time between kernels a step, split into short gaps (launch to launch) and long ones (the host
+  waiting or dispatching: between the traced calls, a loop condition read), with the largest named by the kernel
+  that ends them."""
+  short = [ns for ns, _ in gaps if ns < long_ns]
+  long = sorted((g for g in gaps if g[0] >= long_ns), reverse=True)
+  median = sorted(short)[len(short) // 2] / 1e3 if short else 0.0
+  text = (f"GPU idle between kernels {sum(ns for ns, _ in gaps) / steps / 1e3:.0f} us a step: "
+          f"{len(short) / steps:.0f} gaps under {long_ns / 1e3:.0f} us ({sum(short) / steps / 1e3:.0f} us, median "
+          f"{median:.1f} us), {len(long)} over ({sum(ns for ns, _ in long) / 1e3:.0f} us in all)")
+  if long:
+    text += "; largest " + ", ".join(f"{ns / 1e3:.0f} us before {name}" for ns, name in long[:largest])
+  return text
 
 
 if __name__ == "__main__":

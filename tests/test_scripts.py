@@ -29,12 +29,30 @@ def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, cap
   lines = [line for line in p.stdout.splitlines() if line.startswith("[")]
   assert [line.split("]")[0] for line in lines] == ["[hydragen", "[none"], p.stdout
   assert all("all-reduce" in line and "compile" in line for line in lines)
+  assert p.stdout.count("GPU idle between kernels") == 2, p.stdout
   from scripts import profile_decode  # noqa: PLC0415 (the refusal comes before any work: no process needed)
 
   monkeypatch.setattr(sys, "argv", ["profile_decode", "--demo", "2", "--tp", "2"])
   with pytest.raises(SystemExit) as exit_:
     profile_decode.main()
   assert exit_.value.code == 2 and "--demo profiles the demo's model on one device" in capsys.readouterr().err
+
+
+def test_idle_gaps_between_kernels():
+  """The profile's idle time: the stretches with no kernel running (overlapping kernels of two streams are one busy
+  stretch), split into short and long gaps per step."""
+  from scripts.profile_decode import idle_line  # noqa: PLC0415
+  from scripts.tuning.profile_step import idle_gaps, per_kernel  # noqa: PLC0415
+
+  events = [(0, 10_000, "a"), (12_000, 20_000, "b"), (15_000, 30_000, "c"), (31_000, 40_000, "a"),
+            (100_000, 101_000, "d")]  # c overlaps b (another stream)
+  gaps = idle_gaps(events)
+  assert gaps == [(2_000, "b"), (1_000, "a"), (60_000, "d")]
+  assert per_kernel(events) == ({"a": 19_000, "b": 8_000, "c": 15_000, "d": 1_000}, {"a": 2, "b": 1, "c": 1, "d": 1})
+  line = idle_line(gaps, steps=1)
+  assert line.startswith("GPU idle between kernels 63 us a step: 2 gaps under 20 us (3 us, median 2.0 us), 1 over")
+  assert line.endswith("largest 60 us before d")
+  assert idle_gaps([]) == [] and "0 gaps under" in idle_line([], steps=4)
 
 
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):

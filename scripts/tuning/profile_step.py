@@ -21,11 +21,10 @@ import hydragen_jax as hj
 from scripts.tuning.sweep_kernels import SEED, inputs
 
 
-def gpu_kernel_ns(call, repeats: int, device: str = "/device:GPU") -> tuple[collections.Counter, float,
-                                                                          collections.Counter]:
-  """Runs `call()` `repeats` times under `jax.profiler.trace`: total GPU time per kernel name (ns, over all
-  repeats), the wall time per call (s) and the launches per kernel name (over all repeats), on the profiler planes
-  whose name starts with `device` (default: every GPU; "/device:GPU:0" for the first one alone)."""
+def kernel_events(call, repeats: int, device: str = "/device:GPU") -> tuple[list[tuple[int, int, str]], float]:
+  """Runs `call()` `repeats` times under `jax.profiler.trace`: every GPU kernel as (start_ns, end_ns, name), sorted
+  by start, on the profiler planes whose name starts with `device` (default: every GPU; "/device:GPU:0" for the
+  first one alone), and the wall time per call (s)."""
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
       start = time.perf_counter()
@@ -33,7 +32,7 @@ def gpu_kernel_ns(call, repeats: int, device: str = "/device:GPU") -> tuple[coll
         out = call()
       jax.block_until_ready(out)
       wall = (time.perf_counter() - start) / repeats
-    total, launches = collections.Counter(), collections.Counter()
+    events = []
     for f in pathlib.Path(tmp).rglob("*.xplane.pb"):
       data = jax.profiler.ProfileData.from_file(str(f))
       for plane in data.planes:
@@ -41,12 +40,39 @@ def gpu_kernel_ns(call, repeats: int, device: str = "/device:GPU") -> tuple[coll
         if not (name == device or (device == "/device:GPU" and name.startswith(device))):
           continue
         for line in plane.lines:
-          if "stream" not in line.name.lower():
-            continue
-          for event in line.events:
-            total[event.name[:70]] += event.duration_ns
-            launches[event.name[:70]] += 1
+          if "stream" in line.name.lower():
+            events += [(e.start_ns, e.start_ns + e.duration_ns, e.name[:70]) for e in line.events]
+  return sorted(events), wall
+
+
+def gpu_kernel_ns(call, repeats: int, device: str = "/device:GPU") -> tuple[collections.Counter, float,
+                                                                          collections.Counter]:
+  """`kernel_events` summed per kernel name: total GPU time (ns, over all repeats), the wall time per call (s) and
+  the launches (over all repeats)."""
+  events, wall = kernel_events(call, repeats, device)
+  total, launches = per_kernel(events)
   return total, wall, launches
+
+
+def per_kernel(events: list[tuple[int, int, str]]) -> tuple[collections.Counter, collections.Counter]:
+  """Total time (ns) and launches per kernel name of `kernel_events`' events."""
+  total, launches = collections.Counter(), collections.Counter()
+  for start, end, name in events:
+    total[name] += end - start
+    launches[name] += 1
+  return total, launches
+
+
+def idle_gaps(events: list[tuple[int, int, str]]) -> list[tuple[int, str]]:
+  """The stretches with no kernel running between the first kernel's start and the last one's end, as
+  (nanoseconds, name of the kernel that ends the stretch), in order; kernels that overlap (several streams) count
+  as one busy stretch."""
+  gaps, busy_until = [], None
+  for start, end, name in events:  # sorted by start
+    if busy_until is not None and start > busy_until:
+      gaps.append((start - busy_until, name))
+    busy_until = end if busy_until is None else max(busy_until, end)
+  return gaps
 
 
 def main():
