@@ -2,9 +2,9 @@
 the rest, in microseconds, next to the same attention step timed alone (as bench-attention does).
 
 A random Llama of the 7B shape (fewer layers: `--layers`) decodes B sequences that share a P-token prefix; the
-decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under
-`jax.profiler.trace`, and each GPU kernel is classified by its name. The GPU's idle time between kernels is split
-into short gaps (kernel to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
+decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under `jax.profiler.trace`,
+and each GPU kernel is classified by its name. The GPU's idle time between kernels is split into short gaps (kernel
+to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
