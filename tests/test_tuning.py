@@ -8,7 +8,7 @@ import dataclasses
 import json
 import math
 import pathlib
-import time
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -226,7 +226,7 @@ def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   file = tuning.load(out)
   assert file.device_kind == tuning.device_kind() and not file.measured
   assert file.provenance["note"].startswith("DRY RUN")
-  fields = [c.field for c in sweep_device.choices(sweep_device.SEED, sweep_device.GROUPS)]
+  fields = [c.field for c in sweep_device.choices(sweep_device.CONFIGS, sweep_device.GROUPS)]
   assert sorted(file.provenance["fields"]) == sorted(fields)
   assert all(r["status"] in ("picked", "kept") for r in file.provenance["choices"])
   assert not file.provenance["final_check"]["status"].startswith("not run")  # the final write, after the choices
@@ -260,27 +260,55 @@ def test_sweep_ends_at_a_step_that_does_not_return(tmp_path, monkeypatch):
   """A step still running after --step-timeout-s (a kernel that never ends: an H100 Hopper candidate did on the
   H200) ends the sweep from the watchdog: the log names the step, the file keeps the choices made before it."""
   out, log = tmp_path / "hung.json", tmp_path / "steps.jsonl"
-  real, calls, seen = sweep_device.Sweep._measure, [], {}
+  real, calls, seen, aborted = sweep_device.Sweep._measure, [], {}, threading.Event()
 
   def measure(self, i, fn, signature):
     if signature[0] == "triton" and signature[-1] == 0.5 and not calls:  # interleave_lead's first candidate
-      time.sleep(1.0)
+      assert aborted.wait(60)  # "hangs" until the watchdog has acted
     return real(self, i, fn, signature)
 
-  def abort(status):
+  def abort(status):  # the real one ends the process; here the sweep goes on once the file is read
     calls.append(status)
     seen["file"] = tuning.load(out)  # what a stopped process leaves
+    aborted.set()
 
   monkeypatch.setattr(sweep_device.Sweep, "_measure", measure)
   monkeypatch.setattr(sweep_device, "_abort", abort)
   sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields", "hopper_min_work,interleave_lead",
-                     "--step-timeout-s", "0.2"])
+                     "--step-timeout-s", "3"])
   assert calls == [3]
   assert [r["field"] for r in seen["file"].provenance["choices"]] == ["hopper_min_work"]
   assert seen["file"].provenance["final_check"]["status"].startswith(
-      "not run: the sweep stopped in the choice interleave_lead, whose step did not return within 0 s")
+      "not run: the sweep stopped in the choice interleave_lead, whose step did not return within 3 s")
   steps = [json.loads(line) for line in log.read_text().splitlines()]
-  assert [s["error"] for s in steps if s["error"]] == ["hung: no result after 0 s"]
+  assert [s["error"] for s in steps if s["error"]] == ["hung: no result after 3 s"]
+
+
+class _LogFailingOnce:
+  """A log whose first write fails (the watchdog's: it comes before the late step's own)."""
+
+  def __init__(self):
+    self.lines = []
+
+  def write(self, line):
+    if not self.lines:
+      self.lines.append(None)
+      raise OSError("disk full")
+    self.lines.append(line)
+
+  def flush(self):
+    pass
+
+
+def test_watchdog_ends_the_process_when_its_log_write_fails(monkeypatch):
+  """The watchdog's own failure (here: writing its log line) must not leave a stuck sweep running: on_hang, which
+  ends the process, still runs."""
+  ended, log = threading.Event(), _LogFailingOnce()
+  sweep = sweep_device.Sweep(sweep_device.CONFIGS, dry_run=True, deadline=math.inf, log=log, step_timeout_s=0.5,
+                             on_hang=ended.set)
+  monkeypatch.setattr(sweep_device.Sweep, "_measure", lambda self, i, fn, sig: (ended.wait(60), ([1e-4] * 3, 0.0))[1])
+  sweep.time(5, _h100(), "triton")
+  assert ended.is_set() and log.lines[0] is None and "triton" in log.lines[1]  # the late step's own line after it
 
 
 @pytest.mark.gpu

@@ -3,20 +3,21 @@
   python -m scripts.tuning.sweep_device --out hydragen_jax/tuning/nvidia-h200.json   # on the GPU, 450 s budget
   python -m scripts.tuning.sweep_device --dry-run --out /tmp/tuning.json             # anywhere: the plumbing
 
-Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or
---base FILE): each candidate value is timed on the seed configs its choice concerns, as the benchmark times a
-step (a whole decode step, 16 chained in one call, at s = 1, out/2, out; Simpson mean), and the candidate with the
-best speed-up over the tuning so far (geometric mean over the configs whose step it changes) takes its place if
-at least --min-gain faster; the next choice starts from the result. A step whose kernels a candidate does not
-change (same tiles, splits, launch) is timed once. Every output is checked against the first step timed on its
-config: a candidate whose output differs, or that fails to compile, is refused. The budget (--budget-s) stops the
-choices early (the rest keep the base's values; the file says which were measured: run again with --base and
---fields for those) and a final pass times the picked tuning against the base on every config with the kernel the
-API would take ("pallas"). Interactions between choices are seen only through the greedy order and that final pass.
-The file is written after every choice and the log (--log) after every step, so a sweep stopped from outside keeps
-what it measured; each step is printed before it starts, so one that hangs is named, and a step not back after
---step-timeout-s ends the sweep (a kernel that never returns cannot be stopped from Python): the log names it,
-the file keeps the choices made, the exit status is 3.
+Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or --base
+FILE): each candidate value is timed on the configs its choice concerns (`CONFIGS`: the benchmark's seed rows and
+the 7B model's MHA decode layer that takes the Hopper kernel), as the benchmark times a step (a whole decode step,
+16 chained in one call, at s = 1, out/2, out; Simpson mean), and the candidate with the best speed-up over the
+tuning so far (geometric mean over the configs whose step it changes) takes its place if at least --min-gain faster;
+the next choice starts from the result. A step whose kernels a candidate does not change (same tiles, splits,
+launch) is timed once. Every output is checked against the first step timed on its config: a candidate whose output
+differs, or that fails to compile, is refused. The budget (--budget-s) stops the choices early (the rest keep the
+base's values; the file says which were measured: run again with --base and --fields for those) and a final pass
+times the picked tuning against the base on every config with the kernel the API would take ("pallas"). Interactions
+between choices are seen only through the greedy order and that final pass. The file is written after every choice
+and the log (--log) after every step, so a sweep stopped from outside keeps what it measured; each step is printed
+before it starts, so one that hangs is named, and a step not back after --step-timeout-s ends the sweep (a kernel
+that never returns cannot be stopped from Python): the log names it, the file keeps the choices made, the exit
+status is 3.
 
 --dry-run builds and traces (jax.eval_shape) every step the sweep would time, on the same configs, but runs and
 times nothing (no memory, any machine): its times are stand-ins derived from each step's signature, so that the
@@ -50,10 +51,14 @@ from scripts.tuning import probe_hopper, sweep_kernels
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
 
 STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
-# Configs (indices into SEED) a choice is timed on: the GQA rows (compute-bound prefix: the Hopper kernel's case and
-# the interleaved launch), every row, a spread for the tiles (small and large MHA, mid and large GQA) and the largest
-# prefix products alone.
-GROUPS = dict(gqa=(5, 6, 7, 8), all=tuple(range(len(SEED))), prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
+# The configs (B, P, out, Hq, Hkv): the benchmark's seed rows, and the 7B model's decode layer at P = 16K, B = 512
+# (e2e part 3: MHA, T·g = 1, a prefix product at the Hopper threshold), the kernel's other kind of shape.
+CONFIGS = tuple(SEED) + ((512, 16384, 128, 32, 32),)
+# Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
+# the shapes that take the Hopper kernel (the GQA rows and the MHA decode layer), every config, a spread for the
+# tiles (small and large MHA, mid and large GQA) and the largest prefix products alone.
+GROUPS = dict(gqa=(5, 6, 7, 8), hopper=(5, 6, 7, 8, 9), all=tuple(range(len(CONFIGS))), prefix=(0, 4, 6, 8),
+              suffix=(0, 3, 6, 8), alone=(4, 8))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
@@ -102,11 +107,11 @@ def choices(configs, groups) -> list[Choice]:
   """The choices, most important first (the time budget may stop the sweep before the last). Thresholds take the
   configs' own sizes as candidates, and twice the largest (none of them)."""
   works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in
-                  (configs[i] for i in groups["gqa"])})
+                  (configs[i] for i in groups["hopper"])})
   rows = sorted({b * hq // hkv for b, _, _, hq, hkv in (configs[i] for i in groups["all"])})
   return [
-      field_choice("hopper", "hopper", "gqa", HOPPER_CONFIGS),
-      field_choice("hopper_min_work", "pallas", "gqa", works + [2 * works[-1]]),
+      field_choice("hopper", "hopper", "hopper", HOPPER_CONFIGS),
+      field_choice("hopper_min_work", "pallas", "hopper", works + [2 * works[-1]]),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
@@ -149,6 +154,9 @@ class Sweep:
     # A step that has not returned after step_timeout_s (a kernel that never ends cannot be stopped from Python):
     # the log says which, then on_hang() runs on the watchdog's thread (main's: save the file, end the process).
     self.step_timeout_s, self.on_hang = step_timeout_s, on_hang
+    # The watchdog and a step that returns as it fires: whichever takes the lock first decides; a step that comes
+    # back after the watchdog began waits for it (which ends the process), so only one of them writes the file.
+    self._lock, self._step_done, self._hanging, self._hang_handled = threading.Lock(), False, False, threading.Event()
     self.seconds: dict[tuple, float] = {}  # signature -> Simpson mean step time (inf: failed)
     self._inputs: dict[int, tuple] = {}
     self._reference: dict[tuple, list] = {}  # (config, alone) -> the first outputs timed
@@ -203,6 +211,7 @@ class Sweep:
     start, error, err = time.time(), None, None
     watchdog = threading.Timer(self.step_timeout_s, self._hung, (i, signature, start))
     watchdog.daemon = True
+    self._step_done = False
     if math.isfinite(self.step_timeout_s):
       watchdog.start()
     try:
@@ -212,6 +221,12 @@ class Sweep:
       steps, seconds, error = None, math.inf, f"{type(e).__name__}: {str(e)[:300]}"
     finally:
       watchdog.cancel()
+      with self._lock:
+        self._step_done = True
+        late = self._hanging
+      if late:  # the watchdog fired first: it writes the file and ends the process
+        self._hang_handled.wait()
+        self._hanging = False
     self.seconds[signature] = seconds
     self.timed += 1
     line = dict(config=self.configs[i], signature=repr(signature), steps_s=steps, seconds=seconds_record([seconds])[0],
@@ -227,12 +242,23 @@ class Sweep:
       self.log.flush()  # a sweep killed from outside keeps what it timed
 
   def _hung(self, i: int, signature: tuple, start: float) -> None:
-    error = f"hung: no result after {self.step_timeout_s:.0f} s"
-    print(f" {error}  {signature[2:]}", flush=True)
-    self._write_log(dict(config=self.configs[i], signature=repr(signature), steps_s=None, seconds="failed",
-                         max_err=None, error=error, wall_s=round(time.time() - start, 2)))
-    if self.on_hang:
-      self.on_hang()
+    with self._lock:
+      if self._step_done:  # the step came back as the timer fired
+        return
+      self._hanging = True
+    try:
+      error = f"hung: no result after {self.step_timeout_s:g} s"
+      print(f" {error}  {signature[2:]}", flush=True)
+      self._write_log(dict(config=self.configs[i], signature=repr(signature), steps_s=None, seconds="failed",
+                           max_err=None, error=error, wall_s=round(time.time() - start, 2)))
+    except Exception as e:  # noqa: BLE001 - the sweep must end all the same
+      print(f"  (the watchdog could not log the hang: {type(e).__name__}: {e})", flush=True)
+    finally:  # on_hang ends the process (main's does)
+      try:
+        if self.on_hang:
+          self.on_hang()
+      finally:
+        self._hang_handled.set()
 
   def _measure(self, i: int, fn: Callable, signature: tuple) -> tuple[list[float], float | None]:
     """Step times at s = 1, out/2, out (alone: s = 1, the suffix is not read) and the max error of the outputs
@@ -328,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--final-s", type=float, default=60.0, help="of which reserved for the final check")
   parser.add_argument("--min-gain", type=float, default=0.02, help="a candidate must be this much faster")
   parser.add_argument("--fields", default=None, help="comma-separated fields to sweep (default: all)")
-  parser.add_argument("--commit", default=None, help="commit of the code (default: git rev-parse HEAD)")
+  parser.add_argument("--commit", default=None,
+                      help="commit of the code (default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD)")
   parser.add_argument("--log", default=None, help="JSON-lines file of every timed step")
   parser.add_argument("--step-timeout-s", type=float, default=120.0,
                       help="a step not back after this long ends the sweep (file and log written, exit status 3)")
@@ -337,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
   start = time.time()
   kind = tuning_lib.device_kind()
   base_file = tuning_lib.load(args.base) if args.base else tuning_lib.file_for(kind)
-  configs, groups = SEED, GROUPS
+  configs, groups = CONFIGS, GROUPS
   todo = choices(configs, groups)
   if args.fields:
     wanted = args.fields.split(",")
@@ -368,10 +395,13 @@ def main(argv: list[str] | None = None) -> None:
 
   def hung() -> None:
     """A step never returned (the watchdog's thread): keep the choices made so far, end the process (the GPU
-    may be stuck in the kernel; no Python can stop it)."""
-    save(tune, recs, dict(status=f"not run: the sweep stopped in the choice {current}, whose step did not return "
-                                 f"within {args.step_timeout_s:.0f} s (see the log)"))
-    _abort(3)  # the log is flushed line by line
+    may be stuck in the kernel; no Python can stop it), even if the file cannot be written."""
+    try:
+      where = "the final check" if current == "final check" else f"the choice {current}"
+      save(tune, recs, dict(status=f"not run: the sweep stopped in {where}, whose step did not return within "
+                                   f"{args.step_timeout_s:g} s (see the log)"))
+    finally:
+      _abort(3)  # the log is flushed line by line
 
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed in the finally below
   try:
