@@ -147,21 +147,23 @@ def profile(model, mode: str, state, org, alone: float, args) -> None:
   print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
         f"kernels); per layer (us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; "
         f"compile {compile_s:.1f} s", flush=True)
-  print("  " + idle_line(idle_gaps(events), 2 * args.steps), flush=True)
+  print(f"  {idle_line(idle_gaps(events), 2 * args.steps, 2)}; untraced wall - GPU "
+        f"{(wall / args.steps - step_us / 1e6) * 1e6:.0f} us a step", flush=True)
   for name, ns in total.most_common(args.top):
     print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
 
 
-def idle_line(gaps: list[tuple[int, str]], steps: int, long_ns: int = 20_000, largest: int = 3) -> str:
-  """The GPU's idle time between kernels a step, split into short gaps (launch to launch) and long ones (the host
-  waiting or dispatching: between the traced calls, a loop condition read), with the largest named by the kernel
-  that ends them."""
+def idle_line(gaps: list[tuple[int, str]], steps: int, calls: int, long_ns: int = 20_000, largest: int = 3) -> str:
+  """The GPU's idle time between kernels over `calls` traced calls of `steps` steps in all: short gaps (kernel to
+  kernel) a step, and long ones (the host dispatching or waiting: between the calls, a loop condition read) in all,
+  the largest named by the kernel that ends them. Traced: the profiler itself adds to the host's time."""
   short = [ns for ns, _ in gaps if ns < long_ns]
   long = sorted((g for g in gaps if g[0] >= long_ns), reverse=True)
   median = sorted(short)[len(short) // 2] / 1e3 if short else 0.0
   text = (f"GPU idle between kernels {sum(ns for ns, _ in gaps) / steps / 1e3:.0f} us a step: "
-          f"{len(short) / steps:.0f} gaps under {long_ns / 1e3:.0f} us ({sum(short) / steps / 1e3:.0f} us, median "
-          f"{median:.1f} us), {len(long)} over ({sum(ns for ns, _ in long) / 1e3:.0f} us in all)")
+          f"{len(short) / steps:.0f} gaps under {long_ns / 1e3:.0f} us a step ({sum(short) / steps / 1e3:.0f} us, "
+          f"median {median:.1f} us); {len(long)} over {long_ns / 1e3:.0f} us in {calls} traced call"
+          f"{'s' if calls > 1 else ''} ({sum(ns for ns, _ in long) / 1e3:.0f} us)")
   if long:
     text += "; largest " + ", ".join(f"{ns / 1e3:.0f} us before {name}" for ns, name in long[:largest])
   return text

@@ -44,15 +44,17 @@ def test_idle_gaps_between_kernels():
   from scripts.profile_decode import idle_line  # noqa: PLC0415
   from scripts.tuning.profile_step import idle_gaps, per_kernel  # noqa: PLC0415
 
-  events = [(0, 10_000, "a"), (12_000, 20_000, "b"), (15_000, 30_000, "c"), (31_000, 40_000, "a"),
-            (100_000, 101_000, "d")]  # c overlaps b (another stream)
+  events = [(0, 10_000, "a"), (12_000, 20_000, "b"), (15_000, 30_000, "c"), (16_000, 18_000, "e"),
+            (31_000, 40_000, "a"), (100_000, 101_000, "d")]  # c overlaps b, e lies inside c (other streams)
   gaps = idle_gaps(events)
   assert gaps == [(2_000, "b"), (1_000, "a"), (60_000, "d")]
-  assert per_kernel(events) == ({"a": 19_000, "b": 8_000, "c": 15_000, "d": 1_000}, {"a": 2, "b": 1, "c": 1, "d": 1})
-  line = idle_line(gaps, steps=1)
-  assert line.startswith("GPU idle between kernels 63 us a step: 2 gaps under 20 us (3 us, median 2.0 us), 1 over")
+  assert per_kernel(events) == ({"a": 19_000, "b": 8_000, "c": 15_000, "e": 2_000, "d": 1_000},
+                                {"a": 2, "b": 1, "c": 1, "e": 1, "d": 1})
+  line = idle_line(gaps, steps=1, calls=1)
+  assert line.startswith("GPU idle between kernels 63 us a step: 2 gaps under 20 us a step (3 us, median 2.0 us); "
+                         "1 over 20 us in 1 traced call (60 us)")
   assert line.endswith("largest 60 us before d")
-  assert idle_gaps([]) == [] and "0 gaps under" in idle_line([], steps=4)
+  assert idle_gaps([]) == [] and "0 gaps under" in idle_line([], steps=4, calls=2)
 
 
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):

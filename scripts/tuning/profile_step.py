@@ -66,7 +66,7 @@ def per_kernel(events: list[tuple[int, int, str]]) -> tuple[collections.Counter,
 def idle_gaps(events: list[tuple[int, int, str]]) -> list[tuple[int, str]]:
   """The stretches with no kernel running between the first kernel's start and the last one's end, as
   (nanoseconds, name of the kernel that ends the stretch), in order; kernels that overlap (several streams) count
-  as one busy stretch."""
+  as one busy stretch. `events`: one device's (`kernel_events` with one device's plane), sorted by start."""
   gaps, busy_until = [], None
   for start, end, name in events:  # sorted by start
     if busy_until is not None and start > busy_until:
