@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -487,7 +488,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
-    if not isinstance(chunk_steps, int) or isinstance(chunk_steps, bool) or chunk_steps < 1:
+    if not isinstance(chunk_steps, numbers.Integral) or isinstance(chunk_steps, bool) or chunk_steps < 1:
         raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")

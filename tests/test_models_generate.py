@@ -175,9 +175,10 @@ def test_text_prompts_with_tokenizer():
 
 
 def test_stats(model):
-    g = generate(model, fewshot_prompts(), max_new_tokens=8)
+    g = generate(model, fewshot_prompts(), max_new_tokens=8, chunk_steps=np.int64(3))  # any integer type
     for k in ("compile_s", "prefill_s", "decode_s", "decode_tokens_per_s"):
         assert g.stats[k] > 0
+    assert g.stats["decode_steps"] == 8  # chunks of 3: 3 + 3 + 2
 
 
 @pytest.mark.parametrize("kwargs, match", [
