@@ -6,16 +6,19 @@ decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix lengt
 and each GPU kernel is classified by its name. The GPU's idle time between kernels is split into short gaps (kernel
 to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
+`--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
-       [--backend mosaic] [--tp 2] [--hlo DIR]
+       [--backend mosaic] [--tp 2] [--hlo DIR] [--tuning default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gzip
+import pathlib
 import re
 import time
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hydragen_jax as hj
+from hydragen_jax import tuning as tuning_lib
 import models
 from experiments import model_api
 from scripts.tuning.profile_step import gpu_kernel_ns, idle_gaps, kernel_events, per_kernel
@@ -80,6 +84,9 @@ def main():
   parser.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (GPU 0's kernels shown)")
   parser.add_argument("--backend", default=None, choices=hj.BACKENDS,
                       help="attention backend (default: chosen per device; e.g. mosaic)")
+  parser.add_argument("--tuning", default="default", metavar="FILE[,FILE...]",
+                      help="tuning files (hydragen_jax/tuning/*.json), each profiled in turn in this process; "
+                           "'default': the device's")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -103,24 +110,31 @@ def main():
     print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
           f"backend={args.backend or 'default'}", flush=True)
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
+  tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name))
+             for name in args.tuning.split(",")]
   for mode in args.modes.split(","):
     state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
                                  max_calls=1)
     org = model_api.origin(state)
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
-    alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
-                             model.config.num_attention_heads, args.backend) if mode != "none" and args.tp == 1 else 0.0)
-    profile(model, mode, state, org, alone, args)
+    for name, file in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew
+      with tuning_lib.override(file.tuning) if file else contextlib.nullcontext():
+        alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
+                                 model.config.num_attention_heads, args.backend)
+                 if mode != "none" and args.tp == 1 else 0.0)
+        label = mode if file is None else f"{mode} @ {name}"
+        state = profile(model, label, state, org, alone, args)
     del state, org
 
 
-def profile(model, mode: str, state, org, alone: float, args) -> None:
-  """Compile the decode loop, time it untraced (wall) and traced (GPU kernels), print the split per layer."""
+def profile(model, label: str, state, org, alone: float, args):
+  """Compile the decode loop, time it untraced (wall) and traced (GPU kernels), print the split per layer; returns
+  the state the last run returned (each run donates its input)."""
   layers = model.config.num_hidden_layers
   fn, compile_s = model_api.compile_decode(model, state, args.backend)
   if args.hlo:
-    with gzip.open(f"{args.hlo}/decode-{mode}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
+    with gzip.open(f"{args.hlo}/decode-{label.replace(' @ ', '-')}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
       f.write(fn.as_text())
   held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 
@@ -144,13 +158,14 @@ def profile(model, mode: str, state, org, alone: float, args) -> None:
   parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "all-reduce",
                                                                  "rest"))
   kernels = sum(launches.values()) / 2 / args.steps
-  print(f"[{mode}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
+  print(f"[{label}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
         f"kernels); per layer (us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; "
         f"compile {compile_s:.1f} s", flush=True)
   print(f"  {idle_line(idle_gaps(events), 2 * args.steps, 2)}; untraced wall - GPU "
         f"{(wall / args.steps - step_us / 1e6) * 1e6:.0f} us a step", flush=True)
   for name, ns in total.most_common(args.top):
     print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
+  return held[0]
 
 
 def idle_line(gaps: list[tuple[int, str]], steps: int, calls: int, long_ns: int = 20_000, largest: int = 3) -> str:

@@ -24,12 +24,14 @@ def _run(args: list[str], **env) -> subprocess.CompletedProcess:
 
 def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, capsys):
   p = _run(["scripts.profile_decode", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--generate", "8",
-            "--at", "2", "--steps", "2", "--modes", "hydragen,none"])
+            "--at", "2", "--steps", "2", "--modes", "hydragen,none",
+            "--tuning", "default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json"])
   assert p.returncode == 0, p.stderr[-2000:]
   lines = [line for line in p.stdout.splitlines() if line.startswith("[")]
-  assert [line.split("]")[0] for line in lines] == ["[hydragen", "[none"], p.stdout
+  assert [line.split("]")[0] for line in lines] == ["[hydragen", "[hydragen @ nvidia-h100-80gb-hbm3", "[none",
+                                                    "[none @ nvidia-h100-80gb-hbm3"], p.stdout
   assert all("all-reduce" in line and "compile" in line for line in lines)
-  assert p.stdout.count("GPU idle between kernels") == 2, p.stdout
+  assert p.stdout.count("GPU idle between kernels") == 4, p.stdout
   from scripts import profile_decode  # noqa: PLC0415 (the refusal comes before any work: no process needed)
 
   monkeypatch.setattr(sys, "argv", ["profile_decode", "--demo", "2", "--tp", "2"])

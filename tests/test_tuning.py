@@ -10,6 +10,7 @@ import math
 import pathlib
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,6 +99,22 @@ def test_override_is_scoped_and_an_explicit_tuning_wins():
   with pytest.raises(TypeError, match="override takes a Tuning; got dict"):
     with tuning.override({}):
       pass
+
+
+def test_override_retraces_a_function_jitted_before():
+  """A jitted function traced under one tuning is traced again inside an override (the kernels read the tuning
+  when traced): a tuning A/B in one process must not time the first tuning twice."""
+
+  @jax.jit
+  def f(x):
+    return x + tuning.current().interleave_lead
+
+  x = jnp.zeros(())
+  base = float(f(x))
+  with tuning.override(dataclasses.replace(tuning.current(), interleave_lead=base / 2)):
+    assert float(f(x)) == base / 2
+    assert float(jax.jit(lambda y: f(y) * 2)(x)) == base  # nested in another jit
+  assert float(f(x)) == base
 
 
 def test_run_takes_launch_and_lead_from_the_tuning(monkeypatch):

@@ -11,14 +11,14 @@ one), or, in a file not yet measured on its device, saying so (`measured_on` nul
 were first tuned on), which also serves CPU and interpreted runs. `override(t)` sets the tuning inside a `with`
 block (sweeps, tests); the functions that read it also take it as an argument (None: `current()`).
 
-The tuning is read where the kernels' static choices are made, when a function is traced: a jitted function keeps
-the choices of its first trace (jit it again, or pass the tuning, for another).
+The tuning is read where the kernels' static choices are made, when a function is traced. An `override` is part of
+jit's cache key (a JAX user context): a jitted function called inside one is traced anew for it, so a tuning A/B
+in one process times both tunings.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import importlib.resources
@@ -243,7 +243,10 @@ def for_device_kind(device_kind: str) -> Tuning:
   return file_for(device_kind).tuning
 
 
-_OVERRIDE: contextvars.ContextVar[Tuning | None] = contextvars.ContextVar("hydragen_tuning", default=None)
+# The tuning `override` forces: a JAX user context, part of jit's cache key, so that a function jitted (traced) under
+# one tuning is traced again under another. (A plain context variable would leave the first trace in force: the
+# kernels read the tuning when they are traced.)
+_OVERRIDE = jax.make_user_context(default_value=None)
 
 
 def device_kind() -> str:
@@ -253,7 +256,7 @@ def device_kind() -> str:
 
 def current() -> Tuning:
   """The tuning in force: an `override`'s, else the default device's (`for_device_kind`)."""
-  forced = _OVERRIDE.get()
+  forced = _OVERRIDE.value
   return forced if forced is not None else for_device_kind(device_kind())
 
 
@@ -264,11 +267,9 @@ def resolve(tuning: Tuning | None) -> Tuning:
 
 @contextlib.contextmanager
 def override(tuning: Tuning) -> Iterator[Tuning]:
-  """`current()` returns `tuning` inside the `with` block (this thread or task only)."""
+  """`current()` returns `tuning` inside the `with` block (this thread only). A jitted function called inside is
+  traced for it, even if it was traced before under another tuning (the override is part of jit's cache key)."""
   if not isinstance(tuning, Tuning):
     raise TypeError(f"override takes a Tuning; got {type(tuning).__name__}.")
-  token = _OVERRIDE.set(tuning)
-  try:
+  with _OVERRIDE(tuning):
     yield tuning
-  finally:
-    _OVERRIDE.reset(token)
