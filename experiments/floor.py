@@ -247,8 +247,9 @@ def decode_floor(shape: ModelShape, sharing: Sharing, mode: str, starts: Sequenc
     if len(starts) != 3:
         raise ValueError(f"starts must hold the 3 sample positions; got {list(starts)}")
     mean_of = lambda v: sum(v) / len(v)  # noqa: E731
-    windows = [_combine([decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate, devices, allreduce_bandwidth)
-                         for j in range(start, start + steps_per_sample)], mean_of) for start in starts]
+    step = lambda j: decode_step_floor(shape, sharing, mode, j, bandwidth, matmul_rate, devices,  # noqa: E731
+                                       allreduce_bandwidth)
+    windows = [_combine([step(j) for j in range(start, start + steps_per_sample)], mean_of) for start in starts]
     mean = _combine(windows, lambda v: simpson(*v))
     return {
         "floor_s": mean["total"],

@@ -401,8 +401,8 @@ def tree_section(files: list[ResultsFile]) -> list[str]:
 
 
 def tensor_parallel_section(files: list[ResultsFile]) -> list[str]:
-    """Each tensor-parallel experiment's newest file (e.g. 7B at 1K, 7B at 16K, 13B): tok/s per device count, the speed-up
-    over the fewest devices, the step floor fraction and hydragen against `none`."""
+    """Each tensor-parallel experiment's newest file (e.g. 7B at 1K, 7B at 16K, 13B): tok/s per device count, the
+    speed-up over the fewest devices, the step floor fraction and hydragen against `none`."""
     out = ["**Tensor parallel** (e2e_tp: `bash experiments/gpu_full.sh tp-7b-1k|tp-7b-16k|tp-13b` on two GPUs; every "
            "device count in the same run; the floor adds the step's 2 L + 1 all-reduces of [B, d] at the all-reduce "
            "bus bandwidth measured in the run):", ""]

@@ -18,7 +18,8 @@ from models.tokenizer import BPETokenizer, ByteTokenizer
 
 __all__ = [
     "COMPILER_OPTIONS", "MODES", "BPETokenizer", "ByteTokenizer", "CheckpointError", "DEFAULT_MODEL_DIR",
-    "DecodeState", "DenseCache", "Generation", "LevelCache", "Llama", "LlamaConfig", "NoCache", "RopeScaling", "SamplingConfig", "SharedLevel",
+    "DecodeState", "DenseCache", "Generation", "LevelCache", "Llama", "LlamaConfig", "NoCache", "RopeScaling",
+    "SamplingConfig", "SharedLevel",
     "SharingTree", "TreeCache", "build_sharing_tree", "cache_bytes", "compile_decode", "decode", "expand_samples",
     "generate", "init_params", "init_random", "load_checkpoint", "load_default_model", "load_gguf",
     "load_gguf_tokenizer", "prefill", "sample", "save_checkpoint", "smollm2_path", "synthetic_tree",

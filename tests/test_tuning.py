@@ -266,7 +266,8 @@ def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sweep_device, "run_choice", stop_at_the_second)
   with pytest.raises(KeyboardInterrupt):
-    sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields", "hopper_min_work,interleave_lead"])
+    sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields",
+                       "hopper_min_work,interleave_lead"])
   file = tuning.load(out)
   assert [r["field"] for r in file.provenance["choices"]] == ["hopper_min_work"]
   assert file.provenance["final_check"]["status"].startswith("not run: written after the choice hopper_min_work")

@@ -154,9 +154,9 @@ class Sweep:
     # A step that has not returned after step_timeout_s (a kernel that never ends cannot be stopped from Python):
     # the log says which, then on_hang() runs on the watchdog's thread (main's: save the file, end the process).
     self.step_timeout_s, self.on_hang = step_timeout_s, on_hang
-    # The watchdog and a step that returns as it fires: whichever takes the lock first decides; a step that comes
-    # back after the watchdog began waits for it (which ends the process), so only one of them writes the file.
-    self._lock, self._step_done, self._hanging, self._hang_handled = threading.Lock(), False, False, threading.Event()
+    # The watchdog and a step that returns as it fires: whichever takes the lock first decides. The watchdog holds it
+    # until on_hang has ended the process, so a step that comes back meanwhile waits: one writer of the file.
+    self._lock, self._step_done = threading.Lock(), False
     self.seconds: dict[tuple, float] = {}  # signature -> Simpson mean step time (inf: failed)
     self._inputs: dict[int, tuple] = {}
     self._reference: dict[tuple, list] = {}  # (config, alone) -> the first outputs timed
@@ -221,12 +221,8 @@ class Sweep:
       steps, seconds, error = None, math.inf, f"{type(e).__name__}: {str(e)[:300]}"
     finally:
       watchdog.cancel()
-      with self._lock:
+      with self._lock:  # waits for a watchdog already under way
         self._step_done = True
-        late = self._hanging
-      if late:  # the watchdog fired first: it writes the file and ends the process
-        self._hang_handled.wait()
-        self._hanging = False
     self.seconds[signature] = seconds
     self.timed += 1
     line = dict(config=self.configs[i], signature=repr(signature), steps_s=steps, seconds=seconds_record([seconds])[0],
@@ -245,20 +241,15 @@ class Sweep:
     with self._lock:
       if self._step_done:  # the step came back as the timer fired
         return
-      self._hanging = True
-    try:
-      error = f"hung: no result after {self.step_timeout_s:g} s"
-      print(f" {error}  {signature[2:]}", flush=True)
-      self._write_log(dict(config=self.configs[i], signature=repr(signature), steps_s=None, seconds="failed",
-                           max_err=None, error=error, wall_s=round(time.time() - start, 2)))
-    except Exception as e:  # noqa: BLE001 - the sweep must end all the same
-      print(f"  (the watchdog could not log the hang: {type(e).__name__}: {e})", flush=True)
-    finally:  # on_hang ends the process (main's does)
       try:
-        if self.on_hang:
-          self.on_hang()
-      finally:
-        self._hang_handled.set()
+        error = f"hung: no result after {self.step_timeout_s:g} s"
+        print(f" {error}  {signature[2:]}", flush=True)
+        self._write_log(dict(config=self.configs[i], signature=repr(signature), steps_s=None, seconds="failed",
+                             max_err=None, error=error, wall_s=round(time.time() - start, 2)))
+      except Exception as e:  # noqa: BLE001 - the sweep must end all the same
+        print(f"  (the watchdog could not log the hang: {type(e).__name__}: {e})", flush=True)
+      if self.on_hang:  # main's ends the process
+        self.on_hang()
 
   def _measure(self, i: int, fn: Callable, signature: tuple) -> tuple[list[float], float | None]:
     """Step times at s = 1, out/2, out (alone: s = 1, the suffix is not read) and the max error of the outputs
