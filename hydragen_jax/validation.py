@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.kernels import hopper, ops
 
 BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
 
@@ -43,15 +44,24 @@ def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.T
   return on_hopper() and pays_on_hopper(q.shape, num_kv_heads, prefix_capacity, tuning)
 
 
+def prefix_fill(q_shape: tuple[int, ...], num_kv_heads: int, num_cores: int) -> float:
+  """The Hopper kernel's prefix items (`kernels.hopper.prefix_items`) per SM of a device of `num_cores` SMs."""
+  return hopper.prefix_items(q_shape, num_kv_heads) / num_cores
+
+
 def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int,
-                   tuning: tuning_lib.Tuning | None = None) -> bool:
+                   tuning: tuning_lib.Tuning | None = None, num_cores: int | None = None) -> bool:
   """Whether the Hopper kernel pays on a Hopper GPU (any machine may ask: the sweep does): for a prefix product of
-  at least `tuning.hopper_min_work` (None: `tuning.current()`). There the product is compute-bound and the kernel
-  overlaps it with the suffix stream; below, the Triton kernels are as fast or faster (measured per device:
-  `hydragen_jax/tuning`; the threshold was measured on GQA rows, T·g = 4). Any T·g: MHA decode (T·g = 1) too,
-  measured faster than Triton in the 7B model on the H200 at B = 512, P = 16K (PERF_NOTES.md), a product at the
-  threshold."""
-  return prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning_lib.resolve(tuning).hopper_min_work
+  at least `tuning.hopper_min_work` (None: `tuning.current()`) whose items fill the grid, at least
+  `tuning.hopper_min_fill` per SM (`num_cores` SMs; None: the device's, `kernels.ops.num_cores`). There the product
+  is compute-bound and the kernel overlaps it with the suffix stream; below, the Triton kernels are as fast or faster
+  (measured per device: `hydragen_jax/tuning`; the work threshold was measured on GQA rows, T·g = 4). Any T·g: MHA
+  decode (T·g = 1) too, measured faster than Triton in the 7B model on the H200 at B = 512, P = 16K (128 items on
+  132 SMs), and slower with the same layer's heads split over two GPUs (64 items: PERF_NOTES.md)."""
+  tuning = tuning_lib.resolve(tuning)
+  cores = ops.num_cores(tuning) if num_cores is None else num_cores
+  return (prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning.hopper_min_work
+          and prefix_fill(q_shape, num_kv_heads, cores) >= tuning.hopper_min_fill)
 
 
 def resolve_backend(backend: str | None) -> str:

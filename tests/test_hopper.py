@@ -4,6 +4,7 @@ the GPU (an H100-class one: wgmma and TMA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import chex
@@ -14,7 +15,7 @@ import pytest
 
 import hydragen_jax as hj
 from hydragen_jax import reference, tuning, validation
-from hydragen_jax.kernels import hopper
+from hydragen_jax.kernels import hopper, ops
 from tests.attention_cases import assert_close_to_reference, expected_tree, normal, random_level, tol
 
 requires_hopper = pytest.mark.skipif(not validation.on_hopper(),
@@ -211,6 +212,27 @@ def test_unsupported_cases_name_the_reason_and_fall_back(case, reason):
   out = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, suffix_lengths=suffix.lengths,
                               backend="interpret-mosaic")
   chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, [prefix, suffix]), **tol(dtype))
+
+
+def test_pallas_leaves_the_hopper_kernel_where_its_prefix_items_leave_sms_idle():
+  """hopper_min_fill: the kernel's persistent grid runs one prefix item (KV head, 128 stacked query rows) per CTA
+  and SM at a time. The 7B MHA decode layer at B = 512 has 128 items (132 SMs: fill 0.97) and takes it; the same
+  layer with its heads split over two GPUs has 64 (fill 0.48) and stays on Triton (measured: PERF_NOTES.md)."""
+  whole, split = (512, 1, 32, 128), (512, 1, 16, 128)
+  assert hopper.prefix_items(whole, 32) == 128 and hopper.prefix_items(split, 16) == 64
+  assert hopper.prefix_items((512, 1, 32, 128), 8) == 8 * 16  # g = 4: 2048 rows per KV head
+  assert hopper.prefix_items((3, 2, 4, 64), 2) == 2  # T·g = 4, 12 rows per KV head: one partial block
+  assert hopper.prefix_items((129, 1, 2, 64), 2) == 4  # 129 rows: two blocks per KV head
+  t = dataclasses.replace(tuning.current(), hopper_min_work=1, hopper_min_fill=0.75)
+  assert validation.prefix_fill(whole, 32, 132) == 128 / 132
+  assert validation.pays_on_hopper(whole, 32, 16384, t, num_cores=132)
+  assert not validation.pays_on_hopper(split, 16, 16384, t, num_cores=132)
+  assert validation.pays_on_hopper(split, 16, 16384, t, num_cores=78)  # a GPU of fewer SMs
+  assert validation.pays_on_hopper(split, 16, 16384, dataclasses.replace(t, hopper_min_fill=0.0), num_cores=132)
+  assert not validation.pays_on_hopper(whole, 32, 16384, dataclasses.replace(t, hopper_min_work=2 ** 40),
+                                       num_cores=132)  # both rules hold, or the Triton kernels run
+  with tuning.override(t):  # the device's SM count where none is given (the tuning's num_cores on CPU)
+    assert validation.pays_on_hopper(whole, 32, 16384) == (128 / ops.num_cores() >= 0.75)
 
 
 def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hopper():

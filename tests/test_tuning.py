@@ -58,7 +58,7 @@ def test_unknown_devices_and_cpu_take_the_h100_tuning(kind):
 
 
 def test_current_follows_the_device_kind(data_dir, monkeypatch):
-  fast = dataclasses.replace(_h100(), hopper_min_work=1, max_rows_shared=32)
+  fast = dataclasses.replace(_h100(), hopper_min_work=1, hopper_min_fill=0.0, max_rows_shared=32)
   _write(data_dir, "Test GPU", fast)
   monkeypatch.setattr(tuning, "device_kind", lambda: "Test GPU")
   assert tuning.current() == fast
@@ -185,6 +185,9 @@ def test_shipped_files_are_canonical_and_say_where_their_numbers_come_from():
     (lambda d: d.update(balanced_keys=8192), "balanced_keys=8192 exceeds max_keys_per_program=4096"),
     (lambda d: d.update(interleave_lead=1.5), r"interleave_lead must lie in \[0, 1\]; got 1.5"),
     (lambda d: d.update(hopper_min_work=8.0e6), "hopper_min_work must be a positive int; got 8000000.0"),
+    (lambda d: d.update(hopper_min_fill=-0.5), "hopper_min_fill must be a finite number >= 0; got -0.5"),
+    (lambda d: d.update(hopper_min_fill="0.75"), "hopper_min_fill must be a finite number >= 0; got '0.75'"),
+    (lambda d: d.pop("hopper_min_fill"), r"missing \['hopper_min_fill'\]"),
 ])
 def test_bad_tuning_data_is_refused_by_name(edit, message):
   data = tuning.to_dict(_h100())

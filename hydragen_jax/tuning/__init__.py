@@ -61,6 +61,9 @@ class Tuning:
   Attributes:
     hopper_min_work: "pallas" takes the Hopper kernel when (stacked query rows per KV head, B·T·g) × (prefix
       capacity) is at least this (`validation.hopper_pays`); below, the Triton kernels are as fast.
+    hopper_min_fill: ... and its prefix items (KV heads × 128-row blocks: `kernels.hopper.prefix_items`) are at
+      least this many per SM: with fewer, the persistent grid leaves SMs without prefix work (e.g. a layer's heads
+      split over GPUs by tensor parallelism) and the Triton kernels are faster.
     max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
     balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
       programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).
@@ -77,6 +80,7 @@ class Tuning:
   """
 
   hopper_min_work: int
+  hopper_min_fill: float
   max_keys_per_program: int
   balanced_keys: int
   balanced_programs_per_core: int
@@ -97,6 +101,9 @@ class Tuning:
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
+    if isinstance(self.hopper_min_fill, bool) or not isinstance(self.hopper_min_fill, (int, float)) or not (
+        0.0 <= self.hopper_min_fill < float("inf")):
+      raise ValueError(f"Tuning.hopper_min_fill must be a finite number >= 0; got {self.hopper_min_fill!r}.")
     if not 0.0 <= self.interleave_lead <= 1.0:
       raise ValueError(f"Tuning.interleave_lead must lie in [0, 1]; got {self.interleave_lead!r}.")
     for name in ("max_rows_alone", "max_rows_shared"):

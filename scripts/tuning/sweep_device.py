@@ -5,19 +5,19 @@
 
 Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or --base
 FILE): each candidate value is timed on the configs its choice concerns (`CONFIGS`: the benchmark's seed rows and
-the 7B model's MHA decode layer that takes the Hopper kernel), as the benchmark times a step (a whole decode step,
-16 chained in one call, at s = 1, out/2, out; Simpson mean), and the candidate with the best speed-up over the
-tuning so far (geometric mean over the configs whose step it changes) takes its place if at least --min-gain faster;
-the next choice starts from the result. A step whose kernels a candidate does not change (same tiles, splits,
-launch) is timed once. Every output is checked against the first step timed on its config: a candidate whose output
-differs, or that fails to compile, is refused. The budget (--budget-s) stops the choices early (the rest keep the
-base's values; the file says which were measured: run again with --base and --fields for those) and a final pass
-times the picked tuning against the base on every config with the kernel the API would take ("pallas"). Interactions
-between choices are seen only through the greedy order and that final pass. The file is written after every choice
-and the log (--log) after every step, so a sweep stopped from outside keeps what it measured; each step is printed
-before it starts, so one that hangs is named, and a step not back after --step-timeout-s ends the sweep (a kernel
-that never returns cannot be stopped from Python): the log names it, the file keeps the choices made, the exit
-status is 3.
+the 7B model's MHA decode layer that takes the Hopper kernel, whole and with its heads split over two GPUs), as the
+benchmark times a step (a whole decode step, 16 chained in one call, at s = 1, out/2, out; Simpson mean), and the
+candidate with the best speed-up over the tuning so far (geometric mean over the configs whose step it changes)
+takes its place if at least --min-gain faster; the next choice starts from the result. A step whose kernels a
+candidate does not change (same tiles, splits, launch) is timed once. Every output is checked against the first step
+timed on its config: a candidate whose output differs, or that fails to compile, is refused. The budget (--budget-s)
+stops the choices early (the rest keep the base's values; the file says which were measured: run again with --base
+and --fields for those) and a final pass times the picked tuning against the base on every config with the kernel
+the API would take ("pallas"). Interactions between choices are seen only through the greedy order and that final
+pass. The file is written after every choice and the log (--log) after every step, so a sweep stopped from outside
+keeps what it measured; each step is printed before it starts, so one that hangs is named, and a step not back after
+--step-timeout-s ends the sweep (a kernel that never returns cannot be stopped from Python): the log names it, the
+file keeps the choices made, the exit status is 3.
 
 --dry-run builds and traces (jax.eval_shape) every step the sweep would time, on the same configs, but runs and
 times nothing (no memory, any machine): its times are stand-ins derived from each step's signature, so that the
@@ -52,13 +52,17 @@ from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
 
 STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
 # The configs (B, P, out, Hq, Hkv): the benchmark's seed rows, and the 7B model's decode layer at P = 16K, B = 512
-# (e2e part 3: MHA, T·g = 1, a prefix product at the Hopper threshold), the kernel's other kind of shape.
-CONFIGS = tuple(SEED) + ((512, 16384, 128, 32, 32),)
+# (e2e part 3: MHA, T·g = 1, a prefix product at the Hopper threshold), the kernel's other kind of shape, whole
+# (128 prefix items: about one per SM) and with its heads split over two GPUs (TP = 2: 64 items, half the SMs).
+MHA_LAYER, MHA_LAYER_TP2 = (512, 16384, 128, 32, 32), (512, 16384, 128, 16, 16)
+CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2)
+_GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
+_AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
-# the shapes that take the Hopper kernel (the GQA rows and the MHA decode layer), every config, a spread for the
+# the shapes that take the Hopper kernel (the GQA rows and the MHA decode layers), every config, a spread for the
 # tiles (small and large MHA, mid and large GQA) and the largest prefix products alone.
-GROUPS = dict(gqa=(5, 6, 7, 8), hopper=(5, 6, 7, 8, 9), all=tuple(range(len(CONFIGS))), prefix=(0, 4, 6, 8),
-              suffix=(0, 3, 6, 8), alone=(4, 8))
+GROUPS = dict(gqa=_GQA, hopper=_GQA + (_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), all=tuple(range(len(CONFIGS))),
+              prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
@@ -106,12 +110,17 @@ def tile_choice(rows: int, kernel: str, group: str, candidates) -> Choice:
 def choices(configs, groups) -> list[Choice]:
   """The choices, most important first (the time budget may stop the sweep before the last). Thresholds take the
   configs' own sizes as candidates, and twice the largest (none of them)."""
-  works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in
-                  (configs[i] for i in groups["hopper"])})
+  hopper_configs = [configs[i] for i in groups["hopper"]]
+  works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in hopper_configs})
+  # fill thresholds: below every config's fill, between each two, above all (the configs' fills on this device)
+  fills = sorted({round(validation.prefix_fill((b, 1, hq), hkv, ops.num_cores()), 3) for b, _, _, hq, hkv in
+                  hopper_configs})
+  fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
   rows = sorted({b * hq // hkv for b, _, _, hq, hkv in (configs[i] for i in groups["all"])})
   return [
       field_choice("hopper", "hopper", "hopper", HOPPER_CONFIGS),
       field_choice("hopper_min_work", "pallas", "hopper", works + [2 * works[-1]]),
+      field_choice("hopper_min_fill", "pallas", "hopper", fill_cuts),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),

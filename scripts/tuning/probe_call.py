@@ -1,0 +1,87 @@
+"""Probe (development tool): what a decode call costs beyond its GPU kernels, per call and per step.
+
+The e2e experiment times `steps_per_sample` decode steps per call (the compiled `lax.while_loop` of
+`models.decode`), with the parameters and the state built before the clock starts. This probe times such calls for
+several step counts k (wall time, median of repeats) and fits wall(k) = per_call + k * per_step; next to it the GPU
+kernel time a step (profiled), so that per_step - GPU is what each loop iteration adds (the host's read of the loop
+condition and its launches) and per_call what each call adds (dispatch, argument handling). Run it under different
+XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
+
+Usage: python -m scripts.tuning.probe_call [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
+       [--steps 1,4,16,32] [--backend triton]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import model_api
+from scripts.profile_decode import SHAPE_7B
+from scripts.tuning.profile_step import gpu_kernel_ns
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--prefix", type=int, default=1024)
+  parser.add_argument("--layers", type=int, default=32)
+  parser.add_argument("--modes", default="none,hydragen")
+  parser.add_argument("--steps", default="1,4,16,32")
+  parser.add_argument("--at", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--backend", default=None)
+  parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
+  args = parser.parse_args()
+  ks = [int(k) for k in args.steps.split(",")]
+  shape = dict(SHAPE_7B, num_hidden_layers=args.layers)
+  if args.tiny:
+    shape.update(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                 head_dim=16)
+  model, _ = model_api.build_model(shape, "bfloat16", seed=0)
+  tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
+  generate = args.at + max(ks) + 1
+  print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, from s={args.at}, backend="
+        f"{args.backend or 'default'}", flush=True)
+  params = model.params()
+  for mode in args.modes.split(","):
+    state, _ = model_api.prefill(model, tree, generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
+                                 max_calls=1)
+    org = model_api.origin(state)
+    if mode == "none":
+      state, org = model_api.derive_mode(state, mode, org)
+    fn, _ = model_api.compile_decode(model, state, args.backend)
+    held = [state]
+
+    def call(k):
+      s = jax.block_until_ready(model_api.at_step(held[0], org, args.at))
+      start = time.perf_counter()
+      out = fn(params, s, jnp.int32(k))
+      dispatched = time.perf_counter()
+      held[0] = jax.block_until_ready(out)
+      return time.perf_counter() - start, dispatched - start
+
+    walls, dispatch = {}, {}
+    for k in ks:
+      call(k)
+      runs = [call(k) for _ in range(args.repeats)]
+      walls[k] = statistics.median(r[0] for r in runs)
+      dispatch[k] = statistics.median(r[1] for r in runs)
+    per_step, per_call = np.polyfit(ks, [walls[k] for k in ks], 1)
+    k_gpu = max(ks)
+    total, _, _ = gpu_kernel_ns(lambda: call(k_gpu) and held[0], 2)
+    gpu_step = sum(total.values()) / 2 / k_gpu / 1e9
+    rows = ", ".join(f"k={k}: {walls[k] / k * 1e6:.0f} us/step (dispatch {dispatch[k] * 1e6:.0f} us)" for k in ks)
+    print(f"[{mode}] wall {rows}", flush=True)
+    print(f"[{mode}] fit: per call {per_call * 1e6:.0f} us, per step {per_step * 1e6:.0f} us; GPU kernels "
+          f"{gpu_step * 1e6:.0f} us a step: each step adds {(per_step - gpu_step) * 1e6:.0f} us", flush=True)
+    del state, held
+
+
+if __name__ == "__main__":
+  main()
