@@ -40,7 +40,7 @@ PARTS = (
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm|matmul", re.I)),
     ("attention", re.compile(r"hydragen|mosaic|pallas|prefix_suffix|attention", re.I)),
     ("cache write", re.compile(r"scatter|dynamic.update.slice", re.I)),
-    ("all-reduce", re.compile(r"nccl|all.reduce|allreduce|collective", re.I)),
+    ("all-reduce", re.compile(r"nccl|all.reduce|allreduce|collective|psum", re.I)),  # psum: XLA's own kernels
 )
 
 

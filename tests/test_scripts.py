@@ -59,6 +59,27 @@ def test_idle_gaps_between_kernels():
   assert idle_gaps([]) == [] and "0 gaps under" in idle_line([], steps=4, calls=2)
 
 
+def test_profile_parts_of_kernel_names():
+  """Kernel names (XLA fusions, cuBLAS, Pallas, collectives) -> the profile's parts; XLA's own all-reduce kernels
+  are named after the psum (`psum_64_0_fusion_1` in the TP = 2 profile), not "all-reduce"."""
+  from scripts.profile_decode import classify  # noqa: PLC0415
+
+  assert [classify(n) for n in ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", "gemm_fusion_dot_453",
+                                "_lambda__mosaic_gpu_kernel", "hydragen_fused_levels", "input_scatter_fusion_32",
+                                "psum_64_0_fusion_1", "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "all-reduce-start",
+                                "loop_multiply_fusion_31")] == [
+      "gemm", "gemm", "attention", "attention", "cache write", "all-reduce", "all-reduce", "all-reduce", "rest"]
+
+
+def test_probe_call_fits_per_call_and_per_step_costs():
+  p = _run(["scripts.tuning.probe_call", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--at", "2",
+            "--steps", "1,3", "--repeats", "2", "--modes", "none,hydragen"])
+  assert p.returncode == 0, p.stderr[-2000:]
+  fits = [line for line in p.stdout.splitlines() if "fit: per call" in line]
+  assert [line.split("]")[0] for line in fits] == ["[none", "[hydragen"], p.stdout
+  assert all("k=1:" in line and "k=3:" in line for line in p.stdout.splitlines() if "] wall" in line)
+
+
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):
   out = tmp_path / "probe.jsonl"
   p = _run(["scripts.tuning.probe_tp", "--small", "--settings", "base", "--batches", "8", "--steps", "2", "--nopsum",
