@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from models import gemm
 from models.config import LlamaConfig
 
 # XLA options for a jitted step of the model (``jax.jit(..., compiler_options=COMPILER_OPTIONS)``; prefill and
@@ -169,28 +170,29 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     c = config
     B, T, _ = x.shape
     inv_freq = rope_inv_freq(c)
-    precision = matmul_precision(x.dtype)
 
-    def mm(a, w):
-        return jnp.matmul(a, w, precision=precision)
-
-    def proj(h, name, heads):  # name "q" | "k" | "v": [B, T, d] -> [B, T, heads, D]
-        y = mm(h, p[f"w{name}"])
+    def proj(y, name, heads):  # name "q" | "k" | "v": [B, T, heads·D] -> [B, T, heads, D]
         if c.qkv_bias:  # Qwen2
             y = y + p[f"b{name}"]
         return y.reshape(B, T, heads, c.head_dim)
 
+    # The GEMMs (`models.gemm.linear`: XLA's, or the decode kernel where the device's tuning enables it); weights
+    # that share their input in one call.
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q = proj(h, "q", c.num_attention_heads)
-    k, v = proj(h, "k", c.num_key_value_heads), proj(h, "v", c.num_key_value_heads)
+    q, k, v = gemm.linear(h, [p["wq"], p["wk"], p["wv"]])
+    q = proj(q, "q", c.num_attention_heads)
+    k, v = proj(k, "k", c.num_key_value_heads), proj(v, "v", c.num_key_value_heads)
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     o, cache = attend(cache, layer, q, k, v)
     reduce = reduce or (lambda y: y)
-    x = x + reduce(mm(o.astype(x.dtype).reshape(B, T, -1), p["wo"]))
+    [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
+    x = x + reduce(attn)
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    x = x + reduce(mm(jax.nn.silu(mm(h, p["w_gate"])) * mm(h, p["w_up"]), p["w_down"]))
+    g, u = gemm.linear(h, [p["w_gate"], p["w_up"]])
+    [down] = gemm.linear(jax.nn.silu(g) * u, [p["w_down"]])
+    x = x + reduce(down)
     return x, cache
 
 

@@ -8,8 +8,11 @@ to kernel) and long ones (the host dispatching or waiting), the largest named. T
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
+`--gemm 0,64` profiles XLA's GEMMs and the decode GEMM kernel (`models.gemm`, up to 64 rows) in turn.
+
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
        [--backend mosaic] [--tp 2] [--hlo DIR] [--tuning default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json]
+       [--gemm 0,64]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import gzip
 import pathlib
 import re
@@ -87,6 +91,9 @@ def main():
   parser.add_argument("--tuning", default="default", metavar="FILE[,FILE...]",
                       help="tuning files (hydragen_jax/tuning/*.json), each profiled in turn in this process; "
                            "'default': the device's")
+  parser.add_argument("--gemm", default=None, metavar="ROWS[,ROWS...]",
+                      help="the decode GEMM kernel's max_rows (models.gemm), each profiled in turn (0: XLA's GEMMs); "
+                           "default: the tuning's")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -110,20 +117,24 @@ def main():
     print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
           f"backend={args.backend or 'default'}", flush=True)
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
-  tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name))
+  tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning)
              for name in args.tuning.split(",")]
+  if args.gemm is not None:  # each tuning with each of the GEMM kernel's row limits
+    tunings = [(f"{name or 'default'} gemm<={rows}", dataclasses.replace(
+        t or tuning_lib.current(), gemm=dataclasses.replace((t or tuning_lib.current()).gemm, max_rows=int(rows))))
+               for name, t in tunings for rows in args.gemm.split(",")]
   for mode in args.modes.split(","):
     state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
                                  max_calls=1)
     org = model_api.origin(state)
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
-    for name, file in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew
-      with tuning_lib.override(file.tuning) if file else contextlib.nullcontext():
+    for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew
+      with tuning_lib.override(tune) if tune else contextlib.nullcontext():
         alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,
                                  model.config.num_attention_heads, args.backend)
                  if mode != "none" and args.tp == 1 else 0.0)
-        label = mode if file is None else f"{mode} @ {name}"
+        label = mode if tune is None else f"{mode} @ {name}"
         state = profile(model, label, state, org, alone, args)
     del state, org
 
@@ -134,7 +145,7 @@ def profile(model, label: str, state, org, alone: float, args):
   layers = model.config.num_hidden_layers
   fn, compile_s = model_api.compile_decode(model, state, args.backend)
   if args.hlo:
-    with gzip.open(f"{args.hlo}/decode-{label.replace(' @ ', '-')}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
+    with gzip.open(f"{args.hlo}/decode-{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
       f.write(fn.as_text())
   held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 

@@ -73,10 +73,11 @@ def test_profile_parts_of_kernel_names():
 
 def test_probe_call_fits_per_call_and_per_step_costs():
   p = _run(["scripts.tuning.probe_call", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--at", "2",
-            "--steps", "1,3", "--repeats", "2", "--modes", "none,hydragen"])
+            "--steps", "1,3", "--repeats", "2", "--modes", "none,hydragen", "--gemm", "0,16"])
   assert p.returncode == 0, p.stderr[-2000:]
   fits = [line for line in p.stdout.splitlines() if "fit: per call" in line]
-  assert [line.split("]")[0] for line in fits] == ["[none", "[hydragen"], p.stdout
+  assert [line.split("]")[0] for line in fits] == ["[none gemm<=0", "[none gemm<=16", "[hydragen gemm<=0",
+                                                   "[hydragen gemm<=16"], p.stdout
   assert all("k=1:" in line and "k=3:" in line for line in p.stdout.splitlines() if "] wall" in line)
 
 

@@ -188,6 +188,9 @@ def test_shipped_files_are_canonical_and_say_where_their_numbers_come_from():
     (lambda d: d.update(hopper_min_fill=-0.5), "hopper_min_fill must be a finite number >= 0; got -0.5"),
     (lambda d: d.update(hopper_min_fill="0.75"), "hopper_min_fill must be a finite number >= 0; got '0.75'"),
     (lambda d: d.pop("hopper_min_fill"), r"missing \['hopper_min_fill'\]"),
+    (lambda d: d["gemm"].update(block_n=48), "GemmTuning.block_n must be a power of two >= 16; got 48"),
+    (lambda d: d["gemm"].update(max_rows=256), r"GemmTuning.max_rows must be an int in \[0, 128\]; got 256"),
+    (lambda d: d["gemm"].pop("num_stages"), r"tuning.gemm: missing \['num_stages'\]"),
 ])
 def test_bad_tuning_data_is_refused_by_name(edit, message):
   data = tuning.to_dict(_h100())

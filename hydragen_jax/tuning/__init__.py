@@ -55,6 +55,38 @@ class HopperTuning:
 
 
 @dataclasses.dataclass(frozen=True)
+class GemmTuning:
+  """The decode GEMM kernel (`models.gemm`: a few rows of activations times the layers' weights, streamed once).
+
+  max_rows: the kernel runs for products of at most this many rows (B·T of a decode step), XLA's GEMMs above and
+  where it is 0 (not measured faster). block_n / block_k: weight columns / rows of a tile; num_warps, num_stages:
+  the Triton launch (stages: weight tiles in flight); programs_per_core: the K dimension is split until the launch
+  has at least this many programs per SM (partial sums added in float32).
+  """
+
+  max_rows: int
+  block_n: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+  programs_per_core: int
+
+  def __post_init__(self):
+    if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or not 0 <= self.max_rows <= 128:
+      raise ValueError(f"GemmTuning.max_rows must be an int in [0, 128]; got {self.max_rows!r}.")
+    for name in ("block_n", "block_k"):
+      value = getattr(self, name)
+      if not _power_of_two(value) or value < 16:
+        raise ValueError(f"GemmTuning.{name} must be a power of two >= 16; got {value!r}.")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
+    for name in ("num_stages", "programs_per_core"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"GemmTuning.{name} must be a positive int; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Tuning:
   """The kernels' measured choices on one device.
 
@@ -76,6 +108,7 @@ class Tuning:
     tiles: the Triton tile of each row-tile size, `(block_m, Tile)` for every power of two from 16 to at least
       the larger of the two bounds above (shared-memory limits still cap block_k: `ops.choose_block`).
     hopper: the Hopper kernel's settings.
+    gemm: the model's decode GEMM kernel (`models.gemm`; off where `gemm.max_rows` is 0).
     num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
   """
 
@@ -90,6 +123,7 @@ class Tuning:
   max_rows_shared: int
   tiles: tuple[tuple[int, Tile], ...]
   hopper: HopperTuning
+  gemm: GemmTuning
   num_cores: int
 
   def __post_init__(self):
@@ -184,6 +218,7 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
   data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
   data["hopper"] = HopperTuning(**_fields(HopperTuning, data["hopper"], f"{where}.hopper"))
   try:
+    data["gemm"] = GemmTuning(**_fields(GemmTuning, data["gemm"], f"{where}.gemm"))
     return Tuning(**data)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from e

@@ -8,12 +8,14 @@ condition and its launches) and per_call what each call adds (dispatch, argument
 XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
 
 Usage: python -m scripts.tuning.probe_call [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
-       [--steps 1,4,16,32] [--backend triton]
+       [--steps 1,4,16,32] [--backend triton] [--gemm 0,64]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import model_api
+from hydragen_jax import tuning as tuning_lib
 from scripts.profile_decode import SHAPE_7B
 from scripts.tuning.profile_step import gpu_kernel_ns
 
@@ -36,6 +39,8 @@ def main():
   parser.add_argument("--at", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--backend", default=None)
+  parser.add_argument("--gemm", default=None, metavar="ROWS[,ROWS...]",
+                      help="the decode GEMM kernel's max_rows (models.gemm), each timed in turn (0: XLA's GEMMs)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
   ks = [int(k) for k in args.steps.split(",")]
@@ -55,32 +60,43 @@ def main():
     org = model_api.origin(state)
     if mode == "none":
       state, org = model_api.derive_mode(state, mode, org)
-    fn, _ = model_api.compile_decode(model, state, args.backend)
-    held = [state]
+    for rows in args.gemm.split(",") if args.gemm else [None]:
+      tune = None if rows is None else dataclasses.replace(
+          tuning_lib.current(), gemm=dataclasses.replace(tuning_lib.current().gemm, max_rows=int(rows)))
+      with tuning_lib.override(tune) if tune else contextlib.nullcontext():
+        state = probe(model, params, state, org, mode if rows is None else f"{mode} gemm<={rows}", ks, args)
+    del state
 
-    def call(k):
-      s = jax.block_until_ready(model_api.at_step(held[0], org, args.at))
-      start = time.perf_counter()
-      out = fn(params, s, jnp.int32(k))
-      dispatched = time.perf_counter()
-      held[0] = jax.block_until_ready(out)
-      return time.perf_counter() - start, dispatched - start
 
-    walls, dispatch = {}, {}
-    for k in ks:
-      call(k)
-      runs = [call(k) for _ in range(args.repeats)]
-      walls[k] = statistics.median(r[0] for r in runs)
-      dispatch[k] = statistics.median(r[1] for r in runs)
-    per_step, per_call = np.polyfit(ks, [walls[k] for k in ks], 1)
-    k_gpu = max(ks)
-    total, _, _ = gpu_kernel_ns(lambda: call(k_gpu) and held[0], 2)
-    gpu_step = sum(total.values()) / 2 / k_gpu / 1e9
-    rows = ", ".join(f"k={k}: {walls[k] / k * 1e6:.0f} us/step (dispatch {dispatch[k] * 1e6:.0f} us)" for k in ks)
-    print(f"[{mode}] wall {rows}", flush=True)
-    print(f"[{mode}] fit: per call {per_call * 1e6:.0f} us, per step {per_step * 1e6:.0f} us; GPU kernels "
-          f"{gpu_step * 1e6:.0f} us a step: each step adds {(per_step - gpu_step) * 1e6:.0f} us", flush=True)
-    del state, held
+def probe(model, params, state, org, label: str, ks: list[int], args):
+  """Time the compiled decode of `state` for each step count; print the fit. Returns the last state (each call
+  donates its input)."""
+  fn, _ = model_api.compile_decode(model, state, args.backend)
+  held = [state]
+
+  def call(k):
+    s = jax.block_until_ready(model_api.at_step(held[0], org, args.at))
+    start = time.perf_counter()
+    out = fn(params, s, jnp.int32(k))
+    dispatched = time.perf_counter()
+    held[0] = jax.block_until_ready(out)
+    return time.perf_counter() - start, dispatched - start
+
+  walls, dispatch = {}, {}
+  for k in ks:
+    call(k)
+    runs = [call(k) for _ in range(args.repeats)]
+    walls[k] = statistics.median(r[0] for r in runs)
+    dispatch[k] = statistics.median(r[1] for r in runs)
+  per_step, per_call = np.polyfit(ks, [walls[k] for k in ks], 1)
+  k_gpu = max(ks)
+  total, _, _ = gpu_kernel_ns(lambda: call(k_gpu) and held[0], 2)
+  gpu_step = sum(total.values()) / 2 / k_gpu / 1e9
+  rows = ", ".join(f"k={k}: {walls[k] / k * 1e6:.0f} us/step (dispatch {dispatch[k] * 1e6:.0f} us)" for k in ks)
+  print(f"[{label}] wall {rows}", flush=True)
+  print(f"[{label}] fit: per call {per_call * 1e6:.0f} us, per step {per_step * 1e6:.0f} us; GPU kernels "
+        f"{gpu_step * 1e6:.0f} us a step: each step adds {(per_step - gpu_step) * 1e6:.0f} us", flush=True)
+  return held[0]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""The decode GEMM kernel (`models.gemm`): exact against ``jnp.matmul`` (interpreted on CPU, compiled on the GPU),
+its split of K, its dispatch (the device's tuning), and the model's logits with it against XLA's GEMMs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from hydragen_jax import tuning
+from models import gemm
+from models.config import LlamaConfig
+from tests.conftest import ON_GPU
+
+SMALL = dataclasses.replace(tuning.current().gemm, max_rows=64, block_n=16, block_k=16)
+
+
+def _operands(m, k, widths, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), len(widths) + 1)
+  x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+  ws = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype) for key, n in zip(keys[1:], widths)]
+  return x, ws
+
+
+def _expected(x, w):
+  return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("m,k,widths,cores", [
+    (1, 64, (16,), 4),  # one row, K split 4 ways
+    (8, 128, (64, 32, 32), 1),  # q/k/v-like: three weights in one launch, no split
+    (17, 48, (32,), 8),  # odd rows (padded to 32), 3 K tiles over 3 splits
+    (64, 160, (48, 16), 3),  # the most rows, K tiles not a multiple of the splits
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernel_matches_matmul(m, k, widths, cores, dtype):
+  x, ws = _operands(m, k, widths, dtype)
+  outs = gemm.skinny_matmul(x, tuple(ws), gemm=SMALL, cores=cores, interpret=True)
+  for out, w in zip(outs, ws):
+    assert out.shape == (m, w.shape[1]) and out.dtype == dtype
+    chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=1e-2, atol=1e-2)
+
+
+def test_k_is_split_until_the_launch_fills_the_sms():
+  g = dataclasses.replace(SMALL, block_k=128, programs_per_core=2)
+  assert gemm.plan_splits(4096, 64, g, 132) == (5, 7)  # 32 tiles: 5 splits of <= 7 (64 * 5 >= 264 programs)
+  assert gemm.plan_splits(4096, 300, g, 132) == (1, 32)  # enough column blocks already
+  assert gemm.plan_splits(256, 1, g, 132) == (2, 1)  # never more splits than tiles
+  for k, blocks, cores in [(4096, 64, 132), (11008, 64, 132), (4096, 172, 132), (384, 5, 7)]:
+    splits, per = gemm.plan_splits(k, blocks, g, cores)
+    tiles = k // g.block_k
+    assert (splits - 1) * per < tiles <= splits * per  # every split has tiles, together all of them
+
+
+def test_linear_dispatch(monkeypatch):
+  x, ws = _operands(2 * 3, 32, (16, 32), jnp.bfloat16)
+  x3 = x.reshape(2, 3, 32)
+  with tuning.override(dataclasses.replace(tuning.current(), gemm=SMALL)):
+    assert gemm.default_backend(6) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert gemm.default_backend(65) == "xla"
+    kernel = jax.make_jaxpr(lambda x: gemm.linear(x, ws, backend="interpret"))(x3)
+    assert "pallas_call" in str(kernel)
+    outs = gemm.linear(x3, ws, backend="interpret")
+    for out, w in zip(outs, ws):
+      assert out.shape == (2, 3, w.shape[1])
+      chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w).reshape(2, 3, -1), rtol=1e-2, atol=1e-2)
+    # where the kernel does not apply: jnp.matmul (float32 at full precision; K not a multiple of the tile)
+    xf, wf = _operands(4, 24, (16,), jnp.float32)
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: gemm.linear(x, wf, backend="interpret"))(xf))
+    np.testing.assert_allclose(gemm.linear(xf, wf, backend="interpret")[0], _expected(xf, wf[0]), rtol=1e-6)
+    assert gemm.supported(xf, wf, SMALL).startswith("dtypes")
+    assert "not a multiple of the tiles" in gemm.supported(*_operands(4, 24, (16,), jnp.bfloat16), SMALL)
+  assert gemm.default_backend(6, dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=0))) \
+      == "xla"  # off: the shipped files' value until measured
+  with pytest.raises(ValueError, match="backend='cuda' is not one of"):
+    gemm.linear(x, ws, backend="cuda")
+
+
+def test_kernel_lowers_to_triton_for_an_h200(monkeypatch):
+  """The kernel's Pallas -> Triton lowering at the 7B decode shapes, without a GPU (the GPU's info stubbed)."""
+  from jax._src.pallas.triton import gpu_info  # noqa: PLC0415
+
+  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+  g = tuning.for_device_kind("NVIDIA H200").gemm
+  s = jax.ShapeDtypeStruct
+  for m, k, widths in [(8, 4096, (4096, 4096, 4096)), (64, 4096, (11008, 11008)), (64, 11008, (4096,))]:
+    weights = tuple(s((k, n), jnp.bfloat16) for n in widths)
+    text = jax.jit(lambda x, w: gemm.skinny_matmul(x, w, gemm=g, cores=132)).trace(
+        s((m, k), jnp.bfloat16), weights).lower(lowering_platforms=("cuda",)).as_text()
+    assert "decode_gemm" in text
+
+
+def test_model_with_the_kernel_matches_xla_gemms(monkeypatch):
+  """Decode logits of a bf16 model whose GEMMs run on the kernel (interpreted) against XLA's GEMMs."""
+  config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+  model = models.init_random(config, jnp.bfloat16, seed=1)
+  prompts = [[3, 5, 7, 9, 11, 2], [3, 5, 7, 9, 4]]
+  seen = []
+
+  def interpreted(rows, tuning_=None):  # the GPU's rule, the kernel interpreted: on where the tuning enables it
+    backend = "interpret" if 0 < rows <= tuning.resolve(tuning_).gemm.max_rows else "xla"
+    seen.append(backend)
+    return backend
+
+  monkeypatch.setattr(gemm, "default_backend", interpreted)
+
+  def run(max_rows):  # each tuning is its own jit cache entry (the override is part of the key)
+    with tuning.override(dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=max_rows))):
+      return models.generate(model, prompts, max_new_tokens=3, mode="hydragen")
+
+  xla = run(0)
+  assert set(seen) == {"xla"}
+  kernel = run(64)
+  assert "interpret" in seen
+  chex.assert_trees_all_close(kernel.logits, xla.logits, rtol=3e-2, atol=3e-2)
+  np.testing.assert_array_equal(kernel.tokens[:, :1], xla.tokens[:, :1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_kernel_compiled_matches_matmul_at_7b_shapes(m):
+  g = dataclasses.replace(tuning.current().gemm, max_rows=64)
+  x, ws = _operands(m, 4096, (4096, 1024, 1024), jnp.bfloat16)
+  for out, w in zip(gemm.linear(x, ws, backend="pallas", tuning=dataclasses.replace(tuning.current(), gemm=g)), ws):
+    chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=2e-2, atol=2e-2)
+  x, ws = _operands(m, 11008, (4096,), jnp.bfloat16, seed=1)
+  out = gemm.skinny_matmul(x, tuple(ws), gemm=g, cores=132)[0]
+  chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, ws[0]), rtol=2e-2, atol=2e-2)
