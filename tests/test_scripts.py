@@ -4,6 +4,7 @@ devices). Their numbers mean nothing here (no GPU kernels to time); their plumbi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -105,3 +106,20 @@ def test_probe_tp_settings_are_flags_this_xla_knows():
   environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   q = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
   assert q.returncode == 0 and q.stdout.strip() == "4.0", q.stderr[-2000:]
+
+
+def test_sweep_gemm_writes_the_gemm_field(tmp_path):
+  """The decode GEMM sweep's plumbing (tiny shapes, the kernel interpreted: its times mean nothing): every field's
+  candidates timed, XLA and the kernel compared, the device's file written with the picked `gemm` and provenance."""
+  out, log = tmp_path / "t.json", tmp_path / "t.jsonl"
+  p = _run(["scripts.tuning.sweep_gemm", "--tiny", "--interpret", "--layers", "1", "--steps", "1", "--rows", "8",
+            "--compare", "1,8", "--out", str(out), "--log", str(log)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  from hydragen_jax import tuning  # noqa: PLC0415
+
+  file = tuning.load(out)
+  assert file.tuning.gemm.max_rows == 0  # interpreted, the kernel never beats XLA's GEMMs
+  assert "NOT A MEASUREMENT" in file.provenance["fields"]["gemm"]
+  rows = [json.loads(line) for line in log.read_text().splitlines()]
+  assert {r["backend"] for r in rows} == {"interpret", "xla"} and {r["rows"] for r in rows} == {1, 8}
+  assert dataclasses.replace(file.tuning, gemm=tuning.current().gemm) == tuning.current()  # nothing else changed

@@ -1,0 +1,178 @@
+"""Per-device sweep of the decode GEMM kernel (`models.gemm`): its tiles, and up to how many rows it beats XLA.
+
+  python -m scripts.tuning.sweep_gemm                     # on the GPU: writes the `gemm` field of the device's file
+  python -m scripts.tuning.sweep_gemm --tiny --interpret  # anywhere: the plumbing (times mean nothing)
+
+A step is the GEMMs of `--layers` decoder layers of the 7B shape (q/k/v in one call, o, gate/up in one call, down;
+each layer its own weights, so nothing stays in L2), `--steps` steps chained in one compiled call, timed as the
+benchmark times (median of repeats). Greedy, one field at a time from the device's current tiles: each candidate
+is timed at every `--rows` (B·T of a decode step), and the best geometric mean takes the field's place if at least
+`--min-gain` faster; a candidate whose products differ from XLA's (beyond bf16 rounding) is refused. Then, with the
+tiles picked, XLA's GEMMs and the kernel are timed at 1, 8, 16, 32, 64 and 128 rows: `max_rows` is the largest row
+count up to which the kernel is faster at every one timed (0: never, XLA's GEMMs stay). The device's tuning file
+gets the new `gemm` field and its provenance (`fields.gemm`: command, date, commit, the times); --out writes
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import records, timing
+from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.tuning import GemmTuning
+from models import gemm
+
+SHAPE_7B = dict(hidden=4096, intermediate=11008, q=4096, kv=4096)
+TINY = dict(hidden=256, intermediate=512, q=256, kv=128)
+CANDIDATES = dict(block_n=(32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5),
+                  programs_per_core=(1, 2, 4))
+ROW_COUNTS = (1, 8, 16, 32, 64, 128)
+TIMING = dict(warmup=2, repeats=5)
+
+
+def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
+  d, f = shape["hidden"], shape["intermediate"]
+  sizes = dict(wq=(d, shape["q"]), wk=(d, shape["kv"]), wv=(d, shape["kv"]), wo=(shape["q"], d), w_gate=(d, f),
+               w_up=(d, f), w_down=(f, d))
+  keys = iter(jax.random.split(jax.random.key(seed), layers * len(sizes)))
+  return [{name: (jax.random.normal(next(keys), s, jnp.float32) / math.sqrt(s[0])).astype(dtype)
+           for name, s in sizes.items()} for _ in range(layers)]
+
+
+def gemms(x, layers: list[dict], backend: str, tune: tuning_lib.Tuning):
+  """The GEMMs of the layers in turn (attention and norms left out): x `[M, d]` -> `[M, d]`."""
+  for p in layers:
+    q, _, _ = gemm.linear(x, [p["wq"], p["wk"], p["wv"]], backend, tune)
+    [o] = gemm.linear(q, [p["wo"]], backend, tune)
+    g, u = gemm.linear(x + o, [p["w_gate"], p["w_up"]], backend, tune)
+    [down] = gemm.linear(g * u, [p["w_down"]], backend, tune)
+    x = (x + o + down).astype(x.dtype)
+  return x
+
+
+def time_step(x, layers, backend: str, tune: tuning_lib.Tuning, steps: int) -> tuple[float, jax.Array]:
+  """Seconds a layer of `gemms` (`steps` chained), and one step's output."""
+  fn = timing.chain_steps(functools.partial(gemms, backend=backend, tune=tune), steps)
+  result = timing.time_fn(fn, (x, layers), **TIMING)
+  once = jax.jit(functools.partial(gemms, backend=backend, tune=tune))(x, layers)
+  return result.median_s / steps / len(layers), once
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
+  parser.add_argument("--rows", default="8,64", help="row counts the tiles are picked on")
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--compare", default=",".join(map(str, ROW_COUNTS)),
+                      help="row counts XLA and the kernel are compared at (max_rows)")
+  parser.add_argument("--min-gain", type=float, default=0.02)
+  parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
+  parser.add_argument("--log", default=None, help="JSON-lines file of every timing")
+  parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
+  parser.add_argument("--interpret", action="store_true", help="the kernel in the Pallas interpreter (CPU)")
+  args = parser.parse_args(argv)
+  if args.out is None and jax.default_backend() != "gpu":
+    parser.error("--out FILE is needed off a GPU (the default writes the device's own tuning file)")
+  start = time.time()
+  kind = tuning_lib.device_kind()
+  base_file = tuning_lib.file_for(kind)
+  out = args.out or str(tuning_lib.data_file(kind))
+  shape, dtype = (TINY if args.tiny else SHAPE_7B), jnp.bfloat16
+  layers = layer_weights(shape, args.layers, dtype)
+  kernel = "interpret" if args.interpret else "pallas"
+  pick_rows = [int(r) for r in args.rows.split(",")]
+  log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
+  xs = {m: jax.random.normal(jax.random.key(m), (m, shape["hidden"]), jnp.float32).astype(dtype)
+        for m in sorted(set(pick_rows) | {int(r) for r in args.compare.split(",")})}
+  reference = {}
+
+  def timed(m: int, backend: str, g: GemmTuning) -> float:
+    tune = dataclasses.replace(base_file.tuning, gemm=dataclasses.replace(g, max_rows=128))
+    seconds, once = time_step(xs[m], layers, backend, tune, args.steps)
+    if backend == "xla":
+      reference[m] = once
+    else:  # the kernel's products must be XLA's, up to bf16 rounding
+      ref = reference.get(m)
+      if ref is None:
+        ref = reference[m] = time_step(xs[m], layers, "xla", tune, 1)[1]
+      err = float(jnp.max(jnp.abs(once.astype(jnp.float32) - ref.astype(jnp.float32))) /
+                  (float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 1e-30))
+      if not err <= 3e-2:
+        seconds = math.inf
+    row = dict(rows=m, backend=backend, gemm=dataclasses.asdict(g), us_per_layer=seconds * 1e6)
+    print(f"  rows={m:3d} {backend:9s} {g} -> {seconds * 1e6:9.1f} us a layer", flush=True)
+    if log:
+      log.write(json.dumps(row) + "\n")
+      log.flush()
+    return seconds
+
+  groups = [(shape["hidden"], (shape["q"], shape["kv"], shape["kv"])), (shape["q"], (shape["hidden"],)),
+            (shape["hidden"], (shape["intermediate"],) * 2), (shape["intermediate"], (shape["hidden"],))]
+
+  def applies(g: GemmTuning) -> bool:  # tiles that divide every GEMM of the layer (else XLA's would be timed)
+    sds = jax.ShapeDtypeStruct
+    return all(gemm.supported(sds((8, k), dtype), [sds((k, n), dtype) for n in ns], g) is None for k, ns in groups)
+
+  def score(g: GemmTuning) -> float:
+    if not applies(g):
+      print(f"  {g}: tiles do not divide the layer's GEMMs", flush=True)
+      return math.inf
+    times = [timed(m, kernel, g) for m in pick_rows]
+    return math.exp(sum(math.log(t) for t in times) / len(times)) if all(map(math.isfinite, times)) else math.inf
+
+  g = base_file.tuning.gemm
+  best = score(g)
+  notes = {}
+  for field, values in CANDIDATES.items():
+    print(f"{field}:", flush=True)
+    tried = {getattr(g, field): best}
+    for value in values:
+      if value not in tried:
+        tried[value] = score(dataclasses.replace(g, **{field: value}))
+    value = min(tried, key=tried.get)
+    if tried[value] * (1 + args.min_gain) <= best:
+      g, best = dataclasses.replace(g, **{field: value}), tried[value]
+    notes[field] = {str(v): round(t * 1e6, 1) for v, t in tried.items()}
+  versus = {}
+  compare = [int(r) for r in args.compare.split(",")]
+  for m in compare:
+    versus[m] = (timed(m, "xla", g), timed(m, kernel, g))
+  max_rows = 0
+  for m in compare:
+    if versus[m][1] * (1 + args.min_gain) > versus[m][0]:
+      break
+    max_rows = m
+  g = dataclasses.replace(g, max_rows=max_rows)
+  if log:
+    log.close()
+  summary = ", ".join(f"{m} rows: XLA {x * 1e6:.1f} / kernel {k * 1e6:.1f} us" for m, (x, k) in versus.items())
+  provenance = dict(base_file.provenance)
+  provenance["fields"] = dict(provenance.get("fields", {}))
+  provenance["fields"]["gemm"] = (
+      f"measured on {kind} by `python -m scripts.tuning.sweep_gemm {' '.join(sys.argv[1:] if argv is None else argv)}`"
+      f" ({datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, commit "
+      f"{args.commit or records.git_commit()}, {time.time() - start:.0f} s"
+      f"{', interpreted: NOT A MEASUREMENT' if args.interpret else ''}): a layer's GEMMs ({shape}, bf16, "
+      f"{args.layers} layers, {args.steps} steps chained), us a layer per candidate at rows {pick_rows} (geometric "
+      f"mean): {json.dumps(notes)}; XLA against the kernel: {summary}; max_rows {max_rows}")
+  tuning_lib.write(out, tuning_lib.TuningFile(base_file.device_kind, dataclasses.replace(base_file.tuning, gemm=g),
+                                              provenance))
+  print(f"wrote {out}: {g} ({time.time() - start:.0f} s)", flush=True)
+  print(f"XLA against the kernel: {summary}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
