@@ -32,10 +32,10 @@ def _expected(x, w):
 
 
 @pytest.mark.parametrize("m,k,widths,cores", [
-    (1, 64, (16,), 4),  # one row, K split 4 ways
+    (1, 64, (16,), 4),  # one row, K split 4 ways (a tile each)
     (8, 128, (64, 32, 32), 1),  # q/k/v-like: three weights in one launch, no split
     (17, 48, (32,), 8),  # odd rows (padded to 32), 3 K tiles over 3 splits
-    (64, 160, (48, 16), 3),  # the most rows, K tiles not a multiple of the splits
+    (64, 160, (48, 16), 12),  # 64 rows, 10 K tiles in splits of 4, 4 and 2
 ])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_kernel_matches_matmul(m, k, widths, cores, dtype):
@@ -44,6 +44,13 @@ def test_kernel_matches_matmul(m, k, widths, cores, dtype):
   for out, w in zip(outs, ws):
     assert out.shape == (m, w.shape[1]) and out.dtype == dtype
     chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=1e-2, atol=1e-2)
+
+
+def test_plans_of_the_kernel_cases():
+  """The cases above cover one split, splits of one tile, and uneven splits of several tiles."""
+  assert [gemm.plan_splits(k, sum(n // SMALL.block_n for n in widths), SMALL, cores)
+          for k, widths, cores in [(64, (16,), 4), (128, (64, 32, 32), 1), (48, (32,), 8), (160, (48, 16), 12)]] == [
+              (4, 1), (1, 8), (3, 1), (3, 4)]
 
 
 def test_k_is_split_until_the_launch_fills_the_sms():

@@ -79,7 +79,9 @@ def test_probe_call_fits_per_call_and_per_step_costs():
   fits = [line for line in p.stdout.splitlines() if "fit: per call" in line]
   assert [line.split("]")[0] for line in fits] == ["[none gemm<=0", "[none gemm<=16", "[hydragen gemm<=0",
                                                    "[hydragen gemm<=16"], p.stdout
-  assert all("k=1:" in line and "k=3:" in line for line in p.stdout.splitlines() if "] wall" in line)
+  walls = [line for line in p.stdout.splitlines() if "] wall" in line]
+  assert all("k=1:" in line and "k=3:" in line for line in walls)
+  assert [line.split("(gemm.max_rows ")[1] for line in walls] == ["0)", "16)", "0)", "16)"]  # the override in force
 
 
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):
@@ -118,6 +120,8 @@ def test_sweep_gemm_writes_the_gemm_field(tmp_path):
   from hydragen_jax import tuning  # noqa: PLC0415
 
   file = tuning.load(out)
+  assert file.device_kind == "cpu" and not file.measured  # the device's kind; the fallback's fields not measured
+  assert "NOT MEASURED on cpu except the field gemm" in file.provenance["note"]
   assert file.tuning.gemm.max_rows == 0  # interpreted, the kernel never beats XLA's GEMMs
   assert "NOT A MEASUREMENT" in file.provenance["fields"]["gemm"]
   rows = [json.loads(line) for line in log.read_text().splitlines()]
