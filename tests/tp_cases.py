@@ -116,6 +116,37 @@ def test_kernels_under_shard_map():
     np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
+@needs(2)
+def test_decode_gemm_kernel_under_shard_map(monkeypatch):
+    """The decode GEMM kernel (`models.gemm`; interpreted on CPU, compiled on a GPU) on each device's shards of a
+    bf16 model: the same first tokens and logits (bf16 tolerance) as the single-device model with XLA's GEMMs."""
+    from hydragen_jax import tuning  # noqa: PLC0415
+    from models import gemm  # noqa: PLC0415
+
+    kernel = "pallas" if ON_GPU else "interpret"
+    calls = []
+
+    def chosen(rows, tuning_=None):  # the GPU's rule, with the kernel interpreted on CPU
+        backend = kernel if 0 < rows <= tuning.resolve(tuning_).gemm.max_rows else "xla"
+        calls.append(backend)
+        return backend
+
+    monkeypatch.setattr(gemm, "default_backend", chosen)
+    small = dataclasses.replace(tuning.current().gemm, block_n=16, block_k=16)
+
+    def run(max_rows, mesh):  # each tuning its own jit cache entry
+        model = models.init_random(CONFIGS["gqa1"], jnp.bfloat16, seed=5, mesh=mesh)
+        with tuning.override(dataclasses.replace(tuning.current(), gemm=dataclasses.replace(small, max_rows=max_rows))):
+            return models.generate(model, prompts(model.config.vocab_size), num_samples=2, max_new_tokens=3,
+                                   mode="hydragen", backend=BACKEND, seed=1)
+
+    want = run(0, None)
+    got = run(64, parallel.make_mesh(2))
+    assert kernel in calls
+    np.testing.assert_allclose(got.logits, want.logits, atol=5e-2, rtol=5e-2)
+    np.testing.assert_array_equal(got.tokens[:, 0], want.tokens[:, 0])
+
+
 @needs(4)
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 def test_init_places_each_shard_and_keeps_the_values(name):
