@@ -82,8 +82,11 @@ def linear(x: Array, weights: Sequence[Array], backend: str | None = None,
 
 def plan_splits(k: int, column_blocks: int, gemm: tuning_lib.GemmTuning, cores: int) -> tuple[int, int]:
   """(splits, K tiles per split): K's `k // block_k` tiles split until the launch has
-  `programs_per_core · cores` programs (`column_blocks` of them per split), no split empty."""
+  `programs_per_core · cores` programs (`column_blocks` of them per split), no split empty; not split where
+  `programs_per_core` is 0."""
   tiles = k // gemm.block_k
+  if gemm.programs_per_core == 0:
+    return 1, tiles
   want = max(1, -(-gemm.programs_per_core * cores // column_blocks))
   per_split = -(-tiles // min(want, tiles))
   return -(-tiles // per_split), per_split

@@ -58,6 +58,7 @@ def test_k_is_split_until_the_launch_fills_the_sms():
   assert gemm.plan_splits(4096, 64, g, 132) == (5, 7)  # 32 tiles: 5 splits of <= 7 (64 * 5 >= 264 programs)
   assert gemm.plan_splits(4096, 300, g, 132) == (1, 32)  # enough column blocks already
   assert gemm.plan_splits(256, 1, g, 132) == (2, 1)  # never more splits than tiles
+  assert gemm.plan_splits(4096, 64, dataclasses.replace(g, programs_per_core=0), 132) == (1, 32)  # 0: no split
   for k, blocks, cores in [(4096, 64, 132), (11008, 64, 132), (4096, 172, 132), (384, 5, 7)]:
     splits, per = gemm.plan_splits(k, blocks, g, cores)
     tiles = k // g.block_k

@@ -61,7 +61,7 @@ class GemmTuning:
   max_rows: the kernel runs for products of at most this many rows (B·T of a decode step), XLA's GEMMs above and
   where it is 0 (not measured faster). block_n / block_k: weight columns / rows of a tile; num_warps, num_stages:
   the Triton launch (stages: weight tiles in flight); programs_per_core: the K dimension is split until the launch
-  has at least this many programs per SM (partial sums added in float32).
+  has at least this many programs per SM (partial sums added in float32, one more small kernel); 0: never split.
   """
 
   max_rows: int
@@ -80,10 +80,10 @@ class GemmTuning:
         raise ValueError(f"GemmTuning.{name} must be a power of two >= 16; got {value!r}.")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
-    for name in ("num_stages", "programs_per_core"):
+    for name, least in (("num_stages", 1), ("programs_per_core", 0)):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"GemmTuning.{name} must be a positive int; got {value!r}.")
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"GemmTuning.{name} must be an int >= {least}; got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from models import gemm
 SHAPE_7B = dict(hidden=4096, intermediate=11008, q=4096, kv=4096)
 TINY = dict(hidden=256, intermediate=512, q=256, kv=128)
 CANDIDATES = dict(block_n=(32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5),
-                  programs_per_core=(1, 2, 4))
+                  programs_per_core=(0, 1, 2, 4))
 ROW_COUNTS = (1, 8, 16, 32, 64, 128)
 TIMING = dict(warmup=2, repeats=5)
 
