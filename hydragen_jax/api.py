@@ -206,7 +206,7 @@ def tree_attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
-    batch_shared: bool = True,
+    batch_shared: bool | Sequence[bool] = True,
     checked: bool = False,
 ) -> Array:
   """Attention over keys shared along a tree: each sequence reads one node per level, root to leaf.
@@ -218,7 +218,9 @@ def tree_attention(
     scale: logit scale, default 1/sqrt(D).
     backend: one of BACKENDS (module docstring) or None.
     batch_shared: stack the queries of all sequences that read a shared node into one matrix (Hydragen). False
-      reads each shared node once per sequence (the shared-storage baseline); results are identical.
+      reads each shared node once per sequence (the shared-storage baseline); results are identical. A sequence
+      of one bool per shared level (all levels but the last) chooses per level (`validation.batching_pays` is the
+      models' choice).
     checked: check traced lengths, seq_to_node and layer with checkify (module docstring: "Out-of-range values").
 
   Returns:
@@ -251,7 +253,15 @@ def tree_attention(
     layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked) if layered else None
     validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
-  parts = _attend(q, validated, causal=last, batched=[batch_shared and not leaf for leaf in last],
+  if isinstance(batch_shared, (bool, np.bool_)):
+    batched = [bool(batch_shared) and not leaf for leaf in last]
+  else:
+    batched = list(batch_shared)
+    if len(batched) != len(levels) - 1 or not all(isinstance(b, (bool, np.bool_)) for b in batched):
+      raise ValueError(f"batch_shared={batch_shared!r}: expected a bool, or one bool per shared level "
+                       f"({len(levels) - 1} for {len(levels)} levels)")
+    batched = [bool(b) for b in batched] + [False]
+  parts = _attend(q, validated, causal=last, batched=batched,
                   scale=_scale(scale, q.shape[-1]),
                   backend=check.resolve_backend(backend))
   out, _ = _merge(parts)

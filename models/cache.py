@@ -34,6 +34,7 @@ from flax import struct
 
 import hydragen_jax
 from hydragen_jax import Level
+from hydragen_jax.validation import batching_pays
 
 MODES = ("hydragen", "standard", "shared_storage", "none")
 
@@ -131,6 +132,13 @@ def _no_attention(q, k, v, lengths):
     return jnp.where(never, kv.astype(q.dtype), q)
 
 
+def batched_levels(mode: str, batch: int, nodes_per_level: list[int], tuning=None) -> list[bool]:
+    """Which shared levels a step reads batched: in `hydragen` mode those whose nodes have enough readers to pay
+    (the device's cost model, `hydragen_jax.validation.batching_pays`; `tuning` None: the current one), the others
+    per sequence; none in the other modes."""
+    return [mode == "hydragen" and batching_pays(batch, n, tuning) for n in nodes_per_level]
+
+
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
     """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int."""
     if mode not in MODES:
@@ -144,8 +152,8 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
         own = Level(ks[layer], vs[layer], cache.lengths + new_tokens)
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
             return hydragen_jax.tree_attention(q, [own], backend=backend), cache
-        batched = mode == "hydragen"
         levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in cache.shared]
+        batched = batched_levels(mode, q.shape[0], [level.k.shape[0] for level in levels])
         out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
         return out, cache
 

@@ -23,6 +23,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 
+from hydragen_jax import tuning
 from models.cache import cache_bytes
 from models.checkpoint import load_checkpoint
 from models.generate import generate, prefill
@@ -234,6 +235,11 @@ def main(argv=None) -> int:
     for mode, s in rows:
         print(f"{mode:<16}{s['decode_tokens_per_s']:>14,.0f}{s['decode_tokens_per_s'] / base:>12.2f}x"
               f"{s['compile_s']:>11.1f}{mem[mode] / 2**20:>13.1f}")
+    if "hydragen" in dict(rows):
+        s = dict(rows)["hydragen"]
+        print(f"(hydragen read {s['shared_levels_batched']} of its {s['shared_levels']} shared levels batched, the "
+              f"others per sequence: the device's cost model, at least {tuning.current().batch_min_readers} readers "
+              "a node on average)")
     if "none" in dict(rows):
         print("(none = attention skipped: an upper bound, its text is meaningless)")
     if (args.backend or jax.default_backend()) == "interpret":

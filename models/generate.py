@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, empty_layers,
-                          make_attend)
+from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels,
+                          empty_layers, make_attend)
 from models.config import LlamaConfig
 from models.llama import COMPILER_OPTIONS, Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
@@ -512,6 +512,10 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
                     backend=backend, _compiled=stats)
     first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
+    # The shared levels, and how many of them a step reads batched (the device's cost model, models.cache)
+    nodes = [level.k[0].shape[0] for level in getattr(state.cache, "shared", ())]
+    stats["shared_levels"] = len(nodes)
+    stats["shared_levels_batched"] = sum(batched_levels(mode, tree.num_sequences, nodes))
     fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend)
     stats["compile_s"] = stats["prefill_compile_s"] + stats["decode_compile_s"]
     params = model.params()

@@ -118,6 +118,30 @@ def test_depth3_tree_with_uneven_nodes(backend, dtype, batch_shared, hq, hkv, d)
   chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, levels), **tol(dtype))
 
 
+@pytest.mark.parametrize("batch_shared", [(True, False), (False, True)], ids=["root_batched", "problems_batched"])
+def test_tree_levels_batched_or_not_each_its_own(backend, batch_shared):
+  """One choice per shared level (the models' cost model makes it): any mix gives the same attention."""
+  keys = jax.random.split(jax.random.PRNGKey(13), 4)
+  b, t, hq, hkv, d = 5, 1, 8, 2, 64
+  q = normal(keys[0], (b, t, hq, d), jnp.float32)
+  levels = [random_level(keys[1], 1, 33, [30], [0] * b, hkv, d, jnp.float32),
+            random_level(keys[2], 2, 17, [17, 9], [0, 1, 1, 0, 1], hkv, d, jnp.float32),
+            random_level(keys[3], b, 9, [3, 9, 1, 5, 7], None, hkv, d, jnp.float32)]
+  out = hj.tree_attention(q, levels, backend=backend, batch_shared=list(batch_shared))
+  chex.assert_trees_all_close(out, expected_tree(q, levels), **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("batch_shared", [[True], [True, False, True], [1, 0], "yes"])
+def test_tree_batch_shared_per_level_must_name_every_shared_level(batch_shared):
+  keys = jax.random.split(jax.random.PRNGKey(14), 4)
+  q = normal(keys[0], (2, 1, 4, 16), jnp.float32)
+  levels = [random_level(keys[1], 1, 8, [8], [0, 0], 2, 16, jnp.float32),
+            random_level(keys[2], 2, 8, [8, 8], [0, 1], 2, 16, jnp.float32),
+            random_level(keys[3], 2, 8, [3, 5], None, 2, 16, jnp.float32)]
+  with pytest.raises(ValueError, match=r"batch_shared=.*expected a bool, or one bool per shared level \(2 for 3 "):
+    hj.tree_attention(q, levels, backend="xla", batch_shared=batch_shared)
+
+
 def test_tree_with_empty_leaf_level_sees_shared_levels_only(backend):
   keys = jax.random.split(jax.random.PRNGKey(12), 4)
   b, hq, hkv, d = 4, 4, 2, 64

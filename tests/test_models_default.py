@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,8 @@ def test_demo_runs(capsys):
     out = capsys.readouterr().out
     assert "decode tok/s" in out and "standard" in out and "sharing tree" in out
     assert "model: default" in out and "> def is_palindrome(text):" in out
+    assert re.search(r"hydragen read \d of its \d shared levels batched, the others per sequence: the device's cost "
+                     r"model, at least \d+ readers a node", out), out
 
 
 def test_demo_says_what_to_install(capsys, monkeypatch):

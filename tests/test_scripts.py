@@ -127,3 +127,18 @@ def test_sweep_gemm_writes_the_gemm_field(tmp_path):
   rows = [json.loads(line) for line in log.read_text().splitlines()]
   assert {r["backend"] for r in rows} == {"interpret", "xla"} and {r["rows"] for r in rows} == {1, 8}
   assert dataclasses.replace(file.tuning, gemm=tuning.current().gemm) == tuning.current()  # nothing else changed
+
+
+def test_sweep_levels_writes_batch_min_readers(tmp_path):
+  """The levels sweep's plumbing (tiny shapes on CPU: its times mean nothing): both readings timed and compared,
+  the least paying reader count written with the times in the provenance."""
+  out = tmp_path / "t.json"
+  p = _run(["scripts.tuning.sweep_levels", "--tiny", "--out", str(out)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.count("batched") >= 2 and "per sequence" in p.stdout
+  from hydragen_jax import tuning  # noqa: PLC0415
+
+  file = tuning.load(out)
+  assert file.tuning.batch_min_readers in (2, 3, 4)  # the tested counts 2, 3, or above them
+  note = file.provenance["fields"]["batch_min_readers"]
+  assert "NOT A MEASUREMENT" in note and "R=2 L=16" in note and "R=3 L=16" in note

@@ -109,6 +109,9 @@ class Tuning:
       the larger of the two bounds above (shared-memory limits still cap block_k: `ops.choose_block`).
     hopper: the Hopper kernel's settings.
     gemm: the model's decode GEMM kernel (`models.gemm`; off where `gemm.max_rows` is 0).
+    batch_min_readers: the models' cost model of a shared level (`validation.batching_pays`): its queries are
+      stacked and the level read once (Hydragen) where its nodes have at least this many readers on average, else
+      each sequence reads its node (as shared storage does).
     num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
   """
 
@@ -124,11 +127,12 @@ class Tuning:
   tiles: tuple[tuple[int, Tile], ...]
   hopper: HopperTuning
   gemm: GemmTuning
+  batch_min_readers: int
   num_cores: int
 
   def __post_init__(self):
     for name in ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
-                 "interleave_rows", "num_cores"):
+                 "interleave_rows", "batch_min_readers", "num_cores"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"Tuning.{name} must be a positive int; got {value!r}.")
@@ -256,6 +260,21 @@ def write(path: str | pathlib.Path, file: TuningFile) -> None:
   temporary = path.with_name(f".{path.name}.tmp")
   temporary.write_text(text)
   os.replace(temporary, path)
+
+
+def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, field: str, note: str, *, command: str,
+                        date: str, commit: str) -> TuningFile:
+  """`base` with `tuning` and one newly measured `field` for `device_kind` (a sweep of one field, e.g.
+  `scripts/tuning/sweep_gemm.py`): its note under `provenance.fields`; the base's other provenance stays where the
+  base is the device's own file, else (the fallback's) the file says that only this field was measured here."""
+  if base.device_kind == device_kind:
+    provenance = dict(base.provenance, fields=dict(base.provenance.get("fields", {})))
+  else:
+    provenance = dict(measured_on=None, command=command, date=date, commit=commit, fields={},
+                      note=f"NOT MEASURED on {device_kind} except the field {field}: the other fields are "
+                           f"{base.device_kind}'s (run scripts/tuning/sweep_device.py on this device)")
+  provenance["fields"][field] = note
+  return TuningFile(device_kind, tuning, provenance)
 
 
 def data_file(device_kind: str):

@@ -166,19 +166,13 @@ def main(argv: list[str] | None = None) -> None:
   command = "python -m scripts.tuning.sweep_gemm " + " ".join(sys.argv[1:] if argv is None else argv)
   commit = args.commit or records.git_commit()
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  if base_file.device_kind == kind:  # the device's file: its other fields and provenance stay
-    provenance = dict(base_file.provenance)
-    provenance["fields"] = dict(provenance.get("fields", {}))
-  else:  # a device without a file of its own: the fallback's other fields, not measured here
-    provenance = dict(measured_on=None, command=command, date=date, commit=commit,
-                      note=f"NOT MEASURED on {kind} except the field gemm: the other fields are {base_file.device_kind}'s "
-                           "(run scripts/tuning/sweep_device.py on this device)", fields={})
-  provenance["fields"]["gemm"] = (
+  note = (
       f"measured on {kind} by `{command}` ({date}, commit {commit}, {time.time() - start:.0f} s"
       f"{', interpreted: NOT A MEASUREMENT' if args.interpret else ''}): a layer's GEMMs ({shape}, bf16, "
       f"{args.layers} layers, {args.steps} steps chained), us a layer per candidate at rows {pick_rows} (geometric "
       f"mean): {json.dumps(notes)}; XLA against the kernel: {summary}; max_rows {max_rows}")
-  tuning_lib.write(out, tuning_lib.TuningFile(kind, dataclasses.replace(base_file.tuning, gemm=g), provenance))
+  tuning_lib.write(out, tuning_lib.with_measured_field(base_file, kind, dataclasses.replace(base_file.tuning, gemm=g),
+                                                      "gemm", note, command=command, date=date, commit=commit))
   print(f"wrote {out}: {g} ({time.time() - start:.0f} s)", flush=True)
   print(f"XLA against the kernel: {summary}", flush=True)
 

@@ -1,0 +1,115 @@
+"""Per-device measurement of the models' cost model of a shared level: from how many readers a node on does reading
+it batched (Hydragen: each node's queries stacked, the node read once) beat each sequence reading its node?
+
+  python -m scripts.tuning.sweep_levels                      # on the GPU: writes batch_min_readers to the device's file
+  python -m scripts.tuning.sweep_levels --tiny --out F.json  # anywhere: the plumbing (times mean nothing)
+
+A decode step (T = 1) over one shared level of N nodes of L keys, each read by R sequences (B = N·R), and each
+sequence's own suffix of `--suffix` keys: `tree_attention` with the level batched and read per sequence, 16 steps
+chained in one call (as the benchmark times a step), median of repeats, at every (R, L, heads) of the grid; the
+small heads and short nodes are where batching has least to gain (`validation.batching_pays`). `batch_min_readers`
+is the least R from which the batched step is never slower than the per-sequence one (within --tolerance) at any
+tested L and heads; the times go into the file's provenance (`fields.batch_min_readers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hydragen_jax as hj
+from experiments import records, timing
+from hydragen_jax import tuning as tuning_lib
+
+READERS = (2, 3, 4, 8)
+NODE_KEYS = (16, 64, 256)
+HEADS = ((8, 2, 32), (32, 8, 128))  # (Hq, Hkv, D): a small model's tiny heads (the demo's), a 7B-like GQA layer
+TINY = dict(readers=(2, 3), node_keys=(16,), heads=((4, 2, 16),), nodes=2, suffix=8)
+TIMING = dict(warmup=2, repeats=5)
+
+
+def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int], suffix: int, dtype):
+  """q `[B, 1, Hq, D]` and the two levels (the shared one, N nodes; each sequence's own suffix)."""
+  hq, hkv, d = heads
+  b = nodes * readers
+  keys = jax.random.split(jax.random.key(nodes * 1000 + readers * 10 + node_keys), 5)
+  q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.float32).astype(dtype)
+  shared = hj.Level(jax.random.normal(keys[1], (nodes, node_keys, hkv, d), jnp.float32).astype(dtype),
+                    jax.random.normal(keys[2], (nodes, node_keys, hkv, d), jnp.float32).astype(dtype),
+                    jnp.full((nodes,), node_keys, jnp.int32), jnp.repeat(jnp.arange(nodes, dtype=jnp.int32), readers),
+                    readers)
+  own = hj.Level(jax.random.normal(keys[3], (b, suffix, hkv, d), jnp.float32).astype(dtype),
+                 jax.random.normal(keys[4], (b, suffix, hkv, d), jnp.float32).astype(dtype),
+                 jnp.full((b,), suffix, jnp.int32))
+  return q, [shared, own]
+
+
+def time_step(q, levels, batched: bool, backend: str | None, steps: int) -> tuple[float, jax.Array]:
+  def step(x, levels):
+    return hj.tree_attention(x, levels, batch_shared=[batched], backend=backend)
+
+  result = timing.time_fn(timing.chain_steps(step, steps), (q, levels), **TIMING)
+  return result.median_s / steps, jax.jit(step)(q, levels)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
+  parser.add_argument("--nodes", type=int, default=16, help="nodes of the shared level")
+  parser.add_argument("--suffix", type=int, default=64, help="keys of each sequence's own suffix")
+  parser.add_argument("--steps", type=int, default=16)
+  parser.add_argument("--tolerance", type=float, default=0.02, help="batched may be this much slower and count")
+  parser.add_argument("--backend", default=None, help="attention backend (default: the device's)")
+  parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
+  parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
+  args = parser.parse_args(argv)
+  if args.out is None and jax.default_backend() != "gpu":
+    parser.error("--out FILE is needed off a GPU (the default writes the device's own tuning file)")
+  start = time.time()
+  kind = tuning_lib.device_kind()
+  base_file = tuning_lib.file_for(kind)
+  grid = TINY if args.tiny else dict(readers=READERS, node_keys=NODE_KEYS, heads=HEADS, nodes=args.nodes,
+                                     suffix=args.suffix)
+  dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  times = {}  # (R, L, heads) -> (batched s, per-sequence s)
+  for readers in grid["readers"]:
+    for node_keys in grid["node_keys"]:
+      for heads in grid["heads"]:
+        q, levels = step_inputs(grid["nodes"], readers, node_keys, heads, grid["suffix"], dtype)
+        (tb, ob), (ts, os_) = (time_step(q, levels, b, args.backend, args.steps) for b in (True, False))
+        np.testing.assert_allclose(np.asarray(ob, np.float32), np.asarray(os_, np.float32), rtol=2e-2, atol=2e-2)
+        times[(readers, node_keys, heads)] = (tb, ts)
+        print(f"  R={readers} L={node_keys} heads={heads}: batched {tb * 1e6:.1f} us, per sequence {ts * 1e6:.1f} us "
+              f"({ts / tb:.2f}x)", flush=True)
+  pays = {r: all(tb <= ts * (1 + args.tolerance) for (rr, _, _), (tb, ts) in times.items() if rr == r)
+          for r in grid["readers"]}
+  least = max(grid["readers"]) + 1  # none of the tested counts pays: batch only above them
+  for r in sorted(pays, reverse=True):
+    if not pays[r]:
+      break
+    least = r
+  command = "python -m scripts.tuning.sweep_levels " + " ".join(sys.argv[1:] if argv is None else argv)
+  commit = args.commit or records.git_commit()
+  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  table = {f"R={r} L={l} heads={h}": [round(tb * 1e6, 1), round(ts * 1e6, 1)] for (r, l, h), (tb, ts) in times.items()}
+  note = (f"measured on {kind} by `{command}` ({date}, commit {commit}, {time.time() - start:.0f} s"
+          f"{', on CPU: NOT A MEASUREMENT' if jax.default_backend() == 'cpu' else ''}): one shared level of "
+          f"{grid['nodes']} nodes and a {grid['suffix']}-key suffix, T = 1, us a step batched / per sequence: "
+          f"{json.dumps(table)}; batched pays (within {args.tolerance:.0%}) from {least} readers a node")
+  tune = dataclasses.replace(base_file.tuning, batch_min_readers=least)
+  out = args.out or str(tuning_lib.data_file(kind))
+  tuning_lib.write(out, tuning_lib.with_measured_field(base_file, kind, tune, "batch_min_readers", note,
+                                                      command=command, date=date, commit=commit))
+  print(f"wrote {out}: batch_min_readers {least} ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+  main()
