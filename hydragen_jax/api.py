@@ -256,8 +256,10 @@ def tree_attention(
   if isinstance(batch_shared, (bool, np.bool_)):
     batched = [bool(batch_shared) and not leaf for leaf in last]
   else:
-    batched = list(batch_shared)
-    if len(batched) != len(levels) - 1 or not all(isinstance(b, (bool, np.bool_)) for b in batched):
+    ok_type = isinstance(batch_shared, (list, tuple, np.ndarray)) and np.ndim(batch_shared) == 1
+    batched = list(batch_shared) if ok_type else None
+    if (batched is None or len(batched) != len(levels) - 1
+        or not all(isinstance(b, (bool, np.bool_)) for b in batched)):
       raise ValueError(f"batch_shared={batch_shared!r}: expected a bool, or one bool per shared level "
                        f"({len(levels) - 1} for {len(levels)} levels)")
     batched = [bool(b) for b in batched] + [False]

@@ -7,8 +7,9 @@ writes its new entries in place.
 - ``TreeCache`` (modes ``hydragen`` and ``shared_storage``): the shared levels of a ``SharingTree``, each node's
   KV stored once (``LevelCache``), plus a per-sequence suffix cache ``[B, S_max, Hkv, D]`` per layer,
   preallocated to the prompt's unique part + the generation length. ``hydragen`` reads a shared node once for all
-  the sequences under it (inter-sequence batching); ``shared_storage`` reads it once per sequence (vLLM prefix
-  caching).
+  the sequences under it (inter-sequence batching) on every level where the device's cost model says it pays
+  (``batched_levels``), per sequence on the others; ``shared_storage`` reads every node once per sequence (vLLM
+  prefix caching).
 - ``DenseCache`` (mode ``standard``): each sequence holds its own copy of its whole prompt (FlashAttention-style
   baseline), ``[B, S_total, Hkv, D]`` per layer.
 - ``NoCache`` (mode ``none``): the "No Attention" upper bound of the Hydragen paper: the q/k/v and output

@@ -131,7 +131,32 @@ def test_tree_levels_batched_or_not_each_its_own(backend, batch_shared):
   chex.assert_trees_all_close(out, expected_tree(q, levels), **tol(jnp.float32))
 
 
-@pytest.mark.parametrize("batch_shared", [[True], [True, False, True], [1, 0], "yes"])
+def test_tree_batch_shared_reaches_each_level(monkeypatch):
+  """Each shared level gets its own choice, in order; the leaf level is never batched."""
+  from hydragen_jax import api  # noqa: PLC0415
+
+  seen = []
+  real = api._attend
+
+  def spy(q, levels, *, batched, **kw):
+    seen.append(batched)
+    return real(q, levels, batched=batched, **kw)
+
+  monkeypatch.setattr(api, "_attend", spy)
+  keys = jax.random.split(jax.random.PRNGKey(15), 4)
+  q = normal(keys[0], (2, 1, 4, 16), jnp.float32)
+  levels = [random_level(keys[1], 1, 8, [8], [0, 0], 2, 16, jnp.float32),
+            random_level(keys[2], 2, 8, [8, 8], [0, 1], 2, 16, jnp.float32),
+            random_level(keys[3], 2, 8, [3, 5], None, 2, 16, jnp.float32)]
+  for choice, want in [([True, False], [True, False, False]), ((False, True), [False, True, False]),
+                       (np.array([True, True]), [True, True, False]), (True, [True, True, False]),
+                       (np.False_, [False, False, False])]:
+    hj.tree_attention(q, levels, backend="xla", batch_shared=choice)
+    assert seen.pop() == want, choice
+
+
+@pytest.mark.parametrize("batch_shared", [[True], [True, False, True], [1, 0], "yes", 1, None, np.array(True),
+                                          np.array([[True, False]])])
 def test_tree_batch_shared_per_level_must_name_every_shared_level(batch_shared):
   keys = jax.random.split(jax.random.PRNGKey(14), 4)
   q = normal(keys[0], (2, 1, 4, 16), jnp.float32)

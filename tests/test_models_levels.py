@@ -19,7 +19,7 @@ from models.llama import init_random
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=())
-# few-shot root (all 6) -> 2 problems: 4 and 2 samples (one sample each after the tree builder's 2 levels)
+# 2 prompts x 3 samples: a shared root (1 node, 6 readers), the 2 problems (2 nodes, 3 readers each)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22], [5, 6, 7, 8, 9, 10, 11, 12, 30, 31]]
 
 
@@ -48,17 +48,19 @@ def test_generate_reads_each_level_as_the_cost_model_says(monkeypatch):
 
   monkeypatch.setattr(hydragen_jax, "tree_attention", spy)
   runs = {}
-  for readers in (2, 100):  # every shared level batched; none (each override is its own jit cache entry)
+  # every shared level batched; the root only (6 readers >= 4, the problems' 3 < 4); none. Each override is its own
+  # jit cache entry.
+  for readers, decode_choice in ((2, [True, True]), (4, [True, False]), (100, [False, False])):
     with tuning.override(_with(readers)):
       seen.clear()
       runs[readers] = generate(model, PROMPTS, num_samples=3, max_new_tokens=4, mode="hydragen", backend="xla")
-      levels = runs[readers].stats["shared_levels"]
-      # one choice per shared level in every call (prefill of a level: its parents; decode: all of them)
-      assert levels >= 1 and max(len(b) for b in seen) == levels
-      assert runs[readers].stats["shared_levels_batched"] == (levels if readers == 2 else 0)
-      assert all(all(b) if readers == 2 else not any(b) for b in seen)
-  np.testing.assert_array_equal(runs[2].tokens, runs[100].tokens)
-  np.testing.assert_allclose(runs[2].logits, runs[100].logits, rtol=1e-5, atol=1e-5)
+      stats = runs[readers].stats
+      assert stats["shared_levels"] == 2 and stats["shared_levels_batched"] == sum(decode_choice)
+      # one choice per shared level in every call (prefill of a level: its parents'; the suffixes and decode: all)
+      assert [b for b in seen if len(b) == 2] and all(b == decode_choice for b in seen if len(b) == 2)
+  for readers in (4, 100):
+    np.testing.assert_array_equal(runs[readers].tokens, runs[2].tokens)
+    np.testing.assert_allclose(runs[readers].logits, runs[2].logits, rtol=1e-5, atol=1e-5)
   for mode in ("shared_storage", "standard"):
     stats = generate(model, PROMPTS, num_samples=3, max_new_tokens=2, mode=mode, backend="xla").stats
     assert stats["shared_levels_batched"] == 0

@@ -139,6 +139,20 @@ def test_sweep_levels_writes_batch_min_readers(tmp_path):
   from hydragen_jax import tuning  # noqa: PLC0415
 
   file = tuning.load(out)
-  assert file.tuning.batch_min_readers in (2, 3, 4)  # the tested counts 2, 3, or above them
   note = file.provenance["fields"]["batch_min_readers"]
   assert "NOT A MEASUREMENT" in note and "R=2 L=16" in note and "R=3 L=16" in note
+  if "batched pays" in note:  # from the least tested count that pays, or else the base's value (2) is kept
+    assert f"from {file.tuning.batch_min_readers} readers" in note and file.tuning.batch_min_readers in (2, 3)
+  else:
+    assert "the field keeps 2" in note and file.tuning.batch_min_readers == 2
+  no_out = _run(["scripts.tuning.sweep_levels", "--tiny"])
+  assert no_out.returncode == 2 and "--out FILE is needed" in no_out.stderr
+
+
+def test_sweep_levels_least_paying_reader_count():
+  from scripts.tuning.sweep_levels import least_paying  # noqa: PLC0415
+
+  assert least_paying({2: False, 3: True, 4: True, 8: True}) == 3
+  assert least_paying({2: True, 3: False, 4: True, 8: True}) == 4  # from 4 on, every tested count pays
+  assert least_paying({2: True, 3: True, 4: True, 8: True}) == 2
+  assert least_paying({2: True, 3: True, 4: True, 8: False}) is None  # not at the most readers: keep the base's

@@ -269,6 +269,9 @@ def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, fiel
   base is the device's own file, else (the fallback's) the file says that only this field was measured here."""
   if base.device_kind == device_kind:
     provenance = dict(base.provenance, fields=dict(base.provenance.get("fields", {})))
+    if str(provenance.get("note", "")).startswith(f"NOT MEASURED on {device_kind} except the field"):
+      provenance["note"] = provenance["note"].replace(" except the field", f" except the field {field} and the field",
+                                                      1)
   else:
     provenance = dict(measured_on=None, command=command, date=date, commit=commit, fields={},
                       note=f"NOT MEASURED on {device_kind} except the field {field}: the other fields are "

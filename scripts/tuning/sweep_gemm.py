@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
   parser.add_argument("--interpret", action="store_true", help="the kernel in the Pallas interpreter (CPU)")
   args = parser.parse_args(argv)
-  if args.out is None and jax.default_backend() != "gpu":
-    parser.error("--out FILE is needed off a GPU (the default writes the device's own tuning file)")
+  if args.out is None and (args.tiny or args.interpret or jax.default_backend() != "gpu"):
+    parser.error("--out FILE is needed with --tiny, --interpret or off a GPU (the default writes the device's own "
+                 "tuning file)")
   start = time.time()
   kind = tuning_lib.device_kind()
   base_file = tuning_lib.file_for(kind)
