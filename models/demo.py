@@ -237,9 +237,10 @@ def main(argv=None) -> int:
               f"{s['compile_s']:>11.1f}{mem[mode] / 2**20:>13.1f}")
     if "hydragen" in dict(rows):
         s = dict(rows)["hydragen"]
-        print(f"(hydragen read {s['shared_levels_batched']} of its {s['shared_levels']} shared levels batched, the "
-              f"others per sequence: the device's cost model, at least {tuning.current().batch_min_readers} readers "
-              "a node on average)")
+        rest = s["shared_levels"] - s["shared_levels_batched"]
+        print(f"(hydragen read {s['shared_levels_batched']} of its {s['shared_levels']} shared levels batched"
+              f"{f' and {rest} per sequence' if rest else ''}: the device's cost model batches a level whose nodes "
+              f"have at least {tuning.current().batch_min_readers} readers on average)")
     if "none" in dict(rows):
         print("(none = attention skipped: an upper bound, its text is meaningless)")
     if (args.backend or jax.default_backend()) == "interpret":

@@ -1,5 +1,6 @@
 """The embedded default model, its training script and the demo (python -m models)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -52,8 +53,19 @@ def test_demo_runs(capsys):
     out = capsys.readouterr().out
     assert "decode tok/s" in out and "standard" in out and "sharing tree" in out
     assert "model: default" in out and "> def is_palindrome(text):" in out
-    assert re.search(r"hydragen read \d of its \d shared levels batched, the others per sequence: the device's cost "
-                     r"model, at least \d+ readers a node", out), out
+    assert re.search(r"hydragen read \d of its \d shared levels batched( and \d per sequence)?: the device's cost "
+                     r"model batches a level whose nodes have at least \d+ readers on average", out), out
+
+
+def test_demo_reports_levels_read_per_sequence(capsys):
+  """Where the device's cost model batches no level (a tuning that asks for 1000 readers a node), the demo says so."""
+  from hydragen_jax import tuning  # noqa: PLC0415
+
+  with tuning.override(dataclasses.replace(tuning.current(), batch_min_readers=1000)):
+    assert main(["--model", "default", "--samples", "2", "--max-new-tokens", "4", "--modes", "hydragen",
+                 "--show", "0"]) == 0
+  assert re.search(r"hydragen read 0 of its (\d) shared levels batched and \1 per sequence: .* at least 1000 readers",
+                   capsys.readouterr().out)
 
 
 def test_demo_says_what_to_install(capsys, monkeypatch):
