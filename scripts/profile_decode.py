@@ -38,6 +38,30 @@ from scripts.tuning.profile_step import gpu_kernel_ns, idle_gaps, kernel_events,
 
 SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=65536)
+# --tiny: a model small enough for a CPU check that a script runs
+TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+            head_dim=16)
+
+
+def model_shape(layers: int, tiny: bool) -> dict:
+  """The 7B shape with `layers` layers (LlamaConfig fields), or the tiny one."""
+  return dict(SHAPE_7B, num_hidden_layers=layers, **(TINY if tiny else {}))
+
+
+def mode_state(model, tree, generate: int, mode: str, backend: str | None):
+  """The decode state of `mode` after prefilling `tree` (for `none`: derived from a `hydragen` prefill, as the e2e
+  experiment does), and its origin (`model_api.at_step` returns to any step from it)."""
+  state, _ = model_api.prefill(model, tree, generate, "hydragen" if mode == "none" else mode, backend, 2048,
+                               max_calls=1)
+  org = model_api.origin(state)
+  if mode == "none":
+    state, org = model_api.derive_mode(state, mode, org)
+  return state, org
+
+
+def with_gemm_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
+  """`tune` with the decode GEMM kernel (`models.gemm`) taking products of up to `rows` rows (0: XLA's GEMMs)."""
+  return dataclasses.replace(tune, gemm=dataclasses.replace(tune.gemm, max_rows=rows))
 
 # Kernel names (XLA instruction names, cuBLAS / CUTLASS kernels, Pallas kernels) -> part of the step.
 PARTS = (
@@ -108,10 +132,7 @@ def main():
     tree = build_sharing_tree(expand_samples([tok.encode(demo.FEW_SHOT + p) for p in demo.PROBLEMS], args.demo))
     print(f"demo model, {tree.describe()}", flush=True)
   else:
-    shape = dict(SHAPE_7B, num_hidden_layers=args.layers)
-    if args.tiny:
-      shape.update(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                   head_dim=16)
+    shape = model_shape(args.layers, args.tiny)
     model, _ = model_api.build_model(shape, "bfloat16", seed=0, tp=args.tp)
     tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
     print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
@@ -120,15 +141,10 @@ def main():
   tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning)
              for name in args.tuning.split(",")]
   if args.gemm is not None:  # each tuning with each of the GEMM kernel's row limits
-    tunings = [(f"{name or 'default'} gemm<={rows}", dataclasses.replace(
-        t or tuning_lib.current(), gemm=dataclasses.replace((t or tuning_lib.current()).gemm, max_rows=int(rows))))
+    tunings = [(f"{name or 'default'} gemm<={rows}", with_gemm_rows(t or tuning_lib.current(), int(rows)))
                for name, t in tunings for rows in args.gemm.split(",")]
   for mode in args.modes.split(","):
-    state, _ = model_api.prefill(model, tree, args.generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
-                                 max_calls=1)
-    org = model_api.origin(state)
-    if mode == "none":
-      state, org = model_api.derive_mode(state, mode, org)
+    state, org = mode_state(model, tree, args.generate, mode, args.backend)
     for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew
       with tuning_lib.override(tune) if tune else contextlib.nullcontext():
         alone = (attention_alone(model_api.at_step(state, org, args.at), mode, args.steps,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 import time
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from experiments import model_api
 from hydragen_jax import tuning as tuning_lib
-from scripts.profile_decode import SHAPE_7B
+from scripts.profile_decode import mode_state, model_shape, with_gemm_rows
 from scripts.tuning.profile_step import gpu_kernel_ns
 
 
@@ -44,10 +43,7 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
   ks = [int(k) for k in args.steps.split(",")]
-  shape = dict(SHAPE_7B, num_hidden_layers=args.layers)
-  if args.tiny:
-    shape.update(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                 head_dim=16)
+  shape = model_shape(args.layers, args.tiny)
   model, _ = model_api.build_model(shape, "bfloat16", seed=0)
   tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
   generate = args.at + max(ks) + 1
@@ -55,14 +51,9 @@ def main():
         f"{args.backend or 'default'}", flush=True)
   params = model.params()
   for mode in args.modes.split(","):
-    state, _ = model_api.prefill(model, tree, generate, "hydragen" if mode == "none" else mode, args.backend, 2048,
-                                 max_calls=1)
-    org = model_api.origin(state)
-    if mode == "none":
-      state, org = model_api.derive_mode(state, mode, org)
+    state, org = mode_state(model, tree, generate, mode, args.backend)
     for rows in args.gemm.split(",") if args.gemm else [None]:
-      tune = None if rows is None else dataclasses.replace(
-          tuning_lib.current(), gemm=dataclasses.replace(tuning_lib.current().gemm, max_rows=int(rows)))
+      tune = None if rows is None else with_gemm_rows(tuning_lib.current(), int(rows))
       with tuning_lib.override(tune) if tune else contextlib.nullcontext():
         state = probe(model, params, state, org, mode if rows is None else f"{mode} gemm<={rows}", ks, args)
     del state
