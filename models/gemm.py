@@ -37,6 +37,11 @@ BACKENDS = ("xla", "pallas", "interpret")
 _MIN_ROWS = 16  # the tensor cores' smallest tile of rows (tl.dot)
 
 
+def matmul_precision(dtype) -> lax.Precision | None:
+  """``HIGHEST`` for float32 operands (exact fp32 products, not TF32), None (the default) otherwise."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def default_backend(rows: int, tuning: tuning_lib.Tuning | None = None) -> str:
   """"pallas" on a GPU for products of at most the tuning's `gemm.max_rows` rows, else "xla"."""
   limit = tuning_lib.resolve(tuning).gemm.max_rows
@@ -73,8 +78,7 @@ def linear(x: Array, weights: Sequence[Array], backend: str | None = None,
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None for the default)")
   x2 = x.reshape(rows, k)
   if backend == "xla" or rows == 0 or supported(x2, weights, tuning.gemm) is not None:
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    return [jnp.matmul(x, w, precision=precision) for w in weights]
+    return [jnp.matmul(x, w, precision=matmul_precision(x.dtype)) for w in weights]
   outs = skinny_matmul(x2, tuple(weights), gemm=tuning.gemm, cores=ops.num_cores(tuning),
                        interpret=backend == "interpret")
   return [o.reshape(*lead, o.shape[-1]) for o in outs]

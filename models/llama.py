@@ -144,15 +144,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def matmul_precision(dtype) -> jax.lax.Precision | None:
-    """``HIGHEST`` for float32 operands (exact fp32 products, not TF32), None (the default) otherwise."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def causal_attention(cache, layer, q, k, v):
     """Plain causal self-attention over the T tokens of the call (training / scoring); cache unused."""
     del layer
-    full = matmul_precision(q.dtype) is not None
+    full = gemm.matmul_precision(q.dtype) is not None
     with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
         return jax.nn.dot_product_attention(q, k, v, is_causal=True), cache
 
@@ -207,7 +202,7 @@ def run_layers(config: LlamaConfig, layers: list[dict[str, jax.Array]], x: jax.A
 
 def head_logits(hidden: jax.Array, w: jax.Array) -> jax.Array:
     """hidden ``[..., d]`` @ w ``[d, V]`` -> float32 logits ``[..., V]``."""
-    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32, precision=matmul_precision(w.dtype))
+    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32, precision=gemm.matmul_precision(w.dtype))
 
 
 class Llama(nnx.Module):
