@@ -62,12 +62,15 @@ def gemms(x, layers: list[dict], backend: str, tune: tuning_lib.Tuning):
   return x
 
 
-def time_step(x, layers, backend: str, tune: tuning_lib.Tuning, steps: int) -> tuple[float, jax.Array]:
-  """Seconds a layer of `gemms` (`steps` chained), and one step's output."""
+def step_output(x, layers, backend: str, tune: tuning_lib.Tuning) -> jax.Array:
+  """One step of `gemms`, compiled."""
+  return jax.jit(functools.partial(gemms, backend=backend, tune=tune))(x, layers)
+
+
+def time_step(x, layers, backend: str, tune: tuning_lib.Tuning, steps: int) -> float:
+  """Seconds a layer of `gemms` (`steps` chained)."""
   fn = timing.chain_steps(functools.partial(gemms, backend=backend, tune=tune), steps)
-  result = timing.time_fn(fn, (x, layers), **TIMING)
-  once = jax.jit(functools.partial(gemms, backend=backend, tune=tune))(x, layers)
-  return result.median_s / steps / len(layers), once
+  return timing.time_fn(fn, (x, layers), **TIMING).median_s / steps / len(layers)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,21 +101,18 @@ def main(argv: list[str] | None = None) -> None:
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
   xs = {m: jax.random.normal(jax.random.key(m), (m, shape["hidden"]), jnp.float32).astype(dtype)
         for m in sorted(set(pick_rows) | {int(r) for r in args.compare.split(",")})}
-  reference = {}
+  reference = {m: step_output(x, layers, "xla", base_file.tuning) for m, x in xs.items()}  # XLA's products
 
   def timed(m: int, backend: str, g: GemmTuning) -> float:
     tune = dataclasses.replace(base_file.tuning, gemm=dataclasses.replace(g, max_rows=128))
     try:
-      seconds, once = time_step(xs[m], layers, backend, tune, args.steps)
+      seconds = time_step(xs[m], layers, backend, tune, args.steps)
+      once = None if backend == "xla" else step_output(xs[m], layers, backend, tune)
     except Exception as e:  # noqa: BLE001 - a candidate that does not compile (e.g. shared memory) is refused
       print(f"  rows={m:3d} {backend:9s} {g} -> failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
       seconds, once = math.inf, None
-    if backend == "xla" and once is not None:
-      reference[m] = once
-    elif once is not None:  # the kernel's products must be XLA's, up to bf16 rounding
-      ref = reference.get(m)
-      if ref is None:
-        ref = reference[m] = time_step(xs[m], layers, "xla", tune, 1)[1]
+    if once is not None:  # the kernel's products must be XLA's, up to bf16 rounding
+      ref = reference[m]
       err = float(jnp.max(jnp.abs(once.astype(jnp.float32) - ref.astype(jnp.float32))) /
                   (float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 1e-30))
       if not err <= 3e-2:
