@@ -259,6 +259,25 @@ def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   assert {s["signature"].split("'")[1] for s in steps} == {"triton", "hopper", "alone"}
 
 
+def test_sweep_of_some_fields_keeps_the_notes_of_the_others(tmp_path):
+  """A sweep of one field from this device's own file keeps the provenance notes of the fields it leaves alone
+  (e.g. the decode GEMM's, written by sweep_gemm.py), and replaces the note of the field it measures."""
+  base = tuning.with_measured_field(tuning.file_for(H100), tuning.device_kind(), _h100(), "gemm", "gemm's note",
+                                    command="c", date="d", commit="x")
+  base = tuning.with_measured_field(base, tuning.device_kind(), _h100(), "hopper_min_work", "old note",
+                                    command="c", date="d", commit="x")
+  tuning.write(tmp_path / "base.json", base)
+  out = tmp_path / "out.json"
+  sweep_device.main(["--dry-run", "--base", str(tmp_path / "base.json"), "--out", str(out), "--fields",
+                     "hopper_min_work"])
+  fields = tuning.load(out).provenance["fields"]
+  assert fields["gemm"] == "gemm's note"
+  assert fields["hopper_min_work"].startswith("measured: ")
+  unmeasured = [dict(field="x", candidates=[], status="not measured (time budget)")]
+  assert sweep_device.field_notes(unmeasured, 0.02, {"x": "its note"}) == {
+      "x": "not measured (time budget): kept from the base (its note)"}
+
+
 def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   """A sweep killed during a choice (a device call's time limit) leaves the file with the choices made so far, and
   the log with every step timed so far."""

@@ -328,14 +328,15 @@ def run_choice(sweep: Sweep, choice: Choice, tune: Tuning, configs: tuple[int, .
   return (tune if best is None else choice.apply(tune, best)), record
 
 
-def field_notes(recs: list[dict], min_gain: float) -> dict:
-  """What decided each measured field, for the file's provenance."""
-  notes = {}
+def field_notes(recs: list[dict], min_gain: float, base_notes: dict | None = None) -> dict:
+  """What decided each field, for the file's provenance: this sweep's records, and for the fields it did not
+  measure, the base file's notes (`base_notes`: where the base is this device's own file; else none)."""
+  notes = dict(base_notes or {})
   for r in recs:
     timed = [c for c in r["candidates"] if "speedup" in c]
     best = max(timed, key=lambda c: c["speedup"], default=None)
     if r["status"].startswith("not measured"):
-      text = f"{r['status']}: kept from the base"
+      text = f"{r['status']}: kept from the base" + (f" ({notes[r['field']]})" if r["field"] in notes else "")
     elif r["status"] == "picked":
       text = (f"measured: {json.dumps(r['picked'])} is {best['speedup']:.3f}x the speed of {json.dumps(r['base'])} "
               f"({r['kernel']} steps of {best['changed']})")
@@ -381,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
       base={k: base_file.provenance.get(k) for k in ("measured_on", "date", "commit")}
       | dict(device_kind=base_file.device_kind, file=args.base))
 
+  # the notes of the fields this sweep leaves alone (e.g. those of sweep_gemm.py), where the base is this device's
+  base_notes = base_file.provenance.get("fields", {}) if base_file.device_kind == kind else {}
+
   def save(tune: Tuning, recs: list[dict], final: dict) -> None:
     """The data file of the sweep so far: the picked tuning and its provenance."""
     measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
             f"at a time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
             "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py).")
     provenance = dict(fixed, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      note=note, fields=field_notes(recs, args.min_gain), final_check=final, choices=recs,
+                      note=note, fields=field_notes(recs, args.min_gain, base_notes), final_check=final, choices=recs,
                       steps_timed=sweep.timed)
     tuning_lib.write(out, tuning_lib.TuningFile(kind, tune, provenance))
 
