@@ -58,7 +58,8 @@ def supported(x: Array, weights: Sequence[Array], gemm: tuning_lib.GemmTuning) -
   if any(w.ndim != 2 or w.shape[0] != k for w in weights):
     return f"weights {[w.shape for w in weights]} do not all have K = {k} rows"
   if k % gemm.block_k or any(w.shape[1] % gemm.block_n for w in weights):
-    return f"K = {k} or N = {[w.shape[1] for w in weights]} not a multiple of the tiles ({gemm.block_k}, {gemm.block_n})"
+    return (f"K = {k} or N = {[w.shape[1] for w in weights]} not a multiple of the tiles "
+            f"({gemm.block_k}, {gemm.block_n})")
   return None
 
 

@@ -161,7 +161,8 @@ def profile(model, label: str, state, org, alone: float, args):
   layers = model.config.num_hidden_layers
   fn, compile_s = model_api.compile_decode(model, state, args.backend)
   if args.hlo:
-    with gzip.open(f"{args.hlo}/decode-{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
+    name = re.sub(r"[^A-Za-z0-9_.]+", "-", label)
+    with gzip.open(f"{args.hlo}/decode-{name}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
       f.write(fn.as_text())
   held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 
