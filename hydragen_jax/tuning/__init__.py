@@ -54,6 +54,15 @@ class HopperTuning:
   pingpong: bool
 
 
+def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
+  """Each field of `obj` named in `names` is an int (not a bool) of at least `least`; else ValueError naming it."""
+  for name in names:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      what = "a positive int" if least == 1 else f"an int >= {least}"
+      raise ValueError(f"{type(obj).__name__}.{name} must be {what}; got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmTuning:
   """The decode GEMM kernel (`models.gemm`: a few rows of activations times the layers' weights, streamed once).
@@ -80,10 +89,8 @@ class GemmTuning:
         raise ValueError(f"GemmTuning.{name} must be a power of two >= 16; got {value!r}.")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
-    for name, least in (("num_stages", 1), ("programs_per_core", 0)):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise ValueError(f"GemmTuning.{name} must be an int >= {least}; got {value!r}.")
+    _check_ints(self, ("num_stages",), least=1)
+    _check_ints(self, ("programs_per_core",), least=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +138,8 @@ class Tuning:
   num_cores: int
 
   def __post_init__(self):
-    for name in ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
-                 "interleave_rows", "batch_min_readers", "num_cores"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Tuning.{name} must be a positive int; got {value!r}.")
+    _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
+                       "interleave_rows", "batch_min_readers", "num_cores"), least=1)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
