@@ -327,18 +327,22 @@ def _against_none(rows: dict, points: list[tuple]) -> list[str]:
 
 
 def combined_plot(files: list[ResultsFile], draw: bool = True) -> pathlib.Path | None:
-    """`e2e_throughput-combined-DEVICE-YYYYmmdd.png` next to the files (the newest file's date): drawn from them
-    if it does not exist yet and `draw`; None if it is not there."""
+    """`e2e_throughput-combined-DEVICE-YYYYmmdd-HHMMSS.png` next to the files (named by the newest file's stamp, so
+    that a new part makes a new picture): drawn from them if it does not exist yet and `draw`, the device's older
+    combined pictures then removed (superseded; git keeps them); None if it is not there."""
     if not files:
         return None
     newest = max(files, key=lambda f: f.stamp)
-    path = newest.path.parent / f"e2e_throughput-combined-{newest.slug}-{newest.stamp:%Y%m%d}.png"
+    path = newest.path.parent / f"e2e_throughput-combined-{newest.slug}-{newest.stamp:%Y%m%d-%H%M%S}.png"
     if not path.exists() and draw:
         from experiments import plot
 
         plot.plot_e2e_throughput([r for f in files for r in f.records], path.parent, path.stem.removesuffix("-throughput"))
         drawn = path.parent / f"{path.stem}-throughput.png"
         drawn.rename(path)
+        for old in path.parent.glob(f"e2e_throughput-combined-{newest.slug}-*.png"):
+            if old != path:
+                old.unlink()
     return path if path.exists() else None
 
 
