@@ -5,8 +5,9 @@ it batched (Hydragen: each node's queries stacked, the node read once) beat each
   python -m scripts.tuning.sweep_levels --tiny --out F.json  # anywhere: the plumbing (times mean nothing)
 
 A decode step (T = 1) over one shared level of N nodes of L keys, each read by R sequences (B = N·R), and each
-sequence's own suffix of `--suffix` keys: `tree_attention` with the level batched and read per sequence, 16 steps
-chained in one call (as the benchmark times a step), median of repeats, at every (R, L, heads) of the grid; the
+sequence's own suffix of `--suffix` keys: `tree_attention` with the level batched and read per sequence, 64 steps
+chained in one call (the benchmark chains 16; these steps take ~20-40 us, and a call's fixed host cost, shared by 16,
+was as large as the differences measured: session 11), median of repeats, at every (R, L, heads) of the grid; the
 small heads and short nodes are where batching has least to gain (`validation.batching_pays`). `batch_min_readers`
 is the least R from which the batched step is never slower than the per-sequence one (within --tolerance) at any
 tested L and heads; the times go into the file's provenance (`fields.batch_min_readers`).
@@ -33,7 +34,7 @@ READERS = (2, 3, 4, 8)
 NODE_KEYS = (16, 64, 256)
 HEADS = ((8, 2, 32), (32, 8, 128))  # (Hq, Hkv, D): a small model's tiny heads (the demo's), a 7B-like GQA layer
 TINY = dict(readers=(2, 3), node_keys=(16,), heads=((4, 2, 16),), nodes=2, suffix=8)
-TIMING = dict(warmup=2, repeats=5)
+TIMING = dict(warmup=2, repeats=9)
 
 
 def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int], suffix: int, dtype):
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
   parser.add_argument("--nodes", type=int, default=16, help="nodes of the shared level")
   parser.add_argument("--suffix", type=int, default=64, help="keys of each sequence's own suffix")
-  parser.add_argument("--steps", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=64,
+                      help="steps chained in one call (a call's fixed host cost is shared by them)")
   parser.add_argument("--tolerance", type=float, default=0.02, help="batched may be this much slower and count")
   parser.add_argument("--backend", default=None, help="attention backend (default: the device's)")
   parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
