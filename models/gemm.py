@@ -12,8 +12,8 @@ gate/up) in one launch:
   the bandwidth when N is small (o, down); the splits' float32 partial sums are then added by XLA (one more small
   kernel). With one split the result is stored in x's dtype directly.
 
-The kernel runs where the device's tuning enables it (`hydragen_jax.tuning`, field `gemm`: `max_rows` > 0, measured
-faster than XLA's GEMMs on that device), for 16-bit operands whose K and N are multiples of the tiles; everything
+The kernel runs where the device's tuning enables it (`hydragen_jax.tuning`, field `gemm`: products of `min_rows` to
+`max_rows` rows, the range where it measured faster than XLA's GEMMs on that device), for 16-bit operands whose K and N are multiples of the tiles; everything
 else (prefill's many rows, float32, CPU) is ``jnp.matmul``.
 """
 
@@ -43,9 +43,9 @@ def matmul_precision(dtype) -> lax.Precision | None:
 
 
 def default_backend(rows: int, tuning: tuning_lib.Tuning | None = None) -> str:
-  """"pallas" on a GPU for products of at most the tuning's `gemm.max_rows` rows, else "xla"."""
-  limit = tuning_lib.resolve(tuning).gemm.max_rows
-  return "pallas" if jax.default_backend() == "gpu" and 0 < rows <= limit else "xla"
+  """"pallas" on a GPU for products of the tuning's `gemm.min_rows` to `gemm.max_rows` rows, else "xla"."""
+  covered = tuning_lib.resolve(tuning).gemm.covers(rows)
+  return "pallas" if jax.default_backend() == "gpu" and covered else "xla"
 
 
 def supported(x: Array, weights: Sequence[Array], gemm: tuning_lib.GemmTuning) -> str | None:

@@ -60,8 +60,8 @@ def mode_state(model, tree, generate: int, mode: str, backend: str | None):
 
 
 def with_gemm_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
-  """`tune` with the decode GEMM kernel (`models.gemm`) taking products of up to `rows` rows (0: XLA's GEMMs)."""
-  return dataclasses.replace(tune, gemm=dataclasses.replace(tune.gemm, max_rows=rows))
+  """`tune` with the decode GEMM kernel (`models.gemm`) taking products of 1 to `rows` rows (0: XLA's GEMMs)."""
+  return dataclasses.replace(tune, gemm=dataclasses.replace(tune.gemm, min_rows=1, max_rows=rows))
 
 # Kernel names (XLA instruction names, cuBLAS / CUTLASS kernels, Pallas kernels) -> part of the step.
 PARTS = (
@@ -116,7 +116,8 @@ def main():
                       help="tuning files (hydragen_jax/tuning/*.json), each profiled in turn in this process; "
                            "'default': the device's")
   parser.add_argument("--gemm", default=None, metavar="ROWS[,ROWS...]",
-                      help="the decode GEMM kernel's max_rows (models.gemm), each profiled in turn (0: XLA's GEMMs); "
+                      help="the decode GEMM kernel (models.gemm) for products of 1 to ROWS rows, each profiled in turn "
+                           "(0: XLA's GEMMs); "
                            "default: the tuning's")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",

@@ -17,7 +17,7 @@ from models import gemm
 from models.config import LlamaConfig
 from tests.conftest import ON_GPU
 
-SMALL = dataclasses.replace(tuning.current().gemm, max_rows=64, block_n=16, block_k=16)
+SMALL = dataclasses.replace(tuning.current().gemm, min_rows=1, max_rows=64, block_n=16, block_k=16)
 
 
 def _operands(m, k, widths, dtype, seed=0):
@@ -84,7 +84,11 @@ def test_linear_dispatch(monkeypatch):
     assert gemm.supported(xf, wf, SMALL).startswith("dtypes")
     assert "not a multiple of the tiles" in gemm.supported(*_operands(4, 24, (16,), jnp.bfloat16), SMALL)
   assert gemm.default_backend(6, dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=0))) \
-      == "xla"  # off: the shipped files' value until measured
+      == "xla"  # off: the H100 file's value until measured
+  ranged = dataclasses.replace(SMALL, min_rows=8, max_rows=64)  # a range, as the H200's (64 to 64 rows)
+  assert [ranged.covers(m) for m in (1, 7, 8, 64, 65)] == [False, False, True, True, False]
+  assert not dataclasses.replace(ranged, max_rows=0).covers(8)  # max_rows 0: off whatever min_rows says
+  assert gemm.default_backend(7, dataclasses.replace(tuning.current(), gemm=ranged)) == "xla"
   with pytest.raises(ValueError, match="backend='cuda' is not one of"):
     gemm.linear(x, ws, backend="cuda")
 

@@ -129,6 +129,25 @@ def test_sweep_gemm_writes_the_gemm_field(tmp_path):
   assert dataclasses.replace(file.tuning, gemm=tuning.current().gemm) == tuning.current()  # nothing else changed
 
 
+H200_GEMMS = {1: (127.1, 137.1), 8: (118.4, 133.0), 16: (122.2, 136.0), 32: (129.2, 140.9), 64: (150.3, 145.4),
+              128: (154.4, 178.4)}  # us a layer, XLA / kernel: the H200's sweep of session 11
+
+
+@pytest.mark.parametrize("versus, want", [
+    ({1: 90, 8: 90, 64: 90}, (1, 64)),  # faster everywhere: from 1 row
+    (H200_GEMMS, (64, 64)),  # faster at 64 rows alone
+    ({1: 90, 8: 110, 64: 90}, (1, 1)),  # two runs of one count: the smaller rows
+    ({1: 90, 8: 110, 16: 90, 64: 90}, (16, 64)),  # the longest run
+    ({1: 99, 8: 90}, (8, 8)),  # 1 % faster is under min_gain
+    ({1: 110, 8: 110}, (1, 0)),  # slower everywhere: off
+])
+def test_sweep_gemm_kernel_rows_span_the_longest_winning_run(versus, want):
+  from scripts.tuning.sweep_gemm import kernel_rows  # noqa: PLC0415
+
+  versus = {m: t if isinstance(t, tuple) else (100.0, t) for m, t in versus.items()}  # XLA 100 us unless given
+  assert kernel_rows(versus, 0.02) == want
+
+
 def test_sweep_levels_writes_batch_min_readers(tmp_path):
   """The levels sweep's plumbing (tiny shapes on CPU: its times mean nothing): both readings timed and compared,
   the least paying reader count written with the times in the provenance."""

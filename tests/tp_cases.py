@@ -127,12 +127,12 @@ def test_decode_gemm_kernel_under_shard_map(monkeypatch):
     calls = []
 
     def chosen(rows, tuning_=None):  # the GPU's rule, with the kernel interpreted on CPU
-        backend = kernel if 0 < rows <= tuning.resolve(tuning_).gemm.max_rows else "xla"
+        backend = kernel if tuning.resolve(tuning_).gemm.covers(rows) else "xla"
         calls.append(backend)
         return backend
 
     monkeypatch.setattr(gemm, "default_backend", chosen)
-    small = dataclasses.replace(tuning.current().gemm, block_n=16, block_k=16)
+    small = dataclasses.replace(tuning.current().gemm, block_n=16, block_k=16, min_rows=1)
 
     def run(max_rows, mesh):  # each tuning its own jit cache entry
         model = models.init_random(CONFIGS["gqa1"], jnp.bfloat16, seed=5, mesh=mesh)

@@ -67,12 +67,13 @@ def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
 class GemmTuning:
   """The decode GEMM kernel (`models.gemm`: a few rows of activations times the layers' weights, streamed once).
 
-  max_rows: the kernel runs for products of at most this many rows (B·T of a decode step), XLA's GEMMs above and
-  where it is 0 (not measured faster). block_n / block_k: weight columns / rows of a tile; num_warps, num_stages:
+  min_rows, max_rows: the kernel runs for products of min_rows to max_rows rows (B·T of a decode step: `covers`),
+  XLA's GEMMs outside and everywhere where max_rows is 0 (not measured faster). block_n / block_k: weight columns / rows of a tile; num_warps, num_stages:
   the Triton launch (stages: weight tiles in flight); programs_per_core: the K dimension is split until the launch
   has at least this many programs per SM (partial sums added in float32, one more small kernel); 0: never split.
   """
 
+  min_rows: int
   max_rows: int
   block_n: int
   block_k: int
@@ -83,6 +84,11 @@ class GemmTuning:
   def __post_init__(self):
     if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or not 0 <= self.max_rows <= 128:
       raise ValueError(f"GemmTuning.max_rows must be an int in [0, 128]; got {self.max_rows!r}.")
+    if not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool) or not 1 <= self.min_rows <= 128:
+      raise ValueError(f"GemmTuning.min_rows must be an int in [1, 128]; got {self.min_rows!r}.")
+    if self.max_rows and self.min_rows > self.max_rows:
+      raise ValueError(f"GemmTuning.min_rows ({self.min_rows}) must be at most max_rows ({self.max_rows}) "
+                       "where the kernel is on (max_rows > 0).")
     for name in ("block_n", "block_k"):
       value = getattr(self, name)
       if not _power_of_two(value) or value < 16:
@@ -91,6 +97,10 @@ class GemmTuning:
       raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
     _check_ints(self, ("num_stages",), least=1)
     _check_ints(self, ("programs_per_core",), least=0)
+
+  def covers(self, rows: int) -> bool:
+    """Whether the kernel runs for a product of `rows` rows (on a GPU)."""
+    return self.max_rows > 0 and self.min_rows <= rows <= self.max_rows
 
 
 @dataclasses.dataclass(frozen=True)

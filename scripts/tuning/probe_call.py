@@ -39,7 +39,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--backend", default=None)
   parser.add_argument("--gemm", default=None, metavar="ROWS[,ROWS...]",
-                      help="the decode GEMM kernel's max_rows (models.gemm), each timed in turn (0: XLA's GEMMs)")
+                      help="the decode GEMM kernel (models.gemm) for products of 1 to ROWS rows, each timed in turn "
+                           "(0: XLA's GEMMs)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
   ks = [int(k) for k in args.steps.split(",")]

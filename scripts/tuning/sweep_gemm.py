@@ -8,8 +8,8 @@ each layer its own weights, so nothing stays in L2), `--steps` steps chained in 
 benchmark times (median of repeats). Greedy, one field at a time from the device's current tiles: each candidate
 is timed at every `--rows` (B·T of a decode step), and the best geometric mean takes the field's place if at least
 `--min-gain` faster; a candidate whose products differ from XLA's (beyond bf16 rounding) is refused. Then, with the
-tiles picked, XLA's GEMMs and the kernel are timed at 1, 8, 16, 32, 64 and 128 rows: `max_rows` is the largest row
-count up to which the kernel is faster at every one timed (0: never, XLA's GEMMs stay). The device's tuning file
+tiles picked, XLA's GEMMs and the kernel are timed at 1, 8, 16, 32, 64 and 128 rows: `min_rows` / `max_rows` span
+the longest run of those counts at which the kernel is faster (`kernel_rows`; max_rows 0: nowhere, XLA's GEMMs stay). The device's tuning file
 gets the new `gemm` field and its provenance (`fields.gemm`: command, date, commit, the times); --out writes
 elsewhere.
 """
@@ -40,6 +40,26 @@ CANDIDATES = dict(block_n=(32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8
                   programs_per_core=(0, 1, 2, 4))
 ROW_COUNTS = (1, 8, 16, 32, 64, 128)
 TIMING = dict(warmup=2, repeats=5)
+
+
+def kernel_rows(versus: dict[int, tuple[float, float]], min_gain: float) -> tuple[int, int]:
+  """(min_rows, max_rows) of the kernel from {rows: (XLA's time, the kernel's)}: the longest run of consecutive
+  timed row counts where the kernel is at least `min_gain` faster (ties: the smaller rows), from its first count
+  (1 where the run starts at the least count timed) to its last; (1, 0), off, where it wins nowhere."""
+  counts = sorted(versus)
+  runs, run = [], []
+  for m in counts:
+    if versus[m][1] * (1 + min_gain) <= versus[m][0]:
+      run.append(m)
+    elif run:
+      runs.append(run)
+      run = []
+  if run:
+    runs.append(run)
+  if not runs:
+    return 1, 0
+  best = max(runs, key=len)  # max keeps the first of equal lengths: the smaller rows
+  return (1 if best[0] == counts[0] else best[0]), best[-1]
 
 
 def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
@@ -155,12 +175,8 @@ def main(argv: list[str] | None = None) -> None:
   compare = [int(r) for r in args.compare.split(",")]
   for m in compare:
     versus[m] = (timed(m, "xla", g), timed(m, kernel, g))
-  max_rows = 0
-  for m in compare:
-    if versus[m][1] * (1 + args.min_gain) > versus[m][0]:
-      break
-    max_rows = m
-  g = dataclasses.replace(g, max_rows=max_rows)
+  min_rows, max_rows = kernel_rows(versus, args.min_gain)
+  g = dataclasses.replace(g, min_rows=min_rows, max_rows=max_rows)
   if log:
     log.close()
   summary = ", ".join(f"{m} rows: XLA {x * 1e6:.1f} / kernel {k * 1e6:.1f} us" for m, (x, k) in versus.items())
@@ -171,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
       f"measured on {kind} by `{command}` ({date}, commit {commit}, {time.time() - start:.0f} s"
       f"{', interpreted: NOT A MEASUREMENT' if args.interpret else ''}): a layer's GEMMs ({shape}, bf16, "
       f"{args.layers} layers, {args.steps} steps chained), us a layer per candidate at rows {pick_rows} (geometric "
-      f"mean): {json.dumps(notes)}; XLA against the kernel: {summary}; max_rows {max_rows}")
+      f"mean): {json.dumps(notes)}; XLA against the kernel: {summary}; rows {min_rows}..{max_rows}"
+      f"{' (off)' if not max_rows else ''}")
   tuning_lib.write(out, tuning_lib.with_measured_field(base_file, kind, dataclasses.replace(base_file.tuning, gemm=g),
                                                       "gemm", note, command=command, date=date, commit=commit))
   print(f"wrote {out}: {g} ({time.time() - start:.0f} s)", flush=True)
