@@ -13,8 +13,8 @@ gate/up) in one launch:
   kernel). With one split the result is stored in x's dtype directly.
 
 The kernel runs where the device's tuning enables it (`hydragen_jax.tuning`, field `gemm`: products of `min_rows` to
-`max_rows` rows, the range where it measured faster than XLA's GEMMs on that device), for 16-bit operands whose K and N are multiples of the tiles; everything
-else (prefill's many rows, float32, CPU) is ``jnp.matmul``.
+`max_rows` rows, the range where it measured faster than XLA's GEMMs on that device), for 16-bit operands whose K
+and N are multiples of the tiles; everything else (prefill's many rows, float32, CPU) is ``jnp.matmul``.
 """
 
 from __future__ import annotations

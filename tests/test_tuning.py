@@ -191,7 +191,8 @@ def test_shipped_files_are_canonical_and_say_where_their_numbers_come_from():
     (lambda d: d["gemm"].update(block_n=48), "GemmTuning.block_n must be a power of two >= 16; got 48"),
     (lambda d: d["gemm"].update(max_rows=256), r"GemmTuning.max_rows must be an int in \[0, 128\]; got 256"),
     (lambda d: d["gemm"].update(min_rows=0), r"GemmTuning.min_rows must be an int in \[1, 128\]; got 0"),
-    (lambda d: d["gemm"].update(min_rows=65, max_rows=64), r"GemmTuning.min_rows \(65\) must be at most max_rows \(64\)"),
+    (lambda d: d["gemm"].update(min_rows=65, max_rows=64),
+     r"GemmTuning.min_rows \(65\) must be at most max_rows \(64\)"),
     (lambda d: d["gemm"].pop("num_stages"), r"tuning.gemm: missing \['num_stages'\]"),
     (lambda d: d["gemm"].update(programs_per_core=-1), "GemmTuning.programs_per_core must be an int >= 0; got -1"),
 ])

@@ -68,9 +68,10 @@ class GemmTuning:
   """The decode GEMM kernel (`models.gemm`: a few rows of activations times the layers' weights, streamed once).
 
   min_rows, max_rows: the kernel runs for products of min_rows to max_rows rows (B·T of a decode step: `covers`),
-  XLA's GEMMs outside and everywhere where max_rows is 0 (not measured faster). block_n / block_k: weight columns / rows of a tile; num_warps, num_stages:
-  the Triton launch (stages: weight tiles in flight); programs_per_core: the K dimension is split until the launch
-  has at least this many programs per SM (partial sums added in float32, one more small kernel); 0: never split.
+  XLA's GEMMs outside and everywhere where max_rows is 0 (not measured faster). block_n / block_k: weight columns /
+  rows of a tile; num_warps, num_stages: the Triton launch (stages: weight tiles in flight); programs_per_core: the K
+  dimension is split until the launch has at least this many programs per SM (partial sums added in float32, one
+  more small kernel); 0: never split.
   """
 
   min_rows: int

@@ -1,4 +1,4 @@
-"""Per-device sweep of the decode GEMM kernel (`models.gemm`): its tiles, and up to how many rows it beats XLA.
+"""Per-device sweep of the decode GEMM kernel (`models.gemm`): its tiles, and the rows where it beats XLA's GEMMs.
 
   python -m scripts.tuning.sweep_gemm                     # on the GPU: writes the `gemm` field of the device's file
   python -m scripts.tuning.sweep_gemm --tiny --interpret  # anywhere: the plumbing (times mean nothing)
@@ -7,11 +7,11 @@ A step is the GEMMs of `--layers` decoder layers of the 7B shape (q/k/v in one c
 each layer its own weights, so nothing stays in L2), `--steps` steps chained in one compiled call, timed as the
 benchmark times (median of repeats). Greedy, one field at a time from the device's current tiles: each candidate
 is timed at every `--rows` (B·T of a decode step), and the best geometric mean takes the field's place if at least
-`--min-gain` faster; a candidate whose products differ from XLA's (beyond bf16 rounding) is refused. Then, with the
-tiles picked, XLA's GEMMs and the kernel are timed at 1, 8, 16, 32, 64 and 128 rows: `min_rows` / `max_rows` span
-the longest run of those counts at which the kernel is faster (`kernel_rows`; max_rows 0: nowhere, XLA's GEMMs stay). The device's tuning file
-gets the new `gemm` field and its provenance (`fields.gemm`: command, date, commit, the times); --out writes
-elsewhere.
+`--min-gain` faster; a second pass over the fields (`--passes`) where the first moved one; a candidate whose products
+differ from XLA's (beyond bf16 rounding) is refused. Then, with the tiles picked, XLA's GEMMs and the kernel are
+timed at 1, 8, 16, 32, 64 and 128 rows: `min_rows` / `max_rows` span the longest run of those counts at which the
+kernel is faster (`kernel_rows`; max_rows 0: nowhere, XLA's GEMMs stay). The device's tuning file gets the new `gemm`
+field and its provenance (`fields.gemm`: command, date, commit, the times); --out writes elsewhere.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--compare", default=",".join(map(str, ROW_COUNTS)),
                       help="row counts XLA and the kernel are compared at (max_rows)")
   parser.add_argument("--min-gain", type=float, default=0.02)
+  parser.add_argument("--passes", type=int, default=2,
+                      help="passes over the fields at most (another only where the last one moved a field)")
   parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
   parser.add_argument("--log", default=None, help="JSON-lines file of every timing")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
@@ -151,26 +153,36 @@ def main(argv: list[str] | None = None) -> None:
     sds = jax.ShapeDtypeStruct
     return all(gemm.supported(sds((8, k), dtype), [sds((k, n), dtype) for n in ns], g) is None for k, ns in groups)
 
+  scores = {}  # tiles -> geometric mean over pick_rows (a later pass re-times nothing it has timed)
+
   def score(g: GemmTuning) -> float:
+    if g in scores:
+      return scores[g]
     if not applies(g):
       print(f"  {g}: tiles do not divide the layer's GEMMs", flush=True)
+      scores[g] = math.inf
       return math.inf
     times = [timed(m, kernel, g) for m in pick_rows]
-    return math.exp(sum(math.log(t) for t in times) / len(times)) if all(map(math.isfinite, times)) else math.inf
+    scores[g] = math.exp(sum(math.log(t) for t in times) / len(times)) if all(map(math.isfinite, times)) else math.inf
+    return scores[g]
 
-  g = base_file.tuning.gemm
+  g = dataclasses.replace(base_file.tuning.gemm, max_rows=0)  # the rows are decided below; the tiles' key
   best = score(g)
   notes = {}
-  for field, values in CANDIDATES.items():
-    print(f"{field}:", flush=True)
-    tried = {getattr(g, field): best}
-    for value in values:
-      if value not in tried:
-        tried[value] = score(dataclasses.replace(g, **{field: value}))
-    value = min(tried, key=tried.get)
-    if tried[value] * (1 + args.min_gain) <= best:
-      g, best = dataclasses.replace(g, **{field: value}), tried[value]
-    notes[field] = {str(v): round(t * 1e6, 1) for v, t in tried.items()}
+  for sweep in range(1, args.passes + 1):  # coordinate descent: a field's best can move when another field moved
+    moved = False
+    for field, values in CANDIDATES.items():
+      print(f"{field} (pass {sweep}):", flush=True)
+      tried = {getattr(g, field): best}
+      for value in values:
+        if value not in tried:
+          tried[value] = score(dataclasses.replace(g, **{field: value}))
+      value = min(tried, key=tried.get)
+      if tried[value] * (1 + args.min_gain) <= best:
+        g, best, moved = dataclasses.replace(g, **{field: value}), tried[value], True
+      notes[field if sweep == 1 else f"{field} (pass {sweep})"] = {str(v): round(t * 1e6, 1) for v, t in tried.items()}
+    if not moved:
+      break
   versus = {}
   compare = [int(r) for r in args.compare.split(",")]
   for m in compare:
