@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import records, timing
+from experiments import timing
 from hydragen_jax import tuning as tuning_lib
+from scripts.tuning import field_sweep
 from hydragen_jax.tuning import GemmTuning
 from models import gemm
 
@@ -95,7 +94,7 @@ def time_step(x, layers, backend: str, tune: tuning_lib.Tuning, steps: int) -> f
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
+  field_sweep.add_arguments(parser)
   parser.add_argument("--rows", default="8,64", help="row counts the tiles are picked on")
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--steps", type=int, default=8)
@@ -104,18 +103,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--min-gain", type=float, default=0.02)
   parser.add_argument("--passes", type=int, default=2,
                       help="passes over the fields at most (another only where the last one moved a field)")
-  parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
   parser.add_argument("--log", default=None, help="JSON-lines file of every timing")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
   parser.add_argument("--interpret", action="store_true", help="the kernel in the Pallas interpreter (CPU)")
   args = parser.parse_args(argv)
-  if args.out is None and (args.tiny or args.interpret or jax.default_backend() != "gpu"):
-    parser.error("--out FILE is needed with --tiny, --interpret or off a GPU (the default writes the device's own "
-                 "tuning file)")
-  start = time.time()
-  kind = tuning_lib.device_kind()
-  base_file = tuning_lib.file_for(kind)
-  out = args.out or str(tuning_lib.data_file(kind))
+  not_measured = ("--tiny" if args.tiny else None) or ("--interpret" if args.interpret else None) \
+      or field_sweep.off_gpu()
+  field_sweep.check_out(parser, args, not_measured)
+  run = field_sweep.Run.begin("sweep_gemm", argv)
+  base_file = run.base
   shape, dtype = (TINY if args.tiny else SHAPE_7B), jnp.bfloat16
   layers = layer_weights(shape, args.layers, dtype)
   kernel = "interpret" if args.interpret else "pallas"
@@ -192,18 +188,11 @@ def main(argv: list[str] | None = None) -> None:
   if log:
     log.close()
   summary = ", ".join(f"{m} rows: XLA {x * 1e6:.1f} / kernel {k * 1e6:.1f} us" for m, (x, k) in versus.items())
-  command = "python -m scripts.tuning.sweep_gemm " + " ".join(sys.argv[1:] if argv is None else argv)
-  commit = args.commit or records.git_commit()
-  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  note = (
-      f"measured on {kind} by `{command}` ({date}, commit {commit}, {time.time() - start:.0f} s"
-      f"{', interpreted: NOT A MEASUREMENT' if args.interpret else ''}): a layer's GEMMs ({shape}, bf16, "
-      f"{args.layers} layers, {args.steps} steps chained), us a layer per candidate at rows {pick_rows} (geometric "
-      f"mean): {json.dumps(notes)}; XLA against the kernel: {summary}; rows {min_rows}..{max_rows}"
-      f"{' (off)' if not max_rows else ''}")
-  tuning_lib.write(out, tuning_lib.with_measured_field(base_file, kind, dataclasses.replace(base_file.tuning, gemm=g),
-                                                      "gemm", note, command=command, date=date, commit=commit))
-  print(f"wrote {out}: {g} ({time.time() - start:.0f} s)", flush=True)
+  measured = (f"a layer's GEMMs ({shape}, bf16, {args.layers} layers, {args.steps} steps chained), us a layer per "
+              f"candidate at rows {pick_rows} (geometric mean): {json.dumps(notes)}; XLA against the kernel: "
+              f"{summary}; rows {min_rows}..{max_rows}{' (off)' if not max_rows else ''}")
+  out = run.write(args, "gemm", dataclasses.replace(base_file.tuning, gemm=g), measured, not_measured)
+  print(f"wrote {out}: {g} ({time.time() - run.start:.0f} s)", flush=True)
   print(f"XLA against the kernel: {summary}", flush=True)
 
 

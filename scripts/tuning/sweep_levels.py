@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import sys
 import time
 
 import jax
@@ -27,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hydragen_jax as hj
-from experiments import records, timing
+from experiments import timing
 from hydragen_jax import tuning as tuning_lib
+from scripts.tuning import field_sweep
 
 READERS = (2, 3, 4, 8)
 NODE_KEYS = (16, 64, 256)
@@ -74,21 +73,19 @@ def least_paying(pays: dict[int, bool]) -> int | None:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
+  field_sweep.add_arguments(parser)
   parser.add_argument("--nodes", type=int, default=16, help="nodes of the shared level")
   parser.add_argument("--suffix", type=int, default=64, help="keys of each sequence's own suffix")
   parser.add_argument("--steps", type=int, default=64,
                       help="steps chained in one call (a call's fixed host cost is shared by them)")
   parser.add_argument("--tolerance", type=float, default=0.02, help="batched may be this much slower and count")
   parser.add_argument("--backend", default=None, help="attention backend (default: the device's)")
-  parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
   args = parser.parse_args(argv)
-  if args.out is None and (args.tiny or jax.default_backend() != "gpu"):
-    parser.error("--out FILE is needed with --tiny or off a GPU (the default writes the device's own tuning file)")
-  start = time.time()
-  kind = tuning_lib.device_kind()
-  base_file = tuning_lib.file_for(kind)
+  not_measured = ("--tiny" if args.tiny else None) or field_sweep.off_gpu()
+  field_sweep.check_out(parser, args, not_measured)
+  run = field_sweep.Run.begin("sweep_levels", argv)
+  base_file = run.base
   grid = TINY if args.tiny else dict(readers=READERS, node_keys=NODE_KEYS, heads=HEADS, nodes=args.nodes,
                                      suffix=args.suffix)
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -112,20 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     verdict = f"batched pays (within {args.tolerance:.0%}) from {least} readers a node"
   if any(pays[r] and not pays[q] for r in pays for q in pays if q > r):
     print(f"  note: not monotone in the readers ({pays}): look at the times", flush=True)
-  command = "python -m scripts.tuning.sweep_levels " + " ".join(sys.argv[1:] if argv is None else argv)
-  commit = args.commit or records.git_commit()
-  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   table = {f"R={r} L={l} heads={h}": [round(tb * 1e6, 1), round(ts * 1e6, 1)] for (r, l, h), (tb, ts) in times.items()}
-  note = (f"measured on {kind} by `{command}` ({date}, commit {commit}, {time.time() - start:.0f} s"
-          f"{', NOT A MEASUREMENT (on CPU or --tiny)' if args.tiny or jax.default_backend() == 'cpu' else ''}): "
-          f"one shared level of "
-          f"{grid['nodes']} nodes and a {grid['suffix']}-key suffix, T = 1, us a step batched / per sequence: "
-          f"{json.dumps(table)}; {verdict}")
+  measured = (f"one shared level of {grid['nodes']} nodes and a {grid['suffix']}-key suffix, T = 1, us a step "
+              f"batched / per sequence: {json.dumps(table)}; {verdict}")
   tune = dataclasses.replace(base_file.tuning, batch_min_readers=least)
-  out = args.out or str(tuning_lib.data_file(kind))
-  tuning_lib.write(out, tuning_lib.with_measured_field(base_file, kind, tune, "batch_min_readers", note,
-                                                      command=command, date=date, commit=commit))
-  print(f"wrote {out}: batch_min_readers {least} ({time.time() - start:.0f} s)", flush=True)
+  out = run.write(args, "batch_min_readers", tune, measured, not_measured)
+  print(f"wrote {out}: batch_min_readers {least} ({time.time() - run.start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

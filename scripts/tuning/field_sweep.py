@@ -1,0 +1,62 @@
+"""What the sweeps of one tuning field share (`sweep_gemm`, `sweep_levels`): their `--out` and `--commit` options,
+and writing the measured field, with its provenance note, into the device's tuning file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import time
+
+import jax
+
+from experiments import records
+from hydragen_jax import tuning as tuning_lib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
+  parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
+
+
+def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, not_measured: str | None) -> None:
+  """`--out` is required where the run measures nothing (`not_measured` names why: "--tiny", "off a GPU", ...), so
+  that the device's own file is written only by a real measurement."""
+  if args.out is None and not_measured:
+    parser.error(f"--out FILE is needed with {not_measured} (the default writes the device's own tuning file)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One sweep's identity: the device, the file it starts from, the command line, and its start time."""
+  script: str
+  argv: list[str]
+  kind: str
+  base: tuning_lib.TuningFile
+  start: float
+
+  @classmethod
+  def begin(cls, script: str, argv: list[str] | None) -> Run:
+    kind = tuning_lib.device_kind()
+    return cls(script, list(sys.argv[1:] if argv is None else argv), kind, tuning_lib.file_for(kind), time.time())
+
+  def write(self, args: argparse.Namespace, field: str, tune: tuning_lib.Tuning, measured: str,
+            not_measured: str | None = None) -> str:
+    """Writes `tune` (the base's tuning with `field` measured) to `--out` or the device's file, the note saying
+    where, when and by what it was measured, then `measured` (the times and the choice); returns the path."""
+    command = f"python -m scripts.tuning.{self.script} " + " ".join(self.argv)
+    commit = args.commit or records.git_commit()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    caveat = f", NOT A MEASUREMENT ({not_measured})" if not_measured else ""
+    note = (f"measured on {self.kind} by `{command}` ({date}, commit {commit}, {time.time() - self.start:.0f} s"
+            f"{caveat}): {measured}")
+    out = args.out or str(tuning_lib.data_file(self.kind))
+    tuning_lib.write(out, tuning_lib.with_measured_field(self.base, self.kind, tune, field, note, command=command,
+                                                        date=date, commit=commit))
+    return out
+
+
+def off_gpu() -> str | None:
+  """"off a GPU" where JAX's default backend is not a GPU, else None."""
+  return None if jax.default_backend() == "gpu" else "off a GPU"
