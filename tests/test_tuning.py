@@ -264,11 +264,14 @@ def test_sweep_dry_run_writes_a_valid_file(tmp_path):
 
 def test_sweep_of_some_fields_keeps_the_notes_of_the_others(tmp_path):
   """A sweep of one field from this device's own file keeps the provenance notes of the fields it leaves alone
-  (e.g. the decode GEMM's, written by sweep_gemm.py), and replaces the note of the field it measures."""
+  (e.g. the decode GEMM's, written by sweep_gemm.py) and their choice records (a full sweep's, before it), and
+  replaces the note and the record of the field it measures."""
   base = tuning.with_measured_field(tuning.file_for(H100), tuning.device_kind(), _h100(), "gemm", "gemm's note",
                                     command="c", date="d", commit="x")
   base = tuning.with_measured_field(base, tuning.device_kind(), _h100(), "hopper_min_work", "old note",
                                     command="c", date="d", commit="x")
+  earlier = [dict(field="interleave_lead", status="kept", mark=1), dict(field="hopper_min_work", status="kept", mark=2)]
+  base = dataclasses.replace(base, provenance=dict(base.provenance, choices=earlier))
   tuning.write(tmp_path / "base.json", base)
   out = tmp_path / "out.json"
   sweep_device.main(["--dry-run", "--base", str(tmp_path / "base.json"), "--out", str(out), "--fields",
@@ -276,6 +279,9 @@ def test_sweep_of_some_fields_keeps_the_notes_of_the_others(tmp_path):
   fields = tuning.load(out).provenance["fields"]
   assert fields["gemm"] == "gemm's note"
   assert fields["hopper_min_work"].startswith("measured: ")
+  choices = tuning.load(out).provenance["choices"]
+  assert [c["field"] for c in choices] == ["interleave_lead", "hopper_min_work"] and choices[0]["mark"] == 1
+  assert "mark" not in choices[1] and choices[1]["status"] in ("picked", "kept")  # this sweep's record
   unmeasured = [dict(field="x", candidates=[], status="not measured (time budget)")]
   assert sweep_device.field_notes(unmeasured, 0.02, {"x": "its note"}) == {
       "x": "not measured (time budget): kept from the base (its note)"}

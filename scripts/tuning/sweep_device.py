@@ -382,8 +382,11 @@ def main(argv: list[str] | None = None) -> None:
       base={k: base_file.provenance.get(k) for k in ("measured_on", "date", "commit")}
       | dict(device_kind=base_file.device_kind, file=args.base))
 
-  # the notes of the fields this sweep leaves alone (e.g. those of sweep_gemm.py), where the base is this device's
-  base_notes = base_file.provenance.get("fields", {}) if base_file.device_kind == kind else {}
+  # the notes and choice records of the fields this sweep leaves alone (e.g. the note of sweep_gemm.py's field, the
+  # records of a full sweep before a partial one), where the base is this device's
+  own_base = base_file.device_kind == kind
+  base_notes = base_file.provenance.get("fields", {}) if own_base else {}
+  base_choices = base_file.provenance.get("choices", []) if own_base else []
 
   def save(tune: Tuning, recs: list[dict], final: dict) -> None:
     """The data file of the sweep so far: the picked tuning and its provenance."""
@@ -393,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
             f"at a time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
             "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py).")
     provenance = dict(fixed, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      note=note, fields=field_notes(recs, args.min_gain, base_notes), final_check=final, choices=recs,
+                      note=note, fields=field_notes(recs, args.min_gain, base_notes), final_check=final,
+                      choices=[c for c in base_choices if c.get("field") not in {r["field"] for r in recs}] + recs,
                       steps_timed=sweep.timed)
     tuning_lib.write(out, tuning_lib.TuningFile(kind, tune, provenance))
 
