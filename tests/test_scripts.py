@@ -160,6 +160,7 @@ def test_sweep_levels_writes_batch_min_readers(tmp_path):
   file = tuning.load(out)
   note = file.provenance["fields"]["batch_min_readers"]
   assert "NOT A MEASUREMENT" in note and "R=2 L=16" in note and "R=3 L=16" in note
+  assert "other levels (not in the verdict)" in note and "N=1 R=4 L=24" in note and "MB saved" in p.stdout
   if "batched pays" in note:  # from the least tested count that pays, or else the base's value (2) is kept
     assert f"from {file.tuning.batch_min_readers} readers" in note and file.tuning.batch_min_readers in (2, 3)
   else:

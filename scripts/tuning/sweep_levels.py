@@ -10,7 +10,8 @@ chained in one call (the benchmark chains 16; these steps take ~20-40 us, and a 
 was as large as the differences measured: session 11), median of repeats, at every (R, L, heads) of the grid; the
 small heads and short nodes are where batching has least to gain (`validation.batching_pays`). `batch_min_readers`
 is the least R from which the batched step is never slower than the per-sequence one (within --tolerance) at any
-tested L and heads; the times go into the file's provenance (`fields.batch_min_readers`).
+tested L and heads; the times go into the file's provenance (`fields.batch_min_readers`), with those of a few levels
+of other shapes (`EXTRA`: the demo's) and the bytes each level saves batched, for a cost model beyond readers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from scripts.tuning import field_sweep
 READERS = (2, 3, 4, 8)
 NODE_KEYS = (16, 64, 256)
 HEADS = ((8, 2, 32), (32, 8, 128))  # (Hq, Hkv, D): a small model's tiny heads (the demo's), a 7B-like GQA layer
-TINY = dict(readers=(2, 3), node_keys=(16,), heads=((4, 2, 16),), nodes=2, suffix=8)
+# Levels of other shapes, timed and recorded beside the grid (not part of its verdict): the demo's (byte model, 32
+# samples of 4 prompts: a root of 1131 tokens read by all 128 sequences, then 2 nodes of up to 75 tokens read by 64
+# each, then 4 of up to 77 read by 32 each). (nodes, readers a node, keys a node, (Hq, Hkv, D))
+EXTRA = ((1, 128, 1131, (8, 2, 32)), (2, 64, 75, (8, 2, 32)), (4, 32, 77, (8, 2, 32)))
+TINY = dict(readers=(2, 3), node_keys=(16,), heads=((4, 2, 16),), nodes=2, suffix=8, extra=((1, 4, 24, (4, 2, 16)),))
 TIMING = dict(warmup=2, repeats=9)
 
 
@@ -50,6 +55,12 @@ def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int,
                  jax.random.normal(keys[4], (b, suffix, hkv, d), jnp.float32).astype(dtype),
                  jnp.full((b,), suffix, jnp.int32))
   return q, [shared, own]
+
+
+def saved_bytes(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int], itemsize: int) -> int:
+  """Bytes of K and V that reading the level batched does not read (each node once, not once a reader)."""
+  _, hkv, d = heads
+  return nodes * (readers - 1) * node_keys * 2 * hkv * d * itemsize
 
 
 def time_step(q, levels, batched: bool, backend: str | None, steps: int) -> tuple[float, jax.Array]:
@@ -87,18 +98,21 @@ def main(argv: list[str] | None = None) -> None:
   run = field_sweep.Run.begin("sweep_levels", argv)
   base_file = run.base
   grid = TINY if args.tiny else dict(readers=READERS, node_keys=NODE_KEYS, heads=HEADS, nodes=args.nodes,
-                                     suffix=args.suffix)
+                                     suffix=args.suffix, extra=EXTRA)
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  times = {}  # (R, L, heads) -> (batched s, per-sequence s)
-  for readers in grid["readers"]:
-    for node_keys in grid["node_keys"]:
-      for heads in grid["heads"]:
-        q, levels = step_inputs(grid["nodes"], readers, node_keys, heads, grid["suffix"], dtype)
-        (tb, ob), (ts, os_) = (time_step(q, levels, b, args.backend, args.steps) for b in (True, False))
-        np.testing.assert_allclose(np.asarray(ob, np.float32), np.asarray(os_, np.float32), rtol=2e-2, atol=2e-2)
-        times[(readers, node_keys, heads)] = (tb, ts)
-        print(f"  R={readers} L={node_keys} heads={heads}: batched {tb * 1e6:.1f} us, per sequence {ts * 1e6:.1f} us "
-              f"({ts / tb:.2f}x)", flush=True)
+
+  def timed(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int]) -> tuple[float, float]:
+    q, levels = step_inputs(nodes, readers, node_keys, heads, grid["suffix"], dtype)
+    (tb, ob), (ts, os_) = (time_step(q, levels, b, args.backend, args.steps) for b in (True, False))
+    np.testing.assert_allclose(np.asarray(ob, np.float32), np.asarray(os_, np.float32), rtol=2e-2, atol=2e-2)
+    saved = saved_bytes(nodes, readers, node_keys, heads, jnp.dtype(dtype).itemsize)
+    print(f"  N={nodes} R={readers} L={node_keys} heads={heads} ({saved / 1e6:.1f} MB saved): batched "
+          f"{tb * 1e6:.1f} us, per sequence {ts * 1e6:.1f} us ({ts / tb:.2f}x)", flush=True)
+    return tb, ts
+
+  times = {(r, l, h): timed(grid["nodes"], r, l, h)  # (R, L, heads) -> (batched s, per-sequence s)
+           for r in grid["readers"] for l in grid["node_keys"] for h in grid["heads"]}
+  extra = {config: timed(*config) for config in grid["extra"]}
   pays = {r: all(tb <= ts * (1 + args.tolerance) for (rr, _, _), (tb, ts) in times.items() if rr == r)
           for r in grid["readers"]}
   least = least_paying(pays)
@@ -110,8 +124,11 @@ def main(argv: list[str] | None = None) -> None:
   if any(pays[r] and not pays[q] for r in pays for q in pays if q > r):
     print(f"  note: not monotone in the readers ({pays}): look at the times", flush=True)
   table = {f"R={r} L={l} heads={h}": [round(tb * 1e6, 1), round(ts * 1e6, 1)] for (r, l, h), (tb, ts) in times.items()}
+  others = {f"N={n} R={r} L={l} heads={h}": [round(tb * 1e6, 1), round(ts * 1e6, 1)]
+            for (n, r, l, h), (tb, ts) in extra.items()}
   measured = (f"one shared level of {grid['nodes']} nodes and a {grid['suffix']}-key suffix, T = 1, us a step "
-              f"batched / per sequence: {json.dumps(table)}; {verdict}")
+              f"batched / per sequence: {json.dumps(table)}; {verdict}; other levels (not in the verdict), us a "
+              f"step batched / per sequence: {json.dumps(others)}")
   tune = dataclasses.replace(base_file.tuning, batch_min_readers=least)
   out = run.write(args, "batch_min_readers", tune, measured, not_measured)
   print(f"wrote {out}: batch_min_readers {least} ({time.time() - run.start:.0f} s)", flush=True)
