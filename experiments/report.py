@@ -340,8 +340,9 @@ def combined_plot(files: list[ResultsFile], draw: bool = True) -> pathlib.Path |
         plot.plot_e2e_throughput([r for f in files for r in f.records], path.parent, path.stem.removesuffix("-throughput"))
         drawn = path.parent / f"{path.stem}-throughput.png"
         drawn.rename(path)
-        for old in path.parent.glob(f"e2e_throughput-combined-{newest.slug}-*.png"):
-            if old != path:
+        mine = re.compile(rf"e2e_throughput-combined-{re.escape(newest.slug)}-\d{{8}}(-\d{{6}})?\.png")
+        for old in path.parent.glob("e2e_throughput-combined-*.png"):  # this device's only (not e.g. `…-nvl-…`)
+            if old != path and mine.fullmatch(old.name):
                 old.unlink()
     return path if path.exists() else None
 

@@ -64,13 +64,17 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
           and prefix_fill(q_shape, num_kv_heads, cores) >= tuning.hopper_min_fill)
 
 
-def batching_pays(batch: int, num_nodes: int, tuning: tuning_lib.Tuning | None = None) -> bool:
-  """The cost model of a shared level of `num_nodes` nodes read by `batch` sequences: whether stacking each node's
-  queries and reading it once (Hydragen) pays over each sequence reading its node, i.e. whether its nodes have at
-  least `tuning.batch_min_readers` readers on average (None: `tuning.current()`; measured per device by
-  `scripts/tuning/sweep_levels.py`). Batched reads a node once instead of once per reader, so it reads fewer bytes
-  from two readers on; what it adds is padding of each node's rows to whole tiles and a program per node."""
-  return batch >= tuning_lib.resolve(tuning).batch_min_readers * num_nodes
+def batching_pays(batch: int, num_nodes: int, node_bytes: int, tuning: tuning_lib.Tuning | None = None) -> bool:
+  """The cost model of a shared level of `num_nodes` nodes read by `batch` sequences, each node `node_bytes` of K
+  and V a layer: whether stacking each node's queries and reading it once (Hydragen) pays over each sequence reading
+  its node. Batched reads a node once instead of once per reader, so it saves ``(batch - num_nodes) · node_bytes``
+  a layer; what it adds is the padding of each node's rows to whole tiles and a program per node and KV head. It
+  pays where the nodes have at least `tuning.batch_min_readers` readers on average and the bytes saved are at least
+  `tuning.batch_min_saved_bytes` (None: `tuning.current()`; both measured per device by
+  `scripts/tuning/sweep_levels.py`)."""
+  tuning = tuning_lib.resolve(tuning)
+  saved = (batch - num_nodes) * node_bytes
+  return batch >= tuning.batch_min_readers * num_nodes and saved >= tuning.batch_min_saved_bytes
 
 
 def resolve_backend(backend: str | None) -> str:

@@ -26,6 +26,8 @@ lengths on. Writes past a cache's capacity are dropped and reads past it are cla
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -133,11 +135,21 @@ def _no_attention(q, k, v, lengths):
     return jnp.where(never, kv.astype(q.dtype), q)
 
 
-def batched_levels(mode: str, batch: int, nodes_per_level: list[int], tuning=None) -> list[bool]:
-    """Which shared levels a step reads batched: in `hydragen` mode those whose nodes have enough readers to pay
-    (the device's cost model, `hydragen_jax.validation.batching_pays`; `tuning` None: the current one), the others
-    per sequence; none in the other modes."""
-    return [mode == "hydragen" and batching_pays(batch, n, tuning) for n in nodes_per_level]
+def level_node_bytes(level: LevelCache) -> int:
+    """K and V bytes of one node of a shared level that one device reads a layer (its capacity:
+    ``2 · Lmax · Hkv · D · itemsize``, Hkv the device's KV heads: on a mesh, those of its shard)."""
+    k = level.k[0]
+    # A placed array gives its shard's shape; traced (also inside shard_map) the shape is already the device's.
+    shape = k.shape if isinstance(k, jax.core.Tracer) else k.sharding.shard_shape(k.shape)
+    return 2 * math.prod(shape[1:]) * k.dtype.itemsize
+
+
+def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tuning=None) -> list[bool]:
+    """Which shared levels a step reads batched, each level given as (nodes, bytes of one node a layer:
+    `level_node_bytes`): in `hydragen` mode those where batching pays (the device's cost model,
+    `hydragen_jax.validation.batching_pays`: readers a node and bytes saved; `tuning` None: the current one), the
+    others per sequence; none in the other modes."""
+    return [mode == "hydragen" and batching_pays(batch, n, node_bytes, tuning) for n, node_bytes in levels]
 
 
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
@@ -154,7 +166,8 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
             return hydragen_jax.tree_attention(q, [own], backend=backend), cache
         levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in cache.shared]
-        batched = batched_levels(mode, q.shape[0], [level.k.shape[0] for level in levels])
+        shape = [(lc.k[0].shape[0], level_node_bytes(lc)) for lc in cache.shared]  # (nodes, bytes of a node)
+        batched = batched_levels(mode, q.shape[0], shape)
         out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
         return out, cache
 

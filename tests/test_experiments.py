@@ -797,9 +797,13 @@ def test_report_cli_check_markers_and_plot(tmp_path, readme, capsys):
     assert plot.stat().st_size > 1000 and f"](experiments/results/{plot.name})" in _section(readme)
     assert cli.main(args + ["--check"]) == 0
     # A newer part makes a new picture, and the older one goes (it showed the parts it replaced).
+    # Another device whose slug starts with this one's keeps its picture.
+    other = res / "e2e_throughput-combined-nvidia-h200-nvl-20261130.png"
+    other.write_bytes(b"png")
     _write_results(res, "e2e_throughput-part1", "20261130-120000", [
         _decode(_e2e_point(1024, b), m, 200.0 * b) for b in (8, 64) for m in ("hydragen", "none")])
-    assert cli.main(args) == 0 and not plot.exists()
+    assert cli.main(args) == 0 and not plot.exists() and other.exists()
+    other.unlink()
     assert [p.name for p in res.glob("*combined*")] == ["e2e_throughput-combined-nvidia-h200-20261130-120000.png"]
     assert "-20261130-120000.png)" in _section(readme) and cli.main(args + ["--check"]) == 0
     readme.write_text("no markers\n")

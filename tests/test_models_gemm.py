@@ -83,12 +83,15 @@ def test_linear_dispatch(monkeypatch):
     np.testing.assert_allclose(gemm.linear(xf, wf, backend="interpret")[0], _expected(xf, wf[0]), rtol=1e-6)
     assert gemm.supported(xf, wf, SMALL).startswith("dtypes")
     assert "not a multiple of the tiles" in gemm.supported(*_operands(4, 24, (16,), jnp.bfloat16), SMALL)
-  assert gemm.default_backend(6, dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=0))) \
-      == "xla"  # off: the H100 file's value until measured
   ranged = dataclasses.replace(SMALL, min_rows=8, max_rows=64)  # a range, as the H200's (64 to 64 rows)
   assert [ranged.covers(m) for m in (1, 7, 8, 64, 65)] == [False, False, True, True, False]
   assert not dataclasses.replace(ranged, max_rows=0).covers(8)  # max_rows 0: off whatever min_rows says
-  assert gemm.default_backend(7, dataclasses.replace(tuning.current(), gemm=ranged)) == "xla"
+  with monkeypatch.context() as m:  # the GPU's rule, so that the range decides (on CPU it is always "xla")
+    m.setattr(gemm.jax, "default_backend", lambda: "gpu")
+    chosen = [gemm.default_backend(r, dataclasses.replace(tuning.current(), gemm=ranged)) for r in (7, 8, 64, 65)]
+    assert chosen == ["xla", "pallas", "pallas", "xla"]
+    off = dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=0))
+    assert gemm.default_backend(6, off) == "xla"  # off: the H100 file's value until measured
   with pytest.raises(ValueError, match="backend='cuda' is not one of"):
     gemm.linear(x, ws, backend="cuda")
 
@@ -116,7 +119,7 @@ def test_model_with_the_kernel_matches_xla_gemms(monkeypatch):
   seen = []
 
   def interpreted(rows, tuning_=None):  # the GPU's rule, the kernel interpreted: on where the tuning enables it
-    backend = "interpret" if 0 < rows <= tuning.resolve(tuning_).gemm.max_rows else "xla"
+    backend = "interpret" if tuning.resolve(tuning_).gemm.covers(rows) else "xla"
     seen.append(backend)
     return backend
 

@@ -1,6 +1,6 @@
 """The models' cost model of a shared level (`hydragen_jax.validation.batching_pays`, the tuning's
-`batch_min_readers`): which levels a `hydragen` step reads batched, the same tokens either way, and what
-`generate` reports."""
+`batch_min_readers` and `batch_min_saved_bytes`): which levels a `hydragen` step reads batched, the same tokens
+either way, and what `generate` reports."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 
 import hydragen_jax
 from hydragen_jax import tuning, validation
-from models import generate
-from models.cache import batched_levels
+from models import generate, prefill
+from models.cache import LevelCache, batched_levels, level_node_bytes
 from models.config import LlamaConfig
 from models.llama import init_random
+from models.sharing import expand_samples
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=())
@@ -23,18 +24,28 @@ CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidde
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22], [5, 6, 7, 8, 9, 10, 11, 12, 30, 31]]
 
 
-def _with(min_readers: int) -> tuning.Tuning:
-  return dataclasses.replace(tuning.current(), batch_min_readers=min_readers)
+def _with(min_readers: int, min_saved: int = 0) -> tuning.Tuning:
+  return dataclasses.replace(tuning.current(), batch_min_readers=min_readers, batch_min_saved_bytes=min_saved)
 
 
-def test_batching_pays_from_the_tunings_readers_a_node():
-  assert validation.batching_pays(8, 4, _with(2)) and not validation.batching_pays(7, 4, _with(2))
-  assert validation.batching_pays(8, 1, _with(8)) and not validation.batching_pays(8, 2, _with(8))
-  assert validation.batching_pays(3, 3, _with(1))  # one reader a node pays where the tuning says so
-  assert batched_levels("hydragen", 8, [1, 4, 8], _with(2)) == [True, True, False]
-  assert batched_levels("shared_storage", 8, [1, 4], _with(2)) == [False, False]
+def test_batching_pays_from_the_tunings_readers_a_node_and_bytes_saved():
+  assert validation.batching_pays(8, 4, 1, _with(2)) and not validation.batching_pays(7, 4, 1, _with(2))
+  assert validation.batching_pays(8, 1, 1, _with(8)) and not validation.batching_pays(8, 2, 1, _with(8))
+  assert validation.batching_pays(3, 3, 0, _with(1))  # one reader a node pays where the tuning says so
+  # bytes saved: (B - N) nodes' reads of node_bytes each
+  assert validation.batching_pays(8, 2, 100, _with(2, 600)) and not validation.batching_pays(8, 2, 99, _with(2, 600))
+  assert not validation.batching_pays(8, 8, 10**9, _with(1, 1))  # one reader a node saves nothing
+  assert batched_levels("hydragen", 8, [(1, 10), (4, 10), (8, 10)], _with(2)) == [True, True, False]
+  assert batched_levels("hydragen", 8, [(1, 10), (4, 10), (1, 2)], _with(2, 40)) == [True, True, False]
+  assert batched_levels("shared_storage", 8, [(1, 10), (4, 10)], _with(2)) == [False, False]
   with tuning.override(_with(5)):
-    assert batched_levels("hydragen", 8, [1, 2]) == [True, False]
+    assert batched_levels("hydragen", 8, [(1, 10), (2, 10)]) == [True, False]
+
+
+def test_level_node_bytes_is_one_node_of_one_layer():
+  k = jnp.zeros((3, 20, 2, 8), jnp.bfloat16)
+  level = LevelCache((k, k), (k, k), jnp.zeros((3,), jnp.int32), (0, 1, 2, 2))
+  assert level_node_bytes(level) == 2 * 20 * 2 * 8 * 2
 
 
 def test_generate_reads_each_level_as_the_cost_model_says(monkeypatch):
@@ -47,20 +58,28 @@ def test_generate_reads_each_level_as_the_cost_model_says(monkeypatch):
     return real(q, levels, **kw)
 
   monkeypatch.setattr(hydragen_jax, "tree_attention", spy)
+  # The bytes each level saves batched: the root (1 node, 6 readers) 5 nodes' reads, the problems (2 nodes, 3 each) 4.
+  state = prefill(model, expand_samples(PROMPTS, 3), 4, mode="hydragen", backend="xla")
+  root, problems = (level_node_bytes(level) for level in state.cache.shared)
+  root_saved, problems_saved = 5 * root, 4 * problems
+  assert root_saved > problems_saved > 0
   runs = {}
-  # every shared level batched; the root only (6 readers >= 4, the problems' 3 < 4); none. Each override is its own
-  # jit cache entry.
-  for readers, decode_choice in ((2, [True, True]), (4, [True, False]), (100, [False, False])):
-    with tuning.override(_with(readers)):
+  # every shared level batched; the root only (6 readers >= 4, the problems' 3 < 4, or the problems saving too few
+  # bytes); none (too few readers, or too few bytes). Each override is its own jit cache entry.
+  cases = {"all": ((2, 0), [True, True]), "root": ((4, 0), [True, False]), "none": ((100, 0), [False, False]),
+           "root by bytes": ((2, problems_saved + 1), [True, False]),
+           "none by bytes": ((2, root_saved + 1), [False, False])}
+  for name, (rule, decode_choice) in cases.items():
+    with tuning.override(_with(*rule)):
       seen.clear()
-      runs[readers] = generate(model, PROMPTS, num_samples=3, max_new_tokens=4, mode="hydragen", backend="xla")
-      stats = runs[readers].stats
-      assert stats["shared_levels"] == 2 and stats["shared_levels_batched"] == sum(decode_choice)
+      runs[name] = generate(model, PROMPTS, num_samples=3, max_new_tokens=4, mode="hydragen", backend="xla")
+      stats = runs[name].stats
+      assert stats["shared_levels"] == 2 and stats["shared_levels_batched"] == sum(decode_choice), name
       # one choice per shared level in every call (prefill of a level: its parents'; the suffixes and decode: all)
-      assert [b for b in seen if len(b) == 2] and all(b == decode_choice for b in seen if len(b) == 2)
-  for readers in (4, 100):
-    np.testing.assert_array_equal(runs[readers].tokens, runs[2].tokens)
-    np.testing.assert_allclose(runs[readers].logits, runs[2].logits, rtol=1e-5, atol=1e-5)
+      assert [b for b in seen if len(b) == 2] and all(b == decode_choice for b in seen if len(b) == 2), name
+  for name in cases:
+    np.testing.assert_array_equal(runs[name].tokens, runs["all"].tokens)
+    np.testing.assert_allclose(runs[name].logits, runs["all"].logits, rtol=1e-5, atol=1e-5)
   for mode in ("shared_storage", "standard"):
     stats = generate(model, PROMPTS, num_samples=3, max_new_tokens=2, mode=mode, backend="xla").stats
     assert stats["shared_levels_batched"] == 0

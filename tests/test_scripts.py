@@ -11,6 +11,9 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,7 +84,7 @@ def test_probe_call_fits_per_call_and_per_step_costs():
                                                    "[hydragen gemm<=16"], p.stdout
   walls = [line for line in p.stdout.splitlines() if "] wall" in line]
   assert all("k=1:" in line and "k=3:" in line for line in walls)
-  assert [line.split("(gemm.max_rows ")[1] for line in walls] == ["0)", "16)", "0)", "16)"]  # the override in force
+  assert [line.split("(gemm rows ")[1] for line in walls] == ["1..0)", "1..16)", "1..0)", "1..16)"]  # the override
 
 
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):
@@ -140,6 +143,7 @@ H200_GEMMS = {1: (127.1, 137.1), 8: (118.4, 133.0), 16: (122.2, 136.0), 32: (129
     ({1: 90, 8: 110, 16: 90, 64: 90}, (16, 64)),  # the longest run
     ({1: 99, 8: 90}, (8, 8)),  # 1 % faster is under min_gain
     ({1: 110, 8: 110}, (1, 0)),  # slower everywhere: off
+    ({8: 90, 64: 90}, (8, 64)),  # 1 row not timed: not claimed
 ])
 def test_sweep_gemm_kernel_rows_span_the_longest_winning_run(versus, want):
   from scripts.tuning.sweep_gemm import kernel_rows  # noqa: PLC0415
@@ -148,31 +152,85 @@ def test_sweep_gemm_kernel_rows_span_the_longest_winning_run(versus, want):
   assert kernel_rows(versus, 0.02) == want
 
 
-def test_sweep_levels_writes_batch_min_readers(tmp_path):
+def test_sweep_gemm_descent_takes_a_second_pass_and_times_each_tiling_once():
+  """Coupled fields: b only pays once a moved (a second pass finds it); no tiling scored twice (memoised)."""
+  from scripts.tuning.sweep_gemm import descend  # noqa: PLC0415
+
+  @dataclasses.dataclass(frozen=True)
+  class Tiles:
+    a: int
+    b: int
+
+  cost = {(0, 0): 10.0, (1, 0): 8.0, (0, 1): 12.0, (1, 1): 5.0, (2, 0): 9.0, (2, 1): 9.5, (0, 2): 11, (1, 2): 8.1}
+  calls, memo = [], {}
+
+  def score(g):
+    if g not in memo:
+      calls.append(g)
+      memo[g] = cost[(g.a, g.b)]
+    return memo[g]
+
+  g, best, notes = descend(Tiles(0, 0), score, {"b": (0, 1, 2), "a": (0, 1, 2)}, passes=3, min_gain=0.02)
+  assert (g, best) == (Tiles(1, 1), 5.0)  # pass 1: b stays (12, 11 > 10), a -> 1; pass 2: b -> 1; pass 3: nothing
+  assert set(notes) == {"b", "a", "b (pass 2)", "a (pass 2)", "b (pass 3)", "a (pass 3)"}
+  assert len(calls) == len(set(calls))
+  g1, _, notes1 = descend(Tiles(0, 0), score, {"b": (0, 1, 2), "a": (0, 1, 2)}, passes=1, min_gain=0.02)
+  assert g1 == Tiles(1, 0) and set(notes1) == {"b", "a"}  # one pass: the coupled field not reached
+
+
+@pytest.mark.parametrize("option, value", [("--compare", "1,256"), ("--rows", "0"), ("--compare", "8,x")])
+def test_sweep_gemm_refuses_row_counts_out_of_range(option, value):
+  p = _run(["scripts.tuning.sweep_gemm", "--tiny", "--interpret", option, value])
+  assert p.returncode == 2 and f"{option} '{value}': row counts must be integers in [1, 128]" in p.stderr
+
+
+def test_sweep_levels_writes_the_cost_model(tmp_path):
   """The levels sweep's plumbing (tiny shapes on CPU: its times mean nothing): both readings timed and compared,
-  the least paying reader count written with the times in the provenance."""
+  the fitted rule written to both fields with the times in the provenance."""
   out = tmp_path / "t.json"
   p = _run(["scripts.tuning.sweep_levels", "--tiny", "--out", str(out)])
   assert p.returncode == 0, p.stderr[-2000:]
-  assert p.stdout.count("batched") >= 2 and "per sequence" in p.stdout
+  assert p.stdout.count("batched") >= 2 and "per sequence" in p.stdout and "MB saved" in p.stdout
   from hydragen_jax import tuning  # noqa: PLC0415
 
   file = tuning.load(out)
   note = file.provenance["fields"]["batch_min_readers"]
-  assert "NOT A MEASUREMENT" in note and "R=2 L=16" in note and "R=3 L=16" in note
-  assert "other levels (not in the verdict)" in note and "N=1 R=4 L=24" in note and "MB saved" in p.stdout
-  if "batched pays" in note:  # from the least tested count that pays, or else the base's value (2) is kept
-    assert f"from {file.tuning.batch_min_readers} readers" in note and file.tuning.batch_min_readers in (2, 3)
-  else:
-    assert "the field keeps 2" in note and file.tuning.batch_min_readers == 2
+  assert note == file.provenance["fields"]["batch_min_saved_bytes"]
+  assert "NOT A MEASUREMENT" in note and "N=2 R=2 L=16" in note and "N=2 R=3 L=16" in note and "N=1 R=4 L=24" in note
+  r, s = file.tuning.batch_min_readers, file.tuning.batch_min_saved_bytes
+  assert f"rule: batched from {r} readers a node and {s / 1e6:.3f} MB saved" in note and r in (2, 3, 4)
   no_out = _run(["scripts.tuning.sweep_levels", "--tiny"])
   assert no_out.returncode == 2 and "--out FILE is needed" in no_out.stderr
 
 
-def test_sweep_levels_least_paying_reader_count():
-  from scripts.tuning.sweep_levels import least_paying  # noqa: PLC0415
+def _level(readers, saved, batched_us, per_sequence_us):
+  from scripts.tuning.sweep_levels import Measured  # noqa: PLC0415
 
-  assert least_paying({2: False, 3: True, 4: True, 8: True}) == 3
-  assert least_paying({2: True, 3: False, 4: True, 8: True}) == 4  # from 4 on, every tested count pays
-  assert least_paying({2: True, 3: True, 4: True, 8: True}) == 2
-  assert least_paying({2: True, 3: True, 4: True, 8: False}) is None  # not at the most readers: keep the base's
+  return Measured(readers, saved, batched_us * 1e-6, per_sequence_us * 1e-6)
+
+
+@pytest.mark.parametrize("points, want", [
+    ([(2, 10, 5, 9), (8, 100, 5, 20)], (2, 0)),  # batched faster everywhere: every level
+    ([(2, 10, 12, 9), (2, 100, 8, 20), (8, 50, 9, 10)], (2, 50)),  # small saves lose: a bytes bound
+    ([(2, 100, 12, 9), (8, 10, 8, 20), (4, 50, 9, 10)], (4, 0)),  # few readers lose: a readers bound
+    ([(2, 10, 12, 9), (8, 10, 12, 9)], (8, 0)),  # slower everywhere: the rule batching least
+    ([(2, 10, 9, 9), (8, 100, 5, 20)], (2, 0)),  # a tie: the rule that batches more
+])
+def test_sweep_levels_fits_the_rule_of_least_total_time(points, want):
+  from scripts.tuning.sweep_levels import fit_rule, rule_report  # noqa: PLC0415
+
+  levels = [_level(*p) for p in points]
+  assert fit_rule(levels) == want
+  report = rule_report({f"L{i}": p for i, p in enumerate(levels)}, want)
+  assert report.startswith(f"rule: batched from {want[0]} readers a node and {want[1] / 1e6:.3f} MB saved")
+
+
+def test_sweep_levels_keeps_the_node_map_static():
+  """The step the sweep times groups the sequences on the host, as the models do: no device sort in its HLO."""
+  from scripts.tuning.sweep_levels import make_step, step_inputs  # noqa: PLC0415
+
+  q, levels = step_inputs(4, 3, 16, (4, 2, 16), 8, jnp.float32)
+  assert isinstance(levels[0].seq_to_node, np.ndarray)
+  step, arrays = make_step(levels, True, "interpret")
+  jaxpr = str(jax.make_jaxpr(step)(q, arrays))
+  assert "sort" not in jaxpr and "pallas_call" in jaxpr

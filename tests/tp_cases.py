@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hydragen_jax
 import models
+from hydragen_jax import tuning
 from models import parallel
+from models.cache import level_node_bytes
 from models.config import LlamaConfig
 from tests.conftest import ON_GPU
 from tests.params_cases import assert_same_params
@@ -103,6 +106,36 @@ def test_sampling_equals_single_device():
     spec = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
     got = sharded("gqa", 2, "hydragen", sampling=spec)
     assert_same(got, single("gqa", "hydragen", sampling=spec), "sampling")
+
+
+@needs(2)
+def test_cost_model_counts_the_bytes_a_device_reads(monkeypatch):
+    """On a mesh, the bytes a batched level saves (`batch_min_saved_bytes`) are those of a device's KV heads: the
+    step's choice and generate's stats agree on it."""
+    model = models.init_random(MHA, jnp.float32, seed=5, mesh=parallel.make_mesh(2))  # 4 KV heads, 2 a device
+    tree = models.build_sharing_tree(models.expand_samples(prompts(MHA.vocab_size), 2))
+    state = models.prefill(model, tree, 8, mode="hydragen", backend=BACKEND)
+    root = state.cache.shared[0]
+    k = root.k[0]
+    assert 2 * level_node_bytes(root) == 2 * k[0].size * k.dtype.itemsize  # half of the global node's bytes
+    saved = (tree.num_sequences - k.shape[0]) * level_node_bytes(root)
+    seen = []
+    real = hydragen_jax.tree_attention
+
+    def spy(q, levels, **kw):
+        seen.append(kw.get("batch_shared"))
+        return real(q, levels, **kw)
+
+    monkeypatch.setattr(hydragen_jax, "tree_attention", spy)
+    for threshold, batched in ((saved, True), (saved + 1, False)):  # the global bytes would batch both
+        seen.clear()
+        with tuning.override(dataclasses.replace(tuning.current(), batch_min_readers=1,
+                                                 batch_min_saved_bytes=threshold)):
+            stats = models.generate(model, prompts(MHA.vocab_size), num_samples=2, max_new_tokens=2,
+                                    mode="hydragen", backend=BACKEND).stats
+        steps = [choice for choice in seen if len(choice) == len(state.cache.shared)]  # the suffixes' and decode's
+        assert steps and all(choice[0] == batched for choice in steps), (threshold, seen)
+        assert stats["shared_levels_batched"] == sum(steps[-1])
 
 
 @needs(2)

@@ -127,8 +127,9 @@ class Tuning:
       the larger of the two bounds above (shared-memory limits still cap block_k: `ops.choose_block`).
     hopper: the Hopper kernel's settings.
     gemm: the model's decode GEMM kernel (`models.gemm`; off where `gemm.max_rows` is 0).
-    batch_min_readers: the models' cost model of a shared level (`validation.batching_pays`): its queries are
-      stacked and the level read once (Hydragen) where its nodes have at least this many readers on average, else
+    batch_min_readers, batch_min_saved_bytes: the models' cost model of a shared level (`validation.batching_pays`):
+      its queries are stacked and the level read once (Hydragen) where its nodes have at least `batch_min_readers`
+      readers on average and reading it batched saves at least `batch_min_saved_bytes` of K and V a layer, else
       each sequence reads its node (as shared storage does).
     num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
   """
@@ -146,11 +147,13 @@ class Tuning:
   hopper: HopperTuning
   gemm: GemmTuning
   batch_min_readers: int
+  batch_min_saved_bytes: int
   num_cores: int
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores"), least=1)
+    _check_ints(self, ("batch_min_saved_bytes",), least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
@@ -277,11 +280,14 @@ def write(path: str | pathlib.Path, file: TuningFile) -> None:
   os.replace(temporary, path)
 
 
-def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, field: str, note: str, *, command: str,
-                        date: str, commit: str) -> TuningFile:
-  """`base` with `tuning` and one newly measured `field` for `device_kind` (a sweep of one field, e.g.
-  `scripts/tuning/sweep_gemm.py`): its note under `provenance.fields`; the base's other provenance stays where the
-  base is the device's own file, else (the fallback's) the file says that only this field was measured here."""
+def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, field: str | tuple[str, ...], note: str,
+                        *, command: str, date: str, commit: str) -> TuningFile:
+  """`base` with `tuning` and the newly measured `field` (or fields, measured together) for `device_kind` (a sweep
+  of one field, e.g. `scripts/tuning/sweep_gemm.py`): its note under `provenance.fields`; the base's other
+  provenance stays where the base is the device's own file, else (the fallback's) the file says that only this
+  field was measured here."""
+  names = (field,) if isinstance(field, str) else tuple(field)
+  field = " and ".join(names)
   if base.device_kind == device_kind:
     provenance = dict(base.provenance, fields=dict(base.provenance.get("fields", {})))
     if str(provenance.get("note", "")).startswith(f"NOT MEASURED on {device_kind} except the field"):
@@ -291,7 +297,8 @@ def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, fiel
     provenance = dict(measured_on=None, command=command, date=date, commit=commit, fields={},
                       note=f"NOT MEASURED on {device_kind} except the field {field}: the other fields are "
                            f"{base.device_kind}'s (run scripts/tuning/sweep_device.py on this device)")
-  provenance["fields"][field] = note
+  for name in names:
+    provenance["fields"][name] = note
   return TuningFile(device_kind, tuning, provenance)
 
 

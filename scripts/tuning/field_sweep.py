@@ -41,10 +41,11 @@ class Run:
     kind = tuning_lib.device_kind()
     return cls(script, list(sys.argv[1:] if argv is None else argv), kind, tuning_lib.file_for(kind), time.time())
 
-  def write(self, args: argparse.Namespace, field: str, tune: tuning_lib.Tuning, measured: str,
+  def write(self, args: argparse.Namespace, field: str | tuple[str, ...], tune: tuning_lib.Tuning, measured: str,
             not_measured: str | None = None) -> str:
-    """Writes `tune` (the base's tuning with `field` measured) to `--out` or the device's file, the note saying
-    where, when and by what it was measured, then `measured` (the times and the choice); returns the path."""
+    """Writes `tune` (the base's tuning with `field`, or several fields, measured) to `--out` or the device's file,
+    the note saying where, when and by what it was measured, then `measured` (the times and the choice); returns
+    the path."""
     command = f"python -m scripts.tuning.{self.script} " + " ".join(self.argv)
     commit = args.commit or records.git_commit()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -85,7 +85,8 @@ def probe(model, params, state, org, label: str, ks: list[int], args):
   total, _, _ = gpu_kernel_ns(lambda: call(k_gpu) and held[0], 2)
   gpu_step = sum(total.values()) / 2 / k_gpu / 1e9
   rows = ", ".join(f"k={k}: {walls[k] / k * 1e6:.0f} us/step (dispatch {dispatch[k] * 1e6:.0f} us)" for k in ks)
-  print(f"[{label}] wall {rows} (gemm.max_rows {tuning_lib.current().gemm.max_rows})", flush=True)
+  g = tuning_lib.current().gemm
+  print(f"[{label}] wall {rows} (gemm rows {g.min_rows}..{g.max_rows})", flush=True)
   print(f"[{label}] fit: per call {per_call * 1e6:.0f} us, per step {per_step * 1e6:.0f} us; GPU kernels "
         f"{gpu_step * 1e6:.0f} us a step: each step adds {(per_step - gpu_step) * 1e6:.0f} us", flush=True)
   return held[0]

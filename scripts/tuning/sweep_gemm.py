@@ -29,22 +29,23 @@ import numpy as np
 
 from experiments import timing
 from hydragen_jax import tuning as tuning_lib
-from scripts.tuning import field_sweep
 from hydragen_jax.tuning import GemmTuning
 from models import gemm
+from scripts.tuning import field_sweep
 
 SHAPE_7B = dict(hidden=4096, intermediate=11008, q=4096, kv=4096)
 TINY = dict(hidden=256, intermediate=512, q=256, kv=128)
-CANDIDATES = dict(block_n=(32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5),
+CANDIDATES = dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5, 6),
                   programs_per_core=(0, 1, 2, 4))
 ROW_COUNTS = (1, 8, 16, 32, 64, 128)
 TIMING = dict(warmup=2, repeats=5)
 
 
 def kernel_rows(versus: dict[int, tuple[float, float]], min_gain: float) -> tuple[int, int]:
-  """(min_rows, max_rows) of the kernel from {rows: (XLA's time, the kernel's)}: the longest run of consecutive
-  timed row counts where the kernel is at least `min_gain` faster (ties: the smaller rows), from its first count
-  (1 where the run starts at the least count timed) to its last; (1, 0), off, where it wins nowhere."""
+  """(min_rows, max_rows) of the kernel from {rows: (XLA's time, the kernel's)}: the first and last count of the
+  longest run of consecutive timed row counts where the kernel is at least `min_gain` faster (ties: the smaller
+  rows); nothing untimed is claimed (a run from 8 rows on starts at 8, even where 8 is the least count timed);
+  (1, 0), off, where it wins nowhere."""
   counts = sorted(versus)
   runs, run = [], []
   for m in counts:
@@ -58,7 +59,31 @@ def kernel_rows(versus: dict[int, tuple[float, float]], min_gain: float) -> tupl
   if not runs:
     return 1, 0
   best = max(runs, key=len)  # max keeps the first of equal lengths: the smaller rows
-  return (1 if best[0] == counts[0] else best[0]), best[-1]
+  return best[0], best[-1]
+
+
+def descend(g, score, candidates: dict[str, tuple], passes: int, min_gain: float):
+  """Coordinate descent from the dataclass `g`: each field of `candidates` in turn takes the value of the least
+  `score` (seconds; called once per value tried, memoise it to re-time nothing) if that is at least `min_gain`
+  faster than the current best; another pass over the fields (at most `passes`) while the last one moved a field, as
+  a field's best can move when another moved. (g, its score, {field: {value: us}} of every pass)."""
+  best = score(g)
+  notes = {}
+  for sweep in range(1, passes + 1):
+    moved = False
+    for field, values in candidates.items():
+      print(f"{field} (pass {sweep}):", flush=True)
+      tried = {getattr(g, field): best}
+      for value in values:
+        if value not in tried:
+          tried[value] = score(dataclasses.replace(g, **{field: value}))
+      value = min(tried, key=tried.get)
+      if tried[value] * (1 + min_gain) <= best:
+        g, best, moved = dataclasses.replace(g, **{field: value}), tried[value], True
+      notes[field if sweep == 1 else f"{field} (pass {sweep})"] = {str(v): round(t * 1e6, 1) for v, t in tried.items()}
+    if not moved:
+      break
+  return g, best, notes
 
 
 def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
@@ -99,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--compare", default=",".join(map(str, ROW_COUNTS)),
-                      help="row counts XLA and the kernel are compared at (max_rows)")
+                      help="row counts XLA and the kernel are compared at, each in [1, 128]: min_rows / max_rows span "
+                           "the longest run of them where the kernel wins")
   parser.add_argument("--min-gain", type=float, default=0.02)
   parser.add_argument("--passes", type=int, default=2,
                       help="passes over the fields at most (another only where the last one moved a field)")
@@ -107,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
   parser.add_argument("--interpret", action="store_true", help="the kernel in the Pallas interpreter (CPU)")
   args = parser.parse_args(argv)
+  for option in ("rows", "compare"):
+    counts = getattr(args, option).split(",")
+    if not all(c.strip().isdigit() and 1 <= int(c) <= 128 for c in counts):
+      parser.error(f"--{option} {getattr(args, option)!r}: row counts must be integers in [1, 128], comma-separated "
+                   "(the kernel is for decode steps of at most 128 rows)")
   not_measured = ("--tiny" if args.tiny else None) or ("--interpret" if args.interpret else None) \
       or field_sweep.off_gpu()
   field_sweep.check_out(parser, args, not_measured)
@@ -163,22 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     return scores[g]
 
   g = dataclasses.replace(base_file.tuning.gemm, max_rows=0)  # the rows are decided below; the tiles' key
-  best = score(g)
-  notes = {}
-  for sweep in range(1, args.passes + 1):  # coordinate descent: a field's best can move when another field moved
-    moved = False
-    for field, values in CANDIDATES.items():
-      print(f"{field} (pass {sweep}):", flush=True)
-      tried = {getattr(g, field): best}
-      for value in values:
-        if value not in tried:
-          tried[value] = score(dataclasses.replace(g, **{field: value}))
-      value = min(tried, key=tried.get)
-      if tried[value] * (1 + args.min_gain) <= best:
-        g, best, moved = dataclasses.replace(g, **{field: value}), tried[value], True
-      notes[field if sweep == 1 else f"{field} (pass {sweep})"] = {str(v): round(t * 1e6, 1) for v, t in tried.items()}
-    if not moved:
-      break
+  g, best, notes = descend(g, score, CANDIDATES, args.passes, args.min_gain)
   versus = {}
   compare = [int(r) for r in args.compare.split(",")]
   for m in compare:

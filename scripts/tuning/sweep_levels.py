@@ -1,17 +1,21 @@
-"""Per-device measurement of the models' cost model of a shared level: from how many readers a node on does reading
-it batched (Hydragen: each node's queries stacked, the node read once) beat each sequence reading its node?
+"""Per-device measurement of the models' cost model of a shared level: where does reading it batched (Hydragen: each
+node's queries stacked, the node read once) beat each sequence reading its node?
 
-  python -m scripts.tuning.sweep_levels                      # on the GPU: writes batch_min_readers to the device's file
+  python -m scripts.tuning.sweep_levels                      # on the GPU: writes the two fields to the device's file
   python -m scripts.tuning.sweep_levels --tiny --out F.json  # anywhere: the plumbing (times mean nothing)
 
 A decode step (T = 1) over one shared level of N nodes of L keys, each read by R sequences (B = N·R), and each
 sequence's own suffix of `--suffix` keys: `tree_attention` with the level batched and read per sequence, 64 steps
-chained in one call (the benchmark chains 16; these steps take ~20-40 us, and a call's fixed host cost, shared by 16,
-was as large as the differences measured: session 11), median of repeats, at every (R, L, heads) of the grid; the
-small heads and short nodes are where batching has least to gain (`validation.batching_pays`). `batch_min_readers`
-is the least R from which the batched step is never slower than the per-sequence one (within --tolerance) at any
-tested L and heads; the times go into the file's provenance (`fields.batch_min_readers`), with those of a few levels
-of other shapes (`EXTRA`: the demo's) and the bytes each level saves batched, for a cost model beyond readers.
+chained in one call (these steps take ~10-40 us; a call's fixed host cost, shared by 16 steps, was as large as the
+differences measured: session 11), median of repeats, at every (R, L, heads) of the grid and at a few levels of
+other shapes (`EXTRA`: the demo's). The node map is static, as in the models (a tuple in `models.cache.LevelCache`:
+the sequences are grouped on the host); a traced map would time a device sort and count in every step.
+
+The cost model (`validation.batching_pays`) batches a level whose nodes have at least `batch_min_readers` readers
+on average and which saves at least `batch_min_saved_bytes` of K and V a layer. `fit_rule` picks the two from the
+measured levels: the pair whose choices give the least total time over them (ties: the rule that batches more),
+taken from the reader counts and byte counts measured. The times, the bytes each level saves and the rule's
+mistakes go into the file's provenance (`fields.batch_min_readers`, `fields.batch_min_saved_bytes`).
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int,
   q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.float32).astype(dtype)
   shared = hj.Level(jax.random.normal(keys[1], (nodes, node_keys, hkv, d), jnp.float32).astype(dtype),
                     jax.random.normal(keys[2], (nodes, node_keys, hkv, d), jnp.float32).astype(dtype),
-                    jnp.full((nodes,), node_keys, jnp.int32), jnp.repeat(jnp.arange(nodes, dtype=jnp.int32), readers),
-                    readers)
+                    jnp.full((nodes,), node_keys, jnp.int32), np.repeat(np.arange(nodes, dtype=np.int32), readers),
+                    readers)  # a numpy node map: static in the step (`time_step`), as the models' is
   own = hj.Level(jax.random.normal(keys[3], (b, suffix, hkv, d), jnp.float32).astype(dtype),
                  jax.random.normal(keys[4], (b, suffix, hkv, d), jnp.float32).astype(dtype),
                  jnp.full((b,), suffix, jnp.int32))
@@ -58,28 +62,69 @@ def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int,
 
 
 def saved_bytes(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int], itemsize: int) -> int:
-  """Bytes of K and V that reading the level batched does not read (each node once, not once a reader)."""
+  """Bytes of K and V of one layer's level that reading it batched does not read (each node once, not once a
+  reader): ``(B - N) · node_bytes``, as `validation.batching_pays` counts them."""
   _, hkv, d = heads
   return nodes * (readers - 1) * node_keys * 2 * hkv * d * itemsize
 
 
+def make_step(levels, batched: bool, backend: str | None):
+  """(step(q, arrays), arrays): one decode step over `levels` with the shared level batched or not. The levels'
+  node maps stay static (numpy constants of the traced step, not arguments), as in the models."""
+  maps = [(level.seq_to_node, level.max_group) for level in levels]
+
+  def step(x, arrays):
+    rebuilt = [hj.Level(k, v, n, s2n, group) for (k, v, n), (s2n, group) in zip(arrays, maps)]
+    return hj.tree_attention(x, rebuilt, batch_shared=[batched], backend=backend)
+
+  return step, [(level.k, level.v, level.lengths) for level in levels]
+
+
 def time_step(q, levels, batched: bool, backend: str | None, steps: int) -> tuple[float, jax.Array]:
-  def step(x, levels):
-    return hj.tree_attention(x, levels, batch_shared=[batched], backend=backend)
+  """Seconds a step (`steps` chained in one call) and the step's output."""
+  step, arrays = make_step(levels, batched, backend)
+  result = timing.time_fn(timing.chain_steps(step, steps), (q, arrays), **TIMING)
+  return result.median_s / steps, jax.jit(step)(q, arrays)
 
-  result = timing.time_fn(timing.chain_steps(step, steps), (q, levels), **TIMING)
-  return result.median_s / steps, jax.jit(step)(q, levels)
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+  """One level timed: its readers a node, the bytes it saves batched, and a step's seconds each way."""
+
+  readers: int
+  saved: int
+  batched_s: float
+  per_sequence_s: float
 
 
-def least_paying(pays: dict[int, bool]) -> int | None:
-  """The least tested reader count from which batched pays at every higher tested count; None where it does not
-  pay at the most readers tested."""
-  least = None
-  for readers in sorted(pays, reverse=True):
-    if not pays[readers]:
-      break
-    least = readers
-  return least
+def fit_rule(points: list[Measured]) -> tuple[int, int]:
+  """(batch_min_readers, batch_min_saved_bytes): of the rules "batched where readers >= r and saved >= s", r and s
+  taken from the measured levels' own counts (r >= 2: one reader a node saves nothing; so no rule turns batching off
+  altogether), the one whose choices give the least total time over the levels; ties go to the rule that batches
+  more (smaller r, then smaller s)."""
+  readers = sorted({p.readers for p in points if p.readers >= 2}) or [2]
+  saved = sorted({0} | {p.saved for p in points})
+
+  def total(r: int, s: int) -> float:
+    return sum(p.batched_s if p.readers >= r and p.saved >= s else p.per_sequence_s for p in points)
+
+  return min(((r, s) for r in readers for s in saved), key=lambda rule: (total(*rule), rule))
+
+
+def rule_report(points: dict[str, Measured], rule: tuple[int, int]) -> str:
+  """The rule's total time against batching every level, none and the best choice at each, and its mistakes."""
+  r, s = rule
+  values = list(points.values())
+  picks = {name: p.readers >= r and p.saved >= s for name, p in points.items()}
+  chosen = sum(p.batched_s if picks[n] else p.per_sequence_s for n, p in points.items())
+  every, none = sum(p.batched_s for p in values), sum(p.per_sequence_s for p in values)
+  best = sum(min(p.batched_s, p.per_sequence_s) for p in values)
+  wrong = [f"{n} ({'batched' if picks[n] else 'per sequence'}: {p.per_sequence_s / p.batched_s:.2f}x)"
+           for n, p in points.items() if (p.batched_s < p.per_sequence_s) != picks[n]]
+  return (f"rule: batched from {r} readers a node and {s / 1e6:.3f} MB saved a layer; summed over the {len(values)} "
+          f"levels, us a step: the rule {chosen * 1e6:.1f}, every level batched {every * 1e6:.1f}, none "
+          f"{none * 1e6:.1f}, the faster of the two at each {best * 1e6:.1f}; levels it reads the slower way (per "
+          f"sequence / batched time): {', '.join(wrong) or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--suffix", type=int, default=64, help="keys of each sequence's own suffix")
   parser.add_argument("--steps", type=int, default=64,
                       help="steps chained in one call (a call's fixed host cost is shared by them)")
-  parser.add_argument("--tolerance", type=float, default=0.02, help="batched may be this much slower and count")
   parser.add_argument("--backend", default=None, help="attention backend (default: the device's)")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
   args = parser.parse_args(argv)
@@ -101,37 +145,30 @@ def main(argv: list[str] | None = None) -> None:
                                      suffix=args.suffix, extra=EXTRA)
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
-  def timed(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int]) -> tuple[float, float]:
+  def timed(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int]) -> Measured:
     q, levels = step_inputs(nodes, readers, node_keys, heads, grid["suffix"], dtype)
     (tb, ob), (ts, os_) = (time_step(q, levels, b, args.backend, args.steps) for b in (True, False))
     np.testing.assert_allclose(np.asarray(ob, np.float32), np.asarray(os_, np.float32), rtol=2e-2, atol=2e-2)
     saved = saved_bytes(nodes, readers, node_keys, heads, jnp.dtype(dtype).itemsize)
-    print(f"  N={nodes} R={readers} L={node_keys} heads={heads} ({saved / 1e6:.1f} MB saved): batched "
+    print(f"  N={nodes} R={readers} L={node_keys} heads={heads} ({saved / 1e6:.2f} MB saved): batched "
           f"{tb * 1e6:.1f} us, per sequence {ts * 1e6:.1f} us ({ts / tb:.2f}x)", flush=True)
-    return tb, ts
+    return Measured(readers, saved, tb, ts)
 
-  times = {(r, l, h): timed(grid["nodes"], r, l, h)  # (R, L, heads) -> (batched s, per-sequence s)
-           for r in grid["readers"] for l in grid["node_keys"] for h in grid["heads"]}
-  extra = {config: timed(*config) for config in grid["extra"]}
-  pays = {r: all(tb <= ts * (1 + args.tolerance) for (rr, _, _), (tb, ts) in times.items() if rr == r)
-          for r in grid["readers"]}
-  least = least_paying(pays)
-  if least is None:  # not even the most readers tested pay: a measurement to look at, not a value to ship
-    least = base_file.tuning.batch_min_readers
-    verdict = f"batched slower at {max(pays)} readers too: the field keeps {least}"
-  else:
-    verdict = f"batched pays (within {args.tolerance:.0%}) from {least} readers a node"
-  if any(pays[r] and not pays[q] for r in pays for q in pays if q > r):
-    print(f"  note: not monotone in the readers ({pays}): look at the times", flush=True)
-  table = {f"R={r} L={l} heads={h}": [round(tb * 1e6, 1), round(ts * 1e6, 1)] for (r, l, h), (tb, ts) in times.items()}
-  others = {f"N={n} R={r} L={l} heads={h}": [round(tb * 1e6, 1), round(ts * 1e6, 1)]
-            for (n, r, l, h), (tb, ts) in extra.items()}
-  measured = (f"one shared level of {grid['nodes']} nodes and a {grid['suffix']}-key suffix, T = 1, us a step "
-              f"batched / per sequence: {json.dumps(table)}; {verdict}; other levels (not in the verdict), us a "
-              f"step batched / per sequence: {json.dumps(others)}")
-  tune = dataclasses.replace(base_file.tuning, batch_min_readers=least)
-  out = run.write(args, "batch_min_readers", tune, measured, not_measured)
-  print(f"wrote {out}: batch_min_readers {least} ({time.time() - run.start:.0f} s)", flush=True)
+  configs = [(grid["nodes"], r, length, h) for r in grid["readers"] for length in grid["node_keys"]
+             for h in grid["heads"]] + list(grid["extra"])
+  points = {f"N={n} R={r} L={length} heads={h}": timed(n, r, length, h) for n, r, length, h in configs}
+  rule = fit_rule(list(points.values()))
+  report = rule_report(points, rule)
+  print(f"  {report}", flush=True)
+  table = {name: [round(p.batched_s * 1e6, 1), round(p.per_sequence_s * 1e6, 1), round(p.saved / 1e6, 3)]
+           for name, p in points.items()}
+  measured = (f"one shared level (N nodes of L keys, R readers a node) and a {grid['suffix']}-key suffix, T = 1, "
+              f"{args.steps} steps a call; us a step batched / per sequence, MB saved a layer batched: "
+              f"{json.dumps(table)}; {report}")
+  tune = dataclasses.replace(base_file.tuning, batch_min_readers=rule[0], batch_min_saved_bytes=rule[1])
+  out = run.write(args, ("batch_min_readers", "batch_min_saved_bytes"), tune, measured, not_measured)
+  print(f"wrote {out}: batch_min_readers {rule[0]}, batch_min_saved_bytes {rule[1]} "
+        f"({time.time() - run.start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
