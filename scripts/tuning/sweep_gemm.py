@@ -3,15 +3,17 @@
   python -m scripts.tuning.sweep_gemm                     # on the GPU: writes the `gemm` field of the device's file
   python -m scripts.tuning.sweep_gemm --tiny --interpret  # anywhere: the plumbing (times mean nothing)
 
-A step is the GEMMs of `--layers` decoder layers of the 7B shape (q/k/v in one call, o, gate/up in one call, down;
-each layer its own weights, so nothing stays in L2), `--steps` steps chained in one compiled call, timed as the
-benchmark times (median of repeats). Greedy, one field at a time from the device's current tiles: each candidate
-is timed at every `--rows` (B·T of a decode step), and the best geometric mean takes the field's place if at least
-`--min-gain` faster; a second pass over the fields (`--passes`) where the first moved one; a candidate whose products
-differ from XLA's (beyond bf16 rounding) is refused. Then, with the tiles picked, XLA's GEMMs and the kernel are
-timed at 1, 8, 16, 32, 64 and 128 rows: `min_rows` / `max_rows` span the longest run of those counts at which the
-kernel is faster (`kernel_rows`; max_rows 0: nowhere, XLA's GEMMs stay). The device's tuning file gets the new `gemm`
-field and its provenance (`fields.gemm`: command, date, commit, the times); --out writes elsewhere.
+A candidate is timed where the kernel runs: the decode step of a 7B-shaped model of `--layers` layers in mode
+`none` (every GEMM of the step, its norms, RoPE and residuals, no attention), `--steps` steps in one call of the
+compiled decode loop, B = the row count, XLA's GEMMs or the kernel chosen by the tuning (`ModelTimer`; the GEMMs
+timed alone measured differently, see there). Its products are checked against XLA's on one layer of GEMMs (beyond
+bf16 rounding: refused). Greedy, one field at a time from the device's current tiles: each candidate is timed at
+every `--rows`, and the best geometric mean takes the field's place if at least `--min-gain` faster; another pass
+over the fields (`--passes`) where the last one moved one. Then, with the tiles picked, the model's step with XLA's
+GEMMs and with the kernel is timed at 1, 8, 16, 32, 64 and 128 rows: `min_rows` / `max_rows` span the longest run of
+those counts at which the kernel is faster (`kernel_rows`; max_rows 0: nowhere, XLA's GEMMs stay). The device's
+tuning file gets the new `gemm` field and its provenance (`fields.gemm`: command, date, commit, the times); --out
+writes elsewhere.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import timing
+from experiments import model_api
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.tuning import GemmTuning
 from models import gemm
+from scripts import profile_decode
 from scripts.tuning import field_sweep
 
 SHAPE_7B = dict(hidden=4096, intermediate=11008, q=4096, kv=4096)
@@ -39,6 +42,7 @@ CANDIDATES = dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), num_warps=
                   programs_per_core=(0, 1, 2, 4))
 ROW_COUNTS = (1, 8, 16, 32, 64, 128)
 TIMING = dict(warmup=2, repeats=5)
+PREFIX = 64  # tokens of the timed model's prompts (mode `none` reads no cache: only the batch matters)
 
 
 def kernel_rows(versus: dict[int, tuple[float, float]], min_gain: float) -> tuple[int, int]:
@@ -111,18 +115,42 @@ def step_output(x, layers, backend: str, tune: tuning_lib.Tuning) -> jax.Array:
   return jax.jit(functools.partial(gemms, backend=backend, tune=tune))(x, layers)
 
 
-def time_step(x, layers, backend: str, tune: tuning_lib.Tuning, steps: int) -> float:
-  """Seconds a layer of `gemms` (`steps` chained)."""
-  fn = timing.chain_steps(functools.partial(gemms, backend=backend, tune=tune), steps)
-  return timing.time_fn(fn, (x, layers), **TIMING).median_s / steps / len(layers)
+class ModelTimer:
+  """Seconds a layer of the decode step of a 7B-shaped model of `layers` layers (the tiny one with `tiny`), mode
+  `none` (every GEMM of the step, no attention): `steps` steps in one call of the compiled decode loop, wall time,
+  median of `TIMING`'s repeats, at B = rows under a tuning. The GEMMs are timed where they run, among the step's
+  other fusions: alone they measured differently (session 12: XLA 147.6 against the kernel 144.1 us a layer at 64
+  rows, where the model's step took 183 against 142 us a layer of GPU time)."""
+
+  def __init__(self, layers: int, tiny: bool, steps: int):
+    shape = profile_decode.model_shape(layers, tiny)
+    self.model, _ = model_api.build_model(shape, "bfloat16", seed=0)
+    self.vocab, self.layers, self.steps = shape["vocab_size"], layers, steps
+    self.states: dict[int, tuple] = {}
+
+  def __call__(self, rows: int, tune: tuning_lib.Tuning) -> float:
+    if rows not in self.states:
+      tree = model_api.synthetic_tree(rows, PREFIX, 1, self.vocab, seed=0)
+      self.states[rows] = profile_decode.mode_state(self.model, tree, self.steps + 2, "none", None)
+    state, org = self.states[rows]
+    with tuning_lib.override(tune):  # the GEMMs' backend is chosen when the step is traced
+      fn, _ = model_api.compile_decode(self.model, state, None)
+    params, walls = self.model.params(), []
+    for _ in range(TIMING["warmup"] + TIMING["repeats"]):
+      start_state = jax.block_until_ready(model_api.at_step(state, org, 1))
+      start = time.perf_counter()
+      state = jax.block_until_ready(fn(params, start_state, jnp.int32(self.steps)))  # donates its input
+      walls.append(time.perf_counter() - start)
+    self.states[rows] = (state, org)
+    return float(np.median(walls[TIMING["warmup"]:])) / self.steps / self.layers
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   field_sweep.add_arguments(parser)
   parser.add_argument("--rows", default="8,64", help="row counts the tiles are picked on")
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--layers", type=int, default=8, help="layers of the timed model")
+  parser.add_argument("--steps", type=int, default=32, help="decode steps in one timed call")
   parser.add_argument("--compare", default=",".join(map(str, ROW_COUNTS)),
                       help="row counts XLA and the kernel are compared at, each in [1, 128]: min_rows / max_rows span "
                            "the longest run of them where the kernel wins")
@@ -131,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="passes over the fields at most (another only where the last one moved a field)")
   parser.add_argument("--log", default=None, help="JSON-lines file of every timing")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
-  parser.add_argument("--interpret", action="store_true", help="the kernel in the Pallas interpreter (CPU)")
+  parser.add_argument("--interpret", action="store_true",
+                      help="the products' check runs the kernel in the Pallas interpreter (CPU; the timed model "
+                           "runs XLA's GEMMs off a GPU either way: its times mean nothing there)")
   args = parser.parse_args(argv)
   for option in ("rows", "compare"):
     counts = getattr(args, option).split(",")
@@ -144,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
   run = field_sweep.Run.begin("sweep_gemm", argv)
   base_file = run.base
   shape, dtype = (TINY if args.tiny else SHAPE_7B), jnp.bfloat16
-  layers = layer_weights(shape, args.layers, dtype)
+  layers = layer_weights(shape, 1, dtype)  # the candidates' products are checked on one layer's GEMMs
   kernel = "interpret" if args.interpret else "pallas"
   pick_rows = [int(r) for r in args.rows.split(",")]
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
@@ -152,10 +182,13 @@ def main(argv: list[str] | None = None) -> None:
         for m in sorted(set(pick_rows) | {int(r) for r in args.compare.split(",")})}
   reference = {m: step_output(x, layers, "xla", base_file.tuning) for m, x in xs.items()}  # XLA's products
 
+  timer = ModelTimer(args.layers, args.tiny, args.steps)
+
   def timed(m: int, backend: str, g: GemmTuning) -> float:
-    tune = dataclasses.replace(base_file.tuning, gemm=dataclasses.replace(g, max_rows=128))
+    on = dataclasses.replace(g, min_rows=1, max_rows=0 if backend == "xla" else 128)
+    tune = dataclasses.replace(base_file.tuning, gemm=on)
     try:
-      seconds = time_step(xs[m], layers, backend, tune, args.steps)
+      seconds = timer(m, tune)
       once = None if backend == "xla" else step_output(xs[m], layers, backend, tune)
     except Exception as e:  # noqa: BLE001 - a candidate that does not compile (e.g. shared memory) is refused
       print(f"  rows={m:3d} {backend:9s} {g} -> failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -204,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
   if log:
     log.close()
   summary = ", ".join(f"{m} rows: XLA {x * 1e6:.1f} / kernel {k * 1e6:.1f} us" for m, (x, k) in versus.items())
-  measured = (f"a layer's GEMMs ({shape}, bf16, {args.layers} layers, {args.steps} steps chained), us a layer per "
+  measured = (f"a layer of the decode step in mode none ({shape}, bf16, {args.layers} layers, {args.steps} steps a "
+              f"call), us a layer per "
               f"candidate at rows {pick_rows} (geometric mean): {json.dumps(notes)}; XLA against the kernel: "
               f"{summary}; rows {min_rows}..{max_rows}{' (off)' if not max_rows else ''}")
   out = run.write(args, "gemm", dataclasses.replace(base_file.tuning, gemm=g), measured, not_measured)
