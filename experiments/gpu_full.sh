@@ -27,7 +27,10 @@
 # Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png}, and with $OUT set (the device tool's) one archive
 # per part, $OUT/NAME-DEVICE-STAMP.tgz (a call returns at most 8 files; unpack with
 # `tar xzf FILE.tgz -C experiments/results`). Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
-# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), ANCHORS_DIR (default .anchors),
+# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), TAG (appended to the result's NAME:
+# give a run restricted by EXTRA, e.g. EXTRA="--set grid.batches=[64]" TAG=b64, a NAME of its own, so that the report
+# takes its rows from it and the others from the part's full run; with the part's own NAME it would replace that run
+# whole), ANCHORS_DIR (default .anchors),
 # HYDRAGEN_JAX_COMMIT (the commit the records name, where this tree's .git is not the code's: the device machine).
 #
 # Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where PYTHON imports torch
@@ -82,7 +85,7 @@ for name in anchors.ANCHORS: print("[gpu_full] anchor", name + ":", anchors.skip
 fi
 
 run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to $OUT
-  local name=$1 config=$2; shift 2
+  local name=$1${TAG:+-$TAG} config=$2; shift 2
   local base="$RESULTS/$name-$DEVICE-$STAMP"
   local start=$SECONDS
   timeout --signal=INT "$LIMIT" "$PYTHON" -m experiments run "$config" --out "$base.jsonl" --no-progress \
