@@ -144,9 +144,14 @@ def level_node_bytes(level: LevelCache) -> int:
     return 2 * math.prod(shape[1:]) * k.dtype.itemsize
 
 
+def level_sizes(levels: Sequence[LevelCache]) -> list[tuple[int, int]]:
+    """(nodes, `level_node_bytes`) of each shared level: what `batched_levels` decides on."""
+    return [(level.k[0].shape[0], level_node_bytes(level)) for level in levels]
+
+
 def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tuning=None) -> list[bool]:
     """Which shared levels a step reads batched, each level given as (nodes, bytes of one node a layer:
-    `level_node_bytes`): in `hydragen` mode those where batching pays (the device's cost model,
+    `level_sizes`): in `hydragen` mode those where batching pays (the device's cost model,
     `hydragen_jax.validation.batching_pays`: readers a node and bytes saved; `tuning` None: the current one), the
     others per sequence; none in the other modes."""
     return [mode == "hydragen" and batching_pays(batch, n, node_bytes, tuning) for n, node_bytes in levels]
@@ -166,8 +171,7 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
             return hydragen_jax.tree_attention(q, [own], backend=backend), cache
         levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in cache.shared]
-        shape = [(lc.k[0].shape[0], level_node_bytes(lc)) for lc in cache.shared]  # (nodes, bytes of a node)
-        batched = batched_levels(mode, q.shape[0], shape)
+        batched = batched_levels(mode, q.shape[0], level_sizes(cache.shared))
         out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
         return out, cache
 

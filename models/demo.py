@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         print(f"(hydragen read {s['shared_levels_batched']} of its {s['shared_levels']} shared levels batched"
               f"{f' and {rest} per sequence' if rest else ''}: the device's cost model batches a level whose nodes "
               f"have at least {t.batch_min_readers} readers on average and which saves at least "
-              f"{t.batch_min_saved_bytes / 2**20:.2f} MiB of K and V a layer)")
+              f"{t.batch_min_saved_bytes / 1e6:.2f} MB of K and V a layer)")
     if "none" in dict(rows):
         print("(none = attention skipped: an upper bound, its text is meaningless)")
     if (args.backend or jax.default_backend()) == "interpret":

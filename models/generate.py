@@ -33,7 +33,7 @@ import numpy as np
 from flax import struct
 
 from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels,
-                          empty_layers, level_node_bytes, make_attend)
+                          empty_layers, level_sizes, make_attend)
 from models.config import LlamaConfig
 from models.llama import COMPILER_OPTIONS, Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
@@ -513,7 +513,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
     # The shared levels, and how many of them a step reads batched (the device's cost model, models.cache)
-    shared = [(level.k[0].shape[0], level_node_bytes(level)) for level in getattr(state.cache, "shared", ())]
+    shared = level_sizes(getattr(state.cache, "shared", ()))
     stats["shared_levels"] = len(shared)
     stats["shared_levels_batched"] = sum(batched_levels(mode, tree.num_sequences, shared))
     fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend)

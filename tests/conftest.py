@@ -41,3 +41,18 @@ def backend(request) -> str:
 def kernel_backend(request) -> str:
   """The Pallas kernels: interpreted on CPU, compiled on GPU."""
   return request.param
+
+
+def record_batch_shared(monkeypatch) -> list:
+    """The `batch_shared` argument of every `hydragen_jax.tree_attention` call made from now on (the models call it
+    through the module, so the spy sees the choice each step or prefill traced), in a list that grows as they come."""
+    import hydragen_jax  # noqa: PLC0415
+
+    seen, real = [], hydragen_jax.tree_attention
+
+    def spy(q, levels, **kw):
+        seen.append(kw.get("batch_shared"))
+        return real(q, levels, **kw)
+
+    monkeypatch.setattr(hydragen_jax, "tree_attention", spy)
+    return seen

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
 import tomllib
 
 import chex
@@ -832,20 +834,17 @@ def test_records_name_the_commit_given_on_the_command_line(monkeypatch):
 
 @pytest.mark.parametrize("tag, name", [("", "e2e_throughput-part1"), ("b64", "e2e_throughput-part1-b64")])
 def test_gpu_full_names_a_tagged_run_apart(tmp_path, tag, name):
-  """`TAG` gives a restricted run a NAME of its own (the report then merges its rows with the full part's instead of
-  replacing it). A stand-in PYTHON reports a GPU and records the runner's arguments; nothing runs."""
-  import os  # noqa: PLC0415
-  import subprocess  # noqa: PLC0415
-
-  args = tmp_path / "args.txt"
-  fake = tmp_path / "python"
-  fake.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; else echo "$@" >> {args}; fi\n')
-  fake.chmod(0o755)
-  root = pathlib.Path(__file__).resolve().parent.parent
-  env = dict(os.environ, PYTHON=str(fake), TAG=tag, EXTRA="--set grid.batches=[64]")
-  env.pop("OUT", None)
-  done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "e2e-part1"], env=env, capture_output=True,
-                        text=True, timeout=60)
-  assert done.returncode == 0, done.stderr
-  line = args.read_text().splitlines()[0]
-  assert f"--out experiments/results/{name}-fake-gpu-" in line and "grid.batches=[64]" in line, line
+    """`TAG` gives a restricted run a NAME of its own (the report then merges its rows with the full part's instead of
+    replacing it). A stand-in PYTHON reports a GPU and records the runner's arguments; nothing runs."""
+    args = tmp_path / "args.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; else echo "$@" >> {args}; fi\n')
+    fake.chmod(0o755)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHON=str(fake), TAG=tag, EXTRA="--set grid.batches=[64]")
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "e2e-part1"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = args.read_text().splitlines()[0]
+    assert f"--out experiments/results/{name}-fake-gpu-" in line and "grid.batches=[64]" in line, line

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hydragen_jax
 from hydragen_jax import tuning, validation
 from models import generate, prefill
 from models.cache import LevelCache, batched_levels, level_node_bytes
 from models.config import LlamaConfig
 from models.llama import init_random
 from models.sharing import expand_samples
+from tests.conftest import record_batch_shared
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=())
@@ -50,14 +50,7 @@ def test_level_node_bytes_is_one_node_of_one_layer():
 
 def test_generate_reads_each_level_as_the_cost_model_says(monkeypatch):
   model = init_random(CFG, jnp.float32, seed=3)
-  seen = []
-  real = hydragen_jax.tree_attention
-
-  def spy(q, levels, **kw):
-    seen.append(kw.get("batch_shared"))
-    return real(q, levels, **kw)
-
-  monkeypatch.setattr(hydragen_jax, "tree_attention", spy)
+  seen = record_batch_shared(monkeypatch)
   # The bytes each level saves batched: the root (1 node, 6 readers) 5 nodes' reads, the problems (2 nodes, 3 each) 4.
   state = prefill(model, expand_samples(PROMPTS, 3), 4, mode="hydragen", backend="xla")
   root, problems = (level_node_bytes(level) for level in state.cache.shared)
@@ -89,3 +82,9 @@ def test_generate_reads_each_level_as_the_cost_model_says(monkeypatch):
 def test_batch_min_readers_must_be_a_positive_int(value):
   with pytest.raises(ValueError, match=f"Tuning.batch_min_readers must be a positive int; got {value!r}"):
     _with(value)
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True])
+def test_batch_min_saved_bytes_must_be_an_int_of_at_least_0(value):
+  with pytest.raises(ValueError, match=f"Tuning.batch_min_saved_bytes must be an int >= 0; got {value!r}"):
+    _with(2, value)

@@ -127,11 +127,16 @@ def test_sweep_gemm_writes_the_gemm_field(tmp_path):
   file = tuning.load(out)
   assert file.device_kind == "cpu" and not file.measured  # the device's kind; the fallback's fields not measured
   assert "NOT MEASURED on cpu except the field gemm" in file.provenance["note"]
-  g = file.tuning.gemm
-  assert (g.min_rows, g.max_rows) in ((1, 0), (1, 1), (1, 8), (8, 8))  # a run of the compared counts, or off
   note = file.provenance["fields"]["gemm"]
   assert "NOT A MEASUREMENT" in note and "a layer of the decode step in mode none" in note
   rows = [json.loads(line) for line in log.read_text().splitlines()]
+  from scripts.tuning.sweep_gemm import kernel_rows  # noqa: PLC0415
+
+  last = {(r["rows"], r["backend"]): r["us_per_layer"] for r in rows[-4:]}  # the comparison: XLA, kernel at 1 and 8
+  want = kernel_rows({m: (last[(m, "xla")], last[(m, "interpret")]) for m in (1, 8)}, 0.02)
+  assert (file.tuning.gemm.min_rows, file.tuning.gemm.max_rows) == want
+  assert {r["gemm"]["max_rows"] for r in rows if r["backend"] == "xla"} == {0}  # the tuning timed, not the tiles'
+  assert {r["gemm"]["max_rows"] for r in rows if r["backend"] != "xla"} == {128}
   assert {r["backend"] for r in rows} == {"interpret", "xla"} and {r["rows"] for r in rows} == {1, 8}
   assert dataclasses.replace(file.tuning, gemm=tuning.current().gemm) == tuning.current()  # nothing else changed
 
@@ -156,8 +161,9 @@ def test_sweep_gemm_kernel_rows_span_the_longest_winning_run(versus, want):
   assert kernel_rows(versus, 0.02) == want
 
 
-def test_sweep_gemm_descent_takes_a_second_pass_and_times_each_tiling_once():
-  """Coupled fields: b only pays once a moved (a second pass finds it); no tiling scored twice (memoised)."""
+def test_sweep_gemm_descent_takes_a_second_pass_and_never_rescores_the_current_tiling():
+  """Coupled fields: b only pays once a moved (a second pass finds it); each pass scores every field's other values
+  but never the current one (its score is known); the sweep memoises `score`, so nothing is timed twice."""
   from scripts.tuning.sweep_gemm import descend  # noqa: PLC0415
 
   @dataclasses.dataclass(frozen=True)
@@ -166,20 +172,23 @@ def test_sweep_gemm_descent_takes_a_second_pass_and_times_each_tiling_once():
     b: int
 
   cost = {(0, 0): 10.0, (1, 0): 8.0, (0, 1): 12.0, (1, 1): 5.0, (2, 0): 9.0, (2, 1): 9.5, (0, 2): 11, (1, 2): 8.1}
-  calls, memo = [], {}
+  calls = []
 
-  def score(g):
-    if g not in memo:
-      calls.append(g)
-      memo[g] = cost[(g.a, g.b)]
-    return memo[g]
+  def score(g):  # not memoised: every call counts
+    calls.append(g)
+    return cost[(g.a, g.b)]
 
   g, best, notes = descend(Tiles(0, 0), score, {"b": (0, 1, 2), "a": (0, 1, 2)}, passes=3, min_gain=0.02)
   assert (g, best) == (Tiles(1, 1), 5.0)  # pass 1: b stays (12, 11 > 10), a -> 1; pass 2: b -> 1; pass 3: nothing
   assert set(notes) == {"b", "a", "b (pass 2)", "a (pass 2)", "b (pass 3)", "a (pass 3)"}
-  assert len(calls) == len(set(calls))
+  assert len(calls) == 1 + 3 * 4  # the start, then two other values of each of two fields in each of three passes
+  calls.clear()
   g1, _, notes1 = descend(Tiles(0, 0), score, {"b": (0, 1, 2), "a": (0, 1, 2)}, passes=1, min_gain=0.02)
-  assert g1 == Tiles(1, 0) and set(notes1) == {"b", "a"}  # one pass: the coupled field not reached
+  assert g1 == Tiles(1, 0) and set(notes1) == {"b", "a"} and len(calls) == 5  # one pass: b not reached
+  # Tiles that cannot run (inf) move nowhere and stop after one pass.
+  calls.clear()
+  g2, best2, notes2 = descend(Tiles(0, 0), lambda g: calls.append(g) or float("inf"), {"b": (0, 1)}, 3, 0.02)
+  assert g2 == Tiles(0, 0) and best2 == float("inf") and set(notes2) == {"b"} and len(calls) == 2
 
 
 @pytest.mark.parametrize("option, value", [("--compare", "1,256"), ("--rows", "0"), ("--compare", "8,x")])
@@ -199,7 +208,8 @@ def test_sweep_levels_writes_the_cost_model(tmp_path):
 
   file = tuning.load(out)
   note = file.provenance["fields"]["batch_min_readers"]
-  assert note == file.provenance["fields"]["batch_min_saved_bytes"]
+  pointer = "measured with batch_min_readers, in one run: see its note"
+  assert file.provenance["fields"]["batch_min_saved_bytes"] == pointer
   assert "NOT A MEASUREMENT" in note and "N=2 R=2 L=16" in note and "N=2 R=3 L=16" in note and "N=1 R=4 L=24" in note
   r, s = file.tuning.batch_min_readers, file.tuning.batch_min_saved_bytes
   assert f"rule: batched from {r} readers a node and {s / 1e6:.3f} MB saved" in note and r in (2, 3, 4)
@@ -217,7 +227,8 @@ def _level(readers, saved, batched_us, per_sequence_us):
     ([(2, 10, 5, 9), (8, 100, 5, 20)], (2, 0)),  # batched faster everywhere: every level
     ([(2, 10, 12, 9), (2, 100, 8, 20), (8, 50, 9, 10)], (2, 50)),  # small saves lose: a bytes bound
     ([(2, 100, 12, 9), (8, 10, 8, 20), (4, 50, 9, 10)], (4, 0)),  # few readers lose: a readers bound
-    ([(2, 10, 12, 9), (8, 10, 12, 9)], (8, 0)),  # slower everywhere: the rule batching least
+    ([(2, 10, 12, 9), (8, 10, 12, 9)], (2, 11)),  # slower everywhere: no measured level batched
+    ([(2, 10, 9, 9), (2, 100, 9, 9), (8, 50, 9, 9)], (2, 0)),  # all ties: the rule batching most
     ([(2, 10, 9, 9), (8, 100, 5, 20)], (2, 0)),  # a tie: the rule that batches more
 ])
 def test_sweep_levels_fits_the_rule_of_least_total_time(points, want):
@@ -227,14 +238,31 @@ def test_sweep_levels_fits_the_rule_of_least_total_time(points, want):
   assert fit_rule(levels) == want
   report = rule_report({f"L{i}": p for i, p in enumerate(levels)}, want)
   assert report.startswith(f"rule: batched from {want[0]} readers a node and {want[1] / 1e6:.3f} MB saved")
+  wrong = [i for i, (r, saved, b, q) in enumerate(points) if (b > q if r >= want[0] and saved >= want[1] else b < q)]
+  assert report.count("x)") == len(wrong), report  # only the levels read the strictly slower way (ties are not)
+
+
+def test_sweep_levels_fit_needs_levels():
+  from scripts.tuning.sweep_levels import fit_rule  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match="at least one measured level"):
+    fit_rule([])
 
 
 def test_sweep_levels_keeps_the_node_map_static():
   """The step the sweep times groups the sequences on the host, as the models do: no device sort in its HLO."""
   from scripts.tuning.sweep_levels import make_step, step_inputs  # noqa: PLC0415
 
+  import re  # noqa: PLC0415
+
+  import hydragen_jax as hj  # noqa: PLC0415
+
   q, levels = step_inputs(4, 3, 16, (4, 2, 16), 8, jnp.float32)
   assert isinstance(levels[0].seq_to_node, np.ndarray)
-  step, arrays = make_step(levels, True, "interpret")
-  jaxpr = str(jax.make_jaxpr(step)(q, arrays))
-  assert "sort" not in jaxpr and "pallas_call" in jaxpr
+  for batched in (True, False):
+    step, arrays = make_step(levels, batched, "interpret")
+    jaxpr = str(jax.make_jaxpr(step)(q, arrays))
+    assert not re.search(r"\bsort\[", jaxpr) and "pallas_call" in jaxpr
+  # the control: the same level with its node map traced sorts the sequences in the step
+  traced = jax.make_jaxpr(lambda x, lv: hj.tree_attention(x, lv, batch_shared=[True], backend="interpret"))(q, levels)
+  assert re.search(r"\bsort\[", str(traced))

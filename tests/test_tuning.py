@@ -287,6 +287,25 @@ def test_sweep_of_some_fields_keeps_the_notes_of_the_others(tmp_path):
       "x": "not measured (time budget): kept from the base (its note)"}
 
 
+def test_fields_measured_together_share_one_note():
+  """Several fields of one run (sweep_levels: batch_min_readers and batch_min_saved_bytes): the note once, under the
+  first; the others point to it; a fallback's file names them all as the fields measured here."""
+  tune = dataclasses.replace(_h100(), batch_min_readers=3, batch_min_saved_bytes=10)
+  pair = ("batch_min_readers", "batch_min_saved_bytes")
+  own = tuning.with_measured_field(tuning.file_for(H100), H100, tune, pair, "the note", command="c", date="d",
+                                   commit="x")
+  assert own.tuning == tune and own.provenance["fields"]["batch_min_readers"] == "the note"
+  pointer = "measured with batch_min_readers, in one run: see its note"
+  assert own.provenance["fields"]["batch_min_saved_bytes"] == pointer
+  other = tuning.with_measured_field(tuning.file_for(H100), "NVIDIA B200", tune, pair, "n", command="c", date="d",
+                                     commit="x")
+  assert other.provenance["note"].startswith("NOT MEASURED on NVIDIA B200 except the fields batch_min_readers and "
+                                             "batch_min_saved_bytes:")
+  single = tuning.with_measured_field(tuning.file_for(H100), "NVIDIA B200", tune, "gemm", "n", command="c", date="d",
+                                      commit="x")
+  assert single.provenance["note"].startswith("NOT MEASURED on NVIDIA B200 except the field gemm:")
+
+
 def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   """A sweep killed during a choice (a device call's time limit) leaves the file with the choices made so far, and
   the log with every step timed so far."""

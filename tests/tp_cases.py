@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hydragen_jax
 import models
 from hydragen_jax import tuning
 from models import parallel
 from models.cache import level_node_bytes
 from models.config import LlamaConfig
-from tests.conftest import ON_GPU
+from tests.conftest import ON_GPU, record_batch_shared
 from tests.params_cases import assert_same_params
 from tests.test_models_decode_step import new_buffers_of_shape
 
@@ -108,30 +107,27 @@ def test_sampling_equals_single_device():
     assert_same(got, single("gqa", "hydragen", sampling=spec), "sampling")
 
 
-@needs(2)
-def test_cost_model_counts_the_bytes_a_device_reads(monkeypatch):
-    """On a mesh, the bytes a batched level saves (`batch_min_saved_bytes`) are those of a device's KV heads: the
-    step's choice and generate's stats agree on it."""
-    model = models.init_random(MHA, jnp.float32, seed=5, mesh=parallel.make_mesh(2))  # 4 KV heads, 2 a device
-    tree = models.build_sharing_tree(models.expand_samples(prompts(MHA.vocab_size), 2))
+@pytest.mark.parametrize("name,devices", [pytest.param("mha", 2, marks=needs(2)),  # 4 KV heads: 2 a device
+                                          pytest.param("gqa", 4, marks=[needs(4), pytest.mark.slow])])  # replicated
+def test_cost_model_counts_the_bytes_a_device_reads(monkeypatch, name, devices):
+    """On a mesh, the bytes a batched level saves (`batch_min_saved_bytes`) are those of a device's own KV heads
+    (split or replicated): the step's choice and generate's stats agree on them."""
+    config = CONFIGS[name]
+    model = models.init_random(config, jnp.float32, seed=5, mesh=parallel.make_mesh(devices))
+    tree = models.build_sharing_tree(models.expand_samples(prompts(config.vocab_size), 2))
     state = models.prefill(model, tree, 8, mode="hydragen", backend=BACKEND)
     root = state.cache.shared[0]
     k = root.k[0]
-    assert 2 * level_node_bytes(root) == 2 * k[0].size * k.dtype.itemsize  # half of the global node's bytes
+    local_heads = k.sharding.shard_shape(k.shape)[2]
+    assert local_heads == max(1, config.num_key_value_heads // devices)
+    assert level_node_bytes(root) == 2 * k[0].size // k.shape[2] * local_heads * k.dtype.itemsize
     saved = (tree.num_sequences - k.shape[0]) * level_node_bytes(root)
-    seen = []
-    real = hydragen_jax.tree_attention
-
-    def spy(q, levels, **kw):
-        seen.append(kw.get("batch_shared"))
-        return real(q, levels, **kw)
-
-    monkeypatch.setattr(hydragen_jax, "tree_attention", spy)
-    for threshold, batched in ((saved, True), (saved + 1, False)):  # the global bytes would batch both
+    seen = record_batch_shared(monkeypatch)
+    for threshold, batched in ((saved, True), (saved + 1, False)):  # a global count would batch both
         seen.clear()
         with tuning.override(dataclasses.replace(tuning.current(), batch_min_readers=1,
                                                  batch_min_saved_bytes=threshold)):
-            stats = models.generate(model, prompts(MHA.vocab_size), num_samples=2, max_new_tokens=2,
+            stats = models.generate(model, prompts(config.vocab_size), num_samples=2, max_new_tokens=2,
                                     mode="hydragen", backend=BACKEND).stats
         steps = [choice for choice in seen if len(choice) == len(state.cache.shared)]  # the suffixes' and decode's
         assert steps and all(choice[0] == batched for choice in steps), (threshold, seen)

@@ -287,18 +287,18 @@ def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, fiel
   provenance stays where the base is the device's own file, else (the fallback's) the file says that only this
   field was measured here."""
   names = (field,) if isinstance(field, str) else tuple(field)
-  field = " and ".join(names)
+  field = ("the field " if len(names) == 1 else "the fields ") + " and ".join(names)
   if base.device_kind == device_kind:
     provenance = dict(base.provenance, fields=dict(base.provenance.get("fields", {})))
     if str(provenance.get("note", "")).startswith(f"NOT MEASURED on {device_kind} except the field"):
-      provenance["note"] = provenance["note"].replace(" except the field", f" except the field {field} and the field",
-                                                      1)
+      provenance["note"] = provenance["note"].replace(" except the field", f" except {field} and the field", 1)
   else:
     provenance = dict(measured_on=None, command=command, date=date, commit=commit, fields={},
-                      note=f"NOT MEASURED on {device_kind} except the field {field}: the other fields are "
+                      note=f"NOT MEASURED on {device_kind} except {field}: the other fields are "
                            f"{base.device_kind}'s (run scripts/tuning/sweep_device.py on this device)")
-  for name in names:
-    provenance["fields"][name] = note
+  provenance["fields"][names[0]] = note
+  for name in names[1:]:  # measured together: the note once
+    provenance["fields"][name] = f"measured with {names[0]}, in one run: see its note"
   return TuningFile(device_kind, tuning, provenance)
 
 

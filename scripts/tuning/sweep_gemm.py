@@ -36,8 +36,6 @@ from models import gemm
 from scripts import profile_decode
 from scripts.tuning import field_sweep
 
-SHAPE_7B = dict(hidden=4096, intermediate=11008, q=4096, kv=4096)
-TINY = dict(hidden=256, intermediate=512, q=256, kv=128)
 CANDIDATES = dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5, 6),
                   programs_per_core=(0, 1, 2, 4))
 ROW_COUNTS = (1, 8, 16, 32, 64, 128)
@@ -82,12 +80,19 @@ def descend(g, score, candidates: dict[str, tuple], passes: int, min_gain: float
         if value not in tried:
           tried[value] = score(dataclasses.replace(g, **{field: value}))
       value = min(tried, key=tried.get)
-      if tried[value] * (1 + min_gain) <= best:
+      if value != getattr(g, field) and tried[value] * (1 + min_gain) <= best:
         g, best, moved = dataclasses.replace(g, **{field: value}), tried[value], True
       notes[field if sweep == 1 else f"{field} (pass {sweep})"] = {str(v): round(t * 1e6, 1) for v, t in tried.items()}
     if not moved:
       break
   return g, best, notes
+
+
+def gemm_shape(config: dict) -> dict:
+  """The sizes of a layer's GEMMs of a model shape (LlamaConfig fields, `profile_decode.model_shape`)."""
+  heads, kv_heads, head_dim = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+  return dict(hidden=config["hidden_size"], intermediate=config["intermediate_size"], q=heads * head_dim,
+              kv=kv_heads * head_dim)
 
 
 def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
@@ -120,7 +125,8 @@ class ModelTimer:
   `none` (every GEMM of the step, no attention): `steps` steps in one call of the compiled decode loop, wall time,
   median of `TIMING`'s repeats, at B = rows under a tuning. The GEMMs are timed where they run, among the step's
   other fusions: alone they measured differently (session 12: XLA 147.6 against the kernel 144.1 us a layer at 64
-  rows, where the model's step took 183 against 142 us a layer of GPU time)."""
+  rows, where the model's step took 183 against 142 us a layer of GPU time). A call's fixed cost (~2-4 ms on the H200)
+  is in both sides' wall time, spread over steps x layers."""
 
   def __init__(self, layers: int, tiny: bool, steps: int):
     shape = profile_decode.model_shape(layers, tiny)
@@ -132,7 +138,7 @@ class ModelTimer:
     if rows not in self.states:
       tree = model_api.synthetic_tree(rows, PREFIX, 1, self.vocab, seed=0)
       self.states[rows] = profile_decode.mode_state(self.model, tree, self.steps + 2, "none", None)
-    state, org = self.states[rows]
+    state, org = self.states.pop(rows)  # back once timed: a call that fails may have consumed (donated) it
     with tuning_lib.override(tune):  # the GEMMs' backend is chosen when the step is traced
       fn, _ = model_api.compile_decode(self.model, state, None)
     params, walls = self.model.params(), []
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="the products' check runs the kernel in the Pallas interpreter (CPU; the timed model "
                            "runs XLA's GEMMs off a GPU either way: its times mean nothing there)")
   args = parser.parse_args(argv)
+  for option in ("layers", "steps", "passes"):
+    if getattr(args, option) < 1:
+      parser.error(f"--{option} {getattr(args, option)}: must be at least 1")
   for option in ("rows", "compare"):
     counts = getattr(args, option).split(",")
     if not all(c.strip().isdigit() and 1 <= int(c) <= 128 for c in counts):
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
   field_sweep.check_out(parser, args, not_measured)
   run = field_sweep.Run.begin("sweep_gemm", argv)
   base_file = run.base
-  shape, dtype = (TINY if args.tiny else SHAPE_7B), jnp.bfloat16
+  shape, dtype = gemm_shape(profile_decode.model_shape(args.layers, args.tiny)), jnp.bfloat16  # the timed model's
   layers = layer_weights(shape, 1, dtype)  # the candidates' products are checked on one layer's GEMMs
   kernel = "interpret" if args.interpret else "pallas"
   pick_rows = [int(r) for r in args.rows.split(",")]
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
       seconds = timer(m, tune)
       once = None if backend == "xla" else step_output(xs[m], layers, backend, tune)
     except Exception as e:  # noqa: BLE001 - a candidate that does not compile (e.g. shared memory) is refused
-      print(f"  rows={m:3d} {backend:9s} {g} -> failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+      print(f"  rows={m:3d} {backend:9s} {on} -> failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
       seconds, once = math.inf, None
     if once is not None:  # the kernel's products must be XLA's, up to bf16 rounding
       ref = reference[m]
@@ -199,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                   (float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) + 1e-30))
       if not err <= 3e-2:
         seconds = math.inf
-    row = dict(rows=m, backend=backend, gemm=dataclasses.asdict(g), us_per_layer=seconds * 1e6)
-    print(f"  rows={m:3d} {backend:9s} {g} -> {seconds * 1e6:9.1f} us a layer", flush=True)
+    row = dict(rows=m, backend=backend, gemm=dataclasses.asdict(on), us_per_layer=seconds * 1e6)
+    print(f"  rows={m:3d} {backend:9s} {on} -> {seconds * 1e6:9.1f} us a layer", flush=True)
     if log:
       log.write(json.dumps(row) + "\n")
       log.flush()

@@ -14,7 +14,7 @@ the sequences are grouped on the host); a traced map would time a device sort an
 The cost model (`validation.batching_pays`) batches a level whose nodes have at least `batch_min_readers` readers
 on average and which saves at least `batch_min_saved_bytes` of K and V a layer. `fit_rule` picks the two from the
 measured levels: the pair whose choices give the least total time over them (ties: the rule that batches more),
-taken from the reader counts and byte counts measured. The times, the bytes each level saves and the rule's
+taken from the reader counts and byte counts measured (a byte count above the largest: no measured level batched). The times, the bytes each level saves and the rule's
 mistakes go into the file's provenance (`fields.batch_min_readers`, `fields.batch_min_saved_bytes`).
 """
 
@@ -97,34 +97,46 @@ class Measured:
   per_sequence_s: float
 
 
+def batched_by(p: Measured, rule: tuple[int, int]) -> bool:
+  """Whether the rule (batch_min_readers, batch_min_saved_bytes) reads level `p` batched (as `batching_pays` does)."""
+  return p.readers >= rule[0] and p.saved >= rule[1]
+
+
+def rule_seconds(points: list[Measured], rule: tuple[int, int]) -> float:
+  """A step's seconds summed over the levels, each read the way the rule says."""
+  return sum(p.batched_s if batched_by(p, rule) else p.per_sequence_s for p in points)
+
+
 def fit_rule(points: list[Measured]) -> tuple[int, int]:
-  """(batch_min_readers, batch_min_saved_bytes): of the rules "batched where readers >= r and saved >= s", r and s
-  taken from the measured levels' own counts (r >= 2: one reader a node saves nothing; so no rule turns batching off
-  altogether), the one whose choices give the least total time over the levels; ties go to the rule that batches
-  more (smaller r, then smaller s)."""
+  """(batch_min_readers, batch_min_saved_bytes): of the rules "batched where readers >= r and saved >= s", r from
+  the measured levels' reader counts (r >= 2: one reader a node saves nothing) and s from their byte counts or just
+  above the largest (no measured level batched), the one whose choices give the least total time over the levels;
+  ties go to the rule that batches more of them, then to the smaller r and s."""
+  if not points:
+    raise ValueError("fit_rule needs at least one measured level; got none.")
   readers = sorted({p.readers for p in points if p.readers >= 2}) or [2]
-  saved = sorted({0} | {p.saved for p in points})
+  saved = sorted({0} | {p.saved for p in points} | {max(p.saved for p in points) + 1})
 
-  def total(r: int, s: int) -> float:
-    return sum(p.batched_s if p.readers >= r and p.saved >= s else p.per_sequence_s for p in points)
+  def key(rule):
+    return rule_seconds(points, rule), -sum(batched_by(p, rule) for p in points), rule
 
-  return min(((r, s) for r in readers for s in saved), key=lambda rule: (total(*rule), rule))
+  return min(((r, s) for r in readers for s in saved), key=key)
 
 
 def rule_report(points: dict[str, Measured], rule: tuple[int, int]) -> str:
-  """The rule's total time against batching every level, none and the best choice at each, and its mistakes."""
+  """The rule's total time against batching every level, none and the best choice at each, and its mistakes (a
+  level it reads the strictly slower way)."""
   r, s = rule
   values = list(points.values())
-  picks = {name: p.readers >= r and p.saved >= s for name, p in points.items()}
-  chosen = sum(p.batched_s if picks[n] else p.per_sequence_s for n, p in points.items())
   every, none = sum(p.batched_s for p in values), sum(p.per_sequence_s for p in values)
   best = sum(min(p.batched_s, p.per_sequence_s) for p in values)
-  wrong = [f"{n} ({'batched' if picks[n] else 'per sequence'}: {p.per_sequence_s / p.batched_s:.2f}x)"
-           for n, p in points.items() if (p.batched_s < p.per_sequence_s) != picks[n]]
+  wrong = [f"{n} ({'batched' if batched_by(p, rule) else 'per sequence'}: {p.per_sequence_s / p.batched_s:.2f}x)"
+           for n, p in points.items()
+           if (p.batched_s > p.per_sequence_s if batched_by(p, rule) else p.batched_s < p.per_sequence_s)]
   return (f"rule: batched from {r} readers a node and {s / 1e6:.3f} MB saved a layer; summed over the {len(values)} "
-          f"levels, us a step: the rule {chosen * 1e6:.1f}, every level batched {every * 1e6:.1f}, none "
-          f"{none * 1e6:.1f}, the faster of the two at each {best * 1e6:.1f}; levels it reads the slower way (per "
-          f"sequence / batched time): {', '.join(wrong) or 'none'}")
+          f"levels, us a step: the rule {rule_seconds(values, rule) * 1e6:.1f}, every level batched "
+          f"{every * 1e6:.1f}, none {none * 1e6:.1f}, the faster of the two at each {best * 1e6:.1f}; levels it "
+          f"reads the slower way (per sequence / batched time): {', '.join(wrong) or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--backend", default=None, help="attention backend (default: the device's)")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check)")
   args = parser.parse_args(argv)
+  for option in ("nodes", "steps"):
+    if getattr(args, option) < 1:
+      parser.error(f"--{option} {getattr(args, option)}: must be at least 1")
   not_measured = ("--tiny" if args.tiny else None) or field_sweep.off_gpu()
   field_sweep.check_out(parser, args, not_measured)
   run = field_sweep.Run.begin("sweep_levels", argv)
