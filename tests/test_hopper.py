@@ -125,8 +125,9 @@ def test_layers_share_one_compiled_kernel():
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("config", [hopper.HopperConfig(num_ctas=1), hopper.HopperConfig(num_ctas=2, pingpong=False)],
-                         ids=["1cta", "2cta_nopingpong"])
+@pytest.mark.parametrize("config", [hopper.HopperConfig(num_ctas=1), hopper.HopperConfig(num_ctas=2, pingpong=False),
+                                    hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=1, prefix_keys=128)],
+                         ids=["1cta", "2cta_nopingpong", "2cta_128keys"])
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
   reused after the previous item's stores), with and without the ping-pong."""
@@ -139,6 +140,25 @@ def test_several_items_per_cta(backend, config):
           q, pk, pv, jnp.int32(p - 1), sk, sv, lengths)
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 1), scale=d**-0.5), jnp.bfloat16)
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+
+
+def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
+  """128-key prefix tiles double a prefix stage (64 KB at D = 128): 2 prefix + 1 suffix stages fit, 2 + 2 do not
+  (`supported` says so), and the field takes 64 or 128 only."""
+  q = jax.ShapeDtypeStruct((256, 1, 32, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4096, 8, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((256, 512, 8, 128), jnp.bfloat16)
+  fits = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=1, prefix_keys=128)
+  assert hopper.supported(q, kv, skv, fits) is None
+  assert "shared memory" in hopper.supported(q, kv, skv, dataclasses.replace(fits, suffix_stages=2))
+  with pytest.raises(ValueError, match="prefix_keys must be 64 or 128; got 96"):
+    hopper.HopperConfig(prefix_keys=96)
+  with pytest.raises(ValueError, match="HopperTuning.prefix_keys must be 64 or 128; got 32"):
+    tuning.HopperTuning(2, 1, 208, 88, True, 32)
+  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=fits))
+  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((256,), jnp.int32))
+  assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()  # Mosaic GPU's own smem check too
 
 
 @pytest.mark.parametrize("rows,fits", [(48, True), (52, False)])

@@ -9,8 +9,8 @@ side by side, so that the suffixes' TMA copies stream while the prefix's wgmma r
   wgmma tile) over the same prefix key tiles, which warpgroup 1 loads into a ring that both read;
 * warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring.
 
-Items go round-robin over the CTAs. Both are flash attention: online softmax over 64-key tiles, scores in base 2
-(`s·scale·log2 e`). A suffix item has so few query rows that a 64-row tile would be mostly padding, so its tile is
+Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
+`prefix_keys` = 64 or 128 keys, the suffixes' of 64), scores in base 2 (`s·scale·log2 e`). A suffix item has so few query rows that a 64-row tile would be mostly padding, so its tile is
 transposed: keys on the wgmma's 64 rows, the queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N
 side. That tile's softmax reduces over rows, across warps, through a shared-memory scratch that Mosaic GPU gives
 every warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so nothing races on it.
@@ -38,7 +38,7 @@ from hydragen_jax.kernels import ops
 Array = jax.Array
 
 ROWS = 64  # query rows of one warpgroup's wgmma tile
-BLOCK_K = 64  # keys of a tile
+BLOCK_K = 64  # keys of a suffix tile (a prefix tile: HopperConfig.prefix_keys)
 PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
 _LOG2E = math.log2(math.e)
@@ -55,6 +55,8 @@ class HopperConfig:
   SMEM_LIMIT; 203 KB for D = 128, T·g = 4 and 3 + 2 stages). pair_registers / suffix_registers: registers a thread
   of the pair / of the suffix warpgroup (setmaxnreg; 2·pair + suffix <= 512, multiples of 8). pingpong: the pair
   takes turns on the tensor cores, one's softmax running under the other's products (FlashAttention-3's schedule).
+  prefix_keys: keys of a prefix tile, 64 or 128 (score products of N = 128: fewer barrier round trips per key, at
+  twice the shared memory a stage).
   """
 
   num_ctas: int | None = None
@@ -63,6 +65,11 @@ class HopperConfig:
   pair_registers: int = 208
   suffix_registers: int = 88
   pingpong: bool = True
+  prefix_keys: int = 64
+
+  def __post_init__(self):
+    if self.prefix_keys not in (64, 128):
+      raise ValueError(f"HopperConfig.prefix_keys must be 64 or 128; got {self.prefix_keys!r}.")
 
 
 def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:
@@ -102,11 +109,11 @@ def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
 def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool) -> tuple:
   """The kernel's shared memory: buffers and barriers, in `_kernel`'s order."""
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  ring = lambda stages: plgpu.SMEM((stages, BLOCK_K, head_dim), dtype, **tiled)
+  ring = lambda stages, keys=BLOCK_K: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
   return (
       plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled),  # the pair's queries, then their out
       plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
-      ring(config.prefix_stages), ring(config.prefix_stages),  # prefix key and value tiles
+      ring(config.prefix_stages, config.prefix_keys), ring(config.prefix_stages, config.prefix_keys),  # prefix K, V
       plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries
       plgpu.SMEM((srows, head_dim), dtype),  # its out
       plgpu.SMEM((srows,), jnp.float32),  # its lse
@@ -119,7 +126,7 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
-      plgpu.SMEM((PAIR, ROWS, BLOCK_K), dtype, **tiled) if interpret else None,  # see _accumulate
+      plgpu.SMEM((PAIR, ROWS, config.prefix_keys), dtype, **tiled) if interpret else None,  # see _accumulate
   )
 
 
@@ -174,7 +181,7 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
            keys_major, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
   """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
 
-  Tile j sits in ring slot `slot_of(j)` of k_smem/v_smem `[stages, 64, D]`, its copies arriving on `k_bar(slot)`
+  Tile j sits in ring slot `slot_of(j)` of k_smem/v_smem `[stages, keys, D]`, its copies arriving on `k_bar(slot)`
   and `v_bar(slot)`; `after(j, slot)` runs once the tile is no longer read (it refills or releases the slot).
   `issued()` runs once a tile's score product is issued, `softmax_done()` after its softmax, `before_pv()` before
   its value product (the prefix pair's ping-pong, see `_kernel`).
@@ -182,7 +189,7 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   is visible (limit broadcasts against the score tile: per query when causal).
 
   Two orientations of the score tile:
-  * rows = queries (`[64, 64]`, q_smem `[64, D]`): the prefix's tiles; acc `[64, D]`.
+  * rows = queries (`[64, keys]`, q_smem `[64, D]`): the prefix's tiles; acc `[64, D]`.
   * keys_major (`[64, n]`, q_smem `[n, D]`, n = 8 … 64): a suffix item's few query rows on the wgmma's N side
     instead of 64 rows of mostly padding (8× less tensor and ALU work for n = 8); acc `[D, n]`.
 
@@ -268,15 +275,15 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
     a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (warpgroup 0 arrives on
     `consumed`, warpgroup 1 waits for it)."""
-    stages = pk_smem.shape[0]
+    stages, block_k = pk_smem.shape[:2]
     length = lens_ref[batch]
-    n = pl.cdiv(length, BLOCK_K)
+    n = pl.cdiv(length, block_k)
     total = count(num_heads * pairs) * n
     loader = wg == 1
 
     def load(g, slot):
       item = cta + (g // n) * num_ctas
-      keys = pl.ds((g % n) * BLOCK_K, BLOCK_K)
+      keys = pl.ds((g % n) * block_k, block_k)
       plgpu.copy_gmem_to_smem(pk_ref.at[keys, item // pairs], pk_smem.at[slot], pk_bars.at[slot])
       plgpu.copy_gmem_to_smem(pv_ref.at[keys, item // pairs], pv_smem.at[slot], pv_bars.at[slot])
 
@@ -318,7 +325,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       acc, m, l = flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
                         lambda slot: pk_bars.at[slot], lambda slot: pv_bars.at[slot],
-                        lambda j: lax.rem(first + j, stages), after, n, length // BLOCK_K, length, keys_major=False,
+                        lambda j: lax.rem(first + j, stages), after, n, length // block_k, length, keys_major=False,
                         **hooks)
       _finish(acc, m, l, q, lse, keys_major=False)
       plgpu.copy_smem_to_gmem(q, op_ref.at[h, rows])

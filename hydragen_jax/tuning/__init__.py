@@ -52,6 +52,11 @@ class HopperTuning:
   pair_registers: int
   suffix_registers: int
   pingpong: bool
+  prefix_keys: int = 64
+
+  def __post_init__(self):
+    if self.prefix_keys not in (64, 128):
+      raise ValueError(f"HopperTuning.prefix_keys must be 64 or 128; got {self.prefix_keys!r}.")
 
 
 def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
