@@ -10,10 +10,11 @@ side by side, so that the suffixes' TMA copies stream while the prefix's wgmma r
 * warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring.
 
 Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
-`prefix_keys` = 64 or 128 keys, the suffixes' of 64), scores in base 2 (`s·scale·log2 e`). A suffix item has so few query rows that a 64-row tile would be mostly padding, so its tile is
-transposed: keys on the wgmma's 64 rows, the queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N
-side. That tile's softmax reduces over rows, across warps, through a shared-memory scratch that Mosaic GPU gives
-every warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so nothing races on it.
+`prefix_keys` = 64 or 128 keys, the suffixes' of 64), scores in base 2 (`s·scale·log2 e`). A suffix item has so few
+query rows that a 64-row tile would be mostly padding, so its tile is transposed: keys on the wgmma's 64 rows, the
+queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N side. That tile's softmax reduces over rows,
+across warps, through a shared-memory scratch that Mosaic GPU gives every warpgroup of a CTA at the same address:
+only warpgroup 2 reduces that way, so nothing races on it.
 
 The returned lse is natural-log, -inf for a query that sees no key (its out is 0). Masked scores are -inf and the
 running max starts at a finite -1e30, so fully masked tiles never produce NaN.
@@ -68,8 +69,7 @@ class HopperConfig:
   prefix_keys: int = 64
 
   def __post_init__(self):
-    if self.prefix_keys not in (64, 128):
-      raise ValueError(f"HopperConfig.prefix_keys must be 64 or 128; got {self.prefix_keys!r}.")
+    tuning_lib.check_prefix_keys(self)
 
 
 def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:

@@ -55,8 +55,16 @@ class HopperTuning:
   prefix_keys: int = 64
 
   def __post_init__(self):
-    if self.prefix_keys not in (64, 128):
-      raise ValueError(f"HopperTuning.prefix_keys must be 64 or 128; got {self.prefix_keys!r}.")
+    check_prefix_keys(self)
+
+
+PREFIX_KEYS = (64, 128)  # the Hopper kernel's prefix key tiles
+
+
+def check_prefix_keys(config) -> None:
+  """ValueError naming `config`'s class unless its `prefix_keys` is one of `PREFIX_KEYS`."""
+  if config.prefix_keys not in PREFIX_KEYS:
+    raise ValueError(f"{type(config).__name__}.prefix_keys must be 64 or 128; got {config.prefix_keys!r}.")
 
 
 def _check_ints(obj, names: tuple[str, ...], least: int) -> None:

@@ -121,17 +121,16 @@ def step_output(x, layers, backend: str, tune: tuning_lib.Tuning) -> jax.Array:
 
 
 class ModelTimer:
-  """Seconds a layer of the decode step of a 7B-shaped model of `layers` layers (the tiny one with `tiny`), mode
+  """Seconds a layer of the decode step of a model of shape `config` (`profile_decode.model_shape`), mode
   `none` (every GEMM of the step, no attention): `steps` steps in one call of the compiled decode loop, wall time,
   median of `TIMING`'s repeats, at B = rows under a tuning. The GEMMs are timed where they run, among the step's
   other fusions: alone they measured differently (session 12: XLA 147.6 against the kernel 144.1 us a layer at 64
   rows, where the model's step took 183 against 142 us a layer of GPU time). A call's fixed cost (~2-4 ms on the H200)
   is in both sides' wall time, spread over steps x layers."""
 
-  def __init__(self, layers: int, tiny: bool, steps: int):
-    shape = profile_decode.model_shape(layers, tiny)
-    self.model, _ = model_api.build_model(shape, "bfloat16", seed=0)
-    self.vocab, self.layers, self.steps = shape["vocab_size"], layers, steps
+  def __init__(self, config: dict, steps: int):
+    self.model, _ = model_api.build_model(config, "bfloat16", seed=0)
+    self.vocab, self.layers, self.steps = config["vocab_size"], config["num_hidden_layers"], steps
     self.states: dict[int, tuple] = {}
 
   def __call__(self, rows: int, tune: tuning_lib.Tuning) -> float:
@@ -182,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
   field_sweep.check_out(parser, args, not_measured)
   run = field_sweep.Run.begin("sweep_gemm", argv)
   base_file = run.base
-  shape, dtype = gemm_shape(profile_decode.model_shape(args.layers, args.tiny)), jnp.bfloat16  # the timed model's
+  config = profile_decode.model_shape(args.layers, args.tiny)
+  shape, dtype = gemm_shape(config), jnp.bfloat16  # the timed model's GEMMs
   layers = layer_weights(shape, 1, dtype)  # the candidates' products are checked on one layer's GEMMs
   kernel = "interpret" if args.interpret else "pallas"
   pick_rows = [int(r) for r in args.rows.split(",")]
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         for m in sorted(set(pick_rows) | {int(r) for r in args.compare.split(",")})}
   reference = {m: step_output(x, layers, "xla", base_file.tuning) for m, x in xs.items()}  # XLA's products
 
-  timer = ModelTimer(args.layers, args.tiny, args.steps)
+  timer = ModelTimer(config, args.steps)
 
   def timed(m: int, backend: str, g: GemmTuning) -> float:
     on = dataclasses.replace(g, min_rows=1, max_rows=0 if backend == "xla" else 128)
