@@ -28,6 +28,9 @@ VARIANTS = {
     "nopp": hopper.HopperConfig(pingpong=False),
     "p2s3": hopper.HopperConfig(prefix_stages=2, suffix_stages=3),
     "r216": hopper.HopperConfig(pair_registers=216, suffix_registers=80),
+    "h200": hopper.HopperConfig(prefix_stages=2, suffix_stages=3),  # the H200's file (session 9)
+    "p2s1": hopper.HopperConfig(prefix_stages=2, suffix_stages=1),  # k128's rings with 64-key tiles
+    "k128": hopper.HopperConfig(prefix_stages=2, suffix_stages=1, prefix_keys=128),  # 128-key prefix tiles
 }
 
 
