@@ -126,11 +126,15 @@ def test_layers_share_one_compiled_kernel():
 
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("config", [hopper.HopperConfig(num_ctas=1), hopper.HopperConfig(num_ctas=2, pingpong=False),
-                                    hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=1, prefix_keys=128)],
-                         ids=["1cta", "2cta_nopingpong", "2cta_128keys"])
+                                    hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=1, prefix_keys=128),
+                                    hopper.HopperConfig(num_ctas=2, q_registers=True),
+                                    hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, prefix_keys=128,
+                                                        q_registers=True)],
+                         ids=["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters"])
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
-  reused after the previous item's stores), with and without the ping-pong."""
+  reused after the previous item's stores), with and without the ping-pong, with q in shared memory or registers
+  (q_registers: each item's out and lse stored before the next item's)."""
   shape = (40, 3, 8, 2, 64, 136, 72)  # 2 pair blocks of 120 rows per KV head: 4 prefix and 80 suffix items
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=2)
@@ -139,6 +143,23 @@ def test_several_items_per_cta(backend, config):
       *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
           q, pk, pv, jnp.int32(p - 1), sk, sv, lengths)
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 1), scale=d**-0.5), jnp.bfloat16)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], ODD_ROWS[1]], ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
+def test_queries_in_registers_match_reference(backend, shape):
+  """q_registers with 128-key tiles (2 + 2 stages) at D = 128: T·g = 16, 4 and 2, a prefix ending inside a tile,
+  empty suffixes."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=5)
+  lengths = jnp.asarray(np.random.default_rng(5).integers(0, s + 1, b), jnp.int32).at[1].set(0)
+  config = hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True)
+  assert hopper.supported(q, pk, sk, config) is None
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(p - 3), sk, sv, lengths)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
@@ -159,6 +180,29 @@ def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
   traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
                       jax.ShapeDtypeStruct((256,), jnp.int32))
   assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()  # Mosaic GPU's own smem check too
+
+
+@pytest.mark.parametrize("suffix_stages,fits", [(2, True), (3, False)])
+def test_queries_in_registers_free_their_shared_buffer(suffix_stages, fits):
+  """q_registers drops the pair's 32 KB query/out buffer: 128-key tiles fit with 2 prefix + 2 suffix stages, not
+  with 3 suffix stages, by the bytes `_smem_bytes` counts (Mosaic GPU's own count, lowered for CUDA)."""
+  q = jax.ShapeDtypeStruct((256, 1, 32, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4096, 8, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((256, 512, 8, 128), jnp.bfloat16)
+  config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=suffix_stages, prefix_keys=128,
+                               q_registers=True)
+  need = hopper._smem_bytes(128, hopper._window_rows(4), config)
+  assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(config, q_registers=False)) - (
+      32 << 10)
+  assert (hopper.supported(q, kv, skv, config) is None) == fits
+  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((256,), jnp.int32))
+  if fits:
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  else:
+    with pytest.raises(ValueError, match=f"smem_bytes={need} "):
+      traced.lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("rows,fits", [(48, True), (52, False)])

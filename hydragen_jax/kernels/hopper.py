@@ -58,6 +58,9 @@ class HopperConfig:
   takes turns on the tensor cores, one's softmax running under the other's products (FlashAttention-3's schedule).
   prefix_keys: keys of a prefix tile, 64 or 128 (score products of N = 128: fewer barrier round trips per key, at
   twice the shared memory a stage).
+  q_registers: the pair holds its queries in registers (the score product's A operand, 32 a thread at D = 128),
+  loaded from and stored to global memory directly, without the 32 KB shared buffer that otherwise holds q and
+  stages the out: room for 128-key tiles with 2 suffix stages.
   """
 
   num_ctas: int | None = None
@@ -67,6 +70,7 @@ class HopperConfig:
   suffix_registers: int = 88
   pingpong: bool = True
   prefix_keys: int = 64
+  q_registers: bool = False
 
   def __post_init__(self):
     tuning_lib.check_prefix_keys(self)
@@ -111,7 +115,8 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   ring = lambda stages, keys=BLOCK_K: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
   return (
-      plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled),  # the pair's queries, then their out
+      # the pair's queries, then their out (q_registers: none; interpreted, the wgmma's A operand, see _accumulate)
+      plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled) if interpret or not config.q_registers else None,
       plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
       ring(config.prefix_stages, config.prefix_keys), ring(config.prefix_stages, config.prefix_keys),  # prefix K, V
       plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries
@@ -236,17 +241,23 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   return lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
 
 
-def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
-  """Normalise into shared memory: out = acc / l (0 where l = 0), lse = (m + log2 l)·ln 2 (-inf where l = 0).
-  keys_major: acc is `[D, n]` and goes to o_smem `[n, D]` transposed."""
+def _normalise(acc, m, l, dtype, *, keys_major):
+  """(out, lse): out = acc / l (0 where l = 0) in `dtype`, lse = (m + log2 l)·ln 2 (-inf where l = 0)."""
   seen = l > 0
   inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
-  out = (acc * lax.broadcast_in_dim(inv, acc.shape, [1 if keys_major else 0])).astype(o_smem.dtype)
+  out = (acc * lax.broadcast_in_dim(inv, acc.shape, [1 if keys_major else 0])).astype(dtype)
+  return out, jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * math.log(2.0), -jnp.inf)
+
+
+def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
+  """Normalise (`_normalise`) into shared memory. keys_major: acc is `[D, n]` and goes to o_smem `[n, D]`
+  transposed."""
+  out, lse = _normalise(acc, m, l, o_smem.dtype, keys_major=keys_major)
+  lse_smem[...] = lse
   if keys_major:
     o_smem.transpose((1, 0))[...] = out
   else:
     o_smem[...] = out
-  lse_smem[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * math.log(2.0), -jnp.inf)
   plgpu.commit_smem()
 
 
@@ -307,8 +318,16 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     def item(i, _):
       idx = cta + i * num_ctas
       h, rows = idx // pairs, pl.ds((idx % pairs) * PAIR * ROWS + wg * ROWS, ROWS)
-      q, lse = pq_all.at[wg], plse_all.at[wg]
-      load_q(qt_ref.at[h, rows], q, q_bars.at[wg])
+      lse = plse_all.at[wg]
+      if config.q_registers:  # plain loads straight into the wgmma's register layout
+        q = plgpu.load(qt_ref.at[h, rows], layout=plgpu.Layout.WGMMA, optimized=False)
+        if pq_all is not None:  # interpreted: its wgmma reads A from shared memory only
+          pq_all.at[wg][...] = q
+          plgpu.commit_smem()
+          q = pq_all.at[wg]
+      else:
+        q = pq_all.at[wg]
+        load_q(qt_ref.at[h, rows], q, q_bars.at[wg])
       first = i * n
 
       def after(j, slot):
@@ -327,8 +346,15 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
                         lambda slot: pk_bars.at[slot], lambda slot: pv_bars.at[slot],
                         lambda j: lax.rem(first + j, stages), after, n, length // block_k, length, keys_major=False,
                         **hooks)
-      _finish(acc, m, l, q, lse, keys_major=False)
-      plgpu.copy_smem_to_gmem(q, op_ref.at[h, rows])
+      if config.q_registers:
+        out, lse_now = _normalise(acc, m, l, op_ref.dtype, keys_major=False)
+        op_ref.at[h, rows][...] = out  # plain stores from registers
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's lse store has read its buffer
+        lse[...] = lse_now
+        plgpu.commit_smem()
+      else:
+        _finish(acc, m, l, q, lse, keys_major=False)
+        plgpu.copy_smem_to_gmem(q, op_ref.at[h, rows])
       plgpu.copy_smem_to_gmem(lse, lp_ref.at[h, rows])
 
     lax.fori_loop(0, count(num_heads * pairs), item, None)

@@ -53,6 +53,7 @@ class HopperTuning:
   suffix_registers: int
   pingpong: bool
   prefix_keys: int = 64
+  q_registers: bool = False
 
   def __post_init__(self):
     check_prefix_keys(self)

@@ -31,6 +31,12 @@ VARIANTS = {
     "h200": hopper.HopperConfig(prefix_stages=2, suffix_stages=3),  # the H200's file (session 9)
     "p2s1": hopper.HopperConfig(prefix_stages=2, suffix_stages=1),  # k128's rings with 64-key tiles
     "k128": hopper.HopperConfig(prefix_stages=2, suffix_stages=1, prefix_keys=128),  # 128-key prefix tiles
+    # q in registers: 64-key tiles with the H200's rings; 128-key tiles with 2 suffix stages (the room q freed),
+    # with the pair's registers raised for q's 32
+    "q64": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, q_registers=True),
+    "k128q": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True),
+    "k128q224": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                    pair_registers=224, suffix_registers=64),
 }
 
 
