@@ -129,12 +129,18 @@ def test_layers_share_one_compiled_kernel():
                                     hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=1, prefix_keys=128),
                                     hopper.HopperConfig(num_ctas=2, q_registers=True),
                                     hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, prefix_keys=128,
-                                                        q_registers=True)],
-                         ids=["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters"])
+                                                        q_registers=True),
+                                    hopper.HopperConfig(num_ctas=2, cluster=2),
+                                    hopper.HopperConfig(num_ctas=4, prefix_stages=2, suffix_stages=2, prefix_keys=128,
+                                                        q_registers=True, cluster=2)],
+                         ids=["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
+                              "1cluster", "2clusters_128keys_qregisters"])
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
   reused after the previous item's stores), with and without the ping-pong, with q in shared memory or registers
-  (q_registers: each item's out and lse stored before the next item's)."""
+  (q_registers: each item's out and lse stored before the next item's), alone or in 2-CTA clusters that share
+  each prefix tile (cluster: the ring's slots refilled once both CTAs have read them; 4 prefix items, i.e. one or
+  two item pairs a cluster)."""
   shape = (40, 3, 8, 2, 64, 136, 72)  # 2 pair blocks of 120 rows per KV head: 4 prefix and 80 suffix items
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=2)
@@ -180,6 +186,31 @@ def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
   traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
                       jax.ShapeDtypeStruct((256,), jnp.int32))
   assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()  # Mosaic GPU's own smem check too
+
+
+def test_clusters_lower_for_cuda_and_check_their_settings():
+  """2-CTA clusters lower to Mosaic GPU for CUDA (the multicast copies split each prefix tile between the two CTAs)
+  at the GQA and the MHA decode shapes; the grid takes whole clusters (132 SMs: 66 clusters; an odd num_ctas is
+  refused), and `cluster` takes 1 or 2."""
+  for b, p, hq, hkv in [(1024, 8192, 32, 8), (512, 16384, 32, 32)]:
+    q = jax.ShapeDtypeStruct((b, 1, hq, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((p, hkv, 128), jnp.bfloat16)
+    skv = jax.ShapeDtypeStruct((b, 256, hkv, 128), jnp.bfloat16)
+    config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                 cluster=2)
+    step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+    text = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+  args = [jnp.zeros((2, 1, 8, 64), jnp.bfloat16), jnp.zeros((64, 2, 64), jnp.bfloat16),
+          jnp.zeros((64, 2, 64), jnp.bfloat16), jnp.int32(64), jnp.zeros((2, 64, 2, 64), jnp.bfloat16),
+          jnp.zeros((2, 64, 2, 64), jnp.bfloat16), jnp.zeros((2,), jnp.int32)]
+  with pytest.raises(ValueError, match="num_ctas=3 is not a multiple of its cluster=2"):
+    hopper.prefix_suffix_attention(*args, scale=0.1, config=hopper.HopperConfig(num_ctas=3, cluster=2))
+  with pytest.raises(ValueError, match="HopperConfig.cluster must be 1 or 2; got 4"):
+    hopper.HopperConfig(cluster=4)
+  with pytest.raises(ValueError, match="HopperTuning.cluster must be 1 or 2; got 3"):
+    tuning.HopperTuning(2, 3, 208, 88, True, 64, False, 3)
 
 
 @pytest.mark.parametrize("suffix_stages,fits", [(2, True), (3, False)])

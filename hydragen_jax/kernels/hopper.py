@@ -61,6 +61,9 @@ class HopperConfig:
   q_registers: the pair holds its queries in registers (the score product's A operand, 32 a thread at D = 128),
   loaded from and stored to global memory directly, without the 32 KB shared buffer that otherwise holds q and
   stages the out: room for 128-key tiles with 2 suffix stages.
+  cluster: CTAs (1 or 2) that run prefix items of the same KV head side by side and share each prefix key tile: each
+  loads its part and the TMA multicasts it to both, so the prefix tiles cross from L2 to the SMs once a cluster, not
+  once a CTA (the prefix rows are padded to whole clusters of items; the persistent grid takes an even CTA count).
   """
 
   num_ctas: int | None = None
@@ -71,9 +74,11 @@ class HopperConfig:
   pingpong: bool = True
   prefix_keys: int = 64
   q_registers: bool = False
+  cluster: int = 1
 
   def __post_init__(self):
     tuning_lib.check_prefix_keys(self)
+    tuning_lib.check_cluster(self)
 
 
 def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:
@@ -127,7 +132,9 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.Barrier(num_barriers=PAIR + 1),  # query copies, one per warpgroup
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
-      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix slot read by warpgroup 0
+      # prefix slot read by both warpgroups (of both CTAs of a cluster: their tiles are multicast)
+      plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=config.prefix_stages)
+      if config.cluster > 1 else plgpu.Barrier(num_arrivals=PAIR, num_barriers=config.prefix_stages),
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
@@ -141,7 +148,7 @@ def _smem_bytes(head_dim: int, srows: int, config: HopperConfig) -> int:
   lowered kernel (`tests/test_hopper.py`)."""
   total = 2048
   for item in _scratch(head_dim, srows, jnp.bfloat16, config, interpret=False):
-    if isinstance(item, plgpu.Barrier):
+    if isinstance(item, (plgpu.Barrier, plgpu.ClusterBarrier)):
       total += 8 * math.prod(item.num_barriers)
     elif item is not None:
       total += -(-math.prod(item.shape) * jnp.dtype(item.dtype).itemsize // 1024) * 1024
@@ -266,9 +273,11 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]."""
   (pq_all, plse_all, pk_smem, pv_smem, q_smem, o_smem, lse_smem, p_smem, sk_smem, sv_smem,
    q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all) = scratch
-  wg, cta, num_ctas = lax.axis_index("wg"), lax.axis_index("cta"), config.num_ctas
+  wg, num_ctas, size = lax.axis_index("wg"), config.num_ctas, config.cluster
+  member = lax.axis_index("cluster") if size > 1 else 0  # this CTA's place in its cluster
+  cta = lax.axis_index("cta") * size + member
   num_heads = pk_ref.shape[1]
-  pairs = op_ref.shape[1] // (PAIR * ROWS)  # 128-row blocks per KV head
+  pairs = op_ref.shape[1] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
   srows = q_smem.shape[0]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
@@ -279,24 +288,31 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     plgpu.copy_gmem_to_smem(src, dst, bar)
     plgpu.barrier_wait(bar)
 
-  def count(num_items):  # this CTA's items: cta, cta + num_ctas, ... < num_items (0 if cta >= num_items)
-    return (num_items - cta + num_ctas - 1) // num_ctas
+  def count(num_items, first=cta, step=num_ctas):  # items first, first + step, ... < num_items
+    return (num_items - first + step - 1) // step
+
+  # Prefix items go round-robin over the clusters, a cluster's CTAs taking consecutive items (the same KV head).
+  clusters, cluster_id = num_ctas // size, cta // size
+  prefix_item = lambda i: (cluster_id + i * clusters) * size + member
 
   def prefix_pair():
     """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
-    a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (warpgroup 0 arrives on
-    `consumed`, warpgroup 1 waits for it)."""
+    a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (both arrive on
+    `consumed`, warpgroup 1 then waits for it). In a cluster the CTAs run the same stream (items of one KV head)
+    and each tile is multicast to both, so a slot is refilled once all four warpgroups have read it."""
     stages, block_k = pk_smem.shape[:2]
     length = lens_ref[batch]
     n = pl.cdiv(length, block_k)
-    total = count(num_heads * pairs) * n
+    items = count(num_heads * pairs // size, cluster_id, clusters)  # the same in both CTAs of a cluster
+    total = items * n
     loader = wg == 1
+    multicast = dict(collective_axes="cluster") if size > 1 else {}
 
     def load(g, slot):
-      item = cta + (g // n) * num_ctas
+      head = prefix_item(g // n) // pairs
       keys = pl.ds((g % n) * block_k, block_k)
-      plgpu.copy_gmem_to_smem(pk_ref.at[keys, item // pairs], pk_smem.at[slot], pk_bars.at[slot])
-      plgpu.copy_gmem_to_smem(pv_ref.at[keys, item // pairs], pv_smem.at[slot], pv_bars.at[slot])
+      plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
+      plgpu.copy_gmem_to_smem(pv_ref.at[keys, head], pv_smem.at[slot], pv_bars.at[slot], **multicast)
 
     @pl.when(loader)
     def _():
@@ -316,7 +332,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       pl.when(wg == 1)(rendezvous)
 
     def item(i, _):
-      idx = cta + i * num_ctas
+      idx = prefix_item(i)
       h, rows = idx // pairs, pl.ds((idx % pairs) * PAIR * ROWS + wg * ROWS, ROWS)
       lse = plse_all.at[wg]
       if config.q_registers:  # plain loads straight into the wgmma's register layout
@@ -332,14 +348,13 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       def after(j, slot):
         g = first + j
-
-        @pl.when(jnp.logical_not(loader))
-        def _():
-          plgpu.barrier_arrive(consumed.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
 
         @pl.when(loader)
         def _():
-          plgpu.barrier_wait(consumed.at[slot])  # every phase, also the last ones: none is left unobserved
+          # Every phase, also the last ones: none is left unobserved, and no arrival from the other CTA of a
+          # cluster reaches this one after it has ended.
+          plgpu.barrier_wait(consumed.at[slot])
           pl.when(g + stages < total)(functools.partial(load, g + stages, slot))
 
       acc, m, l = flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
@@ -357,7 +372,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         plgpu.copy_smem_to_gmem(q, op_ref.at[h, rows])
       plgpu.copy_smem_to_gmem(lse, lp_ref.at[h, rows])
 
-    lax.fori_loop(0, count(num_heads * pairs), item, None)
+    lax.fori_loop(0, items, item, None)
     if config.pingpong:
       pl.when(wg == 0)(rendezvous)
 
@@ -432,8 +447,10 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
   config = tuned_config() if config is None else config
-  if config.num_ctas is None:
-    config = dataclasses.replace(config, num_ctas=ops.num_cores())
+  if config.num_ctas is None:  # one CTA per SM, in whole clusters
+    config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
+  if config.num_ctas % config.cluster:
+    raise ValueError(f"HopperConfig.num_ctas={config.num_ctas} is not a multiple of its cluster={config.cluster}.")
   return _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths,
                                   scale=float(scale), config=config, interpret=interpret)
 
@@ -450,11 +467,12 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   qrows = steps * group  # query rows per sequence and KV head
   srows = _window_rows(qrows)
   # [B, T, Hkv·g, D] -> [Hkv, B·T·g, D]: each KV head's rows stacked (a copy of q, not of the caches), padded to
-  # whole 128-row pair blocks (the prefix items' rows: `rows`) and past the last suffix window: no copy in or out
-  # of the kernel falls off an array's end.
+  # whole clusters of 128-row pair blocks (the prefix items' rows: `rows`) and past the last suffix window: no copy
+  # in or out of the kernel falls off an array's end.
   qt = q.reshape(batch, steps, num_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
   qt = qt.reshape(num_heads, batch * qrows, head_dim)
-  rows = -(-batch * qrows // (PAIR * ROWS)) * PAIR * ROWS
+  block = PAIR * ROWS * config.cluster
+  rows = -(-batch * qrows // block) * block
   last_window = (batch - 1) * qrows // 8 * 8
   qt = jnp.pad(qt, ((0, 0), (0, max(rows, last_window + srows) - batch * qrows), (0, 0)))
   # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.
@@ -476,7 +494,9 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
     params = InterpretGPUParams()
   op, lp, os_, ls = plgpu.kernel(
       lambda *refs: pl.run_scoped(lambda s: kernel(*refs, s), scratch, collective_axes="wg"),
-      out_type=out_type, grid=(config.num_ctas,), grid_names=("cta",), num_threads=PAIR + 1, thread_name="wg",
+      out_type=out_type, grid=(config.num_ctas // config.cluster,), grid_names=("cta",),
+      cluster=(config.cluster,) if config.cluster > 1 else (), cluster_names=("cluster",) if config.cluster > 1 else (),
+      num_threads=PAIR + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=params,
   )(qt, prefix_k, prefix_v, suffix_k, suffix_v, lens)
 

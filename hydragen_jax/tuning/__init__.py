@@ -54,9 +54,11 @@ class HopperTuning:
   pingpong: bool
   prefix_keys: int = 64
   q_registers: bool = False
+  cluster: int = 1
 
   def __post_init__(self):
     check_prefix_keys(self)
+    check_cluster(self)
 
 
 PREFIX_KEYS = (64, 128)  # the Hopper kernel's prefix key tiles
@@ -66,6 +68,13 @@ def check_prefix_keys(config) -> None:
   """ValueError naming `config`'s class unless its `prefix_keys` is one of `PREFIX_KEYS`."""
   if config.prefix_keys not in PREFIX_KEYS:
     raise ValueError(f"{type(config).__name__}.prefix_keys must be 64 or 128; got {config.prefix_keys!r}.")
+
+
+def check_cluster(config) -> None:
+  """ValueError naming `config`'s class unless its `cluster` (CTAs sharing the Hopper kernel's prefix tiles) is 1 or
+  2."""
+  if config.cluster not in (1, 2) or isinstance(config.cluster, bool):
+    raise ValueError(f"{type(config).__name__}.cluster must be 1 or 2; got {config.cluster!r}.")
 
 
 def _check_ints(obj, names: tuple[str, ...], least: int) -> None:

@@ -36,7 +36,10 @@ VARIANTS = {
     "q64": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, q_registers=True),
     "k128q": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True),
     "k128q224": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
-                                    pair_registers=224, suffix_registers=64),
+                                    pair_registers=224, suffix_registers=64),  # hung on the H200 (session 13)
+    # 2-CTA clusters sharing each prefix tile by TMA multicast
+    "c2": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, cluster=2),
+    "k128qc2": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True, cluster=2),
 }
 
 
