@@ -281,9 +281,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   srows = q_smem.shape[0]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
-  def load_q(src, dst, bar):
-    # The previous item's out and lse stores have read shared memory: the prefix reloads q into its out buffer,
-    # and both warpgroups' _finish will overwrite those buffers (the suffix's q buffer is not stored from).
+  def load_q(src, dst, bar):  # the prefix pair's queries, into the buffer that also stages their out
+    # The previous item's out and lse stores have read shared memory: q reloads into the out buffer, and _finish
+    # will overwrite the lse buffer.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     plgpu.copy_gmem_to_smem(src, dst, bar)
     plgpu.barrier_wait(bar)
@@ -387,7 +387,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
       start = b * qrows
       window = pl.multiple_of(start // 8 * 8, 8)
-      load_q(qt_ref.at[h, pl.ds(window, srows)], q_smem, q_bars.at[PAIR])
+      # The queries' copy goes out with the first key tiles' (one memory latency an item, not two): q_smem is
+      # never stored from, and the previous item's products have read it.
+      plgpu.copy_gmem_to_smem(qt_ref.at[h, pl.ds(window, srows)], q_smem, q_bars.at[PAIR])
       length = lens_ref[b]
       n = pl.cdiv(length, BLOCK_K)
       # Window row c is query t = (c - (start - window)) // g of the sequence's last T tokens: it sees suffix keys
@@ -401,10 +403,12 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       # Tile starts are traced values (a loop, not unrolled): TMA clips a tile at the array's end.
       lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(j, j), None)
+      plgpu.barrier_wait(q_bars.at[PAIR])
       acc, m, l = flash(q_smem, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
                         lambda slot: sv_bars.at[slot], lambda j: lax.rem(j, stages),
                         lambda j, slot: pl.when(j + stages < n)(functools.partial(load, j + stages, slot)),
                         n, (length - causal_t + 1) // BLOCK_K, limit, keys_major=True)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
       # Only the sequence's own rows go out (o_smem is untiled: its rows can start anywhere).
       mine = pl.ds(start - window, qrows)
