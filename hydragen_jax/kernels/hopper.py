@@ -64,6 +64,9 @@ class HopperConfig:
   cluster: CTAs (1 or 2) that run prefix items of the same KV head side by side and share each prefix key tile: each
   loads its part and the TMA multicasts it to both, so the prefix tiles cross from L2 to the SMs once a cluster, not
   once a CTA (the prefix rows are padded to whole clusters of items; the persistent grid takes an even CTA count).
+  suffix_lookahead: the suffix warpgroup's ring runs on across its items: the key tiles of its next item are loaded
+  as the current item's last tiles free their slots, and the next item's queries (a second buffer) while the
+  current one runs, so a short item (a decode step's suffix: one or two tiles) does not wait a memory latency.
   """
 
   num_ctas: int | None = None
@@ -75,6 +78,7 @@ class HopperConfig:
   prefix_keys: int = 64
   q_registers: bool = False
   cluster: int = 1
+  suffix_lookahead: bool = False
 
   def __post_init__(self):
     tuning_lib.check_prefix_keys(self)
@@ -124,12 +128,13 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled) if interpret or not config.q_registers else None,
       plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
       ring(config.prefix_stages, config.prefix_keys), ring(config.prefix_stages, config.prefix_keys),  # prefix K, V
-      plgpu.SMEM((srows, head_dim), dtype, **tiled),  # a suffix item's queries
+      plgpu.SMEM((2, srows, head_dim) if config.suffix_lookahead else (srows, head_dim), dtype,
+                 **tiled),  # a suffix item's queries (suffix_lookahead: and the next item's)
       plgpu.SMEM((srows, head_dim), dtype),  # its out
       plgpu.SMEM((srows,), jnp.float32),  # its lse
       plgpu.SMEM((srows, BLOCK_K), dtype, **tiled),  # a suffix tile's probabilities, transposed
       ring(config.suffix_stages), ring(config.suffix_stages),  # suffix key and value tiles
-      plgpu.Barrier(num_barriers=PAIR + 1),  # query copies, one per warpgroup
+      plgpu.Barrier(num_barriers=PAIR + 1 + config.suffix_lookahead),  # query copies, one per query buffer
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
       # prefix slot read by both warpgroups (of both CTAs of a cluster: their tiles are multicast)
@@ -278,7 +283,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   cta = lax.axis_index("cta") * size + member
   num_heads = pk_ref.shape[1]
   pairs = op_ref.shape[1] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
-  srows = q_smem.shape[0]  # rows of a suffix item's window
+  srows = q_smem.shape[-2]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
   def load_q(src, dst, bar):  # the prefix pair's queries, into the buffer that also stages their out
@@ -377,36 +382,67 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       pl.when(wg == 0)(rendezvous)
 
   def suffixes():
-    """Warpgroup 2: each suffix item fills its own ring from slot 0."""
+    """Warpgroup 2. Without suffix_lookahead each item fills its own ring from slot 0. With it, the items' key tiles
+    form one stream (item i's tile j is tile base_i + j, base_i the tiles of the items before it, in slot
+    (base_i + j) mod stages): as item i reads its tile j, the slot is refilled with stream tile base_i + j + stages,
+    the item's own or (if that is past its end) the next item's; so an item starts with the first
+    min(n, stages) of its tiles in flight, except those the previous item, with fewer than `stages` tiles, had no
+    slot for (`prev`: the previous item's tile count)."""
     stages = sk_smem.shape[0]
+    lookahead = config.suffix_lookahead
     cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K, srows), 1, layout=plgpu.Layout.WGMMA)
+    num_items = count(batch * num_heads)
 
-    def item(i, _):
-      idx = cta + i * num_ctas
-      b, h = idx // num_heads, idx % num_heads
+    def coords(i):  # item i of this CTA: (sequence, KV head, its first row, its 8-aligned window, key tiles)
+      idx = jnp.minimum(cta + i * num_ctas, batch * num_heads - 1)  # clamped: the item after the last is asked
+      b = idx // num_heads
       # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
-      start = b * qrows
-      window = pl.multiple_of(start // 8 * 8, 8)
-      # The queries' copy goes out with the first key tiles' (one memory latency an item, not two): q_smem is
-      # never stored from, and the previous item's products have read it.
-      plgpu.copy_gmem_to_smem(qt_ref.at[h, pl.ds(window, srows)], q_smem, q_bars.at[PAIR])
+      return b, idx % num_heads, b * qrows, pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], BLOCK_K)
+
+    def load(b, h, j, slot):
+      keys = pl.ds(j * BLOCK_K, BLOCK_K)
+      plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot], sk_bars.at[slot])
+      plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot], sv_bars.at[slot])
+
+    def load_q(i):  # item i's queries (q_smem is never stored from: no store to wait for)
+      _, h, _, window, _ = coords(i)
+      buffer = lax.rem(i, 2) if lookahead else None
+      plgpu.copy_gmem_to_smem(qt_ref.at[h, pl.ds(window, srows)], q_smem if buffer is None else q_smem.at[buffer],
+                              q_bars.at[PAIR if buffer is None else PAIR + buffer])
+
+    if lookahead:
+      pl.when(num_items > 0)(lambda: load_q(0))
+
+    def item(i, carry):
+      base, prev = carry
+      b, h, start, window, n = coords(i)
       length = lens_ref[b]
-      n = pl.cdiv(length, BLOCK_K)
       # Window row c is query t = (c - (start - window)) // g of the sequence's last T tokens: it sees suffix keys
       # < length - T + 1 + t.
       limit = length - causal_t + 1 + (cols - (start - window)) // group if causal_t > 1 else length
-
-      def load(j, slot):
-        keys = pl.ds(j * BLOCK_K, BLOCK_K)
-        plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot], sk_bars.at[slot])
-        plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot], sv_bars.at[slot])
-
+      slot_of = lambda j: lax.rem(base + j, stages)
+      # The queries' copy goes out with the first key tiles' (one memory latency an item, not two); with the
+      # lookahead the next item's goes out now, into the other buffer (the previous item's products read it).
+      if lookahead:
+        pl.when(i + 1 < num_items)(lambda: load_q(i + 1))
+      else:
+        load_q(i)
       # Tile starts are traced values (a loop, not unrolled): TMA clips a tile at the array's end.
-      lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(j, j), None)
-      plgpu.barrier_wait(q_bars.at[PAIR])
-      acc, m, l = flash(q_smem, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
-                        lambda slot: sv_bars.at[slot], lambda j: lax.rem(j, stages),
-                        lambda j, slot: pl.when(j + stages < n)(functools.partial(load, j + stages, slot)),
+      lax.fori_loop(0, jnp.minimum(n, jnp.maximum(stages - prev, 0)), lambda j, _: load(b, h, j, slot_of(j)), None)
+      if lookahead:
+        nb, nh, _, _, nn = coords(i + 1)
+        has_next = i + 1 < num_items
+
+      def after(j, slot):  # tile j has been read: its slot takes stream tile base + j + stages
+        pl.when(j + stages < n)(lambda: load(b, h, j + stages, slot))
+        if lookahead:
+          t = j + stages - n  # the next item's tile
+          pl.when(has_next & (t >= 0) & (t < nn))(lambda: load(nb, nh, t, slot))
+
+      buffer = lax.rem(i, 2) if lookahead else None
+      plgpu.barrier_wait(q_bars.at[PAIR if buffer is None else PAIR + buffer])
+      acc, m, l = flash(q_smem if buffer is None else q_smem.at[buffer], sk_smem, sv_smem, p_smem,
+                        lambda slot: sk_bars.at[slot], lambda slot: sv_bars.at[slot], slot_of, after,
                         n, (length - causal_t + 1) // BLOCK_K, limit, keys_major=True)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
@@ -417,8 +453,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, b])  # lse, [Hkv, B, srows] (unpacked after the kernel)
       else:
         plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(start, qrows)])
+      return (base + n, n) if lookahead else (base, prev)  # without it: every item from slot 0, its own loads
 
-    lax.fori_loop(0, count(batch * num_heads), item, None)
+    lax.fori_loop(0, num_items, item, (jnp.int32(0), jnp.int32(0)))
 
   @pl.when(wg < PAIR)
   def _():

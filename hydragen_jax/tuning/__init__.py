@@ -55,6 +55,7 @@ class HopperTuning:
   prefix_keys: int = 64
   q_registers: bool = False
   cluster: int = 1
+  suffix_lookahead: bool = False
 
   def __post_init__(self):
     check_prefix_keys(self)

@@ -40,6 +40,10 @@ VARIANTS = {
     # 2-CTA clusters sharing each prefix tile by TMA multicast
     "c2": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, cluster=2),
     "k128qc2": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True, cluster=2),
+    # the suffix ring across items
+    "la": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, suffix_lookahead=True),
+    "k128qla": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                   suffix_lookahead=True),
 }
 
 
