@@ -142,9 +142,9 @@ def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
   reused after the previous item's stores), with and without the ping-pong, with q in shared memory or registers
   (q_registers: each item's out and lse stored before the next item's), alone or in 2-CTA clusters that share
-  each prefix tile (cluster: the ring's slots refilled once both CTAs have read them; 4 prefix items, i.e. one or
-  two item pairs a cluster)."""
-  shape = (40, 3, 8, 2, 64, 136, 72)  # 2 pair blocks of 120 rows per KV head: 4 prefix and 80 suffix items
+  each prefix tile (cluster: the ring's slots refilled once both CTAs have read them; 4 item pairs, for one or two
+  clusters)."""
+  shape = (40, 3, 8, 2, 64, 136, 72)  # 480 rows per KV head: 4 blocks of 128, 8 prefix items; 80 suffix items
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=2)
   lengths = jnp.asarray(np.random.default_rng(2).integers(0, s + 1, b), jnp.int32)
@@ -236,6 +236,25 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
     tuning.HopperTuning(2, 3, 208, 88, True, 64, False, 3)
 
 
+@pytest.mark.parametrize("fields,message", [
+    (dict(pair_registers=224, suffix_registers=64), r"2·pair_registers \+ suffix_registers at most 504"),
+    (dict(pair_registers=216, suffix_registers=80), r"at most 504 \(more hangs the kernel\)"),
+    (dict(pair_registers=212), "each must be a multiple of 8"),
+    (dict(prefix_stages=1), "prefix_stages must be >= 2 with pingpong"),
+    (dict(suffix_stages=0), "suffix_stages must be a positive int"),
+])
+def test_settings_that_cannot_run_are_refused(fields, message):
+  """Registers beyond the pool setmaxnreg can share (2·216 + 80 and 2·224 + 64 hung on the H200), a one-slot
+  prefix ring with the ping-pong (the pair would wait for each other), an empty ring: refused by HopperConfig and
+  HopperTuning alike, naming the field."""
+  with pytest.raises(ValueError, match=message):
+    hopper.HopperConfig(**fields)
+  base = dict(prefix_stages=2, suffix_stages=3, pair_registers=208, suffix_registers=88, pingpong=True)
+  with pytest.raises(ValueError, match=message):
+    tuning.HopperTuning(**{**base, **fields})
+  hopper.HopperConfig(prefix_stages=1, pingpong=False)  # one slot without the ping-pong runs
+
+
 @pytest.mark.parametrize("suffix_stages,fits", [(2, True), (3, False)])
 def test_queries_in_registers_free_their_shared_buffer(suffix_stages, fits):
   """q_registers drops the pair's 32 KB query/out buffer: 128-key tiles fit with 2 prefix + 2 suffix stages, not
@@ -295,16 +314,23 @@ def test_step_equals_attention_over_concatenated_kv(backend, shape):
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-def test_empty_prefix_and_empty_suffixes(backend):
-  """A zero-length prefix and all-empty suffixes: no NaN, out 0 and lse -inf where a part sees nothing."""
+@pytest.mark.parametrize("config", [None, hopper.HopperConfig(num_ctas=10, prefix_stages=2, suffix_stages=2,
+                                                              prefix_keys=128, q_registers=True, cluster=2,
+                                                              suffix_lookahead=True)],
+                         ids=["tuned", "every_option"])
+def test_empty_prefix_and_empty_suffixes(backend, config):
+  """A zero-length prefix and all-empty suffixes: no NaN, out 0 and lse -inf where a part sees nothing; with
+  every option on, 10 CTAs in 5 clusters for 2 item pairs and 8 suffix items (clusters and CTAs with none)."""
   shape = (4, 1, 8, 2, 64, 16, 8)
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16)
   (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
-      *a, scale=0.125, interpret=backend.startswith("interpret")))(q, pk, pv, jnp.int32(0), sk, sv,
-                                                                  jnp.zeros(4, jnp.int32))
+      *a, scale=0.125, config=config, interpret=backend.startswith("interpret")))(q, pk, pv, jnp.int32(0), sk, sv,
+                                                                                 jnp.zeros(4, jnp.int32))
   for out, lse in ((po, pl_), (so, sl)):
     chex.assert_trees_all_equal(out, jnp.zeros_like(out))
     assert bool(jnp.all(lse == -jnp.inf))
+  if config is not None:
+    return
   out = hj.hydragen_attention(q, pk, pv, sk, sv, prefix_length=0, suffix_lengths=jnp.array([0, 1, 0, 8]),
                               backend=backend)
   assert not bool(jnp.any(jnp.isnan(out.astype(jnp.float32))))

@@ -54,8 +54,9 @@ class HopperConfig:
   num_ctas: CTAs of the persistent grid; None: one per SM of the device. prefix_stages / suffix_stages: key tiles
   in flight in the prefix pair's ring and in the suffix warpgroup's (shared memory: `_smem_bytes`, at most
   SMEM_LIMIT; 203 KB for D = 128, T·g = 4 and 3 + 2 stages). pair_registers / suffix_registers: registers a thread
-  of the pair / of the suffix warpgroup (setmaxnreg; 2·pair + suffix <= 512, multiples of 8). pingpong: the pair
-  takes turns on the tensor cores, one's softmax running under the other's products (FlashAttention-3's schedule).
+  of the pair / of the suffix warpgroup (setmaxnreg; multiples of 8, 2·pair + suffix <= `tuning.REGISTER_POOL`,
+  504). pingpong: the pair takes turns on the tensor cores, one's softmax running under the other's products
+  (FlashAttention-3's schedule; needs prefix_stages >= 2).
   prefix_keys: keys of a prefix tile, 64 or 128 (score products of N = 128: fewer barrier round trips per key, at
   twice the shared memory a stage).
   q_registers: the pair holds its queries in registers (the score product's A operand, 32 a thread at D = 128),
@@ -81,8 +82,7 @@ class HopperConfig:
   suffix_lookahead: bool = False
 
   def __post_init__(self):
-    tuning_lib.check_prefix_keys(self)
-    tuning_lib.check_cluster(self)
+    tuning_lib.check_hopper(self)
 
 
 def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:
@@ -286,13 +286,6 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   srows = q_smem.shape[-2]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
-  def load_q(src, dst, bar):  # the prefix pair's queries, into the buffer that also stages their out
-    # The previous item's out and lse stores have read shared memory: q reloads into the out buffer, and _finish
-    # will overwrite the lse buffer.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.copy_gmem_to_smem(src, dst, bar)
-    plgpu.barrier_wait(bar)
-
   def count(num_items, first=cta, step=num_ctas):  # items first, first + step, ... < num_items
     return (num_items - first + step - 1) // step
 
@@ -303,10 +296,19 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   def prefix_pair():
     """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
     a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (both arrive on
-    `consumed`, warpgroup 1 then waits for it). In a cluster the CTAs run the same stream (items of one KV head)
-    and each tile is multicast to both, so a slot is refilled once all four warpgroups have read it."""
+    `consumed`, warpgroup 1 then waits for it; its own arrival matters only in a cluster). In a cluster the CTAs
+    run the same stream (items of one KV head) and each tile is multicast to both, so a slot is refilled once all
+    four warpgroups have read it."""
     stages, block_k = pk_smem.shape[:2]
     length = lens_ref[batch]
+
+    def load_q(src, dst, bar):  # the pair's queries, into the buffer that also stages their out
+      # The previous item's out and lse stores have read shared memory: q reloads into the out buffer, and
+      # _finish will overwrite the lse buffer.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+      plgpu.barrier_wait(bar)
+
     n = pl.cdiv(length, block_k)
     items = count(num_heads * pairs // size, cluster_id, clusters)  # the same in both CTAs of a cluster
     total = items * n
@@ -357,8 +359,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
         @pl.when(loader)
         def _():
-          # Every phase, also the last ones: none is left unobserved, and no arrival from the other CTA of a
-          # cluster reaches this one after it has ended.
+          # Every phase, also the last ones (a producer's tail): none is left unobserved, and no arrival from
+          # the other CTA of a cluster reaches this one after it has ended.
           plgpu.barrier_wait(consumed.at[slot])
           pl.when(g + stages < total)(functools.partial(load, g + stages, slot))
 
@@ -382,12 +384,12 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       pl.when(wg == 0)(rendezvous)
 
   def suffixes():
-    """Warpgroup 2. Without suffix_lookahead each item fills its own ring from slot 0. With it, the items' key tiles
-    form one stream (item i's tile j is tile base_i + j, base_i the tiles of the items before it, in slot
-    (base_i + j) mod stages): as item i reads its tile j, the slot is refilled with stream tile base_i + j + stages,
-    the item's own or (if that is past its end) the next item's; so an item starts with the first
-    min(n, stages) of its tiles in flight, except those the previous item, with fewer than `stages` tiles, had no
-    slot for (`prev`: the previous item's tile count)."""
+    """Warpgroup 2. Without suffix_lookahead each item fills its own ring from slot 0 as it starts. With it, a CTA's
+    items form one stream of key tiles (item i's tile j is stream tile base_i + j, base_i the tiles of the items
+    before it, in slot (base_i + j) mod stages), each item's first min(n, stages) tiles and its queries are in
+    flight before it starts: as item i starts, the next item's first tiles go into the slots item i leaves empty
+    (it has fewer than `stages` tiles; their last tiles were read by earlier items), and as item i reads its tile
+    j, the slot takes stream tile base_i + j + stages, its own or the next item's."""
     stages = sk_smem.shape[0]
     lookahead = config.suffix_lookahead
     cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K, srows), 1, layout=plgpu.Layout.WGMMA)
@@ -404,34 +406,40 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot], sk_bars.at[slot])
       plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot], sv_bars.at[slot])
 
-    def load_q(i):  # item i's queries (q_smem is never stored from: no store to wait for)
-      _, h, _, window, _ = coords(i)
-      buffer = lax.rem(i, 2) if lookahead else None
-      plgpu.copy_gmem_to_smem(qt_ref.at[h, pl.ds(window, srows)], q_smem if buffer is None else q_smem.at[buffer],
-                              q_bars.at[PAIR if buffer is None else PAIR + buffer])
+    def queries(i):  # item i's query buffer and its copy's barrier (lookahead: two buffers, by item parity)
+      if not lookahead:
+        return q_smem, q_bars.at[PAIR]
+      k = lax.rem(i, 2)
+      return q_smem.at[k], q_bars.at[PAIR + k]
 
-    if lookahead:
-      pl.when(num_items > 0)(lambda: load_q(0))
-
-    def item(i, carry):
-      base, prev = carry
-      b, h, start, window, n = coords(i)
-      length = lens_ref[b]
-      # Window row c is query t = (c - (start - window)) // g of the sequence's last T tokens: it sees suffix keys
-      # < length - T + 1 + t.
-      limit = length - causal_t + 1 + (cols - (start - window)) // group if causal_t > 1 else length
-      slot_of = lambda j: lax.rem(base + j, stages)
-      # The queries' copy goes out with the first key tiles' (one memory latency an item, not two); with the
-      # lookahead the next item's goes out now, into the other buffer (the previous item's products read it).
-      if lookahead:
-        pl.when(i + 1 < num_items)(lambda: load_q(i + 1))
-      else:
-        load_q(i)
+    def start(i, base):  # item i's queries and first tiles (q_smem is never stored from: no store to wait for)
+      b, h, _, window, n = coords(i)
+      plgpu.copy_gmem_to_smem(qt_ref.at[h, pl.ds(window, srows)], *queries(i))
       # Tile starts are traced values (a loop, not unrolled): TMA clips a tile at the array's end.
-      lax.fori_loop(0, jnp.minimum(n, jnp.maximum(stages - prev, 0)), lambda j, _: load(b, h, j, slot_of(j)), None)
+      lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(b, h, j, lax.rem(base + j, stages)), None)
+
+    if lookahead:  # the stream's first item; each later one is started by the item before it
+      pl.when(num_items > 0)(lambda: start(0, 0))
+
+    def item(i, base):  # base: the stream index of the item's first tile (0 without the lookahead)
+      b, h, first_row, window, n = coords(i)
+      length = lens_ref[b]
+      # Window row c is query t = (c - (first_row - window)) // g of the sequence's last T tokens: it sees suffix
+      # keys < length - T + 1 + t.
+      limit = length - causal_t + 1 + (cols - (first_row - window)) // group if causal_t > 1 else length
+      slot_of = lambda j: lax.rem(base + j, stages)
       if lookahead:
-        nb, nh, _, _, nn = coords(i + 1)
+        nb, nh, _, next_window, nn = coords(i + 1)
         has_next = i + 1 < num_items
+
+        @pl.when(has_next)
+        def _():  # the next item's queries (the other buffer: its last reader, item i - 1, has finished) and the
+          # first tiles that go into the slots this item leaves empty; after() below loads the rest
+          plgpu.copy_gmem_to_smem(qt_ref.at[nh, pl.ds(next_window, srows)], *queries(i + 1))
+          lax.fori_loop(0, jnp.minimum(nn, jnp.maximum(stages - n, 0)),
+                        lambda t, _: load(nb, nh, t, slot_of(n + t)), None)
+      else:
+        start(i, 0)  # the queries' copy goes out with the first tiles' (one memory latency an item, not two)
 
       def after(j, slot):  # tile j has been read: its slot takes stream tile base + j + stages
         pl.when(j + stages < n)(lambda: load(b, h, j + stages, slot))
@@ -439,23 +447,23 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
           t = j + stages - n  # the next item's tile
           pl.when(has_next & (t >= 0) & (t < nn))(lambda: load(nb, nh, t, slot))
 
-      buffer = lax.rem(i, 2) if lookahead else None
-      plgpu.barrier_wait(q_bars.at[PAIR if buffer is None else PAIR + buffer])
-      acc, m, l = flash(q_smem if buffer is None else q_smem.at[buffer], sk_smem, sv_smem, p_smem,
-                        lambda slot: sk_bars.at[slot], lambda slot: sv_bars.at[slot], slot_of, after,
-                        n, (length - causal_t + 1) // BLOCK_K, limit, keys_major=True)
+      q_buffer, q_copied = queries(i)
+      plgpu.barrier_wait(q_copied)
+      acc, m, l = flash(q_buffer, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
+                        lambda slot: sv_bars.at[slot], slot_of, after, n, (length - causal_t + 1) // BLOCK_K, limit,
+                        keys_major=True)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
       # Only the sequence's own rows go out (o_smem is untiled: its rows can start anywhere).
-      mine = pl.ds(start - window, qrows)
-      plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(start, qrows)])
+      mine = pl.ds(first_row - window, qrows)
+      plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(first_row, qrows)])
       if qrows % 4:  # a TMA copy moves whole 16 bytes from and to 16-byte-aligned addresses: the whole window's
         plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, b])  # lse, [Hkv, B, srows] (unpacked after the kernel)
       else:
-        plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(start, qrows)])
-      return (base + n, n) if lookahead else (base, prev)  # without it: every item from slot 0, its own loads
+        plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(first_row, qrows)])
+      return base + n if lookahead else base
 
-    lax.fori_loop(0, num_items, item, (jnp.int32(0), jnp.int32(0)))
+    lax.fori_loop(0, num_items, item, jnp.int32(0))
 
   @pl.when(wg < PAIR)
   def _():

@@ -58,24 +58,36 @@ class HopperTuning:
   suffix_lookahead: bool = False
 
   def __post_init__(self):
-    check_prefix_keys(self)
-    check_cluster(self)
+    check_hopper(self)
 
 
 PREFIX_KEYS = (64, 128)  # the Hopper kernel's prefix key tiles
+# Registers a thread of the Hopper kernel's three warpgroups may share: a CTA of 384 threads starts with 168 a
+# thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg moves them between warpgroups; asking for
+# more than the pool waits forever (2·216 + 80 and 2·224 + 64 = 512 both hung on the H200).
+REGISTER_POOL = 3 * 168
 
 
-def check_prefix_keys(config) -> None:
-  """ValueError naming `config`'s class unless its `prefix_keys` is one of `PREFIX_KEYS`."""
+def check_hopper(config) -> None:
+  """ValueError naming `config`'s class (HopperTuning or the kernel's HopperConfig) and field where its settings
+  are out of range or cannot run: key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages >= 1 (>= 2 for
+  the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next score product,
+  whose tile the one-slot ring could only load after it), registers in multiples of 8 that fit the pool."""
+  name = type(config).__name__
   if config.prefix_keys not in PREFIX_KEYS:
-    raise ValueError(f"{type(config).__name__}.prefix_keys must be 64 or 128; got {config.prefix_keys!r}.")
-
-
-def check_cluster(config) -> None:
-  """ValueError naming `config`'s class unless its `cluster` (CTAs sharing the Hopper kernel's prefix tiles) is 1 or
-  2."""
+    raise ValueError(f"{name}.prefix_keys must be 64 or 128; got {config.prefix_keys!r}.")
   if config.cluster not in (1, 2) or isinstance(config.cluster, bool):
-    raise ValueError(f"{type(config).__name__}.cluster must be 1 or 2; got {config.cluster!r}.")
+    raise ValueError(f"{name}.cluster must be 1 or 2; got {config.cluster!r}.")
+  _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)
+  if config.pingpong and config.prefix_stages < 2:
+    raise ValueError(f"{name}.prefix_stages must be >= 2 with pingpong (the pair would wait for each other); got "
+                     f"{config.prefix_stages}.")
+  pair, suffix = config.pair_registers, config.suffix_registers
+  if any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in (pair, suffix)) or (
+      2 * pair + suffix > REGISTER_POOL):
+    raise ValueError(f"{name}: pair_registers={pair!r}, suffix_registers={suffix!r}: each must be a multiple of 8 "
+                     f"in [24, 256], and 2·pair_registers + suffix_registers at most {REGISTER_POOL} (more hangs "
+                     "the kernel).")
 
 
 def _check_ints(obj, names: tuple[str, ...], least: int) -> None:

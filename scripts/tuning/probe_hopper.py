@@ -27,7 +27,7 @@ VARIANTS = {
     "hop": hopper.HopperConfig(),
     "nopp": hopper.HopperConfig(pingpong=False),
     "p2s3": hopper.HopperConfig(prefix_stages=2, suffix_stages=3),
-    "r216": hopper.HopperConfig(pair_registers=216, suffix_registers=80),
+    "r216": hopper.HopperConfig(pair_registers=216, suffix_registers=72),  # 504 registers: the pool (80 hung)
     "h200": hopper.HopperConfig(prefix_stages=2, suffix_stages=3),  # the H200's file (session 9)
     "p2s1": hopper.HopperConfig(prefix_stages=2, suffix_stages=1),  # k128's rings with 64-key tiles
     "k128": hopper.HopperConfig(prefix_stages=2, suffix_stages=1, prefix_keys=128),  # 128-key prefix tiles
@@ -35,8 +35,9 @@ VARIANTS = {
     # with the pair's registers raised for q's 32
     "q64": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, q_registers=True),
     "k128q": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True),
+    # (224 / 64, 512 registers, hung on the H200 in session 13: over the pool, now refused)
     "k128q224": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
-                                    pair_registers=224, suffix_registers=64),  # hung on the H200 (session 13)
+                                    pair_registers=224, suffix_registers=56),
     # 2-CTA clusters sharing each prefix tile by TMA multicast
     "c2": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, cluster=2),
     "k128qc2": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True, cluster=2),

@@ -66,10 +66,12 @@ GROUPS = dict(gqa=_GQA, hopper=_GQA + (_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), all=
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
-# never returned, twice: 150 s and 400 s, where the others take 3 s, compile included.)
+# never returned, twice: 150 s and 400 s, where the others take 3 s, compile included. Its 2·216 + 80 = 512
+# registers exceed the pool setmaxnreg shares, 504: `tuning.check_hopper` now refuses it.)
 # 128-key prefix tiles (`prefix_keys`): 64 KB a stage at D = 128, so with q's shared buffer only 2 + 1 stages fit
 # an SM (session 13: slower, the one suffix stage starves the suffix stream), with q in registers (`q_registers`)
-# 2 + 2 (session 13: 2 + 2 with the pair's registers raised to 224, the suffix's cut to 64, hung on the H200).
+# 2 + 2 (session 13: 2 + 2 with the pair's registers raised to 224, the suffix's cut to 64, hung on the H200: 512
+# registers, over the pool).
 # `cluster` 2: pairs of CTAs share each prefix tile by TMA multicast (half the prefix's L2-to-SM traffic).
 # `suffix_lookahead`: the suffix ring runs on across items (short decode items wait no memory latency).
 HOPPER_CONFIGS = (HopperTuning(3, 2, 208, 88, True), HopperTuning(3, 2, 208, 88, False),
