@@ -266,3 +266,20 @@ def test_sweep_levels_keeps_the_node_map_static():
   # the control: the same level with its node map traced sorts the sequences in the step
   traced = jax.make_jaxpr(lambda x, lv: hj.tree_attention(x, lv, batch_shared=[True], backend="interpret"))(q, levels)
   assert re.search(r"\bsort\[", str(traced))
+
+
+def test_probe_weight_layout_times_both_layouts_of_the_same_product(tmp_path):
+  """`probe_weight_layout`: a row per (row count, layout); `[N, K]` weights are the `[K, N]` ones transposed, and
+  its product (contracting w's second axis) is the same as `x @ w`."""
+  from scripts.tuning import probe_weight_layout as pw  # noqa: PLC0415
+
+  kn, nk = (pw.layer_weights(pw.SHAPE_TINY, 1, jnp.float32, t)[0] for t in (False, True))
+  assert kn["down"].shape == nk["down"].shape[::-1] == (96, 64)
+  x = jax.random.normal(jax.random.key(0), (3, 96), jnp.float32)
+  np.testing.assert_allclose(pw.matmul(x, kn["down"], False), pw.matmul(x, nk["down"], True), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(pw.matmul(x, kn["down"], False), x @ kn["down"], rtol=1e-5, atol=1e-5)
+  out = tmp_path / "layout.jsonl"
+  pw.main(["--tiny", "--rows", "1,8", "--steps", "2", "--out", str(out)])
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["rows"], r["layout"]) for r in rows] == [(1, "[K, N]"), (1, "[N, K]"), (8, "[K, N]"), (8, "[N, K]")]
+  assert all(r["us_per_layer"] > 0 and r["fraction"] is None for r in rows)
