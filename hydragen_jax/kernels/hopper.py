@@ -113,7 +113,8 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
 def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
   """Prefix items of queries `[B, T, Hq, D]` over `num_kv_heads` KV heads: (KV head, block of PAIR·ROWS = 128
   stacked query rows). The persistent grid has one CTA per SM and each item runs on one CTA's pair, so with fewer
-  items than SMs the prefix product uses only part of the tensor cores (`validation.pays_on_hopper`)."""
+  items than SMs the prefix product uses only part of the tensor cores (`validation.pays_on_hopper`). Items of
+  real rows only: with `cluster = 2` a KV head with an odd count of blocks runs one more item, of padding."""
   batch, steps, num_q_heads = q_shape[:3]
   rows = batch * steps * num_q_heads // num_kv_heads
   return num_kv_heads * -(-rows // (PAIR * ROWS))
