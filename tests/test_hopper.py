@@ -134,10 +134,12 @@ def test_layers_share_one_compiled_kernel():
                                     hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, prefix_keys=128,
                                                         q_registers=True),
                                     hopper.HopperConfig(num_ctas=2, cluster=2),
+                                    hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, suffix_keys=128,
+                                                        q_registers=True),
                                     hopper.HopperConfig(num_ctas=4, prefix_stages=2, suffix_stages=2, prefix_keys=128,
                                                         q_registers=True, cluster=2)],
                          ids=["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
-                              "1cluster", "2clusters_128keys_qregisters"])
+                              "1cluster", "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters"])
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
   reused after the previous item's stores), with and without the ping-pong, with q in shared memory or registers
@@ -192,18 +194,20 @@ def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape,stages", [((40, 3, 8, 2, 64, 136, 72), 2), ((13, 1, 4, 4, 128, 64, 264), 3),
-                                          ((9, 2, 8, 2, 64, 40, 200), 1)],
-                         ids=["T3g4_2stages", "mha_3stages", "T2g4_1stage"])
-def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages):
+@pytest.mark.parametrize("shape,stages,keys", [((40, 3, 8, 2, 64, 136, 72), 2, 64), ((13, 1, 4, 4, 128, 64, 264), 3, 64),
+                                               ((9, 2, 8, 2, 64, 40, 200), 1, 64), ((13, 1, 4, 4, 128, 64, 264), 2, 128)],
+                         ids=["T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages"])
+def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, keys):
   """suffix_lookahead: each CTA's suffix items share one stream of key tiles (the next item's tiles loaded into the
   slots the current one frees, its queries into a second buffer). Items with no tile, one tile, fewer tiles than
-  stages and more, in every order; 2 CTAs, so each runs many items."""
+  stages and more, in every order; 2 CTAs, so each runs many items; suffix tiles of 64 and 128 keys (128: with q in
+  registers, the shared memory 2 stages of them need)."""
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=6)
   lengths = jnp.asarray(np.random.default_rng(6).integers(0, s + 1, b), jnp.int32)
   lengths = lengths.at[0].set(0).at[1].set(1).at[2].set(s).at[3].set(0).at[4].set(64)
-  config = hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=stages, suffix_lookahead=True)
+  config = hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=stages, suffix_lookahead=True,
+                               suffix_keys=keys, q_registers=keys == 128)
   (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
       *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
           q, pk, pv, jnp.int32(p - 1), sk, sv, lengths)
@@ -230,6 +234,8 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
           jnp.zeros((2, 64, 2, 64), jnp.bfloat16), jnp.zeros((2,), jnp.int32)]
   with pytest.raises(ValueError, match="num_ctas=3 is not a multiple of its cluster=2"):
     hopper.prefix_suffix_attention(*args, scale=0.1, config=hopper.HopperConfig(num_ctas=3, cluster=2))
+  with pytest.raises(ValueError, match="HopperConfig.suffix_keys must be 64 or 128; got 32"):
+    hopper.HopperConfig(suffix_keys=32)
   with pytest.raises(ValueError, match="HopperConfig.cluster must be 1 or 2; got 4"):
     hopper.HopperConfig(cluster=4)
   with pytest.raises(ValueError, match="HopperTuning.cluster must be 1 or 2; got 3"):
@@ -255,15 +261,16 @@ def test_settings_that_cannot_run_are_refused(fields, message):
   hopper.HopperConfig(prefix_stages=1, pingpong=False)  # one slot without the ping-pong runs
 
 
+@pytest.mark.parametrize("tiles", [dict(prefix_keys=128), dict(suffix_keys=128)], ids=["prefix128", "suffix128"])
 @pytest.mark.parametrize("suffix_stages,fits", [(2, True), (3, False)])
-def test_queries_in_registers_free_their_shared_buffer(suffix_stages, fits):
-  """q_registers drops the pair's 32 KB query/out buffer: 128-key tiles fit with 2 prefix + 2 suffix stages, not
-  with 3 suffix stages, by the bytes `_smem_bytes` counts (Mosaic GPU's own count, lowered for CUDA)."""
+def test_queries_in_registers_free_their_shared_buffer(tiles, suffix_stages, fits):
+  """q_registers drops the pair's 32 KB query/out buffer: 128-key prefix or suffix tiles fit with 2 prefix + 2
+  suffix stages, not with 3 suffix stages, by the bytes `_smem_bytes` counts (Mosaic GPU's own count, lowered for
+  CUDA: the 128-key suffix tiles' keys-major products of M = 128 and their reductions lower too)."""
   q = jax.ShapeDtypeStruct((256, 1, 32, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((4096, 8, 128), jnp.bfloat16)
   skv = jax.ShapeDtypeStruct((256, 512, 8, 128), jnp.bfloat16)
-  config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=suffix_stages, prefix_keys=128,
-                               q_registers=True)
+  config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=suffix_stages, q_registers=True, **tiles)
   need = hopper._smem_bytes(128, hopper._window_rows(4), config)
   assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(config, q_registers=False)) - (
       32 << 10)

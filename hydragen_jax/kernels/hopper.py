@@ -10,11 +10,11 @@ side by side, so that the suffixes' TMA copies stream while the prefix's wgmma r
 * warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring.
 
 Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
-`prefix_keys` = 64 or 128 keys, the suffixes' of 64), scores in base 2 (`s·scale·log2 e`). A suffix item has so few
-query rows that a 64-row tile would be mostly padding, so its tile is transposed: keys on the wgmma's 64 rows, the
-queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N side. That tile's softmax reduces over rows,
-across warps, through a shared-memory scratch that Mosaic GPU gives every warpgroup of a CTA at the same address:
-only warpgroup 2 reduces that way, so nothing races on it.
+`prefix_keys` = 64 or 128 keys, the suffixes' of `suffix_keys` = 64 or 128), scores in base 2 (`s·scale·log2 e`).
+A suffix item has so few query rows that a 64-row tile would be mostly padding, so its tile is transposed: keys on
+the wgmma's rows (64 a wgmma), the queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N side. That
+tile's softmax reduces over rows, across warps, through a shared-memory scratch that Mosaic GPU gives every
+warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so nothing races on it.
 
 The returned lse is natural-log, -inf for a query that sees no key (its out is 0). Masked scores are -inf and the
 running max starts at a finite -1e30, so fully masked tiles never produce NaN.
@@ -39,7 +39,6 @@ from hydragen_jax.kernels import ops
 Array = jax.Array
 
 ROWS = 64  # query rows of one warpgroup's wgmma tile
-BLOCK_K = 64  # keys of a suffix tile (a prefix tile: HopperConfig.prefix_keys)
 PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
 _LOG2E = math.log2(math.e)
@@ -65,6 +64,9 @@ class HopperConfig:
   cluster: CTAs (1 or 2) that run prefix items of the same KV head side by side and share each prefix key tile: each
   loads its part and the TMA multicasts it to both, so the prefix tiles cross from L2 to the SMs once a cluster, not
   once a CTA (the prefix rows are padded to whole clusters of items; the persistent grid takes an even CTA count).
+  suffix_keys: keys of a suffix tile, 64 or 128 (half the suffix warpgroup's cross-warp softmax reductions and
+  barrier round trips per key, at twice the shared memory a stage: with q_registers, 2 stages fit beside 2 prefix
+  stages of 64 keys).
   suffix_lookahead: the suffix warpgroup's ring runs on across its items: the key tiles of its next item are loaded
   as the current item's last tiles free their slots, and the next item's queries (a second buffer) while the
   current one runs, so a short item (a decode step's suffix: one or two tiles) does not wait a memory latency.
@@ -80,6 +82,7 @@ class HopperConfig:
   q_registers: bool = False
   cluster: int = 1
   suffix_lookahead: bool = False
+  suffix_keys: int = 64
 
   def __post_init__(self):
     tuning_lib.check_hopper(self)
@@ -123,7 +126,7 @@ def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
 def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool) -> tuple:
   """The kernel's shared memory: buffers and barriers, in `_kernel`'s order."""
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  ring = lambda stages, keys=BLOCK_K: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
+  ring = lambda stages, keys: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
   return (
       # the pair's queries, then their out (q_registers: none; interpreted, the wgmma's A operand, see _accumulate)
       plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled) if interpret or not config.q_registers else None,
@@ -133,8 +136,8 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
                  **tiled),  # a suffix item's queries (suffix_lookahead: and the next item's)
       plgpu.SMEM((srows, head_dim), dtype),  # its out
       plgpu.SMEM((srows,), jnp.float32),  # its lse
-      plgpu.SMEM((srows, BLOCK_K), dtype, **tiled),  # a suffix tile's probabilities, transposed
-      ring(config.suffix_stages), ring(config.suffix_stages),  # suffix key and value tiles
+      plgpu.SMEM((srows, config.suffix_keys), dtype, **tiled),  # a suffix tile's probabilities, transposed
+      ring(config.suffix_stages, config.suffix_keys), ring(config.suffix_stages, config.suffix_keys),  # suffix K, V
       plgpu.Barrier(num_barriers=PAIR + 1 + config.suffix_lookahead),  # query copies, one per query buffer
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
@@ -391,19 +394,19 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     flight before it starts: as item i starts, the next item's first tiles go into the slots item i leaves empty
     (it has fewer than `stages` tiles; their last tiles were read by earlier items), and as item i reads its tile
     j, the slot takes stream tile base_i + j + stages, its own or the next item's."""
-    stages = sk_smem.shape[0]
+    stages, block_k = sk_smem.shape[:2]
     lookahead = config.suffix_lookahead
-    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K, srows), 1, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 1, layout=plgpu.Layout.WGMMA)
     num_items = count(batch * num_heads)
 
     def coords(i):  # item i of this CTA: (sequence, KV head, its first row, its 8-aligned window, key tiles)
       idx = jnp.minimum(cta + i * num_ctas, batch * num_heads - 1)  # clamped: the item after the last is asked
       b = idx // num_heads
       # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
-      return b, idx % num_heads, b * qrows, pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], BLOCK_K)
+      return b, idx % num_heads, b * qrows, pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], block_k)
 
     def load(b, h, j, slot):
-      keys = pl.ds(j * BLOCK_K, BLOCK_K)
+      keys = pl.ds(j * block_k, block_k)
       plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot], sk_bars.at[slot])
       plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot], sv_bars.at[slot])
 
@@ -451,7 +454,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       q_buffer, q_copied = queries(i)
       plgpu.barrier_wait(q_copied)
       acc, m, l = flash(q_buffer, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
-                        lambda slot: sv_bars.at[slot], slot_of, after, n, (length - causal_t + 1) // BLOCK_K, limit,
+                        lambda slot: sv_bars.at[slot], slot_of, after, n, (length - causal_t + 1) // block_k, limit,
                         keys_major=True)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)

@@ -56,12 +56,13 @@ class HopperTuning:
   q_registers: bool = False
   cluster: int = 1
   suffix_lookahead: bool = False
+  suffix_keys: int = 64
 
   def __post_init__(self):
     check_hopper(self)
 
 
-PREFIX_KEYS = (64, 128)  # the Hopper kernel's prefix key tiles
+KEY_TILES = (64, 128)  # the Hopper kernel's prefix and suffix key tiles
 # Registers a thread of the Hopper kernel's three warpgroups may share: a CTA of 384 threads starts with 168 a
 # thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg moves them between warpgroups; asking for
 # more than the pool waits forever (2·216 + 80 and 2·224 + 64 = 512 both hung on the H200).
@@ -70,12 +71,13 @@ REGISTER_POOL = 3 * 168
 
 def check_hopper(config) -> None:
   """ValueError naming `config`'s class (HopperTuning or the kernel's HopperConfig) and field where its settings
-  are out of range or cannot run: key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages >= 1 (>= 2 for
+  are out of range or cannot run: prefix and suffix key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages >= 1 (>= 2 for
   the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next score product,
   whose tile the one-slot ring could only load after it), registers in multiples of 8 that fit the pool."""
   name = type(config).__name__
-  if config.prefix_keys not in PREFIX_KEYS:
-    raise ValueError(f"{name}.prefix_keys must be 64 or 128; got {config.prefix_keys!r}.")
+  for field in ("prefix_keys", "suffix_keys"):
+    if getattr(config, field) not in KEY_TILES:
+      raise ValueError(f"{name}.{field} must be 64 or 128; got {getattr(config, field)!r}.")
   if config.cluster not in (1, 2) or isinstance(config.cluster, bool):
     raise ValueError(f"{name}.cluster must be 1 or 2; got {config.cluster!r}.")
   _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)

@@ -45,6 +45,10 @@ VARIANTS = {
     "la": hopper.HopperConfig(prefix_stages=2, suffix_stages=3, suffix_lookahead=True),
     "k128qla": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
                                    suffix_lookahead=True),
+    # 128-key suffix tiles (2 stages need q in registers), with and without the lookahead
+    "s128q": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128),
+    "s128qla": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                   suffix_lookahead=True),
 }
 
 
