@@ -73,8 +73,20 @@ def batching_pays(batch: int, num_nodes: int, node_bytes: int, tuning: tuning_li
   `tuning.batch_min_saved_bytes` (None: `tuning.current()`; both measured per device by
   `scripts/tuning/sweep_levels.py`)."""
   tuning = tuning_lib.resolve(tuning)
-  saved = (batch - num_nodes) * node_bytes
-  return batch >= tuning.batch_min_readers * num_nodes and saved >= tuning.batch_min_saved_bytes
+  return batching_rule(batch, num_nodes, batching_saves(batch, num_nodes, node_bytes), tuning.batch_min_readers,
+                       tuning.batch_min_saved_bytes)
+
+
+def batching_saves(batch: int, num_nodes: int, node_bytes: int) -> int:
+  """Bytes of K and V a layer that reading a shared level batched does not read: each of its `num_nodes` nodes
+  (`node_bytes` each) once, not once a reader (`batch` readers in all)."""
+  return (batch - num_nodes) * node_bytes
+
+
+def batching_rule(batch: int, num_nodes: int, saved_bytes: int, min_readers: int, min_saved_bytes: int) -> bool:
+  """`batching_pays`'s rule with its two bounds given: at least `min_readers` readers a node on average and at
+  least `min_saved_bytes` saved (the sweep fits the bounds with it: `scripts/tuning/sweep_levels.py`)."""
+  return batch >= min_readers * num_nodes and saved_bytes >= min_saved_bytes
 
 
 def resolve_backend(backend: str | None) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 
 import hydragen_jax as hj
 from experiments import timing
-from hydragen_jax import tuning as tuning_lib
+from hydragen_jax import tuning as tuning_lib, validation
 from scripts.tuning import field_sweep
 
 READERS = (2, 3, 4, 8)
@@ -62,10 +62,10 @@ def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int,
 
 
 def saved_bytes(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int], itemsize: int) -> int:
-  """Bytes of K and V of one layer's level that reading it batched does not read (each node once, not once a
-  reader): ``(B - N) · node_bytes``, as `validation.batching_pays` counts them."""
+  """Bytes of K and V of one layer's level that reading it batched does not read (`validation.batching_saves`,
+  a node's K and V being ``2 · L · Hkv · D · itemsize``, as `models.cache.level_node_bytes` counts them)."""
   _, hkv, d = heads
-  return nodes * (readers - 1) * node_keys * 2 * hkv * d * itemsize
+  return validation.batching_saves(nodes * readers, nodes, 2 * node_keys * hkv * d * itemsize)
 
 
 def make_step(levels, batched: bool, backend: str | None):
@@ -98,8 +98,9 @@ class Measured:
 
 
 def batched_by(p: Measured, rule: tuple[int, int]) -> bool:
-  """Whether the rule (batch_min_readers, batch_min_saved_bytes) reads level `p` batched (as `batching_pays` does)."""
-  return p.readers >= rule[0] and p.saved >= rule[1]
+  """Whether the rule (batch_min_readers, batch_min_saved_bytes) reads level `p` batched (`validation.batching_rule`,
+  `p.readers` readers of one node)."""
+  return validation.batching_rule(p.readers, 1, p.saved, *rule)
 
 
 def rule_seconds(points: list[Measured], rule: tuple[int, int]) -> float:
