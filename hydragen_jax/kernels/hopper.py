@@ -211,7 +211,7 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
 
   Two orientations of the score tile:
   * rows = queries (`[64, keys]`, q_smem `[64, D]`): the prefix's tiles; acc `[64, D]`.
-  * keys_major (`[64, n]`, q_smem `[n, D]`, n = 8 … 64): a suffix item's few query rows on the wgmma's N side
+  * keys_major (`[block_k, n]`, q_smem `[n, D]`, n = 8 … 64): a suffix item's few query rows on the wgmma's N side
     instead of 64 rows of mostly padding (8× less tensor and ALU work for n = 8); acc `[D, n]`.
 
   Returns (acc, m, l): unnormalised output, running max (base 2), sum of exp2, per query.

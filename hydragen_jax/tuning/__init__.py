@@ -71,9 +71,10 @@ REGISTER_POOL = 3 * 168
 
 def check_hopper(config) -> None:
   """ValueError naming `config`'s class (HopperTuning or the kernel's HopperConfig) and field where its settings
-  are out of range or cannot run: prefix and suffix key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages >= 1 (>= 2 for
-  the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next score product,
-  whose tile the one-slot ring could only load after it), registers in multiples of 8 that fit the pool."""
+  are out of range or cannot run: prefix and suffix key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages
+  >= 1 (>= 2 for the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next
+  score product, whose tile the one-slot ring could only load after it), registers in multiples of 8 that fit the
+  pool."""
   name = type(config).__name__
   for field in ("prefix_keys", "suffix_keys"):
     if getattr(config, field) not in KEY_TILES:
