@@ -46,7 +46,7 @@ _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 
 
 
 @dataclasses.dataclass(frozen=True)
-class HopperConfig:
+class HopperConfig(tuning_lib.HopperTuning):
   """Static configuration of the Hopper kernel. The defaults are the H100's measured choices; `tuned_config()` gives
   the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
 
@@ -72,20 +72,13 @@ class HopperConfig:
   current one runs, so a short item (a decode step's suffix: one or two tiles) does not wait a memory latency.
   """
 
-  num_ctas: int | None = None
+  # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
   prefix_stages: int = 3
   suffix_stages: int = 2
   pair_registers: int = 208
   suffix_registers: int = 88
   pingpong: bool = True
-  prefix_keys: int = 64
-  q_registers: bool = False
-  cluster: int = 1
-  suffix_lookahead: bool = False
-  suffix_keys: int = 64
-
-  def __post_init__(self):
-    tuning_lib.check_hopper(self)
+  num_ctas: int | None = None
 
 
 def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:
