@@ -195,13 +195,15 @@ def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
 
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("shape,stages,keys", [((40, 3, 8, 2, 64, 136, 72), 2, 64), ((13, 1, 4, 4, 128, 64, 264), 3, 64),
-                                               ((9, 2, 8, 2, 64, 40, 200), 1, 64), ((13, 1, 4, 4, 128, 64, 264), 2, 128)],
-                         ids=["T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages"])
+                                               ((9, 2, 8, 2, 64, 40, 200), 1, 64), ((13, 1, 4, 4, 128, 64, 264), 2, 128),
+                                               ((7, 3, 16, 2, 128, 64, 136), 2, 128)],
+                         ids=["T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages",
+                              "T3g8_128keys_2stages"])
 def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, keys):
   """suffix_lookahead: each CTA's suffix items share one stream of key tiles (the next item's tiles loaded into the
   slots the current one frees, its queries into a second buffer). Items with no tile, one tile, fewer tiles than
   stages and more, in every order; 2 CTAs, so each runs many items; suffix tiles of 64 and 128 keys (128: with q in
-  registers, the shared memory 2 stages of them need)."""
+  registers, the shared memory 2 stages of them need), on query windows of 8 to 24 rows."""
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=6)
   lengths = jnp.asarray(np.random.default_rng(6).integers(0, s + 1, b), jnp.int32)

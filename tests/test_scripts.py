@@ -283,3 +283,19 @@ def test_probe_weight_layout_times_both_layouts_of_the_same_product(tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["rows"], r["layout"]) for r in rows] == [(1, "[K, N]"), (1, "[N, K]"), (8, "[K, N]"), (8, "[N, K]")]
   assert all(r["us_per_layer"] > 0 and r["fraction"] is None for r in rows)
+
+
+def test_probe_spills_attributes_each_compile_to_its_setting_and_window(capsys):
+  """`probe_spills`: T·g rows become (T, g) with g ≤ 8, a header line names each setting and window before its
+  compile, and a setting the kernel does not take is reported with the kernel's reason (not compiled)."""
+  from scripts.tuning import probe_spills  # noqa: PLC0415
+
+  q, prefix, suffix = probe_spills.shapes(24)
+  assert q.shape == (64, 3, 64, 128) and prefix.shape == (1024, 8, 128) and suffix.shape == (64, 256, 8, 128)
+  assert probe_spills.shapes(4)[0].shape[1:3] == (1, 32)
+  with pytest.raises(ValueError, match="--rows 12"):
+    probe_spills.shapes(12)
+  probe_spills.main(["--variants", "s128q", "--rows", "24,64"])
+  out = capsys.readouterr().out
+  assert "== s128q rows=24 window=24" in out and "== s128q rows=64 window=64" in out
+  assert "not compiled: shared memory" in out  # a 64-row window with 128-key suffix tiles does not fit
