@@ -175,13 +175,45 @@ def test_shipped_files_are_canonical_and_say_where_their_numbers_come_from():
   assert tuning.file_for(H100).measured
 
 
+def test_hopper_settings_go_by_query_rows():
+  """`Tuning.hopper`: an entry holds from its T·g rows up to the next entry's; `with_hopper` sets a range and merges
+  equal neighbours; the kernel takes the entry of its shape's rows; a file's single settings object (the form
+  before the rows) holds for every row count."""
+  t = _h100()
+  base = t.hopper_for(1)
+  wide = dataclasses.replace(base, prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128)
+  mha = dataclasses.replace(base, prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True)
+  t2 = t.with_hopper(2, 8, wide).with_hopper(1, 1, mha)
+  assert t2.hopper == ((1, mha), (2, wide), (9, base))
+  assert [t2.hopper_for(r) for r in (1, 2, 8, 9, 64)] == [mha, wide, wide, base, base]
+  assert t2.with_hopper(1, 8, base).hopper == ((1, base),)  # equal neighbours merge
+  assert tuning.from_dict(json.loads(json.dumps(tuning.to_dict(t2)))) == t2
+  old_form = dict(tuning.to_dict(t), hopper=dataclasses.asdict(base))
+  assert tuning.from_dict(old_form).hopper == ((1, base),)
+  with pytest.raises(ValueError, match="rows must be an int >= 1"):
+    t2.hopper_for(0)
+  assert hopper.tuned_config(t2, rows=4) == hopper.HopperConfig(**dataclasses.asdict(wide))
+  # the kernel's own choice (config None) follows the tuning in force and the step's rows: T·g = 4 fits the wide
+  # settings' shared memory, a T·g = 1 step the MHA settings'
+  q4, q1 = (jax.ShapeDtypeStruct((8, 1, h, 128), jnp.bfloat16) for h in (8, 2))
+  kv, skv = jax.ShapeDtypeStruct((256, 2, 128), jnp.bfloat16), jax.ShapeDtypeStruct((8, 64, 2, 128), jnp.bfloat16)
+  with tuning.override(t2):
+    assert hopper.supported(q4, kv, skv) is None and hopper.supported(q1, kv, skv) is None
+    with tuning.override(t2.with_hopper(2, 8, dataclasses.replace(wide, prefix_stages=3))):  # too large for an SM
+      assert "shared memory" in hopper.supported(q4, kv, skv) and hopper.supported(q1, kv, skv) is None
+    traced = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1)).trace(
+        q4, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv, jax.ShapeDtypeStruct((8,), jnp.int32))
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d.pop("balanced_keys"), r"missing \['balanced_keys'\]"),
     (lambda d: d.update(block_size=1), r"unknown \['block_size'\]"),
     (lambda d: d["tiles"].pop("32"), r"row tiles 16, 32, 64, ... .*got \[16, 64, 128\]"),
     (lambda d: d["tiles"].pop("128"), r"up to max_rows_alone=128 .*got \[16, 32, 64\]"),
     (lambda d: d["tiles"]["16"].update(block_k=48), r"tiles\[16\] = .*block_k must be a power of two"),
-    (lambda d: d["hopper"].pop("pingpong"), r"tuning.hopper: missing \['pingpong'\]"),
+    (lambda d: d["hopper"]["1"].pop("pingpong"), r"tuning.hopper\[1\]: missing \['pingpong'\]"),
+    (lambda d: d.update(hopper={"2": d["hopper"]["1"]}), r"Tuning.hopper must give .* from rows 1 up.*got rows \[2\]"),
     (lambda d: d.update(balanced_keys=8192), "balanced_keys=8192 exceeds max_keys_per_program=4096"),
     (lambda d: d.update(interleave_lead=1.5), r"interleave_lead must lie in \[0, 1\]; got 1.5"),
     (lambda d: d.update(hopper_min_work=8.0e6), "hopper_min_work must be a positive int; got 8000000.0"),

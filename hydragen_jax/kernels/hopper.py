@@ -81,17 +81,18 @@ class HopperConfig(tuning_lib.HopperTuning):
   num_ctas: int | None = None
 
 
-def tuned_config(tuning: tuning_lib.Tuning | None = None) -> HopperConfig:
-  """The kernel's settings in the device's tuning (None: `tuning.current()`), one CTA per SM."""
-  return HopperConfig(**dataclasses.asdict(tuning_lib.resolve(tuning).hopper))
+def tuned_config(tuning: tuning_lib.Tuning | None = None, rows: int = 1) -> HopperConfig:
+  """The kernel's settings in the device's tuning (None: `tuning.current()`) for `rows` query rows a sequence and KV
+  head (T·g), one CTA per SM."""
+  return HopperConfig(**dataclasses.asdict(tuning_lib.resolve(tuning).hopper_for(rows)))
 
 
 def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig | None = None) -> str | None:
   """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`
-  with `config` (None: `tuned_config()`), else the reason it does not."""
-  config = tuned_config() if config is None else config
+  with `config` (None: `tuned_config()` for these T·g rows), else the reason it does not."""
   _, steps, num_q_heads, head_dim = q.shape
   rows = steps * num_q_heads // prefix_k.shape[-2]
+  config = tuned_config(rows=rows) if config is None else config
   if q.dtype not in (jnp.bfloat16, jnp.float16) or {prefix_k.dtype, suffix_k.dtype} != {q.dtype}:
     return f"dtypes {q.dtype}/{prefix_k.dtype}/{suffix_k.dtype}: wgmma tiles take 16-bit inputs, all the same"
   if head_dim not in (64, 128):
@@ -485,14 +486,14 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible up to `prefix_length` (int32 []).
     suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries, `suffix_lengths` `[B]` int32 valid keys.
       Lengths are clamped to [0, P] and [0, S].
-    config: the kernel's settings; None: `tuned_config()`.
+    config: the kernel's settings; None: `tuned_config()` for T·g = T·Hq/Hkv rows.
     interpret: run in Mosaic GPU's interpreter (CPU tests).
 
   Returns:
     ((out, lse) over the prefix, (out, lse) over the suffixes): out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
-  config = tuned_config() if config is None else config
+  config = tuned_config(rows=q.shape[1] * q.shape[2] // prefix_k.shape[1]) if config is None else config
   if config.num_ctas is None:  # one CTA per SM, in whole clusters
     config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
   if config.num_ctas % config.cluster:

@@ -164,7 +164,10 @@ class Tuning:
     max_rows_alone, max_rows_shared: largest row tile of a level alone in its launch / sharing it with others.
     tiles: the Triton tile of each row-tile size, `(block_m, Tile)` for every power of two from 16 to at least
       the larger of the two bounds above (shared-memory limits still cap block_k: `ops.choose_block`).
-    hopper: the Hopper kernel's settings.
+    hopper: the Hopper kernel's settings by the query rows T·g of one sequence and KV head (a suffix item's rows),
+      `(rows, HopperTuning)` from 1 up: an entry holds from its rows up to the next entry's (`hopper_for`). The
+      settings that suit one-row items (MHA decode: the suffix stream is a chain of tiny items, the prefix product
+      decides) differ from those of GQA's few-row items (the suffix tiles' softmax decides).
     gemm: the model's decode GEMM kernel (`models.gemm`; off where `gemm.max_rows` is 0).
     batch_min_readers, batch_min_saved_bytes: the models' cost model of a shared level (`validation.batching_pays`):
       its queries are stacked and the level read once (Hydragen) where its nodes have at least `batch_min_readers`
@@ -183,7 +186,7 @@ class Tuning:
   max_rows_alone: int
   max_rows_shared: int
   tiles: tuple[tuple[int, Tile], ...]
-  hopper: HopperTuning
+  hopper: tuple[tuple[int, HopperTuning], ...]
   gemm: GemmTuning
   batch_min_readers: int
   batch_min_saved_bytes: int
@@ -209,6 +212,13 @@ class Tuning:
     if have != [16 << i for i in range(len(have))] or have[-1] < max(self.max_rows_alone, self.max_rows_shared):
       raise ValueError(f"Tuning.tiles must give a Tile for the row tiles 16, 32, 64, ... up to max_rows_alone="
                        f"{self.max_rows_alone} and max_rows_shared={self.max_rows_shared}, in that order; got {have}.")
+    starts = [rows for rows, _ in self.hopper]
+    if not starts or starts[0] != 1 or any(not isinstance(r, int) or isinstance(r, bool) for r in starts) or (
+        starts != sorted(set(starts))):
+      raise ValueError(f"Tuning.hopper must give (rows, HopperTuning) entries from rows 1 up, in increasing order of "
+                       f"rows; got rows {starts}.")
+    if bad := [rows for rows, settings in self.hopper if not isinstance(settings, HopperTuning)]:
+      raise ValueError(f"Tuning.hopper: the entries of rows {bad} are not HopperTuning.")
     for rows, tile in self.tiles:
       if not (_power_of_two(tile.block_k) and tile.block_k >= 16 and tile.num_warps in (1, 2, 4, 8, 16)
               and tile.num_stages >= 1):
@@ -221,6 +231,22 @@ class Tuning:
       if rows == block_m:
         return tile
     raise ValueError(f"no tile for block_m={block_m}; the tuning has {[rows for rows, _ in self.tiles]}.")
+
+  def hopper_for(self, rows: int) -> HopperTuning:
+    """The Hopper kernel's settings for `rows` (>= 1) query rows a sequence and KV head (T·g)."""
+    if not isinstance(rows, int) or rows < 1:
+      raise ValueError(f"hopper_for: rows must be an int >= 1 (T·g); got {rows!r}.")
+    return [settings for start, settings in self.hopper if start <= rows][-1]
+
+  def with_hopper(self, first: int, last: int, settings: HopperTuning) -> Tuning:
+    """This tuning with `settings` for the rows `first`..`last` (the other rows keep theirs; equal neighbours
+    merge into one entry)."""
+    if not 1 <= first <= last:
+      raise ValueError(f"with_hopper: expected 1 <= first <= last; got {first}, {last}.")
+    starts = sorted({start for start, _ in self.hopper} | {first, last + 1})
+    entries = [(r, settings if first <= r <= last else self.hopper_for(r)) for r in starts]
+    merged = [entry for i, entry in enumerate(entries) if i == 0 or entry[1] != entries[i - 1][1]]
+    return dataclasses.replace(self, hopper=tuple(merged))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +277,7 @@ def to_dict(tuning: Tuning) -> dict:
   """The JSON form of a tuning (tiles keyed by their row count)."""
   out = dataclasses.asdict(tuning)
   out["tiles"] = {str(rows): dataclasses.asdict(tile) for rows, tile in tuning.tiles}
+  out["hopper"] = {str(rows): dataclasses.asdict(settings) for rows, settings in tuning.hopper}
   return out
 
 
@@ -277,12 +304,21 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
   except ValueError as e:
     raise ValueError(f"{where}.tiles: keys must be row counts; got {sorted(tiles)}.") from e
   data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
-  data["hopper"] = HopperTuning(**_fields(HopperTuning, data["hopper"], f"{where}.hopper"))
+  data["hopper"] = _hopper_entries(data["hopper"], f"{where}.hopper")
   try:
     data["gemm"] = GemmTuning(**_fields(GemmTuning, data["gemm"], f"{where}.gemm"))
     return Tuning(**data)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from e
+
+
+def _hopper_entries(data: Any, where: str) -> tuple[tuple[int, HopperTuning], ...]:
+  """The Hopper settings of a file: an object keyed by row counts ("1", "2", ...), or one settings object (the
+  form before the settings went by rows: it holds for every row count)."""
+  if isinstance(data, dict) and data and all(isinstance(k, str) and k.isdigit() for k in data):
+    return tuple((int(key), HopperTuning(**_fields(HopperTuning, data[key], f"{where}[{key}]")))
+                 for key in sorted(data, key=int))
+  return ((1, HopperTuning(**_fields(HopperTuning, data, where))),)
 
 
 def dumps(file: TuningFile) -> str:

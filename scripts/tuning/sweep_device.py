@@ -62,6 +62,7 @@ _AT = {c: i for i, c in enumerate(CONFIGS)}
 # the shapes that take the Hopper kernel (the GQA rows and the MHA decode layers), every config, a spread for the
 # tiles (small and large MHA, mid and large GQA) and the largest prefix products alone.
 GROUPS = dict(gqa=_GQA, hopper=_GQA + (_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), all=tuple(range(len(CONFIGS))),
+              mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
@@ -123,6 +124,13 @@ def tile_choice(rows: int, kernel: str, group: str, candidates) -> Choice:
   return Choice(f"tiles[{rows}]", kernel, group, tuple(candidates), lambda t: t.tile(rows), apply)
 
 
+def hopper_choice(first: int, last: int, group: str, candidates) -> Choice:
+  """The Hopper kernel's settings for T·g = first..last query rows a sequence and KV head (`Tuning.hopper`), timed
+  on `group`'s configs (whose T·g must lie in that range)."""
+  return Choice(f"hopper[{first}-{last}]" if last > first else f"hopper[{first}]", "hopper", group,
+                tuple(candidates), lambda t: t.hopper_for(first), lambda t, v: t.with_hopper(first, last, v))
+
+
 def choices(configs, groups) -> list[Choice]:
   """The choices, most important first (the time budget may stop the sweep before the last). Thresholds take the
   configs' own sizes as candidates, and twice the largest (none of them)."""
@@ -134,7 +142,8 @@ def choices(configs, groups) -> list[Choice]:
   fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
   rows = sorted({b * hq // hkv for b, _, _, hq, hkv in (configs[i] for i in groups["all"])})
   return [
-      field_choice("hopper", "hopper", "hopper", HOPPER_CONFIGS),
+      hopper_choice(2, 8, "gqa", HOPPER_CONFIGS),  # GQA's few-row suffix items (the seed rows: T·g = 4)
+      hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS),  # MHA decode: one-row items
       field_choice("hopper_min_work", "pallas", "hopper", works + [2 * works[-1]]),
       field_choice("hopper_min_fill", "pallas", "hopper", fill_cuts),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
@@ -201,9 +210,11 @@ class Sweep:
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
                                            tuning=tune))
     if kernel in ("hopper", "pallas"):
-      fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.tuned_config(tune)) is None
+      settings = tune.hopper_for(hq // hkv)
+      fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk,
+                              hopper.tuned_config(tune, hq // hkv)) is None
       if kernel == "hopper" or (fits and validation.pays_on_hopper(q.shape, hkv, p, tune)):
-        return ("hopper", i, tune.hopper) if fits else None
+        return ("hopper", i, settings) if fits else None
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
@@ -212,7 +223,8 @@ class Sweep:
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]
     if kind == "hopper":
-      return probe_hopper.step(hopper.tuned_config(tune))
+      hq, hkv = self.configs[i][3:]
+      return probe_hopper.step(hopper.tuned_config(tune, hq // hkv))
     if kind == "alone":
       block = signature[2]
 
@@ -370,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--budget-s", type=float, default=450.0, help="wall time of the sweep, final check included")
   parser.add_argument("--final-s", type=float, default=60.0, help="of which reserved for the final check")
   parser.add_argument("--min-gain", type=float, default=0.02, help="a candidate must be this much faster")
-  parser.add_argument("--fields", default=None, help="comma-separated fields to sweep (default: all)")
+  parser.add_argument("--fields", default=None, help="comma-separated fields to sweep (default: all; \"hopper\": every "
+                                                     "hopper[rows] choice, \"tiles\": every tile)")
   parser.add_argument("--commit", default=None,
                       help="commit of the code (default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD)")
   parser.add_argument("--log", default=None, help="JSON-lines file of every timed step")
@@ -385,9 +398,10 @@ def main(argv: list[str] | None = None) -> None:
   todo = choices(configs, groups)
   if args.fields:
     wanted = args.fields.split(",")
-    if unknown := sorted(set(wanted) - {c.field for c in todo}):
-      parser.error(f"--fields: unknown {unknown}; known: {[c.field for c in todo]}")
-    todo = [c for c in todo if c.field in wanted]
+    picks = lambda name, field: field == name or field.startswith(name + "[")  # "hopper": every hopper[...]
+    if unknown := sorted(w for w in wanted if not any(picks(w, c.field) for c in todo)):
+      parser.error(f"--fields: unknown {unknown}; known: {[c.field for c in todo]} (a name before '[' picks all)")
+    todo = [c for c in todo if any(picks(w, c.field) for w in wanted)]
   print(f"{kind}: sweeping {[c.field for c in todo]} from {base_file.device_kind}'s tuning "
         f"({'dry run' if args.dry_run else f'budget {args.budget_s:.0f} s'})", flush=True)
   out = args.out or str(tuning_lib.data_file(kind))
