@@ -92,7 +92,13 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
 
 @pytest.mark.parametrize("config", [hopper.HopperConfig(num_ctas=132),
                                     hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=3,
-                                                        suffix_lookahead=True)], ids=["default", "lookahead"])
+                                                        suffix_lookahead=True),
+                                    hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2,
+                                                        prefix_keys=128, q_registers=True, suffix_lookahead=True,
+                                                        suffix_trim=True),
+                                    hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2,
+                                                        q_registers=True, suffix_keys=128, suffix_trim=True)],
+                         ids=["default", "lookahead", "trim_lookahead_128prefixkeys", "trim_128suffixkeys"])
 def test_mha_decode_lowers_for_cuda(config):
   """The e2e shape that motivates T·g = 1 (7B MHA, B = 512, a 16K prefix) lowers to Mosaic GPU for CUDA on any
   machine (TMA copies and shared memory accepted by its lowering; the compiled check is the GPU test above)."""
@@ -217,6 +223,26 @@ def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, key
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("keys,lookahead", [(64, False), (64, True), (128, False)],
+                         ids=["64keys", "64keys_lookahead", "128keys"])
+def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, lookahead):
+  """suffix_trim: a suffix's last tile is copied in the smallest of 8, 16, 32, ... keys that holds its keys, the
+  rest of the slot keeping an earlier tile's values under the mask. Lengths at both edges of every size (0, 1, 8,
+  9, ..., 65, a whole capacity), items of several tiles before short ones in the same slots (2 CTAs, 2 stages),
+  64- and 128-key tiles, with and without the ring across items."""
+  shape = (16, 1, 8, 2, 64, 40, 272)
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=7)
+  lengths = jnp.asarray([272, 1, 8, 9, 16, 17, 32, 33, 63, 0, 64, 65, 100, 127, 128, 129], jnp.int32)
+  config = hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, suffix_keys=keys,
+                               q_registers=keys == 128, suffix_lookahead=lookahead, suffix_trim=True)
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=0.125, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(40), sk, sv, lengths)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(40), scale=0.125), jnp.bfloat16)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=0.125), jnp.bfloat16)
+
+
 def test_clusters_lower_for_cuda_and_check_their_settings():
   """2-CTA clusters lower to Mosaic GPU for CUDA (the multicast copies split each prefix tile between the two CTAs)
   at the GQA and the MHA decode shapes; the grid takes whole clusters (132 SMs: 66 clusters; an odd num_ctas is
@@ -325,7 +351,7 @@ def test_step_equals_attention_over_concatenated_kv(backend, shape):
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("config", [None, hopper.HopperConfig(num_ctas=10, prefix_stages=2, suffix_stages=2,
                                                               prefix_keys=128, q_registers=True, cluster=2,
-                                                              suffix_lookahead=True)],
+                                                              suffix_lookahead=True, suffix_trim=True)],
                          ids=["tuned", "every_option"])
 def test_empty_prefix_and_empty_suffixes(backend, config):
   """A zero-length prefix and all-empty suffixes: no NaN, out 0 and lse -inf where a part sees nothing; with

@@ -70,6 +70,10 @@ class HopperConfig(tuning_lib.HopperTuning):
   suffix_lookahead: the suffix warpgroup's ring runs on across its items: the key tiles of its next item are loaded
   as the current item's last tiles free their slots, and the next item's queries (a second buffer) while the
   current one runs, so a short item (a decode step's suffix: one or two tiles) does not wait a memory latency.
+  suffix_trim: a suffix's last tile is copied only as far as its keys reach, rounded up to 8, 16, 32, ... keys (a
+  one-token suffix reads 8 keys of K and V, not a whole tile: 4 KB instead of 32 KB at D = 128 and 64-key tiles).
+  The rest of the slot keeps an earlier tile's values, which the mask gives zero weight; the value ring is zeroed
+  once at the start, so that what shared memory held before the kernel (NaN, say) never meets a zero weight.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -399,10 +403,21 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
       return b, idx % num_heads, b * qrows, pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], block_k)
 
+    def copy(b, h, j, slot, size):  # keys j·block_k ... + size of K and V into the slot's first `size` rows
+      keys, rows = pl.ds(j * block_k, size), pl.ds(0, size)
+      plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot, rows], sk_bars.at[slot])
+      plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot, rows], sv_bars.at[slot])
+
     def load(b, h, j, slot):
-      keys = pl.ds(j * block_k, block_k)
-      plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot], sk_bars.at[slot])
-      plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot], sv_bars.at[slot])
+      if not config.suffix_trim:
+        return copy(b, h, j, slot, block_k)
+      # suffix_trim: one copy (one arrival on each barrier) of the smallest size in 8, 16, ..., block_k that
+      # holds the keys left from this tile's start (>= 1: only tiles below cdiv(length, block_k) are loaded)
+      left = lens_ref[b] - j * block_k
+      sizes = [8 << k for k in range(block_k.bit_length() - 3)]  # 8, 16, ..., block_k
+      for smaller, size in zip([0] + sizes, sizes):
+        fits = left > smaller if size == block_k else (left > smaller) & (left <= size)
+        pl.when(fits)(functools.partial(copy, b, h, j, slot, size))
 
     def queries(i):  # item i's query buffer and its copy's barrier (lookahead: two buffers, by item parity)
       if not lookahead:
@@ -416,6 +431,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       # Tile starts are traced values (a loop, not unrolled): TMA clips a tile at the array's end.
       lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(b, h, j, lax.rem(base + j, stages)), None)
 
+    if config.suffix_trim:  # zero weights times stale values must stay zero: no NaN from before the kernel
+      for slot in range(stages):
+        sv_smem.at[slot][...] = plgpu.layout_cast(jnp.zeros(sv_smem.shape[1:], sv_smem.dtype), plgpu.Layout.WGMMA)
+      plgpu.commit_smem()  # before the copies (the async proxy) write into the ring
     if lookahead:  # the stream's first item; each later one is started by the item before it
       pl.when(num_items > 0)(lambda: start(0, 0))
 

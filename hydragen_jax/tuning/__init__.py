@@ -57,6 +57,7 @@ class HopperTuning:
   cluster: int = 1
   suffix_lookahead: bool = False
   suffix_keys: int = 64
+  suffix_trim: bool = False
 
   def __post_init__(self):
     check_hopper(self)

@@ -49,6 +49,11 @@ VARIANTS = {
     "s128q": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128),
     "s128qla": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
                                    suffix_lookahead=True),
+    # the H200's settings of T·g = 1 and of 2-8 (session 14), and both with the last suffix tile trimmed
+    "k128qlat": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                    suffix_lookahead=True, suffix_trim=True),
+    "s128qt": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                  suffix_trim=True),
 }
 
 

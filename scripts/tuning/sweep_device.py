@@ -76,9 +76,13 @@ GROUPS = dict(gqa=_GQA, hopper=_GQA + (_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), all=
 # `cluster` 2: pairs of CTAs share each prefix tile by TMA multicast (half the prefix's L2-to-SM traffic).
 # `suffix_lookahead`: the suffix ring runs on across items (short decode items wait no memory latency).
 # `suffix_keys` 128: half the suffix tiles' cross-warp reductions a key (2 stages fit with q in registers).
-# Not yet measured first (a sweep that runs out of budget has timed them), then those measured in session 13, then
-# the rings and the ping-pong measured since the H100.
-HOPPER_CONFIGS = (HopperTuning(2, 3, 208, 88, True, 64, False, 1, True),
+# `suffix_trim`: a suffix's last tile copied only as far as its keys reach (in 8, 16, 32, ... keys).
+# Not yet measured first (a sweep that runs out of budget has timed them): the trimmed copies with the H200's
+# settings of T·g = 1 and of 2-8; then those measured in sessions 13-14, then the rings and the ping-pong measured
+# since the H100.
+HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, True),
+                  HopperTuning(2, 3, 208, 88, True, 64, False, 1, True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, True, 128),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, True),
