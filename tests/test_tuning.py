@@ -190,6 +190,17 @@ def test_hopper_settings_go_by_query_rows():
   assert tuning.from_dict(json.loads(json.dumps(tuning.to_dict(t2)))) == t2
   old_form = dict(tuning.to_dict(t), hopper=dataclasses.asdict(base))
   assert tuning.from_dict(old_form).hopper == ((1, base),)
+  # options added after a file was written take their defaults (off); the measured settings stay required
+  for drop in ("suffix_trim", "suffix_keys", "prefix_keys"):
+    del old_form["hopper"][drop]
+  assert tuning.from_dict(old_form).hopper == ((1, base),)
+  del old_form["hopper"]["pair_registers"]
+  with pytest.raises(ValueError, match=r"tuning.hopper: missing \['pair_registers'\]"):
+    tuning.from_dict(old_form)
+  assert t2.hopper_for(np.int64(4)) == wide
+  fewer_q_heads = jax.ShapeDtypeStruct((2, 1, 1, 64), jnp.bfloat16)  # Hq < Hkv: no entry to look up, a reason
+  assert "under one a KV head" in hopper.supported(fewer_q_heads, jax.ShapeDtypeStruct((16, 2, 64), jnp.bfloat16),
+                                                   jax.ShapeDtypeStruct((2, 16, 2, 64), jnp.bfloat16))
   with pytest.raises(ValueError, match="rows must be an int >= 1"):
     t2.hopper_for(0)
   assert hopper.tuned_config(t2, rows=4) == hopper.HopperConfig(**dataclasses.asdict(wide))

@@ -72,8 +72,9 @@ class HopperConfig(tuning_lib.HopperTuning):
   current one runs, so a short item (a decode step's suffix: one or two tiles) does not wait a memory latency.
   suffix_trim: a suffix's last tile is copied only as far as its keys reach, rounded up to 8, 16, 32, ... keys (a
   one-token suffix reads 8 keys of K and V, not a whole tile: 4 KB instead of 32 KB at D = 128 and 64-key tiles).
-  The rest of the slot keeps an earlier tile's values, which the mask gives zero weight; the value ring is zeroed
-  once at the start, so that what shared memory held before the kernel (NaN, say) never meets a zero weight.
+  The rest of the slot keeps an earlier tile's values, which the mask gives zero weight in the sequence's own query
+  columns (those of the window's padding may see them; they are never stored); the value ring is zeroed once at the
+  start, so that what shared memory held before the kernel (NaN, say) never meets a zero weight.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -96,6 +97,8 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
   with `config` (None: `tuned_config()` for these T·g rows), else the reason it does not."""
   _, steps, num_q_heads, head_dim = q.shape
   rows = steps * num_q_heads // prefix_k.shape[-2]
+  if rows < 1:
+    return f"T·Hq = {steps * num_q_heads} query rows for {prefix_k.shape[-2]} KV heads: under one a KV head"
   config = tuned_config(rows=rows) if config is None else config
   if q.dtype not in (jnp.bfloat16, jnp.float16) or {prefix_k.dtype, suffix_k.dtype} != {q.dtype}:
     return f"dtypes {q.dtype}/{prefix_k.dtype}/{suffix_k.dtype}: wgmma tiles take 16-bit inputs, all the same"

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import operator
 import os
 import pathlib
 import re
@@ -235,7 +236,11 @@ class Tuning:
 
   def hopper_for(self, rows: int) -> HopperTuning:
     """The Hopper kernel's settings for `rows` (>= 1) query rows a sequence and KV head (T·g)."""
-    if not isinstance(rows, int) or rows < 1:
+    try:
+      rows = operator.index(rows)
+    except TypeError:
+      rows = 0
+    if rows < 1:
       raise ValueError(f"hopper_for: rows must be an int >= 1 (T·g); got {rows!r}.")
     return [settings for start, settings in self.hopper if start <= rows][-1]
 
@@ -282,12 +287,14 @@ def to_dict(tuning: Tuning) -> dict:
   return out
 
 
-def _fields(cls, data: Any, where: str) -> dict:
-  """`data` checked to be a dict with exactly the fields of dataclass `cls`."""
+def _fields(cls, data: Any, where: str, defaults: bool = False) -> dict:
+  """`data` checked to be a dict with exactly the fields of dataclass `cls` (defaults: those with a default may be
+  left out, e.g. a Hopper option added after the file was written)."""
   names = [f.name for f in dataclasses.fields(cls)]
   if not isinstance(data, dict):
     raise ValueError(f"{where}: expected an object with {names}; got {type(data).__name__}.")
-  if missing := [n for n in names if n not in data]:
+  optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING} if defaults else set()
+  if missing := [n for n in names if n not in data and n not in optional]:
     raise ValueError(f"{where}: missing {missing}.")
   if unknown := sorted(set(data) - set(names)):
     raise ValueError(f"{where}: unknown {unknown} (fields: {names}).")
@@ -315,11 +322,12 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
 
 def _hopper_entries(data: Any, where: str) -> tuple[tuple[int, HopperTuning], ...]:
   """The Hopper settings of a file: an object keyed by row counts ("1", "2", ...), or one settings object (the
-  form before the settings went by rows: it holds for every row count)."""
+  form before the settings went by rows: it holds for every row count). Options left out take their defaults
+  (off: the kernel as it was before the option)."""
   if isinstance(data, dict) and data and all(isinstance(k, str) and k.isdigit() for k in data):
-    return tuple((int(key), HopperTuning(**_fields(HopperTuning, data[key], f"{where}[{key}]")))
+    return tuple((int(key), HopperTuning(**_fields(HopperTuning, data[key], f"{where}[{key}]", defaults=True)))
                  for key in sorted(data, key=int))
-  return ((1, HopperTuning(**_fields(HopperTuning, data, where))),)
+  return ((1, HopperTuning(**_fields(HopperTuning, data, where, defaults=True))),)
 
 
 def dumps(file: TuningFile) -> str:

@@ -130,7 +130,8 @@ def tile_choice(rows: int, kernel: str, group: str, candidates) -> Choice:
 
 def hopper_choice(first: int, last: int, group: str, candidates) -> Choice:
   """The Hopper kernel's settings for T·g = first..last query rows a sequence and KV head (`Tuning.hopper`), timed
-  on `group`'s configs (whose T·g must lie in that range)."""
+  on `group`'s configs (whose T·g must lie in that range). The base is the entry of `first`; a pick becomes one entry
+  for the whole range (`Tuning.with_hopper`), replacing any entries inside it."""
   return Choice(f"hopper[{first}-{last}]" if last > first else f"hopper[{first}]", "hopper", group,
                 tuple(candidates), lambda t: t.hopper_for(first), lambda t, v: t.with_hopper(first, last, v))
 
