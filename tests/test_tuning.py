@@ -203,6 +203,9 @@ def test_hopper_settings_go_by_query_rows():
                                                    jax.ShapeDtypeStruct((2, 16, 2, 64), jnp.bfloat16))
   with pytest.raises(ValueError, match="rows must be an int >= 1"):
     t2.hopper_for(0)
+  with pytest.raises(ValueError, match=r"got '4'"):  # the value given, not what it was taken for
+    t2.hopper_for("4")
+  assert hopper.query_rows((8, 3, 32, 128), 8) == 12
   assert hopper.tuned_config(t2, rows=4) == hopper.HopperConfig(**dataclasses.asdict(wide))
   # the kernel's own choice (config None) follows the tuning in force and the step's rows: T·g = 4 fits the wide
   # settings' shared memory, a T·g = 1 step the MHA settings'

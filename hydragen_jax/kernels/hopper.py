@@ -92,11 +92,17 @@ def tuned_config(tuning: tuning_lib.Tuning | None = None, rows: int = 1) -> Hopp
   return HopperConfig(**dataclasses.asdict(tuning_lib.resolve(tuning).hopper_for(rows)))
 
 
+def query_rows(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
+  """T·g: query rows of one sequence and KV head (a suffix item's rows; `Tuning.hopper_for` keys the settings by
+  it) of queries `[B, T, Hq, D]` over `num_kv_heads` KV heads."""
+  return q_shape[1] * q_shape[2] // num_kv_heads
+
+
 def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig | None = None) -> str | None:
   """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`
   with `config` (None: `tuned_config()` for these T·g rows), else the reason it does not."""
   _, steps, num_q_heads, head_dim = q.shape
-  rows = steps * num_q_heads // prefix_k.shape[-2]
+  rows = query_rows(q.shape, prefix_k.shape[-2])
   if rows < 1:
     return f"T·Hq = {steps * num_q_heads} query rows for {prefix_k.shape[-2]} KV heads: under one a KV head"
   config = tuned_config(rows=rows) if config is None else config
@@ -515,7 +521,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     ((out, lse) over the prefix, (out, lse) over the suffixes): out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
-  config = tuned_config(rows=q.shape[1] * q.shape[2] // prefix_k.shape[1]) if config is None else config
+  config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1])) if config is None else config
   if config.num_ctas is None:  # one CTA per SM, in whole clusters
     config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
   if config.num_ctas % config.cluster:

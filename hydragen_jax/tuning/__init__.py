@@ -237,12 +237,12 @@ class Tuning:
   def hopper_for(self, rows: int) -> HopperTuning:
     """The Hopper kernel's settings for `rows` (>= 1) query rows a sequence and KV head (T·g)."""
     try:
-      rows = operator.index(rows)
+      count = operator.index(rows)
     except TypeError:
-      rows = 0
-    if rows < 1:
+      count = 0
+    if count < 1:
       raise ValueError(f"hopper_for: rows must be an int >= 1 (T·g); got {rows!r}.")
-    return [settings for start, settings in self.hopper if start <= rows][-1]
+    return [settings for start, settings in self.hopper if start <= count][-1]
 
   def with_hopper(self, first: int, last: int, settings: HopperTuning) -> Tuning:
     """This tuning with `settings` for the rows `first`..`last` (the other rows keep theirs; equal neighbours

@@ -215,9 +215,9 @@ class Sweep:
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
                                            tuning=tune))
     if kernel in ("hopper", "pallas"):
-      settings = tune.hopper_for(hq // hkv)
+      settings = tune.hopper_for(hopper.query_rows(q.shape, hkv))
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk,
-                              hopper.tuned_config(tune, hq // hkv)) is None
+                              hopper.HopperConfig(**dataclasses.asdict(settings))) is None
       if kernel == "hopper" or (fits and validation.pays_on_hopper(q.shape, hkv, p, tune)):
         return ("hopper", i, settings) if fits else None
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
@@ -227,9 +227,8 @@ class Sweep:
 
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]
-    if kind == "hopper":
-      hq, hkv = self.configs[i][3:]
-      return probe_hopper.step(hopper.tuned_config(tune, hq // hkv))
+    if kind == "hopper":  # the signature holds the settings of the config's T·g
+      return probe_hopper.step(hopper.HopperConfig(**dataclasses.asdict(signature[2])))
     if kind == "alone":
       block = signature[2]
 
