@@ -59,9 +59,10 @@ CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2)
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
-# the shapes that take the Hopper kernel (the GQA rows and the MHA decode layers), every config, a spread for the
-# tiles (small and large MHA, mid and large GQA) and the largest prefix products alone.
-GROUPS = dict(gqa=_GQA, hopper=_GQA + (_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), all=tuple(range(len(CONFIGS))),
+# every config for the thresholds between the Hopper kernel and Triton (any shape may cross them: the MHA seed rows
+# too, now that T·g = 1 has settings of its own), every config, a spread for the tiles (small and large MHA, mid and
+# large GQA) and the largest prefix products alone.
+GROUPS = dict(gqa=_GQA, hopper=tuple(range(len(CONFIGS))), all=tuple(range(len(CONFIGS))),
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
