@@ -291,6 +291,20 @@ def test_sweep_picks_the_fastest_candidate_above_the_minimum_gain():
   assert sweep_device.speedup([1.0, 1.0], [0.5, math.inf]) == 0.0
 
 
+def test_sweep_times_the_hopper_thresholds_on_every_config():
+  """The thresholds between the Hopper kernel and Triton decide for any shape, so their choices are timed on every
+  config, and their candidates reach below the smallest config's work and fill: each config can cross them (the MHA
+  seed rows too, which a group of the GQA rows and MHA layers alone never moved)."""
+  configs = sweep_device.CONFIGS
+  by_field = {c.field: c for c in sweep_device.choices(configs, sweep_device.GROUPS)}
+  for field in ("hopper_min_work", "hopper_min_fill"):
+    assert sweep_device.GROUPS[by_field[field].group] == tuple(range(len(configs))), field
+  works = [validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in configs]
+  assert min(by_field["hopper_min_work"].candidates) <= min(works)
+  assert max(by_field["hopper_min_work"].candidates) > max(works)
+  assert min(by_field["hopper_min_fill"].candidates) == 0.0
+
+
 def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   """The sweep on the seed configs, every step traced but not run (stand-in times): a valid file that says it
   is a dry run and what each choice did."""
