@@ -5,19 +5,19 @@
 
 Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or --base
 FILE): each candidate value is timed on the configs its choice concerns (`CONFIGS`: the benchmark's seed rows and
-the 7B model's MHA decode layer that takes the Hopper kernel, whole and with its heads split over two GPUs), as the
-benchmark times a step (a whole decode step, 16 chained in one call, at s = 1, out/2, out; Simpson mean), and the
-candidate with the best speed-up over the tuning so far (geometric mean over the configs whose step it changes)
-takes its place if at least --min-gain faster; the next choice starts from the result. A step whose kernels a
-candidate does not change (same tiles, splits, launch) is timed once. Every output is checked against the first step
-timed on its config: a candidate whose output differs, or that fails to compile, is refused. The budget (--budget-s)
-stops the choices early (the rest keep the base's values; the file says which were measured: run again with --base
-and --fields for those) and a final pass times the picked tuning against the base on every config with the kernel
-the API would take ("pallas"). Interactions between choices are seen only through the greedy order and that final
-pass. The file is written after every choice and the log (--log) after every step, so a sweep stopped from outside
-keeps what it measured; each step is printed before it starts, so one that hangs is named, and a step not back after
---step-timeout-s ends the sweep (a kernel that never returns cannot be stopped from Python): the log names it, the
-file keeps the choices made, the exit status is 3.
+the 7B model's MHA decode layer that takes the Hopper kernel, whole and with its heads split over two GPUs, and two
+more of its e2e layers), as the benchmark times a step (a whole decode step, 16 chained in one call, at s = 1,
+out/2, out; Simpson mean), and the candidate with the best speed-up over the tuning so far (geometric mean over the
+configs whose step it changes) takes its place if at least --min-gain faster; the next choice starts from the
+result. A step whose kernels a candidate does not change (same tiles, splits, launch) is timed once. Every output is
+checked against the first step timed on its config: a candidate whose output differs, or that fails to compile, is
+refused. The budget (--budget-s) stops the choices early (the rest keep the base's values; the file says which were
+measured: run again with --base and --fields for those) and a final pass times the picked tuning against the base on
+every config with the kernel the API would take ("pallas"). Interactions between choices are seen only through the
+greedy order and that final pass. The file is written after every choice and the log (--log) after every step, so a
+sweep stopped from outside keeps what it measured; each step is printed before it starts, so one that hangs is
+named, and a step not back after --step-timeout-s ends the sweep (a kernel that never returns cannot be stopped from
+Python): the log names it, the file keeps the choices made, the exit status is 3.
 
 --dry-run builds and traces (jax.eval_shape) every step the sweep would time, on the same configs, but runs and
 times nothing (no memory, any machine): its times are stand-ins derived from each step's signature, so that the
@@ -55,7 +55,11 @@ STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
 # (e2e part 3: MHA, T·g = 1, a prefix product at the Hopper threshold), the kernel's other kind of shape, whole
 # (128 prefix items: about one per SM) and with its heads split over two GPUs (TP = 2: 64 items, half the SMs).
 MHA_LAYER, MHA_LAYER_TP2 = (512, 16384, 128, 32, 32), (512, 16384, 128, 16, 16)
-CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2)
+# Two more of the e2e grid's 7B layers, below today's thresholds (prefix work 2M at 4K / 512, 1M at 16K / 64 with 32
+# items, fill 0.24): the threshold choices time them on both kernels, so whether the Hopper kernel pays there is
+# measured, not extrapolated from the seed rows (whose long suffixes favour Triton).
+E2E_LAYERS = ((512, 4096, 128, 32, 32), (64, 16384, 128, 32, 32))
+CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
