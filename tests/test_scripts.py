@@ -268,21 +268,31 @@ def test_sweep_levels_keeps_the_node_map_static():
   assert re.search(r"\bsort\[", str(traced))
 
 
-def test_probe_weight_layout_times_both_layouts_of_the_same_product(tmp_path):
-  """`probe_weight_layout`: a row per (row count, layout); `[N, K]` weights are the `[K, N]` ones transposed, and
-  its product (contracting w's second axis) is the same as `x @ w`."""
+def test_probe_weight_layout_times_every_layout_of_the_same_product(tmp_path):
+  """`probe_weight_layout`: a row per (row count, layout); `fused_nk` weights are the `fused` ones transposed (its
+  product, contracting w's second axis, is `x @ w`), `separate` ones are slices of them, and a step gives the same
+  output in every layout."""
   from scripts.tuning import probe_weight_layout as pw  # noqa: PLC0415
 
-  kn, nk = (pw.layer_weights(pw.SHAPE_TINY, 1, jnp.float32, t)[0] for t in (False, True))
+  kn, nk, sep = (pw.layer_weights(pw.SHAPE_TINY, 1, jnp.float32, layout)[0] for layout in pw.LAYOUTS)
   assert kn["down"].shape == nk["down"].shape[::-1] == (96, 64)
+  assert sep["k"].shape == (64, 32) and sep["up"].shape == (64, 96) and "qkv" not in sep
+  np.testing.assert_array_equal(jnp.concatenate([sep["q"], sep["k"], sep["v"]], axis=1), kn["qkv"])
+  np.testing.assert_array_equal(jnp.concatenate([sep["gate"], sep["up"]], axis=1), kn["gate_up"])
   x = jax.random.normal(jax.random.key(0), (3, 96), jnp.float32)
   np.testing.assert_allclose(pw.matmul(x, kn["down"], False), pw.matmul(x, nk["down"], True), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pw.matmul(x, kn["down"], False), x @ kn["down"], rtol=1e-5, atol=1e-5)
+  h = jax.random.normal(jax.random.key(1), (3, 64), jnp.float32)
+  steps = [pw.layers_step(pw.SHAPE_TINY, layout)(h, [w]) for layout, w in zip(pw.LAYOUTS, (kn, nk, sep))]
+  for other in steps[1:]:
+    np.testing.assert_allclose(other, steps[0], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="layout: 'kn'"):
+    pw.layer_weights(pw.SHAPE_TINY, 1, jnp.float32, "kn")
   out = tmp_path / "layout.jsonl"
-  pw.main(["--tiny", "--rows", "1,8", "--steps", "2", "--out", str(out)])
+  pw.main(["--tiny", "--rows", "1,8", "--steps", "2", "--layouts", "fused,separate", "--out", str(out)])
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [(r["rows"], r["layout"]) for r in rows] == [(1, "[K, N]"), (1, "[N, K]"), (8, "[K, N]"), (8, "[N, K]")]
-  assert all(r["us_per_layer"] > 0 and r["fraction"] is None for r in rows)
+  assert [(r["rows"], r["layout"]) for r in rows] == [(1, "fused"), (1, "separate"), (8, "fused"), (8, "separate")]
+  assert all(r["us_per_layer"] > 0 and r["tflop_per_s"] > 0 and r["fraction"] is None for r in rows)
 
 
 def test_probe_spills_attributes_each_compile_to_its_setting_and_window(capsys):

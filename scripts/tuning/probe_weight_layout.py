@@ -1,17 +1,23 @@
-"""Probe (development tool): a decode layer's GEMMs with the weights stored `[K, N]` (the models' layout, `x @ w`)
-against `[N, K]` (each output's weights contiguous along K, as checkpoints store them: `x @ w.T`), at a few row
-counts.
+"""Probe (development tool): a decode layer's GEMMs with the weights stored three ways, at a few row counts:
+  - `fused`: `[K, N]` (`x @ w`), q/k/v in one array and gate/up in one: one GEMM each;
+  - `fused_nk`: `[N, K]` (each output's weights contiguous along K, as checkpoints store them: `x @ w.T`), fused the
+    same way;
+  - `separate`: `[K, N]` with q, k, v, gate and up each their own array, as the models store them (`models.llama`):
+    seven GEMMs a layer instead of four.
 
-Issue 12 leaves `none` at B = 8 below 0.80 of its step floor because the GEMMs read the weights at ~3.4 TB/s
-(XLA's) against the floor's ~4.5: the weights' layout decides the order in which cuBLAS (and the decode kernel)
-stream them, and a skinny GEMM may stream `[N, K]` better. Each variant runs `--layers` layers of the GEMMs of a
-7B-shaped layer (q/k/v fused, o, gate/up fused, down; separate arrays per layer, a Python loop, as the models), the
-layers chained through a residual so nothing is hoisted, `--steps` steps in one call; the output is µs a layer,
-the weights' bytes over that time, and the fraction of the device's measured bandwidth. The two layouts' products
-are checked against each other.
+Issue 12 leaves `none` below 0.80 of its step floor: at B = 8 the GEMMs read the weights at ~3.4 TB/s against the
+floor's ~4.5 (the layout decides the order in which cuBLAS and the decode kernel stream them: `[N, K]` measured
+slower, 2026-12-01), and at B = 256 (the long document) at ~0.6 of the matmul rate, where a GEMM of N = 4096 and
+256 rows gives cuBLAS 64 output tiles of 128 × 128 for 132 SMs; fused arrays (N = 12288 and 22016) would give it
+192 and 344: whether that pays is what `separate` against `fused` measures.
+Each variant runs `--layers` layers of the GEMMs of a 7B-shaped layer (separate arrays per layer, a Python loop, as
+the models), q, k and v all feeding the o projection (an elementwise stand-in for attention, so none is dead code)
+and the layers chained through a residual so nothing is hoisted, `--steps` steps in one call; the output is µs a
+layer, the weights' bytes over that time and the fraction of the device's measured bandwidth, and the FLOP rate.
+The layouts' products are checked against each other (the separate arrays are slices of the fused ones).
 
-  python -m scripts.tuning.probe_weight_layout [--rows 1,8,16,64] [--layers 8] [--steps 16]   # on the GPU
-  python -m scripts.tuning.probe_weight_layout --tiny                                            # anywhere: plumbing
+  python -m scripts.tuning.probe_weight_layout [--rows 1,8,16,64,256,512] [--layers 8] [--steps 16]   # on the GPU
+  python -m scripts.tuning.probe_weight_layout --tiny                                                  # anywhere
 """
 
 from __future__ import annotations
@@ -31,34 +37,59 @@ SHAPE_TINY = dict(hidden=64, q=64, kv=32, intermediate=96)
 TIMING = dict(warmup=2, repeats=5)
 
 
-def layer_weights(shape: dict, layers: int, dtype, transposed: bool, seed: int = 0) -> list[dict]:
-  """Per layer: qkv `[d, q + 2·kv]`, o `[q, d]`, gate_up `[d, 2·I]`, down `[I, d]` (transposed: each `[N, K]`)."""
+LAYOUTS = ("fused", "fused_nk", "separate")  # [K, N] fused, [N, K] fused, [K, N] separate
+
+
+def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -> list[dict]:
+  """Per layer, by `layout` (`LAYOUTS`): "fused": qkv `[d, q + 2·kv]`, o `[q, d]`, gate_up `[d, 2·I]`, down
+  `[I, d]`; "fused_nk": each of those transposed, `[N, K]`; "separate": q, k, v, gate, up as their own `[K, N]` arrays, cut from the fused ones
+  (the same seed gives the same weights in every layout)."""
   d, qn, kv, inter = shape["hidden"], shape["q"], shape["kv"], shape["intermediate"]
   sizes = dict(qkv=(d, qn + 2 * kv), o=(qn, d), gate_up=(d, 2 * inter), down=(inter, d))
   keys = iter(jax.random.split(jax.random.key(seed), layers * len(sizes)))
   out = []
   for _ in range(layers):
     ws = {name: (jax.random.normal(next(keys), (k, n)) * k**-0.5).astype(dtype) for name, (k, n) in sizes.items()}
-    out.append({name: w.T for name, w in ws.items()} if transposed else ws)  # a new array, laid out [N, K]
+    if layout == "fused_nk":
+      ws = {name: w.T for name, w in ws.items()}  # a new array, laid out [N, K]
+    elif layout == "separate":
+      qkv, gate_up = ws.pop("qkv"), ws.pop("gate_up")
+      ws.update(q=qkv[:, :qn], k=qkv[:, qn:qn + kv], v=qkv[:, qn + kv:], gate=gate_up[:, :inter],
+                up=gate_up[:, inter:])  # each slice its own new array
+    elif layout != "fused":
+      raise ValueError(f"layout: {layout!r}, expected one of {LAYOUTS}")
+    out.append(ws)
   return out
 
 
-def matmul(x, w, transposed: bool):
+def matmul(x, w, transposed: bool = False):
   """x `[M, K]` @ w: w `[K, N]`, or `[N, K]` contracted on its second axis."""
   dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
   return jax.lax.dot_general(x, w, dims, precision=gemm.matmul_precision(x.dtype)).astype(x.dtype)
 
 
-def layers_step(shape: dict, transposed: bool):
+def mix(q, k, v):
+  """The attention's stand-in: q `[M, q]`, k and v `[M, kv]` (q a multiple of kv, as GQA) -> `[M, q]`."""
+  reps = q.shape[-1] // k.shape[-1]
+  return q * jax.nn.sigmoid(jnp.tile(k, reps)) + jnp.tile(v, reps)
+
+
+def layers_step(shape: dict, layout: str):
   """One step: x `[M, d]` through every layer's GEMMs (a residual carries the layers; SiLU-gated MLP)."""
-  qn, inter = shape["q"], shape["intermediate"]
+  qn, kv, inter = shape["q"], shape["kv"], shape["intermediate"]
+  t = layout == "fused_nk"
 
   def step(x, layers):
     for w in layers:
-      qkv = matmul(x, w["qkv"], transposed)
-      x = x + matmul(qkv[:, :qn], w["o"], transposed)
-      gu = matmul(x, w["gate_up"], transposed)
-      x = x + matmul(jax.nn.silu(gu[:, :inter]) * gu[:, inter:], w["down"], transposed)
+      if layout == "separate":
+        q, k, v = (matmul(x, w[n]) for n in ("q", "k", "v"))
+        x = x + matmul(mix(q, k, v), w["o"])
+        x = x + matmul(jax.nn.silu(matmul(x, w["gate"])) * matmul(x, w["up"]), w["down"])
+      else:
+        qkv = matmul(x, w["qkv"], t)
+        x = x + matmul(mix(qkv[:, :qn], qkv[:, qn:qn + kv], qkv[:, qn + kv:]), w["o"], t)
+        gu = matmul(x, w["gate_up"], t)
+        x = x + matmul(jax.nn.silu(gu[:, :inter]) * gu[:, inter:], w["down"], t)
     return x
 
   return step
@@ -69,14 +100,22 @@ def layer_bytes(shape: dict, itemsize: int) -> int:
   return (d * (qn + 2 * kv) + qn * d + d * 2 * inter + inter * d) * itemsize
 
 
+def layer_flops(shape: dict, rows: int) -> int:
+  return 2 * rows * layer_bytes(shape, 1)  # a multiply and an add per weight and row
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--rows", default="1,8,16,64")
+  parser.add_argument("--rows", default="1,8,16,64,256,512")
+  parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {LAYOUTS}")
   parser.add_argument("--layers", type=int, default=8)
   parser.add_argument("--steps", type=int, default=16)
   parser.add_argument("--tiny", action="store_true", help="small shapes, 2 layers (any machine: the plumbing)")
   parser.add_argument("--out", default=None, help="JSON-lines file, a row per (rows, layout)")
   args = parser.parse_args(argv)
+  layouts = args.layouts.split(",")
+  if unknown := [l for l in layouts if l not in LAYOUTS]:
+    parser.error(f"--layouts: {unknown} not among {LAYOUTS}")
   shape, layers = (SHAPE_TINY, 2) if args.tiny else (SHAPE_7B, args.layers)
   dtype = jnp.bfloat16
   bandwidth = None
@@ -84,26 +123,29 @@ def main(argv: list[str] | None = None) -> None:
     rates = device_rates.bandwidth(1 << 31, TIMING)
     bandwidth = rates["bandwidth_bytes_per_s"]
     print(f"{jax.devices()[0].device_kind}: bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
-  weights = {t: layer_weights(shape, layers, dtype, t) for t in (False, True)}
+  weights = {layout: layer_weights(shape, layers, dtype, layout) for layout in layouts}
   rows_out = []
   for m in map(int, args.rows.split(",")):
     x = jax.random.normal(jax.random.key(m), (m, shape["hidden"]), dtype)
     outs = {}
-    for transposed in (False, True):
-      step = layers_step(shape, transposed)
-      result = timing.time_fn(timing.chain_steps(step, args.steps), (x, weights[transposed]), **TIMING)
+    for layout in layouts:
+      step = layers_step(shape, layout)
+      result = timing.time_fn(timing.chain_steps(step, args.steps), (x, weights[layout]), **TIMING)
       per_layer = result.median_s / args.steps / layers
-      outs[transposed] = np.asarray(jax.jit(step)(x, weights[transposed]), np.float32)
+      outs[layout] = np.asarray(jax.jit(step)(x, weights[layout]), np.float32)
       tbs = layer_bytes(shape, jnp.dtype(dtype).itemsize) / per_layer / 1e12
-      row = dict(rows=m, layout="[N, K]" if transposed else "[K, N]", us_per_layer=per_layer * 1e6, tb_per_s=tbs,
+      tflops = layer_flops(shape, m) / per_layer / 1e12
+      row = dict(rows=m, layout=layout, us_per_layer=per_layer * 1e6, tb_per_s=tbs, tflop_per_s=tflops,
                  fraction=None if bandwidth is None else tbs * 1e12 / bandwidth)
       rows_out.append(row)
       frac = "" if bandwidth is None else f" ({row['fraction']:.2f} of the bandwidth)"
-      print(f"rows {m:4d} weights {row['layout']}: {row['us_per_layer']:8.1f} us a layer, {tbs:.2f} TB/s{frac}",
-            flush=True)
-    err = float(np.max(np.abs(outs[False] - outs[True])) / (np.max(np.abs(outs[False])) + 1e-30))
-    if err > 0.05:
-      raise SystemExit(f"rows {m}: the two layouts' outputs differ by {err:.3g} (relative): not the same product")
+      print(f"rows {m:4d} weights {layout:8s}: {row['us_per_layer']:8.1f} us a layer, {tbs:.2f} TB/s{frac}, "
+            f"{tflops:.0f} TFLOP/s", flush=True)
+    first = outs[layouts[0]]
+    for layout in layouts[1:]:
+      err = float(np.max(np.abs(first - outs[layout])) / (np.max(np.abs(first)) + 1e-30))
+      if err > 0.05:
+        raise SystemExit(f"rows {m}: {layout} and {layouts[0]} differ by {err:.3g} (relative): not the same product")
   if args.out:
     with open(args.out, "w") as f:
       for row in rows_out:
