@@ -292,17 +292,20 @@ def test_sweep_picks_the_fastest_candidate_above_the_minimum_gain():
 
 
 def test_sweep_times_the_hopper_thresholds_on_every_config():
-  """The thresholds between the Hopper kernel and Triton decide for any shape, so their choices are timed on every
-  config, and their candidates reach below the smallest config's work and fill: each config can cross them (the MHA
-  seed rows too, which a group of the GQA rows and MHA layers alone never moved)."""
+  """The thresholds between the Hopper kernel and Triton decide for any shape: one choice sets both (a shape takes
+  the Hopper kernel only where both allow it), timed on every config, and for each config some candidate puts it on
+  the Hopper kernel and some on Triton, so each is timed on both (the B = 64 MHA configs sit below both thresholds:
+  two choices of one threshold each never moved them)."""
   configs = sweep_device.CONFIGS
-  by_field = {c.field: c for c in sweep_device.choices(configs, sweep_device.GROUPS)}
-  for field in ("hopper_min_work", "hopper_min_fill"):
-    assert sweep_device.GROUPS[by_field[field].group] == tuple(range(len(configs))), field
-  works = [validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in configs]
-  assert min(by_field["hopper_min_work"].candidates) <= min(works)
-  assert max(by_field["hopper_min_work"].candidates) > max(works)
-  assert min(by_field["hopper_min_fill"].candidates) == 0.0
+  [choice] = [c for c in sweep_device.choices(configs, sweep_device.GROUPS) if c.field.startswith("hopper_min")]
+  assert choice.field == "+".join(sweep_device.THRESHOLDS) == "hopper_min_work+hopper_min_fill"
+  assert sweep_device.GROUPS[choice.group] == tuple(range(len(configs)))
+  base, cores = _h100(), ops.num_cores()
+  for b, p, _, hq, hkv in configs:
+    takes = {validation.pays_on_hopper((b, 1, hq), hkv, p, choice.apply(base, value), cores)
+             for value in choice.candidates}
+    assert takes == {True, False}, (b, p, hq, hkv)
+  assert choice.read(choice.apply(base, (7, 0.25))) == (7, 0.25)
 
 
 def test_sweep_dry_run_writes_a_valid_file(tmp_path):
@@ -328,20 +331,23 @@ def test_sweep_of_some_fields_keeps_the_notes_of_the_others(tmp_path):
   replaces the note and the record of the field it measures."""
   base = tuning.with_measured_field(tuning.file_for(H100), tuning.device_kind(), _h100(), "gemm", "gemm's note",
                                     command="c", date="d", commit="x")
-  base = tuning.with_measured_field(base, tuning.device_kind(), _h100(), "hopper_min_work", "old note",
+  base = tuning.with_measured_field(base, tuning.device_kind(), _h100(), "interleave_rows", "old note",
                                     command="c", date="d", commit="x")
-  earlier = [dict(field="interleave_lead", status="kept", mark=1), dict(field="hopper_min_work", status="kept", mark=2)]
+  earlier = [dict(field="interleave_lead", status="kept", mark=1), dict(field="interleave_rows", status="kept", mark=2)]
   base = dataclasses.replace(base, provenance=dict(base.provenance, choices=earlier))
   tuning.write(tmp_path / "base.json", base)
   out = tmp_path / "out.json"
   sweep_device.main(["--dry-run", "--base", str(tmp_path / "base.json"), "--out", str(out), "--fields",
-                     "hopper_min_work"])
+                     "interleave_rows"])
   fields = tuning.load(out).provenance["fields"]
   assert fields["gemm"] == "gemm's note"
-  assert fields["hopper_min_work"].startswith("measured: ")
+  assert fields["interleave_rows"].startswith("measured: ")
   choices = tuning.load(out).provenance["choices"]
-  assert [c["field"] for c in choices] == ["interleave_lead", "hopper_min_work"] and choices[0]["mark"] == 1
+  assert [c["field"] for c in choices] == ["interleave_lead", "interleave_rows"] and choices[0]["mark"] == 1
   assert "mark" not in choices[1] and choices[1]["status"] in ("picked", "kept")  # this sweep's record
+  joint = [dict(field="a+b", candidates=[], status="kept", base=[1, 2])]
+  assert sweep_device.field_notes(joint, 0.02, {"a": "a's note", "c": "c's"}) == {
+      "a+b": "measured: [1, 2] kept, no candidate 1.02x as fast. Before, a alone: a's note", "c": "c's"}
   unmeasured = [dict(field="x", candidates=[], status="not measured (time budget)")]
   assert sweep_device.field_notes(unmeasured, 0.02, {"x": "its note"}) == {
       "x": "not measured (time budget): kept from the base (its note)"}
@@ -381,10 +387,11 @@ def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   monkeypatch.setattr(sweep_device, "run_choice", stop_at_the_second)
   with pytest.raises(KeyboardInterrupt):
     sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields",
-                       "hopper_min_work,interleave_lead"])
+                       "hopper_min_fill,interleave_lead"])  # a field of the joint threshold choice picks it
   file = tuning.load(out)
-  assert [r["field"] for r in file.provenance["choices"]] == ["hopper_min_work"]
-  assert file.provenance["final_check"]["status"].startswith("not run: written after the choice hopper_min_work")
+  assert [r["field"] for r in file.provenance["choices"]] == ["hopper_min_work+hopper_min_fill"]
+  assert file.provenance["final_check"]["status"].startswith(
+      "not run: written after the choice hopper_min_work+hopper_min_fill")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.json", "steps.jsonl"]  # no temporary file left
 
 
@@ -409,7 +416,7 @@ def test_sweep_ends_at_a_step_that_does_not_return(tmp_path, monkeypatch):
   sweep_device.main(["--dry-run", "--out", str(out), "--log", str(log), "--fields", "hopper_min_work,interleave_lead",
                      "--step-timeout-s", "3"])
   assert calls == [3]
-  assert [r["field"] for r in seen["file"].provenance["choices"]] == ["hopper_min_work"]
+  assert [r["field"] for r in seen["file"].provenance["choices"]] == ["hopper_min_work+hopper_min_fill"]
   assert seen["file"].provenance["final_check"]["status"].startswith(
       "not run: the sweep stopped in the choice interleave_lead, whose step did not return within 3 s")
   steps = [json.loads(line) for line in log.read_text().splitlines()]
@@ -446,8 +453,9 @@ def test_watchdog_ends_the_process_when_its_log_write_fails(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not validation.on_hopper(), reason="needs a Hopper GPU (the sweep times the Hopper kernel)")
 def test_sweep_times_and_checks_real_steps_on_the_gpu(tmp_path):
-  """One choice of the real sweep (the Hopper threshold: Hopper and Triton steps of the GQA configs, each output
-  checked against the first on its config) under a short budget: a measured file, steps timed without error."""
+  """One choice of the real sweep (the Hopper thresholds, picked by one of their fields: Hopper and Triton steps of
+  the configs, each output checked against the first on its config) under a short budget: a measured file, steps
+  timed without error."""
   out, log = tmp_path / "gpu.json", tmp_path / "steps.jsonl"
   sweep_device.main(["--out", str(out), "--log", str(log), "--fields", "hopper_min_work", "--budget-s", "90",
                      "--final-s", "20"])

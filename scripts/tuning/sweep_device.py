@@ -52,11 +52,11 @@ from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
 
 STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
 # The configs (B, P, out, Hq, Hkv): the benchmark's seed rows, and the 7B model's decode layer at P = 16K, B = 512
-# (e2e part 3: MHA, T·g = 1, a prefix product at the Hopper threshold), the kernel's other kind of shape, whole
+# (e2e part 3: MHA, T·g = 1, a prefix product above the Hopper threshold), the kernel's other kind of shape, whole
 # (128 prefix items: about one per SM) and with its heads split over two GPUs (TP = 2: 64 items, half the SMs).
 MHA_LAYER, MHA_LAYER_TP2 = (512, 16384, 128, 32, 32), (512, 16384, 128, 16, 16)
 # Two more of the e2e grid's 7B layers, below today's thresholds (prefix work 2M at 4K / 512, 1M at 16K / 64 with 32
-# items, fill 0.24): the threshold choices time them on both kernels, so whether the Hopper kernel pays there is
+# items, fill 0.24): the threshold choice times them on both kernels, so whether the Hopper kernel pays there is
 # measured, not extrapolated from the seed rows (whose long suffixes favour Triton).
 E2E_LAYERS = ((512, 4096, 128, 32, 32), (64, 16384, 128, 32, 32))
 CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS
@@ -141,9 +141,13 @@ def hopper_choice(first: int, last: int, group: str, candidates) -> Choice:
                 tuple(candidates), lambda t: t.hopper_for(first), lambda t, v: t.with_hopper(first, last, v))
 
 
+THRESHOLDS = ("hopper_min_work", "hopper_min_fill")  # the fields that decide between the Hopper kernel and Triton
+
+
 def choices(configs, groups) -> list[Choice]:
   """The choices, most important first (the time budget may stop the sweep before the last). Thresholds take the
-  configs' own sizes as candidates, and twice the largest (none of them)."""
+  configs' own sizes as candidates, and twice the largest (none of them); the Hopper kernel's two, every pair of
+  those (of equally fast pairs, the last: the larger thresholds)."""
   hopper_configs = [configs[i] for i in groups["hopper"]]
   works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in hopper_configs})
   # fill thresholds: below every config's fill, between each two, above all (the configs' fills on this device)
@@ -154,8 +158,9 @@ def choices(configs, groups) -> list[Choice]:
   return [
       hopper_choice(2, 8, "gqa", HOPPER_CONFIGS),  # GQA's few-row suffix items (the seed rows: T·g = 4)
       hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS),  # MHA decode: one-row items
-      field_choice("hopper_min_work", "pallas", "hopper", works + [2 * works[-1]]),
-      field_choice("hopper_min_fill", "pallas", "hopper", fill_cuts),
+      # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
+      # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
+      fields_choice(THRESHOLDS, "pallas", "hopper", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
@@ -367,7 +372,8 @@ def run_choice(sweep: Sweep, choice: Choice, tune: Tuning, configs: tuple[int, .
 
 def field_notes(recs: list[dict], min_gain: float, base_notes: dict | None = None) -> dict:
   """What decided each field, for the file's provenance: this sweep's records, and for the fields it did not
-  measure, the base file's notes (`base_notes`: where the base is this device's own file; else none)."""
+  measure, the base file's notes (`base_notes`: where the base is this device's own file; else none). A joint
+  field's note ("a+b") takes in the notes its fields had when swept apart."""
   notes = dict(base_notes or {})
   for r in recs:
     timed = [c for c in r["candidates"] if "speedup" in c]
@@ -381,6 +387,10 @@ def field_notes(recs: list[dict], min_gain: float, base_notes: dict | None = Non
       text = (f"measured: {json.dumps(r['base'])} kept, no candidate {1 + min_gain:.2f}x as fast"
               + (f" (best {json.dumps(best['value'])}: {best['speedup']:.3f}x)" if best else ""))
     notes[r["field"]] = text + (f"; {r['untimed']} candidates not timed (time budget)" if r.get("untimed") else "")
+    parts = r["field"].split("+")
+    for part in parts if len(parts) > 1 else ():  # fields once swept apart: their notes join the joint one's
+      if part in notes:
+        notes[r["field"]] += f". Before, {part} alone: {notes.pop(part)}"
   return notes
 
 
@@ -407,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
   todo = choices(configs, groups)
   if args.fields:
     wanted = args.fields.split(",")
-    picks = lambda name, field: field == name or field.startswith(name + "[")  # "hopper": every hopper[...]
+    # "hopper": every hopper[...]; a field of a joint choice picks it ("hopper_min_fill": hopper_min_work+...)
+    picks = lambda name, field: field == name or field.startswith(name + "[") or name in field.split("+")
     if unknown := sorted(w for w in wanted if not any(picks(w, c.field) for c in todo)):
       parser.error(f"--fields: unknown {unknown}; known: {[c.field for c in todo]} (a name before '[' picks all)")
     todo = [c for c in todo if any(picks(w, c.field) for w in wanted)]
