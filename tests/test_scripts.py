@@ -286,6 +286,11 @@ def test_probe_weight_layout_times_every_layout_of_the_same_product(tmp_path):
   steps = [pw.layers_step(pw.SHAPE_TINY, layout)(h, [w]) for layout, w in zip(pw.LAYOUTS, (kn, nk, sep))]
   for other in steps[1:]:
     np.testing.assert_allclose(other, steps[0], rtol=1e-5, atol=1e-5)
+  for name in ("k", "v", "gate"):  # every GEMM feeds the output (none is dead code XLA could drop)
+    changed = pw.layers_step(pw.SHAPE_TINY, "separate")(h, [{**sep, name: 2 * sep[name]}])
+    assert not np.allclose(changed, steps[2], rtol=1e-3, atol=1e-3), name
+  with pytest.raises(ValueError, match="not a multiple"):
+    pw.mix(h[:, :6], h[:, :4], h[:, :4])
   with pytest.raises(ValueError, match="layout: 'kn'"):
     pw.layer_weights(pw.SHAPE_TINY, 1, jnp.float32, "kn")
   out = tmp_path / "layout.jsonl"

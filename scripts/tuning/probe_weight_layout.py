@@ -7,17 +7,18 @@
 
 Issue 12 leaves `none` below 0.80 of its step floor: at B = 8 the GEMMs read the weights at ~3.4 TB/s against the
 floor's ~4.5 (the layout decides the order in which cuBLAS and the decode kernel stream them: `[N, K]` measured
-slower, 2026-12-01), and at B = 256 (the long document) at ~0.6 of the matmul rate, where a GEMM of N = 4096 and
-256 rows gives cuBLAS 64 output tiles of 128 × 128 for 132 SMs; fused arrays (N = 12288 and 22016) would give it
-192 and 344: whether that pays is what `separate` against `fused` measures.
+slower, 2026-12-01), and at B = 256 (the long document) at ~0.6 of the matmul rate, where q, k and v each (N = 4096)
+give cuBLAS 64 output tiles of 128 × 128 at 256 rows for 132 SMs, gate and up each (N = 11008) 172; fused (N = 12288
+and 22016) 192 and 344: whether that pays is what `separate` against `fused` measures. The steps compile with the
+models' XLA options (`models.COMPILER_OPTIONS`: no dot merger, which would otherwise join the separate GEMMs).
 Each variant runs `--layers` layers of the GEMMs of a 7B-shaped layer (separate arrays per layer, a Python loop, as
 the models), q, k and v all feeding the o projection (an elementwise stand-in for attention, so none is dead code)
 and the layers chained through a residual so nothing is hoisted, `--steps` steps in one call; the output is µs a
 layer, the weights' bytes over that time and the fraction of the device's measured bandwidth, and the FLOP rate.
 The layouts' products are checked against each other (the separate arrays are slices of the fused ones).
 
-  python -m scripts.tuning.probe_weight_layout [--rows 1,8,16,64,256,512] [--layers 8] [--steps 16]   # on the GPU
-  python -m scripts.tuning.probe_weight_layout --tiny                                                  # anywhere
+  python -m scripts.tuning.probe_weight_layout [--rows 1,8,16,64,256,512] [--layers 8] [--steps 16]  # on the GPU
+  python -m scripts.tuning.probe_weight_layout --tiny                                                 # anywhere
 """
 
 from __future__ import annotations
@@ -30,20 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import device_rates, timing
-from models import gemm
+from models import COMPILER_OPTIONS, gemm
 
 SHAPE_7B = dict(hidden=4096, q=4096, kv=4096, intermediate=11008)
 SHAPE_TINY = dict(hidden=64, q=64, kv=32, intermediate=96)
 TIMING = dict(warmup=2, repeats=5)
-
-
 LAYOUTS = ("fused", "fused_nk", "separate")  # [K, N] fused, [N, K] fused, [K, N] separate
 
 
 def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -> list[dict]:
   """Per layer, by `layout` (`LAYOUTS`): "fused": qkv `[d, q + 2·kv]`, o `[q, d]`, gate_up `[d, 2·I]`, down
-  `[I, d]`; "fused_nk": each of those transposed, `[N, K]`; "separate": q, k, v, gate, up as their own `[K, N]` arrays, cut from the fused ones
-  (the same seed gives the same weights in every layout)."""
+  `[I, d]`; "fused_nk": each of those transposed, `[N, K]`; "separate": q, k, v, gate, up as their own `[K, N]`
+  arrays, cut from the fused ones (the same seed gives the same weights in every layout)."""
   d, qn, kv, inter = shape["hidden"], shape["q"], shape["kv"], shape["intermediate"]
   sizes = dict(qkv=(d, qn + 2 * kv), o=(qn, d), gate_up=(d, 2 * inter), down=(inter, d))
   keys = iter(jax.random.split(jax.random.key(seed), layers * len(sizes)))
@@ -70,6 +69,8 @@ def matmul(x, w, transposed: bool = False):
 
 def mix(q, k, v):
   """The attention's stand-in: q `[M, q]`, k and v `[M, kv]` (q a multiple of kv, as GQA) -> `[M, q]`."""
+  if q.shape[-1] % k.shape[-1]:
+    raise ValueError(f"mix: q's width {q.shape[-1]} is not a multiple of k's {k.shape[-1]} (as GQA's heads are)")
   reps = q.shape[-1] // k.shape[-1]
   return q * jax.nn.sigmoid(jnp.tile(k, reps)) + jnp.tile(v, reps)
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     outs = {}
     for layout in layouts:
       step = layers_step(shape, layout)
-      result = timing.time_fn(timing.chain_steps(step, args.steps), (x, weights[layout]), **TIMING)
+      chained = jax.jit(timing.chain_steps(step, args.steps)).lower(x, weights[layout])
+      result = timing.time_compiled(chained.compile(COMPILER_OPTIONS), (x, weights[layout]), **TIMING)
       per_layer = result.median_s / args.steps / layers
       outs[layout] = np.asarray(jax.jit(step)(x, weights[layout]), np.float32)
       tbs = layer_bytes(shape, jnp.dtype(dtype).itemsize) / per_layer / 1e12
