@@ -86,10 +86,15 @@ class HopperConfig(tuning_lib.HopperTuning):
   num_ctas: int | None = None
 
 
+def config_of(settings: tuning_lib.HopperTuning) -> HopperConfig:
+  """The kernel's configuration with the measured `settings` (one entry of `Tuning.hopper`), one CTA per SM."""
+  return HopperConfig(**dataclasses.asdict(settings))
+
+
 def tuned_config(tuning: tuning_lib.Tuning | None = None, rows: int = 1) -> HopperConfig:
   """The kernel's settings in the device's tuning (None: `tuning.current()`) for `rows` query rows a sequence and KV
   head (T·g), one CTA per SM."""
-  return HopperConfig(**dataclasses.asdict(tuning_lib.resolve(tuning).hopper_for(rows)))
+  return config_of(tuning_lib.resolve(tuning).hopper_for(rows))
 
 
 def query_rows(q_shape: tuple[int, ...], num_kv_heads: int) -> int:

@@ -63,10 +63,10 @@ CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
-# every config for the thresholds between the Hopper kernel and Triton (any shape may cross them: the MHA seed rows
-# too, now that T·g = 1 has settings of its own), every config, a spread for the tiles (small and large MHA, mid and
-# large GQA) and the largest prefix products alone.
-GROUPS = dict(gqa=_GQA, hopper=tuple(range(len(CONFIGS))), all=tuple(range(len(CONFIGS))),
+# every config (also for the thresholds between the Hopper kernel and Triton: any shape may cross them, the MHA seed
+# rows too, now that T·g = 1 has settings of its own), the MHA decode layers, a spread for the tiles (small and
+# large MHA, mid and large GQA) and the largest prefix products alone.
+GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))),
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
@@ -148,19 +148,18 @@ def choices(configs, groups) -> list[Choice]:
   """The choices, most important first (the time budget may stop the sweep before the last). Thresholds take the
   configs' own sizes as candidates, and twice the largest (none of them); the Hopper kernel's two, every pair of
   those (of equally fast pairs, the last: the larger thresholds)."""
-  hopper_configs = [configs[i] for i in groups["hopper"]]
-  works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in hopper_configs})
+  every = [configs[i] for i in groups["all"]]
+  works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in every})
   # fill thresholds: below every config's fill, between each two, above all (the configs' fills on this device)
-  fills = sorted({round(validation.prefix_fill((b, 1, hq), hkv, ops.num_cores()), 3) for b, _, _, hq, hkv in
-                  hopper_configs})
+  fills = sorted({round(validation.prefix_fill((b, 1, hq), hkv, ops.num_cores()), 3) for b, _, _, hq, hkv in every})
   fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
-  rows = sorted({b * hq // hkv for b, _, _, hq, hkv in (configs[i] for i in groups["all"])})
+  rows = sorted({b * hq // hkv for b, _, _, hq, hkv in every})
   return [
       hopper_choice(2, 8, "gqa", HOPPER_CONFIGS),  # GQA's few-row suffix items (the seed rows: T·g = 4)
       hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS),  # MHA decode: one-row items
       # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
-      fields_choice(THRESHOLDS, "pallas", "hopper", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
+      fields_choice(THRESHOLDS, "pallas", "all", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
@@ -226,8 +225,7 @@ class Sweep:
                                            tuning=tune))
     if kernel in ("hopper", "pallas"):
       settings = tune.hopper_for(hopper.query_rows(q.shape, hkv))
-      fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk,
-                              hopper.HopperConfig(**dataclasses.asdict(settings))) is None
+      fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
       if kernel == "hopper" or (fits and validation.pays_on_hopper(q.shape, hkv, p, tune)):
         return ("hopper", i, settings) if fits else None
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
@@ -238,7 +236,7 @@ class Sweep:
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]
     if kind == "hopper":  # the signature holds the settings of the config's T·g
-      return probe_hopper.step(hopper.HopperConfig(**dataclasses.asdict(signature[2])))
+      return probe_hopper.step(hopper.config_of(signature[2]))
     if kind == "alone":
       block = signature[2]
 
