@@ -3,8 +3,8 @@
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``
 and ``Qwen3ForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
 its config asks for (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms). Linear
-weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``), one dict of arrays per
-layer (see ``models.llama``). Every missing, misshaped or unexpected tensor, and every unreadable file, raises
+weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``) and packs q/k/v and gate/up
+(``models.llama.pack_layer``), one dict of arrays per layer (see ``models.llama``); saving unpacks them. Every missing, misshaped or unexpected tensor, and every unreadable file, raises
 ``CheckpointError`` naming the tensor or the file.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +22,15 @@ from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from models.config import CheckpointError, LlamaConfig
-from models.llama import Llama, Params, layer_keys, param_shapes
+from models.llama import Llama, Params, layer_keys, pack_layer, param_shapes, unpack_layer, unpacked_layer_shapes
 
 __all__ = ["CheckpointError", "hf_name", "hf_tensor_shapes", "load_checkpoint", "save_checkpoint", "to_hf_tensors"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-# our name -> HF name: the model's own tensors, and a layer's (after "model.layers.{i}.") for all families
+# our name -> HF name: the model's own tensors, and a layer's (after "model.layers.{i}.") for all families (the
+# projections apart, as `models.llama.layer_keys(config, packed=False)` names them)
 _HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 _HF_LAYER = {
     "attn_norm": "input_layernorm.weight",
@@ -67,26 +67,23 @@ def _hf_layout(key: str, x):
     return x.T if _transposed(key, x.ndim) else x
 
 
+def _top_keys(config: LlamaConfig) -> list[str]:
+    return ["embed", "final_norm"] + ([] if config.tie_word_embeddings else ["lm_head"])
+
+
 def _names(config: LlamaConfig) -> list[tuple[str, int | None]]:
-    """(key, layer) of every parameter of ``config``: the model's own (layer None), then each layer's."""
-    top = ["embed", "final_norm"] + ([] if config.tie_word_embeddings else ["lm_head"])
-    return [(key, None) for key in top] + [(key, i) for i in range(config.num_hidden_layers)
-                                            for key in layer_keys(config)]
-
-
-def _tree(config: LlamaConfig, values: dict[tuple[str, int | None], Any]) -> Params:
-    """Our parameter tree from {(key, layer): value}."""
-    params = {key: v for (key, layer), v in values.items() if layer is None}
-    params["layers"] = [{key: values[key, i] for key in layer_keys(config)} for i in range(config.num_hidden_layers)]
-    return params
+    """(key, layer) of every tensor of ``config``'s checkpoint: the model's own (layer None), then each layer's
+    (projections apart)."""
+    return [(key, None) for key in _top_keys(config)] + [(key, i) for i in range(config.num_hidden_layers)
+                                                         for key in layer_keys(config, packed=False)]
 
 
 def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of ``config`` must hold, with its HF shape (``[out, in]`` matrices)."""
-    ours = param_shapes(config)
+    top, layer_shapes = param_shapes(config), unpacked_layer_shapes(config)
     shapes = {}
     for key, layer in _names(config):
-        shape = ours[key] if layer is None else ours["layers"][layer][key]
+        shape = top[key] if layer is None else layer_shapes[key]
         shapes[hf_name(key, layer)] = shape[::-1] if _transposed(key, len(shape)) else shape
     return shapes
 
@@ -150,9 +147,9 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
     tensor, an unreadable file.
 
-    mesh: load for tensor parallelism on it (``models.parallel``): tensor by tensor, each is read, put in its mesh
-    layout on the host and sent shard by shard to the devices that hold it (no device receives a whole tensor,
-    and the host holds one tensor at a time)."""
+    mesh: load for tensor parallelism on it (``models.parallel``): layer by layer, each tensor is read, packed,
+    put in its mesh layout on the host and sent shard by shard to the devices that hold it (no device receives a
+    whole tensor, and the host holds one layer's tensors at a time)."""
     path = os.fspath(path)
     config = LlamaConfig.from_json(path)
     dtype = jnp.dtype(dtype)
@@ -193,20 +190,33 @@ def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: 
     s = parallel.split(config, parallel.mesh_size(mesh))
     host_dtype = ml_dtypes.bfloat16 if dtype == jnp.dtype(jnp.bfloat16) else np.float32
 
-    def load(key: str, layer: int | None) -> jax.Array:
+    def read(key: str, layer: int | None) -> np.ndarray:
         name = hf_name(key, layer)
         x = _read(files, [name], expected, path)[name]
         if tied_head and key == "embed":
             _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
-        return parallel.put(key, _hf_layout(key, x).astype(host_dtype), config, s, mesh)
+        return _hf_layout(key, x).astype(host_dtype)
 
-    return _tree(config, {(key, layer): load(key, layer) for key, layer in _names(config)})
+    def put(arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {key: parallel.put(key, x, config, s, mesh) for key, x in arrays.items()}
+
+    params = put({key: read(key, None) for key in _top_keys(config)})
+    params["layers"] = [put(pack_layer({key: read(key, i) for key in layer_keys(config, packed=False)},
+                                       config.head_dim)) for i in range(config.num_hidden_layers)]
+    return params
 
 
 def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
-    """Our parameters (``dtype``) from HF-named, HF-laid-out arrays ``t``."""
-    return _tree(config, {(key, layer): jnp.asarray(_hf_layout(key, t[hf_name(key, layer)]), dtype)
-                          for key, layer in _names(config)})
+    """Our parameters (``dtype``) from HF-named, HF-laid-out arrays ``t``: each layer packed on the host
+    (``pack_layer``), then sent."""
+    def ours(key: str, layer: int | None) -> np.ndarray:
+        return _hf_layout(key, t[hf_name(key, layer)])
+
+    params = {key: jnp.asarray(ours(key, None), dtype) for key in _top_keys(config)}
+    params["layers"] = [
+        {key: jnp.asarray(x, dtype) for key, x in pack_layer({key: ours(key, i) for key in layer_keys(
+            config, packed=False)}, config.head_dim).items()} for i in range(config.num_hidden_layers)]
+    return params
 
 
 def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
@@ -225,7 +235,8 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         out = np.ascontiguousarray(x)
         return out.astype(np_dtype) if np_dtype is not None else out.astype(np.asarray(p["embed"]).dtype)
 
-    return {hf_name(key, layer): conv(_hf_layout(key, p[key] if layer is None else p["layers"][layer][key]))
+    layers = [unpack_layer(layer, model.config.head_dim) for layer in p["layers"]]
+    return {hf_name(key, layer): conv(_hf_layout(key, p[key] if layer is None else layers[layer][key]))
             for key, layer in _names(model.config)}
 
 

@@ -4,7 +4,17 @@ q/k/v biases of Qwen2 and the q/k RMSNorm of Qwen3 where the config's family has
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
 under a ``lax.scan`` made XLA copy each layer's slice out before its GEMM, every step: about one extra read and
-write of all weights; see experiments/PERF_NOTES.md.) Linear weights are stored ``[in, out]``.
+write of all weights; see experiments/PERF_NOTES.md.) Linear weights are stored ``[in, out]``, and the projections
+that share their input are packed into one weight, one GEMM each (``pack_layer``; checkpoints hold them apart):
+
+- ``w_qkv`` ``[d, Hkv, (g + 2)·D]`` (g = Hq / Hkv): for each KV head, the columns of its g query heads, then its
+  key, then its value (Qwen2's biases alike, ``b_qkv`` ``[Hkv, (g + 2)·D]``). Grouped by KV head, so that a tensor
+  parallel device's slice of axis 1 holds its own query heads with the keys and values they read;
+- ``w_gate_up`` ``[d, 2, I]``: the gate's columns, then the up projection's.
+
+One GEMM over 3 or 2 weights' columns instead of one a weight: on an H200, a 7B layer's GEMMs take 8 % less time at
+8 rows, 14–21 % less at 64–256 rows, 5 % at 512 (``scripts/tuning/probe_weight_layout.py``; the separate GEMMs
+leave SMs idle where N is small, and each pays its own launch and tail).
 
 Attention is not part of the model: ``Llama.__call__`` takes an ``attend`` callback
 ``attend(cache, layer, q, k, v) -> (out, cache)`` with layer a Python int, q ``[B, T, Hq, D]``, k/v
@@ -43,18 +53,23 @@ COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")  # every family
-QKV_BIAS_KEYS = ("bq", "bk", "bv")  # config.qkv_bias (Qwen2)
+LAYER_KEYS = ("attn_norm", "w_qkv", "wo", "mlp_norm", "w_gate_up", "w_down")  # every family
+QKV_BIAS_KEYS = ("b_qkv",)  # config.qkv_bias (Qwen2)
 QK_NORM_KEYS = ("q_norm", "k_norm")  # config.qk_norm (Qwen3)
+# A packed parameter and the projections it holds, in order (`pack_layer`): the checkpoints' names for them.
+PACKED = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
 
 
-def layer_keys(config: LlamaConfig) -> tuple[str, ...]:
-    """The per-layer parameter names of ``config``'s family (plain Llama: ``LAYER_KEYS``)."""
-    return LAYER_KEYS + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
+def layer_keys(config: LlamaConfig, packed: bool = True) -> tuple[str, ...]:
+    """The per-layer parameter names of ``config``'s family (plain Llama: ``LAYER_KEYS``); ``packed=False``: with
+    each packed weight named as its projections (``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up``; Qwen2's ``bq``,
+    ``bk``, ``bv``), as checkpoints hold them."""
+    keys = LAYER_KEYS + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
+    return keys if packed else tuple(k for key in keys for k in PACKED.get(key, (key,)))
 
 
-def param_shapes(config: LlamaConfig) -> dict[str, Any]:
-    """Shapes of every parameter: top-level arrays and ``layers``, a list of one dict per layer."""
+def unpacked_layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of a layer's parameters with every projection apart (``layer_keys(config, packed=False)``)."""
     c = config
     d, I = c.hidden_size, c.intermediate_size
     hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -64,6 +79,20 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
         layer.update(bq=(hq,), bk=(hkv,), bv=(hkv,))
     if c.qk_norm:
         layer.update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
+    return layer
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, Any]:
+    """Shapes of every parameter: top-level arrays and ``layers``, a list of one dict per layer (packed)."""
+    c = config
+    d, I, D, hkv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_key_value_heads
+    width = (c.num_attention_heads // hkv + 2) * D  # a KV head's group: its query heads, its key, its value
+    layer = {"attn_norm": (d,), "w_qkv": (d, hkv, width), "wo": (c.num_attention_heads * D, d), "mlp_norm": (d,),
+             "w_gate_up": (d, 2, I), "w_down": (I, d)}
+    if c.qkv_bias:
+        layer["b_qkv"] = (hkv, width)
+    if c.qk_norm:
+        layer.update(q_norm=(D,), k_norm=(D,))
     shapes = {"embed": (c.vocab_size, d), "final_norm": (d,),
               "layers": [dict(layer) for _ in range(c.num_hidden_layers)]}
     if not c.tie_word_embeddings:
@@ -71,20 +100,72 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
     return shapes
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _draw(shapes: tuple[tuple[str, tuple[int, ...]], ...], key: jax.Array, dtype, hidden_size: int) -> dict:
-    """Random arrays for ``(name, shape)`` pairs: norms 1, biases 0, matrices N(0, 1/fan_in) (embedding:
-    N(0, 1/hidden_size))."""
+def pack_qkv(q, k, v, head_dim: int):
+    """q ``[..., Hq·D]``, k and v ``[..., S·D]`` (numpy or jax) -> ``[..., S, (Hq/S + 2)·D]``: for each of the S
+    KV heads, its Hq/S query heads (query head h reads KV head h // (Hq/S)), then its key, then its value."""
+    xp = np if isinstance(q, np.ndarray) else jnp
+    lead, kv_heads = q.shape[:-1], k.shape[-1] // head_dim
+    if k.shape != v.shape or k.shape[-1] % head_dim or q.shape[-1] % (kv_heads * head_dim):
+        raise ValueError(f"pack_qkv: q {q.shape}, k {k.shape}, v {v.shape} with head_dim {head_dim}: k and v must "
+                         "be alike, a whole number of heads, and q a whole number of heads for each")
+    group = lambda x: x.reshape(*lead, kv_heads, -1)  # noqa: E731
+    return xp.concatenate([group(q), group(k), group(v)], axis=-1)
+
+
+def unpack_qkv(x, head_dim: int):
+    """Inverse of ``pack_qkv``: x ``[..., S, (g + 2)·D]`` -> (q ``[..., S·g·D]``, k ``[..., S·D]``, v)."""
+    lead, kv_heads = x.shape[:-2], x.shape[-2]
+    flat = lambda y: y.reshape(*lead, kv_heads * y.shape[-1])  # noqa: E731
+    return (flat(x[..., :-2 * head_dim]), flat(x[..., -2 * head_dim:-head_dim]), flat(x[..., -head_dim:]))
+
+
+def packed_keys(keys) -> list[str]:
+    """The names ``pack_layer`` gives a layer of parameters named ``keys`` (projections apart)."""
+    parts = {p for ps in PACKED.values() for p in ps}
+    return [k for k in keys if k not in parts] + [key for key, ps in PACKED.items() if all(p in keys for p in ps)]
+
+
+def pack_layer(layer: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """A layer's parameters with the projections apart (checkpoint names, ``layer_keys(config, packed=False)``) ->
+    packed (``layer_keys(config)``): ``w_qkv`` and ``b_qkv`` by ``pack_qkv``, ``w_gate_up`` the gate and up weights
+    stacked ``[d, 2, I]``. numpy or jax arrays; keys without a packed form are kept."""
+    out = {k: x for k, x in layer.items() if not any(k in parts for parts in PACKED.values())}
+    for key, parts in PACKED.items():
+        if all(p in layer for p in parts):
+            xs = [layer[p] for p in parts]
+            xp = np if isinstance(xs[0], np.ndarray) else jnp
+            out[key] = pack_qkv(*xs, head_dim) if len(parts) == 3 else xp.stack(xs, axis=-2)
+        elif any(p in layer for p in parts):
+            raise ValueError(f"pack_layer: {key} needs {parts}; got only {[p for p in parts if p in layer]}")
+    return out
+
+
+def unpack_layer(layer: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """Inverse of ``pack_layer``: each packed weight as its projections (checkpoint names)."""
+    out = {k: x for k, x in layer.items() if k not in PACKED}
+    for key, parts in PACKED.items():
+        if key in layer:
+            x = layer[key]
+            pieces = unpack_qkv(x, head_dim) if len(parts) == 3 else (x[..., 0, :], x[..., 1, :])
+            out.update(zip(parts, pieces))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _draw(shapes: tuple[tuple[str, tuple[int, ...]], ...], key: jax.Array, dtype, hidden_size: int,
+          head_dim: int) -> dict:
+    """Random arrays for ``(name, shape)`` pairs (projections apart): norms 1, biases 0, matrices N(0, 1/fan_in)
+    (embedding: N(0, 1/hidden_size)); returned packed (``pack_layer``)."""
     out = {}
     for k, (name, shape) in zip(jax.random.split(key, len(shapes)), shapes):
         if "norm" in name:
             out[name] = jnp.ones(shape, dtype)
-        elif name in QKV_BIAS_KEYS:
+        elif name in PACKED["b_qkv"]:
             out[name] = jnp.zeros(shape, dtype)
         else:
             fan_in = hidden_size if name == "embed" else shape[-2]
             out[name] = (jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
-    return out
+    return pack_layer(out, head_dim)
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -93,16 +174,19 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     Generated on device, one jitted call for the top-level arrays and one per layer (all layers share one
     compilation): cheap enough for 7B-shaped benchmark models.
     """
-    return _init(config, key, lambda names_shapes, k: _draw(names_shapes, k, jnp.dtype(dtype), config.hidden_size))
+    return _init(config, key, lambda names_shapes, k: _draw(names_shapes, k, jnp.dtype(dtype), config.hidden_size,
+                                                            config.head_dim))
 
 
 def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
-    """The parameter tree of ``config``, each group of arrays made by ``draw(names_shapes, key)``: the top-level
-    arrays, then each layer (every layer the same names and shapes), one key each."""
+    """The parameter tree of ``config``, each group of arrays made by ``draw(names_shapes, key)`` (projections
+    apart; ``draw`` packs them): the top-level arrays, then each layer (every layer the same names and shapes),
+    one key each."""
     shapes = param_shapes(config)
     keys = jax.random.split(key, config.num_hidden_layers + 1)
     params = draw(tuple((name, shape) for name, shape in shapes.items() if name != "layers"), keys[0])
-    params["layers"] = [draw(tuple(layer.items()), k) for layer, k in zip(shapes["layers"], keys[1:])]
+    layer = tuple(unpacked_layer_shapes(config).items())
+    params["layers"] = [draw(layer, k) for k in keys[1:]]
     return params
 
 
@@ -163,20 +247,20 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     reduce: applied to the outputs of the o and down projections before they join the residual (tensor parallelism:
     the psum of the devices' partial products, see ``models.parallel``); None on one device."""
     c = config
-    B, T, _ = x.shape
+    B, T, d = x.shape
     inv_freq = rope_inv_freq(c)
+    S, D = c.num_key_value_heads, c.head_dim
+    g = c.num_attention_heads // S
 
-    def proj(y, name, heads):  # name "q" | "k" | "v": [B, T, heads·D] -> [B, T, heads, D]
-        if c.qkv_bias:  # Qwen2
-            y = y + p[f"b{name}"]
-        return y.reshape(B, T, heads, c.head_dim)
-
-    # The GEMMs (`models.gemm.linear`: XLA's, or the decode kernel where the device's tuning enables it); weights
-    # that share their input in one call.
+    # The GEMMs (`models.gemm.linear`: XLA's, or the decode kernel where the device's tuning enables it), each over
+    # a packed weight viewed as `[K, N]` (a free reshape: the arrays are contiguous).
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q, k, v = gemm.linear(h, [p["wq"], p["wk"], p["wv"]])
-    q = proj(q, "q", c.num_attention_heads)
-    k, v = proj(k, "k", c.num_key_value_heads), proj(v, "v", c.num_key_value_heads)
+    [qkv] = gemm.linear(h, [p["w_qkv"].reshape(d, -1)])
+    qkv = qkv.reshape(B, T, S, g + 2, D)  # per KV head: its g query heads, its key, its value
+    if c.qkv_bias:  # Qwen2
+        qkv = qkv + p["b_qkv"].reshape(S, g + 2, D)
+    q = qkv[:, :, :, :g].reshape(B, T, S * g, D)
+    k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -185,8 +269,9 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
     x = x + reduce(attn)
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    g, u = gemm.linear(h, [p["w_gate"], p["w_up"]])
-    [down] = gemm.linear(jax.nn.silu(g) * u, [p["w_down"]])
+    [gate_up] = gemm.linear(h, [p["w_gate_up"].reshape(d, -1)])
+    gate_up = gate_up.reshape(B, T, 2, -1)
+    [down] = gemm.linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
     x = x + reduce(down)
     return x, cache
 
@@ -304,8 +389,9 @@ def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mes
 
     @functools.cache  # one compilation a group: every layer has the same names and shapes
     def placed(names_shapes):  # _draw, then each array in its mesh layout, generated on its devices
-        out = {name: NamedSharding(mesh, parallel.param_specs_of(name)) for name, _ in names_shapes}
+        out = {name: NamedSharding(mesh, parallel.param_specs_of(name)) for name in packed_keys(dict(names_shapes))}
         return jax.jit(lambda key: {name: parallel.to_layout(name, x, config, s) for name, x in
-                                    _draw(names_shapes, key, dt, config.hidden_size).items()}, out_shardings=out)
+                                    _draw(names_shapes, key, dt, config.hidden_size, config.head_dim).items()},
+                       out_shardings=out)
 
     return Llama(config, _init(config, jax.random.key(seed), lambda names_shapes, k: placed(names_shapes)(k)), mesh)

@@ -4,8 +4,9 @@ A model on a mesh of n devices (``Llama(config, params, mesh=mesh)``, made by ``
 ``load_checkpoint(..., mesh=mesh)`` or ``shard_model(model, mesh)``) holds every weight as one global array whose
 shards lie on their devices (``NamedSharding``, specs in ``param_specs``):
 
-- q/k/v projections (and Qwen2's biases) and gate/up: column-parallel, each device holds the columns of its own
-  Hq/n query heads, its KV heads, its I/n MLP columns;
+- the packed q/k/v projection ``w_qkv`` ``[d, Hkv, (g + 2)·D]`` (and Qwen2's ``b_qkv``) and the packed gate/up
+  ``w_gate_up`` ``[d, 2, I]``: column-parallel, split over their KV-head axis and their MLP axis: each device holds
+  its KV heads, each with its query heads (``models.llama.pack_qkv`` groups them so), and its I/n MLP columns;
 - o and down: row-parallel, each device holds the rows that its heads / MLP columns feed; the partial products are
   summed over the devices by one ``psum`` (all-reduce) each;
 - the embedding and the LM head: split over the vocabulary; the lookup is masked to the device's rows and summed by
@@ -14,7 +15,8 @@ shards lie on their devices (``NamedSharding``, specs in ``param_specs``):
 
 KV caches (every shared level and the suffix, ``[N, S, Hkv, D]`` per layer) are split over their KV-head axis 2
 (``KV_SPEC``). When the mesh has more devices than the model has KV heads (n = r·Hkv), each KV head is replicated
-on the r devices whose query heads read it: wk/wv (and bk/bv) hold r copies of each head's columns, and the caches
+on the r devices whose query heads read it: ``w_qkv`` (and ``b_qkv``) then has n groups, one a device, each with
+the device's Hq/n query heads and a copy of the key and value columns of the KV head they read, and the caches
 hold ``n`` KV heads, one a device. Query head h lives on device h // (Hq/n), and reads KV head h // (Hq/Hkv), which
 that layout puts on the same device. A head count the mesh cannot split that way raises ``ValueError``. The
 vocabulary and the MLP width are zero-padded to multiples of n where needed (padded logits are -inf, padded MLP
@@ -38,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig
-from models.llama import Llama, head_logits, param_shapes, rms_norm, run_layers
+from models.llama import Llama, head_logits, pack_qkv, param_shapes, rms_norm, run_layers, unpack_qkv
 
 AXIS = "model"
 KV_SPEC = P(None, None, AXIS, None)  # caches [N, S, Hkv, D]: split over KV heads
@@ -46,11 +48,11 @@ KV_SPEC = P(None, None, AXIS, None)  # caches [N, S, Hkv, D]: split over KV head
 # Spec of every parameter (models.llama.param_shapes names; linear weights are [in, out]).
 _SPECS = {
     "embed": P(AXIS, None), "lm_head": P(None, AXIS), "final_norm": P(),
-    "wq": P(None, AXIS), "wk": P(None, AXIS), "wv": P(None, AXIS), "bq": P(AXIS), "bk": P(AXIS), "bv": P(AXIS),
-    "wo": P(AXIS, None), "w_gate": P(None, AXIS), "w_up": P(None, AXIS), "w_down": P(AXIS, None),
+    "w_qkv": P(None, AXIS, None), "b_qkv": P(AXIS, None), "wo": P(AXIS, None),
+    "w_gate_up": P(None, None, AXIS), "w_down": P(AXIS, None),
     "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
 }
-_KV_KEYS = ("wk", "wv", "bk", "bv")  # replicated per KV head when the mesh has more devices than KV heads
+_QKV_KEYS = ("w_qkv", "b_qkv")  # KV heads replicated when the mesh has more devices than KV heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,27 +123,31 @@ def _key(path) -> str:
     return path[-1].key
 
 
-def layout_shape(key: str, shape: tuple[int, ...], s: Split) -> tuple[int, ...]:
+def layout_shape(key: str, shape: tuple[int, ...], s: Split, head_dim: int) -> tuple[int, ...]:
     """The global shape of parameter ``key`` (canonical ``shape``) on the mesh: KV heads replicated, vocabulary and
     MLP width padded."""
     shape = list(shape)
-    if key in _KV_KEYS:
-        shape[-1] *= s.kv_replicas
+    if key in _QKV_KEYS:  # [..., Hkv, (g + 2)·D] -> r·Hkv groups of g / r query heads, a key and a value each
+        r = s.kv_replicas
+        shape[-2:] = [shape[-2] * r, (shape[-1] - 2 * head_dim) // r + 2 * head_dim]
     if key in ("embed", "w_down"):
         shape[0] = (s.vocab if key == "embed" else s.intermediate) * s.devices
-    if key in ("lm_head", "w_gate", "w_up"):
+    if key in ("lm_head", "w_gate_up"):
         shape[-1] = (s.vocab if key == "lm_head" else s.intermediate) * s.devices
     return tuple(shape)
 
 
 def to_layout(key: str, x, config: LlamaConfig, s: Split):
-    """Parameter ``key`` (canonical, ``[in, out]``; numpy or jax) in its mesh layout: each KV head's columns repeated
-    ``kv_replicas`` times (in place, so that device i holds head i // r), zero rows / columns of padding."""
+    """Parameter ``key`` (canonical, ``[in, out]``; numpy or jax) in its mesh layout: each KV head's key and value
+    columns repeated ``kv_replicas`` times, once with each group of its query heads (so that device i holds the
+    query heads i·Hq/n onwards and KV head i // r), zero rows / columns of padding."""
     xp = np if isinstance(x, np.ndarray) else jnp
-    target = layout_shape(key, x.shape, s)
-    if key in _KV_KEYS and s.kv_replicas > 1:
-        heads = x.reshape(x.shape[:-1] + (config.num_key_value_heads, config.head_dim))
-        x = xp.repeat(heads, s.kv_replicas, axis=-2).reshape(x.shape[:-1] + (-1,))
+    D = config.head_dim
+    target = layout_shape(key, x.shape, s, D)
+    if key in _QKV_KEYS and s.kv_replicas > 1:
+        q, k, v = unpack_qkv(x, D)
+        heads = lambda y: xp.repeat(y.reshape(y.shape[:-1] + (-1, D)), s.kv_replicas, axis=-2)  # noqa: E731
+        x = pack_qkv(q, *(heads(y).reshape(y.shape[:-1] + (-1,)) for y in (k, v)), D)
     if target != x.shape:
         x = xp.pad(x, [(0, t - d) for t, d in zip(target, x.shape)])
     return x
@@ -149,16 +155,19 @@ def to_layout(key: str, x, config: LlamaConfig, s: Split):
 
 def from_layout(key: str, x, config: LlamaConfig, s: Split):
     """Inverse of ``to_layout``: the canonical parameter (one copy of each KV head, no padding)."""
-    if key in _KV_KEYS and s.kv_replicas > 1:
-        heads = x.reshape(x.shape[:-1] + (s.devices, config.head_dim))
-        x = heads[..., ::s.kv_replicas, :].reshape(x.shape[:-1] + (-1,))
+    D = config.head_dim
+    if key in _QKV_KEYS and s.kv_replicas > 1:
+        q, k, v = unpack_qkv(x, D)
+        first = lambda y: y.reshape(y.shape[:-1] + (-1, D))[..., ::s.kv_replicas, :].reshape(  # noqa: E731
+            y.shape[:-1] + (-1,))
+        x = pack_qkv(q, first(k), first(v), D)
     V, I = config.vocab_size, config.intermediate_size
     if key == "embed":
         return x[:V]
     if key == "lm_head":
         return x[:, :V]
-    if key in ("w_gate", "w_up"):
-        return x[:, :I]
+    if key == "w_gate_up":
+        return x[..., :I]
     return x[:I] if key == "w_down" else x
 
 
@@ -180,7 +189,7 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
     s = split(config, mesh_size(mesh))
     shapes = param_shapes(config)
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        want = layout_shape(_key(path), canonical_shape(_key(path), config, shapes), s)
+        want = layout_shape(_key(path), canonical_shape(_key(path), config, shapes), s, config.head_dim)
         if tuple(x.shape) != want:
             raise ValueError(f"Llama(mesh=...): params{jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; on a "
                              f"{s.devices}-device mesh it must be {want} (use models.shard_model to place a "

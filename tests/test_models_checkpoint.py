@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_hf_tensors
 from models.generate import generate, prefill
+from models import llama
 from models.llama import causal_attention
 
 import jax.numpy as jnp
@@ -287,12 +288,40 @@ def test_prefill_logits_equal_full_forward(tmp_path):
 # ------------------------------------------------------------------------------ families, bad files
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (6, 1)])
+def test_packed_qkv_groups_each_kv_head_with_its_query_heads(hq, hkv):
+    """w_qkv ``[d, Hkv, (g + 2)·D]``: group s holds query heads s·g .. s·g + g - 1 (those that read KV head s), then
+    KV head s's key and value; unpacking gives the projections back; mismatched widths are refused."""
+    D, d, rng = 4, 3, np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(d, h * D)).astype(np.float32) for h in (hq, hkv, hkv))
+    layer = {"wq": q, "wk": k, "wv": v, "w_gate": rng.normal(size=(d, 5)), "w_up": rng.normal(size=(d, 5)),
+             "attn_norm": np.ones(d)}
+    packed = llama.pack_layer(layer, D)
+    assert sorted(packed) == ["attn_norm", "w_gate_up", "w_qkv"]
+    g = hq // hkv
+    assert packed["w_qkv"].shape == (d, hkv, (g + 2) * D) and packed["w_gate_up"].shape == (d, 2, 5)
+    for s in range(hkv):
+        group = packed["w_qkv"][:, s].reshape(d, g + 2, D)
+        np.testing.assert_array_equal(group[:, :g], q.reshape(d, hq, D)[:, s * g:(s + 1) * g])
+        np.testing.assert_array_equal(group[:, g], k.reshape(d, hkv, D)[:, s])
+        np.testing.assert_array_equal(group[:, g + 1], v.reshape(d, hkv, D)[:, s])
+    np.testing.assert_array_equal(packed["w_gate_up"][:, 1], layer["w_up"])
+    back = llama.unpack_layer(packed, D)
+    assert sorted(back) == sorted(layer)
+    for key in layer:
+        np.testing.assert_array_equal(back[key], layer[key], err_msg=key)
+    with pytest.raises(ValueError, match="pack_qkv: q"):
+        llama.pack_qkv(q[:, :-1], k, v, D)
+    with pytest.raises(ValueError, match=r"pack_layer: w_gate_up needs \('w_gate', 'w_up'\); got only \['w_up'\]"):
+        llama.pack_layer({"w_up": layer["w_up"]}, D)
+
+
 @pytest.mark.parametrize("cfg", [QWEN2, QWEN3], ids=["qwen2", "qwen3"])
 def test_family_tensors_load_and_round_trip(tmp_path, cfg):
     t = family_tensors(cfg)
     write_checkpoint(tmp_path / "a", cfg, t, shards=2)
     model = load_checkpoint(tmp_path / "a")
-    extra = {"qwen2": ("bq", "bk", "bv"), "qwen3": ("q_norm", "k_norm")}[cfg["model_type"]]
+    extra = {"qwen2": ("b_qkv",), "qwen3": ("q_norm", "k_norm")}[cfg["model_type"]]
     assert all(set(extra) <= set(layer) for layer in model.params()["layers"])
     got = to_hf_tensors(model)
     assert set(got) == set(t)

@@ -4,6 +4,7 @@ weight is copied before its GEMM. Runs on CPU (XLA's CPU compiler) and, with the
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 
 import jax
@@ -23,8 +24,9 @@ LAYERS = CONFIG.num_hidden_layers
 
 
 def weight_shapes(config: LlamaConfig, devices: int = 1) -> set[tuple[int, ...]]:
-  """Shapes a copy of a layer weight (a device's shard of it on `devices` devices) would have: each weight, and the
-  weights XLA's dot merger may concatenate (q/k/v, gate/up), both orientations."""
+  """Shapes a copy of a layer weight (a device's shard of it on `devices` devices) would have: each weight as
+  stored (q/k/v and gate/up packed, `models.llama.pack_layer`), every order of its axes, and flattened to `[K, N]`;
+  and each projection's part alone or two of them joined."""
   from models import parallel  # noqa: PLC0415
 
   split = parallel.split(config, devices)  # the per-device sizes the mesh layout uses (padded MLP width included)
@@ -32,7 +34,8 @@ def weight_shapes(config: LlamaConfig, devices: int = 1) -> set[tuple[int, ...]]
   q, kv = split.q_heads * config.head_dim, split.kv_heads * config.head_dim
   outs = {q, kv, q + kv, 2 * kv, q + 2 * kv, f, 2 * f}  # column-parallel outputs, alone and merged
   shapes = {(d, w) for w in outs} | {(q, d), (f, d)}  # + o and down
-  return shapes | {s[::-1] for s in shapes}
+  packed = [(d, split.kv_heads, (q + 2 * kv) // split.kv_heads), (d, 2, f)]
+  return shapes | {s[::-1] for s in shapes} | {p for shape in packed for p in itertools.permutations(shape)}
 
 
 WEIGHT_SHAPES = weight_shapes(CONFIG)
@@ -154,7 +157,8 @@ def test_decode_step_reads_layer_weights_in_place(mode, dtype, backend):
 def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
   """On a 2-device mesh no weight shard is copied before its GEMM: XLA's dot merger concatenated the q/k/v and
   gate/up shards into new buffers every step (under its size threshold) until models.COMPILER_OPTIONS
-  turned it off."""
+  turned it off; the weights are packed since (one GEMM for q/k/v, one for gate/up), each device's shard read in
+  place."""
   from models import parallel  # noqa: PLC0415
 
   hlo, _ = _compiled_decode(mode, jnp.bfloat16, "pallas", mesh=parallel.make_mesh(2))
@@ -162,11 +166,11 @@ def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
   assert not copies, "\n".join(line[:200] for line in copies)
   if mode != "none":  # (attention's own products could share these widths; `none` has only the projections)
     return
-  # Per device: q 20, k and v 10 each, gate and up 28 each; merged, q+k 30, q+k+v 40, gate+up 56. No GEMM is merged,
-  # whichever kernel XLA would have run it on (a merge into a Triton fusion copies nothing but is the same merger).
+  # Per device: q/k/v packed 40 (q 20, k and v 10 each), gate/up packed 56 (28 each): one GEMM each a layer, none
+  # split into its parts.
   widths = gemm_widths(hlo, (10, 20, 28, 30, 40, 56))
-  assert widths[10] == 2 * LAYERS and widths[20] == LAYERS and widths[28] == 2 * LAYERS, widths
-  assert not widths[30] + widths[40] + widths[56], widths
+  assert widths[40] == LAYERS and widths[56] == LAYERS, widths
+  assert not widths[10] + widths[20] + widths[28] + widths[30], widths
 
 
 @pytest.mark.gpu
@@ -216,5 +220,5 @@ def test_llama_names_a_bad_parameter_tree():
   with pytest.raises(ValueError, match="params has 2 layers; the config says 3"):
     models.Llama(CONFIG, {**params, "layers": params["layers"][:2]})
   with pytest.raises(ValueError, match=r"params\['layers'\]\[1\] has keys"):
-    models.Llama(CONFIG, {**params, "layers": [params["layers"][0], {"wq": params["layers"][1]["wq"]},
+    models.Llama(CONFIG, {**params, "layers": [params["layers"][0], {"w_qkv": params["layers"][1]["w_qkv"]},
                                                params["layers"][2]]})

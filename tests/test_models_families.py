@@ -69,7 +69,7 @@ def test_fixtures_cover_each_family():
     assert c["hf_llama2"].rope_scaling.rope_type == "linear" and c["hf_llama2"].q_per_kv == 1
     assert c["hf_mistral"].head_dim * c["hf_mistral"].num_attention_heads != c["hf_mistral"].hidden_size
     layers = model("hf_qwen2").params()["layers"]
-    assert c["hf_qwen2"].tie_word_embeddings and all(np.abs(np.asarray(layer[b])).min() > 0 for layer in layers for b in ("bq", "bk", "bv"))
+    assert c["hf_qwen2"].tie_word_embeddings and all(np.abs(np.asarray(layer["b_qkv"])).min() > 0 for layer in layers)
     layers = model("hf_qwen3").params()["layers"]
     assert c["hf_qwen3"].head_dim == 32 != c["hf_qwen3"].hidden_size // c["hf_qwen3"].num_attention_heads
     assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers for k in ("q_norm", "k_norm"))
@@ -146,7 +146,7 @@ def test_fp32_matmuls_run_at_full_precision(dtype):
     with jax.default_matmul_precision("default"):
         jaxpr = jax.make_jaxpr(forward)(m.params())
     found = dot_precisions(jaxpr.jaxpr)
-    assert len(found) == 10  # q, k, v, o, gate, up, down, the two of attention, logits
+    assert len(found) == 7  # q/k/v (packed), o, gate/up (packed), down, the two of attention, logits
     highest = (jax.lax.Precision.HIGHEST,) * 2
     if dtype == jnp.float32:
         assert all(p == highest for _, p in found), found

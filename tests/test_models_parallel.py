@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from models import parallel
+from models import llama, parallel
 from models.config import LlamaConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -56,20 +56,35 @@ def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
 
 
 @pytest.mark.parametrize("hq,hkv,n", [(8, 2, 4), (8, 8, 2), (4, 1, 4)])
-@pytest.mark.parametrize("key", ["embed", "lm_head", "wk", "bv", "w_gate", "w_down", "wo", "q_norm"])
+@pytest.mark.parametrize("key", ["embed", "lm_head", "w_qkv", "b_qkv", "w_gate_up", "w_down", "wo", "q_norm"])
 def test_layout_round_trip(hq, hkv, n, key):
     cfg = config(hq, hkv)
     s = parallel.split(cfg, n)
-    family = {"bv": (hkv * 8,), "q_norm": (8,)}  # Qwen2's and Qwen3's
+    family = {"b_qkv": (hkv, (hq // hkv + 2) * 8), "q_norm": (8,)}  # Qwen2's and Qwen3's
     shape = family[key] if key in family else parallel.canonical_shape(key, cfg)
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     laid = parallel.to_layout(key, x, cfg, s)
-    assert laid.shape == parallel.layout_shape(key, shape, s)
+    assert laid.shape == parallel.layout_shape(key, shape, s, 8)
     np.testing.assert_array_equal(parallel.from_layout(key, laid, cfg, s), x)
-    if key == "wk" and s.kv_replicas > 1:  # device i's columns are KV head i // r
-        per = laid.reshape(cfg.hidden_size, n, 8)
-        for i in range(n):
-            np.testing.assert_array_equal(per[:, i], x.reshape(cfg.hidden_size, hkv, 8)[:, i // s.kv_replicas])
+    if key in ("w_qkv", "b_qkv"):  # device i's shard: query heads i·Hq/n onwards, then KV head i·Hkv/n (or i // r)
+        q, k, v = llama.unpack_qkv(x, 8)
+        lead = x.shape[:-2]
+        shards = np.split(laid, n, axis=-2)
+        for i, shard in enumerate(shards):
+            sq, sk, sv = llama.unpack_qkv(shard, 8)
+            heads = lambda y: y.reshape(*lead, -1, 8)  # noqa: E731
+            np.testing.assert_array_equal(heads(sq), heads(q)[..., i * hq // n:(i + 1) * hq // n, :])
+            kv = slice(i // s.kv_replicas, i // s.kv_replicas + 1) if s.kv_replicas > 1 else \
+                slice(i * hkv // n, (i + 1) * hkv // n)
+            np.testing.assert_array_equal(heads(sk), heads(k)[..., kv, :])
+            np.testing.assert_array_equal(heads(sv), heads(v)[..., kv, :])
+    if key == "w_gate_up":  # device i's shard: its gate columns, then its up columns (padded with zeros)
+        per = -(-cfg.intermediate_size // n)
+        for i, shard in enumerate(np.split(laid, n, axis=-1)):
+            for j in range(2):
+                want = x[:, j, i * per:(i + 1) * per]
+                np.testing.assert_array_equal(shard[:, j, :want.shape[-1]], want)
+                assert not shard[:, j, want.shape[-1]:].any()
     if key == "embed":  # padded rows are zero
         assert laid.shape[0] % n == 0 and not laid[97:].any()
 

@@ -183,15 +183,17 @@ def test_init_places_each_shard_and_keeps_the_values(name):
     model = models.init_random(config, jnp.float32, seed=5, mesh=mesh)
     one = models.init_random(config, jnp.float32, seed=5)
     assert_same_params(parallel.canonical_params(config, model.params(), mesh), one)
-    wk = model.params()["layers"][0]["wk"]
-    assert wk.sharding.spec == parallel.param_specs_of("wk")
-    heads = config.num_key_value_heads
-    per_device = max(1, heads // 4) * config.head_dim
-    assert [s.data.shape for s in wk.addressable_shards] == [(config.hidden_size, per_device)] * 4
+    qkv = model.params()["layers"][0]["w_qkv"]
+    assert qkv.sharding.spec == parallel.param_specs_of("w_qkv")
+    heads, D = config.num_key_value_heads, config.head_dim
+    width = (config.num_attention_heads // 4 // max(1, heads // 4) + 2) * D  # a group: its query heads, k, v
+    assert [s.data.shape for s in qkv.addressable_shards] == [(config.hidden_size, max(1, heads // 4), width)] * 4
     if heads < 4:  # device i holds KV head i // (4 / Hkv)
-        full = np.asarray(one.params()["layers"][0]["wk"]).reshape(config.hidden_size, heads, config.head_dim)
-        for i, shard in enumerate(wk.addressable_shards):
-            np.testing.assert_array_equal(np.asarray(shard.data), full[:, i // (4 // heads)])
+        _, full, _ = models.llama.unpack_qkv(np.asarray(one.params()["layers"][0]["w_qkv"]), D)
+        full = full.reshape(config.hidden_size, heads, D)
+        for i, shard in enumerate(qkv.addressable_shards):
+            _, k, _ = models.llama.unpack_qkv(np.asarray(shard.data), D)
+            np.testing.assert_array_equal(k, full[:, i // (4 // heads)])
 
 
 @needs(4)

@@ -1,15 +1,17 @@
 """Probe (development tool): a decode layer's GEMMs with the weights stored three ways, at a few row counts:
-  - `fused`: `[K, N]` (`x @ w`), q/k/v in one array and gate/up in one: one GEMM each;
+  - `fused`: `[K, N]` (`x @ w`), q/k/v in one array and gate/up in one: one GEMM each (the models' layout since
+    2026-12-01, `models.llama.pack_layer`);
   - `fused_nk`: `[N, K]` (each output's weights contiguous along K, as checkpoints store them: `x @ w.T`), fused the
     same way;
-  - `separate`: `[K, N]` with q, k, v, gate and up each their own array, as the models store them (`models.llama`):
-    seven GEMMs a layer instead of four.
+  - `separate`: `[K, N]` with q, k, v, gate and up each their own array, as the models stored them until
+    2026-12-01: seven GEMMs a layer instead of four.
 
 Issue 12 leaves `none` below 0.80 of its step floor: at B = 8 the GEMMs read the weights at ~3.4 TB/s against the
 floor's ~4.5 (the layout decides the order in which cuBLAS and the decode kernel stream them: `[N, K]` measured
 slower, 2026-12-01), and at B = 256 (the long document) at ~0.6 of the matmul rate, where q, k and v each (N = 4096)
 give cuBLAS 64 output tiles of 128 × 128 at 256 rows for 132 SMs, gate and up each (N = 11008) 172; fused (N = 12288
-and 22016) 192 and 344: whether that pays is what `separate` against `fused` measures. The steps compile with the
+and 22016) 192 and 344: whether that pays is what `separate` against `fused` measures (it did, at every row
+count from 8 to 512 on an H200: experiments/PERF_NOTES.md, 2026-12-01). The steps compile with the
 models' XLA options (`models.COMPILER_OPTIONS`: no dot merger, which would otherwise join the separate GEMMs).
 Each variant runs `--layers` layers of the GEMMs of a 7B-shaped layer (separate arrays per layer, a Python loop, as
 the models), q, k and v all feeding the o projection (an elementwise stand-in for attention, so none is dead code)

@@ -96,9 +96,10 @@ def gemm_shape(config: dict) -> dict:
 
 
 def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
+  """Per layer, the GEMMs' weights as the models store them (`models.llama`): q/k/v packed in one `[K, N]`,
+  gate/up in one."""
   d, f = shape["hidden"], shape["intermediate"]
-  sizes = dict(wq=(d, shape["q"]), wk=(d, shape["kv"]), wv=(d, shape["kv"]), wo=(shape["q"], d), w_gate=(d, f),
-               w_up=(d, f), w_down=(f, d))
+  sizes = dict(w_qkv=(d, shape["q"] + 2 * shape["kv"]), wo=(shape["q"], d), w_gate_up=(d, 2 * f), w_down=(f, d))
   keys = iter(jax.random.split(jax.random.key(seed), layers * len(sizes)))
   return [{name: (jax.random.normal(next(keys), s, jnp.float32) / math.sqrt(s[0])).astype(dtype)
            for name, s in sizes.items()} for _ in range(layers)]
@@ -107,9 +108,10 @@ def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
 def gemms(x, layers: list[dict], backend: str, tune: tuning_lib.Tuning):
   """The GEMMs of the layers in turn (attention and norms left out): x `[M, d]` -> `[M, d]`."""
   for p in layers:
-    q, _, _ = gemm.linear(x, [p["wq"], p["wk"], p["wv"]], backend, tune)
-    [o] = gemm.linear(q, [p["wo"]], backend, tune)
-    g, u = gemm.linear(x + o, [p["w_gate"], p["w_up"]], backend, tune)
+    [qkv] = gemm.linear(x, [p["w_qkv"]], backend, tune)
+    [o] = gemm.linear(qkv[:, :p["wo"].shape[0]], [p["wo"]], backend, tune)
+    [gate_up] = gemm.linear(x + o, [p["w_gate_up"]], backend, tune)
+    g, u = jnp.split(gate_up, 2, axis=-1)
     [down] = gemm.linear(g * u, [p["w_down"]], backend, tune)
     x = (x + o + down).astype(x.dtype)
   return x
