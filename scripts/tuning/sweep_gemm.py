@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
       log.flush()
     return seconds
 
-  groups = [(shape["hidden"], (shape["q"], shape["kv"], shape["kv"])), (shape["q"], (shape["hidden"],)),
-            (shape["hidden"], (shape["intermediate"],) * 2), (shape["intermediate"], (shape["hidden"],))]
+  groups = [(shape["hidden"], (shape["q"] + 2 * shape["kv"],)), (shape["q"], (shape["hidden"],)),  # (K, N) as packed
+            (shape["hidden"], (2 * shape["intermediate"],)), (shape["intermediate"], (shape["hidden"],))]
 
   def applies(g: GemmTuning) -> bool:  # tiles that divide every GEMM of the layer (else XLA's would be timed)
     sds = jax.ShapeDtypeStruct
