@@ -243,6 +243,50 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=0.125), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("shape,length,keys,stages,pingpong", [
+    ((5, 2, 8, 4, 64, 272, 16), 264, 64, 2, True),
+    ((3, 1, 8, 4, 128, 136, 8), 136, 128, 2, True),
+    ((4, 1, 4, 4, 64, 200, 8), 64, 64, 3, False),
+    ((3, 1, 8, 4, 64, 40, 8), 5, 64, 2, True),
+    ((3, 1, 8, 4, 64, 40, 8), 0, 64, 2, True),
+], ids=["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key"])
+def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, shape, length, keys, stages,
+                                                                      pingpong):
+  """prefix_overlap (FlashAttention-3's intra-warpgroup pipelining): each tile's value product one tile late, with
+  the next tile's scores. Prefixes of several tiles ending in a partial one, one whole tile, one partial tile and no
+  key (out 0, lse -inf); 64- and 128-key tiles (128: q in registers), with and without the ping-pong, rings of 2
+  and 3 stages; 2 CTAs over 4 KV heads, so each CTA's pair runs items one after the other in one ring."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=8)
+  lengths = jnp.asarray(np.random.default_rng(8).integers(0, s + 1, b), jnp.int32)
+  config = hopper.HopperConfig(num_ctas=2, prefix_stages=stages, suffix_stages=2, pingpong=pingpong,
+                               prefix_keys=keys, q_registers=keys == 128, prefix_overlap=True)
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(length), sk, sv, lengths)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(length), scale=d**-0.5), jnp.bfloat16)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "no_pingpong"])
+def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
+  """The overlapped prefix loop lowers to Mosaic GPU for CUDA at the GQA and the MHA decode shapes (with the
+  settings of T·g = 2-8 and of T·g = 1), and waits for its score products with one wgmma group left in flight."""
+  for b, p, hq, hkv, tiles in [(1024, 8192, 32, 8, dict(suffix_keys=128)),
+                               (512, 16384, 32, 32, dict(prefix_keys=128, suffix_lookahead=True, suffix_trim=True))]:
+    q = jax.ShapeDtypeStruct((b, 1, hq, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((p, hkv, 128), jnp.bfloat16)
+    skv = jax.ShapeDtypeStruct((b, 256, hkv, 128), jnp.bfloat16)
+    config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2, q_registers=True,
+                                 pingpong=pingpong, prefix_overlap=True, **tiles)
+    assert hopper.supported(q, kv, skv, config) is None
+    step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+    text = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "wgmma.wait_group.sync.aligned 1" in text
+
+
 def test_clusters_lower_for_cuda_and_check_their_settings():
   """2-CTA clusters lower to Mosaic GPU for CUDA (the multicast copies split each prefix tile between the two CTAs)
   at the GQA and the MHA decode shapes; the grid takes whole clusters (132 SMs: 66 clusters; an odd num_ctas is
@@ -275,6 +319,7 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
     (dict(pair_registers=216, suffix_registers=80), r"at most 504 \(more hangs the kernel\)"),
     (dict(pair_registers=212), "each must be a multiple of 8"),
     (dict(prefix_stages=1), "prefix_stages must be >= 2 with pingpong"),
+    (dict(prefix_stages=1, pingpong=False, prefix_overlap=True), "prefix_stages must be >= 2 with prefix_overlap"),
     (dict(suffix_stages=0), "suffix_stages must be a positive int"),
 ])
 def test_settings_that_cannot_run_are_refused(fields, message):

@@ -75,6 +75,10 @@ class HopperConfig(tuning_lib.HopperTuning):
   The rest of the slot keeps an earlier tile's values, which the mask gives zero weight in the sequence's own query
   columns (those of the window's padding may see them; they are never stored); the value ring is zeroed once at the
   start, so that what shared memory held before the kernel (NaN, say) never meets a zero weight.
+  prefix_overlap: each warpgroup of the pair issues a tile's score product together with the previous tile's value
+  product and runs the softmax while the value product is on the tensor cores (FlashAttention-3's intra-warpgroup
+  pipelining, `_flash_overlapped`; needs prefix_stages >= 2: a tile's slot is released one tile later). Costs a
+  second accumulator in registers (the scores', 32 a thread for 64-key tiles).
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -269,6 +273,99 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   return lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
 
 
+def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
+                      issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
+  """`_flash` for the prefix pair's tiles (rows = queries; same arguments and result) with FlashAttention-3's
+  overlap inside a warpgroup: tile j's score product and tile j - 1's value product are issued together, the wait
+  is for the score product alone (`wgmma_accumulator_load(wait_n=1)`: wgmma groups complete in order), and tile j's
+  softmax runs while the value product is still on the tensor cores. So each tile's value product comes one tile
+  after its scores: the loop carries the probabilities of the tile before, and tile j - 1's slot is released (`after`)
+  only once that product has read it.
+
+    S_0 = q K_0ᵀ; softmax_0 -> P_0
+    for j in 1 .. n-1:  issue S_j = q K_jᵀ, O += P_{j-1} V_{j-1};  wait S_j;  softmax_j -> P_j, α_j;  wait;  O *= α_j
+    O += P_{n-1} V_{n-1}
+
+  The ping-pong hooks keep their count and order a tile (`before_pv` now gates both products of an iteration), so
+  the pair's barrier sees the same sequence of arrivals and waits as with `_flash`. Interpreted (p_smem given) the
+  same sequence runs one product at a time (the interpreter has neither register operands nor in-place
+  accumulators)."""
+  block_k, head_dim = k_smem.shape[-2:]
+  num_q = q.shape[0]
+  tile = (num_q, block_k)
+  keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+  wgmma = plgpu.Layout.WGMMA
+
+  def key_tile(slot):
+    return k_smem.at[slot].transpose((1, 0))
+
+  def softmax(s, m, l, j=None):  # j given: tile j's keys masked (those at positions >= limit)
+    if j is not None:
+      s = jnp.where(keys + j * block_k < limit, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, tile, [0]))
+    return p.astype(k_smem.dtype), m_new, alpha, l * alpha + p.sum(axis=1)
+
+  def rescale(acc, alpha):
+    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+  def first(_, carry):  # tile 0: its scores alone
+    acc, m, l, _ = carry
+    plgpu.barrier_wait(k_bar(slot_of(0)))
+    s = pl.run_scoped(functools.partial(_product, q, key_tile(slot_of(0)), issued=issued), plgpu.ACC(tile))
+    p, m, alpha, l = softmax(s, m, l, 0)  # masked: tile 0 may also be the last
+    softmax_done()
+    return rescale(acc, alpha), m, l, p
+
+  def step(masked, j, carry):  # tile j's scores with tile j - 1's values
+    acc, m, l, p_prev = carry
+    slot, prev = slot_of(j), slot_of(j - 1)
+    before_pv()
+    plgpu.barrier_wait(k_bar(slot))
+    plgpu.barrier_wait(v_bar(prev))
+    if p_smem is None:
+      def both(refs):
+        acc_ref, s_ref, out_refs = refs
+        plgpu.wgmma(s_ref, q, key_tile(slot))
+        plgpu.wgmma(acc_ref, p_prev, v_smem.at[prev])
+        issued()
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the value product stays in flight
+        for ref, x in zip(out_refs, softmax(s, m, l, j if masked else None)):
+          ref[...] = x
+
+      zero = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), wgmma)
+      acc, _, (p, m, alpha, l) = pl.run_state(both)((plgpu.ACC.init(acc), plgpu.ACC.init(zero), (p_prev, m, m, l)))
+    else:
+      s = pl.run_scoped(functools.partial(_product, q, key_tile(slot), issued=issued), plgpu.ACC(tile))
+      acc = _accumulate(acc, p_prev, v_smem.at[prev], p_smem)
+      p, m, alpha, l = softmax(s, m, l, j if masked else None)
+    softmax_done()
+    after(j - 1, prev)  # its value product has been waited for: the slot is no longer read
+    return rescale(acc, alpha), m, l, p
+
+  def last(_, carry):  # tile n - 1's values
+    acc, m, l, p = carry
+    slot = slot_of(num_tiles - 1)
+    before_pv()
+    plgpu.barrier_wait(v_bar(slot))
+    acc = _accumulate(acc, p, v_smem.at[slot], p_smem)
+    after(num_tiles - 1, slot)
+    return acc, m, l, p
+
+  acc = plgpu.layout_cast(jnp.zeros((num_q, head_dim), jnp.float32), wgmma)
+  m = plgpu.layout_cast(jnp.full((num_q,), _M_INIT, jnp.float32), wgmma.reduce(1))
+  l = plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(1))
+  p = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), wgmma)
+  some = jnp.minimum(num_tiles, 1)  # 0 or 1: the first and last tiles' parts run only where there are tiles
+  num_full = jnp.clip(num_full, 1, jnp.maximum(num_tiles, 1))
+  carry = lax.fori_loop(0, some, first, (acc, m, l, p))
+  carry = lax.fori_loop(1, num_full, functools.partial(step, False), carry)
+  carry = lax.fori_loop(num_full, num_tiles, functools.partial(step, True), carry)
+  acc, m, l, _ = lax.fori_loop(0, some, last, carry)
+  return acc, m, l
+
+
 def _normalise(acc, m, l, dtype, *, keys_major):
   """(out, lse): out = acc / l (0 where l = 0) in `dtype`, lse = (m + log2 l)·ln 2 (-inf where l = 0)."""
   seen = l > 0
@@ -380,10 +477,11 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
           plgpu.barrier_wait(consumed.at[slot])
           pl.when(g + stages < total)(functools.partial(load, g + stages, slot))
 
-      acc, m, l = flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
-                        lambda slot: pk_bars.at[slot], lambda slot: pv_bars.at[slot],
-                        lambda j: lax.rem(first + j, stages), after, n, length // block_k, length, keys_major=False,
-                        **hooks)
+      prefix_flash = (functools.partial(_flash_overlapped, scale2=scale * _LOG2E) if config.prefix_overlap
+                      else functools.partial(flash, keys_major=False))
+      acc, m, l = prefix_flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
+                               lambda slot: pk_bars.at[slot], lambda slot: pv_bars.at[slot],
+                               lambda j: lax.rem(first + j, stages), after, n, length // block_k, length, **hooks)
       if config.q_registers:
         out, lse_now = _normalise(acc, m, l, op_ref.dtype, keys_major=False)
         op_ref.at[h, rows][...] = out  # plain stores from registers

@@ -59,6 +59,7 @@ class HopperTuning:
   suffix_lookahead: bool = False
   suffix_keys: int = 64
   suffix_trim: bool = False
+  prefix_overlap: bool = False
 
   def __post_init__(self):
     check_hopper(self)
@@ -75,7 +76,8 @@ def check_hopper(config) -> None:
   """ValueError naming `config`'s class (HopperTuning or the kernel's HopperConfig) and field where its settings
   are out of range or cannot run: prefix and suffix key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages
   >= 1 (>= 2 for the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next
-  score product, whose tile the one-slot ring could only load after it), registers in multiples of 8 that fit the
+  score product, whose tile the one-slot ring could only load after it, and with prefix_overlap, where it is issued
+  with its own warpgroup's next score product), registers in multiples of 8 that fit the
   pool."""
   name = type(config).__name__
   for field in ("prefix_keys", "suffix_keys"):
@@ -86,6 +88,10 @@ def check_hopper(config) -> None:
   _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)
   if config.pingpong and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with pingpong (the pair would wait for each other); got "
+                     f"{config.prefix_stages}.")
+  if config.prefix_overlap and config.prefix_stages < 2:
+    raise ValueError(f"{name}.prefix_stages must be >= 2 with prefix_overlap (a tile's key copy would wait for the "
+                     f"release of the previous tile's slot, which waits for that key tile); got "
                      f"{config.prefix_stages}.")
   pair, suffix = config.pair_registers, config.suffix_registers
   if any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in (pair, suffix)) or (

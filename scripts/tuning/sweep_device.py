@@ -82,10 +82,14 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))),
 # `suffix_lookahead`: the suffix ring runs on across items (short decode items wait no memory latency).
 # `suffix_keys` 128: half the suffix tiles' cross-warp reductions a key (2 stages fit with q in registers).
 # `suffix_trim`: a suffix's last tile copied only as far as its keys reach (in 8, 16, 32, ... keys).
-# Not yet measured first (a sweep that runs out of budget has timed them): the trimmed copies with the H200's
-# settings of T·g = 1 and of 2-8; then those measured in sessions 13-14, then the rings and the ping-pong measured
-# since the H100.
-HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True),
+# `prefix_overlap`: the pair's value product issued with its next score product (FlashAttention-3's intra-warpgroup
+# pipelining).
+# Not yet measured first (a sweep that runs out of budget has timed them): the overlap with the H200's settings of
+# T·g = 2-8 and of T·g = 1; then the trimmed copies with those settings, measured in session 15; then those measured
+# in sessions 13-14, then the rings and the ping-pong measured since the H100.
+HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, False, True),
+                  HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, True),
+                  HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, True),
                   HopperTuning(2, 3, 208, 88, True, 64, False, 1, True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, True, 128),
