@@ -147,13 +147,13 @@ def gemm(name: str, rows: int, k: int, n: int, itemsize: int, out_itemsize: int 
 
 
 def layer_gemms(shape: ModelShape, batch: int) -> list[Op]:
-    """The seven GEMMs of one layer for one new token per sequence (q/k/v/o, gate/up/down); every mode runs them
-    (`none` included: it skips only the attention and the cache writes)."""
+    """The four GEMMs of one layer for one new token per sequence, as the models run them: q/k/v packed in one
+    weight, o, gate/up packed in one, down (`models.llama.pack_layer`); every mode runs them (`none` included: it
+    skips only the attention and the cache writes)."""
     d, w = shape.hidden, shape.itemsize
     hq, hkv = shape.q_heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    return [gemm("q", batch, d, hq, w), gemm("k", batch, d, hkv, w), gemm("v", batch, d, hkv, w),
-            gemm("o", batch, hq, d, w), gemm("gate", batch, d, shape.intermediate, w),
-            gemm("up", batch, d, shape.intermediate, w), gemm("down", batch, shape.intermediate, d, w)]
+    return [gemm("qkv", batch, d, hq + 2 * hkv, w), gemm("o", batch, hq, d, w),
+            gemm("gate_up", batch, d, 2 * shape.intermediate, w), gemm("down", batch, shape.intermediate, d, w)]
 
 
 def lm_head(shape: ModelShape, batch: int) -> Op:

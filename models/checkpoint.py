@@ -3,9 +3,10 @@
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``
 and ``Qwen3ForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
 its config asks for (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms). Linear
-weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``) and packs q/k/v and gate/up
-(``models.llama.pack_layer``), one dict of arrays per layer (see ``models.llama``); saving unpacks them. Every missing, misshaped or unexpected tensor, and every unreadable file, raises
-``CheckpointError`` naming the tensor or the file.
+weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``) and packs q/k/v and
+gate/up (``models.llama.pack_layer``), one dict of arrays per layer (see ``models.llama``); saving unpacks them.
+Every missing, misshaped or unexpected tensor, and every unreadable file, raises ``CheckpointError`` naming the
+tensor or the file.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
 
 
 def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: Mesh, tied_head: bool) -> Params:
-    """The parameters on ``mesh``, one tensor at a time (see ``load_checkpoint``)."""
+    """The parameters on ``mesh``, one layer's tensors at a time (see ``load_checkpoint``)."""
     from models import parallel
 
     s = parallel.split(config, parallel.mesh_size(mesh))
@@ -220,24 +221,32 @@ def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
 
 
 def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
-    """The model's parameters as HF-named numpy arrays (``[out, in]`` layout), optionally cast (a model on a mesh:
-    its canonical parameters, gathered one tensor at a time)."""
-    p = model.params()
+    """The model's parameters as HF-named numpy arrays (``[out, in]`` layout, each packed weight unpacked on the host
+    into its projections), optionally cast (a model on a mesh: its canonical parameters, gathered one tensor at a
+    time)."""
+    p, config = model.params(), model.config
+    canonical = lambda key, x: x  # noqa: E731
     if model.mesh is not None:
         from models import parallel
 
-        p = parallel.canonical_params(model.config, p, model.mesh)
+        s = parallel.split(config, parallel.mesh_size(model.mesh))
+        canonical = lambda key, x: parallel.from_layout(key, x, config, s)  # noqa: E731
     np_dtype = None if dtype is None else (ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16
                                            else np.dtype(dtype))
+    out_dtype = np_dtype if np_dtype is not None else np.dtype(p["embed"].dtype)
 
-    def conv(x):
-        x = np.asarray(x.astype(jnp.float32)) if x.dtype == jnp.bfloat16 else np.asarray(x)
-        out = np.ascontiguousarray(x)
-        return out.astype(np_dtype) if np_dtype is not None else out.astype(np.asarray(p["embed"]).dtype)
+    def host(key: str, x) -> np.ndarray:  # one tensor, canonical, to the host (bf16 through float32)
+        x = canonical(key, x)
+        return np.asarray(x.astype(jnp.float32)) if x.dtype == jnp.bfloat16 else np.asarray(x)
 
-    layers = [unpack_layer(layer, model.config.head_dim) for layer in p["layers"]]
-    return {hf_name(key, layer): conv(_hf_layout(key, p[key] if layer is None else layers[layer][key]))
-            for key, layer in _names(model.config)}
+    def conv(key: str, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(_hf_layout(key, x)).astype(out_dtype)
+
+    tensors = {hf_name(key): conv(key, host(key, p[key])) for key, layer in _names(config) if layer is None}
+    for i, layer in enumerate(p["layers"]):  # each layer to the host, then unpacked there (no device copies)
+        unpacked = unpack_layer({key: host(key, x) for key, x in layer.items()}, config.head_dim)
+        tensors.update({hf_name(key, i): conv(key, x) for key, x in unpacked.items()})
+    return {name: tensors[name] for name in (hf_name(key, layer) for key, layer in _names(config))}
 
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,

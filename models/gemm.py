@@ -2,8 +2,8 @@
 
 A decode step multiplies M = B·T rows (B sequences, T = 1 new token each) by every weight of every layer. At
 M ≤ 64 the product is bound by reading the weights once (2·K·N bytes for 2·M·K·N FLOPs), so its floor is the weight
-bytes over the memory bandwidth. `linear` computes ``x @ w`` for several weights that share their input (q/k/v,
-gate/up) in one launch:
+bytes over the memory bandwidth. `linear` computes ``x @ w`` for several weights that share their input in one
+launch (the model passes one a call: its q/k/v and gate/up weights are packed, `models.llama.pack_layer`):
 
 * the grid runs over (weight i, block of `block_n` columns, split of the K rows); each program streams its
   `[block_k, block_n]` weight tiles through a `num_stages`-deep pipeline and multiplies them by the matching

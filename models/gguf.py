@@ -46,7 +46,8 @@ _KNOWN_LLAMA_KEYS = {
     "expert_used_count",
 }
 
-# our parameter name -> GGUF tensor name ({i}: layer index); HF names from models.checkpoint.hf_name
+# our checkpoint-side parameter name (projections apart, before `models.llama.pack_layer`) -> GGUF tensor name
+# ({i}: layer index); HF names from models.checkpoint.hf_name
 _GGUF = {
     "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
     "attn_norm": "blk.{i}.attn_norm.weight", "wq": "blk.{i}.attn_q.weight", "wk": "blk.{i}.attn_k.weight",

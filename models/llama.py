@@ -43,11 +43,12 @@ from models.config import LlamaConfig
 
 # XLA options for a jitted step of the model (``jax.jit(..., compiler_options=COMPILER_OPTIONS)``; prefill and
 # decode use them when called at the top level: XLA takes options only there, not for a jit nested in a trace).
-# XLA's dot merger joins GEMMs that share an input (q/k/v, gate/up) into one. Where the GEMMs are small enough for
-# it (its threshold counts a dot's operand and output bytes, 32 MB by default) and cuBLAS runs the merged GEMM, it
-# concatenates their weights into a new buffer every step: on a 2-GPU mesh it did so for the q/k/v and gate/up
-# shards of the 7B shape, 67 us a layer of a decode step at B = 512 (an H200, scripts/profile_decode.py;
-# experiments/PERF_NOTES.md). Threshold 0 turns the merger off: each GEMM reads its weight in place.
+# XLA's dot merger joins GEMMs that share an input into one. Where the GEMMs are small enough for it (its threshold
+# counts a dot's operand and output bytes, 32 MB by default) and cuBLAS runs the merged GEMM, it concatenates their
+# weights into a new buffer every step: on a 2-GPU mesh it did so for the q/k/v and gate/up shards of the 7B shape
+# when they were separate weights, 67 us a layer of a decode step at B = 512 (an H200, scripts/profile_decode.py;
+# experiments/PERF_NOTES.md). The weights are packed since (`pack_layer`), so no two GEMMs of a layer share an input
+# now; threshold 0 keeps it that way for any other model code: each GEMM reads its weight in place.
 COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 Params = dict[str, Any]
@@ -105,9 +106,11 @@ def pack_qkv(q, k, v, head_dim: int):
     KV heads, its Hq/S query heads (query head h reads KV head h // (Hq/S)), then its key, then its value."""
     xp = np if isinstance(q, np.ndarray) else jnp
     lead, kv_heads = q.shape[:-1], k.shape[-1] // head_dim
-    if k.shape != v.shape or k.shape[-1] % head_dim or q.shape[-1] % (kv_heads * head_dim):
+    if (k.shape != v.shape or k.shape[:-1] != lead or not kv_heads or k.shape[-1] % head_dim
+            or q.shape[-1] % (kv_heads * head_dim)):
         raise ValueError(f"pack_qkv: q {q.shape}, k {k.shape}, v {v.shape} with head_dim {head_dim}: k and v must "
-                         "be alike, a whole number of heads, and q a whole number of heads for each")
+                         "have the same shape, the leading axes of q, and at least one head of head_dim columns "
+                         "(S heads); q's width must be a multiple of S·head_dim (whole query heads for each KV head)")
     group = lambda x: x.reshape(*lead, kv_heads, -1)  # noqa: E731
     return xp.concatenate([group(q), group(k), group(v)], axis=-1)
 
@@ -134,6 +137,9 @@ def pack_layer(layer: dict[str, Any], head_dim: int) -> dict[str, Any]:
         if all(p in layer for p in parts):
             xs = [layer[p] for p in parts]
             xp = np if isinstance(xs[0], np.ndarray) else jnp
+            if len(parts) == 2 and xs[0].shape != xs[1].shape:
+                raise ValueError(f"pack_layer: {parts[0]} {xs[0].shape} and {parts[1]} {xs[1].shape} must have "
+                                 "the same shape")
             out[key] = pack_qkv(*xs, head_dim) if len(parts) == 3 else xp.stack(xs, axis=-2)
         elif any(p in layer for p in parts):
             raise ValueError(f"pack_layer: {key} needs {parts}; got only {[p for p in parts if p in layer]}")
@@ -319,7 +325,16 @@ class Llama(nnx.Module):
         for i, layer in enumerate(layers):
             if set(layer) != set(layer_keys(config)):
                 raise ValueError(f"Llama: params['layers'][{i}] has keys {sorted(layer)}, model_type "
-                                 f"{config.model_type!r} needs {sorted(layer_keys(config))}")
+                                 f"{config.model_type!r} needs {sorted(layer_keys(config))} (a checkpoint's "
+                                 "separate projections: pack them with models.llama.pack_layer)")
+        if mesh is None:  # on a mesh, parallel.check_layout checks the shapes of its layout
+            want = param_shapes(config)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+                shape = want[path[0].key] if len(path) == 1 else want["layers"][path[1].idx][path[2].key]
+                if tuple(x.shape) != tuple(shape):
+                    raise ValueError(f"Llama: params{jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; the "
+                                     f"config needs {tuple(shape)} (w_qkv [d, Hkv, (Hq/Hkv + 2)·D] and w_gate_up "
+                                     "[d, 2, I]: models.llama.pack_layer packs a checkpoint's projections)")
         self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
         if mesh is not None:
             from models import parallel

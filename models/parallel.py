@@ -114,12 +114,12 @@ def param_specs(config: LlamaConfig) -> dict[str, Any]:
 
 
 def param_specs_of(key: str) -> P:
-    """The ``PartitionSpec`` of parameter ``key`` (e.g. ``wq``)."""
+    """The ``PartitionSpec`` of parameter ``key`` (e.g. ``w_qkv``)."""
     return _SPECS[key]
 
 
 def _key(path) -> str:
-    """The parameter name at the end of a tree path (``['layers'][3]['wq']`` -> ``wq``)."""
+    """The parameter name at the end of a tree path (``['layers'][3]['w_qkv']`` -> ``w_qkv``)."""
     return path[-1].key
 
 
@@ -179,7 +179,7 @@ def canonical_shape(key: str, config: LlamaConfig, shapes: dict | None = None) -
 
 
 def map_params(fn, params: dict[str, Any]) -> dict[str, Any]:
-    """``fn(key, array)`` applied to every parameter (``key``: its name, e.g. ``wq``)."""
+    """``fn(key, array)`` applied to every parameter (``key``: its name, e.g. ``w_qkv``)."""
     return jax.tree_util.tree_map_with_path(lambda path, x: fn(_key(path), x), params)
 
 

@@ -73,10 +73,10 @@ TINY_SHARING = floor.Sharing(levels=(((10, 3),),), suffix_lengths=(1, 2, 3), pro
 
 def test_layer_gemms_and_lm_head_by_hand():
     ops = {op.name: op for op in floor.layer_gemms(TINY, 3)}
-    assert list(ops) == ["q", "k", "v", "o", "gate", "up", "down"]
-    # q: weights 8x16, activations in 3x8 and out 3x16, 2 bytes each; 2*3*8*16 FLOPs
-    assert (ops["q"].bytes, ops["q"].flops) == (2 * (8 * 16 + 3 * 8 + 3 * 16), 2 * 3 * 8 * 16)
-    assert (ops["k"].bytes, ops["k"].flops) == (2 * (8 * 8 + 3 * 8 + 3 * 8), 2 * 3 * 8 * 8)
+    assert list(ops) == ["qkv", "o", "gate_up", "down"]  # the models' packed weights: four GEMMs a layer
+    # q/k/v: weights 8x(16+8+8), activations in 3x8 and out 3x32, 2 bytes each; 2*3*8*32 FLOPs
+    assert (ops["qkv"].bytes, ops["qkv"].flops) == (2 * (8 * 32 + 3 * 8 + 3 * 32), 2 * 3 * 8 * 32)
+    assert (ops["o"].bytes, ops["o"].flops) == (2 * (16 * 8 + 3 * 16 + 3 * 8), 2 * 3 * 16 * 8)
     assert (ops["down"].bytes, ops["down"].flops) == (2 * (16 * 8 + 3 * 16 + 3 * 8), 2 * 3 * 16 * 8)
     head = floor.lm_head(TINY, 3)
     assert (head.bytes, head.flops) == (2 * 8 * 32 + 2 * 3 * 8 + 4 * 3 * 32, 2 * 3 * 8 * 32)  # float32 logits

@@ -312,6 +312,10 @@ def test_packed_qkv_groups_each_kv_head_with_its_query_heads(hq, hkv):
         np.testing.assert_array_equal(back[key], layer[key], err_msg=key)
     with pytest.raises(ValueError, match="pack_qkv: q"):
         llama.pack_qkv(q[:, :-1], k, v, D)
+    with pytest.raises(ValueError, match="at least one head"):
+        llama.pack_qkv(q, k[:, :0], v[:, :0], D)
+    with pytest.raises(ValueError, match=r"pack_layer: w_gate \(3, 5\) and w_up \(3, 4\) must have the same shape"):
+        llama.pack_layer({"w_gate": layer["w_gate"], "w_up": layer["w_up"][:, :4]}, D)
     with pytest.raises(ValueError, match=r"pack_layer: w_gate_up needs \('w_gate', 'w_up'\); got only \['w_up'\]"):
         llama.pack_layer({"w_up": layer["w_up"]}, D)
 

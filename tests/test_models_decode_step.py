@@ -219,6 +219,12 @@ def test_llama_names_a_bad_parameter_tree():
                                                for k in params["layers"][0]}})
   with pytest.raises(ValueError, match="params has 2 layers; the config says 3"):
     models.Llama(CONFIG, {**params, "layers": params["layers"][:2]})
+  # q/k/v packed flat ([d, (Hq + 2·Hkv)·D], not grouped by KV head) would run and give wrong logits: refused
+  q, k, v = models.llama.unpack_qkv(params["layers"][1]["w_qkv"], CONFIG.head_dim)
+  flat = {**params["layers"][1], "w_qkv": jnp.concatenate([q, k, v], axis=-1)}
+  with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\['w_qkv'\] has shape \(24, 80\); the config "
+                                       r"needs \(24, 2, 40\).*pack_layer"):
+    models.Llama(CONFIG, {**params, "layers": [params["layers"][0], flat, params["layers"][2]]})
   with pytest.raises(ValueError, match=r"params\['layers'\]\[1\] has keys"):
     models.Llama(CONFIG, {**params, "layers": [params["layers"][0], {"w_qkv": params["layers"][1]["w_qkv"]},
                                                params["layers"][2]]})

@@ -99,6 +99,30 @@ def test_sharded_equals_single_device(name, devices, mode):
         assert len({tuple(t) for t in got.tokens}) >= 3
 
 
+@pytest.mark.parametrize("name", [pytest.param("gqa", marks=needs(4)),
+                                  pytest.param("mqa", marks=[needs(4), pytest.mark.slow])])
+def test_biases_and_norms_follow_their_heads_on_the_mesh(name):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms made random (`init_random` makes biases 0 and norms 1, which would
+    hide a bias or a norm on the wrong head): the model placed on 4 devices (KV heads, and the biases in their
+    packed groups, replicated) generates what the single-device model does."""
+    config = CONFIGS[name]
+    rng = np.random.default_rng(3)
+    varied = ("b_qkv", "q_norm", "k_norm", "attn_norm", "mlp_norm")
+
+    def vary(key, x):
+        return x + jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype) if key in varied else x
+
+    one = models.Llama(config, parallel.map_params(vary, models.init_random(config, jnp.float32, seed=5).params()))
+    assert any(key in layer for layer in one.params()["layers"] for key in ("b_qkv", "q_norm"))
+    model = parallel.shard_model(one, parallel.make_mesh(4))
+
+    def run(m):
+        return models.generate(m, prompts(config.vocab_size), num_samples=2, max_new_tokens=8, mode="hydragen",
+                               backend=BACKEND, seed=1)
+
+    assert_same(run(model), run(one), name)
+
+
 @needs(2)
 def test_sampling_equals_single_device():
     """Temperature, top-k and top-p sampling on logits split over the vocabulary draws the same tokens."""
