@@ -54,6 +54,14 @@ VARIANTS = {
                                     suffix_lookahead=True, suffix_trim=True),
     "s128qt": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
                                   suffix_trim=True),
+    # the H200's settings of T·g = 2-8 and of T·g = 1 with the pair's value product issued with the next scores
+    # (FlashAttention-3's intra-warpgroup pipelining, session 16), and the first without the ping-pong
+    "s128qov": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                   prefix_overlap=True),
+    "s128qov_nopp": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                        prefix_overlap=True, pingpong=False),
+    "k128qlatov": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                      suffix_lookahead=True, suffix_trim=True, prefix_overlap=True),
 }
 
 
