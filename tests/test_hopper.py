@@ -250,13 +250,18 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
     ((4, 1, 4, 4, 64, 200, 8), 64, 64, 3, False),
     ((3, 1, 8, 4, 64, 40, 8), 5, 64, 2, True),
     ((3, 1, 8, 4, 64, 40, 8), 0, 64, 2, True),
-], ids=["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key"])
+    ((40, 1, 8, 4, 64, 200, 8), 200, 64, 3, True),
+], ids=["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
+        "both_warpgroups_rows_3stages"])
 def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, shape, length, keys, stages,
                                                                       pingpong):
   """prefix_overlap (FlashAttention-3's intra-warpgroup pipelining): each tile's value product one tile late, with
   the next tile's scores. Prefixes of several tiles ending in a partial one, one whole tile, one partial tile and no
   key (out 0, lse -inf); 64- and 128-key tiles (128: q in registers), with and without the ping-pong, rings of 2
-  and 3 stages; 2 CTAs over 4 KV heads, so each CTA's pair runs items one after the other in one ring."""
+  and 3 stages; 2 CTAs over 4 KV heads, so each CTA's pair runs items one after the other in one ring; 80 query
+  rows a KV head in the last case, so that warpgroup 1's rows are real too. Interpreted, the products run one at a
+  time (the overlap itself is checked compiled, on a Hopper GPU), but the loop's order, the delayed value product
+  and the key and value tiles released apart are the compiled path's."""
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=8)
   lengths = jnp.asarray(np.random.default_rng(8).integers(0, s + 1, b), jnp.int32)

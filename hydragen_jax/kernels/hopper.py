@@ -77,8 +77,9 @@ class HopperConfig(tuning_lib.HopperTuning):
   start, so that what shared memory held before the kernel (NaN, say) never meets a zero weight.
   prefix_overlap: each warpgroup of the pair issues a tile's score product together with the previous tile's value
   product and runs the softmax while the value product is on the tensor cores (FlashAttention-3's intra-warpgroup
-  pipelining, `_flash_overlapped`; needs prefix_stages >= 2: a tile's slot is released one tile later). Costs a
-  second accumulator in registers (the scores', 32 a thread for 64-key tiles).
+  pipelining, `_flash_overlapped`; needs prefix_stages >= 2: a slot's value tile is released one tile later than
+  its key tile, each refilled on its own). Costs registers: the previous tile's probabilities (16 a thread for
+  64-key tiles, 32 for 128) are held, and the output accumulator is tied up by its wgmma during the softmax.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -164,6 +165,10 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
       plgpu.SMEM((PAIR, ROWS, config.prefix_keys), dtype, **tiled) if interpret else None,  # see _accumulate
+      # prefix_overlap: a slot's value tile read by both warpgroups (the barrier above then counts its key tile)
+      ((plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=config.prefix_stages)
+        if config.cluster > 1 else plgpu.Barrier(num_arrivals=PAIR, num_barriers=config.prefix_stages))
+       if config.prefix_overlap else None),
   )
 
 
@@ -273,14 +278,16 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   return lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
 
 
-def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
-                      issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
+def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_read, values_read, num_tiles, num_full,
+                      limit, *, scale2, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
   """`_flash` for the prefix pair's tiles (rows = queries; same arguments and result) with FlashAttention-3's
   overlap inside a warpgroup: tile j's score product and tile j - 1's value product are issued together, the wait
   is for the score product alone (`wgmma_accumulator_load(wait_n=1)`: wgmma groups complete in order), and tile j's
   softmax runs while the value product is still on the tensor cores. So each tile's value product comes one tile
-  after its scores: the loop carries the probabilities of the tile before, and tile j - 1's slot is released (`after`)
-  only once that product has read it.
+  after its scores: the loop carries the probabilities of the tile before. A slot's key and value tiles are released
+  apart: the keys once their scores are complete (`keys_read(j, slot)`), the values one tile later, once their
+  product has read them (`values_read(j, slot)`), so that a 2-stage ring still loads the next key tile a whole tile
+  ahead (released together, tile j + 1's keys would wait for tile j - 1's value product).
 
     S_0 = q K_0ᵀ; softmax_0 -> P_0
     for j in 1 .. n-1:  issue S_j = q K_jᵀ, O += P_{j-1} V_{j-1};  wait S_j;  softmax_j -> P_j, α_j;  wait;  O *= α_j
@@ -314,9 +321,10 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, n
     acc, m, l, _ = carry
     plgpu.barrier_wait(k_bar(slot_of(0)))
     s = pl.run_scoped(functools.partial(_product, q, key_tile(slot_of(0)), issued=issued), plgpu.ACC(tile))
-    p, m, alpha, l = softmax(s, m, l, 0)  # masked: tile 0 may also be the last
+    p, m, _, l = softmax(s, m, l, 0)  # masked: tile 0 may also be the last (acc is still 0: nothing to rescale)
     softmax_done()
-    return rescale(acc, alpha), m, l, p
+    keys_read(0, slot_of(0))
+    return acc, m, l, p
 
   def step(masked, j, carry):  # tile j's scores with tile j - 1's values
     acc, m, l, p_prev = carry
@@ -341,7 +349,8 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, n
       acc = _accumulate(acc, p_prev, v_smem.at[prev], p_smem)
       p, m, alpha, l = softmax(s, m, l, j if masked else None)
     softmax_done()
-    after(j - 1, prev)  # its value product has been waited for: the slot is no longer read
+    keys_read(j, slot)  # tile j's scores are complete
+    values_read(j - 1, prev)  # tile j - 1's value product has been waited for
     return rescale(acc, alpha), m, l, p
 
   def last(_, carry):  # tile n - 1's values
@@ -350,7 +359,7 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, n
     before_pv()
     plgpu.barrier_wait(v_bar(slot))
     acc = _accumulate(acc, p, v_smem.at[slot], p_smem)
-    after(num_tiles - 1, slot)
+    values_read(num_tiles - 1, slot)
     return acc, m, l, p
 
   acc = plgpu.layout_cast(jnp.zeros((num_q, head_dim), jnp.float32), wgmma)
@@ -358,7 +367,7 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, n
   l = plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(1))
   p = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), wgmma)
   some = jnp.minimum(num_tiles, 1)  # 0 or 1: the first and last tiles' parts run only where there are tiles
-  num_full = jnp.clip(num_full, 1, jnp.maximum(num_tiles, 1))
+  num_full = jnp.clip(num_full, 1, jnp.maximum(num_tiles, 1))  # no tile: the loops below run [1, 1) and [1, 0)
   carry = lax.fori_loop(0, some, first, (acc, m, l, p))
   carry = lax.fori_loop(1, num_full, functools.partial(step, False), carry)
   carry = lax.fori_loop(num_full, num_tiles, functools.partial(step, True), carry)
@@ -390,7 +399,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
             config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int):
   """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]."""
   (pq_all, plse_all, pk_smem, pv_smem, q_smem, o_smem, lse_smem, p_smem, sk_smem, sv_smem,
-   q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all) = scratch
+   q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all, consumed_v) = scratch
   wg, num_ctas, size = lax.axis_index("wg"), config.num_ctas, config.cluster
   member = lax.axis_index("cluster") if size > 1 else 0  # this CTA's place in its cluster
   cta = lax.axis_index("cta") * size + member
@@ -411,7 +420,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (both arrive on
     `consumed`, warpgroup 1 then waits for it; its own arrival matters only in a cluster). In a cluster the CTAs
     run the same stream (items of one KV head) and each tile is multicast to both, so a slot is refilled once all
-    four warpgroups have read it."""
+    four warpgroups have read it. With prefix_overlap a slot's key and value tiles are released and refilled
+    apart (`consumed` counts the key tile's readers, `consumed_v` the value tile's)."""
     stages, block_k = pk_smem.shape[:2]
     length = lens_ref[batch]
 
@@ -428,11 +438,13 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     loader = wg == 1
     multicast = dict(collective_axes="cluster") if size > 1 else {}
 
-    def load(g, slot):
+    def load(g, slot, parts=("keys", "values")):
       head = prefix_item(g // n) // pairs
       keys = pl.ds((g % n) * block_k, block_k)
-      plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
-      plgpu.copy_gmem_to_smem(pv_ref.at[keys, head], pv_smem.at[slot], pv_bars.at[slot], **multicast)
+      if "keys" in parts:
+        plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
+      if "values" in parts:
+        plgpu.copy_gmem_to_smem(pv_ref.at[keys, head], pv_smem.at[slot], pv_bars.at[slot], **multicast)
 
     @pl.when(loader)
     def _():
@@ -466,22 +478,26 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         load_q(qt_ref.at[h, rows], q, q_bars.at[wg])
       first = i * n
 
-      def after(j, slot):
+      def release(barrier, parts, j, slot):  # tile j's `parts` read by this warpgroup: refill them once both have
         g = first + j
-        plgpu.barrier_arrive(consumed.at[slot])
+        plgpu.barrier_arrive(barrier.at[slot])
 
         @pl.when(loader)
         def _():
           # Every phase, also the last ones (a producer's tail): none is left unobserved, and no arrival from
           # the other CTA of a cluster reaches this one after it has ended.
-          plgpu.barrier_wait(consumed.at[slot])
-          pl.when(g + stages < total)(functools.partial(load, g + stages, slot))
+          plgpu.barrier_wait(barrier.at[slot])
+          pl.when(g + stages < total)(functools.partial(load, g + stages, slot, parts))
 
-      prefix_flash = (functools.partial(_flash_overlapped, scale2=scale * _LOG2E) if config.prefix_overlap
-                      else functools.partial(flash, keys_major=False))
-      acc, m, l = prefix_flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
-                               lambda slot: pk_bars.at[slot], lambda slot: pv_bars.at[slot],
-                               lambda j: lax.rem(first + j, stages), after, n, length // block_k, length, **hooks)
+      args = (q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg], lambda slot: pk_bars.at[slot],
+              lambda slot: pv_bars.at[slot], lambda j: lax.rem(first + j, stages))
+      if config.prefix_overlap:  # a slot's key tile is refilled once its scores are done, its value tile later
+        acc, m, l = _flash_overlapped(*args, functools.partial(release, consumed, ("keys",)),
+                                      functools.partial(release, consumed_v, ("values",)), n, length // block_k,
+                                      length, scale2=scale * _LOG2E, **hooks)
+      else:
+        acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, length // block_k,
+                          length, keys_major=False, **hooks)
       if config.q_registers:
         out, lse_now = _normalise(acc, m, l, op_ref.dtype, keys_major=False)
         op_ref.at[h, rows][...] = out  # plain stores from registers
