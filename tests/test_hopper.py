@@ -277,9 +277,11 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
 @pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "no_pingpong"])
 def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
   """The overlapped prefix loop lowers to Mosaic GPU for CUDA at the GQA and the MHA decode shapes (with the
-  settings of T·g = 2-8 and of T·g = 1), and waits for its score products with one wgmma group left in flight."""
+  settings of T·g = 2-8 and of T·g = 1, and in 2-CTA clusters: its value tiles' own cluster barrier), and waits for
+  its score products with one wgmma group left in flight."""
   for b, p, hq, hkv, tiles in [(1024, 8192, 32, 8, dict(suffix_keys=128)),
-                               (512, 16384, 32, 32, dict(prefix_keys=128, suffix_lookahead=True, suffix_trim=True))]:
+                               (512, 16384, 32, 32, dict(prefix_keys=128, suffix_lookahead=True, suffix_trim=True)),
+                               (1024, 8192, 32, 8, dict(suffix_keys=128, cluster=2))]:
     q = jax.ShapeDtypeStruct((b, 1, hq, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((p, hkv, 128), jnp.bfloat16)
     skv = jax.ShapeDtypeStruct((b, 256, hkv, 128), jnp.bfloat16)
