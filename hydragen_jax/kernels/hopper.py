@@ -317,7 +317,7 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
   def rescale(acc, alpha):
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
-  def first(_, carry):  # tile 0: its scores alone
+  def scores_first(_, carry):  # tile 0: its scores alone
     acc, m, l, _ = carry
     plgpu.barrier_wait(k_bar(slot_of(0)))
     s = pl.run_scoped(functools.partial(_product, q, key_tile(slot_of(0)), issued=issued), plgpu.ACC(tile))
@@ -353,7 +353,7 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
     values_read(j - 1, prev)  # tile j - 1's value product has been waited for
     return rescale(acc, alpha), m, l, p
 
-  def last(_, carry):  # tile n - 1's values
+  def values_last(_, carry):  # tile n - 1's values
     acc, m, l, p = carry
     slot = slot_of(num_tiles - 1)
     before_pv()
@@ -368,10 +368,10 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
   p = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), wgmma)
   some = jnp.minimum(num_tiles, 1)  # 0 or 1: the first and last tiles' parts run only where there are tiles
   num_full = jnp.clip(num_full, 1, jnp.maximum(num_tiles, 1))  # no tile: the loops below run [1, 1) and [1, 0)
-  carry = lax.fori_loop(0, some, first, (acc, m, l, p))
+  carry = lax.fori_loop(0, some, scores_first, (acc, m, l, p))
   carry = lax.fori_loop(1, num_full, functools.partial(step, False), carry)
   carry = lax.fori_loop(num_full, num_tiles, functools.partial(step, True), carry)
-  acc, m, l, _ = lax.fori_loop(0, some, last, carry)
+  acc, m, l, _ = lax.fori_loop(0, some, values_last, carry)
   return acc, m, l
 
 
