@@ -144,6 +144,11 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
   """The kernel's shared memory: buffers and barriers, in `_kernel`'s order."""
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   ring = lambda stages, keys: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
+
+  def prefix_read():  # a barrier a prefix slot: both warpgroups of the pair (in a cluster: of both CTAs) arrive
+    if config.cluster > 1:
+      return plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=config.prefix_stages)
+    return plgpu.Barrier(num_arrivals=PAIR, num_barriers=config.prefix_stages)
   return (
       # the pair's queries, then their out (q_registers: none; interpreted, the wgmma's A operand, see _accumulate)
       plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled) if interpret or not config.q_registers else None,
@@ -159,16 +164,13 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
       # prefix slot read by both warpgroups (of both CTAs of a cluster: their tiles are multicast)
-      plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=config.prefix_stages)
-      if config.cluster > 1 else plgpu.Barrier(num_arrivals=PAIR, num_barriers=config.prefix_stages),
+      prefix_read(),
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_barriers=config.suffix_stages),
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
       plgpu.SMEM((PAIR, ROWS, config.prefix_keys), dtype, **tiled) if interpret else None,  # see _accumulate
       # prefix_overlap: a slot's value tile read by both warpgroups (the barrier above then counts its key tile)
-      ((plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=config.prefix_stages)
-        if config.cluster > 1 else plgpu.Barrier(num_arrivals=PAIR, num_barriers=config.prefix_stages))
-       if config.prefix_overlap else None),
+      prefix_read() if config.prefix_overlap else None,
   )
 
 
@@ -219,6 +221,24 @@ def _accumulate_keys_major(acc, p, v_tile, p_smem):
                              plgpu.ACC(acc.shape, jnp.float32))
 
 
+def _softmax_tile(s, m, l, *, scale2, key_axis):
+  """One key tile of the online softmax (base 2) over scores s, per query along the axis that is not `key_axis`:
+  (p = exp2(s·scale2 - m_new), unnormalised, float32; m_new, the running max; alpha = exp2(m - m_new), the factor
+  for what came before; l·alpha + the sum of p)."""
+  m_new = jnp.maximum(m, s.max(axis=key_axis) * scale2)
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [1 - key_axis]))  # one FMA and an exp2 per score
+  return p, m_new, alpha, l * alpha + p.sum(axis=key_axis)
+
+
+def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
+  """The online softmax's start in the wgmma's layouts: (acc 0 `acc_shape`, running max _M_INIT, sum 0) per query."""
+  wgmma = plgpu.Layout.WGMMA
+  return (plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), wgmma),
+          plgpu.layout_cast(jnp.full((num_q,), _M_INIT, jnp.float32), wgmma.reduce(key_axis)),
+          plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(key_axis)))
+
+
 def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
            keys_major, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
   """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
@@ -243,7 +263,6 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   num_q = q_smem.shape[0]
   tile = (block_k, num_q) if keys_major else (num_q, block_k)
   keys = plgpu.broadcasted_iota(jnp.int32, tile, key_axis, layout=plgpu.Layout.WGMMA)
-  per_query = lambda x, shape: lax.broadcast_in_dim(x, shape, [q_axis])
 
   def body(masked, j, carry):
     acc, m, l = carry
@@ -253,11 +272,8 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
     s = pl.run_scoped(functools.partial(_product, a, b, issued=issued), plgpu.ACC(tile, jnp.float32))
     if masked:
       s = jnp.where(keys + j * block_k < limit, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=key_axis) * scale2)
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s * scale2 - per_query(m_new, tile))  # one FMA and an exp2 per score
-    l = l * alpha + p.sum(axis=key_axis)
-    acc = acc * per_query(alpha, acc.shape)
+    p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [q_axis])
     softmax_done()
     plgpu.barrier_wait(v_bar(slot))
     before_pv()
@@ -269,12 +285,9 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
     after(j, slot)  # reading the product waited for the wgmma: the slot is no longer read
     return acc, m_new, l
 
-  wgmma = plgpu.Layout.WGMMA
-  acc = plgpu.layout_cast(jnp.zeros((head_dim, num_q) if keys_major else (num_q, head_dim), jnp.float32), wgmma)
-  m = plgpu.layout_cast(jnp.full((num_q,), _M_INIT, jnp.float32), wgmma.reduce(key_axis))
-  l = plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(key_axis))
+  start = _flash_start((head_dim, num_q) if keys_major else (num_q, head_dim), num_q, key_axis)
   num_full = jnp.clip(num_full, 0, num_tiles)
-  carry = lax.fori_loop(0, num_full, functools.partial(body, False), (acc, m, l))
+  carry = lax.fori_loop(0, num_full, functools.partial(body, False), start)
   return lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
 
 
@@ -309,10 +322,8 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
   def softmax(s, m, l, j=None):  # j given: tile j's keys masked (those at positions >= limit)
     if j is not None:
       s = jnp.where(keys + j * block_k < limit, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, tile, [0]))
-    return p.astype(k_smem.dtype), m_new, alpha, l * alpha + p.sum(axis=1)
+    p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=1)
+    return p.astype(k_smem.dtype), m_new, alpha, l
 
   def rescale(acc, alpha):
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -362,9 +373,7 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
     values_read(num_tiles - 1, slot)
     return acc, m, l, p
 
-  acc = plgpu.layout_cast(jnp.zeros((num_q, head_dim), jnp.float32), wgmma)
-  m = plgpu.layout_cast(jnp.full((num_q,), _M_INIT, jnp.float32), wgmma.reduce(1))
-  l = plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(1))
+  acc, m, l = _flash_start((num_q, head_dim), num_q, key_axis=1)
   p = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), wgmma)
   some = jnp.minimum(num_tiles, 1)  # 0 or 1: the first and last tiles' parts run only where there are tiles
   num_full = jnp.clip(num_full, 1, jnp.maximum(num_tiles, 1))  # no tile: the loops below run [1, 1) and [1, 0)
