@@ -198,25 +198,25 @@ def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: 
             _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
         return _hf_layout(key, x).astype(host_dtype)
 
-    def put(arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def send(arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {key: parallel.put(key, x, config, s, mesh) for key, x in arrays.items()}
 
-    params = put({key: read(key, None) for key in _top_keys(config)})
-    params["layers"] = [put(pack_layer({key: read(key, i) for key in layer_keys(config, packed=False)},
-                                       config.head_dim)) for i in range(config.num_hidden_layers)]
-    return params
+    return _build(config, read, send)
 
 
 def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
-    """Our parameters (``dtype``) from HF-named, HF-laid-out arrays ``t``: each layer packed on the host
-    (``pack_layer``), then sent."""
-    def ours(key: str, layer: int | None) -> np.ndarray:
-        return _hf_layout(key, t[hf_name(key, layer)])
+    """Our parameters (``dtype``) from HF-named, HF-laid-out arrays ``t``: each layer packed on the host, then sent."""
+    return _build(config, lambda key, layer: _hf_layout(key, t[hf_name(key, layer)]),
+                  lambda arrays: {key: jnp.asarray(x, dtype) for key, x in arrays.items()})
 
-    params = {key: jnp.asarray(ours(key, None), dtype) for key in _top_keys(config)}
-    params["layers"] = [
-        {key: jnp.asarray(x, dtype) for key, x in pack_layer({key: ours(key, i) for key in layer_keys(
-            config, packed=False)}, config.head_dim).items()} for i in range(config.num_hidden_layers)]
+
+def _build(config: LlamaConfig, read, send) -> Params:
+    """Our parameter tree, the model's own tensors and then one layer at a time: ``read(key, layer)`` gives a tensor
+    in our layout, projections apart, on the host (layer None: the model's own); each layer's are packed
+    (``pack_layer``) and each group goes through ``send(arrays)``, which places them."""
+    params = send({key: read(key, None) for key in _top_keys(config)})
+    params["layers"] = [send(pack_layer({key: read(key, i) for key in layer_keys(config, packed=False)},
+                                        config.head_dim)) for i in range(config.num_hidden_layers)]
     return params
 
 

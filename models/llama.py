@@ -101,6 +101,26 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
     return shapes
 
 
+def param_shape(key: str, shapes: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of parameter ``key`` in ``shapes`` (``param_shapes(config)``): a layer's (every layer has the same)
+    or the model's own."""
+    return shapes["layers"][0][key] if key in shapes["layers"][0] else shapes[key]
+
+
+def check_shapes(config: LlamaConfig, params: Params, where: str, needs: str,
+                 layout: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None) -> None:
+    """``ValueError`` naming the first parameter whose shape is not its ``param_shapes(config)`` shape, or
+    ``layout(key, shape)`` of it (the shape a layout needs, e.g. a mesh's): "{where}: params[...] has shape (...);
+    {needs}" with ``needs`` formatted with ``want``, the shape it needs."""
+    shapes = param_shapes(config)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = path[-1].key
+        want = tuple(param_shape(key, shapes) if layout is None else layout(key, param_shape(key, shapes)))
+        if tuple(x.shape) != want:
+            raise ValueError(f"{where}: params{jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; "
+                             + needs.format(want=want))
+
+
 def pack_qkv(q, k, v, head_dim: int):
     """q ``[..., Hq·D]``, k and v ``[..., S·D]`` (numpy or jax) -> ``[..., S, (Hq/S + 2)·D]``: for each of the S
     KV heads, its Hq/S query heads (query head h reads KV head h // (Hq/S)), then its key, then its value."""
@@ -120,12 +140,6 @@ def unpack_qkv(x, head_dim: int):
     lead, kv_heads = x.shape[:-2], x.shape[-2]
     flat = lambda y: y.reshape(*lead, kv_heads * y.shape[-1])  # noqa: E731
     return (flat(x[..., :-2 * head_dim]), flat(x[..., -2 * head_dim:-head_dim]), flat(x[..., -head_dim:]))
-
-
-def packed_keys(keys) -> list[str]:
-    """The names ``pack_layer`` gives a layer of parameters named ``keys`` (projections apart)."""
-    parts = {p for ps in PACKED.values() for p in ps}
-    return [k for k in keys if k not in parts] + [key for key, ps in PACKED.items() if all(p in keys for p in ps)]
 
 
 def pack_layer(layer: dict[str, Any], head_dim: int) -> dict[str, Any]:
@@ -328,13 +342,8 @@ class Llama(nnx.Module):
                                  f"{config.model_type!r} needs {sorted(layer_keys(config))} (a checkpoint's "
                                  "separate projections: pack them with models.llama.pack_layer)")
         if mesh is None:  # on a mesh, parallel.check_layout checks the shapes of its layout
-            want = param_shapes(config)
-            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-                shape = want[path[0].key] if len(path) == 1 else want["layers"][path[1].idx][path[2].key]
-                if tuple(x.shape) != tuple(shape):
-                    raise ValueError(f"Llama: params{jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; the "
-                                     f"config needs {tuple(shape)} (w_qkv [d, Hkv, (Hq/Hkv + 2)·D] and w_gate_up "
-                                     "[d, 2, I]: models.llama.pack_layer packs a checkpoint's projections)")
+            check_shapes(config, params, "Llama", "the config needs {want} (w_qkv [d, Hkv, (Hq/Hkv + 2)·D] and "
+                         "w_gate_up [d, 2, I]: models.llama.pack_layer packs a checkpoint's projections)")
         self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
         if mesh is not None:
             from models import parallel
@@ -404,9 +413,11 @@ def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mes
 
     @functools.cache  # one compilation a group: every layer has the same names and shapes
     def placed(names_shapes):  # _draw, then each array in its mesh layout, generated on its devices
-        out = {name: NamedSharding(mesh, parallel.param_specs_of(name)) for name in packed_keys(dict(names_shapes))}
-        return jax.jit(lambda key: {name: parallel.to_layout(name, x, config, s) for name, x in
-                                    _draw(names_shapes, key, dt, config.hidden_size, config.head_dim).items()},
-                       out_shardings=out)
+        def draw(key):
+            return {name: parallel.to_layout(name, x, config, s) for name, x in
+                    _draw(names_shapes, key, dt, config.hidden_size, config.head_dim).items()}
+
+        names = jax.eval_shape(draw, jax.random.key(0))  # the names the draw gives (packed)
+        return jax.jit(draw, out_shardings={name: NamedSharding(mesh, parallel.param_specs_of(name)) for name in names})
 
     return Llama(config, _init(config, jax.random.key(seed), lambda names_shapes, k: placed(names_shapes)(k)), mesh)

@@ -40,7 +40,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig
-from models.llama import Llama, head_logits, pack_qkv, param_shapes, rms_norm, run_layers, unpack_qkv
+from models.llama import (Llama, check_shapes, head_logits, pack_qkv, param_shape, param_shapes, rms_norm, run_layers,
+                          unpack_qkv)
 
 AXIS = "model"
 KV_SPEC = P(None, None, AXIS, None)  # caches [N, S, Hkv, D]: split over KV heads
@@ -171,11 +172,9 @@ def from_layout(key: str, x, config: LlamaConfig, s: Split):
     return x[:I] if key == "w_down" else x
 
 
-def canonical_shape(key: str, config: LlamaConfig, shapes: dict | None = None) -> tuple[int, ...]:
-    """The single-device shape of parameter ``key`` (from ``shapes = models.llama.param_shapes(config)``, made here
-    if not given)."""
-    shapes = param_shapes(config) if shapes is None else shapes
-    return shapes["layers"][0][key] if key in shapes["layers"][0] else shapes[key]
+def canonical_shape(key: str, config: LlamaConfig) -> tuple[int, ...]:
+    """The single-device shape of parameter ``key``."""
+    return param_shape(key, param_shapes(config))
 
 
 def map_params(fn, params: dict[str, Any]) -> dict[str, Any]:
@@ -187,13 +186,9 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
     """The split of ``config`` on ``mesh``; ``ValueError`` naming the first parameter whose shape is not its mesh
     layout (``shard_model`` puts a single-device model's parameters in it)."""
     s = split(config, mesh_size(mesh))
-    shapes = param_shapes(config)
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        want = layout_shape(_key(path), canonical_shape(_key(path), config, shapes), s, config.head_dim)
-        if tuple(x.shape) != want:
-            raise ValueError(f"Llama(mesh=...): params{jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; on a "
-                             f"{s.devices}-device mesh it must be {want} (use models.shard_model to place a "
-                             f"single-device model's parameters)")
+    check_shapes(config, params, "Llama(mesh=...)", f"on a {s.devices}-device mesh it must be {{want}} (use "
+                 "models.shard_model to place a single-device model's parameters)",
+                 layout=lambda key, shape: layout_shape(key, shape, s, config.head_dim))
     return s
 
 
