@@ -34,7 +34,7 @@ from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.tuning import GemmTuning
 from models import gemm
 from scripts import profile_decode
-from scripts.tuning import field_sweep
+from scripts.tuning import field_sweep, probe_weight_layout
 
 CANDIDATES = dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5, 6),
                   programs_per_core=(0, 1, 2, 4))
@@ -95,24 +95,14 @@ def gemm_shape(config: dict) -> dict:
               kv=kv_heads * head_dim)
 
 
-def layer_weights(shape: dict, layers: int, dtype, seed: int = 0) -> list[dict]:
-  """Per layer, the GEMMs' weights as the models store them (`models.llama`): q/k/v packed in one `[K, N]`,
-  gate/up in one."""
-  d, f = shape["hidden"], shape["intermediate"]
-  sizes = dict(w_qkv=(d, shape["q"] + 2 * shape["kv"]), wo=(shape["q"], d), w_gate_up=(d, 2 * f), w_down=(f, d))
-  keys = iter(jax.random.split(jax.random.key(seed), layers * len(sizes)))
-  return [{name: (jax.random.normal(next(keys), s, jnp.float32) / math.sqrt(s[0])).astype(dtype)
-           for name, s in sizes.items()} for _ in range(layers)]
-
-
 def gemms(x, layers: list[dict], backend: str, tune: tuning_lib.Tuning):
   """The GEMMs of the layers in turn (attention and norms left out): x `[M, d]` -> `[M, d]`."""
-  for p in layers:
-    [qkv] = gemm.linear(x, [p["w_qkv"]], backend, tune)
-    [o] = gemm.linear(qkv[:, :p["wo"].shape[0]], [p["wo"]], backend, tune)
-    [gate_up] = gemm.linear(x + o, [p["w_gate_up"]], backend, tune)
+  for p in layers:  # `probe_weight_layout.layer_weights`, "fused": the models' packed weights
+    [qkv] = gemm.linear(x, [p["qkv"]], backend, tune)
+    [o] = gemm.linear(qkv[:, :p["o"].shape[0]], [p["o"]], backend, tune)
+    [gate_up] = gemm.linear(x + o, [p["gate_up"]], backend, tune)
     g, u = jnp.split(gate_up, 2, axis=-1)
-    [down] = gemm.linear(g * u, [p["w_down"]], backend, tune)
+    [down] = gemm.linear(g * u, [p["down"]], backend, tune)
     x = (x + o + down).astype(x.dtype)
   return x
 
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
   base_file = run.base
   config = profile_decode.model_shape(args.layers, args.tiny)
   shape, dtype = gemm_shape(config), jnp.bfloat16  # the timed model's GEMMs
-  layers = layer_weights(shape, 1, dtype)  # the candidates' products are checked on one layer's GEMMs
+  layers = probe_weight_layout.layer_weights(shape, 1, dtype, "fused")  # the candidates' products: one layer
   kernel = "interpret" if args.interpret else "pallas"
   pick_rows = [int(r) for r in args.rows.split(",")]
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
