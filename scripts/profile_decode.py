@@ -163,6 +163,7 @@ def profile(model, label: str, state, org, alone: float, args):
   fn, compile_s = model_api.compile_decode(model, state, args.backend)
   if args.hlo:
     name = re.sub(r"[^A-Za-z0-9_.]+", "-", label)
+    pathlib.Path(args.hlo).mkdir(parents=True, exist_ok=True)
     with gzip.open(f"{args.hlo}/decode-{name}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
       f.write(fn.as_text())
   held = [state]  # the decode call donates its state: each run starts from the state the last one returned

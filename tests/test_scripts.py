@@ -26,11 +26,15 @@ def _run(args: list[str], **env) -> subprocess.CompletedProcess:
                         timeout=300)
 
 
-def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, capsys):
+def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, capsys, tmp_path):
+  hlo = tmp_path / "not" / "yet"  # --hlo makes its folder
   p = _run(["scripts.profile_decode", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--generate", "8",
             "--at", "2", "--steps", "2", "--modes", "hydragen,none",
-            "--tuning", "default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json"])
+            "--tuning", "default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json", "--hlo", str(hlo)])
   assert p.returncode == 0, p.stderr[-2000:]
+  assert sorted(f.name for f in hlo.iterdir()) == [
+      "decode-hydragen-nvidia-h100-80gb-hbm3-tp1-B4.hlo.gz", "decode-hydragen-tp1-B4.hlo.gz",
+      "decode-none-nvidia-h100-80gb-hbm3-tp1-B4.hlo.gz", "decode-none-tp1-B4.hlo.gz"], list(hlo.iterdir())
   lines = [line for line in p.stdout.splitlines() if line.startswith("[")]
   assert [line.split("]")[0] for line in lines] == ["[hydragen", "[hydragen @ nvidia-h100-80gb-hbm3", "[none",
                                                     "[none @ nvidia-h100-80gb-hbm3"], p.stdout
