@@ -12,6 +12,7 @@ tensor or the file.
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import jax
@@ -97,6 +98,9 @@ def _open(fname: str):
         raise CheckpointError(f"{fname}: not a readable safetensors file ({e})") from e
 
 
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the shards save_checkpoint writes
+
+
 def _tensor_files(path: str) -> dict[str, str]:
     """Map tensor name -> safetensors file, from the index if there is one."""
     index = os.path.join(path, INDEX_FILE)
@@ -108,6 +112,8 @@ def _tensor_files(path: str) -> dict[str, str]:
                 raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map'")
+        if bad := next(((n, f) for n, f in weight_map.items() if not isinstance(f, str)), None):
+            raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r}, expected a file name")
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
@@ -148,9 +154,9 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
     tensor, an unreadable file.
 
-    mesh: load for tensor parallelism on it (``models.parallel``): layer by layer, each tensor is read, packed,
-    put in its mesh layout on the host and sent shard by shard to the devices that hold it (no device receives a
-    whole tensor, and the host holds one layer's tensors at a time)."""
+    Layer by layer, each tensor is read, cast, packed and sent: the host holds one layer's tensors at a time.
+    mesh: load for tensor parallelism on it (``models.parallel``): each tensor is put in its mesh layout on the host
+    and sent shard by shard to the devices that hold it (no device receives a whole tensor)."""
     path = os.fspath(path)
     config = LlamaConfig.from_json(path)
     dtype = jnp.dtype(dtype)
@@ -169,12 +175,15 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
                               f"{config.model_type!r} model of this config, which would not use it")
     if tied_head:  # an explicit copy of the tied head is fine if it is one
         expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
-    if mesh is not None:
-        return Llama(config, _load_sharded(config, files, expected, path, dtype, mesh, tied_head), mesh)
-    tensors = _read(files, list(expected), expected, path)
-    if tied_head:
-        _check_tied(path, tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"])
-    return Llama(config, _from_hf(config, tensors, dtype))
+    read = _tensor_reader(files, expected, path, dtype, tied_head)
+    if mesh is None:
+        return Llama(config, _build(config, read, lambda arrays: {k: jnp.asarray(x, dtype)
+                                                                  for k, x in arrays.items()}))
+    from models import parallel
+
+    s = parallel.split(config, parallel.mesh_size(mesh))
+    return Llama(config, _build(config, read, lambda arrays: {k: parallel.put(k, x, config, s, mesh)
+                                                              for k, x in arrays.items()}), mesh)
 
 
 def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
@@ -184,11 +193,9 @@ def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
                               "'model.embed_tokens.weight'")
 
 
-def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: Mesh, tied_head: bool) -> Params:
-    """The parameters on ``mesh``, one layer's tensors at a time (see ``load_checkpoint``)."""
-    from models import parallel
-
-    s = parallel.split(config, parallel.mesh_size(mesh))
+def _tensor_reader(files, expected, path: str, dtype, tied_head: bool):
+    """``read(key, layer)`` for ``_build``: one tensor from its file, checked, in our layout, in ``dtype`` on the host
+    (bf16 as ml_dtypes'), so that the host holds one layer's tensors at a time, not the whole model in float32."""
     host_dtype = ml_dtypes.bfloat16 if dtype == jnp.dtype(jnp.bfloat16) else np.float32
 
     def read(key: str, layer: int | None) -> np.ndarray:
@@ -198,10 +205,7 @@ def _load_sharded(config: LlamaConfig, files, expected, path: str, dtype, mesh: 
             _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
         return _hf_layout(key, x).astype(host_dtype)
 
-    def send(arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {key: parallel.put(key, x, config, s, mesh) for key, x in arrays.items()}
-
-    return _build(config, read, send)
+    return read
 
 
 def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
@@ -257,7 +261,14 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     cfg = model.config.to_dict()
     cfg.update(extra_config or {})
     tensors = to_hf_tensors(model, dtype)
-    cfg["torch_dtype"] = "bfloat16" if next(iter(tensors.values())).dtype == ml_dtypes.bfloat16 else "float32"
+    stored = next(iter(tensors.values())).dtype
+    # the tensors' dtype under both names transformers reads ("torch_dtype" up to v4, "dtype" since v5)
+    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16" if stored == ml_dtypes.bfloat16 else np.dtype(stored).name
+    # A directory saved before, in the other form (one file / shards) or with more shards, would otherwise keep
+    # files that the loader reads in place of these (it prefers the index): remove the files this function writes.
+    for fname in os.listdir(path):
+        if fname in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(fname):
+            os.remove(os.path.join(path, fname))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if max_shard_bytes is None:

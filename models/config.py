@@ -32,14 +32,21 @@ class Family:
     qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
+    # bos / eos token ids where config.json leaves them out: transformers' defaults for the family's config class
+    # (which it omits when saving a config whose value equals them): 1 / 2 for Llama and Mistral, none for Qwen
+    default_bos: int | None = 1
+    default_eos: int | None = 2
 
 
-_QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+# use_mrope: Qwen2.5's configs carry `"use_mrope": false`; only false is accepted (multimodal RoPE is Qwen2-VL's)
+_QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"})
 FAMILIES = {  # model_type -> Family
     "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"})),
     "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"})),
-    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True),
-    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True, default_bos=None,
+                    default_eos=None),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True, default_bos=None,
+                    default_eos=None),
 }
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 # rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
@@ -175,6 +182,9 @@ class LlamaConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag, False):
                 raise CheckpointError(f"config: {flag}={d[flag]!r} is not supported (no such biases are loaded)")
+        if d.get("use_mrope", False):
+            raise CheckpointError(f"config: use_mrope={d['use_mrope']!r} is not supported (multimodal RoPE; "
+                                  "only the text models' RoPE is)")
         if d.get("rope_interleaved", False):
             raise CheckpointError(f"config: rope_interleaved={d['rope_interleaved']!r} is not supported (RoPE "
                                   "rotates the two halves of each head, as transformers does)")
@@ -193,18 +203,19 @@ class LlamaConfig:
         layer_types = _layer_types(d, family, layers)
         _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, layer_types, max_pos)
-        eos = d.get("eos_token_id", 2)
+        eos = d.get("eos_token_id", family.default_eos)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         try:
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=hidden, intermediate_size=d["intermediate_size"],
                 num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+                num_key_value_heads=heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
+                head_dim=head_dim,
                 max_position_embeddings=max_pos, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                bos_token_id=d.get("bos_token_id", 1), eos_token_ids=eos_ids, pad_token_id=d.get("pad_token_id"),
-                model_type=model_type)
+                bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
+                pad_token_id=d.get("pad_token_id"), model_type=model_type)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 

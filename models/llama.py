@@ -327,6 +327,11 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, params: Params, mesh: Mesh | None = None):
         self.config = config
         self.mesh = mesh
+        want = {"embed", "final_norm", "layers"} | (set() if config.tie_word_embeddings else {"lm_head"})
+        if not isinstance(params, dict) or set(params) != want:
+            have = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"Llama: params has keys {have}; the config (tie_word_embeddings="
+                             f"{config.tie_word_embeddings}) needs {sorted(want)}")
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None

@@ -231,6 +231,58 @@ def test_save_load_round_trip(tmp_path):
     assert load_checkpoint(tmp_path / "c", dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
+def _model(path, seed=0):
+    write_checkpoint(path, CONFIG, make_tensors(CONFIG, seed=seed))
+    return load_checkpoint(path)
+
+
+def test_saving_again_replaces_an_earlier_save_in_either_form(tmp_path):
+    """A save into a directory that holds an earlier one, sharded or not, loads as the new model: the loader
+    prefers an index, so a stale index or stale shards must not survive a single-file save (nor the reverse)."""
+    a, b = _model(tmp_path / "a", seed=0), _model(tmp_path / "b", seed=1)
+    tokens = [3, 1, 4, 1, 5]
+    out = tmp_path / "out"
+    for model, shards in ((a, 20_000), (b, None), (a, 20_000), (b, 50_000), (a, None)):
+        save_checkpoint(model, out, max_shard_bytes=shards)
+        np.testing.assert_array_equal(model_logits(load_checkpoint(out), tokens), model_logits(model, tokens))
+        names = sorted(p.name for p in out.iterdir())
+        assert ("model.safetensors.index.json" in names) == (shards is not None), names
+        assert ("model.safetensors" in names) == (shards is None), names
+
+
+@pytest.mark.parametrize("dtype, name", [(jnp.float16, "float16"), (jnp.bfloat16, "bfloat16"),
+                                         (jnp.float32, "float32")])
+def test_saved_config_names_the_tensors_dtype(tmp_path, dtype, name):
+    model = _model(tmp_path / "a")
+    save_checkpoint(model, tmp_path / "b", dtype=dtype)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == name
+
+
+def test_index_entry_that_is_not_a_file_name(tmp_path):
+    write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG), shards=2)
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    d["weight_map"]["model.norm.weight"] = None
+    index.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=r"weight_map\['model.norm.weight'\] = None, expected a file name"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_params_with_other_top_level_names_than_the_config_needs(tmp_path):
+    """Llama(config, params) names the keys that differ (an lm_head with tied embeddings, none without) instead of
+    failing on a bare KeyError."""
+    model = _model(tmp_path / "a")
+    config, p = model.config, model.params()
+    tied = llama.LlamaConfig.from_dict(dict(CONFIG, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match=r"params has keys \['embed', 'final_norm', 'layers', 'lm_head'\]; the "
+                                         r"config \(tie_word_embeddings=True\) needs \['embed', 'final_norm', "
+                                         r"'layers'\]"):
+        llama.Llama(tied, p)
+    with pytest.raises(ValueError, match=r"needs \['embed', 'final_norm', 'layers', 'lm_head'\]"):
+        llama.Llama(config, {k: v for k, v in p.items() if k != "lm_head"})
+
+
 @pytest.mark.parametrize("cfg, name", [(CONFIG, "model.layers.1.mlp.up_proj.weight"),
                                        (QWEN2, "model.layers.1.self_attn.v_proj.bias")], ids=["llama", "qwen2"])
 def test_missing_tensor(tmp_path, cfg, name):

@@ -75,6 +75,7 @@ def test_round_trip_and_file(tmp_path):
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"num_key_value_heads": 5}, "num_key_value_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),  # not read as MHA
     ({"hidden_size": 0}, "hidden_size"),
 ])
 def test_refuses_unsupported(change, match):
@@ -297,3 +298,24 @@ def test_error_class_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA2_7B, hidden_act="gelu")))
     with pytest.raises(CheckpointError, match=r"config\.json: config: unsupported hidden_act"):
         LlamaConfig.from_json(tmp_path)
+
+
+def test_qwen25_use_mrope_false_accepted_true_refused():
+    """Qwen2.5's configs (and transformers 5's Qwen2Config) write `"use_mrope": false`; true is Qwen2-VL's RoPE."""
+    assert LlamaConfig.from_dict(dict(QWEN25_05B, use_mrope=False)) == LlamaConfig.from_dict(QWEN25_05B)
+    with pytest.raises(CheckpointError, match="use_mrope=True is not supported"):
+        LlamaConfig.from_dict(dict(QWEN25_05B, use_mrope=True))
+    with pytest.raises(CheckpointError, match="'use_mrope'"):  # not a Llama key
+        LlamaConfig.from_dict(dict(LLAMA2_7B, use_mrope=False))
+
+
+def test_token_id_defaults_follow_the_family():
+    """Ids left out of config.json take transformers' defaults of the family's config class: Llama and Mistral
+    1 / 2; Qwen none (transformers omits a value equal to the default when it saves)."""
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("bos_token_id", "eos_token_id")}  # noqa: E731
+    llama = LlamaConfig.from_dict(drop(LLAMA2_7B))
+    assert (llama.bos_token_id, llama.eos_token_ids) == (1, (2,))
+    for d in (QWEN25_7B, QWEN3_8B):
+        c = LlamaConfig.from_dict(drop(d))
+        assert (c.bos_token_id, c.eos_token_ids) == (None, ()), d["model_type"]
+        assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
