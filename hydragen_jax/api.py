@@ -54,7 +54,10 @@ class Level:
     lengths: `[N]` valid tokens of each node (<= L); nodes may differ in length, 0 included.
     seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B). A numpy array
       (a tree known when tracing) lets the kernels group the sequences on the host: no device work per step.
-    max_group: static bound on how many sequences read one node (None: B); a speed hint for the kernels.
+    max_group: static bound on how many sequences read one node (None: B); the kernels give each node rows for
+      that many sequences, so it must hold: checked against a concrete seq_to_node (ValueError) and, with
+      `checked=True`, against a traced one (checkify); a traced seq_to_node that breaks it unchecked gives
+      undefined output for the sequences past the bound.
     layer: optional (traced) index into the leading layer axis of k/v. The kernels read that layer in place,
       where slicing `k[layer]` under a `lax.scan` over layers would copy it at every step.
   """
@@ -137,6 +140,8 @@ def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
             backend: str):
   """The `(out, lse)` parts of q over every level, to be merged by `merge_states`."""
+  if q.shape[0] * q.shape[1] == 0:  # no queries (B or T = 0): nothing to attend; the kernels need a row
+    return [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
   if backend == "xla":
     return [_reference_level(q, level, causal=c, batched=b, scale=scale)
             for level, c, b in zip(levels, causal, batched)]
@@ -250,6 +255,7 @@ def tree_attention(
       nodes = None
     else:
       nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes, checked)
+    check.max_group(f"{name}.max_group", level.max_group, nodes, num_nodes, checked)
     layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked) if layered else None
     validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
@@ -304,6 +310,8 @@ def hydragen_attention(
   check.check_same("prefix_k", prefix_k, "prefix_v", prefix_v)
   check.check_rank("suffix_k", suffix_k, 4, "[B, S, Hkv, D]")
   check.check_same("suffix_k", suffix_k, "suffix_v", suffix_v)
+  check.check_heads("q", q, "prefix_k", prefix_k)
+  check.check_heads("q", q, "suffix_k", suffix_k)
   if prefix_k.shape[1:] != suffix_k.shape[2:]:
     raise ValueError(f"prefix_k {prefix_k.shape} and suffix_k {suffix_k.shape} must share [Hkv, D].")
   if suffix_k.shape[0] != q.shape[0]:

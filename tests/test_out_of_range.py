@@ -132,6 +132,46 @@ def test_checked_mode_covers_nodes_layers_and_kv_lengths():
     err.throw()
 
 
+def test_max_group_must_bound_the_readers_of_every_node(kernel_backend):
+  """Level.max_group sizes the kernels' rows per node: a bound that a concrete seq_to_node breaks is refused (the
+  kernels would leave the extra sequences' rows unwritten), a traced one is caught with checked=True, and a bound
+  that holds gives the reference's answer."""
+  q, _, _, sk, sv = _step_inputs(4)  # 3 sequences
+  root = lambda nodes, bound: Level(sk[:2], sv[:2], jnp.array([4, 2]), nodes, max_group=bound)  # noqa: E731
+  leaf = Level(sk, sv, jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match=r"levels\[0\].max_group=1, but node 0 is read by 2 sequences"):
+    hj.tree_attention(q, [root(np.array([0, 1, 0], np.int32), 1), leaf], backend=kernel_backend)
+  for bad in (0, -1, True, 1.5):
+    with pytest.raises(ValueError, match=r"levels\[0\].max_group must be None or an integer >= 1 .*; got"):
+      hj.tree_attention(q, [root(np.array([0, 1, 0], np.int32), bad), leaf], backend=kernel_backend)
+  tree = checkify.checkify(jax.jit(lambda q, nodes: hj.tree_attention(q, [root(nodes, 2), leaf],
+                                                                      backend=kernel_backend, checked=True)))
+  err, _ = tree(q, jnp.array([1, 1, 1]))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"levels\[0\].max_group=2, but node 1 is read by 3"):
+    err.throw()
+  err, out = tree(q, jnp.array([0, 1, 0]))
+  err.throw()
+  want = hj.tree_attention(q, [root(np.array([0, 1, 0], np.int32), None), leaf], backend="xla")
+  _assert_close(out, want)
+
+
+def test_no_queries_give_empty_outputs(backend):
+  """B = 0 or T = 0: empty outputs of the right shape (the kernels are not launched)."""
+  q, pk, pv, sk, sv = _step_inputs(4)
+  out, lse = hj.attention(q[:, :0], sk, sv, backend=backend)
+  assert out.shape == q[:, :0].shape and lse.shape == q[:, :0].shape[:-1]
+  assert hj.hydragen_attention(q[:0], pk, pv, sk[:0], sv[:0], backend=backend).shape == q[:0].shape
+
+
+def test_hydragen_errors_name_the_arguments_given():
+  """hydragen_attention wraps its prefix into a Level; its errors name prefix_k / suffix_k, not levels[0].k."""
+  q, pk, pv, sk, sv = _step_inputs(4)
+  with pytest.raises(ValueError, match=r"KV heads of prefix_k \(24, 2, 64\)"):
+    hj.hydragen_attention(q[:, :, :3], pk, pv, sk, sv)
+  with pytest.raises(ValueError, match=r"dtype mismatch between q \(float32\) and suffix_k"):
+    hj.hydragen_attention(q.astype(jnp.float32), pk.astype(jnp.float32), pv.astype(jnp.float32), sk, sv)
+
+
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
 
