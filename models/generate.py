@@ -138,6 +138,23 @@ class DecodeState:
     pad_id: int = struct.field(pytree_node=False, default=0)
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1 (Python or numpy integer, not bool); ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _id_list(name: str, ids, vocab_size: int) -> list[int]:
+    """``ids`` (a sequence of token ids: eos_ids, one entry of stop_tokens) as ints in [0, vocab_size);
+    ``ValueError`` naming ``name`` otherwise (a bare int, floats, ids outside the vocabulary)."""
+    if not isinstance(ids, (list, tuple, range, np.ndarray)) or any(
+            not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_)) or not 0 <= t < vocab_size
+            for t in ids):
+        raise ValueError(f"{name} must be a sequence of token ids in [0, {vocab_size}), got {ids!r}")
+    return [int(t) for t in ids]
+
+
 def _round_up(x: int, m: int) -> int:
     return max(m, -(-x // m) * m)
 
@@ -310,7 +327,6 @@ def _token_ids(prompt, i: int, arg: str) -> list[int]:
     if isinstance(prompt, (list, tuple)):  # element by element: numpy would turn [True, 5] into integers
         integers = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
     else:
-        ids = ids.reshape(-1)
         integers = np.issubdtype(ids.dtype, np.integer)
     if ids.ndim != 1 or not integers:
         raise ValueError(f"{arg}: prompt {i} must be a sequence of integer token ids, got {prompt!r} "
@@ -338,9 +354,15 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     """
     _check_mode(mode)
     config: LlamaConfig = model.config
+    pad_multiple, prefill_chunk = _positive_int("pad_multiple", pad_multiple), _positive_int("prefill_chunk",
+                                                                                              prefill_chunk)
     tree = _as_tree(prompts_or_tree, max_depth)
     B = tree.num_sequences
-    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (B,))
+    raw = np.asarray(max_new_tokens)
+    if not np.issubdtype(raw.dtype, np.integer) or raw.ndim > 1 or (raw.ndim == 1 and raw.shape != (B,)):
+        raise ValueError(f"max_new_tokens must be an integer or one integer per sequence ({B}), got "
+                         f"{max_new_tokens!r}")
+    budgets = np.broadcast_to(raw.astype(np.int64), (B,))
     if (budgets < 1).any():
         raise ValueError(f"max_new_tokens must be >= 1, got {int(budgets.min())}")
     N = int(budgets.max())
@@ -354,8 +376,9 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
             bad = ids[(ids < 0) | (ids >= config.vocab_size)][0]
             raise ValueError(f"token id {bad} outside the vocabulary [0, {config.vocab_size})")
-    eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
-    extra = [list(s) for s in stop_tokens] if stop_tokens is not None else [[] for _ in range(B)]
+    eos = tuple(config.eos_token_ids if eos_ids is None else _id_list("eos_ids", eos_ids, config.vocab_size))
+    extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size) for b, s in enumerate(stop_tokens)]
+             if stop_tokens is not None else [[] for _ in range(B)])
     if len(extra) != B:
         raise ValueError(f"stop_tokens has {len(extra)} entries, expected one per sequence ({B})")
     K = max(1, max(len(eos) + len(s) for s in extra))
@@ -488,12 +511,9 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
-    if not isinstance(chunk_steps, numbers.Integral) or isinstance(chunk_steps, bool) or chunk_steps < 1:
-        raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    chunk_steps = _positive_int("chunk_steps", chunk_steps)
+    num_samples = _positive_int("num_samples", num_samples)
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     token_prompts = _tokenize(prompts, tokenizer)
     sequences = expand_samples(token_prompts, num_samples)
     if tree is None:
@@ -504,7 +524,8 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
         if len(stop_tokens) != len(token_prompts):
             raise ValueError(f"stop_tokens has {len(stop_tokens)} entries, expected one per prompt "
                              f"({len(token_prompts)})")
-        stop_tokens = [list(s) for s in stop_tokens for _ in range(num_samples)]
+        stop_tokens = [_id_list(f"stop_tokens[{i}]", s, model.config.vocab_size)
+                       for i, s in enumerate(stop_tokens) for _ in range(num_samples)]
 
     stats: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ prompts, up to ``max_depth`` levels), so "few-shot prefix -> problem -> samples"
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,8 +101,8 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
     node; a sequence's edges below the ``max_depth``-th are merged into its deepest node (a node this leaves
     with one reader is un-shared); everything after a sequence's last shared edge is its suffix.
     """
-    if max_depth < 0:
-        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    if not isinstance(max_depth, numbers.Integral) or isinstance(max_depth, bool) or max_depth < 0:
+        raise ValueError(f"max_depth must be an integer >= 0, got {max_depth!r}")
     prompts = [tuple(int(t) for t in p) for p in prompts]
     if not prompts:
         raise ValueError("no prompts given (empty prompt list)")

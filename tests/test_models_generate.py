@@ -195,12 +195,44 @@ def test_stats(model):
     (dict(prompts=["hello"]), "no tokenizer"),
     (dict(prompts=[[1, 200]]), "token id 200 outside the vocabulary"),
     (dict(stop_tokens=[[1]] * 5), "stop_tokens has 5 entries"),
+    (dict(stop_tokens=[5, 6]), r"stop_tokens\[0\] must be a sequence of token ids in \[0, 97\), got 5"),
+    (dict(stop_tokens=[[5], [45.7]]), r"stop_tokens\[1\] must be a sequence of token ids .*got \[45.7\]"),
+    (dict(stop_tokens=[[5], [-1]]), r"stop_tokens\[1\] .*got \[-1\]"),  # -1 pads the stop list inside
+    (dict(eos_ids=(100,)), r"eos_ids must be a sequence of token ids in \[0, 97\), got \(100,\)"),
+    (dict(eos_ids=5), r"eos_ids must be a sequence of token ids in \[0, 97\), got 5"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be a positive integer, got 2.0"),
+    (dict(num_samples=np.int64(0)), r"num_samples must be a positive integer, got np.int64\(0\)"),
+    (dict(max_depth=None), "max_depth must be an integer >= 0, got None"),
+    (dict(prompts=[np.array([[1, 2], [3, 4]])]),  # was flattened into the prompt 1, 2, 3, 4
+     r"prompt 0 must be a sequence of integer token ids, got array[\s\S]* \(dtype int64, shape \(2, 2\)\)"),
 ])
 def test_bad_input(model, kwargs, match):
     args = dict(prompts=[[1, 2, 3], [1, 2, 4]], max_new_tokens=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+def test_numpy_integers_are_integers(model):
+    """max_new_tokens and num_samples as numpy integers, as chunk_steps (test_stats)."""
+    g = generate(model, [[1, 2, 3]], max_new_tokens=np.int64(3), num_samples=np.int32(2))
+    assert g.tokens.shape == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prefill_chunk=-1), "prefill_chunk must be a positive integer, got -1"),  # silently prefilled nothing
+    (dict(prefill_chunk=0), "prefill_chunk must be a positive integer, got 0"),
+    (dict(prefill_chunk=True), "prefill_chunk must be a positive integer, got True"),
+    (dict(pad_multiple=-16), "pad_multiple must be a positive integer, got -16"),  # gave caches of capacity 0
+    (dict(max_new_tokens=1.5), r"max_new_tokens must be an integer or one integer per sequence \(2\), got 1.5"),
+    (dict(max_new_tokens=[3, 4, 5]), r"max_new_tokens must be an integer or one integer per sequence \(2\)"),
+])
+def test_prefill_bad_input(model, kwargs, match):
+    args = dict(max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        prefill(model, [[5, 6, 7, 8, 9, 10], [5, 6, 7]], **args)
 
 
 @pytest.mark.gpu
