@@ -198,8 +198,9 @@ def decode_step_floor(shape: ModelShape, sharing: Sharing, mode: str, step: int,
                       matmul_rate: float, devices: int = 1, allreduce_bandwidth: float | None = None) -> dict:
     """Seconds of one decode step at the floor: each op at max(bytes / bandwidth, FLOPs / matmul rate), summed.
 
-    Ops: every layer's four GEMMs (packed q/k/v, o, packed gate/up, down), its attention (all levels of a layer as one op: they run in one launch and
-    may overlap, as bench-attention's floor assumes) and its cache write, then the LM head. Norms, RoPE,
+    Ops: every layer's four GEMMs (packed q/k/v, o, packed gate/up, down), its attention (all levels of a layer as
+    one op: they run in one launch and may overlap, as bench-attention's floor assumes) and its cache write, then
+    the LM head. Norms, RoPE,
     residuals, the embedding gather and sampling are not counted (they can fuse into the GEMMs). On `devices` > 1
     (tensor parallel): each device's share of those ops (`tensor_parallel(shape, devices)`), plus the step's 2 L + 1
     all-reduces of [B, d] at `allreduce_bandwidth` (bus bandwidth; required then).
