@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_plan = sub.add_parser("plan", help="a config's points and whether each fits in device memory (estimates; nothing runs)")
     p_plan.add_argument("config")
-    p_plan.add_argument("--capacity-gb", type=float, default=80 * 0.92,
-                        help="device bytes_limit in GB (default: 92%% of an 80 GB H100)")
+    p_plan.add_argument("--capacity-gb", type=float, default=None,
+                        help="usable device memory in GB (default: the config's device.memory_capacity_bytes x "
+                             "memory_fraction if set, else 92%% of an 80 GB H100)")
     p_plan.add_argument("--smoke", action="store_true")
     p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
@@ -66,8 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         from experiments import runner
 
-        cfg = config_lib.load(args.config, smoke=args.smoke, assignments=args.set)
-        for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(args.capacity_gb * 1e9)):
+        try:
+            cfg = config_lib.load(args.config, smoke=args.smoke, assignments=args.set)
+        except config_lib.ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        device = cfg.get("device", {})
+        usable = (args.capacity_gb * 1e9 if args.capacity_gb is not None
+                  else device["memory_capacity_bytes"] * device.get("memory_fraction", 0.92)
+                  if "memory_capacity_bytes" in device else 80e9 * 0.92)
+        for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(usable)):
             print(f"{'fits' if row['fits'] else 'OOM '}  {row['needed_bytes'] / 1e9:8.1f} GB  {row['point']}  "
                   f"{','.join(row['modes'])}")
         return 0
@@ -105,6 +114,10 @@ def report(args) -> int:
     from experiments import records, report as report_lib, runner
 
     if args.results:
+        if args.check or args.device or args.readme or args.results_dir:
+            print("report: --check, --device, --readme and --results-dir apply to the README's section, not to "
+                  "files given by name (which get their markdown tables written)", file=sys.stderr)
+            return 2
         for path in args.results:
             print(runner.write_report(path))
         return 0

@@ -277,6 +277,9 @@ def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(name_or_path)
     if path.exists():
         return path
+    if len(path.parts) > 1 or path.suffix == ".toml":  # a path that is not there: not a name to look up
+        raise ConfigError(f"no config file {str(name_or_path)!r} (a bare name such as {path.stem!r} reads "
+                          f"{CONFIG_DIR / (path.stem + '.toml')})")
     candidate = CONFIG_DIR / f"{path.stem}.toml"
     if candidate.exists():
         return candidate

@@ -113,7 +113,10 @@ def read(path: str | pathlib.Path) -> list[dict]:
             line = line.strip()
             if not line:
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON record ({e}; a run killed while writing it?)") from e
             missing = [k for k in REQUIRED_KEYS if k not in rec]
             if missing:
                 raise ValueError(f"{path}:{line_no}: record lacks keys {missing}")

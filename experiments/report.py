@@ -111,9 +111,12 @@ def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, lis
     kind)}, newest first. `device`: a slug or a records' device name; default: the newest file's device."""
     if not files:
         return {}
-    if device is None:
-        device = max(files, key=lambda f: f.stamp).slug
+    if device is None:  # the newest accelerator's: a CPU run (tiny sizes, a check) never takes the section over
+        device = max([f for f in files if f.slug != "cpu"] or files, key=lambda f: f.stamp).slug
     device = device_slug(device) if ":" in device else device
+    if device not in {f.slug for f in files}:
+        raise ValueError(f"device {device!r}: no results of it; the results' devices are "
+                         f"{sorted({f.slug for f in files})}")
     chosen = {}
     for kind in REPORT_KINDS:
         of_kind = [f for f in files if f.kind == kind]
@@ -241,9 +244,10 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
 def _decode_by_point(files: list[ResultsFile], keys: tuple[str, ...]) -> tuple[dict, dict]:
     """({point: {mode: record}} from the newest file that has the point, {point: file})."""
     rows, source = {}, {}
-    for f in files:  # newest first
+    for f in files:  # newest first; a point a newer run skipped or failed keeps an older run's measurement
         for point, by in tables.by_point([r for r in f.records if r["record"] == "decode"], keys).items():
-            if point not in rows:
+            measured = any(r["status"] in ("ok", "oom") for r in by.values())
+            if point not in rows or (measured and not any(r["status"] in ("ok", "oom") for r in rows[point].values())):
                 rows[point], source[point] = by, f
     return rows, source
 

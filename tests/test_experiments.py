@@ -848,3 +848,53 @@ def test_gpu_full_names_a_tagged_run_apart(tmp_path, tag, name):
     assert done.returncode == 0, done.stderr
     line = args.read_text().splitlines()[0]
     assert f"--out experiments/results/{name}-fake-gpu-" in line and "grid.batches=[64]" in line, line
+
+
+def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, capsys):
+    """A newer CPU run (tiny sizes, a check) does not take the section over; a point that a newer run skipped keeps
+    the older run's measurement; an unknown --device is refused, naming the devices there are."""
+    res = tmp_path / "results"
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [
+        _decode(_e2e_point(1024, 64), m, tok) for m, tok in (("hydragen", 1e4), ("none", 2e4))])
+    _write_results(res, "e2e_throughput-part1-b64", "20261130-110000", [  # newer, its B = 64 points skipped
+        {**_decode(_e2e_point(1024, 64), m, 1.0), "status": "skipped", "results": {}, "reason": "time budget"}
+        for m in ("hydragen", "none")])
+    _write_results(res, "e2e_throughput-part1", "20261130-120000", [  # newest of all, on a CPU
+        _decode(_e2e_point(1024, 64), m, 5.0, device="cpu:cpu") for m in ("hydragen", "none")], device="cpu:cpu")
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    assert "## Results on an NVIDIA H200" in section and "| 1K | 64 | 10.0k | 20.0k |" in section, section
+    args = ["report", "--readme", str(readme), "--results-dir", str(res)]
+    assert cli.main(args + ["--device", "nvidia-h100"]) == 2
+    assert "device 'nvidia-h100': no results of it; the results' devices are ['cpu', 'nvidia-h200']" in \
+        capsys.readouterr().err
+    assert cli.main(["report", "--check", str(res / "e2e_throughput-part1-nvidia-h200-20261130-100000.jsonl")]) == 2
+    assert "apply to the README's section" in capsys.readouterr().err
+
+
+def test_config_paths_that_are_not_there_are_not_names(tmp_path, capsys):
+    """A mistyped path to a config must not run the built-in config of the same name."""
+    with pytest.raises(config.ConfigError, match=r"no config file '/nowhere/tree_apps.toml'"):
+        config.resolve_path("/nowhere/tree_apps.toml")
+    with pytest.raises(config.ConfigError, match=r"no config file 'tree_apps.toml'"):
+        config.resolve_path("tree_apps.toml")
+    assert config.resolve_path("tree_apps") == config.CONFIG_DIR / "tree_apps.toml"
+    assert cli.main(["plan", "/nowhere/tree_apps.toml"]) == 2  # a clean error, as `run` gives
+    assert "config error: no config file" in capsys.readouterr().err
+
+
+def test_truncated_record_names_its_file_and_line(tmp_path):
+    path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
+        _decode(_e2e_point(1024, 8), "none", 1e3)])
+    path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
+    with pytest.raises(ValueError, match=rf"{path.name}:2: not a JSON record"):
+        records.read(path)
+
+
+def test_plan_takes_the_configs_device_capacity(capsys):
+    """`plan` estimates against the config's device.memory_capacity_bytes where it sets one (as `run` checks)."""
+    assert cli.main(["plan", "e2e_throughput", "--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]",
+                     "--set", "device.memory_capacity_bytes=1000000000"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["OOM", "OOM"]
+    assert cli.main(["plan", "e2e_throughput", "--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]"]) == 0
+    assert capsys.readouterr().out.split()[0] == "fits"
