@@ -142,9 +142,12 @@ def select_rows(name: str, smoke: bool, select: str, assignments: list[str]) -> 
 
     rows = config_lib.load(name, smoke=smoke, assignments=assignments)["bench"]["configs"]
     try:
-        picked = [rows[int(i)] for i in select.split(",") if i.strip()]
-    except (ValueError, IndexError) as e:
+        indexes = [int(i) for i in select.split(",") if i.strip()]
+    except ValueError as e:
         raise config_lib.ConfigError(f"--select {select!r}: indexes must be in 0..{len(rows) - 1}") from e
+    if not indexes or any(not 0 <= i < len(rows) for i in indexes):
+        raise config_lib.ConfigError(f"--select {select!r}: indexes must be in 0..{len(rows) - 1}")
+    picked = [rows[i] for i in indexes]
     inline = ", ".join("{ " + ", ".join(f"{k} = {v}" for k, v in row.items()) + " }" for row in picked)
     return f"bench.configs=[{inline}]"
 

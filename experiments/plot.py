@@ -47,6 +47,10 @@ def _mark_failures(ax, xs, recs_by_x):
 
 def plot_bench(recs: list[dict], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
     summaries = [r for r in recs if r["record"] == "summary"]
+    if not summaries:  # a run stopped before its summaries: rebuilt from its steps, as `report` does
+        from experiments import bench_attention
+
+        summaries = bench_attention.summaries_from_steps(recs)
     if not summaries:
         return []
     cases, variants, by = tables.group_cases(summaries)

@@ -577,6 +577,8 @@ def test_report_of_partial_bench_run(bench_smoke, tmp_path):
     full = bench_smoke.with_suffix(".md").read_text()
     table = lambda text: [l for l in text.splitlines() if l.startswith("| 4 | 64 |")]
     assert table(md) == table(full)  # same numbers as the summaries the full run wrote
+    pngs = plot_lib.plot_files([partial], tmp_path / "plots")  # and its plots
+    assert any(p.name.endswith("tokens_per_s.png") for p in pngs), pngs
 
 
 def test_plan_estimates_full_configs(capsys):
@@ -889,6 +891,12 @@ def test_truncated_record_names_its_file_and_line(tmp_path):
     path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
     with pytest.raises(ValueError, match=rf"{path.name}:2: not a JSON record"):
         records.read(path)
+
+
+@pytest.mark.parametrize("select", ["-1", "9", "x", ""])
+def test_select_rows_outside_the_seed_rows(select):
+    with pytest.raises(config.ConfigError, match=r"--select .*: indexes must be in 0\.\.8"):
+        cli.select_rows("bench_attention", False, select, [])
 
 
 def test_plan_takes_the_configs_device_capacity(capsys):
