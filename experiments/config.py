@@ -303,6 +303,9 @@ def apply_assignments(data: dict, assignments: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in assignments:
         keys, value = parse_assignment(text)
+        if keys == ["kind"] and value != data.get("kind"):  # the schema, and what runs, follow the config's kind
+            raise ConfigError(f"--set {text!r}: a config's kind cannot be changed (it is {data.get('kind')!r}); "
+                              "run a config of that kind")
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})

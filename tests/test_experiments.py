@@ -885,6 +885,12 @@ def test_config_paths_that_are_not_there_are_not_names(tmp_path, capsys):
     assert "config error: no config file" in capsys.readouterr().err
 
 
+def test_set_cannot_change_a_configs_kind():
+    with pytest.raises(config.ConfigError, match=r"a config's kind cannot be changed \(it is 'bench_attention'\)"):
+        config.load("bench_attention", assignments=["kind=e2e_throughput"])
+    assert config.load("bench_attention", assignments=["kind=bench_attention"])["kind"] == "bench_attention"
+
+
 def test_truncated_record_names_its_file_and_line(tmp_path):
     path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
         _decode(_e2e_point(1024, 8), "none", 1e3)])
