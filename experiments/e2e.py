@@ -126,8 +126,11 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) ->
     backend = backend_of(config)
     sizes = tensor_parallel_sizes(config)
     if max(sizes) > len(jax.devices()):
-        raise ValueError(f"mesh.model = {config['mesh']['model']} needs {max(sizes)} devices; JAX sees "
-                         f"{len(jax.devices())}")
+        from experiments import config as config_lib
+
+        raise config_lib.ConfigError(
+            f"mesh.model = {config['mesh']['model']} needs {max(sizes)} devices; JAX sees {len(jax.devices())} (on "
+            f"a CPU: XLA_FLAGS=--xla_force_host_platform_device_count={max(sizes)})")
     rates = device_rates.measure_for(config, timing.timing_options(timing_cfg))  # before the model takes memory
     if max(sizes) > 1:
         rates["allreduce"] = device_rates.measure_allreduce_for(config, sizes, timing.timing_options(timing_cfg))

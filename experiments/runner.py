@@ -24,8 +24,13 @@ def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bo
     path = pathlib.Path(out) if out else records.default_output(cfg["name"], cfg["smoke"])
     module = experiment_module(cfg["kind"])
     print(f"[run] {cfg['name']} ({cfg['kind']}{', smoke' if cfg['smoke'] else ''}) -> {path}", flush=True)
-    with records.RecordWriter(path, cfg) as writer:
-        module.run(cfg, writer, progress=progress)
+    try:
+        with records.RecordWriter(path, cfg) as writer:
+            module.run(cfg, writer, progress=progress)
+    except BaseException:
+        if path.exists() and path.stat().st_size == 0:  # failed before its first record: no empty file left
+            path.unlink()
+        raise
     markdown = write_report(path)
     print(f"[run] wrote {path} and {markdown}", flush=True)
     return path

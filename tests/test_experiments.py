@@ -912,3 +912,14 @@ def test_plan_takes_the_configs_device_capacity(capsys):
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["OOM", "OOM"]
     assert cli.main(["plan", "e2e_throughput", "--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]"]) == 0
     assert capsys.readouterr().out.split()[0] == "fits"
+
+
+def test_run_needing_more_devices_than_there_are(tmp_path, capsys):
+    """A mesh larger than the machine is a config error (with the CPU hint), and leaves no empty results file."""
+    out = tmp_path / "r.jsonl"
+    n = len(jax.devices()) + 1
+    assert cli.main(["run", "e2e_throughput", "--smoke", "--set", f"mesh.model={n}", "--out", str(out),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"mesh.model = {n} needs {n} devices" in err and "xla_force_host_platform_device_count" in err, err
+    assert not out.exists()
