@@ -216,7 +216,7 @@ def test_under_vmap_over_layers(backend):
     chex.assert_trees_all_close(out[i], expected_tree(q[i], levels), **tol(jnp.float32))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_random_trees(backend, data):
   """Hypothesis draws the tree: depth, nodes, lengths (0 included), heads, query tokens."""
