@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p_plan = sub.add_parser("plan", help="a config's points and whether each fits in device memory (estimates; nothing runs)")
     p_plan.add_argument("config")
     p_plan.add_argument("--capacity-gb", type=float, default=None,
-                        help="usable device memory in GB (default: the config's device.memory_capacity_bytes x "
-                             "memory_fraction if set, else 92%% of an 80 GB H100)")
+                        help="device bytes_limit in GB, of which the config's memory_fraction is usable, as in a run "
+                             "(default: the config's device.memory_capacity_bytes if set, else 92%% of an 80 GB H100)")
     p_plan.add_argument("--smoke", action="store_true")
     p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         device = cfg.get("device", {})
-        usable = (args.capacity_gb * 1e9 if args.capacity_gb is not None
-                  else device["memory_capacity_bytes"] * device.get("memory_fraction", 0.92)
-                  if "memory_capacity_bytes" in device else 80e9 * 0.92)
-        for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(usable)):
+        capacity = (args.capacity_gb * 1e9 if args.capacity_gb is not None
+                    else device.get("memory_capacity_bytes", 80e9 * 0.92))
+        for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(capacity)):
             print(f"{'fits' if row['fits'] else 'OOM '}  {row['needed_bytes'] / 1e9:8.1f} GB  {row['point']}  "
                   f"{','.join(row['modes'])}")
         return 0
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "bench_attention" if args.command == "bench-attention" else args.config
     try:
         assignments = list(args.set)
-        if getattr(args, "select", None):
+        if getattr(args, "select", None) is not None:
             assignments.append(select_rows(name, args.smoke, args.select, assignments))
         path = runner.run(name, smoke=args.smoke, out=args.out, progress=not args.no_progress,
                           assignments=assignments)

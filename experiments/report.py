@@ -113,7 +113,7 @@ def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, lis
         return {}
     if device is None:  # the newest accelerator's: a CPU run (tiny sizes, a check) never takes the section over
         device = max([f for f in files if f.slug != "cpu"] or files, key=lambda f: f.stamp).slug
-    device = device_slug(device) if ":" in device else device
+    device = device_slug(device)  # a slug, a device kind or a records' "platform:kind" (slug of a slug: itself)
     if device not in {f.slug for f in files}:
         raise ValueError(f"device {device!r}: no results of it; the results' devices are "
                          f"{sorted({f.slug for f in files})}")

@@ -15,7 +15,6 @@ import json
 import re
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

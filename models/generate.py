@@ -138,21 +138,32 @@ class DecodeState:
     pad_id: int = struct.field(pytree_node=False, default=0)
 
 
+def _is_int(x) -> bool:
+    """An integer: Python, numpy, or a 0-d integer array (numpy or jax); not a bool."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    return isinstance(x, numbers.Integral) or (isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0
+                                                and np.issubdtype(x.dtype, np.integer))
+
+
 def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1 (Python or numpy integer, not bool); ``ValueError`` naming ``name`` otherwise."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
+    """``value`` as an int >= 1 (``_is_int``); ``ValueError`` naming ``name`` otherwise."""
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def _id_list(name: str, ids, vocab_size: int) -> list[int]:
-    """``ids`` (a sequence of token ids: eos_ids, one entry of stop_tokens) as ints in [0, vocab_size);
-    ``ValueError`` naming ``name`` otherwise (a bare int, floats, ids outside the vocabulary)."""
-    if not isinstance(ids, (list, tuple, range, np.ndarray)) or any(
-            not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_)) or not 0 <= t < vocab_size
-            for t in ids):
+    """``ids`` (a sequence of token ids: eos_ids, one entry of stop_tokens; a list, tuple, range or 1-d integer
+    array) as ints in [0, vocab_size); ``ValueError`` naming ``name`` otherwise (a bare int, floats, ids outside
+    the vocabulary)."""
+    if isinstance(ids, (np.ndarray, jax.Array)):
+        values = ids.tolist() if ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer) else None
+    else:
+        values = list(ids) if isinstance(ids, (list, tuple, range)) and all(map(_is_int, ids)) else None
+    if values is None or any(not 0 <= int(t) < vocab_size for t in values):
         raise ValueError(f"{name} must be a sequence of token ids in [0, {vocab_size}), got {ids!r}")
-    return [int(t) for t in ids]
+    return [int(t) for t in values]
 
 
 def _round_up(x: int, m: int) -> int:

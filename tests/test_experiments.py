@@ -867,6 +867,8 @@ def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, 
     section = _section(readme)
     assert "## Results on an NVIDIA H200" in section and "| 1K | 64 | 10.0k | 20.0k |" in section, section
     args = ["report", "--readme", str(readme), "--results-dir", str(res)]
+    assert cli.main(args + ["--device", "NVIDIA H200", "--check"]) == 0  # a device kind is taken as its slug
+    capsys.readouterr()
     assert cli.main(args + ["--device", "nvidia-h100"]) == 2
     assert "device 'nvidia-h100': no results of it; the results' devices are ['cpu', 'nvidia-h200']" in \
         capsys.readouterr().err
@@ -906,10 +908,17 @@ def test_select_rows_outside_the_seed_rows(select):
 
 
 def test_plan_takes_the_configs_device_capacity(capsys):
-    """`plan` estimates against the config's device.memory_capacity_bytes where it sets one (as `run` checks)."""
-    assert cli.main(["plan", "e2e_throughput", "--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]",
-                     "--set", "device.memory_capacity_bytes=1000000000"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["OOM", "OOM"]
+    """`plan` estimates against the config's device.memory_capacity_bytes where it sets one, of which
+    memory_fraction is usable, as `run` checks (memory.check_fits): once, not twice."""
+    grid = ["--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]", "--set", 'modes=["hydragen"]']
+    cfg = config.load("e2e_throughput", assignments=grid[1::2])
+    from experiments import e2e  # noqa: PLC0415
+
+    need = e2e.plan(cfg, 10**15)[0]["needed_bytes"]
+    fraction = cfg["device"]["memory_fraction"]
+    for capacity, fits in ((int(need / fraction * 1.01), "fits"), (int(need / fraction * 0.99), "OOM")):
+        assert cli.main(["plan", "e2e_throughput", *grid, "--set", f"device.memory_capacity_bytes={capacity}"]) == 0
+        assert capsys.readouterr().out.split()[0] == fits, (capacity, need)
     assert cli.main(["plan", "e2e_throughput", "--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]"]) == 0
     assert capsys.readouterr().out.split()[0] == "fits"
 

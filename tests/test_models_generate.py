@@ -214,10 +214,19 @@ def test_bad_input(model, kwargs, match):
         generate(model, **args)
 
 
-def test_numpy_integers_are_integers(model):
-    """max_new_tokens and num_samples as numpy integers, as chunk_steps (test_stats)."""
+def test_numpy_and_jax_integers_are_integers(model):
+    """max_new_tokens and num_samples as numpy integers (as chunk_steps, test_stats); eos_ids and stop_tokens as
+    numpy or jax arrays; prefill's sizes as 0-d arrays."""
     g = generate(model, [[1, 2, 3]], max_new_tokens=np.int64(3), num_samples=np.int32(2))
     assert g.tokens.shape == (2, 3)
+    first = int(g.tokens[0, 0])
+    for eos in (np.array([first]), jnp.array([first]), (np.int64(first),)):
+        stopped = generate(model, [[1, 2, 3]], max_new_tokens=3, eos_ids=eos)
+        assert int(stopped.lengths[0]) == 1, eos  # the first token ends it
+    stopped = generate(model, [[1, 2, 3]], max_new_tokens=3, stop_tokens=[jnp.array([first])])
+    assert int(stopped.lengths[0]) == 1
+    state = prefill(model, [[1, 2, 3]], 2, prefill_chunk=np.array(2), pad_multiple=jnp.array(8))
+    assert int(state.max_new[0]) == 2
 
 
 @pytest.mark.parametrize("kwargs, match", [
