@@ -243,11 +243,11 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
 
 def _decode_by_point(files: list[ResultsFile], keys: tuple[str, ...]) -> tuple[dict, dict]:
     """({point: {mode: record}} from the newest file that has the point, {point: file})."""
+    measured = lambda by: any(r["status"] in ("ok", "oom") for r in by.values())  # noqa: E731
     rows, source = {}, {}
     for f in files:  # newest first; a point a newer run skipped or failed keeps an older run's measurement
         for point, by in tables.by_point([r for r in f.records if r["record"] == "decode"], keys).items():
-            measured = any(r["status"] in ("ok", "oom") for r in by.values())
-            if point not in rows or (measured and not any(r["status"] in ("ok", "oom") for r in rows[point].values())):
+            if point not in rows or (measured(by) and not measured(rows[point])):
                 rows[point], source[point] = by, f
     return rows, source
 

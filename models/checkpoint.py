@@ -12,8 +12,8 @@ tensor or the file.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -176,8 +176,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
         expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
     read = _tensor_reader(files, expected, path, dtype, tied_head)
     if mesh is None:
-        return Llama(config, _build(config, read, lambda arrays: {k: jnp.asarray(x, dtype)
-                                                                  for k, x in arrays.items()}))
+        return Llama(config, _build(config, read, _on_device(dtype)))
     from models import parallel
 
     s = parallel.split(config, parallel.mesh_size(mesh))
@@ -209,8 +208,12 @@ def _tensor_reader(files, expected, path: str, dtype, tied_head: bool):
 
 def _from_hf(config: LlamaConfig, t: dict[str, np.ndarray], dtype) -> Params:
     """Our parameters (``dtype``) from HF-named, HF-laid-out arrays ``t``: each layer packed on the host, then sent."""
-    return _build(config, lambda key, layer: _hf_layout(key, t[hf_name(key, layer)]),
-                  lambda arrays: {key: jnp.asarray(x, dtype) for key, x in arrays.items()})
+    return _build(config, lambda key, layer: _hf_layout(key, t[hf_name(key, layer)]), _on_device(dtype))
+
+
+def _on_device(dtype):
+    """``send`` for ``_build`` on one device: each array to the default device in ``dtype``."""
+    return lambda arrays: {key: jnp.asarray(x, dtype) for key, x in arrays.items()}
 
 
 def _build(config: LlamaConfig, read, send) -> Params:
