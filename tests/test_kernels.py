@@ -228,3 +228,57 @@ def test_schedule_is_a_permutation(sizes, lead):
   if len(sizes) == 2 and 0 < lead < 1:  # the grid ends with second-level programs only
     tail = sum(sizes) - (sizes[1] - int(sizes[1] * lead))
     assert not np.asarray(owned[0][0])[tail:].any()
+
+
+# --- the merge kernel --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape,num_parts,block_rows", [
+    ((3, 2, 5, 64), 4, 8),  # 30 rows: the last program half full
+    ((1, 1, 7, 80), 2, 16),  # D = 80: padded to 128 columns, masked
+    ((37, 128), 1, 8),
+    ((2, 1, 32, 128), 10, 32),  # a decode step's ten parts (8 prefix splits, 2 suffix splits)
+], ids=["rows30", "d80", "one-part", "ten-parts"])
+def test_merge_kernel_matches_reference(kernel_backend, dtype, shape, num_parts, block_rows):
+  """kernels/merge.py against reference.merge_states on random parts, with a part empty at some rows and one row
+  empty in every part (out 0, lse -inf, no NaN)."""
+  from hydragen_jax.kernels import merge  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.PRNGKey(11), 2 * num_parts)
+  parts = []
+  for i in range(num_parts):
+    lse = 3 * jax.random.normal(keys[2 * i + 1], shape[:-1])
+    if i == num_parts // 2:  # empty at every third row; its out is NaN there, and must never be read
+      empty = (jnp.arange(lse.size) % 3 == 0).reshape(lse.shape)
+      lse = jnp.where(empty, -jnp.inf, lse)
+      out = jnp.where(empty[..., None], jnp.nan, normal(keys[2 * i], shape, dtype)).astype(dtype)
+    else:
+      out = normal(keys[2 * i], shape, dtype)
+    parts.append((out, lse.reshape(-1).at[1].set(-jnp.inf).reshape(lse.shape)))
+  got = merge.merge_states(parts, interpret=kernel_backend == "interpret", block_rows=block_rows)
+  want = reference.merge_states([(jnp.nan_to_num(o), l) for o, l in parts])
+  assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+  assert not jnp.isnan(got[0]).any() and not jnp.isnan(got[1]).any()
+  chex.assert_trees_all_close(got, want, **tol(dtype))
+  flat_out, flat_lse = got[0].reshape(-1, shape[-1]), got[1].reshape(-1)
+  assert flat_lse[1] == -jnp.inf and jnp.all(flat_out[1] == 0)
+
+
+def test_merge_kernel_rejects_bad_parts():
+  from hydragen_jax.kernels import merge  # noqa: PLC0415
+
+  a = (jnp.zeros((4, 8)), jnp.zeros((4,)))
+  with pytest.raises(ValueError, match="states"):
+    merge.merge_states([], interpret=True)
+  with pytest.raises(ValueError, match=r"states\[1\] has out \(4, 16\)"):
+    merge.merge_states([a, (jnp.zeros((4, 16)), jnp.zeros((4,)))], interpret=True)
+  with pytest.raises(ValueError, match="block_rows=12"):
+    merge.merge_states([a, a], interpret=True, block_rows=12)
+
+
+def test_merge_kernel_of_no_rows_is_empty():
+  from hydragen_jax.kernels import merge  # noqa: PLC0415
+
+  out, lse = merge.merge_states([(jnp.zeros((0, 3, 8)), jnp.zeros((0, 3)))] * 2, interpret=True)
+  assert out.shape == (0, 3, 8) and lse.shape == (0, 3)

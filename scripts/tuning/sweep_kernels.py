@@ -5,7 +5,9 @@ out/2 and out under several launch schedules and tilings, and prints tok/s over 
 as a fraction of the floor's tok/s, all measured in the same run. Then sweeps the prefix tiles alone on the
 compute-heavy configs (TFLOP/s) and the suffix tiles alone (fraction of the bandwidth floor).
 
-Usage: python -m scripts.tuning.sweep_kernels [--parts step,prefix,suffix] [--configs 0,1,...] [--variants a,b] [--out F]
+Usage: python -m scripts.tuning.sweep_kernels [--parts step,prefix,suffix] [--configs 0,1,...] [--shapes BxPxOUTxHQxHKV,...]
+       [--variants a,b] [--out F]
+(--shapes adds configs of other shapes to the step and suffix sweeps, e.g. the 7B decode layer 64x4096x128x32x32.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.kernels import merge as merge_kernel
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
@@ -51,12 +54,29 @@ VARIANTS = {
     "auto_k32st4": dict(launch="auto", prefix=dict(block_k=32, num_stages=4), suffix=dict(block_k=32, num_stages=4)),
     "auto_pm128": dict(launch="auto", prefix=dict(block_m=128, num_warps=8)),
     "auto_pk128st2": dict(launch="auto", prefix=dict(block_k=128, num_stages=2), suffix=dict(num_stages=2)),
+    # Decode with one query row per KV head (MHA, T·g = 1): the suffix packs 16 KV heads a tile, so a 64-column
+    # key block is only 4 keys; wider blocks, other splits, stages and warps.
+    "auto_sk128st2": dict(launch="auto", prefix=dict(num_stages=2), suffix=dict(block_k=128, num_stages=2)),
+    "auto_ssp1": dict(launch="auto", suffix=dict(splits=1)),
+    "auto_ssp4": dict(launch="auto", suffix="double_splits"),
+    "auto_psph": dict(launch="auto", prefix="half_splits"),
+    "auto_pspd": dict(launch="auto", prefix="double_splits"),
+    "auto_st4": dict(launch="auto", prefix=dict(num_stages=4), suffix=dict(num_stages=4)),
+    "auto_w8": dict(launch="auto", prefix=dict(num_warps=8), suffix=dict(num_warps=8)),
+    "sep_sw2": dict(launch="separate", suffix=dict(num_warps=2)),
+    "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
+    "separate": dict(launch="separate"),
+    "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its parts, not merged (timing only)
+    # The merge as one Pallas kernel (kernels/merge.py) of 8 / 16 / 32 rows a program, instead of XLA's fusions.
+    "auto_kmerge8": dict(launch="auto", merge=8),
+    "auto_kmerge16": dict(launch="auto", merge=16),
+    "auto_kmerge32": dict(launch="auto", merge=32),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
                 (64, 64, 8, 3), (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 2)]
 SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0, 128, 8, 2), (0, 32, 4, 3),
-                (0, 64, 4, 4)]  # heads (0: heuristic), block_k, warps, stages
+                (0, 64, 4, 4), (0, 128, 4, 3), (0, 64, 2, 3), (0, 128, 2, 3), (0, 256, 4, 2)]  # heads (0: heuristic), block_k, warps, stages
 
 
 def variant_tuning(variant: dict, base: tuning_lib.Tuning | None = None) -> tuning_lib.Tuning:
@@ -97,8 +117,11 @@ def config_inputs(cfg, seed: int):
           jax.random.normal(keys[4], (b, out, hkv, D), jnp.bfloat16))
 
 
+CONFIGS = list(SEED)  # the seed configs, then those of --shapes
+
+
 def inputs(i):
-  return config_inputs(SEED[i], i)
+  return config_inputs(CONFIGS[i], i)
 
 
 def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
@@ -109,7 +132,12 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
-    out, _ = merge_states(run_plans(q, plans, launch=variant["launch"], tuning=tune))
+    parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
+    merge = variant.get("merge", True)
+    if merge is False:
+      return parts
+    out, _ = merge_states(parts) if merge is True else merge_kernel.merge_states(parts, interpret=False,
+                                                                                    block_rows=merge)
     return out.astype(q.dtype)
 
   return fn, (pb, sb)
@@ -125,7 +153,7 @@ def sweep_steps(configs, names, rates, records):
   """Whole steps under each variant: tok/s fraction of the floor, and the step times at s = 1, out/2, out."""
   print(f"\n{'config':>26} " + " ".join(f"{n:>13}" for n in names) + "   (tok/s fraction of floor)")
   for i in configs:
-    cfg = SEED[i]
+    cfg = CONFIGS[i]
     b, out = cfg[0], cfg[2]
     data = inputs(i)
     points = floor.simpson_points(out)
@@ -152,7 +180,7 @@ def sweep_steps(configs, names, rates, records):
 def sweep_prefix(configs, rates, records):
   """The prefix product alone (one shared node, all B·g rows) under each tile of PREFIX_TILES: TFLOP/s."""
   for i in configs:
-    b, p, _, hq, _ = SEED[i]
+    b, p, _, hq, _ = CONFIGS[i]
     q, pk, pv, _, _ = inputs(i)
     flops = 4 * D * hq * b * p
     for (bm, bk, w, st), splits in itertools.product(PREFIX_TILES, (1, 2)):
@@ -160,7 +188,7 @@ def sweep_prefix(configs, rates, records):
       fn = lambda q, k, v, blk=blk: run_plans(q, [prefix_plan(q, k, v, block=blk)])
       try:
         t = timing.time_fn(fn, (q, pk, pv), **TIMING).median_s
-        records.append(dict(kind="prefix", config=SEED[i], block=str(blk), step_s=t))
+        records.append(dict(kind="prefix", config=CONFIGS[i], block=str(blk), step_s=t))
         print(f"  prefix [{i}] {bm}x{bk} w{w} st{st} sp{splits}: {t * 1e6:7.1f} us {flops / t / 1e12:6.1f} "
               f"TFLOP/s ({flops / t / rates['matmul_flops_per_s']:.2f} of matmul)", flush=True)
       except Exception as e:  # noqa: BLE001
@@ -170,17 +198,17 @@ def sweep_prefix(configs, rates, records):
 def sweep_suffix(configs, rates, records):
   """The suffix attention alone under each tile of SUFFIX_TILES at s = 1, out/2, out: fraction of the bandwidth."""
   for i in configs:
-    b, _, out, _, hkv = SEED[i]
+    b, _, out, _, hkv = CONFIGS[i]
     q, _, _, sk, sv = inputs(i)
     for heads, bk, w, st in SUFFIX_TILES:
       over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
-      blk = blocks(SEED[i], "suffix", over)
+      blk = blocks(CONFIGS[i], "suffix", over)
       fn = lambda q, k, v, lengths, blk=blk: run_plans(q, [suffix_plan(q, k, v, lengths, block=blk)])
       try:
         compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
         for s in (1, out // 2, out):
           t = timing.time_compiled(compiled, (q, sk, sv, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
-          records.append(dict(kind="suffix", config=SEED[i], s=s, block=str(blk), step_s=t))
+          records.append(dict(kind="suffix", config=CONFIGS[i], s=s, block=str(blk), step_s=t))
           print(f"  suffix [{i}] s={s} {blk}: {t * 1e6:7.1f} us "
                 f"{2 * b * s * hkv * D * 2 / t / rates['bandwidth_bytes_per_s']:.2f} of bandwidth", flush=True)
       except Exception as e:  # noqa: BLE001
@@ -192,9 +220,13 @@ def main():
   parser.add_argument("--parts", default="step,prefix,suffix")
   parser.add_argument("--configs", default=",".join(map(str, range(len(SEED)))))
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--shapes", default="", help="extra configs BxPxOUTxHQxHKV, comma-separated")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  configs = [int(c) for c in args.configs.split(",")]
+  configs = [int(c) for c in args.configs.split(",") if c]
+  for shape in filter(None, args.shapes.split(",")):
+    CONFIGS.append(tuple(int(x) for x in shape.split("x")))
+    configs.append(len(CONFIGS) - 1)
   rates = device_rates.measure(1 << 31, 8192, TIMING)
   print(f"{jax.devices()[0].device_kind}: bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
         f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
@@ -206,7 +238,7 @@ def main():
   if "prefix" in parts:  # the compute-heavy configs
     sweep_prefix([c for c in configs if c in (4, 8)], rates, records)
   if "suffix" in parts:
-    sweep_suffix([c for c in configs if c in (0, 8)], rates, records)
+    sweep_suffix([c for c in configs if c in (0, 8) or c >= len(SEED)], rates, records)
   print(f"[sweep] done in {time.time() - start:.0f} s", flush=True)
   if args.out:
     with open(args.out, "w") as f:
