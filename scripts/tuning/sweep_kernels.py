@@ -30,6 +30,9 @@ from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
+# Steps chained a timed call (experiments.timing.chain_steps), as the benchmark's: one call a step is bound by host
+# dispatch at B = 64 (50-80 us a call for ~30 us of GPU work). --steps-per-call 1 times one call a step.
+STEPS_PER_CALL = 16
 
 # A step variant: launch schedule, and tiling overrides (None: the heuristic) as BlockConfig field dicts.
 VARIANTS = {
@@ -66,11 +69,14 @@ VARIANTS = {
     "sep_sw2": dict(launch="separate", suffix=dict(num_warps=2)),
     "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
     "separate": dict(launch="separate"),
-    "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its parts, not merged (timing only)
+    "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its first part, not merged (timing only)
     # The merge as one Pallas kernel (kernels/merge.py) of 8 / 16 / 32 rows a program, instead of XLA's fusions.
     "auto_kmerge8": dict(launch="auto", merge=8),
     "auto_kmerge16": dict(launch="auto", merge=16),
     "auto_kmerge32": dict(launch="auto", merge=32),
+    "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
+    "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
+    "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
@@ -135,7 +141,7 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
     merge = variant.get("merge", True)
     if merge is False:
-      return parts
+      return parts[0][0].astype(q.dtype)
     out, _ = merge_states(parts) if merge is True else merge_kernel.merge_states(parts, interpret=False,
                                                                                     block_rows=merge)
     return out.astype(q.dtype)
@@ -162,9 +168,9 @@ def sweep_steps(configs, names, rates, records):
     for name in names:
       try:
         fn, (pb, sb) = step_fn(cfg, VARIANTS[name])
-        compiled, _ = timing.compile_aot(fn, (*data, jnp.ones((b,), jnp.int32)))
+        compiled, _ = timing.compile_aot(timing.chain_steps(fn, STEPS_PER_CALL), (*data, jnp.ones((b,), jnp.int32)))
         steps = [timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
-                 for s in points]
+                 / STEPS_PER_CALL for s in points]
         frac = floor_mean / floor.simpson(*steps)
         cells.append(f"{frac:5.3f}")
         records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
@@ -216,13 +222,16 @@ def sweep_suffix(configs, rates, records):
 
 
 def main():
+  global STEPS_PER_CALL
   parser = argparse.ArgumentParser()
   parser.add_argument("--parts", default="step,prefix,suffix")
   parser.add_argument("--configs", default=",".join(map(str, range(len(SEED)))))
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--shapes", default="", help="extra configs BxPxOUTxHQxHKV, comma-separated")
+  parser.add_argument("--steps-per-call", type=int, default=STEPS_PER_CALL)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
+  STEPS_PER_CALL = args.steps_per_call
   configs = [int(c) for c in args.configs.split(",") if c]
   for shape in filter(None, args.shapes.split(",")):
     CONFIGS.append(tuple(int(x) for x in shape.split("x")))
