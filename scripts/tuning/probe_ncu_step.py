@@ -1,0 +1,40 @@
+"""A whole Hydragen step of one config, run a few times at given suffix lengths, for Nsight Compute.
+
+    ncu --kernel-name regex:fused_levels --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 -m scripts.tuning.probe_ncu_step --shape 64x4096x128x32x32 --lengths 1,64
+
+Each length runs 4 calls (so `--launch-skip 2` with `--launch-count 1` profiles the third call of the first
+length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from scripts.tuning import sweep_kernels
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--shape", default="64x4096x128x32x32", help="B x P x OUT x HQ x HKV")
+  parser.add_argument("--lengths", default="1,64")
+  parser.add_argument("--variant", default="auto")
+  args = parser.parse_args()
+  cfg = tuple(int(x) for x in args.shape.split("x"))
+  fn, blocks = sweep_kernels.step_fn(cfg, sweep_kernels.VARIANTS[args.variant])
+  print(f"{cfg} {args.variant}: prefix {blocks[0]}, suffix {blocks[1]}", flush=True)
+  data = sweep_kernels.config_inputs(cfg, 0)
+  step = jax.jit(fn)
+  for s in (int(x) for x in args.lengths.split(",")):
+    lengths = jnp.full((cfg[0],), s, jnp.int32)
+    for _ in range(4):
+      jax.block_until_ready(step(*data, lengths))
+    print(f"s = {s}: 4 calls", flush=True)
+
+
+if __name__ == "__main__":
+  main()
