@@ -77,6 +77,17 @@ VARIANTS = {
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
+    # The MHA prefix level at B = 64 runs 2 programs an SM (227 registers, 115 KB of shared memory: Nsight Compute,
+    # session 18) at 0.46 of the bandwidth: smaller row tiles (each KV block then read by 2 or 4 programs, mostly
+    # from L2), deeper rings of smaller key blocks in a launch of their own.
+    "auto_pm32": dict(launch="auto", prefix=dict(block_m=32)),
+    "auto_pm32_psph": dict(launch="auto", prefix=dict(block_m=32, splits=4)),
+    "auto_pm16_sp2": dict(launch="auto", prefix=dict(block_m=16, splits=2)),
+    "auto_pm16_sp4": dict(launch="auto", prefix=dict(block_m=16, splits=4)),
+    "sep_pk32st4": dict(launch="separate", prefix=dict(block_k=32, num_stages=4)),
+    "sep_pk32st6": dict(launch="separate", prefix=dict(block_k=32, num_stages=6)),
+    "sep_pst2": dict(launch="separate", prefix=dict(num_stages=2)),
+    "sep_pk128st2": dict(launch="separate", prefix=dict(block_k=128, num_stages=2)),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
