@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.kernels import merge as merge_kernel
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
@@ -70,10 +69,6 @@ VARIANTS = {
     "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
     "separate": dict(launch="separate"),
     "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its first part, not merged (timing only)
-    # The merge as one Pallas kernel (kernels/merge.py) of 8 / 16 / 32 rows a program, instead of XLA's fusions.
-    "auto_kmerge8": dict(launch="auto", merge=8),
-    "auto_kmerge16": dict(launch="auto", merge=16),
-    "auto_kmerge32": dict(launch="auto", merge=32),
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
@@ -150,11 +145,9 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
-    merge = variant.get("merge", True)
-    if merge is False:
+    if not variant.get("merge", True):
       return parts[0][0].astype(q.dtype)
-    out, _ = merge_states(parts) if merge is True else merge_kernel.merge_states(parts, interpret=False,
-                                                                                    block_rows=merge)
+    out, _ = merge_states(parts)
     return out.astype(q.dtype)
 
   return fn, (pb, sb)
