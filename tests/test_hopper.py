@@ -49,9 +49,18 @@ def _close(out, lse, ref_out, ref_lse, dtype):
   assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
 
 
+def _shape_id(s):
+  return "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s)
+
+
+# bf16 on every shape, f16 on two (a D = 64 and a D = 128 one): the kernel's code is the same for both 16-bit types,
+# and each interpreted case costs ~10 s of CI.
+DTYPE_CASES = [pytest.param(s, jnp.bfloat16, id=f"bf16-{_shape_id(s)}") for s in SHAPES] + [
+    pytest.param(SHAPES[i], jnp.float16, id=f"f16-{_shape_id(SHAPES[i])}") for i in (0, 2)]
+
+
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape,dtype", DTYPE_CASES)
 def test_parts_match_reference(backend, shape, dtype):
   """Prefix part and suffix part, each against the reference; ragged suffixes with empty ones and ones shorter
   than T, a prefix that ends inside a key tile."""
@@ -77,7 +86,7 @@ ODD_ROWS = [
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape", ODD_ROWS, ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
+@pytest.mark.parametrize("shape", ODD_ROWS, ids=_shape_id)
 def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
   """As above for T·g = 1, 2, 3, 6: every sequence's rows at their own offset of an 8-aligned window."""
   b, t, _, _, d, p, s = shape
@@ -163,8 +172,54 @@ def test_several_items_per_cta(backend, config):
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
+# T·g = 1's settings on the H200 (128-key tiles, q in registers, the suffix ring across items, trimmed tiles)
+MHA_DECODE = dict(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True, suffix_lookahead=True,
+                  suffix_trim=True)
+
+
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape", [SHAPES[1], ODD_ROWS[1]], ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
+@pytest.mark.parametrize("shape,config,plen", [
+    # 3 splits of one 128-key tile each: the second sees 5 keys, the third none (its tile lies past the cache:
+    # it loads the cache's last tile, all masked); 2 CTAs for 8 prefix items
+    ((9, 1, 8, 8, 128, 136, 24), hopper.HopperConfig(num_ctas=2, prefix_splits=3, **MHA_DECODE), 133),
+    # 2 splits of 2 and 1 64-key tiles, the pair's ping-pong, 2-CTA clusters sharing each tile (the same split)
+    ((40, 3, 8, 2, 64, 136, 72), hopper.HopperConfig(num_ctas=4, prefix_stages=2, prefix_splits=2, cluster=2), 135),
+], ids=["3splits_mha_decode", "2splits_clusters"])
+def test_prefix_key_splits_match_reference(backend, shape, config, plen):
+  """prefix_splits: one prefix part a split (merged here), uneven and empty splits; the suffix part unchanged."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=6)
+  lengths = jnp.asarray(np.random.default_rng(6).integers(0, s + 1, b), jnp.int32).at[1].set(0)
+  assert hopper.supported(q, pk, sk, config) is None
+  parts = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(plen), sk, sv, lengths)
+  assert len(parts) == config.prefix_splits + 1
+  po, pl_ = reference.merge_states(parts[:-1])
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(plen), scale=d**-0.5), jnp.bfloat16)
+  _close(*parts[-1], *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  if config.prefix_splits == 3:  # the third split holds no key: out 0, lse -inf
+    assert bool(jnp.all(parts[2][1] == -jnp.inf)) and not bool(jnp.any(parts[2][0]))
+
+
+def test_prefix_splits_follow_the_fill():
+  """prefix_fill: splits doubled while items × splits < fill × CTAs and each split keeps 2 key tiles; 0: none."""
+  config = hopper.HopperConfig(num_ctas=132, prefix_keys=128, prefix_fill=1.0)
+  q_shape = (64, 1, 32, 128)  # B = 64, MHA: 32 items (one 128-row block a KV head)
+  assert hopper.prefix_splits_for(q_shape, 32, 4096, config) == 8  # 256 >= 132
+  assert hopper.prefix_splits_for(q_shape, 32, 1024, config) == 4  # 4 splits of 2 tiles: no more
+  assert hopper.prefix_splits_for(q_shape, 32, 511, config) == 1  # under 2 tiles a split at 2 splits
+  assert hopper.prefix_splits_for((512, 1, 32, 128), 32, 4096, config) == 2  # 128 items: 256
+  assert hopper.prefix_splits_for(q_shape, 32, 4096, dataclasses.replace(config, prefix_fill=0.0)) == 1
+  assert hopper.prefix_splits_for(q_shape, 32, 4096, dataclasses.replace(config, prefix_fill=0.5)) == 4
+  with pytest.raises(ValueError, match="prefix_splits must be None or a positive int; got 0"):
+    hopper.HopperConfig(prefix_splits=0)
+  with pytest.raises(ValueError, match="prefix_fill must be a finite number >= 0"):
+    tuning.HopperTuning(2, 2, 208, 88, True, prefix_fill=-1.0)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("shape", [SHAPES[1], ODD_ROWS[1]], ids=_shape_id)
 def test_queries_in_registers_match_reference(backend, shape):
   """q_registers with 128-key tiles (2 + 2 stages) at D = 128: T·g = 16 and 2, a prefix ending inside a tile, empty
   suffixes (D = 64 and several items a CTA: test_several_items_per_cta)."""
@@ -386,7 +441,7 @@ def test_shared_memory_count_matches_mosaic_gpu(rows, fits):
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=_shape_id)
 def test_step_equals_attention_over_concatenated_kv(backend, shape):
   """The strongest claim through the public API: prefix + suffix merged == causal attention over both."""
   b, t, hq, hkv, d, p, s = shape

@@ -5,8 +5,9 @@ cores' rate *and* hide under the memory-bound suffix stream. The Triton tiles re
 share an SM with suffix programs (experiments/PERF_NOTES.md). Here each CTA (one per SM) runs three warpgroups
 side by side, so that the suffixes' TMA copies stream while the prefix's wgmma run:
 
-* warpgroups 0 and 1, the prefix pair: prefix items (h, r), 128 stacked query rows of KV head h (64 each, one
-  wgmma tile) over the same prefix key tiles, which warpgroup 1 loads into a ring that both read;
+* warpgroups 0 and 1, the prefix pair: prefix items (h, c, r), 128 stacked query rows r of KV head h (64 each, one
+  wgmma tile) over key split c of the prefix (`prefix_splits`: one split unless the items would leave SMs idle),
+  whose key tiles warpgroup 1 loads into a ring that both read;
 * warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring.
 
 Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
@@ -80,6 +81,11 @@ class HopperConfig(tuning_lib.HopperTuning):
   pipelining, `_flash_overlapped`; needs prefix_stages >= 2: a slot's value tile is released one tile later than
   its key tile, each refilled on its own). Costs registers: the previous tile's probabilities (16 a thread for
   64-key tiles, 32 for 128) are held, and the output accumulator is tied up by its wgmma during the softmax.
+  prefix_fill: with fewer prefix items (KV heads × 128-row blocks) than this many per CTA, the prefix keys are split
+  (flash-decoding) until there are, while a split keeps at least 2 key tiles: e.g. a decode step of B = 64 with 32
+  KV heads has 32 items for 132 SMs. Each split is a part of its own to merge. 0: never split.
+  prefix_splits: the key splits of every prefix item (a power of two or not); None: from prefix_fill and the shapes
+  (`prefix_splits_for`).
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -89,6 +95,13 @@ class HopperConfig(tuning_lib.HopperTuning):
   suffix_registers: int = 88
   pingpong: bool = True
   num_ctas: int | None = None
+  prefix_splits: int | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.prefix_splits is not None and (not isinstance(self.prefix_splits, int) or isinstance(
+        self.prefix_splits, bool) or self.prefix_splits < 1):
+      raise ValueError(f"HopperConfig.prefix_splits must be None or a positive int; got {self.prefix_splits!r}.")
 
 
 def config_of(settings: tuning_lib.HopperTuning) -> HopperConfig:
@@ -138,6 +151,16 @@ def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
   batch, steps, num_q_heads = q_shape[:3]
   rows = batch * steps * num_q_heads // num_kv_heads
   return num_kv_heads * -(-rows // (PAIR * ROWS))
+
+
+def prefix_splits_for(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int, config: HopperConfig) -> int:
+  """Key splits of each prefix item: doubled from 1 while the items (`prefix_items`) times the splits are fewer than
+  `config.prefix_fill` per CTA and each split would still hold at least 2 key tiles of the prefix's capacity."""
+  items, splits = prefix_items(q_shape, num_kv_heads), 1
+  while (items * splits < config.prefix_fill * config.num_ctas
+         and prefix_capacity >= 2 * splits * 2 * config.prefix_keys):
+    splits *= 2
+  return splits
 
 
 def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool) -> tuple:
@@ -413,16 +436,19 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   member = lax.axis_index("cluster") if size > 1 else 0  # this CTA's place in its cluster
   cta = lax.axis_index("cta") * size + member
   num_heads = pk_ref.shape[1]
-  pairs = op_ref.shape[1] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
+  splits = op_ref.shape[0]  # key splits of the prefix
+  pairs = op_ref.shape[2] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
   srows = q_smem.shape[-2]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
 
   def count(num_items, first=cta, step=num_ctas):  # items first, first + step, ... < num_items
     return (num_items - first + step - 1) // step
 
-  # Prefix items go round-robin over the clusters, a cluster's CTAs taking consecutive items (the same KV head).
+  # Prefix items go round-robin over the clusters, a cluster's CTAs taking consecutive items (the same KV head and
+  # key split: the row block varies fastest). Item idx is (KV head, key split, row block).
   clusters, cluster_id = num_ctas // size, cta // size
   prefix_item = lambda i: (cluster_id + i * clusters) * size + member
+  prefix_coords = lambda idx: (idx // (pairs * splits), idx // pairs % splits, idx % pairs)
 
   def prefix_pair():
     """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
@@ -441,15 +467,22 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       plgpu.copy_gmem_to_smem(src, dst, bar)
       plgpu.barrier_wait(bar)
 
-    n = pl.cdiv(length, block_k)
-    items = count(num_heads * pairs // size, cluster_id, clusters)  # the same in both CTAs of a cluster
+    # Every split has n tiles: the keys' tiles shared out, the last split's extra tiles fully masked (they load the
+    # cache's last tile, in range). One split: n = cdiv(length, block_k).
+    n = pl.cdiv(pl.cdiv(length, block_k), splits)
+    split_keys = n * block_k
+    last_tile = max(pl.cdiv(pk_ref.shape[0], block_k) - 1, 0) * block_k
+    items = count(num_heads * pairs * splits // size, cluster_id, clusters)  # the same in both CTAs of a cluster
     total = items * n
     loader = wg == 1
     multicast = dict(collective_axes="cluster") if size > 1 else {}
 
     def load(g, slot, parts=("keys", "values")):
-      head = prefix_item(g // n) // pairs
-      keys = pl.ds((g % n) * block_k, block_k)
+      head, split, _ = prefix_coords(prefix_item(g // n))
+      start = (g % n) * block_k
+      if splits > 1:
+        start = jnp.minimum(split * split_keys + start, last_tile)
+      keys = pl.ds(start, block_k)
       if "keys" in parts:
         plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
       if "values" in parts:
@@ -473,8 +506,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       pl.when(wg == 1)(rendezvous)
 
     def item(i, _):
-      idx = prefix_item(i)
-      h, rows = idx // pairs, pl.ds((idx % pairs) * PAIR * ROWS + wg * ROWS, ROWS)
+      h, split, block = prefix_coords(prefix_item(i))
+      rows = pl.ds(block * PAIR * ROWS + wg * ROWS, ROWS)
+      # The split's keys, counted from its first tile: keys at or past `visible` are masked.
+      visible = jnp.clip(length - split * split_keys, 0, split_keys) if splits > 1 else length
       lse = plse_all.at[wg]
       if config.q_registers:  # plain loads straight into the wgmma's register layout
         q = plgpu.load(qt_ref.at[h, rows], layout=plgpu.Layout.WGMMA, optimized=False)
@@ -502,21 +537,22 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
               lambda slot: pv_bars.at[slot], lambda j: lax.rem(first + j, stages))
       if config.prefix_overlap:  # a slot's key tile is refilled once its scores are done, its value tile later
         acc, m, l = _flash_overlapped(*args, functools.partial(release, consumed, ("keys",)),
-                                      functools.partial(release, consumed_v, ("values",)), n, length // block_k,
-                                      length, scale2=scale * _LOG2E, **hooks)
+                                      functools.partial(release, consumed_v, ("values",)), n, visible // block_k,
+                                      visible, scale2=scale * _LOG2E, **hooks)
       else:
-        acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, length // block_k,
-                          length, keys_major=False, **hooks)
+        acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, visible // block_k,
+                          visible, keys_major=False, **hooks)
+      out_ref, lse_ref = op_ref.at[split], lp_ref.at[split]
       if config.q_registers:
         out, lse_now = _normalise(acc, m, l, op_ref.dtype, keys_major=False)
-        op_ref.at[h, rows][...] = out  # plain stores from registers
+        out_ref.at[h, rows][...] = out  # plain stores from registers
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's lse store has read its buffer
         lse[...] = lse_now
         plgpu.commit_smem()
       else:
         _finish(acc, m, l, q, lse, keys_major=False)
-        plgpu.copy_smem_to_gmem(q, op_ref.at[h, rows])
-      plgpu.copy_smem_to_gmem(lse, lp_ref.at[h, rows])
+        plgpu.copy_smem_to_gmem(q, out_ref.at[h, rows])
+      plgpu.copy_smem_to_gmem(lse, lse_ref.at[h, rows])
 
     lax.fori_loop(0, items, item, None)
     if config.pingpong:
@@ -646,12 +682,16 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     interpret: run in Mosaic GPU's interpreter (CPU tests).
 
   Returns:
-    ((out, lse) over the prefix, (out, lse) over the suffixes): out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
+    The parts for `merge_states`: (out, lse) over each key split of the prefix (one unless `config.prefix_splits`
+    or its prefix_fill splits it), then (out, lse) over the suffixes; out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
   config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1])) if config is None else config
   if config.num_ctas is None:  # one CTA per SM, in whole clusters
     config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
+  if config.prefix_splits is None:
+    config = dataclasses.replace(config, prefix_splits=prefix_splits_for(q.shape, prefix_k.shape[1],
+                                                                         prefix_k.shape[0], config))
   if config.num_ctas % config.cluster:
     raise ValueError(f"HopperConfig.num_ctas={config.num_ctas} is not a multiple of its cluster={config.cluster}.")
   return _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths,
@@ -684,9 +724,10 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret)
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group)
+  splits = config.prefix_splits
   out_type = (
-      jax.ShapeDtypeStruct((num_heads, rows, head_dim), q.dtype),
-      jax.ShapeDtypeStruct((num_heads, rows), jnp.float32),
+      jax.ShapeDtypeStruct((splits, num_heads, rows, head_dim), q.dtype),
+      jax.ShapeDtypeStruct((splits, num_heads, rows), jnp.float32),
       jax.ShapeDtypeStruct((num_heads, batch * qrows, head_dim), q.dtype),
       # suffix lse: each sequence's rows, or (T·g not a multiple of 4) each item's whole window
       jax.ShapeDtypeStruct((num_heads, batch, srows) if qrows % 4 else (num_heads, batch * qrows), jnp.float32),
@@ -711,4 +752,4 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   if qrows % 4:  # sequence b's rows sit at offset (b·T·g) mod 8 of its window
     offsets = (np.arange(batch) * qrows % 8)[:, None] + np.arange(qrows)
     ls = jnp.take_along_axis(ls, jnp.asarray(offsets)[None], axis=2).reshape(num_heads, batch * qrows)
-  return back(op[:, :batch * qrows], lp[:, :batch * qrows]), back(os_, ls)
+  return (*(back(op[c, :, :batch * qrows], lp[c, :, :batch * qrows]) for c in range(splits)), back(os_, ls))

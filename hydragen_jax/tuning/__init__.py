@@ -60,6 +60,7 @@ class HopperTuning:
   suffix_keys: int = 64
   suffix_trim: bool = False
   prefix_overlap: bool = False
+  prefix_fill: float = 0.0
 
   def __post_init__(self):
     check_hopper(self)
@@ -80,6 +81,9 @@ def check_hopper(config) -> None:
   with its own warpgroup's next score product), registers in multiples of 8 that fit the
   pool."""
   name = type(config).__name__
+  fill = config.prefix_fill
+  if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 <= fill < float("inf"):
+    raise ValueError(f"{name}.prefix_fill must be a finite number >= 0; got {fill!r}.")
   for field in ("prefix_keys", "suffix_keys"):
     if getattr(config, field) not in KEY_TILES:
       raise ValueError(f"{name}.{field} must be 64 or 128; got {getattr(config, field)!r}.")

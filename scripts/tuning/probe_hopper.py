@@ -4,7 +4,7 @@ For each config, times a whole decode step (chained as in the benchmark) at s = 
 `auto` (the Triton kernels, `ops.run`) and with `hopper.prefix_suffix_attention` under tilings, prints the floor
 fraction of tok/s and the max error against `auto`; then a few odd shapes (T > 1, D = 64, lengths not a
 multiple of the block) against the reference. Usage: python -m scripts.tuning.probe_hopper [--configs 5,6,7,8]
-[--variants st2,st3]
+[--shapes BxPxOUTxHQxHKV,...] [--variants st2,st3]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import hopper
-from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
-from scripts.tuning.sweep_kernels import floor_s, inputs
+from scripts.quick_bench import D, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
+from scripts.tuning.sweep_kernels import CONFIGS, floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
 STEPS = 16
@@ -62,6 +62,12 @@ VARIANTS = {
                                         prefix_overlap=True, pingpong=False),
     "k128qlatov": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
                                       suffix_lookahead=True, suffix_trim=True, prefix_overlap=True),
+    # T·g = 1's settings with the prefix keys split over CTAs (session 18: a B = 64 MHA step has 32 prefix items
+    # for 132 SMs): by the fill rule (items × splits >= fill × CTAs), and 2 / 4 / 8 splits
+    **{f"k128qlat_{name}": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                               suffix_lookahead=True, suffix_trim=True, **kw)
+       for name, kw in [("f1", dict(prefix_fill=1.0)), ("f2", dict(prefix_fill=2.0)), ("s2", dict(prefix_splits=2)),
+                        ("s4", dict(prefix_splits=4)), ("s8", dict(prefix_splits=8))]},
 }
 
 
@@ -111,19 +117,24 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default="5,6,7,8")
   parser.add_argument("--variants", default="hop")
+  parser.add_argument("--shapes", default="", help="extra configs BxPxOUTxHQxHKV, comma-separated")
   parser.add_argument("--odd", type=int, default=1)
   args = parser.parse_args()
+  configs = [int(c) for c in args.configs.split(",") if c]
+  for shape in filter(None, args.shapes.split(",")):
+    CONFIGS.append(tuple(int(x) for x in shape.split("x")))
+    configs.append(len(CONFIGS) - 1)
   if args.odd:
     odd_shapes()
   rates = device_rates.measure(1 << 31, 8192, TIMING)
   print(f"bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
         f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-  for i in map(int, args.configs.split(",")):
-    b, p, out, hq, hkv = SEED[i]
+  for i in configs:
+    b, p, out, hq, hkv = CONFIGS[i]
     q, pk, pv, sk, sv = inputs(i)
     points = floor.simpson_points(out)
-    floors = [floor_s(SEED[i], s, rates) for s in points]
-    print(f"[{i}] {SEED[i]} floors " + " / ".join(f"{x * 1e6:.0f}" for x in floors) + " us", flush=True)
+    floors = [floor_s(CONFIGS[i], s, rates) for s in points]
+    print(f"[{i}] {CONFIGS[i]} floors " + " / ".join(f"{x * 1e6:.0f}" for x in floors) + " us", flush=True)
     lengths = [jnp.full((b,), s, jnp.int32) for s in points]
     auto = jax.jit(step("auto"))
     want = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]  # tests check auto exactly
