@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
+# Without a GPU every test compiles for XLA's CPU backend, mostly tiny models and interpreted kernels whose compile
+# time dominates: LLVM's optimisations off take ~10-35 % off those tests (the GPU backend keeps its default).
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
+fi
 exec .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@"

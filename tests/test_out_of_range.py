@@ -106,6 +106,8 @@ def test_checked_mode_names_the_argument_and_value(backend):
   with pytest.raises(checkify.JaxRuntimeError,
                      match=r"suffix_lengths must lie in \[0, 16\] \(the KV capacity\); got 100000 at index 1"):
     err.throw()
+  if backend == "interpret-mosaic":  # the checks run before any kernel, alike for every backend; the Hopper
+    return  # kernel's interpreter takes ~10 s a call, so it runs the one above (checkify around its kernel) only
   err, _ = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(P + 7), suffix_lengths=jnp.array([5, 1, 3]))
   with pytest.raises(checkify.JaxRuntimeError, match=r"prefix_length must lie in \[0, 24\].*got 31"):
     err.throw()
