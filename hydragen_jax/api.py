@@ -117,10 +117,10 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
 
 def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
                   backend: str):
-  """The two parts of a Hydragen step by the Hopper kernel, or None where it does not run: levels that are not its
-  case (one prefix node shared by the whole batch and batched, then each sequence's own causal suffix, no layer
-  axis, shapes `hopper.supported` takes), or backend "pallas" where the Triton kernels are as fast
-  (`validation.hopper_pays`)."""
+  """The parts of a Hydragen step by the Hopper kernel (the prefix's, one a key split, and the suffixes'), or None
+  where it does not run: levels that are not its case (one prefix node shared by the whole batch and batched, then
+  each sequence's own causal suffix, no layer axis, shapes `hopper.supported` takes), or backend "pallas" where the
+  Triton kernels are as fast (`validation.hopper_pays`)."""
   if backend not in ("mosaic", "interpret-mosaic", "pallas"):
     return None
   if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:

@@ -57,7 +57,9 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   is compute-bound and the kernel overlaps it with the suffix stream; below, the Triton kernels are as fast or faster
   (measured per device: `hydragen_jax/tuning`; the work threshold was measured on GQA rows, T·g = 4). Any T·g: MHA
   decode (T·g = 1) too, measured faster than Triton in the 7B model on the H200 at B = 512, P = 16K (128 items on
-  132 SMs), and slower with the same layer's heads split over two GPUs (64 items: PERF_NOTES.md)."""
+  132 SMs), and slower with the same layer's heads split over two GPUs (64 items: PERF_NOTES.md) until the kernel
+  split its prefix keys (the tuning's Hopper `prefix_fill`: the items counted here are before any split; the
+  threshold was measured without splits and is not re-swept yet)."""
   tuning = tuning_lib.resolve(tuning)
   cores = ops.num_cores(tuning) if num_cores is None else num_cores
   return (prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning.hopper_min_work

@@ -180,11 +180,14 @@ MHA_DECODE = dict(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("shape,config,plen", [
     # 3 splits of one 128-key tile each: the second sees 5 keys, the third none (its tile lies past the cache:
-    # it loads the cache's last tile, all masked); 2 CTAs for 8 prefix items
+    # it loads the cache's last tile, all masked); 2 CTAs for 24 prefix items (8 KV heads × 3 splits)
     ((9, 1, 8, 8, 128, 136, 24), hopper.HopperConfig(num_ctas=2, prefix_splits=3, **MHA_DECODE), 133),
     # 2 splits of 2 and 1 64-key tiles, the pair's ping-pong, 2-CTA clusters sharing each tile (the same split)
     ((40, 3, 8, 2, 64, 136, 72), hopper.HopperConfig(num_ctas=4, prefix_stages=2, prefix_splits=2, cluster=2), 135),
-], ids=["3splits_mha_decode", "2splits_clusters"])
+    # 3 splits with the value product issued under the next tile's scores and no ping-pong: the third split empty
+    ((9, 1, 8, 8, 128, 136, 24), hopper.HopperConfig(num_ctas=2, prefix_splits=3, prefix_overlap=True,
+                                                      pingpong=False, **MHA_DECODE), 133),
+], ids=["3splits_mha_decode", "2splits_clusters", "3splits_overlap_nopingpong"])
 def test_prefix_key_splits_match_reference(backend, shape, config, plen):
   """prefix_splits: one prefix part a split (merged here), uneven and empty splits; the suffix part unchanged."""
   b, t, _, _, d, p, s = shape
@@ -198,12 +201,13 @@ def test_prefix_key_splits_match_reference(backend, shape, config, plen):
   po, pl_ = reference.merge_states(parts[:-1])
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(plen), scale=d**-0.5), jnp.bfloat16)
   _close(*parts[-1], *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
-  if config.prefix_splits == 3:  # the third split holds no key: out 0, lse -inf
+  if config.prefix_splits == 3:  # the third split (of 128 keys, from 256) holds no key: out 0, lse -inf
     assert bool(jnp.all(parts[2][1] == -jnp.inf)) and not bool(jnp.any(parts[2][0]))
 
 
 def test_prefix_splits_follow_the_fill():
-  """prefix_fill: splits doubled while items × splits < fill × CTAs and each split keeps 2 key tiles; 0: none."""
+  """prefix_fill: below fill × CTAs items, splits doubled until items × splits reach the CTAs, each split keeping 2
+  key tiles; at or above it, or with fill 0: none."""
   config = hopper.HopperConfig(num_ctas=132, prefix_keys=128, prefix_fill=1.0)
   q_shape = (64, 1, 32, 128)  # B = 64, MHA: 32 items (one 128-row block a KV head)
   assert hopper.prefix_splits_for(q_shape, 32, 4096, config) == 8  # 256 >= 132
@@ -211,7 +215,10 @@ def test_prefix_splits_follow_the_fill():
   assert hopper.prefix_splits_for(q_shape, 32, 511, config) == 1  # under 2 tiles a split at 2 splits
   assert hopper.prefix_splits_for((512, 1, 32, 128), 32, 4096, config) == 2  # 128 items: 256
   assert hopper.prefix_splits_for(q_shape, 32, 4096, dataclasses.replace(config, prefix_fill=0.0)) == 1
-  assert hopper.prefix_splits_for(q_shape, 32, 4096, dataclasses.replace(config, prefix_fill=0.5)) == 4
+  three_quarters = dataclasses.replace(config, prefix_fill=0.75)  # the H200's: split below 99 items
+  assert hopper.prefix_splits_for(q_shape, 32, 4096, three_quarters) == 8  # then up to the CTAs, not to 99
+  assert hopper.prefix_splits_for((512, 1, 16, 128), 16, 16384, three_quarters) == 4  # 64 items: 256
+  assert hopper.prefix_splits_for((512, 1, 32, 128), 32, 16384, three_quarters) == 1  # 128 items >= 99
   with pytest.raises(ValueError, match="prefix_splits must be None or a positive int; got 0"):
     hopper.HopperConfig(prefix_splits=0)
   with pytest.raises(ValueError, match="prefix_fill must be a finite number >= 0"):
@@ -459,17 +466,20 @@ def test_step_equals_attention_over_concatenated_kv(backend, shape):
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("config", [None, hopper.HopperConfig(num_ctas=10, prefix_stages=2, suffix_stages=2,
                                                               prefix_keys=128, q_registers=True, cluster=2,
-                                                              suffix_lookahead=True, suffix_trim=True)],
+                                                              suffix_lookahead=True, suffix_trim=True,
+                                                              prefix_splits=2)],
                          ids=["tuned", "every_option"])
 def test_empty_prefix_and_empty_suffixes(backend, config):
   """A zero-length prefix and all-empty suffixes: no NaN, out 0 and lse -inf where a part sees nothing; with
-  every option on, 10 CTAs in 5 clusters for 2 item pairs and 8 suffix items (clusters and CTAs with none)."""
+  every option on (2 prefix splits), 10 CTAs in 5 clusters for 2 item pairs of each split and 8 suffix items (clusters
+  and CTAs with none)."""
   shape = (4, 1, 8, 2, 64, 16, 8)
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16)
-  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+  parts = jax.jit(lambda *a: hopper.prefix_suffix_attention(
       *a, scale=0.125, config=config, interpret=backend.startswith("interpret")))(q, pk, pv, jnp.int32(0), sk, sv,
                                                                                  jnp.zeros(4, jnp.int32))
-  for out, lse in ((po, pl_), (so, sl)):
+  assert len(parts) == (2 if config is None else 3)
+  for out, lse in parts:
     chex.assert_trees_all_equal(out, jnp.zeros_like(out))
     assert bool(jnp.all(lse == -jnp.inf))
   if config is not None:

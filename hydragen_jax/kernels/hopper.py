@@ -82,8 +82,9 @@ class HopperConfig(tuning_lib.HopperTuning):
   its key tile, each refilled on its own). Costs registers: the previous tile's probabilities (16 a thread for
   64-key tiles, 32 for 128) are held, and the output accumulator is tied up by its wgmma during the softmax.
   prefix_fill: with fewer prefix items (KV heads × 128-row blocks) than this many per CTA, the prefix keys are split
-  (flash-decoding) until there are, while a split keeps at least 2 key tiles: e.g. a decode step of B = 64 with 32
-  KV heads has 32 items for 132 SMs. Each split is a part of its own to merge. 0: never split.
+  (flash-decoding), the splits doubled until every CTA has an item, while a split keeps at least 2 key tiles: e.g.
+  the 7B decode layer split over two GPUs (B = 512, 16 heads) has 64 items for 132 SMs, and 4 splits. Each split is
+  a part of its own to merge. 0: never split.
   prefix_splits: the key splits of every prefix item (a power of two or not); None: from prefix_fill and the shapes
   (`prefix_splits_for`).
   """
@@ -146,19 +147,23 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
 def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
   """Prefix items of queries `[B, T, Hq, D]` over `num_kv_heads` KV heads: (KV head, block of PAIR·ROWS = 128
   stacked query rows). The persistent grid has one CTA per SM and each item runs on one CTA's pair, so with fewer
-  items than SMs the prefix product uses only part of the tensor cores (`validation.pays_on_hopper`). Items of
-  real rows only: with `cluster = 2` a KV head with an odd count of blocks runs one more item, of padding."""
+  items than SMs the prefix product uses only part of the tensor cores (`validation.pays_on_hopper`), unless its
+  keys are split (`prefix_fill`: each split another item). Items of real rows only: with `cluster = 2` a KV head
+  with an odd count of blocks runs one more item, of padding."""
   batch, steps, num_q_heads = q_shape[:3]
   rows = batch * steps * num_q_heads // num_kv_heads
   return num_kv_heads * -(-rows // (PAIR * ROWS))
 
 
 def prefix_splits_for(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int, config: HopperConfig) -> int:
-  """Key splits of each prefix item: doubled from 1 while the items (`prefix_items`) times the splits are fewer than
-  `config.prefix_fill` per CTA and each split would still hold at least 2 key tiles of the prefix's capacity."""
+  """Key splits of each prefix item: 1 where the items (`prefix_items`) are at least `config.prefix_fill` per CTA;
+  else doubled from 1 while the items times the splits are fewer than the CTAs and each split would still hold at
+  least 2 key tiles of the prefix's capacity (the capacity, not the traced length: a short prefix in a large cache
+  may leave splits empty, which cost time, not exactness)."""
   items, splits = prefix_items(q_shape, num_kv_heads), 1
-  while (items * splits < config.prefix_fill * config.num_ctas
-         and prefix_capacity >= 2 * splits * 2 * config.prefix_keys):
+  if items >= config.prefix_fill * config.num_ctas:
+    return 1
+  while items * splits < config.num_ctas and prefix_capacity >= 2 * splits * 2 * config.prefix_keys:
     splits *= 2
   return splits
 
@@ -671,7 +676,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_length: Array, suffix_k: Array,
                             suffix_v: Array, suffix_lengths: Array, *, scale: float,
                             config: HopperConfig | None = None, interpret: bool = False):
-  """The two parts of a Hydragen decode step, for `merge_states` (check `supported` first).
+  """The parts of a Hydragen decode step (the prefix's, one a key split, then the suffixes'), for `merge_states`
+  (check `supported` first).
 
   Args:
     q: `[B, T, Hq, D]` (bf16/f16), the last T tokens of each suffix.

@@ -164,7 +164,8 @@ class Tuning:
       capacity) is at least this (`validation.hopper_pays`); below, the Triton kernels are as fast.
     hopper_min_fill: ... and its prefix items (KV heads × 128-row blocks: `kernels.hopper.prefix_items`) are at
       least this many per SM: with fewer, the persistent grid leaves SMs without prefix work (e.g. a layer's heads
-      split over GPUs by tensor parallelism) and the Triton kernels are faster.
+      split over GPUs by tensor parallelism) and the Triton kernels are faster (measured before the kernel could
+      split its prefix keys: `HopperTuning.prefix_fill`).
     max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
     balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
       programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).

@@ -99,8 +99,9 @@ def odd_shapes():
       print(f"odd {(b, t, hq, hkv, d, p, s)}: not the kernel's case ({why})", flush=True)
       continue
     try:
-      (op, lp), (os_, ls) = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=d**-0.5))(
+      *prefix_parts, (os_, ls) = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=d**-0.5))(
           q, pk, pv, plen, sk, sv, lens)
+      op, lp = merge_states(prefix_parts)  # one part a key split of the prefix
       rp, rlp = reference.shared_attention(q, pk, pv, plen, scale=d**-0.5)
       rs, rls = reference.attention(q, sk, sv, lens, causal=True, scale=d**-0.5)
       f = lambda x: np.asarray(x, np.float32)
