@@ -53,10 +53,12 @@ def _shape_id(s):
   return "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s)
 
 
-# bf16 on every shape, f16 on two (a D = 64 and a D = 128 one): the kernel's code is the same for both 16-bit types,
-# and each interpreted case costs ~10 s of CI.
-DTYPE_CASES = [pytest.param(s, jnp.bfloat16, id=f"bf16-{_shape_id(s)}") for s in SHAPES] + [
-    pytest.param(SHAPES[i], jnp.float16, id=f"f16-{_shape_id(SHAPES[i])}") for i in (0, 2)]
+# bf16 and f16 on every shape, compiled; interpreted, f16 on two (a D = 64 and a D = 128 one): the kernel's code is
+# the same for both 16-bit types, and each interpreted case costs ~10 s of CI.
+DTYPE_CASES = [pytest.param(s, dtype, id=f"{name}-{_shape_id(s)}") for name, dtype in (("bf16", jnp.bfloat16),
+                                                                                      ("f16", jnp.float16))
+               for s in SHAPES]
+F16_INTERPRETED = (SHAPES[0], SHAPES[2])
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
@@ -64,6 +66,8 @@ DTYPE_CASES = [pytest.param(s, jnp.bfloat16, id=f"bf16-{_shape_id(s)}") for s in
 def test_parts_match_reference(backend, shape, dtype):
   """Prefix part and suffix part, each against the reference; ragged suffixes with empty ones and ones shorter
   than T, a prefix that ends inside a key tile."""
+  if backend.startswith("interpret") and dtype == jnp.float16 and shape not in F16_INTERPRETED:
+    pytest.skip("f16 is interpreted on two shapes only (the same code as bf16; CI time); compiled on all")
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, dtype)
   lengths = jnp.asarray(np.random.default_rng(1).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)

@@ -63,10 +63,11 @@ VARIANTS = {
     "k128qlatov": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
                                       suffix_lookahead=True, suffix_trim=True, prefix_overlap=True),
     # T·g = 1's settings with the prefix keys split over CTAs (session 18: a B = 64 MHA step has 32 prefix items
-    # for 132 SMs): by the fill rule (items × splits >= fill × CTAs), and 2 / 4 / 8 splits
+    # for 132 SMs): by the fill rule (below fill × CTAs items, splits doubled until the items reach the CTAs; any
+    # fill >= 1 splits the same shapes as 1), and 2 / 4 / 8 splits
     **{f"k128qlat_{name}": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
                                                suffix_lookahead=True, suffix_trim=True, **kw)
-       for name, kw in [("f1", dict(prefix_fill=1.0)), ("f2", dict(prefix_fill=2.0)), ("s2", dict(prefix_splits=2)),
+       for name, kw in [("f1", dict(prefix_fill=1.0)), ("f075", dict(prefix_fill=0.75)), ("s2", dict(prefix_splits=2)),
                         ("s4", dict(prefix_splits=4)), ("s8", dict(prefix_splits=8))]},
 }
 

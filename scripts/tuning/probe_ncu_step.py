@@ -5,7 +5,8 @@
       python3 -m scripts.tuning.probe_ncu_step --shape 64x4096x128x32x32 --lengths 1,64
 
 Each length runs 4 calls (so `--launch-skip 2` with `--launch-count 1` profiles the third call of the first
-length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`.
+length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`; the "separate"
+ones launch the kernel once a level, so a call is two launches there.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ as a fraction of the floor's tok/s, all measured in the same run. Then sweeps th
 compute-heavy configs (TFLOP/s) and the suffix tiles alone (fraction of the bandwidth floor).
 
 Usage: python -m scripts.tuning.sweep_kernels [--parts step,prefix,suffix] [--configs 0,1,...] [--shapes BxPxOUTxHQxHKV,...]
-       [--variants a,b] [--out F]
+       [--variants a,b] [--steps-per-call N] [--out F]
+The step sweep chains --steps-per-call steps a timed call (default 16, as the benchmark); the prefix and suffix
+sweeps time one call a measurement (host-bound where a call takes less than ~80 us: the B = 64 rows).
 (--shapes adds configs of other shapes to the step and suffix sweeps, e.g. the 7B decode layer 64x4096x128x32x32.)
 """
 
@@ -76,7 +78,7 @@ VARIANTS = {
     # session 18) at 0.46 of the bandwidth: smaller row tiles (each KV block then read by 2 or 4 programs, mostly
     # from L2), deeper rings of smaller key blocks in a launch of their own.
     "auto_pm32": dict(launch="auto", prefix=dict(block_m=32)),
-    "auto_pm32_psph": dict(launch="auto", prefix=dict(block_m=32, splits=4)),
+    "auto_pm32_psph": dict(launch="auto", prefix=dict(block_m=32, splits=4)),  # half of the B = 64 rows' 8 splits
     "auto_pm16_sp2": dict(launch="auto", prefix=dict(block_m=16, splits=2)),
     "auto_pm16_sp4": dict(launch="auto", prefix=dict(block_m=16, splits=4)),
     "sep_pk32st4": dict(launch="separate", prefix=dict(block_k=32, num_stages=4)),
@@ -178,7 +180,8 @@ def sweep_steps(configs, names, rates, records):
         frac = floor_mean / floor.simpson(*steps)
         cells.append(f"{frac:5.3f}")
         records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
-                            fraction=frac, prefix_block=str(pb), suffix_block=str(sb)))
+                            fraction=frac, prefix_block=str(pb), suffix_block=str(sb),
+                            steps_per_call=STEPS_PER_CALL))
         print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
               f"{floor_mean * 1e6:.0f} us mean)", flush=True)
       except Exception as e:  # noqa: BLE001 - report and go on
