@@ -81,9 +81,7 @@ def check_hopper(config) -> None:
   with its own warpgroup's next score product), registers in multiples of 8 that fit the
   pool."""
   name = type(config).__name__
-  fill = config.prefix_fill
-  if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 <= fill < float("inf"):
-    raise ValueError(f"{name}.prefix_fill must be a finite number >= 0; got {fill!r}.")
+  _check_fill(config, "prefix_fill")
   for field in ("prefix_keys", "suffix_keys"):
     if getattr(config, field) not in KEY_TILES:
       raise ValueError(f"{name}.{field} must be 64 or 128; got {getattr(config, field)!r}.")
@@ -103,6 +101,13 @@ def check_hopper(config) -> None:
     raise ValueError(f"{name}: pair_registers={pair!r}, suffix_registers={suffix!r}: each must be a multiple of 8 "
                      f"in [24, 256], and 2·pair_registers + suffix_registers at most {REGISTER_POOL} (more hangs "
                      "the kernel).")
+
+
+def _check_fill(obj, name: str) -> None:
+  """Field `name` of `obj` (items per SM or CTA) is a finite number >= 0, not a bool; else ValueError naming it."""
+  value = getattr(obj, name)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+    raise ValueError(f"{type(obj).__name__}.{name} must be a finite number >= 0; got {value!r}.")
 
 
 def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
@@ -212,9 +217,7 @@ class Tuning:
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
-    if isinstance(self.hopper_min_fill, bool) or not isinstance(self.hopper_min_fill, (int, float)) or not (
-        0.0 <= self.hopper_min_fill < float("inf")):
-      raise ValueError(f"Tuning.hopper_min_fill must be a finite number >= 0; got {self.hopper_min_fill!r}.")
+    _check_fill(self, "hopper_min_fill")
     if not 0.0 <= self.interleave_lead <= 1.0:
       raise ValueError(f"Tuning.interleave_lead must lie in [0, 1]; got {self.interleave_lead!r}.")
     for name in ("max_rows_alone", "max_rows_shared"):

@@ -19,7 +19,7 @@ from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import hopper
 from scripts.quick_bench import D, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
-from scripts.tuning.sweep_kernels import CONFIGS, floor_s, inputs
+from scripts.tuning.sweep_kernels import CONFIGS, add_shapes, floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
 STEPS = 16
@@ -122,10 +122,7 @@ def main():
   parser.add_argument("--shapes", default="", help="extra configs BxPxOUTxHQxHKV, comma-separated")
   parser.add_argument("--odd", type=int, default=1)
   args = parser.parse_args()
-  configs = [int(c) for c in args.configs.split(",") if c]
-  for shape in filter(None, args.shapes.split(",")):
-    CONFIGS.append(tuple(int(x) for x in shape.split("x")))
-    configs.append(len(CONFIGS) - 1)
+  configs = [int(c) for c in args.configs.split(",") if c] + add_shapes(args.shapes)
   if args.odd:
     odd_shapes()
   rates = device_rates.measure(1 << 31, 8192, TIMING)

@@ -25,7 +25,7 @@ def main():
   parser.add_argument("--lengths", default="1,64")
   parser.add_argument("--variant", default="auto")
   args = parser.parse_args()
-  cfg = tuple(int(x) for x in args.shape.split("x"))
+  cfg = sweep_kernels.parse_shape(args.shape)
   fn, blocks = sweep_kernels.step_fn(cfg, sweep_kernels.VARIANTS[args.variant])
   print(f"{cfg} {args.variant}: prefix {blocks[0]}, suffix {blocks[1]}", flush=True)
   data = sweep_kernels.config_inputs(cfg, 0)

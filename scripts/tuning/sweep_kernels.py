@@ -134,6 +134,18 @@ def config_inputs(cfg, seed: int):
 CONFIGS = list(SEED)  # the seed configs, then those of --shapes
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+  """A config written BxPxOUTxHQxHKV, e.g. "64x4096x128x32x32"."""
+  return tuple(int(x) for x in text.split("x"))
+
+
+def add_shapes(shapes: str) -> list[int]:
+  """The configs of comma-separated BxPxOUTxHQxHKV appended to CONFIGS: their indexes."""
+  first = len(CONFIGS)
+  CONFIGS.extend(parse_shape(shape) for shape in shapes.split(",") if shape)
+  return list(range(first, len(CONFIGS)))
+
+
 def inputs(i):
   return config_inputs(CONFIGS[i], i)
 
@@ -239,10 +251,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   STEPS_PER_CALL = args.steps_per_call
-  configs = [int(c) for c in args.configs.split(",") if c]
-  for shape in filter(None, args.shapes.split(",")):
-    CONFIGS.append(tuple(int(x) for x in shape.split("x")))
-    configs.append(len(CONFIGS) - 1)
+  configs = [int(c) for c in args.configs.split(",") if c] + add_shapes(args.shapes)
   rates = device_rates.measure(1 << 31, 8192, TIMING)
   print(f"{jax.devices()[0].device_kind}: bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
         f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
