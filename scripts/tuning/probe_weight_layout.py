@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,15 @@ SHAPE_7B = dict(hidden=4096, q=4096, kv=4096, intermediate=11008)
 SHAPE_TINY = dict(hidden=64, q=64, kv=32, intermediate=96)
 TIMING = dict(warmup=2, repeats=5)
 LAYOUTS = ("fused", "fused_nk", "separate")  # [K, N] fused, [N, K] fused, [K, N] separate
+# `fused` with some GEMMs split along K into a batched product (float32 partials added by XLA): "fused_sk<S>" splits
+# the o and down projections (N = d: few output tiles at 128-512 rows) in S, "fused_sk<S>all" every GEMM.
+SPLIT_K = ("fused_sk2", "fused_sk4", "fused_sk8", "fused_sk2all")
+
+
+def split_of(layout: str) -> tuple[int, bool]:
+  """(K splits, whether every GEMM is split) of a layout name; (1, False) for the unsplit ones."""
+  m = re.fullmatch(r"fused_sk(\d+)(all)?", layout)
+  return (int(m.group(1)), bool(m.group(2))) if m else (1, False)
 
 
 def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -> list[dict]:
@@ -57,14 +67,17 @@ def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -
       qkv, gate_up = ws.pop("qkv"), ws.pop("gate_up")
       ws.update(q=qkv[:, :qn], k=qkv[:, qn:qn + kv], v=qkv[:, qn + kv:], gate=gate_up[:, :inter],
                 up=gate_up[:, inter:])  # each slice its own new array
-    elif layout != "fused":
+    elif layout != "fused" and split_of(layout)[0] == 1:
       raise ValueError(f"layout: {layout!r}, expected one of {LAYOUTS}")
     out.append(ws)
   return out
 
 
-def matmul(x, w, transposed: bool = False):
-  """x `[M, K]` @ w: w `[K, N]`, or `[N, K]` contracted on its second axis."""
+def matmul(x, w, transposed: bool = False, splits: int = 1):
+  """x `[M, K]` @ w: w `[K, N]`, or `[N, K]` contracted on its second axis; `splits` > 1: K in that many chunks, one
+  batched product with float32 partials, added (`[K, N]` only)."""
+  if splits > 1:
+    return gemm.split_k_matmul(x, w, splits)
   dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
   return jax.lax.dot_general(x, w, dims, precision=gemm.matmul_precision(x.dtype)).astype(x.dtype)
 
@@ -81,6 +94,8 @@ def layers_step(shape: dict, layout: str):
   """One step: x `[M, d]` through every layer's GEMMs (a residual carries the layers; SiLU-gated MLP)."""
   qn, kv, inter = shape["q"], shape["kv"], shape["intermediate"]
   t = layout == "fused_nk"
+  splits, split_all = split_of(layout)
+  s_in = splits if split_all else 1  # the GEMMs with many output tiles (qkv, gate_up)
 
   def step(x, layers):
     for w in layers:
@@ -89,10 +104,10 @@ def layers_step(shape: dict, layout: str):
         x = x + matmul(mix(q, k, v), w["o"])
         x = x + matmul(jax.nn.silu(matmul(x, w["gate"])) * matmul(x, w["up"]), w["down"])
       else:
-        qkv = matmul(x, w["qkv"], t)
-        x = x + matmul(mix(qkv[:, :qn], qkv[:, qn:qn + kv], qkv[:, qn + kv:]), w["o"], t)
-        gu = matmul(x, w["gate_up"], t)
-        x = x + matmul(jax.nn.silu(gu[:, :inter]) * gu[:, inter:], w["down"], t)
+        qkv = matmul(x, w["qkv"], t, s_in)
+        x = x + matmul(mix(qkv[:, :qn], qkv[:, qn:qn + kv], qkv[:, qn + kv:]), w["o"], t, splits)
+        gu = matmul(x, w["gate_up"], t, s_in)
+        x = x + matmul(jax.nn.silu(gu[:, :inter]) * gu[:, inter:], w["down"], t, splits)
     return x
 
   return step
@@ -117,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None, help="JSON-lines file, a row per (rows, layout)")
   args = parser.parse_args(argv)
   layouts = args.layouts.split(",")
-  if unknown := [l for l in layouts if l not in LAYOUTS]:
-    parser.error(f"--layouts: {unknown} not among {LAYOUTS}")
+  if unknown := [l for l in layouts if l not in LAYOUTS and split_of(l)[0] == 1]:
+    parser.error(f"--layouts: {unknown} not among {LAYOUTS} or fused_sk<S>[all] (e.g. {SPLIT_K})")
   shape, layers = (SHAPE_TINY, 2) if args.tiny else (SHAPE_7B, args.layers)
   dtype = jnp.bfloat16
   bandwidth = None
@@ -126,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     rates = device_rates.bandwidth(1 << 31, TIMING)
     bandwidth = rates["bandwidth_bytes_per_s"]
     print(f"{jax.devices()[0].device_kind}: bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
-  weights = {layout: layer_weights(shape, layers, dtype, layout) for layout in layouts}
+  stored_as = {l: l if split_of(l)[0] == 1 else "fused" for l in layouts}  # the split layouts read the fused weights
+  stored = {s: layer_weights(shape, layers, dtype, s) for s in set(stored_as.values())}
+  weights = {l: stored[stored_as[l]] for l in layouts}
   rows_out = []
   for m in map(int, args.rows.split(",")):
     x = jax.random.normal(jax.random.key(m), (m, shape["hidden"]), dtype)
