@@ -6,7 +6,9 @@
 
 Each length runs 4 calls (so `--launch-skip 2` with `--launch-count 1` profiles the third call of the first
 length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`; the "separate"
-ones launch the kernel once a level, so a call is two launches there.
+ones launch the kernel once a level, so a call is two launches there. `--hopper NAME` runs the Hopper kernel
+instead (`probe_hopper.VARIANTS[NAME]`; profile it with `--kernel-name regex:hydragen_hopper`... or the name the
+step's HLO gives its Mosaic GPU custom call).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from scripts.tuning import sweep_kernels
+from scripts.tuning import probe_hopper, sweep_kernels
 
 
 def main():
@@ -24,10 +26,15 @@ def main():
   parser.add_argument("--shape", default="64x4096x128x32x32", help="B x P x OUT x HQ x HKV")
   parser.add_argument("--lengths", default="1,64")
   parser.add_argument("--variant", default="auto")
+  parser.add_argument("--hopper", default="", help="a probe_hopper variant: the Hopper kernel's step instead")
   args = parser.parse_args()
   cfg = sweep_kernels.parse_shape(args.shape)
-  fn, blocks = sweep_kernels.step_fn(cfg, sweep_kernels.VARIANTS[args.variant])
-  print(f"{cfg} {args.variant}: prefix {blocks[0]}, suffix {blocks[1]}", flush=True)
+  if args.hopper:
+    fn = probe_hopper.step(args.hopper)
+    print(f"{cfg} Hopper kernel {args.hopper}: {probe_hopper.VARIANTS[args.hopper]}", flush=True)
+  else:
+    fn, blocks = sweep_kernels.step_fn(cfg, sweep_kernels.VARIANTS[args.variant])
+    print(f"{cfg} {args.variant}: prefix {blocks[0]}, suffix {blocks[1]}", flush=True)
   data = sweep_kernels.config_inputs(cfg, 0)
   step = jax.jit(fn)
   for s in (int(x) for x in args.lengths.split(",")):
