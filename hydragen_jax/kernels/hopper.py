@@ -746,7 +746,7 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
       lambda *refs: pl.run_scoped(lambda s: kernel(*refs, s), scratch, collective_axes="wg"),
       out_type=out_type, grid=(config.num_ctas // config.cluster,), grid_names=("cta",),
       cluster=(config.cluster,) if config.cluster > 1 else (), cluster_names=("cluster",) if config.cluster > 1 else (),
-      num_threads=PAIR + 1, thread_name="wg",
+      num_threads=PAIR + 1, thread_name="wg", kernel_name="hydragen_hopper",
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=params,
   )(qt, prefix_k, prefix_v, suffix_k, suffix_v, lens)
 
