@@ -34,6 +34,11 @@ SHAPES = [
 ]
 
 
+# T·g = 1's settings on the H200 (128-key tiles, q in registers, the suffix ring across items, trimmed tiles)
+MHA_DECODE = dict(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True, suffix_lookahead=True,
+                  suffix_trim=True)
+
+
 def _inputs(shape, dtype, seed=0):
   b, t, hq, hkv, d, p, s = shape
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
@@ -110,8 +115,10 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
                                                         prefix_keys=128, q_registers=True, suffix_lookahead=True,
                                                         suffix_trim=True),
                                     hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2,
-                                                        q_registers=True, suffix_keys=128, suffix_trim=True)],
-                         ids=["default", "lookahead", "trim_lookahead_128prefixkeys", "trim_128suffixkeys"])
+                                                        q_registers=True, suffix_keys=128, suffix_trim=True),
+                                    hopper.HopperConfig(num_ctas=132, suffix_pack=True, **MHA_DECODE)],
+                         ids=["default", "lookahead", "trim_lookahead_128prefixkeys", "trim_128suffixkeys",
+                              "packed_h200"])
 def test_mha_decode_lowers_for_cuda(config):
   """The e2e shape that motivates T·g = 1 (7B MHA, B = 512, a 16K prefix) lowers to Mosaic GPU for CUDA on any
   machine (TMA copies and shared memory accepted by its lowering; the compiled check is the GPU test above)."""
@@ -176,9 +183,6 @@ def test_several_items_per_cta(backend, config):
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
-# T·g = 1's settings on the H200 (128-key tiles, q in registers, the suffix ring across items, trimmed tiles)
-MHA_DECODE = dict(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True, suffix_lookahead=True,
-                  suffix_trim=True)
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
@@ -207,6 +211,42 @@ def test_prefix_key_splits_match_reference(backend, shape, config, plen):
   _close(*parts[-1], *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
   if config.prefix_splits == 3:  # the third split (of 128 keys, from 256) holds no key: out 0, lse -inf
     assert bool(jnp.all(parts[2][1] == -jnp.inf)) and not bool(jnp.any(parts[2][0]))
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize("shape,config", [
+    # T·g = 4: 2 sequences an item, capacity under one 8-row tile
+    ((4, 1, 8, 2, 128, 4, 1), hopper.HopperConfig(num_ctas=2, suffix_pack=True)),
+    # T·g = 2, causal (T = 2): 4 sequences an item, the last window partly past B; T·g = 1's H200 settings (the
+    # ring across items, 128-key prefix tiles, q in registers; suffix_trim set but not applied to packed items)
+    ((7, 2, 4, 4, 128, 64, 24), hopper.HopperConfig(num_ctas=1, suffix_pack=True, **MHA_DECODE)),
+    # T·g = 1: 8 sequences an item of 16 keys each a 128-key tile, several tiles and items a CTA, B not a
+    # multiple of 8
+    ((19, 1, 4, 4, 64, 40, 72), hopper.HopperConfig(num_ctas=3, suffix_pack=True, suffix_keys=128,
+                                                     suffix_lookahead=True)),
+    # T·g = 4 from T = 4 (causal, MHA): 2 sequences an item
+    ((9, 4, 4, 4, 128, 64, 24), hopper.HopperConfig(num_ctas=2, suffix_pack=True)),
+], ids=["rows4_capacity1", "rows2_causal_lookahead", "rows1_several_tiles", "rows4_causal"])
+def test_packed_suffix_items_match_reference(backend, shape, config):
+  """suffix_pack: the 8 / T·g sequences of a query window in one suffix item (a block-diagonal mask over their key
+  sub-blocks): ragged lengths, an empty suffix, a full one; the prefix part unchanged."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=3)
+  lengths = jnp.asarray(np.random.default_rng(3).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
+  assert hopper.suffix_pack_of(t * q.shape[2] // pk.shape[1], config) == 8 // (t * q.shape[2] // pk.shape[1])
+  assert hopper.supported(q, pk, sk, config) is None
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(p - 3), sk, sv, lengths)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
+
+
+def test_suffix_pack_applies_where_a_window_holds_whole_sequences():
+  """8 / T·g sequences an item for T·g = 1, 2, 4 with suffix_pack; one otherwise (or without it)."""
+  packed, plain = hopper.HopperConfig(suffix_pack=True), hopper.HopperConfig()
+  assert [hopper.suffix_pack_of(r, packed) for r in (1, 2, 3, 4, 6, 8, 16)] == [8, 4, 1, 2, 1, 1, 1]
+  assert all(hopper.suffix_pack_of(r, plain) == 1 for r in (1, 2, 4))
 
 
 def test_prefix_splits_follow_the_fill():

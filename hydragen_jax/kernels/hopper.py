@@ -8,7 +8,8 @@ side by side, so that the suffixes' TMA copies stream while the prefix's wgmma r
 * warpgroups 0 and 1, the prefix pair: prefix items (h, c, r), 128 stacked query rows r of KV head h (64 each, one
   wgmma tile) over key split c of the prefix (`prefix_splits`: one split unless the items would leave SMs idle),
   whose key tiles warpgroup 1 loads into a ring that both read;
-* warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring.
+* warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring
+  (`suffix_pack`: the 8 / T·g sequences of an 8-row query window in one item).
 
 Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
 `prefix_keys` = 64 or 128 keys, the suffixes' of `suffix_keys` = 64 or 128), scores in base 2 (`s·scale·log2 e`).
@@ -87,6 +88,13 @@ class HopperConfig(tuning_lib.HopperTuning):
   a part of its own to merge. 0: never split.
   prefix_splits: the key splits of every prefix item (a power of two or not); None: from prefix_fill and the shapes
   (`prefix_splits_for`).
+  suffix_pack: where T·g is 1, 2 or 4, a suffix item is the 8 / T·g sequences whose query rows fill one 8-row
+  window, not one sequence: each tile holds block_k / (8 / T·g) keys of each of them (a copy each, skipped where the
+  sequence has no keys left), their scores masked to a block diagonal. The suffix warpgroup runs each item's chain
+  (copies, two wgmma and their waits, the softmax's cross-warp reductions, the stores) once for 8 / T·g sequences:
+  a decode step's one-token suffixes are bound by that chain, ~600 instructions a warp and 16 barriers an item at
+  T·g = 1 (Nsight Compute, B = 256 MHA on the H200: 1.8 µs an item). suffix_trim does not apply to packed items
+  (their copies are already block_k / (8 / T·g) keys); the value ring is zeroed once at the start, as with it.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -168,8 +176,9 @@ def prefix_splits_for(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capaci
   return splits
 
 
-def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool) -> tuple:
-  """The kernel's shared memory: buffers and barriers, in `_kernel`'s order."""
+def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool, pack: int = 1) -> tuple:
+  """The kernel's shared memory: buffers and barriers, in `_kernel`'s order (`pack`: sequences a suffix item, each
+  a copy arriving on its tile's barriers)."""
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   ring = lambda stages, keys: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
 
@@ -193,8 +202,8 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
       # prefix slot read by both warpgroups (of both CTAs of a cluster: their tiles are multicast)
       prefix_read(),
-      plgpu.Barrier(num_barriers=config.suffix_stages),
-      plgpu.Barrier(num_barriers=config.suffix_stages),
+      plgpu.Barrier(num_arrivals=pack, num_barriers=config.suffix_stages),  # suffix key tile copied
+      plgpu.Barrier(num_arrivals=pack, num_barriers=config.suffix_stages),  # suffix value tile copied
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
       plgpu.SMEM((PAIR, ROWS, config.prefix_keys), dtype, **tiled) if interpret else None,  # see _accumulate
       # prefix_overlap: a slot's value tile read by both warpgroups (the barrier above then counts its key tile)
@@ -219,6 +228,12 @@ def _window_rows(qrows: int) -> int:
   """Rows of the 8-aligned window that holds one sequence's `qrows` rows wherever it starts (offset < 8)."""
   max_offset = 8 - math.gcd(qrows, 8)
   return -(-(qrows + max_offset) // 8) * 8
+
+
+def suffix_pack_of(qrows: int, config: HopperConfig) -> int:
+  """Sequences a suffix item holds: 8 / T·g with `config.suffix_pack` where T·g (`qrows`) is 1, 2 or 4 (the 8-row
+  query window holds whole sequences), else 1."""
+  return 8 // qrows if config.suffix_pack and qrows in (1, 2, 4) else 1
 
 
 def _product(a, b, acc_ref, issued=lambda: None):
@@ -276,7 +291,8 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   `issued()` runs once a tile's score product is issued, `softmax_done()` after its softmax, `before_pv()` before
   its value product (the prefix pair's ping-pong, see `_kernel`).
   Tiles below `num_full` are visible to every query and skip the mask; in the others a key at position < `limit`
-  is visible (limit broadcasts against the score tile: per query when causal).
+  is visible (limit broadcasts against the score tile: per query when causal), or where `limit(j)`, a callable
+  (tile j's boolean mask of the tile's shape: packed suffix items).
 
   Two orientations of the score tile:
   * rows = queries (`[64, keys]`, q_smem `[64, D]`): the prefix's tiles; acc `[64, D]`.
@@ -299,7 +315,7 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
     a, b = (k_smem.at[slot], q_smem.transpose((1, 0))) if keys_major else (q_smem, k_smem.at[slot].transpose((1, 0)))
     s = pl.run_scoped(functools.partial(_product, a, b, issued=issued), plgpu.ACC(tile, jnp.float32))
     if masked:
-      s = jnp.where(keys + j * block_k < limit, s, -jnp.inf)
+      s = jnp.where(limit(j) if callable(limit) else keys + j * block_k < limit, s, -jnp.inf)
     p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [q_axis])
     softmax_done()
@@ -433,8 +449,9 @@ def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
 
 
 def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os_ref, ls_ref, scratch, *,
-            config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int):
-  """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]."""
+            config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int, pack: int):
+  """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]. pack: sequences a
+  suffix item (`suffix_pack_of`)."""
   (pq_all, plse_all, pk_smem, pv_smem, q_smem, o_smem, lse_smem, p_smem, sk_smem, sv_smem,
    q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all, consumed_v) = scratch
   wg, num_ctas, size = lax.axis_index("wg"), config.num_ctas, config.cluster
@@ -569,33 +586,99 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     before it, in slot (base_i + j) mod stages), each item's first min(n, stages) tiles and its queries are in
     flight before it starts: as item i starts, the next item's first tiles go into the slots item i leaves empty
     (it has fewer than `stages` tiles; their last tiles were read by earlier items), and as item i reads its tile
-    j, the slot takes stream tile base_i + j + stages, its own or the next item's."""
+    j, the slot takes stream tile base_i + j + stages, its own or the next item's.
+
+    An item is (sequence b, KV head h), or with suffix_pack (`pack` > 1) (window w, KV head h): the `pack` = 8 / T·g
+    sequences whose rows fill the 8-row query window w, each a sub-block of kb = block_k / pack keys of every tile
+    (a copy of its own, all arriving on the slot's barrier), the tile's scores masked to a block diagonal: one
+    item's softmax, barriers and stores serve `pack` sequences."""
     stages, block_k = sk_smem.shape[:2]
     lookahead = config.suffix_lookahead
-    cols = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 1, layout=plgpu.Layout.WGMMA)
-    num_items = count(batch * num_heads)
+    wgmma = plgpu.Layout.WGMMA
+    cols = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 1, layout=wgmma)
 
-    def coords(i):  # item i of this CTA: (sequence, KV head, its first row, its 8-aligned window, key tiles)
-      idx = jnp.minimum(cta + i * num_ctas, batch * num_heads - 1)  # clamped: the item after the last is asked
-      b = idx // num_heads
-      # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
-      return b, idx % num_heads, b * qrows, pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], block_k)
-
-    def copy(b, h, j, slot, size):  # keys j·block_k ... + size of K and V into the slot's first `size` rows
-      keys, rows = pl.ds(j * block_k, size), pl.ds(0, size)
+    def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
       plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot, rows], sk_bars.at[slot])
       plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot, rows], sv_bars.at[slot])
 
-    def load(b, h, j, slot):
-      if not config.suffix_trim:
-        return copy(b, h, j, slot, block_k)
-      # suffix_trim: one copy (one arrival on each barrier) of the smallest size in 8, 16, ..., block_k that
-      # holds the keys left from this tile's start (>= 1: only tiles below cdiv(length, block_k) are loaded)
-      left = lens_ref[b] - j * block_k
-      sizes = [8 << k for k in range(block_k.bit_length() - 3)]  # 8, 16, ..., block_k
-      for smaller, size in zip([0] + sizes, sizes):
-        fits = left > smaller if size == block_k else (left > smaller) & (left <= size)
-        pl.when(fits)(functools.partial(copy, b, h, j, slot, size))
+    if pack == 1:
+      num_items = count(batch * num_heads)
+
+      def coords(i):  # item i of this CTA: ((sequence, KV head, its first row), its 8-aligned window, key tiles)
+        idx = jnp.minimum(cta + i * num_ctas, batch * num_heads - 1)  # clamped: the item after the last is asked
+        b = idx // num_heads
+        # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
+        return (b, idx % num_heads, b * qrows), pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], block_k)
+
+      def load(item, j, slot):  # tile j of the item into the slot
+        b, h, _ = item
+        if not config.suffix_trim:
+          return copy(b, h, pl.ds(j * block_k, block_k), pl.ds(0, block_k), slot)
+        # suffix_trim: one copy (one arrival on each barrier) of the smallest size in 8, 16, ..., block_k that
+        # holds the keys left from this tile's start (>= 1: only tiles below cdiv(length, block_k) are loaded)
+        left = lens_ref[b] - j * block_k
+        sizes = [8 << k for k in range(block_k.bit_length() - 3)]  # 8, 16, ..., block_k
+        for smaller, size in zip([0] + sizes, sizes):
+          fits = left > smaller if size == block_k else (left > smaller) & (left <= size)
+          pl.when(fits)(functools.partial(copy, b, h, pl.ds(j * block_k, size), pl.ds(0, size), slot))
+
+      def visibility(item, window):  # (tiles every query sees whole, what `_flash` masks the others by)
+        b, _, first_row = item
+        length = lens_ref[b]
+        # Window row c is query t = (c - (first_row - window)) // g of the sequence's last T tokens: it sees suffix
+        # keys < length - T + 1 + t.
+        limit = length - causal_t + 1 + (cols - (first_row - window)) // group if causal_t > 1 else length
+        return (length - causal_t + 1) // block_k, limit
+
+      def store(item, window, h):  # only the sequence's own rows go out (o_smem is untiled: any start row)
+        _, _, first_row = item
+        mine = pl.ds(first_row - window, qrows)
+        plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(first_row, qrows)])
+        if qrows % 4:  # a TMA copy moves whole 16 bytes from and to 16-byte-aligned addresses: the whole window's
+          plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, item[0]])  # lse, [Hkv, B, srows] (unpacked after)
+        else:
+          plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(first_row, qrows)])
+    else:
+      kb = block_k // pack  # keys of one sequence in a tile
+      num_windows = -(-batch // pack)
+      num_items = count(num_windows * num_heads)
+      key_rows = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 0, layout=wgmma)
+      own_block = key_rows // kb == cols // qrows  # the tile's rows of a column's own sequence
+      key_of_row = key_rows % kb
+
+      def coords(i):  # item i of this CTA: ((first sequence, KV head, the window's lengths), window, key tiles)
+        idx = jnp.minimum(cta + i * num_ctas, num_windows * num_heads - 1)
+        w, h = idx // num_heads, idx % num_heads
+        # past the last sequence: length 0 (its copies are skipped, its rows stay masked)
+        lens = tuple(jnp.where(w * pack + c < batch, lens_ref[jnp.minimum(w * pack + c, batch - 1)], 0)
+                     for c in range(pack))
+        return (w * pack, h, lens), pl.multiple_of(w * srows, 8), pl.cdiv(functools.reduce(jnp.maximum, lens), kb)
+
+      def load(item, j, slot):  # sub-block c of the slot: keys j·kb ... of the window's sequence c, if it has any
+        b0, h, lens = item
+        for c in range(pack):  # always `pack` arrivals on the slot's barriers: a skipped copy's is a plain arrival
+          live = lens[c] > j * kb
+          pl.when(live)(functools.partial(copy, jnp.minimum(b0 + c, batch - 1), h, pl.ds(j * kb, kb),
+                                          pl.ds(c * kb, kb), slot))
+
+          @pl.when(jnp.logical_not(live))
+          def _():
+            plgpu.barrier_arrive(sk_bars.at[slot])
+            plgpu.barrier_arrive(sv_bars.at[slot])
+
+      def visibility(item, window):
+        del window
+        lens = item[2]
+        length = functools.reduce(lambda acc, c: jnp.where(cols // qrows == c, lens[c], acc), range(1, pack),
+                                  jnp.where(cols // qrows == 0, lens[0], 0))
+        # column r of the window is query t = (r mod T·g) // g of its sequence: it sees keys < length - T + 1 + t
+        limit = length - causal_t + 1 + cols % qrows // group if causal_t > 1 else length
+        return 0, lambda j: own_block & (key_of_row + j * kb < limit)
+
+      def store(item, window, h):  # the whole window: its rows past B·T·g fall in the outputs' padding
+        del item
+        plgpu.copy_smem_to_gmem(o_smem, os_ref.at[h, pl.ds(window, srows)])
+        plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, pl.ds(window, srows)])
 
     def queries(i):  # item i's query buffer and its copy's barrier (lookahead: two buffers, by item parity)
       if not lookahead:
@@ -604,58 +687,49 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       return q_smem.at[k], q_bars.at[PAIR + k]
 
     def start(i, base):  # item i's queries and first tiles (q_smem is never stored from: no store to wait for)
-      b, h, _, window, n = coords(i)
-      plgpu.copy_gmem_to_smem(qt_ref.at[h, pl.ds(window, srows)], *queries(i))
+      item, window, n = coords(i)
+      plgpu.copy_gmem_to_smem(qt_ref.at[item[1], pl.ds(window, srows)], *queries(i))
       # Tile starts are traced values (a loop, not unrolled): TMA clips a tile at the array's end.
-      lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(b, h, j, lax.rem(base + j, stages)), None)
+      lax.fori_loop(0, jnp.minimum(n, stages), lambda j, _: load(item, j, lax.rem(base + j, stages)), None)
 
-    if config.suffix_trim:  # zero weights times stale values must stay zero: no NaN from before the kernel
-      for slot in range(stages):
-        sv_smem.at[slot][...] = plgpu.layout_cast(jnp.zeros(sv_smem.shape[1:], sv_smem.dtype), plgpu.Layout.WGMMA)
+    if config.suffix_trim or pack > 1:  # zero weights times stale values must stay zero: no NaN from before the
+      for slot in range(stages):  # kernel in the rows a trimmed or skipped copy leaves
+        sv_smem.at[slot][...] = plgpu.layout_cast(jnp.zeros(sv_smem.shape[1:], sv_smem.dtype), wgmma)
       plgpu.commit_smem()  # before the copies (the async proxy) write into the ring
     if lookahead:  # the stream's first item; each later one is started by the item before it
       pl.when(num_items > 0)(lambda: start(0, 0))
 
     def item(i, base):  # base: the stream index of the item's first tile (0 without the lookahead)
-      b, h, first_row, window, n = coords(i)
-      length = lens_ref[b]
-      # Window row c is query t = (c - (first_row - window)) // g of the sequence's last T tokens: it sees suffix
-      # keys < length - T + 1 + t.
-      limit = length - causal_t + 1 + (cols - (first_row - window)) // group if causal_t > 1 else length
+      it, window, n = coords(i)
+      h = it[1]
+      num_full, limit = visibility(it, window)
       slot_of = lambda j: lax.rem(base + j, stages)
       if lookahead:
-        nb, nh, _, next_window, nn = coords(i + 1)
+        nit, next_window, nn = coords(i + 1)
         has_next = i + 1 < num_items
 
         @pl.when(has_next)
         def _():  # the next item's queries (the other buffer: its last reader, item i - 1, has finished) and the
           # first tiles that go into the slots this item leaves empty; after() below loads the rest
-          plgpu.copy_gmem_to_smem(qt_ref.at[nh, pl.ds(next_window, srows)], *queries(i + 1))
+          plgpu.copy_gmem_to_smem(qt_ref.at[nit[1], pl.ds(next_window, srows)], *queries(i + 1))
           lax.fori_loop(0, jnp.minimum(nn, jnp.maximum(stages - n, 0)),
-                        lambda t, _: load(nb, nh, t, slot_of(n + t)), None)
+                        lambda t, _: load(nit, t, slot_of(n + t)), None)
       else:
         start(i, 0)  # the queries' copy goes out with the first tiles' (one memory latency an item, not two)
 
       def after(j, slot):  # tile j has been read: its slot takes stream tile base + j + stages
-        pl.when(j + stages < n)(lambda: load(b, h, j + stages, slot))
+        pl.when(j + stages < n)(lambda: load(it, j + stages, slot))
         if lookahead:
           t = j + stages - n  # the next item's tile
-          pl.when(has_next & (t >= 0) & (t < nn))(lambda: load(nb, nh, t, slot))
+          pl.when(has_next & (t >= 0) & (t < nn))(lambda: load(nit, t, slot))
 
       q_buffer, q_copied = queries(i)
       plgpu.barrier_wait(q_copied)
       acc, m, l = flash(q_buffer, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
-                        lambda slot: sv_bars.at[slot], slot_of, after, n, (length - causal_t + 1) // block_k, limit,
-                        keys_major=True)
+                        lambda slot: sv_bars.at[slot], slot_of, after, n, num_full, limit, keys_major=True)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
-      # Only the sequence's own rows go out (o_smem is untiled: its rows can start anywhere).
-      mine = pl.ds(first_row - window, qrows)
-      plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(first_row, qrows)])
-      if qrows % 4:  # a TMA copy moves whole 16 bytes from and to 16-byte-aligned addresses: the whole window's
-        plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, b])  # lse, [Hkv, B, srows] (unpacked after the kernel)
-      else:
-        plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(first_row, qrows)])
+      store(it, window, h)
       return base + n if lookahead else base
 
     lax.fori_loop(0, num_items, item, jnp.int32(0))
@@ -727,16 +801,20 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.
   lens = jnp.concatenate([jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_k.shape[1]),
                           jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])])
-  scratch = _scratch(head_dim, srows, q.dtype, config, interpret)
+  pack = suffix_pack_of(qrows, config)
+  scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack)
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
-                             group=group)
+                             group=group, pack=pack)
   splits = config.prefix_splits
+  # packed suffix items store whole windows: the suffix outputs hold every window's 8 rows (sliced below)
+  suffix_rows = -(-batch // pack) * srows if pack > 1 else batch * qrows
   out_type = (
       jax.ShapeDtypeStruct((splits, num_heads, rows, head_dim), q.dtype),
       jax.ShapeDtypeStruct((splits, num_heads, rows), jnp.float32),
-      jax.ShapeDtypeStruct((num_heads, batch * qrows, head_dim), q.dtype),
-      # suffix lse: each sequence's rows, or (T·g not a multiple of 4) each item's whole window
-      jax.ShapeDtypeStruct((num_heads, batch, srows) if qrows % 4 else (num_heads, batch * qrows), jnp.float32),
+      jax.ShapeDtypeStruct((num_heads, suffix_rows, head_dim), q.dtype),
+      # suffix lse: each sequence's rows, or (T·g not a multiple of 4, unpacked) each item's whole window
+      jax.ShapeDtypeStruct((num_heads, batch, srows) if qrows % 4 and pack == 1 else (num_heads, suffix_rows),
+                           jnp.float32),
   )
   params = None
   if interpret:
@@ -755,7 +833,9 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
     lse = lse.reshape(num_heads, batch, steps, group).transpose(1, 2, 0, 3)
     return (out.reshape(batch, steps, num_q_heads, head_dim), lse.reshape(batch, steps, num_q_heads))
 
-  if qrows % 4:  # sequence b's rows sit at offset (b·T·g) mod 8 of its window
+  if pack > 1:
+    os_, ls = os_[:, :batch * qrows], ls[:, :batch * qrows]
+  elif qrows % 4:  # sequence b's rows sit at offset (b·T·g) mod 8 of its window
     offsets = (np.arange(batch) * qrows % 8)[:, None] + np.arange(qrows)
     ls = jnp.take_along_axis(ls, jnp.asarray(offsets)[None], axis=2).reshape(num_heads, batch * qrows)
   return (*(back(op[c, :, :batch * qrows], lp[c, :, :batch * qrows]) for c in range(splits)), back(os_, ls))

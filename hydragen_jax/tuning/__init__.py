@@ -61,6 +61,7 @@ class HopperTuning:
   suffix_trim: bool = False
   prefix_overlap: bool = False
   prefix_fill: float = 0.0
+  suffix_pack: bool = False
 
   def __post_init__(self):
     check_hopper(self)

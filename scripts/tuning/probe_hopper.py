@@ -68,7 +68,14 @@ VARIANTS = {
     **{f"k128qlat_{name}": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
                                                suffix_lookahead=True, suffix_trim=True, **kw)
        for name, kw in [("f1", dict(prefix_fill=1.0)), ("f075", dict(prefix_fill=0.75)), ("s2", dict(prefix_splits=2)),
-                        ("s4", dict(prefix_splits=4)), ("s8", dict(prefix_splits=8))]},
+                        ("s4", dict(prefix_splits=4)), ("s8", dict(prefix_splits=8)),
+                        ("f075p", dict(prefix_fill=0.75, suffix_pack=True))]},
+    # the H200's settings of T·g = 2-8 with packed suffix items (the 8 / T·g sequences of a query window in one
+    # item, session 19), and with the suffix ring across items too
+    "s128qp": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                  suffix_pack=True),
+    "s128qlap": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                    suffix_lookahead=True, suffix_pack=True),
 }
 
 
