@@ -90,7 +90,10 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))),
 # no gain at T·g = 4, 20 % slower at T·g = 1, where its second accumulator spills).
 # `prefix_fill`: the prefix keys split over CTAs below that many prefix items a CTA (session 18: 0.75 with T·g = 1's
 # settings, the H200's; its candidate first, so that a sweep keeps it unless another is faster).
+# `suffix_pack`: the 8 / T·g sequences of a query window in one suffix item (session 19: +2-3 % on the GQA rows,
+# T·g = 4, with the settings of T·g = 2-8; slower at T·g = 1 beyond one-token suffixes: 8 copies a tile).
 HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, True),
                   HopperTuning(2, 3, 208, 88, True, 64, False, 1, True),
