@@ -183,8 +183,6 @@ def test_several_items_per_cta(backend, config):
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
-
-
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("shape,config,plen", [
     # 3 splits of one 128-key tile each: the second sees 5 keys, the third none (its tile lies past the cache:
@@ -224,9 +222,15 @@ def test_prefix_key_splits_match_reference(backend, shape, config, plen):
     # multiple of 8
     ((19, 1, 4, 4, 64, 40, 72), hopper.HopperConfig(num_ctas=3, suffix_pack=True, suffix_keys=128,
                                                      suffix_lookahead=True)),
-    # T·g = 4 from T = 4 (causal, MHA): 2 sequences an item
-    ((9, 4, 4, 4, 128, 64, 24), hopper.HopperConfig(num_ctas=2, suffix_pack=True)),
-], ids=["rows4_capacity1", "rows2_causal_lookahead", "rows1_several_tiles", "rows4_causal"])
+    # T·g = 4 from T = 2, g = 2 (causal with a GQA group: query t = (r mod 4) // 2 of sequence r // 4)
+    ((5, 2, 4, 2, 64, 8, 40), hopper.HopperConfig(num_ctas=2, suffix_pack=True)),
+    # B = 3 < 8 sequences a window (the window's last 5 sub-blocks never copied), capacity 5 under one sub-block
+    ((3, 1, 4, 4, 64, 16, 5), hopper.HopperConfig(num_ctas=1, suffix_pack=True, suffix_lookahead=True)),
+    # the H200's T·g = 4 setting: 128-key suffix tiles of 64 keys a sequence, q in registers, 2 + 2 stages
+    ((6, 1, 8, 2, 128, 40, 136), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2,
+                                                      q_registers=True, suffix_keys=128, suffix_pack=True)),
+], ids=["rows4_capacity1", "rows2_causal_lookahead", "rows1_several_tiles", "rows4_causal_gqa", "batch_under_pack",
+        "rows4_h200"])
 def test_packed_suffix_items_match_reference(backend, shape, config):
   """suffix_pack: the 8 / T·g sequences of a query window in one suffix item (a block-diagonal mask over their key
   sub-blocks): ragged lengths, an empty suffix, a full one; the prefix part unchanged."""
@@ -240,6 +244,20 @@ def test_packed_suffix_items_match_reference(backend, shape, config):
           q, pk, pv, jnp.int32(p - 3), sk, sv, lengths)
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
+
+
+def test_packed_gqa_setting_lowers_for_cuda():
+  """The H200's shipped setting for T·g = 4 (packed suffix items) on a GQA seed row's shapes lowers for CUDA."""
+  config = dataclasses.replace(hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=4), num_ctas=132)
+  assert config.suffix_pack and hopper.suffix_pack_of(4, config) == 2
+  q = jax.ShapeDtypeStruct((512, 1, 32, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2048, 8, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((512, 512, 8, 128), jnp.bfloat16)
+  assert hopper.supported(q, kv, skv, config) is None
+  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((512,), jnp.int32))
+  assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_suffix_pack_applies_where_a_window_holds_whole_sequences():

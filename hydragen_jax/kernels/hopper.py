@@ -93,7 +93,7 @@ class HopperConfig(tuning_lib.HopperTuning):
   sequence has no keys left), their scores masked to a block diagonal. The suffix warpgroup runs each item's chain
   (copies, two wgmma and their waits, the softmax's cross-warp reductions, the stores) once for 8 / T·g sequences:
   a decode step's one-token suffixes are bound by that chain, ~600 instructions a warp and 16 barriers an item at
-  T·g = 1 (Nsight Compute, B = 256 MHA on the H200: 1.8 µs an item). suffix_trim does not apply to packed items
+  T·g = 1 (Nsight Compute, B = 256 MHA on the H200: ~2.3 µs an item). suffix_trim does not apply to packed items
   (their copies are already block_k / (8 / T·g) keys); the value ring is zeroed once at the start, as with it.
   """
 

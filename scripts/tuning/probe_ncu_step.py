@@ -7,8 +7,8 @@
 Each length runs 4 calls (so `--launch-skip 2` with `--launch-count 1` profiles the third call of the first
 length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`; the "separate"
 ones launch the kernel once a level, so a call is two launches there. `--hopper NAME` runs the Hopper kernel
-instead (`probe_hopper.VARIANTS[NAME]`; profile it with `--kernel-name regex:hydragen_hopper`... or the name the
-step's HLO gives its Mosaic GPU custom call).
+instead (`probe_hopper.VARIANTS[NAME]`; `--variant` is then not used): profile it with `--kernel-name
+regex:hydragen_hopper` (its Mosaic GPU kernel is named `hydragen_hopper_mosaic_gpu_kernel`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main():
   parser.add_argument("--shape", default="64x4096x128x32x32", help="B x P x OUT x HQ x HKV")
   parser.add_argument("--lengths", default="1,64")
   parser.add_argument("--variant", default="auto")
-  parser.add_argument("--hopper", default="", help="a probe_hopper variant: the Hopper kernel's step instead")
+  parser.add_argument("--hopper", default="", help="a probe_hopper variant: the Hopper kernel's step instead (--variant unused)")
   args = parser.parse_args()
   cfg = sweep_kernels.parse_shape(args.shape)
   if args.hopper:

@@ -47,12 +47,12 @@ SPLIT_K = ("fused_sk2", "fused_sk4", "fused_sk8", "fused_sk2all")
 
 def split_of(layout: str) -> tuple[int, bool]:
   """(K splits, whether every GEMM is split) of a layout name; (1, False) for the unsplit ones."""
-  m = re.fullmatch(r"fused_sk(\d+)(all)?", layout)
+  m = re.fullmatch(r"fused_sk([2-9]|[1-9]\d+)(all)?", layout)  # 2 splits or more
   return (int(m.group(1)), bool(m.group(2))) if m else (1, False)
 
 
 def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -> list[dict]:
-  """Per layer, by `layout` (`LAYOUTS`): "fused": qkv `[d, q + 2·kv]`, o `[q, d]`, gate_up `[d, 2·I]`, down
+  """Per layer, by `layout` (`LAYOUTS`; the split layouts read "fused"): "fused": qkv `[d, q + 2·kv]`, o `[q, d]`, gate_up `[d, 2·I]`, down
   `[I, d]`; "fused_nk": each of those transposed, `[N, K]`; "separate": q, k, v, gate, up as their own `[K, N]`
   arrays, cut from the fused ones (the same seed gives the same weights in every layout)."""
   d, qn, kv, inter = shape["hidden"], shape["q"], shape["kv"], shape["intermediate"]
@@ -67,7 +67,7 @@ def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -
       qkv, gate_up = ws.pop("qkv"), ws.pop("gate_up")
       ws.update(q=qkv[:, :qn], k=qkv[:, qn:qn + kv], v=qkv[:, qn + kv:], gate=gate_up[:, :inter],
                 up=gate_up[:, inter:])  # each slice its own new array
-    elif layout != "fused" and split_of(layout)[0] == 1:
+    elif layout != "fused":
       raise ValueError(f"layout: {layout!r}, expected one of {LAYOUTS}")
     out.append(ws)
   return out

@@ -91,7 +91,7 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))),
 # `prefix_fill`: the prefix keys split over CTAs below that many prefix items a CTA (session 18: 0.75 with T·g = 1's
 # settings, the H200's; its candidate first, so that a sweep keeps it unless another is faster).
 # `suffix_pack`: the 8 / T·g sequences of a query window in one suffix item (session 19: +2-3 % on the GQA rows,
-# T·g = 4, with the settings of T·g = 2-8; slower at T·g = 1 beyond one-token suffixes: 8 copies a tile).
+# T·g = 4, with the settings of T·g = 2-8; slower at T·g = 1 beyond one-token suffixes: 16 copies a tile).
 HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True),
@@ -166,7 +166,8 @@ def choices(configs, groups) -> list[Choice]:
   fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
   rows = sorted({b * hq // hkv for b, _, _, hq, hkv in every})
   return [
-      hopper_choice(2, 8, "gqa", HOPPER_CONFIGS),  # GQA's few-row suffix items (the seed rows: T·g = 4)
+      # GQA's few-row suffix items (the seed rows: T·g = 4; rows 2-3 keep their entry: none of the configs has them)
+      hopper_choice(4, 8, "gqa", HOPPER_CONFIGS),
       hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS),  # MHA decode: one-row items
       # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
