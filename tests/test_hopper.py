@@ -122,13 +122,19 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
 def test_mha_decode_lowers_for_cuda(config):
   """The e2e shape that motivates T·g = 1 (7B MHA, B = 512, a 16K prefix) lowers to Mosaic GPU for CUDA on any
   machine (TMA copies and shared memory accepted by its lowering; the compiled check is the GPU test above)."""
-  q = jax.ShapeDtypeStruct((512, 1, 32, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((16384, 32, 128), jnp.bfloat16)
-  skv = jax.ShapeDtypeStruct((512, 144, 32, 128), jnp.bfloat16)
+  _assert_lowers_for_cuda(config, batch=512, heads=32, kv_heads=32, prefix=16384, suffix=144)
+
+
+def _assert_lowers_for_cuda(config, *, batch, heads, kv_heads, prefix, suffix):
+  """The kernel with `config` for queries `[batch, 1, heads, 128]` (bf16) over a prefix and suffix caches of those
+  capacities lowers to Mosaic GPU for CUDA (checked on any machine)."""
+  q = jax.ShapeDtypeStruct((batch, 1, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((prefix, kv_heads, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((batch, suffix, kv_heads, 128), jnp.bfloat16)
   assert hopper.supported(q, kv, skv, config) is None
   step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
   traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
-                      jax.ShapeDtypeStruct((512,), jnp.int32))
+                      jax.ShapeDtypeStruct((batch,), jnp.int32))
   assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -250,14 +256,7 @@ def test_packed_gqa_setting_lowers_for_cuda():
   """The H200's shipped setting for T·g = 4 (packed suffix items) on a GQA seed row's shapes lowers for CUDA."""
   config = dataclasses.replace(hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=4), num_ctas=132)
   assert config.suffix_pack and hopper.suffix_pack_of(4, config) == 2
-  q = jax.ShapeDtypeStruct((512, 1, 32, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((2048, 8, 128), jnp.bfloat16)
-  skv = jax.ShapeDtypeStruct((512, 512, 8, 128), jnp.bfloat16)
-  assert hopper.supported(q, kv, skv, config) is None
-  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
-  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
-                      jax.ShapeDtypeStruct((512,), jnp.int32))
-  assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  _assert_lowers_for_cuda(config, batch=512, heads=32, kv_heads=8, prefix=2048, suffix=512)
 
 
 def test_suffix_pack_applies_where_a_window_holds_whole_sequences():
