@@ -217,6 +217,10 @@ def test_prefix_key_splits_match_reference(backend, shape, config, plen):
     assert bool(jnp.all(parts[2][1] == -jnp.inf)) and not bool(jnp.any(parts[2][0]))
 
 
+# packed cases run compiled only (each interpreted case costs ~5 s of CI): capacity under 8 and T·g = 2
+PACKED_COMPILED_ONLY = ((4, 1, 8, 2, 128, 4, 1), (7, 2, 4, 4, 128, 64, 24))
+
+
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize("shape,config", [
     # T·g = 4: 2 sequences an item, capacity under one 8-row tile
@@ -240,6 +244,8 @@ def test_prefix_key_splits_match_reference(backend, shape, config, plen):
 def test_packed_suffix_items_match_reference(backend, shape, config):
   """suffix_pack: the 8 / T·g sequences of a query window in one suffix item (a block-diagonal mask over their key
   sub-blocks): ragged lengths, an empty suffix, a full one; the prefix part unchanged."""
+  if backend.startswith("interpret") and shape in PACKED_COMPILED_ONLY:
+    pytest.skip("compiled only (CI time): the interpreted cases cover T·g = 1 and 4, causal, B < pack")
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=3)
   lengths = jnp.asarray(np.random.default_rng(3).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
