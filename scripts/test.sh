@@ -10,4 +10,6 @@ source scripts/setup_env.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
 fi
-exec .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@"
+# --dist loadgroup: tests that share an expensive module fixture (the smoke bench, SmolLM2) carry an xdist_group
+# mark and run on one worker, so that the fixture runs once, not once a worker.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider "$@"

@@ -347,6 +347,7 @@ def bench_smoke(tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (module fixture)
 def test_bench_smoke_results(bench_smoke):
     recs = _check_records(bench_smoke)
     cfg = config.load("bench_attention", smoke=True)
@@ -567,6 +568,7 @@ def test_apps_tree_shapes():
     assert all(len(s) == 1 for s in two.suffixes) and all(len(s) == 8 for s in one.suffixes)
 
 
+@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (module fixture)
 def test_report_of_partial_bench_run(bench_smoke, tmp_path):
     """A run killed before its summaries still gets its markdown tables (rebuilt from step records)."""
     lines = [l for l in bench_smoke.read_text().splitlines() if '"record": "summary"' not in l]

@@ -274,6 +274,7 @@ def smollm2():
     return load_gguf(path, jnp.float32), load_gguf_tokenizer(path), ref
 
 
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
 def test_smollm2_config_and_tokenizer(smollm2):
     model, tok, ref = smollm2
     c = model.config
@@ -319,16 +320,19 @@ def hydragen_run(smollm2):
     return run(model, ref, "hydragen", None)
 
 
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
 def test_smollm2_matches_transformers(smollm2, hydragen_run):
     assert_matches_reference(hydragen_run, smollm2[2])
 
 
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
 @pytest.mark.slow
 def test_smollm2_modes_agree(smollm2, hydragen_run):
     model, _, ref = smollm2
     assert_modes_agree(model, ref, hydragen_run, None)
 
 
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Pallas kernels)")
 def test_smollm2_matches_transformers_gpu(smollm2):
