@@ -156,16 +156,3 @@ def skinny_matmul(x: Array, weights: tuple[Array, ...], *, gemm: tuning_lib.Gemm
   )(*inputs)
   return [(p[0] if splits == 1 else p.sum(axis=0))[:m].astype(x.dtype) for p in partials]
 
-
-def split_k_matmul(x: Array, w: Array, splits: int) -> Array:
-  """x `[M, K]` @ w `[K, N]` as one batched product over `splits` equal chunks of K (`[splits, M, N]` float32
-  partials), added in float32: `[M, N]` in x's dtype. More output tiles for the GPU where M and N give few (the o and
-  down projections at a few hundred rows); both reshapes are free (x's chunks are strided views, w's contiguous)."""
-  m, k = x.shape
-  if splits < 1 or k % splits:
-    raise ValueError(f"split_k_matmul: splits={splits!r} must be a positive divisor of K = {k}")
-  n = w.shape[1]
-  parts = lax.dot_general(x.reshape(m, splits, k // splits), w.reshape(splits, k // splits, n),
-                          (((2,), (1,)), ((1,), (0,))), precision=matmul_precision(x.dtype),
-                          preferred_element_type=jnp.float32)
-  return parts.sum(axis=0).astype(x.dtype)

@@ -73,11 +73,26 @@ def layer_weights(shape: dict, layers: int, dtype, layout: str, seed: int = 0) -
   return out
 
 
+def split_k_matmul(x, w, splits: int):
+  """x `[M, K]` @ w `[K, N]` as one batched product over `splits` equal chunks of K (`[splits, M, N]` float32
+  partials), added in float32: `[M, N]` in x's dtype. More output tiles for the GPU where M and N give few (the o and
+  down projections at a few hundred rows); both reshapes are free (x's chunks are strided views, w's contiguous).
+  Measured slower than XLA's one product at 128-1024 rows on the H200 (2026-12-01, experiments/PERF_NOTES.md)."""
+  m, k = x.shape
+  if splits < 1 or k % splits:
+    raise ValueError(f"split_k_matmul: splits={splits!r} must be a positive divisor of K = {k}")
+  n = w.shape[1]
+  parts = jax.lax.dot_general(x.reshape(m, splits, k // splits), w.reshape(splits, k // splits, n),
+                          (((2,), (1,)), ((1,), (0,))), precision=gemm.matmul_precision(x.dtype),
+                          preferred_element_type=jnp.float32)
+  return parts.sum(axis=0).astype(x.dtype)
+
+
 def matmul(x, w, transposed: bool = False, splits: int = 1):
   """x `[M, K]` @ w: w `[K, N]`, or `[N, K]` contracted on its second axis; `splits` > 1: K in that many chunks, one
   batched product with float32 partials, added (`[K, N]` only)."""
   if splits > 1:
-    return gemm.split_k_matmul(x, w, splits)
+    return split_k_matmul(x, w, splits)
   dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
   return jax.lax.dot_general(x, w, dims, precision=gemm.matmul_precision(x.dtype)).astype(x.dtype)
 
