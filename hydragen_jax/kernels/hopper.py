@@ -643,7 +643,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       num_windows = -(-batch // pack)
       num_items = count(num_windows * num_heads)
       key_rows = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 0, layout=wgmma)
-      own_block = key_rows // kb == cols // qrows  # the tile's rows of a column's own sequence
+      seq_of_col = cols // qrows  # column r of the window is sequence r // T·g of the window,
+      step_of_col = cols % qrows // group  # query t = (r mod T·g) // g of the sequence's last T tokens
+      own_block = key_rows // kb == seq_of_col  # the tile's rows of a column's own sequence
       key_of_row = key_rows % kb
 
       def coords(i):  # item i of this CTA: ((first sequence, KV head, the window's lengths), window, key tiles)
@@ -669,10 +671,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       def visibility(item, window):
         del window
         lens = item[2]
-        length = functools.reduce(lambda acc, c: jnp.where(cols // qrows == c, lens[c], acc), range(1, pack),
-                                  jnp.where(cols // qrows == 0, lens[0], 0))
-        # column r of the window is query t = (r mod T·g) // g of its sequence: it sees keys < length - T + 1 + t
-        limit = length - causal_t + 1 + cols % qrows // group if causal_t > 1 else length
+        length = functools.reduce(lambda acc, c: jnp.where(seq_of_col == c, lens[c], acc), range(1, pack),
+                                  jnp.where(seq_of_col == 0, lens[0], 0))
+        # query t sees its sequence's keys < length - T + 1 + t
+        limit = length - causal_t + 1 + step_of_col if causal_t > 1 else length
         return 0, lambda j: own_block & (key_of_row + j * kb < limit)
 
       def store(item, window, h):  # the whole window: its rows past B·T·g fall in the outputs' padding
