@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (once) and run the whole test suite on CPU: Pallas kernels interpreted, GPU-only tests skipped with
-# their reason. Extra arguments go to pytest (e.g. -k attention, -m "not slow").
+# Set up (once) and run the test suite on CPU: Pallas kernels interpreted, GPU-only tests skipped with their reason.
+# Without --all the slow tier (`-m slow`: the tensor-parallel matrix on 4 host devices, SmolLM2's demo and modes, the
+# experiments' end-to-end smoke runs) is left out: that is what CI runs. Usage: bash scripts/test.sh [--all]
+# [pytest args] (e.g. -k attention; an -m of your own replaces the default "not slow").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
@@ -12,4 +14,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 # --dist loadgroup: tests that share an expensive module fixture (the smoke bench, SmolLM2) carry an xdist_group
 # mark and run on one worker, so that the fixture runs once, not once a worker.
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider "$@"
+MARK=(-m "not slow")
+if [[ "${1:-}" == --all ]]; then shift; MARK=(); fi
+for arg in "$@"; do [[ "$arg" == -m* ]] && MARK=(); done
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider ${MARK[@]+"${MARK[@]}"} "$@"

@@ -340,14 +340,14 @@ def _check_records(path: pathlib.Path) -> list[dict]:
     return recs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules' tests with this group's
 def bench_smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
     assert cli.main(["bench-attention", "--smoke", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
-@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (module fixture)
+@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)
 def test_bench_smoke_results(bench_smoke):
     recs = _check_records(bench_smoke)
     cfg = config.load("bench_attention", smoke=True)
@@ -391,6 +391,7 @@ def test_bench_smoke_results(bench_smoke):
     assert "floor frac" in md and "tok/s" in md
 
 
+@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)
 def test_bench_smoke_plots(bench_smoke, tmp_path):
     assert cli.main(["plot", str(bench_smoke), "--out", str(tmp_path)]) == 0
     pngs = sorted(tmp_path.glob("*.png"))
@@ -442,6 +443,7 @@ def test_bench_records_estimated_oom_without_allocating(tmp_path):
     assert steps and all(r["status"] == "oom" and "estimated" in r["reason"] for r in steps)
 
 
+@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)
 def test_jsonl_is_one_object_per_line(bench_smoke):
     for line in bench_smoke.read_text().splitlines():
         assert isinstance(json.loads(line), dict)
@@ -469,8 +471,8 @@ def test_seed_configs_are_data():
 E2E_CONFIGS = ["e2e_throughput", "long_document", "tree_apps"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", E2E_CONFIGS)
+# e2e_throughput's smoke run in CI; the other two, the same runner and report with other grids, in the slow tier
+@pytest.mark.parametrize("name", [E2E_CONFIGS[0], *(pytest.param(n, marks=pytest.mark.slow) for n in E2E_CONFIGS[1:])])
 def test_e2e_smoke_runs_parses_and_plots(name, tmp_path):
     out = tmp_path / f"{name}.jsonl"
     assert cli.main(["run", name, "--smoke", "--out", str(out), "--no-progress", "--plot"]) == 0
@@ -568,7 +570,7 @@ def test_apps_tree_shapes():
     assert all(len(s) == 1 for s in two.suffixes) and all(len(s) == 8 for s in one.suffixes)
 
 
-@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (module fixture)
+@pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)
 def test_report_of_partial_bench_run(bench_smoke, tmp_path):
     """A run killed before its summaries still gets its markdown tables (rebuilt from step records)."""
     lines = [l for l in bench_smoke.read_text().splitlines() if '"record": "summary"' not in l]

@@ -98,7 +98,6 @@ def test_demo_runs_smollm2(capsys):
     assert tree.startswith("8 sequences; shared levels: 1 node(s)") and "4 node(s)" in tree, tree
 
 
-@pytest.mark.slow
 def test_training_script_smoke(tmp_path):
     curve = train(minutes=0.05, out=str(tmp_path / "m"), batch=2, seq=32, log_every=1000)
     assert np.isfinite(curve[-1][2])

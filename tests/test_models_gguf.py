@@ -266,7 +266,7 @@ def _smollm2():
         pytest.skip(str(e))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules' tests with this group's
 def smollm2():
     path = _smollm2()
     with open(FIXTURE) as f:
@@ -274,7 +274,7 @@ def smollm2():
     return load_gguf(path, jnp.float32), load_gguf_tokenizer(path), ref
 
 
-@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (session fixture)
 def test_smollm2_config_and_tokenizer(smollm2):
     model, tok, ref = smollm2
     c = model.config
@@ -313,26 +313,26 @@ def assert_modes_agree(model, ref, h, backend):
         np.testing.assert_array_equal(g.lengths, h.lengths, err_msg=mode)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hydragen_run(smollm2):
     """The default backend's run: jnp on CPU, the Pallas kernels on a GPU."""
     model, _, ref = smollm2
     return run(model, ref, "hydragen", None)
 
 
-@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (session fixture)
 def test_smollm2_matches_transformers(smollm2, hydragen_run):
     assert_matches_reference(hydragen_run, smollm2[2])
 
 
-@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (session fixture)
 @pytest.mark.slow
 def test_smollm2_modes_agree(smollm2, hydragen_run):
     model, _, ref = smollm2
     assert_modes_agree(model, ref, hydragen_run, None)
 
 
-@pytest.mark.xdist_group("smollm2")  # one worker loads the model (module fixture)
+@pytest.mark.xdist_group("smollm2")  # one worker loads the model (session fixture)
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Pallas kernels)")
 def test_smollm2_matches_transformers_gpu(smollm2):

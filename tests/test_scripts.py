@@ -318,3 +318,52 @@ def test_probe_spills_attributes_each_compile_to_its_setting_and_window(capsys):
   out = capsys.readouterr().out
   assert "== s128q rows=24 window=24" in out and "== s128q rows=64 window=64" in out
   assert "not compiled: shared memory" in out  # a 64-row window with 128-key suffix tiles does not fit
+
+
+@pytest.mark.parametrize("m,k,n,block_n,stages,ctas", [
+    (8, 256, 192, 64, 3, 4),  # K split in 4 (8 units on 4 CTAs: the ring runs across units)
+    (3, 128, 128, 64, 2, 2),  # fewer rows than a row tile of x; one K tile a unit
+    (20, 192, 128, 128, 2, 3),  # 24 rows of x; K tiles 3: a split of one tile, a ring shorter than a unit
+])
+def test_probe_gemm_hopper_kernel_matches_xla(m, k, n, block_n, stages, ctas):
+  """The Mosaic GPU decode-GEMM kernel of the probe (interpreted) against jnp.matmul, within bf16 rounding."""
+  from scripts.tuning import probe_gemm_hopper as probe  # noqa: PLC0415
+  config = probe.HopperGemmConfig(block_n=block_n, block_k=64, stages=stages)
+  kx, kw = jax.random.split(jax.random.PRNGKey(m))
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (k, n), jnp.float32).astype(jnp.bfloat16)
+  got = probe.matmul(x, w, config=config, num_ctas=ctas, interpret=True)
+  want = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32))
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2 * float(
+      jnp.abs(want).max()))
+
+
+def test_probe_gemm_hopper_plans_whole_waves_and_refuses_what_it_cannot_take():
+  from scripts.tuning import probe_gemm_hopper as probe  # noqa: PLC0415
+  config = probe.HopperGemmConfig()  # 128 × 128 tiles, balance 0.9
+  # q/k/v (96 column blocks, 32 K tiles) on 132 SMs: 4 splits, 384 units = 2.9 waves (2 splits: 192 = 1.45)
+  assert probe.plan(12288, 4096, config, 132) == (4, 8)
+  assert probe.plan(4096, 11008, config, 132) == (8, 11)  # down: 86 K tiles, 11 a split (the last 9): 256 units
+  assert probe.stages_that_fit(64, config) < probe.stages_that_fit(8, config) == config.stages
+  with pytest.raises(ValueError, match="65 rows: the kernel is for decode steps"):
+    probe.matmul(jnp.zeros((65, 128), jnp.bfloat16), jnp.zeros((128, 128), jnp.bfloat16), num_ctas=1)
+  with pytest.raises(ValueError, match="dtype float32"):
+    probe.matmul(jnp.zeros((8, 128)), jnp.zeros((128, 128)), num_ctas=1)
+
+
+def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
+  """scripts/test.sh runs `pytest -n 2 --dist loadgroup` so that the tests sharing an expensive fixture (the smoke
+  bench, SmolLM2) run on one worker; with pytest 9.2 and pytest-xdist 3.8 the groups were silently ignored (hence
+  pytest < 9.2 in pyproject.toml)."""
+  (tmp_path / "test_groups.py").write_text(
+      "import os, time, pytest\n"
+      + "".join(f"@pytest.mark.xdist_group('g')\ndef test_grouped_{i}():\n"
+                f"    time.sleep(0.3); open('{tmp_path}/w{i}', 'w').write(os.environ['PYTEST_XDIST_WORKER'])\n"
+                for i in range(4))
+      + "".join(f"def test_free_{i}():\n    time.sleep(0.3)\n" for i in range(4)))
+  done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist",
+                         "loadgroup", str(tmp_path / "test_groups.py")], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stdout[-2000:]
+  assert len({(tmp_path / f"w{i}").read_text() for i in range(4)}) == 1
