@@ -367,3 +367,12 @@ def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
                         text=True, timeout=120)
   assert done.returncode == 0, done.stdout[-2000:]
   assert len({(tmp_path / f"w{i}").read_text() for i in range(4)}) == 1
+
+
+def test_probe_gemm_hopper_times_each_backend_on_the_chained_layers(capsys):
+  from scripts.tuning import probe_gemm_hopper as probe  # noqa: PLC0415
+  probe.main(["--tiny", "--interpret", "--rows", "8", "--layers", "1", "--repeats", "1", "--configs", "64x64x2",
+              "--chain-only"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("[probe_gemm_hopper] ") and len(lines) == 2, lines
+  assert lines[1].startswith("M=  8 layer ") and " xla " in lines[1] and " hopper64x64x2 " in lines[1], lines

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from experiments.timing import time_fn
 from hydragen_jax.kernels import ops
 
 Array = jax.Array
@@ -184,23 +183,12 @@ def stages_that_fit(m: int, config: HopperGemmConfig) -> int:
 
 
 SHAPES = dict(qkv=(4096, 12288), o=(4096, 4096), gate_up=(4096, 22016), down=(11008, 4096))
+TINY = dict(qkv=(128, 384), o=(128, 128), gate_up=(128, 512), down=(256, 128))  # --tiny: the plumbing on CPU
 
 
 def parse_config(text: str) -> HopperGemmConfig:
   block_n, block_k, stages = (int(v) for v in text.split("x"))
   return HopperGemmConfig(block_n=block_n, block_k=block_k, stages=stages)
-
-
-def timed(fn, *args, repeats: int) -> float:
-  """Median seconds of a call of the compiled fn (after two warm-up calls)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,20 +198,24 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--chain-only", action="store_true", help="time only the layers' chained GEMMs")
+  ap.add_argument("--tiny", action="store_true", help="small shapes, 2 CTAs (with --interpret: on CPU)")
+  ap.add_argument("--interpret", action="store_true", help="the kernel in Mosaic GPU's interpreter")
   ap.add_argument("--bandwidth", type=float, default=4.57, help="TB/s for the floor")
   args = ap.parse_args(argv)
-  cores = ops.num_cores()
+  shapes = TINY if args.tiny else SHAPES
+  cores = 2 if args.tiny else ops.num_cores()
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 4 * args.layers + 8))
   weights = {name: [(jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
-                    for _ in range(args.layers)] for name, shape in SHAPES.items()}
+                    for _ in range(args.layers)] for name, shape in shapes.items()}
   backends = {"xla": lambda x, w: jnp.matmul(x, w)}
   for text in args.configs.split(","):
     config = parse_config(text)
-    backends[f"hopper{text}"] = lambda x, w, config=config: matmul(x, w, config=config, num_ctas=cores)
+    backends[f"hopper{text}"] = lambda x, w, config=config: matmul(x, w, config=config, num_ctas=cores,
+                                                                   interpret=args.interpret)
   print(f"[probe_gemm_hopper] {jax.devices()[0].device_kind}, {cores} SMs, {args.layers} layers, floor at "
         f"{args.bandwidth} TB/s")
   for m in (int(r) for r in args.rows.split(",")):
-    for kind, (k, n) in ({} if args.chain_only else SHAPES).items():
+    for kind, (k, n) in ({} if args.chain_only else shapes).items():
       x = jax.random.normal(next(keys), (m, k), jnp.float32).astype(jnp.bfloat16)
       floor_us = k * n * 2 / (args.bandwidth * 1e12) * 1e6
       want = np.asarray(jnp.matmul(x, weights[kind][0]), np.float32)
@@ -232,23 +224,24 @@ def main(argv: list[str] | None = None) -> None:
         got = np.asarray(jax.jit(mm)(x, weights[kind][0]), np.float32)
         err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
         fn = jax.jit(lambda x, ws, mm=mm: [mm(x, w) for w in ws])
-        us = timed(fn, x, weights[kind], repeats=args.repeats) / args.layers * 1e6
+        us = time_fn(fn, (x, weights[kind]), repeats=args.repeats).median_s / args.layers * 1e6
         line.append(f"{name} {us:7.1f} us ({floor_us / us:.3f}; err {err:.1e})")
       print(f"M={m:3d} {kind:8s} floor {floor_us:6.1f} us | " + " | ".join(line))
 
     def layer_chain(x, mm):  # a layer's four products, each feeding the next (first columns), over every layer
       for i in range(args.layers):
         qkv = mm(x, weights["qkv"][i])
-        o = mm(qkv[:, :4096], weights["o"][i])
+        o = mm(qkv[:, :shapes["o"][0]], weights["o"][i])
         gu = mm(o, weights["gate_up"][i])
-        x = mm(gu[:, :11008], weights["down"][i])
+        x = mm(gu[:, :shapes["down"][0]], weights["down"][i])
       return x
 
-    x = jax.random.normal(next(keys), (m, 4096), jnp.float32).astype(jnp.bfloat16)
-    floor_us = sum(k * n * 2 for k, n in SHAPES.values()) / (args.bandwidth * 1e12) * 1e6
+    x = jax.random.normal(next(keys), (m, shapes["qkv"][0]), jnp.float32).astype(jnp.bfloat16)
+    floor_us = sum(k * n * 2 for k, n in shapes.values()) / (args.bandwidth * 1e12) * 1e6
     line = []
     for name, mm in backends.items():
-      us = timed(jax.jit(lambda x, mm=mm: layer_chain(x, mm)), x, repeats=args.repeats) / args.layers * 1e6
+      chain = jax.jit(lambda x, mm=mm: layer_chain(x, mm))
+      us = time_fn(chain, (x,), repeats=args.repeats).median_s / args.layers * 1e6
       line.append(f"{name} {us:7.1f} us ({floor_us / us:.3f})")
     print(f"M={m:3d} {'layer':8s} floor {floor_us:6.1f} us | " + " | ".join(line))
 
