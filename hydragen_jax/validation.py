@@ -52,7 +52,8 @@ def prefix_fill(q_shape: tuple[int, ...], num_kv_heads: int, num_cores: int) -> 
 def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int,
                    tuning: tuning_lib.Tuning | None = None, num_cores: int | None = None) -> bool:
   """Whether the Hopper kernel pays on a Hopper GPU (any machine may ask: the sweep does): for a prefix product of
-  at least `tuning.hopper_min_work` (None: `tuning.current()`) whose items fill the grid, at least
+  at least `tuning.hopper_min_work` (None: `tuning.current()`), or of at least `tuning.hopper_min_seq_work` a
+  sequence (T·g rows × prefix capacity; 0: off), whose items fill the grid, at least
   `tuning.hopper_min_fill` per SM (`num_cores` SMs; None: the device's, `kernels.ops.num_cores`). There the product
   is compute-bound and the kernel overlaps it with the suffix stream; below, the Triton kernels are as fast or faster
   (measured per device: `hydragen_jax/tuning`; the work threshold was measured on GQA rows, T·g = 4). Any T·g: MHA
@@ -62,8 +63,10 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   threshold was measured without splits and is not re-swept yet)."""
   tuning = tuning_lib.resolve(tuning)
   cores = ops.num_cores(tuning) if num_cores is None else num_cores
-  return (prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning.hopper_min_work
-          and prefix_fill(q_shape, num_kv_heads, cores) >= tuning.hopper_min_fill)
+  seq_work = prefix_work((1, *q_shape[1:]), num_kv_heads, prefix_capacity)  # one sequence's T·g rows × P
+  enough = prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning.hopper_min_work or (
+      0 < tuning.hopper_min_seq_work <= seq_work)
+  return enough and prefix_fill(q_shape, num_kv_heads, cores) >= tuning.hopper_min_fill
 
 
 def batching_pays(batch: int, num_nodes: int, node_bytes: int, tuning: tuning_lib.Tuning | None = None) -> bool:

@@ -599,6 +599,23 @@ def test_pallas_leaves_the_hopper_kernel_where_its_prefix_items_leave_sms_idle()
     assert validation.pays_on_hopper(whole, 32, 16384) == (128 / ops.num_cores() >= 0.75)
 
 
+def test_pallas_takes_the_hopper_kernel_for_a_long_prefix_per_sequence():
+  """hopper_min_seq_work: below hopper_min_work, a product whose work a sequence (T·g rows × prefix capacity) is at
+  least the threshold takes the Hopper kernel, its items filling the grid as before (measured on the H200, B = 256
+  MHA: P = 8K faster than Triton, 4K slower, and B = 512, P = 4K, the same total work as 256 / 8K, slower)."""
+  t = dataclasses.replace(tuning.current(), hopper_min_work=4194304, hopper_min_fill=0.4, hopper_min_seq_work=8192)
+  mha = lambda b: (b, 1, 32, 128)  # noqa: E731
+  assert validation.prefix_work(mha(256), 32, 8192) == 2097152 < t.hopper_min_work
+  assert validation.pays_on_hopper(mha(256), 32, 8192, t, num_cores=132)  # 8192 a sequence; 64 items: fill 0.48
+  assert not validation.pays_on_hopper(mha(256), 32, 4096, t, num_cores=132)
+  assert not validation.pays_on_hopper(mha(512), 32, 4096, t, num_cores=132)  # 4096 a sequence
+  assert not validation.pays_on_hopper(mha(64), 32, 16384, t, num_cores=132)  # 16384 a sequence but fill 0.12
+  assert validation.pays_on_hopper((256, 1, 32, 128), 8, 2048, t, num_cores=132)  # GQA, T·g = 4: 8192 a sequence
+  assert validation.pays_on_hopper((128, 2, 32, 128), 8, 1024, t, num_cores=132)  # T = 2, g = 4: 8192 a sequence
+  assert not validation.pays_on_hopper(mha(256), 32, 8192, dataclasses.replace(t, hopper_min_seq_work=0),
+                                       num_cores=132)  # 0: off, only hopper_min_work decides
+
+
 def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hopper():
   """The automatic choice: a Hopper GPU and (rows per KV head) × (prefix capacity) >= the tuning's
   hopper_min_work."""

@@ -234,6 +234,8 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d.update(hopper_min_fill=-0.5), "hopper_min_fill must be a finite number >= 0; got -0.5"),
     (lambda d: d.update(hopper_min_fill="0.75"), "hopper_min_fill must be a finite number >= 0; got '0.75'"),
     (lambda d: d.pop("hopper_min_fill"), r"missing \['hopper_min_fill'\]"),
+    (lambda d: d.update(hopper_min_seq_work=-1), "hopper_min_seq_work must be an int >= 0; got -1"),
+    (lambda d: d.pop("hopper_min_seq_work"), r"missing \['hopper_min_seq_work'\]"),
     (lambda d: d["gemm"].update(block_n=48), "GemmTuning.block_n must be a power of two >= 16; got 48"),
     (lambda d: d["gemm"].update(max_rows=256), r"GemmTuning.max_rows must be an int in \[0, 128\]; got 256"),
     (lambda d: d["gemm"].update(min_rows=0), r"GemmTuning.min_rows must be an int in \[1, 128\]; got 0"),

@@ -172,6 +172,10 @@ class Tuning:
       least this many per SM: with fewer, the persistent grid leaves SMs without prefix work (e.g. a layer's heads
       split over GPUs by tensor parallelism) and the Triton kernels are faster (measured before the kernel could
       split its prefix keys: `HopperTuning.prefix_fill`).
+    hopper_min_seq_work: ... or, below `hopper_min_work`, where the prefix product's work of one sequence (its T·g
+      query rows × the prefix capacity) is at least this (0: off): long prefixes with few rows a sequence (MHA
+      decode) keep the kernel's pair busy per item even at moderate B, where the same total work spread over more,
+      shorter rows does not pay (the H200, B = 256 MHA: P = 8K 1.13× Triton, 4K 0.88×; B = 512, P = 4K 0.83×).
     max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
     balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
       programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).
@@ -197,6 +201,7 @@ class Tuning:
 
   hopper_min_work: int
   hopper_min_fill: float
+  hopper_min_seq_work: int
   max_keys_per_program: int
   balanced_keys: int
   balanced_programs_per_core: int
@@ -214,7 +219,7 @@ class Tuning:
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores"), least=1)
-    _check_ints(self, ("batch_min_saved_bytes",), least=0)
+    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work"), least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")

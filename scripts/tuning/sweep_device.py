@@ -152,7 +152,9 @@ def hopper_choice(first: int, last: int, group: str, candidates) -> Choice:
                 tuple(candidates), lambda t: t.hopper_for(first), lambda t, v: t.with_hopper(first, last, v))
 
 
-THRESHOLDS = ("hopper_min_work", "hopper_min_fill")  # the fields that decide between the Hopper kernel and Triton
+# the fields that decide between the Hopper kernel and Triton on the configs (hopper_min_seq_work, the rule for long
+# prefixes a sequence, is set from probe_hopper on the long document's shapes: none of the configs has them)
+THRESHOLDS = ("hopper_min_work", "hopper_min_fill")
 
 
 def choices(configs, groups) -> list[Choice]:
