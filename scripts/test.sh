@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (once) and run the test suite on CPU: Pallas kernels interpreted, GPU-only tests skipped with their reason.
 # Without --all the slow tier (`-m slow`: the tensor-parallel matrix on 4 host devices, SmolLM2's demo and modes, the
-# experiments' end-to-end smoke runs) is left out: that is what CI runs. Usage: bash scripts/test.sh [--all]
+# long-document and tree smoke runs) is left out: that is what CI runs. Usage: bash scripts/test.sh [--all]
 # [pytest args] (e.g. -k attention; an -m of your own replaces the default "not slow").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,8 +12,8 @@ source scripts/setup_env.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
 fi
-# --dist loadgroup: tests that share an expensive module fixture (the smoke bench, SmolLM2) carry an xdist_group
-# mark and run on one worker, so that the fixture runs once, not once a worker.
+# --dist loadgroup: tests that share an expensive session fixture (the smoke bench, SmolLM2) carry an xdist_group
+# mark and run on one worker, so that the fixture runs once, not once a worker (pytest < 9.2: see pyproject.toml).
 MARK=(-m "not slow")
 if [[ "${1:-}" == --all ]]; then shift; MARK=(); fi
 for arg in "$@"; do [[ "$arg" == -m* ]] && MARK=(); done
