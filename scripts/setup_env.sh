@@ -31,7 +31,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import hydragen_jax, mode
 fi
 # pytest 9.2 makes pytest-xdist 3.8 ignore the test groups (pyproject.toml): a venv made before the pin gets 9.1.
 if ! .venv/bin/python -c 'import pytest, sys; sys.exit(tuple(map(int, pytest.__version__.split(".")[:2])) >= (9, 2))'; then
-  .venv/bin/python -m pip install -q "pytest>=8,<9.2" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true  # the pin: pyproject
 fi
 demo_ready() {
   .venv/bin/python -c 'import gguf, tokenizers, jinja2, importlib.util, sys

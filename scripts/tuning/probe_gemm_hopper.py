@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments.timing import time_fn
-from hydragen_jax.kernels import ops
+from hydragen_jax.kernels import hopper, ops
 
 Array = jax.Array
 
@@ -44,12 +44,11 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class HopperGemmConfig:
   """block_n: columns of w a unit (a multiple of 64); block_k: rows of w a tile (a multiple of 64); stages: tiles in
-  flight a CTA; num_ctas: None for one a SM; min_balance: the least share of the CTAs' unit slots that the split
-  of K must keep busy (the last wave)."""
+  flight a CTA (fewer where shared memory holds fewer: `stages_that_fit`); min_balance: the least share of the
+  CTAs' unit slots that the split of K must keep busy (the last wave). The CTAs: `matmul`'s num_ctas."""
   block_n: int = 128
   block_k: int = 128
   stages: int = 6
-  num_ctas: int | None = None
   min_balance: float = 0.9
 
 
@@ -171,14 +170,11 @@ def matmul(x: Array, w: Array, *, config: HopperGemmConfig = HopperGemmConfig(),
   return partial.sum(axis=0)[:, :m].T.astype(x.dtype)
 
 
-SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
-
-
 def stages_that_fit(m: int, config: HopperGemmConfig) -> int:
   """`config.stages`, or fewer where a CTA's shared memory holds fewer (x's slices grow with m)."""
   mp = -(-m // 8) * 8
   per_stage = -(-(mp + config.block_n) * config.block_k * 2 // 1024) * 1024
-  fit = (SMEM_LIMIT - 1024 - -(-config.block_n * mp * 4 // 1024) * 1024) // (per_stage + 8)
+  fit = (hopper.SMEM_LIMIT - 1024 - -(-config.block_n * mp * 4 // 1024) * 1024) // (per_stage + 8)
   return max(1, min(config.stages, fit))
 
 
