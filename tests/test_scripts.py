@@ -376,3 +376,15 @@ def test_probe_gemm_hopper_times_each_backend_on_the_chained_layers(capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].startswith("[probe_gemm_hopper] ") and len(lines) == 2, lines
   assert lines[1].startswith("M=  8 layer ") and " xla " in lines[1] and " hopper64x64x2 " in lines[1], lines
+
+
+def test_probe_gemm_mgpu_checks_jax_hopper_matmul_against_xla(capsys):
+  """The probe of JAX's own Hopper matmul (interpreted, tiny): its product matches XLA's; a config whose CTA tile
+  does not divide the product is left out, not failed."""
+  from scripts.tuning import probe_gemm_mgpu as probe  # noqa: PLC0415
+  assert probe.fits("m64n64M", 256, 192, 128) and not probe.fits("m128n128N", 256, 192, 128)  # CTA 128 × 256
+  recs = probe.main(["--tiny", "--interpret", "--rows", "128", "--layers", "1", "--products", "down",
+                     "--configs", "m64n64M,m128n128N"])
+  assert [r["config"] for r in recs] == ["xla", "m64n64M"], recs
+  assert recs[1]["max_err"] <= 0.05 and "us" not in recs[1], recs  # bf16 rounding of |y| <~ 4; untimed
+  assert '"config": "m64n64M"' in capsys.readouterr().out

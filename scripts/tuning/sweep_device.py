@@ -153,7 +153,8 @@ def hopper_choice(first: int, last: int, group: str, candidates) -> Choice:
 
 
 # the fields that decide between the Hopper kernel and Triton on the configs (hopper_min_seq_work, the rule for long
-# prefixes a sequence, is set from probe_hopper on the long document's shapes: none of the configs has them)
+# prefixes a sequence, is measured on the long document's shapes, by probe_hopper and end to end: none of the configs
+# has them)
 THRESHOLDS = ("hopper_min_work", "hopper_min_fill")
 
 
