@@ -8,7 +8,9 @@ dict per layer type); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary, another activation) or a key this module does not know raises ``CheckpointError`` naming the
-key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits.
+key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
+out takes the default of the family's transformers config class (``Family``, ``DEFAULT_RMS_NORM_EPS``): what
+transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which is then refused).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Family:
     qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
+    # transformers' defaults for the family's config class where config.json leaves a key out
+    default_max_positions: int = 2048
+    default_window: int | None = None  # sliding_window (None: no window; a given one is still checked)
     # bos / eos token ids where config.json leaves them out: transformers' defaults for the family's config class
     # (which it omits when saving a config whose value equals them): 1 / 2 for Llama and Mistral, none for Qwen
     default_bos: int | None = 1
@@ -42,12 +47,14 @@ class Family:
 _QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"})
 FAMILIES = {  # model_type -> Family
     "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"})),
-    "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"})),
-    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True, default_bos=None,
-                    default_eos=None),
-    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True, default_bos=None,
-                    default_eos=None),
+    "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"}), default_max_positions=4096 * 32,
+                      default_window=4096),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True,
+                    default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True,
+                    default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096),
 }
+DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all four families' config classes
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 # rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
 _ROPE_KEYS = {
@@ -199,7 +206,7 @@ class LlamaConfig:
                 raise CheckpointError(f"config: no head_dim, and hidden_size ({hidden}) is not a multiple of "
                                       f"num_attention_heads ({heads})")
             head_dim = hidden // heads
-        max_pos = d.get("max_position_embeddings", 4096)
+        max_pos = d.get("max_position_embeddings", family.default_max_positions)
         layer_types = _layer_types(d, family, layers)
         _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, layer_types, max_pos)
@@ -211,7 +218,7 @@ class LlamaConfig:
                 num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
                 head_dim=head_dim,
-                max_position_embeddings=max_pos, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                max_position_embeddings=max_pos, rms_norm_eps=float(d.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
@@ -262,6 +269,8 @@ class LlamaConfig:
         }
         if self.family.window_flag:
             d["use_sliding_window"] = False
+        elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
+            d["sliding_window"] = None
         return d
 
 
@@ -278,7 +287,7 @@ def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
         return ["full_attention"] * layers
     types = d.get("layer_types")
     if types is None:
-        window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+        window = _window(d, family) if d.get("use_sliding_window", False) else None
         first = d.get("max_window_layers", 28)
         return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(layers)]
     if not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
@@ -287,10 +296,15 @@ def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
     return types
 
 
+def _window(d: dict[str, Any], family: Family) -> Any:
+    """The config's sliding_window: its value (null: none), or the family's default where the key is left out."""
+    return d["sliding_window"] if "sliding_window" in d else family.default_window
+
+
 def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], max_pos: int) -> None:
     """Raise if a sliding window is in effect. A window of W keys (query i sees keys i-W < j <= i) changes
     nothing while sequences hold at most W tokens, i.e. when W >= max_position_embeddings."""
-    window = d.get("sliding_window")
+    window = _window(d, family)
     if family.window_flag and not d.get("use_sliding_window", False):
         window = None  # what transformers does: the window is dropped
     sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]

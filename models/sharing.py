@@ -22,6 +22,26 @@ import numpy as np
 Tokens = tuple[int, ...]
 
 
+def _ints(values, what: str) -> Tokens:
+    """``values`` as a tuple of Python ints; ``ValueError`` naming ``what`` for anything that is not an integer
+    (floats such as 1.5 or even 2.0, bools, strings): token ids and node indices are never rounded."""
+    if hasattr(values, "dtype") and hasattr(values, "ndim"):  # a numpy or JAX array: its dtype says it at once
+        a = np.asarray(values)
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):  # (bool is not an integer dtype)
+            raise ValueError(f"{what}: must be a 1-D array of integers, got dtype {a.dtype}, shape {a.shape}")
+        return tuple(a.tolist())
+    out = tuple(values)
+    if all(type(t) is int for t in out):  # the common case, fast on long prompts (type(True) is bool)
+        return out
+    checked = []
+    for i, t in enumerate(out):
+        a = np.asarray(t)  # a numpy or JAX scalar
+        if a.ndim or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{what}: element {i} must be an integer, got {t!r} ({type(t).__name__})")
+        checked.append(int(a))
+    return tuple(checked)
+
+
 @dataclasses.dataclass(frozen=True)
 class SharedLevel:
     """One shared level: ``nodes[n]`` the tokens of node n, ``seq_to_node[b]`` the node sequence b reads."""
@@ -30,8 +50,8 @@ class SharedLevel:
     seq_to_node: tuple[int, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "nodes", tuple(tuple(int(t) for t in n) for n in self.nodes))
-        object.__setattr__(self, "seq_to_node", tuple(int(s) for s in self.seq_to_node))
+        object.__setattr__(self, "nodes", tuple(_ints(n, f"SharedLevel: node {i}") for i, n in enumerate(self.nodes)))
+        object.__setattr__(self, "seq_to_node", _ints(self.seq_to_node, "SharedLevel: seq_to_node"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +63,8 @@ class SharingTree:
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(self.levels))
-        object.__setattr__(self, "suffixes", tuple(tuple(int(t) for t in s) for s in self.suffixes))
+        object.__setattr__(self, "suffixes",
+                           tuple(_ints(s, f"SharingTree: suffix of sequence {b}") for b, s in enumerate(self.suffixes)))
         B = len(self.suffixes)
         if B == 0:
             raise ValueError("SharingTree: no sequences (empty suffixes)")
@@ -103,7 +124,7 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
     """
     if not isinstance(max_depth, numbers.Integral) or isinstance(max_depth, bool) or max_depth < 0:
         raise ValueError(f"max_depth must be an integer >= 0, got {max_depth!r}")
-    prompts = [tuple(int(t) for t in p) for p in prompts]
+    prompts = [_ints(p, f"build_sharing_tree: prompt {b}") for b, p in enumerate(prompts)]
     if not prompts:
         raise ValueError("no prompts given (empty prompt list)")
     for b, p in enumerate(prompts):

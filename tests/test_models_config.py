@@ -319,3 +319,32 @@ def test_token_id_defaults_follow_the_family():
         c = LlamaConfig.from_dict(drop(d))
         assert (c.bos_token_id, c.eos_token_ids) == (None, ()), d["model_type"]
         assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_left_out_keys_take_the_family_defaults_of_transformers():
+    """A key that config.json leaves out takes the default of the family's transformers config class (what
+    transformers would run for that file), not one shared guess: rms_norm_eps 1e-6; max_position_embeddings 2048
+    (Llama), 131072 (Mistral), 32768 (Qwen); Mistral's sliding window 4096, Qwen's where use_sliding_window is on."""
+    def without(d, *keys):
+        return {k: v for k, v in d.items() if k not in keys}
+
+    llama = LlamaConfig.from_dict(without(LLAMA2_7B, "rms_norm_eps", "max_position_embeddings"))
+    assert llama.rms_norm_eps == 1e-6 and llama.max_position_embeddings == 2048
+    mistral = LlamaConfig.from_dict(without(MISTRAL_7B_V03, "max_position_embeddings"))  # sliding_window: null
+    assert mistral.max_position_embeddings == 4096 * 32
+    with pytest.raises(CheckpointError, match="sliding_window=4096 is in effect"):  # the key left out: 4096
+        LlamaConfig.from_dict(without(MISTRAL_7B_V03, "sliding_window"))
+    qwen = without(QWEN25_7B, "sliding_window", "max_position_embeddings")
+    assert LlamaConfig.from_dict(qwen).max_position_embeddings == 32768  # use_sliding_window false: no window
+    with pytest.raises(CheckpointError, match=r"sliding_window=4096 \(layers \[0, 1,"):
+        LlamaConfig.from_dict(dict(qwen, use_sliding_window=True, max_window_layers=0))
+    assert LlamaConfig.from_dict(without(QWEN3_8B, "max_position_embeddings")).max_position_embeddings == 32768
+
+
+def test_mistral_config_written_with_its_window_off():
+    """to_dict writes Mistral's sliding_window as null: left out, transformers would read its default window of
+    4096 (and run a Mistral v0.3 / Nemo with it)."""
+    d = LlamaConfig.from_dict(MISTRAL_NEMO).to_dict()
+    assert "sliding_window" in d and d["sliding_window"] is None
+    assert "sliding_window" not in LlamaConfig.from_dict(LLAMA2_7B).to_dict()
+    assert LlamaConfig.from_dict(json.loads(json.dumps(d))) == LlamaConfig.from_dict(MISTRAL_NEMO)

@@ -119,3 +119,25 @@ def test_trie_spells_prompts(prompts, depth):
         for n, toks in enumerate(lv.nodes):
             if toks:
                 assert lv.seq_to_node.count(n) >= 2
+
+
+def test_token_ids_and_node_indices_must_be_integers():
+    """No rounding of token ids or node indices: floats (even 2.0), bools and nested lists are refused, naming
+    where; numpy and JAX integers are taken."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    with pytest.raises(ValueError, match=r"build_sharing_tree: prompt 0: element 0 must be an integer, got 1\.5"):
+        build_sharing_tree([[1.5, 2, 3], [1, 2, 4]])
+    with pytest.raises(ValueError, match="prompt 1: element 2 must be an integer, got True"):
+        build_sharing_tree([[1, 2, 3], [1, 2, True]])
+    with pytest.raises(ValueError, match="prompt 0: must be a 1-D array of integers, got dtype float"):
+        build_sharing_tree([np.array([1.0, 2.0])])
+    with pytest.raises(ValueError, match=r"SharedLevel: node 0: element 1 must be an integer, got 2\.5"):
+        SharedLevel(((1, 2.5),), (0, 0))
+    with pytest.raises(ValueError, match=r"SharedLevel: seq_to_node: element 0 must be an integer, got 0\.9"):
+        SharedLevel(((1, 2),), (0.9, 0))
+    with pytest.raises(ValueError, match=r"suffix of sequence 1: element 0 must be an integer, got 2\.0"):
+        SharingTree((), ((1,), (2.0,)))
+    tree = build_sharing_tree([jnp.array([1, 2, 3]), np.array([1, 2, 4]), [1, 2, np.int32(5)]])
+    assert spelled(tree, [[1, 2, 3], [1, 2, 4], [1, 2, 5]])
+    assert all(type(t) is int for t in tree.prompt(0))
