@@ -141,7 +141,7 @@ def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
             backend: str):
   """The `(out, lse)` parts of q over every level, to be merged by `merge_states`."""
-  if q.shape[0] * q.shape[1] == 0:  # no queries (B or T = 0): nothing to attend; the kernels need a row
+  if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
     return [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
   if backend == "xla":
     return [_reference_level(q, level, causal=c, batched=b, scale=scale)
@@ -258,7 +258,8 @@ def tree_attention(
       nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes, checked)
     check.max_group(f"{name}.max_group", level.max_group, nodes, num_nodes, checked)
     layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked) if layered else None
-    validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer))
+    bound = None if level.max_group is None else int(level.max_group)  # a numpy integer: a Python int for the kernels
+    validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer, max_group=bound))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
   if isinstance(batch_shared, (bool, np.bool_)):
     batched = [bool(batch_shared) and not leaf for leaf in last]
@@ -298,7 +299,8 @@ def hydragen_attention(
     prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible.
     suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries.
     prefix_length: valid prefix tokens (default P; 0 allowed).
-    suffix_lengths: `[B]` valid suffix tokens (default S).
+    suffix_lengths: `[B]` valid suffix tokens (default S), normally >= T; where a suffix holds fewer than T, a
+      query with no visible suffix key still sees the whole prefix (as in `tree_attention`).
     scale, backend: as `attention`.
     batch_prefix: one matrix product over the prefix for all B·T·g queries (True), or one read per sequence.
     checked: check traced prefix_length and suffix_lengths with checkify (module docstring: "Out-of-range values").

@@ -110,6 +110,11 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   """
   if not states:
     raise ValueError("merge_states: `states` is empty; expected at least one (out, lse) pair.")
+  shape = jnp.shape(states[0][0])
+  for i, (o, lse) in enumerate(states):
+    if jnp.shape(o) != shape or jnp.shape(lse) != shape[:-1]:
+      raise ValueError(f"merge_states: part {i} has out {jnp.shape(o)} and lse {jnp.shape(lse)}; expected out "
+                       f"{shape} (as part 0) and lse {shape[:-1]} (out without its last axis).")
   # o = Σ_i o_i·e^{lse_i} / Σ_i e^{lse_i}, shifted by the largest lse for range. Written part by part (no stacking),
   # so that XLA fuses the whole merge into one elementwise pass.
   lses = [jnp.asarray(lse, jnp.float32) for _, lse in states]
@@ -118,7 +123,8 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   weights = [jnp.exp(lse - top) for lse in lses]  # exp(-inf) = 0 for empty parts
   total = sum(weights[1:], weights[0])
   safe_total = jnp.where(total > 0, total, 1.0)
-  out = sum((jnp.asarray(o, jnp.float32) * (w / safe_total)[..., None] for (o, _), w in zip(states, weights)),
-            jnp.zeros((), jnp.float32))
+  # an empty part's out is never read (weight 0 would still turn a NaN or inf there into NaN)
+  out = sum((jnp.where(w[..., None] > 0, jnp.asarray(o, jnp.float32), 0.0) * (w / safe_total)[..., None]
+             for (o, _), w in zip(states, weights)), jnp.zeros((), jnp.float32))
   lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
   return out.astype(states[0][0].dtype), lse

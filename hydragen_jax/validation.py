@@ -124,9 +124,13 @@ def check_same(name_a: str, a, name_b: str, b) -> None:
 
 
 def check_heads(q_name: str, q, kv_name: str, kv) -> None:
-  """q `[..., Hq, D]` against k `[..., Hkv, D]`: same D, Hq a multiple of Hkv, same dtype."""
+  """q `[..., Hq, D]` against k `[..., Hkv, D]`: same D (at least 1), Hq a multiple of Hkv, same floating dtype."""
   hq, d = q.shape[-2:]
   hkv, dk = kv.shape[-2:]
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"{q_name} must have a floating dtype (float32, bfloat16, float16); got {q.dtype}.")
+  if d < 1:
+    raise ValueError(f"head dim of {q_name} {q.shape} must be at least 1; got D={d}.")
   if d != dk:
     raise ValueError(f"head dim of {q_name} {q.shape} (D={d}) differs from {kv_name} {kv.shape} (D={dk}).")
   if hkv == 0 or hq % hkv:
@@ -145,6 +149,8 @@ def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.nda
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must be integer; got dtype {x.dtype}.")
   value = _concrete(x)
+  if value is None and jnp.issubdtype(x.dtype, jnp.unsignedinteger) and jnp.iinfo(x.dtype).max > 2**31 - 1:
+    x = jnp.minimum(x, 2**31 - 1)  # traced: past int32 is past any capacity; the cast must not wrap it negative
   return x.astype(np.int32), (value if value is not None and value.size else None)
 
 

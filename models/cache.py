@@ -105,11 +105,11 @@ def empty_layers(num_layers: int, shape: tuple[int, ...], dtype, sharding=None) 
 
 
 def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity: int) -> jax.Array:
-    """Cache slot of each right-aligned query slot ``[B, T]``; padding slots and slots past the capacity get
-    ``capacity`` (dropped)."""
+    """Cache slot of each right-aligned query slot ``[B, T]``; padding slot t and slots past the capacity get
+    ``capacity + t`` (past the end: dropped; distinct within a row, so (row, slot) pairs never repeat)."""
     t = jnp.arange(T)[None, :]
     pos = lengths[:, None] + t - (T - new_tokens[:, None])
-    return jnp.where((t >= T - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity)
+    return jnp.where((t >= T - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
 def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens) -> tuple[Layers, Layers]:
@@ -117,9 +117,9 @@ def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens) -> tup
     B, T = k.shape[:2]
     pos = write_positions(lengths, new_tokens, T, ks[layer].shape[1])
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # (row, position) pairs are sorted and distinct (padding slots all point past the end and are dropped): the
-    # hints let XLA write without atomics.
-    hints = dict(mode="drop", indices_are_sorted=True, unique_indices=True)
+    # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
+    # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.
+    hints = dict(mode="drop", indices_are_sorted=T == 1, unique_indices=True)
     k_new = ks[layer].at[rows, pos].set(k.astype(ks[layer].dtype), **hints)
     v_new = vs[layer].at[rows, pos].set(v.astype(vs[layer].dtype), **hints)
     return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]

@@ -286,6 +286,23 @@ def test_merge_rejects_no_parts():
     hj.merge_states([])
 
 
+def test_merge_rejects_parts_of_other_shapes():
+  """Parts that would broadcast (another batch, an lse with an extra axis) are refused, not silently merged."""
+  out, lse = jnp.ones((2, 3, 8)), jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match=r"part 1 has out \(1, 3, 8\) and lse \(1, 3\); expected out \(2, 3, 8\)"):
+    hj.merge_states([(out, lse), (out[:1], lse[:1])])
+  with pytest.raises(ValueError, match=r"part 1 has out \(2, 3, 8\) and lse \(2, 3, 1\);.*lse \(2, 3\)"):
+    hj.merge_states([(out, lse), (out, lse[..., None])])
+
+
+def test_merge_never_reads_an_empty_part():
+  """An empty part (lse = -inf) contributes nothing, whatever its out holds (NaN or inf included)."""
+  out, lse = jnp.full((2, 4), 2.0), jnp.array([0.5, -1.0])
+  junk = (jnp.array([[jnp.nan] * 4, [jnp.inf] * 4]), jnp.full((2,), -jnp.inf))
+  merged, merged_lse = hj.merge_states([junk, (out, lse)])
+  chex.assert_trees_all_equal((merged, merged_lse), (out, lse))
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 
@@ -306,6 +323,8 @@ def _ok():
     ("lengths_float", r"kv_lengths must be integer"),
     ("batch", r"batch of k .* differs from batch of q"),
     ("backend", r"backend='cuda' is not one of"),
+    ("int_dtype", r"q must have a floating dtype \(float32, bfloat16, float16\); got int32"),
+    ("no_head_dim", r"head dim of q \(2, 1, 4, 0\) must be at least 1; got D=0"),
 ])
 def test_attention_bad_input(case, match):
   q, k = _ok()
@@ -330,6 +349,10 @@ def test_attention_bad_input(case, match):
     kwargs["k"] = kwargs["v"] = jnp.zeros((3, 10, 2, 64))
   elif case == "backend":
     kwargs["backend"] = "cuda"
+  elif case == "int_dtype":  # integers would be truncated on the way out, each backend differently
+    kwargs = dict(q=q.astype(jnp.int32), k=k.astype(jnp.int32), v=k.astype(jnp.int32))
+  elif case == "no_head_dim":
+    kwargs = dict(q=q[..., :0], k=k[..., :0], v=k[..., :0])
   with pytest.raises(ValueError, match=match):
     hj.attention(**kwargs)
 
@@ -396,6 +419,18 @@ def test_levels_must_agree_on_kv_heads():
     hj.tree_attention(q, [Level(jnp.zeros((1, 5, 2, 64)), jnp.zeros((1, 5, 2, 64)), jnp.array([5]),
                                 jnp.zeros(2, jnp.int32)),
                           Level(jnp.zeros((2, 3, 4, 64)), jnp.zeros((2, 3, 4, 64)), jnp.array([3, 3]))])
+
+
+def test_max_group_may_be_a_numpy_integer(kernel_backend):
+  """Level.max_group as numpy computes it (np.bincount(...).max() is a numpy integer) works on every backend."""
+  keys = jax.random.split(jax.random.PRNGKey(16), 3)
+  nodes = np.array([0, 1, 1, 1], np.int32)
+  q = normal(keys[0], (4, 1, 4, 64), jnp.float32)
+  shared = dataclasses.replace(random_level(keys[1], 2, 8, [8, 5], nodes, 2, 64, jnp.float32),
+                               max_group=np.bincount(nodes).max())
+  leaf = random_level(keys[2], 4, 8, [8, 3, 1, 6], None, 2, 64, jnp.float32)
+  chex.assert_trees_all_close(hj.tree_attention(q, [shared, leaf], backend=kernel_backend),
+                              expected_tree(q, [shared, leaf]), **tol(jnp.float32))
 
 
 def test_static_tree_is_grouped_on_the_host(kernel_backend):

@@ -158,11 +158,23 @@ def test_max_group_must_bound_the_readers_of_every_node(kernel_backend):
 
 
 def test_no_queries_give_empty_outputs(backend):
-  """B = 0 or T = 0: empty outputs of the right shape (the kernels are not launched)."""
+  """B = 0, T = 0 or no heads: empty outputs of the right shape (the kernels are not launched)."""
   q, pk, pv, sk, sv = _step_inputs(4)
   out, lse = hj.attention(q[:, :0], sk, sv, backend=backend)
   assert out.shape == q[:, :0].shape and lse.shape == q[:, :0].shape[:-1]
   assert hj.hydragen_attention(q[:0], pk, pv, sk[:0], sv[:0], backend=backend).shape == q[:0].shape
+  assert hj.hydragen_attention(q[:, :, :0], pk, pv, sk, sv, backend=backend).shape == q[:, :, :0].shape  # Hq = 0
+
+
+def test_traced_unsigned_lengths_past_int32_clamp_to_the_capacity(backend):
+  """A traced uint32 length above the int32 range is clamped to the capacity like any other too-large one (it
+  must not wrap to a negative length in the cast)."""
+  q, _, _, sk, sv = _step_inputs(6)
+  f = jax.jit(lambda n: hj.attention(q, sk, sv, kv_lengths=n, backend=backend))
+  got = f(jnp.array([3_000_000_000, 2**32 - 1, 5], jnp.uint32))
+  want = hj.attention(q, sk, sv, kv_lengths=jnp.array([S, S, 5]), backend="xla")
+  _assert_close(got[0], want[0])
+  chex.assert_trees_all_close(got[1], want[1], **tol(DTYPE))
 
 
 def test_hydragen_errors_name_the_arguments_given():
@@ -205,3 +217,25 @@ def test_decode_past_cache_capacity_stays_inside_the_caches(kernel_backend, mode
   assert full is not None and int(cache.lengths.min()) > capacity
   for now, then in zip(cache.k + cache.v, full[0] + full[1]):  # nothing written past the end, in any layer
     np.testing.assert_array_equal(np.asarray(now), np.asarray(then))
+
+
+def test_cache_write_positions_are_distinct_and_drop_what_does_not_fit():
+    """The cache writes tell XLA their (row, slot) pairs are unique (no atomics), and sorted with one slot a row:
+    both must hold, padding and past-capacity slots included (they point past the end, each to its own slot, and
+    are dropped). A write of several tokens over a nearly full cache keeps what fits and drops the rest."""
+    from models.cache import _write, write_positions  # noqa: PLC0415
+    cap, T = 6, 4
+    lengths, new = jnp.array([0, 2, 5, 6]), jnp.array([4, 1, 3, 0])
+    pos = np.asarray(write_positions(lengths, new, T, cap))
+    np.testing.assert_array_equal(pos, [[0, 1, 2, 3], [6, 7, 8, 2], [6, 5, 8, 9], [6, 7, 8, 9]])
+    assert all(len(set(row)) == T for row in pos)
+    one = np.asarray(write_positions(lengths, jnp.ones(4, jnp.int32), 1, cap))
+    assert one.ravel().tolist() == [0, 2, 5, 6]  # one slot a row: (row, slot) pairs sorted by row
+    ks = (jnp.zeros((4, cap, 1, 2)),)
+    k = jnp.arange(1, 4 * T + 1, dtype=jnp.float32).reshape(4, T, 1, 1) * jnp.ones((1, 1, 1, 2))
+    got, _ = jax.jit(_write, static_argnums=2)(ks, ks, 0, k, k, lengths, new)
+    want = np.zeros((4, cap))
+    want[0, :4] = [1, 2, 3, 4]
+    want[1, 2] = 8
+    want[2, 5] = 10  # row 2's last three tokens go to slots 5, 6, 7: only slot 5 fits
+    np.testing.assert_array_equal(np.asarray(got[0])[:, :, 0, 0], want)
