@@ -212,15 +212,23 @@ class LlamaConfig:
         theta, scaling = _parse_rope(d, layer_types, max_pos)
         eos = d.get("eos_token_id", family.default_eos)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
+                         ("pad_token_id", (d.get("pad_token_id"),))):
+            if any(i is not None and (isinstance(i, bool) or not isinstance(i, int)) for i in ids):
+                raise CheckpointError(f"config: {key} must be an integer token id (or a list of them for eos, or "
+                                      f"null); got {d.get(key)!r}")
+        tied = d.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise CheckpointError(f"config: tie_word_embeddings must be true or false; got {tied!r}")
         try:
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=hidden, intermediate_size=d["intermediate_size"],
                 num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
                 head_dim=head_dim,
-                max_position_embeddings=max_pos, rms_norm_eps=float(d.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
+                max_position_embeddings=max_pos, rms_norm_eps=_number(d.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS), "rms_norm_eps"),
                 rope_theta=theta, rope_scaling=scaling,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
                 pad_token_id=d.get("pad_token_id"), model_type=model_type)
         except ValueError as e:
@@ -272,6 +280,13 @@ class LlamaConfig:
         elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
             d["sliding_window"] = None
         return d
+
+
+def _number(value: Any, where: str) -> float:
+    """A JSON number of the config as a float; ``CheckpointError`` naming the key otherwise (a string, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"config: {where} must be a number; got {value!r}")
+    return float(value)
 
 
 def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
@@ -346,7 +361,7 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
         else:
             found.append(("rope_parameters", _parse_rope_dict(params, "rope_parameters", top_theta, max_pos)))
     if top_theta is not None:
-        found.append(("rope_theta", (float(top_theta), found[0][1][1] if found else None)))
+        found.append(("rope_theta", (_number(top_theta, "rope_theta"), found[0][1][1] if found else None)))
     if not found:
         return 10000.0, None
     for where, value in found[1:]:
@@ -370,12 +385,12 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
     if partial is not None and partial != 1.0:
         raise CheckpointError(f"config: {where} partial_rotary_factor={partial!r} is not supported")
     theta = rs.get("rope_theta", top_theta if top_theta is not None else 10000.0)
-    theta = float(theta)
+    theta = _number(theta, f"{where} rope_theta")
     if rope_type == "default":
         return theta, None
     if "factor" not in rs:
         raise CheckpointError(f"config: {where} of type {rope_type!r} needs 'factor'")
-    factor = float(rs["factor"])
+    factor = _number(rs["factor"], f"{where} factor")
     if factor <= 0:
         raise CheckpointError(f"config: {where} factor must be positive, got {factor}")
     if rope_type == "linear":
@@ -383,7 +398,7 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
     for key in ("low_freq_factor", "high_freq_factor"):
         if key not in rs:
             raise CheckpointError(f"config: {where} of type 'llama3' needs {key!r}")
-    low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    low, high = (_number(rs[k], f"{where} {k}") for k in ("low_freq_factor", "high_freq_factor"))
     if not high > low:
         raise CheckpointError(f"config: {where} high_freq_factor ({high}) must exceed low_freq_factor ({low})")
     # transformers falls back to max_position_embeddings when the original context length is not given

@@ -50,12 +50,19 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"sampling: temperature must be >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        def number(name: str, kind) -> Any:  # a Python or numpy number as a Python one (hashable, static); not bool
+            value = getattr(self, name)
+            return None if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) else value
+
+        t, k, p = number("temperature", numbers.Real), number("top_k", numbers.Integral), number("top_p", numbers.Real)
+        if t is None or not t >= 0:
+            raise ValueError(f"sampling: temperature must be a number >= 0, got {self.temperature!r}")
+        if k is None or k < 0:
             raise ValueError(f"sampling: top_k must be an integer >= 0, got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if p is None or not 0 < p <= 1:
             raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p!r}")
+        for name, value in (("temperature", float(t)), ("top_k", int(k)), ("top_p", float(p))):
+            object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:
@@ -454,8 +461,13 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
            backend: str | None = None) -> DecodeState:
     """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
 
-    ``state`` is donated: use only the returned state. ``num_steps`` is traced (no recompile per value).
+    ``state`` is donated: use only the returned state. ``num_steps`` (an integer >= 0, or an integer scalar array)
+    is traced (no recompile per value).
     """
+    steps = num_steps if isinstance(num_steps, jax.core.Tracer) else np.asarray(num_steps)
+    if isinstance(num_steps, (bool, np.bool_)) or steps.ndim or not jnp.issubdtype(steps.dtype, jnp.integer) or (
+            not isinstance(steps, jax.core.Tracer) and steps < 0):
+        raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
                        backend=backend, mesh=model.mesh)

@@ -77,6 +77,13 @@ def test_round_trip_and_file(tmp_path):
     ({"num_key_value_heads": 5}, "num_key_value_heads"),
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),  # not read as MHA
     ({"hidden_size": 0}, "hidden_size"),
+    # values of the wrong type: named, never converted (bool("false") is True)
+    ({"rope_theta": "abc"}, "rope_theta must be a number; got 'abc'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope_scaling factor must be a number; got '2'"),
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a number; got None"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false; got 'false'"),
+    ({"eos_token_id": ["a"]}, r"eos_token_id must be an integer token id .*got \['a'\]"),
+    ({"pad_token_id": 0.0}, "pad_token_id must be an integer token id"),
 ])
 def test_refuses_unsupported(change, match):
     with pytest.raises(ValueError, match=match):

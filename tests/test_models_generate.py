@@ -244,6 +244,23 @@ def test_prefill_bad_input(model, kwargs, match):
         prefill(model, [[5, 6, 7, 8, 9, 10], [5, 6, 7]], **args)
 
 
+def test_decode_and_sampling_bad_input(model):
+    """decode's step count and the sampling options take integers (numpy ones too) and refuse the rest, instead of
+    truncating 2.5 steps to 2 or reading -3 as 0."""
+    for steps in (2.5, -3, True, np.array([2])):
+        with pytest.raises(ValueError, match=r"decode: num_steps must be an integer >= 0, got"):
+            decode(model, prefill(model, [[1, 2, 3]], 4), steps)
+    state = decode(model, prefill(model, [[1, 2, 3]], 4), np.int64(2))
+    assert int(state.step) == 2
+    assert SamplingConfig(top_k=np.int64(5), temperature=np.float32(0.5)) == SamplingConfig(0.5, 5)
+    for kwargs, match in ((dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
+                          (dict(temperature=True), "temperature must be a number >= 0, got True"),
+                          (dict(temperature=float("nan")), "temperature must be a number >= 0, got nan"),
+                          (dict(top_p=0), r"top_p must be in \(0, 1\], got 0")):
+        with pytest.raises(ValueError, match=match):
+            SamplingConfig(**kwargs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Pallas kernels, bf16)")
 def test_modes_agree_bf16_gpu():
