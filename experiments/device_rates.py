@@ -216,7 +216,11 @@ def allreduce_rates(devices: int, sizes: tuple[int, ...], timing_kw: dict, dtype
     for nbytes in sizes:
         n = max(1, nbytes // jnp.dtype(dtype).itemsize)
         x = jax.device_put(jnp.ones((devices * n,), dtype), jax.sharding.NamedSharding(mesh, spec))
-        times, calls = _time_calls(lambda _: psum(x), None, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
+        # On host devices (CPU) each call is waited for: XLA's CPU collectives abort when hundreds are in flight
+        # (a rendezvous timeout in the TP smoke run); on GPUs they run back to back like the other probes.
+        call = (lambda _: jax.block_until_ready(psum(x))) if mesh.devices.flat[0].platform == "cpu" else (
+            lambda _: psum(x))
+        times, calls = _time_calls(call, None, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
         moved = n * jnp.dtype(dtype).itemsize
         found.append({"bytes": moved, "best_s": min(times), "median_s": statistics.median(times), "calls": calls,
                       "bus_bytes_per_s": factor * moved / min(times)})

@@ -108,3 +108,22 @@ def test_speedup_table_and_markdown_of_a_two_device_run(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "| tp | prefix | batch |" in md and "## Tensor parallel speed-up" in md
     assert [f.kind for f in report.load_results(tmp_path)] == [report.TP_KIND]  # a README part of their own
+
+
+def test_tp_smoke_run_on_two_host_devices(tmp_path):
+    """The documented CPU run of the tensor-parallel experiment (XLA_FLAGS=--xla_force_host_platform_device_count=2,
+    `run e2e_tp --smoke`) finishes: its all-reduce probe once launched ~1000 collectives without waiting, and XLA's
+    CPU rendezvous aborted the process (signal 6)."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    out = tmp_path / "tp.jsonl"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "experiments", "run", "e2e_tp", "--smoke", "--out", str(out),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    rates = [r for r in records if r["record"] == "device_rates"]
+    assert rates and "allreduce" in json.dumps(rates[0]["results"]), rates
+    assert any(r["record"] == "decode" and r["status"] == "ok" for r in records)
