@@ -1,4 +1,4 @@
-"""Command line: `python -m experiments {run,plot,bench-attention,list} ...`."""
+"""Command line: `python -m experiments {run,bench-attention,plan,report,plot,list} ...`."""
 
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         device = cfg.get("device", {})
+        if args.capacity_gb is not None and not args.capacity_gb > 0:
+            print(f"plan: --capacity-gb must be > 0, got {args.capacity_gb}", file=sys.stderr)
+            return 2
         capacity = (args.capacity_gb * 1e9 if args.capacity_gb is not None
                     else device.get("memory_capacity_bytes", 80e9 * 0.92))
         for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(capacity)):
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         from experiments import plot
 
+        if missing := _missing(args.results):
+            print(f"plot: no results file {missing}", file=sys.stderr)
+            return 2
         for path in plot.plot_files(args.results, args.out):
             print(path)
         return 0
@@ -117,11 +123,17 @@ def report(args) -> int:
             print("report: --check, --device, --readme and --results-dir apply to the README's section, not to "
                   "files given by name (which get their markdown tables written)", file=sys.stderr)
             return 2
+        if missing := _missing(args.results):
+            print(f"report: no results file {missing}", file=sys.stderr)
+            return 2
         for path in args.results:
             print(runner.write_report(path))
         return 0
     readme = pathlib.Path(args.readme) if args.readme else records.REPO_ROOT / "README.md"
     results_dir = pathlib.Path(args.results_dir) if args.results_dir else records.RESULTS_DIR
+    if not results_dir.is_dir() or not any(results_dir.glob("*.jsonl")):  # a typo must not empty the README's tables
+        print(f"report: --results-dir {str(results_dir)!r} is not a folder of results files (*.jsonl)", file=sys.stderr)
+        return 2
     try:
         changed, diff = report_lib.update_readme(readme, results_dir, device=args.device,
                                                  check=args.check, plot=not args.no_plot)
@@ -133,6 +145,13 @@ def report(args) -> int:
         return 1 if changed else 0
     print(f"{readme}: results section {'rewritten' if changed else 'unchanged'}")
     return 0
+
+
+def _missing(paths: list[str]) -> str | None:
+    """The first of `paths` that is not a file (quoted), else None."""
+    import pathlib
+
+    return next((repr(p) for p in paths if not pathlib.Path(p).is_file()), None)
 
 
 def select_rows(name: str, smoke: bool, select: str, assignments: list[str]) -> str:

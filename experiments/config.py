@@ -306,6 +306,10 @@ def apply_assignments(data: dict, assignments: list[str]) -> dict:
         if keys == ["kind"] and value != data.get("kind"):  # the schema, and what runs, follow the config's kind
             raise ConfigError(f"--set {text!r}: a config's kind cannot be changed (it is {data.get('kind')!r}); "
                               "run a config of that kind")
+        indexed = [k for k in keys if "[" in k or "]" in k]
+        if indexed:
+            raise ConfigError(f"--set {text!r}: '{indexed[0]}' indexes an array, which --set cannot; it sets whole "
+                              f"values: give the whole array, e.g. --set 'bench.configs=[{{batch = 4, ...}}, ...]'")
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -355,5 +359,32 @@ def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>", assignm
             validate(config, schema)
         except ConfigError as e:
             raise ConfigError(f"{source}: after --set overrides: {e}") from None
+    try:
+        check_together(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     config["smoke"] = smoke
     return config
+
+
+def check_together(config: dict) -> None:
+    """What the schema cannot check key by key: the bench rows' heads, the model shape as a whole
+    (`models.LlamaConfig`) and its split over each `mesh.model` size (`models.parallel.split`), so that such a
+    config fails before anything runs, naming its key."""
+    for i, row in enumerate(config.get("bench", {}).get("configs", [])):
+        if row["q_heads"] % row["kv_heads"]:
+            raise ConfigError(f"key 'bench.configs[{i}].kv_heads' must divide q_heads ({row['q_heads']}), got "
+                              f"{row['kv_heads']}")
+    if "model" not in config:
+        return
+    from models import LlamaConfig, parallel  # noqa: PLC0415  (only configs with a model need them)
+    try:
+        model = LlamaConfig(**config["model"]["shape"])
+    except ValueError as e:
+        raise ConfigError(f"key 'model.shape': {e}") from None
+    sizes = config.get("mesh", {}).get("model", 1)
+    for n in sizes if isinstance(sizes, list) else [sizes]:
+        try:
+            parallel.split(model, n)
+        except ValueError as e:
+            raise ConfigError(f"key 'mesh.model' = {n}: {e}") from None

@@ -41,6 +41,10 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)}
 ANCHORS_DIR=${ANCHORS_DIR:-.anchors}
+PARTS=" bench bench-mha bench-gqa anchors long-doc tree e2e-part1 e2e-part2 e2e-part3 smoke tp-smoke tp-7b-1k tp-7b-16k tp-13b "
+if [[ "$PARTS" != *" $PART "* ]]; then  # before anything else: a typo is named as one, on any machine
+  echo "unknown part $PART (one of:$PARTS)" >&2; exit 2
+fi
 if [[ "$PART" == anchors ]]; then  # local set-up: FlashInfer's source tree, for the GPU call's carry
   TARBALL=${ANCHORS_TARBALL:-../shared/anchors/flashinfer-0.2.14.post1-jit.tar.gz}
   mkdir -p "$ANCHORS_DIR" && tar -xzf "$TARBALL" -C "$ANCHORS_DIR"

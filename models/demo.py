@@ -7,8 +7,8 @@ By default the model is SmolLM2-135M-Instruct, a real instruct model read from t
 ``tokenizers`` and ``jinja2``): one long system prompt (instructions and worked examples) shared by all
 sequences, several user questions, each shared by its samples (temperature > 0). ``--model default`` uses the
 embedded byte-level model (a tiny Llama trained on Python's standard library by ``python -m
-models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any HF-format
-Llama directory or Llama GGUF file. The demo generates with Hydragen showing progress per chunk of decode
+models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any Llama GGUF file (with
+its own tokenizer), or an HF-format Llama directory of a byte-level model (read with the byte tokenizer). The demo generates with Hydragen showing progress per chunk of decode
 steps, prints a few completions, then times the decode loop of every mode on the same prompts and prints a
 table. On a GPU the same command runs the Pallas kernels (bf16).
 """
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from hydragen_jax import tuning
-from models.cache import cache_bytes
+from hydragen_jax.validation import BACKENDS
+from models.cache import MODES, cache_bytes
 from models.checkpoint import load_checkpoint
 from models.generate import generate, prefill
 from models.gguf import load_gguf, load_gguf_tokenizer, smollm2_path
@@ -190,11 +191,26 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--modes", default="hydragen,standard,shared_storage,none",
                     help="modes to time (comma-separated)")
-    ap.add_argument("--backend", default=None, help="pallas | interpret | xla (default: pallas on GPU, else xla)")
+    ap.add_argument("--backend", default=None,
+                    help=f"{' | '.join(BACKENDS)} (default: pallas on GPU, else xla)")
     ap.add_argument("--show", type=int, default=4, help="completions to print")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    samples = args.samples or (32 if jax.default_backend() == "gpu" else 4)
+    # every option checked before any work (a typo in the last mode must not cost a whole run first)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: expected a comma-separated list of {MODES}, got {args.modes!r}")
+    if args.samples is not None and args.samples < 1:
+        ap.error(f"--samples must be >= 1, got {args.samples}")
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        ap.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.backend is not None and args.backend not in BACKENDS:
+        ap.error(f"--backend must be one of {BACKENDS}, got {args.backend!r}")
+    samples = args.samples if args.samples is not None else (32 if jax.default_backend() == "gpu" else 4)
 
     try:
         model, tok, prompts, asks = _load(args.model)
@@ -226,7 +242,7 @@ def main(argv=None) -> int:
 
     # Every mode is timed the same way, in a run of its own (the hydragen run above also warmed the process up).
     rows = [(mode, generate(model, prompts, mode=mode, progress_desc=f"{mode}: timing", **common).stats)
-            for mode in args.modes.split(",") if mode]
+            for mode in modes]
     mem = {mode: _kv_bytes(model, tree, args.max_new_tokens, mode, args.backend) for mode, _ in rows}
     base = dict(rows).get("standard", rows[0][1])["decode_tokens_per_s"]
     print(f"\n{tree.num_sequences} sequences x up to {args.max_new_tokens} new tokens, prompt "

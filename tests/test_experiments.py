@@ -936,3 +936,29 @@ def test_run_needing_more_devices_than_there_are(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"mesh.model = {n} needs {n} devices" in err and "xla_force_host_platform_device_count" in err, err
     assert not out.exists()
+
+
+def test_config_errors_across_keys_and_cli_input_errors(tmp_path, capsys):
+    """What the schema cannot see key by key fails before anything runs, naming the key: a model shape whose heads
+    do not divide, a mesh that cannot split it, a bench row whose heads do not divide; `--set` says it cannot index
+    arrays; missing files and folders and a bad capacity are refused (a mistyped --results-dir would have emptied
+    the README's tables)."""
+    with pytest.raises(config.ConfigError, match=r"key 'model\.shape': config: num_attention_heads \(4\) must be a "
+                                                 r"multiple of num_key_value_heads \(3\)"):
+        config.load("e2e_throughput", smoke=True, assignments=["model.shape.num_key_value_heads=3"])
+    with pytest.raises(config.ConfigError, match=r"key 'mesh\.model' = 3: tensor parallelism over 3 devices"):
+        config.load("e2e_throughput", assignments=["mesh.model=3"])
+    with pytest.raises(config.ConfigError, match=r"key 'bench\.configs\[0\]\.kv_heads' must divide q_heads \(4\)"):
+        config.load("bench_attention", smoke=True,
+                    assignments=["bench.configs=[{batch=2, prefix=16, out=2, q_heads=4, kv_heads=3}]"])
+    with pytest.raises(config.ConfigError, match=r"'configs\[2\]' indexes an array, which --set cannot"):
+        config.load("bench_attention", assignments=["bench.configs[2].batch=4"])
+    assert cli.main(["plan", "e2e_throughput", "--smoke", "--set", "model.shape.num_key_value_heads=3"]) == 2
+    assert "config error: e2e_throughput.toml: key 'model.shape'" in capsys.readouterr().err
+    assert cli.main(["report", "--check", "--results-dir", str(tmp_path / "nope")]) == 2
+    assert cli.main(["plot", str(tmp_path / "none.jsonl")]) == 2
+    assert cli.main(["report", str(tmp_path / "none.jsonl")]) == 2
+    assert cli.main(["plan", "tree_apps", "--capacity-gb", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder of results files" in err and err.count("no results file") == 2, err
+    assert "--capacity-gb must be > 0, got -5.0" in err

@@ -103,3 +103,17 @@ def test_training_script_smoke(tmp_path):
     assert np.isfinite(curve[-1][2])
     model = load_checkpoint(tmp_path / "m")
     assert model.config.vocab_size == 259
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "0"], "--samples must be >= 1, got 0"),  # was read as "the default" (4)
+    (["--modes", "hydragen,standrd"], "--modes: expected a comma-separated list of"),  # failed after hydragen ran
+    (["--backend", "tritn"], "--backend must be one of ('pallas', 'triton'"),
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+])
+def test_demo_checks_its_options_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "default", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -388,3 +388,9 @@ def test_probe_gemm_mgpu_checks_jax_hopper_matmul_against_xla(capsys):
   assert [r["config"] for r in recs] == ["xla", "m64n64M"], recs
   assert recs[1]["max_err"] <= 0.05 and "us" not in recs[1], recs  # bf16 rounding of |y| <~ 4; untimed
   assert '"config": "m64n64M"' in capsys.readouterr().out
+
+
+def test_gpu_full_names_an_unknown_part_first():
+    """A mistyped part is named as such on any machine (it was reported as "platform is cpu" off a GPU)."""
+    done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mh"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown part bench-mh (one of: bench bench-mha" in done.stderr, done.stderr
