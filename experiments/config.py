@@ -151,13 +151,14 @@ DECODE_SCHEMA = {
 
 def _tensor_parallel(value) -> bool:
     sizes = value if isinstance(value, list) else [value]
-    return bool(sizes) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+    return (bool(sizes) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+            and len(set(sizes)) == len(sizes))  # [2, 2] would run the grid twice under one name
 
 
 # Tensor parallelism (models.parallel): the model's devices along the mesh axis "model"; a list runs the whole grid
 # once per size, in the same run (e.g. [1, 2]: one GPU, then two). Absent: one device, and no `tp` in the points.
 MESH_SCHEMA = {
-    "model": Field((int, list), check=_tensor_parallel, hint="a device count >= 1, or a non-empty list of them"),
+    "model": Field((int, list), check=_tensor_parallel, hint="a device count >= 1, or a non-empty list of distinct ones"),
     "__optional__": True,
 }
 

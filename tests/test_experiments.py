@@ -951,6 +951,9 @@ def test_config_errors_across_keys_and_cli_input_errors(tmp_path, capsys):
     with pytest.raises(config.ConfigError, match=r"key 'bench\.configs\[0\]\.kv_heads' must divide q_heads \(4\)"):
         config.load("bench_attention", smoke=True,
                     assignments=["bench.configs=[{batch=2, prefix=16, out=2, q_heads=4, kv_heads=3}]"])
+    with pytest.raises(config.ConfigError, match=r"key 'mesh\.model' must be a device count >= 1, or a non-empty "
+                                                 r"list of distinct ones, got \[2, 2\]"):
+        config.load("e2e_tp", assignments=["mesh.model=[2, 2]"])
     with pytest.raises(config.ConfigError, match=r"'configs\[2\]' indexes an array, which --set cannot"):
         config.load("bench_attention", assignments=["bench.configs[2].batch=4"])
     assert cli.main(["plan", "e2e_throughput", "--smoke", "--set", "model.shape.num_key_value_heads=3"]) == 2
