@@ -80,7 +80,12 @@ def _open(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} not found")
-    return path, _gguf().GGUFReader(path)
+    reader = _gguf().GGUFReader(path)
+    parts = _meta(reader, path, "split.count", 1)
+    if parts > 1:  # its tensors are spread over the other files: this one alone would read as broken
+        raise CheckpointError(f"{path}: one of {parts} files of a split GGUF (split.count = {parts}); split files "
+                              "are not supported: merge them first (llama.cpp's `llama-gguf-split --merge`)")
+    return path, reader
 
 
 def _meta(reader, path: str, key: str, default=KeyError):
@@ -127,11 +132,14 @@ def _config(reader, path: str) -> LlamaConfig:
     if m("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: llama.rope.dimension_count={m('rope.dimension_count')} != head_dim "
                               f"{head_dim} (partial rotary embedding) is not supported")
-    scaling_type = m("rope.scaling.type", "none")
-    if scaling_type == "none":
+    # As llama.cpp reads them: the type defaults to "linear", a factor (absent: 1) scales positions by 1 / factor,
+    # and type "none" never scales, whatever the factor.
+    factor = m("rope.scaling.factor", None)
+    scaling_type = m("rope.scaling.type", "linear" if factor is not None else "none")
+    if scaling_type == "none" or (scaling_type == "linear" and factor in (None, 0.0, 1.0)):
         scaling = None
     elif scaling_type == "linear":
-        scaling = RopeScaling("linear", _decimal(m("rope.scaling.factor")))
+        scaling = RopeScaling("linear", _decimal(factor))
     else:
         raise CheckpointError(f"{path}: llama.rope.scaling.type={scaling_type!r} is not supported "
                               f"(supported: 'none', 'linear')")
@@ -154,7 +162,7 @@ def _config(reader, path: str) -> LlamaConfig:
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=m("context_length", 4096),
-            rms_norm_eps=_decimal(m("attention.layer_norm_rms_epsilon", 1e-5)),
+            rms_norm_eps=_decimal(m("attention.layer_norm_rms_epsilon")),  # llama.cpp requires it too
             rope_theta=_decimal(m("rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in tensor_names,
@@ -162,6 +170,8 @@ def _config(reader, path: str) -> LlamaConfig:
             eos_token_ids=tuple(dict.fromkeys(i for i in (eos, eot) if i is not None)),
             pad_token_id=_meta(reader, path, "tokenizer.ggml.padding_token_id", None),
         )
+    except CheckpointError:
+        raise  # already names the file
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
 
@@ -239,8 +249,9 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
         raise CheckpointError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
     tokens = m("ggml.tokens")
     types = m("ggml.token_type", [])
-    control = [i for i, kind in enumerate(types) if kind in (3, 4)]  # CONTROL, USER_DEFINED
+    control = [i for i, kind in enumerate(types) if kind == 3]  # CONTROL: matched whole, left out of decode
+    user = [i for i, kind in enumerate(types) if kind == 4]  # USER_DEFINED: matched whole, kept (as llama.cpp)
     return BPETokenizer(tokens, m("ggml.merges"), pre=pre, bos_id=m("ggml.bos_token_id", None),
                         eos_id=m("ggml.eos_token_id", None), pad_id=m("ggml.padding_token_id", None),
-                        special_ids=control, add_bos=bool(m("ggml.add_bos_token", False)),
+                        special_ids=control, added_ids=user, add_bos=bool(m("ggml.add_bos_token", False)),
                         chat_template=m("chat_template", None))

@@ -28,20 +28,21 @@ class ByteTokenizer:
 
 # GGUF ``tokenizer.ggml.pre`` -> whether digits are split one by one before the GPT-2 regex (as llama.cpp
 # and the models' own HF tokenizers do: StarCoder's vocabulary, which SmolLM reuses, has no multi-digit tokens).
-PRE_TOKENIZERS = {"gpt2": False, "smollm": True, "starcoder": True}
+PRE_TOKENIZERS = {"gpt2": False, "gpt-2": False, "smollm": True, "starcoder": True}  # "gpt-2": llama.cpp's name
 
 
 class BPETokenizer:
     """Byte-level BPE: the GPT-2 regex (after splitting digits one by one for ``pre`` "smollm" / "starcoder"),
     bytes mapped to the GPT-2 unicode alphabet, then the merges in rank order. ``special_ids`` (control tokens
-    such as ``<|im_start|>``) are matched whole in the text, never split, and dropped by ``decode``.
+    such as ``<|im_start|>``) are matched whole in the text, never split, and dropped by ``decode``;
+    ``added_ids`` (user-defined tokens such as ``<tool_call>``) are matched whole too but kept by ``decode``.
 
     tokens: the vocabulary (id -> token string, byte-level alphabet); merges: "left right" pairs in rank order.
     """
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str], *, pre: str = "gpt2", bos_id: int | None,
                  eos_id: int | None, pad_id: int | None = None, special_ids: Sequence[int] = (),
-                 add_bos: bool = False, chat_template: str | None = None):
+                 added_ids: Sequence[int] = (), add_bos: bool = False, chat_template: str | None = None):
         try:
             from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
         except ImportError as e:
@@ -68,6 +69,7 @@ class BPETokenizer:
                              if PRE_TOKENIZERS[pre] else byte_level)
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special_ids])
+        tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in added_ids])
         self._tok = tok
         self.vocab_size = n
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id

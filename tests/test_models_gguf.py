@@ -63,10 +63,18 @@ def byte_vocab(extra=()):
 
 
 def write_gguf(path, cfg, tensors, *, arch="llama", qtype=Q.F32, extra_tensors=(), extra_meta=None,
-               skip=(), tokenizer_model="gpt2", pre="gpt2"):
+               skip=(), tokenizer_model="gpt2", pre="gpt2", drop_meta=()):
     """A GGUF file of HF ``tensors`` as llama.cpp's converter writes it (names, q/k permutation), without the
-    GGUF tensors named in ``skip``, with ``extra_tensors`` (name, array, raw GGML type or None)."""
+    GGUF tensors named in ``skip`` or the metadata keys in ``drop_meta``, with ``extra_tensors`` (name, array, raw
+    GGML type or None)."""
     w = gguf.GGUFWriter(str(path), arch=arch)
+    add_kv = w.add_key_value
+
+    def kept(key, value, vtype, *a, **k):
+        if key not in drop_meta:
+            add_kv(key, value, vtype, *a, **k)
+
+    w.add_key_value = kept  # every add_* below goes through add_key_value
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -190,6 +198,33 @@ def test_gguf_refuses_what_it_cannot_load(tmp_path, case, match):
         load_gguf(path)
 
 
+@pytest.mark.parametrize("meta, want", [
+    ({"llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32)}, 4.0),  # no type: llama.cpp reads "linear"
+    ({"llama.rope.scaling.type": ("none", gguf.GGUFValueType.STRING),
+      "llama.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32)}, None),  # "none" never scales
+    ({"llama.rope.scaling.factor": (1.0, gguf.GGUFValueType.FLOAT32)}, None),
+])
+def test_gguf_rope_scaling_as_llama_cpp_reads_it(tmp_path, meta, want):
+    model = load_gguf(write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), extra_meta=meta))
+    got = model.config.rope_scaling
+    assert (got is None and want is None) or (got.rope_type == "linear" and got.factor == want), got
+
+
+def test_gguf_refuses_split_files_and_a_missing_epsilon(tmp_path):
+    """A split GGUF's first file is named as such (its tensors are in the other files: it read as broken); a
+    missing RMS-norm epsilon is refused (llama.cpp requires it; transformers' and our old defaults differ). Errors
+    name the file once."""
+    split = write_gguf(tmp_path / "s.gguf", CONFIG, make_tensors(CONFIG),
+                       extra_meta={"split.count": (3, gguf.GGUFValueType.UINT16)})
+    with pytest.raises(CheckpointError, match=r"one of 3 files of a split GGUF .*llama-gguf-split --merge"):
+        load_gguf(split)
+    no_eps = write_gguf(tmp_path / "e.gguf", CONFIG, make_tensors(CONFIG),
+                        drop_meta={"llama.attention.layer_norm_rms_epsilon"})
+    with pytest.raises(CheckpointError, match=r"metadata key 'llama.attention.layer_norm_rms_epsilon' missing") as e:
+        load_gguf(no_eps)
+    assert str(e.value).count("e.gguf") == 1, e.value
+
+
 @pytest.mark.parametrize("model, pre, match", [("llama", "default", "tokenizer.ggml.model is 'llama'"),
                                                ("gpt2", "deepseek-llm", "tokenizer.ggml.pre is 'deepseek-llm'")])
 def test_gguf_tokenizer_refuses_unknown_kinds(tmp_path, model, pre, match):
@@ -204,6 +239,19 @@ def test_gguf_tokenizer_from_metadata(tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 64)
     assert tok.pre == "gpt2" and tok.chat_template is None and not tok.add_bos
     assert tok.encode("<|im_start|>AB") == [1, 63]  # control tokens are matched whole; the merge applies
+    # llama.cpp's converter names the GPT-2 pre-tokenizer "gpt-2"
+    gpt_2 = load_gguf_tokenizer(write_gguf(tmp_path / "g.gguf", CONFIG, make_tensors(CONFIG), pre="gpt-2"))
+    assert gpt_2.encode("<|im_start|>AB") == [1, 63]
+
+
+def test_user_defined_tokens_are_whole_and_kept_by_decode():
+    """GGUF token type 4 (user-defined, e.g. <tool_call>): matched whole like the control tokens, but decode keeps
+    it (as llama.cpp and transformers do); control tokens are left out."""
+    tokens = byte_vocab(["<tool_call>"])
+    tok = BPETokenizer(tokens, [], bos_id=1, eos_id=2, special_ids=[0, 1, 2, 3], added_ids=[len(tokens) - 1])
+    ids = tok.encode("a<tool_call>b<|im_end|>")
+    assert len(tokens) - 1 in ids and len(ids) == 4
+    assert tok.decode(ids) == "a<tool_call>b"
 
 
 # --------------------------------------------------------------------------------- BPETokenizer
