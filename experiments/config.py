@@ -370,8 +370,8 @@ def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>", assignm
 
 def check_together(config: dict) -> None:
     """What the schema cannot check key by key: the bench rows' heads, the model shape as a whole
-    (`models.LlamaConfig`) and its split over each `mesh.model` size (`models.parallel.split`), so that such a
-    config fails before anything runs, naming its key."""
+    (`models.LlamaConfig`), its longest sequence against its max_position_embeddings, and its split over each
+    `mesh.model` size (`models.parallel.split`), so that such a config fails before anything runs, naming its key."""
     for i, row in enumerate(config.get("bench", {}).get("configs", [])):
         if row["q_heads"] % row["kv_heads"]:
             raise ConfigError(f"key 'bench.configs[{i}].kv_heads' must divide q_heads ({row['q_heads']}), got "
@@ -383,6 +383,13 @@ def check_together(config: dict) -> None:
         model = LlamaConfig(**config["model"]["shape"])
     except ValueError as e:
         raise ConfigError(f"key 'model.shape': {e}") from None
+    grid, tree = config.get("grid"), config.get("tree")
+    if grid or tree:  # the longest sequence a run makes must fit the model (generate refuses it, point by point)
+        longest, where = ((max(grid["prefixes"]) + grid["unique"] + grid["generate"], "grid") if grid else
+                          (tree["fewshot"] + tree["problem_prompt"] + tree["generate"], "tree"))
+        if longest > model.max_position_embeddings:
+            raise ConfigError(f"key '{where}': its longest sequence, {longest} tokens (prompt + generate), exceeds "
+                              f"model.shape.max_position_embeddings = {model.max_position_embeddings}")
     sizes = config.get("mesh", {}).get("model", 1)
     for n in sizes if isinstance(sizes, list) else [sizes]:
         try:

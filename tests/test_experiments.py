@@ -954,6 +954,11 @@ def test_config_errors_across_keys_and_cli_input_errors(tmp_path, capsys):
     with pytest.raises(config.ConfigError, match=r"key 'mesh\.model' must be a device count >= 1, or a non-empty "
                                                  r"list of distinct ones, got \[2, 2\]"):
         config.load("e2e_tp", assignments=["mesh.model=[2, 2]"])
+    with pytest.raises(config.ConfigError, match=r"key 'grid': its longest sequence, 70000 tokens \(prompt \+ "
+                                                 r"generate\), exceeds model.shape.max_position_embeddings = 65536"):
+        config.load("long_document", assignments=["grid.prefixes=[1024, 69871]"])
+    with pytest.raises(config.ConfigError, match=r"key 'tree': its longest sequence"):
+        config.load("tree_apps", smoke=True, assignments=["tree.fewshot=5000"])
     with pytest.raises(config.ConfigError, match=r"'configs\[2\]' indexes an array, which --set cannot"):
         config.load("bench_attention", assignments=["bench.configs[2].batch=4"])
     assert cli.main(["plan", "e2e_throughput", "--smoke", "--set", "model.shape.num_key_value_heads=3"]) == 2
