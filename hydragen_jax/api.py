@@ -256,9 +256,8 @@ def tree_attention(
       nodes = None
     else:
       nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes, checked)
-    check.max_group(f"{name}.max_group", level.max_group, nodes, num_nodes, checked)
+    bound = check.max_group(f"{name}.max_group", level.max_group, nodes, num_nodes, checked)
     layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked) if layered else None
-    bound = None if level.max_group is None else int(level.max_group)  # a numpy integer: a Python int for the kernels
     validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer, max_group=bound))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
   if isinstance(batch_shared, (bool, np.bool_)):

@@ -207,17 +207,19 @@ def layer_index(name: str, layer, num_layers: int, checked: bool = False) -> jax
   return layer.astype(jnp.int32)
 
 
-def max_group(name: str, bound, seq_to_node, num_nodes: int, checked: bool = False) -> None:
+def max_group(name: str, bound, seq_to_node, num_nodes: int, checked: bool = False) -> int | None:
   """`Level.max_group`: None, or an int >= 1 that bounds the sequences reading any one node of `seq_to_node`
   (None: sequence b reads node b, one reader each). Checked now where seq_to_node is concrete, by checkify where
-  it is traced and `checked`; the kernels give each node rows for `bound` sequences only."""
+  it is traced and `checked`; the kernels give each node rows for `bound` sequences only. Returns the bound as a
+  Python int (a numpy integer, as `np.bincount(...).max()` gives, is taken), or None."""
   if bound is None:
-    return
+    return None
   if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, np.integer)) or bound < 1:
     raise ValueError(f"{name} must be None or an integer >= 1 (a bound on the sequences reading one node); "
                      f"got {bound!r}.")
+  bound = int(bound)
   if seq_to_node is None or not seq_to_node.size:
-    return
+    return bound
   value = _concrete(seq_to_node)
   if value is not None:
     counts = np.bincount(value, minlength=num_nodes)
@@ -228,3 +230,4 @@ def max_group(name: str, bound, seq_to_node, num_nodes: int, checked: bool = Fal
     counts = jnp.bincount(seq_to_node, length=num_nodes)
     checkify.check(jnp.max(counts) <= bound, name + f"={bound}, but node {{}} is read by {{}} sequences "
                    "(seq_to_node); it must bound the readers of every node.", jnp.argmax(counts), jnp.max(counts))
+  return bound

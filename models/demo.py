@@ -7,10 +7,11 @@ By default the model is SmolLM2-135M-Instruct, a real instruct model read from t
 ``tokenizers`` and ``jinja2``): one long system prompt (instructions and worked examples) shared by all
 sequences, several user questions, each shared by its samples (temperature > 0). ``--model default`` uses the
 embedded byte-level model (a tiny Llama trained on Python's standard library by ``python -m
-models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any Llama GGUF file (with
-its own tokenizer), or an HF-format Llama directory of a byte-level model (read with the byte tokenizer). The demo generates with Hydragen showing progress per chunk of decode
-steps, prints a few completions, then times the decode loop of every mode on the same prompts and prints a
-table. On a GPU the same command runs the Pallas kernels (bf16).
+models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any Llama GGUF
+file (with its own tokenizer), or an HF-format Llama directory of a byte-level model (read with the byte
+tokenizer). The demo generates with Hydragen showing progress per chunk of decode steps, prints a few
+completions, then times the decode loop of every mode on the same prompts and prints a table. On a GPU the same
+command runs the Pallas kernels (bf16).
 """
 
 from __future__ import annotations

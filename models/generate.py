@@ -464,9 +464,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     ``state`` is donated: use only the returned state. ``num_steps`` (an integer >= 0, or an integer scalar array)
     is traced (no recompile per value).
     """
-    steps = num_steps if isinstance(num_steps, jax.core.Tracer) else np.asarray(num_steps)
-    if isinstance(num_steps, (bool, np.bool_)) or steps.ndim or not jnp.issubdtype(steps.dtype, jnp.integer) or (
-            not isinstance(steps, jax.core.Tracer) and steps < 0):
+    if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
