@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from unittest import mock
 
 import chex
 import jax
@@ -290,6 +291,26 @@ def test_prefix_splits_follow_the_fill():
     hopper.HopperConfig(prefix_splits=0)
   with pytest.raises(ValueError, match="prefix_fill must be a finite number >= 0"):
     tuning.HopperTuning(2, 2, 208, 88, True, prefix_fill=-1.0)
+
+
+def test_the_grid_has_no_more_ctas_than_items():
+  """The persistent grid: one CTA per SM, but no more than the prefix items (KV head x split x 128-row block, whole
+  clusters) or the suffix items (sequence or packed window x KV head), whichever are more; item i of each kind is
+  CTA i's either way."""
+  base = hopper.HopperConfig(num_ctas=132, prefix_splits=1, suffix_pack=False)
+  q_shape = (5, 1, 8, 64)  # T·g = 4: 20 rows a KV head, one 128-row block; 5 suffix items a KV head
+  assert hopper._busy_ctas(q_shape, 2, base) == 10  # suffixes: 5 x 2
+  assert hopper._busy_ctas(q_shape, 2, dataclasses.replace(base, prefix_splits=3, cluster=2)) == 12  # 2 x 3 x 2
+  assert hopper._busy_ctas(q_shape, 2, dataclasses.replace(base, suffix_pack=True)) == 6  # windows of 2: 3 x 2
+  assert hopper._busy_ctas((1024, 1, 32, 128), 8, base) == 8192  # more items than SMs: the SMs bound it
+  seen = {}
+  real = hopper._prefix_suffix_attention
+  with mock.patch.object(hopper, "_prefix_suffix_attention", lambda *a, config, **k: seen.update(
+      config=config) or real(*a, config=config, **k)):
+    q, pk, pv, sk, sv = _inputs((5, 1, 8, 2, 64, 40, 16), jnp.bfloat16)
+    hopper.prefix_suffix_attention(q, pk, pv, jnp.int32(40), sk, sv, jnp.full((5,), 16, jnp.int32), scale=0.125,
+                                   config=base, interpret=True)
+  assert seen["config"].num_ctas == 10
 
 
 @pytest.mark.parametrize("backend", MOSAIC)

@@ -176,6 +176,17 @@ def prefix_splits_for(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capaci
   return splits
 
 
+def _busy_ctas(q_shape: tuple[int, ...], num_kv_heads: int, config: HopperConfig) -> int:
+  """CTAs that get an item (prefix: KV head × key split × 128-row block, the blocks padded to whole clusters;
+  suffix: sequence or packed window × KV head) when there are at least as many CTAs, in whole clusters."""
+  batch, steps, num_q_heads = q_shape[:3]
+  qrows = steps * num_q_heads // num_kv_heads
+  block = PAIR * ROWS * config.cluster
+  prefix = num_kv_heads * config.prefix_splits * (-(-batch * qrows // block) * config.cluster)
+  suffix = num_kv_heads * -(-batch // suffix_pack_of(qrows, config))
+  return max(-(-max(prefix, suffix, 1) // config.cluster) * config.cluster, config.cluster)
+
+
 def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool, pack: int = 1) -> tuple:
   """The kernel's shared memory: buffers and barriers, in `_kernel`'s order (`pack`: sequences a suffix item, each
   a copy arriving on its tile's barriers)."""
@@ -776,6 +787,10 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
                                                                          prefix_k.shape[0], config))
   if config.num_ctas % config.cluster:
     raise ValueError(f"HopperConfig.num_ctas={config.num_ctas} is not a multiple of its cluster={config.cluster}.")
+  # No more CTAs than the work has items: item i of each kind runs on CTA i either way (the round-robin's first
+  # turn), so the CTAs past the last item would only start and stop (in the interpreter each costs a whole CTA's
+  # simulation: ~130 idle ones made a small test 10x slower). Capped after the splits, which count the SMs.
+  config = dataclasses.replace(config, num_ctas=min(config.num_ctas, _busy_ctas(q.shape, prefix_k.shape[1], config)))
   return _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths,
                                   scale=float(scale), config=config, interpret=interpret)
 
