@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("config")
     p_plan.add_argument("--capacity-gb", type=float, default=None,
                         help="device bytes_limit in GB, of which the config's memory_fraction is usable, as in a run "
-                             "(default: the config's device.memory_capacity_bytes if set, else 92%% of an 80 GB H100)")
+                             "(default: the config's device.memory_capacity_bytes if set, else this machine's "
+                             "accelerator's, else 92%% of an 80 GB H100's, which plan then names on stderr)")
     p_plan.add_argument("--smoke", action="store_true")
     p_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
@@ -76,8 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.capacity_gb is not None and not args.capacity_gb > 0:
             print(f"plan: --capacity-gb must be > 0, got {args.capacity_gb}", file=sys.stderr)
             return 2
-        capacity = (args.capacity_gb * 1e9 if args.capacity_gb is not None
-                    else device.get("memory_capacity_bytes", 80e9 * 0.92))
+        from experiments import memory
+
+        capacity = args.capacity_gb * 1e9 if args.capacity_gb is not None else memory.device_capacity(device)
+        if capacity is None:  # a CPU: no device memory to go by
+            capacity = 80e9 * 0.92
+            print("plan: no accelerator here and no device.memory_capacity_bytes in the config: estimating against "
+                  "an 80 GB H100's bytes_limit (73.6 GB); --capacity-gb sets another", file=sys.stderr)
         for row in runner.experiment_module(cfg["kind"]).plan(cfg, int(capacity)):
             print(f"{'fits' if row['fits'] else 'OOM '}  {row['needed_bytes'] / 1e9:8.1f} GB  {row['point']}  "
                   f"{','.join(row['modes'])}")

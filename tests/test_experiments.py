@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import tomllib
+import types
 
 import chex
 import jax
@@ -924,7 +925,18 @@ def test_plan_takes_the_configs_device_capacity(capsys):
         assert cli.main(["plan", "e2e_throughput", *grid, "--set", f"device.memory_capacity_bytes={capacity}"]) == 0
         assert capsys.readouterr().out.split()[0] == fits, (capacity, need)
     assert cli.main(["plan", "e2e_throughput", "--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]"]) == 0
-    assert capsys.readouterr().out.split()[0] == "fits"
+    out = capsys.readouterr()
+    assert out.out.split()[0] == "fits" and "an 80 GB H100's bytes_limit" in out.err  # CPU: the assumption named
+
+
+def test_plan_takes_the_accelerators_capacity(capsys, monkeypatch):
+    """On a GPU machine `plan` goes by that GPU's bytes_limit (as `run` does), not an H100's."""
+    grid = ["--set", "grid.prefixes=[1024]", "--set", "grid.batches=[64]", "--set", 'modes=["hydragen"]']
+    monkeypatch.setattr(memory.jax, "devices", lambda: [types.SimpleNamespace(memory_stats=lambda: {
+        "bytes_limit": 10**6})])
+    assert cli.main(["plan", "e2e_throughput", *grid]) == 0
+    out = capsys.readouterr()
+    assert out.out.split()[0] == "OOM" and not out.err  # 1 MB: nothing fits, and no assumption to name
 
 
 def test_run_needing_more_devices_than_there_are(tmp_path, capsys):
