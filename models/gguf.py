@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from models.checkpoint import CheckpointError, _from_hf, hf_name, hf_tensor_shapes
@@ -196,7 +198,8 @@ def _expected_names(config: LlamaConfig) -> dict[str, str]:
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
     """Load a Llama-architecture GGUF file into a ``Llama`` with parameters in ``dtype`` (fp32 or bf16).
 
-    Quantized tensors are dequantized to float32 first (so fp32 holds the file's values exactly). Raises
+    Quantized tensors are dequantized to float32 first (so fp32 holds the file's values exactly), one at a time, and
+    each is kept on the host in ``dtype`` (a bf16 load holds two bytes a parameter there, not four). Raises
     ``CheckpointError`` for another architecture, an unsupported tensor type or tensor, a missing or misshaped
     tensor.
     """
@@ -204,6 +207,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"load_gguf: dtype must be float32 or bfloat16, got {dtype}")
+    host_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32
     path, reader = _open(path)
     config = _config(reader, path)
     expected = hf_tensor_shapes(config)
@@ -225,7 +229,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
             w = _unpermute(w, config.num_attention_heads)
         elif t.name.endswith("attn_k.weight"):
             w = _unpermute(w, config.num_key_value_heads)
-        tensors[hf] = w
+        tensors[hf] = w.astype(host_dtype)
     missing = [g for g, hf in names.items() if hf not in tensors]
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
@@ -244,7 +248,11 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
     model = m("ggml.model")
     if model != "gpt2":
         raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported")
-    pre = m("ggml.pre", "gpt2")
+    pre = m("ggml.pre", None)
+    if pre is None:  # llama.cpp warns too, and uses a default rule of its own: outputs may differ from its
+        warnings.warn(f"{path}: no tokenizer.ggml.pre in the file; its text is split with GPT-2's pre-tokenizer rule, "
+                      "which may not be the one the model was trained with", stacklevel=2)
+        pre = "gpt2"
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
     tokens = m("ggml.tokens")

@@ -12,8 +12,10 @@ without them these tests skip with the reason.
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -159,6 +161,20 @@ def test_gguf_bf16_and_linear_rope_scaling(tmp_path):
     assert model.config.rope_scaling.rope_type == "linear" and model.config.rope_scaling.factor == 4.0
 
 
+def test_gguf_bf16_keeps_each_tensor_in_bf16_on_the_host(tmp_path, monkeypatch):
+    """A bf16 load holds the host copies in bf16 (half an fp32 load's memory), with the values of an fp32 load cast."""
+    from models import gguf as gguf_lib  # noqa: PLC0415
+
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG, seed=5), qtype=Q.Q8_0)
+    seen = {}
+    real = gguf_lib._from_hf
+    monkeypatch.setattr(gguf_lib, "_from_hf", lambda c, t, d: seen.update(t) or real(c, t, d))
+    bf16 = load_gguf(path, dtype=jnp.bfloat16)
+    assert seen and {x.dtype for x in seen.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    fp32 = load_gguf(path)
+    chex.assert_trees_all_equal(bf16.params(), jax.tree.map(lambda x: x.astype(jnp.bfloat16), fp32.params()))
+
+
 def test_gguf_dtype_must_be_fp32_or_bf16(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG))
     with pytest.raises(ValueError, match="dtype must be float32 or bfloat16, got float16"):
@@ -242,6 +258,11 @@ def test_gguf_tokenizer_from_metadata(tmp_path):
     # llama.cpp's converter names the GPT-2 pre-tokenizer "gpt-2"
     gpt_2 = load_gguf_tokenizer(write_gguf(tmp_path / "g.gguf", CONFIG, make_tensors(CONFIG), pre="gpt-2"))
     assert gpt_2.encode("<|im_start|>AB") == [1, 63]
+    # no pre-tokenizer named: GPT-2's rule, with a warning (llama.cpp warns too)
+    with pytest.warns(UserWarning, match="no tokenizer.ggml.pre in the file; .* GPT-2's pre-tokenizer rule"):
+        unnamed = load_gguf_tokenizer(write_gguf(tmp_path / "n.gguf", CONFIG, make_tensors(CONFIG),
+                                                 drop_meta=("tokenizer.ggml.pre",)))
+    assert unnamed.pre == "gpt2" and unnamed.encode("<|im_start|>AB") == [1, 63]
 
 
 def test_user_defined_tokens_are_whole_and_kept_by_decode():
