@@ -121,8 +121,9 @@ def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched
   """The parts of a Hydragen step by the Hopper kernel (the prefix's, one a key split, and the suffixes'), or None
   where it does not run: levels that are not its case (one prefix node shared by the whole batch and batched, then
   each sequence's own causal suffix, no layer axis, shapes `hopper.supported` takes), or backend "pallas" where the
-  Triton kernels are as fast (`validation.hopper_pays`)."""
-  if backend not in ("mosaic", "interpret-mosaic", "pallas"):
+  Triton kernels are as fast (`validation.hopper_pays`), or "mosaic" on a GPU that is not a Hopper (its wgmma and
+  TMA need one: Triton runs instead, as documented)."""
+  if backend not in ("mosaic", "interpret-mosaic", "pallas") or (backend == "mosaic" and check.gpu_without_hopper()):
     return None
   if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:
     return None

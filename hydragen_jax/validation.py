@@ -26,6 +26,12 @@ def default_backend() -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def gpu_without_hopper() -> bool:
+  """Whether the default device is a GPU other than a Hopper (an A100, an RTX card, a Blackwell), where the Hopper
+  kernel cannot run. (Off a GPU, code may still be lowered for one: `lowering_platforms=("cuda",)`.)"""
+  return jax.devices()[0].platform == "gpu" and not on_hopper()
+
+
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x: H100, H200), where the Hopper kernel runs."""
   device = jax.devices()[0]

@@ -312,6 +312,23 @@ def _ok():
   return q, k
 
 
+def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
+  """backend="mosaic" takes the Hopper kernel except on a GPU that is not a Hopper (wgmma, TMA): Triton there, as
+  documented."""
+  from hydragen_jax import api, validation  # noqa: PLC0415
+
+  q = jnp.zeros((4, 1, 8, 64), jnp.bfloat16)
+  prefix = Level(jnp.zeros((1, 16, 2, 64), jnp.bfloat16), jnp.zeros((1, 16, 2, 64), jnp.bfloat16), jnp.array([16]))
+  suffix = Level(jnp.zeros((4, 8, 2, 64), jnp.bfloat16), jnp.zeros((4, 8, 2, 64), jnp.bfloat16), jnp.full((4,), 8))
+  monkeypatch.setattr(api.hopper, "prefix_suffix_attention", lambda *a, **k: ["hopper parts"])
+  parts = lambda: api._hopper_parts(q, [prefix, suffix], causal=[False, True], batched=[True, False],  # noqa: E731
+                                    scale=0.125, backend="mosaic")
+  monkeypatch.setattr(validation, "gpu_without_hopper", lambda: True)  # an A100, say
+  assert parts() is None
+  monkeypatch.setattr(validation, "gpu_without_hopper", lambda: False)  # a Hopper, or lowering for one from a CPU
+  assert parts() == ["hopper parts"]
+
+
 @pytest.mark.parametrize("case,match", [
     ("q_rank", r"q must have rank 4 .*\(2, 4, 64\)"),
     ("heads", r"Hq=4\) must be a multiple of the KV heads.*Hkv=3"),
