@@ -457,6 +457,29 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
 _decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
 
 
+def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
+    """``ValueError`` naming both where ``state`` was not made by ``prefill`` with this model's layout (its mesh, or
+    none): the logits' vocabulary (padded on a mesh), the caches' KV heads (replicated on a mesh) and layers."""
+    config, n = model.config, 1
+    vocab = config.vocab_size
+    if model.mesh is not None:
+        from models import parallel  # noqa: PLC0415
+
+        s = parallel.split(config, parallel.mesh_size(model.mesh))
+        n, vocab = s.devices, s.vocab * s.devices
+    cache = state.cache
+    layers = () if isinstance(cache, NoCache) else tuple(cache.k)
+    shared = [x for level in getattr(cache, "shared", ()) for x in level.k]
+    heads = sorted({x.shape[-2] for x in layers + tuple(shared)})
+    if (state.logits.shape[-1] != vocab or heads not in ([], [model.kv_heads])
+            or len(layers) not in (0, config.num_hidden_layers)):
+        made = f"a {n}-device mesh" if model.mesh is not None else "one device (no mesh)"
+        raise ValueError(
+            f"{fn}: the state does not fit this model, on {made}: it needs logits [B, {vocab}] and caches of "
+            f"{model.kv_heads} KV heads over {config.num_hidden_layers} layers; got logits {list(state.logits.shape)}, "
+            f"KV heads {heads}, {len(layers)} layers (make the state with prefill on the same model and mesh)")
+
+
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
            backend: str | None = None) -> DecodeState:
     """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
@@ -466,6 +489,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     """
     if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
+    _check_state(model, state, "decode")
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
                        backend=backend, mesh=model.mesh)
@@ -473,6 +497,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
 
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
+    _check_state(model, state, "compile_decode")
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
     fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,

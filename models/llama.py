@@ -348,7 +348,8 @@ class Llama(nnx.Module):
                                  "separate projections: pack them with models.llama.pack_layer)")
         if mesh is None:  # on a mesh, parallel.check_layout checks the shapes of its layout
             check_shapes(config, params, "Llama", "the config needs {want} (w_qkv [d, Hkv, (Hq/Hkv + 2)·D] and "
-                         "w_gate_up [d, 2, I]: models.llama.pack_layer packs a checkpoint's projections)")
+                         "w_gate_up [d, 2, I]: models.llama.pack_layer packs a checkpoint's projections; parameters in a "
+                         "mesh's layout need mesh=..., or models.parallel.canonical_params to take them off it)")
         self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
         if mesh is not None:
             from models import parallel

@@ -32,6 +32,7 @@ bookkeeping) is ordinary jitted code on the global arrays, partitioned by XLA.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -69,21 +70,29 @@ class Split:
 
 
 def mesh_size(mesh: Mesh) -> int:
-    """Devices along the mesh's ``"model"`` axis; ``ValueError`` for a mesh with other axes."""
+    """Devices along the mesh's ``"model"`` axis; ``ValueError`` for a mesh with other axes, or whose axis is not of
+    type Auto (``jax.make_mesh`` makes Explicit axes by default, which the model's sharding constraints cannot
+    name)."""
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if tuple(mesh.axis_names) != (AXIS,):
         raise ValueError(f"mesh must have the one axis {AXIS!r} (tensor parallelism), got axes {mesh.axis_names}")
+    kind = mesh.axis_types[0]
+    if kind != jax.sharding.AxisType.Auto:
+        raise ValueError(f"mesh axis {AXIS!r} must be of type AxisType.Auto, got {kind} (jax.make_mesh's default): "
+                         f"build it with models.parallel.make_mesh(n), or jax.make_mesh((n,), ({AXIS!r},), "
+                         "axis_types=(jax.sharding.AxisType.Auto,))")
     return mesh.shape[AXIS]
 
 
 def make_mesh(devices: int) -> Mesh:
-    """A mesh of the first ``devices`` devices along the axis ``"model"``."""
+    """A mesh of the first ``devices`` devices along the axis ``"model"`` (a Python or numpy integer)."""
     available = jax.devices()
-    if not isinstance(devices, int) or not 1 <= devices <= len(available):
+    if (isinstance(devices, (bool, np.bool_)) or not isinstance(devices, numbers.Integral)
+            or not 1 <= devices <= len(available)):
         raise ValueError(f"make_mesh: devices must be an integer in [1, {len(available)}] (the devices JAX sees), "
                          f"got {devices!r}")
-    return Mesh(np.array(available[:devices]), (AXIS,))
+    return Mesh(np.array(available[:int(devices)]), (AXIS,))
 
 
 def split(config: LlamaConfig, devices: int) -> Split:
@@ -205,8 +214,9 @@ def shard_params(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> dic
 
 
 def canonical_params(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """Parameters in their mesh layout -> the canonical ones (still global arrays; ``np.asarray`` gathers one)."""
-    s = split(config, mesh_size(mesh))
+    """Parameters in their mesh layout -> the canonical ones (still global arrays; ``np.asarray`` gathers one);
+    ``ValueError`` where they are not ``mesh``'s layout (e.g. a mesh of another size)."""
+    s = check_layout(config, params, mesh)
     return map_params(lambda key, x: from_layout(key, x, config, s), params)
 
 

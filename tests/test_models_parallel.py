@@ -4,16 +4,19 @@ starts, which this process has done already)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+import models
 from models import llama, parallel
 from models.config import LlamaConfig
 
@@ -98,6 +101,28 @@ def test_mesh_must_have_the_model_axis_only():
     with pytest.raises(ValueError, match=r"devices must be an integer in \[1, \d+\]"):
         parallel.make_mesh(len(jax.devices()) + 1)
     assert parallel.mesh_size(parallel.make_mesh(1)) == 1
+    assert parallel.mesh_size(parallel.make_mesh(np.int64(1))) == 1  # numpy integers too
+    with pytest.raises(ValueError, match=r"devices must be an integer .*got True"):
+        parallel.make_mesh(True)
+    # jax.make_mesh's axes are Explicit by default: named, with how to build an Auto one
+    with pytest.raises(ValueError, match=r"mesh axis 'model' must be of type AxisType.Auto, got AxisType.Explicit "
+                                         r".*models.parallel.make_mesh"):
+        parallel.mesh_size(jax.make_mesh((1,), ("model",)))
+    auto = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    assert parallel.mesh_size(auto) == 1
+
+
+def test_decode_refuses_a_state_of_another_model():
+    """A state prefilled by a model of another vocabulary or depth: the decode names what it needs and got."""
+    small = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, eos_token_ids=())
+    a = models.init_random(small, jnp.float32)
+    b = models.init_random(dataclasses.replace(small, vocab_size=41, num_hidden_layers=2), jnp.float32)
+    state = models.prefill(b, [[1, 2, 3], [1, 2, 4]], 2, backend="xla")
+    with pytest.raises(ValueError, match=r"decode: the state does not fit this model, on one device \(no mesh\): it "
+                                         r"needs logits \[B, 40\] and caches of 1 KV heads over 1 layers; got logits "
+                                         r"\[2, 41\], KV heads \[1\], 2 layers"):
+        models.decode(a, state, 1)
 
 
 def _run_cases(marker: str) -> None:
@@ -113,7 +138,7 @@ def _run_cases(marker: str) -> None:
 
 def test_sharded_model_on_4_host_devices():
     """Every mode once (MHA, GQA, MQA; 2 and 4 devices; KV heads replicated), sampling, the Pallas kernels under
-    shard_map, init, loader, the decode step's collectives (tests/tp_cases.py, not slow; ~35 s of CPU)."""
+    shard_map, init, loader, the decode step's collectives (tests/tp_cases.py, not slow; ~70 s of CPU)."""
     _run_cases("not slow")
 
 
