@@ -8,7 +8,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,7 @@ def test_each_shipped_device_kind_gets_its_own_file():
     assert tuning.file_for(kind).device_kind == kind
 
 
+@pytest.mark.filterwarnings("ignore:hydragen_jax. no tuning file")
 @pytest.mark.parametrize("kind", ["cpu", "NVIDIA B200", "NVIDIA H100 PCIe", "TPU v5 lite"])
 def test_unknown_devices_and_cpu_take_the_h100_tuning(kind):
   assert tuning.FALLBACK_KIND == H100
@@ -57,6 +60,7 @@ def test_unknown_devices_and_cpu_take_the_h100_tuning(kind):
   assert tuning.for_device_kind(kind) == _h100()
 
 
+@pytest.mark.filterwarnings("ignore:hydragen_jax. no tuning file")
 def test_current_follows_the_device_kind(data_dir, monkeypatch):
   fast = dataclasses.replace(_h100(), hopper_min_work=1, hopper_min_fill=0.0, max_rows_shared=32)
   _write(data_dir, "Test GPU", fast)
@@ -225,11 +229,21 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d.update(block_size=1), r"unknown \['block_size'\]"),
     (lambda d: d["tiles"].pop("32"), r"row tiles 16, 32, 64, ... .*got \[16, 64, 128\]"),
     (lambda d: d["tiles"].pop("128"), r"up to max_rows_alone=128 .*got \[16, 32, 64\]"),
-    (lambda d: d["tiles"]["16"].update(block_k=48), r"tiles\[16\] = .*block_k must be a power of two"),
+    (lambda d: d["tiles"]["16"].update(block_k=48), r"tiles\[16\].block_k must be a power of two >= 16; got 48"),
+    (lambda d: d["tiles"]["16"].update(num_stages=2.5), r"tiles\[16\].num_stages must be an int >= 1; got 2.5"),
+    (lambda d: d["tiles"]["16"].update(num_warps=True), r"tiles\[16\].num_warps must be one of .*; got True"),
+    (lambda d: d["tiles"]["16"].update(num_stages="3"), r"tiles\[16\].num_stages must be an int >= 1; got '3'"),
+    (lambda d: d["hopper"]["1"].update(pingpong="false"), r"HopperTuning.pingpong must be true or false; got 'false'"),
+    (lambda d: d["hopper"]["1"].update(suffix_pack=0.5), r"HopperTuning.suffix_pack must be true or false; got 0.5"),
+    (lambda d: d["hopper"]["1"].update(prefix_keys=64.0), r"HopperTuning.prefix_keys must be 64 or 128; got 64.0"),
+    (lambda d: d["hopper"]["1"].update(cluster=True), r"HopperTuning.cluster must be 1 or 2; got True"),
+    (lambda d: d["gemm"].update(num_warps=4.0), r"GemmTuning.num_warps must be one of .*; got 4.0"),
+    (lambda d: d.update(interleave_lead="0.75"), r"interleave_lead must be a number in \[0, 1\]; got '0.75'"),
+    (lambda d: d.update(interleave_lead=None), r"interleave_lead must be a number in \[0, 1\]; got None"),
     (lambda d: d["hopper"]["1"].pop("pingpong"), r"tuning.hopper\[1\]: missing \['pingpong'\]"),
     (lambda d: d.update(hopper={"2": d["hopper"]["1"]}), r"Tuning.hopper must give .* from rows 1 up.*got rows \[2\]"),
     (lambda d: d.update(balanced_keys=8192), "balanced_keys=8192 exceeds max_keys_per_program=4096"),
-    (lambda d: d.update(interleave_lead=1.5), r"interleave_lead must lie in \[0, 1\]; got 1.5"),
+    (lambda d: d.update(interleave_lead=1.5), r"interleave_lead must be a number in \[0, 1\]; got 1.5"),
     (lambda d: d.update(hopper_min_work=8.0e6), "hopper_min_work must be a positive int; got 8000000.0"),
     (lambda d: d.update(hopper_min_fill=-0.5), "hopper_min_fill must be a finite number >= 0; got -0.5"),
     (lambda d: d.update(hopper_min_fill="0.75"), "hopper_min_fill must be a finite number >= 0; got '0.75'"),
@@ -249,6 +263,41 @@ def test_bad_tuning_data_is_refused_by_name(edit, message):
   edit(data)
   with pytest.raises(ValueError, match=message):
     tuning.from_dict(data)
+
+
+def test_a_file_that_is_not_json_is_named():
+  with pytest.raises(ValueError, match=r"x.json: not valid JSON: Expecting"):
+    tuning.loads('{"device_kind": "cpu", oops}', "x.json")
+
+
+def test_resolve_takes_a_tuning_or_none():
+  assert tuning.resolve(None) == tuning.current()
+  with pytest.raises(TypeError, match=r"tuning must be a hydragen_jax.tuning.Tuning or None; got TuningFile"):
+    tuning.resolve(tuning.file_for(H100))
+
+
+def test_a_gpu_without_a_file_is_warned_about_and_an_env_var_names_a_file(monkeypatch, tmp_path):
+  """An unknown GPU gets the H100's tuning with a warning (once a kind; CPU runs silently); HYDRAGEN_JAX_TUNING
+  names a file to use on any device."""
+  tuning.file_for.cache_clear()
+  with pytest.warns(UserWarning, match=r"no tuning file for device kind 'NVIDIA A100-SXM4-80GB' .*"
+                                       r"NVIDIA H100 80GB HBM3's choices.*HYDRAGEN_JAX_TUNING"):
+    assert tuning.file_for("NVIDIA A100-SXM4-80GB").device_kind == H100
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tuning.file_for("cpu")
+    tuning.file_for("NVIDIA A100-SXM4-80GB")  # once a kind
+  mine = dataclasses.replace(_h100(), max_rows_shared=32)
+  path = tmp_path / "mine.json"
+  tuning.write(path, tuning.TuningFile("NVIDIA A100-SXM4-80GB", mine, dict(
+      measured_on=None, command="test", date="2026-12-02", commit="none", note="test")))
+  monkeypatch.setenv(tuning.TUNING_ENV, str(path))
+  assert tuning.current() == mine
+  with tuning.override(_h100()):  # an override still wins
+    assert tuning.current() == _h100()
+  monkeypatch.setenv(tuning.TUNING_ENV, str(tmp_path / "missing.json"))
+  with pytest.raises(ValueError, match=r"HYDRAGEN_JAX_TUNING='.*missing.json': .*No such file"):
+    tuning.current()
 
 
 def test_a_file_without_provenance_is_refused():
@@ -308,6 +357,23 @@ def test_sweep_times_the_hopper_thresholds_on_every_config():
              for value in choice.candidates}
     assert takes == {True, False}, (b, p, hq, hkv)
   assert choice.read(choice.apply(base, (7, 0.25))) == (7, 0.25)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dry-run"], r"--out FILE is needed with --dry-run"),
+    pytest.param(["--budget-s", "10"], r"--out FILE is needed with off a GPU",
+                 marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="the rule off a GPU")),
+    (["--dry-run", "--out", "x.json", "--step-timeout-s", "0"], r"--step-timeout-s must be > 0; got 0.0"),
+    (["--dry-run", "--out", "x.json", "--budget-s", "-5"], r"--budget-s must be > 0; got -5.0"),
+    (["--dry-run", "--out", "x.json", "--final-s", "-1"], r"--final-s must be >= 0; got -1.0"),
+    (["--dry-run", "--out", "x.json", "--min-gain", "-0.5"], r"--min-gain must be >= 0 .*; got -0.5"),
+])
+def test_sweep_options_are_checked_before_anything_runs(argv, message, capsys):
+  """A dry run (or a run off a GPU) must name its --out (the default is the device's own file, for measurements
+  only); times and gains out of range are named."""
+  with pytest.raises(SystemExit):
+    sweep_device.main(argv)
+  assert re.search(message, capsys.readouterr().err)
 
 
 def test_sweep_dry_run_writes_a_valid_file(tmp_path):

@@ -8,8 +8,10 @@ and its provenance: the command, date and commit that measured it (`python -m sc
 one), or, in a file not yet measured on its device, saying so (`measured_on` null).
 
 `current()` is the tuning of the default device: its file, else the H100's (`FALLBACK_KIND`, the device the kernels
-were first tuned on), which also serves CPU and interpreted runs. `override(t)` sets the tuning inside a `with`
-block (sweeps, tests); the functions that read it also take it as an argument (None: `current()`).
+were first tuned on; a GPU without a file of its own gets a warning), which also serves CPU and interpreted runs. The
+environment variable HYDRAGEN_JAX_TUNING=PATH (`TUNING_ENV`) takes a tuning file for whatever device runs (e.g. one a
+sweep wrote for a GPU the package has no file for). `override(t)` sets the tuning inside a `with` block (sweeps,
+tests); the functions that read it also take it as an argument (None: `current()`).
 
 The tuning is read where the kernels' static choices are made, when a function is traced. An `override` is part of
 jit's cache key (a JAX user context): a jitted function called inside one is traced anew for it, so a tuning A/B
@@ -27,11 +29,13 @@ import operator
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Iterator
 
 import jax
 
 FALLBACK_KIND = "NVIDIA H100 80GB HBM3"
+TUNING_ENV = "HYDRAGEN_JAX_TUNING"  # a tuning file to use whatever the device
 PROVENANCE_KEYS = ("measured_on", "command", "date", "commit", "note")
 
 
@@ -83,10 +87,13 @@ def check_hopper(config) -> None:
   pool."""
   name = type(config).__name__
   _check_fill(config, "prefix_fill")
+  for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack"):
+    if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
+      raise ValueError(f"{name}.{field} must be true or false; got {getattr(config, field)!r}.")
   for field in ("prefix_keys", "suffix_keys"):
-    if getattr(config, field) not in KEY_TILES:
+    if not _is_int(getattr(config, field)) or getattr(config, field) not in KEY_TILES:
       raise ValueError(f"{name}.{field} must be 64 or 128; got {getattr(config, field)!r}.")
-  if config.cluster not in (1, 2) or isinstance(config.cluster, bool):
+  if not _is_int(config.cluster) or config.cluster not in (1, 2):
     raise ValueError(f"{name}.cluster must be 1 or 2; got {config.cluster!r}.")
   _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)
   if config.pingpong and config.prefix_stages < 2:
@@ -109,6 +116,11 @@ def _check_fill(obj, name: str) -> None:
   value = getattr(obj, name)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
     raise ValueError(f"{type(obj).__name__}.{name} must be a finite number >= 0; got {value!r}.")
+
+
+def _is_int(value) -> bool:
+  """A Python int, not a bool (64.0 or True in a hand-edited file is refused, not taken for 64 or 1)."""
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
@@ -151,7 +163,7 @@ class GemmTuning:
       value = getattr(self, name)
       if not _power_of_two(value) or value < 16:
         raise ValueError(f"GemmTuning.{name} must be a power of two >= 16; got {value!r}.")
-    if self.num_warps not in (1, 2, 4, 8, 16):
+    if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
     _check_ints(self, ("num_stages",), least=1)
     _check_ints(self, ("programs_per_core",), least=0)
@@ -224,8 +236,9 @@ class Tuning:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
     _check_fill(self, "hopper_min_fill")
-    if not 0.0 <= self.interleave_lead <= 1.0:
-      raise ValueError(f"Tuning.interleave_lead must lie in [0, 1]; got {self.interleave_lead!r}.")
+    lead = self.interleave_lead
+    if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0.0 <= lead <= 1.0:
+      raise ValueError(f"Tuning.interleave_lead must be a number in [0, 1]; got {lead!r}.")
     for name in ("max_rows_alone", "max_rows_shared"):
       value = getattr(self, name)
       if not _power_of_two(value) or value < 16:
@@ -242,10 +255,13 @@ class Tuning:
     if bad := [rows for rows, settings in self.hopper if not isinstance(settings, HopperTuning)]:
       raise ValueError(f"Tuning.hopper: the entries of rows {bad} are not HopperTuning.")
     for rows, tile in self.tiles:
-      if not (_power_of_two(tile.block_k) and tile.block_k >= 16 and tile.num_warps in (1, 2, 4, 8, 16)
-              and tile.num_stages >= 1):
-        raise ValueError(f"Tuning.tiles[{rows}] = {tile}: block_k must be a power of two >= 16, num_warps one "
-                         "of 1, 2, 4, 8, 16, num_stages >= 1.")
+      rules = {"block_k": (lambda v: _power_of_two(v) and v >= 16, "a power of two >= 16"),
+               "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "one of 1, 2, 4, 8, 16"),
+               "num_stages": (lambda v: v >= 1, "an int >= 1")}
+      for field, (ok, what) in rules.items():
+        value = getattr(tile, field)
+        if not _is_int(value) or not ok(value):
+          raise ValueError(f"Tuning.tiles[{rows}].{field} must be {what}; got {value!r}.")
 
   def tile(self, block_m: int) -> Tile:
     """The Tile of row tiles of `block_m` rows."""
@@ -358,7 +374,10 @@ def dumps(file: TuningFile) -> str:
 
 def loads(text: str, where: str = "tuning file") -> TuningFile:
   """A data file from its text (`dumps`)."""
-  data = json.loads(text)
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON: {e}") from e
   if not isinstance(data, dict) or sorted(data) != ["device_kind", "provenance", "tuning"]:
     raise ValueError(f"{where}: expected an object with device_kind, provenance, tuning; got "
                      f"{sorted(data) if isinstance(data, dict) else type(data).__name__}.")
@@ -422,6 +441,11 @@ def file_for(device_kind: str) -> TuningFile:
   """The data file of a device kind, else the fallback's (`FALLBACK_KIND`)."""
   data = data_file(device_kind)
   if not data.is_file():
+    if device_kind.lower() != "cpu":  # a GPU never measured (CPU runs interpret the kernels: nothing to tune)
+      warnings.warn(f"hydragen_jax: no tuning file for device kind {device_kind!r} (known: {known_kinds()}); the "
+                    f"kernels use the {FALLBACK_KIND}'s choices, which may not suit it or even fit its shared memory. "
+                    f"Measure this device with `python -m scripts.tuning.sweep_device`, or set {TUNING_ENV} to a "
+                    "tuning file.", stacklevel=2)
     data, device_kind = data_file(FALLBACK_KIND), FALLBACK_KIND
   file = loads(data.read_text(), data.name)
   if file.device_kind != device_kind:
@@ -444,15 +468,33 @@ def device_kind() -> str:
   return jax.devices()[0].device_kind
 
 
+@functools.lru_cache(maxsize=None)
+def _file_at(path: str) -> TuningFile:
+  try:
+    return load(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{TUNING_ENV}={path!r}: {e}") from e
+
+
 def current() -> Tuning:
-  """The tuning in force: an `override`'s, else the default device's (`for_device_kind`)."""
+  """The tuning in force: an `override`'s, else the file that $HYDRAGEN_JAX_TUNING names (any device's: e.g. a GPU
+  without a file of its own), else the default device's (`for_device_kind`)."""
   forced = _OVERRIDE.value
-  return forced if forced is not None else for_device_kind(device_kind())
+  if forced is not None:
+    return forced
+  if path := os.environ.get(TUNING_ENV):
+    return _file_at(path).tuning
+  return for_device_kind(device_kind())
 
 
 def resolve(tuning: Tuning | None) -> Tuning:
   """`tuning`, or `current()` where None."""
-  return current() if tuning is None else tuning
+  if tuning is None:
+    return current()
+  if not isinstance(tuning, Tuning):
+    raise TypeError(f"tuning must be a hydragen_jax.tuning.Tuning or None; got {type(tuning).__name__} (a "
+                    "TuningFile's is its .tuning).")
+  return tuning
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from hydragen_jax import merge_states, validation
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import hopper, ops
 from hydragen_jax.tuning import HopperTuning, Tile, Tuning
-from scripts.tuning import probe_hopper, sweep_kernels
+from scripts.tuning import field_sweep, probe_hopper, sweep_kernels
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
 
 STEPS, TIMING = probe_hopper.STEPS, probe_hopper.TIMING
@@ -241,7 +241,9 @@ class Sweep:
     if kernel in ("hopper", "pallas"):
       settings = tune.hopper_for(hopper.query_rows(q.shape, hkv))
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
-      if kernel == "hopper" or (fits and validation.pays_on_hopper(q.shape, hkv, p, tune)):
+      # "pallas" as the API runs it: the Hopper kernel only on a Hopper GPU (a dry run traces it anywhere)
+      on_hopper = self.dry_run or validation.on_hopper()
+      if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune)):
         return ("hopper", i, settings) if fits else None
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
@@ -423,6 +425,15 @@ def main(argv: list[str] | None = None) -> None:
                       help="a step not back after this long ends the sweep (file and log written, exit status 3)")
   parser.add_argument("--dry-run", action="store_true", help="steps traced, not run; stand-in times")
   args = parser.parse_args(argv)
+  for name in ("budget_s", "step_timeout_s"):
+    if not getattr(args, name) > 0:
+      parser.error(f"--{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
+  if not args.final_s >= 0:
+    parser.error(f"--final-s must be >= 0; got {args.final_s}")
+  if not args.min_gain >= 0:
+    parser.error(f"--min-gain must be >= 0 (a candidate must be at least as fast); got {args.min_gain}")
+  # the device's own file is written only by a measurement: a dry run, or a run off a GPU, names its --out
+  field_sweep.check_out(parser, args, "--dry-run" if args.dry_run else field_sweep.off_gpu())
   start = time.time()
   kind = tuning_lib.device_kind()
   base_file = tuning_lib.load(args.base) if args.base else tuning_lib.file_for(kind)
@@ -454,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
   def save(tune: Tuning, recs: list[dict], final: dict) -> None:
     """The data file of the sweep so far: the picked tuning and its provenance."""
     measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
+    if not measured or not sweep.timed:  # nothing timed (the budget, or a dry run): the file says so
+      fixed["measured_on"] = None
     note = (("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
             + f"Swept {measured} in {time.time() - start:.0f} s; the other fields are the base's. Greedy, one choice "
             f"at a time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
