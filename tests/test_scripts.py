@@ -79,6 +79,7 @@ def test_profile_parts_of_kernel_names():
       "gemm", "gemm", "attention", "attention", "cache write", "all-reduce", "all-reduce", "all-reduce", "rest"]
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_call_fits_per_call_and_per_step_costs():
   p = _run(["scripts.tuning.probe_call", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--at", "2",
             "--steps", "1,3", "--repeats", "2", "--modes", "none,hydragen", "--gemm", "0,16"])
@@ -91,6 +92,7 @@ def test_probe_call_fits_per_call_and_per_step_costs():
   assert [line.split("(gemm rows ")[1] for line in walls] == ["1..0)", "1..16)", "1..0)", "1..16)"]  # the override
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):
   out = tmp_path / "probe.jsonl"
   p = _run(["scripts.tuning.probe_tp", "--small", "--settings", "base", "--batches", "8", "--steps", "2", "--nopsum",
@@ -117,6 +119,7 @@ def test_probe_tp_settings_are_flags_this_xla_knows():
   assert q.returncode == 0 and q.stdout.strip() == "4.0", q.stderr[-2000:]
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_sweep_gemm_writes_the_gemm_field(tmp_path):
   """The decode GEMM sweep's plumbing (tiny shapes; on CPU the timed model runs XLA's GEMMs either way and the
   kernel only runs, interpreted, in the products' check: the times mean nothing): every field's candidates timed,
@@ -201,6 +204,7 @@ def test_sweep_gemm_refuses_row_counts_out_of_range(option, value):
   assert p.returncode == 2 and f"{option} '{value}': row counts must be integers in [1, 128]" in p.stderr
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_sweep_levels_writes_the_cost_model(tmp_path):
   """The levels sweep's plumbing (tiny shapes on CPU: its times mean nothing): both readings timed and compared,
   the fitted rule written to both fields with the times in the provenance."""
