@@ -319,7 +319,7 @@ class Llama(nnx.Module):
 
     ``mesh``: a ``jax.sharding.Mesh`` with the one axis ``"model"`` for tensor parallelism (``models.parallel``):
     params are then global arrays in the mesh layout (``init_random`` / ``load_checkpoint`` / ``shard_model`` with
-    ``mesh=`` make them), each call runs on every device of the mesh, and logits are ``[..., V']`` split over the
+    ``mesh=`` make them; arrays of that layout elsewhere, e.g. on one device, are put on the mesh), each call runs on every device of the mesh, and logits are ``[..., V']`` split over the
     vocabulary (V' = V rounded up to a multiple of the mesh size; padded logits are -inf). The mesh travels with the
     model: ``prefill``, ``decode`` and ``generate`` use it.
     """
@@ -332,9 +332,6 @@ class Llama(nnx.Module):
             have = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise ValueError(f"Llama: params has keys {have}; the config (tie_word_embeddings="
                              f"{config.tie_word_embeddings}) needs {sorted(want)}")
-        self.embed = nnx.Param(params["embed"])
-        self.final_norm = nnx.Param(params["final_norm"])
-        self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
         layers = params["layers"]
         if isinstance(layers, dict):
             raise ValueError("Llama: params['layers'] must be a list of per-layer dicts (one per layer), got a dict "
@@ -350,11 +347,16 @@ class Llama(nnx.Module):
             check_shapes(config, params, "Llama", "the config needs {want} (w_qkv [d, Hkv, (Hq/Hkv + 2)·D] and "
                          "w_gate_up [d, 2, I]: models.llama.pack_layer packs a checkpoint's projections; parameters in a "
                          "mesh's layout need mesh=..., or models.parallel.canonical_params to take them off it)")
-        self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
-        if mesh is not None:
+        else:
             from models import parallel
 
-            parallel.check_layout(config, self.params(), mesh)
+            parallel.check_layout(config, params, mesh)
+            params = parallel.place(params, mesh)  # arrays of the layout not yet on the mesh (e.g. on one device)
+            layers = params["layers"]
+        self.embed = nnx.Param(params["embed"])
+        self.final_norm = nnx.Param(params["final_norm"])
+        self.lm_head = nnx.Param(params["lm_head"]) if not config.tie_word_embeddings else None
+        self.layers = nnx.List([nnx.Dict({k: nnx.Param(w) for k, w in layer.items()}) for layer in layers])
 
     @property
     def dtype(self):

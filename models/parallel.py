@@ -201,6 +201,21 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
     return s
 
 
+def place(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Parameters already in ``mesh``'s layout (shapes), each array not yet placed in its sharding on the mesh put
+    there (e.g. built on one device: each call would otherwise re-shard it); arrays in place and tracers (a model
+    rebuilt inside a trace) are left as they are."""
+    def one(key, x):
+        if isinstance(x, jax.core.Tracer):
+            return x
+        want = NamedSharding(mesh, _SPECS[key])
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(want, x.ndim):
+            return x
+        return jax.device_put(x, want)
+
+    return map_params(one, params)
+
+
 def put(key: str, x, config: LlamaConfig, s: Split, mesh: Mesh) -> jax.Array:
     """Canonical parameter ``key`` (a host or device array) on ``mesh`` in its layout: each device receives only its
     shard (no whole copy on a device)."""

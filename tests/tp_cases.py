@@ -333,3 +333,17 @@ def test_a_state_and_parameters_of_another_layout_are_refused():
                 fn(model, state, 1)
     with pytest.raises(ValueError, match=r"on a 2-device mesh it must be"):
         parallel.canonical_params(MHA, on4.params(), parallel.make_mesh(2))
+
+
+@needs(4)
+def test_parameters_of_the_layout_on_one_device_are_placed_on_the_mesh():
+    """Llama(config, params, mesh) with arrays of the mesh's layout that sit on one device puts each on the mesh (a
+    call would otherwise re-shard the whole model every time), and generates the same."""
+    mesh = parallel.make_mesh(4)
+    on4 = parallel.shard_model(models.init_random(MHA, jnp.float32, seed=5), mesh)
+    gathered = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), on4.params())
+    rebuilt = models.Llama(MHA, gathered, mesh)
+    for got, want in zip(jax.tree.leaves(rebuilt.params()), jax.tree.leaves(on4.params())):
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+    run = lambda m: models.generate(m, prompts(97), max_new_tokens=3, backend=BACKEND)  # noqa: E731
+    np.testing.assert_array_equal(run(rebuilt).tokens, run(on4).tokens)
