@@ -376,6 +376,23 @@ def test_sweep_options_are_checked_before_anything_runs(argv, message, capsys):
   assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.filterwarnings("ignore:hydragen_jax. no tuning file")
+def test_a_sweep_that_timed_nothing_is_not_a_measurement(data_dir, tmp_path, monkeypatch):
+  """A sweep whose budget timed no step writes measured_on null, unless its base is this device's measured file
+  (whose values it keeps)."""
+  def sweep(out):
+    sweep_device.main(["--out", str(out), "--budget-s", "0.001", "--final-s", "0", "--fields", "interleave_lead"])
+    file = tuning.load(out)
+    assert file.provenance["steps_timed"] == 0
+    return file.provenance["measured_on"]
+
+  monkeypatch.setattr(tuning, "device_kind", lambda: "Test GPU")
+  assert sweep(tmp_path / "a.json") is None  # the base is the H100's (no file for this kind)
+  _write(data_dir, "Test GPU", _h100())
+  tuning.file_for.cache_clear()
+  assert sweep(tmp_path / "b.json") == "Test GPU"  # its own measured file: still its measurement
+
+
 def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   """The sweep on the seed configs, every step traced but not run (stand-in times): a valid file that says it
   is a dry run and what each choice did."""

@@ -465,13 +465,16 @@ def main(argv: list[str] | None = None) -> None:
   def save(tune: Tuning, recs: list[dict], final: dict) -> None:
     """The data file of the sweep so far: the picked tuning and its provenance."""
     measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
-    if not measured or not sweep.timed:  # nothing timed (the budget, or a dry run): the file says so
-      fixed["measured_on"] = None
+    # nothing timed (the budget, a dry run) on a base that is not this device's measured file: the file says so
+    timed = bool(measured) and sweep.timed > 0
+    base_measured = own_base and base_file.provenance.get("measured_on") == kind
+    measured_on = fixed["measured_on"] if timed or base_measured else None
     note = (("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
             + f"Swept {measured} in {time.time() - start:.0f} s; the other fields are the base's. Greedy, one choice "
             f"at a time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
             "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py).")
-    provenance = dict(fixed, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    provenance = dict(fixed, measured_on=measured_on,
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       note=note, fields=field_notes(recs, args.min_gain, base_notes), final_check=final,
                       choices=[c for c in base_choices if c.get("field") not in {r["field"] for r in recs}] + recs,
                       steps_timed=sweep.timed)
