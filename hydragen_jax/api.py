@@ -6,7 +6,8 @@ once for all sequences that read them, their queries stacked into one matrix (in
 
 Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D]`, Hq a multiple of Hkv.
 `backend`: "pallas" (compiled GPU kernels: the Hopper kernel where it pays, the Triton kernels elsewhere),
-"triton" (the Triton kernels only), "mosaic" (the Hopper kernel wherever it applies), "interpret" /
+"triton" (the Triton kernels only), "mosaic" (the Hopper kernel wherever it applies, Triton on a GPU that is not
+a Hopper), "interpret" /
 "interpret-mosaic" (the Triton / Hopper kernels in Pallas' interpreters, for CPU tests), "xla" (the pure-jnp
 reference); None picks "pallas" on GPU and "xla" elsewhere. The Hopper kernel (`kernels/hopper.py`) applies to a
 one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level

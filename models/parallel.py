@@ -203,10 +203,10 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
 
 def place(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Parameters already in ``mesh``'s layout (shapes), each array not yet placed in its sharding on the mesh put
-    there (e.g. built on one device: each call would otherwise re-shard it); arrays in place and tracers (a model
-    rebuilt inside a trace) are left as they are."""
+    there (e.g. built on one device: each call would otherwise re-shard it); arrays in place, tracers (a model
+    rebuilt inside a trace) and abstract values (``jax.ShapeDtypeStruct``) are left as they are."""
     def one(key, x):
-        if isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, np.ndarray)):  # traced or abstract
             return x
         want = NamedSharding(mesh, _SPECS[key])
         if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(want, x.ndim):

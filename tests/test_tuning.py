@@ -286,6 +286,7 @@ def test_a_gpu_without_a_file_is_warned_about_and_an_env_var_names_a_file(monkey
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     tuning.file_for("cpu")
+    tuning.file_for("TPU v5 lite")  # not a GPU: no tuning to miss
     tuning.file_for("NVIDIA A100-SXM4-80GB")  # once a kind
   mine = dataclasses.replace(_h100(), max_rows_shared=32)
   path = tmp_path / "mine.json"

@@ -345,5 +345,7 @@ def test_parameters_of_the_layout_on_one_device_are_placed_on_the_mesh():
     rebuilt = models.Llama(MHA, gathered, mesh)
     for got, want in zip(jax.tree.leaves(rebuilt.params()), jax.tree.leaves(on4.params())):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), on4.params())
+    assert models.Llama(MHA, abstract, mesh).params()["embed"] is abstract["embed"]  # abstract values left alone
     run = lambda m: models.generate(m, prompts(97), max_new_tokens=3, backend=BACKEND)  # noqa: E731
     np.testing.assert_array_equal(run(rebuilt).tokens, run(on4).tokens)

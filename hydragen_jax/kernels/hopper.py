@@ -52,7 +52,8 @@ class HopperConfig(tuning_lib.HopperTuning):
   """Static configuration of the Hopper kernel. The defaults are the H100's measured choices; `tuned_config()` gives
   the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
 
-  num_ctas: CTAs of the persistent grid; None: one per SM of the device. prefix_stages / suffix_stages: key tiles
+  num_ctas: CTAs of the persistent grid; None: one per SM of the device (either way no more than the work has items:
+  `_busy_ctas`). prefix_stages / suffix_stages: key tiles
   in flight in the prefix pair's ring and in the suffix warpgroup's (shared memory: `_smem_bytes`, at most
   SMEM_LIMIT; 203 KB for D = 128, T·g = 4 and 3 + 2 stages). pair_registers / suffix_registers: registers a thread
   of the pair / of the suffix warpgroup (setmaxnreg; multiples of 8, 2·pair + suffix <= `tuning.REGISTER_POOL`,

@@ -436,12 +436,21 @@ def known_kinds() -> list[str]:
                 if f.name.endswith(".json"))
 
 
+def _is_gpu_kind(kind: str) -> bool:
+  """Whether a device kind names a GPU: the default device's platform where it is that kind (a TPU or CPU has no
+  tuning to miss), else the name's vendor."""
+  device = jax.devices()[0]
+  if device.device_kind == kind:
+    return device.platform == "gpu"
+  return kind.upper().startswith(("NVIDIA", "AMD", "TESLA", "QUADRO", "GEFORCE", "RTX"))
+
+
 @functools.lru_cache(maxsize=None)
 def file_for(device_kind: str) -> TuningFile:
   """The data file of a device kind, else the fallback's (`FALLBACK_KIND`)."""
   data = data_file(device_kind)
   if not data.is_file():
-    if device_kind.lower() != "cpu":  # a GPU never measured (CPU runs interpret the kernels: nothing to tune)
+    if _is_gpu_kind(device_kind):  # a GPU never measured (CPU runs interpret the kernels: nothing to tune)
       warnings.warn(f"hydragen_jax: no tuning file for device kind {device_kind!r} (known: {known_kinds()}); the "
                     f"kernels use the {FALLBACK_KIND}'s choices, which may not suit it or even fit its shared memory. "
                     f"Measure this device with `python -m scripts.tuning.sweep_device`, or set {TUNING_ENV} to a "
