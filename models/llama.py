@@ -319,9 +319,10 @@ class Llama(nnx.Module):
 
     ``mesh``: a ``jax.sharding.Mesh`` with the one axis ``"model"`` for tensor parallelism (``models.parallel``):
     params are then global arrays in the mesh layout (``init_random`` / ``load_checkpoint`` / ``shard_model`` with
-    ``mesh=`` make them; arrays of that layout elsewhere, e.g. on one device, are put on the mesh), each call runs on every device of the mesh, and logits are ``[..., V']`` split over the
-    vocabulary (V' = V rounded up to a multiple of the mesh size; padded logits are -inf). The mesh travels with the
-    model: ``prefill``, ``decode`` and ``generate`` use it.
+    ``mesh=`` make them; arrays of that layout elsewhere, e.g. on one device, are put on the mesh), each call runs on
+    every device of the mesh, and logits are ``[..., V']`` split over the vocabulary (V' = V rounded up to a multiple
+    of the mesh size; padded logits are -inf). The mesh travels with the model: ``prefill``, ``decode`` and
+    ``generate`` use it.
     """
 
     def __init__(self, config: LlamaConfig, params: Params, mesh: Mesh | None = None):

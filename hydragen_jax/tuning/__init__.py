@@ -127,7 +127,7 @@ def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
   """Each field of `obj` named in `names` is an int (not a bool) of at least `least`; else ValueError naming it."""
   for name in names:
     value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    if not _is_int(value) or value < least:
       what = "a positive int" if least == 1 else f"an int >= {least}"
       raise ValueError(f"{type(obj).__name__}.{name} must be {what}; got {value!r}.")
 

@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
   # the notes and choice records of the fields this sweep leaves alone (e.g. the note of sweep_gemm.py's field, the
   # records of a full sweep before a partial one), where the base is this device's
   own_base = base_file.device_kind == kind
+  base_measured = own_base and base_file.provenance.get("measured_on") == kind
   base_notes = base_file.provenance.get("fields", {}) if own_base else {}
   base_choices = base_file.provenance.get("choices", []) if own_base else []
 
@@ -467,7 +468,6 @@ def main(argv: list[str] | None = None) -> None:
     measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
     # nothing timed (the budget, a dry run) on a base that is not this device's measured file: the file says so
     timed = bool(measured) and sweep.timed > 0
-    base_measured = own_base and base_file.provenance.get("measured_on") == kind
     measured_on = fixed["measured_on"] if timed or base_measured else None
     note = (("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
             + f"Swept {measured} in {time.time() - start:.0f} s; the other fields are the base's. Greedy, one choice "
