@@ -35,7 +35,7 @@ def gpu_without_hopper() -> bool:
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x: H100, H200), where the Hopper kernel runs."""
   device = jax.devices()[0]
-  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
 
 
 def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int) -> int:

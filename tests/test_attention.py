@@ -13,8 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hydragen_jax as hj
-from hydragen_jax import Level, reference
+from hydragen_jax import Level, reference, tuning
+from hydragen_jax.kernels import ops
 from tests.attention_cases import expected_tree, normal, random_level, tol
+from tests.conftest import requires_gpu
 
 # (B, T, Hq, Hkv, D, S): MHA, GQA groups 4 and 8, MQA; D 64/128/256; odd lengths.
 SHAPES = [
@@ -468,3 +470,34 @@ def test_static_tree_is_grouped_on_the_host(kernel_backend):
   chex.assert_trees_all_close(static(q, [shared, leaf]), expected_tree(q, [shared, leaf]), **tol(jnp.float32))
   assert "sort" in str(jax.make_jaxpr(traced)(q, [shared, leaf], jnp.asarray(nodes)))
   assert "sort" not in str(jax.make_jaxpr(static)(q, [shared, leaf]))
+
+
+SHARED_MEMORY_CASES = [("device", "device"), ("NVIDIA H100 80GB HBM3", "device"), ("device", 99 << 10),
+                       ("NVIDIA H100 80GB HBM3", 163 << 10)]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning_kind,limit", SHARED_MEMORY_CASES, ids=lambda x: str(x).replace(" ", "_"))
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_long_levels_fit_the_shared_memory(monkeypatch, dtype, d, tuning_kind, limit):
+  """Compiled, the tiles the tuning gives to levels long enough to use them whole (128 query rows a KV head, a
+  level alone and a prefix beside its suffixes, every dtype, D up to 256) fit the GPU's shared memory, also under
+  the H100's tuning and under the smaller limits of an A100 (163 KB) or an sm_89 card (99 KB), simulated."""
+  if limit != "device":
+    monkeypatch.setattr(ops, "shared_memory_limit", lambda: limit)
+  tune = tuning.current() if tuning_kind == "device" else tuning.for_device_kind(tuning_kind)
+  keys = jax.random.split(jax.random.PRNGKey(d), 8)
+  with tuning.override(tune):
+    q = normal(keys[0], (2, 32, 8, d), dtype)  # T·g = 128 rows a KV head
+    k, v = normal(keys[1], (2, 301, 2, d), dtype), normal(keys[2], (2, 301, 2, d), dtype)
+    lengths = jnp.array([301, 257])
+    out, _ = hj.attention(q, k, v, kv_lengths=lengths, causal=True, backend="triton")
+    ref, _ = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=True, scale=d**-0.5)
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref, **tol(dtype))
+    qs = normal(keys[3], (8, 4, 8, d), dtype)  # a prefix of 128 rows a KV head beside 8 suffixes
+    prefix = random_level(keys[4], 1, 300, [300], [0] * 8, 2, d, dtype)
+    suffix = random_level(keys[5], 8, 200, [200, 7, 190, 64, 5, 129, 33, 100], None, 2, d, dtype)
+    out = hj.tree_attention(qs, [prefix, suffix], backend="triton")
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(qs, [prefix, suffix]), **tol(dtype))

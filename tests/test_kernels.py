@@ -229,3 +229,97 @@ def test_schedule_is_a_permutation(sizes, lead):
     tail = sum(sizes) - (sizes[1] - int(sizes[1] * lead))
     assert not np.asarray(owned[0][0])[tail:].any()
 
+
+
+# ------------------------------------------------------------------------------------------ shared memory
+
+KB = 1024
+
+
+def test_tile_shared_memory_counts_the_stages_and_the_q_tile():
+  """The count Nsight Compute gave on the H200 for the 64 x 64 tile, 3 stages, D = 128 in bf16: 114688 bytes (3
+  stages of a K and a V block, 96 KB, and the q tile, 16 KB); D pads to a power of two; other GPUs add a margin."""
+  block = BlockConfig(block_m=64, block_k=64, num_stages=3)
+  assert ops.tile_shared_memory(block, 128, 2) == 114688
+  assert ops.tile_shared_memory(block, 80, 2) == 114688
+  assert ops.tile_shared_memory(block, 128, 4) == 2 * 114688
+  assert ops.tile_shared_memory(block, 128, 2, exact=False) == 114688 + 64 * 64 * 4
+
+
+def test_fit_shared_memory_drops_stages_then_keys_then_rows():
+  block = BlockConfig(block_m=128, block_k=128, num_stages=4, num_warps=8, splits=2)
+  assert ops.fit_shared_memory(block, 128, 2, None) == block
+  assert ops.fit_shared_memory(block, 128, 2, 1 << 30) == block
+  fits = {limit: ops.fit_shared_memory(block, 256, 4, limit) for limit in (227 * KB, 163 * KB, 99 * KB, 64 * KB)}
+  for limit, fit in fits.items():
+    assert ops.tile_shared_memory(fit, 256, 4) <= limit
+    assert (fit.splits, fit.num_warps, fit.heads) == (2, 8, 1)  # only the tile's size changes
+  assert (fits[227 * KB].num_stages, fits[227 * KB].block_k, fits[227 * KB].block_m) == (2, 16, 128)
+  assert (fits[99 * KB].num_stages, fits[99 * KB].block_k, fits[99 * KB].block_m) == (2, 16, 32)
+  assert (fits[64 * KB].num_stages, fits[64 * KB].block_k, fits[64 * KB].block_m) == (1, 16, 16)
+  packed = ops.fit_shared_memory(BlockConfig(block_m=16, block_k=64, num_stages=3, heads=32), 256, 4, 99 * KB)
+  assert packed.block_k == 32 and packed.block_k % packed.heads == 0  # one key of each packed head, no less
+  with pytest.raises(ValueError, match=r"head_dim=1024 in 4-byte elements needs \d+ bytes .* allows 65536"):
+    ops.fit_shared_memory(block, 1024, 4, 64 * KB)
+
+
+@pytest.mark.parametrize("limit", [None, 227 * KB, 163 * KB, 99 * KB, 64 * KB], ids=str)
+@pytest.mark.parametrize("tuning_kind", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+def test_choose_block_fits_the_shared_memory(limit, tuning_kind):
+  """Every tile the tunings give (row tiles 16-128 alone or sharing a launch, every dtype, D up to 256) fits the
+  limit; with the Hopper's own limit (or none) the 16-bit tiles of D <= 128 are the tuning's, untouched."""
+  tune = tuning.for_device_kind(tuning_kind)
+  for rows in (1, 4, 16, 64, 128, 4096):
+    for d in (64, 80, 128, 256):
+      for itemsize in (2, 4):
+        for shared in (True, False):
+          kw = dict(shared_launch=shared, itemsize=itemsize, tuning=tune)
+          fit = ops.choose_block(rows, rows * 8, 8, 8, 4096, d, shared_memory=limit, **kw)
+          free = ops.choose_block(rows, rows * 8, 8, 8, 4096, d, shared_memory=None, **kw)
+          if limit is not None:
+            assert ops.tile_shared_memory(fit, d, itemsize) <= limit
+          if limit in (None, 227 * KB) and itemsize == 2 and d <= 128:
+            assert fit == free
+
+
+def test_choose_block_on_an_h100_in_float32_keeps_two_stages():
+  """A level alone in float32 (128-row tiles, 64 keys) needs 256 KB with 3 stages: over a Hopper's 227 KB."""
+  tune = tuning.for_device_kind("NVIDIA H100 80GB HBM3")
+  kw = dict(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=4096, head_dim=128, itemsize=4,
+            shared_launch=False, tuning=tune)
+  assert ops.choose_block(**kw, shared_memory=None).num_stages == 3
+  fit = ops.choose_block(**kw, shared_memory=ops.SHARED_MEMORY_BY_CAPABILITY["9.0"])
+  assert (fit.block_m, fit.block_k, fit.num_stages) == (128, 64, 2)
+
+
+def test_a_launch_takes_the_stages_every_level_fits():
+  """Levels fused into one launch run with the most stages any has (`fused_levels`): lowered where a level would
+  not fit with them."""
+  big = flash.LevelSpec(BlockConfig(block_m=64, block_k=64, num_stages=2), 64, True)
+  small = flash.LevelSpec(BlockConfig(block_m=16, block_k=64, num_stages=4), 16, True)
+  specs = ops._shared_stages((big, small), 128, 2, 99 * KB)
+  assert [s.block.num_stages for s in specs] == [2, 2]
+  assert all(ops.tile_shared_memory(s.block, 128, 2) <= 99 * KB for s in specs)
+  roomy = ops._shared_stages((big, small), 128, 2, 227 * KB)
+  assert [s.block.num_stages for s in roomy] == [4, 4]  # what the launch ran before: the max
+  assert [s.block.num_stages for s in ops._shared_stages((big, small), 128, 2, None)] == [4, 4]
+
+
+class _Gpu:
+  platform = "gpu"
+  device_kind = "a GPU"
+
+  def __init__(self, capability):
+    self.compute_capability = capability
+
+
+@pytest.mark.parametrize("capability,limit", [("8.0", 163 * KB), ("8.9", 99 * KB), ("9.0", 227 * KB),
+                                              ("12.0", 99 * KB), ("99.9", ops.SHARED_MEMORY_UNKNOWN)])
+def test_shared_memory_limit_by_compute_capability(monkeypatch, capability, limit):
+  assert ops.shared_memory_limit() is None  # CPU: the interpreter has no limit
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Gpu(capability)])
+  assert ops.shared_memory_limit() == limit
+  assert ops._measured_layout() == capability.startswith("9.")
+  # where the count was not measured, the tile also leaves room for the scores
+  block = ops.choose_block(64, 64, 1, 1, 4096, 128, shared_launch=False, shared_memory=limit)
+  assert ops.tile_shared_memory(block, 128, 2, exact=ops._measured_layout()) <= limit

@@ -398,3 +398,16 @@ def test_gpu_full_names_an_unknown_part_first():
     """A mistyped part is named as such on any machine (it was reported as "platform is cpu" off a GPU)."""
     done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mh"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown part bench-mh (one of: bench bench-mha" in done.stderr, done.stderr
+
+
+def test_probe_smem_runs_each_tile_and_prints_its_count(monkeypatch, capsys):
+  """The shared-memory probe (run under Nsight Compute on a GPU): each tile launched, checked against the
+  reference and printed with `ops.tile_shared_memory`'s count; a tile that fails is printed with its error."""
+  from scripts.tuning import probe_smem  # noqa: PLC0415
+  monkeypatch.setattr(probe_smem, "TINY", probe_smem.TINY + [("bfloat16", 32, 16, 16, 2, 3)])  # 3 heads: refused
+  monkeypatch.setattr("sys.argv", ["probe_smem", "--tiny"])
+  probe_smem.main()
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert rows[0] == {"device": "cpu", "limit": None}
+  assert [r["ok"] for r in rows[1:]] == [True, True, False] and "error" in rows[3]
+  assert rows[1]["estimate"] == 2 * 2 * 16 * 64 * 4 + 16 * 64 * 4 and rows[1]["max_error"] < 1e-5

@@ -13,6 +13,8 @@ kernel launch and returns each level's `(out, lse)` parts (one per key split) fo
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,70 @@ def num_cores(tuning: Tuning | None = None) -> int:
   return int(getattr(device, "core_count", 0) or tuning_lib.resolve(tuning).num_cores)
 
 
+# Shared memory one CUDA block may use (the opt-in maximum, bytes) by compute capability: the CUDA C++ Programming
+# Guide's "Technical Specifications per Compute Capability". A GPU not listed gets SHARED_MEMORY_UNKNOWN.
+SHARED_MEMORY_BY_CAPABILITY = {
+    "7.0": 96 << 10, "7.2": 96 << 10, "7.5": 64 << 10, "8.0": 163 << 10, "8.6": 99 << 10, "8.7": 163 << 10,
+    "8.9": 99 << 10, "9.0": 227 << 10, "10.0": 227 << 10, "10.3": 227 << 10, "11.0": 227 << 10,
+    "12.0": 99 << 10, "12.1": 99 << 10,
+}
+SHARED_MEMORY_UNKNOWN = 64 << 10
+DEVICE = "device"  # `choose_block(shared_memory=DEVICE)`: the default device's limit
+
+
+def shared_memory_limit() -> int | None:
+  """Bytes of shared memory a program may use on the default device (by its compute capability); None off a GPU
+  (the interpreter has no limit)."""
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    return None
+  capability = str(getattr(device, "compute_capability", ""))
+  return SHARED_MEMORY_BY_CAPABILITY.get(capability, SHARED_MEMORY_UNKNOWN)
+
+
+def _measured_layout() -> bool:
+  """Whether the default device is one where `tile_shared_memory` was measured exact (a Hopper GPU)."""
+  device = jax.devices()[0]
+  return device.platform != "gpu" or str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
+
+
+def tile_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, exact: bool = True) -> int:
+  """Shared memory of one Triton program of `block` (bytes): `num_stages` buffers of a K and a V block of `block_k`
+  columns, and the q tile (`block_m` rows), D padded to a power of two. Nsight Compute on the H200 measured
+  exactly this (`scripts/tuning/probe_smem.py`). exact=False (a GPU where it was not measured) adds the scores
+  tile in float32, in case the compiler stages them through shared memory there."""
+  d = pl.next_power_of_2(head_dim)
+  need = block.num_stages * 2 * block.block_k * d * itemsize + block.block_m * d * itemsize
+  return need if exact else need + block.block_m * block.block_k * 4
+
+
+def fit_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, limit: int | None,
+                      exact: bool = True) -> BlockConfig:
+  """`block` made to fit `limit` bytes of shared memory (None: as it is): fewer stages (down to 2), then fewer keys
+  a step (down to 16 columns, or one key of each packed head), then fewer rows (down to 16), then one stage.
+  ValueError where even that does not fit."""
+  if limit is None:
+    return block
+
+  def need(b):
+    return tile_shared_memory(b, head_dim, itemsize, exact)
+
+  smallest_k = max(16, block.heads)
+  while need(block) > limit:
+    if block.num_stages > 2:
+      block = dataclasses.replace(block, num_stages=block.num_stages - 1)
+    elif block.block_k > smallest_k:
+      block = dataclasses.replace(block, block_k=block.block_k // 2)
+    elif block.block_m > 16:
+      block = dataclasses.replace(block, block_m=block.block_m // 2)
+    elif block.num_stages > 1:
+      block = dataclasses.replace(block, num_stages=1)
+    else:
+      raise ValueError(f"head_dim={head_dim} in {itemsize}-byte elements needs {need(block)} bytes of shared "
+                       f"memory for the smallest Triton tile ({block}); this GPU allows {limit} a program.")
+  return block
+
+
 def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning) -> bool:
   """Whether a level of `programs` programs, its `num_keys` keys split `splits` ways, has a program per SM, at most
   `tuning.max_keys_per_program` keys a program, and at most `tuning.balanced_keys` while it has fewer than
@@ -43,7 +109,7 @@ def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning
 
 def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
                  head_dim: int, *, shared_launch: bool = True, itemsize: int = 2,
-                 tuning: Tuning | None = None) -> BlockConfig:
+                 tuning: Tuning | None = None, shared_memory: int | None | str = DEVICE) -> BlockConfig:
   """Tiling heuristic; its numbers are the device's tuning (`hydragen_jax.tuning`, None: `tuning.current()`).
 
   max_rows: rows of the largest group for one KV head; total_rows: rows of all groups together (one KV head);
@@ -54,6 +120,9 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
     the fastest prefix product), `max_rows_shared` when levels share a launch (64 rows, 4 warps, 3 stages: a
     compute-bound prefix program and memory-bound suffix programs fit on one SM together and overlap); keys per
     step, warps and stages from the tuning's tile of that row count.
+  * Shared memory: the tile shrinks until a program fits `shared_memory` bytes (`fit_shared_memory`; DEVICE: the
+    default device's `shared_memory_limit`, None: no limit). The tuning's tiles fit a Hopper GPU in 16 bits;
+    float32, D = 256 or a GPU with less shared memory (an A100, sm_89 cards) may need smaller ones.
   * Splits: until the level alone has a program per SM, and at most `max_keys_per_program` keys per program
     (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM).
   """
@@ -71,13 +140,18 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   if wide or itemsize > 2:  # shared memory: at most 32 keys a step for D = 256, 64 in 32 bits
     block_k = min(block_k, 32 if wide else 64)
   block_k = min(block_k, max(16, pl.next_power_of_2(num_keys * heads)))
-  step_keys = max(1, block_k // heads)
-  programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))  # programs with rows
+  exact = _measured_layout()
+  if shared_memory == DEVICE:
+    shared_memory = shared_memory_limit()
+  block = fit_shared_memory(BlockConfig(block_m=block_m, block_k=block_k, num_warps=tile.num_warps,
+                                        num_stages=tile.num_stages, heads=heads), head_dim, itemsize,
+                            shared_memory, exact)
+  step_keys = max(1, block.block_k // heads)
+  programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block.block_m))  # programs with rows
   splits = 1
   while not _split_bounds_hold(programs, splits, num_keys, tuning) and num_keys >= 2 * splits * 4 * step_keys:
     splits *= 2
-  return BlockConfig(block_m=block_m, block_k=block_k, splits=splits, num_warps=tile.num_warps,
-                     num_stages=tile.num_stages, heads=heads)
+  return dataclasses.replace(block, splits=splits)
 
 
 def _check_block(block: BlockConfig, num_heads: int) -> BlockConfig:
@@ -146,6 +220,20 @@ def batched(
                     lengths.astype(jnp.int32)))
 
 
+def _shared_stages(specs: tuple[LevelSpec, ...], head_dim: int, itemsize: int,
+                   limit: int | None) -> tuple[LevelSpec, ...]:
+  """The specs of one launch, which runs every level with the most stages any of them has: fewer stages for all
+  where a level would not fit `limit` bytes of shared memory with that many (each fits with its own)."""
+  stages = max(spec.block.num_stages for spec in specs)
+  exact = _measured_layout()
+  while limit is not None and stages > min(spec.block.num_stages for spec in specs) and any(
+      tile_shared_memory(dataclasses.replace(spec.block, num_stages=stages), head_dim, itemsize, exact) > limit
+      for spec in specs):
+    stages -= 1
+  return tuple(dataclasses.replace(spec, block=dataclasses.replace(spec.block, num_stages=stages))
+               for spec in specs)
+
+
 LAUNCHES = ("auto", "fused", "interleaved", "separate")
 
 
@@ -179,6 +267,7 @@ def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, la
     if not group:
       continue
     specs, works = zip(*group)
+    specs = _shared_stages(specs, q.shape[-1], q.dtype.itemsize, shared_memory_limit())
     for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
                                  lead=tuning.interleave_lead if launch == "interleaved" else 0.0):
       parts += [(out[i], lse[i]) for i in range(out.shape[0])]
