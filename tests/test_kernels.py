@@ -3,6 +3,8 @@ through a node's rows, padded head dims. Interpreted on CPU, compiled on GPU."""
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -278,12 +280,13 @@ def test_choose_block_fits_the_shared_memory(limit, tuning_kind):
           free = ops.choose_block(rows, rows * 8, 8, 8, 4096, d, shared_memory=None, **kw)
           if limit is not None:
             assert ops.tile_shared_memory(fit, d, itemsize) <= limit
-          if limit in (None, 227 * KB) and itemsize == 2 and d <= 128:
+          if limit == 227 * KB and itemsize == 2 and d <= 128:
             assert fit == free
 
 
 def test_choose_block_on_an_h100_in_float32_keeps_two_stages():
-  """A level alone in float32 (128-row tiles, 64 keys) needs 256 KB with 3 stages: over a Hopper's 227 KB."""
+  """A level alone in float32 (128-row tiles, 64 keys) counts 256 KB with 3 stages, over a Hopper's 227 KB: 2
+  stages. (Nsight Compute measured 224.5 KB on the H200: in float32 the count is an upper bound.)"""
   tune = tuning.for_device_kind("NVIDIA H100 80GB HBM3")
   kw = dict(max_rows=4096, total_rows=4096, num_groups=1, num_heads=8, num_keys=4096, head_dim=128, itemsize=4,
             shared_launch=False, tuning=tune)
@@ -313,13 +316,74 @@ class _Gpu:
     self.compute_capability = capability
 
 
-@pytest.mark.parametrize("capability,limit", [("8.0", 163 * KB), ("8.9", 99 * KB), ("9.0", 227 * KB),
-                                              ("12.0", 99 * KB), ("99.9", ops.SHARED_MEMORY_UNKNOWN)])
+@pytest.mark.parametrize("capability,limit", [("7.5", 64 * KB), ("8.0", 163 * KB), ("8.6", 99 * KB),
+                                              ("8.9", 99 * KB), ("9.0", 227 * KB), ("10.0", 227 * KB),
+                                              ("12.0", 99 * KB), ("99.9", ops.SHARED_MEMORY_UNKNOWN),
+                                              ("gfx942", ops.SHARED_MEMORY_UNKNOWN)])
 def test_shared_memory_limit_by_compute_capability(monkeypatch, capability, limit):
   assert ops.shared_memory_limit() is None  # CPU: the interpreter has no limit
   monkeypatch.setattr(jax, "devices", lambda *a: [_Gpu(capability)])
   assert ops.shared_memory_limit() == limit
   assert ops._measured_layout() == capability.startswith("9.")
   # where the count was not measured, the tile also leaves room for the scores
-  block = ops.choose_block(64, 64, 1, 1, 4096, 128, shared_launch=False, shared_memory=limit)
+  block = ops.choose_block(64, 64, 1, 1, 4096, 128, shared_launch=False, shared_memory=limit,
+                           tuning=tuning.for_device_kind("NVIDIA H100 80GB HBM3"))
   assert ops.tile_shared_memory(block, 128, 2, exact=ops._measured_layout()) <= limit
+
+
+def test_off_a_hopper_the_tile_keeps_room_for_the_scores(monkeypatch):
+  """An A100 (163 KB): the H100's 128-row tile of a level alone (128 keys, 3 stages, 224 KB) drops to 2 stages and,
+  with the scores' margin (64 KB at 128 x 128 in float32), to 64 keys a step; a Hopper of the same limit would keep
+  128 keys (160 KB)."""
+  tune = tuning.for_device_kind("NVIDIA H100 80GB HBM3")
+  kw = dict(max_rows=128, total_rows=128, num_groups=1, num_heads=8, num_keys=4096, head_dim=128,
+            shared_launch=False, tuning=tune)
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Gpu("8.0")])
+  a100 = ops.choose_block(**kw)
+  assert (a100.block_m, a100.block_k, a100.num_stages) == (128, 64, 2)
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Gpu("9.0")])
+  hopper = ops.choose_block(**kw, shared_memory=163 * KB)
+  assert (hopper.block_m, hopper.block_k, hopper.num_stages) == (128, 128, 2)
+
+
+def test_run_launches_with_stages_every_level_fits(monkeypatch):
+  """`ops.run` fuses a 64-row level of 2 stages with a 16-row one of 4: the launch would run both with 4 stages,
+  73728 bytes for the first at D = 64 in bf16; under a 64 KB limit it runs with 3 (57344)."""
+  monkeypatch.setattr(ops, "shared_memory_limit", lambda: 64 * KB)
+  launched = []
+
+  def record(q, works, *, specs, **kw):
+    launched.append([spec.block.num_stages for spec in specs])
+    return fused_levels(q, works, specs=specs, **kw)
+
+  fused_levels = ops.fused_levels
+  monkeypatch.setattr(ops, "fused_levels", record)
+  keys = jax.random.split(jax.random.PRNGKey(5), 5)
+  q = normal(keys[0], (4, 4, 4, 64), jnp.bfloat16)
+  pk, pv = (normal(key, (1, 70, 4, 64), jnp.bfloat16) for key in keys[1:3])
+  sk, sv = (normal(key, (4, 40, 4, 64), jnp.bfloat16) for key in keys[3:5])
+  prefix = ops.batched(q, pk, pv, jnp.array([70]), np.zeros(4, np.int32), max_group=None, causal=False,
+                       block=BlockConfig(block_m=64, block_k=64, num_stages=2))
+  suffix = ops.per_sequence(q, sk, sv, jnp.array([40, 3, 17, 9]), causal=True,
+                            block=BlockConfig(block_m=16, block_k=32, num_stages=4))
+  parts = ops.run(q, [prefix, suffix], scale=0.125, interpret=True, launch="fused")
+  assert launched == [[3, 3]]
+  out, _ = merge_states(parts)
+  want = _prefix_then_suffix(q.astype(jnp.float32), pk.astype(jnp.float32), pv.astype(jnp.float32), 70,
+                             sk.astype(jnp.float32), sv.astype(jnp.float32), jnp.array([40, 3, 17, 9]), 0.125)
+  chex.assert_trees_all_close(out.astype(jnp.float32), want, **tol(jnp.bfloat16))
+
+
+def test_a_given_tiling_over_the_shared_memory_is_warned(monkeypatch):
+  q = jnp.zeros((2, 1, 4, 128), jnp.bfloat16)
+  k = jnp.zeros((2, 256, 4, 128), jnp.bfloat16)
+  big = BlockConfig(block_m=64, block_k=64, num_stages=3)  # 114688 bytes
+  monkeypatch.setattr(ops, "shared_memory_limit", lambda: 227 * KB)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ops.per_sequence(q, k, k, jnp.array([256, 9]), causal=True, block=big)
+  monkeypatch.setattr(ops, "shared_memory_limit", lambda: 99 * KB)
+  with pytest.warns(UserWarning, match=r"needs up to 114688 bytes of shared memory; this GPU allows 101376"):
+    ops.per_sequence(q, k, k, jnp.array([256, 9]), causal=True, block=big)
+  with pytest.warns(UserWarning, match="needs up to 114688 bytes"):
+    ops.batched(q, k[:1], k[:1], jnp.array([256]), np.zeros(2, np.int32), max_group=None, causal=False, block=big)

@@ -411,3 +411,20 @@ def test_probe_smem_runs_each_tile_and_prints_its_count(monkeypatch, capsys):
   assert rows[0] == {"device": "cpu", "limit": None}
   assert [r["ok"] for r in rows[1:]] == [True, True, False] and "error" in rows[3]
   assert rows[1]["estimate"] == 2 * 2 * 16 * 64 * 4 + 16 * 64 * 4 and rows[1]["max_error"] < 1e-5
+
+
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_probe_rope_profiles_each_variant_and_they_agree():
+  """Each RoPE variant profiled in turn (its own compile: the jitted step is not reused), and the two forms give
+  the same rotation (bf16 bit for bit; float32 to rounding: XLA may contract either into FMAs)."""
+  from scripts.tuning import probe_rope  # noqa: PLC0415
+  p = _run(["scripts.tuning.probe_rope", "--variants", "concat,flip", "--", "--tiny", "--layers", "2", "--batch",
+            "4", "--prefix", "16", "--generate", "8", "--at", "2", "--steps", "2", "--modes", "none"])
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.count("=== rope") == 2 and p.stdout.count("[none] step") == 2
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 64))
+  positions = jnp.array([[0, 1], [7, 8], [60000, 60001]])
+  inv = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
+  for dtype, atol in ((jnp.bfloat16, 0.0), (jnp.float32, 1e-6)):
+    a, b = (f(x.astype(dtype), positions, inv) for f in (probe_rope.rope_concat, probe_rope.VARIANTS["flip"]))
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=atol)

@@ -14,6 +14,7 @@ kernel launch and returns each level's `(out, lse)` parts (one per key split) fo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +36,11 @@ def num_cores(tuning: Tuning | None = None) -> int:
 
 
 # Shared memory one CUDA block may use (the opt-in maximum, bytes) by compute capability: the CUDA C++ Programming
-# Guide's "Technical Specifications per Compute Capability". A GPU not listed gets SHARED_MEMORY_UNKNOWN.
+# Guide's "Technical Specifications per Compute Capability". A GPU not listed (a ROCm GPU, whose capability reads
+# "gfx…": 64 KB of LDS on an MI300) gets SHARED_MEMORY_UNKNOWN.
 SHARED_MEMORY_BY_CAPABILITY = {
     "7.0": 96 << 10, "7.2": 96 << 10, "7.5": 64 << 10, "8.0": 163 << 10, "8.6": 99 << 10, "8.7": 163 << 10,
-    "8.9": 99 << 10, "9.0": 227 << 10, "10.0": 227 << 10, "10.3": 227 << 10, "11.0": 227 << 10,
+    "8.9": 99 << 10, "9.0": 227 << 10, "10.0": 227 << 10, "10.1": 227 << 10, "10.3": 227 << 10, "11.0": 227 << 10,
     "12.0": 99 << 10, "12.1": 99 << 10,
 }
 SHARED_MEMORY_UNKNOWN = 64 << 10
@@ -63,9 +65,10 @@ def _measured_layout() -> bool:
 
 def tile_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, exact: bool = True) -> int:
   """Shared memory of one Triton program of `block` (bytes): `num_stages` buffers of a K and a V block of `block_k`
-  columns, and the q tile (`block_m` rows), D padded to a power of two. Nsight Compute on the H200 measured
-  exactly this (`scripts/tuning/probe_smem.py`). exact=False (a GPU where it was not measured) adds the scores
-  tile in float32, in case the compiler stages them through shared memory there."""
+  columns, and the q tile (`block_m` rows), D padded to a power of two. Nsight Compute on the H200
+  (`scripts/tuning/probe_smem.py`) measured exactly this for 16-bit tiles of one KV head a program, 2–3 stages and
+  D >= 64, and less for every other tile it ran (packed heads, 1 or 4 stages, float32). exact=False (a GPU where it
+  was not measured) adds the scores tile in float32, in case the compiler stages them through shared memory there."""
   d = pl.next_power_of_2(head_dim)
   need = block.num_stages * 2 * block.block_k * d * itemsize + block.block_m * d * itemsize
   return need if exact else need + block.block_m * block.block_k * 4
@@ -154,11 +157,17 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   return dataclasses.replace(block, splits=splits)
 
 
-def _check_block(block: BlockConfig, num_heads: int) -> BlockConfig:
+def _check_block(block: BlockConfig, num_heads: int, head_dim: int, itemsize: int) -> None:
+  """A tiling given by the caller: checked, not changed (a tile over the device's shared memory by
+  `tile_shared_memory`, an upper bound, may still compile: warned)."""
   if num_heads % block.heads or block.block_k % block.heads:
     raise ValueError(f"block.heads={block.heads} must divide the {num_heads} KV heads and "
                      f"block.block_k={block.block_k}.")
-  return block
+  limit = shared_memory_limit()
+  if limit is not None and (need := tile_shared_memory(block, head_dim, itemsize, _measured_layout())) > limit:
+    warnings.warn(f"hydragen_jax: {block} with head_dim={head_dim} in {itemsize}-byte elements needs up to {need} "
+                  f"bytes of shared memory; this GPU allows {limit} a program: it may fail to compile (the "
+                  "tilings `choose_block` makes fit).", stacklevel=3)
 
 
 def per_sequence(
@@ -174,8 +183,10 @@ def per_sequence(
   if s == 0:
     return None
   rows = t * (hq // hkv)
-  block = _check_block(block or choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch,
-                                             itemsize=k.dtype.itemsize), hkv)
+  if block is None:
+    block = choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize)
+  else:
+    _check_block(block, hkv, d, k.dtype.itemsize)
   rows *= block.heads
   lengths = jnp.asarray(lengths, jnp.int32)
   if kv_index is None:  # sequence b reads row kv_offset + b: no index vectors at all (LevelSpec.per_sequence)
@@ -212,8 +223,10 @@ def batched(
     starts = xp.cumsum(counts) - counts
   rows = t * (hq // hkv)
   max_rows = rows * (b if max_group is None else min(max_group, b))
-  block = _check_block(block or choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch,
-                                             itemsize=k.dtype.itemsize), hkv)
+  if block is None:
+    block = choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize)
+  else:
+    _check_block(block, hkv, d, k.dtype.itemsize)
   nodes = np.arange(n, dtype=np.int32)
   return (LevelSpec(block, max_rows * block.heads, causal, identity_order=n == 1),
           LevelWork(k, v, order, starts, counts * rows * block.heads, node_offset + nodes,

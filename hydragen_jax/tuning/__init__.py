@@ -452,7 +452,8 @@ def file_for(device_kind: str) -> TuningFile:
   if not data.is_file():
     if _is_gpu_kind(device_kind):  # a GPU never measured (CPU runs interpret the kernels: nothing to tune)
       warnings.warn(f"hydragen_jax: no tuning file for device kind {device_kind!r} (known: {known_kinds()}); the "
-                    f"kernels use the {FALLBACK_KIND}'s choices, which may not suit it or even fit its shared memory. "
+                    f"kernels use the {FALLBACK_KIND}'s choices, which may not suit it (the Triton tiles are cut to "
+                    "its shared memory; the Hopper kernel runs only on a Hopper). "
                     f"Measure this device with `python -m scripts.tuning.sweep_device`, or set {TUNING_ENV} to a "
                     "tuning file.", stacklevel=2)
     data, device_kind = data_file(FALLBACK_KIND), FALLBACK_KIND

@@ -1,0 +1,50 @@
+"""Two ways of writing RoPE's "rotate half" in the decode step, profiled in the model
+(`scripts/profile_decode.py`): `concat` (x1·cos − x2·sin and x2·cos + x1·sin, concatenated:
+`models.llama.apply_rope` until 2026-12-02) and `flip` (x·[cos, cos] + flip(x)·[−sin, sin] over the two halves:
+the same products, no concatenate for XLA's fusions; `models.llama.apply_rope` since).
+
+    python -m scripts.tuning.probe_rope --variants concat,flip -- --batch 512 --layers 8 --modes none,hydragen
+
+Everything after `--` goes to `profile_decode`. Each variant replaces `models.llama.apply_rope` for its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models.llama as llama
+from scripts import profile_decode
+
+
+def rope_concat(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+VARIANTS = {"concat": rope_concat, "flip": llama.apply_rope}
+
+
+def main():
+  argv = sys.argv[1:]
+  rest = argv[argv.index("--") + 1:] if "--" in argv else []
+  mine = argv[:argv.index("--")] if "--" in argv else argv
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--variants", default="concat,flip")
+  args = parser.parse_args(mine)
+  for name in args.variants.split(","):
+    print(f"=== rope {name}", flush=True)
+    llama.apply_rope = VARIANTS[name]
+    jax.clear_caches()  # the jitted decode step traced with the other variant must not be reused
+    sys.argv = ["profile_decode", *rest]
+    profile_decode.main()
+
+
+if __name__ == "__main__":
+  main()
