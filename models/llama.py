@@ -243,16 +243,12 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int.
 
-    With x's halves x1, x2: ``[x1·cos − x2·sin, x2·cos + x1·sin]``, written as
-    ``x·[cos, cos] + flip(x)·[−sin, sin]`` over the axis of the two halves: the same products, but no concatenate
-    in XLA's fusions (on the H200 `none`'s RoPE fusion ran in half the time, hydragen's key cache write in 0.63 of
-    it: `scripts/tuning/probe_rope.py`)."""
+    (Written with a flip instead of the concatenate, XLA's RoPE fusions ran faster on the H200 but the GEMMs of
+    `none`'s step slower, 2–3 % in all: `scripts/tuning/probe_rope.py`, PERF_NOTES.md.)"""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    c = jnp.stack([cos, cos], axis=-2)[:, :, None]  # [B, T, 1, 2, D/2]
-    s = jnp.stack([-sin, sin], axis=-2)[:, :, None]
-    halves = x.astype(jnp.float32).reshape(x.shape[:-1] + (2, -1))  # [B, T, H, 2, D/2]
-    return (halves * c + jnp.flip(halves, axis=-2) * s).reshape(x.shape).astype(x.dtype)
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def causal_attention(cache, layer, q, k, v):

@@ -1,7 +1,7 @@
 """Two ways of writing RoPE's "rotate half" in the decode step, profiled in the model
 (`scripts/profile_decode.py`): `concat` (x1·cos − x2·sin and x2·cos + x1·sin, concatenated:
-`models.llama.apply_rope` until 2026-12-02) and `flip` (x·[cos, cos] + flip(x)·[−sin, sin] over the two halves:
-the same products, no concatenate for XLA's fusions; `models.llama.apply_rope` since).
+`models.llama.apply_rope`) and `flip` (x·[cos, cos] + flip(x)·[−sin, sin] over the two halves: the same products,
+no concatenate for XLA's fusions). On the H200 (2026-12-02) `flip`'s fusions ran faster but `none`'s GEMMs slower.
 
     python -m scripts.tuning.probe_rope --variants concat,flip -- --batch 512 --layers 8 --modes none,hydragen
 
@@ -28,7 +28,16 @@ def rope_concat(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-VARIANTS = {"concat": rope_concat, "flip": llama.apply_rope}
+def rope_flip(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  c = jnp.stack([cos, cos], axis=-2)[:, :, None]  # [B, T, 1, 2, D/2]
+  s = jnp.stack([-sin, sin], axis=-2)[:, :, None]
+  halves = x.astype(jnp.float32).reshape(x.shape[:-1] + (2, -1))  # [B, T, H, 2, D/2]
+  return (halves * c + jnp.flip(halves, axis=-2) * s).reshape(x.shape).astype(x.dtype)
+
+
+VARIANTS = {"concat": rope_concat, "flip": rope_flip}
 
 
 def main():
