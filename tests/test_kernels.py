@@ -75,14 +75,17 @@ def test_batched_groups_tilings(kernel_backend, block, max_group):
   chex.assert_trees_all_close((out, lse), (ref_out, ref_lse), **tol(jnp.float32))
 
 
-def test_head_dim_not_a_power_of_two(kernel_backend):
+@pytest.mark.parametrize("d,dtype", [(80, jnp.float32), (8, jnp.float32), (8, jnp.bfloat16), (4, jnp.bfloat16)],
+                         ids=["D80-f32", "D8-f32", "D8-bf16", "D4-bf16"])
+def test_head_dim_not_a_power_of_two_or_under_16(kernel_backend, d, dtype):
+  """D pads to a power of two of at least 16 (a tensor-core product's K): 80 -> 128, 8 and 4 -> 16."""
   keys = jax.random.split(jax.random.PRNGKey(2), 3)
-  q = normal(keys[0], (2, 1, 4, 80), jnp.float32)
-  k, v = normal(keys[1], (2, 40, 2, 80), jnp.float32), normal(keys[2], (2, 40, 2, 80), jnp.float32)
+  q = normal(keys[0], (2, 1, 4, d), dtype)
+  k, v = normal(keys[1], (2, 40, 2, d), dtype), normal(keys[2], (2, 40, 2, d), dtype)
   lengths = jnp.array([40, 17])
   out, lse = _run(q, ops.per_sequence(q, k, v, lengths, jnp.arange(2), causal=False), 0.1, kernel_backend)
-  chex.assert_trees_all_close((out, lse), reference.attention(q, k, v, lengths, causal=False, scale=0.1),
-                              **tol(jnp.float32))
+  ref_out, ref_lse = reference.attention(q.astype(jnp.float32), k, v, lengths, causal=False, scale=0.1)
+  assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_choose_block_splits_keys_when_few_programs_or_many_keys():

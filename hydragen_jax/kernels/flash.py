@@ -108,6 +108,11 @@ class LevelWork:
   kv_length: Array
 
 
+def padded_head_dim(head_dim: int) -> int:
+  """The tiles' width for D: a power of two (Triton's tiles) and at least 16 (a tensor-core product's K)."""
+  return max(16, pl.next_power_of_2(head_dim))
+
+
 def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
             group: int, scale: float, precision):
   """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`."""
@@ -125,7 +130,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
 
   @pl.when(first_local < row_count)
   def _():
-    d_pad = pl.next_power_of_2(head_dim)  # Triton tiles are powers of two: pad D, mask the extra columns
+    d_pad = padded_head_dim(head_dim)  # Triton tiles: pad D, mask the extra columns
     local = first_local + jnp.arange(block.block_m)
     row_ok = local < row_count
     cols = jnp.arange(d_pad)

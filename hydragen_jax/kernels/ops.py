@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels
+from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim
 from hydragen_jax.tuning import Tuning
 
 Array = jax.Array
@@ -65,11 +65,11 @@ def _measured_layout() -> bool:
 
 def tile_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, exact: bool = True) -> int:
   """Shared memory of one Triton program of `block` (bytes): `num_stages` buffers of a K and a V block of `block_k`
-  columns, and the q tile (`block_m` rows), D padded to a power of two. Nsight Compute on the H200
+  columns, and the q tile (`block_m` rows), D padded as the kernel pads it (`flash.padded_head_dim`). Nsight Compute on the H200
   (`scripts/tuning/probe_smem.py`) measured exactly this for 16-bit tiles of one KV head a program, 2–3 stages and
   D >= 64, and less for every other tile it ran (packed heads, 1 or 4 stages, float32). exact=False (a GPU where it
   was not measured) adds the scores tile in float32, in case the compiler stages them through shared memory there."""
-  d = pl.next_power_of_2(head_dim)
+  d = padded_head_dim(head_dim)
   need = block.num_stages * 2 * block.block_k * d * itemsize + block.block_m * d * itemsize
   return need if exact else need + block.block_m * block.block_k * 4
 
