@@ -29,13 +29,13 @@ def default_backend() -> str:
 def gpu_without_hopper() -> bool:
   """Whether the default device is a GPU other than a Hopper (an A100, an RTX card, a Blackwell), where the Hopper
   kernel cannot run. (Off a GPU, code may still be lowered for one: `lowering_platforms=("cuda",)`.)"""
-  return jax.devices()[0].platform == "gpu" and not on_hopper()
+  return ops.gpu_capability() is not None and not on_hopper()
 
 
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x: H100, H200), where the Hopper kernel runs."""
-  device = jax.devices()[0]
-  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
+  capability = ops.gpu_capability()
+  return capability is not None and capability.split(".")[0] == "9"
 
 
 def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int) -> int:

@@ -426,5 +426,5 @@ def test_probe_rope_profiles_each_variant_and_they_agree():
   positions = jnp.array([[0, 1], [7, 8], [60000, 60001]])
   inv = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
   for dtype, atol in ((jnp.bfloat16, 0.0), (jnp.float32, 1e-6)):
-    a, b = (f(x.astype(dtype), positions, inv) for f in (probe_rope.rope_concat, probe_rope.VARIANTS["flip"]))
+    a, b = (f(x.astype(dtype), positions, inv) for f in (probe_rope.VARIANTS["concat"], probe_rope.VARIANTS["flip"]))
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=atol)

@@ -47,28 +47,33 @@ SHARED_MEMORY_UNKNOWN = 64 << 10
 DEVICE = "device"  # `choose_block(shared_memory=DEVICE)`: the default device's limit
 
 
+def gpu_capability() -> str | None:
+  """The default device's compute capability ("9.0"; "gfx…" on a ROCm GPU); None off a GPU."""
+  device = jax.devices()[0]
+  return str(getattr(device, "compute_capability", "")) if device.platform == "gpu" else None
+
+
 def shared_memory_limit() -> int | None:
   """Bytes of shared memory a program may use on the default device (by its compute capability); None off a GPU
   (the interpreter has no limit)."""
-  device = jax.devices()[0]
-  if device.platform != "gpu":
-    return None
-  capability = str(getattr(device, "compute_capability", ""))
-  return SHARED_MEMORY_BY_CAPABILITY.get(capability, SHARED_MEMORY_UNKNOWN)
+  capability = gpu_capability()
+  return None if capability is None else SHARED_MEMORY_BY_CAPABILITY.get(capability, SHARED_MEMORY_UNKNOWN)
 
 
 def _measured_layout() -> bool:
-  """Whether the default device is one where `tile_shared_memory` was measured exact (a Hopper GPU)."""
-  device = jax.devices()[0]
-  return device.platform != "gpu" or str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
+  """Whether the default device is one where `tile_shared_memory` was measured exact (a Hopper GPU; off a GPU the
+  interpreter has no limit to keep room under)."""
+  capability = gpu_capability()
+  return capability is None or capability.split(".")[0] == "9"
 
 
 def tile_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, exact: bool = True) -> int:
   """Shared memory of one Triton program of `block` (bytes): `num_stages` buffers of a K and a V block of `block_k`
-  columns, and the q tile (`block_m` rows), D padded as the kernel pads it (`flash.padded_head_dim`). Nsight Compute on the H200
-  (`scripts/tuning/probe_smem.py`) measured exactly this for 16-bit tiles of one KV head a program, 2–3 stages and
-  D >= 64, and less for every other tile it ran (packed heads, 1 or 4 stages, float32). exact=False (a GPU where it
-  was not measured) adds the scores tile in float32, in case the compiler stages them through shared memory there."""
+  columns, and the q tile (`block_m` rows), D padded as the kernel pads it (`flash.padded_head_dim`). Nsight
+  Compute on the H200 (`scripts/tuning/probe_smem.py`) measured exactly this for 16-bit tiles of one KV head a
+  program, 2–3 stages and D >= 64, and less for every other tile it ran (packed heads, 1 or 4 stages, float32).
+  exact=False (a GPU where it was not measured) adds the scores tile in float32, in case the compiler stages them
+  through shared memory there."""
   d = padded_head_dim(head_dim)
   need = block.num_stages * 2 * block.block_k * d * itemsize + block.block_m * d * itemsize
   return need if exact else need + block.block_m * block.block_k * 4
