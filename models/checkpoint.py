@@ -101,7 +101,9 @@ _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the shards sav
 
 
 def _tensor_files(path: str) -> dict[str, str]:
-    """Map tensor name -> safetensors file, from the index if there is one."""
+    """Map tensor name -> safetensors file: from the index if there is one, else `model.safetensors` alone if there
+    is one (what transformers reads), else every `*.safetensors` file (shards without their index; a tensor in two
+    of them is an error)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         with open(index) as f:
@@ -114,13 +116,20 @@ def _tensor_files(path: str) -> dict[str, str]:
         if bad := next(((n, f) for n, f in weight_map.items() if not isinstance(f, str)), None):
             raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r}, expected a file name")
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)):  # as transformers: without an index, that file alone
+        files = [SINGLE_FILE]
+    else:  # shards without their index: every *.safetensors file, no tensor in two of them
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors file and no {INDEX_FILE}")
     mapping = {}
     for fname in files:
         with _open(os.path.join(path, fname)) as f:
-            mapping.update({name: os.path.join(path, fname) for name in f.keys()})
+            for name in f.keys():
+                if name in mapping:
+                    raise CheckpointError(f"{path}: tensor {name!r} is in both {os.path.basename(mapping[name])} and "
+                                          f"{fname}, and no {INDEX_FILE} says which to read")
+                mapping[name] = os.path.join(path, fname)
     return mapping
 
 
@@ -157,6 +166,9 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     mesh: load for tensor parallelism on it (``models.parallel``): each tensor is put in its mesh layout on the host
     and sent shard by shard to the devices that hold it (no device receives a whole tensor)."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise CheckpointError(f"load_checkpoint: {path} is a file; expected the checkpoint's directory (config.json "
+                              "and *.safetensors)")
     config = LlamaConfig.from_json(path)
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -105,7 +106,7 @@ class RopeScaling:
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int | float = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ class LlamaConfig:
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -146,8 +147,10 @@ class LlamaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"config: rope_theta must be positive, got {self.rope_theta}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"config: rope_theta must be a positive finite number, got {self.rope_theta}")
+        if not (self.rms_norm_eps >= 0 and math.isfinite(self.rms_norm_eps)):
+            raise ValueError(f"config: rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
         if self.model_type not in FAMILIES:
             raise ValueError(f"config: model_type must be one of {tuple(FAMILIES)}, got {self.model_type!r}")
 
@@ -175,6 +178,8 @@ class LlamaConfig:
             raise CheckpointError(f"config: unsupported model_type {model_type!r} (supported: {tuple(FAMILIES)})")
         family = FAMILIES[model_type]
         archs = d.get("architectures") or [family.architecture]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise CheckpointError(f"config: architectures must be a list of class names, got {archs!r}")
         bad = [a for a in archs if a != family.architecture]
         if bad:
             raise CheckpointError(f"config: unsupported architecture {bad[0]!r} for model_type {model_type!r} "
@@ -199,6 +204,9 @@ class LlamaConfig:
         missing = [k for k in required if k not in d]
         if missing:
             raise CheckpointError(f"config: missing required key {missing[0]!r}")
+        for key in (*required, "num_key_value_heads", "head_dim"):
+            if d.get(key) is not None or key in required:
+                _positive_int(d[key], key)
         layers, heads, hidden = d["num_hidden_layers"], d["num_attention_heads"], d["hidden_size"]
         head_dim = d.get("head_dim")
         if head_dim is None:
@@ -206,7 +214,8 @@ class LlamaConfig:
                 raise CheckpointError(f"config: no head_dim, and hidden_size ({hidden}) is not a multiple of "
                                       f"num_attention_heads ({heads})")
             head_dim = hidden // heads
-        max_pos = d.get("max_position_embeddings", family.default_max_positions)
+        max_pos = _positive_int(d.get("max_position_embeddings", family.default_max_positions),
+                                "max_position_embeddings")
         layer_types = _layer_types(d, family, layers)
         _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, layer_types, max_pos)
@@ -242,10 +251,10 @@ class LlamaConfig:
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"config: {path} not found")
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(d, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
@@ -284,10 +293,18 @@ class LlamaConfig:
 
 
 def _number(value: Any, where: str) -> float:
-    """A JSON number of the config as a float; ``CheckpointError`` naming the key otherwise (a string, a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CheckpointError(f"config: {where} must be a number; got {value!r}")
+    """A finite JSON number of the config as a float; ``CheckpointError`` naming the key otherwise (a string, a
+    bool, null, NaN or an infinity: Python's json reads the last two)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"config: {where} must be a finite number; got {value!r}")
     return float(value)
+
+
+def _positive_int(value: Any, where: str) -> int:
+    """A positive JSON integer of the config; ``CheckpointError`` naming the key otherwise (a bool, a float, null)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"config: {where} must be a positive integer, got {value!r}")
+    return value
 
 
 def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
@@ -305,6 +322,9 @@ def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
     if types is None:
         window = _window(d, family) if d.get("use_sliding_window", False) else None
         first = d.get("max_window_layers", 28)
+        if window is not None and (isinstance(first, bool) or not isinstance(first, int)):
+            raise CheckpointError(f"config: max_window_layers must be an integer (the first layer with the sliding "
+                                  f"window); got {first!r}")
         return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(layers)]
     if not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
         raise CheckpointError(f"config: layer_types={types!r} must list one of {LAYER_TYPES} for each of the "
@@ -326,7 +346,9 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
     sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
     if window is None or (family.window_flag and not sliding):
         return
-    if not isinstance(window, int) or window < max_pos:
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise CheckpointError(f"config: sliding_window must be an integer (keys a query sees) or null; got {window!r}")
+    if window < max_pos:
         where = f" (layers {sliding})" if family.window_flag else ""
         raise CheckpointError(f"config: sliding_window={window!r}{where} is in effect (below "
                               f"max_position_embeddings={max_pos}); sliding-window attention is not supported")
@@ -375,6 +397,9 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
 def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple[float, RopeScaling | None]:
     if not isinstance(rs, dict):
         raise CheckpointError(f"config: {where} must be a dict or null, got {rs!r}")
+    if "rope_type" in rs and "type" in rs and rs["rope_type"] != rs["type"]:
+        raise CheckpointError(f"config: {where} has rope_type {rs['rope_type']!r} and type {rs['type']!r}; they "
+                              "must agree (transformers 4 reads `type`, 5 reads `rope_type`)")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type not in _ROPE_KEYS:
         raise CheckpointError(f"config: unsupported {where} type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
@@ -402,6 +427,9 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
     low, high = (_number(rs[k], f"{where} {k}") for k in ("low_freq_factor", "high_freq_factor"))
     if not high > low:
         raise CheckpointError(f"config: {where} high_freq_factor ({high}) must exceed low_freq_factor ({low})")
-    # transformers falls back to max_position_embeddings when the original context length is not given
-    original = int(rs.get("original_max_position_embeddings", max_pos))
+    # transformers falls back to max_position_embeddings when the original context length is not given, and uses
+    # the number as it is (an int in every real config; a float is kept, not truncated)
+    original = rs.get("original_max_position_embeddings", max_pos)
+    if _number(original, f"{where} original_max_position_embeddings") <= 0:
+        raise CheckpointError(f"config: {where} original_max_position_embeddings must be positive, got {original}")
     return theta, RopeScaling("llama3", factor, low, high, original)

@@ -446,7 +446,9 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
         lengths = s.lengths + active
         stop = jnp.any(tok[:, None] == s.stop_tokens, axis=1)
         done = s.done | (active & (stop | (lengths >= s.max_new)))
-        hidden, cache = model(tok[:, None], s.positions[:, None], s.cache, attend)
+        # a finished row feeds its pad id, which a config may put outside the vocabulary (-1, say): clipped, so that
+        # its (unused) logits stay finite
+        hidden, cache = model(jnp.clip(tok, 0, config.vocab_size - 1)[:, None], s.positions[:, None], s.cache, attend)
         cache = advance(cache, jnp.ones((B,), jnp.int32))
         return s.replace(cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1,
                          tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=s.step + 1)

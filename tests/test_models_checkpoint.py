@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_hf_tensors
+from models.config import LlamaConfig
 from models.generate import generate, prefill
 from models import llama
 from models.llama import causal_attention
@@ -322,6 +323,36 @@ def test_missing_shard_and_files(tmp_path):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(CONFIG))
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_which_safetensors_files_are_read_without_an_index(tmp_path):
+    """As transformers: `model.safetensors` alone where it exists (a stale copy beside it is not read);
+    shards without their index all, and a tensor in two of them raises instead of the last file's copy winning."""
+    t = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ck", CONFIG, t)
+    tokens = [3, 1, 4, 1, 5]
+    want = model_logits(load_checkpoint(tmp_path / "ck"), tokens)
+    save_file({"model.norm.weight": np.zeros(CONFIG["hidden_size"], np.float32)},
+              str(tmp_path / "ck" / "model_old.safetensors"))  # sorts after model.safetensors
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens), want)
+
+    write_checkpoint(tmp_path / "shards", CONFIG, t, shards=2)
+    (tmp_path / "shards" / "model.safetensors.index.json").unlink()
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "shards"), tokens), want)
+    save_file({"model.norm.weight": np.zeros(CONFIG["hidden_size"], np.float32)},
+              str(tmp_path / "shards" / "zz_old.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' is in both "
+                                              r"model-0000\d-of-00002\.safetensors and zz_old\.safetensors"):
+        load_checkpoint(tmp_path / "shards")
+
+
+def test_a_file_is_not_a_checkpoint_directory(tmp_path):
+    write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG))
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(CheckpointError, match=f"{name} is a file; expected the checkpoint's directory"):
+            load_checkpoint(tmp_path / "ck" / name)
+    with pytest.raises(CheckpointError, match="not valid JSON"):  # a binary file read as a config
+        LlamaConfig.from_json(tmp_path / "ck" / "model.safetensors")
 
 
 def test_unsupported_config_in_checkpoint(tmp_path):

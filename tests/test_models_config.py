@@ -78,9 +78,28 @@ def test_round_trip_and_file(tmp_path):
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),  # not read as MHA
     ({"hidden_size": 0}, "hidden_size"),
     # values of the wrong type: named, never converted (bool("false") is True)
-    ({"rope_theta": "abc"}, "rope_theta must be a number; got 'abc'"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope_scaling factor must be a number; got '2'"),
-    ({"rms_norm_eps": None}, "rms_norm_eps must be a number; got None"),
+    ({"rope_theta": "abc"}, "rope_theta must be a finite number; got 'abc'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope_scaling factor must be a finite number; got '2'"),
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a finite number; got None"),
+    # sizes: positive integers before any arithmetic on them (a bool is not one; 0 heads is no ZeroDivisionError)
+    ({"num_hidden_layers": True}, "num_hidden_layers must be a positive integer, got True"),
+    ({"vocab_size": 32000.0}, "vocab_size must be a positive integer, got 32000.0"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"head_dim": 128.0}, "head_dim must be a positive integer, got 128.0"),
+    ({"max_position_embeddings": None}, "max_position_embeddings must be a positive integer, got None"),
+    # numbers that are not finite (Python's json reads NaN and Infinity), or out of range
+    ({"rope_theta": float("nan")}, "rope_theta must be a finite number; got nan"),
+    ({"rms_norm_eps": -1e-5}, r"rms_norm_eps must be a finite number >= 0, got -1e-05"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, "factor must be a finite number; got inf"),
+    # transformers 4 reads `type`, 5 `rope_type`: the two must not disagree
+    ({"rope_scaling": {"type": "dynamic", "rope_type": "linear", "factor": 2.0}},
+     "rope_type 'linear' and type 'dynamic'; they must agree"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of class names, got 'LlamaForCausalLM'"),
+    ({"sliding_window": 1e9}, "sliding_window must be an integer .* got 1000000000.0"),
+    ({"rope_scaling": dict(LLAMA31_8B["rope_scaling"], original_max_position_embeddings=None)},
+     "original_max_position_embeddings must be a finite number; got None"),
+    ({"rope_scaling": dict(LLAMA31_8B["rope_scaling"], original_max_position_embeddings=0)},
+     "original_max_position_embeddings must be positive"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false; got 'false'"),
     ({"eos_token_id": ["a"]}, r"eos_token_id must be an integer token id .*got \['a'\]"),
     ({"pad_token_id": 0.0}, "pad_token_id must be an integer token id"),
@@ -88,6 +107,19 @@ def test_round_trip_and_file(tmp_path):
 def test_refuses_unsupported(change, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig.from_dict(dict(LLAMA2_7B, **change))
+
+
+def test_qwen_window_layers_must_be_an_integer_where_the_window_applies():
+    on = dict(QWEN25_7B, use_sliding_window=True, sliding_window=131072, max_window_layers=None)
+    with pytest.raises(CheckpointError, match="max_window_layers must be an integer .*got None"):
+        LlamaConfig.from_dict(on)
+    LlamaConfig.from_dict(dict(on, use_sliding_window=False))  # no window: the key is not read
+
+
+def test_llama3_original_context_kept_as_written():
+    """transformers divides by original_max_position_embeddings as it is: a float is not truncated."""
+    d = dict(LLAMA31_8B, rope_scaling=dict(LLAMA31_8B["rope_scaling"], original_max_position_embeddings=8192.5))
+    assert LlamaConfig.from_dict(d).rope_scaling.original_max_position_embeddings == 8192.5
 
 
 def test_missing_key():

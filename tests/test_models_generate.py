@@ -163,6 +163,22 @@ def test_per_sequence_budgets_and_early_exit(model):
     assert int(state.step) == 9  # the loop stopped once every sequence was done
 
 
+@pytest.mark.parametrize("pad", [-1, CFG.vocab_size + 3])
+def test_pad_id_outside_the_vocabulary(model, pad):
+    """A config's pad id may lie outside the vocabulary (-1 in some Llama configs): finished rows still feed it, and
+    its embedding must not turn their logits into NaN; the others are unchanged."""
+    import dataclasses  # noqa: PLC0415
+    seqs = expand_samples(fewshot_prompts(seed=8), 1)
+    want = decode(model, prefill(model, seqs, [3, 9, 1, 5]), 100, sampling="greedy")
+    other = type(model)(dataclasses.replace(CFG, pad_token_id=pad), model.params())
+    state = decode(other, prefill(other, seqs, [3, 9, 1, 5]), 100, sampling="greedy")
+    assert np.isfinite(np.asarray(state.logits)).all()
+    lengths = np.asarray(state.lengths)
+    for b in range(4):
+        np.testing.assert_array_equal(np.asarray(state.tokens)[b, :lengths[b]], np.asarray(want.tokens)[b, :lengths[b]])
+        assert (np.asarray(state.tokens)[b, lengths[b]:] == pad).all()
+
+
 def test_text_prompts_with_tokenizer():
     cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, eos_token_ids=(257,),
