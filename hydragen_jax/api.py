@@ -32,6 +32,7 @@ sit in index arithmetic the kernels do anyway). For an error instead, pass `chec
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -73,7 +74,17 @@ class Level:
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
-  return float(head_dim) ** -0.5 if scale is None else float(scale)
+  """The logit scale: 1/sqrt(D) by default, else a positive finite number known at trace time (the kernels fold it
+  into their exponents, and take a tile's largest score times the scale as its largest scaled score)."""
+  if scale is None:
+    return float(head_dim) ** -0.5
+  try:
+    value = float(scale)
+  except (TypeError, ValueError) as e:  # a string, or a traced value (jax's concretization error is a TypeError)
+    raise ValueError(f"scale must be a positive number known at trace time (a Python float), got {scale!r}.") from e
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f"scale must be a positive finite number, got {value}.")
+  return value
 
 
 def _reference_level(q, level: Level, *, causal: bool, batched: bool, scale: float) -> tuple[Array, Array]:
@@ -235,6 +246,9 @@ def tree_attention(
     out `[B, T, Hq, D]` in q.dtype: softmax attention over the concatenation of each sequence's nodes.
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  if isinstance(levels, Level):
+    raise ValueError("levels must be a sequence of Level, root to leaf (the last one the per-sequence suffixes); "
+                     "got one Level: pass [level].")
   if not levels:
     raise ValueError("levels is empty; expected at least one Level.")
   batch = q.shape[0]
@@ -310,6 +324,8 @@ def hydragen_attention(
     out `[B, T, Hq, D]`, equal to causal attention over each sequence's [prefix; suffix].
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  if not isinstance(batch_prefix, (bool, np.bool_)):
+    raise ValueError(f"batch_prefix must be a bool, got {batch_prefix!r}.")
   check.check_rank("prefix_k", prefix_k, 3, "[P, Hkv, D]")
   check.check_same("prefix_k", prefix_k, "prefix_v", prefix_v)
   check.check_rank("suffix_k", suffix_k, 4, "[B, S, Hkv, D]")

@@ -139,7 +139,9 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
     raise ValueError(f"head dim of {q_name} {q.shape} must be at least 1; got D={d}.")
   if d != dk:
     raise ValueError(f"head dim of {q_name} {q.shape} (D={d}) differs from {kv_name} {kv.shape} (D={dk}).")
-  if hkv == 0 or hq % hkv:
+  if hkv == 0:
+    raise ValueError(f"{kv_name} {kv.shape} has no KV heads (Hkv=0); expected at least one.")
+  if hq % hkv:
     raise ValueError(f"query heads of {q_name} {q.shape} (Hq={hq}) must be a multiple of the KV heads of "
                      f"{kv_name} {kv.shape} (Hkv={hkv}).")
   if q.dtype != kv.dtype:

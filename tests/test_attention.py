@@ -344,6 +344,11 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("backend", r"backend='cuda' is not one of"),
     ("int_dtype", r"q must have a floating dtype \(float32, bfloat16, float16\); got int32"),
     ("no_head_dim", r"head dim of q \(2, 1, 4, 0\) must be at least 1; got D=0"),
+    ("no_kv_heads", r"k \(2, 10, 0, 64\) has no KV heads \(Hkv=0\); expected at least one"),
+    ("scale_negative", r"scale must be a positive finite number, got -0.1"),
+    ("scale_zero", r"scale must be a positive finite number, got 0.0"),
+    ("scale_nan", r"scale must be a positive finite number, got nan"),
+    ("scale_str", r"scale must be a positive number known at trace time \(a Python float\), got 'x'"),
 ])
 def test_attention_bad_input(case, match):
   q, k = _ok()
@@ -372,8 +377,40 @@ def test_attention_bad_input(case, match):
     kwargs = dict(q=q.astype(jnp.int32), k=k.astype(jnp.int32), v=k.astype(jnp.int32))
   elif case == "no_head_dim":
     kwargs = dict(q=q[..., :0], k=k[..., :0], v=k[..., :0])
+  elif case == "no_kv_heads":
+    kwargs["k"] = kwargs["v"] = jnp.zeros((2, 10, 0, 64))
+  elif case.startswith("scale_"):
+    kwargs["scale"] = {"scale_negative": -0.1, "scale_zero": 0.0, "scale_nan": float("nan"), "scale_str": "x"}[case]
   with pytest.raises(ValueError, match=match):
     hj.attention(**kwargs)
+
+
+def test_traced_scale_is_refused_by_name():
+  """The kernels fold the scale into their exponents at trace time: a traced one is named, not a jax error."""
+  q, k = _ok()
+  with pytest.raises(ValueError, match=r"scale must be a positive number known at trace time .*got JitTracer"):
+    jax.jit(lambda scale: hj.attention(q, k, k, scale=scale)[0])(0.5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("scale", [0.03, 1.0, 3.0])
+def test_custom_scale_matches_reference(backend, dtype, scale):
+  """A logit scale far from 1/sqrt(D) (large logits: nearly one-hot rows) as exact as the default's: the kernels
+  scale the float32 scores, never a 16-bit copy of q (rounding q·scale back to bf16 gave 4x the reference's error at
+  scale 3). Through `hydragen_attention` (D = 64, 16 rows a KV head), so `mosaic` runs its Hopper kernel too."""
+  keys = jax.random.split(jax.random.PRNGKey(int(scale * 100)), 5)
+  q = normal(keys[0], (4, 4, 8, 64), dtype)
+  pk, pv = normal(keys[1], (40, 2, 64), dtype), normal(keys[2], (40, 2, 64), dtype)
+  sk, sv = normal(keys[3], (4, 24, 2, 64), dtype), normal(keys[4], (4, 24, 2, 64), dtype)
+  lengths = jnp.array([24, 7, 4, 19])
+  out = hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, scale=scale, backend=backend)
+  k = jnp.concatenate([jnp.broadcast_to(pk, (4, *pk.shape)), sk], axis=1)
+  v = jnp.concatenate([jnp.broadcast_to(pv, (4, *pv.shape)), sv], axis=1)
+  ref, _ = reference.attention(q.astype(jnp.float32), k, v, lengths + 40, causal=True, scale=scale)
+  # float32: logits of ~scale·sqrt(D) amplify the arithmetic's rounding by as much in any order of summation (the
+  # reference's own merge of two parts differs by that); 16 bits: their own tolerance, which q·scale rounded missed
+  cond = max(1.0, scale * 64**0.5) if dtype == jnp.float32 else 1.0
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref, **{k: cond * x for k, x in tol(dtype).items()})
 
 
 def test_tree_bad_input():
@@ -389,6 +426,8 @@ def test_tree_bad_input():
     hj.tree_attention(q, [Level(kv, kv, jnp.array([9, 8]), jnp.array([0, 1, 1]))])
   with pytest.raises(ValueError, match="levels is empty"):
     hj.tree_attention(q, [])
+  with pytest.raises(ValueError, match=r"levels must be a sequence of Level.*got one Level: pass \[level\]"):
+    hj.tree_attention(q, Level(kv, kv, jnp.array([8, 8]), jnp.array([0, 1, 1])))
 
 
 def test_hydragen_bad_input():
@@ -405,6 +444,8 @@ def test_hydragen_bad_input():
     hj.hydragen_attention(q, pk, pk, jnp.zeros((3, 6, 2, 64)), jnp.zeros((3, 6, 2, 64)))
   with pytest.raises(ValueError, match=r"prefix_k \(5, 2, 64\) and suffix_k \(2, 6, 4, 64\) must share"):
     hj.hydragen_attention(q, pk, pk, jnp.zeros((2, 6, 4, 64)), jnp.zeros((2, 6, 4, 64)))
+  with pytest.raises(ValueError, match=r"batch_prefix must be a bool, got 'no'"):
+    hj.hydragen_attention(q, pk, pk, sk, sk, batch_prefix="no")
 
 
 def test_default_backend_is_xla_on_cpu_and_pallas_on_gpu():

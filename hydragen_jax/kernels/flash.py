@@ -40,8 +40,9 @@ from jax.experimental.pallas import triton as plgpu
 
 Array = jax.Array
 
-# Finite stand-in for -inf inside the kernel, so that a fully masked block never computes inf - inf.
-_MASKED = -1e30
+# A row's running max before its first key: finite, so that exp2(m - m_new) never computes inf - inf. Masked scores
+# are -inf: exp2(-inf · c - m_new) = 0 exactly, whatever the scale c and the row's max.
+_M_START = -1e30
 _LOG2_E = math.log2(math.e)
 _LN_2 = math.log(2.0)
 
@@ -150,8 +151,10 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     flat = (seq * num_queries + token) * num_heads + (hb * heads + row_head) * group + within % group
     flat = jnp.where(row_ok, flat, q_ref.shape[0])
     q = plgpu.load(q_ref.at[flat[:, None], cols[None, :]], mask=tile_ok, other=0)
-    # Logits in base 2, scale folded into q once: exp(x·scale) = 2^(x·scale·log2 e), so exp2 does the softmax.
-    q = (q.astype(jnp.float32) * (scale * _LOG2_E)).astype(q.dtype)
+    # Logits in base 2: exp(x·scale) = 2^(x·c), c = scale·log2 e, so exp2 does the softmax. c multiplies the float32
+    # scores inside exp2's argument (one fused multiply-add with the max), not q: q·c rounded back to 16 bits would
+    # add an error that grows with the scale. c > 0 (`api._scale`), so max(s)·c is the largest scaled score.
+    c = scale * _LOG2_E
 
     length = jnp.clip(kv_len_ref[p], 0, k_ref.shape[1])
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
@@ -194,19 +197,18 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
           ok_keys = ok_keys & (pos[None, :] <= last_visible[:, None])
         ok = ok_keys if ok is None else ok & ok_keys
       if ok is not None:
-        s = jnp.where(ok, s, _MASKED)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        s = jnp.where(ok, s, -jnp.inf)
+      # A row with no visible key in this block keeps its m (max(s)·c = -inf) and adds nothing (probs 0).
+      m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
       alpha = jnp.exp2(m - m_new)
-      probs = jnp.exp2(s - m_new[:, None])
-      if masked:  # a row with no visible key in this block must add nothing (its m_new is still _MASKED)
-        probs = jnp.where(ok, probs, 0.0)
+      probs = jnp.exp2(s * c - m_new[:, None])
       v = load(v_ref, start, key_ok)
       acc = acc * alpha[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
       return acc, m_new, l * alpha + jnp.sum(probs, axis=1)
 
     carry = (
         jnp.zeros((block.block_m, d_pad), jnp.float32),
-        jnp.full((block.block_m,), _MASKED, jnp.float32),
+        jnp.full((block.block_m,), _M_START, jnp.float32),
         jnp.zeros((block.block_m,), jnp.float32),
     )
     # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do. (In an
