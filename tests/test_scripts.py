@@ -428,3 +428,24 @@ def test_probe_rope_profiles_each_variant_and_they_agree():
   for dtype, atol in ((jnp.bfloat16, 0.0), (jnp.float32, 1e-6)):
     a, b = (f(x.astype(dtype), positions, inv) for f in (probe_rope.VARIANTS["concat"], probe_rope.VARIANTS["flip"]))
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=atol)
+
+
+def test_ab_kernel_swaps_the_kernel_body_of_another_file_and_restores_it(tmp_path):
+  """`ab_kernel` runs another revision's `_attend` (here a marked copy of the current file) inside the block: the
+  interpreted launch calls it, and the current body is back afterwards."""
+  import hydragen_jax as hj  # noqa: PLC0415
+  from hydragen_jax.kernels import flash  # noqa: PLC0415
+  from scripts.tuning import ab_kernel  # noqa: PLC0415
+  source = pathlib.Path(flash.__file__).read_text()
+  path = tmp_path / "other_flash.py"
+  path.write_text(source + "\nCALLS = []\n_current_attend = _attend\n"
+                  "def _attend(*args, **kw):\n  CALLS.append(1)\n  return _current_attend(*args, **kw)\n")
+  other = ab_kernel.load_kernel_module(str(path), "ab_kernel_test_other")
+  current = flash._attend
+  q = jnp.ones((2, 1, 2, 16), jnp.float32)
+  k = jnp.ones((2, 8, 2, 16), jnp.float32)
+  with ab_kernel.kernel_body(other._attend):
+    assert flash._attend is other._attend
+    out, _ = hj.attention(q, k, k, kv_lengths=jnp.array([8, 3]), backend="interpret")
+  assert other.CALLS and flash._attend is current
+  np.testing.assert_allclose(np.asarray(out), 1.0)
