@@ -430,6 +430,15 @@ def test_probe_rope_profiles_each_variant_and_they_agree():
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=atol)
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier runs it
+def test_probe_rope_soak_times_each_variant_every_round():
+  p = _run(["scripts.tuning.probe_rope", "--soak", "0.2", "--rounds", "2", "--tiny", "--layers", "2", "--batch", "4"])
+  assert p.returncode == 0, p.stderr
+  ends = [line.split() for line in p.stdout.splitlines() if line.startswith("MARK end")]
+  assert [(e[2], e[3]) for e in ends] == [("concat", "0"), ("flip", "0"), ("concat", "1"), ("flip", "1")]
+  assert all(float(e[7]) > 0 for e in ends)  # "median N us a step"
+
+
 def test_ab_kernel_swaps_the_kernel_body_of_another_file_and_restores_it(tmp_path):
   """`ab_kernel` runs another revision's `_attend` (here a marked copy of the current file) inside the block: the
   interpreted launch calls it, and the current body is back afterwards."""
