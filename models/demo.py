@@ -152,20 +152,25 @@ def load_default_model(dtype=None, path: str = DEFAULT_MODEL_DIR):
     return load_checkpoint(path, dtype=dtype)
 
 
-def _chat_prompts(tok) -> list[str]:
-    return [tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}])
+def _chat_prompts(tok) -> list[list[int]]:
+    """Token ids of the chat prompts: the template's text encoded without adding BOS, as transformers encodes it
+    (a template that wants BOS writes it)."""
+    return [tok.encode(tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                                {"role": "user", "content": q}]), add_bos=False)
             for q in QUESTIONS]
 
 
 def _load(name: str):
-    """(model, tokenizer, prompts, what each prompt asks) for ``--model``; on a GPU in bf16, else fp32."""
+    """(model, tokenizer, prompts as token ids, what each prompt asks) for ``--model``; on a GPU in bf16, else
+    fp32."""
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     if name == "smollm2" or name.endswith(".gguf"):
         path = smollm2_path() if name == "smollm2" else name
         tok = load_gguf_tokenizer(path)
         return load_gguf(path, dtype), tok, _chat_prompts(tok), QUESTIONS
     path = DEFAULT_MODEL_DIR if name == "default" else name
-    return load_default_model(dtype, path), ByteTokenizer(), [FEW_SHOT + p for p in PROBLEMS], PROBLEMS
+    tok = ByteTokenizer()
+    return load_default_model(dtype, path), tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
 
 
 def _wrap(text: str, width: int = 100) -> str:
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
     print(f"model: {args.model} ({c.num_hidden_layers} layers, d_model {c.hidden_size}, "
           f"{c.num_attention_heads}/{c.num_key_value_heads} q/kv heads, {model.dtype.name}); "
           f"device: {jax.default_backend()}")
-    tree = build_sharing_tree(expand_samples([tok.encode(p) for p in prompts], samples))
+    tree = build_sharing_tree(expand_samples(prompts, samples))
     print(f"sharing tree: {tree.describe()}")
     sampling = {"temperature": args.temperature, "top_p": args.top_p}
     common = dict(num_samples=samples, max_new_tokens=args.max_new_tokens, sampling=sampling,

@@ -7,8 +7,8 @@
 Needs the optional ``gguf`` package (and ``tokenizers``, ``jinja2`` for the tokenizer): ``pip install -e
 '.[demo]'``. Supported: ``general.architecture`` "llama" (RMSNorm, RoPE with optional linear scaling, GQA,
 SwiGLU, tied or untied head) with tensors in float or llama.cpp's standard block formats (``SUPPORTED_TYPES``),
-and byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2"). Anything else raises ``CheckpointError``
-naming what was found.
+and byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2"). Anything else (a big-endian file, metadata
+of the wrong type, vocabulary sizes that differ, ...) raises ``CheckpointError`` naming what was found.
 
 Layout: GGUF stores each matrix as HF does (numpy shape ``[out, in]``), except the q and k projections: the
 converters permute their rows within each head so that GGML's RoPE, which rotates adjacent pairs
@@ -19,6 +19,7 @@ HF row ``j * D/2 + i`` back from GGUF row ``2i + j`` and then maps the HF names 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 
@@ -80,10 +81,18 @@ def smollm2_path() -> str:
 
 def _open(path: str | os.PathLike):
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; expected a .gguf file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} not found")
-    reader = _gguf().GGUFReader(path)
-    parts = _meta(reader, path, "split.count", 1)
+    try:
+        reader = _gguf().GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:  # empty, truncated, not GGUF, unknown version
+        raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from e
+    if reader.byte_order == "S":  # the gguf package dequantizes swapped tensor data as if native: wrong weights
+        raise CheckpointError(f"{path}: a {reader.endianess.name.lower()}-endian GGUF file, the opposite of this "
+                              "machine's byte order; not supported (its weights would load wrong)")
+    parts = _int(reader, path, "split.count", 1)
     if parts > 1:  # its tensors are spread over the other files: this one alone would read as broken
         raise CheckpointError(f"{path}: one of {parts} files of a split GGUF (split.count = {parts}); split files "
                               "are not supported: merge them first (llama.cpp's `llama-gguf-split --merge`)")
@@ -96,7 +105,46 @@ def _meta(reader, path: str, key: str, default=KeyError):
         if default is KeyError:
             raise CheckpointError(f"{path}: metadata key {key!r} missing")
         return default
-    return field.contents()
+    try:
+        return field.contents()
+    except ValueError as e:  # e.g. a string that is not UTF-8
+        raise CheckpointError(f"{path}: metadata key {key!r} is unreadable: {e}") from e
+
+
+def _typed(reader, path: str, key: str, ok, expected: str, default=KeyError):
+    """Metadata ``key`` if ``ok(value)`` (``default`` where absent), else ``CheckpointError`` naming the value, its
+    GGUF type and ``expected``."""
+    if key not in reader.fields:
+        return _meta(reader, path, key, default)
+    value = _meta(reader, path, key)
+    if not ok(value):
+        got = repr(value)
+        got = got if len(got) <= 80 else got[:77] + "..."  # a whole vocabulary, say
+        kind = " of ".join(t.name for t in reader.fields[key].types)
+        raise CheckpointError(f"{path}: metadata key {key!r} = {got} ({kind}); expected {expected}")
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int(reader, path: str, key: str, default=KeyError, low: int = 0, high: int | None = None):
+    """An integer metadata value (not a bool, float, string or array) in ``[low, high)``."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high})"
+    return _typed(reader, path, key, lambda x: _is_int(x) and x >= low and (high is None or x < high), expected,
+                  default)
+
+
+def _number(reader, path: str, key: str, default=KeyError):
+    """A float (or integer) metadata value, as the shortest decimal of its float32 (``_decimal``)."""
+    x = _typed(reader, path, key, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a number",
+               default)
+    return _decimal(x) if key in reader.fields else x
+
+
+def _strings(x) -> bool:
+    return isinstance(x, list) and all(isinstance(s, str) for s in x)
 
 
 def _decimal(x: float) -> float:
@@ -119,29 +167,39 @@ def _config(reader, path: str) -> LlamaConfig:
     if unknown:
         raise CheckpointError(f"{path}: metadata key {unknown[0]!r} = {_meta(reader, path, unknown[0])!r} is not "
                               "known to this loader; it may change the model's output")
-    if m("expert_count", 0):
+
+    def i(key, default=KeyError, low=1):  # an integer llama.* value, >= 1 unless told
+        return _int(reader, path, f"llama.{key}", default, low)
+
+    if i("expert_count", 0, low=0):
         raise CheckpointError(f"{path}: llama.expert_count={m('expert_count')} (mixture of experts) is not supported")
-    heads = m("attention.head_count")
-    kv_heads = m("attention.head_count_kv", heads)
+    heads, kv_heads = m("attention.head_count"), m("attention.head_count_kv", None)
     if isinstance(kv_heads, list) or isinstance(heads, list):
         raise CheckpointError(f"{path}: per-layer head counts (llama.attention.head_count[_kv] = "
                               f"{heads!r} / {kv_heads!r}) are not supported")
-    d = m("embedding_length")
-    head_dim = m("attention.key_length", d // heads)
-    if m("attention.value_length", head_dim) != head_dim:
+    heads = i("attention.head_count")
+    kv_heads = i("attention.head_count_kv", heads)
+    d = i("embedding_length")
+    head_dim = i("attention.key_length", None)
+    if head_dim is None:  # llama.cpp's default (computed only now: heads is checked >= 1)
+        head_dim = d // heads
+    if i("attention.value_length", head_dim) != head_dim:
         raise CheckpointError(f"{path}: llama.attention.value_length={m('attention.value_length')} differs from "
                               f"key_length={head_dim}; not supported")
-    if m("rope.dimension_count", head_dim) != head_dim:
+    if i("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: llama.rope.dimension_count={m('rope.dimension_count')} != head_dim "
                               f"{head_dim} (partial rotary embedding) is not supported")
-    # As llama.cpp reads them: the type defaults to "linear", a factor (absent: 1) scales positions by 1 / factor,
-    # and type "none" never scales, whatever the factor.
-    factor = m("rope.scaling.factor", None)
+    # As llama.cpp reads them: the type defaults to "linear", a factor (absent, 0 or 1: none) scales positions by
+    # 1 / factor, and type "none" never scales, whatever the factor.
+    factor = _number(reader, path, "llama.rope.scaling.factor", None)
+    if factor is not None and not (math.isfinite(factor) and factor >= 0):
+        raise CheckpointError(f"{path}: metadata key 'llama.rope.scaling.factor' = {factor}; expected a finite "
+                              "number > 0 (or 0: no scaling)")
     scaling_type = m("rope.scaling.type", "linear" if factor is not None else "none")
     if scaling_type == "none" or (scaling_type == "linear" and factor in (None, 0.0, 1.0)):
         scaling = None
     elif scaling_type == "linear":
-        scaling = RopeScaling("linear", _decimal(factor))
+        scaling = RopeScaling("linear", factor)
     else:
         raise CheckpointError(f"{path}: llama.rope.scaling.type={scaling_type!r} is not supported "
                               f"(supported: 'none', 'linear')")
@@ -152,25 +210,40 @@ def _config(reader, path: str) -> LlamaConfig:
     embed = [t for t in reader.tensors if t.name == "token_embd.weight"]
     if not embed:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' missing")
-    eos = _meta(reader, path, "tokenizer.ggml.eos_token_id", None)
-    eot = _meta(reader, path, "tokenizer.ggml.eot_token_id", None)
+    if len(embed[0].shape) != 2:
+        shape = tuple(reversed(embed[0].shape.tolist()))  # numpy order, as the other shape errors
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' has shape {shape}, expected 2 dimensions "
+                              "(vocab, embedding_length)")
+    vocab = int(embed[0].shape[-1])  # GGML order: [d, vocab]
+    # llama.cpp requires one embedding row per token; llama.vocab_size, where given, must agree too
+    tokens = _typed(reader, path, "tokenizer.ggml.tokens", _strings, "an array of strings", None)
+    n_tokens, n_vocab = None if tokens is None else len(tokens), i("vocab_size", None)
+    if n_tokens not in (None, vocab) or n_vocab not in (None, vocab):
+        raise CheckpointError(f"{path}: vocabulary sizes differ: tensor 'token_embd.weight' has {vocab} rows, "
+                              f"tokenizer.ggml.tokens has {n_tokens} tokens, llama.vocab_size = {n_vocab} (None: "
+                              "absent); expected one size")
+
+    def token(kind):
+        return _int(reader, path, f"tokenizer.ggml.{kind}_token_id", None, 0, vocab)
+
+    eos, eot = token("eos"), token("eot")
     try:
         return LlamaConfig(
-            vocab_size=int(embed[0].shape[-1]),  # GGML order: [d, vocab]
+            vocab_size=vocab,
             hidden_size=d,
-            intermediate_size=m("feed_forward_length"),
-            num_hidden_layers=m("block_count"),
+            intermediate_size=i("feed_forward_length"),
+            num_hidden_layers=i("block_count"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=m("context_length", 4096),
-            rms_norm_eps=_decimal(m("attention.layer_norm_rms_epsilon")),  # llama.cpp requires it too
-            rope_theta=_decimal(m("rope.freq_base", 10000.0)),
+            max_position_embeddings=i("context_length", 4096),
+            rms_norm_eps=_number(reader, path, "llama.attention.layer_norm_rms_epsilon"),  # llama.cpp requires it too
+            rope_theta=_number(reader, path, "llama.rope.freq_base", 10000.0),
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=_meta(reader, path, "tokenizer.ggml.bos_token_id", None),
-            eos_token_ids=tuple(dict.fromkeys(i for i in (eos, eot) if i is not None)),
-            pad_token_id=_meta(reader, path, "tokenizer.ggml.padding_token_id", None),
+            bos_token_id=token("bos"),
+            eos_token_ids=tuple(dict.fromkeys(t for t in (eos, eot) if t is not None)),
+            pad_token_id=token("padding"),
         )
     except CheckpointError:
         raise  # already names the file
@@ -200,8 +273,9 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
 
     Quantized tensors are dequantized to float32 first (so fp32 holds the file's values exactly), one at a time, and
     each is kept on the host in ``dtype`` (a bf16 load holds two bytes a parameter there, not four). Raises
-    ``CheckpointError`` for another architecture, an unsupported tensor type or tensor, a missing or misshaped
-    tensor.
+    ``CheckpointError`` for an unreadable file, another architecture, metadata of the wrong type, vocabulary sizes
+    that differ (``token_embd.weight``'s rows, ``tokenizer.ggml.tokens``, ``llama.vocab_size``), an unsupported
+    tensor type or tensor, a missing or misshaped tensor.
     """
     gguf = _gguf()
     dtype = jnp.dtype(dtype)
@@ -248,18 +322,32 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
     model = m("ggml.model")
     if model != "gpt2":
         raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported")
-    pre = m("ggml.pre", None)
+    pre = _typed(reader, path, "tokenizer.ggml.pre", lambda x: isinstance(x, str), "a string", None)
     if pre is None:  # llama.cpp warns too, and uses a default rule of its own: outputs may differ from its
         warnings.warn(f"{path}: no tokenizer.ggml.pre in the file; its text is split with GPT-2's pre-tokenizer rule, "
                       "which may not be the one the model was trained with", stacklevel=2)
         pre = "gpt2"
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
-    tokens = m("ggml.tokens")
-    types = m("ggml.token_type", [])
-    control = [i for i, kind in enumerate(types) if kind == 3]  # CONTROL: matched whole, left out of decode
-    user = [i for i, kind in enumerate(types) if kind == 4]  # USER_DEFINED: matched whole, kept (as llama.cpp)
-    return BPETokenizer(tokens, m("ggml.merges"), pre=pre, bos_id=m("ggml.bos_token_id", None),
-                        eos_id=m("ggml.eos_token_id", None), pad_id=m("ggml.padding_token_id", None),
-                        special_ids=control, added_ids=user, add_bos=bool(m("ggml.add_bos_token", False)),
-                        chat_template=m("chat_template", None))
+    tokens = _typed(reader, path, "tokenizer.ggml.tokens", _strings, "an array of strings")
+    merges = _typed(reader, path, "tokenizer.ggml.merges", _strings, "an array of strings")
+    types = _typed(reader, path, "tokenizer.ggml.token_type", lambda x: isinstance(x, list) and all(map(_is_int, x)),
+                   "an array of integers", None)
+    if types is not None and len(types) != len(tokens):
+        raise CheckpointError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for the {len(tokens)} of "
+                              "tokenizer.ggml.tokens; expected one a token")
+    control = [i for i, kind in enumerate(types or []) if kind == 3]  # CONTROL: matched whole, left out of decode
+    user = [i for i, kind in enumerate(types or []) if kind == 4]  # USER_DEFINED: matched whole, kept (as llama.cpp)
+    bos, eos, pad = (_int(reader, path, f"tokenizer.ggml.{kind}_token_id", None, 0, len(tokens))
+                     for kind in ("bos", "eos", "padding"))
+    add_bos = _typed(reader, path, "tokenizer.ggml.add_bos_token", lambda x: isinstance(x, bool), "true or false",
+                     False)
+    if add_bos and bos is None:
+        raise CheckpointError(f"{path}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is "
+                              "missing; expected the id of the BOS token to add")
+    template = _typed(reader, path, "tokenizer.chat_template", lambda x: isinstance(x, str), "a string", None)
+    try:
+        return BPETokenizer(tokens, merges, pre=pre, bos_id=bos, eos_id=eos, pad_id=pad, special_ids=control,
+                            added_ids=user, add_bos=add_bos, chat_template=template)
+    except ValueError as e:  # duplicate tokens, malformed merges (the rest is checked above)
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges: {e}") from e

@@ -10,6 +10,9 @@ file's vocabulary, merges and chat template.
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
 from collections.abc import Sequence
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
@@ -52,17 +55,23 @@ class BPETokenizer:
             raise ValueError(f"BPETokenizer: unsupported pre-tokenizer pre={pre!r} (supported: {sorted(PRE_TOKENIZERS)})")
         n = len(tokens)
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
-            if value is not None and not 0 <= value < n:
-                raise ValueError(f"BPETokenizer: {name}={value} outside the vocabulary [0, {n})")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n):
+                raise ValueError(f"BPETokenizer: {name}={value!r} outside the vocabulary [0, {n})")
+        if add_bos and bos_id is None:
+            raise ValueError("BPETokenizer: add_bos=True needs a bos_id")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != n:
+            raise ValueError(f"BPETokenizer: the vocabulary of {n} tokens has {n - len(vocab)} duplicates")
         pairs = []
         for rank, m in enumerate(merges):
             parts = m.split(" ")
             if len(parts) != 2:
                 raise ValueError(f"BPETokenizer: merge {rank} is {m!r}, expected two tokens separated by one space")
+            # checked here: tokenizers raises a bare Exception for the first two, and panics for the merged token
+            for t in (*parts, parts[0] + parts[1]):
+                if t not in vocab:
+                    raise ValueError(f"BPETokenizer: merge {rank} is {m!r}, but {t!r} is not in the vocabulary")
             pairs.append((parts[0], parts[1]))
-        vocab = {t: i for i, t in enumerate(tokens)}
-        if len(vocab) != n:
-            raise ValueError(f"BPETokenizer: the vocabulary of {n} tokens has {n - len(vocab)} duplicates")
         tok = Tokenizer(models.BPE(vocab, pairs))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -88,28 +97,64 @@ class BPETokenizer:
         """Text of ``ids``, special tokens (BOS, EOS, chat markers) left out."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` (dicts with "role" and "content", e.g. system then user), rendered
-        with the model's Jinja chat template as transformers' ``apply_chat_template`` renders it (sandboxed,
-        ``trim_blocks`` and ``lstrip_blocks``; ``bos_token`` / ``eos_token`` defined). Needs ``jinja2``."""
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
+                            tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:
+        """The prompt text for ``messages`` (dicts with "role" and "content" or "tool_calls", e.g. system then
+        user), rendered with the model's Jinja chat template as transformers' ``apply_chat_template`` renders it
+        (sandboxed, ``trim_blocks`` and ``lstrip_blocks``; ``bos_token`` / ``eos_token`` defined where the
+        tokenizer has them; ``tools`` and ``documents`` None unless given; transformers' ``tojson``,
+        ``strftime_now``, ``raise_exception`` and ``{% generation %}``). Needs ``jinja2``.
+
+        Encode the result with ``add_bos=False`` (as transformers does): a template that wants BOS writes it."""
         if not self.chat_template:
             raise ValueError("apply_chat_template: this tokenizer has no chat template")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
-                raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content', "
-                                 f"got {m!r}")
-        try:
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as e:
-            raise ImportError("chat templates need the optional 'jinja2' package: pip install -e '.[demo]'") from e
+            if not isinstance(m, dict) or "role" not in m or not {"content", "tool_calls"} & m.keys():
+                raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content' (or "
+                                 f"'tool_calls'), got {m!r}")
+        # an unset token stays undefined (transformers passes only the special tokens that are set)
+        special = {name: self._tokens[i] for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))
+                   if i is not None}
+        return _chat_environment().from_string(self.chat_template).render(
+            messages=list(messages), tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+            **special)
 
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.globals["raise_exception"] = raise_exception
-        special = {name: self._tokens[i] if i is not None else None
-                   for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
-        return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
+@functools.cache
+def _chat_environment():
+    """The Jinja environment transformers renders chat templates in (``_compile_jinja_template``)."""
+    try:
+        import jinja2.ext
+        import jinja2.nodes
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise ImportError("chat templates need the optional 'jinja2' package: pip install -e '.[demo]'") from e
+
+    class Generation(jinja2.ext.Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` (it marks the assistant's tokens for a mask we
+        never return): renders the body, in a scope of its own as transformers' call block does."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers': keys in their order, no HTML escaping (jinja2's own sorts keys and escapes <, >, &, ')
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env

@@ -9,8 +9,10 @@ The optional packages (gguf, tokenizers, jinja2: pip install -e '.[demo]') and t
 without them these tests skip with the reason.
 """
 
+import datetime
 import json
 import os
+import re
 
 import chex
 import jax
@@ -65,11 +67,11 @@ def byte_vocab(extra=()):
 
 
 def write_gguf(path, cfg, tensors, *, arch="llama", qtype=Q.F32, extra_tensors=(), extra_meta=None,
-               skip=(), tokenizer_model="gpt2", pre="gpt2", drop_meta=()):
+               skip=(), tokenizer_model="gpt2", pre="gpt2", drop_meta=(), endianess=gguf.GGUFEndian.LITTLE):
     """A GGUF file of HF ``tensors`` as llama.cpp's converter writes it (names, q/k permutation), without the
     GGUF tensors named in ``skip`` or the metadata keys in ``drop_meta``, with ``extra_tensors`` (name, array, raw
-    GGML type or None)."""
-    w = gguf.GGUFWriter(str(path), arch=arch)
+    GGML type or None) and ``extra_meta`` (key: (value, GGUF type), written last: it replaces a key written before)."""
+    w = gguf.GGUFWriter(str(path), arch=arch, endianess=endianess)
     add_kv = w.add_key_value
 
     def kept(key, value, vtype, *a, **k):
@@ -86,8 +88,6 @@ def write_gguf(path, cfg, tensors, *, arch="llama", qtype=Q.F32, extra_tensors=(
     w.add_rope_dimension_count(cfg["head_dim"])
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    for key, value in (extra_meta or {}).items():
-        w.add_key_value(key, *value)
     tokens = byte_vocab()[:cfg["vocab_size"] - 1] + ["AB"]
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
@@ -97,6 +97,8 @@ def write_gguf(path, cfg, tensors, *, arch="llama", qtype=Q.F32, extra_tensors=(
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
     w.add_pad_token_id(cfg["pad_token_id"])
+    for key, value in (extra_meta or {}).items():
+        w.add_key_value(key, *value)
 
     def add(name, x):
         if name in skip:
@@ -241,6 +243,104 @@ def test_gguf_refuses_split_files_and_a_missing_epsilon(tmp_path):
     assert str(e.value).count("e.gguf") == 1, e.value
 
 
+def test_gguf_refuses_a_big_endian_file(tmp_path):
+    """The gguf package dequantizes a big-endian file's tensors as if little-endian: wrong weights, never loaded."""
+    path = write_gguf(tmp_path / "be.gguf", CONFIG, make_tensors(CONFIG), endianess=gguf.GGUFEndian.BIG)
+    for load in (load_gguf, load_gguf_tokenizer):
+        with pytest.raises(CheckpointError, match=r"be\.gguf: a big-endian GGUF file"):
+            load(path)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), -2.0])
+def test_gguf_refuses_a_rope_factor_that_is_not_finite_and_positive(tmp_path, factor):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG),
+                      extra_meta={"llama.rope.scaling.factor": (factor, gguf.GGUFValueType.FLOAT32)})
+    with pytest.raises(CheckpointError, match=r"m\.gguf: metadata key 'llama.rope.scaling.factor' = .*; expected a "
+                                              r"finite number > 0 \(or 0: no scaling\)"):
+        load_gguf(path)
+
+
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("meta, match, loaders", [
+    # head_count 0 divided embedding_length even where key_length made the quotient unneeded
+    ({"llama.attention.head_count": (0, V.UINT32), "llama.attention.key_length": (8, V.UINT32)},
+     r"'llama.attention.head_count' = 0 \(UINT32\); expected an integer >= 1", "m"),
+    ({"llama.attention.head_count": ("4", V.STRING)}, r"'llama.attention.head_count' = '4' \(STRING\)", "m"),
+    ({"llama.embedding_length": ("32", V.STRING)}, r"'llama.embedding_length' = '32' \(STRING\)", "m"),
+    ({"split.count": ("2", V.STRING)}, r"'split.count' = '2' \(STRING\); expected an integer >= 0", "mt"),
+    ({"tokenizer.ggml.eos_token_id": ([2], V.ARRAY)},
+     r"'tokenizer.ggml.eos_token_id' = \[2\] \(ARRAY of INT32\); expected an integer in \[0, 64\)", "mt"),
+    ({"llama.attention.layer_norm_rms_epsilon": (True, V.BOOL)},
+     r"'llama.attention.layer_norm_rms_epsilon' = True \(BOOL\); expected a number", "m"),
+    ({"llama.rope.freq_base": ("1000", V.STRING)}, r"'llama.rope.freq_base' = '1000' \(STRING\); expected a number",
+     "m"),
+    ({"tokenizer.ggml.bos_token_id": ("1", V.STRING)}, r"'tokenizer.ggml.bos_token_id' = '1' \(STRING\)", "mt"),
+    ({"tokenizer.ggml.padding_token_id": ("x", V.STRING)}, r"'tokenizer.ggml.padding_token_id' = 'x'", "mt"),
+    ({"tokenizer.ggml.eos_token_id": (64, V.UINT32)}, r"'tokenizer.ggml.eos_token_id' = 64 \(UINT32\); expected an "
+     r"integer in \[0, 64\)", "mt"),  # outside the vocabulary
+    ({"tokenizer.ggml.eot_token_id": (99, V.UINT32)}, r"'tokenizer.ggml.eot_token_id' = 99", "m"),
+    ({"tokenizer.ggml.add_bos_token": ("false", V.STRING)},
+     r"'tokenizer.ggml.add_bos_token' = 'false' \(STRING\); expected true or false", "t"),  # was bool("false")
+    ({"tokenizer.chat_template": (["x"], V.ARRAY)}, r"'tokenizer.chat_template' = \['x'\] \(ARRAY of STRING\)", "t"),
+])
+def test_gguf_refuses_metadata_of_the_wrong_type(tmp_path, meta, match, loaders):
+    """Each loader that reads the key ("m": load_gguf, "t": load_gguf_tokenizer) names the file, the key, the value
+    and its GGUF type, and what was expected (these raised bare Python errors or loaded a wrong value)."""
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), extra_meta=meta)
+    for load in [{"m": load_gguf, "t": load_gguf_tokenizer}[c] for c in loaders]:
+        with pytest.raises(CheckpointError, match=r"m\.gguf: metadata key " + match):
+            load(path)
+
+
+def test_gguf_refuses_unreadable_files(tmp_path):
+    """Files the gguf package cannot read (it raised bare ValueErrors without the path) raise CheckpointError naming
+    the file, with the package's reason after it."""
+    good = open(write_gguf(tmp_path / "g.gguf", CONFIG, make_tensors(CONFIG)), "rb").read()
+    for name, data in [("empty", b""), ("text", b"not a gguf"), ("truncated", good[:len(good) // 2]),
+                       ("version", good[:4] + (99).to_bytes(4, "little") + good[8:])]:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as raw:
+            gguf.GGUFReader(path)
+        for load in (load_gguf, load_gguf_tokenizer):
+            with pytest.raises(CheckpointError) as e:
+                load(path)
+            assert str(e.value) == f"{path}: not a readable GGUF file: {raw.value}"
+    with pytest.raises(CheckpointError, match=r"is a directory; expected a \.gguf file"):
+        load_gguf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+@pytest.mark.parametrize("shape", [(64 * 32,), (2, 64, 32)])
+def test_gguf_names_a_token_embedding_of_the_wrong_rank(tmp_path, shape):
+    """The vocabulary size was read from a misshaped token_embd, and the error then blamed output.weight."""
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), skip={"token_embd.weight"},
+                      extra_tensors=[("token_embd.weight", np.zeros(shape, np.float32), None)])
+    with pytest.raises(CheckpointError, match=r"m\.gguf: tensor 'token_embd.weight' has shape "
+                                              + re.escape(f"{shape}, expected 2 dimensions")):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"llama.vocab_size": (100, V.UINT32)}, "tokenizer.ggml.tokens has 64 tokens, llama.vocab_size = 100"),
+    ({"tokenizer.ggml.tokens": (byte_vocab()[:79] + ["AB"], V.ARRAY),
+      "tokenizer.ggml.token_type": ([3] * 4 + [1] * 76, V.ARRAY)},
+     "tokenizer.ggml.tokens has 80 tokens, llama.vocab_size = None"),
+])
+def test_gguf_vocabulary_sizes_must_agree(tmp_path, meta, match):
+    """token_embd's rows (64 here), the tokenizer's tokens and llama.vocab_size: llama.cpp requires one row a token."""
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), extra_meta=meta)
+    with pytest.raises(CheckpointError, match=r"m\.gguf: vocabulary sizes differ: tensor 'token_embd.weight' has 64 "
+                                              r"rows, " + re.escape(match)):
+        load_gguf(path)
+    agree = write_gguf(tmp_path / "a.gguf", CONFIG, make_tensors(CONFIG),
+                       extra_meta={"llama.vocab_size": (64, V.UINT32)})
+    assert load_gguf(agree).config.vocab_size == 64
+
+
 @pytest.mark.parametrize("model, pre, match", [("llama", "default", "tokenizer.ggml.model is 'llama'"),
                                                ("gpt2", "deepseek-llm", "tokenizer.ggml.pre is 'deepseek-llm'")])
 def test_gguf_tokenizer_refuses_unknown_kinds(tmp_path, model, pre, match):
@@ -263,6 +363,39 @@ def test_gguf_tokenizer_from_metadata(tmp_path):
         unnamed = load_gguf_tokenizer(write_gguf(tmp_path / "n.gguf", CONFIG, make_tensors(CONFIG),
                                                  drop_meta=("tokenizer.ggml.pre",)))
     assert unnamed.pre == "gpt2" and unnamed.encode("<|im_start|>AB") == [1, 63]
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"tokenizer.ggml.merges": (["A Z9"], V.ARRAY)},  # was a bare Exception from tokenizers
+     r"tokenizer.ggml.tokens / tokenizer.ggml.merges: BPETokenizer: merge 0 is 'A Z9', but 'Z9' is not in the "
+     r"vocabulary"),
+    ({"tokenizer.ggml.merges": (["A C"], V.ARRAY)},  # the merged token: tokenizers panics
+     r"tokenizer.ggml.tokens / tokenizer.ggml.merges: BPETokenizer: merge 0 is 'A C', but 'AC' is not in the "
+     r"vocabulary"),
+    ({"tokenizer.ggml.tokens": (byte_vocab()[:62] + ["AB", "AB"], V.ARRAY)},
+     r"tokenizer.ggml.tokens / tokenizer.ggml.merges: BPETokenizer: the vocabulary of 64 tokens has 1 duplicates"),
+    ({"tokenizer.ggml.token_type": ([3] * 70, V.ARRAY)},  # was an IndexError
+     r"tokenizer.ggml.token_type has 70 entries for the 64 of tokenizer.ggml.tokens"),
+    ({"tokenizer.ggml.token_type": ([3] * 4, V.ARRAY)}, r"tokenizer.ggml.token_type has 4 entries for the 64"),
+    ({"tokenizer.ggml.merges": ([1, 2], V.ARRAY)},
+     r"metadata key 'tokenizer.ggml.merges' = \[1, 2\] \(ARRAY of INT32\); expected an array of strings"),
+])
+def test_gguf_tokenizer_errors_name_the_file_and_key(tmp_path, meta, match):
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), extra_meta=meta)
+    with pytest.raises(CheckpointError, match=r"m\.gguf: " + match):
+        load_gguf_tokenizer(path)
+
+
+def test_gguf_tokenizer_add_bos_needs_a_bos_id(tmp_path):
+    """add_bos_token true without a BOS id added nothing, quietly."""
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), drop_meta={"tokenizer.ggml.bos_token_id"},
+                      extra_meta={"tokenizer.ggml.add_bos_token": (True, V.BOOL)})
+    with pytest.raises(CheckpointError, match=r"m\.gguf: tokenizer.ggml.add_bos_token is true but "
+                                              r"tokenizer.ggml.bos_token_id is missing"):
+        load_gguf_tokenizer(path)
+    with_bos = write_gguf(tmp_path / "b.gguf", CONFIG, make_tensors(CONFIG),
+                          extra_meta={"tokenizer.ggml.add_bos_token": (True, V.BOOL)})
+    assert load_gguf_tokenizer(with_bos).encode("AB") == [1, 63]
 
 
 def test_user_defined_tokens_are_whole_and_kept_by_decode():
@@ -302,7 +435,11 @@ def test_bpe_merges_digits_and_specials():
 
 @pytest.mark.parametrize("kwargs, match", [(dict(pre="llama-bpe"), "unsupported pre-tokenizer pre='llama-bpe'"),
                                            (dict(merges=["a b c"]), "merge 0 is 'a b c'"),
-                                           (dict(bos_id=999), "bos_id=999 outside the vocabulary")])
+                                           (dict(merges=["a Zq"]), "merge 0 is 'a Zq', but 'Zq' is not in"),
+                                           (dict(merges=["a x"]), "merge 0 is 'a x', but 'ax' is not in"),
+                                           (dict(bos_id=999), "bos_id=999 outside the vocabulary"),
+                                           (dict(bos_id="1"), "bos_id='1' outside the vocabulary"),
+                                           (dict(bos_id=None, add_bos=True), "add_bos=True needs a bos_id")])
 def test_bpe_bad_input(kwargs, match):
     args = dict(tokens=byte_vocab(), merges=[], bos_id=1, eos_id=2)
     args.update(kwargs)
@@ -320,9 +457,80 @@ def test_chat_template_renders_as_transformers():
         assert tok.apply_chat_template(case["messages"]) == case["text"]
     with pytest.raises(ValueError, match="message 0 must be a dict"):
         tok.apply_chat_template([("user", "hi")])
+    with pytest.raises(ValueError, match=r"message 1 must be a dict with 'role' and 'content' \(or 'tool_calls'\)"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant"}])
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_unset_specials_are_undefined():
+    """transformers passes only the special tokens that are set: an unset one renders empty (it rendered "None")."""
+    tok = BPETokenizer(byte_vocab(), [], bos_id=None, eos_id=None, special_ids=[0, 1, 2, 3],
+                       chat_template="{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}|"
+                                     "{{ bos_token is defined }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi|False"
+    tok.bos_id, tok.eos_id = 1, 2
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi<|im_end|>|True"
+
+
+USER = {"role": "user", "content": "<b>é</b> & x"}
+TOOLS = "{% if tools is not none %}[T{{ tools | length }}]{% endif %}{% if documents is not none %}[D]{% endif %}"
+
+
+@pytest.mark.parametrize("template, messages, kwargs, want", [
+    # transformers' tojson: keys in order, no HTML escaping (jinja2's own sorts them and escapes <, >, &)
+    ("{{ messages[0] | tojson }}", [USER], {}, '{"role": "user", "content": "<b>é</b> & x"}'),
+    ("{{ messages[0] | tojson(indent=2, sort_keys=True) }}", [USER], {},
+     json.dumps(USER, ensure_ascii=False, indent=2, sort_keys=True)),
+    ("{{ messages[0] | tojson(separators=(',', ':')) }}", [USER], {}, '{"role":"user","content":"<b>é</b> & x"}'),
+    (TOOLS, [USER], {}, ""),  # tools and documents are None unless given (they were undefined)
+    (TOOLS, [USER], dict(tools=[{"name": "f"}], documents=[{"text": "d"}]), "[T1][D]"),
+    # transformers' {% generation %} block renders its body, in a scope of its own (a call block)
+    ("{% set x = 1 %}{% generation %}{% set x = 2 %}{{ messages[0].content }}{{ x }}{% endgeneration %}{{ x }}",
+     [{"role": "assistant", "content": "yo"}], {}, "yo21"),
+    # an assistant message with tool_calls and no content
+    ("{% for m in messages %}{{ m.tool_calls | tojson if m.tool_calls is defined else m.content }};{% endfor %}",
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"name": "f"}]}], {},
+     'hi;[{"name": "f"}];'),
+], ids=["tojson", "tojson-indent-sort_keys", "tojson-separators", "no-tools", "tools-documents", "generation",
+        "tool_calls"])
+def test_chat_template_helpers_as_transformers(template, messages, kwargs, want):
+    tok, _ = small_tokenizer(chat_template=template)
+    assert tok.apply_chat_template(messages, **kwargs) == want
+
+
+def test_chat_template_strftime_now():
+    tok, _ = small_tokenizer(chat_template="{{ strftime_now('%Y-%m-%d %H') }}")
+    before = datetime.datetime.now().strftime("%Y-%m-%d %H")
+    assert tok.apply_chat_template([USER]) in (before, datetime.datetime.now().strftime("%Y-%m-%d %H"))
+
+
+def test_demo_chat_prompts_start_with_one_bos(tmp_path, monkeypatch):
+    """A template that writes {{ bos_token }}, for a tokenizer that adds BOS (add_bos_token): the demo encoded the
+    templated text with BOS added, so its prompts started with two BOS; transformers encodes it without adding."""
+    import models.demo as demo  # noqa: PLC0415
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), extra_meta={
+        "tokenizer.ggml.add_bos_token": (True, V.BOOL), "tokenizer.chat_template": (template, V.STRING)})
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def generate_(model, prompts, **kw):  # what the demo hands to generate (which encodes text prompts itself)
+        seen.append(prompts)
+        raise Stop
+
+    monkeypatch.setattr(demo, "generate", generate_)
+    with pytest.raises(Stop):
+        demo.main(["--model", path, "--samples", "1", "--modes", "hydragen"])
+    tok = load_gguf_tokenizer(path)
+    assert tok.add_bos and len(seen[0]) == len(demo.QUESTIONS)
+    for prompt, question in zip(seen[0], demo.QUESTIONS):
+        assert prompt == [1] + tok.encode(demo.SYSTEM_PROMPT + question, add_bos=False)
+        assert prompt[1] != 1
 
 
 # --------------------------------------------------------------------------------- SmolLM2 (real weights)
