@@ -84,6 +84,9 @@ def _scale(scale: float | None, head_dim: int) -> float:
     raise ValueError(f"scale must be a positive number known at trace time (a Python float), got {scale!r}.") from e
   if not (math.isfinite(value) and value > 0):
     raise ValueError(f"scale must be a positive finite number, got {value}.")
+  if float(np.float32(value * math.log2(math.e))) < float(np.finfo(np.float32).tiny):
+    raise ValueError(f"scale={value} is too small: scale·log2 e is not a normal float32, which the kernels' exponents "
+                     "need.")
   return value
 
 

@@ -216,8 +216,13 @@ def _config(reader, path: str) -> LlamaConfig:
                               "(vocab, embedding_length)")
     vocab = int(embed[0].shape[-1])  # GGML order: [d, vocab]
     # llama.cpp requires one embedding row per token; llama.vocab_size, where given, must agree too
-    tokens = _typed(reader, path, "tokenizer.ggml.tokens", _strings, "an array of strings", None)
-    n_tokens, n_vocab = None if tokens is None else len(tokens), i("vocab_size", None)
+    # the token count from the field's layout: the strings themselves are the tokenizer's business
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    gtype = _gguf().GGUFValueType
+    if field is not None and list(field.types) != [gtype.ARRAY, gtype.STRING]:
+        raise CheckpointError(f"{path}: metadata key 'tokenizer.ggml.tokens' is "
+                              f"{' of '.join(t.name for t in field.types)}; expected an array of strings")
+    n_tokens, n_vocab = None if field is None else len(field.data), i("vocab_size", None)
     if n_tokens not in (None, vocab) or n_vocab not in (None, vocab):
         raise CheckpointError(f"{path}: vocabulary sizes differ: tensor 'token_embd.weight' has {vocab} rows, "
                               f"tokenizer.ggml.tokens has {n_tokens} tokens, llama.vocab_size = {n_vocab} (None: "

@@ -113,8 +113,8 @@ class BPETokenizer:
                 raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content' (or "
                                  f"'tool_calls'), got {m!r}")
         # an unset token stays undefined (transformers passes only the special tokens that are set)
-        special = {name: self._tokens[i] for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))
-                   if i is not None}
+        special = {name: self._tokens[i] for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                                                         ("pad_token", self.pad_id)) if i is not None}
         return _chat_environment().from_string(self.chat_template).render(
             messages=list(messages), tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
             **special)

@@ -326,7 +326,7 @@ def test_missing_shard_and_files(tmp_path):
 
 
 def test_which_safetensors_files_are_read_without_an_index(tmp_path):
-    """As transformers: `model.safetensors` alone where it exists (a stale copy beside it is not read);
+    """As transformers: `model.safetensors` alone where it exists (a stale copy or index beside it is not read);
     shards without their index all, and a tensor in two of them raises instead of the last file's copy winning."""
     t = make_tensors(CONFIG)
     write_checkpoint(tmp_path / "ck", CONFIG, t)
@@ -334,6 +334,13 @@ def test_which_safetensors_files_are_read_without_an_index(tmp_path):
     want = model_logits(load_checkpoint(tmp_path / "ck"), tokens)
     save_file({"model.norm.weight": np.zeros(CONFIG["hidden_size"], np.float32)},
               str(tmp_path / "ck" / "model_old.safetensors"))  # sorts after model.safetensors
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens), want)
+
+    write_checkpoint(tmp_path / "ck" / "stale", CONFIG, {**t, "model.norm.weight": np.zeros(CONFIG["hidden_size"],
+                                                                                      np.float32)}, shards=2)
+    for f in (tmp_path / "ck" / "stale").iterdir():  # a stale index and its shards beside model.safetensors
+        if f.name != "config.json":
+            f.rename(tmp_path / "ck" / f.name)
     np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens), want)
 
     write_checkpoint(tmp_path / "shards", CONFIG, t, shards=2)

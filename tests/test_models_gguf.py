@@ -472,6 +472,9 @@ def test_chat_template_unset_specials_are_undefined():
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi|False"
     tok.bos_id, tok.eos_id = 1, 2
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi<|im_end|>|True"
+    pad = BPETokenizer(byte_vocab(), [], bos_id=None, eos_id=None, pad_id=3, special_ids=[0, 1, 2, 3],
+                       chat_template="{{ pad_token is defined }}:{{ pad_token }}")
+    assert pad.apply_chat_template([{"role": "user", "content": "hi"}]) == f"True:{byte_vocab()[3]}"
 
 
 USER = {"role": "user", "content": "<b>é</b> & x"}

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 Array = jax.Array
 
 # A row's running max before its first key: finite, so that exp2(m - m_new) never computes inf - inf. Masked scores
-# are -inf: exp2(-inf · c - m_new) = 0 exactly, whatever the scale c and the row's max.
+# are -inf: exp2(-inf · c - m_new) = 0 exactly, for any scale c > 0 and any row max.
 _M_START = -1e30
 _LOG2_E = math.log2(math.e)
 _LN_2 = math.log(2.0)
@@ -153,7 +153,9 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     q = plgpu.load(q_ref.at[flat[:, None], cols[None, :]], mask=tile_ok, other=0)
     # Logits in base 2: exp(x·scale) = 2^(x·c), c = scale·log2 e, so exp2 does the softmax. c multiplies the float32
     # scores inside exp2's argument (one fused multiply-add with the max), not q: q·c rounded back to 16 bits would
-    # add an error that grows with the scale. c > 0 (`api._scale`), so max(s)·c is the largest scaled score.
+    # add an error that grows with the scale. c > 0 and a normal float32 (`api._scale`), so max(s)·c is the largest
+    # scaled score. (Exact while the scaled logits stay far below 2^31: beyond, max(s)·c rounded to float32 can miss
+    # the fused s·c by more than exp2's range.)
     c = scale * _LOG2_E
 
     length = jnp.clip(kv_len_ref[p], 0, k_ref.shape[1])

@@ -11,7 +11,8 @@ Everything after `--` goes to `profile_decode`. Each variant replaces `models.ll
 a call from s = 64, back to back for SECONDS, `--rounds` times alternated) and prints `MARK` lines in local time, to
 read beside a clock and power log taken meanwhile:
 
-    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv -lms 50 > smi.csv &
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv,noheader -lms 50 > smi.csv &
     python -m scripts.tuning.probe_rope --soak 4 --layers 8 --batch 512
 """
 
