@@ -550,7 +550,9 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
              progress_desc: str | None = None) -> Generation:
     """Complete every prompt ``num_samples`` times.
 
-    prompts: token-id lists or strings (then ``tokenizer``, any object with encode/decode, is required).
+    prompts: token-id lists or strings (then ``tokenizer``, any object with encode/decode, is required; a string is
+      encoded with the tokenizer's own BOS rule, so pass a chat template's text as ids, encoded with
+      ``add_bos=False``, where the template writes BOS itself, as ``models.demo`` does).
     sampling: None / "greedy", a ``SamplingConfig`` or a dict (temperature, top_k, top_p).
     stop_tokens: extra stop ids per prompt (applied to each of its samples), besides ``eos_ids`` (default:
     the config's EOS ids). tree: an explicit ``SharingTree`` over the B sequences (default: built from the
