@@ -100,6 +100,8 @@ def split(config: LlamaConfig, devices: int) -> Split:
     do not divide: Hq must be a multiple of n, and Hkv a multiple or a divisor of n (then each KV head is
     replicated on n / Hkv devices, those of its query heads)."""
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
     if hq % n:
         raise ValueError(f"tensor parallelism over {n} devices: num_attention_heads ({hq}) must be a multiple of the "
                          f"mesh axis {AXIS!r} size ({n})")

@@ -52,6 +52,7 @@ def test_split_sizes(hq, hkv, n, per_device):
     (6, 6, 4, r"num_attention_heads \(6\) must be a multiple of the mesh axis 'model' size \(4\)"),
     (6, 3, 2, r"num_key_value_heads \(3\) must be a multiple or a divisor of the mesh axis 'model' size \(2\)"),
     (12, 4, 6, r"num_key_value_heads \(4\) must be a multiple or a divisor of the mesh axis 'model' size \(6\)"),
+    (8, 8, 0, r"devices must be a positive integer, got 0"),  # not a ZeroDivisionError
 ])
 def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
     with pytest.raises(ValueError, match=message):
