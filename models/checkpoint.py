@@ -104,7 +104,8 @@ def _tensor_files(path: str) -> dict[str, str]:
     """Map tensor name -> safetensors file, in transformers' order: `model.safetensors` alone if there is one, else
     the index, else every `*.safetensors` file (shards without their index; a tensor in two of them is an error)."""
     index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index) and not os.path.isfile(os.path.join(path, SINGLE_FILE)):
+    single = os.path.isfile(os.path.join(path, SINGLE_FILE))
+    if os.path.exists(index) and not single:
         with open(index) as f:
             try:
                 weight_map = json.load(f).get("weight_map")
@@ -115,7 +116,7 @@ def _tensor_files(path: str) -> dict[str, str]:
         if bad := next(((n, f) for n, f in weight_map.items() if not isinstance(f, str)), None):
             raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r}, expected a file name")
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
-    if os.path.isfile(os.path.join(path, SINGLE_FILE)):  # as transformers: that file alone, before any index
+    if single:  # as transformers: that file alone, before any index
         files = [SINGLE_FILE]
     else:  # shards without their index: every *.safetensors file, no tensor in two of them
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))

@@ -26,6 +26,11 @@ class CheckpointError(ValueError):
     """A checkpoint (config or tensors) is unsupported, incomplete or inconsistent."""
 
 
+def is_int(x: Any) -> bool:
+    """Whether ``x`` is an integer and not a bool (which Python counts as one): a JSON or GGUF integer value."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What one HF model family adds to the plain Llama decoder."""
@@ -139,7 +144,7 @@ class LlamaConfig:
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -223,7 +228,7 @@ class LlamaConfig:
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
                          ("pad_token_id", (d.get("pad_token_id"),))):
-            if any(i is not None and (isinstance(i, bool) or not isinstance(i, int)) for i in ids):
+            if any(i is not None and not is_int(i) for i in ids):
                 raise CheckpointError(f"config: {key} must be an integer token id (or a list of them for eos, or "
                                       f"null); got {d.get(key)!r}")
         tied = d.get("tie_word_embeddings", False)
@@ -302,7 +307,7 @@ def _number(value: Any, where: str) -> float:
 
 def _positive_int(value: Any, where: str) -> int:
     """A positive JSON integer of the config; ``CheckpointError`` naming the key otherwise (a bool, a float, null)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise CheckpointError(f"config: {where} must be a positive integer, got {value!r}")
     return value
 
@@ -322,7 +327,7 @@ def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
     if types is None:
         window = _window(d, family) if d.get("use_sliding_window", False) else None
         first = d.get("max_window_layers", 28)
-        if window is not None and (isinstance(first, bool) or not isinstance(first, int)):
+        if window is not None and not is_int(first):
             raise CheckpointError(f"config: max_window_layers must be an integer (the first layer with the sliding "
                                   f"window); got {first!r}")
         return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(layers)]
@@ -346,7 +351,7 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
     sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
     if window is None or (family.window_flag and not sliding):
         return
-    if isinstance(window, bool) or not isinstance(window, int):
+    if not is_int(window):
         raise CheckpointError(f"config: sliding_window must be an integer (keys a query sees) or null; got {window!r}")
     if window < max_pos:
         where = f" (layers {sliding})" if family.window_flag else ""

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from models.checkpoint import CheckpointError, _from_hf, hf_name, hf_tensor_shapes
-from models.config import LlamaConfig, RopeScaling
+from models.config import LlamaConfig, RopeScaling, is_int
 from models.llama import Llama
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer
 
@@ -125,14 +125,10 @@ def _typed(reader, path: str, key: str, ok, expected: str, default=KeyError):
     return value
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _int(reader, path: str, key: str, default=KeyError, low: int = 0, high: int | None = None):
     """An integer metadata value (not a bool, float, string or array) in ``[low, high)``."""
     expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high})"
-    return _typed(reader, path, key, lambda x: _is_int(x) and x >= low and (high is None or x < high), expected,
+    return _typed(reader, path, key, lambda x: is_int(x) and x >= low and (high is None or x < high), expected,
                   default)
 
 
@@ -336,7 +332,7 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
         raise CheckpointError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
     tokens = _typed(reader, path, "tokenizer.ggml.tokens", _strings, "an array of strings")
     merges = _typed(reader, path, "tokenizer.ggml.merges", _strings, "an array of strings")
-    types = _typed(reader, path, "tokenizer.ggml.token_type", lambda x: isinstance(x, list) and all(map(_is_int, x)),
+    types = _typed(reader, path, "tokenizer.ggml.token_type", lambda x: isinstance(x, list) and all(map(is_int, x)),
                    "an array of integers", None)
     if types is not None and len(types) != len(tokens):
         raise CheckpointError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for the {len(tokens)} of "

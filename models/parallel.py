@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.config import LlamaConfig
+from models.config import LlamaConfig, is_int
 from models.llama import (Llama, check_shapes, head_logits, pack_qkv, param_shape, param_shapes, rms_norm, run_layers,
                           unpack_qkv)
 
@@ -100,7 +100,7 @@ def split(config: LlamaConfig, devices: int) -> Split:
     do not divide: Hq must be a multiple of n, and Hkv a multiple or a divisor of n (then each KV head is
     replicated on n / Hkv devices, those of its query heads)."""
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
     if hq % n:
         raise ValueError(f"tensor parallelism over {n} devices: num_attention_heads ({hq}) must be a multiple of the "

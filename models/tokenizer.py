@@ -15,6 +15,8 @@ import functools
 import json
 from collections.abc import Sequence
 
+from models.config import is_int
+
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
 
@@ -55,7 +57,7 @@ class BPETokenizer:
             raise ValueError(f"BPETokenizer: unsupported pre-tokenizer pre={pre!r} (supported: {sorted(PRE_TOKENIZERS)})")
         n = len(tokens)
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n):
+            if value is not None and (not is_int(value) or not 0 <= value < n):
                 raise ValueError(f"BPETokenizer: {name}={value!r} outside the vocabulary [0, {n})")
         if add_bos and bos_id is None:
             raise ValueError("BPETokenizer: add_bos=True needs a bos_id")
