@@ -104,15 +104,31 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Next tokens ``[B]`` int32 from logits ``[B, V]`` and their log-probs ``[B]`` under the model's
-    unmodified distribution (log-softmax of the raw logits)."""
+def categorical(key: jax.Array, x: jax.Array, vocab_size: int | None = None) -> jax.Array:
+    """``jax.random.categorical(key, x[:, :vocab_size])`` for logits ``[B, V']`` whose columns from
+    ``vocab_size`` on are padding (-inf: the vocabulary padded to a multiple of the mesh's devices), without
+    cutting them off: the Gumbel noise of a ``[B, vocab_size]`` draw, zero-padded, so that the same key draws the
+    same tokens as on one device and the logits keep their vocabulary-parallel layout."""
+    V = x.shape[-1] if vocab_size is None else vocab_size
+    if not 0 < V <= x.shape[-1]:
+        raise ValueError(f"categorical: vocab_size must be in [1, {x.shape[-1]}] (the logits' width), got {V}")
+    noise = jax.random.gumbel(key, (*x.shape[:-1], V), x.dtype)  # categorical's own draw for [B, V]
+    if V < x.shape[-1]:
+        noise = jnp.pad(noise, [(0, 0)] * (x.ndim - 1) + [(0, x.shape[-1] - V)])
+    return jnp.argmax(noise + x, axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
+           vocab_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Next tokens ``[B]`` int32 from logits ``[B, V']`` and their log-probs ``[B]`` under the model's
+    unmodified distribution (log-softmax of the raw logits). vocab_size: the real vocabulary V <= V' (None: V');
+    columns past it are padding (-inf) and the draw is that of the first V columns."""
     logits = logits.astype(jnp.float32)
     if cfg.greedy:
         tok = jnp.argmax(logits, axis=-1)
     else:
         x = top_p_mask(top_k_mask(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-        tok = jax.random.categorical(key, x, axis=-1)
+        tok = categorical(key, x, vocab_size)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
     return tok.astype(jnp.int32), logp
 
@@ -438,7 +454,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling)
+        tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling, config.vocab_size)
         active = ~s.done
         tok = jnp.where(active, tok, s.pad_id)
         tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))

@@ -135,6 +135,27 @@ def test_sample_distribution_and_options():
     assert (np.asarray(tok) == 2).all()
 
 
+@pytest.mark.parametrize("spec", [dict(temperature=0.7), dict(temperature=1.3, top_k=9), dict(temperature=1.0, top_p=0.8)])
+def test_sample_of_padded_logits_draws_as_the_vocabulary(spec):
+    """Logits padded past the vocabulary with -inf (a mesh's vocabulary-parallel layout) draw the tokens and
+    log-probs that the unpadded logits draw with the same key (a plain categorical over the padded width would not)."""
+    V, pad, B = 37, 3, 64
+    logits = jax.random.normal(jax.random.key(3), (B, V)) * 2
+    padded = jnp.concatenate([logits, jnp.full((B, pad), -jnp.inf)], axis=-1)
+    cfg = SamplingConfig(**spec)
+    differs = False
+    for seed in range(4):
+        key = jax.random.key(seed)
+        want_tok, want_logp = sample(logits, key, cfg)
+        got_tok, got_logp = sample(padded, key, cfg, vocab_size=V)
+        np.testing.assert_array_equal(got_tok, want_tok)
+        np.testing.assert_allclose(got_logp, want_logp, rtol=1e-6)
+        differs |= bool((sample(padded, key, cfg)[0] != want_tok).any())
+    assert differs  # the draw this fixes: the padded width's own noise picks other tokens
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 40\].*got 41"):
+        sample(padded, key, cfg, vocab_size=V + pad + 1)
+
+
 def test_eos_and_per_sequence_stop(model):
     prompts = fewshot_prompts(seed=6)
     free = generate(model, prompts, max_new_tokens=16)

@@ -124,11 +124,13 @@ def test_biases_and_norms_follow_their_heads_on_the_mesh(name):
 
 
 @needs(2)
-def test_sampling_equals_single_device():
-    """Temperature, top-k and top-p sampling on logits split over the vocabulary draws the same tokens."""
-    spec = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
-    got = sharded("gqa", 2, "hydragen", sampling=spec)
-    assert_same(got, single("gqa", "hydragen", sampling=spec), "sampling")
+@pytest.mark.parametrize("name,spec", [("gqa", {"temperature": 0.8, "top_k": 20, "top_p": 0.9}),
+                                       ("mha", {"temperature": 1.5})])  # 97 tokens: padded to 98
+def test_sampling_equals_single_device(name, spec):
+    """Temperature, top-k and top-p sampling on logits split over the vocabulary draws the same tokens, also where
+    the devices do not divide the vocabulary (its padding draws no noise of its own)."""
+    got = sharded(name, 2, "hydragen", sampling=spec)
+    assert_same(got, single(name, "hydragen", sampling=spec), "sampling")
 
 
 @pytest.mark.parametrize("name,devices", [pytest.param("mha", 2, marks=needs(2)),  # 4 KV heads: 2 a device
