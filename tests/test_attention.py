@@ -120,39 +120,6 @@ def test_depth3_tree_with_uneven_nodes(backend, dtype, batch_shared, hq, hkv, d)
   chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, levels), **tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_parts_merged_in_the_kernel(kernel_backend, dtype):
-  """With the tuning's merge_in_kernel on, the Triton launch merges its parts itself: a depth-3 tree (an empty node,
-  ragged leaves), a prefix and suffixes through hydragen_attention, and keys split over programs (at most 256 keys a
-  program), each equal to the expected attention (tests/test_kernels.py compares with the merge after the launch)."""
-  keys = jax.random.split(jax.random.PRNGKey(17), 8)
-  b, t, hq, hkv, d = 7, 2, 8, 2, 64
-  q = normal(keys[0], (b, t, hq, d), dtype)
-  levels = [random_level(keys[1], 1, 45, [41], [0] * b, hkv, d, dtype),
-            random_level(keys[2], 3, 19, [19, 0, 7], [0, 0, 0, 1, 2, 2, 1], hkv, d, dtype),
-            random_level(keys[3], b, 13, [2, 13, 5, 9, 3, 2, 11], None, hkv, d, dtype)]
-  long_k, long_v = normal(keys[4], (2, 700, hkv, d), dtype), normal(keys[5], (2, 700, hkv, d), dtype)
-  q1 = normal(keys[6], (2, 1, hq, d), dtype)
-  lengths = jnp.array([700, 411])
-
-  def calls():
-    tree = hj.tree_attention(q, levels, backend=kernel_backend)
-    prefix, suffix = levels[0], levels[2]
-    pair = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, prefix_length=prefix.lengths[0],
-                                 suffix_lengths=suffix.lengths, backend=kernel_backend)
-    split, split_lse = hj.attention(q1, long_k, long_v, kv_lengths=lengths, backend=kernel_backend)
-    return tree, pair, split, split_lse
-
-  with tuning.override(dataclasses.replace(tuning.current(), merge_in_kernel=True, max_keys_per_program=256,
-                                           balanced_keys=256)):
-    merged = calls()
-  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  chex.assert_trees_all_close(f32(merged[0]), expected_tree(q, levels), **tol(dtype))
-  chex.assert_trees_all_close(f32(merged[1]), expected_tree(q, [levels[0], levels[2]]), **tol(dtype))
-  ref, ref_lse = reference.attention(f32(q1), long_k, long_v, lengths, causal=False, scale=d**-0.5)
-  chex.assert_trees_all_close((f32(merged[2]), merged[3]), (ref, ref_lse), **tol(dtype))
-
-
 @pytest.mark.parametrize("batch_shared", [(True, False), (False, True)], ids=["root_batched", "problems_batched"])
 def test_tree_levels_batched_or_not_each_its_own(backend, batch_shared):
   """One choice per shared level (the models' cost model makes it): any mix gives the same attention."""

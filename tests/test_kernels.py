@@ -3,7 +3,6 @@ through a node's rows, padded head dims. Interpreted on CPU, compiled on GPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import chex
@@ -202,61 +201,6 @@ def test_launch_schedules_agree(kernel_backend, launch):
   out, _ = merge_states(ops.run(q, plans, scale=0.125, interpret=kernel_backend == "interpret", launch=launch))
   ref = _prefix_then_suffix(q, pk, pv, 50, sk, sv, lengths, 0.125)
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
-
-
-@pytest.mark.parametrize("launch,dtype", [("fused", jnp.float32), ("interleaved", jnp.bfloat16), ("separate", jnp.float32)])
-def test_launch_merges_its_parts(kernel_backend, launch, dtype):
-  """merge=True: the last program to write a row's part merges the row's parts (every level's key splits) in the
-  kernel: one (out, lse) pair a launch, equal to merging the parts after it and to attention over the concatenated
-  keys. Two prefix nodes (one empty), packed suffix heads, an empty and a one-token suffix; a row that sees no key
-  at all gets out 0 and lse -inf. On a GPU the launch runs 20 times and must agree every time (a race would not)."""
-  keys = jax.random.split(jax.random.PRNGKey(7), 5)
-  b, hq, hkv, d = 6, 8, 4, 64
-  q = normal(keys[0], (b, 1, hq, d), dtype)
-  pk, pv = normal(keys[1], (2, 40, hkv, d), dtype), normal(keys[2], (2, 40, hkv, d), dtype)
-  sk, sv = normal(keys[3], (b, 30, hkv, d), dtype), normal(keys[4], (b, 30, hkv, d), dtype)
-  node_lengths, node_of = jnp.array([0, 37]), np.array([0, 1, 1, 0, 1, 1], np.int32)
-  lengths = jnp.array([30, 0, 1, 0, 29, 12])  # sequence 3: empty node, empty suffix
-  plans = [ops.batched(q, pk, pv, node_lengths, node_of, max_group=4, causal=False,
-                       block=BlockConfig(block_m=16, block_k=16, splits=3)),
-           ops.per_sequence(q, sk, sv, lengths, causal=True, block=BlockConfig(block_m=16, block_k=16, splits=2,
-                                                                             heads=2))]
-  run = lambda merge: ops.run(q, plans, scale=0.125, interpret=kernel_backend == "interpret", launch=launch,  # noqa: E731
-                              merge=merge)
-  parts = run(False)
-  merged = run(True)
-  assert len(parts) == 5 and len(merged) == (2 if launch == "separate" else 1)
-  out, lse = merge_states(merged)
-  want_out, want_lse = merge_states(parts)
-  chex.assert_trees_all_close((out.astype(jnp.float32), lse), (want_out.astype(jnp.float32), want_lse),
-                              **tol(dtype))
-  assert not bool(jnp.isfinite(lse[3]).any()) and not bool(jnp.any(out[3])) and bool(jnp.isfinite(lse[:3]).all())
-  kk = jnp.concatenate([pk[node_of], sk], axis=1)  # each sequence's node (keys past its length masked below)
-  vv = jnp.concatenate([pv[node_of], sv], axis=1)
-  valid = jnp.concatenate([jnp.arange(40)[None] < node_lengths[node_of][:, None],
-                           jnp.arange(30)[None] < lengths[:, None]], axis=1)
-  order = jnp.argsort(~valid, axis=1, stable=True)  # each sequence's valid keys first
-  gather = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)  # noqa: E731
-  ref_out, ref_lse = reference.attention(q.astype(jnp.float32), gather(kk), gather(vv), valid.sum(1), causal=False,
-                                            scale=0.125)
-  assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
-  if kernel_backend != "interpret":
-    for _ in range(20):
-      again, again_lse = merge_states(run(True))
-      np.testing.assert_array_equal(np.asarray(again.astype(jnp.float32)), np.asarray(out.astype(jnp.float32)))
-      np.testing.assert_array_equal(np.asarray(again_lse), np.asarray(lse))
-
-
-def test_merge_in_kernel_is_the_tunings_default():
-  """run(merge=None) takes the tuning's merge_in_kernel."""
-  q = jnp.ones((2, 1, 2, 16))
-  k = jnp.ones((2, 20, 2, 16))
-  plan = ops.per_sequence(q, k, k, jnp.array([20, 5]), causal=True, block=BlockConfig(16, 16, splits=2))
-  for flag, count in ((False, 2), (True, 1)):
-    with tuning.override(dataclasses.replace(tuning.current(), merge_in_kernel=flag)):
-      assert len(ops.run(q, [plan], scale=0.25, interpret=True)) == count
-  with pytest.raises(ValueError, match="merge_in_kernel must be a bool; got 1"):
-    dataclasses.replace(tuning.current(), merge_in_kernel=1)
 
 
 def test_unknown_launch_is_refused():

@@ -114,10 +114,9 @@ def padded_head_dim(head_dim: int) -> int:
   return max(16, pl.next_power_of_2(head_dim))
 
 
-def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, merged, *, spec: LevelSpec, head_dim: int,
-            num_queries: int, group: int, scale: float, precision):
-  """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`. merged: None, or
-  `_Merged` (the launch merges its parts itself: `_merge_last`)."""
+def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
+            group: int, scale: float, precision):
+  """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`."""
   p, hb, sp, mb = ids
   seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
   block = spec.block
@@ -228,61 +227,6 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, merged, *, spec: Lev
     lse = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN_2, -jnp.inf)
     plgpu.store(o_ref.at[sp, flat[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=tile_ok)
     plgpu.store(lse_ref.at[sp, flat], lse, mask=row_ok)
-    if merged is not None:
-      _merge_last(merged, flat, row_ok, cols, col_ok)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Merged:
-  """Refs of a launch that merges its own parts: `count [rows + block_m]` int32 (zeros at the start: a row's parts
-  written so far; the last block_m entries take the masked rows' counts), the merged `out [rows, D]` and
-  `lse [rows]`, and every level's part refs `(o [splits, rows, D], lse [splits, rows])`. sync: the block barriers
-  (not when interpreted: the interpreter runs one program at a time and has no barrier)."""
-
-  count: object
-  out: object
-  lse: object
-  parts: tuple
-  sync: bool = True
-
-
-def _merge_last(merged: _Merged, flat, row_ok, cols, col_ok):
-  """After a program wrote its part of its rows: each row counts its written parts, and the program that writes a
-  row's last part merges them all (`reference.merge_states`' equation, in float32) into the merged output. So no
-  second pass over the parts (two XLA kernels a step) is needed.
-
-  Ordering: the block's barrier puts every thread's part stores before the count's atomic add (acquire-release at
-  GPU scope), and the last writer's barrier after it puts its loads of the other programs' parts after; they are
-  volatile (from L2: an SM's L1 may hold a line of lse read before another program wrote into it).
-  """
-  n_parts = sum(o.shape[0] for o, _ in merged.parts)
-  rows = merged.out.shape[0]
-  if merged.sync:
-    plgpu.debug_barrier()
-  lanes = jnp.arange(flat.shape[0])
-  slot = jnp.where(row_ok, flat, rows + lanes)  # a masked lane counts in a slot of its own (never a real row's)
-  seen = plgpu.atomic_add(merged.count, slot, jnp.ones_like(slot))
-  last = row_ok & (seen == n_parts - 1)
-
-  @pl.when(jnp.max(last.astype(jnp.int32)) > 0)
-  def _():
-    if merged.sync:
-      plgpu.debug_barrier()
-    lses = [plgpu.load(lse_ref.at[j, flat], mask=last, other=-jnp.inf, volatile=True)
-            for _, lse_ref in merged.parts for j in range(lse_ref.shape[0])]
-    top = functools.reduce(jnp.maximum, lses)
-    top = jnp.where(top == -jnp.inf, 0.0, top)  # a row that sees no key at all: any finite shift
-    weights = [jnp.exp(lse - top) for lse in lses]  # exp(-inf) = 0: empty parts (their out is 0) add nothing
-    total = functools.reduce(jnp.add, weights)
-    tile = last[:, None] & col_ok[None, :]
-    outs = [plgpu.load(o_ref.at[j, flat[:, None], cols[None, :]], mask=tile, other=0, volatile=True)
-            for o_ref, _ in merged.parts for j in range(o_ref.shape[0])]
-    acc = functools.reduce(jnp.add, [w[:, None] * o.astype(jnp.float32) for w, o in zip(weights, outs)])
-    seen_any = total > 0
-    safe = jnp.where(seen_any, total, 1.0)
-    plgpu.store(merged.out.at[flat[:, None], cols[None, :]], (acc / safe[:, None]).astype(merged.out.dtype),
-                mask=tile)
-    plgpu.store(merged.lse.at[flat], jnp.where(seen_any, top + jnp.log(safe), -jnp.inf), mask=last)
 
 
 def _program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
@@ -329,15 +273,10 @@ def _schedule(pid, sizes: tuple[int, ...], lead: float):
   return result
 
 
-def _kernel(*refs, specs, counts, lead, merge, interpret, **static):
+def _kernel(*refs, specs, counts, lead, **static):
   """Dispatches program ids to levels (see `_schedule`), then unravels a level's index into its program axes."""
   n = len(specs)
-  ints, kvs, q_ref = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n]
-  outs = refs[7 * n + 1 + merge:]  # with merge: the count's input ref (aliased by its output, used instead)
-  merged = None
-  if merge:
-    merged = _Merged(count=outs[2 * n + 2], out=outs[2 * n], lse=outs[2 * n + 1],
-                     parts=tuple((outs[2 * l], outs[2 * l + 1]) for l in range(n)), sync=not interpret)
+  ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1:]
   owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), lead)
   for l, (spec, shape, (mine, index)) in enumerate(zip(specs, counts, owned)):
 
@@ -348,13 +287,13 @@ def _kernel(*refs, specs, counts, lead, merge, interpret, **static):
         ids.append(rest % extent)
         rest = rest // extent
       _attend(tuple(reversed(ids)), ints[5 * l:5 * l + 5], q_ref, kvs[2 * l], kvs[2 * l + 1], outs[2 * l],
-              outs[2 * l + 1], merged, spec=spec, **static)
+              outs[2 * l + 1], spec=spec, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead", "merge"))
+@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead"))
 def fused_levels(
     q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
-    lead: float = 0.0, merge: bool = False,
+    lead: float = 0.0,
 ) -> list[tuple[Array, Array]]:
   """Attention of q over every level in one kernel launch.
 
@@ -364,21 +303,17 @@ def fused_levels(
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
     lead: 0 runs the levels' programs level after level; > 0 mixes them over the grid (see `_schedule`).
-    merge: the launch merges the parts itself (`_merge_last`). Needs every query row in one group of each level
-      (so that each row gets all the parts: the levels of `ops.per_sequence` and `ops.batched` are so).
 
   Returns:
     Per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own softmax sum, so a
     16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]` float32. Query rows
-    that belong to no group of a level are left unwritten in its outputs. With merge: one pair, the merged out
-    `[B, T, Hq, D]` (q's dtype) and lse `[B, T, Hq]`.
+    that belong to no group of a level are left unwritten in its outputs.
   """
   b, t, hq, d = q.shape
   hkv = works[0].k.shape[2]
   counts = tuple(_program_counts(spec, work) for spec, work in zip(specs, works))
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, merge=merge, interpret=interpret,
-                             head_dim=d,
+  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, head_dim=d,
                              num_queries=t, group=hq // hkv, scale=scale, precision=precision)
   rows = b * t * hq
   out_shape = []
@@ -388,13 +323,6 @@ def fused_levels(
   ints = [x.astype(jnp.int32) for w in works for x in (w.seq_start, w.row_count, w.kv_index, w.kv_length, w.order)]
   kvs = [x for w in works for x in (w.k, w.v)]
   inputs = [*ints, *kvs, q.reshape(rows, d)]
-  aliases = {}
-  if merge:  # the count starts at zero; the kernel adds to it in place
-    count = jnp.zeros((rows + max(spec.block.block_m for spec in specs),), jnp.int32)
-    aliases = {len(inputs): len(out_shape) + 2}
-    inputs.append(count)
-    out_shape += [jax.ShapeDtypeStruct((rows, d), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
-                  jax.ShapeDtypeStruct(count.shape, jnp.int32)]
 
   def whole(x):  # the kernel indexes inside the full array itself
     return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
@@ -408,10 +336,7 @@ def fused_levels(
       compiler_params=plgpu.CompilerParams(num_warps=max(s.block.num_warps for s in specs),
                                            num_stages=max(s.block.num_stages for s in specs)),
       interpret=interpret,
-      input_output_aliases=aliases,
       name="hydragen_fused_levels",
   )(*inputs)
-  if merge:
-    return [(outs[2 * len(specs)].reshape(b, t, hq, d), outs[2 * len(specs) + 1].reshape(b, t, hq))]
   return [(outs[2 * i].reshape(spec.block.splits, b, t, hq, d), outs[2 * i + 1].reshape(spec.block.splits, b, t, hq))
           for i, spec in enumerate(specs)]

@@ -263,12 +263,9 @@ def auto_launch(max_rows: list[int], tuning: Tuning | None = None) -> str:
 
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, launch: str = "auto",
-        tuning: Tuning | None = None, merge: bool | None = None) -> list[tuple[Array, Array]]:
+        tuning: Tuning | None = None) -> list[tuple[Array, Array]]:
   """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
-  levels give none), or, where the launch merged them itself, one merged pair.
-
-  merge: a launch of more than one part merges them in the kernel (`flash.fused_levels(merge=True)`: the last
-  program to write a row's part merges the row); None: `tuning.merge_in_kernel`.
+  levels give none).
 
   launch: "interleaved" (one launch, the levels' programs mixed over the grid so that compute-bound prefix
   programs and memory-bound suffix programs share the SMs; the shared level's programs spread over the stretch
@@ -289,12 +286,7 @@ def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, la
       continue
     specs, works = zip(*group)
     specs = _shared_stages(specs, q.shape[-1], q.dtype.itemsize, shared_memory_limit())
-    merged = (tuning.merge_in_kernel if merge is None else merge) and sum(s.block.splits for s in specs) > 1
-    levels = fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
-                          lead=tuning.interleave_lead if launch == "interleaved" else 0.0, merge=merged)
-    if merged:
-      parts += levels
-      continue
-    for out, lse in levels:
+    for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
+                                 lead=tuning.interleave_lead if launch == "interleaved" else 0.0):
       parts += [(out[i], lse[i]) for i in range(out.shape[0])]
   return parts

@@ -209,9 +209,6 @@ class Tuning:
       readers on average and reading it batched saves at least `batch_min_saved_bytes` of K and V a layer, else
       each sequence reads its node (as shared storage does).
     num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
-    merge_in_kernel: a Triton launch of several parts (levels, key splits) merges them itself: the last program
-      to write a row's part merges the row (`kernels.flash.fused_levels(merge=True)`), instead of two XLA
-      kernels after the launch.
   """
 
   hopper_min_work: int
@@ -230,7 +227,6 @@ class Tuning:
   batch_min_readers: int
   batch_min_saved_bytes: int
   num_cores: int
-  merge_in_kernel: bool = False
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
@@ -240,8 +236,6 @@ class Tuning:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
     _check_fill(self, "hopper_min_fill")
-    if not isinstance(self.merge_in_kernel, bool):
-      raise ValueError(f"Tuning.merge_in_kernel must be a bool; got {self.merge_in_kernel!r}.")
     lead = self.interleave_lead
     if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0.0 <= lead <= 1.0:
       raise ValueError(f"Tuning.interleave_lead must be a number in [0, 1]; got {lead!r}.")

@@ -176,7 +176,6 @@ def choices(configs, groups) -> list[Choice]:
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
       fields_choice(THRESHOLDS, "pallas", "all", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
-      field_choice("merge_in_kernel", "triton", "all", (False, True)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
       field_choice("balanced_programs_per_core", "triton", "all", (2, 3, 4, 8)),
@@ -238,7 +237,7 @@ class Sweep:
     q, pk, pv, sk, sv = self.structs(i)
     if kernel == "alone":
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
-                                           tuning=tune), tune.merge_in_kernel)
+                                           tuning=tune))
     if kernel in ("hopper", "pallas"):
       settings = tune.hopper_for(hopper.query_rows(q.shape, hkv))
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
@@ -249,8 +248,7 @@ class Sweep:
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
-    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None,
-            tune.merge_in_kernel)
+    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None)
 
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]

@@ -70,9 +70,6 @@ VARIANTS = {
     "sep_sw2": dict(launch="separate", suffix=dict(num_warps=2)),
     "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
     "separate": dict(launch="separate"),
-    # The parts merged in the kernel by the last program to write each row (True) or by two XLA kernels after it.
-    "auto_kmerge": dict(launch="auto", kmerge=True),
-    "auto_xmerge": dict(launch="auto", kmerge=False),
     "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its first part, not merged (timing only)
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
@@ -97,14 +94,12 @@ SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0,
 
 
 def variant_tuning(variant: dict, base: tuning_lib.Tuning | None = None) -> tuning_lib.Tuning:
-  """The tuning of a step variant: `base` (None: the device's) with its max_keys / balanced_keys / lead / kmerge
-  (merge_in_kernel)."""
+  """The tuning of a step variant: `base` (None: the device's) with its max_keys / balanced_keys / lead."""
   base = tuning_lib.resolve(base)
   max_keys = variant.get("max_keys", base.max_keys_per_program)
   return dataclasses.replace(base, max_keys_per_program=max_keys,
                              balanced_keys=min(variant.get("balanced_keys", base.balanced_keys), max_keys),
-                             interleave_lead=variant.get("lead", base.interleave_lead),
-                             merge_in_kernel=variant.get("kmerge", base.merge_in_kernel))
+                             interleave_lead=variant.get("lead", base.interleave_lead))
 
 
 def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | None = None) -> BlockConfig:
