@@ -70,7 +70,10 @@ VARIANTS = {
     "sep_sw2": dict(launch="separate", suffix=dict(num_warps=2)),
     "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
     "separate": dict(launch="separate"),
-    "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its first part, not merged (timing only)
+    "auto_nomerge": dict(launch="auto", merge=False),
+    # The parts merged by one variadic reduction over the stacked parts (an online-softmax combiner), where
+    # merge_states' elementwise pass compiles to two kernels (the per-row weights apart): `merge_by_reduce`.
+    "auto_rmerge": dict(launch="auto", merge="reduce"),  # the kernel alone: its first part, not merged (timing only)
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
@@ -150,6 +153,25 @@ def inputs(i):
   return config_inputs(CONFIGS[i], i)
 
 
+def merge_by_reduce(states):
+  """`merge_states` as one variadic reduction over the stacked parts: (lse, out, 1) per part, each element combined
+  as online softmax does (shift by the larger lse), then out = acc / total, lse = top + log(total)."""
+  out = jnp.stack([o.astype(jnp.float32) for o, _ in states])  # [n, ..., D]
+  lse = jnp.broadcast_to(jnp.stack([l.astype(jnp.float32) for _, l in states])[..., None], out.shape)
+
+  def combine(x, y):
+    (m1, a1, l1), (m2, a2, l2) = x, y
+    top = jnp.maximum(m1, m2)
+    shift = jnp.where(top == -jnp.inf, 0.0, top)
+    w1, w2 = jnp.exp(m1 - shift), jnp.exp(m2 - shift)
+    return top, a1 * w1 + a2 * w2, l1 * w1 + l2 * w2
+
+  zero = jnp.float32(0)
+  top, acc, total = jax.lax.reduce((lse, out, jnp.ones_like(out)), (jnp.float32(-jnp.inf), zero, zero), combine, (0,))
+  safe = jnp.where(total > 0, total, 1.0)
+  return (acc / safe).astype(states[0][0].dtype), jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)[..., 0]
+
+
 def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
   """A whole Hydragen step of config cfg under a variant (launch, BlockConfig overrides "prefix" / "suffix", and the
   tuning fields of `variant_tuning`), from `tuning` (None: the device's): (fn, (prefix block, suffix block))."""
@@ -161,10 +183,17 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
     if not variant.get("merge", True):
       return parts[0][0].astype(q.dtype)
-    out, _ = merge_states(parts)
+    out, _ = (merge_by_reduce if variant.get("merge") == "reduce" else merge_states)(parts)
     return out.astype(q.dtype)
 
   return fn, (pb, sb)
+
+
+def kernel_count(compiled) -> int:
+  """Kernels a compiled program launches, read from its HLO: fusions and custom calls (the Pallas kernels, cuBLAS),
+  counted as instructions (a chained step's loop body holds one step's)."""
+  lines = compiled.as_text().splitlines()
+  return sum(1 for line in lines if " = " in line and (" fusion(" in line or " custom-call(" in line))
 
 
 def floor_s(cfg, s, rates):
@@ -194,8 +223,10 @@ def sweep_steps(configs, names, rates, records):
         records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
                             fraction=frac, prefix_block=str(pb), suffix_block=str(sb),
                             steps_per_call=STEPS_PER_CALL))
+        launches = kernel_count(compiled)
+        records[-1]["kernels"] = launches
         print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
-              f"{floor_mean * 1e6:.0f} us mean)", flush=True)
+              f"{floor_mean * 1e6:.0f} us mean; {launches} kernels in the compiled program)", flush=True)
       except Exception as e:  # noqa: BLE001 - report and go on
         cells.append("  error")
         print(f"  [{i}] {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
