@@ -73,6 +73,7 @@ VARIANTS = {
     "auto_nomerge": dict(launch="auto", merge=False),
     # The parts merged by one variadic reduction over the stacked parts (an online-softmax combiner), where
     # merge_states' elementwise pass compiles to two kernels (the per-row weights apart): `merge_by_reduce`.
+    # Measured slower on every seed row (H200, 2026-12-02: PERF_NOTES.md).
     "auto_rmerge": dict(launch="auto", merge="reduce"),  # the kernel alone: its first part, not merged (timing only)
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
@@ -189,13 +190,6 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
   return fn, (pb, sb)
 
 
-def kernel_count(compiled) -> int:
-  """Kernels a compiled program launches, read from its HLO: fusions and custom calls (the Pallas kernels, cuBLAS),
-  counted as instructions (a chained step's loop body holds one step's)."""
-  lines = compiled.as_text().splitlines()
-  return sum(1 for line in lines if " = " in line and (" fusion(" in line or " custom-call(" in line))
-
-
 def floor_s(cfg, s, rates):
   b, p, out, hq, hkv = cfg
   return floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
@@ -223,10 +217,8 @@ def sweep_steps(configs, names, rates, records):
         records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
                             fraction=frac, prefix_block=str(pb), suffix_block=str(sb),
                             steps_per_call=STEPS_PER_CALL))
-        launches = kernel_count(compiled)
-        records[-1]["kernels"] = launches
         print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
-              f"{floor_mean * 1e6:.0f} us mean; {launches} kernels in the compiled program)", flush=True)
+              f"{floor_mean * 1e6:.0f} us mean)", flush=True)
       except Exception as e:  # noqa: BLE001 - report and go on
         cells.append("  error")
         print(f"  [{i}] {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
