@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from models.config import LlamaConfig
-from models.generate import SamplingConfig, decode, generate, prefill, sample, top_k_mask, top_p_mask
+from models.generate import (SamplingConfig, categorical, decode, generate, prefill, sample, top_k_mask,
+                             top_p_mask)
 from models.llama import init_random
 from models.sharing import build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
@@ -152,6 +153,10 @@ def test_sample_of_padded_logits_draws_as_the_vocabulary(spec):
         np.testing.assert_allclose(got_logp, want_logp, rtol=1e-6)
         differs |= bool((sample(padded, key, cfg)[0] != want_tok).any())
     assert differs  # the draw this fixes: the padded width's own noise picks other tokens
+    # and the draw is JAX's own: the tokens jax.random.categorical gives the cut logits (one device's draw before)
+    x = logits / 1.3
+    np.testing.assert_array_equal(categorical(key, jnp.concatenate([x, jnp.full((B, pad), -jnp.inf)], -1), V),
+                                  jax.random.categorical(key, x, axis=-1))
     with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 40\].*got 41"):
         sample(padded, key, cfg, vocab_size=V + pad + 1)
 
