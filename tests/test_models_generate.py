@@ -136,7 +136,8 @@ def test_sample_distribution_and_options():
     assert (np.asarray(tok) == 2).all()
 
 
-@pytest.mark.parametrize("spec", [dict(temperature=0.7), dict(temperature=1.3, top_k=9), dict(temperature=1.0, top_p=0.8)])
+@pytest.mark.parametrize("spec", [dict(temperature=0.7), dict(temperature=1.3, top_k=9),
+                                  dict(temperature=1.0, top_p=0.8)])
 def test_sample_of_padded_logits_draws_as_the_vocabulary(spec):
     """Logits padded past the vocabulary with -inf (a mesh's vocabulary-parallel layout) draw the tokens and
     log-probs that the unpadded logits draw with the same key (a plain categorical over the padded width would not)."""

@@ -70,11 +70,11 @@ VARIANTS = {
     "sep_sw2": dict(launch="separate", suffix=dict(num_warps=2)),
     "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
     "separate": dict(launch="separate"),
-    "auto_nomerge": dict(launch="auto", merge=False),
+    "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its first part, not merged (timing only)
     # The parts merged by one variadic reduction over the stacked parts (an online-softmax combiner), where
     # merge_states' elementwise pass compiles to two kernels (the per-row weights apart): `merge_by_reduce`.
     # Measured slower on every seed row (H200, 2026-12-02: PERF_NOTES.md).
-    "auto_rmerge": dict(launch="auto", merge="reduce"),  # the kernel alone: its first part, not merged (timing only)
+    "auto_rmerge": dict(launch="auto", merge="reduce"),
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
