@@ -443,6 +443,27 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 # ------------------------------------------------------------------------------------------------- decode
 
 
+def _decode_step(model: Llama, s: DecodeState, attend, sampling: SamplingConfig) -> DecodeState:
+    """One decode step of every sequence: sample each row's next token from its logits (pad where the row is done),
+    record it, and run the model on it (the caches written, the next logits)."""
+    config = model.config
+    B = s.tokens.shape[0]
+    tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling, config.vocab_size)
+    active = ~s.done
+    tok = jnp.where(active, tok, s.pad_id)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    logprobs = jax.lax.dynamic_update_slice(s.logprobs, jnp.where(active, logp, 0.0)[:, None], (0, s.step))
+    lengths = s.lengths + active
+    stop = jnp.any(tok[:, None] == s.stop_tokens, axis=1)
+    done = s.done | (active & (stop | (lengths >= s.max_new)))
+    # a finished row feeds its pad id, which a config may put outside the vocabulary (-1, say): clipped, so that
+    # its (unused) logits stay finite
+    hidden, cache = model(jnp.clip(tok, 0, config.vocab_size - 1)[:, None], s.positions[:, None], s.cache, attend)
+    cache = advance(cache, jnp.ones((B,), jnp.int32))
+    return s.replace(cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1,
+                     tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=s.step + 1)
+
+
 def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, sampling: SamplingConfig,
                  backend, mesh=None):
     model = Llama(config, params, mesh)
@@ -453,23 +474,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
 
-    def body(s: DecodeState):
-        tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling, config.vocab_size)
-        active = ~s.done
-        tok = jnp.where(active, tok, s.pad_id)
-        tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
-        logprobs = jax.lax.dynamic_update_slice(s.logprobs, jnp.where(active, logp, 0.0)[:, None], (0, s.step))
-        lengths = s.lengths + active
-        stop = jnp.any(tok[:, None] == s.stop_tokens, axis=1)
-        done = s.done | (active & (stop | (lengths >= s.max_new)))
-        # a finished row feeds its pad id, which a config may put outside the vocabulary (-1, say): clipped, so that
-        # its (unused) logits stay finite
-        hidden, cache = model(jnp.clip(tok, 0, config.vocab_size - 1)[:, None], s.positions[:, None], s.cache, attend)
-        cache = advance(cache, jnp.ones((B,), jnp.int32))
-        return s.replace(cache=cache, logits=model.logits(hidden[:, 0]), positions=s.positions + 1,
-                         tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=s.step + 1)
-
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, attend, sampling), state)
 
 
 _decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
