@@ -183,6 +183,14 @@ def compile_decode(model, state, backend: str | None):
     return models.compile_decode(model, state, sampling="greedy", backend=backend)
 
 
+def steps_per_sync() -> int:
+    """The steps a decode chunk runs without the host reading the loop's condition (`models.decode`'s default: the
+    device's tuning)."""
+    from hydragen_jax import tuning
+
+    return tuning.current().decode_steps_per_sync
+
+
 def run_decode(fn, model, state, steps: int) -> tuple[Any, float, int]:
     """Run `steps` decode steps; returns (new state, seconds, steps actually taken)."""
     params = model.params()

@@ -257,6 +257,9 @@ def test_hopper_settings_go_by_query_rows():
      r"GemmTuning.min_rows \(65\) must be at most max_rows \(64\)"),
     (lambda d: d["gemm"].pop("num_stages"), r"tuning.gemm: missing \['num_stages'\]"),
     (lambda d: d["gemm"].update(programs_per_core=-1), "GemmTuning.programs_per_core must be an int >= 0; got -1"),
+    (lambda d: d.update(decode_steps_per_sync=0), "decode_steps_per_sync must be a positive int; got 0"),
+    (lambda d: d.update(decode_steps_per_sync=16.0), "decode_steps_per_sync must be a positive int; got 16.0"),
+    (lambda d: d.pop("decode_steps_per_sync"), r"missing \['decode_steps_per_sync'\]"),
 ])
 def test_bad_tuning_data_is_refused_by_name(edit, message):
   data = tuning.to_dict(_h100())
