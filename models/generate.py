@@ -470,12 +470,12 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
                  backend, mesh=None, steps_per_sync: int = 1):
     model = Llama(config, params, mesh)
     B, N = state.tokens.shape
-    limit = jnp.minimum(state.step + num_steps, N)
+    limit = state.step + jnp.clip(num_steps, 0, N - state.step)  # (step + num_steps could overflow int32)
     attend = make_attend(state.mode, jnp.ones((B,), jnp.int32), backend)
     step = lambda s: _decode_step(model, s, attend, sampling)  # noqa: E731
     running = lambda s, k: (s.step + k <= limit) & ~jnp.all(s.done)  # noqa: E731 (room for k more steps)
 
-    if steps_per_sync > 1:
+    if 1 < steps_per_sync <= N:  # (a chunk longer than the token buffer could never run: not compiled)
         # XLA runs a while loop's condition on the host before each iteration (on a GPU: a copy to the host and a
         # wait for the device), so the next step's work is launched only once the device has finished the last
         # one, and the device waits for that launch (a step's CUDA graph: ~1 ms of host time for a 7B model's
@@ -492,12 +492,14 @@ _decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "b
                          donate_argnums=(1,))
 
 
-def _steps_per_sync(steps_per_sync) -> int:
-    """``steps_per_sync`` checked (an integer >= 1), or the device's (``hydragen_jax.tuning``) where None."""
+def _steps_per_sync(fn: str, steps_per_sync) -> int:
+    """``steps_per_sync`` checked (a concrete integer >= 1: it shapes the compiled loop), or the device's
+    (``hydragen_jax.tuning``) where None; errors name ``fn``."""
     if steps_per_sync is None:
         return tuning_lib.current().decode_steps_per_sync
-    if not _is_int(steps_per_sync) or steps_per_sync < 1:
-        raise ValueError(f"steps_per_sync must be an integer >= 1 (or None: the device's), got {steps_per_sync!r}")
+    if not _is_int(steps_per_sync) or isinstance(steps_per_sync, jax.core.Tracer) or steps_per_sync < 1:
+        raise ValueError(f"{fn}: steps_per_sync must be a concrete integer >= 1 (or None: the device's), got "
+                         f"{steps_per_sync!r}")
     return int(steps_per_sync)
 
 
@@ -537,7 +539,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     """
     if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
-    steps_per_sync = _steps_per_sync(steps_per_sync)
+    steps_per_sync = _steps_per_sync("decode", steps_per_sync)
     _check_state(model, state, "decode")
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
@@ -548,7 +550,7 @@ def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=N
                    steps_per_sync: int | None = None):
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``
     (``steps_per_sync`` as ``decode``)."""
-    steps_per_sync = _steps_per_sync(steps_per_sync)
+    steps_per_sync = _steps_per_sync("compile_decode", steps_per_sync)
     _check_state(model, state, "compile_decode")
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
@@ -608,12 +610,12 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     the config's EOS ids). tree: an explicit ``SharingTree`` over the B sequences (default: built from the
     prompts' common prefixes, at most ``max_depth`` shared levels). The decode loop runs in chunks of
     ``chunk_steps`` steps, one host sync per chunk (progress bar with ``progress=True``); within a chunk,
-    ``steps_per_sync`` as ``decode`` (None: the device's).
+    ``steps_per_sync`` as ``decode`` (None: the device's; at most ``chunk_steps``).
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
     chunk_steps = _positive_int("chunk_steps", chunk_steps)
-    steps_per_sync = _steps_per_sync(steps_per_sync)
+    steps_per_sync = min(_steps_per_sync("generate", steps_per_sync), chunk_steps)  # a call runs chunk_steps
     num_samples = _positive_int("num_samples", num_samples)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     token_prompts = _tokenize(prompts, tokenizer)

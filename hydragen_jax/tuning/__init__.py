@@ -232,7 +232,7 @@ class Tuning:
   batch_min_readers: int
   batch_min_saved_bytes: int
   num_cores: int
-  decode_steps_per_sync: int
+  decode_steps_per_sync: int = 1  # (files written before the field: one step an iteration, as then)
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
@@ -345,7 +345,7 @@ def _fields(cls, data: Any, where: str, defaults: bool = False) -> dict:
 
 def from_dict(data: dict, where: str = "tuning") -> Tuning:
   """The tuning of its JSON form (`to_dict`); errors name `where` and the field."""
-  data = dict(_fields(Tuning, data, where))
+  data = dict(_fields(Tuning, data, where, defaults=True))
   tiles = data["tiles"]
   if not isinstance(tiles, dict):
     raise ValueError(f"{where}.tiles: expected an object keyed by row count; got {type(tiles).__name__}.")

@@ -6,12 +6,16 @@ H200), whatever the mode and with or without command buffers. This probe traces 
 counted, so totals overlap), the longest host events in time order, and the GPU's idle time before its first
 kernel, between steps and after its last kernel, measured against the call's own clock marks.
 
-`--loops while,fixed` also times the steps under a loop of static trip count (`lax.fori_loop`, no "all done" check:
-a probe of what XLA does without a condition to read on the host; `models.decode` runs a `lax.while_loop`). Run
+`--untraced R` first times R calls of each loop kind without the profiler, the kinds alternated (an A/B in one
+process). `--loops while,chunked,fixed`: `chunked` is `models.decode` with `steps_per_sync` = k; `fixed` the steps
+under a loop of static trip count (`lax.fori_loop`, no "all done" check:
+a probe of what XLA does without a condition to read on the host; `while` is `models.decode` with one step an
+iteration, `steps_per_sync=1`, whatever the device's tuning). Under the profiler the host's work runs slower than
+without it: the 2026-12-02 logs overstate what the fixed loop saves (the e2e measured 0.4-3.8 %). Run
 it under other XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
 
 Usage: python -m scripts.tuning.probe_host [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
-       [--steps 1,16] [--loops while,fixed] [--calls 3] [--tiny]
+       [--steps 1,16] [--loops while,chunked,fixed] [--calls 3] [--untraced 0] [--tiny]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import collections
 import contextlib
 import pathlib
 import re
+import statistics
 import tempfile
 import time
 
@@ -42,7 +47,8 @@ def main():
   parser.add_argument("--modes", default="none,hydragen")
   parser.add_argument("--steps", default="1,16")
   parser.add_argument("--loops", default="while")
-  parser.add_argument("--calls", type=int, default=3)
+  parser.add_argument("--calls", type=int, default=3, help="traced calls of each loop kind (0: none)")
+  parser.add_argument("--untraced", type=int, default=0, help="untraced calls of each loop kind, alternated")
   parser.add_argument("--at", type=int, default=32)
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
@@ -57,15 +63,41 @@ def main():
   for mode in args.modes.split(","):
     state, org = mode_state(model, tree, args.at + max(ks) + 1, mode, None)
     print(f"[{mode}] {len(jax.tree.leaves(state))} state arrays", flush=True)
-    for loop in args.loops.split(","):
-      if loop == "while":
-        fn, _ = model_api.compile_decode(model, state, None)
-      for k in ks:
-        if loop == "fixed":
-          fixed = fixed_decode(model, state, k)
-          fn = lambda p, s, _, fixed=fixed: fixed(p, s)  # noqa: E731
-        state = probe(fn, params, state, org, k, f"{mode} {loop} k={k}", args)
+    for k in ks:
+      fns = {loop: loop_fn(model, state, loop, k) for loop in args.loops.split(",")}
+      if args.untraced:
+        state = alternate(fns, params, state, org, k, f"{mode} k={k}", args)
+      for loop, fn in fns.items():
+        if args.calls:
+          state = probe(fn, params, state, org, k, f"{mode} {loop} k={k}", args)
     del state
+
+
+def loop_fn(model, state, loop: str, k: int):
+  """fn(params, state, num_steps) of a loop kind: `while` (one step an iteration), `chunked` (`models.decode`'s
+  chunks of k steps) or `fixed` (exactly k steps under `lax.fori_loop`, num_steps ignored)."""
+  if loop in ("while", "chunked"):
+    return model_api.compile_decode(model, state, None, steps_per_sync=1 if loop == "while" else k)[0]
+  if loop == "fixed":
+    fixed = fixed_decode(model, state, k)
+    return lambda p, s, _: fixed(p, s)
+  raise ValueError(f"--loops: unknown loop {loop!r} (while, chunked, fixed)")
+
+
+def alternate(fns: dict, params, state, org, k: int, label: str, args):
+  """Untraced wall time of a call of k steps for each loop kind, the kinds alternated call by call
+  (`--untraced` rounds after one warm-up round); median ms a call."""
+  walls = {loop: [] for loop in fns}
+  for r in range(args.untraced + 1):
+    for loop, fn in fns.items():
+      s = jax.block_until_ready(model_api.at_step(state, org, args.at))
+      start = time.perf_counter()
+      state = jax.block_until_ready(fn(params, s, jnp.int32(k)))
+      if r:
+        walls[loop].append(time.perf_counter() - start)
+  print(f"[{label}] untraced, alternated, median of {args.untraced}: "
+        + ", ".join(f"{loop} {statistics.median(w) * 1e3:.2f} ms" for loop, w in walls.items()), flush=True)
+  return state
 
 
 def fixed_decode(model, state, k: int):
