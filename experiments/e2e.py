@@ -301,9 +301,7 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
         step_s.append(statistics.median(times))
     mean_step = floor.simpson(*step_s)
     B = state.positions.shape[0]
-    sync = model_api.steps_per_sync(k, state.tokens.shape[1])
-    results = {"decode_compile_s": compile_s, "steps_per_sync": sync, "step_s": step_s,
-               "mean_step_s": mean_step,
+    results = {"decode_compile_s": compile_s, "step_s": step_s, "mean_step_s": mean_step,
                "tokens_per_s": B / mean_step, "decode_s": generate * mean_step, "repeats": repeats,
                "steps_per_sample": k, "sample_starts": starts}
     if dec["full_decode"] and generate * mean_step <= dec["point_budget_s"]:

@@ -2,7 +2,7 @@
 re-position a decode state for timing.
 
 Decode is timed by running a few steps from a chosen position of the generation (see `at_step`): the decode
-loop of `models.generate` is one jit-compiled program that donates its state, and its cost per step
+loop of `models.generate` is one jit-compiled `lax.while_loop` that donates its state, and its cost per step
 depends only on the lengths of the caches (not on their contents), so a state can be moved to step j by setting
 the step counter, the positions and the cache lengths, without re-running prefill.
 """
@@ -178,19 +178,9 @@ def at_step(state, org: Origin, step: int):
     )
 
 
-def compile_decode(model, state, backend: str | None, steps_per_sync: int | None = None):
-    """models.generate.compile_decode with greedy sampling: (fn(params, state, num_steps), seconds);
-    steps_per_sync: None, the device's."""
-    return models.compile_decode(model, state, sampling="greedy", backend=backend, steps_per_sync=steps_per_sync)
-
-
-def steps_per_sync(steps: int, capacity: int) -> int:
-    """The steps a chunk of `models.decode`'s loop runs without the host reading the condition (the device's
-    tuning) in a call of `steps` steps on a state of `capacity` tokens; 1 where no chunk fits."""
-    from hydragen_jax import tuning
-
-    k = tuning.current().decode_steps_per_sync
-    return k if k <= min(steps, capacity) else 1
+def compile_decode(model, state, backend: str | None):
+    """models.generate.compile_decode with greedy sampling: (fn(params, state, num_steps), seconds)."""
+    return models.compile_decode(model, state, sampling="greedy", backend=backend)
 
 
 def run_decode(fn, model, state, steps: int) -> tuple[Any, float, int]:

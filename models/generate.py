@@ -1,5 +1,5 @@
 """Generation with shared prefixes: prefill each shared level once, ragged prefill of the unique parts, then the
-whole decode loop in one jit-compiled program.
+whole decode loop in one jit-compiled ``lax.while_loop``.
 
 Public pieces (benchmarks time them separately):
 
@@ -7,10 +7,9 @@ Public pieces (benchmarks time them separately):
   ``mode`` and the logits of each sequence's next token. Shared levels are prefilled once per node (their tokens
   attend to their ancestors' nodes and causally to themselves), then the unique suffixes of all sequences in
   one batched, right-aligned ragged pass. Long levels are processed in chunks of ``prefill_chunk`` tokens.
-- ``decode(model, state, num_steps, *, sampling, backend, steps_per_sync) -> DecodeState``: up to ``num_steps``
-  more tokens for every sequence in one compiled loop (stops early when all sequences are done). No Python between
-  tokens; the host reads the loop's condition once every ``steps_per_sync`` steps (the device's tuning: chunks
-  of steps under a loop of known trip count). ``state`` is donated (its buffers are
+- ``decode(model, state, num_steps, *, sampling, backend) -> DecodeState``: up to ``num_steps`` more tokens for
+  every sequence inside one ``lax.while_loop`` (stops early when all sequences are done). No Python between
+  tokens; the loop's condition is read by the host before each step. ``state`` is donated (its buffers are
   reused); do not use it afterwards.
 - ``generate(model, prompts, ...) -> Generation``: both, from token ids or text, with samples per prompt, EOS
   and per-sequence stops, progress per chunk of decode steps, and timing stats.
@@ -33,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hydragen_jax import tuning as tuning_lib
 from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels,
                           empty_layers, level_sizes, make_attend)
 from models.config import LlamaConfig
@@ -467,40 +465,19 @@ def _decode_step(model: Llama, s: DecodeState, attend, sampling: SamplingConfig)
 
 
 def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, sampling: SamplingConfig,
-                 backend, mesh=None, steps_per_sync: int = 1):
+                 backend, mesh=None):
     model = Llama(config, params, mesh)
     B, N = state.tokens.shape
     limit = state.step + jnp.clip(num_steps, 0, N - state.step)  # (step + num_steps could overflow int32)
     attend = make_attend(state.mode, jnp.ones((B,), jnp.int32), backend)
-    step = lambda s: _decode_step(model, s, attend, sampling)  # noqa: E731
-    running = lambda s, k: (s.step + k <= limit) & ~jnp.all(s.done)  # noqa: E731 (room for k more steps)
 
-    if 1 < steps_per_sync <= N:  # (a chunk longer than the token buffer could never run: not compiled)
-        # XLA runs a while loop's condition on the host before each iteration (on a GPU: a copy to the host and a
-        # wait for the device), so the next step's work is launched only once the device has finished the last
-        # one, and the device waits for that launch (a step's CUDA graph: ~1 ms of host time for a 7B model's
-        # 32 layers on an H200). A loop of known trip count has no condition to read: chunks of k steps, the host
-        # launching each step while the device runs the one before; then the remaining < k steps one at a time.
-        # "All done" is checked per chunk: up to k - 1 steps may follow the last stop (every row then feeds pad).
-        k = steps_per_sync
-        state = jax.lax.while_loop(lambda s: running(s, k), lambda s: jax.lax.fori_loop(0, k, lambda _, s: step(s), s),
-                                   state)
-    return jax.lax.while_loop(lambda s: running(s, 1), step, state)
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, attend, sampling), state)
 
 
-_decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh", "steps_per_sync"),
-                         donate_argnums=(1,))
-
-
-def _steps_per_sync(fn: str, steps_per_sync) -> int:
-    """``steps_per_sync`` checked (a concrete integer >= 1: it shapes the compiled loop), or the device's
-    (``hydragen_jax.tuning``) where None; errors name ``fn``."""
-    if steps_per_sync is None:
-        return tuning_lib.current().decode_steps_per_sync
-    if not _is_int(steps_per_sync) or isinstance(steps_per_sync, jax.core.Tracer) or steps_per_sync < 1:
-        raise ValueError(f"{fn}: steps_per_sync must be a concrete integer >= 1 (or None: the device's), got "
-                         f"{steps_per_sync!r}")
-    return int(steps_per_sync)
+_decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
 
 
 def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
@@ -527,35 +504,27 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
-           backend: str | None = None, steps_per_sync: int | None = None) -> DecodeState:
-    """Run up to ``num_steps`` decode steps (one token per sequence each) in one compiled loop.
+           backend: str | None = None) -> DecodeState:
+    """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
 
     ``state`` is donated: use only the returned state. ``num_steps`` (an integer >= 0, or an integer scalar array)
-    is traced (no recompile per value). The loop stops once every sequence is done, checked every
-    ``steps_per_sync`` steps (None: the device's tuning, ``hydragen_jax.tuning``; 16 on the H200, 1 on CPU): the
-    steps run in chunks of that many under a loop of known trip count, whose iterations the host launches without
-    waiting for the device, then the rest one at a time. The tokens are those of one step at a time; the state's
-    ``step`` may end up to ``steps_per_sync - 1`` steps past the last sequence's stop (those steps feed pad).
+    is traced (no recompile per value).
     """
     if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
-    steps_per_sync = _steps_per_sync("decode", steps_per_sync)
     _check_state(model, state, "decode")
     sampling = SamplingConfig.make(sampling)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
-                       backend=backend, mesh=model.mesh, steps_per_sync=steps_per_sync)
+                       backend=backend, mesh=model.mesh)
 
 
-def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None,
-                   steps_per_sync: int | None = None):
-    """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``
-    (``steps_per_sync`` as ``decode``)."""
-    steps_per_sync = _steps_per_sync("compile_decode", steps_per_sync)
+def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
+    """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
     _check_state(model, state, "compile_decode")
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
     fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
-                           backend=backend, mesh=model.mesh, steps_per_sync=steps_per_sync).compile()
+                           backend=backend, mesh=model.mesh).compile()
     return fn, time.perf_counter() - t0
 
 
@@ -598,8 +567,8 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
 def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int = 64, sampling=None,
              mode: str = "hydragen", tokenizer=None, eos_ids: Sequence[int] | None = None,
              stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, tree: SharingTree | None = None,
-             max_depth: int = 3, backend: str | None = None, chunk_steps: int = 16,
-             steps_per_sync: int | None = None, progress: bool = False, progress_desc: str | None = None) -> Generation:
+             max_depth: int = 3, backend: str | None = None, chunk_steps: int = 16, progress: bool = False,
+             progress_desc: str | None = None) -> Generation:
     """Complete every prompt ``num_samples`` times.
 
     prompts: token-id lists or strings (then ``tokenizer``, any object with encode/decode, is required; a string is
@@ -609,13 +578,11 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     stop_tokens: extra stop ids per prompt (applied to each of its samples), besides ``eos_ids`` (default:
     the config's EOS ids). tree: an explicit ``SharingTree`` over the B sequences (default: built from the
     prompts' common prefixes, at most ``max_depth`` shared levels). The decode loop runs in chunks of
-    ``chunk_steps`` steps, one host sync per chunk (progress bar with ``progress=True``); within a chunk,
-    ``steps_per_sync`` as ``decode`` (None: the device's; at most ``chunk_steps``).
+    ``chunk_steps`` steps, one host sync per chunk (progress bar with ``progress=True``).
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
     chunk_steps = _positive_int("chunk_steps", chunk_steps)
-    steps_per_sync = min(_steps_per_sync("generate", steps_per_sync), chunk_steps)  # a call runs chunk_steps
     num_samples = _positive_int("num_samples", num_samples)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     token_prompts = _tokenize(prompts, tokenizer)
@@ -641,9 +608,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     shared = level_sizes(getattr(state.cache, "shared", ()))
     stats["shared_levels"] = len(shared)
     stats["shared_levels_batched"] = sum(batched_levels(mode, tree.num_sequences, shared))
-    fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend,
-                                                   steps_per_sync=steps_per_sync)
-    stats["steps_per_sync"] = steps_per_sync
+    fn, stats["decode_compile_s"] = compile_decode(model, state, sampling=sampling, backend=backend)
     stats["compile_s"] = stats["prefill_compile_s"] + stats["decode_compile_s"]
     params = model.params()
     bar = None

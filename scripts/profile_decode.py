@@ -2,7 +2,7 @@
 the rest, in microseconds, next to the same attention step timed alone (as bench-attention does).
 
 A random Llama of the 7B shape (fewer layers: `--layers`) decodes B sequences that share a P-token prefix; the
-decode loop (`models.compile_decode`, in chunks of the device's `steps_per_sync`) runs `--steps` steps from suffix length `--at` under `jax.profiler.trace`,
+decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under `jax.profiler.trace`,
 and each GPU kernel is classified by its name. The GPU's idle time between kernels is split into short gaps (kernel
 to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
@@ -200,8 +200,8 @@ def profile(model, label: str, state, org, alone: float, args):
 
 def idle_line(gaps: list[tuple[int, str]], steps: int, calls: int, long_ns: int = 20_000, largest: int = 3) -> str:
   """The GPU's idle time between kernels over `calls` traced calls of `steps` steps in all: short gaps (kernel to
-  kernel) a step, and long ones (the host dispatching or waiting: between the calls, a loop condition read, a
-  graph launch) in all, the largest named by the kernel that ends them. Traced: the profiler itself adds to the host's time."""
+  kernel) a step, and long ones (the host dispatching or waiting: between the calls, a loop condition read) in all,
+  the largest named by the kernel that ends them. Traced: the profiler itself adds to the host's time."""
   short = [ns for ns, _ in gaps if ns < long_ns]
   long = sorted((g for g in gaps if g[0] >= long_ns), reverse=True)
   median = sorted(short)[len(short) // 2] / 1e3 if short else 0.0

@@ -118,11 +118,10 @@ def new_buffers_of_shape(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
 
 
 def _compiled_decode(mode: str, dtype, backend, mesh=None):
-  """The optimized HLO text of the decode loop (on `mesh`, if given; one step an iteration: the counts below are
-  those of one step's body, which a chunked loop holds twice), and the state it was compiled for."""
+  """The optimized HLO text of the decode loop (on `mesh`, if given), and the state it was compiled for."""
   model = models.init_random(CONFIG, dtype=dtype, seed=0, mesh=mesh)
   state = models.prefill(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9]], 4, mode=mode, backend=backend)
-  fn, _ = models.compile_decode(model, state, backend=backend, steps_per_sync=1)
+  fn, _ = models.compile_decode(model, state, backend=backend)
   return fn.as_text(), state
 
 

@@ -1,8 +1,5 @@
 """models.generate: the attention modes agree, sampling, stops, chunked decode, bad input, GPU bf16."""
 
-import dataclasses
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,69 +62,13 @@ def test_chunked_decode_equals_generate(model):
     prompts = fewshot_prompts(seed=2)
     full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3)
     state = prefill(model, expand_samples(prompts, 2), 20, seed=3)
-    state = decode(model, state, 7, sampling={"temperature": 0.8})
-    assert int(state.step) == 7
-    state = decode(model, state, 100, sampling={"temperature": 0.8})
-    assert int(state.step) == 20
-    np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
-
-
-@pytest.mark.parametrize("k", [3, 8])
-def test_steps_per_sync_gives_the_same_tokens(model, k):
-    """Chunks of k steps under a loop of known trip count (no condition for the host to read), then the rest one
-    by one: the tokens and log-probabilities of one step at a time, sampled, for step counts that k does not
-    divide (none, a traced one, more than are left); with stops, the same tokens and lengths, the loop ending at
-    the first chunk boundary after the last."""
-    prompts = fewshot_prompts(seed=2)
-    full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3,
-                    steps_per_sync=1)
-    state = prefill(model, expand_samples(prompts, 2), 20, seed=3)
-    state = decode(model, state, 0, sampling={"temperature": 0.8}, steps_per_sync=k)
+    state = decode(model, state, 0, sampling={"temperature": 0.8})
     assert int(state.step) == 0
-    state = decode(model, state, jnp.int32(7), sampling={"temperature": 0.8}, steps_per_sync=k)
+    state = decode(model, state, jnp.int32(7), sampling={"temperature": 0.8})
     assert int(state.step) == 7
-    state = decode(model, state, 2**31 - 1, sampling={"temperature": 0.8}, steps_per_sync=k)  # 13 left
+    state = decode(model, state, 2**31 - 1, sampling={"temperature": 0.8})  # step + num_steps would overflow int32
     assert int(state.step) == 20
     np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
-    np.testing.assert_allclose(np.asarray(state.logprobs), full.logprobs, atol=1e-5)
-    assert np.asarray(state.done).all()
-    greedy = generate(model, prompts, num_samples=2, max_new_tokens=20, steps_per_sync=1)
-    stops = [[int(greedy.tokens[2 * p, 1 + p % 3])] for p in range(len(prompts))]  # every sequence stops by step 3
-    one = generate(model, prompts, num_samples=2, max_new_tokens=20, stop_tokens=stops, steps_per_sync=1)
-    chunked = generate(model, prompts, num_samples=2, max_new_tokens=20, stop_tokens=stops, steps_per_sync=k)
-    assert one.lengths.max() <= 3 and one.stats["decode_steps"] == one.lengths.max()
-    np.testing.assert_array_equal(chunked.lengths, one.lengths)
-    np.testing.assert_array_equal(chunked.tokens, one.tokens)
-    np.testing.assert_array_equal(chunked.logprobs, one.logprobs)
-    assert chunked.stats["decode_steps"] == k and chunked.stats["steps_per_sync"] == k
-
-
-def test_steps_per_sync_compiles_a_loop_of_known_trip_count(model):
-    """What the chunks are for: XLA knows the chunk loop's trip count. The default is the device's tuning; a chunk
-    longer than the token buffer (or, in generate, than a call's chunk_steps) is not compiled; bad values are
-    refused by name."""
-    from hydragen_jax import tuning  # noqa: PLC0415
-    from models.generate import compile_decode  # noqa: PLC0415
-
-    state = prefill(model, expand_samples(fewshot_prompts(), 1), 8)
-    trip = '"known_trip_count":{"n":"4"}'
-    assert trip in compile_decode(model, state, steps_per_sync=4)[0].as_text()
-    assert trip in compile_decode(model, state, steps_per_sync=np.int64(4))[0].as_text()
-    assert '"known_trip_count":{' not in compile_decode(model, state, steps_per_sync=9)[0].as_text()  # 8 tokens
-    for k, found in ((1, False), (4, True)):
-        with tuning.override(dataclasses.replace(tuning.current(), decode_steps_per_sync=k)):
-            assert (trip in compile_decode(model, state)[0].as_text()) == found
-            assert generate(model, [[1, 2, 3]], max_new_tokens=5).stats["steps_per_sync"] == k
-            assert generate(model, [[1, 2, 3]], max_new_tokens=5, chunk_steps=2).stats["steps_per_sync"] == min(k, 2)
-    for bad in (0, -1, 2.0, True):
-        for fn, call in (("compile_decode", lambda: compile_decode(model, state, steps_per_sync=bad)),
-                         ("decode", lambda: decode(model, state, 2, steps_per_sync=bad)),
-                         ("generate", lambda: generate(model, [[1, 2, 3]], max_new_tokens=4, steps_per_sync=bad))):
-            with pytest.raises(ValueError, match=rf"{fn}: steps_per_sync must be a concrete integer >= 1 \(or None: "
-                                                 rf"the device's\), got {re.escape(repr(bad))}"):
-                call()
-    with pytest.raises(ValueError, match="decode: steps_per_sync must be a concrete integer"):
-        jax.jit(lambda k: decode(model, state, 2, steps_per_sync=k))(4)
 
 
 def test_prefill_and_decode_nest_under_a_users_trace(model):

@@ -95,12 +95,12 @@ def test_probe_call_fits_per_call_and_per_step_costs():
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_host_times_each_loop_kind_and_reads_the_host_events():
   p = _run(["scripts.tuning.probe_host", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--at", "2",
-            "--steps", "3", "--modes", "none", "--loops", "while,chunked,fixed", "--calls", "1", "--untraced", "2"])
+            "--steps", "3", "--modes", "none", "--loops", "while,fixed", "--calls", "1", "--untraced", "2"])
   assert p.returncode == 0, p.stderr[-2000:]
   ab = [line for line in p.stdout.splitlines() if "untraced, alternated" in line]
-  assert len(ab) == 1 and all(f"{loop} " in ab[0] for loop in ("while", "chunked", "fixed")), p.stdout
+  assert len(ab) == 1 and all(f"{loop} " in ab[0] for loop in ("while", "fixed")), p.stdout
   calls = [line for line in p.stdout.splitlines() if line.strip().startswith("call 0:")]
-  assert len(calls) == 3 and all("host events" in line for line in calls), p.stdout
+  assert len(calls) == 2 and all("host events" in line for line in calls), p.stdout
   assert "host events by name" in p.stdout
 
 

@@ -257,21 +257,12 @@ def test_hopper_settings_go_by_query_rows():
      r"GemmTuning.min_rows \(65\) must be at most max_rows \(64\)"),
     (lambda d: d["gemm"].pop("num_stages"), r"tuning.gemm: missing \['num_stages'\]"),
     (lambda d: d["gemm"].update(programs_per_core=-1), "GemmTuning.programs_per_core must be an int >= 0; got -1"),
-    (lambda d: d.update(decode_steps_per_sync=0), "decode_steps_per_sync must be a positive int; got 0"),
-    (lambda d: d.update(decode_steps_per_sync=16.0), "decode_steps_per_sync must be a positive int; got 16.0"),
 ])
 def test_bad_tuning_data_is_refused_by_name(edit, message):
   data = tuning.to_dict(_h100())
   edit(data)
   with pytest.raises(ValueError, match=message):
     tuning.from_dict(data)
-
-
-def test_a_file_from_before_decode_steps_per_sync_loads_with_one_step_an_iteration():
-  data = tuning.to_dict(dataclasses.replace(_h100(), decode_steps_per_sync=16))
-  assert tuning.from_dict(data).decode_steps_per_sync == 16
-  del data["decode_steps_per_sync"]
-  assert tuning.from_dict(data).decode_steps_per_sync == 1
 
 
 def test_a_file_that_is_not_json_is_named():

@@ -280,7 +280,7 @@ def test_decode_step_communicates_only_the_row_parallel_sums(mode):
     config = GQA
     model = models.init_random(config, jnp.float32, seed=5, mesh=parallel.make_mesh(min(4, len(jax.devices()))))
     state = models.prefill(model, prompts(config.vocab_size), 4, mode=mode, backend=BACKEND)
-    fn, _ = models.compile_decode(model, state, backend=BACKEND, steps_per_sync=1)  # one step's body in the HLO
+    fn, _ = models.compile_decode(model, state, backend=BACKEND)
     hlo = fn.as_text()
     found = collectives(hlo)
     B, d = state.positions.shape[0], config.hidden_size

@@ -209,11 +209,6 @@ class Tuning:
       readers on average and reading it batched saves at least `batch_min_saved_bytes` of K and V a layer, else
       each sequence reads its node (as shared storage does).
     num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
-    decode_steps_per_sync: the models' decode loop (`models.decode`) runs its steps in chunks of this many under a
-      loop of known trip count, so that the host reads the loop's condition (a copy to the host and a wait for the
-      device) once a chunk instead of before every step, and launches a step's work while the device still runs
-      the previous one; the steps left over run one at a time. 1: one loop, one step an iteration (the step is
-      compiled once; with more, twice).
   """
 
   hopper_min_work: int
@@ -232,11 +227,10 @@ class Tuning:
   batch_min_readers: int
   batch_min_saved_bytes: int
   num_cores: int
-  decode_steps_per_sync: int = 1  # (files written before the field: one step an iteration, as then)
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
-                       "interleave_rows", "batch_min_readers", "num_cores", "decode_steps_per_sync"), least=1)
+                       "interleave_rows", "batch_min_readers", "num_cores"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work"), least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
@@ -345,7 +339,7 @@ def _fields(cls, data: Any, where: str, defaults: bool = False) -> dict:
 
 def from_dict(data: dict, where: str = "tuning") -> Tuning:
   """The tuning of its JSON form (`to_dict`); errors name `where` and the field."""
-  data = dict(_fields(Tuning, data, where, defaults=True))
+  data = dict(_fields(Tuning, data, where))
   tiles = data["tiles"]
   if not isinstance(tiles, dict):
     raise ValueError(f"{where}.tiles: expected an object keyed by row count; got {type(tiles).__name__}.")

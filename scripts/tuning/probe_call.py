@@ -1,8 +1,7 @@
 """Probe (development tool): what a decode call costs beyond its GPU kernels, per call and per step.
 
-The e2e experiment times `steps_per_sample` decode steps per call (the compiled loop of `models.decode`), with the
-parameters and the state built before the clock starts. This probe times such calls, one step an iteration of the
-while loop (`steps_per_sync=1`; `probe_host --loops` compares the chunks of a loop of known trip count), for
+The e2e experiment times `steps_per_sample` decode steps per call (the compiled `lax.while_loop` of
+`models.decode`), with the parameters and the state built before the clock starts. This probe times such calls for
 several step counts k (wall time, median of repeats) and fits wall(k) = per_call + k * per_step; next to it the GPU
 kernel time a step (profiled), so that per_step - GPU is what each loop iteration adds (the host's read of the loop
 condition and its launches) and per_call what each call adds (dispatch, argument handling). Run it under different
@@ -64,7 +63,7 @@ def main():
 def probe(model, params, state, org, label: str, ks: list[int], args):
   """Time the compiled decode of `state` for each step count; print the fit. Returns the last state (each call
   donates its input)."""
-  fn, _ = model_api.compile_decode(model, state, args.backend, steps_per_sync=1)
+  fn, _ = model_api.compile_decode(model, state, args.backend)
   held = [state]
 
   def call(k):

@@ -7,15 +7,15 @@ counted, so totals overlap), the longest host events in time order, and the GPU'
 kernel, between steps and after its last kernel, measured against the call's own clock marks.
 
 `--untraced R` first times R calls of each loop kind without the profiler, the kinds alternated (an A/B in one
-process). `--loops while,chunked,fixed`: `chunked` is `models.decode` with `steps_per_sync` = k; `fixed` the steps
-under a loop of static trip count (`lax.fori_loop`, no "all done" check:
-a probe of what XLA does without a condition to read on the host; `while` is `models.decode` with one step an
-iteration, `steps_per_sync=1`, whatever the device's tuning). Under the profiler the host's work runs slower than
-without it: the 2026-12-02 logs overstate what the fixed loop saves (the e2e measured 0.4-3.8 %). Run
-it under other XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
+process). `--loops while,fixed`: `while` is `models.decode` (its `lax.while_loop`, the condition read on the host
+before each step); `fixed` the steps under a loop of static trip count (`lax.fori_loop`, no "all done" check: what
+XLA does without a condition to read). Under the profiler the host's work runs several times slower than without
+it: the traced calls show where the host's time goes, not how much of it the device waits for (on the H200 the
+traced fixed loop ran 16 steps 9-21 % faster, the untraced one 0.2-0.3 %: experiments/PERF_NOTES.md). Run it
+under other XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
 
 Usage: python -m scripts.tuning.probe_host [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
-       [--steps 1,16] [--loops while,chunked,fixed] [--calls 3] [--untraced 0] [--tiny]
+       [--steps 1,16] [--loops while,fixed] [--calls 3] [--untraced 0] [--tiny]
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ def main():
 
 
 def loop_fn(model, state, loop: str, k: int):
-  """fn(params, state, num_steps) of a loop kind: `while` (one step an iteration), `chunked` (`models.decode`'s
-  chunks of k steps) or `fixed` (exactly k steps under `lax.fori_loop`, num_steps ignored)."""
-  if loop in ("while", "chunked"):
-    return model_api.compile_decode(model, state, None, steps_per_sync=1 if loop == "while" else k)[0]
+  """fn(params, state, num_steps) of a loop kind: `while` (`models.decode`'s loop) or `fixed` (exactly k steps under
+  `lax.fori_loop`, num_steps ignored)."""
+  if loop == "while":
+    return model_api.compile_decode(model, state, None)[0]
   if loop == "fixed":
     fixed = fixed_decode(model, state, k)
     return lambda p, s, _: fixed(p, s)
-  raise ValueError(f"--loops: unknown loop {loop!r} (while, chunked, fixed)")
+  raise ValueError(f"--loops: unknown loop {loop!r} (while, fixed)")
 
 
 def alternate(fns: dict, params, state, org, k: int, label: str, args):
