@@ -501,6 +501,19 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
             f"{fn}: the state does not fit this model, on {made}: it needs logits [B, {vocab}] and caches of "
             f"{model.kv_heads} KV heads over {config.num_hidden_layers} layers; got logits {list(state.logits.shape)}, "
             f"KV heads {heads}, {len(layers)} layers (make the state with prefill on the same model and mesh)")
+    # The same layout on other devices (another mesh of the same size, or one device but not the model's): JAX would
+    # refuse the call with "incompatible devices"; name both device sets and the way out instead.
+    want, have = _devices(model.embed.value), _devices(state.logits)
+    if want is not None and have is not None and want != have:
+        raise ValueError(f"{fn}: the state lives on devices {sorted(have)}, this model's parameters on "
+                         f"{sorted(want)} (make the state with prefill on the same model and mesh)")
+
+
+def _devices(x) -> set[int] | None:
+    """The ids of the devices a concrete array lives on; None for abstract values and tracers (an outer trace)."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+        return None
+    return {d.id for d in x.sharding.device_set}
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
