@@ -482,7 +482,8 @@ _decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "b
 
 def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
     """``ValueError`` naming both where ``state`` was not made by ``prefill`` with this model's layout (its mesh, or
-    none): the logits' vocabulary (padded on a mesh), the caches' KV heads (replicated on a mesh) and layers."""
+    none): the logits' vocabulary (padded on a mesh), the caches' KV heads (replicated on a mesh) and layers; or
+    where the state and the parameters are committed to different devices."""
     config, n = model.config, 1
     vocab = config.vocab_size
     if model.mesh is not None:
@@ -501,8 +502,9 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
             f"{fn}: the state does not fit this model, on {made}: it needs logits [B, {vocab}] and caches of "
             f"{model.kv_heads} KV heads over {config.num_hidden_layers} layers; got logits {list(state.logits.shape)}, "
             f"KV heads {heads}, {len(layers)} layers (make the state with prefill on the same model and mesh)")
-    # The same layout on other devices (another mesh of the same size, or one device but not the model's): JAX would
-    # refuse the call with "incompatible devices"; name both device sets and the way out instead.
+    # The same layout committed to other devices (another mesh of the same size, or one device but not the model's):
+    # JAX would refuse the call with "incompatible devices"; name both device sets and the way out instead.
+    # (Uncommitted arrays, placed by default, JAX moves to the others' devices: not refused.)
     want, have = _devices(model.embed.value), _devices(state.logits)
     if want is not None and have is not None and want != have:
         raise ValueError(f"{fn}: the state lives on devices {sorted(have)}, this model's parameters on "
@@ -510,8 +512,9 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
 
 
 def _devices(x) -> set[int] | None:
-    """The ids of the devices a concrete array lives on; None for abstract values and tracers (an outer trace)."""
-    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+    """The ids of the devices a concrete array is committed to; None for uncommitted arrays, abstract values and
+    tracers (an outer trace)."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array) or not x.committed:
         return None
     return {d.id for d in x.sharding.device_set}
 
@@ -527,6 +530,8 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     _check_state(model, state, "decode")
     sampling = SamplingConfig.make(sampling)
+    if isinstance(num_steps, numbers.Integral):  # more than int32 holds: as many as the tokens left (the loop's cap)
+        num_steps = min(int(num_steps), 2**31 - 1)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
                        backend=backend, mesh=model.mesh)
 

@@ -68,6 +68,8 @@ def test_chunked_decode_equals_generate(model):
     assert int(state.step) == 7
     state = decode(model, state, 2**31 - 1, sampling={"temperature": 0.8})  # step + num_steps would overflow int32
     assert int(state.step) == 20
+    state = decode(model, state, 2**40, sampling={"temperature": 0.8})  # more steps than int32 holds: none left
+    assert int(state.step) == 20
     np.testing.assert_array_equal(np.asarray(state.tokens), full.tokens)
 
 

@@ -336,16 +336,20 @@ def test_a_state_and_parameters_of_another_layout_are_refused():
                 fn(model, state, 1)
     with pytest.raises(ValueError, match=r"on a 2-device mesh it must be"):
         parallel.canonical_params(MHA, on4.params(), parallel.make_mesh(2))
-    # the same layout on other devices: a mesh of devices 2 and 3 against one of 0 and 1; device 1 against device 0
+    # the same layout committed to other devices: a mesh of devices 2 and 3 against one of 0 and 1; device 1 against
+    # device 0 (uncommitted arrays JAX moves: a state left where prefill put it decodes on a model put on device 1)
     devices = jax.devices()
     low, high = (parallel.shard_model(one, Mesh(np.array(devices[i:i + 2]), (parallel.AXIS,))) for i in (0, 2))
-    away = jax.tree.map(lambda x: jax.device_put(x, devices[1]), models.prefill(one, prompts(97), 4, backend=BACKEND))
+    on0 = models.Llama(MHA, jax.device_put(one.params(), devices[0]))
+    away = jax.device_put(models.prefill(one, prompts(97), 4, backend=BACKEND), devices[1])
     for model, state, have, want in ((high, models.prefill(low, prompts(97), 4, backend=BACKEND), [0, 1], [2, 3]),
-                                     (one, away, [1], [0])):
+                                     (on0, away, [1], [0])):
         for fn in (models.decode, lambda m, s, n: models.compile_decode(m, s)):
             with pytest.raises(ValueError, match=rf"the state lives on devices {re.escape(str(have))}, this model's "
                                                  rf"parameters on {re.escape(str(want))}"):
                 fn(model, state, 1)
+    on1 = models.Llama(MHA, jax.device_put(one.params(), devices[1]))
+    assert int(models.decode(on1, models.prefill(one, prompts(97), 4, backend=BACKEND), 2).step) == 2
 
 
 @needs(4)

@@ -11,7 +11,9 @@ process). `--loops while,fixed`: `while` is `models.decode` (its `lax.while_loop
 before each step); `fixed` the steps under a loop of static trip count (`lax.fori_loop`, no "all done" check: what
 XLA does without a condition to read). Under the profiler the host's work runs several times slower than without
 it: the traced calls show where the host's time goes, not how much of it the device waits for (on the H200 the
-traced fixed loop ran 16 steps 9-21 % faster, the untraced one 0.2-0.3 %: experiments/PERF_NOTES.md). Run it
+traced fixed loop ran 16 steps 9-21 % faster than the while loop; untraced, a loop reading the condition once
+every 16 steps, since removed from `models.decode`, ran them 0.2-0.3 % faster at B = 8 and 32 layers:
+experiments/PERF_NOTES.md). Run it
 under other XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
 
 Usage: python -m scripts.tuning.probe_host [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
