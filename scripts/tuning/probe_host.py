@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import importlib
 import pathlib
 import re
 import statistics
@@ -35,10 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from experiments import model_api
-import importlib
+from scripts.profile_decode import mode_state, model_shape
 
 G = importlib.import_module("models.generate")  # the module (models.generate is also the function)
-from scripts.profile_decode import mode_state, model_shape
 
 
 def main():
