@@ -8,6 +8,8 @@ there is none. Cases outside the Hopper kernel's (float32, odd capacities, ...) 
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 
 # Several test processes (`pytest -n 6`) share one GPU: none may preallocate most of its memory (JAX's default).
@@ -29,6 +31,26 @@ BACKEND_PARAMS = [
     pytest.param("mosaic", id="mosaic", marks=[pytest.mark.gpu, requires_gpu]),
 ]
 KERNEL_BACKENDS = [BACKEND_PARAMS[1], BACKEND_PARAMS[3]]  # the Triton kernels (ops.run): interpreted, compiled
+
+
+def grid(*axes: list, ids: list | None = None) -> list:
+  """Every combination of the axes' values, as pytest params, with a covering subset in the default (CI) tier and
+  the rest marked slow (run by `scripts/test.sh --all`; on the GPU, `-m gpu` runs every compiled combination).
+
+  The subset: for j < max(len(axes[0]), the product of the other axes' lengths), the case of value j mod n_0 of the
+  first axis and, of each other axis k, value (j + (j // n_k)·(k - 1)) mod n_k (n_k: an axis's length), duplicates
+  once: every value of every axis is in it, and every pair of values of two 2-value axes. ids: one function per
+  axis, a value's id (a case's id joins them with "-"), or None (pytest's own)."""
+  n = [len(a) for a in axes]
+  ci = set()
+  for j in range(max(n[0], math.prod(n[1:]))):
+    ci.add((j % n[0], *((j + (j // m) * (k - 1)) % m for k, m in enumerate(n[1:], start=1))))
+  cases = []
+  for index in itertools.product(*(range(m) for m in n)):
+    values = tuple(a[i] for a, i in zip(axes, index))
+    case_id = None if ids is None else "-".join(f(v) for f, v in zip(ids, values))
+    cases.append(pytest.param(*values, id=case_id, marks=() if index in ci else pytest.mark.slow))
+  return cases
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -59,11 +59,21 @@ def _shape_id(s):
   return "B{}T{}Hq{}Hkv{}D{}P{}S{}".format(*s)
 
 
-# bf16 and f16 on every shape, compiled; interpreted, f16 on two (a D = 64 and a D = 128 one): the kernel's code is
-# the same for both 16-bit types, and each interpreted case costs ~10 s of CI.
-DTYPE_CASES = [pytest.param(s, dtype, id=f"{name}-{_shape_id(s)}") for name, dtype in (("bf16", jnp.bfloat16),
-                                                                                      ("f16", jnp.float16))
-               for s in SHAPES]
+def _cases(argnames: str, values: list, ids: list, slow: tuple = ()) -> tuple:
+  """`pytest.mark.parametrize`'s arguments for `values` named `ids`, those in `slow` marked slow: interpreted only
+  by `scripts/test.sh --all` (CI time: an interpreted case takes 5-15 s of CPU), compiled on the GPU as the rest."""
+  assert set(slow) <= set(ids), set(slow) - set(ids)
+  single = "," not in argnames
+  return argnames, [pytest.param(*((v,) if single else v), id=i, marks=pytest.mark.slow if i in slow else ())
+                    for v, i in zip(values, ids)]
+
+
+# bf16 and f16 on every shape, compiled; interpreted, bf16 on every shape and f16 on two (a D = 64 and a D = 128
+# one) with --all, CI leaving out the longest shape (T·g = 4 as shape 0): the kernel's code is the same for both
+# 16-bit types, and each interpreted case costs ~10 s of CI.
+DTYPE_CASES = [pytest.param(s, dtype, id=f"{name}-{_shape_id(s)}",
+                            marks=pytest.mark.slow if s == SHAPES[2] else ())  # interpreted, the longest case (~15 s)
+               for name, dtype in (("bf16", jnp.bfloat16), ("f16", jnp.float16)) for s in SHAPES]
 F16_INTERPRETED = (SHAPES[0], SHAPES[2])
 
 
@@ -73,7 +83,7 @@ def test_parts_match_reference(backend, shape, dtype):
   """Prefix part and suffix part, each against the reference; ragged suffixes with empty ones and ones shorter
   than T, a prefix that ends inside a key tile."""
   if backend.startswith("interpret") and dtype == jnp.float16 and shape not in F16_INTERPRETED:
-    pytest.skip("f16 is interpreted on two shapes only (the same code as bf16; CI time); compiled on all")
+    pytest.skip("f16 is interpreted on two shapes only, one in CI (the same code as bf16; CI time); compiled on all")
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, dtype)
   lengths = jnp.asarray(np.random.default_rng(1).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
@@ -96,7 +106,8 @@ ODD_ROWS = [
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape", ODD_ROWS, ids=_shape_id)
+@pytest.mark.parametrize(*_cases("shape", ODD_ROWS, [_shape_id(s) for s in ODD_ROWS],
+                                 slow=(_shape_id(ODD_ROWS[1]), _shape_id(ODD_ROWS[3]))))
 def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
   """As above for T·g = 1, 2, 3, 6: every sequence's rows at their own offset of an 8-aligned window."""
   b, t, _, _, d, p, s = shape
@@ -161,7 +172,7 @@ def test_layers_share_one_compiled_kernel():
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("config", [hopper.HopperConfig(num_ctas=1), hopper.HopperConfig(num_ctas=2, pingpong=False),
+@pytest.mark.parametrize(*_cases("config", [hopper.HopperConfig(num_ctas=1), hopper.HopperConfig(num_ctas=2, pingpong=False),
                                     hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=1, prefix_keys=128),
                                     hopper.HopperConfig(num_ctas=2, q_registers=True),
                                     hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, prefix_keys=128,
@@ -171,8 +182,10 @@ def test_layers_share_one_compiled_kernel():
                                                         q_registers=True),
                                     hopper.HopperConfig(num_ctas=4, prefix_stages=2, suffix_stages=2, prefix_keys=128,
                                                         q_registers=True, cluster=2)],
-                         ids=["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
-                              "1cluster", "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters"])
+                                 ["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
+                                  "1cluster", "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters"],
+                                 slow=("2cta_nopingpong", "2cta_128keys", "2cta_qregisters",
+                                       "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters")))
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
   reused after the previous item's stores), with and without the ping-pong, with q in shared memory or registers
@@ -191,7 +204,7 @@ def test_several_items_per_cta(backend, config):
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape,config,plen", [
+@pytest.mark.parametrize(*_cases("shape,config,plen", [
     # 3 splits of one 128-key tile each: the second sees 5 keys, the third none (its tile lies past the cache:
     # it loads the cache's last tile, all masked); 2 CTAs for 24 prefix items (8 KV heads × 3 splits)
     ((9, 1, 8, 8, 128, 136, 24), hopper.HopperConfig(num_ctas=2, prefix_splits=3, **MHA_DECODE), 133),
@@ -200,7 +213,7 @@ def test_several_items_per_cta(backend, config):
     # 3 splits with the value product issued under the next tile's scores and no ping-pong: the third split empty
     ((9, 1, 8, 8, 128, 136, 24), hopper.HopperConfig(num_ctas=2, prefix_splits=3, prefix_overlap=True,
                                                       pingpong=False, **MHA_DECODE), 133),
-], ids=["3splits_mha_decode", "2splits_clusters", "3splits_overlap_nopingpong"])
+], ["3splits_mha_decode", "2splits_clusters", "3splits_overlap_nopingpong"], slow=("3splits_overlap_nopingpong",)))
 def test_prefix_key_splits_match_reference(backend, shape, config, plen):
   """prefix_splits: one prefix part a split (merged here), uneven and empty splits; the suffix part unchanged."""
   b, t, _, _, d, p, s = shape
@@ -223,7 +236,7 @@ PACKED_COMPILED_ONLY = ((4, 1, 8, 2, 128, 4, 1), (7, 2, 4, 4, 128, 64, 24))
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape,config", [
+@pytest.mark.parametrize(*_cases("shape,config", [
     # T·g = 4: 2 sequences an item, capacity under one 8-row tile
     ((4, 1, 8, 2, 128, 4, 1), hopper.HopperConfig(num_ctas=2, suffix_pack=True)),
     # T·g = 2, causal (T = 2): 4 sequences an item, the last window partly past B; T·g = 1's H200 settings (the
@@ -240,8 +253,8 @@ PACKED_COMPILED_ONLY = ((4, 1, 8, 2, 128, 4, 1), (7, 2, 4, 4, 128, 64, 24))
     # the H200's T·g = 4 setting: 128-key suffix tiles of 64 keys a sequence, q in registers, 2 + 2 stages
     ((6, 1, 8, 2, 128, 40, 136), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2,
                                                       q_registers=True, suffix_keys=128, suffix_pack=True)),
-], ids=["rows4_capacity1", "rows2_causal_lookahead", "rows1_several_tiles", "rows4_causal_gqa", "batch_under_pack",
-        "rows4_h200"])
+], ["rows4_capacity1", "rows2_causal_lookahead", "rows1_several_tiles", "rows4_causal_gqa", "batch_under_pack",
+    "rows4_h200"], slow=("rows4_causal_gqa",)))
 def test_packed_suffix_items_match_reference(backend, shape, config):
   """suffix_pack: the 8 / T·g sequences of a query window in one suffix item (a block-diagonal mask over their key
   sub-blocks): ragged lengths, an empty suffix, a full one; the prefix part unchanged."""
@@ -314,7 +327,8 @@ def test_the_grid_has_no_more_ctas_than_items():
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape", [SHAPES[1], ODD_ROWS[1]], ids=_shape_id)
+@pytest.mark.parametrize(*_cases("shape", [SHAPES[1], ODD_ROWS[1]], [_shape_id(SHAPES[1]), _shape_id(ODD_ROWS[1])],
+                                 slow=(_shape_id(ODD_ROWS[1]),)))
 def test_queries_in_registers_match_reference(backend, shape):
   """q_registers with 128-key tiles (2 + 2 stages) at D = 128: T·g = 16 and 2, a prefix ending inside a tile, empty
   suffixes (D = 64 and several items a CTA: test_several_items_per_cta)."""
@@ -350,11 +364,11 @@ def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape,stages,keys", [((40, 3, 8, 2, 64, 136, 72), 2, 64), ((13, 1, 4, 4, 128, 64, 264), 3, 64),
-                                               ((9, 2, 8, 2, 64, 40, 200), 1, 64), ((13, 1, 4, 4, 128, 64, 264), 2, 128),
-                                               ((7, 3, 16, 2, 128, 64, 136), 2, 128)],
-                         ids=["T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages",
-                              "T3g8_128keys_2stages"])
+@pytest.mark.parametrize(*_cases("shape,stages,keys", [
+    ((40, 3, 8, 2, 64, 136, 72), 2, 64), ((13, 1, 4, 4, 128, 64, 264), 3, 64), ((9, 2, 8, 2, 64, 40, 200), 1, 64),
+    ((13, 1, 4, 4, 128, 64, 264), 2, 128), ((7, 3, 16, 2, 128, 64, 136), 2, 128)],
+    ["T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages", "T3g8_128keys_2stages"],
+    slow=("T3g4_2stages", "T2g4_1stage", "mha_128keys_2stages")))
 def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, keys):
   """suffix_lookahead: each CTA's suffix items share one stream of key tiles (the next item's tiles loaded into the
   slots the current one frees, its queries into a second buffer). Items with no tile, one tile, fewer tiles than
@@ -374,8 +388,8 @@ def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, key
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("keys,lookahead", [(64, False), (64, True), (128, False)],
-                         ids=["64keys", "64keys_lookahead", "128keys"])
+@pytest.mark.parametrize(*_cases("keys,lookahead", [(64, False), (64, True), (128, False)],
+                                 ["64keys", "64keys_lookahead", "128keys"], slow=("64keys_lookahead",)))
 def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, lookahead):
   """suffix_trim: a suffix's last tile is copied in the smallest of 8, 16, 32, ... keys that holds its keys, the
   rest of the slot keeping an earlier tile's values under the mask. Lengths at both edges of every size (0, 1, 8,
@@ -394,15 +408,15 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize("shape,length,keys,stages,pingpong", [
+@pytest.mark.parametrize(*_cases("shape,length,keys,stages,pingpong", [
     ((5, 2, 8, 4, 64, 272, 16), 264, 64, 2, True),
     ((3, 1, 8, 4, 128, 136, 8), 136, 128, 2, True),
     ((4, 1, 4, 4, 64, 200, 8), 64, 64, 3, False),
     ((3, 1, 8, 4, 64, 40, 8), 5, 64, 2, True),
     ((3, 1, 8, 4, 64, 40, 8), 0, 64, 2, True),
     ((40, 1, 8, 4, 64, 200, 8), 200, 64, 3, True),
-], ids=["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
-        "both_warpgroups_rows_3stages"])
+], ["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
+    "both_warpgroups_rows_3stages"], slow=("4tiles_and_8keys", "both_warpgroups_rows_3stages")))
 def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, shape, length, keys, stages,
                                                                       pingpong):
   """prefix_overlap (FlashAttention-3's intra-warpgroup pipelining): each tile's value product one tile late, with
@@ -424,7 +438,7 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "no_pingpong"])
+@pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"], slow=("no_pingpong",)))
 def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
   """The overlapped prefix loop lowers to Mosaic GPU for CUDA at the GQA and the MHA decode shapes (with the
   settings of T·g = 2-8 and of T·g = 1, and in 2-CTA clusters: its value tiles' own cluster barrier), and waits for

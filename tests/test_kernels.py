@@ -15,6 +15,7 @@ from hydragen_jax import merge_states, reference, tuning
 from hydragen_jax.kernels import flash, ops
 from hydragen_jax.kernels.flash import BlockConfig
 from tests.attention_cases import assert_close_to_reference, normal, tol
+from tests.conftest import grid
 
 
 def _prefix_then_suffix(q, pk, pv, prefix_length, sk, sv, lengths, scale):
@@ -42,9 +43,9 @@ def _block_id(b):
   return f"m{b.block_m}k{b.block_k}s{b.splits}h{b.heads}"
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("direct", [False, True], ids=["indexed", "direct"])
+# every combination with --all (and compiled on the GPU), a covering subset in CI (conftest.grid)
+@pytest.mark.parametrize("block,dtype,direct", grid(BLOCKS, [jnp.float32, jnp.bfloat16], [False, True], ids=[
+    _block_id, lambda d: "f32" if d == jnp.float32 else "bf16", lambda d: "direct" if d else "indexed"]))
 def test_per_sequence_tilings(kernel_backend, block, dtype, direct):
   """Sequence b reads KV row b through index vectors (indexed) or by its program id alone (direct)."""
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -152,11 +153,14 @@ def test_levels_with_different_tilings_share_one_launch(kernel_backend):
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 
-@pytest.mark.parametrize("hq,hkv,t,heads", [(8, 8, 1, 8), (8, 8, 1, 2), (16, 4, 1, 4), (8, 4, 2, 2)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_heads_packed_in_one_tile(kernel_backend, hq, hkv, t, heads, dtype):
+@pytest.mark.parametrize("shape,dtype", grid([(8, 8, 1, 8), (8, 8, 1, 2), (16, 4, 1, 4), (8, 4, 2, 2)],
+                                              [jnp.float32, jnp.bfloat16],
+                                              ids=[lambda s: "{}-{}-{}-{}".format(*s),
+                                                   lambda d: "f32" if d == jnp.float32 else "bf16"]))
+def test_heads_packed_in_one_tile(kernel_backend, shape, dtype):
   """Decode-shaped levels (T·g < 16 rows per KV head): one program reads `heads` KV heads' keys as (key, head)
   columns and masks the scores across heads. Odd lengths, an empty sequence, a length under T."""
+  hq, hkv, t, heads = shape
   keys = jax.random.split(jax.random.PRNGKey(4), 3)
   b, d, s = 4, 64, 37
   q = normal(keys[0], (b, t, hq, d), dtype)

@@ -288,6 +288,7 @@ def test_sweep_levels_keeps_the_node_map_static():
   assert re.search(r"\bsort\[", str(traced))
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_weight_layout_times_every_layout_of_the_same_product(tmp_path):
   """`probe_weight_layout`: a row per (row count, layout); `fused_nk` weights are the `fused` ones transposed (its
   product, contracting w's second axis, is `x @ w`), `separate` ones are slices of them, and a step gives the same
@@ -355,6 +356,7 @@ def test_probe_gemm_hopper_kernel_matches_xla(m, k, n, block_n, stages, ctas):
       jnp.abs(want).max()))
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_gemm_hopper_plans_whole_waves_and_refuses_what_it_cannot_take():
   from scripts.tuning import probe_gemm_hopper as probe  # noqa: PLC0415
   config = probe.HopperGemmConfig()  # 128 × 128 tiles, balance 0.9
@@ -366,6 +368,26 @@ def test_probe_gemm_hopper_plans_whole_waves_and_refuses_what_it_cannot_take():
     probe.matmul(jnp.zeros((65, 128), jnp.bfloat16), jnp.zeros((128, 128), jnp.bfloat16), num_ctas=1)
   with pytest.raises(ValueError, match="dtype float32"):
     probe.matmul(jnp.zeros((8, 128)), jnp.zeros((128, 128)), num_ctas=1)
+
+
+def test_grid_keeps_every_value_in_the_default_tier():
+  """tests/conftest.grid: every combination as a param, the ones outside the covering subset marked slow; the
+  subset holds every value of every axis and every pair of two 2-value axes, whatever the axes' lengths."""
+  from tests.conftest import grid  # noqa: PLC0415
+
+  axes = ([1, 2, 3, 4, 5], ["a", "b"], [True, False])
+  cases = grid(*axes, ids=[str, str, lambda c: "yes" if c else "no"])
+  ci = [c.values for c in cases if not c.marks]
+  assert len(cases) == 20 and len(ci) == 5
+  assert {c.values for c in cases} == {(x, y, z) for x in axes[0] for y in axes[1] for z in axes[2]}
+  assert all([m.name for m in c.marks] == ["slow"] for c in cases if c.marks)
+  assert {c.id for c in cases if not c.marks} >= {"1-a-yes", "2-b-no"}
+  for short in (axes, ([1], [1, 2], ["x", "y", "z"]), ([1, 2], [3, 4, 5, 6, 7], [8])):
+    ci = [c.values for c in grid(*short) if not c.marks]
+    for k, values in enumerate(short):
+      assert {c[k] for c in ci} == set(values), (short, k)
+  ci = [c.values for c in grid([0], [1, 2], [3, 4]) if not c.marks]
+  assert {c[1:] for c in ci} == {(1, 3), (1, 4), (2, 3), (2, 4)}
 
 
 def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
@@ -385,6 +407,7 @@ def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
   assert len({(tmp_path / f"w{i}").read_text() for i in range(4)}) == 1
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_gemm_hopper_times_each_backend_on_the_chained_layers(capsys):
   from scripts.tuning import probe_gemm_hopper as probe  # noqa: PLC0415
   probe.main(["--tiny", "--interpret", "--rows", "8", "--layers", "1", "--repeats", "1", "--configs", "64x64x2",
@@ -412,6 +435,7 @@ def test_gpu_full_names_an_unknown_part_first():
     assert done.returncode == 2 and "unknown part bench-mh (one of: bench bench-mha" in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_smem_runs_each_tile_and_prints_its_count(monkeypatch, capsys):
   """The shared-memory probe (run under Nsight Compute on a GPU): each tile launched, checked against the
   reference and printed with `ops.tile_shared_memory`'s count; a tile that fails is printed with its error."""
@@ -451,6 +475,7 @@ def test_probe_rope_soak_times_each_variant_every_round():
   assert all(float(e[7]) > 0 for e in ends)  # "median N us a step"
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_ab_kernel_swaps_the_kernel_body_of_another_file_and_restores_it(tmp_path):
   """`ab_kernel` runs another revision's `_attend` (here a marked copy of the current file) inside the block: the
   interpreted launch calls it, and the current body is back afterwards."""
