@@ -184,7 +184,7 @@ def test_layers_share_one_compiled_kernel():
                                                         q_registers=True, cluster=2)],
                                  ["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
                                   "1cluster", "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters"],
-                                 slow=("2cta_nopingpong", "2cta_128keys", "2cta_qregisters",
+                                 slow=("2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
                                        "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters")))
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
