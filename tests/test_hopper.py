@@ -128,9 +128,11 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
                                                         suffix_trim=True),
                                     hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2,
                                                         q_registers=True, suffix_keys=128, suffix_trim=True),
-                                    hopper.HopperConfig(num_ctas=132, suffix_pack=True, **MHA_DECODE)],
+                                    hopper.HopperConfig(num_ctas=132, suffix_pack=True, **MHA_DECODE),
+                                    hopper.HopperConfig(num_ctas=132, suffix_pack=True, suffix_box=True,
+                                                        **MHA_DECODE)],
                          ids=["default", "lookahead", "trim_lookahead_128prefixkeys", "trim_128suffixkeys",
-                              "packed_h200"])
+                              "packed_h200", "packed_box_h200"])
 def test_mha_decode_lowers_for_cuda(config):
   """The e2e shape that motivates T·g = 1 (7B MHA, B = 512, a 16K prefix) lowers to Mosaic GPU for CUDA on any
   machine (TMA copies and shared memory accepted by its lowering; the compiled check is the GPU test above)."""
@@ -269,6 +271,46 @@ def test_packed_suffix_items_match_reference(backend, shape, config):
       *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
           q, pk, pv, jnp.int32(p - 3), sk, sv, lengths)
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize(*_cases("shape,config", [
+    # T·g = 1: 8 sequences a window, 16 keys each a 128-key tile; B = 19: the last window partly past the batch
+    ((19, 1, 4, 4, 64, 40, 72), hopper.HopperConfig(num_ctas=3, suffix_pack=True, suffix_box=True,
+                                                     suffix_keys=128)),
+    # T·g = 1's H200 settings (the ring across items, 128-key prefix tiles, q in registers): 8 keys a sequence
+    ((16, 1, 4, 4, 128, 64, 40), hopper.HopperConfig(num_ctas=2, suffix_pack=True, suffix_box=True, **MHA_DECODE)),
+    # T·g = 4 (GQA), the H200's setting: 2 sequences a window, 64 keys each a 128-key tile
+    ((6, 1, 8, 2, 128, 40, 136), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2,
+                                                      q_registers=True, suffix_keys=128, suffix_pack=True,
+                                                      suffix_box=True)),
+    # T·g = 2 from T = 2 (causal): 4 sequences a window
+    ((9, 2, 4, 4, 64, 8, 56), hopper.HopperConfig(num_ctas=2, suffix_pack=True, suffix_box=True)),
+], ["rows1_128keys", "rows1_h200", "rows4_h200", "rows2_causal"], slow=("rows2_causal",)))
+def test_suffix_box_copies_whole_tiles_at_once_and_never_reads_past_a_length(backend, shape, config):
+  """suffix_box: a packed tile in which every sequence has all its keys is one TMA box (sequences × keys × D), the
+  others a copy a sequence. Most sequences are long (whole tiles as boxes), some end inside a tile, one is empty.
+  The caches hold NaN past the last sub-block each sequence's own copies read (its length rounded up to the keys a
+  sequence has in a tile): a box that took a sequence's sub-block where its copy would be skipped carries NaN into
+  the window's output (a zero weight times NaN)."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=5)
+  rng = np.random.default_rng(5)
+  lengths = np.where(rng.random(b) < 0.75, s - rng.integers(0, 3, b), rng.integers(0, s + 1, b))
+  lengths = jnp.asarray(lengths, jnp.int32).at[1].set(0).at[2].set(s)
+  pack = hopper.suffix_pack_of(t * q.shape[2] // pk.shape[1], config)
+  kb = config.suffix_keys // pack  # keys of a sequence in a tile
+  read = -(-lengths // kb) * kb
+  poisoned = [jnp.where((jnp.arange(s)[None, :] >= read[:, None])[:, :, None, None], jnp.nan, x).astype(x.dtype)
+              for x in (sk, sv)]
+  past = (jnp.arange(s)[None, :] >= lengths[:, None])[:, :, None, None]
+  assert pack > 1
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(p - 3), *poisoned, lengths)
+  clean = [jnp.where(past, 0, x).astype(x.dtype) for x in (sk, sv)]
+  _close(so, sl, *reference.attention(q, *clean, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
 
 

@@ -96,6 +96,12 @@ class HopperConfig(tuning_lib.HopperTuning):
   a decode step's one-token suffixes are bound by that chain, ~600 instructions a warp and 16 barriers an item at
   T·g = 1 (Nsight Compute, B = 256 MHA on the H200: ~2.3 µs an item). suffix_trim does not apply to packed items
   (their copies are already block_k / (8 / T·g) keys); the value ring is zeroed once at the start, as with it.
+  suffix_box: with suffix_pack, a tile in which every sequence of the item has all block_k / (8 / T·g) of its keys
+  is one TMA copy of K and one of V (a box of 8 / T·g consecutive sequences × those keys × D, the caches read as
+  `[B, S, Hkv·D]`) instead of one copy a sequence; a tile where some sequence ends (or lies past the batch) is
+  copied a sequence at a time as before, so no key past a sequence's length is ever read. The suffix rings are
+  then `[stages, 8 / T·g, keys a sequence, D]`, the same bytes as `[stages, block_k, D]` (a tile's rows sequence by
+  sequence), which `_flash` reads through a reshape.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -193,6 +199,12 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
   a copy arriving on its tile's barriers)."""
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   ring = lambda stages, keys: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
+  # suffix_box, compiled: a slot holds `pack` sub-blocks of keys // pack rows (one box copy fills them all)
+  # (tiled (1, 8, 64): a tile never spans two sub-blocks, so that the sub-blocks fold into the [block_k, D] that
+  # the wgmma reads, a tile of (8, 64) as in `ring`)
+  suffix_ring = ring if interpret or not (config.suffix_box and pack > 1) else (
+      lambda stages, keys: plgpu.SMEM((stages, pack, keys // pack, head_dim), dtype,
+                                      transforms=(plgpu.TilingTransform((1, 8, 64)), plgpu.SwizzleTransform(128))))
 
   def prefix_read():  # a barrier a prefix slot: both warpgroups of the pair (in a cluster: of both CTAs) arrive
     if config.cluster > 1:
@@ -208,7 +220,8 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.SMEM((srows, head_dim), dtype),  # its out
       plgpu.SMEM((srows,), jnp.float32),  # its lse
       plgpu.SMEM((srows, config.suffix_keys), dtype, **tiled),  # a suffix tile's probabilities, transposed
-      ring(config.suffix_stages, config.suffix_keys), ring(config.suffix_stages, config.suffix_keys),  # suffix K, V
+      # suffix K, V
+      suffix_ring(config.suffix_stages, config.suffix_keys), suffix_ring(config.suffix_stages, config.suffix_keys),
       plgpu.Barrier(num_barriers=PAIR + 1 + config.suffix_lookahead),  # query copies, one per query buffer
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
@@ -604,14 +617,29 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     sequences whose rows fill the 8-row query window w, each a sub-block of kb = block_k / pack keys of every tile
     (a copy of its own, all arriving on the slot's barrier), the tile's scores masked to a block diagonal: one
     item's softmax, barriers and stores serve `pack` sequences."""
-    stages, block_k = sk_smem.shape[:2]
+    boxed = config.suffix_box and pack > 1  # suffix_box: the caches [B, S, Hkv·D]
+    rings4 = len(sk_smem.shape) == 4  # suffix_box compiled: rings [stages, pack, keys a sequence, D]
+    stages, block_k, head_dim = sk_smem.shape[0], math.prod(sk_smem.shape[1:-1]), sk_smem.shape[-1]
+    # the rings as `_flash` reads them: [stages, block_k, D] (with rings4 a fold of the same bytes)
+    k_ring, v_ring = (r.reshape(stages, block_k, head_dim) if rings4 else r for r in (sk_smem, sv_smem))
     lookahead = config.suffix_lookahead
     wgmma = plgpu.Layout.WGMMA
     cols = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 1, layout=wgmma)
+    refs = ((sk_ref, sk_smem, sk_bars), (sv_ref, sv_smem, sv_bars))
 
     def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
-      plgpu.copy_gmem_to_smem(sk_ref.at[b, keys, h], sk_smem.at[slot, rows], sk_bars.at[slot])
-      plgpu.copy_gmem_to_smem(sv_ref.at[b, keys, h], sv_smem.at[slot, rows], sv_bars.at[slot])
+      for ref, smem, bars in refs:
+        plgpu.copy_gmem_to_smem(ref.at[b, keys, h], smem.at[slot, rows], bars.at[slot])
+
+    def copy_box(b, c, n, h, keys, slot):  # suffix_box: sequences b ... b + n - 1 into sub-blocks c ... c + n - 1
+      heads = pl.ds(h * head_dim, head_dim)
+      for ref, smem, bars in refs:
+        if rings4:  # one copy (one arrival)
+          plgpu.copy_gmem_to_smem(ref.at[pl.ds(b, n), keys, heads], smem.at[slot, pl.ds(c, n)], bars.at[slot])
+        else:  # interpreted (its refs take no reshape): a copy (an arrival) a sequence
+          for i in range(n):
+            plgpu.copy_gmem_to_smem(ref.at[b + i, keys, heads], smem.at[slot, pl.ds((c + i) * keys.size, keys.size)],
+                                    bars.at[slot])
 
     if pack == 1:
       num_items = count(batch * num_heads)
@@ -668,17 +696,35 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
                      for c in range(pack))
         return (w * pack, h, lens), pl.multiple_of(w * srows, 8), pl.cdiv(functools.reduce(jnp.maximum, lens), kb)
 
-      def load(item, j, slot):  # sub-block c of the slot: keys j·kb ... of the window's sequence c, if it has any
+      def arrive(slot, times):  # plain arrivals on the slot's barriers, in place of copies
+        for _ in range(times):
+          plgpu.barrier_arrive(sk_bars.at[slot])
+          plgpu.barrier_arrive(sv_bars.at[slot])
+
+      def load_each(item, j, slot):  # sub-block c of the slot: keys j·kb ... of the window's sequence c, if any
         b0, h, lens = item
         for c in range(pack):  # always `pack` arrivals on the slot's barriers: a skipped copy's is a plain arrival
           live = lens[c] > j * kb
-          pl.when(live)(functools.partial(copy, jnp.minimum(b0 + c, batch - 1), h, pl.ds(j * kb, kb),
-                                          pl.ds(c * kb, kb), slot))
+          b, keys = jnp.minimum(b0 + c, batch - 1), pl.ds(j * kb, kb)
+          pl.when(live)(functools.partial(copy_box, b, c, 1, h, keys, slot) if boxed else
+                        functools.partial(copy, b, h, keys, pl.ds(c * kb, kb), slot))
+          pl.when(jnp.logical_not(live))(functools.partial(arrive, slot, 1))
 
-          @pl.when(jnp.logical_not(live))
-          def _():
-            plgpu.barrier_arrive(sk_bars.at[slot])
-            plgpu.barrier_arrive(sv_bars.at[slot])
+      def load(item, j, slot):
+        if not boxed:
+          return load_each(item, j, slot)
+        b0, h, lens = item
+        # every sequence has all kb keys of tile j (one past the batch has length 0): the whole box, [pack
+        # sequences, kb keys, D], in one copy and pack - 1 plain arrivals (the barriers count pack)
+        whole = functools.reduce(jnp.logical_and, [n >= (j + 1) * kb for n in lens])
+
+        @pl.when(whole)
+        def _():
+          copy_box(b0, 0, pack, h, pl.ds(j * kb, kb), slot)
+          if rings4:
+            arrive(slot, pack - 1)
+
+        pl.when(jnp.logical_not(whole))(functools.partial(load_each, item, j, slot))
 
       def visibility(item, window):
         del window
@@ -708,7 +754,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
     if config.suffix_trim or pack > 1:  # zero weights times stale values must stay zero: no NaN from before the
       for slot in range(stages):  # kernel in the rows a trimmed or skipped copy leaves
-        sv_smem.at[slot][...] = plgpu.layout_cast(jnp.zeros(sv_smem.shape[1:], sv_smem.dtype), wgmma)
+        v_ring.at[slot][...] = plgpu.layout_cast(jnp.zeros(v_ring.shape[1:], v_ring.dtype), wgmma)
       plgpu.commit_smem()  # before the copies (the async proxy) write into the ring
     if lookahead:  # the stream's first item; each later one is started by the item before it
       pl.when(num_items > 0)(lambda: start(0, 0))
@@ -739,7 +785,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       q_buffer, q_copied = queries(i)
       plgpu.barrier_wait(q_copied)
-      acc, m, l = flash(q_buffer, sk_smem, sv_smem, p_smem, lambda slot: sk_bars.at[slot],
+      acc, m, l = flash(q_buffer, k_ring, v_ring, p_smem, lambda slot: sk_bars.at[slot],
                         lambda slot: sv_bars.at[slot], slot_of, after, n, num_full, limit, keys_major=True)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
@@ -821,6 +867,8 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
                           jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])])
   pack = suffix_pack_of(qrows, config)
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack)
+  if config.suffix_box and pack > 1:  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
+    suffix_k, suffix_v = (x.reshape(*x.shape[:2], -1) for x in (suffix_k, suffix_v))
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group, pack=pack)
   splits = config.prefix_splits

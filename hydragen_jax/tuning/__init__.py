@@ -66,6 +66,7 @@ class HopperTuning:
   prefix_overlap: bool = False
   prefix_fill: float = 0.0
   suffix_pack: bool = False
+  suffix_box: bool = False
 
   def __post_init__(self):
     check_hopper(self)
@@ -87,7 +88,8 @@ def check_hopper(config) -> None:
   pool."""
   name = type(config).__name__
   _check_fill(config, "prefix_fill")
-  for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack"):
+  for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",
+                "suffix_box"):
     if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
       raise ValueError(f"{name}.{field} must be true or false; got {getattr(config, field)!r}.")
   for field in ("prefix_keys", "suffix_keys"):

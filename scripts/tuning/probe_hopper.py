@@ -76,6 +76,16 @@ VARIANTS = {
                                   suffix_pack=True),
     "s128qlap": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
                                     suffix_lookahead=True, suffix_pack=True),
+    # suffix_box (session 28): a packed tile whose sequences all have its keys in one TMA copy of K and one of V
+    # instead of 8 / T·g; T·g = 1's setting, and with 128-key suffix tiles (16 keys a sequence, half the tiles an
+    # item; 64-key prefix tiles for the shared memory), and the GQA rows' setting
+    "k128qlat_f075pb": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True,
+                                           suffix_lookahead=True, suffix_trim=True, prefix_fill=0.75,
+                                           suffix_pack=True, suffix_box=True),
+    "s128qpb_f075": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                        prefix_fill=0.75, suffix_pack=True, suffix_box=True),
+    "s128qpb": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                   suffix_pack=True, suffix_box=True),
 }
 
 
