@@ -321,6 +321,18 @@ def test_packed_gqa_setting_lowers_for_cuda():
   _assert_lowers_for_cuda(config, batch=512, heads=32, kv_heads=8, prefix=2048, suffix=512)
 
 
+@pytest.mark.parametrize("prefix", [4096, 16384])
+def test_shipped_mha_decode_settings_lower_for_cuda(prefix):
+  """The H200's T·g = 1 settings, a short prefix's (`hopper`) and a long one's (`hopper_long`), on the 7B MHA
+  decode layer (B = 512) lower for CUDA; the long prefix takes 128-key prefix tiles, the short one 128-key suffix
+  tiles."""
+  h200 = tuning.file_for("NVIDIA H200").tuning
+  config = dataclasses.replace(hopper.tuned_config(h200, rows=1, prefix=prefix), num_ctas=132)
+  long = prefix >= h200.hopper_long_prefix > 0
+  assert (config.prefix_keys, config.suffix_keys) == ((128, 64) if long else (64, 128))
+  _assert_lowers_for_cuda(config, batch=512, heads=32, kv_heads=32, prefix=prefix, suffix=144)
+
+
 def test_suffix_pack_applies_where_a_window_holds_whole_sequences():
   """8 / T·g sequences an item for T·g = 1, 2, 4 with suffix_pack; one otherwise (or without it)."""
   packed, plain = hopper.HopperConfig(suffix_pack=True), hopper.HopperConfig()

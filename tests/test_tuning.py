@@ -551,3 +551,28 @@ def test_sweep_times_and_checks_real_steps_on_the_gpu(tmp_path):
   assert steps and not any(s["error"] for s in steps)
   assert all(isinstance(s["seconds"], float) and s["max_err"] is not None for s in steps)
   assert {s["signature"].split("'")[1] for s in steps} == {"triton", "hopper"}
+
+
+def test_long_prefixes_take_their_own_hopper_settings():
+  """`hopper_long` holds (by T·g rows, as `hopper`) from `hopper_long_prefix` keys of prefix, `hopper` below it;
+  without it (0, the default) `hopper` holds for every prefix; the JSON form keeps both; bad entries are named."""
+  t = _h100()
+  short = t.hopper_for(1)
+  long = dataclasses.replace(short, prefix_keys=128, q_registers=True, prefix_stages=2, suffix_stages=2)
+  assert t.hopper_for(1, 1 << 20) == short  # no long entries
+  t2 = dataclasses.replace(t, hopper_long_prefix=8192, hopper_long=((1, long), (2, short)))
+  assert [t2.hopper_for(1, p) for p in (0, 4096, 8191, 8192, 65536)] == [short, short, short, long, long]
+  assert t2.hopper_for(4, 8192) == short
+  assert hopper.tuned_config(t2, rows=1, prefix=16384) == hopper.HopperConfig(**dataclasses.asdict(long))
+  assert tuning.from_dict(json.loads(json.dumps(tuning.to_dict(t2)))) == t2
+  old_form = tuning.to_dict(t)
+  del old_form["hopper_long_prefix"], old_form["hopper_long"]  # a file from before the field
+  assert tuning.from_dict(old_form) == t
+  with pytest.raises(ValueError, match="hopper_long is given but hopper_long_prefix is 0"):
+    dataclasses.replace(t, hopper_long=((1, long),))
+  with pytest.raises(ValueError, match=r"Tuning.hopper_long must give .* from rows 1 up.*got rows \[2\]"):
+    dataclasses.replace(t, hopper_long_prefix=8192, hopper_long=((2, long),))
+  with pytest.raises(ValueError, match="hopper_long_prefix must be an int >= 0"):
+    dataclasses.replace(t, hopper_long_prefix=-1)
+  with pytest.raises(ValueError, match="prefix an int >= 0"):
+    t2.hopper_for(1, -5)

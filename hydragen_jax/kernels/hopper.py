@@ -125,10 +125,10 @@ def config_of(settings: tuning_lib.HopperTuning) -> HopperConfig:
   return HopperConfig(**dataclasses.asdict(settings))
 
 
-def tuned_config(tuning: tuning_lib.Tuning | None = None, rows: int = 1) -> HopperConfig:
+def tuned_config(tuning: tuning_lib.Tuning | None = None, rows: int = 1, prefix: int = 0) -> HopperConfig:
   """The kernel's settings in the device's tuning (None: `tuning.current()`) for `rows` query rows a sequence and KV
-  head (T·g), one CTA per SM."""
-  return config_of(tuning_lib.resolve(tuning).hopper_for(rows))
+  head (T·g) and a prefix of `prefix` keys (`Tuning.hopper_for`), one CTA per SM."""
+  return config_of(tuning_lib.resolve(tuning).hopper_for(rows, prefix))
 
 
 def query_rows(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
@@ -144,7 +144,7 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
   rows = query_rows(q.shape, prefix_k.shape[-2])
   if rows < 1:
     return f"T·Hq = {steps * num_q_heads} query rows for {prefix_k.shape[-2]} KV heads: under one a KV head"
-  config = tuned_config(rows=rows) if config is None else config
+  config = tuned_config(rows=rows, prefix=prefix_k.shape[0]) if config is None else config
   if q.dtype not in (jnp.bfloat16, jnp.float16) or {prefix_k.dtype, suffix_k.dtype} != {q.dtype}:
     return f"dtypes {q.dtype}/{prefix_k.dtype}/{suffix_k.dtype}: wgmma tiles take 16-bit inputs, all the same"
   if head_dim not in (64, 128):
@@ -826,7 +826,8 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     or its prefix_fill splits it), then (out, lse) over the suffixes; out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
-  config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1])) if config is None else config
+  config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1]), prefix=prefix_k.shape[0]) if config is None \
+      else config
   if config.num_ctas is None:  # one CTA per SM, in whole clusters
     config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
   if config.prefix_splits is None:

@@ -205,6 +205,10 @@ class Tuning:
       `(rows, HopperTuning)` from 1 up: an entry holds from its rows up to the next entry's (`hopper_for`). The
       settings that suit one-row items (MHA decode: the suffix stream is a chain of tiny items, the prefix product
       decides) differ from those of GQA's few-row items (the suffix tiles' softmax decides).
+    hopper_long_prefix, hopper_long: the Hopper kernel's settings by T·g rows (entries as `hopper`'s) for a
+      prefix of at least `hopper_long_prefix` keys; `hopper` below it (0, the default: `hopper` for every prefix).
+      A long prefix's product is compute-bound and wants 128-key prefix tiles, whose shared memory leaves the
+      suffixes 64-key tiles; with a shorter prefix the suffix stream decides, and 128-key suffix tiles pay.
     gemm: the model's decode GEMM kernel (`models.gemm`; off where `gemm.max_rows` is 0).
     batch_min_readers, batch_min_saved_bytes: the models' cost model of a shared level (`validation.batching_pays`):
       its queries are stacked and the level read once (Hydragen) where its nodes have at least `batch_min_readers`
@@ -229,6 +233,8 @@ class Tuning:
   batch_min_readers: int
   batch_min_saved_bytes: int
   num_cores: int
+  hopper_long_prefix: int = 0
+  hopper_long: tuple[tuple[int, HopperTuning], ...] = ()
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
@@ -249,13 +255,19 @@ class Tuning:
     if have != [16 << i for i in range(len(have))] or have[-1] < max(self.max_rows_alone, self.max_rows_shared):
       raise ValueError(f"Tuning.tiles must give a Tile for the row tiles 16, 32, 64, ... up to max_rows_alone="
                        f"{self.max_rows_alone} and max_rows_shared={self.max_rows_shared}, in that order; got {have}.")
-    starts = [rows for rows, _ in self.hopper]
-    if not starts or starts[0] != 1 or any(not isinstance(r, int) or isinstance(r, bool) for r in starts) or (
-        starts != sorted(set(starts))):
-      raise ValueError(f"Tuning.hopper must give (rows, HopperTuning) entries from rows 1 up, in increasing order of "
-                       f"rows; got rows {starts}.")
-    if bad := [rows for rows, settings in self.hopper if not isinstance(settings, HopperTuning)]:
-      raise ValueError(f"Tuning.hopper: the entries of rows {bad} are not HopperTuning.")
+    _check_ints(self, ("hopper_long_prefix",), least=0)
+    for name in ("hopper", "hopper_long") if self.hopper_long or self.hopper_long_prefix else ("hopper",):
+      starts = [rows for rows, _ in getattr(self, name)]
+      if not starts or starts[0] != 1 or any(not isinstance(r, int) or isinstance(r, bool) for r in starts) or (
+          starts != sorted(set(starts))):
+        raise ValueError(f"Tuning.{name} must give (rows, HopperTuning) entries from rows 1 up, in increasing order "
+                         f"of rows; got rows {starts}" + (f" (hopper_long_prefix={self.hopper_long_prefix})."
+                                                          if name == "hopper_long" else "."))
+      if bad := [rows for rows, settings in getattr(self, name) if not isinstance(settings, HopperTuning)]:
+        raise ValueError(f"Tuning.{name}: the entries of rows {bad} are not HopperTuning.")
+    if self.hopper_long and not self.hopper_long_prefix:
+      raise ValueError("Tuning.hopper_long is given but hopper_long_prefix is 0: set the prefix length (keys) from "
+                       "which it holds.")
     for rows, tile in self.tiles:
       rules = {"block_k": (lambda v: _power_of_two(v) and v >= 16, "a power of two >= 16"),
                "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "one of 1, 2, 4, 8, 16"),
@@ -272,15 +284,18 @@ class Tuning:
         return tile
     raise ValueError(f"no tile for block_m={block_m}; the tuning has {[rows for rows, _ in self.tiles]}.")
 
-  def hopper_for(self, rows: int) -> HopperTuning:
-    """The Hopper kernel's settings for `rows` (>= 1) query rows a sequence and KV head (T·g)."""
+  def hopper_for(self, rows: int, prefix: int = 0) -> HopperTuning:
+    """The Hopper kernel's settings for `rows` (>= 1) query rows a sequence and KV head (T·g) and a prefix of
+    `prefix` keys (its capacity): `hopper_long`'s from `hopper_long_prefix` keys, else `hopper`'s."""
     try:
-      count = operator.index(rows)
+      count, keys = operator.index(rows), operator.index(prefix)
     except TypeError:
-      count = 0
-    if count < 1:
-      raise ValueError(f"hopper_for: rows must be an int >= 1 (T·g); got {rows!r}.")
-    return [settings for start, settings in self.hopper if start <= count][-1]
+      count = keys = -1
+    if count < 1 or keys < 0:
+      raise ValueError(f"hopper_for: rows must be an int >= 1 (T·g) and prefix an int >= 0 (keys); got "
+                       f"{rows!r}, {prefix!r}.")
+    entries = self.hopper_long if self.hopper_long_prefix and keys >= self.hopper_long_prefix else self.hopper
+    return [settings for start, settings in entries if start <= count][-1]
 
   def with_hopper(self, first: int, last: int, settings: HopperTuning) -> Tuning:
     """This tuning with `settings` for the rows `first`..`last` (the other rows keep theirs; equal neighbours
@@ -321,7 +336,8 @@ def to_dict(tuning: Tuning) -> dict:
   """The JSON form of a tuning (tiles keyed by their row count)."""
   out = dataclasses.asdict(tuning)
   out["tiles"] = {str(rows): dataclasses.asdict(tile) for rows, tile in tuning.tiles}
-  out["hopper"] = {str(rows): dataclasses.asdict(settings) for rows, settings in tuning.hopper}
+  for name in ("hopper", "hopper_long"):
+    out[name] = {str(rows): dataclasses.asdict(settings) for rows, settings in getattr(tuning, name)}
   return out
 
 
@@ -341,7 +357,7 @@ def _fields(cls, data: Any, where: str, defaults: bool = False) -> dict:
 
 def from_dict(data: dict, where: str = "tuning") -> Tuning:
   """The tuning of its JSON form (`to_dict`); errors name `where` and the field."""
-  data = dict(_fields(Tuning, data, where))
+  data = dict(_fields(Tuning, data, where, defaults=True))
   tiles = data["tiles"]
   if not isinstance(tiles, dict):
     raise ValueError(f"{where}.tiles: expected an object keyed by row count; got {type(tiles).__name__}.")
@@ -351,6 +367,10 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
     raise ValueError(f"{where}.tiles: keys must be row counts; got {sorted(tiles)}.") from e
   data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
   data["hopper"] = _hopper_entries(data["hopper"], f"{where}.hopper")
+  if data.get("hopper_long"):
+    data["hopper_long"] = _hopper_entries(data["hopper_long"], f"{where}.hopper_long")
+  else:
+    data["hopper_long"] = ()
   try:
     data["gemm"] = GemmTuning(**_fields(GemmTuning, data["gemm"], f"{where}.gemm"))
     return Tuning(**data)
