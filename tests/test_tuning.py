@@ -349,7 +349,7 @@ def test_sweep_times_the_hopper_thresholds_on_every_config():
   the Hopper kernel and some on Triton, so each is timed on both (the B = 64 MHA configs sit below both thresholds:
   two choices of one threshold each never moved them)."""
   configs = sweep_device.CONFIGS
-  [choice] = [c for c in sweep_device.choices(configs, sweep_device.GROUPS) if c.field.startswith("hopper_min")]
+  [choice] = [c for c in sweep_device.choices(configs, sweep_device.GROUPS) if c.field.startswith("hopper_min_w")]
   assert choice.field == "+".join(sweep_device.THRESHOLDS) == "hopper_min_work+hopper_min_fill"
   assert sweep_device.GROUPS[choice.group] == tuple(range(len(configs)))
   base, cores = _h100(), ops.num_cores()
@@ -358,6 +358,31 @@ def test_sweep_times_the_hopper_thresholds_on_every_config():
              for value in choice.candidates}
     assert takes == {True, False}, (b, p, hq, hkv)
   assert choice.read(choice.apply(base, (7, 0.25))) == (7, 0.25)
+
+
+def test_sweep_sets_the_mha_settings_by_prefix_length():
+  """T·g = 1's Hopper settings: the long prefixes' (`hopper_long`) timed on the 16K layers, starting from `hopper`'s
+  where a tuning has none and bringing `hopper_long_prefix` down to their prefix; the short ones' on the 4K layer
+  (the configs then take different settings); the threshold on every MHA config, 0 dropping the long settings; and
+  `hopper_min_seq_work` among 0 and the configs' shares, on every config."""
+  configs, groups = sweep_device.CONFIGS, sweep_device.GROUPS
+  picks = {c.field: c for c in sweep_device.choices(configs, groups)}
+  long, short, prefix = picks["hopper_long[1]"], picks["hopper[1]"], picks["hopper_long_prefix"]
+  assert all(configs[i][1] >= sweep_device.LONG_PREFIX for i in groups[long.group])
+  assert all(configs[i][1] < sweep_device.LONG_PREFIX for i in groups[short.group])
+  assert {configs[i][3] // configs[i][4] for i in groups[prefix.group]} == {1}
+  base = _h100()  # no long settings
+  a, b = sweep_device.HOPPER_CONFIGS[:2]
+  t = short.apply(long.apply(base, b), a)
+  assert t.hopper_long_prefix == sweep_device.LONG_PREFIX and long.read(t) == b and short.read(t) == a
+  assert t.hopper_for(4, 1 << 20) == base.hopper_for(4)  # other rows: as hopper
+  assert long.apply(dataclasses.replace(t, hopper_long_prefix=65536), b).hopper_long_prefix == sweep_device.LONG_PREFIX
+  assert 0 in prefix.candidates and sweep_device.LONG_PREFIX in prefix.candidates
+  assert prefix.apply(t, 0).hopper_long == () and prefix.apply(t, 0).hopper_for(1, 1 << 20) == a
+  assert prefix.apply(t, 4096).hopper_for(1, 4096) == b
+  seq = picks["hopper_min_seq_work"]
+  assert seq.kernel == "pallas" and groups[seq.group] == tuple(range(len(configs))) and seq.candidates[0] == 0
+  assert 4096 in seq.candidates and seq.read(seq.apply(base, 4096)) == 4096
 
 
 @pytest.mark.parametrize("argv,message", [

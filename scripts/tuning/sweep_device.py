@@ -66,8 +66,13 @@ _AT = {c: i for i, c in enumerate(CONFIGS)}
 # every config (also for the thresholds between the Hopper kernel and Triton: any shape may cross them, the MHA seed
 # rows too, now that T·g = 1 has settings of its own), the MHA decode layers, a spread for the tiles (small and
 # large MHA, mid and large GQA) and the largest prefix products alone.
-GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))),
-              mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]),
+_MHA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(CONFIGS) if hq == hkv)  # T·g = 1 (decode, MHA)
+# the Hopper kernel's T·g = 1 settings by prefix length (`Tuning.hopper_long`): the long ones timed on the 16K layers,
+# the short ones on the 4K layer (the 16K layer at B = 64 leaves SMs idle: Triton's), their threshold on every MHA
+# config
+LONG_PREFIX = MHA_LAYER[1]
+GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
+              mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), mha_short=(_AT[E2E_LAYERS[0]],),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
@@ -92,7 +97,15 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))),
 # settings, the H200's; its candidate first, so that a sweep keeps it unless another is faster).
 # `suffix_pack`: the 8 / T·g sequences of a query window in one suffix item (session 19: +2-3 % on the GQA rows,
 # T·g = 4, with the settings of T·g = 2-8; slower at T·g = 1 beyond one-token suffixes: 16 copies a tile).
-HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75),
+# `suffix_box`: a packed tile whose sequences all have its keys in one TMA copy (session 28 on the H200: the 7B MHA
+# layer with 128-key suffix tiles 0.772 of its floor at B = 512, P = 4K against Triton's 0.636, and the T·g = 1
+# setting packed in boxes 0.553 at P = 16K against 0.530 unpacked; the GQA rows 1.005x).
+HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
+                               suffix_box=True),
+                  HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75, suffix_pack=True,
+                               suffix_box=True),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, suffix_box=True),
+                  HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, True),
@@ -144,17 +157,35 @@ def tile_choice(rows: int, kernel: str, group: str, candidates) -> Choice:
   return Choice(f"tiles[{rows}]", kernel, group, tuple(candidates), lambda t: t.tile(rows), apply)
 
 
-def hopper_choice(first: int, last: int, group: str, candidates) -> Choice:
+def hopper_choice(first: int, last: int, group: str, candidates, long_from: int = 0) -> Choice:
   """The Hopper kernel's settings for T·g = first..last query rows a sequence and KV head (`Tuning.hopper`), timed
   on `group`'s configs (whose T·g must lie in that range). The base is the entry of `first`; a pick becomes one entry
-  for the whole range (`Tuning.with_hopper`), replacing any entries inside it."""
-  return Choice(f"hopper[{first}-{last}]" if last > first else f"hopper[{first}]", "hopper", group,
-                tuple(candidates), lambda t: t.hopper_for(first), lambda t, v: t.with_hopper(first, last, v))
+  for the whole range (`Tuning.with_hopper`), replacing any entries inside it. long_from: the settings of prefixes
+  from that many keys (`Tuning.hopper_long`, the group's configs having such prefixes): a tuning without them starts
+  them as a copy of `hopper`'s, and `hopper_long_prefix` drops to long_from where it is 0 or larger (the
+  `hopper_long_prefix` choice then sets it on every MHA config)."""
+  rows = f"[{first}-{last}]" if last > first else f"[{first}]"
+  if not long_from:
+    return Choice(f"hopper{rows}", "hopper", group, tuple(candidates), lambda t: t.hopper_for(first),
+                  lambda t, v: t.with_hopper(first, last, v))
+
+  def apply(t: Tuning, v: HopperTuning) -> Tuning:
+    entries = dataclasses.replace(t, hopper=t.hopper_long or t.hopper).with_hopper(first, last, v).hopper
+    prefix = min(t.hopper_long_prefix, long_from) if t.hopper_long_prefix else long_from
+    return dataclasses.replace(t, hopper_long=entries, hopper_long_prefix=prefix)
+  return Choice(f"hopper_long{rows}", "hopper", group, tuple(candidates),
+                lambda t: t.hopper_for(first, long_from), apply)
 
 
-# the fields that decide between the Hopper kernel and Triton on the configs (hopper_min_seq_work, the rule for long
-# prefixes a sequence, is measured on the long document's shapes, by probe_hopper and end to end: none of the configs
-# has them)
+def long_prefix_choice(group: str, candidates) -> Choice:
+  """`hopper_long_prefix`, timed with the kernel the API takes: 0 drops the long settings (`hopper` for every
+  prefix)."""
+  return Choice("hopper_long_prefix", "pallas", group, tuple(candidates), lambda t: t.hopper_long_prefix,
+                lambda t, v: dataclasses.replace(t, hopper_long_prefix=v, hopper_long=t.hopper_long if v else ()))
+
+
+# the fields that decide between the Hopper kernel and Triton on the configs, swept together (hopper_min_seq_work,
+# the rule for a long prefix a sequence, is a choice of its own after them)
 THRESHOLDS = ("hopper_min_work", "hopper_min_fill")
 
 
@@ -164,6 +195,7 @@ def choices(configs, groups) -> list[Choice]:
   those (of equally fast pairs, the last: the larger thresholds)."""
   every = [configs[i] for i in groups["all"]]
   works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in every})
+  seq_works = sorted({validation.prefix_work((1, 1, hq), hkv, p) for _, p, _, hq, hkv in every})
   # fill thresholds: below every config's fill, between each two, above all (the configs' fills on this device)
   fills = sorted({round(validation.prefix_fill((b, 1, hq), hkv, ops.num_cores()), 3) for b, _, _, hq, hkv in every})
   fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
@@ -171,10 +203,16 @@ def choices(configs, groups) -> list[Choice]:
   return [
       # GQA's few-row suffix items (the seed rows: T·g = 4; rows 2-3 keep their entry: none of the configs has them)
       hopper_choice(4, 8, "gqa", HOPPER_CONFIGS),
-      hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS),  # MHA decode: one-row items
+      # MHA decode: one-row items; a long prefix's settings and a short one's apart, then where one ends
+      hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS, long_from=LONG_PREFIX),
+      hopper_choice(1, 1, "mha_short", HOPPER_CONFIGS),
+      long_prefix_choice("mha", [0] + sorted({configs[i][1] for i in groups["mha"]} | {8192})),
       # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
       fields_choice(THRESHOLDS, "pallas", "all", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
+      # a prefix product below hopper_min_work still takes the kernel where one sequence's share (T·g rows × prefix
+      # keys) reaches this (and the items fill hopper_min_fill): 0 (off) or the configs' own shares
+      field_choice("hopper_min_seq_work", "pallas", "all", [0] + seq_works),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
@@ -239,7 +277,7 @@ class Sweep:
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
                                            tuning=tune))
     if kernel in ("hopper", "pallas"):
-      settings = tune.hopper_for(hopper.query_rows(q.shape, hkv))
+      settings = tune.hopper_for(hopper.query_rows(q.shape, hkv), p)
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
       # "pallas" as the API runs it: the Hopper kernel only on a Hopper GPU (a dry run traces it anywhere)
       on_hopper = self.dry_run or validation.on_hopper()
