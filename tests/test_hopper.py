@@ -287,7 +287,7 @@ def test_packed_suffix_items_match_reference(backend, shape, config):
                                                       suffix_box=True)),
     # T·g = 2 from T = 2 (causal): 4 sequences a window
     ((9, 2, 4, 4, 64, 8, 56), hopper.HopperConfig(num_ctas=2, suffix_pack=True, suffix_box=True)),
-], ["rows1_128keys", "rows1_h200", "rows4_h200", "rows2_causal"], slow=("rows2_causal",)))
+], ["rows1_128keys", "rows1_h200", "rows4_h200", "rows2_causal"], slow=("rows1_h200", "rows4_h200", "rows2_causal")))
 def test_suffix_box_copies_whole_tiles_at_once_and_never_reads_past_a_length(backend, shape, config):
   """suffix_box: a packed tile in which every sequence has all its keys is one TMA box (sequences × keys × D), the
   others a copy a sequence. Most sequences are long (whole tiles as boxes), some end inside a tile, one is empty.
