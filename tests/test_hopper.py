@@ -288,12 +288,14 @@ def test_packed_suffix_items_match_reference(backend, shape, config):
     # T·g = 2 from T = 2 (causal): 4 sequences a window
     ((9, 2, 4, 4, 64, 8, 56), hopper.HopperConfig(num_ctas=2, suffix_pack=True, suffix_box=True)),
 ], ["rows1_128keys", "rows1_h200", "rows4_h200", "rows2_causal"], slow=("rows1_h200", "rows4_h200", "rows2_causal")))
-def test_suffix_box_copies_whole_tiles_at_once_and_never_reads_past_a_length(backend, shape, config):
-  """suffix_box: a packed tile in which every sequence has all its keys is one TMA box (sequences × keys × D), the
-  others a copy a sequence. Most sequences are long (whole tiles as boxes), some end inside a tile, one is empty.
-  The caches hold NaN past the last sub-block each sequence's own copies read (its length rounded up to the keys a
-  sequence has in a tile): a box that took a sequence's sub-block where its copy would be skipped carries NaN into
-  the window's output (a zero weight times NaN)."""
+def test_suffix_box_copies_live_tiles_at_once_and_never_reads_past_a_last_sub_block(backend, shape, config):
+  """suffix_box: a packed tile in which every sequence has keys is one TMA box (sequences × keys × D), the others a
+  copy a sequence. Most sequences are long (whole tiles as boxes), some end inside a tile, one is empty. The caches
+  hold NaN past the last sub-block each sequence's own copies read (its length rounded up to the keys a sequence has
+  in a tile): a box that took a sequence's sub-block where its copy would be skipped carries NaN into the window's
+  output (a zero weight times NaN). Interpreted, a box is copied a sequence at a time (the interpreter takes no
+  reshaped refs), so the box copy itself, its (1, 8, 64) tiling and its arrivals are checked compiled (the GPU
+  tier) and by the lowering test; which tiles go as boxes is checked in both."""
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=5)
   rng = np.random.default_rng(5)

@@ -207,7 +207,7 @@ def test_hopper_settings_go_by_query_rows():
                                                    jax.ShapeDtypeStruct((2, 16, 2, 64), jnp.bfloat16))
   with pytest.raises(ValueError, match="rows must be an int >= 1"):
     t2.hopper_for(0)
-  with pytest.raises(ValueError, match=r"got '4'"):  # the value given, not what it was taken for
+  with pytest.raises(ValueError, match=r"got rows='4'"):  # the value given, not what it was taken for
     t2.hopper_for("4")
   assert hopper.query_rows((8, 3, 32, 128), 8) == 12
   assert hopper.tuned_config(t2, rows=4) == hopper.HopperConfig(**dataclasses.asdict(wide))
@@ -599,5 +599,13 @@ def test_long_prefixes_take_their_own_hopper_settings():
     dataclasses.replace(t, hopper_long_prefix=8192, hopper_long=((2, long),))
   with pytest.raises(ValueError, match="hopper_long_prefix must be an int >= 0"):
     dataclasses.replace(t, hopper_long_prefix=-1)
-  with pytest.raises(ValueError, match="prefix an int >= 0"):
+  with pytest.raises(ValueError, match=r"prefix an int >= 0 \(keys\); got rows=1, prefix=-5"):
     t2.hopper_for(1, -5)
+  # a later change of `hopper` (a sweep of rows 2-8): the long rows that were copies follow, row 1's own stays
+  wide = dataclasses.replace(short, suffix_keys=128, q_registers=True, prefix_stages=2, suffix_stages=2)
+  t3 = t2.with_hopper(2, 8, wide)
+  assert [t3.hopper_for(r, 1 << 20) for r in (1, 2, 8, 9)] == [long, wide, wide, short]
+  assert [t3.hopper_for(r) for r in (1, 2, 8, 9)] == [short, wide, wide, short]
+  assert t3.with_hopper(1, 1, wide).hopper_for(1, 1 << 20) == long  # row 1's long setting is its own
+  with pytest.raises(ValueError, match="suffix_box needs suffix_pack"):
+    dataclasses.replace(short, suffix_box=True)

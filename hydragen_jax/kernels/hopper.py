@@ -96,12 +96,13 @@ class HopperConfig(tuning_lib.HopperTuning):
   a decode step's one-token suffixes are bound by that chain, ~600 instructions a warp and 16 barriers an item at
   T·g = 1 (Nsight Compute, B = 256 MHA on the H200: ~2.3 µs an item). suffix_trim does not apply to packed items
   (their copies are already block_k / (8 / T·g) keys); the value ring is zeroed once at the start, as with it.
-  suffix_box: with suffix_pack, a tile in which every sequence of the item has all block_k / (8 / T·g) of its keys
-  is one TMA copy of K and one of V (a box of 8 / T·g consecutive sequences × those keys × D, the caches read as
-  `[B, S, Hkv·D]`) instead of one copy a sequence; a tile where some sequence ends (or lies past the batch) is
-  copied a sequence at a time as before, so no key past a sequence's length is ever read. The suffix rings are
-  then `[stages, 8 / T·g, keys a sequence, D]`, the same bytes as `[stages, block_k, D]` (a tile's rows sequence by
-  sequence), which `_flash` reads through a reshape.
+  suffix_box: with suffix_pack, a tile in which every sequence of the item has keys is one TMA copy of K and one of
+  V (a box of 8 / T·g consecutive sequences × their block_k / (8 / T·g) keys × D, the caches read as
+  `[B, S, Hkv·D]`) instead of one copy a sequence: the same bytes, since each sequence's copy takes its whole
+  sub-block; a tile where some sequence has no keys left (or lies past the batch) is copied a sequence at a time as
+  before, so no sub-block past a sequence's last one is read. The suffix rings are then
+  `[stages, 8 / T·g, keys a sequence, D]`, the same bytes as `[stages, block_k, D]` (a tile's rows sequence by
+  sequence), which `_flash` reads through a reshape (needs suffix_pack).
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -121,7 +122,8 @@ class HopperConfig(tuning_lib.HopperTuning):
 
 
 def config_of(settings: tuning_lib.HopperTuning) -> HopperConfig:
-  """The kernel's configuration with the measured `settings` (one entry of `Tuning.hopper`), one CTA per SM."""
+  """The kernel's configuration with the measured `settings` (one entry of `Tuning.hopper` or `hopper_long`), one
+  CTA per SM."""
   return HopperConfig(**dataclasses.asdict(settings))
 
 
@@ -139,7 +141,7 @@ def query_rows(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
 
 def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig | None = None) -> str | None:
   """None if the Hopper kernel handles q `[B, T, Hq, D]` over prefix_k `[P, Hkv, D]` and suffix_k `[B, S, Hkv, D]`
-  with `config` (None: `tuned_config()` for these T·g rows), else the reason it does not."""
+  with `config` (None: `tuned_config()` for these T·g rows and this prefix capacity), else the reason it does not."""
   _, steps, num_q_heads, head_dim = q.shape
   rows = query_rows(q.shape, prefix_k.shape[-2])
   if rows < 1:
@@ -714,9 +716,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         if not boxed:
           return load_each(item, j, slot)
         b0, h, lens = item
-        # every sequence has all kb keys of tile j (one past the batch has length 0): the whole box, [pack
-        # sequences, kb keys, D], in one copy and pack - 1 plain arrivals (the barriers count pack)
-        whole = functools.reduce(jnp.logical_and, [n >= (j + 1) * kb for n in lens])
+        # every sequence has keys in tile j (one past the batch has length 0), so each would copy its whole
+        # sub-block: the box, [pack sequences, kb keys, D], in one copy and pack - 1 plain arrivals (the barriers
+        # count pack)
+        whole = functools.reduce(jnp.logical_and, [n > j * kb for n in lens])
 
         @pl.when(whole)
         def _():
@@ -818,7 +821,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     prefix_k, prefix_v: `[P, Hkv, D]`, shared by all B sequences, fully visible up to `prefix_length` (int32 []).
     suffix_k, suffix_v: `[B, S, Hkv, D]`, causal for the T queries, `suffix_lengths` `[B]` int32 valid keys.
       Lengths are clamped to [0, P] and [0, S].
-    config: the kernel's settings; None: `tuned_config()` for T·g = T·Hq/Hkv rows.
+    config: the kernel's settings; None: `tuned_config()` for T·g = T·Hq/Hkv rows and a prefix of P keys.
     interpret: run in Mosaic GPU's interpreter (CPU tests).
 
   Returns:

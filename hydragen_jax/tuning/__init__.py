@@ -97,6 +97,9 @@ def check_hopper(config) -> None:
       raise ValueError(f"{name}.{field} must be 64 or 128; got {getattr(config, field)!r}.")
   if not _is_int(config.cluster) or config.cluster not in (1, 2):
     raise ValueError(f"{name}.cluster must be 1 or 2; got {config.cluster!r}.")
+  if config.suffix_box and not config.suffix_pack:
+    raise ValueError(f"{name}.suffix_box needs suffix_pack (it copies the tiles of packed suffix items); got "
+                     "suffix_box=True, suffix_pack=False.")
   _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)
   if config.pingpong and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with pingpong (the pair would wait for each other); got "
@@ -293,19 +296,35 @@ class Tuning:
       count = keys = -1
     if count < 1 or keys < 0:
       raise ValueError(f"hopper_for: rows must be an int >= 1 (T·g) and prefix an int >= 0 (keys); got "
-                       f"{rows!r}, {prefix!r}.")
-    entries = self.hopper_long if self.hopper_long_prefix and keys >= self.hopper_long_prefix else self.hopper
-    return [settings for start, settings in entries if start <= count][-1]
+                       f"rows={rows!r}, prefix={prefix!r}.")
+    return _setting(self.hopper_long if self.hopper_long_prefix and keys >= self.hopper_long_prefix else self.hopper,
+                    count)
 
   def with_hopper(self, first: int, last: int, settings: HopperTuning) -> Tuning:
     """This tuning with `settings` for the rows `first`..`last` (the other rows keep theirs; equal neighbours
-    merge into one entry)."""
+    merge into one entry). Rows of `hopper_long` that hold `hopper`'s settings (copies, never measured apart on long
+    prefixes) follow the change; rows with long settings of their own keep them."""
     if not 1 <= first <= last:
       raise ValueError(f"with_hopper: expected 1 <= first <= last; got {first}, {last}.")
-    starts = sorted({start for start, _ in self.hopper} | {first, last + 1})
-    entries = [(r, settings if first <= r <= last else self.hopper_for(r)) for r in starts]
-    merged = [entry for i, entry in enumerate(entries) if i == 0 or entry[1] != entries[i - 1][1]]
-    return dataclasses.replace(self, hopper=tuple(merged))
+    cut = {first, last + 1}
+    starts = sorted({start for start, _ in self.hopper} | cut)
+    hopper = _merged([(r, settings if first <= r <= last else _setting(self.hopper, r)) for r in starts])
+    long = self.hopper_long
+    if long:
+      starts = sorted({start for start, _ in self.hopper} | {start for start, _ in long} | cut)
+      follows = lambda r: first <= r <= last and _setting(long, r) == _setting(self.hopper, r)
+      long = _merged([(r, settings if follows(r) else _setting(long, r)) for r in starts])
+    return dataclasses.replace(self, hopper=hopper, hopper_long=long)
+
+
+def _setting(entries: tuple[tuple[int, HopperTuning], ...], rows: int) -> HopperTuning:
+  """The settings that hold for `rows` in (start rows, settings) entries: the last entry starting at or below."""
+  return [settings for start, settings in entries if start <= rows][-1]
+
+
+def _merged(entries: list[tuple[int, HopperTuning]]) -> tuple[tuple[int, HopperTuning], ...]:
+  """Entries with equal neighbours merged into the first of them."""
+  return tuple(entry for i, entry in enumerate(entries) if i == 0 or entry[1] != entries[i - 1][1])
 
 
 @dataclasses.dataclass(frozen=True)

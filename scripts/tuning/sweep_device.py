@@ -170,7 +170,8 @@ def hopper_choice(first: int, last: int, group: str, candidates, long_from: int 
                   lambda t, v: t.with_hopper(first, last, v))
 
   def apply(t: Tuning, v: HopperTuning) -> Tuning:
-    entries = dataclasses.replace(t, hopper=t.hopper_long or t.hopper).with_hopper(first, last, v).hopper
+    alone = dataclasses.replace(t, hopper=t.hopper_long or t.hopper, hopper_long=(), hopper_long_prefix=0)
+    entries = alone.with_hopper(first, last, v).hopper
     prefix = min(t.hopper_long_prefix, long_from) if t.hopper_long_prefix else long_from
     return dataclasses.replace(t, hopper_long=entries, hopper_long_prefix=prefix)
   return Choice(f"hopper_long{rows}", "hopper", group, tuple(candidates),
@@ -455,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--final-s", type=float, default=60.0, help="of which reserved for the final check")
   parser.add_argument("--min-gain", type=float, default=0.02, help="a candidate must be this much faster")
   parser.add_argument("--fields", default=None, help="comma-separated fields to sweep (default: all; \"hopper\": every "
-                                                     "hopper[rows] choice, \"tiles\": every tile)")
+                                                     "hopper[rows] and hopper_long[rows] choice, \"tiles\": every "
+                                                     "tile)")
   parser.add_argument("--commit", default=None,
                       help="commit of the code (default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD)")
   parser.add_argument("--log", default=None, help="JSON-lines file of every timed step")
@@ -479,8 +481,10 @@ def main(argv: list[str] | None = None) -> None:
   todo = choices(configs, groups)
   if args.fields:
     wanted = args.fields.split(",")
-    # "hopper": every hopper[...]; a field of a joint choice picks it ("hopper_min_fill": hopper_min_work+...)
-    picks = lambda name, field: field == name or field.startswith(name + "[") or name in field.split("+")
+    # "hopper": every hopper[...] and hopper_long[...]; a field of a joint choice picks it ("hopper_min_fill":
+    # hopper_min_work+...)
+    picks = lambda name, field: (field == name or field.startswith(name + "[") or name in field.split("+")
+                                 or (name == "hopper" and field.startswith("hopper_long[")))
     if unknown := sorted(w for w in wanted if not any(picks(w, c.field) for c in todo)):
       parser.error(f"--fields: unknown {unknown}; known: {[c.field for c in todo]} (a name before '[' picks all)")
     todo = [c for c in todo if any(picks(w, c.field) for w in wanted)]
