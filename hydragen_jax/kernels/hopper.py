@@ -204,7 +204,7 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
   # suffix_box, compiled: a slot holds `pack` sub-blocks of keys // pack rows (one box copy fills them all)
   # (tiled (1, 8, 64): a tile never spans two sub-blocks, so that the sub-blocks fold into the [block_k, D] that
   # the wgmma reads, a tile of (8, 64) as in `ring`)
-  suffix_ring = ring if interpret or not (config.suffix_box and pack > 1) else (
+  suffix_ring = ring if interpret or not _boxed(config, pack) else (
       lambda stages, keys: plgpu.SMEM((stages, pack, keys // pack, head_dim), dtype,
                                       transforms=(plgpu.TilingTransform((1, 8, 64)), plgpu.SwizzleTransform(128))))
 
@@ -249,6 +249,11 @@ def _smem_bytes(head_dim: int, srows: int, config: HopperConfig) -> int:
     elif item is not None:
       total += -(-math.prod(item.shape) * jnp.dtype(item.dtype).itemsize // 1024) * 1024
   return total
+
+
+def _boxed(config: HopperConfig, pack: int) -> bool:
+  """Whether packed suffix items (`pack` sequences each, `suffix_pack_of`) copy their tiles in boxes."""
+  return config.suffix_box and pack > 1
 
 
 def _window_rows(qrows: int) -> int:
@@ -619,7 +624,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     sequences whose rows fill the 8-row query window w, each a sub-block of kb = block_k / pack keys of every tile
     (a copy of its own, all arriving on the slot's barrier), the tile's scores masked to a block diagonal: one
     item's softmax, barriers and stores serve `pack` sequences."""
-    boxed = config.suffix_box and pack > 1  # suffix_box: the caches [B, S, Hkv·D]
+    boxed = _boxed(config, pack)  # the caches [B, S, Hkv·D]
     rings4 = len(sk_smem.shape) == 4  # suffix_box compiled: rings [stages, pack, keys a sequence, D]
     stages, block_k, head_dim = sk_smem.shape[0], math.prod(sk_smem.shape[1:-1]), sk_smem.shape[-1]
     # the rings as `_flash` reads them: [stages, block_k, D] (with rings4 a fold of the same bytes)
@@ -634,14 +639,11 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         plgpu.copy_gmem_to_smem(ref.at[b, keys, h], smem.at[slot, rows], bars.at[slot])
 
     def copy_box(b, c, n, h, keys, slot):  # suffix_box: sequences b ... b + n - 1 into sub-blocks c ... c + n - 1
-      heads = pl.ds(h * head_dim, head_dim)
-      for ref, smem, bars in refs:
-        if rings4:  # one copy (one arrival)
-          plgpu.copy_gmem_to_smem(ref.at[pl.ds(b, n), keys, heads], smem.at[slot, pl.ds(c, n)], bars.at[slot])
-        else:  # interpreted (its refs take no reshape): a copy (an arrival) a sequence
-          for i in range(n):
-            plgpu.copy_gmem_to_smem(ref.at[b + i, keys, heads], smem.at[slot, pl.ds((c + i) * keys.size, keys.size)],
-                                    bars.at[slot])
+      heads = pl.ds(h * head_dim, head_dim)  # KV head h of the caches' [B, S, Hkv·D] view
+      if rings4:  # one copy (one arrival)
+        return copy(pl.ds(b, n), heads, keys, pl.ds(c, n), slot)
+      for i in range(n):  # interpreted (its refs take no reshape): a copy (an arrival) a sequence
+        copy(b + i, heads, keys, pl.ds((c + i) * keys.size, keys.size), slot)
 
     if pack == 1:
       num_items = count(batch * num_heads)
@@ -829,8 +831,8 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
     or its prefix_fill splits it), then (out, lse) over the suffixes; out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
-  config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1]), prefix=prefix_k.shape[0]) if config is None \
-      else config
+  if config is None:
+    config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1]), prefix=prefix_k.shape[0])
   if config.num_ctas is None:  # one CTA per SM, in whole clusters
     config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
   if config.prefix_splits is None:
@@ -871,7 +873,7 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
                           jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])])
   pack = suffix_pack_of(qrows, config)
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack)
-  if config.suffix_box and pack > 1:  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
+  if _boxed(config, pack):  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
     suffix_k, suffix_v = (x.reshape(*x.shape[:2], -1) for x in (suffix_k, suffix_v))
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group, pack=pack)

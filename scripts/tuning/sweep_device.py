@@ -207,6 +207,7 @@ def choices(configs, groups) -> list[Choice]:
       # MHA decode: one-row items; a long prefix's settings and a short one's apart, then where one ends
       hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS, long_from=LONG_PREFIX),
       hopper_choice(1, 1, "mha_short", HOPPER_CONFIGS),
+      # (0, the MHA configs' prefixes, and 8192, between the 4K and 16K layers)
       long_prefix_choice("mha", [0] + sorted({configs[i][1] for i in groups["mha"]} | {8192})),
       # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
