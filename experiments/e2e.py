@@ -152,14 +152,27 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) ->
         jobs = jobs_for(config, model.config.vocab_size)
         for job in tqdm(jobs, desc=f"{config['name']}{f' tp={tp}' if tp > 1 else ''}", disable=not progress):
             if budget is not None and time.perf_counter() - started > budget:
-                for label in job.labels:
-                    writer.write(record="decode", point={**job.point, **_tp_key(config, tp)}, mode=label,
-                                 status="skipped", reason="time budget exhausted")
+                skip_job(job, model, config, writer, weights, itemsize, tp)
                 continue
             run_job(job, model, config, writer, backend, weights, itemsize, rates, tp)
         del model
         memory.release()
     return writer.records
+
+
+def skip_job(job: Job, model, config, writer, weights: int, itemsize: int, tp: int = 1) -> None:
+    """A job left when the time budget is spent: "skipped", except where its memory estimate does not fit the
+    device (no time needed to know): "oom" with the estimate, as `run_job` records it."""
+    tree = job.tree_fn()
+    needed = needed_bytes(tree, job.point["generate"], job.modes[0], model.config, weights, itemsize, tp)
+    point = {**job.point, "batch": tree.num_sequences, **_tp_key(config, tp)}
+    try:
+        memory.check_fits(needed, config.get("device"))
+        status, results, reason = "skipped", {}, "time budget exhausted"
+    except memory.EstimatedOOM as error:
+        status, results, reason = "oom", {"estimate_bytes": needed}, f"prefill: {type(error).__name__}: {error}"
+    for label in job.labels:
+        writer.write(record="decode", point=point, mode=label, status=status, results=results, reason=reason)
 
 
 def _tp_key(config: dict, tp: int) -> dict:

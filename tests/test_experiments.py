@@ -531,6 +531,27 @@ def test_e2e_estimated_oom_is_recorded_without_prefill(tmp_path, monkeypatch):
     assert all(r["status"] == "oom" and "estimated" in r["reason"] for r in decode)
 
 
+def test_e2e_points_past_the_time_budget_are_skipped_or_estimated_oom(tmp_path, monkeypatch):
+    """Once the budget is spent nothing runs; a point whose estimate does not fit is still recorded as an estimated
+    OOM (knowing it takes no time), the others as skipped."""
+    from experiments import e2e, model_api
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("nothing runs past the time budget")
+
+    monkeypatch.setattr(model_api, "prefill", no_prefill)
+    for device, status in [({}, "skipped"), ({"memory_capacity_bytes": 10**6, "memory_fraction": 1.0}, "oom")]:
+        cfg = _tiny_e2e(**device)
+        cfg["timing"]["time_budget_s"] = 0
+        path = tmp_path / f"{status}.jsonl"
+        with records.RecordWriter(path, cfg) as writer:
+            e2e.run(cfg, writer, progress=False)
+        decode = [r for r in _check_records(path) if r["record"] == "decode"]
+        assert {r["mode"] for r in decode} == set(cfg["modes"]) and all(r["status"] == status for r in decode)
+        assert all(("estimated" in r["reason"] and r["results"]["estimate_bytes"] > 10**6) if status == "oom"
+                   else r["reason"] == "time budget exhausted" for r in decode)
+
+
 def test_e2e_runtime_oom_is_recorded(tmp_path, monkeypatch):
     from experiments import e2e, model_api
 
