@@ -31,7 +31,9 @@
 # give a run restricted by EXTRA, e.g. EXTRA="--set grid.batches=[64]" TAG=b64, a NAME of its own, so that the report
 # takes its rows from it and the others from the part's full run; with the part's own NAME it would replace that run
 # whole), ANCHORS_DIR (default .anchors),
-# HYDRAGEN_JAX_COMMIT (the commit the records name, where this tree's .git is not the code's: the device machine).
+# HYDRAGEN_JAX_COMMIT (the commit the records name, where this tree's .git is not the code's: the device machine),
+# ROWS (bench parts: the seed rows to run instead of the part's, e.g. ROWS=4 TAG=row4 bash experiments/gpu_full.sh
+# bench-mha; the report takes each bench row from the newest file that has it).
 #
 # Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where PYTHON imports torch
 # with CUDA (and FlashInfer from $ANCHORS_DIR); otherwise they are recorded as skipped with the reason. JAX then takes
@@ -106,10 +108,15 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
   fi
 }
 
+rows() {  # rows LIST: the --set assignment that keeps bench_attention's seed rows LIST (e.g. "0,1,2,3,4")
+  "$PYTHON" -c 'import sys; from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, sys.argv[1], []))' "$1"
+}
+
 case "$PART" in
-  bench)     run bench_attention bench_attention ;;
-  bench-mha) run bench_attention-mha bench_attention --set "$("$PYTHON" -c 'from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, "0,1,2,3,4", []))')" ;;
-  bench-gqa) run bench_attention-gqa bench_attention --set "$("$PYTHON" -c 'from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, "5,6,7,8", []))')" ;;
+  bench)     if [[ -n "${ROWS:-}" ]]; then run bench_attention bench_attention --set "$(rows "$ROWS")"
+             else run bench_attention bench_attention; fi ;;
+  bench-mha) run bench_attention-mha bench_attention --set "$(rows "${ROWS:-0,1,2,3,4}")" ;;
+  bench-gqa) run bench_attention-gqa bench_attention --set "$(rows "${ROWS:-5,6,7,8}")" ;;
   e2e-part1) run e2e_throughput-part1 e2e_throughput --set "grid.prefixes=[1024]" ;;
   e2e-part2) run e2e_throughput-part2 e2e_throughput --set "grid.prefixes=[4096]" ;;
   e2e-part3) run e2e_throughput-part3 e2e_throughput --set "grid.prefixes=[16384]" ;;

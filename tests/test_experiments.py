@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import tomllib
 import types
@@ -876,6 +877,25 @@ def test_gpu_full_names_a_tagged_run_apart(tmp_path, tag, name):
     assert done.returncode == 0, done.stderr
     line = args.read_text().splitlines()[0]
     assert f"--out experiments/results/{name}-fake-gpu-" in line and "grid.batches=[64]" in line, line
+
+
+@pytest.mark.parametrize("rows, tag, want", [("", "", "bench_attention-mha-fake-gpu-.* rows=0,1,2,3,4"),
+                                             ("4", "row4", "bench_attention-mha-row4-fake-gpu-.* rows=4")])
+def test_gpu_full_runs_the_bench_rows_asked_for(tmp_path, rows, tag, want):
+    """`ROWS` picks the seed rows of a bench part (the stand-in PYTHON answers the row selection with the rows it was
+    asked for)."""
+    args = tmp_path / "args.txt"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\nif [[ "$1" == -c && "$2" == *select_rows* ]]; then echo "rows=$3"\n'
+                    f'elif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; else echo "$@" >> {args}; fi\n')
+    fake.chmod(0o755)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHON=str(fake), TAG=tag, ROWS=rows, ANCHORS_DIR=str(tmp_path / "none"))
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "bench-mha"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.search(want, args.read_text().splitlines()[0]), args.read_text()
 
 
 def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, capsys):
