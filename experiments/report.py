@@ -362,8 +362,10 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
     base = prefixes[0]
     with_floors = tables.has_floors(decode)
     header = ["prefix", "Hydragen tok/s"] + [f"{MODE_TITLES[m].split(' (')[0]} (rel.)" for m in modes]
-    if with_floors:
-        header += ["Hydragen floor (rel.)", "Hydragen / floor"]
+    vs_none = {key[0]: v for key, v in tables.hydragen_vs_none_rows(decode, ["prefix"])}
+    if with_floors:  # the criteria at each point: `none` against its floor, Hydragen's extra over `none`
+        header += ["Hydragen floor (rel.)", "Hydragen / floor", "none / floor", "extra / attention floor",
+                   "extra / levels apart"]
     lines = []
     for p in prefixes:
         cells = [tables.fmt_tokens(p), tables._cell(by.get((p, "hydragen")), "tokens_per_s", tables._fmt_rate)]
@@ -376,11 +378,17 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
         if with_floors:
             cells += [tables._ratio(tables.result(by.get((p, "hydragen")), "floor_tokens_per_s"),
                                     tables.result(by.get((base, "hydragen")), "floor_tokens_per_s")),
-                      tables._cell(by.get((p, "hydragen")), "floor_fraction", lambda x: f"{x:.3f}")]
+                      tables._cell(by.get((p, "hydragen")), "floor_fraction", lambda x: f"{x:.3f}"),
+                      tables._cell(by.get((p, "none")), "floor_fraction", lambda x: f"{x:.3f}")]
+            v = vs_none.get(p, {})
+            cells += [tables._ratio(v.get("extra_s"), v.get("attention_s")), tables._ratio(v.get("extra_s"),
+                                                                                            v.get("levels_s"))]
         lines.append(cells)
     batch = decode[0]["point"]["batch"]
     out = [f"**Long shared document** (long_document: `bash experiments/gpu_full.sh long-doc`; batch {batch}, the same "
-           f"model; throughput relative to a {tables.fmt_tokens(base)} prefix per mode):", "", f"- {_file_line(f)}", "",
+           f"model; throughput relative to a {tables.fmt_tokens(base)} prefix per mode"
+           + ("; extra = Hydragen's step − none's, against the attention floor as in the table above" if with_floors
+              else "") + "):", "", f"- {_file_line(f)}", "",
            tables._table(header, lines), ""]
     ratio = tables.prefix_ratio_line(decode, long=16384, short=base)
     if ratio:
