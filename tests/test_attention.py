@@ -405,8 +405,9 @@ def test_traced_scale_is_refused_by_name():
 
 @pytest.mark.parametrize("dtype,scale", [
     pytest.param(dtype, scale, id=f"{scale}-{_dtype_id(dtype)}",
-                 marks=() if scale == 3.0 or (scale, dtype) == (0.03, jnp.float32) else pytest.mark.slow)
-    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16) for scale in (0.03, 1.0, 3.0)])  # CI: scale 3, and 0.03
+                 marks=() if (scale == 3.0 and dtype != jnp.float32) or (scale, dtype) == (0.03, jnp.float32)
+                 else pytest.mark.slow)  # CI: scale 3 in 16 bits (where rounding q · scale hurt), 0.03 in float32
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16) for scale in (0.03, 1.0, 3.0)])
 def test_custom_scale_matches_reference(backend, dtype, scale):
   """A logit scale far from 1/sqrt(D) (large logits: nearly one-hot rows) as exact as the default's: the kernels
   scale the float32 scores, never a 16-bit copy of q (rounding q·scale back to bf16 gave 4x the reference's error at

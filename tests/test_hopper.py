@@ -190,8 +190,10 @@ def test_layers_share_one_compiled_kernel():
                                                         q_registers=True, cluster=2)],
                                  ["1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
                                   "1cluster", "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters"],
-                                 slow=("2cta_nopingpong", "2cta_128keys", "2cta_qregisters", "2cta_128keys_qregisters",
-                                       "1cluster", "2cta_128suffixkeys_qregisters", "2clusters_128keys_qregisters")))
+                                 # all slow (CI time): CI's packed-item tests run several items a CTA (1-3 CTAs)
+                                 slow=("1cta", "2cta_nopingpong", "2cta_128keys", "2cta_qregisters",
+                                       "2cta_128keys_qregisters", "1cluster", "2cta_128suffixkeys_qregisters",
+                                       "2clusters_128keys_qregisters")))
 def test_several_items_per_cta(backend, config):
   """Few CTAs: each runs several prefix items (the pair's ring runs on across items) and suffix items (buffers
   reused after the previous item's stores), with and without the ping-pong, with q in shared memory or registers
@@ -479,8 +481,9 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
     ((3, 1, 8, 4, 64, 40, 8), 0, 64, 2, True),
     ((40, 1, 8, 4, 64, 200, 8), 200, 64, 3, True),
 ], ["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
-    "both_warpgroups_rows_3stages"],  # prefix_overlap is off in every tuning (slower): two cases in CI
-    slow=("4tiles_and_8keys", "one_whole_tile_no_pingpong", "no_key", "both_warpgroups_rows_3stages")))
+    "both_warpgroups_rows_3stages"],  # prefix_overlap is off in every tuning (slower): one case in CI
+    slow=("4tiles_and_8keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
+          "both_warpgroups_rows_3stages")))
 def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, shape, length, keys, stages,
                                                                       pingpong):
   """prefix_overlap (FlashAttention-3's intra-warpgroup pipelining): each tile's value product one tile late, with

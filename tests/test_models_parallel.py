@@ -138,9 +138,9 @@ def _run_cases(marker: str) -> None:
 
 
 def test_sharded_model_on_4_host_devices():
-    """Every attention mode once (MHA, GQA, MQA; 2 and 4 devices; KV heads replicated), sampling, the Pallas
-    kernels under shard_map, init, loader, the decode step's collectives (tests/tp_cases.py, not slow; ~130 s of
-    CPU)."""
+    """Hydragen and shared storage (GQA on 4 devices, KV heads replicated; MHA on 2), sampling, the cost model's
+    bytes a device, the Pallas kernels under shard_map, init, loader, the decode step's collectives
+    (tests/tp_cases.py, not slow; ~100 s of CPU)."""
     _run_cases("not slow")
 
 
