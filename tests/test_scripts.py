@@ -210,6 +210,7 @@ def test_sweep_gemm_descent_takes_a_second_pass_and_never_rescores_the_current_t
   assert g2 == Tiles(0, 0) and best2 == float("inf") and set(notes2) == {"b"} and len(calls) == 2
 
 
+@pytest.mark.slow  # a tuning tool's argument checks (CI time)
 @pytest.mark.parametrize("option, value", [("--compare", "1,256"), ("--rows", "0"), ("--compare", "8,x")])
 def test_sweep_gemm_refuses_row_counts_out_of_range(option, value):
   p = _run(["scripts.tuning.sweep_gemm", "--tiny", "--interpret", option, value])

@@ -419,6 +419,7 @@ def test_a_sweep_that_timed_nothing_is_not_a_measurement(data_dir, tmp_path, mon
   assert sweep(tmp_path / "b.json") == "Test GPU"  # its own measured file: still its measurement
 
 
+@pytest.mark.slow  # the sweep's plumbing in full (CI time; test_sweep_of_some_fields_... dry-runs one field)
 def test_sweep_dry_run_writes_a_valid_file(tmp_path):
   """The sweep on the seed configs, every step traced but not run (stand-in times): a valid file that says it
   is a dry run and what each choice did."""
@@ -483,6 +484,7 @@ def test_fields_measured_together_share_one_note():
   assert single.provenance["note"].startswith("NOT MEASURED on NVIDIA B200 except the field gemm:")
 
 
+@pytest.mark.slow  # a tuning tool's robustness (CI time)
 def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   """A sweep killed during a choice (a device call's time limit) leaves the file with the choices made so far, and
   the log with every step timed so far."""
@@ -506,6 +508,7 @@ def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.json", "steps.jsonl"]  # no temporary file left
 
 
+@pytest.mark.slow  # a tuning tool's robustness (CI time)
 def test_sweep_ends_at_a_step_that_does_not_return(tmp_path, monkeypatch):
   """A step still running after --step-timeout-s (a kernel that never ends: an H100 Hopper candidate did on the
   H200) ends the sweep from the watchdog: the log names the step, the file keeps the choices made before it."""
