@@ -151,28 +151,11 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True) ->
               flush=True)
         jobs = jobs_for(config, model.config.vocab_size)
         for job in tqdm(jobs, desc=f"{config['name']}{f' tp={tp}' if tp > 1 else ''}", disable=not progress):
-            if budget is not None and time.perf_counter() - started > budget:
-                skip_job(job, model, config, writer, weights, itemsize, tp)
-                continue
-            run_job(job, model, config, writer, backend, weights, itemsize, rates, tp)
+            out_of_time = budget is not None and time.perf_counter() - started > budget
+            run_job(job, model, config, writer, backend, weights, itemsize, rates, tp, skip=out_of_time)
         del model
         memory.release()
     return writer.records
-
-
-def skip_job(job: Job, model, config, writer, weights: int, itemsize: int, tp: int = 1) -> None:
-    """A job left when the time budget is spent: "skipped", except where its memory estimate does not fit the
-    device (no time needed to know): "oom" with the estimate, as `run_job` records it."""
-    tree = job.tree_fn()
-    needed = needed_bytes(tree, job.point["generate"], job.modes[0], model.config, weights, itemsize, tp)
-    point = {**job.point, "batch": tree.num_sequences, **_tp_key(config, tp)}
-    try:
-        memory.check_fits(needed, config.get("device"))
-        status, results, reason = "skipped", {}, "time budget exhausted"
-    except memory.EstimatedOOM as error:
-        status, results, reason = "oom", {"estimate_bytes": needed}, f"prefill: {type(error).__name__}: {error}"
-    for label in job.labels:
-        writer.write(record="decode", point=point, mode=label, status=status, results=results, reason=reason)
 
 
 def _tp_key(config: dict, tp: int) -> dict:
@@ -211,7 +194,11 @@ def plan(config: dict, capacity: int) -> list[dict]:
     return rows
 
 
-def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int, rates: dict, tp: int = 1) -> None:
+def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: int, rates: dict, tp: int = 1,
+            skip: bool = False) -> None:
+    """Prefill the job's tree once, then time the decode of each of its modes. `skip` (the run's time budget is
+    spent): nothing runs; the modes are recorded "skipped", or "oom" where the memory estimate does not fit (knowing
+    that takes no time)."""
     from experiments import model_api
 
     dec, timing_cfg = config["decode"], config["timing"]
@@ -225,6 +212,10 @@ def run_job(job: Job, model, config, writer, backend, weights: int, itemsize: in
     state = None
     try:
         memory.check_fits(needed, config.get("device"))
+        if skip:
+            for label in job.labels:
+                writer.write(record="decode", point=point, mode=label, status="skipped", reason="time budget exhausted")
+            return
         state, pre = model_api.prefill(model, tree, generate, first, backend, dec["prefill_chunk"])
     except Exception as error:  # noqa: BLE001 - recorded
         status = "oom" if memory.is_oom(error) else "error"
