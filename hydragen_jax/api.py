@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydragen_jax import reference
+from hydragen_jax import tuning as tuning_lib
 from hydragen_jax import validation as check
 from hydragen_jax.kernels import hopper
+from hydragen_jax.kernels import merge as merge_kernel
 from hydragen_jax.kernels import ops as pallas_ops
 
 Array = jax.Array
@@ -156,26 +158,40 @@ def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched
 
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
             backend: str):
-  """The `(out, lse)` parts of q over every level, to be merged by `merge_states`."""
+  """The `(out [P, B, T, Hq, D], lse [P, B, T, Hq])` stacks of q's parts over every level (P parts a stack: a
+  level's key splits), to be merged by `_merge`."""
   if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
-    return [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
+    return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
   if backend == "xla":
-    return [_reference_level(q, level, causal=c, batched=b, scale=scale)
+    return [_one(_reference_level(q, level, causal=c, batched=b, scale=scale))
             for level, c, b in zip(levels, causal, batched)]
   parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
   if parts is not None:
-    return parts
+    return [_one(part) for part in parts]
   plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
            for level, c, b in zip(levels, causal, batched)]
-  parts = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"))
-  return parts or [(jnp.zeros_like(q), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))]
+  stacks = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True)
+  return stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
 
 
-def _merge(parts):
-  """merge_states, skipping the arithmetic when there is a single part."""
-  if len(parts) == 1:
-    return parts[0]
-  return reference.merge_states(parts)
+def _one(part):
+  """A part `(out, lse)` as a stack of one (a free reshape)."""
+  return part[0][None], part[1][None]
+
+
+def _merge(stacks, backend: str):
+  """The stacks' parts merged by log-sum-exp: the one part as it is; on the kernel backends, up to the device's
+  `Tuning.merge_max_rows` query rows, in one Pallas launch (`kernels.merge`, where its shapes apply); else
+  `merge_states`."""
+  if sum(out.shape[0] for out, _ in stacks) == 1:
+    return stacks[0][0][0], stacks[0][1][0]
+  shape = stacks[0][0].shape[1:]
+  rows, d = math.prod(shape[:-1]), shape[-1]
+  if backend != "xla" and rows <= tuning_lib.current().merge_max_rows and merge_kernel.rows_per_program(rows, d):
+    out, lse = merge_kernel.merge_stacks([(o.reshape(o.shape[0], rows, d), l.reshape(l.shape[0], rows))
+                                          for o, l in stacks], interpret=backend.startswith("interpret"))
+    return out.reshape(shape), lse.reshape(shape[:-1])
+  return reference.merge_states([(o[i], l[i]) for o, l in stacks for i in range(o.shape[0])])
 
 
 def attention(
@@ -210,9 +226,10 @@ def attention(
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1], checked)
-  parts = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
-                  backend=check.resolve_backend(backend))
-  out, lse = _merge(parts)
+  backend = check.resolve_backend(backend)
+  stacks = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
+                   backend=backend)
+  out, lse = _merge(stacks, backend)
   return out.astype(q.dtype), lse
 
 
@@ -289,10 +306,9 @@ def tree_attention(
       raise ValueError(f"batch_shared={batch_shared!r}: expected a bool, or one bool per shared level "
                        f"({len(levels) - 1} for {len(levels)} levels)")
     batched = [bool(b) for b in batched] + [False]
-  parts = _attend(q, validated, causal=last, batched=batched,
-                  scale=_scale(scale, q.shape[-1]),
-                  backend=check.resolve_backend(backend))
-  out, _ = _merge(parts)
+  backend = check.resolve_backend(backend)
+  stacks = _attend(q, validated, causal=last, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)
+  out, _ = _merge(stacks, backend)
   return out.astype(q.dtype)
 
 

@@ -218,6 +218,10 @@ class Tuning:
       readers on average and reading it batched saves at least `batch_min_saved_bytes` of K and V a layer, else
       each sequence reads its node (as shared storage does).
     num_cores: SMs assumed where the device does not report its count (CPU, interpreted runs).
+    merge_max_rows: the kernel backends merge a step's parts (levels, key splits) by log-sum-exp in one Pallas
+      launch (`kernels.merge`) where the step has at most this many query rows (B·T·Hq), rather than by XLA's
+      elementwise merge (two kernels: the per-row weights apart); 0: never. Few rows: the two launches' latency is
+      most of the merge's time.
   """
 
   hopper_min_work: int
@@ -238,11 +242,12 @@ class Tuning:
   num_cores: int
   hopper_long_prefix: int = 0
   hopper_long: tuple[tuple[int, HopperTuning], ...] = ()
+  merge_max_rows: int = 0
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores"), least=1)
-    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work"), least=0)
+    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows"), least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")

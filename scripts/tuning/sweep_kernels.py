@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.kernels import merge as merge_kernel
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
@@ -75,6 +76,14 @@ VARIANTS = {
     # merge_states' elementwise pass compiles to two kernels (the per-row weights apart): `merge_by_reduce`.
     # Measured slower on every seed row (H200, 2026-12-02: PERF_NOTES.md).
     "auto_rmerge": dict(launch="auto", merge="reduce"),
+    # The parts merged by the Pallas merge kernel (`kernels.merge`, `Tuning.merge_max_rows`): one launch over the
+    # levels' stacks as the kernel wrote them, rows a program and warps (its defaults: 2 rows, one warp).
+    "auto_pmerge": dict(launch="auto", merge="pallas"),
+    "auto_pmerge16w4": dict(launch="auto", merge="pallas", merge_rows=16, merge_warps=4),
+    "auto_pmerge4": dict(launch="auto", merge="pallas", merge_rows=4),
+    "auto_pmerge4w8": dict(launch="auto", merge="pallas", merge_rows=4, merge_warps=8),
+    "auto_pmerge1w1": dict(launch="auto", merge="pallas", merge_rows=1),
+    "auto_pmerge2w2": dict(launch="auto", merge="pallas", merge_warps=2),
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
@@ -181,6 +190,13 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
+    if variant.get("merge") == "pallas":
+      stacks = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, stacked=True)
+      rows = q.size // q.shape[-1]
+      out, _ = merge_kernel.merge_stacks([(o.reshape(o.shape[0], rows, -1), l.reshape(l.shape[0], rows))
+                                          for o, l in stacks], rows=variant.get("merge_rows", merge_kernel.ROWS),
+                                         num_warps=variant.get("merge_warps", merge_kernel.WARPS))
+      return out.reshape(q.shape)
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
     if not variant.get("merge", True):
       return parts[0][0].astype(q.dtype)

@@ -1,0 +1,105 @@
+"""Pallas GPU kernel: the log-sum-exp merge of a step's parts in one launch.
+
+A Hydragen step ends with parts over disjoint keys (each level, each key split of a level): stacks of normalised
+partial outputs `out [P, N, D]` and their `lse [P, N]`. `merge_states` (the reference) merges them as
+
+  top = max_i lse_i,   w_i = e^{lse_i - top},   out = Σ_i w_i · out_i / Σ_i w_i,   lse = top + log Σ_i w_i,
+
+which XLA compiles to two kernels (the per-row weights, then the weighted sum). Here one program takes `rows` rows
+of every part, computes their weights in registers and writes the merged rows: one launch, each part read once.
+Small programs (2 rows, one warp) keep many loads in flight over the whole GPU: at B = 64 MHA decode (2048 rows,
+10 parts) the step ran 1-2 µs faster than with XLA's merge, where 16-row programs of 4 warps were no faster (H200,
+experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count the API uses it.
+Empty parts (lse = -inf) weigh 0, their outputs are never read into the sum, and a row with no keys in any part
+gives out = 0, lse = -inf (no NaN), as in `reference.merge_states`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+ROWS, WARPS = 2, 1  # rows a program and its warps (measured: see the module docstring)
+
+
+def rows_per_program(n: int, d: int, rows: int = ROWS) -> int:
+  """Rows a program merges for n rows of head dim d: the largest power of two up to `rows` dividing n, or 0 where
+  the kernel does not apply (d not a power of two up to 256, the Triton tile's constraint, or no rows)."""
+  if n <= 0 or d <= 0 or d & (d - 1) or d > 256:
+    return 0
+  return min(rows, n & -n)  # n & -n: the largest power of two dividing n
+
+
+def supported(stacks: Sequence[tuple[Array, Array]]) -> bool:
+  """Whether `merge_stacks` applies to these stacks (else use `reference.merge_states`)."""
+  n, d = stacks[0][0].shape[1:]
+  return rows_per_program(n, d) > 0
+
+
+def _kernel(*refs, sizes: tuple[int, ...]):
+  """refs: per stack (out [P, rows, D], lse [P, rows]), then the merged out [rows, D] and lse [rows]."""
+  ins, (o_ref, lse_ref) = refs[:-2], refs[-2:]
+  parts = [(ins[2 * s], ins[2 * s + 1], p) for s, size in enumerate(sizes) for p in range(size)]
+  lses = [lse[p].astype(jnp.float32) for _, lse, p in parts]
+  top = functools.reduce(jnp.maximum, lses)
+  top = jnp.where(top > -jnp.inf, top, 0.0)  # every part empty: any finite shift works
+  weights = [jnp.exp(lse - top) for lse in lses]  # 0 for an empty part
+  total = functools.reduce(jnp.add, weights)
+  safe = jnp.where(total > 0, total, 1.0)
+  acc = jnp.zeros(o_ref.shape, jnp.float32)
+  for (out, _, p), w in zip(parts, weights):
+    # an empty part's rows may hold anything (a NaN times weight 0 is still NaN): select, don't multiply
+    acc += jnp.where(w[:, None] > 0, out[p].astype(jnp.float32) * (w / safe)[:, None], 0.0)
+  o_ref[...] = acc.astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+
+
+def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, interpret: bool = False,
+                 rows: int = ROWS, num_warps: int = WARPS) -> tuple[Array, Array]:
+  """Merges stacks of parts by their log-sum-exp in one kernel launch.
+
+  Args:
+    stacks: `(out [P_i, N, D], lse [P_i, N])` pairs (P_i parts each: e.g. a level's key splits); every part over
+      the same N rows, lse in natural log, -inf for a row with no keys in that part.
+    out_dtype: dtype of the merged out (default: the first stack's).
+    interpret: run in the Pallas interpreter (CPU).
+    rows, num_warps: rows a program (a power of two; fewer where n is odd) and its warps.
+
+  Returns:
+    out `[N, D]` and lse `[N]` float32, as `reference.merge_states` over every part of every stack.
+  """
+  if not stacks:
+    raise ValueError("merge_stacks: `stacks` is empty; expected at least one (out, lse) pair.")
+  p0, n, d = stacks[0][0].shape
+  for i, (o, lse) in enumerate(stacks):
+    if o.ndim != 3 or o.shape[1:] != (n, d) or lse.shape != o.shape[:2]:
+      raise ValueError(f"merge_stacks: stack {i} has out {o.shape} and lse {lse.shape}; expected out [P, {n}, {d}] "
+                       f"and lse [P, {n}] (rows and head dim as stack 0's).")
+  if rows < 1 or rows & (rows - 1):
+    raise ValueError(f"merge_stacks: rows={rows}; expected a power of two >= 1.")
+  rows = rows_per_program(n, d, rows)
+  if not rows:
+    raise ValueError(f"merge_stacks: {n} rows of head dim {d} are not supported (head dim a power of two up to "
+                     "256, at least one row); use reference.merge_states.")
+  out_dtype = stacks[0][0].dtype if out_dtype is None else out_dtype
+  in_specs, inputs = [], []
+  for o, lse in stacks:
+    in_specs += [pl.BlockSpec((o.shape[0], rows, d), lambda r: (0, r, 0)),
+                 pl.BlockSpec((o.shape[0], rows), lambda r: (0, r))]
+    inputs += [o, lse]
+  return pl.pallas_call(
+      functools.partial(_kernel, sizes=tuple(o.shape[0] for o, _ in stacks)),
+      grid=(n // rows,),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((rows, d), lambda r: (r, 0)), pl.BlockSpec((rows,), lambda r: (r,))],
+      out_shape=[jax.ShapeDtypeStruct((n, d), out_dtype), jax.ShapeDtypeStruct((n,), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="hydragen_merge",
+  )(*inputs)

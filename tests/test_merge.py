@@ -1,0 +1,116 @@
+"""The Pallas merge kernel (`kernels.merge`) against the reference merge, and its use by the API (`Tuning.merge_max_rows`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hydragen_jax as hj
+from hydragen_jax import reference
+from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.kernels import merge
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _stacks(sizes, n, d, dtype, seed=0):
+  """Random stacks `(out [P, n, d], lse [P, n])`; in the first stack's first part, rows 0-2 are empty (lse -inf, out
+  NaN: what an unwritten part may hold), and in every part row 1 is (a row with no keys at all)."""
+  stacks = []
+  for i, p in enumerate(sizes):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed * 97 + i))
+    out = jax.random.normal(k1, (p, n, d), jnp.float32).astype(dtype)
+    lse = 3.0 * jax.random.normal(k2, (p, n), jnp.float32)
+    if i == 0:
+      out, lse = out.at[0, :3].set(jnp.nan), lse.at[0, :3].set(-jnp.inf)
+    stacks.append((out.at[:, 1].set(jnp.nan), lse.at[:, 1].set(-jnp.inf)))
+  return stacks
+
+
+@pytest.mark.parametrize("sizes,n,d,dtype,rows,warps", [
+    ((8, 2), 64, 128, jnp.bfloat16, 2, 1),  # a B = 64 MHA decode step's prefix and suffix splits (rows shortened)
+    ((1, 1, 1), 48, 64, jnp.float32, 16, 4),  # the Hopper kernel's parts, each a stack of one
+    pytest.param((3,), 9, 128, jnp.bfloat16, 2, 1, marks=pytest.mark.slow),  # odd rows: one a program
+    pytest.param((2, 5), 96, 256, jnp.float32, 4, 2, marks=pytest.mark.slow),
+])
+def test_merge_stacks_equals_the_reference(kernel_backend, sizes, n, d, dtype, rows, warps):
+  stacks = _stacks(sizes, n, d, dtype, seed=len(sizes) + n)
+  out, lse = merge.merge_stacks(stacks, interpret=kernel_backend.startswith("interpret"), rows=rows, num_warps=warps)
+  want_out, want_lse = reference.merge_states([(o[i], l[i]) for o, l in stacks for i in range(o.shape[0])])
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
+  chex.assert_trees_all_close(out.astype(jnp.float32), want_out.astype(jnp.float32), rtol=TOL[dtype],
+                              atol=TOL[dtype])
+  chex.assert_trees_all_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)  # no keys anywhere: out 0, lse -inf
+  assert lse[1] == -jnp.inf
+
+
+def test_rows_per_program():
+  assert merge.rows_per_program(2048, 128) == merge.ROWS
+  assert merge.rows_per_program(24, 64, rows=16) == 8  # the largest power of two dividing the rows
+  assert merge.rows_per_program(9, 64) == 1
+  assert merge.rows_per_program(64, 80) == 0  # Triton tiles need a power-of-two head dim
+  assert merge.rows_per_program(64, 512) == 0
+  assert merge.rows_per_program(0, 64) == 0
+
+
+def test_merge_stacks_refuses_bad_input():
+  good = _stacks((2,), 16, 64, jnp.float32)
+  with pytest.raises(ValueError, match="empty"):
+    merge.merge_stacks([])
+  with pytest.raises(ValueError, match=r"stack 1 has out \(2, 8, 64\)"):
+    merge.merge_stacks(good + _stacks((2,), 8, 64, jnp.float32))
+  with pytest.raises(ValueError, match="not supported"):
+    merge.merge_stacks(_stacks((2,), 16, 80, jnp.float32))
+  with pytest.raises(ValueError, match="rows=3; expected a power of two"):
+    merge.merge_stacks(good, rows=3)
+
+
+def _merging(max_rows: int) -> tuning_lib.Tuning:
+  return dataclasses.replace(tuning_lib.current(), merge_max_rows=max_rows)
+
+
+@pytest.mark.parametrize("levels", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_api_merges_with_the_kernel_where_the_tuning_says(kernel_backend, levels):
+  """Up to `merge_max_rows` query rows the API's result is the same and the step holds the merge kernel (one launch)
+  in place of XLA's merge; above, no merge kernel. A prefix and suffixes (bf16, GQA 4), and a three-level tree (float32)."""
+  b, p, s, hq, hkv, d = 4, 40, 24, 8, 2, 64
+  dtype = jnp.bfloat16 if levels == 2 else jnp.float32
+  ks = jax.random.split(jax.random.PRNGKey(7), 7)
+  q = jax.random.normal(ks[0], (b, 1, hq, d), dtype)
+  pk, pv = (jax.random.normal(k, (1, p, hkv, d), dtype) for k in ks[1:3])
+  nk, nv = (jax.random.normal(k, (2, 16, hkv, d), dtype) for k in ks[3:5])
+  sk, sv = (jax.random.normal(k, (b, s, hkv, d), dtype) for k in ks[5:7])
+  tree = [hj.Level(pk, pv, jnp.array([p], jnp.int32), np.zeros((b,), np.int32))]
+  if levels == 3:
+    tree.append(hj.Level(nk, nv, jnp.array([16, 5], jnp.int32), np.array([0, 0, 1, 1], np.int32)))
+  tree.append(hj.Level(sk, sv, jnp.array([24, 1, 13, 0], jnp.int32)))
+  fn = lambda q: hj.tree_attention(q, tree, backend=kernel_backend)
+  want = hj.tree_attention(q, tree, backend="xla")
+  rows = b * hq  # B·T·Hq
+  with tuning_lib.override(_merging(rows)):
+    got = jax.jit(fn)(q)
+    assert "hydragen_merge" in str(jax.make_jaxpr(fn)(q))
+  chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32), rtol=TOL[dtype], atol=TOL[dtype])
+  for max_rows in (rows - 1, 0):  # XLA's merge (the other tests run it)
+    with tuning_lib.override(_merging(max_rows)):
+      assert "hydragen_merge" not in str(jax.make_jaxpr(fn)(q))
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.0])
+def test_tuning_merge_max_rows_must_be_a_count(bad):
+  with pytest.raises(ValueError, match=r"merge_max_rows must be an int >= 0"):
+    _merging(bad)
+
+
+def test_tuning_merge_max_rows_round_trips_and_defaults_to_off():
+  assert tuning_lib.from_dict(tuning_lib.to_dict(_merging(4096))).merge_max_rows == 4096
+  data = tuning_lib.to_dict(_merging(4096))
+  del data["merge_max_rows"]  # a file written before the field: off
+  assert tuning_lib.from_dict(data).merge_max_rows == 0
