@@ -230,7 +230,7 @@ def test_under_vmap_over_layers(backend):
 # interpreted, the Hopper kernel's backend with --all only (CI time: most random trees fall back to Triton there, which
 # "interpret" runs)
 @pytest.mark.parametrize("backend", [pytest.param(p.values[0], id=p.id, marks=(*p.marks, pytest.mark.slow))
-                                     if p.id == "interpret-mosaic" else p for p in BACKEND_PARAMS])
+                                     if p.id in ("interpret-mosaic", "xla") else p for p in BACKEND_PARAMS])
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_random_trees(backend, data):

@@ -481,8 +481,8 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
     ((3, 1, 8, 4, 64, 40, 8), 0, 64, 2, True),
     ((40, 1, 8, 4, 64, 200, 8), 200, 64, 3, True),
 ], ["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
-    "both_warpgroups_rows_3stages"],  # prefix_overlap is off in every tuning (slower): one case in CI
-    slow=("4tiles_and_8keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
+    "both_warpgroups_rows_3stages"],  # prefix_overlap is off in every tuning (slower): slow tier and compiled only
+    slow=("4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
           "both_warpgroups_rows_3stages")))
 def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, shape, length, keys, stages,
                                                                       pingpong):
@@ -505,7 +505,8 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
-@pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"], slow=("no_pingpong",)))
+@pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"],
+                                 slow=("pingpong", "no_pingpong")))  # prefix_overlap: off in every tuning
 def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
   """The overlapped prefix loop lowers to Mosaic GPU for CUDA at the GQA and the MHA decode shapes (with the
   settings of T·g = 2-8 and of T·g = 1, and in 2-CTA clusters: its value tiles' own cluster barrier), and waits for
@@ -525,6 +526,7 @@ def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
     assert "wgmma.wait_group.sync.aligned 1" in text
 
 
+@pytest.mark.slow  # no tuning ships clusters (CI time)
 def test_clusters_lower_for_cuda_and_check_their_settings():
   """2-CTA clusters lower to Mosaic GPU for CUDA (the multicast copies split each prefix tile between the two CTAs)
   at the GQA and the MHA decode shapes; the grid takes whole clusters (132 SMs: 66 clusters; an odd num_ctas is
