@@ -187,7 +187,7 @@ def _merge(stacks, backend: str):
     return stacks[0][0][0], stacks[0][1][0]
   shape = stacks[0][0].shape[1:]
   rows, d = math.prod(shape[:-1]), shape[-1]
-  if backend != "xla" and rows <= tuning_lib.current().merge_max_rows and merge_kernel.rows_per_program(rows, d):
+  if backend != "xla" and merge_kernel.applies(rows, d, tuning_lib.current().merge_max_rows):
     out, lse = merge_kernel.merge_stacks([(o.reshape(o.shape[0], rows, d), l.reshape(l.shape[0], rows))
                                           for o, l in stacks], interpret=backend.startswith("interpret"))
     return out.reshape(shape), lse.reshape(shape[:-1])

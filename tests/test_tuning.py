@@ -612,3 +612,19 @@ def test_long_prefixes_take_their_own_hopper_settings():
   assert t3.with_hopper(1, 1, wide).hopper_for(1, 1 << 20) == long  # row 1's long setting is its own
   with pytest.raises(ValueError, match="suffix_box needs suffix_pack"):
     dataclasses.replace(short, suffix_box=True)
+
+
+def test_sweep_times_the_merge_as_the_api_merges():
+  """The sweep's steps merge their parts as the API would under the candidate tuning (the merge kernel up to
+  `merge_max_rows` query rows), the signature says which, and `merge_max_rows` is one of its choices."""
+  sweep = sweep_device.Sweep(sweep_device.CONFIGS, dry_run=True, deadline=math.inf)
+  rows = sweep_device.CONFIGS[0][0] * sweep_device.CONFIGS[0][3]  # B·Hq of seed row 0 (T = 1)
+  on, off = (dataclasses.replace(_h100(), merge_max_rows=m) for m in (rows, rows - 1))
+  for kernel in ("triton", "hopper"):
+    sig_on, sig_off = sweep.signature(0, on, kernel), sweep.signature(0, off, kernel)
+    assert sig_on[-1] is True and sig_off[-1] is False and sig_on[:-1] == sig_off[:-1]
+    structs = (*sweep.structs(0), jax.ShapeDtypeStruct((rows // sweep_device.CONFIGS[0][3],), jnp.int32))
+    assert "hydragen_merge" in str(jax.make_jaxpr(sweep.step(sig_on, on))(*structs))
+    assert "hydragen_merge" not in str(jax.make_jaxpr(sweep.step(sig_off, off))(*structs))
+  fields = [c.field for c in sweep_device.choices(sweep_device.CONFIGS, sweep_device.GROUPS)]
+  assert "merge_max_rows" in fields

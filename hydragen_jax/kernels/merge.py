@@ -36,10 +36,10 @@ def rows_per_program(n: int, d: int, rows: int = ROWS) -> int:
   return min(rows, n & -n)  # n & -n: the largest power of two dividing n
 
 
-def supported(stacks: Sequence[tuple[Array, Array]]) -> bool:
-  """Whether `merge_stacks` applies to these stacks (else use `reference.merge_states`)."""
-  n, d = stacks[0][0].shape[1:]
-  return rows_per_program(n, d) > 0
+def applies(n: int, d: int, max_rows: int) -> bool:
+  """Whether a step of n query rows (B·T·Hq) and head dim d merges its parts here under a tuning's `merge_max_rows`
+  (the API's rule; the sweeps time steps by it too)."""
+  return 0 < n <= max_rows and rows_per_program(n, d) > 0
 
 
 def _kernel(*refs, sizes: tuple[int, ...]):

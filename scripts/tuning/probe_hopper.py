@@ -17,7 +17,7 @@ import numpy as np
 
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
-from hydragen_jax.kernels import hopper
+from hydragen_jax.kernels import hopper, merge
 from scripts.quick_bench import D, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
 from scripts.tuning.sweep_kernels import CONFIGS, add_shapes, floor_s, inputs
 
@@ -89,8 +89,9 @@ VARIANTS = {
 }
 
 
-def step(name):
-  """A whole step: "auto" (the Triton kernels), else the Hopper kernel with VARIANTS[name] or a HopperConfig."""
+def step(name, merge_kernel: bool = False):
+  """A whole step: "auto" (the Triton kernels), else the Hopper kernel with VARIANTS[name] or a HopperConfig; its
+  parts merged by `merge_states`, or with merge_kernel by `kernels.merge` (as the API under `merge_max_rows`)."""
   def fn(q, pk, pv, sk, sv, lengths):
     if name == "auto":  # the Triton kernels
       parts = run_plans(q, [prefix_plan(q, pk, pv), suffix_plan(q, sk, sv, lengths)])
@@ -98,6 +99,10 @@ def step(name):
       config = name if isinstance(name, hopper.HopperConfig) else VARIANTS[name]
       parts = hopper.prefix_suffix_attention(q, pk[0], pv[0], jnp.int32(pk.shape[1]), sk, sv, lengths,
                                              scale=D**-0.5, config=config)
+    if merge_kernel:
+      rows = q.size // q.shape[-1]
+      out, _ = merge.merge_stacks([(o.reshape(1, rows, -1), l.reshape(1, rows)) for o, l in parts])
+      return out.reshape(q.shape)
     out, _ = merge_states(list(parts))
     return out.astype(q.dtype)
   return fn

@@ -45,7 +45,7 @@ import numpy as np
 from experiments import floor, records, timing
 from hydragen_jax import merge_states, validation
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.kernels import hopper, ops
+from hydragen_jax.kernels import hopper, merge, ops
 from hydragen_jax.tuning import HopperTuning, Tile, Tuning
 from scripts.tuning import field_sweep, probe_hopper, sweep_kernels
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan
@@ -224,6 +224,8 @@ def choices(configs, groups) -> list[Choice]:
       field_choice("max_rows_shared", "triton", "gqa", (64, 128)),
       tile_choice(128, "alone", "alone", ALONE_TILES),
       field_choice("max_rows_alone", "alone", "alone", (64, 128)),
+      # the merge kernel up to this many query rows (B·T·Hq): 0 (off) or the configs' own row counts
+      field_choice("merge_max_rows", "pallas", "all", [0] + sorted({b * hq for b, _, _, hq, _ in every})),
   ]
 
 
@@ -272,9 +274,11 @@ class Sweep:
 
   def signature(self, i: int, tune: Tuning, kernel: str) -> tuple | None:
     """What the step of config i under `tune` runs (equal signatures: the same compiled step); None where the
-    kernel does not apply (the Hopper kernel on a shape it does not take)."""
+    kernel does not apply (the Hopper kernel on a shape it does not take). The last item of a whole step's: whether
+    its parts are merged by the merge kernel (`merge.applies` under `merge_max_rows`, as the API)."""
     b, p, _, hq, hkv = cfg = self.configs[i]
     q, pk, pv, sk, sv = self.structs(i)
+    merged = merge.applies(b * hq, D, tune.merge_max_rows)
     if kernel == "alone":
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
                                            tuning=tune))
@@ -284,16 +288,16 @@ class Sweep:
       # "pallas" as the API runs it: the Hopper kernel only on a Hopper GPU (a dry run traces it anywhere)
       on_hopper = self.dry_run or validation.on_hopper()
       if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune)):
-        return ("hopper", i, settings) if fits else None
+        return ("hopper", i, settings, merged) if fits else None
     pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
-    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None)
+    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None, merged)
 
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]
     if kind == "hopper":  # the signature holds the settings of the config's T·g
-      return probe_hopper.step(hopper.config_of(signature[2]))
+      return probe_hopper.step(hopper.config_of(signature[2]), merge_kernel=signature[-1])
     if kind == "alone":
       block = signature[2]
 
@@ -301,7 +305,8 @@ class Sweep:
         out, _ = merge_states(run_plans(q, [prefix_plan(q, pk, pv, block=block)], launch="fused", tuning=tune))
         return out.astype(q.dtype)
       return alone
-    return sweep_kernels.step_fn(self.configs[i], dict(launch=signature[4]), tune)[0]
+    return sweep_kernels.step_fn(self.configs[i], dict(launch=signature[4], merge="pallas" if signature[-1] else "xla"),
+                                 tune)[0]
 
   def time(self, i: int, tune: Tuning, kernel: str) -> float | None:
     """Simpson mean step time of config i under `tune` (inf: the kernel does not apply, fails, or is wrong);

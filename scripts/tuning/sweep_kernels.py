@@ -72,6 +72,9 @@ VARIANTS = {
     "sep_sw2k128": dict(launch="separate", suffix=dict(num_warps=2, block_k=128, num_stages=3)),
     "separate": dict(launch="separate"),
     "auto_nomerge": dict(launch="auto", merge=False),  # the kernel alone: its first part, not merged (timing only)
+    # Every variant merges its parts as the API does under its tuning (`merge.applies`: the merge kernel up to
+    # `Tuning.merge_max_rows` query rows); these force XLA's merge (`merge_states`) or the merge kernel.
+    "auto_xmerge": dict(launch="auto", merge="xla"),
     # The parts merged by one variadic reduction over the stacked parts (an online-softmax combiner), where
     # merge_states' elementwise pass compiles to two kernels (the per-row weights apart): `merge_by_reduce`.
     # Measured slower on every seed row (H200, 2026-12-02: PERF_NOTES.md).
@@ -84,6 +87,7 @@ VARIANTS = {
     "auto_pmerge4w8": dict(launch="auto", merge="pallas", merge_rows=4, merge_warps=8),
     "auto_pmerge1w1": dict(launch="auto", merge="pallas", merge_rows=1),
     "auto_pmerge2w2": dict(launch="auto", merge="pallas", merge_warps=2),
+    "auto_pmerge2w1": dict(launch="auto", merge="pallas", merge_rows=2, merge_warps=1),  # the defaults, by name
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
@@ -190,15 +194,16 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
-    if variant.get("merge") == "pallas":
+    rows = q.size // q.shape[-1]
+    how = variant.get("merge", "tuning")
+    if how == "pallas" or (how == "tuning" and merge_kernel.applies(rows, q.shape[-1], tune.merge_max_rows)):
       stacks = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, stacked=True)
-      rows = q.size // q.shape[-1]
       out, _ = merge_kernel.merge_stacks([(o.reshape(o.shape[0], rows, -1), l.reshape(l.shape[0], rows))
                                           for o, l in stacks], rows=variant.get("merge_rows", merge_kernel.ROWS),
                                          num_warps=variant.get("merge_warps", merge_kernel.WARPS))
       return out.reshape(q.shape)
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
-    if not variant.get("merge", True):
+    if how is False:
       return parts[0][0].astype(q.dtype)
     out, _ = (merge_by_reduce if variant.get("merge") == "reduce" else merge_states)(parts)
     return out.astype(q.dtype)
