@@ -159,7 +159,8 @@ def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
             backend: str):
   """The `(out [P, B, T, Hq, D], lse [P, B, T, Hq])` stacks of q's parts over every level (P parts a stack: a
-  level's key splits), to be merged by `_merge`."""
+  level's key splits on the Triton kernels; the Hopper kernel's and the reference's parts a stack of one each), to
+  be merged by `_merge`."""
   if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
     return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
   if backend == "xla":
@@ -180,9 +181,9 @@ def _one(part):
 
 
 def _merge(stacks, backend: str):
-  """The stacks' parts merged by log-sum-exp: the one part as it is; on the kernel backends, up to the device's
-  `Tuning.merge_max_rows` query rows, in one Pallas launch (`kernels.merge`, where its shapes apply); else
-  `merge_states`."""
+  """The stacks' parts merged by log-sum-exp: the one part as it is; on the kernel backends, up to the tuning's
+  (`tuning.current()`) `merge_max_rows` query rows, in one Pallas launch (`kernels.merge`, where its shapes apply);
+  else `merge_states`."""
   if sum(out.shape[0] for out, _ in stacks) == 1:
     return stacks[0][0][0], stacks[0][1][0]
   shape = stacks[0][0].shape[1:]

@@ -103,6 +103,44 @@ def test_api_merges_with_the_kernel_where_the_tuning_says(kernel_backend, levels
       assert "hydragen_merge" not in str(jax.make_jaxpr(fn)(q))
 
 
+def test_api_merges_key_splits_and_returns_their_lse(kernel_backend, monkeypatch):
+  """A level split over programs (a small `max_keys_per_program`): stacks of several parts go through the kernel,
+  and `attention` returns the merged lse as the reference does."""
+  b, t, hq, hkv, d, s = 2, 3, 4, 2, 64, 600
+  ks = jax.random.split(jax.random.PRNGKey(11), 3)
+  q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32)
+  k, v = (jax.random.normal(key, (b, s, hkv, d), jnp.float32) for key in ks[1:])
+  lengths = jnp.array([600, 431], jnp.int32)
+  fn = lambda q: hj.attention(q, k, v, kv_lengths=lengths, causal=True, backend=kernel_backend)
+  split = dataclasses.replace(_merging(b * t * hq), max_keys_per_program=256, balanced_keys=128)
+  seen, real = [], merge.merge_stacks
+  monkeypatch.setattr(merge, "merge_stacks", lambda stacks, **kw: seen.append([o.shape for o, _ in stacks])
+                      or real(stacks, **kw))
+  with tuning_lib.override(split):
+    out, lse = jax.jit(fn)(q)
+  assert seen and max(shape[0] for shape in seen[0]) > 1, seen  # a stack of several splits, merged by the kernel
+  want_out, want_lse = hj.attention(q, k, v, kv_lengths=lengths, causal=True, backend="xla")
+  chex.assert_trees_all_close(out, want_out, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # interpreted Hopper kernel (CI time); compiled with -m gpu as "mosaic" in the shared test base
+def test_api_merges_the_hopper_kernels_parts():
+  b, p, s, hq, hkv, d = 4, 40, 24, 8, 2, 64
+  ks = jax.random.split(jax.random.PRNGKey(5), 5)
+  q = jax.random.normal(ks[0], (b, 1, hq, d), jnp.bfloat16)
+  pk, pv = (jax.random.normal(key, (p, hkv, d), jnp.bfloat16) for key in ks[1:3])
+  sk, sv = (jax.random.normal(key, (b, s, hkv, d), jnp.bfloat16) for key in ks[3:5])
+  lengths = jnp.array([24, 1, 13, 0], jnp.int32)
+  fn = lambda q: hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, backend="interpret-mosaic")
+  with tuning_lib.override(_merging(b * hq)):
+    jaxpr = str(jax.make_jaxpr(fn)(q))
+    assert "hydragen_merge" in jaxpr and "hydragen_hopper" in jaxpr, jaxpr[:0]
+    got = jax.jit(fn)(q)
+  want = hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, backend="xla")
+  chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("bad", [-1, True, 2.0])
 def test_tuning_merge_max_rows_must_be_a_count(bad):
   with pytest.raises(ValueError, match=r"merge_max_rows must be an int >= 0"):

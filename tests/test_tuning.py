@@ -516,7 +516,7 @@ def test_sweep_ends_at_a_step_that_does_not_return(tmp_path, monkeypatch):
   real, calls, seen, aborted = sweep_device.Sweep._measure, [], {}, threading.Event()
 
   def measure(self, i, fn, signature):
-    if signature[0] == "triton" and signature[-1] == 0.5 and not calls:  # interleave_lead's first candidate
+    if signature[0] == "triton" and signature[5] == 0.5 and not calls:  # interleave_lead's first candidate
       assert aborted.wait(60)  # "hangs" until the watchdog has acted
     return real(self, i, fn, signature)
 

@@ -48,14 +48,15 @@ def _kernel(*refs, sizes: tuple[int, ...]):
   parts = [(ins[2 * s], ins[2 * s + 1], p) for s, size in enumerate(sizes) for p in range(size)]
   lses = [lse[p].astype(jnp.float32) for _, lse, p in parts]
   top = functools.reduce(jnp.maximum, lses)
-  top = jnp.where(top > -jnp.inf, top, 0.0)  # every part empty: any finite shift works
+  top = jnp.where(jnp.isfinite(top), top, 0.0)  # every part empty: any finite shift works
   weights = [jnp.exp(lse - top) for lse in lses]  # 0 for an empty part
   total = functools.reduce(jnp.add, weights)
   safe = jnp.where(total > 0, total, 1.0)
   acc = jnp.zeros(o_ref.shape, jnp.float32)
   for (out, _, p), w in zip(parts, weights):
-    # an empty part's rows may hold anything (a NaN times weight 0 is still NaN): select, don't multiply
-    acc += jnp.where(w[:, None] > 0, out[p].astype(jnp.float32) * (w / safe)[:, None], 0.0)
+    # an empty part's rows may hold anything (a NaN times weight 0 is still NaN): select, then weigh (as the
+    # reference: a NaN weight still makes NaN)
+    acc += jnp.where(w[:, None] > 0, out[p].astype(jnp.float32), 0.0) * (w / safe)[:, None]
   o_ref[...] = acc.astype(o_ref.dtype)
   lse_ref[...] = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
 
@@ -69,10 +70,11 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
       the same N rows, lse in natural log, -inf for a row with no keys in that part.
     out_dtype: dtype of the merged out (default: the first stack's).
     interpret: run in the Pallas interpreter (CPU).
-    rows, num_warps: rows a program (a power of two; fewer where n is odd) and its warps.
+    rows, num_warps: rows a program (a power of two; the largest power of two up to it that divides n) and its
+      warps.
 
   Returns:
-    out `[N, D]` and lse `[N]` float32, as `reference.merge_states` over every part of every stack.
+    out `[N, D]` in out_dtype and lse `[N]` float32, as `reference.merge_states` over every part of every stack.
   """
   if not stacks:
     raise ValueError("merge_stacks: `stacks` is empty; expected at least one (out, lse) pair.")

@@ -221,7 +221,8 @@ class Tuning:
     merge_max_rows: the kernel backends merge a step's parts (levels, key splits) by log-sum-exp in one Pallas
       launch (`kernels.merge`) where the step has at most this many query rows (B·T·Hq), rather than by XLA's
       elementwise merge (two kernels: the per-row weights apart); 0: never. Few rows: the two launches' latency is
-      most of the merge's time.
+      most of the merge's time. The rows are those the merge sees (per example under vmap, per device under
+      shard_map); head dims that are not a power of two up to 256 keep XLA's merge.
   """
 
   hopper_min_work: int

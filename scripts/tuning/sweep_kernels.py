@@ -77,7 +77,7 @@ VARIANTS = {
     "auto_xmerge": dict(launch="auto", merge="xla"),
     # The parts merged by one variadic reduction over the stacked parts (an online-softmax combiner), where
     # merge_states' elementwise pass compiles to two kernels (the per-row weights apart): `merge_by_reduce`.
-    # Measured slower on every seed row (H200, 2026-12-02: PERF_NOTES.md).
+    # Measured slower on every seed row (H200, 2026-12-02: PERF_NOTES.md), against XLA's merge (then every variant's).
     "auto_rmerge": dict(launch="auto", merge="reduce"),
     # The parts merged by the Pallas merge kernel (`kernels.merge`, `Tuning.merge_max_rows`): one launch over the
     # levels' stacks as the kernel wrote them, rows a program and warps (its defaults: 2 rows, one warp).
