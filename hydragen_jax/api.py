@@ -187,11 +187,8 @@ def _merge(stacks, backend: str):
   if sum(out.shape[0] for out, _ in stacks) == 1:
     return stacks[0][0][0], stacks[0][1][0]
   shape = stacks[0][0].shape[1:]
-  rows, d = math.prod(shape[:-1]), shape[-1]
-  if backend != "xla" and merge_kernel.applies(rows, d, tuning_lib.current().merge_max_rows):
-    out, lse = merge_kernel.merge_stacks([(o.reshape(o.shape[0], rows, d), l.reshape(l.shape[0], rows))
-                                          for o, l in stacks], interpret=backend.startswith("interpret"))
-    return out.reshape(shape), lse.reshape(shape[:-1])
+  if backend != "xla" and merge_kernel.applies(math.prod(shape[:-1]), shape[-1], tuning_lib.current().merge_max_rows):
+    return merge_kernel.merge_stacks(stacks, interpret=backend.startswith("interpret"))
   return reference.merge_states([(o[i], l[i]) for o, l in stacks for i in range(o.shape[0])])
 
 

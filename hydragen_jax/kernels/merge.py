@@ -1,7 +1,7 @@
 """Pallas GPU kernel: the log-sum-exp merge of a step's parts in one launch.
 
 A Hydragen step ends with parts over disjoint keys (each level, each key split of a level): stacks of normalised
-partial outputs `out [P, N, D]` and their `lse [P, N]`. `merge_states` (the reference) merges them as
+partial outputs `out [P, ..., D]` and their `lse [P, ...]` (N rows: the product of `...`, e.g. B·T·Hq). `merge_states` (the reference) merges them as
 
   top = max_i lse_i,   w_i = e^{lse_i - top},   out = Σ_i w_i · out_i / Σ_i w_i,   lse = top + log Σ_i w_i,
 
@@ -17,6 +17,7 @@ gives out = 0, lse = -inf (no NaN), as in `reference.merge_states`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -66,23 +67,27 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
   """Merges stacks of parts by their log-sum-exp in one kernel launch.
 
   Args:
-    stacks: `(out [P_i, N, D], lse [P_i, N])` pairs (P_i parts each: e.g. a level's key splits); every part over
-      the same N rows, lse in natural log, -inf for a row with no keys in that part.
+    stacks: `(out [P_i, ..., D], lse [P_i, ...])` pairs (P_i parts each: e.g. a level's key splits, `...` e.g.
+      `B, T, Hq`); every part over the same rows, lse in natural log, -inf for a row with no keys in that part.
     out_dtype: dtype of the merged out (default: the first stack's).
     interpret: run in the Pallas interpreter (CPU).
     rows, num_warps: rows a program (a power of two; the largest power of two up to it that divides n) and its
       warps.
 
   Returns:
-    out `[N, D]` in out_dtype and lse `[N]` float32, as `reference.merge_states` over every part of every stack.
+    out `[..., D]` in out_dtype and lse `[...]` float32, as `reference.merge_states` over every part of every stack.
   """
   if not stacks:
     raise ValueError("merge_stacks: `stacks` is empty; expected at least one (out, lse) pair.")
-  p0, n, d = stacks[0][0].shape
+  shape = stacks[0][0].shape[1:]  # [..., D]
+  if len(shape) < 2:
+    raise ValueError(f"merge_stacks: stack 0 has out {stacks[0][0].shape}; expected [P, ..., D] with rows.")
   for i, (o, lse) in enumerate(stacks):
-    if o.ndim != 3 or o.shape[1:] != (n, d) or lse.shape != o.shape[:2]:
-      raise ValueError(f"merge_stacks: stack {i} has out {o.shape} and lse {lse.shape}; expected out [P, {n}, {d}] "
-                       f"and lse [P, {n}] (rows and head dim as stack 0's).")
+    if o.shape[1:] != shape or lse.shape != o.shape[:-1]:
+      raise ValueError(f"merge_stacks: stack {i} has out {o.shape} and lse {lse.shape}; expected out [P, "
+                       f"{', '.join(map(str, shape))}] and lse [P, {', '.join(map(str, shape[:-1]))}] (rows and head "
+                       "dim as stack 0's).")
+  n, d = math.prod(shape[:-1]), shape[-1]
   if rows < 1 or rows & (rows - 1):
     raise ValueError(f"merge_stacks: rows={rows}; expected a power of two >= 1.")
   rows = rows_per_program(n, d, rows)
@@ -91,11 +96,11 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
                      "256, at least one row); use reference.merge_states.")
   out_dtype = stacks[0][0].dtype if out_dtype is None else out_dtype
   in_specs, inputs = [], []
-  for o, lse in stacks:
+  for o, lse in stacks:  # each stack seen as [P, N, D] (a free reshape)
     in_specs += [pl.BlockSpec((o.shape[0], rows, d), lambda r: (0, r, 0)),
                  pl.BlockSpec((o.shape[0], rows), lambda r: (0, r))]
-    inputs += [o, lse]
-  return pl.pallas_call(
+    inputs += [o.reshape(o.shape[0], n, d), lse.reshape(lse.shape[0], n)]
+  out, lse = pl.pallas_call(
       functools.partial(_kernel, sizes=tuple(o.shape[0] for o, _ in stacks)),
       grid=(n // rows,),
       in_specs=in_specs,
@@ -105,3 +110,4 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
       interpret=interpret,
       name="hydragen_merge",
   )(*inputs)
+  return out.reshape(shape), lse.reshape(shape[:-1])

@@ -99,10 +99,8 @@ def step(name, merge_kernel: bool = False):
       config = name if isinstance(name, hopper.HopperConfig) else VARIANTS[name]
       parts = hopper.prefix_suffix_attention(q, pk[0], pv[0], jnp.int32(pk.shape[1]), sk, sv, lengths,
                                              scale=D**-0.5, config=config)
-    if merge_kernel:
-      rows = q.size // q.shape[-1]
-      out, _ = merge.merge_stacks([(o.reshape(1, rows, -1), l.reshape(1, rows)) for o, l in parts])
-      return out.reshape(q.shape)
+    if merge_kernel:  # each part a stack of one
+      return merge.merge_stacks([(o[None], l[None]) for o, l in parts])[0]
     out, _ = merge_states(list(parts))
     return out.astype(q.dtype)
   return fn

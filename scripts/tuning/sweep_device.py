@@ -278,10 +278,10 @@ class Sweep:
     its parts are merged by the merge kernel (`merge.applies` under `merge_max_rows`, as the API)."""
     b, p, _, hq, hkv = cfg = self.configs[i]
     q, pk, pv, sk, sv = self.structs(i)
-    merged = merge.applies(b * hq, D, tune.merge_max_rows)
     if kernel == "alone":
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
                                            tuning=tune))
+    merged = merge.applies(b * hq, D, tune.merge_max_rows)
     if kernel in ("hopper", "pallas"):
       settings = tune.hopper_for(hopper.query_rows(q.shape, hkv), p)
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None

@@ -194,14 +194,13 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
-    rows = q.size // q.shape[-1]
     how = variant.get("merge", "tuning")
-    if how == "pallas" or (how == "tuning" and merge_kernel.applies(rows, q.shape[-1], tune.merge_max_rows)):
+    if how == "pallas" or (how == "tuning" and merge_kernel.applies(q.size // q.shape[-1], q.shape[-1],
+                                                                    tune.merge_max_rows)):
       stacks = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, stacked=True)
-      out, _ = merge_kernel.merge_stacks([(o.reshape(o.shape[0], rows, -1), l.reshape(l.shape[0], rows))
-                                          for o, l in stacks], rows=variant.get("merge_rows", merge_kernel.ROWS),
+      out, _ = merge_kernel.merge_stacks(stacks, rows=variant.get("merge_rows", merge_kernel.ROWS),
                                          num_warps=variant.get("merge_warps", merge_kernel.WARPS))
-      return out.reshape(q.shape)
+      return out
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
     if how is False:
       return parts[0][0].astype(q.dtype)
