@@ -37,7 +37,9 @@ from flax import struct
 
 import hydragen_jax
 from hydragen_jax import Level
-from hydragen_jax.validation import batching_pays
+from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.validation import batching_pays, resolve_backend
+from models import kv_write
 
 MODES = ("hydragen", "standard", "shared_storage", "none")
 
@@ -112,16 +114,24 @@ def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity:
     return jnp.where((t >= T - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
-def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens) -> tuple[Layers, Layers]:
-    """Scatter the new k/v ``[B, T, Hkv, D]`` into layer ``layer`` of ks/vs (in place under jit)."""
+def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens, backend: str | None = None
+           ) -> tuple[Layers, Layers]:
+    """Write the new k/v ``[B, T, Hkv, D]`` into layer ``layer`` of ks/vs (in place under jit): on the kernel
+    backends, steps of at most the tuning's ``write_max_rows`` slots (B·T) in one Pallas launch
+    (``models.kv_write``), else with XLA's scatters (one a cache)."""
     B, T = k.shape[:2]
     pos = write_positions(lengths, new_tokens, T, ks[layer].shape[1])
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
-    # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.
-    hints = dict(mode="drop", indices_are_sorted=T == 1, unique_indices=True)
-    k_new = ks[layer].at[rows, pos].set(k.astype(ks[layer].dtype), **hints)
-    v_new = vs[layer].at[rows, pos].set(v.astype(vs[layer].dtype), **hints)
+    backend = resolve_backend(backend)
+    if backend != "xla" and 0 < B * T <= tuning_lib.current().write_max_rows:
+        k_new, v_new = kv_write.write(ks[layer], vs[layer], k, v, pos, interpret=backend.startswith("interpret"))
+    else:
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one
+        # slot a row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end)
+        # come first.
+        hints = dict(mode="drop", indices_are_sorted=T == 1, unique_indices=True)
+        k_new = ks[layer].at[rows, pos].set(k.astype(ks[layer].dtype), **hints)
+        v_new = vs[layer].at[rows, pos].set(v.astype(vs[layer].dtype), **hints)
     return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]
 
 
@@ -165,7 +175,7 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
     def attend(cache: Any, layer: int, q, k, v):
         if mode == "none":
             return _no_attention(q, k, v, cache.lengths), cache
-        ks, vs = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens)
+        ks, vs = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens, backend)
         cache = cache.replace(k=ks, v=vs)
         own = Level(ks[layer], vs[layer], cache.lengths + new_tokens)
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache

@@ -4,6 +4,7 @@ weight is copied before its GEMM. Runs on CPU (XLA's CPU compiler) and, with the
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import re
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import models
+from hydragen_jax import tuning as tuning_lib
 from hydragen_jax import validation as hj_validation
 from models.config import LlamaConfig
 from tests.conftest import ON_GPU
@@ -175,19 +177,30 @@ def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled Pallas kernels read the caches in place only there")
+@pytest.mark.parametrize("write_rows", [0, 64], ids=["scatters", "kernel"])
 @pytest.mark.parametrize("mode", ["hydragen", "shared_storage", "standard"])
-def test_decode_step_writes_caches_in_place_and_never_copies_them(mode):
-  """Every cache-shaped buffer the step makes is an in-place update (a fusion around a scatter: each layer's k and v
-  write), and no cache is copied or transposed: the kernels read every level where it lies."""
-  hlo, state = _compiled_decode(mode, jnp.bfloat16, "pallas")
+def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_rows):
+  """Every cache-shaped buffer the step makes is an in-place update: a fusion around a scatter (each layer's k and
+  v write) or, under the tuning's `write_max_rows`, the cache-write kernel (`models.kv_write`: both caches of a
+  layer, its outputs aliasing them; seen as rows `[B, S, Hkv·D]`); no cache is copied or transposed: the kernels
+  read every level where it lies."""
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=write_rows)):
+    hlo, state = _compiled_decode(mode, jnp.bfloat16, "pallas")
   shapes = {x.shape for x in jax.tree.leaves(state.cache) if x.ndim == 4}
+  shapes |= {(b, s, h * d) for b, s, h, d in shapes}
   comps = _computations(hlo)
   writes = {name for name, instrs in comps.items() if any(op in ("scatter", "dynamic-update-slice")
                                                          for _, op, _ in instrs)}
   made = new_buffers_of_shape(hlo, shapes)
-  not_writes = [line for line in made if not (" fusion(" in line and set(_CALLS.findall(line)) & writes)]
+  kernel = [line for line in made if " custom-call(" in line and "hydragen_kv_write" in line]
+  assert all("output_to_operand_aliasing" in line for line in kernel), "\n".join(line[:300] for line in kernel)
+  not_writes = [line for line in made
+                if line not in kernel and not (" fusion(" in line and set(_CALLS.findall(line)) & writes)]
   assert not not_writes, "\n".join(line[:200] for line in not_writes)
-  assert len(made) >= 2 * LAYERS, "\n".join(line[:200] for line in made)  # at least each layer's k and v write
+  if write_rows:  # every layer writes its k and v with the kernel (the step has 2 slots)
+    assert len(kernel) >= LAYERS, "\n".join(line[:200] for line in made)
+  else:  # at least each layer's k and v write
+    assert len(made) >= 2 * LAYERS and not kernel, "\n".join(line[:200] for line in made)
 
 
 @pytest.mark.gpu

@@ -223,6 +223,9 @@ class Tuning:
       elementwise merge (two kernels: the per-row weights apart); 0: never. Few rows: the two launches' latency is
       most of the merge's time. The rows are those the merge sees (per example under vmap, per device under
       shard_map); head dims that are not a power of two up to 256 keep XLA's merge.
+    write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
+      with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
+      slots (B·T, per device), rather than with XLA's two scatters; 0: never.
   """
 
   hopper_min_work: int
@@ -244,11 +247,13 @@ class Tuning:
   hopper_long_prefix: int = 0
   hopper_long: tuple[tuple[int, HopperTuning], ...] = ()
   merge_max_rows: int = 0
+  write_max_rows: int = 0
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores"), least=1)
-    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows"), least=0)
+    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows"),
+                least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")

@@ -1,0 +1,117 @@
+"""The cache-write kernel (`models.kv_write`) against XLA's scatters, and its use by the models
+(`Tuning.write_max_rows`). Interpreted on CPU, compiled on the GPU (the `kernel_backend` fixture)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydragen_jax import tuning as tuning_lib
+from models import cache as cache_lib
+from models import kv_write
+from models.config import LlamaConfig
+from models.generate import generate
+from models.llama import init_random
+
+
+def _scatter(k_cache, v_cache, k, v, pos):
+  """What the models did before the kernel (and still do above `write_max_rows`): one scatter a cache."""
+  rows = jnp.broadcast_to(jnp.arange(k.shape[0])[:, None], pos.shape)
+  return (k_cache.at[rows, pos].set(k.astype(k_cache.dtype), mode="drop"),
+          v_cache.at[rows, pos].set(v.astype(v_cache.dtype), mode="drop"))
+
+
+# (B, T, Hkv, D, S, lengths, new tokens): decode (one slot a sequence, one sequence at its capacity: dropped); a
+# prefill chunk with padding slots (right-aligned) and overflow past the capacity, Hkv·D not a power of two; GQA-sized
+# rows of 8 heads of 128.
+CASES = {
+    "decode": (3, 1, 2, 64, 9, [0, 4, 9], [1, 1, 1]),
+    "chunk-odd-width": (2, 4, 3, 10, 7, [1, 5], [3, 4]),
+    "wide": (4, 2, 8, 128, 16, [0, 3, 14, 7], [2, 1, 2, 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,cache_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                                               (jnp.float32, jnp.bfloat16)], ids=["f32", "bf16", "f32-to-bf16"])
+def test_write_matches_the_scatters(kernel_backend, case, dtype, cache_dtype):
+  """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity) and every
+  other entry keep what the caches held: bit for bit what XLA's scatters give."""
+  b, t, hkv, d, s, lengths, new = CASES[case]
+  ks = jax.random.split(jax.random.PRNGKey(hash(case) % 2**31), 4)
+  k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
+  k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
+  pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
+  fn = jax.jit(lambda *a: kv_write.write(*a, interpret=kernel_backend.startswith("interpret")))
+  got = fn(k_cache, v_cache, k, v, pos)
+  want = _scatter(k_cache, v_cache, k, v, pos)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
+
+
+def test_write_of_nothing_returns_the_caches():
+  k_cache = jnp.ones((2, 0, 2, 4))
+  k = jnp.ones((2, 1, 2, 4))
+  out = kv_write.write(k_cache, k_cache, k, k, jnp.zeros((2, 1), jnp.int32), interpret=True)
+  assert out[0] is k_cache and out[1] is k_cache
+
+
+@pytest.mark.parametrize("args,match", [
+    (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache \(2, 5, 2, 4\) and v_cache \(2, 5, 2, 8\)"),
+    (((2, 5, 2, 4), (2, 5, 2, 4), (3, 1, 2, 4), (2, 1)), r"k \(3, 1, 2, 4\) and v \(3, 1, 2, 4\); expected both "
+                                                         r"\[2, T, 2, 4\]"),
+    (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 2)), r"positions \(2, 2\); expected \[2, 1\]"),
+])
+def test_write_names_bad_shapes(args, match):
+  kc, vc, k, p = args
+  with pytest.raises(ValueError, match=match):
+    kv_write.write(jnp.zeros(kc), jnp.zeros(vc), jnp.zeros(k), jnp.zeros(k), jnp.zeros(p, jnp.int32), interpret=True)
+
+
+CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=12, max_position_embeddings=256, eos_token_ids=())
+
+
+def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monkeypatch):
+  """Steps of at most `write_max_rows` slots (B·T: here every decode step) write with the kernel, larger ones
+  (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path. With 0, no step
+  uses it."""
+  model = init_random(CFG, jnp.float32, seed=3)
+  rng = np.random.default_rng(5)
+  shared = rng.integers(0, 89, 10).tolist()
+  prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
+  calls, real = [], kv_write.write
+  monkeypatch.setattr(kv_write, "write", lambda kc, *a, **kw: calls.append(kc.shape) or real(kc, *a, **kw))
+  ref = generate(model, prompts, num_samples=2, max_new_tokens=5, backend="xla")
+  assert not calls  # the jnp path never takes the kernel
+  rows = len(prompts) * 2
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=rows)):
+    got = generate(model, prompts, num_samples=2, max_new_tokens=5, backend=kernel_backend)
+  # decode writes the per-sequence suffix caches ([rows, ...]); prefill chunks of few enough slots (a level's nodes
+  # times its chunk's tokens) may take it too
+  assert any(shape[0] == rows for shape in calls)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
+  calls.clear()
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=0)):
+    generate(init_random(CFG, jnp.float32, seed=4), prompts, num_samples=2, max_new_tokens=3, backend=kernel_backend)
+  assert not calls
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_tuning_write_max_rows_must_be_a_count(bad):
+  with pytest.raises(ValueError, match=r"write_max_rows must be an int >= 0"):
+    dataclasses.replace(tuning_lib.current(), write_max_rows=bad)
+
+
+def test_tuning_write_max_rows_round_trips_and_defaults_to_off():
+  tune = dataclasses.replace(tuning_lib.current(), write_max_rows=512)
+  assert tuning_lib.from_dict(tuning_lib.to_dict(tune)).write_max_rows == 512
+  data = tuning_lib.to_dict(tune)
+  del data["write_max_rows"]  # a file written before the field: off
+  assert tuning_lib.from_dict(data).write_max_rows == 0
