@@ -16,6 +16,7 @@ from models import kv_write
 from models.config import LlamaConfig
 from models.generate import generate
 from models.llama import init_random
+from tests.conftest import grid
 
 
 def _scatter(k_cache, v_cache, k, v, pos):
@@ -35,13 +36,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype,cache_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
-                                               (jnp.float32, jnp.bfloat16)], ids=["f32", "bf16", "f32-to-bf16"])
-def test_write_matches_the_scatters(kernel_backend, case, dtype, cache_dtype):
+DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16),
+          "f32-to-bf16": (jnp.float32, jnp.bfloat16)}  # (k and v, the caches)
+
+
+@pytest.mark.parametrize("case,dtypes", grid(list(CASES), list(DTYPES), ids=[str, str]))
+def test_write_matches_the_scatters(kernel_backend, case, dtypes):
   """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity) and every
   other entry keep what the caches held: bit for bit what XLA's scatters give."""
   b, t, hkv, d, s, lengths, new = CASES[case]
+  dtype, cache_dtype = DTYPES[dtypes]
   ks = jax.random.split(jax.random.PRNGKey(hash(case) % 2**31), 4)
   k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
   k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
@@ -79,28 +83,43 @@ CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidde
 
 def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monkeypatch):
   """Steps of at most `write_max_rows` slots (B·T: here every decode step) write with the kernel, larger ones
-  (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path. With 0, no step
-  uses it."""
+  (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path."""
   model = init_random(CFG, jnp.float32, seed=3)
   rng = np.random.default_rng(5)
   shared = rng.integers(0, 89, 10).tolist()
   prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
   calls, real = [], kv_write.write
   monkeypatch.setattr(kv_write, "write", lambda kc, *a, **kw: calls.append(kc.shape) or real(kc, *a, **kw))
-  ref = generate(model, prompts, num_samples=2, max_new_tokens=5, backend="xla")
+  ref = generate(model, prompts, num_samples=2, max_new_tokens=4, backend="xla")
   assert not calls  # the jnp path never takes the kernel
   rows = len(prompts) * 2
   with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=rows)):
-    got = generate(model, prompts, num_samples=2, max_new_tokens=5, backend=kernel_backend)
+    got = generate(model, prompts, num_samples=2, max_new_tokens=4, backend=kernel_backend)
   # decode writes the per-sequence suffix caches ([rows, ...]); prefill chunks of few enough slots (a level's nodes
   # times its chunk's tokens) may take it too
   assert any(shape[0] == rows for shape in calls)
   np.testing.assert_array_equal(got.tokens, ref.tokens)
   np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
-  calls.clear()
-  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=0)):
-    generate(init_random(CFG, jnp.float32, seed=4), prompts, num_samples=2, max_new_tokens=3, backend=kernel_backend)
-  assert not calls
+
+
+@pytest.mark.parametrize("write_rows,backend,kernel", [(6, "interpret", True), (5, "interpret", False),
+                                                       (0, "interpret", False), (6, "xla", False)])
+def test_cache_write_takes_the_kernel_up_to_write_max_rows(monkeypatch, write_rows, backend, kernel):
+  """A step of B·T = 6 slots: the kernel on a kernel backend where `write_max_rows` >= 6; else the scatters (the
+  same caches either way)."""
+  calls, real = [], kv_write.write
+  monkeypatch.setattr(kv_write, "write", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  b, t, s, hkv, d = 3, 2, 5, 2, 4
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  caches = tuple((jax.random.normal(key, (b, s, hkv, d)),) for key in ks[:2])
+  k, v = (jax.random.normal(key, (b, t, hkv, d)) for key in ks[2:])
+  lengths, new = jnp.array([0, 3, 4]), jnp.array([2, 1, 2])
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=write_rows)):
+    got = cache_lib._write(*caches, 0, k, v, lengths, new, backend)
+  assert bool(calls) == kernel
+  want = _scatter(caches[0][0], caches[1][0], k, v, cache_lib.write_positions(lengths, new, t, s))
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(w))
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
