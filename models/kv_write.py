@@ -3,8 +3,8 @@
 XLA writes each cache with a scatter of its own: two launches a layer, each moving little at decode (B = 64, 7B
 shape: 0.5 MB each, ~2.4 µs each on the H200: launch-bound). Here one program a (sequence, query slot) copies the
 slot's key row and value row (Hkv·D elements each) to its cache position: both caches in one launch, in place (the
-outputs alias the caches). A slot whose position is past the capacity (`models.cache.write_positions`: padding
-slots and overflow) is dropped, as XLA's scatter with mode="drop" does. The models use it on the kernel backends for
+outputs alias the caches). A slot whose position lies outside the cache (`models.cache.write_positions` puts padding
+slots and overflow past the capacity) is dropped, as XLA's scatter with mode="drop" does. The models use it on the kernel backends for
 steps of at most the tuning's `write_max_rows` slots (B·T; `hydragen_jax.tuning`, 0: never).
 
 Measured on the H200 in the 7B decode step (session 31, experiments/PERF_NOTES.md): the launch takes 1.8 µs a layer
@@ -32,8 +32,8 @@ def _kernel(pos_ref, k_ref, v_ref, _k_cache, _v_cache, k_out, v_out, *, slots: i
   pos = pos_ref[i]
   cols = jnp.arange(block)
   col_ok = cols < width  # the row padded to a power of two (Triton's tile)
-  keep = col_ok & (pos < capacity)
-  row = jnp.minimum(pos, capacity - 1)  # a dropped slot's address stays inside the array (its store is masked)
+  keep = col_ok & (pos >= 0) & (pos < capacity)
+  row = jnp.clip(pos, 0, capacity - 1)  # a dropped slot's address stays inside the array (its store is masked)
   for src, dst in ((k_ref, k_out), (v_ref, v_out)):
     val = plgpu.load(src.at[i, pl.ds(0, block)], mask=col_ok, other=0)
     plgpu.store(dst.at[i // slots, row, pl.ds(0, block)], val, mask=keep)
@@ -46,8 +46,9 @@ def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, 
   Args:
     k_cache, v_cache: `[B, S, Hkv, D]` one layer's caches (S the capacity).
     k, v: `[B, T, Hkv, D]` the step's new keys and values (cast to the caches' dtype).
-    positions: `[B, T]` int, the cache slot of each; slots at or past S are dropped (`cache.write_positions`:
-      (row, slot) pairs never repeat).
+    positions: `[B, T]` int, the cache slot of each; slots outside [0, S) are dropped (as XLA's scatter with
+      mode="drop"). A sequence's slots must differ (`cache.write_positions` makes them so): two writes to one
+      entry land in no defined order.
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:

@@ -42,17 +42,19 @@ DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16
 
 @pytest.mark.parametrize("case,dtypes", grid(list(CASES), list(DTYPES), ids=[str, str]))
 def test_write_matches_the_scatters(kernel_backend, case, dtypes):
-  """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity) and every
-  other entry keep what the caches held: bit for bit what XLA's scatters give."""
+  """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity, negative)
+  and every other entry keep what the caches held: bit for bit what XLA's scatters give."""
   b, t, hkv, d, s, lengths, new = CASES[case]
   dtype, cache_dtype = DTYPES[dtypes]
   ks = jax.random.split(jax.random.PRNGKey(hash(case) % 2**31), 4)
   k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
   k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
   pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
+  if case == "wide":  # a negative slot (not one write_positions makes) is dropped too
+    pos = pos.at[1, 0].set(-3)
   fn = jax.jit(lambda *a: kv_write.write(*a, interpret=kernel_backend.startswith("interpret")))
   got = fn(k_cache, v_cache, k, v, pos)
-  want = _scatter(k_cache, v_cache, k, v, pos)
+  want = _scatter(k_cache, v_cache, k, v, jnp.where(pos < 0, s, pos))  # (jnp's .at would wrap a negative slot)
   for g, w in zip(got, want):
     assert g.dtype == w.dtype and g.shape == w.shape
     np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
