@@ -8,11 +8,12 @@ to kernel) and long ones (the host dispatching or waiting), the largest named. T
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
-`--gemm 0,64` profiles XLA's GEMMs and the decode GEMM kernel (`models.gemm`, up to 64 rows) in turn.
+`--gemm 0,64` profiles XLA's GEMMs and the decode GEMM kernel (`models.gemm`, up to 64 rows) in turn; `--write
+0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots).
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
        [--backend mosaic] [--tp 2] [--hlo DIR] [--tuning default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json]
-       [--gemm 0,64]
+       [--gemm 0,64] [--write 0,4096]
 """
 
 from __future__ import annotations
@@ -63,9 +64,15 @@ def with_gemm_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
   """`tune` with the decode GEMM kernel (`models.gemm`) taking products of 1 to `rows` rows (0: XLA's GEMMs)."""
   return dataclasses.replace(tune, gemm=dataclasses.replace(tune.gemm, min_rows=1, max_rows=rows))
 
+
+def with_write_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
+  """`tune` with the cache-write kernel (`models.kv_write`) for steps of up to `rows` slots (0: XLA's scatters)."""
+  return dataclasses.replace(tune, write_max_rows=rows)
+
 # Kernel names (XLA instruction names, cuBLAS / CUTLASS kernels, Pallas kernels) -> part of the step.
 PARTS = (
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm|matmul", re.I)),
+    ("cache write", re.compile(r"kv_write", re.I)),  # our Pallas cache write, before "hydragen" takes it
     ("attention", re.compile(r"hydragen|mosaic|pallas|prefix_suffix|attention", re.I)),
     ("cache write", re.compile(r"scatter|dynamic.update.slice", re.I)),
     ("all-reduce", re.compile(r"nccl|all.reduce|allreduce|collective|psum", re.I)),  # psum: XLA's own kernels
@@ -119,6 +126,9 @@ def main():
                       help="the decode GEMM kernel (models.gemm) for products of 1 to ROWS rows, each profiled in turn "
                            "(0: XLA's GEMMs); "
                            "default: the tuning's")
+  parser.add_argument("--write", default=None, metavar="ROWS[,ROWS...]",
+                      help="the cache-write kernel (models.kv_write) for steps of up to ROWS slots (B·T), each "
+                           "profiled in turn (0: XLA's scatters); default: the tuning's")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -144,6 +154,9 @@ def main():
   if args.gemm is not None:  # each tuning with each of the GEMM kernel's row limits
     tunings = [(f"{name or 'default'} gemm<={rows}", with_gemm_rows(t or tuning_lib.current(), int(rows)))
                for name, t in tunings for rows in args.gemm.split(",")]
+  if args.write is not None:  # ... and with each of the cache-write kernel's slot limits
+    tunings = [(f"{name or 'default'} write<={rows}", with_write_rows(t or tuning_lib.current(), int(rows)))
+               for name, t in tunings for rows in args.write.split(",")]
   for mode in args.modes.split(","):
     state, org = mode_state(model, tree, args.generate, mode, args.backend)
     for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew

@@ -5,6 +5,7 @@ devices). Their numbers mean nothing here (no GPU kernels to time); their plumbi
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
@@ -48,6 +49,22 @@ def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, cap
   assert exit_.value.code == 2 and "--demo profiles the demo's model on one device" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_profile_decode_write_profiles_each_cache_write(tmp_path):
+  """`--write 0,8`: the decode step with XLA's scatters, then with the cache-write kernel (its compiled step holds
+  the kernel, the other's not)."""
+  hlo = tmp_path / "hlo"
+  p = _run(["scripts.profile_decode", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--generate", "8",
+            "--at", "2", "--steps", "2", "--modes", "hydragen", "--backend", "interpret", "--write", "0,8",
+            "--hlo", str(hlo)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  lines = [line.split("]")[0] for line in p.stdout.splitlines() if line.startswith("[")]
+  assert lines == ["[hydragen @ default write<=0", "[hydragen @ default write<=8"], p.stdout
+  holds = {f.name: "kv_write" in gzip.open(f, "rt").read() for f in hlo.iterdir()}
+  assert holds == {"decode-hydragen-default-write-0-tp1-B4.hlo.gz": False,
+                   "decode-hydragen-default-write-8-tp1-B4.hlo.gz": True}, holds
+
+
 def test_idle_gaps_between_kernels():
   """The profile's idle time: the stretches with no kernel running (overlapping kernels of two streams are one busy
   stretch), split into short and long gaps per step."""
@@ -75,8 +92,9 @@ def test_profile_parts_of_kernel_names():
   assert [classify(n) for n in ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", "gemm_fusion_dot_453",
                                 "_lambda__mosaic_gpu_kernel", "hydragen_fused_levels", "input_scatter_fusion_32",
                                 "psum_64_0_fusion_1", "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "all-reduce-start",
-                                "loop_multiply_fusion_31")] == [
-      "gemm", "gemm", "attention", "attention", "cache write", "all-reduce", "all-reduce", "all-reduce", "rest"]
+                                "loop_multiply_fusion_31", "hydragen_kv_write")] == [
+      "gemm", "gemm", "attention", "attention", "cache write", "all-reduce", "all-reduce", "all-reduce", "rest",
+      "cache write"]
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
