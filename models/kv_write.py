@@ -4,8 +4,8 @@ XLA writes each cache with a scatter of its own: two launches a layer, each movi
 shape: 0.5 MB each, ~2.4 µs each on the H200: launch-bound). Here one program a (sequence, query slot) copies the
 slot's key row and value row (Hkv·D elements each) to its cache position: both caches in one launch, in place (the
 outputs alias the caches). A slot whose position lies outside the cache (`models.cache.write_positions` puts padding
-slots and overflow past the capacity) is dropped, as XLA's scatter with mode="drop" does. The models use it on the kernel backends for
-steps of at most the tuning's `write_max_rows` slots (B·T; `hydragen_jax.tuning`, 0: never).
+slots and overflow past the capacity) is dropped, as XLA's scatter with mode="drop" does. The models use it on the
+kernel backends for steps of at most the tuning's `write_max_rows` slots (B·T; `hydragen_jax.tuning`, 0: never).
 
 Measured on the H200 in the 7B decode step (session 31, experiments/PERF_NOTES.md): the launch takes 1.8 µs a layer
 at B = 64 where the two scatters took 4.8, yet the step is no faster: XLA's scatter fusions compute their updates
@@ -40,6 +40,14 @@ def _kernel(pos_ref, k_ref, v_ref, _k_cache, _v_cache, k_out, v_out, *, slots: i
     plgpu.store(dst.at[i // slots, row, pl.ds(0, block)], val, mask=keep)
 
 
+def slots_int32(positions: Array, capacity: int) -> Array:
+  """Integer `positions` as the kernel's int32 slots: any other integer type mapped so that a slot outside
+  [0, capacity) stays outside (a 64-bit 2^32 + 1 would wrap to 1), int32 as it is (no work)."""
+  if positions.dtype == jnp.int32:
+    return positions
+  return jnp.where((positions >= 0) & (positions < capacity), positions, capacity).astype(jnp.int32)
+
+
 def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, *,
           interpret: bool = False) -> tuple[Array, Array]:
   """Writes k and v into their caches at `positions`, in one kernel launch.
@@ -63,15 +71,16 @@ def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, 
     raise ValueError(f"kv_write.write: k {k.shape} and v {v.shape}; expected both [{b}, T, {hkv}, {d}] (the caches' "
                      "batch, KV heads and head dim).")
   t = k.shape[1]
-  if positions.shape != (b, t):
-    raise ValueError(f"kv_write.write: positions {positions.shape}; expected [{b}, {t}] (one slot a new token).")
+  if positions.shape != (b, t) or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"kv_write.write: positions {positions.dtype}{list(positions.shape)}; expected integers "
+                     f"[{b}, {t}] (one slot a new token).")
   if b * t == 0 or s == 0 or hkv * d == 0:  # nothing to write, or nowhere to write it (every slot dropped)
     return k_cache, v_cache
   width = hkv * d
   block = pl.next_power_of_2(width)
   rows = b * t
   # Free reshapes (contiguous arrays): rows of W = Hkv·D elements.
-  inputs = (positions.reshape(rows).astype(jnp.int32), k.astype(k_cache.dtype).reshape(rows, width),
+  inputs = (slots_int32(positions, s).reshape(rows), k.astype(k_cache.dtype).reshape(rows, width),
             v.astype(v_cache.dtype).reshape(rows, width), k_cache.reshape(b, s, width), v_cache.reshape(b, s, width))
 
   def whole(x):  # the kernel indexes inside the full array itself

@@ -46,7 +46,7 @@ def test_write_matches_the_scatters(kernel_backend, case, dtypes):
   and every other entry keep what the caches held: bit for bit what XLA's scatters give."""
   b, t, hkv, d, s, lengths, new = CASES[case]
   dtype, cache_dtype = DTYPES[dtypes]
-  ks = jax.random.split(jax.random.PRNGKey(hash(case) % 2**31), 4)
+  ks = jax.random.split(jax.random.PRNGKey(list(CASES).index(case)), 4)
   k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
   k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
   pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
@@ -60,23 +60,41 @@ def test_write_matches_the_scatters(kernel_backend, case, dtypes):
     np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
 
 
-def test_write_of_nothing_returns_the_caches():
-  k_cache = jnp.ones((2, 0, 2, 4))
-  k = jnp.ones((2, 1, 2, 4))
-  out = kv_write.write(k_cache, k_cache, k, k, jnp.zeros((2, 1), jnp.int32), interpret=True)
+@pytest.mark.parametrize("cache_shape,k_shape", [((2, 0, 2, 4), (2, 1, 2, 4)), ((2, 5, 2, 4), (2, 0, 2, 4)),
+                                                 ((0, 5, 2, 4), (0, 1, 2, 4)), ((2, 5, 0, 4), (2, 1, 0, 4))],
+                         ids=["no-capacity", "no-tokens", "no-sequences", "no-heads"])
+def test_write_of_nothing_returns_the_caches(cache_shape, k_shape):
+  k_cache, k = jnp.ones(cache_shape), jnp.ones(k_shape)
+  out = kv_write.write(k_cache, k_cache, k, k, jnp.zeros(k_shape[:2], jnp.int32), interpret=True)
   assert out[0] is k_cache and out[1] is k_cache
+
+
+def test_slots_beyond_int32_stay_dropped():
+  """The kernel reads int32 slots: 64-bit positions (x64 mode) outside the cache stay outside, not wrapped into it;
+  unsigned ones too."""
+  with jax.enable_x64(True):
+    pos = jnp.array([2**32 + 1, -2**32 + 2, 3, -1, 7, 2**40], jnp.int64)
+    np.testing.assert_array_equal(np.asarray(kv_write.slots_int32(pos, 7)), [7, 7, 3, 7, 7, 7])
+    assert kv_write.slots_int32(pos, 7).dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(kv_write.slots_int32(jnp.array([2**31 + 5, 2], jnp.uint32), 7)), [7, 2])
 
 
 @pytest.mark.parametrize("args,match", [
     (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache \(2, 5, 2, 4\) and v_cache \(2, 5, 2, 8\)"),
     (((2, 5, 2, 4), (2, 5, 2, 4), (3, 1, 2, 4), (2, 1)), r"k \(3, 1, 2, 4\) and v \(3, 1, 2, 4\); expected both "
                                                          r"\[2, T, 2, 4\]"),
-    (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 2)), r"positions \(2, 2\); expected \[2, 1\]"),
+    (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 2)), r"positions int32\[2, 2\]; expected integers \[2, 1\]"),
 ])
 def test_write_names_bad_shapes(args, match):
   kc, vc, k, p = args
   with pytest.raises(ValueError, match=match):
     kv_write.write(jnp.zeros(kc), jnp.zeros(vc), jnp.zeros(k), jnp.zeros(k), jnp.zeros(p, jnp.int32), interpret=True)
+
+
+def test_write_names_float_positions():
+  with pytest.raises(ValueError, match=r"positions float32\[2, 1\]; expected integers \[2, 1\]"):
+    kv_write.write(jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 1, 2, 4)), jnp.zeros((2, 1, 2, 4)),
+                   jnp.zeros((2, 1), jnp.float32), interpret=True)
 
 
 CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

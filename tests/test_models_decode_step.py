@@ -197,7 +197,7 @@ def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_ro
   not_writes = [line for line in made
                 if line not in kernel and not (" fusion(" in line and set(_CALLS.findall(line)) & writes)]
   assert not not_writes, "\n".join(line[:200] for line in not_writes)
-  if write_rows:  # every layer writes its k and v with the kernel (the step has 2 slots)
+  if write_rows:  # every layer writes its k and v with the kernel (2 sequences × 1 token <= 64 slots)
     assert len(kernel) >= LAYERS, "\n".join(line[:200] for line in made)
   else:  # at least each layer's k and v write
     assert len(made) >= 2 * LAYERS and not kernel, "\n".join(line[:200] for line in made)
