@@ -114,24 +114,30 @@ def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity:
     return jnp.where((t >= T - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
+def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """XLA's write of the new k/v ``[B, T, Hkv, D]`` into one layer's caches ``[B, S, Hkv, D]`` at ``positions``
+    ``[B, T]`` (`write_positions`'s: slots at or past S dropped): one scatter a cache, in place under jit."""
+    B, T = k.shape[:2]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
+    # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.
+    hints = dict(mode="drop", indices_are_sorted=T == 1, unique_indices=True)
+    return (k_cache.at[rows, positions].set(k.astype(k_cache.dtype), **hints),
+            v_cache.at[rows, positions].set(v.astype(v_cache.dtype), **hints))
+
+
 def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens, backend: str | None = None
            ) -> tuple[Layers, Layers]:
     """Write the new k/v ``[B, T, Hkv, D]`` into layer ``layer`` of ks/vs (in place under jit): on the kernel
     backends, steps of at most the tuning's ``write_max_rows`` slots (B·T) in one Pallas launch
-    (``models.kv_write``), else with XLA's scatters (one a cache)."""
+    (``models.kv_write``), else with XLA's scatters (`scatter_write`)."""
     B, T = k.shape[:2]
     pos = write_positions(lengths, new_tokens, T, ks[layer].shape[1])
     backend = resolve_backend(backend)
     if backend != "xla" and 0 < B * T <= tuning_lib.current().write_max_rows:
         k_new, v_new = kv_write.write(ks[layer], vs[layer], k, v, pos, interpret=backend.startswith("interpret"))
     else:
-        rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-        # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one
-        # slot a row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end)
-        # come first.
-        hints = dict(mode="drop", indices_are_sorted=T == 1, unique_indices=True)
-        k_new = ks[layer].at[rows, pos].set(k.astype(ks[layer].dtype), **hints)
-        v_new = vs[layer].at[rows, pos].set(v.astype(vs[layer].dtype), **hints)
+        k_new, v_new = scatter_write(ks[layer], vs[layer], k, v, pos)
     return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]
 
 

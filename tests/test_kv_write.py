@@ -19,13 +19,6 @@ from models.llama import init_random
 from tests.conftest import grid
 
 
-def _scatter(k_cache, v_cache, k, v, pos):
-  """What the models did before the kernel (and still do above `write_max_rows`): one scatter a cache."""
-  rows = jnp.broadcast_to(jnp.arange(k.shape[0])[:, None], pos.shape)
-  return (k_cache.at[rows, pos].set(k.astype(k_cache.dtype), mode="drop"),
-          v_cache.at[rows, pos].set(v.astype(v_cache.dtype), mode="drop"))
-
-
 # (B, T, Hkv, D, S, lengths, new tokens): decode (one slot a sequence, one sequence at its capacity: dropped); a
 # prefill chunk with padding slots (right-aligned) and overflow past the capacity, Hkv·D not a power of two; GQA-sized
 # rows of 8 heads of 128.
@@ -54,7 +47,8 @@ def test_write_matches_the_scatters(kernel_backend, case, dtypes):
     pos = pos.at[1, 0].set(-3)
   fn = jax.jit(lambda *a: kv_write.write(*a, interpret=kernel_backend.startswith("interpret")))
   got = fn(k_cache, v_cache, k, v, pos)
-  want = _scatter(k_cache, v_cache, k, v, jnp.where(pos < 0, s, pos))  # (jnp's .at would wrap a negative slot)
+  # the models' scatters (a negative slot as one past the end: jnp's .at would wrap it)
+  want = cache_lib.scatter_write(k_cache, v_cache, k, v, jnp.where(pos < 0, s, pos))
   for g, w in zip(got, want):
     assert g.dtype == w.dtype and g.shape == w.shape
     np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
@@ -137,7 +131,7 @@ def test_cache_write_takes_the_kernel_up_to_write_max_rows(monkeypatch, write_ro
   with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=write_rows)):
     got = cache_lib._write(*caches, 0, k, v, lengths, new, backend)
   assert bool(calls) == kernel
-  want = _scatter(caches[0][0], caches[1][0], k, v, cache_lib.write_positions(lengths, new, t, s))
+  want = cache_lib.scatter_write(caches[0][0], caches[1][0], k, v, cache_lib.write_positions(lengths, new, t, s))
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(w))
 
