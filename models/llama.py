@@ -49,7 +49,15 @@ from models.config import LlamaConfig
 # when they were separate weights, 67 us a layer of a decode step at B = 512 (an H200, scripts/profile_decode.py;
 # experiments/PERF_NOTES.md). The weights are packed since (`pack_layer`), so no two GEMMs of a layer share an input
 # now; threshold 0 keeps it that way for any other model code: each GEMM reads its weight in place.
-COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# A decode step is ~10 kernels a layer, many of a few microseconds at small batches, so their launch latency and
+# ramp-up count. Programmatic dependent launch (Hopper and later; XLA leaves it off elsewhere) lets a kernel's
+# successor start its prologue while the kernel ends; the command buffer's CONCURRENT mode records the step's
+# kernels as a graph of their data dependencies, so that independent ones (q's RoPE and the two cache writes after
+# the q/k/v GEMM) run at once. On the H200 (`python -m scripts.tuning.probe_flags`, 8 layers of the 7B shape, 16-step
+# calls): the step 2-3 % faster at B = 8 and 64, hydragen's at B = 64 6 % (experiments/PERF_NOTES.md). Options given
+# here take precedence over the same flags in XLA_FLAGS.
+COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_pdl": True, "xla_gpu_enable_pdl_launch": True,
+                    "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]

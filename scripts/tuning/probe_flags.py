@@ -1,0 +1,100 @@
+"""Probe (development tool): XLA flags on the compiled decode loop, each setting in a fresh process.
+
+XLA_FLAGS are read once per process, so each setting runs `scripts.tuning.probe_host --untraced` (the decode loop of
+a random 7B-shaped model, `--layers` layers, calls of `--steps` steps timed without the profiler) in a child process
+of its own, for each batch; the settings are run `--rounds` times in turn (A B C A B C ...), so that a difference
+can be told from the spread between processes. Prints per batch and mode the median ms a call of each setting and
+its ratio to the first setting.
+
+Settings (name -> flags): `base` (none), `nopdl` / `pdl` (programmatic dependent launch off / on: a kernel's
+successor may start its prologue before the kernel ends, Hopper and later), `concurrent` (the command buffer as a
+graph of the fusions' data dependencies instead of the scheduler's order, so that independent kernels may overlap),
+`pdl_concurrent` (both); or `name=--flag=value --flag=value` for any other.
+
+Usage: python -m scripts.tuning.probe_flags [--settings nopdl,pdl,concurrent,base] [--batches 8,64] [--layers 8]
+       [--rounds 1] [--modes none,hydragen] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+PDL_ON = "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true"
+PDL_OFF = "--xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false"
+CONCURRENT = "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
+SETTINGS = {"base": "", "nopdl": PDL_OFF, "pdl": PDL_ON, "concurrent": CONCURRENT,
+            "pdl_concurrent": f"{PDL_ON} {CONCURRENT}", "nopdl_concurrent": f"{PDL_OFF} {CONCURRENT}"}
+LINE = re.compile(r"\[(\w+) k=\d+\] untraced.*: while ([0-9.]+) ms")
+
+
+def setting(spec: str) -> tuple[str, str]:
+  """(name, flags) of `--settings` entry `spec`: a known name or `name=flags`."""
+  if "=" in spec.split("--")[0]:
+    name, flags = spec.split("=", 1)
+    return name, flags
+  if spec not in SETTINGS:
+    raise SystemExit(f"--settings: unknown setting {spec!r} (known: {', '.join(SETTINGS)}; or name=--flag=value)")
+  return spec, SETTINGS[spec]
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--settings", default="nopdl,pdl,concurrent,base",
+                      help="comma-separated; an entry name=FLAGS may not contain a comma")
+  parser.add_argument("--batches", default="8,64")
+  parser.add_argument("--layers", type=int, default=8)
+  parser.add_argument("--prefix", type=int, default=1024)
+  parser.add_argument("--steps", type=int, default=16)
+  parser.add_argument("--calls", type=int, default=9, help="untraced calls a process (median)")
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--modes", default="none,hydragen")
+  parser.add_argument("--timeout", type=float, default=150, help="seconds a child process may take")
+  parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
+  args = parser.parse_args()
+  settings = [setting(s) for s in args.settings.split(",")]
+  times = collections.defaultdict(list)  # (batch, mode, name) -> medians, one a process
+  for batch in [int(b) for b in args.batches.split(",")]:
+    for r in range(args.rounds):
+      for name, flags in settings:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+        cmd = [sys.executable, "-m", "scripts.tuning.probe_host", "--batch", str(batch), "--prefix",
+               str(args.prefix), "--layers", str(args.layers), "--steps", str(args.steps), "--calls", "0",
+               "--untraced", str(args.calls), "--modes", args.modes] + (["--tiny"] if args.tiny else [])
+        t = time.perf_counter()
+        try:
+          p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+          out, rc = p.stdout, p.returncode
+        except subprocess.TimeoutExpired as e:
+          out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+          p = None
+        found = LINE.findall(out)
+        for mode, ms in found:
+          times[batch, mode, name].append(float(ms))
+        print(f"== B={batch} round {r} {name} ({flags or 'default flags'}): rc={rc}, "
+              f"{time.perf_counter() - t:.0f} s; " + ", ".join(f"{m} {ms} ms" for m, ms in found), flush=True)
+        if rc != 0 and p is not None:
+          print(p.stderr[-2000:], flush=True)
+  print(f"\nmedian ms a call of {args.steps} steps ({args.layers} layers, P = {args.prefix}), ratio to "
+        f"{settings[0][0]}:")
+  for (batch, mode) in sorted({(b, m) for b, m, _ in times}):
+    base = times.get((batch, mode, settings[0][0]))
+    cells = []
+    for name, _ in settings:
+      v = times.get((batch, mode, name))
+      if v:
+        med = statistics.median(v)
+        ratio = f" ({med / statistics.median(base):.3f})" if base else ""
+        cells.append(f"{name} {med:.3f}{ratio} [{', '.join(f'{x:.3f}' for x in v)}]")
+    print(f"  B={batch} {mode}: " + "; ".join(cells))
+
+
+if __name__ == "__main__":
+  main()
