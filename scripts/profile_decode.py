@@ -9,11 +9,12 @@ to kernel) and long ones (the host dispatching or waiting), the largest named. T
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
 `--gemm 0,64` profiles XLA's GEMMs and the decode GEMM kernel (`models.gemm`, up to 64 rows) in turn; `--write
-0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots).
+0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots);
+`--norm-after-gemm 0,1` each RMSNorm's scale on its GEMM's input (as transformers) and on its product.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
        [--backend mosaic] [--tp 2] [--hlo DIR] [--tuning default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json]
-       [--gemm 0,64] [--write 0,4096]
+       [--gemm 0,64] [--write 0,4096] [--norm-after-gemm 0,1]
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def main():
   parser.add_argument("--write", default=None, metavar="ROWS[,ROWS...]",
                       help="the cache-write kernel (models.kv_write) for steps of up to ROWS slots (B·T), each "
                            "profiled in turn (0: XLA's scatters); default: the tuning's")
+  parser.add_argument("--norm-after-gemm", default=None, metavar="0|1[,0|1...]",
+                      help="each RMSNorm's scale on its GEMM's product (1) or input (0), each profiled in turn "
+                           "(`Tuning.norm_after_gemm`); default: the tuning's")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -157,6 +161,10 @@ def main():
   if args.write is not None:  # ... and with each of the cache-write kernel's slot limits
     tunings = [(f"{name or 'default'} write<={rows}", with_write_rows(t or tuning_lib.current(), int(rows)))
                for name, t in tunings for rows in args.write.split(",")]
+  if args.norm_after_gemm is not None:  # ... and with the norms' scale before or after the GEMMs
+    tunings = [(f"{name or 'default'} norm_after_gemm={int(after)}",
+                dataclasses.replace(t or tuning_lib.current(), norm_after_gemm=bool(int(after))))
+               for name, t in tunings for after in args.norm_after_gemm.split(",")]
   for mode in args.modes.split(","):
     state, org = mode_state(model, tree, args.generate, mode, args.backend)
     for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew
