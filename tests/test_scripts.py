@@ -122,6 +122,39 @@ def test_probe_host_times_each_loop_kind_and_reads_the_host_events():
   assert "host events by name" in p.stdout
 
 
+def test_probe_flags_settings_are_flags_this_xla_knows():
+  """XLA aborts a process on an unknown flag or enum value: every setting of probe_flags must parse."""
+  from scripts.tuning.probe_flags import SETTINGS  # noqa: PLC0415
+
+  flags = " ".join(dict.fromkeys(f for flag in SETTINGS.values() for f in flag.split()))
+  code = "import jax.numpy as jnp; print(float((jnp.ones(2) + 1).sum()))"
+  environ = dict(os.environ)
+  environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  q = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
+  assert q.returncode == 0 and q.stdout.strip() == "4.0", q.stderr[-2000:]
+
+
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_probe_flags_times_each_setting_in_a_process_of_its_own():
+  p = _run(["scripts.tuning.probe_flags", "--tiny", "--layers", "2", "--batches", "4", "--calls", "1", "--steps", "2",
+            "--modes", "none", "--settings", "base,concurrent,mine=--xla_gpu_enable_pdl=true"])
+  assert p.returncode == 0, p.stderr[-2000:]
+  runs = [line for line in p.stdout.splitlines() if line.startswith("== B=4")]
+  assert [line.split()[4] for line in runs] == ["base", "concurrent", "mine"], p.stdout
+  assert all("rc=0" in line and "none " in line for line in runs), p.stdout
+  [table] = [line for line in p.stdout.splitlines() if line.strip().startswith("B=4 none:")]
+  assert "base" in table and "concurrent" in table and "mine" in table and "(1.000)" in table, p.stdout
+
+
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_profile_decode_norm_after_gemm_profiles_each_placement():
+  p = _run(["scripts.profile_decode", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--generate", "8",
+            "--at", "2", "--steps", "2", "--modes", "none", "--norm-after-gemm", "0,1"])
+  assert p.returncode == 0, p.stderr[-2000:]
+  lines = [line.split("]")[0] for line in p.stdout.splitlines() if line.startswith("[")]
+  assert lines == ["[none @ default norm_after_gemm=0", "[none @ default norm_after_gemm=1"], p.stdout
+
+
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):
   out = tmp_path / "probe.jsonl"
