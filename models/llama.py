@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -50,15 +52,17 @@ from models.config import LlamaConfig
 # when they were separate weights, 67 us a layer of a decode step at B = 512 (an H200, scripts/profile_decode.py;
 # experiments/PERF_NOTES.md). The weights are packed since (`pack_layer`), so no two GEMMs of a layer share an input
 # now; threshold 0 keeps it that way for any other model code: each GEMM reads its weight in place.
-# A decode step is ~10 kernels a layer, many of a few microseconds at small batches, so their launch latency and
-# ramp-up count. Programmatic dependent launch (Hopper and later; XLA leaves it off elsewhere) lets a kernel's
-# successor start its prologue while the kernel ends; the command buffer's CONCURRENT mode records the step's
-# kernels as a graph of their data dependencies, so that independent ones (q's RoPE and the two cache writes after
-# the q/k/v GEMM) run at once. On the H200 (`python -m scripts.tuning.probe_flags`, 8 layers of the 7B shape, 16-step
-# calls): the step 2-3 % faster at B = 8 and 64, hydragen's at B = 64 6 % (experiments/PERF_NOTES.md). Options given
-# here take precedence over the same flags in XLA_FLAGS.
-COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_pdl": True, "xla_gpu_enable_pdl_launch": True,
-                    "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+# A decode step is ~10 kernels a layer, many of a few microseconds at small batches. XLA's command buffer (the CUDA
+# graph of a step's kernels) follows its scheduler's order by default (LHS); in CONCURRENT mode it is a graph of the
+# kernels' data dependencies, so that independent ones run at once: q's RoPE and the two cache writes after the
+# q/k/v GEMM. On the H200 (`python -m scripts.tuning.probe_flags`, 8 layers of the 7B shape, 16-step calls, one round):
+# hydragen's step 2-3 % faster at B = 64, `none` and B = 8 within noise (experiments/PERF_NOTES.md).
+# (Programmatic dependent launch, `xla_gpu_enable_pdl`, is on by default in this XLA; off, the step was 2-3 % slower.)
+# An option that XLA_FLAGS also sets, when this module is imported, is left to XLA_FLAGS: a user's flag, or a probe's
+# A/B, is not overridden.
+_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+COMPILER_OPTIONS = {key: value for key, value in _OPTIONS.items()
+                    if not re.search(rf"(^|\s)--{key}(=|\s|$)", os.environ.get("XLA_FLAGS", ""))}
 
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -237,10 +241,11 @@ def normed_linear(x: jax.Array, weight: jax.Array, eps: float, w: jax.Array, tun
     """``rms_norm(x, weight, eps) @ w``: x ``[B, T, K]``, w ``[K, N]`` -> ``[B, T, N]`` in x's dtype.
 
     With the tuning's ``norm_after_gemm`` the norm's scale s (one number a row) goes on the product instead:
-    ``rms_norm(x) @ w = ((x·weight) @ w)·s``, equal up to rounding. The product then needs x alone, not the scale's
-    reduction over x, so XLA runs that reduction beside the GEMM rather than before it (a kernel off the step's
-    critical path where the command buffer runs independent kernels at once), and the normalised x is never written;
-    the scale joins the fusion that reads the product (RoPE, SwiGLU)."""
+    ``rms_norm(x) @ w = ((x·weight) @ w)·s``, equal up to rounding. The GEMM then reads x·weight (elementwise: XLA
+    can compute it in the fusion that produces x, the residual add) and no longer waits for the scale's reduction
+    over x, which runs beside it where the command buffer runs independent kernels at once (a kernel off the step's
+    critical path); the scale joins the fusion that reads the product (RoPE, SwiGLU). One rounding more in bfloat16:
+    the product's, before its scale."""
     if not tuning_lib.resolve(tuning).norm_after_gemm:
         [y] = gemm.linear(rms_norm(x, weight, eps), [w])
         return y

@@ -111,6 +111,22 @@ def test_norm_after_gemm_matches_transformers(name):
         assert rel_err(g.logits[b], want[b][len(p) - 1]) <= FP32_TOL
 
 
+def test_norm_after_gemm_in_bfloat16_is_within_its_rounding():
+    """bfloat16 (one more rounding: the product before its scale): the logits within bf16 rounding of transformers'
+    float32 ones, as the option-free path is (the GPU test's tolerance)."""
+    from hydragen_jax import tuning  # noqa: PLC0415
+
+    m = model("hf_llama3", jnp.bfloat16)
+    prompts, greedy, want = zip(*cases("hf_llama3"))
+    seqs = [p + g for p, g in zip(prompts, greedy)]
+    with tuning.override(dataclasses.replace(tuning.current(), norm_after_gemm=True)):
+        after = full_logits(m, seqs)
+    before = full_logits(m, seqs)
+    for b in range(len(seqs)):
+        assert rel_err(before[b], want[b]) <= 0.05 and rel_err(after[b], want[b]) <= 0.05
+        assert 0 < rel_err(after[b], before[b]) <= 0.05  # not the same computation, the same result to bf16
+
+
 @pytest.mark.parametrize("after", [False, True])
 def test_normed_linear_puts_the_scale_where_the_tuning_says(monkeypatch, after):
     """The GEMM of `normed_linear` reads rms_norm(x)·weight (as transformers), or with `norm_after_gemm` x·weight,

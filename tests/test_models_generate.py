@@ -90,6 +90,25 @@ def test_prefill_and_decode_nest_under_a_users_trace(model):
     np.testing.assert_array_equal(np.asarray(nested.tokens), np.asarray(top.tokens))
 
 
+def test_compiler_options_leave_to_xla_flags_what_they_set():
+    """models.COMPILER_OPTIONS (the dot merger off, CONCURRENT command buffers) leaves out an option that XLA_FLAGS
+    set when it was imported: per-jit options would otherwise override a user's flag or a probe's A/B."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = "import models; print(sorted(models.COMPILER_OPTIONS))"
+    keys = {}
+    for flags in ("", "--xla_gpu_command_buffer_scheduling_mode=LHS", "--xla_gpu_dot_merger_threshold_mb=4 --x=1"):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        keys[flags.split("=")[0]] = done.stdout.split("\n")[-2]
+    assert keys == {"": "['xla_gpu_command_buffer_scheduling_mode', 'xla_gpu_dot_merger_threshold_mb']",
+                    "--xla_gpu_command_buffer_scheduling_mode": "['xla_gpu_dot_merger_threshold_mb']",
+                    "--xla_gpu_dot_merger_threshold_mb": "['xla_gpu_command_buffer_scheduling_mode']"}
+
+
 def test_explicit_tree_equals_auto(model):
     prompts = fewshot_prompts(seed=4)
     seqs = expand_samples(prompts, 2)

@@ -226,10 +226,11 @@ class Tuning:
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
       slots (B·T, per device), rather than with XLA's two scatters; 0: never.
-    norm_after_gemm: the models apply each RMSNorm before a GEMM as `((x·weight) @ W)·s`, its per-row scale
-      s = 1/sqrt(mean(x²) + eps) on the product (`models.llama.normed_linear`), rather than as `(x·s·weight) @ W`:
-      equal up to rounding, and the scale's reduction, which then depends on x alone, runs beside the GEMM (the
-      command buffer's CONCURRENT mode, `models.COMPILER_OPTIONS`) instead of before it; False: as transformers.
+    norm_after_gemm: the models apply a decoder layer's two RMSNorms (before the q/k/v and the gate/up GEMMs) as
+      `((x·weight) @ W)·s`, the per-row scale s = 1/sqrt(mean(x²) + eps) on the product
+      (`models.llama.normed_linear`), rather than as `(x·s·weight) @ W`: equal up to rounding, and the GEMM no longer
+      waits for the scale's reduction, which runs beside it (the command buffer's CONCURRENT mode,
+      `models.COMPILER_OPTIONS`); False: as transformers.
   """
 
   hopper_min_work: int

@@ -6,12 +6,14 @@ of its own, for each batch; the settings are run `--rounds` times in turn (A B C
 can be told from the spread between processes. Prints per batch and mode the median ms a call of each setting and
 its ratio to the first setting.
 
-Settings (name -> flags): `base` (none), `nopdl` / `pdl` (programmatic dependent launch off / on: a kernel's
-successor may start its prologue before the kernel ends, Hopper and later), `concurrent` (the command buffer as a
-graph of the fusions' data dependencies instead of the scheduler's order, so that independent kernels may overlap),
-`pdl_concurrent` (both); or `name=--flag=value --flag=value` for any other.
+Settings (name -> flags): `base` (none: XLA's defaults and `models.COMPILER_OPTIONS`, CONCURRENT command buffers
+among them), `lhs` (the command buffer in the scheduler's order, XLA's default), `concurrent` (the graph of the
+fusions' data dependencies, so that independent kernels may overlap), `nopdl` / `pdl` (programmatic dependent launch
+off / on: a kernel's successor may start its prologue before the kernel ends, Hopper and later; on by default in
+this XLA), `nopdl_lhs`; or `name=--flag=value --flag=value` for any other. A flag set here wins over the same
+option in `models.COMPILER_OPTIONS` (which leaves to XLA_FLAGS what they set).
 
-Usage: python -m scripts.tuning.probe_flags [--settings nopdl,pdl,concurrent,base] [--batches 8,64] [--layers 8]
+Usage: python -m scripts.tuning.probe_flags [--settings lhs,base] [--batches 8,64] [--layers 8]
        [--rounds 1] [--modes none,hydragen] [--tiny]
 """
 
@@ -29,8 +31,9 @@ import time
 PDL_ON = "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true"
 PDL_OFF = "--xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false"
 CONCURRENT = "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
-SETTINGS = {"base": "", "nopdl": PDL_OFF, "pdl": PDL_ON, "concurrent": CONCURRENT,
-            "pdl_concurrent": f"{PDL_ON} {CONCURRENT}", "nopdl_concurrent": f"{PDL_OFF} {CONCURRENT}"}
+LHS = "--xla_gpu_command_buffer_scheduling_mode=LHS"
+SETTINGS = {"base": "", "lhs": LHS, "concurrent": CONCURRENT, "nopdl": PDL_OFF, "pdl": PDL_ON,
+            "nopdl_lhs": f"{PDL_OFF} {LHS}"}
 LINE = re.compile(r"\[(\w+) k=\d+\] untraced.*: while ([0-9.]+) ms")
 
 
@@ -46,7 +49,7 @@ def setting(spec: str) -> tuple[str, str]:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--settings", default="nopdl,pdl,concurrent,base",
+  parser.add_argument("--settings", default="lhs,base",
                       help="comma-separated; an entry name=FLAGS may not contain a comma")
   parser.add_argument("--batches", default="8,64")
   parser.add_argument("--layers", type=int, default=8)
@@ -59,6 +62,8 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
   settings = [setting(s) for s in args.settings.split(",")]
+  if len({name for name, _ in settings}) < len(settings):
+    raise SystemExit(f"--settings: a name given twice in {args.settings!r} (use --rounds to repeat a setting)")
   times = collections.defaultdict(list)  # (batch, mode, name) -> medians, one a process
   for batch in [int(b) for b in args.batches.split(",")]:
     for r in range(args.rounds):
@@ -73,15 +78,17 @@ def main():
           p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
           out, rc = p.stdout, p.returncode
         except subprocess.TimeoutExpired as e:
-          out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-          p = None
+          text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+          out, rc, err = text(e.stdout), "timeout", text(e.stderr)
+        else:
+          err = p.stderr
         found = LINE.findall(out)
         for mode, ms in found:
           times[batch, mode, name].append(float(ms))
         print(f"== B={batch} round {r} {name} ({flags or 'default flags'}): rc={rc}, "
               f"{time.perf_counter() - t:.0f} s; " + ", ".join(f"{m} {ms} ms" for m, ms in found), flush=True)
-        if rc != 0 and p is not None:
-          print(p.stderr[-2000:], flush=True)
+        if rc != 0:
+          print(err[-2000:], flush=True)
   print(f"\nmedian ms a call of {args.steps} steps ({args.layers} layers, P = {args.prefix}), ratio to "
         f"{settings[0][0]}:")
   for (batch, mode) in sorted({(b, m) for b, m, _ in times}):
