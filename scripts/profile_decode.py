@@ -155,16 +155,13 @@ def main():
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
   tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning)
              for name in args.tuning.split(",")]
-  if args.gemm is not None:  # each tuning with each of the GEMM kernel's row limits
-    tunings = [(f"{name or 'default'} gemm<={rows}", with_gemm_rows(t or tuning_lib.current(), int(rows)))
-               for name, t in tunings for rows in args.gemm.split(",")]
-  if args.write is not None:  # ... and with each of the cache-write kernel's slot limits
-    tunings = [(f"{name or 'default'} write<={rows}", with_write_rows(t or tuning_lib.current(), int(rows)))
-               for name, t in tunings for rows in args.write.split(",")]
-  if args.norm_after_gemm is not None:  # ... and with the norms' scale before or after the GEMMs
-    tunings = [(f"{name or 'default'} norm_after_gemm={int(after)}",
-                dataclasses.replace(t or tuning_lib.current(), norm_after_gemm=bool(int(after))))
-               for name, t in tunings for after in args.norm_after_gemm.split(",")]
+  # each tuning with each of the GEMM kernel's row limits, the cache-write kernel's slot limits, the norms' places
+  for values, label, change in ((args.gemm, "gemm<=", with_gemm_rows), (args.write, "write<=", with_write_rows),
+                                (args.norm_after_gemm, "norm_after_gemm=",
+                                 lambda t, after: dataclasses.replace(t, norm_after_gemm=bool(after)))):
+    if values is not None:
+      tunings = [(f"{name or 'default'} {label}{int(v)}", change(t or tuning_lib.current(), int(v)))
+                 for name, t in tunings for v in values.split(",")]
   for mode in args.modes.split(","):
     state, org = mode_state(model, tree, args.generate, mode, args.backend)
     for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew

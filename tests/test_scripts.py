@@ -126,10 +126,14 @@ def test_probe_flags_settings_are_flags_this_xla_knows():
   """XLA aborts a process on an unknown flag or enum value: every setting of probe_flags must parse."""
   from scripts.tuning.probe_flags import SETTINGS  # noqa: PLC0415
 
-  flags = " ".join(dict.fromkeys(f for flag in SETTINGS.values() for f in flag.split()))
+  _assert_xla_takes(dict.fromkeys(f for flag in SETTINGS.values() for f in flag.split()))
+
+
+def _assert_xla_takes(flags) -> None:
+  """A process with all of `flags` in XLA_FLAGS runs a jitted op (XLA aborts on a flag or value it does not know)."""
   code = "import jax.numpy as jnp; print(float((jnp.ones(2) + 1).sum()))"
   environ = dict(os.environ)
-  environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
   q = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
   assert q.returncode == 0 and q.stdout.strip() == "4.0", q.stderr[-2000:]
 
@@ -174,12 +178,7 @@ def test_probe_tp_settings_are_flags_this_xla_knows():
   """XLA aborts a process on an unknown flag: every setting the probe offers must parse (one process, all flags)."""
   from scripts.tuning.probe_tp import SETTINGS  # noqa: PLC0415
 
-  flags = " ".join(dict.fromkeys(f for flag, _ in SETTINGS.values() for f in flag.split()))
-  code = "import jax.numpy as jnp; print(float((jnp.ones(2) + 1).sum()))"
-  environ = dict(os.environ)
-  environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-  q = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
-  assert q.returncode == 0 and q.stdout.strip() == "4.0", q.stderr[-2000:]
+  _assert_xla_takes(dict.fromkeys(f for flag, _ in SETTINGS.values() for f in flag.split()))
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
