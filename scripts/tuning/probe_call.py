@@ -7,8 +7,13 @@ kernel time a step (profiled), so that per_step - GPU is what each loop iteratio
 condition and its launches) and per_call what each call adds (dispatch, argument handling). Run it under different
 XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
 
+How a call's state is made (`--reset`, each timed in turn): `fresh` (e2e's `model_api.at_step`: new arrays for the
+counters, so the call's buffers differ from the previous call's and XLA updates its command buffers), `inplace` (the
+same reset jitted with the state donated: the counters written into the previous call's buffers) and `chain` (the
+previous call's output as it is, as `generate`'s chunks run: the steps move on, no reset).
+
 Usage: python -m scripts.tuning.probe_call [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
-       [--steps 1,4,16,32] [--backend triton] [--gemm 0,64]
+       [--steps 1,4,16,32] [--backend triton] [--gemm 0,64] [--reset fresh,inplace,chain]
 """
 
 from __future__ import annotations
@@ -41,13 +46,19 @@ def main():
   parser.add_argument("--gemm", default=None, metavar="ROWS[,ROWS...]",
                       help="the decode GEMM kernel (models.gemm) for products of 1 to ROWS rows, each timed in turn "
                            "(0: XLA's GEMMs)")
+  parser.add_argument("--reset", default="fresh", help="how each call's state is made: fresh, inplace, chain "
+                      "(comma-separated, each timed in turn)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
   ks = [int(k) for k in args.steps.split(",")]
   shape = model_shape(args.layers, args.tiny)
   model, _ = model_api.build_model(shape, "bfloat16", seed=0)
   tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
-  generate = args.at + max(ks) + 1
+  resets = args.reset.split(",")
+  if unknown := set(resets) - {"fresh", "inplace", "chain"}:
+    raise SystemExit(f"--reset: unknown {sorted(unknown)} (known: fresh, inplace, chain)")
+  # `chain` moves on by k steps a call: room for every call of every k
+  generate = args.at + (sum(ks) * (args.repeats + 1) + 2 * max(ks) if "chain" in resets else max(ks)) + 1
   print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, from s={args.at}, backend="
         f"{args.backend or 'default'}", flush=True)
   params = model.params()
@@ -56,18 +67,29 @@ def main():
     for rows in args.gemm.split(",") if args.gemm else [None]:
       tune = None if rows is None else with_gemm_rows(tuning_lib.current(), int(rows))
       with tuning_lib.override(tune) if tune else contextlib.nullcontext():
-        state = probe(model, params, state, org, mode if rows is None else f"{mode} gemm<={rows}", ks, args)
+        for reset in resets:
+          label = (mode if rows is None else f"{mode} gemm<={rows}") + ("" if resets == ["fresh"] else f" {reset}")
+          state = probe(model, params, state, org, label, ks, args, reset)
     del state
 
 
-def probe(model, params, state, org, label: str, ks: list[int], args):
-  """Time the compiled decode of `state` for each step count; print the fit. Returns the last state (each call
-  donates its input)."""
+def probe(model, params, state, org, label: str, ks: list[int], args, reset: str = "fresh"):
+  """Time the compiled decode of `state` for each step count, each call's state made as `reset` says; print the
+  fit. Returns the last state (each call donates its input)."""
   fn, _ = model_api.compile_decode(model, state, args.backend)
-  held = [state]
+  reset_jit = jax.jit(lambda s, *o: model_api.at_step(s, model_api.Origin(*o), args.at), donate_argnums=0)
+  reset_inplace = lambda s, o: reset_jit(s, o.cache_lengths, o.positions, o.logits)  # noqa: E731
+  held = [reset_inplace(state, org)]
+
+  def make_state():
+    if reset == "chain":
+      return held[0]
+    if reset == "inplace":
+      return reset_inplace(held[0], org)
+    return model_api.at_step(held[0], org, args.at)
 
   def call(k):
-    s = jax.block_until_ready(model_api.at_step(held[0], org, args.at))
+    s = jax.block_until_ready(make_state())
     start = time.perf_counter()
     out = fn(params, s, jnp.int32(k))
     dispatched = time.perf_counter()
