@@ -40,7 +40,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hydragen_jax import tuning as tuning_lib
 from models import gemm
 from models.config import LlamaConfig
 
@@ -226,31 +225,11 @@ def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def rms_scale(x: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm's per-row scale ``1 / sqrt(mean(x²) + eps)`` over the last axis: float32 ``[..., 1]``."""
-    xf = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, computed in float32, result in ``x.dtype`` (HF Llama semantics)."""
-    return weight * (x.astype(jnp.float32) * rms_scale(x, eps)).astype(x.dtype)
-
-
-def normed_linear(x: jax.Array, weight: jax.Array, eps: float, w: jax.Array, tuning=None) -> jax.Array:
-    """``rms_norm(x, weight, eps) @ w``: x ``[B, T, K]``, w ``[K, N]`` -> ``[B, T, N]`` in x's dtype.
-
-    With the tuning's ``norm_after_gemm`` the norm's scale s (one number a row) goes on the product instead:
-    ``rms_norm(x) @ w = ((x·weight) @ w)·s``, equal up to rounding. The GEMM then reads x·weight (elementwise: XLA
-    can compute it in the fusion that produces x, the residual add) and no longer waits for the scale's reduction
-    over x, which runs beside it where the command buffer runs independent kernels at once (a kernel off the step's
-    critical path); the scale joins the fusion that reads the product (RoPE, SwiGLU). One rounding more in bfloat16:
-    the product's, before its scale."""
-    if not tuning_lib.resolve(tuning).norm_after_gemm:
-        [y] = gemm.linear(rms_norm(x, weight, eps), [w])
-        return y
-    [y] = gemm.linear(weight * x, [w])
-    return (y.astype(jnp.float32) * rms_scale(x, eps)).astype(y.dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -310,7 +289,8 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
 
     # The GEMMs (`models.gemm.linear`: XLA's, or the decode kernel where the device's tuning enables it), each over
     # a packed weight viewed as `[K, N]` (a free reshape: the arrays are contiguous).
-    qkv = normed_linear(x, p["attn_norm"], c.rms_norm_eps, p["w_qkv"].reshape(d, -1))
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    [qkv] = gemm.linear(h, [p["w_qkv"].reshape(d, -1)])
     qkv = qkv.reshape(B, T, S, g + 2, D)  # per KV head: its g query heads, its key, its value
     if c.qkv_bias:  # Qwen2
         qkv = qkv + p["b_qkv"].reshape(S, g + 2, D)
@@ -323,7 +303,8 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     reduce = reduce or (lambda y: y)
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
     x = x + reduce(attn)
-    gate_up = normed_linear(x, p["mlp_norm"], c.rms_norm_eps, p["w_gate_up"].reshape(d, -1))
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    [gate_up] = gemm.linear(h, [p["w_gate_up"].reshape(d, -1)])
     gate_up = gate_up.reshape(B, T, 2, -1)
     [down] = gemm.linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
     x = x + reduce(down)

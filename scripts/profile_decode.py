@@ -130,9 +130,6 @@ def main():
   parser.add_argument("--write", default=None, metavar="ROWS[,ROWS...]",
                       help="the cache-write kernel (models.kv_write) for steps of up to ROWS slots (B·T), each "
                            "profiled in turn (0: XLA's scatters); default: the tuning's")
-  parser.add_argument("--norm-after-gemm", default=None, metavar="0|1[,0|1...]",
-                      help="each RMSNorm's scale on its GEMM's product (1) or input (0), each profiled in turn "
-                           "(`Tuning.norm_after_gemm`); default: the tuning's")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -155,10 +152,8 @@ def main():
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
   tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning)
              for name in args.tuning.split(",")]
-  # each tuning with each of the GEMM kernel's row limits, the cache-write kernel's slot limits, the norms' places
-  for values, label, change in ((args.gemm, "gemm<=", with_gemm_rows), (args.write, "write<=", with_write_rows),
-                                (args.norm_after_gemm, "norm_after_gemm=",
-                                 lambda t, after: dataclasses.replace(t, norm_after_gemm=bool(after)))):
+  # each tuning with each of the GEMM kernel's row limits and the cache-write kernel's slot limits
+  for values, label, change in ((args.gemm, "gemm<=", with_gemm_rows), (args.write, "write<=", with_write_rows)):
     if values is not None:
       tunings = [(f"{name or 'default'} {label}{int(v)}", change(t or tuning_lib.current(), int(v)))
                  for name, t in tunings for v in values.split(",")]

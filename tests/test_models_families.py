@@ -94,57 +94,6 @@ def test_hydragen_greedy_matches_transformers(name):
         assert rel_err(g.logits[b], logits[b][len(p) - 1]) <= FP32_TOL  # first-token logits, through prefill
 
 
-@pytest.mark.parametrize("name", ONE_PER_FAMILY)
-def test_norm_after_gemm_matches_transformers(name):
-    """With the tuning's `norm_after_gemm` (each RMSNorm's scale on the GEMM's product instead of its input) the
-    logits and Hydragen's greedy tokens still match transformers' to float32 rounding."""
-    from hydragen_jax import tuning  # noqa: PLC0415
-
-    prompts, greedy, want = zip(*cases(name))
-    with tuning.override(dataclasses.replace(tuning.current(), norm_after_gemm=True)):
-        got = full_logits(model(name), [p + g for p, g in zip(prompts, greedy)])
-        g = generate(model(name), list(prompts), max_new_tokens=len(greedy[0]), sampling="greedy", mode="hydragen",
-                     eos_ids=())
-    for b, p in enumerate(prompts):
-        assert rel_err(got[b], want[b]) <= FP32_TOL
-        assert g.tokens[b].tolist() == greedy[b]
-        assert rel_err(g.logits[b], want[b][len(p) - 1]) <= FP32_TOL
-
-
-def test_norm_after_gemm_in_bfloat16_is_within_its_rounding():
-    """bfloat16 (one more rounding: the product before its scale): the logits within bf16 rounding of transformers'
-    float32 ones, as the option-free path is (the GPU test's tolerance)."""
-    from hydragen_jax import tuning  # noqa: PLC0415
-
-    m = model("hf_llama3", jnp.bfloat16)
-    prompts, greedy, want = zip(*cases("hf_llama3"))
-    seqs = [p + g for p, g in zip(prompts, greedy)]
-    with tuning.override(dataclasses.replace(tuning.current(), norm_after_gemm=True)):
-        after = full_logits(m, seqs)
-    before = full_logits(m, seqs)
-    for b in range(len(seqs)):
-        assert rel_err(before[b], want[b]) <= 0.05 and rel_err(after[b], want[b]) <= 0.05
-        assert 0 < rel_err(after[b], before[b]) <= 0.05  # not the same computation, the same result to bf16
-
-
-@pytest.mark.parametrize("after", [False, True])
-def test_normed_linear_puts_the_scale_where_the_tuning_says(monkeypatch, after):
-    """The GEMM of `normed_linear` reads rms_norm(x)·weight (as transformers), or with `norm_after_gemm` x·weight,
-    the scale then applied to its product; both give rms_norm(x) @ w."""
-    from hydragen_jax import tuning  # noqa: PLC0415
-    from models import gemm, llama  # noqa: PLC0415
-
-    ks = jax.random.split(jax.random.key(3), 3)
-    x, w = 3 * jax.random.normal(ks[0], (2, 3, 16)), jax.random.normal(ks[1], (16, 5))
-    weight = 1 + 0.1 * jax.random.normal(ks[2], (16,))
-    seen = []
-    linear = gemm.linear
-    monkeypatch.setattr(gemm, "linear", lambda a, ws, **kw: seen.append(a) or linear(a, ws, **kw))
-    got = llama.normed_linear(x, weight, 1e-6, w, dataclasses.replace(tuning.current(), norm_after_gemm=after))
-    np.testing.assert_array_equal(seen[0], weight * x if after else llama.rms_norm(x, weight, 1e-6))
-    np.testing.assert_allclose(got, llama.rms_norm(x, weight, 1e-6) @ w, rtol=1e-5, atol=1e-5)
-
-
 def test_rope_config_is_what_the_fixture_tests():
     """Read with transformers-4 defaults instead of its rope_parameters (theta 10000, no scaling: what this loader
     did before), the Llama-3 fixture is far off: the comparison above can see a misread config."""

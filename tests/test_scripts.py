@@ -151,15 +151,6 @@ def test_probe_flags_times_each_setting_in_a_process_of_its_own():
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
-def test_profile_decode_norm_after_gemm_profiles_each_placement():
-  p = _run(["scripts.profile_decode", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--generate", "8",
-            "--at", "2", "--steps", "2", "--modes", "none", "--norm-after-gemm", "0,1"])
-  assert p.returncode == 0, p.stderr[-2000:]
-  lines = [line.split("]")[0] for line in p.stdout.splitlines() if line.startswith("[")]
-  assert lines == ["[none @ default norm_after_gemm=0", "[none @ default norm_after_gemm=1"], p.stdout
-
-
-@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_tp_writes_a_row_per_measurement(tmp_path):
   out = tmp_path / "probe.jsonl"
   p = _run(["scripts.tuning.probe_tp", "--small", "--settings", "base", "--batches", "8", "--steps", "2", "--nopsum",

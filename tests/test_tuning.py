@@ -236,8 +236,6 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d["hopper"]["1"].update(pingpong="false"), r"HopperTuning.pingpong must be true or false; got 'false'"),
     (lambda d: d["hopper"]["1"].update(suffix_pack=0.5), r"HopperTuning.suffix_pack must be true or false; got 0.5"),
     (lambda d: d["hopper"]["1"].update(prefix_keys=64.0), r"HopperTuning.prefix_keys must be 64 or 128; got 64.0"),
-    (lambda d: d.update(norm_after_gemm="true"), r"Tuning.norm_after_gemm must be true or false; got 'true'"),
-    (lambda d: d.update(norm_after_gemm=1), r"Tuning.norm_after_gemm must be true or false; got 1"),
     (lambda d: d["hopper"]["1"].update(cluster=True), r"HopperTuning.cluster must be 1 or 2; got True"),
     (lambda d: d["gemm"].update(num_warps=4.0), r"GemmTuning.num_warps must be one of .*; got 4.0"),
     (lambda d: d.update(interleave_lead="0.75"), r"interleave_lead must be a number in \[0, 1\]; got '0.75'"),

@@ -101,14 +101,12 @@ def test_sharded_equals_single_device(name, devices, mode):
         assert len({tuple(t) for t in got.tokens}) >= 3
 
 
-@pytest.mark.parametrize("after", [False, True], ids=["norm", "norm_after_gemm"])
 @pytest.mark.parametrize("name", [pytest.param("gqa", marks=needs(4)),
                                   pytest.param("mqa", marks=[needs(4), pytest.mark.slow])])
-def test_biases_and_norms_follow_their_heads_on_the_mesh(name, after):
+def test_biases_and_norms_follow_their_heads_on_the_mesh(name):
     """Qwen2's q/k/v biases and Qwen3's q/k norms made random (`init_random` makes biases 0 and norms 1, which would
     hide a bias or a norm on the wrong head): the model placed on 4 devices (KV heads, and the biases in their
-    packed groups, replicated) generates what the single-device model does; also with the tuning's
-    `norm_after_gemm` (the RMSNorms' scale on the GEMMs' column-parallel products)."""
+    packed groups, replicated) generates what the single-device model does."""
     config = CONFIGS[name]
     rng = np.random.default_rng(3)
     varied = ("b_qkv", "q_norm", "k_norm", "attn_norm", "mlp_norm")
@@ -124,8 +122,7 @@ def test_biases_and_norms_follow_their_heads_on_the_mesh(name, after):
         return models.generate(m, prompts(config.vocab_size), num_samples=2, max_new_tokens=8, mode="hydragen",
                                backend=BACKEND, seed=1)
 
-    with tuning.override(dataclasses.replace(tuning.current(), norm_after_gemm=after)):
-        assert_same(run(model), run(one), name)
+    assert_same(run(model), run(one), name)
 
 
 @needs(2)

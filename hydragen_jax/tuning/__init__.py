@@ -226,11 +226,6 @@ class Tuning:
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
       slots (B·T, per device), rather than with XLA's two scatters; 0: never.
-    norm_after_gemm: the models apply a decoder layer's two RMSNorms (before the q/k/v and the gate/up GEMMs) as
-      `((x·weight) @ W)·s`, the per-row scale s = 1/sqrt(mean(x²) + eps) on the product
-      (`models.llama.normed_linear`), rather than as `(x·s·weight) @ W`: equal up to rounding, and the GEMM no longer
-      waits for the scale's reduction, which runs beside it (the command buffer's CONCURRENT mode,
-      `models.COMPILER_OPTIONS`); False: as transformers.
   """
 
   hopper_min_work: int
@@ -253,15 +248,12 @@ class Tuning:
   hopper_long: tuple[tuple[int, HopperTuning], ...] = ()
   merge_max_rows: int = 0
   write_max_rows: int = 0
-  norm_after_gemm: bool = False
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows"),
                 least=0)
-    if not isinstance(self.norm_after_gemm, bool):  # "false" or 1 in a hand-edited file would read as true
-      raise ValueError(f"Tuning.norm_after_gemm must be true or false; got {self.norm_after_gemm!r}.")
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
