@@ -111,6 +111,19 @@ def test_probe_call_fits_per_call_and_per_step_costs():
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_probe_call_makes_each_kind_of_state():
+  """`--reset`: each kind timed in turn; every call takes its k steps (the probe checks: `chain` moves on a call at
+  a time, so the generation must leave room for all of them); an unknown kind is refused by name."""
+  p = _run(["scripts.tuning.probe_call", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--at", "2",
+            "--steps", "1,3", "--repeats", "2", "--modes", "hydragen", "--reset", "fresh,inplace,chain"])
+  assert p.returncode == 0, p.stderr[-2000:]
+  fits = [line.split("]")[0] for line in p.stdout.splitlines() if "fit: per call" in line]
+  assert fits == ["[hydragen fresh", "[hydragen inplace", "[hydragen chain"], p.stdout
+  p = _run(["scripts.tuning.probe_call", "--tiny", "--reset", "fresh,again"])
+  assert p.returncode != 0 and "--reset: unknown ['again']" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_host_times_each_loop_kind_and_reads_the_host_events():
   p = _run(["scripts.tuning.probe_host", "--tiny", "--layers", "2", "--batch", "4", "--prefix", "16", "--at", "2",
             "--steps", "3", "--modes", "none", "--loops", "while,fixed", "--calls", "1", "--untraced", "2"])

@@ -90,11 +90,15 @@ def probe(model, params, state, org, label: str, ks: list[int], args, reset: str
 
   def call(k):
     s = jax.block_until_ready(make_state())
+    before = int(s.step)
     start = time.perf_counter()
     out = fn(params, s, jnp.int32(k))
     dispatched = time.perf_counter()
     held[0] = jax.block_until_ready(out)
-    return time.perf_counter() - start, dispatched - start
+    elapsed = time.perf_counter() - start
+    if (taken := int(held[0].step) - before) != k:  # e.g. a chain past the end of the generation's room
+      raise RuntimeError(f"[{label}] a call took {taken} steps instead of {k} (from step {before})")
+    return elapsed, dispatched - start
 
   walls, dispatch = {}, {}
   for k in ks:
