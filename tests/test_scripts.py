@@ -550,3 +550,20 @@ def test_ab_kernel_swaps_the_kernel_body_of_another_file_and_restores_it(tmp_pat
     out, _ = hj.attention(q, k, k, kv_lengths=jnp.array([8, 3]), backend="interpret")
   assert other.CALLS and flash._attend is current
   np.testing.assert_allclose(np.asarray(out), 1.0)
+
+
+@pytest.mark.parametrize("device", ["nvidia-h200", "nvidia-h100-80gb-hbm3"])
+def test_sweep_kernels_variants_make_valid_tiles(device):
+  """Every entry of sweep_kernels' variant table builds its prefix and suffix tiles under each device's tuning, on
+  an MHA decode shape (B = 64, one query row a KV head) and a GQA seed row, and the overrides reach the tiles (a
+  typo'd field would be refused or ignored only on the GPU, in the middle of a timed call)."""
+  from hydragen_jax import tuning  # noqa: PLC0415
+  from scripts.tuning import sweep_kernels  # noqa: PLC0415
+
+  tune = tuning.load(str(ROOT / "hydragen_jax" / "tuning" / f"{device}.json")).tuning
+  for cfg in [(64, 1024, 128, 32, 32), (512, 4096, 512, 32, 8)]:
+    for name, variant in sweep_kernels.VARIANTS.items():
+      _, (pb, sb) = sweep_kernels.step_fn(cfg, variant, tune)
+      for block, over in ((pb, variant.get("prefix")), (sb, variant.get("suffix"))):
+        for field, value in (over.items() if isinstance(over, dict) else ()):
+          assert getattr(block, field) == value, (device, cfg, name, field)

@@ -102,6 +102,12 @@ VARIANTS = {
     "sep_pk32st6": dict(launch="separate", prefix=dict(block_k=32, num_stages=6)),
     "sep_pst2": dict(launch="separate", prefix=dict(num_stages=2)),
     "sep_pk128st2": dict(launch="separate", prefix=dict(block_k=128, num_stages=2)),
+    # MHA decode at B = 64 (e2e: the fused step ~1.7x its floor, a fixed ~12-18 us a step beyond its bytes; session
+    # 33's reading): all programs in one wave (4 prefix + 1 suffix split: 256 programs for 264 slots at 2 an SM, 5
+    # parts to merge), and 32-key prefix blocks (smaller tiles: 3 programs an SM if the registers allow).
+    "auto_psp4_ssp1": dict(launch="auto", prefix=dict(splits=4), suffix=dict(splits=1)),
+    "auto_pk32": dict(launch="auto", prefix=dict(block_k=32)),
+    "auto_pk32st2": dict(launch="auto", prefix=dict(block_k=32, num_stages=2), suffix=dict(num_stages=2)),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
