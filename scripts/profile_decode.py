@@ -9,12 +9,11 @@ to kernel) and long ones (the host dispatching or waiting), the largest named. T
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
 `--gemm 0,64` profiles XLA's GEMMs and the decode GEMM kernel (`models.gemm`, up to 64 rows) in turn; `--write
-0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots);
-`--norm-after-gemm 0,1` each RMSNorm's scale on its GEMM's input (as transformers) and on its product.
+0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots).
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
        [--backend mosaic] [--tp 2] [--hlo DIR] [--tuning default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json]
-       [--gemm 0,64] [--write 0,4096] [--norm-after-gemm 0,1]
+       [--gemm 0,64] [--write 0,4096]
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import hydragen_jax as hj
 from hydragen_jax import tuning as tuning_lib

@@ -558,9 +558,14 @@ def test_sweep_kernels_variants_make_valid_tiles(device):
   an MHA decode shape (B = 64, one query row a KV head) and a GQA seed row, and the overrides reach the tiles (a
   typo'd field would be refused or ignored only on the GPU, in the middle of a timed call)."""
   from hydragen_jax import tuning  # noqa: PLC0415
+  from hydragen_jax.kernels import ops  # noqa: PLC0415
   from scripts.tuning import sweep_kernels  # noqa: PLC0415
 
   tune = tuning.load(str(ROOT / "hydragen_jax" / "tuning" / f"{device}.json")).tuning
+  # the keys step_fn and variant_tuning read: a misspelt one would be ignored, not refused
+  keys = {"launch", "prefix", "suffix", "merge", "merge_rows", "merge_warps", "max_keys", "balanced_keys", "lead"}
+  for name, variant in sweep_kernels.VARIANTS.items():
+    assert set(variant) <= keys and variant["launch"] in ops.LAUNCHES, (name, variant)
   for cfg in [(64, 1024, 128, 32, 32), (512, 4096, 512, 32, 8)]:
     for name, variant in sweep_kernels.VARIANTS.items():
       _, (pb, sb) = sweep_kernels.step_fn(cfg, variant, tune)

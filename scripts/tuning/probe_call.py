@@ -10,7 +10,8 @@ XLA_FLAGS to compare, e.g. `--xla_gpu_enable_command_buffer=`.
 How a call's state is made (`--reset`, each timed in turn): `fresh` (e2e's `model_api.at_step`: new arrays for the
 counters, so the call's buffers differ from the previous call's and XLA updates its command buffers), `inplace` (the
 same reset jitted with the state donated: the counters written into the previous call's buffers) and `chain` (the
-previous call's output as it is, as `generate`'s chunks run: the steps move on, no reset).
+previous call's output as it is, as `generate`'s chunks run: the steps move on, from `--at` for each k and for the
+profile).
 
 Usage: python -m scripts.tuning.probe_call [--batch 8] [--prefix 1024] [--layers 32] [--modes none,hydragen]
        [--steps 1,4,16,32] [--backend triton] [--gemm 0,64] [--reset fresh,inplace,chain]
@@ -57,8 +58,9 @@ def main():
   resets = args.reset.split(",")
   if unknown := set(resets) - {"fresh", "inplace", "chain"}:
     raise SystemExit(f"--reset: unknown {sorted(unknown)} (known: fresh, inplace, chain)")
-  # `chain` moves on by k steps a call: room for every call of every k
-  generate = args.at + (sum(ks) * (args.repeats + 1) + 2 * max(ks) if "chain" in resets else max(ks)) + 1
+  # `chain` moves on by k steps a call from `--at` (reset there before each k and before the profile): room for the
+  # warm-up and repeats of the largest k, or the profile's two calls of it
+  generate = args.at + (max(args.repeats + 1, 2) if "chain" in resets else 1) * max(ks) + 1
   print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, from s={args.at}, backend="
         f"{args.backend or 'default'}", flush=True)
   params = model.params()
@@ -102,12 +104,14 @@ def probe(model, params, state, org, label: str, ks: list[int], args, reset: str
 
   walls, dispatch = {}, {}
   for k in ks:
+    held[0] = reset_inplace(held[0], org)  # each k's chain starts at `--at`: the same suffix lengths as the others
     call(k)
     runs = [call(k) for _ in range(args.repeats)]
     walls[k] = statistics.median(r[0] for r in runs)
     dispatch[k] = statistics.median(r[1] for r in runs)
   per_step, per_call = np.polyfit(ks, [walls[k] for k in ks], 1)
   k_gpu = max(ks)
+  held[0] = reset_inplace(held[0], org)
   total, _, _ = gpu_kernel_ns(lambda: call(k_gpu) and held[0], 2)
   gpu_step = sum(total.values()) / 2 / k_gpu / 1e9
   rows = ", ".join(f"k={k}: {walls[k] / k * 1e6:.0f} us/step (dispatch {dispatch[k] * 1e6:.0f} us)" for k in ks)
