@@ -81,7 +81,7 @@ def probe(model, params, state, org, label: str, ks: list[int], args, reset: str
   fn, _ = model_api.compile_decode(model, state, args.backend)
   reset_jit = jax.jit(lambda s, *o: model_api.at_step(s, model_api.Origin(*o), args.at), donate_argnums=0)
   reset_inplace = lambda s, o: reset_jit(s, o.cache_lengths, o.positions, o.logits)  # noqa: E731
-  held = [reset_inplace(state, org)]
+  held = [state]  # reset to `--at` before each k and before the profile (below)
 
   def make_state():
     if reset == "chain":
