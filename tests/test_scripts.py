@@ -563,7 +563,8 @@ def test_sweep_kernels_variants_make_valid_tiles(device):
 
   tune = tuning.load(str(ROOT / "hydragen_jax" / "tuning" / f"{device}.json")).tuning
   # the keys step_fn and variant_tuning read: a misspelt one would be ignored, not refused
-  keys = {"launch", "prefix", "suffix", "merge", "merge_rows", "merge_warps", "max_keys", "balanced_keys", "lead"}
+  keys = {"launch", "prefix", "suffix", "merge", "merge_rows", "merge_warps", "max_keys", "balanced_keys", "lead",
+          "split_fill", "split_fill_keys"}
   for name, variant in sweep_kernels.VARIANTS.items():
     assert set(variant) <= keys and variant["launch"] in ops.LAUNCHES, (name, variant)
   for cfg in [(64, 1024, 128, 32, 32), (512, 4096, 512, 32, 8)]:

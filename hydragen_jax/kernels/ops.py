@@ -106,12 +106,14 @@ def fit_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, limit: i
   return block
 
 
-def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning) -> bool:
-  """Whether a level of `programs` programs, its `num_keys` keys split `splits` ways, has a program per SM, at most
-  `tuning.max_keys_per_program` keys a program, and at most `tuning.balanced_keys` while it has fewer than
-  `tuning.balanced_programs_per_core` programs per SM."""
+def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning, heads: int = 1) -> bool:
+  """Whether a level of `programs` programs (each over `heads` packed KV heads), its `num_keys` keys split `splits`
+  ways, has a program per SM (programs for `tuning.split_min_fill` of the SMs where a program then streams at most
+  `tuning.split_fill_max_keys` keys of all its heads), at most `tuning.max_keys_per_program` keys a program, and at
+  most `tuning.balanced_keys` while it has fewer than `tuning.balanced_programs_per_core` programs per SM."""
   cores, keys = num_cores(tuning), num_keys / splits
-  return (programs * splits >= cores and keys <= tuning.max_keys_per_program
+  fill = tuning.split_min_fill if keys * heads <= tuning.split_fill_max_keys else 1.0
+  return (programs * splits >= fill * cores and keys <= tuning.max_keys_per_program
           and (programs * splits >= tuning.balanced_programs_per_core * cores or keys <= tuning.balanced_keys))
 
 
@@ -131,7 +133,8 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   * Shared memory: the tile shrinks until a program fits `shared_memory` bytes (`fit_shared_memory`; DEVICE: the
     default device's `shared_memory_limit`, None: no limit). The tuning's tiles fit a Hopper GPU in 16 bits;
     float32, D = 256 or a GPU with less shared memory (an A100, sm_89 cards) may need smaller ones.
-  * Splits: until the level alone has a program per SM, and at most `max_keys_per_program` keys per program
+  * Splits: until the level alone has a program per SM (`split_min_fill` of them where a program's keys, over its
+    packed heads, stay within `split_fill_max_keys`), and at most `max_keys_per_program` keys per program
     (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM).
   """
   tuning = tuning_lib.resolve(tuning)
@@ -157,7 +160,7 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   step_keys = max(1, block.block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block.block_m))  # programs with rows
   splits = 1
-  while not _split_bounds_hold(programs, splits, num_keys, tuning) and num_keys >= 2 * splits * 4 * step_keys:
+  while not _split_bounds_hold(programs, splits, num_keys, tuning, block.heads) and num_keys >= 2 * splits * 4 * step_keys:
     splits *= 2
   return dataclasses.replace(block, splits=splits)
 

@@ -226,6 +226,11 @@ class Tuning:
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
       slots (B·T, per device), rather than with XLA's two scatters; 0: never.
+    split_min_fill, split_fill_max_keys: a Triton level's keys are split until it has a program per SM, or
+      programs for `split_min_fill` of the SMs where each program then streams at most `split_fill_max_keys` keys
+      (summed over the KV heads it packs) (`ops.choose_block`; 1.0, the default: a program per SM). Below 1, a level
+      of 128 programs on 132 SMs is not split once more: fewer partials to merge, and with the launch's other level
+      one wave of programs; the key bound keeps long suffix ranges split (the launch's longest programs).
   """
 
   hopper_min_work: int
@@ -248,16 +253,22 @@ class Tuning:
   hopper_long: tuple[tuple[int, HopperTuning], ...] = ()
   merge_max_rows: int = 0
   write_max_rows: int = 0
+  split_min_fill: float = 1.0
+  split_fill_max_keys: int = 2048
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores"), least=1)
+    _check_ints(self, ("split_fill_max_keys",), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows"),
                 least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
     _check_fill(self, "hopper_min_fill")
+    fill = self.split_min_fill
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 < fill <= 1.0:
+      raise ValueError(f"Tuning.split_min_fill must be a number in (0, 1]; got {fill!r}.")
     lead = self.interleave_lead
     if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0.0 <= lead <= 1.0:
       raise ValueError(f"Tuning.interleave_lead must be a number in [0, 1]; got {lead!r}.")

@@ -108,6 +108,13 @@ VARIANTS = {
     "auto_psp4_ssp1": dict(launch="auto", prefix=dict(splits=4), suffix=dict(splits=1)),
     "auto_pk32": dict(launch="auto", prefix=dict(block_k=32)),
     "auto_pk32st2": dict(launch="auto", prefix=dict(block_k=32, num_stages=2), suffix=dict(num_stages=2)),
+    # Session 34: auto_psp4_ssp1 the fastest at B = 64 MHA (0.614 / 0.688 against 0.596 / 0.643 at P = 1K / 4K):
+    # the same by the tuning's rule, a level split only until its programs fill 96 % of the SMs (a level of 128
+    # programs on 132 SMs no longer split in two), on every config (fill96: slower with 512-key suffixes, 64 x
+    # 1K x 512 0.812 -> 0.746), or only where a program then streams at most 2048 keys over its packed heads.
+    "auto_fill96": dict(launch="auto", split_fill=0.96, split_fill_keys=1 << 30),
+    "auto_fill96k2": dict(launch="auto", split_fill=0.96, split_fill_keys=2048),
+    "auto_fill96k4": dict(launch="auto", split_fill=0.96, split_fill_keys=4096),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
@@ -117,12 +124,15 @@ SUFFIX_TILES = [(1, 64, 4, 3), (0, 64, 4, 3), (0, 64, 4, 2), (0, 128, 4, 2), (0,
 
 
 def variant_tuning(variant: dict, base: tuning_lib.Tuning | None = None) -> tuning_lib.Tuning:
-  """The tuning of a step variant: `base` (None: the device's) with its max_keys / balanced_keys / lead."""
+  """The tuning of a step variant: `base` (None: the device's) with its max_keys / balanced_keys / lead /
+  split_fill."""
   base = tuning_lib.resolve(base)
   max_keys = variant.get("max_keys", base.max_keys_per_program)
   return dataclasses.replace(base, max_keys_per_program=max_keys,
                              balanced_keys=min(variant.get("balanced_keys", base.balanced_keys), max_keys),
-                             interleave_lead=variant.get("lead", base.interleave_lead))
+                             interleave_lead=variant.get("lead", base.interleave_lead),
+                             split_min_fill=variant.get("split_fill", base.split_min_fill),
+                             split_fill_max_keys=variant.get("split_fill_keys", base.split_fill_max_keys))
 
 
 def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | None = None) -> BlockConfig:
