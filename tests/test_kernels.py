@@ -3,7 +3,9 @@ through a node's rows, padded head dims. Interpreted on CPU, compiled on GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from unittest import mock
 
 import chex
 import jax
@@ -105,20 +107,45 @@ def test_choose_block_splits_keys_when_few_programs_or_many_keys():
                                                              (512, 4096, 32, 8), (1024, 8192, 32, 8), (3, 9000, 4, 2)])
 def test_choose_block_splits_are_the_fewest_that_keep_the_key_bounds(batch, prefix, q_heads, kv_heads):
   """Prefix splits: at most max_keys_per_program keys a program, balanced_keys while the level has fewer than
-  balanced_programs_per_core programs per SM, at least one program per SM, and no more splits than that (each split
-  is a partial to merge)."""
+  balanced_programs_per_core programs per SM, at least one program per SM (split_min_fill of them where the key
+  bound allows), and no more splits than that (each split is a partial to merge)."""
   tune = tuning.current()
   rows = batch * q_heads // kv_heads
   blk = ops.choose_block(rows, rows, 1, kv_heads, prefix, 128)
   programs = kv_heads // blk.heads * -(-rows * blk.heads // blk.block_m)
   too_few_keys_to_split_again = prefix < 2 * blk.splits * 4 * (blk.block_k // blk.heads)
-  assert ops._split_bounds_hold(programs, blk.splits, prefix, tune) or too_few_keys_to_split_again
-  assert blk.splits == 1 or not ops._split_bounds_hold(programs, blk.splits // 2, prefix, tune)
+  assert ops._split_bounds_hold(programs, blk.splits, prefix, tune, blk.heads) or too_few_keys_to_split_again
+  assert blk.splits == 1 or not ops._split_bounds_hold(programs, blk.splits // 2, prefix, tune, blk.heads)
   # the bounds themselves, on this level
   keys, total = prefix / blk.splits, programs * blk.splits
   assert keys <= tune.max_keys_per_program or too_few_keys_to_split_again
   assert (total >= tune.balanced_programs_per_core * ops.num_cores() or keys <= tune.balanced_keys
           or too_few_keys_to_split_again)
+
+
+@pytest.mark.parametrize("fill,max_keys,suffix_keys,splits", [
+    (1.0, 4096, 128, (8, 2)),   # a program per SM: 32 prefix programs split 8 ways, 128 suffix programs 2
+    (0.96, 4096, 128, (4, 1)),  # 128 programs fill 97 % of 132 SMs: one split fewer on each level
+    (0.96, 4096, 512, (4, 2)),  # a suffix program of 16 heads x 512 keys is past the key bound: split as before
+    (0.96, 512, 128, (8, 2)),   # both levels past a bound of 512 keys (1024 a prefix program, 2048 a suffix one)
+])
+def test_choose_block_split_min_fill(fill, max_keys, suffix_keys, splits):
+  """MHA decode at B = 64, P = 4K on 132 SMs: each level is split until it has a program per SM, or programs for
+  `split_min_fill` of them where a program then streams at most `split_fill_max_keys` keys over its packed heads."""
+  tune = dataclasses.replace(tuning.current(), num_cores=132, split_min_fill=fill, split_fill_max_keys=max_keys)
+  with mock.patch.object(ops, "num_cores", lambda t=None: 132):
+    prefix = ops.choose_block(64, 64, 1, 32, 4096, 128, tuning=tune)
+    suffix = ops.choose_block(1, 64, 64, 32, suffix_keys, 128, tuning=tune)
+  assert (prefix.heads, suffix.heads) == (1, 16)
+  assert (prefix.splits, suffix.splits) == splits
+
+
+@pytest.mark.parametrize("field,bad", [("split_min_fill", 0.0), ("split_min_fill", 1.5), ("split_min_fill", True),
+                                       ("split_min_fill", "0.9"), ("split_fill_max_keys", 0),
+                                       ("split_fill_max_keys", 2048.0)])
+def test_tuning_split_fields_are_checked(field, bad):
+  with pytest.raises(ValueError, match=field):
+    dataclasses.replace(tuning.current(), **{field: bad})
 
 
 def test_choose_block_light_tiles_when_levels_share_the_launch():

@@ -115,6 +115,8 @@ VARIANTS = {
     "auto_fill96": dict(launch="auto", split_fill=0.96, split_fill_keys=1 << 30),
     "auto_fill96k2": dict(launch="auto", split_fill=0.96, split_fill_keys=2048),
     "auto_fill96k4": dict(launch="auto", split_fill=0.96, split_fill_keys=4096),
+    # ... and the rule off (a program per SM, the tuning before session 34): the A/B against today's `auto`.
+    "auto_fill100": dict(launch="auto", split_fill=1.0),
 }
 
 PREFIX_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 8, 4),
