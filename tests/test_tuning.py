@@ -360,6 +360,25 @@ def test_sweep_times_the_hopper_thresholds_on_every_config():
   assert choice.read(choice.apply(base, (7, 0.25))) == (7, 0.25)
 
 
+def test_sweep_times_the_split_fill_rule_where_it_changes_the_splits():
+  """`split_min_fill` and its key bound are one choice, timed on every config with the rule off among its
+  candidates, and on the MHA decode layer (B = 64, P = 4K: 32 prefix programs) some candidate changes the splits
+  (8 at a program per SM, 4 where 128 programs may fill 96 % of 132 SMs): the sweep can tell them apart."""
+  import dataclasses  # noqa: PLC0415
+  from unittest import mock  # noqa: PLC0415
+
+  configs = sweep_device.CONFIGS
+  [choice] = [c for c in sweep_device.choices(configs, sweep_device.GROUPS) if c.field.startswith("split_min")]
+  assert choice.field == "split_min_fill+split_fill_max_keys" and (1.0, 2048) in choice.candidates
+  assert sweep_device.GROUPS[choice.group] == tuple(range(len(configs)))
+  base = dataclasses.replace(_h100(), num_cores=132)
+  with mock.patch.object(ops, "num_cores", lambda t=None: 132):
+    splits = {ops.choose_block(64, 64, 1, 32, 4096, 128, tuning=choice.apply(base, v)).splits
+              for v in choice.candidates}
+  assert splits == {4, 8}
+  assert choice.read(choice.apply(base, (0.9, 1024))) == (0.9, 1024)
+
+
 def test_sweep_sets_the_mha_settings_by_prefix_length():
   """T·g = 1's Hopper settings: the long prefixes' (`hopper_long`) timed on the 16K layers, starting from `hopper`'s
   where a tuning has none and bringing `hopper_long_prefix` down to their prefix; the short ones' on the 4K layer

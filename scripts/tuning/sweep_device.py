@@ -219,6 +219,10 @@ def choices(configs, groups) -> list[Choice]:
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
       field_choice("balanced_programs_per_core", "triton", "all", (2, 3, 4, 8)),
+      # a level split only until its programs fill this fraction of the SMs, where a program then streams at most
+      # this many keys over its packed heads (1.0: a program per SM); 0.96 leaves a level of 128 programs unsplit
+      fields_choice(("split_min_fill", "split_fill_max_keys"), "triton", "all",
+                    [(1.0, 2048), (0.96, 2048), (0.96, 4096), (0.96, 8192)]),
       tile_choice(64, "triton", "prefix", PREFIX_TILES),
       field_choice("interleave_rows", "triton", "all", rows + [2 * rows[-1]]),
       field_choice("max_rows_shared", "triton", "gqa", (64, 128)),
