@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -573,3 +574,9 @@ def test_sweep_kernels_variants_make_valid_tiles(device):
       for block, over in ((pb, variant.get("prefix")), (sb, variant.get("suffix"))):
         for field, value in (over.items() if isinstance(over, dict) else ()):
           assert getattr(block, field) == value, (device, cfg, name, field)
+  # the tuning fields reach the tiles: the split rule off / on at B = 64 MHA, P = 4K (32 prefix programs: 8 / 4
+  # splits on 132 SMs)
+  with mock.patch.object(ops, "num_cores", lambda t=None: 132):
+    splits = {name: sweep_kernels.step_fn((64, 4096, 128, 32, 32), sweep_kernels.VARIANTS[name], tune)[1][0].splits
+              for name in ("auto_fill100", "auto_fill96k4")}
+  assert splits == {"auto_fill100": 8, "auto_fill96k4": 4}, (device, splits)

@@ -11,6 +11,7 @@ import pathlib
 import re
 import threading
 import warnings
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -257,12 +258,30 @@ def test_hopper_settings_go_by_query_rows():
      r"GemmTuning.min_rows \(65\) must be at most max_rows \(64\)"),
     (lambda d: d["gemm"].pop("num_stages"), r"tuning.gemm: missing \['num_stages'\]"),
     (lambda d: d["gemm"].update(programs_per_core=-1), "GemmTuning.programs_per_core must be an int >= 0; got -1"),
+    (lambda d: d.update(split_min_fill=0.0), r"Tuning.split_min_fill must be a number in \(0, 1\]; got 0.0"),
+    (lambda d: d.update(split_min_fill=1.5), r"Tuning.split_min_fill must be a number in \(0, 1\]; got 1.5"),
+    (lambda d: d.update(split_min_fill=True), r"Tuning.split_min_fill must be a number in \(0, 1\]; got True"),
+    (lambda d: d.update(split_min_fill="0.9"), r"Tuning.split_min_fill must be a number in \(0, 1\]; got '0.9'"),
+    (lambda d: d.update(split_min_fill=float("nan")), r"Tuning.split_min_fill must be a number in \(0, 1\]; got nan"),
+    (lambda d: d.update(split_fill_max_keys=0), "split_fill_max_keys must be a positive int; got 0"),
+    (lambda d: d.update(split_fill_max_keys=2048.0), "split_fill_max_keys must be a positive int; got 2048.0"),
 ])
 def test_bad_tuning_data_is_refused_by_name(edit, message):
   data = tuning.to_dict(_h100())
   edit(data)
   with pytest.raises(ValueError, match=message):
     tuning.from_dict(data)
+
+
+def test_a_file_without_the_split_fill_fields_keeps_a_program_per_sm():
+  """Files written before `split_min_fill` and `split_fill_max_keys` load with the rule off (1.0: a program per
+  SM, as before), and the fields round-trip."""
+  data = tuning.to_dict(_h100())
+  del data["split_min_fill"], data["split_fill_max_keys"]
+  old = tuning.from_dict(data)
+  assert (old.split_min_fill, old.split_fill_max_keys) == (1.0, 2048)
+  tune = dataclasses.replace(_h100(), split_min_fill=0.9, split_fill_max_keys=4096)
+  assert tuning.from_dict(tuning.to_dict(tune)) == tune
 
 
 def test_a_file_that_is_not_json_is_named():
@@ -364,9 +383,6 @@ def test_sweep_times_the_split_fill_rule_where_it_changes_the_splits():
   """`split_min_fill` and its key bound are one choice, timed on every config with the rule off among its
   candidates, and on the MHA decode layer (B = 64, P = 4K: 32 prefix programs) some candidate changes the splits
   (8 at a program per SM, 4 where 128 programs may fill 96 % of 132 SMs): the sweep can tell them apart."""
-  import dataclasses  # noqa: PLC0415
-  from unittest import mock  # noqa: PLC0415
-
   configs = sweep_device.CONFIGS
   [choice] = [c for c in sweep_device.choices(configs, sweep_device.GROUPS) if c.field.startswith("split_min")]
   assert choice.field == "split_min_fill+split_fill_max_keys" and (1.0, 2048) in choice.candidates

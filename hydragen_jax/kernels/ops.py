@@ -106,7 +106,7 @@ def fit_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, limit: i
   return block
 
 
-def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning, heads: int = 1) -> bool:
+def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning, heads: int) -> bool:
   """Whether a level of `programs` programs (each over `heads` packed KV heads), its `num_keys` keys split `splits`
   ways, has a program per SM (programs for `tuning.split_min_fill` of the SMs where a program then streams at most
   `tuning.split_fill_max_keys` keys of all its heads), at most `tuning.max_keys_per_program` keys a program, and at
@@ -160,7 +160,8 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   step_keys = max(1, block.block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block.block_m))  # programs with rows
   splits = 1
-  while not _split_bounds_hold(programs, splits, num_keys, tuning, block.heads) and num_keys >= 2 * splits * 4 * step_keys:
+  while (not _split_bounds_hold(programs, splits, num_keys, tuning, block.heads)
+         and num_keys >= 2 * splits * 4 * step_keys):
     splits *= 2
   return dataclasses.replace(block, splits=splits)
 

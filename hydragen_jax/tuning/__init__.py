@@ -229,8 +229,9 @@ class Tuning:
     split_min_fill, split_fill_max_keys: a Triton level's keys are split until it has a program per SM, or
       programs for `split_min_fill` of the SMs where each program then streams at most `split_fill_max_keys` keys
       (summed over the KV heads it packs) (`ops.choose_block`; 1.0, the default: a program per SM). Below 1, a level
-      of 128 programs on 132 SMs is not split once more: fewer partials to merge, and with the launch's other level
-      one wave of programs; the key bound keeps long suffix ranges split (the launch's longest programs).
+      of 128 programs on 132 SMs is not split once more: fewer programs and partials to merge (where the launch's
+      other level is halved too, e.g. MHA decode at B = 64 and P = 4K, its programs fit in one wave); the key bound
+      keeps long ranges split (long suffixes: the launch's longest programs). Each level is decided alone.
   """
 
   hopper_min_work: int

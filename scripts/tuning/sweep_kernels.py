@@ -108,10 +108,11 @@ VARIANTS = {
     "auto_psp4_ssp1": dict(launch="auto", prefix=dict(splits=4), suffix=dict(splits=1)),
     "auto_pk32": dict(launch="auto", prefix=dict(block_k=32)),
     "auto_pk32st2": dict(launch="auto", prefix=dict(block_k=32, num_stages=2), suffix=dict(num_stages=2)),
-    # Session 34: auto_psp4_ssp1 the fastest at B = 64 MHA (0.614 / 0.688 against 0.596 / 0.643 at P = 1K / 4K):
-    # the same by the tuning's rule, a level split only until its programs fill 96 % of the SMs (a level of 128
-    # programs on 132 SMs no longer split in two), on every config (fill96: slower with 512-key suffixes, 64 x
-    # 1K x 512 0.812 -> 0.746), or only where a program then streams at most 2048 keys over its packed heads.
+    # Session 34: auto_psp4_ssp1 the fastest at B = 64 MHA, P = 4K (0.688 against 0.643; at P = 1K its tiling is
+    # auto_ssp1's, the prefix already at 4 splits there): the same by the tuning's rule, a level split only until
+    # its programs fill 96 % of the SMs (a level of 128 programs on 132 SMs no longer split in two), on every
+    # config (fill96: slower with 512-key suffixes, 64 x 1K x 512 0.812 -> 0.746), or only where a program then
+    # streams at most 2048 / 4096 keys over its packed heads (k2 / k4; k4 is the H200 file's since session 34).
     "auto_fill96": dict(launch="auto", split_fill=0.96, split_fill_keys=1 << 30),
     "auto_fill96k2": dict(launch="auto", split_fill=0.96, split_fill_keys=2048),
     "auto_fill96k4": dict(launch="auto", split_fill=0.96, split_fill_keys=4096),
