@@ -134,7 +134,7 @@ def test_choose_block_splits_are_the_fewest_that_keep_the_key_bounds(batch, pref
 def test_choose_block_split_min_fill(fill, max_keys, suffix_keys, splits):
   """MHA decode at B = 64, P = 4K on 132 SMs: each level is split until it has a program per SM, or programs for
   `split_min_fill` of them where a program then streams at most `split_fill_max_keys` keys over its packed heads."""
-  tune = dataclasses.replace(tuning.current(), num_cores=132, split_min_fill=fill, split_fill_max_keys=max_keys)
+  tune = dataclasses.replace(tuning.current(), split_min_fill=fill, split_fill_max_keys=max_keys)
   with mock.patch.object(ops, "num_cores", lambda t=None: 132):
     prefix = ops.choose_block(64, 64, 1, 32, 4096, 128, tuning=tune)
     suffix = ops.choose_block(1, 64, 64, 32, suffix_keys, 128, tuning=tune)

@@ -387,7 +387,7 @@ def test_sweep_times_the_split_fill_rule_where_it_changes_the_splits():
   [choice] = [c for c in sweep_device.choices(configs, sweep_device.GROUPS) if c.field.startswith("split_min")]
   assert choice.field == "split_min_fill+split_fill_max_keys" and (1.0, 2048) in choice.candidates
   assert sweep_device.GROUPS[choice.group] == tuple(range(len(configs)))
-  base = dataclasses.replace(_h100(), num_cores=132)
+  base = _h100()
   with mock.patch.object(ops, "num_cores", lambda t=None: 132):
     splits = {ops.choose_block(64, 64, 1, 32, 4096, 128, tuning=choice.apply(base, v)).splits
               for v in choice.candidates}

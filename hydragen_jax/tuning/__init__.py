@@ -123,6 +123,15 @@ def _check_fill(obj, name: str) -> None:
     raise ValueError(f"{type(obj).__name__}.{name} must be a finite number >= 0; got {value!r}.")
 
 
+def _check_fraction(obj, name: str, zero: bool) -> None:
+  """Field `name` of `obj` is a number in [0, 1] (zero) or (0, 1], not a bool; else ValueError naming it."""
+  value = getattr(obj, name)
+  inside = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      0.0 <= value <= 1.0 if zero else 0.0 < value <= 1.0)
+  if not inside:
+    raise ValueError(f"{type(obj).__name__}.{name} must be a number in {'[' if zero else '('}0, 1]; got {value!r}.")
+
+
 def _is_int(value) -> bool:
   """A Python int, not a bool (64.0 or True in a hand-edited file is refused, not taken for 64 or 1)."""
   return isinstance(value, int) and not isinstance(value, bool)
@@ -259,20 +268,15 @@ class Tuning:
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
-                       "interleave_rows", "batch_min_readers", "num_cores"), least=1)
-    _check_ints(self, ("split_fill_max_keys",), least=1)
+                       "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows"),
                 least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")
     _check_fill(self, "hopper_min_fill")
-    fill = self.split_min_fill
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0.0 < fill <= 1.0:
-      raise ValueError(f"Tuning.split_min_fill must be a number in (0, 1]; got {fill!r}.")
-    lead = self.interleave_lead
-    if isinstance(lead, bool) or not isinstance(lead, (int, float)) or not 0.0 <= lead <= 1.0:
-      raise ValueError(f"Tuning.interleave_lead must be a number in [0, 1]; got {lead!r}.")
+    _check_fraction(self, "split_min_fill", zero=False)
+    _check_fraction(self, "interleave_lead", zero=True)
     for name in ("max_rows_alone", "max_rows_shared"):
       value = getattr(self, name)
       if not _power_of_two(value) or value < 16:
