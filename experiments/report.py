@@ -145,7 +145,12 @@ def _file_line(f: ResultsFile, what: str | None = None) -> str:
     commit = (r0.get("git_commit") or "unknown")[:7]
     rates = next((r for r in f.records if r["record"] == "device_rates" and r["status"] == "ok"), None)
     line = (f"{what + ': ' if what else ''}`{f.label}.*` ({r0['date_utc'][:16].replace('T', ' ')} UTC, recorded "
-            f"commit `{commit}`)")
+            f"commit `{commit}`")
+    steps = sorted({r["results"]["steps_per_sample"] for r in f.records
+                    if r["record"] == "decode" and r["status"] == "ok" and "steps_per_sample" in r.get("results", {})})
+    if steps:  # the decode's timed calls (generate's chunk_steps): each call's fixed cost is shared by its steps
+        line += f", decode timed in {'/'.join(map(str, steps))}-step calls"
+    line += ")"
     if rates:
         text = tables.rates_line(rates)
         return f"{line}; {text[0].lower()}{text[1:]}"

@@ -107,8 +107,9 @@ def _reference_level(q, level: Level, *, causal: bool, batched: bool, scale: flo
   return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
 
 
-def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch: bool):
-  """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index).
+def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch: bool, fill: bool = True):
+  """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index); fill:
+  whether its tiling may take the tuning's `split_min_fill` (`pallas_ops.launch_fill`).
 
   Traced indices are clamped here, in the index arithmetic that runs anyway (layer offset, node gather, grouping);
   the kernels clamp lengths and KV rows themselves."""
@@ -126,11 +127,12 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
     nodes = (np if isinstance(level.seq_to_node, np.ndarray) else jnp).clip(level.seq_to_node, 0, num_nodes - 1)
   if batched:
     return pallas_ops.batched(q, k, v, lengths, nodes, node_offset=offset, max_group=level.max_group,
-                              causal=causal, shared_launch=shared_launch)
+                              causal=causal, shared_launch=shared_launch, fill=fill)
   if identity:
-    return pallas_ops.per_sequence(q, k, v, lengths, kv_offset=offset, causal=causal, shared_launch=shared_launch)
+    return pallas_ops.per_sequence(q, k, v, lengths, kv_offset=offset, causal=causal, shared_launch=shared_launch,
+                                   fill=fill)
   return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal,
-                                 shared_launch=shared_launch)
+                                 shared_launch=shared_launch, fill=fill)
 
 
 def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
@@ -171,6 +173,12 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
     return [_one(part) for part in parts]
   plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
            for level, c, b in zip(levels, causal, batched)]
+  if len(levels) > 1 and tuning_lib.current().split_min_fill < 1:  # the split rule is the launch's
+    present = [i for i, plan in enumerate(plans) if plan is not None]
+    fills = pallas_ops.launch_fill([pallas_ops.plan_level(plans[i]) for i in present])
+    for i, keep in zip(present, fills):
+      if not keep:  # tiled again without it
+        plans[i] = _kernel_plan(q, levels[i], causal=causal[i], batched=batched[i], shared_launch=True, fill=False)
   stacks = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True)
   return stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
 

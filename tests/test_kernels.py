@@ -142,6 +142,51 @@ def test_choose_block_split_min_fill(fill, max_keys, suffix_keys, splits):
   assert (prefix.splits, suffix.splits) == splits
 
 
+@pytest.mark.parametrize("prefix,fills,splits", [
+    (4096, [True, True], (4, 1)),     # no level split for its keys: the launch fits one wave (256 programs)
+    (16384, [True, False], (8, 2)),   # 8 prefix splits for balanced_keys: the suffix keeps a program per SM
+])
+def test_launch_fill_leaves_the_rule_to_levels_split_for_their_keys(prefix, fills, splits):
+  """MHA decode at B = 64 on 132 SMs with `split_min_fill` 0.96: where a level of the launch is split for its keys
+  (`split_for_keys`: half its splits would break `balanced_keys`), the other levels are tiled without the rule."""
+  tune = dataclasses.replace(tuning.current(), split_min_fill=0.96, split_fill_max_keys=4096, balanced_keys=2048,
+                             max_keys_per_program=4096, balanced_programs_per_core=4)
+  with mock.patch.object(ops, "num_cores", lambda t=None: 132):
+    pb = ops.choose_block(64, 64, 1, 32, prefix, 128, tuning=tune)
+    sb = ops.choose_block(1, 64, 64, 32, 128, 128, tuning=tune)
+    assert ops.split_for_keys(pb, 32, prefix, tune) == (prefix == 16384)
+    assert not ops.split_for_keys(sb, 128, 128, tune)
+    assert ops.launch_fill([(pb, 32, prefix), (sb, 128, 128)], tune) == fills
+    sb = ops.choose_block(1, 64, 64, 32, 128, 128, tuning=tune, fill=fills[1])
+  assert (pb.splits, sb.splits) == splits
+  # a level alone in its launch, or a launch of one level, keeps the rule
+  assert ops.launch_fill([(pb, 32, prefix)], tune) == [True]
+
+
+@pytest.mark.parametrize("prefix,splits", [(4096, (4, 1)), (16384, (8, 2))])
+def test_hydragen_step_tiles_its_launch_with_the_split_rule(prefix, splits):
+  """`hydragen_attention` on the kernel backends plans a step's levels with `launch_fill` (traced only: the plans
+  that reach `ops.run` are read, nothing runs)."""
+  import hydragen_jax  # noqa: PLC0415
+
+  tune = dataclasses.replace(tuning.current(), split_min_fill=0.96, split_fill_max_keys=4096, balanced_keys=2048,
+                             max_keys_per_program=4096, balanced_programs_per_core=4)
+  seen = []
+
+  def run(q, plans, **kw):
+    seen.extend(spec.block.splits for spec, _ in plans)
+    raise StopIteration
+
+  bf = jnp.bfloat16
+  args = (jax.ShapeDtypeStruct((64, 1, 32, 128), bf), jax.ShapeDtypeStruct((prefix, 32, 128), bf),
+          jax.ShapeDtypeStruct((prefix, 32, 128), bf), jax.ShapeDtypeStruct((64, 128, 32, 128), bf),
+          jax.ShapeDtypeStruct((64, 128, 32, 128), bf))
+  with (tuning.override(tune), mock.patch.object(ops, "num_cores", lambda t=None: 132),
+        mock.patch.object(ops, "run", run), pytest.raises(StopIteration)):
+    jax.eval_shape(lambda *a: hydragen_jax.hydragen_attention(*a, backend="interpret"), *args)
+  assert tuple(seen) == splits
+
+
 def test_choose_block_light_tiles_when_levels_share_the_launch():
   """A level alone takes 128-row tiles with 8 warps; beside other levels, 64-row tiles with 4 warps (two
   programs per SM), and float32 never gets the 128-key blocks that only fit shared memory in 16 bits."""

@@ -575,8 +575,13 @@ def test_sweep_kernels_variants_make_valid_tiles(device):
         for field, value in (over.items() if isinstance(over, dict) else ()):
           assert getattr(block, field) == value, (device, cfg, name, field)
   # the tuning fields reach the tiles: the split rule off / on at B = 64 MHA, P = 4K (32 prefix programs: 8 / 4
-  # splits on 132 SMs)
+  # splits on 132 SMs); and the launch's part of it (ops.launch_fill): at P = 16K the prefix is split for its keys
+  # (8 ways), so the suffix keeps a program per SM (2 splits of 128 programs) where at P = 4K it takes one
   with mock.patch.object(ops, "num_cores", lambda t=None: 132):
     splits = {name: sweep_kernels.step_fn((64, 4096, 128, 32, 32), sweep_kernels.VARIANTS[name], tune)[1][0].splits
               for name in ("auto_fill100", "auto_fill96k4")}
+    fill = sweep_kernels.VARIANTS["auto_fill96k4"]
+    both = {p: tuple(b.splits for b in sweep_kernels.step_fn((64, p, 128, 32, 32), fill, tune)[1])
+            for p in (4096, 16384)}
   assert splits == {"auto_fill100": 8, "auto_fill96k4": 4}, (device, splits)
+  assert both == {4096: (4, 1), 16384: (8, 2)}, (device, both)

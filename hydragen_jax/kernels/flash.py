@@ -229,7 +229,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     plgpu.store(lse_ref.at[sp, flat], lse, mask=row_ok)
 
 
-def _program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
+def program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
   """A level's program axes: (groups, KV head blocks, key splits, row blocks), row blocks fastest so that the
   programs running together read the same KV blocks (from L2)."""
   return (work.kv_length.shape[0], work.k.shape[2] // spec.block.heads, spec.block.splits,
@@ -311,7 +311,7 @@ def fused_levels(
   """
   b, t, hq, d = q.shape
   hkv = works[0].k.shape[2]
-  counts = tuple(_program_counts(spec, work) for spec, work in zip(specs, works))
+  counts = tuple(program_counts(spec, work) for spec, work in zip(specs, works))
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
   kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, head_dim=d,
                              num_queries=t, group=hq // hkv, scale=scale, precision=precision)

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim
+from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim, program_counts
 from hydragen_jax.tuning import Tuning
 
 Array = jax.Array
@@ -106,24 +106,59 @@ def fit_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, limit: i
   return block
 
 
-def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning, heads: int) -> bool:
+def _key_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning) -> bool:
+  """Whether a level of `programs` programs, its `num_keys` keys split `splits` ways, has at most
+  `tuning.max_keys_per_program` keys a program, and at most `tuning.balanced_keys` while it has fewer than
+  `tuning.balanced_programs_per_core` programs per SM."""
+  keys = num_keys / splits
+  return keys <= tuning.max_keys_per_program and (
+      programs * splits >= tuning.balanced_programs_per_core * num_cores(tuning) or keys <= tuning.balanced_keys)
+
+
+def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning, heads: int,
+                       fill: bool = True) -> bool:
   """Whether a level of `programs` programs (each over `heads` packed KV heads), its `num_keys` keys split `splits`
-  ways, has a program per SM (programs for `tuning.split_min_fill` of the SMs where a program then streams at most
-  `tuning.split_fill_max_keys` keys of all its heads), at most `tuning.max_keys_per_program` keys a program, and at
-  most `tuning.balanced_keys` while it has fewer than `tuning.balanced_programs_per_core` programs per SM."""
-  cores, keys = num_cores(tuning), num_keys / splits
-  fill = tuning.split_min_fill if keys * heads <= tuning.split_fill_max_keys else 1.0
-  return (programs * splits >= fill * cores and keys <= tuning.max_keys_per_program
-          and (programs * splits >= tuning.balanced_programs_per_core * cores or keys <= tuning.balanced_keys))
+  ways, has a program per SM (with `fill`: programs for `tuning.split_min_fill` of the SMs where a program then
+  streams at most `tuning.split_fill_max_keys` keys of all its heads) and keeps the key bounds (`_key_bounds_hold`)."""
+  fill = tuning.split_min_fill if fill and num_keys / splits * heads <= tuning.split_fill_max_keys else 1.0
+  return programs * splits >= fill * num_cores(tuning) and _key_bounds_hold(programs, splits, num_keys, tuning)
+
+
+def split_for_keys(block: BlockConfig, programs: int, num_keys: int, tuning: Tuning | None = None) -> bool:
+  """Whether a level tiled `block`, `programs` programs before its key splits over `num_keys` keys, is split for
+  its keys: with half its splits it would break `max_keys_per_program` or `balanced_keys`."""
+  return block.splits > 1 and not _key_bounds_hold(programs, block.splits // 2, num_keys,
+                                                   tuning_lib.resolve(tuning))
+
+
+def plan_level(plan: Plan) -> tuple[BlockConfig, int, int]:
+  """A plan as `launch_fill` reads it: (its block, its programs before key splits, its keys)."""
+  spec, work = plan
+  counts = program_counts(spec, work)
+  return spec.block, int(np.prod(counts)) // spec.block.splits, work.k.shape[1]
+
+
+def launch_fill(levels: list[tuple[BlockConfig, int, int]], tuning: Tuning | None = None) -> list[bool]:
+  """Which levels of one launch, each `(block, programs before key splits, num_keys)` as tiled with
+  `split_min_fill`, may keep that rule (`choose_block(fill=True)`): every level, unless a level is split for its
+  keys (`split_for_keys`); then only such levels. A launch whose long levels fill the SMs more than once
+  whatever the rule gains nothing from another level's fewer, longer programs: they only lengthen its last wave
+  (measured on the H200: MHA decode at B = 64, P = 16K, whose suffix level would go from 256 programs to 128
+  beside 256 prefix programs of 2048 keys, 2 % slower; at P = 1K and 4K, where no level is split for its keys,
+  the launch fits one wave and is 2-7 % faster)."""
+  keyed = [split_for_keys(block, programs, keys, tuning) for block, programs, keys in levels]
+  return [k or not any(keyed) for k in keyed]
 
 
 def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int, num_keys: int,
                  head_dim: int, *, shared_launch: bool = True, itemsize: int = 2,
-                 tuning: Tuning | None = None, shared_memory: int | None | str = DEVICE) -> BlockConfig:
+                 tuning: Tuning | None = None, shared_memory: int | None | str = DEVICE,
+                 fill: bool = True) -> BlockConfig:
   """Tiling heuristic; its numbers are the device's tuning (`hydragen_jax.tuning`, None: `tuning.current()`).
 
   max_rows: rows of the largest group for one KV head; total_rows: rows of all groups together (one KV head);
-  shared_launch: other levels run in the same launch; itemsize: bytes per element of q, k, v.
+  shared_launch: other levels run in the same launch; itemsize: bytes per element of q, k, v; fill: whether the
+  launch lets this level take `split_min_fill` (`launch_fill`; False: a program per SM).
 
   * Rows: with fewer than 16 rows per KV head (decode), a program packs the rows of several KV heads (`heads`).
   * Row tiles of at most `max_rows_alone` rows for a level alone in its launch (on the H100: 128 rows, 8 warps,
@@ -135,7 +170,8 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
     float32, D = 256 or a GPU with less shared memory (an A100, sm_89 cards) may need smaller ones.
   * Splits: until the level alone has a program per SM (`split_min_fill` of them where a program's keys, over its
     packed heads, stay within `split_fill_max_keys`), and at most `max_keys_per_program` keys per program
-    (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM).
+    (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM). The fill
+    rule is the launch's: `launch_fill` says which levels take it (the models' and the API's steps ask it).
   """
   tuning = tuning_lib.resolve(tuning)
   wide = head_dim > 128
@@ -160,7 +196,7 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
   step_keys = max(1, block.block_k // heads)
   programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block.block_m))  # programs with rows
   splits = 1
-  while (not _split_bounds_hold(programs, splits, num_keys, tuning, block.heads)
+  while (not _split_bounds_hold(programs, splits, num_keys, tuning, block.heads, fill)
          and num_keys >= 2 * splits * 4 * step_keys):
     splits *= 2
   return dataclasses.replace(block, splits=splits)
@@ -181,11 +217,12 @@ def _check_block(block: BlockConfig, num_heads: int, head_dim: int, itemsize: in
 
 def per_sequence(
     q: Array, k: Array, v: Array, lengths: Array, kv_index: Array | None = None, *, kv_offset: Array | int = 0,
-    causal: bool, block: BlockConfig | None = None, shared_launch: bool = True,
+    causal: bool, block: BlockConfig | None = None, shared_launch: bool = True, fill: bool = True,
 ) -> Plan | None:
   """Each sequence b attends to KV row kv_index[b] (default: kv_offset + b) with lengths[b] valid keys.
 
-  q `[B, T, Hq, D]`, k/v `[R, S, Hkv, D]`, lengths and kv_index `[B]`. None if the level holds no keys.
+  q `[B, T, Hq, D]`, k/v `[R, S, Hkv, D]`, lengths and kv_index `[B]`. None if the level holds no keys. block:
+  the tiling (default `choose_block`'s, with `shared_launch` and `fill`).
   """
   b, t, hq, _ = q.shape
   _, s, hkv, d = k.shape
@@ -193,7 +230,8 @@ def per_sequence(
     return None
   rows = t * (hq // hkv)
   if block is None:
-    block = choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize)
+    block = choose_block(rows, b * rows, b, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize,
+                         fill=fill)
   else:
     _check_block(block, hkv, d, k.dtype.itemsize)
   rows *= block.heads
@@ -211,11 +249,13 @@ def per_sequence(
 def batched(
     q: Array, k: Array, v: Array, lengths: Array, seq_to_node: Array, *, node_offset: Array | int = 0,
     max_group: int | None, causal: bool, block: BlockConfig | None = None, shared_launch: bool = True,
+    fill: bool = True,
 ) -> Plan | None:
   """Inter-sequence batching: the queries of all sequences that read node n form one row matrix per KV head.
 
   q `[B, T, Hq, D]`, k/v `[R, L, Hkv, D]` with node n at row node_offset + n, lengths `[N]`, seq_to_node `[B]`;
-  max_group: static bound on the sequences of one node (None: B). None if the level holds no keys.
+  max_group: static bound on the sequences of one node (None: B). None if the level holds no keys. block,
+  shared_launch, fill: as `per_sequence`.
   """
   b, t, hq, _ = q.shape
   _, s, hkv, d = k.shape
@@ -233,7 +273,8 @@ def batched(
   rows = t * (hq // hkv)
   max_rows = rows * (b if max_group is None else min(max_group, b))
   if block is None:
-    block = choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize)
+    block = choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize,
+                         fill=fill)
   else:
     _check_block(block, hkv, d, k.dtype.itemsize)
   nodes = np.arange(n, dtype=np.int32)

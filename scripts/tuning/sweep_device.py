@@ -293,7 +293,7 @@ class Sweep:
       on_hopper = self.dry_run or validation.on_hopper()
       if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune)):
         return ("hopper", i, settings, merged) if fits else None
-    pb, sb = (sweep_kernels.blocks(cfg, which, None, tune) for which in ("prefix", "suffix"))
+    pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
     return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None, merged)

@@ -138,14 +138,15 @@ def variant_tuning(variant: dict, base: tuning_lib.Tuning | None = None) -> tuni
                              split_fill_max_keys=variant.get("split_fill_keys", base.split_fill_max_keys))
 
 
-def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | None = None) -> BlockConfig:
+def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | None = None,
+           fill: bool = True) -> BlockConfig:
   """The tiling `choose_block` gives config cfg's prefix or suffix level under `tuning` (None: the device's),
-  both levels sharing the launch, with `overrides` (BlockConfig fields, or "half_splits" / "double_splits" /
-  "double_heads")."""
+  both levels sharing the launch (`fill`: whether the launch lets it take `split_min_fill`, `launch_blocks`), with
+  `overrides` (BlockConfig fields, or "half_splits" / "double_splits" / "double_heads")."""
   b, p, out, hq, hkv = cfg
   g = hq // hkv
-  base = (ops.choose_block(b * g, b * g, 1, hkv, p, D, tuning=tuning) if which == "prefix"
-          else ops.choose_block(g, b * g, b, hkv, out, D, tuning=tuning))
+  base = (ops.choose_block(b * g, b * g, 1, hkv, p, D, tuning=tuning, fill=fill) if which == "prefix"
+          else ops.choose_block(g, b * g, b, hkv, out, D, tuning=tuning, fill=fill))
   if overrides == "half_splits":
     overrides = dict(splits=max(1, base.splits // 2))
   elif overrides == "double_splits":
@@ -153,6 +154,18 @@ def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | 
   elif overrides == "double_heads":
     overrides = dict(heads=2 * base.heads, block_m=2 * base.block_m, block_k=2 * base.block_k)
   return dataclasses.replace(base, **(overrides or {}))
+
+
+def launch_blocks(cfg, variant: dict, tuning: tuning_lib.Tuning) -> tuple[BlockConfig, BlockConfig]:
+  """The (prefix, suffix) tilings of config cfg under a variant, with the launch's split rule as the library
+  applies it (`ops.launch_fill`, on the tilings before the variant's overrides)."""
+  b, p, out, hq, hkv = cfg
+  plain = pb, sb = [blocks(cfg, which, None, tuning) for which in ("prefix", "suffix")]
+  g = hq // hkv  # programs before key splits, as flash.program_counts: head blocks x row blocks (x sequences)
+  programs = [hkv // pb.heads * -(-b * g * pb.heads // pb.block_m), b * hkv // sb.heads * -(-g * sb.heads // sb.block_m)]
+  fills = ops.launch_fill([(blk, n, keys) for blk, n, keys in zip(plain, programs, (p, out))], tuning)
+  return tuple(blocks(cfg, which, variant.get(which), tuning, fill)
+               for which, fill in zip(("prefix", "suffix"), fills))
 
 
 def config_inputs(cfg, seed: int):
@@ -209,7 +222,7 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
   """A whole Hydragen step of config cfg under a variant (launch, BlockConfig overrides "prefix" / "suffix", and the
   tuning fields of `variant_tuning`), from `tuning` (None: the device's): (fn, (prefix block, suffix block))."""
   tune = variant_tuning(variant, tuning)
-  pb, sb = blocks(cfg, "prefix", variant.get("prefix"), tune), blocks(cfg, "suffix", variant.get("suffix"), tune)
+  pb, sb = launch_blocks(cfg, variant, tune)
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
