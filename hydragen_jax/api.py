@@ -175,7 +175,7 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
            for level, c, b in zip(levels, causal, batched)]
   if len(levels) > 1 and tuning_lib.current().split_min_fill < 1:  # the split rule is the launch's
     present = [i for i, plan in enumerate(plans) if plan is not None]
-    fills = pallas_ops.launch_fill([pallas_ops.plan_level(plans[i]) for i in present])
+    fills = pallas_ops.launch_fill([pallas_ops.plan_level(plans[i], q.shape) for i in present])
     for i, keep in zip(present, fills):
       if not keep:  # tiled again without it
         plans[i] = _kernel_plan(q, levels[i], causal=causal[i], batched=batched[i], shared_launch=True, fill=False)

@@ -144,23 +144,38 @@ def test_choose_block_split_min_fill(fill, max_keys, suffix_keys, splits):
 
 @pytest.mark.parametrize("prefix,fills,splits", [
     (4096, [True, True], (4, 1)),     # no level split for its keys: the launch fits one wave (256 programs)
-    (16384, [True, False], (8, 2)),   # 8 prefix splits for balanced_keys: the suffix keeps a program per SM
+    (8192, [True, True], (4, 1)),     # 4 prefix splits for balanced_keys, 128 programs: under one an SM
+    (16384, [True, False], (8, 2)),   # 8 prefix splits for balanced_keys, 256 programs: the suffix keeps one an SM
 ])
 def test_launch_fill_leaves_the_rule_to_levels_split_for_their_keys(prefix, fills, splits):
   """MHA decode at B = 64 on 132 SMs with `split_min_fill` 0.96: where a level of the launch is split for its keys
-  (`split_for_keys`: half its splits would break `balanced_keys`), the other levels are tiled without the rule."""
+  (`split_for_keys`: half its splits would break `balanced_keys`) into at least a program per SM, the other levels
+  are tiled without the rule."""
   tune = dataclasses.replace(tuning.current(), split_min_fill=0.96, split_fill_max_keys=4096, balanced_keys=2048,
                              max_keys_per_program=4096, balanced_programs_per_core=4)
   with mock.patch.object(ops, "num_cores", lambda t=None: 132):
     pb = ops.choose_block(64, 64, 1, 32, prefix, 128, tuning=tune)
     sb = ops.choose_block(1, 64, 64, 32, 128, 128, tuning=tune)
-    assert ops.split_for_keys(pb, 32, prefix, tune) == (prefix == 16384)
+    assert ops.split_for_keys(pb, 32, prefix, tune) == (prefix >= 8192)
     assert not ops.split_for_keys(sb, 128, 128, tune)
     assert ops.launch_fill([(pb, 32, prefix), (sb, 128, 128)], tune) == fills
     sb = ops.choose_block(1, 64, 64, 32, 128, 128, tuning=tune, fill=fills[1])
   assert (pb.splits, sb.splits) == splits
   # a level alone in its launch, or a launch of one level, keeps the rule
   assert ops.launch_fill([(pb, 32, prefix)], tune) == [True]
+
+
+def test_plan_level_counts_programs_as_choose_block():
+  """`plan_level` reads a plan's programs before key splits as `choose_block` counted them (`busy_programs`: the
+  programs with rows), also for a batched level of several nodes whose groups are padded to the largest."""
+  q = jnp.zeros((40, 1, 8, 16), jnp.float32)
+  k = jnp.zeros((3, 64, 4, 16), jnp.float32)
+  plan = ops.batched(q, k, k, jnp.array([64, 64, 64]), np.array([0] * 38 + [1, 2], np.int32), max_group=None,
+                     causal=False)
+  block, programs, keys = ops.plan_level(plan, q.shape)
+  rows = 40 * 8 // 4  # all the groups' query rows for one KV head (each group padded to 80 in the grid)
+  assert keys == 64 and programs == 4 // block.heads * max(3, -(-rows * block.heads // block.block_m))
+  assert programs < int(np.prod(flash.program_counts(*plan))) // block.splits  # the kernel's grid pads the groups
 
 
 @pytest.mark.parametrize("prefix,splits", [(4096, (4, 1)), (16384, (8, 2))])

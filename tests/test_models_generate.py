@@ -1,5 +1,7 @@
 """models.generate: the attention modes agree, sampling, stops, chunked decode, bad input, GPU bf16."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,7 +249,28 @@ def test_stats(model):
     g = generate(model, fewshot_prompts(), max_new_tokens=8, chunk_steps=np.int64(3))  # any integer type
     for k in ("compile_s", "prefill_s", "decode_s", "decode_tokens_per_s"):
         assert g.stats[k] > 0
-    assert g.stats["decode_steps"] == 8  # chunks of 3: 3 + 3 + 2
+    assert g.stats["decode_steps"] == 8  # one step, then chunks of 3: 1 + 3 + 3 + 1
+    assert 0 < g.stats["first_chunk_s"] < g.stats["decode_s"]
+
+
+def test_generate_calls_one_step_then_chunks(model, monkeypatch):
+    """The decode loop's first call runs one step (it also loads the kernels; the rate leaves it out), the others
+    `chunk_steps` each, the last cut by max_new_tokens."""
+    gen = importlib.import_module("models.generate")  # the package exports a function of that name
+
+    compile_decode, calls = gen.compile_decode, []
+
+    def recording(*args, **kwargs):
+        fn, seconds = compile_decode(*args, **kwargs)
+
+        def run(params, state, steps):
+            calls.append(int(steps))
+            return fn(params, state, steps)
+        return run, seconds
+
+    monkeypatch.setattr(gen, "compile_decode", recording)
+    g = generate(model, fewshot_prompts(), max_new_tokens=8, chunk_steps=3)
+    assert calls == [1, 3, 3, 3] and g.stats["decode_steps"] == 8
 
 
 @pytest.mark.parametrize("kwargs, match", [

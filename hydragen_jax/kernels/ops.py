@@ -124,29 +124,40 @@ def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning
   return programs * splits >= fill * num_cores(tuning) and _key_bounds_hold(programs, splits, num_keys, tuning)
 
 
+def busy_programs(num_heads: int, heads: int, num_groups: int, total_rows: int, block_m: int) -> int:
+  """Programs with rows of a level before its key splits (`choose_block`'s count): a program per group and block
+  of `heads` KV heads, more where the groups' `total_rows` (for one KV head) take more row tiles."""
+  return num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block_m))
+
+
 def split_for_keys(block: BlockConfig, programs: int, num_keys: int, tuning: Tuning | None = None) -> bool:
-  """Whether a level tiled `block`, `programs` programs before its key splits over `num_keys` keys, is split for
-  its keys: with half its splits it would break `max_keys_per_program` or `balanced_keys`."""
+  """Whether a level tiled `block`, `programs` programs before its key splits (`busy_programs`) over `num_keys`
+  keys, is split for its keys: with half its splits it would break `max_keys_per_program` or `balanced_keys`."""
   return block.splits > 1 and not _key_bounds_hold(programs, block.splits // 2, num_keys,
                                                    tuning_lib.resolve(tuning))
 
 
-def plan_level(plan: Plan) -> tuple[BlockConfig, int, int]:
-  """A plan as `launch_fill` reads it: (its block, its programs before key splits, its keys)."""
+def plan_level(plan: Plan, q_shape: tuple[int, ...]) -> tuple[BlockConfig, int, int]:
+  """A plan of queries `q_shape` `[B, T, Hq, D]` as `launch_fill` reads it: (its block, its programs before key
+  splits as `choose_block` counted them, `busy_programs`, its keys)."""
   spec, work = plan
-  counts = program_counts(spec, work)
-  return spec.block, int(np.prod(counts)) // spec.block.splits, work.k.shape[1]
+  b, t, hq, _ = q_shape
+  hkv = work.k.shape[2]
+  programs = busy_programs(hkv, spec.block.heads, work.kv_length.shape[0], b * t * (hq // hkv), spec.block.block_m)
+  return spec.block, programs, work.k.shape[1]
 
 
 def launch_fill(levels: list[tuple[BlockConfig, int, int]], tuning: Tuning | None = None) -> list[bool]:
   """Which levels of one launch, each `(block, programs before key splits, num_keys)` as tiled with
   `split_min_fill`, may keep that rule (`choose_block(fill=True)`): every level, unless a level is split for its
-  keys (`split_for_keys`); then only such levels. A launch whose long levels fill the SMs more than once
-  whatever the rule gains nothing from another level's fewer, longer programs: they only lengthen its last wave
-  (measured on the H200: MHA decode at B = 64, P = 16K, whose suffix level would go from 256 programs to 128
-  beside 256 prefix programs of 2048 keys, 2 % slower; at P = 1K and 4K, where no level is split for its keys,
-  the launch fits one wave and is 2-7 % faster)."""
-  keyed = [split_for_keys(block, programs, keys, tuning) for block, programs, keys in levels]
+  keys (`split_for_keys`) into at least a program per SM; then only such levels. Those long levels fill the SMs
+  whatever the rule, and another level's fewer, longer programs only lengthen the launch's last wave (measured on
+  the H200: MHA decode at B = 64, P = 16K, whose suffix level would go from 256 programs to 128 beside 256 prefix
+  programs of 2048 keys, 2 % slower; at P = 1K and 4K, where no level is split for its keys, the launch fits one
+  wave and is 2-7 % faster)."""
+  tuning = tuning_lib.resolve(tuning)
+  keyed = [split_for_keys(block, programs, keys, tuning) and programs * block.splits >= num_cores(tuning)
+           for block, programs, keys in levels]
   return [k or not any(keyed) for k in keyed]
 
 
@@ -194,7 +205,7 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
                                         num_stages=tile.num_stages, heads=heads), head_dim, itemsize,
                             shared_memory, exact)
   step_keys = max(1, block.block_k // heads)
-  programs = num_heads // heads * max(num_groups, pl.cdiv(total_rows * heads, block.block_m))  # programs with rows
+  programs = busy_programs(num_heads, heads, num_groups, total_rows, block.block_m)
   splits = 1
   while (not _split_bounds_hold(programs, splits, num_keys, tuning, block.heads, fill)
          and num_keys >= 2 * splits * 4 * step_keys):

@@ -158,12 +158,15 @@ def blocks(cfg, which: str, overrides: dict | None, tuning: tuning_lib.Tuning | 
 
 def launch_blocks(cfg, variant: dict, tuning: tuning_lib.Tuning) -> tuple[BlockConfig, BlockConfig]:
   """The (prefix, suffix) tilings of config cfg under a variant, with the launch's split rule as the library
-  applies it (`ops.launch_fill`, on the tilings before the variant's overrides)."""
+  applies it (`ops.launch_fill`, on the tilings before the variant's overrides; not for "separate" launches, whose
+  levels each have a launch of their own)."""
   b, p, out, hq, hkv = cfg
-  plain = pb, sb = [blocks(cfg, which, None, tuning) for which in ("prefix", "suffix")]
-  g = hq // hkv  # programs before key splits, as flash.program_counts: head blocks x row blocks (x sequences)
-  programs = [hkv // pb.heads * -(-b * g * pb.heads // pb.block_m), b * hkv // sb.heads * -(-g * sb.heads // sb.block_m)]
-  fills = ops.launch_fill([(blk, n, keys) for blk, n, keys in zip(plain, programs, (p, out))], tuning)
+  fills = [True, True]
+  if variant.get("launch") != "separate":
+    pb, sb = (blocks(cfg, which, None, tuning) for which in ("prefix", "suffix"))
+    rows = b * hq // hkv  # a launch's query rows for one KV head; the prefix is one group, the suffix b
+    programs = [ops.busy_programs(hkv, pb.heads, 1, rows, pb.block_m), ops.busy_programs(hkv, sb.heads, b, rows, sb.block_m)]
+    fills = ops.launch_fill([(pb, programs[0], p), (sb, programs[1], out)], tuning)
   return tuple(blocks(cfg, which, variant.get(which), tuning, fill)
                for which, fill in zip(("prefix", "suffix"), fills))
 
