@@ -241,8 +241,9 @@ class Tuning:
       of 128 programs on 132 SMs is not split once more: fewer programs and partials to merge (where the launch's
       other level is halved too, e.g. MHA decode at B = 64 and P = 4K, its programs fit in one wave); the key bound
       keeps long ranges split (long suffixes: the launch's longest programs). The rule is the launch's
-      (`ops.launch_fill`): where a level is split for its keys (`max_keys_per_program`, `balanced_keys`), only such
-      levels take it (B = 64, P = 16K: the suffix keeps a program per SM beside 8 prefix splits).
+      (`ops.launch_fill`): where a level is split for its keys (`max_keys_per_program`, `balanced_keys`) into at
+      least a program per SM, only such levels take it (B = 64, P = 16K: the suffix keeps a program per SM beside
+      256 prefix programs, 8 splits).
   """
 
   hopper_min_work: int
