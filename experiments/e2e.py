@@ -280,20 +280,36 @@ def floor_fields(shape: floor.ModelShape, sharing: floor.Sharing, mode: str, res
     return out
 
 
+WARMUP_STEPS = 16  # steps of a warm-up call: enough to estimate a step beside the call's fixed cost
+
+
+def timing_plan(step_s: float, steps: int, repeats: int, budget_s: float) -> tuple[int, int]:
+    """(steps a timed call, repeats) for a mode whose step takes about `step_s`: `steps` a call (the config's
+    `steps_per_sample`) and `repeats` at each of the three positions, fewer repeats (>= 1) where they would pass
+    `budget_s`, and shorter calls (>= 1 step) where even one repeat would: a slow mode's steps (shared storage at
+    long prefixes: 0.1-0.6 s each) make a call's fixed cost (a few ms) negligible at any length."""
+    per_point = 3 * steps * step_s  # seconds of one repeat over the three positions
+    if per_point > budget_s:
+        steps = max(1, min(steps, int(budget_s // max(3 * step_s, 1e-9))))
+        return steps, 1
+    if per_point * repeats > budget_s:
+        repeats = max(1, int(budget_s // max(per_point, 1e-9)))
+    return steps, repeats
+
+
 def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, backend) -> tuple[object, dict]:
     """Per-step decode time at s = 1, G/2, G (median of repeats each), Simpson-combined. Returns the state (the
     decode donates its input) and the results."""
     from experiments import model_api
 
-    k = min(dec["steps_per_sample"], generate)
     fn, compile_s = model_api.compile_decode(model, state, backend)
+    warm = min(dec["steps_per_sample"], generate, WARMUP_STEPS)
+    state, _, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), 1)  # loads the kernels
+    for _ in range(max(1, timing_cfg["warmup"])):  # the last warm-up call estimates a step
+        state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), warm)
+    k, repeats = timing_plan(warm_s / warm, min(dec["steps_per_sample"], generate), timing_cfg["repeats"],
+                             dec["point_budget_s"])
     starts = sample_starts(generate, k)
-    for _ in range(max(1, timing_cfg["warmup"])):
-        state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, starts[0]), k)
-    repeats = timing_cfg["repeats"]
-    per_point = 3 * k * (warm_s / k)  # seconds of one repeat over the three positions
-    if per_point * repeats > dec["point_budget_s"]:
-        repeats = max(1, int(dec["point_budget_s"] // max(per_point, 1e-9)))
     step_s = []
     for start in starts:
         times = []

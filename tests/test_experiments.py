@@ -146,6 +146,19 @@ def test_decode_floor_averages_like_the_timing():
         floor.decode_floor(TINY, TINY_SHARING, "hydragen", [0, 3], k, bw, mm)
 
 
+
+def test_e2e_timing_plan_keeps_a_point_within_its_budget():
+    """Steps a timed call and repeats at each of the three positions, for a step of about step_s: the config's
+    where they fit point_budget_s, fewer repeats where not, and shorter calls (one repeat) where even one repeat of
+    the config's calls would pass it."""
+    from experiments import e2e
+
+    assert e2e.timing_plan(0.004, 64, 5, 20.0) == (64, 5)       # 3.8 s of steps: all repeats
+    assert e2e.timing_plan(0.030, 64, 5, 20.0) == (64, 3)       # 5.8 s a repeat: 3 of them
+    assert e2e.timing_plan(0.318, 64, 5, 20.0) == (20, 1)       # 61 s a repeat: 20-step calls, 19 s
+    assert e2e.timing_plan(30.0, 64, 5, 20.0) == (1, 1)         # never fewer than one step
+    assert e2e.timing_plan(0.5, 8, 5, 20.0) == (8, 1)           # calls are never made longer
+
 def test_sharing_of_trees_and_e2e_floor_fields():
     from experiments import e2e, model_api
 
