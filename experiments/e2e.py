@@ -303,12 +303,12 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
     from experiments import model_api
 
     fn, compile_s = model_api.compile_decode(model, state, backend)
-    warm = min(dec["steps_per_sample"], generate, WARMUP_STEPS)
+    steps = min(dec["steps_per_sample"], generate)
+    warm = min(steps, WARMUP_STEPS)
     state, _, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), 1)  # loads the kernels
     for _ in range(max(1, timing_cfg["warmup"])):  # the last warm-up call estimates a step
         state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), warm)
-    k, repeats = timing_plan(warm_s / warm, min(dec["steps_per_sample"], generate), timing_cfg["repeats"],
-                             dec["point_budget_s"])
+    k, repeats = timing_plan(warm_s / warm, steps, timing_cfg["repeats"], dec["point_budget_s"])
     starts = sample_starts(generate, k)
     step_s = []
     for start in starts:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim, program_counts
+from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim
 from hydragen_jax.tuning import Tuning
 
 Array = jax.Array
@@ -120,8 +120,8 @@ def _split_bounds_hold(programs: int, splits: int, num_keys: int, tuning: Tuning
   """Whether a level of `programs` programs (each over `heads` packed KV heads), its `num_keys` keys split `splits`
   ways, has a program per SM (with `fill`: programs for `tuning.split_min_fill` of the SMs where a program then
   streams at most `tuning.split_fill_max_keys` keys of all its heads) and keeps the key bounds (`_key_bounds_hold`)."""
-  fill = tuning.split_min_fill if fill and num_keys / splits * heads <= tuning.split_fill_max_keys else 1.0
-  return programs * splits >= fill * num_cores(tuning) and _key_bounds_hold(programs, splits, num_keys, tuning)
+  fraction = tuning.split_min_fill if fill and num_keys / splits * heads <= tuning.split_fill_max_keys else 1.0
+  return programs * splits >= fraction * num_cores(tuning) and _key_bounds_hold(programs, splits, num_keys, tuning)
 
 
 def busy_programs(num_heads: int, heads: int, num_groups: int, total_rows: int, block_m: int) -> int:

@@ -165,8 +165,8 @@ def launch_blocks(cfg, variant: dict, tuning: tuning_lib.Tuning) -> tuple[BlockC
   if variant.get("launch") != "separate":
     pb, sb = (blocks(cfg, which, None, tuning) for which in ("prefix", "suffix"))
     rows = b * hq // hkv  # a launch's query rows for one KV head; the prefix is one group, the suffix b
-    programs = [ops.busy_programs(hkv, pb.heads, 1, rows, pb.block_m), ops.busy_programs(hkv, sb.heads, b, rows, sb.block_m)]
-    fills = ops.launch_fill([(pb, programs[0], p), (sb, programs[1], out)], tuning)
+    fills = ops.launch_fill([(pb, ops.busy_programs(hkv, pb.heads, 1, rows, pb.block_m), p),
+                             (sb, ops.busy_programs(hkv, sb.heads, b, rows, sb.block_m), out)], tuning)
   return tuple(blocks(cfg, which, variant.get(which), tuning, fill)
                for which, fill in zip(("prefix", "suffix"), fills))
 
