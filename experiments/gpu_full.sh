@@ -9,7 +9,10 @@
 #   bench-gqa    bench rows 5-8 (32/8)           } `bench` (its anchors add ~1 min of FlashInfer JIT compile)
 #   anchors      (run on THIS machine, not the GPU one) extract FlashInfer's tarball into .anchors/ (git-ignored);
 #                then name .anchors in the GPU call's carry: the bench parts put it on PYTHONPATH
-#   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~5-9 min)
+#   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~9-10 min with a cold compile
+#                cache: ~6 min of it compiles; on 2026-12-03 it ran out of 555 s before 8K's `none`)
+#   long-doc1    the same, prefixes 1K, 16K, 4K  } one call each (~4-5 min): the report takes each prefix's row
+#   long-doc2    the same, prefixes 32K, 2K, 8K  } from the newest run that has it
 #   tree         tree_apps.toml: 4 variants of one APPS-like tree                   (~2-4 min)
 #   e2e-part1    e2e_throughput.toml, prefix 1K x batches 512, 64, 8                (~3-5 min)
 #   e2e-part2    e2e_throughput.toml, prefix 4K x batches 512, 64, 8                (~3-5 min)
@@ -41,9 +44,9 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)}
+PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|long-doc1|long-doc2|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)}
 ANCHORS_DIR=${ANCHORS_DIR:-.anchors}
-PARTS=" bench bench-mha bench-gqa anchors long-doc tree e2e-part1 e2e-part2 e2e-part3 smoke tp-smoke tp-7b-1k tp-7b-16k tp-13b "
+PARTS=" bench bench-mha bench-gqa anchors long-doc long-doc1 long-doc2 tree e2e-part1 e2e-part2 e2e-part3 smoke tp-smoke tp-7b-1k tp-7b-16k tp-13b "
 if [[ "$PARTS" != *" $PART "* ]]; then  # before anything else: a typo is named as one, on any machine
   echo "unknown part $PART (one of:$PARTS)" >&2; exit 2
 fi
@@ -132,6 +135,8 @@ case "$PART" in
                --set model.shape.num_hidden_layers=40 --set model.shape.num_attention_heads=40 \
                --set model.shape.num_key_value_heads=40 ;;
   long-doc)  run long_document long_document ;;
+  long-doc1) run long_document-part1 long_document --set "grid.prefixes=[1024, 16384, 4096]" ;;
+  long-doc2) run long_document-part2 long_document --set "grid.prefixes=[32768, 2048, 8192]" ;;
   tree)      run tree_apps tree_apps ;;
   smoke)
     LIMIT=120

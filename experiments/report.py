@@ -6,9 +6,9 @@ tables and sentences computed from experiments/results/*.jsonl (no number is typ
 Which files: results files are named `NAME-DEVICE-YYYYmmdd-HHMMSS.jsonl` (smoke runs are left out). Per
 experiment kind and device, the newest file of each NAME (e.g. `e2e_throughput-part1`, `e2e_tp-13b`): the latest
 run of each experiment, as experiments/results keeps them (a superseded run is deleted there, git keeps it; a NAME
-no longer run is deleted too, or its last run stays in the report). A bench-attention row (one config) and an
-end-to-end row (one prefix and batch) come whole from the newest of these files that has them (every column of a
-row from one run); long_document and tree_apps come from their newest file. The device is the newest results
+no longer run is deleted too, or its last run stays in the report). A bench-attention row (one config), an
+end-to-end row (one prefix and batch) and a long-document row (one prefix) come whole from the newest of these files
+that has them (every column of a row from one run); tree_apps comes from its newest file. The device is the newest results
 file's, or the one asked for; a kind without results on it falls back to the newest device that has it (its
 section names the device). Files of tensor-parallel runs (points with `tp`) form a section of their own (report
 kind `e2e_tensor_parallel`): every NAME's newest file, one table set each; runs of the other kinds on a mesh are
@@ -357,8 +357,11 @@ def combined_plot(files: list[ResultsFile], draw: bool = True) -> pathlib.Path |
 
 
 def long_document_section(files: list[ResultsFile]) -> list[str]:
-    f = files[0]
-    decode = [r for r in f.records if r["record"] == "decode"]
+    """Each prefix's row whole from the newest run that has it (a run of some prefixes, e.g. `long-doc` with
+    `EXTRA="--set grid.prefixes=[8192]" TAG=p8k`, fills or replaces those rows); relative columns against the
+    shortest prefix's row."""
+    rows, source = _decode_by_point(files, ("prefix",))
+    decode = [r for point in sorted(rows) for r in rows[point].values()]
     if not decode:
         return []
     by = {(r["point"]["prefix"], r["mode"]): r for r in decode}
@@ -393,8 +396,9 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
     out = [f"**Long shared document** (long_document: `bash experiments/gpu_full.sh long-doc`; batch {batch}, the same "
            f"model; throughput relative to a {tables.fmt_tokens(base)} prefix per mode"
            + ("; extra = Hydragen's step − none's, against the attention floor as in the table above" if with_floors
-              else "") + "):", "", f"- {_file_line(f)}", "",
-           tables._table(header, lines), ""]
+              else "") + "):", ""]
+    out += [f"- {_file_line(f)}" for f in sorted({source[p] for p in rows}, key=lambda f: f.name)]
+    out += ["", tables._table(header, lines), ""]
     ratio = tables.prefix_ratio_line(decode, long=16384, short=base)
     if ratio:
         out += [ratio + " The paper: Hydragen loses under 15 % from 1K to 16K, the baselines over 90 %.", ""]

@@ -789,6 +789,29 @@ def test_report_shows_floors_and_the_long_document_ratio(tmp_path, readme):
            "60% less than two-level shared storage (5.00 s)" in section
 
 
+def test_report_takes_each_long_document_row_from_the_newest_run_that_has_it(tmp_path, readme):
+    res = tmp_path / "results"
+    point = lambda p: {**_e2e_point(p, 256)}  # noqa: E731
+    _write_results(res, "long_document", "20261203-225052", [  # the full run: 8K's `none` ran out of time
+        _decode(point(p), m, tok, kind="long_document", floors=True)
+        for p, m, tok in ((1024, "hydragen", 1e4), (1024, "none", 2e4), (8192, "hydragen", 9e3),
+                          (16384, "hydragen", 8e3), (16384, "none", 2e4))]
+        + [{**_decode(point(8192), "none", 1.0, kind="long_document"), "status": "skipped", "results": {}}])
+    _write_results(res, "long_document-p8k", "20261203-234254", [  # a newer run of 8K alone: its row whole
+        _decode(point(8192), m, tok, kind="long_document", floors=True) for m, tok in (("hydragen", 5e3),
+                                                                                      ("none", 1e4))])
+    _write_results(res, "long_document", "20261201-120000", [  # an older full run: left out
+        _decode(point(p), "hydragen", 1.0, kind="long_document") for p in (1024, 2048)])
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    assert "`long_document-nvidia-h200-20261203-225052.*`" in section
+    assert "`long_document-p8k-nvidia-h200-20261203-234254.*`" in section
+    assert "20261201-120000" not in section and "| 2K |" not in section
+    # 8K: 5k tok/s and `none` at 10k from the p8k run, relative to the full run's 1K row
+    assert "| 8K | 5.0k | 0.50 | 0.50 |" in section
+    assert "| 16K | 8.0k | 0.80 | 1.00 |" in section
+
+
 def test_report_gives_tensor_parallel_runs_a_section_of_their_own(tmp_path, readme):
     res = tmp_path / "results"
     point = lambda tp, b: {**_e2e_point(1024, b), "tp": tp}  # noqa: E731
@@ -875,8 +898,10 @@ def test_records_name_the_commit_given_on_the_command_line(monkeypatch):
     assert records.git_commit() == head
 
 
-@pytest.mark.parametrize("tag, name", [("", "e2e_throughput-part1"), ("b64", "e2e_throughput-part1-b64")])
-def test_gpu_full_names_a_tagged_run_apart(tmp_path, tag, name):
+@pytest.mark.parametrize("part, tag, name", [("e2e-part1", "", "e2e_throughput-part1"),
+                                             ("e2e-part1", "b64", "e2e_throughput-part1-b64"),
+                                             ("long-doc2", "", "long_document-part2")])
+def test_gpu_full_names_a_tagged_run_apart(tmp_path, part, tag, name):
     """`TAG` gives a restricted run a NAME of its own (the report then merges its rows with the full part's instead of
     replacing it). A stand-in PYTHON reports a GPU and records the runner's arguments; nothing runs."""
     args = tmp_path / "args.txt"
@@ -886,11 +911,13 @@ def test_gpu_full_names_a_tagged_run_apart(tmp_path, tag, name):
     root = pathlib.Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHON=str(fake), TAG=tag, EXTRA="--set grid.batches=[64]")
     env.pop("OUT", None)
-    done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "e2e-part1"], env=env, capture_output=True,
+    done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), part], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     line = args.read_text().splitlines()[0]
     assert f"--out experiments/results/{name}-fake-gpu-" in line and "grid.batches=[64]" in line, line
+    if part == "long-doc2":  # the second half of the long document's prefixes
+        assert "grid.prefixes=[32768, 2048, 8192]" in line, line
 
 
 @pytest.mark.parametrize("rows, tag, want", [("", "", "bench_attention-mha-fake-gpu-.* rows=0,1,2,3,4"),
