@@ -63,6 +63,25 @@ def test_modes_agree_interpret_backend(model, mode):
     np.testing.assert_allclose(g.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_prefill_in_chunks_equals_one_chunk(model, dtype):
+    """A prompt level prefilled in several chunks (one compiled loop over them) gives the caches and first logits of
+    one chunk: chunks of 4 and 7 tokens over levels of 40 and 2-11 tokens (ragged, some shorter than a chunk)."""
+    m = model if dtype == jnp.float32 else init_random(CFG, dtype, seed=7)
+    prompts = fewshot_prompts()
+    one = prefill(m, prompts, 4, prefill_chunk=64)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == jnp.float32 else dict(atol=5e-2, rtol=5e-2)
+    for chunk in (4, 7):
+        many = prefill(m, prompts, 4, prefill_chunk=chunk)
+        np.testing.assert_array_equal(many.positions, one.positions)
+        np.testing.assert_allclose(np.asarray(many.logits, np.float32), np.asarray(one.logits, np.float32), **tol)
+        levels = [(a, b) for a, b in zip(many.cache.shared, one.cache.shared)] + [(many.cache, one.cache)]
+        for a, b in levels:
+            np.testing.assert_array_equal(a.lengths, b.lengths)
+            for x, y in zip(a.k + a.v, b.k + b.v):
+                np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
+
+
 def test_chunked_decode_equals_generate(model):
     prompts = fewshot_prompts(seed=2)
     full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3)
