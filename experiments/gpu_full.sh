@@ -30,7 +30,8 @@
 # Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png}, and with $OUT set (the device tool's) one archive
 # per part, $OUT/NAME-DEVICE-STAMP.tgz (a call returns at most 8 files; unpack with
 # `tar xzf FILE.tgz -C experiments/results`). Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
-# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"), TAG (appended to the result's NAME:
+# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"; after the part's own, so an EXTRA
+# `--set` of a key the part sets, e.g. grid.prefixes with long-doc1, wins), TAG (appended to the result's NAME:
 # give a run restricted by EXTRA, e.g. EXTRA="--set grid.batches=[64]" TAG=b64, a NAME of its own, so that the report
 # takes its rows from it and the others from the part's full run; with the part's own NAME it would replace that run
 # whole), ANCHORS_DIR (default .anchors),
@@ -98,7 +99,7 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
   local base="$RESULTS/$name-$DEVICE-$STAMP"
   local start=$SECONDS
   timeout --signal=INT "$LIMIT" "$PYTHON" -m experiments run "$config" --out "$base.jsonl" --no-progress \
-    ${EXTRA:-} "$@" || echo "[gpu_full] $name exited with status $? (partial results kept)"
+    "$@" ${EXTRA:-} || echo "[gpu_full] $name exited with status $? (partial results kept)"
   echo "[gpu_full] $name took $((SECONDS - start)) s"
   if [[ -s "$base.jsonl" ]]; then
     [[ -s "$base.md" ]] || "$PYTHON" -m experiments report "$base.jsonl" || echo "[gpu_full] report of $name failed"

@@ -358,12 +358,15 @@ def combined_plot(files: list[ResultsFile], draw: bool = True) -> pathlib.Path |
 
 def long_document_section(files: list[ResultsFile]) -> list[str]:
     """Each prefix's row whole from the newest run that has it (a run of some prefixes, e.g. `long-doc` with
-    `EXTRA="--set grid.prefixes=[8192]" TAG=p8k`, fills or replaces those rows); relative columns against the
-    shortest prefix's row."""
-    rows, source = _decode_by_point(files, ("prefix",))
-    decode = [r for point in sorted(rows) for r in rows[point].values()]
-    if not decode:
+    `EXTRA="--set grid.prefixes=[8192]" TAG=p8k`, fills or replaces those rows), among the runs of the newest run's
+    batch and generated length (another's rows are left out); relative columns against the shortest prefix's row,
+    which may come from another run (each with its own measured rates)."""
+    rows, source = _decode_by_point(files, ("prefix", "batch", "generate"))
+    first = next((r["point"] for f in files for r in f.records if r["record"] == "decode"), None)  # newest first
+    if first is None:
         return []
+    rows = {p: by for p, by in rows.items() if p[1:] == (first["batch"], first["generate"])}
+    decode = [r for point in sorted(rows) for r in rows[point].values()]
     by = {(r["point"]["prefix"], r["mode"]): r for r in decode}
     prefixes = sorted({r["point"]["prefix"] for r in decode})
     modes = [m for m in MODE_ORDER if any((p, m) in by for p in prefixes)]
@@ -393,7 +396,8 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
                                                                                             v.get("levels_s"))]
         lines.append(cells)
     batch = decode[0]["point"]["batch"]
-    out = [f"**Long shared document** (long_document: `bash experiments/gpu_full.sh long-doc`; batch {batch}, the same "
+    out = [f"**Long shared document** (long_document: `bash experiments/gpu_full.sh long-doc`, or `long-doc1` and "
+           f"`long-doc2`; batch {batch}, the same "
            f"model; throughput relative to a {tables.fmt_tokens(base)} prefix per mode"
            + ("; extra = Hydragen's step − none's, against the attention floor as in the table above" if with_floors
               else "") + "):", ""]

@@ -272,6 +272,9 @@ def _prefill_rows(model: Llama, cache: TreeCache, tokens, lengths, start, plan_c
     chunks = -(-T // C)
     if chunks == 1:
         return chunk(0, carry)
+    # the loop's carry keeps one dtype: `last` in that of the hidden state (the final norm's weight may be wider
+    # than the embedding's), found by tracing one chunk abstractly
+    carry = (cache, jnp.zeros_like(carry[1], dtype=jax.eval_shape(chunk, 0, carry)[1].dtype))
     # Every chunk has the same shapes ([N, C] tokens over the same caches), so a loop compiles the model once
     # rather than once a chunk (unrolled, the long document's 32K-token level in four 8K chunks took 80 s of prefill
     # compile on the H200, its 16K in two 36 s, its 8K in one 20 s)

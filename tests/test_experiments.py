@@ -802,11 +802,14 @@ def test_report_takes_each_long_document_row_from_the_newest_run_that_has_it(tmp
                                                                                       ("none", 1e4))])
     _write_results(res, "long_document", "20261201-120000", [  # an older full run: left out
         _decode(point(p), "hydragen", 1.0, kind="long_document") for p in (1024, 2048)])
+    _write_results(res, "long_document-b128", "20261202-120000", [  # another batch's run: not mixed in
+        _decode({**_e2e_point(p, 128)}, "hydragen", 1.0, kind="long_document") for p in (1024, 4096)])
     report.update_readme(readme, res, plot=False)
     section = _section(readme)
     assert "`long_document-nvidia-h200-20261203-225052.*`" in section
     assert "`long_document-p8k-nvidia-h200-20261203-234254.*`" in section
     assert "20261201-120000" not in section and "| 2K |" not in section
+    assert "b128" not in section and "| 4K |" not in section and "| 1K | 10.0k |" in section
     # 8K: 5k tok/s and `none` at 10k from the p8k run, relative to the full run's 1K row
     assert "| 8K | 5.0k | 0.50 | 0.50 |" in section
     assert "| 16K | 8.0k | 0.80 | 1.00 |" in section
@@ -898,10 +901,12 @@ def test_records_name_the_commit_given_on_the_command_line(monkeypatch):
     assert records.git_commit() == head
 
 
-@pytest.mark.parametrize("part, tag, name", [("e2e-part1", "", "e2e_throughput-part1"),
-                                             ("e2e-part1", "b64", "e2e_throughput-part1-b64"),
-                                             ("long-doc2", "", "long_document-part2")])
-def test_gpu_full_names_a_tagged_run_apart(tmp_path, part, tag, name):
+@pytest.mark.parametrize("part, tag, extra, name", [
+    ("e2e-part1", "", "--set grid.batches=[64]", "e2e_throughput-part1"),
+    ("e2e-part1", "b64", "--set grid.batches=[64]", "e2e_throughput-part1-b64"),
+    ("long-doc2", "", "--set timing.repeats=2", "long_document-part2"),
+    ("long-doc2", "p8k", "--set grid.prefixes=[8192]", "long_document-part2-p8k")])
+def test_gpu_full_names_a_tagged_run_apart(tmp_path, part, tag, extra, name):
     """`TAG` gives a restricted run a NAME of its own (the report then merges its rows with the full part's instead of
     replacing it). A stand-in PYTHON reports a GPU and records the runner's arguments; nothing runs."""
     args = tmp_path / "args.txt"
@@ -909,15 +914,18 @@ def test_gpu_full_names_a_tagged_run_apart(tmp_path, part, tag, name):
     fake.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; else echo "$@" >> {args}; fi\n')
     fake.chmod(0o755)
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHON=str(fake), TAG=tag, EXTRA="--set grid.batches=[64]")
+    env = dict(os.environ, PYTHON=str(fake), TAG=tag, EXTRA=extra)
     env.pop("OUT", None)
     done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), part], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     line = args.read_text().splitlines()[0]
-    assert f"--out experiments/results/{name}-fake-gpu-" in line and "grid.batches=[64]" in line, line
+    assert f"--out experiments/results/{name}-fake-gpu-" in line and line.endswith(extra), line  # EXTRA last: it wins
     if part == "long-doc2":  # the second half of the long document's prefixes
         assert "grid.prefixes=[32768, 2048, 8192]" in line, line
+    for assignment in line.split(" --set ")[1:]:  # each a key the part's config has (a wrong one raises)
+        config.load("long_document" if part.startswith("long") else "e2e_throughput",
+                    assignments=[assignment.split(" --")[0]])
 
 
 @pytest.mark.parametrize("rows, tag, want", [("", "", "bench_attention-mha-fake-gpu-.* rows=0,1,2,3,4"),

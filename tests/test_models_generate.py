@@ -10,7 +10,7 @@ import pytest
 from models.config import LlamaConfig
 from models.generate import (SamplingConfig, categorical, decode, generate, prefill, sample, top_k_mask,
                              top_p_mask)
-from models.llama import init_random
+from models.llama import Llama, init_random
 from models.sharing import build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
 
@@ -63,11 +63,17 @@ def test_modes_agree_interpret_backend(model, mode):
     np.testing.assert_allclose(g.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, "mixed"])
 def test_prefill_in_chunks_equals_one_chunk(model, dtype):
     """A prompt level prefilled in several chunks (one compiled loop over them) gives the caches and first logits of
-    one chunk: chunks of 4 and 7 tokens over levels of 40 and 2-11 tokens (ragged, some shorter than a chunk)."""
-    m = model if dtype == jnp.float32 else init_random(CFG, dtype, seed=7)
+    one chunk: chunks of 4 and 7 tokens over levels of 40 and 2-11 tokens (ragged, some shorter than a chunk).
+    "mixed": bf16 weights with a float32 final norm (its hidden state float32, wider than the embedding)."""
+    if dtype == "mixed":
+        params = init_random(CFG, jnp.bfloat16, seed=7).params()
+        m = Llama(CFG, {**params, "final_norm": params["final_norm"].astype(jnp.float32)})
+        dtype = jnp.bfloat16
+    else:
+        m = model if dtype == jnp.float32 else init_random(CFG, dtype, seed=7)
     prompts = fewshot_prompts()
     one = prefill(m, prompts, 4, prefill_chunk=64)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == jnp.float32 else dict(atol=5e-2, rtol=5e-2)
