@@ -86,6 +86,15 @@ VARIANTS = {
                                         prefix_fill=0.75, suffix_pack=True, suffix_box=True),
     "s128qpb": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
                                    suffix_pack=True, suffix_box=True),
+    # session 37: the H200's T·g = 1 setting (its tuning file, hopper[1]) and two changes of it: 2-CTA clusters
+    # multicasting each prefix tile (if the MHA layer re-reads its prefix once a 128-row block, this halves that),
+    # and no key split of the prefix
+    "t1": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128, prefix_fill=0.75,
+                              suffix_pack=True, suffix_box=True),
+    "t1c2": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                prefix_fill=0.75, suffix_pack=True, suffix_box=True, cluster=2),
+    "t1f0": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                                suffix_pack=True, suffix_box=True),
 }
 
 
