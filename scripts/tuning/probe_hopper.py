@@ -86,7 +86,7 @@ VARIANTS = {
                                         prefix_fill=0.75, suffix_pack=True, suffix_box=True),
     "s128qpb": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
                                    suffix_pack=True, suffix_box=True),
-    # session 37: the H200's T·g = 1 setting (its tuning file, hopper[1]) and two changes of it: 2-CTA clusters
+    # session 37: the H200's T·g = 1 setting below hopper_long_prefix (its tuning file, hopper[1]) and two changes of it: 2-CTA clusters
     # multicasting each prefix tile (if the MHA layer re-reads its prefix once a 128-row block, this halves that),
     # and no key split of the prefix
     "t1": hopper.HopperConfig(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128, prefix_fill=0.75,
