@@ -9,10 +9,11 @@
 #   bench-gqa    bench rows 5-8 (32/8)           } `bench` (its anchors add ~1 min of FlashInfer JIT compile)
 #   anchors      (run on THIS machine, not the GPU one) extract FlashInfer's tarball into .anchors/ (git-ignored);
 #                then name .anchors in the GPU call's carry: the bench parts put it on PYTHONPATH
-#   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~9-10 min with a cold compile
-#                cache: ~6 min of it compiles; on 2026-12-03 it ran out of 555 s before 8K's `none`)
-#   long-doc1    the same, prefixes 1K, 16K, 4K  } one call each (~4-5 min): the report takes each prefix's row
-#   long-doc2    the same, prefixes 32K, 2K, 8K  } from the newest run that has it
+#   long-doc     long_document.toml: B=256, prefix 1K..32K, 6 prefills             (~7 min with a cold compile
+#                cache: 416 s on an H200 on 2026-12-04, ~3.5 min of it compiles, since prefill compiles the model
+#                once whatever the number of chunks; before, it ran out of 555 s)
+#   long-doc1    the same, prefixes 1K, 16K, 4K  } one call each (~3-4 min), where a call has less time: the report
+#   long-doc2    the same, prefixes 32K, 2K, 8K  } takes each prefix's row from the newest run that has it
 #   tree         tree_apps.toml: 4 variants of one APPS-like tree                   (~2-4 min)
 #   e2e-part1    e2e_throughput.toml, prefix 1K x batches 512, 64, 8                (~3-5 min)
 #   e2e-part2    e2e_throughput.toml, prefix 4K x batches 512, 64, 8                (~3-5 min)
