@@ -505,6 +505,63 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize(*_cases("shape,length,config", [
+    ((5, 2, 8, 4, 64, 272, 16), 264, dict(prefix_stages=2)),
+    ((3, 1, 8, 4, 128, 136, 8), 136, dict(prefix_stages=2, prefix_keys=128, q_registers=True)),
+    ((4, 1, 4, 4, 64, 200, 8), 64, dict(prefix_stages=1, pingpong=False)),
+    ((3, 1, 8, 4, 64, 40, 8), 5, dict(prefix_stages=2)),
+    ((3, 1, 8, 4, 64, 40, 8), 0, dict(prefix_stages=2)),
+    ((40, 1, 8, 4, 64, 200, 8), 200, dict(prefix_stages=3)),
+    ((40, 3, 8, 2, 64, 136, 72), 135, dict(prefix_stages=2, prefix_splits=2, cluster=2, num_ctas=4)),
+], ["4tiles_and_8keys", "128keys", "one_slot_no_pingpong", "one_partial_tile", "no_key", "both_warpgroups_rows_3stages",
+    "2splits_clusters"],
+   # off in every tuning until measured on a GPU: CI runs the first case (several tiles through a 2-slot ring)
+   slow=("128keys", "one_slot_no_pingpong", "one_partial_tile", "no_key", "both_warpgroups_rows_3stages",
+         "2splits_clusters")))
+def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, length, config):
+  """prefix_early_keys: the pair releases a slot's key tile after both score products and its value tile after both
+  value products, each refilled on its own. Prefixes of several tiles ending in a partial one, one whole tile, one
+  partial tile and no key (out 0, lse -inf); 64- and 128-key tiles; a one-slot ring without the ping-pong and rings
+  of 2 and 3; 80 query rows a KV head (warpgroup 1's rows real too); 2-CTA clusters multicasting each tile, with key
+  splits. 2 CTAs run several items each, so the ring runs on across items. A release that never comes hangs the
+  interpreted kernel; a premature one shows only compiled (the interpreter's copies land when their barrier is
+  waited for), on a Hopper GPU."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=9)
+  lengths = jnp.asarray(np.random.default_rng(9).integers(0, s + 1, b), jnp.int32)
+  config = hopper.HopperConfig(**{"num_ctas": 2, "suffix_stages": 2, **config, "prefix_early_keys": True})
+  assert hopper.supported(q, pk, sk, config) is None
+  *prefix, (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(length), sk, sv, lengths)
+  po, pl_ = reference.merge_states(prefix) if len(prefix) > 1 else prefix[0]
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(length), scale=d**-0.5), jnp.bfloat16)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+
+
+@pytest.mark.slow  # prefix_early_keys: off in every tuning until measured
+def test_prefix_early_keys_lowers_for_cuda():
+  """The pair's early key release lowers to Mosaic GPU for CUDA with the H200's settings of T·g = 4 (GQA rows) and
+  T·g = 1 (the 7B decode layer), and in 2-CTA clusters (its value tiles' own cluster barrier); its kernel differs
+  from the same settings' without it."""
+  for b, p, hq, hkv, tiles in [(1024, 8192, 32, 8, dict(suffix_keys=128, suffix_pack=True)),
+                               (512, 16384, 32, 32, dict(prefix_keys=128, suffix_lookahead=True, suffix_trim=True)),
+                               (1024, 8192, 32, 8, dict(suffix_keys=128, cluster=2))]:
+    q = jax.ShapeDtypeStruct((b, 1, hq, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((p, hkv, 128), jnp.bfloat16)
+    skv = jax.ShapeDtypeStruct((b, 256, hkv, 128), jnp.bfloat16)
+    texts = []
+    for early in (True, False):
+      config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2, q_registers=True,
+                                   prefix_early_keys=early, **tiles)
+      assert hopper.supported(q, kv, skv, config) is None
+      step = jax.jit(lambda *a, config=config: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+      texts.append(step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                              jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text())
+    assert "mosaic_gpu" in texts[0] and texts[0] != texts[1]
+
+
 @pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"],
                                  slow=("pingpong", "no_pingpong")))  # prefix_overlap: off in every tuning
 def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
@@ -561,6 +618,9 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
     (dict(prefix_stages=1), "prefix_stages must be >= 2 with pingpong"),
     (dict(prefix_stages=1, pingpong=False, prefix_overlap=True), "prefix_stages must be >= 2 with prefix_overlap"),
     (dict(suffix_stages=0), "suffix_stages must be a positive int"),
+    (dict(prefix_stages=2, prefix_overlap=True, prefix_early_keys=True), "prefix_early_keys and prefix_overlap are "
+     "exclusive"),
+    (dict(prefix_early_keys="true"), r"prefix_early_keys must be true or false; got 'true'"),
 ])
 def test_settings_that_cannot_run_are_refused(fields, message):
   """Registers beyond the pool setmaxnreg can share (2·216 + 80 and 2·224 + 64 hung on the H200), a one-slot

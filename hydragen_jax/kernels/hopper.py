@@ -83,6 +83,11 @@ class HopperConfig(tuning_lib.HopperTuning):
   pipelining, `_flash_overlapped`; needs prefix_stages >= 2: a slot's value tile is released one tile later than
   its key tile, each refilled on its own). Costs registers: the previous tile's probabilities (16 a thread for
   64-key tiles, 32 for 128) are held, and the output accumulator is tied up by its wgmma during the softmax.
+  prefix_early_keys: the pair releases a slot's key tile as soon as both warpgroups' score products have read it,
+  and its value tile after their value products (as JAX's own Mosaic GPU attention kernel does), so the loader
+  copies the next key tile into the slot half a tile earlier than when both are released together after the value
+  products: with 2 stages and the ping-pong, from half a tile's time to a whole one to hide the copy's latency.
+  Exclusive with prefix_overlap (which releases them apart already).
   prefix_fill: with fewer prefix items (KV heads × 128-row blocks) than this many per CTA, the prefix keys are split
   (flash-decoding), the splits doubled until every CTA has an item, while a split keeps at least 2 key tiles: e.g.
   the 7B decode layer split over two GPUs (B = 512, 16 heads) has 64 items for 132 SMs, and 4 splits. Each split is
@@ -233,8 +238,9 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       plgpu.Barrier(num_arrivals=pack, num_barriers=config.suffix_stages),  # suffix value tile copied
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
       plgpu.SMEM((PAIR, ROWS, config.prefix_keys), dtype, **tiled) if interpret else None,  # see _accumulate
-      # prefix_overlap: a slot's value tile read by both warpgroups (the barrier above then counts its key tile)
-      prefix_read() if config.prefix_overlap else None,
+      # prefix_overlap, prefix_early_keys: a slot's value tile read by both warpgroups (the barrier above then counts
+      # its key tile)
+      prefix_read() if config.prefix_overlap or config.prefix_early_keys else None,
   )
 
 
@@ -315,11 +321,13 @@ def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
 
 
 def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
-           keys_major, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
+           keys_major, keys_read=None, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
   """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
 
   Tile j sits in ring slot `slot_of(j)` of k_smem/v_smem `[stages, keys, D]`, its copies arriving on `k_bar(slot)`
-  and `v_bar(slot)`; `after(j, slot)` runs once the tile is no longer read (it refills or releases the slot).
+  and `v_bar(slot)`; `after(j, slot)` runs once the tile is no longer read (it refills or releases the slot); with
+  `keys_read`, `keys_read(j, slot)` runs once its key tile is no longer read (its score product complete), and
+  `after` then stands for the value tile alone.
   `issued()` runs once a tile's score product is issued, `softmax_done()` after its softmax, `before_pv()` before
   its value product (the prefix pair's ping-pong, see `_kernel`).
   Tiles below `num_full` are visible to every query and skip the mask; in the others a key at position < `limit`
@@ -346,6 +354,8 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
     plgpu.barrier_wait(k_bar(slot))
     a, b = (k_smem.at[slot], q_smem.transpose((1, 0))) if keys_major else (q_smem, k_smem.at[slot].transpose((1, 0)))
     s = pl.run_scoped(functools.partial(_product, a, b, issued=issued), plgpu.ACC(tile, jnp.float32))
+    if keys_read is not None:  # reading the scores waited for their wgmma: the key tile is no longer read
+      keys_read(j, slot)
     if masked:
       s = jnp.where(limit(j) if callable(limit) else keys + j * block_k < limit, s, -jnp.inf)
     p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis)
@@ -509,8 +519,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     a ring of `stages` slots: warpgroup 1 loads tile g + stages once both have read tile g (both arrive on
     `consumed`, warpgroup 1 then waits for it; its own arrival matters only in a cluster). In a cluster the CTAs
     run the same stream (items of one KV head) and each tile is multicast to both, so a slot is refilled once all
-    four warpgroups have read it. With prefix_overlap a slot's key and value tiles are released and refilled
-    apart (`consumed` counts the key tile's readers, `consumed_v` the value tile's)."""
+    four warpgroups have read it. With prefix_overlap or prefix_early_keys a slot's key and value tiles are released
+    and refilled apart (`consumed` counts the key tile's readers, `consumed_v` the value tile's)."""
     stages, block_k = pk_smem.shape[:2]
     length = lens_ref[batch]
 
@@ -593,6 +603,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         acc, m, l = _flash_overlapped(*args, functools.partial(release, consumed, ("keys",)),
                                       functools.partial(release, consumed_v, ("values",)), n, visible // block_k,
                                       visible, scale2=scale * _LOG2E, **hooks)
+      elif config.prefix_early_keys:  # the key tile refilled once both score products are done
+        acc, m, l = flash(*args, functools.partial(release, consumed_v, ("values",)), n, visible // block_k, visible,
+                          keys_major=False, keys_read=functools.partial(release, consumed, ("keys",)), **hooks)
       else:
         acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, visible // block_k,
                           visible, keys_major=False, **hooks)

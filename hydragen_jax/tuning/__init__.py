@@ -67,6 +67,7 @@ class HopperTuning:
   prefix_fill: float = 0.0
   suffix_pack: bool = False
   suffix_box: bool = False
+  prefix_early_keys: bool = False
 
   def __post_init__(self):
     check_hopper(self)
@@ -89,7 +90,7 @@ def check_hopper(config) -> None:
   name = type(config).__name__
   _check_fill(config, "prefix_fill")
   for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",
-                "suffix_box"):
+                "suffix_box", "prefix_early_keys"):
     if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
       raise ValueError(f"{name}.{field} must be true or false; got {getattr(config, field)!r}.")
   for field in ("prefix_keys", "suffix_keys"):
@@ -104,6 +105,9 @@ def check_hopper(config) -> None:
   if config.pingpong and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with pingpong (the pair would wait for each other); got "
                      f"{config.prefix_stages}.")
+  if config.prefix_early_keys and config.prefix_overlap:
+    raise ValueError(f"{name}.prefix_early_keys and prefix_overlap are exclusive (prefix_overlap already releases a "
+                     "slot's key tile before its value tile); got both true.")
   if config.prefix_overlap and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with prefix_overlap (a tile's key copy would wait for the "
                      f"release of the previous tile's slot, which waits for that key tile); got "

@@ -5,11 +5,15 @@ For each config, times a whole decode step (chained as in the benchmark) at s = 
 fraction of tok/s and the max error against `auto`; then a few odd shapes (T > 1, D = 64, lengths not a
 multiple of the block) against the reference. Usage: python -m scripts.tuning.probe_hopper [--configs 5,6,7,8]
 [--shapes BxPxOUTxHQxHKV,...] [--variants st2,st3]
+
+A variant is a name of VARIANTS, or `tuned` (the device's tuning for the config's T·g and prefix: what `pallas`
+runs), either followed by `+ek` for the same with `prefix_early_keys` (e.g. `--variants tuned,tuned+ek`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +102,15 @@ VARIANTS = {
 }
 
 
+def resolve(name: str, cfg: tuple[int, ...]) -> hopper.HopperConfig | str:
+  """Variant `name` (module docstring) for config cfg = (B, P, out, Hq, Hkv): "auto", or the HopperConfig it names."""
+  if name.endswith("+ek"):
+    return dataclasses.replace(resolve(name[:-3], cfg), prefix_early_keys=True)
+  if name == "tuned":
+    return hopper.tuned_config(rows=cfg[3] // cfg[4], prefix=cfg[1])
+  return name if name == "auto" else VARIANTS[name]
+
+
 def step(name, merge_kernel: bool = False):
   """A whole step: "auto" (the Triton kernels), else the Hopper kernel with VARIANTS[name] or a HopperConfig; its
   parts merged by `merge_states`, or with merge_kernel by `kernels.merge` (as the API under `merge_max_rows`)."""
@@ -168,10 +181,11 @@ def main():
     want = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]  # tests check auto exactly
     for name in ["auto"] + args.variants.split(","):
       try:
+        config = resolve(name, CONFIGS[i])
         # Timed chained (as the benchmark); the error of one step against `auto`'s.
-        compiled, _ = timing.compile_aot(timing.chain_steps(step(name), STEPS), (q, pk, pv, sk, sv, lengths[0]))
+        compiled, _ = timing.compile_aot(timing.chain_steps(step(config), STEPS), (q, pk, pv, sk, sv, lengths[0]))
         steps, _ = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, want, TIMING, STEPS)
-        single = jax.jit(step(name)).lower(q, pk, pv, sk, sv, lengths[0]).compile()
+        single = jax.jit(step(config)).lower(q, pk, pv, sk, sv, lengths[0]).compile()
         _, err = time_at_lengths(single, (q, pk, pv, sk, sv), lengths, want, dict(warmup=0, repeats=1))
         print_fraction(i, name, floors, steps, err)
       except Exception as e:  # noqa: BLE001

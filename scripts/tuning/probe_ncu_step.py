@@ -7,8 +7,8 @@
 Each length runs 4 calls (so `--launch-skip 2` with `--launch-count 1` profiles the third call of the first
 length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`; the "separate"
 ones launch the kernel once a level, so a call is two launches there. `--hopper NAME` runs the Hopper kernel
-instead (`probe_hopper.VARIANTS[NAME]`, or with `--hopper tuned` the device's tuning for the shape's T·g and prefix;
-`--variant` is then not used): profile it with `--kernel-name
+instead (`probe_hopper.resolve`: a name of its VARIANTS, or `tuned`, the device's tuning for the shape, either with
+`+ek` for prefix_early_keys; `--variant` is then not used): profile it with `--kernel-name
 regex:hydragen_hopper` (its Mosaic GPU kernel is named `hydragen_hopper_mosaic_gpu_kernel`).
 """
 
@@ -19,7 +19,6 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from hydragen_jax.kernels import hopper
 from scripts.tuning import probe_hopper, sweep_kernels
 
 
@@ -28,14 +27,13 @@ def main():
   parser.add_argument("--shape", default="64x4096x128x32x32", help="B x P x OUT x HQ x HKV")
   parser.add_argument("--lengths", default="1,64")
   parser.add_argument("--variant", default="auto")
-  parser.add_argument("--hopper", default="", help="a probe_hopper variant, or `tuned` (the device's tuning for the "
-                      "shape's T·g and prefix): the Hopper kernel's step instead (--variant unused)")
+  parser.add_argument("--hopper", default="", help="a probe_hopper variant (`probe_hopper.resolve`: `tuned` is the "
+                      "device's setting for the shape, `+ek` adds prefix_early_keys): the Hopper kernel's step "
+                      "instead (--variant unused)")
   args = parser.parse_args()
   cfg = sweep_kernels.parse_shape(args.shape)
   if args.hopper:
-    b, p, out, hq, hkv = cfg
-    config = (hopper.tuned_config(rows=hq // hkv, prefix=p) if args.hopper == "tuned"
-              else probe_hopper.VARIANTS[args.hopper])
+    config = probe_hopper.resolve(args.hopper, cfg)
     fn = probe_hopper.step(config)
     print(f"{cfg} Hopper kernel {args.hopper}: {config}", flush=True)
   else:
