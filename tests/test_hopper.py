@@ -525,8 +525,8 @@ def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, l
   partial tile and no key (out 0, lse -inf); 64- and 128-key tiles; a one-slot ring without the ping-pong and rings
   of 2 and 3; 80 query rows a KV head (warpgroup 1's rows real too); 2-CTA clusters multicasting each tile, with key
   splits. 2 CTAs run several items each, so the ring runs on across items. A release that never comes hangs the
-  interpreted kernel; a premature one shows only compiled (the interpreter's copies land when their barrier is
-  waited for), on a Hopper GPU."""
+  interpreted kernel; a premature one shows only compiled, on a Hopper GPU (interpreted, a mutation releasing the key
+  tile before its score product still gave exact output, with the interpreter's race detector on)."""
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=9)
   lengths = jnp.asarray(np.random.default_rng(9).integers(0, s + 1, b), jnp.int32)
