@@ -510,21 +510,22 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
     ((5, 2, 8, 4, 64, 272, 16), 264, dict(prefix_stages=2)),
     ((3, 1, 8, 4, 128, 136, 8), 136, dict(prefix_stages=2, prefix_keys=128, q_registers=True)),
     ((4, 1, 4, 4, 64, 200, 8), 64, dict(prefix_stages=1, pingpong=False)),
-    ((3, 1, 8, 4, 64, 40, 8), 5, dict(prefix_stages=2)),
+    ((3, 1, 8, 4, 64, 40, 8), 5, dict(prefix_stages=2, num_ctas=1)),
     ((3, 1, 8, 4, 64, 40, 8), 0, dict(prefix_stages=2)),
     ((40, 1, 8, 4, 64, 200, 8), 200, dict(prefix_stages=3)),
     ((40, 3, 8, 2, 64, 136, 72), 135, dict(prefix_stages=2, prefix_splits=2, cluster=2, num_ctas=4)),
 ], ["4tiles_and_8keys", "128keys", "one_slot_no_pingpong", "one_partial_tile", "no_key", "both_warpgroups_rows_3stages",
     "2splits_clusters"],
-   # off in every tuning until measured on a GPU: CI runs the first case (several tiles through a 2-slot ring)
-   slow=("128keys", "one_slot_no_pingpong", "one_partial_tile", "no_key", "both_warpgroups_rows_3stages",
-         "2splits_clusters")))
+   # on in the H200's T·g = 4 setting: CI runs several tiles through a 2-slot ring, one partial tile, no key, and
+   # clusters with key splits
+   slow=("128keys", "one_slot_no_pingpong", "both_warpgroups_rows_3stages")))
 def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, length, config):
   """prefix_early_keys: the pair releases a slot's key tile after both score products and its value tile after both
   value products, each refilled on its own. Prefixes of several tiles ending in a partial one, one whole tile, one
   partial tile and no key (out 0, lse -inf); 64- and 128-key tiles; a one-slot ring without the ping-pong and rings
   of 2 and 3; 80 query rows a KV head (warpgroup 1's rows real too); 2-CTA clusters multicasting each tile, with key
-  splits. 2 CTAs run several items each, so the ring runs on across items. A release that never comes hangs the
+  splits. The CTAs (2; 1 for the partial tile, so that its 2-slot ring is refilled across the items) run several
+  items each, so the ring runs on across items; with no key, no tile is loaded or released. A release that never comes hangs the
   interpreted kernel; a premature one shows only compiled, on a Hopper GPU (interpreted, a mutation releasing the key
   tile before its score product still gave exact output, with the interpreter's race detector on)."""
   b, t, _, _, d, p, s = shape
@@ -540,7 +541,6 @@ def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, l
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
-@pytest.mark.slow  # prefix_early_keys: off in every tuning until measured
 def test_prefix_early_keys_lowers_for_cuda():
   """The pair's early key release lowers to Mosaic GPU for CUDA with the H200's settings of T·g = 4 (GQA rows) and
   T·g = 1 (the 7B decode layer), and in 2-CTA clusters (its value tiles' own cluster barrier); its kernel differs

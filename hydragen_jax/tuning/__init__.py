@@ -85,8 +85,8 @@ def check_hopper(config) -> None:
   are out of range or cannot run: prefix and suffix key tiles of 64 or 128, a cluster of 1 or 2 CTAs, ring stages
   >= 1 (>= 2 for the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next
   score product, whose tile the one-slot ring could only load after it, and with prefix_overlap, where it is issued
-  with its own warpgroup's next score product), registers in multiples of 8 that fit the
-  pool."""
+  with its own warpgroup's next score product), prefix_early_keys and prefix_overlap not both (each releases a
+  slot's key tile on its own schedule), registers in multiples of 8 that fit the pool."""
   name = type(config).__name__
   _check_fill(config, "prefix_fill")
   for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",

@@ -7,7 +7,8 @@ multiple of the block) against the reference. Usage: python -m scripts.tuning.pr
 [--shapes BxPxOUTxHQxHKV,...] [--variants st2,st3]
 
 A variant is a name of VARIANTS, or `tuned` (the device's tuning for the config's T·g and prefix: what `pallas`
-runs), either followed by `+ek` for the same with `prefix_early_keys` (e.g. `--variants tuned,tuned+ek`).
+runs), either followed by `+ek` for the same with `prefix_early_keys` or `-ek` without it (e.g. `--variants
+tuned,tuned+ek`).
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ VARIANTS = {
 
 def resolve(name: str, cfg: tuple[int, ...]) -> hopper.HopperConfig | str:
   """Variant `name` (module docstring) for config cfg = (B, P, out, Hq, Hkv): "auto", or the HopperConfig it names."""
-  if name.endswith("+ek"):
-    return dataclasses.replace(resolve(name[:-3], cfg), prefix_early_keys=True)
+  if name.endswith(("+ek", "-ek")):
+    return dataclasses.replace(resolve(name[:-3], cfg), prefix_early_keys=name.endswith("+ek"))
   if name == "tuned":
     return hopper.tuned_config(rows=cfg[3] // cfg[4], prefix=cfg[1])
   return name if name == "auto" else VARIANTS[name]
