@@ -393,6 +393,36 @@ def test_probe_spills_attributes_each_compile_to_its_setting_and_window(capsys):
   assert "not compiled: shared memory" in out  # a 64-row window with 128-key suffix tiles does not fit
 
 
+def test_probe_hopper_variant_names_take_overrides():
+  """`probe_hopper.resolve`: a base (a VARIANTS name, `tuned` of a config or of T·g rows, `auto`), `-ek` to take
+  prefix_early_keys off, then `+ek` / `+FIELD=VALUE` overrides applied in order and checked by HopperConfig; bad
+  names and values are refused with the override named."""
+  import dataclasses  # noqa: PLC0415
+
+  from hydragen_jax.kernels import hopper  # noqa: PLC0415
+  from scripts.tuning import probe_hopper  # noqa: PLC0415
+
+  cfg = (1024, 8192, 512, 32, 8)
+  tuned = hopper.tuned_config(rows=4, prefix=8192)
+  assert probe_hopper.resolve("tuned", cfg) == tuned
+  assert probe_hopper.resolve("tuned+ek", cfg) == dataclasses.replace(tuned, prefix_early_keys=True)
+  assert probe_hopper.resolve("tuned-ek", cfg) == dataclasses.replace(tuned, prefix_early_keys=False)
+  assert probe_hopper.resolve("tuned", rows=4) == hopper.tuned_config(rows=4)
+  both = probe_hopper.resolve("t1+prefix_keys=128+pair_registers=224+suffix_registers=56+prefix_fill=0.5", cfg)
+  assert both == dataclasses.replace(probe_hopper.VARIANTS["t1"], prefix_keys=128, pair_registers=224,
+                                     suffix_registers=56, prefix_fill=0.5)
+  assert probe_hopper.resolve("t1+pingpong=false", cfg).pingpong is False
+  assert probe_hopper.resolve("auto", cfg) == "auto"
+  for name, match in [("t1+stages=2", "FIELD=VALUE"), ("t1+prefix_keys", "FIELD=VALUE"),
+                      ("t1+prefix_keys=x", "an int"), ("auto+ek", "no overrides"),
+                      ("t1+prefix_keys=96", "prefix_keys must be 64 or 128"),
+                      ("t1+ek+prefix_overlap=true", "exclusive")]:
+    with pytest.raises(ValueError, match=match):
+      probe_hopper.resolve(name, cfg)
+  with pytest.raises(KeyError):
+    probe_hopper.resolve("nosuch", cfg)
+
+
 @pytest.mark.parametrize("m,k,n,block_n,stages,ctas", [
     (8, 256, 192, 64, 3, 4),  # K split in 4 (8 units on 4 CTAs: the ring runs across units)
     (3, 128, 128, 64, 2, 2),  # fewer rows than a row tile of x; one K tile a unit

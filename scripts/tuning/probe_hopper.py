@@ -7,8 +7,9 @@ multiple of the block) against the reference. Usage: python -m scripts.tuning.pr
 [--shapes BxPxOUTxHQxHKV,...] [--variants st2,st3]
 
 A variant is a name of VARIANTS, or `tuned` (the device's tuning for the config's T·g and prefix: what `pallas`
-runs), either followed by `+ek` for the same with `prefix_early_keys` or `-ek` without it (e.g. `--variants
-tuned,tuned+ek`).
+runs), either followed by `-ek` for the same without `prefix_early_keys`, then by overrides, each `+ek` (with it)
+or `+FIELD=VALUE` of HopperConfig (e.g. `--variants tuned,tuned+ek,tuned+prefix_keys=128+pair_registers=224+
+suffix_registers=56`).
 """
 
 from __future__ import annotations
@@ -103,13 +104,41 @@ VARIANTS = {
 }
 
 
-def resolve(name: str, cfg: tuple[int, ...]) -> hopper.HopperConfig | str:
-  """Variant `name` (module docstring) for config cfg = (B, P, out, Hq, Hkv): "auto", or the HopperConfig it names."""
-  if name.endswith(("+ek", "-ek")):
-    return dataclasses.replace(resolve(name[:-3], cfg), prefix_early_keys=name.endswith("+ek"))
-  if name == "tuned":
-    return hopper.tuned_config(rows=cfg[3] // cfg[4], prefix=cfg[1])
-  return name if name == "auto" else VARIANTS[name]
+def _override(item: str) -> tuple[str, object]:
+  """One override of a variant's name as (field, value): `ek` (prefix_early_keys on) or FIELD=VALUE (an int, true or
+  false; prefix_fill a float), e.g. `pair_registers=224`."""
+  if item == "ek":
+    return "prefix_early_keys", True
+  field, eq, value = item.partition("=")
+  fields = {f.name for f in dataclasses.fields(hopper.HopperConfig)}
+  if not eq or field not in fields:
+    raise ValueError(f"variant override {item!r}: expected `ek` or FIELD=VALUE with FIELD one of {sorted(fields)}")
+  if value.lower() in ("true", "false"):
+    return field, value.lower() == "true"
+  try:
+    return field, float(value) if field == "prefix_fill" else int(value)
+  except ValueError:
+    raise ValueError(f"variant override {item!r}: expected an int, true or false after '='") from None
+
+
+def resolve(name: str, cfg: tuple[int, ...] | None = None, rows: int | None = None) -> hopper.HopperConfig | str:
+  """Variant `name` (module docstring) for config cfg = (B, P, out, Hq, Hkv), or for T·g `rows` and no prefix where
+  cfg is None: "auto", or the HopperConfig it names."""
+  base, *overrides = name.split("+")
+  if base.endswith("-ek"):  # e.g. tuned-ek: the device's setting without prefix_early_keys
+    base, overrides = base[:-3], ["prefix_early_keys=false", *overrides]
+  if base == "auto":
+    if overrides:
+      raise ValueError(f"variant {name!r}: `auto` (the Triton kernels) takes no overrides")
+    return base
+  if base == "tuned":
+    config = (hopper.tuned_config(rows=cfg[3] // cfg[4], prefix=cfg[1]) if cfg is not None
+              else hopper.tuned_config(rows=rows or 1))
+  else:
+    config = VARIANTS[base]
+  # all at once (a later one of the same field wins): HopperConfig checks the result (`tuning.check_hopper`), not
+  # each step (224 pair registers alone overflow the pool that 224 with 56 for the suffix fits)
+  return dataclasses.replace(config, **dict(_override(item) for item in overrides))
 
 
 def step(name, merge_kernel: bool = False):

@@ -8,7 +8,7 @@ Each length runs 4 calls (so `--launch-skip 2` with `--launch-count 1` profiles 
 length; profile several with a larger count). The variant is one of `sweep_kernels.VARIANTS`; the "separate"
 ones launch the kernel once a level, so a call is two launches there. `--hopper NAME` runs the Hopper kernel
 instead (`probe_hopper.resolve`: a name of its VARIANTS, or `tuned`, the device's tuning for the shape, either with
-`+ek` for prefix_early_keys; `--variant` is then not used): profile it with `--kernel-name
+overrides such as `+ek` or `+pair_registers=224`; `--variant` is then not used): profile it with `--kernel-name
 regex:hydragen_hopper` (its Mosaic GPU kernel is named `hydragen_hopper_mosaic_gpu_kernel`).
 """
 
@@ -28,7 +28,7 @@ def main():
   parser.add_argument("--lengths", default="1,64")
   parser.add_argument("--variant", default="auto")
   parser.add_argument("--hopper", default="", help="a probe_hopper variant (`probe_hopper.resolve`: `tuned` is the "
-                      "device's setting for the shape, `+ek` adds prefix_early_keys): the Hopper kernel's step "
+                      "device's setting for the shape; overrides as `tuned+ek` or `tuned+prefix_keys=128`): the Hopper kernel's step "
                       "instead (--variant unused)")
   args = parser.parse_args()
   cfg = sweep_kernels.parse_shape(args.shape)

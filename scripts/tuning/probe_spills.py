@@ -2,7 +2,7 @@
 
 ptxas reports, for each compiled kernel, the registers a thread uses and the bytes it spills to local memory
 (`MOSAIC_GPU_DUMP_PTXAS=1` makes Mosaic GPU print that report). This compiles the kernel for each setting of
-`--variants` (names of `probe_hopper.VARIANTS`) at each T·g of `--rows` (one sequence's query rows of a KV head: the
+`--variants` (`probe_hopper.resolve`'s names: of its VARIANTS, or `tuned`, with overrides) at each T·g of `--rows` (one sequence's query rows of a KV head: the
 suffix item's window is `hopper._window_rows(T·g)` rows wide) and prints a line `== <variant> rows=<T·g>
 window=<n>` before each compile, so that the report that follows is attributed. The spill lines decide, e.g., up to
 which window 128-key suffix tiles fit the suffix warpgroup's registers.
@@ -52,14 +52,15 @@ def compile_one(config: hopper.HopperConfig, rows: int) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--variants", default="s128q,q64", help="names of probe_hopper.VARIANTS, comma-separated")
+  parser.add_argument("--variants", default="s128q,q64", help="probe_hopper variants, comma-separated (`tuned` "
+                      "at each T·g of --rows; overrides as `tuned+pair_registers=224`)")
   parser.add_argument("--rows", default="4,16,24,32,64", help="T·g values, comma-separated")
   args = parser.parse_args(argv)
   if os.environ.get("MOSAIC_GPU_DUMP_PTXAS") != "1":
     print("note: MOSAIC_GPU_DUMP_PTXAS=1 is not set: ptxas's report will not be printed", flush=True)
   for name in args.variants.split(","):
-    config = probe_hopper.VARIANTS[name]
     for rows in (int(r) for r in args.rows.split(",")):
+      config = probe_hopper.resolve(name, rows=rows)
       print(f"== {name} rows={rows} window={hopper._window_rows(rows)}", flush=True)
       if (problem := compile_one(config, rows)) is not None:
         print(f"   not compiled: {problem}", flush=True)
