@@ -36,7 +36,8 @@
 # give a run restricted by EXTRA, e.g. EXTRA="--set grid.batches=[64]" TAG=b64, a NAME of its own, so that the report
 # takes its rows from it and the others from the part's full run; with the part's own NAME it would replace that run
 # whole), ANCHORS_DIR (default .anchors),
-# HYDRAGEN_JAX_COMMIT (the commit the records name, where this tree's .git is not the code's: the device machine),
+# HYDRAGEN_JAX_COMMIT (the commit the records name, where this tree's .git is not the code's: the device machine;
+# without it the records name .git's HEAD, marked `-dirty` where the tree's tracked files differ from it),
 # ROWS (bench parts: the seed rows to run instead of the part's, e.g. ROWS=4 TAG=row4 bash experiments/gpu_full.sh
 # bench-mha; the report takes each bench row from the newest file that has it).
 #

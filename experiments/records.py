@@ -21,17 +21,26 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def git_commit() -> str | None:
-    """The code's commit: $HYDRAGEN_JAX_COMMIT where set (a copy of the tree whose .git is not the code's, as on the
-    device machine: pass the commit on its command line), else `git rev-parse HEAD`; None without either."""
-    if commit := os.environ.get("HYDRAGEN_JAX_COMMIT", "").strip():
-        return commit
+def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10)
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The code's commit: $HYDRAGEN_JAX_COMMIT where set (a copy of the tree whose .git is not the code's, as on the
+    device machine: pass the commit on its command line), else `git rev-parse HEAD`, with `-dirty` appended where
+    tracked files differ from it (uncommitted edits, or a stale .git beside a newer tree: the commit is then not
+    the code that ran); None without either."""
+    if commit := os.environ.get("HYDRAGEN_JAX_COMMIT", "").strip():
+        return commit
+    head = _git("rev-parse", "HEAD")
+    if head is None or head.returncode != 0 or not head.stdout.strip():
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = status is not None and status.returncode == 0 and status.stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def device_kind() -> str:

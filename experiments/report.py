@@ -142,7 +142,8 @@ def _range(values: list[float], fmt: str, unit: str = "") -> str:
 def _file_line(f: ResultsFile, what: str | None = None) -> str:
     """`what: file.* (date, commit); device rates.` for a list of the files a section comes from."""
     r0 = f.records[0]
-    commit = (r0.get("git_commit") or "unknown")[:7]
+    commit = r0.get("git_commit") or "unknown"
+    commit = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")  # the tree was not the commit
     rates = next((r for r in f.records if r["record"] == "device_rates" and r["status"] == "ok"), None)
     line = (f"{what + ': ' if what else ''}`{f.label}.*` ({r0['date_utc'][:16].replace('T', ' ')} UTC, recorded "
             f"commit `{commit}`")

@@ -894,11 +894,42 @@ def test_records_name_the_commit_given_on_the_command_line(monkeypatch):
     """The device machine's copy of the tree carries a stale .git: HYDRAGEN_JAX_COMMIT names the code that ran."""
     monkeypatch.delenv("HYDRAGEN_JAX_COMMIT", raising=False)
     head = records.git_commit()
-    assert head is None or len(head) == 40
+    assert head is None or len(head.removesuffix("-dirty")) == 40
     monkeypatch.setenv("HYDRAGEN_JAX_COMMIT", " 3b15fcb\n")
     assert records.git_commit() == "3b15fcb"
     monkeypatch.setenv("HYDRAGEN_JAX_COMMIT", "")
     assert records.git_commit() == head
+
+
+def test_records_mark_a_commit_whose_tree_was_edited(monkeypatch, tmp_path):
+    """Without HYDRAGEN_JAX_COMMIT, a tree whose tracked files differ from HEAD (uncommitted edits, or the device
+    machine's stale .git beside a newer tree) is recorded as `<HEAD>-dirty`, and the README's file lines keep the
+    mark; untracked files do not count."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.delenv("HYDRAGEN_JAX_COMMIT", raising=False)
+    monkeypatch.setattr(records, "REPO_ROOT", tmp_path)
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    assert records.git_commit() == head
+    (tmp_path / "new.py").write_text("y = 2\n")  # untracked
+    assert records.git_commit() == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert records.git_commit() == head + "-dirty"
+    record = {"record": "bench", "status": "ok", "date_utc": "2026-12-04T09:00:00+00:00",
+              "git_commit": head + "-dirty"}
+    results = report.ResultsFile(path=tmp_path / "x.jsonl", name="x", stamp=None, kind="bench", device="gpu:X",
+                                 records=(record,))
+    line = report._file_line(results)
+    assert f"recorded commit `{head[:7]}-dirty`" in line
 
 
 @pytest.mark.parametrize("part, tag, extra, name", [
