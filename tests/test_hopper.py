@@ -514,17 +514,28 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
     ((3, 1, 8, 4, 64, 40, 8), 0, dict(prefix_stages=2)),
     ((40, 1, 8, 4, 64, 200, 8), 200, dict(prefix_stages=3)),
     ((40, 3, 8, 2, 64, 136, 72), 135, dict(prefix_stages=2, prefix_splits=2, cluster=2, num_ctas=4)),
+    # prefix_key_stages: a key ring longer than the value ring (key tile g in key slot g mod 3, its value tile in
+    # value slot g mod 2)
+    ((5, 2, 8, 4, 64, 272, 16), 264, dict(prefix_stages=2, prefix_key_stages=3)),
+    ((3, 1, 8, 4, 64, 136, 8), 70, dict(prefix_stages=2, prefix_key_stages=3, num_ctas=1)),
+    ((3, 1, 8, 4, 64, 40, 8), 0, dict(prefix_stages=2, prefix_key_stages=3)),
+    ((4, 1, 4, 4, 64, 200, 8), 200, dict(prefix_stages=1, pingpong=False, prefix_key_stages=4)),
+    ((40, 3, 8, 2, 64, 136, 72), 135, dict(prefix_stages=2, prefix_key_stages=3, prefix_splits=2, cluster=2,
+                                           num_ctas=4)),
 ], ["4tiles_and_8keys", "128keys", "one_slot_no_pingpong", "one_partial_tile", "no_key", "both_warpgroups_rows_3stages",
-    "2splits_clusters"],
+    "2splits_clusters", "3key_slots", "3key_slots_2tiles_refilled", "3key_slots_no_key", "4key_slots_1value_slot",
+    "3key_slots_2splits_clusters"],
    # on in the H200's T·g = 4 setting: CI runs several tiles through a 2-slot ring, one partial tile, no key, and
-   # clusters with key splits
-   slow=("128keys", "one_slot_no_pingpong", "both_warpgroups_rows_3stages")))
+   # clusters with key splits; of the key ring (off in every tuning until measured), several tiles and clusters
+   slow=("128keys", "one_slot_no_pingpong", "both_warpgroups_rows_3stages", "3key_slots_2tiles_refilled",
+         "3key_slots_no_key", "4key_slots_1value_slot")))
 def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, length, config):
   """prefix_early_keys: the pair releases a slot's key tile after both score products and its value tile after both
   value products, each refilled on its own. Prefixes of several tiles ending in a partial one, one whole tile, one
   partial tile and no key (out 0, lse -inf); 64- and 128-key tiles; a one-slot ring without the ping-pong and rings
   of 2 and 3; 80 query rows a KV head (warpgroup 1's rows real too); 2-CTA clusters multicasting each tile, with key
-  splits. The CTAs (2; 1 for the partial tile, so that its 2-slot ring is refilled across the items) run several
+  splits; prefix_key_stages, key rings of 3 and 4 slots beside value rings of 2 and 1 (the slots of one tile then
+  differ, and each ring is refilled at its own distance). The CTAs (2; 1 for the partial tile, so that its 2-slot ring is refilled across the items) run several
   items each, so the ring runs on across items; with no key, no tile is loaded or released. A release that never comes hangs the
   interpreted kernel; a premature one shows only compiled, on a Hopper GPU (interpreted, a mutation releasing the key
   tile before its score product still gave exact output, with the interpreter's race detector on)."""
@@ -560,6 +571,32 @@ def test_prefix_early_keys_lowers_for_cuda():
       texts.append(step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
                               jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text())
     assert "mosaic_gpu" in texts[0] and texts[0] != texts[1]
+
+
+@pytest.mark.parametrize("key_stages,cluster,fits", [(3, 1, True), (3, 2, True), (4, 1, False)],
+                         ids=["3key_slots", "3key_slots_clusters", "4key_slots"])
+def test_prefix_key_ring_fits_beside_the_h200_gqa_setting(key_stages, cluster, fits):
+  """prefix_key_stages with the H200's T·g = 4 setting (64-key prefix tiles in 2 value slots, 128-key suffix tiles
+  in 2, q in registers): a third key slot (16 KB) fits an SM, a fourth does not, by the bytes `_smem_bytes` counts
+  (Mosaic GPU's own count, lowered for CUDA; `supported` refuses the second); the key ring lowers in 2-CTA clusters
+  too (its cluster barrier of 3 slots beside the value tiles' 2)."""
+  q = jax.ShapeDtypeStruct((1024, 1, 32, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((8192, 8, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((1024, 256, 8, 128), jnp.bfloat16)
+  config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
+                               suffix_pack=True, prefix_early_keys=True, prefix_key_stages=key_stages, cluster=cluster)
+  need = hopper._smem_bytes(128, hopper._window_rows(4), config)
+  assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(
+      config, prefix_key_stages=0)) + (key_stages - 2) * ((64 * 128 * 2) + 8 + 8)  # a slot, its two barriers
+  assert (hopper.supported(q, kv, skv, config) is None) == fits
+  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((1024,), jnp.int32))
+  if fits:
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  else:
+    with pytest.raises(ValueError, match=f"smem_bytes={need} "):
+      traced.lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"],
@@ -621,6 +658,12 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
     (dict(prefix_stages=2, prefix_overlap=True, prefix_early_keys=True), "prefix_early_keys and prefix_overlap are "
      "exclusive"),
     (dict(prefix_early_keys="true"), r"prefix_early_keys must be true or false; got 'true'"),
+    (dict(prefix_stages=3, prefix_early_keys=True, prefix_key_stages=2), r"prefix_key_stages must be 0 \(as "
+     r"prefix_stages\) or an int >= prefix_stages \(3\); got 2"),
+    (dict(prefix_stages=2, prefix_key_stages=-1), "prefix_key_stages must be 0"),
+    (dict(prefix_stages=2, prefix_early_keys=True, prefix_key_stages=True), "prefix_key_stages must be 0"),
+    (dict(prefix_stages=2, prefix_key_stages=3), r"prefix_key_stages=3 > prefix_stages=2 needs prefix_early_keys"),
+    (dict(prefix_stages=2, prefix_overlap=True, prefix_key_stages=3), "needs prefix_early_keys"),
 ])
 def test_settings_that_cannot_run_are_refused(fields, message):
   """Registers beyond the pool setmaxnreg can share (2·216 + 80 and 2·224 + 64 hung on the H200), a one-slot

@@ -88,6 +88,10 @@ class HopperConfig(tuning_lib.HopperTuning):
   copies the next key tile into the slot half a tile earlier than when both are released together after the value
   products: with 2 stages and the ping-pong, from half a tile's time to a whole one to hide the copy's latency.
   Exclusive with prefix_overlap (which releases them apart already).
+  prefix_key_stages: with prefix_early_keys, the pair's key tiles in a ring of this many slots, more than the value
+  tiles' prefix_stages (0: as many), so that a key tile is copied further ahead of its score product than its
+  value tile of its value product: at D = 128 a 64-key slot is 16 KB, and the H200's T·g = 4 setting (2 + 2
+  stages, 128-key suffix tiles) has room for one more key slot (`_smem_bytes`).
   prefix_fill: with fewer prefix items (KV heads × 128-row blocks) than this many per CTA, the prefix keys are split
   (flash-decoding), the splits doubled until every CTA has an item, while a split keeps at least 2 key tiles: e.g.
   the 7B decode layer split over two GPUs (B = 512, 16 heads) has 64 items for 132 SMs, and 4 splits. Each split is
@@ -213,15 +217,16 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       lambda stages, keys: plgpu.SMEM((stages, pack, keys // pack, head_dim), dtype,
                                       transforms=(plgpu.TilingTransform((1, 8, 64)), plgpu.SwizzleTransform(128))))
 
-  def prefix_read():  # a barrier a prefix slot: both warpgroups of the pair (in a cluster: of both CTAs) arrive
+  def prefix_read(slots):  # a barrier a prefix slot: both warpgroups of the pair (in a cluster: of both CTAs) arrive
     if config.cluster > 1:
-      return plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=config.prefix_stages)
-    return plgpu.Barrier(num_arrivals=PAIR, num_barriers=config.prefix_stages)
+      return plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=PAIR, num_barriers=slots)
+    return plgpu.Barrier(num_arrivals=PAIR, num_barriers=slots)
+  key_stages = _key_stages(config)
   return (
       # the pair's queries, then their out (q_registers: none; interpreted, the wgmma's A operand, see _accumulate)
       plgpu.SMEM((PAIR, ROWS, head_dim), dtype, **tiled) if interpret or not config.q_registers else None,
       plgpu.SMEM((PAIR, ROWS), jnp.float32),  # their lse
-      ring(config.prefix_stages, config.prefix_keys), ring(config.prefix_stages, config.prefix_keys),  # prefix K, V
+      ring(key_stages, config.prefix_keys), ring(config.prefix_stages, config.prefix_keys),  # prefix K, V
       plgpu.SMEM((2, srows, head_dim) if config.suffix_lookahead else (srows, head_dim), dtype,
                  **tiled),  # a suffix item's queries (suffix_lookahead: and the next item's)
       plgpu.SMEM((srows, head_dim), dtype),  # its out
@@ -230,18 +235,24 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       # suffix K, V
       suffix_ring(config.suffix_stages, config.suffix_keys), suffix_ring(config.suffix_stages, config.suffix_keys),
       plgpu.Barrier(num_barriers=PAIR + 1 + config.suffix_lookahead),  # query copies, one per query buffer
-      plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix key tile copied
+      plgpu.Barrier(num_barriers=key_stages),  # prefix key tile copied
       plgpu.Barrier(num_barriers=config.prefix_stages),  # prefix value tile copied
-      # prefix slot read by both warpgroups (of both CTAs of a cluster: their tiles are multicast)
-      prefix_read(),
+      # prefix slot read by both warpgroups (of both CTAs of a cluster: their tiles are multicast); with
+      # prefix_overlap or prefix_early_keys its key tile (then a key slot)
+      prefix_read(key_stages),
       plgpu.Barrier(num_arrivals=pack, num_barriers=config.suffix_stages),  # suffix key tile copied
       plgpu.Barrier(num_arrivals=pack, num_barriers=config.suffix_stages),  # suffix value tile copied
       plgpu.Barrier(num_arrivals=PAIR),  # the pair's ping-pong
       plgpu.SMEM((PAIR, ROWS, config.prefix_keys), dtype, **tiled) if interpret else None,  # see _accumulate
       # prefix_overlap, prefix_early_keys: a slot's value tile read by both warpgroups (the barrier above then counts
       # its key tile)
-      prefix_read() if config.prefix_overlap or config.prefix_early_keys else None,
+      prefix_read(config.prefix_stages) if config.prefix_overlap or config.prefix_early_keys else None,
   )
+
+
+def _key_stages(config: HopperConfig) -> int:
+  """Slots of the pair's key ring (`prefix_key_stages`, 0: as the value ring's `prefix_stages`)."""
+  return config.prefix_key_stages or config.prefix_stages
 
 
 def _smem_bytes(head_dim: int, srows: int, config: HopperConfig) -> int:
@@ -321,13 +332,15 @@ def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
 
 
 def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
-           keys_major, keys_read=None, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
+           keys_major, keys_read=None, key_slot_of=None, issued=lambda: None, softmax_done=lambda: None,
+           before_pv=lambda: None):
   """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
 
   Tile j sits in ring slot `slot_of(j)` of k_smem/v_smem `[stages, keys, D]`, its copies arriving on `k_bar(slot)`
   and `v_bar(slot)`; `after(j, slot)` runs once the tile is no longer read (it refills or releases the slot); with
   `keys_read`, `keys_read(j, slot)` runs once its key tile is no longer read (its score product complete), and
-  `after` then stands for the value tile alone.
+  `after` then stands for the value tile alone; with `key_slot_of` too, key tile j sits in k_smem's slot
+  `key_slot_of(j)` (a key ring of its own length), which k_bar and keys_read are then given.
   `issued()` runs once a tile's score product is issued, `softmax_done()` after its softmax, `before_pv()` before
   its value product (the prefix pair's ping-pong, see `_kernel`).
   Tiles below `num_full` are visible to every query and skip the mask; in the others a key at position < `limit`
@@ -351,11 +364,13 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   def body(masked, j, carry):
     acc, m, l = carry
     slot = slot_of(j)
-    plgpu.barrier_wait(k_bar(slot))
-    a, b = (k_smem.at[slot], q_smem.transpose((1, 0))) if keys_major else (q_smem, k_smem.at[slot].transpose((1, 0)))
+    kslot = slot if key_slot_of is None else key_slot_of(j)
+    plgpu.barrier_wait(k_bar(kslot))
+    k_tile = k_smem.at[kslot]
+    a, b = (k_tile, q_smem.transpose((1, 0))) if keys_major else (q_smem, k_tile.transpose((1, 0)))
     s = pl.run_scoped(functools.partial(_product, a, b, issued=issued), plgpu.ACC(tile, jnp.float32))
     if keys_read is not None:  # reading the scores waited for their wgmma: the key tile is no longer read
-      keys_read(j, slot)
+      keys_read(j, kslot)
     if masked:
       s = jnp.where(limit(j) if callable(limit) else keys + j * block_k < limit, s, -jnp.inf)
     p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis)
@@ -520,8 +535,12 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     `consumed`, warpgroup 1 then waits for it; its own arrival matters only in a cluster). In a cluster the CTAs
     run the same stream (items of one KV head) and each tile is multicast to both, so a slot is refilled once all
     four warpgroups have read it. With prefix_overlap or prefix_early_keys a slot's key and value tiles are released
-    and refilled apart (`consumed` counts the key tile's readers, `consumed_v` the value tile's)."""
-    stages, block_k = pk_smem.shape[:2]
+    and refilled apart (`consumed` counts the key tile's readers, `consumed_v` the value tile's); with
+    prefix_key_stages the key tiles have a ring of their own length: key tile g sits in key slot g mod key_stages,
+    its value tile in value slot g mod stages."""
+    stages, block_k = pv_smem.shape[:2]
+    key_stages = pk_smem.shape[0]
+    ahead = {"keys": key_stages, "values": stages}  # how far ahead of tile g its part's refill goes
     length = lens_ref[batch]
 
     def load_q(src, dst, bar):  # the pair's queries, into the buffer that also stages their out
@@ -541,20 +560,24 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     loader = wg == 1
     multicast = dict(collective_axes="cluster") if size > 1 else {}
 
-    def load(g, slot, parts=("keys", "values")):
+    def load(g, parts=("keys", "values")):  # stream tile g's parts into their slots
       head, split, _ = prefix_coords(prefix_item(g // n))
       start = (g % n) * block_k
       if splits > 1:
         start = jnp.minimum(split * split_keys + start, last_tile)
       keys = pl.ds(start, block_k)
       if "keys" in parts:
+        slot = lax.rem(g, key_stages)
         plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
       if "values" in parts:
+        slot = lax.rem(g, stages)
         plgpu.copy_gmem_to_smem(pv_ref.at[keys, head], pv_smem.at[slot], pv_bars.at[slot], **multicast)
 
     @pl.when(loader)
     def _():
-      lax.fori_loop(0, jnp.minimum(total, stages), lambda g, _: load(g, g), None)
+      lax.fori_loop(0, jnp.minimum(total, stages), lambda g, _: load(g), None)
+      # a longer key ring: its extra slots' first tiles
+      lax.fori_loop(stages, jnp.minimum(total, key_stages), lambda g, _: load(g, ("keys",)), None)
 
     # Ping-pong on `sched` (two arrivals a phase): warpgroup 1 starts half a turn late; then in every tile each
     # issues its score product and meets the other (rendezvous), and after its softmax arrives but waits for the
@@ -587,7 +610,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       first = i * n
 
       def release(barrier, parts, j, slot):  # tile j's `parts` read by this warpgroup: refill them once both have
-        g = first + j
+        g = first + j  # (parts: the key and value tiles together only where both rings have `stages` slots)
         plgpu.barrier_arrive(barrier.at[slot])
 
         @pl.when(loader)
@@ -595,7 +618,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
           # Every phase, also the last ones (a producer's tail): none is left unobserved, and no arrival from
           # the other CTA of a cluster reaches this one after it has ended.
           plgpu.barrier_wait(barrier.at[slot])
-          pl.when(g + stages < total)(functools.partial(load, g + stages, slot, parts))
+          pl.when(g + ahead[parts[0]] < total)(functools.partial(load, g + ahead[parts[0]], parts))
 
       args = (q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg], lambda slot: pk_bars.at[slot],
               lambda slot: pv_bars.at[slot], lambda j: lax.rem(first + j, stages))
@@ -605,7 +628,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
                                       visible, scale2=scale * _LOG2E, **hooks)
       elif config.prefix_early_keys:  # the key tile refilled once both score products are done
         acc, m, l = flash(*args, functools.partial(release, consumed_v, ("values",)), n, visible // block_k, visible,
-                          keys_major=False, keys_read=functools.partial(release, consumed, ("keys",)), **hooks)
+                          keys_major=False, keys_read=functools.partial(release, consumed, ("keys",)),
+                          key_slot_of=lambda j: lax.rem(first + j, key_stages), **hooks)
       else:
         acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, visible // block_k,
                           visible, keys_major=False, **hooks)

@@ -68,6 +68,7 @@ class HopperTuning:
   suffix_pack: bool = False
   suffix_box: bool = False
   prefix_early_keys: bool = False
+  prefix_key_stages: int = 0
 
   def __post_init__(self):
     check_hopper(self)
@@ -86,7 +87,9 @@ def check_hopper(config) -> None:
   >= 1 (>= 2 for the prefix with the ping-pong, where a tile's value product waits for the other warpgroup's next
   score product, whose tile the one-slot ring could only load after it, and with prefix_overlap, where it is issued
   with its own warpgroup's next score product), prefix_early_keys and prefix_overlap not both (each releases a
-  slot's key tile on its own schedule), registers in multiples of 8 that fit the pool."""
+  slot's key tile on its own schedule), prefix_key_stages 0 or at least prefix_stages (more only with
+  prefix_early_keys, which releases key tiles apart from value tiles), registers in multiples of 8 that fit the
+  pool."""
   name = type(config).__name__
   _check_fill(config, "prefix_fill")
   for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",
@@ -108,6 +111,13 @@ def check_hopper(config) -> None:
   if config.prefix_early_keys and config.prefix_overlap:
     raise ValueError(f"{name}.prefix_early_keys and prefix_overlap are exclusive (prefix_overlap already releases a "
                      "slot's key tile before its value tile); got both true.")
+  key_stages = config.prefix_key_stages
+  if not _is_int(key_stages) or key_stages < 0 or 0 < key_stages < config.prefix_stages:
+    raise ValueError(f"{name}.prefix_key_stages must be 0 (as prefix_stages) or an int >= prefix_stages "
+                     f"({config.prefix_stages}); got {key_stages!r}.")
+  if key_stages > config.prefix_stages and not config.prefix_early_keys:
+    raise ValueError(f"{name}.prefix_key_stages={key_stages} > prefix_stages={config.prefix_stages} needs "
+                     "prefix_early_keys (a key slot is refilled apart from the value slots only there).")
   if config.prefix_overlap and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with prefix_overlap (a tile's key copy would wait for the "
                      f"release of the previous tile's slot, which waits for that key tile); got "

@@ -101,13 +101,17 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
 # layer with 128-key suffix tiles 0.772 of its floor at B = 512, P = 4K against Triton's 0.636, and the T·g = 1
 # setting packed in boxes 0.553 at P = 16K against 0.530 unpacked; the GQA rows 1.005x).
 # `prefix_early_keys`: the pair's key tile released after the score products, its value tile after the value
-# products (session 37; not yet measured): the H200's settings of T·g = 1 and of the GQA rows with it, second and
-# third, so that a budget-limited sweep times them.
+# products (session 37; measured in session 38: the GQA row 1024 / 8K +3-4 %, on in the H200's T·g = 4 setting,
+# 1.4 % slower at T·g = 1): the H200's settings of T·g = 1 and of the GQA rows with it, second and third, so that a
+# budget-limited sweep times them; `prefix_key_stages` = 3 (a third key slot beside two value slots, session 38;
+# not yet measured) with the GQA rows' setting fourth.
 HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True, prefix_early_keys=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True,
+                               prefix_key_stages=3),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, suffix_box=True),
