@@ -573,6 +573,20 @@ def test_prefix_early_keys_lowers_for_cuda():
     assert "mosaic_gpu" in texts[0] and texts[0] != texts[1]
 
 
+def _lowers_as_counted(q, kv, skv, config, need: int, fits: bool) -> None:
+  """The kernel of `config` over these shapes (ShapeDtypeStructs) lowers for CUDA where it fits an SM, and Mosaic
+  GPU refuses it naming `need` (`_smem_bytes`) bytes where it does not; `supported` agrees."""
+  assert (hopper.supported(q, kv, skv, config) is None) == fits
+  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                      jax.ShapeDtypeStruct((q.shape[0],), jnp.int32))
+  if fits:
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  else:
+    with pytest.raises(ValueError, match=f"smem_bytes={need} "):
+      traced.lower(lowering_platforms=("cuda",))
+
+
 @pytest.mark.parametrize("key_stages,cluster,fits", [(3, 1, True), (3, 2, True), (4, 1, False)],
                          ids=["3key_slots", "3key_slots_clusters", "4key_slots"])
 def test_prefix_key_ring_fits_beside_the_h200_gqa_setting(key_stages, cluster, fits):
@@ -588,15 +602,7 @@ def test_prefix_key_ring_fits_beside_the_h200_gqa_setting(key_stages, cluster, f
   need = hopper._smem_bytes(128, hopper._window_rows(4), config)
   assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(
       config, prefix_key_stages=0)) + (key_stages - 2) * ((64 * 128 * 2) + 8 + 8)  # a slot, its two barriers
-  assert (hopper.supported(q, kv, skv, config) is None) == fits
-  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
-  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
-                      jax.ShapeDtypeStruct((1024,), jnp.int32))
-  if fits:
-    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
-  else:
-    with pytest.raises(ValueError, match=f"smem_bytes={need} "):
-      traced.lower(lowering_platforms=("cuda",))
+  _lowers_as_counted(q, kv, skv, config, need, fits)
 
 
 @pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"],
@@ -690,15 +696,7 @@ def test_queries_in_registers_free_their_shared_buffer(tiles, suffix_stages, fit
   need = hopper._smem_bytes(128, hopper._window_rows(4), config)
   assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(config, q_registers=False)) - (
       32 << 10)
-  assert (hopper.supported(q, kv, skv, config) is None) == fits
-  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
-  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
-                      jax.ShapeDtypeStruct((256,), jnp.int32))
-  if fits:
-    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
-  else:
-    with pytest.raises(ValueError, match=f"smem_bytes={need} "):
-      traced.lower(lowering_platforms=("cuda",))
+  _lowers_as_counted(q, kv, skv, config, need, fits)
 
 
 @pytest.mark.parametrize("rows,fits", [(48, True), (52, False)])
