@@ -609,8 +609,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         load_q(qt_ref.at[h, rows], q, q_bars.at[wg])
       first = i * n
 
-      def release(barrier, parts, j, slot):  # tile j's `parts` read by this warpgroup: refill them once both have
+      def release(barrier, parts, j, _):  # tile j's `parts` read by this warpgroup: refill them once both have
         g = first + j  # (parts: the key and value tiles together only where both rings have `stages` slots)
+        slot = lax.rem(g, ahead[parts[0]])  # its ring's slot, from the stream index (as `load` puts it there)
         plgpu.barrier_arrive(barrier.at[slot])
 
         @pl.when(loader)
