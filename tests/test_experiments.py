@@ -906,14 +906,16 @@ def test_records_mark_a_commit_whose_tree_was_edited(monkeypatch, tmp_path):
     machine's stale .git beside a newer tree) is recorded as `<HEAD>-dirty`, and the README's file lines keep the
     mark; untracked files do not count."""
     import shutil  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     monkeypatch.delenv("HYDRAGEN_JAX_COMMIT", raising=False)
     monkeypatch.setattr(records, "REPO_ROOT", tmp_path)
-    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
-                                    check=True, capture_output=True, text=True).stdout.strip()
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
     git("init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", "code.py")

@@ -540,7 +540,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     its value tile in value slot g mod stages."""
     stages, block_k = pv_smem.shape[:2]
     key_stages = pk_smem.shape[0]
-    ahead = {"keys": key_stages, "values": stages}  # how far ahead of tile g its part's refill goes
+    ring = {"keys": key_stages, "values": stages}  # each part's slots: tile g's part sits in slot g mod that, and
+    slot_in = lambda part, g: lax.rem(g, ring[part])  # once read, the slot takes the part of tile g + that
     length = lens_ref[batch]
 
     def load_q(src, dst, bar):  # the pair's queries, into the buffer that also stages their out
@@ -567,10 +568,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         start = jnp.minimum(split * split_keys + start, last_tile)
       keys = pl.ds(start, block_k)
       if "keys" in parts:
-        slot = lax.rem(g, key_stages)
+        slot = slot_in("keys", g)
         plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
       if "values" in parts:
-        slot = lax.rem(g, stages)
+        slot = slot_in("values", g)
         plgpu.copy_gmem_to_smem(pv_ref.at[keys, head], pv_smem.at[slot], pv_bars.at[slot], **multicast)
 
     @pl.when(loader)
@@ -611,7 +612,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       def release(barrier, parts, j, _):  # tile j's `parts` read by this warpgroup: refill them once both have
         g = first + j  # (parts: the key and value tiles together only where both rings have `stages` slots)
-        slot = lax.rem(g, ahead[parts[0]])  # its ring's slot, from the stream index (as `load` puts it there)
+        slot = slot_in(parts[0], g)  # from the stream index, as `load` puts it there
         plgpu.barrier_arrive(barrier.at[slot])
 
         @pl.when(loader)
@@ -619,10 +620,11 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
           # Every phase, also the last ones (a producer's tail): none is left unobserved, and no arrival from
           # the other CTA of a cluster reaches this one after it has ended.
           plgpu.barrier_wait(barrier.at[slot])
-          pl.when(g + ahead[parts[0]] < total)(functools.partial(load, g + ahead[parts[0]], parts))
+          refill = g + ring[parts[0]]
+          pl.when(refill < total)(functools.partial(load, refill, parts))
 
       args = (q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg], lambda slot: pk_bars.at[slot],
-              lambda slot: pv_bars.at[slot], lambda j: lax.rem(first + j, stages))
+              lambda slot: pv_bars.at[slot], lambda j: slot_in("values", first + j))
       if config.prefix_overlap:  # a slot's key tile is refilled once its scores are done, its value tile later
         acc, m, l = _flash_overlapped(*args, functools.partial(release, consumed, ("keys",)),
                                       functools.partial(release, consumed_v, ("values",)), n, visible // block_k,
@@ -630,7 +632,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       elif config.prefix_early_keys:  # the key tile refilled once both score products are done
         acc, m, l = flash(*args, functools.partial(release, consumed_v, ("values",)), n, visible // block_k, visible,
                           keys_major=False, keys_read=functools.partial(release, consumed, ("keys",)),
-                          key_slot_of=lambda j: lax.rem(first + j, key_stages), **hooks)
+                          key_slot_of=lambda j: slot_in("keys", first + j), **hooks)
       else:
         acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, visible // block_k,
                           visible, keys_major=False, **hooks)

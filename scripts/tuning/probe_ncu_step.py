@@ -28,8 +28,8 @@ def main():
   parser.add_argument("--lengths", default="1,64")
   parser.add_argument("--variant", default="auto")
   parser.add_argument("--hopper", default="", help="a probe_hopper variant (`probe_hopper.resolve`: `tuned` is the "
-                      "device's setting for the shape; overrides as `tuned+ek` or `tuned+prefix_keys=128`): the Hopper kernel's step "
-                      "instead (--variant unused)")
+                      "device's setting for the shape; overrides as `tuned+ek` or `tuned+prefix_keys=128`): the "
+                      "Hopper kernel's step instead (--variant unused)")
   args = parser.parse_args()
   cfg = sweep_kernels.parse_shape(args.shape)
   if args.hopper:

@@ -2,9 +2,10 @@
 
 ptxas reports, for each compiled kernel, the registers a thread uses and the bytes it spills to local memory
 (`MOSAIC_GPU_DUMP_PTXAS=1` makes Mosaic GPU print that report). This compiles the kernel for each setting of
-`--variants` (`probe_hopper.resolve`'s names: of its VARIANTS, or `tuned`, with overrides) at each T·g of `--rows` (one sequence's query rows of a KV head: the
-suffix item's window is `hopper._window_rows(T·g)` rows wide) and prints a line `== <variant> rows=<T·g>
-window=<n>` before each compile, so that the report that follows is attributed. The spill lines decide, e.g., up to
+`--variants` (`probe_hopper.resolve`'s names: of its VARIANTS, or `tuned`, with overrides) at each T·g of
+`--rows` (one sequence's query rows of a KV head: the suffix item's window is `hopper._window_rows(T·g)` rows
+wide) and prints a line `== <variant> rows=<T·g> window=<n>` before each compile, so that the report that follows is
+attributed. The spill lines decide, e.g., up to
 which window 128-key suffix tiles fit the suffix warpgroup's registers.
 
   MOSAIC_GPU_DUMP_PTXAS=1 python -m scripts.tuning.probe_spills --variants s128q,q64 --rows 4,16,24,32,64 2>&1 \
