@@ -10,6 +10,8 @@ arithmetic (no read outside the arrays, no extra work). With `checked=True` the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,14 +67,21 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   (measured per device: `hydragen_jax/tuning`; the work threshold was measured on GQA rows, T·g = 4). Any T·g: MHA
   decode (T·g = 1) too, measured faster than Triton in the 7B model on the H200 at B = 512, P = 16K (128 items on
   132 SMs), and slower with the same layer's heads split over two GPUs (64 items: PERF_NOTES.md) until the kernel
-  split its prefix keys (the tuning's Hopper `prefix_fill`: the items counted here are before any split; the
-  threshold was measured without splits and is not re-swept yet)."""
+  split its prefix keys (the tuning's Hopper `prefix_fill`). The items counted are those before any split, except
+  from `tuning.hopper_split_min_rows` T·g rows on, where a product that reaches `hopper_min_work` counts the items
+  after the key splits of the setting the kernel would run (measured faster than Triton there: GQA, T·g = 4, long
+  prefixes at B = 32-128)."""
   tuning = tuning_lib.resolve(tuning)
   cores = ops.num_cores(tuning) if num_cores is None else num_cores
-  seq_work = prefix_work((1, *q_shape[1:]), num_kv_heads, prefix_capacity)  # one sequence's T·g rows × P
-  enough = prefix_work(q_shape, num_kv_heads, prefix_capacity) >= tuning.hopper_min_work or (
-      0 < tuning.hopper_min_seq_work <= seq_work)
-  return enough and prefix_fill(q_shape, num_kv_heads, cores) >= tuning.hopper_min_fill
+  work = prefix_work(q_shape, num_kv_heads, prefix_capacity)
+  rows = prefix_work((1, *q_shape[1:]), num_kv_heads, 1)  # T·g: one sequence's query rows a KV head
+  enough = work >= tuning.hopper_min_work or 0 < tuning.hopper_min_seq_work <= rows * prefix_capacity
+  fill = prefix_fill(q_shape, num_kv_heads, cores)
+  if 0 < tuning.hopper_split_min_rows <= rows and work >= tuning.hopper_min_work:
+    setting = hopper.tuned_config(tuning, rows=rows, prefix=prefix_capacity)
+    setting = dataclasses.replace(setting, num_ctas=cores // setting.cluster * setting.cluster)
+    fill *= hopper.prefix_splits_for(q_shape, num_kv_heads, prefix_capacity, setting)
+  return enough and fill >= tuning.hopper_min_fill
 
 
 def batching_pays(batch: int, num_nodes: int, node_bytes: int, tuning: tuning_lib.Tuning | None = None) -> bool:

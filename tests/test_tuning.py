@@ -420,6 +420,29 @@ def test_sweep_sets_the_mha_settings_by_prefix_length():
   assert 4096 in seq.candidates and seq.read(seq.apply(base, 4096)) == 4096
 
 
+def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
+  """GQA's long-prefix settings (`hopper_long` rows 4-8) are timed on T·g = 4 configs of at least LONG_PREFIX keys,
+  leaving the short settings and T·g = 1's long ones as they are; `hopper_split_min_rows` (0: off first) on the
+  API's choice of kernel, over a GQA and an MHA config whose items fill the SMs only with their keys split."""
+  configs, groups = sweep_device.CONFIGS, sweep_device.GROUPS
+  picks = {c.field: c for c in sweep_device.choices(configs, groups)}
+  long = picks["hopper_long[4-8]"]
+  assert long.kernel == "hopper" and groups[long.group]
+  assert all(configs[i][3] // configs[i][4] == 4 and configs[i][1] >= sweep_device.LONG_PREFIX
+             for i in groups[long.group])
+  base = tuning.load(tuning.data_file("NVIDIA H200")).tuning
+  pick = sweep_device.HOPPER_CONFIGS[-1]
+  t = long.apply(base, pick)
+  assert long.read(t) == pick and t.hopper_for(8, 1 << 20) == pick and t.hopper_for(2, 1 << 20) != pick
+  assert t.hopper_for(4, 8192) == base.hopper_for(4, 8192) and t.hopper_for(1, 1 << 20) == base.hopper_for(1, 1 << 20)
+  split = picks["hopper_split_min_rows"]
+  assert split.kernel == "pallas" and split.candidates[0] == 0 and 4 in split.candidates
+  fills = {configs[i][3] // configs[i][4]: validation.prefix_fill((configs[i][0], 1, configs[i][3]), configs[i][4],
+                                                                  132) for i in groups[split.group]}
+  assert set(fills) == {1, 4} and max(fills.values()) < base.hopper_min_fill
+  assert split.read(split.apply(base, 2)) == 2
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--dry-run"], r"--out FILE is needed with --dry-run"),
     pytest.param(["--budget-s", "10"], r"--out FILE is needed with off a GPU",

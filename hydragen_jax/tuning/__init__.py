@@ -216,6 +216,10 @@ class Tuning:
       query rows × the prefix capacity) is at least this (0: off): long prefixes with few rows a sequence (MHA
       decode) keep the kernel's pair busy per item even at moderate B, where the same total work spread over more,
       shorter rows does not pay (the H200, B = 256 MHA: P = 8K 1.13× Triton, 4K 0.88×; B = 512, P = 4K 0.83×).
+    hopper_split_min_rows: ... and from this many T·g rows (0: never), where the prefix product reaches
+      `hopper_min_work`, the items that `hopper_min_fill` counts are those after the setting's key splits
+      (`HopperTuning.prefix_fill`): on the H200 such split items beat Triton at T·g = 4, B = 32-128 and P = 16K-32K
+      (1.04-1.56x), but not at T·g = 1 or 2 (0.63-0.99x), nor below `hopper_min_work` (B = 8-16: 0.68-0.85x).
     max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
     balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
       programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).
@@ -282,12 +286,13 @@ class Tuning:
   write_max_rows: int = 0
   split_min_fill: float = 1.0
   split_fill_max_keys: int = 2048
+  hopper_split_min_rows: int = 0
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
-    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows"),
-                least=0)
+    _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
+                       "hopper_split_min_rows"), least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")

@@ -59,7 +59,11 @@ MHA_LAYER, MHA_LAYER_TP2 = (512, 16384, 128, 32, 32), (512, 16384, 128, 16, 16)
 # items, fill 0.24): the threshold choice times them on both kernels, so whether the Hopper kernel pays there is
 # measured, not extrapolated from the seed rows (whose long suffixes favour Triton).
 E2E_LAYERS = ((512, 4096, 128, 32, 32), (64, 16384, 128, 32, 32))
-CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS
+# GQA (T·g = 4) with a long prefix: its product decides at every suffix length (`hopper_long`'s rows 4-8), at
+# B = 512 (64 prefix items) and at B = 128 (16 items: the kernel pays only with its keys split,
+# `hopper_split_min_rows`).
+GQA_LONG = ((512, 16384, 256, 32, 8), (128, 16384, 256, 32, 8))
+CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
@@ -73,7 +77,8 @@ _MHA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(CONFIGS) if hq == hkv)  # 
 LONG_PREFIX = MHA_LAYER[1]
 GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), mha_short=(_AT[E2E_LAYERS[0]],),
-              prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8))
+              prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8), gqa_long=tuple(_AT[c] for c in GQA_LONG),
+              split=(_AT[GQA_LONG[1]], _AT[E2E_LAYERS[1]]))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
@@ -104,7 +109,8 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
 # products (session 37; measured in session 38: the GQA row 1024 / 8K +3-4 %, on in the H200's T·g = 4 setting,
 # 1.4 % slower at T·g = 1): the H200's settings of T·g = 1 and of the GQA rows with it, second and third, so that a
 # budget-limited sweep times them; `prefix_key_stages` = 3 (a third key slot beside two value slots, session 38;
-# not yet measured) with the GQA rows' setting fourth.
+# not yet measured) with the GQA rows' setting fourth. Fifth, the H200's setting of long prefixes at T·g = 2-8
+# (session 39: 128-key prefix tiles, 64-key suffix tiles, key splits; at P = 16K-32K 1.14-2.2x the 64-key tiles).
 HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
@@ -112,6 +118,7 @@ HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, pre
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True,
                                prefix_key_stages=3),
+                  HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, True, 64, True, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, suffix_box=True),
@@ -219,12 +226,17 @@ def choices(configs, groups) -> list[Choice]:
       hopper_choice(1, 1, "mha_short", HOPPER_CONFIGS),
       # (0, the MHA configs' prefixes, and 8192, between the 4K and 16K layers)
       long_prefix_choice("mha", [0] + sorted({configs[i][1] for i in groups["mha"]} | {8192})),
+      # GQA's long prefixes (from the MHA layers' 16K: `hopper_long_prefix` is one for all rows)
+      hopper_choice(4, 8, "gqa_long", HOPPER_CONFIGS, long_from=LONG_PREFIX),
       # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
       fields_choice(THRESHOLDS, "pallas", "all", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
       # a prefix product below hopper_min_work still takes the kernel where one sequence's share (T·g rows × prefix
       # keys) reaches this (and the items fill hopper_min_fill): 0 (off) or the configs' own shares
       field_choice("hopper_min_seq_work", "pallas", "all", [0] + seq_works),
+      # from how many T·g rows the fill counts the setting's key splits (0: never): a GQA and an MHA shape of few
+      # items
+      field_choice("hopper_split_min_rows", "pallas", "split", (0, 1, 2, 4, 8)),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
