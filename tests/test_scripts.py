@@ -615,3 +615,18 @@ def test_sweep_kernels_variants_make_valid_tiles(device):
             for p in (4096, 16384)}
   assert splits == {"auto_fill100": 8, "auto_fill96k4": 4}, (device, splits)
   assert both == {4096: (4, 1), 16384: (8, 2)}, (device, both)
+
+
+def test_probe_switch_takes_the_prefix_bound_setting_below_the_ratio(monkeypatch):
+  """`probe_switch.switched`: setting b where the suffixes' bytes at the bandwidth take less than `ratio` times the
+  prefix product's FLOPs at the matmul rate, setting a elsewhere, chosen at run time from the traced lengths."""
+  from scripts.tuning import probe_switch  # noqa: PLC0415
+
+  monkeypatch.setattr(probe_switch, "step", lambda name: lambda q, *rest: jnp.full_like(q, name))
+  cfg = (4, 1024, 64, 8, 2)  # B, P, out, Hq, Hkv: the prefix 4·B·Hq·P·D FLOPs, a suffix key Hkv·D·4 bytes
+  rates = dict(matmul_flops_per_s=1e12, bandwidth_bytes_per_s=1e12)
+  fn = jax.jit(probe_switch.switched(cfg, 1.0, 2.0, ratio=1.0, rates=rates))
+  q, kv = jnp.zeros((4, 1, 8, 128)), jnp.zeros((1,))
+  # equal times where the lengths sum to 4·B·Hq·P / (Hkv·4) = 16384 keys (D cancels): 4096 a sequence
+  assert float(fn(q, kv, kv, kv, kv, jnp.full((4,), 4095, jnp.int32))[0, 0, 0, 0]) == 2.0
+  assert float(fn(q, kv, kv, kv, kv, jnp.full((4,), 4096, jnp.int32))[0, 0, 0, 0]) == 1.0
