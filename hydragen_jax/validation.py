@@ -10,8 +10,6 @@ arithmetic (no read outside the arrays, no extra work). With `checked=True` the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,9 +76,9 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   enough = work >= tuning.hopper_min_work or 0 < tuning.hopper_min_seq_work <= rows * prefix_capacity
   fill = prefix_fill(q_shape, num_kv_heads, cores)
   if 0 < tuning.hopper_split_min_rows <= rows and work >= tuning.hopper_min_work:
-    setting = hopper.tuned_config(tuning, rows=rows, prefix=prefix_capacity)
-    setting = dataclasses.replace(setting, num_ctas=cores // setting.cluster * setting.cluster)
-    fill *= hopper.prefix_splits_for(q_shape, num_kv_heads, prefix_capacity, setting)
+    setting = hopper.with_grid(q_shape, num_kv_heads, prefix_capacity,
+                               hopper.tuned_config(tuning, rows=rows, prefix=prefix_capacity), cores)
+    fill *= setting.prefix_splits
   return enough and fill >= tuning.hopper_min_fill
 
 

@@ -831,25 +831,39 @@ def test_pallas_takes_the_hopper_kernel_for_a_long_prefix_per_sequence():
 
 def test_pallas_counts_the_key_splits_in_the_fill_from_hopper_split_min_rows():
   """hopper_split_min_rows: from that many T·g rows, a product that reaches hopper_min_work counts its prefix items
-  after the key splits of the setting the kernel would run (its `prefix_fill`), so a GQA batch of few items takes
-  the kernel with its keys split; fewer rows (MHA, T·g = 2), a product below hopper_min_work (it passed on
-  hopper_min_seq_work), or a setting that does not split keep counting the items as they are. The shapes are those
-  measured on the H200 (the tuning file's note)."""
+  after the key splits of the setting the kernel would run (its `prefix_fill`, bounded by the SMs and by the
+  prefix capacity: `hopper.with_grid`), so a GQA batch of few items takes the kernel with its keys split; fewer rows
+  (MHA, T·g = 2), a product below hopper_min_work (it passed on hopper_min_seq_work), or a setting that does not
+  split keep counting the items as they are. The GQA shapes are those measured on the H200 (the tuning file's
+  note)."""
   long = tuning.HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True)
   short = tuning.HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True)
   t = dataclasses.replace(tuning.current(), hopper_min_work=4194304, hopper_min_fill=0.4, hopper_min_seq_work=4096,
                           hopper=((1, short),), hopper_long=((1, long),), hopper_long_prefix=16384,
                           hopper_split_min_rows=4)
   pays = lambda b, p, hq, hkv, tun=t: validation.pays_on_hopper((b, 1, hq, 128), hkv, p, tun, num_cores=132)  # noqa: E731
+  splits = lambda b, p, hq, hkv: hopper.with_grid((b, 1, hq, 128), hkv, p, hopper.HopperConfig(  # noqa: E731
+      **dataclasses.asdict(long)), 132).prefix_splits
   assert hopper.prefix_items((128, 1, 32, 128), 8) == 32  # fill 0.24: below 0.4 before the splits
-  assert pays(128, 16384, 32, 8) and pays(64, 16384, 32, 8) and pays(32, 32768, 32, 8)  # 4 / 8 / 16 splits
+  assert (splits(128, 16384, 32, 8), splits(64, 16384, 32, 8), splits(32, 32768, 32, 8)) == (8, 16, 32)
+  assert pays(128, 16384, 32, 8) and pays(64, 16384, 32, 8) and pays(32, 32768, 32, 8)
   assert not pays(32, 16384, 32, 8)  # 2M < hopper_min_work (passed on hopper_min_seq_work): items as they are
   assert not pays(8, 16384, 32, 8) and not pays(16, 32768, 32, 8)
-  assert not pays(64, 16384, 32, 32) and not pays(128, 16384, 16, 8)  # T·g = 1, 2: below hopper_split_min_rows
+  assert validation.prefix_work((128, 1, 32), 32, 32768) == validation.prefix_work((128, 1, 16), 8, 16384) == 2 ** 22
+  assert not pays(128, 32768, 32, 32) and not pays(128, 16384, 16, 8)  # T·g = 1, 2: below hopper_split_min_rows
   assert pays(128, 16384, 16, 8, dataclasses.replace(t, hopper_split_min_rows=2))
+  assert pays(128, 32768, 32, 32, dataclasses.replace(t, hopper_split_min_rows=1))
   assert not pays(128, 16384, 32, 8, dataclasses.replace(t, hopper_split_min_rows=0))  # 0: off
   assert not pays(128, 16383, 32, 8)  # below hopper_long_prefix: `short` does not split its keys
   assert pays(512, 16384, 32, 8) and pays(512, 8192, 32, 8)  # 64 items fill 0.48 with or without splits
+  # the SMs bound the splits: doubled until the items reach the SMs, 16 items × 16 splits (1.94 a CTA), not more
+  assert not pays(64, 16384, 32, 8, dataclasses.replace(t, hopper_min_fill=2.0))
+  # the capacity bounds them: a split keeps at least 2 tiles of 128 keys, so 4096 keys split 16 ways at most (8 items
+  # × 16: 0.97 a CTA, not 1.94); a product of 2^19 (a lowered hopper_min_work), the long setting from 4096 keys
+  low = dataclasses.replace(t, hopper_min_work=2 ** 19, hopper_long_prefix=4096)
+  assert splits(32, 4096, 32, 8) == 16
+  assert pays(32, 4096, 32, 8, dataclasses.replace(low, hopper_min_fill=0.9))
+  assert not pays(32, 4096, 32, 8, dataclasses.replace(low, hopper_min_fill=1.0))
   with pytest.raises(ValueError, match="hopper_split_min_rows must be an int >= 0; got -1"):
     dataclasses.replace(t, hopper_split_min_rows=-1)
 

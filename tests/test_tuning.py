@@ -422,8 +422,9 @@ def test_sweep_sets_the_mha_settings_by_prefix_length():
 
 def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   """GQA's long-prefix settings (`hopper_long` rows 4-8) are timed on T·g = 4 configs of at least LONG_PREFIX keys,
-  leaving the short settings and T·g = 1's long ones as they are; `hopper_split_min_rows` (0: off first) on the
-  API's choice of kernel, over a GQA and an MHA config whose items fill the SMs only with their keys split."""
+  leaving the short settings, T·g = 1's long ones and the other rows as they are; `hopper_split_min_rows` (0: off
+  first) on the API's choice of kernel, over configs of T·g 4, 2 and 1 that reach `hopper_min_work` with items that
+  fill the SMs only with their keys split, so that each candidate moves a different set of them."""
   configs, groups = sweep_device.CONFIGS, sweep_device.GROUPS
   picks = {c.field: c for c in sweep_device.choices(configs, groups)}
   long = picks["hopper_long[4-8]"]
@@ -431,15 +432,21 @@ def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   assert all(configs[i][3] // configs[i][4] == 4 and configs[i][1] >= sweep_device.LONG_PREFIX
              for i in groups[long.group])
   base = tuning.load(tuning.data_file("NVIDIA H200")).tuning
-  pick = sweep_device.HOPPER_CONFIGS[-1]
+  pick = sweep_device.HOPPER_CONFIGS[0]
   t = long.apply(base, pick)
-  assert long.read(t) == pick and t.hopper_for(8, 1 << 20) == pick and t.hopper_for(2, 1 << 20) != pick
-  assert t.hopper_for(4, 8192) == base.hopper_for(4, 8192) and t.hopper_for(1, 1 << 20) == base.hopper_for(1, 1 << 20)
+  assert long.read(t) == pick and t.hopper_for(8, 1 << 20) == pick
+  for rows in (1, 2, 3, 9, 16):  # the other rows, and every row of short prefixes, keep theirs
+    assert t.hopper_for(rows, 1 << 20) == base.hopper_for(rows, 1 << 20)
+  assert all(t.hopper_for(rows, 8192) == base.hopper_for(rows, 8192) for rows in (1, 2, 4, 8, 9))
   split = picks["hopper_split_min_rows"]
   assert split.kernel == "pallas" and split.candidates[0] == 0 and 4 in split.candidates
-  fills = {configs[i][3] // configs[i][4]: validation.prefix_fill((configs[i][0], 1, configs[i][3]), configs[i][4],
-                                                                  132) for i in groups[split.group]}
-  assert set(fills) == {1, 4} and max(fills.values()) < base.hopper_min_fill
+  few = [configs[i] for i in groups[split.group]]
+  assert sorted(hq // hkv for _, _, _, hq, hkv in few) == [1, 2, 4]
+  assert all(validation.prefix_work((b, 1, hq), hkv, p) >= base.hopper_min_work and
+             validation.prefix_fill((b, 1, hq), hkv, 132) < base.hopper_min_fill for b, p, _, hq, hkv in few)
+  takes = lambda v: [validation.pays_on_hopper((b, 1, hq, 128), hkv, p, split.apply(base, v), num_cores=132)  # noqa: E731
+                     for b, p, _, hq, hkv in few]
+  assert len({tuple(takes(v)) for v in split.candidates}) == 4  # 0 (or 8), 4, 2, 1: each moves another config
   assert split.read(split.apply(base, 2)) == 2
 
 

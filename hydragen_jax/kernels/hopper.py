@@ -194,6 +194,19 @@ def prefix_splits_for(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capaci
   return splits
 
 
+def with_grid(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int, config: HopperConfig,
+              num_cores: int) -> HopperConfig:
+  """`config` with what it leaves open filled for queries `[B, T, Hq, D]`: `num_ctas`, one CTA per SM of a device
+  of `num_cores` SMs in whole clusters, and `prefix_splits` (`prefix_splits_for`). What the kernel launches (before
+  capping the CTAs at the items), and what `validation.pays_on_hopper` counts."""
+  if config.num_ctas is None:
+    config = dataclasses.replace(config, num_ctas=num_cores // config.cluster * config.cluster)
+  if config.prefix_splits is None:
+    config = dataclasses.replace(config, prefix_splits=prefix_splits_for(q_shape, num_kv_heads, prefix_capacity,
+                                                                         config))
+  return config
+
+
 def _busy_ctas(q_shape: tuple[int, ...], num_kv_heads: int, config: HopperConfig) -> int:
   """CTAs that get an item (prefix: KV head × key split × 128-row block, the blocks padded to whole clusters;
   suffix: sequence or packed window × KV head) when there are at least as many CTAs, in whole clusters."""
@@ -873,11 +886,7 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
   """
   if config is None:
     config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1]), prefix=prefix_k.shape[0])
-  if config.num_ctas is None:  # one CTA per SM, in whole clusters
-    config = dataclasses.replace(config, num_ctas=ops.num_cores() // config.cluster * config.cluster)
-  if config.prefix_splits is None:
-    config = dataclasses.replace(config, prefix_splits=prefix_splits_for(q.shape, prefix_k.shape[1],
-                                                                         prefix_k.shape[0], config))
+  config = with_grid(q.shape, prefix_k.shape[1], prefix_k.shape[0], config, ops.num_cores())
   if config.num_ctas % config.cluster:
     raise ValueError(f"HopperConfig.num_ctas={config.num_ctas} is not a multiple of its cluster={config.cluster}.")
   # No more CTAs than the work has items: item i of each kind runs on CTA i either way (the round-robin's first

@@ -219,8 +219,9 @@ class Tuning:
     hopper_split_min_rows: ... and from this many T·g rows (0: never), where the prefix product reaches
       `hopper_min_work`, the items that `hopper_min_fill` counts are those after the setting's key splits
       (`HopperTuning.prefix_fill`): on the H200 such split items beat Triton at T·g = 4, B = 32-128 and P = 16K-32K
-      (1.04-1.56x), but not at T·g = 1 or 2 (0.62-0.99x), nor below `hopper_min_work` (B = 8-16: 0.68-0.85x; at
-      B = 32, P = 16K 1.05x, left to Triton by the rule).
+      (1.04-1.56x); below `hopper_min_work` they do not (B = 8-16: 0.68-0.85x; B = 32, P = 16K 1.05x, left to
+      Triton by the rule), nor did the MHA and T·g = 2 shapes of few items timed (0.62-0.99x, all below
+      `hopper_min_work`); T·g 1-3 above it are not measured, so 4 leaves them as they were.
     max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
     balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
       programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).

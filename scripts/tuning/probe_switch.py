@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,7 +26,7 @@ from scripts.tuning.sweep_kernels import CONFIGS, floor_s, inputs
 
 
 def switched(cfg, a, b, ratio, rates):
-  """The step with setting b where mean(lengths)·Hkv·D·4 bytes / bandwidth < ratio · prefix FLOPs / matmul rate."""
+  """The step with setting b where sum(lengths)·Hkv·D·4 bytes / bandwidth < ratio · prefix FLOPs / matmul rate."""
   bsz, p, _, hq, hkv = cfg
   step_a, step_b = step(a), step(b)
   prefix_s = 4 * bsz * hq * p * D / rates["matmul_flops_per_s"]

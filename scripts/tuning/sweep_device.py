@@ -63,7 +63,10 @@ E2E_LAYERS = ((512, 4096, 128, 32, 32), (64, 16384, 128, 32, 32))
 # B = 512 (64 prefix items) and at B = 128 (16 items: the kernel pays only with its keys split,
 # `hopper_split_min_rows`).
 GQA_LONG = ((512, 16384, 256, 32, 8), (128, 16384, 256, 32, 8))
-CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG
+# T·g = 2 and MHA with as few items and the same prefix product (2^22, `hopper_min_work` on the H200): where
+# `hopper_split_min_rows` 1 or 2 would move them to the Hopper kernel with split keys
+FEW_ITEMS = ((128, 16384, 256, 16, 8), (128, 32768, 128, 32, 32))
+CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG + FEW_ITEMS
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
@@ -78,7 +81,7 @@ LONG_PREFIX = MHA_LAYER[1]
 GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), mha_short=(_AT[E2E_LAYERS[0]],),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8), gqa_long=tuple(_AT[c] for c in GQA_LONG),
-              split=(_AT[GQA_LONG[1]], _AT[E2E_LAYERS[1]]))
+              split=(_AT[GQA_LONG[1]], *(_AT[c] for c in FEW_ITEMS)))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
@@ -234,8 +237,8 @@ def choices(configs, groups) -> list[Choice]:
       # a prefix product below hopper_min_work still takes the kernel where one sequence's share (T·g rows × prefix
       # keys) reaches this (and the items fill hopper_min_fill): 0 (off) or the configs' own shares
       field_choice("hopper_min_seq_work", "pallas", "all", [0] + seq_works),
-      # from how many T·g rows the fill counts the setting's key splits (0: never): a GQA and an MHA shape of few
-      # items
+      # from how many T·g rows the fill counts the setting's key splits (0: never): shapes of T·g 4, 2 and 1 whose
+      # items fill the SMs only with their keys split
       field_choice("hopper_split_min_rows", "pallas", "split", (0, 1, 2, 4, 8)),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
