@@ -630,3 +630,18 @@ def test_probe_switch_takes_the_prefix_bound_setting_below_the_ratio(monkeypatch
   # equal times where the lengths sum to 4·B·Hq·P / (Hkv·4) = 16384 keys (D cancels): 4096 a sequence
   assert float(fn(q, kv, kv, kv, kv, jnp.full((4,), 4095, jnp.int32))[0, 0, 0, 0]) == 2.0
   assert float(fn(q, kv, kv, kv, kv, jnp.full((4,), 4096, jnp.int32))[0, 0, 0, 0]) == 1.0
+
+
+def test_probe_choice_checks_the_api_path_and_refuses_bad_arguments(capsys):
+  """`probe_choice`: a shape's choice of kernel and each backend's error against the jnp reference and time, through
+  `hydragen_attention` (interpreted here: no Hopper GPU, so no Hopper kernel); unknown backends and malformed shapes
+  are refused, naming what was given."""
+  from scripts.tuning import probe_choice  # noqa: PLC0415
+
+  row = probe_choice.check((2, 16, 8, 8, 2), ["interpret"], dict(warmup=0, repeats=1))
+  assert row["hopper"] is False and row["interpret_err"] < 2e-2 and row["interpret_s"] > 0
+  with pytest.raises(SystemExit):
+    probe_choice.main(["--backends", "xla"])
+  assert "['xla'] are not kernel backends" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="expected BxPxSxHQxHKV of positive ints; got '2x16x8'"):
+    probe_choice.parse("2x16x8")

@@ -1,0 +1,68 @@
+"""Probe (development tool): what "pallas" chooses for a shape, and whether the choice is the faster one.
+
+For each shape (B, P, S, Hq, Hkv; D = 128, bf16, T = 1, suffixes half full) prints whether "pallas" takes the
+Hopper kernel (`validation.hopper_pays`, from the device's tuning), then, through the public `hydragen_attention`,
+the max error of "pallas" and "triton" against the jnp reference ("xla") and their times (compiled, warmed up,
+median of repeats): the check of a tuning rule on the API path, which the probes of single kernels do not take.
+Usage: python -m scripts.tuning.probe_choice [--shapes 128x16384x512x32x8,...] [--backends pallas,triton]
+(off a GPU: --backends interpret for the plumbing).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hydragen_jax as hj
+from experiments import timing
+from hydragen_jax import validation
+
+TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
+D = 128
+
+
+def parse(shape: str) -> tuple[int, ...]:
+  parts = tuple(int(x) for x in shape.split("x"))
+  if len(parts) != 5 or min(parts) < 1:
+    raise ValueError(f"--shapes: expected BxPxSxHQxHKV of positive ints; got {shape!r}.")
+  return parts
+
+
+def check(shape: tuple[int, ...], backends: list[str], timing_kw=TIMING) -> dict:
+  """The choice, each backend's max error against "xla" and its median time (s) on `shape`."""
+  b, p, s, hq, hkv = shape
+  ks = jax.random.split(jax.random.key(b * p + s), 5)
+  q = jax.random.normal(ks[0], (b, 1, hq, D), jnp.bfloat16)
+  pk, pv = (jax.random.normal(k, (p, hkv, D), jnp.bfloat16) for k in ks[1:3])
+  sk, sv = (jax.random.normal(k, (b, s, hkv, D), jnp.bfloat16) for k in ks[3:5])
+  lengths = jnp.full((b,), max(s // 2, 1), jnp.int32)
+  fns = {be: jax.jit(lambda *a, be=be: hj.hydragen_attention(*a, suffix_lengths=lengths, backend=be))
+         for be in [*backends, "xla"]}
+  args = (q, pk, pv, sk, sv)
+  want = np.asarray(fns["xla"](*args), np.float32)
+  row = {"shape": shape, "hopper": validation.hopper_pays(q, hkv, p)}
+  for be in backends:
+    row[f"{be}_err"] = float(np.abs(np.asarray(fns[be](*args), np.float32) - want).max())
+    row[f"{be}_s"] = timing.time_fn(fns[be], args, **timing_kw).median_s
+  return row
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--shapes", default="128x16384x512x32x8,64x16384x512x32x8,8x16384x512x32x8")
+  parser.add_argument("--backends", default="pallas,triton")
+  args = parser.parse_args(argv)
+  backends = [be for be in args.backends.split(",") if be]
+  if bad := [be for be in backends if be not in validation.BACKENDS or be == "xla"]:
+    parser.error(f"--backends: {bad} are not kernel backends ({[b for b in validation.BACKENDS if b != 'xla']}).")
+  for shape in [parse(x) for x in args.shapes.split(",") if x]:
+    row = check(shape, backends)
+    print(f"{shape} hopper_pays {row['hopper']}; " + "; ".join(
+        f"{be} err {row[be + '_err']:.4f} {row[be + '_s'] * 1e6:.0f} us" for be in backends), flush=True)
+
+
+if __name__ == "__main__":
+  main()
