@@ -537,8 +537,9 @@ def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, l
   splits; prefix_key_stages, key rings of 3 and 4 slots beside value rings of 2 and 1 (the slots of one tile then
   differ, and each ring is refilled at its own distance). The CTAs (2; 1 for the partial tile, so that its 2-slot
   ring is refilled across the items) run several items each, so the ring runs on across items; with no key, no tile
-  is loaded or released. A release that never comes hangs the interpreted kernel; a premature one shows only compiled, on a Hopper GPU (interpreted, a mutation releasing the key
-  tile before its score product still gave exact output, with the interpreter's race detector on)."""
+  is loaded or released. A release that never comes hangs the interpreted kernel; a premature one shows only
+  compiled, on a Hopper GPU (interpreted, a mutation releasing the key tile before its score product still gave
+  exact output, with the interpreter's race detector on)."""
   b, t, _, _, d, p, s = shape
   q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=9)
   lengths = jnp.asarray(np.random.default_rng(9).integers(0, s + 1, b), jnp.int32)

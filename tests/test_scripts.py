@@ -643,5 +643,6 @@ def test_probe_choice_checks_the_api_path_and_refuses_bad_arguments(capsys):
   with pytest.raises(SystemExit):
     probe_choice.main(["--backends", "xla"])
   assert "['xla'] are not kernel backends" in capsys.readouterr().err
-  with pytest.raises(ValueError, match="expected BxPxSxHQxHKV of positive ints; got '2x16x8'"):
-    probe_choice.parse("2x16x8")
+  for bad in ("2x16x8", "2x16x8x8x0", "2x16xax8x2"):
+    with pytest.raises(ValueError, match=f"expected BxPxOUTxHQxHKV of positive ints; got '{bad}'"):
+      probe_choice.parse_shape(bad)

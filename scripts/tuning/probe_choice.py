@@ -19,29 +19,19 @@ import numpy as np
 import hydragen_jax as hj
 from experiments import timing
 from hydragen_jax import validation
+from scripts.tuning.sweep_kernels import config_inputs, parse_shape
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
-D = 128
-
-
-def parse(shape: str) -> tuple[int, ...]:
-  parts = tuple(int(x) for x in shape.split("x"))
-  if len(parts) != 5 or min(parts) < 1:
-    raise ValueError(f"--shapes: expected BxPxSxHQxHKV of positive ints; got {shape!r}.")
-  return parts
 
 
 def check(shape: tuple[int, ...], backends: list[str], timing_kw=TIMING) -> dict:
   """The choice, each backend's max error against "xla" and its median time (s) on `shape`."""
-  b, p, s, hq, hkv = shape
-  ks = jax.random.split(jax.random.key(b * p + s), 5)
-  q = jax.random.normal(ks[0], (b, 1, hq, D), jnp.bfloat16)
-  pk, pv = (jax.random.normal(k, (p, hkv, D), jnp.bfloat16) for k in ks[1:3])
-  sk, sv = (jax.random.normal(k, (b, s, hkv, D), jnp.bfloat16) for k in ks[3:5])
+  b, p, s, _, hkv = shape
+  q, pk, pv, sk, sv = config_inputs(shape, seed=0)  # the prefix `[1, P, Hkv, D]`: the API takes `[P, Hkv, D]`
   lengths = jnp.full((b,), max(s // 2, 1), jnp.int32)
   fns = {be: jax.jit(lambda *a, be=be: hj.hydragen_attention(*a, suffix_lengths=lengths, backend=be))
          for be in [*backends, "xla"]}
-  args = (q, pk, pv, sk, sv)
+  args = (q, pk[0], pv[0], sk, sv)
   want = np.asarray(fns["xla"](*args), np.float32)
   row = {"shape": shape, "hopper": validation.hopper_pays(q, hkv, p)}
   for be in backends:
@@ -58,7 +48,7 @@ def main(argv=None):
   backends = [be for be in args.backends.split(",") if be]
   if bad := [be for be in backends if be not in validation.BACKENDS or be == "xla"]:
     parser.error(f"--backends: {bad} are not kernel backends ({[b for b in validation.BACKENDS if b != 'xla']}).")
-  for shape in [parse(x) for x in args.shapes.split(",") if x]:
+  for shape in [parse_shape(x) for x in args.shapes.split(",") if x]:
     row = check(shape, backends)
     print(f"{shape} hopper_pays {row['hopper']}; " + "; ".join(
         f"{be} err {row[be + '_err']:.4f} {row[be + '_s'] * 1e6:.0f} us" for be in backends), flush=True)

@@ -188,7 +188,13 @@ CONFIGS = list(SEED)  # the seed configs, then those of --shapes
 
 def parse_shape(text: str) -> tuple[int, ...]:
   """A config written BxPxOUTxHQxHKV, e.g. "64x4096x128x32x32"."""
-  return tuple(int(x) for x in text.split("x"))
+  try:
+    parts = tuple(int(x) for x in text.split("x"))
+  except ValueError:
+    parts = ()
+  if len(parts) != 5 or min(parts) < 1:
+    raise ValueError(f"a shape: expected BxPxOUTxHQxHKV of positive ints; got {text!r}.")
+  return parts
 
 
 def add_shapes(shapes: str) -> list[int]:
