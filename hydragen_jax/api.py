@@ -161,8 +161,11 @@ def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched
 def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
             backend: str):
   """The `(out [P, B, T, Hq, D], lse [P, B, T, Hq])` stacks of q's parts over every level (P parts a stack: a
-  level's key splits on the Triton kernels; the Hopper kernel's and the reference's parts a stack of one each), to
-  be merged by `_merge`."""
+  level's key splits on the Triton kernels; the reference's parts a stack of one each), to be merged by `_merge`.
+  The Hopper kernel's parts come merged already, a stack of one: by `merge_states`, into whose fusions XLA folds
+  the kernel's layout change of each part (`[Hkv, B·T·g, D]` -> `[B, T, Hq, D]`), which the merge kernel would
+  take only materialised, a copy a part (B = 64, P = 16K, GQA: 8 key splits and the suffixes, 121 µs a step with
+  them against ~68 µs for the kernel and this merge; experiments/PERF_NOTES.md)."""
   if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
     return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
   if backend == "xla":
@@ -170,7 +173,7 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
             for level, c, b in zip(levels, causal, batched)]
   parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
   if parts is not None:
-    return [_one(part) for part in parts]
+    return [_one(reference.merge_states(parts))]
   plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
            for level, c, b in zip(levels, causal, batched)]
   if len(levels) > 1 and tuning_lib.current().split_min_fill < 1:  # the split rule is the launch's

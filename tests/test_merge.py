@@ -125,7 +125,11 @@ def test_api_merges_key_splits_and_returns_their_lse(kernel_backend, monkeypatch
 
 
 @pytest.mark.slow  # interpreted Hopper kernel (CI time); compiled with -m gpu as "mosaic" in the shared test base
-def test_api_merges_the_hopper_kernels_parts():
+def test_api_merges_the_hopper_kernels_parts_with_xla_whatever_the_tuning():
+  """The Hopper kernel's parts (its key splits and the suffixes) are merged by `merge_states`, also below
+  `merge_max_rows`: XLA folds the kernel's layout change of each part into its merge, which the merge kernel would
+  take only copied (a copy a part: at B = 64, P = 16K, GQA, 121 µs a step through the API against ~68 µs measured
+  for the kernel and `merge_states`, session 40). Here the prefix's part and the suffixes'."""
   b, p, s, hq, hkv, d = 4, 40, 24, 8, 2, 64
   ks = jax.random.split(jax.random.PRNGKey(5), 5)
   q = jax.random.normal(ks[0], (b, 1, hq, d), jnp.bfloat16)
@@ -133,9 +137,9 @@ def test_api_merges_the_hopper_kernels_parts():
   sk, sv = (jax.random.normal(key, (b, s, hkv, d), jnp.bfloat16) for key in ks[3:5])
   lengths = jnp.array([24, 1, 13, 0], jnp.int32)
   fn = lambda q: hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, backend="interpret-mosaic")
-  with tuning_lib.override(_merging(b * hq)):
+  with tuning_lib.override(_merging(b * hq)):  # the merge kernel would take these rows
     jaxpr = str(jax.make_jaxpr(fn)(q))
-    assert "hydragen_merge" in jaxpr and "hydragen_hopper" in jaxpr, jaxpr[:0]
+    assert "hydragen_hopper" in jaxpr and "hydragen_merge" not in jaxpr, jaxpr[:0]
     got = jax.jit(fn)(q)
   want = hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, backend="xla")
   chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32), rtol=1e-2, atol=1e-2)
