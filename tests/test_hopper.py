@@ -145,7 +145,7 @@ def test_mha_decode_lowers_for_cuda(config):
 
 def _assert_lowers_for_cuda(config, *, batch, heads, kv_heads, prefix, suffix):
   """The kernel with `config` for queries `[batch, 1, heads, 128]` (bf16) over a prefix and suffix caches of those
-  capacities lowers to Mosaic GPU for CUDA (checked on any machine)."""
+  capacities lowers to Mosaic GPU for CUDA (checked on any machine); returns the lowered text."""
   q = jax.ShapeDtypeStruct((batch, 1, heads, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((prefix, kv_heads, 128), jnp.bfloat16)
   skv = jax.ShapeDtypeStruct((batch, suffix, kv_heads, 128), jnp.bfloat16)
@@ -153,7 +153,9 @@ def _assert_lowers_for_cuda(config, *, batch, heads, kv_heads, prefix, suffix):
   step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
   traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
                       jax.ShapeDtypeStruct((batch,), jnp.int32))
-  assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  return text
 
 
 def test_layers_share_one_compiled_kernel():
@@ -450,6 +452,54 @@ def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, key
           q, pk, pv, jnp.int32(p - 1), sk, sv, lengths)
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 1), scale=d**-0.5), jnp.bfloat16)
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize(*_cases("shape,config", [
+    ((13, 3, 8, 2, 64, 40, 200), dict(suffix_stages=2)),
+    ((9, 1, 4, 4, 128, 40, 136), dict(suffix_stages=1)),
+    ((6, 1, 8, 2, 128, 40, 136), dict(suffix_stages=2, q_registers=True, suffix_keys=128, suffix_pack=True,
+                                      suffix_box=True)),
+    ((19, 1, 4, 4, 64, 40, 72), dict(suffix_stages=3, suffix_pack=True, suffix_box=True, suffix_lookahead=True)),
+    ((16, 1, 8, 2, 64, 40, 272), dict(suffix_stages=2, suffix_trim=True, suffix_lookahead=True)),
+    ((5, 1, 8, 2, 128, 136, 200), dict(suffix_stages=2, prefix_keys=128, q_registers=True, suffix_pack=True)),
+], ["T3g4_2stages", "mha_1stage", "rows4_128keys_boxed", "mha_packed_lookahead_3stages", "trim_lookahead",
+    "rows4_128key_prefix_64key_suffix"],
+   # CI: several tiles through a 2-slot ring unpacked (a 24-row window), one slot, packed boxes with the ring
+   # across items
+   slow=("rows4_128keys_boxed", "trim_lookahead", "rows4_128key_prefix_64key_suffix")))
+def test_suffix_late_sum_sums_each_item_once(backend, shape, config):
+  """suffix_late_sum: the suffix softmax's running sum kept per score, rescaled with the max, summed over the keys
+  after an item's last tile. Items of no key (sum 0: out 0, lse -inf), one key, a whole capacity and random
+  lengths; rings of 1, 2 and 3 slots; unpacked (T·g = 12, a 24-row window) and packed (T·g = 1 and 4) items, boxed,
+  trimmed, with the ring across items; 64- and 128-key suffix tiles, beside 128-key prefix tiles too. A sum that
+  is not rescaled by α fails here."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=11)
+  lengths = jnp.asarray(np.random.default_rng(11).integers(0, s + 1, b), jnp.int32)
+  lengths = lengths.at[0].set(0).at[1].set(1).at[2].set(s)
+  config = hopper.HopperConfig(**{"num_ctas": 2, "prefix_stages": 2, **config, "suffix_late_sum": True})
+  assert hopper.supported(q, pk, sk, config) is None
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(p - 1), sk, sv, lengths)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 1), scale=d**-0.5), jnp.bfloat16)
+
+
+def test_suffix_late_sum_lowers_for_cuda():
+  """suffix_late_sum lowers to Mosaic GPU for CUDA with the H200's T·g = 4 setting (128-key suffix tiles, packed),
+  with 128-key prefix tiles beside 64-key suffix tiles, and with its T·g = 1 setting (boxed, 8 sequences an item);
+  its kernel differs from the same setting's without it."""
+  settings = tuning.file_for("NVIDIA H200").tuning
+  for rows, heads, kv_heads, tiles in [(4, 32, 8, {}), (4, 32, 8, dict(prefix_keys=128, suffix_keys=64,
+                                                                        prefix_early_keys=False)),
+                                       (1, 32, 32, {})]:
+    config = dataclasses.replace(hopper.tuned_config(settings, rows=rows), num_ctas=132, **tiles)
+    without, with_late_sum = (_assert_lowers_for_cuda(dataclasses.replace(config, suffix_late_sum=late), batch=512,
+                                                      heads=heads, kv_heads=kv_heads, prefix=2048, suffix=512)
+                              for late in (False, True))
+    assert without != with_late_sum
 
 
 @pytest.mark.parametrize("backend", MOSAIC)

@@ -112,6 +112,12 @@ class HopperConfig(tuning_lib.HopperTuning):
   before, so no sub-block past a sequence's last one is read. The suffix rings are then
   `[stages, 8 / T·g, keys a sequence, D]`, the same bytes as `[stages, block_k, D]` (a tile's rows sequence by
   sequence), which `_flash` reads through a reshape (needs suffix_pack).
+  suffix_late_sum: the suffix warpgroup keeps the softmax's running sum per score (`[keys, n]`: each thread the sum
+  of its own keys' probabilities, rescaled as the max moves) and sums it over the keys once an item, after its last
+  tile, instead of once a tile: a suffix tile's softmax then reduces across the warps only for its max. The suffix
+  stream is a chain of latencies a tile (two wgmma and their waits, the cross-warp reductions, the stores), and
+  the sum's reduction is one of its links; costs n·keys / 128 registers a thread (4 for a 64-key tile of an 8-row
+  window, 8 at 128 keys).
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -326,14 +332,16 @@ def _accumulate_keys_major(acc, p, v_tile, p_smem):
                              plgpu.ACC(acc.shape, jnp.float32))
 
 
-def _softmax_tile(s, m, l, *, scale2, key_axis):
+def _softmax_tile(s, m, l, *, scale2, key_axis, late_sum=False):
   """One key tile of the online softmax (base 2) over scores s, per query along the axis that is not `key_axis`:
   (p = exp2(s·scale2 - m_new), unnormalised, float32; m_new, the running max; alpha = exp2(m - m_new), the factor
-  for what came before; l·alpha + the sum of p)."""
+  for what came before; l·alpha + the sum of p). late_sum: l has the scores' shape, a sum per score (l·alpha + p),
+  to be summed over the keys after the last tile."""
   m_new = jnp.maximum(m, s.max(axis=key_axis) * scale2)
   alpha = jnp.exp2(m - m_new)
-  p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [1 - key_axis]))  # one FMA and an exp2 per score
-  return p, m_new, alpha, l * alpha + p.sum(axis=key_axis)
+  per_score = lambda x: lax.broadcast_in_dim(x, s.shape, [1 - key_axis])
+  p = jnp.exp2(s * scale2 - per_score(m_new))  # one FMA and an exp2 per score
+  return p, m_new, alpha, l * per_score(alpha) + p if late_sum else l * alpha + p.sum(axis=key_axis)
 
 
 def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
@@ -345,8 +353,8 @@ def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
 
 
 def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
-           keys_major, keys_read=None, key_slot_of=None, issued=lambda: None, softmax_done=lambda: None,
-           before_pv=lambda: None):
+           keys_major, late_sum=False, keys_read=None, key_slot_of=None, issued=lambda: None,
+           softmax_done=lambda: None, before_pv=lambda: None):
   """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
 
   Tile j sits in ring slot `slot_of(j)` of k_smem/v_smem `[stages, keys, D]`, its copies arriving on `k_bar(slot)`
@@ -364,6 +372,9 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   * rows = queries (`[64, keys]`, q_smem `[64, D]`): the prefix's tiles; acc `[64, D]`.
   * keys_major (`[block_k, n]`, q_smem `[n, D]`, n = 8 … 64): a suffix item's few query rows on the wgmma's N side
     instead of 64 rows of mostly padding (8× less tensor and ALU work for n = 8); acc `[D, n]`.
+
+  late_sum (keys_major): the sum of exp2 kept per score and summed over the keys after the last tile
+  (`_softmax_tile`).
 
   Returns (acc, m, l): unnormalised output, running max (base 2), sum of exp2, per query.
   """
@@ -386,7 +397,7 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
       keys_read(j, kslot)
     if masked:
       s = jnp.where(limit(j) if callable(limit) else keys + j * block_k < limit, s, -jnp.inf)
-    p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis)
+    p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis, late_sum=late_sum)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [q_axis])
     softmax_done()
     plgpu.barrier_wait(v_bar(slot))
@@ -400,9 +411,12 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
     return acc, m_new, l
 
   start = _flash_start((head_dim, num_q) if keys_major else (num_q, head_dim), num_q, key_axis)
+  if late_sum:  # the sum per score (no tile: zeros, which sum to 0)
+    start = (*start[:2], plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA))
   num_full = jnp.clip(num_full, 0, num_tiles)
   carry = lax.fori_loop(0, num_full, functools.partial(body, False), start)
-  return lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
+  acc, m, l = lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
+  return acc, m, l.sum(axis=key_axis) if late_sum else l
 
 
 def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_read, values_read, num_tiles, num_full,
@@ -844,7 +858,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       q_buffer, q_copied = queries(i)
       plgpu.barrier_wait(q_copied)
       acc, m, l = flash(q_buffer, k_ring, v_ring, p_smem, lambda slot: sk_bars.at[slot],
-                        lambda slot: sv_bars.at[slot], slot_of, after, n, num_full, limit, keys_major=True)
+                        lambda slot: sv_bars.at[slot], slot_of, after, n, num_full, limit, keys_major=True,
+                        late_sum=config.suffix_late_sum)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
       store(it, window, h)
