@@ -15,8 +15,8 @@ tree whose root is one node read by all sequences and whose leaves are per seque
 bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
 at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what fails). Other steps run
 on the Triton kernels under every kernel backend. "pallas" takes it where the prefix product is large enough to
-pay (`validation.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_min_fill` and
-`hopper_split_min_rows` in `hydragen_jax/tuning`).
+pay (`validation.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_min_fill`,
+`hopper_split_min_rows` and `hopper_max_rows` in `hydragen_jax/tuning`).
 
 Out-of-range values. Concrete lengths and indices outside their range raise `ValueError`. Traced ones (under
 `jax.jit`) cannot be checked while tracing; every backend treats them as clamped: a length to [0, capacity], a

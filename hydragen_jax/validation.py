@@ -68,11 +68,13 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   split its prefix keys (the tuning's Hopper `prefix_fill`). The items counted are those before any split, except
   from `tuning.hopper_split_min_rows` T·g rows on, where a product that reaches `hopper_min_work` counts the items
   after the key splits of the setting the kernel would run (measured faster than Triton there: GQA, T·g = 4, long
-  prefixes at B = 32-128)."""
+  prefixes at B = 32-128); and never above `tuning.hopper_max_rows` T·g rows (0: no bound)."""
   tuning = tuning_lib.resolve(tuning)
   cores = ops.num_cores(tuning) if num_cores is None else num_cores
   work = prefix_work(q_shape, num_kv_heads, prefix_capacity)
   rows = prefix_work((1, *q_shape[1:]), num_kv_heads, 1)  # T·g: one sequence's query rows a KV head
+  if 0 < tuning.hopper_max_rows < rows:
+    return False
   enough = work >= tuning.hopper_min_work or 0 < tuning.hopper_min_seq_work <= rows * prefix_capacity
   fill = prefix_fill(q_shape, num_kv_heads, cores)
   if 0 < tuning.hopper_split_min_rows <= rows and work >= tuning.hopper_min_work:

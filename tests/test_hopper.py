@@ -919,6 +919,23 @@ def test_pallas_counts_the_key_splits_in_the_fill_from_hopper_split_min_rows():
     dataclasses.replace(t, hopper_split_min_rows=-1)
 
 
+def test_pallas_leaves_windows_wider_than_hopper_max_rows_to_triton():
+  """hopper_max_rows: above that many T·g rows the Hopper kernel never runs, whatever the work and fill (the H200:
+  8, from T·g 16 measured slower than Triton at P = 16K, B = 128-256); 0 bounds nothing; T·g up to it as before,
+  the rows counted over the query steps too (T = 2, 3 with g = 4)."""
+  h200 = tuning.file_for("NVIDIA H200").tuning
+  pays = lambda b, hq, hkv, t=h200, p=16384: validation.pays_on_hopper((b, 1, hq, 128), hkv, p, t, num_cores=132)  # noqa: E731
+  assert h200.hopper_max_rows == 8
+  assert not pays(256, 32, 2) and not pays(512, 24, 2)  # T·g 16, 12
+  assert pays(256, 32, 2, dataclasses.replace(h200, hopper_max_rows=0))  # the rest of the rule takes it
+  assert pays(256, 32, 2, dataclasses.replace(h200, hopper_max_rows=16))
+  assert pays(512, 32, 4) and pays(1024, 32, 8, p=8192)  # T·g 8 and 4
+  steps = lambda t: validation.pays_on_hopper((256, t, 32, 128), 8, 16384, h200, num_cores=132)  # noqa: E731
+  assert steps(2) and not steps(3)  # T·g 8 from 2 steps of g = 4, 12 from 3
+  with pytest.raises(ValueError, match="hopper_max_rows must be an int >= 0; got -1"):
+    dataclasses.replace(h200, hopper_max_rows=-1)
+
+
 def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hopper():
   """The automatic choice: a Hopper GPU and (rows per KV head) × (prefix capacity) >= the tuning's
   hopper_min_work."""

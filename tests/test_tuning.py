@@ -420,6 +420,21 @@ def test_sweep_sets_the_mha_settings_by_prefix_length():
   assert 4096 in seq.candidates and seq.read(seq.apply(base, 4096)) == 4096
 
 
+def test_sweep_times_hopper_max_rows_on_a_wide_window_the_rule_sends_to_the_kernel():
+  """`hopper_max_rows` (0 first: no bound) is timed on the API's choice of kernel over configs of more than 8 T·g
+  rows that the rest of the rule sends to the Hopper kernel, so that 8 moves them to Triton and 0 or 16 do not."""
+  configs, groups = sweep_device.CONFIGS, sweep_device.GROUPS
+  choice = {c.field: c for c in sweep_device.choices(configs, groups)}["hopper_max_rows"]
+  assert choice.kernel == "pallas" and choice.candidates == (0, 8, 16)
+  wide = [configs[i] for i in groups[choice.group]]
+  assert wide and all(hq // hkv > 8 for _, _, _, hq, hkv in wide)
+  base = tuning.load(tuning.data_file("NVIDIA H200")).tuning
+  takes = lambda v: [validation.pays_on_hopper((b, 1, hq, 128), hkv, p, choice.apply(base, v), num_cores=132)  # noqa: E731
+                     for b, p, _, hq, hkv in wide]
+  assert all(takes(0)) and all(takes(16)) and not any(takes(8))
+  assert choice.read(choice.apply(base, 16)) == 16
+
+
 def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   """GQA's long-prefix settings (`hopper_long` rows 4-8) are timed on T·g = 4 configs of at least LONG_PREFIX keys,
   leaving the short settings, T·g = 1's long ones and the other rows as they are; `hopper_split_min_rows` (0: off

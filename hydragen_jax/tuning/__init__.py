@@ -223,6 +223,9 @@ class Tuning:
       (1.04-1.56x); below `hopper_min_work` they do not (B = 8-16: 0.68-0.85x; B = 32, P = 16K 1.05x, left to
       Triton by the rule), nor did the MHA and T·g = 2 shapes of few items timed (0.62-0.99x, all below
       `hopper_min_work`); T·g 1-3 above it are not measured, so 4 leaves them as they were.
+    hopper_max_rows: ... and up to this many T·g rows (0: any): on the H200 the kernel's setting for wide query
+      windows (T·g 16: GQA 32/2) ran 1.4-2.6x slower than Triton at P = 16K, B = 128-256, where the rule above
+      took it (its 128-key prefix tiles do not fit the shared memory beside a 16-row window's suffix rings).
     max_keys_per_program: a Triton program streams at most this many keys of a level; longer ranges are split.
     balanced_keys: ... and at most this many while its level has fewer than `balanced_programs_per_core`
       programs per SM (more splits balance the grid's tail, at the price of partials merged by lse).
@@ -290,12 +293,13 @@ class Tuning:
   split_min_fill: float = 1.0
   split_fill_max_keys: int = 2048
   hopper_split_min_rows: int = 0
+  hopper_max_rows: int = 0
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
-                       "hopper_split_min_rows"), least=0)
+                       "hopper_split_min_rows", "hopper_max_rows"), least=0)
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")

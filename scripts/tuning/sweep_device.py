@@ -66,7 +66,10 @@ GQA_LONG = ((512, 16384, 256, 32, 8), (128, 16384, 256, 32, 8))
 # T·g = 2 and MHA with as few items and the same prefix product (2^22, `hopper_min_work` on the H200): where
 # `hopper_split_min_rows` 1 or 2 would move them to the Hopper kernel with split keys
 FEW_ITEMS = ((128, 16384, 256, 16, 8), (128, 32768, 128, 32, 32))
-CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG + FEW_ITEMS
+# A wide query window (T·g = 16: GQA 32/2) whose items fill the SMs: `hopper_max_rows` (the Hopper kernel lost to
+# Triton there on the H200, 1.4x)
+WIDE = ((256, 16384, 256, 32, 2),)
+CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG + FEW_ITEMS + WIDE
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
@@ -81,7 +84,7 @@ LONG_PREFIX = MHA_LAYER[1]
 GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), mha_short=(_AT[E2E_LAYERS[0]],),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8), gqa_long=tuple(_AT[c] for c in GQA_LONG),
-              split=(_AT[GQA_LONG[1]], *(_AT[c] for c in FEW_ITEMS)))
+              split=(_AT[GQA_LONG[1]], *(_AT[c] for c in FEW_ITEMS)), wide=tuple(_AT[c] for c in WIDE))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
@@ -114,7 +117,14 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
 # budget-limited sweep times them; `prefix_key_stages` = 3 (a third key slot beside two value slots, session 38;
 # not yet measured) with the GQA rows' setting fourth. Fifth, the H200's setting of long prefixes at T·g = 2-8
 # (session 39: 128-key prefix tiles, 64-key suffix tiles, key splits; at P = 16K-32K 1.14-2.2x the 64-key tiles).
-HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
+# First of all, the long prefixes' settings of session 40 with `suffix_late_sum` (the suffix softmax's sum reduced
+# once an item: with 64-key suffix tiles +1-5.5 % at P = 16K; at T·g = 1 without the ring across items and trimmed
+# tiles, +3 % at 16K and +16 % at 8K), T·g = 2-8's and T·g = 1's.
+HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True,
+                               suffix_late_sum=True),
+                  HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True,
+                               suffix_box=True, suffix_late_sum=True),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True, prefix_early_keys=True),
@@ -240,6 +250,8 @@ def choices(configs, groups) -> list[Choice]:
       # from how many T·g rows the fill counts the setting's key splits (0: never): shapes of T·g 4, 2 and 1 whose
       # items fill the SMs only with their keys split
       field_choice("hopper_split_min_rows", "pallas", "split", (0, 1, 2, 4, 8)),
+      # up to how many T·g rows the kernel runs at all (0: any): a wide window (T·g 16) that the rules above send to it
+      field_choice("hopper_max_rows", "pallas", "wide", (0, 8, 16)),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
