@@ -465,13 +465,13 @@ def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, key
     ((5, 1, 8, 2, 128, 136, 200), dict(suffix_stages=2, prefix_keys=128, q_registers=True, suffix_pack=True)),
 ], ["T3g4_2stages", "mha_1stage", "rows4_128keys_boxed", "mha_packed_lookahead_3stages", "trim_lookahead",
     "rows4_128key_prefix_64key_suffix"],
-   # CI: several tiles through a 2-slot ring unpacked (a 24-row window), one slot, packed boxes with the ring
+   # CI: several tiles through a 2-slot ring unpacked (a 16-row window), one slot, packed boxes with the ring
    # across items
    slow=("rows4_128keys_boxed", "trim_lookahead", "rows4_128key_prefix_64key_suffix")))
 def test_suffix_late_sum_sums_each_item_once(backend, shape, config):
   """suffix_late_sum: the suffix softmax's running sum kept per score, rescaled with the max, summed over the keys
   after an item's last tile. Items of no key (sum 0: out 0, lse -inf), one key, a whole capacity and random
-  lengths; rings of 1, 2 and 3 slots; unpacked (T·g = 12, a 24-row window) and packed (T·g = 1 and 4) items, boxed,
+  lengths; rings of 1, 2 and 3 slots; unpacked (T·g = 12, a 16-row window) and packed (T·g = 1 and 4) items, boxed,
   trimmed, with the ring across items; 64- and 128-key suffix tiles, beside 128-key prefix tiles too. A sum that
   is not rescaled by α fails here."""
   b, t, _, _, d, p, s = shape
@@ -490,7 +490,8 @@ def test_suffix_late_sum_sums_each_item_once(backend, shape, config):
 def test_suffix_late_sum_lowers_for_cuda():
   """suffix_late_sum lowers to Mosaic GPU for CUDA with the H200's T·g = 4 setting (128-key suffix tiles, packed),
   with 128-key prefix tiles beside 64-key suffix tiles, and with its T·g = 1 setting (boxed, 8 sequences an item);
-  its kernel differs from the same setting's without it."""
+  its kernel differs from the same setting's without it. The H200's shipped long-prefix settings of T·g 1, 2 and 4
+  (the late sum on, from `hopper_long_prefix` = 8192 keys) lower too."""
   settings = tuning.file_for("NVIDIA H200").tuning
   for rows, heads, kv_heads, tiles in [(4, 32, 8, {}), (4, 32, 8, dict(prefix_keys=128, suffix_keys=64,
                                                                         prefix_early_keys=False)),
@@ -500,6 +501,11 @@ def test_suffix_late_sum_lowers_for_cuda():
                                                       heads=heads, kv_heads=kv_heads, prefix=2048, suffix=512)
                               for late in (False, True))
     assert without != with_late_sum
+  assert settings.hopper_long_prefix == 8192
+  for rows, heads, kv_heads in [(1, 32, 32), (2, 16, 8), (4, 32, 8)]:
+    config = dataclasses.replace(hopper.tuned_config(settings, rows=rows, prefix=8192), num_ctas=132)
+    assert config.suffix_late_sum and config.prefix_keys == 128
+    _assert_lowers_for_cuda(config, batch=512, heads=heads, kv_heads=kv_heads, prefix=8192, suffix=512)
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
@@ -605,7 +611,7 @@ def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, l
 
 def test_prefix_early_keys_lowers_for_cuda():
   """The pair's early key release lowers to Mosaic GPU for CUDA with the H200's settings of T·g = 4 (GQA rows) and
-  T·g = 1 (the 7B decode layer), and in 2-CTA clusters (its value tiles' own cluster barrier); its kernel differs
+  T·g = 1's long prefixes until 2026-12-04 (the 7B decode layer; lookahead and trim), and in 2-CTA clusters (its value tiles' own cluster barrier); its kernel differs
   from the same settings' without it."""
   for b, p, hq, hkv, tiles in [(1024, 8192, 32, 8, dict(suffix_keys=128, suffix_pack=True)),
                                (512, 16384, 32, 32, dict(prefix_keys=128, suffix_lookahead=True, suffix_trim=True)),

@@ -398,14 +398,16 @@ def test_sweep_times_the_split_fill_rule_where_it_changes_the_splits():
 def test_sweep_sets_the_mha_settings_by_prefix_length():
   """T·g = 1's Hopper settings: the long prefixes' (`hopper_long`) timed on the 16K layers, starting from `hopper`'s
   where a tuning has none and bringing `hopper_long_prefix` down to their prefix; the short ones' on the 4K layer
-  (the configs then take different settings); the threshold on every MHA config, 0 dropping the long settings; and
-  `hopper_min_seq_work` among 0 and the configs' shares, on every config."""
+  (the configs then take different settings); the threshold on every MHA and GQA config (T·g 1 and 4), 0 dropping
+  the long settings, 8192 among its candidates; and `hopper_min_seq_work` among 0 and the configs' shares, on every
+  config."""
   configs, groups = sweep_device.CONFIGS, sweep_device.GROUPS
   picks = {c.field: c for c in sweep_device.choices(configs, groups)}
   long, short, prefix = picks["hopper_long[1]"], picks["hopper[1]"], picks["hopper_long_prefix"]
   assert all(configs[i][1] >= sweep_device.LONG_PREFIX for i in groups[long.group])
   assert all(configs[i][1] < sweep_device.LONG_PREFIX for i in groups[short.group])
-  assert {configs[i][3] // configs[i][4] for i in groups[prefix.group]} == {1}
+  assert {configs[i][3] // configs[i][4] for i in groups[prefix.group]} == {1, 4}
+  assert set(groups["mha"]) <= set(groups[prefix.group]) and 8192 in prefix.candidates
   base = _h100()  # no long settings
   a, b = sweep_device.HOPPER_CONFIGS[:2]
   t = short.apply(long.apply(base, b), a)
@@ -447,12 +449,13 @@ def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   assert all(configs[i][3] // configs[i][4] == 4 and configs[i][1] >= sweep_device.LONG_PREFIX
              for i in groups[long.group])
   base = tuning.load(tuning.data_file("NVIDIA H200")).tuning
-  pick = sweep_device.HOPPER_CONFIGS[0]
+  pick = next(c for c in sweep_device.HOPPER_CONFIGS if c != base.hopper_for(4, 1 << 20))  # one that moves it
   t = long.apply(base, pick)
-  assert long.read(t) == pick and t.hopper_for(8, 1 << 20) == pick
+  assert long.read(t) == pick and t.hopper_for(4, 1 << 20) == t.hopper_for(8, 1 << 20) == pick
   for rows in (1, 2, 3, 9, 16):  # the other rows, and every row of short prefixes, keep theirs
     assert t.hopper_for(rows, 1 << 20) == base.hopper_for(rows, 1 << 20)
-  assert all(t.hopper_for(rows, 8192) == base.hopper_for(rows, 8192) for rows in (1, 2, 4, 8, 9))
+  short = base.hopper_long_prefix - 1
+  assert all(t.hopper_for(rows, short) == base.hopper_for(rows, short) for rows in (1, 2, 4, 8, 9))
   split = picks["hopper_split_min_rows"]
   assert split.kernel == "pallas" and split.candidates[0] == 0 and 4 in split.candidates
   few = [configs[i] for i in groups[split.group]]
@@ -695,16 +698,19 @@ def test_long_prefixes_take_their_own_hopper_settings():
 
 
 def test_sweep_times_the_merge_as_the_api_merges():
-  """The sweep's steps merge their parts as the API would under the candidate tuning (the merge kernel up to
-  `merge_max_rows` query rows), the signature says which, and `merge_max_rows` is one of its choices."""
+  """The sweep's steps merge their parts as the API would under the candidate tuning: the Triton kernels' by the
+  merge kernel up to `merge_max_rows` query rows (the signature says which), the Hopper kernel's by `merge_states`
+  whatever the tuning (one signature); and `merge_max_rows` is one of its choices."""
   sweep = sweep_device.Sweep(sweep_device.CONFIGS, dry_run=True, deadline=math.inf)
   rows = sweep_device.CONFIGS[0][0] * sweep_device.CONFIGS[0][3]  # B·Hq of seed row 0 (T = 1)
   on, off = (dataclasses.replace(_h100(), merge_max_rows=m) for m in (rows, rows - 1))
-  for kernel in ("triton", "hopper"):
-    sig_on, sig_off = sweep.signature(0, on, kernel), sweep.signature(0, off, kernel)
-    assert sig_on[-1] is True and sig_off[-1] is False and sig_on[:-1] == sig_off[:-1]
-    structs = (*sweep.structs(0), jax.ShapeDtypeStruct((rows // sweep_device.CONFIGS[0][3],), jnp.int32))
-    assert "hydragen_merge" in str(jax.make_jaxpr(sweep.step(sig_on, on))(*structs))
-    assert "hydragen_merge" not in str(jax.make_jaxpr(sweep.step(sig_off, off))(*structs))
+  structs = (*sweep.structs(0), jax.ShapeDtypeStruct((rows // sweep_device.CONFIGS[0][3],), jnp.int32))
+  sig_on, sig_off = sweep.signature(0, on, "triton"), sweep.signature(0, off, "triton")
+  assert sig_on[-1] is True and sig_off[-1] is False and sig_on[:-1] == sig_off[:-1]
+  assert "hydragen_merge" in str(jax.make_jaxpr(sweep.step(sig_on, on))(*structs))
+  assert "hydragen_merge" not in str(jax.make_jaxpr(sweep.step(sig_off, off))(*structs))
+  sig_on, sig_off = sweep.signature(0, on, "hopper"), sweep.signature(0, off, "hopper")
+  assert sig_on == sig_off and sig_on[0] == "hopper"
+  assert "hydragen_merge" not in str(jax.make_jaxpr(sweep.step(sig_on, on))(*structs))
   fields = [c.field for c in sweep_device.choices(sweep_device.CONFIGS, sweep_device.GROUPS)]
   assert "merge_max_rows" in fields

@@ -9,7 +9,8 @@ which XLA compiles to two kernels (the per-row weights, then the weighted sum). 
 of every part, computes their weights in registers and writes the merged rows: one launch, each part read once.
 Small programs (2 rows, one warp) keep many loads in flight over the whole GPU: at B = 64 MHA decode (2048 rows,
 10 parts) the step ran 1-2 µs faster than with XLA's merge, where 16-row programs of 4 warps were no faster (H200,
-experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count the API uses it.
+experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count the API uses it (for the Triton
+kernels' parts: the Hopper kernel's go to `merge_states`, which folds their layout change into its fusions).
 Empty parts (lse = -inf) weigh 0, their outputs are never read into the sum, and a row with no keys in any part
 gives out = 0, lse = -inf (no NaN), as in `reference.merge_states`.
 """

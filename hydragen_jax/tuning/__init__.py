@@ -255,7 +255,8 @@ class Tuning:
       launch (`kernels.merge`) where the step has at most this many query rows (B·T·Hq), rather than by XLA's
       elementwise merge (two kernels: the per-row weights apart); 0: never. Few rows: the two launches' latency is
       most of the merge's time. The rows are those the merge sees (per example under vmap, per device under
-      shard_map); head dims that are not a power of two up to 256 keep XLA's merge.
+      shard_map); head dims that are not a power of two up to 256 keep XLA's merge, and so do the Hopper kernel's
+      parts (XLA folds their layout change into its merge; the merge kernel would take each part copied).
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
       slots (B·T, per device), rather than with XLA's two scatters; 0: never.

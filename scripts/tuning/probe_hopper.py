@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
-from hydragen_jax.kernels import hopper, merge
+from hydragen_jax.kernels import hopper
 from scripts.quick_bench import D, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
 from scripts.tuning.sweep_kernels import CONFIGS, add_shapes, floor_s, inputs
 
@@ -141,9 +141,9 @@ def resolve(name: str, cfg: tuple[int, ...] | None = None, rows: int | None = No
   return dataclasses.replace(config, **dict(_override(item) for item in overrides))
 
 
-def step(name, merge_kernel: bool = False):
+def step(name):
   """A whole step: "auto" (the Triton kernels), else the Hopper kernel with VARIANTS[name] or a HopperConfig; its
-  parts merged by `merge_states`, or with merge_kernel by `kernels.merge` (as the API under `merge_max_rows`)."""
+  parts merged by `merge_states` (as the API merges the Hopper kernel's)."""
   def fn(q, pk, pv, sk, sv, lengths):
     if name == "auto":  # the Triton kernels
       parts = run_plans(q, [prefix_plan(q, pk, pv), suffix_plan(q, sk, sv, lengths)])
@@ -151,8 +151,6 @@ def step(name, merge_kernel: bool = False):
       config = name if isinstance(name, hopper.HopperConfig) else VARIANTS[name]
       parts = hopper.prefix_suffix_attention(q, pk[0], pv[0], jnp.int32(pk.shape[1]), sk, sv, lengths,
                                              scale=D**-0.5, config=config)
-    if merge_kernel:  # each part a stack of one
-      return merge.merge_stacks([(o[None], l[None]) for o, l in parts])[0]
     out, _ = merge_states(list(parts))
     return out.astype(q.dtype)
   return fn

@@ -84,7 +84,8 @@ LONG_PREFIX = MHA_LAYER[1]
 GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), mha_short=(_AT[E2E_LAYERS[0]],),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8), gqa_long=tuple(_AT[c] for c in GQA_LONG),
-              split=(_AT[GQA_LONG[1]], *(_AT[c] for c in FEW_ITEMS)), wide=tuple(_AT[c] for c in WIDE))
+              split=(_AT[GQA_LONG[1]], *(_AT[c] for c in FEW_ITEMS)), wide=tuple(_AT[c] for c in WIDE),
+              long_prefix=tuple(sorted(set(_MHA) | set(_GQA) | {_AT[c] for c in GQA_LONG})))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
 # (HopperTuning(3, 2, 216, 80, True), an H100 candidate, is left out: on the H200 with JAX 0.11.2 its first step
@@ -237,10 +238,11 @@ def choices(configs, groups) -> list[Choice]:
       # MHA decode: one-row items; a long prefix's settings and a short one's apart, then where one ends
       hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS, long_from=LONG_PREFIX),
       hopper_choice(1, 1, "mha_short", HOPPER_CONFIGS),
-      # (0, the MHA configs' prefixes, and 8192, between the 4K and 16K layers)
-      long_prefix_choice("mha", [0] + sorted({configs[i][1] for i in groups["mha"]} | {8192})),
-      # GQA's long prefixes (from the MHA layers' 16K: `hopper_long_prefix` is one for all rows)
+      # GQA's long prefixes (timed from the MHA layers' 16K)
       hopper_choice(4, 8, "gqa_long", HOPPER_CONFIGS, long_from=LONG_PREFIX),
+      # where the long settings start, one threshold for all rows: timed on the MHA and GQA configs (0, their
+      # prefixes, and 8192: the GQA row 1024 / 8K and the long document's 8K layer gained from 8K in session 40)
+      long_prefix_choice("long_prefix", [0] + sorted({configs[i][1] for i in groups["long_prefix"]} | {8192})),
       # One choice for both thresholds: a shape takes the Hopper kernel only where both allow it, so a config below
       # both (B = 64 MHA: fill 0.24 and a small prefix product) moves only if both drop together.
       fields_choice(THRESHOLDS, "pallas", "all", [(w, f) for w in works + [2 * works[-1]] for f in fill_cuts]),
@@ -315,8 +317,9 @@ class Sweep:
 
   def signature(self, i: int, tune: Tuning, kernel: str) -> tuple | None:
     """What the step of config i under `tune` runs (equal signatures: the same compiled step); None where the
-    kernel does not apply (the Hopper kernel on a shape it does not take). The last item of a whole step's: whether
-    its parts are merged by the merge kernel (`merge.applies` under `merge_max_rows`, as the API)."""
+    kernel does not apply (the Hopper kernel on a shape it does not take). The last item of a Triton step's: whether
+    its parts are merged by the merge kernel (`merge.applies` under `merge_max_rows`, as the API; the Hopper
+    kernel's parts are merged by `merge_states` whatever the tuning, as the API merges them)."""
     b, p, _, hq, hkv = cfg = self.configs[i]
     q, pk, pv, sk, sv = self.structs(i)
     if kernel == "alone":
@@ -329,7 +332,7 @@ class Sweep:
       # "pallas" as the API runs it: the Hopper kernel only on a Hopper GPU (a dry run traces it anywhere)
       on_hopper = self.dry_run or validation.on_hopper()
       if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune)):
-        return ("hopper", i, settings, merged) if fits else None
+        return ("hopper", i, settings) if fits else None
     pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
@@ -338,7 +341,7 @@ class Sweep:
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]
     if kind == "hopper":  # the signature holds the settings of the config's T·g
-      return probe_hopper.step(hopper.config_of(signature[2]), merge_kernel=signature[-1])
+      return probe_hopper.step(hopper.config_of(signature[2]))
     if kind == "alone":
       block = signature[2]
 
