@@ -465,9 +465,9 @@ def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, key
     ((5, 1, 8, 2, 128, 136, 200), dict(suffix_stages=2, prefix_keys=128, q_registers=True, suffix_pack=True)),
 ], ["T3g4_2stages", "mha_1stage", "rows4_128keys_boxed", "mha_packed_lookahead_3stages", "trim_lookahead",
     "rows4_128key_prefix_64key_suffix"],
-   # CI: several tiles through a 2-slot ring unpacked (a 16-row window), one slot, packed boxes with the ring
-   # across items
-   slow=("rows4_128keys_boxed", "trim_lookahead", "rows4_128key_prefix_64key_suffix")))
+   # CI: several tiles through a 2-slot ring unpacked (a 16-row window), and packed beside 128-key prefix tiles
+   # (as the H200's long prefixes run it); the rest in the slow tier, and compiled
+   slow=("mha_1stage", "rows4_128keys_boxed", "mha_packed_lookahead_3stages", "trim_lookahead")))
 def test_suffix_late_sum_sums_each_item_once(backend, shape, config):
   """suffix_late_sum: the suffix softmax's running sum kept per score, rescaled with the max, summed over the keys
   after an item's last tile. Items of no key (sum 0: out 0, lse -inf), one key, a whole capacity and random
@@ -488,19 +488,16 @@ def test_suffix_late_sum_sums_each_item_once(backend, shape, config):
 
 
 def test_suffix_late_sum_lowers_for_cuda():
-  """suffix_late_sum lowers to Mosaic GPU for CUDA with the H200's T·g = 4 setting (128-key suffix tiles, packed),
-  with 128-key prefix tiles beside 64-key suffix tiles, and with its T·g = 1 setting (boxed, 8 sequences an item);
-  its kernel differs from the same setting's without it. The H200's shipped long-prefix settings of T·g 1, 2 and 4
-  (the late sum on, from `hopper_long_prefix` = 8192 keys) lower too."""
+  """suffix_late_sum lowers to Mosaic GPU for CUDA: with the H200's short-prefix T·g = 4 setting (128-key suffix
+  tiles, packed), where its kernel differs from the same setting's without it, and as the H200 ships it, in the
+  long-prefix settings of T·g 1 (boxed, 8 sequences an item), 2 (unpacked) and 4 (128-key prefix tiles beside
+  64-key suffix tiles), from `hopper_long_prefix` = 8192 keys."""
   settings = tuning.file_for("NVIDIA H200").tuning
-  for rows, heads, kv_heads, tiles in [(4, 32, 8, {}), (4, 32, 8, dict(prefix_keys=128, suffix_keys=64,
-                                                                        prefix_early_keys=False)),
-                                       (1, 32, 32, {})]:
-    config = dataclasses.replace(hopper.tuned_config(settings, rows=rows), num_ctas=132, **tiles)
-    without, with_late_sum = (_assert_lowers_for_cuda(dataclasses.replace(config, suffix_late_sum=late), batch=512,
-                                                      heads=heads, kv_heads=kv_heads, prefix=2048, suffix=512)
-                              for late in (False, True))
-    assert without != with_late_sum
+  config = dataclasses.replace(hopper.tuned_config(settings, rows=4), num_ctas=132)
+  without, with_late_sum = (_assert_lowers_for_cuda(dataclasses.replace(config, suffix_late_sum=late), batch=512,
+                                                    heads=32, kv_heads=8, prefix=2048, suffix=512)
+                            for late in (False, True))
+  assert without != with_late_sum
   assert settings.hopper_long_prefix == 8192
   for rows, heads, kv_heads in [(1, 32, 32), (2, 16, 8), (4, 32, 8)]:
     config = dataclasses.replace(hopper.tuned_config(settings, rows=rows, prefix=8192), num_ctas=132)
