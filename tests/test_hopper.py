@@ -433,9 +433,8 @@ def test_128_key_prefix_tiles_fit_only_with_fewer_stages():
     ((40, 3, 8, 2, 64, 136, 72), 2, 64), ((13, 1, 4, 4, 128, 64, 264), 3, 64), ((9, 2, 8, 2, 64, 40, 200), 1, 64),
     ((13, 1, 4, 4, 128, 64, 264), 2, 128), ((7, 3, 16, 2, 128, 64, 136), 2, 128)],
     ["T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages", "T3g8_128keys_2stages"],
-    # CI: mha_3stages here, and the ring with suffix_trim (as the H200's long prefixes run it) in the trim test's
-    # 64keys_lookahead
-    slow=("T3g4_2stages", "T2g4_1stage", "mha_128keys_2stages", "T3g8_128keys_2stages")))
+    # off in every tuning since 2026-12-04: CI runs the ring (with suffix_trim) in the trim test's 64keys_lookahead
+    slow=("T3g4_2stages", "mha_3stages", "T2g4_1stage", "mha_128keys_2stages", "T3g8_128keys_2stages")))
 def test_suffix_lookahead_runs_the_ring_across_items(backend, shape, stages, keys):
   """suffix_lookahead: each CTA's suffix items share one stream of key tiles (the next item's tiles loaded into the
   slots the current one frees, its queries into a second buffer). Items with no tile, one tile, fewer tiles than
@@ -578,10 +577,10 @@ def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, s
 ], ["4tiles_and_8keys", "128keys", "one_slot_no_pingpong", "one_partial_tile", "no_key", "both_warpgroups_rows_3stages",
     "2splits_clusters", "3key_slots", "3key_slots_2tiles_refilled", "3key_slots_no_key", "4key_slots_1value_slot",
     "3key_slots_2splits_clusters"],
-   # on in the H200's T·g = 4 setting: CI runs several tiles through a 2-slot ring, one partial tile, no key, and
-   # clusters with key splits; of the key ring (off in every tuning until measured), several tiles and clusters
-   slow=("128keys", "one_slot_no_pingpong", "both_warpgroups_rows_3stages", "3key_slots_2tiles_refilled",
-         "3key_slots_no_key", "4key_slots_1value_slot")))
+   # on in the H200's T·g = 4 setting (one CTA a cluster, no key splits): CI runs several tiles through a 2-slot
+   # ring, one partial tile and no key; clusters with key splits and the key ring (off in every tuning) are slow
+   slow=("128keys", "one_slot_no_pingpong", "both_warpgroups_rows_3stages", "2splits_clusters", "3key_slots",
+         "3key_slots_2tiles_refilled", "3key_slots_no_key", "4key_slots_1value_slot", "3key_slots_2splits_clusters")))
 def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, length, config):
   """prefix_early_keys: the pair releases a slot's key tile after both score products and its value tile after both
   value products, each refilled on its own. Prefixes of several tiles ending in a partial one, one whole tile, one

@@ -194,7 +194,7 @@ def hopper_choice(first: int, last: int, group: str, candidates, long_from: int 
   for the whole range (`Tuning.with_hopper`), replacing any entries inside it. long_from: the settings of prefixes
   from that many keys (`Tuning.hopper_long`, the group's configs having such prefixes): a tuning without them starts
   them as a copy of `hopper`'s, and `hopper_long_prefix` drops to long_from where it is 0 or larger (the
-  `hopper_long_prefix` choice then sets it on every MHA config)."""
+  `hopper_long_prefix` choice then sets it on the MHA and GQA configs)."""
   rows = f"[{first}-{last}]" if last > first else f"[{first}]"
   if not long_from:
     return Choice(f"hopper{rows}", "hopper", group, tuple(candidates), lambda t: t.hopper_for(first),
