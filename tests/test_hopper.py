@@ -607,8 +607,8 @@ def test_prefix_early_keys_releases_key_tiles_after_the_scores(backend, shape, l
 
 def test_prefix_early_keys_lowers_for_cuda():
   """The pair's early key release lowers to Mosaic GPU for CUDA with the H200's settings of T·g = 4 (GQA rows) and
-  T·g = 1's long prefixes until 2026-12-04 (the 7B decode layer; lookahead and trim), and in 2-CTA clusters (its value tiles' own cluster barrier); its kernel differs
-  from the same settings' without it."""
+  T·g = 1's long prefixes until 2026-12-04 (the 7B decode layer; lookahead and trim), and in 2-CTA clusters (its
+  value tiles' own cluster barrier); its kernel differs from the same settings' without it."""
   for b, p, hq, hkv, tiles in [(1024, 8192, 32, 8, dict(suffix_keys=128, suffix_pack=True)),
                                (512, 16384, 32, 32, dict(prefix_keys=128, suffix_lookahead=True, suffix_trim=True)),
                                (1024, 8192, 32, 8, dict(suffix_keys=128, cluster=2))]:
@@ -926,7 +926,9 @@ def test_pallas_leaves_windows_wider_than_hopper_max_rows_to_triton():
   8, from T·g 16 measured slower than Triton at P = 16K, B = 128-256); 0 bounds nothing; T·g up to it as before,
   the rows counted over the query steps too (T = 2, 3 with g = 4)."""
   h200 = tuning.file_for("NVIDIA H200").tuning
-  pays = lambda b, hq, hkv, t=h200, p=16384: validation.pays_on_hopper((b, 1, hq, 128), hkv, p, t, num_cores=132)  # noqa: E731
+  def pays(b, hq, hkv, t=h200, p=16384):
+    return validation.pays_on_hopper((b, 1, hq, 128), hkv, p, t, num_cores=132)
+
   assert h200.hopper_max_rows == 8
   assert not pays(256, 32, 2) and not pays(512, 24, 2)  # T·g 16, 12
   assert pays(256, 32, 2, dataclasses.replace(h200, hopper_max_rows=0))  # the rest of the rule takes it

@@ -422,6 +422,11 @@ def test_sweep_sets_the_mha_settings_by_prefix_length():
   assert 4096 in seq.candidates and seq.read(seq.apply(base, 4096)) == 4096
 
 
+def _takes_hopper(tune: tuning.Tuning, configs) -> list[bool]:
+  """For each sweep config (B, P, out, Hq, Hkv): whether "pallas" takes the Hopper kernel under `tune` (132 SMs)."""
+  return [validation.pays_on_hopper((b, 1, hq, 128), hkv, p, tune, num_cores=132) for b, p, _, hq, hkv in configs]
+
+
 def test_sweep_times_hopper_max_rows_on_a_wide_window_the_rule_sends_to_the_kernel():
   """`hopper_max_rows` (0 first: no bound) is timed on the API's choice of kernel over configs of more than 8 T·g
   rows that the rest of the rule sends to the Hopper kernel, so that 8 moves them to Triton and 0 or 16 do not."""
@@ -431,8 +436,7 @@ def test_sweep_times_hopper_max_rows_on_a_wide_window_the_rule_sends_to_the_kern
   wide = [configs[i] for i in groups[choice.group]]
   assert wide and all(hq // hkv > 8 for _, _, _, hq, hkv in wide)
   base = tuning.load(tuning.data_file("NVIDIA H200")).tuning
-  takes = lambda v: [validation.pays_on_hopper((b, 1, hq, 128), hkv, p, choice.apply(base, v), num_cores=132)  # noqa: E731
-                     for b, p, _, hq, hkv in wide]
+  takes = lambda v: _takes_hopper(choice.apply(base, v), wide)  # noqa: E731
   assert all(takes(0)) and all(takes(16)) and not any(takes(8))
   assert choice.read(choice.apply(base, 16)) == 16
 
@@ -462,8 +466,7 @@ def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   assert sorted(hq // hkv for _, _, _, hq, hkv in few) == [1, 2, 4]
   assert all(validation.prefix_work((b, 1, hq), hkv, p) >= base.hopper_min_work and
              validation.prefix_fill((b, 1, hq), hkv, 132) < base.hopper_min_fill for b, p, _, hq, hkv in few)
-  takes = lambda v: [validation.pays_on_hopper((b, 1, hq, 128), hkv, p, split.apply(base, v), num_cores=132)  # noqa: E731
-                     for b, p, _, hq, hkv in few]
+  takes = lambda v: _takes_hopper(split.apply(base, v), few)  # noqa: E731
   assert len({tuple(takes(v)) for v in split.candidates}) == 4  # 0 (or 8), 4, 2, 1: each moves another config
   assert split.read(split.apply(base, 2)) == 2
 

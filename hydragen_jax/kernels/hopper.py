@@ -341,7 +341,7 @@ def _softmax_tile(s, m, l, *, scale2, key_axis, late_sum=False):
   alpha = jnp.exp2(m - m_new)
   per_score = lambda x: lax.broadcast_in_dim(x, s.shape, [1 - key_axis])
   p = jnp.exp2(s * scale2 - per_score(m_new))  # one FMA and an exp2 per score
-  return p, m_new, alpha, l * per_score(alpha) + p if late_sum else l * alpha + p.sum(axis=key_axis)
+  return p, m_new, alpha, (l * per_score(alpha) + p if late_sum else l * alpha + p.sum(axis=key_axis))
 
 
 def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
@@ -416,7 +416,7 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   num_full = jnp.clip(num_full, 0, num_tiles)
   carry = lax.fori_loop(0, num_full, functools.partial(body, False), start)
   acc, m, l = lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
-  return acc, m, l.sum(axis=key_axis) if late_sum else l
+  return acc, m, (l.sum(axis=key_axis) if late_sum else l)
 
 
 def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_read, values_read, num_tiles, num_full,

@@ -252,7 +252,8 @@ def choices(configs, groups) -> list[Choice]:
       # from how many T·g rows the fill counts the setting's key splits (0: never): shapes of T·g 4, 2 and 1 whose
       # items fill the SMs only with their keys split
       field_choice("hopper_split_min_rows", "pallas", "split", (0, 1, 2, 4, 8)),
-      # up to how many T·g rows the kernel runs at all (0: any): a wide window (T·g 16) that the rules above send to it
+      # up to how many T·g rows the kernel runs at all (0: any): a wide window (T·g 16) that the rules above send
+      # to it
       field_choice("hopper_max_rows", "pallas", "wide", (0, 8, 16)),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
@@ -325,7 +326,6 @@ class Sweep:
     if kernel == "alone":
       return ("alone", i, ops.choose_block(b * hq // hkv, b * hq // hkv, 1, hkv, p, D, shared_launch=False,
                                            tuning=tune))
-    merged = merge.applies(b * hq, D, tune.merge_max_rows)
     if kernel in ("hopper", "pallas"):
       settings = tune.hopper_for(hopper.query_rows(q.shape, hkv), p)
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
@@ -336,6 +336,7 @@ class Sweep:
     pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
+    merged = merge.applies(b * hq, D, tune.merge_max_rows)
     return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None, merged)
 
   def step(self, signature: tuple, tune: Tuning) -> Callable:
