@@ -220,9 +220,9 @@ class Tuning:
     hopper_split_min_rows: ... and from this many T·g rows (0: never), where the prefix product reaches
       `hopper_min_work`, the items that `hopper_min_fill` counts are those after the setting's key splits
       (`HopperTuning.prefix_fill`): on the H200 such split items beat Triton at T·g = 4, B = 32-128 and P = 16K-32K
-      (1.04-1.56x); below `hopper_min_work` they do not (B = 8-16: 0.68-0.85x; B = 32, P = 16K 1.05x, left to
-      Triton by the rule), nor did the MHA and T·g = 2 shapes of few items timed (0.62-0.99x, all below
-      `hopper_min_work`); T·g 1-3 above it are not measured, so 4 leaves them as they were.
+      (1.04-1.56x) and MHA, B = 128, P = 32K (1.52x), while T·g = 2, B = 128, P = 16K loses a little (0.94x; the
+      sweep's geometric mean picked 1 over 4); below `hopper_min_work` they do not pay (B = 8-16: 0.68-0.85x;
+      B = 32, P = 16K 1.05x, left to Triton by the rule).
     hopper_max_rows: ... and up to this many T·g rows (0: any): on the H200 the kernel's setting for wide query
       windows (T·g 16: GQA 32/2) ran 1.4-2.6x slower than Triton at P = 16K, B = 128-256, where the rule above
       took it (its 128-key prefix tiles do not fit the shared memory beside a 16-row window's suffix rings).
