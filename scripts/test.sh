@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (once) and run the test suite on CPU: Pallas kernels interpreted, GPU-only tests skipped with their reason.
 # Without --all the slow tier (`-m slow`: the kernel tests' shapes, dtypes and settings beyond CI's covering subset,
-# the tensor-parallel matrix on 4 host devices, SmolLM2's demo and modes, the long-document and tree smoke runs,
+# the tensor-parallel matrix on 4 host devices, SmolLM2's demo, logits and modes, the long-document and tree smoke runs,
 # tuning tools' plumbing) is left out: that is what CI runs. Usage: bash scripts/test.sh [--all]
 # [pytest args] (e.g. -k attention; an -m of your own replaces the default "not slow").
 set -euo pipefail

@@ -58,6 +58,7 @@ def test_demo_runs(capsys):
                      r"least \d+\.\d\d MB of K and V a layer\)", out), out
 
 
+@pytest.mark.slow  # CI time (~19 s): the demo runs in CI (test_demo_runs), the rule in tests/test_models_levels.py
 def test_demo_reports_levels_read_per_sequence(capsys):
   """Where the device's cost model batches no level (a tuning that asks for 1000 readers a node, and 1 TB saved),
   the demo says so and names both bounds. (Each bound alone deciding: tests/test_models_levels.py.)"""

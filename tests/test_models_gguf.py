@@ -601,6 +601,8 @@ def hydragen_run(smollm2):
 
 
 @pytest.mark.xdist_group("smollm2")  # one worker loads the model (session fixture)
+@pytest.mark.slow  # CI time (~45 s of compiling 30 layers on CPU): the GPU test below runs it compiled; CI checks
+# the loader on the config and tokenizer, and the logits of transformers-saved checkpoints in test_models_families
 def test_smollm2_matches_transformers(smollm2, hydragen_run):
     assert_matches_reference(hydragen_run, smollm2[2])
 

@@ -425,8 +425,10 @@ def test_probe_hopper_variant_names_take_overrides():
 
 @pytest.mark.parametrize("m,k,n,block_n,stages,ctas", [
     (8, 256, 192, 64, 3, 4),  # K split in 4 (8 units on 4 CTAs: the ring runs across units)
-    (3, 128, 128, 64, 2, 2),  # fewer rows than a row tile of x; one K tile a unit
-    (20, 192, 128, 128, 2, 3),  # 24 rows of x; K tiles 3: a split of one tile, a ring shorter than a unit
+    # a tuning probe's kernel (CI time): these two in the slow tier
+    pytest.param(3, 128, 128, 64, 2, 2, marks=pytest.mark.slow),  # fewer rows than a row tile of x; one K tile a unit
+    pytest.param(20, 192, 128, 128, 2, 3, marks=pytest.mark.slow),  # 24 rows of x; K tiles 3: a split of one tile,
+    # a ring shorter than a unit
 ])
 def test_probe_gemm_hopper_kernel_matches_xla(m, k, n, block_n, stages, ctas):
   """The Mosaic GPU decode-GEMM kernel of the probe (interpreted) against jnp.matmul, within bf16 rounding."""
@@ -632,6 +634,7 @@ def test_probe_switch_takes_the_prefix_bound_setting_below_the_ratio(monkeypatch
   assert float(fn(q, kv, kv, kv, kv, jnp.full((4,), 4096, jnp.int32))[0, 0, 0, 0]) == 1.0
 
 
+@pytest.mark.slow  # a tuning tool's plumbing (CI time, ~13 s): the slow tier runs it
 def test_probe_choice_checks_the_api_path_and_refuses_bad_arguments(capsys):
   """`probe_choice`: a shape's choice of kernel and each backend's error against the jnp reference and time, through
   `hydragen_attention` (interpreted here: no Hopper GPU, so no Hopper kernel); unknown backends and malformed shapes

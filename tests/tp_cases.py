@@ -82,8 +82,8 @@ def assert_same(got, want, mode):
 
 
 CASES = [(name, devices) for name in ("mha", "gqa", "mqa") for devices in (2, 4)]
-# The case CI runs every time: Hydragen on GQA over 4 devices (KV heads replicated; MHA over 2 in CI: the cost model's
-# and sampling's tests); the whole matrix (`shared_storage`, `standard`, and `none`: no attention to shard, which
+# The case CI runs every time: Hydragen on GQA over 4 devices (KV heads replicated; MHA over 2 in the slow tier: the
+# cost model's and sampling's tests); the whole matrix (`shared_storage`, `standard`, and `none`: no attention to shard, which
 # tests/test_experiments_parallel.py runs on a mesh in CI) is marked slow (CI time).
 FAST = {"hydragen": ("gqa", 4)}
 
@@ -126,7 +126,8 @@ def test_biases_and_norms_follow_their_heads_on_the_mesh(name):
 
 
 @needs(2)
-@pytest.mark.parametrize("name", ["mha", pytest.param("gqa", marks=pytest.mark.slow)])  # mha: 97 tokens, padded to 98
+@pytest.mark.slow  # CI time (~12 s): the vocabulary's split and its padding run in CI in every sharded generate
+@pytest.mark.parametrize("name", ["mha", "gqa"])  # mha: 97 tokens, padded to 98
 def test_sampling_equals_single_device(name):
     """Temperature, top-k and top-p sampling on logits split over the vocabulary draws the same tokens, also where
     the devices do not divide the vocabulary (its padding draws no noise of its own)."""
@@ -135,8 +136,9 @@ def test_sampling_equals_single_device(name):
     assert_same(got, single(name, "hydragen", sampling=spec), "sampling")
 
 
+@pytest.mark.slow  # CI time (~14 s); the cost model's rule on one device: tests/test_models_levels.py
 @pytest.mark.parametrize("name,devices", [pytest.param("mha", 2, marks=needs(2)),  # 4 KV heads: 2 a device
-                                          pytest.param("gqa", 4, marks=[needs(4), pytest.mark.slow])])  # replicated
+                                          pytest.param("gqa", 4, marks=needs(4))])  # replicated
 def test_cost_model_counts_the_bytes_a_device_reads(monkeypatch, name, devices):
     """On a mesh, the bytes a batched level saves (`batch_min_saved_bytes`) are those of a device's own KV heads
     (split or replicated): the step's choice and generate's stats agree on them."""
