@@ -63,8 +63,8 @@ def test_modes_agree_interpret_backend(model, mode):
     np.testing.assert_allclose(g.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow), "mixed"])  # CI: bf16
-# weights in "mixed"
+# CI: float32 and "mixed" (bf16 weights); bf16 throughout in the slow tier (CI time)
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow), "mixed"])
 def test_prefill_in_chunks_equals_one_chunk(model, dtype):
     """A prompt level prefilled in several chunks (one compiled loop over them) gives the caches and first logits of
     one chunk: chunks of 4 and 7 tokens over levels of 40 and 2-11 tokens (ragged, some shorter than a chunk).

@@ -83,8 +83,8 @@ def assert_same(got, want, mode):
 
 CASES = [(name, devices) for name in ("mha", "gqa", "mqa") for devices in (2, 4)]
 # The case CI runs every time: Hydragen on GQA over 4 devices (KV heads replicated; MHA over 2 in the slow tier: the
-# cost model's and sampling's tests); the whole matrix (`shared_storage`, `standard`, and `none`: no attention to shard, which
-# tests/test_experiments_parallel.py runs on a mesh in CI) is marked slow (CI time).
+# cost model's and sampling's tests); the whole matrix (`shared_storage`, `standard`, and `none`: no attention to
+# shard, which tests/test_experiments_parallel.py runs on a mesh in CI) is marked slow (CI time).
 FAST = {"hydragen": ("gqa", 4)}
 
 
