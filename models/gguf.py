@@ -286,10 +286,12 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
 def load_gguf_with_tokenizer(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Llama, BPETokenizer]:
     """``(load_gguf(path, dtype), load_gguf_tokenizer(path))`` from one parse of the file: the gguf package's reader
     parses all of a file's metadata when it opens it (SmolLM2-135M's 49K-token vocabulary and merges: ~6 s on a
-    CPU), which loading the two apart does twice. Raises as they do."""
+    CPU), which loading the two apart does twice. Raises as they do; the tokenizer is read first (cheap: a
+    tokenizer the file cannot give fails before the weights are dequantized, as the demo loaded them before)."""
     dtype = _model_dtype("load_gguf_with_tokenizer", dtype)
     path, reader = _open(path)
-    return _model(path, reader, dtype), _tokenizer(path, reader)
+    tok = _tokenizer(path, reader)
+    return _model(path, reader, dtype), tok
 
 
 def _model_dtype(caller: str, dtype):
