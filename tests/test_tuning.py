@@ -78,6 +78,25 @@ def test_current_follows_the_device_kind(data_dir, monkeypatch):
   assert not validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)
 
 
+def test_a_variant_of_a_known_kind_takes_its_file_with_a_warning():
+  """A kind whose name extends a known one's by whole words (the same chip on another board) takes that file, the
+  longest such; a name that merely starts with the same letters does not."""
+  assert tuning.variant_of("NVIDIA H200 NVL") == "NVIDIA H200"
+  assert tuning.variant_of("NVIDIA H200") is None  # its own file: nothing to extend
+  assert tuning.variant_of("NVIDIA H2000") is None
+  assert tuning.variant_of("NVIDIA H100 PCIe") is None  # the H100's file names "80GB HBM3"
+  tuning.file_for.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match=r"no tuning file for device kind 'NVIDIA H200 NVL' .*the NVIDIA H200's "
+                                         r"choices, a kind its name extends"):
+      assert tuning.file_for("NVIDIA H200 NVL").device_kind == "NVIDIA H200"
+    assert tuning.for_device_kind("NVIDIA H200 NVL") == tuning.for_device_kind("NVIDIA H200")
+    with pytest.warns(UserWarning, match="the NVIDIA H100 80GB HBM3's choices, which may not suit it"):
+      assert tuning.file_for("NVIDIA H2000").device_kind == H100
+  finally:
+    tuning.file_for.cache_clear()
+
+
 def test_a_file_must_serve_the_kind_it_is_named_for(data_dir):
   _write(data_dir, "Test GPU", _h100())
   (data_dir / "other-gpu.json").write_text((data_dir / "test-gpu.json").read_text())

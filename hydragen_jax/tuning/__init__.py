@@ -7,8 +7,9 @@ and differ on another. Each `<slug>.json` next to this module holds the `Tuning`
 and its provenance: the command, date and commit that measured it (`python -m scripts.tuning.sweep_device` writes
 one), or, in a file not yet measured on its device, saying so (`measured_on` null).
 
-`current()` is the tuning of the default device: its file, else the H100's (`FALLBACK_KIND`, the device the kernels
-were first tuned on; a GPU without a file of its own gets a warning), which also serves CPU and interpreted runs. The
+`current()` is the tuning of the default device: its file, else the file of a known kind its name extends by whole
+words (`variant_of`: "NVIDIA H200 NVL" takes the H200's), else the H100's (`FALLBACK_KIND`, the device the kernels
+were first tuned on), which also serves CPU and interpreted runs; a GPU without a file of its own gets a warning. The
 environment variable HYDRAGEN_JAX_TUNING=PATH (`TUNING_ENV`) takes a tuning file for whatever device runs (e.g. one a
 sweep wrote for a GPU the package has no file for). `override(t)` sets the tuning inside a `with` block (sweeps,
 tests); the functions that read it also take it as an argument (None: `current()`).
@@ -543,18 +544,29 @@ def _is_gpu_kind(kind: str) -> bool:
   return kind.upper().startswith(("NVIDIA", "AMD", "TESLA", "QUADRO", "GEFORCE", "RTX"))
 
 
+def variant_of(device_kind: str) -> str | None:
+  """The known kind whose name `device_kind`'s extends by whole words ("NVIDIA H200 NVL" -> "NVIDIA H200": the
+  same chip on another board), the longest if several; None if none does."""
+  name = slug(device_kind)
+  return max((k for k in known_kinds() if name.startswith(slug(k) + "-")), key=len, default=None)
+
+
 @functools.lru_cache(maxsize=None)
 def file_for(device_kind: str) -> TuningFile:
-  """The data file of a device kind, else the fallback's (`FALLBACK_KIND`)."""
+  """The data file of a device kind; else that of the known kind its name extends (`variant_of`); else the
+  fallback's (`FALLBACK_KIND`)."""
   data = data_file(device_kind)
   if not data.is_file():
+    base = variant_of(device_kind) or FALLBACK_KIND
     if _is_gpu_kind(device_kind):  # a GPU never measured (CPU runs interpret the kernels: nothing to tune)
+      why = ("a kind its name extends (the same chip; its clocks, power and bandwidth may differ)"
+             if base != FALLBACK_KIND else "which may not suit it")
       warnings.warn(f"hydragen_jax: no tuning file for device kind {device_kind!r} (known: {known_kinds()}); the "
-                    f"kernels use the {FALLBACK_KIND}'s choices, which may not suit it (the Triton tiles are cut to "
-                    "its shared memory; the Hopper kernel runs only on a Hopper). "
+                    f"kernels use the {base}'s choices, {why} (the Triton tiles are cut to its shared memory; the "
+                    "Hopper kernel runs only on a Hopper). "
                     f"Measure this device with `python -m scripts.tuning.sweep_device`, or set {TUNING_ENV} to a "
                     "tuning file.", stacklevel=2)
-    data, device_kind = data_file(FALLBACK_KIND), FALLBACK_KIND
+    data, device_kind = data_file(base), base
   file = loads(data.read_text(), data.name)
   if file.device_kind != device_kind:
     raise ValueError(f"{data.name} names device kind {file.device_kind!r}, not {device_kind!r}.")
