@@ -133,6 +133,10 @@ def _tensor_files(path: str) -> dict[str, str]:
     return mapping
 
 
+# safetensors dtypes read as weights (cast to float32 on the host, then to the model's dtype)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int, ...]], path: str):
     """The named tensors as float32 numpy arrays, each checked against its expected shape."""
     by_file: dict[str, list[str]] = {}
@@ -147,9 +151,14 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
             for name in in_file:
                 if name not in present:
                     raise CheckpointError(f"{path}: missing tensor {name!r} in {os.path.basename(fname)}")
-                shape = tuple(f.get_slice(name).get_shape())
+                piece = f.get_slice(name)
+                shape = tuple(piece.get_shape())
                 if shape != expected[name]:
                     raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, expected {expected[name]}")
+                if piece.get_dtype() not in FLOAT_DTYPES:  # an integer, bool or 8-bit float tensor: quantized weights
+                    raise CheckpointError(f"{path}: tensor {name!r} in {os.path.basename(fname)} has dtype "
+                                          f"{piece.get_dtype()}; expected one of {FLOAT_DTYPES} (quantized "
+                                          "checkpoints are not supported)")
                 try:
                     tensors[name] = np.asarray(f.get_tensor(name)).astype(np.float32)
                 except (SafetensorError, OSError, ValueError, TypeError) as e:
@@ -170,7 +179,10 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
         raise CheckpointError(f"load_checkpoint: {path} is a file; expected the checkpoint's directory (config.json "
                               "and *.safetensors)")
     config = LlamaConfig.from_json(path)
-    dtype = jnp.dtype(dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"load_checkpoint: dtype must be float32 or bfloat16, got {dtype}")
     expected = hf_tensor_shapes(config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -47,6 +48,10 @@ class Family:
     # (which it omits when saving a config whose value equals them): 1 / 2 for Llama and Mistral, none for Qwen
     default_bos: int | None = 1
     default_eos: int | None = 2
+    # num_key_value_heads / head_dim where config.json leaves the key out (None: num_attention_heads /
+    # hidden_size // num_attention_heads); a key given as null takes those in every family, as transformers does
+    default_kv_heads: int | None = None
+    default_head_dim: int | None = None
 
 
 # use_mrope: Qwen2.5's configs carry `"use_mrope": false`; only false is accepted (multimodal RoPE is Qwen2-VL's)
@@ -54,11 +59,13 @@ _QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_laye
 FAMILIES = {  # model_type -> Family
     "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"})),
     "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"}), default_max_positions=4096 * 32,
-                      default_window=4096),
+                      default_window=4096, default_kv_heads=8),
     "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True,
-                    default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096),
+                    default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096,
+                    default_kv_heads=32),
     "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True,
-                    default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096),
+                    default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096,
+                    default_kv_heads=32, default_head_dim=128),
 }
 DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all four families' config classes
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
@@ -113,6 +120,18 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | float = 8192
 
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3"):  # "default" is no scaling: rope_scaling=None
+            raise ValueError(f"config: rope_scaling.rope_type must be 'linear' or 'llama3' (no scaling: "
+                             f"rope_scaling=None), got {self.rope_type!r}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"config: rope_scaling.{name} must be a positive finite number, got {value!r}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"config: rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor})")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -158,6 +177,20 @@ class LlamaConfig:
             raise ValueError(f"config: rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
         if self.model_type not in FAMILIES:
             raise ValueError(f"config: model_type must be one of {tuple(FAMILIES)}, got {self.model_type!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"config: rope_scaling must be a models.RopeScaling or None, got "
+                             f"{type(self.rope_scaling).__name__} {self.rope_scaling!r} (a transformers-style dict: "
+                             "LlamaConfig.from_dict reads those)")
+        if isinstance(self.eos_token_ids, list):  # hashable as a jit static argument: a tuple
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if not isinstance(self.eos_token_ids, tuple) or not all(is_int(i) for i in self.eos_token_ids):
+            raise ValueError(f"config: eos_token_ids must be a tuple of integer token ids, got {self.eos_token_ids!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value):
+                raise ValueError(f"config: {name} must be an integer token id or None, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"config: tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
 
     @property
     def q_per_kv(self) -> int:
@@ -213,7 +246,7 @@ class LlamaConfig:
             if d.get(key) is not None or key in required:
                 _positive_int(d[key], key)
         layers, heads, hidden = d["num_hidden_layers"], d["num_attention_heads"], d["hidden_size"]
-        head_dim = d.get("head_dim")
+        head_dim = d.get("head_dim", family.default_head_dim)
         if head_dim is None:
             if hidden % heads:
                 raise CheckpointError(f"config: no head_dim, and hidden_size ({hidden}) is not a multiple of "
@@ -238,7 +271,7 @@ class LlamaConfig:
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=hidden, intermediate_size=d["intermediate_size"],
                 num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
+                num_key_value_heads=_or(d.get("num_key_value_heads", family.default_kv_heads), heads),
                 head_dim=head_dim,
                 max_position_embeddings=max_pos,
                 rms_norm_eps=_number(d.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS), "rms_norm_eps"),
@@ -295,6 +328,10 @@ class LlamaConfig:
         elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
             d["sliding_window"] = None
         return d
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _number(value: Any, where: str) -> float:
@@ -430,8 +467,8 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
         if key not in rs:
             raise CheckpointError(f"config: {where} of type 'llama3' needs {key!r}")
     low, high = (_number(rs[k], f"{where} {k}") for k in ("low_freq_factor", "high_freq_factor"))
-    if not high > low:
-        raise CheckpointError(f"config: {where} high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+    if not high > low > 0:
+        raise CheckpointError(f"config: {where} needs 0 < low_freq_factor < high_freq_factor; got {low} and {high}")
     # transformers falls back to max_position_embeddings when the original context length is not given, and uses
     # the number as it is (an int in every real config; a float is kept, not truncated)
     original = rs.get("original_max_position_embeddings", max_pos)

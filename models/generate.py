@@ -401,6 +401,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     """
     _check_mode(mode)
     config: LlamaConfig = model.config
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer (the sampling key's seed), got {seed!r}")
     pad_multiple, prefill_chunk = _positive_int("pad_multiple", pad_multiple), _positive_int("prefill_chunk",
                                                                                               prefill_chunk)
     tree = _as_tree(prompts_or_tree, max_depth)
@@ -582,7 +584,9 @@ class Generation:
 
 def _tokenize(prompts, tokenizer) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ValueError("prompts must be a list of prompts (token-id lists or strings)")
+        what = repr(prompts)[:60] if isinstance(prompts, (str, bytes)) else type(prompts).__name__
+        raise ValueError(f"prompts must be a list of prompts (token-id lists or strings), got {what} (one prompt: "
+                         "[prompt])")
     if len(prompts) == 0:
         raise ValueError("no prompts given (empty prompt list)")
     out = []
@@ -623,8 +627,14 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     sequences = expand_samples(token_prompts, num_samples)
     if tree is None:
         tree = build_sharing_tree(sequences, max_depth=max_depth)
-    elif [list(tree.prompt(b)) for b in range(tree.num_sequences)] != [list(s) for s in sequences]:
-        raise ValueError("the given tree does not spell the prompts x num_samples sequences")
+    elif (spelled := [list(tree.prompt(b)) for b in range(tree.num_sequences)]) != [list(s) for s in sequences]:
+        if len(spelled) != len(sequences):
+            why = f"it has {len(spelled)} sequences, the prompts x num_samples {len(sequences)}"
+        else:
+            b = next(b for b, (t, s) in enumerate(zip(spelled, sequences)) if t != list(s))
+            why = f"sequence {b} is {spelled[b][:16]}{'...' if len(spelled[b]) > 16 else ''} in the tree, " \
+                  f"{list(sequences[b])[:16]}{'...' if len(sequences[b]) > 16 else ''} in the prompts"
+        raise ValueError(f"the given tree does not spell the prompts x num_samples sequences: {why}")
     if stop_tokens is not None:
         if len(stop_tokens) != len(token_prompts):
             raise ValueError(f"stop_tokens has {len(stop_tokens)} entries, expected one per prompt "

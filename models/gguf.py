@@ -295,7 +295,10 @@ def load_gguf_with_tokenizer(path: str | os.PathLike, dtype=jnp.float32) -> tupl
 
 
 def _model_dtype(caller: str, dtype):
-    dtype = jnp.dtype(dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"{caller}: dtype must be float32 or bfloat16, got {dtype}")
     return dtype

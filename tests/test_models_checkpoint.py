@@ -313,6 +313,29 @@ def test_misshaped_tensor(tmp_path):
         load_checkpoint(tmp_path / "ck")
 
 
+@pytest.mark.parametrize("bad, name", [(np.int8, "I8"), (np.bool_, "BOOL"), (ml_dtypes.float8_e4m3fn, "F8_E4M3")])
+def test_integer_bool_or_8_bit_tensors_are_refused_naming_them(tmp_path, bad, name):
+    """A quantized or integer weight is never read as if it were the float weight (its shape is right)."""
+    t = {n: v.astype(np.float32) for n, v in make_tensors(CONFIG).items()}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    t[q] = (t[q] * 100).astype(bad)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(CONFIG))
+    try:
+        save_file(t, str(tmp_path / "ck" / "model.safetensors"))
+    except (ValueError, TypeError, KeyError) as e:  # this safetensors cannot write the dtype
+        pytest.skip(f"safetensors cannot write {name}: {e}")
+    with pytest.raises(CheckpointError, match=rf"tensor '{q}' in model.safetensors has dtype {name}; expected one of "
+                                              r"\('F16', 'BF16', 'F32', 'F64'\)"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_load_dtype_that_is_not_one_is_named(tmp_path):
+    write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG))
+    with pytest.raises(ValueError, match="load_checkpoint: dtype must be float32 or bfloat16, got 'bf16'"):
+        load_checkpoint(tmp_path / "ck", dtype="bf16")
+
+
 def test_missing_shard_and_files(tmp_path):
     t = make_tensors(CONFIG)
     write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2)

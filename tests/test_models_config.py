@@ -380,6 +380,64 @@ def test_left_out_keys_take_the_family_defaults_of_transformers():
     assert LlamaConfig.from_dict(without(QWEN3_8B, "max_position_embeddings")).max_position_embeddings == 32768
 
 
+def test_left_out_head_counts_take_the_family_defaults_of_transformers():
+    """num_key_value_heads left out: Llama the attention heads, Mistral 8, Qwen2 / Qwen3 32; null: the attention
+    heads in every family. head_dim left out: Qwen3 128, the others hidden_size / heads."""
+    def without(d, *keys):
+        return {k: v for k, v in d.items() if k not in keys}
+
+    small = dict(hidden_size=512, num_attention_heads=32)
+    assert LlamaConfig.from_dict(without(dict(LLAMA2_7B, **small), "num_key_value_heads")).num_key_value_heads == 32
+    mistral = LlamaConfig.from_dict(without(dict(MISTRAL_7B_V03, **small), "num_key_value_heads"))
+    assert (mistral.num_key_value_heads, mistral.head_dim) == (8, 16)
+    qwen2 = LlamaConfig.from_dict(without(dict(QWEN25_7B, **small), "num_key_value_heads"))
+    assert (qwen2.num_key_value_heads, qwen2.head_dim) == (32, 16)
+    qwen3 = LlamaConfig.from_dict(without(dict(QWEN3_06B, **small), "num_key_value_heads", "head_dim"))
+    assert (qwen3.num_key_value_heads, qwen3.head_dim) == (32, 128)
+    for d in (MISTRAL_7B_V03, QWEN25_7B, QWEN3_06B):
+        c = LlamaConfig.from_dict(dict(d, **small, num_key_value_heads=None))
+        assert c.num_key_value_heads == 32, d["model_type"]
+        assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert LlamaConfig.from_dict(dict(QWEN3_06B, head_dim=None)).head_dim == 1024 // 16
+
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("scaling, match", [
+    (lambda: RopeScaling("yarn", 2.0), "rope_type must be 'linear' or 'llama3'.*got 'yarn'"),
+    (lambda: RopeScaling("default", 2.0), r"rope_type must be .*\(no scaling: rope_scaling=None\)"),
+    (lambda: RopeScaling("linear", 0.0), "rope_scaling.factor must be a positive finite number, got 0.0"),
+    (lambda: RopeScaling("linear", -1.0), "rope_scaling.factor must be a positive finite number, got -1.0"),
+    (lambda: RopeScaling("linear", float("inf")), "factor must be a positive finite number, got inf"),
+    (lambda: RopeScaling("llama3", 8.0, low_freq_factor=4.0, high_freq_factor=1.0),
+     r"high_freq_factor \(1.0\) must exceed low_freq_factor \(4.0\)"),
+    (lambda: RopeScaling("llama3", 8.0, low_freq_factor=0.0), "low_freq_factor must be a positive finite number"),
+    (lambda: LlamaConfig(**SMALL, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     "rope_scaling must be a models.RopeScaling or None, got dict"),
+    (lambda: LlamaConfig(**SMALL, eos_token_ids=(2.0,)), r"eos_token_ids must be a tuple of integer token ids"),
+    (lambda: LlamaConfig(**SMALL, bos_token_id="1"), "bos_token_id must be an integer token id or None, got '1'"),
+    (lambda: LlamaConfig(**SMALL, tie_word_embeddings=1), "tie_word_embeddings must be True or False, got 1"),
+])
+def test_a_config_built_by_hand_is_checked_as_one_read_from_a_file(scaling, match):
+    """The constructors check what from_dict checks: no RoPE type or number runs as another, no dict where a
+    RopeScaling belongs, token ids as integers."""
+    with pytest.raises(ValueError, match=match):
+        scaling()
+
+
+def test_eos_token_ids_given_as_a_list_become_a_tuple():
+    c = LlamaConfig(**SMALL, eos_token_ids=[2, 3])
+    assert c.eos_token_ids == (2, 3) and hash(c) == hash(LlamaConfig(**SMALL, eos_token_ids=(2, 3)))
+
+
+def test_llama3_low_freq_factor_must_be_positive_in_a_file():
+    bad = dict(LLAMA31_8B, rope_scaling=dict(LLAMA31_8B["rope_scaling"], low_freq_factor=0.0))
+    with pytest.raises(CheckpointError, match="rope_scaling needs 0 < low_freq_factor < high_freq_factor; got 0.0"):
+        LlamaConfig.from_dict(bad)
+
+
 def test_mistral_config_written_with_its_window_off():
     """to_dict writes Mistral's sliding_window as null: left out, transformers would read its default window of
     4096 (and run a Mistral v0.3 / Nemo with it)."""

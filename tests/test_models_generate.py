@@ -324,12 +324,26 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
     (dict(max_depth=None), "max_depth must be an integer >= 0, got None"),
     (dict(prompts=[np.array([[1, 2], [3, 4]])]),  # was flattened into the prompt 1, 2, 3, 4
      r"prompt 0 must be a sequence of integer token ids, got array[\s\S]* \(dtype int64, shape \(2, 2\)\)"),
+    (dict(prompts="hello"), r"prompts must be a list of prompts .*got 'hello' \(one prompt: \[prompt\]\)"),
+    (dict(prompts=(p for p in [[1, 2]])), "prompts must be a list of prompts .*got generator"),
+    (dict(seed=1.5), "seed must be an integer .*got 1.5"),
+    (dict(seed=None), "seed must be an integer .*got None"),
 ])
 def test_bad_input(model, kwargs, match):
     args = dict(prompts=[[1, 2, 3], [1, 2, 4]], max_new_tokens=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+def test_a_tree_that_does_not_spell_the_prompts_says_where(model):
+    prompts = [[1, 2, 3], [1, 2, 4]]
+    other = build_sharing_tree([[1, 2, 3], [1, 2, 5]])
+    with pytest.raises(ValueError, match=r"does not spell .*: sequence 1 is \[1, 2, 5\] in the tree, \[1, 2, 4\] in "
+                                         "the prompts"):
+        generate(model, prompts, max_new_tokens=2, tree=other)
+    with pytest.raises(ValueError, match="it has 2 sequences, the prompts x num_samples 4"):
+        generate(model, prompts, max_new_tokens=2, num_samples=2, tree=other)
 
 
 def test_numpy_and_jax_integers_are_integers(model):

@@ -183,6 +183,8 @@ def test_gguf_dtype_must_be_fp32_or_bf16(tmp_path):
         load_gguf(path, dtype=jnp.float16)
     with pytest.raises(ValueError, match="load_gguf_with_tokenizer: dtype must be float32 or bfloat16, got int8"):
         load_gguf_with_tokenizer(path, dtype=jnp.int8)
+    with pytest.raises(ValueError, match="load_gguf: dtype must be float32 or bfloat16, got 'bf16'"):
+        load_gguf(path, dtype="bf16")  # not a dtype at all
 
 
 def test_every_supported_block_type_dequantizes():
