@@ -80,6 +80,8 @@ def _scale(scale: float | None, head_dim: int) -> float:
   into their exponents, and take a tile's largest score times the scale as its largest scaled score)."""
   if scale is None:
     return float(head_dim) ** -0.5
+  if isinstance(scale, (bool, np.bool_, str, bytes)):  # float() would take True or "1"
+    raise ValueError(f"scale must be a positive number known at trace time (a Python float), got {scale!r}.")
   try:
     value = float(scale)
   except (TypeError, ValueError) as e:  # a string, or a traced value (jax's concretization error is a TypeError)
@@ -131,6 +133,8 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
   if identity:
     return pallas_ops.per_sequence(q, k, v, lengths, kv_offset=offset, causal=causal, shared_launch=shared_launch,
                                    fill=fill)
+  if not isinstance(nodes, np.ndarray):  # a traced gather: numpy lengths (known now) must become a jnp array first
+    lengths = jnp.asarray(lengths)
   return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal,
                                  shared_launch=shared_launch, fill=fill)
 
@@ -232,6 +236,7 @@ def attention(
   check.check_rank("k", k, 4, "[B, S, Hkv, D]")
   check.check_same("k", k, "v", v)
   check.check_heads("q", q, "k", k)
+  check.check_flag("causal", causal)
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1], checked)
@@ -272,7 +277,8 @@ def tree_attention(
     checked: check traced lengths, seq_to_node and layer with checkify (module docstring: "Out-of-range values").
 
   Returns:
-    out `[B, T, Hq, D]` in q.dtype: softmax attention over the concatenation of each sequence's nodes.
+    out `[B, T, Hq, D]` in q.dtype: softmax attention over the concatenation of each sequence's nodes (0 for a
+    query that sees no key).
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   if isinstance(levels, Level):
@@ -349,7 +355,8 @@ def hydragen_attention(
     checked: check traced prefix_length and suffix_lengths with checkify (module docstring: "Out-of-range values").
 
   Returns:
-    out `[B, T, Hq, D]`, equal to causal attention over each sequence's [prefix; suffix].
+    out `[B, T, Hq, D]`, equal to causal attention over each sequence's [prefix; suffix] (0 for a query that sees
+    no key).
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   if not isinstance(batch_prefix, (bool, np.bool_)):

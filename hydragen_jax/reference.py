@@ -73,7 +73,9 @@ def attention(
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32)) * scale
   visible = visible_keys(kv_lengths, s, t, causal)[:, :, None, None, :]
   probs, lse = _softmax(logits, visible)
-  out = jnp.einsum("bthgs,bshd->bthgd", probs, v.astype(jnp.float32))
+  # values past a sequence's length are not its keys': whatever they hold (NaN in an unused cache tail) stays out
+  v = jnp.where((jnp.arange(s) < kv_lengths[:, None])[:, :, None, None], v.astype(jnp.float32), 0.0)
+  out = jnp.einsum("bthgs,bshd->bthgd", probs, v)
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
 
@@ -94,7 +96,8 @@ def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: floa
   logits = jnp.einsum("bthgd,phd->bthgp", qg, k.astype(jnp.float32)) * scale
   visible = jnp.arange(p) < length
   probs, lse = _softmax(logits, visible)
-  out = jnp.einsum("bthgp,phd->bthgd", probs, v.astype(jnp.float32))
+  v = jnp.where(visible[:, None, None], v.astype(jnp.float32), 0.0)  # values past the length stay out, as above
+  out = jnp.einsum("bthgp,phd->bthgd", probs, v)
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
 

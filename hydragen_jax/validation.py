@@ -126,8 +126,15 @@ def _concrete(x) -> np.ndarray | None:
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):  # a list, a scalar: not an array
+    raise ValueError(f"{name} must be an array of rank {rank} ({layout}); got {type(x).__name__}.")
   if jnp.ndim(x) != rank:
     raise ValueError(f"{name} must have rank {rank} ({layout}); got shape {jnp.shape(x)}.")
+
+
+def check_flag(name: str, x) -> None:
+  if not isinstance(x, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {x!r}.")
 
 
 def check_same(name_a: str, a, name_b: str, b) -> None:

@@ -210,6 +210,47 @@ def test_under_jit_with_traced_lengths(backend):
   chex.assert_trees_all_close(tree(q, [prefix, suffix]), out, **tol(jnp.float32))
 
 
+def test_numpy_lengths_with_a_traced_seq_to_node(backend):
+  """Lengths known on the host (numpy, or None: full) beside a node index traced under jit, on a level read per
+  sequence (a shared level not batched, a leaf level with its own nodes) and a batched one."""
+  keys = jax.random.split(jax.random.PRNGKey(9), 4)
+  q = normal(keys[0], (3, 1, 4, 64), jnp.float32)
+  nodes = random_level(keys[1], 2, 8, [8, 5], [0, 1, 1], 2, 64, jnp.float32)
+  suffix = random_level(keys[2], 3, 8, [8, 3, 2], None, 2, 64, jnp.float32)
+  for lengths in (np.array([8, 5], np.int32), None):
+    shared = dataclasses.replace(nodes, lengths=lengths)
+    full = dataclasses.replace(nodes, lengths=jnp.array([8, 8] if lengths is None else lengths))
+    for batch_shared in (False, True):
+      f = jax.jit(lambda m, s=shared, b=batch_shared: hj.tree_attention(
+          q, [dataclasses.replace(s, seq_to_node=m), suffix], backend=backend, batch_shared=b))
+      chex.assert_trees_all_close(f(jnp.array([0, 1, 1])), expected_tree(q, [full, suffix]), **tol(jnp.float32))
+    leaf = jax.jit(lambda m, s=shared: hj.tree_attention(q, [dataclasses.replace(s, seq_to_node=m)],
+                                                         backend=backend))
+    chex.assert_trees_all_close(leaf(jnp.array([0, 1, 1])), expected_tree(q, [full]), **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("xla", id="xla"), pytest.param("interpret", id="interpret"),
+                                     pytest.param("triton", id="triton", marks=[pytest.mark.gpu, requires_gpu])])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_keys_and_values_past_the_lengths_never_enter(backend, bad):
+  """Whatever a cache holds past a length (NaN, inf: an unused tail) leaves the output as if it held zeros, on the
+  reference and the Triton kernels (the Hopper kernel needs it finite: README, 'Lengths and indices out of range')."""
+  keys = jax.random.split(jax.random.PRNGKey(12), 5)
+  q = normal(keys[0], (2, 1, 4, 64), jnp.bfloat16)
+  pk, pv = (normal(k, (16, 1, 64), jnp.bfloat16) for k in keys[1:3])
+  sk, sv = (normal(k, (2, 8, 1, 64), jnp.bfloat16) for k in keys[3:5])
+  lengths = jnp.array([5, 8])
+  clean = hj.hydragen_attention(q, pk.at[10:].set(0), pv.at[10:].set(0), sk.at[0, 5:].set(0), sv.at[0, 5:].set(0),
+                                prefix_length=10, suffix_lengths=lengths, backend=backend)
+  out = hj.hydragen_attention(q, pk.at[10:].set(bad), pv.at[10:].set(bad), sk.at[0, 5:].set(bad),
+                              sv.at[0, 5:].set(bad), prefix_length=10, suffix_lengths=lengths, backend=backend)
+  chex.assert_trees_all_equal(out, clean)
+  tail = sv.at[0, 5:].set(bad)
+  out, lse = hj.attention(q, sk, tail, kv_lengths=lengths, causal=True, backend=backend)
+  want, want_lse = hj.attention(q, sk, sv.at[0, 5:].set(0), kv_lengths=lengths, causal=True, backend=backend)
+  chex.assert_trees_all_equal((out, lse), (want, want_lse))
+
+
 def test_under_vmap_over_layers(backend):
   """A leading axis (e.g. layers of a model) mapped with jax.vmap: Pallas' batching rule adds a grid axis."""
   keys = jax.random.split(jax.random.PRNGKey(6), 5)
@@ -363,6 +404,10 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("scale_nan", r"scale must be a positive finite number, got nan"),
     ("scale_str", r"scale must be a positive number known at trace time \(a Python float\), got 'x'"),
     ("scale_tiny", r"scale=1e-40 is too small: scale·log2 e is not a normal float32"),
+    ("scale_bool", r"scale must be a positive number known at trace time \(a Python float\), got True"),
+    ("scale_numeric_str", r"scale must be a positive number known at trace time \(a Python float\), got '1'"),
+    ("q_list", r"q must be an array of rank 4 \(\[B, T, Hq, D\]\); got list"),
+    ("causal_str", r"causal must be True or False, got 'yes'"),
 ])
 def test_attention_bad_input(case, match):
   q, k = _ok()
@@ -395,7 +440,11 @@ def test_attention_bad_input(case, match):
     kwargs["k"] = kwargs["v"] = jnp.zeros((2, 10, 0, 64))
   elif case.startswith("scale_"):
     kwargs["scale"] = {"scale_negative": -0.1, "scale_zero": 0.0, "scale_nan": float("nan"), "scale_str": "x",
-                       "scale_tiny": 1e-40}[case]
+                       "scale_tiny": 1e-40, "scale_bool": True, "scale_numeric_str": "1"}[case]
+  elif case == "q_list":
+    kwargs["q"] = np.asarray(q).tolist()
+  elif case == "causal_str":
+    kwargs["causal"] = "yes"
   with pytest.raises(ValueError, match=match):
     hj.attention(**kwargs)
 

@@ -19,7 +19,8 @@ tile's softmax reduces over rows, across warps, through a shared-memory scratch 
 warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so nothing races on it.
 
 The returned lse is natural-log, -inf for a query that sees no key (its out is 0). Masked scores are -inf and the
-running max starts at a finite -1e30, so fully masked tiles never produce NaN.
+running max starts at a finite -1e30, so fully masked tiles never produce NaN. A tile's values past a length enter
+its value product with a zero weight: they must be finite (NaN or inf there give NaN; a model's caches start zeroed).
 """
 
 from __future__ import annotations
