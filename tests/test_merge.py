@@ -51,8 +51,21 @@ def test_merge_stacks_equals_the_reference(kernel_backend, sizes, n, d, dtype, r
   assert lse[1] == -jnp.inf
 
 
+def test_launch_settings_are_the_tunings():
+  """Rows and warps a program come from the device's tuning (`merge_rows`, `merge_warps`), an argument overrides."""
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), merge_rows=8, merge_warps=2)):
+    assert merge.rows_per_program(2048, 128) == 8
+    assert merge.rows_per_program(2048, 128, rows=4) == 4
+    parts = [(jnp.ones((2, 16, 64)), jnp.zeros((2, 16)))]
+    out, lse = merge.merge_stacks(parts, interpret=True)
+    chex.assert_trees_all_close((out, lse), reference.merge_states([(o, l) for o, l in zip(*parts[0])]))
+  for field, bad in (("merge_rows", 3), ("merge_rows", 0), ("merge_warps", 64), ("merge_warps", 1.0)):
+    with pytest.raises(ValueError, match=f"Tuning.{field} must be a power of two"):
+      dataclasses.replace(tuning_lib.current(), **{field: bad})
+
+
 def test_rows_per_program():
-  assert merge.rows_per_program(2048, 128) == merge.ROWS
+  assert merge.rows_per_program(2048, 128) == tuning_lib.current().merge_rows
   assert merge.rows_per_program(24, 64, rows=16) == 8  # the largest power of two dividing the rows
   assert merge.rows_per_program(9, 64) == 1
   assert merge.rows_per_program(64, 80) == 0  # Triton tiles need a power-of-two head dim

@@ -7,9 +7,10 @@ partial outputs `out [P, ..., D]` and their `lse [P, ...]` (N rows: the product 
 
 which XLA compiles to two kernels (the per-row weights, then the weighted sum). Here one program takes `rows` rows
 of every part, computes their weights in registers and writes the merged rows: one launch, each part read once.
-Small programs (2 rows, one warp) keep many loads in flight over the whole GPU: at B = 64 MHA decode (2048 rows,
-10 parts) the step ran 1-2 µs faster than with XLA's merge, where 16-row programs of 4 warps were no faster (H200,
-experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count the API uses it (for the Triton
+Small programs (on the H200 2 rows, one warp: `Tuning.merge_rows`, `merge_warps`) keep many loads in flight over the
+whole GPU: at B = 64 MHA decode (2048 rows, 10 parts) the step ran 1-2 µs faster than with XLA's merge, where 16-row
+programs of 4 warps were no faster (experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count
+the API uses it (for the Triton
 kernels' parts: the Hopper kernel's go to `merge_states`, which folds their layout change into its fusions).
 Empty parts (lse = -inf) weigh 0, their outputs are never read into the sum, and a row with no keys in any part
 gives out = 0, lse = -inf (no NaN), as in `reference.merge_states`.
@@ -26,16 +27,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hydragen_jax import tuning as tuning_lib
+
 Array = jax.Array
-ROWS, WARPS = 2, 1  # rows a program and its warps (measured: see the module docstring)
 
 
-def rows_per_program(n: int, d: int, rows: int = ROWS) -> int:
-  """Rows a program merges for n rows of head dim d: the largest power of two up to `rows` dividing n, or 0 where
+def rows_per_program(n: int, d: int, rows: int | None = None) -> int:
+  """Rows a program merges for n rows of head dim d: the largest power of two up to `rows` (None: the tuning's
+  `merge_rows`) dividing n, or 0 where
   the kernel does not apply (d not a power of two up to 256, the Triton tile's constraint, or no rows)."""
   if n <= 0 or d <= 0 or d & (d - 1) or d > 256:
     return 0
-  return min(rows, n & -n)  # n & -n: the largest power of two dividing n
+  return min(tuning_lib.current().merge_rows if rows is None else rows, n & -n)  # n & -n: the largest power of two dividing n
 
 
 def applies(n: int, d: int, max_rows: int) -> bool:
@@ -64,7 +67,7 @@ def _kernel(*refs, sizes: tuple[int, ...]):
 
 
 def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, interpret: bool = False,
-                 rows: int = ROWS, num_warps: int = WARPS) -> tuple[Array, Array]:
+                 rows: int | None = None, num_warps: int | None = None) -> tuple[Array, Array]:
   """Merges stacks of parts by their log-sum-exp in one kernel launch.
 
   Args:
@@ -73,7 +76,7 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
     out_dtype: dtype of the merged out (default: the first stack's).
     interpret: run in the Pallas interpreter (CPU).
     rows, num_warps: rows a program (a power of two; the largest power of two up to it that divides n) and its
-      warps.
+      warps; None: the tuning's `merge_rows` and `merge_warps` (`tuning.current()`).
 
   Returns:
     out `[..., D]` in out_dtype and lse `[...]` float32, as `reference.merge_states` over every part of every stack.
@@ -89,6 +92,9 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
                        f"{', '.join(map(str, shape))}] and lse [P, {', '.join(map(str, shape[:-1]))}] (rows and head "
                        "dim as stack 0's).")
   n, d = math.prod(shape[:-1]), shape[-1]
+  tuning = tuning_lib.current()
+  rows = tuning.merge_rows if rows is None else rows
+  num_warps = tuning.merge_warps if num_warps is None else num_warps
   if rows < 1 or rows & (rows - 1):
     raise ValueError(f"merge_stacks: rows={rows}; expected a power of two >= 1.")
   rows = rows_per_program(n, d, rows)

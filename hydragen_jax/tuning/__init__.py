@@ -258,6 +258,8 @@ class Tuning:
       most of the merge's time. The rows are those the merge sees (per example under vmap, per device under
       shard_map); head dims that are not a power of two up to 256 keep XLA's merge, and so do the Hopper kernel's
       parts (XLA folds their layout change into its merge; the merge kernel would take each part copied).
+    merge_rows, merge_warps: the merge kernel's rows a program (a power of two; the largest power of two up to it
+      dividing the step's rows) and warps a program (a power of two up to 32).
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
       slots (B·T, per device), rather than with XLA's two scatters; 0: never.
@@ -291,6 +293,8 @@ class Tuning:
   hopper_long_prefix: int = 0
   hopper_long: tuple[tuple[int, HopperTuning], ...] = ()
   merge_max_rows: int = 0
+  merge_rows: int = 2
+  merge_warps: int = 1
   write_max_rows: int = 0
   split_min_fill: float = 1.0
   split_fill_max_keys: int = 2048
@@ -302,6 +306,10 @@ class Tuning:
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
                        "hopper_split_min_rows", "hopper_max_rows"), least=0)
+    for name, most in (("merge_rows", None), ("merge_warps", 32)):
+      value = getattr(self, name)
+      if not _power_of_two(value) or (most is not None and value > most):
+        raise ValueError(f"Tuning.{name} must be a power of two{f' up to {most}' if most else ''}; got {value!r}.")
     if self.balanced_keys > self.max_keys_per_program:
       raise ValueError(f"Tuning.balanced_keys={self.balanced_keys} exceeds max_keys_per_program="
                        f"{self.max_keys_per_program}.")

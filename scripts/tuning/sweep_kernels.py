@@ -239,8 +239,8 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
     if how == "pallas" or (how == "tuning" and merge_kernel.applies(q.size // q.shape[-1], q.shape[-1],
                                                                     tune.merge_max_rows)):
       stacks = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, stacked=True)
-      out, _ = merge_kernel.merge_stacks(stacks, rows=variant.get("merge_rows", merge_kernel.ROWS),
-                                         num_warps=variant.get("merge_warps", merge_kernel.WARPS))
+      out, _ = merge_kernel.merge_stacks(stacks, rows=variant.get("merge_rows"),
+                                         num_warps=variant.get("merge_warps"))  # None: the tuning's
       return out
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
     if how is False:
