@@ -210,23 +210,24 @@ def test_under_jit_with_traced_lengths(backend):
   chex.assert_trees_all_close(tree(q, [prefix, suffix]), out, **tol(jnp.float32))
 
 
-def test_numpy_lengths_with_a_traced_seq_to_node(backend):
+def test_numpy_lengths_with_a_traced_seq_to_node(kernel_backend):
   """Lengths known on the host (numpy, or None: full) beside a node index traced under jit, on a level read per
-  sequence (a shared level not batched, a leaf level with its own nodes) and a batched one."""
+  sequence (a shared level not batched, a leaf level with its own nodes) and a batched one (the kernel backends
+  gather the lengths by the traced index; the reference was never affected)."""
   keys = jax.random.split(jax.random.PRNGKey(9), 4)
   q = normal(keys[0], (3, 1, 4, 64), jnp.float32)
   nodes = random_level(keys[1], 2, 8, [8, 5], [0, 1, 1], 2, 64, jnp.float32)
   suffix = random_level(keys[2], 3, 8, [8, 3, 2], None, 2, 64, jnp.float32)
-  for lengths in (np.array([8, 5], np.int32), None):
-    shared = dataclasses.replace(nodes, lengths=lengths)
+  m = jnp.array([0, 1, 1])
+  for lengths, batch_shared, leaf in ((np.array([8, 5], np.int32), False, False),
+                                      (np.array([8, 5], np.int32), True, False), (None, None, True)):
+    level = dataclasses.replace(nodes, lengths=lengths)
     full = dataclasses.replace(nodes, lengths=jnp.array([8, 8] if lengths is None else lengths))
-    for batch_shared in (False, True):
-      f = jax.jit(lambda m, s=shared, b=batch_shared: hj.tree_attention(
-          q, [dataclasses.replace(s, seq_to_node=m), suffix], backend=backend, batch_shared=b))
-      chex.assert_trees_all_close(f(jnp.array([0, 1, 1])), expected_tree(q, [full, suffix]), **tol(jnp.float32))
-    leaf = jax.jit(lambda m, s=shared: hj.tree_attention(q, [dataclasses.replace(s, seq_to_node=m)],
-                                                         backend=backend))
-    chex.assert_trees_all_close(leaf(jnp.array([0, 1, 1])), expected_tree(q, [full]), **tol(jnp.float32))
+    levels, want = ([level], [full]) if leaf else ([level, suffix], [full, suffix])
+    kwargs = {} if leaf else dict(batch_shared=batch_shared)
+    f = jax.jit(lambda m, levels=levels, kwargs=kwargs: hj.tree_attention(
+        q, [dataclasses.replace(levels[0], seq_to_node=m), *levels[1:]], backend=kernel_backend, **kwargs))
+    chex.assert_trees_all_close(f(m), expected_tree(q, want), **tol(jnp.float32))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("xla", id="xla"), pytest.param("interpret", id="interpret"),
