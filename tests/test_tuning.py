@@ -339,6 +339,27 @@ def test_a_gpu_without_a_file_is_warned_about_and_an_env_var_names_a_file(monkey
     tuning.current()
 
 
+def test_an_env_file_of_another_gpu_kind_is_used_with_a_warning(monkeypatch, tmp_path):
+  """The file HYDRAGEN_JAX_TUNING names is used on any device; on a GPU of another kind than the file's, with a
+  warning (once); on its own kind and off a GPU (interpreted runs), silently."""
+  path = tmp_path / "h200.json"
+  path.write_text(tuning.data_file("NVIDIA H200").read_text())
+  monkeypatch.setenv(tuning.TUNING_ENV, str(path))
+  h200 = tuning.for_device_kind("NVIDIA H200")
+  for kind in ("cpu", "NVIDIA H200"):
+    monkeypatch.setattr(tuning, "device_kind", lambda kind=kind: kind)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      assert tuning.current() == h200
+  monkeypatch.setattr(tuning, "device_kind", lambda: "NVIDIA L40S")
+  with pytest.warns(UserWarning, match=r"HYDRAGEN_JAX_TUNING='.*h200.json' is the tuning of device kind 'NVIDIA H200', "
+                                       r"and this device is 'NVIDIA L40S'"):
+    assert tuning.current() == h200
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert tuning.current() == h200  # once
+
+
 def test_a_file_without_provenance_is_refused():
   text = tuning.dumps(tuning.file_for(H100))
   data = json.loads(text)

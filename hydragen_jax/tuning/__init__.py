@@ -611,8 +611,19 @@ def current() -> Tuning:
   if forced is not None:
     return forced
   if path := os.environ.get(TUNING_ENV):
-    return _file_at(path).tuning
+    file = _file_at(path)
+    _warn_if_for_another_gpu(path, file.device_kind, device_kind())
+    return file.tuning
   return for_device_kind(device_kind())
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_if_for_another_gpu(path: str, file_kind: str, kind: str) -> None:
+  """Once a (file, device) pair: a GPU given a file measured for another kind, likely by mistake (a sweep writes
+  its device's kind; CPU and interpreted runs take any file silently)."""
+  if file_kind != kind and _is_gpu_kind(kind):
+    warnings.warn(f"hydragen_jax: {TUNING_ENV}={path!r} is the tuning of device kind {file_kind!r}, and this device "
+                  f"is {kind!r}: its choices may not suit it (the file is used).", stacklevel=3)
 
 
 def resolve(tuning: Tuning | None) -> Tuning:
