@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         device = cfg.get("device", {})
-        if args.capacity_gb is not None and not args.capacity_gb > 0:
-            print(f"plan: --capacity-gb must be > 0, got {args.capacity_gb}", file=sys.stderr)
+        if args.capacity_gb is not None and not 0 < args.capacity_gb < float("inf"):
+            print(f"plan: --capacity-gb must be a finite number > 0, got {args.capacity_gb}", file=sys.stderr)
             return 2
         from experiments import memory
 
@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         if missing := _missing(args.results):
             print(f"plot: no results file {missing}", file=sys.stderr)
             return 2
-        for path in plot.plot_files(args.results, args.out):
-            print(path)
+        try:
+            for path in plot.plot_files(args.results, args.out):
+                print(path)
+        except ValueError as e:  # an unreadable results file (records.read names it and the line)
+            print(f"plot: {e}", file=sys.stderr)
+            return 2
         return 0
 
     from experiments import runner
@@ -133,9 +137,16 @@ def report(args) -> int:
             print(f"report: no results file {missing}", file=sys.stderr)
             return 2
         for path in args.results:
-            print(runner.write_report(path))
+            try:
+                print(runner.write_report(path))
+            except ValueError as e:  # an unreadable results file (records.read names it and the line)
+                print(f"report: {e}", file=sys.stderr)
+                return 2
         return 0
     readme = pathlib.Path(args.readme) if args.readme else records.REPO_ROOT / "README.md"
+    if not readme.is_file():
+        print(f"report: --readme {str(readme)!r}: no such file", file=sys.stderr)
+        return 2
     results_dir = pathlib.Path(args.results_dir) if args.results_dir else records.RESULTS_DIR
     if not results_dir.is_dir() or not any(results_dir.glob("*.jsonl")):  # a typo must not empty the README's tables
         print(f"report: --results-dir {str(results_dir)!r} is not a folder of results files (*.jsonl)", file=sys.stderr)

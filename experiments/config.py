@@ -276,8 +276,11 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
     """A path to a TOML file, or a bare config name looked up in experiments/configs/."""
     path = pathlib.Path(name_or_path)
-    if path.exists():
+    if path.is_file():
         return path
+    if path.exists():
+        raise ConfigError(f"{str(name_or_path)!r} is a directory, not a config file (a TOML file, or a bare name "
+                          f"such as 'e2e_throughput' for {CONFIG_DIR / 'e2e_throughput.toml'})")
     if len(path.parts) > 1 or path.suffix == ".toml":  # a path that is not there: not a name to look up
         raise ConfigError(f"no config file {str(name_or_path)!r} (a bare name such as {path.stem!r} reads "
                           f"{CONFIG_DIR / (path.stem + '.toml')})")

@@ -22,6 +22,10 @@ def experiment_module(kind: str):
 
 def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bool = True) -> pathlib.Path:
     path = pathlib.Path(out) if out else records.default_output(cfg["name"], cfg["smoke"])
+    if path.suffix == ".md":  # its markdown tables go to the same name with .md: they would replace the records
+        raise config_lib.ConfigError(f"--out {str(path)!r}: the records' file cannot end in .md (its markdown tables "
+                                     f"are written to {path.with_suffix('.md').name}); use e.g. "
+                                     f"{path.with_suffix('.jsonl').name}")
     module = experiment_module(cfg["kind"])
     print(f"[run] {cfg['name']} ({cfg['kind']}{', smoke' if cfg['smoke'] else ''}) -> {path}", flush=True)
     try:

@@ -31,7 +31,9 @@ def _fmt_rate(v) -> str:
     return f"{v:.0f}"
 
 
-def _fmt_gb(nbytes: float) -> str:
+def _fmt_gb(nbytes: float | None) -> str:
+    if nbytes is None:  # a non-finite number, written as null (records._clean)
+        return "–"
     return f"{nbytes / 1e9:.2f}" if nbytes >= 1e7 else f"{nbytes / 1e9:.2e}"
 
 
@@ -235,7 +237,8 @@ def hydragen_vs_none_rows(records: list[dict], point_keys: list[str]) -> list[tu
             continue
         extra = hyd["results"]["mean_step_s"] - none["results"]["mean_step_s"]
         attention, levels = _attention_floors(hyd) if result(hyd, "attention_floor_s") is not None else (None, None)
-        rows.append((key, {"hydragen_over_none": hyd["results"]["tokens_per_s"] / none["results"]["tokens_per_s"],
+        rates = result(hyd, "tokens_per_s"), result(none, "tokens_per_s")  # null where not finite (records._clean)
+        rows.append((key, {"hydragen_over_none": rates[0] / rates[1] if None not in rates and rates[1] else None,
                            "paper": paper_hydragen_over_none(hyd["point"].get("prefix")), "extra_s": extra,
                            "attention_s": attention, "levels_s": levels}))
     return rows
@@ -259,7 +262,8 @@ def hydragen_vs_none_table(records: list[dict], point_keys: list[str]) -> str:
     rows = []
     for key, v in hydragen_vs_none_rows(records, point_keys):
         rows.append([str(x) for x in key] + [
-            f"{v['hydragen_over_none']:.3f}", "–" if v["paper"] is None else f"{v['paper']:.2f}", _ms(v["extra_s"]),
+            "–" if v["hydragen_over_none"] is None else f"{v['hydragen_over_none']:.3f}",
+            "–" if v["paper"] is None else f"{v['paper']:.2f}", _ms(v["extra_s"]),
             _ms(v["attention_s"]), _ratio(v["extra_s"], v["attention_s"]), _ms(v["levels_s"]),
             _ratio(v["extra_s"], v["levels_s"])])
     return _table(header, rows)
@@ -297,9 +301,11 @@ def tree_table(records: list[dict]) -> str:
         cells = [rec["mode"], str(p.get("levels")), str(p.get("batch"))]
         if rec["status"] == "ok":
             r = rec["results"]
-            saved = f"{1 - r['decode_s'] / base['results']['decode_s']:+.1%}" if base else "–"
+            decode, base_decode = r.get("decode_s"), result(base, "decode_s")  # null where not finite
+            saved = f"{1 - decode / base_decode:+.1%}" if decode is not None and base_decode else "–"
             full = f"{r['decode_s_full']:.3f}" if r.get("decode_s_full") is not None else "–"
-            cells += [f"{r['decode_s']:.4g}", full, _fmt_rate(r["tokens_per_s"]), _fmt_gb(r["cache_bytes"]), saved]
+            cells += ["–" if decode is None else f"{decode:.4g}", full, _fmt_rate(r.get("tokens_per_s")),
+                      _fmt_gb(r.get("cache_bytes")), saved]
             if floors:
                 cells.append(_cell(rec, "floor_fraction", lambda x: f"{x:.3f}"))
         else:

@@ -1105,3 +1105,41 @@ def test_config_errors_across_keys_and_cli_input_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a folder of results files" in err and err.count("no results file") == 2, err
     assert "--capacity-gb must be > 0, got -5.0" in err
+
+
+def test_the_cli_names_bad_files_and_paths_without_a_traceback(tmp_path, capsys):
+    """A truncated results file to `report` or `plot`, a README that is not there, a folder as the config, an
+    `--out` ending in .md (its markdown would replace the records) and an infinite capacity: each a clean message
+    and exit 2."""
+    path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
+        _model(), _decode(_e2e_point(1024, 8), "none", 1e3)])
+    path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
+    for command in ("report", "plot"):
+        assert cli.main([command, str(path)]) == 2
+        assert re.search(rf"^{command}: .*{path.name}:3: not a JSON record", capsys.readouterr().err, re.M)
+    assert cli.main(["report", "--readme", str(tmp_path / "NOPE.md"), "--check"]) == 2
+    assert "report: --readme" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path), "--smoke"]) == 2
+    assert "is a directory, not a config file" in capsys.readouterr().err
+    assert cli.main(["run", "tree_apps", "--smoke", "--out", str(tmp_path / "res.md"), "--no-progress"]) == 2
+    assert "the records' file cannot end in .md" in capsys.readouterr().err and not (tmp_path / "res.md").exists()
+    assert cli.main(["plan", "tree_apps", "--capacity-gb", "inf"]) == 2
+    assert "--capacity-gb must be a finite number > 0, got inf" in capsys.readouterr().err
+
+
+def test_markdown_tables_show_a_dash_for_a_result_written_as_null(tmp_path):
+    """A non-finite result is written as null (records._clean): the tables show "–" for it, not a crash."""
+    point = _e2e_point(1024, 8)
+    none = _decode(point, "none", 2e3)
+    none["results"]["tokens_per_s"] = None
+    path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
+        _model(), _decode(point, "hydragen", 1e3), none])
+    assert cli.main(["report", str(path)]) == 0
+    tree = {"levels": 2, "batch": 128}
+    one = _rec("tree_apps", "decode", dict(tree, levels=1), "one_level",
+               {"decode_s": None, "tokens_per_s": 1e3, "cache_bytes": None})
+    two = _rec("tree_apps", "decode", tree, "two_level", {"decode_s": 0.5, "tokens_per_s": 2e3, "cache_bytes": 1e9})
+    path = _write_results(tmp_path, "tree_apps", "20261130-100000", [_model("tree_apps"), one, two])
+    assert cli.main(["report", str(path)]) == 0
+    md = path.with_suffix(".md").read_text()
+    assert "| one_level | 1 | 128 | – | – | 1.0k | – | – |" in md and "| two_level | 2 | 128 | 0.5 | – | 2.0k | 1.00 | – |" in md
