@@ -1104,7 +1104,7 @@ def test_config_errors_across_keys_and_cli_input_errors(tmp_path, capsys):
     assert cli.main(["plan", "tree_apps", "--capacity-gb", "-5"]) == 2
     err = capsys.readouterr().err
     assert "is not a folder of results files" in err and err.count("no results file") == 2, err
-    assert "--capacity-gb must be > 0, got -5.0" in err
+    assert "--capacity-gb must be a finite number > 0, got -5.0" in err
 
 
 def test_the_cli_names_bad_files_and_paths_without_a_traceback(tmp_path, capsys):
