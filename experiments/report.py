@@ -500,6 +500,9 @@ def update_readme(readme: pathlib.Path, results_dir: pathlib.Path = records.RESU
                   check: bool = False, plot: bool = True) -> tuple[bool, str]:
     """Regenerate the README's section. Returns (changed, unified diff). With `check`, the file is not written."""
     chosen = choose(load_results(results_dir), device)
+    if not chosen:  # e.g. smoke runs only: the README keeps its tables rather than lose them
+        raise ValueError(f"no results to report in {results_dir} (smoke runs and files without a device and date "
+                         "stamp are not reported); the section is left as it is")
     old = readme.read_text()
     new = replace_section(old, render(chosen, plot=plot and not check))
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(readme), str(readme)))

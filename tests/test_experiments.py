@@ -1143,3 +1143,13 @@ def test_markdown_tables_show_a_dash_for_a_result_written_as_null(tmp_path):
     assert cli.main(["report", str(path)]) == 0
     md = path.with_suffix(".md").read_text()
     assert "| one_level | 1 | 128 | – | – | 1.0k | – | – |" in md and "| two_level | 2 | 128 | 0.5 | – | 2.0k | 1.00 | – |" in md
+
+
+def test_report_of_a_folder_without_reportable_runs_leaves_the_readme(tmp_path, readme, capsys):
+    """A results folder of smoke runs only must not replace the README's tables with "No results yet"."""
+    res = tmp_path / "results"
+    recs = [_model(), _decode(_e2e_point(1024, 8), "none", 1e3)]
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [dict(r, smoke=True) for r in recs])
+    before = readme.read_text()
+    assert cli.main(["report", "--readme", str(readme), "--results-dir", str(res), "--no-plot"]) == 2
+    assert "no results to report" in capsys.readouterr().err and readme.read_text() == before
