@@ -359,8 +359,7 @@ def hydragen_attention(
     no key).
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
-  if not isinstance(batch_prefix, (bool, np.bool_)):
-    raise ValueError(f"batch_prefix must be a bool, got {batch_prefix!r}.")
+  check.check_flag("batch_prefix", batch_prefix)
   check.check_rank("prefix_k", prefix_k, 3, "[P, Hkv, D]")
   check.check_same("prefix_k", prefix_k, "prefix_v", prefix_v)
   check.check_rank("suffix_k", suffix_k, 4, "[B, S, Hkv, D]")

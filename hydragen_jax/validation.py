@@ -134,7 +134,7 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
 
 def check_flag(name: str, x) -> None:
   if not isinstance(x, (bool, np.bool_)):
-    raise ValueError(f"{name} must be True or False, got {x!r}.")
+    raise ValueError(f"{name} must be a bool, got {x!r}.")
 
 
 def check_same(name_a: str, a, name_b: str, b) -> None:

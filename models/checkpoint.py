@@ -133,6 +133,17 @@ def _tensor_files(path: str) -> dict[str, str]:
     return mapping
 
 
+def model_dtype(caller: str, dtype) -> jnp.dtype:
+    """`dtype` as the parameters' dtype a loader takes (float32 or bfloat16); `ValueError` naming `caller` else."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"{caller}: dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
 # safetensors dtypes read as weights (cast to float32 on the host, then to the model's dtype)
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -179,12 +190,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
         raise CheckpointError(f"load_checkpoint: {path} is a file; expected the checkpoint's directory (config.json "
                               "and *.safetensors)")
     config = LlamaConfig.from_json(path)
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"load_checkpoint: dtype must be float32 or bfloat16, got {dtype}")
+    dtype = model_dtype("load_checkpoint", dtype)
     expected = hf_tensor_shapes(config)
     files = _tensor_files(path)
     missing = [n for n in expected if n not in files]

@@ -632,8 +632,8 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
             why = f"it has {len(spelled)} sequences, the prompts x num_samples {len(sequences)}"
         else:
             b = next(b for b, (t, s) in enumerate(zip(spelled, sequences)) if t != list(s))
-            why = f"sequence {b} is {spelled[b][:16]}{'...' if len(spelled[b]) > 16 else ''} in the tree, " \
-                  f"{list(sequences[b])[:16]}{'...' if len(sequences[b]) > 16 else ''} in the prompts"
+            short = lambda ids: f"{list(ids)[:16]}{'...' if len(ids) > 16 else ''}"  # noqa: E731
+            why = f"sequence {b} is {short(spelled[b])} in the tree, {short(sequences[b])} in the prompts"
         raise ValueError(f"the given tree does not spell the prompts x num_samples sequences: {why}")
     if stop_tokens is not None:
         if len(stop_tokens) != len(token_prompts):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from models.checkpoint import CheckpointError, _from_hf, hf_name, hf_tensor_shapes
+from models.checkpoint import CheckpointError, _from_hf, hf_name, hf_tensor_shapes, model_dtype
 from models.config import LlamaConfig, RopeScaling, is_int
 from models.llama import Llama
 from models.tokenizer import PRE_TOKENIZERS, BPETokenizer
@@ -279,7 +279,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> Llama:
     that differ (``token_embd.weight``'s rows, ``tokenizer.ggml.tokens``, ``llama.vocab_size``), an unsupported
     tensor type or tensor, a missing or misshaped tensor.
     """
-    dtype = _model_dtype("load_gguf", dtype)
+    dtype = model_dtype("load_gguf", dtype)
     return _model(*_open(path), dtype)
 
 
@@ -288,20 +288,10 @@ def load_gguf_with_tokenizer(path: str | os.PathLike, dtype=jnp.float32) -> tupl
     parses all of a file's metadata when it opens it (SmolLM2-135M's 49K-token vocabulary and merges: ~6 s on a
     CPU), which loading the two apart does twice. Raises as they do; the tokenizer is read first (cheap: a
     tokenizer the file cannot give fails before the weights are dequantized, as the demo loaded them before)."""
-    dtype = _model_dtype("load_gguf_with_tokenizer", dtype)
+    dtype = model_dtype("load_gguf_with_tokenizer", dtype)
     path, reader = _open(path)
     tok = _tokenizer(path, reader)
     return _model(path, reader, dtype), tok
-
-
-def _model_dtype(caller: str, dtype):
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"{caller}: dtype must be float32 or bfloat16, got {dtype}")
-    return dtype
 
 
 def _model(path: str, reader, dtype) -> Llama:

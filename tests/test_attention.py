@@ -405,7 +405,7 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("scale_bool", r"scale must be a positive number known at trace time \(a Python float\), got True"),
     ("scale_numeric_str", r"scale must be a positive number known at trace time \(a Python float\), got '1'"),
     ("q_list", r"q must be an array of rank 4 \(\[B, T, Hq, D\]\); got list"),
-    ("causal_str", r"causal must be True or False, got 'yes'"),
+    ("causal_str", r"causal must be a bool, got 'yes'"),
 ])
 def test_attention_bad_input(case, match):
   q, k = _ok()

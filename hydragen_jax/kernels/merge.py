@@ -38,7 +38,8 @@ def rows_per_program(n: int, d: int, rows: int | None = None) -> int:
   the kernel does not apply (d not a power of two up to 256, the Triton tile's constraint, or no rows)."""
   if n <= 0 or d <= 0 or d & (d - 1) or d > 256:
     return 0
-  return min(tuning_lib.current().merge_rows if rows is None else rows, n & -n)  # n & -n: the largest power of two dividing n
+  rows = tuning_lib.current().merge_rows if rows is None else rows
+  return min(rows, n & -n)  # n & -n: the largest power of two dividing n
 
 
 def applies(n: int, d: int, max_rows: int) -> bool:
