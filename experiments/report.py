@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import os
 import pathlib
 import re
+import urllib.parse
 
 from experiments import records, tables
 from hydragen_jax import tuning
@@ -268,7 +270,8 @@ def _model_line(files: list[ResultsFile]) -> str:
             f"{model['results']['param_bytes'] / 1e9:.2f} GB of weights")
 
 
-def e2e_section(files: list[ResultsFile], plot: bool = True) -> list[str]:
+def e2e_section(files: list[ResultsFile], plot: bool = True, link_base: pathlib.Path = records.REPO_ROOT) -> list[str]:
+    """The end-to-end part; the combined plot's link is relative to `link_base` (the folder of the README written)."""
     rows, source = _decode_by_point(files, ("prefix", "batch"))
     if not rows:
         return []
@@ -282,7 +285,7 @@ def e2e_section(files: list[ResultsFile], plot: bool = True) -> list[str]:
     out += [f"- {_file_line(f)}" for f in used]
     picture = combined_plot(used, draw=plot)
     if picture is not None:
-        out += ["", f"![decode throughput vs batch](experiments/results/{picture.name})"]
+        out += ["", f"![decode throughput vs batch]({_link(picture, link_base)})"]
     header = ["prefix", "batch"] + [MODE_TITLES[m] for m in modes]
     lines = [[tables.fmt_tokens(p[0]), str(p[1])] + [tables._cell(rows[p].get(m), "tokens_per_s", tables._fmt_rate) for m in modes]
              for p in points]
@@ -291,6 +294,11 @@ def e2e_section(files: list[ResultsFile], plot: bool = True) -> list[str]:
     if tables.has_floors(decode):
         out += _e2e_floor_table(rows, points, modes)
     return out + _against_none(rows, points)
+
+
+def _link(path: pathlib.Path, base: pathlib.Path) -> str:
+    """`path` as a markdown link target relative to the folder `base` (POSIX separators, URL-quoted)."""
+    return urllib.parse.quote(pathlib.Path(os.path.relpath(path.absolute(), base.absolute())).as_posix())
 
 
 def _e2e_floor_table(rows: dict, points: list[tuple], modes: list[str]) -> list[str]:
@@ -459,8 +467,8 @@ def tensor_parallel_section(files: list[ResultsFile]) -> list[str]:
 # ---------------------------------------------------------------- the README section
 
 
-def render(chosen: dict[str, list[ResultsFile]], plot: bool = True) -> str:
-    """The generated section (markers excluded)."""
+def render(chosen: dict[str, list[ResultsFile]], plot: bool = True, link_base: pathlib.Path = records.REPO_ROOT) -> str:
+    """The generated section (markers excluded); its links are relative to the folder `link_base`."""
     if not chosen:
         return "## Results\n\nNo results yet: run `bash experiments/gpu_full.sh PART` on a GPU (experiments/README.md).\n"
     devices = {f.device for files in chosen.values() for f in files}
@@ -474,7 +482,7 @@ def render(chosen: dict[str, list[ResultsFile]], plot: bool = True) -> str:
              "experiments/README.md, 'Report'); methods and caveats: experiments/README.md; kernel attempts: "
              "experiments/PERF_NOTES.md.", ""]
     parts = []
-    sections = {"bench_attention": bench_section, "e2e_throughput": lambda fs: e2e_section(fs, plot),
+    sections = {"bench_attention": bench_section, "e2e_throughput": lambda fs: e2e_section(fs, plot, link_base),
                 "long_document": long_document_section, "tree_apps": tree_section, TP_KIND: tensor_parallel_section}
     for kind in REPORT_KINDS:
         if kind in chosen:
@@ -504,7 +512,7 @@ def update_readme(readme: pathlib.Path, results_dir: pathlib.Path = records.RESU
         raise ValueError(f"no results to report in {results_dir} (smoke runs and files without a device and date "
                          "stamp are not reported); the section is left as it is")
     old = readme.read_text()
-    new = replace_section(old, render(chosen, plot=plot and not check))
+    new = replace_section(old, render(chosen, plot=plot and not check, link_base=readme.parent))
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(readme), str(readme)))
     if new != old and not check:
         readme.write_text(new)

@@ -865,7 +865,7 @@ def test_report_cli_check_markers_and_plot(tmp_path, readme, capsys):
     assert "old text" in readme.read_text()  # --check writes nothing
     assert cli.main(args) == 0
     plot = res / "e2e_throughput-combined-nvidia-h200-20261130-104000.png"  # the newest part's stamp
-    assert plot.stat().st_size > 1000 and f"](experiments/results/{plot.name})" in _section(readme)
+    assert plot.stat().st_size > 1000 and f"](results/{plot.name})" in _section(readme)  # relative to the README
     assert cli.main(args + ["--check"]) == 0
     # A newer part makes a new picture, and the older one goes (it showed the parts it replaced).
     # Another device whose slug starts with this one's keeps its picture.
@@ -881,6 +881,23 @@ def test_report_cli_check_markers_and_plot(tmp_path, readme, capsys):
     assert cli.main(args) == 2 and "expected one '<!-- report:begin" in capsys.readouterr().err
     with pytest.raises(ValueError, match="found 2 begin"):
         report.replace_section(f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n", "x")
+
+
+def test_report_links_the_combined_plot_of_its_results_dir_relative_to_the_readme(tmp_path):
+    """With --results-dir and --readme elsewhere, the plot's link is the picture drawn in that folder, relative to
+    the README (not experiments/results/); with --no-plot and no picture there, no link names one."""
+    res, docs = tmp_path / "out" / "my results", tmp_path / "docs"
+    docs.mkdir()
+    readme = docs / "README.md"
+    readme.write_text(f"# title\n\n{report.BEGIN} -->\nold text\n{report.END}\n")
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [
+        _decode(_e2e_point(1024, b), m, 100.0 * b) for b in (8, 64) for m in ("hydragen", "none")])
+    args = ["report", "--readme", str(readme), "--results-dir", str(res)]
+    assert cli.main(args + ["--no-plot"]) == 0 and "![" not in _section(readme) and not list(res.glob("*.png"))
+    assert cli.main(args) == 0
+    links = re.findall(r"!\[decode throughput vs batch\]\(([^)]+)\)", _section(readme))
+    assert links == ["../out/my%20results/e2e_throughput-combined-nvidia-h200-20261130-100000.png"], links
+    assert (docs / links[0].replace("%20", " ")).is_file()  # the link works from the README's folder
 
 
 def test_readme_results_section_is_generated_from_the_results():
