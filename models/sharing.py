@@ -135,7 +135,11 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
     paths: list[list[tuple[int, int, int]]] = [[] for _ in prompts]  # (group id, start, end) per shared edge
     group_ids = iter(range(1 << 62))
 
-    def split(seqs: list[int], offset: int) -> None:
+    # The trie's branch points, walked with a stack of (sequences, offset) rather than by recursion: prompts that
+    # are each a prefix of the next make a chain as deep as the batch (capped to max_depth below).
+    todo = [(list(range(len(prompts))), 0)] if max_depth > 0 else []
+    while todo:
+        seqs, offset = todo.pop()
         groups: dict[int, list[int]] = {}
         for b in seqs:
             if len(heads[b]) > offset:
@@ -147,10 +151,7 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
             gid = next(group_ids)
             for b in members:
                 paths[b].append((gid, offset, end))
-            split(members, end)
-
-    if max_depth > 0:
-        split(list(range(len(prompts))), 0)
+            todo.append((members, end))
     for b, path in enumerate(paths):
         if len(path) > max_depth:
             tail = path[max_depth - 1:]

@@ -1,5 +1,8 @@
 """models.sharing: prompt trie -> sharing tree (depths 0-3, ragged, identical prompts, explicit trees)."""
 
+import sys
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -119,6 +122,21 @@ def test_trie_spells_prompts(prompts, depth):
         for n, toks in enumerate(lv.nodes):
             if toks:
                 assert lv.seq_to_node.count(n) >= 2
+
+
+def test_nested_prompts_deeper_than_the_recursion_limit():
+    """Prompts that each extend the one before (every prefix of a document) make a trie chain as deep as the batch:
+    built without recursion (it raised RecursionError from ~1000 such prompts; here the limit is lowered to 150
+    for 300 prompts), capped to max_depth levels."""
+    doc = [int(t) for t in np.random.default_rng(0).integers(0, 50, 300)]
+    prompts = [doc[:i + 1] for i in range(300)]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(150)
+    try:
+        tree = build_sharing_tree(prompts, max_depth=3)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert spelled(tree, prompts) and len(tree.levels) == 3
 
 
 def test_token_ids_and_node_indices_must_be_integers():
