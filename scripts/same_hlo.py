@@ -35,7 +35,10 @@ prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9], [1, 2, 3, 4, 5, 7]]
 for mode in ("hydragen", "shared_storage", "standard", "none"):
     for dtype in (jnp.float32, jnp.bfloat16):
         model = models.init_random(cfg, dtype, 0)
-        plan, arrays = g._host_arrays(g._as_tree(prompts, 3), 4, 16, 2048)
+        try:
+            plan, arrays = g._host_arrays(g._as_tree(prompts, 3), 4, 16, 2048, dense=mode == "standard")
+        except TypeError:  # a revision before 2026-12-04, whose plan carried the dense capacity in every mode
+            plan, arrays = g._host_arrays(g._as_tree(prompts, 3), 4, 16, 2048)
         print(g._prefill_jit.lower(model.params(), jax.tree.map(jnp.asarray, arrays), config=cfg, plan=plan,
                                    mode=mode, backend="xla").as_text())
         state = models.prefill(model, prompts, 4, mode=mode, backend="xla")

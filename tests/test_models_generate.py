@@ -89,6 +89,29 @@ def test_prefill_in_chunks_equals_one_chunk(model, dtype):
                 np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
 
 
+def test_prompts_of_other_lengths_within_the_padding_share_one_compiled_prefill(model, monkeypatch):
+    """The same tree shape with a shared prefix of 20, 23 or 29 tokens and suffixes of 1-3 (all under one
+    pad_multiple of 16) traces the prefill once (it traced once a length: the token arrays were as wide as the
+    longest node), and padding does not change the logits (pad_multiple 1 against 16)."""
+    generate_lib = importlib.import_module("models.generate")  # (models.generate is also the function's name)
+    traces = []
+
+    class Counted(generate_lib.Llama):
+        def __init__(self, *args, **kwargs):
+            traces.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generate_lib, "Llama", Counted)
+    rng = np.random.default_rng(5)
+    for n in (20, 23, 29):
+        shared = rng.integers(0, 97, n).tolist()
+        prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6]]
+        state = prefill(model, prompts, 4)
+        np.testing.assert_allclose(state.logits, prefill(model, prompts, 4, pad_multiple=1).logits, rtol=1e-5,
+                                   atol=1e-5)
+    assert len(traces) == 1 + 3  # one trace for pad_multiple 16, one for each pad_multiple 1 width
+
+
 def test_chunked_decode_equals_generate(model):
     prompts = fewshot_prompts(seed=2)
     full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3)
