@@ -53,6 +53,9 @@ def test_demo_runs(capsys):
     out = capsys.readouterr().out
     assert "decode tok/s" in out and "standard" in out and "sharing tree" in out
     assert "model: default" in out and "> def is_palindrome(text):" in out
+    # every mode's compile time is that of its first run (hydragen's was the warm timing run's, 0.0)
+    compile_s = dict(re.findall(r"^(hydragen|standard) +[\d,]+ +[\d.]+x +([\d.]+) +[\d.]+$", out, re.M))
+    assert set(compile_s) == {"hydragen", "standard"} and float(compile_s["hydragen"]) > 0, out
     assert re.search(r"hydragen read \d of its \d shared levels batched( and \d per sequence)?: the device's cost "
                      r"model batches a level whose nodes have at least \d+ readers on average and which saves at "
                      r"least \d+\.\d\d MB of K and V a layer\)", out), out
