@@ -505,6 +505,68 @@ def test_suffix_late_sum_lowers_for_cuda():
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize(*_cases("shape,config", [
+    # unpacked, T·g = 4 (an 8-row window), 64-key tiles through 3 prefix stages
+    ((3, 1, 8, 2, 64, 40, 16), dict()),
+    # packed, T·g = 4 from T = 2, g = 2 (causal): 2 sequences a window, sub-blocks of 32 keys
+    ((5, 2, 4, 2, 64, 8, 40), dict(suffix_pack=True)),
+    # the H200's T·g = 1 settings below 8K: 128-key prefix tiles (two 64-row chunks zeroed), q in registers, the
+    # ring across items, trimmed last tiles (their stale rows too)
+    ((16, 1, 4, 4, 128, 200, 40), dict(MHA_DECODE, suffix_stages=2)),  # the prefix's end in a 2nd 64-row chunk
+    # packed in boxes, 128-key suffix tiles of 16 keys a sequence, the late sum (the H200's long T·g = 1 settings)
+    ((19, 1, 4, 4, 64, 40, 72), dict(suffix_pack=True, suffix_box=True, suffix_keys=128, suffix_late_sum=True)),
+    # the overlapped prefix loop (a tile's values zeroed one tile after its scores, in its masked loop and after
+    # it), in 3 key splits (the last split's tiles past the end: zeroed in the loop)
+    ((3, 1, 8, 2, 64, 296, 16), dict(prefix_overlap=True, prefix_stages=2, prefix_splits=3)),
+    # the pair's early key release in a key ring longer than the value ring, prefix key splits (a split's last
+    # tiles past the prefix's end: fully masked, values zeroed)
+    ((4, 1, 8, 2, 64, 296, 16), dict(prefix_stages=2, prefix_early_keys=True, prefix_key_stages=3,
+                                     prefix_splits=3)),
+], ["unpacked", "packed_causal", "mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
+    "early_keys_splits"], slow=("mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
+                                 "early_keys_splits")))
+def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, shape, config):
+  """zero_value_tails: the caches hold NaN past every length (prefix and suffixes: an unused tail) and the output
+  equals the reference's over zeroed tails; lengths 0, a whole capacity and random ones. Without the setting the
+  same inputs give NaN (a zero weight times NaN: the kernel's documented precondition), so the poisoned rows reach
+  the value products that the setting guards."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=13)
+  lengths = jnp.asarray(np.random.default_rng(13).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
+  plen = p - 3  # with 3 splits of 2 tiles: the last split's second tile lies past the cache (it reloads the last)
+  past = (jnp.arange(s)[None, :] >= lengths[:, None])[:, :, None, None]
+  prefix_past = (jnp.arange(p) >= plen)[:, None, None]
+  poison = lambda x, where: jnp.where(where, jnp.nan, x).astype(x.dtype)
+  inputs = (q, poison(pk, prefix_past), poison(pv, prefix_past), jnp.int32(plen), poison(sk, past),
+            poison(sv, past), lengths)
+  config = hopper.HopperConfig(**{"num_ctas": 2, **config, "zero_value_tails": True})
+  assert hopper.supported(q, pk, sk, config) is None
+  step = jax.jit(lambda *a, config: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")), static_argnames="config")
+  *prefix_parts, (so, sl) = step(*inputs, config=config)
+  clean = [jnp.where(past, 0, x).astype(x.dtype) for x in (sk, sv)]
+  _close(so, sl, *reference.attention(q, *clean, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  out, lse = reference.merge_states(prefix_parts) if len(prefix_parts) > 1 else prefix_parts[0]
+  _close(out, lse, *reference.shared_attention(q, pk, pv, jnp.int32(plen), scale=d**-0.5), jnp.bfloat16)
+  if config.suffix_pack:  # the unguarded kernel on one packed and one unpacked case (CI time)
+    return
+  unguarded = step(*inputs, config=dataclasses.replace(config, zero_value_tails=False))
+  has_nan = lambda part: bool(jnp.isnan(part[0].astype(jnp.float32)).any())
+  assert any(map(has_nan, unguarded[:-1])) and has_nan(unguarded[-1])  # a prefix split's part, the suffixes'
+
+
+def test_zero_value_tails_lowers_for_cuda():
+  """zero_value_tails lowers to Mosaic GPU for CUDA with the H200's shipped settings: T·g = 1 from 8K keys of
+  prefix (128-key prefix tiles, packed items in boxes: the value rings read through their reshape) and T·g = 4
+  below (128-key packed suffix tiles, the pair's early key release)."""
+  settings = tuning.file_for("NVIDIA H200").tuning
+  for rows, heads, kv_heads, prefix in [(1, 32, 32, 8192), (4, 32, 8, 2048)]:
+    config = hopper.tuned_config(settings, rows=rows, prefix=prefix)
+    _assert_lowers_for_cuda(dataclasses.replace(config, zero_value_tails=True, num_ctas=132), batch=512,
+                            heads=heads, kv_heads=kv_heads, prefix=prefix, suffix=144)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize(*_cases("keys,lookahead", [(64, False), (64, True), (128, False)],
                                  ["64keys", "64keys_lookahead", "128keys"], slow=("64keys", "128keys")))
 def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, lookahead):
@@ -717,6 +779,7 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
     (dict(prefix_stages=2, prefix_overlap=True, prefix_early_keys=True), "prefix_early_keys and prefix_overlap are "
      "exclusive"),
     (dict(prefix_early_keys="true"), r"prefix_early_keys must be true or false; got 'true'"),
+    (dict(zero_value_tails=1), r"zero_value_tails must be true or false; got 1"),
     (dict(prefix_stages=3, prefix_early_keys=True, prefix_key_stages=2), r"prefix_key_stages must be 0 \(as "
      r"prefix_stages\) or an int >= prefix_stages \(3\); got 2"),
     (dict(prefix_stages=2, prefix_key_stages=-1), "prefix_key_stages must be 0"),

@@ -20,7 +20,8 @@ warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so no
 
 The returned lse is natural-log, -inf for a query that sees no key (its out is 0). Masked scores are -inf and the
 running max starts at a finite -1e30, so fully masked tiles never produce NaN. A tile's values past a length enter
-its value product with a zero weight: they must be finite (NaN or inf there give NaN; a model's caches start zeroed).
+its value product with a zero weight: without `zero_value_tails` they must be finite (NaN or inf there give NaN; a
+model's caches start zeroed); with it, those rows are zeroed in shared memory first.
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ class HopperConfig(tuning_lib.HopperTuning):
   stream is a chain of latencies a tile (two wgmma and their waits, the cross-warp reductions, the stores), and
   the sum's reduction is one of its links; costs n·keys / 128 registers a thread (4 for a 64-key tile of an 8-row
   window, 8 at 128 keys).
+  zero_value_tails: in every tile that holds keys past a length (a part's last tiles; in a packed item, every tile
+  where some sequence of the window has ended), the rows of those keys in the value tile are set to zero in shared
+  memory before its value product (`_zero_rows`: a load, a select and a store of the tile, 64 × 64 at a time, by
+  the warpgroup, then a fence), so that whatever a cache holds there (NaN, inf) stays out of the output, as on the
+  reference and the Triton kernels; without it those rows meet a zero weight, and 0·NaN is NaN. Both warpgroups
+  of the pair zero their shared tile: they write the same values (a row's own or zero), so neither can see
+  anything else.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -333,6 +341,27 @@ def _accumulate_keys_major(acc, p, v_tile, p_smem):
                              plgpu.ACC(acc.shape, jnp.float32))
 
 
+def _zero_rows(v_tile, keep):
+  """Zero the rows r of the value tile `v_tile` `[keys, D]` (shared memory) where `keep(r)` is false (r: the rows'
+  indices, int32 `[64, 64]`), before a wgmma reads it (`zero_value_tails`). A 64 × 64 block at a time (the
+  tiling's 64 columns): 16 registers a thread."""
+  wgmma = plgpu.Layout.WGMMA
+  for start in range(0, v_tile.shape[0], ROWS):
+    for col in range(0, v_tile.shape[1], 64):
+      block = v_tile.at[pl.ds(start, ROWS), pl.ds(col, 64)]
+      v = plgpu.load(block, layout=wgmma)
+      block[...] = jnp.where(keep(plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=wgmma) + start), v,
+                             jnp.zeros_like(v))
+  plgpu.commit_smem()  # the generic proxy's stores, before the wgmma (the async proxy) reads the tile
+
+
+def _zero_tail(v_tile, value_keep, j):
+  """`_zero_rows` of tile j where it holds a row to zero: `value_keep(j)` is (whether some row of the tile lies
+  past a length, bool []; its rows' keep(r))."""
+  past, keep = value_keep(j)
+  pl.when(past)(functools.partial(_zero_rows, v_tile, keep))
+
+
 def _softmax_tile(s, m, l, *, scale2, key_axis, late_sum=False):
   """One key tile of the online softmax (base 2) over scores s, per query along the axis that is not `key_axis`:
   (p = exp2(s·scale2 - m_new), unnormalised, float32; m_new, the running max; alpha = exp2(m - m_new), the factor
@@ -354,7 +383,7 @@ def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
 
 
 def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_tiles, num_full, limit, *, scale2,
-           keys_major, late_sum=False, keys_read=None, key_slot_of=None, issued=lambda: None,
+           keys_major, late_sum=False, keys_read=None, key_slot_of=None, value_keep=None, issued=lambda: None,
            softmax_done=lambda: None, before_pv=lambda: None):
   """Online softmax of the queries in q_smem over `num_tiles` key tiles (flash attention, scores in base 2).
 
@@ -362,7 +391,9 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
   and `v_bar(slot)`; `after(j, slot)` runs once the tile is no longer read (it refills or releases the slot); with
   `keys_read`, `keys_read(j, slot)` runs once its key tile is no longer read (its score product complete), and
   `after` then stands for the value tile alone; with `key_slot_of` too, key tile j sits in k_smem's slot
-  `key_slot_of(j)` (a key ring of its own length), which k_bar and keys_read are then given.
+  `key_slot_of(j)` (a key ring of its own length), which k_bar and keys_read are then given. With
+  `value_keep`, tile j's value rows past a length are zeroed before its value product (`_zero_tail`; masked tiles
+  only: a tile below `num_full` has no key past a length).
   `issued()` runs once a tile's score product is issued, `softmax_done()` after its softmax, `before_pv()` before
   its value product (the prefix pair's ping-pong, see `_kernel`).
   Tiles below `num_full` are visible to every query and skip the mask; in the others a key at position < `limit`
@@ -401,7 +432,12 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
     p, m_new, alpha, l = _softmax_tile(s, m, l, scale2=scale2, key_axis=key_axis, late_sum=late_sum)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [q_axis])
     softmax_done()
-    plgpu.barrier_wait(v_bar(slot))
+    if masked and value_keep is not None:
+      p = p.astype(k_smem.dtype)  # 16-bit before the zeroing's registers are live
+      plgpu.barrier_wait(v_bar(slot))
+      _zero_tail(v_smem.at[slot], value_keep, j)
+    else:
+      plgpu.barrier_wait(v_bar(slot))
     before_pv()
     p = p.astype(k_smem.dtype)
     if keys_major:
@@ -421,7 +457,8 @@ def _flash(q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, after, num_til
 
 
 def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_read, values_read, num_tiles, num_full,
-                      limit, *, scale2, issued=lambda: None, softmax_done=lambda: None, before_pv=lambda: None):
+                      limit, *, scale2, value_keep=None, issued=lambda: None, softmax_done=lambda: None,
+                      before_pv=lambda: None):
   """`_flash` for the prefix pair's tiles (rows = queries; same arguments and result) with FlashAttention-3's
   overlap inside a warpgroup: tile j's score product and tile j - 1's value product are issued together, the wait
   is for the score product alone (`wgmma_accumulator_load(wait_n=1)`: wgmma groups complete in order), and tile j's
@@ -438,7 +475,8 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
   The ping-pong hooks keep their count and order a tile (`before_pv` now gates both products of an iteration), so
   the pair's barrier sees the same sequence of arrivals and waits as with `_flash`. Interpreted (p_smem given) the
   same sequence runs one product at a time (the interpreter has neither register operands nor in-place
-  accumulators)."""
+  accumulators). With `value_keep` (as `_flash`'s), the value tiles of the masked loop's previous tiles and the last
+  tile are zeroed past the limit (that includes the last full tile: zeroing a full tile changes nothing)."""
   block_k, head_dim = k_smem.shape[-2:]
   num_q = q.shape[0]
   tile = (num_q, block_k)
@@ -472,6 +510,8 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
     before_pv()
     plgpu.barrier_wait(k_bar(slot))
     plgpu.barrier_wait(v_bar(prev))
+    if masked and value_keep is not None:
+      _zero_tail(v_smem.at[prev], value_keep, j - 1)
     if p_smem is None:
       def both(refs):
         acc_ref, s_ref, out_refs = refs
@@ -498,6 +538,8 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
     slot = slot_of(num_tiles - 1)
     before_pv()
     plgpu.barrier_wait(v_bar(slot))
+    if value_keep is not None:
+      _zero_tail(v_smem.at[slot], value_keep, num_tiles - 1)
     acc = _accumulate(acc, p, v_smem.at[slot], p_smem)
     values_read(num_tiles - 1, slot)
     return acc, m, l, p
@@ -653,17 +695,19 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       args = (q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg], lambda slot: pk_bars.at[slot],
               lambda slot: pv_bars.at[slot], lambda j: slot_in("values", first + j))
+      keep = dict(value_keep=lambda j: ((j + 1) * block_k > visible, lambda r: r + j * block_k < visible)
+                  ) if config.zero_value_tails else {}
       if config.prefix_overlap:  # a slot's key tile is refilled once its scores are done, its value tile later
         acc, m, l = _flash_overlapped(*args, functools.partial(release, consumed, ("keys",)),
                                       functools.partial(release, consumed_v, ("values",)), n, visible // block_k,
-                                      visible, scale2=scale * _LOG2E, **hooks)
+                                      visible, scale2=scale * _LOG2E, **keep, **hooks)
       elif config.prefix_early_keys:  # the key tile refilled once both score products are done
         acc, m, l = flash(*args, functools.partial(release, consumed_v, ("values",)), n, visible // block_k, visible,
                           keys_major=False, keys_read=functools.partial(release, consumed, ("keys",)),
-                          key_slot_of=lambda j: slot_in("keys", first + j), **hooks)
+                          key_slot_of=lambda j: slot_in("keys", first + j), **keep, **hooks)
       else:
         acc, m, l = flash(*args, functools.partial(release, consumed, ("keys", "values")), n, visible // block_k,
-                          visible, keys_major=False, **hooks)
+                          visible, keys_major=False, **keep, **hooks)
       out_ref, lse_ref = op_ref.at[split], lp_ref.at[split]
       if config.q_registers:
         out, lse_now = _normalise(acc, m, l, op_ref.dtype, keys_major=False)
@@ -742,6 +786,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         limit = length - causal_t + 1 + (cols - (first_row - window)) // group if causal_t > 1 else length
         return (length - causal_t + 1) // block_k, limit
 
+      def values_kept(item):  # zero_value_tails: tile j's value rows of the sequence's keys
+        length = lens_ref[item[0]]
+        return lambda j: ((j + 1) * block_k > length, lambda r: r + j * block_k < length)
+
       def store(item, window, h):  # only the sequence's own rows go out (o_smem is untiled: any start row)
         _, _, first_row = item
         mine = pl.ds(first_row - window, qrows)
@@ -799,14 +847,21 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
         pl.when(jnp.logical_not(whole))(functools.partial(load_each, item, j, slot))
 
+      def length_of(seq, lens):  # the length of each element's sequence `seq` of the window (< pack)
+        return functools.reduce(lambda acc, c: jnp.where(seq == c, lens[c], acc), range(1, pack),
+                                jnp.where(seq == 0, lens[0], 0))
+
       def visibility(item, window):
         del window
-        lens = item[2]
-        length = functools.reduce(lambda acc, c: jnp.where(seq_of_col == c, lens[c], acc), range(1, pack),
-                                  jnp.where(seq_of_col == 0, lens[0], 0))
+        length = length_of(seq_of_col, item[2])
         # query t sees its sequence's keys < length - T + 1 + t
         limit = length - causal_t + 1 + step_of_col if causal_t > 1 else length
         return 0, lambda j: own_block & (key_of_row + j * kb < limit)
+
+      def values_kept(item):  # zero_value_tails: tile j's value rows of each sub-block's sequence's keys
+        lens = item[2]
+        short = lambda j: functools.reduce(jnp.logical_or, [n < (j + 1) * kb for n in lens])  # some sequence ends
+        return lambda j: (short(j), lambda r: r % kb + j * kb < length_of(r // kb, lens))
 
       def store(item, window, h):  # the whole window: its rows past B·T·g fall in the outputs' padding
         del item
@@ -860,7 +915,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       plgpu.barrier_wait(q_copied)
       acc, m, l = flash(q_buffer, k_ring, v_ring, p_smem, lambda slot: sk_bars.at[slot],
                         lambda slot: sv_bars.at[slot], slot_of, after, n, num_full, limit, keys_major=True,
-                        late_sum=config.suffix_late_sum)
+                        late_sum=config.suffix_late_sum,
+                        value_keep=values_kept(it) if config.zero_value_tails else None)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)
       store(it, window, h)

@@ -71,6 +71,7 @@ class HopperTuning:
   prefix_early_keys: bool = False
   prefix_key_stages: int = 0
   suffix_late_sum: bool = False
+  zero_value_tails: bool = False
 
   def __post_init__(self):
     check_hopper(self)
@@ -95,7 +96,7 @@ def check_hopper(config) -> None:
   name = type(config).__name__
   _check_fill(config, "prefix_fill")
   for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",
-                "suffix_box", "prefix_early_keys", "suffix_late_sum"):
+                "suffix_box", "prefix_early_keys", "suffix_late_sum", "zero_value_tails"):
     if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
       raise ValueError(f"{name}.{field} must be true or false; got {getattr(config, field)!r}.")
   for field in ("prefix_keys", "suffix_keys"):
