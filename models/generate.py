@@ -592,6 +592,8 @@ class Generation:
 
 
 def _tokenize(prompts, tokenizer) -> list[list[int]]:
+    if isinstance(prompts, (np.ndarray, jax.Array)) and prompts.ndim == 2:  # [B, T] token ids: a prompt a row
+        prompts = list(np.asarray(prompts))
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         what = repr(prompts)[:60] if isinstance(prompts, (str, bytes)) else type(prompts).__name__
         raise ValueError(f"prompts must be a list of prompts (token-id lists or strings), got {what} (one prompt: "
@@ -615,9 +617,9 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
              progress_desc: str | None = None) -> Generation:
     """Complete every prompt ``num_samples`` times.
 
-    prompts: token-id lists or strings (then ``tokenizer``, any object with encode/decode, is required; a string is
-      encoded with the tokenizer's own BOS rule, so pass a chat template's text as ids, encoded with
-      ``add_bos=False``, where the template writes BOS itself, as ``models.demo`` does).
+    prompts: token-id lists or strings, or a ``[B, T]`` integer array (a prompt a row). Strings need ``tokenizer``
+      (any object with encode/decode) and are encoded with the tokenizer's own BOS rule, so pass a chat template's
+      text as ids, encoded with ``add_bos=False``, where the template writes BOS itself, as ``models.demo`` does.
     sampling: None / "greedy", a ``SamplingConfig`` or a dict (temperature, top_k, top_p).
     stop_tokens: extra stop ids per prompt (applied to each of its samples), besides ``eos_ids`` (default:
     the config's EOS ids). tree: an explicit ``SharingTree`` over the B sequences (default: built from the

@@ -382,6 +382,11 @@ def test_numpy_and_jax_integers_are_integers(model):
     assert int(stopped.lengths[0]) == 1
     state = prefill(model, [[1, 2, 3]], 2, prefill_chunk=np.array(2), pad_multiple=jnp.array(8))
     assert int(state.max_new[0]) == 2
+    # prompts as a [B, T] integer array (a prompt a row), as prefill takes them
+    rows = [[1, 2, 3], [1, 2, 4]]
+    want = generate(model, rows, max_new_tokens=2).tokens
+    for prompts in (np.array(rows), jnp.array(rows, jnp.int32)):
+        np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=2).tokens, want)
 
 
 @pytest.mark.parametrize("kwargs, match", [
