@@ -95,8 +95,9 @@ HARMLESS_KEYS = frozenset({
     "tie_encoder_decoder",
     # this project's own metadata (models.train_default's training record)
     "hydragen_default_model",
-    # written by other tools, read by none of these models (nanotron's SmolLM2 configs, early Llama conversions)
-    "is_llama_config", "max_sequence_length",
+    # written by other tools, read by none of these models (nanotron's SmolLM2 configs, early Llama conversions;
+    # transformers.js's ONNX run-time settings, e.g. its KV cache dtype, in hub repos that also ship ONNX files)
+    "is_llama_config", "max_sequence_length", "transformers.js_config",
     # training only: dropout is off at inference
     "attention_dropout",
     # the same products, split differently (tensor-parallel slices of pretraining, chunks of the MLP)
