@@ -285,7 +285,9 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
-        """Read ``path`` (a ``config.json`` file or a checkpoint directory containing one)."""
+        """Read ``path`` (a ``config.json`` file or a checkpoint directory containing one). A
+        ``generation_config.json`` beside it with an ``eos_token_id`` gives the stop ids instead of config.json's, as
+        in transformers' ``generate`` (Llama 3 Instruct lists <|end_of_text|> and <|eot_id|> there)."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
@@ -298,9 +300,11 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
         try:
-            return cls.from_dict(d)
+            config = cls.from_dict(d)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from e
+        eos = _generation_eos(os.path.join(os.path.dirname(os.fspath(path)), "generation_config.json"))
+        return config if eos is None else dataclasses.replace(config, eos_token_ids=eos)
 
     def to_dict(self) -> dict[str, Any]:
         """HF-style ``config.json`` dict, transformers-4 layout (round-trips through ``from_dict``)."""
@@ -329,6 +333,25 @@ class LlamaConfig:
         elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
             d["sliding_window"] = None
         return d
+
+
+def _generation_eos(path: str) -> tuple[int, ...] | None:
+    """The ``eos_token_id`` (an id or a list of ids) of the ``generation_config.json`` at ``path``; None where there
+    is no such file or it names none."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    eos = d.get("eos_token_id") if isinstance(d, dict) else None
+    if eos is None:
+        return None
+    ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    if not all(is_int(i) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them (or null); got {eos!r}")
+    return ids
 
 
 def _or(value: Any, default: Any) -> Any:

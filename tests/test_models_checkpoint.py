@@ -385,6 +385,23 @@ def test_a_file_is_not_a_checkpoint_directory(tmp_path):
         LlamaConfig.from_json(tmp_path / "ck" / "model.safetensors")
 
 
+def test_generation_config_gives_the_stop_ids(tmp_path):
+    """As transformers' generate: a generation_config.json with an eos_token_id (an id or a list) gives the stop ids
+    instead of config.json's (Llama 3 Instruct adds <|eot_id|> there); without one, or with null, config.json's;
+    a malformed one is refused naming the file."""
+    write_checkpoint(tmp_path / "ck", dict(CONFIG, eos_token_id=2), make_tensors(CONFIG))
+    gen = tmp_path / "ck" / "generation_config.json"
+    assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == (2,)
+    for eos, want in (([2, 7], (2, 7)), (5, (5,)), (None, (2,))):
+        gen.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos, "do_sample": True}))
+        assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == want, eos
+        assert LlamaConfig.from_json(tmp_path / "ck" / "config.json").eos_token_ids == want
+    for bad in ('{"eos_token_id": "2"}', '{"eos_token_id": [2, 1.5]}', "{not json"):
+        gen.write_text(bad)
+        with pytest.raises(CheckpointError, match="generation_config.json"):
+            load_checkpoint(tmp_path / "ck")
+
+
 def test_unsupported_config_in_checkpoint(tmp_path):
     write_checkpoint(tmp_path / "ck", dict(CONFIG, architectures=["Qwen2ForCausalLM"]), make_tensors(CONFIG))
     with pytest.raises(CheckpointError, match="Qwen2ForCausalLM"):
