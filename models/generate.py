@@ -194,6 +194,12 @@ def _round_up(x: int, m: int) -> int:
     return max(m, -(-x // m) * m)
 
 
+def _token_width(x: int, m: int) -> int:
+    """The width of a prefill's token array for rows of at most ``x`` tokens: the next power of two up to ``m``, then
+    multiples of ``m`` (a one-token suffix is not padded to ``m`` tokens, and lengths in a bucket share a compile)."""
+    return min(1 << max(x - 1, 0).bit_length(), m) if x < m else _round_up(x, m)
+
+
 def _right_aligned(rows: Sequence[Sequence[int]], T: int) -> np.ndarray:
     out = np.zeros((len(rows), T), np.int32)
     for i, r in enumerate(rows):
@@ -207,12 +213,12 @@ class _Plan:
     """Static shapes of a prefill (hashable, a jit static argument)."""
 
     level_nodes: tuple[int, ...]  # N_l
-    level_tokens: tuple[int, ...]  # T_l: longest node, rounded up to pad_multiple (as the token arrays)
+    level_tokens: tuple[int, ...]  # T_l: the token arrays' width for the longest node (_token_width)
     level_capacity: tuple[int, ...]  # storage length of each level
     max_group: tuple[int, ...]
     seq_to_node: tuple[tuple[int, ...], ...]  # per level: the node of each sequence
     ancestors: tuple[tuple[tuple[int, ...], ...], ...]  # per level l, per level j < l: each node's ancestor node
-    suffix_tokens: int  # U: longest suffix, rounded up to pad_multiple (as the token arrays)
+    suffix_tokens: int  # U: the token arrays' width for the longest suffix (_token_width)
     suffix_capacity: int  # U + max new tokens, rounded
     dense_capacity: int  # longest prompt + max new tokens, rounded (standard mode; 0 in the others)
     chunk: int
@@ -221,8 +227,9 @@ class _Plan:
 def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int,
                  dense: bool = False) -> tuple[_Plan, dict]:
     """The prefill's static plan and its host arrays (``dense``: the standard mode's per-sequence caches' capacity
-    too). Token arrays are right-aligned in widths rounded up to ``pad_multiple`` (as the caches' capacities), so
-    prompts whose lengths differ within that rounding (the same tree shape) share one compiled prefill."""
+    too). Token arrays are right-aligned in widths of a power of two below ``pad_multiple``, multiples of it above
+    (`_token_width`), so prompts whose lengths differ within that rounding (the same tree shape) share one compiled
+    prefill."""
     B = tree.num_sequences
     arrays: dict[str, Any] = {"levels": []}
     nodes, tokens, capacity, groups, seq_to_node, ancestors = [], [], [], [], [], []
@@ -236,22 +243,22 @@ def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int,
         reader[s2n[::-1]] = np.arange(B)[::-1]
         anc = np.stack([np.array(tree.levels[j].seq_to_node, np.int32)[reader] for j in range(l)]) \
             if l else np.zeros((0, len(level.nodes)), np.int32)
-        arrays["levels"].append({"tokens": _right_aligned(level.nodes, _round_up(T, pad_multiple)), "lengths": lens,
+        arrays["levels"].append({"tokens": _right_aligned(level.nodes, _token_width(T, pad_multiple)), "lengths": lens,
                                  "start": offsets[l][reader].astype(np.int32)})
         seq_to_node.append(tuple(int(n) for n in s2n))
         ancestors.append(tuple(tuple(int(n) for n in row) for row in anc))
         offsets[l + 1] = offsets[l] + lens[s2n]
         nodes.append(len(level.nodes))
-        tokens.append(_round_up(T, pad_multiple))
+        tokens.append(_token_width(T, pad_multiple))
         capacity.append(_round_up(T, pad_multiple))
         groups.append(int(np.bincount(s2n).max()))
     u = np.array([len(s) for s in tree.suffixes], np.int32)
     U = int(u.max())
-    arrays.update(suffix_tokens=_right_aligned(tree.suffixes, _round_up(U, pad_multiple)), suffix_lengths=u,
+    arrays.update(suffix_tokens=_right_aligned(tree.suffixes, _token_width(U, pad_multiple)), suffix_lengths=u,
                   offsets=offsets)
     prompt_max = int((offsets[-1] + u).max())
     plan = _Plan(tuple(nodes), tuple(tokens), tuple(capacity), tuple(groups), tuple(seq_to_node), tuple(ancestors),
-                 _round_up(U, pad_multiple), _round_up(U + max_new, pad_multiple),
+                 _token_width(U, pad_multiple), _round_up(U + max_new, pad_multiple),
                  _round_up(prompt_max + max_new, pad_multiple) if dense else 0, chunk)
     return plan, arrays
 
@@ -403,10 +410,10 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     sequence, whose tree is built by ``build_sharing_tree``).
 
     max_new_tokens: an int, or one budget per sequence. eos_ids: ids ending every sequence (default: the
-    config's). stop_tokens: extra stop ids per sequence. pad_multiple: the caches' capacities and the prefill's
-    token arrays are rounded up to a multiple of it, so that prompts of other lengths within it (over a tree of the
-    same shape) reuse one compiled prefill (1: exact widths, a compile a length). Raises ``ValueError`` on bad
-    input.
+    config's). stop_tokens: extra stop ids per sequence. pad_multiple: the caches' capacities are rounded up to a
+    multiple of it, and the prefill's token arrays to one (below it: a power of two), so that prompts of other
+    lengths within that rounding (over a tree of the same shape) reuse one compiled prefill (1: exact widths, a
+    compile a length). Raises ``ValueError`` on bad input.
     """
     _check_mode(mode)
     config: LlamaConfig = model.config

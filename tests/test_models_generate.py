@@ -111,6 +111,14 @@ def test_prompts_of_other_lengths_within_the_padding_share_one_compiled_prefill(
     np.testing.assert_allclose(state.logits, prefill(model, prompts, 4, pad_multiple=1).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_token_widths():
+    """A prefill's token arrays: powers of two below pad_multiple (a one-token suffix stays one wide), multiples of
+    it from there; pad_multiple 1 gives exact widths."""
+    width = importlib.import_module("models.generate")._token_width
+    assert [width(x, 16) for x in (0, 1, 2, 3, 5, 9, 16, 17, 33)] == [1, 1, 2, 4, 8, 16, 16, 32, 48]
+    assert [width(x, 24) for x in (17, 24, 25)] == [24, 24, 48] and [width(x, 1) for x in (1, 3, 17)] == [1, 3, 17]
+
+
 def test_chunked_decode_equals_generate(model):
     prompts = fewshot_prompts(seed=2)
     full = generate(model, prompts, num_samples=2, max_new_tokens=20, sampling={"temperature": 0.8}, seed=3)
