@@ -290,6 +290,8 @@ def tree_attention(
   validated = []
   for i, level in enumerate(levels):
     name = f"levels[{i}]"
+    if not isinstance(level, Level):
+      raise ValueError(f"{name} must be a Level(k, v, lengths, seq_to_node, ...); got {type(level).__name__}.")
     layered = level.layer is not None
     layout = "[num_layers, N, L, Hkv, D]" if layered else "[N, L, Hkv, D]"
     check.check_rank(f"{name}.k", level.k, 5 if layered else 4, layout)
