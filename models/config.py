@@ -292,13 +292,7 @@ class LlamaConfig:
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"config: {path} not found")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        d = _json_object(path)
         try:
             config = cls.from_dict(d)
         except CheckpointError as e:
@@ -335,17 +329,24 @@ class LlamaConfig:
         return d
 
 
-def _generation_eos(path: str) -> tuple[int, ...] | None:
-    """The ``eos_token_id`` (an id or a list of ids) of the ``generation_config.json`` at ``path``; None where there
-    is no such file or it names none."""
-    if not os.path.exists(path):
-        return None
+def _json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in the file ``path``; ``CheckpointError`` naming it where it is not one."""
     with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    eos = d.get("eos_token_id") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _generation_eos(path: str) -> tuple[int, ...] | None:
+    """The ``eos_token_id`` (an id or a list of ids) of the ``generation_config.json`` at ``path``; None where there
+    is no such file or it names none."""
+    if not os.path.exists(path):
+        return None
+    eos = _json_object(path).get("eos_token_id")
     if eos is None:
         return None
     ids = tuple(eos) if isinstance(eos, list) else (eos,)
