@@ -287,7 +287,9 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
                     max_shard_bytes: int | None = None, extra_config: dict | None = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``)."""
+    """Write ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``). config.json
+    holds the model's stop ids: a ``generation_config.json`` left in ``path`` by an earlier save, which the loader
+    would read in their place, is removed."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = model.config.to_dict()
@@ -299,7 +301,7 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     # A directory saved before, in the other form (one file / shards) or with more shards, would otherwise keep
     # files that the loader reads in place of these (it prefers the index): remove the files this function writes.
     for fname in os.listdir(path):
-        if fname in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(fname):
+        if fname in (SINGLE_FILE, INDEX_FILE, "generation_config.json") or _SHARD_NAME.fullmatch(fname):
             os.remove(os.path.join(path, fname))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -297,6 +297,8 @@ class LlamaConfig:
             config = cls.from_dict(d)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from e
+        if os.path.basename(os.fspath(path)) != "config.json":  # a config file of another name: itself alone
+            return config
         eos = _generation_eos(os.path.join(os.path.dirname(os.fspath(path)), "generation_config.json"))
         return config if eos is None else dataclasses.replace(config, eos_token_ids=eos)
 

@@ -224,8 +224,8 @@ class _Plan:
     chunk: int
 
 
-def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int,
-                 dense: bool = False) -> tuple[_Plan, dict]:
+def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int, *,
+                 dense: bool) -> tuple[_Plan, dict]:
     """The prefill's static plan and its host arrays (``dense``: the standard mode's per-sequence caches' capacity
     too). Token arrays are right-aligned in widths of a power of two below ``pad_multiple``, multiples of it above
     (`_token_width`), so prompts whose lengths differ within that rounding (the same tree shape) share one compiled
@@ -411,9 +411,10 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 
     max_new_tokens: an int, or one budget per sequence. eos_ids: ids ending every sequence (default: the
     config's). stop_tokens: extra stop ids per sequence. pad_multiple: the caches' capacities are rounded up to a
-    multiple of it, and the prefill's token arrays to one (below it: a power of two), so that prompts of other
-    lengths within that rounding (over a tree of the same shape) reuse one compiled prefill (1: exact widths, a
-    compile a length). Raises ``ValueError`` on bad input.
+    multiple of it, and the prefill's token arrays to one (below it: to a power of two), so that prompts of other
+    lengths within that rounding (over a tree of the same shape) reuse one compiled prefill (not the standard mode,
+    whose per-sequence caches round each whole prompt; 1: exact widths, a compile a length). Raises ``ValueError``
+    on bad input.
     """
     _check_mode(mode)
     config: LlamaConfig = model.config

@@ -897,6 +897,7 @@ def test_report_links_the_combined_plot_of_its_results_dir_relative_to_the_readm
     assert cli.main(args) == 0
     links = re.findall(r"!\[decode throughput vs batch\]\(([^)]+)\)", _section(readme))
     assert links == ["../out/my%20results/e2e_throughput-combined-nvidia-h200-20261130-100000.png"], links
+    assert "All files under `../out/my%20results/`" in _section(readme)
     assert (docs / links[0].replace("%20", " ")).is_file()  # the link works from the README's folder
 
 

@@ -396,6 +396,16 @@ def test_generation_config_gives_the_stop_ids(tmp_path):
         gen.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos, "do_sample": True}))
         assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == want, eos
         assert LlamaConfig.from_json(tmp_path / "ck" / "config.json").eos_token_ids == want
+    # a config file of another name is read alone; a save writes the stop ids into config.json and removes a
+    # generation_config.json an earlier save left (it would override them)
+    gen.write_text(json.dumps({"eos_token_id": [2, 7]}))
+    (tmp_path / "ck" / "other.json").write_text((tmp_path / "ck" / "config.json").read_text())
+    assert LlamaConfig.from_json(tmp_path / "ck" / "other.json").eos_token_ids == (2,)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "generation_config.json").write_text('{"eos_token_id": 9}')
+    save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "saved")
+    assert not (tmp_path / "saved" / "generation_config.json").exists()
+    assert load_checkpoint(tmp_path / "saved").config.eos_token_ids == (2, 7)
     for bad in ('{"eos_token_id": "2"}', '{"eos_token_id": [2, 1.5]}', "{not json"):
         gen.write_text(bad)
         with pytest.raises(CheckpointError, match="generation_config.json"):

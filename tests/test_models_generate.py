@@ -107,7 +107,7 @@ def test_prompts_of_other_lengths_within_the_padding_share_one_compiled_prefill(
         shared = rng.integers(0, 97, n).tolist()
         prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6]]
         state = prefill(model, prompts, 4)
-    assert len(traces) == 1
+    assert len(traces) <= 1  # (none where an earlier test in this process compiled the same plan)
     np.testing.assert_allclose(state.logits, prefill(model, prompts, 4, pad_multiple=1).logits, rtol=1e-5, atol=1e-5)
 
 
