@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hydragen_jax as hj
-from hydragen_jax import Level, reference, tuning
-from hydragen_jax.kernels import ops
+from hydragen_jax import Level, reference, tuning, validation
+from hydragen_jax.kernels import hopper, ops
 from tests.attention_cases import expected_tree, normal, random_level, tol
 from tests.conftest import BACKEND_PARAMS, grid, requires_gpu
 
@@ -247,6 +247,31 @@ def test_keys_and_values_past_the_lengths_never_enter(backend):
     out = step(pk.at[10:].set(bad), pv.at[10:].set(bad), sk.at[0, 5:].set(bad), sv.at[0, 5:].set(bad))
     chex.assert_trees_all_equal(out, clean)
     chex.assert_trees_all_equal(plain(sv.at[0, 5:].set(bad)), plain(sv.at[0, 5:].set(0)))
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("interpret-mosaic", id="interpret"),
+    pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not validation.on_hopper(), reason="needs a Hopper GPU (H100/H200): the kernel uses wgmma and TMA")])])
+def test_hopper_kernel_with_zero_value_tails_keeps_non_finite_tails_out(backend):
+  """The Hopper kernel through the API with `zero_value_tails` on in the tuning (off in the shipped files until
+  timed): NaN / inf past the prefix's and a suffix's length leave the step as if those rows held zeros, as on the
+  other backends (test_keys_and_values_past_the_lengths_never_enter)."""
+  keys = jax.random.split(jax.random.PRNGKey(12), 5)
+  q = normal(keys[0], (2, 1, 4, 64), jnp.bfloat16)
+  pk, pv = (normal(k, (16, 1, 64), jnp.bfloat16) for k in keys[1:3])
+  sk, sv = (normal(k, (2, 8, 1, 64), jnp.bfloat16) for k in keys[3:5])
+  lengths = jnp.array([5, 8])
+  assert hopper.supported(q, pk, sk) is None  # the step runs on the Hopper kernel
+  t = tuning.current()
+  zeroed = lambda entries: tuple((r, dataclasses.replace(s, zero_value_tails=True)) for r, s in entries)
+  with tuning.override(dataclasses.replace(t, hopper=zeroed(t.hopper), hopper_long=zeroed(t.hopper_long))):
+    step = jax.jit(lambda pk, pv, sk, sv: hj.hydragen_attention(q, pk, pv, sk, sv, prefix_length=10,
+                                                                suffix_lengths=lengths, backend=backend))
+    clean = step(pk.at[10:].set(0), pv.at[10:].set(0), sk.at[0, 5:].set(0), sv.at[0, 5:].set(0))
+    for bad in (np.nan, np.inf):
+      chex.assert_trees_all_equal(step(pk.at[10:].set(bad), pv.at[10:].set(bad), sk.at[0, 5:].set(bad),
+                                       sv.at[0, 5:].set(bad)), clean)
 
 
 def test_under_vmap_over_layers(backend):
