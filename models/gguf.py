@@ -228,7 +228,9 @@ def _config(reader, path: str) -> LlamaConfig:
     def token(kind):
         return _int(reader, path, f"tokenizer.ggml.{kind}_token_id", None, 0, vocab)
 
-    eos, eot = token("eos"), token("eot")
+    # the stop ids: end of sequence, of turn and of message (llama.cpp ends generation at each; Llama 3.1's
+    # <|eom_id|> and <|eot_id|>)
+    stops = [token(kind) for kind in ("eos", "eot", "eom")]
     try:
         return LlamaConfig(
             vocab_size=vocab,
@@ -244,7 +246,7 @@ def _config(reader, path: str) -> LlamaConfig:
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=token("bos"),
-            eos_token_ids=tuple(dict.fromkeys(t for t in (eos, eot) if t is not None)),
+            eos_token_ids=tuple(dict.fromkeys(t for t in stops if t is not None)),
             pad_token_id=token("padding"),
         )
     except CheckpointError:

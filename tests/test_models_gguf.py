@@ -143,6 +143,18 @@ def test_gguf_loads_the_same_params_as_the_hf_checkpoint(tmp_path, tied):
     assert_same_params(model, ref)
 
 
+def test_gguf_stop_ids_are_its_end_of_sequence_turn_and_message_tokens(tmp_path):
+    """llama.cpp ends generation at the eos, eot and eom tokens (Llama 3.1: <|end_of_text|>, <|eot_id|>,
+    <|eom_id|>): all are stop ids, once each, in that order."""
+    tensors = make_tensors(CONFIG, seed=1)
+    u32 = gguf.GGUFValueType.UINT32
+    for meta, want in (({}, (2,)), ({"tokenizer.ggml.eot_token_id": (9, u32)}, (2, 9)),
+                       ({"tokenizer.ggml.eot_token_id": (9, u32), "tokenizer.ggml.eom_token_id": (8, u32)}, (2, 9, 8)),
+                       ({"tokenizer.ggml.eom_token_id": (2, u32)}, (2,))):
+        path = write_gguf(tmp_path / f"m{len(meta)}{want[-1]}.gguf", CONFIG, tensors, extra_meta=meta)
+        assert load_gguf(path).config.eos_token_ids == want, meta
+
+
 def test_gguf_quantized_tensors_are_dequantized(tmp_path):
     tensors = make_tensors(CONFIG, seed=2)
     model = load_gguf(write_gguf(tmp_path / "m.gguf", CONFIG, tensors, qtype=Q.Q8_0))
