@@ -259,7 +259,7 @@ class LlamaConfig:
         _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, layer_types, max_pos)
         eos = d.get("eos_token_id", family.default_eos)
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        eos_ids = _id_tuple(eos)
         for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
                          ("pad_token_id", (d.get("pad_token_id"),))):
             if any(i is not None and not is_int(i) for i in ids):
@@ -331,6 +331,11 @@ class LlamaConfig:
         return d
 
 
+def _id_tuple(value) -> tuple:
+    """A JSON token-id field (an id, a list of ids, or null) as a tuple of its entries (unchecked)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (() if value is None else (value,))
+
+
 def _json_object(path: str | os.PathLike) -> dict:
     """The JSON object in the file ``path``; ``CheckpointError`` naming it where it is not one."""
     with open(path, encoding="utf-8") as f:
@@ -351,7 +356,7 @@ def _generation_eos(path: str) -> tuple[int, ...] | None:
     eos = _json_object(path).get("eos_token_id")
     if eos is None:
         return None
-    ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    ids = _id_tuple(eos)
     if not all(is_int(i) and i >= 0 for i in ids):
         raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them (or null); got {eos!r}")
     return ids

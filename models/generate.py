@@ -238,27 +238,28 @@ def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int,
         lens = np.array([len(n) for n in level.nodes], np.int32)
         s2n = np.array(level.seq_to_node, np.int32)
         T = int(lens.max())
+        width = _token_width(T, pad_multiple)
         # each node's ancestors and start position, from any sequence reading it
         reader = np.zeros(len(level.nodes), np.int64)
         reader[s2n[::-1]] = np.arange(B)[::-1]
         anc = np.stack([np.array(tree.levels[j].seq_to_node, np.int32)[reader] for j in range(l)]) \
             if l else np.zeros((0, len(level.nodes)), np.int32)
-        arrays["levels"].append({"tokens": _right_aligned(level.nodes, _token_width(T, pad_multiple)), "lengths": lens,
+        arrays["levels"].append({"tokens": _right_aligned(level.nodes, width), "lengths": lens,
                                  "start": offsets[l][reader].astype(np.int32)})
         seq_to_node.append(tuple(int(n) for n in s2n))
         ancestors.append(tuple(tuple(int(n) for n in row) for row in anc))
         offsets[l + 1] = offsets[l] + lens[s2n]
         nodes.append(len(level.nodes))
-        tokens.append(_token_width(T, pad_multiple))
+        tokens.append(width)
         capacity.append(_round_up(T, pad_multiple))
         groups.append(int(np.bincount(s2n).max()))
     u = np.array([len(s) for s in tree.suffixes], np.int32)
     U = int(u.max())
-    arrays.update(suffix_tokens=_right_aligned(tree.suffixes, _token_width(U, pad_multiple)), suffix_lengths=u,
-                  offsets=offsets)
+    suffix_width = _token_width(U, pad_multiple)
+    arrays.update(suffix_tokens=_right_aligned(tree.suffixes, suffix_width), suffix_lengths=u, offsets=offsets)
     prompt_max = int((offsets[-1] + u).max())
     plan = _Plan(tuple(nodes), tuple(tokens), tuple(capacity), tuple(groups), tuple(seq_to_node), tuple(ancestors),
-                 _token_width(U, pad_multiple), _round_up(U + max_new, pad_multiple),
+                 suffix_width, _round_up(U + max_new, pad_multiple),
                  _round_up(prompt_max + max_new, pad_multiple) if dense else 0, chunk)
     return plan, arrays
 
