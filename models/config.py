@@ -2,7 +2,7 @@
 
 All four share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
 ``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3).
-Supported RoPE: any theta, ``llama3`` or ``linear`` frequency scaling. Both ``config.json`` layouts are read:
+Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, flat or one
 dict per layer type); they give the same config for the same model.
 
@@ -74,6 +74,8 @@ _ROPE_KEYS = {
     "default": {"rope_theta"},
     "linear": {"rope_theta", "factor"},
     "llama3": {"rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+             "mscale", "mscale_all_dim", "truncate"},
 }
 SUPPORTED_ROPE_TYPES = tuple(_ROPE_KEYS)
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -113,25 +115,51 @@ HARMLESS_KEYS = frozenset({
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. ``rope_type``: "llama3" (Llama 3.1+) or "linear" (positions / factor)."""
+    """RoPE frequency scaling. ``rope_type``: "llama3" (Llama 3.1+), "linear" (positions / factor) or "yarn" (YaRN,
+    the long-context setting of Qwen2.5 / Qwen3 model cards: frequencies blended between interpolated and original
+    over a band of dimensions set by ``beta_fast`` / ``beta_slow``, and cos / sin multiplied by
+    ``attention_factor``, by default 0.1·ln(factor) + 1). The fields a type does not use keep their defaults."""
 
     rope_type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | float = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
-        if self.rope_type not in ("linear", "llama3"):  # "default" is no scaling: rope_scaling=None
-            raise ValueError(f"config: rope_scaling.rope_type must be 'linear' or 'llama3' (no scaling: "
+        if self.rope_type not in ("linear", "llama3", "yarn"):  # "default" is no scaling: rope_scaling=None
+            raise ValueError(f"config: rope_scaling.rope_type must be 'linear', 'llama3' or 'yarn' (no scaling: "
                              f"rope_scaling=None), got {self.rope_type!r}")
-        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        names = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                 "beta_slow"] + (["attention_factor"] if self.attention_factor is not None else [])
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"config: rope_scaling.{name} must be a positive finite number, got {value!r}")
         if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"config: rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
                              f"low_freq_factor ({self.low_freq_factor})")
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"config: rope_scaling.truncate must be True or False, got {self.truncate!r}")
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """What cos and sin are multiplied by (YaRN's attention factor: the scores grow by its square); 1 but for
+        yarn."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        return _yarn_mscale(self.factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor for a context ``factor`` times the original (transformers' ``get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +413,8 @@ def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
     """``rs`` as a transformers-4 ``rope_scaling`` dict, with the keys of its type only."""
     if rs is None:
         return None
-    return {k: v for k, v in dataclasses.asdict(rs).items() if k == "rope_type" or k in _ROPE_KEYS[rs.rope_type]}
+    return {k: v for k, v in dataclasses.asdict(rs).items()
+            if (k == "rope_type" or k in _ROPE_KEYS[rs.rope_type]) and v is not None}
 
 
 def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
@@ -454,6 +483,12 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
                 where = f"rope_parameters[{t!r}]"
                 if params.get(t) is None:
                     raise CheckpointError(f"config: {where} is missing or null but layers of type {t!r} use it")
+                if isinstance(params[t], dict) and params[t].get("truncate", True) is not True:
+                    # transformers 5.17 reads `truncate` from the top level of rope_parameters only (the
+                    # per-layer-type dicts' own is ignored): which one the file means is unclear
+                    raise CheckpointError(f"config: {where} truncate={params[t]['truncate']!r} inside a per-layer-"
+                                          "type dict is ignored by transformers (it reads truncate only from a flat "
+                                          "rope_parameters); write the RoPE dict flat")
                 found.append((where, _parse_rope_dict(params[t], where, top_theta, max_pos)))
         else:
             found.append(("rope_parameters", _parse_rope_dict(params, "rope_parameters", top_theta, max_pos)))
@@ -490,6 +525,8 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
         return theta, None
     if "factor" not in rs:
         raise CheckpointError(f"config: {where} of type {rope_type!r} needs 'factor'")
+    if rope_type == "yarn":
+        return theta, _parse_yarn(rs, where, max_pos)
     factor = _number(rs["factor"], f"{where} factor")
     if factor <= 0:
         raise CheckpointError(f"config: {where} factor must be positive, got {factor}")
@@ -501,9 +538,50 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
     low, high = (_number(rs[k], f"{where} {k}") for k in ("low_freq_factor", "high_freq_factor"))
     if not high > low > 0:
         raise CheckpointError(f"config: {where} needs 0 < low_freq_factor < high_freq_factor; got {low} and {high}")
-    # transformers falls back to max_position_embeddings when the original context length is not given, and uses
-    # the number as it is (an int in every real config; a float is kept, not truncated)
+    return theta, RopeScaling("llama3", factor, low, high, _original_context(rs, where, max_pos))
+
+
+def _original_context(rs: dict[str, Any], where: str, max_pos: int) -> int | float:
+    """The pretraining context of a llama3 / yarn RoPE dict. transformers falls back to max_position_embeddings when
+    it is not given, and uses the number as it is (an int in every real config; a float is kept, not truncated)."""
     original = rs.get("original_max_position_embeddings", max_pos)
     if _number(original, f"{where} original_max_position_embeddings") <= 0:
         raise CheckpointError(f"config: {where} original_max_position_embeddings must be positive, got {original}")
-    return theta, RopeScaling("llama3", factor, low, high, original)
+    return original
+
+
+def _parse_yarn(rs: dict[str, Any], where: str, max_pos: int) -> RopeScaling:
+    """A yarn RoPE dict, read as transformers 5's ``_compute_yarn_parameters`` reads it: a null ``factor`` is
+    max_position_embeddings / original_max_position_embeddings (DeepSeek-V3's configs); a missing or null (or 0)
+    beta_fast / beta_slow is 32 / 1; without ``attention_factor``, ``mscale`` and ``mscale_all_dim`` (both non-zero)
+    give it as mscale(factor, mscale) / mscale(factor, mscale_all_dim), else it is mscale(factor)."""
+    original = _original_context(rs, where, max_pos)
+    factor = max_pos / original if rs["factor"] is None else _number(rs["factor"], f"{where} factor")
+    if factor <= 0:
+        raise CheckpointError(f"config: {where} factor must be positive, got {factor}")
+    betas = {}
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        value = rs.get(key)
+        betas[key] = _number(value, f"{where} {key}") if value else default
+        if betas[key] <= 0:
+            raise CheckpointError(f"config: {where} {key} must be positive, got {value}")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is not None:
+        attention_factor = _number(attention_factor, f"{where} attention_factor")
+        if attention_factor <= 0:
+            raise CheckpointError(f"config: {where} attention_factor must be positive, got {attention_factor}")
+    else:
+        mscale, mscale_all_dim = (rs.get(k) for k in ("mscale", "mscale_all_dim"))
+        for key, value in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)):
+            if value is not None:
+                _number(value, f"{where} {key}")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            if not attention_factor > 0:
+                raise CheckpointError(f"config: {where} mscale={mscale!r} and mscale_all_dim={mscale_all_dim!r} "
+                                      f"give the attention factor {attention_factor}; it must be positive")
+    truncate = rs.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise CheckpointError(f"config: {where} truncate must be true or false; got {truncate!r}")
+    return RopeScaling("yarn", factor, original_max_position_embeddings=original, attention_factor=attention_factor,
+                       truncate=truncate, **betas)

@@ -1,4 +1,4 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear scaling), GQA, SwiGLU; with the
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN scaling), GQA, SwiGLU; with the
 q/k/v biases of Qwen2 and the q/k RMSNorm of Qwen3 where the config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
@@ -233,7 +233,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies ``[D/2]`` (float64 numpy, static), with Llama-3 or linear scaling applied."""
+    """Inverse frequencies ``[D/2]`` (float64 numpy, static), with llama3, linear or yarn scaling applied (yarn also
+    multiplies cos and sin: ``RopeScaling.cos_sin_factor``, applied by ``apply_rope``)."""
     d = config.head_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     rs = config.rope_scaling
@@ -241,6 +242,21 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
         return inv
     if rs.rope_type == "linear":
         return inv / rs.factor
+    if rs.rope_type == "yarn":
+        # YaRN: dimension i keeps its frequency where it turns more than beta_fast times over the original context,
+        # is divided by `factor` where it turns fewer than beta_slow times, and blends linearly in between. The
+        # dimension that turns r times over a context L: d·ln(L / (2π r)) / (2 ln theta).
+        def dim_of(turns):
+            return d * math.log(rs.original_max_position_embeddings / (2 * math.pi * turns)) / (2 * math.log(
+                config.rope_theta))
+        low, high = dim_of(rs.beta_fast), dim_of(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        kept = 1 - np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        return inv / rs.factor * (1 - kept) + inv * kept
     # llama3: long wavelengths (low frequencies) are divided by `factor`, short ones kept, and the band in
     # between interpolates smoothly in 1/wavelength.
     wavelen = 2 * np.pi / inv
@@ -252,13 +268,16 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int.
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
+    """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int; cos and sin
+    multiplied by ``factor`` (YaRN's attention factor; 1 otherwise).
 
     (Written with a flip instead of the concatenate, XLA's RoPE fusions ran faster on the H200 but the GEMMs of
     `none`'s step slower, 2–3 % in all: `scripts/tuning/probe_rope.py`, PERF_NOTES.md.)"""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -298,7 +317,8 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    factor = c.rope_scaling.cos_sin_factor if c.rope_scaling is not None else 1.0
+    q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
     o, cache = attend(cache, layer, q, k, v)
     reduce = reduce or (lambda y: y)
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])

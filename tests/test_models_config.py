@@ -3,6 +3,7 @@ what changes the math and is not implemented, RoPE frequencies (incl. Llama-3)."
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -71,8 +72,20 @@ def test_round_trip_and_file(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"sliding_window": 1024}, "sliding_window=1024"),  # below max_position_embeddings 4096: in effect
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "of type 'yarn' needs 'factor'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "rope_scaling factor must be a finite number; got '4'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": -2}}, "beta_fast must be positive, got -2"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.0}},
+     "attention_factor must be positive, got 0.0"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": "1"}}, "mscale must be a finite number"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "truncate": "false"}},
+     "truncate must be true or false; got 'false'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}},
+     "key 'low_freq_factor' = 1.0 is not used by RoPE type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0, "beta_fast": 32}},
+     "key 'beta_fast' = 32 is not used by RoPE type 'linear'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"num_key_value_heads": 5}, "num_key_value_heads"),
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),  # not read as MHA
@@ -167,6 +180,41 @@ def test_rope_default_and_linear():
     np.testing.assert_allclose(rope_inv_freq(c), 10000.0 ** (-np.arange(0, 128, 2) / 128), rtol=1e-12)
     c = LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={"type": "linear", "factor": 4.0}))
     np.testing.assert_allclose(rope_inv_freq(c), 10000.0 ** (-np.arange(0, 128, 2) / 128) / 4, rtol=1e-12)
+
+
+HF_ROPE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "hf_rope.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(HF_ROPE["cases"]))
+def test_rope_matches_transformers(name):
+    """Inverse frequencies and the cos / sin factor against transformers' own (its ROPE_INIT_FUNCTIONS, float32, on
+    real-sized RoPE configs: Llama 3.1, CodeLlama, Qwen2.5 / Qwen3 with YaRN, and YaRN's knobs: a null factor,
+    the mscale pair, betas, truncate false, an attention factor given; scripts/fixtures/make_hf_fixtures.py)."""
+    case = HF_ROPE["cases"][name]
+    c = LlamaConfig.from_dict(dict(LLAMA2_7B, hidden_size=case["config"]["head_dim"] * 32, **case["config"]))
+    assert (c.rope_scaling.rope_type if c.rope_scaling else "default") == case["rope_type"]
+    np.testing.assert_allclose(rope_inv_freq(c), case["inv_freq"], rtol=2e-6)
+    assert math.isclose(c.rope_scaling.cos_sin_factor, case["cos_sin_factor"], rel_tol=1e-12)
+    assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # round trip of every field
+
+
+def test_yarn_config_fields():
+    """Qwen2.5's model-card YaRN setting: betas 32 / 1, truncated band, attention factor 0.1 ln 4 + 1; the two
+    layouts agree; a null factor is max_position_embeddings / original (DeepSeek-V3's configs); missing or null
+    betas take their defaults, as transformers' `or`."""
+    qwen = dict(QWEN25_7B, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"})
+    c = LlamaConfig.from_dict(qwen)
+    assert c.rope_scaling == RopeScaling("yarn", 4.0, original_max_position_embeddings=32768)
+    assert math.isclose(c.rope_scaling.cos_sin_factor, 0.1 * math.log(4) + 1)
+    assert LlamaConfig.from_dict(to_v5(qwen)) == LlamaConfig.from_dict(to_v5(qwen, per_layer_type=True)) == c
+    null = dict(qwen, max_position_embeddings=131072, rope_scaling=dict(qwen["rope_scaling"], factor=None,
+                                                                        beta_fast=None, beta_slow=0))
+    assert LlamaConfig.from_dict(null).rope_scaling == RopeScaling("yarn", 4.0, original_max_position_embeddings=32768)
+    per_layer = to_v5(dict(qwen, rope_scaling=dict(qwen["rope_scaling"], truncate=False)), per_layer_type=True)
+    with pytest.raises(CheckpointError, match="truncate=False inside a per-layer-type dict is ignored"):
+        LlamaConfig.from_dict(per_layer)
+    assert not LlamaConfig.from_dict(to_v5(dict(qwen, rope_scaling=dict(qwen["rope_scaling"], truncate=False)))
+                                     ).rope_scaling.truncate  # flat: read
 
 
 # ------------------------------------------------------------------------------ families
@@ -301,8 +349,7 @@ RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
     (dict(RLLAMA, rope_interleaved=True), "rope_interleaved=True"),
     (dict(to_v5(RQWEN), rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
      "partial_rotary_factor=0.5"),
-    (to_v5(dict(RQWEN, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})),
-     "rope_parameters type 'yarn'"),
+    (to_v5(dict(RQWEN, rope_scaling={"rope_type": "dynamic", "factor": 4.0})), "rope_parameters type 'dynamic'"),
     (dict(RQWEN, rope_scaling={"rope_type": "longrope", "factor": 4.0}), "'longrope'"),
     (dict(RQWEN, rope_scaling={"rope_type": "linear", "factor": 2.0, "attention_factor": 2.0}),
      "'attention_factor' = 2.0"),
@@ -407,7 +454,10 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 
 @pytest.mark.parametrize("scaling, match", [
-    (lambda: RopeScaling("yarn", 2.0), "rope_type must be 'linear' or 'llama3'.*got 'yarn'"),
+    (lambda: RopeScaling("dynamic", 2.0), "rope_type must be 'linear', 'llama3' or 'yarn'.*got 'dynamic'"),
+    (lambda: RopeScaling("yarn", 4.0, beta_fast=0.0), "rope_scaling.beta_fast must be a positive finite number"),
+    (lambda: RopeScaling("yarn", 4.0, attention_factor=-1.0), "attention_factor must be a positive finite number"),
+    (lambda: RopeScaling("yarn", 4.0, truncate="no"), "truncate must be True or False, got 'no'"),
     (lambda: RopeScaling("default", 2.0), r"rope_type must be .*\(no scaling: rope_scaling=None\)"),
     (lambda: RopeScaling("linear", 0.0), "rope_scaling.factor must be a positive finite number, got 0.0"),
     (lambda: RopeScaling("linear", -1.0), "rope_scaling.factor must be a positive finite number, got -1.0"),

@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3 checkpoints against transformers itself, and exact float32.
+"""Llama, Mistral, Qwen2, Qwen3 checkpoints (YaRN RoPE among them) against transformers itself, and exact float32.
 
 The fixtures (tests/fixtures/hf_*/, listed in hf_families.json) were written by scripts/fixtures/make_hf_fixtures.py
 with transformers' ``save_pretrained``, with transformers' float32 logits of every position of three prompts
@@ -73,6 +73,11 @@ def test_fixtures_cover_each_family():
     layers = model("hf_qwen3").params()["layers"]
     assert c["hf_qwen3"].head_dim == 32 != c["hf_qwen3"].hidden_size // c["hf_qwen3"].num_attention_heads
     assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers for k in ("q_norm", "k_norm"))
+    # YaRN: Qwen2.5's model-card setting in the transformers-4 layout, and Llama with every knob in the 5 layout
+    assert raw["hf_qwen2_yarn"]["rope_scaling"]["type"] == "yarn" and "rope_parameters" not in raw["hf_qwen2_yarn"]
+    assert c["hf_qwen2_yarn"].rope_scaling.truncate and c["hf_qwen2_yarn"].rope_scaling.attention_factor is None
+    yarn = raw["hf_llama_yarn"]["rope_parameters"]
+    assert yarn["rope_type"] == "yarn" and not yarn["truncate"] and yarn["mscale"] != yarn["mscale_all_dim"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -101,6 +106,21 @@ def test_rope_config_is_what_the_fixture_tests():
     wrong = Llama(dataclasses.replace(m.config, rope_theta=10000.0, rope_scaling=None), m.params())
     prompt, greedy, want = cases("hf_llama3")[2]
     assert rel_err(full_logits(wrong, [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("name", ["hf_qwen2_yarn", "hf_llama_yarn"])
+@pytest.mark.parametrize("misread", ["no cos/sin factor", "band not truncated as written", "linear"])
+def test_yarn_config_is_what_the_fixture_tests(name, misread):
+    """Each part of YaRN changes the fixtures' logits far beyond the tolerance: the attention factor, the band's
+    truncation, the blend of frequencies (read as linear scaling by the same factor)."""
+    m = model(name)
+    rs = m.config.rope_scaling
+    wrong = {"no cos/sin factor": dataclasses.replace(rs, attention_factor=1.0),
+             "band not truncated as written": dataclasses.replace(rs, truncate=not rs.truncate),
+             "linear": dataclasses.replace(rs, rope_type="linear")}[misread]
+    prompt, greedy, want = cases(name)[2]
+    logits = full_logits(Llama(dataclasses.replace(m.config, rope_scaling=wrong), m.params()), [prompt + greedy])
+    assert rel_err(logits[0], want) > 100 * FP32_TOL
 
 
 def test_non_integer_token_ids_raise():
