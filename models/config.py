@@ -1,7 +1,9 @@
-"""Decoder configuration of the Llama, Mistral, Qwen2 and Qwen3 families, read from a Hugging Face ``config.json``.
+"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3 and SmolLM3 families, read from a Hugging Face
+``config.json``.
 
-All four share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
-``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3).
+All five share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
+``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3), layers
+without RoPE (SmolLM3).
 Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, flat or one
 dict per layer type); they give the same config for the same model.
@@ -39,6 +41,7 @@ class Family:
     architecture: str
     qkv_bias: bool = False  # q/k/v projections carry biases (o_proj does not)
     qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
+    nope_layers: bool = False  # some layers skip RoPE (SmolLM3's no_rope_layers; by default every 4th)
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
     # transformers' defaults for the family's config class where config.json leaves a key out
@@ -52,6 +55,8 @@ class Family:
     # hidden_size // num_attention_heads); a key given as null takes those in every family, as transformers does
     default_kv_heads: int | None = None
     default_head_dim: int | None = None
+    default_tie: bool = False  # tie_word_embeddings
+    default_theta: float = 10000.0  # rope_theta
 
 
 # use_mrope: Qwen2.5's configs carry `"use_mrope": false`; only false is accepted (multimodal RoPE is Qwen2-VL's)
@@ -66,8 +71,14 @@ FAMILIES = {  # model_type -> Family
     "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, keys=_QWEN_KEYS, window_flag=True,
                     default_bos=None, default_eos=None, default_max_positions=32768, default_window=4096,
                     default_kv_heads=32, default_head_dim=128),
+    # SmolLM3: Llama with RoPE left out of every 4th layer (NoPE); its window, where in effect, on those layers
+    "smollm3": Family("SmolLM3ForCausalLM", nope_layers=True, window_flag=True,
+                      keys=frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+                                      "no_rope_layers", "no_rope_layer_interval"}),
+                      default_bos=128000, default_eos=128001, default_max_positions=32768, default_kv_heads=4,
+                      default_tie=True, default_theta=2e6),
 }
-DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all four families' config classes
+DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all five families' config classes
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 # rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
 _ROPE_KEYS = {
@@ -167,7 +178,8 @@ class LlamaConfig:
     """Static model hyper-parameters (hashable: usable as a ``jax.jit`` static argument).
 
     ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
-    (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm).
+    (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only).
+    ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
     """
 
     vocab_size: int
@@ -186,6 +198,7 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
     model_type: str = "llama"
+    rope_layers: tuple[bool, ...] | None = None
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -220,6 +233,20 @@ class LlamaConfig:
                 raise ValueError(f"config: {name} must be an integer token id or None, got {value!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"config: tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
+        if self.rope_layers is not None:
+            if isinstance(self.rope_layers, list):  # hashable: a tuple
+                object.__setattr__(self, "rope_layers", tuple(self.rope_layers))
+            if not self.family.nope_layers:
+                raise ValueError(f"config: rope_layers is for model_type 'smollm3' (no_rope_layers); model_type "
+                                 f"{self.model_type!r} applies RoPE in every layer, got {self.rope_layers!r}")
+            if (not isinstance(self.rope_layers, tuple) or len(self.rope_layers) != self.num_hidden_layers
+                    or not all(isinstance(b, bool) for b in self.rope_layers)):
+                raise ValueError(f"config: rope_layers must be a tuple of {self.num_hidden_layers} bools (one a layer: "
+                                 f"whether it applies RoPE) or None, got {self.rope_layers!r}")
+
+    def uses_rope(self, layer: int) -> bool:
+        """Whether layer ``layer`` rotates its q and k."""
+        return self.rope_layers is None or self.rope_layers[layer]
 
     @property
     def q_per_kv(self) -> int:
@@ -283,9 +310,10 @@ class LlamaConfig:
             head_dim = hidden // heads
         max_pos = _positive_int(d.get("max_position_embeddings", family.default_max_positions),
                                 "max_position_embeddings")
-        layer_types = _layer_types(d, family, layers)
+        rope_layers = _rope_layers(d, layers) if family.nope_layers else None
+        layer_types = _layer_types(d, family, layers, rope_layers)
         _check_sliding_window(d, family, layer_types, max_pos)
-        theta, scaling = _parse_rope(d, layer_types, max_pos)
+        theta, scaling = _parse_rope(d, layer_types, max_pos, family.default_theta)
         eos = d.get("eos_token_id", family.default_eos)
         eos_ids = _id_tuple(eos)
         for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
@@ -293,7 +321,7 @@ class LlamaConfig:
             if any(i is not None and not is_int(i) for i in ids):
                 raise CheckpointError(f"config: {key} must be an integer token id (or a list of them for eos, or "
                                       f"null); got {d.get(key)!r}")
-        tied = d.get("tie_word_embeddings", False)
+        tied = d.get("tie_word_embeddings", family.default_tie)
         if not isinstance(tied, bool):
             raise CheckpointError(f"config: tie_word_embeddings must be true or false; got {tied!r}")
         try:
@@ -307,7 +335,7 @@ class LlamaConfig:
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
-                pad_token_id=d.get("pad_token_id"), model_type=model_type)
+                pad_token_id=d.get("pad_token_id"), model_type=model_type, rope_layers=rope_layers)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
@@ -352,6 +380,8 @@ class LlamaConfig:
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
+        if self.family.nope_layers:
+            d["no_rope_layers"] = [int(self.uses_rope(i)) for i in range(self.num_hidden_layers)]
         if self.family.window_flag:
             d["use_sliding_window"] = False
         elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
@@ -417,11 +447,32 @@ def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
             if (k == "rope_type" or k in _ROPE_KEYS[rs.rope_type]) and v is not None}
 
 
-def _layer_types(d: dict[str, Any], family: Family, layers: int) -> list[str]:
-    """The attention type of every layer: ``layer_types`` if given, else as transformers derives it."""
+def _rope_layers(d: dict[str, Any], layers: int) -> tuple[bool, ...]:
+    """SmolLM3's layers with RoPE: ``no_rope_layers`` (1: RoPE, 0: none; transformers reads the first
+    num_hidden_layers entries), else every layer but each ``no_rope_layer_interval``-th (default 4)."""
+    said = d.get("no_rope_layers")
+    if said is None:
+        interval = d.get("no_rope_layer_interval", 4)
+        if not is_int(interval) or interval <= 0:
+            raise CheckpointError(f"config: no_rope_layer_interval must be a positive integer; got {interval!r}")
+        return tuple((i + 1) % interval != 0 for i in range(layers))
+    if (not isinstance(said, list) or len(said) < layers
+            or not all(isinstance(x, bool) or (is_int(x) and x in (0, 1)) for x in said)):
+        raise CheckpointError(f"config: no_rope_layers must list 1 (RoPE) or 0 (none) for each of the {layers} "
+                              f"layers; got {said!r}")
+    return tuple(bool(x) for x in said[:layers])
+
+
+def _layer_types(d: dict[str, Any], family: Family, layers: int,
+                 rope_layers: tuple[bool, ...] | None = None) -> list[str]:
+    """The attention type of every layer: ``layer_types`` if given, else as transformers derives it (Qwen: the
+    window from ``max_window_layers`` on; SmolLM3: the window on the layers without RoPE)."""
     if not family.window_flag:
         return ["full_attention"] * layers
     types = d.get("layer_types")
+    if types is None and family.nope_layers:
+        window = d.get("use_sliding_window", False) and d.get("sliding_window") is not None
+        return ["sliding_attention" if window and not rope_layers[i] else "full_attention" for i in range(layers)]
     if types is None:
         window = _window(d, family) if d.get("use_sliding_window", False) else None
         first = d.get("max_window_layers", 28)
@@ -457,10 +508,11 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
                               f"max_position_embeddings={max_pos}); sliding-window attention is not supported")
 
 
-def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tuple[float, RopeScaling | None]:
+def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int,
+                default_theta: float) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout. transformers 4: top-level ``rope_theta`` + ``rope_scaling`` dict;
     transformers 5: ``rope_parameters`` (with ``rope_theta`` inside), flat or ``{layer type: dict}``. Where
-    both layouts are present they must agree."""
+    both layouts are present they must agree. No theta anywhere: the family's ``default_theta``."""
     top_theta = d.get("rope_theta")
     partial = d.get("partial_rotary_factor")
     if partial is not None and partial != 1.0:
@@ -468,7 +520,7 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
     found = []  # (where, (theta, scaling))
     legacy = d.get("rope_scaling")
     if legacy is not None:
-        found.append(("rope_scaling", _parse_rope_dict(legacy, "rope_scaling", top_theta, max_pos)))
+        found.append(("rope_scaling", _parse_rope_dict(legacy, "rope_scaling", top_theta, max_pos, default_theta)))
     params = d.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict):
@@ -489,13 +541,14 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
                     raise CheckpointError(f"config: {where} truncate={params[t]['truncate']!r} inside a per-layer-"
                                           "type dict is ignored by transformers (it reads truncate only from a flat "
                                           "rope_parameters); write the RoPE dict flat")
-                found.append((where, _parse_rope_dict(params[t], where, top_theta, max_pos)))
+                found.append((where, _parse_rope_dict(params[t], where, top_theta, max_pos, default_theta)))
         else:
-            found.append(("rope_parameters", _parse_rope_dict(params, "rope_parameters", top_theta, max_pos)))
+            found.append(("rope_parameters",
+                          _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, default_theta)))
     if top_theta is not None:
         found.append(("rope_theta", (_number(top_theta, "rope_theta"), found[0][1][1] if found else None)))
     if not found:
-        return 10000.0, None
+        return default_theta, None
     for where, value in found[1:]:
         if value != found[0][1]:
             raise CheckpointError(f"config: {where} gives RoPE {value} but {found[0][0]} gives {found[0][1]} "
@@ -503,7 +556,8 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int) -> tupl
     return found[0][1]
 
 
-def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple[float, RopeScaling | None]:
+def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int,
+                     default_theta: float) -> tuple[float, RopeScaling | None]:
     if not isinstance(rs, dict):
         raise CheckpointError(f"config: {where} must be a dict or null, got {rs!r}")
     if "rope_type" in rs and "type" in rs and rs["rope_type"] != rs["type"]:
@@ -519,7 +573,7 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int) -> tuple
     partial = rs.get("partial_rotary_factor")
     if partial is not None and partial != 1.0:
         raise CheckpointError(f"config: {where} partial_rotary_factor={partial!r} is not supported")
-    theta = rs.get("rope_theta", top_theta if top_theta is not None else 10000.0)
+    theta = rs.get("rope_theta", top_theta if top_theta is not None else default_theta)
     theta = _number(theta, f"{where} rope_theta")
     if rope_type == "default":
         return theta, None

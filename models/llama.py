@@ -1,5 +1,5 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN scaling), GQA, SwiGLU; with the
-q/k/v biases of Qwen2 and the q/k RMSNorm of Qwen3 where the config's family has them.
+q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3 and SmolLM3's layers without RoPE where the config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
@@ -317,8 +317,9 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    factor = c.rope_scaling.cos_sin_factor if c.rope_scaling is not None else 1.0
-    q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
+    if c.uses_rope(layer):  # SmolLM3's NoPE layers leave q and k as they are
+        factor = c.rope_scaling.cos_sin_factor if c.rope_scaling is not None else 1.0
+        q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
     o, cache = attend(cache, layer, q, k, v)
     reduce = reduce or (lambda y: y)
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])

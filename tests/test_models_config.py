@@ -254,6 +254,16 @@ QWEN3_06B = dict(QWEN3_8B, hidden_size=1024, intermediate_size=3072, num_attenti
 ALL = {"llama2": LLAMA2_7B, "codellama": CODELLAMA_13B, "llama31": LLAMA31_8B, "llama32": LLAMA32_1B,
        "mistral_v03": MISTRAL_7B_V03, "mistral_nemo": MISTRAL_NEMO, "qwen25_7b": QWEN25_7B,
        "qwen25_05b": QWEN25_05B, "qwen3_8b": QWEN3_8B, "qwen3_06b": QWEN3_06B}
+SMOLLM3_3B = {  # HuggingFaceTB/SmolLM3-3B (transformers-4 layout): NoPE every 4th layer
+    "architectures": ["SmolLM3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 128012, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 65536, "max_window_layers": 28, "mlp_bias": False,
+    "model_type": "smollm3", "no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0] * 9,
+    "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 4, "pad_token_id": 128004,
+    "pretraining_tp": 2, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 5000000.0, "sliding_window": None,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.54.0", "use_cache": False,
+    "use_sliding_window": False, "vocab_size": 128256}
+ALL["smollm3_3b"] = SMOLLM3_3B
 
 
 def to_v5(d, per_layer_type=False):
@@ -291,6 +301,39 @@ def test_transformers5_layout_gives_the_same_config(name, per_layer_type):
     v5 = to_v5(v4, per_layer_type)
     assert "rope_theta" not in v5 and "rope_scaling" not in v5
     assert LlamaConfig.from_dict(v5) == LlamaConfig.from_dict(v4)
+
+
+def test_smollm3():
+    """SmolLM3's NoPE layers: no_rope_layers as written (its first num_hidden_layers entries), else every
+    no_rope_layer_interval-th layer (default 4) without RoPE; transformers' class defaults where keys are left out
+    (theta 2e6, tied embeddings, 4 KV heads); a window in effect lies on the NoPE layers, and is refused."""
+    c = LlamaConfig.from_dict(SMOLLM3_3B)
+    assert c.rope_layers == (True, True, True, False) * 9 and [i for i in range(36) if not c.uses_rope(i)][:2] == [3, 7]
+    assert c.tie_word_embeddings and c.head_dim == 128 and c.rope_theta == 5e6 and c.bos_token_id is None
+    by_interval = {k: v for k, v in SMOLLM3_3B.items() if k != "no_rope_layers"}
+    assert LlamaConfig.from_dict(by_interval) == c
+    assert LlamaConfig.from_dict(dict(by_interval, no_rope_layer_interval=3)).rope_layers == (True, True, False) * 12
+    assert LlamaConfig.from_dict(dict(SMOLLM3_3B, no_rope_layers=[0] * 40)).rope_layers == (False,) * 36
+    assert LlamaConfig.from_dict(dict(SMOLLM3_3B, no_rope_layers=[True, False] * 18)).rope_layers == (True, False) * 18
+    bare = {k: v for k, v in SMOLLM3_3B.items()
+            if k not in ("rope_theta", "tie_word_embeddings", "num_key_value_heads", "no_rope_layers")}
+    d = LlamaConfig.from_dict(bare)
+    assert d.rope_theta == 2e6 and d.tie_word_embeddings and d.num_key_value_heads == 4
+    assert d.rope_layers == c.rope_layers
+    with pytest.raises(CheckpointError, match=r"sliding_window=4096 \(layers \[3, 7, 11"):
+        LlamaConfig.from_dict(dict(SMOLLM3_3B, use_sliding_window=True, sliding_window=4096))
+    assert LlamaConfig.from_dict(dict(SMOLLM3_3B, use_sliding_window=False, sliding_window=4096)) == c
+    for bad, match in [({"no_rope_layers": [1, 1, 2, 0] * 9}, "no_rope_layers must list 1 .* or 0"),
+                       ({"no_rope_layers": [1, 0] * 9}, "for each of the 36 layers"),
+                       ({"no_rope_layers": None, "no_rope_layer_interval": 0}, "no_rope_layer_interval must be"),
+                       ({"no_rope_layers": "1110"}, "no_rope_layers must list")]:
+        with pytest.raises(CheckpointError, match=match):
+            LlamaConfig.from_dict(dict(SMOLLM3_3B, **bad))
+    with pytest.raises(ValueError, match="rope_layers is for model_type 'smollm3'"):
+        LlamaConfig(**SMALL, rope_layers=(True,))
+    with pytest.raises(ValueError, match=r"rope_layers must be a tuple of 1 bools"):
+        LlamaConfig(**SMALL, model_type="smollm3", rope_layers=(1,))
+    assert LlamaConfig(**SMALL, model_type="smollm3", rope_layers=[False]).rope_layers == (False,)
 
 
 def test_layouts_agree_when_both_present():

@@ -1,4 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3 checkpoints (YaRN RoPE among them) against transformers itself, and exact float32.
+"""Llama, Mistral, Qwen2, Qwen3, SmolLM3 checkpoints (YaRN RoPE among them) against transformers itself, and exact
+float32.
 
 The fixtures (tests/fixtures/hf_*/, listed in hf_families.json) were written by scripts/fixtures/make_hf_fixtures.py
 with transformers' ``save_pretrained``, with transformers' float32 logits of every position of three prompts
@@ -25,7 +26,7 @@ from models.llama import Llama, causal_attention, init_random
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "hf_families.json").read_text())
 NAMES = sorted(MANIFEST["fixtures"])
-ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3"]
+ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3"]
 FP32_TOL = 1e-5  # of the largest |logit|
 
 
@@ -59,7 +60,7 @@ def test_fixtures_cover_each_family():
     """The fixtures exercise what each family adds (a fixture without it would test nothing)."""
     arch = {n: f["architecture"] for n, f in MANIFEST["fixtures"].items()}
     assert {arch[n] for n in ONE_PER_FAMILY} == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                                   "Qwen3ForCausalLM"}
+                                                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM"}
     raw = {n: json.loads((FIXTURES / n / "config.json").read_text()) for n in NAMES}
     assert "rope_parameters" in raw["hf_llama3"] and "rope_theta" not in raw["hf_llama3"]  # transformers 5
     assert "rope_parameters" not in raw["hf_llama3_v4"] and raw["hf_llama3_v4"]["rope_scaling"]  # transformers 4
@@ -73,6 +74,7 @@ def test_fixtures_cover_each_family():
     layers = model("hf_qwen3").params()["layers"]
     assert c["hf_qwen3"].head_dim == 32 != c["hf_qwen3"].hidden_size // c["hf_qwen3"].num_attention_heads
     assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers for k in ("q_norm", "k_norm"))
+    assert c["hf_smollm3"].rope_layers == (True, True, True, False) and c["hf_smollm3"].tie_word_embeddings
     # YaRN: Qwen2.5's model-card setting in the transformers-4 layout, and Llama with every knob in the 5 layout
     assert raw["hf_qwen2_yarn"]["rope_scaling"]["type"] == "yarn" and "rope_parameters" not in raw["hf_qwen2_yarn"]
     assert c["hf_qwen2_yarn"].rope_scaling.truncate and c["hf_qwen2_yarn"].rope_scaling.attention_factor is None
@@ -121,6 +123,14 @@ def test_yarn_config_is_what_the_fixture_tests(name, misread):
     prompt, greedy, want = cases(name)[2]
     logits = full_logits(Llama(dataclasses.replace(m.config, rope_scaling=wrong), m.params()), [prompt + greedy])
     assert rel_err(logits[0], want) > 100 * FP32_TOL
+
+
+def test_nope_layers_are_what_the_fixture_tests():
+    """SmolLM3's fixture with RoPE in its fourth layer too is far off: the comparison sees a NoPE layer misread."""
+    m = model("hf_smollm3")
+    prompt, greedy, want = cases("hf_smollm3")[2]
+    wrong = Llama(dataclasses.replace(m.config, rope_layers=None), m.params())
+    assert rel_err(full_logits(wrong, [prompt + greedy])[0], want) > 100 * FP32_TOL
 
 
 def test_non_integer_token_ids_raise():
