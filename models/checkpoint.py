@@ -1,7 +1,7 @@
 """Hugging Face-format checkpoints: ``config.json`` + ``*.safetensors`` (one file, or shards + index).
 
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM`` and ``SmolLM3ForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
+``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM`` and ``GraniteForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
 its config asks for (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms). Linear
 weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``) and packs q/k/v and
 gate/up (``models.llama.pack_layer``), one dict of arrays per layer (see ``models.llama``); saving unpacks them.
@@ -178,7 +178,7 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
-    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3) into a ``Llama`` with parameters in ``dtype``
+    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite) into a ``Llama`` with parameters in ``dtype``
     (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
     tensor, an unreadable file.
 

@@ -1,12 +1,12 @@
-"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3 and SmolLM3 families, read from a Hugging Face
+"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3 and Granite families, read from a Hugging Face
 ``config.json``.
 
-All five share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
+All six share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
 ``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3), layers
-without RoPE (SmolLM3).
+without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual branches and logits (Granite).
 Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
-transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, flat or one
-dict per layer type); they give the same config for the same model.
+transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
+dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary, another activation) or a key this module does not know raises ``CheckpointError`` naming the
@@ -42,6 +42,7 @@ class Family:
     qkv_bias: bool = False  # q/k/v projections carry biases (o_proj does not)
     qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
     nope_layers: bool = False  # some layers skip RoPE (SmolLM3's no_rope_layers; by default every 4th)
+    multipliers: bool = False  # Granite's embedding / attention / residual multipliers and logits scaling
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
     # transformers' defaults for the family's config class where config.json leaves a key out
@@ -77,8 +78,15 @@ FAMILIES = {  # model_type -> Family
                                       "no_rope_layers", "no_rope_layer_interval"}),
                       default_bos=128000, default_eos=128001, default_max_positions=32768, default_kv_heads=4,
                       default_tie=True, default_theta=2e6),
+    # Granite (IBM Granite 3.x): Llama with four scalars (MULTIPLIERS)
+    "granite": Family("GraniteForCausalLM", multipliers=True, keys=frozenset(
+        {"embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"})),
 }
-DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all five families' config classes
+# Granite's scalars, transformers' defaults where config.json leaves them out (attention_multiplier is the logit
+# scale itself: 1.0 by default, not 1/sqrt(head_dim))
+MULTIPLIERS = {"embedding_multiplier": 1.0, "attention_multiplier": 1.0, "residual_multiplier": 1.0,
+               "logits_scaling": 1.0}
+DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all six families' config classes
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 # rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
 _ROPE_KEYS = {
@@ -178,8 +186,13 @@ class LlamaConfig:
     """Static model hyper-parameters (hashable: usable as a ``jax.jit`` static argument).
 
     ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
-    (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only).
+    (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only),
+    "granite" (the multipliers below).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
+    Granite's scalars (other families keep the defaults, which change nothing): the embeddings times
+    ``embedding_multiplier``; the attention's logit scale ``attention_multiplier`` (None: 1/sqrt(head_dim)); each
+    layer's attention and MLP outputs times ``residual_multiplier`` before they join the residual; the logits divided
+    by ``logits_scaling``.
     """
 
     vocab_size: int
@@ -199,6 +212,10 @@ class LlamaConfig:
     pad_token_id: int | None = None
     model_type: str = "llama"
     rope_layers: tuple[bool, ...] | None = None
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -243,6 +260,24 @@ class LlamaConfig:
                     or not all(isinstance(b, bool) for b in self.rope_layers)):
                 raise ValueError(f"config: rope_layers must be a tuple of {self.num_hidden_layers} bools (one a layer: "
                                  f"whether it applies RoPE) or None, got {self.rope_layers!r}")
+
+        for name in MULTIPLIERS:
+            value = getattr(self, name)
+            if value is None and name == "attention_multiplier":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"config: {name} must be a positive finite number, got {value!r}")
+            if not self.family.multipliers and value != (1.0 if name != "attention_multiplier" else None):
+                raise ValueError(f"config: {name} is Granite's (model_type 'granite'); model_type "
+                                 f"{self.model_type!r} has none, got {value!r}")
+
+    @property
+    def query_scale(self) -> float:
+        """What q is multiplied by so that the attention's default logit scale 1/sqrt(head_dim) gives
+        ``attention_multiplier`` (1 where it is None)."""
+        if self.attention_multiplier is None:
+            return 1.0
+        return float(self.attention_multiplier) * math.sqrt(self.head_dim)
 
     def uses_rope(self, layer: int) -> bool:
         """Whether layer ``layer`` rotates its q and k."""
@@ -321,6 +356,7 @@ class LlamaConfig:
             if any(i is not None and not is_int(i) for i in ids):
                 raise CheckpointError(f"config: {key} must be an integer token id (or a list of them for eos, or "
                                       f"null); got {d.get(key)!r}")
+        scalars = {k: _number(d.get(k, v), k) for k, v in MULTIPLIERS.items()} if family.multipliers else {}
         tied = d.get("tie_word_embeddings", family.default_tie)
         if not isinstance(tied, bool):
             raise CheckpointError(f"config: tie_word_embeddings must be true or false; got {tied!r}")
@@ -335,7 +371,7 @@ class LlamaConfig:
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
-                pad_token_id=d.get("pad_token_id"), model_type=model_type, rope_layers=rope_layers)
+                pad_token_id=d.get("pad_token_id"), model_type=model_type, rope_layers=rope_layers, **scalars)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
@@ -382,6 +418,9 @@ class LlamaConfig:
         }
         if self.family.nope_layers:
             d["no_rope_layers"] = [int(self.uses_rope(i)) for i in range(self.num_hidden_layers)]
+        if self.family.multipliers:
+            d.update({k: getattr(self, k) for k in MULTIPLIERS},
+                     attention_multiplier=self.query_scale / math.sqrt(self.head_dim))
         if self.family.window_flag:
             d["use_sliding_window"] = False
         elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
@@ -456,8 +495,7 @@ def _rope_layers(d: dict[str, Any], layers: int) -> tuple[bool, ...]:
         if not is_int(interval) or interval <= 0:
             raise CheckpointError(f"config: no_rope_layer_interval must be a positive integer; got {interval!r}")
         return tuple((i + 1) % interval != 0 for i in range(layers))
-    if (not isinstance(said, list) or len(said) < layers
-            or not all(isinstance(x, bool) or (is_int(x) and x in (0, 1)) for x in said)):
+    if not isinstance(said, list) or len(said) < layers or not all(is_int(x) and x in (0, 1) for x in said):
         raise CheckpointError(f"config: no_rope_layers must list 1 (RoPE) or 0 (none) for each of the {layers} "
                               f"layers; got {said!r}")
     return tuple(bool(x) for x in said[:layers])
@@ -495,9 +533,14 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
     """Raise if a sliding window is in effect. A window of W keys (query i sees keys i-W < j <= i) changes
     nothing while sequences hold at most W tokens, i.e. when W >= max_position_embeddings."""
     window = _window(d, family)
-    if family.window_flag and not d.get("use_sliding_window", False):
-        window = None  # what transformers does: the window is dropped
+    if family.window_flag and not family.nope_layers and not d.get("use_sliding_window", False):
+        window = None  # what transformers does for Qwen: the window is dropped (SmolLM3's config keeps it, and its
+        # attention masks the layers typed sliding_attention with it whatever use_sliding_window says)
     sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if family.window_flag and sliding and window is None:
+        raise CheckpointError(f"config: layer_types marks layers {sliding} sliding_attention but no sliding window "
+                              f"applies (sliding_window={d.get('sliding_window')!r}, use_sliding_window="
+                              f"{d.get('use_sliding_window')!r}); transformers cannot run such a config")
     if window is None or (family.window_flag and not sliding):
         return
     if not is_int(window):
@@ -511,8 +554,9 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
 def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int,
                 default_theta: float) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout. transformers 4: top-level ``rope_theta`` + ``rope_scaling`` dict;
-    transformers 5: ``rope_parameters`` (with ``rope_theta`` inside), flat or ``{layer type: dict}``. Where
-    both layouts are present they must agree. No theta anywhere: the family's ``default_theta``."""
+    transformers 5: ``rope_parameters`` (with ``rope_theta`` inside; one flat dict: a dict per layer type is refused,
+    as transformers does not read it for these families). Where both layouts are present they must agree. No theta
+    anywhere: the family's ``default_theta``."""
     top_theta = d.get("rope_theta")
     partial = d.get("partial_rotary_factor")
     if partial is not None and partial != 1.0:
@@ -525,26 +569,14 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int,
     if params is not None:
         if not isinstance(params, dict):
             raise CheckpointError(f"config: rope_parameters must be a dict or null, got {params!r}")
-        kinds = set(LAYER_TYPES + tuple(layer_types))
-        if set(params) & kinds:  # one dict per layer type
-            stray = [k for k in params if k not in kinds]
-            if stray:
-                raise CheckpointError(f"config: rope_parameters mixes layer types with key {stray[0]!r} = "
-                                      f"{params[stray[0]]!r}")
-            for t in dict.fromkeys(layer_types):
-                where = f"rope_parameters[{t!r}]"
-                if params.get(t) is None:
-                    raise CheckpointError(f"config: {where} is missing or null but layers of type {t!r} use it")
-                if isinstance(params[t], dict) and params[t].get("truncate", True) is not True:
-                    # transformers 5.17 reads `truncate` from the top level of rope_parameters only (the
-                    # per-layer-type dicts' own is ignored): which one the file means is unclear
-                    raise CheckpointError(f"config: {where} truncate={params[t]['truncate']!r} inside a per-layer-"
-                                          "type dict is ignored by transformers (it reads truncate only from a flat "
-                                          "rope_parameters); write the RoPE dict flat")
-                found.append((where, _parse_rope_dict(params[t], where, top_theta, max_pos, default_theta)))
-        else:
-            found.append(("rope_parameters",
-                          _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, default_theta)))
+        keyed = [k for k in params if k in LAYER_TYPES or k in layer_types]
+        if keyed:  # transformers 5.17 fails to load these families' configs in that layout (or, without layer_types,
+            # reads the dict as flat and ignores the inner ones): no transformers writes it for them
+            raise CheckpointError(f"config: rope_parameters keyed by layer type ({keyed[0]!r} = {params[keyed[0]]!r}) "
+                                  f"is not a layout transformers reads for model_type {d.get('model_type', 'llama')!r}"
+                                  "; write one flat RoPE dict")
+        found.append(("rope_parameters",
+                      _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, default_theta)))
     if top_theta is not None:
         found.append(("rope_theta", (_number(top_theta, "rope_theta"), found[0][1][1] if found else None)))
     if not found:

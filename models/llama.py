@@ -1,5 +1,6 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN scaling), GQA, SwiGLU; with the
-q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3 and SmolLM3's layers without RoPE where the config's family has them.
+q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without RoPE and Granite's multipliers where the
+config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
@@ -317,19 +318,33 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    # Granite's logit scale (attention_multiplier) is folded into q, so that every attention path (the kernels,
+    # the reference, the dense prefill) keeps its default 1/sqrt(D)
     if c.uses_rope(layer):  # SmolLM3's NoPE layers leave q and k as they are
         factor = c.rope_scaling.cos_sin_factor if c.rope_scaling is not None else 1.0
-        q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
+        q, k = apply_rope(q, positions, inv_freq, factor * c.query_scale), apply_rope(k, positions, inv_freq, factor)
+    elif c.query_scale != 1.0:
+        q = (q.astype(jnp.float32) * c.query_scale).astype(q.dtype)
     o, cache = attend(cache, layer, q, k, v)
     reduce = reduce or (lambda y: y)
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
-    x = x + reduce(attn)
+    x = x + _residual(c, reduce(attn))
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     [gate_up] = gemm.linear(h, [p["w_gate_up"].reshape(d, -1)])
     gate_up = gate_up.reshape(B, T, 2, -1)
     [down] = gemm.linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
-    x = x + reduce(down)
+    x = x + _residual(c, reduce(down))
     return x, cache
+
+
+def _residual(config: LlamaConfig, y: jax.Array) -> jax.Array:
+    """A layer's attention or MLP output as it joins the residual: times Granite's residual_multiplier."""
+    return y * config.residual_multiplier if config.residual_multiplier != 1.0 else y
+
+
+def scale_embeddings(config: LlamaConfig, x: jax.Array) -> jax.Array:
+    """The looked-up embeddings ``[..., d]`` times Granite's embedding_multiplier (in their dtype, as transformers)."""
+    return x * config.embedding_multiplier if config.embedding_multiplier != 1.0 else x
 
 
 def run_layers(config: LlamaConfig, layers: list[dict[str, jax.Array]], x: jax.Array, positions: jax.Array,
@@ -435,16 +450,19 @@ class Llama(nnx.Module):
             from models import parallel
 
             return parallel.forward(c, self.mesh, self.params(), tokens, positions, cache, attend)
-        x = jnp.take(self.embed.value, tokens, axis=0)
+        x = scale_embeddings(c, jnp.take(self.embed.value, tokens, axis=0))
         x, cache = run_layers(c, self.layer_params(), x, positions, cache, attend)
         return rms_norm(x, self.final_norm.value, c.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden ``[..., d]`` -> float32 logits ``[..., V]`` (divided by Granite's logits_scaling)."""
         if self.mesh is not None:
             from models import parallel
 
-            return parallel.logits(self.config, self.mesh, self.params(), hidden)
-        return head_logits(hidden, self.embed.value.T if self.lm_head is None else self.lm_head.value)
+            out = parallel.logits(self.config, self.mesh, self.params(), hidden)
+        else:
+            out = head_logits(hidden, self.embed.value.T if self.lm_head is None else self.lm_head.value)
+        return out / self.config.logits_scaling if self.config.logits_scaling != 1.0 else out
 
 
 def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mesh | None = None) -> Llama:

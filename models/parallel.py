@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig, is_int
 from models.llama import (Llama, check_shapes, head_logits, pack_qkv, param_shape, param_shapes, rms_norm, run_layers,
-                          unpack_qkv)
+                          scale_embeddings, unpack_qkv)
 
 AXIS = "model"
 KV_SPEC = P(None, None, AXIS, None)  # caches [N, S, Hkv, D]: split over KV heads
@@ -258,7 +258,7 @@ def forward(config: LlamaConfig, mesh: Mesh, params: dict[str, Any], tokens: jax
     reduce = lambda y: jax.lax.psum(y, AXIS)  # noqa: E731
 
     def body(params, tokens, positions, cache):
-        x = _embed(params["embed"], tokens)
+        x = scale_embeddings(config, _embed(params["embed"], tokens))
         x, cache = run_layers(local, params["layers"], x, positions, cache, attend, reduce=reduce)
         return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
 

@@ -206,15 +206,12 @@ def test_yarn_config_fields():
     c = LlamaConfig.from_dict(qwen)
     assert c.rope_scaling == RopeScaling("yarn", 4.0, original_max_position_embeddings=32768)
     assert math.isclose(c.rope_scaling.cos_sin_factor, 0.1 * math.log(4) + 1)
-    assert LlamaConfig.from_dict(to_v5(qwen)) == LlamaConfig.from_dict(to_v5(qwen, per_layer_type=True)) == c
+    assert LlamaConfig.from_dict(to_v5(qwen)) == c
     null = dict(qwen, max_position_embeddings=131072, rope_scaling=dict(qwen["rope_scaling"], factor=None,
                                                                         beta_fast=None, beta_slow=0))
     assert LlamaConfig.from_dict(null).rope_scaling == RopeScaling("yarn", 4.0, original_max_position_embeddings=32768)
-    per_layer = to_v5(dict(qwen, rope_scaling=dict(qwen["rope_scaling"], truncate=False)), per_layer_type=True)
-    with pytest.raises(CheckpointError, match="truncate=False inside a per-layer-type dict is ignored"):
-        LlamaConfig.from_dict(per_layer)
     assert not LlamaConfig.from_dict(to_v5(dict(qwen, rope_scaling=dict(qwen["rope_scaling"], truncate=False)))
-                                     ).rope_scaling.truncate  # flat: read
+                                     ).rope_scaling.truncate
 
 
 # ------------------------------------------------------------------------------ families
@@ -264,6 +261,16 @@ SMOLLM3_3B = {  # HuggingFaceTB/SmolLM3-3B (transformers-4 layout): NoPE every 4
     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.54.0", "use_cache": False,
     "use_sliding_window": False, "vocab_size": 128256}
 ALL["smollm3_3b"] = SMOLLM3_3B
+GRANITE_31_8B = {  # ibm-granite/granite-3.1-8b-instruct (transformers-4 layout)
+    "architectures": ["GraniteForCausalLM"], "attention_bias": False, "attention_dropout": 0.1,
+    "attention_multiplier": 0.0078125, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12800,
+    "logits_scaling": 16.0, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "granite",
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "pad_token_id": 0,
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.47.0", "use_cache": True,
+    "vocab_size": 49155}
+ALL["granite_31_8b"] = GRANITE_31_8B
 
 
 def to_v5(d, per_layer_type=False):
@@ -295,12 +302,20 @@ def test_families():
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
-@pytest.mark.parametrize("per_layer_type", [False, True])
-def test_transformers5_layout_gives_the_same_config(name, per_layer_type):
+def test_transformers5_layout_gives_the_same_config(name):
     v4 = ALL[name]
-    v5 = to_v5(v4, per_layer_type)
+    v5 = to_v5(v4)
     assert "rope_theta" not in v5 and "rope_scaling" not in v5
     assert LlamaConfig.from_dict(v5) == LlamaConfig.from_dict(v4)
+
+
+@pytest.mark.parametrize("name", ["llama31", "qwen25_7b", "smollm3_3b"])
+def test_rope_parameters_per_layer_type_are_refused(name):
+    """One RoPE dict per layer type: transformers (5.0 to 5.17) never writes it for these families, fails to load it
+    where the config has layer_types, and reads it as one flat dict (its inner dicts ignored: default RoPE) where it
+    has none; never read as anything else here."""
+    with pytest.raises(CheckpointError, match="rope_parameters keyed by layer type .*'full_attention'"):
+        LlamaConfig.from_dict(to_v5(ALL[name], per_layer_type=True))
 
 
 def test_smollm3():
@@ -314,7 +329,7 @@ def test_smollm3():
     assert LlamaConfig.from_dict(by_interval) == c
     assert LlamaConfig.from_dict(dict(by_interval, no_rope_layer_interval=3)).rope_layers == (True, True, False) * 12
     assert LlamaConfig.from_dict(dict(SMOLLM3_3B, no_rope_layers=[0] * 40)).rope_layers == (False,) * 36
-    assert LlamaConfig.from_dict(dict(SMOLLM3_3B, no_rope_layers=[True, False] * 18)).rope_layers == (True, False) * 18
+    assert LlamaConfig.from_dict(dict(SMOLLM3_3B, no_rope_layers=[1, 0] * 18)).rope_layers == (True, False) * 18
     bare = {k: v for k, v in SMOLLM3_3B.items()
             if k not in ("rope_theta", "tie_word_embeddings", "num_key_value_heads", "no_rope_layers")}
     d = LlamaConfig.from_dict(bare)
@@ -323,10 +338,18 @@ def test_smollm3():
     with pytest.raises(CheckpointError, match=r"sliding_window=4096 \(layers \[3, 7, 11"):
         LlamaConfig.from_dict(dict(SMOLLM3_3B, use_sliding_window=True, sliding_window=4096))
     assert LlamaConfig.from_dict(dict(SMOLLM3_3B, use_sliding_window=False, sliding_window=4096)) == c
+    # layers typed sliding_attention get SmolLM3's window whatever use_sliding_window says (its attention masks them)
+    typed = dict(SMOLLM3_3B, layer_types=["full_attention", "sliding_attention"] * 18, sliding_window=4096)
+    with pytest.raises(CheckpointError, match=r"sliding_window=4096 \(layers \[1, 3, 5"):
+        LlamaConfig.from_dict(typed)
+    assert LlamaConfig.from_dict(dict(typed, sliding_window=65536)) == c  # as long as the sequences: no effect
+    with pytest.raises(CheckpointError, match="no sliding window applies"):
+        LlamaConfig.from_dict(dict(typed, sliding_window=None))
     for bad, match in [({"no_rope_layers": [1, 1, 2, 0] * 9}, "no_rope_layers must list 1 .* or 0"),
                        ({"no_rope_layers": [1, 0] * 9}, "for each of the 36 layers"),
                        ({"no_rope_layers": None, "no_rope_layer_interval": 0}, "no_rope_layer_interval must be"),
-                       ({"no_rope_layers": "1110"}, "no_rope_layers must list")]:
+                       ({"no_rope_layers": "1110"}, "no_rope_layers must list"),
+                       ({"no_rope_layers": [True, False] * 18}, "no_rope_layers must list")]:
         with pytest.raises(CheckpointError, match=match):
             LlamaConfig.from_dict(dict(SMOLLM3_3B, **bad))
     with pytest.raises(ValueError, match="rope_layers is for model_type 'smollm3'"):
@@ -334,6 +357,30 @@ def test_smollm3():
     with pytest.raises(ValueError, match=r"rope_layers must be a tuple of 1 bools"):
         LlamaConfig(**SMALL, model_type="smollm3", rope_layers=(1,))
     assert LlamaConfig(**SMALL, model_type="smollm3", rope_layers=[False]).rope_layers == (False,)
+
+
+def test_granite():
+    """Granite's four scalars as written; transformers' defaults (1.0 each; the logit scale 1.0 too, not
+    1/sqrt(head_dim)) where left out; only positive finite numbers; other families have none."""
+    c = LlamaConfig.from_dict(GRANITE_31_8B)
+    assert (c.embedding_multiplier, c.attention_multiplier, c.residual_multiplier, c.logits_scaling) == (
+        12.0, 0.0078125, 0.22, 16.0)
+    assert math.isclose(c.query_scale, 0.0078125 * math.sqrt(128))
+    bare = LlamaConfig.from_dict({k: v for k, v in GRANITE_31_8B.items() if not k.endswith(("multiplier", "scaling"))})
+    assert (bare.embedding_multiplier, bare.attention_multiplier, bare.residual_multiplier, bare.logits_scaling) == (
+        1.0, 1.0, 1.0, 1.0)
+    assert math.isclose(bare.query_scale, math.sqrt(128))
+    assert LlamaConfig.from_dict(LLAMA2_7B).query_scale == 1.0
+    for bad, match in [({"logits_scaling": 0}, "logits_scaling must be a positive finite number, got 0"),
+                       ({"attention_multiplier": "0.1"}, "attention_multiplier must be a finite number; got '0.1'"),
+                       ({"embedding_multiplier": -12.0}, "embedding_multiplier must be a positive finite number")]:
+        with pytest.raises(CheckpointError, match=match):
+            LlamaConfig.from_dict(dict(GRANITE_31_8B, **bad))
+    with pytest.raises(CheckpointError, match="'logits_scaling' = 16.0 is not known"):
+        LlamaConfig.from_dict(dict(LLAMA2_7B, logits_scaling=16.0))
+    with pytest.raises(ValueError, match="residual_multiplier is Granite's"):
+        LlamaConfig(**SMALL, residual_multiplier=0.5)
+    assert LlamaConfig(**SMALL, model_type="granite").query_scale == 1.0  # by hand: None, Llama's scale
 
 
 def test_layouts_agree_when_both_present():
@@ -398,26 +445,18 @@ RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
      "'attention_factor' = 2.0"),
     (dict(RLLAMA, rope_parameters=dict(RLLAMA["rope_scaling"], factor=16.0)), "rope_parameters gives RoPE"),
     (dict(RQWEN, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "must agree"),
-    (dict(to_v5(RQWEN), rope_parameters={"full_attention": None}), r"rope_parameters\['full_attention'\]"),
-    (dict(to_v5(RQWEN), rope_parameters={"sliding_attention": {"rope_type": "default"}}),
-     r"rope_parameters\['full_attention'\] is missing"),
+    (dict(to_v5(RQWEN), rope_parameters={"full_attention": None}), "keyed by layer type"),
+    (dict(to_v5(RQWEN), rope_parameters={"sliding_attention": {"rope_type": "default"}}), "keyed by layer type"),
     (dict(to_v5(RQWEN), rope_parameters={"full_attention": {"rope_type": "default"}, "rope_theta": 1e6}),
-     "mixes layer types with key 'rope_theta'"),
+     "keyed by layer type"),
+    (dict(RLLAMA, rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0}}), "keyed by layer type"),
+    (dict(RQWEN, layer_types=["sliding_attention"] * 36), r"marks layers \[0, 1, .* but no sliding window applies"),
     (dict(LLAMA2_7B, num_attention_heads=7, num_key_value_heads=7), "not a multiple"),
     (dict(LLAMA2_7B, model_type="mistral"), "'LlamaForCausalLM' for model_type 'mistral'"),
 ])
 def test_refuses_what_changes_the_math(d, match):
     with pytest.raises(CheckpointError, match=match):
         LlamaConfig.from_dict(d)
-
-
-def test_per_layer_type_rope_must_agree_for_the_layers_used():
-    v5 = to_v5(QWEN3_8B, per_layer_type=True)
-    v5["rope_parameters"]["sliding_attention"]["rope_theta"] = 10000.0  # no sliding layer: unused, fine
-    assert LlamaConfig.from_dict(v5) == LlamaConfig.from_dict(QWEN3_8B)
-    v5["layer_types"] = ["full_attention"] * 35 + ["sliding_attention"]  # now used (and no window in effect)
-    with pytest.raises(CheckpointError, match=r"rope_parameters\['sliding_attention'\]"):
-        LlamaConfig.from_dict(v5)
 
 
 def test_error_class_and_bad_json(tmp_path):

@@ -1,5 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3, SmolLM3 checkpoints (YaRN RoPE among them) against transformers itself, and exact
-float32.
+"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite checkpoints (YaRN RoPE among them) against transformers itself,
+and exact float32.
 
 The fixtures (tests/fixtures/hf_*/, listed in hf_families.json) were written by scripts/fixtures/make_hf_fixtures.py
 with transformers' ``save_pretrained``, with transformers' float32 logits of every position of three prompts
@@ -26,7 +26,7 @@ from models.llama import Llama, causal_attention, init_random
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "hf_families.json").read_text())
 NAMES = sorted(MANIFEST["fixtures"])
-ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3"]
+ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3", "hf_granite"]
 FP32_TOL = 1e-5  # of the largest |logit|
 
 
@@ -60,7 +60,7 @@ def test_fixtures_cover_each_family():
     """The fixtures exercise what each family adds (a fixture without it would test nothing)."""
     arch = {n: f["architecture"] for n, f in MANIFEST["fixtures"].items()}
     assert {arch[n] for n in ONE_PER_FAMILY} == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM"}
+                                                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM"}
     raw = {n: json.loads((FIXTURES / n / "config.json").read_text()) for n in NAMES}
     assert "rope_parameters" in raw["hf_llama3"] and "rope_theta" not in raw["hf_llama3"]  # transformers 5
     assert "rope_parameters" not in raw["hf_llama3_v4"] and raw["hf_llama3_v4"]["rope_scaling"]  # transformers 4
@@ -75,6 +75,8 @@ def test_fixtures_cover_each_family():
     assert c["hf_qwen3"].head_dim == 32 != c["hf_qwen3"].hidden_size // c["hf_qwen3"].num_attention_heads
     assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers for k in ("q_norm", "k_norm"))
     assert c["hf_smollm3"].rope_layers == (True, True, True, False) and c["hf_smollm3"].tie_word_embeddings
+    g = c["hf_granite"]
+    assert (g.embedding_multiplier, g.attention_multiplier, g.residual_multiplier, g.logits_scaling) == (12, .2, .22, 8)
     # YaRN: Qwen2.5's model-card setting in the transformers-4 layout, and Llama with every knob in the 5 layout
     assert raw["hf_qwen2_yarn"]["rope_scaling"]["type"] == "yarn" and "rope_parameters" not in raw["hf_qwen2_yarn"]
     assert c["hf_qwen2_yarn"].rope_scaling.truncate and c["hf_qwen2_yarn"].rope_scaling.attention_factor is None
@@ -130,6 +132,18 @@ def test_nope_layers_are_what_the_fixture_tests():
     m = model("hf_smollm3")
     prompt, greedy, want = cases("hf_smollm3")[2]
     wrong = Llama(dataclasses.replace(m.config, rope_layers=None), m.params())
+    assert rel_err(full_logits(wrong, [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("scalar", ["embedding_multiplier", "attention_multiplier", "residual_multiplier",
+                                    "logits_scaling"])
+def test_granite_scalars_are_what_the_fixture_tests(scalar):
+    """Each of Granite's four scalars read as 1 (attention_multiplier as 1/sqrt(head_dim), Llama's) moves the
+    fixture's logits far beyond the tolerance."""
+    m = model("hf_granite")
+    prompt, greedy, want = cases("hf_granite")[2]
+    wrong = Llama(dataclasses.replace(m.config, **{scalar: None if scalar == "attention_multiplier" else 1.0}),
+                  m.params())
     assert rel_err(full_logits(wrong, [prompt + greedy])[0], want) > 100 * FP32_TOL
 
 

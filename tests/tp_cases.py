@@ -10,6 +10,7 @@ compiled decode step communicates only the all-reduces of the row-parallel layer
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
 
 import jax
@@ -225,6 +226,23 @@ def test_init_places_each_shard_and_keeps_the_values(name):
         for i, shard in enumerate(qkv.addressable_shards):
             _, k, _ = models.llama.unpack_qkv(np.asarray(shard.data), D)
             np.testing.assert_array_equal(k, full[:, i // (4 // heads)])
+
+
+@needs(2)
+@pytest.mark.parametrize("name", ["hf_granite", pytest.param("hf_smollm3", marks=pytest.mark.slow)])
+def test_family_fixtures_on_the_mesh(name):
+    """transformers' tiny checkpoints of the families with extras outside the layers' GEMMs (Granite's embedding
+    and logits scaling on the vocabulary-split embedding and head, its residual and logit-scale multipliers;
+    SmolLM3's layer without RoPE) loaded onto 2 devices generate what they do on one."""
+    path = pathlib.Path(__file__).parent / "fixtures" / name
+    one = models.load_checkpoint(path, dtype=jnp.float32)
+    mesh = models.load_checkpoint(path, dtype=jnp.float32, mesh=parallel.make_mesh(2))
+
+    def run(m):
+        return models.generate(m, prompts(m.config.vocab_size), num_samples=2, max_new_tokens=6, mode="hydragen",
+                               backend=BACKEND, seed=1)
+
+    assert_same(run(mesh), run(one), name)
 
 
 @needs(4)
