@@ -1,8 +1,9 @@
 """Hugging Face-format checkpoints: ``config.json`` + ``*.safetensors`` (one file, or shards + index).
 
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM`` and ``GraniteForCausalLM`` share: one name table (``_HF_LAYER``) serves every family, each family holding the entries
-its config asks for (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms). Linear
+``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``, ``GraniteForCausalLM`` and ``Olmo2ForCausalLM`` share: one name table
+(``_HF_LAYER``) serves every family, each family holding the entries its config asks for
+(``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms, OLMo 2 has its own norms). Linear
 weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``) and packs q/k/v and
 gate/up (``models.llama.pack_layer``), one dict of arrays per layer (see ``models.llama``); saving unpacks them.
 Every missing, misshaped or unexpected tensor, and every unreadable file, raises ``CheckpointError`` naming the
@@ -48,6 +49,10 @@ _HF_LAYER = {
     "bv": "self_attn.v_proj.bias",
     "q_norm": "self_attn.q_norm.weight",  # Qwen3
     "k_norm": "self_attn.k_norm.weight",
+    "attn_out_norm": "post_attention_layernorm.weight",  # OLMo 2 (its norms on the outputs; no input_layernorm)
+    "mlp_out_norm": "post_feedforward_layernorm.weight",
+    "q_proj_norm": "self_attn.q_norm.weight",  # OLMo 2: over all heads' width
+    "k_proj_norm": "self_attn.k_norm.weight",
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers recomputed from the config
 
@@ -178,8 +183,8 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
-    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite) into a ``Llama`` with parameters in ``dtype``
-    (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
+    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2) into a ``Llama`` with
+    parameters in ``dtype`` (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
     tensor, an unreadable file.
 
     Layer by layer, each tensor is read, cast, packed and sent: the host holds one layer's tensors at a time.

@@ -1,9 +1,10 @@
-"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3 and Granite families, read from a Hugging Face
-``config.json``.
+"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite and OLMo 2 families, read from a Hugging
+Face ``config.json``.
 
-All six share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
+All seven share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
 ``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3), layers
-without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual branches and logits (Granite).
+without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual branches and logits (Granite), norms of
+the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2).
 Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
 dict); they give the same config for the same model.
@@ -11,7 +12,7 @@ dict); they give the same config for the same model.
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary, another activation) or a key this module does not know raises ``CheckpointError`` naming the
 key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
-out takes the default of the family's transformers config class (``Family``, ``DEFAULT_RMS_NORM_EPS``): what
+out takes the default of the family's transformers config class (``Family``): what
 transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which is then refused).
 """
 
@@ -43,6 +44,8 @@ class Family:
     qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
     nope_layers: bool = False  # some layers skip RoPE (SmolLM3's no_rope_layers; by default every 4th)
     multipliers: bool = False  # Granite's embedding / attention / residual multipliers and logits scaling
+    post_norms: bool = False  # OLMo 2: RMSNorm of the attention's and the MLP's outputs (none of their inputs), and
+    # of q and k over all heads' width (q_proj's and k_proj's outputs), each norm's weight applied in float32
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
     # transformers' defaults for the family's config class where config.json leaves a key out
@@ -57,6 +60,7 @@ class Family:
     default_kv_heads: int | None = None
     default_head_dim: int | None = None
     default_tie: bool = False  # tie_word_embeddings
+    default_eps: float = 1e-6  # rms_norm_eps
     default_theta: float = 10000.0  # rope_theta
 
 
@@ -81,12 +85,13 @@ FAMILIES = {  # model_type -> Family
     # Granite (IBM Granite 3.x): Llama with four scalars (MULTIPLIERS)
     "granite": Family("GraniteForCausalLM", multipliers=True, keys=frozenset(
         {"embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"})),
+    # OLMo 2 (AllenAI's open models): norms after the attention and the MLP, q/k norms over all heads
+    "olmo2": Family("Olmo2ForCausalLM", post_norms=True, default_bos=None, default_eos=50279, default_eps=1e-5),
 }
 # Granite's scalars, transformers' defaults where config.json leaves them out (attention_multiplier is the logit
 # scale itself: 1.0 by default, not 1/sqrt(head_dim))
 MULTIPLIERS = {"embedding_multiplier": 1.0, "attention_multiplier": 1.0, "residual_multiplier": 1.0,
                "logits_scaling": 1.0}
-DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' default for all six families' config classes
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 # rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
 _ROPE_KEYS = {
@@ -187,7 +192,7 @@ class LlamaConfig:
 
     ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
     (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only),
-    "granite" (the multipliers below).
+    "granite" (the multipliers below), "olmo2" (norms after the attention and the MLP; q/k norms over all heads).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
     Granite's scalars (other families keep the defaults, which change nothing): the embeddings times
     ``embedding_multiplier``; the attention's logit scale ``attention_multiplier`` (None: 1/sqrt(head_dim)); each
@@ -367,7 +372,7 @@ class LlamaConfig:
                 num_key_value_heads=_or(d.get("num_key_value_heads", family.default_kv_heads), heads),
                 head_dim=head_dim,
                 max_position_embeddings=max_pos,
-                rms_norm_eps=_number(d.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS), "rms_norm_eps"),
+                rms_norm_eps=_number(d.get("rms_norm_eps", family.default_eps), "rms_norm_eps"),
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,

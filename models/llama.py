@@ -1,6 +1,6 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN scaling), GQA, SwiGLU; with the
-q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without RoPE and Granite's multipliers where the
-config's family has them.
+q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without RoPE, Granite's multipliers and OLMo 2's
+norms after the attention and the MLP where the config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
@@ -67,7 +67,10 @@ COMPILER_OPTIONS = {key: value for key, value in _OPTIONS.items()
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
-LAYER_KEYS = ("attn_norm", "w_qkv", "wo", "mlp_norm", "w_gate_up", "w_down")  # every family
+LAYER_KEYS = ("attn_norm", "w_qkv", "wo", "mlp_norm", "w_gate_up", "w_down")  # every family but OLMo 2
+# OLMo 2 (family.post_norms): the norms of the attention's and the MLP's outputs, of q and k over all heads' width
+POST_NORM_LAYER_KEYS = ("w_qkv", "wo", "attn_out_norm", "w_gate_up", "w_down", "mlp_out_norm", "q_proj_norm",
+                        "k_proj_norm")
 QKV_BIAS_KEYS = ("b_qkv",)  # config.qkv_bias (Qwen2)
 QK_NORM_KEYS = ("q_norm", "k_norm")  # config.qk_norm (Qwen3)
 # A packed parameter and the projections it holds, in order (`pack_layer`): the checkpoints' names for them.
@@ -78,7 +81,8 @@ def layer_keys(config: LlamaConfig, packed: bool = True) -> tuple[str, ...]:
     """The per-layer parameter names of ``config``'s family (plain Llama: ``LAYER_KEYS``); ``packed=False``: with
     each packed weight named as its projections (``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up``; Qwen2's ``bq``,
     ``bk``, ``bv``), as checkpoints hold them."""
-    keys = LAYER_KEYS + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
+    keys = POST_NORM_LAYER_KEYS if config.family.post_norms else LAYER_KEYS
+    keys = keys + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
     return keys if packed else tuple(k for key in keys for k in PACKED.get(key, (key,)))
 
 
@@ -93,6 +97,9 @@ def unpacked_layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         layer.update(bq=(hq,), bk=(hkv,), bv=(hkv,))
     if c.qk_norm:
         layer.update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
+    if c.family.post_norms:
+        del layer["attn_norm"], layer["mlp_norm"]
+        layer.update(attn_out_norm=(d,), mlp_out_norm=(d,), q_proj_norm=(hq,), k_proj_norm=(hkv,))
     return layer
 
 
@@ -107,6 +114,10 @@ def param_shapes(config: LlamaConfig) -> dict[str, Any]:
         layer["b_qkv"] = (hkv, width)
     if c.qk_norm:
         layer.update(q_norm=(D,), k_norm=(D,))
+    if c.family.post_norms:
+        del layer["attn_norm"], layer["mlp_norm"]
+        layer.update(attn_out_norm=(d,), mlp_out_norm=(d,), q_proj_norm=(c.num_attention_heads * D,),
+                     k_proj_norm=(hkv * D,))
     shapes = {"embed": (c.vocab_size, d), "final_norm": (d,),
               "layers": [dict(layer) for _ in range(c.num_hidden_layers)]}
     if not c.tie_word_embeddings:
@@ -226,11 +237,22 @@ def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32, result in ``x.dtype`` (HF Llama semantics)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axes: int = 1, weight_f32: bool = False) -> jax.Array:
+    """RMSNorm over the last ``axes`` axes (``weight`` of their size, flattened), computed in float32, result in
+    ``x.dtype``. HF Llama semantics: x cast back to its dtype, then times the weight; ``weight_f32`` (OLMo 2's): the
+    weight applied in float32, then the cast."""
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    axis = tuple(range(-axes, 0))
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axis, keepdims=True) + eps)
+    weight = weight.reshape(x.shape[-axes:])
+    if weight_f32:
+        return (weight.astype(jnp.float32) * xf).astype(x.dtype)
     return weight * xf.astype(x.dtype)
+
+
+def model_norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """The family's RMSNorm of hidden states ``[..., d]`` (OLMo 2's applies its weight in float32)."""
+    return rms_norm(x, weight, config.rms_norm_eps, weight_f32=config.family.post_norms)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -309,7 +331,8 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
 
     # The GEMMs (`models.gemm.linear`: XLA's, or the decode kernel where the device's tuning enables it), each over
     # a packed weight viewed as `[K, N]` (a free reshape: the arrays are contiguous).
-    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    post = c.family.post_norms  # OLMo 2: the norms on the outputs (below), none on the inputs
+    h = x if post else rms_norm(x, p["attn_norm"], c.rms_norm_eps)
     [qkv] = gemm.linear(h, [p["w_qkv"].reshape(d, -1)])
     qkv = qkv.reshape(B, T, S, g + 2, D)  # per KV head: its g query heads, its key, its value
     if c.qkv_bias:  # Qwen2
@@ -318,6 +341,9 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    if post:  # OLMo 2: RMSNorm over all heads of q (and of k), as of q_proj's (k_proj's) whole output
+        q = rms_norm(q, p["q_proj_norm"], c.rms_norm_eps, axes=2, weight_f32=True)
+        k = rms_norm(k, p["k_proj_norm"], c.rms_norm_eps, axes=2, weight_f32=True)
     # Granite's logit scale (attention_multiplier) is folded into q, so that every attention path (the kernels,
     # the reference, the dense prefill) keeps its default 1/sqrt(D)
     if c.uses_rope(layer):  # SmolLM3's NoPE layers leave q and k as they are
@@ -328,12 +354,14 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     o, cache = attend(cache, layer, q, k, v)
     reduce = reduce or (lambda y: y)
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
-    x = x + _residual(c, reduce(attn))
-    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    attn = reduce(attn)
+    x = x + _residual(c, model_norm(c, attn, p["attn_out_norm"]) if post else attn)
+    h = x if post else rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     [gate_up] = gemm.linear(h, [p["w_gate_up"].reshape(d, -1)])
     gate_up = gate_up.reshape(B, T, 2, -1)
     [down] = gemm.linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
-    x = x + _residual(c, reduce(down))
+    down = reduce(down)
+    x = x + _residual(c, model_norm(c, down, p["mlp_out_norm"]) if post else down)
     return x, cache
 
 
@@ -452,7 +480,7 @@ class Llama(nnx.Module):
             return parallel.forward(c, self.mesh, self.params(), tokens, positions, cache, attend)
         x = scale_embeddings(c, jnp.take(self.embed.value, tokens, axis=0))
         x, cache = run_layers(c, self.layer_params(), x, positions, cache, attend)
-        return rms_norm(x, self.final_norm.value, c.rms_norm_eps), cache
+        return model_norm(c, x, self.final_norm.value), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden ``[..., d]`` -> float32 logits ``[..., V]`` (divided by Granite's logits_scaling)."""

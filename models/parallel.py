@@ -41,8 +41,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig, is_int
-from models.llama import (Llama, check_shapes, head_logits, pack_qkv, param_shape, param_shapes, rms_norm, run_layers,
-                          scale_embeddings, unpack_qkv)
+from models.llama import (Llama, check_shapes, head_logits, model_norm, pack_qkv, param_shape, param_shapes,
+                          run_layers, scale_embeddings, unpack_qkv)
 
 AXIS = "model"
 KV_SPEC = P(None, None, AXIS, None)  # caches [N, S, Hkv, D]: split over KV heads
@@ -102,6 +102,10 @@ def split(config: LlamaConfig, devices: int) -> Split:
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
     if not is_int(n) or n < 1:
         raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
+    if config.family.post_norms and n > 1:
+        raise ValueError(f"tensor parallelism over {n} devices: model_type {config.model_type!r} (OLMo 2) normalises "
+                         "q and k over all heads, a norm across the devices' heads that is not implemented; run it "
+                         "on one device")
     if hq % n:
         raise ValueError(f"tensor parallelism over {n} devices: num_attention_heads ({hq}) must be a multiple of the "
                          f"mesh axis {AXIS!r} size ({n})")
@@ -260,7 +264,7 @@ def forward(config: LlamaConfig, mesh: Mesh, params: dict[str, Any], tokens: jax
     def body(params, tokens, positions, cache):
         x = scale_embeddings(config, _embed(params["embed"], tokens))
         x, cache = run_layers(local, params["layers"], x, positions, cache, attend, reduce=reduce)
-        return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+        return model_norm(config, x, params["final_norm"]), cache
 
     specs = cache_specs(cache)
     return jax.shard_map(body, mesh=mesh, in_specs=(param_specs(config), P(), P(), specs), out_specs=(P(), specs),

@@ -271,6 +271,14 @@ GRANITE_31_8B = {  # ibm-granite/granite-3.1-8b-instruct (transformers-4 layout)
     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.47.0", "use_cache": True,
     "vocab_size": 49155}
 ALL["granite_31_8b"] = GRANITE_31_8B
+OLMO2_7B = {  # allenai/OLMo-2-1124-7B
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "eos_token_id": 100257,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008,
+    "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "pad_token_id": 100277, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 500000, "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.47.0.dev0",
+    "use_cache": True, "vocab_size": 100352}
+ALL["olmo2_7b"] = OLMO2_7B
 
 
 def to_v5(d, per_layer_type=False):
@@ -381,6 +389,20 @@ def test_granite():
     with pytest.raises(ValueError, match="residual_multiplier is Granite's"):
         LlamaConfig(**SMALL, residual_multiplier=0.5)
     assert LlamaConfig(**SMALL, model_type="granite").query_scale == 1.0  # by hand: None, Llama's scale
+
+
+def test_olmo2():
+    """OLMo 2: its config class's defaults where keys are left out (rms_norm_eps 1e-5, not 1e-6; no bos; eos 50279),
+    and its layer's parameters: norms of the outputs and of q / k over all heads, no input norms."""
+    c = LlamaConfig.from_dict(OLMO2_7B)
+    assert c.family.post_norms and c.rms_norm_eps == 1e-6 and c.bos_token_id is None and c.eos_token_ids == (100257,)
+    bare = LlamaConfig.from_dict({k: v for k, v in OLMO2_7B.items() if k not in ("rms_norm_eps", "eos_token_id")})
+    assert bare.rms_norm_eps == 1e-5 and bare.eos_token_ids == (50279,)
+    assert LlamaConfig.from_dict({k: v for k, v in LLAMA2_7B.items() if k != "rms_norm_eps"}).rms_norm_eps == 1e-6
+    from models.llama import layer_keys, param_shapes
+    assert set(layer_keys(c)) == {"w_qkv", "wo", "w_gate_up", "w_down", "attn_out_norm", "mlp_out_norm",
+                                  "q_proj_norm", "k_proj_norm"}
+    assert param_shapes(c)["layers"][0]["k_proj_norm"] == (32 * 128,)
 
 
 def test_layouts_agree_when_both_present():

@@ -1,5 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite checkpoints (YaRN RoPE among them) against transformers itself,
-and exact float32.
+"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 checkpoints (YaRN RoPE among them) against transformers
+itself, and exact float32.
 
 The fixtures (tests/fixtures/hf_*/, listed in hf_families.json) were written by scripts/fixtures/make_hf_fixtures.py
 with transformers' ``save_pretrained``, with transformers' float32 logits of every position of three prompts
@@ -26,7 +26,7 @@ from models.llama import Llama, causal_attention, init_random
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "hf_families.json").read_text())
 NAMES = sorted(MANIFEST["fixtures"])
-ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3", "hf_granite"]
+ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3", "hf_granite", "hf_olmo2"]
 FP32_TOL = 1e-5  # of the largest |logit|
 
 
@@ -60,7 +60,8 @@ def test_fixtures_cover_each_family():
     """The fixtures exercise what each family adds (a fixture without it would test nothing)."""
     arch = {n: f["architecture"] for n, f in MANIFEST["fixtures"].items()}
     assert {arch[n] for n in ONE_PER_FAMILY} == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM"}
+                                                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
+                                                   "Olmo2ForCausalLM"}
     raw = {n: json.loads((FIXTURES / n / "config.json").read_text()) for n in NAMES}
     assert "rope_parameters" in raw["hf_llama3"] and "rope_theta" not in raw["hf_llama3"]  # transformers 5
     assert "rope_parameters" not in raw["hf_llama3_v4"] and raw["hf_llama3_v4"]["rope_scaling"]  # transformers 4
@@ -75,6 +76,10 @@ def test_fixtures_cover_each_family():
     assert c["hf_qwen3"].head_dim == 32 != c["hf_qwen3"].hidden_size // c["hf_qwen3"].num_attention_heads
     assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers for k in ("q_norm", "k_norm"))
     assert c["hf_smollm3"].rope_layers == (True, True, True, False) and c["hf_smollm3"].tie_word_embeddings
+    layers = model("hf_olmo2").params()["layers"]
+    assert all(layer["q_proj_norm"].shape == (64,) and layer["k_proj_norm"].shape == (32,) for layer in layers)
+    assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers
+               for k in ("attn_out_norm", "mlp_out_norm", "q_proj_norm", "k_proj_norm"))
     g = c["hf_granite"]
     assert (g.embedding_multiplier, g.attention_multiplier, g.residual_multiplier, g.logits_scaling) == (12, .2, .22, 8)
     # YaRN: Qwen2.5's model-card setting in the transformers-4 layout, and Llama with every knob in the 5 layout
@@ -145,6 +150,21 @@ def test_granite_scalars_are_what_the_fixture_tests(scalar):
     wrong = Llama(dataclasses.replace(m.config, **{scalar: None if scalar == "attention_multiplier" else 1.0}),
                   m.params())
     assert rel_err(full_logits(wrong, [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("misread", ["q/k norms of one", "output norms swapped"])
+def test_olmo2_norms_are_what_the_fixture_tests(misread):
+    """OLMo 2's q / k norm weights and which output each post-norm belongs to change the fixture's logits far beyond
+    the tolerance."""
+    m = model("hf_olmo2")
+    prompt, greedy, want = cases("hf_olmo2")[2]
+    params = m.params()
+    for layer in params["layers"]:
+        if misread == "q/k norms of one":
+            layer.update({k: jnp.ones_like(layer[k]) for k in ("q_proj_norm", "k_proj_norm")})
+        else:
+            layer.update(attn_out_norm=layer["mlp_out_norm"], mlp_out_norm=layer["attn_out_norm"])
+    assert rel_err(full_logits(Llama(m.config, params), [prompt + greedy])[0], want) > 100 * FP32_TOL
 
 
 def test_non_integer_token_ids_raise():

@@ -59,6 +59,15 @@ def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
         parallel.split(config(hq, hkv), n)
 
 
+def test_olmo2_is_refused_on_a_mesh_and_runs_on_one_device():
+    """OLMo 2's q / k norms span all heads (a norm across the devices' heads: not implemented): a mesh is refused by
+    name; one device is fine."""
+    olmo = dataclasses.replace(config(8, 2), model_type="olmo2")
+    with pytest.raises(ValueError, match=r"over 2 devices: model_type 'olmo2' \(OLMo 2\) normalises q and k"):
+        parallel.split(olmo, 2)
+    assert parallel.split(olmo, 1).q_heads == 8
+
+
 @pytest.mark.parametrize("hq,hkv,n", [(8, 2, 4), (8, 8, 2), (4, 1, 4)])
 @pytest.mark.parametrize("key", ["embed", "lm_head", "w_qkv", "b_qkv", "w_gate_up", "w_down", "wo", "q_norm"])
 def test_layout_round_trip(hq, hkv, n, key):
