@@ -184,8 +184,8 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
 
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
     """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2) into a ``Llama`` with
-    parameters in ``dtype`` (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing, misshaped or unexpected
-    tensor, an unreadable file.
+    parameters in ``dtype`` (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing,
+    misshaped or unexpected tensor, an unreadable file.
 
     Layer by layer, each tensor is read, cast, packed and sent: the host holds one layer's tensors at a time.
     mesh: load for tensor parallelism on it (``models.parallel``): each tensor is put in its mesh layout on the host

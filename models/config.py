@@ -424,8 +424,9 @@ class LlamaConfig:
         if self.family.nope_layers:
             d["no_rope_layers"] = [int(self.uses_rope(i)) for i in range(self.num_hidden_layers)]
         if self.family.multipliers:
-            d.update({k: getattr(self, k) for k in MULTIPLIERS},
-                     attention_multiplier=self.query_scale / math.sqrt(self.head_dim))
+            d.update({k: getattr(self, k) for k in MULTIPLIERS})
+            if self.attention_multiplier is None:  # built by hand: Llama's scale, written as the number it is
+                d["attention_multiplier"] = 1 / math.sqrt(self.head_dim)
         if self.family.window_flag:
             d["use_sliding_window"] = False
         elif self.family.default_window is not None:  # null, not left out: transformers would apply its default

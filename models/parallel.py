@@ -53,6 +53,8 @@ _SPECS = {
     "w_qkv": P(None, AXIS, None), "b_qkv": P(AXIS, None), "wo": P(AXIS, None),
     "w_gate_up": P(None, None, AXIS), "w_down": P(AXIS, None),
     "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
+    # OLMo 2's (on a one-device mesh only: `split` refuses more, its q / k norms span all heads)
+    "attn_out_norm": P(), "mlp_out_norm": P(), "q_proj_norm": P(), "k_proj_norm": P(),
 }
 _QKV_KEYS = ("w_qkv", "b_qkv")  # KV heads replicated when the mesh has more devices than KV heads
 

@@ -389,6 +389,8 @@ def test_granite():
     with pytest.raises(ValueError, match="residual_multiplier is Granite's"):
         LlamaConfig(**SMALL, residual_multiplier=0.5)
     assert LlamaConfig(**SMALL, model_type="granite").query_scale == 1.0  # by hand: None, Llama's scale
+    odd = LlamaConfig.from_dict(dict(GRANITE_31_8B, head_dim=48, attention_multiplier=0.922243188169904))
+    assert LlamaConfig.from_dict(json.loads(json.dumps(odd.to_dict()))) == odd  # written as read, to the last bit
 
 
 def test_olmo2():

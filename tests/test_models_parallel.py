@@ -60,12 +60,21 @@ def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
 
 
 def test_olmo2_is_refused_on_a_mesh_and_runs_on_one_device():
-    """OLMo 2's q / k norms span all heads (a norm across the devices' heads: not implemented): a mesh is refused by
-    name; one device is fine."""
+    """OLMo 2's q / k norms span all heads (a norm across the devices' heads: not implemented): a mesh of several
+    devices is refused by name; a one-device mesh loads, inits and generates as no mesh does."""
     olmo = dataclasses.replace(config(8, 2), model_type="olmo2")
     with pytest.raises(ValueError, match=r"over 2 devices: model_type 'olmo2' \(OLMo 2\) normalises q and k"):
         parallel.split(olmo, 2)
     assert parallel.split(olmo, 1).q_heads == 8
+    path, mesh = ROOT / "tests" / "fixtures" / "hf_olmo2", parallel.make_mesh(1)
+    one, on_mesh = models.load_checkpoint(path, dtype=jnp.float32), models.load_checkpoint(path, jnp.float32, mesh=mesh)
+    models.init_random(one.config, mesh=mesh)
+    parallel.shard_model(one, mesh)
+
+    def run(m):
+        return models.generate(m, [[5, 6, 7, 8, 9], [5, 6, 7, 10]], max_new_tokens=3, backend="xla")
+
+    np.testing.assert_array_equal(run(on_mesh).tokens, run(one).tokens)
 
 
 @pytest.mark.parametrize("hq,hkv,n", [(8, 2, 4), (8, 8, 2), (4, 1, 4)])
