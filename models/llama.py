@@ -237,17 +237,26 @@ def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axes: int = 1, weight_f32: bool = False) -> jax.Array:
-    """RMSNorm over the last ``axes`` axes (``weight`` of their size, flattened), computed in float32, result in
-    ``x.dtype``. HF Llama semantics: x cast back to its dtype, then times the weight; ``weight_f32`` (OLMo 2's): the
-    weight applied in float32, then the cast."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_f32: bool = False) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32, result in ``x.dtype``. HF Llama semantics: x cast back to its
+    dtype, then times the weight; ``weight_f32`` (OLMo 2's): the weight applied in float32, then the cast."""
     xf = x.astype(jnp.float32)
-    axis = tuple(range(-axes, 0))
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axis, keepdims=True) + eps)
-    weight = weight.reshape(x.shape[-axes:])
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if weight_f32:
         return (weight.astype(jnp.float32) * xf).astype(x.dtype)
     return weight * xf.astype(x.dtype)
+
+
+def heads_norm(x: jax.Array, weight: jax.Array, eps: float, mean: Callable[[jax.Array], jax.Array] | None = None
+               ) -> jax.Array:
+    """OLMo 2's RMSNorm of q or k over all heads' width: x ``[B, T, H, D]``, weight ``[H·D]`` (applied in float32).
+    ``mean``: on a mesh, the average over the devices of their heads' mean squares (each device holds as many heads:
+    the mean over all of them; a KV head held by r devices counts r times, as each of its copies)."""
+    xf = x.astype(jnp.float32)
+    mean_square = jnp.mean(xf * xf, axis=(-2, -1), keepdims=True)
+    if mean is not None:
+        mean_square = mean(mean_square)
+    return (weight.reshape(x.shape[-2:]).astype(jnp.float32) * (xf * jax.lax.rsqrt(mean_square + eps))).astype(x.dtype)
 
 
 def model_norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -317,12 +326,13 @@ def causal_attention(cache, layer, q, k, v):
 
 
 def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: jax.Array, positions: jax.Array,
-                  cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None
-                  ) -> tuple[jax.Array, Any]:
+                  cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None,
+                  mean: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, Any]:
     """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + SwiGLU MLP; returns (x, cache).
 
     reduce: applied to the outputs of the o and down projections before they join the residual (tensor parallelism:
-    the psum of the devices' partial products, see ``models.parallel``); None on one device."""
+    the psum of the devices' partial products, see ``models.parallel``); None on one device. mean: the average over
+    the devices (their pmean) of OLMo 2's q / k norms' mean squares; None on one device."""
     c = config
     B, T, d = x.shape
     inv_freq = rope_inv_freq(c)
@@ -342,8 +352,8 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     if post:  # OLMo 2: RMSNorm over all heads of q (and of k), as of q_proj's (k_proj's) whole output
-        q = rms_norm(q, p["q_proj_norm"], c.rms_norm_eps, axes=2, weight_f32=True)
-        k = rms_norm(k, p["k_proj_norm"], c.rms_norm_eps, axes=2, weight_f32=True)
+        q = heads_norm(q, p["q_proj_norm"], c.rms_norm_eps, mean)
+        k = heads_norm(k, p["k_proj_norm"], c.rms_norm_eps, mean)
     # Granite's logit scale (attention_multiplier) is folded into q, so that every attention path (the kernels,
     # the reference, the dense prefill) keeps its default 1/sqrt(D)
     if c.uses_rope(layer):  # SmolLM3's NoPE layers leave q and k as they are
@@ -376,11 +386,12 @@ def scale_embeddings(config: LlamaConfig, x: jax.Array) -> jax.Array:
 
 
 def run_layers(config: LlamaConfig, layers: list[dict[str, jax.Array]], x: jax.Array, positions: jax.Array,
-               cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None):
+               cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None,
+               mean: Callable[[jax.Array], jax.Array] | None = None):
     """Every decoder layer in turn (a Python loop: each layer's weights are read in place): x ``[B, T, d]`` ->
-    (x, cache)."""
+    (x, cache). ``reduce``, ``mean``: as ``decoder_layer``'s."""
     for i, p in enumerate(layers):
-        x, cache = decoder_layer(config, p, i, x, positions, cache, attend, reduce)
+        x, cache = decoder_layer(config, p, i, x, positions, cache, attend, reduce, mean)
     return x, cache
 
 

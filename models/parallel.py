@@ -11,7 +11,8 @@ shards lie on their devices (``NamedSharding``, specs in ``param_specs``):
   summed over the devices by one ``psum`` (all-reduce) each;
 - the embedding and the LM head: split over the vocabulary; the lookup is masked to the device's rows and summed by
   a ``psum``, the logits stay split over the vocabulary (``[B, V]`` sharded on V);
-- norms (and Qwen3's q/k norms): replicated.
+- norms (and Qwen3's q/k norms): replicated; OLMo 2's q / k norms over all heads split as their heads (k's copied
+  with its KV head), their mean squares averaged over the devices (a ``pmean`` each);
 
 KV caches (every shared level and the suffix, ``[N, S, Hkv, D]`` per layer) are split over their KV-head axis 2
 (``KV_SPEC``). When the mesh has more devices than the model has KV heads (n = r·Hkv), each KV head is replicated
@@ -25,7 +26,8 @@ columns add 0).
 The forward runs under one ``jax.shard_map`` per model call: each device runs the single-device decoder
 (``models.llama.run_layers``) with a config of its local sizes (``local_config``) on its own shards, the attention
 callback (Pallas kernels included) on its own heads and caches. The only communication is one psum after o, one
-after down (per layer) and one after the embedding lookup. Everything outside the model call (sampling, cache
+after down (per layer) and one after the embedding lookup (and, for OLMo 2, a pmean of q's and of k's mean squares
+per layer: a number per token). Everything outside the model call (sampling, cache
 bookkeeping) is ordinary jitted code on the global arrays, partitioned by XLA.
 """
 
@@ -53,8 +55,9 @@ _SPECS = {
     "w_qkv": P(None, AXIS, None), "b_qkv": P(AXIS, None), "wo": P(AXIS, None),
     "w_gate_up": P(None, None, AXIS), "w_down": P(AXIS, None),
     "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
-    # OLMo 2's (on a one-device mesh only: `split` refuses more, its q / k norms span all heads)
-    "attn_out_norm": P(), "mlp_out_norm": P(), "q_proj_norm": P(), "k_proj_norm": P(),
+    # OLMo 2's: the output norms replicated, the q / k norms over all heads split as their heads (k's replicated with
+    # its KV heads where the mesh has more devices than KV heads)
+    "attn_out_norm": P(), "mlp_out_norm": P(), "q_proj_norm": P(AXIS), "k_proj_norm": P(AXIS),
 }
 _QKV_KEYS = ("w_qkv", "b_qkv")  # KV heads replicated when the mesh has more devices than KV heads
 
@@ -104,10 +107,6 @@ def split(config: LlamaConfig, devices: int) -> Split:
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
     if not is_int(n) or n < 1:
         raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
-    if config.family.post_norms and n > 1:
-        raise ValueError(f"tensor parallelism over {n} devices: model_type {config.model_type!r} (OLMo 2) normalises "
-                         "q and k over all heads, a norm across the devices' heads that is not implemented; run it "
-                         "on one device")
     if hq % n:
         raise ValueError(f"tensor parallelism over {n} devices: num_attention_heads ({hq}) must be a multiple of the "
                          f"mesh axis {AXIS!r} size ({n})")
@@ -148,6 +147,8 @@ def layout_shape(key: str, shape: tuple[int, ...], s: Split, head_dim: int) -> t
     if key in _QKV_KEYS:  # [..., Hkv, (g + 2)·D] -> r·Hkv groups of g / r query heads, a key and a value each
         r = s.kv_replicas
         shape[-2:] = [shape[-2] * r, (shape[-1] - 2 * head_dim) // r + 2 * head_dim]
+    if key == "k_proj_norm":  # [Hkv·D] -> each KV head's D weights r times
+        shape[0] *= s.kv_replicas
     if key in ("embed", "w_down"):
         shape[0] = (s.vocab if key == "embed" else s.intermediate) * s.devices
     if key in ("lm_head", "w_gate_up"):
@@ -158,14 +159,18 @@ def layout_shape(key: str, shape: tuple[int, ...], s: Split, head_dim: int) -> t
 def to_layout(key: str, x, config: LlamaConfig, s: Split):
     """Parameter ``key`` (canonical, ``[in, out]``; numpy or jax) in its mesh layout: each KV head's key and value
     columns repeated ``kv_replicas`` times, once with each group of its query heads (so that device i holds the
-    query heads i·Hq/n onwards and KV head i // r), zero rows / columns of padding."""
+    query heads i·Hq/n onwards and KV head i // r; OLMo 2's k norm weights likewise), zero rows / columns of
+    padding."""
     xp = np if isinstance(x, np.ndarray) else jnp
     D = config.head_dim
     target = layout_shape(key, x.shape, s, D)
+    heads = lambda y: xp.repeat(y.reshape(y.shape[:-1] + (-1, D)), s.kv_replicas, axis=-2).reshape(  # noqa: E731
+        y.shape[:-1] + (-1,))
     if key in _QKV_KEYS and s.kv_replicas > 1:
         q, k, v = unpack_qkv(x, D)
-        heads = lambda y: xp.repeat(y.reshape(y.shape[:-1] + (-1, D)), s.kv_replicas, axis=-2)  # noqa: E731
-        x = pack_qkv(q, *(heads(y).reshape(y.shape[:-1] + (-1,)) for y in (k, v)), D)
+        x = pack_qkv(q, heads(k), heads(v), D)
+    if key == "k_proj_norm" and s.kv_replicas > 1:
+        x = heads(x)
     if target != x.shape:
         x = xp.pad(x, [(0, t - d) for t, d in zip(target, x.shape)])
     return x
@@ -174,11 +179,13 @@ def to_layout(key: str, x, config: LlamaConfig, s: Split):
 def from_layout(key: str, x, config: LlamaConfig, s: Split):
     """Inverse of ``to_layout``: the canonical parameter (one copy of each KV head, no padding)."""
     D = config.head_dim
+    first = lambda y: y.reshape(y.shape[:-1] + (-1, D))[..., ::s.kv_replicas, :].reshape(  # noqa: E731
+        y.shape[:-1] + (-1,))
     if key in _QKV_KEYS and s.kv_replicas > 1:
         q, k, v = unpack_qkv(x, D)
-        first = lambda y: y.reshape(y.shape[:-1] + (-1, D))[..., ::s.kv_replicas, :].reshape(  # noqa: E731
-            y.shape[:-1] + (-1,))
         x = pack_qkv(q, first(k), first(v), D)
+    if key == "k_proj_norm" and s.kv_replicas > 1:
+        x = first(x)
     V, I = config.vocab_size, config.intermediate_size
     if key == "embed":
         return x[:V]
@@ -262,10 +269,12 @@ def forward(config: LlamaConfig, mesh: Mesh, params: dict[str, Any], tokens: jax
     s = split(config, mesh_size(mesh))
     local = local_config(config, s)
     reduce = lambda y: jax.lax.psum(y, AXIS)  # noqa: E731
+    mean = lambda y: jax.lax.pmean(y, AXIS)  # noqa: E731  (OLMo 2's q / k norms)
 
     def body(params, tokens, positions, cache):
         x = scale_embeddings(config, _embed(params["embed"], tokens))
-        x, cache = run_layers(local, params["layers"], x, positions, cache, attend, reduce=reduce)
+        x, cache = run_layers(local, params["layers"], x, positions, cache, attend, reduce=reduce,
+                              mean=mean if config.family.post_norms else None)
         return model_norm(config, x, params["final_norm"]), cache
 
     specs = cache_specs(cache)

@@ -59,13 +59,9 @@ def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
         parallel.split(config(hq, hkv), n)
 
 
-def test_olmo2_is_refused_on_a_mesh_and_runs_on_one_device():
-    """OLMo 2's q / k norms span all heads (a norm across the devices' heads: not implemented): a mesh of several
-    devices is refused by name; a one-device mesh loads, inits and generates as no mesh does."""
-    olmo = dataclasses.replace(config(8, 2), model_type="olmo2")
-    with pytest.raises(ValueError, match=r"over 2 devices: model_type 'olmo2' \(OLMo 2\) normalises q and k"):
-        parallel.split(olmo, 2)
-    assert parallel.split(olmo, 1).q_heads == 8
+def test_olmo2_on_a_one_device_mesh():
+    """OLMo 2 (its q / k norms over all heads; several devices: tests/tp_cases.py) on a one-device mesh loads, inits
+    and generates as without a mesh."""
     path, mesh = ROOT / "tests" / "fixtures" / "hf_olmo2", parallel.make_mesh(1)
     one, on_mesh = models.load_checkpoint(path, dtype=jnp.float32), models.load_checkpoint(path, jnp.float32, mesh=mesh)
     models.init_random(one.config, mesh=mesh)

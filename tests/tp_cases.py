@@ -228,15 +228,27 @@ def test_init_places_each_shard_and_keeps_the_values(name):
             np.testing.assert_array_equal(k, full[:, i // (4 // heads)])
 
 
-@needs(2)
-@pytest.mark.parametrize("name", ["hf_granite", pytest.param("hf_smollm3", marks=pytest.mark.slow)])
-def test_family_fixtures_on_the_mesh(name):
+@pytest.mark.parametrize("name,devices", [
+    pytest.param("hf_granite", 2, marks=needs(2)),
+    pytest.param("hf_olmo2", 4, marks=needs(4)),
+    pytest.param("hf_olmo2", 2, marks=[needs(2), pytest.mark.slow]),
+    pytest.param("hf_smollm3", 2, marks=[needs(2), pytest.mark.slow])])
+def test_family_fixtures_on_the_mesh(tmp_path, name, devices):
     """transformers' tiny checkpoints of the families with extras outside the layers' GEMMs (Granite's embedding
     and logits scaling on the vocabulary-split embedding and head, its residual and logit-scale multipliers;
-    SmolLM3's layer without RoPE) loaded onto 2 devices generate what they do on one."""
+    OLMo 2's q / k norms over all heads, on 4 devices with its 2 KV heads (and their norm weights) each on two of
+    them; SmolLM3's layer without RoPE) loaded onto a mesh generate what they do on one device, and init and
+    save on the mesh keep the canonical parameters."""
     path = pathlib.Path(__file__).parent / "fixtures" / name
     one = models.load_checkpoint(path, dtype=jnp.float32)
-    mesh = models.load_checkpoint(path, dtype=jnp.float32, mesh=parallel.make_mesh(2))
+    mesh = models.load_checkpoint(path, dtype=jnp.float32, mesh=parallel.make_mesh(devices))
+    assert_same_params(parallel.canonical_params(one.config, mesh.params(), mesh.mesh), one)
+    config, grid = one.config, mesh.mesh
+    init = models.init_random(config, jnp.float32, seed=1, mesh=grid)
+    assert_same_params(parallel.canonical_params(config, init.params(), grid),
+                       models.init_random(config, jnp.float32, seed=1))
+    models.save_checkpoint(mesh, tmp_path / "again")
+    assert_same_params(models.load_checkpoint(tmp_path / "again", dtype=jnp.float32), one)
 
     def run(m):
         return models.generate(m, prompts(m.config.vocab_size), num_samples=2, max_new_tokens=6, mode="hydragen",
