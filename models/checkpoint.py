@@ -3,7 +3,8 @@
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
 ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``, ``GraniteForCausalLM`` and ``Olmo2ForCausalLM`` share: one name table
 (``_HF_LAYER``) serves every family, each family holding the entries its config asks for
-(``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms, OLMo 2 has its own norms). Linear
+(``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms, OLMo 2 has its own norms);
+``Phi3ForCausalLM`` holds q/k/v in one tensor and gate/up in another (``_FUSED``), split on reading. Linear
 weights are ``[out, in]``; the loader transposes them to ``[in, out]`` (``_hf_layout``) and packs q/k/v and
 gate/up (``models.llama.pack_layer``), one dict of arrays per layer (see ``models.llama``); saving unpacks them.
 Every missing, misshaped or unexpected tensor, and every unreadable file, raises ``CheckpointError`` naming the
@@ -55,6 +56,8 @@ _HF_LAYER = {
     "k_proj_norm": "self_attn.k_norm.weight",
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers recomputed from the config
+# Phi-3's fused tensors (after "model.layers.{i}."): the projections each holds, in order along its rows
+_FUSED = {"self_attn.qkv_proj.weight": ("wq", "wk", "wv"), "mlp.gate_up_proj.weight": ("w_gate", "w_up")}
 
 
 def hf_name(key: str, layer: int | None = None) -> str:
@@ -84,13 +87,34 @@ def _names(config: LlamaConfig) -> list[tuple[str, int | None]]:
                                                          for key in layer_keys(config, packed=False)]
 
 
+def _fused_rows(config: LlamaConfig) -> dict[str, tuple[str, int, int]]:
+    """Projection key -> (the fused tensor's name after "model.layers.{i}.", the projection's first row there, its end
+    row) where ``config``'s family stores q/k/v and gate/up fused (Phi-3); {} otherwise."""
+    if not config.family.fused_projections:
+        return {}
+    shapes, out = unpacked_layer_shapes(config), {}
+    for suffix, keys in _FUSED.items():
+        start = 0
+        for key in keys:
+            rows = shapes[key][-1]  # ours [in, out]: HF's rows are our columns
+            out[key] = (suffix, start, start + rows)
+            start += rows
+    return out
+
+
 def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF checkpoint of ``config`` must hold, with its HF shape (``[out, in]`` matrices)."""
+    """Every tensor an HF checkpoint of ``config`` must hold, with its HF shape (``[out, in]`` matrices; Phi-3's
+    fused q/k/v and gate/up tensors in place of their projections)."""
     top, layer_shapes = param_shapes(config), unpacked_layer_shapes(config)
     shapes = {}
     for key, layer in _names(config):
         shape = top[key] if layer is None else layer_shapes[key]
         shapes[hf_name(key, layer)] = shape[::-1] if _transposed(key, len(shape)) else shape
+    if _fused_rows(config):
+        for i in range(config.num_hidden_layers):
+            for suffix, keys in _FUSED.items():
+                parts = [shapes.pop(hf_name(key, i)) for key in keys]
+                shapes[f"model.layers.{i}.{suffix}"] = (sum(p[0] for p in parts), parts[0][1])
     return shapes
 
 
@@ -183,7 +207,7 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
-    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2) into a ``Llama`` with
+    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3) into a ``Llama`` with
     parameters in ``dtype`` (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing,
     misshaped or unexpected tensor, an unreadable file.
 
@@ -209,7 +233,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
                               f"{config.model_type!r} model of this config, which would not use it")
     if tied_head:  # an explicit copy of the tied head is fine if it is one
         expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
-    read = _tensor_reader(files, expected, path, dtype, tied_head)
+    read = _tensor_reader(config, files, expected, path, dtype, tied_head)
     if mesh is None:
         return Llama(config, _build(config, read, _on_device(dtype)))
     from models import parallel
@@ -226,12 +250,20 @@ def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
                               "'model.embed_tokens.weight'")
 
 
-def _tensor_reader(files, expected, path: str, dtype, tied_head: bool):
+def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, tied_head: bool):
     """``read(key, layer)`` for ``_build``: one tensor from its file, checked, in our layout, in ``dtype`` on the host
-    (bf16 as ml_dtypes'), so that the host holds one layer's tensors at a time, not the whole model in float32."""
+    (bf16 as ml_dtypes'), so that the host holds one layer's tensors at a time, not the whole model in float32.
+    A projection stored in a fused tensor (Phi-3) is its rows of it (the fused tensor read once for all of them)."""
     host_dtype = ml_dtypes.bfloat16 if dtype == jnp.dtype(jnp.bfloat16) else np.float32
+    fused, last = _fused_rows(config), {}
 
     def read(key: str, layer: int | None) -> np.ndarray:
+        if layer is not None and key in fused:
+            suffix, start, end = fused[key]
+            name = f"model.layers.{layer}.{suffix}"
+            if last.get("name") != name:
+                last.update(name=name, x=_read(files, [name], expected, path)[name])
+            return _hf_layout(key, last["x"][start:end]).astype(host_dtype)
         name = hf_name(key, layer)
         x = _read(files, [name], expected, path)[name]
         if tied_head and key == "embed":
@@ -287,7 +319,10 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
     for i, layer in enumerate(p["layers"]):  # each layer to the host, then unpacked there (no device copies)
         unpacked = unpack_layer({key: host(key, x) for key, x in layer.items()}, config.head_dim)
         tensors.update({hf_name(key, i): conv(key, x) for key, x in unpacked.items()})
-    return {name: tensors[name] for name in (hf_name(key, layer) for key, layer in _names(config))}
+        if _fused_rows(config):  # Phi-3: the projections' rows joined as its checkpoints hold them
+            for suffix, keys in _FUSED.items():
+                tensors[f"model.layers.{i}.{suffix}"] = np.concatenate([tensors.pop(hf_name(k, i)) for k in keys])
+    return {name: tensors[name] for name in hf_tensor_shapes(config)}
 
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,

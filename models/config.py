@@ -1,10 +1,11 @@
-"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite and OLMo 2 families, read from a Hugging
-Face ``config.json``.
+"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 and Phi-3 families, read from
+a Hugging Face ``config.json``.
 
-All seven share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
+All eight share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
 ``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3), layers
 without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual branches and logits (Granite), norms of
-the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2).
+the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2), checkpoint tensors
+of q/k/v and of gate/up fused (Phi-3).
 Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
 dict); they give the same config for the same model.
@@ -46,6 +47,8 @@ class Family:
     multipliers: bool = False  # Granite's embedding / attention / residual multipliers and logits scaling
     post_norms: bool = False  # OLMo 2: RMSNorm of the attention's and the MLP's outputs (none of their inputs), and
     # of q and k over all heads' width (q_proj's and k_proj's outputs), each norm's weight applied in float32
+    fused_projections: bool = False  # Phi-3: q/k/v in one checkpoint tensor (qkv_proj), gate/up in one (gate_up_proj)
+    only_default_rope: bool = False  # Phi-3: no RoPE scaling but longrope, which this loader does not read
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
     # transformers' defaults for the family's config class where config.json leaves a key out
@@ -87,6 +90,11 @@ FAMILIES = {  # model_type -> Family
         {"embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"})),
     # OLMo 2 (AllenAI's open models): norms after the attention and the MLP, q/k norms over all heads
     "olmo2": Family("Olmo2ForCausalLM", post_norms=True, default_bos=None, default_eos=50279, default_eps=1e-5),
+    # Phi-3 / Phi-4: Llama's decoder with fused projection tensors; its window applies to every layer (refused where
+    # in effect: Phi-3-mini-4k's 2047); residual / embedding dropout (training only)
+    "phi3": Family("Phi3ForCausalLM", fused_projections=True, only_default_rope=True, default_eos=32000,
+                   default_max_positions=4096, default_eps=1e-5,
+                   keys=frozenset({"sliding_window", "original_max_position_embeddings", "resid_pdrop", "embd_pdrop"})),
 }
 # Granite's scalars, transformers' defaults where config.json leaves them out (attention_multiplier is the logit
 # scale itself: 1.0 by default, not 1/sqrt(head_dim))
@@ -192,7 +200,8 @@ class LlamaConfig:
 
     ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
     (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only),
-    "granite" (the multipliers below), "olmo2" (norms after the attention and the MLP; q/k norms over all heads).
+    "granite" (the multipliers below), "olmo2" (norms after the attention and the MLP; q/k norms over all heads),
+    "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE only).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
     Granite's scalars (other families keep the defaults, which change nothing): the embeddings times
     ``embedding_multiplier``; the attention's logit scale ``attention_multiplier`` (None: 1/sqrt(head_dim)); each
@@ -353,6 +362,13 @@ class LlamaConfig:
         rope_layers = _rope_layers(d, layers) if family.nope_layers else None
         layer_types = _layer_types(d, family, layers, rope_layers)
         _check_sliding_window(d, family, layer_types, max_pos)
+        for where in ("rope_scaling", "rope_parameters") if family.only_default_rope else ():
+            rs = d.get(where)
+            kind = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else "default"
+            if kind != "default":
+                raise CheckpointError(f"config: {where} type {kind!r} for model_type {model_type!r}: transformers' "
+                                      "Phi-3 reads only default RoPE and longrope (its configs' 'yarn' and 'su' are "
+                                      "read as longrope), which this loader does not support")
         theta, scaling = _parse_rope(d, layer_types, max_pos, family.default_theta)
         eos = d.get("eos_token_id", family.default_eos)
         eos_ids = _id_tuple(eos)

@@ -279,6 +279,15 @@ OLMO2_7B = {  # allenai/OLMo-2-1124-7B
     "rope_theta": 500000, "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.47.0.dev0",
     "use_cache": True, "vocab_size": 100352}
 ALL["olmo2_7b"] = OLMO2_7B
+PHI4 = {  # microsoft/phi-4: Phi-3's architecture, GQA 40 / 10, no window, default RoPE
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 100257,
+    "embd_pdrop": 0.0, "eos_token_id": 100265, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+    "intermediate_size": 17920, "max_position_embeddings": 16384, "model_type": "phi3", "num_attention_heads": 40,
+    "num_hidden_layers": 40, "num_key_value_heads": 10, "original_max_position_embeddings": 16384,
+    "pad_token_id": 100349, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 250000,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
+    "use_cache": True, "vocab_size": 100352}
+ALL["phi4"] = PHI4
 
 
 def to_v5(d, per_layer_type=False):
@@ -405,6 +414,31 @@ def test_olmo2():
     assert set(layer_keys(c)) == {"w_qkv", "wo", "w_gate_up", "w_down", "attn_out_norm", "mlp_out_norm",
                                   "q_proj_norm", "k_proj_norm"}
     assert param_shapes(c)["layers"][0]["k_proj_norm"] == (32 * 128,)
+
+
+def test_phi3():
+    """Phi-4 reads (its fused checkpoint tensors: tests/test_models_families.py); Phi-3-mini-4k's window (2047 of
+    4096 positions) and every RoPE scaling are refused, the latter naming Phi-3's longrope (transformers reads a
+    Phi-3 config's 'yarn' and 'su' as longrope); Phi-4-mini's partial rotary too; defaults as Phi3Config's."""
+    c = LlamaConfig.from_dict(PHI4)
+    assert c.model_type == "phi3" and c.head_dim == 128 and c.q_per_kv == 4 and c.rope_theta == 250000
+    from models.checkpoint import hf_tensor_shapes
+    shapes = hf_tensor_shapes(c)
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == ((40 + 2 * 10) * 128, 5120)
+    assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == (2 * 17920, 5120)
+    assert "model.layers.0.self_attn.q_proj.weight" not in shapes
+    bare = LlamaConfig.from_dict({k: v for k, v in PHI4.items() if k not in ("rms_norm_eps", "eos_token_id",
+                                                                             "bos_token_id", "max_position_embeddings")})
+    assert (bare.rms_norm_eps, bare.eos_token_ids, bare.bos_token_id, bare.max_position_embeddings) == (
+        1e-5, (32000,), 1, 4096)
+    for bad, match in [({"sliding_window": 2047, "max_position_embeddings": 4096}, "sliding_window=2047 is in effect"),
+                       ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}},
+                        "rope_scaling type 'longrope' for model_type 'phi3'"),
+                       ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "type 'yarn' .* read as longrope"),
+                       ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "type 'linear' for model_type"),
+                       ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75 is not supported")]:
+        with pytest.raises(CheckpointError, match=match):
+            LlamaConfig.from_dict(dict(PHI4, **bad))
 
 
 def test_layouts_agree_when_both_present():

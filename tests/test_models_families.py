@@ -1,5 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 checkpoints (YaRN RoPE among them) against transformers
-itself, and exact float32.
+"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3 checkpoints (YaRN RoPE among them) against
+transformers itself, and exact float32.
 
 The fixtures (tests/fixtures/hf_*/, listed in hf_families.json) were written by scripts/fixtures/make_hf_fixtures.py
 with transformers' ``save_pretrained``, with transformers' float32 logits of every position of three prompts
@@ -21,12 +21,13 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from models.generate import generate, prefill
-from models.llama import Llama, causal_attention, init_random
+from models.llama import Llama, causal_attention, init_random, pack_qkv, unpack_qkv
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "hf_families.json").read_text())
 NAMES = sorted(MANIFEST["fixtures"])
-ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3", "hf_granite", "hf_olmo2"]
+ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3", "hf_granite", "hf_olmo2",
+                  "hf_phi3"]
 FP32_TOL = 1e-5  # of the largest |logit|
 
 
@@ -61,7 +62,7 @@ def test_fixtures_cover_each_family():
     arch = {n: f["architecture"] for n, f in MANIFEST["fixtures"].items()}
     assert {arch[n] for n in ONE_PER_FAMILY} == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                                    "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
-                                                   "Olmo2ForCausalLM"}
+                                                   "Olmo2ForCausalLM", "Phi3ForCausalLM"}
     raw = {n: json.loads((FIXTURES / n / "config.json").read_text()) for n in NAMES}
     assert "rope_parameters" in raw["hf_llama3"] and "rope_theta" not in raw["hf_llama3"]  # transformers 5
     assert "rope_parameters" not in raw["hf_llama3_v4"] and raw["hf_llama3_v4"]["rope_scaling"]  # transformers 4
@@ -80,6 +81,10 @@ def test_fixtures_cover_each_family():
     assert all(layer["q_proj_norm"].shape == (64,) and layer["k_proj_norm"].shape == (32,) for layer in layers)
     assert all(np.abs(np.asarray(layer[k]) - 1).max() > 0.01 for layer in layers
                for k in ("attn_out_norm", "mlp_out_norm", "q_proj_norm", "k_proj_norm"))
+    from safetensors import safe_open
+    with safe_open(str(FIXTURES / "hf_phi3" / "model.safetensors"), "np") as f:  # Phi-3: fused tensors only
+        assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(f.keys())
+        assert not any("q_proj" in k or "gate_proj" in k for k in f.keys())
     g = c["hf_granite"]
     assert (g.embedding_multiplier, g.attention_multiplier, g.residual_multiplier, g.logits_scaling) == (12, .2, .22, 8)
     # YaRN: Qwen2.5's model-card setting in the transformers-4 layout, and Llama with every knob in the 5 layout
@@ -164,6 +169,23 @@ def test_olmo2_norms_are_what_the_fixture_tests(misread):
             layer.update({k: jnp.ones_like(layer[k]) for k in ("q_proj_norm", "k_proj_norm")})
         else:
             layer.update(attn_out_norm=layer["mlp_out_norm"], mlp_out_norm=layer["attn_out_norm"])
+    assert rel_err(full_logits(Llama(m.config, params), [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("misread", ["gate and up swapped", "k and v swapped"])
+def test_phi3_fused_tensors_are_what_the_fixture_tests(misread):
+    """Which rows of Phi-3's fused gate_up_proj / qkv_proj are which projection changes the fixture's logits far
+    beyond the tolerance."""
+    m = model("hf_phi3")
+    prompt, greedy, want = cases("hf_phi3")[2]
+    params = m.params()
+    for layer in params["layers"]:
+        if misread == "gate and up swapped":
+            layer["w_gate_up"] = layer["w_gate_up"][:, ::-1]
+        else:
+            D = m.config.head_dim
+            q, k, v = unpack_qkv(layer["w_qkv"], D)
+            layer["w_qkv"] = pack_qkv(q, v, k, D)
     assert rel_err(full_logits(Llama(m.config, params), [prompt + greedy])[0], want) > 100 * FP32_TOL
 
 
