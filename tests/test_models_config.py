@@ -427,8 +427,8 @@ def test_phi3():
     assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == ((40 + 2 * 10) * 128, 5120)
     assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == (2 * 17920, 5120)
     assert "model.layers.0.self_attn.q_proj.weight" not in shapes
-    bare = LlamaConfig.from_dict({k: v for k, v in PHI4.items() if k not in ("rms_norm_eps", "eos_token_id",
-                                                                             "bos_token_id", "max_position_embeddings")})
+    left_out = ("rms_norm_eps", "eos_token_id", "bos_token_id", "max_position_embeddings")
+    bare = LlamaConfig.from_dict({k: v for k, v in PHI4.items() if k not in left_out})
     assert (bare.rms_norm_eps, bare.eos_token_ids, bare.bos_token_id, bare.max_position_embeddings) == (
         1e-5, (32000,), 1, 4096)
     for bad, match in [({"sliding_window": 2047, "max_position_embeddings": 4096}, "sliding_window=2047 is in effect"),
