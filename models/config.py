@@ -51,6 +51,7 @@ class Family:
     only_default_rope: bool = False  # Phi-3: no RoPE scaling but longrope, which this loader does not read
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
+    window_ignored: bool = False  # transformers' model never reads sliding_window (Llama's)
     # transformers' defaults for the family's config class where config.json leaves a key out
     default_max_positions: int = 2048
     default_window: int | None = None  # sliding_window (None: no window; a given one is still checked)
@@ -70,7 +71,7 @@ class Family:
 # use_mrope: Qwen2.5's configs carry `"use_mrope": false`; only false is accepted (multimodal RoPE is Qwen2-VL's)
 _QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"})
 FAMILIES = {  # model_type -> Family
-    "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"})),
+    "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"}), window_ignored=True),
     "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"}), default_max_positions=4096 * 32,
                       default_window=4096, default_kv_heads=8),
     "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True,
@@ -90,8 +91,8 @@ FAMILIES = {  # model_type -> Family
         {"embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"})),
     # OLMo 2 (AllenAI's open models): norms after the attention and the MLP, q/k norms over all heads
     "olmo2": Family("Olmo2ForCausalLM", post_norms=True, default_bos=None, default_eos=50279, default_eps=1e-5),
-    # Phi-3 / Phi-4: Llama's decoder with fused projection tensors; its window applies to every layer (refused where
-    # in effect: Phi-3-mini-4k's 2047); residual / embedding dropout (training only)
+    # Phi-3 / Phi-4: Llama's decoder with fused projection tensors; its window applies to every layer (Phi-3-mini-4k's
+    # 2047: sequences up to that); residual / embedding dropout (training only)
     "phi3": Family("Phi3ForCausalLM", fused_projections=True, only_default_rope=True, default_eos=32000,
                    default_max_positions=4096, default_eps=1e-5,
                    keys=frozenset({"sliding_window", "original_max_position_embeddings", "resid_pdrop", "embd_pdrop"})),
@@ -203,6 +204,9 @@ class LlamaConfig:
     "granite" (the multipliers below), "olmo2" (norms after the attention and the MLP; q/k norms over all heads),
     "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE only).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
+    ``sliding_window``: W, where every layer's query sees only the last W keys (Mistral-7B-v0.1's 4096, Phi-3-mini's
+    2047; Mistral and Phi-3 only): sequences of at most W tokens are what the window does not change, and longer
+    ones are refused (``max_length``); None: no window below max_position_embeddings.
     Granite's scalars (other families keep the defaults, which change nothing): the embeddings times
     ``embedding_multiplier``; the attention's logit scale ``attention_multiplier`` (None: 1/sqrt(head_dim)); each
     layer's attention and MLP outputs times ``residual_multiplier`` before they join the residual; the logits divided
@@ -226,6 +230,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     model_type: str = "llama"
     rope_layers: tuple[bool, ...] | None = None
+    sliding_window: int | None = None
     embedding_multiplier: float = 1.0
     attention_multiplier: float | None = None
     residual_multiplier: float = 1.0
@@ -275,6 +280,14 @@ class LlamaConfig:
                 raise ValueError(f"config: rope_layers must be a tuple of {self.num_hidden_layers} bools (one a layer: "
                                  f"whether it applies RoPE) or None, got {self.rope_layers!r}")
 
+        if self.sliding_window is not None:
+            if not is_int(self.sliding_window) or self.sliding_window <= 0:
+                raise ValueError(f"config: sliding_window must be a positive integer or None, got "
+                                 f"{self.sliding_window!r}")
+            if self.family.window_flag or self.family.window_ignored:
+                raise ValueError(f"config: sliding_window is for the families whose window covers every layer "
+                                 f"(mistral, phi3); model_type {self.model_type!r} applies it to some layers only "
+                                 f"(not supported) or none; got {self.sliding_window!r}")
         for name in MULTIPLIERS:
             value = getattr(self, name)
             if value is None and name == "attention_multiplier":
@@ -284,6 +297,12 @@ class LlamaConfig:
             if not self.family.multipliers and value != (1.0 if name != "attention_multiplier" else None):
                 raise ValueError(f"config: {name} is Granite's (model_type 'granite'); model_type "
                                  f"{self.model_type!r} has none, got {value!r}")
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence (prompt + new tokens) this model computes as transformers does: its
+        max_position_embeddings, or its sliding window where that is shorter."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @property
     def query_scale(self) -> float:
@@ -361,7 +380,7 @@ class LlamaConfig:
                                 "max_position_embeddings")
         rope_layers = _rope_layers(d, layers) if family.nope_layers else None
         layer_types = _layer_types(d, family, layers, rope_layers)
-        _check_sliding_window(d, family, layer_types, max_pos)
+        window = _check_sliding_window(d, family, layer_types, max_pos)
         for where in ("rope_scaling", "rope_parameters") if family.only_default_rope else ():
             rs = d.get(where)
             kind = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else "default"
@@ -392,7 +411,8 @@ class LlamaConfig:
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
-                pad_token_id=d.get("pad_token_id"), model_type=model_type, rope_layers=rope_layers, **scalars)
+                pad_token_id=d.get("pad_token_id"), model_type=model_type, rope_layers=rope_layers,
+                sliding_window=window, **scalars)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
@@ -445,8 +465,8 @@ class LlamaConfig:
                 d["attention_multiplier"] = 1 / math.sqrt(self.head_dim)
         if self.family.window_flag:
             d["use_sliding_window"] = False
-        elif self.family.default_window is not None:  # null, not left out: transformers would apply its default
-            d["sliding_window"] = None
+        elif self.sliding_window is not None or self.family.default_window is not None:
+            d["sliding_window"] = self.sliding_window  # null, not left out, for Mistral: its default is 4096
         return d
 
 
@@ -551,9 +571,14 @@ def _window(d: dict[str, Any], family: Family) -> Any:
     return d["sliding_window"] if "sliding_window" in d else family.default_window
 
 
-def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], max_pos: int) -> None:
-    """Raise if a sliding window is in effect. A window of W keys (query i sees keys i-W < j <= i) changes
-    nothing while sequences hold at most W tokens, i.e. when W >= max_position_embeddings."""
+def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], max_pos: int) -> int | None:
+    """The sliding window in effect on every layer (Mistral, Phi-3), None where none is (or where transformers' model
+    never reads the key: Llama); raise for one in
+    effect on some layers only (Qwen's, SmolLM3's "sliding_attention" layers). A window of W keys (query i sees keys
+    i-W < j <= i) changes nothing while sequences hold at most W tokens: none is in effect when W >=
+    max_position_embeddings, and a model with one refuses longer sequences (``LlamaConfig.max_length``)."""
+    if family.window_ignored:
+        return None
     window = _window(d, family)
     if family.window_flag and not family.nope_layers and not d.get("use_sliding_window", False):
         window = None  # what transformers does for Qwen: the window is dropped (SmolLM3's config keeps it, and its
@@ -564,13 +589,16 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
                               f"applies (sliding_window={d.get('sliding_window')!r}, use_sliding_window="
                               f"{d.get('use_sliding_window')!r}); transformers cannot run such a config")
     if window is None or (family.window_flag and not sliding):
-        return
-    if not is_int(window):
-        raise CheckpointError(f"config: sliding_window must be an integer (keys a query sees) or null; got {window!r}")
-    if window < max_pos:
-        where = f" (layers {sliding})" if family.window_flag else ""
-        raise CheckpointError(f"config: sliding_window={window!r}{where} is in effect (below "
-                              f"max_position_embeddings={max_pos}); sliding-window attention is not supported")
+        return None
+    if not is_int(window) or window <= 0:
+        raise CheckpointError(f"config: sliding_window must be a positive integer (keys a query sees) or null; got "
+                              f"{window!r}")
+    if window >= max_pos:
+        return None
+    if family.window_flag:
+        raise CheckpointError(f"config: sliding_window={window!r} (layers {sliding}) is in effect (below "
+                              f"max_position_embeddings={max_pos}); a window on some layers only is not supported")
+    return window
 
 
 def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int,

@@ -435,9 +435,13 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     N = int(budgets.max())
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
-        if total + budgets[b] > config.max_position_embeddings:
+        if total + budgets[b] > config.max_length:
+            limit = (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer sequence's "
+                     "queries would see fewer keys, which is not implemented)"
+                     if config.max_length < config.max_position_embeddings else
+                     f"maximum length {config.max_position_embeddings}")
             raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
-                             f"model's maximum length {config.max_position_embeddings}")
+                             f"model's {limit}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
         ids = np.asarray(part, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):

@@ -485,6 +485,10 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Any, attend: AttendFn):
         c = self.config
+        if c.sliding_window is not None and tokens.shape[-1] > c.sliding_window:
+            raise ValueError(f"Llama: {tokens.shape[-1]} tokens in one call exceed the model's sliding window of "
+                             f"{c.sliding_window} (config sliding_window: a longer sequence's queries would see fewer "
+                             "keys, which is not implemented)")
         if self.mesh is not None:
             from models import parallel
 

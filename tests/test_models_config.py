@@ -71,7 +71,6 @@ def test_round_trip_and_file(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"sliding_window": 1024}, "sliding_window=1024"),  # below max_position_embeddings 4096: in effect
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
     ({"rope_scaling": {"rope_type": "yarn"}}, "of type 'yarn' needs 'factor'"),
@@ -108,7 +107,6 @@ def test_round_trip_and_file(tmp_path):
     ({"rope_scaling": {"type": "dynamic", "rope_type": "linear", "factor": 2.0}},
      "rope_type 'linear' and type 'dynamic'; they must agree"),
     ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of class names, got 'LlamaForCausalLM'"),
-    ({"sliding_window": 1e9}, "sliding_window must be an integer .* got 1000000000.0"),
     ({"rope_scaling": dict(LLAMA31_8B["rope_scaling"], original_max_position_embeddings=None)},
      "original_max_position_embeddings must be a finite number; got None"),
     ({"rope_scaling": dict(LLAMA31_8B["rope_scaling"], original_max_position_embeddings=0)},
@@ -417,8 +415,8 @@ def test_olmo2():
 
 
 def test_phi3():
-    """Phi-4 reads (its fused checkpoint tensors: tests/test_models_families.py); Phi-3-mini-4k's window (2047 of
-    4096 positions) and every RoPE scaling are refused, the latter naming Phi-3's longrope (transformers reads a
+    """Phi-4 reads (its fused checkpoint tensors: tests/test_models_families.py); so does Phi-3-mini-4k's window
+    (2047 of 4096 positions: sequences up to 2047 tokens); every RoPE scaling is refused, the latter naming Phi-3's longrope (transformers reads a
     Phi-3 config's 'yarn' and 'su' as longrope); Phi-4-mini's partial rotary too; defaults as Phi3Config's."""
     c = LlamaConfig.from_dict(PHI4)
     assert c.model_type == "phi3" and c.head_dim == 128 and c.q_per_kv == 4 and c.rope_theta == 250000
@@ -431,14 +429,40 @@ def test_phi3():
     bare = LlamaConfig.from_dict({k: v for k, v in PHI4.items() if k not in left_out})
     assert (bare.rms_norm_eps, bare.eos_token_ids, bare.bos_token_id, bare.max_position_embeddings) == (
         1e-5, (32000,), 1, 4096)
-    for bad, match in [({"sliding_window": 2047, "max_position_embeddings": 4096}, "sliding_window=2047 is in effect"),
-                       ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}},
+    mini = LlamaConfig.from_dict(dict(PHI4, sliding_window=2047, max_position_embeddings=4096))  # Phi-3-mini-4k's
+    assert (mini.sliding_window, mini.max_length) == (2047, 2047)
+    for bad, match in [({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}},
                         "rope_scaling type 'longrope' for model_type 'phi3'"),
                        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "type 'yarn' .* read as longrope"),
                        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "type 'linear' for model_type"),
                        ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75 is not supported")]:
         with pytest.raises(CheckpointError, match=match):
             LlamaConfig.from_dict(dict(PHI4, **bad))
+
+
+def test_sliding_window_over_every_layer():
+    """Mistral's and Phi-3's window covers every layer: a model with one computes sequences up to it (where it
+    changes nothing: query i sees keys i-W < j <= i) and refuses longer ones, at prefill and in a model call; a
+    window >= max_position_embeddings is none; Llama's sliding_window is a key transformers' Llama never reads
+    (ignored as there); Qwen's on some layers only is refused (test_refuses_what_changes_the_math)."""
+    v01 = LlamaConfig.from_dict(MISTRAL_7B_V01)
+    assert (v01.sliding_window, v01.max_length, v01.max_position_embeddings) == (4096, 4096, 32768)
+    assert LlamaConfig.from_dict(json.loads(json.dumps(v01.to_dict()))) == v01
+    assert LlamaConfig.from_dict(dict(MISTRAL_7B_V01, sliding_window=32768)).sliding_window is None
+    assert LlamaConfig.from_dict(dict(LLAMA2_7B, sliding_window=16)) == LlamaConfig.from_dict(LLAMA2_7B)
+    with pytest.raises(ValueError, match="sliding_window is for the families whose window covers every layer"):
+        LlamaConfig(**SMALL, sliding_window=8)  # a Llama by hand
+    import jax.numpy as jnp
+    import models
+    from models.llama import causal_attention
+    small = LlamaConfig(**SMALL, model_type="mistral", sliding_window=8, max_position_embeddings=64)
+    model = models.init_random(small, jnp.float32)
+    models.prefill(model, [[1, 2, 3, 4, 5]], 3, backend="xla")  # 8 tokens: all inside the window
+    with pytest.raises(ValueError, match=r"sequence 0: prompt of 5 tokens \+ max_new_tokens 4 exceeds the model's "
+                                         r"sliding window of 8 tokens"):
+        models.prefill(model, [[1, 2, 3, 4, 5]], 4, backend="xla")
+    with pytest.raises(ValueError, match="9 tokens in one call exceed the model's sliding window of 8"):
+        model(jnp.zeros((1, 9), jnp.int32), jnp.arange(9)[None], None, causal_attention)
 
 
 def test_layouts_agree_when_both_present():
@@ -481,8 +505,8 @@ RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
 
 
 @pytest.mark.parametrize("d, match", [
-    (MISTRAL_7B_V01, "sliding_window=4096 is in effect"),
-    (dict(LLAMA2_7B, sliding_window=2048), "sliding_window=2048"),
+    (dict(MISTRAL_7B_V01, sliding_window=1e9), "sliding_window must be a positive integer .* got 1000000000.0"),
+    (dict(MISTRAL_7B_V01, sliding_window=0), "sliding_window must be a positive integer .* got 0"),
     (dict(QWEN25_7B, sliding_window=4096, use_sliding_window=True, max_window_layers=20),
      r"sliding_window=4096 \(layers \[20, 21"),
     (to_v5(dict(QWEN3_8B, sliding_window=4096, use_sliding_window=True, max_window_layers=0)), "sliding_window=4096"),
@@ -559,8 +583,8 @@ def test_left_out_keys_take_the_family_defaults_of_transformers():
     assert llama.rms_norm_eps == 1e-6 and llama.max_position_embeddings == 2048
     mistral = LlamaConfig.from_dict(without(MISTRAL_7B_V03, "max_position_embeddings"))  # sliding_window: null
     assert mistral.max_position_embeddings == 4096 * 32
-    with pytest.raises(CheckpointError, match="sliding_window=4096 is in effect"):  # the key left out: 4096
-        LlamaConfig.from_dict(without(MISTRAL_7B_V03, "sliding_window"))
+    # the key left out: Mistral's 4096, in effect (sequences up to 4096 tokens)
+    assert LlamaConfig.from_dict(without(MISTRAL_7B_V03, "sliding_window")).sliding_window == 4096
     qwen = without(QWEN25_7B, "sliding_window", "max_position_embeddings")
     assert LlamaConfig.from_dict(qwen).max_position_embeddings == 32768  # use_sliding_window false: no window
     with pytest.raises(CheckpointError, match=r"sliding_window=4096 \(layers \[0, 1,"):
