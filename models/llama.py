@@ -247,16 +247,18 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_f32: bool = Fal
     return weight * xf.astype(x.dtype)
 
 
-def heads_norm(x: jax.Array, weight: jax.Array, eps: float, mean: Callable[[jax.Array], jax.Array] | None = None
-               ) -> jax.Array:
-    """OLMo 2's RMSNorm of q or k over all heads' width: x ``[B, T, H, D]``, weight ``[H·D]`` (applied in float32).
-    ``mean``: on a mesh, the average over the devices of their heads' mean squares (each device holds as many heads:
-    the mean over all of them; a KV head held by r devices counts r times, as each of its copies)."""
-    xf = x.astype(jnp.float32)
-    mean_square = jnp.mean(xf * xf, axis=(-2, -1), keepdims=True)
+def heads_norm(xs: tuple[jax.Array, ...], weights: tuple[jax.Array, ...], eps: float,
+               mean: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, ...]:
+    """OLMo 2's RMSNorm of q and of k over all heads' width: each x ``[B, T, H, D]`` with its weight ``[H·D]``
+    (applied in float32). ``mean``: on a mesh, the average over the devices of their heads' mean squares (each
+    device holds as many heads: the mean over all of them; a KV head held by r devices counts r times, as each of
+    its copies), one call for all of ``xs`` (one all-reduce a layer)."""
+    xfs = [x.astype(jnp.float32) for x in xs]
+    mean_squares = jnp.stack([jnp.mean(xf * xf, axis=(-2, -1)) for xf in xfs])  # [len(xs), B, T]
     if mean is not None:
-        mean_square = mean(mean_square)
-    return (weight.reshape(x.shape[-2:]).astype(jnp.float32) * (xf * jax.lax.rsqrt(mean_square + eps))).astype(x.dtype)
+        mean_squares = mean(mean_squares)
+    return tuple((w.reshape(x.shape[-2:]).astype(jnp.float32) * (xf * jax.lax.rsqrt(ms[..., None, None] + eps))
+                  ).astype(x.dtype) for x, xf, w, ms in zip(xs, xfs, weights, mean_squares))
 
 
 def model_norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -352,8 +354,7 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
         q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
     if post:  # OLMo 2: RMSNorm over all heads of q (and of k), as of q_proj's (k_proj's) whole output
-        q = heads_norm(q, p["q_proj_norm"], c.rms_norm_eps, mean)
-        k = heads_norm(k, p["k_proj_norm"], c.rms_norm_eps, mean)
+        q, k = heads_norm((q, k), (p["q_proj_norm"], p["k_proj_norm"]), c.rms_norm_eps, mean)
     # Granite's logit scale (attention_multiplier) is folded into q, so that every attention path (the kernels,
     # the reference, the dense prefill) keeps its default 1/sqrt(D)
     if c.uses_rope(layer):  # SmolLM3's NoPE layers leave q and k as they are

@@ -12,7 +12,7 @@ shards lie on their devices (``NamedSharding``, specs in ``param_specs``):
 - the embedding and the LM head: split over the vocabulary; the lookup is masked to the device's rows and summed by
   a ``psum``, the logits stay split over the vocabulary (``[B, V]`` sharded on V);
 - norms (and Qwen3's q/k norms): replicated; OLMo 2's q / k norms over all heads split as their heads (k's copied
-  with its KV head), their mean squares averaged over the devices (a ``pmean`` each);
+  with its KV head), their mean squares averaged over the devices (one ``pmean`` a layer for both);
 
 KV caches (every shared level and the suffix, ``[N, S, Hkv, D]`` per layer) are split over their KV-head axis 2
 (``KV_SPEC``). When the mesh has more devices than the model has KV heads (n = r·Hkv), each KV head is replicated
@@ -26,8 +26,8 @@ columns add 0).
 The forward runs under one ``jax.shard_map`` per model call: each device runs the single-device decoder
 (``models.llama.run_layers``) with a config of its local sizes (``local_config``) on its own shards, the attention
 callback (Pallas kernels included) on its own heads and caches. The only communication is one psum after o, one
-after down (per layer) and one after the embedding lookup (and, for OLMo 2, a pmean of q's and of k's mean squares
-per layer: a number per token). Everything outside the model call (sampling, cache
+after down (per layer) and one after the embedding lookup (and, for OLMo 2, a pmean of q's and k's mean squares per
+layer: two numbers per token). Everything outside the model call (sampling, cache
 bookkeeping) is ordinary jitted code on the global arrays, partitioned by XLA.
 """
 

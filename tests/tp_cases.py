@@ -38,7 +38,10 @@ GQA = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidde
 # One KV head for 4 devices (MQA), Qwen3's q/k norms.
 MQA = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=8, max_position_embeddings=256, eos_token_ids=(), model_type="qwen3")
-CONFIGS = {"mha": MHA, "gqa": GQA, "mqa": MQA,
+# OLMo 2's norms over all heads: q's split, k's with 2 KV heads each on 2 of 4 devices.
+OLMO = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=(), model_type="olmo2")
+CONFIGS = {"mha": MHA, "gqa": GQA, "mqa": MQA, "olmo": OLMO,
            "gqa1": dataclasses.replace(GQA, num_hidden_layers=1)}  # the kernels' case: interpreting them is slow
 BACKEND = None if ON_GPU else "xla"  # the kernels on a GPU, the jnp reference on CPU (one case interprets them)
 MODES = ("hydragen", "shared_storage", "standard", "none")
@@ -103,20 +106,23 @@ def test_sharded_equals_single_device(name, devices, mode):
 
 
 @pytest.mark.parametrize("name", [pytest.param("gqa", marks=needs(4)),
-                                  pytest.param("mqa", marks=[needs(4), pytest.mark.slow])])
+                                  pytest.param("mqa", marks=[needs(4), pytest.mark.slow]),
+                                  pytest.param("olmo", marks=[needs(4), pytest.mark.slow])])
 def test_biases_and_norms_follow_their_heads_on_the_mesh(name):
-    """Qwen2's q/k/v biases and Qwen3's q/k norms made random (`init_random` makes biases 0 and norms 1, which would
-    hide a bias or a norm on the wrong head): the model placed on 4 devices (KV heads, and the biases in their
-    packed groups, replicated) generates what the single-device model does."""
+    """Qwen2's q/k/v biases, Qwen3's q/k norms and OLMo 2's norms over all heads made random (`init_random` makes
+    biases 0 and norms 1, which would hide a bias or a norm on the wrong head): the model placed on 4 devices (KV
+    heads, and the biases in their packed groups, OLMo 2's k norm weights with them, replicated) generates what the
+    single-device model does."""
     config = CONFIGS[name]
     rng = np.random.default_rng(3)
-    varied = ("b_qkv", "q_norm", "k_norm", "attn_norm", "mlp_norm")
+    varied = ("b_qkv", "q_norm", "k_norm", "attn_norm", "mlp_norm", "q_proj_norm", "k_proj_norm", "attn_out_norm",
+              "mlp_out_norm")
 
     def vary(key, x):
         return x + jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype) if key in varied else x
 
     one = models.Llama(config, parallel.map_params(vary, models.init_random(config, jnp.float32, seed=5).params()))
-    assert any(key in layer for layer in one.params()["layers"] for key in ("b_qkv", "q_norm"))
+    assert any(key in layer for layer in one.params()["layers"] for key in ("b_qkv", "q_norm", "q_proj_norm"))
     model = parallel.shard_model(one, parallel.make_mesh(4))
 
     def run(m):
