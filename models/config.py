@@ -51,7 +51,6 @@ class Family:
     only_default_rope: bool = False  # Phi-3: no RoPE scaling but longrope, which this loader does not read
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
-    window_ignored: bool = False  # transformers' model never reads sliding_window (Llama's)
     # transformers' defaults for the family's config class where config.json leaves a key out
     default_max_positions: int = 2048
     default_window: int | None = None  # sliding_window (None: no window; a given one is still checked)
@@ -71,7 +70,7 @@ class Family:
 # use_mrope: Qwen2.5's configs carry `"use_mrope": false`; only false is accepted (multimodal RoPE is Qwen2-VL's)
 _QWEN_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"})
 FAMILIES = {  # model_type -> Family
-    "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"}), window_ignored=True),
+    "llama": Family("LlamaForCausalLM", keys=frozenset({"sliding_window"})),
     "mistral": Family("MistralForCausalLM", keys=frozenset({"sliding_window"}), default_max_positions=4096 * 32,
                       default_window=4096, default_kv_heads=8),
     "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, keys=_QWEN_KEYS, window_flag=True,
@@ -130,6 +129,9 @@ HARMLESS_KEYS = frozenset({
     "tie_encoder_decoder",
     # this project's own metadata (models.train_default's training record)
     "hydragen_default_model",
+    # remote-code classes (Phi-3-mini's configuration_phi3.Phi3Config, ...): transformers builds its own class for
+    # the model_type unless trust_remote_code, which this loader, like that default, does not follow
+    "auto_map",
     # written by other tools, read by none of these models (nanotron's SmolLM2 configs, early Llama conversions;
     # transformers.js's ONNX run-time settings, e.g. its KV cache dtype, in hub repos that also ship ONNX files)
     "is_llama_config", "max_sequence_length", "transformers.js_config",
@@ -205,8 +207,8 @@ class LlamaConfig:
     "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE only).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
     ``sliding_window``: W, where every layer's query sees only the last W keys (Mistral-7B-v0.1's 4096, Phi-3-mini's
-    2047; Mistral and Phi-3 only): sequences of at most W tokens are what the window does not change, and longer
-    ones are refused (``max_length``); None: no window below max_position_embeddings.
+    2047; Llama, Mistral and Phi-3 only): sequences of at most W tokens are what the window does not change, and
+    longer ones are refused (``max_length``); None: no window below max_position_embeddings.
     Granite's scalars (other families keep the defaults, which change nothing): the embeddings times
     ``embedding_multiplier``; the attention's logit scale ``attention_multiplier`` (None: 1/sqrt(head_dim)); each
     layer's attention and MLP outputs times ``residual_multiplier`` before they join the residual; the logits divided
@@ -284,10 +286,10 @@ class LlamaConfig:
             if not is_int(self.sliding_window) or self.sliding_window <= 0:
                 raise ValueError(f"config: sliding_window must be a positive integer or None, got "
                                  f"{self.sliding_window!r}")
-            if self.family.window_flag or self.family.window_ignored:
+            if self.family.window_flag:
                 raise ValueError(f"config: sliding_window is for the families whose window covers every layer "
-                                 f"(mistral, phi3); model_type {self.model_type!r} applies it to some layers only "
-                                 f"(not supported) or none; got {self.sliding_window!r}")
+                                 f"(llama, mistral, phi3); model_type {self.model_type!r} applies it to some layers "
+                                 f"only, which is not supported; got {self.sliding_window!r}")
         for name in MULTIPLIERS:
             value = getattr(self, name)
             if value is None and name == "attention_multiplier":
@@ -572,13 +574,11 @@ def _window(d: dict[str, Any], family: Family) -> Any:
 
 
 def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], max_pos: int) -> int | None:
-    """The sliding window in effect on every layer (Mistral, Phi-3), None where none is (or where transformers' model
-    never reads the key: Llama); raise for one in
+    """The sliding window in effect on every layer (Mistral, Phi-3; Llama, whose forward ignores the key but whose
+    ``generate`` in transformers keeps only the last W keys in its cache), None where none is; raise for one in
     effect on some layers only (Qwen's, SmolLM3's "sliding_attention" layers). A window of W keys (query i sees keys
     i-W < j <= i) changes nothing while sequences hold at most W tokens: none is in effect when W >=
     max_position_embeddings, and a model with one refuses longer sequences (``LlamaConfig.max_length``)."""
-    if family.window_ignored:
-        return None
     window = _window(d, family)
     if family.window_flag and not family.nope_layers and not d.get("use_sliding_window", False):
         window = None  # what transformers does for Qwen: the window is dropped (SmolLM3's config keeps it, and its

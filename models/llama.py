@@ -486,10 +486,11 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Any, attend: AttendFn):
         c = self.config
-        if c.sliding_window is not None and tokens.shape[-1] > c.sliding_window:
-            raise ValueError(f"Llama: {tokens.shape[-1]} tokens in one call exceed the model's sliding window of "
-                             f"{c.sliding_window} (config sliding_window: a longer sequence's queries would see fewer "
-                             "keys, which is not implemented)")
+        if attend is causal_attention and c.sliding_window is not None and tokens.shape[-1] > c.sliding_window:
+            # (the dense causal path: the token array is the sequences; prefill checks its real lengths itself)
+            raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's sliding window of "
+                             f"{c.sliding_window} (config sliding_window: their later queries would see fewer keys, "
+                             "which is not implemented)")
         if self.mesh is not None:
             from models import parallel
 

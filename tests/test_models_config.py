@@ -1,6 +1,7 @@
 """models.config: HF config.json parsing (Llama, Mistral, Qwen2, Qwen3; transformers 4 and 5 layouts), refusal of
 what changes the math and is not implemented, RoPE frequencies (incl. Llama-3)."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -443,25 +444,33 @@ def test_phi3():
 def test_sliding_window_over_every_layer():
     """Mistral's and Phi-3's window covers every layer: a model with one computes sequences up to it (where it
     changes nothing: query i sees keys i-W < j <= i) and refuses longer ones, at prefill and in a model call; a
-    window >= max_position_embeddings is none; Llama's sliding_window is a key transformers' Llama never reads
-    (ignored as there); Qwen's on some layers only is refused (test_refuses_what_changes_the_math)."""
+    window >= max_position_embeddings is none; Llama's too (transformers' Llama forward ignores it, its generate keeps
+    only the last W keys: the two agree up to W); Qwen's on some layers only is refused
+    (test_refuses_what_changes_the_math)."""
     v01 = LlamaConfig.from_dict(MISTRAL_7B_V01)
     assert (v01.sliding_window, v01.max_length, v01.max_position_embeddings) == (4096, 4096, 32768)
     assert LlamaConfig.from_dict(json.loads(json.dumps(v01.to_dict()))) == v01
     assert LlamaConfig.from_dict(dict(MISTRAL_7B_V01, sliding_window=32768)).sliding_window is None
-    assert LlamaConfig.from_dict(dict(LLAMA2_7B, sliding_window=16)) == LlamaConfig.from_dict(LLAMA2_7B)
+    assert LlamaConfig.from_dict(dict(LLAMA2_7B, sliding_window=16)).max_length == 16
+    assert LlamaConfig.from_dict(dict(LLAMA2_7B, sliding_window=None)).sliding_window is None
     with pytest.raises(ValueError, match="sliding_window is for the families whose window covers every layer"):
-        LlamaConfig(**SMALL, sliding_window=8)  # a Llama by hand
+        LlamaConfig(**SMALL, model_type="qwen2", sliding_window=8)
+    assert LlamaConfig.from_dict(dict(PHI4, auto_map={"AutoConfig": "configuration_phi3.Phi3Config"})) == \
+        LlamaConfig.from_dict(PHI4)  # Phi-3-mini's remote-code classes: transformers builds its own
     import jax.numpy as jnp
     import models
     from models.llama import causal_attention
     small = LlamaConfig(**SMALL, model_type="mistral", sliding_window=8, max_position_embeddings=64)
     model = models.init_random(small, jnp.float32)
     models.prefill(model, [[1, 2, 3, 4, 5]], 3, backend="xla")  # 8 tokens: all inside the window
+    wide = models.init_random(dataclasses.replace(small, sliding_window=12), jnp.float32)
+    for mode in ("hydragen", "standard"):  # 9 + 3 tokens: the prefill's token arrays are 16 wide, still fine
+        models.generate(wide, [[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 2, max_new_tokens=3, backend="xla", mode=mode,
+                        eos_ids=())
     with pytest.raises(ValueError, match=r"sequence 0: prompt of 5 tokens \+ max_new_tokens 4 exceeds the model's "
                                          r"sliding window of 8 tokens"):
         models.prefill(model, [[1, 2, 3, 4, 5]], 4, backend="xla")
-    with pytest.raises(ValueError, match="9 tokens in one call exceed the model's sliding window of 8"):
+    with pytest.raises(ValueError, match="sequences of 9 tokens exceed the model's sliding window of 8"):
         model(jnp.zeros((1, 9), jnp.int32), jnp.arange(9)[None], None, causal_attention)
 
 
