@@ -8,8 +8,9 @@ By default the model is SmolLM2-135M-Instruct, a real instruct model read from t
 sequences, several user questions, each shared by its samples (temperature > 0). ``--model default`` uses the
 embedded byte-level model (a tiny Llama trained on Python's standard library by ``python -m
 models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any Llama GGUF
-file (with its own tokenizer), or an HF-format Llama directory of a byte-level model (read with the byte
-tokenizer). The demo generates with Hydragen showing progress per chunk of decode steps, prints a few
+file (with its own tokenizer), an HF checkpoint directory of a supported family with its tokenizer.json (read by
+``models.tokenizer.load_hf_tokenizer``: its chat template, where it has one, on the questions; else the few-shot
+code prompt), or an HF-format directory of a byte-level model (no tokenizer.json: the byte tokenizer). The demo generates with Hydragen showing progress per chunk of decode steps, prints a few
 completions, then times the decode loop of every mode on the same prompts and prints a table. On a GPU the same
 command runs the Pallas kernels (bf16).
 """
@@ -27,11 +28,11 @@ import jax.numpy as jnp
 from hydragen_jax import tuning
 from hydragen_jax.validation import BACKENDS
 from models.cache import MODES, cache_bytes
-from models.checkpoint import load_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint
 from models.generate import generate, prefill
 from models.gguf import load_gguf_with_tokenizer, smollm2_path
 from models.sharing import build_sharing_tree, expand_samples
-from models.tokenizer import ByteTokenizer
+from models.tokenizer import ByteTokenizer, load_hf_tokenizer
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
@@ -169,6 +170,11 @@ def _load(name: str):
         model, tok = load_gguf_with_tokenizer(path, dtype)  # one parse of the file's metadata
         return model, tok, _chat_prompts(tok), QUESTIONS
     path = DEFAULT_MODEL_DIR if name == "default" else name
+    if name != "default" and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        model, tok = load_checkpoint(path, dtype=dtype), load_hf_tokenizer(path)
+        if tok.chat_template:
+            return model, tok, _chat_prompts(tok), QUESTIONS
+        return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
     tok = ByteTokenizer()
     return load_default_model(dtype, path), tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
 
@@ -189,7 +195,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2",
                     help="smollm2 (SmolLM2-135M-Instruct, the default) | default (embedded byte-level model) | "
-                         "a Llama GGUF file | an HF-format byte-level Llama directory")
+                         "a Llama GGUF file | an HF checkpoint directory (with its tokenizer.json, or byte-level)")
     ap.add_argument("--samples", type=int, default=None,
                     help="samples per prompt, 4 prompts (default: 4 on CPU, 32 on GPU)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -220,7 +226,7 @@ def main(argv=None) -> int:
 
     try:
         model, tok, prompts, asks = _load(args.model)
-    except (ImportError, FileNotFoundError) as e:
+    except (ImportError, FileNotFoundError, CheckpointError) as e:
         print(f"python -m models: {e}", file=sys.stderr)
         if args.model == "smollm2" or isinstance(e, ImportError):
             print("SmolLM2 needs: .venv/bin/python -m pip install -e '.[demo]' && "

@@ -1,11 +1,13 @@
-"""Tokenizers: the default model's bytes, and byte-level BPE (GPT-2 family) for GGUF models.
+"""Tokenizers: the default model's bytes, byte-level BPE (GPT-2 family) for GGUF models, and an HF checkpoint's own.
 
-``generate`` accepts any tokenizer with ``encode(text) -> list[int]`` and ``decode(ids) -> str``; both classes
+``generate`` accepts any tokenizer with ``encode(text) -> list[int]`` and ``decode(ids) -> str``; the classes
 here also carry ``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
 
 ``BPETokenizer`` is built with the optional ``tokenizers`` package (and renders chat templates with the
 optional ``jinja2``): ``pip install -e '.[demo]'``. ``models.gguf.load_gguf_tokenizer`` builds one from a GGUF
-file's vocabulary, merges and chat template.
+file's vocabulary, merges and chat template. ``load_hf_tokenizer(dir)`` reads an HF checkpoint's tokenizer.json
+(with ``tokenizers``, the engine of transformers' fast tokenizers: the same ids) and tokenizer_config.json's
+special tokens and chat template.
 """
 
 from __future__ import annotations
@@ -108,18 +110,100 @@ class BPETokenizer:
         ``strftime_now``, ``raise_exception`` and ``{% generation %}``). Needs ``jinja2``.
 
         Encode the result with ``add_bos=False`` (as transformers does): a template that wants BOS writes it."""
-        if not self.chat_template:
-            raise ValueError("apply_chat_template: this tokenizer has no chat template")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or not {"content", "tool_calls"} & m.keys():
-                raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content' (or "
-                                 f"'tool_calls'), got {m!r}")
         # an unset token stays undefined (transformers passes only the special tokens that are set)
         special = {name: self._tokens[i] for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                                          ("pad_token", self.pad_id)) if i is not None}
-        return _chat_environment().from_string(self.chat_template).render(
-            messages=list(messages), tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-            **special)
+        return render_chat(self.chat_template, messages, add_generation_prompt, tools, documents, special)
+
+
+def render_chat(template: str | None, messages: Sequence[dict], add_generation_prompt: bool,
+                tools: Sequence[dict] | None, documents: Sequence[dict] | None, special: dict[str, str]) -> str:
+    """``messages`` rendered with the Jinja chat ``template`` as transformers renders it (``_chat_environment``),
+    the named special tokens ``special`` (e.g. bos_token) defined."""
+    if not template:
+        raise ValueError("apply_chat_template: this tokenizer has no chat template")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or not {"content", "tool_calls"} & m.keys():
+            raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content' (or "
+                             f"'tool_calls'), got {m!r}")
+    return _chat_environment().from_string(template).render(
+        messages=list(messages), tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+        **special)
+
+
+# transformers' named special tokens (``SPECIAL_TOKENS_ATTRIBUTES``): the ones its chat templates see
+_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class HFTokenizer:
+    """An HF checkpoint's tokenizer (``load_hf_tokenizer``): ``tokenizers.Tokenizer`` of its tokenizer.json, and
+    tokenizer_config.json's named special tokens and chat template (or the chat_template.jinja file beside it).
+
+    ``encode(text)`` applies tokenizer.json's post-processor, as transformers' ``tokenizer(text)`` does (e.g. Llama
+    3's BOS); ``add_bos=False``: no special tokens added (what ``apply_chat_template(tokenize=True)`` encodes with:
+    the template writes its own); ``add_bos=True``: BOS before the text's own ids."""
+
+    def __init__(self, tokenizer, special: dict[str, str], chat_template: str | None):
+        self._tok = tokenizer
+        self.special = special
+        self.chat_template = chat_template
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(special[name]) if name in special else None
+                                                 for name in ("bos_token", "eos_token", "pad_token"))
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``: with the post-processor's special tokens (None), none (False), BOS first (True)."""
+        ids = self._tok.encode(text, add_special_tokens=add_bos is None).ids
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``, special tokens left out (transformers' ``decode(ids, skip_special_tokens=True)``)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
+                            tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:
+        """The prompt text for ``messages``, as ``BPETokenizer.apply_chat_template`` (encode it with
+        ``add_bos=False``)."""
+        return render_chat(self.chat_template, messages, add_generation_prompt, tools, documents, self.special)
+
+
+def load_hf_tokenizer(path) -> HFTokenizer:
+    """The tokenizer of the HF checkpoint directory ``path`` (its tokenizer.json; tokenizer_config.json's special
+    tokens and chat template, or chat_template.jinja). Needs ``tokenizers`` (and ``jinja2`` for chat templates)."""
+    import os
+
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ImportError("load_hf_tokenizer needs the optional 'tokenizers' package: "
+                          "pip install -e '.[demo]' (or bash scripts/setup_env.sh)") from e
+    path = os.fspath(path)
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_hf_tokenizer: {file} not found (only fast tokenizers' tokenizer.json is read)")
+    tokenizer = Tokenizer.from_file(file)
+    config_file = os.path.join(path, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError(f"load_hf_tokenizer: {config_file} is not a JSON object")
+    special = {}
+    for name in _NAMED_SPECIAL:
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value  # an AddedToken's dict
+        if isinstance(value, str):
+            special[name] = value
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one, as transformers picks it
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):  # transformers >= 4.43 writes the template there (it wins over the config's)
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    return HFTokenizer(tokenizer, special, template if isinstance(template, str) else None)
 
 
 @functools.cache

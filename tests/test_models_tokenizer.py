@@ -1,0 +1,88 @@
+"""models.tokenizer.load_hf_tokenizer against transformers' own tokenizer of the same files.
+
+tests/fixtures/hf_tokenizer/ (scripts/fixtures/make_hf_fixtures.py): a small byte-level BPE in Llama 3's layout
+(BOS added by tokenizer.json's post-processor, ChatML in chat_template.jinja), saved and reloaded by transformers,
+with transformers' ids of plain texts (with and without special tokens), its rendered chat prompts and their ids
+(``apply_chat_template(tokenize=True)``), and its decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import pytest
+
+pytest.importorskip("tokenizers", reason="optional 'tokenizers' package not installed: pip install -e '.[demo]'")
+pytest.importorskip("jinja2", reason="optional 'jinja2' package not installed: pip install -e '.[demo]'")
+
+from models.tokenizer import load_hf_tokenizer  # noqa: E402
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer"
+WANT = json.loads((FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))
+
+
+def test_ids_and_special_tokens_match_transformers():
+    tok = load_hf_tokenizer(FIXTURE)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (WANT["bos_id"], WANT["eos_id"], WANT["pad_id"],
+                                                                    WANT["vocab_size"])
+    for case in WANT["texts"]:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]  # the post-processor's BOS, as tokenizer(text)
+        assert tok.encode(case["text"], add_bos=False) == case["ids_no_special"], case["text"]
+        assert tok.encode(case["text"], add_bos=True) == [tok.bos_id] + case["ids_no_special"]
+
+
+def test_chat_prompts_match_transformers():
+    """The rendered prompt, its ids (encoded without special tokens, as apply_chat_template(tokenize=True): the
+    template writes its BOS itself) and the decoding with special tokens skipped."""
+    tok = load_hf_tokenizer(FIXTURE)
+    for case in WANT["chats"]:
+        text = tok.apply_chat_template(case["messages"])
+        assert text == case["text"]
+        assert tok.encode(text, add_bos=False) == case["ids"]
+        assert tok.decode(case["ids"]) == case["decoded"]
+
+
+def test_chat_template_in_tokenizer_config_and_missing_files(tmp_path):
+    """The template may sit in tokenizer_config.json (older saves) instead of chat_template.jinja; no
+    tokenizer.json is a FileNotFoundError naming it; no template at all, a ValueError on use."""
+    shutil.copy(FIXTURE / "tokenizer.json", tmp_path)
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    config["chat_template"] = (FIXTURE / "chat_template.jinja").read_text()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    case = WANT["chats"][0]
+    assert load_hf_tokenizer(tmp_path).apply_chat_template(case["messages"]) == case["text"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=None)))
+    with pytest.raises(ValueError, match="no chat template"):
+        load_hf_tokenizer(tmp_path).apply_chat_template(case["messages"])
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        load_hf_tokenizer(tmp_path / "nowhere")
+
+
+def test_demo_runs_an_hf_checkpoint_with_its_tokenizer(tmp_path, capsys):
+    """`python -m models --model DIR` on an HF checkpoint directory with a tokenizer.json: the checkpoint's own
+    tokenizer and chat template (the questions as chats), not the byte tokenizer; an unsupported config is a clear
+    error, not a traceback."""
+    import jax.numpy as jnp
+
+    import models
+    from models.config import LlamaConfig
+    from models.demo import main
+
+    config = LlamaConfig(vocab_size=WANT["vocab_size"], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                         bos_token_id=WANT["bos_id"], eos_token_ids=(WANT["eos_id"],), model_type="qwen2")
+    models.save_checkpoint(models.init_random(config, jnp.float32), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(FIXTURE / name, tmp_path)
+    assert main(["--model", str(tmp_path), "--samples", "1", "--max-new-tokens", "3", "--modes", "hydragen",
+                 "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1/4" not in out and "4/2 q/kv heads" in out and "> Why is the sky blue?" in out
+    tree = out.split("sharing tree: ")[1].splitlines()[0]
+    assert "shared levels: 1 node(s)" in tree  # the chat template's system prompt, shared by every question
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), model_type="gemma")))
+    assert main(["--model", str(tmp_path), "--samples", "1", "--max-new-tokens", "2"]) == 1
+    assert "unsupported model_type 'gemma'" in capsys.readouterr().err
