@@ -10,9 +10,9 @@ embedded byte-level model (a tiny Llama trained on Python's standard library by 
 models.train_default``; no optional package needed) on a few-shot code prompt; ``--model PATH`` any Llama GGUF
 file (with its own tokenizer), an HF checkpoint directory of a supported family with its tokenizer.json (read by
 ``models.tokenizer.load_hf_tokenizer``: its chat template, where it has one, on the questions; else the few-shot
-code prompt), or an HF-format directory of a byte-level model (no tokenizer.json: the byte tokenizer). The demo generates with Hydragen showing progress per chunk of decode steps, prints a few
-completions, then times the decode loop of every mode on the same prompts and prints a table. On a GPU the same
-command runs the Pallas kernels (bf16).
+code prompt), or an HF-format directory of a byte-level model (no tokenizer.json: the byte tokenizer). The demo
+generates with Hydragen showing progress per chunk of decode steps, prints a few completions, then times the decode
+loop of every mode on the same prompts and prints a table. On a GPU the same command runs the Pallas kernels (bf16).
 """
 
 from __future__ import annotations
