@@ -131,10 +131,6 @@ def render_chat(template: str | None, messages: Sequence[dict], add_generation_p
         **special)
 
 
-# transformers' named special tokens (``SPECIAL_TOKENS_ATTRIBUTES``): the ones its chat templates see
-_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
 class HFTokenizer:
     """An HF checkpoint's tokenizer (``load_hf_tokenizer``): ``tokenizers.Tokenizer`` of its tokenizer.json, and
     tokenizer_config.json's named special tokens and chat template (or the chat_template.jinja file beside it).
@@ -143,10 +139,12 @@ class HFTokenizer:
     3's BOS); ``add_bos=False``: no special tokens added (what ``apply_chat_template(tokenize=True)`` encodes with:
     the template writes its own); ``add_bos=True``: BOS before the text's own ids."""
 
-    def __init__(self, tokenizer, special: dict[str, str], chat_template: str | None):
+    def __init__(self, tokenizer, special: dict[str, str], chat_template: str | dict[str, str] | None):
         self._tok = tokenizer
         self.special = special
-        self.chat_template = chat_template
+        # named templates (a list in tokenizer_config.json): "default", and "tool_use" where tools are given
+        self._templates = chat_template if isinstance(chat_template, dict) else {"default": chat_template}
+        self.chat_template = self._templates.get("default")
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(special[name]) if name in special else None
                                                  for name in ("bos_token", "eos_token", "pad_token"))
@@ -163,14 +161,32 @@ class HFTokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:
         """The prompt text for ``messages``, as ``BPETokenizer.apply_chat_template`` (encode it with
-        ``add_bos=False``)."""
-        return render_chat(self.chat_template, messages, add_generation_prompt, tools, documents, self.special)
+        ``add_bos=False``); with ``tools``, the "tool_use" template where the tokenizer has one (as transformers)."""
+        template = self._templates.get("tool_use") if tools is not None else None
+        return render_chat(template or self.chat_template, messages, add_generation_prompt, tools, documents,
+                           self.special)
+
+
+def _token_string(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken's dict."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
 
 
 def load_hf_tokenizer(path) -> HFTokenizer:
     """The tokenizer of the HF checkpoint directory ``path`` (its tokenizer.json; tokenizer_config.json's special
-    tokens and chat template, or chat_template.jinja). Needs ``tokenizers`` (and ``jinja2`` for chat templates)."""
+    tokens and chat template, or chat_template.jinja). Needs ``tokenizers`` (and ``jinja2`` for chat templates).
+
+    As transformers' tokenizer of those files: truncation and padding saved in tokenizer.json are off; the named
+    special tokens (bos_token, eos_token, ... and a model's own ``*_token`` keys) come from tokenizer_config.json,
+    else special_tokens_map.json, and are matched whole (added as special tokens where tokenizer.json does not have
+    them as such); every ``*_token`` is defined in chat templates. Not followed: transformers 5's rebuild of a
+    ``LlamaTokenizer``'s pre-tokenizer (Llama 2, TinyLlama, CodeLlama: tokenizer.json's SentencePiece-style
+    normalizer is replaced by a Metaspace that prepends "▁" to the text only), which changes the ids of text that
+    starts with a space or follows a special token: those take tokenizer.json as written (SentencePiece's and
+    transformers 4's ids), with a warning."""
     import os
+    import warnings
 
     try:
         from tokenizers import Tokenizer
@@ -181,29 +197,51 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"load_hf_tokenizer: {file} not found (only fast tokenizers' tokenizer.json is read)")
+    from tokenizers import AddedToken
+
     tokenizer = Tokenizer.from_file(file)
-    config_file = os.path.join(path, "tokenizer_config.json")
-    config = {}
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-        if not isinstance(config, dict):
-            raise ValueError(f"load_hf_tokenizer: {config_file} is not a JSON object")
+    tokenizer.no_truncation()  # transformers sets them per call (off unless asked for)
+    tokenizer.no_padding()
+
+    def read_json(name):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return {}
+        with open(f, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict):
+            raise ValueError(f"load_hf_tokenizer: {f} is not a JSON object")
+        return data
+
+    config = read_json("tokenizer_config.json")
+    legacy_map = read_json("special_tokens_map.json")  # old saves keep the named tokens there
     special = {}
-    for name in _NAMED_SPECIAL:
-        value = config.get(name)
-        value = value.get("content") if isinstance(value, dict) else value  # an AddedToken's dict
-        if isinstance(value, str):
-            special[name] = value
+    for source in (config, legacy_map):
+        for name, value in source.items():
+            if name.endswith("_token") and name not in special and _token_string(value) is not None:
+                special[name] = _token_string(value)
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    missing = [t for t in dict.fromkeys(special.values()) if t not in added]
+    if missing:  # matched whole and dropped by decode, as transformers' named special tokens are
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer",
+                                         "CodeLlamaTokenizerFast"):
+        spec = json.loads(tokenizer.to_str())
+        if not spec.get("pre_tokenizer") and spec.get("normalizer"):  # SentencePiece's layout: "▁" by the normalizer
+            warnings.warn(f"load_hf_tokenizer: {path} is a {config['tokenizer_class']} whose tokenizer.json "
+                          "normalizes as SentencePiece does; transformers 5 rebuilds its pre-tokenizer (a Metaspace "
+                          "that prepends '▁' to the text only), so text that starts with a space or follows a special "
+                          "token gets other ids there: these ids follow tokenizer.json (SentencePiece's, "
+                          "transformers 4's)", stacklevel=2)
     template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one, as transformers picks it
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+    if isinstance(template, list):  # named templates: "default", and "tool_use" for calls with tools
+        template = {t["name"]: t["template"] for t in template
+                    if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
     jinja = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja):  # transformers >= 4.43 writes the template there (it wins over the config's)
         with open(jinja, encoding="utf-8") as f:
             template = f.read()
-    return HFTokenizer(tokenizer, special, template if isinstance(template, str) else None)
+    return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None)
 
 
 @functools.cache

@@ -86,3 +86,53 @@ def test_demo_runs_an_hf_checkpoint_with_its_tokenizer(tmp_path, capsys):
     config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), model_type="gemma")))
     assert main(["--model", str(tmp_path), "--samples", "1", "--max-new-tokens", "2"]) == 1
     assert "unsupported model_type 'gemma'" in capsys.readouterr().err
+
+
+def test_files_as_transformers_reads_them(tmp_path):
+    """What transformers does with the same files, beyond the fixture's own layout: truncation / padding saved in
+    tokenizer.json are off; the named tokens of special_tokens_map.json (old saves) when tokenizer_config.json has
+    none; a named token that tokenizer.json lacks (or holds as a plain entry) is matched whole and dropped by decode;
+    every ``*_token`` reaches the template; the "tool_use" template of a named list is used where tools are given."""
+    tokenizer = json.loads((FIXTURE / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    tokenizer["padding"] = {"strategy": {"Fixed": 24}, "direction": "Right", "pad_to_multiple_of": None,
+                            "pad_id": 1, "pad_type_id": 0, "pad_token": "<|end_of_text|>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    names = {k: config.pop(k) for k in ("bos_token", "eos_token", "pad_token")}
+    config["image_token"] = "<image>"  # a model's own named token, not in tokenizer.json
+    template = "{{ bos_token }}{{ image_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config["chat_template"] = [{"name": "default", "template": template},
+                               {"name": "tool_use", "template": "TOOLS " + template}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(names))
+    tok = load_hf_tokenizer(tmp_path)
+    case = WANT["texts"][0]
+    assert tok.encode(case["text"]) == case["ids"]  # neither cut to 4 nor padded to 24
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (WANT["bos_id"], WANT["eos_id"], WANT["pad_id"])
+    image = tok.encode("<image>", add_bos=False)
+    assert len(image) == 1 and tok.decode(image + case["ids_no_special"]) == case["text"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat) == "<|begin_of_text|><image>hi"
+    assert tok.apply_chat_template(chat, tools=[]) == "TOOLS <|begin_of_text|><image>hi"
+
+
+def test_llama2_layout_warns_of_transformers_5_rebuild(tmp_path):
+    """A LlamaTokenizer whose tokenizer.json normalizes as SentencePiece does (no pre-tokenizer, "▁" from the
+    normalizer: Llama 2, TinyLlama, CodeLlama): transformers 5 rebuilds its pre-tokenizer, so the ids of text after a
+    space or a special token differ there; the loader says so (its ids follow tokenizer.json)."""
+    tokenizer = json.loads((FIXTURE / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["pre_tokenizer"] = None
+    tokenizer["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                                  {"type": "Replace", "pattern": {"String": " "},
+                                                                   "content": "\u2581"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    config = dict(json.loads((FIXTURE / "tokenizer_config.json").read_text()), tokenizer_class="LlamaTokenizer")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="transformers 5 rebuilds its pre-tokenizer"):
+        load_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_hf_tokenizer(tmp_path)  # the generic class reads tokenizer.json as written: nothing to say
