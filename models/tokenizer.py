@@ -167,6 +167,13 @@ class HFTokenizer:
                            self.special)
 
 
+# transformers' tokenizer classes' defaults for named tokens a file leaves out (given as null: none)
+_QWEN2_DEFAULTS = {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+_LLAMA_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+_CLASS_DEFAULTS = {"Qwen2Tokenizer": _QWEN2_DEFAULTS, "Qwen2TokenizerFast": _QWEN2_DEFAULTS,
+                   "LlamaTokenizer": _LLAMA_DEFAULTS, "LlamaTokenizerFast": _LLAMA_DEFAULTS}
+
+
 def _token_string(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken's dict."""
     value = value.get("content") if isinstance(value, dict) else value
@@ -179,7 +186,7 @@ def load_hf_tokenizer(path) -> HFTokenizer:
 
     As transformers' tokenizer of those files: truncation and padding saved in tokenizer.json are off; the named
     special tokens (bos_token, eos_token, ... and a model's own ``*_token`` keys) come from tokenizer_config.json,
-    else special_tokens_map.json, and are matched whole (added as special tokens where tokenizer.json does not have
+    else special_tokens_map.json, else the defaults of its Qwen2 / Llama tokenizer class, and are matched whole (added as special tokens where tokenizer.json does not have
     them as such); every ``*_token`` is defined in chat templates. Not followed: transformers 5's rebuild of a
     ``LlamaTokenizer``'s pre-tokenizer (Llama 2, TinyLlama, CodeLlama: tokenizer.json's SentencePiece-style
     normalizer is replaced by a Metaspace that prepends "▁" to the text only), which changes the ids of text that
@@ -216,7 +223,9 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     config = read_json("tokenizer_config.json")
     legacy_map = read_json("special_tokens_map.json")  # old saves keep the named tokens there
     special = {}
-    for source in (config, legacy_map):
+    defaults = {k: v for k, v in _CLASS_DEFAULTS.get(config.get("tokenizer_class"), {}).items()
+                if k not in config and k not in legacy_map}
+    for source in (config, legacy_map, defaults):
         for name, value in source.items():
             if name.endswith("_token") and name not in special and _token_string(value) is not None:
                 special[name] = _token_string(value)

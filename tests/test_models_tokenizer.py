@@ -136,3 +136,18 @@ def test_llama2_layout_warns_of_transformers_5_rebuild(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_hf_tokenizer(tmp_path)  # the generic class reads tokenizer.json as written: nothing to say
+
+
+def test_tokenizer_class_defaults_for_left_out_named_tokens(tmp_path):
+    """A named token the files leave out takes its tokenizer class's default, as in transformers (Qwen2Tokenizer:
+    unk / eos / pad "<|endoftext|>"); given as null, none."""
+    shutil.copy(FIXTURE / "tokenizer.json", tmp_path)
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("pad_token", "eos_token")}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="Qwen2Tokenizer")))
+    tok = load_hf_tokenizer(tmp_path)
+    assert tok.pad_id is not None and tok.pad_id == tok.eos_id == tok.encode("<|endoftext|>", add_bos=False)[0]
+    assert tok.special["unk_token"] == "<|endoftext|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="Qwen2Tokenizer",
+                                                                    pad_token=None)))
+    assert load_hf_tokenizer(tmp_path).pad_id is None
