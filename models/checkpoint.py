@@ -316,10 +316,11 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         return np.ascontiguousarray(_hf_layout(key, x)).astype(out_dtype)
 
     tensors = {hf_name(key): conv(key, host(key, p[key])) for key, layer in _names(config) if layer is None}
+    fused = bool(_fused_rows(config))  # Phi-3: the projections' rows joined as its checkpoints hold them
     for i, layer in enumerate(p["layers"]):  # each layer to the host, then unpacked there (no device copies)
         unpacked = unpack_layer({key: host(key, x) for key, x in layer.items()}, config.head_dim)
         tensors.update({hf_name(key, i): conv(key, x) for key, x in unpacked.items()})
-        if _fused_rows(config):  # Phi-3: the projections' rows joined as its checkpoints hold them
+        if fused:
             for suffix, keys in _FUSED.items():
                 tensors[f"model.layers.{i}.{suffix}"] = np.concatenate([tensors.pop(hf_name(k, i)) for k in keys])
     return {name: tensors[name] for name in hf_tensor_shapes(config)}

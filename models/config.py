@@ -14,7 +14,7 @@ Nothing that changes the model's output is ignored: an unsupported value (RoPE t
 effect, partial rotary, another activation) or a key this module does not know raises ``CheckpointError`` naming the
 key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
 out takes the default of the family's transformers config class (``Family``): what
-transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which is then refused).
+transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which then caps the sequences).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class RopeScaling:
                  "beta_slow"] + (["attention_factor"] if self.attention_factor is not None else [])
         for name in names:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            if not _positive_finite(value):
                 raise ValueError(f"config: rope_scaling.{name} must be a positive finite number, got {value!r}")
         if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"config: rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
@@ -190,6 +190,11 @@ class RopeScaling:
         if self.attention_factor is not None:
             return float(self.attention_factor)
         return _yarn_mscale(self.factor)
+
+
+def _positive_finite(value: Any) -> bool:
+    """Whether ``value`` is a positive finite real number (not a bool, which Python counts as one)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0 < value < math.inf
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -281,7 +286,6 @@ class LlamaConfig:
                     or not all(isinstance(b, bool) for b in self.rope_layers)):
                 raise ValueError(f"config: rope_layers must be a tuple of {self.num_hidden_layers} bools (one a layer: "
                                  f"whether it applies RoPE) or None, got {self.rope_layers!r}")
-
         if self.sliding_window is not None:
             if not is_int(self.sliding_window) or self.sliding_window <= 0:
                 raise ValueError(f"config: sliding_window must be a positive integer or None, got "
@@ -294,7 +298,7 @@ class LlamaConfig:
             value = getattr(self, name)
             if value is None and name == "attention_multiplier":
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            if not _positive_finite(value):
                 raise ValueError(f"config: {name} must be a positive finite number, got {value!r}")
             if not self.family.multipliers and value != (1.0 if name != "attention_multiplier" else None):
                 raise ValueError(f"config: {name} is Granite's (model_type 'granite'); model_type "
@@ -390,7 +394,7 @@ class LlamaConfig:
                 raise CheckpointError(f"config: {where} type {kind!r} for model_type {model_type!r}: transformers' "
                                       "Phi-3 reads only default RoPE and longrope (its configs' 'yarn' and 'su' are "
                                       "read as longrope), which this loader does not support")
-        theta, scaling = _parse_rope(d, layer_types, max_pos, family.default_theta)
+        theta, scaling = _parse_rope(d, max_pos, family.default_theta)
         eos = d.get("eos_token_id", family.default_eos)
         eos_ids = _id_tuple(eos)
         for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
@@ -601,8 +605,7 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
     return window
 
 
-def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int,
-                default_theta: float) -> tuple[float, RopeScaling | None]:
+def _parse_rope(d: dict[str, Any], max_pos: int, default_theta: float) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout. transformers 4: top-level ``rope_theta`` + ``rope_scaling`` dict;
     transformers 5: ``rope_parameters`` (with ``rope_theta`` inside; one flat dict: a dict per layer type is refused,
     as transformers does not read it for these families). Where both layouts are present they must agree. No theta
@@ -619,7 +622,7 @@ def _parse_rope(d: dict[str, Any], layer_types: list[str], max_pos: int,
     if params is not None:
         if not isinstance(params, dict):
             raise CheckpointError(f"config: rope_parameters must be a dict or null, got {params!r}")
-        keyed = [k for k in params if k in LAYER_TYPES or k in layer_types]
+        keyed = [k for k in params if k in LAYER_TYPES]  # (_layer_types admits no other type)
         if keyed:  # transformers 5.17 fails to load these families' configs in that layout (or, without layer_types,
             # reads the dict as flat and ignores the inner ones): no transformers writes it for them
             raise CheckpointError(f"config: rope_parameters keyed by layer type ({keyed[0]!r} = {params[keyed[0]]!r}) "

@@ -15,9 +15,11 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
+import warnings
 from collections.abc import Sequence
 
-from models.config import is_int
+from models.config import _json_object, is_int
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
@@ -186,17 +188,15 @@ def load_hf_tokenizer(path) -> HFTokenizer:
 
     As transformers' tokenizer of those files: truncation and padding saved in tokenizer.json are off; the named
     special tokens (bos_token, eos_token, ... and a model's own ``*_token`` keys) come from tokenizer_config.json,
-    else special_tokens_map.json, else the defaults of its Qwen2 / Llama tokenizer class, and are matched whole (added as special tokens where tokenizer.json does not have
-    them as such); every ``*_token`` is defined in chat templates. Not followed: transformers 5's rebuild of a
+    else special_tokens_map.json, else the defaults of its Qwen2 / Llama tokenizer class, and are matched whole
+    (added as special tokens where tokenizer.json does not have them as such); every ``*_token`` is defined in chat
+    templates. Not followed: transformers 5's rebuild of a
     ``LlamaTokenizer``'s pre-tokenizer (Llama 2, TinyLlama, CodeLlama: tokenizer.json's SentencePiece-style
     normalizer is replaced by a Metaspace that prepends "▁" to the text only), which changes the ids of text that
     starts with a space or follows a special token: those take tokenizer.json as written (SentencePiece's and
     transformers 4's ids), with a warning."""
-    import os
-    import warnings
-
     try:
-        from tokenizers import Tokenizer
+        from tokenizers import AddedToken, Tokenizer
     except ImportError as e:
         raise ImportError("load_hf_tokenizer needs the optional 'tokenizers' package: "
                           "pip install -e '.[demo]' (or bash scripts/setup_env.sh)") from e
@@ -204,21 +204,13 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"load_hf_tokenizer: {file} not found (only fast tokenizers' tokenizer.json is read)")
-    from tokenizers import AddedToken
-
     tokenizer = Tokenizer.from_file(file)
     tokenizer.no_truncation()  # transformers sets them per call (off unless asked for)
     tokenizer.no_padding()
 
-    def read_json(name):
+    def read_json(name):  # the file's JSON object ({} where there is none); CheckpointError naming a malformed one
         f = os.path.join(path, name)
-        if not os.path.isfile(f):
-            return {}
-        with open(f, encoding="utf-8") as fh:
-            data = json.load(fh)
-        if not isinstance(data, dict):
-            raise ValueError(f"load_hf_tokenizer: {f} is not a JSON object")
-        return data
+        return _json_object(f) if os.path.isfile(f) else {}
 
     config = read_json("tokenizer_config.json")
     legacy_map = read_json("special_tokens_map.json")  # old saves keep the named tokens there
