@@ -6,8 +6,8 @@ here also carry ``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
 ``BPETokenizer`` is built with the optional ``tokenizers`` package (and renders chat templates with the
 optional ``jinja2``): ``pip install -e '.[demo]'``. ``models.gguf.load_gguf_tokenizer`` builds one from a GGUF
 file's vocabulary, merges and chat template. ``load_hf_tokenizer(dir)`` reads an HF checkpoint's tokenizer.json
-(with ``tokenizers``, the engine of transformers' fast tokenizers: the same ids) and tokenizer_config.json's
-special tokens and chat template.
+(with ``tokenizers``, the engine of transformers' fast tokenizers: the same ids; a Llama class's rebuilt as
+transformers 5 rebuilds it) and tokenizer_config.json's special tokens and chat template.
 """
 
 from __future__ import annotations
@@ -139,9 +139,11 @@ class HFTokenizer:
 
     ``encode(text)`` applies tokenizer.json's post-processor, as transformers' ``tokenizer(text)`` does (e.g. Llama
     3's BOS); ``add_bos=False``: no special tokens added (what ``apply_chat_template(tokenize=True)`` encodes with:
-    the template writes its own); ``add_bos=True``: BOS before the text's own ids."""
+    the template writes its own); ``add_bos=True``: BOS before the text's own ids. A CodeLlama tokenizer encodes a
+    text that holds its fill token in the infilling format (``_Infilling``)."""
 
-    def __init__(self, tokenizer, special: dict[str, str], chat_template: str | dict[str, str] | None):
+    def __init__(self, tokenizer, special: dict[str, str], chat_template: str | dict[str, str] | None,
+                 infilling: _Infilling | None = None):
         self._tok = tokenizer
         self.special = special
         # named templates (a list in tokenizer_config.json): "default", and "tool_use" where tools are given
@@ -150,9 +152,16 @@ class HFTokenizer:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(special[name]) if name in special else None
                                                  for name in ("bos_token", "eos_token", "pad_token"))
+        self._infilling = infilling
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``: with the post-processor's special tokens (None), none (False), BOS first (True)."""
+        if self._infilling is not None and self._infilling.fill in text:
+            before, after = text.split(self._infilling.fill)  # a second fill token: ValueError, as in transformers
+            if after:
+                bos = [self.bos_id] if add_bos is not False and self.bos_id is not None else []
+                return bos + self._infilling.encode(before, after)
+            text = before  # nothing after it: the text before it, as usual
         ids = self._tok.encode(text, add_special_tokens=add_bos is None).ids
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
@@ -169,11 +178,55 @@ class HFTokenizer:
                            self.special)
 
 
+class _Infilling:
+    """transformers' ``CodeLlamaTokenizer`` on a text that holds its fill token (``_encode_plus`` and
+    ``set_infilling_processor``, models/code_llama/tokenization_code_llama.py): the text before the fill token and the
+    text after it take the infilling format ``▁<PRE> {" " + before} ▁<SUF> {after} ▁<MID>`` (BOS first where special
+    tokens are added; prefix, suffix and middle tokens either way), each part encoded by the tokenizer with a
+    normalizer that writes spaces as "▁". ``ids``: the prefix, suffix and middle ids (None: the tokenizer has none,
+    a ValueError as in transformers).
+
+    transformers' tokenizer then resets its normalizer to SentencePiece's (Prepend "▁" + Replace), not to none: its
+    later ids of text that starts with a space or follows a special token are tokenizer.json's, where these stay a
+    fresh tokenizer's (a warning says so)."""
+
+    def __init__(self, tokenizer, fill: str, ids: tuple[int | None, int | None, int | None]):
+        from tokenizers import Tokenizer, normalizers
+
+        self.fill, self.ids = fill, ids
+        self._tok = Tokenizer.from_str(tokenizer.to_str())
+        self._tok.normalizer = normalizers.Replace(" ", "\u2581")
+
+    def encode(self, before: str, after: str) -> list[int]:
+        if None in self.ids:
+            raise ValueError(f"encode: the text holds the fill token {self.fill!r}, but this tokenizer has no "
+                             f"prefix, suffix or middle token for infilling (ids {self.ids})")
+        warnings.warn("encode: after an infilling text, transformers' CodeLlamaTokenizer keeps SentencePiece's "
+                      "normalizer, so its later ids of text after a space or a special token differ from these "
+                      "(those of a fresh tokenizer)", stacklevel=3)
+        prefix, suffix, middle = self.ids
+        return [prefix, *self._tok.encode(" " + before, add_special_tokens=False).ids, suffix,
+                *self._tok.encode(after, add_special_tokens=False).ids, middle]
+
+
 # transformers' tokenizer classes' defaults for named tokens a file leaves out (given as null: none)
 _QWEN2_DEFAULTS = {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 _LLAMA_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-_CLASS_DEFAULTS = {"Qwen2Tokenizer": _QWEN2_DEFAULTS, "Qwen2TokenizerFast": _QWEN2_DEFAULTS,
-                   "LlamaTokenizer": _LLAMA_DEFAULTS, "LlamaTokenizerFast": _LLAMA_DEFAULTS}
+# CodeLlamaTokenizer's infilling tokens: its __init__ arguments, named tokens and default extra special tokens
+_CODE_LLAMA_TOKENS = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>", "suffix_token": "▁<SUF>",
+                      "eot_token": "▁<EOT>", "fill_token": "<FILL_ME>"}
+_CLASS_DEFAULTS = {"Qwen2Tokenizer": _QWEN2_DEFAULTS, "LlamaTokenizer": _LLAMA_DEFAULTS,
+                   "CodeLlamaTokenizer": {**_LLAMA_DEFAULTS, **_CODE_LLAMA_TOKENS}}
+# transformers' standard named tokens, in the order its tokenizers add those they lack (then a model's own)
+_STANDARD_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# AutoTokenizer (models/auto/tokenization_auto.py) for models.config.FAMILIES' model types: the tokenizer class
+# registered for config.json's model_type (none for llama and smollm3), and the model types whose files it holds to
+# name a wrong class (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+_REGISTERED_CLASSES = {"mistral": "TokenizersBackend", "mixtral": "TokenizersBackend", "granite": "TokenizersBackend",
+                       "olmo2": "TokenizersBackend", "phi3": "TokenizersBackend", "qwen2": "Qwen2Tokenizer",
+                       "qwen3": "Qwen2Tokenizer"}
+_WRONG_ON_HUB = {"qwen2", "phi3"}
+_LLAMA_CLASSES = ("LlamaTokenizer", "CodeLlamaTokenizer")  # transformers 5 rebuilds their tokenizer.json
 
 
 def _token_string(value) -> str | None:
@@ -182,19 +235,138 @@ def _token_string(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _auto_class(named, model_type) -> str | None:
+    """The tokenizer class transformers' AutoTokenizer builds where the files name the class ``named`` (without
+    "Fast": transformers 5 has one class for both) and config.json the ``model_type``. Only a Llama class is
+    routed: config.json's model_type overrides it where a class other than the named one is registered for it, with
+    TokenizersBackend (tokenizer.json as written: the files' class is not built), or with its own class where the
+    files' is held wrong (qwen2); any other class is taken as named."""
+    named = named.removesuffix("Fast") if isinstance(named, str) else None
+    registered = _REGISTERED_CLASSES.get(model_type)
+    if named not in _LLAMA_CLASSES or registered is None:
+        return named
+    if registered == "TokenizersBackend":
+        return registered
+    return registered if model_type in _WRONG_ON_HUB else named
+
+
+def _sentencepiece_layout(spec: dict) -> bool:
+    """Whether tokenizer.json is a SentencePiece-style BPE: words marked by "▁", from a Metaspace pre-tokenizer or
+    from a Prepend / Replace normalizer (Llama 2's)."""
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return False
+    steps = []
+    for key, items in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
+        step = spec.get(key) or {}
+        steps += step.get(items) or [step]
+    return any(s.get("type") == "Metaspace" or (s.get("type") == "Prepend" and s.get("prepend") == "\u2581") or
+               (s.get("type") == "Replace" and s.get("content") == "\u2581") for s in steps)
+
+
+def _code_llama_arguments(config: dict, legacy_map: dict) -> dict:
+    """CodeLlamaTokenizer's infilling arguments (``_CODE_LLAMA_TOKENS``) as transformers' ``_from_pretrained`` passes
+    them: special_tokens_map.json's where it is read; tokenizer_config.json's null or AddedToken dict; a string there
+    is made a named token instead, which leaves the argument its default."""
+    return {k: legacy_map[k] if k in legacy_map else config[k] if k in config and not isinstance(config[k], str)
+            else default for k, default in _CODE_LLAMA_TOKENS.items()}
+
+
+def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict, code_llama: bool):
+    """The ``tokenizers.Tokenizer`` that transformers 5's ``LlamaTokenizer`` (``CodeLlamaTokenizer`` where
+    ``code_llama``) builds from tokenizer.json ``spec``. Its ``__init__`` (models/llama/tokenization_llama.py,
+    models/code_llama/tokenization_code_llama.py) keeps only tokenizer.json's vocabulary and merges
+    (``TokenizersBackend.convert_to_native_format``; also its post-processor, ``post_processor``) and sets
+    - the model: BPE with ``fuse_unk`` and ``byte_fallback``, no dropout, no unk_token (CodeLlama: its unk_token);
+    - no normalizer; the pre-tokenizer Metaspace("▁", split=False) with prepend_scheme "first" (a "▁" before the
+      text, none after a special token) where ``add_prefix_space`` (default true) and not ``legacy`` (default false;
+      CodeLlama ignores it), "always" (after special tokens too) where ``add_prefix_space`` and ``legacy``, "never"
+      where not ``add_prefix_space``. Either scheme adds no "▁" before a piece that starts with a space: " Hello" is
+      "▁Hello" where SentencePiece's normalizer (Prepend "▁" + Replace) makes it "▁▁Hello";
+    - the decoder: "▁" as " ", byte fallback, fuse, one leading space stripped where ``add_prefix_space`` (always for
+      CodeLlama);
+    - tokenizer.json's post-processor; CodeLlama builds its own (BOS, no EOS): with a tokenizer.json, transformers
+      drops tokenizer_config.json's ``add_bos_token`` / ``add_eos_token``, and CodeLlama's argument is true;
+    - the added tokens (``TokenizersBackend.__init__``): tokenizer_config.json's added_tokens_decoder (else
+      tokenizer.json's), in id order, a named one made special, then the named tokens (``raw``: their values in the
+      files) and extra special tokens not among them, as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    special = {name: _token_string(value) for name, value in raw.items()}
+    model = spec["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    unk = {"unk_token": str(special.get("unk_token"))} if code_llama else {}  # str(): as CodeLlama's __init__
+    tokenizer = Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, fuse_unk=True, byte_fallback=True,
+                                     dropout=None, **unk))
+    prefix_space = config.get("add_prefix_space")
+    prefix_space = True if prefix_space is None else bool(prefix_space)
+    if not prefix_space:
+        scheme = "never"
+    else:
+        scheme = "always" if config.get("legacy", False) and not code_llama else "first"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    strip = prefix_space or code_llama
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if strip else []))
+
+    if "added_tokens_decoder" in config:
+        decoder = {int(i): AddedToken(**t) for i, t in config["added_tokens_decoder"].items()}
+    else:
+        decoder = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"}) for t in spec["added_tokens"]}
+    tokens = [decoder[i] for i in sorted(decoder)]
+    for t in tokens:
+        t.special = t.special or t.content in special.values()
+    # extra special tokens: tokenizer_config.json's extra_special_tokens (else additional_special_tokens) with
+    # special_tokens_map.json's extra_special_tokens; else the latter's additional_special_tokens, to which CodeLlama
+    # appends its infilling arguments
+    lists = [source.get(key) for source, key in ((config, "extra_special_tokens"),
+                                                 (config, "additional_special_tokens"),
+                                                 (legacy_map, "extra_special_tokens"))]
+    extra = next((x for x in lists[:2] if isinstance(x, list)), None)
+    if isinstance(lists[2], list):
+        extra = (extra or []) + [t for t in lists[2] if t not in (extra or [])]
+    if extra is None:
+        extra = legacy_map.get("additional_special_tokens")
+        extra = list(extra) if isinstance(extra, list) else []
+        if code_llama:
+            extra += list(_code_llama_arguments(config, legacy_map).values())
+    known = {t.content for t in tokens}
+    order = dict.fromkeys([*_STANDARD_NAMES, *(_CODE_LLAMA_TOKENS if code_llama else ()), *raw])
+    for value in [raw[name] for name in order if name in raw] + extra:
+        content = _token_string(value)
+        if content is not None and content not in known:
+            flags = {k: v for k, v in value.items() if k in ("single_word", "lstrip", "rstrip", "normalized")} \
+                if isinstance(value, dict) else {}
+            tokens.append(AddedToken(content, special=True, **flags))
+            known.add(content)
+    tokenizer.add_tokens(tokens)
+
+    bos = special.get("bos_token")
+    if not code_llama:
+        tokenizer.post_processor = post_processor
+    elif bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    return tokenizer
+
+
 def load_hf_tokenizer(path) -> HFTokenizer:
     """The tokenizer of the HF checkpoint directory ``path`` (its tokenizer.json; tokenizer_config.json's special
     tokens and chat template, or chat_template.jinja). Needs ``tokenizers`` (and ``jinja2`` for chat templates).
 
     As transformers' tokenizer of those files: truncation and padding saved in tokenizer.json are off; the named
-    special tokens (bos_token, eos_token, ... and a model's own ``*_token`` keys) come from tokenizer_config.json,
-    else special_tokens_map.json, else the defaults of its Qwen2 / Llama tokenizer class, and are matched whole
-    (added as special tokens where tokenizer.json does not have them as such); every ``*_token`` is defined in chat
-    templates. Not followed: transformers 5's rebuild of a
-    ``LlamaTokenizer``'s pre-tokenizer (Llama 2, TinyLlama, CodeLlama: tokenizer.json's SentencePiece-style
-    normalizer is replaced by a Metaspace that prepends "▁" to the text only), which changes the ids of text that
-    starts with a space or follows a special token: those take tokenizer.json as written (SentencePiece's and
-    transformers 4's ids), with a warning."""
+    special tokens (bos_token, eos_token, ... and a model's own ``*_token`` keys) come from tokenizer_config.json and,
+    where it has no added_tokens_decoder (old saves), special_tokens_map.json (whose bos_token, eos_token, ... win),
+    else the defaults of its Qwen2 / Llama / CodeLlama tokenizer class, and are matched whole (added as special tokens
+    where tokenizer.json does not have them as such); every ``*_token`` is defined in chat templates.
+
+    A ``LlamaTokenizer`` / ``CodeLlamaTokenizer`` (Llama 2, TinyLlama, CodeLlama) is rebuilt as transformers 5
+    rebuilds it (``_llama_tokenizer``: tokenizer.json's vocabulary and merges under a Metaspace pre-tokenizer, which
+    gives other ids than SentencePiece's normalizer for text that starts with a space or follows a special token),
+    unless config.json's model_type makes AutoTokenizer read tokenizer.json as written (mistral, mixtral, granite,
+    olmo2, phi3: Mistral 7B's and Phi-3's files name a LlamaTokenizer). Not followed, with a warning: that rebuild of
+    a tokenizer.json that is not a SentencePiece-style BPE (byte-level: transformers 5's ids lose the spaces there),
+    and a Llama class with model_type qwen2 (transformers builds a Qwen2Tokenizer); those ids are tokenizer.json's."""
     try:
         from tokenizers import AddedToken, Tokenizer
     except ImportError as e:
@@ -213,27 +385,57 @@ def load_hf_tokenizer(path) -> HFTokenizer:
         return _json_object(f) if os.path.isfile(f) else {}
 
     config = read_json("tokenizer_config.json")
-    legacy_map = read_json("special_tokens_map.json")  # old saves keep the named tokens there
-    special = {}
-    defaults = {k: v for k, v in _CLASS_DEFAULTS.get(config.get("tokenizer_class"), {}).items()
-                if k not in config and k not in legacy_map}
-    for source in (config, legacy_map, defaults):
+    model_config = read_json("config.json")  # its model_type can override the tokenizer class (_auto_class)
+    named_class = config.get("tokenizer_class") or model_config.get("tokenizer_class")
+    tokenizer_class = _auto_class(named_class, model_config.get("model_type"))
+    # old saves keep the named tokens in special_tokens_map.json: transformers reads it only where
+    # tokenizer_config.json has no added_tokens_decoder, and then its standard names over tokenizer_config.json's
+    legacy_map = {} if "added_tokens_decoder" in config else read_json("special_tokens_map.json")
+    sources = ({k: v for k, v in legacy_map.items() if k in _STANDARD_NAMES}, config, legacy_map)
+    defaults = {k: v for k, v in _CLASS_DEFAULTS.get(tokenizer_class, {}).items()
+                if all(k not in source for source in sources)}
+    raw = {}  # name -> its value in the files (a string or an AddedToken's dict)
+    given = set()
+    for source in (*sources, defaults):
         for name, value in source.items():
-            if name.endswith("_token") and name not in special and _token_string(value) is not None:
-                special[name] = _token_string(value)
-    added = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    missing = [t for t in dict.fromkeys(special.values()) if t not in added]
-    if missing:  # matched whole and dropped by decode, as transformers' named special tokens are
-        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer",
-                                         "CodeLlamaTokenizerFast"):
-        spec = json.loads(tokenizer.to_str())
-        if not spec.get("pre_tokenizer") and spec.get("normalizer"):  # SentencePiece's layout: "▁" by the normalizer
-            warnings.warn(f"load_hf_tokenizer: {path} is a {config['tokenizer_class']} whose tokenizer.json "
-                          "normalizes as SentencePiece does; transformers 5 rebuilds its pre-tokenizer (a Metaspace "
-                          "that prepends '▁' to the text only), so text that starts with a space or follows a special "
-                          "token gets other ids there: these ids follow tokenizer.json (SentencePiece's, "
-                          "transformers 4's)", stacklevel=2)
+            if name.endswith("_token") and name not in given:
+                given.add(name)  # given as null: none
+                if _token_string(value) is not None:
+                    raw[name] = value
+    special = {name: _token_string(value) for name, value in raw.items()}
+    infilling = None
+    spec = json.loads(tokenizer.to_str()) if tokenizer_class in _LLAMA_CLASSES else None
+    if spec is not None and _sentencepiece_layout(spec):
+        code_llama = tokenizer_class == "CodeLlamaTokenizer"
+        tokenizer = _llama_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw, code_llama)
+        if code_llama:  # its fill token is its argument's (set last in its __init__); so are the infilling ids
+            args = {k: _token_string(v) for k, v in _code_llama_arguments(config, legacy_map).items()}
+            unk = tokenizer.token_to_id(special["unk_token"]) if "unk_token" in special else None
+
+            def token_id(token):  # as transformers' convert_tokens_to_ids: the unk id for a token it lacks
+                i = None if token is None else tokenizer.token_to_id(token)
+                return unk if token is not None and i is None else i
+
+            special.pop("fill_token", None)
+            if args["fill_token"] is not None:
+                special["fill_token"] = args["fill_token"]
+                ids = tuple(token_id(args[k]) for k in ("prefix_token", "suffix_token", "middle_token"))
+                infilling = _Infilling(tokenizer, args["fill_token"], ids)
+    else:
+        if spec is not None:  # a Llama class, not in SentencePiece's layout
+            warnings.warn(f"load_hf_tokenizer: {path} is a {tokenizer_class} whose tokenizer.json is not a "
+                          "SentencePiece-style BPE; transformers 5 rebuilds it as one (a Metaspace pre-tokenizer "
+                          "over its vocabulary and merges), which loses its spaces: these ids follow tokenizer.json",
+                          stacklevel=2)
+        elif tokenizer_class == "Qwen2Tokenizer" and isinstance(named_class, str) and \
+                named_class.removesuffix("Fast") in _LLAMA_CLASSES:
+            warnings.warn(f"load_hf_tokenizer: {path} names a Llama tokenizer class for model_type qwen2, for which "
+                          "transformers 5 builds a Qwen2Tokenizer from tokenizer.json's vocabulary and merges: these "
+                          "ids follow tokenizer.json", stacklevel=2)
+        added = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        missing = [t for t in dict.fromkeys(special.values()) if t not in added]
+        if missing:  # matched whole and dropped by decode, as transformers' named special tokens are
+            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: "default", and "tool_use" for calls with tools
         template = {t["name"]: t["template"] for t in template
@@ -242,7 +444,7 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     if os.path.isfile(jinja):  # transformers >= 4.43 writes the template there (it wins over the config's)
         with open(jinja, encoding="utf-8") as f:
             template = f.read()
-    return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None)
+    return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None, infilling)
 
 
 @functools.cache

@@ -3,7 +3,9 @@
 tests/fixtures/hf_tokenizer/ (scripts/fixtures/make_hf_fixtures.py): a small byte-level BPE in Llama 3's layout
 (BOS added by tokenizer.json's post-processor, ChatML in chat_template.jinja), saved and reloaded by transformers,
 with transformers' ids of plain texts (with and without special tokens), its rendered chat prompts and their ids
-(``apply_chat_template(tokenize=True)``), and its decoding.
+(``apply_chat_template(tokenize=True)``), and its decoding. tests/fixtures/hf_tokenizer_llama2/: a small BPE in
+Llama 2's SentencePiece layout with Llama 2's tokenizer_config.json, and transformers' outputs for it under several
+configurations (legacy, add_prefix_space, the CodeLlama class, model_type mistral).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import warnings
 
 import pytest
 
@@ -21,6 +24,8 @@ from models.tokenizer import load_hf_tokenizer  # noqa: E402
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer"
 WANT = json.loads((FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))
+LLAMA2_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer_llama2"
+LLAMA2 = json.loads((LLAMA2_FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))["cases"]
 
 
 def test_ids_and_special_tokens_match_transformers():
@@ -117,25 +122,78 @@ def test_files_as_transformers_reads_them(tmp_path):
     assert tok.apply_chat_template(chat, tools=[]) == "TOOLS <|begin_of_text|><image>hi"
 
 
-def test_llama2_layout_warns_of_transformers_5_rebuild(tmp_path):
-    """A LlamaTokenizer whose tokenizer.json normalizes as SentencePiece does (no pre-tokenizer, "▁" from the
-    normalizer: Llama 2, TinyLlama, CodeLlama): transformers 5 rebuilds its pre-tokenizer, so the ids of text after a
-    space or a special token differ there; the loader says so (its ids follow tokenizer.json)."""
-    tokenizer = json.loads((FIXTURE / "tokenizer.json").read_text(encoding="utf-8"))
-    tokenizer["pre_tokenizer"] = None
-    tokenizer["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
-                                                                  {"type": "Replace", "pattern": {"String": " "},
-                                                                   "content": "\u2581"}]}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
-    config = dict(json.loads((FIXTURE / "tokenizer_config.json").read_text()), tokenizer_class="LlamaTokenizer")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="transformers 5 rebuilds its pre-tokenizer"):
-        load_hf_tokenizer(tmp_path)
+def _llama2_case(tmp_path, name):
+    """hf_tokenizer_llama2's files with the tokenizer_config.json changes (and config.json) of case ``name``."""
+    case = LLAMA2[name]
+    shutil.copy(LLAMA2_FIXTURE / "tokenizer.json", tmp_path)
+    config = json.loads((LLAMA2_FIXTURE / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, **case["tokenizer_config"])))
+    if case["model_type"] is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": case["model_type"]}))
+    return case
+
+
+@pytest.mark.parametrize("name", list(LLAMA2))
+def test_llama2_layout_as_transformers_5_rebuilds_it(tmp_path, name):
+    """A LlamaTokenizer / CodeLlamaTokenizer whose tokenizer.json is in Llama 2's SentencePiece layout
+    (tests/fixtures/hf_tokenizer_llama2): transformers 5 rebuilds its pipeline (a Metaspace pre-tokenizer for the
+    normalizer), which changes the ids of text after a space or a special token, by legacy and add_prefix_space;
+    CodeLlama adds its infilling tokens and encodes a text with its fill token in the infilling format; with
+    model_type mistral AutoTokenizer reads tokenizer.json as written. The ids, decodings, named tokens and chat
+    prompts are transformers'."""
+    case = _llama2_case(tmp_path, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: none of these is left unfollowed
+        tok = load_hf_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (case["bos_id"], case["eos_id"], case["pad_id"],
+                                                                    case["vocab_size"])
+    assert tok.special == case["special_tokens"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="encode: after an infilling text")
+        for c in case["texts"]:
+            assert tok.encode(c["text"]) == c["ids"], c["text"]
+            assert tok.encode(c["text"], add_bos=False) == c["ids_no_special"], c["text"]
+            assert tok.encode(c["text"], add_bos=True) == [tok.bos_id] + c["ids_no_special"], c["text"]
+            assert tok.decode(c["ids"]) == c["decoded"], c["text"]
+    for c in case["chats"]:
+        text = tok.apply_chat_template(c["messages"])
+        assert text == c["text"]
+        assert tok.encode(text, add_bos=False) == c["ids"]
+        assert tok.decode(c["ids"]) == c["decoded"]
+
+
+def test_llama2_layout_differs_from_tokenizer_json_and_codellama_infilling(tmp_path):
+    """The cases the rebuild is for: tokenizer.json alone (SentencePiece's, transformers 4's ids) gives other ids for
+    text after a space or a special token. CodeLlama: a second fill token is a ValueError, as in transformers; an
+    infilling text warns that transformers' tokenizer then keeps SentencePiece's normalizer."""
+    from tokenizers import Tokenizer
+
+    as_written = Tokenizer.from_file(str(LLAMA2_FIXTURE / "tokenizer.json"))
+    texts = {c["text"]: c for c in LLAMA2["llama2"]["texts"]}
+    for text in (" Hello world", "<s>Hello", "Hello</s> world"):
+        assert as_written.encode(text).ids != texts[text]["ids"]
+    _llama2_case(tmp_path, "codellama")
+    tok = load_hf_tokenizer(tmp_path)
+    with pytest.raises(ValueError):
+        tok.encode("a<FILL_ME>b<FILL_ME>c")
+    with pytest.warns(UserWarning, match="keeps SentencePiece's normalizer"):
+        tok.encode("a<FILL_ME>b")
+
+
+def test_llama_class_on_a_byte_level_tokenizer_warns(tmp_path):
+    """A Llama class naming a tokenizer.json that is not SentencePiece-style (byte-level, as hf_tokenizer):
+    transformers 5 rebuilds it all the same (and loses its spaces); the loader says so and keeps tokenizer.json's
+    ids. The generic class reads tokenizer.json as written: nothing to say."""
+    shutil.copy(FIXTURE / "tokenizer.json", tmp_path)
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="LlamaTokenizerFast")))
+    with pytest.warns(UserWarning, match="not a SentencePiece-style BPE"):
+        tok = load_hf_tokenizer(tmp_path)
+    assert tok.encode(WANT["texts"][0]["text"]) == WANT["texts"][0]["ids"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_hf_tokenizer(tmp_path)  # the generic class reads tokenizer.json as written: nothing to say
+        load_hf_tokenizer(tmp_path)
 
 
 def test_tokenizer_class_defaults_for_left_out_named_tokens(tmp_path):
@@ -151,3 +209,21 @@ def test_tokenizer_class_defaults_for_left_out_named_tokens(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="Qwen2Tokenizer",
                                                                     pad_token=None)))
     assert load_hf_tokenizer(tmp_path).pad_id is None
+
+
+def test_special_tokens_map_only_without_added_tokens_decoder(tmp_path):
+    """special_tokens_map.json (old saves) is read only where tokenizer_config.json has no added_tokens_decoder, and
+    then its standard names win over tokenizer_config.json's (a model's own names do not), as transformers'
+    ``_from_pretrained`` reads them (checked against transformers 5.17)."""
+    shutil.copy(LLAMA2_FIXTURE / "tokenizer.json", tmp_path)
+    config = dict(json.loads((LLAMA2_FIXTURE / "tokenizer_config.json").read_text(encoding="utf-8")),
+                  image_token="<s>")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "</s>", "pad_token": "</s>",
+                                                                  "image_token": "</s>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_hf_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.pad_id, tok.special["image_token"]) == (1, None, "<s>")
+    del config["added_tokens_decoder"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_hf_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.pad_id, tok.special["image_token"]) == (2, 2, "<s>")
