@@ -1,7 +1,8 @@
 """Hugging Face-format checkpoints: ``config.json`` + ``*.safetensors`` (one file, or shards + index).
 
 Tensor names and layouts are those of HF ``LlamaForCausalLM``, which ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``, ``GraniteForCausalLM`` and ``Olmo2ForCausalLM`` share: one name table
+``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``, ``GraniteForCausalLM``, ``Olmo2ForCausalLM`` and ``GemmaForCausalLM``
+(its norm weights stored as offsets from 1, loaded as they are) share: one name table
 (``_HF_LAYER``) serves every family, each family holding the entries its config asks for
 (``models.llama.layer_keys``: Qwen2 adds the q/k/v biases, Qwen3 the q/k norms, OLMo 2 has its own norms);
 ``Phi3ForCausalLM`` holds q/k/v in one tensor and gate/up in another (``_FUSED``), split on reading. Linear
@@ -207,9 +208,9 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
-    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3) into a ``Llama`` with
-    parameters in ``dtype`` (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a missing,
-    misshaped or unexpected tensor, an unreadable file.
+    """Load an HF-format directory (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3, Gemma) into a
+    ``Llama`` with parameters in ``dtype`` (fp32 or bf16). Raises ``CheckpointError`` for an unsupported config, a
+    missing, misshaped or unexpected tensor, an unreadable file.
 
     Layer by layer, each tensor is read, cast, packed and sent: the host holds one layer's tensors at a time.
     mesh: load for tensor parallelism on it (``models.parallel``): each tensor is put in its mesh layout on the host

@@ -1,11 +1,12 @@
-"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2 and Phi-3 families, read from
-a Hugging Face ``config.json``.
+"""Decoder configuration of the Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3 and Gemma families, read
+from a Hugging Face ``config.json``.
 
-All eight share one decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied embeddings); a
+All nine share one decoder (RMSNorm, RoPE, grouped-query attention, gated MLP, tied or untied embeddings); a
 ``Family`` records what a family adds: q/k/v biases (Qwen2), RMSNorm of q and k over ``head_dim`` (Qwen3), layers
 without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual branches and logits (Granite), norms of
 the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2), checkpoint tensors
-of q/k/v and of gate/up fused (Phi-3).
+of q/k/v and of gate/up fused (Phi-3), embeddings scaled by sqrt(hidden_size), norm weights stored as offsets from 1
+and a GELU-gated MLP (Gemma).
 Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
 dict); they give the same config for the same model.
@@ -49,15 +50,22 @@ class Family:
     # of q and k over all heads' width (q_proj's and k_proj's outputs), each norm's weight applied in float32
     fused_projections: bool = False  # Phi-3: q/k/v in one checkpoint tensor (qkv_proj), gate/up in one (gate_up_proj)
     only_default_rope: bool = False  # Phi-3: no RoPE scaling but longrope, which this loader does not read
+    scaled_embeddings: bool = False  # Gemma: the embeddings times sqrt(hidden_size), rounded to their dtype first
+    unit_offset_norms: bool = False  # Gemma: every RMSNorm weight stored as its offset from 1 (x times 1 + weight),
+    # applied in float32
+    # hidden_act values the family's MLP runs (models.llama.ACTIVATIONS); the first is its config class's default
+    hidden_acts: tuple[str, ...] = ("silu",)
     keys: frozenset[str] = frozenset()  # config keys of this family beyond the common ones
     window_flag: bool = False  # a sliding window applies only with use_sliding_window and to "sliding" layers
     # transformers' defaults for the family's config class where config.json leaves a key out
     default_max_positions: int = 2048
     default_window: int | None = None  # sliding_window (None: no window; a given one is still checked)
-    # bos / eos token ids where config.json leaves them out: transformers' defaults for the family's config class
-    # (which it omits when saving a config whose value equals them): 1 / 2 for Llama and Mistral, none for Qwen
+    # bos / eos / pad token ids where config.json leaves them out: transformers' defaults for the family's config
+    # class (which it omits when saving a config whose value equals them): 1 / 2 / none for Llama and Mistral, none
+    # for Qwen, 2 / 1 / 0 for Gemma
     default_bos: int | None = 1
     default_eos: int | None = 2
+    default_pad: int | None = None
     # num_key_value_heads / head_dim where config.json leaves the key out (None: num_attention_heads /
     # hidden_size // num_attention_heads); a key given as null takes those in every family, as transformers does
     default_kv_heads: int | None = None
@@ -95,7 +103,23 @@ FAMILIES = {  # model_type -> Family
     "phi3": Family("Phi3ForCausalLM", fused_projections=True, only_default_rope=True, default_eos=32000,
                    default_max_positions=4096, default_eps=1e-5,
                    keys=frozenset({"sliding_window", "original_max_position_embeddings", "resid_pdrop", "embd_pdrop"})),
+    # Gemma (Gemma 2B / 7B, Gemma 1.1, CodeGemma): the embeddings scaled, norm weights offsets from 1, GELU(gate) * up;
+    # head_dim 256 whatever hidden_size / heads. transformers 5 reads hidden_act only (4.42 read hidden_activation,
+    # tanh GELU where absent): hidden_activation is not read here either, and hidden_act "gelu" is exact GELU
+    "gemma": Family("GemmaForCausalLM", scaled_embeddings=True, unit_offset_norms=True,
+                    hidden_acts=("gelu_pytorch_tanh", "gelu"), keys=frozenset({"hidden_activation",
+                                                                               "use_bidirectional_attention"}),
+                    default_bos=2, default_eos=1, default_pad=0, default_max_positions=8192, default_kv_heads=16,
+                    default_head_dim=256, default_tie=True),
 }
+# model types that are refused with the reason (a family of the same name whose math differs)
+UNSUPPORTED_FAMILIES = {
+    "gemma2": "Gemma 2 soft-caps its attention scores and final logits (tanh), scales q by query_pre_attn_scalar, "
+              "has a sliding window on every other layer and norms after the attention and the MLP",
+    "gemma3_text": "Gemma 3 has Gemma 2's layers (q scaled by query_pre_attn_scalar, norms after the attention and the "
+                   "MLP) with q/k norms, a sliding window on five layers of six and another RoPE theta on those",
+}
+UNSUPPORTED_FAMILIES["gemma3"] = UNSUPPORTED_FAMILIES["gemma3_text"] + "; and a vision tower"
 # Granite's scalars, transformers' defaults where config.json leaves them out (attention_multiplier is the logit
 # scale itself: 1.0 by default, not 1/sqrt(head_dim))
 MULTIPLIERS = {"embedding_multiplier": 1.0, "attention_multiplier": 1.0, "residual_multiplier": 1.0,
@@ -209,11 +233,14 @@ class LlamaConfig:
     ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
     (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only),
     "granite" (the multipliers below), "olmo2" (norms after the attention and the MLP; q/k norms over all heads),
-    "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE only).
+    "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE only), "gemma" (Gemma 1,
+    CodeGemma: embeddings times sqrt(hidden_size), RMSNorm weights as offsets from 1, a GELU-gated MLP).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
     ``sliding_window``: W, where every layer's query sees only the last W keys (Mistral-7B-v0.1's 4096, Phi-3-mini's
     2047; Llama, Mistral and Phi-3 only): sequences of at most W tokens are what the window does not change, and
     longer ones are refused (``max_length``); None: no window below max_position_embeddings.
+    ``hidden_act``: the MLP's activation, act(gate) * up: "silu" (every family but Gemma), Gemma's "gelu_pytorch_tanh"
+    (tanh-approximated GELU) or "gelu" (exact, erf); None: the family's default (its first).
     Granite's scalars (other families keep the defaults, which change nothing): the embeddings times
     ``embedding_multiplier``; the attention's logit scale ``attention_multiplier`` (None: 1/sqrt(head_dim)); each
     layer's attention and MLP outputs times ``residual_multiplier`` before they join the residual; the logits divided
@@ -242,6 +269,7 @@ class LlamaConfig:
     attention_multiplier: float | None = None
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    hidden_act: str | None = None
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -294,6 +322,11 @@ class LlamaConfig:
                 raise ValueError(f"config: sliding_window is for the families whose window covers every layer "
                                  f"(llama, mistral, phi3); model_type {self.model_type!r} applies it to some layers "
                                  f"only, which is not supported; got {self.sliding_window!r}")
+        if self.hidden_act is None:  # the family's default
+            object.__setattr__(self, "hidden_act", self.family.hidden_acts[0])
+        if self.hidden_act not in self.family.hidden_acts:
+            raise ValueError(f"config: hidden_act must be one of {self.family.hidden_acts} for model_type "
+                             f"{self.model_type!r}, got {self.hidden_act!r}")
         for name in MULTIPLIERS:
             value = getattr(self, name)
             if value is None and name == "attention_multiplier":
@@ -342,6 +375,9 @@ class LlamaConfig:
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         """Build from the dict of a HF ``config.json``; raises ``CheckpointError`` for what is not supported."""
         model_type = d.get("model_type", "llama")
+        if model_type in UNSUPPORTED_FAMILIES:
+            raise CheckpointError(f"config: model_type {model_type!r} is not supported: "
+                                  f"{UNSUPPORTED_FAMILIES[model_type]} (supported: {tuple(FAMILIES)})")
         if model_type not in FAMILIES:
             raise CheckpointError(f"config: unsupported model_type {model_type!r} (supported: {tuple(FAMILIES)})")
         family = FAMILIES[model_type]
@@ -356,15 +392,19 @@ class LlamaConfig:
         if unknown:
             raise CheckpointError(f"config: key {unknown[0]!r} = {d[unknown[0]]!r} is not known to this loader for "
                                   f"model_type {model_type!r}; it may change the model's output")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise CheckpointError(f"config: unsupported hidden_act {act!r} (only 'silu', i.e. SwiGLU)")
+        act = d.get("hidden_act", family.hidden_acts[0])
+        if act not in family.hidden_acts:
+            raise CheckpointError(f"config: unsupported hidden_act {act!r} for model_type {model_type!r} (supported: "
+                                  f"{', '.join(map(repr, family.hidden_acts))})")
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag, False):
                 raise CheckpointError(f"config: {flag}={d[flag]!r} is not supported (no such biases are loaded)")
         if d.get("use_mrope", False):
             raise CheckpointError(f"config: use_mrope={d['use_mrope']!r} is not supported (multimodal RoPE; "
                                   "only the text models' RoPE is)")
+        if d.get("use_bidirectional_attention", False):
+            raise CheckpointError(f"config: use_bidirectional_attention={d['use_bidirectional_attention']!r} is not "
+                                  "supported (every token attends to every other: not a causal decoder)")
         if d.get("rope_interleaved", False):
             raise CheckpointError(f"config: rope_interleaved={d['rope_interleaved']!r} is not supported (RoPE "
                                   "rotates the two halves of each head, as transformers does)")
@@ -417,8 +457,8 @@ class LlamaConfig:
                 rope_theta=theta, rope_scaling=scaling,
                 tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
-                pad_token_id=d.get("pad_token_id"), model_type=model_type, rope_layers=rope_layers,
-                sliding_window=window, **scalars)
+                pad_token_id=d.get("pad_token_id", family.default_pad), model_type=model_type,
+                rope_layers=rope_layers, sliding_window=window, hidden_act=act, **scalars)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
@@ -446,7 +486,7 @@ class LlamaConfig:
         d = {
             "architectures": [self.family.architecture],
             "model_type": self.model_type,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

@@ -1,6 +1,7 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN scaling), GQA, SwiGLU; with the
-q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without RoPE, Granite's multipliers and OLMo 2's
-norms after the attention and the MLP where the config's family has them.
+q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without RoPE, Granite's multipliers, OLMo 2's
+norms after the attention and the MLP, and Gemma's scaled embeddings, norms of weights stored as offsets from 1 and
+GELU-gated MLP where the config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
@@ -75,6 +76,10 @@ QKV_BIAS_KEYS = ("b_qkv",)  # config.qkv_bias (Qwen2)
 QK_NORM_KEYS = ("q_norm", "k_norm")  # config.qk_norm (Qwen3)
 # A packed parameter and the projections it holds, in order (`pack_layer`): the checkpoints' names for them.
 PACKED = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+# The MLP's activation (config.hidden_act; the family's `hidden_acts` say which it may take), as transformers'
+# ACT2FN: "gelu_pytorch_tanh" is torch's tanh approximation of GELU, "gelu" the exact one (erf).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
 def layer_keys(config: LlamaConfig, packed: bool = True) -> tuple[str, ...]:
@@ -195,15 +200,15 @@ def unpack_layer(layer: dict[str, Any], head_dim: int) -> dict[str, Any]:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
 def _draw(shapes: tuple[tuple[str, tuple[int, ...]], ...], key: jax.Array, dtype, hidden_size: int,
-          head_dim: int) -> dict:
-    """Random arrays for ``(name, shape)`` pairs (projections apart): norms 1, biases 0, matrices N(0, 1/fan_in)
-    (embedding: N(0, 1/hidden_size)); returned packed (``pack_layer``)."""
+          head_dim: int, norm_weight: float = 1.0) -> dict:
+    """Random arrays for ``(name, shape)`` pairs (projections apart): norm weights ``norm_weight``, biases 0,
+    matrices N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)); returned packed (``pack_layer``)."""
     out = {}
     for k, (name, shape) in zip(jax.random.split(key, len(shapes)), shapes):
         if "norm" in name:
-            out[name] = jnp.ones(shape, dtype)
+            out[name] = jnp.full(shape, norm_weight, dtype)
         elif name in PACKED["b_qkv"]:
             out[name] = jnp.zeros(shape, dtype)
         else:
@@ -213,13 +218,19 @@ def _draw(shapes: tuple[tuple[str, tuple[int, ...]], ...], key: jax.Array, dtype
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters: norms 1, biases 0, every matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
+    """Random parameters: norms that scale by 1 (weights 1; Gemma's, stored as offsets from 1, 0), biases 0, every
+    matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
 
     Generated on device, one jitted call for the top-level arrays and one per layer (all layers share one
     compilation): cheap enough for 7B-shaped benchmark models.
     """
     return _init(config, key, lambda names_shapes, k: _draw(names_shapes, k, jnp.dtype(dtype), config.hidden_size,
-                                                            config.head_dim))
+                                                            config.head_dim, _norm_weight(config)))
+
+
+def _norm_weight(config: LlamaConfig) -> float:
+    """The stored weight of a norm that scales by 1: 1, or 0 where the family stores offsets from 1 (Gemma)."""
+    return 0.0 if config.family.unit_offset_norms else 1.0
 
 
 def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
@@ -237,11 +248,15 @@ def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
 # ----------------------------------------------------------------------------------------------- pure math
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_f32: bool = False) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_f32: bool = False,
+             unit_offset: bool = False) -> jax.Array:
     """RMSNorm over the last axis, computed in float32, result in ``x.dtype``. HF Llama semantics: x cast back to its
-    dtype, then times the weight; ``weight_f32`` (OLMo 2's): the weight applied in float32, then the cast."""
+    dtype, then times the weight; ``weight_f32`` (OLMo 2's): the weight applied in float32, then the cast;
+    ``unit_offset`` (Gemma's): the weight stored as its offset from 1, times (1 + weight) in float32, then the cast."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return ((1.0 + weight.astype(jnp.float32)) * xf).astype(x.dtype)
     if weight_f32:
         return (weight.astype(jnp.float32) * xf).astype(x.dtype)
     return weight * xf.astype(x.dtype)
@@ -262,8 +277,10 @@ def heads_norm(xs: tuple[jax.Array, ...], weights: tuple[jax.Array, ...], eps: f
 
 
 def model_norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
-    """The family's RMSNorm of hidden states ``[..., d]`` (OLMo 2's applies its weight in float32)."""
-    return rms_norm(x, weight, config.rms_norm_eps, weight_f32=config.family.post_norms)
+    """The family's RMSNorm of hidden states ``[..., d]`` (OLMo 2's applies its weight in float32, Gemma's 1 + its
+    weight)."""
+    return rms_norm(x, weight, config.rms_norm_eps, weight_f32=config.family.post_norms,
+                    unit_offset=config.family.unit_offset_norms)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -330,7 +347,8 @@ def causal_attention(cache, layer, q, k, v):
 def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: jax.Array, positions: jax.Array,
                   cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None,
                   mean: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, Any]:
-    """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + SwiGLU MLP; returns (x, cache).
+    """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + gated MLP (act(gate) * up, act the
+    config's ``hidden_act``: SiLU, Gemma's GELU); returns (x, cache).
 
     reduce: applied to the outputs of the o and down projections before they join the residual (tensor parallelism:
     the psum of the devices' partial products, see ``models.parallel``); None on one device. mean: the average over
@@ -344,7 +362,7 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     # The GEMMs (`models.gemm.linear`: XLA's, or the decode kernel where the device's tuning enables it), each over
     # a packed weight viewed as `[K, N]` (a free reshape: the arrays are contiguous).
     post = c.family.post_norms  # OLMo 2: the norms on the outputs (below), none on the inputs
-    h = x if post else rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    h = x if post else model_norm(c, x, p["attn_norm"])
     [qkv] = gemm.linear(h, [p["w_qkv"].reshape(d, -1)])
     qkv = qkv.reshape(B, T, S, g + 2, D)  # per KV head: its g query heads, its key, its value
     if c.qkv_bias:  # Qwen2
@@ -367,10 +385,10 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
     attn = reduce(attn)
     x = x + _residual(c, model_norm(c, attn, p["attn_out_norm"]) if post else attn)
-    h = x if post else rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    h = x if post else model_norm(c, x, p["mlp_norm"])
     [gate_up] = gemm.linear(h, [p["w_gate_up"].reshape(d, -1)])
     gate_up = gate_up.reshape(B, T, 2, -1)
-    [down] = gemm.linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
+    [down] = gemm.linear(ACTIVATIONS[c.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
     down = reduce(down)
     x = x + _residual(c, model_norm(c, down, p["mlp_out_norm"]) if post else down)
     return x, cache
@@ -382,7 +400,10 @@ def _residual(config: LlamaConfig, y: jax.Array) -> jax.Array:
 
 
 def scale_embeddings(config: LlamaConfig, x: jax.Array) -> jax.Array:
-    """The looked-up embeddings ``[..., d]`` times Granite's embedding_multiplier (in their dtype, as transformers)."""
+    """The looked-up embeddings ``[..., d]`` times Granite's embedding_multiplier, or Gemma's sqrt(hidden_size) (the
+    factor rounded to their dtype first, as transformers: 55.5 for 3072 in bfloat16), in their dtype."""
+    if config.family.scaled_embeddings:
+        return x * jnp.asarray(math.sqrt(config.hidden_size), x.dtype)
     return x * config.embedding_multiplier if config.embedding_multiplier != 1.0 else x
 
 
@@ -523,7 +544,7 @@ def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mes
     def placed(names_shapes):  # _draw, then each array in its mesh layout, generated on its devices
         def draw(key):
             return {name: parallel.to_layout(name, x, config, s) for name, x in
-                    _draw(names_shapes, key, dt, config.hidden_size, config.head_dim).items()}
+                    _draw(names_shapes, key, dt, config.hidden_size, config.head_dim, _norm_weight(config)).items()}
 
         names = jax.eval_shape(draw, jax.random.key(0))  # the names the draw gives (packed)
         return jax.jit(draw, out_shardings={name: NamedSharding(mesh, parallel.param_specs_of(name)) for name in names})

@@ -10,8 +10,9 @@ shards lie on their devices (``NamedSharding``, specs in ``param_specs``):
 - o and down: row-parallel, each device holds the rows that its heads / MLP columns feed; the partial products are
   summed over the devices by one ``psum`` (all-reduce) each;
 - the embedding and the LM head: split over the vocabulary; the lookup is masked to the device's rows and summed by
-  a ``psum``, the logits stay split over the vocabulary (``[B, V]`` sharded on V);
-- norms (and Qwen3's q/k norms): replicated; OLMo 2's q / k norms over all heads split as their heads (k's copied
+  a ``psum`` (then scaled: Granite's multiplier, Gemma's sqrt(d)), the logits stay split over the vocabulary
+  (``[B, V]`` sharded on V);
+- norms (and Qwen3's q/k norms; Gemma's, of 1 + weight): replicated; OLMo 2's q / k norms over all heads split as their heads (k's copied
   with its KV head), their mean squares averaged over the devices (one ``pmean`` a layer for both);
 
 KV caches (every shared level and the suffix, ``[N, S, Hkv, D]`` per layer) are split over their KV-head axis 2

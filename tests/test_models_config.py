@@ -1,5 +1,6 @@
-"""models.config: HF config.json parsing (Llama, Mistral, Qwen2, Qwen3; transformers 4 and 5 layouts), refusal of
-what changes the math and is not implemented, RoPE frequencies (incl. Llama-3)."""
+"""models.config: HF config.json parsing (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3, Gemma;
+transformers 4 and 5 layouts), refusal of what changes the math and is not implemented, RoPE frequencies (incl.
+Llama-3)."""
 
 import dataclasses
 import json
@@ -68,7 +69,8 @@ def test_round_trip_and_file(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"architectures": ["MistralForCausalLM"]}, "MistralForCausalLM"),
-    ({"model_type": "gemma"}, "gemma"),
+    ({"model_type": "falcon"}, "unsupported model_type 'falcon'"),
+    ({"model_type": "gemma"}, "unsupported architecture 'LlamaForCausalLM' for model_type 'gemma'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
@@ -287,6 +289,17 @@ PHI4 = {  # microsoft/phi-4: Phi-3's architecture, GQA 40 / 10, no window, defau
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
     "use_cache": True, "vocab_size": 100352}
 ALL["phi4"] = PHI4
+GEMMA_7B = {  # google/gemma-7b's keys (CodeGemma 7B's alike): exact GELU written as "gelu", head_dim 256 != 3072 / 16
+    "architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 2,
+    "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 3072, "initializer_range": 0.02,
+    "intermediate_size": 24576, "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 16,
+    "num_hidden_layers": 28, "num_key_value_heads": 16, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0",
+    "use_cache": True, "vocab_size": 256000}
+# Gemma 2B's sizes (MQA: one KV head) with Gemma 1.1's hidden_activation beside hidden_act
+GEMMA_2B = dict(GEMMA_7B, hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_hidden_layers=18,
+                num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh")
+ALL.update(gemma_7b=GEMMA_7B, gemma_2b=GEMMA_2B)
 
 
 def to_v5(d, per_layer_type=False):
@@ -439,6 +452,52 @@ def test_phi3():
                        ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75 is not supported")]:
         with pytest.raises(CheckpointError, match=match):
             LlamaConfig.from_dict(dict(PHI4, **bad))
+
+
+def test_gemma():
+    """Gemma: head_dim 256 whatever hidden_size / heads, tied embeddings, its token ids; hidden_act read as
+    transformers 5 reads it (the only key it reads for the activation: "gelu" is exact GELU, hidden_activation is not
+    read); GemmaConfig's defaults where keys are left out (tanh GELU, head_dim 256, 16 KV heads, tied, 8192
+    positions, bos 2 / eos 1 / pad 0); what it cannot run refused: another activation, bidirectional attention, a
+    sliding window, and Gemma 2 / 3 (model types of their own) by name, with why."""
+    c = LlamaConfig.from_dict(GEMMA_7B)
+    assert (c.model_type, c.head_dim, c.num_key_value_heads, c.hidden_act, c.tie_word_embeddings) == (
+        "gemma", 256, 16, "gelu", True)
+    assert (c.bos_token_id, c.eos_token_ids, c.pad_token_id, c.rms_norm_eps, c.rope_theta) == (2, (1,), 0, 1e-6, 1e4)
+    two = LlamaConfig.from_dict(GEMMA_2B)
+    assert (two.num_key_value_heads, two.head_dim, two.hidden_act) == (1, 256, "gelu")
+    assert LlamaConfig.from_dict(dict(GEMMA_2B, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu")
+                                 ).hidden_act == "gelu_pytorch_tanh"
+    left_out = ("hidden_act", "head_dim", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+                "rope_theta", "rope_scaling", "bos_token_id", "eos_token_id", "pad_token_id")
+    bare = LlamaConfig.from_dict({k: v for k, v in GEMMA_7B.items() if k not in left_out})
+    assert (bare.hidden_act, bare.head_dim, bare.num_key_value_heads, bare.max_position_embeddings) == (
+        "gelu_pytorch_tanh", 256, 16, 8192)
+    assert (bare.bos_token_id, bare.eos_token_ids, bare.pad_token_id, bare.rms_norm_eps, bare.rope_theta) == (
+        2, (1,), 0, 1e-6, 1e4)
+    assert LlamaConfig.from_dict(dict(GEMMA_7B, use_bidirectional_attention=None)) == c
+    assert LlamaConfig.from_dict(dict(GEMMA_7B, use_bidirectional_attention=False)) == c
+    from models.checkpoint import hf_tensor_shapes
+    shapes = hf_tensor_shapes(two)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (8 * 256, 2048) and "lm_head.weight" not in shapes
+    for bad, match in [({"hidden_act": "silu"}, r"unsupported hidden_act 'silu' for model_type 'gemma' \(supported: "
+                                                r"'gelu_pytorch_tanh', 'gelu'\)"),
+                       ({"hidden_act": "gelu_new"}, "unsupported hidden_act 'gelu_new'"),
+                       ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True is not supported"),
+                       ({"sliding_window": 4096}, "key 'sliding_window' = 4096 is not known"),
+                       ({"attn_logit_softcapping": 50.0}, "key 'attn_logit_softcapping'"),
+                       ({"architectures": ["Gemma2ForCausalLM"]}, "'Gemma2ForCausalLM' for model_type 'gemma'"),
+                       ({"model_type": "gemma2"}, "'gemma2' is not supported: Gemma 2 soft-caps its attention scores "
+                                                  "and final logits"),
+                       ({"model_type": "gemma3_text"}, "'gemma3_text' is not supported: Gemma 3 has Gemma 2's layers"),
+                       ({"model_type": "gemma3"}, "'gemma3' is not supported: .* and a vision tower")]:
+        with pytest.raises(CheckpointError, match=match):
+            LlamaConfig.from_dict(dict(GEMMA_7B, **bad))
+    with pytest.raises(ValueError, match=r"hidden_act must be one of \('silu',\) for model_type 'llama', got 'gelu'"):
+        LlamaConfig(**SMALL, hidden_act="gelu")
+    assert LlamaConfig(**SMALL, model_type="gemma", hidden_act="gelu").hidden_act == "gelu"
+    assert LlamaConfig(**SMALL, model_type="gemma").hidden_act == "gelu_pytorch_tanh"  # None: the family's default
+    assert LlamaConfig(**SMALL).hidden_act == "silu"
 
 
 def test_sliding_window_over_every_layer():

@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3 checkpoints (YaRN RoPE among them) against
+"""Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3, Gemma checkpoints (YaRN RoPE among them) against
 transformers itself, and exact float32.
 
 The fixtures (tests/fixtures/hf_*/, listed in hf_families.json) were written by scripts/fixtures/make_hf_fixtures.py
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.checkpoint import load_checkpoint
+from models import config as config_module, llama
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import LlamaConfig
 from models.generate import generate, prefill
 from models.llama import Llama, causal_attention, init_random, pack_qkv, unpack_qkv
 
@@ -27,7 +29,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "hf_families.json").read_text())
 NAMES = sorted(MANIFEST["fixtures"])
 ONE_PER_FAMILY = ["hf_llama3", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_smollm3", "hf_granite", "hf_olmo2",
-                  "hf_phi3"]
+                  "hf_phi3", "hf_gemma"]
 FP32_TOL = 1e-5  # of the largest |logit|
 
 
@@ -36,9 +38,9 @@ def model(name: str, dtype=jnp.float32) -> Llama:
     return load_checkpoint(FIXTURES / name, dtype=dtype)
 
 
-def cases(name: str) -> list[tuple[list[int], list[int], np.ndarray]]:
+def cases(name: str, outputs: str = "transformers_outputs.npz") -> list[tuple[list[int], list[int], np.ndarray]]:
     """(prompt, transformers' greedy continuation, its logits ``[T, V]`` of prompt + continuation) per prompt."""
-    with np.load(FIXTURES / name / "transformers_outputs.npz") as f:
+    with np.load(FIXTURES / name / outputs) as f:
         n = MANIFEST["fixtures"][name]["prompts"]
         return [(f[f"prompt_{i}"].tolist(), f[f"greedy_{i}"].tolist(), f[f"logits_{i}"]) for i in range(n)]
 
@@ -62,7 +64,7 @@ def test_fixtures_cover_each_family():
     arch = {n: f["architecture"] for n, f in MANIFEST["fixtures"].items()}
     assert {arch[n] for n in ONE_PER_FAMILY} == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                                    "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
-                                                   "Olmo2ForCausalLM", "Phi3ForCausalLM"}
+                                                   "Olmo2ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM"}
     raw = {n: json.loads((FIXTURES / n / "config.json").read_text()) for n in NAMES}
     assert "rope_parameters" in raw["hf_llama3"] and "rope_theta" not in raw["hf_llama3"]  # transformers 5
     assert "rope_parameters" not in raw["hf_llama3_v4"] and raw["hf_llama3_v4"]["rope_scaling"]  # transformers 4
@@ -85,6 +87,10 @@ def test_fixtures_cover_each_family():
     with safe_open(str(FIXTURES / "hf_phi3" / "model.safetensors"), "np") as f:  # Phi-3: fused tensors only
         assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(f.keys())
         assert not any("q_proj" in k or "gate_proj" in k for k in f.keys())
+    gemma, layers = c["hf_gemma"], model("hf_gemma").params()["layers"]  # head_dim 32 != 64 / 4; tied; GELU (tanh)
+    assert (gemma.head_dim, gemma.hidden_size // gemma.num_attention_heads, gemma.hidden_act) == (32, 16,
+                                                                                                   "gelu_pytorch_tanh")
+    assert gemma.tie_word_embeddings and all(np.abs(np.asarray(layer["attn_norm"])).min() > 0.5 for layer in layers)
     g = c["hf_granite"]
     assert (g.embedding_multiplier, g.attention_multiplier, g.residual_multiplier, g.logits_scaling) == (12, .2, .22, 8)
     # YaRN: Qwen2.5's model-card setting in the transformers-4 layout, and Llama with every knob in the 5 layout
@@ -187,6 +193,79 @@ def test_phi3_fused_tensors_are_what_the_fixture_tests(misread):
             q, k, v = unpack_qkv(layer["w_qkv"], D)
             layer["w_qkv"] = pack_qkv(q, v, k, D)
     assert rel_err(full_logits(Llama(m.config, params), [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("misread", ["embeddings not scaled", "norm weights without the 1", "SiLU for GELU"])
+def test_gemma_is_what_the_fixture_tests(monkeypatch, misread):
+    """Each of Gemma's differences from Llama read as Llama's (embeddings not times sqrt(hidden_size), RMSNorm times
+    its stored weight instead of 1 + weight, SiLU instead of tanh GELU in the MLP) moves the fixture's logits far
+    beyond the tolerance."""
+    m = model("hf_gemma")
+    prompt, greedy, want = cases("hf_gemma")[2]
+    family = m.config.family
+    if misread == "SiLU for GELU":
+        monkeypatch.setitem(llama.ACTIVATIONS, m.config.hidden_act, jax.nn.silu)
+    else:
+        flag = "scaled_embeddings" if misread == "embeddings not scaled" else "unit_offset_norms"
+        monkeypatch.setitem(config_module.FAMILIES, "gemma", dataclasses.replace(family, **{flag: False}))
+    assert rel_err(full_logits(m, [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
+def test_gemma_hidden_act_gelu_is_exact_gelu_as_in_transformers(tmp_path):
+    """Gemma 1's config.json says hidden_act "gelu", and one written for transformers 4.42 may carry hidden_activation
+    "gelu_pytorch_tanh" beside it: transformers 5 runs exact GELU for that, reading hidden_act only, and so does the
+    loader. The fixture's weights with that config give transformers' logits of it; the tanh GELU's are more than 20
+    times the tolerance away from them."""
+    entry = MANIFEST["fixtures"]["hf_gemma"]["gelu"]
+    for f in ("model.safetensors", "config.json"):
+        (tmp_path / f).write_bytes((FIXTURES / "hf_gemma" / f).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, **entry["config_changes"])))
+    m = load_checkpoint(tmp_path)
+    assert m.config.hidden_act == "gelu" and entry["config_changes"]["hidden_activation"] == "gelu_pytorch_tanh"
+    prompts, greedy, want = zip(*cases("hf_gemma", entry["outputs"]))
+    seqs = [p + g for p, g in zip(prompts, greedy)]
+    for b, (got, tanh) in enumerate(zip(full_logits(m, seqs), full_logits(model("hf_gemma"), seqs))):
+        assert rel_err(got, want[b]) <= FP32_TOL
+        assert rel_err(tanh, want[b]) > 20 * FP32_TOL
+
+
+def test_gemma_saved_and_read_back(tmp_path):
+    """Gemma's norm weights are saved as they are stored (offsets from 1), its activation and head_dim written:
+    the saved checkpoint loads to the same parameters and logits (and transformers 5.17 reads it to the fixture's
+    logits, bit for bit, in float32 and bfloat16 files: checked by hand, as this suite runs without torch)."""
+    m = model("hf_gemma")
+    save_checkpoint(m, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["model_type"], written["hidden_act"], written["head_dim"]) == ("gemma", "gelu_pytorch_tanh", 32)
+    again = load_checkpoint(tmp_path)
+    assert again.config == m.config
+    for a, b in zip(jax.tree.leaves(again.params()), jax.tree.leaves(m.params())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    prompt, greedy, _ = cases("hf_gemma")[0]
+    np.testing.assert_array_equal(full_logits(again, [prompt + greedy])[0], full_logits(m, [prompt + greedy])[0])
+
+
+@pytest.mark.parametrize("backend", [pytest.param("interpret", marks=pytest.mark.slow),  # ~12 s of CPU; D 256 in
+                                     # the kernels' own tests (tests/test_attention.py) runs in CI
+                                     pytest.param("pallas", marks=pytest.mark.gpu),
+                                     pytest.param("mosaic", marks=pytest.mark.gpu)])
+def test_gemma_head_dim_256_runs_through_the_attention_kernels(backend):
+    """Gemma's real head_dim, 256, in a tiny model: Hydragen's prefill and decode through the Pallas kernels
+    (interpreted on CPU; compiled on a GPU, where the Hopper kernel refuses D 256 and "mosaic" falls back to Triton)
+    give the jnp reference's tokens and logits."""
+    if (backend == "interpret") == (jax.default_backend() == "gpu"):
+        pytest.skip("interpreted on CPU; compiled on a GPU")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=64,
+                         eos_token_ids=(), model_type="gemma")
+    m = init_random(config, jnp.float32, seed=3)
+    assert not np.asarray(m.params()["final_norm"]).any()  # norms that scale by 1: Gemma stores 0
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 3], [5, 6, 7, 8, 9, 10, 11, 4, 12], [5, 6, 7, 8, 9, 10, 11]]
+    got, want = (generate(m, prompts, max_new_tokens=3, sampling="greedy", mode="hydragen", backend=b, eos_ids=())
+                 for b in (backend, "xla"))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_non_integer_token_ids_raise():
