@@ -88,9 +88,9 @@ def test_demo_runs_an_hf_checkpoint_with_its_tokenizer(tmp_path, capsys):
     tree = out.split("sharing tree: ")[1].splitlines()[0]
     assert "shared levels: 1 node(s)" in tree  # the chat template's system prompt, shared by every question
     config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), model_type="gemma")))
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), model_type="gpt2")))
     assert main(["--model", str(tmp_path), "--samples", "1", "--max-new-tokens", "2"]) == 1
-    assert "unsupported model_type 'gemma'" in capsys.readouterr().err
+    assert "unsupported model_type 'gpt2'" in capsys.readouterr().err
 
 
 def test_files_as_transformers_reads_them(tmp_path):
