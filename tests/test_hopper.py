@@ -522,9 +522,11 @@ def test_suffix_late_sum_lowers_for_cuda():
     # tiles past the prefix's end: fully masked, values zeroed)
     ((4, 1, 8, 2, 64, 296, 16), dict(prefix_stages=2, prefix_early_keys=True, prefix_key_stages=3,
                                      prefix_splits=3)),
+    # the pair's suffix items (T·g = 8, unpacked: a window a sequence) zeroed as warpgroup 2's are
+    ((3, 1, 16, 2, 64, 40, 16), dict(prefix_stages=2, pair_suffix_cost=0.25, pair_prefix_cost=0.25)),
 ], ["unpacked", "packed_causal", "mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
-    "early_keys_splits"], slow=("mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
-                                 "early_keys_splits")))
+    "early_keys_splits", "pair_suffixes"], slow=("mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
+                                                  "early_keys_splits", "pair_suffixes")))
 def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, shape, config):
   """zero_value_tails: the caches hold NaN past every length (prefix and suffixes: an unused tail) and the output
   equals the reference's over zeroed tails; lengths 0, a whole capacity and random ones. Without the setting the
@@ -541,6 +543,9 @@ def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, 
             poison(sv, past), lengths)
   config = hopper.HopperConfig(**{"num_ctas": 2, **config, "zero_value_tails": True})
   assert hopper.supported(q, pk, sk, config) is None
+  if config.pair_suffix_cost:  # the pair runs suffix items of its own
+    k, n = _pair_share(shape, config, lengths, plen)
+    assert k < n, (k, n)
   step = jax.jit(lambda *a, config: hopper.prefix_suffix_attention(
       *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")), static_argnames="config")
   *prefix_parts, (so, sl) = step(*inputs, config=config)
@@ -565,6 +570,101 @@ def test_zero_value_tails_lowers_for_cuda():
     _assert_lowers_for_cuda(dataclasses.replace(config, zero_value_tails=True, num_ctas=132), batch=512,
                             heads=heads, kv_heads=kv_heads, prefix=prefix, suffix=144)
 
+
+# pair_suffix_cost: the pair takes suffix items after its prefix items (rows = queries, through its prefix slots).
+PAIR_CHEAP = dict(pair_suffix_cost=0.25, pair_prefix_cost=0.25)  # costs that give the pair most of a CTA's items
+
+
+def _pair_share(shape, config, lengths, plen) -> tuple[int, int]:
+  """(K, N) on CTA 0 of `shape`'s step with `config` (no clusters, no key splits): its N suffix items (round-robin
+  over num_ctas) and `pair_split`'s K of them from its prefix tiles and the mean suffix length: warpgroup 2 runs K,
+  the pair N - K."""
+  b, t, hq, hkv, d, _, _ = shape
+  pack = hopper.suffix_pack_of(t * hq // hkv, config)
+  items = -(-hkv * -(-b // pack) // config.num_ctas)
+  prefix_tiles = -(-hopper.prefix_items((b, t, hq, d), hkv) // config.num_ctas) * -(-plen // config.prefix_keys)
+  mean = -(-int(jnp.sum(lengths)) // b)
+  return int(hopper.pair_split(items, prefix_tiles, mean, config, pack)), items
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize(*_cases("shape,config,plen", [
+    # T·g = 4: 2 sequences a window, 64-key prefix tiles (32 keys a sequence), one slot each, q in shared memory
+    ((40, 1, 8, 2, 64, 136, 72), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_pack=True, **PAIR_CHEAP),
+     133),
+    # T·g = 8 from T = 2, g = 4 (causal, unpacked: a window a sequence), 4 prefix stages: 2 slots each warpgroup;
+    # warpgroup 2's ring across its items (ending at K) and its trimmed last tiles (the pair copies whole tiles)
+    ((9, 2, 8, 2, 64, 72, 136), hopper.HopperConfig(num_ctas=2, prefix_stages=4, suffix_stages=2,
+                                                     suffix_lookahead=True, suffix_trim=True, **PAIR_CHEAP), 70),
+    # no prefix: the pair goes straight to the suffixes, its slots never loaded (zeroed for the skipped sub-blocks)
+    ((16, 1, 8, 2, 64, 64, 40), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_pack=True, **PAIR_CHEAP), 0),
+    # T·g = 1, the H200's long-prefix setting: 8 sequences a window in boxes (the pair copies a sequence at a time
+    # from the caches' [B, S, Hkv·D] view), 128-key prefix tiles (16 keys a sequence), q in registers, the late sum
+    ((24, 1, 4, 4, 128, 200, 40), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2, prefix_keys=128,
+                                                      q_registers=True, suffix_pack=True, suffix_box=True,
+                                                      suffix_late_sum=True, **PAIR_CHEAP), 197),
+    # T·g = 4 from T = 2, g = 2 (causal, packed) in 2-CTA clusters (the prefix rings' last multicast tiles land
+    # before the pair reuses its slots). With the ping-pong off as well, the interpreter on a 2-CPU machine stalled
+    # at the first prefix tile (both loaders blocked in barrier callbacks, the other warpgroups never scheduled)
+    ((20, 2, 4, 2, 64, 136, 40), hopper.HopperConfig(num_ctas=2, prefix_stages=2, cluster=2, suffix_pack=True,
+                                                      **PAIR_CHEAP), 131),
+], ["rows4_packed", "rows8_causal_2slots", "no_prefix", "rows1_boxes_q_registers", "rows4_causal_clusters"],
+   slow=("no_prefix", "rows1_boxes_q_registers", "rows4_causal_clusters")))
+def test_pair_takes_suffix_items_after_its_prefix_items(backend, shape, config, plen):
+  """pair_suffix_cost: the CTA's last suffix items run on the pair once its prefix items are done (each warpgroup
+  its own, scored rows = queries through its prefix slots), the first ones on warpgroup 2: both parts against the
+  reference, ragged suffixes with an empty and a full one."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=17)
+  lengths = jnp.asarray(np.random.default_rng(17).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
+  assert hopper.supported(q, pk, sk, config) is None and hopper._shares(config, t * q.shape[2] // pk.shape[1])
+  if config.cluster == 1:  # the pair has items to run (and warpgroup 2 some, but for the empty prefix)
+    k, n = _pair_share(shape, config, lengths, plen)
+    assert k < n and (k > 0 or plen == 0), (k, n)
+  (po, pl_), (so, sl) = jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(plen), sk, sv, lengths)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(plen), scale=d**-0.5), jnp.bfloat16)
+
+
+def test_pair_split_balances_the_two_finish_times():
+  """`pair_split`: warpgroup 2 keeps K of N items where K·w2 ≈ prefix + (N - K)·wp / 2 (costs in 1/16ths of its
+  tile time; an item counts one tile more): all N where the prefix alone outlasts them, fewer as the pair's costs
+  fall, none taken from an empty CTA, K within [0, N]."""
+  config = hopper.HopperConfig(prefix_keys=64, suffix_keys=128, suffix_pack=True, pair_suffix_cost=1.0,
+                               pair_prefix_cost=1.0)
+  # pack 2, 512-key suffixes: warpgroup 2 8 tiles + 1 an item (w2 = 144), a warpgroup of the pair 16 + 1 (wp = 272)
+  assert int(hopper.pair_split(30, 0, 512, config, 2)) == -(-30 * 272 // (2 * 144 + 272))  # 15: half each way
+  assert int(hopper.pair_split(30, 128, 512, config, 2)) == -(-(2 * 128 * 16 + 30 * 272) // (2 * 144 + 272))  # 22
+  assert int(hopper.pair_split(30, 1000, 512, config, 2)) == 30  # the prefix outlasts warpgroup 2's whole list
+  assert int(hopper.pair_split(0, 128, 512, config, 2)) == 0
+  cheap = dataclasses.replace(config, pair_suffix_cost=0.25, pair_prefix_cost=0.25)
+  assert int(hopper.pair_split(30, 128, 512, cheap, 2)) < 22
+  # one-key suffixes (s = 1): an item is its fixed cost and one tile on either side
+  assert int(hopper.pair_split(30, 128, 1, config, 2)) == 30
+  assert int(hopper.pair_split(30, 0, 1, config, 2)) == 10  # wp = w2 = 32: a third each
+
+
+@pytest.mark.parametrize("cost,rows,pack,shares", [(1.0, 4, True, True), (1.0, 1, True, True), (1.0, 8, False, True),
+                                                   (1.0, 16, False, True), (1.0, 4, False, False),
+                                                   (1.0, 3, True, False), (0.0, 4, True, False)])
+def test_the_pair_takes_suffix_items_where_they_fill_whole_windows(cost, rows, pack, shares):
+  """`_shares`: with pair_suffix_cost > 0, where an item's rows fill whole 8-row windows (packed T·g 1, 2, 4 or T·g
+  a multiple of 8: the pair stores whole windows), not for T·g = 3 or unpacked T·g = 4 (a window shared with the
+  next sequence), never at cost 0."""
+  assert hopper._shares(hopper.HopperConfig(suffix_pack=pack, pair_suffix_cost=cost), rows) == shares
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads,prefix", [(1, 32, 32, 4096), (1, 32, 32, 16384), (4, 32, 8, 2048),
+                                                        (4, 32, 8, 8192), (8, 32, 4, 2048)])
+def test_pair_suffixes_lower_for_cuda(rows, heads, kv_heads, prefix):
+  """The H200's shipped settings with the pair taking suffix items lower for CUDA: T·g = 1 (packed in boxes; 64-
+  and 128-key prefix tiles), T·g = 4 (packed, q in registers), T·g = 8 (unpacked, the H200's rows 5-8 setting)."""
+  h200 = tuning.file_for("NVIDIA H200").tuning
+  config = dataclasses.replace(hopper.tuned_config(h200, rows=rows, prefix=prefix), num_ctas=132, pair_suffix_cost=1.0)
+  assert hopper._shares(config, rows)
+  _assert_lowers_for_cuda(config, batch=512, heads=heads, kv_heads=kv_heads, prefix=prefix, suffix=512)
 
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize(*_cases("keys,lookahead", [(64, False), (64, True), (128, False)],
@@ -714,8 +814,8 @@ def test_prefix_key_ring_fits_beside_the_h200_gqa_setting(key_stages, cluster, f
   skv = jax.ShapeDtypeStruct((1024, 256, 8, 128), jnp.bfloat16)
   config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128,
                                suffix_pack=True, prefix_early_keys=True, prefix_key_stages=key_stages, cluster=cluster)
-  need = hopper._smem_bytes(128, hopper._window_rows(4), config)
-  assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(
+  need = hopper._smem_bytes(128, 4, config)
+  assert need == hopper._smem_bytes(128, 4, dataclasses.replace(
       config, prefix_key_stages=0)) + (key_stages - 2) * ((64 * 128 * 2) + 8 + 8)  # a slot, its two barriers
   _lowers_as_counted(q, kv, skv, config, need, fits)
 
@@ -786,6 +886,13 @@ def test_clusters_lower_for_cuda_and_check_their_settings():
     (dict(prefix_stages=2, prefix_early_keys=True, prefix_key_stages=True), "prefix_key_stages must be 0"),
     (dict(prefix_stages=2, prefix_key_stages=3), r"prefix_key_stages=3 > prefix_stages=2 needs prefix_early_keys"),
     (dict(prefix_stages=2, prefix_overlap=True, prefix_key_stages=3), "needs prefix_early_keys"),
+    (dict(pair_suffix_cost=-1.0), r"pair_suffix_cost must be a finite number >= 0; got -1.0"),
+    (dict(pair_suffix_cost=float("inf")), r"pair_suffix_cost must be a finite number >= 0; got inf"),
+    (dict(pair_suffix_cost=True), r"pair_suffix_cost must be a finite number >= 0; got True"),
+    (dict(pair_prefix_cost=0.0), r"pair_prefix_cost must be > 0; got 0.0"),
+    (dict(prefix_stages=1, pingpong=False, pair_suffix_cost=1.0), r"prefix_stages must be >= 2 with "
+     r"pair_suffix_cost > 0 \(each warpgroup of the pair streams its suffix items through prefix slots of its own\); "
+     "got 1"),
 ])
 def test_settings_that_cannot_run_are_refused(fields, message):
   """Registers beyond the pool setmaxnreg can share (2·216 + 80 and 2·224 + 64 hung on the H200), a one-slot
@@ -809,21 +916,24 @@ def test_queries_in_registers_free_their_shared_buffer(tiles, suffix_stages, fit
   kv = jax.ShapeDtypeStruct((4096, 8, 128), jnp.bfloat16)
   skv = jax.ShapeDtypeStruct((256, 512, 8, 128), jnp.bfloat16)
   config = hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=suffix_stages, q_registers=True, **tiles)
-  need = hopper._smem_bytes(128, hopper._window_rows(4), config)
-  assert need == hopper._smem_bytes(128, hopper._window_rows(4), dataclasses.replace(config, q_registers=False)) - (
+  need = hopper._smem_bytes(128, 4, config)
+  assert need == hopper._smem_bytes(128, 4, dataclasses.replace(config, q_registers=False)) - (
       32 << 10)
   _lowers_as_counted(q, kv, skv, config, need, fits)
 
 
+@pytest.mark.parametrize("pair_cost", [0.0, 1.0], ids=["suffixes_alone", "pair_suffixes"])
 @pytest.mark.parametrize("rows,fits", [(48, True), (52, False)])
-def test_shared_memory_count_matches_mosaic_gpu(rows, fits):
+def test_shared_memory_count_matches_mosaic_gpu(rows, fits, pair_cost):
   """`_smem_bytes` against Mosaic GPU's own count: lowered for CUDA (on any machine), T·g = 48 fits an SM and
-  T·g = 52 does not, by the bytes `_smem_bytes` says; `supported` refuses the second."""
+  T·g = 52 does not, by the bytes `_smem_bytes` says; `supported` refuses the second. With the pair taking suffix
+  items (T·g = 48: whole windows), its two barriers a prefix slot counted too."""
   q = jax.ShapeDtypeStruct((2, rows // 4, 8, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((64, 2, 128), jnp.bfloat16)
   skv = jax.ShapeDtypeStruct((2, 64, 2, 128), jnp.bfloat16)
-  config = hopper.HopperConfig(num_ctas=4)  # the H100's settings (the device's file may differ by T·g)
-  need = hopper._smem_bytes(128, hopper._window_rows(rows), config)
+  # the H100's settings (the device's file may differ by T·g)
+  config = hopper.HopperConfig(num_ctas=4, pair_suffix_cost=pair_cost)
+  need = hopper._smem_bytes(128, rows, config)
   assert (need <= hopper.SMEM_LIMIT) == fits
   assert (hopper.supported(q, kv, skv, config) is None) == fits
   step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))

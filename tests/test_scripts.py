@@ -412,9 +412,12 @@ def test_probe_hopper_variant_names_take_overrides():
   assert both == dataclasses.replace(probe_hopper.VARIANTS["t1"], prefix_keys=128, pair_registers=224,
                                      suffix_registers=56, prefix_fill=0.5)
   assert probe_hopper.resolve("t1+pingpong=false", cfg).pingpong is False
+  costs = probe_hopper.resolve("tuned+pair_suffix_cost=1.5+pair_prefix_cost=0.75", cfg)  # the float fields
+  assert (costs.pair_suffix_cost, costs.pair_prefix_cost) == (1.5, 0.75)
   assert probe_hopper.resolve("auto", cfg) == "auto"
   for name, match in [("t1+stages=2", "FIELD=VALUE"), ("t1+prefix_keys", "FIELD=VALUE"),
-                      ("t1+prefix_keys=x", "an int"), ("auto+ek", "no overrides"),
+                      ("t1+prefix_keys=x", "a number"), ("auto+ek", "no overrides"),
+                      ("t1+pair_prefix_cost=0", "pair_prefix_cost must be > 0"),
                       ("t1+prefix_keys=96", "prefix_keys must be 64 or 128"),
                       ("t1+ek+prefix_overlap=true", "exclusive")]:
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,8 @@ side by side, so that the suffixes' TMA copies stream while the prefix's wgmma r
   wgmma tile) over key split c of the prefix (`prefix_splits`: one split unless the items would leave SMs idle),
   whose key tiles warpgroup 1 loads into a ring that both read;
 * warpgroup 2: suffix items (b, h), sequence b's T·g query rows of KV head h over its own keys, in its own ring
-  (`suffix_pack`: the 8 / T·g sequences of an 8-row query window in one item).
+  (`suffix_pack`: the 8 / T·g sequences of an 8-row query window in one item); with `pair_suffix_cost` the pair
+  takes a CTA's last suffix items once its prefix items are done.
 
 Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
 `prefix_keys` = 64 or 128 keys, the suffixes' of `suffix_keys` = 64 or 128), scores in base 2 (`s·scale·log2 e`).
@@ -127,6 +128,17 @@ class HopperConfig(tuning_lib.HopperTuning):
   reference and the Triton kernels; without it those rows meet a zero weight, and 0·NaN is NaN. Both warpgroups
   of the pair zero their shared tile: they write the same values (a row's own or zero), so neither can see
   anything else.
+  pair_suffix_cost, pair_prefix_cost: with pair_suffix_cost > 0, the pair takes suffix items once its prefix items
+  are done, where an item fills whole 8-row windows (packed, or T·g a multiple of 8: `_shares`): warpgroup 2 runs
+  the first K of a CTA's suffix items, the pair's warpgroups the others, each its own (`pair_split` picks K so that
+  both finish together on the mean suffix length). The costs are in warpgroup 2's time for one of its suffix tiles:
+  pair_suffix_cost one warpgroup of the pair's time for one of its suffix tiles (prefix_keys keys, the item's
+  window in the first rows of a 64-row query tile), pair_prefix_cost the pair's time for one prefix tile; an item
+  counts one tile more for its fixed cost. The pair's tiles go through its prefix rings (warpgroup w: value and
+  key slots w, w + 2, ...; needs prefix_stages >= 2), scored rows = queries (no cross-warp reduction: warpgroup
+  2's reduction scratch stays its own), each out staged in its first value slot. So on a suffix-bound step (long
+  suffixes beside a short prefix product) three warpgroups stream the suffixes, and on a prefix-bound one K is
+  every item. 0: warpgroup 2 runs them all.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -180,7 +192,7 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
   if any(n % 8 and n > 8 for n in (prefix_k.shape[0], suffix_k.shape[1])):
     return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is over 8 and not a "
             "multiple of 8 (a TMA copy needs the caches' key dimension in whole 8-row tiles, or under one)")
-  if (need := _smem_bytes(head_dim, _window_rows(rows), config)) > SMEM_LIMIT:
+  if (need := _smem_bytes(head_dim, rows, config)) > SMEM_LIMIT:
     return f"shared memory: {need} bytes for D = {head_dim} and T·g = {rows}, over the SM's {SMEM_LIMIT}"
   return None
 
@@ -233,9 +245,10 @@ def _busy_ctas(q_shape: tuple[int, ...], num_kv_heads: int, config: HopperConfig
   return max(-(-max(prefix, suffix, 1) // config.cluster) * config.cluster, config.cluster)
 
 
-def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool, pack: int = 1) -> tuple:
+def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: bool, pack: int = 1,
+             share: bool = False) -> tuple:
   """The kernel's shared memory: buffers and barriers, in `_kernel`'s order (`pack`: sequences a suffix item, each
-  a copy arriving on its tile's barriers)."""
+  a copy arriving on its tile's barriers; `share`: the pair takes suffix items, `_shares`)."""
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   ring = lambda stages, keys: plgpu.SMEM((stages, keys, head_dim), dtype, **tiled)
   # suffix_box, compiled: a slot holds `pack` sub-blocks of keys // pack rows (one box copy fills them all)
@@ -275,6 +288,8 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       # prefix_overlap, prefix_early_keys: a slot's value tile read by both warpgroups (the barrier above then counts
       # its key tile)
       prefix_read(config.prefix_stages) if config.prefix_overlap or config.prefix_early_keys else None,
+      # share: the pair's suffix tiles copied into a prefix slot (K, V; `pack` copies a tile)
+      *((plgpu.Barrier(num_arrivals=pack, num_barriers=config.prefix_stages),) * 2 if share else (None, None)),
   )
 
 
@@ -283,12 +298,13 @@ def _key_stages(config: HopperConfig) -> int:
   return config.prefix_key_stages or config.prefix_stages
 
 
-def _smem_bytes(head_dim: int, srows: int, config: HopperConfig) -> int:
-  """Shared memory of one CTA (16-bit inputs) as Mosaic GPU lays it out: every buffer of `_scratch` rounded up to
-  1 KB, the 2 KB cross-warp reduction scratch and 8 bytes a barrier; checked against Mosaic GPU's own count on the
-  lowered kernel (`tests/test_hopper.py`)."""
+def _smem_bytes(head_dim: int, qrows: int, config: HopperConfig) -> int:
+  """Shared memory of one CTA (16-bit inputs) for T·g = `qrows` rows a sequence as Mosaic GPU lays it out: every
+  buffer of `_scratch` rounded up to 1 KB, the 2 KB cross-warp reduction scratch and 8 bytes a barrier; checked
+  against Mosaic GPU's own count on the lowered kernel (`tests/test_hopper.py`)."""
   total = 2048
-  for item in _scratch(head_dim, srows, jnp.bfloat16, config, interpret=False):
+  for item in _scratch(head_dim, _window_rows(qrows), jnp.bfloat16, config, interpret=False,
+                       share=_shares(config, qrows)):
     if isinstance(item, (plgpu.Barrier, plgpu.ClusterBarrier)):
       total += 8 * math.prod(item.num_barriers)
     elif item is not None:
@@ -305,6 +321,27 @@ def _window_rows(qrows: int) -> int:
   """Rows of the 8-aligned window that holds one sequence's `qrows` rows wherever it starts (offset < 8)."""
   max_offset = 8 - math.gcd(qrows, 8)
   return -(-(qrows + max_offset) // 8) * 8
+
+
+def _shares(config: HopperConfig, qrows: int) -> bool:
+  """Whether the pair takes suffix items (`pair_suffix_cost` > 0) for `qrows` = T·g rows a sequence: where an item
+  fills whole 8-row windows (packed, or T·g a multiple of 8), which the pair stores whole."""
+  return config.pair_suffix_cost > 0 and (suffix_pack_of(qrows, config) > 1 or qrows % 8 == 0)
+
+
+def pair_split(num_items, prefix_tiles, mean_keys, config: HopperConfig, pack: int):
+  """K, where the pair takes suffix items (`_shares`): of a CTA's `num_items` suffix items warpgroup 2 runs [0, K)
+  and the pair [K, num_items) once its `prefix_tiles` prefix tiles are done, K balancing the two finish times for
+  suffixes of `mean_keys` keys: K·w2 = prefix + (num_items - K)·wp / PAIR, w2 and wp an item's time on warpgroup 2
+  and on one warpgroup of the pair (its tiles, `suffix_keys` / `pack` and `prefix_keys` / `pack` keys of a sequence
+  each, and one tile more for the item's fixed cost; the pair's at `pair_suffix_cost` each), prefix the prefix
+  tiles at `pair_prefix_cost` each, all in warpgroup 2's tile times. Integer arithmetic in 1/16ths of a tile time
+  (int32 [] from traced or Python ints)."""
+  cost = lambda c: max(round(16 * c), 1)
+  w2 = (pl.cdiv(mean_keys, config.suffix_keys // pack) + 1) * 16
+  wp = (pl.cdiv(mean_keys, config.prefix_keys // pack) + 1) * cost(config.pair_suffix_cost)
+  k = pl.cdiv(PAIR * prefix_tiles * cost(config.pair_prefix_cost) + num_items * wp, PAIR * w2 + wp)
+  return jnp.clip(k, 0, num_items)
 
 
 def suffix_pack_of(qrows: int, config: HopperConfig) -> int:
@@ -576,11 +613,13 @@ def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
 
 
 def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os_ref, ls_ref, scratch, *,
-            config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int, pack: int):
-  """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length]. pack: sequences a
-  suffix item (`suffix_pack_of`)."""
+            config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int, pack: int,
+            share: bool):
+  """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length] (share: and the sum of
+  the suffix lengths). pack: sequences a suffix item (`suffix_pack_of`). share: the pair takes suffix items after
+  its prefix items (`_shares`)."""
   (pq_all, plse_all, pk_smem, pv_smem, q_smem, o_smem, lse_smem, p_smem, sk_smem, sv_smem,
-   q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all, consumed_v) = scratch
+   q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all, consumed_v, pair_k_bars, pair_v_bars) = scratch
   wg, num_ctas, size = lax.axis_index("wg"), config.num_ctas, config.cluster
   member = lax.axis_index("cluster") if size > 1 else 0  # this CTA's place in its cluster
   cta = lax.axis_index("cta") * size + member
@@ -589,6 +628,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   pairs = op_ref.shape[2] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
   srows = q_smem.shape[-2]  # rows of a suffix item's window
   flash = functools.partial(_flash, scale2=scale * _LOG2E)
+  wgmma = plgpu.Layout.WGMMA
 
   def count(num_items, first=cta, step=num_ctas):  # items first, first + step, ... < num_items
     return (num_items - first + step - 1) // step
@@ -598,6 +638,23 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   clusters, cluster_id = num_ctas // size, cta // size
   prefix_item = lambda i: (cluster_id + i * clusters) * size + member
   prefix_coords = lambda idx: (idx // (pairs * splits), idx // pairs % splits, idx % pairs)
+
+  def pair_queries(src):
+    """This warpgroup of the pair's 64 query rows `src` (gmem) as its score product's A operand: in registers
+    (q_registers: plain loads straight into the wgmma's register layout) or in its buffer, which also stages its
+    out (the previous item's out and lse stores must have read shared memory first: q reloads into the out buffer,
+    and _finish will overwrite the lse buffer)."""
+    if config.q_registers:
+      q = plgpu.load(src, layout=plgpu.Layout.WGMMA, optimized=False)
+      if pq_all is None:
+        return q
+      pq_all.at[wg][...] = q  # interpreted: its wgmma reads A from shared memory only
+      plgpu.commit_smem()
+    else:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.copy_gmem_to_smem(src, pq_all.at[wg], q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+    return pq_all.at[wg]
 
   def prefix_pair():
     """Warpgroups 0 and 1. The pair's key tiles form one stream g = i·n + j (item i, tile j, n tiles an item) in
@@ -613,13 +670,6 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     ring = {"keys": key_stages, "values": stages}  # each part's slots: tile g's part sits in slot g mod that, and
     slot_in = lambda part, g: lax.rem(g, ring[part])  # once read, the slot takes the part of tile g + that
     length = lens_ref[batch]
-
-    def load_q(src, dst, bar):  # the pair's queries, into the buffer that also stages their out
-      # The previous item's out and lse stores have read shared memory: q reloads into the out buffer, and
-      # _finish will overwrite the lse buffer.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      plgpu.copy_gmem_to_smem(src, dst, bar)
-      plgpu.barrier_wait(bar)
 
     # Every split has n tiles: the keys' tiles shared out, the last split's extra tiles fully masked (they load the
     # cache's last tile, in range). One split: n = cdiv(length, block_k).
@@ -669,15 +719,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       # The split's keys, counted from its first tile: keys at or past `visible` are masked.
       visible = jnp.clip(length - split * split_keys, 0, split_keys) if splits > 1 else length
       lse = plse_all.at[wg]
-      if config.q_registers:  # plain loads straight into the wgmma's register layout
-        q = plgpu.load(qt_ref.at[h, rows], layout=plgpu.Layout.WGMMA, optimized=False)
-        if pq_all is not None:  # interpreted: its wgmma reads A from shared memory only
-          pq_all.at[wg][...] = q
-          plgpu.commit_smem()
-          q = pq_all.at[wg]
-      else:
-        q = pq_all.at[wg]
-        load_q(qt_ref.at[h, rows], q, q_bars.at[wg])
+      q = pair_queries(qt_ref.at[h, rows])
       first = i * n
 
       def release(barrier, parts, j, _):  # tile j's `parts` read by this warpgroup: refill them once both have
@@ -723,28 +765,68 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     lax.fori_loop(0, items, item, None)
     if config.pingpong:
       pl.when(wg == 0)(rendezvous)
+    if share:
+      rendezvous()  # neither warpgroup reads the prefix rings any more (nor does a copy still fill them)
+      pair_suffixes()
 
-  def suffixes():
-    """Warpgroup 2. Without suffix_lookahead each item fills its own ring from slot 0 as it starts. With it, a CTA's
-    items form one stream of key tiles (item i's tile j is stream tile base_i + j, base_i the tiles of the items
-    before it, in slot (base_i + j) mod stages), each item's first min(n, stages) tiles and its queries are in
-    flight before it starts: as item i starts, the next item's first tiles go into the slots item i leaves empty
-    (it has fewer than `stages` tiles; their last tiles were read by earlier items), and as item i reads its tile
-    j, the slot takes stream tile base_i + j + stages, its own or the next item's.
+  def suffix_split(num_items):  # `pair_split` for this CTA: its prefix tiles, the mean suffix length
+    prefix_keys = pv_smem.shape[1]
+    prefix_tiles = count(num_heads * pairs * splits // size, cluster_id, clusters) * pl.cdiv(
+        pl.cdiv(lens_ref[batch], prefix_keys), splits)
+    return pair_split(num_items, prefix_tiles, pl.cdiv(lens_ref[batch + 1], batch), config, pack)
 
-    An item is (sequence b, KV head h), or with suffix_pack (`pack` > 1) (window w, KV head h): the `pack` = 8 / T·g
-    sequences whose rows fill the 8-row query window w, each a sub-block of kb = block_k / pack keys of every tile
-    (a copy of its own, all arriving on the slot's barrier), the tile's scores masked to a block diagonal: one
-    item's softmax, barriers and stores serve `pack` sequences."""
-    boxed = _boxed(config, pack)  # the caches [B, S, Hkv·D]
-    rings4 = len(sk_smem.shape) == 4  # suffix_box compiled: rings [stages, pack, keys a sequence, D]
-    stages, block_k, head_dim = sk_smem.shape[0], math.prod(sk_smem.shape[1:-1]), sk_smem.shape[-1]
-    # the rings as `_flash` reads them: [stages, block_k, D] (with rings4 a fold of the same bytes)
-    k_ring, v_ring = (r.reshape(stages, block_k, head_dim) if rings4 else r for r in (sk_smem, sv_smem))
-    lookahead = config.suffix_lookahead
-    wgmma = plgpu.Layout.WGMMA
-    cols = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 1, layout=wgmma)
-    refs = ((sk_ref, sk_smem, sk_bars), (sv_ref, sv_smem, sv_bars))
+  def pair_suffixes():
+    """Warpgroups 0 and 1 after their prefix items: the CTA's suffix items from `suffix_split`'s K on, warpgroup w
+    every other one (K + w, K + w + 2, ...), each in slots of its own in the prefix rings (value and key slots
+    w, w + 2, ...: one stage where the pair has 2 or 3), tiles of prefix_keys keys (pack sequences a tile, as
+    warpgroup 2's items), scored rows = queries: the item's window in the first rows of a 64-row query tile (the
+    rows after it, a neighbouring window's queries or padding, are computed and dropped); no cross-warp reduction,
+    so nothing shares warpgroup 2's reduction scratch. The out is staged in the warpgroup's first value slot and
+    only the window's rows are stored."""
+    block_k = pv_smem.shape[1]
+    slots = pv_smem.shape[0] // PAIR  # value slots of each warpgroup
+    num_items, coords, load, visibility, values_kept = suffix_items(
+        block_k, False, ((sk_ref, pk_smem, pair_k_bars), (sv_ref, pv_smem, pair_v_bars)))
+    first = suffix_split(num_items) + wg
+    slot_of = lambda j: wg + PAIR * lax.rem(j, slots)
+    o_stage, lse_stage = pv_smem.at[wg, pl.ds(0, ROWS)], plse_all.at[wg]
+    if pack > 1:  # a skipped copy leaves its sub-block as it was: finite values (zeros), not what smem held
+      for s in range(slots):
+        pv_smem.at[wg + PAIR * s][...] = plgpu.layout_cast(jnp.zeros(pv_smem.shape[1:], pv_smem.dtype), wgmma)
+      plgpu.commit_smem()  # before the copies (the async proxy) write into the slots
+
+    def item(t, _):
+      it, window, n = coords(first + t * PAIR)
+      h = it[1]
+      num_full, limit = visibility(it, window)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_stage, lse_stage
+      lax.fori_loop(0, jnp.minimum(n, slots), lambda j, _: load(it, j, slot_of(j)), None)
+      q = pair_queries(qt_ref.at[h, pl.ds(window, ROWS)])  # the window and the rows after it (qt is padded)
+
+      def after(j, slot):  # tile j has been read: its slot takes tile j + slots
+        pl.when(j + slots < n)(lambda: load(it, j + slots, slot))
+
+      acc, m, l = flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
+                        lambda slot: pair_k_bars.at[slot], lambda slot: pair_v_bars.at[slot], slot_of, after, n,
+                        num_full, limit, keys_major=False,
+                        value_keep=values_kept(it) if config.zero_value_tails else None)
+      _finish(acc, m, l, o_stage, lse_stage, keys_major=False)
+      plgpu.copy_smem_to_gmem(o_stage.at[pl.ds(0, srows)], os_ref.at[h, pl.ds(window, srows)])
+      plgpu.copy_smem_to_gmem(lse_stage.at[pl.ds(0, srows)], ls_ref.at[h, pl.ds(window, srows)])
+
+    lax.fori_loop(0, count(num_items, first, PAIR), item, None)
+
+  def suffix_items(block_k, keys_major, refs, boxed=False, rings4=False):
+    """This CTA's suffix items (`suffixes` defines them) as a warpgroup streams them: tiles of `block_k` keys, copied
+    by `refs` ((sk_ref, K ring, its barriers), (sv_ref, V ring, its barriers)), a packed item's tile in one box
+    where `boxed` (else a copy a sequence, from the caches' `[B, S, Hkv·D]` view where suffix_box reshaped them),
+    scored keys_major (`[block_k, srows]`: warpgroup 2) or rows = queries (`[ROWS, block_k]`, the window's rows
+    first: the pair). Returns (num_items, coords(i), load(item, j, slot), visibility(item, window),
+    values_kept(item)), as `suffixes` and `pair_suffixes` use them."""
+    tile = (block_k, srows) if keys_major else (ROWS, block_k)
+    key_axis = 0 if keys_major else 1
+    cols = plgpu.broadcasted_iota(jnp.int32, tile, 1 - key_axis, layout=wgmma)  # each score's row of the window
+    head_dim = refs[0][1].shape[-1]
 
     def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
       for ref, smem, bars in refs:
@@ -768,7 +850,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       def load(item, j, slot):  # tile j of the item into the slot
         b, h, _ = item
-        if not config.suffix_trim:
+        if not (config.suffix_trim and keys_major):
           return copy(b, h, pl.ds(j * block_k, block_k), pl.ds(0, block_k), slot)
         # suffix_trim: one copy (one arrival on each barrier) of the smallest size in 8, 16, ..., block_k that
         # holds the keys left from this tile's start (>= 1: only tiles below cdiv(length, block_k) are loaded)
@@ -789,23 +871,14 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       def values_kept(item):  # zero_value_tails: tile j's value rows of the sequence's keys
         length = lens_ref[item[0]]
         return lambda j: ((j + 1) * block_k > length, lambda r: r + j * block_k < length)
-
-      def store(item, window, h):  # only the sequence's own rows go out (o_smem is untiled: any start row)
-        _, _, first_row = item
-        mine = pl.ds(first_row - window, qrows)
-        plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(first_row, qrows)])
-        if qrows % 4:  # a TMA copy moves whole 16 bytes from and to 16-byte-aligned addresses: the whole window's
-          plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, item[0]])  # lse, [Hkv, B, srows] (unpacked after)
-        else:
-          plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(first_row, qrows)])
     else:
       kb = block_k // pack  # keys of one sequence in a tile
       num_windows = -(-batch // pack)
       num_items = count(num_windows * num_heads)
-      key_rows = plgpu.broadcasted_iota(jnp.int32, (block_k, srows), 0, layout=wgmma)
-      seq_of_col = cols // qrows  # column r of the window is sequence r // T·g of the window,
+      key_rows = plgpu.broadcasted_iota(jnp.int32, tile, key_axis, layout=wgmma)  # each score's key in the tile
+      seq_of_col = cols // qrows  # row r of the window is sequence r // T·g of the window,
       step_of_col = cols % qrows // group  # query t = (r mod T·g) // g of the sequence's last T tokens
-      own_block = key_rows // kb == seq_of_col  # the tile's rows of a column's own sequence
+      own_block = key_rows // kb == seq_of_col  # the tile's keys of a row's own sequence
       key_of_row = key_rows % kb
 
       def coords(i):  # item i of this CTA: ((first sequence, KV head, the window's lengths), window, key tiles)
@@ -818,15 +891,15 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
       def arrive(slot, times):  # plain arrivals on the slot's barriers, in place of copies
         for _ in range(times):
-          plgpu.barrier_arrive(sk_bars.at[slot])
-          plgpu.barrier_arrive(sv_bars.at[slot])
+          for _, _, bars in refs:
+            plgpu.barrier_arrive(bars.at[slot])
 
       def load_each(item, j, slot):  # sub-block c of the slot: keys j·kb ... of the window's sequence c, if any
         b0, h, lens = item
         for c in range(pack):  # always `pack` arrivals on the slot's barriers: a skipped copy's is a plain arrival
           live = lens[c] > j * kb
           b, keys = jnp.minimum(b0 + c, batch - 1), pl.ds(j * kb, kb)
-          pl.when(live)(functools.partial(copy_box, b, c, 1, h, keys, slot) if boxed else
+          pl.when(live)(functools.partial(copy_box, b, c, 1, h, keys, slot) if _boxed(config, pack) else
                         functools.partial(copy, b, h, keys, pl.ds(c * kb, kb), slot))
           pl.when(jnp.logical_not(live))(functools.partial(arrive, slot, 1))
 
@@ -863,6 +936,42 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         short = lambda j: functools.reduce(jnp.logical_or, [n < (j + 1) * kb for n in lens])  # some sequence ends
         return lambda j: (short(j), lambda r: r % kb + j * kb < length_of(r // kb, lens))
 
+    return num_items, coords, load, visibility, values_kept
+
+  def suffixes():
+    """Warpgroup 2. Without suffix_lookahead each item fills its own ring from slot 0 as it starts. With it, a CTA's
+    items form one stream of key tiles (item i's tile j is stream tile base_i + j, base_i the tiles of the items
+    before it, in slot (base_i + j) mod stages), each item's first min(n, stages) tiles and its queries are in
+    flight before it starts: as item i starts, the next item's first tiles go into the slots item i leaves empty
+    (it has fewer than `stages` tiles; their last tiles were read by earlier items), and as item i reads its tile
+    j, the slot takes stream tile base_i + j + stages, its own or the next item's.
+
+    An item is (sequence b, KV head h), or with suffix_pack (`pack` > 1) (window w, KV head h): the `pack` = 8 / T·g
+    sequences whose rows fill the 8-row query window w, each a sub-block of kb = block_k / pack keys of every tile
+    (a copy of its own, all arriving on the slot's barrier), the tile's scores masked to a block diagonal: one
+    item's softmax, barriers and stores serve `pack` sequences. With pair_suffix_cost the CTA's last items go to
+    the pair (`pair_suffixes`): warpgroup 2 runs the first `suffix_split` of them."""
+    boxed = _boxed(config, pack)  # the caches [B, S, Hkv·D]
+    rings4 = len(sk_smem.shape) == 4  # suffix_box compiled: rings [stages, pack, keys a sequence, D]
+    stages, block_k, head_dim = sk_smem.shape[0], math.prod(sk_smem.shape[1:-1]), sk_smem.shape[-1]
+    # the rings as `_flash` reads them: [stages, block_k, D] (with rings4 a fold of the same bytes)
+    k_ring, v_ring = (r.reshape(stages, block_k, head_dim) if rings4 else r for r in (sk_smem, sv_smem))
+    lookahead = config.suffix_lookahead
+    num_items, coords, load, visibility, values_kept = suffix_items(
+        block_k, True, ((sk_ref, sk_smem, sk_bars), (sv_ref, sv_smem, sv_bars)), boxed, rings4)
+    if share:
+      num_items = suffix_split(num_items)
+
+    if pack == 1:
+      def store(item, window, h):  # only the sequence's own rows go out (o_smem is untiled: any start row)
+        _, _, first_row = item
+        mine = pl.ds(first_row - window, qrows)
+        plgpu.copy_smem_to_gmem(o_smem.at[mine], os_ref.at[h, pl.ds(first_row, qrows)])
+        if qrows % 4:  # a TMA copy moves whole 16 bytes from and to 16-byte-aligned addresses: the whole window's
+          plgpu.copy_smem_to_gmem(lse_smem, ls_ref.at[h, item[0]])  # lse, [Hkv, B, srows] (unpacked after)
+        else:
+          plgpu.copy_smem_to_gmem(lse_smem.at[mine], ls_ref.at[h, pl.ds(first_row, qrows)])
+    else:
       def store(item, window, h):  # the whole window: its rows past B·T·g fall in the outputs' padding
         del item
         plgpu.copy_smem_to_gmem(o_smem, os_ref.at[h, pl.ds(window, srows)])
@@ -988,16 +1097,19 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   block = PAIR * ROWS * config.cluster
   rows = -(-batch * qrows // block) * block
   last_window = (batch - 1) * qrows // 8 * 8
-  qt = jnp.pad(qt, ((0, 0), (0, max(rows, last_window + srows) - batch * qrows), (0, 0)))
+  share = _shares(config, qrows)  # and the pair's suffix items load 64 rows from a window's start
+  qt = jnp.pad(qt, ((0, 0), (0, max(rows, last_window + (ROWS if share else srows)) - batch * qrows), (0, 0)))
   # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.
-  lens = jnp.concatenate([jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_k.shape[1]),
-                          jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])])
+  suffix_lengths = jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_k.shape[1])
+  prefix_length = jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])
+  # share: and the suffixes' total keys, whose mean `pair_split` takes
+  lens = jnp.concatenate([suffix_lengths, prefix_length] + ([suffix_lengths.sum(keepdims=True)] if share else []))
   pack = suffix_pack_of(qrows, config)
-  scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack)
+  scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack, share)
   if _boxed(config, pack):  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
     suffix_k, suffix_v = (x.reshape(*x.shape[:2], -1) for x in (suffix_k, suffix_v))
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
-                             group=group, pack=pack)
+                             group=group, pack=pack, share=share)
   splits = config.prefix_splits
   # packed suffix items store whole windows: the suffix outputs hold every window's 8 rows (sliced below)
   suffix_rows = -(-batch // pack) * srows if pack > 1 else batch * qrows

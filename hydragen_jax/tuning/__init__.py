@@ -72,6 +72,8 @@ class HopperTuning:
   prefix_key_stages: int = 0
   suffix_late_sum: bool = False
   zero_value_tails: bool = False
+  pair_suffix_cost: float = 0.0
+  pair_prefix_cost: float = 1.0
 
   def __post_init__(self):
     check_hopper(self)
@@ -92,9 +94,16 @@ def check_hopper(config) -> None:
   with its own warpgroup's next score product), prefix_early_keys and prefix_overlap not both (each releases a
   slot's key tile on its own schedule), prefix_key_stages 0 or at least prefix_stages (more only with
   prefix_early_keys, which releases key tiles apart from value tiles), registers in multiples of 8 that fit the
-  pool."""
+  pool, the pair's suffix costs finite (pair_suffix_cost >= 0, pair_prefix_cost > 0) and, where the pair takes
+  suffix items, a prefix value slot for each of its warpgroups."""
   name = type(config).__name__
-  _check_fill(config, "prefix_fill")
+  for field in ("prefix_fill", "pair_suffix_cost", "pair_prefix_cost"):
+    _check_fill(config, field)
+  if not config.pair_prefix_cost > 0:
+    raise ValueError(f"{name}.pair_prefix_cost must be > 0; got {config.pair_prefix_cost!r}.")
+  if config.pair_suffix_cost > 0 and config.prefix_stages < 2:
+    raise ValueError(f"{name}.prefix_stages must be >= 2 with pair_suffix_cost > 0 (each warpgroup of the pair "
+                     f"streams its suffix items through prefix slots of its own); got {config.prefix_stages}.")
   for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",
                 "suffix_box", "prefix_early_keys", "suffix_late_sum", "zero_value_tails"):
     if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
@@ -134,7 +143,8 @@ def check_hopper(config) -> None:
 
 
 def _check_fill(obj, name: str) -> None:
-  """Field `name` of `obj` (items per SM or CTA) is a finite number >= 0, not a bool; else ValueError naming it."""
+  """Field `name` of `obj` (items per SM or CTA, a cost) is a finite number >= 0, not a bool; else ValueError naming
+  it."""
   value = getattr(obj, name)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
     raise ValueError(f"{type(obj).__name__}.{name} must be a finite number >= 0; got {value!r}.")

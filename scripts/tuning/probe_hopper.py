@@ -106,7 +106,7 @@ VARIANTS = {
 
 def _override(item: str) -> tuple[str, object]:
   """One override of a variant's name as (field, value): `ek` (prefix_early_keys on) or FIELD=VALUE (an int, true or
-  false; prefix_fill a float), e.g. `pair_registers=224`."""
+  false; a float for the float fields: prefix_fill, pair_suffix_cost, pair_prefix_cost), e.g. `pair_registers=224`."""
   if item == "ek":
     return "prefix_early_keys", True
   field, eq, value = item.partition("=")
@@ -116,9 +116,12 @@ def _override(item: str) -> tuple[str, object]:
   if value.lower() in ("true", "false"):
     return field, value.lower() == "true"
   try:
-    return field, float(value) if field == "prefix_fill" else int(value)
+    return field, float(value) if field in _FLOAT_FIELDS else int(value)
   except ValueError:
-    raise ValueError(f"variant override {item!r}: expected an int, true or false after '='") from None
+    raise ValueError(f"variant override {item!r}: expected a number, true or false after '='") from None
+
+
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(hopper.HopperConfig) if f.type in ("float", float)}
 
 
 def resolve(name: str, cfg: tuple[int, ...] | None = None, rows: int | None = None) -> hopper.HopperConfig | str:
