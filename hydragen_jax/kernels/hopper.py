@@ -14,8 +14,9 @@ side by side, so that the suffixes' TMA copies stream while the prefix's wgmma r
 
 Items go round-robin over the CTAs. Both are flash attention: online softmax over key tiles (the prefix's of
 `prefix_keys` = 64 or 128 keys, the suffixes' of `suffix_keys` = 64 or 128), scores in base 2 (`s·scale·log2 e`).
-A suffix item has so few query rows that a 64-row tile would be mostly padding, so its tile is transposed: keys on
-the wgmma's rows (64 a wgmma), the queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N side. That
+A suffix item has so few query rows that a 64-row tile would be mostly padding, so warpgroup 2 transposes its tile:
+keys on the wgmma's rows (64 a wgmma), the queries (an 8-aligned window of n ≥ T·g rows of `qt[h]`) on its N side
+(the pair's suffix items keep rows = queries: its tensor cores are free once its prefix items are done). That
 tile's softmax reduces over rows, across warps, through a shared-memory scratch that Mosaic GPU gives every
 warpgroup of a CTA at the same address: only warpgroup 2 reduces that way, so nothing races on it.
 
@@ -335,8 +336,10 @@ def pair_split(num_items, prefix_tiles, mean_keys, config: HopperConfig, pack: i
   suffixes of `mean_keys` keys: K·w2 = prefix + (num_items - K)·wp / PAIR, w2 and wp an item's time on warpgroup 2
   and on one warpgroup of the pair (its tiles, `suffix_keys` / `pack` and `prefix_keys` / `pack` keys of a sequence
   each, and one tile more for the item's fixed cost; the pair's at `pair_suffix_cost` each), prefix the prefix
-  tiles at `pair_prefix_cost` each, all in warpgroup 2's tile times. Integer arithmetic in 1/16ths of a tile time
-  (int32 [] from traced or Python ints)."""
+  tiles at `pair_prefix_cost` each, all in warpgroup 2's tile times (a packed item runs as long as its longest
+  sequence: with ragged lengths the mean undercounts, which the measured costs absorb). Integer arithmetic in
+  1/16ths of a tile time (int32 [] from traced or Python ints; in range for caches that fit a GPU's memory and
+  costs below ~500)."""
   cost = lambda c: max(round(16 * c), 1)
   w2 = (pl.cdiv(mean_keys, config.suffix_keys // pack) + 1) * 16
   wp = (pl.cdiv(mean_keys, config.prefix_keys // pack) + 1) * cost(config.pair_suffix_cost)
@@ -641,9 +644,9 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
   def pair_queries(src):
     """This warpgroup of the pair's 64 query rows `src` (gmem) as its score product's A operand: in registers
-    (q_registers: plain loads straight into the wgmma's register layout) or in its buffer, which also stages its
-    out (the previous item's out and lse stores must have read shared memory first: q reloads into the out buffer,
-    and _finish will overwrite the lse buffer)."""
+    (q_registers: plain loads straight into the wgmma's register layout) or in its buffer, which a prefix item's
+    out is also staged in (the previous item's out and lse stores must have read shared memory first: q reloads
+    into that buffer, and _finish will overwrite the lse buffer)."""
     if config.q_registers:
       q = plgpu.load(src, layout=plgpu.Layout.WGMMA, optimized=False)
       if pq_all is None:
@@ -825,7 +828,13 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     values_kept(item)), as `suffixes` and `pair_suffixes` use them."""
     tile = (block_k, srows) if keys_major else (ROWS, block_k)
     key_axis = 0 if keys_major else 1
-    cols = plgpu.broadcasted_iota(jnp.int32, tile, 1 - key_axis, layout=wgmma)  # each score's row of the window
+    if keys_major:
+      cols = plgpu.broadcasted_iota(jnp.int32, tile, 1 - key_axis, layout=wgmma)  # each score's row of the window
+    else:  # the pair: each query row's (a vector in the tile's row layout: 64 rows of 64 or 128 keys would hold
+      # 32-64 registers a thread for as long as an item runs), spread over a tile's keys inside its loop only
+      cols = plgpu.broadcasted_iota(jnp.int32, tile, 0, layout=wgmma).max(axis=1)
+    per_row = lambda x: lax.broadcast_in_dim(x, tile, [0])  # a row vector over the pair's tile
+    key_iota = lambda: plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=wgmma)  # the pair's tile's keys
     head_dim = refs[0][1].shape[-1]
 
     def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
@@ -866,6 +875,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         # Window row c is query t = (c - (first_row - window)) // g of the sequence's last T tokens: it sees suffix
         # keys < length - T + 1 + t.
         limit = length - causal_t + 1 + (cols - (first_row - window)) // group if causal_t > 1 else length
+        if causal_t > 1 and not keys_major:  # the pair: each row's limit as tile j's mask
+          return (length - causal_t + 1) // block_k, lambda j: key_iota() + j * block_k < per_row(limit)
         return (length - causal_t + 1) // block_k, limit
 
       def values_kept(item):  # zero_value_tails: tile j's value rows of the sequence's keys
@@ -875,11 +886,13 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       kb = block_k // pack  # keys of one sequence in a tile
       num_windows = -(-batch // pack)
       num_items = count(num_windows * num_heads)
-      key_rows = plgpu.broadcasted_iota(jnp.int32, tile, key_axis, layout=wgmma)  # each score's key in the tile
+      if keys_major:
+        key_rows = plgpu.broadcasted_iota(jnp.int32, tile, key_axis, layout=wgmma)  # each score's key in the tile
       seq_of_col = cols // qrows  # row r of the window is sequence r // T·g of the window,
       step_of_col = cols % qrows // group  # query t = (r mod T·g) // g of the sequence's last T tokens
-      own_block = key_rows // kb == seq_of_col  # the tile's keys of a row's own sequence
-      key_of_row = key_rows % kb
+      if keys_major:
+        own_block = key_rows // kb == seq_of_col  # the tile's keys of a row's own sequence
+        key_of_row = key_rows % kb
 
       def coords(i):  # item i of this CTA: ((first sequence, KV head, the window's lengths), window, key tiles)
         idx = jnp.minimum(cta + i * num_ctas, num_windows * num_heads - 1)
@@ -929,7 +942,13 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         length = length_of(seq_of_col, item[2])
         # query t sees its sequence's keys < length - T + 1 + t
         limit = length - causal_t + 1 + step_of_col if causal_t > 1 else length
-        return 0, lambda j: own_block & (key_of_row + j * kb < limit)
+        if keys_major:
+          return 0, lambda j: own_block & (key_of_row + j * kb < limit)
+
+        def mask(j):  # the pair's tile j: each row's own sequence's sub-block, keys below its limit
+          keys = key_iota()
+          return (keys // kb == per_row(seq_of_col)) & (keys % kb + j * kb < per_row(limit))
+        return 0, mask
 
       def values_kept(item):  # zero_value_tails: tile j's value rows of each sub-block's sequence's keys
         lens = item[2]
@@ -949,8 +968,8 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     An item is (sequence b, KV head h), or with suffix_pack (`pack` > 1) (window w, KV head h): the `pack` = 8 / T·g
     sequences whose rows fill the 8-row query window w, each a sub-block of kb = block_k / pack keys of every tile
     (a copy of its own, all arriving on the slot's barrier), the tile's scores masked to a block diagonal: one
-    item's softmax, barriers and stores serve `pack` sequences. With pair_suffix_cost the CTA's last items go to
-    the pair (`pair_suffixes`): warpgroup 2 runs the first `suffix_split` of them."""
+    item's softmax, barriers and stores serve `pack` sequences. Where the pair takes suffix items (`share`: see
+    `_shares`) the CTA's last items go to it (`pair_suffixes`): warpgroup 2 runs the first `suffix_split` of them."""
     boxed = _boxed(config, pack)  # the caches [B, S, Hkv·D]
     rings4 = len(sk_smem.shape) == 4  # suffix_box compiled: rings [stages, pack, keys a sequence, D]
     stages, block_k, head_dim = sk_smem.shape[0], math.prod(sk_smem.shape[1:-1]), sk_smem.shape[-1]
