@@ -639,6 +639,8 @@ def test_pair_split_balances_the_two_finish_times():
   assert int(hopper.pair_split(30, 128, 512, config, 2)) == -(-(2 * 128 * 16 + 30 * 272) // (2 * 144 + 272))  # 22
   assert int(hopper.pair_split(30, 1000, 512, config, 2)) == 30  # the prefix outlasts warpgroup 2's whole list
   assert int(hopper.pair_split(0, 128, 512, config, 2)) == 0
+  # the pair's suffix tiles are 64 keys whatever the prefix tiles (a 128-key slot holds two)
+  assert int(hopper.pair_split(30, 0, 512, dataclasses.replace(config, prefix_keys=128), 2)) == 15
   cheap = dataclasses.replace(config, pair_suffix_cost=0.25, pair_prefix_cost=0.25)
   assert int(hopper.pair_split(30, 128, 512, cheap, 2)) < 22
   # one-key suffixes (s = 1): an item is its fixed cost and one tile on either side

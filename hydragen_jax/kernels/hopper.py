@@ -133,11 +133,12 @@ class HopperConfig(tuning_lib.HopperTuning):
   are done, where an item fills whole 8-row windows (packed, or T·g a multiple of 8: `_shares`): warpgroup 2 runs
   the first K of a CTA's suffix items, the pair's warpgroups the others, each its own (`pair_split` picks K so that
   both finish together on the mean suffix length). The costs are in warpgroup 2's time for one of its suffix tiles:
-  pair_suffix_cost one warpgroup of the pair's time for one of its suffix tiles (prefix_keys keys, the item's
-  window in the first rows of a 64-row query tile), pair_prefix_cost the pair's time for one prefix tile; an item
-  counts one tile more for its fixed cost. The pair's tiles go through its prefix rings (warpgroup w: value and
-  key slots w, w + 2, ...; needs prefix_stages >= 2), scored rows = queries (no cross-warp reduction: warpgroup
-  2's reduction scratch stays its own), each out staged in its first value slot. So on a suffix-bound step (long
+  pair_suffix_cost one warpgroup of the pair's time for one of its suffix tiles (64 keys, the item's window in the
+  first rows of a 64-row query tile), pair_prefix_cost the pair's time for one prefix tile; an item counts one tile
+  more for its fixed cost. The pair's tiles go through its prefix rings as 64-key slots (warpgroup w: those of
+  value and key slots w, w + 2, ...; needs prefix_stages >= 2; a 128-key slot holds two, so that a tile's copy runs
+  under the previous tile's products), scored rows = queries (no cross-warp reduction: warpgroup 2's reduction
+  scratch stays its own), each out staged in its first value slot. So on a suffix-bound step (long
   suffixes beside a short prefix product) three warpgroups stream the suffixes, and on a prefix-bound one K is
   every item. 0: warpgroup 2 runs them all.
   """
@@ -289,8 +290,9 @@ def _scratch(head_dim: int, srows: int, dtype, config: HopperConfig, interpret: 
       # prefix_overlap, prefix_early_keys: a slot's value tile read by both warpgroups (the barrier above then counts
       # its key tile)
       prefix_read(config.prefix_stages) if config.prefix_overlap or config.prefix_early_keys else None,
-      # share: the pair's suffix tiles copied into a prefix slot (K, V; `pack` copies a tile)
-      *((plgpu.Barrier(num_arrivals=pack, num_barriers=config.prefix_stages),) * 2 if share else (None, None)),
+      # share: the pair's suffix tiles copied into a 64-key slot of the prefix rings (K, V; `pack` copies a tile)
+      *((plgpu.Barrier(num_arrivals=pack, num_barriers=config.prefix_stages * config.prefix_keys // ROWS),) * 2
+        if share else (None, None)),
   )
 
 
@@ -334,15 +336,14 @@ def pair_split(num_items, prefix_tiles, mean_keys, config: HopperConfig, pack: i
   """K, where the pair takes suffix items (`_shares`): of a CTA's `num_items` suffix items warpgroup 2 runs [0, K)
   and the pair [K, num_items) once its `prefix_tiles` prefix tiles are done, K balancing the two finish times for
   suffixes of `mean_keys` keys: K·w2 = prefix + (num_items - K)·wp / PAIR, w2 and wp an item's time on warpgroup 2
-  and on one warpgroup of the pair (its tiles, `suffix_keys` / `pack` and `prefix_keys` / `pack` keys of a sequence
-  each, and one tile more for the item's fixed cost; the pair's at `pair_suffix_cost` each), prefix the prefix
+  and on one warpgroup of the pair (its tiles, `suffix_keys` / `pack` and 64 / `pack` keys of a sequence each, and one tile more for the item's fixed cost; the pair's at `pair_suffix_cost` each), prefix the prefix
   tiles at `pair_prefix_cost` each, all in warpgroup 2's tile times (a packed item runs as long as its longest
   sequence: with ragged lengths the mean undercounts, which the measured costs absorb). Integer arithmetic in
   1/16ths of a tile time (int32 [] from traced or Python ints; in range for caches that fit a GPU's memory and
   costs below ~500)."""
   cost = lambda c: max(round(16 * c), 1)
   w2 = (pl.cdiv(mean_keys, config.suffix_keys // pack) + 1) * 16
-  wp = (pl.cdiv(mean_keys, config.prefix_keys // pack) + 1) * cost(config.pair_suffix_cost)
+  wp = (pl.cdiv(mean_keys, ROWS // pack) + 1) * cost(config.pair_suffix_cost)
   k = pl.cdiv(PAIR * prefix_tiles * cost(config.pair_prefix_cost) + num_items * wp, PAIR * w2 + wp)
   return jnp.clip(k, 0, num_items)
 
@@ -351,6 +352,24 @@ def suffix_pack_of(qrows: int, config: HopperConfig) -> int:
   """Sequences a suffix item holds: 8 / T·g with `config.suffix_pack` where T·g (`qrows`) is 1, 2 or 4 (the 8-row
   query window holds whole sequences), else 1."""
   return 8 // qrows if config.suffix_pack and qrows in (1, 2, 4) else 1
+
+
+class _Slots:
+  """A ring `[stages, keys, D]` (shared memory) seen as one of `[stages · keys / rows, rows, D]`, by indexing (the
+  interpreter takes no reshape of a ref): slot i is rows (i mod keys / rows)·rows ... of slot i // (keys / rows).
+  What `_flash` and the copies use of a ring: `shape`, `dtype`, `at[i]` and `at[i, rows]`."""
+
+  def __init__(self, ring, rows: int):
+    self.ring, self.rows, self.per = ring, rows, ring.shape[1] // rows
+    self.shape, self.dtype = (ring.shape[0] * self.per, rows, *ring.shape[2:]), ring.dtype
+
+  @property
+  def at(self):
+    return self
+
+  def __getitem__(self, index):
+    slot, rows = index if isinstance(index, tuple) else (index, pl.ds(0, self.rows))
+    return self.ring.at[slot // self.per, pl.ds(slot % self.per * self.rows + rows.start, rows.size)]
 
 
 def _product(a, b, acc_ref, issued=lambda: None):
@@ -780,22 +799,26 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
   def pair_suffixes():
     """Warpgroups 0 and 1 after their prefix items: the CTA's suffix items from `suffix_split`'s K on, warpgroup w
-    every other one (K + w, K + w + 2, ...), each in slots of its own in the prefix rings (value and key slots
-    w, w + 2, ...: one stage where the pair has 2 or 3), tiles of prefix_keys keys (pack sequences a tile, as
-    warpgroup 2's items), scored rows = queries: the item's window in the first rows of a 64-row query tile (the
-    rows after it, a neighbouring window's queries or padding, are computed and dropped); no cross-warp reduction,
-    so nothing shares warpgroup 2's reduction scratch. The out is staged in the warpgroup's first value slot and
-    only the window's rows are stored."""
-    block_k = pv_smem.shape[1]
-    slots = pv_smem.shape[0] // PAIR  # value slots of each warpgroup
+    every other one (K + w, K + w + 2, ...), in 64-key tiles (pack sequences a tile, as warpgroup 2's items)
+    through slots of its own: the prefix rings seen as rings of 64-key slots (a 128-key slot holds two), warpgroup
+    w's those of the prefix slots w, w + 2, ... (2 prefix stages of 128 keys: two 64-key slots each, so a tile's
+    copy runs under the previous tile's products; of 64 keys: one). Scored rows = queries: the item's window in
+    the first rows of a 64-row query tile (the rows after it, a neighbouring window's queries or padding, are
+    computed and dropped); no cross-warp reduction, so nothing shares warpgroup 2's reduction scratch. The out is
+    staged in the warpgroup's first value slot and only the window's rows are stored."""
+    stages, prefix_keys, head_dim = pv_smem.shape
+    sub = prefix_keys // ROWS  # 64-key slots a prefix slot
+    k_ring, v_ring = _Slots(pk_smem, ROWS), _Slots(pv_smem, ROWS)
+    slots = stages // PAIR * sub  # 64-key slots of each warpgroup
     num_items, coords, load, visibility, values_kept = suffix_items(
-        block_k, False, ((sk_ref, pk_smem, pair_k_bars), (sv_ref, pv_smem, pair_v_bars)))
+        ROWS, False, ((sk_ref, k_ring, pair_k_bars), (sv_ref, v_ring, pair_v_bars)))
     first = suffix_split(num_items) + wg
-    slot_of = lambda j: wg + PAIR * lax.rem(j, slots)
-    o_stage, lse_stage = pv_smem.at[wg, pl.ds(0, ROWS)], plse_all.at[wg]
+    own = lambda i: (wg + PAIR * (i // sub)) * sub + i % sub  # the warpgroup's i-th 64-key slot
+    slot_of = lambda j: own(lax.rem(j, slots))
+    o_stage, lse_stage = v_ring.at[own(0)], plse_all.at[wg]
     if pack > 1:  # a skipped copy leaves its sub-block as it was: finite values (zeros), not what smem held
-      for s in range(slots):
-        pv_smem.at[wg + PAIR * s][...] = plgpu.layout_cast(jnp.zeros(pv_smem.shape[1:], pv_smem.dtype), wgmma)
+      for i in range(slots):
+        v_ring.at[own(i)][...] = plgpu.layout_cast(jnp.zeros(v_ring.shape[1:], v_ring.dtype), wgmma)
       plgpu.commit_smem()  # before the copies (the async proxy) write into the slots
 
     def item(t, _):
@@ -809,7 +832,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       def after(j, slot):  # tile j has been read: its slot takes tile j + slots
         pl.when(j + slots < n)(lambda: load(it, j + slots, slot))
 
-      acc, m, l = flash(q, pk_smem, pv_smem, None if pp_all is None else pp_all.at[wg],
+      acc, m, l = flash(q, k_ring, v_ring, None if pp_all is None else pp_all.at[wg, :, pl.ds(0, ROWS)],
                         lambda slot: pair_k_bars.at[slot], lambda slot: pair_v_bars.at[slot], slot_of, after, n,
                         num_full, limit, keys_major=False,
                         value_keep=values_kept(it) if config.zero_value_tails else None)
