@@ -215,8 +215,11 @@ _LLAMA_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"
 # CodeLlamaTokenizer's infilling tokens: its __init__ arguments, named tokens and default extra special tokens
 _CODE_LLAMA_TOKENS = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>", "suffix_token": "▁<SUF>",
                       "eot_token": "▁<EOT>", "fill_token": "<FILL_ME>"}
+# GemmaTokenizer's named tokens (its __init__ arguments: "<mask>" too, added where the vocabulary lacks it)
+_GEMMA_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                   "mask_token": "<mask>"}
 _CLASS_DEFAULTS = {"Qwen2Tokenizer": _QWEN2_DEFAULTS, "LlamaTokenizer": _LLAMA_DEFAULTS,
-                   "CodeLlamaTokenizer": {**_LLAMA_DEFAULTS, **_CODE_LLAMA_TOKENS}}
+                   "CodeLlamaTokenizer": {**_LLAMA_DEFAULTS, **_CODE_LLAMA_TOKENS}, "GemmaTokenizer": _GEMMA_DEFAULTS}
 # transformers' standard named tokens, in the order its tokenizers add those they lack (then a model's own)
 _STANDARD_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # AutoTokenizer (models/auto/tokenization_auto.py) for models.config.FAMILIES' model types: the tokenizer class
@@ -224,7 +227,7 @@ _STANDARD_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_toke
 # name a wrong class (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
 _REGISTERED_CLASSES = {"mistral": "TokenizersBackend", "mixtral": "TokenizersBackend", "granite": "TokenizersBackend",
                        "olmo2": "TokenizersBackend", "phi3": "TokenizersBackend", "qwen2": "Qwen2Tokenizer",
-                       "qwen3": "Qwen2Tokenizer"}
+                       "qwen3": "Qwen2Tokenizer", "gemma": "GemmaTokenizer"}
 _WRONG_ON_HUB = {"qwen2", "phi3"}
 _LLAMA_CLASSES = ("LlamaTokenizer", "CodeLlamaTokenizer")  # transformers 5 rebuilds their tokenizer.json
 
@@ -240,9 +243,12 @@ def _auto_class(named, model_type) -> str | None:
     "Fast": transformers 5 has one class for both) and config.json the ``model_type``. Only a Llama class is
     routed: config.json's model_type overrides it where a class other than the named one is registered for it, with
     TokenizersBackend (tokenizer.json as written: the files' class is not built), or with its own class where the
-    files' is held wrong (qwen2); any other class is taken as named."""
+    files' is held wrong (qwen2); any other class is taken as named. Files that name no class take the class
+    registered for the model_type where it is GemmaTokenizer (Gemma's files without tokenizer_class)."""
     named = named.removesuffix("Fast") if isinstance(named, str) else None
     registered = _REGISTERED_CLASSES.get(model_type)
+    if named is None and registered == "GemmaTokenizer":
+        return registered
     if named not in _LLAMA_CLASSES or registered is None:
         return named
     if registered == "TokenizersBackend":
@@ -286,10 +292,8 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
       CodeLlama);
     - tokenizer.json's post-processor; CodeLlama builds its own (BOS, no EOS): with a tokenizer.json, transformers
       drops tokenizer_config.json's ``add_bos_token`` / ``add_eos_token``, and CodeLlama's argument is true;
-    - the added tokens (``TokenizersBackend.__init__``): tokenizer_config.json's added_tokens_decoder (else
-      tokenizer.json's), in id order, a named one made special, then the named tokens (``raw``: their values in the
-      files) and extra special tokens not among them, as special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    - the added tokens of ``_added_tokens``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     special = {name: _token_string(value) for name, value in raw.items()}
     model = spec["model"]
@@ -307,7 +311,26 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     strip = prefix_space or code_llama
     tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if strip else []))
+    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, code_llama))
 
+    bos = special.get("bos_token")
+    if not code_llama:
+        tokenizer.post_processor = post_processor
+    elif bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    return tokenizer
+
+
+def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, code_llama: bool = False) -> list:
+    """The added tokens of a tokenizer that transformers 5 rebuilds from tokenizer.json ``spec`` (``TokenizersBackend.
+    __init__``): tokenizer_config.json's added_tokens_decoder (else tokenizer.json's), in id order, a named one made
+    special, then the named tokens (``raw``: their values in the files) and extra special tokens not among them, as
+    special tokens (for CodeLlama, its infilling arguments among the latter)."""
+    from tokenizers import AddedToken
+
+    special = {name: _token_string(value) for name, value in raw.items()}
     if "added_tokens_decoder" in config:
         decoder = {int(i): AddedToken(**t) for i, t in config["added_tokens_decoder"].items()}
     else:
@@ -338,15 +361,32 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
                 if isinstance(value, dict) else {}
             tokens.append(AddedToken(content, special=True, **flags))
             known.add(content)
-    tokenizer.add_tokens(tokens)
+    return tokens
 
-    bos = special.get("bos_token")
-    if not code_llama:
-        tokenizer.post_processor = post_processor
-    elif bos is not None:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, tokenizer.token_to_id(bos))])
+
+def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict):
+    """The ``tokenizers.Tokenizer`` that transformers 5's ``GemmaTokenizer`` (models/gemma/tokenization_gemma.py)
+    builds from tokenizer.json ``spec``: as for a LlamaTokenizer, only tokenizer.json's vocabulary, merges and
+    post-processor are kept, and its ``__init__`` sets
+    - the model: BPE with ``fuse_unk`` and ``byte_fallback``, no dropout, unk_token ``str(unk_token)``;
+    - the normalizer Replace(" ", "▁") and the pre-tokenizer Split(" ", merged_with_previous) (which finds no space
+      left: the layout of Gemma's own tokenizer.json, where no "▁" is prepended);
+    - the decoder: "▁" as " ", byte fallback, fuse (no space stripped);
+    - tokenizer.json's post-processor (tokenizer_config.json's ``add_bos_token`` / ``add_eos_token`` are dropped
+      where there is a tokenizer.json); none where it has none (no BOS);
+    - the added tokens of ``_added_tokens``, its named tokens' defaults ``<mask>`` included (``_GEMMA_DEFAULTS``)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    model = spec["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    unk = _token_string(raw.get("unk_token"))
+    tokenizer = Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, fuse_unk=True, unk_token=str(unk),
+                                     dropout=None, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw))
+    tokenizer.post_processor = post_processor
     return tokenizer
 
 
@@ -404,8 +444,10 @@ def load_hf_tokenizer(path) -> HFTokenizer:
                     raw[name] = value
     special = {name: _token_string(value) for name, value in raw.items()}
     infilling = None
-    spec = json.loads(tokenizer.to_str()) if tokenizer_class in _LLAMA_CLASSES else None
-    if spec is not None and _sentencepiece_layout(spec):
+    spec = json.loads(tokenizer.to_str()) if tokenizer_class in (*_LLAMA_CLASSES, "GemmaTokenizer") else None
+    if tokenizer_class == "GemmaTokenizer" and (spec["model"] or {}).get("type") == "BPE":
+        tokenizer = _gemma_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw)
+    elif spec is not None and tokenizer_class != "GemmaTokenizer" and _sentencepiece_layout(spec):
         code_llama = tokenizer_class == "CodeLlamaTokenizer"
         tokenizer = _llama_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw, code_llama)
         if code_llama:  # its fill token is its argument's (set last in its __init__); so are the infilling ids
@@ -422,7 +464,11 @@ def load_hf_tokenizer(path) -> HFTokenizer:
                 ids = tuple(token_id(args[k]) for k in ("prefix_token", "suffix_token", "middle_token"))
                 infilling = _Infilling(tokenizer, args["fill_token"], ids)
     else:
-        if spec is not None:  # a Llama class, not in SentencePiece's layout
+        if tokenizer_class == "GemmaTokenizer":  # transformers 5 builds a BPE over a vocabulary that is not one
+            warnings.warn(f"load_hf_tokenizer: {path} is a GemmaTokenizer whose tokenizer.json is not a BPE; "
+                          "transformers 5 rebuilds it as one from its vocabulary: these ids follow tokenizer.json",
+                          stacklevel=2)
+        elif spec is not None:  # a Llama class, not in SentencePiece's layout
             warnings.warn(f"load_hf_tokenizer: {path} is a {tokenizer_class} whose tokenizer.json is not a "
                           "SentencePiece-style BPE; transformers 5 rebuilds it as one (a Metaspace pre-tokenizer "
                           "over its vocabulary and merges), which loses its spaces: these ids follow tokenizer.json",
