@@ -5,7 +5,10 @@ tests/fixtures/hf_tokenizer/ (scripts/fixtures/make_hf_fixtures.py): a small byt
 with transformers' ids of plain texts (with and without special tokens), its rendered chat prompts and their ids
 (``apply_chat_template(tokenize=True)``), and its decoding. tests/fixtures/hf_tokenizer_llama2/: a small BPE in
 Llama 2's SentencePiece layout with Llama 2's tokenizer_config.json, and transformers' outputs for it under several
-configurations (legacy, add_prefix_space, the CodeLlama class, model_type mistral).
+configurations (legacy, add_prefix_space, the CodeLlama class, model_type mistral). tests/fixtures/hf_tokenizer_gemma/:
+a small BPE in Gemma 1's layout with the tokenizer_config.json, special_tokens_map.json and config.json transformers
+4 saved for Gemma (and, in v5/, the files transformers 5 saves), with transformers' outputs under several
+configurations (Gemma 1.1's special turn markers, CodeGemma's FIM tokens, no tokenizer_class, add_eos_token, ...).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer"
 WANT = json.loads((FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))
 LLAMA2_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer_llama2"
 LLAMA2 = json.loads((LLAMA2_FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))["cases"]
+GEMMA_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer_gemma"
+GEMMA = json.loads((GEMMA_FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))
 
 
 def test_ids_and_special_tokens_match_transformers():
@@ -227,3 +232,80 @@ def test_special_tokens_map_only_without_added_tokens_decoder(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_hf_tokenizer(tmp_path)
     assert (tok.bos_id, tok.pad_id, tok.special["image_token"]) == (2, 2, "<s>")
+
+
+def _gemma_case(tmp_path, name):
+    """hf_tokenizer_gemma's files changed as case ``name`` says (as make_hf_fixtures.gemma_case_files)."""
+    want = GEMMA["cases"][name]
+    case = want["case"]
+    source = GEMMA_FIXTURE / case.get("dir", "")
+    for f in source.iterdir():
+        if f.is_file() and f.name != "transformers_outputs.json":
+            shutil.copy(f, tmp_path)
+    config = dict(json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8")),
+                  **case.get("tokenizer_config", {}))
+    for key in case.get("drop", ()):
+        config.pop(key)
+    for content, change in case.get("added", {}).items():
+        i = next(i for i, t in config["added_tokens_decoder"].items() if t["content"] == content)
+        if change is None:
+            del config["added_tokens_decoder"][i]
+        else:
+            config["added_tokens_decoder"][i].update(change)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    if case.get("model_type", "gemma") is None:
+        (tmp_path / "config.json").unlink()
+    if not case.get("special_tokens_map", True):
+        (tmp_path / "special_tokens_map.json").unlink(missing_ok=True)
+    return want
+
+
+def _assert_gemma_outputs(tok, want):
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (want["bos_id"], want["eos_id"], want["pad_id"],
+                                                                    want["vocab_size"])
+    assert tok.special == want["special_tokens"]
+    for text, ids, ids_no_special, decoded in zip(GEMMA["texts"], want["ids"], want["ids_no_special"],
+                                                  want["decoded"], strict=True):
+        assert tok.encode(text) == ids, text
+        assert tok.encode(text, add_bos=False) == ids_no_special, text
+        assert tok.encode(text, add_bos=True) == [tok.bos_id] + ids_no_special, text
+        assert tok.decode(ids) == decoded, text
+    for messages, c in zip(GEMMA["chats"], want["chats"], strict=True):
+        text = tok.apply_chat_template(messages)
+        assert text == c["text"]
+        assert tok.encode(text, add_bos=False) == c["ids"]
+        assert tok.decode(c["ids"]) == c["decoded"]
+
+
+@pytest.mark.parametrize("name", list(GEMMA["cases"]))
+def test_gemma_as_transformers_5_builds_it(tmp_path, name):
+    """A GemmaTokenizer (Gemma 1, 1.1, CodeGemma; tests/fixtures/hf_tokenizer_gemma): transformers 5 rebuilds its
+    pipeline from tokenizer.json's vocabulary, merges and post-processor, takes its added tokens from
+    tokenizer_config.json's added_tokens_decoder (a FIM token left out there is no added token; strip flags as
+    given), adds its default named tokens ("<mask>" too), drops add_bos_token / add_eos_token, and builds it for
+    model_type gemma where the files name no class (with neither, reads tokenizer.json as written). The ids,
+    decodings, named tokens and chat prompts are transformers', for the files as transformers 4 and 5 saved them."""
+    want = _gemma_case(tmp_path, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = load_hf_tokenizer(tmp_path)
+    _assert_gemma_outputs(tok, want)
+
+
+def test_gemma_pipeline_is_gemmas_not_tokenizer_json(tmp_path):
+    """transformers 5's GemmaTokenizer keeps none of tokenizer.json's normalizer, pre-tokenizer and decoder (checked
+    against transformers 5.17 by scripts/fixtures/diff_gemma_tokenizer.py): with SentencePiece's Prepend("▁") and
+    Llama 2's decoder written there, the ids and decodings stay those of the case "gemma", and differ from
+    tokenizer.json's as written."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    want = _gemma_case(tmp_path, "gemma")
+    file = str(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_file(file)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.save(file)
+    assert [tok.encode(t).ids for t in GEMMA["texts"]] != want["ids"]
+    _assert_gemma_outputs(load_hf_tokenizer(tmp_path), want)
