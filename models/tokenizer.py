@@ -6,8 +6,8 @@ here also carry ``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
 ``BPETokenizer`` is built with the optional ``tokenizers`` package (and renders chat templates with the
 optional ``jinja2``): ``pip install -e '.[demo]'``. ``models.gguf.load_gguf_tokenizer`` builds one from a GGUF
 file's vocabulary, merges and chat template. ``load_hf_tokenizer(dir)`` reads an HF checkpoint's tokenizer.json
-(with ``tokenizers``, the engine of transformers' fast tokenizers: the same ids; a Llama class's rebuilt as
-transformers 5 rebuilds it) and tokenizer_config.json's special tokens and chat template.
+(with ``tokenizers``, the engine of transformers' fast tokenizers: the same ids; a Llama or Gemma class's rebuilt
+as transformers 5 rebuilds it) and tokenizer_config.json's special tokens and chat template.
 """
 
 from __future__ import annotations
@@ -404,9 +404,14 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     rebuilds it (``_llama_tokenizer``: tokenizer.json's vocabulary and merges under a Metaspace pre-tokenizer, which
     gives other ids than SentencePiece's normalizer for text that starts with a space or follows a special token),
     unless config.json's model_type makes AutoTokenizer read tokenizer.json as written (mistral, mixtral, granite,
-    olmo2, phi3: Mistral 7B's and Phi-3's files name a LlamaTokenizer). Not followed, with a warning: that rebuild of
-    a tokenizer.json that is not a SentencePiece-style BPE (byte-level: transformers 5's ids lose the spaces there),
-    and a Llama class with model_type qwen2 (transformers builds a Qwen2Tokenizer); those ids are tokenizer.json's."""
+    olmo2, phi3: Mistral 7B's and Phi-3's files name a LlamaTokenizer). A ``GemmaTokenizer`` (Gemma 1 / 1.1, CodeGemma;
+    also for model_type gemma where the files name no class) is rebuilt as transformers 5 builds it
+    (``_gemma_tokenizer``: its own normalizer and decoder over tokenizer.json's vocabulary, merges and
+    post-processor; the added tokens of tokenizer_config.json's added_tokens_decoder; "<mask>" among its default
+    named tokens). Not followed, with a warning: the Gemma rebuild of a tokenizer.json that is not a BPE (a WordLevel
+    one: transformers 5 spells its words letter by letter), the Llama rebuild of a tokenizer.json that is not a
+    SentencePiece-style BPE (byte-level: transformers 5's ids lose the spaces there), and a Llama class with
+    model_type qwen2 (transformers builds a Qwen2Tokenizer); those ids are tokenizer.json's."""
     try:
         from tokenizers import AddedToken, Tokenizer
     except ImportError as e:

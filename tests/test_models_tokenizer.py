@@ -309,3 +309,19 @@ def test_gemma_pipeline_is_gemmas_not_tokenizer_json(tmp_path):
     tok.save(file)
     assert [tok.encode(t).ids for t in GEMMA["texts"]] != want["ids"]
     _assert_gemma_outputs(load_hf_tokenizer(tmp_path), want)
+
+
+def test_gemma_class_on_a_tokenizer_json_that_is_not_bpe_warns(tmp_path):
+    """A GemmaTokenizer over a WordLevel tokenizer.json: transformers 5 (5.17) builds a BPE without merges over its
+    vocabulary all the same, which spells "hello world" letter by letter; the loader says so and keeps
+    tokenizer.json's ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "hello": 5, "world": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    with pytest.warns(UserWarning, match="GemmaTokenizer whose tokenizer.json is not a BPE"):
+        loaded = load_hf_tokenizer(tmp_path)
+    assert loaded.encode("hello world") == [5, 6]
