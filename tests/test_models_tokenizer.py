@@ -24,6 +24,7 @@ pytest.importorskip("tokenizers", reason="optional 'tokenizers' package not inst
 pytest.importorskip("jinja2", reason="optional 'jinja2' package not installed: pip install -e '.[demo]'")
 
 from models.tokenizer import load_hf_tokenizer  # noqa: E402
+from scripts.fixtures.gemma_cases import gemma_case_files  # noqa: E402
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer"
 WANT = json.loads((FIXTURE / "transformers_outputs.json").read_text(encoding="utf-8"))
@@ -235,28 +236,10 @@ def test_special_tokens_map_only_without_added_tokens_decoder(tmp_path):
 
 
 def _gemma_case(tmp_path, name):
-    """hf_tokenizer_gemma's files changed as case ``name`` says (as make_hf_fixtures.gemma_case_files)."""
+    """hf_tokenizer_gemma's files changed as case ``name`` says (``gemma_cases.gemma_case_files``, as the fixture's
+    generator did before recording transformers' outputs)."""
     want = GEMMA["cases"][name]
-    case = want["case"]
-    source = GEMMA_FIXTURE / case.get("dir", "")
-    for f in source.iterdir():
-        if f.is_file() and f.name != "transformers_outputs.json":
-            shutil.copy(f, tmp_path)
-    config = dict(json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8")),
-                  **case.get("tokenizer_config", {}))
-    for key in case.get("drop", ()):
-        config.pop(key)
-    for content, change in case.get("added", {}).items():
-        i = next(i for i, t in config["added_tokens_decoder"].items() if t["content"] == content)
-        if change is None:
-            del config["added_tokens_decoder"][i]
-        else:
-            config["added_tokens_decoder"][i].update(change)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    if case.get("model_type", "gemma") is None:
-        (tmp_path / "config.json").unlink()
-    if not case.get("special_tokens_map", True):
-        (tmp_path / "special_tokens_map.json").unlink(missing_ok=True)
+    gemma_case_files(GEMMA_FIXTURE, want["case"], tmp_path)
     return want
 
 
