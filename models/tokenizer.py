@@ -277,6 +277,26 @@ def _code_llama_arguments(config: dict, legacy_map: dict) -> dict:
             else default for k, default in _CODE_LLAMA_TOKENS.items()}
 
 
+def _byte_fallback_bpe(spec: dict, unk_token: str | None):
+    """A ``tokenizers.Tokenizer`` of tokenizer.json ``spec``'s vocabulary and merges as transformers 5's
+    SentencePiece-style classes (Llama, CodeLlama, Gemma) rebuild it: BPE with ``fuse_unk`` and ``byte_fallback``,
+    no dropout, ``unk_token`` where the class passes one (None: none)."""
+    from tokenizers import Tokenizer, models
+
+    model = spec["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    unk = {} if unk_token is None else {"unk_token": unk_token}
+    return Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, fuse_unk=True, byte_fallback=True, dropout=None,
+                                **unk))
+
+
+def _sentencepiece_decoding() -> list:
+    """The decoder steps those classes share: "▁" as " ", byte fallback, fuse."""
+    from tokenizers import decoders
+
+    return [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+
+
 def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict, code_llama: bool):
     """The ``tokenizers.Tokenizer`` that transformers 5's ``LlamaTokenizer`` (``CodeLlamaTokenizer`` where
     ``code_llama``) builds from tokenizer.json ``spec``. Its ``__init__`` (models/llama/tokenization_llama.py,
@@ -293,14 +313,11 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     - tokenizer.json's post-processor; CodeLlama builds its own (BOS, no EOS): with a tokenizer.json, transformers
       drops tokenizer_config.json's ``add_bos_token`` / ``add_eos_token``, and CodeLlama's argument is true;
     - the added tokens of ``_added_tokens``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import decoders, pre_tokenizers, processors
 
     special = {name: _token_string(value) for name, value in raw.items()}
-    model = spec["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-    unk = {"unk_token": str(special.get("unk_token"))} if code_llama else {}  # str(): as CodeLlama's __init__
-    tokenizer = Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, fuse_unk=True, byte_fallback=True,
-                                     dropout=None, **unk))
+    # str(): as CodeLlama's __init__
+    tokenizer = _byte_fallback_bpe(spec, str(special.get("unk_token")) if code_llama else None)
     prefix_space = config.get("add_prefix_space")
     prefix_space = True if prefix_space is None else bool(prefix_space)
     if not prefix_space:
@@ -308,9 +325,8 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     else:
         scheme = "always" if config.get("legacy", False) and not code_llama else "first"
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     strip = prefix_space or code_llama
-    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if strip else []))
+    tokenizer.decoder = decoders.Sequence(_sentencepiece_decoding() + ([decoders.Strip(" ", 1, 0)] if strip else []))
     tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, code_llama))
 
     bos = special.get("bos_token")
@@ -375,15 +391,11 @@ def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     - tokenizer.json's post-processor (tokenizer_config.json's ``add_bos_token`` / ``add_eos_token`` are dropped
       where there is a tokenizer.json); none where it has none (no BOS);
     - the added tokens of ``_added_tokens``, its named tokens' defaults ``<mask>`` included (``_GEMMA_DEFAULTS``)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers
 
-    model = spec["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-    unk = _token_string(raw.get("unk_token"))
-    tokenizer = Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, fuse_unk=True, unk_token=str(unk),
-                                     dropout=None, byte_fallback=True))
+    tokenizer = _byte_fallback_bpe(spec, str(_token_string(raw.get("unk_token"))))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.decoder = decoders.Sequence(_sentencepiece_decoding())
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
     tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw))
     tokenizer.post_processor = post_processor
