@@ -46,6 +46,7 @@ def _softmax(logits: Array, visible: Array) -> tuple[Array, Array]:
   return jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0), lse
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "scale"))  # called eagerly: one program, not op by op
 def attention(
     q: Array,
     k: Array,
@@ -79,6 +80,7 @@ def attention(
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
 
+@functools.partial(jax.jit, static_argnames=("scale",))
 def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: float) -> tuple[Array, Array]:
   """Attention of every query of the batch to one shared, fully visible KV: the prefix product of Hydragen.
 
@@ -101,6 +103,7 @@ def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: floa
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
 
+@jax.jit
 def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   """Exact log-sum-exp merge of attention results over disjoint key sets.
 

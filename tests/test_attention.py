@@ -325,6 +325,33 @@ def test_property_random_trees(backend, data):
   chex.assert_trees_all_close(out, expected_tree(q, levels), **tol(jnp.float32))
 
 
+def test_reference_called_outside_jit_is_one_compiled_program_a_function():
+  """The reference (what the xla backend runs) called eagerly: one compiled program per function and shape, not one
+  per jnp op (a depth-3 tree on the xla backend compiled 107 programs before)."""
+  compiles = []
+
+  def count(event, _duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  keys = jax.random.split(jax.random.PRNGKey(16), 4)
+  q = normal(keys[0], (3, 2, 8, 24), jnp.float32)  # a head dim no other test compiles
+  k, v = normal(keys[1], (3, 13, 2, 24), jnp.float32), normal(keys[2], (3, 13, 2, 24), jnp.float32)
+  lengths, lse = jnp.array([13, 5, 0], jnp.int32), normal(keys[3], (3, 2, 8), jnp.float32)
+  shared_k, shared_v = np.asarray(k[0]), np.asarray(v[0])
+  jax.block_until_ready((q, k, v, lengths, lse))
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    for name, run in [("attention", lambda: reference.attention(q, k, v, lengths, causal=True, scale=0.2)),
+                      ("shared_attention", lambda: reference.shared_attention(q, shared_k, shared_v, 9, scale=0.2)),
+                      ("merge_states", lambda: reference.merge_states([(q, lse), (q, lse)]))]:
+      compiles.clear()
+      jax.block_until_ready(run())
+      assert len(compiles) == 1, (name, len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+
+
 # --- merge_states -------------------------------------------------------------------------------------------
 
 
