@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -552,8 +553,9 @@ def test_probe_rope_profiles_each_variant_and_they_agree():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 64))
   positions = jnp.array([[0, 1], [7, 8], [60000, 60001]])
   inv = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
-  for dtype, atol in ((jnp.bfloat16, 0.0), (jnp.float32, 1e-6)):
-    a, b = (f(x.astype(dtype), positions, inv) for f in (probe_rope.VARIANTS["concat"], probe_rope.VARIANTS["flip"]))
+  for (dtype, atol), factor in itertools.product(((jnp.bfloat16, 0.0), (jnp.float32, 1e-6)), (1.0, 1.2)):
+    a, b = (f(x.astype(dtype), positions, inv, factor)  # factor: YaRN's attention factor on cos and sin
+            for f in (probe_rope.VARIANTS["concat"], probe_rope.VARIANTS["flip"]))
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=atol)
 
 

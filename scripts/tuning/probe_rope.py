@@ -31,9 +31,12 @@ from experiments import model_api
 from scripts import profile_decode
 
 
-def rope_flip(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def rope_flip(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
+  """`models.llama.apply_rope` (same arguments) written with a flip instead of the concatenate."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if factor != 1.0:
+    cos, sin = cos * factor, sin * factor
   c = jnp.stack([cos, cos], axis=-2)[:, :, None]  # [B, T, 1, 2, D/2]
   s = jnp.stack([-sin, sin], axis=-2)[:, :, None]
   halves = x.astype(jnp.float32).reshape(x.shape[:-1] + (2, -1))  # [B, T, H, 2, D/2]
