@@ -7,7 +7,8 @@ without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual bra
 the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2), checkpoint tensors
 of q/k/v and of gate/up fused (Phi-3), embeddings scaled by sqrt(hidden_size), norm weights stored as offsets from 1
 and a GELU-gated MLP (Gemma).
-Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling. Both ``config.json`` layouts are read:
+Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling, and Phi-3's ``longrope`` for sequences
+within its pretraining context (``LlamaConfig.max_length``). Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
 dict); they give the same config for the same model.
 
@@ -49,7 +50,8 @@ class Family:
     post_norms: bool = False  # OLMo 2: RMSNorm of the attention's and the MLP's outputs (none of their inputs), and
     # of q and k over all heads' width (q_proj's and k_proj's outputs), each norm's weight applied in float32
     fused_projections: bool = False  # Phi-3: q/k/v in one checkpoint tensor (qkv_proj), gate/up in one (gate_up_proj)
-    only_default_rope: bool = False  # Phi-3: no RoPE scaling but longrope, which this loader does not read
+    longrope: bool = False  # Phi-3: RoPE scaling is longrope only (its configs' "su" and "yarn" read as longrope),
+    # its pretraining context the top-level original_max_position_embeddings (default 4096)
     scaled_embeddings: bool = False  # Gemma: the embeddings times sqrt(hidden_size), rounded to their dtype first
     unit_offset_norms: bool = False  # Gemma: every RMSNorm weight stored as its offset from 1 (x times 1 + weight),
     # applied in float32
@@ -100,7 +102,7 @@ FAMILIES = {  # model_type -> Family
     "olmo2": Family("Olmo2ForCausalLM", post_norms=True, default_bos=None, default_eos=50279, default_eps=1e-5),
     # Phi-3 / Phi-4: Llama's decoder with fused projection tensors; its window applies to every layer (Phi-3-mini-4k's
     # 2047: sequences up to that); residual / embedding dropout (training only)
-    "phi3": Family("Phi3ForCausalLM", fused_projections=True, only_default_rope=True, default_eos=32000,
+    "phi3": Family("Phi3ForCausalLM", fused_projections=True, longrope=True, default_eos=32000,
                    default_max_positions=4096, default_eps=1e-5,
                    keys=frozenset({"sliding_window", "original_max_position_embeddings", "resid_pdrop", "embd_pdrop"})),
     # Gemma (Gemma 2B / 7B, Gemma 1.1, CodeGemma): the embeddings scaled, norm weights offsets from 1, GELU(gate) * up;
@@ -132,6 +134,8 @@ _ROPE_KEYS = {
     "llama3": {"rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
     "yarn": {"rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
              "mscale", "mscale_all_dim", "truncate"},
+    "longrope": {"rope_theta", "factor", "original_max_position_embeddings", "attention_factor", "short_factor",
+                 "long_factor"},
 }
 SUPPORTED_ROPE_TYPES = tuple(_ROPE_KEYS)
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -177,7 +181,11 @@ class RopeScaling:
     """RoPE frequency scaling. ``rope_type``: "llama3" (Llama 3.1+), "linear" (positions / factor) or "yarn" (YaRN,
     the long-context setting of Qwen2.5 / Qwen3 model cards: frequencies blended between interpolated and original
     over a band of dimensions set by ``beta_fast`` / ``beta_slow``, and cos / sin multiplied by
-    ``attention_factor``, by default 0.1·ln(factor) + 1). The fields a type does not use keep their defaults."""
+    ``attention_factor``, by default 0.1·ln(factor) + 1) or "longrope" (Phi-3.5, Phi-3-mini-128k: each frequency
+    divided by its ``short_factor`` entry, cos / sin multiplied by ``attention_factor``, by default
+    sqrt(1 + ln(factor) / ln(original_max_position_embeddings)); ``long_factor`` is what transformers switches to
+    past original_max_position_embeddings tokens, which the config's ``max_length`` keeps sequences under). The fields
+    a type does not use keep their defaults."""
 
     rope_type: str
     factor: float
@@ -188,11 +196,21 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float | None = None
     truncate: bool = True
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.rope_type not in ("linear", "llama3", "yarn"):  # "default" is no scaling: rope_scaling=None
-            raise ValueError(f"config: rope_scaling.rope_type must be 'linear', 'llama3' or 'yarn' (no scaling: "
-                             f"rope_scaling=None), got {self.rope_type!r}")
+        if self.rope_type not in ("linear", "llama3", "yarn", "longrope"):  # "default": rope_scaling=None
+            raise ValueError(f"config: rope_scaling.rope_type must be 'linear', 'llama3', 'yarn' or 'longrope' (no "
+                             f"scaling: rope_scaling=None), got {self.rope_type!r}")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if (self.rope_type == "longrope") != (value is not None):
+                raise ValueError(f"config: rope_scaling.{name} is longrope's and needed by it; rope_type "
+                                 f"{self.rope_type!r}, got {value!r}")
+            if value is not None and not (isinstance(value, tuple) and value and all(map(_positive_finite, value))):
+                raise ValueError(f"config: rope_scaling.{name} must be a non-empty tuple of positive finite "
+                                 f"numbers, got {value!r}")
         names = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
                  "beta_slow"] + (["attention_factor"] if self.attention_factor is not None else [])
         for name in names:
@@ -207,13 +225,16 @@ class RopeScaling:
 
     @property
     def cos_sin_factor(self) -> float:
-        """What cos and sin are multiplied by (YaRN's attention factor: the scores grow by its square); 1 but for
-        yarn."""
-        if self.rope_type != "yarn":
+        """What cos and sin are multiplied by (YaRN's and longrope's attention factor: the scores grow by its
+        square); 1 but for yarn and longrope."""
+        if self.rope_type not in ("yarn", "longrope"):
             return 1.0
         if self.attention_factor is not None:
             return float(self.attention_factor)
-        return _yarn_mscale(self.factor)
+        if self.rope_type == "yarn":
+            return _yarn_mscale(self.factor)
+        original = self.original_max_position_embeddings
+        return 1.0 if self.factor <= 1 else math.sqrt(1 + math.log(self.factor) / math.log(original))
 
 
 def _positive_finite(value: Any) -> bool:
@@ -233,8 +254,8 @@ class LlamaConfig:
     ``model_type`` names the family (``FAMILIES``): "llama" (Llama 2 / 3 / 3.x, CodeLlama), "mistral", "qwen2"
     (Qwen2, Qwen2.5: q/k/v biases), "qwen3" (q/k RMSNorm), "smollm3" (RoPE in the layers ``rope_layers`` marks only),
     "granite" (the multipliers below), "olmo2" (norms after the attention and the MLP; q/k norms over all heads),
-    "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE only), "gemma" (Gemma 1,
-    CodeGemma: embeddings times sqrt(hidden_size), RMSNorm weights as offsets from 1, a GELU-gated MLP).
+    "phi3" (Phi-3 / Phi-4: the checkpoint's q/k/v and gate/up tensors fused; default RoPE or longrope), "gemma"
+    (Gemma 1, CodeGemma: embeddings times sqrt(hidden_size), RMSNorm weights as offsets from 1, a GELU-gated MLP).
     ``rope_layers``: whether each layer applies RoPE (None: all; SmolLM3's ``no_rope_layers``, its family only).
     ``sliding_window``: W, where every layer's query sees only the last W keys (Mistral-7B-v0.1's 4096, Phi-3-mini's
     2047; Llama, Mistral and Phi-3 only): sequences of at most W tokens are what the window does not change, and
@@ -294,6 +315,14 @@ class LlamaConfig:
             raise ValueError(f"config: rope_scaling must be a models.RopeScaling or None, got "
                              f"{type(self.rope_scaling).__name__} {self.rope_scaling!r} (a transformers-style dict: "
                              "LlamaConfig.from_dict reads those)")
+        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":
+            if not self.family.longrope:
+                raise ValueError(f"config: longrope is read for model_type 'phi3' only, got model_type "
+                                 f"{self.model_type!r}")
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self.rope_scaling, name)) != self.head_dim // 2:
+                    raise ValueError(f"config: rope_scaling.{name} must have head_dim / 2 = {self.head_dim // 2} "
+                                     f"entries (one a frequency), got {len(getattr(self.rope_scaling, name))}")
         if isinstance(self.eos_token_ids, list):  # hashable as a jit static argument: a tuple
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if not isinstance(self.eos_token_ids, tuple) or not all(is_int(i) for i in self.eos_token_ids):
@@ -340,8 +369,12 @@ class LlamaConfig:
     @property
     def max_length(self) -> int:
         """The longest sequence (prompt + new tokens) this model computes as transformers does: its
-        max_position_embeddings, or its sliding window where that is shorter."""
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        max_position_embeddings, or its sliding window where that is shorter, or with longrope its
+        original_max_position_embeddings (past it transformers switches every position to the long factors)."""
+        limits = [self.max_position_embeddings, self.sliding_window or self.max_position_embeddings]
+        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":
+            limits.append(int(self.rope_scaling.original_max_position_embeddings))
+        return min(limits)
 
     @property
     def query_scale(self) -> float:
@@ -427,14 +460,7 @@ class LlamaConfig:
         rope_layers = _rope_layers(d, layers) if family.nope_layers else None
         layer_types = _layer_types(d, family, layers, rope_layers)
         window = _check_sliding_window(d, family, layer_types, max_pos)
-        for where in ("rope_scaling", "rope_parameters") if family.only_default_rope else ():
-            rs = d.get(where)
-            kind = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else "default"
-            if kind != "default":
-                raise CheckpointError(f"config: {where} type {kind!r} for model_type {model_type!r}: transformers' "
-                                      "Phi-3 reads only default RoPE and longrope (its configs' 'yarn' and 'su' are "
-                                      "read as longrope), which this loader does not support")
-        theta, scaling = _parse_rope(d, max_pos, family.default_theta)
+        theta, scaling = _parse_rope(d, max_pos, family)
         eos = d.get("eos_token_id", family.default_eos)
         eos_ids = _id_tuple(eos)
         for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
@@ -503,6 +529,8 @@ class LlamaConfig:
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
+        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":  # where Phi3Config reads it
+            d["original_max_position_embeddings"] = self.rope_scaling.original_max_position_embeddings
         if self.family.nope_layers:
             d["no_rope_layers"] = [int(self.uses_rope(i)) for i in range(self.num_hidden_layers)]
         if self.family.multipliers:
@@ -570,7 +598,7 @@ def _rope_scaling_dict(rs: RopeScaling | None) -> dict[str, Any] | None:
     """``rs`` as a transformers-4 ``rope_scaling`` dict, with the keys of its type only."""
     if rs is None:
         return None
-    return {k: v for k, v in dataclasses.asdict(rs).items()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(rs).items()
             if (k == "rope_type" or k in _ROPE_KEYS[rs.rope_type]) and v is not None}
 
 
@@ -645,7 +673,7 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
     return window
 
 
-def _parse_rope(d: dict[str, Any], max_pos: int, default_theta: float) -> tuple[float, RopeScaling | None]:
+def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout. transformers 4: top-level ``rope_theta`` + ``rope_scaling`` dict;
     transformers 5: ``rope_parameters`` (with ``rope_theta`` inside; one flat dict: a dict per layer type is refused,
     as transformers does not read it for these families). Where both layouts are present they must agree. No theta
@@ -657,7 +685,7 @@ def _parse_rope(d: dict[str, Any], max_pos: int, default_theta: float) -> tuple[
     found = []  # (where, (theta, scaling))
     legacy = d.get("rope_scaling")
     if legacy is not None:
-        found.append(("rope_scaling", _parse_rope_dict(legacy, "rope_scaling", top_theta, max_pos, default_theta)))
+        found.append(("rope_scaling", _parse_rope_dict(legacy, "rope_scaling", top_theta, max_pos, family, d)))
     params = d.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict):
@@ -669,11 +697,11 @@ def _parse_rope(d: dict[str, Any], max_pos: int, default_theta: float) -> tuple[
                                   f"is not a layout transformers reads for model_type {d.get('model_type', 'llama')!r}"
                                   "; write one flat RoPE dict")
         found.append(("rope_parameters",
-                      _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, default_theta)))
+                      _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)))
     if top_theta is not None:
         found.append(("rope_theta", (_number(top_theta, "rope_theta"), found[0][1][1] if found else None)))
     if not found:
-        return default_theta, None
+        return family.default_theta, None
     for where, value in found[1:]:
         if value != found[0][1]:
             raise CheckpointError(f"config: {where} gives RoPE {value} but {found[0][0]} gives {found[0][1]} "
@@ -681,14 +709,23 @@ def _parse_rope(d: dict[str, Any], max_pos: int, default_theta: float) -> tuple[
     return found[0][1]
 
 
-def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int,
-                     default_theta: float) -> tuple[float, RopeScaling | None]:
+def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: Family,
+                     d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if not isinstance(rs, dict):
         raise CheckpointError(f"config: {where} must be a dict or null, got {rs!r}")
     if "rope_type" in rs and "type" in rs and rs["rope_type"] != rs["type"]:
         raise CheckpointError(f"config: {where} has rope_type {rs['rope_type']!r} and type {rs['type']!r}; they "
                               "must agree (transformers 4 reads `type`, 5 reads `rope_type`)")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
+    if family.longrope:  # transformers' Phi3Config: "su" and "yarn" are longrope, no other scaling
+        rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+        if rope_type not in ("default", "longrope"):
+            raise CheckpointError(f"config: {where} type {rope_type!r} for model_type {d.get('model_type')!r}: "
+                                  "transformers' Phi-3 reads only default RoPE and longrope (its configs' 'yarn' and "
+                                  "'su' are read as longrope)")
+    elif rope_type == "longrope":
+        raise CheckpointError(f"config: {where} type 'longrope' is read for model_type 'phi3' only (whose config "
+                              f"gives its pretraining context), got model_type {d.get('model_type', 'llama')!r}")
     if rope_type not in _ROPE_KEYS:
         raise CheckpointError(f"config: unsupported {where} type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
     extra = [k for k in rs if k not in _ROPE_KEYS[rope_type] | {"rope_type", "type", "partial_rotary_factor"}]
@@ -698,10 +735,12 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int,
     partial = rs.get("partial_rotary_factor")
     if partial is not None and partial != 1.0:
         raise CheckpointError(f"config: {where} partial_rotary_factor={partial!r} is not supported")
-    theta = rs.get("rope_theta", top_theta if top_theta is not None else default_theta)
+    theta = rs.get("rope_theta", top_theta if top_theta is not None else family.default_theta)
     theta = _number(theta, f"{where} rope_theta")
     if rope_type == "default":
         return theta, None
+    if rope_type == "longrope":
+        return theta, _parse_longrope(rs, where, max_pos, d)
     if "factor" not in rs:
         raise CheckpointError(f"config: {where} of type {rope_type!r} needs 'factor'")
     if rope_type == "yarn":
@@ -727,6 +766,34 @@ def _original_context(rs: dict[str, Any], where: str, max_pos: int) -> int | flo
     if _number(original, f"{where} original_max_position_embeddings") <= 0:
         raise CheckpointError(f"config: {where} original_max_position_embeddings must be positive, got {original}")
     return original
+
+
+def _parse_longrope(rs: dict[str, Any], where: str, max_pos: int, d: dict[str, Any]) -> RopeScaling:
+    """A Phi-3 longrope dict, read as transformers 5 reads it: the pretraining context is config.json's top-level
+    ``original_max_position_embeddings`` (Phi3Config's 4096 where absent), whatever the dict holds; a missing or null
+    ``factor`` is max_position_embeddings / that context; ``short_factor`` and ``long_factor`` lists of positive
+    numbers (their length, head_dim / 2, is checked by the config); ``attention_factor`` given or derived
+    (``RopeScaling.cos_sin_factor``)."""
+    original = d.get("original_max_position_embeddings", 4096)
+    if not is_int(original) or original <= 0:
+        raise CheckpointError(f"config: original_max_position_embeddings must be a positive integer (longrope's "
+                              f"pretraining context), got {original!r}")
+    factor = max_pos / original if rs.get("factor") is None else _number(rs["factor"], f"{where} factor")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is not None:
+        attention_factor = _number(attention_factor, f"{where} attention_factor")
+    lists = {}
+    for key in ("short_factor", "long_factor"):
+        value = rs.get(key)
+        if not (isinstance(value, list) and value and all(_positive_finite(x) for x in value)):
+            raise CheckpointError(f"config: {where} of type 'longrope' needs {key!r}, a list of positive numbers; "
+                                  f"got {value!r}")
+        lists[key] = tuple(float(x) for x in value)
+    for key, value in (("factor", factor), ("attention_factor", attention_factor)):
+        if value is not None and not value > 0:
+            raise CheckpointError(f"config: {where} {key} must be positive, got {value}")
+    return RopeScaling("longrope", factor, original_max_position_embeddings=original,
+                       attention_factor=attention_factor, **lists)
 
 
 def _parse_yarn(rs: dict[str, Any], where: str, max_pos: int) -> RopeScaling:

@@ -436,10 +436,14 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
         if total + budgets[b] > config.max_length:
-            limit = (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer sequence's "
-                     "queries would see fewer keys, which is not implemented)"
-                     if config.max_length < config.max_position_embeddings else
-                     f"maximum length {config.max_position_embeddings}")
+            if config.max_length == config.max_position_embeddings:
+                limit = f"maximum length {config.max_position_embeddings}"
+            elif config.max_length == config.sliding_window:
+                limit = (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer "
+                         "sequence's queries would see fewer keys, which is not implemented)")
+            else:
+                limit = (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: past it "
+                         "transformers takes the long factors for every position, which is not implemented)")
             raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
                              f"model's {limit}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):

@@ -284,8 +284,8 @@ def model_norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Arra
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies ``[D/2]`` (float64 numpy, static), with llama3, linear or yarn scaling applied (yarn also
-    multiplies cos and sin: ``RopeScaling.cos_sin_factor``, applied by ``apply_rope``)."""
+    """Inverse frequencies ``[D/2]`` (float64 numpy, static), with llama3, linear, yarn or longrope scaling applied
+    (yarn and longrope also multiply cos and sin: ``RopeScaling.cos_sin_factor``, applied by ``apply_rope``)."""
     d = config.head_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     rs = config.rope_scaling
@@ -293,6 +293,8 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
         return inv
     if rs.rope_type == "linear":
         return inv / rs.factor
+    if rs.rope_type == "longrope":  # the short factors: sequences stay within the pretraining context (max_length)
+        return inv / np.asarray(rs.short_factor, np.float64)
     if rs.rope_type == "yarn":
         # YaRN: dimension i keeps its frequency where it turns more than beta_fast times over the original context,
         # is divided by `factor` where it turns fewer than beta_slow times, and blends linearly in between. The
@@ -317,6 +319,11 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
         rs.high_freq_factor - rs.low_freq_factor)
     mid = (1 - smooth) * inv / rs.factor + smooth * inv
     return np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))
+
+
+def _longrope(config: LlamaConfig) -> bool:
+    """Whether the config's RoPE is Phi-3's longrope (exact within its pretraining context: ``max_length``)."""
+    return config.rope_scaling is not None and config.rope_scaling.rope_type == "longrope"
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
@@ -512,6 +519,10 @@ class Llama(nnx.Module):
             raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's sliding window of "
                              f"{c.sliding_window} (config sliding_window: their later queries would see fewer keys, "
                              "which is not implemented)")
+        if attend is causal_attention and tokens.shape[-1] > c.max_length and _longrope(c):
+            raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's longrope context of "
+                             f"{c.max_length} (original_max_position_embeddings: past it transformers takes the long "
+                             "factors for every position, which is not implemented)")
         if self.mesh is not None:
             from models import parallel
 

@@ -430,8 +430,9 @@ def test_olmo2():
 
 def test_phi3():
     """Phi-4 reads (its fused checkpoint tensors: tests/test_models_families.py); so does Phi-3-mini-4k's window
-    (2047 of 4096 positions: sequences up to 2047 tokens); every RoPE scaling is refused, the latter naming Phi-3's longrope (transformers reads a
-    Phi-3 config's 'yarn' and 'su' as longrope); Phi-4-mini's partial rotary too; defaults as Phi3Config's."""
+    (2047 of 4096 positions: sequences up to 2047 tokens); RoPE scalings other than longrope are refused, naming it
+    (transformers reads a Phi-3 config's 'yarn' and 'su' as longrope: test_phi3_longrope); Phi-4-mini's partial
+    rotary too; defaults as Phi3Config's."""
     c = LlamaConfig.from_dict(PHI4)
     assert c.model_type == "phi3" and c.head_dim == 128 and c.q_per_kv == 4 and c.rope_theta == 250000
     from models.checkpoint import hf_tensor_shapes
@@ -445,13 +446,49 @@ def test_phi3():
         1e-5, (32000,), 1, 4096)
     mini = LlamaConfig.from_dict(dict(PHI4, sliding_window=2047, max_position_embeddings=4096))  # Phi-3-mini-4k's
     assert (mini.sliding_window, mini.max_length) == (2047, 2047)
-    for bad, match in [({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64}},
-                        "rope_scaling type 'longrope' for model_type 'phi3'"),
-                       ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "type 'yarn' .* read as longrope"),
-                       ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "type 'linear' for model_type"),
+    for bad, match in [({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "type 'longrope' needs 'short_factor'"),
+                       ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                        "type 'linear' for model_type 'phi3'.* only default RoPE and longrope"),
                        ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75 is not supported")]:
         with pytest.raises(CheckpointError, match=match):
             LlamaConfig.from_dict(dict(PHI4, **bad))
+
+
+def test_phi3_longrope():
+    """Phi-3.5-mini / Phi-3-mini-128k: longrope (and a Phi-3 config's 'su' / 'yarn', as transformers 5 reads them):
+    the short factors divide the frequencies; cos / sin times sqrt(1 + ln(factor) / ln(context)), factor =
+    max_position_embeddings / context, the context being the top-level original_max_position_embeddings (the dict's
+    own is not read; Phi3Config's 4096 where left out); sequences up to that context (`max_length`: past it
+    transformers switches to the long factors). Against transformers' logits: tests/test_models_families.py."""
+    short, long_ = [1.0 + i / 64 for i in range(64)], [4.0 + i for i in range(64)]
+    rs = {"type": "longrope", "short_factor": short, "long_factor": long_}
+    phi35 = dict(PHI4, max_position_embeddings=131072, original_max_position_embeddings=4096, rope_scaling=rs)
+    c = LlamaConfig.from_dict(phi35)
+    assert (c.rope_scaling.rope_type, c.rope_scaling.factor, c.max_length) == ("longrope", 32.0, 4096)
+    assert math.isclose(c.rope_scaling.cos_sin_factor, math.sqrt(1 + math.log(32) / math.log(4096)), rel_tol=1e-12)
+    np.testing.assert_allclose(rope_inv_freq(c), 250000.0 ** (-np.arange(0, 128, 2) / 128) / np.array(short),
+                               rtol=1e-12)
+    assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c == LlamaConfig.from_dict(c.to_dict())
+    for same in [dict(phi35, rope_scaling=dict(rs, type="su")), dict(phi35, rope_scaling=dict(rs, type="yarn")),
+                 dict(phi35, rope_scaling=dict(rs, original_max_position_embeddings=8192)),  # not read
+                 dict(phi35, rope_scaling=None, rope_parameters=dict(rs, rope_theta=250000))]:  # transformers 5
+        assert LlamaConfig.from_dict(same) == c
+    bare = LlamaConfig.from_dict({k: v for k, v in phi35.items() if k != "original_max_position_embeddings"})
+    assert (bare.max_length, bare.rope_scaling.factor) == (4096, 32.0)  # Phi3Config's default context
+    given = LlamaConfig.from_dict(dict(phi35, rope_scaling=dict(rs, factor=8.0, attention_factor=1.5)))
+    assert (given.rope_scaling.factor, given.rope_scaling.cos_sin_factor, given.max_length) == (8.0, 1.5, 4096)
+    for bad, match in [(dict(rs, short_factor=short[:63]),
+                        r"short_factor must have head_dim / 2 = 64 entries \(one a frequency\), got 63"),
+                       ({"type": "longrope", "short_factor": short}, "needs 'long_factor', a list of positive"),
+                       (dict(rs, long_factor=long_[:-1] + [0.0]), "needs 'long_factor', a list of positive numbers"),
+                       (dict(rs, short_factor=short[:-1] + ["1"]), "needs 'short_factor'"),
+                       (dict(rs, attention_factor=-1.0), "attention_factor must be positive, got -1.0")]:
+        with pytest.raises(CheckpointError, match=match):
+            LlamaConfig.from_dict(dict(phi35, rope_scaling=bad))
+    with pytest.raises(CheckpointError, match="original_max_position_embeddings must be a positive integer"):
+        LlamaConfig.from_dict(dict(phi35, original_max_position_embeddings=4096.5))
+    with pytest.raises(CheckpointError, match="type 'longrope' is read for model_type 'phi3' only.* 'llama'"):
+        LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={**rs, "short_factor": short, "long_factor": long_}))
 
 
 def test_gemma():
@@ -686,7 +723,14 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 
 @pytest.mark.parametrize("scaling, match", [
-    (lambda: RopeScaling("dynamic", 2.0), "rope_type must be 'linear', 'llama3' or 'yarn'.*got 'dynamic'"),
+    (lambda: RopeScaling("dynamic", 2.0), "rope_type must be 'linear', 'llama3', 'yarn' or 'longrope'.*'dynamic'"),
+    (lambda: RopeScaling("longrope", 2.0), "short_factor is longrope's and needed by it; rope_type 'longrope'"),
+    (lambda: RopeScaling("yarn", 2.0, long_factor=(1.0,)), "long_factor is longrope's .* rope_type 'yarn'"),
+    (lambda: RopeScaling("longrope", 2.0, short_factor=(1.0, -1.0), long_factor=(1.0, 1.0)),
+     r"short_factor must be a non-empty tuple of positive finite numbers, got \(1.0, -1.0\)"),
+    (lambda: LlamaConfig(**SMALL, rope_scaling=RopeScaling("longrope", 2.0, short_factor=(1.0,) * 4,
+                                                           long_factor=(1.0,) * 4)),
+     "longrope is read for model_type 'phi3' only, got model_type 'llama'"),
     (lambda: RopeScaling("yarn", 4.0, beta_fast=0.0), "rope_scaling.beta_fast must be a positive finite number"),
     (lambda: RopeScaling("yarn", 4.0, attention_factor=-1.0), "attention_factor must be a positive finite number"),
     (lambda: RopeScaling("yarn", 4.0, truncate="no"), "truncate must be True or False, got 'no'"),

@@ -143,6 +143,36 @@ def test_yarn_config_is_what_the_fixture_tests(name, misread):
     assert rel_err(logits[0], want) > 100 * FP32_TOL
 
 
+@pytest.mark.parametrize("misread", ["no cos/sin factor", "long factors", "no factors"])
+def test_longrope_config_is_what_the_fixture_tests(misread):
+    """Phi-3's longrope within its pretraining context: the attention factor, and the short factors (not the long
+    ones, not none), each change the fixture's logits far beyond the tolerance."""
+    m = model("hf_phi3_longrope")
+    rs = m.config.rope_scaling
+    wrong = {"no cos/sin factor": dataclasses.replace(rs, attention_factor=1.0),
+             "long factors": dataclasses.replace(rs, short_factor=rs.long_factor),
+             "no factors": dataclasses.replace(rs, short_factor=(1.0,) * len(rs.short_factor))}[misread]
+    prompt, greedy, want = cases("hf_phi3_longrope")[2]
+    logits = full_logits(Llama(dataclasses.replace(m.config, rope_scaling=wrong), m.params()), [prompt + greedy])
+    assert rel_err(logits[0], want) > 100 * FP32_TOL
+
+
+def test_longrope_sequences_stay_within_the_pretraining_context():
+    """Past original_max_position_embeddings (32 in the fixture) transformers takes the long factors for every
+    position (Phi-3 drops its cache and runs the whole sequence again), which is not implemented: generation and
+    the dense forward refuse such sequences, naming the limit; up to it they run."""
+    m = model("hf_phi3_longrope")
+    assert m.config.max_length == 32
+    prompt = cases("hf_phi3_longrope")[0][0]
+    assert generate(m, [prompt], max_new_tokens=32 - len(prompt), sampling="greedy", eos_ids=()).tokens.shape == (
+        1, 32 - len(prompt))
+    with pytest.raises(ValueError, match=r"sequence 0: prompt of \d+ tokens \+ max_new_tokens \d+ exceeds the model's "
+                                         r"longrope context of 32 tokens \(original_max_position_embeddings"):
+        generate(m, [prompt], max_new_tokens=33 - len(prompt), sampling="greedy", eos_ids=())
+    with pytest.raises(ValueError, match="sequences of 33 tokens exceed the model's longrope context of 32"):
+        full_logits(m, [list(range(3, 36))])
+
+
 def test_nope_layers_are_what_the_fixture_tests():
     """SmolLM3's fixture with RoPE in its fourth layer too is far off: the comparison sees a NoPE layer misread."""
     m = model("hf_smollm3")
