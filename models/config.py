@@ -184,8 +184,9 @@ class RopeScaling:
     ``attention_factor``, by default 0.1·ln(factor) + 1) or "longrope" (Phi-3.5, Phi-3-mini-128k: each frequency
     divided by its ``short_factor`` entry, cos / sin multiplied by ``attention_factor``, by default
     sqrt(1 + ln(factor) / ln(original_max_position_embeddings)); ``long_factor`` is what transformers switches to
-    past original_max_position_embeddings tokens, which the config's ``max_length`` keeps sequences under). The fields
-    a type does not use keep their defaults."""
+    past original_max_position_embeddings tokens, which the config's ``max_length`` keeps sequences under: give
+    longrope its context, an integer, as its checkpoint's config.json does). The fields a type does not use keep
+    their defaults."""
 
     rope_type: str
     factor: float
@@ -211,6 +212,9 @@ class RopeScaling:
             if value is not None and not (isinstance(value, tuple) and value and all(map(_positive_finite, value))):
                 raise ValueError(f"config: rope_scaling.{name} must be a non-empty tuple of positive finite "
                                  f"numbers, got {value!r}")
+        if self.rope_type == "longrope" and not is_int(self.original_max_position_embeddings):
+            raise ValueError(f"config: rope_scaling.original_max_position_embeddings must be an integer for longrope "
+                             f"(the longest sequence), got {self.original_max_position_embeddings!r}")
         names = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
                  "beta_slow"] + (["attention_factor"] if self.attention_factor is not None else [])
         for name in names:
@@ -461,6 +465,10 @@ class LlamaConfig:
         layer_types = _layer_types(d, family, layers, rope_layers)
         window = _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, max_pos, family)
+        if scaling is not None and scaling.rope_type == "longrope" and head_dim * heads != hidden:
+            raise CheckpointError(f"config: head_dim {head_dim} with longrope: transformers' Phi3Config checks the "
+                                  f"factor lists against hidden_size / num_attention_heads = {hidden / heads:g}, "
+                                  "and computes RoPE over head_dim: a config where they differ does not load there")
         eos = d.get("eos_token_id", family.default_eos)
         eos_ids = _id_tuple(eos)
         for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", (d.get("bos_token_id"),)),
@@ -718,6 +726,12 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
                               "must agree (transformers 4 reads `type`, 5 reads `rope_type`)")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if family.longrope:  # transformers' Phi3Config: "su" and "yarn" are longrope, no other scaling
+        if rope_type == "su" and "original_max_position_embeddings" not in rs:
+            # (Phi3Config renames "su" after it has filled in the dict's context for longrope: without one of its
+            # own, transformers 5 fails to load the config)
+            raise CheckpointError(f"config: {where} type 'su' without 'original_max_position_embeddings' in it: "
+                                  "transformers 5 fails to load that (KeyError: missing keys "
+                                  "{'original_max_position_embeddings'}); write type 'longrope'")
         rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
         if rope_type not in ("default", "longrope"):
             raise CheckpointError(f"config: {where} type {rope_type!r} for model_type {d.get('model_type')!r}: "

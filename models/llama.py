@@ -519,6 +519,8 @@ class Llama(nnx.Module):
             raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's sliding window of "
                              f"{c.sliding_window} (config sliding_window: their later queries would see fewer keys, "
                              "which is not implemented)")
+        # (longrope is exact while every position is below max_length: prefill and decode keep to it; a caller of
+        # this forward with positions of its own must too)
         if attend is causal_attention and tokens.shape[-1] > c.max_length and _longrope(c):
             raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's longrope context of "
                              f"{c.max_length} (original_max_position_embeddings: past it transformers takes the long "

@@ -469,7 +469,8 @@ def test_phi3_longrope():
     np.testing.assert_allclose(rope_inv_freq(c), 250000.0 ** (-np.arange(0, 128, 2) / 128) / np.array(short),
                                rtol=1e-12)
     assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c == LlamaConfig.from_dict(c.to_dict())
-    for same in [dict(phi35, rope_scaling=dict(rs, type="su")), dict(phi35, rope_scaling=dict(rs, type="yarn")),
+    for same in [dict(phi35, rope_scaling=dict(rs, type="su", original_max_position_embeddings=4096)),
+                 dict(phi35, rope_scaling=dict(rs, type="yarn")),
                  dict(phi35, rope_scaling=dict(rs, original_max_position_embeddings=8192)),  # not read
                  dict(phi35, rope_scaling=None, rope_parameters=dict(rs, rope_theta=250000))]:  # transformers 5
         assert LlamaConfig.from_dict(same) == c
@@ -487,6 +488,12 @@ def test_phi3_longrope():
             LlamaConfig.from_dict(dict(phi35, rope_scaling=bad))
     with pytest.raises(CheckpointError, match="original_max_position_embeddings must be a positive integer"):
         LlamaConfig.from_dict(dict(phi35, original_max_position_embeddings=4096.5))
+    with pytest.raises(CheckpointError, match="type 'su' without 'original_max_position_embeddings' in it: "
+                                              "transformers 5 fails to load that .*write type 'longrope'"):
+        LlamaConfig.from_dict(dict(phi35, rope_scaling=dict(rs, type="su")))  # (Phi3Config fills the dict first)
+    with pytest.raises(CheckpointError, match=r"head_dim 64 with longrope: .* hidden_size / num_attention_heads = 128"):
+        LlamaConfig.from_dict(dict(phi35, head_dim=64, rope_scaling=dict(rs, short_factor=short[:32],
+                                                                          long_factor=long_[:32])))
     with pytest.raises(CheckpointError, match="type 'longrope' is read for model_type 'phi3' only.* 'llama'"):
         LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={**rs, "short_factor": short, "long_factor": long_}))
 
@@ -728,6 +735,8 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
     (lambda: RopeScaling("yarn", 2.0, long_factor=(1.0,)), "long_factor is longrope's .* rope_type 'yarn'"),
     (lambda: RopeScaling("longrope", 2.0, short_factor=(1.0, -1.0), long_factor=(1.0, 1.0)),
      r"short_factor must be a non-empty tuple of positive finite numbers, got \(1.0, -1.0\)"),
+    (lambda: RopeScaling("longrope", 2.0, original_max_position_embeddings=4096.0, short_factor=(1.0,),
+                         long_factor=(1.0,)), "original_max_position_embeddings must be an integer for longrope"),
     (lambda: LlamaConfig(**SMALL, rope_scaling=RopeScaling("longrope", 2.0, short_factor=(1.0,) * 4,
                                                            long_factor=(1.0,) * 4)),
      "longrope is read for model_type 'phi3' only, got model_type 'llama'"),
