@@ -319,7 +319,7 @@ class LlamaConfig:
             raise ValueError(f"config: rope_scaling must be a models.RopeScaling or None, got "
                              f"{type(self.rope_scaling).__name__} {self.rope_scaling!r} (a transformers-style dict: "
                              "LlamaConfig.from_dict reads those)")
-        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":
+        if self.longrope_context is not None:
             if not self.family.longrope:
                 raise ValueError(f"config: longrope is read for model_type 'phi3' only, got model_type "
                                  f"{self.model_type!r}")
@@ -376,9 +376,14 @@ class LlamaConfig:
         max_position_embeddings, or its sliding window where that is shorter, or with longrope its
         original_max_position_embeddings (past it transformers switches every position to the long factors)."""
         limits = [self.max_position_embeddings, self.sliding_window or self.max_position_embeddings]
-        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":
-            limits.append(int(self.rope_scaling.original_max_position_embeddings))
-        return min(limits)
+        return min(limits + ([self.longrope_context] if self.longrope_context is not None else []))
+
+    @property
+    def longrope_context(self) -> int | None:
+        """With longrope, its pretraining context (original_max_position_embeddings, where transformers switches to
+        the long factors); None with any other RoPE."""
+        rs = self.rope_scaling
+        return rs.original_max_position_embeddings if rs is not None and rs.rope_type == "longrope" else None
 
     @property
     def query_scale(self) -> float:
@@ -537,8 +542,8 @@ class LlamaConfig:
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
-        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":  # where Phi3Config reads it
-            d["original_max_position_embeddings"] = self.rope_scaling.original_max_position_embeddings
+        if self.longrope_context is not None:  # where Phi3Config reads it
+            d["original_max_position_embeddings"] = self.longrope_context
         if self.family.nope_layers:
             d["no_rope_layers"] = [int(self.uses_rope(i)) for i in range(self.num_hidden_layers)]
         if self.family.multipliers:

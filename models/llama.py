@@ -321,11 +321,6 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))
 
 
-def _longrope(config: LlamaConfig) -> bool:
-    """Whether the config's RoPE is Phi-3's longrope (exact within its pretraining context: ``max_length``)."""
-    return config.rope_scaling is not None and config.rope_scaling.rope_type == "longrope"
-
-
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
     """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int; cos and sin
     multiplied by ``factor`` (YaRN's attention factor; 1 otherwise).
@@ -521,7 +516,7 @@ class Llama(nnx.Module):
                              "which is not implemented)")
         # (longrope is exact while every position is below max_length: prefill and decode keep to it; a caller of
         # this forward with positions of its own must too)
-        if attend is causal_attention and tokens.shape[-1] > c.max_length and _longrope(c):
+        if attend is causal_attention and tokens.shape[-1] > c.max_length and c.longrope_context is not None:
             raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's longrope context of "
                              f"{c.max_length} (original_max_position_embeddings: past it transformers takes the long "
                              "factors for every position, which is not implemented)")
