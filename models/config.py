@@ -8,12 +8,13 @@ the attention's and MLP's outputs instead of their inputs and of q and k over al
 of q/k/v and of gate/up fused (Phi-3), embeddings scaled by sqrt(hidden_size), norm weights stored as offsets from 1
 and a GELU-gated MLP (Gemma).
 Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling, and Phi-3's ``longrope`` for sequences
-within its pretraining context (``LlamaConfig.max_length``). Both ``config.json`` layouts are read:
+within its pretraining context (``LlamaConfig.max_length``) and its ``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE
+on the first 96 of 128 dimensions). Both ``config.json`` layouts are read:
 transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
 dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
-effect, partial rotary, another activation) or a key this module does not know raises ``CheckpointError`` naming the
+effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises ``CheckpointError`` naming the
 key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
 out takes the default of the family's transformers config class (``Family``): what
 transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which then caps the sequences).
@@ -52,6 +53,7 @@ class Family:
     fused_projections: bool = False  # Phi-3: q/k/v in one checkpoint tensor (qkv_proj), gate/up in one (gate_up_proj)
     longrope: bool = False  # Phi-3: RoPE scaling is longrope only (its configs' "su" and "yarn" read as longrope),
     # its pretraining context the top-level original_max_position_embeddings (default 4096)
+    partial_rotary: bool = False  # Phi-3 / Phi-4-mini: partial_rotary_factor, RoPE on the first part of head_dim only
     scaled_embeddings: bool = False  # Gemma: the embeddings times sqrt(hidden_size), rounded to their dtype first
     unit_offset_norms: bool = False  # Gemma: every RMSNorm weight stored as its offset from 1 (x times 1 + weight),
     # applied in float32
@@ -102,9 +104,12 @@ FAMILIES = {  # model_type -> Family
     "olmo2": Family("Olmo2ForCausalLM", post_norms=True, default_bos=None, default_eos=50279, default_eps=1e-5),
     # Phi-3 / Phi-4: Llama's decoder with fused projection tensors; its window applies to every layer (Phi-3-mini-4k's
     # 2047: sequences up to that); residual / embedding dropout (training only)
-    "phi3": Family("Phi3ForCausalLM", fused_projections=True, longrope=True, default_eos=32000,
+    # (Phi-4-mini's config.json also holds full_attn_mod, interpolate_factor and lm_head_bias, which transformers'
+    # Phi-3 does not read: accepted at the values that change nothing, PHI4_MINI_KEYS)
+    "phi3": Family("Phi3ForCausalLM", fused_projections=True, longrope=True, partial_rotary=True, default_eos=32000,
                    default_max_positions=4096, default_eps=1e-5,
-                   keys=frozenset({"sliding_window", "original_max_position_embeddings", "resid_pdrop", "embd_pdrop"})),
+                   keys=frozenset({"sliding_window", "original_max_position_embeddings", "resid_pdrop", "embd_pdrop",
+                                   "full_attn_mod", "interpolate_factor", "lm_head_bias"})),
     # Gemma (Gemma 2B / 7B, Gemma 1.1, CodeGemma): the embeddings scaled, norm weights offsets from 1, GELU(gate) * up;
     # head_dim 256 whatever hidden_size / heads. transformers 5 reads hidden_act only (4.42 read hidden_activation,
     # tanh GELU where absent): hidden_activation is not read here either, and hidden_act "gelu" is exact GELU
@@ -126,6 +131,10 @@ UNSUPPORTED_FAMILIES["gemma3"] = UNSUPPORTED_FAMILIES["gemma3_text"] + "; and a 
 # scale itself: 1.0 by default, not 1/sqrt(head_dim))
 MULTIPLIERS = {"embedding_multiplier": 1.0, "attention_multiplier": 1.0, "residual_multiplier": 1.0,
                "logits_scaling": 1.0}
+# Phi-4-mini's keys that transformers' Phi-3 does not read, and the one value each may take here: every layer full
+# attention (full_attn_mod 1: no layer of a sliding pattern), no interpolation, no bias of the LM head (which
+# transformers would not load)
+PHI4_MINI_KEYS = {"full_attn_mod": 1, "interpolate_factor": 1, "lm_head_bias": False}
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 # rope type -> the keys its dict may hold besides rope_type / type / partial_rotary_factor
 _ROPE_KEYS = {
@@ -295,6 +304,7 @@ class LlamaConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     hidden_act: str | None = None
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -319,13 +329,26 @@ class LlamaConfig:
             raise ValueError(f"config: rope_scaling must be a models.RopeScaling or None, got "
                              f"{type(self.rope_scaling).__name__} {self.rope_scaling!r} (a transformers-style dict: "
                              "LlamaConfig.from_dict reads those)")
+        f = self.partial_rotary_factor
+        if not _positive_finite(f) or f > 1:
+            raise ValueError(f"config: partial_rotary_factor must be a number in (0, 1] (the part of head_dim RoPE "
+                             f"rotates), got {f!r}")
+        if f != 1:
+            if not self.family.partial_rotary:
+                raise ValueError(f"config: partial_rotary_factor is read for model_type 'phi3' only (transformers' "
+                                 f"other families rotate all of head_dim), got {f!r} for model_type "
+                                 f"{self.model_type!r}")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ValueError(f"config: partial_rotary_factor {f!r} of head_dim {self.head_dim} gives "
+                                 f"int({self.head_dim} * {f!r}) = {self.rotary_dim} rotated dimensions; RoPE needs an "
+                                 "even number of at least 2")
         if self.longrope_context is not None:
             if not self.family.longrope:
                 raise ValueError(f"config: longrope is read for model_type 'phi3' only, got model_type "
                                  f"{self.model_type!r}")
             for name in ("short_factor", "long_factor"):
-                if len(getattr(self.rope_scaling, name)) != self.head_dim // 2:
-                    raise ValueError(f"config: rope_scaling.{name} must have head_dim / 2 = {self.head_dim // 2} "
+                if len(getattr(self.rope_scaling, name)) != self.rotary_dim // 2:
+                    raise ValueError(f"config: rope_scaling.{name} must have rotary_dim / 2 = {self.rotary_dim // 2} "
                                      f"entries (one a frequency), got {len(getattr(self.rope_scaling, name))}")
         if isinstance(self.eos_token_ids, list):  # hashable as a jit static argument: a tuple
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -377,6 +400,12 @@ class LlamaConfig:
         original_max_position_embeddings (past it transformers switches every position to the long factors)."""
         limits = [self.max_position_embeddings, self.sliding_window or self.max_position_embeddings]
         return min(limits + ([self.longrope_context] if self.longrope_context is not None else []))
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of head_dim's dimensions RoPE rotates (the first ones): head_dim, or int(head_dim *
+        partial_rotary_factor) as transformers' Phi-3 computes it (Phi-4-mini: 96 of 128)."""
+        return self.head_dim if self.partial_rotary_factor == 1 else int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def longrope_context(self) -> int | None:
@@ -470,6 +499,11 @@ class LlamaConfig:
         layer_types = _layer_types(d, family, layers, rope_layers)
         window = _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, max_pos, family)
+        partial = _partial_rotary_factor(d, family)
+        for key, value in PHI4_MINI_KEYS.items():
+            if key in d and not (d[key] == value and type(d[key]) is type(value)):
+                raise CheckpointError(f"config: {key}={d[key]!r} is not supported (transformers' Phi-3 does not read "
+                                      f"it; only {value!r}, which changes nothing, is accepted)")
         if scaling is not None and scaling.rope_type == "longrope" and head_dim * heads != hidden:
             raise CheckpointError(f"config: head_dim {head_dim} with longrope: transformers' Phi3Config checks the "
                                   f"factor lists against hidden_size / num_attention_heads = {hidden / heads:g}, "
@@ -497,7 +531,8 @@ class LlamaConfig:
                 tie_word_embeddings=tied,
                 bos_token_id=d.get("bos_token_id", family.default_bos), eos_token_ids=eos_ids,
                 pad_token_id=d.get("pad_token_id", family.default_pad), model_type=model_type,
-                rope_layers=rope_layers, sliding_window=window, hidden_act=act, **scalars)
+                rope_layers=rope_layers, sliding_window=window, hidden_act=act, partial_rotary_factor=partial,
+                **scalars)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
@@ -544,6 +579,8 @@ class LlamaConfig:
         }
         if self.longrope_context is not None:  # where Phi3Config reads it
             d["original_max_position_embeddings"] = self.longrope_context
+        if self.partial_rotary_factor != 1:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
         if self.family.nope_layers:
             d["no_rope_layers"] = [int(self.uses_rope(i)) for i in range(self.num_hidden_layers)]
         if self.family.multipliers:
@@ -692,9 +729,6 @@ def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float,
     as transformers does not read it for these families). Where both layouts are present they must agree. No theta
     anywhere: the family's ``default_theta``."""
     top_theta = d.get("rope_theta")
-    partial = d.get("partial_rotary_factor")
-    if partial is not None and partial != 1.0:
-        raise CheckpointError(f"config: partial_rotary_factor={partial!r} is not supported (RoPE on all of head_dim)")
     found = []  # (where, (theta, scaling))
     legacy = d.get("rope_scaling")
     if legacy is not None:
@@ -720,6 +754,27 @@ def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float,
             raise CheckpointError(f"config: {where} gives RoPE {value} but {found[0][0]} gives {found[0][1]} "
                                   "(theta, scaling); they must agree")
     return found[0][1]
+
+
+def _partial_rotary_factor(d: dict[str, Any], family: Family) -> float:
+    """The part of head_dim RoPE rotates: ``partial_rotary_factor`` at the top level or in the RoPE dict
+    (transformers 5 reads the dict's first, the top level's where the dict has none; where both give one here they
+    must agree); 1 where none does. Another value than 1 is read for the families whose transformers class rotates
+    part of head_dim (Phi-3) and refused for the others."""
+    found = [(where, src["partial_rotary_factor"]) for where, src in
+             (("partial_rotary_factor", d), ("rope_scaling", d.get("rope_scaling")),
+              ("rope_parameters", d.get("rope_parameters")))
+             if isinstance(src, dict) and src.get("partial_rotary_factor") is not None]
+    if not found:
+        return 1.0
+    values = [_number(v, f"{where} partial_rotary_factor" if where != "partial_rotary_factor" else where)
+              for where, v in found]
+    if any(v != values[0] for v in values):
+        raise CheckpointError(f"config: partial_rotary_factor is given as {found}; they must agree")
+    if values[0] != 1.0 and not family.partial_rotary:
+        raise CheckpointError(f"config: partial_rotary_factor={found[0][1]!r} is not supported for this model_type "
+                              "(its transformers class rotates all of head_dim; Phi-3's reads the factor)")
+    return values[0]
 
 
 def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: Family,
@@ -751,9 +806,6 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
     if extra:
         raise CheckpointError(f"config: {where} key {extra[0]!r} = {rs[extra[0]]!r} is not used by RoPE type "
                               f"{rope_type!r} here; it may change the model's output")
-    partial = rs.get("partial_rotary_factor")
-    if partial is not None and partial != 1.0:
-        raise CheckpointError(f"config: {where} partial_rotary_factor={partial!r} is not supported")
     theta = rs.get("rope_theta", top_theta if top_theta is not None else family.default_theta)
     theta = _number(theta, f"{where} rope_theta")
     if rope_type == "default":
@@ -791,7 +843,7 @@ def _parse_longrope(rs: dict[str, Any], where: str, max_pos: int, d: dict[str, A
     """A Phi-3 longrope dict, read as transformers 5 reads it: the pretraining context is config.json's top-level
     ``original_max_position_embeddings`` (Phi3Config's 4096 where absent), whatever the dict holds; a missing or null
     ``factor`` is max_position_embeddings / that context; ``short_factor`` and ``long_factor`` lists of positive
-    numbers (their length, head_dim / 2, is checked by the config); ``attention_factor`` given or derived
+    numbers (their length, rotary_dim / 2, is checked by the config); ``attention_factor`` given or derived
     (``RopeScaling.cos_sin_factor``)."""
     original = d.get("original_max_position_embeddings", 4096)
     if not is_int(original) or original <= 0:

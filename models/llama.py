@@ -284,9 +284,10 @@ def model_norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Arra
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies ``[D/2]`` (float64 numpy, static), with llama3, linear, yarn or longrope scaling applied
+    """Inverse frequencies ``[R/2]`` (float64 numpy, static) for the R = ``config.rotary_dim`` dimensions RoPE
+    rotates (head_dim but with Phi-3's partial_rotary_factor), with llama3, linear, yarn or longrope scaling applied
     (yarn and longrope also multiply cos and sin: ``RopeScaling.cos_sin_factor``, applied by ``apply_rope``)."""
-    d = config.head_dim
+    d = config.rotary_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     rs = config.rope_scaling
     if rs is None:
@@ -322,11 +323,16 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
-    """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int; cos and sin
-    multiplied by ``factor`` (YaRN's attention factor; 1 otherwise).
+    """Rotary embedding in the HF "rotate half" layout. x ``[B, T, H, D]``, positions ``[B, T]`` int, inv_freq
+    ``[R/2]``; cos and sin multiplied by ``factor`` (YaRN's and longrope's attention factor; 1 otherwise). Where
+    R < D (Phi-4-mini's partial_rotary_factor) the first R dimensions rotate and the other D - R pass unchanged (not
+    multiplied by ``factor``).
 
     (Written with a flip instead of the concatenate, XLA's RoPE fusions ran faster on the H200 but the GEMMs of
     `none`'s step slower, 2–3 % in all: `scripts/tuning/probe_rope.py`, PERF_NOTES.md.)"""
+    rotated = 2 * len(inv_freq)
+    if rotated < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotated], positions, inv_freq, factor), x[..., rotated:]], axis=-1)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     if factor != 1.0:
@@ -378,6 +384,9 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     # Granite's logit scale (attention_multiplier) is folded into q, so that every attention path (the kernels,
     # the reference, the dense prefill) keeps its default 1/sqrt(D)
     if c.uses_rope(layer):  # SmolLM3's NoPE layers leave q and k as they are
+        # (the query scale rides on cos / sin: it would miss the dimensions a partial rotary passes; the config
+        # allows the two in different families only)
+        assert c.query_scale == 1.0 or c.rotary_dim == D, "Granite's multipliers with a partial rotary"
         factor = c.rope_scaling.cos_sin_factor if c.rope_scaling is not None else 1.0
         q, k = apply_rope(q, positions, inv_freq, factor * c.query_scale), apply_rope(k, positions, inv_freq, factor)
     elif c.query_scale != 1.0:

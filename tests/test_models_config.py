@@ -289,6 +289,21 @@ PHI4 = {  # microsoft/phi-4: Phi-3's architecture, GQA 40 / 10, no window, defau
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
     "use_cache": True, "vocab_size": 100352}
 ALL["phi4"] = PHI4
+# microsoft/Phi-4-mini-instruct's keys and sizes: RoPE on 96 of head_dim 128 (partial_rotary_factor 0.75), longrope
+# (its 48 factors a list here stand-ins: 1 + i / 48 and 1 + i), tied embeddings, and four keys transformers' Phi-3
+# does not read at the values that change nothing
+PHI4_MINI = {
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 199999,
+    "embd_pdrop": 0.0, "eos_token_id": 199999, "full_attn_mod": 1, "hidden_act": "silu", "hidden_size": 3072,
+    "initializer_range": 0.02, "intermediate_size": 8192, "interpolate_factor": 1, "lm_head_bias": False,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "phi3", "num_attention_heads": 24,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "original_max_position_embeddings": 4096,
+    "pad_token_id": 199999, "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"long_factor": [1.0 + i for i in range(48)], "short_factor": [1.0 + i / 48 for i in range(48)],
+                     "type": "longrope"},
+    "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0", "use_cache": True, "vocab_size": 200064}
+ALL["phi4_mini"] = PHI4_MINI
 GEMMA_7B = {  # google/gemma-7b's keys (CodeGemma 7B's alike): exact GELU written as "gelu", head_dim 256 != 3072 / 16
     "architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 2,
     "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 3072, "initializer_range": 0.02,
@@ -309,6 +324,8 @@ def to_v5(d, per_layer_type=False):
     rope = dict(d.pop("rope_scaling", None) or {"rope_type": "default"})
     rope["rope_type"] = rope.pop("type", rope.get("rope_type"))
     rope["rope_theta"] = float(d.pop("rope_theta", 10000.0))
+    if "partial_rotary_factor" in d:  # (Phi-3's: transformers 5 writes it into the RoPE dict)
+        rope["partial_rotary_factor"] = d.pop("partial_rotary_factor")
     if d["model_type"] in ("qwen2", "qwen3"):
         window = d["sliding_window"] if d["use_sliding_window"] else None
         d["sliding_window"] = window
@@ -431,8 +448,8 @@ def test_olmo2():
 def test_phi3():
     """Phi-4 reads (its fused checkpoint tensors: tests/test_models_families.py); so does Phi-3-mini-4k's window
     (2047 of 4096 positions: sequences up to 2047 tokens); RoPE scalings other than longrope are refused, naming it
-    (transformers reads a Phi-3 config's 'yarn' and 'su' as longrope: test_phi3_longrope); Phi-4-mini's partial
-    rotary too; defaults as Phi3Config's."""
+    (transformers reads a Phi-3 config's 'yarn' and 'su' as longrope: test_phi3_longrope); defaults as
+    Phi3Config's. Phi-4-mini's partial rotary: test_phi4_mini_partial_rotary."""
     c = LlamaConfig.from_dict(PHI4)
     assert c.model_type == "phi3" and c.head_dim == 128 and c.q_per_kv == 4 and c.rope_theta == 250000
     from models.checkpoint import hf_tensor_shapes
@@ -448,8 +465,7 @@ def test_phi3():
     assert (mini.sliding_window, mini.max_length) == (2047, 2047)
     for bad, match in [({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "type 'longrope' needs 'short_factor'"),
                        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-                        "type 'linear' for model_type 'phi3'.* only default RoPE and longrope"),
-                       ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75 is not supported")]:
+                        "type 'linear' for model_type 'phi3'.* only default RoPE and longrope")]:
         with pytest.raises(CheckpointError, match=match):
             LlamaConfig.from_dict(dict(PHI4, **bad))
 
@@ -479,7 +495,7 @@ def test_phi3_longrope():
     given = LlamaConfig.from_dict(dict(phi35, rope_scaling=dict(rs, factor=8.0, attention_factor=1.5)))
     assert (given.rope_scaling.factor, given.rope_scaling.cos_sin_factor, given.max_length) == (8.0, 1.5, 4096)
     for bad, match in [(dict(rs, short_factor=short[:63]),
-                        r"short_factor must have head_dim / 2 = 64 entries \(one a frequency\), got 63"),
+                        r"short_factor must have rotary_dim / 2 = 64 entries \(one a frequency\), got 63"),
                        ({"type": "longrope", "short_factor": short}, "needs 'long_factor', a list of positive"),
                        (dict(rs, long_factor=long_[:-1] + [0.0]), "needs 'long_factor', a list of positive numbers"),
                        (dict(rs, short_factor=short[:-1] + ["1"]), "needs 'short_factor'"),
@@ -496,6 +512,81 @@ def test_phi3_longrope():
                                                                           long_factor=long_[:32])))
     with pytest.raises(CheckpointError, match="type 'longrope' is read for model_type 'phi3' only.* 'llama'"):
         LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={**rs, "short_factor": short, "long_factor": long_}))
+
+
+def test_phi4_mini_partial_rotary():
+    """Phi-4-mini: RoPE rotates the first int(head_dim * partial_rotary_factor) = 96 of 128 dimensions, its
+    frequencies those of a 96-wide head (and longrope's lists one entry a frequency: 48); the factor read at the top
+    level (transformers 4's layout, Phi-4-mini's) or in the RoPE dict (5's), both where they agree; Phi-4-mini's keys
+    that transformers' Phi-3 does not read accepted at the values that change nothing, refused at others; the partial
+    factor refused outside (0, 1], where it leaves an odd number of dimensions, and outside Phi-3. Against
+    transformers' logits: tests/test_models_families.py (hf_phi4_partial)."""
+    c = LlamaConfig.from_dict(PHI4_MINI)
+    assert (c.head_dim, c.rotary_dim, c.partial_rotary_factor, c.q_per_kv, c.tie_word_embeddings) == (
+        128, 96, 0.75, 3, True)
+    assert (c.rope_scaling.rope_type, c.rope_scaling.factor, c.max_length, c.sliding_window) == (
+        "longrope", 32.0, 4096, None)
+    short = np.array(PHI4_MINI["rope_scaling"]["short_factor"])
+    np.testing.assert_allclose(rope_inv_freq(c), 10000.0 ** (-np.arange(0, 96, 2) / 96) / short, rtol=1e-12)
+    assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    rs = PHI4_MINI["rope_scaling"]
+    for same in [dict(PHI4_MINI, rope_scaling=dict(rs, partial_rotary_factor=0.75)),  # both places
+                 dict({k: v for k, v in PHI4_MINI.items() if k != "partial_rotary_factor"},
+                      rope_scaling=dict(rs, partial_rotary_factor=0.75)),
+                 {k: v for k, v in PHI4_MINI.items() if k not in ("full_attn_mod", "interpolate_factor",
+                                                                   "lm_head_bias")}]:
+        assert LlamaConfig.from_dict(same) == c
+    plain = LlamaConfig.from_dict(dict(PHI4_MINI, rope_scaling=None))  # default RoPE over the 96
+    np.testing.assert_allclose(rope_inv_freq(plain), 10000.0 ** (-np.arange(0, 96, 2) / 96), rtol=1e-12)
+    assert plain.max_length == 131072
+    assert LlamaConfig.from_dict(dict(PHI4_MINI, partial_rotary_factor=1.0, rope_scaling=None)).rotary_dim == 128
+    odd = dict(PHI4_MINI, hidden_size=24 * 10, rope_scaling=None)  # head_dim 10: int(7.5) = 7
+    for bad, match in [
+            (dict(PHI4_MINI, rope_scaling=dict(rs, partial_rotary_factor=0.5)),
+             r"partial_rotary_factor is given as \[\('partial_rotary_factor', 0.75\), \('rope_scaling', 0.5\)\]; "
+             "they must agree"),
+            (dict(PHI4_MINI, partial_rotary_factor=0.5), r"short_factor must have rotary_dim / 2 = 32 entries .* got 48"),
+            (dict(PHI4_MINI, partial_rotary_factor=1.5), r"partial_rotary_factor must be a number in \(0, 1\]"),
+            (dict(PHI4_MINI, partial_rotary_factor=0.0), r"partial_rotary_factor must be a number in \(0, 1\]"),
+            (dict(PHI4_MINI, partial_rotary_factor="0.75"), "partial_rotary_factor must be a finite number; got '0.75'"),
+            (odd, r"partial_rotary_factor 0.75 of head_dim 10 gives int\(10 \* 0.75\) = 7 rotated dimensions; RoPE "
+                  "needs an even number"),
+            (dict(PHI4_MINI, full_attn_mod=2), r"full_attn_mod=2 is not supported .* only 1"),
+            (dict(PHI4_MINI, interpolate_factor=2), r"interpolate_factor=2 is not supported"),
+            (dict(PHI4_MINI, lm_head_bias=True), r"lm_head_bias=True is not supported .* only False"),
+            (dict(PHI4_MINI, mlp_bias=True), "mlp_bias=True is not supported"),
+            (dict(LLAMA2_7B, partial_rotary_factor=0.5),
+             r"partial_rotary_factor=0.5 is not supported for this model_type \(its transformers class rotates all"),
+            (dict(GEMMA_7B, rope_scaling={"rope_type": "default", "partial_rotary_factor": 0.5}),
+             "partial_rotary_factor=0.5 is not supported")]:
+        with pytest.raises(CheckpointError, match=match):
+            LlamaConfig.from_dict(bad)
+    small = dict(SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert LlamaConfig(**small, model_type="phi3", partial_rotary_factor=0.75).rotary_dim == 12
+    for by_hand, match in [(dict(small, partial_rotary_factor=0.75), "read for model_type 'phi3' only"),
+                           (dict(small, model_type="phi3", partial_rotary_factor=0.1), r"= 1 rotated dimensions"),
+                           (dict(small, model_type="phi3", partial_rotary_factor=True), r"in \(0, 1\] .*, got True")]:
+        with pytest.raises(ValueError, match=match):
+            LlamaConfig(**by_hand)
+
+
+def test_partial_rotary_rotates_the_first_dimensions_and_passes_the_rest():
+    """apply_rope with R/2 frequencies on a D-wide head: the first R dimensions as RoPE of an R-wide head, times the
+    cos / sin factor; the other D - R unchanged (not times the factor)."""
+    import jax
+    import jax.numpy as jnp
+    from models.llama import apply_rope
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16), jnp.float32)
+    positions = jnp.arange(10).reshape(2, 5) * 7
+    inv = 10000.0 ** (-np.arange(0, 12, 2) / 12)
+    got = apply_rope(x, positions, inv, 1.3)
+    np.testing.assert_array_equal(got[..., 12:], x[..., 12:])
+    np.testing.assert_allclose(got[..., :12], apply_rope(x[..., :12], positions, inv, 1.3), rtol=1e-6, atol=1e-6)
+    angles = np.asarray(positions, np.float64)[..., None, None] * inv  # [B, T, 1, 6]
+    x1, x2 = np.asarray(x[..., :6], np.float64), np.asarray(x[..., 6:12], np.float64)
+    want = 1.3 * np.concatenate([x1 * np.cos(angles) - x2 * np.sin(angles), x2 * np.cos(angles) + x1 * np.sin(angles)],
+                                axis=-1)
+    np.testing.assert_allclose(got[..., :12], want, rtol=1e-4, atol=1e-4)
 
 
 def test_gemma():

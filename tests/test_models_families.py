@@ -98,6 +98,12 @@ def test_fixtures_cover_each_family():
     assert c["hf_qwen2_yarn"].rope_scaling.truncate and c["hf_qwen2_yarn"].rope_scaling.attention_factor is None
     yarn = raw["hf_llama_yarn"]["rope_parameters"]
     assert yarn["rope_type"] == "yarn" and not yarn["truncate"] and yarn["mscale"] != yarn["mscale_all_dim"]
+    # Phi-4-mini: partial rotary with longrope, in its config.json's layout (the factor at the top level)
+    phi4 = raw["hf_phi4_partial"]
+    assert phi4["partial_rotary_factor"] == 0.75 and phi4["rope_scaling"]["type"] == "longrope"
+    assert (phi4["full_attn_mod"], phi4["interpolate_factor"], phi4["lm_head_bias"]) == (1, 1, False)
+    p4 = c["hf_phi4_partial"]
+    assert (p4.head_dim, p4.rotary_dim, p4.max_length, p4.tie_word_embeddings) == (16, 12, 32, True)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -154,6 +160,25 @@ def test_longrope_config_is_what_the_fixture_tests(misread):
              "no factors": dataclasses.replace(rs, short_factor=(1.0,) * len(rs.short_factor))}[misread]
     prompt, greedy, want = cases("hf_phi3_longrope")[2]
     logits = full_logits(Llama(dataclasses.replace(m.config, rope_scaling=wrong), m.params()), [prompt + greedy])
+    assert rel_err(logits[0], want) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("misread", ["all of head_dim", "no longrope", "the last dimensions"])
+def test_partial_rotary_is_what_the_fixture_tests(monkeypatch, misread):
+    """Phi-4-mini's partial rotary: RoPE over the whole head (default frequencies, as a loader ignoring the factor
+    and the 12-entry lists would run it), the partial rotary without longrope, or the rotation on the last 12
+    dimensions instead of the first, each change the fixture's logits far beyond the tolerance."""
+    m = model("hf_phi4_partial")
+    config = m.config
+    if misread == "all of head_dim":
+        config = dataclasses.replace(config, partial_rotary_factor=1.0, rope_scaling=None)
+    elif misread == "no longrope":
+        config = dataclasses.replace(config, rope_scaling=None)
+    else:
+        rope = llama.apply_rope
+        monkeypatch.setattr(llama, "apply_rope", lambda x, *a: jnp.flip(rope(jnp.flip(x, -1), *a), -1))
+    prompt, greedy, want = cases("hf_phi4_partial")[2]
+    logits = full_logits(Llama(config, m.params()), [prompt + greedy])
     assert rel_err(logits[0], want) > 100 * FP32_TOL
 
 
