@@ -14,8 +14,8 @@ transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 
 dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
-effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises ``CheckpointError`` naming the
-key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
+effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises
+``CheckpointError`` naming the key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
 out takes the default of the family's transformers config class (``Family``): what
 transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which then caps the sequences).
 """
@@ -192,10 +192,11 @@ class RopeScaling:
     over a band of dimensions set by ``beta_fast`` / ``beta_slow``, and cos / sin multiplied by
     ``attention_factor``, by default 0.1·ln(factor) + 1) or "longrope" (Phi-3.5, Phi-3-mini-128k: each frequency
     divided by its ``short_factor`` entry, cos / sin multiplied by ``attention_factor``, by default
-    sqrt(1 + ln(factor) / ln(original_max_position_embeddings)); ``long_factor`` is what transformers switches to
-    past original_max_position_embeddings tokens, which the config's ``max_length`` keeps sequences under: give
-    longrope its context, an integer, as its checkpoint's config.json does). The fields a type does not use keep
-    their defaults."""
+    sqrt(1 + ln(factor) / ln(original_max_position_embeddings)); give longrope its context, an integer, as its
+    checkpoint's config.json does). ``long_factor`` is what transformers computes with, from the first token, where a
+    call's sequences are longer than that context: ``use_long`` True selects it, a choice made per call
+    (``LlamaConfig.with_long_rope``: ``models.generate.prefill`` and the dense forward make it), not a key of the
+    checkpoint (``to_dict`` leaves it out). The fields a type does not use keep their defaults."""
 
     rope_type: str
     factor: float
@@ -208,6 +209,7 @@ class RopeScaling:
     truncate: bool = True
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
+    use_long: bool = False
 
     def __post_init__(self):
         if self.rope_type not in ("linear", "llama3", "yarn", "longrope"):  # "default": rope_scaling=None
@@ -235,6 +237,9 @@ class RopeScaling:
                              f"low_freq_factor ({self.low_freq_factor})")
         if not isinstance(self.truncate, bool):
             raise ValueError(f"config: rope_scaling.truncate must be True or False, got {self.truncate!r}")
+        if not isinstance(self.use_long, bool) or (self.use_long and self.rope_type != "longrope"):
+            raise ValueError(f"config: rope_scaling.use_long (the long factors) is longrope's, True or False; "
+                             f"rope_type {self.rope_type!r}, got {self.use_long!r}")
 
     @property
     def cos_sin_factor(self) -> float:
@@ -396,10 +401,20 @@ class LlamaConfig:
     @property
     def max_length(self) -> int:
         """The longest sequence (prompt + new tokens) this model computes as transformers does: its
-        max_position_embeddings, or its sliding window where that is shorter, or with longrope its
-        original_max_position_embeddings (past it transformers switches every position to the long factors)."""
+        max_position_embeddings, or its sliding window where that is shorter, or with longrope's short factors its
+        original_max_position_embeddings (past it transformers switches every position to the long factors:
+        ``with_long_rope``)."""
         limits = [self.max_position_embeddings, self.sliding_window or self.max_position_embeddings]
-        return min(limits + ([self.longrope_context] if self.longrope_context is not None else []))
+        short = self.longrope_context is not None and not self.rope_scaling.use_long
+        return min(limits + ([self.longrope_context] if short else []))
+
+    def with_long_rope(self, long: bool) -> "LlamaConfig":
+        """This config computing with longrope's long factors (``long``) or its short ones; itself without
+        longrope. transformers' Phi-3 takes the long factors for every position of a call whose longest sequence
+        (its largest position + 1) exceeds original_max_position_embeddings, the short ones otherwise."""
+        if self.longrope_context is None or self.rope_scaling.use_long == long:
+            return self
+        return dataclasses.replace(self, rope_scaling=dataclasses.replace(self.rope_scaling, use_long=long))
 
     @property
     def rotary_dim(self) -> int:

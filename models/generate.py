@@ -144,7 +144,8 @@ class DecodeState:
     cache: the mode's cache; logits ``[B, V]`` float32 for the next token; positions ``[B]`` RoPE position of
     the next token fed; tokens ``[B, N]`` (pad after a sequence stops); logprobs ``[B, N]``; lengths ``[B]``
     tokens generated (stop token included); done ``[B]``; step () steps taken; key PRNG key; max_new ``[B]``
-    per-sequence budgets; stop_tokens ``[B, K]`` ids that end each sequence (-1 = none).
+    per-sequence budgets; stop_tokens ``[B, K]`` ids that end each sequence (-1 = none); long_rope: longrope's long
+    factors in use (prompts past the pretraining context: ``prefill``), which ``decode`` keeps.
     """
 
     cache: Cache
@@ -160,6 +161,7 @@ class DecodeState:
     stop_tokens: jax.Array
     mode: str = struct.field(pytree_node=False, default="hydragen")
     pad_id: int = struct.field(pytree_node=False, default=0)
+    long_rope: bool = struct.field(pytree_node=False, default=False)
 
 
 def _is_int(x) -> bool:
@@ -433,6 +435,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     if (budgets < 1).any():
         raise ValueError(f"max_new_tokens must be >= 1, got {int(budgets.min())}")
     N = int(budgets.max())
+    config = _longrope_choice(config, tree)
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
         if total + budgets[b] > config.max_length:
@@ -442,8 +445,10 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
                 limit = (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer "
                          "sequence's queries would see fewer keys, which is not implemented)")
             else:
-                limit = (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: past it "
-                         "transformers takes the long factors for every position, which is not implemented)")
+                limit = (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: a "
+                         "sequence that crosses it mid-generation is not implemented: transformers computes the whole "
+                         "sequence again with the long factors at that step; prompts longer than the context run, "
+                         "with the long factors throughout)")
             raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
                              f"model's {limit}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
@@ -478,7 +483,27 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         tokens=jnp.full((B, N), pad, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
         lengths=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32),
         key=jax.random.key(seed), max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops),
-        mode=mode, pad_id=pad)
+        mode=mode, pad_id=pad, long_rope=config.rope_scaling is not None and config.rope_scaling.use_long)
+
+
+def _longrope_choice(config: LlamaConfig, tree: SharingTree) -> LlamaConfig:
+    """The factors a longrope model computes this batch with, as transformers' Phi-3 does for each sequence alone:
+    the long ones where the prompts are longer than the pretraining context (from their first token: its prefill's
+    largest position is past the context, and so is every decode step's), the short ones where they are not (the
+    caller's ``max_length`` check then keeps prompt + new tokens within the context). A batch of both kinds is
+    refused: the prompts that share a node would need its keys and values under both."""
+    context = config.longrope_context
+    if context is None:
+        return config
+    lengths = [tree.prefix_length(b) + len(tree.suffixes[b]) for b in range(tree.num_sequences)]
+    long = [n > context for n in lengths]
+    if any(long) and not all(long):
+        a, b = long.index(True), long.index(False)
+        raise ValueError(f"sequence {a}'s prompt ({lengths[a]} tokens) is longer than the model's longrope context of "
+                         f"{context} tokens (original_max_position_embeddings), sequence {b}'s ({lengths[b]}) is not: "
+                         "transformers computes the first with the long factors, the second with the short ones; "
+                         "generate them in separate calls")
+    return config.with_long_rope(all(long))
 
 
 # ------------------------------------------------------------------------------------------------- decode
@@ -573,8 +598,9 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     sampling = SamplingConfig.make(sampling)
     if isinstance(num_steps, numbers.Integral):  # more than int32 holds: as many as the tokens left (the loop's cap)
         num_steps = min(int(num_steps), 2**31 - 1)
-    return _decode_jit(model.params(), state, jnp.int32(num_steps), config=model.config, sampling=sampling,
-                       backend=backend, mesh=model.mesh)
+    config = model.config.with_long_rope(state.long_rope)
+    return _decode_jit(model.params(), state, jnp.int32(num_steps), config=config, sampling=sampling, backend=backend,
+                       mesh=model.mesh)
 
 
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
@@ -582,8 +608,9 @@ def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=N
     _check_state(model, state, "compile_decode")
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
-    fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=model.config, sampling=sampling,
-                           backend=backend, mesh=model.mesh).compile()
+    config = model.config.with_long_rope(state.long_rope)
+    fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=config, sampling=sampling, backend=backend,
+                           mesh=model.mesh).compile()
     return fn, time.perf_counter() - t0
 
 

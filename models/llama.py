@@ -294,8 +294,8 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
         return inv
     if rs.rope_type == "linear":
         return inv / rs.factor
-    if rs.rope_type == "longrope":  # the short factors: sequences stay within the pretraining context (max_length)
-        return inv / np.asarray(rs.short_factor, np.float64)
+    if rs.rope_type == "longrope":  # the short factors within the pretraining context, the long ones past it
+        return inv / np.asarray(rs.long_factor if rs.use_long else rs.short_factor, np.float64)
     if rs.rope_type == "yarn":
         # YaRN: dimension i keeps its frequency where it turns more than beta_fast times over the original context,
         # is divided by `factor` where it turns fewer than beta_slow times, and blends linearly in between. The
@@ -523,12 +523,11 @@ class Llama(nnx.Module):
             raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's sliding window of "
                              f"{c.sliding_window} (config sliding_window: their later queries would see fewer keys, "
                              "which is not implemented)")
-        # (longrope is exact while every position is below max_length: prefill and decode keep to it; a caller of
-        # this forward with positions of its own must too)
-        if attend is causal_attention and tokens.shape[-1] > c.max_length and c.longrope_context is not None:
-            raise ValueError(f"Llama: sequences of {tokens.shape[-1]} tokens exceed the model's longrope context of "
-                             f"{c.max_length} (original_max_position_embeddings: past it transformers takes the long "
-                             "factors for every position, which is not implemented)")
+        if attend is causal_attention and c.longrope_context is not None:
+            # longrope on the dense path, as transformers chooses per call: the long factors where the sequences
+            # (the token array's width) exceed the pretraining context. (A cached forward's caller chooses:
+            # models.generate's prefill, whose decode keeps the choice.)
+            c = c.with_long_rope(tokens.shape[-1] > c.longrope_context)
         if self.mesh is not None:
             from models import parallel
 

@@ -485,6 +485,15 @@ def test_phi3_longrope():
     np.testing.assert_allclose(rope_inv_freq(c), 250000.0 ** (-np.arange(0, 128, 2) / 128) / np.array(short),
                                rtol=1e-12)
     assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c == LlamaConfig.from_dict(c.to_dict())
+    # past the context, the long factors (a choice per call: generate's prefill and the dense forward make it)
+    long = c.with_long_rope(True)
+    assert long.rope_scaling.use_long and long.max_length == 131072 and long.with_long_rope(False) == c
+    np.testing.assert_allclose(rope_inv_freq(long), 250000.0 ** (-np.arange(0, 128, 2) / 128) / np.array(long_),
+                               rtol=1e-12)
+    assert long.rope_scaling.cos_sin_factor == c.rope_scaling.cos_sin_factor  # one attention factor for both
+    assert LlamaConfig.from_dict(long.to_dict()) == c  # not a key of the checkpoint
+    plain = LlamaConfig.from_dict(PHI4)
+    assert plain.with_long_rope(True) is plain  # no longrope: nothing to choose
     for same in [dict(phi35, rope_scaling=dict(rs, type="su", original_max_position_embeddings=4096)),
                  dict(phi35, rope_scaling=dict(rs, type="yarn")),
                  dict(phi35, rope_scaling=dict(rs, original_max_position_embeddings=8192)),  # not read
@@ -545,10 +554,12 @@ def test_phi4_mini_partial_rotary():
             (dict(PHI4_MINI, rope_scaling=dict(rs, partial_rotary_factor=0.5)),
              r"partial_rotary_factor is given as \[\('partial_rotary_factor', 0.75\), \('rope_scaling', 0.5\)\]; "
              "they must agree"),
-            (dict(PHI4_MINI, partial_rotary_factor=0.5), r"short_factor must have rotary_dim / 2 = 32 entries .* got 48"),
+            (dict(PHI4_MINI, partial_rotary_factor=0.5),
+             r"short_factor must have rotary_dim / 2 = 32 entries .* got 48"),
             (dict(PHI4_MINI, partial_rotary_factor=1.5), r"partial_rotary_factor must be a number in \(0, 1\]"),
             (dict(PHI4_MINI, partial_rotary_factor=0.0), r"partial_rotary_factor must be a number in \(0, 1\]"),
-            (dict(PHI4_MINI, partial_rotary_factor="0.75"), "partial_rotary_factor must be a finite number; got '0.75'"),
+            (dict(PHI4_MINI, partial_rotary_factor="0.75"),
+             "partial_rotary_factor must be a finite number; got '0.75'"),
             (odd, r"partial_rotary_factor 0.75 of head_dim 10 gives int\(10 \* 0.75\) = 7 rotated dimensions; RoPE "
                   "needs an even number"),
             (dict(PHI4_MINI, full_attn_mod=2), r"full_attn_mod=2 is not supported .* only 1"),
@@ -834,6 +845,9 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
     (lambda: RopeScaling("yarn", 4.0, beta_fast=0.0), "rope_scaling.beta_fast must be a positive finite number"),
     (lambda: RopeScaling("yarn", 4.0, attention_factor=-1.0), "attention_factor must be a positive finite number"),
     (lambda: RopeScaling("yarn", 4.0, truncate="no"), "truncate must be True or False, got 'no'"),
+    (lambda: RopeScaling("yarn", 4.0, use_long=True), "use_long .* is longrope's, True or False; rope_type 'yarn'"),
+    (lambda: RopeScaling("longrope", 4.0, original_max_position_embeddings=32, short_factor=(1.0,), long_factor=(1.0,),
+                         use_long=1), "use_long .* got 1"),
     (lambda: RopeScaling("default", 2.0), r"rope_type must be .*\(no scaling: rope_scaling=None\)"),
     (lambda: RopeScaling("linear", 0.0), "rope_scaling.factor must be a positive finite number, got 0.0"),
     (lambda: RopeScaling("linear", -1.0), "rope_scaling.factor must be a positive finite number, got -1.0"),
