@@ -408,7 +408,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
             *, mode: str = "hydragen", eos_ids: Sequence[int] | None = None,
             stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, backend: str | None = None,
             max_depth: int = 3, pad_multiple: int = 16, prefill_chunk: int = 2048,
-            _compiled: dict | None = None) -> DecodeState:
+            _compiled: dict | None = None, _last_token_unused: bool = False) -> DecodeState:
     """Caches and first-token logits for every sequence of a sharing tree (or of token-id prompts, one per
     sequence, whose tree is built by ``build_sharing_tree``).
 
@@ -417,7 +417,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     multiple of it, and the prefill's token arrays to one (below it: to a power of two), so that prompts of other
     lengths within that rounding (over a tree of the same shape) reuse one compiled prefill (not the standard mode,
     whose per-sequence caches round each whole prompt; 1: exact widths, a compile a length). Raises ``ValueError``
-    on bad input.
+    on bad input. (_last_token_unused: the caller drops the logits the last new token gives, so prompt + new tokens
+    may exceed ``max_length`` by it: ``_generate_across_longrope_context``.)
     """
     _check_mode(mode)
     config: LlamaConfig = model.config
@@ -438,17 +439,17 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     config = _longrope_choice(config, tree)
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
-        if total + budgets[b] > config.max_length:
+        if total + budgets[b] > config.max_length + _last_token_unused:
             if config.max_length == config.max_position_embeddings:
                 limit = f"maximum length {config.max_position_embeddings}"
             elif config.max_length == config.sliding_window:
                 limit = (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer "
                          "sequence's queries would see fewer keys, which is not implemented)")
             else:
-                limit = (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: a "
-                         "sequence that crosses it mid-generation is not implemented: transformers computes the whole "
-                         "sequence again with the long factors at that step; prompts longer than the context run, "
-                         "with the long factors throughout)")
+                limit = (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: at the "
+                         "step that crosses it transformers computes the whole sequence again with the long factors, "
+                         "which one prefill and decode do not; generate() does, in two calls. Prompts longer than "
+                         "the context run here, with the long factors throughout)")
             raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
                              f"model's {limit}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
@@ -502,7 +503,7 @@ def _longrope_choice(config: LlamaConfig, tree: SharingTree) -> LlamaConfig:
         raise ValueError(f"sequence {a}'s prompt ({lengths[a]} tokens) is longer than the model's longrope context of "
                          f"{context} tokens (original_max_position_embeddings), sequence {b}'s ({lengths[b]}) is not: "
                          "transformers computes the first with the long factors, the second with the short ones; "
-                         "generate them in separate calls")
+                         "prefill them in separate calls (generate() does so itself)")
     return config.with_long_rope(all(long))
 
 
@@ -672,6 +673,9 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     of ``decode_tokens_per_s``), one host sync per call (progress bar with ``progress=True``); a chunk stops early
     once every sequence is done, and each call costs 1-4 ms besides its steps on an H200 (64-step chunks: 2.5-5 %
     more tok/s than 16-step ones with a 7B model at batch 8 and 64).
+    A longrope model (Phi-3.5, Phi-4-mini) whose sequences cross its pretraining context, or whose prompts lie on
+    both sides of it, generates in two calls, as transformers computes each sequence
+    (``_generate_across_longrope_context``: the trees built from the prompts, ``tree`` not used for the calls).
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
@@ -697,10 +701,31 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
         stop_tokens = [_id_list(f"stop_tokens[{i}]", s, model.config.vocab_size)
                        for i, s in enumerate(stop_tokens) for _ in range(num_samples)]
 
+    context = model.config.longrope_context
+    if context is not None and (any(len(q) <= context < len(q) + max_new_tokens for q in sequences)
+                                or len({len(q) > context for q in sequences}) > 1):
+        tokens, lengths, logprobs, first_logits, stats = _generate_across_longrope_context(
+            model, sequences, max_new_tokens, stop_tokens, max_depth=max_depth, mode=mode, sampling=sampling,
+            eos_ids=eos_ids, seed=seed, backend=backend, chunk_steps=chunk_steps, progress=progress,
+            progress_desc=progress_desc)
+    else:
+        tokens, lengths, logprobs, first_logits, stats = _generate_tree(
+            model, tree, max_new_tokens, stop_tokens, mode=mode, sampling=sampling, eos_ids=eos_ids, seed=seed,
+            backend=backend, chunk_steps=chunk_steps, progress=progress, progress_desc=progress_desc)
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(tokens[b, :lengths[b]]) for b in range(tree.num_sequences)]
+    return Generation(tokens, lengths, logprobs, tree, texts, stats, first_logits)
+
+
+def _generate_tree(model: Llama, tree: SharingTree, max_new_tokens, stop_tokens, *, mode, sampling, eos_ids, seed,
+                   backend, chunk_steps, progress, progress_desc, last_token_unused: bool = False):
+    """``generate``'s prefill and chunked decode loop over ``tree``'s sequences (max_new_tokens: an int or one a
+    sequence): their (tokens, lengths, logprobs, first-token logits, stats)."""
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
     state = prefill(model, tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens, seed=seed,
-                    backend=backend, _compiled=stats)
+                    backend=backend, _compiled=stats, _last_token_unused=last_token_unused)
     first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
     # The shared levels, and how many of them a step reads batched (the device's cost model, models.cache)
@@ -713,7 +738,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=max_new_tokens, desc=progress_desc or mode, unit="step", leave=True)
+        bar = tqdm(total=int(np.max(max_new_tokens)), desc=progress_desc or mode, unit="step", leave=True)
     t0 = time.perf_counter()
     steps = 0
     first = None  # (steps, seconds) of the first call, one step: it also loads the loop's kernels (one-time)
@@ -724,7 +749,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
             bar.update(new_steps - steps)
         steps = new_steps
         first = first or (steps, time.perf_counter() - t0)
-        if steps >= max_new_tokens or bool(jnp.all(state.done)):
+        if steps >= np.max(max_new_tokens) or bool(jnp.all(state.done)):
             break
     stats["decode_s"] = time.perf_counter() - t0
     if bar is not None:
@@ -741,7 +766,60 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
         stats["decode_tokens_per_s"] = B * steps / stats["decode_s"]
     tokens, lengths, logprobs = (np.asarray(x) for x in jax.device_get((state.tokens, state.lengths, state.logprobs)))
     stats["generated_tokens"] = int(lengths.sum())
-    texts = None
-    if tokenizer is not None:
-        texts = [tokenizer.decode(tokens[b, :lengths[b]]) for b in range(B)]
-    return Generation(tokens, lengths, logprobs, tree, texts, stats, first_logits)
+    return tokens, lengths, logprobs, first_logits, stats
+
+
+def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: int, stop_tokens, *, max_depth, **kw):
+    """``generate`` where longrope's factors change within the batch, as transformers' Phi-3 computes each sequence:
+    the short factors while a sequence holds at most original_max_position_embeddings (C) tokens, the long ones
+    for every position of it from the step it holds C + 1 on (transformers drops its cache there and computes the
+    whole sequence again). In two calls: the prompts within C generate with the short factors up to C + 1 tokens
+    (their next logits would be long ones); then those that go on, as prompts of C + 1 tokens (prompt + what they
+    generated), with the prompts longer than C, generate the rest with the long factors (their shared prefixes
+    computed again, and shared again). Greedy tokens are transformers'; sampled ones come from the same
+    distributions, the second call's key from ``seed`` + 1. Returns what ``_generate_tree`` returns for all
+    sequences, with stats summed over the calls (``longrope_calls``: how many ran)."""
+    context = model.config.longrope_context
+    B, N, V = len(sequences), max_new_tokens, model.config.vocab_size
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    stops = stop_tokens or [[] for _ in range(B)]
+    eos = list(model.config.eos_token_ids if kw["eos_ids"] is None else kw["eos_ids"])
+    tokens, logprobs = np.full((B, N), pad, np.int32), np.zeros((B, N), np.float32)
+    lengths, first_logits = np.zeros(B, np.int32), np.zeros((B, V), np.float32)
+    calls, stats = [], {}
+    short = [b for b in range(B) if len(sequences[b]) <= context]
+    go_on = [b for b in range(B) if len(sequences[b]) > context]
+    seed = kw.pop("seed")
+    if short:  # the short factors, up to C + 1 tokens
+        budgets = np.array([min(N, context + 1 - len(sequences[b])) for b in short])
+        calls.append((short, *_generate_tree(
+            model, build_sharing_tree([sequences[b] for b in short], max_depth=max_depth), budgets,
+            [stops[b] for b in short] if stop_tokens else None, seed=seed, last_token_unused=True, **kw)))
+        t, n, lp, first, _ = calls[-1][1:]
+        for i, b in enumerate(short):
+            tokens[b, :n[i]], logprobs[b, :n[i]] = t[i, :n[i]], lp[i, :n[i]]
+            lengths[b], first_logits[b] = n[i], first[i]
+            stopped = n[i] < budgets[i] or int(t[i, n[i] - 1]) in eos + list(stops[b])
+            if not stopped and n[i] < N:
+                go_on.append(b)
+    if go_on:  # the long factors: every prompt longer than C
+        go_on.sort()
+        prompts = [tuple(sequences[b]) + tuple(tokens[b, :lengths[b]].tolist()) for b in go_on]
+        budgets = np.array([N - lengths[b] for b in go_on])
+        calls.append((go_on, *_generate_tree(
+            model, build_sharing_tree(prompts, max_depth=max_depth), budgets,
+            [stops[b] for b in go_on] if stop_tokens else None, seed=seed + 1, **kw)))
+        t, n, lp, first, _ = calls[-1][1:]
+        for i, b in enumerate(go_on):
+            k = lengths[b]
+            tokens[b, k:k + n[i]], logprobs[b, k:k + n[i]] = t[i, :n[i]], lp[i, :n[i]]
+            if k == 0:
+                first_logits[b] = first[i]
+            lengths[b] = k + n[i]
+    for key in calls[0][5]:  # times and steps add up; the levels: the most of one call
+        values = [call[5][key] for call in calls]
+        stats[key] = max(values) if key.startswith("shared_levels") else sum(values)
+    stats["generated_tokens"] = int(lengths.sum())
+    stats["decode_tokens_per_s"] = stats["generated_tokens"] / stats["decode_s"]
+    stats["longrope_calls"] = len(calls)
+    return tokens, lengths, logprobs, first_logits, stats

@@ -39,10 +39,12 @@ def model(name: str, dtype=jnp.float32) -> Llama:
 
 
 def cases(name: str, outputs: str = "transformers_outputs.npz") -> list[tuple[list[int], list[int], np.ndarray]]:
-    """(prompt, transformers' greedy continuation, its logits ``[T, V]`` of prompt + continuation) per prompt."""
+    """(prompt, transformers' greedy continuation, its logits ``[T, V]`` of prompt + continuation) per prompt
+    (``transformers_outputs_cross.npz``: each greedy step's logits ``[N, V]`` instead)."""
     with np.load(FIXTURES / name / outputs) as f:
         n = len([k for k in f.files if k.startswith("prompt_")])
-        return [(f[f"prompt_{i}"].tolist(), f[f"greedy_{i}"].tolist(), f[f"logits_{i}"]) for i in range(n)]
+        logits = "steps" if "steps_0" in f.files else "logits"  # (the cross outputs: each step's last row)
+        return [(f[f"prompt_{i}"].tolist(), f[f"greedy_{i}"].tolist(), f[f"{logits}_{i}"]) for i in range(n)]
 
 
 def full_logits(m: Llama, seqs: list[list[int]]) -> list[np.ndarray]:
@@ -182,26 +184,55 @@ def test_partial_rotary_is_what_the_fixture_tests(monkeypatch, misread):
     assert rel_err(logits[0], want) > 100 * FP32_TOL
 
 
-def test_longrope_sequences_do_not_cross_the_pretraining_context():
-    """A sequence whose prompt is within original_max_position_embeddings (32 in the fixture) but whose new tokens
-    would take it past: transformers' Phi-3 drops its cache at the crossing step and computes the whole sequence again
-    with the long factors, which is not implemented: refused, naming the limit; up to it, generation runs. So is a
-    batch mixing prompts past the context with prompts within it (each computed with other factors)."""
+def test_longrope_prefill_does_not_cross_the_pretraining_context():
+    """One prefill and its decode compute with one set of longrope factors: a sequence whose prompt is within
+    original_max_position_embeddings (32 in the fixture) but whose new tokens would take it past (transformers'
+    Phi-3 computes the whole sequence again with the long factors at the crossing step) is refused by prefill,
+    naming the limit and generate(), which does it in two calls (below); so is a batch mixing prompts past the
+    context with prompts within it. Up to the context, and from prompts past it up to max_position_embeddings,
+    prefill runs."""
     m = model("hf_phi3_longrope")
     assert m.config.max_length == 32 and m.config.with_long_rope(True).max_length == 128
     prompt = cases("hf_phi3_longrope")[0][0]
-    assert generate(m, [prompt], max_new_tokens=32 - len(prompt), sampling="greedy", eos_ids=()).tokens.shape == (
-        1, 32 - len(prompt))
+    assert not prefill(m, [prompt], 32 - len(prompt)).long_rope
     with pytest.raises(ValueError, match=r"sequence 0: prompt of \d+ tokens \+ max_new_tokens \d+ exceeds the model's "
-                                         r"longrope context of 32 tokens \(original_max_position_embeddings: a "
-                                         "sequence that crosses it mid-generation is not implemented"):
-        generate(m, [prompt], max_new_tokens=33 - len(prompt), sampling="greedy", eos_ids=())
+                                         r"longrope context of 32 tokens \(original_max_position_embeddings: at the "
+                                         r"step that crosses it .* generate\(\) does, in two calls"):
+        prefill(m, [prompt], 33 - len(prompt))
     long_prompt = cases("hf_phi3_longrope", "transformers_outputs_long.npz")[0][0]
     with pytest.raises(ValueError, match=r"sequence 1's prompt \(43 tokens\) is longer than the model's longrope "
                                          r"context of 32 tokens .* sequence 0's \(10\) is not"):
-        generate(m, [prompt, long_prompt], max_new_tokens=2, sampling="greedy", eos_ids=())
+        prefill(m, [prompt, long_prompt], 2)
+    assert prefill(m, [long_prompt], 128 - len(long_prompt)).long_rope
     with pytest.raises(ValueError, match="maximum length 128"):  # past the context: max_position_embeddings
-        generate(m, [long_prompt], max_new_tokens=129 - len(long_prompt), sampling="greedy", eos_ids=())
+        prefill(m, [long_prompt], 129 - len(long_prompt))
+
+
+@pytest.mark.parametrize("name", [pytest.param("hf_phi3_longrope", marks=pytest.mark.slow),  # ~40 s each;
+                                  "hf_phi4_partial"])  # (Phi-4-mini's: longrope with partial rotary)
+def test_longrope_generation_across_the_pretraining_context_matches_transformers(name):
+    """generate() over prompts of 8-12 tokens continued by 30 (context 32), as transformers computes each sequence
+    (the long factors for every position from the step a sequence holds 33 tokens on: its uncached generate and
+    repeated full forwards; transformers 5.17's cached generate() feeds the last token alone, without its cache,
+    from that step on): the same greedy tokens, each step's log-probability of them to 1e-4; with a long prompt in
+    the batch as well (it joins the second call); and a stop token met before the context ends a sequence there."""
+    prompts, greedy, steps = zip(*cases(name, "transformers_outputs_cross.npz"))
+    m = model(name)
+    g = generate(m, list(prompts), max_new_tokens=len(greedy[0]), sampling="greedy", eos_ids=())
+    assert g.stats["longrope_calls"] == 2 and g.stats["generated_tokens"] == 3 * len(greedy[0])
+    for b in range(len(prompts)):
+        assert g.tokens[b].tolist() == greedy[b]
+        want = jax.nn.log_softmax(steps[b], axis=-1)[np.arange(len(greedy[b])), greedy[b]]
+        np.testing.assert_allclose(g.logprobs[b], want, atol=1e-4)
+    long_prompt, long_greedy, _ = cases(name, "transformers_outputs_long.npz")[1]
+    mixed = generate(m, [prompts[0], long_prompt], max_new_tokens=len(greedy[0]), sampling="greedy", eos_ids=())
+    assert mixed.tokens[0].tolist() == greedy[0]
+    assert mixed.tokens[1, :len(long_greedy)].tolist() == long_greedy
+    stop = greedy[0][3]  # met before the context (the prompt holds 10): no second call for that sequence
+    early = generate(m, [prompts[0]], max_new_tokens=len(greedy[0]), sampling="greedy", eos_ids=[stop])
+    k = greedy[0].index(stop)
+    assert early.lengths[0] == k + 1 and early.tokens[0, :k + 1].tolist() == greedy[0][:k + 1]
+    assert early.stats["longrope_calls"] == 1
 
 
 @pytest.mark.parametrize("name", ["hf_phi3_longrope", "hf_phi4_partial"])
