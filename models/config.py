@@ -15,8 +15,8 @@ dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises
-``CheckpointError`` naming the key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits. A key that config.json leaves
-out takes the default of the family's transformers config class (``Family``): what
+``CheckpointError`` naming the key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits.
+A key that config.json leaves out takes the default of the family's transformers config class (``Family``): what
 transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which then caps the sequences).
 """
 
@@ -516,7 +516,7 @@ class LlamaConfig:
         theta, scaling = _parse_rope(d, max_pos, family)
         partial = _partial_rotary_factor(d, family)
         for key, value in PHI4_MINI_KEYS.items():
-            if key in d and not (d[key] == value and type(d[key]) is type(value)):
+            if key in d and not (d[key] == value and isinstance(d[key], bool) == isinstance(value, bool)):
                 raise CheckpointError(f"config: {key}={d[key]!r} is not supported (transformers' Phi-3 does not read "
                                       f"it; only {value!r}, which changes nothing, is accepted)")
         if scaling is not None and scaling.rope_type == "longrope" and head_dim * heads != hidden:
@@ -772,13 +772,14 @@ def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float,
 
 
 def _partial_rotary_factor(d: dict[str, Any], family: Family) -> float:
-    """The part of head_dim RoPE rotates: ``partial_rotary_factor`` at the top level or in the RoPE dict
-    (transformers 5 reads the dict's first, the top level's where the dict has none; where both give one here they
-    must agree); 1 where none does. Another value than 1 is read for the families whose transformers class rotates
-    part of head_dim (Phi-3) and refused for the others."""
+    """The part of head_dim RoPE rotates: ``partial_rotary_factor`` in the RoPE dict, else at the top level; 1 where
+    neither gives one. The RoPE dict is the one transformers 5 reads: ``rope_scaling`` where it is given and not empty,
+    else ``rope_parameters`` (the other is then not read, as there). Where the dict and the top level both give one
+    they must agree (transformers takes the dict's). Another value than 1 is read for the families whose transformers
+    class rotates part of head_dim (Phi-3) and refused for the others."""
+    rope = d.get("rope_scaling") or d.get("rope_parameters")
     found = [(where, src["partial_rotary_factor"]) for where, src in
-             (("partial_rotary_factor", d), ("rope_scaling", d.get("rope_scaling")),
-              ("rope_parameters", d.get("rope_parameters")))
+             (("partial_rotary_factor", d), ("rope_scaling" if d.get("rope_scaling") else "rope_parameters", rope))
              if isinstance(src, dict) and src.get("partial_rotary_factor") is not None]
     if not found:
         return 1.0

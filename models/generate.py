@@ -778,9 +778,17 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
     generated), with the prompts longer than C, generate the rest with the long factors (their shared prefixes
     computed again, and shared again). Greedy tokens are transformers'; sampled ones come from the same
     distributions, the second call's key from ``seed`` + 1. Returns what ``_generate_tree`` returns for all
-    sequences, with stats summed over the calls (``longrope_calls``: how many ran)."""
+    sequences, with the calls' stats: times, steps and first chunks summed, ``decode_tokens_per_s`` over both calls
+    without their first chunks (as one call's), the shared levels of the call with the most; ``longrope_calls``: how
+    many ran."""
     context = model.config.longrope_context
     B, N, V = len(sequences), max_new_tokens, model.config.vocab_size
+    limit = model.config.with_long_rope(True).max_length  # checked now, not in the second call (its own indices)
+    for b, q in enumerate(sequences):
+        if len(q) + N > limit:
+            what = "maximum length" if limit == model.config.max_position_embeddings else "sliding window"
+            raise ValueError(f"sequence {b}: prompt of {len(q)} tokens + max_new_tokens {N} exceeds the model's {what} "
+                             f"{limit} (past the longrope context of {context} tokens, with the long factors)")
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     stops = stop_tokens or [[] for _ in range(B)]
     eos = list(model.config.eos_token_ids if kw["eos_ids"] is None else kw["eos_ids"])
@@ -820,6 +828,11 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
         values = [call[5][key] for call in calls]
         stats[key] = max(values) if key.startswith("shared_levels") else sum(values)
     stats["generated_tokens"] = int(lengths.sum())
-    stats["decode_tokens_per_s"] = stats["generated_tokens"] / stats["decode_s"]
+    timed = [(c[5]["decode_tokens_per_s"], c[5]["decode_s"] - c[5]["first_chunk_s"]) for c in calls]
+    if sum(t for _, t in timed) > 0:  # each call's rate over its steps after the first chunk, weighted by their time
+        stats["decode_tokens_per_s"] = sum(r * t for r, t in timed) / sum(t for _, t in timed)
+    else:
+        stats["decode_tokens_per_s"] = sum(c[5]["decode_tokens_per_s"] * c[5]["decode_s"] for c in calls) / sum(
+            c[5]["decode_s"] for c in calls)
     stats["longrope_calls"] = len(calls)
     return tokens, lengths, logprobs, first_logits, stats

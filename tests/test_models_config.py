@@ -545,6 +545,13 @@ def test_phi4_mini_partial_rotary():
                  {k: v for k, v in PHI4_MINI.items() if k not in ("full_attn_mod", "interpolate_factor",
                                                                    "lm_head_bias")}]:
         assert LlamaConfig.from_dict(same) == c
+    # transformers reads rope_scaling where it is given (not empty), and then not rope_parameters: nor its factor
+    top_less = {k: v for k, v in PHI4_MINI.items() if k != "partial_rotary_factor"}
+    unread = dict(top_less, rope_scaling={"rope_type": "default"},
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+    assert LlamaConfig.from_dict(unread).rotary_dim == 128
+    assert LlamaConfig.from_dict(dict(unread, rope_scaling=None)).rotary_dim == 96
+    assert LlamaConfig.from_dict(dict(PHI4_MINI, interpolate_factor=1.0, full_attn_mod=1.0)) == c  # 1.0 is 1
     plain = LlamaConfig.from_dict(dict(PHI4_MINI, rope_scaling=None))  # default RoPE over the 96
     np.testing.assert_allclose(rope_inv_freq(plain), 10000.0 ** (-np.arange(0, 96, 2) / 96), rtol=1e-12)
     assert plain.max_length == 131072
@@ -563,6 +570,7 @@ def test_phi4_mini_partial_rotary():
             (odd, r"partial_rotary_factor 0.75 of head_dim 10 gives int\(10 \* 0.75\) = 7 rotated dimensions; RoPE "
                   "needs an even number"),
             (dict(PHI4_MINI, full_attn_mod=2), r"full_attn_mod=2 is not supported .* only 1"),
+            (dict(PHI4_MINI, full_attn_mod=True), r"full_attn_mod=True is not supported"),
             (dict(PHI4_MINI, interpolate_factor=2), r"interpolate_factor=2 is not supported"),
             (dict(PHI4_MINI, lm_head_bias=True), r"lm_head_bias=True is not supported .* only False"),
             (dict(PHI4_MINI, mlp_bias=True), "mlp_bias=True is not supported"),

@@ -228,6 +228,9 @@ def test_longrope_generation_across_the_pretraining_context_matches_transformers
     mixed = generate(m, [prompts[0], long_prompt], max_new_tokens=len(greedy[0]), sampling="greedy", eos_ids=())
     assert mixed.tokens[0].tolist() == greedy[0]
     assert mixed.tokens[1, :len(long_greedy)].tolist() == long_greedy
+    with pytest.raises(ValueError, match=r"sequence 1: prompt of 41 tokens \+ max_new_tokens 88 exceeds the model's "
+                                         r"maximum length 128 \(past the longrope context of 32 tokens"):
+        generate(m, [prompts[0], long_prompt], max_new_tokens=88, sampling="greedy", eos_ids=())  # before any call
     stop = greedy[0][3]  # met before the context (the prompt holds 10): no second call for that sequence
     early = generate(m, [prompts[0]], max_new_tokens=len(greedy[0]), sampling="greedy", eos_ids=[stop])
     k = greedy[0].index(stop)
