@@ -240,15 +240,17 @@ def test_init_places_each_shard_and_keeps_the_values(name):
     pytest.param("hf_olmo2", 2, marks=[needs(2), pytest.mark.slow]),
     pytest.param("hf_smollm3", 2, marks=[needs(2), pytest.mark.slow]),
     pytest.param("hf_phi3", 2, marks=[needs(2), pytest.mark.slow]),
+    pytest.param("hf_phi4_partial", 2, marks=[needs(2), pytest.mark.slow]),
     pytest.param("hf_gemma", 4, marks=[needs(4), pytest.mark.slow])])
 def test_family_fixtures_on_the_mesh(tmp_path, name, devices):
     """transformers' tiny checkpoints of the families with extras outside the layers' GEMMs (Granite's embedding
     and logits scaling on the vocabulary-split embedding and head, its residual and logit-scale multipliers;
     OLMo 2's q / k norms over all heads, on 4 devices with its 2 KV heads (and their norm weights) each on two of
-    them; SmolLM3's layer without RoPE; Phi-3's fused tensors, split on reading and joined on saving; Gemma's
-    embeddings scaled after the vocabulary-split lookup, its norms of 1 + weight, GELU, head_dim 32 != 64 / 4, its 2
-    KV heads on 4 devices) loaded onto a mesh generate what they do on one device, and init and save on the mesh
-    keep the canonical parameters."""
+    them; SmolLM3's layer without RoPE; Phi-3's fused tensors, split on reading and joined on saving;
+    Phi-4-mini's partial rotary with longrope, its prompts on both sides of the 32-token context (generate's two
+    calls); Gemma's embeddings scaled after the vocabulary-split lookup, its norms of 1 + weight, GELU, head_dim 32
+    != 64 / 4, its 2 KV heads on 4 devices) loaded onto a mesh generate what they do on one device, and init and save
+    on the mesh keep the canonical parameters."""
     path = pathlib.Path(__file__).parent / "fixtures" / name
     one = models.load_checkpoint(path, dtype=jnp.float32)
     mesh = models.load_checkpoint(path, dtype=jnp.float32, mesh=parallel.make_mesh(devices))
