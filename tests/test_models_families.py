@@ -448,6 +448,22 @@ def test_fp32_matmuls_run_at_full_precision(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled kernels, TF32 default)")
+def test_gpu_longrope_generation_across_the_context_matches_transformers():
+    """generate()'s two calls across Phi-4-mini's fixture's longrope context, compiled: transformers' greedy
+    tokens, each step's log-probability to 1e-4 (float32)."""
+    prompts, greedy, steps = zip(*cases("hf_phi4_partial", "transformers_outputs_cross.npz"))
+    with jax.default_matmul_precision("default"):
+        g = generate(model("hf_phi4_partial"), list(prompts), max_new_tokens=len(greedy[0]), sampling="greedy",
+                     eos_ids=())
+    assert g.stats["longrope_calls"] == 2
+    for b in range(len(prompts)):
+        assert g.tokens[b].tolist() == greedy[b]
+        want = jax.nn.log_softmax(steps[b], axis=-1)[np.arange(len(greedy[b])), greedy[b]]
+        np.testing.assert_allclose(g.logprobs[b], want, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled kernels, TF32 default)")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ONE_PER_FAMILY + ["hf_phi4_partial", "hf_phi4_partial:long"])
 def test_gpu_matches_transformers(name, dtype):
