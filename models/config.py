@@ -7,11 +7,11 @@ without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual bra
 the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2), checkpoint tensors
 of q/k/v and of gate/up fused (Phi-3), embeddings scaled by sqrt(hidden_size), norm weights stored as offsets from 1
 and a GELU-gated MLP (Gemma).
-Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling, and Phi-3's ``longrope`` for sequences
-within its pretraining context (``LlamaConfig.max_length``) and its ``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE
-on the first 96 of 128 dimensions). Both ``config.json`` layouts are read:
-transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one flat
-dict); they give the same config for the same model.
+Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling, and Phi-3's ``longrope`` (its short
+factors within its pretraining context, its long ones past it: ``LlamaConfig.with_long_rope``) and its
+``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE on the first 96 of 128 dimensions). Both ``config.json`` layouts
+are read: transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one
+flat dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises

@@ -440,18 +440,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
         if total + budgets[b] > config.max_length + _last_token_unused:
-            if config.max_length == config.max_position_embeddings:
-                limit = f"maximum length {config.max_position_embeddings}"
-            elif config.max_length == config.sliding_window:
-                limit = (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer "
-                         "sequence's queries would see fewer keys, which is not implemented)")
-            else:
-                limit = (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: at the "
-                         "step that crosses it transformers computes the whole sequence again with the long factors, "
-                         "which one prefill and decode do not; generate() does, in two calls. Prompts longer than "
-                         "the context run here, with the long factors throughout)")
             raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
-                             f"model's {limit}")
+                             f"model's {_length_limit(config)}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
         ids = np.asarray(part, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
@@ -485,6 +475,19 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         lengths=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32),
         key=jax.random.key(seed), max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops),
         mode=mode, pad_id=pad, long_rope=config.rope_scaling is not None and config.rope_scaling.use_long)
+
+
+def _length_limit(config: LlamaConfig) -> str:
+    """What ``config.max_length`` is, for the message of a sequence longer than it."""
+    if config.max_length == config.max_position_embeddings:
+        return f"maximum length {config.max_position_embeddings}"
+    if config.max_length == config.sliding_window:
+        return (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer sequence's queries "
+                "would see fewer keys, which is not implemented)")
+    return (f"longrope context of {config.max_length} tokens (original_max_position_embeddings: at the step that "
+            "crosses it transformers computes the whole sequence again with the long factors, which one prefill and "
+            "decode do not; generate() does, in two calls. Prompts longer than the context run here, with the long "
+            "factors throughout)")
 
 
 def _longrope_choice(config: LlamaConfig, tree: SharingTree) -> LlamaConfig:
@@ -783,27 +786,27 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
     many ran."""
     context = model.config.longrope_context
     B, N, V = len(sequences), max_new_tokens, model.config.vocab_size
-    limit = model.config.with_long_rope(True).max_length  # checked now, not in the second call (its own indices)
+    long = model.config.with_long_rope(True)  # checked now, not in the second call (its own indices)
     for b, q in enumerate(sequences):
-        if len(q) + N > limit:
-            what = "maximum length" if limit == model.config.max_position_embeddings else "sliding window"
-            raise ValueError(f"sequence {b}: prompt of {len(q)} tokens + max_new_tokens {N} exceeds the model's {what} "
-                             f"{limit} (past the longrope context of {context} tokens, with the long factors)")
+        if len(q) + N > long.max_length:
+            raise ValueError(f"sequence {b}: prompt of {len(q)} tokens + max_new_tokens {N} exceeds the model's "
+                             f"{_length_limit(long)} (past the longrope context of {context} tokens, with the long "
+                             "factors)")
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     stops = stop_tokens or [[] for _ in range(B)]
     eos = list(model.config.eos_token_ids if kw["eos_ids"] is None else kw["eos_ids"])
     tokens, logprobs = np.full((B, N), pad, np.int32), np.zeros((B, N), np.float32)
     lengths, first_logits = np.zeros(B, np.int32), np.zeros((B, V), np.float32)
-    calls, stats = [], {}
+    calls = []  # each call's stats
     short = [b for b in range(B) if len(sequences[b]) <= context]
     go_on = [b for b in range(B) if len(sequences[b]) > context]
     seed = kw.pop("seed")
     if short:  # the short factors, up to C + 1 tokens
         budgets = np.array([min(N, context + 1 - len(sequences[b])) for b in short])
-        calls.append((short, *_generate_tree(
+        t, n, lp, first, call = _generate_tree(
             model, build_sharing_tree([sequences[b] for b in short], max_depth=max_depth), budgets,
-            [stops[b] for b in short] if stop_tokens else None, seed=seed, last_token_unused=True, **kw)))
-        t, n, lp, first, _ = calls[-1][1:]
+            [stops[b] for b in short] if stop_tokens else None, seed=seed, last_token_unused=True, **kw)
+        calls.append(call)
         for i, b in enumerate(short):
             tokens[b, :n[i]], logprobs[b, :n[i]] = t[i, :n[i]], lp[i, :n[i]]
             lengths[b], first_logits[b] = n[i], first[i]
@@ -814,25 +817,21 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
         go_on.sort()
         prompts = [tuple(sequences[b]) + tuple(tokens[b, :lengths[b]].tolist()) for b in go_on]
         budgets = np.array([N - lengths[b] for b in go_on])
-        calls.append((go_on, *_generate_tree(
+        t, n, lp, first, call = _generate_tree(
             model, build_sharing_tree(prompts, max_depth=max_depth), budgets,
-            [stops[b] for b in go_on] if stop_tokens else None, seed=seed + 1, **kw)))
-        t, n, lp, first, _ = calls[-1][1:]
+            [stops[b] for b in go_on] if stop_tokens else None, seed=seed + 1, **kw)
+        calls.append(call)
         for i, b in enumerate(go_on):
             k = lengths[b]
             tokens[b, k:k + n[i]], logprobs[b, k:k + n[i]] = t[i, :n[i]], lp[i, :n[i]]
             if k == 0:
                 first_logits[b] = first[i]
             lengths[b] = k + n[i]
-    for key in calls[0][5]:  # times and steps add up; the levels: the most of one call
-        values = [call[5][key] for call in calls]
-        stats[key] = max(values) if key.startswith("shared_levels") else sum(values)
+    # times and steps add up; the levels: the most of one call
+    stats = {key: (max if key.startswith("shared_levels") else sum)(c[key] for c in calls) for key in calls[0]}
     stats["generated_tokens"] = int(lengths.sum())
-    timed = [(c[5]["decode_tokens_per_s"], c[5]["decode_s"] - c[5]["first_chunk_s"]) for c in calls]
-    if sum(t for _, t in timed) > 0:  # each call's rate over its steps after the first chunk, weighted by their time
-        stats["decode_tokens_per_s"] = sum(r * t for r, t in timed) / sum(t for _, t in timed)
-    else:
-        stats["decode_tokens_per_s"] = sum(c[5]["decode_tokens_per_s"] * c[5]["decode_s"] for c in calls) / sum(
-            c[5]["decode_s"] for c in calls)
+    # each call's rate (over its steps after the first chunk) weighted by the time of those steps
+    times = [c["decode_s"] - c["first_chunk_s"] or c["decode_s"] for c in calls]
+    stats["decode_tokens_per_s"] = sum(c["decode_tokens_per_s"] * t for c, t in zip(calls, times)) / sum(times)
     stats["longrope_calls"] = len(calls)
     return tokens, lengths, logprobs, first_logits, stats
