@@ -30,6 +30,11 @@ def _h100() -> tuning.Tuning:
   return tuning.for_device_kind(H100)
 
 
+def _one_setting(t: tuning.Tuning) -> tuning.Tuning:
+  """`t` with one Hopper setting for every T·g and prefix (`t`'s for T·g = 2) and no long-prefix settings."""
+  return dataclasses.replace(t, hopper=((1, t.hopper_for(2)),), hopper_long_prefix=0, hopper_long=())
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
   """Data files read from tmp_path (with a copy of the H100's, the fallback), the file cache cleared."""
@@ -164,7 +169,13 @@ def test_h100_data_holds_the_constants_the_kernels_had():
   assert (t.hopper_min_work, t.max_keys_per_program, t.balanced_keys, t.balanced_programs_per_core,
           t.interleave_rows, t.interleave_lead, t.max_rows_alone, t.max_rows_shared, t.num_cores) == (
               2048 * 4096, 4096, 2048, 4, 512, 0.75, 128, 64, 132)
-  assert hopper.tuned_config(t) == hopper.HopperConfig()  # 3 + 2 stages, 208 / 88 registers, ping-pong
+  # 3 + 2 stages, 208 / 88 registers, ping-pong: for every T·g but 1 and 4, which take the H200's settings (short and
+  # long: measured on an H100 in session 49)
+  assert [hopper.tuned_config(t, rows=r, prefix=p) for r in (2, 3, 5, 8, 9) for p in (0, 1 << 20)] == [
+      hopper.HopperConfig()] * 10
+  h200 = tuning.for_device_kind("NVIDIA H200")
+  assert [t.hopper_for(r, p) for r in (1, 4) for p in (0, 8191, 8192)] == [
+      h200.hopper_for(r, p) for r in (1, 4) for p in (0, 8191, 8192)]
   assert (ops.auto_launch([511], t), ops.auto_launch([16, 512], t)) == ("fused", "interleaved")
 
 
@@ -203,7 +214,7 @@ def test_hopper_settings_go_by_query_rows():
   """`Tuning.hopper`: an entry holds from its T·g rows up to the next entry's; `with_hopper` sets a range and merges
   equal neighbours; the kernel takes the entry of its shape's rows; a file's single settings object (the form
   before the rows) holds for every row count."""
-  t = _h100()
+  t = _one_setting(_h100())
   base = t.hopper_for(1)
   wide = dataclasses.replace(base, prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128)
   mha = dataclasses.replace(base, prefix_stages=2, suffix_stages=2, prefix_keys=128, q_registers=True)
@@ -448,7 +459,7 @@ def test_sweep_sets_the_mha_settings_by_prefix_length():
   assert all(configs[i][1] < sweep_device.LONG_PREFIX for i in groups[short.group])
   assert {configs[i][3] // configs[i][4] for i in groups[prefix.group]} == {1, 4}
   assert set(groups["mha"]) <= set(groups[prefix.group]) and 8192 in prefix.candidates
-  base = _h100()  # no long settings
+  base = _one_setting(_h100())
   a, b = sweep_device.HOPPER_CONFIGS[:2]
   t = short.apply(long.apply(base, b), a)
   assert t.hopper_long_prefix == sweep_device.LONG_PREFIX and long.read(t) == b and short.read(t) == a
@@ -710,7 +721,7 @@ def test_sweep_times_and_checks_real_steps_on_the_gpu(tmp_path):
 def test_long_prefixes_take_their_own_hopper_settings():
   """`hopper_long` holds (by T·g rows, as `hopper`) from `hopper_long_prefix` keys of prefix, `hopper` below it;
   without it (0, the default) `hopper` holds for every prefix; the JSON form keeps both; bad entries are named."""
-  t = _h100()
+  t = _one_setting(_h100())
   short = t.hopper_for(1)
   long = dataclasses.replace(short, prefix_keys=128, q_registers=True, prefix_stages=2, suffix_stages=2)
   assert t.hopper_for(1, 1 << 20) == short  # no long entries

@@ -213,6 +213,11 @@ def main():
     for name in ["auto"] + args.variants.split(","):
       try:
         config = resolve(name, CONFIGS[i])
+        if isinstance(config, hopper.HopperConfig) and config.pair_suffix_cost > 0 and not hopper._shares(
+            config, hq // hkv):
+          # e.g. the H100's T·g = 4 setting packs no suffix items: the variant times the same kernel as without
+          print(f"[{i}] {name}: note: the pair takes no suffix items here (`_shares`: items of whole 8-row windows "
+                "need suffix_pack or T·g a multiple of 8)", flush=True)
         # Timed chained (as the benchmark); the error of one step against `auto`'s.
         compiled, _ = timing.compile_aot(timing.chain_steps(step(config), STEPS), (q, pk, pv, sk, sv, lengths[0]))
         steps, _ = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, want, TIMING, STEPS)
