@@ -830,8 +830,10 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
     # times and steps add up; the levels: the most of one call
     stats = {key: (max if key.startswith("shared_levels") else sum)(c[key] for c in calls) for key in calls[0]}
     stats["generated_tokens"] = int(lengths.sum())
-    # each call's rate (over its steps after the first chunk) weighted by the time of those steps
-    times = [c["decode_s"] - c["first_chunk_s"] or c["decode_s"] for c in calls]
+    # each call's rate (over its steps after the first chunk) weighted by the time of those steps; where no call
+    # has steps after its first chunk, each call's rate over all its steps, weighted by their time
+    after = [c["decode_s"] - c["first_chunk_s"] for c in calls]
+    times = after if sum(after) > 0 else [c["decode_s"] for c in calls]
     stats["decode_tokens_per_s"] = sum(c["decode_tokens_per_s"] * t for c, t in zip(calls, times)) / sum(times)
     stats["longrope_calls"] = len(calls)
     return tokens, lengths, logprobs, first_logits, stats
