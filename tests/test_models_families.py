@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import pathlib
 
@@ -236,6 +237,28 @@ def test_longrope_generation_across_the_pretraining_context_matches_transformers
     k = greedy[0].index(stop)
     assert early.lengths[0] == k + 1 and early.tokens[0, :k + 1].tolist() == greedy[0][:k + 1]
     assert early.stats["longrope_calls"] == 1
+
+
+@pytest.mark.parametrize("first_chunks,rate", [((0.5, 1.0), 100.0),  # the second call has only its first chunk
+                                                ((1.0, 1.0), (100 * 1 + 1000 * 1) / 2)])  # neither call: whole times
+def test_longrope_calls_combine_their_decode_rates(monkeypatch, first_chunks, rate):
+    """generate()'s two calls across the longrope context report one decode rate: each call's rate weighted by its
+    time after its first chunk (a call with none weighs nothing), or, where no call has any, by its whole time;
+    steps and times add up (`_generate_tree` stubbed: each call generates its whole budget and reports set times)."""
+    rates = iter([100.0, 1000.0])
+    halves = iter(first_chunks)
+
+    def fake(model, tree, budgets, stop_tokens, **kw):
+        b, n, v = tree.num_sequences, int(max(budgets)), model.config.vocab_size
+        stats = dict(decode_s=1.0, first_chunk_s=next(halves), decode_tokens_per_s=next(rates), decode_steps=n)
+        return np.ones((b, n), np.int32), np.asarray(budgets), np.zeros((b, n), np.float32), np.zeros((b, v)), stats
+
+    # the module (the package's `models.generate` is the function)
+    monkeypatch.setattr(importlib.import_module("models.generate"), "_generate_tree", fake)
+    m = model("hf_phi4_partial")  # longrope context 32
+    g = generate(m, [[1] * 30], max_new_tokens=6, sampling="greedy", eos_ids=())
+    assert g.stats["longrope_calls"] == 2 and g.stats["decode_steps"] == 6 and g.stats["decode_s"] == 2.0
+    assert g.stats["decode_tokens_per_s"] == pytest.approx(rate)
 
 
 @pytest.mark.parametrize("name", ["hf_phi3_longrope", "hf_phi4_partial"])
