@@ -880,7 +880,7 @@ def test_report_cli_check_markers_and_plot(tmp_path, readme, capsys):
     readme.write_text("no markers\n")
     assert cli.main(args) == 2 and "expected one '<!-- report:begin" in capsys.readouterr().err
     with pytest.raises(ValueError, match="found 2 begin"):
-        report.replace_section(f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n", "x")
+        report.replace_section(f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n", "x", "nvidia-h200")
 
 
 def test_report_links_the_combined_plot_of_its_results_dir_relative_to_the_readme(tmp_path):
@@ -996,6 +996,33 @@ def test_gpu_full_runs_the_bench_rows_asked_for(tmp_path, rows, tag, want):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert re.search(want, args.read_text().splitlines()[0]), args.read_text()
+
+
+def test_report_keeps_the_device_its_marker_names(tmp_path, readme, capsys):
+    """The begin marker names the section's device: a newer run on another GPU does not take the section over; a
+    device asked for (`--device`) does, and stays; a marked device without results gives way to the newest."""
+    res = tmp_path / "results"
+    _write_results(res, "bench_attention", "20261130-100000", [
+        _rates(), _bench_summary((64, 1024, 512, 32, 32), "hydragen", 5e5)])
+    report.update_readme(readme, res, plot=False)
+    assert report.marked_device(readme.read_text()) == "nvidia-h200"
+    _write_results(res, "bench_attention", "20261205-100000", [  # newer, on an H100
+        _rates(device=H100), _bench_summary((64, 1024, 512, 32, 32), "hydragen", 4e5, device=H100)], device=H100)
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    assert "## Results on an NVIDIA H200" in section and "500.0k" in section and "400.0k" not in section
+    assert ("Other devices:\n\n- NVIDIA H100 80GB HBM3 (JAX 0.11.2): one decode step of attention at 0.400 of the "
+            "floor over 1 row (`bench_attention-nvidia-h100-80gb-hbm3-20261205-100000.*`; its tables: `python -m "
+            "experiments report --device nvidia-h100-80gb-hbm3`).") in section, section
+    args = ["report", "--readme", str(readme), "--results-dir", str(res), "--no-plot"]
+    assert cli.main(args + ["--device", "nvidia-h100-80gb-hbm3"]) == 0
+    assert report.marked_device(readme.read_text()) == "nvidia-h100-80gb-hbm3" and "400.0k" in _section(readme)
+    assert "- NVIDIA H200 (JAX 0.11.2): one decode step of attention at 0.500" in _section(readme)
+    assert cli.main(args + ["--check"]) == 0  # and it stays
+    readme.write_text(readme.read_text().replace("(device nvidia-h100-80gb-hbm3:", "(device nvidia-a100:"))
+    report.update_readme(readme, res, plot=False)  # no A100 results: the newest device's (the H100's)
+    assert report.marked_device(readme.read_text()) == "nvidia-h100-80gb-hbm3" and "400.0k" in _section(readme)
+    capsys.readouterr()
 
 
 def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, capsys):
