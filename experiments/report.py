@@ -11,9 +11,10 @@ end-to-end row (one prefix and batch) and a long-document row (one prefix) come 
 that has them (every column of a row from one run); tree_apps comes from its newest file. The device is the one asked
 for (`--device`), else the one the README's begin marker names (`device SLUG`, written there by every report: so a
 newer run on another GPU does not take the section over), where it has results, else the newest accelerator results
-file's; a kind without results on it falls back to the newest device that has it (its section names the device). Files of tensor-parallel runs (points with `tp`) form a section of their own (report
-kind `e2e_tensor_parallel`): every NAME's newest file, one table set each; runs of the other kinds on a mesh are
-left out.
+file's; a kind without results on it falls back to the newest device that has it (its section names the device).
+Each other accelerator with bench-attention runs gets a line (`other_devices`). Files of tensor-parallel runs (points
+with `tp`) form a section of their own (report kind `e2e_tensor_parallel`): every NAME's newest file, one table set
+each; runs of the other kinds on a mesh are left out.
 """
 
 from __future__ import annotations
@@ -124,13 +125,12 @@ def pick_device(files: list[ResultsFile], device: str | None = None, marked: str
     return device
 
 
-def choose(files: list[ResultsFile], device: str | None = None, marked: str | None = None
-           ) -> dict[str, list[ResultsFile]]:
+def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, list[ResultsFile]]:
     """{kind: the newest file of each of that kind's names on the device `pick_device` picks (or the newest device
     that has the kind)}, newest first."""
     if not files:
         return {}
-    device = pick_device(files, device, marked)
+    device = pick_device(files, device)
     chosen = {}
     for kind in REPORT_KINDS:
         of_kind = [f for f in files if f.kind == kind]
@@ -549,11 +549,11 @@ def update_readme(readme: pathlib.Path, results_dir: pathlib.Path = records.RESU
     """Regenerate the README's section for `device` (default: the one its marker names, `choose`). Returns (changed,
     unified diff). With `check`, the file is not written."""
     old, files = readme.read_text(), load_results(results_dir)
-    chosen = choose(files, device, marked_device(old))
-    if not chosen:  # e.g. smoke runs only: the README keeps its tables rather than lose them
+    if not files:  # e.g. smoke runs only: the README keeps its tables rather than lose them
         raise ValueError(f"no results to report in {results_dir} (smoke runs and files without a device and date "
                          "stamp are not reported); the section is left as it is")
     slug = pick_device(files, device, marked_device(old))
+    chosen = choose(files, slug)
     new = replace_section(old, render(chosen, plot=plot and not check, link_base=readme.parent,
                                       others=other_devices(files, slug)), slug)
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(readme), str(readme)))
