@@ -481,7 +481,7 @@ def tensor_parallel_section(files: list[ResultsFile]) -> list[str]:
 
 def other_devices(files: list[ResultsFile], shown: str) -> list[str]:
     """One line for each other accelerator with bench-attention runs: its Hydragen / floor range over the rows of its
-    newest runs, and their files (its tables: `report --device SLUG`)."""
+    newest runs, and their markdown files (which hold the tables; `report --device SLUG` would move the section)."""
     lines = []
     for slug in sorted({f.slug for f in files} - {shown, "cpu"}):
         bench = newest_per_name([f for f in files if f.slug == slug and f.kind == "bench_attention"])
@@ -491,9 +491,8 @@ def other_devices(files: list[ResultsFile], shown: str) -> list[str]:
             continue
         used = sorted({f.path.stem for _, f, _ in rows})
         lines.append(f"- {_device_title(bench[0].device, list(bench[0].records))}: one decode step of attention at "
-                     f"{_range(fractions, '.3f')} of the floor over {len(rows)} row{'s' * (len(rows) != 1)} ("
-                     + ", ".join(f"`{name}.*`" for name in used) + f"; its tables: `python -m experiments report "
-                     f"--device {slug}`).")
+                     f"{_range(fractions, '.3f')} of the floor over {len(rows)} row{'s' * (len(rows) != 1)}; tables: "
+                     + ", ".join(f"`{name}.md`" for name in used) + ".")
     return ["Other devices:", "", *lines, ""] if lines else []
 
 

@@ -1012,8 +1012,7 @@ def test_report_keeps_the_device_its_marker_names(tmp_path, readme, capsys):
     section = _section(readme)
     assert "## Results on an NVIDIA H200" in section and "500.0k" in section and "400.0k" not in section
     assert ("Other devices:\n\n- NVIDIA H100 80GB HBM3 (JAX 0.11.2): one decode step of attention at 0.400 of the "
-            "floor over 1 row (`bench_attention-nvidia-h100-80gb-hbm3-20261205-100000.*`; its tables: `python -m "
-            "experiments report --device nvidia-h100-80gb-hbm3`).") in section, section
+            "floor over 1 row; tables: `bench_attention-nvidia-h100-80gb-hbm3-20261205-100000.md`.") in section, section
     args = ["report", "--readme", str(readme), "--results-dir", str(res), "--no-plot"]
     assert cli.main(args + ["--device", "nvidia-h100-80gb-hbm3"]) == 0
     assert report.marked_device(readme.read_text()) == "nvidia-h100-80gb-hbm3" and "400.0k" in _section(readme)
