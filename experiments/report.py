@@ -545,8 +545,8 @@ def replace_section(text: str, section: str, slug: str) -> str:
 
 def update_readme(readme: pathlib.Path, results_dir: pathlib.Path = records.RESULTS_DIR, *, device: str | None = None,
                   check: bool = False, plot: bool = True) -> tuple[bool, str]:
-    """Regenerate the README's section for `device` (default: the one its marker names, `choose`). Returns (changed,
-    unified diff). With `check`, the file is not written."""
+    """Regenerate the README's section for `device` (default: the one its marker names, `pick_device`). Returns
+    (changed, unified diff). With `check`, the file is not written."""
     old, files = readme.read_text(), load_results(results_dir)
     if not files:  # e.g. smoke runs only: the README keeps its tables rather than lose them
         raise ValueError(f"no results to report in {results_dir} (smoke runs and files without a device and date "
