@@ -429,8 +429,9 @@ def test_probe_hopper_variant_names_take_overrides():
 
 def test_probe_layout_head_major_form_computes_the_same_step():
   """`probe_layout.head_major`: the step over B·Hkv one-head sequences (each sequence's head contiguous) gives the
-  natural step's output once mapped back (`back`), when every prefix head holds the same keys: the Hopper kernel
-  interpreted, ragged lengths (0 and a full cache among them), T·g = 4."""
+  natural step's output once mapped back (`back`), when every prefix head holds the same keys; `layout_step` over
+  heads-major caches gives it too: the Hopper kernel interpreted, ragged lengths (0 and a full cache among them),
+  T·g = 4."""
   import functools  # noqa: PLC0415
 
   from hydragen_jax.kernels import hopper  # noqa: PLC0415
@@ -449,7 +450,11 @@ def test_probe_layout_head_major_form_computes_the_same_step():
     fn = probe_hopper.step(probe_hopper.resolve("tuned", cfg))
     natural = fn(q, pk, pv, sk, sv, lengths)
     heads = probe_layout.back(fn(q_e, *kv_e, lengths_e), q.shape)
+    moved = lambda x: jnp.moveaxis(x, 2, 1)
+    both = probe_layout.layout_step(probe_hopper.resolve("tuned", cfg), True, True)(
+        q, moved(pk), moved(pv), moved(sk), moved(sv), lengths)
   np.testing.assert_allclose(np.asarray(heads, np.float32), np.asarray(natural, np.float32), atol=1e-2)
+  np.testing.assert_array_equal(np.asarray(both, np.float32), np.asarray(natural, np.float32))
   assert float(jnp.abs(natural.astype(jnp.float32)).max()) > 0.1  # a real output, not zeros
 
 
