@@ -355,12 +355,18 @@ def test_heads_major_caches_give_the_same_parts(backend, shape, config):
       np.testing.assert_array_equal(np.asarray(l), np.asarray(want_l))
 
 
-def test_heads_major_caches_lower_for_cuda():
-  """The H200's T·g = 4 setting (boxed suffix copies) over heads-major caches lowers for CUDA."""
-  config = dataclasses.replace(hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=4), num_ctas=132)
-  q = jax.ShapeDtypeStruct((512, 1, 32, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((8, 2048, 128), jnp.bfloat16)
-  skv = jax.ShapeDtypeStruct((512, 8, 512, 128), jnp.bfloat16)
+@pytest.mark.parametrize("rows,heads,kv_heads,prefix,box", [(4, 32, 8, 2048, False), (4, 32, 8, 2048, True),
+                                                            (1, 32, 32, 4096, True), (1, 32, 32, 16384, True)])
+def test_heads_major_caches_lower_for_cuda(rows, heads, kv_heads, prefix, box):
+  """The H200's settings (T·g = 4 with and without its suffix boxes; T·g = 1 at a short and a long prefix, boxed)
+  over heads-major caches lower for CUDA (a TMA box of sequences × keys × D must stay within 5 strided
+  dimensions)."""
+  config = dataclasses.replace(hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=rows, prefix=prefix),
+                               num_ctas=132)
+  config = dataclasses.replace(config, suffix_pack=config.suffix_pack or box, suffix_box=box)
+  q = jax.ShapeDtypeStruct((512, 1, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((kv_heads, prefix, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((512, kv_heads, 144, 128), jnp.bfloat16)
   step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config, prefix_heads_major=True,
                                                            suffix_heads_major=True))
   traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv, jax.ShapeDtypeStruct((512,), jnp.int32))

@@ -648,6 +648,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   cta = lax.axis_index("cta") * size + member
   prefix_hm, suffix_hm = heads_major
   num_heads = pk_ref.shape[0 if prefix_hm else 1]
+  suffix_capacity = sk_ref.shape[1] // num_heads  # (heads-major caches come as [B, Hkv·S, D])
   prefix_at = (lambda ref, keys, head: ref.at[head, keys]) if prefix_hm else (lambda ref, keys, head: ref.at[keys, head])
   splits = op_ref.shape[0]  # key splits of the prefix
   pairs = op_ref.shape[2] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
@@ -865,11 +866,13 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
     def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
       for ref, smem, bars in refs:
-        plgpu.copy_gmem_to_smem(ref.at[b, h, keys] if suffix_hm else ref.at[b, keys, h], smem.at[slot, rows],
-                                bars.at[slot])
+        # heads-major caches as [B, Hkv·S, D]: head h's keys are rows h·S ... (no index into a middle axis, which
+        # would give the TMA copy of a box one strided dimension too many)
+        src = ref.at[b, pl.ds(h * suffix_capacity + keys.start, keys.size)] if suffix_hm else ref.at[b, keys, h]
+        plgpu.copy_gmem_to_smem(src, smem.at[slot, rows], bars.at[slot])
 
     def copy_box(b, c, n, h, keys, slot):  # suffix_box: sequences b ... b + n - 1 into sub-blocks c ... c + n - 1
-      # KV head h of the caches' [B, S, Hkv·D] view, or (heads-major caches, not reshaped) head h itself
+      # KV head h of the caches' [B, S, Hkv·D] view, or of the heads-major [B, Hkv·S, D] one (`copy`)
       heads = h if suffix_hm else pl.ds(h * head_dim, head_dim)
       if rings4:  # one copy (one arrival)
         return copy(pl.ds(b, n), heads, keys, pl.ds(c, n), slot)
@@ -1161,7 +1164,9 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   lens = jnp.concatenate([suffix_lengths, prefix_length] + ([suffix_lengths.sum(keepdims=True)] if share else []))
   pack = suffix_pack_of(qrows, config)
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack, share)
-  if _boxed(config, pack) and not suffix_hm:  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
+  if suffix_hm:  # [B, Hkv, S, D] as [B, Hkv·S, D] (free): each copy then indexes the batch axis only
+    suffix_k, suffix_v = (x.reshape(batch, -1, head_dim) for x in (suffix_k, suffix_v))
+  elif _boxed(config, pack):  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
     suffix_k, suffix_v = (x.reshape(*x.shape[:2], -1) for x in (suffix_k, suffix_v))
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group, pack=pack, share=share, heads_major=heads_major)
