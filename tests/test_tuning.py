@@ -169,13 +169,16 @@ def test_h100_data_holds_the_constants_the_kernels_had():
   assert (t.hopper_min_work, t.max_keys_per_program, t.balanced_keys, t.balanced_programs_per_core,
           t.interleave_rows, t.interleave_lead, t.max_rows_alone, t.max_rows_shared, t.num_cores) == (
               2048 * 4096, 4096, 2048, 4, 512, 0.75, 128, 64, 132)
-  # 3 + 2 stages, 208 / 88 registers, ping-pong: for every T·g but 1 and 4, which take the H200's settings (short and
-  # long: measured on an H100 in session 49)
-  assert [hopper.tuned_config(t, rows=r, prefix=p) for r in (2, 3, 5, 8, 9) for p in (0, 1 << 20)] == [
+  # 3 + 2 stages, 208 / 88 registers, ping-pong: for every T·g but 1 and 4 below hopper_long_prefix; T·g 1 and 4
+  # take the H200's settings (short and long: measured on an H100 in session 49), and from hopper_long_prefix every
+  # T·g up to 8 takes the H200's long settings (T·g 2-3 and 5-8: measured on an H100 in session 51)
+  assert [hopper.tuned_config(t, rows=r, prefix=p) for r in (2, 3, 5, 8, 9) for p in (0, 8191)] == [
       hopper.HopperConfig()] * 10
   h200 = tuning.for_device_kind("NVIDIA H200")
   assert [t.hopper_for(r, p) for r in (1, 4) for p in (0, 8191, 8192)] == [
       h200.hopper_for(r, p) for r in (1, 4) for p in (0, 8191, 8192)]
+  assert [t.hopper_for(r, p) for r in (2, 3, 5, 8) for p in (8192, 1 << 20)] == [
+      h200.hopper_for(r, p) for r in (2, 3, 5, 8) for p in (8192, 1 << 20)]
   assert (ops.auto_launch([511], t), ops.auto_launch([16, 512], t)) == ("fused", "interleaved")
 
 
