@@ -325,54 +325,6 @@ def test_suffix_box_copies_live_tiles_at_once_and_never_reads_past_a_last_sub_bl
   _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("backend", MOSAIC)
-@pytest.mark.parametrize(*_cases("shape,config", [
-    # the H200's T·g = 4 setting with its suffix boxes: 2 sequences a window, 64 keys each a 128-key tile
-    ((6, 1, 8, 2, 128, 40, 136), hopper.HopperConfig(num_ctas=2, prefix_stages=2, suffix_stages=2,
-                                                      q_registers=True, suffix_keys=128, suffix_pack=True,
-                                                      suffix_box=True)),
-    # unpacked items, T·g = 12 (T = 3, causal), D = 64, a trimmed last tile, the prefix split over CTAs
-    ((3, 3, 8, 2, 64, 136, 64), hopper.HopperConfig(num_ctas=3, suffix_trim=True, prefix_splits=2)),
-], ["rows4_boxed", "rows12_trim_split"], slow=("rows12_trim_split",)))
-def test_heads_major_caches_give_the_same_parts(backend, shape, config):
-  """prefix_heads_major / suffix_heads_major: the caches laid out `[Hkv, P, D]` / `[B, Hkv, S, D]` give exactly the
-  parts of the natural layout, each flag alone and both (ragged lengths, an empty suffix and a full one)."""
-  b, t, _, _, d, p, s = shape
-  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=7)
-  lengths = jnp.asarray(np.random.default_rng(7).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
-  run = lambda *a, **kw: jax.jit(lambda *a: hopper.prefix_suffix_attention(
-      *a, scale=d**-0.5, config=config, interpret=backend.startswith("interpret"), **kw))(*a)
-  natural = run(q, pk, pv, jnp.int32(p - 3), sk, sv, lengths)
-  _close(*natural[-1], *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
-  heads_first = lambda x: jnp.moveaxis(x, -2, -3)  # [.., S, Hkv, D] -> [.., Hkv, S, D]
-  for prefix_hm, suffix_hm in [(True, False), (False, True), (True, True)]:
-    pkv = [heads_first(x) if prefix_hm else x for x in (pk, pv)]
-    skv = [heads_first(x) if suffix_hm else x for x in (sk, sv)]
-    got = run(q, *pkv, jnp.int32(p - 3), *skv, lengths, prefix_heads_major=prefix_hm, suffix_heads_major=suffix_hm)
-    assert len(got) == len(natural)
-    for (o, l), (want_o, want_l) in zip(got, natural):
-      np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(want_o, np.float32))
-      np.testing.assert_array_equal(np.asarray(l), np.asarray(want_l))
-
-
-@pytest.mark.parametrize("rows,heads,kv_heads,prefix,box", [(4, 32, 8, 2048, False), (4, 32, 8, 2048, True),
-                                                            (1, 32, 32, 4096, True), (1, 32, 32, 16384, True)])
-def test_heads_major_caches_lower_for_cuda(rows, heads, kv_heads, prefix, box):
-  """The H200's settings (T·g = 4 with and without its suffix boxes; T·g = 1 at a short and a long prefix, boxed)
-  over heads-major caches lower for CUDA (a TMA box of sequences × keys × D must stay within 5 strided
-  dimensions)."""
-  config = dataclasses.replace(hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=rows, prefix=prefix),
-                               num_ctas=132)
-  config = dataclasses.replace(config, suffix_pack=config.suffix_pack or box, suffix_box=box)
-  q = jax.ShapeDtypeStruct((512, 1, heads, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((kv_heads, prefix, 128), jnp.bfloat16)
-  skv = jax.ShapeDtypeStruct((512, kv_heads, 144, 128), jnp.bfloat16)
-  step = jax.jit(lambda *a: hopper.prefix_suffix_attention(*a, scale=0.1, config=config, prefix_heads_major=True,
-                                                           suffix_heads_major=True))
-  traced = step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv, jax.ShapeDtypeStruct((512,), jnp.int32))
-  assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
-
-
 def test_packed_gqa_setting_lowers_for_cuda():
   """The H200's shipped setting for T·g = 4 (packed suffix items) on a GQA seed row's shapes lowers for CUDA."""
   config = dataclasses.replace(hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=4), num_ctas=132)

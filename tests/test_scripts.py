@@ -427,37 +427,6 @@ def test_probe_hopper_variant_names_take_overrides():
     probe_hopper.resolve("nosuch", cfg)
 
 
-def test_probe_layout_head_major_form_computes_the_same_step():
-  """`probe_layout.head_major`: the step over B·Hkv one-head sequences (each sequence's head contiguous) gives the
-  natural step's output once mapped back (`back`), when every prefix head holds the same keys; `layout_step` over
-  heads-major caches gives it too: the Hopper kernel interpreted, ragged lengths (0 and a full cache among them),
-  T·g = 4."""
-  import functools  # noqa: PLC0415
-
-  from hydragen_jax.kernels import hopper  # noqa: PLC0415
-  from scripts.tuning import probe_hopper, probe_layout  # noqa: PLC0415
-  from scripts.tuning.sweep_kernels import config_inputs  # noqa: PLC0415
-
-  cfg = (6, 128, 64, 8, 2)
-  q, pk, pv, sk, sv = config_inputs(cfg, 0)
-  pk, pv = (jnp.broadcast_to(x[:, :, :1], x.shape) for x in (pk, pv))
-  lengths = jnp.array([1, 5, 64, 33, 0, 17], jnp.int32)
-  (q_e, *kv_e), (lengths_e,) = probe_layout.head_major(q, pk, pv, sk, sv, [lengths])
-  assert q_e.shape == (12, 1, 4, 128) and kv_e[2].shape == (12, 64, 1, 128) and kv_e[0].shape == (1, 128, 1, 128)
-  np.testing.assert_array_equal(lengths_e, np.repeat(lengths, 2))
-  with mock.patch.object(hopper, "prefix_suffix_attention",
-                         functools.partial(hopper.prefix_suffix_attention, interpret=True)):
-    fn = probe_hopper.step(probe_hopper.resolve("tuned", cfg))
-    natural = fn(q, pk, pv, sk, sv, lengths)
-    heads = probe_layout.back(fn(q_e, *kv_e, lengths_e), q.shape)
-    moved = lambda x: jnp.moveaxis(x, 2, 1)
-    both = probe_layout.layout_step(probe_hopper.resolve("tuned", cfg), True, True)(
-        q, moved(pk), moved(pv), moved(sk), moved(sv), lengths)
-  np.testing.assert_allclose(np.asarray(heads, np.float32), np.asarray(natural, np.float32), atol=1e-2)
-  np.testing.assert_array_equal(np.asarray(both, np.float32), np.asarray(natural, np.float32))
-  assert float(jnp.abs(natural.astype(jnp.float32)).max()) > 0.1  # a real output, not zeros
-
-
 @pytest.mark.parametrize("m,k,n,block_n,stages,ctas", [
     (8, 256, 192, 64, 3, 4),  # K split in 4 (8 units on 4 CTAs: the ring runs across units)
     # a tuning probe's kernel (CI time): these two in the slow tier

@@ -636,20 +636,16 @@ def _finish(acc, m, l, o_smem, lse_smem, *, keys_major):
 
 def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os_ref, ls_ref, scratch, *,
             config: HopperConfig, scale: float, batch: int, qrows: int, causal_t: int, group: int, pack: int,
-            share: bool, heads_major: tuple[bool, bool] = (False, False)):
+            share: bool):
   """One warpgroup's part (module docstring). lens_ref: [suffix lengths (B), prefix length] (share: and the sum of
   the suffix lengths). pack: sequences a suffix item (`suffix_pack_of`). share: the pair takes suffix items after
-  its prefix items (`_shares`). heads_major: (prefix, suffix) caches laid out `[Hkv, P, D]` / `[B, Hkv, S, D]`
-  (each KV head's keys contiguous) instead of `[P, Hkv, D]` / `[B, S, Hkv, D]`."""
+  its prefix items (`_shares`)."""
   (pq_all, plse_all, pk_smem, pv_smem, q_smem, o_smem, lse_smem, p_smem, sk_smem, sv_smem,
    q_bars, pk_bars, pv_bars, consumed, sk_bars, sv_bars, sched, pp_all, consumed_v, pair_k_bars, pair_v_bars) = scratch
   wg, num_ctas, size = lax.axis_index("wg"), config.num_ctas, config.cluster
   member = lax.axis_index("cluster") if size > 1 else 0  # this CTA's place in its cluster
   cta = lax.axis_index("cta") * size + member
-  prefix_hm, suffix_hm = heads_major
-  num_heads = pk_ref.shape[0 if prefix_hm else 1]
-  suffix_capacity = sk_ref.shape[1] // num_heads  # (heads-major caches come as [B, Hkv·S, D])
-  prefix_at = (lambda ref, keys, head: ref.at[head, keys]) if prefix_hm else (lambda ref, keys, head: ref.at[keys, head])
+  num_heads = pk_ref.shape[1]
   splits = op_ref.shape[0]  # key splits of the prefix
   pairs = op_ref.shape[2] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
   srows = q_smem.shape[-2]  # rows of a suffix item's window
@@ -701,7 +697,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     # cache's last tile, in range). One split: n = cdiv(length, block_k).
     n = pl.cdiv(pl.cdiv(length, block_k), splits)
     split_keys = n * block_k
-    last_tile = max(pl.cdiv(pk_ref.shape[1 if prefix_hm else 0], block_k) - 1, 0) * block_k
+    last_tile = max(pl.cdiv(pk_ref.shape[0], block_k) - 1, 0) * block_k
     items = count(num_heads * pairs * splits // size, cluster_id, clusters)  # the same in both CTAs of a cluster
     total = items * n
     loader = wg == 1
@@ -715,10 +711,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       keys = pl.ds(start, block_k)
       if "keys" in parts:
         slot = slot_in("keys", g)
-        plgpu.copy_gmem_to_smem(prefix_at(pk_ref, keys, head), pk_smem.at[slot], pk_bars.at[slot], **multicast)
+        plgpu.copy_gmem_to_smem(pk_ref.at[keys, head], pk_smem.at[slot], pk_bars.at[slot], **multicast)
       if "values" in parts:
         slot = slot_in("values", g)
-        plgpu.copy_gmem_to_smem(prefix_at(pv_ref, keys, head), pv_smem.at[slot], pv_bars.at[slot], **multicast)
+        plgpu.copy_gmem_to_smem(pv_ref.at[keys, head], pv_smem.at[slot], pv_bars.at[slot], **multicast)
 
     @pl.when(loader)
     def _():
@@ -866,14 +862,10 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
     def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
       for ref, smem, bars in refs:
-        # heads-major caches as [B, Hkv·S, D]: head h's keys are rows h·S ... (no index into a middle axis, which
-        # would give the TMA copy of a box one strided dimension too many)
-        src = ref.at[b, pl.ds(h * suffix_capacity + keys.start, keys.size)] if suffix_hm else ref.at[b, keys, h]
-        plgpu.copy_gmem_to_smem(src, smem.at[slot, rows], bars.at[slot])
+        plgpu.copy_gmem_to_smem(ref.at[b, keys, h], smem.at[slot, rows], bars.at[slot])
 
     def copy_box(b, c, n, h, keys, slot):  # suffix_box: sequences b ... b + n - 1 into sub-blocks c ... c + n - 1
-      # KV head h of the caches' [B, S, Hkv·D] view, or of the heads-major [B, Hkv·S, D] one (`copy`)
-      heads = h if suffix_hm else pl.ds(h * head_dim, head_dim)
+      heads = pl.ds(h * head_dim, head_dim)  # KV head h of the caches' [B, S, Hkv·D] view
       if rings4:  # one copy (one arrival)
         return copy(pl.ds(b, n), heads, keys, pl.ds(c, n), slot)
       for i in range(n):  # interpreted (its refs take no reshape): a copy (an arrival) a sequence
@@ -1098,8 +1090,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
 def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_length: Array, suffix_k: Array,
                             suffix_v: Array, suffix_lengths: Array, *, scale: float,
-                            config: HopperConfig | None = None, interpret: bool = False,
-                            prefix_heads_major: bool = False, suffix_heads_major: bool = False):
+                            config: HopperConfig | None = None, interpret: bool = False):
   """The parts of a Hydragen decode step (the prefix's, one a key split, then the suffixes'), for `merge_states`
   (check `supported` first).
 
@@ -1110,40 +1101,33 @@ def prefix_suffix_attention(q: Array, prefix_k: Array, prefix_v: Array, prefix_l
       Lengths are clamped to [0, P] and [0, S].
     config: the kernel's settings; None: `tuned_config()` for T·g = T·Hq/Hkv rows and a prefix of P keys.
     interpret: run in Mosaic GPU's interpreter (CPU tests).
-    prefix_heads_major, suffix_heads_major: the prefix caches are `[Hkv, P, D]`, the suffix caches
-      `[B, Hkv, S, D]` (each KV head's keys contiguous: a tile is one run of memory, not `keys` runs of D values
-      `Hkv·D` apart).
 
   Returns:
     The parts for `merge_states`: (out, lse) over each key split of the prefix (one unless `config.prefix_splits`
     or its prefix_fill splits it), then (out, lse) over the suffixes; out `[B, T, Hq, D]` q.dtype, lse `[B, T, Hq]`
     float32 (natural log; -inf and out 0 where a query sees no key of that part).
   """
-  num_heads, capacity = prefix_k.shape[:2] if prefix_heads_major else prefix_k.shape[1::-1]
   if config is None:
-    config = tuned_config(rows=query_rows(q.shape, num_heads), prefix=capacity)
-  config = with_grid(q.shape, num_heads, capacity, config, ops.num_cores())
+    config = tuned_config(rows=query_rows(q.shape, prefix_k.shape[1]), prefix=prefix_k.shape[0])
+  config = with_grid(q.shape, prefix_k.shape[1], prefix_k.shape[0], config, ops.num_cores())
   if config.num_ctas % config.cluster:
     raise ValueError(f"HopperConfig.num_ctas={config.num_ctas} is not a multiple of its cluster={config.cluster}.")
   # No more CTAs than the work has items: item i of each kind runs on CTA i either way (the round-robin's first
   # turn), so the CTAs past the last item would only start and stop (in the interpreter each costs a whole CTA's
   # simulation: ~130 idle ones made a small test 10x slower). Capped after the splits, which count the SMs.
-  config = dataclasses.replace(config, num_ctas=min(config.num_ctas, _busy_ctas(q.shape, num_heads, config)))
+  config = dataclasses.replace(config, num_ctas=min(config.num_ctas, _busy_ctas(q.shape, prefix_k.shape[1], config)))
   return _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths,
-                                  scale=float(scale), config=config, interpret=interpret,
-                                  heads_major=(prefix_heads_major, suffix_heads_major))
+                                  scale=float(scale), config=config, interpret=interpret)
 
 
 # One jit for the kernel and its layout changes: a model's layers call it with the same shapes and settings, and a
 # nested jit is lowered once per signature, so they share one Mosaic GPU module (one kernel hash, compiled once);
 # inlined at each call site, every layer would carry a module of its own (a different hash) and compile it again.
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "heads_major"))
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suffix_v, suffix_lengths, *, scale,
-                             config: HopperConfig, interpret: bool, heads_major: tuple[bool, bool]):
+                             config: HopperConfig, interpret: bool):
   batch, steps, num_q_heads, head_dim = q.shape
-  prefix_hm, suffix_hm = heads_major
-  num_heads, prefix_capacity = prefix_k.shape[:2] if prefix_hm else prefix_k.shape[1::-1]
-  suffix_capacity = suffix_k.shape[2 if suffix_hm else 1]
+  num_heads = prefix_k.shape[1]
   group = num_q_heads // num_heads
   qrows = steps * group  # query rows per sequence and KV head
   srows = _window_rows(qrows)
@@ -1158,18 +1142,16 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   share = _shares(config, qrows)  # and the pair's suffix items load 64 rows from a window's start
   qt = jnp.pad(qt, ((0, 0), (0, max(rows, last_window + (ROWS if share else srows)) - batch * qrows), (0, 0)))
   # Lengths clamped to the capacities (a traced length may be out of range): no tile is read past the caches.
-  suffix_lengths = jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_capacity)
-  prefix_length = jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_capacity)
+  suffix_lengths = jnp.clip(suffix_lengths.astype(jnp.int32), 0, suffix_k.shape[1])
+  prefix_length = jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0, prefix_k.shape[0])
   # share: and the suffixes' total keys, whose mean `pair_split` takes
   lens = jnp.concatenate([suffix_lengths, prefix_length] + ([suffix_lengths.sum(keepdims=True)] if share else []))
   pack = suffix_pack_of(qrows, config)
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack, share)
-  if suffix_hm:  # [B, Hkv, S, D] as [B, Hkv·S, D] (free): each copy then indexes the batch axis only
-    suffix_k, suffix_v = (x.reshape(batch, -1, head_dim) for x in (suffix_k, suffix_v))
-  elif _boxed(config, pack):  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
+  if _boxed(config, pack):  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
     suffix_k, suffix_v = (x.reshape(*x.shape[:2], -1) for x in (suffix_k, suffix_v))
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
-                             group=group, pack=pack, share=share, heads_major=heads_major)
+                             group=group, pack=pack, share=share)
   splits = config.prefix_splits
   # packed suffix items store whole windows: the suffix outputs hold every window's 8 rows (sliced below)
   suffix_rows = -(-batch // pack) * srows if pack > 1 else batch * qrows
