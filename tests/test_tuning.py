@@ -526,6 +526,33 @@ def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   assert split.read(split.apply(base, 2)) == 2
 
 
+@pytest.mark.parametrize("first,last,rows", [(2, 3, 2), (5, 8, 8)])
+def test_sweep_sets_the_other_few_row_windows_on_configs_of_their_own(first, last, rows):
+  """T·g = 2-3 and 5-8 have choices of their own, short and long prefixes (`hopper[..]`, `hopper_long[..]`), timed
+  on configs of that T·g below and from LONG_PREFIX keys, after the T·g = 4 choice (which sets rows 4-8 first); a
+  pick changes its rows and prefix lengths only."""
+  configs, groups = sweep_device.CONFIGS, sweep_device.GROUPS
+  order = [c.field for c in sweep_device.choices(configs, groups)]
+  name = f"[{first}-{last}]"
+  assert order.index("hopper[4-8]") < order.index(f"hopper{name}")
+  picks = {c.field: c for c in sweep_device.choices(configs, groups)}
+  short, long = picks[f"hopper{name}"], picks[f"hopper_long{name}"]
+  assert short.kernel == long.kernel == "hopper"
+  for choice, is_long in ((short, False), (long, True)):
+    cfgs = [configs[i] for i in groups[choice.group]]
+    assert cfgs and all(hq // hkv == rows and (p >= sweep_device.LONG_PREFIX) == is_long
+                        for _, p, _, hq, hkv in cfgs)
+  base = tuning.load(tuning.data_file("NVIDIA H200")).tuning
+  long_keys, short_keys = 1 << 20, base.hopper_long_prefix - 1
+  for choice, keys, other in ((short, short_keys, long_keys), (long, long_keys, short_keys)):
+    pick = next(c for c in sweep_device.HOPPER_CONFIGS if c != choice.read(base))  # one that moves it
+    t = choice.apply(base, pick)
+    assert choice.read(t) == pick and t.hopper_for(first, keys) == t.hopper_for(last, keys) == pick
+    for r in {1, 2, 3, 4, 5, 8, 9, 16} - set(range(first, last + 1)):  # the other rows keep theirs
+      assert t.hopper_for(r, keys) == base.hopper_for(r, keys), r
+    assert all(t.hopper_for(r, other) == base.hopper_for(r, other) for r in (1, 2, 3, 4, 5, 8, 9))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--dry-run"], r"--out FILE is needed with --dry-run"),
     pytest.param(["--budget-s", "10"], r"--out FILE is needed with off a GPU",

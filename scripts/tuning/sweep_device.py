@@ -5,19 +5,20 @@
 
 Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or --base
 FILE): each candidate value is timed on the configs its choice concerns (`CONFIGS`: the benchmark's seed rows and
-the 7B model's MHA decode layer that takes the Hopper kernel, whole and with its heads split over two GPUs, and two
-more of its e2e layers), as the benchmark times a step (a whole decode step, 16 chained in one call, at s = 1,
-out/2, out; Simpson mean), and the candidate with the best speed-up over the tuning so far (geometric mean over the
-configs whose step it changes) takes its place if at least --min-gain faster; the next choice starts from the
-result. A step whose kernels a candidate does not change (same tiles, splits, launch) is timed once. Every output is
-checked against the first step timed on its config: a candidate whose output differs, or that fails to compile, is
-refused. The budget (--budget-s) stops the choices early (the rest keep the base's values; the file says which were
-measured: run again with --base and --fields for those) and a final pass times the picked tuning against the base on
-every config with the kernel the API would take ("pallas"). Interactions between choices are seen only through the
-greedy order and that final pass. The file is written after every choice and the log (--log) after every step, so a
-sweep stopped from outside keeps what it measured; each step is printed before it starts, so one that hangs is
-named, and a step not back after --step-timeout-s ends the sweep (a kernel that never returns cannot be stopped from
-Python): the log names it, the file keeps the choices made, the exit status is 3.
+the 7B model's MHA decode layer that takes the Hopper kernel, whole and with its heads split over two GPUs, two more
+of its e2e layers, and GQA shapes of other T·g and prefix lengths), as the benchmark times a step (a whole decode
+step, 16 chained in one call, at s = 1, out/2, out; Simpson mean), and the candidate with the best speed-up over the
+tuning so far (geometric mean over the configs whose step it changes) takes its place if at least --min-gain faster;
+the next choice starts from the result. A step whose kernels a candidate does not change (same tiles, splits,
+launch) is timed once. Every output is checked against the first step timed on its config: a candidate whose output
+differs, or that fails to compile, is refused. The budget (--budget-s) stops the choices early (the rest keep the
+base's values; the file says which were measured: run again with --base and --fields for those) and a final pass
+times the picked tuning against the base on every config with the kernel the API would take ("pallas"). Interactions
+between choices are seen only through the greedy order and that final pass. The file is written after every choice
+and the log (--log) after every step, so a sweep stopped from outside keeps what it measured; each step is printed
+before it starts, so one that hangs is named, and a step not back after --step-timeout-s ends the sweep (a kernel
+that never returns cannot be stopped from Python): the log names it, the file keeps the choices made, the exit
+status is 3.
 
 --dry-run builds and traces (jax.eval_shape) every step the sweep would time, on the same configs, but runs and
 times nothing (no memory, any machine): its times are stand-ins derived from each step's signature, so that the
@@ -69,7 +70,12 @@ FEW_ITEMS = ((128, 16384, 256, 16, 8), (128, 32768, 128, 32, 32))
 # A wide query window (T·g = 16: GQA 32/2) whose items fill the SMs: `hopper_max_rows` (the Hopper kernel lost to
 # Triton there on the H200, 1.4x)
 WIDE = ((256, 16384, 256, 32, 2),)
-CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG + FEW_ITEMS + WIDE
+# T·g = 2 (GQA 16/8) and T·g = 8 (64/8), the other few-row windows, a short prefix and a long one each: the Hopper
+# settings of rows 2-3 and 5-8 (`hopper` and `hopper_long`), which the T·g = 4 rows do not decide (session 51, on an
+# H100: T·g = 8 below 8K keys ran faster on its own setting than on T·g = 4's, 0.70 against 0.67 of the floor)
+GQA2 = ((1024, 4096, 512, 16, 8), (512, 16384, 256, 16, 8))
+GQA8 = ((256, 4096, 512, 64, 8), (128, 16384, 256, 64, 8))
+CONFIGS = tuple(SEED) + (MHA_LAYER, MHA_LAYER_TP2) + E2E_LAYERS + GQA_LONG + FEW_ITEMS + WIDE + GQA2 + GQA8
 _GQA = tuple(i for i, (_, _, _, hq, hkv) in enumerate(SEED) if hq != hkv)
 _AT = {c: i for i, c in enumerate(CONFIGS)}
 # Configs (indices into CONFIGS) a choice is timed on: the GQA rows (compute-bound prefix: the interleaved launch),
@@ -85,6 +91,7 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
               mha_layers=(_AT[MHA_LAYER], _AT[MHA_LAYER_TP2]), mha_short=(_AT[E2E_LAYERS[0]],),
               prefix=(0, 4, 6, 8), suffix=(0, 3, 6, 8), alone=(4, 8), gqa_long=tuple(_AT[c] for c in GQA_LONG),
               split=(_AT[GQA_LONG[1]], *(_AT[c] for c in FEW_ITEMS)), wide=tuple(_AT[c] for c in WIDE),
+              gqa2=(_AT[GQA2[0]],), gqa2_long=(_AT[GQA2[1]],), gqa8=(_AT[GQA8[0]],), gqa8_long=(_AT[GQA8[1]],),
               long_prefix=tuple(sorted(set(_MHA) | set(_GQA) | {_AT[c] for c in GQA_LONG})))
 # Candidates: those of the H100 sweeps (scripts/tuning/sweep_kernels.py, scripts/tuning/probe_hopper.py), the H100's values
 # included so that a sweep from another base can return to them.
@@ -240,7 +247,7 @@ def choices(configs, groups) -> list[Choice]:
   fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
   rows = sorted({b * hq // hkv for b, _, _, hq, hkv in every})
   return [
-      # GQA's few-row suffix items (the seed rows: T·g = 4; rows 2-3 keep their entry: none of the configs has them)
+      # GQA's few-row suffix items (the seed rows: T·g = 4, for rows 4-8 until the choices of rows 5-8 below)
       hopper_choice(4, 8, "gqa", HOPPER_CONFIGS),
       # MHA decode: one-row items; a long prefix's settings and a short one's apart, then where one ends
       hopper_choice(1, 1, "mha_layers", HOPPER_CONFIGS, long_from=LONG_PREFIX),
@@ -262,6 +269,11 @@ def choices(configs, groups) -> list[Choice]:
       # up to how many T·g rows the kernel runs at all (0: any): a wide window (T·g 16) that the rules above send
       # to it
       field_choice("hopper_max_rows", "pallas", "wide", (0, 8, 16)),
+      # the other few-row windows: T·g = 2-3 and 5-8, each on a config of its own T·g, short prefix and long
+      hopper_choice(2, 3, "gqa2", HOPPER_CONFIGS),
+      hopper_choice(5, 8, "gqa8", HOPPER_CONFIGS),
+      hopper_choice(2, 3, "gqa2_long", HOPPER_CONFIGS, long_from=LONG_PREFIX),
+      hopper_choice(5, 8, "gqa8_long", HOPPER_CONFIGS, long_from=LONG_PREFIX),
       field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9, 1.0)),
       tile_choice(16, "triton", "suffix", SUFFIX_TILES),
       fields_choice(("max_keys_per_program", "balanced_keys"), "triton", "all", KEY_SPLITS),
