@@ -790,6 +790,66 @@ def test_prefix_early_keys_lowers_for_cuda():
     assert "mosaic_gpu" in texts[0] and texts[0] != texts[1]
 
 
+# the H200's T·g = 4 setting (short prefixes) and its T·g = 1 setting (packed items in boxes)
+_H200_ROWS4 = dict(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128, suffix_pack=True,
+                   prefix_early_keys=True)
+_H200_ROWS1 = dict(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128, suffix_pack=True,
+                   suffix_box=True, prefix_fill=0.75)
+
+
+@pytest.mark.parametrize("backend", MOSAIC)
+@pytest.mark.parametrize(*_cases("shape,config", [
+    # T·g = 4 packed (2 sequences a window), 128-key tiles through a 2-slot ring, several tiles and items a CTA
+    ((12, 1, 8, 2, 128, 40, 200), dict(num_ctas=2, **_H200_ROWS4)),
+    # unpacked, causal T·g = 12, a one-slot ring, trimmed last tiles
+    ((3, 3, 8, 2, 64, 8, 136), dict(num_ctas=1, suffix_stages=1, suffix_trim=True)),
+    # T·g = 1 in boxes, the late sum, the ring across items (a next item's tiles loaded by this one's releases)
+    ((19, 1, 4, 4, 64, 40, 72), dict(num_ctas=3, suffix_pack=True, suffix_box=True, suffix_keys=128,
+                                     suffix_lookahead=True, suffix_late_sum=True)),
+    # zero_value_tails (the value tile zeroed after its key tile was released) and 3 stages
+    ((6, 1, 8, 2, 64, 40, 136), dict(num_ctas=2, suffix_stages=3, zero_value_tails=True)),
+], ["rows4_h200", "rows12_one_slot_trim", "rows1_boxes_lookahead_late_sum", "zero_tails_3stages"],
+   slow=("rows12_one_slot_trim", "zero_tails_3stages")))
+def test_suffix_early_keys_releases_key_tiles_after_the_scores(backend, shape, config):
+  """suffix_early_keys: warpgroup 2 refills a slot's key tile once its score product has read it and its value tile
+  after the value product (the copies of each part arriving on its own barrier: packed items' sub-block copies and
+  boxes, their plain arrivals, trimmed copies, the lookahead's next-item tiles). Ragged lengths with an empty suffix
+  and a full one; the same parts as without it, against the reference. A release that never comes hangs the
+  interpreted kernel; a premature one would show compiled only (as for prefix_early_keys)."""
+  b, t, _, _, d, p, s = shape
+  q, pk, pv, sk, sv = _inputs(shape, jnp.bfloat16, seed=11)
+  lengths = jnp.asarray(np.random.default_rng(11).integers(0, s + 1, b), jnp.int32).at[0].set(s).at[1].set(0)
+  early = hopper.HopperConfig(**config, suffix_early_keys=True)
+  assert hopper.supported(q, pk, sk, early) is None
+  run = lambda c: jax.jit(lambda *a: hopper.prefix_suffix_attention(
+      *a, scale=d**-0.5, config=c, interpret=backend.startswith("interpret")))(
+          q, pk, pv, jnp.int32(p - 3), sk, sv, lengths)
+  *prefix, (so, sl) = run(early)
+  _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
+  po, pl_ = reference.merge_states(prefix) if len(prefix) > 1 else prefix[0]
+  _close(po, pl_, *reference.shared_attention(q, pk, pv, jnp.int32(p - 3), scale=d**-0.5), jnp.bfloat16)
+  for got, want in zip([*prefix, (so, sl)], run(hopper.HopperConfig(**config))):  # the same parts as without it
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+
+
+@pytest.mark.parametrize("rows,settings", [(4, _H200_ROWS4), (1, _H200_ROWS1)])
+def test_suffix_early_keys_lowers_for_cuda(rows, settings):
+  """The suffix's early key release lowers to Mosaic GPU for CUDA with the H200's T·g = 4 and T·g = 1 settings on
+  seed-row shapes (its copies of boxes included), and its kernel differs from the same settings' without it."""
+  b, heads = (512, 32) if rows == 4 else (256, 32)
+  q = jax.ShapeDtypeStruct((b, 1, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2048, heads // rows, 128), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((b, 512, heads // rows, 128), jnp.bfloat16)
+  texts = []
+  for early in (True, False):
+    config = hopper.HopperConfig(num_ctas=132, suffix_early_keys=early, **settings)
+    assert hopper.supported(q, kv, skv, config) is None
+    step = jax.jit(lambda *a, config=config: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
+    texts.append(step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,
+                            jax.ShapeDtypeStruct((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text())
+  assert "mosaic_gpu" in texts[0] and texts[0] != texts[1]
+
+
 def _lowers_as_counted(q, kv, skv, config, need: int, fits: bool) -> None:
   """The kernel of `config` over these shapes (ShapeDtypeStructs) lowers for CUDA where it fits an SM, and Mosaic
   GPU refuses it naming `need` (`_smem_bytes`) bytes where it does not; `supported` agrees."""

@@ -45,6 +45,7 @@ from hydragen_jax.kernels import ops
 Array = jax.Array
 
 ROWS = 64  # query rows of one warpgroup's wgmma tile
+PARTS = ("keys", "values")  # a ring slot's two tiles, each copied and released on its own barrier
 PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
 _LOG2E = math.log2(math.e)
@@ -141,6 +142,10 @@ class HopperConfig(tuning_lib.HopperTuning):
   scratch stays its own), each out staged in its first value slot. So on a suffix-bound step (long
   suffixes beside a short prefix product) three warpgroups stream the suffixes, and on a prefix-bound one K is
   every item. 0: warpgroup 2 runs them all.
+  suffix_early_keys: warpgroup 2 releases a slot's key tile once its score product has read it, and its value tile
+  after the value product (each refilled on its own, as prefix_early_keys does for the pair), so that the next key
+  tile's copy starts about half a tile earlier: the suffix stream is a chain of latencies a tile, one of which is
+  the copy's, exposed where the ring has few stages.
   """
 
   # The measured settings are HopperTuning's fields (its checks too), here with the H100's values as defaults.
@@ -860,16 +865,17 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     key_iota = lambda: plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=wgmma)  # the pair's tile's keys
     head_dim = refs[0][1].shape[-1]
 
-    def copy(b, h, keys, rows, slot):  # keys of K and V (gmem) into the slot's rows (smem)
-      for ref, smem, bars in refs:
-        plgpu.copy_gmem_to_smem(ref.at[b, keys, h], smem.at[slot, rows], bars.at[slot])
+    def copy(b, h, keys, rows, slot, parts=PARTS):  # keys of K and / or V (gmem) into the slot's rows (smem)
+      for part, (ref, smem, bars) in zip(PARTS, refs):
+        if part in parts:
+          plgpu.copy_gmem_to_smem(ref.at[b, keys, h], smem.at[slot, rows], bars.at[slot])
 
-    def copy_box(b, c, n, h, keys, slot):  # suffix_box: sequences b ... b + n - 1 into sub-blocks c ... c + n - 1
-      heads = pl.ds(h * head_dim, head_dim)  # KV head h of the caches' [B, S, Hkv·D] view
+    def copy_box(b, c, n, h, keys, slot, parts=PARTS):  # suffix_box: sequences b ... b + n - 1 into sub-blocks
+      heads = pl.ds(h * head_dim, head_dim)  # c ... c + n - 1; KV head h of the caches' [B, S, Hkv·D] view
       if rings4:  # one copy (one arrival)
-        return copy(pl.ds(b, n), heads, keys, pl.ds(c, n), slot)
+        return copy(pl.ds(b, n), heads, keys, pl.ds(c, n), slot, parts)
       for i in range(n):  # interpreted (its refs take no reshape): a copy (an arrival) a sequence
-        copy(b + i, heads, keys, pl.ds((c + i) * keys.size, keys.size), slot)
+        copy(b + i, heads, keys, pl.ds((c + i) * keys.size, keys.size), slot, parts)
 
     if pack == 1:
       num_items = count(batch * num_heads)
@@ -880,17 +886,17 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
         # TMA rows of a tiled buffer start at a multiple of 8: load the 8-aligned window holding the sequence's rows.
         return (b, idx % num_heads, b * qrows), pl.multiple_of(b * qrows // 8 * 8, 8), pl.cdiv(lens_ref[b], block_k)
 
-      def load(item, j, slot):  # tile j of the item into the slot
+      def load(item, j, slot, parts=PARTS):  # tile j of the item (its key and / or value part) into the slot
         b, h, _ = item
         if not (config.suffix_trim and keys_major):
-          return copy(b, h, pl.ds(j * block_k, block_k), pl.ds(0, block_k), slot)
+          return copy(b, h, pl.ds(j * block_k, block_k), pl.ds(0, block_k), slot, parts)
         # suffix_trim: one copy (one arrival on each barrier) of the smallest size in 8, 16, ..., block_k that
         # holds the keys left from this tile's start (>= 1: only tiles below cdiv(length, block_k) are loaded)
         left = lens_ref[b] - j * block_k
         sizes = [8 << k for k in range(block_k.bit_length() - 3)]  # 8, 16, ..., block_k
         for smaller, size in zip([0] + sizes, sizes):
           fits = left > smaller if size == block_k else (left > smaller) & (left <= size)
-          pl.when(fits)(functools.partial(copy, b, h, pl.ds(j * block_k, size), pl.ds(0, size), slot))
+          pl.when(fits)(functools.partial(copy, b, h, pl.ds(j * block_k, size), pl.ds(0, size), slot, parts))
 
       def visibility(item, window):  # (tiles every query sees whole, what `_flash` masks the others by)
         b, _, first_row = item
@@ -925,23 +931,24 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
                      for c in range(pack))
         return (w * pack, h, lens), pl.multiple_of(w * srows, 8), pl.cdiv(functools.reduce(jnp.maximum, lens), kb)
 
-      def arrive(slot, times):  # plain arrivals on the slot's barriers, in place of copies
+      def arrive(slot, times, parts=PARTS):  # plain arrivals on the slot's barriers, in place of copies
         for _ in range(times):
-          for _, _, bars in refs:
-            plgpu.barrier_arrive(bars.at[slot])
+          for part, (_, _, bars) in zip(PARTS, refs):
+            if part in parts:
+              plgpu.barrier_arrive(bars.at[slot])
 
-      def load_each(item, j, slot):  # sub-block c of the slot: keys j·kb ... of the window's sequence c, if any
-        b0, h, lens = item
+      def load_each(item, j, slot, parts=PARTS):  # sub-block c of the slot: keys j·kb ... of the window's
+        b0, h, lens = item  # sequence c, if any
         for c in range(pack):  # always `pack` arrivals on the slot's barriers: a skipped copy's is a plain arrival
           live = lens[c] > j * kb
           b, keys = jnp.minimum(b0 + c, batch - 1), pl.ds(j * kb, kb)
-          pl.when(live)(functools.partial(copy_box, b, c, 1, h, keys, slot) if _boxed(config, pack) else
-                        functools.partial(copy, b, h, keys, pl.ds(c * kb, kb), slot))
-          pl.when(jnp.logical_not(live))(functools.partial(arrive, slot, 1))
+          pl.when(live)(functools.partial(copy_box, b, c, 1, h, keys, slot, parts) if _boxed(config, pack) else
+                        functools.partial(copy, b, h, keys, pl.ds(c * kb, kb), slot, parts))
+          pl.when(jnp.logical_not(live))(functools.partial(arrive, slot, 1, parts))
 
-      def load(item, j, slot):
+      def load(item, j, slot, parts=PARTS):
         if not boxed:
-          return load_each(item, j, slot)
+          return load_each(item, j, slot, parts)
         b0, h, lens = item
         # every sequence has keys in tile j (one past the batch has length 0), so each would copy its whole
         # sub-block: the box, [pack sequences, kb keys, D], in one copy and pack - 1 plain arrivals (the barriers
@@ -950,11 +957,11 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
 
         @pl.when(whole)
         def _():
-          copy_box(b0, 0, pack, h, pl.ds(j * kb, kb), slot)
+          copy_box(b0, 0, pack, h, pl.ds(j * kb, kb), slot, parts)
           if rings4:
-            arrive(slot, pack - 1)
+            arrive(slot, pack - 1, parts)
 
-        pl.when(jnp.logical_not(whole))(functools.partial(load_each, item, j, slot))
+        pl.when(jnp.logical_not(whole))(functools.partial(load_each, item, j, slot, parts))
 
       def length_of(seq, lens):  # the length of each element's sequence `seq` of the window (< pack)
         return functools.reduce(lambda acc, c: jnp.where(seq == c, lens[c], acc), range(1, pack),
@@ -1056,17 +1063,21 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       else:
         start(i, 0)  # the queries' copy goes out with the first tiles' (one memory latency an item, not two)
 
-      def after(j, slot):  # tile j has been read: its slot takes stream tile base + j + stages
-        pl.when(j + stages < n)(lambda: load(it, j + stages, slot))
+      def after(j, slot, parts=PARTS):  # tile j has been read: its slot takes stream tile base + j + stages
+        pl.when(j + stages < n)(lambda: load(it, j + stages, slot, parts))
         if lookahead:
           t = j + stages - n  # the next item's tile
-          pl.when(has_next & (t >= 0) & (t < nn))(lambda: load(nit, t, slot))
+          pl.when(has_next & (t >= 0) & (t < nn))(lambda: load(nit, t, slot, parts))
+
+      early = config.suffix_early_keys  # the key part refilled once read by the scores, the value part after
+      keys_read = functools.partial(after, parts=("keys",)) if early else None
+      values_read = functools.partial(after, parts=("values",)) if early else after
 
       q_buffer, q_copied = queries(i)
       plgpu.barrier_wait(q_copied)
       acc, m, l = flash(q_buffer, k_ring, v_ring, p_smem, lambda slot: sk_bars.at[slot],
-                        lambda slot: sv_bars.at[slot], slot_of, after, n, num_full, limit, keys_major=True,
-                        late_sum=config.suffix_late_sum,
+                        lambda slot: sv_bars.at[slot], slot_of, values_read, n, num_full, limit, keys_major=True,
+                        late_sum=config.suffix_late_sum, keys_read=keys_read,
                         value_keep=values_kept(it) if config.zero_value_tails else None)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read o_smem, lse_smem
       _finish(acc, m, l, o_smem, lse_smem, keys_major=True)

@@ -74,6 +74,7 @@ class HopperTuning:
   zero_value_tails: bool = False
   pair_suffix_cost: float = 0.0
   pair_prefix_cost: float = 1.0
+  suffix_early_keys: bool = False
 
   def __post_init__(self):
     check_hopper(self)
@@ -105,7 +106,7 @@ def check_hopper(config) -> None:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with pair_suffix_cost > 0 (each warpgroup of the pair "
                      f"streams its suffix items through prefix slots of its own); got {config.prefix_stages}.")
   for field in ("pingpong", "q_registers", "suffix_lookahead", "suffix_trim", "prefix_overlap", "suffix_pack",
-                "suffix_box", "prefix_early_keys", "suffix_late_sum", "zero_value_tails"):
+                "suffix_box", "prefix_early_keys", "suffix_late_sum", "zero_value_tails", "suffix_early_keys"):
     if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
       raise ValueError(f"{name}.{field} must be true or false; got {getattr(config, field)!r}.")
   for field in ("prefix_keys", "suffix_keys"):

@@ -128,9 +128,11 @@ GROUPS = dict(gqa=_GQA, all=tuple(range(len(CONFIGS))), mha=_MHA,
 # First of all, the long prefixes' settings of session 40 with `suffix_late_sum` (the suffix softmax's sum reduced
 # once an item: with 64-key suffix tiles +1-5.5 % at P = 16K; at T·g = 1 without the ring across items and trimmed
 # tiles, +3 % at 16K and +16 % at 8K), T·g = 2-8's and T·g = 1's.
-# `pair_suffix_cost` / `pair_prefix_cost`: the pair takes suffix items after its prefix items (session 46, not yet
-# timed): with the GQA rows' setting, and with the long prefixes' 128-key prefix tiles (whose 64-key suffix tiles
-# lose at s = out what the pair may take back), after the H200's own settings.
+# `suffix_early_keys`: warpgroup 2 refills a slot's key tile after its score product, its value tile after the value
+# product (session 51, not yet timed): with the H200's settings of the GQA rows and of T·g = 1, right after them.
+# `pair_suffix_cost` / `pair_prefix_cost`: the pair takes suffix items after its prefix items (session 46; session
+# 49 on an H100: 2-10 % slower): with the GQA rows' setting, and with the long prefixes' 128-key prefix tiles (whose
+# 64-key suffix tiles lose at s = out what the pair may take back), after the H200's own settings.
 HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True,
                                suffix_late_sum=True),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True,
@@ -140,6 +142,10 @@ HOPPER_CONFIGS = (HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, pre
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
                                suffix_box=True, prefix_early_keys=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True,
+                               suffix_early_keys=True),
+                  HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, prefix_fill=0.75, suffix_pack=True,
+                               suffix_box=True, suffix_early_keys=True),
                   HopperTuning(2, 2, 208, 88, True, 64, True, 1, False, 128, suffix_pack=True, prefix_early_keys=True,
                                pair_suffix_cost=1.0, pair_prefix_cost=0.75),
                   HopperTuning(2, 2, 208, 88, True, 128, True, 1, False, 64, prefix_fill=0.75, suffix_pack=True,
