@@ -790,11 +790,9 @@ def test_prefix_early_keys_lowers_for_cuda():
     assert "mosaic_gpu" in texts[0] and texts[0] != texts[1]
 
 
-# the H200's T·g = 4 setting (short prefixes) and its T·g = 1 setting (packed items in boxes)
+# the H200's T·g = 4 setting of short prefixes, as its tuning file had it on 2026-12-05
 _H200_ROWS4 = dict(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128, suffix_pack=True,
                    prefix_early_keys=True)
-_H200_ROWS1 = dict(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_keys=128, suffix_pack=True,
-                   suffix_box=True, prefix_fill=0.75)
 
 
 @pytest.mark.parametrize("backend", MOSAIC)
@@ -832,17 +830,20 @@ def test_suffix_early_keys_releases_key_tiles_after_the_scores(backend, shape, c
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
 
 
-@pytest.mark.parametrize("rows,settings", [(4, _H200_ROWS4), (1, _H200_ROWS1)])
-def test_suffix_early_keys_lowers_for_cuda(rows, settings):
-  """The suffix's early key release lowers to Mosaic GPU for CUDA with the H200's T·g = 4 and T·g = 1 settings on
-  seed-row shapes (its copies of boxes included), and its kernel differs from the same settings' without it."""
+@pytest.mark.parametrize("rows", [4, 1])
+def test_suffix_early_keys_lowers_for_cuda(rows):
+  """The suffix's early key release lowers to Mosaic GPU for CUDA with the H200's shipped T·g = 4 and T·g = 1
+  settings on seed-row shapes (T·g = 1's copies of boxes included), and its kernel differs from the same settings'
+  without it."""
   b, heads = (512, 32) if rows == 4 else (256, 32)
   q = jax.ShapeDtypeStruct((b, 1, heads, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2048, heads // rows, 128), jnp.bfloat16)
   skv = jax.ShapeDtypeStruct((b, 512, heads // rows, 128), jnp.bfloat16)
+  shipped = hopper.tuned_config(tuning.file_for("NVIDIA H200").tuning, rows=rows, prefix=2048)
+  assert shipped.suffix_box == (rows == 1)
   texts = []
   for early in (True, False):
-    config = hopper.HopperConfig(num_ctas=132, suffix_early_keys=early, **settings)
+    config = dataclasses.replace(shipped, num_ctas=132, suffix_early_keys=early)
     assert hopper.supported(q, kv, skv, config) is None
     step = jax.jit(lambda *a, config=config: hopper.prefix_suffix_attention(*a, scale=0.1, config=config))
     texts.append(step.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32), skv, skv,

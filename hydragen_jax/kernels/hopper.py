@@ -708,7 +708,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
     loader = wg == 1
     multicast = dict(collective_axes="cluster") if size > 1 else {}
 
-    def load(g, parts=("keys", "values")):  # stream tile g's parts into their slots
+    def load(g, parts=PARTS):  # stream tile g's parts into their slots
       head, split, _ = prefix_coords(prefix_item(g // n))
       start = (g % n) * block_k
       if splits > 1:
