@@ -344,6 +344,28 @@ def test_shipped_mha_decode_settings_lower_for_cuda(prefix):
   _assert_lowers_for_cuda(config, batch=512, heads=32, kv_heads=32, prefix=prefix, suffix=144)
 
 
+def _shipped_settings():
+  """(device kind, T·g, prefix) of every Hopper setting in the shipped tuning files: each entry of `hopper` and
+  `hopper_long` at the first T·g it serves, a short prefix or `hopper_long_prefix`."""
+  cases = []
+  for kind in tuning.known_kinds():
+    t = tuning.file_for(kind).tuning
+    cases += [(kind, rows, 2048) for rows, _ in t.hopper]
+    cases += [(kind, rows, t.hopper_long_prefix) for rows, _ in t.hopper_long]
+  return cases
+
+
+@pytest.mark.parametrize("kind,rows,prefix", _shipped_settings())
+def test_every_shipped_setting_lowers_for_cuda(kind, rows, prefix):
+  """Each setting a tuning file ships (a sweep may pick any candidate, e.g. packed boxes at T·g = 2) lowers for CUDA
+  at the T·g it serves (4 KV heads, B = 256, a ragged 136-key suffix capacity) and is the one the kernel takes."""
+  t = tuning.file_for(kind).tuning
+  config = dataclasses.replace(hopper.tuned_config(t, rows=rows, prefix=prefix), num_ctas=132)
+  assert tuning.HopperTuning(**{f.name: getattr(config, f.name) for f in dataclasses.fields(tuning.HopperTuning)}
+                             ) == t.hopper_for(rows, prefix)
+  _assert_lowers_for_cuda(config, batch=256, heads=4 * rows, kv_heads=4, prefix=prefix, suffix=136)
+
+
 def test_suffix_pack_applies_where_a_window_holds_whole_sequences():
   """8 / T·g sequences an item for T·g = 1, 2, 4 with suffix_pack; one otherwise (or without it)."""
   packed, plain = hopper.HopperConfig(suffix_pack=True), hopper.HopperConfig()
