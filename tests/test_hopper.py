@@ -346,13 +346,16 @@ def test_shipped_mha_decode_settings_lower_for_cuda(prefix):
 
 def _shipped_settings():
   """(device kind, T·g, prefix) of every Hopper setting in the shipped tuning files: each entry of `hopper` and
-  `hopper_long` at the first T·g it serves, a short prefix or `hopper_long_prefix`."""
-  cases = []
+  `hopper_long` at the first and the last T·g it serves (a setting may pack at one and not at the other; the last
+  entry, open-ended, at its first), a short prefix or `hopper_long_prefix`."""
+  cases = set()
   for kind in tuning.known_kinds():
     t = tuning.file_for(kind).tuning
-    cases += [(kind, rows, 2048) for rows, _ in t.hopper]
-    cases += [(kind, rows, t.hopper_long_prefix) for rows, _ in t.hopper_long]
-  return cases
+    for entries, prefix in ((t.hopper, 2048), (t.hopper_long, t.hopper_long_prefix)):
+      starts = [rows for rows, _ in entries]
+      for first, end in zip(starts, starts[1:] + [starts[-1] + 1]):
+        cases |= {(kind, first, prefix), (kind, end - 1, prefix)}
+  return sorted(cases)
 
 
 @pytest.mark.parametrize("kind,rows,prefix", _shipped_settings())
