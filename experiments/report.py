@@ -12,9 +12,9 @@ that has them (every column of a row from one run); tree_apps comes from its new
 for (`--device`), else the one the README's begin marker names (`device SLUG`, written there by every report: so a
 newer run on another GPU does not take the section over), where it has results, else the newest accelerator results
 file's; a kind without results on it falls back to the newest device that has it (its section names the device).
-Each other accelerator with bench-attention runs gets a line (`other_devices`). Files of tensor-parallel runs (points
-with `tp`) form a section of their own (report kind `e2e_tensor_parallel`): every NAME's newest file, one table set
-each; runs of the other kinds on a mesh are left out.
+Each other accelerator with bench-attention or single-device end-to-end runs gets a line (`other_devices`). Files
+of tensor-parallel runs (points with `tp`) form a section of their own (report kind `e2e_tensor_parallel`): every
+NAME's newest file, one table set each; runs of the other kinds on a mesh are left out.
 """
 
 from __future__ import annotations
@@ -480,19 +480,37 @@ def tensor_parallel_section(files: list[ResultsFile]) -> list[str]:
 
 
 def other_devices(files: list[ResultsFile], shown: str) -> list[str]:
-    """One line for each other accelerator with bench-attention runs: its Hydragen / floor range over the rows of its
-    newest runs, and their markdown files (which hold the tables; `report --device SLUG` would move the section)."""
+    """One line for each other accelerator with bench-attention or (single-device) end-to-end runs: Hydragen / floor
+    over the rows of its newest bench runs; Hydragen's end-to-end fraction of the step floor and its extra time over
+    `none` against the attention floor (every point of its newest e2e runs where both ran; the issue's target is
+    for B >= 64); the markdown files of those runs, which hold the tables (`report --device SLUG` would move the
+    section)."""
     lines = []
     for slug in sorted({f.slug for f in files} - {shown, "cpu"}):
+        parts, used, title = [], [], None
         bench = newest_per_name([f for f in files if f.slug == slug and f.kind == "bench_attention"])
         rows = bench_rows(bench)
         fractions = [tables.result(by.get("hydragen"), "floor_fraction") for _, _, by in rows]
-        if not any(x is not None for x in fractions):
-            continue
-        used = sorted({f.path.stem for _, f, _ in rows})
-        lines.append(f"- {_device_title(bench[0].device, list(bench[0].records))}: one decode step of attention at "
-                     f"{_range(fractions, '.3f')} of the floor over {len(rows)} row{'s' * (len(rows) != 1)}; tables: "
-                     + ", ".join(f"`{name}.md`" for name in used) + ".")
+        if any(x is not None for x in fractions):
+            parts.append(f"one decode step of attention at {_range(fractions, '.3f')} of the floor over {len(rows)} "
+                         f"row{'s' * (len(rows) != 1)}")
+            used += sorted({f.path.stem for _, f, _ in rows})
+            title = _device_title(bench[0].device, list(bench[0].records))
+        e2e = newest_per_name([f for f in files if f.slug == slug and f.kind == "e2e_throughput"])
+        points, source = _decode_by_point(e2e, ("prefix", "batch"))
+        decode = [r for p in points.values() for r in p.values()]
+        hydragen = [tables.result(by.get("hydragen"), "floor_fraction") for by in points.values()]
+        if any(x is not None for x in hydragen):
+            vs_none = tables.hydragen_vs_none_rows(decode, ["prefix", "batch"])
+            extra = [v["extra_s"] / v["attention_s"] for key, v in vs_none if key[1] >= 64 and v["attention_s"]]
+            parts.append(f"end to end ({_model_line(e2e)}): Hydragen at {_range(hydragen, '.2f')} of its step floor "
+                         f"over {sum(x is not None for x in hydragen)} points"
+                         + (f", its extra time over `none` {_range(extra, '.2f')}× the attention floor at B ≥ 64"
+                            if extra else ""))
+            used += sorted({f.path.stem for f in source.values()})
+            title = title or _device_title(e2e[0].device, list(e2e[0].records))
+        if parts:
+            lines.append(f"- {title}: " + "; ".join(parts) + "; tables: " + ", ".join(f"`{n}.md`" for n in used) + ".")
     return ["Other devices:", "", *lines, ""] if lines else []
 
 

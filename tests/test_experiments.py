@@ -1024,6 +1024,34 @@ def test_report_keeps_the_device_its_marker_names(tmp_path, readme, capsys):
     capsys.readouterr()
 
 
+def test_report_sums_up_another_devices_end_to_end_runs(tmp_path, readme, capsys):
+    """Another accelerator's single-device e2e runs get its line too: Hydragen's range of step-floor fractions over
+    its points, its extra time over `none` against the attention floor at B >= 64 only, and the runs' tables; a
+    device with e2e runs and no bench runs gets a line of its own; tensor-parallel runs stay out of it."""
+    res = tmp_path / "results"
+    _write_results(res, "bench_attention", "20261130-100000", [
+        _rates(), _bench_summary((64, 1024, 512, 32, 32), "hydragen", 5e5)])
+    points = [_e2e_point(1024, 8), _e2e_point(1024, 64), _e2e_point(4096, 512)]
+    recs = [_model(device=H100)]
+    for point, (hyd, none) in zip(points, [(100.0, 2000.0), (8000.0, 10000.0), (20000.0, 40000.0)]):
+        recs += [_decode(point, "hydragen", hyd, device=H100, floors=True),
+                 _decode(point, "none", none, device=H100, floors=True)]
+    recs[1]["results"]["floor_fraction"] = 0.75  # hydragen at B = 8
+    _write_results(res, "e2e_throughput-part1", "20261205-100000", recs, device=H100)
+    tp = [_model(device=H100), _decode({**_e2e_point(1024, 64), "tp": 2}, "hydragen", 1e3, device=H100, floors=True)]
+    _write_results(res, "e2e_tp-7b", "20261205-110000", tp, device=H100)
+    report.update_readme(readme, res, device="nvidia-h200", plot=False)
+    section = _section(readme)
+    # extra over none: B = 64 64/8000 - 64/10000 = 1.6 ms, B = 512 512/20000 - 512/40000 = 12.8 ms (B = 8's 76 ms
+    # left out); the attention floor 1 ms a step
+    assert ("- NVIDIA H100 80GB HBM3 (JAX 0.11.2): end to end (random bfloat16 Llama, 32 layers, hidden 4096, 32/32 "
+            "heads, 13.48 GB of weights): Hydragen at 0.50–0.75 of its step floor over 3 points, its extra time over "
+            "`none` 1.60–12.80× the attention floor at B ≥ 64; tables: "
+            "`e2e_throughput-part1-nvidia-h100-80gb-hbm3-20261205-100000.md`.") in section, section
+    assert "e2e_tp-7b" not in section.split("Other devices:")[1].split("\n\n")[1]
+    capsys.readouterr()
+
+
 def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, capsys):
     """A newer CPU run (tiny sizes, a check) does not take the section over; a point that a newer run skipped keeps
     the older run's measurement; an unknown --device is refused, naming the devices there are."""
