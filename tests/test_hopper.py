@@ -364,8 +364,7 @@ def test_every_shipped_setting_lowers_for_cuda(kind, rows, prefix):
   at the T·g it serves (4 KV heads, B = 256, a ragged 136-key suffix capacity) and is the one the kernel takes."""
   t = tuning.file_for(kind).tuning
   config = dataclasses.replace(hopper.tuned_config(t, rows=rows, prefix=prefix), num_ctas=132)
-  assert tuning.HopperTuning(**{f.name: getattr(config, f.name) for f in dataclasses.fields(tuning.HopperTuning)}
-                             ) == t.hopper_for(rows, prefix)
+  assert config == hopper.HopperConfig(**dataclasses.asdict(t.hopper_for(rows, prefix)), num_ctas=132)
   _assert_lowers_for_cuda(config, batch=256, heads=4 * rows, kv_heads=4, prefix=prefix, suffix=136)
 
 

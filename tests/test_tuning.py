@@ -170,15 +170,13 @@ def test_h100_data_holds_the_constants_the_kernels_had():
   assert (t.hopper_min_work, t.max_keys_per_program, t.balanced_keys, t.balanced_programs_per_core,
           t.interleave_rows, t.interleave_lead, t.max_rows_alone, t.max_rows_shared, t.num_cores) == (
               2048 * 4096, 4096, 2048, 4, 512, 0.75, 128, 64, 132)
-  # 3 + 2 stages, 208 / 88 registers, ping-pong: for every T·g above 8 below hopper_long_prefix; T·g 1 and 4 take the H200's settings (short
-  # and long: measured on an H100 in session 49), and from hopper_long_prefix every T·g up to 8 takes the H200's long
-  # settings (T·g 2-3 and 5-8: measured on an H100 in session 51); below it T·g 2-3 and 5-8 have their own (swept on
-  # an H100 in session 52)
+  # 3 + 2 stages, 208 / 88 registers, ping-pong: for every T·g above 8 below hopper_long_prefix; T·g 1 and 4 take
+  # the H200's settings (short and long: measured on an H100 in session 49), and from hopper_long_prefix every T·g up
+  # to 8 takes the H200's long settings (T·g 2-3 and 5-8: measured on an H100 in session 51); below it T·g 2-3 and
+  # 5-8 have their own (swept on an H100 in session 52)
   assert [hopper.tuned_config(t, rows=r, prefix=p) for r in (9, 16) for p in (0, 8191)] == [
       hopper.HopperConfig()] * 4
-  first = tuning.HopperTuning(**{f.name: getattr(hopper.HopperConfig(), f.name)
-                                  for f in dataclasses.fields(tuning.HopperTuning)})
-  few = dataclasses.replace(first, prefix_stages=2, prefix_keys=128, q_registers=True)
+  few = dataclasses.replace(t.hopper_for(9), prefix_stages=2, prefix_keys=128, q_registers=True)  # from the first
   assert [t.hopper_for(r, 8191) for r in (2, 3)] == [dataclasses.replace(
       few, suffix_pack=True, suffix_box=True, suffix_late_sum=True, prefix_fill=0.75)] * 2
   assert [t.hopper_for(r, 8191) for r in (5, 8)] == [dataclasses.replace(
