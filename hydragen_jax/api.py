@@ -186,7 +186,9 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
     for i, keep in zip(present, fills):
       if not keep:  # tiled again without it
         plans[i] = _kernel_plan(q, levels[i], causal=causal[i], batched=batched[i], shared_launch=True, fill=False)
-  stacks = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True)
+  rows = q.shape[0] * q.shape[1] * q.shape[2]
+  stacks = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True,
+                          merge=rows <= tuning_lib.current().launch_merge_max_rows)
   return stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
 
 

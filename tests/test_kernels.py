@@ -4,6 +4,7 @@ through a node's rows, padded head dims. Interpreted on CPU, compiled on GPU."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from unittest import mock
 
@@ -475,3 +476,127 @@ def test_a_given_tiling_over_the_shared_memory_is_warned(monkeypatch):
     ops.per_sequence(q, k, k, jnp.array([256, 9]), causal=True, block=big)
   with pytest.warns(UserWarning, match="needs up to 114688 bytes"):
     ops.batched(q, k[:1], k[:1], jnp.array([256]), np.zeros(2, np.int32), max_group=None, causal=False, block=big)
+
+
+def _tree_step(key, dtype, b, t, hq, hkv, d, prefix_lengths, mid_lengths, suffix_lengths, blocks):
+  """q and the plans of a three-level step (a prefix node shared by all, two middle nodes, each sequence's causal
+  suffix) tiled `blocks` (prefix, middle, suffix), and the reference's (out, lse)."""
+  keys = jax.random.split(key, 7)
+  q = normal(keys[0], (b, t, hq, d), dtype)
+  pk, pv = normal(keys[1], (1, 45, hkv, d), dtype), normal(keys[2], (1, 45, hkv, d), dtype)
+  mk, mv = normal(keys[3], (2, 23, hkv, d), dtype), normal(keys[4], (2, 23, hkv, d), dtype)
+  sk, sv = normal(keys[5], (b, 19, hkv, d), dtype), normal(keys[6], (b, 19, hkv, d), dtype)
+  mid = np.arange(b, dtype=np.int32) % 2
+  plans = [ops.batched(q, pk, pv, jnp.array(prefix_lengths), np.zeros(b, np.int32), max_group=None, causal=False,
+                       block=blocks[0]),
+           ops.batched(q, mk, mv, jnp.array(mid_lengths), mid, max_group=None, causal=False, block=blocks[1]),
+           ops.per_sequence(q, sk, sv, jnp.array(suffix_lengths), causal=True, block=blocks[2])]
+  q32, scale = q.astype(jnp.float32), d**-0.5
+  return q, plans, reference.merge_states([  # the reference's levels (shared ones fully visible), merged
+      reference.shared_attention(q32, pk[0], pv[0], prefix_lengths[0], scale=scale),
+      reference.attention(q32, mk[mid], mv[mid], jnp.array(mid_lengths)[mid], causal=False, scale=scale),
+      reference.attention(q32, sk, sv, jnp.array(suffix_lengths), causal=True, scale=scale)])
+
+
+@pytest.mark.parametrize("gqa,dtype,launch", grid([(4, 4), (8, 2), (8, 1)], [jnp.float32, jnp.bfloat16],
+                                                  ["fused", "interleaved"],
+                                                  ids=[lambda g: f"hq{g[0]}hkv{g[1]}", lambda d: d.__name__,
+                                                       str]))
+def test_launch_merges_its_parts(kernel_backend, gqa, dtype, launch):
+  """merge=True: the program that writes a row's last part merges every part of it in the launch: the same out and
+  lse as `merge_states` over the launch's parts, and as the reference's levels merged.
+  Three levels (prefix, two middle nodes, suffixes) with key splits, two query tokens, packed heads, an empty middle
+  node and an empty suffix, and a sequence whose query sees no key at all (every part empty: out 0, lse -inf)."""
+  hq, hkv = gqa
+  b, t, d = 6, 2, 64
+  blocks = (BlockConfig(block_m=16, block_k=16, splits=3), BlockConfig(block_m=16, block_k=16, splits=2),
+            BlockConfig(block_m=16, block_k=16, splits=2, heads=2 if hkv % 2 == 0 else 1))
+  q, plans, (ref_out, ref_lse) = _tree_step(jax.random.PRNGKey(11), dtype, b, t, hq, hkv, d, [45], [23, 0],
+                                            [19, 0, 1, 7, 12, 2], blocks)
+  interpret = kernel_backend == "interpret"
+  parts = ops.run(q, plans, scale=d**-0.5, interpret=interpret, launch=launch)
+  merged = ops.run(q, plans, scale=d**-0.5, interpret=interpret, launch=launch, merge=True)
+  assert len(parts) == 7 and len(merged) == 1
+  out, lse = merged[0]
+  assert out.dtype == q.dtype and lse.dtype == jnp.float32
+  by_xla = merge_states(parts)
+  chex.assert_trees_all_close(out.astype(jnp.float32), by_xla[0].astype(jnp.float32), **tol(dtype))
+  chex.assert_trees_all_close(lse, by_xla[1], **tol(dtype))
+  assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_launch_merges_empty_rows_to_zero():
+  """Every part of every row empty (the prefix's and the suffixes' lengths 0, the caches not): out 0, lse -inf, no
+  NaN, with the merge in the launch."""
+  b, hq, hkv, d = 3, 4, 2, 16
+  q = jnp.ones((b, 1, hq, d))
+  k = jnp.full((b, 8, hkv, d), jnp.nan)  # never read: no key is valid
+  plans = [ops.batched(q, k[:1], k[:1], jnp.array([0]), np.zeros(b, np.int32), max_group=None, causal=False,
+                       block=BlockConfig(block_m=16, block_k=16, splits=2)),
+           ops.per_sequence(q, k, k, jnp.zeros(b, jnp.int32), causal=True, block=BlockConfig(16, 16))]
+  (out, lse), = ops.run(q, plans, scale=0.25, interpret=True, merge=True)
+  assert bool(jnp.all(out == 0)) and bool(jnp.all(lse == -jnp.inf))
+
+
+def test_run_merges_in_the_launch_only_where_it_has_parts_to_merge():
+  """merge=True with one part (one level, no splits) or one launch per level ("separate"): the parts as without
+  it (the separate launches cannot count each other's parts)."""
+  keys = jax.random.split(jax.random.PRNGKey(12), 3)
+  b, hq, hkv, d = 2, 4, 2, 16
+  q = normal(keys[0], (b, 1, hq, d), jnp.float32)
+  k, v = normal(keys[1], (b, 20, hkv, d), jnp.float32), normal(keys[2], (b, 20, hkv, d), jnp.float32)
+  one = ops.per_sequence(q, k, v, jnp.array([20, 3]), causal=True, block=BlockConfig(16, 16))
+  two = ops.per_sequence(q, k, v, jnp.array([20, 3]), causal=True, block=BlockConfig(16, 16, splits=2))
+  assert len(ops.run(q, [one], scale=0.25, interpret=True, merge=True)) == 1
+  assert len(ops.run(q, [two], scale=0.25, interpret=True, merge=True)) == 1  # merged: one part
+  assert len(ops.run(q, [two, one], scale=0.25, interpret=True, merge=True, launch="separate")) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: races show only when programs run at once")
+def test_launch_merge_has_no_race_on_the_gpu():
+  """MHA decode at B = 64 (the step the merge in the launch is for: 2048 rows, prefix and suffix programs running
+  together on every SM, 6 parts a row) and GQA at B = 128, merged in the launch 30 times each: every run equal to
+  `merge_states` over the same launch's parts (a row merged before all its parts landed would differ)."""
+  for b, hq, hkv, p, s in ((64, 32, 32, 1024, 512), (128, 32, 8, 2048, 256)):
+    keys = jax.random.split(jax.random.PRNGKey(b), 5)
+    q = normal(keys[0], (b, 1, hq, 128), jnp.bfloat16)
+    pk, pv = normal(keys[1], (1, p, hkv, 128), jnp.bfloat16), normal(keys[2], (1, p, hkv, 128), jnp.bfloat16)
+    sk, sv = normal(keys[3], (b, s, hkv, 128), jnp.bfloat16), normal(keys[4], (b, s, hkv, 128), jnp.bfloat16)
+    lengths = jnp.arange(b, dtype=jnp.int32) * 7 % s + 1
+
+    def step(q, pk, pv, sk, sv, lengths, merge):
+      plans = [ops.batched(q, pk, pv, jnp.array([p]), np.zeros(b, np.int32), max_group=None, causal=False,
+                           block=BlockConfig(64, 64, splits=4, num_stages=3)),
+               ops.per_sequence(q, sk, sv, lengths, causal=True, block=ops.choose_block(
+                   hq // hkv, b * hq // hkv, b, hkv, s, 128))]
+      parts = ops.run(q, plans, scale=128**-0.5, interpret=False, merge=merge)
+      return parts[0] if merge else merge_states(parts)
+
+    merged = jax.jit(functools.partial(step, merge=True))
+    want = jax.jit(functools.partial(step, merge=False))(q, pk, pv, sk, sv, lengths)
+    for _ in range(30):
+      out, lse = merged(q, pk, pv, sk, sv, lengths)
+      chex.assert_trees_all_close(out.astype(jnp.float32), want[0].astype(jnp.float32), **tol(jnp.bfloat16))
+      chex.assert_trees_all_close(lse, want[1], **tol(jnp.bfloat16))
+
+
+def test_launch_merge_lowers_for_cuda():
+  """The merge in the launch (the masked atomic count, barriers, volatile loads) lowers to Triton for an H100
+  without one (an abstract device; Pallas's lowering rules run, not Triton's compiler): one kernel, its count
+  aliased in place."""
+  b, hq, hkv, d = 8, 8, 2, 64
+  s = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+
+  def step(q, pk, pv, sk, sv, lengths):
+    plans = [ops.batched(q, pk, pv, jnp.array([96]), np.zeros(b, np.int32), max_group=None, causal=False,
+                         block=BlockConfig(16, 32, splits=2)),
+             ops.per_sequence(q, sk, sv, lengths, causal=True, block=BlockConfig(16, 32, splits=2, heads=2))]
+    return ops.run(q, plans, scale=0.125, interpret=False, merge=True)
+
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+    traced = jax.jit(step).trace(s(b, 1, hq, d), s(1, 96, hkv, d), s(1, 96, hkv, d), s(b, 40, hkv, d),
+                                 s(b, 40, hkv, d), s(b, dtype=jnp.int32))
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "output_operand_alias" in text, text[:2000]

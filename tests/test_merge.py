@@ -6,6 +6,7 @@ import dataclasses
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,6 +117,47 @@ def test_api_merges_with_the_kernel_where_the_tuning_says(kernel_backend, levels
       assert "hydragen_merge" not in str(jax.make_jaxpr(fn)(q))
 
 
+def _outside_kernels(jaxpr) -> list[str]:
+  """The primitives a jaxpr runs, those of nested calls (jit) included, kernels' bodies not."""
+  names = []
+  for eqn in jaxpr.eqns:
+    names.append(eqn.primitive.name)
+    if eqn.primitive.name != "pallas_call":
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        names += _outside_kernels(sub)
+  return names
+
+
+@pytest.mark.parametrize("levels", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_api_merges_in_the_launch_where_the_tuning_says(kernel_backend, levels):
+  """Up to `launch_merge_max_rows` query rows the Triton launch merges its own parts (`fused_levels(merge=True)`):
+  the same result as XLA's reference backend, and no merge launch in the step (neither the merge kernel, which
+  `merge_max_rows` would take, nor XLA's merge); above, the parts are merged as before. A prefix with its keys split
+  and suffixes (bf16, GQA 4), and a three-level tree (float32)."""
+  b, p, s, hq, hkv, d = 4, 70, 24, 8, 2, 64
+  dtype = jnp.bfloat16 if levels == 2 else jnp.float32
+  ks = jax.random.split(jax.random.PRNGKey(8), 7)
+  q = jax.random.normal(ks[0], (b, 1, hq, d), dtype)
+  pk, pv = (jax.random.normal(k, (1, p, hkv, d), dtype) for k in ks[1:3])
+  nk, nv = (jax.random.normal(k, (2, 16, hkv, d), dtype) for k in ks[3:5])
+  sk, sv = (jax.random.normal(k, (b, s, hkv, d), dtype) for k in ks[5:7])
+  tree = [hj.Level(pk, pv, jnp.array([p - 3], jnp.int32), np.zeros((b,), np.int32))]
+  if levels == 3:
+    tree.append(hj.Level(nk, nv, jnp.array([16, 0], jnp.int32), np.array([0, 0, 1, 1], np.int32)))
+  tree.append(hj.Level(sk, sv, jnp.array([24, 1, 13, 0], jnp.int32)))
+  fn = lambda q: hj.tree_attention(q, tree, backend=kernel_backend)
+  want = hj.tree_attention(q, tree, backend="xla")
+  rows = b * hq  # B·T·Hq
+  split = dataclasses.replace(tuning_lib.current(), max_keys_per_program=32, balanced_keys=32, merge_max_rows=rows)
+  with tuning_lib.override(dataclasses.replace(split, launch_merge_max_rows=rows)):
+    got = jax.jit(fn)(q)
+    ops = _outside_kernels(jax.make_jaxpr(fn)(q).jaxpr)
+  assert ops.count("pallas_call") == 1 and "exp" not in ops, f"one launch, no merge outside it: {ops}"
+  chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32), rtol=TOL[dtype], atol=TOL[dtype])
+  with tuning_lib.override(dataclasses.replace(split, launch_merge_max_rows=rows - 1)):
+    assert "hydragen_merge" in str(jax.make_jaxpr(fn)(q))  # the merge kernel, as before
+
+
 def test_api_merges_key_splits_and_returns_their_lse(kernel_backend, monkeypatch):
   """A level split over programs (a small `max_keys_per_program`): stacks of several parts go through the kernel,
   and `attention` returns the merged lse as the reference does."""
@@ -162,6 +204,16 @@ def test_api_merges_the_hopper_kernels_parts_with_xla_whatever_the_tuning():
 def test_tuning_merge_max_rows_must_be_a_count(bad):
   with pytest.raises(ValueError, match=r"merge_max_rows must be an int >= 0"):
     _merging(bad)
+
+
+def test_tuning_launch_merge_max_rows_is_a_count_that_defaults_to_off():
+  with pytest.raises(ValueError, match=r"launch_merge_max_rows must be an int >= 0"):
+    dataclasses.replace(tuning_lib.current(), launch_merge_max_rows=-1)
+  on = dataclasses.replace(tuning_lib.current(), launch_merge_max_rows=2048)
+  assert tuning_lib.from_dict(tuning_lib.to_dict(on)).launch_merge_max_rows == 2048
+  data = tuning_lib.to_dict(on)
+  del data["launch_merge_max_rows"]  # a file written before the field: off
+  assert tuning_lib.from_dict(data).launch_merge_max_rows == 0
 
 
 def test_tuning_merge_max_rows_round_trips_and_defaults_to_off():

@@ -150,7 +150,8 @@ def test_override_retraces_a_function_jitted_before():
 def test_run_takes_launch_and_lead_from_the_tuning(monkeypatch):
   """`ops.run`'s "auto" launch and its interleaving lead come from the tuning."""
   seen = []
-  monkeypatch.setattr(ops, "fused_levels", lambda q, works, *, specs, scale, interpret, lead: seen.append(lead) or [])
+  monkeypatch.setattr(ops, "fused_levels", lambda q, works, *, specs, scale, interpret, lead, merge:
+                      seen.append(lead) or [])
   q = jnp.zeros((4, 1, 8, 64), jnp.bfloat16)
   kv = jnp.zeros((1, 32, 2, 64), jnp.bfloat16)
   plan = ops.batched(q, kv, kv, jnp.array([32]), np.zeros(4, np.int32), max_group=None, causal=False)  # 16 rows
@@ -798,7 +799,7 @@ def test_sweep_times_the_merge_as_the_api_merges():
   on, off = (dataclasses.replace(_h100(), merge_max_rows=m) for m in (rows, rows - 1))
   structs = (*sweep.structs(0), jax.ShapeDtypeStruct((rows // sweep_device.CONFIGS[0][3],), jnp.int32))
   sig_on, sig_off = sweep.signature(0, on, "triton"), sweep.signature(0, off, "triton")
-  assert sig_on[-1] is True and sig_off[-1] is False and sig_on[:-1] == sig_off[:-1]
+  assert sig_on[-1] == "pallas" and sig_off[-1] == "xla" and sig_on[:-1] == sig_off[:-1]
   assert "hydragen_merge" in str(jax.make_jaxpr(sweep.step(sig_on, on))(*structs))
   assert "hydragen_merge" not in str(jax.make_jaxpr(sweep.step(sig_off, off))(*structs))
   sig_on, sig_off = sweep.signature(0, on, "hopper"), sweep.signature(0, off, "hopper")

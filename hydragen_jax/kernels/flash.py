@@ -114,9 +114,57 @@ def padded_head_dim(head_dim: int) -> int:
   return max(16, pl.next_power_of_2(head_dim))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Merge:
+  """The launch's merge of its parts (`fused_levels(merge=True)`): a count of the parts written per query row, every
+  level's parts `(out [splits, rows, D] ref, lse [splits, rows] ref)`, and the merged out `[rows, D]`, lse `[rows]`."""
+
+  count: object
+  parts: tuple
+  out: object
+  lse: object
+  interpret: bool
+
+
+def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
+  """Counts the part this program just wrote for each of its rows; for the rows whose count completes (this program
+  wrote their last part), merges every part of the row by log-sum-exp in float32 (as `reference.merge_states`) into
+  the merged out and lse. The count is an atomic add (acquire-release, GPU scope): the barrier before it orders every
+  thread's stores of the part before the count that publishes them, the barrier after it orders the count that
+  saw the others' parts before any thread reads them (volatile loads: no stale L1 copy serves them)."""
+  total = sum(o.shape[0] for o, _ in merge.parts)
+  barrier = (lambda: None) if merge.interpret else plgpu.debug_barrier  # the interpreter runs one thread
+  barrier()
+  # Masked rows' flat index is one past the last row: the count has a spare slot there (the interpreter's atomic
+  # takes no mask; on the GPU the mask skips them).
+  seen = plgpu.atomic_add(merge.count, flat, jnp.ones(flat.shape, jnp.int32),
+                          mask=None if merge.interpret else row_ok)
+  last = row_ok & (seen == total - 1)
+
+  @pl.when(jnp.max(last.astype(jnp.int32)) > 0)
+  def _():
+    barrier()
+    tile = last[:, None] & col_ok[None, :]
+    parts = [(o, l, i) for o, l in merge.parts for i in range(o.shape[0])]
+    lses = [plgpu.load(l.at[i, flat], mask=last, other=-jnp.inf, volatile=True) for _, l, i in parts]
+    top = functools.reduce(jnp.maximum, lses)
+    top = jnp.where(top > -jnp.inf, top, 0.0)  # a row empty in every part: any finite shift
+    weights = [jnp.exp(lse - top) for lse in lses]  # 0 for an empty part
+    total_weight = functools.reduce(jnp.add, weights)
+    safe = jnp.where(total_weight > 0, total_weight, 1.0)
+    acc = jnp.zeros(tile.shape, jnp.float32)
+    for (o, _, i), w in zip(parts, weights):
+      part = plgpu.load(o.at[i, flat[:, None], cols[None, :]], mask=tile, other=0, volatile=True)
+      # an empty part's row is never weighed in (0 · NaN would be NaN)
+      acc += jnp.where(w[:, None] > 0, part.astype(jnp.float32), 0.0) * (w / safe)[:, None]
+    plgpu.store(merge.out.at[flat[:, None], cols[None, :]], acc.astype(merge.out.dtype), mask=tile)
+    plgpu.store(merge.lse.at[flat], jnp.where(total_weight > 0, top + jnp.log(safe), -jnp.inf), mask=last)
+
+
 def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
-            group: int, scale: float, precision):
-  """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`."""
+            group: int, scale: float, precision, merge: _Merge | None):
+  """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`; with `merge`, the
+  program then merges the rows whose last part it wrote (`_merge_if_last`)."""
   p, hb, sp, mb = ids
   seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
   block = spec.block
@@ -227,6 +275,8 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     lse = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN_2, -jnp.inf)
     plgpu.store(o_ref.at[sp, flat[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=tile_ok)
     plgpu.store(lse_ref.at[sp, flat], lse, mask=row_ok)
+    if merge is not None:
+      _merge_if_last(flat, row_ok, cols, col_ok, merge)
 
 
 def program_counts(spec: LevelSpec, work: LevelWork) -> tuple[int, ...]:
@@ -273,10 +323,14 @@ def _schedule(pid, sizes: tuple[int, ...], lead: float):
   return result
 
 
-def _kernel(*refs, specs, counts, lead, **static):
+def _kernel(*refs, specs, counts, lead, merge: bool, interpret: bool, **static):
   """Dispatches program ids to levels (see `_schedule`), then unravels a level's index into its program axes."""
   n = len(specs)
-  ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1:]
+  ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1 + merge:]
+  merged = None
+  if merge:  # refs: ..., q, the count (input), the parts, the merged out and lse, the count (output, aliased)
+    merged = _Merge(outs[2 * n + 2], tuple(zip(outs[:2 * n:2], outs[1:2 * n:2])), outs[2 * n], outs[2 * n + 1],
+                    interpret)
   owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), lead)
   for l, (spec, shape, (mine, index)) in enumerate(zip(specs, counts, owned)):
 
@@ -287,13 +341,13 @@ def _kernel(*refs, specs, counts, lead, **static):
         ids.append(rest % extent)
         rest = rest // extent
       _attend(tuple(reversed(ids)), ints[5 * l:5 * l + 5], q_ref, kvs[2 * l], kvs[2 * l + 1], outs[2 * l],
-              outs[2 * l + 1], spec=spec, **static)
+              outs[2 * l + 1], spec=spec, merge=merged, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead"))
+@functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead", "merge"))
 def fused_levels(
     q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
-    lead: float = 0.0,
+    lead: float = 0.0, merge: bool = False,
 ) -> list[tuple[Array, Array]]:
   """Attention of q over every level in one kernel launch.
 
@@ -303,18 +357,24 @@ def fused_levels(
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
     lead: 0 runs the levels' programs level after level; > 0 mixes them over the grid (see `_schedule`).
+    merge: merge the parts in the launch: the program that writes a query row's last part (counted per row, in a
+      zeroed `[B·T·Hq + 1]` int32 count) merges all of them (`_merge_if_last`), so the step needs no merge launch.
+      Every query row must belong to a group of every level (as the API's levels do: each sequence reads one node
+      of each); a row of no group is never merged (its output unwritten).
 
   Returns:
     Per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own softmax sum, so a
     16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]` float32. Query rows
-    that belong to no group of a level are left unwritten in its outputs.
+    that belong to no group of a level are left unwritten in its outputs. With merge: one stack of one part, the
+    merged out `[1, B, T, Hq, D]` in q's dtype and lse `[1, B, T, Hq]` float32 (out = 0, lse = -inf for a row
+    with no keys in any part).
   """
   b, t, hq, d = q.shape
   hkv = works[0].k.shape[2]
   counts = tuple(program_counts(spec, work) for spec, work in zip(specs, works))
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, head_dim=d,
-                             num_queries=t, group=hq // hkv, scale=scale, precision=precision)
+  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, merge=merge, interpret=interpret,
+                             head_dim=d, num_queries=t, group=hq // hkv, scale=scale, precision=precision)
   rows = b * t * hq
   out_shape = []
   for spec in specs:
@@ -323,6 +383,10 @@ def fused_levels(
   ints = [x.astype(jnp.int32) for w in works for x in (w.seq_start, w.row_count, w.kv_index, w.kv_length, w.order)]
   kvs = [x for w in works for x in (w.k, w.v)]
   inputs = [*ints, *kvs, q.reshape(rows, d)]
+  if merge:  # the merged rows, and the count of parts written per row (zeroed; a spare slot for masked rows)
+    out_shape += [jax.ShapeDtypeStruct((rows, d), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
+                  jax.ShapeDtypeStruct((rows + 1,), jnp.int32)]
+    inputs.append(jnp.zeros((rows + 1,), jnp.int32))
 
   def whole(x):  # the kernel indexes inside the full array itself
     return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
@@ -335,8 +399,11 @@ def fused_levels(
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=max(s.block.num_warps for s in specs),
                                            num_stages=max(s.block.num_stages for s in specs)),
+      input_output_aliases={len(inputs) - 1: len(out_shape) - 1} if merge else {},
       interpret=interpret,
       name="hydragen_fused_levels",
   )(*inputs)
+  if merge:
+    return [(outs[-3].reshape(1, b, t, hq, d), outs[-2].reshape(1, b, t, hq))]
   return [(outs[2 * i].reshape(spec.block.splits, b, t, hq, d), outs[2 * i + 1].reshape(spec.block.splits, b, t, hq))
           for i, spec in enumerate(specs)]

@@ -319,10 +319,12 @@ def auto_launch(max_rows: list[int], tuning: Tuning | None = None) -> str:
 
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, launch: str = "auto",
-        tuning: Tuning | None = None, stacked: bool = False) -> list[tuple[Array, Array]]:
+        tuning: Tuning | None = None, stacked: bool = False, merge: bool = False) -> list[tuple[Array, Array]]:
   """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
   levels give none); stacked: one `(out [splits, B, T, Hq, D], lse [splits, B, T, Hq])` stack a level instead,
-  as the kernel writes them (for `merge.merge_stacks`, which reads them without slicing).
+  as the kernel writes them (for `merge.merge_stacks`, which reads them without slicing). merge: where the levels
+  share one launch and have more than one part, the launch merges them itself (`fused_levels(merge=True)`): one
+  part, the merged `(out, lse)` (a stack of one).
 
   launch: "interleaved" (one launch, the levels' programs mixed over the grid so that compute-bound prefix
   programs and memory-bound suffix programs share the SMs; the shared level's programs spread over the stretch
@@ -343,7 +345,8 @@ def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, la
       continue
     specs, works = zip(*group)
     specs = _shared_stages(specs, q.shape[-1], q.dtype.itemsize, shared_memory_limit())
+    merged = merge and len(groups) == 1 and sum(spec.block.splits for spec in specs) > 1
     for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
-                                 lead=tuning.interleave_lead if launch == "interleaved" else 0.0):
+                                 lead=tuning.interleave_lead if launch == "interleaved" else 0.0, merge=merged):
       parts += [(out, lse)] if stacked else [(out[i], lse[i]) for i in range(out.shape[0])]
   return parts

@@ -270,6 +270,10 @@ class Tuning:
       most of the merge's time. The rows are those the merge sees (per example under vmap, per device under
       shard_map); head dims that are not a power of two up to 256 keep XLA's merge, and so do the Hopper kernel's
       parts (XLA folds their layout change into its merge; the merge kernel would take each part copied).
+    launch_merge_max_rows: the Triton kernels' launch merges its own parts where the step has at most this many
+      query rows (B·T·Hq; 0: never): the program that writes a row's last part merges all of them
+      (`kernels.flash.fused_levels(merge=True)`), so the step has no merge launch; above it, `merge_max_rows`
+      decides. For the levels of one launch (not the "separate" launches; the Hopper kernel's parts keep XLA's merge).
     merge_rows, merge_warps: the merge kernel's rows a program (a power of two; the largest power of two up to it
       dividing the step's rows) and warps a program (a power of two up to 32).
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
@@ -312,12 +316,13 @@ class Tuning:
   split_fill_max_keys: int = 2048
   hopper_split_min_rows: int = 0
   hopper_max_rows: int = 0
+  launch_merge_max_rows: int = 0
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
-                       "hopper_split_min_rows", "hopper_max_rows"), least=0)
+                       "hopper_split_min_rows", "hopper_max_rows", "launch_merge_max_rows"), least=0)
     for name, most in (("merge_rows", None), ("merge_warps", 32)):
       value = getattr(self, name)
       if not _power_of_two(value) or (most is not None and value > most):

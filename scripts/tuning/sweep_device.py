@@ -295,6 +295,8 @@ def choices(configs, groups) -> list[Choice]:
       field_choice("max_rows_alone", "alone", "alone", (64, 128)),
       # the merge kernel up to this many query rows (B·T·Hq): 0 (off) or the configs' own row counts
       field_choice("merge_max_rows", "pallas", "all", [0] + sorted({b * hq for b, _, _, hq, _ in every})),
+      # the Triton launch merges its own parts up to this many query rows (0: off; above: `merge_max_rows` decides)
+      field_choice("launch_merge_max_rows", "pallas", "all", [0] + sorted({b * hq for b, _, _, hq, _ in every})),
   ]
 
 
@@ -343,9 +345,10 @@ class Sweep:
 
   def signature(self, i: int, tune: Tuning, kernel: str) -> tuple | None:
     """What the step of config i under `tune` runs (equal signatures: the same compiled step); None where the
-    kernel does not apply (the Hopper kernel on a shape it does not take). The last item of a Triton step's: whether
-    its parts are merged by the merge kernel (`merge.applies` under `merge_max_rows`, as the API; the Hopper
-    kernel's parts are merged by `merge_states` whatever the tuning, as the API merges them)."""
+    kernel does not apply (the Hopper kernel on a shape it does not take). The last item of a Triton step's: how its
+    parts are merged, as the API merges them: "launch" (in the launch, up to `launch_merge_max_rows` query rows),
+    "pallas" (the merge kernel: `merge.applies` under `merge_max_rows`) or "xla" (`merge_states`); the Hopper
+    kernel's parts are merged by `merge_states` whatever the tuning."""
     b, p, _, hq, hkv = cfg = self.configs[i]
     q, pk, pv, sk, sv = self.structs(i)
     if kernel == "alone":
@@ -361,7 +364,8 @@ class Sweep:
     pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
-    merged = merge.applies(b * hq, D, tune.merge_max_rows)
+    merged = ("launch" if b * hq <= tune.launch_merge_max_rows
+              else "pallas" if merge.applies(b * hq, D, tune.merge_max_rows) else "xla")
     return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None, merged)
 
   def step(self, signature: tuple, tune: Tuning) -> Callable:
@@ -375,7 +379,7 @@ class Sweep:
         out, _ = merge_states(run_plans(q, [prefix_plan(q, pk, pv, block=block)], launch="fused", tuning=tune))
         return out.astype(q.dtype)
       return alone
-    return sweep_kernels.step_fn(self.configs[i], dict(launch=signature[4], merge="pallas" if signature[-1] else "xla"),
+    return sweep_kernels.step_fn(self.configs[i], dict(launch=signature[4], merge=signature[-1]),
                                  tune)[0]
 
   def time(self, i: int, tune: Tuning, kernel: str) -> float | None:

@@ -88,6 +88,8 @@ VARIANTS = {
     "auto_pmerge1w1": dict(launch="auto", merge="pallas", merge_rows=1),
     "auto_pmerge2w2": dict(launch="auto", merge="pallas", merge_warps=2),
     "auto_pmerge2w1": dict(launch="auto", merge="pallas", merge_rows=2, merge_warps=1),  # the defaults, by name
+    # the parts merged in the fused launch itself (`fused_levels(merge=True)`: the last program of a row merges it)
+    "auto_lmerge": dict(launch="auto", merge="launch"),
     "auto_ssp4_psph": dict(launch="auto", suffix="double_splits", prefix="half_splits"),
     "auto_ssp4_sk128": dict(launch="auto", suffix=dict(block_k=128, splits=4)),
     "auto_ssp8": dict(launch="auto", suffix=dict(splits=8)),
@@ -235,9 +237,14 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
-    how = variant.get("merge", "tuning")
-    if how == "pallas" or (how == "tuning" and merge_kernel.applies(q.size // q.shape[-1], q.shape[-1],
-                                                                    tune.merge_max_rows)):
+    how, rows = variant.get("merge", "tuning"), q.size // q.shape[-1]
+    if how == "tuning":  # as the API merges under the tuning
+      how = ("launch" if rows <= tune.launch_merge_max_rows
+             else "pallas" if merge_kernel.applies(rows, q.shape[-1], tune.merge_max_rows) else "xla")
+    if how == "launch":
+      (out, _), = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, merge=True)
+      return out
+    if how == "pallas":
       stacks = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, stacked=True)
       out, _ = merge_kernel.merge_stacks(stacks, rows=variant.get("merge_rows"),
                                          num_warps=variant.get("merge_warps"))  # None: the tuning's
