@@ -127,23 +127,27 @@ class _Merge:
 
 
 def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
-  """Counts the part this program just wrote for each of its rows; for the rows whose count completes (this program
-  wrote their last part), merges every part of the row by log-sum-exp in float32 (as `reference.merge_states`) into
-  the merged out and lse. The count is an atomic add (acquire-release, GPU scope): the barrier before it orders every
-  thread's stores of the part before the count that publishes them, the barrier after it orders the count that
-  saw the others' parts before any thread reads them (volatile loads: no stale L1 copy serves them)."""
+  """Counts the part this program just wrote for each of its rows; for the rows whose count is then complete, merges
+  every part of the row by log-sum-exp in float32 (as `reference.merge_states`) into the merged out and lse.
+
+  The count is an atomic add (acquire-release, GPU scope), after a barrier that orders every thread's stores of the
+  part before it. Its returned old value is not used: Triton issues a tensor's atomic from one of the threads that
+  hold an element (the others are masked off, their results undefined), so every thread reads the count again after
+  a second barrier (volatile loads: from L2, no stale L1 copy). The program whose add completed a row's count sees
+  it complete; a program whose add came just before may see it too and merge the row as well, writing the same
+  values (every part is in place once the count is complete: each was stored before its add)."""
   total = sum(o.shape[0] for o, _ in merge.parts)
   barrier = (lambda: None) if merge.interpret else plgpu.debug_barrier  # the interpreter runs one thread
   barrier()
   # Masked rows' flat index is one past the last row: the count has a spare slot there (the interpreter's atomic
   # takes no mask; on the GPU the mask skips them).
-  seen = plgpu.atomic_add(merge.count, flat, jnp.ones(flat.shape, jnp.int32),
-                          mask=None if merge.interpret else row_ok)
-  last = row_ok & (seen == total - 1)
+  plgpu.atomic_add(merge.count, flat, jnp.ones(flat.shape, jnp.int32), mask=None if merge.interpret else row_ok)
+  barrier()
+  done = plgpu.load(merge.count.at[flat], mask=row_ok, other=0, volatile=True)
+  last = row_ok & (done == total)
 
   @pl.when(jnp.max(last.astype(jnp.int32)) > 0)
   def _():
-    barrier()
     tile = last[:, None] & col_ok[None, :]
     parts = [(o, l, i) for o, l in merge.parts for i in range(o.shape[0])]
     lses = [plgpu.load(l.at[i, flat], mask=last, other=-jnp.inf, volatile=True) for _, l, i in parts]
