@@ -90,21 +90,30 @@ def _merging(max_rows: int) -> tuning_lib.Tuning:
   return dataclasses.replace(tuning_lib.current(), merge_max_rows=max_rows)
 
 
+def _tree(levels: int, *, seed: int, prefix: int, prefix_length: int, node_lengths: list[int]):
+  """q `[4, 1, 8, 64]` and a tree over it: a prefix node of `prefix` keys (`prefix_length` valid) shared by all, with
+  3 levels two 16-key nodes (`node_lengths` valid) of two sequences each, and 24-key suffixes (24, 1, 13, 0 valid);
+  bf16 with 2 levels, float32 with 3. Returns (q, levels, dtype)."""
+  b, s, hq, hkv, d = 4, 24, 8, 2, 64
+  dtype = jnp.bfloat16 if levels == 2 else jnp.float32
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q = jax.random.normal(ks[0], (b, 1, hq, d), dtype)
+  pk, pv = (jax.random.normal(k, (1, prefix, hkv, d), dtype) for k in ks[1:3])
+  nk, nv = (jax.random.normal(k, (2, 16, hkv, d), dtype) for k in ks[3:5])
+  sk, sv = (jax.random.normal(k, (b, s, hkv, d), dtype) for k in ks[5:7])
+  tree = [hj.Level(pk, pv, jnp.array([prefix_length], jnp.int32), np.zeros((b,), np.int32))]
+  if levels == 3:
+    tree.append(hj.Level(nk, nv, jnp.array(node_lengths, jnp.int32), np.array([0, 0, 1, 1], np.int32)))
+  tree.append(hj.Level(sk, sv, jnp.array([24, 1, 13, 0], jnp.int32)))
+  return q, tree, dtype
+
+
 @pytest.mark.parametrize("levels", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_api_merges_with_the_kernel_where_the_tuning_says(kernel_backend, levels):
   """Up to `merge_max_rows` query rows the API's result is the same and the step holds the merge kernel (one launch)
   in place of XLA's merge; above, no merge kernel. A prefix and suffixes (bf16, GQA 4), and a three-level tree (float32)."""
-  b, p, s, hq, hkv, d = 4, 40, 24, 8, 2, 64
-  dtype = jnp.bfloat16 if levels == 2 else jnp.float32
-  ks = jax.random.split(jax.random.PRNGKey(7), 7)
-  q = jax.random.normal(ks[0], (b, 1, hq, d), dtype)
-  pk, pv = (jax.random.normal(k, (1, p, hkv, d), dtype) for k in ks[1:3])
-  nk, nv = (jax.random.normal(k, (2, 16, hkv, d), dtype) for k in ks[3:5])
-  sk, sv = (jax.random.normal(k, (b, s, hkv, d), dtype) for k in ks[5:7])
-  tree = [hj.Level(pk, pv, jnp.array([p], jnp.int32), np.zeros((b,), np.int32))]
-  if levels == 3:
-    tree.append(hj.Level(nk, nv, jnp.array([16, 5], jnp.int32), np.array([0, 0, 1, 1], np.int32)))
-  tree.append(hj.Level(sk, sv, jnp.array([24, 1, 13, 0], jnp.int32)))
+  q, tree, dtype = _tree(levels, seed=7, prefix=40, prefix_length=40, node_lengths=[16, 5])
+  b, hq = q.shape[0], q.shape[2]
   fn = lambda q: hj.tree_attention(q, tree, backend=kernel_backend)
   want = hj.tree_attention(q, tree, backend="xla")
   rows = b * hq  # B·T·Hq
@@ -134,17 +143,8 @@ def test_api_merges_in_the_launch_where_the_tuning_says(kernel_backend, levels):
   the same result as XLA's reference backend, and no merge launch in the step (neither the merge kernel, which
   `merge_max_rows` would take, nor XLA's merge); above, the parts are merged as before. A prefix with its keys split
   and suffixes (bf16, GQA 4), and a three-level tree (float32)."""
-  b, p, s, hq, hkv, d = 4, 70, 24, 8, 2, 64
-  dtype = jnp.bfloat16 if levels == 2 else jnp.float32
-  ks = jax.random.split(jax.random.PRNGKey(8), 7)
-  q = jax.random.normal(ks[0], (b, 1, hq, d), dtype)
-  pk, pv = (jax.random.normal(k, (1, p, hkv, d), dtype) for k in ks[1:3])
-  nk, nv = (jax.random.normal(k, (2, 16, hkv, d), dtype) for k in ks[3:5])
-  sk, sv = (jax.random.normal(k, (b, s, hkv, d), dtype) for k in ks[5:7])
-  tree = [hj.Level(pk, pv, jnp.array([p - 3], jnp.int32), np.zeros((b,), np.int32))]
-  if levels == 3:
-    tree.append(hj.Level(nk, nv, jnp.array([16, 0], jnp.int32), np.array([0, 0, 1, 1], np.int32)))
-  tree.append(hj.Level(sk, sv, jnp.array([24, 1, 13, 0], jnp.int32)))
+  q, tree, dtype = _tree(levels, seed=8, prefix=70, prefix_length=67, node_lengths=[16, 0])
+  b, hq = q.shape[0], q.shape[2]
   fn = lambda q: hj.tree_attention(q, tree, backend=kernel_backend)
   want = hj.tree_attention(q, tree, backend="xla")
   rows = b * hq  # B·T·Hq
