@@ -23,7 +23,8 @@ scatters those rows itself. A level's programs are (group, KV head block, key sp
 key range in blocks of `block_k` with the online softmax; a row sees no key past its length (nor, if causal, past
 its own position) and an empty row gives out = 0, lse = -inf. KV rows and lengths are clamped to the caches' shape,
 so an out-of-range traced value never reads outside them. With `splits > 1` each split writes its normalised
-partial (in q's dtype) and its lse; `merge_states` combines them in float32.
+partial (in q's dtype) and its lse; `merge_states` combines them in float32, or, with `fused_levels(merge=True)`,
+the launch itself: the program that completes a row's count of parts merges them (`_merge_if_last`).
 """
 
 from __future__ import annotations

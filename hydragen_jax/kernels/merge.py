@@ -11,7 +11,8 @@ Small programs (on the H200 2 rows, one warp: `Tuning.merge_rows`, `merge_warps`
 whole GPU: at B = 64 MHA decode (2048 rows, 10 parts) the step ran 1-2 µs faster than with XLA's merge, where 16-row
 programs of 4 warps were no faster (experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count
 the API uses it (for the Triton
-kernels' parts: the Hopper kernel's go to `merge_states`, which folds their layout change into its fusions).
+kernels' parts: the Hopper kernel's go to `merge_states`, which folds their layout change into its fusions), unless
+`Tuning.launch_merge_max_rows` lets the Triton launch merge its parts itself (`flash.fused_levels(merge=True)`).
 Empty parts (lse = -inf) weigh 0, their outputs are never read into the sum, and a row with no keys in any part
 gives out = 0, lse = -inf (no NaN), as in `reference.merge_states`.
 """
