@@ -136,7 +136,8 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
   hold an element (the others are masked off, their results undefined), so every thread reads the count again after
   a second barrier (volatile loads: from L2, no stale L1 copy). The program whose add completed a row's count sees
   it complete; a program whose add came just before may see it too and merge the row as well, writing the same
-  values (every part is in place once the count is complete: each was stored before its add)."""
+  values (every part is in place once the count is complete: each was stored before its add, and the merging
+  program adds 0 to the complete counts, an acquire, before a barrier and its reads of the parts)."""
   total = sum(o.shape[0] for o, _ in merge.parts)
   barrier = (lambda: None) if merge.interpret else plgpu.debug_barrier  # the interpreter runs one thread
   barrier()
@@ -149,6 +150,9 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
 
   @pl.when(jnp.max(last.astype(jnp.int32)) > 0)
   def _():
+    # Adding 0 to the complete counts: an acquire (of the adds that completed them) before the other parts are read.
+    plgpu.atomic_add(merge.count, flat, jnp.zeros(flat.shape, jnp.int32), mask=None if merge.interpret else last)
+    barrier()
     tile = last[:, None] & col_ok[None, :]
     parts = [(o, l, i) for o, l in merge.parts for i in range(o.shape[0])]
     lses = [plgpu.load(l.at[i, flat], mask=last, other=-jnp.inf, volatile=True) for _, l, i in parts]
