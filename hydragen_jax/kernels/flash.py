@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hydragen_jax.kernels import merge as merge_kernel
+
 Array = jax.Array
 
 # A row's running max before its first key: finite, so that exp2(m - m_new) never computes inf - inf. Masked scores
@@ -129,7 +131,8 @@ class _Merge:
 
 def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
   """Counts the part this program just wrote for each of its rows; for the rows whose count is then complete, merges
-  every part of the row by log-sum-exp in float32 (as `reference.merge_states`) into the merged out and lse.
+  every part of the row by log-sum-exp in float32 (`merge.merge_tiles`, as `reference.merge_states`) into the
+  merged out and lse.
 
   The count is an atomic add (acquire-release, GPU scope), after a barrier that orders every thread's stores of the
   part before it. Its returned old value is not used: Triton issues a tensor's atomic from one of the threads that
@@ -140,34 +143,30 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
   program adds 0 to the complete counts, an acquire, before a barrier and its reads of the parts)."""
   total = sum(o.shape[0] for o, _ in merge.parts)
   barrier = (lambda: None) if merge.interpret else plgpu.debug_barrier  # the interpreter runs one thread
+
+  def add(value, rows):  # `value` to the count of `rows`, then a barrier
+    # Masked rows' flat index is one past the last row: the count has a spare slot there (the interpreter's atomic
+    # takes no mask; on the GPU the mask skips them).
+    plgpu.atomic_add(merge.count, flat, jnp.full(flat.shape, value, jnp.int32), mask=None if merge.interpret else rows)
+    barrier()
+
   barrier()
-  # Masked rows' flat index is one past the last row: the count has a spare slot there (the interpreter's atomic
-  # takes no mask; on the GPU the mask skips them).
-  plgpu.atomic_add(merge.count, flat, jnp.ones(flat.shape, jnp.int32), mask=None if merge.interpret else row_ok)
-  barrier()
+  add(1, row_ok)
   done = plgpu.load(merge.count.at[flat], mask=row_ok, other=0, volatile=True)
   last = row_ok & (done == total)
 
   @pl.when(jnp.max(last.astype(jnp.int32)) > 0)
   def _():
     # Adding 0 to the complete counts: an acquire (of the adds that completed them) before the other parts are read.
-    plgpu.atomic_add(merge.count, flat, jnp.zeros(flat.shape, jnp.int32), mask=None if merge.interpret else last)
-    barrier()
+    add(0, last)
     tile = last[:, None] & col_ok[None, :]
     parts = [(o, l, i) for o, l in merge.parts for i in range(o.shape[0])]
-    lses = [plgpu.load(l.at[i, flat], mask=last, other=-jnp.inf, volatile=True) for _, l, i in parts]
-    top = functools.reduce(jnp.maximum, lses)
-    top = jnp.where(top > -jnp.inf, top, 0.0)  # a row empty in every part: any finite shift
-    weights = [jnp.exp(lse - top) for lse in lses]  # 0 for an empty part
-    total_weight = functools.reduce(jnp.add, weights)
-    safe = jnp.where(total_weight > 0, total_weight, 1.0)
-    acc = jnp.zeros(tile.shape, jnp.float32)
-    for (o, _, i), w in zip(parts, weights):
-      part = plgpu.load(o.at[i, flat[:, None], cols[None, :]], mask=tile, other=0, volatile=True)
-      # an empty part's row is never weighed in (0 · NaN would be NaN)
-      acc += jnp.where(w[:, None] > 0, part.astype(jnp.float32), 0.0) * (w / safe)[:, None]
-    plgpu.store(merge.out.at[flat[:, None], cols[None, :]], acc.astype(merge.out.dtype), mask=tile)
-    plgpu.store(merge.lse.at[flat], jnp.where(total_weight > 0, top + jnp.log(safe), -jnp.inf), mask=last)
+    out, lse = merge_kernel.merge_tiles(
+        [plgpu.load(l.at[i, flat], mask=last, other=-jnp.inf, volatile=True) for _, l, i in parts],
+        lambda j: plgpu.load(parts[j][0].at[parts[j][2], flat[:, None], cols[None, :]], mask=tile, other=0,
+                             volatile=True))
+    plgpu.store(merge.out.at[flat[:, None], cols[None, :]], out.astype(merge.out.dtype), mask=tile)
+    plgpu.store(merge.lse.at[flat], lse, mask=last)
 
 
 def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,

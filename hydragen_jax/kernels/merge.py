@@ -49,23 +49,30 @@ def applies(n: int, d: int, max_rows: int) -> bool:
   return 0 < n <= max_rows and rows_per_program(n, d) > 0
 
 
-def _kernel(*refs, sizes: tuple[int, ...]):
-  """refs: per stack (out [P, rows, D], lse [P, rows]), then the merged out [rows, D] and lse [rows]."""
-  ins, (o_ref, lse_ref) = refs[:-2], refs[-2:]
-  parts = [(ins[2 * s], ins[2 * s + 1], p) for s, size in enumerate(sizes) for p in range(size)]
-  lses = [lse[p].astype(jnp.float32) for _, lse, p in parts]
+def merge_tiles(lses: Sequence[Array], out_of) -> tuple[Array, Array]:
+  """The log-sum-exp merge of one tile of rows inside a kernel (this module's and the launch's own merge,
+  `flash._merge_if_last`): lses, each part's `[rows]` lse; out_of(i), part i's out `[rows, D]` (read one part at a
+  time, into the sum). Returns out `[rows, D]` float32 and lse `[rows]`, as `reference.merge_states`."""
+  lses = [lse.astype(jnp.float32) for lse in lses]
   top = functools.reduce(jnp.maximum, lses)
   top = jnp.where(jnp.isfinite(top), top, 0.0)  # every part empty: any finite shift works
   weights = [jnp.exp(lse - top) for lse in lses]  # 0 for an empty part
   total = functools.reduce(jnp.add, weights)
   safe = jnp.where(total > 0, total, 1.0)
-  acc = jnp.zeros(o_ref.shape, jnp.float32)
-  for (out, _, p), w in zip(parts, weights):
-    # an empty part's rows may hold anything (a NaN times weight 0 is still NaN): select, then weigh (as the
-    # reference: a NaN weight still makes NaN)
-    acc += jnp.where(w[:, None] > 0, out[p].astype(jnp.float32), 0.0) * (w / safe)[:, None]
-  o_ref[...] = acc.astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+  # an empty part's rows may hold anything (a NaN times weight 0 is still NaN): select, then weigh (as the
+  # reference: a NaN weight still makes NaN)
+  acc = functools.reduce(jnp.add, (jnp.where(w[:, None] > 0, out_of(i).astype(jnp.float32), 0.0) * (w / safe)[:, None]
+                                   for i, w in enumerate(weights)))
+  return acc, jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+
+
+def _kernel(*refs, sizes: tuple[int, ...]):
+  """refs: per stack (out [P, rows, D], lse [P, rows]), then the merged out [rows, D] and lse [rows]."""
+  ins, (o_ref, lse_ref) = refs[:-2], refs[-2:]
+  parts = [(ins[2 * s], ins[2 * s + 1], p) for s, size in enumerate(sizes) for p in range(size)]
+  out, lse = merge_tiles([lse[p] for _, lse, p in parts], lambda i: parts[i][0][parts[i][2]])
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, interpret: bool = False,
