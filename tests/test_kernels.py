@@ -581,10 +581,12 @@ def test_launch_merge_has_no_race_on_the_gpu():
       chex.assert_trees_all_close(lse, want[1], **tol(jnp.bfloat16))
 
 
-def test_launch_merge_lowers_for_cuda():
+def test_launch_merge_lowers_for_cuda(capsys):
   """The merge in the launch (the masked atomic count, barriers, volatile loads) lowers to Triton for an H100
   without one (an abstract device; Pallas's lowering rules run, not Triton's compiler): one kernel, its count
-  aliased in place."""
+  aliased in place, and every atomic add of its Triton IR (printed by pallas_call's debug) a float add on float32
+  pointers. (Pallas 0.11.2 lowers an int32 tensor's atomic add as a float add of its bits: an int32 count never grew
+  on the GPU, while the interpreter counted right.)"""
   b, hq, hkv, d = 8, 8, 2, 64
   s = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
 
@@ -595,8 +597,13 @@ def test_launch_merge_lowers_for_cuda():
     return ops.run(q, plans, scale=0.125, interpret=False, merge=True)
 
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+  debug = functools.partial(flash.pl.pallas_call, debug=True)
+  with (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)),
+        mock.patch.object(flash.pl, "pallas_call", debug)):
     traced = jax.jit(step).trace(s(b, 1, hq, d), s(1, 96, hkv, d), s(1, 96, hkv, d), s(b, 40, hkv, d),
                                  s(b, 40, hkv, d), s(b, dtype=jnp.int32))
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1 and "output_operand_alias" in text, text[:2000]
+  atomics = [line for line in capsys.readouterr().out.splitlines() if "tt.atomic_rmw" in line]
+  assert len(atomics) == 4, atomics  # per level: the count's add, and the merging program's add of 0
+  assert all("tt.atomic_rmw fadd" in a and "!tt.ptr<f32>>, tensor<16xf32>" in a for a in atomics), atomics

@@ -135,7 +135,9 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
   merged out and lse.
 
   The count is an atomic add (acquire-release, GPU scope), after a barrier that orders every thread's stores of the
-  part before it. Its returned old value is not used: Triton issues a tensor's atomic from one of the threads that
+  part before it. It is float32 (exact: counts stay far below 2^24): Pallas 0.11.2 lowers the atomic add of an int32
+  tensor as a float add of its bits (its rule asks whether the value's type is an integer, which a tensor type is
+  not), so integer counts never grow on the GPU (denormals, flushed to 0). Its returned old value is not used: Triton issues a tensor's atomic from one of the threads that
   hold an element (the others are masked off, their results undefined), so every thread reads the count again after
   a second barrier (volatile loads: from L2, no stale L1 copy). The program whose add completed a row's count sees
   it complete; a program whose add came just before may see it too and merge the row as well, writing the same
@@ -147,12 +149,13 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
   def add(value, rows):  # `value` to the count of `rows`, then a barrier
     # Masked rows' flat index is one past the last row: the count has a spare slot there (the interpreter's atomic
     # takes no mask; on the GPU the mask skips them).
-    plgpu.atomic_add(merge.count, flat, jnp.full(flat.shape, value, jnp.int32), mask=None if merge.interpret else rows)
+    plgpu.atomic_add(merge.count, flat, jnp.full(flat.shape, value, jnp.float32),
+                     mask=None if merge.interpret else rows)
     barrier()
 
   barrier()
   add(1, row_ok)
-  done = plgpu.load(merge.count.at[flat], mask=row_ok, other=0, volatile=True)
+  done = plgpu.load(merge.count.at[flat], mask=row_ok, other=0.0, volatile=True)
   last = row_ok & (done == total)
 
   @pl.when(jnp.max(last.astype(jnp.int32)) > 0)
@@ -366,7 +369,7 @@ def fused_levels(
     interpret: run the kernel in the Pallas interpreter (CPU).
     lead: 0 runs the levels' programs level after level; > 0 mixes them over the grid (see `_schedule`).
     merge: merge the parts in the launch: the program that writes a query row's last part (counted per row, in a
-      zeroed `[B·T·Hq + 1]` int32 count) merges all of them (`_merge_if_last`), so the step needs no merge launch.
+      zeroed `[B·T·Hq + 1]` float32 count) merges all of them (`_merge_if_last`), so the step needs no merge launch.
       Every query row must belong to a group of every level (as the API's levels do: each sequence reads one node
       of each); a row of no group is never merged (its output unwritten).
 
@@ -393,8 +396,8 @@ def fused_levels(
   inputs = [*ints, *kvs, q.reshape(rows, d)]
   if merge:  # the merged rows, and the count of parts written per row (zeroed; a spare slot for masked rows)
     out_shape += [jax.ShapeDtypeStruct((rows, d), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
-                  jax.ShapeDtypeStruct((rows + 1,), jnp.int32)]
-    inputs.append(jnp.zeros((rows + 1,), jnp.int32))
+                  jax.ShapeDtypeStruct((rows + 1,), jnp.float32)]
+    inputs.append(jnp.zeros((rows + 1,), jnp.float32))
 
   def whole(x):  # the kernel indexes inside the full array itself
     return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
