@@ -170,7 +170,8 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   the kernel's layout change of each part (`[Hkv, B·T·g, D]` -> `[B, T, Hq, D]`), which the merge kernel would
   take only materialised, a copy a part (B = 64, P = 16K, GQA: 8 key splits and the suffixes, 121 µs a step with
   them against ~68 µs for the kernel and this merge; experiments/PERF_NOTES.md)."""
-  if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
+  rows = q.shape[0] * q.shape[1] * q.shape[2]
+  if rows == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
     return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
   if backend == "xla":
     return [_one(_reference_level(q, level, causal=c, batched=b, scale=scale))
@@ -186,9 +187,8 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
     for i, keep in zip(present, fills):
       if not keep:  # tiled again without it
         plans[i] = _kernel_plan(q, levels[i], causal=causal[i], batched=batched[i], shared_launch=True, fill=False)
-  rows = q.shape[0] * q.shape[1] * q.shape[2]
   stacks = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True,
-                          merge=rows <= tuning_lib.current().launch_merge_max_rows)
+                          merge=merge_kernel.method(rows, q.shape[-1], tuning_lib.current()) == "launch")
   return stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
 
 

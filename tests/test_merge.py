@@ -216,6 +216,18 @@ def test_tuning_launch_merge_max_rows_is_a_count_that_defaults_to_off():
   assert tuning_lib.from_dict(data).launch_merge_max_rows == 0
 
 
+def test_merge_method_is_the_apis_rule():
+  """`merge.method`, the rule the API and the sweeps share: the launch up to `launch_merge_max_rows` rows, then the
+  merge kernel where it applies under `merge_max_rows`, else XLA's `merge_states`."""
+  tune = dataclasses.replace(tuning_lib.current(), launch_merge_max_rows=2048, merge_max_rows=4096)
+  assert [merge.method(n, 128, tune) for n in (1, 2048, 2049, 4096, 4097)] == [
+      "launch", "launch", "pallas", "pallas", "xla"]
+  assert merge.method(3000, 96, tune) == "xla"  # a head dim the merge kernel does not take
+  assert merge.method(0, 128, tune) == "xla"  # no rows: nothing for a kernel
+  off = dataclasses.replace(tune, launch_merge_max_rows=0, merge_max_rows=0)
+  assert merge.method(1, 128, off) == "xla"
+
+
 def test_tuning_merge_max_rows_round_trips_and_defaults_to_off():
   assert tuning_lib.from_dict(tuning_lib.to_dict(_merging(4096))).merge_max_rows == 4096
   data = tuning_lib.to_dict(_merging(4096))

@@ -137,12 +137,13 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
   The count is an atomic add (acquire-release, GPU scope), after a barrier that orders every thread's stores of the
   part before it. It is float32 (exact: counts stay far below 2^24): Pallas 0.11.2 lowers the atomic add of an int32
   tensor as a float add of its bits (its rule asks whether the value's type is an integer, which a tensor type is
-  not), so integer counts never grow on the GPU (denormals, flushed to 0). Its returned old value is not used: Triton issues a tensor's atomic from one of the threads that
-  hold an element (the others are masked off, their results undefined), so every thread reads the count again after
-  a second barrier (volatile loads: from L2, no stale L1 copy). The program whose add completed a row's count sees
-  it complete; a program whose add came just before may see it too and merge the row as well, writing the same
-  values (every part is in place once the count is complete: each was stored before its add, and the merging
-  program adds 0 to the complete counts, an acquire, before a barrier and its reads of the parts)."""
+  not), so integer counts never grow on the GPU (denormals, flushed to 0). Its returned old value is not used:
+  Triton issues a tensor's atomic from one of the threads that hold an element (the others are masked off, their
+  results undefined), so every thread reads the count again after a second barrier (volatile loads: from L2, no
+  stale L1 copy). The program whose add completed a row's count sees it complete; a program whose add came just
+  before may see it too and merge the row as well, writing the same values (every part is in place once the count
+  is complete: each was stored before its add, and the merging program adds 0 to the complete counts, an acquire,
+  before a barrier and its reads of the parts)."""
   total = sum(o.shape[0] for o, _ in merge.parts)
   barrier = (lambda: None) if merge.interpret else plgpu.debug_barrier  # the interpreter runs one thread
 

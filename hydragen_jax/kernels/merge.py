@@ -49,6 +49,16 @@ def applies(n: int, d: int, max_rows: int) -> bool:
   return 0 < n <= max_rows and rows_per_program(n, d) > 0
 
 
+def method(n: int, d: int, tuning) -> str:
+  """How the Triton kernels' parts of a step of n query rows (B·T·Hq) and head dim d are merged under a tuning (the
+  API's rule; the sweeps time steps by it): "launch" (in the launch itself, `flash.fused_levels(merge=True)`, up to
+  `launch_merge_max_rows` rows), "pallas" (this module's kernel: `applies` under `merge_max_rows`) or "xla"
+  (`merge_states`)."""
+  if 0 < n <= tuning.launch_merge_max_rows:
+    return "launch"
+  return "pallas" if applies(n, d, tuning.merge_max_rows) else "xla"
+
+
 def merge_tiles(lses: Sequence[Array], out_of) -> tuple[Array, Array]:
   """The log-sum-exp merge of one tile of rows inside a kernel (this module's and the launch's own merge,
   `flash._merge_if_last`): lses, each part's `[rows]` lse; out_of(i), part i's out `[rows, D]` (read one part at a

@@ -364,9 +364,8 @@ class Sweep:
     pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
     launch = ops.auto_launch([spec.max_rows for spec in specs], tune)
-    merged = ("launch" if b * hq <= tune.launch_merge_max_rows
-              else "pallas" if merge.applies(b * hq, D, tune.merge_max_rows) else "xla")
-    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None, merged)
+    return ("triton", i, pb, sb, launch, tune.interleave_lead if launch == "interleaved" else None,
+            merge.method(b * hq, D, tune))
 
   def step(self, signature: tuple, tune: Tuning) -> Callable:
     kind, i = signature[:2]

@@ -237,10 +237,9 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
   def fn(q, pk, pv, sk, sv, lengths):
     plans = [prefix_plan(q, pk, pv, block=pb), suffix_plan(q, sk, sv, lengths, block=sb)]
-    how, rows = variant.get("merge", "tuning"), q.size // q.shape[-1]
+    how = variant.get("merge", "tuning")
     if how == "tuning":  # as the API merges under the tuning
-      how = ("launch" if rows <= tune.launch_merge_max_rows
-             else "pallas" if merge_kernel.applies(rows, q.shape[-1], tune.merge_max_rows) else "xla")
+      how = merge_kernel.method(q.size // q.shape[-1], q.shape[-1], tune)
     if how == "launch":
       (out, _), = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, merge=True)
       return out
