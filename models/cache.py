@@ -39,7 +39,7 @@ import hydragen_jax
 from hydragen_jax import Level
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.validation import batching_pays, resolve_backend
-from models import kv_write
+from models import kv_write, pair_scatter
 
 MODES = ("hydragen", "standard", "shared_storage", "none")
 
@@ -116,7 +116,10 @@ def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity:
 
 def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """XLA's write of the new k/v ``[B, T, Hkv, D]`` into one layer's caches ``[B, S, Hkv, D]`` at ``positions``
-    ``[B, T]`` (`write_positions`'s: slots at or past S dropped): one scatter a cache, in place under jit."""
+    ``[B, T]`` (`write_positions`'s: slots at or past S dropped), in place under jit: one scatter of both caches
+    (``models.pair_scatter``) where the tuning's ``pair_write`` says, else one scatter a cache."""
+    if tuning_lib.current().pair_write:
+        return pair_scatter.scatter(k_cache, v_cache, k, v, positions)
     B, T = k.shape[:2]
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a

@@ -1,7 +1,8 @@
 """Pallas GPU kernel: a step's new keys and values written into a layer's k and v caches in one launch.
 
-XLA writes each cache with a scatter of its own: two launches a layer, each moving little at decode (B = 64, 7B
-shape: 0.5 MB each, ~2.4 µs each on the H200: launch-bound). Here one program a (sequence, query slot) copies the
+jnp's scatters write each cache with one of their own: two launches a layer, each moving little at decode (B = 64,
+7B shape: 0.5 MB each, ~2.4 µs each on the H200: launch-bound; with the tuning's `pair_write` the models write both
+with one XLA scatter, `models.pair_scatter`). Here one program a (sequence, query slot) copies the
 slot's key row and value row (Hkv·D elements each) to its cache position: both caches in one launch, in place (the
 outputs alias the caches). A slot whose position lies outside the cache (`models.cache.write_positions` puts padding
 slots and overflow past the capacity) is dropped, as XLA's scatter with mode="drop" does. The models use it on the

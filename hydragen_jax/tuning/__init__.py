@@ -278,7 +278,9 @@ class Tuning:
       dividing the step's rows) and warps a program (a power of two up to 32).
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
-      slots (B·T, per device), rather than with XLA's two scatters; 0: never.
+      slots (B·T, per device), rather than with XLA's scatters; 0: never.
+    pair_write: the models' XLA cache write is one scatter of a layer's k and v caches (`models.pair_scatter`: one
+      launch) rather than one scatter each (false, the default).
     split_min_fill, split_fill_max_keys: a Triton level's keys are split until it has a program per SM, or
       programs for `split_min_fill` of the SMs where each program then streams at most `split_fill_max_keys` keys
       (summed over the KV heads it packs) (`ops.choose_block`; 1.0, the default: a program per SM). Below 1, a level
@@ -317,12 +319,15 @@ class Tuning:
   hopper_split_min_rows: int = 0
   hopper_max_rows: int = 0
   launch_merge_max_rows: int = 0
+  pair_write: bool = False
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
                        "hopper_split_min_rows", "hopper_max_rows", "launch_merge_max_rows"), least=0)
+    if not isinstance(self.pair_write, bool):  # "false" or 0.5 would read as true
+      raise ValueError(f"Tuning.pair_write must be true or false; got {self.pair_write!r}.")
     for name, most in (("merge_rows", None), ("merge_warps", 32)):
       value = getattr(self, name)
       if not _power_of_two(value) or (most is not None and value > most):

@@ -1,0 +1,151 @@
+"""The one-scatter cache write (`models.pair_scatter`) against a plain loop over the slots, its guard against XLA's
+variadic-scatter bug, its bad inputs, and its use by the models (`Tuning.pair_write`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydragen_jax import tuning as tuning_lib
+from models import cache as cache_lib
+from models import pair_scatter
+from models.config import LlamaConfig
+from models.generate import generate
+from models.llama import init_random
+from tests.conftest import grid
+
+# (B, T, Hkv, D, S, lengths, new tokens): decode (one sequence at its capacity: dropped); a prefill chunk with
+# padding slots and overflow past the capacity; wide rows with a sequence that writes nothing.
+CASES = {
+    "decode": (3, 1, 2, 64, 9, [0, 4, 9], [1, 1, 1]),
+    "chunk-odd-width": (2, 4, 3, 10, 7, [1, 5], [3, 4]),
+    "wide": (4, 2, 8, 128, 16, [0, 3, 14, 7], [2, 1, 2, 0]),
+}
+DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16),
+          "f32-to-bf16": (jnp.float32, jnp.bfloat16)}  # (k and v, the caches)
+
+
+def loop_write(cache, new, positions):
+  """The write as a loop over the slots (numpy): slot (b, t) lands at positions[b, t] where that lies in the cache."""
+  out = np.array(cache)
+  for (b, t), pos in np.ndenumerate(np.asarray(positions)):
+    if 0 <= pos < out.shape[1]:
+      out[b, pos] = np.asarray(new[b, t].astype(cache.dtype))
+  return out
+
+
+@pytest.mark.parametrize("case,dtypes", grid(list(CASES), list(DTYPES), ids=[str, str]))
+def test_scatter_writes_each_slot_once(case, dtypes):
+  """k and v land at their slots (dropped: padding, past the capacity, negative); every other entry keeps its
+  value: bit for bit the loop's result, in the caches' dtype."""
+  b, t, hkv, d, s, lengths, new = CASES[case]
+  dtype, cache_dtype = DTYPES[dtypes]
+  ks = jax.random.split(jax.random.PRNGKey(len(case)), 4)
+  k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
+  k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
+  pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
+  if case == "wide":
+    pos = pos.at[1, 0].set(-3)
+  got = jax.jit(pair_scatter.scatter)(k_cache, v_cache, k, v, pos)
+  for g, cache, upd in zip(got, (k_cache, v_cache), (k, v)):
+    assert g.dtype == cache_dtype and g.shape == cache.shape
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                  loop_write(cache.astype(jnp.float32), upd.astype(cache_dtype).astype(jnp.float32),
+                                             pos))
+
+
+def test_one_value_as_both_caches():
+  """Two fresh zero caches made in one jitted function are one value to XLA (its CSE merges them), on which XLA's
+  variadic scatter wrote both updates into one buffer (openxla/xla#29362; v's cache came back holding k). The
+  write's barrier keeps them apart: each cache gets its own update; so with one array passed as both."""
+  b, t, hkv, d, s = 2, 3, 2, 4, 8
+  k = jax.random.normal(jax.random.PRNGKey(0), (b, t, hkv, d))
+  pos = cache_lib.write_positions(jnp.array([0, 2]), jnp.array([3, 2]), t, s)
+
+  @jax.jit
+  def fresh(k):
+    zeros = jnp.zeros((b, s, hkv, d)), jnp.zeros((b, s, hkv, d))
+    return pair_scatter.scatter(*zeros, k, 2 * k, pos)
+
+  for kc, vc in (fresh(k), pair_scatter.scatter(*(2 * [jnp.zeros((b, s, hkv, d))]), k, 2 * k, pos)):
+    want = loop_write(np.zeros((b, s, hkv, d), np.float32), k, pos)
+    np.testing.assert_array_equal(np.asarray(kc), want)
+    np.testing.assert_array_equal(np.asarray(vc), 2 * want)
+
+
+def test_one_scatter_writes_both_caches():
+  """The write lowers to one scatter of two operands (one launch for both caches where two scatters took two)."""
+  k_cache = jnp.zeros((2, 8, 2, 4))
+  k = jnp.ones((2, 1, 2, 4))
+  text = jax.jit(pair_scatter.scatter).lower(k_cache, k_cache, k, k, jnp.zeros((2, 1), jnp.int32)).as_text()
+  scatters = [line for line in text.splitlines() if "stablehlo.scatter" in line]
+  assert len(scatters) == 1 and re.search(r'%\w+:2 = "stablehlo.scatter"', scatters[0]), text
+
+
+@pytest.mark.parametrize("cache_shape,k_shape", [((2, 0, 2, 4), (2, 1, 2, 4)), ((2, 5, 2, 4), (2, 0, 2, 4)),
+                                                 ((0, 5, 2, 4), (0, 1, 2, 4)), ((2, 5, 0, 4), (2, 1, 0, 4))],
+                         ids=["no-capacity", "no-tokens", "no-sequences", "no-heads"])
+def test_write_of_nothing_returns_the_caches(cache_shape, k_shape):
+  k_cache, v_cache = jnp.ones(cache_shape), jnp.full(cache_shape, 2.0)
+  k = jnp.zeros(k_shape)
+  got = pair_scatter.scatter(k_cache, v_cache, k, k, jnp.zeros(k_shape[:2], jnp.int32))
+  for g, c in zip(got, (k_cache, v_cache)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(c))
+
+
+@pytest.mark.parametrize("args,match", [
+    (((2, 5, 2, 4), (2, 5, 2, 3), (2, 1, 2, 4), (2, 1, 2, 4), (2, 1)), r"k_cache float32\[2, 5, 2, 4\] and v_cache "
+                                                                      r"float32\[2, 5, 2, 3\]"),
+    (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 1, 3, 4), (2, 1)), r"k \[2, 1, 2, 4\] and v \[2, 1, 3, 4\]; "
+                                                                      r"expected both \[2, T, 2, 4\]"),
+    (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 1, 2, 4), (2, 2)), r"positions int32\[2, 2\]; expected "
+                                                                      r"integers \[2, 1\]"),
+], ids=["caches", "updates", "positions"])
+def test_bad_shapes_are_named(args, match):
+  cache_a, cache_b, k, v, pos = args
+  with pytest.raises(ValueError, match=match):
+    pair_scatter.scatter(jnp.zeros(cache_a), jnp.zeros(cache_b), jnp.zeros(k), jnp.zeros(v), jnp.zeros(pos, jnp.int32))
+
+
+CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=12, max_position_embeddings=256, eos_token_ids=())
+
+
+@pytest.mark.parametrize("mode", ["hydragen", "standard"])
+def test_models_write_with_one_scatter_where_the_tuning_says(kernel_backend, monkeypatch, mode):
+  """With the tuning's `pair_write` the models write every cache with `pair_scatter` (prefill and decode, XLA's
+  attention and the kernels'); the greedy tokens and logits are bit for bit those of one scatter a cache."""
+  model = init_random(CFG, jnp.float32, seed=3)
+  rng = np.random.default_rng(5)
+  shared = rng.integers(0, 89, 10).tolist()
+  prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
+  calls, real = [], pair_scatter.scatter
+  monkeypatch.setattr(pair_scatter, "scatter", lambda *a: calls.append(a[0].shape) or real(*a))
+  for backend in ("xla", kernel_backend):
+    ref = generate(model, prompts, num_samples=2, max_new_tokens=4, mode=mode, backend=backend)
+    assert not calls  # off: one scatter a cache
+    with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=True)):
+      got = generate(model, prompts, num_samples=2, max_new_tokens=4, mode=mode, backend=backend)
+    assert any(shape[0] == len(prompts) * 2 for shape in calls)  # the per-sequence caches, written each step
+    calls.clear()
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.logits, ref.logits)
+
+
+@pytest.mark.parametrize("bad", [1, 0, "true", None])
+def test_tuning_pair_write_must_be_a_bool(bad):
+  with pytest.raises(ValueError, match=r"pair_write must be true or false"):
+    dataclasses.replace(tuning_lib.current(), pair_write=bad)
+
+
+def test_tuning_pair_write_round_trips_and_defaults_to_off():
+  tune = dataclasses.replace(tuning_lib.current(), pair_write=True)
+  assert tuning_lib.from_dict(tuning_lib.to_dict(tune)).pair_write is True
+  data = tuning_lib.to_dict(tune)
+  del data["pair_write"]  # a file written before the field: off
+  assert tuning_lib.from_dict(data).pair_write is False
