@@ -41,6 +41,25 @@ def _kernel(pos_ref, k_ref, v_ref, _k_cache, _v_cache, k_out, v_out, *, slots: i
     plgpu.store(dst.at[i // slots, row, pl.ds(0, block)], val, mask=keep)
 
 
+def check_write_args(where: str, k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
+                     ) -> tuple[int, int, int, int, int]:
+  """(B, T, S, Hkv, D) of a cache write's arguments (`write`'s; `models.pair_scatter.scatter`'s): caches
+  `[B, S, Hkv, D]` of one shape and dtype, k and v `[B, T, Hkv, D]`, integer positions `[B, T]`; else a ValueError
+  that names `where`, the argument and what it got."""
+  if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+    raise ValueError(f"{where}: k_cache {k_cache.dtype}{list(k_cache.shape)} and v_cache "
+                     f"{v_cache.dtype}{list(v_cache.shape)}; expected both [B, S, Hkv, D], one shape and dtype.")
+  b, s, hkv, d = k_cache.shape
+  if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[2:] != (hkv, d):
+    raise ValueError(f"{where}: k {list(k.shape)} and v {list(v.shape)}; expected both [{b}, T, {hkv}, {d}] (the "
+                     "caches' batch, KV heads and head dim).")
+  t = k.shape[1]
+  if positions.shape != (b, t) or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"{where}: positions {positions.dtype}{list(positions.shape)}; expected integers [{b}, {t}] (one "
+                     "slot a new token).")
+  return b, t, s, hkv, d
+
+
 def slots_int32(positions: Array, capacity: int) -> Array:
   """Integer `positions` as the kernel's int32 slots: any other integer type mapped so that a slot outside
   [0, capacity) stays outside (a 64-bit 2^32 + 1 would wrap to 1), int32 as it is (no work)."""
@@ -64,17 +83,7 @@ def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, 
   Returns:
     The updated `(k_cache, v_cache)` (in place under jit where the caches are not needed elsewhere).
   """
-  if k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
-    raise ValueError(f"kv_write.write: k_cache {k_cache.shape} and v_cache {v_cache.shape}; expected both "
-                     "[B, S, Hkv, D], the same shape.")
-  b, s, hkv, d = k_cache.shape
-  if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[2:] != (hkv, d):
-    raise ValueError(f"kv_write.write: k {k.shape} and v {v.shape}; expected both [{b}, T, {hkv}, {d}] (the caches' "
-                     "batch, KV heads and head dim).")
-  t = k.shape[1]
-  if positions.shape != (b, t) or not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise ValueError(f"kv_write.write: positions {positions.dtype}{list(positions.shape)}; expected integers "
-                     f"[{b}, {t}] (one slot a new token).")
+  b, t, s, hkv, d = check_write_args("kv_write.write", k_cache, v_cache, k, v, positions)
   if b * t == 0 or s == 0 or hkv * d == 0:  # nothing to write, or nowhere to write it (every slot dropped)
     return k_cache, v_cache
   width = hkv * d

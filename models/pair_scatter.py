@@ -75,17 +75,7 @@ def scatter(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
   Returns:
     The updated `(k_cache, v_cache)` (in place under jit where the caches are not needed elsewhere).
   """
-  if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-    raise ValueError(f"pair_scatter.scatter: k_cache {k_cache.dtype}{list(k_cache.shape)} and v_cache "
-                     f"{v_cache.dtype}{list(v_cache.shape)}; expected both [B, S, Hkv, D], one shape and dtype.")
-  b, s, hkv, d = k_cache.shape
-  if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[2:] != (hkv, d):
-    raise ValueError(f"pair_scatter.scatter: k {list(k.shape)} and v {list(v.shape)}; expected both "
-                     f"[{b}, T, {hkv}, {d}] (the caches' batch, KV heads and head dim).")
-  t = k.shape[1]
-  if positions.shape != (b, t) or not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise ValueError(f"pair_scatter.scatter: positions {positions.dtype}{list(positions.shape)}; expected integers "
-                     f"[{b}, {t}] (one slot a new token).")
+  b, t, s, hkv, d = kv_write.check_write_args("pair_scatter.scatter", k_cache, v_cache, k, v, positions)
   if b * t == 0 or s == 0 or hkv * d == 0:  # nothing to write, or nowhere to write it (every slot dropped)
     return k_cache, v_cache
   slots = kv_write.slots_int32(positions, s)

@@ -13,24 +13,13 @@ import pytest
 from hydragen_jax import tuning as tuning_lib
 from models import cache as cache_lib
 from models import kv_write
-from models.config import LlamaConfig
 from models.generate import generate
 from models.llama import init_random
+from tests import write_cases
 from tests.conftest import grid
+from tests.write_cases import CASES, CFG, DTYPES
 
 
-# (B, T, Hkv, D, S, lengths, new tokens): decode (one slot a sequence, one sequence at its capacity: dropped); a
-# prefill chunk with padding slots (right-aligned) and overflow past the capacity, Hkv·D not a power of two; GQA-sized
-# rows of 8 heads of 128.
-CASES = {
-    "decode": (3, 1, 2, 64, 9, [0, 4, 9], [1, 1, 1]),
-    "chunk-odd-width": (2, 4, 3, 10, 7, [1, 5], [3, 4]),
-    "wide": (4, 2, 8, 128, 16, [0, 3, 14, 7], [2, 1, 2, 0]),
-}
-
-
-DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16),
-          "f32-to-bf16": (jnp.float32, jnp.bfloat16)}  # (k and v, the caches)
 
 
 @pytest.mark.parametrize("case,dtypes", grid(list(CASES), list(DTYPES), ids=[str, str]))
@@ -74,8 +63,8 @@ def test_slots_beyond_int32_stay_dropped():
 
 
 @pytest.mark.parametrize("args,match", [
-    (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache \(2, 5, 2, 4\) and v_cache \(2, 5, 2, 8\)"),
-    (((2, 5, 2, 4), (2, 5, 2, 4), (3, 1, 2, 4), (2, 1)), r"k \(3, 1, 2, 4\) and v \(3, 1, 2, 4\); expected both "
+    (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache float32\[2, 5, 2, 4\] and v_cache float32\[2, 5, 2, 8\]"),
+    (((2, 5, 2, 4), (2, 5, 2, 4), (3, 1, 2, 4), (2, 1)), r"k \[3, 1, 2, 4\] and v \[3, 1, 2, 4\]; expected both "
                                                          r"\[2, T, 2, 4\]"),
     (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 2)), r"positions int32\[2, 2\]; expected integers \[2, 1\]"),
 ])
@@ -91,17 +80,11 @@ def test_write_names_float_positions():
                    jnp.zeros((2, 1), jnp.float32), interpret=True)
 
 
-CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=12, max_position_embeddings=256, eos_token_ids=())
-
-
 def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monkeypatch):
   """Steps of at most `write_max_rows` slots (B·T: here every decode step) write with the kernel, larger ones
   (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path."""
   model = init_random(CFG, jnp.float32, seed=3)
-  rng = np.random.default_rng(5)
-  shared = rng.integers(0, 89, 10).tolist()
-  prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
+  prompts = write_cases.prompts()
   calls, real = [], kv_write.write
   monkeypatch.setattr(kv_write, "write", lambda kc, *a, **kw: calls.append(kc.shape) or real(kc, *a, **kw))
   ref = generate(model, prompts, num_samples=2, max_new_tokens=4, backend="xla")

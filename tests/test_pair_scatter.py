@@ -14,20 +14,12 @@ import pytest
 from hydragen_jax import tuning as tuning_lib
 from models import cache as cache_lib
 from models import pair_scatter
-from models.config import LlamaConfig
 from models.generate import generate
 from models.llama import init_random
+from tests import write_cases
 from tests.conftest import grid
+from tests.write_cases import CASES, CFG, DTYPES
 
-# (B, T, Hkv, D, S, lengths, new tokens): decode (one sequence at its capacity: dropped); a prefill chunk with
-# padding slots and overflow past the capacity; wide rows with a sequence that writes nothing.
-CASES = {
-    "decode": (3, 1, 2, 64, 9, [0, 4, 9], [1, 1, 1]),
-    "chunk-odd-width": (2, 4, 3, 10, 7, [1, 5], [3, 4]),
-    "wide": (4, 2, 8, 128, 16, [0, 3, 14, 7], [2, 1, 2, 0]),
-}
-DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16),
-          "f32-to-bf16": (jnp.float32, jnp.bfloat16)}  # (k and v, the caches)
 
 
 def loop_write(cache, new, positions):
@@ -112,18 +104,12 @@ def test_bad_shapes_are_named(args, match):
     pair_scatter.scatter(jnp.zeros(cache_a), jnp.zeros(cache_b), jnp.zeros(k), jnp.zeros(v), jnp.zeros(pos, jnp.int32))
 
 
-CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=12, max_position_embeddings=256, eos_token_ids=())
-
-
 @pytest.mark.parametrize("mode", ["hydragen", "standard"])
 def test_models_write_with_one_scatter_where_the_tuning_says(kernel_backend, monkeypatch, mode):
   """With the tuning's `pair_write` the models write every cache with `pair_scatter` (prefill and decode, XLA's
   attention and the kernels'); the greedy tokens and logits are bit for bit those of one scatter a cache."""
   model = init_random(CFG, jnp.float32, seed=3)
-  rng = np.random.default_rng(5)
-  shared = rng.integers(0, 89, 10).tolist()
-  prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
+  prompts = write_cases.prompts()
   calls, real = [], pair_scatter.scatter
   monkeypatch.setattr(pair_scatter, "scatter", lambda *a: calls.append(a[0].shape) or real(*a))
   for backend in ("xla", kernel_backend):
