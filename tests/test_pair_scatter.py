@@ -17,7 +17,7 @@ from models import pair_scatter
 from models.generate import generate
 from models.llama import init_random
 from tests import write_cases
-from tests.conftest import grid
+from tests.conftest import ON_GPU, grid
 from tests.write_cases import CASES, CFG, DTYPES
 
 
@@ -77,6 +77,17 @@ def test_one_scatter_writes_both_caches():
   text = jax.jit(pair_scatter.scatter).lower(k_cache, k_cache, k, k, jnp.zeros((2, 1), jnp.int32)).as_text()
   scatters = [line for line in text.splitlines() if "stablehlo.scatter" in line]
   assert len(scatters) == 1 and re.search(r'%\w+:2 = "stablehlo.scatter"', scatters[0]), text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: XLA's GPU compile of the scatter")
+def test_scatter_compiled_for_the_gpu():
+  """The two tests above in a `-m gpu` run (XLA's GPU compile): every case and dtype bit for bit as the loop, and
+  one value as both caches."""
+  for case in CASES:
+    for dtypes in DTYPES:
+      test_scatter_writes_each_slot_once(case, dtypes)
+  test_one_value_as_both_caches()
 
 
 @pytest.mark.parametrize("cache_shape,k_shape", [((2, 0, 2, 4), (2, 1, 2, 4)), ((2, 5, 2, 4), (2, 0, 2, 4)),
