@@ -2,7 +2,7 @@
 # One development round on the GPU machine (device tool), the steps a session's kernel work usually chains, logs to
 # $OUT (default /tmp/out):
 #   1. the GPU tests, compiled, with -v: gpu_tests.log names every test that passed or failed, also when TEST_LIMIT
-#      (default 300 s) stops the run before the end;
+#      (default 300 s) stops the run before the end; where any failed, gpu_tests_full.log has their tracebacks;
 #   2. SPILLS=<probe_hopper variants, comma-separated>: ptxas registers and spills of those Hopper settings at query
 #      windows of 8 to 32 rows (`probe_spills`), spills.log;
 #   3. sweep arguments given: `python -m scripts.tuning.sweep_device ARGS` (e.g. --fields hopper --budget-s 220),
@@ -18,8 +18,10 @@ TESTS=${1:-"-m gpu tests"}; shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 if [[ "$TESTS" != none ]]; then
   # shellcheck disable=SC2086
-  timeout "${TEST_LIMIT:-300}" python3 -m pytest -v -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" $TESTS 2>&1 \
-    | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" > "$OUT/gpu_tests.log"
+  timeout "${TEST_LIMIT:-300}" python3 -m pytest -v -rfE --tb=short -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
+    $TESTS > "$OUT/gpu_tests_full.log" 2>&1
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" "$OUT/gpu_tests_full.log" > "$OUT/gpu_tests.log"
+  grep -q -E "FAILED|ERROR" "$OUT/gpu_tests.log" || rm "$OUT/gpu_tests_full.log"  # kept for the failures' tracebacks
   echo "[device_round] tests: $(grep -c PASSED "$OUT/gpu_tests.log") passed, $(grep -c -E "FAILED|ERROR" \
     "$OUT/gpu_tests.log") failed"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -15
 fi
