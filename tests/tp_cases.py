@@ -183,6 +183,24 @@ def test_kernels_under_shard_map():
 
 
 @needs(2)
+@pytest.mark.slow  # the pair write is off in every shipped tuning (CI time)
+def test_pair_write_under_shard_map(monkeypatch):
+    """The tuning's `pair_write` (`models.pair_scatter`: one scatter of a layer's k and v caches) on each device's
+    shards of its KV heads: the tokens and logits of one scatter a cache, bit for bit."""
+    from models import pair_scatter  # noqa: PLC0415
+
+    want = sharded("gqa", 2, "hydragen")
+    shapes, real = [], pair_scatter.scatter
+    monkeypatch.setattr(pair_scatter, "scatter", lambda *a: shapes.append(a[0].shape) or real(*a))
+    with tuning.override(dataclasses.replace(tuning.current(), pair_write=True)):
+        got = sharded("gqa", 2, "hydragen")
+    # written per device (under shard_map): each cache holds the device's half of the KV heads
+    assert shapes and all(shape[2] == CONFIGS["gqa"].num_key_value_heads // 2 for shape in shapes), shapes
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.logits, want.logits)
+
+
+@needs(2)
 @pytest.mark.slow  # the decode GEMM kernel is off in every shipped tuning (CI time)
 def test_decode_gemm_kernel_under_shard_map(monkeypatch):
     """The decode GEMM kernel (`models.gemm`; interpreted on CPU, compiled on a GPU) on each device's shards of a
