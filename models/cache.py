@@ -114,11 +114,12 @@ def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity:
     return jnp.where((t >= T - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
-def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array, pair: bool = False
+                  ) -> tuple[jax.Array, jax.Array]:
     """XLA's write of the new k/v ``[B, T, Hkv, D]`` into one layer's caches ``[B, S, Hkv, D]`` at ``positions``
-    ``[B, T]`` (`write_positions`'s: slots at or past S dropped), in place under jit: one scatter of both caches
-    (``models.pair_scatter``) where the tuning's ``pair_write`` says, else one scatter a cache."""
-    if tuning_lib.current().pair_write:
+    ``[B, T]`` (`write_positions`'s: slots at or past S dropped), in place under jit: one scatter a cache, or with
+    ``pair`` one scatter of both (``models.pair_scatter``)."""
+    if pair:
         return pair_scatter.scatter(k_cache, v_cache, k, v, positions)
     B, T = k.shape[:2]
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
@@ -129,18 +130,20 @@ def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.A
             v_cache.at[rows, positions].set(v.astype(v_cache.dtype), **hints))
 
 
-def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens, backend: str | None = None
-           ) -> tuple[Layers, Layers]:
+def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens, backend: str | None = None,
+           decode: bool = False) -> tuple[Layers, Layers]:
     """Write the new k/v ``[B, T, Hkv, D]`` into layer ``layer`` of ks/vs (in place under jit): on the kernel
     backends, steps of at most the tuning's ``write_max_rows`` slots (B·T) in one Pallas launch
-    (``models.kv_write``), else with XLA's scatters (`scatter_write`)."""
+    (``models.kv_write``), else with XLA's scatters (`scatter_write`: in the decode loop, one of both caches where
+    the tuning's ``pair_write`` says)."""
     B, T = k.shape[:2]
     pos = write_positions(lengths, new_tokens, T, ks[layer].shape[1])
     backend = resolve_backend(backend)
-    if backend != "xla" and 0 < B * T <= tuning_lib.current().write_max_rows:
+    tune = tuning_lib.current()
+    if backend != "xla" and 0 < B * T <= tune.write_max_rows:
         k_new, v_new = kv_write.write(ks[layer], vs[layer], k, v, pos, interpret=backend.startswith("interpret"))
     else:
-        k_new, v_new = scatter_write(ks[layer], vs[layer], k, v, pos)
+        k_new, v_new = scatter_write(ks[layer], vs[layer], k, v, pos, pair=decode and tune.pair_write)
     return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]
 
 
@@ -176,15 +179,17 @@ def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tun
     return [mode == "hydragen" and batching_pays(batch, n, node_bytes, tuning) for n, node_bytes in levels]
 
 
-def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None):
-    """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int."""
+def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None, decode: bool = False):
+    """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int. ``decode``: the decode
+    loop's (its caches are the loop's carries), where the tuning's ``pair_write`` applies; prefill's caches are made
+    in its own call, on which XLA:GPU's compile of the one-scatter write aborted (session 55)."""
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
 
     def attend(cache: Any, layer: int, q, k, v):
         if mode == "none":
             return _no_attention(q, k, v, cache.lengths), cache
-        ks, vs = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens, backend)
+        ks, vs = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens, backend, decode)
         cache = cache.replace(k=ks, v=vs)
         own = Level(ks[layer], vs[layer], cache.lengths + new_tokens)
         if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache

@@ -539,7 +539,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     model = Llama(config, params, mesh)
     B, N = state.tokens.shape
     limit = state.step + jnp.clip(num_steps, 0, N - state.step)  # (step + num_steps could overflow int32)
-    attend = make_attend(state.mode, jnp.ones((B,), jnp.int32), backend)
+    attend = make_attend(state.mode, jnp.ones((B,), jnp.int32), backend, decode=True)
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)

@@ -6,14 +6,15 @@ update several operands at the same indices. JAX does not expose that, so this m
 ``kv_pair_scatter`` whose lowering is one ``stablehlo.scatter`` of the two caches (replacing each entry by its
 update), with unique indices: XLA:GPU emits it as one fusion that also computes the updates (k's RoPE, v's slice
 of the packed projection), as it does for each scatter alone. Slots outside the caches are dropped (XLA's scatter
-semantics; JAX's ``mode="drop"``). The models write with it where the device's tuning's ``pair_write`` says
-(``models.cache.scatter_write``).
+semantics; JAX's ``mode="drop"``). The models' decode loop writes with it where the device's tuning's
+``pair_write`` says (``models.cache.make_attend(..., decode=True)``); prefill does not.
 
 Measured on an H100 (2026-12-06, session 55, `scripts/tuning/probe_kv_write.py`, experiments/PERF_NOTES.md): in the
 7B decode step (8 layers, P = 1K) the cache write took 4.1 µs a layer against 6.3 for two scatters at B = 64, and
-2.4 against 4.0 at B = 8 (one launch a layer less; steps 0.7-0.9 % faster). Off in both shipped files until the
-models' tokens with it are checked on a GPU (one such test failed in its first GPU run, not yet examined; this
-module's own tests passed compiled).
+2.4 against 4.0 at B = 8 (one launch a layer less; steps 0.7-0.9 % faster). Its own tests pass compiled there, and
+so does the in-place check of the decode step with it; but XLA:GPU aborted the process compiling a small model's
+prefill with it (its caches made in the same call; the cause is not established), hence decode only, and
+off in both shipped files until the models' tokens with it pass on a GPU (`tests/test_pair_scatter.py`).
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ def test_bad_shapes_are_named(args, match):
 
 @pytest.mark.parametrize("mode", ["hydragen", "standard"])
 def test_models_write_with_one_scatter_where_the_tuning_says(kernel_backend, monkeypatch, mode):
-  """With the tuning's `pair_write` the models write every cache with `pair_scatter` (prefill and decode, XLA's
-  attention and the kernels'); the greedy tokens and logits are bit for bit those of one scatter a cache."""
+  """With the tuning's `pair_write` the decode loop writes its caches with `pair_scatter` (on XLA's attention and
+  the kernels'); the greedy tokens and logits are bit for bit those of one scatter a cache."""
   model = init_random(CFG, jnp.float32, seed=3)
   prompts = write_cases.prompts()
   calls, real = [], pair_scatter.scatter
@@ -132,6 +132,25 @@ def test_models_write_with_one_scatter_where_the_tuning_says(kernel_backend, mon
     calls.clear()
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_array_equal(got.logits, ref.logits)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_only_the_decode_loop_writes_with_one_scatter(monkeypatch, decode):
+  """`pair_write` applies to the decode loop's attend (`make_attend(..., decode=True)`: its caches are the loop's
+  carries), not to prefill's (XLA:GPU's compile of prefill with it aborted, session 55)."""
+  calls, real = [], pair_scatter.scatter
+  monkeypatch.setattr(pair_scatter, "scatter", lambda *a: calls.append(1) or real(*a))
+  b, s, hkv, d = 2, 6, 2, 4
+  cache = cache_lib.DenseCache(k=(jnp.zeros((b, s, hkv, d)),), v=(jnp.ones((b, s, hkv, d)),),
+                               lengths=jnp.array([1, 3]))
+  q = jax.random.normal(jax.random.PRNGKey(0), (b, 1, 2 * hkv, d))
+  k, v = (jax.random.normal(key, (b, 1, hkv, d)) for key in jax.random.split(jax.random.PRNGKey(1)))
+  attend = cache_lib.make_attend("standard", jnp.ones((b,), jnp.int32), "xla", decode=decode)
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=True)):
+    _, written = attend(cache, 0, q, k, v)
+  assert len(calls) == int(decode)
+  for got, c, u in ((written.k[0], cache.k[0], k), (written.v[0], cache.v[0], v)):  # either way: slots 1 and 3
+    np.testing.assert_array_equal(np.asarray(got), loop_write(c, u, jnp.array([[1], [3]])))
 
 
 @pytest.mark.parametrize("bad", [1, 0, "true", None])

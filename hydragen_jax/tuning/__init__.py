@@ -279,8 +279,8 @@ class Tuning:
     write_max_rows: on the kernel backends the models write a step's new keys and values into a layer's caches
       with one Pallas launch (`models.kv_write`: both caches, in place) where the step has at most this many new
       slots (B·T, per device), rather than with XLA's scatters; 0: never.
-    pair_write: the models' XLA cache write is one scatter of a layer's k and v caches (`models.pair_scatter`: one
-      launch) rather than one scatter each (false, the default).
+    pair_write: the models' decode loop writes a layer's k and v caches with one XLA scatter (`models.pair_scatter`:
+      one launch) rather than one scatter each (false, the default; prefill keeps one scatter each).
     split_min_fill, split_fill_max_keys: a Triton level's keys are split until it has a program per SM, or
       programs for `split_min_fill` of the SMs where each program then streams at most `split_fill_max_keys` keys
       (summed over the KV heads it packs) (`ops.choose_block`; 1.0, the default: a program per SM). Below 1, a level

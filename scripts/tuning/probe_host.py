@@ -109,7 +109,7 @@ def fixed_decode(model, state, k: int):
 
   def impl(params, s):
     m = G.Llama(model.config, params, None)
-    attend = G.make_attend(s.mode, jnp.ones((B,), jnp.int32), None)
+    attend = G.make_attend(s.mode, jnp.ones((B,), jnp.int32), None, decode=True)
     return jax.lax.fori_loop(0, k, lambda _, s: G._decode_step(m, s, attend, sampling), s)
 
   fn = jax.jit(impl, donate_argnums=(1,), compiler_options=G.COMPILER_OPTIONS)

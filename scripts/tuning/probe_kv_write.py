@@ -5,9 +5,8 @@ writes k and v with a scatter each, two launch-bound fusions that also compute k
 q/k/v projection. With k and v in one cache array a layer (`[B, S, 2·Hkv, D]`: a slot's keys, then its values),
 one scatter writes both. This probe times, per layer of a 7B-shaped step (the q/k/v GEMM, k's RoPE, the writes; q
 and a residual carry the layers so that nothing is dead), `--steps` steps chained in one call:
-  - `two`: k and v caches `[B, S, Hkv, D]`, one scatter each (jnp's `.at[].set`: `models.cache.scatter_write` with
-    the tuning's `pair_write` off);
-  - `pair`: the same caches, both written by one variadic scatter (`models.pair_scatter`: `pair_write` on);
+  - `two`: k and v caches `[B, S, Hkv, D]`, one scatter each (jnp's `.at[].set`: `models.cache.scatter_write`);
+  - `pair`: the same caches, both written by one variadic scatter (`models.pair_scatter`: `scatter_write`'s `pair`);
   - `one`: one cache `[B, S, 2·Hkv, D]`, one scatter of the step's keys and values;
   - `skip`: no write (k and v folded into the residual instead): the GEMM and RoPE alone.
 The write costs are each variant's time less `skip`'s. The capacity S is small (`--capacity`): a scatter's cost does not
@@ -17,7 +16,7 @@ depend on it.
   python -m scripts.tuning.probe_kv_write --tiny                                          # anywhere
 
 With `--` and `scripts/profile_decode.py`'s arguments, the models' step is profiled instead, once with each of
-`--variants` two and pair (the device's tuning with `pair_write` off, then on):
+`--variants` two and pair (the device's tuning with `pair_write` off, then on: the decode loop's writes):
 
   python -m scripts.tuning.probe_kv_write --variants two,pair -- --batch 64 --layers 8 --modes hydragen,standard
 """
@@ -60,7 +59,7 @@ def make_run(variant: str, hkv: int, d: int, q_width: int, steps: int):
         k = apply_rope(k.reshape(b, 1, hkv, d), positions, inv_freq)
         v = v.reshape(b, 1, hkv, d)
         if variant in ("two", "pair"):
-          cache = models.cache.scatter_write(*cache, k, v, positions)  # as the tuning's pair_write says
+          cache = models.cache.scatter_write(*cache, k, v, positions, pair=variant == "pair")
         elif variant == "one":
           rows = jnp.arange(b)[:, None]
           cache = cache.at[rows, positions].set(jnp.concatenate([k, v], axis=2), mode="drop",
@@ -123,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--variants: {variant!r} is not one of {VARIANTS}")
       run = jax.jit(make_run(variant, hkv, d, q_width, steps), donate_argnums=(2,))
       caches = caches_of(variant, layers, b, args.capacity, hkv, d, dtype)
-      with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=variant == "pair")):
-        compiled = run.lower(x, ws, caches, jnp.int32(0)).compile(COMPILER_OPTIONS)
+      compiled = run.lower(x, ws, caches, jnp.int32(0)).compile(COMPILER_OPTIONS)
       times = []
       for r in range(args.repeats + 2):
         t0 = time.perf_counter()
