@@ -41,7 +41,7 @@ def _abstract_eval(k_cache, v_cache, indices, k, v, *, indices_are_sorted: bool)
 
 
 def _lower(ctx, k_cache, v_cache, indices, k, v, *, indices_are_sorted: bool):
-  cache_aval, _, indices_aval, update_aval, _ = ctx.avals_in
+  _, _, indices_aval, update_aval, _ = ctx.avals_in
   batch_dims = indices_aval.ndim - 1  # indices [B, T, 2]: (row, position) of each update slot
   dnums = stablehlo.ScatterDimensionNumbers.get(
       update_window_dims=list(range(batch_dims, update_aval.ndim)),  # a slot's [Hkv, D] entry
