@@ -20,8 +20,6 @@ from tests.conftest import grid
 from tests.write_cases import CASES, CFG, DTYPES
 
 
-
-
 @pytest.mark.parametrize("case,dtypes", grid(list(CASES), list(DTYPES), ids=[str, str]))
 def test_write_matches_the_scatters(kernel_backend, case, dtypes):
   """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity, negative)
@@ -63,7 +61,8 @@ def test_slots_beyond_int32_stay_dropped():
 
 
 @pytest.mark.parametrize("args,match", [
-    (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache float32\[2, 5, 2, 4\] and v_cache float32\[2, 5, 2, 8\]"),
+    (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache float32\[2, 5, 2, 4\] and v_cache "
+                                                         r"float32\[2, 5, 2, 8\]"),
     (((2, 5, 2, 4), (2, 5, 2, 4), (3, 1, 2, 4), (2, 1)), r"k \[3, 1, 2, 4\] and v \[3, 1, 2, 4\]; expected both "
                                                          r"\[2, T, 2, 4\]"),
     (((2, 5, 2, 4), (2, 5, 2, 4), (2, 1, 2, 4), (2, 2)), r"positions int32\[2, 2\]; expected integers \[2, 1\]"),

@@ -119,6 +119,12 @@ def new_buffers_of_shape(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
           for shape, op, line in instrs if shape in shapes and op not in _NOT_NEW]
 
 
+def pair_writes(lines: list[str]) -> list[str]:
+  """The fusions among `lines` (instructions) that make a tuple of buffers: a write of a layer's k and v caches by
+  one scatter (`models.pair_scatter`)."""
+  return [line for line in lines if " fusion(" in line and re.search(r"= \(\w+\[", line)]
+
+
 def _compiled_decode(mode: str, dtype, backend, mesh=None):
   """The optimized HLO text of the decode loop (on `mesh`, if given), and the state it was compiled for."""
   model = models.init_random(CONFIG, dtype=dtype, seed=0, mesh=mesh)
@@ -182,9 +188,9 @@ def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
 @pytest.mark.parametrize("mode", ["hydragen", "shared_storage", "standard"])
 def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_rows, pair):
   """Every cache-shaped buffer the step makes is an in-place update: a fusion around a scatter (each layer's k and
-  v write; one of both where the tuning's `pair_write` says: `models.pair_scatter`) or, under the tuning's `write_max_rows`, the cache-write kernel (`models.kv_write`: both caches of a
-  layer, its outputs aliasing them; seen as rows `[B, S, Hkv·D]`); no cache is copied or transposed: the kernels
-  read every level where it lies."""
+  v write; one of both where the tuning's `pair_write` says: `models.pair_scatter`) or, under the tuning's
+  `write_max_rows`, the cache-write kernel (`models.kv_write`: both caches of a layer, its outputs aliasing them;
+  seen as rows `[B, S, Hkv·D]`); no cache is copied or transposed: the kernels read every level where it lies."""
   with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=write_rows, pair_write=pair)):
     hlo, state = _compiled_decode(mode, jnp.bfloat16, "pallas")
   shapes = {x.shape for x in jax.tree.leaves(state.cache) if x.ndim == 4}
@@ -201,8 +207,7 @@ def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_ro
   if write_rows:  # every layer writes its k and v with the kernel (2 sequences × 1 token <= 64 slots)
     assert len(kernel) >= LAYERS, "\n".join(line[:200] for line in made)
   elif pair:  # each layer's k and v in one scatter fusion (`models.pair_scatter`), making both caches
-    pairs = [line for line in made if " fusion(" in line and re.search(r"= \(\w+\[", line)]
-    assert len(pairs) >= LAYERS and not kernel, "\n".join(line[:200] for line in made)
+    assert len(pair_writes(made)) >= LAYERS and not kernel, "\n".join(line[:200] for line in made)
   else:  # at least each layer's k and v write
     assert len(made) >= 2 * LAYERS and not kernel, "\n".join(line[:200] for line in made)
 
@@ -219,7 +224,7 @@ def test_xla_decode_step_writes_each_layer_in_place(mode, pair):
     hlo, state = _compiled_decode(mode, jnp.float32, "xla")
   shapes = {x.shape for x in jax.tree.leaves(state.cache) if x.ndim == 4}
   made = new_buffers_of_shape(hlo, shapes)
-  pairs = [line for line in made if " fusion(" in line and re.search(r"= \(\w+\[", line)]
+  pairs = pair_writes(made)
   assert all(" fusion(" in line for line in made), "\n".join(line[:200] for line in made)
   assert (len(pairs), len(made)) == ((LAYERS, LAYERS) if pair else (0, 2 * LAYERS)), "\n".join(
       line[:200] for line in made)

@@ -21,7 +21,6 @@ from tests.conftest import ON_GPU, grid
 from tests.write_cases import CASES, CFG, DTYPES
 
 
-
 def loop_write(cache, new, positions):
   """The write as a loop over the slots (numpy): slot (b, t) lands at positions[b, t] where that lies in the cache."""
   out = np.array(cache)

@@ -96,11 +96,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--tiny", action="store_true", help="small shapes (any machine: the plumbing)")
   args = parser.parse_args(argv)
+  variants = args.variants.split(",")
+  allowed = ("two", "pair") if rest is not None else VARIANTS  # with `--`: the models' step, written either way
+  if bad := [v for v in variants if v not in allowed]:
+    parser.error(f"--variants: {bad} not among {allowed}")
   if rest is not None:
     from scripts import profile_decode  # noqa: PLC0415
-    for variant in args.variants.split(","):
-      if variant not in ("two", "pair"):
-        parser.error(f"--variants: {variant!r}; with `--` (the models' step) two or pair")
+    for variant in variants:
       print(f"=== cache write {variant}", flush=True)
       jax.clear_caches()  # the decode step traced with the other way must not be reused
       sys.argv = ["profile_decode", *rest]
@@ -117,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
   for b in map(int, args.batches.split(",")):
     x = jax.random.normal(jax.random.key(b), (b, hidden), dtype)
     per_layer = {}
-    for variant in args.variants.split(","):
-      if variant not in VARIANTS:
-        parser.error(f"--variants: {variant!r} is not one of {VARIANTS}")
+    for variant in variants:
       run = jax.jit(make_run(variant, hkv, d, q_width, steps), donate_argnums=(2,))
       caches = caches_of(variant, layers, b, args.capacity, hkv, d, dtype)
       compiled = run.lower(x, ws, caches, jnp.int32(0)).compile(COMPILER_OPTIONS)

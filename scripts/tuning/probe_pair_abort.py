@@ -14,7 +14,6 @@ abort ends only that one) and prints its exit code and the last lines of its std
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if case not in CASES:
       parser.error(f"--cases: {case!r} is not one of {CASES}")
     done = subprocess.run([sys.executable, "-m", "scripts.tuning.probe_pair_abort", "--child", case, "--layers",
-                           str(args.layers)], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+                           str(args.layers)], capture_output=True, text=True, timeout=300)
     tail = [line for line in done.stderr.splitlines() if line.strip() and "WARNING" not in line][-6:]
     print(f"== {case}: exit {done.returncode}; {done.stdout.strip()[-200:]}", flush=True)
     if done.returncode:
