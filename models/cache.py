@@ -181,8 +181,8 @@ def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tun
 
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None, decode: bool = False):
     """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int. ``decode``: the decode
-    loop's (its caches are the loop's carries), where the tuning's ``pair_write`` applies; prefill's caches are made
-    in its own call, on which XLA:GPU's compile of the one-scatter write aborted (session 55)."""
+    loop's (its caches are the loop's carries, written every step), where the tuning's ``pair_write`` applies;
+    prefill writes once a call, and its caches are fresh values that the pair's barrier would copy."""
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
 

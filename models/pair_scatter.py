@@ -7,14 +7,15 @@ update several operands at the same indices. JAX does not expose that, so this m
 update), with unique indices: XLA:GPU emits it as one fusion that also computes the updates (k's RoPE, v's slice
 of the packed projection), as it does for each scatter alone. Slots outside the caches are dropped (XLA's scatter
 semantics; JAX's ``mode="drop"``). The models' decode loop writes with it where the device's tuning's
-``pair_write`` says (``models.cache.make_attend(..., decode=True)``); prefill does not.
+``pair_write`` says (``models.cache.make_attend(..., decode=True)``); prefill, which writes once a call, does not.
 
-Measured on an H100 (2026-12-06, session 55, `scripts/tuning/probe_kv_write.py`, experiments/PERF_NOTES.md): in the
-7B decode step (8 layers, P = 1K) the cache write took 4.1 µs a layer against 6.3 for two scatters at B = 64, and
-2.4 against 4.0 at B = 8 (one launch a layer less; steps 0.7-0.9 % faster). Its own tests pass compiled there, and
-so does the in-place check of the decode step with it; but XLA:GPU aborted the process compiling a small model's
-prefill with it (its caches made in the same call; the cause is not established), hence decode only, and
-off in both shipped files until the models' tokens with it pass on a GPU (`tests/test_pair_scatter.py`).
+Two XLA defects are kept away from it: operands that are one value (a barrier, below) and operands in a layout
+other than row-major, on which XLA:GPU's layout normalization aborts the process (a small model's decode loop on
+XLA's attention, whose dots made the loop's caches heads-major; the caches are pinned row-major around the scatter).
+
+Measured on an H100 (2026-12-06, sessions 55-56, `scripts/tuning/probe_kv_write.py`, experiments/PERF_NOTES.md):
+in the 7B decode step (8 layers, P = 1K) the cache write took 3.5-4.1 µs a layer against 6.0-6.4 for two scatters
+at B = 64, and 2.4 against 4.0-4.2 at B = 8 (one launch a layer less; steps 0.9-1.2 % faster).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.extend.mlir import ir
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import mlir
 
@@ -87,6 +89,14 @@ def scatter(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
   # operands are distinct instructions: XLA copies one where they are one value (a fresh pair) and nothing where
   # they are distinct buffers (a decode loop's caches).
   k_cache, v_cache = jax.lax.optimization_barrier((k_cache, v_cache))
+  # XLA:GPU's layout normalization aborts on a variadic scatter whose operands layout assignment gave a layout
+  # other than the row-major one (`Check failed: input_shape.IsArray()` in shape_util.cc, XLA of JAX 0.11.2: an
+  # H100, session 56, a small model's decode loop on XLA's attention, whose dots made the loop's caches
+  # heads-major, layout {3,1,2,0}). The caches are pinned row-major around the scatter: no change where the readers
+  # take them so anyway (the Pallas kernels), a layout change where XLA's own attention wanted another.
+  row_major = Layout(major_to_minor=tuple(range(k_cache.ndim)))
+  k_cache, v_cache = with_layout_constraint((k_cache, v_cache), (row_major, row_major))
   # (row, slot) pairs are distinct (unique: no atomics); with one slot a row (decode) also sorted, by row.
-  return tuple(kv_pair_scatter_p.bind(k_cache, v_cache, indices, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
-                                      indices_are_sorted=t == 1))
+  out = kv_pair_scatter_p.bind(k_cache, v_cache, indices, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
+                               indices_are_sorted=t == 1)
+  return tuple(with_layout_constraint(tuple(out), (row_major, row_major)))
