@@ -675,9 +675,12 @@ def test_probe_kv_write_times_each_write_and_profiles_the_model_with_each():
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
 def test_probe_pair_abort_runs_each_case_in_a_process_of_its_own():
-  """`probe_pair_abort`: a line per case with its exit code (0 on a CPU: the pair's writes are right there)."""
-  p = _run(["scripts.tuning.probe_pair_abort", "--cases", "alone-fresh-T3,alone-params-T1,prefill"])
+  """`probe_pair_abort`: a line per case with its exit code (0 on a CPU: the pair's writes are right there); a
+  decode case compares the loop with the pair off and on (the same tokens, the caches' layouts)."""
+  p = _run(["scripts.tuning.probe_pair_abort", "--cases", "alone-fresh-T3,alone-params-T1,prefill,decode-flat"])
   assert p.returncode == 0, p.stderr[-2000:]
   assert re.findall(r"== ([\w-]+): exit (\d+)", p.stdout) == [("alone-fresh-T3", "0"), ("alone-params-T1", "0"),
-                                                               ("prefill", "0")], p.stdout
+                                                               ("prefill", "0"), ("decode-flat", "0")], p.stdout
   assert "sums [(192.0, -192.0), (384.0, -192.0)]" in p.stdout  # each layer's k and v its own update
+  off, on = re.findall(r"pair (False|True): tokens (\[.*?\]\]); caches (\[.*?\]);", p.stdout)
+  assert (off[0], on[0]) == ("False", "True") and off[1] == on[1] and "{3,2,1,0}" in on[2], p.stdout

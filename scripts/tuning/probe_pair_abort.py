@@ -44,50 +44,8 @@ def run_case(case: str, layers: int) -> None:
 
   from models import cache, pair_scatter  # noqa: PLC0415
 
-  if case == "prefill":
-    from hydragen_jax import tuning  # noqa: PLC0415
-    import dataclasses  # noqa: PLC0415
-    from models.generate import generate  # noqa: PLC0415
-    from models.llama import init_random  # noqa: PLC0415
-    from tests import write_cases  # noqa: PLC0415
-
-    real = cache._write
-    cache._write = lambda *a: real(*a[:8], decode=True)  # the pair in every write, prefill's too
-    model = init_random(write_cases.CFG, jnp.float32, seed=3)
-    with tuning.override(dataclasses.replace(tuning.current(), pair_write=True)):
-      out = generate(model, write_cases.prompts(), num_samples=2, max_new_tokens=4, backend="xla")
-    print("tokens", out.tokens.tolist())
-    return
-  if case.startswith("decode-"):
-    from hydragen_jax import tuning  # noqa: PLC0415
-    import dataclasses  # noqa: PLC0415
-    from models.generate import generate  # noqa: PLC0415
-    from models.llama import init_random  # noqa: PLC0415
-    from tests import write_cases  # noqa: PLC0415
-
-    variant, cfg, prompts, samples = case.split("-")[1], write_cases.CFG, write_cases.prompts(), 2
-    if variant == "wide":
-      cfg = dataclasses.replace(cfg, hidden_size=256, num_attention_heads=8, num_key_value_heads=8, head_dim=128)
-    if variant == "f32hi":
-      jax.config.update("jax_default_matmul_precision", "highest")
-    if variant == "flat":
-      prompts, samples = prompts[:1], 1
-    model = init_random(cfg, jnp.bfloat16 if variant == "bf16" else jnp.float32, seed=3)
-    generate_module = sys.modules["models.generate"]
-    compile_decode, texts = generate_module.compile_decode, []
-
-    def spy(*a, **kw):  # the compiled decode loop's text: its caches' layouts and copies
-      fn, seconds = compile_decode(*a, **kw)
-      texts.append(fn.as_text())
-      return fn, seconds
-
-    generate_module.compile_decode = spy
-    for pair in (False, True):
-      with tuning.override(dataclasses.replace(tuning.current(), pair_write=pair)):
-        out = generate(model, prompts, num_samples=samples, max_new_tokens=4, backend="xla")
-      shape = rf"\[{len(prompts) * samples},\d+,{cfg.num_key_value_heads},{cfg.head_dim}\]\{{[0-9,]+\}}"
-      layouts = sorted(set(re.findall(shape, texts[-1])))
-      print(f"pair {pair}: tokens {out.tokens.tolist()}; caches {layouts}; copies {texts[-1].count(' copy(')}")
+  if case == "prefill" or case.startswith("decode-"):
+    _run_model_case(case)
     return
   kind, t = case.split("-")[1], int(case.split("-T")[1])
   b, s, hkv, d = 4, 16, 2, (12 if kind == "loop" else 8)
@@ -106,6 +64,52 @@ def run_case(case: str, layers: int) -> None:
     caches = [(jnp.zeros((b, s, hkv, d)), jnp.zeros((b, s, hkv, d))) for _ in range(layers)]
     out = jax.jit(writes)(caches)
   print("sums", [(float(kc.sum()), float(vc.sum())) for kc, vc in out])
+
+
+def _run_model_case(case: str) -> None:
+  """`prefill` and `decode-<variant>`: `models.generate` on the test model (tests/write_cases.py) or a variant."""
+  import dataclasses  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from hydragen_jax import tuning  # noqa: PLC0415
+  from models import cache  # noqa: PLC0415
+  from models.generate import generate  # noqa: PLC0415
+  from models.llama import init_random  # noqa: PLC0415
+  from tests import write_cases  # noqa: PLC0415
+
+  variant, cfg, prompts, samples = case.split("-")[-1], write_cases.CFG, write_cases.prompts(), 2
+  if case == "prefill":
+    real = cache._write
+    cache._write = lambda *a: real(*a[:8], decode=True)  # the pair in every write, prefill's too
+    model = init_random(cfg, jnp.float32, seed=3)
+    with tuning.override(dataclasses.replace(tuning.current(), pair_write=True)):
+      out = generate(model, prompts, num_samples=samples, max_new_tokens=4, backend="xla")
+    print("tokens", out.tokens.tolist())
+    return
+  if variant == "wide":
+    cfg = dataclasses.replace(cfg, hidden_size=256, num_attention_heads=8, num_key_value_heads=8, head_dim=128)
+  if variant == "f32hi":
+    jax.config.update("jax_default_matmul_precision", "highest")
+  if variant == "flat":
+    prompts, samples = prompts[:1], 1
+  model = init_random(cfg, jnp.bfloat16 if variant == "bf16" else jnp.float32, seed=3)
+  generate_module = sys.modules["models.generate"]
+  compile_decode, texts = generate_module.compile_decode, []
+
+  def spy(*a, **kw):  # the compiled decode loop's text: its caches' layouts and copies
+    fn, seconds = compile_decode(*a, **kw)
+    texts.append(fn.as_text())
+    return fn, seconds
+
+  generate_module.compile_decode = spy
+  for pair in (False, True):
+    with tuning.override(dataclasses.replace(tuning.current(), pair_write=pair)):
+      out = generate(model, prompts, num_samples=samples, max_new_tokens=4, backend="xla")
+    shape = rf"\[{len(prompts) * samples},\d+,{cfg.num_key_value_heads},{cfg.head_dim}\]\{{[0-9,]+\}}"
+    layouts = sorted(set(re.findall(shape, texts[-1])))
+    print(f"pair {pair}: tokens {out.tokens.tolist()}; caches {layouts}; copies {texts[-1].count(' copy(')}")
 
 
 def main(argv: list[str] | None = None) -> None:
