@@ -1,9 +1,11 @@
-"""Where one decode step of the model spends its GPU time, per layer: GEMMs / attention kernels / cache writes /
-the rest, in microseconds, next to the same attention step timed alone (as bench-attention does).
+"""Where one decode step of the model spends its GPU time, per layer: GEMMs / attention kernels / the merge of their
+parts / cache writes / the rest, in microseconds, next to the same attention step timed alone (as bench-attention
+does: the attention kernels and the merge).
 
 A random Llama of the 7B shape (fewer layers: `--layers`) decodes B sequences that share a P-token prefix; the
 decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under `jax.profiler.trace`,
-and each GPU kernel is classified by its name. The GPU's idle time between kernels is split into short gaps (kernel
+and each GPU kernel is classified by its name, or, for XLA's fusions of the merge (`merge_states`: named by what they
+compute, e.g. `loop_convert_fusion_7`), by the op the compiled module says it came from. The GPU's idle time between kernels is split into short gaps (kernel
 to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
@@ -72,13 +74,28 @@ def with_write_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
 PARTS = (
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm|matmul", re.I)),
     ("cache write", re.compile(r"kv_write", re.I)),  # our Pallas cache write, before "hydragen" takes it
+    ("merge", re.compile(r"hydragen_merge", re.I)),  # the merge kernel (`kernels/merge.py`), likewise
     ("attention", re.compile(r"hydragen|mosaic|pallas|prefix_suffix|attention", re.I)),
     ("cache write", re.compile(r"scatter|dynamic.update.slice", re.I)),
     ("all-reduce", re.compile(r"nccl|all.reduce|allreduce|collective|psum", re.I)),  # psum: XLA's own kernels
 )
+SHOWN = ("gemm", "attention", "merge", "cache write", "all-reduce", "rest")  # the per-layer line's parts, in order
+# An instruction of a compiled module's text, and the op it came from (its metadata's op_name).
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', re.M)
 
 
-def classify(name: str) -> str:
+def kernel_ops(hlo_text: str) -> dict[str, str]:
+  """Each instruction of a compiled module's text (`compiled.as_text()`) -> the op_name of its metadata, keyed by
+  the name its GPU kernel has in a profile (the instruction's, "." written "_": `%loop_convert_fusion.7` runs as
+  `loop_convert_fusion_7`)."""
+  return {name.replace(".", "_"): op for name, op in _INSTRUCTION.findall(hlo_text)}
+
+
+def classify(name: str, ops: dict[str, str] | None = None) -> str:
+  """The part of the step a GPU kernel belongs to, by its name, or, where `ops` (`kernel_ops`) says it came from
+  `merge_states` (XLA's merge, named after what its fusion computes), "merge"."""
+  if ops and "merge_states" in ops.get(name, ""):
+    return "merge"
   for part, pattern in PARTS:
     if pattern.search(name):
       return part
@@ -172,6 +189,7 @@ def profile(model, label: str, state, org, alone: float, args):
   the state the last run returned (each run donates its input)."""
   layers = model.config.num_hidden_layers
   fn, compile_s = model_api.compile_decode(model, state, args.backend)
+  ops = kernel_ops(fn.as_text())
   if args.hlo:
     name = re.sub(r"[^A-Za-z0-9_.]+", "-", label)
     pathlib.Path(args.hlo).mkdir(parents=True, exist_ok=True)
@@ -194,10 +212,9 @@ def profile(model, label: str, state, org, alone: float, args):
   total, launches = per_kernel(events)
   per_part = collections.Counter()
   for name, ns in total.items():
-    per_part[classify(name)] += ns / 2 / args.steps / layers / 1e3
+    per_part[classify(name, ops)] += ns / 2 / args.steps / layers / 1e3
   step_us = sum(total.values()) / 2 / args.steps / 1e3
-  parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in ("gemm", "attention", "cache write", "all-reduce",
-                                                                 "rest"))
+  parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in SHOWN)
   kernels = sum(launches.values()) / 2 / args.steps
   print(f"[{label}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
         f"kernels); per layer (us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; "
@@ -205,7 +222,7 @@ def profile(model, label: str, state, org, alone: float, args):
   print(f"  {idle_line(idle_gaps(events), 2 * args.steps, 2)}; untraced wall - GPU "
         f"{(wall / args.steps - step_us / 1e6) * 1e6:.0f} us a step", flush=True)
   for name, ns in total.most_common(args.top):
-    print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name)}] {name}", flush=True)
+    print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name, ops)}] {name}", flush=True)
   return held[0]
 
 

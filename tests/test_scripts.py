@@ -42,7 +42,7 @@ def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, cap
   lines = [line for line in p.stdout.splitlines() if line.startswith("[")]
   assert [line.split("]")[0] for line in lines] == ["[hydragen", "[hydragen @ nvidia-h100-80gb-hbm3", "[none",
                                                     "[none @ nvidia-h100-80gb-hbm3"], p.stdout
-  assert all("all-reduce" in line and "compile" in line for line in lines)
+  assert all("merge" in line and "all-reduce" in line and "compile" in line for line in lines)
   assert p.stdout.count("GPU idle between kernels") == 4, p.stdout
   from scripts import profile_decode  # noqa: PLC0415 (the refusal comes before any work: no process needed)
 
@@ -95,9 +95,33 @@ def test_profile_parts_of_kernel_names():
   assert [classify(n) for n in ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", "gemm_fusion_dot_453",
                                 "_lambda__mosaic_gpu_kernel", "hydragen_fused_levels", "input_scatter_fusion_32",
                                 "psum_64_0_fusion_1", "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "all-reduce-start",
-                                "loop_multiply_fusion_31", "hydragen_kv_write")] == [
+                                "loop_multiply_fusion_31", "hydragen_kv_write", "hydragen_merge")] == [
       "gemm", "gemm", "attention", "attention", "cache write", "all-reduce", "all-reduce", "all-reduce", "rest",
-      "cache write"]
+      "cache write", "merge"]
+
+
+def test_profile_names_xla_merge_fusions_by_their_op():
+  """XLA's fusions of `merge_states` are named after what they compute (`loop_convert_fusion_7`): the compiled
+  module's metadata says they are the merge (the profile's kernel name is the instruction's, "." as "_"); other
+  fusions keep their part by name. (Lines as the H100's compiled 7B decode loop writes them, 2026-12-06.)"""
+  from scripts.profile_decode import classify, kernel_ops  # noqa: PLC0415
+
+  hlo = """
+  %loop_select_fusion.8 = f32[64,1,32]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_select.8, metadata={op_name="jit(_decode_impl)/while/body/jit(merge_states)/jit(_where)/select_n" deduplicated_name="loop_select_fusion.1"}
+  %loop_convert_fusion.7 = bf16[64,1,32,128]{3,2,1,0} fusion(%c, %d), kind=kLoop, calls=%fused_convert.7, metadata={op_name="jit(_decode_impl)/while/body/jit(merge_states)/convert_element_type"}
+  %input_scatter_fusion.7 = (bf16[64,144,32,128]{3,2,1,0}) fusion(%e), kind=kInput, metadata={op_name="jit(_decode_impl)/while/body/kv_pair_scatter"}
+  ROOT %loop_select_fusion = bf16[64,1,4096]{2,1,0} fusion(%f), kind=kLoop, metadata={op_name="jit(_decode_impl)/while/body/jit(_where)/select_n"}
+  %bitcast.1 = bf16[2048,128]{1,0} bitcast(%g)
+"""
+  ops = kernel_ops(hlo)
+  assert ops == {"loop_select_fusion_8": "jit(_decode_impl)/while/body/jit(merge_states)/jit(_where)/select_n",
+                 "loop_convert_fusion_7": "jit(_decode_impl)/while/body/jit(merge_states)/convert_element_type",
+                 "input_scatter_fusion_7": "jit(_decode_impl)/while/body/kv_pair_scatter",
+                 "loop_select_fusion": "jit(_decode_impl)/while/body/jit(_where)/select_n"}
+  names = ("loop_select_fusion_8", "loop_convert_fusion_7", "input_scatter_fusion_7", "loop_select_fusion",
+           "hydragen_fused_levels", "bitcast_1")
+  assert [classify(n, ops) for n in names] == ["merge", "merge", "cache write", "rest", "attention", "rest"]
+  assert [classify(n) for n in names[:2]] == ["rest", "rest"]  # by name alone they are not the merge
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
