@@ -708,3 +708,85 @@ def test_probe_pair_abort_runs_each_case_in_a_process_of_its_own():
   assert "sums [(192.0, -192.0), (384.0, -192.0)]" in p.stdout  # each layer's k and v its own update
   off, on = re.findall(r"pair (False|True): tokens (\[.*?\]\]); caches (\[.*?\]);", p.stdout)
   assert (off[0], on[0]) == ("False", "True") and off[1] == on[1] and "{3,2,1,0}" in on[2], p.stdout
+
+
+# A PTX module as XLA writes one (Triton's kernel, then another), cut down: what `probe_triton_ptx` reads.
+_PTX = """
+.version 8.7
+.target sm_90a
+.address_size 64
+
+.visible .entry hydragen_fused_levels(
+	.param .u64 .ptr .global .align 1 hydragen_fused_levels_param_0
+)
+.reqntid 128, 1, 1
+{
+	.reg .b32 	%r<90>;
+	@%p1 cp.async.cg.shared.global [ %r80 + 0 ], [ %rd34 + 0 ], 0x10, %r81;
+	@%p1 cp.async.cg.shared.global [ %r82 + 0 ], [ %rd35 + 0 ], 0x10, %r81;
+	cp.async.commit_group;
+	cp.async.wait_group 1;
+	@%p2 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd2 + 0 ];
+	@%p2 ld.global.L1::evict_last.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd3 + 0 ];
+	ld.global.nc.v2.b32 { %r9, %r10 }, [ %rd4 + 0 ];
+	ld.global.b32 %r11, [ %rd5 + 0 ];
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd6, %rd7, p, 1, 1, 1, 1;
+	ex2.approx.f32 %f2, %f3;
+	ex2.approx.ftz.f32 %f4, %f5;
+	bar.sync 0;
+	{ // a nested block
+	st.global.v4.b32 [ %rd8 + 0 ], { %r1, %r2, %r3, %r4 };
+	}
+	ret;
+}
+
+.visible .entry loop_add_fusion(
+	.param .u64 loop_add_fusion_param_0
+)
+{
+	ld.global.b32 %r1, [ %rd1 + 0 ];
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};
+	ret;
+}
+"""
+_PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'hydragen_fused_levels' for 'sm_90a'
+ptxas info    : Function properties for hydragen_fused_levels
+    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 227 registers, used 1 barriers, 16 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 0 barriers, 368 bytes cmem[0]
+"""
+
+
+def test_probe_triton_ptx_reads_a_kernels_instructions_and_resources():
+  """`probe_triton_ptx`'s reading of XLA's PTX: the hydragen kernels' bodies (nested braces kept inside), their
+  asynchronous copies (pipelined or not), global loads by width whatever their qualifiers, tensor-core
+  instructions, and ptxas' registers, spills and static shared memory per kernel."""
+  from scripts.tuning import probe_triton_ptx as probe  # noqa: PLC0415
+
+  bodies = probe.kernel_bodies(_PTX)
+  assert list(bodies) == ["hydragen_fused_levels"]
+  body = bodies["hydragen_fused_levels"]
+  assert body.rstrip().endswith("ret;\n}") and "loop_add_fusion" not in body
+  counts = probe.instruction_counts(body)
+  assert counts == {"cp.async": 2, "cp.async waits": 1, "TMA copies": 0, "mbarrier waits": 0, "wgmma": 1,
+                    "mma.sync": 0, "ld.global v4": 2, "ld.global v2": 1, "ld.global scalar": 1, "st.global": 1,
+                    "bar.sync": 1, "ex2": 2}
+  assert probe.pipelined(counts)
+  other = probe.instruction_counts(probe.kernel_bodies(_PTX, contains="loop_add")["loop_add_fusion"])
+  assert not probe.pipelined(other) and other["mma.sync"] == 1 and other["ld.global scalar"] == 1
+  assert probe.arch_of(_PTX) == "sm_90a" and probe.arch_of("no target") == "sm_90a"
+  assert probe.ptxas_resources(_PTXAS) == {
+      "hydragen_fused_levels": {"registers": 227, "static smem": 16, "spill stores": 8, "spill loads": 12},
+      "loop_add_fusion": {"registers": 12, "spill stores": 0, "spill loads": 0}}
+  line = probe.summary("hydragen_fused_levels", counts, {"registers": 227})
+  assert "pipelined (cp.async 2" in line and line.endswith("registers 227")
+  assert "NOT pipelined" in probe.summary("loop_add_fusion", other, None)
+
+
+def test_probe_triton_ptx_needs_a_gpu():
+  p = _run(["scripts.tuning.probe_triton_ptx"])
+  assert p.returncode == 2 and "no GPU here" in p.stderr, (p.returncode, p.stderr[-2000:])
