@@ -5,8 +5,9 @@ merge, over every layer's caches in turn, so that, as in the model, no layer's K
 A random Llama of the 7B shape (fewer layers: `--layers`) decodes B sequences that share a P-token prefix; the
 decode loop (one jitted `lax.while_loop`) runs `--steps` steps from suffix length `--at` under `jax.profiler.trace`,
 and each GPU kernel is classified by its name, or, for XLA's fusions of the merge (`merge_states`: named by what they
-compute, e.g. `loop_convert_fusion_7`), by the op the compiled module says it came from. The GPU's idle time between kernels is split into short gaps (kernel
-to kernel) and long ones (the host dispatching or waiting), the largest named. The standalone attention step is
+compute, e.g. `loop_convert_fusion_7`), by the op the compiled module says it came from. The GPU's idle time between
+kernels is split into short gaps (kernel to kernel) and long ones (the host dispatching or waiting), the largest
+named. The standalone attention step is
 `hydragen_attention` (or, for `standard`, per-sequence attention) over caches of the same shape and lengths.
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
@@ -195,12 +196,13 @@ def profile(model, label: str, state, org, alone: float, args):
   the state the last run returned (each run donates its input)."""
   layers = model.config.num_hidden_layers
   fn, compile_s = model_api.compile_decode(model, state, args.backend)
-  ops = kernel_ops(fn.as_text())
+  hlo = fn.as_text()
+  ops = kernel_ops(hlo)
   if args.hlo:
     name = re.sub(r"[^A-Za-z0-9_.]+", "-", label)
     pathlib.Path(args.hlo).mkdir(parents=True, exist_ok=True)
     with gzip.open(f"{args.hlo}/decode-{name}-tp{args.tp}-B{args.batch}.hlo.gz", "wt") as f:
-      f.write(fn.as_text())
+      f.write(hlo)
   held = [state]  # the decode call donates its state: each run starts from the state the last one returned
 
   def run():

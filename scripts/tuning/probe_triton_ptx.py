@@ -158,23 +158,20 @@ def main(argv: list[str] | None = None) -> int:
       jax.jit(fn).lower(*data, jnp.full((cfg[0],), args.length, jnp.int32)).compile()
       added = sorted(set(root.rglob("*")) - before)
       print(f"{shape} {variant}: prefix {blocks[0]}, suffix {blocks[1]}", flush=True)
-      texts = [p.read_text() for p in added if p.suffix == ".ptx"]
-      bodies = {k: v for t in texts for k, v in kernel_bodies(t).items()}
+      ptx = {p: p.read_text() for p in added if p.suffix == ".ptx"}
+      found = {p: kernel_bodies(text) for p, text in ptx.items()}  # each dumped file's hydragen kernels
+      bodies = {name: body for kernels in found.values() for name, body in kernels.items()}
       if not bodies:
         kinds = collections.Counter(p.suffix or p.name for p in added if p.is_file())
-        print(f"  no hydragen kernel in the PTX this compile dumped ({len(texts)} PTX files; it wrote "
+        print(f"  no hydragen kernel in the PTX this compile dumped ({len(ptx)} PTX files; it wrote "
               f"{dict(kinds)})", flush=True)
         continue
       resources = {}
-      if ptxas:
-        for t in texts:
-          if kernel_bodies(t):
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-              f.write(t)
-            done = subprocess.run([ptxas, f"-arch={arch_of(t)}", "-v", f.name, "-o", os.devnull],
-                                  capture_output=True, text=True, check=False)
-            resources.update(ptxas_resources(done.stderr + done.stdout))
-            os.unlink(f.name)
+      for path, kernels in found.items():
+        if ptxas and kernels:  # ptxas reads the dumped file itself
+          done = subprocess.run([ptxas, f"-arch={arch_of(ptx[path])}", "-v", str(path), "-o", os.devnull],
+                                capture_output=True, text=True, check=False)
+          resources.update(ptxas_resources(done.stderr + done.stdout))
       for name, body in bodies.items():
         print(summary(name, instruction_counts(body), resources.get(name)), flush=True)
   print(f"dump: {root}", flush=True)
