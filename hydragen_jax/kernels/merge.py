@@ -7,9 +7,10 @@ partial outputs `out [P, ..., D]` and their `lse [P, ...]` (N rows: the product 
 
 which XLA compiles to two kernels (the per-row weights, then the weighted sum). Here one program takes `rows` rows
 of every part, computes their weights in registers and writes the merged rows: one launch, each part read once.
-Small programs (on the H200 2 rows, one warp: `Tuning.merge_rows`, `merge_warps`) keep many loads in flight over the
-whole GPU: at B = 64 MHA decode (2048 rows, 10 parts) the step ran 1-2 µs faster than with XLA's merge, where 16-row
-programs of 4 warps were no faster (experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count
+Small programs (on the H200 2 rows, one warp; on the H100 1 row: `Tuning.merge_rows`, `merge_warps`) keep many
+loads in flight over the whole GPU: at B = 64 MHA decode (2048 rows, 10 parts) the step ran 1-2 µs faster than with
+XLA's merge, where 16-row programs of 4 warps were no faster, and at B = 8 (256 rows, 16 parts) one row a program
+halved the merge of two (4.1 -> 2.1 µs a layer on the H100; experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count
 the API uses it (for the Triton
 kernels' parts: the Hopper kernel's go to `merge_states`, which folds their layout change into its fusions), unless
 `Tuning.launch_merge_max_rows` lets the Triton launch merge its parts itself (`flash.fused_levels(merge=True)`).
