@@ -710,83 +710,57 @@ def test_probe_pair_abort_runs_each_case_in_a_process_of_its_own():
   assert (off[0], on[0]) == ("False", "True") and off[1] == on[1] and "{3,2,1,0}" in on[2], p.stdout
 
 
-# A PTX module as XLA writes one (Triton's kernel, then another), cut down: what `probe_triton_ptx` reads.
-_PTX = """
-.version 8.7
-.target sm_90a
-.address_size 64
-
-.visible .entry hydragen_fused_levels(
-	.param .u64 .ptr .global .align 1 hydragen_fused_levels_param_0
-)
-.reqntid 128, 1, 1
-{
-	.reg .b32 	%r<90>;
-	@%p1 cp.async.cg.shared.global [ %r80 + 0 ], [ %rd34 + 0 ], 0x10, %r81;
-	@%p1 cp.async.cg.shared.global [ %r82 + 0 ], [ %rd35 + 0 ], 0x10, %r81;
-	cp.async.commit_group;
-	cp.async.wait_group 1;
-	@%p2 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd2 + 0 ];
-	@%p2 ld.global.L1::evict_last.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd3 + 0 ];
-	ld.global.nc.v2.b32 { %r9, %r10 }, [ %rd4 + 0 ];
-	ld.global.b32 %r11, [ %rd5 + 0 ];
-	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd6, %rd7, p, 1, 1, 1, 1;
-	ex2.approx.f32 %f2, %f3;
-	ex2.approx.ftz.f32 %f4, %f5;
-	bar.sync 0;
-	{ // a nested block
-	st.global.v4.b32 [ %rd8 + 0 ], { %r1, %r2, %r3, %r4 };
-	}
-	ret;
-}
-
-.visible .entry loop_add_fusion(
-	.param .u64 loop_add_fusion_param_0
-)
-{
-	ld.global.b32 %r1, [ %rd1 + 0 ];
-	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};
-	ret;
-}
-"""
-_PTXAS = """ptxas info    : 0 bytes gmem
-ptxas info    : Compiling entry function 'hydragen_fused_levels' for 'sm_90a'
-ptxas info    : Function properties for hydragen_fused_levels
-    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
-ptxas info    : Used 227 registers, used 1 barriers, 16 bytes smem, 400 bytes cmem[0]
-ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
-ptxas info    : Function properties for loop_add_fusion
-    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 12 registers, used 0 barriers, 368 bytes cmem[0]
+# A Triton pass dump as XLA writes one (`--xla_dump_emitter_re=triton`), cut down: what `probe_triton_ir` reads.
+_TRITON_DUMP = """// -----// IR Dump Before TritonGPUPipeline: tritongpu-pipeline ('builtin.module' operation: @hydragen_fused_levels) //----- //
+  %5 = "tt.load"(%4) : (tensor<64x128x!tt.ptr<bf16>>) -> tensor<64x128xbf16>
+  %6 = "tt.dot"(%1, %5, %2) : (tensor<64x128xbf16>, tensor<128x64xbf16>, tensor<64x64xf32>) -> tensor<64x64xf32>
+// -----// IR Dump Before SCFToControlFlowPass: convert-scf-to-cf ('builtin.module' operation: @hydragen_fused_levels) //----- //
+  %7:3 = "scf.for"(%1, %2, %3) ({
+  %8:3 = "scf.for"(%1, %2, %3) ({
+// -----// IR Dump Before ConvertTritonGPUToLLVM: convert-triton-gpu-to-llvm{compute-capability=90} ('builtin.module' operation: @hydragen_fused_levels) //----- //
+  "ttg.async_copy_global_to_local"(%186, %187, %188) <{cache = 1 : i32}> : (tensor<64x128x!tt.ptr<bf16>>) -> !ttg.async.token
+  "ttg.async_copy_global_to_local"(%191, %192, %188) <{cache = 1 : i32}> : (tensor<64x128x!tt.ptr<bf16>>) -> !ttg.async.token
+  %200 = "ttg.async_wait"(%199) <{num = 2 : i32}> : (!ttg.async.token) -> !ttg.async.token
+  %233 = "ttng.warp_group_dot"(%141, %232, %12) <{isAsync = true}> : (!ttg.memdesc<64x128xbf16>) -> tensor<64x64xf32>
+  %758 = "tt.dot"(%757, %756, %13) : (tensor<16x128xbf16>, tensor<128x64xbf16>) -> tensor<16x64xf32>
+  %98 = "tt.load"(%arg1) <{cache = 1 : i32}> : (!tt.ptr<i32>) -> i32
+  %99 = "ttg.local_load"(%98) : (!ttg.memdesc<64x128xbf16>) -> tensor<64x128xbf16>
+  "tt.store"(%1, %2) : (tensor<64x128x!tt.ptr<bf16>>, tensor<64x128xbf16>) -> ()
+}) {"ttg.num-ctas" = 1 : i32, "ttg.num-warps" = 4 : i32, ttg.shared = 114688 : i32, ttg.target = "cuda:90"} : () -> ()
+// -----// IR Dump Before StripDebugInfoPass: strip-debuginfo ('builtin.module' operation: @hydragen_fused_levels) //----- //
+  llvm.func @hydragen_fused_levels() { "tt.load" "ttg.async_copy_global_to_local" }
 """
 
 
-def test_probe_triton_ptx_reads_a_kernels_instructions_and_resources():
-  """`probe_triton_ptx`'s reading of XLA's PTX: the hydragen kernels' bodies (nested braces kept inside), their
-  asynchronous copies (pipelined or not), global loads by width whatever their qualifiers, tensor-core
-  instructions, and ptxas' registers, spills and static shared memory per kernel."""
-  from scripts.tuning import probe_triton_ptx as probe  # noqa: PLC0415
+def test_probe_triton_ir_reads_a_kernels_pipeline_products_and_shared_memory():
+  """`probe_triton_ir`'s reading of XLA's Triton pass dump: the operations of the IR the LLVM lowering takes (not
+  of earlier or later sections), the loops before they become branches, warps and shared memory, and the programs
+  an SM holds by it; the dumps picked by kernel name."""
+  from scripts.tuning import probe_triton_ir as probe  # noqa: PLC0415
 
-  bodies = probe.kernel_bodies(_PTX)
-  assert list(bodies) == ["hydragen_fused_levels"]
-  body = bodies["hydragen_fused_levels"]
-  assert body.rstrip().endswith("ret;\n}") and "loop_add_fusion" not in body
-  counts = probe.instruction_counts(body)
-  assert counts == {"cp.async": 2, "cp.async waits": 1, "TMA copies": 0, "mbarrier waits": 0, "wgmma": 1,
-                    "mma.sync": 0, "ld.global v4": 2, "ld.global v2": 1, "ld.global scalar": 1, "st.global": 1,
-                    "bar.sync": 1, "ex2": 2}
+  assert list(probe.sections(_TRITON_DUMP)) == ["TritonGPUPipeline", "SCFToControlFlowPass", "ConvertTritonGPUToLLVM",
+                                                "StripDebugInfoPass"]
+  counts = probe.read_kernel(_TRITON_DUMP)
+  assert counts == {"async copies": 2, "async waits": 1, "TMA copies": 0, "wgmma dots": 1, "mma dots": 1,
+                    "direct loads": 1, "shared loads": 1, "stores": 1, "loops": 2, "warps": 4, "shared bytes": 114688}
   assert probe.pipelined(counts)
-  other = probe.instruction_counts(probe.kernel_bodies(_PTX, contains="loop_add")["loop_add_fusion"])
-  assert not probe.pipelined(other) and other["mma.sync"] == 1 and other["ld.global scalar"] == 1
-  assert probe.arch_of(_PTX) == "sm_90a" and probe.arch_of("no target") == "sm_90a"
-  assert probe.ptxas_resources(_PTXAS) == {
-      "hydragen_fused_levels": {"registers": 227, "static smem": 16, "spill stores": 8, "spill loads": 12},
-      "loop_add_fusion": {"registers": 12, "spill stores": 0, "spill loads": 0}}
-  line = probe.summary("hydragen_fused_levels", counts, {"registers": 227})
-  assert "pipelined (cp.async 2" in line and line.endswith("registers 227")
-  assert "NOT pipelined" in probe.summary("loop_add_fusion", other, None)
+  before = _TRITON_DUMP.split("// -----// IR Dump Before ConvertTritonGPUToLLVM")[0]
+  with pytest.raises(ValueError, match="ConvertTritonGPUToLLVM"):
+    probe.read_kernel(before)
+  unpiped = _TRITON_DUMP.replace('"ttg.async_copy_global_to_local"', '"tt.load"').replace("ttg.shared = 114688", "")
+  other = probe.read_kernel(unpiped)
+  assert not probe.pipelined(other) and other["direct loads"] == 3 and other["shared bytes"] is None
+  assert probe.programs_per_sm(114688, "9.0") == 2 and probe.programs_per_sm(73728, "9.0") == 3
+  assert probe.programs_per_sm(114688, "7.5") is None and probe.programs_per_sm(None, "9.0") is None
+  line = probe.summary("hydragen_fused_levels", counts, "9.0")
+  assert line.startswith("  hydragen_fused_levels: pipelined (async copies 2,") and line.endswith(
+      "2 programs an SM by shared memory (sm_9.0)")
+  assert "NOT pipelined" in probe.summary("k", other, "9.0") and "programs an SM" not in probe.summary("k", other, "9.0")
+  paths = [pathlib.Path(f"/d/{n}") for n in ("jit_fn.hydragen_fused_levels.triton-to-llvm.txt",
+                                              "jit_fn.loop_add_fusion.triton-to-llvm.txt", "module_0001.jit_fn.txt")]
+  assert probe.kernel_dumps(paths) == {"hydragen_fused_levels": paths[0]}
 
 
-def test_probe_triton_ptx_needs_a_gpu():
-  p = _run(["scripts.tuning.probe_triton_ptx"])
+def test_probe_triton_ir_needs_a_gpu():
+  p = _run(["scripts.tuning.probe_triton_ir"])
   assert p.returncode == 2 and "no GPU here" in p.stderr, (p.returncode, p.stderr[-2000:])
