@@ -225,13 +225,21 @@ def profile(model, label: str, state, org, alone: float, args):
   parts = ", ".join(f"{part} {per_part[part]:.1f}" for part in SHOWN)
   kernels = sum(launches.values()) / 2 / args.steps
   print(f"[{label}] step {step_us:.0f} us GPU ({wall / args.steps * 1e6:.0f} us wall, median of 7; {kernels:.0f} "
-        f"kernels); per layer (us): {parts}; attention alone {f'{alone * 1e6:.1f} us' if alone else 'n/a'}; "
-        f"compile {compile_s:.1f} s", flush=True)
+        f"kernels); per layer (us): {parts}; {alone_text(per_part, alone)}; compile {compile_s:.1f} s", flush=True)
   print(f"  {idle_line(idle_gaps(events), 2 * args.steps, 2)}; untraced wall - GPU "
         f"{(wall / args.steps - step_us / 1e6) * 1e6:.0f} us a step", flush=True)
   for name, ns in total.most_common(args.top):
     print(f"      {ns / 2 / args.steps / 1e3:8.1f} us/step  [{classify(name, ops)}] {name}", flush=True)
   return held[0]
+
+
+def alone_text(per_part: dict[str, float], alone: float) -> str:
+  """The profile line's comparison with the attention alone (issue 12: the model's attention, its merge and cache
+  write included, within 1.2x of it): per_part, µs a layer by part; alone, seconds a layer (0: not timed)."""
+  if not alone:
+    return "attention alone n/a"
+  model = per_part["attention"] + per_part["merge"] + per_part["cache write"]
+  return f"attention alone {alone * 1e6:.1f} us (in the model with merge and write {model:.1f}: {model / (alone * 1e6):.2f}x)"
 
 
 def idle_line(gaps: list[tuple[int, str]], steps: int, calls: int, long_ns: int = 20_000, largest: int = 3) -> str:

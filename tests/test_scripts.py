@@ -68,6 +68,15 @@ def test_profile_decode_write_profiles_each_cache_write(tmp_path):
                    "decode-hydragen-default-write-8-tp1-B4.hlo.gz": True}, holds
 
 
+def test_alone_text_compares_the_models_attention_with_it_alone():
+  """The profile line's ratio: the model's attention kernels, merge and cache write against the attention alone."""
+  from scripts.profile_decode import alone_text  # noqa: PLC0415
+
+  parts = {"gemm": 100.0, "attention": 36.0, "merge": 3.0, "cache write": 4.0, "rest": 20.0}
+  assert alone_text(parts, 40e-6) == "attention alone 40.0 us (in the model with merge and write 43.0: 1.07x)"
+  assert alone_text(parts, 0.0) == "attention alone n/a"
+
+
 def test_idle_gaps_between_kernels():
   """The profile's idle time: the stretches with no kernel running (overlapping kernels of two streams are one busy
   stretch), split into short and long gaps per step."""
