@@ -12,11 +12,13 @@ named. The standalone attention step is
 `--tuning` profiles each given tuning file in turn in one process: an A/B of the kernels' settings inside the model.
 
 `--gemm 0,64` profiles XLA's GEMMs and the decode GEMM kernel (`models.gemm`, up to 64 rows) in turn; `--write
-0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots).
+0,4096` XLA's cache-write scatters and the cache-write kernel (`models.kv_write`, steps of up to 4096 slots);
+`--field pair_write=false,true` each value of a scalar tuning field (repeated: every combination), so that an A/B
+needs no tuning file of its own.
 
 Usage: python -m scripts.profile_decode [--batch 512] [--prefix 1024] [--layers 4] [--modes hydragen,none,standard]
        [--backend mosaic] [--tp 2] [--hlo DIR] [--tuning default,hydragen_jax/tuning/nvidia-h100-80gb-hbm3.json]
-       [--gemm 0,64] [--write 0,4096]
+       [--gemm 0,64] [--write 0,4096] [--field merge_rows=2,1]
 """
 
 from __future__ import annotations
@@ -70,6 +72,27 @@ def with_gemm_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
 def with_write_rows(tune: tuning_lib.Tuning, rows: int) -> tuning_lib.Tuning:
   """`tune` with the cache-write kernel (`models.kv_write`) for steps of up to `rows` slots (0: XLA's scatters)."""
   return dataclasses.replace(tune, write_max_rows=rows)
+
+
+def with_field(tune: tuning_lib.Tuning, name: str, text: str) -> tuning_lib.Tuning:
+  """`tune` with its scalar field `name` (a bool, int or float: e.g. `pair_write`, `merge_rows`) set to `text`,
+  read as that field's type (a bool as true / false / 1 / 0). ValueError for another field or a bad value."""
+  fields = {f.name for f in dataclasses.fields(tune)}
+  current = getattr(tune, name, None) if name in fields else None
+  if not isinstance(current, (bool, int, float)):
+    scalars = sorted(f for f in fields if isinstance(getattr(tune, f), (bool, int, float)))
+    raise ValueError(f"--field: {name!r} is not a scalar field of the tuning; expected one of {', '.join(scalars)}")
+  if isinstance(current, bool):
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+      raise ValueError(f"--field {name}={text!r}: expected true, false, 1 or 0")
+  else:
+    try:
+      value = type(current)(text)
+    except ValueError:
+      raise ValueError(f"--field {name}={text!r}: expected a {type(current).__name__}") from None
+  return dataclasses.replace(tune, **{name: value})  # the Tuning checks the value itself
+
 
 # Kernel names (XLA instruction names, cuBLAS / CUTLASS kernels, Pallas kernels) -> part of the step.
 PARTS = (
@@ -152,6 +175,9 @@ def main():
   parser.add_argument("--write", default=None, metavar="ROWS[,ROWS...]",
                       help="the cache-write kernel (models.kv_write) for steps of up to ROWS slots (B·T), each "
                            "profiled in turn (0: XLA's scatters); default: the tuning's")
+  parser.add_argument("--field", action="append", default=[], metavar="NAME=V1[,V2...]",
+                      help="a scalar tuning field (e.g. pair_write=false,true or merge_rows=2,1), each value profiled "
+                           "in turn with each tuning; repeated: every combination")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
@@ -179,6 +205,13 @@ def main():
     if values is not None:
       tunings = [(f"{name or 'default'} {label}{int(v)}", change(t or tuning_lib.current(), int(v)))
                  for name, t in tunings for v in values.split(",")]
+  for field in args.field:  # each tuning with each value of each --field
+    name, _, values = field.partition("=")
+    try:
+      tunings = [(f"{label or 'default'} {name}={v}", with_field(t or tuning_lib.current(), name, v))
+                 for label, t in tunings for v in values.split(",")]
+    except ValueError as e:
+      parser.error(str(e))
   for mode in args.modes.split(","):
     state, org = mode_state(model, tree, args.generate, mode, args.backend)
     for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew

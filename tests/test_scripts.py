@@ -68,6 +68,39 @@ def test_profile_decode_write_profiles_each_cache_write(tmp_path):
                    "decode-hydragen-default-write-8-tp1-B4.hlo.gz": True}, holds
 
 
+def test_with_field_sets_a_scalar_tuning_field_by_its_type():
+  """`--field NAME=V`: the value read as the field's type; other fields, bad values and values the Tuning refuses
+  named."""
+  from hydragen_jax import tuning as tuning_lib  # noqa: PLC0415
+  from scripts.profile_decode import with_field  # noqa: PLC0415
+
+  base = tuning_lib.for_device_kind("NVIDIA H100 80GB HBM3")
+  assert with_field(base, "pair_write", "false").pair_write is False
+  assert with_field(base, "pair_write", "1").pair_write is True
+  assert with_field(base, "merge_rows", "4").merge_rows == 4
+  assert with_field(base, "hopper_min_fill", "0.5").hopper_min_fill == 0.5
+  assert with_field(base, "merge_rows", "4") != base and with_field(base, "merge_rows", "4").merge_max_rows == \
+      base.merge_max_rows
+  for name, text, match in (("pair_write", "yes", "expected true, false"), ("merge_rows", "1.5", "expected a int"),
+                            ("hopper", "1", "not a scalar field"), ("nope", "1", "not a scalar field"),
+                            ("merge_rows", "3", "merge_rows")):
+    with pytest.raises(ValueError, match=match):
+      with_field(base, name, text)
+
+
+def test_profile_decode_field_profiles_each_value():
+  """`--field merge_rows=2,1`: the step profiled once with each value (labelled by it); a field that is not a
+  scalar of the tuning is a usage error."""
+  args = ["scripts.profile_decode", "--tiny", "--layers", "1", "--batch", "2", "--prefix", "8", "--generate", "4",
+          "--at", "1", "--steps", "1", "--modes", "none"]
+  p = _run(args + ["--field", "merge_rows=2,1"])
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert [line.split("]")[0] for line in p.stdout.splitlines() if line.startswith("[")] == [
+      "[none @ default merge_rows=2", "[none @ default merge_rows=1"], p.stdout
+  p = _run(args + ["--field", "tiles=1"])
+  assert p.returncode == 2 and "not a scalar field" in p.stderr, p.stderr[-2000:]
+
+
 def test_alone_text_compares_the_models_attention_with_it_alone():
   """The profile line's ratio: the model's attention kernels, merge and cache write against the attention alone."""
   from scripts.profile_decode import alone_text  # noqa: PLC0415
