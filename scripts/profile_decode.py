@@ -90,7 +90,7 @@ def with_field(tune: tuning_lib.Tuning, name: str, text: str) -> tuning_lib.Tuni
     try:
       value = type(current)(text)
     except ValueError:
-      raise ValueError(f"--field {name}={text!r}: expected a {type(current).__name__}") from None
+      raise ValueError(f"--field {name}={text!r}: expected a value of type {type(current).__name__}") from None
   return dataclasses.replace(tune, **{name: value})  # the Tuning checks the value itself
 
 

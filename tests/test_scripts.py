@@ -81,7 +81,7 @@ def test_with_field_sets_a_scalar_tuning_field_by_its_type():
   assert with_field(base, "hopper_min_fill", "0.5").hopper_min_fill == 0.5
   assert with_field(base, "merge_rows", "4") != base and with_field(base, "merge_rows", "4").merge_max_rows == \
       base.merge_max_rows
-  for name, text, match in (("pair_write", "yes", "expected true, false"), ("merge_rows", "1.5", "expected a int"),
+  for name, text, match in (("pair_write", "yes", "expected true, false"), ("merge_rows", "1.5", "expected a value of type int"),
                             ("hopper", "1", "not a scalar field"), ("nope", "1", "not a scalar field"),
                             ("merge_rows", "3", "merge_rows")):
     with pytest.raises(ValueError, match=match):
