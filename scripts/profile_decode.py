@@ -78,7 +78,7 @@ def with_field(tune: tuning_lib.Tuning, name: str, text: str) -> tuning_lib.Tuni
   """`tune` with its scalar field `name` (a bool, int or float: e.g. `pair_write`, `merge_rows`) set to `text`,
   read as that field's type (a bool as true / false / 1 / 0). ValueError for another field or a bad value."""
   fields = {f.name for f in dataclasses.fields(tune)}
-  current = getattr(tune, name, None) if name in fields else None
+  current = getattr(tune, name) if name in fields else None
   if not isinstance(current, (bool, int, float)):
     scalars = sorted(f for f in fields if isinstance(getattr(tune, f), (bool, int, float)))
     raise ValueError(f"--field: {name!r} is not a scalar field of the tuning; expected one of {', '.join(scalars)}")
@@ -271,8 +271,8 @@ def alone_text(per_part: dict[str, float], alone: float) -> str:
   write included, within 1.2x of it): per_part, µs a layer by part; alone, seconds a layer (0: not timed)."""
   if not alone:
     return "attention alone n/a"
-  model = per_part["attention"] + per_part["merge"] + per_part["cache write"]
-  return f"attention alone {alone * 1e6:.1f} us (in the model with merge and write {model:.1f}: {model / (alone * 1e6):.2f}x)"
+  model, alone_us = per_part["attention"] + per_part["merge"] + per_part["cache write"], alone * 1e6
+  return f"attention alone {alone_us:.1f} us (in the model with merge and write {model:.1f}: {model / alone_us:.2f}x)"
 
 
 def idle_line(gaps: list[tuple[int, str]], steps: int, calls: int, long_ns: int = 20_000, largest: int = 3) -> str:
