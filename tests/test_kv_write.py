@@ -24,14 +24,8 @@ from tests.write_cases import CASES, CFG, DTYPES
 def test_write_matches_the_scatters(kernel_backend, case, dtypes):
   """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity, negative)
   and every other entry keep what the caches held: bit for bit what XLA's scatters give."""
-  b, t, hkv, d, s, lengths, new = CASES[case]
-  dtype, cache_dtype = DTYPES[dtypes]
-  ks = jax.random.split(jax.random.PRNGKey(list(CASES).index(case)), 4)
-  k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
-  k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
-  pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
-  if case == "wide":  # a negative slot (not one write_positions makes) is dropped too
-    pos = pos.at[1, 0].set(-3)
+  s = CASES[case][4]
+  k_cache, v_cache, k, v, pos = write_cases.inputs(case, dtypes)  # "wide": a negative slot, dropped too
   fn = jax.jit(lambda *a: kv_write.write(*a, interpret=kernel_backend.startswith("interpret")))
   got = fn(k_cache, v_cache, k, v, pos)
   # the models' scatters (a negative slot as one past the end: jnp's .at would wrap it)

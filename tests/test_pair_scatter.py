@@ -34,14 +34,8 @@ def loop_write(cache, new, positions):
 def test_scatter_writes_each_slot_once(case, dtypes):
   """k and v land at their slots (dropped: padding, past the capacity, negative); every other entry keeps its
   value: bit for bit the loop's result, in the caches' dtype."""
-  b, t, hkv, d, s, lengths, new = CASES[case]
-  dtype, cache_dtype = DTYPES[dtypes]
-  ks = jax.random.split(jax.random.PRNGKey(len(case)), 4)
-  k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
-  k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
-  pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
-  if case == "wide":
-    pos = pos.at[1, 0].set(-3)
+  cache_dtype = DTYPES[dtypes][1]
+  k_cache, v_cache, k, v, pos = write_cases.inputs(case, dtypes)
   got = jax.jit(pair_scatter.scatter)(k_cache, v_cache, k, v, pos)
   for g, cache, upd in zip(got, (k_cache, v_cache), (k, v)):
     assert g.dtype == cache_dtype and g.shape == cache.shape

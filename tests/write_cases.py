@@ -3,9 +3,11 @@ scatter of both caches)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import cache as cache_lib
 from models.config import LlamaConfig
 
 # (B, T, Hkv, D, S, lengths, new tokens): decode (one slot a sequence, one sequence at its capacity: dropped); a
@@ -19,6 +21,21 @@ CASES = {
 
 DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16),
           "f32-to-bf16": (jnp.float32, jnp.bfloat16)}  # (k and v, the caches)
+
+
+def inputs(case: str, dtypes: str):
+  """A case's random caches `[B, S, Hkv, D]` and new k, v `[B, T, Hkv, D]` in its dtypes, and its slots
+  (`write_positions`'s; in "wide" also a negative one, which no write may take): (k_cache, v_cache, k, v,
+  positions)."""
+  b, t, hkv, d, s, lengths, new = CASES[case]
+  dtype, cache_dtype = DTYPES[dtypes]
+  ks = jax.random.split(jax.random.PRNGKey(list(CASES).index(case)), 4)
+  k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, d), jnp.float32).astype(cache_dtype) for key in ks[:2])
+  k, v = (jax.random.normal(key, (b, t, hkv, d), jnp.float32).astype(dtype) for key in ks[2:])
+  pos = cache_lib.write_positions(jnp.array(lengths), jnp.array(new), t, s)
+  if case == "wide":
+    pos = pos.at[1, 0].set(-3)
+  return k_cache, v_cache, k, v, pos
 
 # A small GQA model and prompts that share a prefix, for the models' use of a write.
 CFG = LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
