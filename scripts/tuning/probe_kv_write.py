@@ -16,7 +16,8 @@ depend on it.
   python -m scripts.tuning.probe_kv_write --tiny                                          # anywhere
 
 With `--` and `scripts/profile_decode.py`'s arguments, the models' step is profiled instead, once with each of
-`--variants` two and pair (the device's tuning with `pair_write` off, then on: the decode loop's writes):
+`--variants` two and pair (the device's tuning with `pair_write` off, then on: the decode loop's writes). This is
+`profile_decode --field pair_write=false,true` (what it runs), kept for the commands the records cite:
 
   python -m scripts.tuning.probe_kv_write --variants two,pair -- --batch 64 --layers 8 --modes hydragen,standard
 """
@@ -24,7 +25,6 @@ With `--` and `scripts/profile_decode.py`'s arguments, the models' step is profi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import models.cache
-from hydragen_jax import tuning as tuning_lib
 from models import COMPILER_OPTIONS
 from models.llama import apply_rope
 
@@ -100,14 +99,12 @@ def main(argv: list[str] | None = None) -> None:
   allowed = ("two", "pair") if rest is not None else VARIANTS  # with `--`: the models' step, written either way
   if bad := [v for v in variants if v not in allowed]:
     parser.error(f"--variants: {bad} not among {allowed}")
-  if rest is not None:
+  if rest is not None:  # profile_decode's own A/B of the tuning field, one value a variant
     from scripts import profile_decode  # noqa: PLC0415
-    for variant in variants:
-      print(f"=== cache write {variant}", flush=True)
-      jax.clear_caches()  # the decode step traced with the other way must not be reused
-      sys.argv = ["profile_decode", *rest]
-      with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=variant == "pair")):
-        profile_decode.main()
+    values = ",".join("true" if v == "pair" else "false" for v in variants)
+    print(f"=== cache writes {', '.join(variants)}: profile_decode --field pair_write={values}", flush=True)
+    sys.argv = ["profile_decode", *rest, "--field", f"pair_write={values}"]
+    profile_decode.main()
     return
   hidden, hkv, d = (64, 2, 16) if args.tiny else (4096, 32, 128)
   layers, steps = (2, 2) if args.tiny else (args.layers, args.steps)
