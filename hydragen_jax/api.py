@@ -176,6 +176,14 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   if backend == "xla":
     return [_one(_reference_level(q, level, causal=c, batched=b, scale=scale))
             for level, c, b in zip(levels, causal, batched)]
+  with jax.enable_x64(False):  # the kernels are 32-bit: their Python ints must trace as int32 under jax_enable_x64
+    return _kernel_stacks(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
+
+
+def _kernel_stacks(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
+                   backend: str):
+  """`_attend` on the kernel backends."""
+  rows = q.shape[0] * q.shape[1] * q.shape[2]
   parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
   if parts is not None:
     return [_one(reference.merge_states(parts))]
@@ -205,7 +213,8 @@ def _merge(stacks, backend: str):
     return stacks[0][0][0], stacks[0][1][0]
   shape = stacks[0][0].shape[1:]
   if backend != "xla" and merge_kernel.applies(math.prod(shape[:-1]), shape[-1], tuning_lib.current().merge_max_rows):
-    return merge_kernel.merge_stacks(stacks, interpret=backend.startswith("interpret"))
+    with jax.enable_x64(False):  # as `_attend`
+      return merge_kernel.merge_stacks(stacks, interpret=backend.startswith("interpret"))
   return reference.merge_states([(o[i], l[i]) for o, l in stacks for i in range(o.shape[0])])
 
 
@@ -239,10 +248,12 @@ def attention(
   check.check_same("k", k, "v", v)
   check.check_heads("q", q, "k", k)
   check.check_flag("causal", causal)
+  check.check_flag("checked", checked)
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1], checked)
   backend = check.resolve_backend(backend)
+  check.check_kernel_backend("q", q, backend)
   stacks = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
                    backend=backend)
   out, lse = _merge(stacks, backend)
@@ -283,6 +294,7 @@ def tree_attention(
     query that sees no key).
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  check.check_flag("checked", checked)
   if isinstance(levels, Level):
     raise ValueError("levels must be a sequence of Level, root to leaf (the last one the per-sequence suffixes); "
                      "got one Level: pass [level].")
@@ -326,6 +338,7 @@ def tree_attention(
                        f"({len(levels) - 1} for {len(levels)} levels)")
     batched = [bool(b) for b in batched] + [False]
   backend = check.resolve_backend(backend)
+  check.check_kernel_backend("q", q, backend)
   stacks = _attend(q, validated, causal=last, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)
   out, _ = _merge(stacks, backend)
   return out.astype(q.dtype)
@@ -364,6 +377,7 @@ def hydragen_attention(
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   check.check_flag("batch_prefix", batch_prefix)
+  check.check_flag("checked", checked)
   check.check_rank("prefix_k", prefix_k, 3, "[P, Hkv, D]")
   check.check_same("prefix_k", prefix_k, "prefix_v", prefix_v)
   check.check_rank("suffix_k", suffix_k, 4, "[B, S, Hkv, D]")

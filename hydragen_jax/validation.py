@@ -138,11 +138,26 @@ def check_flag(name: str, x) -> None:
 
 
 def check_same(name_a: str, a, name_b: str, b) -> None:
-  """k and v must agree in shape and dtype."""
+  """k and v must agree in shape and dtype (`name_a`'s rank checked before)."""
+  if not (hasattr(b, "shape") and hasattr(b, "dtype")):  # a list, a scalar: not an array
+    raise ValueError(f"{name_b} must be an array of {name_a}'s shape {a.shape}; got {type(b).__name__}.")
   if a.shape != b.shape:
     raise ValueError(f"{name_a} and {name_b} must have the same shape; got {a.shape} and {b.shape}.")
   if a.dtype != b.dtype:
     raise ValueError(f"dtype mismatch between {name_a} ({a.dtype}) and {name_b} ({b.dtype}).")
+
+
+def check_kernel_backend(name: str, x, backend: str) -> None:
+  """The kernel backends take 16- and 32-bit floats (float64, with `jax_enable_x64`, only on "xla"); they trace
+  as 32-bit under `jax_enable_x64`, except "interpret-mosaic": Mosaic GPU's interpreter evaluates the kernel when
+  the step runs, under the process's 64-bit setting, where its loops' 32-bit counters no longer type-check."""
+  if backend != "xla" and x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"backend={backend!r} runs the Pallas kernels, which take float32, bfloat16 or float16; got "
+                     f"{name} {x.dtype} (backend='xla' takes any floating dtype).")
+  if backend == "interpret-mosaic" and jax.config.jax_enable_x64:
+    raise ValueError("backend='interpret-mosaic' does not run with jax_enable_x64 on (Mosaic GPU's interpreter "
+                     "evaluates the kernel in 64-bit integers); on a CPU use 'interpret' (the Triton kernels "
+                     "interpreted) or 'xla', on a Hopper GPU 'mosaic'.")
 
 
 def check_heads(q_name: str, q, kv_name: str, kv) -> None:
@@ -165,17 +180,27 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
 
 
 def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
-  """`x` as an integer `[count]` array, and its value if concrete (else None). A numpy array stays numpy (its
-  value is known even under jit: a constant of the step)."""
+  """`x` as an integer `[count]` array (of its own integer type: `_int32` casts it once it is range-checked), and
+  its value if concrete (else None). A numpy array stays numpy (its value is known even under jit: a constant of the
+  step)."""
   x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
   if x.shape != (count,):
     raise ValueError(f"{name} must have shape ({count},){what}; got {x.shape}.")
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must be integer; got dtype {x.dtype}.")
   value = _concrete(x)
-  if value is None and jnp.issubdtype(x.dtype, jnp.unsignedinteger) and jnp.iinfo(x.dtype).max > 2**31 - 1:
-    x = jnp.minimum(x, 2**31 - 1)  # traced: past int32 is past any capacity; the cast must not wrap it negative
-  return x.astype(np.int32), (value if value is not None and value.size else None)
+  return x, (value if value is not None and value.size else None)
+
+
+def _int32(x, value: np.ndarray | None):
+  """Integer `x` as int32. A traced value of a wider type (uint32; int64 and uint64 with `jax_enable_x64`) is
+  clipped to int32's range first: past int32 is past any capacity or index, and the cast must not wrap it back
+  into range (2^32 + 3 -> 3). A concrete value was range-checked (`_check_range`) before it is used."""
+  if isinstance(x, np.ndarray):  # a constant (its value checked): stays numpy
+    return x.astype(np.int32)
+  if value is None and (jnp.iinfo(x.dtype).max > 2**31 - 1 or jnp.iinfo(x.dtype).min < -2**31):
+    x = jnp.clip(x, max(jnp.iinfo(x.dtype).min, -2**31), 2**31 - 1)
+  return x.astype(np.int32)
 
 
 def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bounds: str, what: str,
@@ -200,7 +225,7 @@ def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool
     return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")
   _check_range(name, lengths, value, capacity, f"[0, {capacity}]", "(the KV capacity)", checked)
-  return lengths
+  return _int32(lengths, value)
 
 
 def scalar_length(name: str, length, capacity: int, checked: bool = False) -> jax.Array:
@@ -218,7 +243,7 @@ def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool
   seq_to_node, value = _int_vector(name, seq_to_node, batch, " (one node per sequence of q)")
   _check_range(name, seq_to_node, value, num_nodes - 1, f"[0, {num_nodes})", f"(the level has {num_nodes} nodes)",
                checked)
-  return seq_to_node
+  return _int32(seq_to_node, value)
 
 
 def layer_index(name: str, layer, num_layers: int, checked: bool = False) -> jax.Array:
@@ -226,9 +251,9 @@ def layer_index(name: str, layer, num_layers: int, checked: bool = False) -> jax
   layer = jnp.asarray(layer)
   if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer scalar; got shape {layer.shape}, dtype {layer.dtype}.")
-  _check_range(name, layer, _concrete(layer), num_layers - 1, f"[0, {num_layers})", "(the layer axis of k)",
-               checked)
-  return layer.astype(jnp.int32)
+  value = _concrete(layer)
+  _check_range(name, layer, value, num_layers - 1, f"[0, {num_layers})", "(the layer axis of k)", checked)
+  return _int32(layer, value)
 
 
 def max_group(name: str, bound, seq_to_node, num_nodes: int, checked: bool = False) -> int | None:

@@ -460,6 +460,8 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("scale_numeric_str", r"scale must be a positive number known at trace time \(a Python float\), got '1'"),
     ("q_list", r"q must be an array of rank 4 \(\[B, T, Hq, D\]\); got list"),
     ("causal_str", r"causal must be a bool, got 'yes'"),
+    ("v_list", r"v must be an array of k's shape \(2, 10, 2, 64\); got list"),
+    ("checked_str", r"checked must be a bool, got 'no'"),
 ])
 def test_attention_bad_input(case, match):
   q, k = _ok()
@@ -497,6 +499,10 @@ def test_attention_bad_input(case, match):
     kwargs["q"] = np.asarray(q).tolist()
   elif case == "causal_str":
     kwargs["causal"] = "yes"
+  elif case == "v_list":
+    kwargs["v"] = np.asarray(k).tolist()
+  elif case == "checked_str":  # a truthy string would stage checkify checks that jit then cannot run
+    kwargs["checked"] = "no"
   with pytest.raises(ValueError, match=match):
     hj.attention(**kwargs)
 
@@ -569,6 +575,30 @@ def test_hydragen_bad_input():
     hj.hydragen_attention(q, pk, pk, jnp.zeros((2, 6, 4, 64)), jnp.zeros((2, 6, 4, 64)))
   with pytest.raises(ValueError, match=r"batch_prefix must be a bool, got 'no'"):
     hj.hydragen_attention(q, pk, pk, sk, sk, batch_prefix="no")
+  with pytest.raises(ValueError, match=r"checked must be a bool, got 'no'"):
+    hj.hydragen_attention(q, pk, pk, sk, sk, checked="no")
+  with pytest.raises(ValueError, match=r"prefix_v must be an array of prefix_k's shape \(5, 2, 64\); got list"):
+    hj.hydragen_attention(q, pk, np.asarray(pk).tolist(), sk, sk)
+  with pytest.raises(ValueError, match=r"suffix_v must be an array of suffix_k's shape \(2, 6, 2, 64\); got list"):
+    hj.hydragen_attention(q, pk, pk, sk, np.asarray(sk).tolist())
+  with pytest.raises(ValueError, match=r"levels\[0\].v must be an array of levels\[0\].k's shape"):
+    hj.tree_attention(q, [hj.Level(sk, np.asarray(sk).tolist(), jnp.array([6, 6]))])
+  with pytest.raises(ValueError, match=r"checked must be a bool, got 1"):
+    hj.tree_attention(q, [hj.Level(sk, sk, jnp.array([6, 6]))], checked=1)
+
+
+def test_kernel_backends_name_float64_inputs_and_64_bit_mode():
+  """With jax_enable_x64, float64 inputs run on "xla" (in float64) and are refused by name on the kernels, which
+  are 16- and 32-bit; "interpret-mosaic" names the 64-bit mode itself (its interpreter runs the kernel in it)."""
+  with jax.enable_x64(True):
+    q, k = jnp.zeros((2, 1, 4, 16), jnp.float64), jnp.zeros((2, 8, 2, 16), jnp.float64)
+    assert hj.attention(q, k, k, backend="xla")[0].dtype == jnp.float64
+    with pytest.raises(ValueError, match=r"backend='interpret' runs the Pallas kernels, which take float32, "
+                                         r"bfloat16 or float16; got q float64"):
+      hj.attention(q, k, k, backend="interpret")
+    q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"backend='interpret-mosaic' does not run with jax_enable_x64 on"):
+      hj.hydragen_attention(q, k[0], k[0], k, k, backend="interpret-mosaic")
 
 
 def test_default_backend_is_xla_on_cpu_and_pallas_on_gpu():

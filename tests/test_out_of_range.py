@@ -177,6 +177,37 @@ def test_traced_unsigned_lengths_past_int32_clamp_to_the_capacity(backend):
   chex.assert_trees_all_close(got[1], want[1], **tol(DTYPE))
 
 
+def test_traced_64_bit_lengths_past_int32_clamp(backend):
+  """With jax_enable_x64, traced int64 lengths past the int32 range are clamped like any other out-of-range ones
+  (the cast to int32 must not wrap 2^32 + 3 back to 3), on every backend (the kernels trace as 32-bit; Mosaic GPU's
+  interpreter refuses the 64-bit mode: test_attention)."""
+  if backend == "interpret-mosaic":
+    pytest.skip("backend='interpret-mosaic' refuses jax_enable_x64 (test_attention checks that it says so)")
+  q, pk, pv, sk, sv = _step_inputs(7)
+  with jax.enable_x64(True):
+    f = jax.jit(lambda p, n: hj.hydragen_attention(q, pk, pv, sk, sv, prefix_length=p, suffix_lengths=n,
+                                                   backend=backend))
+    got = f(jnp.int64(2**32 + 1), jnp.array([2**32 + 3, -2**32 + 5, 5], jnp.int64))
+  levels = [Level(pk[None], pv[None], jnp.array([P]), jnp.zeros(B, jnp.int32)),
+            Level(sk, sv, jnp.array([S, 0, 5]))]
+  _assert_close(got, expected_tree(q, levels))
+
+
+def test_traced_64_bit_layer_past_int32_clamps_and_checked_names_it():
+  """With jax_enable_x64, a traced int64 layer index of 2^32 reads the last layer (clamped), not layer 0 (wrapped),
+  and checked=True reports the value given."""
+  q, _, _, sk, sv = _step_inputs(8)
+  ks, vs = jnp.stack([sk, -sk, 2 * sk]), jnp.stack([sv, sv, -sv])
+  with jax.enable_x64(True):
+    f = jax.jit(lambda i: hj.tree_attention(q, [Level(ks, vs, jnp.array([S, 7, 2]), layer=i)], backend="xla"))
+    got = f(jnp.int64(2**32))
+    err, _ = checkify.checkify(jax.jit(lambda i: hj.tree_attention(
+        q, [Level(ks, vs, jnp.array([S, 7, 2]), layer=i)], backend="xla", checked=True)))(jnp.int64(2**32))
+  _assert_close(got, expected_tree(q, [Level(ks[2], vs[2], jnp.array([S, 7, 2]))]))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"levels\[0\].layer must lie in \[0, 3\) .*got 4294967296"):
+    err.throw()
+
+
 def test_hydragen_errors_name_the_arguments_given():
   """hydragen_attention wraps its prefix into a Level; its errors name prefix_k / suffix_k, not levels[0].k."""
   q, pk, pv, sk, sv = _step_inputs(4)
