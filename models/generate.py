@@ -56,8 +56,9 @@ class SamplingConfig:
             return None if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) else value
 
         t, k, p = number("temperature", numbers.Real), number("top_k", numbers.Integral), number("top_p", numbers.Real)
-        if t is None or not t >= 0:
-            raise ValueError(f"sampling: temperature must be a number >= 0, got {self.temperature!r}")
+        if t is None or not (t == 0 or np.finfo(np.float32).tiny <= t < np.inf):
+            raise ValueError(f"sampling: temperature must be 0 (greedy) or a finite number of at least "
+                             f"{np.finfo(np.float32).tiny:.3g} (float32's smallest normal), got {self.temperature!r}")
         if k is None or k < 0:
             raise ValueError(f"sampling: top_k must be an integer >= 0, got {self.top_k!r}")
         if p is None or not 0 < p <= 1:
@@ -128,7 +129,10 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
     if cfg.greedy:
         tok = jnp.argmax(logits, axis=-1)
     else:
-        x = top_p_mask(top_k_mask(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+        # Less the row's max first (the draw is the same): scaled by a small temperature the scores only go down,
+        # to -inf at worst, never up to +inf, whose ties would take the first index instead of the largest logit.
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        x = top_p_mask(top_k_mask(shifted / cfg.temperature, cfg.top_k), cfg.top_p)
         tok = categorical(key, x, vocab_size)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
     return tok.astype(jnp.int32), logp
@@ -400,6 +404,11 @@ def _token_ids(prompt, i: int, arg: str) -> list[int]:
 def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
     if isinstance(prompts_or_tree, SharingTree):
         return prompts_or_tree
+    if isinstance(prompts_or_tree, (str, bytes)) or not isinstance(prompts_or_tree, (Sequence, np.ndarray)):
+        what = repr(prompts_or_tree)[:60] if isinstance(prompts_or_tree, (str, bytes)) else type(
+            prompts_or_tree).__name__
+        raise ValueError(f"prompts_or_tree must be a SharingTree or a list of token-id prompts (one a sequence), got "
+                         f"{what} (text: encode it first, or use generate(..., tokenizer=...))")
     prompts = [_token_ids(p, i, "prompts_or_tree") for i, p in enumerate(prompts_or_tree)]
     return build_sharing_tree(prompts, max_depth=max_depth)
 
@@ -422,8 +431,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     """
     _check_mode(mode)
     config: LlamaConfig = model.config
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer (the sampling key's seed), got {seed!r}")
+    key = _key(seed)
     pad_multiple, prefill_chunk = _positive_int("pad_multiple", pad_multiple), _positive_int("prefill_chunk",
                                                                                               prefill_chunk)
     tree = _as_tree(prompts_or_tree, max_depth)
@@ -432,15 +440,17 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     if not np.issubdtype(raw.dtype, np.integer) or raw.ndim > 1 or (raw.ndim == 1 and raw.shape != (B,)):
         raise ValueError(f"max_new_tokens must be an integer or one integer per sequence ({B}), got "
                          f"{max_new_tokens!r}")
-    budgets = np.broadcast_to(raw.astype(np.int64), (B,))
-    if (budgets < 1).any():
-        raise ValueError(f"max_new_tokens must be >= 1, got {int(budgets.min())}")
+    if (raw < 1).any():
+        raise ValueError(f"max_new_tokens must be >= 1, got {int(raw.min())}")
+    # past the int32 range is past any model's length (refused below); the cast must not wrap it
+    given = np.broadcast_to(raw, (B,))
+    budgets = np.minimum(given, 2**31 - 1).astype(np.int64)
     N = int(budgets.max())
     config = _longrope_choice(config, tree)
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
         if total + budgets[b] > config.max_length + _last_token_unused:
-            raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(budgets[b])} exceeds the "
+            raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(given[b])} exceeds the "
                              f"model's {_length_limit(config)}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
         ids = np.asarray(part, np.int64)
@@ -448,10 +458,9 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
             bad = ids[(ids < 0) | (ids >= config.vocab_size)][0]
             raise ValueError(f"token id {bad} outside the vocabulary [0, {config.vocab_size})")
     eos = tuple(config.eos_token_ids if eos_ids is None else _id_list("eos_ids", eos_ids, config.vocab_size))
-    extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size) for b, s in enumerate(stop_tokens)]
+    extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size)
+              for b, s in enumerate(_stop_entries(stop_tokens, B, "sequence"))]
              if stop_tokens is not None else [[] for _ in range(B)])
-    if len(extra) != B:
-        raise ValueError(f"stop_tokens has {len(extra)} entries, expected one per sequence ({B})")
     K = max(1, max(len(eos) + len(s) for s in extra))
     stops = np.full((B, K), -1, np.int32)
     for b, s in enumerate(extra):
@@ -473,8 +482,30 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         cache=cache, logits=logits, positions=positions,
         tokens=jnp.full((B, N), pad, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
         lengths=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32),
-        key=jax.random.key(seed), max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops),
+        key=key, max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops),
         mode=mode, pad_id=pad, long_rope=config.rope_scaling is not None and config.rope_scaling.use_long)
+
+
+def _key(seed) -> jax.Array:
+    """The sampling key of ``seed``; ``ValueError`` naming it where it is not an integer JAX takes (64 bits)."""
+    try:
+        if not _is_int(seed):
+            raise TypeError
+        return jax.random.key(seed)
+    except (TypeError, OverflowError):
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63) (the sampling key's seed), got "
+                         f"{seed!r}") from None
+
+
+def _stop_entries(stop_tokens, count: int, what: str) -> list:
+    """``stop_tokens`` as a list of ``count`` entries (each checked by ``_id_list``); ``ValueError`` otherwise."""
+    arrays = (np.ndarray, jax.Array)
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, (Sequence, *arrays)) or (
+            isinstance(stop_tokens, arrays) and stop_tokens.ndim != 2):
+        raise ValueError(f"stop_tokens must be a list of stop-id lists, one per {what}, got {stop_tokens!r}")
+    if len(stop_tokens) != count:
+        raise ValueError(f"stop_tokens has {len(stop_tokens)} entries, expected one per {what} ({count})")
+    return list(stop_tokens)
 
 
 def _length_limit(config: LlamaConfig) -> str:
@@ -600,8 +631,10 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     _check_state(model, state, "decode")
     sampling = SamplingConfig.make(sampling)
-    if isinstance(num_steps, numbers.Integral):  # more than int32 holds: as many as the tokens left (the loop's cap)
+    if not isinstance(num_steps, jax.core.Tracer):  # more than int32 holds: as many as the tokens left (the cap)
         num_steps = min(int(num_steps), 2**31 - 1)
+    elif jnp.iinfo(num_steps.dtype).max > 2**31 - 1:  # traced, wider than int32: clipped, not wrapped, by the cast
+        num_steps = jnp.clip(num_steps, 0, 2**31 - 1)
     config = model.config.with_long_rope(state.long_rope)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=config, sampling=sampling, backend=backend,
                        mesh=model.mesh)
@@ -682,13 +715,15 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     """
     _check_mode(mode)
     sampling = SamplingConfig.make(sampling)
-    chunk_steps = _positive_int("chunk_steps", chunk_steps)
+    chunk_steps = min(_positive_int("chunk_steps", chunk_steps), 2**31 - 1)  # more: as many as the tokens left
     num_samples = _positive_int("num_samples", num_samples)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     token_prompts = _tokenize(prompts, tokenizer)
     sequences = expand_samples(token_prompts, num_samples)
     if tree is None:
         tree = build_sharing_tree(sequences, max_depth=max_depth)
+    elif not isinstance(tree, SharingTree):
+        raise ValueError(f"tree must be a SharingTree (models.build_sharing_tree) or None, got {type(tree).__name__}")
     elif (spelled := [list(tree.prompt(b)) for b in range(tree.num_sequences)]) != [list(s) for s in sequences]:
         if len(spelled) != len(sequences):
             why = f"it has {len(spelled)} sequences, the prompts x num_samples {len(sequences)}"
@@ -698,11 +733,12 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
             why = f"sequence {b} is {short(spelled[b])} in the tree, {short(sequences[b])} in the prompts"
         raise ValueError(f"the given tree does not spell the prompts x num_samples sequences: {why}")
     if stop_tokens is not None:
-        if len(stop_tokens) != len(token_prompts):
-            raise ValueError(f"stop_tokens has {len(stop_tokens)} entries, expected one per prompt "
-                             f"({len(token_prompts)})")
         stop_tokens = [_id_list(f"stop_tokens[{i}]", s, model.config.vocab_size)
-                       for i, s in enumerate(stop_tokens) for _ in range(num_samples)]
+                       for i, s in enumerate(_stop_entries(stop_tokens, len(token_prompts), "prompt"))
+                       for _ in range(num_samples)]
+    if eos_ids is not None:  # checked before any call (the longrope calls read it first)
+        eos_ids = _id_list("eos_ids", eos_ids, model.config.vocab_size)
+    _key(seed)
 
     context = model.config.longrope_context
     if context is not None and (any(len(q) <= context < len(q) + max_new_tokens for q in sequences)

@@ -261,6 +261,15 @@ def test_longrope_calls_combine_their_decode_rates(monkeypatch, first_chunks, ra
     assert g.stats["decode_tokens_per_s"] == pytest.approx(rate)
 
 
+def test_longrope_calls_name_bad_eos_ids_first():
+    """Sequences that cross the longrope context generate in two calls, which read eos_ids before any prefill:
+    a bad one is named there as in one call (it was a bare TypeError)."""
+    m = model("hf_phi4_partial")  # longrope context 32
+    for eos, crossing in ((5, 6), (5, 1), ([None], 6)):
+        with pytest.raises(ValueError, match=r"eos_ids must be a sequence of token ids in \[0, \d+\), got"):
+            generate(m, [[1] * 30], max_new_tokens=crossing, sampling="greedy", eos_ids=eos)
+
+
 @pytest.mark.parametrize("name", ["hf_phi3_longrope", "hf_phi4_partial"])
 @pytest.mark.parametrize("mode", ["hydragen", pytest.param("standard", marks=pytest.mark.slow)])
 def test_longrope_prompts_past_the_pretraining_context_match_transformers(name, mode):

@@ -204,6 +204,17 @@ def test_top_p_mask():
     assert keep(1.0) == [True, True, True, True]
 
 
+def test_sample_at_small_temperatures_and_huge_logits_takes_the_largest_logit():
+    """Scaled by a small temperature, or large to begin with, the logits must not overflow to ties of +inf, which
+    would take the first index instead of the largest logit."""
+    key = jax.random.key(0)
+    for logits, temperature in (([10.0, 20.0, 5.0, -3.0], 1e-37), ([10.0, 20.0, 5.0, -3.0], 1.2e-38),
+                                ([3e38, 3.3e38, -3e38, 0.0], 0.5)):
+        for options in ({}, dict(top_k=2), dict(top_p=0.9)):
+            tok, _ = sample(jnp.array([logits]), key, SamplingConfig(temperature, **options))
+            assert int(tok[0]) == 1, (logits, temperature, options)
+
+
 def test_sample_distribution_and_options():
     logits = jnp.tile(jnp.array([[0.0, 1.0, 2.0, 0.5]]), (20000, 1))
     key = jax.random.key(0)
@@ -358,6 +369,9 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
     (dict(prompts=(p for p in [[1, 2]])), "prompts must be a list of prompts .*got generator"),
     (dict(seed=1.5), "seed must be an integer .*got 1.5"),
     (dict(seed=None), "seed must be an integer .*got None"),
+    (dict(seed=2**63), r"seed must be an integer in \[-2\*\*63, 2\*\*63\) .*got 9223372036854775808"),  # before prefill
+    (dict(stop_tokens=5), "stop_tokens must be a list of stop-id lists, one per prompt, got 5"),
+    (dict(tree=[[1, 2, 3], [1, 2, 4]]), r"tree must be a SharingTree \(models.build_sharing_tree\) or None, got list"),
 ])
 def test_bad_input(model, kwargs, match):
     args = dict(prompts=[[1, 2, 3], [1, 2, 4]], max_new_tokens=4)
@@ -403,12 +417,20 @@ def test_numpy_and_jax_integers_are_integers(model):
     (dict(pad_multiple=-16), "pad_multiple must be a positive integer, got -16"),  # gave caches of capacity 0
     (dict(max_new_tokens=1.5), r"max_new_tokens must be an integer or one integer per sequence \(2\), got 1.5"),
     (dict(max_new_tokens=[3, 4, 5]), r"max_new_tokens must be an integer or one integer per sequence \(2\)"),
+    # the budget as given, not wrapped by a cast to a narrower type
+    (dict(max_new_tokens=np.array([2**63, 2], np.uint64)), r"sequence 0: prompt of 6 tokens \+ max_new_tokens "
+                                                          r"9223372036854775808 exceeds"),
+    (dict(stop_tokens=5), "stop_tokens must be a list of stop-id lists, one per sequence, got 5"),
+    (dict(stop_tokens=[[1]] * 3), r"stop_tokens has 3 entries, expected one per sequence \(2\)"),
+    (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    (dict(prompts_or_tree="hello"), r"prompts_or_tree must be a SharingTree or a list of token-id prompts .*got "
+                                    r"'hello' \(text: encode it first"),
 ])
 def test_prefill_bad_input(model, kwargs, match):
-    args = dict(max_new_tokens=4)
+    args = dict(prompts_or_tree=[[5, 6, 7, 8, 9, 10], [5, 6, 7]], max_new_tokens=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        prefill(model, [[5, 6, 7, 8, 9, 10], [5, 6, 7]], **args)
+        prefill(model, **args)
 
 
 def test_decode_and_sampling_bad_input(model):
@@ -419,10 +441,17 @@ def test_decode_and_sampling_bad_input(model):
             decode(model, prefill(model, [[1, 2, 3]], 4), steps)
     state = decode(model, prefill(model, [[1, 2, 3]], 4), np.int64(2))
     assert int(state.step) == 2
+    # counts past int32 as 0-d arrays too: as many steps as are left (not wrapped to 0 or below by the cast)
+    for steps in (np.array(2**40), jnp.uint32(2**31), np.array(2**31, np.uint32)):
+        assert int(decode(model, prefill(model, [[1, 2, 3]], 3), steps).step) == 3, steps
     assert SamplingConfig(top_k=np.int64(5), temperature=np.float32(0.5)) == SamplingConfig(0.5, 5)
     for kwargs, match in ((dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
-                          (dict(temperature=True), "temperature must be a number >= 0, got True"),
-                          (dict(temperature=float("nan")), "temperature must be a number >= 0, got nan"),
+                          (dict(temperature=True), "temperature must be 0 .*got True"),
+                          (dict(temperature=float("nan")), "temperature must be 0 .*got nan"),
+                          # below float32's normals the scaled logits lose their order (a subnormal flushes to 0)
+                          (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or a finite number of at "
+                                                    r"least 1.18e-38 \(float32's smallest normal\), got 1e-40"),
+                          (dict(temperature=float("inf")), "temperature must be 0 .*got inf"),
                           (dict(top_p=0), r"top_p must be in \(0, 1\], got 0")):
         with pytest.raises(ValueError, match=match):
             SamplingConfig(**kwargs)
