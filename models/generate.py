@@ -22,6 +22,7 @@ throughput upper bound for benchmarks only, its text is meaningless).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import time
@@ -166,6 +167,16 @@ class DecodeState:
     mode: str = struct.field(pytree_node=False, default="hydragen")
     pad_id: int = struct.field(pytree_node=False, default=0)
     long_rope: bool = struct.field(pytree_node=False, default=False)
+
+
+def _in_32_bits(fn):
+    """``fn`` traced and run as without ``jax_enable_x64``: the models' positions, lengths, cache slots and steps
+    are 32-bit (with the mode on, Python ints would trace as int64 beside them)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with jax.enable_x64(False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _is_int(x) -> bool:
@@ -413,6 +424,7 @@ def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
     return build_sharing_tree(prompts, max_depth=max_depth)
 
 
+@_in_32_bits
 def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
             *, mode: str = "hydragen", eos_ids: Sequence[int] | None = None,
             stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, backend: str | None = None,
@@ -620,6 +632,7 @@ def _devices(x) -> set[int] | None:
     return {d.id for d in x.sharding.device_set}
 
 
+@_in_32_bits
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
            backend: str | None = None) -> DecodeState:
     """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
@@ -640,6 +653,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
                        mesh=model.mesh)
 
 
+@_in_32_bits
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
     _check_state(model, state, "compile_decode")
@@ -691,6 +705,7 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
     return out
 
 
+@_in_32_bits
 def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int = 64, sampling=None,
              mode: str = "hydragen", tokenizer=None, eos_ids: Sequence[int] | None = None,
              stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, tree: SharingTree | None = None,

@@ -167,6 +167,18 @@ def test_compiler_options_leave_to_xla_flags_what_they_set():
                     "--xla_gpu_dot_merger_threshold_mb": "['xla_gpu_command_buffer_scheduling_mode']"}
 
 
+def test_generation_under_jax_enable_x64_is_the_same(model):
+    """With jax_enable_x64 on (a user's process may need it), generate, prefill and decode run as without it (the
+    models are 32-bit: Python ints traced as int64 beside their int32 positions failed)."""
+    prompts = [[1, 2, 3, 4], [1, 2, 3, 5]]
+    want = generate(model, prompts, max_new_tokens=3, backend="interpret").tokens
+    with jax.enable_x64(True):
+        got = generate(model, prompts, max_new_tokens=3, backend="interpret").tokens
+        state = decode(model, prefill(model, prompts, 3), 3)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(state.tokens), want)
+
+
 def test_explicit_tree_equals_auto(model):
     prompts = fewshot_prompts(seed=4)
     seqs = expand_samples(prompts, 2)
