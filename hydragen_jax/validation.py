@@ -149,15 +149,16 @@ def check_same(name_a: str, a, name_b: str, b) -> None:
 
 def check_kernel_backend(name: str, x, backend: str) -> None:
   """The kernel backends take 16- and 32-bit floats (float64, with `jax_enable_x64`, only on "xla"); they trace
-  as 32-bit under `jax_enable_x64`, except "interpret-mosaic": Mosaic GPU's interpreter evaluates the kernel when
-  the step runs, under the process's 64-bit setting, where its loops' 32-bit counters no longer type-check."""
+  as 32-bit under `jax_enable_x64` (`api._attend`). "interpret-mosaic" refuses the mode: Mosaic GPU's interpreter
+  evaluates the kernel when the step runs, in a callback, where the mode set by `jax.enable_x64(True)` makes its
+  loops' 32-bit counters fail to type-check (set globally it ran; the refusal does not depend on how it was set)."""
   if backend != "xla" and x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"backend={backend!r} runs the Pallas kernels, which take float32, bfloat16 or float16; got "
                      f"{name} {x.dtype} (backend='xla' takes any floating dtype).")
   if backend == "interpret-mosaic" and jax.config.jax_enable_x64:
     raise ValueError("backend='interpret-mosaic' does not run with jax_enable_x64 on (Mosaic GPU's interpreter "
-                     "evaluates the kernel in 64-bit integers); on a CPU use 'interpret' (the Triton kernels "
-                     "interpreted) or 'xla', on a Hopper GPU 'mosaic'.")
+                     "evaluates the kernel at run time, where the mode breaks its 32-bit loops); on a CPU use "
+                     "'interpret' (the Triton kernels interpreted) or 'xla', on a Hopper GPU 'mosaic'.")
 
 
 def check_heads(q_name: str, q, kv_name: str, kv) -> None:

@@ -415,7 +415,8 @@ def _token_ids(prompt, i: int, arg: str) -> list[int]:
 def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
     if isinstance(prompts_or_tree, SharingTree):
         return prompts_or_tree
-    if isinstance(prompts_or_tree, (str, bytes)) or not isinstance(prompts_or_tree, (Sequence, np.ndarray)):
+    if isinstance(prompts_or_tree, (str, bytes)) or not isinstance(prompts_or_tree, (Sequence, np.ndarray,
+                                                                                      jax.Array)):
         what = repr(prompts_or_tree)[:60] if isinstance(prompts_or_tree, (str, bytes)) else type(
             prompts_or_tree).__name__
         raise ValueError(f"prompts_or_tree must be a SharingTree or a list of token-id prompts (one a sequence), got "
@@ -499,14 +500,12 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 
 
 def _key(seed) -> jax.Array:
-    """The sampling key of ``seed``; ``ValueError`` naming it where it is not an integer JAX takes (64 bits)."""
-    try:
-        if not _is_int(seed):
-            raise TypeError
-        return jax.random.key(seed)
-    except (TypeError, OverflowError):
-        raise ValueError(f"seed must be an integer in [-2**63, 2**63) (the sampling key's seed), got "
-                         f"{seed!r}") from None
+    """The sampling key of ``seed`` (JAX's: seeds that agree in their low 32 bits give the same key); ``ValueError``
+    naming it where it is not an integer in JAX's range of seeds, [-2**63, 2**63)."""
+    if not _is_int(seed) or not -2**63 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63) (the sampling key's seed; JAX keeps its low "
+                         f"32 bits), got {seed!r}")
+    return jax.random.key(seed)
 
 
 def _stop_entries(stop_tokens, count: int, what: str) -> list:
@@ -632,7 +631,6 @@ def _devices(x) -> set[int] | None:
     return {d.id for d in x.sharding.device_set}
 
 
-@_in_32_bits
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
            backend: str | None = None) -> DecodeState:
     """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
@@ -642,12 +640,19 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     """
     if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
-    _check_state(model, state, "decode")
-    sampling = SamplingConfig.make(sampling)
     if not isinstance(num_steps, jax.core.Tracer):  # more than int32 holds: as many as the tokens left (the cap)
         num_steps = min(int(num_steps), 2**31 - 1)
-    elif jnp.iinfo(num_steps.dtype).max > 2**31 - 1:  # traced, wider than int32: clipped, not wrapped, by the cast
+    elif jnp.iinfo(num_steps.dtype).max > 2**31 - 1:  # traced and wider than int32 (uint32; int64 with
+        # jax_enable_x64): clipped in its own type, here, before the 32-bit step below would wrap it
         num_steps = jnp.clip(num_steps, 0, 2**31 - 1)
+    return _decode_32(model, state, num_steps, sampling=sampling, backend=backend)
+
+
+@_in_32_bits
+def _decode_32(model: Llama, state: DecodeState, num_steps, *, sampling, backend) -> DecodeState:
+    """``decode`` once its step count fits int32."""
+    _check_state(model, state, "decode")
+    sampling = SamplingConfig.make(sampling)
     config = model.config.with_long_rope(state.long_rope)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=config, sampling=sampling, backend=backend,
                        mesh=model.mesh)

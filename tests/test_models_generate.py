@@ -177,6 +177,13 @@ def test_generation_under_jax_enable_x64_is_the_same(model):
         state = decode(model, prefill(model, prompts, 3), 3)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.asarray(state.tokens), want)
+    # a traced 64-bit step count past int32 is clipped in its own type before the 32-bit loop (not wrapped:
+    # 2^32 + 1 would run 1 step, 2^40 none), a negative one to 0 steps
+    with jax.enable_x64(True):
+        run = jax.jit(lambda st, n: decode(model, st, n))
+        for steps, taken in ((jnp.int64(2**40), 3), (jnp.int64(2**32 + 1), 3), (jnp.uint64(2**33), 3),
+                             (jnp.int64(-2**32 + 2), 0)):
+            assert int(run(prefill(model, prompts, 3), steps).step) == taken, steps
 
 
 def test_explicit_tree_equals_auto(model):
@@ -382,6 +389,8 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
     (dict(seed=1.5), "seed must be an integer .*got 1.5"),
     (dict(seed=None), "seed must be an integer .*got None"),
     (dict(seed=2**63), r"seed must be an integer in \[-2\*\*63, 2\*\*63\) .*got 9223372036854775808"),  # before prefill
+    (dict(seed=np.uint64(2**64 - 1)), r"seed must be an integer in \[-2\*\*63, 2\*\*63\) \(the sampling key's seed; "
+                                      r"JAX keeps its low 32 bits\)"),
     (dict(stop_tokens=5), "stop_tokens must be a list of stop-id lists, one per prompt, got 5"),
     (dict(tree=[[1, 2, 3], [1, 2, 4]]), r"tree must be a SharingTree \(models.build_sharing_tree\) or None, got list"),
 ])
@@ -420,6 +429,7 @@ def test_numpy_and_jax_integers_are_integers(model):
     want = generate(model, rows, max_new_tokens=2).tokens
     for prompts in (np.array(rows), jnp.array(rows, jnp.int32)):
         np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=2).tokens, want)
+        np.testing.assert_array_equal(np.asarray(decode(model, prefill(model, prompts, 2), 2).tokens), want)
 
 
 @pytest.mark.parametrize("kwargs, match", [
