@@ -758,7 +758,6 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
                        for _ in range(num_samples)]
     if eos_ids is not None:  # checked before any call (the longrope calls read it first)
         eos_ids = _id_list("eos_ids", eos_ids, model.config.vocab_size)
-    _key(seed)
 
     context = model.config.longrope_context
     if context is not None and (any(len(q) <= context < len(q) + max_new_tokens for q in sequences)
