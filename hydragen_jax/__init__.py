@@ -1,18 +1,22 @@
 """hydragen-jax: exact attention for batches of sequences that share prefixes (Hydragen, arXiv 2402.05099).
 
-Public API: `attention`, `merge_states`, `hydragen_attention`, `tree_attention`, `Level`, `default_backend`.
+Public API: `attention`, `merge_states`, `hydragen_attention`, `tree_attention`, `tree_attention_append`,
+`append_in_launch`, `Level`, `default_backend`.
 """
 
-from hydragen_jax.api import Level, attention, hydragen_attention, merge_states, tree_attention
+from hydragen_jax.api import (Level, append_in_launch, attention, hydragen_attention, merge_states, tree_attention,
+                              tree_attention_append)
 from hydragen_jax.validation import BACKENDS, default_backend
 
 __all__ = [
     "BACKENDS",
     "Level",
+    "append_in_launch",
     "attention",
     "default_backend",
     "hydragen_attention",
     "merge_states",
     "tree_attention",
+    "tree_attention_append",
 ]
 __version__ = "0.1.0"

@@ -109,9 +109,11 @@ def _reference_level(q, level: Level, *, causal: bool, batched: bool, scale: flo
   return reference.attention(q, k, v, lengths, causal=causal, scale=scale)
 
 
-def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch: bool, fill: bool = True):
+def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch: bool, fill: bool = True,
+                 new=None):
   """The level as work for the Pallas kernel; KV rows are addressed in place (layer offset, node index); fill:
-  whether its tiling may take the tuning's `split_min_fill` (`pallas_ops.launch_fill`).
+  whether its tiling may take the tuning's `split_min_fill` (`pallas_ops.launch_fill`); new: the step's new keys
+  `(new_k, new_v, new_tokens)` for the launch to read and write (a per-sequence level of the sequences' own rows).
 
   Traced indices are clamped here, in the index arithmetic that runs anyway (layer offset, node gather, grouping);
   the kernels clamp lengths and KV rows themselves."""
@@ -132,32 +134,39 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
                               causal=causal, shared_launch=shared_launch, fill=fill)
   if identity:
     return pallas_ops.per_sequence(q, k, v, lengths, kv_offset=offset, causal=causal, shared_launch=shared_launch,
-                                   fill=fill)
+                                   fill=fill, new=new)
   if not isinstance(nodes, np.ndarray):  # a traced gather: numpy lengths (known now) must become a jnp array first
     lengths = jnp.asarray(lengths)
   return pallas_ops.per_sequence(q, k, v, lengths[nodes], offset + nodes, causal=causal,
                                  shared_launch=shared_launch, fill=fill)
 
 
+def _hopper_runs(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], backend: str) -> bool:
+  """Whether the Hopper kernel runs a step: not where the levels are not its case (one prefix node shared by the
+  whole batch and batched, then each sequence's own causal suffix, no layer axis, shapes `hopper.supported`
+  takes), nor with backend "pallas" where the Triton kernels are as fast (`validation.hopper_pays`), nor with
+  "mosaic" on a GPU that is not a Hopper (its wgmma and TMA need one: Triton runs instead, as documented)."""
+  if backend not in ("mosaic", "interpret-mosaic", "pallas") or (backend == "mosaic" and check.gpu_without_hopper()):
+    return False
+  if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:
+    return False
+  prefix, suffix = levels
+  if prefix.k.shape[0] != 1 or suffix.seq_to_node is not None or prefix.layer is not None or suffix.layer is not None:
+    return False
+  prefix_k = prefix.k[0]  # [P, Hkv, D]
+  if hopper.supported(q, prefix_k, suffix.k) is not None:
+    return False
+  return backend != "pallas" or check.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0])
+
+
 def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
                   backend: str):
   """The parts of a Hydragen step by the Hopper kernel (the prefix's, one a key split, and the suffixes'), or None
-  where it does not run: levels that are not its case (one prefix node shared by the whole batch and batched, then
-  each sequence's own causal suffix, no layer axis, shapes `hopper.supported` takes), or backend "pallas" where the
-  Triton kernels are as fast (`validation.hopper_pays`), or "mosaic" on a GPU that is not a Hopper (its wgmma and
-  TMA need one: Triton runs instead, as documented)."""
-  if backend not in ("mosaic", "interpret-mosaic", "pallas") or (backend == "mosaic" and check.gpu_without_hopper()):
-    return None
-  if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:
+  where it does not run (`_hopper_runs`)."""
+  if not _hopper_runs(q, levels, causal=causal, batched=batched, backend=backend):
     return None
   prefix, suffix = levels
-  if prefix.k.shape[0] != 1 or suffix.seq_to_node is not None or prefix.layer is not None or suffix.layer is not None:
-    return None
   prefix_k = prefix.k[0]  # [P, Hkv, D]
-  if hopper.supported(q, prefix_k, suffix.k) is not None:
-    return None
-  if backend == "pallas" and not check.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0]):
-    return None
   return list(hopper.prefix_suffix_attention(q, prefix_k, prefix.v[0], prefix.lengths[0], suffix.k, suffix.v,
                                              suffix.lengths, scale=scale, interpret=backend == "interpret-mosaic"))
 
@@ -181,23 +190,28 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
 
 
 def _kernel_stacks(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
-                   backend: str):
-  """`_attend` on the kernel backends."""
+                   backend: str, new=None):
+  """`_attend` on the kernel backends. new: `(new_k, new_v, new_tokens)` of the last level, which the Triton
+  launch reads and writes (`tree_attention_append`); then returns (the stacks, the written `(k, v)`)."""
   rows = q.shape[0] * q.shape[1] * q.shape[2]
   parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
   if parts is not None:
     return [_one(reference.merge_states(parts))]
-  plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1)
-           for level, c, b in zip(levels, causal, batched)]
+  news = [None] * (len(levels) - 1) + [new]
+  plans = [_kernel_plan(q, level, causal=c, batched=b, shared_launch=len(levels) > 1, new=n)
+           for level, c, b, n in zip(levels, causal, batched, news)]
   if len(levels) > 1 and tuning_lib.current().split_min_fill < 1:  # the split rule is the launch's
     present = [i for i, plan in enumerate(plans) if plan is not None]
     fills = pallas_ops.launch_fill([pallas_ops.plan_level(plans[i], q.shape) for i in present])
     for i, keep in zip(present, fills):
       if not keep:  # tiled again without it
-        plans[i] = _kernel_plan(q, levels[i], causal=causal[i], batched=batched[i], shared_launch=True, fill=False)
-  stacks = pallas_ops.run(q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True,
-                          merge=merge_kernel.method(rows, q.shape[-1], tuning_lib.current()) == "launch")
-  return stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
+        plans[i] = _kernel_plan(q, levels[i], causal=causal[i], batched=batched[i], shared_launch=True, fill=False,
+                                new=news[i])
+  stacks, written = pallas_ops.run_write(
+      q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True,
+      merge=merge_kernel.method(rows, q.shape[-1], tuning_lib.current()) == "launch")
+  stacks = stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
+  return stacks if new is None else (stacks, written)
 
 
 def _one(part):
@@ -295,6 +309,17 @@ def tree_attention(
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   check.check_flag("checked", checked)
+  validated, causal, batched = _tree_levels(q, levels, batch_shared, checked)
+  backend = check.resolve_backend(backend)
+  check.check_kernel_backend("q", q, backend)
+  stacks = _attend(q, validated, causal=causal, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)
+  out, _ = _merge(stacks, backend)
+  return out.astype(q.dtype)
+
+
+def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], list[bool], list[bool]]:
+  """`tree_attention`'s levels checked (ValueError naming the argument), with their lengths and indices as the
+  kernels take them; and per level whether it is causal (the last) and read batched."""
   if isinstance(levels, Level):
     raise ValueError("levels must be a sequence of Level, root to leaf (the last one the per-sequence suffixes); "
                      "got one Level: pass [level].")
@@ -337,11 +362,96 @@ def tree_attention(
       raise ValueError(f"batch_shared={batch_shared!r}: expected a bool, or one bool per shared level "
                        f"({len(levels) - 1} for {len(levels)} levels)")
     batched = [bool(b) for b in batched] + [False]
+  return validated, last, batched
+
+
+def _append_in_launch(q, levels: Sequence[Level], causal, batched, backend: str) -> bool:
+  """Whether `tree_attention_append`'s launch writes the new keys itself: on the Triton kernels (a kernel backend
+  where the Hopper kernel does not take the step), with queries, a leaf of the sequences' own caches (no
+  seq_to_node, no layer axis) and a capacity."""
+  leaf = levels[-1]
+  return (backend != "xla" and math.prod(q.shape[:3]) > 0 and leaf.seq_to_node is None and leaf.layer is None
+          and leaf.k.shape[1] > 0 and not _hopper_runs(q, levels, causal=causal, batched=batched, backend=backend))
+
+
+def append_in_launch(q: Array, levels: Sequence[Level], *, backend: str | None = None,
+                     batch_shared: bool | Sequence[bool] = True) -> bool:
+  """Whether `tree_attention_append` with these arguments writes the new keys inside the attention's launch (the
+  Triton kernels), rather than by a scatter before it (the `xla` backend, the Hopper kernel's steps, a leaf with
+  seq_to_node or a layer axis). A caller with a faster write of its own (one scatter of both caches, say) can keep
+  it where this is False. Arguments as `tree_attention`'s."""
+  check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  validated, causal, batched = _tree_levels(q, levels, batch_shared, False)
+  return _append_in_launch(q, validated, causal, batched, check.resolve_backend(backend))
+
+
+def tree_attention_append(
+    q: Array,
+    levels: Sequence[Level],
+    new_k: Array,
+    new_v: Array,
+    *,
+    new_tokens: Array | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    batch_shared: bool | Sequence[bool] = True,
+    checked: bool = False,
+) -> tuple[Array, Array, Array]:
+  """A decode step's cache write and attention in one: the step's new keys and values are appended to each
+  sequence's cache (the last level), then `tree_attention` attends over every level, the new keys included.
+
+  Equal to `reference.append(leaf.k, leaf.v, new_k, new_v, leaf.lengths, new_tokens)` followed by `tree_attention`
+  with the leaf's lengths + new_tokens. On the Triton kernels (`append_in_launch`) the attention's launch does the
+  write: the programs that read the new keys take them from new_k and new_v and store them into the caches, so the
+  step has no write launch; elsewhere a scatter writes them first.
+
+  Args:
+    q: `[B, T, Hq, D]`, the T query slots of each sequence (right-aligned: sequence b's new_tokens[b] real tokens
+      are its last slots).
+    levels: as `tree_attention`'s; the last is the sequences' own caches: `k, v [B, S, Hkv, D]`, seq_to_node None,
+      no layer axis, lengths `[B]` the entries held before this step.
+    new_k, new_v: `[B, T, Hkv, D]` the step's keys and values (cast to the caches' dtype).
+    new_tokens: `[B]` real slots of each sequence, in [0, T] (default T). Entries that would land at or past S are
+      dropped (and the attention reads S keys), as traced out-of-range values are clamped (module docstring).
+    scale, backend, batch_shared, checked: as `tree_attention`'s (checked also covers new_tokens).
+
+  Returns:
+    out `[B, T, Hq, D]` in q.dtype, and the leaf's written k and v caches. Under jit, in place where XLA can give
+    the write the caches' buffers (a decode loop's carries, donated arguments); else XLA copies them first.
+  """
+  check.check_rank("q", q, 4, "[B, T, Hq, D]")
+  check.check_flag("checked", checked)
+  validated, causal, batched = _tree_levels(q, levels, batch_shared, checked)
+  leaf = validated[-1]
+  name = f"levels[{len(levels) - 1}]"
+  if given := [field for field in ("seq_to_node", "layer") if getattr(leaf, field) is not None]:
+    raise ValueError(f"tree_attention_append writes the last level, which must be the sequences' own caches "
+                     f"[B, S, Hkv, D]; {name} has {' and '.join(given)} set: expected None.")
+  b, t = q.shape[:2]
+  hkv, d = leaf.k.shape[2:]
+  check.check_rank("new_k", new_k, 4, "[B, T, Hkv, D]")
+  check.check_same("new_k", new_k, "new_v", new_v)
+  if new_k.shape != (b, t, hkv, d):
+    raise ValueError(f"new_k {new_k.shape}: expected [B, T, Hkv, D] = {(b, t, hkv, d)} (q's B and T, {name}.k's "
+                     "Hkv and D).")
+  counts = check.lengths_or_full("new_tokens", new_tokens, b, t, checked)
   backend = check.resolve_backend(backend)
   check.check_kernel_backend("q", q, backend)
-  stacks = _attend(q, validated, causal=last, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)
+  scale = _scale(scale, q.shape[-1])
+  old = jnp.clip(leaf.lengths, 0, leaf.k.shape[1])  # traced lengths clamped (module docstring)
+  total = old + counts  # at most S + T: the entries past S are dropped, the attention clamps to S
+  if _append_in_launch(q, validated, causal, batched, backend):
+    with jax.enable_x64(False):  # as `_attend`
+      stacks, written = _kernel_stacks(q, validated[:-1] + [dataclasses.replace(leaf, lengths=total)],
+                                       causal=causal, batched=batched, scale=scale, backend=backend,
+                                       new=(new_k, new_v, counts))
+    k_cache, v_cache = written
+  else:
+    k_cache, v_cache = reference.append(leaf.k, leaf.v, new_k, new_v, old, counts)
+    leaf = dataclasses.replace(leaf, k=k_cache, v=v_cache, lengths=total)
+    stacks = _attend(q, validated[:-1] + [leaf], causal=causal, batched=batched, scale=scale, backend=backend)
   out, _ = _merge(stacks, backend)
-  return out.astype(q.dtype)
+  return out.astype(q.dtype), k_cache, v_cache
 
 
 def hydragen_attention(

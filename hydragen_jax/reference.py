@@ -134,3 +134,32 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
              for (o, _), w in zip(states, weights)), jnp.zeros((), jnp.float32))
   lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
   return out.astype(states[0][0].dtype), lse
+
+
+def write_positions(lengths: Array, new_tokens: Array, num_slots: int, capacity: int) -> Array:
+  """Cache position of each of a step's T query slots `[B, T]`: sequence b's new_tokens[b] real tokens are its last
+  slots (right-aligned) and go to positions lengths[b], lengths[b] + 1, …; a padding slot t, and a slot whose
+  position is at or past the capacity, gets capacity + t (past the end: dropped; distinct within a row)."""
+  t = jnp.arange(num_slots)[None, :]
+  pos = lengths[:, None] + t - (num_slots - new_tokens[:, None])
+  return jnp.where((t >= num_slots - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
+
+
+def append(k_cache: Array, v_cache: Array, k: Array, v: Array, lengths: Array, new_tokens: Array
+           ) -> tuple[Array, Array]:
+  """A step's new keys and values written into per-sequence caches, after their valid entries.
+
+  Args:
+    k_cache, v_cache: `[B, S, Hkv, D]`, lengths[b] valid entries each.
+    k, v: `[B, T, Hkv, D]` the step's; sequence b's last new_tokens[b] slots are real (`write_positions`).
+    lengths, new_tokens: `[B]`.
+
+  Returns:
+    The caches with the real slots at positions lengths[b] … lengths[b] + new_tokens[b] - 1 (those below S; the
+    rest dropped), in the caches' dtype.
+  """
+  b, t = k.shape[:2]
+  pos = write_positions(lengths, new_tokens, t, k_cache.shape[1])
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  return (k_cache.at[rows, pos].set(k.astype(k_cache.dtype), mode="drop"),
+          v_cache.at[rows, pos].set(v.astype(v_cache.dtype), mode="drop"))

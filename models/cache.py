@@ -37,6 +37,7 @@ from flax import struct
 
 import hydragen_jax
 from hydragen_jax import Level
+from hydragen_jax import reference as hydragen_reference
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.validation import batching_pays, resolve_backend
 from models import kv_write, pair_scatter
@@ -108,10 +109,9 @@ def empty_layers(num_layers: int, shape: tuple[int, ...], dtype, sharding=None) 
 
 def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity: int) -> jax.Array:
     """Cache slot of each right-aligned query slot ``[B, T]``; padding slot t and slots past the capacity get
-    ``capacity + t`` (past the end: dropped; distinct within a row, so (row, slot) pairs never repeat)."""
-    t = jnp.arange(T)[None, :]
-    pos = lengths[:, None] + t - (T - new_tokens[:, None])
-    return jnp.where((t >= T - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
+    ``capacity + t`` (past the end: dropped; distinct within a row, so (row, slot) pairs never repeat): the
+    library's rule, ``hydragen_jax.reference.write_positions``."""
+    return hydragen_reference.write_positions(lengths, new_tokens, T, capacity)
 
 
 def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array, pair: bool = False
@@ -181,23 +181,32 @@ def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tun
 
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None, decode: bool = False):
     """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int. ``decode``: the decode
-    loop's (its caches are the loop's carries, written every step), where the tuning's ``pair_write`` applies;
-    prefill writes once a call, and its caches are fresh values that the pair's barrier would copy."""
+    loop's (its caches are the loop's carries, written every step), where the tuning's ``pair_write`` and
+    ``write_in_attention`` apply (the latter: the write inside the attention's launch,
+    ``hydragen_jax.tree_attention_append``, where the Triton kernels run the step); prefill writes once a call, and
+    its caches are fresh values that the pair's barrier would copy."""
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
 
     def attend(cache: Any, layer: int, q, k, v):
         if mode == "none":
             return _no_attention(q, k, v, cache.lengths), cache
+        shared = [] if mode == "standard" else cache.shared
+        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in shared]
+        batched = batched_levels(mode, q.shape[0], level_sizes(shared))
+        if decode and tuning_lib.current().write_in_attention:
+            before = levels + [Level(cache.k[layer], cache.v[layer], cache.lengths)]
+            if hydragen_jax.append_in_launch(q, before, backend=backend, batch_shared=batched):
+                out, k_new, v_new = hydragen_jax.tree_attention_append(q, before, k, v, new_tokens=new_tokens,
+                                                                       backend=backend, batch_shared=batched)
+                ks, vs = cache.k, cache.v
+                cache = cache.replace(k=ks[:layer] + (k_new,) + ks[layer + 1:], v=vs[:layer] + (v_new,) + vs[layer + 1:])
+                return out, cache
         ks, vs = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens, backend, decode)
         cache = cache.replace(k=ks, v=vs)
         own = Level(ks[layer], vs[layer], cache.lengths + new_tokens)
-        if mode == "standard":  # = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
-            return hydragen_jax.tree_attention(q, [own], backend=backend), cache
-        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in cache.shared]
-        batched = batched_levels(mode, q.shape[0], level_sizes(cache.shared))
-        out = hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched)
-        return out, cache
+        # standard: = attention(q, k, v, kv_lengths, causal=True) over each sequence's own cache
+        return hydragen_jax.tree_attention(q, levels + [own], backend=backend, batch_shared=batched), cache
 
     return attend
 

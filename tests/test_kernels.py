@@ -182,7 +182,7 @@ def test_plan_level_counts_programs_as_choose_block():
 @pytest.mark.parametrize("prefix,splits", [(4096, (4, 1)), (16384, (8, 2))])
 def test_hydragen_step_tiles_its_launch_with_the_split_rule(prefix, splits):
   """`hydragen_attention` on the kernel backends plans a step's levels with `launch_fill` (traced only: the plans
-  that reach `ops.run` are read, nothing runs)."""
+  that reach `ops.run_write` are read, nothing runs)."""
   import hydragen_jax  # noqa: PLC0415
 
   tune = dataclasses.replace(tuning.current(), split_min_fill=0.96, split_fill_max_keys=4096, balanced_keys=2048,
@@ -198,7 +198,7 @@ def test_hydragen_step_tiles_its_launch_with_the_split_rule(prefix, splits):
           jax.ShapeDtypeStruct((prefix, 32, 128), bf), jax.ShapeDtypeStruct((64, 128, 32, 128), bf),
           jax.ShapeDtypeStruct((64, 128, 32, 128), bf))
   with (tuning.override(tune), mock.patch.object(ops, "num_cores", lambda t=None: 132),
-        mock.patch.object(ops, "run", run), pytest.raises(StopIteration)):
+        mock.patch.object(ops, "run_write", run), pytest.raises(StopIteration)):
     jax.eval_shape(lambda *a: hydragen_jax.hydragen_attention(*a, backend="interpret"), *args)
   assert tuple(seen) == splits
 
@@ -443,10 +443,10 @@ def test_run_launches_with_stages_every_level_fits(monkeypatch):
 
   def record(q, works, *, specs, **kw):
     launched.append([spec.block.num_stages for spec in specs])
-    return fused_levels(q, works, specs=specs, **kw)
+    return fused_levels_write(q, works, specs=specs, **kw)
 
-  fused_levels = ops.fused_levels
-  monkeypatch.setattr(ops, "fused_levels", record)
+  fused_levels_write = ops.fused_levels_write
+  monkeypatch.setattr(ops, "fused_levels_write", record)
   keys = jax.random.split(jax.random.PRNGKey(5), 5)
   q = normal(keys[0], (4, 4, 4, 64), jnp.bfloat16)
   pk, pv = (normal(key, (1, 70, 4, 64), jnp.bfloat16) for key in keys[1:3])

@@ -184,14 +184,19 @@ def test_tensor_parallel_decode_step_reads_weight_shards_in_place(mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled Pallas kernels read the caches in place only there")
-@pytest.mark.parametrize("write_rows,pair", [(0, False), (0, True), (64, False)], ids=["scatters", "pair", "kernel"])
+@pytest.mark.parametrize("write_rows,pair,in_attention", [(0, False, False), (0, True, False), (64, False, False),
+                                                         (0, True, True)],
+                         ids=["scatters", "pair", "kernel", "in-attention"])
 @pytest.mark.parametrize("mode", ["hydragen", "shared_storage", "standard"])
-def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_rows, pair):
+def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_rows, pair, in_attention):
   """Every cache-shaped buffer the step makes is an in-place update: a fusion around a scatter (each layer's k and
   v write; one of both where the tuning's `pair_write` says: `models.pair_scatter`) or, under the tuning's
   `write_max_rows`, the cache-write kernel (`models.kv_write`: both caches of a layer, its outputs aliasing them;
-  seen as rows `[B, S, Hkv·D]`); no cache is copied or transposed: the kernels read every level where it lies."""
-  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_max_rows=write_rows, pair_write=pair)):
+  seen as rows `[B, S, Hkv·D]`), or, under `write_in_attention`, the attention's own launch (its outputs aliasing
+  the caches); no cache is copied or transposed: the kernels read every level where it lies."""
+  tune = dataclasses.replace(tuning_lib.current(), write_max_rows=write_rows, pair_write=pair,
+                             write_in_attention=in_attention)
+  with tuning_lib.override(tune):
     hlo, state = _compiled_decode(mode, jnp.bfloat16, "pallas")
   shapes = {x.shape for x in jax.tree.leaves(state.cache) if x.ndim == 4}
   shapes |= {(b, s, h * d) for b, s, h, d in shapes}
@@ -204,7 +209,12 @@ def test_decode_step_writes_caches_in_place_and_never_copies_them(mode, write_ro
   not_writes = [line for line in made
                 if line not in kernel and not (" fusion(" in line and set(_CALLS.findall(line)) & writes)]
   assert not not_writes, "\n".join(line[:200] for line in not_writes)
-  if write_rows:  # every layer writes its k and v with the kernel (2 sequences × 1 token <= 64 slots)
+  if in_attention:  # every layer's k and v written by its attention's launch (outputs aliasing them), nothing else
+    launches = [line for instrs in _top_level(comps).values() for _, op, line in instrs
+                if op == "custom-call" and "hydragen_fused_levels" in line]
+    writing = [line for line in launches if "output_to_operand_aliasing" in line]
+    assert len(writing) >= LAYERS and not made, "\n".join(line[:300] for line in launches + made)
+  elif write_rows:  # every layer writes its k and v with the kernel (2 sequences × 1 token <= 64 slots)
     assert len(kernel) >= LAYERS, "\n".join(line[:200] for line in made)
   elif pair:  # each layer's k and v in one scatter fusion (`models.pair_scatter`), making both caches
     assert len(pair_writes(made)) >= LAYERS and not kernel, "\n".join(line[:200] for line in made)

@@ -150,8 +150,8 @@ def test_override_retraces_a_function_jitted_before():
 def test_run_takes_launch_and_lead_from_the_tuning(monkeypatch):
   """`ops.run`'s "auto" launch and its interleaving lead come from the tuning."""
   seen = []
-  monkeypatch.setattr(ops, "fused_levels", lambda q, works, *, specs, scale, interpret, lead, merge:
-                      seen.append(lead) or [])
+  monkeypatch.setattr(ops, "fused_levels_write", lambda q, works, *, specs, scale, interpret, lead, merge:
+                      seen.append(lead) or ([], None))
   q = jnp.zeros((4, 1, 8, 64), jnp.bfloat16)
   kv = jnp.zeros((1, 32, 2, 64), jnp.bfloat16)
   plan = ops.batched(q, kv, kv, jnp.array([32]), np.zeros(4, np.int32), max_group=None, causal=False)  # 16 rows

@@ -25,6 +25,14 @@ its own position) and an empty row gives out = 0, lse = -inf. KV rows and length
 so an out-of-range traced value never reads outside them. With `splits > 1` each split writes its normalised
 partial (in q's dtype) and its lse; `merge_states` combines them in float32, or, with `fused_levels(merge=True)`,
 the launch itself: the program that completes a row's count of parts merges them (`_merge_if_last`).
+
+Keys written by the launch (`LevelSpec.fresh`, `fused_levels_write`). A decode step appends its new keys and values
+to each sequence's cache and then attends over them. On a per-sequence level the launch can do both: the last
+new_count[b] keys of sequence b (positions [L - n, L), L its kv_length) are read from the step's new k and v
+`[B·T, Hkv, D]` (position p is slot p - L + T of the sequence's T query slots, right-aligned), not from the cache,
+and the program that reads them (its first row block) also stores them into the cache, whose buffer the launch
+returns (aliased: in place where XLA can). No program reads a position another one stores, so no ordering is
+needed; positions at or past the capacity are neither read nor stored (as a scatter's dropped slots).
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ class LevelSpec:
   causal: bool
   identity_order: bool = False
   per_sequence: bool = False
+  fresh: bool = False  # the level's last keys come from the step's new k, v and are stored (per_sequence levels)
 
 
 @jax.tree_util.register_dataclass
@@ -101,6 +110,9 @@ class LevelWork:
     seq_start, row_count, kv_index, kv_length: `[G]` each: group p's first position in `order`, its rows
       (sequences × T·heads·g), its KV row and its valid keys. (With LevelSpec.per_sequence only kv_length is
       `[G]`: kv_index is `[1]`, the KV row of group 0, and order, seq_start, row_count are unused.)
+    new_k, new_v, new_count: with LevelSpec.fresh, the step's new keys and values `[B, T, Hkv, D]` and `[B]` how
+      many of sequence b's last slots are real: its keys at positions [kv_length - new_count, kv_length) (module
+      docstring); None otherwise.
   """
 
   k: Array
@@ -110,6 +122,9 @@ class LevelWork:
   row_count: Array
   kv_index: Array
   kv_length: Array
+  new_k: Array | None = None
+  new_v: Array | None = None
+  new_count: Array | None = None
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -173,10 +188,23 @@ def _merge_if_last(flat, row_ok, cols, col_ok, merge: _Merge):
     plgpu.store(merge.lse.at[flat], lse, mask=last)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fresh:
+  """The refs of a level whose last keys the launch writes (`LevelSpec.fresh`): new_count `[B]`, the new k and v
+  `[B·T, Hkv, D]`, and the caches as the launch's outputs (aliased with the level's k, v inputs)."""
+
+  count: object
+  k: object
+  v: object
+  k_out: object
+  v_out: object
+
+
 def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
-            group: int, scale: float, precision, merge: _Merge | None):
+            group: int, scale: float, precision, merge: _Merge | None, fresh: _Fresh | None = None):
   """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`; with `merge`, the
-  program then merges the rows whose last part it wrote (`_merge_if_last`)."""
+  program then merges the rows whose last part it wrote (`_merge_if_last`); with `fresh` (per-sequence levels),
+  the level's new keys come from the step's k, v, and the first row block stores them (module docstring)."""
   p, hb, sp, mb = ids
   seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
   block = spec.block
@@ -219,6 +247,9 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     c = scale * _LOG2_E
 
     length = jnp.clip(kv_len_ref[p], 0, k_ref.shape[1])
+    if fresh is not None:  # the new keys: positions [new_lo, L), L the unclamped length (slot p - L + T)
+      full = kv_len_ref[p]
+      new_lo = full - jnp.clip(fresh.count[p], 0, jnp.minimum(num_queries, jnp.maximum(full, 0)))
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
     # c % heads; contiguous in the [S, Hkv, D] layout).
     step_keys = block.block_k // heads
@@ -245,13 +276,32 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
         return plgpu.load(index, mask=jnp.broadcast_to(col_ok[None, :], (block.block_k, d_pad)), other=0)
       return plgpu.load(index)
 
+    def load_fresh(ref, new_ref, out_ref, start, key_ok):
+      """`load` of a block where the level's new keys may lie: those columns from the step's new k or v (also
+      stored into the cache by the first row block), the others from the cache."""
+      pos = start + col_key
+      new = key_ok & (pos >= new_lo)
+      old = load(ref, start, key_ok & ~new)
+      tile = new[:, None] & col_ok[None, :]
+      slot = jnp.where(new, pos - full + num_queries, 0)
+      value = plgpu.load(new_ref.at[(p * num_queries + slot)[:, None], col_head[:, None], cols[None, :]],
+                         mask=tile, other=0)
+      # Masked columns point one past the capacity: no store of theirs lands in the cache (interpreter included).
+      at = jnp.where(new, pos, ref.shape[1])
+      plgpu.store(out_ref.at[node, at[:, None], col_head[:, None], cols[None, :]], value, mask=tile & (mb == 0))
+      return jnp.where(new[:, None], value, old)
+
     def step(i, carry, masked: bool):
       """One key block; `masked` blocks may hold keys past the length or past a row's causal position."""
       acc, m, l = carry
       start = lo + i * step_keys
       pos = start + col_key
       key_ok = pos < hi if masked else None
-      s = plgpu.dot(q, load(k_ref, start, key_ok), trans_b=True, precision=precision)
+      if masked and fresh is not None:
+        keys = load_fresh(k_ref, fresh.k, fresh.k_out, start, key_ok)
+      else:
+        keys = load(k_ref, start, key_ok)
+      s = plgpu.dot(q, keys, trans_b=True, precision=precision)
       ok = same_head if heads > 1 else None
       if masked:
         ok_keys = key_ok[None, :]
@@ -264,7 +314,10 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
       m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
       alpha = jnp.exp2(m - m_new)
       probs = jnp.exp2(s * c - m_new[:, None])
-      v = load(v_ref, start, key_ok)
+      if masked and fresh is not None:
+        v = load_fresh(v_ref, fresh.v, fresh.v_out, start, key_ok)
+      else:
+        v = load(v_ref, start, key_ok)
       acc = acc * alpha[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
       return acc, m_new, l * alpha + jnp.sum(probs, axis=1)
 
@@ -276,6 +329,8 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do. (In an
     # unmasked block every row sees a key of its own head, so other heads' masked scores underflow to 0.)
     unmasked_end = jnp.minimum(hi, length - num_queries + 1) if spec.causal else hi
+    if fresh is not None:  # blocks with new keys are masked steps (`load_fresh`)
+      unmasked_end = jnp.minimum(unmasked_end, new_lo)
     num_full = jnp.maximum(unmasked_end - lo, 0) // step_keys
     num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), step_keys)
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
@@ -336,13 +391,23 @@ def _schedule(pid, sizes: tuple[int, ...], lead: float):
 
 
 def _kernel(*refs, specs, counts, lead, merge: bool, interpret: bool, **static):
-  """Dispatches program ids to levels (see `_schedule`), then unravels a level's index into its program axes."""
+  """Dispatches program ids to levels (see `_schedule`), then unravels a level's index into its program axes.
+
+  refs: the inputs (5 index vectors and k, v a level; q; with merge the zeroed count; with a fresh level its
+  new_count, new k and new v), then the outputs (out and lse a level; with merge the merged out and lse and the
+  count, aliased; with a fresh level its k and v caches, aliased)."""
   n = len(specs)
-  ints, kvs, q_ref, outs = refs[:5 * n], refs[5 * n:7 * n], refs[7 * n], refs[7 * n + 1 + merge:]
-  merged = None
-  if merge:  # refs: ..., q, the count (input), the parts, the merged out and lse, the count (output, aliased)
+  fresh_level = next((l for l, spec in enumerate(specs) if spec.fresh), None)
+  has_fresh = fresh_level is not None
+  num_inputs = 7 * n + 1 + merge + 3 * has_fresh
+  ins, outs = refs[:num_inputs], refs[num_inputs:]
+  ints, kvs, q_ref = ins[:5 * n], ins[5 * n:7 * n], ins[7 * n]
+  merged = fresh = None
+  if merge:
     merged = _Merge(outs[2 * n + 2], tuple(zip(outs[:2 * n:2], outs[1:2 * n:2])), outs[2 * n], outs[2 * n + 1],
                     interpret)
+  if has_fresh:
+    fresh = _Fresh(*ins[num_inputs - 3:], *outs[-2:])
   owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), lead)
   for l, (spec, shape, (mine, index)) in enumerate(zip(specs, counts, owned)):
 
@@ -353,10 +418,69 @@ def _kernel(*refs, specs, counts, lead, merge: bool, interpret: bool, **static):
         ids.append(rest % extent)
         rest = rest // extent
       _attend(tuple(reversed(ids)), ints[5 * l:5 * l + 5], q_ref, kvs[2 * l], kvs[2 * l + 1], outs[2 * l],
-              outs[2 * l + 1], spec=spec, merge=merged, **static)
+              outs[2 * l + 1], spec=spec, merge=merged, fresh=fresh if l == fresh_level else None, **static)
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead", "merge"))
+def _launch(q, works, *, specs, scale, interpret, lead, merge):
+  """`fused_levels_write`'s launch: (the parts, the fresh level's written `(k, v)` or None)."""
+  b, t, hq, d = q.shape
+  hkv = works[0].k.shape[2]
+  fresh = [l for l, spec in enumerate(specs) if spec.fresh]
+  if len(fresh) > 1 or any(not specs[l].per_sequence for l in fresh):
+    raise ValueError(f"levels {fresh} are fresh (LevelSpec.fresh); a launch writes the new keys of at most one "
+                     "level, a per-sequence one.")
+  counts = tuple(program_counts(spec, work) for spec, work in zip(specs, works))
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, merge=merge, interpret=interpret,
+                             head_dim=d, num_queries=t, group=hq // hkv, scale=scale, precision=precision)
+  rows = b * t * hq
+  out_shape = []
+  for spec in specs:
+    out_shape += [jax.ShapeDtypeStruct((spec.block.splits, rows, d), q.dtype),
+                  jax.ShapeDtypeStruct((spec.block.splits, rows), jnp.float32)]
+  ints = [x.astype(jnp.int32) for w in works for x in (w.seq_start, w.row_count, w.kv_index, w.kv_length, w.order)]
+  kvs = [x for w in works for x in (w.k, w.v)]
+  inputs = [*ints, *kvs, q.reshape(rows, d)]
+  aliases = {}
+  if merge:  # the merged rows, and the count of parts written per row (zeroed; a spare slot for masked rows)
+    out_shape += [jax.ShapeDtypeStruct((rows, d), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
+                  jax.ShapeDtypeStruct((rows + 1,), jnp.float32)]
+    inputs.append(jnp.zeros((rows + 1,), jnp.float32))
+    aliases[len(inputs) - 1] = len(out_shape) - 1
+  if fresh:  # the new keys and values, as rows [B·T, Hkv, D]; the level's caches come back written
+    work = works[fresh[0]]
+    inputs += [work.new_count.astype(jnp.int32), work.new_k.astype(work.k.dtype).reshape(b * t, hkv, d),
+               work.new_v.astype(work.v.dtype).reshape(b * t, hkv, d)]
+    out_shape += [jax.ShapeDtypeStruct(work.k.shape, work.k.dtype), jax.ShapeDtypeStruct(work.v.shape, work.v.dtype)]
+    aliases[len(ints) + 2 * fresh[0]] = len(out_shape) - 2
+    aliases[len(ints) + 2 * fresh[0] + 1] = len(out_shape) - 1
+
+  def whole(x):  # the kernel indexes inside the full array itself
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
+
+  outs = pl.pallas_call(
+      kernel,
+      grid=(sum(math.prod(c) for c in counts),),
+      in_specs=[whole(x) for x in inputs],
+      out_specs=[whole(x) for x in out_shape],
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=max(s.block.num_warps for s in specs),
+                                           num_stages=max(s.block.num_stages for s in specs)),
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name="hydragen_fused_levels",
+  )(*inputs)
+  written = tuple(outs[-2:]) if fresh else None
+  if merge:
+    n = len(specs)  # after the levels' parts: the merged out and lse
+    parts = [(outs[2 * n].reshape(1, b, t, hq, d), outs[2 * n + 1].reshape(1, b, t, hq))]
+  else:
+    parts = [(outs[2 * i].reshape(spec.block.splits, b, t, hq, d),
+              outs[2 * i + 1].reshape(spec.block.splits, b, t, hq)) for i, spec in enumerate(specs)]
+  return parts, written
+
+
 def fused_levels(
     q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
     lead: float = 0.0, merge: bool = False,
@@ -365,7 +489,8 @@ def fused_levels(
 
   Args:
     q: `[B, T, Hq, D]` queries.
-    works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level.
+    works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level; none fresh (a launch that
+      writes a level's new keys is `fused_levels_write`).
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
     lead: 0 runs the levels' programs level after level; > 0 mixes them over the grid (see `_schedule`).
@@ -381,41 +506,22 @@ def fused_levels(
     merged out `[1, B, T, Hq, D]` in q's dtype and lse `[1, B, T, Hq]` float32 (out = 0, lse = -inf for a row
     with no keys in any part).
   """
-  b, t, hq, d = q.shape
-  hkv = works[0].k.shape[2]
-  counts = tuple(program_counts(spec, work) for spec, work in zip(specs, works))
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(_kernel, specs=specs, counts=counts, lead=lead, merge=merge, interpret=interpret,
-                             head_dim=d, num_queries=t, group=hq // hkv, scale=scale, precision=precision)
-  rows = b * t * hq
-  out_shape = []
-  for spec in specs:
-    out_shape += [jax.ShapeDtypeStruct((spec.block.splits, rows, d), q.dtype),
-                  jax.ShapeDtypeStruct((spec.block.splits, rows), jnp.float32)]
-  ints = [x.astype(jnp.int32) for w in works for x in (w.seq_start, w.row_count, w.kv_index, w.kv_length, w.order)]
-  kvs = [x for w in works for x in (w.k, w.v)]
-  inputs = [*ints, *kvs, q.reshape(rows, d)]
-  if merge:  # the merged rows, and the count of parts written per row (zeroed; a spare slot for masked rows)
-    out_shape += [jax.ShapeDtypeStruct((rows, d), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
-                  jax.ShapeDtypeStruct((rows + 1,), jnp.float32)]
-    inputs.append(jnp.zeros((rows + 1,), jnp.float32))
+  if any(spec.fresh for spec in specs):
+    raise ValueError("fused_levels: a level is fresh (LevelSpec.fresh): its launch writes the level's caches, which "
+                     "fused_levels_write returns.")
+  return _launch(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret, lead=lead, merge=merge)[0]
 
-  def whole(x):  # the kernel indexes inside the full array itself
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
 
-  outs = pl.pallas_call(
-      kernel,
-      grid=(sum(math.prod(c) for c in counts),),
-      in_specs=[whole(x) for x in inputs],
-      out_specs=[whole(x) for x in out_shape],
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=max(s.block.num_warps for s in specs),
-                                           num_stages=max(s.block.num_stages for s in specs)),
-      input_output_aliases={len(inputs) - 1: len(out_shape) - 1} if merge else {},
-      interpret=interpret,
-      name="hydragen_fused_levels",
-  )(*inputs)
-  if merge:
-    return [(outs[-3].reshape(1, b, t, hq, d), outs[-2].reshape(1, b, t, hq))]
-  return [(outs[2 * i].reshape(spec.block.splits, b, t, hq, d), outs[2 * i + 1].reshape(spec.block.splits, b, t, hq))
-          for i, spec in enumerate(specs)]
+def fused_levels_write(
+    q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
+    lead: float = 0.0, merge: bool = False,
+) -> tuple[list[tuple[Array, Array]], tuple[Array, Array]]:
+  """`fused_levels` where one level may be fresh (`LevelSpec.fresh`, a per-sequence level): its new keys and values
+  are read from its work's `new_k`, `new_v` and stored into its caches by the launch (module docstring).
+
+  Returns:
+    (the parts as `fused_levels` returns them, the fresh level's written `(k, v)` caches, or None without a fresh
+    level: its work's k and v with the new entries, in place where XLA can give the launch their buffers, e.g. a
+    decode loop's carries).
+  """
+  return _launch(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret, lead=lead, merge=merge)

@@ -8,7 +8,9 @@ Two ways to read a level's KV (`k, v [R, S, Hkv, D]` rows):
   is read once per row block for all of them: Hydragen's inter-sequence batching.
 
 Each returns a plan (static `LevelSpec`, arrays `LevelWork`); `run` executes the plans of all levels in one
-kernel launch and returns each level's `(out, lse)` parts (one per key split) for `merge_states`.
+kernel launch and returns each level's `(out, lse)` parts (one per key split) for `merge_states`. A per-sequence
+plan may carry the step's new keys and values (`per_sequence(new=...)`): the launch reads them from there and
+writes them into the level's caches, which `run_write` returns with the parts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim
+from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels_write, padded_head_dim
 from hydragen_jax.tuning import Tuning
 
 Array = jax.Array
@@ -229,11 +231,15 @@ def _check_block(block: BlockConfig, num_heads: int, head_dim: int, itemsize: in
 def per_sequence(
     q: Array, k: Array, v: Array, lengths: Array, kv_index: Array | None = None, *, kv_offset: Array | int = 0,
     causal: bool, block: BlockConfig | None = None, shared_launch: bool = True, fill: bool = True,
+    new: tuple[Array, Array, Array] | None = None,
 ) -> Plan | None:
   """Each sequence b attends to KV row kv_index[b] (default: kv_offset + b) with lengths[b] valid keys.
 
   q `[B, T, Hq, D]`, k/v `[R, S, Hkv, D]`, lengths and kv_index `[B]`. None if the level holds no keys. block:
-  the tiling (default `choose_block`'s, with `shared_launch` and `fill`).
+  the tiling (default `choose_block`'s, with `shared_launch` and `fill`). new: `(new_k, new_v [B, T, Hkv, D],
+  new_count [B])`, the step's keys and values not yet in the caches: sequence b's last new_count[b] keys (positions
+  [lengths[b] - new_count[b], lengths[b])) are its last new_count[b] slots, which the launch reads and writes into
+  the caches (`flash.LevelSpec.fresh`; kv_index None only).
   """
   b, t, hq, _ = q.shape
   _, s, hkv, d = k.shape
@@ -250,8 +256,11 @@ def per_sequence(
   if kv_index is None:  # sequence b reads row kv_offset + b: no index vectors at all (LevelSpec.per_sequence)
     unused = np.zeros((1,), np.int32)
     start = jnp.reshape(jnp.asarray(kv_offset, jnp.int32), (1,))
-    return (LevelSpec(block, rows, causal, identity_order=True, per_sequence=True),
-            LevelWork(k, v, unused, unused, unused, start, lengths))
+    new_k, new_v, new_count = (None, None, None) if new is None else new
+    return (LevelSpec(block, rows, causal, identity_order=True, per_sequence=True, fresh=new is not None),
+            LevelWork(k, v, unused, unused, unused, start, lengths, new_k, new_v, new_count))
+  if new is not None:
+    raise ValueError("per_sequence: new keys (new=...) need the sequences' own KV rows (kv_index None).")
   seqs = np.arange(b, dtype=np.int32)
   return (LevelSpec(block, rows, causal, identity_order=True),
           LevelWork(k, v, seqs, seqs, np.full((b,), rows, np.int32), kv_index, lengths))
@@ -320,11 +329,23 @@ def auto_launch(max_rows: list[int], tuning: Tuning | None = None) -> str:
 
 def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, launch: str = "auto",
         tuning: Tuning | None = None, stacked: bool = False, merge: bool = False) -> list[tuple[Array, Array]]:
+  """`run_write` of plans of which none writes new keys: the parts."""
+  if any(plan is not None and plan[0].fresh for plan in plans):
+    raise ValueError("run: a plan carries new keys (per_sequence(new=...)); run_write returns the caches it writes.")
+  return run_write(q, plans, scale=scale, interpret=interpret, launch=launch, tuning=tuning, stacked=stacked,
+                   merge=merge)[0]
+
+
+def run_write(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, launch: str = "auto",
+              tuning: Tuning | None = None, stacked: bool = False, merge: bool = False
+              ) -> tuple[list[tuple[Array, Array]], tuple[Array, Array] | None]:
   """Runs the plans: the `(out [B, T, Hq, D], lse [B, T, Hq])` parts, one per key split of each level (empty
   levels give none); stacked: one `(out [splits, B, T, Hq, D], lse [splits, B, T, Hq])` stack a level instead,
   as the kernel writes them (for `merge.merge_stacks`, which reads them without slicing). merge: where the levels
   share one launch and have more than one part, the launch merges them itself (`fused_levels(merge=True)`): one
   part, the merged `(out, lse)` (a stack of one).
+
+  Returns (the parts, the written `(k, v)` caches of the plan that carries new keys, or None where none does).
 
   launch: "interleaved" (one launch, the levels' programs mixed over the grid so that compute-bound prefix
   programs and memory-bound suffix programs share the SMs; the shared level's programs spread over the stretch
@@ -339,14 +360,17 @@ def run(q: Array, plans: list[Plan | None], *, scale: float, interpret: bool, la
   if launch == "auto":
     launch = auto_launch([spec.max_rows for spec, _ in plans], tuning)
   groups = [plans] if launch != "separate" else [[plan] for plan in plans]
-  parts = []
+  parts, written = [], None
   for group in groups:
     if not group:
       continue
     specs, works = zip(*group)
     specs = _shared_stages(specs, q.shape[-1], q.dtype.itemsize, shared_memory_limit())
     merged = merge and len(groups) == 1 and sum(spec.block.splits for spec in specs) > 1
-    for out, lse in fused_levels(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
-                                 lead=tuning.interleave_lead if launch == "interleaved" else 0.0, merge=merged):
+    launch_parts, launch_written = fused_levels_write(
+        q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
+        lead=tuning.interleave_lead if launch == "interleaved" else 0.0, merge=merged)
+    written = launch_written or written
+    for out, lse in launch_parts:
       parts += [(out, lse)] if stacked else [(out[i], lse[i]) for i in range(out.shape[0])]
-  return parts
+  return parts, written

@@ -281,6 +281,11 @@ class Tuning:
       slots (B·T, per device), rather than with XLA's scatters; 0: never.
     pair_write: the models' decode loop writes a layer's k and v caches with one XLA scatter (`models.pair_scatter`:
       one launch) rather than one scatter each (false, the default; prefill keeps one scatter each).
+    write_in_attention: the models' decode loop writes a layer's new keys and values inside the attention's launch
+      (`hydragen_jax.tree_attention_append`: the Triton programs that read the new keys take them from the step's
+      k and v and store them) where the Triton kernels run the step, so the step has no write launch; elsewhere
+      (the Hopper kernel's steps, the `xla` backend) `pair_write` and `write_max_rows` still decide (false, the
+      default).
     split_min_fill, split_fill_max_keys: a Triton level's keys are split until it has a program per SM, or
       programs for `split_min_fill` of the SMs where each program then streams at most `split_fill_max_keys` keys
       (summed over the KV heads it packs) (`ops.choose_block`; 1.0, the default: a program per SM). Below 1, a level
@@ -320,14 +325,16 @@ class Tuning:
   hopper_max_rows: int = 0
   launch_merge_max_rows: int = 0
   pair_write: bool = False
+  write_in_attention: bool = False
 
   def __post_init__(self):
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
                        "hopper_split_min_rows", "hopper_max_rows", "launch_merge_max_rows"), least=0)
-    if not isinstance(self.pair_write, bool):  # "false" or 0.5 would read as true
-      raise ValueError(f"Tuning.pair_write must be true or false; got {self.pair_write!r}.")
+    for name in ("pair_write", "write_in_attention"):
+      if not isinstance(getattr(self, name), bool):  # "false" or 0.5 would read as true
+        raise ValueError(f"Tuning.{name} must be true or false; got {getattr(self, name)!r}.")
     for name, most in (("merge_rows", None), ("merge_warps", 32)):
       value = getattr(self, name)
       if not _power_of_two(value) or (most is not None and value > most):
