@@ -25,7 +25,8 @@ from tests.conftest import grid
 
 # (B, T, Hq, Hkv, D, prefix P, leaf capacity S, old lengths, new tokens): decode (one sequence at its capacity: its
 # key dropped; one empty); a chunk with padding slots (right-aligned) and overflow past the capacity, GQA 4; MQA
-# with 16 query slots (two row blocks a KV head: only the first stores), one sequence writing nothing; GQA 8, D 128.
+# with 16 query slots (two row blocks a KV head, each storing the new keys it reads), one sequence writing nothing;
+# GQA 8, D 128.
 CASES = {
     "decode": (3, 1, 4, 4, 64, 21, 37, [36, 0, 37], [1, 1, 1]),
     "chunk": (2, 3, 8, 2, 64, 0, 9, [1, 7], [2, 3]),
@@ -87,7 +88,7 @@ def test_append_equals_attention_over_the_concatenated_kv(backend):
 
 
 def test_append_with_split_keys_and_traced_out_of_range_lengths(kernel_backend):
-  """A leaf split over several programs (only the split that holds the new keys stores them), and traced lengths
+  """A leaf split over several programs (the split that holds the new keys stores them), and traced lengths
   past the capacity or below 0 (clamped, as everywhere: nothing written outside, the attention reads [0, S])."""
   b, t, hq, hkv, d, s = 4, 1, 4, 2, 64, 300
   keys = jax.random.split(jax.random.PRNGKey(3), 5)

@@ -28,11 +28,11 @@ the launch itself: the program that completes a row's count of parts merges them
 
 Keys written by the launch (`LevelSpec.fresh`, `fused_levels_write`). A decode step appends its new keys and values
 to each sequence's cache and then attends over them. On a per-sequence level the launch can do both: the last
-new_count[b] keys of sequence b (positions [L - n, L), L its kv_length) are read from the step's new k and v
-`[B·T, Hkv, D]` (position p is slot p - L + T of the sequence's T query slots, right-aligned), not from the cache,
-and the program that reads them (its first row block) also stores them into the cache, whose buffer the launch
-returns (aliased: in place where XLA can). No program reads a position another one stores, so no ordering is
-needed; positions at or past the capacity are neither read nor stored (as a scatter's dropped slots).
+new_count[b] keys of sequence b (positions [L - n, L), L its kv_length; position p is slot p - L + T of the
+sequence's T query slots, right-aligned) are copied from the step's new k and v `[B·T, Hkv, D]` into the cache by
+every program whose key range holds them, before a barrier and its reads (`_store_new`); the launch returns the
+caches (aliased: in place where XLA can). A program reads only its own range, so it waits for no other; positions
+at or past the capacity are neither stored nor read (as a scatter's dropped slots).
 """
 
 from __future__ import annotations
@@ -198,13 +198,36 @@ class _Fresh:
   v: object
   k_out: object
   v_out: object
+  interpret: bool
+
+
+def _store_new(fresh: _Fresh, p, node, lo, hi, hb, heads: int, cols, col_ok, *, num_queries: int, full):
+  """Stores sequence p's new keys and values that fall in [lo, hi) (a program's key range) for the KV heads
+  [hb·heads, (hb + 1)·heads) into its cache row `node`, then a barrier, so that the program's own reads that follow
+  see them. Its new keys are positions [L - n, L) (L = `full`, its unclamped length; n its count, at most T and L),
+  position L - T + j taken from its query slot j. Every program that reads a new key stores it (row blocks of one
+  range store the same values), so no program waits for another."""
+  count = jnp.clip(fresh.count[p], 0, jnp.minimum(num_queries, jnp.maximum(full, 0)))
+  r = jnp.arange(max(16, pl.next_power_of_2(num_queries * heads)))  # (slot, head) pairs, as a tile's rows
+  slot, head = r // heads, hb * heads + r % heads
+  pos = full - num_queries + slot
+  ok = (r < num_queries * heads) & (slot >= num_queries - count) & (pos >= lo) & (pos < hi)
+  tile = ok[:, None] & col_ok[None, :]
+  src = p * num_queries + jnp.where(ok, slot, 0)
+  at = jnp.where(ok, pos, fresh.k_out.shape[1])  # masked rows point one past the capacity (no store lands)
+  for new_ref, out_ref in ((fresh.k, fresh.k_out), (fresh.v, fresh.v_out)):
+    value = plgpu.load(new_ref.at[src[:, None], head[:, None], cols[None, :]], mask=tile, other=0)
+    plgpu.store(out_ref.at[node, at[:, None], head[:, None], cols[None, :]], value, mask=tile)
+  if not fresh.interpret:  # the interpreter runs one thread
+    plgpu.debug_barrier()
 
 
 def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, head_dim: int, num_queries: int,
             group: int, scale: float, precision, merge: _Merge | None, fresh: _Fresh | None = None):
   """The work of one program: rows block `mb` of group `p`, KV heads block `hb`, key split `sp`; with `merge`, the
   program then merges the rows whose last part it wrote (`_merge_if_last`); with `fresh` (per-sequence levels),
-  the level's new keys come from the step's k, v, and the first row block stores them (module docstring)."""
+  the program first stores the level's new keys of its range into the caches (`_store_new`), then reads them there
+  with the others."""
   p, hb, sp, mb = ids
   seq_start_ref, row_count_ref, kv_index_ref, kv_len_ref, order_ref = ints
   block = spec.block
@@ -247,9 +270,6 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     c = scale * _LOG2_E
 
     length = jnp.clip(kv_len_ref[p], 0, k_ref.shape[1])
-    if fresh is not None:  # the new keys: positions [new_lo, L), L the unclamped length (slot p - L + T)
-      full = kv_len_ref[p]
-      new_lo = full - jnp.clip(fresh.count[p], 0, jnp.minimum(num_queries, jnp.maximum(full, 0)))
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
     # c % heads; contiguous in the [S, Hkv, D] layout).
     step_keys = block.block_k // heads
@@ -257,6 +277,10 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     split_len = pl.cdiv(pl.cdiv(length, block.splits), step_keys) * step_keys
     lo = sp * split_len
     hi = jnp.minimum(lo + split_len, length)
+    k_src, v_src = k_ref, v_ref
+    if fresh is not None:  # the new keys of this program's range stored first, then read with the others
+      _store_new(fresh, p, node, lo, hi, hb, heads, cols, col_ok, num_queries=num_queries, full=kv_len_ref[p])
+      k_src, v_src = fresh.k_out, fresh.v_out  # (on the GPU the same buffers as k_ref, v_ref: aliased)
     # Causal: a row of token t is key (length - T + t) of its sequence; it sees keys up to that one.
     last_visible = length - num_queries + token
     kv_cols = pl.ds(0, d_pad)
@@ -276,32 +300,13 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
         return plgpu.load(index, mask=jnp.broadcast_to(col_ok[None, :], (block.block_k, d_pad)), other=0)
       return plgpu.load(index)
 
-    def load_fresh(ref, new_ref, out_ref, start, key_ok):
-      """`load` of a block where the level's new keys may lie: those columns from the step's new k or v (also
-      stored into the cache by the first row block), the others from the cache."""
-      pos = start + col_key
-      new = key_ok & (pos >= new_lo)
-      old = load(ref, start, key_ok & ~new)
-      tile = new[:, None] & col_ok[None, :]
-      slot = jnp.where(new, pos - full + num_queries, 0)
-      value = plgpu.load(new_ref.at[(p * num_queries + slot)[:, None], col_head[:, None], cols[None, :]],
-                         mask=tile, other=0)
-      # Masked columns point one past the capacity: no store of theirs lands in the cache (interpreter included).
-      at = jnp.where(new, pos, ref.shape[1])
-      plgpu.store(out_ref.at[node, at[:, None], col_head[:, None], cols[None, :]], value, mask=tile & (mb == 0))
-      return jnp.where(new[:, None], value, old)
-
     def step(i, carry, masked: bool):
       """One key block; `masked` blocks may hold keys past the length or past a row's causal position."""
       acc, m, l = carry
       start = lo + i * step_keys
       pos = start + col_key
       key_ok = pos < hi if masked else None
-      if masked and fresh is not None:
-        keys = load_fresh(k_ref, fresh.k, fresh.k_out, start, key_ok)
-      else:
-        keys = load(k_ref, start, key_ok)
-      s = plgpu.dot(q, keys, trans_b=True, precision=precision)
+      s = plgpu.dot(q, load(k_src, start, key_ok), trans_b=True, precision=precision)
       ok = same_head if heads > 1 else None
       if masked:
         ok_keys = key_ok[None, :]
@@ -314,10 +319,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
       m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
       alpha = jnp.exp2(m - m_new)
       probs = jnp.exp2(s * c - m_new[:, None])
-      if masked and fresh is not None:
-        v = load_fresh(v_ref, fresh.v, fresh.v_out, start, key_ok)
-      else:
-        v = load(v_ref, start, key_ok)
+      v = load(v_src, start, key_ok)
       acc = acc * alpha[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
       return acc, m_new, l * alpha + jnp.sum(probs, axis=1)
 
@@ -329,8 +331,6 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do. (In an
     # unmasked block every row sees a key of its own head, so other heads' masked scores underflow to 0.)
     unmasked_end = jnp.minimum(hi, length - num_queries + 1) if spec.causal else hi
-    if fresh is not None:  # blocks with new keys are masked steps (`load_fresh`)
-      unmasked_end = jnp.minimum(unmasked_end, new_lo)
     num_full = jnp.maximum(unmasked_end - lo, 0) // step_keys
     num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), step_keys)
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
@@ -407,7 +407,7 @@ def _kernel(*refs, specs, counts, lead, merge: bool, interpret: bool, **static):
     merged = _Merge(outs[2 * n + 2], tuple(zip(outs[:2 * n:2], outs[1:2 * n:2])), outs[2 * n], outs[2 * n + 1],
                     interpret)
   if has_fresh:
-    fresh = _Fresh(*ins[num_inputs - 3:], *outs[-2:])
+    fresh = _Fresh(*ins[num_inputs - 3:], *outs[-2:], interpret)
   owned = _schedule(pl.program_id(0), tuple(math.prod(c) for c in counts), lead)
   for l, (spec, shape, (mine, index)) in enumerate(zip(specs, counts, owned)):
 
