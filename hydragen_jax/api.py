@@ -377,9 +377,10 @@ def _append_in_launch(q, levels: Sequence[Level], causal, batched, backend: str)
 def append_in_launch(q: Array, levels: Sequence[Level], *, backend: str | None = None,
                      batch_shared: bool | Sequence[bool] = True) -> bool:
   """Whether `tree_attention_append` with these arguments writes the new keys inside the attention's launch (the
-  Triton kernels), rather than by a scatter before it (the `xla` backend, the Hopper kernel's steps, a leaf with
-  seq_to_node or a layer axis). A caller with a faster write of its own (one scatter of both caches, say) can keep
-  it where this is False. Arguments as `tree_attention`'s."""
+  Triton kernels), rather than by a scatter before it (the `xla` backend, the Hopper kernel's steps, steps without
+  queries or with a leaf of capacity 0). False also for a leaf with seq_to_node or a layer axis, which
+  `tree_attention_append` refuses. A caller with a faster write of its own (one scatter of both caches, say) can
+  keep it where this is False. Arguments as `tree_attention`'s."""
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   validated, causal, batched = _tree_levels(q, levels, batch_shared, False)
   return _append_in_launch(q, validated, causal, batched, check.resolve_backend(backend))
@@ -400,19 +401,21 @@ def tree_attention_append(
   """A decode step's cache write and attention in one: the step's new keys and values are appended to each
   sequence's cache (the last level), then `tree_attention` attends over every level, the new keys included.
 
-  Equal to `reference.append(leaf.k, leaf.v, new_k, new_v, leaf.lengths, new_tokens)` followed by `tree_attention`
-  with the leaf's lengths + new_tokens. On the Triton kernels (`append_in_launch`) the attention's launch does the
-  write: the programs that read the new keys take them from new_k and new_v and store them into the caches, so the
-  step has no write launch; elsewhere a scatter writes them first.
+  Equal to `reference.append(leaf.k, leaf.v, new_k, new_v, lengths, new_tokens)` followed by `tree_attention` with
+  the leaf's lengths min(lengths + new_tokens, S) (lengths and new_tokens clamped to [0, S] and [0, T] where traced).
+  On the Triton kernels (`append_in_launch`) the attention's launch does the write: each program that reads new keys
+  first stores them into the caches from new_k and new_v, so the step has no write launch; elsewhere a scatter
+  writes them first.
 
   Args:
     q: `[B, T, Hq, D]`, the T query slots of each sequence (right-aligned: sequence b's new_tokens[b] real tokens
       are its last slots).
     levels: as `tree_attention`'s; the last is the sequences' own caches: `k, v [B, S, Hkv, D]`, seq_to_node None,
       no layer axis, lengths `[B]` the entries held before this step.
-    new_k, new_v: `[B, T, Hkv, D]` the step's keys and values (cast to the caches' dtype).
+    new_k, new_v: `[B, T, Hkv, D]` floating-point, the step's keys and values (cast to the caches' dtype).
     new_tokens: `[B]` real slots of each sequence, in [0, T] (default T). Entries that would land at or past S are
-      dropped (and the attention reads S keys), as traced out-of-range values are clamped (module docstring).
+      dropped (and the attention reads S keys); traced out-of-range lengths and new_tokens are clamped (module
+      docstring).
     scale, backend, batch_shared, checked: as `tree_attention`'s (checked also covers new_tokens).
 
   Returns:
@@ -434,7 +437,10 @@ def tree_attention_append(
   if new_k.shape != (b, t, hkv, d):
     raise ValueError(f"new_k {new_k.shape}: expected [B, T, Hkv, D] = {(b, t, hkv, d)} (q's B and T, {name}.k's "
                      "Hkv and D).")
-  counts = check.lengths_or_full("new_tokens", new_tokens, b, t, checked)
+  if not jnp.issubdtype(new_k.dtype, jnp.floating):
+    raise ValueError(f"new_k and new_v must be floating-point keys and values; got {new_k.dtype}.")
+  counts = check.lengths_or_full("new_tokens", new_tokens, b, t, checked, what="(T, the query slots)")
+  counts = jnp.clip(counts, 0, t)  # traced values out of range (module docstring)
   backend = check.resolve_backend(backend)
   check.check_kernel_backend("q", q, backend)
   scale = _scale(scale, q.shape[-1])

@@ -139,10 +139,12 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
 def write_positions(lengths: Array, new_tokens: Array, num_slots: int, capacity: int) -> Array:
   """Cache position of each of a step's T query slots `[B, T]`: sequence b's new_tokens[b] real tokens are its last
   slots (right-aligned) and go to positions lengths[b], lengths[b] + 1, …; a padding slot t, and a slot whose
-  position is at or past the capacity, gets capacity + t (past the end: dropped; distinct within a row)."""
+  position is at or past the capacity (or below 0), gets capacity + t (past the end: dropped; distinct within a
+  row). new_tokens is clamped to [0, T]."""
   t = jnp.arange(num_slots)[None, :]
-  pos = lengths[:, None] + t - (num_slots - new_tokens[:, None])
-  return jnp.where((t >= num_slots - new_tokens[:, None]) & (pos >= 0) & (pos < capacity), pos, capacity + t)
+  new_tokens = jnp.clip(new_tokens, 0, num_slots)[:, None]  # a count outside [0, T] means none or all slots
+  pos = lengths[:, None] + t - (num_slots - new_tokens)
+  return jnp.where((t >= num_slots - new_tokens) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
 def append(k_cache: Array, v_cache: Array, k: Array, v: Array, lengths: Array, new_tokens: Array

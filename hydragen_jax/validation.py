@@ -220,12 +220,14 @@ def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bou
     checkify.check(~jnp.any(bad), message + " {} at index {}.", flat[first], first)
 
 
-def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool = False) -> jax.Array:
-  """Validates `lengths` `[count]` of valid keys (<= capacity); None means all `capacity` keys are valid."""
+def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool = False,
+                    what: str = "(the KV capacity)") -> jax.Array:
+  """Validates `lengths` `[count]` of valid keys (<= capacity, which `what` names in errors); None means all
+  `capacity` keys are valid."""
   if lengths is None:
     return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")
-  _check_range(name, lengths, value, capacity, f"[0, {capacity}]", "(the KV capacity)", checked)
+  _check_range(name, lengths, value, capacity, f"[0, {capacity}]", what, checked)
   return _int32(lengths, value)
 
 

@@ -26,24 +26,29 @@ from tests.conftest import grid
 # (B, T, Hq, Hkv, D, prefix P, leaf capacity S, old lengths, new tokens): decode (one sequence at its capacity: its
 # key dropped; one empty); a chunk with padding slots (right-aligned) and overflow past the capacity, GQA 4; MQA
 # with 16 query slots (two row blocks a KV head, each storing the new keys it reads), one sequence writing nothing;
-# GQA 8, D 128.
+# GQA 8, D 128; a prefill chunk of 20 slots (more (slot, head) pairs than one store tile: `flash._STORE_ROWS`), part
+# of it past the capacity.
 CASES = {
     "decode": (3, 1, 4, 4, 64, 21, 37, [36, 0, 37], [1, 1, 1]),
     "chunk": (2, 3, 8, 2, 64, 0, 9, [1, 7], [2, 3]),
     "rows": (2, 16, 8, 1, 64, 5, 40, [3, 20], [16, 0]),
     "gqa8": (2, 2, 16, 2, 128, 13, 23, [0, 11], [2, 1]),
+    "prefill": (2, 20, 4, 4, 32, 7, 48, [5, 40], [20, 13]),
 }
 
 
-def _inputs(case: str, dtype):
-  b, t, hq, hkv, d, p, s, old, new = CASES[case]
+def _inputs(case: str, dtype, new_dtype=None, **change):
+  """A case's q, shared prefix level, leaf caches, new k and v (in `new_dtype`, default `dtype`), old lengths and new
+  tokens; `change` replaces the case's fields by name (b, t, hq, hkv, d, p, s, old, new)."""
+  fields = dict(zip(("b", "t", "hq", "hkv", "d", "p", "s", "old", "new"), CASES[case]), **change)
+  b, t, hq, hkv, d, p, s, old, new = fields.values()
   keys = jax.random.split(jax.random.PRNGKey(list(CASES).index(case)), 7)
   q = normal(keys[0], (b, t, hq, d), dtype)
   prefix = Level(normal(keys[1], (1, p, hkv, d), dtype), normal(keys[2], (1, p, hkv, d), dtype), jnp.array([p]),
                  np.zeros((b,), np.int32))
   k_cache, v_cache = normal(keys[3], (b, s, hkv, d), dtype), normal(keys[4], (b, s, hkv, d), dtype)
-  new_k, new_v = normal(keys[5], (b, t, hkv, d), dtype), normal(keys[6], (b, t, hkv, d), dtype)
-  return q, prefix, k_cache, v_cache, new_k, new_v, jnp.array(old), jnp.array(new)
+  new_k, new_v = (normal(key, (b, t, hkv, d), new_dtype or dtype) for key in keys[5:])
+  return q, prefix, k_cache, v_cache, new_k, new_v, jnp.array(old, jnp.int32), jnp.array(new, jnp.int32)
 
 
 @pytest.mark.parametrize("case,dtype,batched", grid(list(CASES), [jnp.float32, jnp.bfloat16], [True, False], ids=[
@@ -128,26 +133,96 @@ def test_the_triton_launch_writes_the_new_keys_itself(kernel_backend, monkeypatc
   assert calls == [1]
 
 
-def test_append_in_launch_only_where_the_triton_kernels_run(monkeypatch):
-  """Not where the Hopper kernel takes the step, nor for a leaf read through seq_to_node (then a scatter writes)."""
+def test_append_on_the_hopper_kernel_writes_with_a_scatter_first():
+  """Where the Hopper kernel takes the step (capacities multiples of 8, bf16), the launch does not write: a scatter
+  writes first (`append_in_launch` False), and the results are those of the reference; on the Triton kernels the
+  same step writes in its launch."""
+  q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("gqa8", jnp.bfloat16, p=16, s=24, old=[0, 23])
+  levels = [prefix, Level(k_cache, v_cache, old)]
+  assert hj.api._hopper_runs(q, levels, causal=[False, True], batched=[True, False], backend="interpret-mosaic")
+  assert not hj.append_in_launch(q, levels, backend="interpret-mosaic")
+  assert hj.append_in_launch(q, levels, backend="interpret")
+  ref = hj.tree_attention_append(q, levels, new_k, new_v, new_tokens=new, backend="xla")
+  for backend in ("interpret-mosaic", "interpret"):
+    got = hj.tree_attention_append(q, levels, new_k, new_v, new_tokens=new, backend=backend)
+    chex.assert_trees_all_equal(got[1:], ref[1:])
+    chex.assert_trees_all_close(got[0].astype(jnp.float32), ref[0].astype(jnp.float32), **tol(jnp.bfloat16))
+
+
+def test_append_in_launch_not_for_a_leaf_read_through_seq_to_node_nor_without_work():
   q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("gqa8", jnp.bfloat16)
-  leaf = Level(k_cache, v_cache, old)
-  assert hj.append_in_launch(q, [prefix, leaf], backend="interpret")
-  hopper_case = hj.api._hopper_runs(q, [prefix, leaf], causal=[False, True], batched=[True, False],
-                                    backend="interpret-mosaic")
-  assert hj.append_in_launch(q, [prefix, leaf], backend="interpret-mosaic") == (not hopper_case)
   nodes = Level(k_cache, v_cache, old, np.arange(2, dtype=np.int32))
   assert not hj.append_in_launch(q, [prefix, nodes], backend="interpret")
+  assert not hj.append_in_launch(q, [prefix, Level(k_cache[:, :0], v_cache[:, :0], old * 0)], backend="interpret")
+  assert not hj.append_in_launch(q[:, :0], [prefix, Level(k_cache, v_cache, old)], backend="interpret")
+
+
+@pytest.mark.parametrize("b,t,s", [(0, 2, 8), (2, 0, 8), (2, 2, 0)], ids=["B0", "T0", "S0"])
+def test_append_of_nothing_or_nowhere(kernel_backend, b, t, s):
+  """No sequences, no slots, or no capacity: the caches come back as they were (every entry dropped where S = 0),
+  the output is empty or sees the prefix only."""
+  q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("gqa8", jnp.float32, b=b, t=t, s=s, old=[0] * b,
+                                                                new=[min(t, 1)] * b)
+  out, k_got, v_got = hj.tree_attention_append(q, [prefix, Level(k_cache, v_cache, old)], new_k, new_v,
+                                               new_tokens=new, backend=kernel_backend)
+  k_ref, v_ref = reference.append(k_cache, v_cache, new_k, new_v, old, new)
+  chex.assert_trees_all_equal((k_got, v_got), (k_ref, v_ref))
+  ref = hj.tree_attention(q, [prefix, Level(k_ref, v_ref, jnp.minimum(old + new, s))], backend="xla")
+  chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
+
+
+def test_append_casts_new_keys_to_the_caches_dtype(kernel_backend):
+  """float32 new keys into bf16 caches: written as the scatter writes them (cast), attended as stored."""
+  q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("chunk", jnp.bfloat16, new_dtype=jnp.float32)
+  out, k_got, v_got = hj.tree_attention_append(q, [prefix, Level(k_cache, v_cache, old)], new_k, new_v,
+                                               new_tokens=new, backend=kernel_backend)
+  k_ref, v_ref = reference.append(k_cache, v_cache, new_k, new_v, old, new)
+  chex.assert_trees_all_equal((k_got, v_got), (k_ref, v_ref))
+  assert k_got.dtype == jnp.bfloat16
+  ref = hj.tree_attention(q, [prefix, Level(k_ref, v_ref, jnp.minimum(old + new, 9))], backend="xla")
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **tol(jnp.bfloat16))
+
+
+def test_traced_new_tokens_out_of_range_are_clamped(backend):
+  """A traced count past T reads as T, a negative one as 0 (as the module docstring says of traced values)."""
+  q, prefix, k_cache, v_cache, new_k, new_v, old, _ = _inputs("chunk", jnp.float32)
+  levels = [prefix, Level(k_cache, v_cache, old)]
+  step = jax.jit(lambda n: hj.tree_attention_append(q, levels, new_k, new_v, new_tokens=n, backend=backend))
+  got, want = step(jnp.array([5, -1])), step(jnp.array([3, 0]))
+  chex.assert_trees_all_equal(got[1:], want[1:])
+  chex.assert_trees_all_close(got[0], want[0], **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("launch,merge_rows", [("auto", 1 << 20), ("separate", 0), ("fused", 0)],
+                         ids=["merged-in-launch", "separate", "fused"])
+def test_the_writing_launch_with_its_merge_or_in_separate_launches(monkeypatch, launch, merge_rows):
+  """The written caches come back right beside the launch's own merge (its count aliased too) and when each level
+  has a launch of its own; three levels, the middle one per sequence over two nodes."""
+  q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("decode", jnp.float32)
+  mid = Level(normal(jax.random.PRNGKey(9), (2, 11, 4, 64), jnp.float32),
+              normal(jax.random.PRNGKey(10), (2, 11, 4, 64), jnp.float32), jnp.array([11, 4]),
+              np.array([0, 1, 1], np.int32))
+  levels = [prefix, mid, Level(k_cache, v_cache, old)]
+  monkeypatch.setattr(ops, "auto_launch", lambda rows, tuning=None: "fused" if launch == "auto" else launch)
+  tune = dataclasses.replace(tuning_lib.current(), launch_merge_max_rows=merge_rows)
+  with tuning_lib.override(tune):
+    out, k_got, v_got = hj.tree_attention_append(q, levels, new_k, new_v, new_tokens=new, backend="interpret")
+  k_ref, v_ref = reference.append(k_cache, v_cache, new_k, new_v, old, new)
+  chex.assert_trees_all_equal((k_got, v_got), (k_ref, v_ref))
+  ref = hj.tree_attention(q, levels[:2] + [Level(k_ref, v_ref, jnp.minimum(old + new, 37))], backend="xla")
+  chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 
 @pytest.mark.parametrize("change,match", [
     (dict(new_k=jnp.zeros((2, 2, 2, 64)), new_v=jnp.zeros((2, 2, 2, 64))),
      r"new_k \(2, 2, 2, 64\): expected \[B, T, Hkv, D\] = \(2, 2, 2, 128\)"),
     (dict(new_v=jnp.zeros((2, 2, 2, 64))), r"new_k and new_v must have the same shape"),
-    (dict(new_tokens=jnp.array([3, 0])), r"new_tokens must lie in \[0, 2\]"),
+    (dict(new_tokens=jnp.array([3, 0])), r"new_tokens must lie in \[0, 2\] \(T, the query slots\)"),
     (dict(new_tokens=jnp.array([1])), r"new_tokens"),
     (dict(leaf_nodes=True), r"levels\[1\] has seq_to_node set: expected None"),
-], ids=["new_k-head-dim", "new_v-shape", "new_tokens-range", "new_tokens-count", "leaf-seq_to_node"])
+    (dict(new_k=jnp.zeros((2, 2, 2, 128), jnp.int32), new_v=jnp.zeros((2, 2, 2, 128), jnp.int32)),
+     r"new_k and new_v must be floating-point"),
+], ids=["new_k-head-dim", "new_v-shape", "new_tokens-range", "new_tokens-count", "leaf-seq_to_node", "int-keys"])
 def test_append_names_bad_input(change, match):
   q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("gqa8", jnp.float32)
   leaf = Level(k_cache, v_cache, old, np.arange(2, dtype=np.int32) if change.get("leaf_nodes") else None)

@@ -201,23 +201,37 @@ class _Fresh:
   interpret: bool
 
 
+_STORE_ROWS = 16  # (slot, head) pairs `_store_new` copies at a time: a small tile whatever T
+
+
 def _store_new(fresh: _Fresh, p, node, lo, hi, hb, heads: int, cols, col_ok, *, num_queries: int, full):
   """Stores sequence p's new keys and values that fall in [lo, hi) (a program's key range) for the KV heads
   [hb·heads, (hb + 1)·heads) into its cache row `node`, then a barrier, so that the program's own reads that follow
   see them. Its new keys are positions [L - n, L) (L = `full`, its unclamped length; n its count, at most T and L),
   position L - T + j taken from its query slot j. Every program that reads a new key stores it (row blocks of one
-  range store the same values), so no program waits for another."""
+  range store the same values), so no program waits for another. The (slot, head) pairs go `_STORE_ROWS` at a time,
+  over the program's own slots only (one step at decode)."""
   count = jnp.clip(fresh.count[p], 0, jnp.minimum(num_queries, jnp.maximum(full, 0)))
-  r = jnp.arange(max(16, pl.next_power_of_2(num_queries * heads)))  # (slot, head) pairs, as a tile's rows
-  slot, head = r // heads, hb * heads + r % heads
-  pos = full - num_queries + slot
-  ok = (r < num_queries * heads) & (slot >= num_queries - count) & (pos >= lo) & (pos < hi)
-  tile = ok[:, None] & col_ok[None, :]
-  src = p * num_queries + jnp.where(ok, slot, 0)
-  at = jnp.where(ok, pos, fresh.k_out.shape[1])  # masked rows point one past the capacity (no store lands)
-  for new_ref, out_ref in ((fresh.k, fresh.k_out), (fresh.v, fresh.v_out)):
-    value = plgpu.load(new_ref.at[src[:, None], head[:, None], cols[None, :]], mask=tile, other=0)
-    plgpu.store(out_ref.at[node, at[:, None], head[:, None], cols[None, :]], value, mask=tile)
+  base = full - num_queries  # position of slot 0
+  first = jnp.maximum(jnp.maximum(lo - base, num_queries - count), 0)  # the program's new slots: [first, last)
+  last = jnp.clip(hi - base, 0, num_queries)
+
+  def chunk(c, carry):
+    r = c * _STORE_ROWS + jnp.arange(_STORE_ROWS)
+    slot, head = r // heads, hb * heads + r % heads
+    ok = (slot >= first) & (slot < last)  # so lo <= position < hi <= capacity
+    tile = ok[:, None] & col_ok[None, :]
+    src = p * num_queries + jnp.where(ok, slot, 0)
+    at = jnp.where(ok, base + slot, fresh.k_out.shape[1])  # masked rows point one past the capacity: no store lands
+    for new_ref, out_ref in ((fresh.k, fresh.k_out), (fresh.v, fresh.v_out)):
+      value = plgpu.load(new_ref.at[src[:, None], head[:, None], cols[None, :]], mask=tile, other=0)
+      plgpu.store(out_ref.at[node, at[:, None], head[:, None], cols[None, :]], value, mask=tile)
+    return carry
+
+  if num_queries * heads <= _STORE_ROWS:  # decode: one tile holds every pair
+    chunk(0, 0)
+  else:
+    lax.fori_loop(first * heads // _STORE_ROWS, pl.cdiv(last * heads, _STORE_ROWS), chunk, 0)
   if not fresh.interpret:  # the interpreter runs one thread
     plgpu.debug_barrier()
 
@@ -515,7 +529,7 @@ def fused_levels(
 def fused_levels_write(
     q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
     lead: float = 0.0, merge: bool = False,
-) -> tuple[list[tuple[Array, Array]], tuple[Array, Array]]:
+) -> tuple[list[tuple[Array, Array]], tuple[Array, Array] | None]:
   """`fused_levels` where one level may be fresh (`LevelSpec.fresh`, a per-sequence level): its new keys and values
   are read from its work's `new_k`, `new_v` and stored into its caches by the launch (module docstring).
 
