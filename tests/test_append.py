@@ -253,6 +253,8 @@ def test_models_write_in_the_attention_where_the_tuning_says(kernel_backend, mon
   (`tree_attention_append`); the greedy tokens and logits are bit for bit those of the write before it."""
   model = init_random(write_cases.CFG, jnp.float32, seed=3)
   prompts = write_cases.prompts()
+  # The calls are seen while tracing: a step another test compiled with the same tuning would not trace again.
+  jax.clear_caches()
   calls, real = [], hj.tree_attention_append
   monkeypatch.setattr(hj, "tree_attention_append", lambda *a, **k: calls.append(1) or real(*a, **k))
   with tuning_lib.override(dataclasses.replace(tuning_lib.current(), write_in_attention=False)):
@@ -277,3 +279,19 @@ def test_tuning_write_in_attention_round_trips_and_defaults_to_off():
   data = tuning_lib.to_dict(tune)
   del data["write_in_attention"]  # a file written before the field: off
   assert tuning_lib.from_dict(data).write_in_attention is False
+
+
+def test_append_under_vmap_over_layers(kernel_backend):
+  """vmapped over a leading layer axis (each layer its own caches and keys), as each layer called alone."""
+  q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("decode", jnp.float32)
+  stack = lambda x: jnp.stack([x, x[::-1] * 0.5])  # noqa: E731
+
+  def step(q, pk, pv, k_cache, v_cache, new_k, new_v):
+    levels = [Level(pk, pv, prefix.lengths, prefix.seq_to_node), Level(k_cache, v_cache, old)]
+    return hj.tree_attention_append(q, levels, new_k, new_v, new_tokens=new, backend=kernel_backend)
+
+  args = [stack(x) for x in (q, prefix.k, prefix.v, k_cache, v_cache, new_k, new_v)]
+  got = jax.jit(jax.vmap(step))(*args)
+  for layer in range(2):
+    want = step(*(x[layer] for x in args))
+    chex.assert_trees_all_close(tuple(x[layer] for x in got), want, **tol(jnp.float32))

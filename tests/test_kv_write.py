@@ -78,6 +78,8 @@ def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monk
   (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path."""
   model = init_random(CFG, jnp.float32, seed=3)
   prompts = write_cases.prompts()
+  # The calls are seen while tracing: a step another test compiled with the same tuning would not trace again.
+  jax.clear_caches()
   calls, real = [], kv_write.write
   monkeypatch.setattr(kv_write, "write", lambda kc, *a, **kw: calls.append(kc.shape) or real(kc, *a, **kw))
   ref = generate(model, prompts, num_samples=2, max_new_tokens=4, backend="xla")
