@@ -67,8 +67,11 @@ def kernel_backend(request) -> str:
 
 def record_batch_shared(monkeypatch) -> list:
     """The `batch_shared` argument of every `hydragen_jax.tree_attention` call made from now on (the models call it
-    through the module, so the spy sees the choice each step or prefill traced), in a list that grows as they come."""
+    through the module, so the spy sees the choice each step or prefill traced), in a list that grows as they come.
+    jit's caches are cleared first: a step another test compiled with the same arguments would not trace again."""
     import hydragen_jax  # noqa: PLC0415
+
+    jax.clear_caches()
 
     seen, real = [], hydragen_jax.tree_attention
 
