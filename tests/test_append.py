@@ -295,3 +295,18 @@ def test_append_under_vmap_over_layers(kernel_backend):
   for layer in range(2):
     want = step(*(x[layer] for x in args))
     chex.assert_trees_all_close(tuple(x[layer] for x in got), want, **tol(jnp.float32))
+
+
+def test_checked_mode_names_a_traced_new_tokens_out_of_range():
+  """`checked=True` under checkify: a traced count past T raises with its name, value and position."""
+  from jax.experimental import checkify  # noqa: PLC0415
+
+  q, prefix, k_cache, v_cache, new_k, new_v, old, _ = _inputs("chunk", jnp.float32)
+  levels = [prefix, Level(k_cache, v_cache, old)]
+  step = checkify.checkify(jax.jit(lambda n: hj.tree_attention_append(q, levels, new_k, new_v, new_tokens=n,
+                                                                      backend="xla", checked=True)))
+  err, _ = step(jnp.array([1, 7]))
+  with pytest.raises(Exception, match=r"new_tokens must lie in \[0, 3\] \(T, the query slots\); got 7 at index 1"):
+    err.throw()
+  err, _ = step(jnp.array([1, 3]))
+  err.throw()  # in range: no error
