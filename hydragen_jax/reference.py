@@ -147,6 +147,18 @@ def write_positions(lengths: Array, new_tokens: Array, num_slots: int, capacity:
   return jnp.where((t >= num_slots - new_tokens) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
+def write_at(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array) -> tuple[Array, Array]:
+  """k, v `[B, T, Hkv, D]` written into the caches `[B, S, Hkv, D]` at `positions` `[B, T]` (`write_positions`'s:
+  distinct within a row; those at or past S dropped), in the caches' dtype: one scatter a cache."""
+  b, t = k.shape[:2]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
+  # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.
+  hints = dict(mode="drop", indices_are_sorted=t == 1, unique_indices=True)
+  return (k_cache.at[rows, positions].set(k.astype(k_cache.dtype), **hints),
+          v_cache.at[rows, positions].set(v.astype(v_cache.dtype), **hints))
+
+
 def append(k_cache: Array, v_cache: Array, k: Array, v: Array, lengths: Array, new_tokens: Array
            ) -> tuple[Array, Array]:
   """A step's new keys and values written into per-sequence caches, after their valid entries.
@@ -160,8 +172,4 @@ def append(k_cache: Array, v_cache: Array, k: Array, v: Array, lengths: Array, n
     The caches with the real slots at positions lengths[b] … lengths[b] + new_tokens[b] - 1 (those below S; the
     rest dropped), in the caches' dtype.
   """
-  b, t = k.shape[:2]
-  pos = write_positions(lengths, new_tokens, t, k_cache.shape[1])
-  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-  return (k_cache.at[rows, pos].set(k.astype(k_cache.dtype), mode="drop"),
-          v_cache.at[rows, pos].set(v.astype(v_cache.dtype), mode="drop"))
+  return write_at(k_cache, v_cache, k, v, write_positions(lengths, new_tokens, k.shape[1], k_cache.shape[1]))

@@ -117,17 +117,16 @@ def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity:
 def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array, pair: bool = False
                   ) -> tuple[jax.Array, jax.Array]:
     """XLA's write of the new k/v ``[B, T, Hkv, D]`` into one layer's caches ``[B, S, Hkv, D]`` at ``positions``
-    ``[B, T]`` (`write_positions`'s: slots at or past S dropped), in place under jit: one scatter a cache, or with
-    ``pair`` one scatter of both (``models.pair_scatter``)."""
+    ``[B, T]`` (`write_positions`'s: slots at or past S dropped), in place under jit: one scatter a cache (the
+    library's, ``hydragen_jax.reference.write_at``), or with ``pair`` one scatter of both (``models.pair_scatter``)."""
     if pair:
         return pair_scatter.scatter(k_cache, v_cache, k, v, positions)
-    B, T = k.shape[:2]
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
-    # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.
-    hints = dict(mode="drop", indices_are_sorted=T == 1, unique_indices=True)
-    return (k_cache.at[rows, positions].set(k.astype(k_cache.dtype), **hints),
-            v_cache.at[rows, positions].set(v.astype(v_cache.dtype), **hints))
+    return hydragen_reference.write_at(k_cache, v_cache, k, v, positions)
+
+
+def _replace_layer(ks: Layers, vs: Layers, layer: int, k_new, v_new) -> tuple[Layers, Layers]:
+    """ks and vs with layer ``layer``'s arrays replaced by the written ones."""
+    return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]
 
 
 def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens, backend: str | None = None,
@@ -144,7 +143,7 @@ def _write(ks: Layers, vs: Layers, layer: int, k, v, lengths, new_tokens, backen
         k_new, v_new = kv_write.write(ks[layer], vs[layer], k, v, pos, interpret=backend.startswith("interpret"))
     else:
         k_new, v_new = scatter_write(ks[layer], vs[layer], k, v, pos, pair=decode and tune.pair_write)
-    return ks[:layer] + (k_new,) + ks[layer + 1:], vs[:layer] + (v_new,) + vs[layer + 1:]
+    return _replace_layer(ks, vs, layer, k_new, v_new)
 
 
 def _no_attention(q, k, v, lengths):
@@ -199,9 +198,8 @@ def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None, de
             if hydragen_jax.append_in_launch(q, before, backend=backend, batch_shared=batched):
                 out, k_new, v_new = hydragen_jax.tree_attention_append(q, before, k, v, new_tokens=new_tokens,
                                                                        backend=backend, batch_shared=batched)
-                ks, vs = cache.k, cache.v
-                cache = cache.replace(k=ks[:layer] + (k_new,) + ks[layer + 1:], v=vs[:layer] + (v_new,) + vs[layer + 1:])
-                return out, cache
+                ks, vs = _replace_layer(cache.k, cache.v, layer, k_new, v_new)
+                return out, cache.replace(k=ks, v=vs)
         ks, vs = _write(cache.k, cache.v, layer, k, v, cache.lengths, new_tokens, backend, decode)
         cache = cache.replace(k=ks, v=vs)
         own = Level(ks[layer], vs[layer], cache.lengths + new_tokens)

@@ -267,20 +267,6 @@ def test_models_write_in_the_attention_where_the_tuning_says(kernel_backend, mon
   np.testing.assert_array_equal(got.logits, ref.logits)
 
 
-@pytest.mark.parametrize("bad", [1, 0, "true", None])
-def test_tuning_write_in_attention_must_be_a_bool(bad):
-  with pytest.raises(ValueError, match=r"write_in_attention must be true or false"):
-    dataclasses.replace(tuning_lib.current(), write_in_attention=bad)
-
-
-def test_tuning_write_in_attention_round_trips_and_defaults_to_off():
-  tune = dataclasses.replace(tuning_lib.current(), write_in_attention=True)
-  assert tuning_lib.from_dict(tuning_lib.to_dict(tune)).write_in_attention is True
-  data = tuning_lib.to_dict(tune)
-  del data["write_in_attention"]  # a file written before the field: off
-  assert tuning_lib.from_dict(data).write_in_attention is False
-
-
 def test_append_under_vmap_over_layers(kernel_backend):
   """vmapped over a leading layer axis (each layer its own caches and keys), as each layer called alone."""
   q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("decode", jnp.float32)

@@ -160,17 +160,3 @@ def test_only_the_decode_loop_writes_with_one_scatter(monkeypatch, decode):
   assert len(calls) == int(decode)
   for got, c, u in ((written.k[0], cache.k[0], k), (written.v[0], cache.v[0], v)):  # either way: slots 1 and 3
     np.testing.assert_array_equal(np.asarray(got), loop_write(c, u, jnp.array([[1], [3]])))
-
-
-@pytest.mark.parametrize("bad", [1, 0, "true", None])
-def test_tuning_pair_write_must_be_a_bool(bad):
-  with pytest.raises(ValueError, match=r"pair_write must be true or false"):
-    dataclasses.replace(tuning_lib.current(), pair_write=bad)
-
-
-def test_tuning_pair_write_round_trips_and_defaults_to_off():
-  tune = dataclasses.replace(tuning_lib.current(), pair_write=True)
-  assert tuning_lib.from_dict(tuning_lib.to_dict(tune)).pair_write is True
-  data = tuning_lib.to_dict(tune)
-  del data["pair_write"]  # a file written before the field: off
-  assert tuning_lib.from_dict(data).pair_write is False

@@ -807,3 +807,22 @@ def test_sweep_times_the_merge_as_the_api_merges():
   assert "hydragen_merge" not in str(jax.make_jaxpr(sweep.step(sig_on, on))(*structs))
   fields = [c.field for c in sweep_device.choices(sweep_device.CONFIGS, sweep_device.GROUPS)]
   assert "merge_max_rows" in fields
+
+
+BOOL_FIELDS = ("pair_write", "write_in_attention")  # the models' cache-write switches
+
+
+@pytest.mark.parametrize("field", BOOL_FIELDS)
+@pytest.mark.parametrize("bad", [1, 0, "true", None])
+def test_a_switch_must_be_a_bool(field, bad):
+  with pytest.raises(ValueError, match=rf"{field} must be true or false"):
+    dataclasses.replace(tuning.current(), **{field: bad})
+
+
+@pytest.mark.parametrize("field", BOOL_FIELDS)
+def test_a_switch_round_trips_and_defaults_to_off(field):
+  tune = dataclasses.replace(tuning.current(), **{field: True})
+  assert getattr(tuning.from_dict(tuning.to_dict(tune)), field) is True
+  data = tuning.to_dict(tune)
+  del data[field]  # a file written before the field: off
+  assert getattr(tuning.from_dict(data), field) is False
