@@ -294,6 +294,22 @@ def _build(config: LlamaConfig, read, send) -> Params:
     return params
 
 
+# the dtypes a checkpoint is saved in: those the loader reads (FLOAT_DTYPES)
+SAVE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _saved_dtype(dtype) -> np.dtype:
+    """`dtype` as the numpy dtype of saved tensors (bfloat16: ml_dtypes'); `ValueError` naming the argument where it
+    is not one the loader reads back (int8 would round every weight to 0 or ±1, float8 lose most bits)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None  # not a dtype at all ("bf16")
+    if name not in SAVE_DTYPES:
+        raise ValueError(f"save_checkpoint: dtype must be one of {SAVE_DTYPES} (or None: the model's), got {dtype!r}")
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
 def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named numpy arrays (``[out, in]`` layout, each packed weight unpacked on the host
     into its projections), optionally cast (a model on a mesh: its canonical parameters, gathered one tensor at a
@@ -305,8 +321,7 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
 
         s = parallel.split(config, parallel.mesh_size(model.mesh))
         canonical = lambda key, x: parallel.from_layout(key, x, config, s)  # noqa: E731
-    np_dtype = None if dtype is None else (ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16
-                                           else np.dtype(dtype))
+    np_dtype = None if dtype is None else _saved_dtype(dtype)
     out_dtype = np_dtype if np_dtype is not None else np.dtype(p["embed"].dtype)
 
     def host(key: str, x) -> np.ndarray:  # one tensor, canonical, to the host (bf16 through float32)
@@ -333,10 +348,19 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     holds the model's stop ids: a ``generation_config.json`` left in ``path`` by an earlier save, which the loader
     would read in their place, is removed."""
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes < 1):
+        raise ValueError(f"save_checkpoint: max_shard_bytes must be a positive int (or None: one file), got "
+                         f"{max_shard_bytes!r}")
     cfg = model.config.to_dict()
     cfg.update(extra_config or {})
+    try:  # what load_checkpoint will make of it: a key it refuses is refused now, before anything is written
+        LlamaConfig.from_dict(cfg)
+    except (ValueError, CheckpointError) as e:
+        raise ValueError(f"save_checkpoint: extra_config {extra_config!r} gives a config.json that load_checkpoint "
+                         f"refuses: {e}") from e
     tensors = to_hf_tensors(model, dtype)
+    os.makedirs(path, exist_ok=True)
     stored = next(iter(tensors.values())).dtype
     # the tensors' dtype under both names transformers reads ("torch_dtype" up to v4, "dtype" since v5)
     cfg["torch_dtype"] = cfg["dtype"] = "bfloat16" if stored == ml_dtypes.bfloat16 else np.dtype(stored).name

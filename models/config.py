@@ -15,7 +15,8 @@ flat dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises
-``CheckpointError`` naming the key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits.
+``CheckpointError`` naming the key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits
+(``HARMLESS_WHEN_EMPTY`` those that change nothing at their empty value).
 A key that config.json leaves out takes the default of the family's transformers config class (``Family``): what
 transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which then caps the sequences).
 """
@@ -182,7 +183,12 @@ HARMLESS_KEYS = frozenset({
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    # which attention implementation transformers runs (eager, sdpa, flash): the same attention
+    "_attn_implementation",
 })
+# Keys that change nothing at their empty value ({}, [] or null), which full config dumps write: other values are
+# refused like any unknown key (pruned heads remove heads the loader's shapes would still expect).
+HARMLESS_WHEN_EMPTY = frozenset({"pruned_heads"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,9 +478,11 @@ class LlamaConfig:
             raise CheckpointError(f"config: architectures must be a list of class names, got {archs!r}")
         bad = [a for a in archs if a != family.architecture]
         if bad:
-            raise CheckpointError(f"config: unsupported architecture {bad[0]!r} for model_type {model_type!r} "
-                                  f"(supported: {SUPPORTED_ARCHITECTURES}, one per model_type)")
-        unknown = [k for k in d if k not in _COMMON_KEYS | family.keys | HARMLESS_KEYS]
+            missing = "" if "model_type" in d else " (config.json has no model_type, read as 'llama')"
+            raise CheckpointError(f"config: unsupported architecture {bad[0]!r} for model_type {model_type!r}"
+                                  f"{missing} (supported: {SUPPORTED_ARCHITECTURES}, one per model_type)")
+        unknown = [k for k in d if k not in _COMMON_KEYS | family.keys | HARMLESS_KEYS
+                   and not (k in HARMLESS_WHEN_EMPTY and d[k] in ({}, [], None))]
         if unknown:
             raise CheckpointError(f"config: key {unknown[0]!r} = {d[unknown[0]]!r} is not known to this loader for "
                                   f"model_type {model_type!r}; it may change the model's output")

@@ -77,17 +77,19 @@ class SharingTree:
             bad = [s for s in level.seq_to_node if not 0 <= s < len(level.nodes)]
             if bad:
                 raise ValueError(f"SharingTree: level {l} seq_to_node has {bad[0]} outside [0, {len(level.nodes)})")
-        # all sequences of one node must read the same ancestors (their prefix before the node is the same)
+        # all sequences of one node must have the same tokens before it (its keys and values, computed once, hold
+        # their positions and context); ancestors that differ as nodes but spell the same tokens (two empty nodes) do
         for l in range(1, len(self.levels)):
-            owner: dict[int, tuple[int, ...]] = {}
+            owner: dict[int, int] = {}  # node -> the first sequence that reads it
             for b in range(B):
                 n = self.levels[l].seq_to_node[b]
                 if not self.levels[l].nodes[n]:
                     continue
-                anc = self.ancestors(l, b)
-                if owner.setdefault(n, anc) != anc:
+                first = owner.setdefault(n, b)
+                if self._before(l, first) != self._before(l, b):
                     raise ValueError(f"SharingTree: node {n} of level {l} is read by sequences with different "
-                                     f"ancestors {owner[n]} and {anc}")
+                                     f"tokens before it: sequence {first} through ancestors "
+                                     f"{self.ancestors(l, first)}, sequence {b} through {self.ancestors(l, b)}")
 
     @property
     def num_sequences(self) -> int:
@@ -96,6 +98,10 @@ class SharingTree:
     def ancestors(self, level: int, b: int) -> tuple[int, ...]:
         """Nodes read by sequence b at the levels above ``level``."""
         return tuple(self.levels[j].seq_to_node[b] for j in range(level))
+
+    def _before(self, level: int, b: int) -> Tokens:
+        """The tokens sequence b reads at the levels above ``level``."""
+        return tuple(token for j in range(level) for token in self.levels[j].nodes[self.levels[j].seq_to_node[b]])
 
     def prompt(self, b: int) -> Tokens:
         """The full prompt of sequence b."""

@@ -263,6 +263,34 @@ def test_saved_config_names_the_tensors_dtype(tmp_path, dtype, name):
     assert cfg["torch_dtype"] == cfg["dtype"] == name
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": jnp.int8}, r"save_checkpoint: dtype must be one of .*got <class 'jax.numpy.int8'>"),
+    ({"dtype": np.int32}, r"dtype must be one of \('float32', 'bfloat16', 'float16', 'float64'\)"),
+    ({"dtype": jnp.float8_e4m3fn}, "dtype must be one of"),
+    ({"dtype": "bf16"}, r"dtype must be one of .*got 'bf16'"),
+    ({"max_shard_bytes": 0}, "max_shard_bytes must be a positive int .*got 0"),
+    ({"max_shard_bytes": -5}, "max_shard_bytes must be a positive int"),
+    ({"max_shard_bytes": 1.5e6}, "max_shard_bytes must be a positive int"),
+    ({"extra_config": {"use_flash_attn": True}},
+     r"extra_config \{'use_flash_attn': True\} gives a config.json that load_checkpoint refuses: .*'use_flash_attn'"),
+])
+def test_a_save_load_checkpoint_would_refuse_is_refused_before_writing(tmp_path, kwargs, match):
+    """A dtype the loader does not read back (int8 would round every weight to 0 or ±1), a shard size that is not
+    one, or extra config keys the loader refuses: named at the save, with nothing written."""
+    model = _model(tmp_path / "a")
+    with pytest.raises(ValueError, match=match):
+        save_checkpoint(model, tmp_path / "b", **kwargs)
+    assert not (tmp_path / "b").exists()
+
+
+def test_extra_config_the_loader_reads_is_saved(tmp_path):
+    model = _model(tmp_path / "a")
+    save_checkpoint(model, tmp_path / "b", extra_config={"_name_or_path": "mine", "pruned_heads": {}})
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["_name_or_path"] == "mine"
+    tokens = [3, 1, 4]
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "b"), tokens), model_logits(model, tokens))
+
+
 def test_index_entry_that_is_not_a_file_name(tmp_path):
     write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG), shards=2)
     index = tmp_path / "ck" / "model.safetensors.index.json"

@@ -715,6 +715,23 @@ def test_harmless_keys_accepted():
     assert LlamaConfig.from_dict(dict(LLAMA31_8B, **extra)) == LlamaConfig.from_dict(LLAMA31_8B)
 
 
+def test_keys_harmless_at_their_empty_value():
+    """transformers' attention implementation changes nothing; pruned heads only when there are none (full config
+    dumps write `{}`): other values are refused like unknown keys."""
+    want = LlamaConfig.from_dict(LLAMA31_8B)
+    for extra in ({"_attn_implementation": "sdpa"}, {"pruned_heads": {}}, {"pruned_heads": None}):
+        assert LlamaConfig.from_dict(dict(LLAMA31_8B, **extra)) == want
+    with pytest.raises(CheckpointError, match="key 'pruned_heads' = \\{'0': \\[1\\]\\} is not known"):
+        LlamaConfig.from_dict(dict(LLAMA31_8B, pruned_heads={"0": [1]}))
+
+
+def test_an_architecture_without_model_type_names_the_missing_model_type():
+    d = {k: v for k, v in MISTRAL_7B_V01.items() if k != "model_type"}
+    with pytest.raises(CheckpointError, match="unsupported architecture 'MistralForCausalLM' for model_type 'llama' "
+                                              r"\(config.json has no model_type, read as 'llama'\)"):
+        LlamaConfig.from_dict(d)
+
+
 def test_sliding_window_not_in_effect():
     assert LlamaConfig.from_dict(dict(MISTRAL_7B_V01, sliding_window=32768)).max_position_embeddings == 32768
     # Qwen: a window applies only with use_sliding_window, and only to layers >= max_window_layers

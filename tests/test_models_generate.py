@@ -11,7 +11,7 @@ from models.config import LlamaConfig
 from models.generate import (SamplingConfig, categorical, decode, generate, prefill, sample, top_k_mask,
                              top_p_mask)
 from models.llama import Llama, init_random
-from models.sharing import build_sharing_tree, expand_samples
+from models.sharing import SharedLevel, SharingTree, build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -193,6 +193,20 @@ def test_explicit_tree_equals_auto(model):
     a = generate(model, prompts, num_samples=2, max_new_tokens=10)
     b = generate(model, prompts, num_samples=2, max_new_tokens=10, tree=flat)
     assert b.tree.levels == ()
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_node_reached_through_twin_ancestors_equals_one_ancestor(model):
+    """Sequences that read one node through two ancestor nodes of the same tokens (allowed: the same prefix) get the
+    tokens of the tree in which they share one ancestor."""
+    few, problem = (5, 6, 7, 8, 9, 10), (11, 12, 13)
+    prompts = [few + problem + (20 + b,) for b in range(3)]
+    one = SharingTree((SharedLevel((few,), (0, 0, 0)), SharedLevel((problem,), (0, 0, 0))),
+                      tuple((20 + b,) for b in range(3)))
+    twins = SharingTree((SharedLevel((few, few), (0, 1, 1)), SharedLevel((problem,), (0, 0, 0))), one.suffixes)
+    a = generate(model, prompts, max_new_tokens=6, tree=one)
+    b = generate(model, prompts, max_new_tokens=6, tree=twins)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=1e-4)
 

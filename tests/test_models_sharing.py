@@ -101,8 +101,16 @@ def test_explicit_tree_validation():
         SharingTree((lv,), ((3,), (4,), (5,)))
     with pytest.raises(ValueError, match="outside"):
         SharingTree((SharedLevel(((1,),), (0, 1)),), ((3,), (4,)))
-    with pytest.raises(ValueError, match="different ancestors"):
+    with pytest.raises(ValueError, match=r"different tokens before it: sequence 0 through ancestors \(0,\), "
+                                         r"sequence 1 through \(1,\)"):
         SharingTree((SharedLevel(((1,), (2,)), (0, 1)), SharedLevel(((3,),), (0, 0))), ((3,), (4,)))
+    # ancestors that are other nodes but spell the same tokens (two empty nodes, two copies of a node) are the same
+    # prefix: the node's keys and values are those of either
+    for twins in (((), ()), ((7, 8), (7, 8))):
+        tree = SharingTree((SharedLevel(twins, (0, 1)), SharedLevel(((3,),), (0, 0))), ((4,), (5,)))
+        assert tree.prompt(0)[:-1] == tree.prompt(1)[:-1]
+    with pytest.raises(ValueError, match="different tokens before it"):  # one token more is another prefix
+        SharingTree((SharedLevel(((7, 8), (7, 8, 9)), (0, 1)), SharedLevel(((3,),), (0, 0))), ((4,), (5,)))
 
 
 def test_synthetic_tree():
