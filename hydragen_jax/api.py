@@ -181,7 +181,7 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   them against ~68 µs for the kernel and this merge; experiments/PERF_NOTES.md)."""
   rows = q.shape[0] * q.shape[1] * q.shape[2]
   if rows == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
-    return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
+    return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, reference.accumulation_dtype(q)))]
   if backend == "xla":
     return [_one(_reference_level(q, level, causal=c, batched=b, scale=scale))
             for level, c, b in zip(levels, causal, batched)]
@@ -255,7 +255,8 @@ def attention(
     checked: check traced kv_lengths with checkify (module docstring: "Out-of-range values").
 
   Returns:
-    out `[B, T, Hq, D]` (q.dtype; 0 for a query that sees no key) and lse `[B, T, Hq]` float32 (-inf there).
+    out `[B, T, Hq, D]` (q.dtype; 0 for a query that sees no key) and lse `[B, T, Hq]` float32 (-inf there;
+    float64 for float64 inputs, which run on "xla": `reference.accumulation_dtype`).
   """
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   check.check_rank("k", k, 4, "[B, S, Hkv, D]")

@@ -1,7 +1,7 @@
 """The op, defined: softmax attention with ragged lengths, and the log-sum-exp merge.
 
-This module is the specification every implementation is tested against. It is plain `jax.numpy` in float32 and
-reads like the equations of the Hydragen paper (arXiv 2402.05099, section 3):
+This module is the specification every implementation is tested against. It is plain `jax.numpy` in float32
+(float64 for float64 inputs, under `jax_enable_x64`: `accumulation_dtype`) and reads like the equations of the Hydragen paper (arXiv 2402.05099, section 3):
 
     attention(q, K, V) = softmax(q Kᵀ · scale) V,          lse = log Σ_j exp(q·k_j · scale)
 
@@ -39,6 +39,12 @@ def visible_keys(kv_lengths: Array, num_keys: int, num_queries: int, causal: boo
   return visible
 
 
+def accumulation_dtype(*arrays) -> jnp.dtype:
+  """The dtype the op computes in, and of its lse: float32 for 16- and 32-bit inputs, float64 where an input is
+  float64 (only under `jax_enable_x64`), so that a float64 result carries float64 accuracy."""
+  return jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in arrays))
+
+
 def _softmax(logits: Array, visible: Array) -> tuple[Array, Array]:
   """softmax over the visible keys (last axis) and its lse; a row with no visible key gets 0 and -inf."""
   logits = jnp.where(visible, logits, -jnp.inf)
@@ -66,16 +72,18 @@ def attention(
     scale: multiplies q·k.
 
   Returns:
-    out `[B, T, Hq, D]` in q.dtype (0 where a query sees no key) and lse `[B, T, Hq]` float32 (-inf there).
+    out `[B, T, Hq, D]` in q.dtype (0 where a query sees no key) and lse `[B, T, Hq]` float32 (-inf there;
+    `accumulation_dtype`: float64 for float64 inputs).
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
-  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32)) * scale
+  acc = accumulation_dtype(q, k, v)
+  qg = q.astype(acc).reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(acc)) * scale
   visible = visible_keys(kv_lengths, s, t, causal)[:, :, None, None, :]
   probs, lse = _softmax(logits, visible)
   # values past a sequence's length are not its keys': whatever they hold (NaN in an unused cache tail) stays out
-  v = jnp.where((jnp.arange(s) < kv_lengths[:, None])[:, :, None, None], v.astype(jnp.float32), 0.0)
+  v = jnp.where((jnp.arange(s) < kv_lengths[:, None])[:, :, None, None], v.astype(acc), 0.0)
   out = jnp.einsum("bthgs,bshd->bthgd", probs, v)
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
@@ -90,17 +98,34 @@ def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: floa
     q: `[B, T, Hq, D]`; k, v: `[P, Hkv, D]`; length: scalar count of valid shared keys.
 
   Returns:
-    out `[B, T, Hq, D]` and lse `[B, T, Hq]` float32, as `attention`.
+    out `[B, T, Hq, D]` and lse `[B, T, Hq]` float32 (float64 for float64 inputs), as `attention`.
   """
   b, t, hq, d = q.shape
   p, hkv = k.shape[0], k.shape[1]
-  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
-  logits = jnp.einsum("bthgd,phd->bthgp", qg, k.astype(jnp.float32)) * scale
+  acc = accumulation_dtype(q, k, v)
+  qg = q.astype(acc).reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("bthgd,phd->bthgp", qg, k.astype(acc)) * scale
   visible = jnp.arange(p) < length
   probs, lse = _softmax(logits, visible)
-  v = jnp.where(visible[:, None, None], v.astype(jnp.float32), 0.0)  # values past the length stay out, as above
+  v = jnp.where(visible[:, None, None], v.astype(acc), 0.0)  # values past the length stay out, as above
   out = jnp.einsum("bthgp,phd->bthgd", probs, v)
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _describe(part) -> str:
+  """What `merge_states` got for a part, for its error."""
+  if _is_array(part):
+    return f"an array of shape {jnp.shape(part)}"
+  if isinstance(part, (tuple, list)) and len(part) == 2:
+    kinds = ["array" if _is_array(x) else type(x).__name__ for x in part]
+    return f"a pair of {kinds[0]} and {kinds[1]}"
+  if isinstance(part, (tuple, list)):
+    return f"{type(part).__name__} of {len(part)}"
+  return type(part).__name__
 
 
 @jax.jit
@@ -112,10 +137,15 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
       lse_i = -inf and contributes nothing; if every part is empty the result is out = 0, lse = -inf (no NaN).
 
   Returns:
-    out `[..., D]` in the dtype of the first part's out, and lse `[...]` float32.
+    out `[..., D]` in the dtype of the first part's out, and lse `[...]` float32 (float64 where a part's out or lse
+    is float64: `accumulation_dtype`).
   """
   if not states:
     raise ValueError("merge_states: `states` is empty; expected at least one (out, lse) pair.")
+  for i, state in enumerate(states):
+    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(map(_is_array, state))):
+      raise ValueError(f"merge_states: part {i} must be an (out, lse) pair of arrays; got {_describe(state)}. "
+                       f"`states` is a sequence of such pairs, e.g. [(out_1, lse_1), (out_2, lse_2)].")
   shape = jnp.shape(states[0][0])
   for i, (o, lse) in enumerate(states):
     if jnp.shape(o) != shape or jnp.shape(lse) != shape[:-1]:
@@ -123,15 +153,16 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
                        f"{shape} (as part 0) and lse {shape[:-1]} (out without its last axis).")
   # o = Σ_i o_i·e^{lse_i} / Σ_i e^{lse_i}, shifted by the largest lse for range. Written part by part (no stacking),
   # so that XLA fuses the whole merge into one elementwise pass.
-  lses = [jnp.asarray(lse, jnp.float32) for _, lse in states]
+  acc = accumulation_dtype(*(x for state in states for x in state))
+  lses = [jnp.asarray(lse, acc) for _, lse in states]
   top = functools.reduce(jnp.maximum, lses)
   top = jnp.where(jnp.isfinite(top), top, 0.0)  # all parts empty: any finite shift works
   weights = [jnp.exp(lse - top) for lse in lses]  # exp(-inf) = 0 for empty parts
   total = sum(weights[1:], weights[0])
   safe_total = jnp.where(total > 0, total, 1.0)
   # an empty part's out is never read (weight 0 would still turn a NaN or inf there into NaN)
-  out = sum((jnp.where(w[..., None] > 0, jnp.asarray(o, jnp.float32), 0.0) * (w / safe_total)[..., None]
-             for (o, _), w in zip(states, weights)), jnp.zeros((), jnp.float32))
+  out = sum((jnp.where(w[..., None] > 0, jnp.asarray(o, acc), 0.0) * (w / safe_total)[..., None]
+             for (o, _), w in zip(states, weights)), jnp.zeros((), acc))
   lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
   return out.astype(states[0][0].dtype), lse
 

@@ -180,11 +180,26 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
     raise ValueError(f"dtype mismatch between {q_name} ({q.dtype}) and {kv_name} ({kv.dtype}).")
 
 
+def _as_array(name: str, x) -> jax.Array | np.ndarray:
+  """`x` as an array: a jax or numpy array as it is; Python values (ints, lists) as numpy, whose int64 holds any
+  count a caller may pass (jnp would overflow on 2**40 or wrap it to int32 before its range is checked), unless they
+  hold tracers (a list of traced lengths: then jnp)."""
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return x
+  try:
+    x = np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return jnp.asarray(x)
+  if x.dtype == object:  # past int64, or not numbers at all
+    raise ValueError(f"{name} must be integer; got {x.tolist()!r}.")
+  return x
+
+
 def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
   """`x` as an integer `[count]` array (of its own integer type: `_int32` casts it once it is range-checked), and
   its value if concrete (else None). A numpy array stays numpy (its value is known even under jit: a constant of the
   step)."""
-  x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
+  x = _as_array(name, x)
   if x.shape != (count,):
     raise ValueError(f"{name} must have shape ({count},){what}; got {x.shape}.")
   if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -205,9 +220,10 @@ def _int32(x, value: np.ndarray | None):
 
 
 def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bounds: str, what: str,
-                 checked: bool) -> None:
+                 checked: bool, scalar: bool = False) -> None:
   """Values of `x` must lie in [0, hi] (shown as `bounds`): a concrete `value` raises ValueError now; a traced one
-  (value None) is checked by checkify if `checked`, else left to be clamped where it is used."""
+  (value None) is checked by checkify if `checked`, else left to be clamped where it is used. `scalar` (or a 0-d
+  `x`): the argument is one number, whose checkify message names no index."""
   message = f"{name} must lie in {bounds} {what}; got"
   if value is not None:
     if value.min() < 0 or value.max() > hi:
@@ -217,17 +233,20 @@ def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bou
     flat = jnp.reshape(x, (-1,))
     bad = (flat < 0) | (flat > hi)
     first = jnp.argmax(bad)
-    checkify.check(~jnp.any(bad), message + " {} at index {}.", flat[first], first)
+    if scalar or jnp.ndim(x) == 0:
+      checkify.check(~jnp.any(bad), message + " {}.", flat[0])
+    else:
+      checkify.check(~jnp.any(bad), message + " {} at index {}.", flat[first], first)
 
 
 def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool = False,
-                    what: str = "(the KV capacity)") -> jax.Array:
+                    what: str = "(the KV capacity)", scalar: bool = False) -> jax.Array:
   """Validates `lengths` `[count]` of valid keys (<= capacity, which `what` names in errors); None means all
-  `capacity` keys are valid."""
+  `capacity` keys are valid. `scalar`: `lengths` is one number reshaped to `[1]` (its errors name no index)."""
   if lengths is None:
     return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")
-  _check_range(name, lengths, value, capacity, f"[0, {capacity}]", what, checked)
+  _check_range(name, lengths, value, capacity, f"[0, {capacity}]", what, checked, scalar)
   return _int32(lengths, value)
 
 
@@ -235,9 +254,10 @@ def scalar_length(name: str, length, capacity: int, checked: bool = False) -> ja
   """A single valid-key count (or None: all `capacity` keys)."""
   if length is None:
     return np.full((1,), capacity, np.int32)
-  if jnp.ndim(length) != 0:
-    raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(length)}.")
-  return lengths_or_full(name, jnp.reshape(length, (1,)), 1, capacity, checked)
+  length = _as_array(name, length)
+  if length.ndim != 0:
+    raise ValueError(f"{name} must be a scalar; got shape {length.shape}.")
+  return lengths_or_full(name, length.reshape((1,)), 1, capacity, checked, scalar=True)
 
 
 def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool = False) -> jax.Array | np.ndarray:

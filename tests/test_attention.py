@@ -378,6 +378,17 @@ def test_merge_with_empty_parts_has_no_nan():
   assert jnp.all(lse == -jnp.inf)
 
 
+def test_merge_names_a_part_that_is_not_a_pair_of_arrays():
+  out, lse = jnp.ones((2, 4)), jnp.zeros((2,))
+  with pytest.raises(ValueError, match=r"part 0 must be an \(out, lse\) pair of arrays; got an array of shape "
+                                       r"\(2, 4\)\. `states` is a sequence of such pairs"):
+    hj.merge_states((out, lse))  # one pair, not a sequence of pairs
+  with pytest.raises(ValueError, match=r"part 1 must be an \(out, lse\) pair of arrays; got tuple of 3"):
+    hj.merge_states([(out, lse), (out, lse, lse)])
+  with pytest.raises(ValueError, match=r"part 0 must be an \(out, lse\) pair of arrays; got a pair of list and array"):
+    hj.merge_states([(np.asarray(out).tolist(), lse)])
+
+
 def test_merge_is_order_independent_and_keeps_dtype():
   keys = jax.random.split(jax.random.PRNGKey(9), 6)
   parts = [(normal(keys[i], (3, 8), jnp.bfloat16), jax.random.normal(keys[i + 3], (3,))) for i in range(3)]
@@ -446,6 +457,10 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("lengths_shape", r"kv_lengths must have shape \(2,\); got \(3,\)"),
     ("lengths_above", r"kv_lengths must lie in \[0, 10\].*max 11"),
     ("lengths_float", r"kv_lengths must be integer"),
+    ("lengths_huge_list", r"kv_lengths must lie in \[0, 10\].*max 1099511627776"),  # past int32: not wrapped
+    ("lengths_past_int64", r"kv_lengths must be integer; got \[1180591620717411303424, 1\]"),
+    ("lengths_str", r"kv_lengths must have shape \(2,\); got \(\)"),
+    ("lengths_float_list", r"kv_lengths must be integer; got dtype float64"),
     ("batch", r"batch of k .* differs from batch of q"),
     ("backend", r"backend='cuda' is not one of"),
     ("int_dtype", r"q must have a floating dtype \(float32, bfloat16, float16\); got int32"),
@@ -482,6 +497,14 @@ def test_attention_bad_input(case, match):
     kwargs["kv_lengths"] = jnp.array([3, 11])
   elif case == "lengths_float":
     kwargs["kv_lengths"] = jnp.array([3.0, 1.0])
+  elif case == "lengths_huge_list":
+    kwargs["kv_lengths"] = [2**40, 1]
+  elif case == "lengths_past_int64":
+    kwargs["kv_lengths"] = [2**70, 1]
+  elif case == "lengths_str":
+    kwargs["kv_lengths"] = "ab"
+  elif case == "lengths_float_list":
+    kwargs["kv_lengths"] = [3.0, 1.0]
   elif case == "batch":
     kwargs["k"] = kwargs["v"] = jnp.zeros((3, 10, 2, 64))
   elif case == "backend":
@@ -599,6 +622,55 @@ def test_kernel_backends_name_float64_inputs_and_64_bit_mode():
     q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     with pytest.raises(ValueError, match=r"backend='interpret-mosaic' does not run with jax_enable_x64 on"):
       hj.hydragen_attention(q, k[0], k[0], k, k, backend="interpret-mosaic")
+
+
+def _attention_f64(q, k, v, lengths):
+  """Plain attention in numpy float64 over each sequence's first lengths[b] keys (no mask beyond them)."""
+  b, t, hq, d = q.shape
+  g = hq // k.shape[2]
+  out, lse = np.zeros(q.shape), np.zeros(q.shape[:-1])
+  for i in range(b):
+    kk, vv = np.repeat(k[i, :lengths[i]], g, axis=1), np.repeat(v[i, :lengths[i]], g, axis=1)  # [S, Hq, D]
+    s = np.einsum("thd,shd->ths", q[i], kk) / np.sqrt(d)
+    m = s.max(-1, keepdims=True)
+    w = np.exp(s - m)
+    out[i] = np.einsum("ths,shd->thd", w / w.sum(-1, keepdims=True), vv)
+    lse[i] = (m[..., 0] + np.log(w.sum(-1)))
+  return out, lse
+
+
+def test_float64_inputs_are_computed_in_float64():
+  """Under jax_enable_x64, float64 inputs on "xla" give float64 accuracy (not float32's rounding in a float64
+  array): attention, the Hydragen split and its merge against numpy float64, to 1e-12."""
+  rng = np.random.default_rng(5)
+  b, hq, hkv, d, p, s = 3, 4, 2, 16, 7, 5
+  q = rng.standard_normal((b, 1, hq, d))
+  pk, pv = rng.standard_normal((p, hkv, d)), rng.standard_normal((p, hkv, d))
+  sk, sv = rng.standard_normal((b, s, hkv, d)), rng.standard_normal((b, s, hkv, d))
+  lengths = np.array([5, 1, 3])
+  full_k = np.concatenate([np.broadcast_to(pk, (b, p, hkv, d)), sk], axis=1)
+  full_v = np.concatenate([np.broadcast_to(pv, (b, p, hkv, d)), sv], axis=1)
+  want, want_lse = _attention_f64(q, full_k, full_v, p + lengths)
+  with jax.enable_x64(True):
+    out, lse = hj.attention(jnp.asarray(q), jnp.asarray(full_k), jnp.asarray(full_v), kv_lengths=p + lengths,
+                            backend="xla")
+    assert out.dtype == lse.dtype == jnp.float64
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-12)
+    split = hj.hydragen_attention(*map(jnp.asarray, (q, pk, pv, sk, sv)), suffix_lengths=lengths, backend="xla")
+    assert split.dtype == jnp.float64
+    np.testing.assert_allclose(split, want, rtol=1e-12, atol=1e-12)
+    # two parts whose lse differ by 1e-12: the merge keeps that difference
+    o1, o2 = jnp.asarray(rng.standard_normal((2, 8))), jnp.asarray(rng.standard_normal((2, 8)))
+    l1 = jnp.asarray([0.3, -1.0])
+    merged, mlse = hj.merge_states([(o1, l1), (o2, l1 + 1e-12)])
+    w2 = 1 / (1 + np.exp(-1e-12))
+    np.testing.assert_allclose(merged, (1 - w2) * np.asarray(o1) + w2 * np.asarray(o2), rtol=1e-14, atol=1e-14)
+    assert mlse.dtype == jnp.float64
+  # without the 64-bit mode nothing changes: float32 in, float32 lse
+  out32, lse32 = hj.attention(jnp.asarray(q, jnp.float32), jnp.asarray(full_k, jnp.float32),
+                              jnp.asarray(full_v, jnp.float32), kv_lengths=p + lengths, backend="xla")
+  assert out32.dtype == lse32.dtype == jnp.float32
 
 
 def test_default_backend_is_xla_on_cpu_and_pallas_on_gpu():

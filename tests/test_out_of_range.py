@@ -109,7 +109,7 @@ def test_checked_mode_names_the_argument_and_value(backend):
   if backend == "interpret-mosaic":  # the checks run before any kernel, alike for every backend; the Hopper
     return  # kernel's interpreter takes ~10 s a call, so it runs the one above (checkify around its kernel) only
   err, _ = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(P + 7), suffix_lengths=jnp.array([5, 1, 3]))
-  with pytest.raises(checkify.JaxRuntimeError, match=r"prefix_length must lie in \[0, 24\].*got 31"):
+  with pytest.raises(checkify.JaxRuntimeError, match=r"prefix_length must lie in \[0, 24\].*got 31\. \(`check` failed\)"):
     err.throw()
   err, out = f(q, pk, pv, sk, sv, prefix_length=jnp.int32(P), suffix_lengths=jnp.array([5, 1, 3]))
   err.throw()  # in range: no error, and the same answer as unchecked
@@ -130,7 +130,7 @@ def test_checked_mode_covers_nodes_layers_and_kv_lengths():
     err.throw()
   root = Level(sk[None, :1], sv[None, :1], jnp.array([4]), jnp.array([0, 0, 0]), layer=jnp.int32(1))
   err, _ = tree(q, [root, Level(sk, sv, jnp.array([1, 2, 3]))])
-  with pytest.raises(checkify.JaxRuntimeError, match=r"levels\[0\].layer must lie in \[0, 1\).*got 1 at index 0"):
+  with pytest.raises(checkify.JaxRuntimeError, match=r"levels\[0\].layer must lie in \[0, 1\).*got 1\. \(`check` failed\)"):
     err.throw()
 
 
