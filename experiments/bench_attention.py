@@ -8,7 +8,8 @@ at the start of the same run.
 Variants (`VARIANTS`):
   hydragen            hydragen_jax.hydragen_attention (pallas on GPU: the Hopper kernel where it pays, else
                       Triton; `cpu_backend` elsewhere)
-  hydragen_triton     the same with the Triton kernels only (backend="triton" on GPU)
+  hydragen_triton     the same with the Triton kernels only ("triton" where hydragen's backend is "pallas" or
+                      "mosaic", "interpret" for the interpreted ones; skipped where it is "xla")
   reference           the same function with backend="xla"
   cudnn_per_sequence  jax.nn.dot_product_attention(implementation="cudnn") on per-sequence KV [B, P+s, Hkv, D]
   xla_per_sequence    the same with implementation="xla"
@@ -152,9 +153,7 @@ def build_variant(name: str, inputs: dict, per_seq: Callable[[], tuple], backend
     if name in ("hydragen", "hydragen_triton", "reference", "shared_storage"):
         import hydragen_jax
 
-        chosen = "xla" if name == "reference" else backend
-        if name == "hydragen_triton" and backend == "pallas":
-            chosen = "triton"
+        chosen = "xla" if name == "reference" else TRITON_ONLY[backend] if name == "hydragen_triton" else backend
         batch_prefix = name != "shared_storage"
 
         def fn(q, pk, pv, sk, sv):
@@ -172,9 +171,16 @@ def build_variant(name: str, inputs: dict, per_seq: Callable[[], tuple], backend
     raise KeyError(f"unknown variant {name!r}")
 
 
-def skip_reason(variant: Variant) -> str | None:
+# the Triton-only counterpart of each backend that runs kernels (`hydragen_triton`); "xla" runs none
+TRITON_ONLY = {"pallas": "triton", "mosaic": "triton", "triton": "triton", "interpret": "interpret",
+               "interpret-mosaic": "interpret"}
+
+
+def skip_reason(variant: Variant, backend: str | None = None) -> str | None:
     if variant.outside:
         return anchors.skip_reason(variant.name)
+    if variant.name == "hydragen_triton" and backend is not None and backend not in TRITON_ONLY:
+        return f"runs the Triton kernels, and this run's Hydragen backend is {backend!r}, which runs no kernels"
     platform = jax.devices()[0].platform
     if variant.needs_gpu and platform != "gpu":
         return f"needs a CUDA GPU with cuDNN (platform is {platform})"
@@ -193,7 +199,7 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
     query); `step_s` is the call's median time / steps_per_call, and the output compared with the reference's is
     that of the last step of the chain (the reference runs the same chain)."""
     variant = VARIANTS[name]
-    reason = skip_reason(variant)
+    reason = skip_reason(variant, backend)
     if reason is not None:
         return "skipped", {}, reason, None
     args = None

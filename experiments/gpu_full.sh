@@ -24,14 +24,15 @@
 #   tp-7b-1k     7B shape, prefix 1K, B = 512, 1024, 2048, 3072                                        (~4-6 min)
 #   tp-7b-16k    7B shape, prefix 16K, the same batches                                                (~4-6 min)
 #   tp-13b       CodeLlama-13b shape (40 layers, hidden 5120, 40/40 heads), B = 1024, prefix 1K and 16K (~3-5 min)
-# Each config has time_budget_s (<= 500 s): points left when it is spent are recorded as "skipped".
+# Each config has time_budget_s (<= 500 s): points left when it is spent are recorded as "skipped". Exit status: 0, or
+# the first failing experiment's (killed at LIMIT, or a config error from EXTRA), once every result is archived.
 # Times are estimates (compile times of the 32-layer model on GPU were not measured before): watch the
 # "[e2e] ... (prefill compile X s ...; decode compile Y s ...)" lines of the first call.
 #
 # Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png}, and with $OUT set (the device tool's) one archive
 # per part, $OUT/NAME-DEVICE-STAMP.tgz (a call returns at most 8 files; unpack with
 # `tar xzf FILE.tgz -C experiments/results`). Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
-# arguments for `python -m experiments`, e.g. EXTRA="--set timing.repeats=9"; after the part's own, so an EXTRA
+# arguments for `python -m experiments`, split as the shell would, e.g. EXTRA="--set timing.repeats=9" or EXTRA='--set "grid.prefixes=[1024, 4096]"'; after the part's own, so an EXTRA
 # `--set` of a key the part sets, e.g. grid.prefixes with long-doc1, wins), TAG (appended to the result's NAME:
 # give a run restricted by EXTRA, e.g. EXTRA="--set grid.batches=[64]" TAG=b64, a NAME of its own, so that the report
 # takes its rows from it and the others from the part's full run; with the part's own NAME it would replace that run
@@ -83,6 +84,11 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 LIMIT=${LIMIT:-560}   # seconds for the experiment itself; the whole device call is killed at 600
+# EXTRA's words as the shell would split them (a quoted value keeps its spaces: --set "grid.prefixes=[1024, 4096]"),
+# without globbing ([64] is not a file pattern here)
+EXTRA_ARGS=()
+if [[ -n "${EXTRA:-}" ]]; then set -f; eval "EXTRA_ARGS=($EXTRA)"; set +f; fi
+FAILED=0  # the first failing experiment's status: the script's own, once every part's results are archived
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 read -r PLATFORM DEVICE <<<"$("$PYTHON" -c 'import jax, re; d = jax.devices()[0]; print(d.platform, re.sub(r"[^A-Za-z0-9]+", "-", d.device_kind).strip("-").lower())')"
 RESULTS=experiments/results
@@ -100,8 +106,13 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
   local name=$1${TAG:+-$TAG} config=$2; shift 2
   local base="$RESULTS/$name-$DEVICE-$STAMP"
   local start=$SECONDS
+  local status=0
   timeout --signal=INT "$LIMIT" "$PYTHON" -m experiments run "$config" --out "$base.jsonl" --no-progress \
-    "$@" ${EXTRA:-} || echo "[gpu_full] $name exited with status $? (partial results kept)"
+    "$@" "${EXTRA_ARGS[@]}" || status=$?
+  if (( status != 0 )); then
+    echo "[gpu_full] $name exited with status $status (partial results kept)"
+    (( FAILED != 0 )) || FAILED=$status
+  fi
   echo "[gpu_full] $name took $((SECONDS - start)) s"
   if [[ -s "$base.jsonl" ]]; then
     [[ -s "$base.md" ]] || "$PYTHON" -m experiments report "$base.jsonl" || echo "[gpu_full] report of $name failed"
@@ -147,3 +158,4 @@ case "$PART" in
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac
 ls -la "$RESULTS" | tail -n 12
+exit "$FAILED"

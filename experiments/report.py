@@ -8,7 +8,10 @@ experiment kind and device, the newest file of each NAME (e.g. `e2e_throughput-p
 run of each experiment, as experiments/results keeps them (a superseded run is deleted there, git keeps it; a NAME
 no longer run is deleted too, or its last run stays in the report). A bench-attention row (one config), an
 end-to-end row (one prefix and batch) and a long-document row (one prefix) come whole from the newest of these files
-that has them (every column of a row from one run); tree_apps comes from its newest file. The device is the one asked
+that measured them (every column of a row from one run; a row a newer run skipped or failed keeps an older run's
+measurement); tree_apps comes from its newest file. Runs of another setup than their committed config's (another
+model shape, dtype or generated length; the benchmark's dtype or head dim) are left out (`same_setup`): the
+section's headers describe the committed configs. The device is the one asked
 for (`--device`), else the one the README's begin marker names (`device SLUG`, written there by every report: so a
 newer run on another GPU does not take the section over), where it has results, else the newest accelerator results
 file's; a kind without results on it falls back to the newest device that has it (its section names the device).
@@ -125,15 +128,56 @@ def pick_device(files: list[ResultsFile], device: str | None = None, marked: str
     return device
 
 
+def _config_of(f: ResultsFile) -> dict | None:
+    """The committed config a run names (its `[smoke]` variant for a smoke run), or None where there is none."""
+    from experiments import config as config_lib
+
+    first = f.records[0] if f.records else {}
+    try:
+        return config_lib.load(first.get("config"), smoke=bool(first.get("smoke")))
+    except (config_lib.ConfigError, OSError, TypeError):
+        return None
+
+
+def _mismatch(expected, got) -> bool:
+    return expected is not None and got is not None and expected != got
+
+
+def same_setup(f: ResultsFile) -> bool:
+    """Whether a run used its committed config's setup, which the README's headers describe: the model's shape and
+    dtype and the generated length (model runs), the benchmark's dtype and head dim. A run with another (e.g. the
+    13B shape by `--set model.shape...`, float32 by `--set bench.dtype=...`) is left out of the tables, so that it
+    neither replaces their rows nor mixes under their headers; a run over a mesh (its own section) and one whose
+    config is not in experiments/configs are kept."""
+    cfg = _config_of(f)
+    if cfg is None or _tensor_parallel(f.records):
+        return True
+    model, bench = cfg.get("model", {}), cfg.get("bench", {})
+    for r in f.records:
+        point = r.get("point", {})
+        if r["record"] == "model":
+            shape = point.get("shape", {})
+            if _mismatch(model.get("dtype"), point.get("dtype")) or any(
+                    _mismatch(v, shape.get(k)) for k, v in model.get("shape", {}).items()):
+                return False
+        elif r["record"] == "decode" and _mismatch(cfg.get("grid", {}).get("generate"), point.get("generate")):
+            return False
+        elif r["record"] in ("summary", "step") and (_mismatch(bench.get("dtype"), point.get("dtype"))
+                                                     or _mismatch(bench.get("head_dim"), point.get("head_dim"))):
+            return False
+    return True
+
+
 def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, list[ResultsFile]]:
     """{kind: the newest file of each of that kind's names on the device `pick_device` picks (or the newest device
-    that has the kind)}, newest first."""
+    that has the kind)}, newest first; runs of another setup than their committed config's are left out
+    (`same_setup`)."""
     if not files:
         return {}
     device = pick_device(files, device)
     chosen = {}
     for kind in REPORT_KINDS:
-        of_kind = [f for f in files if f.kind == kind]
+        of_kind = [f for f in files if f.kind == kind and same_setup(f)]
         if not of_kind:
             continue
         here = [f for f in of_kind if f.slug == device] or [f for f in of_kind
@@ -181,9 +225,11 @@ def _device_title(device: str, recs: list[dict]) -> str:
 
 
 def bench_rows(files: list[ResultsFile]) -> list[tuple[tuple, ResultsFile, dict]]:
-    """(case, file, {variant: summary}) per bench config, from the newest file that has it, in config order."""
+    """(case, file, {variant: summary}) per bench config, from the newest file that measured it (a variant ok or
+    out of memory; else the newest that has it), in config order."""
+    measured = lambda by: any(r["status"] in ("ok", "oom") for r in by.values())  # noqa: E731
     rows: dict[tuple, tuple[ResultsFile, dict]] = {}
-    for f in files:  # newest first
+    for f in files:  # newest first; a row a newer run skipped or failed keeps an older run's measurement
         summaries = [r for r in f.records if r["record"] == "summary"]
         if not summaries:
             from experiments import bench_attention
@@ -191,7 +237,8 @@ def bench_rows(files: list[ResultsFile]) -> list[tuple[tuple, ResultsFile, dict]
             summaries = bench_attention.summaries_from_steps(list(f.records))
         cases, _, by = tables.group_cases(summaries)
         for case in cases:
-            rows.setdefault(case, (f, by[case]))
+            if case not in rows or (measured(by[case]) and not measured(rows[case][1])):
+                rows[case] = (f, by[case])
     order = _config_order()
     return [(case, *rows[case]) for case in sorted(rows, key=lambda c: (order.get(c, len(order)), c))]
 
@@ -488,7 +535,7 @@ def other_devices(files: list[ResultsFile], shown: str) -> list[str]:
     lines = []
     for slug in sorted({f.slug for f in files} - {shown, "cpu"}):
         parts, used, title = [], [], None
-        bench = newest_per_name([f for f in files if f.slug == slug and f.kind == "bench_attention"])
+        bench = newest_per_name([f for f in files if f.slug == slug and f.kind == "bench_attention" and same_setup(f)])
         rows = bench_rows(bench)
         fractions = [tables.result(by.get("hydragen"), "floor_fraction") for _, _, by in rows]
         if any(x is not None for x in fractions):
@@ -496,7 +543,7 @@ def other_devices(files: list[ResultsFile], shown: str) -> list[str]:
                          f"row{'s' * (len(rows) != 1)}")
             used += sorted({f.path.stem for _, f, _ in rows})
             title = _device_title(bench[0].device, list(bench[0].records))
-        e2e = newest_per_name([f for f in files if f.slug == slug and f.kind == "e2e_throughput"])
+        e2e = newest_per_name([f for f in files if f.slug == slug and f.kind == "e2e_throughput" and same_setup(f)])
         points, source = _decode_by_point(e2e, ("prefix", "batch"))
         decode = [r for p in points.values() for r in p.values()]
         hydragen = [tables.result(by.get("hydragen"), "floor_fraction") for by in points.values()]

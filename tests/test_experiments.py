@@ -220,6 +220,23 @@ def test_stream_read_kernel_sums_every_block():
 # ---------------------------------------------------------------- outside anchors
 
 
+def test_triton_only_variant_runs_the_triton_kernels_or_is_skipped(monkeypatch):
+    """`hydragen_triton` is the Triton kernels whatever hydragen's backend: "triton" for "pallas" and "mosaic",
+    "interpret" for the interpreted ones; where hydragen runs "xla" (no kernels) it is skipped with the reason, not
+    recorded as a second copy of hydragen under the Triton title."""
+    used = []
+    monkeypatch.setattr("hydragen_jax.hydragen_attention", lambda *a, backend, **k: used.append(backend))
+    for backend, want in (("pallas", "triton"), ("mosaic", "triton"), ("triton", "triton"),
+                          ("interpret", "interpret"), ("interpret-mosaic", "interpret")):
+        fn, args = bench_attention.build_variant("hydragen_triton", dict.fromkeys(
+            ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v")), None, backend)
+        fn(*args)
+        assert used.pop() == want, backend
+        assert bench_attention.skip_reason(bench_attention.VARIANTS["hydragen_triton"], backend) is None
+    assert bench_attention.skip_reason(bench_attention.VARIANTS["hydragen_triton"], "xla") == (
+        "runs the Triton kernels, and this run's Hydragen backend is 'xla', which runs no kernels")
+
+
 def test_anchor_skip_reasons(monkeypatch):
     import importlib.util
 
@@ -979,6 +996,24 @@ def test_gpu_full_names_a_tagged_run_apart(tmp_path, part, tag, extra, name):
                     assignments=[assignment.split(" --")[0]])
 
 
+def test_gpu_full_splits_extra_as_the_shell_and_exits_with_a_failed_runs_status(tmp_path):
+    """EXTRA's words are split as the shell splits them (a quoted value with spaces stays one argument), and a run
+    that fails (here: status 3, as a config error from EXTRA would) makes the script's own status, not 0."""
+    args = tmp_path / "args.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; exit 0; fi\n'
+                    f'if [[ "$3" == run ]]; then printf "%s\\n" "$@" > {args}; exit 3; fi\n')
+    fake.chmod(0o755)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHON=str(fake), TAG="", EXTRA='--set "grid.prefixes=[1024, 4096]" --set timing.repeats=2')
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "long-doc1"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert "long_document-part1 exited with status 3 (partial results kept)" in done.stdout
+    assert args.read_text().splitlines()[-4:] == ["--set", "grid.prefixes=[1024, 4096]", "--set", "timing.repeats=2"]
+
+
 @pytest.mark.parametrize("rows, tag, want", [("", "", "bench_attention-mha-fake-gpu-.* rows=0,1,2,3,4"),
                                              ("4", "row4", "bench_attention-mha-row4-fake-gpu-.* rows=4")])
 def test_gpu_full_runs_the_bench_rows_asked_for(tmp_path, rows, tag, want):
@@ -1074,6 +1109,36 @@ def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, 
         capsys.readouterr().err
     assert cli.main(["report", "--check", str(res / "e2e_throughput-part1-nvidia-h200-20261130-100000.jsonl")]) == 2
     assert "apply to the README's section" in capsys.readouterr().err
+
+
+def test_report_keeps_a_measured_bench_row_and_leaves_out_runs_of_another_setup(tmp_path, readme):
+    """A bench row that a newer run skipped keeps the older run's measurement (as e2e points do); runs of another
+    setup than the committed config's (float32 at D = 64; the 13B shape with 256 tokens) neither replace rows nor
+    mix under the headers, which describe the committed configs."""
+    res = tmp_path / "results"
+    a = (64, 1024, 512, 32, 32)
+    _write_results(res, "bench_attention", "20261130-100000", [_rates()] + [
+        _bench_summary(a, "hydragen", 5e5), _bench_summary(a, "reference", 2.5e5)])
+    _write_results(res, "bench_attention-row0", "20261130-110000", [_rates()] + [  # newer: the row skipped
+        {**_bench_summary(a, m, 1.0), "status": "skipped", "results": {}, "reason": "time budget exhausted"}
+        for m in ("hydragen", "reference")])
+    fp32 = [{**s, "point": {**s["point"], "dtype": "float32", "head_dim": 64}}
+            for s in (_bench_summary(a, "hydragen", 7e5), _bench_summary(a, "reference", 3e5))]
+    _write_results(res, "bench_attention-fp32", "20261130-120000", [_rates()] + fp32)  # newest: another setup
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [_model()] + [
+        _decode(_e2e_point(1024, 64), m, tok) for m, tok in (("hydragen", 1e4), ("none", 2e4))])
+    big = {**SHAPE, "hidden_size": 5120, "num_hidden_layers": 40}
+    _write_results(res, "e2e_throughput-part1-13b", "20261130-110000", [  # newer, the 13B shape
+        {**_model(), "point": {"shape": big, "dtype": "bfloat16"}}] + [
+        _decode({**_e2e_point(1024, 64), "generate": 256}, m, tok) for m, tok in (("hydragen", 3e3), ("none", 6e3))])
+    chosen = report.choose(report.load_results(res))
+    assert [f.label for f in chosen["e2e_throughput"]] == ["e2e_throughput-part1-nvidia-h200-20261130-100000"]
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    assert "| 64 | 1024 | 512 | 32/32 | 500.0k | 250.0k |" in section, section
+    assert "SKIPPED" not in section and "700.0k" not in section
+    assert "| 1K | 64 | 10.0k | 20.0k |" in section and "3.0k" not in section
+    assert "32 layers, hidden 4096" in section and "40 layers" not in section and "256 generated" not in section
 
 
 def test_config_paths_that_are_not_there_are_not_names(tmp_path, capsys):
