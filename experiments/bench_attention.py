@@ -285,7 +285,8 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
             return cache["kv"]
 
         reference_out = None
-        for name in bench["variants"]:
+        # the reference first, whatever the config's order, so that every other variant is checked against it
+        for name in sorted(bench["variants"], key=lambda name: name != "reference"):
             status, results, reason, out = measure_variant(
                 name, case, s, inputs, per_seq, backend=backend, build=build, timing_kw=timing_kw,
                 device_table=config.get("device"), reference_out=reference_out, steps_per_call=steps_per_call)

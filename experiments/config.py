@@ -255,11 +255,21 @@ def validate(data: dict, schema: dict, prefix: str = "") -> None:
                 raise ConfigError(f"key '{full}' must be a non-empty array")
             for i, item in enumerate(value):
                 _check_value(f"{full}[{i}]", item, spec.types, spec.check, spec.hint)
+            _check_distinct(full, value)
         elif isinstance(spec, Rows):
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"key '{full}' must be a non-empty array of tables")
             for i, row in enumerate(value):
                 validate(row, spec.schema, prefix=f"{full}[{i}].")
+            _check_distinct(full, value)
+
+
+def _check_distinct(full: str, value: list) -> None:
+    """An array of points or variants names each once: a repeat would run (and record) the same thing twice."""
+    for i, item in enumerate(value):
+        if item in value[:i]:
+            raise ConfigError(f"key '{full}' lists {item!r} twice (at {value.index(item)} and {i}): each point "
+                              "or variant would run twice")
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:

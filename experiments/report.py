@@ -294,7 +294,8 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
         if v == "hydragen":
             continue
         summary.append(f"{_range([tables.result(r, f'speedup_vs_{v}') for r in hyd], '.1f', '×')} {titles[v]}")
-    text = f"{summary[0]}; Hydragen's throughput over the others': " + ", ".join(summary[1:]).rstrip(".") + "."
+    others = ", ".join(summary[1:]).rstrip(".")
+    text = f"{summary[0]}; Hydragen's throughput over the others': {others}." if others else f"{summary[0]}."
     if any(e is not None for e in errors):
         text += (f" Every variant's output is within {max(e for e in errors if e is not None):.3g} of the jnp "
                  "reference's (max abs error, last step of each chain).")
@@ -570,7 +571,8 @@ def render(chosen: dict[str, list[ResultsFile]], plot: bool = True, link_base: p
     devices = {f.device for files in chosen.values() for f in files}
     any_file = next(iter(chosen.values()))[0]
     if len(devices) == 1:
-        head = [f"## Results on an {_device_title(any_file.device, list(any_file.records))}", "",
+        title = _device_title(any_file.device, list(any_file.records))
+        head = [f"## Results on {'an' if title[:1].upper() in 'AEIOUFHLMNRSX' else 'a'} {title}", "",
                 f"All files under `{_link(any_file.path.parent, link_base)}/` (`*-{any_file.slug}-*`)."]
     else:
         head = ["## Results", "", "Devices: " + ", ".join(f"`{d}`" for d in sorted(devices)) + " (each part names its own)."]

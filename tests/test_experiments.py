@@ -379,6 +379,26 @@ def bench_smoke(tmp_path_factory):
     return out
 
 
+def test_bench_checks_every_variant_against_the_reference_whatever_the_order(tmp_path):
+    """The reference runs first at each point, so a variant listed before it is still compared with it."""
+    out = tmp_path / "bench.jsonl"
+    one = config.load("bench_attention", smoke=True)["bench"]["configs"][0]
+    row = "{" + ", ".join(f"{k} = {v}" for k, v in one.items()) + "}"
+    assert cli.main(["bench-attention", "--smoke", "--out", str(out), "--no-progress", "--set",
+                     "bench.variants=['hydragen', 'reference']", "--set", f"bench.configs=[{row}]", "--set",
+                     "bench.cpu_backend='xla'"]) == 0
+    steps = [r for r in _check_records(out) if r["record"] == "step" and r["mode"] == "hydragen"]
+    assert steps and all(r["results"]["max_abs_err_vs_reference"] < 1e-5 for r in steps), steps
+
+
+@pytest.mark.parametrize("assignment, match", [
+    ("grid.prefixes=[32, 32]", r"key 'grid.prefixes' lists 32 twice \(at 0 and 1\): each point or variant would run"),
+    ("modes=['hydragen', 'none', 'hydragen']", r"key 'modes' lists 'hydragen' twice \(at 0 and 2\)")])
+def test_a_list_that_repeats_a_point_or_variant_is_refused(assignment, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.load("e2e_throughput", smoke=True, assignments=[assignment])
+
+
 @pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)
 def test_bench_smoke_results(bench_smoke):
     recs = _check_records(bench_smoke)
@@ -1139,6 +1159,16 @@ def test_report_keeps_a_measured_bench_row_and_leaves_out_runs_of_another_setup(
     assert "SKIPPED" not in section and "700.0k" not in section
     assert "| 1K | 64 | 10.0k | 20.0k |" in section and "3.0k" not in section
     assert "32 layers, hidden 4096" in section and "40 layers" not in section and "256 generated" not in section
+
+
+def test_report_text_of_a_lone_variant_on_a_cpu(tmp_path, readme):
+    """A bench run of Hydragen alone, on a CPU: no empty list of speed-ups, and the article fits the device."""
+    res = tmp_path / "results"
+    _write_results(res, "bench_attention", "20261130-100000", [_rates(device="cpu:cpu"), _bench_summary(
+        (64, 1024, 512, 32, 32), "hydragen", 5e5, device="cpu:cpu")], device="cpu:cpu")
+    report.update_readme(readme, res, plot=False)
+    section = _section(readme)
+    assert "## Results on a cpu" in section and "others'" not in section and "Hydragen / floor 0.500." in section
 
 
 def test_config_paths_that_are_not_there_are_not_names(tmp_path, capsys):
