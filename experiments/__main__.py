@@ -95,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot: no results file {missing}", file=sys.stderr)
             return 2
         try:
-            for path in plot.plot_files(args.results, args.out):
-                print(path)
+            drawn = plot.plot_files(args.results, args.out)
         except ValueError as e:  # an unreadable results file (records.read names it and the line)
             print(f"plot: {e}", file=sys.stderr)
             return 2
+        for path in drawn:
+            print(path)
+        if not drawn:  # e.g. a run killed before its first point: said, not a silent success
+            print(f"plot: nothing to plot in {', '.join(map(str, args.results))} (no measured records)",
+                  file=sys.stderr)
+            return 1
         return 0
 
     from experiments import runner

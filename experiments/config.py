@@ -307,7 +307,9 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if value.strip()[:1] in ("[", "{", '"', "'"):  # meant as an array, a table or a string: name the typo
+            raise ConfigError(f"--set {text!r}: the value is not valid TOML ({e})") from e
         parsed = value
     return key.strip().split("."), parsed
 

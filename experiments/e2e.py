@@ -327,6 +327,9 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
     if dec["full_decode"] and generate * mean_step <= dec["point_budget_s"]:
         state, full_s, taken = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), generate)
         results.update(decode_s_full=full_s, tokens_per_s_full=B * taken / full_s)
+    elif dec["full_decode"]:  # said, not left out silently
+        results["decode_s_full_skipped"] = (f"the whole decode (~{generate * mean_step:.1f} s: {generate} steps) "
+                                            f"would pass point_budget_s = {dec['point_budget_s']}")
     peak = memory.peak_bytes_in_use()
     if peak is not None:
         results["peak_bytes_in_use"] = peak

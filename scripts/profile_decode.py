@@ -178,7 +178,8 @@ def main():
   parser.add_argument("--field", action="append", default=[], metavar="NAME=V1[,V2...]",
                       help="a scalar tuning field (e.g. pair_write=false,true or merge_rows=2,1), each value profiled "
                            "in turn with each tuning; repeated: every combination")
-  parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
+  parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs; give "
+                      "it a small --batch and --prefix too, e.g. --batch 4 --prefix 32)")
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
   args = parser.parse_args()
@@ -195,7 +196,7 @@ def main():
     shape = model_shape(args.layers, args.tiny)
     model, _ = model_api.build_model(shape, "bfloat16", seed=0, tp=args.tp)
     tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
-    print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
+    print(f"{'tiny' if args.tiny else '7B'} shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
           f"backend={args.backend or 'default'}", flush=True)
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
   tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning)

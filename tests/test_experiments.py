@@ -399,6 +399,16 @@ def test_a_list_that_repeats_a_point_or_variant_is_refused(assignment, match):
         config.load("e2e_throughput", smoke=True, assignments=[assignment])
 
 
+@pytest.mark.parametrize("assignment, match", [
+    ("grid.batches=[4", r"--set 'grid.batches=\[4': the value is not valid TOML"),
+    ("bench.cpu_backend='xla", r"--set \"bench.cpu_backend='xla\": the value is not valid TOML")])
+def test_a_set_value_of_broken_toml_is_named(assignment, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.load("e2e_throughput" if "grid" in assignment else "bench_attention", smoke=True,
+                    assignments=[assignment])
+    assert config.parse_assignment("bench.cpu_backend=xla") == (["bench", "cpu_backend"], "xla")  # a bare word
+
+
 @pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)
 def test_bench_smoke_results(bench_smoke):
     recs = _check_records(bench_smoke)
@@ -1227,6 +1237,24 @@ def test_plan_takes_the_accelerators_capacity(capsys, monkeypatch):
     assert cli.main(["plan", "e2e_throughput", *grid]) == 0
     out = capsys.readouterr()
     assert out.out.split()[0] == "OOM" and not out.err  # 1 MB: nothing fits, and no assumption to name
+
+
+def test_plot_of_a_file_without_measured_records_says_so(tmp_path, capsys):
+    """A run killed before its first point leaves its rates only: `plot` says there is nothing to plot (status 1)."""
+    path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [_rates()])
+    assert cli.main(["plot", str(path), "--out", str(tmp_path)]) == 1
+    assert f"plot: nothing to plot in {path} (no measured records)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_whole_decode_past_the_point_budget_says_so(tmp_path):
+    """`full_decode` times the whole decode where it fits `point_budget_s`; where it does not, the record says so."""
+    out = tmp_path / "r.jsonl"
+    assert cli.main(["run", "e2e_throughput", "--smoke", "--set", "decode.point_budget_s=1e-9", "--set",
+                     "grid.batches=[1]", "--set", "modes=['hydragen']", "--out", str(out), "--no-progress"]) == 0
+    decode = [r for r in _check_records(out) if r["record"] == "decode" and r["status"] == "ok"]
+    assert decode and all("decode_s_full" not in r["results"] and "would pass point_budget_s = 1e-09"
+                          in r["results"]["decode_s_full_skipped"] for r in decode), decode
 
 
 def test_run_needing_more_devices_than_there_are(tmp_path, capsys):
