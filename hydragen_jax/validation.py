@@ -181,18 +181,20 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
 
 
 def _as_array(name: str, x) -> jax.Array | np.ndarray:
-  """`x` as an array: a jax or numpy array as it is; Python values (ints, lists) as numpy, whose int64 holds any
-  count a caller may pass (jnp would overflow on 2**40 or wrap it to int32 before its range is checked), unless they
-  hold tracers (a list of traced lengths: then jnp)."""
+  """`x` as an array: a jax or numpy array as it is; Python values (ints, lists) as a jax array, as `jnp.asarray`
+  makes them, unless they could not be one faithfully: past int32 (jnp would overflow on 2**40, or wrap it before its
+  range is checked) or not integers (strings, floats); those stay numpy, for the checks that name them."""
   if isinstance(x, (np.ndarray, jax.Array)):
     return x
   try:
-    x = np.asarray(x)
+    host = np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return jnp.asarray(x)
-  if x.dtype == object:  # past int64, or not numbers at all
-    raise ValueError(f"{name} must be integer; got {x.tolist()!r}.")
-  return x
+    return jnp.asarray(x)  # a list of traced values
+  if host.dtype == object:  # past int64, or not numbers at all
+    raise ValueError(f"{name} must be integer; got {host.tolist()!r}.")
+  if host.dtype.kind not in "iu" or (host.size and (host.min() < -2**31 or host.max() > 2**31 - 1)):
+    return host  # refused by the dtype or range check, which names it
+  return jnp.asarray(host)
 
 
 def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.ndarray, np.ndarray | None]:
