@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import functools
 import os
 import pathlib
 import re
@@ -130,11 +131,17 @@ def pick_device(files: list[ResultsFile], device: str | None = None, marked: str
 
 def _config_of(f: ResultsFile) -> dict | None:
     """The committed config a run names (its `[smoke]` variant for a smoke run), or None where there is none."""
+    first = f.records[0] if f.records else {}
+    name = first.get("config")
+    return _committed_config(name, bool(first.get("smoke"))) if isinstance(name, str) else None
+
+
+@functools.lru_cache(maxsize=None)  # read once a report, not once a file and section (treat as read-only)
+def _committed_config(name: str, smoke: bool) -> dict | None:
     from experiments import config as config_lib
 
-    first = f.records[0] if f.records else {}
     try:
-        return config_lib.load(first.get("config"), smoke=bool(first.get("smoke")))
+        return config_lib.load(name, smoke=smoke)
     except (config_lib.ConfigError, OSError, TypeError):
         return None
 
@@ -224,10 +231,15 @@ def _device_title(device: str, recs: list[dict]) -> str:
 # ---------------------------------------------------------------- bench-attention
 
 
+def _measured(by: dict) -> bool:
+    """Whether a row's or point's records ({variant or mode: record}) hold a measurement: one ran, or ran out of
+    memory (a result too), rather than every one skipped or failed."""
+    return any(r["status"] in ("ok", "oom") for r in by.values())
+
+
 def bench_rows(files: list[ResultsFile]) -> list[tuple[tuple, ResultsFile, dict]]:
     """(case, file, {variant: summary}) per bench config, from the newest file that measured it (a variant ok or
     out of memory; else the newest that has it), in config order."""
-    measured = lambda by: any(r["status"] in ("ok", "oom") for r in by.values())  # noqa: E731
     rows: dict[tuple, tuple[ResultsFile, dict]] = {}
     for f in files:  # newest first; a row a newer run skipped or failed keeps an older run's measurement
         summaries = [r for r in f.records if r["record"] == "summary"]
@@ -237,7 +249,7 @@ def bench_rows(files: list[ResultsFile]) -> list[tuple[tuple, ResultsFile, dict]
             summaries = bench_attention.summaries_from_steps(list(f.records))
         cases, _, by = tables.group_cases(summaries)
         for case in cases:
-            if case not in rows or (measured(by[case]) and not measured(rows[case][1])):
+            if case not in rows or (_measured(by[case]) and not _measured(rows[case][1])):
                 rows[case] = (f, by[case])
     order = _config_order()
     return [(case, *rows[case]) for case in sorted(rows, key=lambda c: (order.get(c, len(order)), c))]
@@ -311,11 +323,10 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
 
 def _decode_by_point(files: list[ResultsFile], keys: tuple[str, ...]) -> tuple[dict, dict]:
     """({point: {mode: record}} from the newest file that has the point, {point: file})."""
-    measured = lambda by: any(r["status"] in ("ok", "oom") for r in by.values())  # noqa: E731
     rows, source = {}, {}
     for f in files:  # newest first; a point a newer run skipped or failed keeps an older run's measurement
         for point, by in tables.by_point([r for r in f.records if r["record"] == "decode"], keys).items():
-            if point not in rows or (measured(by) and not measured(rows[point])):
+            if point not in rows or (_measured(by) and not _measured(rows[point])):
                 rows[point], source[point] = by, f
     return rows, source
 

@@ -181,7 +181,7 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   them against ~68 µs for the kernel and this merge; experiments/PERF_NOTES.md)."""
   rows = q.shape[0] * q.shape[1] * q.shape[2]
   if rows == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
-    return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, reference.accumulation_dtype(q)))]
+    return _no_keys(q)
   if backend == "xla":
     return [_one(_reference_level(q, level, causal=c, batched=b, scale=scale))
             for level, c, b in zip(levels, causal, batched)]
@@ -210,8 +210,14 @@ def _kernel_stacks(q, levels: Sequence[Level], *, causal: Sequence[bool], batche
   stacks, written = pallas_ops.run_write(
       q, plans, scale=scale, interpret=backend.startswith("interpret"), stacked=True,
       merge=merge_kernel.method(rows, q.shape[-1], tuning_lib.current()) == "launch")
-  stacks = stacks or [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, jnp.float32))]
+  stacks = stacks or _no_keys(q)
   return stacks if new is None else (stacks, written)
+
+
+def _no_keys(q):
+  """The stacks of a step that attends to no key: one part, out 0 and lse -inf (in the op's accumulation dtype,
+  float32 on the kernel backends, which take 16- and 32-bit inputs only)."""
+  return [(jnp.zeros_like(q)[None], jnp.full((1, *q.shape[:-1]), -jnp.inf, reference.accumulation_dtype(q)))]
 
 
 def _one(part):

@@ -86,7 +86,8 @@ class SharingTree:
                 if not self.levels[l].nodes[n]:
                     continue
                 first = owner.setdefault(n, b)
-                if self._before(l, first) != self._before(l, b):
+                # the same ancestor nodes spell the same tokens: only other nodes need their tokens compared
+                if self.ancestors(l, first) != self.ancestors(l, b) and self._before(l, first) != self._before(l, b):
                     raise ValueError(f"SharingTree: node {n} of level {l} is read by sequences with different "
                                      f"tokens before it: sequence {first} through ancestors "
                                      f"{self.ancestors(l, first)}, sequence {b} through {self.ancestors(l, b)}")
@@ -105,10 +106,7 @@ class SharingTree:
 
     def prompt(self, b: int) -> Tokens:
         """The full prompt of sequence b."""
-        out: list[int] = []
-        for level in self.levels:
-            out += level.nodes[level.seq_to_node[b]]
-        return tuple(out) + self.suffixes[b]
+        return self._before(len(self.levels), b) + self.suffixes[b]
 
     def prefix_length(self, b: int) -> int:
         return sum(len(level.nodes[level.seq_to_node[b]]) for level in self.levels)
