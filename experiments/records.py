@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import subprocess
+import time
 from typing import Iterable, Iterator
 
 import jax
@@ -64,9 +65,15 @@ def metadata() -> dict:
 
 
 def default_output(config_name: str, smoke: bool) -> pathlib.Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    """`RESULTS_DIR/NAME[-smoke]-DEVICE-YYYYmmdd-HHMMSS.jsonl`, a name no file has yet (two runs of one config
+    started in the same second: the second takes the next second's stamp, the form `report` reads)."""
     suffix = "-smoke" if smoke else ""
-    return RESULTS_DIR / f"{config_name}{suffix}-{device_slug()}-{stamp}.jsonl"
+    while True:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = RESULTS_DIR / f"{config_name}{suffix}-{device_slug()}-{stamp}.jsonl"
+        if not path.exists():
+            return path
+        time.sleep(0.25)
 
 
 def _clean(value):
@@ -88,7 +95,7 @@ class RecordWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.base = {"config": config["name"], "experiment": config["kind"], "smoke": bool(config["smoke"]),
                      **metadata()}
-        self._file = open(self.path, "w")
+        self._file = open(self.path, "x")  # exclusive: an existing file (another run's records) is never truncated
         self.records: list[dict] = []
 
     def write(self, *, record: str, point: dict, mode: str | None, status: str, results: dict | None = None,

@@ -26,6 +26,9 @@ def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bo
         raise config_lib.ConfigError(f"--out {str(path)!r}: the records' file cannot end in .md (its markdown tables "
                                      f"are written to {path.with_suffix('.md').name}); use e.g. "
                                      f"{path.with_suffix('.jsonl').name}")
+    if out and path.exists():  # an earlier run's records: never truncated by a new run
+        raise config_lib.ConfigError(f"--out {str(path)!r} exists (an earlier run's results?): give a new name or "
+                                     f"move it away first")
     module = experiment_module(cfg["kind"])
     print(f"[run] {cfg['name']} ({cfg['kind']}{', smoke' if cfg['smoke'] else ''}) -> {path}", flush=True)
     try:

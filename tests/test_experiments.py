@@ -1304,8 +1304,8 @@ def test_config_errors_across_keys_and_cli_input_errors(tmp_path, capsys):
 
 def test_the_cli_names_bad_files_and_paths_without_a_traceback(tmp_path, capsys):
     """A truncated results file to `report` or `plot`, a README that is not there, a folder as the config, an
-    `--out` ending in .md (its markdown would replace the records) and an infinite capacity: each a clean message
-    and exit 2."""
+    `--out` ending in .md (its markdown would replace the records) or naming an existing file (an earlier run's
+    records, never truncated) and an infinite capacity: each a clean message and exit 2."""
     path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
         _model(), _decode(_e2e_point(1024, 8), "none", 1e3)])
     path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
@@ -1318,6 +1318,9 @@ def test_the_cli_names_bad_files_and_paths_without_a_traceback(tmp_path, capsys)
     assert "is a directory, not a config file" in capsys.readouterr().err
     assert cli.main(["run", "tree_apps", "--smoke", "--out", str(tmp_path / "res.md"), "--no-progress"]) == 2
     assert "the records' file cannot end in .md" in capsys.readouterr().err and not (tmp_path / "res.md").exists()
+    earlier = path.read_text()  # an earlier run's records as --out: refused, the file left as it was
+    assert cli.main(["run", "tree_apps", "--smoke", "--out", str(path), "--no-progress"]) == 2
+    assert f"--out {str(path)!r} exists" in capsys.readouterr().err and path.read_text() == earlier
     assert cli.main(["plan", "tree_apps", "--capacity-gb", "inf"]) == 2
     assert "--capacity-gb must be a finite number > 0, got inf" in capsys.readouterr().err
 
@@ -1348,3 +1351,16 @@ def test_report_of_a_folder_without_reportable_runs_leaves_the_readme(tmp_path, 
     before = readme.read_text()
     assert cli.main(["report", "--readme", str(readme), "--results-dir", str(res), "--no-plot"]) == 2
     assert "no results to report" in capsys.readouterr().err and readme.read_text() == before
+
+
+def test_default_output_never_names_an_existing_file(tmp_path, monkeypatch):
+    """Two runs of one config started in the same second: the second's default file is another, in the time-stamped
+    form `report` reads (the first's records are never truncated)."""
+    monkeypatch.setattr(records, "RESULTS_DIR", tmp_path)
+    first = records.default_output("tree_apps", smoke=False)
+    first.write_text("{}\n")
+    second = records.default_output("tree_apps", smoke=False)
+    assert second != first and not second.exists() and report.STAMP.search(second.name), (first, second)
+    with pytest.raises(FileExistsError):  # the writer itself refuses an existing file
+        records.RecordWriter(first, {"name": "tree_apps", "kind": "tree_apps", "smoke": False})
+    assert first.read_text() == "{}\n"
