@@ -29,7 +29,7 @@ from hydragen_jax import tuning
 from hydragen_jax.validation import BACKENDS
 from models.cache import MODES, cache_bytes
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.generate import generate, prefill
+from models.generate import SamplingConfig, generate, prefill
 from models.gguf import load_gguf_with_tokenizer, smollm2_path
 from models.sharing import build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer, load_hf_tokenizer
@@ -165,7 +165,7 @@ def _load(name: str):
     """(model, tokenizer, prompts as token ids, what each prompt asks) for ``--model``; on a GPU in bf16, else
     fp32."""
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    if name == "smollm2" or name.endswith(".gguf"):
+    if name == "smollm2" or name.endswith(".gguf") or os.path.isfile(name):  # a file can only be a GGUF file
         path = smollm2_path() if name == "smollm2" else name
         model, tok = load_gguf_with_tokenizer(path, dtype)  # one parse of the file's metadata
         return model, tok, _chat_prompts(tok), QUESTIONS
@@ -212,16 +212,25 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: expected a comma-separated list of {MODES}, got {args.modes!r}")
+    if len(set(modes)) < len(modes):  # the table keys its rows by mode: a repeated one would show another's numbers
+        ap.error(f"--modes: each mode at most once, got {args.modes!r}")
     if args.samples is not None and args.samples < 1:
         ap.error(f"--samples must be >= 1, got {args.samples}")
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        ap.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:  # the sampler's own checks, before any work
+        SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+    except ValueError as e:
+        ap.error(str(e).replace("sampling: temperature", "--temperature").replace("sampling: top_p", "--top-p"))
     if args.backend is not None and args.backend not in BACKENDS:
         ap.error(f"--backend must be one of {BACKENDS}, got {args.backend!r}")
+    if args.show < 0:
+        ap.error(f"--show must be >= 0, got {args.show}")
+    if not -2**63 <= args.seed < 2**63:  # JAX's seeds (models.generate)
+        ap.error(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
+    if args.model not in ("smollm2", "default") and not os.path.exists(args.model):
+        ap.error(f"--model: expected smollm2, default, a GGUF file or a checkpoint directory, got {args.model!r} "
+                 "(no such file or directory)")
     samples = args.samples if args.samples is not None else (32 if jax.default_backend() == "gpu" else 4)
 
     try:

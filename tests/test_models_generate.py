@@ -485,9 +485,11 @@ def test_decode_and_sampling_bad_input(model):
                           (dict(temperature=True), "temperature must be 0 .*got True"),
                           (dict(temperature=float("nan")), "temperature must be 0 .*got nan"),
                           # below float32's normals the scaled logits lose their order (a subnormal flushes to 0)
-                          (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or a finite number of at "
-                                                    r"least 1.18e-38 \(float32's smallest normal\), got 1e-40"),
+                          (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or a number in \[1.18e-38, "
+                                                    r"3.4e\+38\] \(float32's normals\), got 1e-40"),
                           (dict(temperature=float("inf")), "temperature must be 0 .*got inf"),
+                          # past float32's largest the logits were divided by inf: a uniform draw
+                          (dict(temperature=1e308), "temperature must be 0 .*got 1e[+]?308"),
                           (dict(top_p=0), r"top_p must be in \(0, 1\], got 0")):
         with pytest.raises(ValueError, match=match):
             SamplingConfig(**kwargs)

@@ -306,6 +306,19 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d.update(split_min_fill=float("nan")), r"Tuning.split_min_fill must be a number in \(0, 1\]; got nan"),
     (lambda d: d.update(split_fill_max_keys=0), "split_fill_max_keys must be a positive int; got 0"),
     (lambda d: d.update(split_fill_max_keys=2048.0), "split_fill_max_keys must be a positive int; got 2048.0"),
+    # each was accepted (a bool taken for 1, a wrong type for "none") or crashed without naming the field:
+    (lambda d: d.update(tiles={}), r"Tuning.tiles must give a Tile for the row tiles 16, .*; got \[\]"),  # IndexError
+    (lambda d: d.update(merge_rows=True), "Tuning.merge_rows must be a power of two; got True"),
+    (lambda d: d.update(merge_warps=True), "Tuning.merge_warps must be a power of two up to 32; got True"),
+    (lambda d: d.update(hopper_long=False, hopper_long_prefix=0), r"tuning.hopper_long: expected an object .*got bool"),
+    (lambda d: d.update(hopper_long=[], hopper_long_prefix=0), r"tuning.hopper_long: expected an object .*got list"),
+    (lambda d: d.update(hopper={"1": d["hopper"]["1"], "x": d["hopper"]["1"]}),
+     r"tuning.hopper: keys must be row counts .*; got \['x'\]"),  # was "missing [prefix_stages, ...]"
+    (lambda d: d.update(hopper={"1": d["hopper"]["1"], "²": d["hopper"]["1"]}),
+     r"tuning.hopper: keys must be row counts .*; got \['²'\]"),  # was int()'s error, naming nothing
+    (lambda d: d["hopper"]["1"].update(prefix_stages="2", pair_suffix_cost=1.0),
+     r"tuning.hopper\[1\]: HopperTuning.prefix_stages must be a positive int; got '2'"),  # was a TypeError
+    (lambda d: d["hopper"]["4"].update(cluster=3), r"tuning.hopper\[4\]: HopperTuning.cluster must be 1 or 2; got 3"),
 ])
 def test_bad_tuning_data_is_refused_by_name(edit, message):
   data = tuning.to_dict(_h100())
@@ -323,6 +336,36 @@ def test_a_file_without_the_split_fill_fields_keeps_a_program_per_sm():
   assert (old.split_min_fill, old.split_fill_max_keys) == (1.0, 2048)
   tune = dataclasses.replace(_h100(), split_min_fill=0.9, split_fill_max_keys=4096)
   assert tuning.from_dict(tuning.to_dict(tune)) == tune
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["tuning"]["hopper"]["2"].update(pingpong="false"),
+     r"^x.json: tuning.hopper\[2\]: HopperTuning.pingpong must be true or false; got 'false'"),  # named no file
+    (lambda d: d.update(device_kind=["NVIDIA H200"]), r"^x.json: device_kind must be a device kind's name .*got \["),
+    (lambda d: d.update(device_kind=None), r"^x.json: device_kind must be a device kind's name .*got None"),
+])
+def test_bad_file_data_is_refused_naming_the_file(edit, message):
+  data = json.loads(tuning.dumps(tuning.file_for(H100)))
+  edit(data)
+  with pytest.raises(ValueError, match=message):
+    tuning.loads(json.dumps(data), "x.json")
+
+
+def test_a_tuning_file_of_bad_kind_or_encoding_is_named(monkeypatch, tmp_path):
+  """HYDRAGEN_JAX_TUNING naming a file whose device_kind is not a name (a TypeError in the warning's cache before), or
+  a file that is not UTF-8 (`load` named no file)."""
+  data = json.loads(tuning.dumps(tuning.file_for(H100)))
+  data["device_kind"] = ["NVIDIA H100 80GB HBM3"]
+  (tmp_path / "list.json").write_text(json.dumps(data))
+  monkeypatch.setenv(tuning.TUNING_ENV, str(tmp_path / "list.json"))
+  with pytest.raises(ValueError, match=r"HYDRAGEN_JAX_TUNING='.*list.json': .*list.json: device_kind must be"):
+    tuning.current()
+  (tmp_path / "latin.json").write_bytes(b'{"device_kind": "caf\xe9"}')
+  with pytest.raises(ValueError, match=r"latin.json: not UTF-8 text"):
+    tuning.load(tmp_path / "latin.json")
+  monkeypatch.setenv(tuning.TUNING_ENV, str(tmp_path))
+  with pytest.raises(ValueError, match=r"HYDRAGEN_JAX_TUNING='.*': .*Is a directory"):
+    tuning.current()
 
 
 def test_a_file_that_is_not_json_is_named():

@@ -102,6 +102,7 @@ def check_hopper(config) -> None:
     _check_fill(config, field)
   if not config.pair_prefix_cost > 0:
     raise ValueError(f"{name}.pair_prefix_cost must be > 0; got {config.pair_prefix_cost!r}.")
+  _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)  # before the rules below compare them
   if config.pair_suffix_cost > 0 and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with pair_suffix_cost > 0 (each warpgroup of the pair "
                      f"streams its suffix items through prefix slots of its own); got {config.prefix_stages}.")
@@ -117,7 +118,6 @@ def check_hopper(config) -> None:
   if config.suffix_box and not config.suffix_pack:
     raise ValueError(f"{name}.suffix_box needs suffix_pack (it copies the tiles of packed suffix items); got "
                      "suffix_box=True, suffix_pack=False.")
-  _check_ints(config, ("prefix_stages", "suffix_stages"), least=1)
   if config.pingpong and config.prefix_stages < 2:
     raise ValueError(f"{name}.prefix_stages must be >= 2 with pingpong (the pair would wait for each other); got "
                      f"{config.prefix_stages}.")
@@ -350,7 +350,8 @@ class Tuning:
       if not _power_of_two(value) or value < 16:
         raise ValueError(f"Tuning.{name} must be a power of two >= 16; got {value!r}.")
     have = [rows for rows, _ in self.tiles]
-    if have != [16 << i for i in range(len(have))] or have[-1] < max(self.max_rows_alone, self.max_rows_shared):
+    if not have or have != [16 << i for i in range(len(have))] or (
+        have[-1] < max(self.max_rows_alone, self.max_rows_shared)):
       raise ValueError(f"Tuning.tiles must give a Tile for the row tiles 16, 32, 64, ... up to max_rows_alone="
                        f"{self.max_rows_alone} and max_rows_shared={self.max_rows_shared}, in that order; got {have}.")
     _check_ints(self, ("hopper_long_prefix",), least=0)
@@ -438,7 +439,7 @@ class TuningFile:
 
 
 def _power_of_two(x) -> bool:
-  return isinstance(x, int) and x > 0 and x & (x - 1) == 0
+  return _is_int(x) and x > 0 and x & (x - 1) == 0
 
 
 def slug(device_kind: str) -> str:
@@ -481,7 +482,7 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
     raise ValueError(f"{where}.tiles: keys must be row counts; got {sorted(tiles)}.") from e
   data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
   data["hopper"] = _hopper_entries(data["hopper"], f"{where}.hopper")
-  if data.get("hopper_long"):
+  if data.get("hopper_long", {}) != {}:  # {}: none (`to_dict` of ()); null, [] or false are refused by name
     data["hopper_long"] = _hopper_entries(data["hopper_long"], f"{where}.hopper_long")
   else:
     data["hopper_long"] = ()
@@ -496,10 +497,22 @@ def _hopper_entries(data: Any, where: str) -> tuple[tuple[int, HopperTuning], ..
   """The Hopper settings of a file: an object keyed by row counts ("1", "2", ...), or one settings object (the
   form before the settings went by rows: it holds for every row count). Options left out take their defaults
   (off: the kernel as it was before the option)."""
-  if isinstance(data, dict) and data and all(isinstance(k, str) and k.isdigit() for k in data):
-    return tuple((int(key), HopperTuning(**_fields(HopperTuning, data[key], f"{where}[{key}]", defaults=True)))
-                 for key in sorted(data, key=int))
-  return ((1, HopperTuning(**_fields(HopperTuning, data, where, defaults=True))),)
+  names = {f.name for f in dataclasses.fields(HopperTuning)}
+  if isinstance(data, dict) and data and not names & set(data):  # keyed by row counts
+    if bad := [key for key in data if not (isinstance(key, str) and key.isascii() and key.isdigit())]:
+      raise ValueError(f"{where}: keys must be row counts (\"1\", \"2\", ...) or the fields of one setting; got "
+                       f"{bad}.")
+    return tuple((int(key), _hopper_setting(data[key], f"{where}[{key}]")) for key in sorted(data, key=int))
+  return ((1, _hopper_setting(data, where)),)
+
+
+def _hopper_setting(data: Any, where: str) -> HopperTuning:
+  """One Hopper setting of a file; errors name `where` (the file and the entry) and the field."""
+  fields = _fields(HopperTuning, data, where, defaults=True)
+  try:
+    return HopperTuning(**fields)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
 
 
 def dumps(file: TuningFile) -> str:
@@ -517,6 +530,9 @@ def loads(text: str, where: str = "tuning file") -> TuningFile:
   if not isinstance(data, dict) or sorted(data) != ["device_kind", "provenance", "tuning"]:
     raise ValueError(f"{where}: expected an object with device_kind, provenance, tuning; got "
                      f"{sorted(data) if isinstance(data, dict) else type(data).__name__}.")
+  if not isinstance(data["device_kind"], str) or not data["device_kind"]:
+    raise ValueError(f"{where}: device_kind must be a device kind's name (e.g. {FALLBACK_KIND!r}); got "
+                     f"{data['device_kind']!r}.")
   provenance = data["provenance"]
   if not isinstance(provenance, dict) or (missing := [k for k in PROVENANCE_KEYS if k not in provenance]):
     raise ValueError(f"{where}: provenance must record {list(PROVENANCE_KEYS)}; missing "
@@ -525,7 +541,11 @@ def loads(text: str, where: str = "tuning file") -> TuningFile:
 
 
 def load(path: str | pathlib.Path) -> TuningFile:
-  return loads(pathlib.Path(path).read_text(), str(path))
+  try:
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (a tuning file is JSON): {e}") from e
+  return loads(text, str(path))
 
 
 def write(path: str | pathlib.Path, file: TuningFile) -> None:
