@@ -106,6 +106,9 @@ def _meta(reader, path: str, key: str, default=KeyError):
         if default is KeyError:
             raise CheckpointError(f"{path}: metadata key {key!r} missing")
         return default
+    if len(field.types) > 2:  # the gguf package reads an array of arrays as one flat list: its items would shift
+        raise CheckpointError(f"{path}: metadata key {key!r} is {' of '.join(t.name for t in field.types)}; nested "
+                              "arrays are not supported")
     try:
         return field.contents()
     except ValueError as e:  # e.g. a string that is not UTF-8
@@ -366,9 +369,14 @@ def _tokenizer(path: str, reader) -> BPETokenizer:
     if add_bos and bos is None:
         raise CheckpointError(f"{path}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is "
                               "missing; expected the id of the BOS token to add")
+    add_eos = _typed(reader, path, "tokenizer.ggml.add_eos_token", lambda x: isinstance(x, bool), "true or false",
+                     False)  # llama.cpp then ends each encoded text with EOS
+    if add_eos and eos is None:
+        raise CheckpointError(f"{path}: tokenizer.ggml.add_eos_token is true but tokenizer.ggml.eos_token_id is "
+                              "missing; expected the id of the EOS token to add")
     template = _typed(reader, path, "tokenizer.chat_template", lambda x: isinstance(x, str), "a string", None)
     try:
         return BPETokenizer(tokens, merges, pre=pre, bos_id=bos, eos_id=eos, pad_id=pad, special_ids=control,
-                            added_ids=user, add_bos=add_bos, chat_template=template)
+                            added_ids=user, add_bos=add_bos, add_eos=add_eos, chat_template=template)
     except ValueError as e:  # duplicate tokens, malformed merges (the rest is checked above)
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges: {e}") from e

@@ -15,11 +15,12 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import operator
 import os
 import warnings
 from collections.abc import Sequence
 
-from models.config import _json_object, is_int
+from models.config import CheckpointError, _json_object, is_int
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
@@ -51,7 +52,8 @@ class BPETokenizer:
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str], *, pre: str = "gpt2", bos_id: int | None,
                  eos_id: int | None, pad_id: int | None = None, special_ids: Sequence[int] = (),
-                 added_ids: Sequence[int] = (), add_bos: bool = False, chat_template: str | None = None):
+                 added_ids: Sequence[int] = (), add_bos: bool = False, add_eos: bool = False,
+                 chat_template: str | None = None):
         try:
             from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
         except ImportError as e:
@@ -65,6 +67,12 @@ class BPETokenizer:
                 raise ValueError(f"BPETokenizer: {name}={value!r} outside the vocabulary [0, {n})")
         if add_bos and bos_id is None:
             raise ValueError("BPETokenizer: add_bos=True needs a bos_id")
+        if add_eos and eos_id is None:
+            raise ValueError("BPETokenizer: add_eos=True needs an eos_id")
+        for name, ids in (("special_ids", special_ids), ("added_ids", added_ids)):
+            bad = [i for i in ids if not is_int(i) or not 0 <= i < n]  # -1 read the last token, quietly
+            if bad:
+                raise ValueError(f"BPETokenizer: {name} holds {bad[0]!r}, outside the vocabulary [0, {n})")
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != n:
             raise ValueError(f"BPETokenizer: the vocabulary of {n} tokens has {n - len(vocab)} duplicates")
@@ -88,20 +96,33 @@ class BPETokenizer:
         self._tok = tok
         self.vocab_size = n
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.add_bos = add_bos
+        self.add_bos, self.add_eos = add_bos, add_eos
         self.pre = pre
         self.chat_template = chat_template
         self._tokens = list(tokens)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text`` (BOS first when ``add_bos``, default: the model's own setting)."""
+        """Token ids of ``text``: BOS first when ``add_bos``; None (default): the model's own special tokens, BOS
+        first and EOS last where its settings add them (llama.cpp's ``add_special``); False: none."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         add = self.add_bos if add_bos is None else add_bos
-        return ([self.bos_id] if add and self.bos_id is not None else []) + ids
+        eos = [self.eos_id] if add_bos is None and self.add_eos else []
+        return ([self.bos_id] if add and self.bos_id is not None else []) + ids + eos
 
     def decode(self, ids) -> str:
-        """Text of ``ids``, special tokens (BOS, EOS, chat markers) left out."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text of ``ids``, special tokens (BOS, EOS, chat markers) left out; ``ValueError`` for an id that is not an
+        integer in ``[0, vocab_size)`` (tokenizers dropped one past the vocabulary and raised OverflowError for -1)."""
+        out = []
+        for x in ids:
+            try:
+                i = operator.index(x)  # numpy / jax integers too; not floats
+            except TypeError:
+                i = None
+            if i is None or not 0 <= i < self.vocab_size:
+                raise ValueError(f"BPETokenizer.decode: ids must be integer token ids in [0, {self.vocab_size}), "
+                                 f"got {x if i is None else i!r}")
+            out.append(i)
+        return self._tok.decode(out, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:
@@ -433,7 +454,10 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"load_hf_tokenizer: {file} not found (only fast tokenizers' tokenizer.json is read)")
-    tokenizer = Tokenizer.from_file(file)
+    try:
+        tokenizer = Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception, without the path (a truncated download, say)
+        raise CheckpointError(f"{file}: not a readable tokenizer.json ({e})") from e
     tokenizer.no_truncation()  # transformers sets them per call (off unless asked for)
     tokenizer.no_padding()
 
@@ -506,7 +530,10 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     jinja = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja):  # transformers >= 4.43 writes the template there (it wins over the config's)
         with open(jinja, encoding="utf-8") as f:
-            template = f.read()
+            try:
+                template = f.read()
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{jinja}: not UTF-8 text ({e})") from e
     return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None, infilling)
 
 

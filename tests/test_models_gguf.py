@@ -414,6 +414,9 @@ def test_gguf_model_and_tokenizer_from_one_parse(tmp_path, monkeypatch):
     ({"tokenizer.ggml.token_type": ([3] * 4, V.ARRAY)}, r"tokenizer.ggml.token_type has 4 entries for the 64"),
     ({"tokenizer.ggml.merges": ([1, 2], V.ARRAY)},
      r"metadata key 'tokenizer.ggml.merges' = \[1, 2\] \(ARRAY of INT32\); expected an array of strings"),
+    # the gguf package reads an array of arrays as one flat list: these merges loaded as ["A B"]
+    ({"tokenizer.ggml.merges": ([["A B"]], V.ARRAY)},
+     r"metadata key 'tokenizer.ggml.merges' is ARRAY of ARRAY of STRING; nested arrays are not supported"),
 ])
 def test_gguf_tokenizer_errors_name_the_file_and_key(tmp_path, meta, match):
     path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), extra_meta=meta)
@@ -431,6 +434,22 @@ def test_gguf_tokenizer_add_bos_needs_a_bos_id(tmp_path):
     with_bos = write_gguf(tmp_path / "b.gguf", CONFIG, make_tensors(CONFIG),
                           extra_meta={"tokenizer.ggml.add_bos_token": (True, V.BOOL)})
     assert load_gguf_tokenizer(with_bos).encode("AB") == [1, 63]
+
+
+def test_gguf_tokenizer_add_eos_ends_each_text_with_eos(tmp_path):
+    """add_eos_token true (llama.cpp then appends EOS to each encoded text) was ignored; now the model's own
+    setting (add_bos None) appends it, an explicit add_bos does not, and a file without an EOS id is named."""
+    meta = {"tokenizer.ggml.add_eos_token": (True, V.BOOL)}
+    tok = load_gguf_tokenizer(write_gguf(tmp_path / "e.gguf", CONFIG, make_tensors(CONFIG), extra_meta=meta))
+    plain = load_gguf_tokenizer(write_gguf(tmp_path / "p.gguf", CONFIG, make_tensors(CONFIG)))
+    assert tok.add_eos and not plain.add_eos and plain.encode("AB") == [63]
+    assert tok.encode("AB") == [63, tok.eos_id] and tok.encode("AB", add_bos=False) == [63]
+    assert tok.encode("AB", add_bos=True) == [tok.bos_id, 63]
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG), drop_meta={"tokenizer.ggml.eos_token_id"},
+                      extra_meta=meta)
+    with pytest.raises(CheckpointError, match=r"m\.gguf: tokenizer.ggml.add_eos_token is true but "
+                                              r"tokenizer.ggml.eos_token_id is missing"):
+        load_gguf_tokenizer(path)
 
 
 def test_user_defined_tokens_are_whole_and_kept_by_decode():
@@ -474,12 +493,27 @@ def test_bpe_merges_digits_and_specials():
                                            (dict(merges=["a x"]), "merge 0 is 'a x', but 'ax' is not in"),
                                            (dict(bos_id=999), "bos_id=999 outside the vocabulary"),
                                            (dict(bos_id="1"), "bos_id='1' outside the vocabulary"),
-                                           (dict(bos_id=None, add_bos=True), "add_bos=True needs a bos_id")])
+                                           (dict(bos_id=None, add_bos=True), "add_bos=True needs a bos_id"),
+                                           # an IndexError, and -1 made the last token an added one
+                                           (dict(special_ids=[0, 999]), r"special_ids holds 999, outside the "
+                                                                        r"vocabulary \[0, 260\)"),
+                                           (dict(added_ids=[-1]), "added_ids holds -1, outside the vocabulary")])
 def test_bpe_bad_input(kwargs, match):
     args = dict(tokens=byte_vocab(), merges=[], bos_id=1, eos_id=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         BPETokenizer(args.pop("tokens"), args.pop("merges"), **args)
+
+
+def test_bpe_decode_refuses_ids_outside_the_vocabulary():
+    """An id past the vocabulary was dropped quietly, -1 raised a bare OverflowError, 5.7 decoded as 5; numpy and jax
+    integers still decode."""
+    tok, tokens = small_tokenizer()
+    assert tok.decode(np.array([tokens.index("ab")])) == tok.decode(jnp.array([tokens.index("ab")])) == "ab"
+    for bad in (-1, len(tokens), 2**40, 5.7, "5"):
+        with pytest.raises(ValueError, match=re.escape(f"BPETokenizer.decode: ids must be integer token ids in "
+                                                       f"[0, {len(tokens)}), got {bad!r}")):
+            tok.decode([tokens.index("ab"), bad])
 
 
 def test_chat_template_renders_as_transformers():

@@ -71,6 +71,22 @@ def test_chat_template_in_tokenizer_config_and_missing_files(tmp_path):
         load_hf_tokenizer(tmp_path / "nowhere")
 
 
+def test_unreadable_tokenizer_json_and_chat_template_name_the_file(tmp_path):
+    """A truncated or non-JSON tokenizer.json raised tokenizers' bare Exception without the path; a chat_template.jinja
+    that is not UTF-8, a bare UnicodeDecodeError. Both are CheckpointErrors naming the file."""
+    from models.checkpoint import CheckpointError  # noqa: PLC0415
+
+    good = (FIXTURE / "tokenizer.json").read_bytes()
+    for data in (b"", good[:len(good) // 2], b"\xff\xfe"):
+        (tmp_path / "tokenizer.json").write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a readable tokenizer\.json \(.+\)"):
+            load_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(good)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff")
+    with pytest.raises(CheckpointError, match=r"chat_template\.jinja: not UTF-8 text \(.*can't decode byte 0xff"):
+        load_hf_tokenizer(tmp_path)
+
+
 def test_demo_runs_an_hf_checkpoint_with_its_tokenizer(tmp_path, capsys):
     """`python -m models --model DIR` on an HF checkpoint directory with a tokenizer.json: the checkpoint's own
     tokenizer and chat template (the questions as chats), not the byte tokenizer; an unsupported config is a clear
