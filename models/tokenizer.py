@@ -369,7 +369,12 @@ def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, code_ll
 
     special = {name: _token_string(value) for name, value in raw.items()}
     if "added_tokens_decoder" in config:
-        decoder = {int(i): AddedToken(**t) for i, t in config["added_tokens_decoder"].items()}
+        entries = config["added_tokens_decoder"]
+        try:
+            decoder = {int(i): AddedToken(**t) for i, t in entries.items()}
+        except (AttributeError, TypeError, ValueError) as e:  # a list, a non-integer id, an entry that is no object
+            raise CheckpointError(f"tokenizer_config.json: added_tokens_decoder must map token ids (\"32000\") to "
+                                  f"AddedToken objects (content, special, ...); got {str(entries)[:120]} ({e})") from e
     else:
         decoder = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"}) for t in spec["added_tokens"]}
     tokens = [decoder[i] for i in sorted(decoder)]

@@ -87,6 +87,21 @@ def test_unreadable_tokenizer_json_and_chat_template_name_the_file(tmp_path):
         load_hf_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("decoder", [[{"content": "<x>"}], {"x": {"content": "<x>"}}, {"5": "<x>"}],
+                         ids=["list", "id_not_integer", "entry_not_object"])
+def test_a_malformed_added_tokens_decoder_is_named(tmp_path, decoder):
+    """tokenizer_config.json's added_tokens_decoder of the wrong form raised a bare AttributeError / ValueError /
+    TypeError."""
+    from models.checkpoint import CheckpointError  # noqa: PLC0415
+
+    llama = FIXTURE.parent / "hf_tokenizer_llama2"  # a LlamaTokenizer: rebuilt with the decoder's added tokens
+    (tmp_path / "tokenizer.json").write_bytes((llama / "tokenizer.json").read_bytes())
+    config = json.loads((llama / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, added_tokens_decoder=decoder)))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: added_tokens_decoder must map token ids"):
+        load_hf_tokenizer(tmp_path)
+
+
 def test_demo_runs_an_hf_checkpoint_with_its_tokenizer(tmp_path, capsys):
     """`python -m models --model DIR` on an HF checkpoint directory with a tokenizer.json: the checkpoint's own
     tokenizer and chat template (the questions as chats), not the byte tokenizer; an unsupported config is a clear
