@@ -18,4 +18,12 @@ fi
 MARK=(-m "not slow")
 if [[ "${1:-}" == --all ]]; then shift; MARK=(); fi
 for arg in "$@"; do [[ "$arg" == -m* ]] && MARK=(); done
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider ${MARK[@]+"${MARK[@]}"} "$@"
+# Many tests compile the same functions again (each xdist worker, and tests that clear jit's caches to watch a trace):
+# JAX's persistent compilation cache, in a folder of this run's own (unless one is set), compiles each once (~10 %).
+if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  CACHE=$(mktemp -d "${TMPDIR:-/tmp}/hydragen-jax-tests.XXXXXX")
+  trap 'rm -rf "$CACHE"' EXIT
+  export JAX_COMPILATION_CACHE_DIR=$CACHE JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+fi
+.venv/bin/python -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider ${MARK[@]+"${MARK[@]}"} "$@"
