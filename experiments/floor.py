@@ -4,7 +4,7 @@ Attention alone (bench-attention), one step: B sequences, each with one new quer
 suffix of s_b tokens.
     bytes = 2 * (P + sum_b s_b) * Hkv * D * itemsize       (each K and V element read once)
           + 2 * B * T * Hq * D * itemsize                   (queries read, outputs written)
-    FLOPs = 4 * D * Hq * T * sum_b (P + s_b)                (Q K^T and P V)
+    FLOPs = 4 * D * Hq * sum_b (T (P + s_b) - T (T - 1) / 2)  (Q K^T and P V; T > 1: the suffix causal)
     floor time = max(bytes / bandwidth, FLOPs / matmul rate)
 
 A whole model's decode step (end-to-end runs, `decode_step_floor`): the sum over the step's ops (every layer's GEMMs,
@@ -34,8 +34,11 @@ def step_bytes(batch: int, prefix: int, suffixes: int | Sequence[int], q_heads: 
 
 def step_flops(batch: int, prefix: int, suffixes: int | Sequence[int], q_heads: int, head_dim: int,
                queries: int = 1) -> int:
+    """The T = `queries` queries of a sequence are the last T of its suffix (causal, as hydragen_attention's suffix
+    level): query t sees the whole prefix and s_b - T + 1 + t suffix tokens, T (T - 1) / 2 fewer than T s_b."""
     total_suffix = suffixes * batch if isinstance(suffixes, int) else sum(suffixes)
-    return 4 * head_dim * q_heads * queries * (batch * prefix + total_suffix)
+    causal = batch * queries * (queries - 1) // 2
+    return 4 * head_dim * q_heads * (queries * (batch * prefix + total_suffix) - causal)
 
 
 def floor_time(nbytes: float, flops: float, bandwidth: float, matmul_rate: float) -> float:
@@ -49,8 +52,9 @@ def simpson(first: float, middle: float, last: float) -> float:
 
 
 def simpson_points(out: int) -> tuple[int, int, int]:
-    """Suffix lengths at which a decode of `out` tokens is sampled: 1, out/2, out."""
-    return 1, max(1, out // 2), out
+    """Suffix lengths at which a decode of `out` tokens is sampled: 1, out/2, out (the midpoint (out + 1) / 2 of
+    [1, out] where out is odd: Simpson's rule needs equally spaced points)."""
+    return 1, max(1, (out + 1) // 2), out
 
 
 def kv_cache_bytes(batch: int, prefix: int, suffix: int, kv_heads: int, head_dim: int, itemsize: int,

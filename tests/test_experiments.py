@@ -58,6 +58,24 @@ def test_simpson():
     assert floor.simpson_points(512) == (1, 256, 512)
 
 
+def test_simpson_points_midpoint_of_odd_generations():
+    # Simpson's rule over [1, out] needs its midpoint: out = 3 samples s = 1, 2, 3 (out // 2 gave 1, 1, 3), which
+    # makes the rule exact for a step time linear in s: the mean over s = 1..3 of s is 2
+    assert floor.simpson_points(3) == (1, 2, 3)
+    assert floor.simpson(*floor.simpson_points(3)) == pytest.approx(2.0)
+    assert floor.simpson_points(129) == (1, 65, 129)
+    assert floor.simpson_points(128) == (1, 64, 128) and floor.simpson_points(1) == (1, 1, 1)
+    assert floor.simpson_points(2) == (1, 1, 2)
+
+
+def test_step_flops_of_several_causal_queries():
+    # T = 3 queries a sequence, the last 3 of its suffix of 5 (causal): they see 3, 4, 5 suffix tokens and all 7
+    # prefix tokens; B = 2, Hq = 2, D = 4: 4 * 4 * 2 * 2 * (3 * 7 + 3 + 4 + 5)
+    assert floor.step_flops(2, 7, 5, 2, 4, queries=3) == 4 * 4 * 2 * 2 * (21 + 12)
+    assert floor.step_flops(2, 7, [5, 5], 2, 4, queries=3) == 4 * 4 * 2 * 2 * (21 + 12)
+    assert floor.step_flops(2, 7, 5, 2, 4) == 4 * 4 * 2 * 2 * (7 + 5)  # T = 1 unchanged
+
+
 def test_kv_cache_bytes_prefix_once_vs_copied():
     shared = floor.kv_cache_bytes(1024, 8192, 512, 8, 128, 2, prefix_copied=False)
     copied = floor.kv_cache_bytes(1024, 8192, 512, 8, 128, 2, prefix_copied=True)
