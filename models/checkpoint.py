@@ -136,10 +136,10 @@ def _tensor_files(path: str) -> dict[str, str]:
     index = os.path.join(path, INDEX_FILE)
     single = os.path.isfile(os.path.join(path, SINGLE_FILE))
     if os.path.exists(index) and not single:
-        with open(index) as f:
+        with open(index, encoding="utf-8") as f:
             try:
                 weight_map = json.load(f).get("weight_map")
-            except (json.JSONDecodeError, AttributeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map'")
@@ -328,14 +328,26 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         x = canonical(key, x)
         return np.asarray(x.astype(jnp.float32)) if x.dtype == jnp.bfloat16 else np.asarray(x)
 
-    def conv(key: str, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(_hf_layout(key, x)).astype(out_dtype)
+    def conv(name: str, key: str, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(_hf_layout(key, x))
+        with np.errstate(over="ignore"):
+            y = x.astype(out_dtype)
+        if y.dtype != x.dtype and not np.isfinite(y).all():  # past the saved dtype's range: inf, not the weight
+            bad = ~np.isfinite(y) & np.isfinite(x)
+            if bad.any():
+                raise ValueError(f"save_checkpoint: tensor {name!r} holds {float(x[bad][0])}, past "
+                                 f"{np.dtype(out_dtype).name}'s largest finite value "
+                                 f"{float(ml_dtypes.finfo(out_dtype).max)}: it would be saved as inf (save in "
+                                 "float32)")
+        return y
 
-    tensors = {hf_name(key): conv(key, host(key, p[key])) for key, layer in _names(config) if layer is None}
-    fused = bool(_fused_rows(config))  # Phi-3: the projections' rows joined as its checkpoints hold them
+    tensors = {hf_name(key): conv(hf_name(key), key, host(key, p[key])) for key, layer in _names(config)
+               if layer is None}
+    fused = _fused_rows(config)  # Phi-3: the projections' rows joined as its checkpoints hold them
+    saved_name = lambda key, i: f"model.layers.{i}.{fused[key][0]}" if key in fused else hf_name(key, i)  # noqa: E731
     for i, layer in enumerate(p["layers"]):  # each layer to the host, then unpacked there (no device copies)
         unpacked = unpack_layer({key: host(key, x) for key, x in layer.items()}, config.head_dim)
-        tensors.update({hf_name(key, i): conv(key, x) for key, x in unpacked.items()})
+        tensors.update({hf_name(key, i): conv(saved_name(key, i), key, x) for key, x in unpacked.items()})
         if fused:
             for suffix, keys in _FUSED.items():
                 tensors[f"model.layers.{i}.{suffix}"] = np.concatenate([tensors.pop(hf_name(k, i)) for k in keys])

@@ -8,6 +8,7 @@ Qwen2 / Qwen3 tensors (biases, q/k norms) round-trip; missing, unexpected, corru
 
 import json
 import math
+import pathlib
 
 import ml_dtypes
 import numpy as np
@@ -547,3 +548,36 @@ def test_corrupt_or_truncated_files(tmp_path):
     (tmp_path / "ck" / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_index_that_is_not_utf8_is_named(tmp_path):
+    write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG), shards=2)
+    (tmp_path / "ck" / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xff": 1}}')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a JSON object"):
+        load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("src, dtype, value", [(jnp.bfloat16, jnp.float16, 1e5), (jnp.float32, jnp.float16, 7e4),
+                                               (jnp.float32, jnp.bfloat16, 3.4e38)])
+def test_a_weight_past_the_saved_dtypes_range_is_named_not_saved_as_inf(tmp_path, src, dtype, value):
+    """A bf16 (or fp32) weight past float16's largest finite value (65504) would be written as inf: refused, naming
+    the tensor, before anything is written. Values within the range still save (rounded)."""
+    t = make_tensors(CONFIG)
+    t["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    write_checkpoint(tmp_path / "a", CONFIG, t)
+    model = load_checkpoint(tmp_path / "a", dtype=src)
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.down_proj.weight' holds .*past "
+                                         r"(float16|bfloat16)'s largest finite value .*would be saved as inf"):
+        save_checkpoint(model, tmp_path / "b", dtype=dtype)
+    assert not (tmp_path / "b").exists()
+    save_checkpoint(model, tmp_path / "c", dtype=jnp.float32 if src == jnp.float32 else None)  # its own range: saved
+    assert load_checkpoint(tmp_path / "c", dtype=src).params()["layers"][1] is not None
+
+
+def test_phi3_fused_weight_past_float16_is_named_as_its_fused_tensor(tmp_path):
+    model = load_checkpoint(pathlib.Path(__file__).parent / "fixtures" / "hf_phi3")
+    layer = dict(model.params()["layers"][0])
+    layer["w_gate_up"] = layer["w_gate_up"].at[0, 0, 0].set(1e6)  # [d, 2, I]: gate's, in gate_up_proj's rows
+    params = dict(model.params(), layers=[layer] + model.params()["layers"][1:])
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_up_proj.weight' holds 1000000.0"):
+        save_checkpoint(llama.Llama(model.config, params), tmp_path / "b", dtype=jnp.float16)
