@@ -16,9 +16,11 @@ from experiments import records, tables  # noqa: E402
 
 
 def _title(recs: list[dict], what: str) -> str:
+    """What, the device and JAX of the first record, and the records' date (the first and last of runs of several)."""
     r = recs[0]
     smoke = " (smoke)" if r["smoke"] else ""
-    return f"{what}{smoke}\n{r['device']}, JAX {r['jax_version']}, {r['date_utc'][:10]}"
+    dates = sorted({x["date_utc"][:10] for x in recs})
+    return f"{what}{smoke}\n{r['device']}, JAX {r['jax_version']}, {' to '.join(dict.fromkeys((dates[0], dates[-1])))}"
 
 
 def _log_if_data(ax, axis: str = "y", base: float = 10) -> None:

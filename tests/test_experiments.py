@@ -1382,3 +1382,23 @@ def test_default_output_never_names_an_existing_file(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):  # the writer itself refuses an existing file
         records.RecordWriter(first, {"name": "tree_apps", "kind": "tree_apps", "smoke": False})
     assert first.read_text() == "{}\n"
+
+
+def test_combined_plot_draws_the_runs_the_tables_show(tmp_path, readme, monkeypatch):
+    """Two runs of one point (a full part, then a run of some batches): the picture drew both, two dots at one batch;
+    now each point's record from the run the tables take, and its title spans the runs' dates."""
+    res = tmp_path / "results"
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [
+        _decode(_e2e_point(1024, b), m, 100.0 * b) for b in (8, 64) for m in ("hydragen", "none")])
+    newer = [dict(_decode(_e2e_point(1024, 8), m, 300.0), date_utc="2026-12-01T10:00:00+00:00")
+             for m in ("hydragen", "none")]
+    _write_results(res, "e2e_throughput-part1-b8", "20261201-100000", newer)
+    drawn = []
+    real = plot_lib.plot_e2e_throughput
+    monkeypatch.setattr(plot_lib, "plot_e2e_throughput", lambda recs, *a: drawn.append(recs) or real(recs, *a))
+    report.update_readme(readme, res)
+    (recs,) = drawn
+    got = sorted((r["point"]["batch"], r["mode"], r["results"]["tokens_per_s"]) for r in recs)
+    assert got == [(8, "hydragen", 300.0), (8, "none", 300.0), (64, "hydragen", 6400.0), (64, "none", 6400.0)], got
+    assert plot_lib._title(recs, "x").endswith("2026-11-30 to 2026-12-01")
+    assert plot_lib._title(newer, "x").endswith("JAX 0.11.2, 2026-12-01")  # one date: once
