@@ -101,6 +101,112 @@ def test_profile_decode_field_profiles_each_value():
   assert p.returncode == 2 and "not a scalar field" in p.stderr, p.stderr[-2000:]
 
 
+_TINY_PROFILE = ["--tiny", "--layers", "1", "--batch", "1", "--prefix", "8", "--generate", "4", "--at", "1",
+                 "--steps", "1", "--modes", "none"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch", "0"], "--batch 0: expected an integer >= 1"),
+    (["--layers", "0"], "--layers 0: expected an integer >= 1"),
+    (["--steps", "0"], "--steps 0: expected an integer >= 1"),  # was a ZeroDivisionError after the profile
+    (["--steps", "-1"], "--steps -1: expected an integer >= 1"),  # was a run that printed negative times
+    (["--at", "-1"], "--at -1: expected an integer >= 0"),
+    (["--at", "3", "--steps", "2"], "expected --at + --steps <= --generate"),  # the loop ran 1 step, divided by 2
+    (["--modes", "bogus"], "--modes 'bogus': unknown ['bogus']; expected some of hydragen"),
+    (["--modes", "none,none"], "--modes 'none,none': a value given twice"),
+    (["--modes", "none,"], "--modes 'none,': expected comma-separated values; got ''"),
+    (["--tuning", "no/such.json"], "--tuning 'no/such.json': expected a tuning file"),
+    (["--tuning", "default,default"], "--tuning 'default,default': a value given twice"),
+    (["--gemm", "a"], "--gemm 'a': expected comma-separated integers >= 0; got 'a'"),
+    (["--gemm", "0,0"], "--gemm '0,0': a value given twice"),
+    (["--gemm", "1000"], "--gemm 1000: GemmTuning.max_rows must be an int in [0, 128]"),
+    (["--write", "-5"], "--write '-5': expected comma-separated integers >= 0"),
+    (["--field", "merge_rows"], "--field 'merge_rows': expected NAME=V1[,V2...]"),
+    (["--field", "merge_rows=2,2"], "--field merge_rows '2,2': a value given twice"),
+    (["--field", "merge_rows=1", "--field", "merge_rows=2"], "--field: a field given twice"),
+    (["--field", "merge_rows=3"], "--field merge_rows=3: Tuning.merge_rows must be a power of two"),
+    (["--top", "-1"], "--top -1: expected an integer >= 0"),
+    (["--tp", "0"], "--tp 0: expected an integer >= 1"),
+    (["--tp", str(len(jax.devices()) + 1)], f"--tp {len(jax.devices()) + 1}: make_mesh: devices must be"),
+    (["--demo", "-1"], "--demo -1: expected an integer >= 0"),
+    (["--hlo", __file__], "expected a folder (made if missing); got a file"),
+])
+def test_profile_decode_refuses_bad_option_values(monkeypatch, capsys, extra, message):
+  """A value the profile cannot take is a usage error naming the option, the value and what is expected (exit 2),
+  before any model is built: not a traceback, and not a run that divides by steps it did not take."""
+  from scripts import profile_decode  # noqa: PLC0415
+
+  monkeypatch.setattr(sys, "argv", ["profile_decode", *_TINY_PROFILE, *extra])
+  with pytest.raises(SystemExit) as exit_:
+    profile_decode.main()
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and message in err.splitlines()[-1], err
+
+
+def test_profile_decode_refuses_gpu_backends_on_a_cpu():
+  p = _run(["scripts.profile_decode", *_TINY_PROFILE, "--backend", "pallas"])
+  assert p.returncode == 2 and "--backend pallas: compiles GPU kernels, and this machine has no GPU (cpu)" in \
+      p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "9"], "--configs '9': expected indices of the seed configs, 0 to 8; got ['9']"),
+    (["--configs", "-1"], "got ['-1']"),  # was config 8, silently
+    (["--configs", "0,0"], "--configs '0,0': a value given twice"),
+    (["--variants", "hydragen,bogus"], "--variants 'hydragen,bogus': unknown ['bogus']"),  # was timed as hydragen
+    (["--variants", "reference,reference"], "a value given twice"),
+    (["--configs", "0"], "quick_bench: times compiled GPU kernels, and this machine has no GPU (cpu)"),
+])
+def test_quick_bench_refuses_bad_options_and_a_cpu(argv, message):
+  """Bad --configs / --variants are usage errors (they were an IndexError after minutes of machine_rates, or an
+  unknown variant timed as hydragen); on a CPU it says it needs a GPU (it ran a 1 GiB copy and 8K x 8K matmuls for
+  minutes, then failed every variant)."""
+  p = _run(["scripts.quick_bench", *argv])
+  assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+
+
+def test_same_hlo_refuses_bad_arguments_and_names_a_tree_that_cannot_dump(monkeypatch, capsys):
+  """An unknown revision or family is a usage error (was a CalledProcessError traceback, exit 1: the status of
+  "different"); a tree whose dump fails (a base revision without the family) is one line naming it, exit 2."""
+  from scripts import same_hlo  # noqa: PLC0415
+
+  for argv, message in ((["no-such-revision"], "base 'no-such-revision': not a revision of this repository"),
+                        (["HEAD", "--families", "bogus"], "--families 'bogus': unknown ['bogus']"),
+                        (["HEAD", "--families", "llama,llama"], "--families 'llama,llama': a family given twice")):
+    with pytest.raises(SystemExit) as exit_:
+      same_hlo.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+  monkeypatch.setattr(same_hlo, "DUMP", "raise SystemExit('ValueError: no llama here')")
+  assert same_hlo.main(["HEAD", "--families", "llama"]) == 2
+  assert capsys.readouterr().err.strip() == \
+      "same_hlo: the llama programs of HEAD could not be made: ValueError: no llama here"
+
+
+def test_gpu_check_runs_in_its_repository_from_anywhere_and_fails_with_its_tests(tmp_path):
+  """`bash scripts/gpu_check.sh` from another folder (the repository's path with a space) runs pytest and the quick
+  benchmark in the repository with it on PYTHONPATH, writes to a relative OUT of the caller's folder, and exits
+  with the tests' status (it was the benchmark's: 0 with failing tests). nvidia-smi and python3 are stubs here."""
+  repo, stubs, elsewhere = tmp_path / "a repo", tmp_path / "stubs", tmp_path / "elsewhere"
+  for d in (repo / "scripts", stubs, elsewhere):
+    d.mkdir(parents=True)
+  (repo / "scripts" / "gpu_check.sh").write_text((ROOT / "scripts" / "gpu_check.sh").read_text())
+  (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100, 80 GiB'\n")
+  (stubs / "python3").write_text('#!/bin/sh\necho "ran in $PWD with $PYTHONPATH: $*" >> "$LOG"\n'
+                                 'case "$*" in *pytest*) exit 3;; esac\n')
+  for stub in stubs.iterdir():
+    stub.chmod(0o755)
+  log = tmp_path / "log"
+  env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", LOG=str(log), OUT="out")
+  p = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], cwd=elsewhere, env=env, capture_output=True,
+                     text=True, timeout=60)
+  lines = log.read_text().splitlines()
+  assert [line.split(": ")[1].split()[:3] for line in lines] == [["-c", "import", "jax;"], ["-m", "pytest", "-q"],
+                                                                  ["scripts/quick_bench.py"]], lines
+  assert all(line.startswith(f"ran in {repo} with {repo}:") for line in lines), lines
+  assert p.returncode == 3, (p.returncode, p.stderr)
+  assert (elsewhere / "out" / "device.txt").read_text().startswith("NVIDIA H100")
+
+
 def test_alone_text_compares_the_models_attention_with_it_alone():
   """The profile line's ratio: the model's attention kernels, merge and cache write against the attention alone."""
   from scripts.profile_decode import alone_text  # noqa: PLC0415
