@@ -183,8 +183,39 @@ def main():
   parser.add_argument("--demo", type=int, default=0, metavar="SAMPLES",
                       help="profile the demo's byte-level model on its few-shot prompts, SAMPLES samples each")
   args = parser.parse_args()
+  check_args(parser, args)
   if args.demo and args.tp != 1:
     parser.error("--demo profiles the demo's model on one device; --tp applies to the 7B shape")
+  tunings = []
+  for name in listed(parser, "--tuning", args.tuning):
+    try:
+      tunings.append((None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning))
+    except (OSError, ValueError) as e:
+      parser.error(f"--tuning {name!r}: expected a tuning file (hydragen_jax/tuning/*.json) or 'default'; {e}")
+  if len({name for name, _ in tunings}) < len(tunings):
+    parser.error(f"--tuning {args.tuning!r}: two files of one name (each is labelled by its name)")
+  # each tuning with each of the GEMM kernel's row limits and the cache-write kernel's slot limits
+  for option, values, label, change in (("--gemm", args.gemm, "gemm<=", with_gemm_rows),
+                                        ("--write", args.write, "write<=", with_write_rows)):
+    if values is not None:
+      rows = listed(parser, option, values, int)
+      try:
+        tunings = [(f"{name or 'default'} {label}{v}", change(t or tuning_lib.current(), v))
+                   for name, t in tunings for v in rows]
+      except ValueError as e:  # the Tuning's own range
+        parser.error(f"{option} {values}: {e}")
+  fields = [field.partition("=")[0] for field in args.field]
+  if bad := [field for field in args.field if "=" not in field]:
+    parser.error(f"--field {bad[0]!r}: expected NAME=V1[,V2...]")
+  if len(set(fields)) < len(fields):
+    parser.error(f"--field: a field given twice ({', '.join(args.field)}); give its values in one --field")
+  for field in args.field:  # each tuning with each value of each --field
+    name, _, values = field.partition("=")
+    try:
+      tunings = [(f"{label or 'default'} {name}={v}", with_field(t or tuning_lib.current(), name, v))
+                 for label, t in tunings for v in listed(parser, f"--field {name}", values)]
+    except ValueError as e:  # with_field's own, or the Tuning's (which names the field, not the option)
+      parser.error(str(e) if str(e).startswith("--field") else f"--field {field}: {e}")
   if args.demo:  # the demo's model and tree (models.demo, --model default)
     from models import demo  # noqa: PLC0415
     from models.sharing import build_sharing_tree, expand_samples  # noqa: PLC0415
@@ -194,25 +225,14 @@ def main():
     print(f"demo model, {tree.describe()}", flush=True)
   else:
     shape = model_shape(args.layers, args.tiny)
-    model, _ = model_api.build_model(shape, "bfloat16", seed=0, tp=args.tp)
+    try:
+      model, _ = model_api.build_model(shape, "bfloat16", seed=0, tp=args.tp)
+    except ValueError as e:  # the other options are checked: the devices or the heads do not take --tp
+      parser.error(f"--tp {args.tp}: {e}")
     tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
     print(f"{'tiny' if args.tiny else '7B'} shape, {args.layers} layers, B={args.batch} P={args.prefix}, tp={args.tp}, "
           f"backend={args.backend or 'default'}", flush=True)
   print(f"steps {args.at}..{args.at + args.steps}", flush=True)
-  tunings = [(None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning)
-             for name in args.tuning.split(",")]
-  # each tuning with each of the GEMM kernel's row limits and the cache-write kernel's slot limits
-  for values, label, change in ((args.gemm, "gemm<=", with_gemm_rows), (args.write, "write<=", with_write_rows)):
-    if values is not None:
-      tunings = [(f"{name or 'default'} {label}{int(v)}", change(t or tuning_lib.current(), int(v)))
-                 for name, t in tunings for v in values.split(",")]
-  for field in args.field:  # each tuning with each value of each --field
-    name, _, values = field.partition("=")
-    try:
-      tunings = [(f"{label or 'default'} {name}={v}", with_field(t or tuning_lib.current(), name, v))
-                 for label, t in tunings for v in values.split(",")]
-    except ValueError as e:
-      parser.error(str(e))
   for mode in args.modes.split(","):
     state, org = mode_state(model, tree, args.generate, mode, args.backend)
     for name, tune in tunings:  # the override is part of jit's cache key: each tuning is traced and compiled anew
@@ -223,6 +243,43 @@ def main():
         label = mode if tune is None else f"{mode} @ {name}"
         state = profile(model, label, state, org, alone, args)
     del state, org
+
+
+def listed(parser, option: str, text: str, kind=str) -> list:
+  """The comma-separated values of `option` (each read by `kind`: str, or int for integers >= 0), or a usage error
+  (exit 2) naming it for an empty value, one `kind` does not read or a value given twice."""
+  values = []
+  for v in text.split(","):
+    try:
+      values.append(kind(v))
+      ok = v.strip() != "" and (kind is str or values[-1] >= 0)
+    except ValueError:
+      ok = False
+    if not ok:
+      parser.error(f"{option} {text!r}: expected comma-separated {'integers >= 0' if kind is int else 'values'}; "
+                   f"got {v!r}")
+  if len(set(values)) < len(values):
+    parser.error(f"{option} {text!r}: a value given twice (each is profiled once)")
+  return values
+
+
+def check_args(parser, args) -> None:
+  """Usage errors (exit 2) for option values the profile cannot take, before any work."""
+  for option, value, low in (("--batch", args.batch, 1), ("--prefix", args.prefix, 0), ("--layers", args.layers, 1),
+                             ("--generate", args.generate, 1), ("--at", args.at, 0), ("--steps", args.steps, 1),
+                             ("--top", args.top, 0), ("--tp", args.tp, 1), ("--demo", args.demo, 0)):
+    if value < low:
+      parser.error(f"{option} {value}: expected an integer >= {low}")
+  if args.at + args.steps > args.generate:
+    parser.error(f"--at {args.at} --steps {args.steps}: the profiled steps must lie within --generate "
+                 f"{args.generate} (expected --at + --steps <= --generate)")
+  if bad := [m for m in listed(parser, "--modes", args.modes) if m not in models.MODES]:
+    parser.error(f"--modes {args.modes!r}: unknown {bad}; expected some of {', '.join(models.MODES)}")
+  if args.hlo and pathlib.Path(args.hlo).exists() and not pathlib.Path(args.hlo).is_dir():
+    parser.error(f"--hlo {args.hlo!r}: expected a folder (made if missing); got a file")
+  if args.backend in ("pallas", "triton", "mosaic") and jax.default_backend() != "gpu":
+    parser.error(f"--backend {args.backend}: compiles GPU kernels, and this machine has no GPU "
+                 f"({jax.default_backend()}); on a CPU take interpret, interpret-mosaic or xla")
 
 
 def profile(model, label: str, state, org, alone: float, args):

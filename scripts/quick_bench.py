@@ -22,6 +22,7 @@ SEED = [  # B, P, out, Hq, Hkv
     (1024, 8192, 512, 32, 8),
 ]
 D = 128
+VARIANTS = ("hydragen", "prefix_half", "suffix_half", "shared_storage", "reference")
 
 
 def prefix_plan(q, k, v, **kw):
@@ -91,12 +92,23 @@ def machine_rates():
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default=",".join(str(i) for i in range(len(SEED))))
-  parser.add_argument("--variants", default="hydragen,prefix_half,suffix_half,shared_storage,reference")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
   args = parser.parse_args()
+  configs, variants = args.configs.split(","), args.variants.split(",")
+  if bad := [c for c in configs if not c.isdecimal() or int(c) >= len(SEED)]:
+    parser.error(f"--configs {args.configs!r}: expected indices of the seed configs, 0 to {len(SEED) - 1}; got {bad}")
+  if bad := [v for v in variants if v not in VARIANTS]:
+    parser.error(f"--variants {args.variants!r}: unknown {bad}; expected some of {', '.join(VARIANTS)}")
+  for option, values in (("--configs", [int(c) for c in configs]), ("--variants", variants)):
+    if len(set(values)) < len(values):
+      parser.error(f"{option} {getattr(args, option[2:])!r}: a value given twice (each is timed once)")
+  if jax.default_backend() != "gpu":
+    parser.exit(2, f"quick_bench: times compiled GPU kernels, and this machine has no GPU ({jax.default_backend()}); "
+                   "run it on the GPU machine\n")
   bw, flops = machine_rates()
   print(f"device {jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
   print(f"{'cfg':>28} {'variant':>15} {'step us':>9} {'tok/s':>10} {'floor':>6}")
-  for i in map(int, args.configs.split(",")):
+  for i in map(int, configs):
     b, p, out, hq, hkv = SEED[i]
     s = out // 2
     keys = jax.random.split(jax.random.PRNGKey(i), 5)
@@ -108,7 +120,7 @@ def main():
     lengths = jnp.full((b,), s, jnp.int32)
     nbytes = 2 * (p + b * s) * hkv * D * 2 + 2 * q.nbytes
     floor = max(nbytes / bw, 4 * D * hq * b * (p + s) / flops)
-    for variant in args.variants.split(","):
+    for variant in variants:
       backend = "xla" if variant == "reference" else "pallas"
       if variant == "prefix_half":
         f = jax.jit(lambda q, pk, pv, sk, sv, sl: run_plans(q, [prefix_plan(q, pk[None], pv[None])]))

@@ -6,7 +6,8 @@ the mesh=None path as it was.)
 Checks out BASE_REV (git archive into a temporary directory), and in both it and this working tree lowers and
 compiles, for a tiny model of each family, the prefill and the decode loop of every mode, in float32 and bfloat16,
 greedy and with sampling; compares the StableHLO and the optimized HLO with source locations left out. Prints one
-line per family and exits 1 where they differ (the first differing lines shown). CPU, about a minute.
+line per family and exits 1 where they differ (the first differing lines shown; 2 where a tree cannot make them).
+CPU, about a minute.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ _NOISE = re.compile(r'^(\d+ [{"]|#loc|FileNames|FunctionNames|FileLocations|Stac
 def programs(tree: pathlib.Path, family: str) -> list[str]:
     """The program texts of `tree`'s code, without source locations (file paths and line numbers differ)."""
     env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS="cpu")
-    text = subprocess.run([sys.executable, "-c", DUMP, family], cwd=tree, env=env, capture_output=True, text=True,
-                          check=True).stdout
+    run = subprocess.run([sys.executable, "-c", DUMP, family], cwd=tree, env=env, capture_output=True, text=True)
+    if run.returncode:  # e.g. a base revision without the family: its error's last line, not a traceback of ours
+        last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(last)
+    text = run.stdout
     text = re.sub(r" loc\(#loc\d*\)", "", re.sub(r", metadata=\{[^}]*\}", "", text))
     return [line for line in text.splitlines() if not _NOISE.match(line)]
 
@@ -66,12 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base", help="the revision to compare with (e.g. main, a27360f)")
     parser.add_argument("--families", default="llama,qwen2,qwen3")
     args = parser.parse_args(argv)
+    from models.config import FAMILIES  # noqa: PLC0415 (this tree's families: jax only once the arguments parse)
+
+    families = args.families.split(",")
+    if bad := [f for f in families if f not in FAMILIES]:
+        parser.error(f"--families {args.families!r}: unknown {bad}; expected some of {', '.join(FAMILIES)}")
+    if len(set(families)) < len(families):
+        parser.error(f"--families {args.families!r}: a family given twice")
+    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}"], cwd=ROOT,
+                      capture_output=True).returncode:
+        parser.error(f"base {args.base!r}: not a revision of this repository ({ROOT}); expected e.g. main or a27360f")
     same = True
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "archive", args.base], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        for family in args.families.split(","):
-            base, here = programs(pathlib.Path(tmp), family), programs(ROOT, family)
+        for family in families:
+            made = []
+            for name, tree in ((args.base, pathlib.Path(tmp)), ("the working tree", ROOT)):
+                try:
+                    made.append(programs(tree, family))
+                except RuntimeError as e:
+                    print(f"same_hlo: the {family} programs of {name} could not be made: {e}", file=sys.stderr)
+                    return 2
+            base, here = made
             diff = list(difflib.unified_diff(base, here, args.base, "working tree", lineterm="", n=0))
             print(f"{family}: {len(here)} lines of programs, {'the same' if not diff else 'DIFFERENT'}")
             if diff:

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
   allowed = ("two", "pair") if rest is not None else VARIANTS  # with `--`: the models' step, written either way
   if bad := [v for v in variants if v not in allowed]:
     parser.error(f"--variants: {bad} not among {allowed}")
+  if len(set(variants)) < len(variants):
+    parser.error(f"--variants {args.variants!r}: a variant given twice (each is timed once)")
   if rest is not None:  # profile_decode's own A/B of the tuning field, one value a variant
     from scripts import profile_decode  # noqa: PLC0415
     values = ",".join("true" if v == "pair" else "false" for v in variants)
