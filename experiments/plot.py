@@ -20,7 +20,8 @@ def _title(recs: list[dict], what: str) -> str:
     r = recs[0]
     smoke = " (smoke)" if r["smoke"] else ""
     dates = sorted({x["date_utc"][:10] for x in recs})
-    return f"{what}{smoke}\n{r['device']}, JAX {r['jax_version']}, {' to '.join(dict.fromkeys((dates[0], dates[-1])))}"
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return f"{what}{smoke}\n{r['device']}, JAX {r['jax_version']}, {when}"
 
 
 def _log_if_data(ax, axis: str = "y", base: float = 10) -> None:

@@ -354,7 +354,7 @@ def e2e_section(files: list[ResultsFile], plot: bool = True, link_base: pathlib.
            "steps timed at s = 1, G/2, G; prefill and compile timed apart; OOM = does not fit):", ""]
     used = sorted({source[p] for p in points}, key=lambda f: f.name)
     out += [f"- {_file_line(f)}" for f in used]
-    picture = combined_plot(used, draw=plot, records=[r for p in points for r in rows[p].values()])
+    picture = combined_plot(used, [r for p in points for r in rows[p].values()], draw=plot)
     if picture is not None:
         out += ["", f"![decode throughput vs batch]({_link(picture, link_base)})"]
     header = ["prefix", "batch"] + [MODE_TITLES[m] for m in modes]
@@ -415,11 +415,11 @@ def _against_none(rows: dict, points: list[tuple]) -> list[str]:
     return [" ".join(out), ""] if out else []
 
 
-def combined_plot(files: list[ResultsFile], draw: bool = True, records: list[dict] | None = None) -> pathlib.Path | None:
+def combined_plot(files: list[ResultsFile], records: list[dict], draw: bool = True) -> pathlib.Path | None:
     """`e2e_throughput-combined-DEVICE-YYYYmmdd-HHMMSS.png` next to the files (named by the newest file's stamp, so
     that a new part makes a new picture): drawn, if it does not exist yet and `draw`, from `records` (the tables'
-    choice of each point's run; None: every record of the files), the device's older combined pictures then removed
-    (superseded; git keeps them); None if it is not there."""
+    choice of each point's run among the files), the device's older combined pictures then removed (superseded; git
+    keeps them); None if it is not there."""
     if not files:
         return None
     newest = max(files, key=lambda f: f.stamp)
@@ -427,8 +427,7 @@ def combined_plot(files: list[ResultsFile], draw: bool = True, records: list[dic
     if not path.exists() and draw:
         from experiments import plot
 
-        recs = [r for f in files for r in f.records] if records is None else records
-        plot.plot_e2e_throughput(recs, path.parent, path.stem.removesuffix("-throughput"))
+        plot.plot_e2e_throughput(records, path.parent, path.stem.removesuffix("-throughput"))
         drawn = path.parent / f"{path.stem}-throughput.png"
         drawn.rename(path)
         mine = re.compile(rf"e2e_throughput-combined-{re.escape(newest.slug)}-\d{{8}}(-\d{{6}})?\.png")
