@@ -1,12 +1,12 @@
 """hydragen-jax: exact attention for batches of sequences that share prefixes (Hydragen, arXiv 2402.05099).
 
 Public API: `attention`, `merge_states`, `hydragen_attention`, `tree_attention`, `tree_attention_append`,
-`append_in_launch`, `Level`, `default_backend`.
+`append_in_launch`, `Level`, `default_backend`, `lowering_for_gpu`.
 """
 
 from hydragen_jax.api import (Level, append_in_launch, attention, hydragen_attention, merge_states, tree_attention,
                               tree_attention_append)
-from hydragen_jax.validation import BACKENDS, default_backend
+from hydragen_jax.validation import BACKENDS, default_backend, lowering_for_gpu
 
 __all__ = [
     "BACKENDS",
@@ -15,6 +15,7 @@ __all__ = [
     "attention",
     "default_backend",
     "hydragen_attention",
+    "lowering_for_gpu",
     "merge_states",
     "tree_attention",
     "tree_attention_append",

@@ -9,7 +9,9 @@ Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D
 "triton" (the Triton kernels only), "mosaic" (the Hopper kernel wherever it applies, Triton on a GPU that is not
 a Hopper), "interpret" /
 "interpret-mosaic" (the Triton / Hopper kernels in Pallas' interpreters, for CPU tests), "xla" (the pure-jnp
-reference); None picks "pallas" on GPU and "xla" elsewhere. The Hopper kernel (`kernels/hopper.py`) applies to a
+reference); None picks "pallas" on GPU and "xla" elsewhere. The compiled ones ("pallas", "triton", "mosaic") are
+refused where the default device is not a GPU, except inside `hydragen_jax.lowering_for_gpu()` (tracing, to lower for
+CUDA from another machine). The kernel backends define no derivative: `jax.grad` through them raises (take "xla"). The Hopper kernel (`kernels/hopper.py`) applies to a
 one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level
 tree whose root is one node read by all sequences and whose leaves are per sequence, `seq_to_node=None`) in
 bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
@@ -25,13 +27,14 @@ sit in index arithmetic the kernels do anyway). For an error instead, pass `chec
 `jax.experimental.checkify.checkify`; `err.throw()` then raises with the argument, the value and its position:
 
     f = checkify.checkify(jax.jit(functools.partial(hydragen_attention, checked=True)))
-    err, out = f(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lengths=lengths)
+    err, out = f(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lengths=lengths.at[1].set(100000))
     err.throw()  # JaxRuntimeError: suffix_lengths must lie in [0, 64] (the KV capacity); got 100000 at index 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -189,10 +192,26 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
     return _kernel_stacks(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _no_derivative(x, backend: str):
+  """x unchanged; differentiating through it (`jax.grad`, `jax.jvp`) raises: the kernels define no derivative.
+  Costs nothing without differentiation (an identity inlined when lowering)."""
+  return x
+
+
+@_no_derivative.defjvp
+def _no_derivative_jvp(backend, primals, tangents):
+  raise ValueError(f"backend={backend!r} runs kernels that define no derivative (they are for inference): "
+                   "differentiate with backend='xla', the jnp reference.")
+
+
 def _kernel_stacks(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
                    backend: str, new=None):
   """`_attend` on the kernel backends. new: `(new_k, new_v, new_tokens)` of the last level, which the Triton
   launch reads and writes (`tree_attention_append`); then returns (the stacks, the written `(k, v)`)."""
+  q, levels, new = jax.tree.map(  # a clear error for jax.grad, where Pallas would fail inside its own rules
+      lambda x: _no_derivative(x, backend) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x,
+      (q, levels, new))
   rows = q.shape[0] * q.shape[1] * q.shape[2]
   parts = _hopper_parts(q, levels, causal=causal, batched=batched, scale=scale, backend=backend)
   if parts is not None:

@@ -10,6 +10,9 @@ arithmetic (no read outside the arrays, no extra work). With `checked=True` the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +22,25 @@ from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import hopper, ops
 
 BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
+COMPILED_BACKENDS = ("pallas", "triton", "mosaic")  # the compiled GPU kernels: they run on a GPU only
+_LOWERING_FOR_GPU = contextvars.ContextVar("hydragen_jax_lowering_for_gpu", default=False)
+
+
+@contextlib.contextmanager
+def lowering_for_gpu():
+  """Lets the compiled GPU backends be traced off a GPU, to lower the function for CUDA from a CPU machine:
+
+      with hydragen_jax.lowering_for_gpu():
+        traced = jax.jit(f).trace(*args)        # f calls hydragen_attention(..., backend="pallas")
+      text = traced.lower(lowering_platforms=("cuda",)).as_text()
+
+  Outside it, a compiled backend named where the default device is not a GPU is refused (`resolve_backend`): it
+  could only fail later, inside Pallas' lowering."""
+  token = _LOWERING_FOR_GPU.set(True)
+  try:
+    yield
+  finally:
+    _LOWERING_FOR_GPU.reset(token)
 
 
 def default_backend() -> str:
@@ -110,10 +132,17 @@ def batching_rule(batch: int, num_nodes: int, saved_bytes: int, min_readers: int
 
 
 def resolve_backend(backend: str | None) -> str:
+  """`backend`, checked: one of BACKENDS, a compiled one only where the default device is a GPU (or inside
+  `lowering_for_gpu`); None gives `default_backend()`."""
   if backend is None:
     return default_backend()
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None for the default).")
+  platform = jax.default_backend()
+  if backend in COMPILED_BACKENDS and platform != "gpu" and not _LOWERING_FOR_GPU.get():
+    raise ValueError(f"backend={backend!r} runs compiled GPU kernels, and the default device is {platform!r}: take "
+                     f"'interpret' (the same kernels, interpreted) or 'xla' there (to lower for CUDA from this "
+                     f"machine, trace inside hydragen_jax.lowering_for_gpu()).")
   return backend
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from hydragen_jax import tuning
-from hydragen_jax.validation import BACKENDS
+from hydragen_jax.validation import BACKENDS, resolve_backend
 from models.cache import MODES, cache_bytes
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.generate import SamplingConfig, generate, prefill
@@ -222,8 +222,11 @@ def main(argv=None) -> int:
         SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     except ValueError as e:
         ap.error(str(e).replace("sampling: temperature", "--temperature").replace("sampling: top_p", "--top-p"))
-    if args.backend is not None and args.backend not in BACKENDS:
-        ap.error(f"--backend must be one of {BACKENDS}, got {args.backend!r}")
+    if args.backend is not None:
+        try:
+            resolve_backend(args.backend)  # one of BACKENDS, a compiled one on a GPU only
+        except ValueError as e:
+            ap.error(f"--backend: {e}")
     if args.show < 0:
         ap.error(f"--show must be >= 0, got {args.show}")
     if not -2**63 <= args.seed < 2**63:  # JAX's seeds (models.generate)
@@ -265,15 +268,18 @@ def main(argv=None) -> int:
     rows = [(mode, generate(model, prompts, mode=mode, progress_desc=f"{mode}: timing", **common).stats)
             for mode in modes]
     mem = {mode: _kv_bytes(model, tree, args.max_new_tokens, mode, args.backend) for mode, _ in rows}
-    base = dict(rows).get("standard", rows[0][1])["decode_tokens_per_s"]
+    base_mode = "standard" if "standard" in dict(rows) else rows[0][0]
+    base = dict(rows)[base_mode]["decode_tokens_per_s"]
     print(f"\n{tree.num_sequences} sequences x up to {args.max_new_tokens} new tokens, prompt "
           f"{len(tree.prompt(0))} tokens ({len(tree.levels[0].nodes[0]) if tree.levels else 0} shared by all)")
-    print(f"{'mode':<16}{'decode tok/s':>14}{'vs standard':>13}{'compile s':>11}{'KV cache MB':>13}")
+    print(f"{'mode':<16}{'decode tok/s':>14}{'vs ' + base_mode:>{max(13, len(base_mode) + 4)}}{'compile s':>11}"
+          f"{'KV cache MB':>13}")
     # compile s: each mode's first run (hydragen's is the run that generated the text above: its timing run finds
     # the programs compiled)
     compile_s = {mode: g.stats["compile_s"] if mode == "hydragen" else s["compile_s"] for mode, s in rows}
     for mode, s in rows:
-        print(f"{mode:<16}{s['decode_tokens_per_s']:>14,.0f}{s['decode_tokens_per_s'] / base:>12.2f}x"
+        print(f"{mode:<16}{s['decode_tokens_per_s']:>14,.0f}"
+              f"{s['decode_tokens_per_s'] / base:>{max(13, len(base_mode) + 4) - 1}.2f}x"
               f"{compile_s[mode]:>11.1f}{mem[mode] / 2**20:>13.1f}")
     if "hydragen" in dict(rows):
         s = dict(rows)["hydragen"]

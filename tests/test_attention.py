@@ -781,3 +781,48 @@ def test_long_levels_fit_the_shared_memory(monkeypatch, dtype, d, tuning_kind, l
     chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(qs, [prefix, suffix]), **tol(dtype))
   itemsize = jnp.dtype(dtype).itemsize
   assert len(launched) == 3 and all(ops.tile_shared_memory(b, d, itemsize, exact) <= bound for b in launched)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal off a GPU")
+@pytest.mark.parametrize("backend", validation.COMPILED_BACKENDS)
+def test_compiled_backends_are_refused_off_a_gpu_unless_lowering_for_one(backend):
+  """On a CPU a compiled backend is refused by name before any work (it used to fail inside Pallas' lowering with
+  "Only interpret mode is supported on CPU backend"); inside `lowering_for_gpu` it traces, for a lowering for CUDA
+  (the Hopper kernel's, which lowers without a GPU), and the refusal comes back after the block."""
+  q, k = _ok()
+  with pytest.raises(ValueError, match=rf"backend='{backend}' runs compiled GPU kernels, and the default device is "
+                                       r"'cpu': take 'interpret'"):
+    hj.attention(q, k, k, backend=backend)
+  b, p, s, heads, d = 16, 1024, 64, 8, 128
+  q = jax.ShapeDtypeStruct((b, 1, heads, d), jnp.bfloat16)
+  pkv = jax.ShapeDtypeStruct((p, heads, d), jnp.bfloat16)
+  skv = jax.ShapeDtypeStruct((b, s, heads, d), jnp.bfloat16)
+  step = jax.jit(lambda *a: hj.hydragen_attention(*a, backend=backend))
+  with hj.lowering_for_gpu():
+    traced = step.trace(q, pkv, pkv, skv, skv)
+  if backend == "mosaic":
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match=r"runs compiled GPU kernels"):
+    jax.jit(lambda *a: hj.hydragen_attention(*a, backend=backend)).trace(q, pkv, pkv, skv, skv)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "interpret-mosaic"])
+def test_gradients_through_the_kernels_are_refused_by_name(backend):
+  """The kernels define no derivative: jax.grad through a kernel backend raises a ValueError naming it (Pallas
+  failed with a bare AssertionError inside its own rules), with respect to q or to the caches, through
+  hydragen_attention, attention and tree_attention_append; "xla" differentiates, and the forward pass is unchanged."""
+  b, p, s, heads, d = 2, 8, 8, 4, 16
+  q, pk, sk = (normal(jax.random.key(i), shape, jnp.float32)
+               for i, shape in enumerate([(b, 1, heads, d), (p, 2, d), (b, s, 2, d)]))
+  lengths = jnp.array([3, 5])
+  fns = {"hydragen": lambda q, k, be: hj.hydragen_attention(q, pk, pk, k, k, suffix_lengths=lengths, backend=be),
+         "attention": lambda q, k, be: hj.attention(q, k, k, kv_lengths=lengths, backend=be)[0],
+         "append": lambda q, k, be: hj.tree_attention_append(q, [Level(k, k, lengths)], q[:, :, :2], q[:, :, :2],
+                                                             backend=be)[0]}
+  for name, fn in fns.items():
+    for argnum in (0, 1):
+      loss = lambda q, k, be: jnp.sum(fn(q, k, be) ** 2)  # noqa: E731
+      with pytest.raises(ValueError, match=rf"backend='{backend}' runs kernels that define no derivative"):
+        jax.grad(loss, argnums=argnum)(q, sk, backend)
+  assert np.all(np.isfinite(np.asarray(jax.grad(lambda q: jnp.sum(fns["hydragen"](q, sk, "xla") ** 2))(q))))
+  chex.assert_trees_all_close(fns["hydragen"](q, sk, backend), fns["hydragen"](q, sk, "xla"), rtol=1e-5, atol=1e-5)

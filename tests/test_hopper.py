@@ -173,8 +173,9 @@ def test_layers_share_one_compiled_kernel():
       q = (hj.tree_attention(q, [prefix, hj.Level(sk, sv, lengths)], backend="mosaic") * (layer + 1)).astype(q.dtype)
     return q
 
-  text = jax.jit(layers).trace(q, pkv, pkv, skv, skv, jax.ShapeDtypeStruct((b,), jnp.int32)).lower(
-      lowering_platforms=("cuda",)).as_text()
+  with hj.lowering_for_gpu():  # "mosaic" traced off a GPU, to lower for one
+    traced = jax.jit(layers).trace(q, pkv, pkv, skv, skv, jax.ShapeDtypeStruct((b,), jnp.int32))
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
   hashes = re.findall(r'kernel_hash = "([^"]*)"', text)
   assert len(hashes) == 1, f"{len(set(hashes))} distinct kernels in {len(hashes)} Mosaic GPU calls"
 

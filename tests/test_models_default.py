@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_demo_runs(capsys):
     assert main(["--model", "default", "--samples", "2", "--max-new-tokens", "8", "--modes", "hydragen,standard",
                  "--show", "1"]) == 0
     out = capsys.readouterr().out
-    assert "decode tok/s" in out and "standard" in out and "sharing tree" in out
+    assert "decode tok/s" in out and "vs standard" in out and "sharing tree" in out
     assert "model: default" in out and "> def is_palindrome(text):" in out
     # every mode's compile time is that of its first run (hydragen's was the warm timing run's, 0.0)
     compile_s = dict(re.findall(r"^(hydragen|standard) +[\d,]+ +[\d.]+x +([\d.]+) +[\d.]+$", out, re.M))
@@ -70,8 +71,11 @@ def test_demo_reports_levels_read_per_sequence(capsys):
   with tuning.override(dataclasses.replace(tuning.current(), batch_min_readers=1000, batch_min_saved_bytes=10**12)):
     assert main(["--model", "default", "--samples", "2", "--max-new-tokens", "4", "--modes", "hydragen",
                  "--show", "0"]) == 0
+  out = capsys.readouterr().out
   assert re.search(r"hydragen read 0 of its (\d) shared levels batched and \1 per sequence: .* at least 1000 readers "
-                   r"on average and which saves at least 1000000\.00 MB", capsys.readouterr().out)
+                   r"on average and which saves at least 1000000\.00 MB", out)
+  assert "vs hydragen" in out and "vs standard" not in out  # the ratios' base is a mode that ran
+  assert re.search(r"^hydragen +[\d,]+ +1\.00x", out, re.M), out
 
 
 def test_demo_says_what_to_install(capsys, monkeypatch):
@@ -118,7 +122,9 @@ def test_training_script_smoke(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--samples", "0"], "--samples must be >= 1, got 0"),  # was read as "the default" (4)
     (["--modes", "hydragen,standrd"], "--modes: expected a comma-separated list of"),  # failed after hydragen ran
-    (["--backend", "tritn"], "--backend must be one of ('pallas', 'triton'"),
+    (["--backend", "tritn"], "--backend: backend='tritn' is not one of ('pallas', 'triton'"),
+    pytest.param(["--backend", "triton"], "--backend: backend='triton' runs compiled GPU kernels, and the default "
+                 "device is 'cpu'", marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="a CPU's refusal")),
     (["--temperature", "-1"], "--temperature must be 0 (greedy) or a number in [1.18e-38, 3.4e+38]"),
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
