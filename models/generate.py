@@ -618,18 +618,21 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
     # The same layout committed to other devices (another mesh of the same size, or one device but not the model's):
     # JAX would refuse the call with "incompatible devices"; name both device sets and the way out instead.
     # (Uncommitted arrays, placed by default, JAX moves to the others' devices: not refused.)
+    # (The same devices in another order are another layout too: the mesh's order says which shard each holds.)
     want, have = _devices(model.embed.value), _devices(state.logits)
     if want is not None and have is not None and want != have:
-        raise ValueError(f"{fn}: the state lives on devices {sorted(have)}, this model's parameters on "
-                         f"{sorted(want)} (make the state with prefill on the same model and mesh)")
+        raise ValueError(f"{fn}: the state lives on devices {list(have)}, this model's parameters on "
+                         f"{list(want)} (in mesh order; make the state with prefill on the same model and mesh)")
 
 
-def _devices(x) -> set[int] | None:
-    """The ids of the devices a concrete array is committed to; None for uncommitted arrays, abstract values and
-    tracers (an outer trace)."""
+def _devices(x) -> tuple[int, ...] | None:
+    """The ids of the devices a concrete array is committed to, in its mesh's order where it has one (else sorted);
+    None for uncommitted arrays, abstract values and tracers (an outer trace)."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array) or not x.committed:
         return None
-    return {d.id for d in x.sharding.device_set}
+    if isinstance(x.sharding, jax.sharding.NamedSharding):
+        return tuple(d.id for d in x.sharding.mesh.devices.flat)
+    return tuple(sorted(d.id for d in x.sharding.device_set))
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,

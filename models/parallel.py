@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.config import LlamaConfig, is_int
+from models.config import LlamaConfig
 from models.llama import (Llama, check_shapes, head_logits, model_norm, pack_qkv, param_shape, param_shapes,
                           run_layers, scale_embeddings, unpack_qkv)
 
@@ -85,7 +85,7 @@ def mesh_size(mesh: Mesh) -> int:
         raise ValueError(f"mesh must have the one axis {AXIS!r} (tensor parallelism), got axes {mesh.axis_names}")
     kind = mesh.axis_types[0]
     if kind != jax.sharding.AxisType.Auto:
-        raise ValueError(f"mesh axis {AXIS!r} must be of type AxisType.Auto, got {kind} (jax.make_mesh's default): "
+        raise ValueError(f"mesh axis {AXIS!r} must be of type AxisType.Auto, got {kind}: "
                          f"build it with models.parallel.make_mesh(n), or jax.make_mesh((n,), ({AXIS!r},), "
                          "axis_types=(jax.sharding.AxisType.Auto,))")
     return mesh.shape[AXIS]
@@ -106,8 +106,9 @@ def split(config: LlamaConfig, devices: int) -> Split:
     do not divide: Hq must be a multiple of n, and Hkv a multiple or a divisor of n (then each KV head is
     replicated on n / Hkv devices, those of its query heads)."""
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
-    if not is_int(n) or n < 1:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
+    n = int(n)
     if hq % n:
         raise ValueError(f"tensor parallelism over {n} devices: num_attention_heads ({hq}) must be a multiple of the "
                          f"mesh axis {AXIS!r} size ({n})")
@@ -177,11 +178,20 @@ def to_layout(key: str, x, config: LlamaConfig, s: Split):
     return x
 
 
-def from_layout(key: str, x, config: LlamaConfig, s: Split):
-    """Inverse of ``to_layout``: the canonical parameter (one copy of each KV head, no padding)."""
+def from_layout(key: str, x, config: LlamaConfig, s: Split, replicas: str = "first"):
+    """Inverse of ``to_layout``: the canonical parameter (one copy of each KV head, no padding). ``replicas``:
+    "first" keeps a replicated KV head's first copy (parameters: the copies are equal); "sum" adds the copies, the
+    transpose of ``to_layout`` (gradients: each copy's holds only its own query heads' part)."""
     D = config.head_dim
-    first = lambda y: y.reshape(y.shape[:-1] + (-1, D))[..., ::s.kv_replicas, :].reshape(  # noqa: E731
-        y.shape[:-1] + (-1,))
+    r = s.kv_replicas
+    if replicas == "first":
+        first = lambda y: y.reshape(y.shape[:-1] + (-1, D))[..., ::r, :].reshape(  # noqa: E731
+            y.shape[:-1] + (-1,))
+    elif replicas == "sum":
+        first = lambda y: y.reshape(y.shape[:-1] + (-1, r, D)).sum(axis=-2).reshape(  # noqa: E731
+            y.shape[:-1] + (-1,))
+    else:
+        raise ValueError(f"from_layout: replicas must be 'first' or 'sum', got {replicas!r}")
     if key in _QKV_KEYS and s.kv_replicas > 1:
         q, k, v = unpack_qkv(x, D)
         x = pack_qkv(q, first(k), first(v), D)
@@ -212,7 +222,7 @@ def check_layout(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) -> Spl
     layout (``shard_model`` puts a single-device model's parameters in it)."""
     s = split(config, mesh_size(mesh))
     check_shapes(config, params, "Llama(mesh=...)", f"on a {s.devices}-device mesh it must be {{want}} (use "
-                 "models.shard_model to place a single-device model's parameters)",
+                 "models.parallel.shard_model to place a single-device model's parameters)",
                  layout=lambda key, shape: layout_shape(key, shape, s, config.head_dim))
     return s
 
@@ -249,6 +259,15 @@ def canonical_params(config: LlamaConfig, params: dict[str, Any], mesh: Mesh) ->
     ``ValueError`` where they are not ``mesh``'s layout (e.g. a mesh of another size)."""
     s = check_layout(config, params, mesh)
     return map_params(lambda key, x: from_layout(key, x, config, s), params)
+
+
+def canonical_grads(config: LlamaConfig, grads: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Gradients with respect to parameters in ``mesh``'s layout -> those of the canonical parameters: where a KV
+    head is replicated (fewer KV heads than devices) its copies' gradients are summed, each holding only its own
+    query heads' part (``canonical_params`` would keep the first copy's part); padding dropped. To update the
+    parameters on the mesh, put the result back in the layout (``shard_params``), so the copies stay equal."""
+    s = check_layout(config, grads, mesh)
+    return map_params(lambda key, x: from_layout(key, x, config, s, replicas="sum"), grads)
 
 
 

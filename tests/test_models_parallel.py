@@ -53,10 +53,16 @@ def test_split_sizes(hq, hkv, n, per_device):
     (6, 3, 2, r"num_key_value_heads \(3\) must be a multiple or a divisor of the mesh axis 'model' size \(2\)"),
     (12, 4, 6, r"num_key_value_heads \(4\) must be a multiple or a divisor of the mesh axis 'model' size \(6\)"),
     (8, 8, 0, r"devices must be a positive integer, got 0"),  # not a ZeroDivisionError
+    (8, 8, True, r"devices must be a positive integer, got True"),
+    (8, 8, 2.0, r"devices must be a positive integer, got 2.0"),
 ])
 def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
     with pytest.raises(ValueError, match=message):
         parallel.split(config(hq, hkv), n)
+
+
+def test_split_takes_numpy_integers_as_make_mesh_does():
+    assert parallel.split(config(8, 2), np.int64(4)) == parallel.split(config(8, 2), 4)
 
 
 def test_olmo2_on_a_one_device_mesh():

@@ -388,8 +388,9 @@ def test_e2e_runs_one_and_two_devices_in_the_same_run(tmp_path):
 
 @needs(4)
 def test_a_state_and_parameters_of_another_layout_are_refused():
-    """decode / compile_decode with a state prefilled off the mesh (or on another mesh), and canonical_params with a
-    mesh of another size, name both layouts instead of failing inside JAX (or returning mis-shaped parameters)."""
+    """decode / compile_decode with a state prefilled off the mesh (or on another mesh, or on the same devices in
+    another order), and canonical_params with a mesh of another size, name both layouts instead of failing inside JAX
+    (or returning mis-shaped parameters)."""
     one = models.init_random(MHA, jnp.float32, seed=5)
     on4 = parallel.shard_model(one, parallel.make_mesh(4))
     for model, state, made in ((on4, models.prefill(one, prompts(97), 4, backend=BACKEND), "a 4-device mesh"),
@@ -406,7 +407,9 @@ def test_a_state_and_parameters_of_another_layout_are_refused():
     low, high = (parallel.shard_model(one, Mesh(np.array(devices[i:i + 2]), (parallel.AXIS,))) for i in (0, 2))
     on0 = models.Llama(MHA, jax.device_put(one.params(), devices[0]))
     away = jax.device_put(models.prefill(one, prompts(97), 4, backend=BACKEND), devices[1])
+    swapped = parallel.shard_model(one, Mesh(np.array(devices[1::-1]), (parallel.AXIS,)))  # devices 1, 0
     for model, state, have, want in ((high, models.prefill(low, prompts(97), 4, backend=BACKEND), [0, 1], [2, 3]),
+                                     (low, models.prefill(swapped, prompts(97), 4, backend=BACKEND), [1, 0], [0, 1]),
                                      (on0, away, [1], [0])):
         for fn in (models.decode, lambda m, s, n: models.compile_decode(m, s)):
             with pytest.raises(ValueError, match=rf"the state lives on devices {re.escape(str(have))}, this model's "
@@ -430,3 +433,32 @@ def test_parameters_of_the_layout_on_one_device_are_placed_on_the_mesh():
     assert models.Llama(MHA, abstract, mesh).params()["embed"] is abstract["embed"]  # abstract values left alone
     run = lambda m: models.generate(m, prompts(97), max_new_tokens=3, backend=BACKEND)  # noqa: E731
     np.testing.assert_array_equal(run(rebuilt).tokens, run(on4).tokens)
+
+
+@needs(4)
+def test_canonical_grads_sum_the_replicated_kv_heads():
+    """Gradients taken on a mesh where KV heads are replicated (GQA 8/2 on 4 devices: each KV head on 2), brought to
+    the canonical parameters by canonical_grads, are those of the single-device model: each copy's gradient holds
+    only its own query heads' part, and the copies are summed (canonical_params, which keeps the first copy, is off
+    by the other copy's part)."""
+    from models.llama import causal_attention  # noqa: PLC0415
+
+    one = models.init_random(GQA, jnp.float32, seed=3)
+    mesh = parallel.make_mesh(4)
+    on4 = parallel.shard_model(one, mesh)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, GQA.vocab_size, (3, 10)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(10), (3, 10))
+
+    def loss(params, mesh):
+        model = models.Llama(GQA, params, mesh)
+        logits = model.logits(model(tokens, positions, None, causal_attention)[0])[..., :GQA.vocab_size]
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    want = jax.grad(loss)(one.params(), None)
+    grads = jax.grad(loss)(on4.params(), mesh)
+    got = parallel.canonical_grads(GQA, grads, mesh)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    first = np.asarray(parallel.canonical_params(GQA, grads, mesh)["layers"][0]["w_qkv"])
+    assert not np.allclose(first, np.asarray(want["layers"][0]["w_qkv"]), atol=1e-4)  # one copy's part only
