@@ -7,7 +7,8 @@ Checks out BASE_REV (git archive into a temporary directory), and in both it and
 compiles, for a tiny model of each family, the prefill and the decode loop of every mode, in float32 and bfloat16,
 greedy and with sampling; compares the StableHLO and the optimized HLO with source locations left out. Prints one
 line per family and exits 1 where they differ (the first differing lines shown; 2 where a tree cannot make them).
-CPU, about a minute.
+The default families are three of `models.config.FAMILIES` (llama; qwen2: q/k/v biases; qwen3: q/k norms); name
+others with --families. CPU, one to four minutes a family (two trees, every mode, two dtypes).
 """
 
 from __future__ import annotations

@@ -912,3 +912,22 @@ def test_probe_triton_ir_reads_a_kernels_pipeline_products_and_shared_memory():
 def test_probe_triton_ir_needs_a_gpu():
   p = _run(["scripts.tuning.probe_triton_ir"])
   assert p.returncode == 2 and "no GPU here" in p.stderr, (p.returncode, p.stderr[-2000:])
+
+
+TOOLS = sorted(p.stem for p in (ROOT / "scripts" / "tuning").glob("*.py")
+               if p.stem not in ("__init__", "field_sweep"))  # field_sweep: the sweeps' shared library
+
+
+@pytest.mark.parametrize("name", ["scripts.profile_decode", "scripts.quick_bench", "scripts.same_hlo"]
+                         + [f"scripts.tuning.{t}" for t in TOOLS])
+def test_every_tool_answers_help_without_running(name, monkeypatch, capsys):
+  """`python -m NAME --help` prints its usage and exits 0 before any work (scripts/tuning/README.md sends readers
+  to it): no tool runs, or fails, on --help."""
+  import importlib  # noqa: PLC0415
+
+  module = importlib.import_module(name)
+  monkeypatch.setattr(sys, "argv", [name, "--help"])
+  with pytest.raises(SystemExit) as exit_:
+    module.main()
+  assert exit_.value.code in (0, None)
+  assert "usage:" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def kernel_body(attend):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--old", required=True, help="another revision's hydragen_jax/kernels/flash.py")
-  parser.add_argument("--configs", default="0,2,5,8", help="seed configs (BRIEF.md's nine, 0-based)")
+  parser.add_argument("--configs", default="0,2,5,8", help="seed configs (bench_attention.toml's nine, 0-based)")
   parser.add_argument("--rounds", type=int, default=2)
   args = parser.parse_args()
   other = load_kernel_module(args.old)

@@ -1,4 +1,7 @@
-"""Debug (development tool): the Hopper kernel's prefix and suffix parts against the jnp reference, compiled."""
+"""Debug (development tool): the Hopper kernel's prefix and suffix parts against the jnp reference, compiled (a
+Hopper GPU): `python -m scripts.tuning.debug_hopper`."""
+import argparse
+
 import jax, jax.numpy as jnp, numpy as np
 from hydragen_jax import reference
 from hydragen_jax.kernels import hopper
@@ -23,13 +26,23 @@ def case(b, t, hq, hkv, d, p, s, lens, cfg, plen=None):
     out.append(f"{name} out {e.max():.4f} lse {le.max():.3f} bad {len(bad)}/{e.size} first {bad[:4].tolist()}")
   print(f"{(b, t, hq, hkv, d, p, s)} {cfg} plen {int(plen)} lens[:4] {np.asarray(lens)[:4]}: " + "; ".join(out), flush=True)
 
-H = hopper.HopperConfig
-for cfg in (H(num_ctas=1), H(num_ctas=132), H(num_ctas=4, prefix_stages=2, suffix_stages=1)):
-  try:
-    case(64, 1, 32, 8, 128, 1024, 64, np.full(64, 64), cfg)
-    case(64, 1, 32, 8, 128, 1024, 64, np.full(64, 0), cfg)
-    case(64, 1, 32, 8, 128, 1024, 64, np.arange(64), cfg, plen=0)
-    case(16, 1, 32, 8, 128, 1000, 136, np.full(16, 136), cfg, plen=997)
-    case(5, 3, 8, 2, 64, 136, 64, np.arange(5) * 13, cfg)
-  except Exception as e:
-    print(cfg, type(e).__name__, str(e)[:800], flush=True)
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m scripts.tuning.debug_hopper", description=__doc__)
+  parser.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    parser.exit(2, f"debug_hopper: runs the compiled Hopper kernel, and this machine has no GPU "
+                   f"({jax.default_backend()})\n")
+  H = hopper.HopperConfig
+  for cfg in (H(num_ctas=1), H(num_ctas=132), H(num_ctas=4, prefix_stages=2, suffix_stages=1)):
+    try:
+      case(64, 1, 32, 8, 128, 1024, 64, np.full(64, 64), cfg)
+      case(64, 1, 32, 8, 128, 1024, 64, np.full(64, 0), cfg)
+      case(64, 1, 32, 8, 128, 1024, 64, np.arange(64), cfg, plen=0)
+      case(16, 1, 32, 8, 128, 1000, 136, np.full(16, 136), cfg, plen=997)
+      case(5, 3, 8, 2, 64, 136, 64, np.arange(5) * 13, cfg)
+    except Exception as e:
+      print(cfg, type(e).__name__, str(e)[:800], flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,6 +1,6 @@
 """Kernel sweep on the GPU (development tool; the official numbers come from `python -m experiments bench-attention`).
 
-For the nine seed configs of BRIEF.md, times a whole Hydragen decode step (prefix + suffix + merges) at s = 1,
+For the nine seed configs (`experiments/configs/bench_attention.toml`), times a whole Hydragen decode step (prefix + suffix + merges) at s = 1,
 out/2 and out under several launch schedules and tilings, and prints tok/s over the generation (Simpson mean step)
 as a fraction of the floor's tok/s, all measured in the same run. Then sweeps the prefix tiles alone on the
 compute-heavy configs (TFLOP/s) and the suffix tiles alone (fraction of the bandwidth floor).
@@ -29,7 +29,7 @@ from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import merge as merge_kernel
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
-from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: BRIEF.md's configs
+from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: the bench's nine seed configs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
 # Steps chained a timed call (experiments.timing.chain_steps), as the benchmark's: one call a step is bound by host
