@@ -302,7 +302,7 @@ def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool
 
 def layer_index(name: str, layer, num_layers: int, checked: bool = False) -> jax.Array:
   """Validates a scalar integer layer index in [0, num_layers)."""
-  layer = jnp.asarray(layer)
+  layer = _as_array(name, layer)
   if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer scalar; got shape {layer.shape}, dtype {layer.dtype}.")
   value = _concrete(layer)

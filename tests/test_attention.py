@@ -694,6 +694,8 @@ def test_layered_levels_read_one_layer_in_place(backend):
   chex.assert_trees_all_close(f(q, layered), expected_tree(q, sliced), **tol(jnp.float32))
   with pytest.raises(ValueError, match=r"levels\[0\].layer must lie in \[0, 3\).*got 3"):
     hj.tree_attention(q, [dataclasses.replace(layered[0], layer=jnp.int32(3)), layered[1]], backend=backend)
+  with pytest.raises(ValueError, match=r"levels\[0\].layer must lie in \[0, 3\).*got 1099511627776"):  # not an
+    hj.tree_attention(q, [dataclasses.replace(layered[0], layer=2**40), layered[1]], backend=backend)  # OverflowError
   with pytest.raises(ValueError, match=r"levels\[0\].k must have rank 5 \(\[num_layers, N, L, Hkv, D\]\)"):
     hj.tree_attention(q, [dataclasses.replace(shared, layer=jnp.int32(0)), leaf], backend=backend)
 

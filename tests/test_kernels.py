@@ -179,6 +179,29 @@ def test_plan_level_counts_programs_as_choose_block():
   assert programs < int(np.prod(flash.program_counts(*plan))) // block.splits  # the kernel's grid pads the groups
 
 
+def test_batched_level_of_a_host_tree_sizes_its_groups_by_the_largest_node():
+  """A shared level read batched, its seq_to_node a numpy array (a tree known now) and no max_group: each node's
+  rows are bounded by its largest node's readers, not by B. One reader a node (B = 512 nodes, GQA 32/8) used to
+  size every node for 512 sequences: 131,072 programs, of which 130,048 exited at once; now as with max_group=1.
+  A traced seq_to_node keeps the bound B (nothing is known of it)."""
+  b, hq, hkv, d = 512, 32, 8, 16
+  q = jax.ShapeDtypeStruct((b, 1, hq, d), jnp.float32)
+  k = jnp.zeros((b, 64, hkv, d), jnp.float32)
+  lengths = jnp.full((b,), 64)
+  one_each = np.arange(b, dtype=np.int32)[::-1].copy()
+  plan = ops.batched(q, k, k, lengths, one_each, max_group=None, causal=False)
+  bounded = ops.batched(q, k, k, lengths, one_each, max_group=1, causal=False)
+  assert plan[0].max_rows == bounded[0].max_rows == (hq // hkv) * plan[0].block.heads
+  assert int(np.prod(flash.program_counts(*plan))) == int(np.prod(flash.program_counts(*bounded)))
+  few = np.array([0, 0, 0] + list(range(1, b - 2)), np.int32)  # node 0 read by 3 sequences, the others by 1 or 0
+  spec = ops.batched(q, k, k, lengths, few, max_group=None, causal=False)[0]
+  assert spec.max_rows == 3 * (hq // hkv) * spec.block.heads
+  specs = []  # a traced seq_to_node: its plan built under the trace, no host grouping
+  jax.eval_shape(lambda nodes: specs.append(ops.batched(q, k, k, lengths, nodes, max_group=None, causal=False)[0]),
+                 jnp.asarray(one_each))
+  assert specs[0].max_rows == b * (hq // hkv) * specs[0].block.heads
+
+
 @pytest.mark.parametrize("prefix,splits", [(4096, (4, 1)), (16384, (8, 2))])
 def test_hydragen_step_tiles_its_launch_with_the_split_rule(prefix, splits):
   """`hydragen_attention` on the kernel backends plans a step's levels with `launch_fill` (traced only: the plans

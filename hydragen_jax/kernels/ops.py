@@ -274,8 +274,9 @@ def batched(
   """Inter-sequence batching: the queries of all sequences that read node n form one row matrix per KV head.
 
   q `[B, T, Hq, D]`, k/v `[R, L, Hkv, D]` with node n at row node_offset + n, lengths `[N]`, seq_to_node `[B]`;
-  max_group: static bound on the sequences of one node (None: B). None if the level holds no keys. block,
-  shared_launch, fill: as `per_sequence`.
+  max_group: static bound on the sequences of one node (None: B; a numpy seq_to_node, grouped on the host, bounds
+  it by its largest node's readers). None if the level holds no keys. block, shared_launch, fill: as
+  `per_sequence`.
   """
   b, t, hq, _ = q.shape
   _, s, hkv, d = k.shape
@@ -291,7 +292,10 @@ def batched(
     counts = counts.astype(np.int32)
     starts = xp.cumsum(counts) - counts
   rows = t * (hq // hkv)
-  max_rows = rows * (b if max_group is None else min(max_group, b))
+  group = b if max_group is None else min(max_group, b)
+  if isinstance(counts, np.ndarray):  # a tree known now: its largest node's readers (one reader a node, say,
+    group = min(group, max(int(counts.max(initial=0)), 1))  # read batched: 1, not B, rows a node)
+  max_rows = rows * group
   if block is None:
     block = choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize,
                          fill=fill)
