@@ -85,7 +85,8 @@ def mesh_size(mesh: Mesh) -> int:
         raise ValueError(f"mesh must have the one axis {AXIS!r} (tensor parallelism), got axes {mesh.axis_names}")
     kind = mesh.axis_types[0]
     if kind != jax.sharding.AxisType.Auto:
-        raise ValueError(f"mesh axis {AXIS!r} must be of type AxisType.Auto, got {kind}: "
+        default = " (jax.make_mesh's default)" if kind == jax.sharding.AxisType.Explicit else ""
+        raise ValueError(f"mesh axis {AXIS!r} must be of type AxisType.Auto, got {kind}{default}: "
                          f"build it with models.parallel.make_mesh(n), or jax.make_mesh((n,), ({AXIS!r},), "
                          "axis_types=(jax.sharding.AxisType.Auto,))")
     return mesh.shape[AXIS]

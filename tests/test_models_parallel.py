@@ -129,6 +129,10 @@ def test_mesh_must_have_the_model_axis_only():
     with pytest.raises(ValueError, match=r"mesh axis 'model' must be of type AxisType.Auto, got AxisType.Explicit "
                                          r".*models.parallel.make_mesh"):
         parallel.mesh_size(jax.make_mesh((1,), ("model",)))
+    manual = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Manual,))
+    with pytest.raises(ValueError, match=r"got AxisType.Manual: build it with") as error:  # not called the default
+        parallel.mesh_size(manual)
+    assert "default" not in str(error.value)
     auto = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     assert parallel.mesh_size(auto) == 1
 
