@@ -360,8 +360,11 @@ def _tokenizer(path: str, reader) -> BPETokenizer:
     if types is not None and len(types) != len(tokens):
         raise CheckpointError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for the {len(tokens)} of "
                               "tokenizer.ggml.tokens; expected one a token")
-    control = [i for i, kind in enumerate(types or []) if kind == 3]  # CONTROL: matched whole, left out of decode
-    user = [i for i, kind in enumerate(types or []) if kind == 4]  # USER_DEFINED: matched whole, kept (as llama.cpp)
+    # As llama.cpp: UNKNOWN (2) and CONTROL (3) matched whole and left out of decode; USER_DEFINED (4) matched whole
+    # and kept; UNUSED (5) not matched, and left out of decode
+    control = [i for i, kind in enumerate(types or []) if kind in (2, 3)]
+    user = [i for i, kind in enumerate(types or []) if kind == 4]
+    unused = [i for i, kind in enumerate(types or []) if kind == 5]
     bos, eos, pad = (_int(reader, path, f"tokenizer.ggml.{kind}_token_id", None, 0, len(tokens))
                      for kind in ("bos", "eos", "padding"))
     add_bos = _typed(reader, path, "tokenizer.ggml.add_bos_token", lambda x: isinstance(x, bool), "true or false",
@@ -377,6 +380,6 @@ def _tokenizer(path: str, reader) -> BPETokenizer:
     template = _typed(reader, path, "tokenizer.chat_template", lambda x: isinstance(x, str), "a string", None)
     try:
         return BPETokenizer(tokens, merges, pre=pre, bos_id=bos, eos_id=eos, pad_id=pad, special_ids=control,
-                            added_ids=user, add_bos=add_bos, add_eos=add_eos, chat_template=template)
+                            added_ids=user, unused_ids=unused, add_bos=add_bos, add_eos=add_eos, chat_template=template)
     except ValueError as e:  # duplicate tokens, malformed merges (the rest is checked above)
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges: {e}") from e

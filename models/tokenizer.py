@@ -45,14 +45,17 @@ class BPETokenizer:
     """Byte-level BPE: the GPT-2 regex (after splitting digits one by one for ``pre`` "smollm" / "starcoder"),
     bytes mapped to the GPT-2 unicode alphabet, then the merges in rank order. ``special_ids`` (control tokens
     such as ``<|im_start|>``) are matched whole in the text, never split, and dropped by ``decode``;
-    ``added_ids`` (user-defined tokens such as ``<tool_call>``) are matched whole too but kept by ``decode``.
+    ``added_ids`` (user-defined tokens such as ``<tool_call>``) are matched whole too but kept by ``decode``;
+    ``unused_ids`` (placeholders such as ``<unused0>``) are not matched and dropped by ``decode`` (llama.cpp's BPE
+    decoding writes nothing for them).
 
     tokens: the vocabulary (id -> token string, byte-level alphabet); merges: "left right" pairs in rank order.
     """
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str], *, pre: str = "gpt2", bos_id: int | None,
                  eos_id: int | None, pad_id: int | None = None, special_ids: Sequence[int] = (),
-                 added_ids: Sequence[int] = (), add_bos: bool = False, add_eos: bool = False,
+                 added_ids: Sequence[int] = (), unused_ids: Sequence[int] = (), add_bos: bool = False,
+                 add_eos: bool = False,
                  chat_template: str | None = None):
         try:
             from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -69,7 +72,7 @@ class BPETokenizer:
             raise ValueError("BPETokenizer: add_bos=True needs a bos_id")
         if add_eos and eos_id is None:
             raise ValueError("BPETokenizer: add_eos=True needs an eos_id")
-        for name, ids in (("special_ids", special_ids), ("added_ids", added_ids)):
+        for name, ids in (("special_ids", special_ids), ("added_ids", added_ids), ("unused_ids", unused_ids)):
             bad = [i for i in ids if not is_int(i) or not 0 <= i < n]  # -1 read the last token, quietly
             if bad:
                 raise ValueError(f"BPETokenizer: {name} holds {bad[0]!r}, outside the vocabulary [0, {n})")
@@ -100,6 +103,7 @@ class BPETokenizer:
         self.pre = pre
         self.chat_template = chat_template
         self._tokens = list(tokens)
+        self._unused = frozenset(int(i) for i in unused_ids)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``: BOS first when ``add_bos``; None (default): the model's own special tokens, BOS
@@ -110,8 +114,9 @@ class BPETokenizer:
         return ([self.bos_id] if add and self.bos_id is not None else []) + ids + eos
 
     def decode(self, ids) -> str:
-        """Text of ``ids``, special tokens (BOS, EOS, chat markers) left out; ``ValueError`` for an id that is not an
-        integer in ``[0, vocab_size)`` (tokenizers dropped one past the vocabulary and raised OverflowError for -1)."""
+        """Text of ``ids``, special tokens (BOS, EOS, chat markers) and unused ones left out; ``ValueError`` for an id
+        that is not an integer in ``[0, vocab_size)`` (tokenizers dropped one past the vocabulary and raised
+        OverflowError for -1)."""
         out = []
         for x in ids:
             try:
@@ -122,7 +127,7 @@ class BPETokenizer:
                 raise ValueError(f"BPETokenizer.decode: ids must be integer token ids in [0, {self.vocab_size}), "
                                  f"got {x if i is None else i!r}")
             out.append(i)
-        return self._tok.decode(out, skip_special_tokens=True)
+        return self._tok.decode([i for i in out if i not in self._unused], skip_special_tokens=True)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:

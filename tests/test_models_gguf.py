@@ -462,6 +462,23 @@ def test_user_defined_tokens_are_whole_and_kept_by_decode():
     assert tok.decode(ids) == "a<tool_call>b"
 
 
+def test_unknown_and_unused_tokens_decode_as_llama_cpp(tmp_path):
+    """GGUF token types UNKNOWN (2) and UNUSED (5): llama.cpp's BPE decoding writes nothing for either (they were
+    decoded as text); an UNKNOWN token is matched whole like a control token, an UNUSED one is not matched."""
+    tokens = byte_vocab(["AB", "<unk>", "<unused0>"])  # "AB": the file's merge
+    unk, unused = len(tokens) - 2, len(tokens) - 1
+    types = [3, 3, 3, 3] + [1] * (len(tokens) - 6) + [2, 5]
+    path = write_gguf(tmp_path / "m.gguf", CONFIG, make_tensors(CONFIG),
+                      extra_meta={"tokenizer.ggml.tokens": (tokens, V.ARRAY),
+                                  "tokenizer.ggml.token_type": (types, V.ARRAY),
+                                  "llama.vocab_size": (len(tokens), V.UINT32)})
+    tok = load_gguf_tokenizer(path)
+    a = tok.encode("a", add_bos=False)
+    assert tok.decode(a + [unk, unused] + a) == "aa"
+    assert unk in tok.encode("x<unk>y", add_bos=False)
+    assert unused not in tok.encode("x<unused0>y", add_bos=False)  # spelled out in bytes instead
+
+
 # --------------------------------------------------------------------------------- BPETokenizer
 
 
