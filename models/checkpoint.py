@@ -356,7 +356,8 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
                     max_shard_bytes: int | None = None, extra_config: dict | None = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``). config.json
+    """Write ``config.json`` and ``model.safetensors``, or, where ``max_shard_bytes`` splits the tensors into
+    several files, shards + ``model.safetensors.index.json`` (one shard: the single file, as transformers). config.json
     holds the model's stop ids: a ``generation_config.json`` left in ``path`` by an earlier save, which the loader
     would read in their place, is removed."""
     path = os.fspath(path)
@@ -383,17 +384,17 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
             os.remove(os.path.join(path, fname))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    if max_shard_bytes is None:
-        save_file(tensors, os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
-        return
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, x in tensors.items():
-        if shards[-1] and size + x.nbytes > max_shard_bytes:
+        if shards[-1] and max_shard_bytes is not None and size + x.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = x
         size += x.nbytes
+    if len(shards) == 1:  # everything fits one file: no index, as transformers' save_pretrained
+        save_file(tensors, os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+        return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -231,6 +231,10 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(model_logits(model, tokens), model_logits(again, tokens))
     save_checkpoint(model, tmp_path / "c", dtype=jnp.bfloat16)
     assert load_checkpoint(tmp_path / "c", dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    # a shard size the whole model fits: one model.safetensors and no index, as transformers' save_pretrained
+    save_checkpoint(model, tmp_path / "d", max_shard_bytes=10**9)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["config.json", "model.safetensors"]
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "d"), tokens), model_logits(model, tokens))
 
 
 def _model(path, seed=0):
