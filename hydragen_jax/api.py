@@ -10,8 +10,9 @@ Layout as `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, KV `[..., S, Hkv, D
 a Hopper), "interpret" /
 "interpret-mosaic" (the Triton / Hopper kernels in Pallas' interpreters, for CPU tests), "xla" (the pure-jnp
 reference); None picks "pallas" on GPU and "xla" elsewhere. The compiled ones ("pallas", "triton", "mosaic") are
-refused where the default device is not a GPU, except inside `hydragen_jax.lowering_for_gpu()` (tracing, to lower for
-CUDA from another machine). The kernel backends define no derivative: `jax.grad` through them raises (take "xla"). The Hopper kernel (`kernels/hopper.py`) applies to a
+refused where the default device is not a GPU, except inside `hydragen_jax.lowering_for_gpu()` (tracing, to lower
+for CUDA from another machine: its docstring says how). The kernel backends define no derivative: `jax.grad`
+through them raises (take "xla"). The Hopper kernel (`kernels/hopper.py`) applies to a
 one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level
 tree whose root is one node read by all sequences and whose leaves are per sequence, `seq_to_node=None`) in
 bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
@@ -62,9 +63,9 @@ class Level:
     lengths: `[N]` valid tokens of each node (<= L); nodes may differ in length, 0 included.
     seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B). A numpy array
       (a tree known when tracing) lets the kernels group the sequences on the host: no device work per step.
-    max_group: static bound on how many sequences read one node (None: B); the kernels give each node rows for
-      that many sequences, so it must hold: checked against a concrete seq_to_node (ValueError) and, with
-      `checked=True`, against a traced one (checkify); a traced seq_to_node that breaks it unchecked gives
+    max_group: static bound on how many sequences read one node (None: B, or with a numpy seq_to_node its most-read
+      node's readers); the kernels give each node rows for that many sequences, so it must hold: checked
+      against a concrete seq_to_node (ValueError) and, with `checked=True`, against a traced one (checkify); a traced seq_to_node that breaks it unchecked gives
       undefined output for the sequences past the bound.
     layer: optional (traced) index into the leading layer axis of k/v. The kernels read that layer in place,
       where slicing `k[layer]` under a `lax.scan` over layers would copy it at every step.

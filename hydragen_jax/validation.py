@@ -31,11 +31,15 @@ def lowering_for_gpu():
   """Lets the compiled GPU backends be traced off a GPU, to lower the function for CUDA from a CPU machine:
 
       with hydragen_jax.lowering_for_gpu():
-        traced = jax.jit(f).trace(*args)        # f calls hydragen_attention(..., backend="pallas")
+        traced = jax.jit(f).trace(*args)        # f calls hydragen_attention(..., backend="mosaic")
       text = traced.lower(lowering_platforms=("cuda",)).as_text()
 
-  Outside it, a compiled backend named where the default device is not a GPU is refused (`resolve_backend`): it
-  could only fail later, inside Pallas' lowering."""
+  The Hopper kernel ("mosaic") lowers so as it is; the Triton kernels' lowering also needs a GPU named, trace and
+  lower both under `jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=AbstractDevice(...)))` (as
+  tests/test_kernels.py does); "pallas" chooses between the two by the tracing machine (no Hopper there: Triton).
+  Trace a fresh `jax.jit` inside the block: jit's cache does not see the flag, so a function traced inside it is
+  not traced again, nor refused, outside. Outside it, a compiled backend named where the default device is not a GPU
+  is refused (`resolve_backend`): it could only fail later, inside Pallas' lowering."""
   token = _LOWERING_FOR_GPU.set(True)
   try:
     yield

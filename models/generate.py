@@ -618,11 +618,17 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
     # The same layout committed to other devices (another mesh of the same size, or one device but not the model's):
     # JAX would refuse the call with "incompatible devices"; name both device sets and the way out instead.
     # (Uncommitted arrays, placed by default, JAX moves to the others' devices: not refused.)
-    # (The same devices in another order are another layout too: the mesh's order says which shard each holds.)
+    # (The same devices in another mesh order are another layout too: the order says which shard each holds; an
+    # array of another kind of sharding is compared by its set of devices.)
     want, have = _devices(model.embed.value), _devices(state.logits)
-    if want is not None and have is not None and want != have:
+    if want is not None and have is not None and (want != have if _on_mesh(model.embed.value) and
+                                                  _on_mesh(state.logits) else set(want) != set(have)):
         raise ValueError(f"{fn}: the state lives on devices {list(have)}, this model's parameters on "
                          f"{list(want)} (in mesh order; make the state with prefill on the same model and mesh)")
+
+
+def _on_mesh(x) -> bool:
+    return isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
 
 
 def _devices(x) -> tuple[int, ...] | None:

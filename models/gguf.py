@@ -362,7 +362,7 @@ def _tokenizer(path: str, reader) -> BPETokenizer:
                               "tokenizer.ggml.tokens; expected one a token")
     # As llama.cpp: UNKNOWN (2) and CONTROL (3) matched whole and left out of decode; USER_DEFINED (4) matched whole
     # and kept; UNUSED (5) not matched, and left out of decode
-    control = [i for i, kind in enumerate(types or []) if kind in (2, 3)]
+    special = [i for i, kind in enumerate(types or []) if kind in (2, 3)]
     user = [i for i, kind in enumerate(types or []) if kind == 4]
     unused = [i for i, kind in enumerate(types or []) if kind == 5]
     bos, eos, pad = (_int(reader, path, f"tokenizer.ggml.{kind}_token_id", None, 0, len(tokens))
@@ -379,7 +379,7 @@ def _tokenizer(path: str, reader) -> BPETokenizer:
                               "missing; expected the id of the EOS token to add")
     template = _typed(reader, path, "tokenizer.chat_template", lambda x: isinstance(x, str), "a string", None)
     try:
-        return BPETokenizer(tokens, merges, pre=pre, bos_id=bos, eos_id=eos, pad_id=pad, special_ids=control,
+        return BPETokenizer(tokens, merges, pre=pre, bos_id=bos, eos_id=eos, pad_id=pad, special_ids=special,
                             added_ids=user, unused_ids=unused, add_bos=add_bos, add_eos=add_eos, chat_template=template)
     except ValueError as e:  # duplicate tokens, malformed merges (the rest is checked above)
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges: {e}") from e

@@ -76,6 +76,10 @@ class BPETokenizer:
             bad = [i for i in ids if not is_int(i) or not 0 <= i < n]  # -1 read the last token, quietly
             if bad:
                 raise ValueError(f"BPETokenizer: {name} holds {bad[0]!r}, outside the vocabulary [0, {n})")
+        kinds = [set(map(int, ids)) for ids in (special_ids, added_ids, unused_ids)]
+        if both := (kinds[0] & kinds[1]) | (kinds[0] & kinds[2]) | (kinds[1] & kinds[2]):
+            raise ValueError(f"BPETokenizer: token {min(both)} is in two of special_ids, added_ids and unused_ids; "
+                             "each token has one kind")
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != n:
             raise ValueError(f"BPETokenizer: the vocabulary of {n} tokens has {n - len(vocab)} duplicates")

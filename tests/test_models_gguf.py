@@ -711,3 +711,10 @@ def test_smollm2_matches_transformers_gpu(smollm2):
         h = run(model, ref, "hydragen", "pallas")
         assert_matches_reference(h, ref)
         assert_modes_agree(model, ref, h, "pallas")
+
+
+def test_bpe_refuses_a_token_of_two_kinds():
+    """A token listed as two of special / added / unused would be matched whole by encode and dropped by decode (or
+    the reverse): each token has one kind, as GGUF's one type a token."""
+    with pytest.raises(ValueError, match=r"token 5 is in two of special_ids, added_ids and unused_ids"):
+        BPETokenizer(byte_vocab(), [], bos_id=1, eos_id=2, added_ids=[5], unused_ids=[5])

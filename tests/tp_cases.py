@@ -459,6 +459,7 @@ def test_canonical_grads_sum_the_replicated_kv_heads():
     got = parallel.canonical_grads(GQA, grads, mesh)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
     first = np.asarray(parallel.canonical_params(GQA, grads, mesh)["layers"][0]["w_qkv"])
     assert not np.allclose(first, np.asarray(want["layers"][0]["w_qkv"]), atol=1e-4)  # one copy's part only

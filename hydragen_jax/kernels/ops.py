@@ -293,8 +293,9 @@ def batched(
     starts = xp.cumsum(counts) - counts
   rows = t * (hq // hkv)
   group = b if max_group is None else min(max_group, b)
-  if isinstance(counts, np.ndarray):  # a tree known now: its largest node's readers (one reader a node, say,
-    group = min(group, max(int(counts.max(initial=0)), 1))  # read batched: 1, not B, rows a node)
+  # A tree known now bounds a node's readers by its most-read node's (one reader a node: 1, not B, groups of rows)
+  if isinstance(counts, np.ndarray):
+    group = min(group, max(int(counts.max(initial=0)), 1))
   max_rows = rows * group
   if block is None:
     block = choose_block(max_rows, b * rows, n, hkv, s, d, shared_launch=shared_launch, itemsize=k.dtype.itemsize,

@@ -1,8 +1,8 @@
 """Kernel sweep on the GPU (development tool; the official numbers come from `python -m experiments bench-attention`).
 
-For the nine seed configs (`experiments/configs/bench_attention.toml`), times a whole Hydragen decode step (prefix + suffix + merges) at s = 1,
-out/2 and out under several launch schedules and tilings, and prints tok/s over the generation (Simpson mean step)
-as a fraction of the floor's tok/s, all measured in the same run. Then sweeps the prefix tiles alone on the
+For the nine seed configs (`experiments/configs/bench_attention.toml`), times a whole Hydragen decode step
+(prefix + suffix + merges) at s = 1, out/2 and out under several launch schedules and tilings, and prints tok/s
+over the generation (Simpson mean step) as a fraction of the floor's tok/s, all measured in the same run. Then sweeps the prefix tiles alone on the
 compute-heavy configs (TFLOP/s) and the suffix tiles alone (fraction of the bandwidth floor).
 
 Usage: python -m scripts.tuning.sweep_kernels [--parts step,prefix,suffix] [--configs 0,1,...] [--shapes BxPxOUTxHQxHKV,...]
