@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("results", nargs="*")
     p_report.add_argument("--readme", default=None, help="the README to update (default: the repository's)")
     p_report.add_argument("--results-dir", default=None, help="where the results files are (default: experiments/results)")
-    p_report.add_argument("--device", help="device slug (e.g. nvidia-h200) or records' device; default: the one the README's results marker names "
-                               "(where it has results), else the newest accelerator run's")
+    p_report.add_argument("--device", help="device slug (e.g. nvidia-h200) or records' device; default: the one "
+                               "the README's results marker names (where it has results), else the newest "
+                               "accelerator run's")
     p_report.add_argument("--check", action="store_true", help="write nothing; exit 1 (printing the diff) if stale")
     p_report.add_argument("--no-plot", action="store_true", help="do not draw a missing combined e2e plot")
 
