@@ -65,8 +65,8 @@ class Level:
       (a tree known when tracing) lets the kernels group the sequences on the host: no device work per step.
     max_group: static bound on how many sequences read one node (None: B, or with a numpy seq_to_node its most-read
       node's readers); the kernels give each node rows for that many sequences, so it must hold: checked
-      against a concrete seq_to_node (ValueError) and, with `checked=True`, against a traced one (checkify); a traced seq_to_node that breaks it unchecked gives
-      undefined output for the sequences past the bound.
+      against a concrete seq_to_node (ValueError) and, with `checked=True`, against a traced one (checkify); a
+      traced seq_to_node that breaks it unchecked gives undefined output for the sequences past the bound.
     layer: optional (traced) index into the leading layer axis of k/v. The kernels read that layer in place,
       where slicing `k[layer]` under a `lax.scan` over layers would copy it at every step.
   """
