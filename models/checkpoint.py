@@ -357,7 +357,8 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
                     max_shard_bytes: int | None = None, extra_config: dict | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors``, or, where ``max_shard_bytes`` splits the tensors into
-    several files, shards + ``model.safetensors.index.json`` (one shard: the single file, as transformers). config.json
+    several files, shards + ``model.safetensors.index.json`` (its metadata transformers': ``total_parameters``, a tied
+    head counted once, and ``total_size`` in bytes; one shard: the single file, as transformers). config.json
     holds the model's stop ids: a ``generation_config.json`` left in ``path`` by an earlier save, which the loader
     would read in their place, is removed."""
     path = os.fspath(path)
@@ -400,6 +401,8 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
-    total = sum(x.nbytes for x in tensors.values())
+    # transformers' index metadata: the parameters (a tied head counted once, as it is saved once) and their bytes
+    metadata = {"total_parameters": sum(x.size for x in tensors.values()),
+                "total_size": sum(x.nbytes for x in tensors.values())}
     with open(os.path.join(path, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)

@@ -237,6 +237,24 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "d"), tokens), model_logits(model, tokens))
 
 
+def test_a_sharded_saves_index_metadata_is_transformers(tmp_path):
+    """The index of a sharded save carries the metadata transformers' save_pretrained writes: the parameter count
+    (a tied head, saved once, counted once) and the bytes, as in the fixture transformers saved (tied, bf16)."""
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "hf_llama3"
+    want = json.loads((fixture / "model.safetensors.index.json").read_text())
+    model = load_checkpoint(fixture, dtype=jnp.bfloat16)
+    assert model.config.tie_word_embeddings
+    save_checkpoint(model, tmp_path, dtype=jnp.bfloat16, max_shard_bytes=want["metadata"]["total_size"] // 3)
+    got = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert got["metadata"] == want["metadata"], (got["metadata"], want["metadata"])
+    assert sorted(got["weight_map"]) == sorted(want["weight_map"])
+    # float32: twice the bytes, the same parameters
+    save_checkpoint(model, tmp_path / "f32", dtype=jnp.float32, max_shard_bytes=want["metadata"]["total_size"] // 3)
+    got = json.loads((tmp_path / "f32" / "model.safetensors.index.json").read_text())["metadata"]
+    assert got == {"total_parameters": want["metadata"]["total_parameters"],
+                   "total_size": 2 * want["metadata"]["total_size"]}, got
+
+
 def _model(path, seed=0):
     write_checkpoint(path, CONFIG, make_tensors(CONFIG, seed=seed))
     return load_checkpoint(path)
