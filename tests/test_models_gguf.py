@@ -310,6 +310,47 @@ def test_gguf_refuses_metadata_of_the_wrong_type(tmp_path, meta, match, loaders)
             load(path)
 
 
+@pytest.mark.parametrize("key, field, count", [("test.bytes", "array", 2**60),
+                                               ("tokenizer.ggml.token_type", "array", 2**60),
+                                               ("tokenizer.ggml.tokens", "array", 2**40),
+                                               ("tokenizer.ggml.merges", "string", 2**50)])
+def test_gguf_refuses_counts_past_the_files_end(tmp_path, key, field, count):
+    """A corrupted array count or string length is refused by name, fast. The gguf package (0.19) reads an array's
+    items one by one and past the file's end reads empty ones: 2**60 one-byte items kept it busy for ever (a thread
+    here times the load out instead of hanging the suite); the other counts it refused with an IndexError or a numpy
+    message that named neither the key nor the count."""
+    import threading
+    extra = {"test.bytes": ([1, 2, 3], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)}
+    data = bytearray(open(write_gguf(tmp_path / "g.gguf", CONFIG, make_tensors(CONFIG), extra_meta=extra),
+                          "rb").read())
+    name = key.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name) + 4  # past the key and its type
+    if field == "array":
+        at += 4  # past the item type: the count
+    else:  # the first merge's length: merges are an array of strings
+        at += 12
+    data[at:at + 8] = count.to_bytes(8, "little")
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(data))
+    for load in (load_gguf, load_gguf_tokenizer):
+        out = []
+        worker = threading.Thread(target=lambda: out.append(_raised(load, path)), daemon=True)
+        worker.start()
+        worker.join(60)
+        assert out, f"{load.__name__} still reading after 60 s"
+        assert isinstance(out[0], CheckpointError), out[0]
+        assert str(out[0]).startswith(f"{path}: metadata {key!r}") and f"{count}" in str(out[0]), out[0]
+        assert "corrupted or truncated GGUF file" in str(out[0])
+
+
+def _raised(load, path):
+    try:
+        load(path)
+    except Exception as e:  # noqa: BLE001 - the test looks at which
+        return e
+    return None
+
+
 def test_gguf_refuses_unreadable_files(tmp_path):
     """Files the gguf package cannot read (it raised bare ValueErrors without the path) raise CheckpointError naming
     the file, with the package's reason after it."""
