@@ -621,24 +621,19 @@ def _check_state(model: Llama, state: DecodeState, fn: str) -> None:
     # (The same devices in another mesh order are another layout too: the order says which shard each holds; an
     # array of another kind of sharding is compared by its set of devices.)
     want, have = _devices(model.embed.value), _devices(state.logits)
-    if want is not None and have is not None and (want != have if _on_mesh(model.embed.value) and
-                                                  _on_mesh(state.logits) else set(want) != set(have)):
-        raise ValueError(f"{fn}: the state lives on devices {list(have)}, this model's parameters on "
-                         f"{list(want)} (in mesh order; make the state with prefill on the same model and mesh)")
+    if want and have and (want != have if want[1] and have[1] else set(want[0]) != set(have[0])):
+        raise ValueError(f"{fn}: the state lives on devices {list(have[0])}, this model's parameters on "
+                         f"{list(want[0])} (in mesh order; make the state with prefill on the same model and mesh)")
 
 
-def _on_mesh(x) -> bool:
-    return isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
-
-
-def _devices(x) -> tuple[int, ...] | None:
-    """The ids of the devices a concrete array is committed to, in its mesh's order where it has one (else sorted);
-    None for uncommitted arrays, abstract values and tracers (an outer trace)."""
+def _devices(x) -> tuple[tuple[int, ...], bool] | None:
+    """The ids of the devices a concrete array is committed to and whether they are in a mesh's order (a
+    NamedSharding's; else sorted); None for uncommitted arrays, abstract values and tracers (an outer trace)."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array) or not x.committed:
         return None
     if isinstance(x.sharding, jax.sharding.NamedSharding):
-        return tuple(d.id for d in x.sharding.mesh.devices.flat)
-    return tuple(sorted(d.id for d in x.sharding.device_set))
+        return tuple(d.id for d in x.sharding.mesh.devices.flat), True
+    return tuple(sorted(d.id for d in x.sharding.device_set)), False
 
 
 def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: SamplingConfig | dict | str | None = None,
