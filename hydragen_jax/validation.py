@@ -47,9 +47,19 @@ def lowering_for_gpu():
     _LOWERING_FOR_GPU.reset(token)
 
 
+def default_platform() -> str:
+  """The platform ("gpu", "cpu", ...) of the device that jitted calls of uncommitted arrays run on: the one set by
+  `jax.default_device` (a device or a platform's name) where one is, else `jax.default_backend()`'s."""
+  device = jax.config.jax_default_device
+  if device is None:
+    return jax.default_backend()
+  return device if isinstance(device, str) else device.platform
+
+
 def default_backend() -> str:
-  """The backend used when none is given: "pallas" on a GPU, "xla" (the pure-jnp reference) elsewhere."""
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+  """The backend used when none is given: "pallas" where the default device is a GPU, "xla" (the pure-jnp reference)
+  elsewhere (a CPU, or `with jax.default_device(cpu)` on a GPU machine)."""
+  return "pallas" if default_platform() == "gpu" else "xla"
 
 
 def gpu_without_hopper() -> bool:
@@ -142,7 +152,7 @@ def resolve_backend(backend: str | None) -> str:
     return default_backend()
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None for the default).")
-  platform = jax.default_backend()
+  platform = default_platform()
   if backend in COMPILED_BACKENDS and platform != "gpu" and not _LOWERING_FOR_GPU.get():
     raise ValueError(f"backend={backend!r} runs compiled GPU kernels, and the default device is {platform!r}: take "
                      f"'interpret' (the same kernels, interpreted) or 'xla' there (to lower for CUDA from this "

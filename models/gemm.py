@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.validation import default_platform
 from hydragen_jax.kernels import ops
 
 Array = jax.Array
@@ -43,9 +44,10 @@ def matmul_precision(dtype) -> lax.Precision | None:
 
 
 def default_backend(rows: int, tuning: tuning_lib.Tuning | None = None) -> str:
-  """"pallas" on a GPU for products of the tuning's `gemm.min_rows` to `gemm.max_rows` rows, else "xla"."""
+  """"pallas" where the default device is a GPU (`hydragen_jax.validation.default_platform`) for products of the
+  tuning's `gemm.min_rows` to `gemm.max_rows` rows, else "xla"."""
   covered = tuning_lib.resolve(tuning).gemm.covers(rows)
-  return "pallas" if jax.default_backend() == "gpu" and covered else "xla"
+  return "pallas" if default_platform() == "gpu" and covered else "xla"
 
 
 def supported(x: Array, weights: Sequence[Array], gemm: tuning_lib.GemmTuning) -> str | None:

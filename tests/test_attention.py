@@ -808,6 +808,29 @@ def test_compiled_backends_are_refused_off_a_gpu_unless_lowering_for_one(backend
     jax.jit(lambda *a: hj.hydragen_attention(*a, backend=backend)).trace(q, pkv, pkv, skv, skv)
 
 
+def test_the_default_device_decides_the_backend_not_the_machine(monkeypatch):
+  """Under `jax.default_device(cpu)` on a GPU machine, jitted calls of uncommitted arrays run on the CPU: the default
+  backend there is "xla" (it was "pallas", chosen by the machine, which then failed inside Pallas' lowering), the
+  decode GEMM's default too, and a compiled backend is refused naming the CPU. (A GPU machine pretended here:
+  `jax.default_backend` patched to "gpu".)"""
+  from models import gemm
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  on = tuning.resolve(None)
+  on = dataclasses.replace(on, gemm=dataclasses.replace(on.gemm, min_rows=1, max_rows=128))  # the GEMM kernel on
+  assert validation.default_platform() == "gpu" and hj.default_backend() == "pallas"
+  assert gemm.default_backend(64, on) == "pallas"
+  for cpu in (jax.devices("cpu")[0], "cpu"):
+    with jax.default_device(cpu):
+      assert validation.default_platform() == "cpu"
+      assert hj.default_backend() == "xla" and validation.resolve_backend(None) == "xla"
+      assert gemm.default_backend(64, on) == "xla"
+      with pytest.raises(ValueError, match=r"backend='pallas' runs compiled GPU kernels, and the default device is "
+                                           r"'cpu'"):
+        validation.resolve_backend("pallas")
+      q, k = _ok()
+      chex.assert_trees_all_close(hj.attention(q, k, k)[0], hj.attention(q, k, k, backend="xla")[0])
+
+
 @pytest.mark.parametrize("backend", ["interpret", "interpret-mosaic"])
 def test_gradients_through_the_kernels_are_refused_by_name(backend):
   """The kernels define no derivative: jax.grad through a kernel backend raises a ValueError naming it (Pallas
