@@ -37,8 +37,9 @@ def lowering_for_gpu():
   The Hopper kernel ("mosaic") lowers so as it is; the Triton kernels' lowering also needs a GPU named, trace and
   lower both under `jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=AbstractDevice(...)))` (as
   tests/test_kernels.py does); "pallas" chooses between the two by the tracing machine (no Hopper there: Triton).
-  Trace a fresh `jax.jit` inside the block: jit's cache does not see the flag, so a function traced inside it is
-  not traced again, nor refused, outside. Outside it, a compiled backend named where the default device is not a GPU
+  Trace a fresh `jax.jit` inside the block, in the same thread: jit's cache does not see the flag, so a function
+  traced inside it is not traced again, nor refused, outside; and the flag is a context variable, which threads
+  started inside the block do not inherit. Outside it, a compiled backend named where the default device is not a GPU
   is refused (`resolve_backend`): it could only fail later, inside Pallas' lowering."""
   token = _LOWERING_FOR_GPU.set(True)
   try:
