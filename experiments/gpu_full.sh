@@ -81,7 +81,12 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/hydragen_jax_
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 
 if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  # the set-up's venv where it is whole; one a failed (offline) set-up left without jax would fail every part
+  if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import jax' 2>/dev/null; then PYTHON=.venv/bin/python
+  else
+    [[ -e .venv ]] && echo "[gpu_full] .venv has no jax (a set-up that did not finish?): using python3" >&2
+    PYTHON=python3
+  fi
 fi
 LIMIT=${LIMIT:-560}   # seconds for the experiment itself; the whole device call is killed at 600
 # EXTRA's words as the shell would split them (a quoted value keeps its spaces: --set "grid.prefixes=[1024, 4096]"),

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import pathlib
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -698,6 +699,22 @@ def test_gpu_full_names_an_unknown_part_first():
     """A mistyped part is named as such on any machine (it was reported as "platform is cpu" off a GPU)."""
     done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mh"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown part bench-mh (one of: bench bench-mha" in done.stderr, done.stderr
+
+
+def test_gpu_full_passes_over_a_venv_without_jax(tmp_path):
+    """A .venv that a set-up left without jax (offline, as on the GPU machine after `scripts/demo.sh`) is not taken
+    for the experiments' Python: gpu_full.sh says so and runs python3 (it used the .venv and every part failed with
+    "No module named 'jax'")."""
+    (tmp_path / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "gpu_full.sh", tmp_path / "experiments")
+    fake = tmp_path / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f"#!/usr/bin/env bash\n[[ \"$*\" == *'import jax'* ]] && exit 1\ntouch {tmp_path}/used\nexit 1\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mha"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert "[gpu_full] .venv has no jax (a set-up that did not finish?): using python3" in done.stderr, done.stderr
+    assert not (tmp_path / "used").exists()
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
