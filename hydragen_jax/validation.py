@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.devices import default_platform
 from hydragen_jax.kernels import hopper, ops
 
 BACKENDS = ("pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla")
@@ -46,15 +47,6 @@ def lowering_for_gpu():
     yield
   finally:
     _LOWERING_FOR_GPU.reset(token)
-
-
-def default_platform() -> str:
-  """The platform ("gpu", "cpu", ...) of the device that jitted calls of uncommitted arrays run on: the one set by
-  `jax.default_device` (a device or a platform's name) where one is, else `jax.default_backend()`'s."""
-  device = jax.config.jax_default_device
-  if device is None:
-    return jax.default_backend()
-  return device if isinstance(device, str) else device.platform
 
 
 def default_backend() -> str:

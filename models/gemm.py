@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.validation import default_platform
+from hydragen_jax.devices import default_platform
 from hydragen_jax.kernels import ops
 
 Array = jax.Array
@@ -44,7 +44,7 @@ def matmul_precision(dtype) -> lax.Precision | None:
 
 
 def default_backend(rows: int, tuning: tuning_lib.Tuning | None = None) -> str:
-  """"pallas" where the default device is a GPU (`hydragen_jax.validation.default_platform`) for products of the
+  """"pallas" where the default device is a GPU (`hydragen_jax.devices.default_platform`) for products of the
   tuning's `gemm.min_rows` to `gemm.max_rows` rows, else "xla"."""
   covered = tuning_lib.resolve(tuning).gemm.covers(rows)
   return "pallas" if default_platform() == "gpu" and covered else "xla"

@@ -808,27 +808,50 @@ def test_compiled_backends_are_refused_off_a_gpu_unless_lowering_for_one(backend
     jax.jit(lambda *a: hj.hydragen_attention(*a, backend=backend)).trace(q, pkv, pkv, skv, skv)
 
 
-def test_the_default_device_decides_the_backend_not_the_machine(monkeypatch):
-  """Under `jax.default_device(cpu)` on a GPU machine, jitted calls of uncommitted arrays run on the CPU: the default
-  backend there is "xla" (it was "pallas", chosen by the machine, which then failed inside Pallas' lowering), the
-  decode GEMM's default too, and a compiled backend is refused naming the CPU. (A GPU machine pretended here:
-  `jax.default_backend` patched to "gpu".)"""
+class _FakeGpuDevice:  # what hydragen_jax.devices reads of a device ('Device' in the name: jax.default_device takes it)
+  platform, device_kind, compute_capability, core_count = "gpu", "NVIDIA H200", "9.0", 132
+
+
+def test_the_default_device_decides_backend_limits_and_tuning_not_the_machine(monkeypatch):
+  """Jitted calls of uncommitted arrays run on `jax.default_device`'s device where one is set: it decides the default
+  backend (and the decode GEMM's), the refusal of the compiled ones, the compute capability and SMs the kernels are
+  cut to, and the tuning file; all of them together. A GPU machine is pretended (`jax.devices()` patched): its
+  default device gives "pallas", 9.0, 132 SMs and the H200's file; `default_device(cpu)` (a device or "cpu") gives
+  the CPU's everywhere (the backend was chosen by the machine, "pallas", which then failed in Pallas' lowering); a
+  GPU set as the default device on a machine whose default backend is the CPU gives the GPU's everywhere."""
+  from hydragen_jax import devices
+  from hydragen_jax.kernels import ops as kernel_ops
   from models import gemm
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  real = jax.devices
+  gpu = _FakeGpuDevice()
   on = tuning.resolve(None)
   on = dataclasses.replace(on, gemm=dataclasses.replace(on.gemm, min_rows=1, max_rows=128))  # the GEMM kernel on
-  assert validation.default_platform() == "gpu" and hj.default_backend() == "pallas"
-  assert gemm.default_backend(64, on) == "pallas"
-  for cpu in (jax.devices("cpu")[0], "cpu"):
-    with jax.default_device(cpu):
-      assert validation.default_platform() == "cpu"
-      assert hj.default_backend() == "xla" and validation.resolve_backend(None) == "xla"
-      assert gemm.default_backend(64, on) == "xla"
+
+  def looks(kind):
+    assert devices.default_platform() == kind
+    assert hj.default_backend() == validation.resolve_backend(None) == ("pallas" if kind == "gpu" else "xla")
+    assert gemm.default_backend(64, on) == ("pallas" if kind == "gpu" else "xla")
+    assert kernel_ops.gpu_capability() == ("9.0" if kind == "gpu" else None)
+    assert tuning.device_kind() == ("NVIDIA H200" if kind == "gpu" else "cpu")
+    assert kernel_ops.num_cores() == (132 if kind == "gpu" else tuning.resolve(None).num_cores)
+    if kind == "cpu":
       with pytest.raises(ValueError, match=r"backend='pallas' runs compiled GPU kernels, and the default device is "
                                            r"'cpu'"):
         validation.resolve_backend("pallas")
-      q, k = _ok()
+    else:
+      assert validation.resolve_backend("pallas") == "pallas"
+
+  monkeypatch.setattr(jax, "devices", lambda backend=None: [gpu] if backend in (None, "gpu") else real(backend))
+  looks("gpu")
+  for cpu in (real("cpu")[0], "cpu"):
+    with jax.default_device(cpu):
+      looks("cpu")
+      q, k = _ok()  # and a call runs: on the CPU, by the reference
       chex.assert_trees_all_close(hj.attention(q, k, k)[0], hj.attention(q, k, k, backend="xla")[0])
+  monkeypatch.setattr(jax, "devices", lambda backend=None: real(backend) if backend != "gpu" else [gpu])
+  looks("cpu")
+  with jax.default_device(gpu):
+    looks("gpu")
 
 
 @pytest.mark.parametrize("backend", ["interpret", "interpret-mosaic"])

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from hydragen_jax import tuning as tuning_lib
+from hydragen_jax.devices import default_device
 from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels_write, padded_head_dim
 from hydragen_jax.tuning import Tuning
 
@@ -32,8 +33,8 @@ Plan = tuple[LevelSpec, LevelWork]
 
 
 def num_cores(tuning: Tuning | None = None) -> int:
-  """SMs of the device (the tuning's `num_cores` where it does not say: CPU, interpreted runs)."""
-  device = jax.devices()[0]
+  """SMs of the default device (the tuning's `num_cores` where it does not say: CPU, interpreted runs)."""
+  device = default_device()
   return int(getattr(device, "core_count", 0) or tuning_lib.resolve(tuning).num_cores)
 
 
@@ -51,7 +52,7 @@ DEVICE = "device"  # `choose_block(shared_memory=DEVICE)`: the default device's 
 
 def gpu_capability() -> str | None:
   """The default device's compute capability ("9.0"; "gfx…" on a ROCm GPU); None off a GPU."""
-  device = jax.devices()[0]
+  device = default_device()
   return str(getattr(device, "compute_capability", "")) if device.platform == "gpu" else None
 
 

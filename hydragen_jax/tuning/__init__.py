@@ -2,10 +2,11 @@
 
 The choices (when "pallas" takes the Hopper kernel, the Triton tiles and key splits, when and how levels are
 interleaved in one launch, the Hopper kernel's ring depths, ping-pong and registers) were measured on one device
-and differ on another. Each `<slug>.json` next to this module holds the `Tuning` of one device kind
-(`jax.devices()[0].device_kind`; slug: lower case, other characters as "-", e.g. "NVIDIA H200" -> nvidia-h200.json)
-and its provenance: the command, date and commit that measured it (`python -m scripts.tuning.sweep_device` writes
-one), or, in a file not yet measured on its device, saying so (`measured_on` null).
+and differ on another. Each `<slug>.json` next to this module holds the `Tuning` of one device kind (the default
+device's `device_kind`, `hydragen_jax.devices.default_device`; slug: lower case, other characters as "-", e.g.
+"NVIDIA H200" -> nvidia-h200.json) and its provenance: the command, date and commit that measured it (`python -m
+scripts.tuning.sweep_device` writes one), or, in a file not yet measured on its device, saying so (`measured_on`
+null).
 
 `current()` is the tuning of the default device: its file, else the file of a known kind its name extends by whole
 words (`variant_of`: "NVIDIA H200 NVL" takes the H200's), else the H100's (`FALLBACK_KIND`, the device the kernels
@@ -34,6 +35,8 @@ import warnings
 from typing import Any, Iterator
 
 import jax
+
+from hydragen_jax.devices import default_device
 
 FALLBACK_KIND = "NVIDIA H100 80GB HBM3"
 TUNING_ENV = "HYDRAGEN_JAX_TUNING"  # a tuning file to use whatever the device
@@ -595,7 +598,7 @@ def known_kinds() -> list[str]:
 def _is_gpu_kind(kind: str) -> bool:
   """Whether a device kind names a GPU: the default device's platform where it is that kind (a TPU or CPU has no
   tuning to miss), else the name's vendor."""
-  device = jax.devices()[0]
+  device = default_device()
   if device.device_kind == kind:
     return device.platform == "gpu"
   return kind.upper().startswith(("NVIDIA", "AMD", "TESLA", "QUADRO", "GEFORCE", "RTX"))
@@ -641,8 +644,8 @@ _OVERRIDE = jax.make_user_context(default_value=None)
 
 
 def device_kind() -> str:
-  """The default device's kind ("NVIDIA H200", "cpu", ...)."""
-  return jax.devices()[0].device_kind
+  """The default device's kind ("NVIDIA H200", "cpu", ...; `hydragen_jax.devices.default_device`)."""
+  return default_device().device_kind
 
 
 @functools.lru_cache(maxsize=None)
