@@ -404,5 +404,5 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     # transformers' index metadata: the parameters (a tied head counted once, as it is saved once) and their bytes
     metadata = {"total_parameters": sum(x.size for x in tensors.values()),
                 "total_size": sum(x.nbytes for x in tensors.values())}
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-        json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    with open(os.path.join(path, INDEX_FILE), "w") as f:  # as transformers writes it: sorted keys, a final newline
+        f.write(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")

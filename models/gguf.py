@@ -85,13 +85,17 @@ def smollm2_path() -> str:
 # GGUF's metadata value types (gguf.GGUFValueType) and the bytes of the fixed-size ones
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
+_MAX_NESTING = 16  # arrays of arrays of ...: llama.cpp's files nest none
 
 
 def _check_counts(path: str) -> None:
-    """Refuse a GGUF whose metadata declares more than the file holds (a corrupted string length or array count),
-    before the gguf package reads it: the package (0.19) reads an array's items one by one and, past the file's end,
-    reads empty items without error, so a count of 2**60 would keep it busy for ever. Walks the metadata only (a
-    few strings and fixed-size runs); files that are not GGUF v2/v3 are left to the package's own errors."""
+    """Refuse a GGUF whose metadata or tensor list declares more than the file holds (a corrupted string length or
+    array count), before the gguf package reads it: the package (0.19) reads an array's items one by one and, past
+    the file's end, reads empty items without error, so a count of 2**60 would keep it busy for ever; a count still
+    inside a big file, one view per item, for hours. A walk of the metadata and the tensor infos (their sizes only:
+    a wrong count shifts what follows, which then no longer parses), refusing arrays nested deeper than
+    `_MAX_NESTING` and tensors of more than 4 dimensions (GGML's most); files that are not GGUF v2/v3 are left to the
+    package's own errors."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size < 24:
             return
@@ -104,42 +108,57 @@ def _check_counts(path: str) -> None:
             return
         end = len(data)
 
+        def corrupted(what: str) -> CheckpointError:
+            return CheckpointError(f"{path}: {what}: a corrupted or truncated GGUF file")
+
         def take(offset: int, size: int, what: str) -> int:
             if size > end - offset:
-                raise CheckpointError(f"{path}: {what} needs {size} bytes at byte {offset}, where the file has "
-                                      f"{end - offset} left: a corrupted or truncated GGUF file")
+                raise corrupted(f"{what} needs {size} bytes at byte {offset}, where the file has {end - offset} left")
             return offset + size
 
-        def string(offset: int, what: str) -> tuple[int, bytes]:
-            start = take(offset, 8, what)
-            length = struct.unpack_from(order + "Q", data, offset)[0]
-            return take(start, length, f"{what} (a string of {length} bytes)"), data[start:start + length]
+        def number(offset: int, fmt: str) -> int:  # read after take() made room for it
+            return struct.unpack_from(order + fmt, data, offset)[0]
 
-        def value(offset: int, vtype: int, what: str) -> int | None:  # the offset after it; None: a type unknown
+        def string(offset: int, what: str) -> int:  # the offset after it
+            length = number(take(offset, 8, what) - 8, "Q")
+            return take(offset + 8, length, f"{what} (a string of {length} bytes)")
+
+        def value(offset: int, vtype: int, what: str, depth: int = 0) -> int | None:  # None: a type unknown
             if vtype in _SCALAR_BYTES:
                 return take(offset, _SCALAR_BYTES[vtype], what)
             if vtype == _STRING:
-                return string(offset, what)[0]
+                return string(offset, what)
             if vtype != _ARRAY:
                 return None
+            if depth == _MAX_NESTING:
+                raise corrupted(f"{what} nests arrays more than {_MAX_NESTING} deep")
             offset = take(offset, 12, what)
-            itype, count = struct.unpack_from(order + "IQ", data, offset - 12)
+            itype, count = number(offset - 12, "I"), number(offset - 8, "Q")
             least = _SCALAR_BYTES.get(itype, 8 if itype == _STRING else 12)  # an item's fewest bytes
             take(offset, count * least, f"{what} (an array of {count} items)")
             if itype in _SCALAR_BYTES:
                 return offset + count * least
             for i in range(count):
-                if (offset := value(offset, itype, f"{what}[{i}]")) is None:
+                if (offset := value(offset, itype, f"{what}[{i}]", depth + 1)) is None:
                     return None
             return offset
 
-        offset = take(8, 16, "the header")
-        for k in range(struct.unpack_from(order + "Q", data, 16)[0]):
-            offset, key = string(offset, f"metadata key {k}")
-            what = f"metadata {key.decode('utf-8', 'replace')!r}"
+        tensors, keys = number(8, "Q"), number(16, "Q")
+        offset = 24
+        for k in range(keys):
+            start = offset + 8
+            offset = string(offset, f"metadata key {k}")
+            what = f"metadata {bytes(data[start:offset]).decode('utf-8', 'replace')!r}"
             offset = take(offset, 4, what)
-            if (offset := value(offset, struct.unpack_from(order + "I", data, offset - 4)[0], what)) is None:
+            if (offset := value(offset, number(offset - 4, "I"), what)) is None:
                 return  # a type the package refuses with its own message
+        for t in range(tensors):  # name, dimensions, their sizes, type, data offset
+            start = offset + 8
+            offset = take(string(offset, f"tensor info {t}"), 4, f"tensor info {t}")
+            what = f"tensor {bytes(data[start:offset - 4]).decode('utf-8', 'replace')!r}"
+            if (dims := number(offset - 4, "I")) > 4:
+                raise corrupted(f"{what} has {dims} dimensions (GGML's most: 4)")
+            offset = take(offset, 8 * dims + 12, what)
 
 
 def _open(path: str | os.PathLike):

@@ -245,8 +245,10 @@ def test_a_sharded_saves_index_metadata_is_transformers(tmp_path):
     model = load_checkpoint(fixture, dtype=jnp.bfloat16)
     assert model.config.tie_word_embeddings
     save_checkpoint(model, tmp_path, dtype=jnp.bfloat16, max_shard_bytes=want["metadata"]["total_size"] // 3)
-    got = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    text = (tmp_path / "model.safetensors.index.json").read_text()
+    got = json.loads(text)
     assert got["metadata"] == want["metadata"], (got["metadata"], want["metadata"])
+    assert text.endswith("}\n") and text.index('"metadata"') < text.index('"weight_map"')  # transformers' layout
     assert sorted(got["weight_map"]) == sorted(want["weight_map"])
     # float32: twice the bytes, the same parameters
     save_checkpoint(model, tmp_path / "f32", dtype=jnp.float32, max_shard_bytes=want["metadata"]["total_size"] // 3)

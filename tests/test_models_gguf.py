@@ -343,6 +343,30 @@ def test_gguf_refuses_counts_past_the_files_end(tmp_path, key, field, count):
         assert "corrupted or truncated GGUF file" in str(out[0])
 
 
+def test_gguf_refuses_a_count_that_shifts_the_tensor_list_and_deep_nesting(tmp_path):
+    """A count still inside the file (here half its size, on the last metadata entry) passes the metadata but shifts
+    the tensor list, which then no longer parses: refused at once (the package built one view per item: 30 s and
+    1.6 GB for 2M items of a 24 MB file, a reviewer's measure). Arrays nested deeper than GGUF readers need are
+    refused by name (the package recursed until Python's limit)."""
+    import struct
+    extra = {"test.bytes": ([1, 2, 3], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)}
+    data = bytearray(open(write_gguf(tmp_path / "g.gguf", CONFIG, make_tensors(CONFIG), extra_meta=extra),
+                          "rb").read())
+    name = b"test.bytes"
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name) + 8
+    data[at:at + 8] = (len(data) // 2).to_bytes(8, "little")
+    path = tmp_path / "shifted.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"shifted\.gguf: tensor info 0 .*a corrupted or truncated GGUF file"):
+        load_gguf(path)
+    deep = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"d" + struct.pack("<I", 9)
+    deep += struct.pack("<IQ", 9, 1) * 20 + struct.pack("<IQ", 0, 0)
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(deep)
+    with pytest.raises(CheckpointError, match=r"deep\.gguf: metadata 'd'(\[0\])* nests arrays more than 16 deep"):
+        load_gguf(path)
+
+
 def _raised(load, path):
     try:
         load(path)
