@@ -136,16 +136,31 @@ def _tensor_files(path: str) -> dict[str, str]:
     index = os.path.join(path, INDEX_FILE)
     single = os.path.isfile(os.path.join(path, SINGLE_FILE))
     if os.path.exists(index) and not single:
+        if os.path.isdir(index):
+            raise CheckpointError(f"{index} is a directory; expected the JSON index of the shards")
         with open(index, encoding="utf-8") as f:
             try:
                 weight_map = json.load(f).get("weight_map")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e})") from e
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
+                raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e!r})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map'")
         if bad := next(((n, f) for n, f in weight_map.items() if not isinstance(f, str)), None):
             raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r}, expected a file name")
-        return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+        mapping = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+        # A tensor held by two listed shards: transformers 5 reads every listed shard whole (the last one read wins),
+        # this loader the shard the map names: refused rather than guessed (a missing shard: named when read).
+        held: dict[str, str] = {}
+        for fname in sorted(set(mapping.values())):
+            if os.path.isfile(fname):
+                with _open(fname) as f:
+                    for name in f.keys():
+                        if name in held:
+                            raise CheckpointError(f"{path}: tensor {name!r} is in both {os.path.basename(held[name])} "
+                                                  f"and {os.path.basename(fname)} ({INDEX_FILE} maps it to "
+                                                  f"{os.path.basename(mapping.get(name, '(neither)'))})")
+                        held[name] = fname
+        return mapping
     if single:  # as transformers: that file alone, before any index
         files = [SINGLE_FILE]
     else:  # shards without their index: every *.safetensors file, no tensor in two of them
@@ -201,10 +216,25 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
                                           f"{piece.get_dtype()}; expected one of {FLOAT_DTYPES} (quantized "
                                           "checkpoints are not supported)")
                 try:
-                    tensors[name] = np.asarray(f.get_tensor(name)).astype(np.float32)
+                    raw = np.asarray(f.get_tensor(name))
                 except (SafetensorError, OSError, ValueError, TypeError) as e:
                     raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from e
+                tensors[name] = _cast(path, name, raw, np.float32)
     return tensors
+
+
+def _cast(path: str, name: str, x: np.ndarray, dtype) -> np.ndarray:
+    """`x` in `dtype`, or `CheckpointError` naming the tensor where a finite weight is past `dtype`'s range (it would
+    load as inf: a float64 checkpoint's, or a float32 one loaded in bfloat16). Non-finite weights stay as stored."""
+    with np.errstate(over="ignore"):
+        y = x.astype(dtype)
+    if y.dtype != x.dtype and not np.isfinite(y).all():
+        bad = ~np.isfinite(y) & np.isfinite(x)
+        if bad.any():
+            raise CheckpointError(f"{path}: tensor {name!r} holds {float(x[bad][0])}, past "
+                                  f"{np.dtype(dtype).name}'s largest finite value {float(ml_dtypes.finfo(dtype).max)}: "
+                                  f"it would load as inf")
+    return y
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None) -> Llama:
@@ -246,7 +276,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
 
 def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
     """An explicit copy of a tied head must be one."""
-    if not np.array_equal(head, embed):
+    if not np.array_equal(head, embed, equal_nan=True):
         raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
                               "'model.embed_tokens.weight'")
 
@@ -264,12 +294,12 @@ def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, tied_
             name = f"model.layers.{layer}.{suffix}"
             if last.get("name") != name:
                 last.update(name=name, x=_read(files, [name], expected, path)[name])
-            return _hf_layout(key, last["x"][start:end]).astype(host_dtype)
+            return _cast(path, name, _hf_layout(key, last["x"][start:end]), host_dtype)
         name = hf_name(key, layer)
         x = _read(files, [name], expected, path)[name]
         if tied_head and key == "embed":
             _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
-        return _hf_layout(key, x).astype(host_dtype)
+        return _cast(path, name, _hf_layout(key, x), host_dtype)
 
     return read
 

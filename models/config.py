@@ -121,6 +121,8 @@ FAMILIES = {  # model_type -> Family
                     default_head_dim=256, default_tie=True),
 }
 # model types that are refused with the reason (a family of the same name whose math differs)
+MAX_LAYERS = 1 << 16  # the most num_hidden_layers a config may say (the largest open models have ~100-200)
+
 UNSUPPORTED_FAMILIES = {
     "gemma2": "Gemma 2 soft-caps its attention scores and final logits (tanh), scales q by query_pre_attn_scalar, "
               "has a sliding window on every other layer and norms after the attention and the MLP",
@@ -467,6 +469,9 @@ class LlamaConfig:
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         """Build from the dict of a HF ``config.json``; raises ``CheckpointError`` for what is not supported."""
         model_type = d.get("model_type", "llama")
+        if not isinstance(model_type, str):
+            raise CheckpointError(f"config: model_type must be a string (one of {tuple(FAMILIES)}), got "
+                                  f"{model_type!r}")
         if model_type in UNSUPPORTED_FAMILIES:
             raise CheckpointError(f"config: model_type {model_type!r} is not supported: "
                                   f"{UNSUPPORTED_FAMILIES[model_type]} (supported: {tuple(FAMILIES)})")
@@ -510,6 +515,9 @@ class LlamaConfig:
             if d.get(key) is not None or key in required:
                 _positive_int(d[key], key)
         layers, heads, hidden = d["num_hidden_layers"], d["num_attention_heads"], d["hidden_size"]
+        if layers > MAX_LAYERS:  # before anything is built per layer (a corrupted count ran out of memory)
+            raise CheckpointError(f"config: num_hidden_layers={layers} is more than {MAX_LAYERS} (no decoder has that "
+                                  "many; a corrupted config?)")
         head_dim = d.get("head_dim", family.default_head_dim)
         if head_dim is None:
             if hidden % heads:
@@ -624,11 +632,15 @@ def _id_tuple(value) -> tuple:
 
 def _json_object(path: str | os.PathLike) -> dict:
     """The JSON object in the file ``path``; ``CheckpointError`` naming it where it is not one."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; expected a JSON file")
     with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        except RecursionError as e:  # arrays or objects nested thousands deep
+            raise CheckpointError(f"{path}: not valid JSON (nested too deep for Python's parser)") from e
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -809,6 +821,9 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
         raise CheckpointError(f"config: {where} has rope_type {rs['rope_type']!r} and type {rs['type']!r}; they "
                               "must agree (transformers 4 reads `type`, 5 reads `rope_type`)")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
+    if not isinstance(rope_type, str):
+        raise CheckpointError(f"config: {where} type must be a string (one of {SUPPORTED_ROPE_TYPES}), got "
+                              f"{rope_type!r}")
     if family.longrope:  # transformers' Phi3Config: "su" and "yarn" are longrope, no other scaling
         if rope_type == "su" and "original_max_position_embeddings" not in rs:
             # (Phi3Config renames "su" after it has filled in the dict's context for longrope: without one of its

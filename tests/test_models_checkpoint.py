@@ -9,11 +9,12 @@ Qwen2 / Qwen3 tensors (biases, q/k norms) round-trip; missing, unexpected, corru
 import json
 import math
 import pathlib
+import re
 
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_hf_tensors
 from models.config import LlamaConfig
@@ -605,3 +606,85 @@ def test_phi3_fused_weight_past_float16_is_named_as_its_fused_tensor(tmp_path):
     params = dict(model.params(), layers=[layer] + model.params()["layers"][1:])
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_up_proj.weight' holds 1000000.0"):
         save_checkpoint(llama.Llama(model.config, params), tmp_path / "b", dtype=jnp.float16)
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("stored, value, dtype", [(np.float64, 1e39, jnp.float32), (np.float32, 3.4e38, jnp.bfloat16)])
+def test_a_weight_past_the_models_dtype_is_named_not_loaded_as_inf(tmp_path, stored, value, dtype):
+    """A finite weight past the range of the dtype it is loaded in (float64 past float32; float32 past bfloat16) is
+    refused by name, as save_checkpoint refuses it: it loaded as inf with no word (float64: a numpy warning naming
+    nothing). The same float32 weight loads in float32; weights stored non-finite load as stored (as transformers)."""
+    t = make_tensors(CONFIG)
+    t[Q0] = t[Q0].astype(stored)
+    t[Q0][0, 0] = value
+    write_checkpoint(tmp_path, CONFIG, {n: x for n, x in t.items() if n != Q0}, dtype=np.float32)
+    save_file({**{n: x.astype(np.float32) for n, x in t.items() if n != Q0}, Q0: t[Q0]},
+              str(tmp_path / "model.safetensors"))
+    held = re.escape(str(float(np.asarray(value, stored))))
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(Q0)}' holds {held}, past "
+                                              rf"{jnp.dtype(dtype).name}'s largest finite value .*would load as inf"):
+        load_checkpoint(tmp_path, dtype=dtype)
+    if stored == np.float32:
+        assert float(np.asarray(load_checkpoint(tmp_path).layer_params()[0]["w_qkv"]).max()) == pytest.approx(value)
+    t[Q0][0, 0] = np.nan
+    save_file({**{n: x.astype(np.float32) for n, x in t.items() if n != Q0}, Q0: t[Q0]},
+              str(tmp_path / "model.safetensors"))
+    assert np.isnan(np.asarray(load_checkpoint(tmp_path, dtype=dtype).layer_params()[0]["w_qkv"], np.float32)).any()
+
+
+def test_a_tensor_in_two_listed_shards_is_refused(tmp_path):
+    """An index whose shards both hold a tensor: transformers 5 reads every listed shard whole (the later copy wins),
+    this loader read the shard the map names, silently; now refused, naming both shards and the map's choice."""
+    write_checkpoint(tmp_path, CONFIG, make_tensors(CONFIG), shards=3)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    other = sorted({f for n, f in index["weight_map"].items() if f != index["weight_map"][Q0]})[0]
+    held = dict(load_file(str(tmp_path / other)), **{Q0: np.zeros_like(make_tensors(CONFIG)[Q0])})
+    save_file(held, str(tmp_path / other))
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(Q0)}' is in both model-0000\d-of-00003\."
+                                              rf"safetensors and model-0000\d-of-00003\.safetensors \(model\."
+                                              rf"safetensors\.index\.json maps it to {index['weight_map'][Q0]}\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": ["llama"]}, r"model_type must be a string .*got \['llama'\]"),
+    ({"rope_scaling": {"type": ["linear"], "factor": 2.0}}, r"rope_scaling type must be a string .*got \['linear'\]"),
+    ({"num_hidden_layers": 10**18}, r"num_hidden_layers=1000000000000000000 is more than 65536"),
+])
+def test_config_values_of_the_wrong_kind_are_named(tmp_path, change, match):
+    """A list where a string goes (a TypeError 'unhashable type' before) and a layer count no file could hold (it
+    built per-layer tables until memory ran out) are refused by key, naming the file."""
+    write_checkpoint(tmp_path, dict(CONFIG, **change), make_tensors(CONFIG))
+    with pytest.raises(CheckpointError, match=rf"config\.json: config: {match}"):
+        load_checkpoint(tmp_path)
+
+
+def test_json_files_that_are_directories_or_nested_too_deep_are_named(tmp_path):
+    """config.json, generation_config.json or the index as a directory (IsADirectoryError before), and JSON nested
+    deeper than Python's parser goes (RecursionError before): CheckpointError naming the file."""
+    for name, match in [("config.json", "is a directory; expected a JSON file"),
+                        ("generation_config.json", "is a directory; expected a JSON file"),
+                        ("model.safetensors.index.json", "is a directory; expected the JSON index")]:
+        d = tmp_path / name.split(".")[0]
+        write_checkpoint(d, CONFIG, make_tensors(CONFIG), shards=2)
+        (d / name).unlink(missing_ok=True)
+        (d / name).mkdir()
+        with pytest.raises(CheckpointError, match=re.escape(str(d / name)) + " " + match):
+            load_checkpoint(d)
+    d = tmp_path / "deep"
+    write_checkpoint(d, CONFIG, make_tensors(CONFIG))
+    (d / "config.json").write_text(json.dumps(CONFIG)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON \(nested too deep"):
+        load_checkpoint(d)
+
+
+def test_a_tied_heads_explicit_copy_with_nan_is_a_copy(tmp_path):
+    """An lm_head.weight that copies a tied embedding holding NaN is the same tensor (it was refused as 'differs')."""
+    cfg = dict(CONFIG, tie_word_embeddings=True)
+    t = make_tensors(cfg)
+    t["model.embed_tokens.weight"][3, 1] = np.nan
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+    write_checkpoint(tmp_path, cfg, t)
+    assert np.isnan(np.asarray(load_checkpoint(tmp_path).embed.value)[3, 1])
