@@ -476,8 +476,8 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     tokenizer.no_padding()
 
     def read_json(name):  # the file's JSON object ({} where there is none); CheckpointError naming a malformed one
-        f = os.path.join(path, name)
-        return _json_object(f) if os.path.isfile(f) else {}
+        f = os.path.join(path, name)  # (a directory of that name is refused by _json_object, not taken for none)
+        return _json_object(f) if os.path.exists(f) else {}
 
     config = read_json("tokenizer_config.json")
     model_config = read_json("config.json")  # its model_type can override the tokenizer class (_auto_class)
@@ -541,7 +541,12 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     if isinstance(template, list):  # named templates: "default", and "tool_use" for calls with tools
         template = {t["name"]: t["template"] for t in template
                     if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
+    elif template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{os.path.join(path, 'tokenizer_config.json')}: chat_template must be a string (a Jinja "
+                              f"template) or a list of named ones; got {template!r}")
     jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isdir(jinja):
+        raise CheckpointError(f"{jinja} is a directory; expected the chat template's text")
     if os.path.isfile(jinja):  # transformers >= 4.43 writes the template there (it wins over the config's)
         with open(jinja, encoding="utf-8") as f:
             try:

@@ -14,6 +14,7 @@ configurations (Gemma 1.1's special turn markers, CodeGemma's FIM tokens, no tok
 from __future__ import annotations
 
 import json
+import re
 import pathlib
 import shutil
 import warnings
@@ -85,6 +86,29 @@ def test_unreadable_tokenizer_json_and_chat_template_name_the_file(tmp_path):
     (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff")
     with pytest.raises(CheckpointError, match=r"chat_template\.jinja: not UTF-8 text \(.*can't decode byte 0xff"):
         load_hf_tokenizer(tmp_path)
+
+
+def test_tokenizer_files_of_the_wrong_kind_are_named_not_skipped(tmp_path):
+    """A directory named tokenizer_config.json (or special_tokens_map.json, chat_template.jinja) was skipped as if
+    absent, losing the special tokens or the template without a word; a chat_template that is not text (an integer)
+    was dropped. Each is a CheckpointError naming the file."""
+    from models.checkpoint import CheckpointError  # noqa: PLC0415
+
+    for name, match in [("tokenizer_config.json", "is a directory; expected a JSON file"),
+                        ("chat_template.jinja", "is a directory; expected the chat template's text")]:
+        d = tmp_path / name.split(".")[0]
+        shutil.copytree(FIXTURE, d)
+        (d / name).unlink()
+        (d / name).mkdir()
+        with pytest.raises(CheckpointError, match=re.escape(str(d / name)) + " " + match):
+            load_hf_tokenizer(d)
+    d = tmp_path / "int_template"
+    shutil.copytree(FIXTURE, d)
+    (d / "chat_template.jinja").unlink()
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=5)))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: chat_template must be a string .*got 5"):
+        load_hf_tokenizer(d)
 
 
 @pytest.mark.parametrize("decoder", [[{"content": "<x>"}], {"x": {"content": "<x>"}}, {"5": "<x>"}],
