@@ -87,7 +87,7 @@ def test_linear_dispatch(monkeypatch):
   assert [ranged.covers(m) for m in (1, 7, 8, 64, 65)] == [False, False, True, True, False]
   assert not dataclasses.replace(ranged, max_rows=0).covers(8)  # max_rows 0: off whatever min_rows says
   with monkeypatch.context() as m:  # the GPU's rule, so that the range decides (on CPU it is always "xla")
-    m.setattr(gemm.jax, "default_backend", lambda: "gpu")
+    m.setattr(gemm, "default_platform", lambda: "gpu")
     chosen = [gemm.default_backend(r, dataclasses.replace(tuning.current(), gemm=ranged)) for r in (7, 8, 64, 65)]
     assert chosen == ["xla", "pallas", "pallas", "xla"]
     off = dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=0))
