@@ -73,6 +73,9 @@ def test_write_names_float_positions():
                    jnp.zeros((2, 1), jnp.float32), interpret=True)
 
 
+# the slow tier and the GPU (CI time: ~20 s interpreted): `write_max_rows` is 0 in both tuning files, the kernel's
+# own tests above run in CI
+@pytest.mark.slow
 def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monkeypatch):
   """Steps of at most `write_max_rows` slots (B·T: here every decode step) write with the kernel, larger ones
   (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path."""
