@@ -550,9 +550,9 @@ def test_suffix_late_sum_lowers_for_cuda():
     # the pair's suffix items (T·g = 8, unpacked: a window a sequence) zeroed as warpgroup 2's are
     ((3, 1, 16, 2, 64, 40, 16), dict(prefix_stages=2, pair_suffix_cost=0.25, pair_prefix_cost=0.25)),
 ], ["unpacked", "packed_causal", "mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
-    "early_keys_splits", "pair_suffixes"], slow=("mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
-                                                  "early_keys_splits", "pair_suffixes")))
-def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, shape, config):
+    "early_keys_splits", "pair_suffixes"], slow=("unpacked", "mha_decode_trim_lookahead", "packed_box_late_sum",
+                                                  "prefix_overlap", "early_keys_splits", "pair_suffixes")))
+def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, shape, config):  # CI: one case
   """zero_value_tails: the caches hold NaN past every length (prefix and suffixes: an unused tail) and the output
   equals the reference's over zeroed tails; lengths 0, a whole capacity and random ones. Without the setting the
   same inputs give NaN (a zero weight times NaN: the kernel's documented precondition), so the poisoned rows reach
@@ -585,6 +585,7 @@ def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, 
   assert any(map(has_nan, unguarded[:-1])) and has_nan(unguarded[-1])  # a prefix split's part, the suffixes'
 
 
+@pytest.mark.slow  # zero_value_tails is off in both tuning files (CI time: ~9 s; compiled on the GPU with -m gpu)
 def test_zero_value_tails_lowers_for_cuda():
   """zero_value_tails lowers to Mosaic GPU for CUDA with the H200's shipped settings: T·g = 1 from 8K keys of
   prefix (128-key prefix tiles, packed items in boxes: the value rings read through their reshape) and T·g = 4
