@@ -223,17 +223,25 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
     return tensors
 
 
-def _cast(path: str, name: str, x: np.ndarray, dtype) -> np.ndarray:
-    """`x` in `dtype`, or `CheckpointError` naming the tensor where a finite weight is past `dtype`'s range (it would
-    load as inf: a float64 checkpoint's, or a float32 one loaded in bfloat16). Non-finite weights stay as stored."""
+def _cast_finite(x: np.ndarray, dtype) -> tuple[np.ndarray, str | None]:
+    """`x` in `dtype`, and where a finite value of `x` became inf there (past `dtype`'s range), what it is ("holds
+    V, past D's largest finite value M"); None where none did. Non-finite values stay as they are."""
     with np.errstate(over="ignore"):
         y = x.astype(dtype)
     if y.dtype != x.dtype and not np.isfinite(y).all():
         bad = ~np.isfinite(y) & np.isfinite(x)
         if bad.any():
-            raise CheckpointError(f"{path}: tensor {name!r} holds {float(x[bad][0])}, past "
-                                  f"{np.dtype(dtype).name}'s largest finite value {float(ml_dtypes.finfo(dtype).max)}: "
-                                  f"it would load as inf")
+            return y, (f"holds {float(x[bad][0])}, past {np.dtype(dtype).name}'s largest finite value "
+                       f"{float(ml_dtypes.finfo(dtype).max)}")
+    return y, None
+
+
+def _cast(path: str, name: str, x: np.ndarray, dtype) -> np.ndarray:
+    """`x` in `dtype`, or `CheckpointError` naming the tensor where a finite weight is past `dtype`'s range (it would
+    load as inf: a float64 checkpoint's, or a float32 one loaded in bfloat16). Non-finite weights stay as stored."""
+    y, past = _cast_finite(x, dtype)
+    if past:
+        raise CheckpointError(f"{path}: tensor {name!r} {past}: it would load as inf")
     return y
 
 
@@ -359,16 +367,9 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         return np.asarray(x.astype(jnp.float32)) if x.dtype == jnp.bfloat16 else np.asarray(x)
 
     def conv(name: str, key: str, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(_hf_layout(key, x))
-        with np.errstate(over="ignore"):
-            y = x.astype(out_dtype)
-        if y.dtype != x.dtype and not np.isfinite(y).all():  # past the saved dtype's range: inf, not the weight
-            bad = ~np.isfinite(y) & np.isfinite(x)
-            if bad.any():
-                raise ValueError(f"save_checkpoint: tensor {name!r} holds {float(x[bad][0])}, past "
-                                 f"{np.dtype(out_dtype).name}'s largest finite value "
-                                 f"{float(ml_dtypes.finfo(out_dtype).max)}: it would be saved as inf (save in "
-                                 "float32)")
+        y, past = _cast_finite(np.ascontiguousarray(_hf_layout(key, x)), out_dtype)
+        if past:  # past the saved dtype's range: inf, not the weight
+            raise ValueError(f"save_checkpoint: tensor {name!r} {past}: it would be saved as inf (save in float32)")
         return y
 
     tensors = {hf_name(key): conv(hf_name(key), key, host(key, p[key])) for key, layer in _names(config)

@@ -120,9 +120,9 @@ FAMILIES = {  # model_type -> Family
                     default_bos=2, default_eos=1, default_pad=0, default_max_positions=8192, default_kv_heads=16,
                     default_head_dim=256, default_tie=True),
 }
-# model types that are refused with the reason (a family of the same name whose math differs)
 MAX_LAYERS = 1 << 16  # the most num_hidden_layers a config may say (the largest open models have ~100-200)
 
+# model types that are refused with the reason (a family of the same name whose math differs)
 UNSUPPORTED_FAMILIES = {
     "gemma2": "Gemma 2 soft-caps its attention scores and final logits (tanh), scales q by query_pre_attn_scalar, "
               "has a sliding window on every other layer and norms after the attention and the MLP",
