@@ -112,7 +112,7 @@ class BPETokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``: BOS first when ``add_bos``; None (default): the model's own special tokens, BOS
         first and EOS last where its settings add them (llama.cpp's ``add_special``); False: none."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = _ids(self._tok, text, special=False)
         add = self.add_bos if add_bos is None else add_bos
         eos = [self.eos_id] if add_bos is None and self.add_eos else []
         return ([self.bos_id] if add and self.bos_id is not None else []) + ids + eos
@@ -192,7 +192,7 @@ class HFTokenizer:
                 bos = [self.bos_id] if add_bos is not False and self.bos_id is not None else []
                 return bos + self._infilling.encode(before, after)
             text = before  # nothing after it: the text before it, as usual
-        ids = self._tok.encode(text, add_special_tokens=add_bos is None).ids
+        ids = _ids(self._tok, text, special=add_bos is None)
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids) -> str:
@@ -206,6 +206,17 @@ class HFTokenizer:
         template = self._templates.get("tool_use") if tools is not None else None
         return render_chat(template or self.chat_template, messages, add_generation_prompt, tools, documents,
                            self.special)
+
+
+def _ids(tok, text: str, special: bool) -> list[int]:
+    """``tok.encode(text).ids``, with or without the post-processor's special tokens. tokenizers raises a bare
+    Exception where a piece of ``text`` is in neither the vocabulary nor its byte fallback and the model's unk token
+    is missing from the vocabulary (as transformers' tokenizer of the same files does): a ValueError saying so."""
+    try:
+        return tok.encode(text, add_special_tokens=special).ids
+    except Exception as e:  # noqa: BLE001 (tokenizers' own errors are bare Exceptions)
+        raise ValueError(f"encode: the tokenizer cannot encode {text[:60]!r}: a piece of it is not in the "
+                         f"vocabulary (nor its byte tokens) and the tokenizer has no usable unk token ({e})") from e
 
 
 class _Infilling:
@@ -235,8 +246,8 @@ class _Infilling:
                       "normalizer, so its later ids of text after a space or a special token differ from these "
                       "(those of a fresh tokenizer)", stacklevel=3)
         prefix, suffix, middle = self.ids
-        return [prefix, *self._tok.encode(" " + before, add_special_tokens=False).ids, suffix,
-                *self._tok.encode(after, add_special_tokens=False).ids, middle]
+        return [prefix, *_ids(self._tok, " " + before, special=False), suffix,
+                *_ids(self._tok, after, special=False), middle]
 
 
 # transformers' tokenizer classes' defaults for named tokens a file leaves out (given as null: none)
@@ -327,7 +338,8 @@ def _sentencepiece_decoding() -> list:
     return [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
 
 
-def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict, code_llama: bool):
+def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict, code_llama: bool,
+                     config_file: str):
     """The ``tokenizers.Tokenizer`` that transformers 5's ``LlamaTokenizer`` (``CodeLlamaTokenizer`` where
     ``code_llama``) builds from tokenizer.json ``spec``. Its ``__init__`` (models/llama/tokenization_llama.py,
     models/code_llama/tokenization_code_llama.py) keeps only tokenizer.json's vocabulary and merges
@@ -357,7 +369,7 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
     strip = prefix_space or code_llama
     tokenizer.decoder = decoders.Sequence(_sentencepiece_decoding() + ([decoders.Strip(" ", 1, 0)] if strip else []))
-    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, code_llama))
+    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, config_file, code_llama))
 
     bos = special.get("bos_token")
     if not code_llama:
@@ -369,11 +381,13 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     return tokenizer
 
 
-def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, code_llama: bool = False) -> list:
+def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, config_file: str,
+                  code_llama: bool = False) -> list:
     """The added tokens of a tokenizer that transformers 5 rebuilds from tokenizer.json ``spec`` (``TokenizersBackend.
     __init__``): tokenizer_config.json's added_tokens_decoder (else tokenizer.json's), in id order, a named one made
     special, then the named tokens (``raw``: their values in the files) and extra special tokens not among them, as
-    special tokens (for CodeLlama, its infilling arguments among the latter)."""
+    special tokens (for CodeLlama, its infilling arguments among the latter). ``config_file``: the path of
+    tokenizer_config.json (``config``), named in errors."""
     from tokenizers import AddedToken
 
     special = {name: _token_string(value) for name, value in raw.items()}
@@ -382,7 +396,7 @@ def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, code_ll
         try:
             decoder = {int(i): AddedToken(**t) for i, t in entries.items()}
         except (AttributeError, TypeError, ValueError) as e:  # a list, a non-integer id, an entry that is no object
-            raise CheckpointError(f"tokenizer_config.json: added_tokens_decoder must map token ids (\"32000\") to "
+            raise CheckpointError(f"{config_file}: added_tokens_decoder must map token ids (\"32000\") to "
                                   f"AddedToken objects (content, special, ...); got {str(entries)[:120]} ({e})") from e
     else:
         decoder = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"}) for t in spec["added_tokens"]}
@@ -415,7 +429,7 @@ def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, code_ll
     return tokens
 
 
-def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict):
+def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict, raw: dict, config_file: str):
     """The ``tokenizers.Tokenizer`` that transformers 5's ``GemmaTokenizer`` (models/gemma/tokenization_gemma.py)
     builds from tokenizer.json ``spec``: as for a LlamaTokenizer, only tokenizer.json's vocabulary, merges and
     post-processor are kept, and its ``__init__`` sets
@@ -432,7 +446,7 @@ def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     tokenizer.decoder = decoders.Sequence(_sentencepiece_decoding())
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
-    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw))
+    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, config_file))
     tokenizer.post_processor = post_processor
     return tokenizer
 
@@ -479,6 +493,7 @@ def load_hf_tokenizer(path) -> HFTokenizer:
         f = os.path.join(path, name)  # (a directory of that name is refused by _json_object, not taken for none)
         return _json_object(f) if os.path.exists(f) else {}
 
+    config_file = os.path.join(path, "tokenizer_config.json")
     config = read_json("tokenizer_config.json")
     model_config = read_json("config.json")  # its model_type can override the tokenizer class (_auto_class)
     named_class = config.get("tokenizer_class") or model_config.get("tokenizer_class")
@@ -501,10 +516,11 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     infilling = None
     spec = json.loads(tokenizer.to_str()) if tokenizer_class in (*_LLAMA_CLASSES, "GemmaTokenizer") else None
     if tokenizer_class == "GemmaTokenizer" and (spec["model"] or {}).get("type") == "BPE":
-        tokenizer = _gemma_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw)
+        tokenizer = _gemma_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw, config_file)
     elif spec is not None and tokenizer_class != "GemmaTokenizer" and _sentencepiece_layout(spec):
         code_llama = tokenizer_class == "CodeLlamaTokenizer"
-        tokenizer = _llama_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw, code_llama)
+        tokenizer = _llama_tokenizer(spec, tokenizer.post_processor, config, legacy_map, raw, code_llama,
+                                     config_file)
         if code_llama:  # its fill token is its argument's (set last in its __init__); so are the infilling ids
             args = {k: _token_string(v) for k, v in _code_llama_arguments(config, legacy_map).items()}
             unk = tokenizer.token_to_id(special["unk_token"]) if "unk_token" in special else None

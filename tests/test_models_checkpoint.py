@@ -327,6 +327,35 @@ def test_index_entry_that_is_not_a_file_name(tmp_path):
         load_checkpoint(tmp_path / "ck")
 
 
+@pytest.mark.parametrize("where", ["../outside.safetensors", "/abs/model.safetensors", "sub/../../x.safetensors"])
+def test_index_entry_outside_the_checkpoint_is_refused(tmp_path, where):
+    """An index whose weight_map names a file outside the checkpoint's directory: refused by name, nothing read from
+    there (a shard in a subdirectory of the checkpoint stays allowed)."""
+    write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG), shards=2)
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    d["weight_map"]["model.norm.weight"] = where
+    index.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=re.escape(f"weight_map['model.norm.weight'] = {where!r} is outside")):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_index_entry_in_a_subdirectory_loads(tmp_path):
+    tensors = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ck", CONFIG, tensors, shards=2)
+    write_checkpoint(tmp_path / "whole", CONFIG, tensors)
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    first = d["weight_map"]["model.norm.weight"]
+    (tmp_path / "ck" / "sub").mkdir()
+    (tmp_path / "ck" / first).rename(tmp_path / "ck" / "sub" / first)
+    d["weight_map"] = {n: ("sub/" + f if f == first else f) for n, f in d["weight_map"].items()}
+    index.write_text(json.dumps(d))
+    tokens = [3, 1, 4]
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens),
+                                  model_logits(load_checkpoint(tmp_path / "whole"), tokens))
+
+
 def test_params_with_other_top_level_names_than_the_config_needs(tmp_path):
     """Llama(config, params) names the keys that differ (an lm_head with tied embeddings, none without) instead of
     failing on a bare KeyError."""

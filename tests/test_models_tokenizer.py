@@ -122,8 +122,28 @@ def test_a_malformed_added_tokens_decoder_is_named(tmp_path, decoder):
     (tmp_path / "tokenizer.json").write_bytes((llama / "tokenizer.json").read_bytes())
     config = json.loads((llama / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, added_tokens_decoder=decoder)))
-    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: added_tokens_decoder must map token ids"):
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "tokenizer_config.json")) +
+                       r": added_tokens_decoder must map token ids"):
         load_hf_tokenizer(tmp_path)
+
+
+def test_a_piece_without_unk_or_byte_token_is_a_value_error(tmp_path):
+    """A Gemma tokenizer.json without "<unk>" whose byte tokens miss one byte: transformers' tokenizer loads it and
+    fails on a text holding that byte (tokenizers' bare Exception); here a ValueError naming the text, and other
+    texts encode as before."""
+    shutil.copytree(GEMMA_FIXTURE, tmp_path, dirs_exist_ok=True)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    del spec["model"]["vocab"]["<unk>"], spec["model"]["vocab"]["<0xE2>"]
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<unk>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    decoder = config["added_tokens_decoder"]
+    config["added_tokens_decoder"] = {i: t for i, t in decoder.items() if t["content"] != "<unk>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_hf_tokenizer(tmp_path)
+    assert len(tok.encode("hello world", add_bos=False)) > 0
+    with pytest.raises(ValueError, match=r"cannot encode 'a \u2603 b': .*no usable unk token"):
+        tok.encode("a \u2603 b")
 
 
 def test_demo_runs_an_hf_checkpoint_with_its_tokenizer(tmp_path, capsys):
