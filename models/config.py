@@ -28,6 +28,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from typing import Any
 
 
@@ -367,6 +368,11 @@ class LlamaConfig:
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if not isinstance(self.eos_token_ids, tuple) or not all(is_int(i) for i in self.eos_token_ids):
             raise ValueError(f"config: eos_token_ids must be a tuple of integer token ids, got {self.eos_token_ids!r}")
+        if outside := [int(i) for i in self.eos_token_ids if not 0 <= i < self.vocab_size]:
+            # accepted, as transformers accepts them (its generate warns for a negative one): the model's logits
+            # never reach such an id, so decoding runs to max_new_tokens
+            warnings.warn(f"config: eos_token_ids {outside} outside the vocabulary [0, {self.vocab_size}): generation "
+                          "never stops on them", stacklevel=3)
         for name in ("bos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not is_int(value):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +40,17 @@ def test_llama2():
     assert (c.hidden_size, c.num_hidden_layers, c.head_dim, c.q_per_kv) == (4096, 32, 128, 1)
     assert c.rope_scaling is None and c.rope_theta == 10000.0 and c.eos_token_ids == (2,)
     assert not c.tie_word_embeddings
+
+
+def test_eos_ids_outside_the_vocabulary_warn_and_load():
+    """config.json's eos_token_id -1 or past vocab_size: loaded as transformers loads it (decoding never stops on
+    it), with a warning naming the ids; ids inside the vocabulary: no warning."""
+    with pytest.warns(UserWarning, match=r"eos_token_ids \[-1, 32000\] outside the vocabulary \[0, 32000\)"):
+        c = LlamaConfig.from_dict(dict(LLAMA2_7B, eos_token_id=[2, -1, 32000]))
+    assert c.eos_token_ids == (2, -1, 32000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LlamaConfig.from_dict(dict(LLAMA2_7B, eos_token_id=31999)).eos_token_ids == (31999,)
 
 
 def test_codellama_theta():
