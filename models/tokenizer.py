@@ -210,13 +210,16 @@ class HFTokenizer:
 
 def _ids(tok, text: str, special: bool) -> list[int]:
     """``tok.encode(text).ids``, with or without the post-processor's special tokens. tokenizers raises a bare
-    Exception where a piece of ``text`` is in neither the vocabulary nor its byte fallback and the model's unk token
-    is missing from the vocabulary (as transformers' tokenizer of the same files does): a ValueError saying so."""
+    Exception where it fails on a text, e.g. on a piece in neither the vocabulary nor its byte tokens when the unk
+    token is missing from the vocabulary (so does transformers' tokenizer of the same files): a ValueError naming
+    the text (its other errors, a TypeError for a text that is no string, pass as they are)."""
     try:
         return tok.encode(text, add_special_tokens=special).ids
     except Exception as e:  # noqa: BLE001 (tokenizers' own errors are bare Exceptions)
-        raise ValueError(f"encode: the tokenizer cannot encode {text[:60]!r}: a piece of it is not in the "
-                         f"vocabulary (nor its byte tokens) and the tokenizer has no usable unk token ({e})") from e
+        if type(e) is not Exception:
+            raise
+        raise ValueError(f"encode: the tokenizer cannot encode {text[:60]!r} ({e}; a piece in neither the vocabulary "
+                         "nor its byte tokens fails so where the unk token is not in the vocabulary)") from e
 
 
 class _Infilling:
