@@ -145,13 +145,13 @@ def _tensor_files(path: str) -> dict[str, str]:
                 raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e!r})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map'")
-        if bad := next(((n, f) for n, f in weight_map.items() if not isinstance(f, str)), None):
-            raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r}, expected a file name")
-        # a shard outside the checkpoint's directory (an absolute path, "../x"): refused, not read from elsewhere
-        if bad := next(((n, f) for n, f in weight_map.items()
-                        if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == os.pardir), None):
-            raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {bad[1]!r} is outside {path}; expected a file "
-                                  "of the checkpoint's directory")
+        for n, f in weight_map.items():
+            if not isinstance(f, str):
+                raise CheckpointError(f"{index}: weight_map[{n!r}] = {f!r}, expected a file name")
+            # a shard outside the checkpoint's directory (an absolute path, "../x"): refused, not read from elsewhere
+            if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == os.pardir:
+                raise CheckpointError(f"{index}: weight_map[{n!r}] = {f!r} is outside {path}; expected a file of the "
+                                      "checkpoint's directory")
         mapping = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
         # A tensor held by two listed shards: transformers 5 reads every listed shard whole (the last one read wins),
         # this loader the shard the map names: refused rather than guessed (a missing shard: named when read).
