@@ -33,23 +33,26 @@ BACKEND_PARAMS = [
 KERNEL_BACKENDS = [BACKEND_PARAMS[1], BACKEND_PARAMS[3]]  # the Triton kernels (ops.run): interpreted, compiled
 
 
-def grid(*axes: list, ids: list | None = None) -> list:
+def grid(*axes: list, ids: list | None = None, ci: tuple[str, ...] | None = None) -> list:
   """Every combination of the axes' values, as pytest params, with a covering subset in the default (CI) tier and
   the rest marked slow (run by `scripts/test.sh --all`; on the GPU, `-m gpu` runs every compiled combination).
 
   The subset: for j < max(len(axes[0]), the product of the other axes' lengths), the case of value j mod n_0 of the
   first axis and, of each other axis k, value (j + (j // n_k)·(k - 1)) mod n_k (n_k: an axis's length), duplicates
   once: every value of every axis is in it, and every pair of values of two 2-value axes. ids: one function per
-  axis, a value's id (a case's id joins them with "-"), or None (pytest's own)."""
+  axis, a value's id (a case's id joins them with "-"), or None (pytest's own). ci: the ids of the cases CI runs
+  instead of that subset (where each costs too much CI time for the whole subset), each one of the grid's."""
   n = [len(a) for a in axes]
-  ci = set()
+  subset = set()
   for j in range(max(n[0], math.prod(n[1:]))):
-    ci.add((j % n[0], *((j + (j // m) * (k - 1)) % m for k, m in enumerate(n[1:], start=1))))
+    subset.add((j % n[0], *((j + (j // m) * (k - 1)) % m for k, m in enumerate(n[1:], start=1))))
   cases = []
   for index in itertools.product(*(range(m) for m in n)):
     values = tuple(a[i] for a, i in zip(axes, index))
     case_id = None if ids is None else "-".join(f(v) for f, v in zip(ids, values))
-    cases.append(pytest.param(*values, id=case_id, marks=() if index in ci else pytest.mark.slow))
+    in_ci = index in subset if ci is None else case_id in ci
+    cases.append(pytest.param(*values, id=case_id, marks=() if in_ci else pytest.mark.slow))
+  assert ci is None or set(ci) <= {c.id for c in cases}, set(ci) - {c.id for c in cases}
   return cases
 
 

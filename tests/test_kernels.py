@@ -523,11 +523,10 @@ def _tree_step(key, dtype, b, t, hq, hkv, d, prefix_lengths, mid_lengths, suffix
 
 # CI: one case a launch form (`launch_merge_max_rows` is 0 in both tuning files; CI time ~8 s a case); the rest of
 # the grid with --all, every case compiled on the GPU
-@pytest.mark.parametrize("gqa,dtype,launch", [
-    case if case.id in ("hq8hkv2-bfloat16-interleaved", "hq4hkv4-float32-fused") else
-    pytest.param(*case.values, id=case.id, marks=pytest.mark.slow)
-    for case in grid([(4, 4), (8, 2), (8, 1)], [jnp.float32, jnp.bfloat16], ["fused", "interleaved"],
-                     ids=[lambda g: f"hq{g[0]}hkv{g[1]}", lambda d: d.__name__, str])])
+@pytest.mark.parametrize("gqa,dtype,launch", grid([(4, 4), (8, 2), (8, 1)], [jnp.float32, jnp.bfloat16],
+                                                  ["fused", "interleaved"],
+                                                  ids=[lambda g: f"hq{g[0]}hkv{g[1]}", lambda d: d.__name__, str],
+                                                  ci=("hq8hkv2-bfloat16-interleaved", "hq4hkv4-float32-fused")))
 def test_launch_merges_its_parts(kernel_backend, gqa, dtype, launch):
   """merge=True: the program that writes a row's last part merges every part of it in the launch: the same out and
   lse as `merge_states` over the launch's parts, and as the reference's levels merged.
