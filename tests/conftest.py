@@ -8,6 +8,7 @@ there is none. Cases outside the Hopper kernel's (float32, odd capacities, ...) 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -54,6 +55,24 @@ def grid(*axes: list, ids: list | None = None, ci: tuple[str, ...] | None = None
     cases.append(pytest.param(*values, id=case_id, marks=() if in_ci else pytest.mark.slow))
   assert ci is None or set(ci) <= {c.id for c in cases}, set(ci) - {c.id for c in cases}
   return cases
+
+
+def shipped(field: str) -> bool:
+  """Whether any Hopper setting of a shipped tuning file (`hopper` and `hopper_long` of every known device kind) sets
+  the kernel option `field` other than its default (a switch on, clusters of 2, a pair suffix cost above 0)."""
+  from hydragen_jax import tuning  # noqa: PLC0415
+
+  default = {f.name: f.default for f in dataclasses.fields(tuning.HopperTuning)}[field]
+  return any(getattr(setting, field) != default for kind in tuning.known_kinds()
+             for entries in (tuning.file_for(kind).tuning.hopper, tuning.file_for(kind).tuning.hopper_long)
+             for _, setting in entries)
+
+
+def ci_if_shipped(field: str):
+  """Decorator for a test of the Hopper kernel's option `field`: CI runs it where a shipped tuning file sets the
+  option, else it is marked slow (CI time: an option no device runs is tested by `scripts/test.sh --all`, and
+  compiled on the GPU with -m gpu). A tuning file that turns the option on brings its tests back into CI."""
+  return (lambda test: test) if shipped(field) else pytest.mark.slow
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

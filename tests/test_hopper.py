@@ -17,6 +17,7 @@ import pytest
 import hydragen_jax as hj
 from hydragen_jax import reference, tuning, validation
 from hydragen_jax.kernels import hopper, ops
+from tests.conftest import ci_if_shipped
 from tests.attention_cases import assert_close_to_reference, expected_tree, normal, random_level, tol
 
 requires_hopper = pytest.mark.skipif(not validation.on_hopper(),
@@ -529,6 +530,7 @@ def test_suffix_late_sum_lowers_for_cuda():
     _assert_lowers_for_cuda(config, batch=512, heads=heads, kv_heads=kv_heads, prefix=8192, suffix=512)
 
 
+@ci_if_shipped("zero_value_tails")
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize(*_cases("shape,config", [
     # unpacked, T·g = 4 (an 8-row window), 64-key tiles through 3 prefix stages
@@ -552,7 +554,7 @@ def test_suffix_late_sum_lowers_for_cuda():
 ], ["unpacked", "packed_causal", "mha_decode_trim_lookahead", "packed_box_late_sum", "prefix_overlap",
     "early_keys_splits", "pair_suffixes"], slow=("unpacked", "mha_decode_trim_lookahead", "packed_box_late_sum",
                                                   "prefix_overlap", "early_keys_splits", "pair_suffixes")))
-def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, shape, config):  # CI: one case
+def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, shape, config):  # shipped: one case
   """zero_value_tails: the caches hold NaN past every length (prefix and suffixes: an unused tail) and the output
   equals the reference's over zeroed tails; lengths 0, a whole capacity and random ones. Without the setting the
   same inputs give NaN (a zero weight times NaN: the kernel's documented precondition), so the poisoned rows reach
@@ -585,7 +587,7 @@ def test_zero_value_tails_keeps_non_finite_values_past_the_lengths_out(backend, 
   assert any(map(has_nan, unguarded[:-1])) and has_nan(unguarded[-1])  # a prefix split's part, the suffixes'
 
 
-@pytest.mark.slow  # zero_value_tails is off in both tuning files (CI time: ~9 s; compiled on the GPU with -m gpu)
+@ci_if_shipped("zero_value_tails")
 def test_zero_value_tails_lowers_for_cuda():
   """zero_value_tails lowers to Mosaic GPU for CUDA with the H200's shipped settings: T·g = 1 from 8K keys of
   prefix (128-key prefix tiles, packed items in boxes: the value rings read through their reshape) and T·g = 4
@@ -613,6 +615,7 @@ def _pair_share(shape, config, lengths, plen) -> tuple[int, int]:
   return int(hopper.pair_split(items, prefix_tiles, mean, config, pack)), items
 
 
+@ci_if_shipped("pair_suffix_cost")
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize(*_cases("shape,config,plen", [
     # T·g = 4: 2 sequences a window, 64-key prefix tiles (32 keys a sequence), one slot each, q in shared memory
@@ -684,6 +687,7 @@ def test_the_pair_takes_suffix_items_where_they_fill_whole_windows(cost, rows, p
   assert hopper._shares(hopper.HopperConfig(suffix_pack=pack, pair_suffix_cost=cost), rows) == shares
 
 
+@ci_if_shipped("pair_suffix_cost")
 @pytest.mark.parametrize("rows,heads,kv_heads,prefix", [(1, 32, 32, 4096), (1, 32, 32, 16384), (4, 32, 8, 2048),
                                                         (4, 32, 8, 8192), (8, 32, 4, 2048)])
 def test_pair_suffixes_lower_for_cuda(rows, heads, kv_heads, prefix):
@@ -714,6 +718,7 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=0.125), jnp.bfloat16)
 
 
+@ci_if_shipped("prefix_overlap")
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize(*_cases("shape,length,keys,stages,pingpong", [
     ((5, 2, 8, 4, 64, 272, 16), 264, 64, 2, True),
@@ -723,9 +728,8 @@ def test_suffix_trim_copies_a_last_tile_only_as_far_as_its_keys(backend, keys, l
     ((3, 1, 8, 4, 64, 40, 8), 0, 64, 2, True),
     ((40, 1, 8, 4, 64, 200, 8), 200, 64, 3, True),
 ], ["4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
-    "both_warpgroups_rows_3stages"],  # prefix_overlap is off in every tuning (slower): slow tier and compiled only
-    slow=("4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "one_partial_tile", "no_key",
-          "both_warpgroups_rows_3stages")))
+    "both_warpgroups_rows_3stages"], slow=("4tiles_and_8keys", "128keys", "one_whole_tile_no_pingpong", "no_key",
+                                           "both_warpgroups_rows_3stages")))
 def test_prefix_overlap_issues_the_value_product_with_the_next_scores(backend, shape, length, keys, stages,
                                                                       pingpong):
   """prefix_overlap (FlashAttention-3's intra-warpgroup pipelining): each tile's value product one tile late, with
@@ -821,6 +825,7 @@ _H200_ROWS4 = dict(prefix_stages=2, suffix_stages=2, q_registers=True, suffix_ke
                    prefix_early_keys=True)
 
 
+@ci_if_shipped("suffix_early_keys")
 @pytest.mark.parametrize("backend", MOSAIC)
 @pytest.mark.parametrize(*_cases("shape,config", [
     # T·g = 4 packed (2 sequences a window), 128-key tiles through a 2-slot ring, several tiles and items a CTA
@@ -856,6 +861,7 @@ def test_suffix_early_keys_releases_key_tiles_after_the_scores(backend, shape, c
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
 
 
+@ci_if_shipped("suffix_early_keys")
 @pytest.mark.parametrize("rows", [4, 1])
 def test_suffix_early_keys_lowers_for_cuda(rows):
   """The suffix's early key release lowers to Mosaic GPU for CUDA with the H200's shipped T·g = 4 and T·g = 1
@@ -891,6 +897,7 @@ def _lowers_as_counted(q, kv, skv, config, need: int, fits: bool) -> None:
       traced.lower(lowering_platforms=("cuda",))
 
 
+@ci_if_shipped("prefix_key_stages")
 @pytest.mark.parametrize("key_stages,cluster,fits", [(3, 1, True), (3, 2, True), (4, 1, False)],
                          ids=["3key_slots", "3key_slots_clusters", "4key_slots"])
 def test_prefix_key_ring_fits_beside_the_h200_gqa_setting(key_stages, cluster, fits):
@@ -909,8 +916,8 @@ def test_prefix_key_ring_fits_beside_the_h200_gqa_setting(key_stages, cluster, f
   _lowers_as_counted(q, kv, skv, config, need, fits)
 
 
-@pytest.mark.parametrize(*_cases("pingpong", [True, False], ["pingpong", "no_pingpong"],
-                                 slow=("pingpong", "no_pingpong")))  # prefix_overlap: off in every tuning
+@ci_if_shipped("prefix_overlap")
+@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "no_pingpong"])
 def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
   """The overlapped prefix loop lowers to Mosaic GPU for CUDA at the GQA and the MHA decode shapes (with the
   settings of T·g = 2-8 and of T·g = 1, and in 2-CTA clusters: its value tiles' own cluster barrier), and waits for
@@ -930,7 +937,7 @@ def test_prefix_overlap_lowers_for_cuda_with_one_wgmma_left_in_flight(pingpong):
     assert "wgmma.wait_group.sync.aligned 1" in text
 
 
-@pytest.mark.slow  # no tuning ships clusters (CI time)
+@ci_if_shipped("cluster")
 def test_clusters_lower_for_cuda_and_check_their_settings():
   """2-CTA clusters lower to Mosaic GPU for CUDA (the multicast copies split each prefix tile between the two CTAs)
   at the GQA and the MHA decode shapes; the grid takes whole clusters (132 SMs: 66 clusters; an odd num_ctas is

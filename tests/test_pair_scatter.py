@@ -17,7 +17,7 @@ from models import pair_scatter
 from models.generate import generate
 from models.llama import init_random
 from tests import write_cases
-from tests.conftest import ON_GPU, grid
+from tests.conftest import ON_GPU, grid, requires_gpu
 from tests.write_cases import CASES, CFG, DTYPES
 
 
@@ -121,10 +121,13 @@ def test_bad_shapes_are_named(args, match):
     pair_scatter.scatter(jnp.zeros(cache_a), jnp.zeros(cache_b), jnp.zeros(k), jnp.zeros(v), jnp.zeros(pos, jnp.int32))
 
 
-# standard in the slow tier and on the GPU (CI time: ~26 s interpreted; its per-sequence caches are written as
-# hydragen's suffix level is)
+# CI: hydragen on XLA's attention (the write is the same scatter whatever reads the caches next; ~26 s more
+# interpreted); the interpreted kernels and standard (its per-sequence caches are written as hydragen's suffix level
+# is) in the slow tier; compiled on the GPU.
+@pytest.mark.parametrize("backend", ["xla", pytest.param("interpret", marks=pytest.mark.slow),
+                                     pytest.param("pallas", marks=[pytest.mark.gpu, requires_gpu])])
 @pytest.mark.parametrize("mode", ["hydragen", pytest.param("standard", marks=pytest.mark.slow)])
-def test_models_write_with_one_scatter_where_the_tuning_says(kernel_backend, monkeypatch, mode):
+def test_models_write_with_one_scatter_where_the_tuning_says(backend, monkeypatch, mode):
   """With the tuning's `pair_write` the decode loop writes its caches with `pair_scatter` (on XLA's attention and
   the kernels'); the greedy tokens and logits are bit for bit those of one scatter a cache."""
   model = init_random(CFG, jnp.float32, seed=3)
@@ -133,16 +136,14 @@ def test_models_write_with_one_scatter_where_the_tuning_says(kernel_backend, mon
   jax.clear_caches()
   calls, real = [], pair_scatter.scatter
   monkeypatch.setattr(pair_scatter, "scatter", lambda *a: calls.append(a[0].shape) or real(*a))
-  for backend in ("xla", kernel_backend):
-    with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=False)):  # whatever the file says
-      ref = generate(model, prompts, num_samples=2, max_new_tokens=4, mode=mode, backend=backend)
-    assert not calls  # off: one scatter a cache
-    with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=True)):
-      got = generate(model, prompts, num_samples=2, max_new_tokens=4, mode=mode, backend=backend)
-    assert any(shape[0] == len(prompts) * 2 for shape in calls)  # the per-sequence caches, written each step
-    calls.clear()
-    np.testing.assert_array_equal(got.tokens, ref.tokens)
-    np.testing.assert_array_equal(got.logits, ref.logits)
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=False)):  # whatever the file says
+    ref = generate(model, prompts, num_samples=2, max_new_tokens=4, mode=mode, backend=backend)
+  assert not calls  # off: one scatter a cache
+  with tuning_lib.override(dataclasses.replace(tuning_lib.current(), pair_write=True)):
+    got = generate(model, prompts, num_samples=2, max_new_tokens=4, mode=mode, backend=backend)
+  assert any(shape[0] == len(prompts) * 2 for shape in calls)  # the per-sequence caches, written each step
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  np.testing.assert_array_equal(got.logits, ref.logits)
 
 
 @pytest.mark.parametrize("decode", [False, True])
