@@ -87,6 +87,10 @@ RATES_SCHEMA = {
     # inter-device bandwidth is the best bus bandwidth among them (experiments.device_rates.allreduce_rates).
     "allreduce_bytes": ListOf((int,), check=lambda v: not isinstance(v, bool) and v >= 1, hint="bytes >= 1",
                               required=False),
+    # Seconds each repeat of a probe lasts at least (calls back to back; default device_rates.PROBE_MIN_REPEAT_S,
+    # 0.05): the smoke runs take 0 (one call a repeat), their rates being only plumbing.
+    "min_repeat_s": Field((int, float), required=False, check=lambda v: not isinstance(v, bool) and v >= 0,
+                          hint="seconds >= 0"),
 }
 
 COMMON_SCHEMA = {

@@ -6,8 +6,8 @@ The floor's bandwidth is the best of several probes, so that no slow way of movi
   read         a read-only row reduction over `nbytes` (bytes read + the small output written)
   pallas_read  a Pallas kernel that streams `nbytes` block by block and writes one partial sum per program
                (compiled on GPU, interpreted elsewhere)
-Each probe is timed over several repeats of `calls` back-to-back calls (a repeat lasts >= PROBE_MIN_REPEAT_S, so
-host dispatch overlaps the device work); a probe's figure is its best repeat (its median is recorded too). A probe
+Each probe is timed over several repeats of `calls` back-to-back calls (a repeat lasts >= PROBE_MIN_REPEAT_S, or the
+config's rates.min_repeat_s, so host dispatch overlaps the device work); a probe's figure is its best repeat (its median is recorded too). A probe
 that fails is recorded with its error; the floor uses the best of those that ran.
 
 Runs on several devices (tensor parallel) also time the link between them (`allreduce_rates`): a psum over the
@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 from experiments import config, timing
 
 PROBES = config.BANDWIDTH_PROBES  # the bandwidth probes, in the order they run (a config may name a subset)
-PROBE_MIN_REPEAT_S = 0.05  # each repeat of a probe lasts at least this long
+PROBE_MIN_REPEAT_S = 0.05  # each repeat of a probe lasts at least this long (a config's rates.min_repeat_s overrides)
 PROBE_MAX_CALLS = 1000
 PROBE_MIN_REPEATS = 5
 READ_COLS = 4096  # row length of the reduction probe
@@ -42,17 +42,20 @@ PALLAS_CHUNK = 16  # rows per load: a [16, 512] block (16 KB of bf16) per loop s
 PALLAS_ROWS_PER_PROGRAM = 2048  # rows streamed by one program (2 MB of bf16)
 
 
-def _time_calls(call: Callable[[Any], Any], state: Any, *, warmup: int, repeats: int) -> tuple[list[float], int]:
+def _time_calls(call: Callable[[Any], Any], state: Any, timing_kw: dict) -> tuple[list[float], int]:
     """Seconds per call of `state = call(state)`, launched back to back: one entry per repeat, each repeat
-    `calls` calls long (calibrated from the warm-up so that it lasts >= PROBE_MIN_REPEAT_S). Returns
+    `calls` calls long (calibrated from the warm-up so that it lasts >= timing_kw's `probe_min_repeat_s`, default
+    PROBE_MIN_REPEAT_S), after timing_kw's `warmup` calls; max(`repeats`, PROBE_MIN_REPEATS) repeats. Returns
     (times, calls)."""
+    warmup, repeats = timing_kw["warmup"], timing_kw["repeats"]
+    min_repeat_s = timing_kw.get("probe_min_repeat_s", PROBE_MIN_REPEAT_S)
     state = jax.block_until_ready(call(state))  # first call: lazy initialisation, never reported
     single = float("inf")
     for _ in range(max(1, warmup)):
         start = time.perf_counter()
         state = jax.block_until_ready(call(state))
         single = min(single, time.perf_counter() - start)
-    calls = int(min(PROBE_MAX_CALLS, max(1, math.ceil(PROBE_MIN_REPEAT_S / max(single, 1e-9)))))
+    calls = int(min(PROBE_MAX_CALLS, max(1, math.ceil(min_repeat_s / max(single, 1e-9)))))
     times = []
     for _ in range(max(repeats, PROBE_MIN_REPEATS)):
         start = time.perf_counter()
@@ -61,6 +64,11 @@ def _time_calls(call: Callable[[Any], Any], state: Any, *, warmup: int, repeats:
         jax.block_until_ready(state)
         times.append((time.perf_counter() - start) / calls)
     return times, calls
+
+
+def _time_fn_kw(timing_kw: dict) -> dict:
+    """timing_kw without the probes' own key, as `timing.time_fn` takes it."""
+    return {k: v for k, v in timing_kw.items() if k != "probe_min_repeat_s"}
 
 
 def _probe_result(moved_bytes: int, times: list[float], calls: int) -> dict:
@@ -77,7 +85,7 @@ def copy_probe(nbytes: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
     dst = jnp.zeros_like(src)
     # The output aliases `dst` (donated); XLA lowers the whole-array update to one copy of `src` into it.
     copy = jax.jit(lambda a, b: lax.dynamic_update_slice(b, a, (0,)), donate_argnums=1).lower(src, dst).compile()
-    times, calls = _time_calls(lambda b: copy(src, b), dst, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
+    times, calls = _time_calls(lambda b: copy(src, b), dst, timing_kw)
     del src, dst
     return _probe_result(2 * n * itemsize, times, calls)
 
@@ -88,7 +96,7 @@ def read_probe(nbytes: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
     rows = max(1, nbytes // itemsize // READ_COLS)
     x = jax.random.normal(jax.random.key(2), (rows, READ_COLS), dtype=dtype)
     reduce = jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)).lower(x).compile()
-    times, calls = _time_calls(lambda _: reduce(x), None, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
+    times, calls = _time_calls(lambda _: reduce(x), None, timing_kw)
     del x
     return _probe_result(rows * READ_COLS * itemsize + rows * 4, times, calls)
 
@@ -136,7 +144,7 @@ def pallas_read_probe(nbytes: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
     x = jax.random.normal(jax.random.key(3), (programs * PALLAS_CHUNK * steps, PALLAS_COLS), dtype=dtype)
     interpret = jax.devices()[0].platform != "gpu"
     read = jax.jit(functools.partial(stream_read, steps=steps, interpret=interpret)).lower(x).compile()
-    times, calls = _time_calls(lambda _: read(x), None, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
+    times, calls = _time_calls(lambda _: read(x), None, timing_kw)
     moved = x.size * itemsize + programs * PALLAS_COLS * 4
     del x
     return _probe_result(moved, times, calls)
@@ -175,11 +183,13 @@ def bandwidth(nbytes: int, timing_kw: dict, probes: tuple[str, ...] = PROBES) ->
 def matmul_rate(n: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
     """FLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype` with the default (f32) accumulation: the best repeat
     (the floor's rate: the fastest the GPU showed, as for the bandwidth; the median is recorded too). Calls run back
-    to back for >= PROBE_MIN_REPEAT_S per repeat, so that host dispatch is not counted."""
+    to back for >= PROBE_MIN_REPEAT_S (timing_kw's `probe_min_repeat_s`) per repeat, so that host dispatch is not
+    counted."""
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.normal(ka, (n, n), dtype=dtype)
     b = jax.random.normal(kb, (n, n), dtype=dtype)
-    kw = {**timing_kw, "min_repeat_s": max(timing_kw.get("min_repeat_s", 0.0), PROBE_MIN_REPEAT_S),
+    kw = {**_time_fn_kw(timing_kw), "min_repeat_s": max(timing_kw.get("min_repeat_s", 0.0),
+                                                        timing_kw.get("probe_min_repeat_s", PROBE_MIN_REPEAT_S)),
           "max_inner": max(timing_kw.get("max_inner", 1), PROBE_MAX_CALLS)}
     t = timing.time_fn(lambda x, y: x @ y, (a, b), **kw)
     del a, b
@@ -192,7 +202,7 @@ def dispatch_time(timing_kw: dict) -> dict:
     """Seconds per call of a trivial jitted op (x + 1 on 512 KiB) launched back to back: the host's cost of one
     dispatch, a lower bound on any step timed one call per step."""
     x = jnp.ones((64, 32, 128), jnp.bfloat16)
-    t = timing.time_fn(lambda a: a + 1, (x,), **timing_kw)
+    t = timing.time_fn(lambda a: a + 1, (x,), **_time_fn_kw(timing_kw))
     return {"dispatch_s": t.median_s}
 
 
@@ -220,7 +230,7 @@ def allreduce_rates(devices: int, sizes: tuple[int, ...], timing_kw: dict, dtype
         # (a rendezvous timeout in the TP smoke run); on GPUs they run back to back like the other probes.
         call = (lambda _: jax.block_until_ready(psum(x))) if mesh.devices.flat[0].platform == "cpu" else (
             lambda _: psum(x))
-        times, calls = _time_calls(call, None, warmup=timing_kw["warmup"], repeats=timing_kw["repeats"])
+        times, calls = _time_calls(call, None, timing_kw)
         moved = n * jnp.dtype(dtype).itemsize
         found.append({"bytes": moved, "best_s": min(times), "median_s": statistics.median(times), "calls": calls,
                       "bus_bytes_per_s": factor * moved / min(times)})
@@ -237,14 +247,20 @@ def measure(copy_bytes: int, matmul_n: int, timing_kw: dict, probes: tuple[str, 
 def measure_for(config: dict, timing_kw: dict) -> dict:
     """`measure` with a config's [rates] table."""
     rates = config["rates"]
-    return measure(rates["copy_bytes"], rates["matmul_n"], timing_kw, tuple(rates.get("probes", PROBES)))
+    return measure(rates["copy_bytes"], rates["matmul_n"], _probe_kw(config, timing_kw),
+                   tuple(rates.get("probes", PROBES)))
+
+
+def _probe_kw(config: dict, timing_kw: dict) -> dict:
+    """timing_kw with the config's rates.min_repeat_s (default PROBE_MIN_REPEAT_S) as the probes' repeat length."""
+    return {**timing_kw, "probe_min_repeat_s": config["rates"].get("min_repeat_s", PROBE_MIN_REPEAT_S)}
 
 
 def measure_allreduce_for(config: dict, devices: list[int], timing_kw: dict) -> dict:
     """`allreduce_rates` for every device count above 1 in `devices`, keyed by the count (a string, as JSON keeps
     it); sizes from the config's rates.allreduce_bytes."""
     sizes = tuple(config["rates"].get("allreduce_bytes", ALLREDUCE_BYTES))
-    return {str(n): allreduce_rates(n, sizes, timing_kw) for n in sorted(set(devices)) if n > 1}
+    return {str(n): allreduce_rates(n, sizes, _probe_kw(config, timing_kw)) for n in sorted(set(devices)) if n > 1}
 
 
 def describe_allreduce(rates: dict) -> str:

@@ -62,8 +62,14 @@ from models.config import LlamaConfig
 # An option that XLA_FLAGS also sets, when this module is imported, is left to XLA_FLAGS: a user's flag, or a probe's
 # A/B, is not overridden.
 _OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
-COMPILER_OPTIONS = {key: value for key, value in _OPTIONS.items()
-                    if not re.search(rf"(^|\s)--{key}(=|\s|$)", os.environ.get("XLA_FLAGS", ""))}
+
+
+def compiler_options(xla_flags: str) -> dict[str, Any]:
+    """The model's XLA options (``_OPTIONS``) less those that ``xla_flags`` (an XLA_FLAGS string) sets."""
+    return {key: value for key, value in _OPTIONS.items() if not re.search(rf"(^|\s)--{key}(=|\s|$)", xla_flags)}
+
+
+COMPILER_OPTIONS = compiler_options(os.environ.get("XLA_FLAGS", ""))
 
 Params = dict[str, Any]
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]

@@ -68,11 +68,11 @@ def shipped(field: str) -> bool:
              for _, setting in entries)
 
 
-def ci_if_shipped(field: str):
-  """Decorator for a test of the Hopper kernel's option `field`: CI runs it where a shipped tuning file sets the
-  option, else it is marked slow (CI time: an option no device runs is tested by `scripts/test.sh --all`, and
-  compiled on the GPU with -m gpu). A tuning file that turns the option on brings its tests back into CI."""
-  return (lambda test: test) if shipped(field) else pytest.mark.slow
+def ci_if_shipped(field: str) -> pytest.MarkDecorator:
+  """The mark of a test (or a case) of the Hopper kernel's option `field`: `shipped(field)` where a shipped tuning
+  file sets the option (CI runs it), else slow (CI time: an option no device runs is tested by `scripts/test.sh
+  --all`, and compiled on the GPU with -m gpu). A tuning file that turns the option on brings its tests into CI."""
+  return pytest.mark.shipped(field) if shipped(field) else pytest.mark.slow
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

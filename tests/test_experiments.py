@@ -212,6 +212,22 @@ def test_bandwidth_probes_each_recorded_and_the_best_used():
     assert probes[rates["bandwidth_probe"]]["bytes_per_s"] == best
 
 
+def test_rates_min_repeat_s_sets_the_calls_of_a_probe_repeat():
+    """A config's rates.min_repeat_s: 0 times one call a repeat (the smoke runs); a repeat of a probe otherwise lasts
+    at least that long, by back-to-back calls (PROBE_MIN_REPEAT_S by default); the matmul's timing takes no unknown
+    key from it. A negative value is refused by the config."""
+    kw = {"warmup": 1, "repeats": 1}
+    rates = {"copy_bytes": 1 << 12, "matmul_n": 16, "probes": ["copy"]}
+    one = device_rates.measure_for({"rates": {**rates, "min_repeat_s": 0.0}}, kw)
+    assert one["bandwidth_probes"]["copy"]["calls"] == 1 and one["matmul_time_s"] > 0
+    # a 4 KiB copy takes well under 20 ms: calibrated to last 20 ms (by its warm-up call's time), a repeat is calls
+    long = device_rates.measure_for({"rates": {**rates, "min_repeat_s": 0.02}}, kw)["bandwidth_probes"]["copy"]
+    assert long["calls"] > 1
+    assert device_rates.measure_for({"rates": rates}, kw)["bandwidth_probes"]["copy"]["calls"] > 1  # the default
+    with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
+        config.load("e2e_throughput", smoke=True, assignments=["rates.min_repeat_s=-1"])
+
+
 def test_failed_probe_is_recorded_and_no_probe_is_an_error(monkeypatch):
     def broken(nbytes, timing_kw):
         raise RuntimeError("lowering failed")

@@ -12,7 +12,7 @@ import pytest
 
 from hydragen_jax import tuning, validation
 from models import generate, prefill
-from models.cache import LevelCache, batched_levels, level_node_bytes
+from models.cache import LevelCache, batched_levels, level_node_bytes, level_sizes
 from models.config import LlamaConfig
 from models.llama import init_random
 from models.sharing import expand_samples
@@ -57,11 +57,12 @@ def test_generate_reads_each_level_as_the_cost_model_says(monkeypatch):
   root_saved, problems_saved = 5 * root, 4 * problems
   assert root_saved > problems_saved > 0
   runs = {}
-  # every shared level batched; the root only (6 readers >= 4, the problems' 3 < 4, or the problems saving too few
-  # bytes); none (too few readers; "root by bytes": the bytes alone decide). Each override is its own jit
-  # cache entry (a compile each: CI time).
-  cases = {"all": ((2, 0), [True, True]), "root": ((4, 0), [True, False]), "none": ((100, 0), [False, False]),
-           "root by bytes": ((2, problems_saved + 1), [True, False])}
+  # every shared level batched; the root only (6 readers >= 4, the problems' 3 < 4); none (too few readers). Each
+  # override is its own jit cache entry (a compile each: CI time), so the bytes' rule is checked on the levels the
+  # step reads, without a generate of its own: the problems saving too few bytes leave the root alone batched.
+  assert batched_levels("hydragen", 6, level_sizes(state.cache.shared), _with(2, problems_saved + 1)) == [True, False]
+  assert batched_levels("hydragen", 6, level_sizes(state.cache.shared), _with(2, problems_saved)) == [True, True]
+  cases = {"all": ((2, 0), [True, True]), "root": ((4, 0), [True, False]), "none": ((100, 0), [False, False])}
   for name, (rule, decode_choice) in cases.items():
     with tuning.override(_with(*rule)):
       seen.clear()

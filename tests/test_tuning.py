@@ -869,3 +869,23 @@ def test_a_switch_round_trips_and_defaults_to_off(field):
   data = tuning.to_dict(tune)
   del data[field]  # a file written before the field: off
   assert getattr(tuning.from_dict(data), field) is False
+
+
+def test_ci_runs_the_tests_of_the_hopper_options_a_shipped_file_sets(monkeypatch):
+    """tests/conftest.ci_if_shipped: a kernel option that no shipped tuning file sets marks its tests slow (CI
+    leaves them to --all and the GPU), one that a file sets (prefix_early_keys: the GQA rows') keeps them in CI, and
+    a file that turns an option on brings its tests back."""
+    from tests.conftest import ci_if_shipped  # noqa: PLC0415
+
+    assert ci_if_shipped("suffix_early_keys").name == "slow" and ci_if_shipped("cluster").name == "slow"
+    assert ci_if_shipped("prefix_early_keys").name == "shipped"
+    real = tuning.file_for
+
+    def early(kind):
+        file = real(kind)
+        entries = tuple((rows, dataclasses.replace(setting, suffix_early_keys=True))
+                        for rows, setting in file.tuning.hopper)
+        return dataclasses.replace(file, tuning=dataclasses.replace(file.tuning, hopper=entries))
+
+    monkeypatch.setattr(tuning, "file_for", early)
+    assert ci_if_shipped("suffix_early_keys").name == "shipped"
