@@ -21,7 +21,7 @@ from models.generate import generate
 from models.llama import init_random
 from tests import write_cases
 from tests.attention_cases import normal, tol
-from tests.conftest import grid
+from tests.conftest import ci_if_shipped, grid
 
 # (B, T, Hq, Hkv, D, prefix P, leaf capacity S, old lengths, new tokens): decode (one sequence at its capacity: its
 # key dropped; one empty); a chunk with padding slots (right-aligned) and overflow past the capacity, GQA 4; MQA
@@ -193,8 +193,9 @@ def test_traced_new_tokens_out_of_range_are_clamped(backend):
   chex.assert_trees_all_close(got[0], want[0], **tol(jnp.float32))
 
 
-@pytest.mark.parametrize("launch,merge_rows", [("auto", 1 << 20), ("separate", 0), ("fused", 0)],
-                         ids=["merged-in-launch", "separate", "fused"])
+@pytest.mark.parametrize("launch,merge_rows", [
+    pytest.param("auto", 1 << 20, marks=ci_if_shipped("launch_merge_max_rows")), ("separate", 0), ("fused", 0)],
+    ids=["merged-in-launch", "separate", "fused"])
 def test_the_writing_launch_with_its_merge_or_in_separate_launches(monkeypatch, launch, merge_rows):
   """The written caches come back right beside the launch's own merge (its count aliased too) and when each level
   has a launch of its own; three levels, the middle one per sequence over two nodes."""

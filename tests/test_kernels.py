@@ -18,7 +18,7 @@ from hydragen_jax import merge_states, reference, tuning
 from hydragen_jax.kernels import flash, ops
 from hydragen_jax.kernels.flash import BlockConfig
 from tests.attention_cases import assert_close_to_reference, normal, tol
-from tests.conftest import grid
+from tests.conftest import ci_if_shipped, grid
 
 
 def _prefix_then_suffix(q, pk, pv, prefix_length, sk, sv, lengths, scale):
@@ -521,8 +521,9 @@ def _tree_step(key, dtype, b, t, hq, hkv, d, prefix_lengths, mid_lengths, suffix
       reference.attention(q32, sk, sv, jnp.array(suffix_lengths), causal=True, scale=scale)])
 
 
-# CI: one case a launch form (`launch_merge_max_rows` is 0 in both tuning files; CI time ~8 s a case); the rest of
-# the grid with --all, every case compiled on the GPU
+# CI, where a shipped tuning file sets `launch_merge_max_rows` (0 in both today: the slow tier): one case a launch
+# form (CI time ~8 s a case); the rest of the grid with --all, every case compiled on the GPU
+@ci_if_shipped("launch_merge_max_rows")
 @pytest.mark.parametrize("gqa,dtype,launch", grid([(4, 4), (8, 2), (8, 1)], [jnp.float32, jnp.bfloat16],
                                                   ["fused", "interleaved"],
                                                   ids=[lambda g: f"hq{g[0]}hkv{g[1]}", lambda d: d.__name__, str],
@@ -550,6 +551,7 @@ def test_launch_merges_its_parts(kernel_backend, gqa, dtype, launch):
   assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
 
 
+@ci_if_shipped("launch_merge_max_rows")
 def test_launch_merges_empty_rows_to_zero():
   """Every part of every row empty (the prefix's and the suffixes' lengths 0, the caches not): out 0, lse -inf, no
   NaN, with the merge in the launch."""
@@ -563,6 +565,7 @@ def test_launch_merges_empty_rows_to_zero():
   assert bool(jnp.all(out == 0)) and bool(jnp.all(lse == -jnp.inf))
 
 
+@ci_if_shipped("launch_merge_max_rows")
 def test_run_merges_in_the_launch_only_where_it_has_parts_to_merge():
   """merge=True with one part (one level, no splits) or one launch per level ("separate"): the parts as without
   it (the separate launches cannot count each other's parts)."""
@@ -606,6 +609,7 @@ def test_launch_merge_has_no_race_on_the_gpu():
       chex.assert_trees_all_close(lse, want[1], **tol(jnp.bfloat16))
 
 
+@ci_if_shipped("launch_merge_max_rows")
 def test_launch_merge_lowers_for_cuda(capsys):
   """The merge in the launch (the masked atomic count, barriers, volatile loads) lowers to Triton for an H100
   without one (an abstract device; Pallas's lowering rules run, not Triton's compiler): one kernel, its count

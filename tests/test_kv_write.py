@@ -16,10 +16,11 @@ from models import kv_write
 from models.generate import generate
 from models.llama import init_random
 from tests import write_cases
-from tests.conftest import grid
+from tests.conftest import ci_if_shipped, grid
 from tests.write_cases import CASES, CFG, DTYPES
 
 
+@ci_if_shipped("write_max_rows")
 @pytest.mark.parametrize("case,dtypes", grid(list(CASES), list(DTYPES), ids=[str, str]))
 def test_write_matches_the_scatters(kernel_backend, case, dtypes):
   """Each slot's key and value rows land at their position; dropped slots (padding, past the capacity, negative)
@@ -73,8 +74,8 @@ def test_write_names_float_positions():
                    jnp.zeros((2, 1), jnp.float32), interpret=True)
 
 
-# the slow tier and the GPU (CI time: ~20 s interpreted): `write_max_rows` is 0 in both tuning files, the kernel's
-# own tests above run in CI
+# the slow tier and the GPU (CI time: ~20 s interpreted): `write_max_rows` is 0 in both tuning files (the kernel's
+# own tests run in CI where a file sets it: ci_if_shipped)
 @pytest.mark.slow
 def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monkeypatch):
   """Steps of at most `write_max_rows` slots (B·T: here every decode step) write with the kernel, larger ones
@@ -97,6 +98,7 @@ def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monk
   np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
+@ci_if_shipped("write_max_rows")
 @pytest.mark.parametrize("write_rows,backend,kernel", [(6, "interpret", True), (5, "interpret", False),
                                                        (0, "interpret", False), (6, "xla", False)])
 def test_cache_write_takes_the_kernel_up_to_write_max_rows(monkeypatch, write_rows, backend, kernel):

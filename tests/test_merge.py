@@ -15,6 +15,7 @@ import hydragen_jax as hj
 from hydragen_jax import reference
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import merge
+from tests.conftest import ci_if_shipped
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -137,6 +138,7 @@ def _outside_kernels(jaxpr) -> list[str]:
   return names
 
 
+@ci_if_shipped("launch_merge_max_rows")
 @pytest.mark.parametrize("levels", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_api_merges_in_the_launch_where_the_tuning_says(kernel_backend, levels):
   """Up to `launch_merge_max_rows` query rows the Triton launch merges its own parts (`fused_levels(merge=True)`):

@@ -871,14 +871,15 @@ def test_a_switch_round_trips_and_defaults_to_off(field):
   assert getattr(tuning.from_dict(data), field) is False
 
 
-def test_ci_runs_the_tests_of_the_hopper_options_a_shipped_file_sets(monkeypatch):
+def test_ci_runs_the_tests_of_the_options_a_shipped_file_sets(monkeypatch):
     """tests/conftest.ci_if_shipped: a kernel option that no shipped tuning file sets marks its tests slow (CI
-    leaves them to --all and the GPU), one that a file sets (prefix_early_keys: the GQA rows') keeps them in CI, and
-    a file that turns an option on brings its tests back."""
+    leaves them to --all and the GPU), one that a file sets (prefix_early_keys: the GQA rows'; pair_write) keeps
+    them in CI, and a file that turns an option on brings its tests back."""
     from tests.conftest import ci_if_shipped  # noqa: PLC0415
 
     assert ci_if_shipped("suffix_early_keys").name == "slow" and ci_if_shipped("cluster").name == "slow"
-    assert ci_if_shipped("prefix_early_keys").name == "shipped"
+    assert ci_if_shipped("launch_merge_max_rows").name == "slow" and ci_if_shipped("write_max_rows").name == "slow"
+    assert ci_if_shipped("prefix_early_keys").name == "shipped" and ci_if_shipped("pair_write").name == "shipped"
     real = tuning.file_for
 
     def early(kind):
@@ -889,3 +890,6 @@ def test_ci_runs_the_tests_of_the_hopper_options_a_shipped_file_sets(monkeypatch
 
     monkeypatch.setattr(tuning, "file_for", early)
     assert ci_if_shipped("suffix_early_keys").name == "shipped"
+    monkeypatch.setattr(tuning, "file_for", lambda kind: dataclasses.replace(
+        real(kind), tuning=dataclasses.replace(real(kind).tuning, launch_merge_max_rows=64)))
+    assert ci_if_shipped("launch_merge_max_rows").name == "shipped"
