@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -77,6 +78,22 @@ def ci_if_shipped(field: str) -> pytest.MarkDecorator:
   tuning file sets the option (CI runs it), else slow (CI time: an option no device runs is tested by `scripts/test.sh
   --all`, and compiled on the GPU with -m gpu). A tuning file that turns the option on brings its tests into CI."""
   return pytest.mark.shipped(field) if shipped(field) else pytest.mark.slow
+
+
+def _float32(value) -> bool:
+  try:
+    return isinstance(value, (type, np.dtype)) and np.dtype(value) == np.float32
+  except TypeError:
+    return False
+
+
+def pytest_collection_modifyitems(items):
+  """A float32 case of the "interpret-mosaic" backend runs the Triton kernels that "interpret" runs (the Hopper
+  kernel takes 16-bit inputs only; its fallback has tests of its own): slow tier (CI time), compiled on the GPU."""
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("backend") == "interpret-mosaic" and any(map(_float32, params.values())):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
