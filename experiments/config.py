@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import pathlib
 import tomllib
 from typing import Any, Callable
@@ -60,7 +61,7 @@ def one_of(*choices: str, required: bool = True) -> Field:
 TIMING_SCHEMA = {
     "warmup": non_negative_int(),
     "repeats": positive_int("an integer >= 1 (use >= 5 for reported numbers)"),
-    "min_repeat_s": Field((int, float), required=False, check=lambda v: v >= 0, hint="seconds >= 0"),
+    "min_repeat_s": Field((int, float), required=False, check=lambda v: 0 <= v < math.inf, hint="seconds >= 0"),
     "max_inner": Field((int,), required=False, check=lambda v: v >= 1, hint="an integer >= 1"),
     "time_budget_s": Field((int, float), required=False, check=lambda v: v > 0, hint="seconds > 0"),
     # bench-attention: decode steps chained in one compiled call (timing.chain_steps); the step time is the call's / this.
@@ -89,7 +90,7 @@ RATES_SCHEMA = {
                               required=False),
     # Seconds each repeat of a probe lasts at least (calls back to back; default device_rates.PROBE_MIN_REPEAT_S,
     # 0.05): the smoke runs take 0 (one call a repeat), their rates being only plumbing.
-    "min_repeat_s": Field((int, float), required=False, check=lambda v: not isinstance(v, bool) and v >= 0,
+    "min_repeat_s": Field((int, float), required=False, check=lambda v: not isinstance(v, bool) and 0 <= v < math.inf,
                           hint="seconds >= 0"),
 }
 

@@ -6,8 +6,9 @@ The floor's bandwidth is the best of several probes, so that no slow way of movi
   read         a read-only row reduction over `nbytes` (bytes read + the small output written)
   pallas_read  a Pallas kernel that streams `nbytes` block by block and writes one partial sum per program
                (compiled on GPU, interpreted elsewhere)
-Each probe is timed over several repeats of `calls` back-to-back calls (a repeat lasts >= PROBE_MIN_REPEAT_S, or the
-config's rates.min_repeat_s, so host dispatch overlaps the device work); a probe's figure is its best repeat (its median is recorded too). A probe
+Each probe is timed over several repeats of `calls` back-to-back calls (a repeat lasts >= PROBE_MIN_REPEAT_S, or
+the config's rates.min_repeat_s, so host dispatch overlaps the device work); a probe's figure is its best repeat
+(its median is recorded too). A probe
 that fails is recorded with its error; the floor uses the best of those that ran.
 
 Runs on several devices (tensor parallel) also time the link between them (`allreduce_rates`): a psum over the

@@ -61,14 +61,17 @@ def grid(*axes: list, ids: list | None = None, ci: tuple[str, ...] | None = None
 def shipped(field: str) -> bool:
   """Whether a shipped tuning file (of any known device kind) sets the kernels' option `field` other than its
   default: a field of `Tuning` (e.g. `launch_merge_max_rows`, `write_max_rows` above 0), or of a Hopper setting
-  (`HopperTuning`: an entry of `hopper` or `hopper_long` with a switch on, clusters of 2, a pair suffix cost above 0)."""
+  (`HopperTuning`: an entry of `hopper` or `hopper_long` with a switch on, clusters of 2, a pair suffix cost
+  above 0)."""
   from hydragen_jax import tuning  # noqa: PLC0415
 
   files = [tuning.file_for(kind).tuning for kind in tuning.known_kinds()]
-  top = {f.name: f.default for f in dataclasses.fields(tuning.Tuning)}
-  if field in top:
-    return any(getattr(t, field) != top[field] for t in files)
-  default = {f.name: f.default for f in dataclasses.fields(tuning.HopperTuning)}[field]
+  defaults = {f.name: f.default for cls in (tuning.Tuning, tuning.HopperTuning) for f in dataclasses.fields(cls)}
+  if defaults.get(field, dataclasses.MISSING) is dataclasses.MISSING:  # a measured value every file has, or a typo
+    raise ValueError(f"shipped: {field!r} is not an option of Tuning or HopperTuning with a default (off)")
+  if field in {f.name for f in dataclasses.fields(tuning.Tuning)}:
+    return any(getattr(t, field) != defaults[field] for t in files)
+  default = defaults[field]
   return any(getattr(setting, field) != default for t in files for entries in (t.hopper, t.hopper_long)
              for _, setting in entries)
 
@@ -76,7 +79,8 @@ def shipped(field: str) -> bool:
 def ci_if_shipped(field: str) -> pytest.MarkDecorator:
   """The mark of a test (or a case) of the kernels' option `field` (see `shipped`): `shipped(field)` where a shipped
   tuning file sets the option (CI runs it), else slow (CI time: an option no device runs is tested by `scripts/test.sh
-  --all`, and compiled on the GPU with -m gpu). A tuning file that turns the option on brings its tests into CI."""
+  --all`, and its compiled cases on the GPU with -m gpu; a test that only lowers for CUDA runs with --all only). A
+  tuning file that turns the option on brings its tests into CI."""
   return pytest.mark.shipped(field) if shipped(field) else pytest.mark.slow
 
 

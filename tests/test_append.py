@@ -248,11 +248,12 @@ def test_a_launch_writes_one_fresh_level_and_only_through_fused_levels_write():
     ops.per_sequence(q, k_cache, v_cache, old, jnp.arange(3), causal=True, new=(new_k, new_v, new))
 
 
-# the slow tier and the GPU (CI time: ~20 s each interpreted; `write_in_attention` is off in both tuning files, and
-# the launch's own tests above run in CI; shared_storage's and standard's caches are appended to as hydragen's
-# suffix level is)
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["hydragen", "shared_storage", "standard"])
+# CI: hydragen where a tuning file sets `write_in_attention` (off in both: the slow tier and the GPU; CI time ~20 s
+# a case interpreted; the launch's own tests above run in CI); shared_storage's and standard's caches are appended
+# to as hydragen's suffix level is: slow tier
+@pytest.mark.parametrize("mode", [pytest.param("hydragen", marks=ci_if_shipped("write_in_attention")),
+                                  pytest.param("shared_storage", marks=pytest.mark.slow),
+                                  pytest.param("standard", marks=pytest.mark.slow)])
 def test_models_write_in_the_attention_where_the_tuning_says(kernel_backend, monkeypatch, mode):
   """With the tuning's `write_in_attention` the decode loop writes its caches in the attention's launch
   (`tree_attention_append`); the greedy tokens and logits are bit for bit those of the write before it."""

@@ -220,12 +220,15 @@ def test_rates_min_repeat_s_sets_the_calls_of_a_probe_repeat():
     rates = {"copy_bytes": 1 << 12, "matmul_n": 16, "probes": ["copy"]}
     one = device_rates.measure_for({"rates": {**rates, "min_repeat_s": 0.0}}, kw)
     assert one["bandwidth_probes"]["copy"]["calls"] == 1 and one["matmul_time_s"] > 0
-    # a 4 KiB copy takes well under 20 ms: calibrated to last 20 ms (by its warm-up call's time), a repeat is calls
-    long = device_rates.measure_for({"rates": {**rates, "min_repeat_s": 0.02}}, kw)["bandwidth_probes"]["copy"]
+    # a 4 KiB copy takes well under 200 ms: calibrated to last 200 ms (by its warm-up call's time), a repeat is calls
+    long = device_rates.measure_for({"rates": {**rates, "min_repeat_s": 0.2}}, kw)["bandwidth_probes"]["copy"]
     assert long["calls"] > 1
     assert device_rates.measure_for({"rates": rates}, kw)["bandwidth_probes"]["copy"]["calls"] > 1  # the default
+    for bad in ("-1", "inf"):  # an infinite repeat would never end (an OverflowError counting its calls)
+        with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
+            config.load("e2e_throughput", smoke=True, assignments=[f"rates.min_repeat_s={bad}"])
     with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
-        config.load("e2e_throughput", smoke=True, assignments=["rates.min_repeat_s=-1"])
+        config.load("e2e_throughput", smoke=True, assignments=["timing.min_repeat_s=inf"])
 
 
 def test_failed_probe_is_recorded_and_no_probe_is_an_error(monkeypatch):

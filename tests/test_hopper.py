@@ -17,8 +17,8 @@ import pytest
 import hydragen_jax as hj
 from hydragen_jax import reference, tuning, validation
 from hydragen_jax.kernels import hopper, ops
-from tests.conftest import ci_if_shipped
 from tests.attention_cases import assert_close_to_reference, expected_tree, normal, random_level, tol
+from tests.conftest import ci_if_shipped
 
 requires_hopper = pytest.mark.skipif(not validation.on_hopper(),
                                      reason="needs a Hopper GPU (H100/H200): the compiled kernel uses wgmma and TMA")
@@ -1029,7 +1029,8 @@ def test_queries_in_registers_free_their_shared_buffer(tiles, suffix_stages, fit
   _lowers_as_counted(q, kv, skv, config, need, fits)
 
 
-@pytest.mark.parametrize("pair_cost", [0.0, 1.0], ids=["suffixes_alone", "pair_suffixes"])
+@pytest.mark.parametrize("pair_cost", [0.0, pytest.param(1.0, marks=ci_if_shipped("pair_suffix_cost"))],
+                         ids=["suffixes_alone", "pair_suffixes"])
 @pytest.mark.parametrize("rows,fits", [(48, True), (52, False)])
 def test_shared_memory_count_matches_mosaic_gpu(rows, fits, pair_cost):
   """`_smem_bytes` against Mosaic GPU's own count: lowered for CUDA (on any machine), T·g = 48 fits an SM and

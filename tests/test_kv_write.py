@@ -74,9 +74,8 @@ def test_write_names_float_positions():
                    jnp.zeros((2, 1), jnp.float32), interpret=True)
 
 
-# the slow tier and the GPU (CI time: ~20 s interpreted): `write_max_rows` is 0 in both tuning files (the kernel's
-# own tests run in CI where a file sets it: ci_if_shipped)
-@pytest.mark.slow
+# CI where a tuning file sets `write_max_rows` (0 in both: the slow tier and the GPU; CI time ~20 s interpreted)
+@ci_if_shipped("write_max_rows")
 def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monkeypatch):
   """Steps of at most `write_max_rows` slots (B·T: here every decode step) write with the kernel, larger ones
   (prefill chunks) with XLA's scatters; the greedy tokens and logits are those of the jnp path."""
@@ -98,9 +97,10 @@ def test_models_write_with_the_kernel_where_the_tuning_says(kernel_backend, monk
   np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
-@ci_if_shipped("write_max_rows")
-@pytest.mark.parametrize("write_rows,backend,kernel", [(6, "interpret", True), (5, "interpret", False),
-                                                       (0, "interpret", False), (6, "xla", False)])
+@pytest.mark.parametrize("write_rows,backend,kernel", [  # the kernel's cases in CI where a file ships it
+    pytest.param(6, "interpret", True, marks=ci_if_shipped("write_max_rows")),
+    pytest.param(5, "interpret", False, marks=ci_if_shipped("write_max_rows")), (0, "interpret", False),
+    (6, "xla", False)])
 def test_cache_write_takes_the_kernel_up_to_write_max_rows(monkeypatch, write_rows, backend, kernel):
   """A step of B·T = 6 slots: the kernel on a kernel backend where `write_max_rows` >= 6; else the scatters (the
   same caches either way)."""
