@@ -65,15 +65,15 @@ def shipped(field: str) -> bool:
   above 0)."""
   from hydragen_jax import tuning  # noqa: PLC0415
 
-  files = [tuning.file_for(kind).tuning for kind in tuning.known_kinds()]
-  defaults = {f.name: f.default for cls in (tuning.Tuning, tuning.HopperTuning) for f in dataclasses.fields(cls)}
-  if defaults.get(field, dataclasses.MISSING) is dataclasses.MISSING:  # a measured value every file has, or a typo
+  top = {f.name: f.default for f in dataclasses.fields(tuning.Tuning)}
+  default = top.get(field, {f.name: f.default for f in dataclasses.fields(tuning.HopperTuning)}.get(
+      field, dataclasses.MISSING))
+  if default is dataclasses.MISSING:  # a measured value every file has, or a typo
     raise ValueError(f"shipped: {field!r} is not an option of Tuning or HopperTuning with a default (off)")
-  if field in {f.name for f in dataclasses.fields(tuning.Tuning)}:
-    return any(getattr(t, field) != defaults[field] for t in files)
-  default = defaults[field]
-  return any(getattr(setting, field) != default for t in files for entries in (t.hopper, t.hopper_long)
-             for _, setting in entries)
+  files = [tuning.file_for(kind).tuning for kind in tuning.known_kinds()]
+  values = ([getattr(t, field) for t in files] if field in top else
+            [getattr(setting, field) for t in files for entries in (t.hopper, t.hopper_long) for _, setting in entries])
+  return any(value != default for value in values)
 
 
 def ci_if_shipped(field: str) -> pytest.MarkDecorator:

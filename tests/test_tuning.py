@@ -890,10 +890,9 @@ def test_ci_runs_the_tests_of_the_options_a_shipped_file_sets(monkeypatch):
       return dataclasses.replace(real(kind), tuning=dataclasses.replace(t, hopper=entries, hopper_long=long, **top))
     return file_for
 
+  defaults = {f.name: f.default for cls in (tuning.HopperTuning, tuning.Tuning) for f in dataclasses.fields(cls)}
   for field, on in (("suffix_early_keys", True), ("cluster", 2), ("launch_merge_max_rows", 64), ("pair_write", True)):
-    off = {f.name: f.default for f in (*dataclasses.fields(tuning.HopperTuning), *dataclasses.fields(tuning.Tuning))
-           if f.name == field}[field]
-    monkeypatch.setattr(tuning, "file_for", files(**{field: off}))
+    monkeypatch.setattr(tuning, "file_for", files(**{field: defaults[field]}))
     assert ci_if_shipped(field).name == "slow", field
     monkeypatch.setattr(tuning, "file_for", files(**{field: on}))
     assert ci_if_shipped(field).name == "shipped" and ci_if_shipped(field).args == (field,), field
