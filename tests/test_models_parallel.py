@@ -164,12 +164,12 @@ def _run_cases(marker: str) -> None:
 def test_sharded_model_on_4_host_devices():
     """Hydragen and shared storage (GQA on 4 devices, KV heads replicated; MHA on 2), sampling, the cost model's
     bytes a device, the Pallas kernels under shard_map, init, loader, the decode step's collectives
-    (tests/tp_cases.py, not slow; ~100 s of CPU)."""
+    (tests/tp_cases.py, not slow; ~90 s of CPU)."""
     _run_cases("not slow")
 
 
 @pytest.mark.slow
 def test_sharded_model_on_4_host_devices_every_case():
     """The whole matrix: every mode on MHA, GQA and MQA over 2 and 4 devices; the experiments runner on one and two
-    devices in the same run (~70 s of CPU)."""
+    devices in the same run (~80 s of CPU)."""
     _run_cases("slow")
