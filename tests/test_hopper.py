@@ -124,7 +124,8 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
 
 
 # The packed settings (~7 s each) in the slow tier: CI lowers the shipped ones, packed in boxes, in
-# test_shipped_mha_decode_settings_lower_for_cuda.
+# test_shipped_mha_decode_settings_lower_for_cuda; so are the two that no tuning file ships (lookahead with 3 suffix
+# stages, trimmed 128-key suffix tiles), as conftest.ci_if_shipped does for options (CI time).
 @pytest.mark.parametrize(*_cases("config", [hopper.HopperConfig(num_ctas=132),
                                     hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=3,
                                                         suffix_lookahead=True),
@@ -137,7 +138,8 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
                                     hopper.HopperConfig(num_ctas=132, suffix_pack=True, suffix_box=True,
                                                         **MHA_DECODE)],
                                  ["default", "lookahead", "trim_lookahead_128prefixkeys", "trim_128suffixkeys",
-                                  "packed_h200", "packed_box_h200"], slow=("packed_h200", "packed_box_h200")))
+                                  "packed_h200", "packed_box_h200"],
+                                 slow=("lookahead", "trim_128suffixkeys", "packed_h200", "packed_box_h200")))
 def test_mha_decode_lowers_for_cuda(config):
   """The e2e shape that motivates T·g = 1 (7B MHA, B = 512, a 16K prefix) lowers to Mosaic GPU for CUDA on any
   machine (TMA copies and shared memory accepted by its lowering; the compiled check is the GPU test above)."""
