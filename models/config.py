@@ -654,15 +654,17 @@ def _json_object(path: str | os.PathLike) -> dict:
 
 def _generation_eos(path: str) -> tuple[int, ...] | None:
     """The ``eos_token_id`` (an id or a list of ids) of the ``generation_config.json`` at ``path``; None where there
-    is no such file or it names none."""
+    is no such file or it names none. Integer ids outside the vocabulary (e.g. -1) are taken as config.json's are:
+    the config warns that generation never stops on them."""
     if not os.path.exists(path):
         return None
     eos = _json_object(path).get("eos_token_id")
     if eos is None:
         return None
     ids = _id_tuple(eos)
-    if not all(is_int(i) and i >= 0 for i in ids):
-        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them (or null); got {eos!r}")
+    if not all(is_int(i) for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be an integer token id or a list of them (or null); got "
+                              f"{eos!r}")
     return ids
 
 

@@ -489,7 +489,11 @@ def test_generation_config_gives_the_stop_ids(tmp_path):
     save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "saved")
     assert not (tmp_path / "saved" / "generation_config.json").exists()
     assert load_checkpoint(tmp_path / "saved").config.eos_token_ids == (2, 7)
-    for bad in ('{"eos_token_id": "2"}', '{"eos_token_id": [2, 1.5]}', "{not json"):
+    # an id outside the vocabulary is taken as config.json's is: a warning that generation never stops on it
+    gen.write_text(json.dumps({"eos_token_id": [-1, 2]}))
+    with pytest.warns(UserWarning, match=r"eos_token_ids \[-1\] outside the vocabulary"):
+        assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == (-1, 2)
+    for bad in ('{"eos_token_id": "2"}', '{"eos_token_id": [2, 1.5]}', '{"eos_token_id": [2, true]}', "{not json"):
         gen.write_text(bad)
         with pytest.raises(CheckpointError, match="generation_config.json"):
             load_checkpoint(tmp_path / "ck")
