@@ -123,23 +123,30 @@ def test_parts_match_reference_with_rows_not_a_multiple_of_4(backend, shape):
   _close(so, sl, *reference.attention(q, sk, sv, lengths, causal=True, scale=d**-0.5), jnp.bfloat16)
 
 
+def _ships(config: hopper.HopperConfig) -> bool:
+  """Whether a shipped tuning file (of any known device kind) has the Hopper setting `config` (its CTAs aside)."""
+  setting = {f.name: getattr(config, f.name) for f in dataclasses.fields(tuning.HopperTuning)}
+  files = [tuning.file_for(kind).tuning for kind in tuning.known_kinds()]
+  return any(dataclasses.asdict(s) == setting for t in files for entries in (t.hopper, t.hopper_long)
+             for _, s in entries)
+
+
+MHA_DECODE_CONFIGS = {
+    "default": hopper.HopperConfig(num_ctas=132),
+    "lookahead": hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=3, suffix_lookahead=True),
+    "trim_lookahead_128prefixkeys": hopper.HopperConfig(num_ctas=132, **MHA_DECODE),
+    "trim_128suffixkeys": hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2, q_registers=True,
+                                              suffix_keys=128, suffix_trim=True),
+    "packed_h200": hopper.HopperConfig(num_ctas=132, suffix_pack=True, **MHA_DECODE),
+    "packed_box_h200": hopper.HopperConfig(num_ctas=132, suffix_pack=True, suffix_box=True, **MHA_DECODE)}
+
+
 # The packed settings (~7 s each) in the slow tier: CI lowers the shipped ones, packed in boxes, in
-# test_shipped_mha_decode_settings_lower_for_cuda; so are the two that no tuning file ships (lookahead with 3 suffix
-# stages, trimmed 128-key suffix tiles), as conftest.ci_if_shipped does for options (CI time).
-@pytest.mark.parametrize(*_cases("config", [hopper.HopperConfig(num_ctas=132),
-                                    hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=3,
-                                                        suffix_lookahead=True),
-                                    hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2,
-                                                        prefix_keys=128, q_registers=True, suffix_lookahead=True,
-                                                        suffix_trim=True),
-                                    hopper.HopperConfig(num_ctas=132, prefix_stages=2, suffix_stages=2,
-                                                        q_registers=True, suffix_keys=128, suffix_trim=True),
-                                    hopper.HopperConfig(num_ctas=132, suffix_pack=True, **MHA_DECODE),
-                                    hopper.HopperConfig(num_ctas=132, suffix_pack=True, suffix_box=True,
-                                                        **MHA_DECODE)],
-                                 ["default", "lookahead", "trim_lookahead_128prefixkeys", "trim_128suffixkeys",
-                                  "packed_h200", "packed_box_h200"],
-                                 slow=("lookahead", "trim_128suffixkeys", "packed_h200", "packed_box_h200")))
+# test_shipped_mha_decode_settings_lower_for_cuda; so are the settings no tuning file ships (as conftest.ci_if_shipped
+# does for options; CI time): a file that ships one brings its case back into CI.
+@pytest.mark.parametrize(*_cases("config", list(MHA_DECODE_CONFIGS.values()), list(MHA_DECODE_CONFIGS),
+                                 slow=("packed_h200", "packed_box_h200", *(
+                                     name for name, c in MHA_DECODE_CONFIGS.items() if not _ships(c)))))
 def test_mha_decode_lowers_for_cuda(config):
   """The e2e shape that motivates T·g = 1 (7B MHA, B = 512, a 16K prefix) lowers to Mosaic GPU for CUDA on any
   machine (TMA copies and shared memory accepted by its lowering; the compiled check is the GPU test above)."""

@@ -878,16 +878,18 @@ def test_ci_runs_the_tests_of_the_options_a_shipped_file_sets(monkeypatch):
   from tests.conftest import ci_if_shipped  # noqa: PLC0415
 
   real = tuning.file_for
+  hopper_fields = {f.name for f in dataclasses.fields(tuning.HopperTuning)}
 
   def files(**change):
-    hopper_change = {k: v for k, v in change.items() if k in {f.name for f in dataclasses.fields(tuning.HopperTuning)}}
-    top = {k: v for k, v in change.items() if k not in hopper_change}
+    hopper_change = {k: v for k, v in change.items() if k in hopper_fields}
+    top = {k: v for k, v in change.items() if k not in hopper_fields}
+    changed = lambda entries: tuple((rows, dataclasses.replace(s, **hopper_change)) for rows, s in entries)
 
     def file_for(kind):
-      t = real(kind).tuning
-      entries = tuple((rows, dataclasses.replace(s, **hopper_change)) for rows, s in t.hopper)
-      long = tuple((rows, dataclasses.replace(s, **hopper_change)) for rows, s in t.hopper_long)
-      return dataclasses.replace(real(kind), tuning=dataclasses.replace(t, hopper=entries, hopper_long=long, **top))
+      file = real(kind)
+      t = file.tuning
+      return dataclasses.replace(file, tuning=dataclasses.replace(t, hopper=changed(t.hopper),
+                                                                  hopper_long=changed(t.hopper_long), **top))
     return file_for
 
   defaults = {f.name: f.default for cls in (tuning.HopperTuning, tuning.Tuning) for f in dataclasses.fields(cls)}
