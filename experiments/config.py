@@ -54,6 +54,12 @@ def non_negative_int() -> Field:
     return Field((int,), check=lambda v: not isinstance(v, bool) and v >= 0, hint="an integer >= 0")
 
 
+def seconds() -> Field:
+    """An optional duration: a finite number of seconds >= 0 (a bool is refused by `_check_value`, as anywhere
+    bool is not among a field's types)."""
+    return Field((int, float), required=False, check=lambda v: 0 <= v < math.inf, hint="seconds >= 0")
+
+
 def one_of(*choices: str, required: bool = True) -> Field:
     return Field((str,), required=required, check=lambda v: v in choices, hint=f"one of {list(choices)}")
 
@@ -61,7 +67,7 @@ def one_of(*choices: str, required: bool = True) -> Field:
 TIMING_SCHEMA = {
     "warmup": non_negative_int(),
     "repeats": positive_int("an integer >= 1 (use >= 5 for reported numbers)"),
-    "min_repeat_s": Field((int, float), required=False, check=lambda v: 0 <= v < math.inf, hint="seconds >= 0"),
+    "min_repeat_s": seconds(),
     "max_inner": Field((int,), required=False, check=lambda v: v >= 1, hint="an integer >= 1"),
     "time_budget_s": Field((int, float), required=False, check=lambda v: v > 0, hint="seconds > 0"),
     # bench-attention: decode steps chained in one compiled call (timing.chain_steps); the step time is the call's / this.
@@ -90,8 +96,7 @@ RATES_SCHEMA = {
                               required=False),
     # Seconds each repeat of a probe lasts at least (calls back to back; default device_rates.PROBE_MIN_REPEAT_S,
     # 0.05): the smoke runs take 0 (one call a repeat), their rates being only plumbing.
-    "min_repeat_s": Field((int, float), required=False, check=lambda v: not isinstance(v, bool) and 0 <= v < math.inf,
-                          hint="seconds >= 0"),
+    "min_repeat_s": seconds(),
 }
 
 COMMON_SCHEMA = {

@@ -227,8 +227,11 @@ def test_rates_min_repeat_s_sets_the_calls_of_a_probe_repeat():
     for bad in ("-1", "inf"):  # an infinite repeat would never end (an OverflowError counting its calls)
         with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
             config.load("e2e_throughput", smoke=True, assignments=[f"rates.min_repeat_s={bad}"])
-    with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
-        config.load("e2e_throughput", smoke=True, assignments=["timing.min_repeat_s=inf"])
+    for table in ("rates", "timing"):  # one field in both tables: the same refusals
+        with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
+            config.load("e2e_throughput", smoke=True, assignments=[f"{table}.min_repeat_s=inf"])
+        with pytest.raises(config.ConfigError, match=r"min_repeat_s.*must be int or float, got True"):
+            config.load("e2e_throughput", smoke=True, assignments=[f"{table}.min_repeat_s=true"])
 
 
 def test_failed_probe_is_recorded_and_no_probe_is_an_error(monkeypatch):
