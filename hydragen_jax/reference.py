@@ -181,6 +181,7 @@ def write_positions(lengths: Array, new_tokens: Array, num_slots: int, capacity:
 def write_at(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array) -> tuple[Array, Array]:
   """k, v `[B, T, Hkv, D]` written into the caches `[B, S, Hkv, D]` at `positions` `[B, T]` (`write_positions`'s:
   distinct within a row; those at or past S dropped), in the caches' dtype: one scatter a cache."""
+  k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)  # numpy caches too (`.at` is jax's)
   b, t = k.shape[:2]
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
   # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a

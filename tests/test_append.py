@@ -92,6 +92,20 @@ def test_append_equals_attention_over_the_concatenated_kv(backend):
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 
+def test_append_takes_numpy_arrays(backend):
+  """Numpy caches, new keys and lengths (as every other entry point takes them, on every backend): the same
+  output and caches as from jax arrays."""
+  args = _inputs("chunk", jnp.float32)
+  q, prefix, k_cache, v_cache, new_k, new_v, old, new = args
+  want = hj.tree_attention_append(q, [prefix, Level(k_cache, v_cache, old)], new_k, new_v, new_tokens=new,
+                                  backend=backend)
+  q, k_cache, v_cache, new_k, new_v, old, new = (np.asarray(x) for x in (q, k_cache, v_cache, new_k, new_v, old, new))
+  prefix = Level(*(np.asarray(x) for x in (prefix.k, prefix.v, prefix.lengths, prefix.seq_to_node)))
+  got = hj.tree_attention_append(q, [prefix, Level(k_cache, v_cache, old)], new_k, new_v, new_tokens=new,
+                                 backend=backend)
+  chex.assert_trees_all_close(got, want, atol=0, rtol=0)
+
+
 def test_append_with_split_keys_and_traced_out_of_range_lengths(kernel_backend):
   """A leaf split over several programs (the split that holds the new keys stores them), and traced lengths
   past the capacity or below 0 (clamped, as everywhere: nothing written outside, the attention reads [0, S])."""

@@ -109,6 +109,25 @@ def test_hydragen_zero_capacity_prefix(backend):
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 
+@pytest.mark.parametrize("empty", ["prefix", "suffix"])
+@pytest.mark.parametrize("hkv", [4, 2], ids=["Tg1", "Tg2"])
+def test_hydragen_zero_capacity_level_in_the_hopper_kernels_shapes(backend, empty, hkv):
+  """A level of capacity 0 beside the other in bf16 at D = 64 and T·g = 1 / 2, shapes the Hopper kernel takes
+  otherwise (T·g 1-2 pack their suffixes in boxes): the other level alone, no crash (the kernel refuses an empty
+  cache, whose TMA copy would have no key: the Triton kernels run it)."""
+  keys = jax.random.split(jax.random.PRNGKey(5), 3)
+  b, d = 3, 64
+  q = normal(keys[0], (b, 1, 4, d), jnp.bfloat16)
+  prefix = random_level(keys[1], 1, 0 if empty == "prefix" else 24, [0 if empty == "prefix" else 19], [0] * b, hkv, d,
+                        jnp.bfloat16)
+  suffix = random_level(keys[2], b, 0 if empty == "suffix" else 16, [0] * b if empty == "suffix" else [16, 3, 0],
+                        None, hkv, d, jnp.bfloat16)
+  out = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, prefix_length=prefix.lengths[0],
+                              suffix_lengths=suffix.lengths, backend=backend)
+  assert not jnp.isnan(out.astype(jnp.float32)).any()
+  chex.assert_trees_all_close(out.astype(jnp.float32), expected_tree(q, [prefix, suffix]), **tol(jnp.bfloat16))
+
+
 @pytest.mark.parametrize("heads,dtype,batch_shared", grid([(8, 2, 64), (8, 1, 128), (4, 4, 256)], DTYPES, [True, False],
                                                         ids=[lambda h: "{}-{}-{}".format(*h), _dtype_id,
                                                              lambda b: "batched" if b else "per_seq"],

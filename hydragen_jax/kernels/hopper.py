@@ -196,6 +196,9 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
     return f"head dim {head_dim}: shared memory holds D = 64 or 128"
   if _window_rows(rows) > ROWS:
     return f"T·g = {rows} query rows per sequence and KV head: their 8-aligned window exceeds {ROWS} rows"
+  if 0 in (prefix_k.shape[0], suffix_k.shape[1]):
+    return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is 0 (a TMA copy needs a "
+            "key: the Triton kernels read the other level alone)")
   if any(n % 8 and n > 8 for n in (prefix_k.shape[0], suffix_k.shape[1])):
     return (f"prefix capacity {prefix_k.shape[0]} or suffix capacity {suffix_k.shape[1]} is over 8 and not a "
             "multiple of 8 (a TMA copy needs the caches' key dimension in whole 8-row tiles, or under one)")
@@ -1160,7 +1163,7 @@ def _prefix_suffix_attention(q, prefix_k, prefix_v, prefix_length, suffix_k, suf
   pack = suffix_pack_of(qrows, config)
   scratch = _scratch(head_dim, srows, q.dtype, config, interpret, pack, share)
   if _boxed(config, pack):  # the caches as [B, S, Hkv·D]: a box of sequences × keys × one head's D
-    suffix_k, suffix_v = (x.reshape(*x.shape[:2], -1) for x in (suffix_k, suffix_v))
+    suffix_k, suffix_v = (x.reshape(*x.shape[:2], x.shape[2] * x.shape[3]) for x in (suffix_k, suffix_v))
   kernel = functools.partial(_kernel, config=config, scale=scale, batch=batch, qrows=qrows, causal_t=steps,
                              group=group, pack=pack, share=share)
   splits = config.prefix_splits
