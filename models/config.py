@@ -415,12 +415,24 @@ class LlamaConfig:
     @property
     def max_length(self) -> int:
         """The longest sequence (prompt + new tokens) this model computes as transformers does: its
-        max_position_embeddings, or its sliding window where that is shorter, or with longrope's short factors its
+        max_position_embeddings (with YaRN, the context YaRN stretches it to where that is longer:
+        ``yarn_context``), or its sliding window where that is shorter, or with longrope's short factors its
         original_max_position_embeddings (past it transformers switches every position to the long factors:
         ``with_long_rope``)."""
-        limits = [self.max_position_embeddings, self.sliding_window or self.max_position_embeddings]
+        context = max(self.max_position_embeddings, self.yarn_context or 0)
+        limits = [context, self.sliding_window or context]
         short = self.longrope_context is not None and not self.rope_scaling.use_long
         return min(limits + ([self.longrope_context] if short else []))
+
+    @property
+    def yarn_context(self) -> int | None:
+        """With YaRN, the context it stretches the model to: original_max_position_embeddings × factor (Qwen2.5's
+        and Qwen3's model cards add factor 4 over 32768 for 131072 tokens, leaving max_position_embeddings at 32768 /
+        40960; transformers sets no bound, vLLM takes this one); None without YaRN."""
+        scaling = self.rope_scaling
+        if scaling is None or scaling.rope_type != "yarn":
+            return None
+        return int(scaling.original_max_position_embeddings * scaling.factor)
 
     def with_long_rope(self, long: bool) -> "LlamaConfig":
         """This config computing with longrope's long factors (``long``) or its short ones; itself without

@@ -155,10 +155,18 @@ def load_default_model(dtype=None, path: str = DEFAULT_MODEL_DIR):
 
 def _chat_prompts(tok) -> list[list[int]]:
     """Token ids of the chat prompts: the template's text encoded without adding BOS, as transformers encodes it
-    (a template that wants BOS writes it)."""
-    return [tok.encode(tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
-                                                {"role": "user", "content": q}]), add_bos=False)
-            for q in QUESTIONS]
+    (a template that wants BOS writes it). A template that refuses a system message (Gemma's, Mistral-Instruct
+    v0.1's: `raise_exception`) gets the system prompt at the head of the user's turn instead."""
+    import jinja2  # noqa: PLC0415 (present wherever a chat template renders)
+
+    def text(question: str) -> str:
+        try:
+            return tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                            {"role": "user", "content": question}])
+        except jinja2.exceptions.TemplateError:
+            return tok.apply_chat_template([{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question}"}])
+
+    return [tok.encode(text(q), add_bos=False) for q in QUESTIONS]
 
 
 def _load(name: str):

@@ -524,6 +524,10 @@ def _length_limit(config: LlamaConfig) -> str:
     """What ``config.max_length`` is, for the message of a sequence longer than it."""
     if config.max_length == config.max_position_embeddings:
         return f"maximum length {config.max_position_embeddings}"
+    if config.max_length == config.yarn_context:
+        scaling = config.rope_scaling
+        return (f"YaRN context of {config.max_length} tokens (original_max_position_embeddings "
+                f"{scaling.original_max_position_embeddings} x factor {scaling.factor})")
     if config.max_length == config.sliding_window:
         return (f"sliding window of {config.sliding_window} tokens (config sliding_window: a longer sequence's queries "
                 "would see fewer keys, which is not implemented)")
@@ -840,7 +844,8 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
     (their next logits would be long ones); then those that go on, as prompts of C + 1 tokens (prompt + what they
     generated), with the prompts longer than C, generate the rest with the long factors (their shared prefixes
     computed again, and shared again). Greedy tokens are transformers'; sampled ones come from the same
-    distributions, the second call's key from ``seed`` + 1. Returns what ``_generate_tree`` returns for all
+    distributions, the second call's key from ``seed`` + 1 (wrapped into ``_key``'s range: 2**63 - 1 is followed by
+    -2**63, whose low 32 bits, those JAX keeps, are still ``seed``'s + 1). Returns what ``_generate_tree`` returns for all
     sequences, with the calls' stats: times, steps and first chunks summed, ``decode_tokens_per_s`` over both calls
     without their first chunks (as one call's), the shared levels of the call with the most; ``longrope_calls``: how
     many ran."""
@@ -861,6 +866,7 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
     short = [b for b in range(B) if len(sequences[b]) <= context]
     go_on = [b for b in range(B) if len(sequences[b]) > context]
     seed = kw.pop("seed")
+    _key(seed)  # a bad seed named before any call
     if short:  # the short factors, up to C + 1 tokens
         budgets = np.array([min(N, context + 1 - len(sequences[b])) for b in short])
         t, n, lp, first, call = _generate_tree(
@@ -879,7 +885,7 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
         budgets = np.array([N - lengths[b] for b in go_on])
         t, n, lp, first, call = _generate_tree(
             model, build_sharing_tree(prompts, max_depth=max_depth), budgets,
-            [stops[b] for b in go_on] if stop_tokens else None, seed=seed + 1, **kw)
+            [stops[b] for b in go_on] if stop_tokens else None, seed=(int(seed) + 1 + 2**63) % 2**64 - 2**63, **kw)
         calls.append(call)
         for i, b in enumerate(go_on):
             k = lengths[b]

@@ -227,6 +227,30 @@ def test_yarn_config_fields():
                                      ).rope_scaling.truncate
 
 
+def test_yarn_stretches_the_maximum_length():
+    """YaRN's context, original_max_position_embeddings × factor, bounds the sequences where it exceeds
+    max_position_embeddings (Qwen2.5's card: 32768 × 4; it refused past 32768, the length YaRN is added for); a
+    config whose max_position_embeddings is already the stretched one (DeepSeek-V3's) keeps it; without YaRN,
+    max_position_embeddings. generate() runs past max_position_embeddings within the YaRN context, and past that
+    names it."""
+    import jax.numpy as jnp
+    import models
+    qwen = dict(QWEN25_7B, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"})
+    c = LlamaConfig.from_dict(qwen)
+    assert (c.max_position_embeddings, c.yarn_context, c.max_length) == (32768, 131072, 131072)
+    stretched = dict(qwen, max_position_embeddings=163840, rope_scaling=dict(qwen["rope_scaling"], factor=None))
+    assert LlamaConfig.from_dict(stretched).max_length == 163840
+    assert LlamaConfig.from_dict(QWEN25_7B).yarn_context is None and LlamaConfig.from_dict(QWEN25_7B).max_length == 32768
+    small = LlamaConfig(**SMALL, model_type="qwen2", max_position_embeddings=16,
+                        rope_scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=16))
+    model = models.init_random(small, jnp.float32)
+    g = models.generate(model, [list(range(1, 30))], max_new_tokens=3, backend="xla", eos_ids=())
+    assert g.lengths.tolist() == [3]
+    with pytest.raises(ValueError, match=r"prompt of 62 tokens \+ max_new_tokens 3 exceeds the model's YaRN context of "
+                                         r"64 tokens \(original_max_position_embeddings 16 x factor 4.0\)"):
+        models.prefill(model, [[1] * 62], 3, backend="xla")
+
+
 # ------------------------------------------------------------------------------ families
 
 MISTRAL_7B_V01 = {  # sliding window 4096 < 32768 positions: in effect

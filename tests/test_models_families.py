@@ -261,6 +261,27 @@ def test_longrope_calls_combine_their_decode_rates(monkeypatch, first_chunks, ra
     assert g.stats["decode_tokens_per_s"] == pytest.approx(rate)
 
 
+@pytest.mark.parametrize("seed,second", [(7, 8), (-1, 0), (2**63 - 1, -2**63)])
+def test_longrope_second_call_takes_the_next_seed_wrapped(monkeypatch, seed, second):
+    """The call past the longrope context samples with ``seed`` + 1, wrapped into the seeds' range: 2**63 - 1, a
+    valid seed, made the second call refuse 2**63 after the first had run (`_generate_tree` stubbed)."""
+    seeds = []
+
+    def fake(model, tree, budgets, stop_tokens, **kw):
+        seeds.append(kw["seed"])
+        b, n, v = tree.num_sequences, int(max(budgets)), model.config.vocab_size
+        stats = dict(decode_s=1.0, first_chunk_s=0.5, decode_tokens_per_s=1.0, decode_steps=n)
+        return np.ones((b, n), np.int32), np.asarray(budgets), np.zeros((b, n), np.float32), np.zeros((b, v)), stats
+
+    monkeypatch.setattr(importlib.import_module("models.generate"), "_generate_tree", fake)
+    m = model("hf_phi4_partial")  # longrope context 32
+    generate(m, [[1] * 30], max_new_tokens=6, sampling={"temperature": 1.0}, seed=seed, eos_ids=())
+    assert seeds == [seed, second]
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"):
+        generate(m, [[1] * 30], max_new_tokens=6, sampling={"temperature": 1.0}, seed=2**63, eos_ids=())
+    assert len(seeds) == 2  # refused before any call
+
+
 def test_longrope_calls_name_bad_eos_ids_first():
     """Sequences that cross the longrope context generate in two calls, which read eos_ids before any prefill:
     a bad one is named there as in one call (it was a bare TypeError)."""

@@ -384,3 +384,23 @@ def test_gemma_class_on_a_tokenizer_json_that_is_not_bpe_warns(tmp_path):
     with pytest.warns(UserWarning, match="GemmaTokenizer whose tokenizer.json is not a BPE"):
         loaded = load_hf_tokenizer(tmp_path)
     assert loaded.encode("hello world") == [5, 6]
+
+
+def test_demo_chat_prompts_with_a_template_that_refuses_a_system_message():
+    """Gemma's template raises on a system message (`raise_exception('System role not supported')`): the demo puts
+    its system prompt at the head of the user's turn (it crashed with jinja2's TemplateError); a template that takes
+    a system message keeps it a message of its own."""
+    import models.demo as demo  # noqa: PLC0415
+
+    gemma = load_hf_tokenizer(GEMMA_FIXTURE)
+    with pytest.raises(Exception, match="System role not supported"):
+        gemma.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    prompts = demo._chat_prompts(gemma)
+    assert len(prompts) == len(demo.QUESTIONS)
+    for ids, question in zip(prompts, demo.QUESTIONS):
+        want = gemma.apply_chat_template([{"role": "user", "content": f"{demo.SYSTEM_PROMPT}\n\n{question}"}])
+        assert ids == gemma.encode(want, add_bos=False)
+    tok = load_hf_tokenizer(FIXTURE)
+    want = tok.apply_chat_template([{"role": "system", "content": demo.SYSTEM_PROMPT},
+                                    {"role": "user", "content": demo.QUESTIONS[0]}])
+    assert demo._chat_prompts(tok)[0] == tok.encode(want, add_bos=False)
