@@ -176,6 +176,9 @@ HARMLESS_KEYS = frozenset({
     # written by other tools, read by none of these models (nanotron's SmolLM2 configs, early Llama conversions;
     # transformers.js's ONNX run-time settings, e.g. its KV cache dtype, in hub repos that also ship ONNX files)
     "is_llama_config", "max_sequence_length", "transformers.js_config",
+    # Unsloth's exports (a large share of hub fine-tunes): its version, and its mark that it fixed the tokenizer or
+    # chat template (files this loader reads as they are)
+    "unsloth_version", "unsloth_fixed",
     # training only: dropout is off at inference
     "attention_dropout",
     # the same products, split differently (tensor-parallel slices of pretraining, chunks of the MLP)

@@ -745,7 +745,8 @@ def test_harmless_keys_accepted():
     extra = {"torch_dtype": "bfloat16", "dtype": "bfloat16", "use_cache": False, "initializer_range": 0.1,
              "pretraining_tp": 1, "attention_dropout": 0.0, "transformers_version": "5.17.0", "_name_or_path": "x",
              "id2label": {"0": "LABEL_0"}, "temperature": 0.6, "top_p": 0.9, "is_llama_config": True,
-             "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}}}
+             "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}},
+             "unsloth_version": "2025.3.19", "unsloth_fixed": True}
     assert set(extra) <= HARMLESS_KEYS
     extra["rope_interleaved"] = False  # SmolLM2 (nanotron) writes it; only True would change the math
     assert LlamaConfig.from_dict(dict(LLAMA31_8B, **extra)) == LlamaConfig.from_dict(LLAMA31_8B)
