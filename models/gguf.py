@@ -144,6 +144,7 @@ def _check_counts(path: str) -> None:
             return offset
 
         tensors, keys = number(8, "Q"), number(16, "Q")
+        known_types = {int(t) for t in _gguf().GGMLQuantizationType}
         offset = 24
         for k in range(keys):
             start = offset + 8
@@ -159,6 +160,9 @@ def _check_counts(path: str) -> None:
             if (dims := number(offset - 4, "I")) > 4:
                 raise corrupted(f"{what} has {dims} dimensions (GGML's most: 4)")
             offset = take(offset, 8 * dims + 12, what)
+            if (kind := number(offset - 12, "I")) not in known_types:  # the package names no tensor for it
+                raise CheckpointError(f"{path}: {what} has tensor type id {kind}, which the gguf package does not "
+                                      f"know (a newer llama.cpp type?); supported: {', '.join(SUPPORTED_TYPES)}")
 
 
 def _open(path: str | os.PathLike):
@@ -175,11 +179,26 @@ def _open(path: str | os.PathLike):
     if reader.byte_order == "S":  # the gguf package dequantizes swapped tensor data as if native: wrong weights
         raise CheckpointError(f"{path}: a {reader.endianess.name.lower()}-endian GGUF file, the opposite of this "
                               "machine's byte order; not supported (its weights would load wrong)")
+    _check_offsets(reader, path)
     parts = _int(reader, path, "split.count", 1)
     if parts > 1:  # its tensors are spread over the other files: this one alone would read as broken
         raise CheckpointError(f"{path}: one of {parts} files of a split GGUF (split.count = {parts}); split files "
                               "are not supported: merge them first (llama.cpp's `llama-gguf-split --merge`)")
     return path, reader
+
+
+def _check_offsets(reader, path: str) -> None:
+    """As ggml's ``gguf_init_from_file``: each tensor's data starts where the previous tensor's ends, padded to the
+    file's alignment (the first at 0). A file whose offsets overlap or leave gaps (a corrupted offset) is refused,
+    where reading each tensor where the file says would load wrong weights silently."""
+    expected = 0
+    for tensor in reader.tensors:
+        offset = int(tensor.data_offset) - int(reader.data_offset)
+        if offset != expected:
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} has data offset {offset}, expected {expected} "
+                                  f"(each tensor's data follows the previous one's, padded to {reader.alignment} "
+                                  "bytes, as ggml requires): a corrupted GGUF file")
+        expected += -(-int(tensor.n_bytes) // int(reader.alignment)) * int(reader.alignment)
 
 
 def _meta(reader, path: str, key: str, default=KeyError):

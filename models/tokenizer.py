@@ -45,7 +45,8 @@ class BPETokenizer:
     """Byte-level BPE: the GPT-2 regex (after splitting digits one by one for ``pre`` "smollm" / "starcoder"),
     bytes mapped to the GPT-2 unicode alphabet, then the merges in rank order. ``special_ids`` (control tokens
     such as ``<|im_start|>``) are matched whole in the text, never split, and dropped by ``decode``;
-    ``added_ids`` (user-defined tokens such as ``<tool_call>``) are matched whole too but kept by ``decode``;
+    ``added_ids`` (user-defined tokens such as ``<tool_call>``: plain text, not byte-level) are matched whole too
+    and written as they are by ``decode``;
     ``unused_ids`` (placeholders such as ``<unused0>``) are not matched and dropped by ``decode`` (llama.cpp's BPE
     decoding writes nothing for them).
 
@@ -108,6 +109,7 @@ class BPETokenizer:
         self.chat_template = chat_template
         self._tokens = list(tokens)
         self._unused = frozenset(int(i) for i in unused_ids)
+        self._added = frozenset(int(i) for i in added_ids)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``: BOS first when ``add_bos``; None (default): the model's own special tokens, BOS
@@ -131,7 +133,16 @@ class BPETokenizer:
                 raise ValueError(f"BPETokenizer.decode: ids must be integer token ids in [0, {self.vocab_size}), "
                                  f"got {x if i is None else i!r}")
             out.append(i)
-        return self._tok.decode([i for i in out if i not in self._unused], skip_special_tokens=True)
+        # A user-defined token's text is written as it is (llama.cpp's token_to_piece): it is plain text, not in
+        # the byte-level alphabet, which tokenizers' decoder would read "ñ" of as the byte 0xF1.
+        text, run = [], []
+        for i in out:
+            if i in self._added:
+                text += [self._tok.decode(run, skip_special_tokens=True), self._tokens[i]]
+                run = []
+            elif i not in self._unused:
+                run.append(i)
+        return "".join(text + [self._tok.decode(run, skip_special_tokens=True)])
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:

@@ -367,6 +367,34 @@ def test_gguf_refuses_a_count_that_shifts_the_tensor_list_and_deep_nesting(tmp_p
         load_gguf(path)
 
 
+def test_gguf_refuses_tensor_offsets_off_their_place_and_names_unknown_tensor_types(tmp_path):
+    """As ggml's reader: each tensor's data starts where the previous one's ends, padded to the alignment. A
+    corrupted offset (4 bytes on, or the previous tensor's copied) loaded wrong weights silently; now refused naming
+    the tensor. A tensor type id the gguf package does not know named the id but not the tensor."""
+    path = write_gguf(tmp_path / "g.gguf", CONFIG, make_tensors(CONFIG))
+    good = open(path, "rb").read()
+    reader = gguf.GGUFReader(path)
+    base = reader.data.__array_interface__["data"][0]
+    at = lambda i, part: reader.tensors[i].field.parts[part].__array_interface__["data"][0] - base  # noqa: E731
+    name = reader.tensors[1].name
+    first, second = (int(reader.tensors[i].field.parts[-1][0]) for i in (0, 1))
+    for label, value in (("shifted", second + 4), ("copied", first)):
+        data = bytearray(good)
+        data[at(1, -1):at(1, -1) + 8] = value.to_bytes(8, "little")
+        bad = tmp_path / f"{label}.gguf"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=rf"{label}\.gguf: tensor '{re.escape(name)}' has data offset "
+                                                  rf"{value}, expected {second} .*a corrupted GGUF file"):
+            load_gguf(bad)
+    data = bytearray(good)
+    data[at(1, -2):at(1, -2) + 4] = (99).to_bytes(4, "little")
+    bad = tmp_path / "type.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"type\.gguf: tensor '{re.escape(name)}' has tensor type id 99, which "
+                                              r"the gguf package does not know .*supported: F32, F16"):
+        load_gguf(bad)
+
+
 def _raised(load, path):
     try:
         load(path)
@@ -525,6 +553,15 @@ def test_user_defined_tokens_are_whole_and_kept_by_decode():
     ids = tok.encode("a<tool_call>b<|im_end|>")
     assert len(tokens) - 1 in ids and len(ids) == 4
     assert tok.decode(ids) == "a<tool_call>b"
+    # its text is plain, not byte-level: written as it is (llama.cpp's token_to_piece), where tokenizers' byte-level
+    # decoder read "ñ" as the byte 0xF1 ("x\ufffduy")
+    for text in ("ñu", "é!", "<ñ>"):
+        tokens = byte_vocab([text])
+        tok = BPETokenizer(tokens, [], bos_id=1, eos_id=2, special_ids=[0, 1, 2, 3], added_ids=[len(tokens) - 1])
+        ids = tok.encode(f"xy{text}zé<|im_end|>")
+        assert len(tokens) - 1 in ids
+        assert tok.decode(ids) == f"xy{text}zé"
+        assert tok.decode([len(tokens) - 1] * 2) == text * 2
 
 
 def test_unknown_and_unused_tokens_decode_as_llama_cpp(tmp_path):
