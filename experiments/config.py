@@ -60,6 +60,19 @@ def seconds() -> Field:
     return Field((int, float), required=False, check=lambda v: 0 <= v < math.inf, hint="seconds >= 0")
 
 
+def simpson_length() -> Field:
+    """A decode length timed at Simpson's three suffix lengths 1, (n + 1) // 2 and n (`floor.simpson_points`): at
+    least 3, where the three are distinct (n = 2 timed s = 1 twice and weighed it 5/6)."""
+    return Field((int,), check=lambda v: v >= 3, hint="an integer >= 3 (Simpson's suffix lengths 1, (n + 1) // 2 "
+                 "and n, distinct)")
+
+
+def random_seed() -> Field:
+    """A random seed: an integer in [0, 2**31) (the runs add small offsets to it, and JAX keys take it as a 32-bit
+    or 64-bit integer: a larger one passed validation, then failed every point with an OverflowError)."""
+    return Field((int,), check=lambda v: 0 <= v < 2**31, hint="an integer in [0, 2**31)")
+
+
 def one_of(*choices: str, required: bool = True) -> Field:
     return Field((str,), required=required, check=lambda v: v in choices, hint=f"one of {list(choices)}")
 
@@ -121,11 +134,11 @@ BENCH_SCHEMA = {
         # Backend of the `hydragen` and `shared_storage` variants: "auto" = pallas on GPU, `cpu_backend` elsewhere.
         "hydragen_backend": one_of("auto", "pallas", "triton", "mosaic", "interpret", "interpret-mosaic", "xla"),
         "cpu_backend": one_of("interpret", "xla"),
-        "seed": non_negative_int(),
+        "seed": random_seed(),
         "configs": Rows({
             "batch": positive_int(),
             "prefix": positive_int(),
-            "out": Field((int,), check=lambda v: not isinstance(v, bool) and v >= 2, hint="an integer >= 2"),
+            "out": simpson_length(),
             "q_heads": positive_int(),
             "kv_heads": positive_int(),
         }),
@@ -148,7 +161,7 @@ def _model_shape_schema() -> dict:
 
 MODEL_SCHEMA = {
     "dtype": one_of("bfloat16", "float16", "float32"),
-    "seed": non_negative_int(),
+    "seed": random_seed(),
     "shape": _model_shape_schema(),
 }
 
@@ -187,7 +200,7 @@ E2E_THROUGHPUT_SCHEMA = {
     "grid": {
         "prefixes": ListOf((int,), check=lambda v: v >= 1, hint="prefix lengths >= 1"),
         "batches": ListOf((int,), check=lambda v: v >= 1, hint="batch sizes >= 1"),
-        "generate": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
+        "generate": simpson_length(),
         "unique": positive_int("tokens of each sequence's own prompt suffix, >= 1"),
     },
 }
@@ -197,7 +210,7 @@ LONG_DOCUMENT_SCHEMA = {
     "grid": {
         "prefixes": ListOf((int,), check=lambda v: v >= 1, hint="prefix lengths >= 1"),
         "batch": positive_int(),
-        "generate": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
+        "generate": simpson_length(),
         "unique": positive_int("tokens of each sequence's own prompt suffix, >= 1"),
     },
 }
@@ -211,7 +224,7 @@ TREE_APPS_SCHEMA = {
         "problem_prompt": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
         "problems": positive_int(),
         "samples": positive_int(),
-        "generate": Field((int,), check=lambda v: v >= 2, hint="an integer >= 2"),
+        "generate": simpson_length(),
         "variants": ListOf((str,), check=lambda v: v in TREE_VARIANTS, hint=f"one of {list(TREE_VARIANTS)}"),
     },
 }
@@ -354,6 +367,8 @@ def load(name_or_path: str | pathlib.Path, *, smoke: bool = False, assignments: 
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path.name}: not valid TOML: {e}") from e
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"{path.name}: not valid TOML: not UTF-8 text ({e})") from e
     return from_dict(raw, smoke=smoke, source=path.name, assignments=assignments)
 
 
@@ -366,13 +381,16 @@ def from_dict(raw: dict, *, smoke: bool = False, source: str = "<dict>", assignm
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: key 'smoke' must be a table")
     kind = raw.get("kind")
-    if kind not in SCHEMAS:
+    if not isinstance(kind, str) or kind not in SCHEMAS:
         raise ConfigError(f"{source}: key 'kind' must be one of {sorted(SCHEMAS)}, got {kind!r}")
     schema = SCHEMAS[kind]
     try:
         validate(raw, schema)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if "kind" in overrides and overrides["kind"] != kind:  # the schema, and what runs, follow the config's kind
+        raise ConfigError(f"{source}: key 'smoke.kind' = {overrides['kind']!r}: a smoke run keeps the config's kind "
+                          f"({kind!r})")
     merged = deep_merge(raw, overrides)
     try:
         validate(merged, schema)
