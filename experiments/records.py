@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import time
+import warnings
 from typing import Iterable, Iterator
 
 import jax
@@ -123,20 +124,28 @@ class RecordWriter:
 
 
 def read(path: str | pathlib.Path) -> list[dict]:
+    """The records of a JSONL file. A last line cut off mid-write (no newline after it, not JSON: a run killed
+    while writing it) is left out with a warning, so that a killed run keeps what it measured; any other line that
+    is not a record raises ValueError naming the file and line."""
     records = []
     with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not a JSON record ({e}; a run killed while writing it?)") from e
-            missing = [k for k in REQUIRED_KEYS if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: record lacks keys {missing}")
-            records.append(rec)
+        lines = f.readlines()
+    for line_no, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if line_no == len(lines) and not raw.endswith("\n"):
+                warnings.warn(f"{path}:{line_no}: the last line is cut off ({e}): left out (a run killed while "
+                              "writing it)", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{line_no}: not a JSON record ({e}; a run killed while writing it?)") from e
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: record lacks keys {missing}")
+        records.append(rec)
     return records
 
 

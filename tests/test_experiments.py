@@ -1240,11 +1240,20 @@ def test_set_cannot_change_a_configs_kind():
     assert config.load("bench_attention", assignments=["kind=bench_attention"])["kind"] == "bench_attention"
 
 
-def test_truncated_record_names_its_file_and_line(tmp_path):
+def test_a_record_cut_off_at_the_end_is_left_out_and_a_bad_line_named(tmp_path):
+    """A run killed while writing its last record keeps what it measured (README): the cut-off line (no newline
+    after it) is left out with a warning, and report and plot read the file (they refused it whole); a line that is
+    not a record elsewhere is an error naming the file and line."""
     path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
-        _decode(_e2e_point(1024, 8), "none", 1e3)])
-    path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
-    with pytest.raises(ValueError, match=rf"{path.name}:2: not a JSON record"):
+        _model(), _decode(_e2e_point(1024, 8), "none", 1e3)])
+    whole = path.read_text()
+    path.write_text(whole + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
+    with pytest.warns(UserWarning, match=rf"{path.name}:3: the last line is cut off .*left out"):
+        assert len(records.read(path)) == 2
+    with pytest.warns(UserWarning, match="the last line is cut off"):
+        assert cli.main(["report", str(path)]) == 0
+    path.write_text(whole + '{"config": "e2e_throughput", "rec\n')  # not at the end of a write: a broken file
+    with pytest.raises(ValueError, match=rf"{path.name}:3: not a JSON record"):
         records.read(path)
 
 
@@ -1385,7 +1394,7 @@ def test_the_cli_names_bad_files_and_paths_without_a_traceback(tmp_path, capsys)
     records, never truncated) and an infinite capacity: each a clean message and exit 2."""
     path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
         _model(), _decode(_e2e_point(1024, 8), "none", 1e3)])
-    path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec')  # a run killed mid-line
+    path.write_text(path.read_text() + '{"config": "e2e_throughput", "rec\n')  # a broken line, not a cut-off end
     for command in ("report", "plot"):
         assert cli.main([command, str(path)]) == 2
         assert re.search(rf"^{command}: .*{path.name}:3: not a JSON record", capsys.readouterr().err, re.M)
