@@ -253,10 +253,10 @@ def _check_value(key: str, value: Any, types: tuple[type, ...], check, hint: str
 def validate(data: dict, schema: dict, prefix: str = "") -> None:
     """Raise ConfigError naming the first bad key of `data` under `schema`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"key '{prefix.rstrip('.')}' must be a table")
+        raise ConfigError(f"key '{prefix.rstrip('.')}' must be a table, got {data!r}")
     open_table = schema.get("__open__", False)
     for key in data:
-        if key not in schema and not open_table:
+        if key.startswith("__") or (key not in schema and not open_table):  # "__": the schema's own markers
             raise ConfigError(f"unknown key '{prefix}{key}'")
     for key, spec in schema.items():
         if key.startswith("__"):
@@ -275,13 +275,13 @@ def validate(data: dict, schema: dict, prefix: str = "") -> None:
             _check_value(full, value, spec.types, spec.check, spec.hint)
         elif isinstance(spec, ListOf):
             if not isinstance(value, list) or not value:
-                raise ConfigError(f"key '{full}' must be a non-empty array")
+                raise ConfigError(f"key '{full}' must be a non-empty array, got {value!r}")
             for i, item in enumerate(value):
                 _check_value(f"{full}[{i}]", item, spec.types, spec.check, spec.hint)
             _check_distinct(full, value)
         elif isinstance(spec, Rows):
             if not isinstance(value, list) or not value:
-                raise ConfigError(f"key '{full}' must be a non-empty array of tables")
+                raise ConfigError(f"key '{full}' must be a non-empty array of tables, got {value!r}")
             for i, row in enumerate(value):
                 validate(row, spec.schema, prefix=f"{full}[{i}].")
             _check_distinct(full, value)

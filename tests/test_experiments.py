@@ -1348,6 +1348,11 @@ def test_config_refuses_what_passed_validation_and_failed_later(tmp_path):
         assert body != text
         with pytest.raises(config.ConfigError, match=match):
             config.load(path, smoke=True)
+    for assignment, match in [("grid.prefixes=1024", r"key 'grid\.prefixes' must be a non-empty array, got 1024"),
+                              ("timing=3", r"key 'timing' must be a table, got 3"),
+                              ("device.__optional__=5", r"unknown key 'device\.__optional__'")]:
+        with pytest.raises(config.ConfigError, match=match):
+            config.load("e2e_throughput", smoke=True, assignments=[assignment])
     path = tmp_path / "latin1.toml"
     path.write_bytes(text.replace("[smoke]", "# caf\u00e9\n[smoke]").encode("latin-1"))
     with pytest.raises(config.ConfigError, match=r"latin1\.toml: not valid TOML: not UTF-8 text"):
