@@ -481,6 +481,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         ids = list(eos) + s
         stops[b, :len(ids)] = ids
 
+    _check_mesh_backend(model, backend)
     plan, arrays = _host_arrays(tree, N, pad_multiple, prefill_chunk, dense=mode == "standard")
     args = (model.params(), jax.tree.map(jnp.asarray, arrays))
     kw = dict(config=config, plan=plan, mode=mode, backend=backend, mesh=model.mesh)
@@ -657,10 +658,22 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     return _decode_32(model, state, num_steps, sampling=sampling, backend=backend)
 
 
+def _check_mesh_backend(model: Llama, backend: str | None) -> None:
+    """``ValueError`` for backend "interpret-mosaic" on a mesh of several devices: JAX's Mosaic GPU interpreter (0.11)
+    keeps one state for all devices, and a kernel ending on one device finds another device's barriers still
+    allocated (an AssertionError mid-run, and every later interpreted Mosaic call of the process fails too)."""
+    if backend == "interpret-mosaic" and model.mesh is not None and model.mesh.devices.size > 1:
+        raise ValueError(f"backend='interpret-mosaic' does not run on a mesh of {model.mesh.devices.size} devices: "
+                         "JAX's Mosaic GPU interpreter shares its state between the devices' kernels, which then "
+                         "fail ('Barrier remains allocated'); take backend='interpret' (the Triton kernels "
+                         "interpreted) or 'xla' there, or one device")
+
+
 @_in_32_bits
 def _decode_32(model: Llama, state: DecodeState, num_steps, *, sampling, backend) -> DecodeState:
     """``decode`` once its step count fits int32."""
     _check_state(model, state, "decode")
+    _check_mesh_backend(model, backend)
     sampling = SamplingConfig.make(sampling)
     config = model.config.with_long_rope(state.long_rope)
     return _decode_jit(model.params(), state, jnp.int32(num_steps), config=config, sampling=sampling, backend=backend,
@@ -671,6 +684,7 @@ def _decode_32(model: Llama, state: DecodeState, num_steps, *, sampling, backend
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
     _check_state(model, state, "compile_decode")
+    _check_mesh_backend(model, backend)
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
     config = model.config.with_long_rope(state.long_rope)

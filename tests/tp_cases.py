@@ -183,6 +183,22 @@ def test_kernels_under_shard_map():
 
 
 @needs(2)
+def test_interpreted_mosaic_is_refused_on_a_mesh():
+    """backend "interpret-mosaic" on several devices: JAX's Mosaic GPU interpreter keeps one state for all of them
+    and failed mid-run ('Barrier remains allocated', a review's finding): refused by name before anything runs
+    (prefill, decode and compile_decode); on one device it runs (tests/test_attention.py)."""
+    model = models.init_random(CONFIGS["gqa1"], jnp.float32, seed=5, mesh=parallel.make_mesh(2))
+    refused = r"backend='interpret-mosaic' does not run on a mesh of 2 devices: .*take backend='interpret'"
+    with pytest.raises(ValueError, match=refused):
+        models.generate(model, prompts(model.config.vocab_size), max_new_tokens=2, backend="interpret-mosaic")
+    state = models.prefill(model, prompts(model.config.vocab_size), 2, backend="interpret")
+    with pytest.raises(ValueError, match=refused):
+        models.decode(model, state, 1, backend="interpret-mosaic")
+    with pytest.raises(ValueError, match=refused):
+        models.compile_decode(model, state, backend="interpret-mosaic")
+
+
+@needs(2)
 @pytest.mark.slow  # the pair write is on in the H100's tuning file only (CI time)
 def test_pair_write_under_shard_map(monkeypatch):
     """The tuning's `pair_write` (`models.pair_scatter`: one scatter of a layer's k and v caches) on each device's
