@@ -362,6 +362,28 @@ def test_probe_tp_settings_are_flags_this_xla_knows():
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_the_field_sweeps_start_from_the_tuning_in_force(monkeypatch, tmp_path):
+  """`sweep_gemm`, `sweep_levels` and `sweep_device` start from --base, else the file HYDRAGEN_JAX_TUNING names,
+  else the device's: started from the device's file, a sweep wrote the package's values over a user's own file's
+  other fields."""
+  import dataclasses  # noqa: PLC0415
+
+  from hydragen_jax import tuning  # noqa: PLC0415
+  from scripts.tuning import field_sweep  # noqa: PLC0415
+
+  kind = tuning.device_kind()
+  base = tuning.file_for(kind)
+  mine = dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, interleave_rows=777))
+  tuning.write(tmp_path / "mine.json", mine)
+  monkeypatch.delenv(tuning.TUNING_ENV, raising=False)
+  assert field_sweep.base_file(None, kind) == base
+  assert field_sweep.base_file(str(tmp_path / "mine.json"), kind) == mine
+  monkeypatch.setenv(tuning.TUNING_ENV, str(tmp_path / "mine.json"))
+  assert field_sweep.Run.begin("sweep_gemm", []).base == mine
+  tuning.write(tmp_path / "base.json", base)
+  assert field_sweep.Run.begin("sweep_gemm", [], base=str(tmp_path / "base.json")).base == base
+
+
 def test_sweep_gemm_writes_the_gemm_field(tmp_path):
   """The decode GEMM sweep's plumbing (tiny shapes; on CPU the timed model runs XLA's GEMMs either way and the
   kernel only runs, interpreted, in the products' check: the times mean nothing): every field's candidates timed,

@@ -425,6 +425,39 @@ def test_an_env_file_of_another_gpu_kind_is_used_with_a_warning(monkeypatch, tmp
     assert tuning.current() == h200  # once
 
 
+def test_the_env_file_is_read_again_when_it_changes(monkeypatch, tmp_path):
+  """An edit of the file HYDRAGEN_JAX_TUNING names is seen by the next `current()` (the first reading was kept for
+  the rest of the process), as is a relative path after a chdir (another file then)."""
+  base = tuning.file_for(H100)
+  for name, rows in (("a", 111), ("b", 222)):
+    (tmp_path / name).mkdir()
+    tuning.write(tmp_path / name / "t.json",
+                 dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, interleave_rows=rows)))
+  monkeypatch.chdir(tmp_path / "a")
+  monkeypatch.setenv(tuning.TUNING_ENV, "t.json")
+  assert tuning.current().interleave_rows == 111
+  monkeypatch.chdir(tmp_path / "b")
+  assert tuning.current().interleave_rows == 222
+  edited = dataclasses.replace(base, tuning=dataclasses.replace(base.tuning, interleave_rows=3333))
+  tuning.write(tmp_path / "b" / "t.json", edited)  # another size: seen even within the clock's resolution
+  assert tuning.current().interleave_rows == 3333
+
+
+def test_a_key_given_twice_is_refused_and_errors_name_their_field_once():
+  """json.loads keeps the last of a repeated key silently: refused, naming it. A bad `gemm` entry's error named
+  the file twice."""
+  text = tuning.dumps(tuning.file_for(H100))
+  twice = text.replace('"hopper_min_fill": ', '"hopper_min_fill": 5.0, "hopper_min_fill": ', 1)
+  assert twice != text
+  with pytest.raises(ValueError, match=r"mine: the key 'hopper_min_fill' is given twice in one object"):
+    tuning.loads(twice, "mine")
+  data = json.loads(text)
+  data["tuning"]["gemm"]["foo"] = 1
+  with pytest.raises(ValueError) as e:
+    tuning.loads(json.dumps(data), "mine.json")
+  assert str(e.value).count("mine.json") == 1 and "mine.json: tuning.gemm: unknown ['foo']" in str(e.value)
+
+
 def test_a_file_without_provenance_is_refused():
   text = tuning.dumps(tuning.file_for(H100))
   data = json.loads(text)

@@ -489,8 +489,9 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
     data["hopper_long"] = _hopper_entries(data["hopper_long"], f"{where}.hopper_long")
   else:
     data["hopper_long"] = ()
+  gemm = _fields(GemmTuning, data["gemm"], f"{where}.gemm")  # (its errors name the field already)
   try:
-    data["gemm"] = GemmTuning(**_fields(GemmTuning, data["gemm"], f"{where}.gemm"))
+    data["gemm"] = GemmTuning(**gemm)
     return Tuning(**data)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from e
@@ -524,12 +525,26 @@ def dumps(file: TuningFile) -> str:
                      "tuning": to_dict(file.tuning)}, indent=2) + "\n"
 
 
+class _RepeatedKey(Exception):
+  pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+  """A JSON object's dict, refusing a key given twice (`json.loads` keeps the last)."""
+  keys = [k for k, _ in pairs]
+  if len(set(keys)) != len(keys):
+    raise _RepeatedKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+  return dict(pairs)
+
+
 def loads(text: str, where: str = "tuning file") -> TuningFile:
   """A data file from its text (`dumps`)."""
   try:
-    data = json.loads(text)
+    data = json.loads(text, object_pairs_hook=_no_repeated_keys)
   except json.JSONDecodeError as e:
     raise ValueError(f"{where}: not valid JSON: {e}") from e
+  except _RepeatedKey as e:  # json.loads would keep the last silently
+    raise ValueError(f"{where}: the key {e.args[0]!r} is given twice in one object (which would count?)") from None
   if not isinstance(data, dict) or sorted(data) != ["device_kind", "provenance", "tuning"]:
     raise ValueError(f"{where}: expected an object with device_kind, provenance, tuning; got "
                      f"{sorted(data) if isinstance(data, dict) else type(data).__name__}.")
@@ -648,8 +663,19 @@ def device_kind() -> str:
   return default_device().device_kind
 
 
-@functools.lru_cache(maxsize=None)
 def _file_at(path: str) -> TuningFile:
+  """The file at `path`, read again once it changes (its absolute path, modification time and size: an edit, or a
+  relative path after a chdir, took the first reading for the rest of the process)."""
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    raise ValueError(f"{TUNING_ENV}={path!r}: {e}") from e
+  return _file_version(path, os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_version(path: str, absolute: str, mtime_ns: int, size: int) -> TuningFile:
+  del absolute, mtime_ns, size  # the cache's key: this version of the file
   try:
     return load(path)
   except (OSError, ValueError) as e:
@@ -658,7 +684,9 @@ def _file_at(path: str) -> TuningFile:
 
 def current() -> Tuning:
   """The tuning in force: an `override`'s, else the file that $HYDRAGEN_JAX_TUNING names (any device's: e.g. a GPU
-  without a file of its own), else the default device's (`for_device_kind`)."""
+  without a file of its own; read again when it changes), else the default device's (`for_device_kind`). Read
+  when a function is traced: a jitted function keeps the tuning it was traced with when the variable or its file
+  changes (jit's cache does not see them); `override` is part of jit's cache key and retraces."""
   forced = _OVERRIDE.value
   if forced is not None:
     return forced

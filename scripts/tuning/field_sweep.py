@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import sys
 import time
 
@@ -17,6 +18,8 @@ from hydragen_jax import tuning as tuning_lib
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", default=None, help="tuning file to write (default: the device's)")
+  parser.add_argument("--base", default=None, help="tuning file whose other fields the written file keeps "
+                      "(default: the one in force, $HYDRAGEN_JAX_TUNING's where set, else the device's)")
   parser.add_argument("--commit", default=None, help="default: $HYDRAGEN_JAX_COMMIT, else git rev-parse HEAD")
 
 
@@ -37,9 +40,9 @@ class Run:
   start: float
 
   @classmethod
-  def begin(cls, script: str, argv: list[str] | None) -> Run:
+  def begin(cls, script: str, argv: list[str] | None, base: str | None = None) -> Run:
     kind = tuning_lib.device_kind()
-    return cls(script, list(sys.argv[1:] if argv is None else argv), kind, tuning_lib.file_for(kind), time.time())
+    return cls(script, list(sys.argv[1:] if argv is None else argv), kind, base_file(base, kind), time.time())
 
   def write(self, args: argparse.Namespace, field: str | tuple[str, ...], tune: tuning_lib.Tuning, measured: str,
             not_measured: str | None = None) -> str:
@@ -56,6 +59,17 @@ class Run:
     tuning_lib.write(out, tuning_lib.with_measured_field(self.base, self.kind, tune, field, note, command=command,
                                                         date=date, commit=commit))
     return out
+
+
+def base_file(path: str | None, kind: str) -> tuning_lib.TuningFile:
+  """The file a sweep starts from and whose other fields it keeps: `path` (--base), else the tuning in force, the
+  file $HYDRAGEN_JAX_TUNING names where it is set (a sweep started from the device's file instead wrote the
+  package's values over a user's own file), else the device's (`tuning.file_for`)."""
+  if path:
+    return tuning_lib.load(path)
+  if env := os.environ.get(tuning_lib.TUNING_ENV):
+    return tuning_lib.load(env)
+  return tuning_lib.file_for(kind)
 
 
 def off_gpu() -> str | None:

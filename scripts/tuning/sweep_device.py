@@ -3,8 +3,8 @@
   python -m scripts.tuning.sweep_device --out hydragen_jax/tuning/nvidia-h200.json   # on the GPU, 450 s budget
   python -m scripts.tuning.sweep_device --dry-run --out /tmp/tuning.json             # anywhere: the plumbing
 
-Greedy, one choice at a time (`choices`, most important first), from the base tuning (the device's file, or --base
-FILE): each candidate value is timed on the configs its choice concerns (`CONFIGS`: the benchmark's seed rows and
+Greedy, one choice at a time (`choices`, most important first), from the base tuning (--base FILE, else the one in
+force: $HYDRAGEN_JAX_TUNING's file where set, else the device's): each candidate value is timed on the configs its choice concerns (`CONFIGS`: the benchmark's seed rows and
 the 7B model's MHA decode layer that takes the Hopper kernel, whole and with its heads split over two GPUs, two more
 of its e2e layers, and GQA shapes of other T·g and prefix lengths), as the benchmark times a step (a whole decode
 step, 16 chained in one call, at s = 1, out/2, out; Simpson mean), and the candidate with the best speed-up over the
@@ -530,7 +530,8 @@ def field_notes(recs: list[dict], min_gain: float, base_notes: dict | None = Non
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=None, help="data file to write (default: hydragen_jax/tuning/<device>.json)")
-  parser.add_argument("--base", default=None, help="tuning file to start from (default: the device's)")
+  parser.add_argument("--base", default=None, help="tuning file to start from (default: the one in force, "
+                      "$HYDRAGEN_JAX_TUNING's where set, else the device's)")
   parser.add_argument("--budget-s", type=float, default=450.0, help="wall time of the sweep, final check included")
   parser.add_argument("--final-s", type=float, default=60.0, help="of which reserved for the final check")
   parser.add_argument("--min-gain", type=float, default=0.02, help="a candidate must be this much faster")
@@ -555,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
   field_sweep.check_out(parser, args, "--dry-run" if args.dry_run else field_sweep.off_gpu())
   start = time.time()
   kind = tuning_lib.device_kind()
-  base_file = tuning_lib.load(args.base) if args.base else tuning_lib.file_for(kind)
+  base_file = field_sweep.base_file(args.base, kind)
   configs, groups = CONFIGS, GROUPS
   todo = choices(configs, groups)
   if args.fields:
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
       command="python -m scripts.tuning.sweep_device " + " ".join(sys.argv[1:] if argv is None else argv),
       commit=args.commit or records.git_commit(), jax_version=jax.__version__,
       base={k: base_file.provenance.get(k) for k in ("measured_on", "date", "commit")}
-      | dict(device_kind=base_file.device_kind, file=args.base))
+      | dict(device_kind=base_file.device_kind, file=args.base or os.environ.get(tuning_lib.TUNING_ENV)))
 
   # the notes and choice records of the fields this sweep leaves alone (e.g. the note of sweep_gemm.py's field, the
   # records of a full sweep before a partial one), where the base is this device's

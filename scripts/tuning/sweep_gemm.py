@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
   not_measured = ("--tiny" if args.tiny else None) or ("--interpret" if args.interpret else None) \
       or field_sweep.off_gpu()
   field_sweep.check_out(parser, args, not_measured)
-  run = field_sweep.Run.begin("sweep_gemm", argv)
+  run = field_sweep.Run.begin("sweep_gemm", argv, args.base)
   base_file = run.base
   config = profile_decode.model_shape(args.layers, args.tiny)
   shape, dtype = gemm_shape(config), jnp.bfloat16  # the timed model's GEMMs
