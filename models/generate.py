@@ -722,7 +722,7 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
         raise ValueError(f"prompts must be a list of prompts (token-id lists or strings), got {what} (one prompt: "
                          "[prompt])")
     if len(prompts) == 0:
-        raise ValueError("no prompts given (empty prompt list)")
+        raise ValueError("prompts: no prompts given (empty prompt list)")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -731,6 +731,14 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
             p = tokenizer.encode(p)
         out.append(_token_ids(p, i, "prompts"))
     return out
+
+
+def _check_vocabulary(prompts: list[list[int]], vocab_size: int) -> None:
+    """``ValueError`` naming the prompt and position of the first token id outside ``[0, vocab_size)``."""
+    for i, p in enumerate(prompts):
+        if bad := [j for j, t in enumerate(p) if not 0 <= t < vocab_size]:
+            raise ValueError(f"prompts: prompt {i}, position {bad[0]}: token id {p[bad[0]]} outside the vocabulary "
+                             f"[0, {vocab_size})")
 
 
 @_in_32_bits
@@ -762,6 +770,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     num_samples = _positive_int("num_samples", num_samples)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     token_prompts = _tokenize(prompts, tokenizer)
+    _check_vocabulary(token_prompts, model.config.vocab_size)
     sequences = expand_samples(token_prompts, num_samples)
     if tree is None:
         tree = build_sharing_tree(sequences, max_depth=max_depth)

@@ -377,7 +377,7 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[]), "empty prompt list"),
+    (dict(prompts=[]), r"prompts: no prompts given \(empty prompt list\)"),
     (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(prompts=[[1] * 500], max_new_tokens=20), "exceeds the model's maximum length 512"),
     (dict(num_samples=0), "num_samples"),
@@ -388,7 +388,8 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
     (dict(sampling={"temperature": -1.0}), "temperature"),
     (dict(mode="paged"), "unknown attention mode 'paged'"),
     (dict(prompts=["hello"]), "no tokenizer"),
-    (dict(prompts=[[1, 200]]), "token id 200 outside the vocabulary"),
+    (dict(prompts=[[1, 200]]), r"prompts: prompt 0, position 1: token id 200 outside the vocabulary \[0, 97\)"),
+    (dict(prompts=[[1, 2], [3, 4, 97, 5]]), r"prompts: prompt 1, position 2: token id 97 outside the vocabulary"),
     (dict(stop_tokens=[[1]] * 5), "stop_tokens has 5 entries"),
     (dict(stop_tokens=[5, 6]), r"stop_tokens\[0\] must be a sequence of token ids in \[0, 97\), got 5"),
     (dict(stop_tokens=[[5], [45.7]]), r"stop_tokens\[1\] must be a sequence of token ids .*got \[45.7\]"),
