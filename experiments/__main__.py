@@ -126,7 +126,20 @@ def main(argv: list[str] | None = None) -> int:
 
         for png in plot.plot_files([path], None):
             print(png)
-    return 0
+    return _failed_points(path)
+
+
+def _failed_points(path) -> int:
+    """1 where a point of the run failed (status "error": out-of-memory and skipped points are results), naming the
+    first few, else 0: a run whose every point failed exited 0, and `gpu_full.sh` reports failures by the status."""
+    from experiments import records
+
+    failed = [r for r in records.read(path) if r.get("status") == "error"]
+    if not failed:
+        return 0
+    print(f"[run] {len(failed)} point(s) failed (status error), e.g. {failed[0].get('reason', '')[:300]!r}; the "
+          f"records are in {path}", file=sys.stderr)
+    return 1
 
 
 def report(args) -> int:

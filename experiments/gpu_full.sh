@@ -47,6 +47,8 @@
 # a smaller share of the GPU (XLA_CLIENT_MEM_FRACTION 0.80) so that torch has room for FlashInfer's paged cache.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+# a relative OUT from the caller's folder (the archives are written from inside the results folder below)
+if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
 cd "$(dirname "$0")/.."
 PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|long-doc1|long-doc2|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)}
 ANCHORS_DIR=${ANCHORS_DIR:-.anchors}

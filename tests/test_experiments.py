@@ -1041,6 +1041,27 @@ def test_records_mark_a_commit_whose_tree_was_edited(monkeypatch, tmp_path):
     assert f"recorded commit `{head[:7]}-dirty`" in line
 
 
+def test_gpu_full_archives_into_a_relative_out(tmp_path):
+    """OUT relative to the caller's folder (the archive was written from inside the results folder: lost, with
+    exit 0). A stand-in PYTHON reports a GPU and writes a one-line results file for the run."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\nif [[ "$1" == -c ]]; then echo "gpu fake-gpu-out"; exit 0; fi\n'
+                    'while [[ $# -gt 0 ]]; do if [[ "$1" == --out ]]; then echo "{}" > "$2"; fi; shift; done\n')
+    fake.chmod(0o755)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHON=str(fake), OUT="rel/out")
+    try:
+        done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "tree"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "archiving" not in done.stdout, done.stdout
+        archives = list((tmp_path / "rel" / "out").glob("tree_apps-fake-gpu-out-*.tgz"))
+        assert len(archives) == 1, done.stdout
+    finally:
+        for f in (root / "experiments" / "results").glob("tree_apps-fake-gpu-out-*"):
+            f.unlink()
+
+
 @pytest.mark.parametrize("part, tag, extra, name", [
     ("e2e-part1", "", "--set grid.batches=[64]", "e2e_throughput-part1"),
     ("e2e-part1", "b64", "--set grid.batches=[64]", "e2e_throughput-part1-b64"),
@@ -1238,6 +1259,17 @@ def test_set_cannot_change_a_configs_kind():
     with pytest.raises(config.ConfigError, match=r"a config's kind cannot be changed \(it is 'bench_attention'\)"):
         config.load("bench_attention", assignments=["kind=e2e_throughput"])
     assert config.load("bench_attention", assignments=["kind=bench_attention"])["kind"] == "bench_attention"
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="'pallas' runs on a GPU: the points would not fail")
+def test_a_run_with_failed_points_exits_1(tmp_path, capsys):
+    """A run whose points fail (here every one: the compiled kernels off a GPU) keeps its records and exits 1 (it
+    exited 0, and gpu_full.sh reports failures by the status); out-of-memory and skipped points are results."""
+    out = tmp_path / "x.jsonl"
+    assert cli.main(["run", "e2e_throughput", "--smoke", "--set", 'backend="pallas"', "--out", str(out),
+                     "--no-progress"]) == 1
+    assert "point(s) failed (status error)" in capsys.readouterr().err
+    assert {r["status"] for r in records.read(out) if r.get("record") == "decode"} == {"error"}
 
 
 def test_a_record_cut_off_at_the_end_is_left_out_and_a_bad_line_named(tmp_path):
