@@ -717,6 +717,59 @@ def test_probe_gemm_mgpu_checks_jax_hopper_matmul_against_xla(capsys):
   assert '"config": "m64n64M"' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("script", ["sweep_device", "sweep_gemm", "sweep_levels"])
+def test_the_sweeps_refuse_bad_paths_before_they_start(tmp_path, capsys, script):
+  """--out or --log a directory or in a missing folder, --base missing or not a tuning file: usage errors naming the
+  option at once (tracebacks before, --out's after the sweep had run, leaving a temporary file beside it)."""
+  import importlib  # noqa: PLC0415
+
+  main = importlib.import_module(f"scripts.tuning.{script}").main
+  quick = {"sweep_device": ["--dry-run"], "sweep_gemm": ["--tiny"], "sweep_levels": ["--tiny"]}[script]
+  (tmp_path / "not.json").write_text("{")
+  cases = [(["--out", str(tmp_path)], "--out .*a directory"),
+           (["--out", str(tmp_path / "no" / "t.json")], "--out .*its folder does not exist"),
+           (["--out", str(tmp_path / "t.json"), "--base", str(tmp_path / "missing.json")],
+            "--base .*not a readable tuning file"),
+           (["--out", str(tmp_path / "t.json"), "--base", str(tmp_path / "not.json")],
+            "--base .*not a readable tuning file: .*not valid JSON")]
+  if script != "sweep_levels":
+    cases.append((["--out", str(tmp_path / "t.json"), "--log", str(tmp_path / "no" / "x.jsonl")],
+                  "--log .*its folder does not exist"))
+  for args, match in cases:
+    with pytest.raises(SystemExit) as e:
+      main(quick + args)
+    assert e.value.code == 2 and re.search(match, capsys.readouterr().err), args
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["not.json"]  # nothing written, no temporary file
+
+
+def test_tuning_write_refuses_a_directory_and_leaves_no_temporary_file(tmp_path):
+  from hydragen_jax import tuning  # noqa: PLC0415
+
+  file = tuning.file_for("cpu")
+  with pytest.raises(ValueError, match="a directory"):
+    tuning.write(tmp_path, file)
+  with pytest.raises(ValueError, match="its folder does not exist"):
+    tuning.write(tmp_path / "no" / "t.json", file)
+  assert list(tmp_path.iterdir()) == []
+  tuning.write(tmp_path / "t.json", file)
+  assert [p.name for p in tmp_path.iterdir()] == ["t.json"] and tuning.load(tmp_path / "t.json") == file
+
+
+def test_device_round_exits_with_a_failing_steps_status(tmp_path):
+  """A step that fails (here the sweep: an unknown field) gives the script its status, once every step has run (it
+  exited 0 whatever failed). `python3` is this interpreter (the device machine's has jax)."""
+  shim = tmp_path / "bin"
+  shim.mkdir()
+  (shim / "python3").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
+  (shim / "python3").chmod(0o755)
+  env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{shim}:{os.environ['PATH']}", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(["bash", "scripts/tuning/device_round.sh", "none", "--dry-run", "--fields", "nosuch"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, (done.returncode, done.stdout[-1500:], done.stderr[-1500:])
+  assert "nosuch" in (tmp_path / "out" / "sweep.log").read_text()
+
+
 def test_gpu_full_names_an_unknown_part_first():
     """A mistyped part is named as such on any machine (it was reported as "platform is cpu" off a GPU)."""
     done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mh"], capture_output=True, text=True, timeout=60)

@@ -572,9 +572,15 @@ def write(path: str | pathlib.Path, file: TuningFile) -> None:
   text = dumps(file)
   loads(text, str(path))  # what is written must load
   path = pathlib.Path(path)
+  if path.is_dir() or not path.parent.is_dir():
+    raise ValueError(f"{path}: {'a directory' if path.is_dir() else 'its folder does not exist'}; a tuning file is "
+                     "written to a file path in an existing folder")
   temporary = path.with_name(f".{path.name}.tmp")
-  temporary.write_text(text)
-  os.replace(temporary, path)
+  try:
+    temporary.write_text(text)
+    os.replace(temporary, path)
+  finally:
+    temporary.unlink(missing_ok=True)  # (gone once renamed; left by a failed write or rename otherwise)
 
 
 def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, field: str | tuple[str, ...], note: str,

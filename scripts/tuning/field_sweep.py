@@ -25,9 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, not_measured: str | None) -> None:
   """`--out` is required where the run measures nothing (`not_measured` names why: "--tiny", "off a GPU", ...), so
-  that the device's own file is written only by a real measurement."""
+  that the device's own file is written only by a real measurement. `--out` and `--log` must be files in existing
+  folders and `--base` a readable tuning file: each refused here, before the sweep's minutes, not after them."""
   if args.out is None and not_measured:
     parser.error(f"--out FILE is needed with {not_measured} (the default writes the device's own tuning file)")
+  for option in ("out", "log"):
+    value = getattr(args, option, None)
+    if value is not None and (os.path.isdir(value) or not os.path.isdir(os.path.dirname(os.path.abspath(value)))):
+      parser.error(f"--{option} {value!r}: {'a directory' if os.path.isdir(value) else 'its folder does not exist'}; "
+                   "expected a file path in an existing folder")
+  if getattr(args, "base", None) is not None:
+    try:
+      tuning_lib.load(args.base)
+    except (OSError, ValueError) as e:
+      parser.error(f"--base {args.base!r}: not a readable tuning file: {e}")
 
 
 @dataclasses.dataclass(frozen=True)
