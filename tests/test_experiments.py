@@ -1261,6 +1261,18 @@ def test_set_cannot_change_a_configs_kind():
     assert config.load("bench_attention", assignments=["kind=bench_attention"])["kind"] == "bench_attention"
 
 
+def test_out_paths_under_a_file_are_named(tmp_path, capsys):
+    """`plot --out` naming a file, or a folder under one, and `run --out` under a file: clean messages and exit 2
+    (FileExistsError / NotADirectoryError tracebacks before)."""
+    path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [
+        _model(), _decode(_e2e_point(1024, 8), "none", 1e3)])
+    for out, why in ((path, "is a file"), (path / "sub", "lies under the file")):
+        assert cli.main(["plot", str(path), "--out", str(out)]) == 2
+        assert f"plot: --out {str(out)!r} {why}" in capsys.readouterr().err
+    assert cli.main(["run", "tree_apps", "--smoke", "--out", str(path / "x.jsonl")]) == 2
+    assert "config error: --out" in capsys.readouterr().err and path.read_text()  # the results file untouched
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="'pallas' runs on a GPU: the points would not fail")
 def test_a_run_with_failed_points_exits_1(tmp_path, capsys):
     """A run whose points fail (here every one: the compiled kernels off a GPU) keeps its records and exits 1 (it
