@@ -735,6 +735,10 @@ def test_the_sweeps_refuse_bad_paths_before_they_start(tmp_path, capsys, script)
   if script != "sweep_levels":
     cases.append((["--out", str(tmp_path / "t.json"), "--log", str(tmp_path / "no" / "x.jsonl")],
                   "--log .*its folder does not exist"))
+  else:  # its attention backend: an unknown name, or compiled kernels off a GPU
+    cases.append((["--out", str(tmp_path / "t.json"), "--backend", "foo"], "--backend: backend='foo' is not one of"))
+    if jax.default_backend() != "gpu":
+      cases.append((["--out", str(tmp_path / "t.json"), "--backend", "pallas"], "--backend: .*compiled GPU kernels"))
   for args, match in cases:
     with pytest.raises(SystemExit) as e:
       main(quick + args)

@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
       parser.error(f"--{option} {getattr(args, option)}: must be at least 1")
   not_measured = ("--tiny" if args.tiny else None) or field_sweep.off_gpu()
   field_sweep.check_out(parser, args, not_measured)
+  try:  # before the sweep's minutes: an unknown name, or a compiled backend off a GPU
+    validation.resolve_backend(args.backend)
+  except ValueError as e:
+    parser.error(f"--backend: {e}")
   run = field_sweep.Run.begin("sweep_levels", argv, args.base)
   base_file = run.base
   grid = TINY if args.tiny else dict(readers=READERS, node_keys=NODE_KEYS, heads=HEADS, nodes=args.nodes,
