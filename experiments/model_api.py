@@ -101,6 +101,14 @@ def apps_tree(fewshot: int, problem_prompt: int, problems: int, samples: int, vo
     problem's whole prompt in its own suffix. levels=0: nothing shared (every sequence's whole prompt in its
     suffix).
     """
+    if levels not in (0, 1, 2) or isinstance(levels, bool):
+        raise ValueError(f"apps_tree: levels must be 0, 1 or 2, got {levels!r}")
+    # (levels=2: a problem prompt of 2 tokens at least, its last one each sample's suffix)
+    least = dict(fewshot=0, problem_prompt=2 if levels == 2 else 1, problems=1, samples=1, vocab=1)
+    for name, value in dict(fewshot=fewshot, problem_prompt=problem_prompt, problems=problems, samples=samples,
+                            vocab=vocab).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least[name]:
+            raise ValueError(f"apps_tree: {name} must be an integer >= {least[name]} (levels={levels}), got {value!r}")
     rng = np.random.default_rng(seed)
     shot = tuple(rng.integers(0, vocab, fewshot).tolist())
     prompts = [tuple(rng.integers(0, vocab, problem_prompt).tolist()) for _ in range(problems)]

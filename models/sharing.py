@@ -206,8 +206,10 @@ def expand_samples(prompts: Sequence[Sequence[int]], num_samples: int) -> list[T
 def synthetic_tree(batch: int, shared_len: int, unique_len: int, vocab_size: int, seed: int = 0) -> SharingTree:
     """A one-level tree for benchmarks: one random shared prefix of ``shared_len`` tokens read by all ``batch``
     sequences, each with ``unique_len`` (>= 1) random tokens of its own. No text involved."""
-    if unique_len < 1:
-        raise ValueError(f"unique_len must be >= 1, got {unique_len}")
+    for name, value, least in (("batch", batch, 1), ("shared_len", shared_len, 0), ("unique_len", unique_len, 1),
+                               ("vocab_size", vocab_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"synthetic_tree: {name} must be an integer >= {least}, got {value!r}")
     rng = np.random.default_rng(seed)
     prefix = tuple(rng.integers(0, vocab_size, shared_len).tolist())
     uniques = rng.integers(0, vocab_size, (batch, unique_len)).tolist()

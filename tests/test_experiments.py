@@ -693,6 +693,14 @@ def test_apps_tree_shapes():
     assert [two.prompt(b) for b in range(12)] == [one.prompt(b) for b in range(12)]  # same prompts
     assert len(two.levels) == 2 and len(two.levels[1].nodes) == 3
     assert all(len(s) == 1 for s in two.suffixes) and all(len(s) == 8 for s in one.suffixes)
+    base = dict(fewshot=4, problem_prompt=3, problems=2, samples=2, vocab=10, seed=0, levels=2)
+    for change, match in [(dict(problem_prompt=1), r"problem_prompt must be an integer >= 2 \(levels=2\), got 1"),
+                          (dict(problem_prompt=0, levels=1), r"problem_prompt must be an integer >= 1 \(levels=1\)"),
+                          (dict(problems=0), r"problems must be an integer >= 1 .*got 0"),
+                          (dict(samples=-1), r"samples must be an integer >= 1 .*got -1"),
+                          (dict(levels=3), r"levels must be 0, 1 or 2, got 3")]:
+        with pytest.raises(ValueError, match=rf"apps_tree: {match}"):  # an IndexError, or a tree built wrong
+            model_api.apps_tree(**{**base, **change})
 
 
 @pytest.mark.xdist_group("bench_smoke")  # one worker runs the smoke bench (session fixture)

@@ -1,5 +1,6 @@
 """models.sharing: prompt trie -> sharing tree (depths 0-3, ragged, identical prompts, explicit trees)."""
 
+import re
 import sys
 
 import numpy as np
@@ -117,6 +118,22 @@ def test_synthetic_tree():
     tree = synthetic_tree(batch=5, shared_len=100, unique_len=3, vocab_size=50)
     assert tree.num_sequences == 5 and len(tree.levels[0].nodes[0]) == 100
     assert all(len(s) == 3 for s in tree.suffixes)
+    assert synthetic_tree(batch=1, shared_len=0, unique_len=1, vocab_size=1).levels == ()
+
+
+@pytest.mark.parametrize("change, name, least", [(dict(batch=0), "batch", 1), (dict(batch=2.0), "batch", 1),
+                                                 (dict(shared_len=-1), "shared_len", 0),
+                                                 (dict(unique_len=1.5), "unique_len", 1),
+                                                 (dict(vocab_size=0), "vocab_size", 1),
+                                                 (dict(batch=True), "batch", 1)])
+def test_synthetic_tree_names_a_bad_argument(change, name, least):
+    """Each argument checked by name (numpy's "negative dimensions" or "high <= 0", and a tree without sequences,
+    named none of them)."""
+    args = dict(batch=3, shared_len=4, unique_len=2, vocab_size=10)
+    args.update(change)
+    with pytest.raises(ValueError, match=rf"synthetic_tree: {name} must be an integer >= {least}, got "
+                                         rf"{re.escape(repr(change[name]))}"):
+        synthetic_tree(**args)
 
 
 @settings(max_examples=60, deadline=None)
