@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 
 
@@ -92,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{','.join(row['modes'])}")
         return 0
     if args.command == "plot":
-        from experiments import plot
+        from experiments import plot, runner
 
         if missing := _missing(args.results):
             print(f"plot: no results file {missing}", file=sys.stderr)
             return 2
-        if args.out is not None and (why := _not_a_folder(args.out)):
+        if args.out is not None and (why := runner.not_a_folder(args.out)):
             print(f"plot: --out {args.out!r} {why}; expected a folder for the PNGs", file=sys.stderr)
             return 2
         try:
@@ -116,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import runner
 
     name = "bench_attention" if args.command == "bench-attention" else args.config
-    if args.out and (why := _not_a_folder(os.path.dirname(os.path.abspath(args.out)))):
-        print(f"config error: --out {args.out!r}: its folder {why}", file=sys.stderr)
-        return 2
     try:
         assignments = list(args.set)
         if getattr(args, "select", None) is not None:
@@ -134,14 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         for png in plot.plot_files([path], None):
             print(png)
     return _failed_points(path)
-
-
-def _not_a_folder(path: str) -> str | None:
-    """Why `path` cannot be (or become) a folder: it or a folder above it is a file; None where it can."""
-    for part in [path, *map(str, pathlib.Path(path).absolute().parents)]:
-        if os.path.exists(part):
-            return None if os.path.isdir(part) else ("is a file" if part == path else f"lies under the file {part!r}")
-    return None
 
 
 def _failed_points(path) -> int:

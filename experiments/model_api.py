@@ -19,6 +19,7 @@ import numpy as np
 
 import models
 from models import LlamaConfig, parallel
+from models.config import is_int
 
 PAD_MULTIPLE = 16  # prefill's default padding of cache capacities
 
@@ -107,7 +108,7 @@ def apps_tree(fewshot: int, problem_prompt: int, problems: int, samples: int, vo
     least = dict(fewshot=0, problem_prompt=2 if levels == 2 else 1, problems=1, samples=1, vocab=1)
     for name, value in dict(fewshot=fewshot, problem_prompt=problem_prompt, problems=problems, samples=samples,
                             vocab=vocab).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least[name]:
+        if not is_int(value) or value < least[name]:
             raise ValueError(f"apps_tree: {name} must be an integer >= {least[name]} (levels={levels}), got {value!r}")
     rng = np.random.default_rng(seed)
     shot = tuple(rng.integers(0, vocab, fewshot).tolist())

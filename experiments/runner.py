@@ -26,6 +26,8 @@ def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bo
         raise config_lib.ConfigError(f"--out {str(path)!r}: the records' file cannot end in .md (its markdown tables "
                                      f"are written to {path.with_suffix('.md').name}); use e.g. "
                                      f"{path.with_suffix('.jsonl').name}")
+    if out and (why := not_a_folder(str(path.absolute().parent))):  # (mkdir would raise FileExistsError and such)
+        raise config_lib.ConfigError(f"--out {str(path)!r}: its folder {why}")
     if out and path.exists():  # an earlier run's records: never truncated by a new run
         raise config_lib.ConfigError(f"--out {str(path)!r} exists (an earlier run's results?): give a new name or "
                                      f"move it away first")
@@ -41,6 +43,15 @@ def run_config(cfg: dict, out: str | pathlib.Path | None = None, *, progress: bo
     markdown = write_report(path)
     print(f"[run] wrote {path} and {markdown}", flush=True)
     return path
+
+
+def not_a_folder(path: str) -> str | None:
+    """Why `path` cannot be (or become) a folder: it or a folder above it is a file; None where it can."""
+    for part in [path, *map(str, pathlib.Path(path).absolute().parents)]:
+        if pathlib.Path(part).exists():
+            return None if pathlib.Path(part).is_dir() else (
+                "is a file" if part == path else f"lies under the file {part!r}")
+    return None
 
 
 def write_report(path: str | pathlib.Path) -> pathlib.Path:

@@ -566,15 +566,23 @@ def load(path: str | pathlib.Path) -> TuningFile:
   return loads(text, str(path))
 
 
+def file_path_problem(path: str | pathlib.Path) -> str | None:
+  """Why a file cannot be written at `path` ("a directory", "its folder does not exist"), or None (`write`; the
+  sweeps check their --out and --log with it before they start)."""
+  path = pathlib.Path(path).absolute()
+  if path.is_dir():
+    return "a directory"
+  return None if path.parent.is_dir() else "its folder does not exist"
+
+
 def write(path: str | pathlib.Path, file: TuningFile) -> None:
   """Write `file` to `path` whole or not at all (a temporary file renamed over it: a process killed while writing
   leaves the old file, never a truncated one that the device would fail to load)."""
   text = dumps(file)
   loads(text, str(path))  # what is written must load
   path = pathlib.Path(path)
-  if path.is_dir() or not path.parent.is_dir():
-    raise ValueError(f"{path}: {'a directory' if path.is_dir() else 'its folder does not exist'}; a tuning file is "
-                     "written to a file path in an existing folder")
+  if why := file_path_problem(path):
+    raise ValueError(f"{path}: {why}; a tuning file is written to a file path in an existing folder")
   temporary = path.with_name(f".{path.name}.tmp")
   try:
     temporary.write_text(text)

@@ -31,9 +31,8 @@ def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, not_mea
     parser.error(f"--out FILE is needed with {not_measured} (the default writes the device's own tuning file)")
   for option in ("out", "log"):
     value = getattr(args, option, None)
-    if value is not None and (os.path.isdir(value) or not os.path.isdir(os.path.dirname(os.path.abspath(value)))):
-      parser.error(f"--{option} {value!r}: {'a directory' if os.path.isdir(value) else 'its folder does not exist'}; "
-                   "expected a file path in an existing folder")
+    if value is not None and (why := tuning_lib.file_path_problem(value)):
+      parser.error(f"--{option} {value!r}: {why}; expected a file path in an existing folder")
   if getattr(args, "base", None) is not None:
     try:
       tuning_lib.load(args.base)
