@@ -39,6 +39,7 @@ import hydragen_jax as hj
 from hydragen_jax import tuning as tuning_lib
 import models
 from experiments import model_api
+from scripts import cli
 from scripts.tuning.profile_step import gpu_kernel_ns, idle_gaps, kernel_events, per_kernel
 
 SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -187,7 +188,7 @@ def main():
   if args.demo and args.tp != 1:
     parser.error("--demo profiles the demo's model on one device; --tp applies to the 7B shape")
   tunings = []
-  for name in listed(parser, "--tuning", args.tuning):
+  for name in cli.listed(parser, "--tuning", args.tuning):
     try:
       tunings.append((None, None) if name == "default" else (pathlib.Path(name).stem, tuning_lib.load(name).tuning))
     except (OSError, ValueError) as e:
@@ -198,7 +199,7 @@ def main():
   for option, values, label, change in (("--gemm", args.gemm, "gemm<=", with_gemm_rows),
                                         ("--write", args.write, "write<=", with_write_rows)):
     if values is not None:
-      rows = listed(parser, option, values, int)
+      rows = cli.listed(parser, option, values, int)
       try:
         tunings = [(f"{name or 'default'} {label}{v}", change(t or tuning_lib.current(), v))
                    for name, t in tunings for v in rows]
@@ -213,7 +214,7 @@ def main():
     name, _, values = field.partition("=")
     try:
       tunings = [(f"{label or 'default'} {name}={v}", with_field(t or tuning_lib.current(), name, v))
-                 for label, t in tunings for v in listed(parser, f"--field {name}", values)]
+                 for label, t in tunings for v in cli.listed(parser, f"--field {name}", values)]
     except ValueError as e:  # with_field's own, or the Tuning's (which names the field, not the option)
       parser.error(str(e) if str(e).startswith("--field") else f"--field {field}: {e}")
   if args.demo:  # the demo's model and tree (models.demo, --model default)
@@ -245,24 +246,6 @@ def main():
     del state, org
 
 
-def listed(parser, option: str, text: str, kind=str) -> list:
-  """The comma-separated values of `option` (each read by `kind`: str, or int for integers >= 0), or a usage error
-  (exit 2) naming it for an empty value, one `kind` does not read or a value given twice."""
-  values = []
-  for v in text.split(","):
-    try:
-      values.append(kind(v))
-      ok = v.strip() != "" and (kind is str or values[-1] >= 0)
-    except ValueError:
-      ok = False
-    if not ok:
-      parser.error(f"{option} {text!r}: expected comma-separated {'integers >= 0' if kind is int else 'values'}; "
-                   f"got {v!r}")
-  if len(set(values)) < len(values):
-    parser.error(f"{option} {text!r}: a value given twice (each is profiled once)")
-  return values
-
-
 def check_args(parser, args) -> None:
   """Usage errors (exit 2) for option values the profile cannot take, before any work."""
   for option, value, low in (("--batch", args.batch, 1), ("--prefix", args.prefix, 0), ("--layers", args.layers, 1),
@@ -273,8 +256,7 @@ def check_args(parser, args) -> None:
   if args.at + args.steps > args.generate:
     parser.error(f"--at {args.at} --steps {args.steps}: the profiled steps must lie within --generate "
                  f"{args.generate} (expected --at + --steps <= --generate)")
-  if bad := [m for m in listed(parser, "--modes", args.modes) if m not in models.MODES]:
-    parser.error(f"--modes {args.modes!r}: unknown {bad}; expected some of {', '.join(models.MODES)}")
+  cli.listed(parser, "--modes", args.modes, choices=models.MODES)
   if args.hlo and pathlib.Path(args.hlo).exists() and not pathlib.Path(args.hlo).is_dir():
     parser.error(f"--hlo {args.hlo!r}: expected a folder (made if missing); got a file")
   if args.backend in ("pallas", "triton", "mosaic") and jax.default_backend() != "gpu":

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 import hydragen_jax as hj
 from hydragen_jax.kernels import ops
+from scripts import cli
 
 SEED = [  # B, P, out, Hq, Hkv
     (64, 1024, 512, 32, 32), (64, 2048, 512, 32, 32), (256, 2048, 512, 32, 32), (256, 2048, 1024, 32, 32),
@@ -94,14 +95,8 @@ def main():
   parser.add_argument("--configs", default=",".join(str(i) for i in range(len(SEED))))
   parser.add_argument("--variants", default=",".join(VARIANTS))
   args = parser.parse_args()
-  configs, variants = args.configs.split(","), args.variants.split(",")
-  if bad := [c for c in configs if not c.isdecimal() or int(c) >= len(SEED)]:
-    parser.error(f"--configs {args.configs!r}: expected indices of the seed configs, 0 to {len(SEED) - 1}; got {bad}")
-  if bad := [v for v in variants if v not in VARIANTS]:
-    parser.error(f"--variants {args.variants!r}: unknown {bad}; expected some of {', '.join(VARIANTS)}")
-  for option, values in (("--configs", [int(c) for c in configs]), ("--variants", variants)):
-    if len(set(values)) < len(values):
-      parser.error(f"{option} {getattr(args, option[2:])!r}: a value given twice (each is timed once)")
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED))
+  variants = cli.listed(parser, "--variants", args.variants, choices=VARIANTS)
   if jax.default_backend() != "gpu":
     parser.exit(2, f"quick_bench: times compiled GPU kernels, and this machine has no GPU ({jax.default_backend()}); "
                    "run it on the GPU machine\n")

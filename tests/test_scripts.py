@@ -920,7 +920,7 @@ def test_probe_choice_checks_the_api_path_and_refuses_bad_arguments(capsys):
   assert row["interpret_s"] > 0 and row["interpret_call_s"] > 0  # a step chained, a call
   with pytest.raises(SystemExit):
     probe_choice.main(["--backends", "xla"])
-  assert "['xla'] are not kernel backends" in capsys.readouterr().err
+  assert "--backends 'xla': unknown ['xla']; expected some of pallas" in capsys.readouterr().err
   for bad in ("2x16x8", "2x16x8x8x0", "2x16xax8x2"):
     with pytest.raises(ValueError, match=f"expected BxPxOUTxHQxHKV of positive ints; got '{bad}'"):
       probe_choice.parse_shape(bad)
@@ -1027,3 +1027,51 @@ def test_every_tool_answers_help_without_running(name, monkeypatch, capsys):
     module.main()
   assert exit_.value.code in (0, None)
   assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("scripts.tuning.ab_kernel", ["--old", "x", "--configs", "9"], "--configs '9': expected indices of the seed "
+     "configs, 0 to 8; got ['9']"),
+    ("scripts.tuning.probe_call", ["--steps", "4,x"], "--steps '4,x': expected comma-separated integers >= 1; got 'x'"),
+    ("scripts.tuning.probe_call", ["--modes", "none,bogus"], "--modes 'none,bogus': unknown ['bogus']; expected "
+     "some of hydragen"),
+    ("scripts.tuning.probe_call", ["--gemm", "500"], "--gemm '500': expected comma-separated integers in [0, 128]"),
+    ("scripts.tuning.probe_call", ["--layers", "0"], "--layers 0: expected a number >= 1"),
+    ("scripts.tuning.probe_choice", ["--shapes", "2x3"], "--shapes '2x3': a shape: expected BxPxOUTxHQxHKV"),
+    ("scripts.tuning.probe_cudnn_prefix", ["--configs", "-1"], "got ['-1']"),  # was config 8, silently
+    ("scripts.tuning.probe_dispatch", ["--configs", "a"], "got ['a']"),
+    ("scripts.tuning.probe_flags", ["--settings", "nosuch"], "--settings 'nosuch': unknown setting 'nosuch'"),
+    ("scripts.tuning.probe_flags", ["--batches", "8,8"], "--batches '8,8': a value given twice"),
+    ("scripts.tuning.probe_gemm_hopper", ["--configs", "128x"], "expected BLOCK_NxBLOCK_KxSTAGES, e.g. 128x128x6"),
+    ("scripts.tuning.probe_gemm_mgpu", ["--products", "qkv,nope"], "--products 'qkv,nope': unknown ['nope']"),
+    ("scripts.tuning.probe_hopper", ["--variants", "tuned,nosuch+prefix_keys=128"], "unknown variant 'nosuch'"),
+    ("scripts.tuning.probe_host", ["--loops", "while,nope"], "--loops 'while,nope': unknown ['nope']"),
+    ("scripts.tuning.probe_kv_write", ["--batches", "x"], "--batches 'x': expected comma-separated integers >= 1"),
+    ("scripts.tuning.probe_ncu_step", ["--lengths", "1,999"], "--lengths '1,999': expected comma-separated "
+     "integers in [0, 128]"),  # the shape's suffix capacity
+    ("scripts.tuning.probe_pair_abort", ["--cases", "nope"], "--cases 'nope': unknown ['nope']"),
+    ("scripts.tuning.probe_rope", ["--variants", "concat,"], "--variants 'concat,': expected comma-separated "
+     "values; got ''"),
+    ("scripts.tuning.probe_spills", ["--rows", "x"], "--rows 'x': expected comma-separated integers >= 1"),
+    ("scripts.tuning.probe_streams", ["--configs", "12"], "got ['12']"),
+    ("scripts.tuning.probe_switch", ["--ratios", "x"], "--ratios 'x': expected comma-separated numbers >= 0"),
+    ("scripts.tuning.probe_switch", ["--b", "nope"], "--b 'nope': unknown variant 'nope'"),
+    ("scripts.tuning.probe_tp", ["--settings", "nope"], "--settings 'nope': unknown ['nope']"),
+    ("scripts.tuning.probe_triton_ir", ["--variants", "nope"], "--variants 'nope': unknown ['nope']"),
+    ("scripts.tuning.probe_weight_layout", ["--rows", "-3"], "--rows '-3': expected comma-separated integers >= 1"),
+    ("scripts.tuning.profile_step", ["--configs", "9"], "got ['9']"),
+    ("scripts.tuning.sweep_kernels", ["--parts", "step,nope"], "--parts 'step,nope': unknown ['nope']"),
+    ("scripts.tuning.sweep_kernels", ["--shapes", "1x1x1"], "--shapes '1x1x1': a shape: expected BxPxOUTxHQxHKV"),
+])
+def test_tuning_tools_refuse_bad_option_values(monkeypatch, capsys, module, argv, message):
+  """A list option's bad value is a usage error naming the option, its text and what it takes (exit 2), before any
+  work (`scripts.cli`): they were tracebacks (`int('x')`, an IndexError after minutes of measuring the device's
+  rates), an unknown name timed or skipped per config, or a negative index taken from the end."""
+  import importlib  # noqa: PLC0415
+
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # probe_triton_ir adds its dump flags
+  monkeypatch.setattr(sys, "argv", [module.rsplit(".", 1)[1], *argv])
+  with pytest.raises(SystemExit) as exit_:
+    importlib.import_module(module).main()
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and message in err.splitlines()[-1], err

@@ -20,6 +20,7 @@ import jax
 
 from experiments import device_rates
 from hydragen_jax.kernels import flash
+from scripts import cli
 from scripts.tuning import sweep_kernels
 
 
@@ -52,11 +53,12 @@ def main():
   parser.add_argument("--configs", default="0,2,5,8", help="seed configs (bench_attention.toml's nine, 0-based)")
   parser.add_argument("--rounds", type=int, default=2)
   args = parser.parse_args()
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(sweep_kernels.SEED))
+  cli.at_least(parser, args, rounds=1)
   other = load_kernel_module(args.old)
   rates = device_rates.measure(1 << 31, 8192, sweep_kernels.TIMING)
   print(f"bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
         f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-  configs = [int(c) for c in args.configs.split(",")]
   for rnd in range(args.rounds):
     for name, attend in (("old", other._attend), ("current", flash._attend)):
       print(f"=== {name} (round {rnd})", flush=True)

@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from experiments import model_api
 from hydragen_jax import tuning as tuning_lib
+from scripts import cli
 from scripts.profile_decode import mode_state, model_shape, with_gemm_rows
 from scripts.tuning.profile_step import gpu_kernel_ns
 
@@ -51,22 +53,23 @@ def main():
                       "(comma-separated, each timed in turn)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
-  ks = [int(k) for k in args.steps.split(",")]
+  ks = cli.listed(parser, "--steps", args.steps, int, low=1)
+  modes = cli.listed(parser, "--modes", args.modes, choices=models.MODES)
+  gemm = cli.listed(parser, "--gemm", args.gemm, int, high=128) if args.gemm else [None]
+  resets = cli.listed(parser, "--reset", args.reset, choices=("fresh", "inplace", "chain"))
+  cli.at_least(parser, args, batch=1, prefix=1, layers=1, at=0, repeats=1)
   shape = model_shape(args.layers, args.tiny)
   model, _ = model_api.build_model(shape, "bfloat16", seed=0)
   tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
-  resets = args.reset.split(",")
-  if unknown := set(resets) - {"fresh", "inplace", "chain"}:
-    raise SystemExit(f"--reset: unknown {sorted(unknown)} (known: fresh, inplace, chain)")
   # `chain` moves on by k steps a call from `--at` (reset there before each k and before the profile): room for the
   # warm-up and repeats of the largest k, or the profile's two calls of it
   generate = args.at + (max(args.repeats + 1, 2) if "chain" in resets else 1) * max(ks) + 1
   print(f"7B shape, {args.layers} layers, B={args.batch} P={args.prefix}, from s={args.at}, backend="
         f"{args.backend or 'default'}", flush=True)
   params = model.params()
-  for mode in args.modes.split(","):
+  for mode in modes:
     state, org = mode_state(model, tree, generate, mode, args.backend)
-    for rows in args.gemm.split(",") if args.gemm else [None]:
+    for rows in gemm:
       tune = None if rows is None else with_gemm_rows(tuning_lib.current(), int(rows))
       with tuning_lib.override(tune) if tune else contextlib.nullcontext():
         for reset in resets:

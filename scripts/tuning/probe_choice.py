@@ -21,6 +21,7 @@ import numpy as np
 import hydragen_jax as hj
 from experiments import timing
 from hydragen_jax import validation
+from scripts import cli
 from scripts.tuning.sweep_kernels import config_inputs, parse_shape
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
@@ -51,10 +52,8 @@ def main(argv=None):
   parser.add_argument("--shapes", default="128x16384x512x32x8,64x16384x512x32x8,8x16384x512x32x8")
   parser.add_argument("--backends", default="pallas,triton")
   args = parser.parse_args(argv)
-  backends = [be for be in args.backends.split(",") if be]
-  if bad := [be for be in backends if be not in validation.BACKENDS or be == "xla"]:
-    parser.error(f"--backends: {bad} are not kernel backends ({[b for b in validation.BACKENDS if b != 'xla']}).")
-  for shape in [parse_shape(x) for x in args.shapes.split(",") if x]:
+  backends = cli.listed(parser, "--backends", args.backends, choices=[b for b in validation.BACKENDS if b != "xla"])
+  for shape in cli.listed(parser, "--shapes", args.shapes, parse_shape):
     row = check(shape, backends)
     print(f"{shape} hopper_pays {row['hopper']}; " + "; ".join(
         f"{be} err {row[be + '_err']:.4f} {row[be + '_s'] * 1e6:.0f} us a step chained "

@@ -26,8 +26,9 @@ from jax._src.cudnn import fused_attention_stablehlo as cudnn
 import hydragen_jax as hj
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
+from scripts import cli
 from scripts.quick_bench import D
-from scripts.tuning.sweep_kernels import CONFIGS, add_shapes, floor_s, inputs
+from scripts.tuning.sweep_kernels import CONFIGS, SEED, add_shapes, floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=20)
 STEPS = 16
@@ -120,7 +121,7 @@ def main():
   parser.add_argument("--shapes", default="", help="extra configs BxPxOUTxHQxHKV, comma-separated")
   parser.add_argument("--no-steps", action="store_true", help="the prefix alone only")
   args = parser.parse_args()
-  configs = [int(c) for c in args.configs.split(",") if c] + add_shapes(args.shapes)
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED)) + add_shapes(parser, args.shapes)
   rates = device_rates.measure(1 << 31, 8192, dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=20))
   print(f"{jax.devices()[0].device_kind}: bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
         f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 import hydragen_jax as hj
 from experiments import timing
+from scripts import cli
 from scripts.tuning.sweep_kernels import SEED, inputs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=200)
@@ -24,11 +25,12 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default="0,1,6")
   args = parser.parse_args()
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED))
   x = jnp.ones((64, 32, 128), jnp.bfloat16)
   for steps in (1, 16):
     t = timing.time_fn(timing.chain_steps(lambda a: a + 1, steps), (x,), **TIMING)
     print(f"x + 1, {steps} a call: {t.median_s / steps * 1e6:.1f} us a step", flush=True)
-  for i in map(int, args.configs.split(",")):
+  for i in configs:
     b, p, out, hq, hkv = SEED[i]
     q, pk, pv, sk, sv = inputs(i)
     for s in (1, out // 2):

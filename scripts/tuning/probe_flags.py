@@ -28,6 +28,9 @@ import subprocess
 import sys
 import time
 
+import models
+from scripts import cli
+
 PDL_ON = "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true"
 PDL_OFF = "--xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false"
 CONCURRENT = "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
@@ -43,7 +46,7 @@ def setting(spec: str) -> tuple[str, str]:
     name, flags = spec.split("=", 1)
     return name, flags
   if spec not in SETTINGS:
-    raise SystemExit(f"--settings: unknown setting {spec!r} (known: {', '.join(SETTINGS)}; or name=--flag=value)")
+    raise ValueError(f"unknown setting {spec!r} (known: {', '.join(SETTINGS)}; or name=--flag=value)")
   return spec, SETTINGS[spec]
 
 
@@ -61,11 +64,14 @@ def main():
   parser.add_argument("--timeout", type=float, default=150, help="seconds a child process may take")
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
-  settings = [setting(s) for s in args.settings.split(",")]
+  settings = cli.listed(parser, "--settings", args.settings, setting)
   if len({name for name, _ in settings}) < len(settings):
-    raise SystemExit(f"--settings: a name given twice in {args.settings!r} (use --rounds to repeat a setting)")
+    parser.error(f"--settings {args.settings!r}: a name given twice (use --rounds to repeat a setting)")
+  batches = cli.listed(parser, "--batches", args.batches, int, low=1)
+  cli.listed(parser, "--modes", args.modes, choices=models.MODES)
+  cli.at_least(parser, args, layers=1, prefix=1, steps=1, calls=1, rounds=1, timeout=1)
   times = collections.defaultdict(list)  # (batch, mode, name) -> medians, one a process
-  for batch in [int(b) for b in args.batches.split(",")]:
+  for batch in batches:
     for r in range(args.rounds):
       for name, flags in settings:
         env = dict(os.environ)

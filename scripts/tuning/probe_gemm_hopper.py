@@ -37,6 +37,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments.timing import time_fn
 from hydragen_jax.kernels import hopper, ops
+from scripts import cli
 
 Array = jax.Array
 
@@ -183,7 +184,10 @@ TINY = dict(qkv=(128, 384), o=(128, 128), gate_up=(128, 512), down=(256, 128))  
 
 
 def parse_config(text: str) -> HopperGemmConfig:
-  block_n, block_k, stages = (int(v) for v in text.split("x"))
+  try:
+    block_n, block_k, stages = (int(v) for v in text.split("x"))
+  except ValueError:  # not three integers
+    raise ValueError(f"expected BLOCK_NxBLOCK_KxSTAGES, e.g. 128x128x6; got {text!r}") from None
   return HopperGemmConfig(block_n=block_n, block_k=block_k, stages=stages)
 
 
@@ -198,19 +202,21 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--interpret", action="store_true", help="the kernel in Mosaic GPU's interpreter")
   ap.add_argument("--bandwidth", type=float, default=4.57, help="TB/s for the floor")
   args = ap.parse_args(argv)
+  configs = cli.listed(ap, "--configs", args.configs, parse_config)
+  rows = cli.listed(ap, "--rows", args.rows, int, low=1)
+  cli.at_least(ap, args, layers=1, repeats=1)
   shapes = TINY if args.tiny else SHAPES
   cores = 2 if args.tiny else ops.num_cores()
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 4 * args.layers + 8))
   weights = {name: [(jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
                     for _ in range(args.layers)] for name, shape in shapes.items()}
   backends = {"xla": lambda x, w: jnp.matmul(x, w)}
-  for text in args.configs.split(","):
-    config = parse_config(text)
+  for text, config in zip(args.configs.split(","), configs):
     backends[f"hopper{text}"] = lambda x, w, config=config: matmul(x, w, config=config, num_ctas=cores,
                                                                    interpret=args.interpret)
   print(f"[probe_gemm_hopper] {jax.devices()[0].device_kind}, {cores} SMs, {args.layers} layers, floor at "
         f"{args.bandwidth} TB/s")
-  for m in (int(r) for r in args.rows.split(",")):
+  for m in rows:
     for kind, (k, n) in ({} if args.chain_only else shapes).items():
       x = jax.random.normal(next(keys), (m, k), jnp.float32).astype(jnp.bfloat16)
       floor_us = k * n * 2 / (args.bandwidth * 1e12) * 1e6

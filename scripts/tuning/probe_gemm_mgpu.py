@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import timing
+from scripts import cli
 
 # (K, N) of a 7B layer's packed products (`models.llama.pack_layer`), and tiny ones for the interpreted check.
 PRODUCTS_7B = dict(qkv=(4096, 12288), o=(4096, 4096), gate_up=(4096, 22016), down=(11008, 4096))
@@ -135,9 +136,10 @@ def main(argv=None):
   ap.add_argument("--interpret", action="store_true")
   args = ap.parse_args(argv)
   table = PRODUCTS_TINY if args.tiny else PRODUCTS_7B
-  products = {p: table[p] for p in args.products.split(",") if p in table}
-  rows = [int(r) for r in args.rows.split(",")]
-  names = args.configs.split(",")
+  products = {p: table[p] for p in cli.listed(ap, "--products", args.products, choices=PRODUCTS_7B) if p in table}
+  rows = cli.listed(ap, "--rows", args.rows, int, low=1)
+  names = cli.listed(ap, "--configs", args.configs, choices=CONFIGS)
+  cli.at_least(ap, args, layers=1)
   if args.interpret:
     with interpreted():
       return run(rows, products, args.layers, names, jnp.bfloat16, timed=False)

@@ -24,8 +24,9 @@ import numpy as np
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states, reference
 from hydragen_jax.kernels import hopper
+from scripts import cli
 from scripts.quick_bench import D, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
-from scripts.tuning.sweep_kernels import CONFIGS, add_shapes, floor_s, inputs
+from scripts.tuning.sweep_kernels import CONFIGS, SEED, add_shapes, floor_s, inputs
 
 TIMING = dict(warmup=2, repeats=5, min_repeat_s=0.02, max_inner=10)
 STEPS = 16
@@ -144,6 +145,15 @@ def resolve(name: str, cfg: tuple[int, ...] | None = None, rows: int | None = No
   return dataclasses.replace(config, **dict(_override(item) for item in overrides))
 
 
+def known_variant(name: str) -> str:
+  """`name` if its base (before any `+field=value` and `-ek`) is a variant `resolve` knows, else a ValueError."""
+  base = name.split("+")[0].removesuffix("-ek")
+  if base not in ("auto", "tuned", *VARIANTS):
+    raise ValueError(f"unknown variant {base!r}; expected auto, tuned or one of {', '.join(VARIANTS)}, each with "
+                     "optional +FIELD=VALUE overrides")
+  return name
+
+
 def step(name):
   """A whole step: "auto" (the Triton kernels), else the Hopper kernel with VARIANTS[name] or a HopperConfig; its
   parts merged by `merge_states` (as the API merges the Hopper kernel's)."""
@@ -195,7 +205,8 @@ def main():
   parser.add_argument("--shapes", default="", help="extra configs BxPxOUTxHQxHKV, comma-separated")
   parser.add_argument("--odd", type=int, default=1)
   args = parser.parse_args()
-  configs = [int(c) for c in args.configs.split(",") if c] + add_shapes(args.shapes)
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED)) + add_shapes(parser, args.shapes)
+  variants = cli.listed(parser, "--variants", args.variants, known_variant)
   if args.odd:
     odd_shapes()
   rates = device_rates.measure(1 << 31, 8192, TIMING)
@@ -210,7 +221,7 @@ def main():
     lengths = [jnp.full((b,), s, jnp.int32) for s in points]
     auto = jax.jit(step("auto"))
     want = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]  # tests check auto exactly
-    for name in ["auto"] + args.variants.split(","):
+    for name in ["auto"] + [v for v in variants if v != "auto"]:
       try:
         config = resolve(name, CONFIGS[i])
         if isinstance(config, hopper.HopperConfig) and config.pair_suffix_cost > 0 and not hopper._shares(

@@ -35,7 +35,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+import models
 from experiments import model_api
+from scripts import cli
 from scripts.profile_decode import mode_state, model_shape
 
 G = importlib.import_module("models.generate")  # the module (models.generate is also the function)
@@ -55,18 +57,21 @@ def main():
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args()
-  ks = [int(k) for k in args.steps.split(",")]
+  ks = cli.listed(parser, "--steps", args.steps, int, low=1)
+  modes = cli.listed(parser, "--modes", args.modes, choices=models.MODES)
+  loops = cli.listed(parser, "--loops", args.loops, choices=("while", "fixed"))
+  cli.at_least(parser, args, batch=1, prefix=1, layers=1, calls=0, untraced=0, at=0, top=0)
   shape = model_shape(args.layers, args.tiny)
   model, _ = model_api.build_model(shape, "bfloat16", seed=0)
   tree = model_api.synthetic_tree(args.batch, args.prefix, 1, shape["vocab_size"], seed=0)
   params = model.params()
   print(f"{args.layers} layers{' (tiny)' if args.tiny else ''}, B={args.batch} P={args.prefix}, from s={args.at}; "
         f"{len(jax.tree.leaves(params))} parameter arrays", flush=True)
-  for mode in args.modes.split(","):
+  for mode in modes:
     state, org = mode_state(model, tree, args.at + max(ks) + 1, mode, None)
     print(f"[{mode}] {len(jax.tree.leaves(state))} state arrays", flush=True)
     for k in ks:
-      fns = {loop: loop_fn(model, state, loop, k) for loop in args.loops.split(",")}
+      fns = {loop: loop_fn(model, state, loop, k) for loop in loops}
       if args.untraced:
         state = alternate(fns, params, state, org, k, f"{mode} k={k}", args)
       for loop, fn in fns.items():

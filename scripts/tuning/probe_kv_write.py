@@ -36,6 +36,7 @@ import numpy as np
 import models.cache
 from models import COMPILER_OPTIONS
 from models.llama import apply_rope
+from scripts import cli
 
 VARIANTS = ("two", "pair", "one", "skip")
 
@@ -95,12 +96,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--tiny", action="store_true", help="small shapes (any machine: the plumbing)")
   args = parser.parse_args(argv)
-  variants = args.variants.split(",")
   allowed = ("two", "pair") if rest is not None else VARIANTS  # with `--`: the models' step, written either way
-  if bad := [v for v in variants if v not in allowed]:
-    parser.error(f"--variants: {bad} not among {allowed}")
-  if len(set(variants)) < len(variants):
-    parser.error(f"--variants {args.variants!r}: a variant given twice (each is timed once)")
+  variants = cli.listed(parser, "--variants", args.variants, choices=allowed)
+  batches = cli.listed(parser, "--batches", args.batches, int, low=1)
+  cli.at_least(parser, args, layers=1, steps=1, capacity=1, repeats=1)
   if rest is not None:  # profile_decode's own A/B of the tuning field, one value a variant
     from scripts import profile_decode  # noqa: PLC0415
     values = ",".join("true" if v == "pair" else "false" for v in variants)
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
   keys = jax.random.split(jax.random.key(0), layers)
   ws = tuple((jax.random.normal(k, (hidden, q_width + 2 * hkv * d)) * hidden**-0.5).astype(dtype) for k in keys)
   print(f"{jax.devices()[0].device_kind}: {layers} layers, {steps} steps a call, capacity {args.capacity}", flush=True)
-  for b in map(int, args.batches.split(",")):
+  for b in batches:
     x = jax.random.normal(jax.random.key(b), (b, hidden), dtype)
     per_layer = {}
     for variant in variants:

@@ -19,6 +19,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from scripts import cli
 from scripts.tuning import probe_hopper, sweep_kernels
 
 
@@ -31,7 +32,12 @@ def main():
                       "device's setting for the shape; overrides as `tuned+ek` or `tuned+prefix_keys=128`): the "
                       "Hopper kernel's step instead (--variant unused)")
   args = parser.parse_args()
-  cfg = sweep_kernels.parse_shape(args.shape)
+  cfg = cli.listed(parser, "--shape", args.shape, sweep_kernels.parse_shape)[0]
+  lengths = cli.listed(parser, "--lengths", args.lengths, int, low=0, high=cfg[2])
+  if args.hopper:
+    cli.listed(parser, "--hopper", args.hopper, probe_hopper.known_variant)
+  else:
+    cli.listed(parser, "--variant", args.variant, choices=sweep_kernels.VARIANTS)
   if args.hopper:
     config = probe_hopper.resolve(args.hopper, cfg)
     fn = probe_hopper.step(config)
@@ -41,7 +47,7 @@ def main():
     print(f"{cfg} {args.variant}: prefix {blocks[0]}, suffix {blocks[1]}", flush=True)
   data = sweep_kernels.config_inputs(cfg, 0)
   step = jax.jit(fn)
-  for s in (int(x) for x in args.lengths.split(",")):
+  for s in lengths:
     lengths = jnp.full((cfg[0],), s, jnp.int32)
     for _ in range(4):
       jax.block_until_ready(step(*data, lengths))

@@ -31,6 +31,7 @@ import pathlib
 import re
 import subprocess
 import sys
+from scripts import cli
 
 CASES = ("alone-fresh-T1", "alone-fresh-T3", "alone-params-T1", "alone-params-T3", "loop-T1", "prefill",
          "decode-f32", "decode-f32hi", "decode-bf16", "decode-wide", "decode-flat")
@@ -122,9 +123,8 @@ def main(argv: list[str] | None = None) -> None:
   if args.child:
     run_case(args.child, args.layers)
     return
-  for case in args.cases.split(","):
-    if case not in CASES:
-      parser.error(f"--cases: {case!r} is not one of {CASES}")
+  cases = cli.listed(parser, "--cases", args.cases, choices=CASES)
+  for case in cases:
     command = [sys.executable, "-m", "scripts.tuning.probe_pair_abort", "--child", case, "--layers", str(args.layers)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip() and "WARNING" not in line]

@@ -29,6 +29,7 @@ import numpy as np
 import models.llama as llama
 from experiments import model_api
 from scripts import profile_decode
+from scripts import cli
 
 
 def rope_flip(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
@@ -94,11 +95,13 @@ def main():
   parser.add_argument("--batch", type=int, default=512)
   parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check that the script runs)")
   args = parser.parse_args(mine)
+  variants = cli.listed(parser, "--variants", args.variants, choices=VARIANTS)
+  cli.at_least(parser, args, soak=0, rounds=1, layers=1, batch=1)
   if args.soak:
-    soak(args.variants.split(","), args.soak, args.rounds, args.layers, args.batch, args.tiny,
+    soak(variants, args.soak, args.rounds, args.layers, args.batch, args.tiny,
          prefix=16 if args.tiny else 1024)
     return
-  for name in args.variants.split(","):
+  for name in variants:
     print(f"=== rope {name}", flush=True)
     llama.apply_rope = VARIANTS[name]
     jax.clear_caches()  # the jitted decode step traced with the other variant must not be reused

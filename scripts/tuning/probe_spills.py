@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hydragen_jax.kernels import hopper
+from scripts import cli
 from scripts.tuning import probe_hopper
 
 
@@ -57,13 +58,15 @@ def main(argv: list[str] | None = None) -> None:
                       "at each T·g of --rows; overrides as `tuned+pair_registers=224`)")
   parser.add_argument("--rows", default="4,16,24,32,64", help="T·g values, comma-separated")
   args = parser.parse_args(argv)
+  variants = cli.listed(parser, "--variants", args.variants, probe_hopper.known_variant)
+  rows = cli.listed(parser, "--rows", args.rows, int, low=1)
   if os.environ.get("MOSAIC_GPU_DUMP_PTXAS") != "1":
     print("note: MOSAIC_GPU_DUMP_PTXAS=1 is not set: ptxas's report will not be printed", flush=True)
-  for name in args.variants.split(","):
-    for rows in (int(r) for r in args.rows.split(",")):
-      config = probe_hopper.resolve(name, rows=rows)
-      print(f"== {name} rows={rows} window={hopper._window_rows(rows)}", flush=True)
-      if (problem := compile_one(config, rows)) is not None:
+  for name in variants:
+    for r in rows:
+      config = probe_hopper.resolve(name, rows=r)
+      print(f"== {name} rows={r} window={hopper._window_rows(r)}", flush=True)
+      if (problem := compile_one(config, r)) is not None:
         print(f"   not compiled: {problem}", flush=True)
 
 

@@ -26,6 +26,7 @@ from jax.experimental.xla_metadata import set_xla_metadata
 from experiments import device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax.kernels.flash import BlockConfig
+from scripts import cli
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan, print_fraction, time_at_lengths
 from scripts.tuning.sweep_kernels import floor_s, inputs
 
@@ -91,10 +92,12 @@ def main():
   parser.add_argument("--configs", default="6,8")
   parser.add_argument("--variants", default="auto,str_triton,str_light,strr_light,seq_mgpuf16,str_mgpuf16,strr_mgpuf16")
   args = parser.parse_args()
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED))
+  variants = cli.listed(parser, "--variants", args.variants)
   rates = device_rates.measure(1 << 31, 8192, TIMING)
   print(f"bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
         f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-  for i in map(int, args.configs.split(",")):
+  for i in configs:
     cfg = SEED[i]
     b, p, out, hq, hkv = cfg
     q, pk, pv, sk, sv = inputs(i)
@@ -118,7 +121,7 @@ def main():
     lengths = [jnp.full((b,), s, jnp.int32) for s in points]
     auto = jax.jit(variant_fn("auto"))
     base = [auto(q, pk, pv, sk, sv, x).astype(jnp.float32) for x in lengths]
-    for name in args.variants.split(","):
+    for name in variants:
       try:
         compiled, _ = timing.compile_aot(variant_fn(name), (q, pk, pv, sk, sv, lengths[0]))
         steps, err = time_at_lengths(compiled, (q, pk, pv, sk, sv), lengths, base, TIMING)

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from experiments import device_rates, floor, timing
+from scripts import cli
 from scripts.quick_bench import D
-from scripts.tuning.probe_hopper import TIMING, STEPS, resolve, step
-from scripts.tuning.sweep_kernels import CONFIGS, floor_s, inputs
+from scripts.tuning.probe_hopper import TIMING, STEPS, known_variant, resolve, step
+from scripts.tuning.sweep_kernels import CONFIGS, SEED, floor_s, inputs
 
 
 def switched(cfg, a, b, ratio, rates):
@@ -45,17 +46,22 @@ def main():
   parser.add_argument("--ratios", default="1.0,1.3")
   parser.add_argument("--lengths", default="1,64,128,256,384,512", help="suffix lengths s (capped at out)")
   args = parser.parse_args()
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED))
+  ratios = cli.listed(parser, "--ratios", args.ratios, float, low=0)
+  lengths = cli.listed(parser, "--lengths", args.lengths, int, low=0)
+  for option in ("a", "b"):
+    cli.listed(parser, f"--{option}", getattr(args, option), known_variant)
   rates = device_rates.measure(1 << 31, 8192, TIMING)
   print(f"bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
         f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-  for i in [int(c) for c in args.configs.split(",")]:
+  for i in configs:
     cfg = CONFIGS[i]
     bsz, out = cfg[0], cfg[2]
     data = inputs(i)
-    grid = sorted({min(int(s), out) for s in args.lengths.split(",")} | set(floor.simpson_points(out)))
+    grid = sorted({min(s, out) for s in lengths} | set(floor.simpson_points(out)))
     a, b = resolve(args.a, cfg), resolve(args.b, cfg)
     variants = {"A": step(a), "B": step(b), "condA": switched(cfg, a, a, 1.0, rates)}
-    variants |= {f"switch{r}": switched(cfg, a, b, float(r), rates) for r in args.ratios.split(",")}
+    variants |= {f"switch{r}": switched(cfg, a, b, float(r), rates) for r in ratios}
     print(f"[{i}] {cfg} A={args.a} B={args.b}; s = {grid}; floors "
           + " / ".join(f"{floor_s(cfg, s, rates) * 1e6:.0f}" for s in grid) + " us", flush=True)
     simpson_floor = floor.simpson(*(floor_s(cfg, s, rates) for s in floor.simpson_points(out)))

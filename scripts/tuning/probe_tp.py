@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from scripts import cli
+
 SETTINGS = {  # name -> (extra XLA flags, extra environment)
     "base": ("", {}),
     "oneshot": ("--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true", {}),
@@ -163,11 +165,13 @@ def main():
   parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check)")
   parser.add_argument("--nopsum", action="store_true", help="also time tp = n without the psums (compute alone)")
   args = parser.parse_args()
-  args.batches = [int(b) for b in str(args.batches).split(",")]
+  args.batches = cli.listed(parser, "--batches", args.batches, int, low=1)
+  settings = cli.listed(parser, "--settings", args.settings, choices=SETTINGS)
+  cli.at_least(parser, args, tp=1, steps=1)
   if args.child:
     child(args)
     return
-  runs = [("tp1", 1)] + [(s, args.tp) for s in args.settings.split(",")]
+  runs = [("tp1", 1)] + [(s, args.tp) for s in settings]
   out = open(args.out, "w") if args.out else None
   for name, tp in runs:
     flags, env = SETTINGS.get(name, ("", {}))

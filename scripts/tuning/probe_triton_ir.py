@@ -28,6 +28,8 @@ import shutil
 import sys
 import tempfile
 
+from scripts import cli
+
 # Operations counted in the TritonGPU IR (generic form: names quoted), by what they say about the kernel.
 COUNTED = {
     "async copies": r'"ttg\.async_copy_global_to_local"',  # cp.async into shared memory: Triton's pipelining
@@ -123,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 
   from scripts.tuning import sweep_kernels  # noqa: PLC0415
 
+  try:  # usage errors before any work (the dump folder made above goes with them)
+    shapes = cli.listed(parser, "--shapes", args.shapes, sweep_kernels.parse_shape)
+    variants = cli.listed(parser, "--variants", args.variants, choices=sweep_kernels.VARIANTS)
+    cli.at_least(parser, args, length=1)
+  except SystemExit:
+    if not args.keep:
+      shutil.rmtree(root, ignore_errors=True)
+    raise
   device = jax.devices()[0]
   if device.platform != "gpu":
     print("probe_triton_ir: no GPU here, so no Triton kernel is compiled (run it on the GPU machine).",
@@ -132,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   capability = str(getattr(device, "compute_capability", ""))
   print(f"{device.device_kind} (compute capability {capability})", flush=True)
-  for shape in args.shapes.split(","):
-    cfg = sweep_kernels.parse_shape(shape)
-    for variant in args.variants.split(","):
+  for shape, cfg in zip(args.shapes.split(","), shapes):
+    for variant in variants:
       fn, blocks = sweep_kernels.step_fn(cfg, sweep_kernels.VARIANTS[variant])
       before = set(root.rglob("*"))
       data = sweep_kernels.config_inputs(cfg, 0)

@@ -35,6 +35,7 @@ import numpy as np
 
 from experiments import device_rates, timing
 from models import COMPILER_OPTIONS, gemm
+from scripts import cli
 
 SHAPE_7B = dict(hidden=4096, q=4096, kv=4096, intermediate=11008)
 SHAPE_TINY = dict(hidden=64, q=64, kv=32, intermediate=96)
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--tiny", action="store_true", help="small shapes, 2 layers (any machine: the plumbing)")
   parser.add_argument("--out", default=None, help="JSON-lines file, a row per (rows, layout)")
   args = parser.parse_args(argv)
-  layouts = args.layouts.split(",")
+  layouts = cli.listed(parser, "--layouts", args.layouts)
+  rows = cli.listed(parser, "--rows", args.rows, int, low=1)
+  cli.at_least(parser, args, layers=1, steps=1)
   if unknown := [l for l in layouts if l not in LAYOUTS and split_of(l)[0] == 1]:
     parser.error(f"--layouts: {unknown} not among {LAYOUTS} or fused_sk<S>[all] (e.g. {SPLIT_K})")
   shape, layers = (SHAPE_TINY, 2) if args.tiny else (SHAPE_7B, args.layers)
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
   stored = {s: layer_weights(shape, layers, dtype, s) for s in set(stored_as.values())}
   weights = {l: stored[stored_as[l]] for l in layouts}
   rows_out = []
-  for m in map(int, args.rows.split(",")):
+  for m in rows:
     x = jax.random.normal(jax.random.key(m), (m, shape["hidden"]), dtype)
     outs = {}
     for layout in layouts:

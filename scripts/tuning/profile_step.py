@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import hydragen_jax as hj
+from scripts import cli
 from scripts.tuning.sweep_kernels import SEED, inputs
 
 
@@ -80,7 +81,9 @@ def main():
   parser.add_argument("--configs", default="0,1,7")
   parser.add_argument("--steps", type=int, default=20)
   args = parser.parse_args()
-  for i in map(int, args.configs.split(",")):
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED))
+  cli.at_least(parser, args, steps=1)
+  for i in configs:
     b, p, out, hq, hkv = SEED[i]
     q, pk, pv, sk, sv = inputs(i)
     step = jax.jit(lambda q, pk, pv, sk, sv, n: hj.hydragen_attention(q, pk[0], pv[0], sk, sv, suffix_lengths=n,

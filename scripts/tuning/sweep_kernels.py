@@ -29,6 +29,7 @@ from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import merge as merge_kernel
 from hydragen_jax.kernels import ops
 from hydragen_jax.kernels.flash import BlockConfig
+from scripts import cli
 from scripts.quick_bench import D, SEED, prefix_plan, run_plans, suffix_plan  # SEED: the bench's nine seed configs
 
 TIMING = dict(warmup=2, repeats=7, min_repeat_s=0.02, max_inner=50)
@@ -199,10 +200,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
   return parts
 
 
-def add_shapes(shapes: str) -> list[int]:
-  """The configs of comma-separated BxPxOUTxHQxHKV appended to CONFIGS: their indexes."""
+def add_shapes(parser: argparse.ArgumentParser, shapes: str) -> list[int]:
+  """The configs of `--shapes`, comma-separated BxPxOUTxHQxHKV (or a usage error), appended to CONFIGS: their
+  indexes."""
   first = len(CONFIGS)
-  CONFIGS.extend(parse_shape(shape) for shape in shapes.split(",") if shape)
+  CONFIGS.extend(cli.listed(parser, "--shapes", shapes, parse_shape) if shapes else [])
   return list(range(first, len(CONFIGS)))
 
 
@@ -341,15 +343,17 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   STEPS_PER_CALL = args.steps_per_call
-  configs = [int(c) for c in args.configs.split(",") if c] + add_shapes(args.shapes)
+  configs = cli.seed_configs(parser, "--configs", args.configs, len(SEED)) + add_shapes(parser, args.shapes)
+  parts = cli.listed(parser, "--parts", args.parts, choices=("step", "prefix", "suffix"))
+  variants = cli.listed(parser, "--variants", args.variants, choices=VARIANTS)
+  cli.at_least(parser, args, steps_per_call=1)
   rates = device_rates.measure(1 << 31, 8192, TIMING)
   print(f"{jax.devices()[0].device_kind}: bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
         f"matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
   records = [dict(kind="rates", **rates)]
-  parts = args.parts.split(",")
   start = time.time()
   if "step" in parts:
-    sweep_steps(configs, args.variants.split(","), rates, records)
+    sweep_steps(configs, variants, rates, records)
   if "prefix" in parts:  # the compute-heavy configs
     sweep_prefix([c for c in configs if c in (4, 8)], rates, records)
   if "suffix" in parts:
