@@ -432,10 +432,7 @@ class LlamaConfig:
         """With YaRN, the context it stretches the model to: original_max_position_embeddings × factor (Qwen2.5's
         and Qwen3's model cards add factor 4 over 32768 for 131072 tokens, leaving max_position_embeddings at 32768 /
         40960; transformers sets no bound, vLLM takes this one); None without YaRN."""
-        scaling = self.rope_scaling
-        if scaling is None or scaling.rope_type != "yarn":
-            return None
-        return int(scaling.original_max_position_embeddings * scaling.factor)
+        return _yarn_context(self.rope_scaling)
 
     def with_long_rope(self, long: bool) -> "LlamaConfig":
         """This config computing with longrope's long factors (``long``) or its short ones; itself without
@@ -549,8 +546,9 @@ class LlamaConfig:
                                 "max_position_embeddings")
         rope_layers = _rope_layers(d, layers) if family.nope_layers else None
         layer_types = _layer_types(d, family, layers, rope_layers)
-        window = _check_sliding_window(d, family, layer_types, max_pos)
         theta, scaling = _parse_rope(d, max_pos, family)
+        # the longest sequence the model takes, for the window: YaRN's context where longer (``max_length``)
+        window = _check_sliding_window(d, family, layer_types, max(max_pos, _yarn_context(scaling) or 0))
         partial = _partial_rotary_factor(d, family)
         for key, value in PHI4_MINI_KEYS.items():
             if key in d and not (d[key] == value and isinstance(d[key], bool) == isinstance(value, bool)):
@@ -753,12 +751,20 @@ def _window(d: dict[str, Any], family: Family) -> Any:
     return d["sliding_window"] if "sliding_window" in d else family.default_window
 
 
-def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], max_pos: int) -> int | None:
+def _yarn_context(scaling: "RopeScaling | None") -> int | None:
+    """YaRN's context, original_max_position_embeddings × factor; None for other scalings (``yarn_context``)."""
+    if scaling is None or scaling.rope_type != "yarn":
+        return None
+    return int(scaling.original_max_position_embeddings * scaling.factor)
+
+
+def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[str], context: int) -> int | None:
     """The sliding window in effect on every layer (Mistral, Phi-3; Llama, whose forward ignores the key but whose
     ``generate`` in transformers keeps only the last W keys in its cache), None where none is; raise for one in
     effect on some layers only (Qwen's, SmolLM3's "sliding_attention" layers). A window of W keys (query i sees keys
-    i-W < j <= i) changes nothing while sequences hold at most W tokens: none is in effect when W >=
-    max_position_embeddings, and a model with one refuses longer sequences (``LlamaConfig.max_length``)."""
+    i-W < j <= i) changes nothing while sequences hold at most W tokens: none is in effect when W >= `context`, the
+    longest sequence the model takes (max_position_embeddings, or YaRN's context where longer), and a model with one
+    refuses longer sequences (``LlamaConfig.max_length``)."""
     window = _window(d, family)
     if family.window_flag and not family.nope_layers and not d.get("use_sliding_window", False):
         window = None  # what transformers does for Qwen: the window is dropped (SmolLM3's config keeps it, and its
@@ -773,11 +779,11 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
     if not is_int(window) or window <= 0:
         raise CheckpointError(f"config: sliding_window must be a positive integer (keys a query sees) or null; got "
                               f"{window!r}")
-    if window >= max_pos:
+    if window >= context:
         return None
     if family.window_flag:
-        raise CheckpointError(f"config: sliding_window={window!r} (layers {sliding}) is in effect (below "
-                              f"max_position_embeddings={max_pos}); a window on some layers only is not supported")
+        raise CheckpointError(f"config: sliding_window={window!r} (layers {sliding}) is in effect (below the "
+                              f"longest sequence, {context} tokens); a window on some layers only is not supported")
     return window
 
 

@@ -777,6 +777,22 @@ def test_sliding_window_not_in_effect():
     LlamaConfig.from_dict(to_v5(dict(QWEN25_7B, sliding_window=4096)))
 
 
+def test_sliding_window_in_effect_within_the_yarn_context():
+    """A window at or above max_position_embeddings but below YaRN's context (original × factor) is in effect on
+    the sequences YaRN lets through: kept, and the model refuses sequences past it (it was dropped, and sequences
+    of up to the YaRN context ran without it: wrong logits); Qwen's on some layers is refused; a save keeps it."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    mistral = dict(MISTRAL_7B_V01, sliding_window=32768, rope_scaling=yarn)
+    c = LlamaConfig.from_dict(mistral)
+    assert (c.sliding_window, c.yarn_context, c.max_length) == (32768, 131072, 32768)
+    assert LlamaConfig.from_dict(c.to_dict()) == c
+    assert LlamaConfig.from_dict(dict(mistral, sliding_window=131072)).sliding_window is None  # the whole context
+    qwen = dict(QWEN25_7B, use_sliding_window=True, sliding_window=32768, max_window_layers=20, rope_scaling=yarn)
+    with pytest.raises(CheckpointError, match=r"sliding_window=32768 \(layers \[20, .*below the longest sequence, "
+                                              r"131072 tokens"):
+        LlamaConfig.from_dict(qwen)
+
+
 RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
 
 
