@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from models.config import CheckpointError, LlamaConfig
-from models.llama import Llama, Params, layer_keys, pack_layer, param_shapes, unpack_layer, unpacked_layer_shapes
+from models.llama import (PACKED, Llama, Params, layer_keys, pack_layer, param_shapes, unpack_layer,
+                          unpacked_layer_shapes)
 
 __all__ = ["CheckpointError", "hf_name", "hf_tensor_shapes", "load_checkpoint", "save_checkpoint", "to_hf_tensors"]
 
@@ -152,7 +153,8 @@ def _tensor_files(path: str) -> dict[str, str]:
             if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == os.pardir:
                 raise CheckpointError(f"{index}: weight_map[{n!r}] = {f!r} is outside {path}; expected a file of the "
                                       "checkpoint's directory")
-        mapping = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+        # one file named two ways ("a.safetensors", "./a.safetensors") is one shard
+        mapping = {name: os.path.normpath(os.path.join(path, fname)) for name, fname in weight_map.items()}
         # A tensor held by two listed shards: transformers 5 reads every listed shard whole (the last one read wins),
         # this loader the shard the map names: refused rather than guessed (a missing shard: named when read).
         held: dict[str, str] = {}
@@ -365,29 +367,59 @@ def to_hf_tensors(model: Llama, dtype=None) -> dict[str, np.ndarray]:
         s = parallel.split(config, parallel.mesh_size(model.mesh))
         canonical = lambda key, x: parallel.from_layout(key, x, config, s)  # noqa: E731
     np_dtype = None if dtype is None else _saved_dtype(dtype)
-    out_dtype = np_dtype if np_dtype is not None else np.dtype(p["embed"].dtype)
+    saved = lambda x: np_dtype if np_dtype is not None else np.dtype(x.dtype)  # noqa: E731 (None: its own)
 
     def host(key: str, x) -> np.ndarray:  # one tensor, canonical, to the host (bf16 through float32)
         x = canonical(key, x)
         return np.asarray(x.astype(jnp.float32)) if x.dtype == jnp.bfloat16 else np.asarray(x)
 
-    def conv(name: str, key: str, x: np.ndarray) -> np.ndarray:
+    def conv(name: str, key: str, x: np.ndarray, out_dtype) -> np.ndarray:
         y, past = _cast_finite(np.ascontiguousarray(_hf_layout(key, x)), out_dtype)
         if past:  # past the saved dtype's range: inf, not the weight
             raise ValueError(f"save_checkpoint: tensor {name!r} {past}: it would be saved as inf (save in float32)")
         return y
 
-    tensors = {hf_name(key): conv(hf_name(key), key, host(key, p[key])) for key, layer in _names(config)
-               if layer is None}
+    tensors = {hf_name(key): conv(hf_name(key), key, host(key, p[key]), saved(p[key])) for key, layer in
+               _names(config) if layer is None}
     fused = _fused_rows(config)  # Phi-3: the projections' rows joined as its checkpoints hold them
     saved_name = lambda key, i: f"model.layers.{i}.{fused[key][0]}" if key in fused else hf_name(key, i)  # noqa: E731
     for i, layer in enumerate(p["layers"]):  # each layer to the host, then unpacked there (no device copies)
         unpacked = unpack_layer({key: host(key, x) for key, x in layer.items()}, config.head_dim)
-        tensors.update({hf_name(key, i): conv(saved_name(key, i), key, x) for key, x in unpacked.items()})
+        dtypes = {part: saved(layer[_PACKED_FROM.get(part, part)]) for part in unpacked}  # each its weight's
+        tensors.update({hf_name(key, i): conv(saved_name(key, i), key, x, dtypes[key]) for key, x in unpacked.items()})
         if fused:
             for suffix, keys in _FUSED.items():
                 tensors[f"model.layers.{i}.{suffix}"] = np.concatenate([tensors.pop(hf_name(k, i)) for k in keys])
     return {name: tensors[name] for name in hf_tensor_shapes(config)}
+
+
+def _loads_as(cfg: dict) -> LlamaConfig | None:
+    """What load_checkpoint makes of config.json `cfg` (None: it refuses it)."""
+    try:
+        return LlamaConfig.from_dict(cfg)
+    except (ValueError, CheckpointError):
+        return None
+
+
+_PACKED_FROM = {part: key for key, parts in PACKED.items() for part in parts}  # a projection -> its packed weight
+
+
+def _same_generation_eos(path: str, eos) -> None:
+    """The ``generation_config.json`` at ``path``, if any, with ``eos_token_id`` set to ``eos`` (config.json's):
+    its other keys kept; removed where it is not a JSON object."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        gen = None
+    if not isinstance(gen, dict):
+        os.remove(path)
+        return
+    gen["eos_token_id"] = eos
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2)
 
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
@@ -395,20 +427,31 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     """Write ``config.json`` and ``model.safetensors``, or, where ``max_shard_bytes`` splits the tensors into
     several files, shards + ``model.safetensors.index.json`` (its metadata transformers': ``total_parameters``, a tied
     head counted once, and ``total_size`` in bytes; one shard: the single file, as transformers). config.json
-    holds the model's stop ids: a ``generation_config.json`` left in ``path`` by an earlier save, which the loader
-    would read in their place, is removed."""
+    holds the model's stop ids, and a ``generation_config.json`` in ``path`` (an earlier save's, or the checkpoint's
+    own where the model is saved in place), whose ids the loader reads in their place, gets the same ids and keeps
+    its other keys (transformers' sampling defaults); one that is not a JSON object is removed.
+
+    ``dtype``: every tensor's (one of ``SAVE_DTYPES``), or None: each tensor in the model's dtype for it (config.json
+    names the embedding's). ``extra_config``: keys added to config.json (e.g. provenance); one that changes the
+    model it describes (``rope_theta``, ``num_hidden_layers``, …) is refused: change ``model.config`` instead."""
     path = os.fspath(path)
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes < 1):
         raise ValueError(f"save_checkpoint: max_shard_bytes must be a positive int (or None: one file), got "
                          f"{max_shard_bytes!r}")
-    cfg = model.config.to_dict()
-    cfg.update(extra_config or {})
+    base = model.config.to_dict()
+    cfg = {**base, **(extra_config or {})}
     try:  # what load_checkpoint will make of it: a key it refuses is refused now, before anything is written
-        LlamaConfig.from_dict(cfg)
+        loaded = LlamaConfig.from_dict(cfg)
     except (ValueError, CheckpointError) as e:
         raise ValueError(f"save_checkpoint: extra_config {extra_config!r} gives a config.json that load_checkpoint "
                          f"refuses: {e}") from e
+    plain = _loads_as(base)  # the model's config as saved without extra_config
+    if extra_config and loaded != plain:  # the tensors written are the model's: config.json must describe it
+        changed = [k for k, v in extra_config.items() if _loads_as({**base, k: v}) != plain] or sorted(
+            extra_config)  # those that change it alone (else all: together)
+        raise ValueError(f"save_checkpoint: extra_config changes the model config.json describes (keys {changed}); "
+                         f"expected keys that leave it as it is (e.g. provenance): change model.config instead")
     tensors = to_hf_tensors(model, dtype)
     os.makedirs(path, exist_ok=True)
     stored = next(iter(tensors.values())).dtype
@@ -417,8 +460,9 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     # A directory saved before, in the other form (one file / shards) or with more shards, would otherwise keep
     # files that the loader reads in place of these (it prefers the index): remove the files this function writes.
     for fname in os.listdir(path):
-        if fname in (SINGLE_FILE, INDEX_FILE, "generation_config.json") or _SHARD_NAME.fullmatch(fname):
+        if fname in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(fname):
             os.remove(os.path.join(path, fname))
+    _same_generation_eos(os.path.join(path, "generation_config.json"), cfg["eos_token_id"])
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     shards: list[dict[str, np.ndarray]] = [{}]

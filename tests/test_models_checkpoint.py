@@ -14,13 +14,14 @@ import re
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_hf_tensors
 from models.config import LlamaConfig
 from models.generate import generate, prefill
 from models import llama
-from models.llama import causal_attention
+from models.llama import Llama, causal_attention
 
 import jax.numpy as jnp
 
@@ -309,6 +310,37 @@ def test_a_save_load_checkpoint_would_refuse_is_refused_before_writing(tmp_path,
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("extra", [{"rope_theta": 1e6}, {"rms_norm_eps": 0.5}, {"tie_word_embeddings": True},
+                                   {"num_hidden_layers": 1}, {"_name_or_path": "mine", "vocab_size": 7}])
+def test_extra_config_that_changes_the_model_is_refused(tmp_path, extra):
+    """config.json must describe the tensors written: a key that changes the model (it saved a checkpoint that
+    loaded with other logits, or did not load) is refused by name, with nothing written."""
+    model = _model(tmp_path / "a")
+    changed = [k for k in extra if k != "_name_or_path"]
+    with pytest.raises(ValueError, match=re.escape(f"extra_config changes the model config.json describes (keys "
+                                                   f"{changed!r})")):
+        save_checkpoint(model, tmp_path / "b", extra_config=extra)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_model_of_mixed_dtypes_is_saved_in_each_tensors_dtype(tmp_path):
+    """dtype=None keeps each tensor's dtype (a float32 norm of a bfloat16 model was rounded to bfloat16); config.json
+    names the embedding's."""
+    _model(tmp_path / "a")
+    model = load_checkpoint(tmp_path / "a", dtype=jnp.bfloat16)
+    params = model.params()
+    layers = [dict(layer, attn_norm=(layer["attn_norm"].astype(jnp.float32) + 1e-3)) for layer in params["layers"]]
+    mixed = Llama(model.config, dict(params, layers=layers))
+    save_checkpoint(mixed, tmp_path / "b")
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "np") as f:
+        assert f.get_slice("model.layers.0.input_layernorm.weight").get_dtype() == "F32"
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "BF16"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    again = load_checkpoint(tmp_path / "b", dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(again.params()["layers"][0]["attn_norm"]),
+                                  np.asarray(layers[0]["attn_norm"]))
+
+
 def test_extra_config_the_loader_reads_is_saved(tmp_path):
     model = _model(tmp_path / "a")
     save_checkpoint(model, tmp_path / "b", extra_config={"_name_or_path": "mine", "pruned_heads": {}})
@@ -338,6 +370,21 @@ def test_index_entry_outside_the_checkpoint_is_refused(tmp_path, where):
     index.write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match=re.escape(f"weight_map['model.norm.weight'] = {where!r} is outside")):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_index_naming_one_shard_two_ways_loads(tmp_path):
+    """"./a.safetensors" and "a.safetensors" are one file: not a tensor in two shards."""
+    tensors = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ck", CONFIG, tensors, shards=2)
+    write_checkpoint(tmp_path / "whole", CONFIG, tensors)
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    name = next(iter(d["weight_map"]))
+    d["weight_map"][name] = "./" + d["weight_map"][name]
+    index.write_text(json.dumps(d))
+    tokens = [3, 1, 4]
+    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens),
+                                  model_logits(load_checkpoint(tmp_path / "whole"), tokens))
 
 
 def test_index_entry_in_a_subdirectory_loads(tmp_path):
@@ -479,16 +526,25 @@ def test_generation_config_gives_the_stop_ids(tmp_path):
         gen.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos, "do_sample": True}))
         assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == want, eos
         assert LlamaConfig.from_json(tmp_path / "ck" / "config.json").eos_token_ids == want
-    # a config file of another name is read alone; a save writes the stop ids into config.json and removes a
-    # generation_config.json an earlier save left (it would override them)
+    # a config file of another name is read alone; a save writes the stop ids into config.json and into a
+    # generation_config.json in the folder (an earlier save's: it would override them), keeping its other keys
+    # (it was removed, and with it transformers' sampling defaults where a checkpoint was saved in place)
     gen.write_text(json.dumps({"eos_token_id": [2, 7]}))
     (tmp_path / "ck" / "other.json").write_text((tmp_path / "ck" / "config.json").read_text())
     assert LlamaConfig.from_json(tmp_path / "ck" / "other.json").eos_token_ids == (2,)
     (tmp_path / "saved").mkdir()
-    (tmp_path / "saved" / "generation_config.json").write_text('{"eos_token_id": 9}')
+    (tmp_path / "saved" / "generation_config.json").write_text('{"eos_token_id": 9, "temperature": 0.6}')
+    save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text()) == {
+        "eos_token_id": [2, 7], "temperature": 0.6}
+    assert load_checkpoint(tmp_path / "saved").config.eos_token_ids == (2, 7)
+    gen.write_text(json.dumps({"eos_token_id": 5, "do_sample": True, "top_p": 0.9}))  # saved in place
+    save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "ck", dtype=jnp.bfloat16)
+    assert json.loads(gen.read_text()) == {"eos_token_id": 5, "do_sample": True, "top_p": 0.9}
+    assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == (5,)
+    (tmp_path / "saved" / "generation_config.json").write_text("[9]")  # not an object: removed
     save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "saved")
     assert not (tmp_path / "saved" / "generation_config.json").exists()
-    assert load_checkpoint(tmp_path / "saved").config.eos_token_ids == (2, 7)
     # an id outside the vocabulary is taken as config.json's is: a warning that generation never stops on it
     gen.write_text(json.dumps({"eos_token_id": [-1, 2]}))
     with pytest.warns(UserWarning, match=r"eos_token_ids \[-1\] outside the vocabulary"):
