@@ -23,6 +23,7 @@ are timed with CUDA events on the same inputs, chained the same way, their outpu
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -215,10 +216,14 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
             output = t.output
             if in_use is not None:
                 results["device_bytes_in_use"] = in_use
+        if not bool(jnp.all(jnp.isfinite(output.astype(jnp.float32)))):  # a wrong result: not a time to report
+            return "error", results, "output not finite (NaN or inf): its time is not counted", output
         if reference_out is not None and name != "reference":
-            diff = jnp.max(jnp.abs(output.astype(jnp.float32) - reference_out.astype(jnp.float32)))
-            results["max_abs_err_vs_reference"] = float(diff)  # NaN (stored as null) if either is not finite
-            results["output_finite"] = bool(jnp.all(jnp.isfinite(output.astype(jnp.float32))))
+            diff = float(jnp.max(jnp.abs(output.astype(jnp.float32) - reference_out.astype(jnp.float32))))
+            if not math.isfinite(diff):
+                return "error", results, "the jnp reference's output is not finite: nothing to check against", output
+            results["max_abs_err_vs_reference"] = diff
+            results["output_finite"] = True
         return "ok", results, None, output
     except Exception as error:  # noqa: BLE001 - every failure becomes a record
         status = "oom" if memory.is_oom(error) else "error"

@@ -185,8 +185,14 @@ MESH_SCHEMA = {
     "__optional__": True,
 }
 
+# The model runs' timing: no steps_per_call (bench-attention's), and a warm-up call at least (its time plans the
+# timed steps, experiments.e2e.time_decode)
+E2E_TIMING_SCHEMA = {**{k: v for k, v in TIMING_SCHEMA.items() if k != "steps_per_call"},
+                     "warmup": positive_int("an integer >= 1 (the last warm-up call's time plans the timed steps)")}
+
 E2E_COMMON = {
     **COMMON_SCHEMA,
+    "timing": E2E_TIMING_SCHEMA,
     "mesh": MESH_SCHEMA,
     "model": MODEL_SCHEMA,
     "decode": DECODE_SCHEMA,

@@ -189,21 +189,27 @@ def matmul_rate(n: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.normal(ka, (n, n), dtype=dtype)
     b = jax.random.normal(kb, (n, n), dtype=dtype)
-    kw = {**_time_fn_kw(timing_kw), "min_repeat_s": max(timing_kw.get("min_repeat_s", 0.0),
-                                                        timing_kw.get("probe_min_repeat_s", PROBE_MIN_REPEAT_S)),
-          "max_inner": max(timing_kw.get("max_inner", 1), PROBE_MAX_CALLS)}
-    t = timing.time_fn(lambda x, y: x @ y, (a, b), **kw)
+    t = timing.time_fn(lambda x, y: x @ y, (a, b), **_back_to_back(timing_kw))
     del a, b
     flops = 2.0 * n**3
     return {"matmul_n": n, "matmul_time_s": min(t.times_s), "matmul_flops_per_s": flops / min(t.times_s),
             "matmul_median_flops_per_s": flops / t.median_s}
 
 
+def _back_to_back(timing_kw: dict) -> dict:
+    """time_fn's options for a probe whose calls run back to back for >= the probes' repeat length (timing_kw's
+    `probe_min_repeat_s`, default PROBE_MIN_REPEAT_S), whatever the config's timing of its own steps."""
+    return {**_time_fn_kw(timing_kw), "min_repeat_s": max(timing_kw.get("min_repeat_s", 0.0),
+                                                          timing_kw.get("probe_min_repeat_s", PROBE_MIN_REPEAT_S)),
+            "max_inner": max(timing_kw.get("max_inner", 1), PROBE_MAX_CALLS)}
+
+
 def dispatch_time(timing_kw: dict) -> dict:
-    """Seconds per call of a trivial jitted op (x + 1 on 512 KiB) launched back to back: the host's cost of one
-    dispatch, a lower bound on any step timed one call per step."""
+    """Seconds per call of a trivial jitted op (x + 1 on 512 KiB) launched back to back (as the matmul probe's, for
+    >= the probes' repeat length: a config without its own min_repeat_s, the model runs', timed one call and its
+    wait): the host's cost of one dispatch, a lower bound on any step timed one call per step."""
     x = jnp.ones((64, 32, 128), jnp.bfloat16)
-    t = timing.time_fn(lambda a: a + 1, (x,), **_time_fn_kw(timing_kw))
+    t = timing.time_fn(lambda a: a + 1, (x,), **_back_to_back(timing_kw))
     return {"dispatch_s": t.median_s}
 
 

@@ -306,7 +306,7 @@ def time_decode(model, state, org, generate: int, dec: dict, timing_cfg: dict, b
     steps = min(dec["steps_per_sample"], generate)
     warm = min(steps, WARMUP_STEPS)
     state, _, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), 1)  # loads the kernels
-    for _ in range(max(1, timing_cfg["warmup"])):  # the last warm-up call estimates a step
+    for _ in range(timing_cfg["warmup"]):  # >= 1 (the config's check); the last warm-up call estimates a step
         state, warm_s, _ = model_api.run_decode(fn, model, model_api.at_step(state, org, 0), warm)
     k, repeats = timing_plan(warm_s / warm, steps, timing_cfg["repeats"], dec["point_budget_s"])
     starts = sample_starts(generate, k)

@@ -152,27 +152,43 @@ def _mismatch(expected, got) -> bool:
 
 def same_setup(f: ResultsFile) -> bool:
     """Whether a run used its committed config's setup, which the README's headers describe: the model's shape and
-    dtype and the generated length (model runs), the benchmark's dtype and head dim. A run with another (e.g. the
+    dtype, the generated length, the unique prompt tokens and the backend (model runs), the benchmark's dtype, head
+    dim and Hydragen backend. A run with another (e.g. the
     13B shape by `--set model.shape...`, float32 by `--set bench.dtype=...`) is left out of the tables, so that it
     neither replaces their rows nor mixes under their headers; a run over a mesh (its own section) and one whose
     config is not in experiments/configs are kept."""
     cfg = _config_of(f)
     if cfg is None or _tensor_parallel(f.records):
         return True
-    model, bench = cfg.get("model", {}), cfg.get("bench", {})
+    model, bench, grid = cfg.get("model", {}), cfg.get("bench", {}), cfg.get("grid", {})
+    gpu = f.device.startswith("gpu:")
     for r in f.records:
         point = r.get("point", {})
         if r["record"] == "model":
             shape = point.get("shape", {})
             if _mismatch(model.get("dtype"), point.get("dtype")) or any(
-                    _mismatch(v, shape.get(k)) for k, v in model.get("shape", {}).items()):
+                    _mismatch(v, shape.get(k)) for k, v in model.get("shape", {}).items()) or _mismatch(
+                    _backend(cfg.get("backend"), cfg.get("cpu_backend"), gpu, "default"),
+                    r.get("results", {}).get("backend")):
                 return False
-        elif r["record"] == "decode" and _mismatch(cfg.get("grid", {}).get("generate"), point.get("generate")):
+        elif r["record"] == "decode" and (_mismatch(grid.get("generate"), point.get("generate"))
+                                          or _mismatch(grid.get("unique"), point.get("unique"))):
             return False
-        elif r["record"] in ("summary", "step") and (_mismatch(bench.get("dtype"), point.get("dtype"))
-                                                     or _mismatch(bench.get("head_dim"), point.get("head_dim"))):
+        elif r["record"] in ("summary", "step") and (
+                _mismatch(bench.get("dtype"), point.get("dtype")) or _mismatch(bench.get("head_dim"),
+                                                                               point.get("head_dim"))
+                or _mismatch(_backend(bench.get("hydragen_backend"), bench.get("cpu_backend"), gpu, "pallas"),
+                             point.get("backend"))):
             return False
     return True
+
+
+def _backend(chosen: str | None, cpu_backend: str | None, gpu: bool, on_gpu: str) -> str | None:
+    """The backend a config's `auto` resolves to on the run's device (as e2e.backend_of and
+    bench_attention.hydragen_backend resolve it: `on_gpu` on a GPU, else `cpu_backend`), or its own choice."""
+    if chosen != "auto":
+        return chosen
+    return on_gpu if gpu else cpu_backend
 
 
 def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, list[ResultsFile]]:

@@ -431,6 +431,37 @@ def test_bench_checks_every_variant_against_the_reference_whatever_the_order(tmp
     assert steps and all(r["results"]["max_abs_err_vs_reference"] < 1e-5 for r in steps), steps
 
 
+def test_dispatch_probe_runs_calls_back_to_back_whatever_the_runs_timing(monkeypatch):
+    """The model runs' [timing] has no min_repeat_s: the dispatch probe timed one call and its wait (73-151 us on
+    the H200 against 36-52 in bench runs); it now runs back to back for the probes' repeat length, as the matmul's."""
+    seen = []
+    real = timing.time_fn
+    monkeypatch.setattr(timing, "time_fn", lambda fn, args, **kw: seen.append(kw) or real(fn, args, **{
+        **kw, "min_repeat_s": 0.0, "max_inner": 1}))
+    device_rates.dispatch_time({"warmup": 1, "repeats": 2, "probe_min_repeat_s": 0.05})
+    assert seen[0]["min_repeat_s"] == 0.05 and seen[0]["max_inner"] == device_rates.PROBE_MAX_CALLS, seen
+    assert seen[0]["repeats"] == 2 and "probe_min_repeat_s" not in seen[0]
+
+
+def test_bench_a_variant_whose_output_is_not_finite_is_an_error_not_a_time():
+    """A NaN output was recorded "ok" with a null error, counted in the tok/s and left out of the report's "within
+    X of the reference" (its max skipped nulls): now an error naming why, as is a reference that is not finite."""
+    case = bench_attention.Case(2, 8, 4, 2, 2, 8, "float32")
+    q = jnp.ones((2, 1, 2, 8))
+    kw = dict(backend="xla", timing_kw=dict(warmup=0, repeats=1), device_table=None)
+    nan = lambda name, inputs, per_seq, backend: (lambda x: x * jnp.nan, (q,))  # noqa: E731
+    same = lambda name, inputs, per_seq, backend: (lambda x: x, (q,))  # noqa: E731
+    status, _, reason, _ = bench_attention.measure_variant("hydragen", case, 1, {}, None, build=nan,
+                                                           reference_out=q, **kw)
+    assert (status, reason) == ("error", "output not finite (NaN or inf): its time is not counted")
+    status, results, reason, _ = bench_attention.measure_variant("hydragen", case, 1, {}, None, build=same,
+                                                                 reference_out=q, **kw)
+    assert (status, results["max_abs_err_vs_reference"], results["output_finite"]) == ("ok", 0.0, True)
+    status, _, reason, _ = bench_attention.measure_variant("hydragen", case, 1, {}, None, build=same,
+                                                           reference_out=q * jnp.nan, **kw)
+    assert (status, reason) == ("error", "the jnp reference's output is not finite: nothing to check against")
+
+
 @pytest.mark.parametrize("assignment, match", [
     ("grid.prefixes=[32, 32]", r"key 'grid.prefixes' lists 32 twice \(at 0 and 1\): each point or variant would run"),
     ("modes=['hydragen', 'none', 'hydragen']", r"key 'modes' lists 'hydragen' twice \(at 0 and 2\)")])
@@ -1214,8 +1245,9 @@ def test_report_keeps_accelerator_results_and_measured_points(tmp_path, readme, 
 
 def test_report_keeps_a_measured_bench_row_and_leaves_out_runs_of_another_setup(tmp_path, readme):
     """A bench row that a newer run skipped keeps the older run's measurement (as e2e points do); runs of another
-    setup than the committed config's (float32 at D = 64; the 13B shape with 256 tokens) neither replace rows nor
-    mix under the headers, which describe the committed configs."""
+    setup than the committed config's (float32 at D = 64; Hydragen on XLA; the 13B shape with 256 tokens; 2048
+    unique tokens; the model's attention on XLA) neither replace rows nor mix under the headers, which describe the
+    committed configs (the last three replaced the e2e row)."""
     res = tmp_path / "results"
     a = (64, 1024, 512, 32, 32)
     _write_results(res, "bench_attention", "20261130-100000", [_rates()] + [
@@ -1226,27 +1258,35 @@ def test_report_keeps_a_measured_bench_row_and_leaves_out_runs_of_another_setup(
     fp32 = [{**s, "point": {**s["point"], "dtype": "float32", "head_dim": 64}}
             for s in (_bench_summary(a, "hydragen", 7e5), _bench_summary(a, "reference", 3e5))]
     _write_results(res, "bench_attention-fp32", "20261130-120000", [_rates()] + fp32)  # newest: another setup
+    xla = [{**s, "point": {**s["point"], "backend": "xla"}} for s in (_bench_summary(a, "hydragen", 1e5),)]
+    _write_results(res, "bench_attention-xla", "20261130-130000", [_rates()] + xla)  # its Hydragen on XLA
     _write_results(res, "e2e_throughput-part1", "20261130-100000", [_model()] + [
         _decode(_e2e_point(1024, 64), m, tok) for m, tok in (("hydragen", 1e4), ("none", 2e4))])
     big = {**SHAPE, "hidden_size": 5120, "num_hidden_layers": 40}
     _write_results(res, "e2e_throughput-part1-13b", "20261130-110000", [  # newer, the 13B shape
         {**_model(), "point": {"shape": big, "dtype": "bfloat16"}}] + [
         _decode({**_e2e_point(1024, 64), "generate": 256}, m, tok) for m, tok in (("hydragen", 3e3), ("none", 6e3))])
+    _write_results(res, "e2e_throughput-part1-u2k", "20261130-120000", [_model()] + [  # 2048 unique tokens each
+        _decode({**_e2e_point(1024, 64), "unique": 2048}, m, tok) for m, tok in (("hydragen", 4e3), ("none", 8e3))])
+    _write_results(res, "e2e_throughput-part1-xla", "20261130-130000", [  # the model's attention on XLA
+        {**_model(), "results": {"param_bytes": 13.48e9, "backend": "xla"}}] + [
+        _decode(_e2e_point(1024, 64), m, tok) for m, tok in (("hydragen", 5e3), ("none", 9e3))])
     chosen = report.choose(report.load_results(res))
     assert [f.label for f in chosen["e2e_throughput"]] == ["e2e_throughput-part1-nvidia-h200-20261130-100000"]
     report.update_readme(readme, res, plot=False)
     section = _section(readme)
     assert "| 64 | 1024 | 512 | 32/32 | 500.0k | 250.0k |" in section, section
-    assert "SKIPPED" not in section and "700.0k" not in section
-    assert "| 1K | 64 | 10.0k | 20.0k |" in section and "3.0k" not in section
+    assert "SKIPPED" not in section and "700.0k" not in section and "100.0k" not in section
+    assert "| 1K | 64 | 10.0k | 20.0k |" in section and not {"3.0k", "4.0k", "5.0k"} & set(section.split())
     assert "32 layers, hidden 4096" in section and "40 layers" not in section and "256 generated" not in section
 
 
 def test_report_text_of_a_lone_variant_on_a_cpu(tmp_path, readme):
     """A bench run of Hydragen alone, on a CPU: no empty list of speed-ups, and the article fits the device."""
     res = tmp_path / "results"
-    _write_results(res, "bench_attention", "20261130-100000", [_rates(device="cpu:cpu"), _bench_summary(
-        (64, 1024, 512, 32, 32), "hydragen", 5e5, device="cpu:cpu")], device="cpu:cpu")
+    summary = _bench_summary((64, 1024, 512, 32, 32), "hydragen", 5e5, device="cpu:cpu")
+    summary["point"]["backend"] = "xla"  # `auto` on a CPU: the config's cpu_backend
+    _write_results(res, "bench_attention", "20261130-100000", [_rates(device="cpu:cpu"), summary], device="cpu:cpu")
     report.update_readme(readme, res, plot=False)
     section = _section(readme)
     assert "## Results on a cpu" in section and "others'" not in section and "Hydragen / floor 0.500." in section
@@ -1402,9 +1442,13 @@ def test_config_refuses_what_passed_validation_and_failed_later(tmp_path):
             config.load(path, smoke=True)
     for assignment, match in [("grid.prefixes=1024", r"key 'grid\.prefixes' must be a non-empty array, got 1024"),
                               ("timing=3", r"key 'timing' must be a table, got 3"),
+                              # bench-attention's (the model runs ignored it), and a warm-up the run took anyway
+                              ("timing.steps_per_call=8", r"unknown key 'timing\.steps_per_call'"),
+                              ("timing.warmup=0", r"key 'timing\.warmup' must be an integer >= 1 .*got 0"),
                               ("device.__optional__=5", r"unknown key 'device\.__optional__'")]:
         with pytest.raises(config.ConfigError, match=match):
             config.load("e2e_throughput", smoke=True, assignments=[assignment])
+    config.load("bench_attention", smoke=True, assignments=["timing.warmup=0", "timing.steps_per_call=8"])
     path = tmp_path / "latin1.toml"
     path.write_bytes(text.replace("[smoke]", "# caf\u00e9\n[smoke]").encode("latin-1"))
     with pytest.raises(config.ConfigError, match=r"latin1\.toml: not valid TOML: not UTF-8 text"):
