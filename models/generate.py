@@ -834,12 +834,14 @@ def _generate_tree(model: Llama, tree: SharingTree, max_new_tokens, stop_tokens,
     first = None  # (steps, seconds) of the first call, one step: it also loads the loop's kernels (one-time)
     while True:
         state = fn(params, state, jnp.int32(chunk_steps if first else 1))
-        new_steps = int(state.step)  # one host sync per chunk
+        # one host sync per chunk, read on the host (a jnp.all here compiled once per batch size, inside the window
+        # the decode rate is measured over: the first call's rate read 9x low on CPU)
+        new_steps, done = jax.device_get((state.step, state.done))
         if bar is not None:
-            bar.update(new_steps - steps)
-        steps = new_steps
+            bar.update(int(new_steps) - steps)
+        steps = int(new_steps)
         first = first or (steps, time.perf_counter() - t0)
-        if steps >= np.max(max_new_tokens) or bool(jnp.all(state.done)):
+        if steps >= np.max(max_new_tokens) or bool(np.all(done)):
             break
     stats["decode_s"] = time.perf_counter() - t0
     if bar is not None:

@@ -30,15 +30,15 @@ Array = jax.Array
 def _kernel(pos_ref, k_ref, v_ref, _k_cache, _v_cache, k_out, v_out, *, slots: int, capacity: int, width: int,
             block: int):
   """pos [B·T]; k, v [B·T, W]; caches (aliased by the outputs) [B, S, W]: program i writes slot i's rows."""
-  i = pl.program_id(0)
+  i = pl.program_id(0).astype(jnp.int32)  # int32 indices throughout, jax_enable_x64 or not (one index type)
   pos = pos_ref[i]
   cols = jnp.arange(block)
   col_ok = cols < width  # the row padded to a power of two (Triton's tile)
   keep = col_ok & (pos >= 0) & (pos < capacity)
   row = jnp.clip(pos, 0, capacity - 1)  # a dropped slot's address stays inside the array (its store is masked)
   for src, dst in ((k_ref, k_out), (v_ref, v_out)):
-    val = plgpu.load(src.at[i, pl.ds(0, block)], mask=col_ok, other=0)
-    plgpu.store(dst.at[i // slots, row, pl.ds(0, block)], val, mask=keep)
+    val = plgpu.load(src.at[i, pl.ds(jnp.int32(0), block)], mask=col_ok, other=0)
+    plgpu.store(dst.at[i // slots, row, pl.ds(jnp.int32(0), block)], val, mask=keep)
 
 
 def check_write_args(where: str, k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array

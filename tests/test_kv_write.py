@@ -55,6 +55,18 @@ def test_slots_beyond_int32_stay_dropped():
   np.testing.assert_array_equal(np.asarray(kv_write.slots_int32(jnp.array([2**31 + 5, 2], jnp.uint32), 7)), [7, 2])
 
 
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_write_under_x64_writes_as_without(dtype):
+  """Under jax_enable_x64 the kernel traces (its program id and slice starts were int64 beside int32 rows: a
+  TypeError from dynamic_slice) and writes what it writes without x64, for int32 and int64 positions."""
+  kc, k = jnp.zeros((2, 4, 1, 2)), jnp.arange(1.0, 5.0).reshape(2, 1, 1, 2)
+  want = kv_write.write(kc, kc, k, k, jnp.array([[0], [3]], jnp.int32), interpret=True)
+  with jax.enable_x64(True):
+    got = kv_write.write(kc, kc, k, k, jnp.array([[0], [3]], dtype), interpret=True)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 @pytest.mark.parametrize("args,match", [
     (((2, 5, 2, 4), (2, 5, 2, 8), (2, 1, 2, 4), (2, 1)), r"k_cache float32\[2, 5, 2, 4\] and v_cache "
                                                          r"float32\[2, 5, 2, 8\]"),

@@ -111,6 +111,25 @@ def test_prompts_of_other_lengths_within_the_padding_share_one_compiled_prefill(
     np.testing.assert_allclose(state.logits, prefill(model, prompts, 4, pad_multiple=1).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_nothing_compiles_while_the_decode_rate_is_measured(model, monkeypatch):
+    """Once the decode loop is compiled, generate's host loop compiles nothing (a jnp.all of the done flags compiled
+    once a batch size, inside the window stats["decode_tokens_per_s"] is measured over: the first call's rate read
+    up to 9x low)."""
+    generate_lib = importlib.import_module("models.generate")
+    compiled, events = [], []
+    real = generate_lib.compile_decode
+    monkeypatch.setattr(generate_lib, "compile_decode", lambda *a, **k: (real(*a, **k), compiled.append(1))[0])
+    listener = lambda name, _secs, **_: events.append((name, len(compiled)))  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        generate(model, [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [7]], num_samples=5, max_new_tokens=6, eos_ids=(),
+                 chunk_steps=2, backend="xla")  # 15 sequences: a batch size no other test compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == [1]
+    assert not [name for name, after in events if after and "compile" in name and "backend" in name], events
+
+
 def test_prefill_token_widths():
     """A prefill's token arrays: powers of two below pad_multiple (a one-token suffix stays one wide), multiples of
     it from there; pad_multiple 1 gives exact widths."""
