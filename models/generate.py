@@ -431,7 +431,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
             *, mode: str = "hydragen", eos_ids: Sequence[int] | None = None,
             stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, backend: str | None = None,
             max_depth: int = 3, pad_multiple: int = 16, prefill_chunk: int = 2048,
-            _compiled: dict | None = None, _last_token_unused: bool = False) -> DecodeState:
+            _compiled: dict | None = None, _last_token_unused: bool = False, _samples: int = 1) -> DecodeState:
     """Caches and first-token logits for every sequence of a sharing tree (or of token-id prompts, one per
     sequence, whose tree is built by ``build_sharing_tree``).
 
@@ -464,7 +464,9 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
         if total + budgets[b] > config.max_length + _last_token_unused:
-            raise ValueError(f"sequence {b}: prompt of {total} tokens + max_new_tokens {int(given[b])} exceeds the "
+            which = f"sequence {b}" if _samples == 1 else f"prompt {b // _samples} (sequence {b} of the prompts x " \
+                f"num_samples {_samples})"  # generate's: the user's prompts, each num_samples times
+            raise ValueError(f"{which}: prompt of {total} tokens + max_new_tokens {int(given[b])} exceeds the "
                              f"model's {_length_limit(config)}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
         ids = np.asarray(part, np.int64)
@@ -801,7 +803,8 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     else:
         tokens, lengths, logprobs, first_logits, stats = _generate_tree(
             model, tree, max_new_tokens, stop_tokens, mode=mode, sampling=sampling, eos_ids=eos_ids, seed=seed,
-            backend=backend, chunk_steps=chunk_steps, progress=progress, progress_desc=progress_desc)
+            backend=backend, chunk_steps=chunk_steps, progress=progress, progress_desc=progress_desc,
+            samples=num_samples)
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode(tokens[b, :lengths[b]]) for b in range(tree.num_sequences)]
@@ -809,13 +812,13 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
 
 
 def _generate_tree(model: Llama, tree: SharingTree, max_new_tokens, stop_tokens, *, mode, sampling, eos_ids, seed,
-                   backend, chunk_steps, progress, progress_desc, last_token_unused: bool = False):
+                   backend, chunk_steps, progress, progress_desc, last_token_unused: bool = False, samples: int = 1):
     """``generate``'s prefill and chunked decode loop over ``tree``'s sequences (max_new_tokens: an int or one a
     sequence): their (tokens, lengths, logprobs, first-token logits, stats)."""
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
     state = prefill(model, tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens, seed=seed,
-                    backend=backend, _compiled=stats, _last_token_unused=last_token_unused)
+                    backend=backend, _compiled=stats, _last_token_unused=last_token_unused, _samples=samples)
     first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
     # The shared levels, and how many of them a step reads batched (the device's cost model, models.cache)

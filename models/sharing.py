@@ -198,8 +198,8 @@ def _common_length(seqs: list[np.ndarray]) -> int:
 
 def expand_samples(prompts: Sequence[Sequence[int]], num_samples: int) -> list[Tokens]:
     """Each prompt repeated ``num_samples`` times (sample-major within a prompt: p0 p0 ... p1 p1 ...)."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     return [tuple(p) for p in prompts for _ in range(num_samples)]
 
 
@@ -207,7 +207,7 @@ def synthetic_tree(batch: int, shared_len: int, unique_len: int, vocab_size: int
     """A one-level tree for benchmarks: one random shared prefix of ``shared_len`` tokens read by all ``batch``
     sequences, each with ``unique_len`` (>= 1) random tokens of its own. No text involved."""
     for name, value, least in (("batch", batch, 1), ("shared_len", shared_len, 0), ("unique_len", unique_len, 1),
-                               ("vocab_size", vocab_size, 1)):
+                               ("vocab_size", vocab_size, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"synthetic_tree: {name} must be an integer >= {least}, got {value!r}")
     rng = np.random.default_rng(seed)

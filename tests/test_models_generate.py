@@ -130,6 +130,14 @@ def test_nothing_compiles_while_the_decode_rate_is_measured(model, monkeypatch):
     assert not [name for name, after in events if after and "compile" in name and "backend" in name], events
 
 
+def test_a_prompt_too_long_is_named_as_the_users_prompt(model):
+    """With num_samples > 1 the refusal names the prompt the user passed (it named sequence 3 of the expanded
+    prompts for the second of two prompts)."""
+    with pytest.raises(ValueError, match=r"prompt 1 \(sequence 3 of the prompts x num_samples 3\): prompt of 505 "
+                                         r"tokens \+ max_new_tokens 9 exceeds the model's"):
+        generate(model, [[1] * 10, [2] * 505], num_samples=3, max_new_tokens=9, backend="xla")
+
+
 def test_prefill_token_widths():
     """A prefill's token arrays: powers of two below pad_multiple (a one-token suffix stays one wide), multiples of
     it from there; pad_multiple 1 gives exact widths."""

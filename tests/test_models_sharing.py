@@ -88,8 +88,9 @@ def test_bad_input():
         build_sharing_tree([])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         build_sharing_tree([[1], []])
-    with pytest.raises(ValueError, match="num_samples"):
-        expand_samples([[1]], 0)
+    for bad in (0, 2.5, True):  # 2.5 was a TypeError from range, True taken as 1
+        with pytest.raises(ValueError, match=rf"num_samples must be an integer >= 1, got {bad!r}"):
+            expand_samples([[1]], bad)
 
 
 def test_explicit_tree_validation():
@@ -125,7 +126,8 @@ def test_synthetic_tree():
                                                  (dict(shared_len=-1), "shared_len", 0),
                                                  (dict(unique_len=1.5), "unique_len", 1),
                                                  (dict(vocab_size=0), "vocab_size", 1),
-                                                 (dict(batch=True), "batch", 1)])
+                                                 (dict(batch=True), "batch", 1), (dict(seed=-1), "seed", 0),
+                                                 (dict(seed=1.5), "seed", 0), (dict(seed=True), "seed", 0)])
 def test_synthetic_tree_names_a_bad_argument(change, name, least):
     """Each argument checked by name (numpy's "negative dimensions" or "high <= 0", and a tree without sequences,
     named none of them)."""
