@@ -126,7 +126,7 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
   offset = 0
   if level.layer is not None:  # view [layers, N, ...] as rows [layers·N, ...]: free, no copy
     offset = jnp.clip(level.layer, 0, k.shape[0] - 1) * num_nodes
-    k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))
+    k, v = (x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]) for x in (k, v))  # (-1 fails on 0 keys)
   # Static index vectors are numpy constants: no device work per step (an iota or a gather would be a kernel).
   identity = level.seq_to_node is None
   if identity:
@@ -298,7 +298,7 @@ def attention(
   stacks = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
                    backend=backend)
   out, lse = _merge(stacks, backend)
-  return out.astype(q.dtype), lse
+  return out.astype(check.dtype_of(q)), lse
 
 
 def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
@@ -341,7 +341,7 @@ def tree_attention(
   check.check_kernel_backend("q", q, backend)
   stacks = _attend(q, validated, causal=causal, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)
   out, _ = _merge(stacks, backend)
-  return out.astype(q.dtype)
+  return out.astype(check.dtype_of(q))
 
 
 def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], list[bool], list[bool]]:
@@ -484,7 +484,7 @@ def tree_attention_append(
     leaf = dataclasses.replace(leaf, k=k_cache, v=v_cache, lengths=total)
     stacks = _attend(q, validated[:-1] + [leaf], causal=causal, batched=batched, scale=scale, backend=backend)
   out, _ = _merge(stacks, backend)
-  return out.astype(q.dtype), k_cache, v_cache
+  return out.astype(check.dtype_of(q)), k_cache, v_cache
 
 
 def hydragen_attention(

@@ -147,6 +147,8 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
       raise ValueError(f"merge_states: part {i} must be an (out, lse) pair of arrays; got {_describe(state)}. "
                        f"`states` is a sequence of such pairs, e.g. [(out_1, lse_1), (out_2, lse_2)].")
   shape = jnp.shape(states[0][0])
+  if not shape:
+    raise ValueError("merge_states: part 0's out is a scalar; expected out [..., D] (a head dim axis) and lse [...].")
   for i, (o, lse) in enumerate(states):
     if jnp.shape(o) != shape or jnp.shape(lse) != shape[:-1]:
       raise ValueError(f"merge_states: part {i} has out {jnp.shape(o)} and lse {jnp.shape(lse)}; expected out "
@@ -163,7 +165,8 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   # an empty part's out is never read (weight 0 would still turn a NaN or inf there into NaN)
   out = sum((jnp.where(w[..., None] > 0, jnp.asarray(o, acc), 0.0) * (w / safe_total)[..., None]
              for (o, _), w in zip(states, weights)), jnp.zeros((), acc))
-  lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
+  # no keys: -inf; a NaN lse stays NaN (as -inf the next merge would read it as an empty part and drop it)
+  lse = jnp.where(total > 0, top + jnp.log(safe_total), jnp.where(jnp.isnan(total), jnp.nan, -jnp.inf))
   return out.astype(states[0][0].dtype), lse
 
 

@@ -179,8 +179,14 @@ def check_same(name_a: str, a, name_b: str, b) -> None:
     raise ValueError(f"{name_b} must be an array of {name_a}'s shape {a.shape}; got {type(b).__name__}.")
   if a.shape != b.shape:
     raise ValueError(f"{name_a} and {name_b} must have the same shape; got {a.shape} and {b.shape}.")
-  if a.dtype != b.dtype:
+  if dtype_of(a) != dtype_of(b):
     raise ValueError(f"dtype mismatch between {name_a} ({a.dtype}) and {name_b} ({b.dtype}).")
+
+
+def dtype_of(x) -> np.dtype:
+  """The dtype JAX computes `x` in: a numpy float64 array is float32 without `jax_enable_x64` (as jnp.asarray
+  makes it), so that it is taken, and checked, alike on every backend."""
+  return jax.dtypes.canonicalize_dtype(x.dtype)
 
 
 def check_kernel_backend(name: str, x, backend: str) -> None:
@@ -188,7 +194,7 @@ def check_kernel_backend(name: str, x, backend: str) -> None:
   as 32-bit under `jax_enable_x64` (`api._attend`). "interpret-mosaic" refuses the mode: Mosaic GPU's interpreter
   evaluates the kernel when the step runs, in a callback, where the mode set by `jax.enable_x64(True)` makes its
   loops' 32-bit counters fail to type-check (set globally it ran; the refusal does not depend on how it was set)."""
-  if backend != "xla" and x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+  if backend != "xla" and dtype_of(x) not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"backend={backend!r} runs the Pallas kernels, which take float32, bfloat16 or float16; got "
                      f"{name} {x.dtype} (backend='xla' takes any floating dtype).")
   if backend == "interpret-mosaic" and jax.config.jax_enable_x64:
@@ -201,7 +207,7 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
   """q `[..., Hq, D]` against k `[..., Hkv, D]`: same D (at least 1), Hq a multiple of Hkv, same floating dtype."""
   hq, d = q.shape[-2:]
   hkv, dk = kv.shape[-2:]
-  if not jnp.issubdtype(q.dtype, jnp.floating):
+  if not jnp.issubdtype(dtype_of(q), jnp.floating):
     raise ValueError(f"{q_name} must have a floating dtype (float32, bfloat16, float16); got {q.dtype}.")
   if d < 1:
     raise ValueError(f"head dim of {q_name} {q.shape} must be at least 1; got D={d}.")
@@ -212,7 +218,7 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
   if hq % hkv:
     raise ValueError(f"query heads of {q_name} {q.shape} (Hq={hq}) must be a multiple of the KV heads of "
                      f"{kv_name} {kv.shape} (Hkv={hkv}).")
-  if q.dtype != kv.dtype:
+  if dtype_of(q) != dtype_of(kv):
     raise ValueError(f"dtype mismatch between {q_name} ({q.dtype}) and {kv_name} ({kv.dtype}).")
 
 

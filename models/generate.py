@@ -360,7 +360,7 @@ def _dense_from_tree(tc: TreeCache, offsets, capacity: int) -> DenseCache:
     src = jnp.where(src < 0, base, src)
 
     def gather(layers):  # layers: per part, the part's array of this layer
-        flat = [x.reshape((-1,) + x.shape[2:]) for x in layers]
+        flat = [x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]) for x in layers]  # (-1 fails on 0 keys)
         return jnp.concatenate(flat + [jnp.zeros((1,) + flat[0].shape[1:], flat[0].dtype)])[src]
 
     num_layers = len(tc.k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import chex
 import jax
@@ -401,6 +402,16 @@ def test_merge_with_empty_parts_has_no_nan():
   assert jnp.all(lse == -jnp.inf)
 
 
+def test_merge_keeps_a_nan_lse_nan():
+  """A NaN lse (a wrong part upstream) gives a NaN lse, not -inf: as -inf the next merge read it as a part with no
+  keys and dropped it, and the NaN vanished."""
+  one, nan = (jnp.ones((1, 4)), jnp.zeros((1,))), (jnp.ones((1, 4)), jnp.array([jnp.nan]))
+  out, lse = hj.merge_states([nan, one])
+  assert jnp.isnan(out).all() and jnp.isnan(lse).all()
+  out, lse = hj.merge_states([(out, lse), (2 * jnp.ones((1, 4)), jnp.zeros((1,)))])
+  assert jnp.isnan(out).all() and jnp.isnan(lse).all()
+
+
 def test_merge_names_a_part_that_is_not_a_pair_of_arrays():
   out, lse = jnp.ones((2, 4)), jnp.zeros((2,))
   with pytest.raises(ValueError, match=r"part 0 must be an \(out, lse\) pair of arrays; got an array of shape "
@@ -410,6 +421,8 @@ def test_merge_names_a_part_that_is_not_a_pair_of_arrays():
     hj.merge_states([(out, lse), (out, lse, lse)])
   with pytest.raises(ValueError, match=r"part 0 must be an \(out, lse\) pair of arrays; got a pair of list and array"):
     hj.merge_states([(np.asarray(out).tolist(), lse)])
+  with pytest.raises(ValueError, match=r"part 0's out is a scalar; expected out \[\.\.\., D\]"):  # was out (1,)
+    hj.merge_states([(jnp.float32(1.0), jnp.float32(0.0)), (jnp.float32(3.0), jnp.float32(0.0))])
 
 
 def test_merge_is_order_independent_and_keeps_dtype():
@@ -716,12 +729,30 @@ def test_layered_levels_read_one_layer_in_place(backend):
   sliced = [Level(lv.k[2], lv.v[2], lv.lengths, lv.seq_to_node) for lv in layered]
   f = jax.jit(lambda q, levels: hj.tree_attention(q, levels, backend=backend))
   chex.assert_trees_all_close(f(q, layered), expected_tree(q, sliced), **tol(jnp.float32))
+  # a layered level of capacity 0 (no keys): as without it (the view as [layers·N, ...] failed to infer its rows)
+  empty = Level(jnp.zeros((layers, 2, 0, hkv, d)), jnp.zeros((layers, 2, 0, hkv, d)), jnp.zeros((2,), jnp.int32),
+                jnp.array([0, 1, 1, 0]), layer=jnp.int32(1))
+  chex.assert_trees_all_close(f(q, [empty, layered[1]]), expected_tree(q, sliced[1:]), **tol(jnp.float32))
   with pytest.raises(ValueError, match=r"levels\[0\].layer must lie in \[0, 3\).*got 3"):
     hj.tree_attention(q, [dataclasses.replace(layered[0], layer=jnp.int32(3)), layered[1]], backend=backend)
   with pytest.raises(ValueError, match=r"levels\[0\].layer must lie in \[0, 3\).*got 1099511627776"):  # not an
     hj.tree_attention(q, [dataclasses.replace(layered[0], layer=2**40), layered[1]], backend=backend)  # OverflowError
   with pytest.raises(ValueError, match=r"levels\[0\].k must have rank 5 \(\[num_layers, N, L, Hkv, D\]\)"):
     hj.tree_attention(q, [dataclasses.replace(shared, layer=jnp.int32(0)), leaf], backend=backend)
+
+
+def test_numpy_float64_inputs_are_float32_on_every_backend(backend):
+  """Without jax_enable_x64 JAX computes numpy float64 arrays as float32: every backend takes them so, mixed with
+  float32 ones too, with no warning (the kernel backends refused them, xla warned of a float64 cast)."""
+  rng = np.random.default_rng(3)
+  q, k, v = (rng.standard_normal(shape) for shape in ((2, 1, 4, 64), (2, 5, 2, 64), (2, 5, 2, 64)))
+  want, _ = hj.attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), backend=backend)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for args in ((q, k, v), (q, jnp.asarray(k, jnp.float32), v)):
+      out, _ = hj.attention(*args, backend=backend)
+      assert out.dtype == jnp.float32
+      chex.assert_trees_all_close(out, want, **tol(jnp.float32))
 
 
 def test_levels_must_agree_on_kv_heads():

@@ -53,6 +53,15 @@ def test_merge_stacks_equals_the_reference(kernel_backend, sizes, n, d, dtype, r
   assert lse[1] == -jnp.inf
 
 
+def test_merge_stacks_keeps_a_nan_lse_nan(kernel_backend):
+  """As the reference: a part's NaN lse gives NaN, not the -inf of a row with no keys (a later merge dropped it)."""
+  out, lse = jnp.ones((2, 3, 64)), jnp.zeros((2, 3)).at[0, 1].set(jnp.nan)
+  got_out, got_lse = merge.merge_stacks([(out, lse)], interpret=kernel_backend.startswith("interpret"), rows=1,
+                                        num_warps=1)
+  assert jnp.isnan(got_lse[1]) and jnp.isnan(got_out[1]).all()
+  assert not jnp.isnan(got_lse[::2]).any() and not jnp.isnan(got_out[::2]).any()
+
+
 def test_launch_settings_are_the_tunings():
   """Rows and warps a program come from the device's tuning (`merge_rows`, `merge_warps`), an argument overrides."""
   with tuning_lib.override(dataclasses.replace(tuning_lib.current(), merge_rows=8, merge_warps=2)):

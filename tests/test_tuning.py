@@ -866,6 +866,15 @@ def test_long_prefixes_take_their_own_hopper_settings():
     dataclasses.replace(short, suffix_box=True)
 
 
+@pytest.mark.parametrize("kind", tuning.known_kinds())
+def test_shipped_long_settings_end_where_their_measurements_end(kind):
+  """The long-prefix settings were measured up to T·g = 8: above it each shipped file takes its hopper[9] setting
+  whatever the prefix (the H100 file's hopper_long[4] was open-ended: T·g 9-48 took the T·g = 4 long setting)."""
+  t = tuning.file_for(kind).tuning
+  for rows in (9, 16, 48):
+    assert t.hopper_for(rows, t.hopper_long_prefix) == t.hopper_for(rows, 0) == t.hopper_for(9), (kind, rows)
+
+
 def test_sweep_times_the_merge_as_the_api_merges():
   """The sweep's steps merge their parts as the API would under the candidate tuning: the Triton kernels' by the
   merge kernel up to `merge_max_rows` query rows (the signature says which), the Hopper kernel's by `merge_states`

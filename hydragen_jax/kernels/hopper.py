@@ -54,7 +54,8 @@ _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 
 
 @dataclasses.dataclass(frozen=True)
 class HopperConfig(tuning_lib.HopperTuning):
-  """Static configuration of the Hopper kernel. The defaults are the H100's measured choices; `tuned_config()` gives
+  """Static configuration of the Hopper kernel. The defaults are the H100's first measured setting (its T·g >= 9
+  entry today); `tuned_config()` gives
   the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
 
   num_ctas: CTAs of the persistent grid; None: one per SM of the device (either way no more than the work has items:

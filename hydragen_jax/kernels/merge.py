@@ -7,7 +7,7 @@ partial outputs `out [P, ..., D]` and their `lse [P, ...]` (N rows: the product 
 
 which XLA compiles to two kernels (the per-row weights, then the weighted sum). Here one program takes `rows` rows
 of every part, computes their weights in registers and writes the merged rows: one launch, each part read once.
-Small programs (on the H200 2 rows, one warp; on the H100 1 row: `Tuning.merge_rows`, `merge_warps`) keep many
+Small programs (1 row, one warp, on the H100 and the H200: `Tuning.merge_rows`, `merge_warps`) keep many
 loads in flight over the whole GPU: at B = 64 MHA decode (2048 rows, 10 parts) the step ran 1-2 µs faster than with
 XLA's merge, where 16-row programs of 4 warps were no faster, and at B = 8 (256 rows, 16 parts) one row a program
 halved the merge of two (4.1 -> 2.1 µs a layer on the H100; experiments/PERF_NOTES.md); `Tuning.merge_max_rows` says up to which row count
@@ -74,7 +74,8 @@ def merge_tiles(lses: Sequence[Array], out_of) -> tuple[Array, Array]:
   # reference: a NaN weight still makes NaN)
   acc = functools.reduce(jnp.add, (jnp.where(w[:, None] > 0, out_of(i).astype(jnp.float32), 0.0) * (w / safe)[:, None]
                                    for i, w in enumerate(weights)))
-  return acc, jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+  # no keys: -inf; a NaN lse stays NaN (not read as an empty part by a later merge), as the reference
+  return acc, jnp.where(total > 0, top + jnp.log(safe), jnp.where(jnp.isnan(total), jnp.nan, -jnp.inf))
 
 
 def _kernel(*refs, sizes: tuple[int, ...]):
