@@ -264,7 +264,12 @@ def main(argv=None) -> int:
     common = dict(num_samples=samples, max_new_tokens=args.max_new_tokens, sampling=sampling,
                   tokenizer=tok, seed=args.seed, backend=args.backend, tree=tree, progress=True)
 
-    g = generate(model, prompts, mode="hydragen", progress_desc="hydragen: generating", **common)
+    try:
+        g = generate(model, prompts, mode="hydragen", progress_desc="hydragen: generating", **common)
+    except ValueError as e:  # the one option only the model can check: the prompts + new tokens past its length
+        if "exceeds the model's" not in str(e):
+            raise
+        ap.error(f"--max-new-tokens {args.max_new_tokens}: {e}")
     shown = [p * samples + s for s in range(samples) for p in range(len(prompts))][:max(args.show, 0)]
     for b in shown:
         print(f"\n--- prompt {b // samples}, sample {b % samples} ({g.lengths[b]} tokens) ---")

@@ -143,3 +143,12 @@ def test_demo_checks_its_options_before_any_work(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--model", "default", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_names_max_new_tokens_past_the_models_length(capsys):
+    """The one option only the loaded model can check: a usage error naming it (was a traceback from generate)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "default", "--samples", "1", "--max-new-tokens", "100000", "--modes", "hydragen"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--max-new-tokens 100000: sequence 0: prompt of " in err and \
+        "+ max_new_tokens 100000 exceeds the model's maximum length 2048" in err, err
