@@ -72,6 +72,12 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def static(self) -> "SamplingConfig":
+        """What a compiled decode loop is specialised on: greedy or not, top_k, top_p on or off (1.0 or 0.5 stand
+        for off and on). The temperature and top_p values are traced arguments of the loop: another value reuses
+        it (as a static argument, each value compiled a loop of its own: seconds for a 7B model)."""
+        return SamplingConfig(0.0 if self.greedy else 1.0, self.top_k, 1.0 if self.top_p >= 1.0 else 0.5)
+
     @classmethod
     def make(cls, spec: "SamplingConfig | dict | str | None") -> "SamplingConfig":
         """From a SamplingConfig, a dict of options, "greedy" or None (greedy)."""
@@ -96,9 +102,10 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
-    if p >= 1.0:
+def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one); p a number
+    (1.0: every token, no work) or a traced scalar."""
+    if isinstance(p, (int, float)) and p >= 1.0:
         return logits
     desc = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(desc, axis=-1)
@@ -122,19 +129,23 @@ def categorical(key: jax.Array, x: jax.Array, vocab_size: int | None = None) -> 
     return jnp.argmax(noise + x, axis=-1)
 
 
-def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
-           vocab_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: int | None = None, *,
+           temperature: float | jax.Array | None = None, top_p: float | jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
     """Next tokens ``[B]`` int32 from logits ``[B, V']`` and their log-probs ``[B]`` under the model's
     unmodified distribution (log-softmax of the raw logits). vocab_size: the real vocabulary V <= V' (None: V');
-    columns past it are padding (-inf) and the draw is that of the first V columns."""
+    columns past it are padding (-inf) and the draw is that of the first V columns. temperature, top_p: values
+    (traced in the decode loop) in place of cfg's, whose greedy, top_k and top_p on / off still decide."""
     logits = logits.astype(jnp.float32)
     if cfg.greedy:
         tok = jnp.argmax(logits, axis=-1)
     else:
+        t = cfg.temperature if temperature is None else temperature
+        p = cfg.top_p if top_p is None or cfg.top_p >= 1.0 else top_p
         # Less the row's max first (the draw is the same): scaled by a small temperature the scores only go down,
         # to -inf at worst, never up to +inf, whose ties would take the first index instead of the largest logit.
         shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-        x = top_p_mask(top_k_mask(shifted / cfg.temperature, cfg.top_k), cfg.top_p)
+        x = top_p_mask(top_k_mask(shifted / t, cfg.top_k), p)
         tok = categorical(key, x, vocab_size)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
     return tok.astype(jnp.int32), logp
@@ -439,7 +450,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     config's). stop_tokens: extra stop ids per sequence. pad_multiple: the caches' capacities are rounded up to a
     multiple of it, and the prefill's token arrays to one (below it: to a power of two), so that prompts of other
     lengths within that rounding (over a tree of the same shape) reuse one compiled prefill (not the standard mode,
-    whose per-sequence caches round each whole prompt; 1: exact widths, a compile a length). Raises ``ValueError``
+    whose per-sequence caches round each whole prompt; 1: exact widths, a compile a length); the state's tokens
+    ``[B, N]`` are as wide as the largest budget N, which the decode loop is compiled for. Raises ``ValueError``
     on bad input. (_last_token_unused: the caller drops the logits the last new token gives, so prompt + new tokens
     may exceed ``max_length`` by it: ``_generate_across_longrope_context``.)
     """
@@ -563,12 +575,14 @@ def _longrope_choice(config: LlamaConfig, tree: SharingTree) -> LlamaConfig:
 # ------------------------------------------------------------------------------------------------- decode
 
 
-def _decode_step(model: Llama, s: DecodeState, attend, sampling: SamplingConfig) -> DecodeState:
+def _decode_step(model: Llama, s: DecodeState, attend, sampling: SamplingConfig, temperature, top_p) -> DecodeState:
     """One decode step of every sequence: sample each row's next token from its logits (pad where the row is done),
-    record it, and run the model on it (the caches written, the next logits)."""
+    record it, and run the model on it (the caches written, the next logits). sampling: ``SamplingConfig.static``;
+    temperature, top_p: traced scalars."""
     config = model.config
     B = s.tokens.shape[0]
-    tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling, config.vocab_size)
+    tok, logp = sample(s.logits, jax.random.fold_in(s.key, s.step), sampling, config.vocab_size,
+                       temperature=temperature, top_p=top_p)
     active = ~s.done
     tok = jnp.where(active, tok, s.pad_id)
     tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
@@ -584,8 +598,8 @@ def _decode_step(model: Llama, s: DecodeState, attend, sampling: SamplingConfig)
                      tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=s.step + 1)
 
 
-def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, sampling: SamplingConfig,
-                 backend, mesh=None):
+def _decode_impl(params, state: DecodeState, num_steps, temperature, top_p, *, config: LlamaConfig,
+                 sampling: SamplingConfig, backend, mesh=None):
     model = Llama(config, params, mesh)
     B, N = state.tokens.shape
     limit = state.step + jnp.clip(num_steps, 0, N - state.step)  # (step + num_steps could overflow int32)
@@ -594,7 +608,7 @@ def _decode_impl(params, state: DecodeState, num_steps, *, config: LlamaConfig, 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
 
-    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, attend, sampling), state)
+    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, attend, sampling, temperature, top_p), state)
 
 
 _decode_jit = _model_jit(_decode_impl, static_argnames=("config", "sampling", "backend", "mesh"), donate_argnums=(1,))
@@ -678,21 +692,44 @@ def _decode_32(model: Llama, state: DecodeState, num_steps, *, sampling, backend
     _check_mesh_backend(model, backend)
     sampling = SamplingConfig.make(sampling)
     config = model.config.with_long_rope(state.long_rope)
-    return _decode_jit(model.params(), state, jnp.int32(num_steps), config=config, sampling=sampling, backend=backend,
-                       mesh=model.mesh)
+    return _decode_jit(model.params(), state, jnp.int32(num_steps), *_knobs(sampling), config=config,
+                       sampling=sampling.static(), backend=backend, mesh=model.mesh)
+
+
+def _knobs(sampling: SamplingConfig) -> tuple[float, float]:
+    """The decode loop's traced sampling arguments, temperature and top_p: Python floats (traced as float32
+    scalars, placed wherever the loop runs; one compiled loop for every value)."""
+    return float(sampling.temperature), float(sampling.top_p)
+
+
+class CompiledDecode:
+    """``compile_decode``'s function: ``fn(params, state, num_steps)``, the sampling's temperature and top_p bound;
+    the compiled executable's methods (``as_text``, ``cost_analysis``, ...) as its own."""
+
+    def __init__(self, compiled, knobs: tuple[float, float]):
+        self._compiled, self._knobs = compiled, knobs
+
+    def __call__(self, params, state: DecodeState, num_steps) -> DecodeState:
+        return self._compiled(params, state, num_steps, *self._knobs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._compiled, name)
 
 
 @_in_32_bits
 def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=None):
-    """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)``."""
+    """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)`` (a
+    ``CompiledDecode``). Another temperature or top_p (not top_k, nor greedy against sampling, nor top_p on
+    against off) reuses the compiled program: compiled again, it is found in JAX's cache."""
     _check_state(model, state, "compile_decode")
     _check_mesh_backend(model, backend)
     sampling = SamplingConfig.make(sampling)
     t0 = time.perf_counter()
     config = model.config.with_long_rope(state.long_rope)
-    fn = _decode_jit.lower(model.params(), state, jnp.int32(1), config=config, sampling=sampling, backend=backend,
-                           mesh=model.mesh).compile()
-    return fn, time.perf_counter() - t0
+    knobs = _knobs(sampling)
+    fn = _decode_jit.lower(model.params(), state, jnp.int32(1), *knobs, config=config, sampling=sampling.static(),
+                           backend=backend, mesh=model.mesh).compile()
+    return CompiledDecode(fn, knobs), time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------- generate

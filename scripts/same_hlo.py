@@ -45,8 +45,13 @@ for mode in ("hydragen", "shared_storage", "standard", "none"):
                                    mode=mode, backend="xla").as_text())
         state = models.prefill(model, prompts, 4, mode=mode, backend="xla")
         for sampling in (None, {"temperature": 0.7, "top_p": 0.9}):
-            lowered = g._decode_jit.lower(model.params(), state, jnp.int32(1), config=cfg,
-                                          sampling=g.SamplingConfig.make(sampling), backend="xla")
+            s = g.SamplingConfig.make(sampling)
+            if hasattr(s, "static"):  # since 2026-12-07: temperature and top_p traced arguments
+                lowered = g._decode_jit.lower(model.params(), state, jnp.int32(1), s.temperature, s.top_p,
+                                              config=cfg, sampling=s.static(), backend="xla")
+            else:
+                lowered = g._decode_jit.lower(model.params(), state, jnp.int32(1), config=cfg, sampling=s,
+                                              backend="xla")
             print(lowered.as_text())
             print(lowered.compile().as_text())
 '''

@@ -130,6 +130,28 @@ def test_nothing_compiles_while_the_decode_rate_is_measured(model, monkeypatch):
     assert not [name for name, after in events if after and "compile" in name and "backend" in name], events
 
 
+def test_other_temperatures_and_top_ps_reuse_the_compiled_loop(model):
+    """temperature and top_p are traced arguments of the decode loop: another value compiles nothing (each compiled
+    a decode loop: seconds for a 7B model), and each value takes effect: a tiny temperature or top_p draws the
+    greedy tokens from the loop compiled for 5.0 / 0.9."""
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [9, 8]]
+    kw = dict(num_samples=3, eos_ids=(), backend="xla", seed=3)
+    greedy = generate(model, prompts, max_new_tokens=7, **kw).tokens
+    events = []
+    listener = lambda name, _secs, **_: events.append(name)  # noqa: E731
+    for first, then in (({"temperature": 5.0}, {"temperature": 1e-30}),
+                        ({"temperature": 1.0, "top_p": 0.9}, {"temperature": 1.0, "top_p": 1e-6})):
+        hot = generate(model, prompts, max_new_tokens=7, sampling=first, **kw)
+        assert (hot.tokens != greedy).any()
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            cold = generate(model, prompts, max_new_tokens=7, sampling=then, **kw)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        np.testing.assert_array_equal(cold.tokens, greedy)
+    assert not [name for name in events if "compile" in name and "backend" in name], events
+
+
 def test_a_prompt_too_long_is_named_as_the_users_prompt(model):
     """With num_samples > 1 the refusal names the prompt the user passed (it named sequence 3 of the expanded
     prompts for the second of two prompts)."""
