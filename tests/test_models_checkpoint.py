@@ -372,35 +372,38 @@ def test_index_entry_outside_the_checkpoint_is_refused(tmp_path, where):
         load_checkpoint(tmp_path / "ck")
 
 
-def test_index_naming_one_shard_two_ways_loads(tmp_path):
-    """"./a.safetensors" and "a.safetensors" are one file: not a tensor in two shards."""
+def _sharded_and_whole(tmp_path) -> tuple[pathlib.Path, dict]:
+    """The same tensors as a 2-shard checkpoint ck/ and a single-file whole/: ck's index path and its JSON."""
     tensors = make_tensors(CONFIG)
     write_checkpoint(tmp_path / "ck", CONFIG, tensors, shards=2)
     write_checkpoint(tmp_path / "whole", CONFIG, tensors)
     index = tmp_path / "ck" / "model.safetensors.index.json"
-    d = json.loads(index.read_text())
-    name = next(iter(d["weight_map"]))
-    d["weight_map"][name] = "./" + d["weight_map"][name]
-    index.write_text(json.dumps(d))
+    return index, json.loads(index.read_text())
+
+
+def _loads_as_whole(tmp_path) -> None:
     tokens = [3, 1, 4]
     np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens),
                                   model_logits(load_checkpoint(tmp_path / "whole"), tokens))
 
 
+def test_index_naming_one_shard_two_ways_loads(tmp_path):
+    """"./a.safetensors" and "a.safetensors" are one file: not a tensor in two shards."""
+    index, d = _sharded_and_whole(tmp_path)
+    name = next(iter(d["weight_map"]))
+    d["weight_map"][name] = "./" + d["weight_map"][name]
+    index.write_text(json.dumps(d))
+    _loads_as_whole(tmp_path)
+
+
 def test_index_entry_in_a_subdirectory_loads(tmp_path):
-    tensors = make_tensors(CONFIG)
-    write_checkpoint(tmp_path / "ck", CONFIG, tensors, shards=2)
-    write_checkpoint(tmp_path / "whole", CONFIG, tensors)
-    index = tmp_path / "ck" / "model.safetensors.index.json"
-    d = json.loads(index.read_text())
+    index, d = _sharded_and_whole(tmp_path)
     first = d["weight_map"]["model.norm.weight"]
     (tmp_path / "ck" / "sub").mkdir()
     (tmp_path / "ck" / first).rename(tmp_path / "ck" / "sub" / first)
     d["weight_map"] = {n: ("sub/" + f if f == first else f) for n, f in d["weight_map"].items()}
     index.write_text(json.dumps(d))
-    tokens = [3, 1, 4]
-    np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "ck"), tokens),
-                                  model_logits(load_checkpoint(tmp_path / "whole"), tokens))
+    _loads_as_whole(tmp_path)
 
 
 def test_params_with_other_top_level_names_than_the_config_needs(tmp_path):
