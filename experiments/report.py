@@ -10,7 +10,8 @@ no longer run is deleted too, or its last run stays in the report). A bench-atte
 end-to-end row (one prefix and batch) and a long-document row (one prefix) come whole from the newest of these files
 that measured them (every column of a row from one run; a row a newer run skipped or failed keeps an older run's
 measurement); tree_apps comes from its newest file. Runs of another setup than their committed config's (another
-model shape, dtype or generated length; the benchmark's dtype or head dim) are left out (`same_setup`): the
+model shape, dtype, generated length, unique prompt tokens or backend; the benchmark's dtype, head dim or Hydragen
+backend) are left out (`same_setup`): the
 section's headers describe the committed configs. The device is the one asked
 for (`--device`), else the one the README's begin marker names (`device SLUG`, written there by every report: so a
 newer run on another GPU does not take the section over), where it has results, else the newest accelerator results

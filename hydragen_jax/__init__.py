@@ -1,7 +1,7 @@
 """hydragen-jax: exact attention for batches of sequences that share prefixes (Hydragen, arXiv 2402.05099).
 
 Public API: `attention`, `merge_states`, `hydragen_attention`, `tree_attention`, `tree_attention_append`,
-`append_in_launch`, `Level`, `default_backend`, `lowering_for_gpu`.
+`append_in_launch`, `Level`, `default_backend`, `lowering_for_gpu`, `BACKENDS` (the backend names).
 """
 
 from hydragen_jax.api import (Level, append_in_launch, attention, hydragen_attention, merge_states, tree_attention,

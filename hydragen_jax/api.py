@@ -29,7 +29,8 @@ sit in index arithmetic the kernels do anyway). For an error instead, pass `chec
 
     f = checkify.checkify(jax.jit(functools.partial(hydragen_attention, checked=True)))
     err, out = f(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lengths=lengths.at[1].set(100000))
-    err.throw()  # JaxRuntimeError: suffix_lengths must lie in [0, 64] (the KV capacity); got 100000 at index 1.
+    err.throw()  # (suffix capacity S = 64) JaxRuntimeError: suffix_lengths must lie in [0, 64] (the KV capacity);
+                 # got 100000 at index 1.
 """
 
 from __future__ import annotations

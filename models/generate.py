@@ -76,7 +76,9 @@ class SamplingConfig:
         """What a compiled decode loop is specialised on: greedy or not, top_k, top_p on or off (1.0 or 0.5 stand
         for off and on). The temperature and top_p values are traced arguments of the loop: another value reuses
         it (as a static argument, each value compiled a loop of its own: seconds for a 7B model)."""
-        return SamplingConfig(0.0 if self.greedy else 1.0, self.top_k, 1.0 if self.top_p >= 1.0 else 0.5)
+        if self.greedy:  # top_k and top_p do not apply: one loop for every greedy config
+            return SamplingConfig(0.0)
+        return SamplingConfig(1.0, self.top_k, 1.0 if self.top_p >= 1.0 else 0.5)
 
     @classmethod
     def make(cls, spec: "SamplingConfig | dict | str | None") -> "SamplingConfig":
@@ -105,12 +107,12 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
 def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one); p a number
     (1.0: every token, no work) or a traced scalar."""
-    if isinstance(p, (int, float)) and p >= 1.0:
+    if not isinstance(p, jax.core.Tracer) and float(p) >= 1.0:  # a number, numpy's or JAX's too
         return logits
     desc = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted entry
-    keep = before < p
+    keep = (before < p) | (p >= 1.0)  # a traced p of 1.0: every token (float32 sums can fall short of it)
     threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
@@ -136,6 +138,11 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
     unmodified distribution (log-softmax of the raw logits). vocab_size: the real vocabulary V <= V' (None: V');
     columns past it are padding (-inf) and the draw is that of the first V columns. temperature, top_p: values
     (traced in the decode loop) in place of cfg's, whose greedy, top_k and top_p on / off still decide."""
+    for name, value, on, what in (("temperature", temperature, lambda v: v != 0, not cfg.greedy),
+                                  ("top_p", top_p, lambda v: v < 1.0, cfg.top_p < 1.0)):
+        if value is not None and not isinstance(value, jax.core.Tracer) and bool(on(float(value))) != what:
+            raise ValueError(f"sample: {name}={value!r} where cfg has it {'on' if what else 'off'} ({cfg}); the "
+                             "keyword replaces the value of a setting cfg turns on (the decode loop's traced one)")
     logits = logits.astype(jnp.float32)
     if cfg.greedy:
         tok = jnp.argmax(logits, axis=-1)
@@ -476,10 +483,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
         if total + budgets[b] > config.max_length + _last_token_unused:
-            which = f"sequence {b}" if _samples == 1 else f"prompt {b // _samples} (sequence {b} of the prompts x " \
-                f"num_samples {_samples})"  # generate's: the user's prompts, each num_samples times
-            raise ValueError(f"{which}: prompt of {total} tokens + max_new_tokens {int(given[b])} exceeds the "
-                             f"model's {_length_limit(config)}")
+            raise ValueError(f"{_sequence_name(b, _samples)}: prompt of {total} tokens + max_new_tokens "
+                             f"{int(given[b])} exceeds the model's {_length_limit(config)}")
     for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
         ids = np.asarray(part, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
@@ -697,9 +702,10 @@ def _decode_32(model: Llama, state: DecodeState, num_steps, *, sampling, backend
 
 
 def _knobs(sampling: SamplingConfig) -> tuple[float, float]:
-    """The decode loop's traced sampling arguments, temperature and top_p: Python floats (traced as float32
-    scalars, placed wherever the loop runs; one compiled loop for every value)."""
-    return float(sampling.temperature), float(sampling.top_p)
+    """The decode loop's traced sampling arguments, temperature and top_p: numpy float32 scalars (float32 under
+    jax_enable_x64 too, where Python floats would be float64 at the call; placed wherever the loop runs; one
+    compiled loop for every value)."""
+    return np.float32(sampling.temperature), np.float32(sampling.top_p)
 
 
 class CompiledDecode:
@@ -713,6 +719,8 @@ class CompiledDecode:
         return self._compiled(params, state, num_steps, *self._knobs)
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # not the executable's (and no recursion before __init__ set _compiled: a copy)
+            raise AttributeError(name)
         return getattr(self._compiled, name)
 
 
@@ -741,7 +749,8 @@ class Generation:
 
     tokens ``[B, N]`` int32 (pad after each sequence's end); lengths ``[B]`` (stop token included);
     logprobs ``[B, N]`` (model log-probabilities of the chosen tokens, 0 after the end); texts (when a
-    tokenizer was given); tree (the sharing tree used); stats (seconds, throughput).
+    tokenizer was given); tree (the sharing tree used); stats (seconds, throughput); logits ``[B, V]`` float32 (the
+    first new token's).
     """
 
     tokens: np.ndarray
@@ -836,7 +845,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
         tokens, lengths, logprobs, first_logits, stats = _generate_across_longrope_context(
             model, sequences, max_new_tokens, stop_tokens, max_depth=max_depth, mode=mode, sampling=sampling,
             eos_ids=eos_ids, seed=seed, backend=backend, chunk_steps=chunk_steps, progress=progress,
-            progress_desc=progress_desc)
+            progress_desc=progress_desc, samples=num_samples)
     else:
         tokens, lengths, logprobs, first_logits, stats = _generate_tree(
             model, tree, max_new_tokens, stop_tokens, mode=mode, sampling=sampling, eos_ids=eos_ids, seed=seed,
@@ -901,7 +910,15 @@ def _generate_tree(model: Llama, tree: SharingTree, max_new_tokens, stop_tokens,
     return tokens, lengths, logprobs, first_logits, stats
 
 
-def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: int, stop_tokens, *, max_depth, **kw):
+def _sequence_name(b: int, samples: int) -> str:
+    """Sequence b in a refusal: as generate's user passed it where num_samples > 1 repeated each prompt."""
+    if samples == 1:
+        return f"sequence {b}"
+    return f"prompt {b // samples} (sequence {b} of the prompts x num_samples {samples})"
+
+
+def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: int, stop_tokens, *, max_depth,
+                                      samples: int = 1, **kw):
     """``generate`` where longrope's factors change within the batch, as transformers' Phi-3 computes each sequence:
     the short factors while a sequence holds at most original_max_position_embeddings (C) tokens, the long ones
     for every position of it from the step it holds C + 1 on (transformers drops its cache there and computes the
@@ -919,9 +936,9 @@ def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: i
     long = model.config.with_long_rope(True)  # checked now, not in the second call (its own indices)
     for b, q in enumerate(sequences):
         if len(q) + N > long.max_length:
-            raise ValueError(f"sequence {b}: prompt of {len(q)} tokens + max_new_tokens {N} exceeds the model's "
-                             f"{_length_limit(long)} (past the longrope context of {context} tokens, with the long "
-                             "factors)")
+            raise ValueError(f"{_sequence_name(b, samples)}: prompt of {len(q)} tokens + max_new_tokens {N} exceeds "
+                             f"the model's {_length_limit(long)} (past the longrope context of {context} tokens, with "
+                             "the long factors)")
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     stops = stop_tokens or [[] for _ in range(B)]
     eos = list(model.config.eos_token_ids if kw["eos_ids"] is None else kw["eos_ids"])

@@ -197,7 +197,8 @@ def _common_length(seqs: list[np.ndarray]) -> int:
 
 
 def expand_samples(prompts: Sequence[Sequence[int]], num_samples: int) -> list[Tokens]:
-    """Each prompt repeated ``num_samples`` times (sample-major within a prompt: p0 p0 ... p1 p1 ...)."""
+    """Each prompt repeated ``num_samples`` times, prompt-major (each prompt's samples adjacent: p0 p0 ... p1 p1 ...,
+    the order of ``Generation``'s rows)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     return [tuple(p) for p in prompts for _ in range(num_samples)]

@@ -27,6 +27,9 @@ VOCAB_SIZE = 259
 
 
 class ByteTokenizer:
+    """The default model's tokenizer: ids 0-255 are the UTF-8 bytes, BOS 256, EOS 257, PAD 258 (vocabulary 259).
+    ``encode(text, add_bos=True)``; ``decode(ids)`` drops ids that are not bytes."""
+
     bos_id, eos_id, pad_id, vocab_size = BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:

@@ -232,6 +232,9 @@ def test_longrope_generation_across_the_pretraining_context_matches_transformers
     with pytest.raises(ValueError, match=r"sequence 1: prompt of 41 tokens \+ max_new_tokens 88 exceeds the model's "
                                          r"maximum length 128 \(past the longrope context of 32 tokens"):
         generate(m, [prompts[0], long_prompt], max_new_tokens=88, sampling="greedy", eos_ids=())  # before any call
+    with pytest.raises(ValueError, match=r"prompt 1 \(sequence 2 of the prompts x num_samples 2\): prompt of 41 "
+                                         r"tokens \+ max_new_tokens 88"):  # the user's prompt, as prefill names it
+        generate(m, [prompts[0], long_prompt], num_samples=2, max_new_tokens=88, sampling="greedy", eos_ids=())
     stop = greedy[0][3]  # met before the context (the prompt holds 10): no second call for that sequence
     early = generate(m, [prompts[0]], max_new_tokens=len(greedy[0]), sampling="greedy", eos_ids=[stop])
     k = greedy[0].index(stop)

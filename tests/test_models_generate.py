@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from models.config import LlamaConfig
-from models.generate import (SamplingConfig, categorical, decode, generate, prefill, sample, top_k_mask,
-                             top_p_mask)
+from models.generate import (SamplingConfig, categorical, compile_decode, decode, generate, prefill, sample,
+                             top_k_mask, top_p_mask)
 from models.llama import Llama, init_random
 from models.sharing import SharedLevel, SharingTree, build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
@@ -152,6 +152,30 @@ def test_other_temperatures_and_top_ps_reuse_the_compiled_loop(model):
     assert not [name for name in events if "compile" in name and "backend" in name], events
 
 
+def test_sample_refuses_a_value_for_a_setting_its_config_turns_off():
+    """temperature / top_p replace the values of settings cfg turns on (the decode loop's traced ones): a value for
+    one it turns off (ignored before) or a 0 temperature for a sampling cfg (NaN) is refused; a concrete top_p of 1.0,
+    numpy's or JAX's, keeps every token as Python's does (float32 sums fell short of it and masked the tail)."""
+    logits, key = jax.random.normal(jax.random.key(0), (3, 500)), jax.random.key(1)
+    for cfg, kw in ((SamplingConfig(1.0), dict(top_p=1e-6)), (SamplingConfig(0.0), dict(temperature=0.5)),
+                    (SamplingConfig(1.0, top_p=0.9), dict(top_p=1.0)), (SamplingConfig(1.0), dict(temperature=0))):
+        with pytest.raises(ValueError, match=rf"sample: {next(iter(kw))}=.* where cfg has it"):
+            sample(logits, key, cfg, **kw)
+    for one in (1.0, np.float32(1.0), jnp.float32(1.0)):
+        np.testing.assert_array_equal(np.asarray(top_p_mask(logits, one)), np.asarray(logits))
+    traced = jax.jit(top_p_mask)(logits, jnp.float32(1.0))
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(logits))
+
+
+def test_compiled_decode_copies_and_greedy_configs_share_a_loop():
+    """CompiledDecode copies (its __getattr__ recursed before __init__); every greedy config is one static config."""
+    import copy
+    generate_lib = importlib.import_module("models.generate")
+    fn = generate_lib.CompiledDecode(object(), (np.float32(1), np.float32(1)))
+    assert copy.copy(fn)._knobs == fn._knobs
+    assert SamplingConfig(0.0, top_k=5, top_p=0.5).static() == SamplingConfig(0.0).static()
+
+
 def test_a_prompt_too_long_is_named_as_the_users_prompt(model):
     """With num_samples > 1 the refusal names the prompt the user passed (it named sequence 3 of the expanded
     prompts for the second of two prompts)."""
@@ -229,6 +253,12 @@ def test_generation_under_jax_enable_x64_is_the_same(model):
         state = decode(model, prefill(model, prompts, 3), 3)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.asarray(state.tokens), want)
+    for sampling in (None, {"temperature": 0.7, "top_p": 0.9}):  # compile_decode's function called under x64 (its
+        fn, _ = compile_decode(model, prefill(model, prompts, 3), sampling=sampling)  # float32 knobs, not float64)
+        want = fn(model.params(), prefill(model, prompts, 3), jnp.int32(3)).tokens
+        with jax.enable_x64(True):
+            got = fn(model.params(), prefill(model, prompts, 3), jnp.int32(3)).tokens
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # a traced 64-bit step count past int32 is clipped in its own type before the 32-bit loop (not wrapped:
     # 2^32 + 1 would run 1 step, 2^40 none), a negative one to 0 steps
     with jax.enable_x64(True):

@@ -466,7 +466,7 @@ def test_sweep_gemm_descent_takes_a_second_pass_and_never_rescores_the_current_t
 @pytest.mark.parametrize("option, value", [("--compare", "1,256"), ("--rows", "0"), ("--compare", "8,x")])
 def test_sweep_gemm_refuses_row_counts_out_of_range(option, value):
   p = _run(["scripts.tuning.sweep_gemm", "--tiny", "--interpret", option, value])
-  assert p.returncode == 2 and f"{option} '{value}': row counts must be integers in [1, 128]" in p.stderr
+  assert p.returncode == 2 and f"{option} '{value}': expected comma-separated integers in [1, 128]" in p.stderr
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it

@@ -115,7 +115,8 @@ def fixed_decode(model, state, k: int):
   def impl(params, s):
     m = G.Llama(model.config, params, None)
     attend = G.make_attend(s.mode, jnp.ones((B,), jnp.int32), None, decode=True)
-    return jax.lax.fori_loop(0, k, lambda _, s: G._decode_step(m, s, attend, sampling), s)
+    step = lambda _, s: G._decode_step(m, s, attend, sampling.static(), *G._knobs(sampling))  # noqa: E731
+    return jax.lax.fori_loop(0, k, step, s)
 
   fn = jax.jit(impl, donate_argnums=(1,), compiler_options=G.COMPILER_OPTIONS)
   return fn.lower(model.params(), state).compile()

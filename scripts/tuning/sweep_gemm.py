@@ -33,7 +33,7 @@ from experiments import model_api
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.tuning import GemmTuning
 from models import gemm
-from scripts import profile_decode
+from scripts import cli, profile_decode
 from scripts.tuning import field_sweep, probe_weight_layout
 
 CANDIDATES = dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4, 5, 6),
@@ -163,11 +163,9 @@ def main(argv: list[str] | None = None) -> None:
   for option in ("layers", "steps", "passes"):
     if getattr(args, option) < 1:
       parser.error(f"--{option} {getattr(args, option)}: must be at least 1")
-  for option in ("rows", "compare"):
-    counts = getattr(args, option).split(",")
-    if not all(c.strip().isdigit() and 1 <= int(c) <= 128 for c in counts):
-      parser.error(f"--{option} {getattr(args, option)!r}: row counts must be integers in [1, 128], comma-separated "
-                   "(the kernel is for decode steps of at most 128 rows)")
+  # row counts (the kernel is for decode steps of at most 128 rows)
+  pick_rows = cli.listed(parser, "--rows", args.rows, int, low=1, high=128)
+  compare = cli.listed(parser, "--compare", args.compare, int, low=1, high=128)
   not_measured = ("--tiny" if args.tiny else None) or ("--interpret" if args.interpret else None) \
       or field_sweep.off_gpu()
   field_sweep.check_out(parser, args, not_measured)
@@ -177,10 +175,9 @@ def main(argv: list[str] | None = None) -> None:
   shape, dtype = gemm_shape(config), jnp.bfloat16  # the timed model's GEMMs
   layers = probe_weight_layout.layer_weights(shape, 1, dtype, "fused")  # the candidates' products: one layer
   kernel = "interpret" if args.interpret else "pallas"
-  pick_rows = [int(r) for r in args.rows.split(",")]
   log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
   xs = {m: jax.random.normal(jax.random.key(m), (m, shape["hidden"]), jnp.float32).astype(dtype)
-        for m in sorted(set(pick_rows) | {int(r) for r in args.compare.split(",")})}
+        for m in sorted(set(pick_rows) | set(compare))}
   reference = {m: step_output(x, layers, "xla", base_file.tuning) for m, x in xs.items()}  # XLA's products
 
   timer = ModelTimer(config, args.steps)
@@ -230,7 +227,6 @@ def main(argv: list[str] | None = None) -> None:
   g = dataclasses.replace(base_file.tuning.gemm, max_rows=0)  # the rows are decided below; the tiles' key
   g, best, notes = descend(g, score, CANDIDATES, args.passes, args.min_gain)
   versus = {}
-  compare = [int(r) for r in args.compare.split(",")]
   for m in compare:
     versus[m] = (timed(m, "xla", g), timed(m, kernel, g))
   min_rows, max_rows = kernel_rows(versus, args.min_gain)
