@@ -31,7 +31,8 @@
 #
 # Results: experiments/results/NAME-DEVICE-STAMP.{jsonl,md,*.png}, and with $OUT set (the device tool's) one archive
 # per part, $OUT/NAME-DEVICE-STAMP.tgz (a call returns at most 8 files; unpack with
-# `tar xzf FILE.tgz -C experiments/results`). Environment: PYTHON (default .venv/bin/python if present, else python3), EXTRA (extra
+# `tar xzf FILE.tgz -C experiments/results`). Environment: GPU_PYTHON (the interpreter that runs the parts: default .venv/bin/python where it imports jax, else
+# python3; not PYTHON, which names the interpreter scripts/setup_env.sh makes .venv with), EXTRA (extra
 # arguments for `python -m experiments`, split as the shell would, e.g. EXTRA="--set timing.repeats=9" or EXTRA='--set "grid.prefixes=[1024, 4096]"'; after the part's own, so an EXTRA
 # `--set` of a key the part sets, e.g. grid.prefixes with long-doc1, wins), TAG (appended to the result's NAME:
 # give a run restricted by EXTRA, e.g. EXTRA="--set grid.batches=[64]" TAG=b64, a NAME of its own, so that the report
@@ -42,7 +43,7 @@
 # ROWS (bench parts: the seed rows to run instead of the part's, e.g. ROWS=4 TAG=row4 bash experiments/gpu_full.sh
 # bench-mha; the report takes each bench row from the newest file that has it).
 #
-# Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where PYTHON imports torch
+# Outside anchors (bench parts): the variants torch_hydragen and flashinfer_cascade run where GPU_PYTHON imports torch
 # with CUDA (and FlashInfer from $ANCHORS_DIR); otherwise they are recorded as skipped with the reason. JAX then takes
 # a smaller share of the GPU (XLA_CLIENT_MEM_FRACTION 0.80) so that torch has room for FlashInfer's paged cache.
 set -euo pipefail
@@ -50,7 +51,11 @@ export PYTHONUNBUFFERED=1
 # a relative OUT from the caller's folder (the archives are written from inside the results folder below)
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
 cd "$(dirname "$0")/.."
-PART=${1:?usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|long-doc1|long-doc2|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)}
+if [[ $# -lt 1 ]]; then  # a usage error, as an unknown part's (exit 2)
+  echo "usage: bash experiments/gpu_full.sh PART (bench|bench-mha|bench-gqa|long-doc|long-doc1|long-doc2|tree|e2e-part1|e2e-part2|e2e-part3|smoke|anchors|tp-smoke|tp-7b-1k|tp-7b-16k|tp-13b)" >&2
+  exit 2
+fi
+PART=$1
 ANCHORS_DIR=${ANCHORS_DIR:-.anchors}
 PARTS=" bench bench-mha bench-gqa anchors long-doc long-doc1 long-doc2 tree e2e-part1 e2e-part2 e2e-part3 smoke tp-smoke tp-7b-1k tp-7b-16k tp-13b "
 if [[ "$PARTS" != *" $PART "* ]]; then  # before anything else: a typo is named as one, on any machine
@@ -58,6 +63,7 @@ if [[ "$PARTS" != *" $PART "* ]]; then  # before anything else: a typo is named 
 fi
 if [[ "$PART" == anchors ]]; then  # local set-up: FlashInfer's source tree, for the GPU call's carry
   TARBALL=${ANCHORS_TARBALL:-../shared/anchors/flashinfer-0.2.14.post1-jit.tar.gz}
+  [[ -f "$TARBALL" ]] || { echo "[gpu_full] anchors: no tarball at $TARBALL (set ANCHORS_TARBALL)" >&2; exit 2; }
   mkdir -p "$ANCHORS_DIR" && tar -xzf "$TARBALL" -C "$ANCHORS_DIR"
   grep -qxF "/$ANCHORS_DIR/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$ANCHORS_DIR/" >> .git/info/exclude; }
   du -sh "$ANCHORS_DIR"; echo "[gpu_full] now carry '$ANCHORS_DIR' to the GPU machine with the bench parts"; exit 0
@@ -68,7 +74,8 @@ fi
 if [[ "$PART" == bench* ]]; then
   export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.80}}
   if [[ -d "$ANCHORS_DIR/flashinfer" ]]; then
-    export PYTHONPATH="$PWD/$ANCHORS_DIR${PYTHONPATH:+:$PYTHONPATH}"
+    anchors_path=$ANCHORS_DIR; [[ "$anchors_path" == /* ]] || anchors_path="$PWD/$anchors_path"
+    export PYTHONPATH="$anchors_path${PYTHONPATH:+:$PYTHONPATH}"
     export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fiws} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     export MAX_JOBS=${MAX_JOBS:-32}
   fi
@@ -82,7 +89,8 @@ unset XLA_PYTHON_CLIENT_MEM_FRACTION
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/hydragen_jax_compile_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 
-if [[ -z "${PYTHON:-}" ]]; then
+PYTHON=${GPU_PYTHON:-}
+if [[ -z "$PYTHON" ]]; then
   # the set-up's venv where it is whole; one a failed (offline) set-up left without jax would fail every part
   if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import jax' 2>/dev/null; then PYTHON=.venv/bin/python
   else
@@ -97,7 +105,9 @@ EXTRA_ARGS=()
 if [[ -n "${EXTRA:-}" ]]; then set -f; eval "EXTRA_ARGS=($EXTRA)"; set +f; fi
 FAILED=0  # the first failing experiment's status: the script's own, once every part's results are archived
 STAMP=$(date -u +%Y%m%d-%H%M%S)
-read -r PLATFORM DEVICE <<<"$("$PYTHON" -c 'import jax, re; d = jax.devices()[0]; print(d.platform, re.sub(r"[^A-Za-z0-9]+", "-", d.device_kind).strip("-").lower())')"
+probe=$("$PYTHON" -c 'import jax, re; d = jax.devices()[0]; print(d.platform, re.sub(r"[^A-Za-z0-9]+", "-", d.device_kind).strip("-").lower())') \
+  || { echo "[gpu_full] $PYTHON cannot run JAX (above; set GPU_PYTHON to one that can)" >&2; exit 2; }
+read -r PLATFORM DEVICE <<<"$probe"
 RESULTS=experiments/results
 mkdir -p "$RESULTS"
 if [[ "$PLATFORM" != gpu && "$PART" != smoke && -z "${FORCE:-}" ]]; then
@@ -132,15 +142,22 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
   fi
 }
 
-rows() {  # rows LIST: the --set assignment that keeps bench_attention's seed rows LIST (e.g. "0,1,2,3,4")
-  "$PYTHON" -c 'import sys; from experiments.__main__ import select_rows; print(select_rows("bench_attention", False, sys.argv[1], []))' "$1"
+rows() {  # rows LIST: the --set assignment that keeps bench_attention's seed rows LIST (e.g. "0,1,2,3,4"); a bad
+  # LIST ends the script (exit 2) with select_rows' message, not a run with an empty --set
+  "$PYTHON" -c 'import sys
+from experiments.__main__ import select_rows
+from experiments.config import ConfigError
+try:
+    print(select_rows("bench_attention", False, sys.argv[1], []))
+except ConfigError as e:
+    sys.exit(f"[gpu_full] ROWS={sys.argv[1]}: {e}")' "$1" || exit 2
 }
 
 case "$PART" in
-  bench)     if [[ -n "${ROWS:-}" ]]; then run bench_attention bench_attention --set "$(rows "$ROWS")"
+  bench)     if [[ -n "${ROWS:-}" ]]; then sel=$(rows "$ROWS"); run bench_attention bench_attention --set "$sel"
              else run bench_attention bench_attention; fi ;;
-  bench-mha) run bench_attention-mha bench_attention --set "$(rows "${ROWS:-0,1,2,3,4}")" ;;
-  bench-gqa) run bench_attention-gqa bench_attention --set "$(rows "${ROWS:-5,6,7,8}")" ;;
+  bench-mha) sel=$(rows "${ROWS:-0,1,2,3,4}"); run bench_attention-mha bench_attention --set "$sel" ;;
+  bench-gqa) sel=$(rows "${ROWS:-5,6,7,8}"); run bench_attention-gqa bench_attention --set "$sel" ;;
   e2e-part1) run e2e_throughput-part1 e2e_throughput --set "grid.prefixes=[1024]" ;;
   e2e-part2) run e2e_throughput-part2 e2e_throughput --set "grid.prefixes=[4096]" ;;
   e2e-part3) run e2e_throughput-part3 e2e_throughput --set "grid.prefixes=[16384]" ;;

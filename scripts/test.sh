@@ -5,8 +5,20 @@
 # tuning tools' plumbing) is left out: that is what CI runs. Usage: bash scripts/test.sh [--all]
 # [pytest args] (e.g. -k attention; an -m of your own replaces the default "not slow").
 set -euo pipefail
+CALLER=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
+# pytest runs in the repository's folder (its config, `tests`): a path argument of the caller's (a file, a folder, a
+# test id FILE::NAME) relative to where it was called, made absolute
+ARGS=()
+for arg in "$@"; do
+  path=${arg%%::*}
+  if [[ "$arg" != -* && "$path" != /* && -n "$path" && -e "$CALLER/$path" && "$CALLER" != "$PWD" ]]; then
+    arg="$CALLER/$arg"
+  fi
+  ARGS+=("$arg")
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 # Without a GPU every test compiles for XLA's CPU backend, mostly tiny models and interpreted kernels whose compile
 # time dominates: LLVM's optimisations off take ~10-35 % off those tests. Only where `nvidia-smi` is missing (the
 # CPU machines): the flag would apply to XLA's GPU backend too.

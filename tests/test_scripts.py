@@ -206,6 +206,57 @@ def test_gpu_check_runs_in_its_repository_from_anywhere_and_fails_with_its_tests
   assert all(line.startswith(f"ran in {repo} with {repo}:") for line in lines), lines
   assert p.returncode == 3, (p.returncode, p.stderr)
   assert (elsewhere / "out" / "device.txt").read_text().startswith("NVIDIA H100")
+  # the set-up's .venv where it imports jax (it ran python3, which may have no jax); OUT by default in the repository
+  venv = repo / ".venv" / "bin" / "python"
+  venv.parent.mkdir(parents=True)
+  venv.write_text('#!/bin/sh\necho "venv: $*" >> "$LOG"\n')
+  venv.chmod(0o755)
+  log.unlink()
+  env.pop("OUT")
+  subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], cwd=elsewhere, env=env, capture_output=True,
+                 text=True, timeout=60)
+  assert [line.split()[:2] for line in log.read_text().splitlines()] == [
+      ["venv:", "-c"], ["venv:", "-c"], ["venv:", "-m"], ["venv:", "scripts/quick_bench.py"]], log.read_text()
+  assert (repo / "gpu_check_out" / "device.txt").exists()
+
+
+def _stub(path: pathlib.Path, body: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("#!/usr/bin/env bash\n" + body)
+  path.chmod(0o755)
+
+
+def test_setup_remakes_a_venv_of_an_older_python_and_refuses_a_bad_python(tmp_path):
+  """A .venv made with Python 3.11 is made again with --clear (venv without it kept the old interpreter, so every
+  later set-up failed the same way); PYTHON that is not a Python >= 3.12 is refused by name (it was passed over).
+  Stubs stand in for the interpreters and pip."""
+  repo = tmp_path / "repo"
+  (repo / "scripts").mkdir(parents=True)
+  shutil.copy(ROOT / "scripts" / "setup_env.sh", repo / "scripts")
+  log = tmp_path / "log"
+  _stub(repo / ".venv" / "bin" / "python", 'case "$*" in --version) echo "Python 3.11.7"; exit 0;; esac\nexit 1\n')
+  good_venv = 'echo "venv python $*" >> "$LOG"; exit 0'  # imports, pip: all succeed
+  _stub(tmp_path / "py312", f'echo "base $*" >> "$LOG"\ncase "$*" in *venv*)\n'
+        f"  mkdir -p .venv/bin; printf '#!/usr/bin/env bash\\n{good_venv}\\n' > .venv/bin/python\n"
+        "  chmod +x .venv/bin/python;;\nesac\nexit 0\n")
+  env = dict(os.environ, PYTHON=str(tmp_path / "py312"), LOG=str(log))
+  p = subprocess.run(["bash", "-c", "source scripts/setup_env.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                     timeout=60)
+  assert p.returncode == 0, p.stderr
+  assert "setup_env: .venv is not a Python >= 3.12 (Python 3.11.7): made again with" in p.stderr, p.stderr
+  assert "base -m venv --clear .venv" in log.read_text(), log.read_text()
+  shutil.rmtree(repo / ".venv")
+  p = subprocess.run(["bash", "-c", "source scripts/setup_env.sh"], cwd=repo, capture_output=True, text=True,
+                     timeout=60, env=dict(env, PYTHON="/no/such/python3.12"))
+  assert p.returncode != 0 and "setup_env: PYTHON=/no/such/python3.12 is not a Python >= 3.12" in p.stderr, p.stderr
+
+
+def test_test_sh_takes_paths_relative_to_where_it_is_called():
+  """`bash ../scripts/test.sh test_readme.py::…` from tests/ runs that test (pytest runs in the repository's folder,
+  where the caller's relative path named nothing: "file or directory not found")."""
+  p = subprocess.run(["bash", "../scripts/test.sh", "test_readme.py::test_usage_and_checked_mode_examples_run", "-n", "0"],
+                     cwd=ROOT / "tests", capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
 
 
 def test_alone_text_compares_the_models_attention_with_it_alone():
@@ -778,6 +829,22 @@ def test_gpu_full_names_an_unknown_part_first():
     """A mistyped part is named as such on any machine (it was reported as "platform is cpu" off a GPU)."""
     done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mh"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown part bench-mh (one of: bench bench-mha" in done.stderr, done.stderr
+    done = subprocess.run(["bash", "experiments/gpu_full.sh"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: bash experiments/gpu_full.sh PART (bench|" in done.stderr, done.stderr
+
+
+def test_gpu_full_names_a_bad_rows_list_and_a_python_without_jax():
+    """ROWS that select_rows refuses ends the script (exit 2) naming it (a traceback, then a run with an empty
+    --set); an interpreter that cannot run JAX is named (its failed device probe went on as "platform is ")."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "GPU_PYTHON")}
+    done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mha"], capture_output=True, text=True,
+                          timeout=120, env=dict(env, ROWS="9", FORCE="1", GPU_PYTHON=sys.executable))
+    assert done.returncode == 2 and "[gpu_full] ROWS=9: --select '9': indexes must be in 0..8" in done.stderr, \
+        done.stderr
+    assert "Traceback" not in done.stderr and "started" not in done.stdout
+    done = subprocess.run(["bash", "experiments/gpu_full.sh", "tree"], capture_output=True, text=True, timeout=60,
+                          env=dict(env, GPU_PYTHON="/no/such/python"))
+    assert done.returncode == 2 and "[gpu_full] /no/such/python cannot run JAX" in done.stderr, done.stderr
 
 
 def test_gpu_full_passes_over_a_venv_without_jax(tmp_path):
@@ -790,8 +857,11 @@ def test_gpu_full_passes_over_a_venv_without_jax(tmp_path):
     fake.parent.mkdir(parents=True)
     fake.write_text(f"#!/usr/bin/env bash\n[[ \"$*\" == *'import jax'* ]] && exit 1\ntouch {tmp_path}/used\nexit 1\n")
     fake.chmod(0o755)
+    # PYTHON (the set-up's interpreter, README: "set PYTHON=/path/to/python3.12") does not choose it
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("GPU_PYTHON", None)
     done = subprocess.run(["bash", "experiments/gpu_full.sh", "bench-mha"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
     assert "[gpu_full] .venv has no jax (a set-up that did not finish?): using python3" in done.stderr, done.stderr
     assert not (tmp_path / "used").exists()
 
