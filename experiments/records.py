@@ -34,9 +34,12 @@ def git_commit() -> str | None:
     """The code's commit: $HYDRAGEN_JAX_COMMIT where set (a copy of the tree whose .git is not the code's, as on the
     device machine: pass the commit on its command line), else `git rev-parse HEAD`, with `-dirty` appended where
     tracked files differ from it (uncommitted edits, or a stale .git beside a newer tree: the commit is then not
-    the code that ran); None without either."""
+    the code that ran); None without either (and where the code is not a checkout: an installed copy inside another
+    repository named that one's HEAD)."""
     if commit := os.environ.get("HYDRAGEN_JAX_COMMIT", "").strip():
         return commit
+    if not (REPO_ROOT / ".git").exists():  # an installed copy (pip install .): a repository around it is not its own
+        return None
     head = _git("rev-parse", "HEAD")
     if head is None or head.returncode != 0 or not head.stdout.strip():
         return None

@@ -1072,6 +1072,11 @@ def test_records_mark_a_commit_whose_tree_was_edited(monkeypatch, tmp_path):
     assert records.git_commit() == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert records.git_commit() == head + "-dirty"
+    # an installed copy (pip install .) inside another repository names no commit, not that repository's HEAD
+    (tmp_path / "site" / "experiments").mkdir(parents=True)
+    monkeypatch.setattr(records, "REPO_ROOT", tmp_path / "site")
+    assert records.git_commit() is None
+    monkeypatch.setattr(records, "REPO_ROOT", tmp_path)
     record = {"record": "bench", "status": "ok", "date_utc": "2026-12-04T09:00:00+00:00",
               "git_commit": head + "-dirty"}
     results = report.ResultsFile(path=tmp_path / "x.jsonl", name="x", stamp=None, kind="bench", device="gpu:X",
