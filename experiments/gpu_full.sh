@@ -65,6 +65,9 @@ if [[ "$PART" == anchors ]]; then  # local set-up: FlashInfer's source tree, for
   TARBALL=${ANCHORS_TARBALL:-../shared/anchors/flashinfer-0.2.14.post1-jit.tar.gz}
   [[ -f "$TARBALL" ]] || { echo "[gpu_full] anchors: no tarball at $TARBALL (set ANCHORS_TARBALL)" >&2; exit 2; }
   mkdir -p "$ANCHORS_DIR" && tar -xzf "$TARBALL" -C "$ANCHORS_DIR"
+  if [[ "$ANCHORS_DIR" == /* ]]; then  # outside the tree: nothing to exclude from git, nothing the device tool carries
+    du -sh "$ANCHORS_DIR"; echo "[gpu_full] extracted into $ANCHORS_DIR (the bench parts read it as ANCHORS_DIR)"; exit 0
+  fi
   grep -qxF "/$ANCHORS_DIR/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$ANCHORS_DIR/" >> .git/info/exclude; }
   du -sh "$ANCHORS_DIR"; echo "[gpu_full] now carry '$ANCHORS_DIR' to the GPU machine with the bench parts"; exit 0
 fi
@@ -125,7 +128,7 @@ run() {  # run NAME CONFIG [ARGS...]: one experiment, then plots, then copies to
   local start=$SECONDS
   local status=0
   timeout --signal=INT "$LIMIT" "$PYTHON" -m experiments run "$config" --out "$base.jsonl" --no-progress \
-    "$@" "${EXTRA_ARGS[@]}" || status=$?
+    "$@" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} || status=$?  # (an empty array under set -u: bash <= 4.3)
   if (( status != 0 )); then
     echo "[gpu_full] $name exited with status $status (partial results kept)"
     (( FAILED != 0 )) || FAILED=$status

@@ -38,8 +38,9 @@ def git_commit() -> str | None:
     repository named that one's HEAD)."""
     if commit := os.environ.get("HYDRAGEN_JAX_COMMIT", "").strip():
         return commit
-    if not (REPO_ROOT / ".git").exists():  # an installed copy (pip install .): a repository around it is not its own
-        return None
+    tracked = _git("ls-files", "--error-unmatch", "experiments/records.py")
+    if tracked is None or tracked.returncode != 0:  # an installed copy (pip install .): a repository around it is
+        return None  # not its code's (one that tracks this file is: this tree's own, or a monorepo's)
     head = _git("rev-parse", "HEAD")
     if head is None or head.returncode != 0 or not head.stdout.strip():
         return None

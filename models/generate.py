@@ -78,7 +78,12 @@ class SamplingConfig:
         it (as a static argument, each value compiled a loop of its own: seconds for a 7B model)."""
         if self.greedy:  # top_k and top_p do not apply: one loop for every greedy config
             return SamplingConfig(0.0)
-        return SamplingConfig(1.0, self.top_k, 1.0 if self.top_p >= 1.0 else 0.5)
+        return SamplingConfig(1.0, self.top_k, 0.5 if self._top_p_on else 1.0)
+
+    @property
+    def _top_p_on(self) -> bool:
+        """Whether the nucleus filter applies: top_p below 1 in float32, the loop's (1 - 1e-9 is 1.0 there)."""
+        return bool(np.float32(self.top_p) < 1.0)
 
     @classmethod
     def make(cls, spec: "SamplingConfig | dict | str | None") -> "SamplingConfig":
@@ -107,7 +112,7 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
 def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one); p a number
     (1.0: every token, no work) or a traced scalar."""
-    if not isinstance(p, jax.core.Tracer) and float(p) >= 1.0:  # a number, numpy's or JAX's too
+    if not isinstance(p, jax.core.Tracer) and bool(np.all(np.asarray(p) >= 1.0)):  # a number or array, concrete
         return logits
     desc = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(desc, axis=-1)
@@ -139,8 +144,9 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
     columns past it are padding (-inf) and the draw is that of the first V columns. temperature, top_p: values
     (traced in the decode loop) in place of cfg's, whose greedy, top_k and top_p on / off still decide."""
     for name, value, on, what in (("temperature", temperature, lambda v: v != 0, not cfg.greedy),
-                                  ("top_p", top_p, lambda v: v < 1.0, cfg.top_p < 1.0)):
-        if value is not None and not isinstance(value, jax.core.Tracer) and bool(on(float(value))) != what:
+                                  ("top_p", top_p, lambda v: v < 1.0, cfg._top_p_on)):
+        if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0 and \
+                bool(on(np.float32(value))) != what:
             raise ValueError(f"sample: {name}={value!r} where cfg has it {'on' if what else 'off'} ({cfg}); the "
                              "keyword replaces the value of a setting cfg turns on (the decode loop's traced one)")
     logits = logits.astype(jnp.float32)
@@ -148,7 +154,7 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
         tok = jnp.argmax(logits, axis=-1)
     else:
         t = cfg.temperature if temperature is None else temperature
-        p = cfg.top_p if top_p is None or cfg.top_p >= 1.0 else top_p
+        p = cfg.top_p if top_p is None or not cfg._top_p_on else top_p
         # Less the row's max first (the draw is the same): scaled by a small temperature the scores only go down,
         # to -inf at worst, never up to +inf, whose ties would take the first index instead of the largest logit.
         shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
@@ -705,7 +711,9 @@ def _knobs(sampling: SamplingConfig) -> tuple[float, float]:
     """The decode loop's traced sampling arguments, temperature and top_p: numpy float32 scalars (float32 under
     jax_enable_x64 too, where Python floats would be float64 at the call; placed wherever the loop runs; one
     compiled loop for every value)."""
-    return np.float32(sampling.temperature), np.float32(sampling.top_p)
+    if sampling.greedy:  # neither applies (SamplingConfig.static)
+        return np.float32(0.0), np.float32(1.0)
+    return np.float32(sampling.temperature), np.float32(sampling.top_p if sampling._top_p_on else 1.0)
 
 
 class CompiledDecode:

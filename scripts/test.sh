@@ -9,14 +9,23 @@ CALLER=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
 # pytest runs in the repository's folder (its config, `tests`): a path argument of the caller's (a file, a folder, a
-# test id FILE::NAME) relative to where it was called, made absolute
+# test id FILE::NAME, also --deselect's) relative to where it was called, made relative to the repository's folder
+# (node ids are); the value of an option that takes one (-k EXPR, -m MARKS, -o, -n, ...) is left as it is.
 ARGS=()
+takes_value=""
 for arg in "$@"; do
   path=${arg%%::*}
-  if [[ "$arg" != -* && "$path" != /* && -n "$path" && -e "$CALLER/$path" && "$CALLER" != "$PWD" ]]; then
-    arg="$CALLER/$arg"
+  if [[ -z "$takes_value" && "$arg" != -* && "$path" != /* && -n "$path" && -e "$CALLER/$path" \
+        && "$CALLER" != "$PWD" ]] || [[ "$takes_value" == --deselect && -e "$CALLER/$path" && "$path" != /* ]]; then
+    arg=$(.venv/bin/python -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$CALLER/$path" \
+      "$PWD")${arg:${#path}}
   fi
   ARGS+=("$arg")
+  case "$arg" in  # pytest's options whose value is the next argument
+    -k|-m|-o|-p|-n|-c|-W|-r|--deselect|--ignore|--rootdir|--basetemp|--junitxml|--junit-xml|--maxfail|--durations|\
+    --dist|--tb|--log-file|--confcutdir|--override-ini|--numprocesses) takes_value=$arg ;;
+    *) takes_value="" ;;
+  esac
 done
 set -- ${ARGS[@]+"${ARGS[@]}"}
 # Without a GPU every test compiles for XLA's CPU backend, mostly tiny models and interpreted kernels whose compile

@@ -1064,7 +1064,9 @@ def test_records_mark_a_commit_whose_tree_was_edited(monkeypatch, tmp_path):
 
     git("init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", "code.py")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "records.py").write_text("# the code's own file, tracked\n")
+    git("add", "code.py", "experiments/records.py")
     git("commit", "-qm", "first")
     head = git("rev-parse", "HEAD")
     assert records.git_commit() == head
@@ -1074,6 +1076,7 @@ def test_records_mark_a_commit_whose_tree_was_edited(monkeypatch, tmp_path):
     assert records.git_commit() == head + "-dirty"
     # an installed copy (pip install .) inside another repository names no commit, not that repository's HEAD
     (tmp_path / "site" / "experiments").mkdir(parents=True)
+    (tmp_path / "site" / "experiments" / "records.py").write_text("# installed, untracked\n")
     monkeypatch.setattr(records, "REPO_ROOT", tmp_path / "site")
     assert records.git_commit() is None
     monkeypatch.setattr(records, "REPO_ROOT", tmp_path)
@@ -1093,7 +1096,7 @@ def test_gpu_full_archives_into_a_relative_out(tmp_path):
                     'while [[ $# -gt 0 ]]; do if [[ "$1" == --out ]]; then echo "{}" > "$2"; fi; shift; done\n')
     fake.chmod(0o755)
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHON=str(fake), OUT="rel/out")
+    env = dict(os.environ, GPU_PYTHON=str(fake), OUT="rel/out")
     try:
         done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "tree"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
@@ -1119,7 +1122,7 @@ def test_gpu_full_names_a_tagged_run_apart(tmp_path, part, tag, extra, name):
     fake.write_text(f'#!/bin/bash\nif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; else echo "$@" >> {args}; fi\n')
     fake.chmod(0o755)
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHON=str(fake), TAG=tag, EXTRA=extra)
+    env = dict(os.environ, GPU_PYTHON=str(fake), TAG=tag, EXTRA=extra)
     env.pop("OUT", None)
     done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), part], env=env, capture_output=True,
                           text=True, timeout=60)
@@ -1142,7 +1145,7 @@ def test_gpu_full_splits_extra_as_the_shell_and_exits_with_a_failed_runs_status(
                     f'if [[ "$3" == run ]]; then printf "%s\\n" "$@" > {args}; exit 3; fi\n')
     fake.chmod(0o755)
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHON=str(fake), TAG="", EXTRA='--set "grid.prefixes=[1024, 4096]" --set timing.repeats=2')
+    env = dict(os.environ, GPU_PYTHON=str(fake), TAG="", EXTRA='--set "grid.prefixes=[1024, 4096]" --set timing.repeats=2')
     env.pop("OUT", None)
     done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "long-doc1"], env=env, capture_output=True,
                           text=True, timeout=60)
@@ -1162,7 +1165,7 @@ def test_gpu_full_runs_the_bench_rows_asked_for(tmp_path, rows, tag, want):
                     f'elif [[ "$1" == -c ]]; then echo "gpu fake-gpu"; else echo "$@" >> {args}; fi\n')
     fake.chmod(0o755)
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHON=str(fake), TAG=tag, ROWS=rows, ANCHORS_DIR=str(tmp_path / "none"))
+    env = dict(os.environ, GPU_PYTHON=str(fake), TAG=tag, ROWS=rows, ANCHORS_DIR=str(tmp_path / "none"))
     env.pop("OUT", None)
     done = subprocess.run(["bash", str(root / "experiments/gpu_full.sh"), "bench-mha"], env=env, capture_output=True,
                           text=True, timeout=60)

@@ -165,6 +165,14 @@ def test_sample_refuses_a_value_for_a_setting_its_config_turns_off():
         np.testing.assert_array_equal(np.asarray(top_p_mask(logits, one)), np.asarray(logits))
     traced = jax.jit(top_p_mask)(logits, jnp.float32(1.0))
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(logits))
+    rows = np.array([[1.0], [0.5], [1.0]], np.float32)  # a concrete top_p a row: as under jit (float() refused it)
+    np.testing.assert_array_equal(np.asarray(top_p_mask(logits, rows)), np.asarray(jax.jit(top_p_mask)(logits, rows)))
+    # the loop's knobs agree with its static config: greedy's, and a top_p that is 1.0 in float32
+    generate_lib = importlib.import_module("models.generate")
+    for cfg in (SamplingConfig(0.0, top_p=0.9), SamplingConfig(1.0, top_p=1 - 1e-9)):
+        t, p = generate_lib._knobs(cfg)
+        sample(logits, key, cfg.static(), temperature=t, top_p=p)  # concrete knobs: no refusal
+    assert SamplingConfig(1.0, top_p=1 - 1e-9).static() == SamplingConfig(1.0).static()
 
 
 def test_compiled_decode_copies_and_greedy_configs_share_a_loop():

@@ -248,15 +248,22 @@ def test_setup_remakes_a_venv_of_an_older_python_and_refuses_a_bad_python(tmp_pa
   shutil.rmtree(repo / ".venv")
   p = subprocess.run(["bash", "-c", "source scripts/setup_env.sh"], cwd=repo, capture_output=True, text=True,
                      timeout=60, env=dict(env, PYTHON="/no/such/python3.12"))
-  assert p.returncode != 0 and "setup_env: PYTHON=/no/such/python3.12 is not a Python >= 3.12" in p.stderr, p.stderr
+  assert p.returncode != 0 and "setup_env: PYTHON=/no/such/python3.12 is not found or not a Python >= 3.12" in \
+      p.stderr, p.stderr
+  (repo / "sub").mkdir()  # a relative PYTHON is the caller's (it was looked up after the set-up's cd)
+  p = subprocess.run(["bash", "-c", "source ../scripts/setup_env.sh"], cwd=repo / "sub", capture_output=True,
+                     text=True, timeout=60, env=dict(env, PYTHON="../../py312"))
+  assert p.returncode == 0 and (repo / ".venv" / "bin" / "python").exists(), p.stderr
 
 
 def test_test_sh_takes_paths_relative_to_where_it_is_called():
-  """`bash ../scripts/test.sh test_readme.py::…` from tests/ runs that test (pytest runs in the repository's folder,
-  where the caller's relative path named nothing: "file or directory not found")."""
-  p = subprocess.run(["bash", "../scripts/test.sh", "test_readme.py::test_usage_and_checked_mode_examples_run", "-n", "0"],
+  """`bash ../scripts/test.sh test_readme.py ...` from tests/ runs that file (pytest runs in the repository's folder,
+  where the caller's relative path named nothing: "file or directory not found"); --deselect's test id is the
+  caller's too; -k's expression is left as it is, though it names a file there."""
+  p = subprocess.run(["bash", "../scripts/test.sh", "test_readme.py", "-k", "test_readme.py", "--deselect",
+                      "test_readme.py::test_generate_example_runs_on_a_saved_checkpoint", "-n", "0"],
                      cwd=ROOT / "tests", capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+  assert p.returncode == 0 and "1 passed, 1 deselected" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
 
 
 def test_alone_text_compares_the_models_attention_with_it_alone():
