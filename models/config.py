@@ -854,12 +854,9 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
         raise CheckpointError(f"config: {where} type must be a string (one of {SUPPORTED_ROPE_TYPES}), got "
                               f"{rope_type!r}")
     if family.longrope:  # transformers' Phi3Config: "su" and "yarn" are longrope, no other scaling
-        if rope_type == "su" and "original_max_position_embeddings" not in rs:
-            # (Phi3Config renames "su" after it has filled in the dict's context for longrope: without one of its
-            # own, transformers 5 fails to load the config)
-            raise CheckpointError(f"config: {where} type 'su' without 'original_max_position_embeddings' in it: "
-                                  "transformers 5 fails to load that (KeyError: missing keys "
-                                  "{'original_max_position_embeddings'}); write type 'longrope'")
+        # (an "su" dict without its own original_max_position_embeddings: transformers 5.0-5.21 failed to load it,
+        # renaming "su" after filling the dict's context in; 5.22 on renames first and reads the top-level context,
+        # as _parse_longrope does for every Phi-3 config)
         rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
         if rope_type not in ("default", "longrope"):
             raise CheckpointError(f"config: {where} type {rope_type!r} for model_type {d.get('model_type')!r}: "

@@ -331,6 +331,20 @@ def test_nope_layers_are_what_the_fixture_tests():
     assert rel_err(full_logits(wrong, [prompt + greedy])[0], want) > 100 * FP32_TOL
 
 
+def test_granite_multipliers_multiply_in_float32_as_torch_does():
+    """transformers multiplies a bfloat16 tensor by Granite's residual_multiplier (0.22) in float32 and rounds the
+    product once; JAX rounded the factor to bfloat16 first (0.2197: every residual branch 0.12 % low). Both
+    multipliers now as torch, bit for bit on random bfloat16 activations."""
+    import ml_dtypes  # noqa: PLC0415
+
+    c = dataclasses.replace(model("hf_granite").config, residual_multiplier=0.22, embedding_multiplier=12.3)
+    y = jax.random.normal(jax.random.key(0), (4, 64), jnp.float32).astype(jnp.bfloat16)
+    for got, factor in ((llama._residual(c, y), 0.22), (llama.scale_embeddings(c, y), 12.3)):
+        want = (np.asarray(y, np.float32) * np.float32(factor)).astype(ml_dtypes.bfloat16)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("scalar", ["embedding_multiplier", "attention_multiplier", "residual_multiplier",
                                     "logits_scaling"])
 def test_granite_scalars_are_what_the_fixture_tests(scalar):
