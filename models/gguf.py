@@ -237,10 +237,15 @@ def _int(reader, path: str, key: str, default=KeyError, low: int = 0, high: int 
                   default)
 
 
-def _number(reader, path: str, key: str, default=KeyError):
-    """A float (or integer) metadata value, as the shortest decimal of its float32 (``_decimal``)."""
-    x = _typed(reader, path, key, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a number",
-               default)
+def _number(reader, path: str, key: str, default=KeyError, *, positive: bool = False, expected: str | None = None):
+    """A float (or integer) metadata value, as the shortest decimal of its float32 (``_decimal``): finite, and
+    > 0 with ``positive`` (else >= 0), or ``CheckpointError`` naming the key (not the config field it becomes) and
+    ``expected`` (default: what the check takes)."""
+    def ok(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (
+            x > 0 if positive else x >= 0)
+
+    x = _typed(reader, path, key, ok, expected or f"a finite number {'> 0' if positive else '>= 0'}", default)
     return _decimal(x) if key in reader.fields else x
 
 
@@ -292,10 +297,8 @@ def _config(reader, path: str) -> LlamaConfig:
                               f"{head_dim} (partial rotary embedding) is not supported")
     # As llama.cpp reads them: the type defaults to "linear", a factor (absent, 0 or 1: none) scales positions by
     # 1 / factor, and type "none" never scales, whatever the factor.
-    factor = _number(reader, path, "llama.rope.scaling.factor", None)
-    if factor is not None and not (math.isfinite(factor) and factor >= 0):
-        raise CheckpointError(f"{path}: metadata key 'llama.rope.scaling.factor' = {factor}; expected a finite "
-                              "number > 0 (or 0: no scaling)")
+    factor = _number(reader, path, "llama.rope.scaling.factor", None,
+                     expected="a finite number > 0 (or 0: no scaling)")
     scaling_type = m("rope.scaling.type", "linear" if factor is not None else "none")
     if scaling_type == "none" or (scaling_type == "linear" and factor in (None, 0.0, 1.0)):
         scaling = None
@@ -346,7 +349,7 @@ def _config(reader, path: str) -> LlamaConfig:
             head_dim=head_dim,
             max_position_embeddings=i("context_length", 4096),
             rms_norm_eps=_number(reader, path, "llama.attention.layer_norm_rms_epsilon"),  # llama.cpp requires it too
-            rope_theta=_number(reader, path, "llama.rope.freq_base", 10000.0),
+            rope_theta=_number(reader, path, "llama.rope.freq_base", 10000.0, positive=True),
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=token("bos"),

@@ -289,9 +289,16 @@ V = gguf.GGUFValueType
     ({"tokenizer.ggml.eos_token_id": ([2], V.ARRAY)},
      r"'tokenizer.ggml.eos_token_id' = \[2\] \(ARRAY of INT32\); expected an integer in \[0, 64\)", "mt"),
     ({"llama.attention.layer_norm_rms_epsilon": (True, V.BOOL)},
-     r"'llama.attention.layer_norm_rms_epsilon' = True \(BOOL\); expected a number", "m"),
-    ({"llama.rope.freq_base": ("1000", V.STRING)}, r"'llama.rope.freq_base' = '1000' \(STRING\); expected a number",
-     "m"),
+     r"'llama.attention.layer_norm_rms_epsilon' = True \(BOOL\); expected a finite number >= 0", "m"),
+    ({"llama.rope.freq_base": ("1000", V.STRING)}, r"'llama.rope.freq_base' = '1000' \(STRING\); expected a finite "
+     r"number > 0", "m"),
+    # values of the right type out of range: named by their key (the config's field names, rope_theta and
+    # rms_norm_eps, are not in the file)
+    ({"llama.rope.freq_base": (-1.0, V.FLOAT32)}, r"'llama.rope.freq_base' = -1.0 \(FLOAT32\); expected a finite "
+     r"number > 0", "m"),
+    ({"llama.rope.freq_base": (float("nan"), V.FLOAT32)}, r"'llama.rope.freq_base' = nan \(FLOAT32\)", "m"),
+    ({"llama.attention.layer_norm_rms_epsilon": (-1.0, V.FLOAT32)},
+     r"'llama.attention.layer_norm_rms_epsilon' = -1.0 \(FLOAT32\); expected a finite number >= 0", "m"),
     ({"tokenizer.ggml.bos_token_id": ("1", V.STRING)}, r"'tokenizer.ggml.bos_token_id' = '1' \(STRING\)", "mt"),
     ({"tokenizer.ggml.padding_token_id": ("x", V.STRING)}, r"'tokenizer.ggml.padding_token_id' = 'x'", "mt"),
     ({"tokenizer.ggml.eos_token_id": (64, V.UINT32)}, r"'tokenizer.ggml.eos_token_id' = 64 \(UINT32\); expected an "
