@@ -122,9 +122,10 @@ def split(config: LlamaConfig, devices: int) -> Split:
 
 
 def local_config(config: LlamaConfig, s: Split) -> LlamaConfig:
-    """The config one device runs: its heads, MLP columns and vocabulary rows."""
+    """The config one device runs: its heads, MLP columns and vocabulary rows; no stop ids (generation reads the
+    whole config's: checked against a device's rows, an id past them warned that generation never stops on it)."""
     return dataclasses.replace(config, num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads,
-                               intermediate_size=s.intermediate, vocab_size=s.vocab)
+                               intermediate_size=s.intermediate, vocab_size=s.vocab, eos_token_ids=())
 
 
 def param_specs(config: LlamaConfig) -> dict[str, Any]:

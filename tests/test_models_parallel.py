@@ -61,6 +61,18 @@ def test_head_counts_the_mesh_cannot_split_are_refused(hq, hkv, n, message):
         parallel.split(config(hq, hkv), n)
 
 
+def test_a_devices_config_checks_no_stop_ids_against_its_rows():
+    """A device's config holds ⌈V/n⌉ vocabulary rows: a stop id past them (Llama 3's 128001 of 128256 on 2 devices)
+    warned that generation never stops on it, though generation reads the whole config's ids and stops there."""
+    import warnings  # noqa: PLC0415
+
+    c = dataclasses.replace(config(8, 2), eos_token_ids=(90,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local = parallel.local_config(c, parallel.split(c, 2))
+    assert local.vocab_size == 49 and local.eos_token_ids == () and c.eos_token_ids == (90,)
+
+
 def test_split_takes_numpy_integers_as_make_mesh_does():
     assert parallel.split(config(8, 2), np.int64(4)) == parallel.split(config(8, 2), 4)
 
