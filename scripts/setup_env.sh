@@ -47,6 +47,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "$READY" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$jax_spec" "jaxlib==0.11.2" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "$READY"
 fi
+# HYDRAGEN_JAX_CUDA=1 on a .venv made with JAX's CPU build (the set-up above ran once, without it): the CUDA plugin
+# now (it went on with the CPU build, without a word)
+if [ "${HYDRAGEN_JAX_CUDA:-0}" = 1 ] \
+    && ! .venv/bin/python -c 'import importlib.metadata as m; m.version("jax-cuda13-plugin")' 2>/dev/null; then
+  echo "setup_env: HYDRAGEN_JAX_CUDA=1 and .venv has JAX's CPU build: installing jax[cuda13]==0.11.2" >&2
+  .venv/bin/python -m pip install -q "jax[cuda13]==0.11.2" "jaxlib==0.11.2" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 # pytest 9.2 makes pytest-xdist 3.8 ignore the test groups (pyproject.toml): a venv made before the pin gets 9.1.
 if ! .venv/bin/python -c 'import pytest, sys; sys.exit(tuple(map(int, pytest.__version__.split(".")[:2])) >= (9, 2))'; then
   .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true  # the pin: pyproject

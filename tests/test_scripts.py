@@ -256,6 +256,24 @@ def test_setup_remakes_a_venv_of_an_older_python_and_refuses_a_bad_python(tmp_pa
   assert p.returncode == 0 and (repo / ".venv" / "bin" / "python").exists(), p.stderr
 
 
+def test_setup_installs_the_cuda_build_into_a_cpu_venv_when_asked(tmp_path):
+  """HYDRAGEN_JAX_CUDA=1 on a ready .venv without JAX's CUDA plugin installs jax[cuda13] (it kept the CPU build);
+  without the variable, or with the plugin there, nothing is installed. A stub stands in for the venv's Python."""
+  repo = tmp_path / "repo"
+  (repo / "scripts").mkdir(parents=True)
+  shutil.copy(ROOT / "scripts" / "setup_env.sh", repo / "scripts")
+  log = tmp_path / "log"
+  for plugin, cuda, installs in ((False, "1", True), (False, "0", False), (True, "1", False)):
+    _stub(repo / ".venv" / "bin" / "python", 'echo "$*" >> "$LOG"\n'
+          + ("" if plugin else 'case "$*" in *jax-cuda13-plugin*) exit 1;; esac\n') + "exit 0\n")
+    log.write_text("")
+    p = subprocess.run(["bash", "-c", "source scripts/setup_env.sh"], cwd=repo, capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, LOG=str(log), HYDRAGEN_JAX_CUDA=cuda))
+    assert p.returncode == 0, p.stderr
+    assert ("-m pip install -q jax[cuda13]==0.11.2 jaxlib==0.11.2" in log.read_text()) == installs, log.read_text()
+    assert ("HYDRAGEN_JAX_CUDA=1 and .venv has JAX's CPU build" in p.stderr) == installs, p.stderr
+
+
 def test_test_sh_takes_paths_relative_to_where_it_is_called():
   """`bash ../scripts/test.sh test_readme.py ...` from tests/ runs that file (pytest runs in the repository's folder,
   where the caller's relative path named nothing: "file or directory not found"); --deselect's test id is the
