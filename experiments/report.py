@@ -331,7 +331,7 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
     out.append(text)
     for v in not_run:
         reason = next((r.get("reason") for _, _, by in rows if (r := by.get(v)) and r.get("reason")), "")
-        out.append(f"Not run: {titles[v]} ({reason.split('; s=')[0].removeprefix('s=1: ')[:160]}).")
+        out.append(f"Not run: {titles[v]} ({reason.split('; s=')[0].removeprefix('s=1: ')}).")  # whole: its hint
     return out + [""]
 
 

@@ -24,9 +24,9 @@ def paper_hydragen_over_none(prefix: int) -> float | None:
 def _fmt_rate(v) -> str:
     if v is None:
         return "–"
-    if v >= 1e6:
+    if v >= 999_950:  # the unit after rounding: 999 960 is 1.00M, not 1000.0k
         return f"{v / 1e6:.2f}M"
-    if v >= 1e3:
+    if v >= 999.5:
         return f"{v / 1e3:.1f}k"
     return f"{v:.0f}"
 
@@ -146,7 +146,8 @@ def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "toke
     rows_by = by_point(records, point_keys)
     modes = list(dict.fromkeys(rec["mode"] for rec in records))
     order = sorted(rows_by, key=lambda key: tuple((v is None, v if isinstance(v, (int, float)) else 0) for v in key))
-    fmt = _fmt_rate if value_key.endswith("per_s") else (lambda x: f"{x:.3g}")
+    fmt = _fmt_rate if value_key.endswith("per_s") else (
+        (lambda x: f"{x:.3f}") if value_key == "floor_fraction" else (lambda x: f"{x:.3g}"))  # fractions as elsewhere
     header = list(point_keys) + [f"{m} {value_key}" for m in modes]
     rows = [[str(v) for v in key] + [_cell(rows_by[key].get(m), value_key, fmt) for m in modes] for key in order]
     return _table(header, rows)

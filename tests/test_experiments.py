@@ -879,7 +879,8 @@ def test_report_takes_the_newest_file_of_each_name_and_each_row_from_the_newest_
     assert "| 64 | 1024 | 512 | 32/32 | 500.0k | 250.0k | – | 1.00M | 0.500 | – |" in section
     assert "| 512 | 4096 | 512 | 32/8 | 900.0k | 300.0k | 400.0k | 1.00M | 0.900 | 2.25x |" in section
     assert "Hydragen / PyTorch Hydragen" in section and "FlashInfer cascade" not in section.split("|---")[0]
-    assert "Not run: FlashInfer cascade (flashinfer is not importable" in section
+    assert "Not run: FlashInfer cascade (flashinfer is not importable (ModuleNotFoundError); extract the tarball)." \
+        in section  # whole (it was cut at 160 characters, its hint's last step lost)
     assert "row 1: `bench_attention-nvidia-h200-20261130-100000.*`" in section
     assert "row 2: `bench_attention-gqa-nvidia-h200-20261130-103000.*`" in section
     assert "floor bandwidth 4.300 TB/s (best of: copy 4.300, read 4.000, pallas_read failed TB/s)" in section
@@ -963,7 +964,7 @@ def test_report_gives_tensor_parallel_runs_a_section_of_their_own(tmp_path, read
     assert "`e2e_tp-7b-1k-nvidia-h200-20261130-101000.*`" in tp and "13.48 GB of weights" in tp
     assert "| 2 | 1024 | 512 | 60.0k | 80.0k |" in tp  # tok/s per device count
     assert "| 1024 | 512 | 2.00x | 2.00x |" in tp  # speed-up over one device
-    assert "| 2 | 1024 | 512 | 0.5 | 0.5 |" in tp  # floor fractions
+    assert "| 2 | 1024 | 512 | 0.500 | 0.500 |" in tp  # floor fractions (three decimals, as everywhere)
     assert "| 1 | 1024 | 512 |" not in section[:section.index("**Tensor parallel**")]
 
 
@@ -1388,6 +1389,32 @@ def test_plan_takes_the_accelerators_capacity(capsys, monkeypatch):
     assert cli.main(["plan", "e2e_throughput", *grid]) == 0
     out = capsys.readouterr()
     assert out.out.split()[0] == "OOM" and not out.err  # 1 MB: nothing fits, and no assumption to name
+
+
+def test_rates_take_their_unit_after_rounding_and_fractions_three_decimals():
+    """999 960 tok/s is 1.00M, not 1000.0k (the unit was chosen before the rounding); e2e tables' floor fractions
+    with three decimals as the others' (0.78 beside 0.748 before)."""
+    assert [tables._fmt_rate(v) for v in (999_960, 999_949, 999.7, 999.4, 1e6)] == ["1.00M", "999.9k", "1.0k", "999",
+                                                                                    "1.00M"]
+    recs = [{"record": "decode", "point": {"prefix": 1024, "batch": 64}, "mode": "hydragen", "status": "ok",
+             "results": {"floor_fraction": 0.78039}}]
+    assert "0.780" in tables.e2e_table(recs, ("prefix", "batch"), "floor_fraction")
+
+
+def test_tree_plot_shows_every_variant_an_oom_one_included(tmp_path):
+    """An out-of-memory variant's bar has no height: the axis stopped before its tick and "OOM" label."""
+    recs = [{"record": "decode", "mode": m, "status": st, "point": {"generate": 8, "problems": 2, "samples": 2},
+             "results": {"decode_s": v} if v else {}, "device": "gpu:X", "experiment": "tree_apps", "smoke": False,
+             "jax_version": "0.11.2", "date_utc": "2026-12-07T12:00:00+00:00"}
+            for m, st, v in (("two_level", "ok", 1.0), ("one_level", "ok", 2.0), ("standard", "oom", None))]
+    captured = []
+    real = plot_lib._save
+    plot_lib._save = lambda fig, path: (captured.append(fig.axes[0].get_xlim()), real(fig, path))[1]
+    try:
+        plot_lib.plot_tree_apps(recs, tmp_path, "t")
+    finally:
+        plot_lib._save = real
+    assert captured[0] == (-0.5, 2.5)
 
 
 def test_plot_of_a_file_without_measured_records_says_so(tmp_path, capsys):
