@@ -446,8 +446,8 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     except (ValueError, CheckpointError) as e:
         raise ValueError(f"save_checkpoint: extra_config {extra_config!r} gives a config.json that load_checkpoint "
                          f"refuses: {e}") from e
-    plain = _loads_as(base)  # the model's config as saved without extra_config
-    if extra_config and loaded != plain:  # the tensors written are the model's: config.json must describe it
+    if extra_config and loaded != (plain := _loads_as(base)):  # the tensors written are the model's: config.json
+        # must describe it (plain: the model's config as saved without extra_config; read only where there is one)
         changed = [k for k, v in extra_config.items() if _loads_as({**base, k: v}) != plain] or sorted(
             extra_config)  # those that change it alone (else all: together)
         raise ValueError(f"save_checkpoint: extra_config changes the model config.json describes (keys {changed}); "
