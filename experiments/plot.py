@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import records, tables  # noqa: E402
+from hydragen_jax import tuning  # noqa: E402
 
 
 def _title(recs: list[dict], what: str) -> str:
@@ -229,18 +230,26 @@ PLOTTERS = {
 
 
 def plot_records(recs: list[dict], out_dir: str | pathlib.Path, stem: str) -> list[pathlib.Path]:
+    """One plot set per experiment kind and device: records of several devices never share a line (their
+    throughputs are not one curve); with several, each device's PNGs carry its slug ("-nvidia-h200")."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    by_kind = collections.defaultdict(list)
+    groups = collections.defaultdict(list)
     for r in recs:
         if "tp" in r["point"] and r["mode"] is not None:  # tensor parallel runs: one series per mode and device count
             r = {**r, "mode": f"{r['mode']} tp={r['point']['tp']}"}
-        by_kind[r["experiment"]].append(r)
-    for kind, group in by_kind.items():
+        groups[r["experiment"], r["device"]].append(r)
+    kinds = {kind for kind, _ in groups}
+    devices = {device for _, device in groups}
+    for (kind, device), group in groups.items():
         plotter = PLOTTERS.get(kind)
-        if plotter is not None:
-            paths += plotter(group, out_dir, stem if len(by_kind) == 1 else f"{stem}-{kind}")
+        if plotter is None:
+            continue
+        name = stem if len(kinds) == 1 else f"{stem}-{kind}"
+        if len(devices) > 1:
+            name += "-" + tuning.slug(device.split(":", 1)[-1])
+        paths += plotter(group, out_dir, name)
     return paths
 
 

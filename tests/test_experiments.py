@@ -1417,6 +1417,30 @@ def test_tree_plot_shows_every_variant_an_oom_one_included(tmp_path):
     assert captured[0] == (-0.5, 2.5)
 
 
+def test_plot_of_several_devices_draws_one_set_per_device(tmp_path):
+    """`plot` of files from two GPUs drew one line through both runs' points (one device's 8-sequence point beside
+    the other's 64): each device now has its own PNGs, named by its slug, holding its records only."""
+    def rec(device, batch, rate):
+        return {"record": "decode", "mode": "hydragen", "status": "ok", "point": {"prefix": 1024, "batch": batch},
+                "results": {"tokens_per_s": rate}, "device": device, "experiment": "e2e_throughput", "smoke": False,
+                "jax_version": "0.11.2", "date_utc": "2026-12-07T12:00:00+00:00"}
+    recs = [rec("gpu:NVIDIA H100 80GB HBM3", 8, 1e3), rec("gpu:NVIDIA H200", 64, 9e3),
+            rec("gpu:NVIDIA H100 80GB HBM3", 64, 5e3)]
+    drawn = []
+    real = plot_lib.PLOTTERS["e2e_throughput"]
+    plot_lib.PLOTTERS["e2e_throughput"] = lambda group, out, stem: (drawn.append((stem, group)), real(group, out, stem))[1]
+    try:
+        paths = plot_lib.plot_records(recs, tmp_path, "combined")
+    finally:
+        plot_lib.PLOTTERS["e2e_throughput"] = real
+    assert sorted(p.name for p in paths) == ["combined-nvidia-h100-80gb-hbm3-throughput.png",
+                                             "combined-nvidia-h200-throughput.png"]
+    assert all(len({r["device"] for r in group}) == 1 for _, group in drawn)
+    assert sorted(len(group) for _, group in drawn) == [1, 2]
+    # one device: the names stay as they were
+    assert [p.name for p in plot_lib.plot_records(recs[:1], tmp_path, "one")] == ["one-throughput.png"]
+
+
 def test_plot_of_a_file_without_measured_records_says_so(tmp_path, capsys):
     """A run killed before its first point leaves its rates only: `plot` says there is nothing to plot (status 1)."""
     path = _write_results(tmp_path, "e2e_throughput-part1", "20261130-100000", [_rates()])
