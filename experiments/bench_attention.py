@@ -330,7 +330,8 @@ def summarize(case: Case, by_s: dict[int, dict]) -> tuple[str, dict, str | None]
     points = floor.simpson_points(case.out)
     recs = [by_s.get(s) for s in points]
     if any(r is None for r in recs):
-        return "skipped", {}, "missing step records"
+        missing = ", ".join(str(s) for s, r in zip(points, recs) if r is None)
+        return "skipped", {}, f"no step record at s = {missing} (the run stopped before them)"
     statuses = [r["status"] for r in recs]
     kv_bytes = recs[-1]["results"].get("kv_cache_bytes")
     floor_mean = floor.simpson(*(r["results"]["floor_s"] for r in recs))
@@ -347,7 +348,11 @@ def summarize(case: Case, by_s: dict[int, dict]) -> tuple[str, dict, str | None]
             results["max_abs_err_vs_reference"] = max(e for e in errs if e is not None)
         return "ok", results, None
     worst = next(s for s in ("oom", "error", "skipped") if s in statuses)
-    reasons = "; ".join(f"s={s}: {r.get('reason', '')[:200]}" for s, r in zip(points, recs) if r["status"] != "ok")
+    failed = [(s, r.get("reason", "")[:200]) for s, r in zip(points, recs) if r["status"] != "ok"]
+    if len(failed) == len(recs) and len({why for _, why in failed}) == 1:
+        reasons = failed[0][1]  # one reason at every s (an anchor not installed, a config that does not fit)
+    else:
+        reasons = "; ".join(f"s={s}: {why}" for s, why in failed)
     return worst, base, reasons
 
 

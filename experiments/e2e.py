@@ -412,5 +412,5 @@ def write_markdown(path, all_records: list[dict]) -> None:
                   "Attention floor: the attention of every layer at its floor (a layer's levels in one op; levels apart: "
                   "each level alone), cache writes included: what `none` does not do.", "",
                   tables.hydragen_vs_none_table(decode, keys)]
-    parts.append("")
+    parts += [""] + tables.e2e_not_measured(decode)
     open(path, "w").write("\n".join(parts))

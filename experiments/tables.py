@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 CASE_KEYS = ("batch", "prefix", "out", "q_heads", "kv_heads")
 
 # The paper's end-to-end numbers (arXiv 2402.05099 v2, Table 3; CodeLlama-13b, 8 x A100-40GB, batch 1024, 128 new
@@ -130,7 +132,37 @@ def bench_markdown(summaries: list[dict], rates: dict | None) -> str:
               bench_results_table(summaries), "",
               "## Fraction of the floor (floor time / measured time, Simpson-averaged) and speedups", "",
               bench_floor_table(summaries), ""]
+    parts += bench_not_measured(summaries)
     return "\n".join(parts)
+
+
+def not_measured(rows: list[tuple[str, str, dict]]) -> list[str]:
+    """A "Not measured" section for the cells a table shows as OOM / ERROR / SKIPPED: one bullet per row and
+    (status, reason), naming its modes, so that a run's own markdown says why (a run cut off mid-row, an anchor not
+    installed). `rows`: (row label, mode, record) in table order; nothing where every record is ok."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for label, mode, rec in rows:
+        if rec["status"] != "ok":
+            reason = " ".join((rec.get("reason") or "no reason recorded").split())  # one line (XLA's are several)
+            per_s = {re.sub(r"^s=\d+: ", "", part) for part in re.split(r"; (?=s=\d+: )", reason)}
+            if len(per_s) == 1 and reason.startswith("s="):  # the same reason at every s, said once
+                reason = per_s.pop()
+            groups.setdefault((label, rec["status"].upper(), reason), []).append(mode)
+    if not groups:
+        return []
+    lines = ["## Not measured", ""]
+    lines += [f"- {label}, {', '.join(modes)}: {status}: {reason}" for (label, status, reason), modes in groups.items()]
+    return lines + [""]
+
+
+def bench_not_measured(summaries: list[dict]) -> list[str]:
+    cases, _, by = group_cases(summaries)
+    return not_measured([(f"B={b} P={p} out={out} {hq}/{hkv}", mode, rec)
+                         for b, p, out, hq, hkv in cases for mode, rec in by[(b, p, out, hq, hkv)].items()])
+
+
+def e2e_not_measured(records: list[dict]) -> list[str]:
+    return not_measured([(" ".join(f"{k}={v}" for k, v in rec["point"].items()), rec["mode"], rec) for rec in records])
 
 
 def by_point(records: list[dict], point_keys) -> dict[tuple, dict[str, dict]]:

@@ -699,7 +699,9 @@ def test_e2e_runtime_oom_is_recorded(tmp_path, monkeypatch):
     decode = [r for r in _check_records(tmp_path / "oom.jsonl") if r["record"] == "decode"]
     assert decode and all(r["status"] == "oom" and "RESOURCE_EXHAUSTED" in r["reason"] for r in decode)
     e2e.write_markdown(tmp_path / "oom.md", records.read(tmp_path / "oom.jsonl"))
-    assert "OOM" in (tmp_path / "oom.md").read_text()
+    md = (tmp_path / "oom.md").read_text()
+    assert "OOM" in md
+    assert re.search(r"## Not measured\n\n- prefix=\d+ batch=2 .*: OOM: prefill: .*RESOURCE_EXHAUSTED", md), md
     assert plot_lib.plot_files([tmp_path / "oom.jsonl"], tmp_path)  # plots draw failures too
 
 
@@ -745,8 +747,19 @@ def test_report_of_partial_bench_run(bench_smoke, tmp_path):
     full = bench_smoke.with_suffix(".md").read_text()
     table = lambda text: [l for l in text.splitlines() if l.startswith("| 4 | 64 |")]
     assert table(md) == table(full)  # same numbers as the summaries the full run wrote
+    assert md.partition("## Not measured")[2] == full.partition("## Not measured")[2]  # the anchors' reasons
     pngs = plot_lib.plot_files([partial], tmp_path / "plots")  # and its plots
     assert any(p.name.endswith("tokens_per_s.png") for p in pngs), pngs
+    # cut off mid-row (its last step record never written): the row's SKIPPED cell says why below the tables
+    last = max(i for i, l in enumerate(lines) if '"record": "step"' in l)
+    step = json.loads(lines[last])
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:last]) + "\n")
+    assert cli.main(["report", str(cut)]) == 0
+    md = cut.with_suffix(".md").read_text()
+    p = step["point"]
+    assert (f"\n- B={p['batch']} P={p['prefix']} out={p['out']} {p['q_heads']}/{p['kv_heads']}, "
+            f"{step['mode']}: SKIPPED: no step record at s = {p['suffix']} (the run stopped before them)") in md, md
 
 
 def test_plan_estimates_full_configs(capsys):
@@ -1399,6 +1412,19 @@ def test_rates_take_their_unit_after_rounding_and_fractions_three_decimals():
     recs = [{"record": "decode", "point": {"prefix": 1024, "batch": 64}, "mode": "hydragen", "status": "ok",
              "results": {"floor_fraction": 0.78039}}]
     assert "0.780" in tables.e2e_table(recs, ("prefix", "batch"), "floor_fraction")
+
+
+def test_not_measured_says_each_reason_once_on_one_line():
+    """The "Not measured" bullets: one per row and reason (modes joined), a reason repeated at every s said once,
+    an XLA message's lines joined (a bullet of several lines broke the markdown), nothing where all are ok."""
+    rec = lambda status, reason=None: {"status": status, **({"reason": reason} if reason else {})}
+    rows = [("B=8", "a", rec("skipped", "s=1: no torch; s=2: no torch; s=4: no torch")), ("B=8", "b", rec("ok")),
+            ("B=8", "c", rec("skipped", "s=1: no torch")), ("B=8", "d", rec("oom", "s=1: X\nFailures (3):\n Y; s=2: Z")),
+            ("B=9", "a", rec("error"))]
+    assert tables.not_measured(rows) == [
+        "## Not measured", "", "- B=8, a, c: SKIPPED: no torch", "- B=8, d: OOM: s=1: X Failures (3): Y; s=2: Z",
+        "- B=9, a: ERROR: no reason recorded", ""]
+    assert tables.not_measured([("B=8", "b", rec("ok"))]) == []
 
 
 def test_tree_plot_shows_every_variant_an_oom_one_included(tmp_path):
