@@ -61,10 +61,11 @@ def check_write_args(where: str, k_cache: Array, v_cache: Array, k: Array, v: Ar
 
 
 def slots_int32(positions: Array, capacity: int) -> Array:
-  """Integer `positions` as the kernel's int32 slots: any other integer type mapped so that a slot outside
-  [0, capacity) stays outside (a 64-bit 2^32 + 1 would wrap to 1), int32 as it is (no work)."""
-  if positions.dtype == jnp.int32:
-    return positions
+  """Integer `positions` as the kernel's int32 slots: int32 as it is (no work), a type of 16 bits or fewer cast
+  (exact: a capacity need not fit its type, an int8 position compared with a capacity of 300 saw 44), a wider one
+  mapped in its own type so that a slot outside [0, capacity) stays outside (a 64-bit 2^32 + 1 would wrap to 1)."""
+  if positions.dtype == jnp.int32 or jnp.iinfo(positions.dtype).bits <= 16:
+    return positions.astype(jnp.int32)
   return jnp.where((positions >= 0) & (positions < capacity), positions, capacity).astype(jnp.int32)
 
 

@@ -55,6 +55,20 @@ def test_slots_beyond_int32_stay_dropped():
   np.testing.assert_array_equal(np.asarray(kv_write.slots_int32(jnp.array([2**31 + 5, 2], jnp.uint32), 7)), [7, 2])
 
 
+@pytest.mark.parametrize("dtype,capacity,positions,written", [
+    ("int8", 300, [-1, 100], [100]), ("int16", 40000, [-1, 5], [5]), ("uint8", 300, [255, 3], [3, 255]),
+    ("uint16", 70000, [65535, 2], [2, 65535])])
+def test_narrow_positions_beside_a_capacity_their_type_cannot_hold(dtype, capacity, positions, written):
+  """int8 positions beside a capacity of 300 were compared in int8 (300 became 44: the padding slot -1 overwrote
+  entry 44, positions 44-127 were dropped); int16 beside 40000 dropped every write."""
+  pos = jnp.array([positions], dtype)
+  np.testing.assert_array_equal(np.asarray(kv_write.slots_int32(pos, capacity)), [positions])
+  cache = jnp.zeros((1, capacity, 1, 8), jnp.float32)
+  new = jnp.arange(1, 3, dtype=jnp.float32).reshape(1, 2, 1, 1) * jnp.ones((1, 2, 1, 8))
+  k_cache, _ = kv_write.write(cache, cache, new, new, pos, interpret=True)
+  assert sorted(np.flatnonzero(np.asarray(k_cache[0, :, 0, 0])).tolist()) == sorted(written)
+
+
 @pytest.mark.parametrize("dtype", ["int32", "int64"])
 def test_write_under_x64_writes_as_without(dtype):
   """Under jax_enable_x64 the kernel traces (its program id and slice starts were int64 beside int32 rows: a

@@ -103,6 +103,17 @@ def test_a_variant_of_a_known_kind_takes_its_file_with_a_warning():
     tuning.file_for.cache_clear()
 
 
+def test_a_kind_spelt_otherwise_takes_its_file():
+  """A kind differing from a shipped file's only in case, spaces or punctuation (its slug the same) loads that file
+  (it raised "nvidia-h200.json names device kind 'NVIDIA H200', not 'nvidia h200'" on every kernel call)."""
+  tuning.file_for.cache_clear()
+  try:
+    for kind in ("nvidia h200", "NVIDIA  H200", "NVIDIA-H200"):
+      assert tuning.file_for(kind).device_kind == "NVIDIA H200"
+  finally:
+    tuning.file_for.cache_clear()
+
+
 def test_a_file_must_serve_the_kind_it_is_named_for(data_dir):
   _write(data_dir, "Test GPU", _h100())
   (data_dir / "other-gpu.json").write_text((data_dir / "test-gpu.json").read_text())

@@ -657,7 +657,7 @@ def file_for(device_kind: str) -> TuningFile:
                     "tuning file.", stacklevel=2)
     data, device_kind = data_file(base), base
   file = loads(data.read_text(), data.name)
-  if file.device_kind != device_kind:
+  if slug(file.device_kind) != slug(device_kind):  # the file a kind's slug names ("NVIDIA  H200" -> NVIDIA H200's)
     raise ValueError(f"{data.name} names device kind {file.device_kind!r}, not {device_kind!r}.")
   return file
 
