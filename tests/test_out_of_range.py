@@ -208,6 +208,24 @@ def test_traced_64_bit_layer_past_int32_clamps_and_checked_names_it():
     err.throw()
 
 
+@pytest.mark.parametrize("checked", [False, True])
+def test_a_traced_index_into_an_empty_axis_is_refused_by_name(checked):
+  """A level of 0 nodes read by sequences, or an empty layer axis, leaves no value for a traced seq_to_node or
+  layer to be clamped to: a ValueError naming it (a TypeError / IndexError from inside JAX's gather before)."""
+  q, sk = jnp.ones((2, 1, 4, 16)), jnp.ones((2, 5, 2, 16))
+  empty, no_layers = jnp.ones((0, 3, 2, 16)), jnp.ones((0, 2, 5, 2, 16))
+  leaf = Level(sk, sk, jnp.array([5, 5]))
+  nodes = lambda s: hj.tree_attention(q, [Level(empty, empty, jnp.zeros((0,), jnp.int32), s), leaf],  # noqa: E731
+                                      backend="xla", checked=checked)
+  with pytest.raises(ValueError, match=r"levels\[0\]\.seq_to_node must lie in \[0, 0\) \(the level has 0 nodes\): "
+                                       r"no value does, and 2 sequences read the level"):
+    jax.jit(nodes)(jnp.zeros((2,), jnp.int32))
+  layers = lambda l: hj.tree_attention(q, [Level(no_layers, no_layers, jnp.array([5, 5]), layer=l)],  # noqa: E731
+                                       backend="xla", checked=checked)
+  with pytest.raises(ValueError, match=r"levels\[0\]\.layer must lie in \[0, 0\) \(the layer axis of k is empty\)"):
+    jax.jit(layers)(jnp.int32(0))
+
+
 def test_hydragen_errors_name_the_arguments_given():
   """hydragen_attention wraps its prefix into a Level; its errors name prefix_k / suffix_k, not levels[0].k."""
   q, pk, pv, sk, sv = _step_inputs(4)
