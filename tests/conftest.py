@@ -92,18 +92,41 @@ def _float32(value) -> bool:
 
 
 def pytest_collection_modifyitems(items):
-  """A float32 case of the "interpret-mosaic" backend runs the Triton kernels that "interpret" runs (the Hopper
-  kernel takes 16-bit inputs only; its fallback has tests of its own): slow tier (CI time), compiled on the GPU."""
+  """A case of the "interpret-mosaic" backend that runs the Triton kernels "interpret" runs is a duplicate in CI:
+  slow tier (CI time; compiled on the GPU as "mosaic"). Such are its float32 cases (the Hopper kernel takes 16-bit
+  inputs only) and those of a test marked `mosaic_falls_back` (its shapes or levels are not the Hopper kernel's),
+  unless marked `mosaic_falls_back(ci=True)`: the fallback is what it tests. The `backend` fixture checks the mark."""
   for item in items:
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if params.get("backend") == "interpret-mosaic" and any(map(_float32, params.values())):
+    if params.get("backend") != "interpret-mosaic":
+      continue
+    mark = item.get_closest_marker("mosaic_falls_back")
+    if any(map(_float32, params.values())) or (mark is not None and not mark.kwargs.get("ci", False)):
       item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
-def backend(request) -> str:
-  """Every implementation of the op."""
-  return request.param
+def backend(request, monkeypatch):
+  """Every implementation of the op. An "interpret-mosaic" case must reach the Hopper kernel unless its test is
+  marked `mosaic_falls_back` (then it must not, float32 cases aside: they never can): a case would otherwise run
+  the Triton kernels unnoticed, twice in CI, or keep a mark that no longer holds. jit's caches are cleared first so
+  that the case traces its own calls."""
+  if request.param != "interpret-mosaic":
+    yield request.param
+    return
+  from hydragen_jax.kernels import hopper  # noqa: PLC0415
+
+  jax.clear_caches()
+  calls, real = [], hopper.prefix_suffix_attention
+  monkeypatch.setattr(hopper, "prefix_suffix_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  yield request.param
+  params = request.node.callspec.params
+  falls_back = request.node.get_closest_marker("mosaic_falls_back") is not None
+  if calls and falls_back:
+    pytest.fail("this interpret-mosaic case reaches the Hopper kernel: its test's mosaic_falls_back mark is wrong")
+  if not calls and not falls_back and not any(map(_float32, params.values())):
+    pytest.fail("this interpret-mosaic case never reaches the Hopper kernel (the Triton kernels ran, as under "
+                "\"interpret\"): mark its test mosaic_falls_back, or give it the Hopper kernel's shapes")
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)

@@ -51,6 +51,7 @@ def _inputs(case: str, dtype, new_dtype=None, **change):
   return q, prefix, k_cache, v_cache, new_k, new_v, jnp.array(old, jnp.int32), jnp.array(new, jnp.int32)
 
 
+@pytest.mark.mosaic_falls_back
 @pytest.mark.parametrize("case,dtype,batched", grid(list(CASES), [jnp.float32, jnp.bfloat16], [True, False], ids=[
     str, lambda d: jnp.dtype(d).name, lambda b: "batched" if b else "per_seq"]))
 def test_append_equals_the_write_then_tree_attention(backend, case, dtype, batched):
@@ -72,6 +73,7 @@ def test_append_equals_the_write_then_tree_attention(backend, case, dtype, batch
   chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **tol(dtype))
 
 
+@pytest.mark.mosaic_falls_back
 def test_append_equals_attention_over_the_concatenated_kv(backend):
   """Against plain causal attention over each sequence's [prefix; old entries; new keys], built by concatenation."""
   q, prefix, k_cache, v_cache, new_k, new_v, old, new = _inputs("chunk", jnp.float32)
@@ -92,6 +94,7 @@ def test_append_equals_attention_over_the_concatenated_kv(backend):
   chex.assert_trees_all_close(out, ref, **tol(jnp.float32))
 
 
+@pytest.mark.mosaic_falls_back
 def test_append_takes_numpy_arrays(backend):
   """Numpy caches, new keys and lengths (as every other entry point takes them, on every backend): the same
   output and caches as from jax arrays."""
@@ -197,6 +200,7 @@ def test_append_casts_new_keys_to_the_caches_dtype(kernel_backend):
   chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **tol(jnp.bfloat16))
 
 
+@pytest.mark.mosaic_falls_back
 def test_traced_new_tokens_out_of_range_are_clamped(backend):
   """A traced count past T reads as T, a negative one as 0 (as the module docstring says of traced values)."""
   q, prefix, k_cache, v_cache, new_k, new_v, old, _ = _inputs("chunk", jnp.float32)

@@ -61,6 +61,7 @@ def test_hydragen_clamps_traced_lengths(backend, prefix_length, suffix_lengths):
   chex.assert_trees_all_close(out.astype(jnp.float32), in_range.astype(jnp.float32), **tol(DTYPE))
 
 
+@pytest.mark.mosaic_falls_back
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_clamps_traced_kv_lengths(backend, causal):
   q, _, _, sk, sv = _step_inputs(1)
@@ -73,6 +74,7 @@ def test_attention_clamps_traced_kv_lengths(backend, causal):
                               **tol(DTYPE))
 
 
+@pytest.mark.mosaic_falls_back
 @pytest.mark.parametrize("batch_shared", [True, False], ids=["batched", "per_seq"])
 def test_tree_clamps_traced_node_and_layer_indices(backend, batch_shared):
   """seq_to_node outside [0, N) reads node 0 or N - 1; a layer index outside [0, L) reads layer 0 or L - 1."""
@@ -157,6 +159,7 @@ def test_max_group_must_bound_the_readers_of_every_node(kernel_backend):
   _assert_close(out, want)
 
 
+@pytest.mark.mosaic_falls_back
 def test_no_queries_give_empty_outputs(backend):
   """B = 0, T = 0 or no heads: empty outputs of the right shape (the kernels are not launched)."""
   q, pk, pv, sk, sv = _step_inputs(4)
@@ -166,6 +169,7 @@ def test_no_queries_give_empty_outputs(backend):
   assert hj.hydragen_attention(q[:, :, :0], pk, pv, sk, sv, backend=backend).shape == q[:, :, :0].shape  # Hq = 0
 
 
+@pytest.mark.mosaic_falls_back
 def test_traced_unsigned_lengths_past_int32_clamp_to_the_capacity(backend):
   """A traced uint32 length above the int32 range is clamped to the capacity like any other too-large one (it
   must not wrap to a negative length in the cast)."""
@@ -177,6 +181,7 @@ def test_traced_unsigned_lengths_past_int32_clamp_to_the_capacity(backend):
   chex.assert_trees_all_close(got[1], want[1], **tol(DTYPE))
 
 
+@pytest.mark.mosaic_falls_back
 def test_traced_64_bit_lengths_past_int32_clamp(backend):
   """With jax_enable_x64, traced int64 lengths past the int32 range are clamped like any other out-of-range ones
   (the cast to int32 must not wrap 2^32 + 3 back to 3), on every backend (the kernels trace as 32-bit; Mosaic GPU's
