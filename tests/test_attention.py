@@ -106,19 +106,20 @@ def test_hydragen_empty_or_tiny_prefix(backend, prefix_length):
 
 def test_hydragen_suffix_shorter_than_the_queries_sees_the_whole_prefix(backend):
   """The contract for suffix_lengths < T: query t sees suffix keys s <= length - T + t (none where that is < 0) and
-  the whole prefix, always: checked against softmax in float64 numpy over exactly those keys (the concatenated
-  causal mask of `expected_tree` would hide prefix keys from such queries). T·g = 6, bf16: the Hopper kernel's."""
+  the whole prefix, always; and for a length > T the causal rule itself: checked against softmax in float64 numpy
+  over exactly those keys (the concatenated causal mask of `expected_tree` would hide prefix keys from queries
+  without a suffix key, and it shares the reference's rule). T·g = 6, bf16: the Hopper kernel's."""
   keys = jax.random.split(jax.random.PRNGKey(31), 4)
   b, t, hq, hkv, d, p_len = 3, 3, 4, 2, 64, 13
   q = normal(keys[0], (b, t, hq, d), jnp.bfloat16)
   prefix = random_level(keys[1], 1, 16, [p_len], [0] * b, hkv, d, jnp.bfloat16)
-  suffix = random_level(keys[2], b, 8, [0, 1, 3], None, hkv, d, jnp.bfloat16)
+  suffix = random_level(keys[2], b, 8, [0, 1, 6], None, hkv, d, jnp.bfloat16)
   out = hj.hydragen_attention(q, prefix.k[0], prefix.v[0], suffix.k, suffix.v, prefix_length=p_len,
                               suffix_lengths=suffix.lengths, backend=backend)
   f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # noqa: E731
   qn, pk, pv, sk, sv = f64(q), f64(prefix.k[0, :p_len]), f64(prefix.v[0, :p_len]), f64(suffix.k), f64(suffix.v)
   want = np.zeros((b, t, hq, d))
-  for i, length in enumerate([0, 1, 3]):
+  for i, length in enumerate([0, 1, 6]):
     for j in range(t):
       seen = [s for s in range(length) if s <= length - t + j]
       for h in range(hq):
