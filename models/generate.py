@@ -491,11 +491,13 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         if total + budgets[b] > config.max_length + _last_token_unused:
             raise ValueError(f"{_sequence_name(b, _samples)}: prompt of {total} tokens + max_new_tokens "
                              f"{int(given[b])} exceeds the model's {_length_limit(config)}")
-    for part in [n for level in tree.levels for n in level.nodes] + list(tree.suffixes):
+    parts = [(f"tree.levels[{i}].nodes[{j}]", n) for i, level in enumerate(tree.levels) for j, n in enumerate(level.nodes)]
+    for where, part in parts + [(f"tree.suffixes[{b}] (sequence {b}'s own tokens)", x) for b, x in enumerate(tree.suffixes)]:
         ids = np.asarray(part, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-            bad = ids[(ids < 0) | (ids >= config.vocab_size)][0]
-            raise ValueError(f"token id {bad} outside the vocabulary [0, {config.vocab_size})")
+            at = int(np.flatnonzero((ids < 0) | (ids >= config.vocab_size))[0])
+            raise ValueError(f"{where}, position {at}: token id {ids[at]} outside the vocabulary "
+                             f"[0, {config.vocab_size})")
     eos = tuple(config.eos_token_ids if eos_ids is None else _id_list("eos_ids", eos_ids, config.vocab_size))
     extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size)
               for b, s in enumerate(_stop_entries(stop_tokens, B, "sequence"))]
@@ -771,7 +773,10 @@ class Generation:
 
 
 def _tokenize(prompts, tokenizer) -> list[list[int]]:
-    if isinstance(prompts, (np.ndarray, jax.Array)) and prompts.ndim == 2:  # [B, T] token ids: a prompt a row
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:  # [B, T] token ids: a prompt a row
+            raise ValueError(f"prompts as an array must be [B, T] token ids (a prompt a row), got shape "
+                             f"{tuple(prompts.shape)}" + (" (one prompt: [prompt])" if prompts.ndim == 1 else ""))
         prompts = list(np.asarray(prompts))
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         what = repr(prompts)[:60] if isinstance(prompts, (str, bytes)) else type(prompts).__name__

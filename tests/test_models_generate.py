@@ -477,6 +477,9 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
     (dict(prompts=["hello"]), "no tokenizer"),
     (dict(prompts=[[1, 200]]), r"prompts: prompt 0, position 1: token id 200 outside the vocabulary \[0, 97\)"),
     (dict(prompts=[[1, 2], [3, 4, 97, 5]]), r"prompts: prompt 1, position 2: token id 97 outside the vocabulary"),
+    (dict(prompts=np.zeros((2, 2, 2), int)), r"prompts as an array must be \[B, T\] token ids \(a prompt a row\), got "
+                                             r"shape \(2, 2, 2\)$"),  # its hint was "(one prompt: [prompt])"
+    (dict(prompts=np.zeros((3,), int)), r"got shape \(3,\) \(one prompt: \[prompt\]\)"),
     (dict(stop_tokens=[[1]] * 5), "stop_tokens has 5 entries"),
     (dict(stop_tokens=[5, 6]), r"stop_tokens\[0\] must be a sequence of token ids in \[0, 97\), got 5"),
     (dict(stop_tokens=[[5], [45.7]]), r"stop_tokens\[1\] must be a sequence of token ids .*got \[45.7\]"),
@@ -550,6 +553,10 @@ def test_numpy_and_jax_integers_are_integers(model):
     (dict(stop_tokens=5), "stop_tokens must be a list of stop-id lists, one per sequence, got 5"),
     (dict(stop_tokens=[[1]] * 3), r"stop_tokens has 3 entries, expected one per sequence \(2\)"),
     (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    # where the id is (it named none)
+    (dict(prompts_or_tree=[[5, 6, 7, 8], [5, 6, 1, 500]]), r"tree\.suffixes\[1\] \(sequence 1's own tokens\), position "
+                                                          r"1: token id 500 outside the vocabulary \[0, \d+\)"),
+    (dict(prompts_or_tree=[[5, 500, 7, 8], [5, 500, 1]]), r"tree\.levels\[0\]\.nodes\[0\], position 1: token id 500"),
     (dict(prompts_or_tree="hello"), r"prompts_or_tree must be a SharingTree or a list of token-id prompts .*got "
                                     r"'hello' \(text: encode it first"),
 ])
