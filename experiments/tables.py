@@ -144,9 +144,10 @@ def not_measured(rows: list[tuple[str, str, dict]]) -> list[str]:
     for label, mode, rec in rows:
         if rec["status"] != "ok":
             reason = " ".join((rec.get("reason") or "no reason recorded").split())  # one line (XLA's are several)
-            per_s = {re.sub(r"^s=\d+: ", "", part) for part in re.split(r"; (?=s=\d+: )", reason)}
-            if len(per_s) == 1 and reason.startswith("s="):  # the same reason at every s, said once
-                reason = per_s.pop()
+            parts = re.split(r"; (?=s=\d+: )", reason)
+            per_s = {re.sub(r"^s=\d+: ", "", part) for part in parts}
+            if len(parts) >= 3 and len(per_s) == 1 and reason.startswith("s="):  # the same reason at each of the
+                reason = per_s.pop()  # three timed s (Simpson's: every s), said once; fewer s keep their names
             groups.setdefault((label, rec["status"].upper(), reason), []).append(mode)
     if not groups:
         return []
@@ -162,7 +163,10 @@ def bench_not_measured(summaries: list[dict]) -> list[str]:
 
 
 def e2e_not_measured(records: list[dict]) -> list[str]:
-    return not_measured([(" ".join(f"{k}={v}" for k, v in rec["point"].items()), rec["mode"], rec) for rec in records])
+    """`not_measured` of e2e records, their rows in the tables' order (by the points' values)."""
+    order = sorted(records, key=lambda rec: tuple((v is None, v if isinstance(v, (int, float)) else 0)
+                                                  for v in rec["point"].values()))
+    return not_measured([(" ".join(f"{k}={v}" for k, v in rec["point"].items()), rec["mode"], rec) for rec in order])
 
 
 def by_point(records: list[dict], point_keys) -> dict[tuple, dict[str, dict]]:

@@ -375,9 +375,10 @@ def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], l
                          f"{num_nodes} nodes {level.k.shape} for {batch} sequences (q {q.shape}).")
       nodes = None
     else:
-      nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes, checked)
+      nodes = check.node_index(f"{name}.seq_to_node", level.seq_to_node, batch, num_nodes, checked, q.size > 0)
     bound = check.max_group(f"{name}.max_group", level.max_group, nodes, num_nodes, checked)
-    layer = check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked) if layered else None
+    layer = (check.layer_index(f"{name}.layer", level.layer, level.k.shape[0], checked, q.size > 0) if layered
+             else None)
     validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer, max_group=bound))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
   if isinstance(batch_shared, (bool, np.bool_)):

@@ -304,11 +304,13 @@ def scalar_length(name: str, length, capacity: int, checked: bool = False) -> ja
   return lengths_or_full(name, length.reshape((1,)), 1, capacity, checked, scalar=True)
 
 
-def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool = False) -> jax.Array | np.ndarray:
+def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool = False,
+               reads: bool = True) -> jax.Array | np.ndarray:
   """Validates `seq_to_node` `[batch]` with values in [0, num_nodes). A numpy array stays one (a static tree: the
   kernels group its sequences on the host, no device work per step)."""
   seq_to_node, value = _int_vector(name, seq_to_node, batch, " (one node per sequence of q)")
-  if num_nodes == 0 and batch and value is None:  # no traced value can be clamped into an empty range
+  if num_nodes == 0 and batch and reads and value is None:  # no traced value can be clamped into an empty range
+    # (`reads`: q has queries; with none, nothing is read and the outputs are empty, as the contract says)
     raise ValueError(f"{name} must lie in [0, 0) (the level has 0 nodes): no value does, and {batch} sequences "
                      "read the level; give it a node or leave it out.")
   _check_range(name, seq_to_node, value, num_nodes - 1, f"[0, {num_nodes})", f"(the level has {num_nodes} nodes)",
@@ -316,13 +318,14 @@ def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool
   return _int32(seq_to_node, value)
 
 
-def layer_index(name: str, layer, num_layers: int, checked: bool = False) -> jax.Array:
+def layer_index(name: str, layer, num_layers: int, checked: bool = False, reads: bool = True) -> jax.Array:
   """Validates a scalar integer layer index in [0, num_layers)."""
   layer = _as_array(name, layer)
   if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer scalar; got shape {layer.shape}, dtype {layer.dtype}.")
   value = _concrete(layer)
-  if num_layers == 0 and value is None:  # no traced value can be clamped into an empty range
+  if num_layers == 0 and reads and value is None:  # no traced value can be clamped into an empty range (`reads`: as
+    # node_index's)
     raise ValueError(f"{name} must lie in [0, 0) (the layer axis of k is empty): no value does.")
   _check_range(name, layer, value, num_layers - 1, f"[0, {num_layers})", "(the layer axis of k)", checked)
   return _int32(layer, value)

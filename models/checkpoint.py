@@ -14,9 +14,11 @@ tensor or the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import warnings
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -200,8 +202,11 @@ def model_dtype(caller: str, dtype) -> jnp.dtype:
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int, ...]], path: str):
-    """The named tensors as float32 numpy arrays, each checked against its expected shape."""
+def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int, ...]], path: str,
+          stored: dict[str, str] | None = None):
+    """The named tensors as float32 numpy arrays, each checked against its expected shape. `stored`: the name in
+    the file of each name that is stored under another (a base model's names without "model.")."""
+    stored = stored or {}
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
@@ -212,21 +217,22 @@ def _read(files: dict[str, str], names: list[str], expected: dict[str, tuple[int
         with _open(fname) as f:
             present = set(f.keys())
             for name in in_file:
-                if name not in present:
-                    raise CheckpointError(f"{path}: missing tensor {name!r} in {os.path.basename(fname)}")
-                piece = f.get_slice(name)
+                key = stored.get(name, name)
+                if key not in present:
+                    raise CheckpointError(f"{path}: missing tensor {key!r} in {os.path.basename(fname)}")
+                piece = f.get_slice(key)
                 shape = tuple(piece.get_shape())
                 if shape != expected[name]:
-                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, expected {expected[name]}")
+                    raise CheckpointError(f"{path}: tensor {key!r} has shape {shape}, expected {expected[name]}")
                 if piece.get_dtype() not in FLOAT_DTYPES:  # an integer, bool or 8-bit float tensor: quantized weights
-                    raise CheckpointError(f"{path}: tensor {name!r} in {os.path.basename(fname)} has dtype "
+                    raise CheckpointError(f"{path}: tensor {key!r} in {os.path.basename(fname)} has dtype "
                                           f"{piece.get_dtype()}; expected one of {FLOAT_DTYPES} (quantized "
                                           "checkpoints are not supported)")
                 try:
-                    raw = np.asarray(f.get_tensor(name))
+                    raw = np.asarray(f.get_tensor(key))
                 except (SafetensorError, OSError, ValueError, TypeError) as e:
-                    raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from e
-                tensors[name] = _cast(path, name, raw, np.float32)
+                    raise CheckpointError(f"{fname}: cannot read tensor {key!r} ({e})") from e
+                tensors[name] = _cast(path, key, raw, np.float32)
     return tensors
 
 
@@ -266,20 +272,40 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
                               "and *.safetensors)")
     config = LlamaConfig.from_json(path)
     dtype = model_dtype("load_checkpoint", dtype)
-    expected = hf_tensor_shapes(config)
     files = _tensor_files(path)
+    stored: dict[str, str] = {}  # our (HF causal LM) name -> the file's, where they differ
+    if files and not any(n.startswith("model.") for n in files):
+        # a base model's names ("embed_tokens.weight", "layers.0...."): transformers adds its prefix, "model."
+        stored = {("model." + n if n != _HF_TOP["lm_head"] else n): n for n in files}
+        files = {ours: files[theirs] for ours, theirs in stored.items()}
+        stored = {ours: theirs for ours, theirs in stored.items() if ours != theirs}
+    embed, head = _HF_TOP["embed"], _HF_TOP["lm_head"]
+    tied_head = config.tie_word_embeddings and head in files
+    if tied_head and embed not in files:  # transformers ties the other way round: the head read as the embedding
+        files[embed], tied_head = files[head], False
+        stored[embed] = stored.pop(head, head)
+        del files[head]
+    elif tied_head:  # a copy of the head beside a tied embedding: one if it is one, else (as transformers) untied
+        shapes = {embed: hf_tensor_shapes(config)[embed]}
+        both = _read(files, [embed, head], {**shapes, head: shapes[embed]}, path, stored)
+        if not np.array_equal(both[head], both[embed], equal_nan=True):
+            warnings.warn(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
+                          "'model.embed_tokens.weight': loaded untied, each its own (as transformers loads it)",
+                          stacklevel=2)
+            config, tied_head = dataclasses.replace(config, tie_word_embeddings=False), False
+        del both
+    expected = hf_tensor_shapes(config)
     missing = [n for n in expected if n not in files]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]!r} "
+    if missing:  # named as the file would name it
+        name = missing[0].removeprefix("model.") if stored and missing[0] not in stored else missing[0]
+        raise CheckpointError(f"{path}: missing tensor {stored.get(missing[0], name)!r} "
                               f"({len(missing)} missing in all, expected shape {expected[missing[0]]})")
-    extra = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
-    tied_head = config.tie_word_embeddings and extra == ["lm_head.weight"]
-    if extra and not tied_head:
-        raise CheckpointError(f"{path}: tensor {extra[0]!r} ({len(extra)} unexpected in all) is not part of a "
-                              f"{config.model_type!r} model of this config, which would not use it")
-    if tied_head:  # an explicit copy of the tied head is fine if it is one
-        expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
-    read = _tensor_reader(config, files, expected, path, dtype, tied_head)
+    extra = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES) and not (tied_head and
+                                                                                                     n == head)]
+    if extra:
+        raise CheckpointError(f"{path}: tensor {stored.get(extra[0], extra[0])!r} ({len(extra)} unexpected in all) "
+                              f"is not part of a {config.model_type!r} model of this config, which would not use it")
+    read = _tensor_reader(config, files, expected, path, dtype, stored)
     if mesh is None:
         return Llama(config, _build(config, read, _on_device(dtype)))
     from models import parallel
@@ -289,14 +315,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
                                                               for k, x in arrays.items()}), mesh)
 
 
-def _check_tied(path: str, head: np.ndarray, embed: np.ndarray) -> None:
-    """An explicit copy of a tied head must be one."""
-    if not np.array_equal(head, embed, equal_nan=True):
-        raise CheckpointError(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
-                              "'model.embed_tokens.weight'")
-
-
-def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, tied_head: bool):
+def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, stored: dict[str, str]):
     """``read(key, layer)`` for ``_build``: one tensor from its file, checked, in our layout, in ``dtype`` on the host
     (bf16 as ml_dtypes'), so that the host holds one layer's tensors at a time, not the whole model in float32.
     A projection stored in a fused tensor (Phi-3) is its rows of it (the fused tensor read once for all of them)."""
@@ -308,12 +327,10 @@ def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, tied_
             suffix, start, end = fused[key]
             name = f"model.layers.{layer}.{suffix}"
             if last.get("name") != name:
-                last.update(name=name, x=_read(files, [name], expected, path)[name])
+                last.update(name=name, x=_read(files, [name], expected, path, stored)[name])
             return _cast(path, name, _hf_layout(key, last["x"][start:end]), host_dtype)
         name = hf_name(key, layer)
-        x = _read(files, [name], expected, path)[name]
-        if tied_head and key == "embed":
-            _check_tied(path, _read(files, ["lm_head.weight"], expected, path)["lm_head.weight"], x)
+        x = _read(files, [name], expected, path, stored)[name]
         return _cast(path, name, _hf_layout(key, x), host_dtype)
 
     return read

@@ -145,6 +145,9 @@ _ROPE_KEYS = {
     "default": {"rope_theta"},
     "linear": {"rope_theta", "factor"},
     "llama3": {"rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    # dynamic NTK: the base grows only past max_position_embeddings, which no sequence here reaches (max_length):
+    # read as default RoPE (transformers' `_compute_dynamic_ntk_parameters` leaves the base as it is up to there)
+    "dynamic": {"rope_theta", "factor"},
     "yarn": {"rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
              "mscale", "mscale_all_dim", "truncate"},
     "longrope": {"rope_theta", "factor", "original_max_position_embeddings", "attention_factor", "short_factor",
@@ -499,21 +502,30 @@ class LlamaConfig:
         archs = d.get("architectures") or [family.architecture]
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise CheckpointError(f"config: architectures must be a list of class names, got {archs!r}")
-        bad = [a for a in archs if a != family.architecture]
+        # the base model's class too ("LlamaModel": its checkpoint's names lack "model.", `load_checkpoint` adds it;
+        # transformers' AutoModelForCausalLM picks the class by model_type and loads it the same)
+        bad = [a for a in archs if a not in (family.architecture, family.architecture.replace("ForCausalLM", "Model"))]
         if bad:
             missing = "" if "model_type" in d else " (config.json has no model_type, read as 'llama')"
             raise CheckpointError(f"config: unsupported architecture {bad[0]!r} for model_type {model_type!r}"
                                   f"{missing} (supported: {SUPPORTED_ARCHITECTURES}, one per model_type)")
         unknown = [k for k in d if k not in _COMMON_KEYS | family.keys | HARMLESS_KEYS
-                   and not (k in HARMLESS_WHEN_EMPTY and d[k] in ({}, [], None))]
+                   and not (k in HARMLESS_WHEN_EMPTY and d[k] in ({}, [], None))
+                   # every layer full attention: what a family without layer_types computes anyway
+                   and not (k == "layer_types" and isinstance(d[k], list)
+                            and d[k] == ["full_attention"] * len(d[k]) and len(d[k]) == d.get("num_hidden_layers"))]
         if unknown:
             raise CheckpointError(f"config: key {unknown[0]!r} = {d[unknown[0]]!r} is not known to this loader for "
                                   f"model_type {model_type!r}; it may change the model's output")
         act = d.get("hidden_act", family.hidden_acts[0])
+        if act == "swish" and "silu" in family.hidden_acts:  # transformers' ACT2FN: the same SiLU
+            act = "silu"
         if act not in family.hidden_acts:
             raise CheckpointError(f"config: unsupported hidden_act {act!r} for model_type {model_type!r} (supported: "
                                   f"{', '.join(map(repr, family.hidden_acts))})")
         for flag in ("attention_bias", "mlp_bias"):
+            if flag == "attention_bias" and family.qkv_bias:  # Qwen2's q/k/v have biases and o none, whatever it says
+                continue
             if d.get(flag, False):
                 raise CheckpointError(f"config: {flag}={d[flag]!r} is not supported (no such biases are loaded)")
         if d.get("use_mrope", False):
@@ -589,8 +601,9 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
         """Read ``path`` (a ``config.json`` file or a checkpoint directory containing one). A
-        ``generation_config.json`` beside it with an ``eos_token_id`` gives the stop ids instead of config.json's, as
-        in transformers' ``generate`` (Llama 3 Instruct lists <|end_of_text|> and <|eot_id|> there)."""
+        ``generation_config.json`` beside it gives the stop ids instead of config.json's, as in transformers'
+        ``generate``, which reads that file alone (Llama 3 Instruct lists <|end_of_text|> and <|eot_id|> there; one
+        without an ``eos_token_id``, or null, stops on none: a warning says so)."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
@@ -603,6 +616,11 @@ class LlamaConfig:
         if os.path.basename(os.fspath(path)) != "config.json":  # a config file of another name: itself alone
             return config
         eos = _generation_eos(os.path.join(os.path.dirname(os.fspath(path)), "generation_config.json"))
+        if eos == () and config.eos_token_ids:
+            warnings.warn(f"config: {os.path.dirname(os.fspath(path)) or '.'}/generation_config.json names no "
+                          f"eos_token_id: generation does not stop on config.json's {list(config.eos_token_ids)} "
+                          "(transformers' generate reads that file alone, the same); pass eos_ids= to stop",
+                          stacklevel=2)
         return config if eos is None else dataclasses.replace(config, eos_token_ids=eos)
 
     def to_dict(self) -> dict[str, Any]:
@@ -667,13 +685,14 @@ def _json_object(path: str | os.PathLike) -> dict:
 
 def _generation_eos(path: str) -> tuple[int, ...] | None:
     """The ``eos_token_id`` (an id or a list of ids) of the ``generation_config.json`` at ``path``; None where there
-    is no such file or it names none. Integer ids outside the vocabulary (e.g. -1) are taken as config.json's are:
-    the config warns that generation never stops on them."""
+    is no such file, () where it names none (or null: transformers' generate then stops on no id, config.json's
+    not read). Integer ids outside the vocabulary (e.g. -1) are taken as config.json's are: the config warns that
+    generation never stops on them."""
     if not os.path.exists(path):
         return None
     eos = _json_object(path).get("eos_token_id")
     if eos is None:
-        return None
+        return ()
     ids = _id_tuple(eos)
     if not all(is_int(i) for i in ids):
         raise CheckpointError(f"{path}: eos_token_id must be an integer token id or a list of them (or null); got "
@@ -790,13 +809,11 @@ def _check_sliding_window(d: dict[str, Any], family: Family, layer_types: list[s
 def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout. transformers 4: top-level ``rope_theta`` + ``rope_scaling`` dict;
     transformers 5: ``rope_parameters`` (with ``rope_theta`` inside; one flat dict: a dict per layer type is refused,
-    as transformers does not read it for these families). Where both layouts are present they must agree. No theta
-    anywhere: the family's ``default_theta``."""
+    as transformers does not read it for these families). Read as transformers 5 reads them: ``rope_scaling`` where
+    it is given and not empty, else ``rope_parameters`` (a warning where the one left out says otherwise); the dict's
+    ``rope_theta``, else the top-level one (a warning where they differ), else the family's ``default_theta``."""
     top_theta = d.get("rope_theta")
-    found = []  # (where, (theta, scaling))
     legacy = d.get("rope_scaling")
-    if legacy is not None:
-        found.append(("rope_scaling", _parse_rope_dict(legacy, "rope_scaling", top_theta, max_pos, family, d)))
     params = d.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict):
@@ -807,24 +824,32 @@ def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float,
             raise CheckpointError(f"config: rope_parameters keyed by layer type ({keyed[0]!r} = {params[keyed[0]]!r}) "
                                   f"is not a layout transformers reads for model_type {d.get('model_type', 'llama')!r}"
                                   "; write one flat RoPE dict")
-        found.append(("rope_parameters",
-                      _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)))
-    if top_theta is not None:
-        found.append(("rope_theta", (_number(top_theta, "rope_theta"), found[0][1][1] if found else None)))
-    if not found:
-        return family.default_theta, None
-    for where, value in found[1:]:
-        if value != found[0][1]:
-            raise CheckpointError(f"config: {where} gives RoPE {value} but {found[0][0]} gives {found[0][1]} "
-                                  "(theta, scaling); they must agree")
-    return found[0][1]
+    # transformers 5 (`convert_rope_params_to_dict`): `rope_scaling or rope_parameters` (an empty dict is none), its
+    # rope_theta first (`setdefault`), then the top-level one, then the family's default
+    where, rs = ("rope_scaling", legacy) if legacy else ("rope_parameters", params)
+    if not rs:
+        return (family.default_theta if top_theta is None else _number(top_theta, "rope_theta")), None
+    value = _parse_rope_dict(rs, where, top_theta, max_pos, family, d)
+    if where == "rope_scaling" and params:
+        try:
+            other = _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)
+        except CheckpointError as e:
+            other = f"({e})"
+        if other != value:
+            warnings.warn(f"config: rope_scaling gives RoPE {value} and rope_parameters {other} (theta, scaling): "
+                          "rope_scaling read, rope_parameters left out, as transformers does", stacklevel=2)
+    if isinstance(rs, dict) and rs.get("rope_theta") is not None and top_theta is not None and \
+            _number(top_theta, "rope_theta") != value[0]:
+        warnings.warn(f"config: rope_theta {top_theta} beside {where}'s rope_theta {rs['rope_theta']}: the dict's "
+                      "read, as transformers does", stacklevel=2)
+    return value
 
 
 def _partial_rotary_factor(d: dict[str, Any], family: Family) -> float:
     """The part of head_dim RoPE rotates: ``partial_rotary_factor`` in the RoPE dict, else at the top level; 1 where
     neither gives one. The RoPE dict is the one transformers 5 reads: ``rope_scaling`` where it is given and not empty,
     else ``rope_parameters`` (the other is then not read, as there). Where the dict and the top level both give one
-    they must agree (transformers takes the dict's). Another value than 1 is read for the families whose transformers
+    the dict's is read, as transformers does (a warning where they differ). Another value than 1 is read for the families whose transformers
     class rotates part of head_dim (Phi-3) and refused for the others."""
     rope = d.get("rope_scaling") or d.get("rope_parameters")
     found = [(where, src["partial_rotary_factor"]) for where, src in
@@ -834,8 +859,10 @@ def _partial_rotary_factor(d: dict[str, Any], family: Family) -> float:
         return 1.0
     values = [_number(v, f"{where} partial_rotary_factor" if where != "partial_rotary_factor" else where)
               for where, v in found]
-    if any(v != values[0] for v in values):
-        raise CheckpointError(f"config: partial_rotary_factor is given as {found}; they must agree")
+    if any(v != values[-1] for v in values):  # transformers: the dict's (`setdefault` of the top-level one)
+        warnings.warn(f"config: partial_rotary_factor is given as {found}: the RoPE dict's {values[-1]} read, as "
+                      "transformers does", stacklevel=2)
+        values = values[-1:]
     if values[0] != 1.0 and not family.partial_rotary:
         raise CheckpointError(f"config: partial_rotary_factor={found[0][1]!r} is not supported for this model_type "
                               "(its transformers class rotates all of head_dim; Phi-3's reads the factor)")
@@ -868,13 +895,19 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
     if rope_type not in _ROPE_KEYS:
         raise CheckpointError(f"config: unsupported {where} type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
     extra = [k for k in rs if k not in _ROPE_KEYS[rope_type] | {"rope_type", "type", "partial_rotary_factor"}]
-    if extra:
-        raise CheckpointError(f"config: {where} key {extra[0]!r} = {rs[extra[0]]!r} is not used by RoPE type "
-                              f"{rope_type!r} here; it may change the model's output")
+    if extra:  # transformers' `_check_received_keys` warns and computes without them: the same here
+        warnings.warn(f"config: {where} key {extra[0]!r} = {rs[extra[0]]!r} ({len(extra)} such in all) is not read "
+                      f"by RoPE type {rope_type!r}: left out, as transformers leaves it out", stacklevel=2)
     theta = rs.get("rope_theta", top_theta if top_theta is not None else family.default_theta)
     theta = _number(theta, f"{where} rope_theta")
     if rope_type == "default":
         return theta, None
+    if rope_type == "dynamic":
+        if "factor" not in rs:
+            raise CheckpointError(f"config: {where} of type 'dynamic' needs 'factor'")
+        if _number(rs["factor"], f"{where} factor") <= 0:
+            raise CheckpointError(f"config: {where} factor must be positive, got {rs['factor']}")
+        return theta, None  # default RoPE up to max_position_embeddings (_ROPE_KEYS)
     if rope_type == "longrope":
         return theta, _parse_longrope(rs, where, max_pos, d)
     if "factor" not in rs:

@@ -437,7 +437,7 @@ def _token_ids(prompt, i: int, arg: str) -> list[int]:
     return ids.tolist()
 
 
-def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
+def _as_tree(prompts_or_tree, max_depth: int, vocab_size: int) -> SharingTree:
     if isinstance(prompts_or_tree, SharingTree):
         return prompts_or_tree
     if isinstance(prompts_or_tree, (str, bytes)) or not isinstance(prompts_or_tree, (Sequence, np.ndarray,
@@ -447,6 +447,12 @@ def _as_tree(prompts_or_tree, max_depth: int) -> SharingTree:
         raise ValueError(f"prompts_or_tree must be a SharingTree or a list of token-id prompts (one a sequence), got "
                          f"{what} (text: encode it first, or use generate(..., tokenizer=...))")
     prompts = [_token_ids(p, i, "prompts_or_tree") for i, p in enumerate(prompts_or_tree)]
+    for i, p in enumerate(prompts):  # named by the user's prompt and position, not the tree's node built from it
+        ids = np.asarray(p, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+            raise ValueError(f"prompts_or_tree[{i}], position {at}: token id {ids[at]} outside the vocabulary "
+                             f"[0, {vocab_size})")
     return build_sharing_tree(prompts, max_depth=max_depth)
 
 
@@ -473,7 +479,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     key = _key(seed)
     pad_multiple, prefill_chunk = _positive_int("pad_multiple", pad_multiple), _positive_int("prefill_chunk",
                                                                                               prefill_chunk)
-    tree = _as_tree(prompts_or_tree, max_depth)
+    tree = _as_tree(prompts_or_tree, max_depth, config.vocab_size)
     B = tree.num_sequences
     raw = np.asarray(max_new_tokens)
     if not np.issubdtype(raw.dtype, np.integer) or raw.ndim > 1 or (raw.ndim == 1 and raw.shape != (B,)):

@@ -1415,14 +1415,16 @@ def test_rates_take_their_unit_after_rounding_and_fractions_three_decimals():
 
 
 def test_not_measured_says_each_reason_once_on_one_line():
-    """The "Not measured" bullets: one per row and reason (modes joined), a reason repeated at every s said once,
+    """The "Not measured" bullets: one per row and reason (modes joined), a reason repeated at each of the three
+    timed s said once (at fewer s it keeps their names: it is not every s's),
     an XLA message's lines joined (a bullet of several lines broke the markdown), nothing where all are ok."""
     rec = lambda status, reason=None: {"status": status, **({"reason": reason} if reason else {})}
     rows = [("B=8", "a", rec("skipped", "s=1: no torch; s=2: no torch; s=4: no torch")), ("B=8", "b", rec("ok")),
             ("B=8", "c", rec("skipped", "s=1: no torch")), ("B=8", "d", rec("oom", "s=1: X\nFailures (3):\n Y; s=2: Z")),
             ("B=9", "a", rec("error"))]
     assert tables.not_measured(rows) == [
-        "## Not measured", "", "- B=8, a, c: SKIPPED: no torch", "- B=8, d: OOM: s=1: X Failures (3): Y; s=2: Z",
+        "## Not measured", "", "- B=8, a: SKIPPED: no torch", "- B=8, c: SKIPPED: s=1: no torch",
+        "- B=8, d: OOM: s=1: X Failures (3): Y; s=2: Z",
         "- B=9, a: ERROR: no reason recorded", ""]
     assert tables.not_measured([("B=8", "b", rec("ok"))]) == []
 

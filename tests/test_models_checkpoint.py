@@ -10,7 +10,9 @@ import json
 import math
 import pathlib
 import re
+import warnings
 
+import chex
 import ml_dtypes
 import numpy as np
 import pytest
@@ -520,15 +522,19 @@ def test_a_file_is_not_a_checkpoint_directory(tmp_path):
 
 def test_generation_config_gives_the_stop_ids(tmp_path):
     """As transformers' generate: a generation_config.json with an eos_token_id (an id or a list) gives the stop ids
-    instead of config.json's (Llama 3 Instruct adds <|eot_id|> there); without one, or with null, config.json's;
-    a malformed one is refused naming the file."""
+    instead of config.json's (Llama 3 Instruct adds <|eot_id|> there);
+    a malformed one is refused naming the file. Without one, or with null, none (transformers' generate reads that
+    file alone): a warning says so; no such file: config.json's."""
     write_checkpoint(tmp_path / "ck", dict(CONFIG, eos_token_id=2), make_tensors(CONFIG))
     gen = tmp_path / "ck" / "generation_config.json"
     assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == (2,)
-    for eos, want in (([2, 7], (2, 7)), (5, (5,)), (None, (2,))):
+    for eos, want in (([2, 7], (2, 7)), (5, (5,)), (None, ())):
         gen.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos, "do_sample": True}))
-        assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == want, eos
-        assert LlamaConfig.from_json(tmp_path / "ck" / "config.json").eos_token_ids == want
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == want, eos
+            assert LlamaConfig.from_json(tmp_path / "ck" / "config.json").eos_token_ids == want
+        assert bool(seen) == (eos is None) and all("names no eos_token_id" in str(w.message) for w in seen)
     # a config file of another name is read alone; a save writes the stop ids into config.json and into a
     # generation_config.json in the folder (an earlier save's: it would override them), keeping its other keys
     # (it was removed, and with it transformers' sampling defaults where a checkpoint was saved in place)
@@ -645,9 +651,33 @@ def test_ignored_buffers_and_tied_head_copy(tmp_path):
     write_checkpoint(tmp_path / "ck", cfg, t)
     assert "lm_head" not in load_checkpoint(tmp_path / "ck").params()
     t["lm_head.weight"][0, 0] += 1.0
-    write_checkpoint(tmp_path / "bad", cfg, t)
-    with pytest.raises(CheckpointError, match="'lm_head.weight' differs"):
-        load_checkpoint(tmp_path / "bad")
+    write_checkpoint(tmp_path / "own", cfg, t)  # a head of its own: transformers warns and loads it untied
+    with pytest.warns(UserWarning, match="'lm_head.weight' differs from 'model.embed_tokens.weight': loaded untied"):
+        model = load_checkpoint(tmp_path / "own")
+    assert not model.config.tie_word_embeddings
+    np.testing.assert_array_equal(np.asarray(model.params()["lm_head"]).T, t["lm_head.weight"])
+    np.testing.assert_array_equal(np.asarray(model.embed.value), t["model.embed_tokens.weight"])
+    head_only = {k: v for k, v in t.items() if k != "model.embed_tokens.weight"}
+    write_checkpoint(tmp_path / "head", cfg, head_only)  # the tied pair saved as the head alone: read as both
+    model = load_checkpoint(tmp_path / "head")
+    assert model.config.tie_word_embeddings and "lm_head" not in model.params()
+    np.testing.assert_array_equal(np.asarray(model.embed.value), t["lm_head.weight"])
+
+
+def test_a_base_models_names_without_model_prefix(tmp_path):
+    """A checkpoint saved from the base model ("LlamaModel": "embed_tokens.weight", "layers.0....", no "model."):
+    transformers adds the prefix; the same here (it was 'missing tensor'), the same model as with the prefix."""
+    cfg = dict(CONFIG, tie_word_embeddings=True)
+    t = make_tensors(cfg)
+    write_checkpoint(tmp_path / "causal", cfg, t)
+    base = {k.removeprefix("model."): v for k, v in t.items()}
+    write_checkpoint(tmp_path / "base", dict(cfg, architectures=["LlamaModel"]), base, shards=2)
+    want, got = load_checkpoint(tmp_path / "causal"), load_checkpoint(tmp_path / "base")
+    chex.assert_trees_all_equal(got.params(), want.params())
+    del base["norm.weight"]
+    write_checkpoint(tmp_path / "short", cfg, base)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'norm.weight'"):  # named as the file names it
+        load_checkpoint(tmp_path / "short")
 
 
 def test_corrupt_or_truncated_files(tmp_path):

@@ -554,9 +554,10 @@ def test_numpy_and_jax_integers_are_integers(model):
     (dict(stop_tokens=[[1]] * 3), r"stop_tokens has 3 entries, expected one per sequence \(2\)"),
     (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
     # where the id is (it named none)
-    (dict(prompts_or_tree=[[5, 6, 7, 8], [5, 6, 1, 500]]), r"tree\.suffixes\[1\] \(sequence 1's own tokens\), position "
-                                                          r"1: token id 500 outside the vocabulary \[0, \d+\)"),
-    (dict(prompts_or_tree=[[5, 500, 7, 8], [5, 500, 1]]), r"tree\.levels\[0\]\.nodes\[0\], position 1: token id 500"),
+    (dict(prompts_or_tree=[[5, 6, 7, 8], [5, 6, 1, 500]]), r"prompts_or_tree\[1\], position 3: token id 500 outside "
+                                                          r"the vocabulary \[0, \d+\)"),
+    (dict(prompts_or_tree=build_sharing_tree([[5, 500, 7, 8], [5, 500, 1]])),  # a tree: its node and position
+     r"tree\.levels\[0\]\.nodes\[0\], position 1: token id 500"),
     (dict(prompts_or_tree="hello"), r"prompts_or_tree must be a SharingTree or a list of token-id prompts .*got "
                                     r"'hello' \(text: encode it first"),
 ])

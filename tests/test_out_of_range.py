@@ -229,6 +229,14 @@ def test_a_traced_index_into_an_empty_axis_is_refused_by_name(checked):
                                        backend="xla", checked=checked)
   with pytest.raises(ValueError, match=r"levels\[0\]\.layer must lie in \[0, 0\) \(the layer axis of k is empty\)"):
     jax.jit(layers)(jnp.int32(0))
+  # no queries: nothing is read, the outputs are empty (the contract), with a traced index too
+  for empty_q in (jnp.ones((0, 1, 4, 16)), jnp.ones((2, 0, 4, 16))) if not checked else ():  # (checked: checkify)
+    b = empty_q.shape[0]
+    out = jax.jit(lambda s, l: hj.tree_attention(  # noqa: E731
+        empty_q, [Level(empty, empty, jnp.zeros((0,), jnp.int32), s), Level(no_layers[:, :b], no_layers[:, :b],
+                                                                               jnp.full((b,), 5), layer=l)],
+        backend="xla", checked=checked))(jnp.zeros((b,), jnp.int32), jnp.int32(0))
+    assert out.shape == empty_q.shape
 
 
 def test_hydragen_errors_name_the_arguments_given():
