@@ -157,8 +157,9 @@ def _tensor_files(path: str) -> dict[str, str]:
                                       "checkpoint's directory")
         # one file named two ways ("a.safetensors", "./a.safetensors") is one shard
         mapping = {name: os.path.normpath(os.path.join(path, fname)) for name, fname in weight_map.items()}
-        # A tensor held by two listed shards: transformers 5 reads every listed shard whole (the last one read wins),
-        # this loader the shard the map names: refused rather than guessed (a missing shard: named when read).
+        # transformers 5 reads every listed shard whole: a tensor is read where it is, whichever shard the map names
+        # for it (or none); one held by two listed shards (the last read wins there) is refused rather than guessed;
+        # a listed shard that is not there is named when a tensor the map puts in it is read.
         held: dict[str, str] = {}
         for fname in sorted(set(mapping.values())):
             if os.path.isfile(fname):
@@ -169,7 +170,7 @@ def _tensor_files(path: str) -> dict[str, str]:
                                                   f"and {os.path.basename(fname)} ({INDEX_FILE} maps it to "
                                                   f"{os.path.basename(mapping.get(name, '(neither)'))})")
                         held[name] = fname
-        return mapping
+        return {**{n: f for n, f in mapping.items() if not os.path.isfile(f)}, **held}
     if single:  # as transformers: that file alone, before any index
         files = [SINGLE_FILE]
     else:  # shards without their index: every *.safetensors file, no tensor in two of them
@@ -298,8 +299,10 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     missing = [n for n in expected if n not in files]
     if missing:  # named as the file would name it
         name = missing[0].removeprefix("model.") if stored and missing[0] not in stored else missing[0]
+        gone = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
         raise CheckpointError(f"{path}: missing tensor {stored.get(missing[0], name)!r} "
-                              f"({len(missing)} missing in all, expected shape {expected[missing[0]]})")
+                              f"({len(missing)} missing in all, expected shape {expected[missing[0]]})"
+                              + (f"; the index lists {gone[0]}, which is not there" if gone else ""))
     extra = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES) and not (tied_head and
                                                                                                      n == head)]
     if extra:

@@ -511,6 +511,27 @@ def test_which_safetensors_files_are_read_without_an_index(tmp_path):
         load_checkpoint(tmp_path / "shards")
 
 
+def test_an_index_that_misplaces_or_omits_a_tensor_is_read_as_transformers_reads_it(tmp_path):
+    """transformers reads every shard the index lists, whole: a tensor the map puts in the wrong listed shard, or
+    leaves out, is read where it is (both were refused: 'missing tensor ... in model-00001...'); a listed shard that
+    is not there is named with the tensors missing."""
+    t = make_tensors(CONFIG)
+    write_checkpoint(tmp_path / "ref", CONFIG, t)
+    want = load_checkpoint(tmp_path / "ref").params()
+    write_checkpoint(tmp_path / "ck", CONFIG, t, shards=2)
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    first, second = sorted(set(d["weight_map"].values()))
+    moved = next(n for n, f in d["weight_map"].items() if f == second)
+    d["weight_map"][moved] = first  # the wrong listed shard
+    del d["weight_map"][next(n for n, f in d["weight_map"].items() if f == second and n != moved)]  # left out
+    index.write_text(json.dumps(d))
+    chex.assert_trees_all_equal(load_checkpoint(tmp_path / "ck").params(), want)
+    (tmp_path / "ck" / second).unlink()
+    with pytest.raises(CheckpointError, match=rf"missing tensor .*; the index lists {second}, which is not there"):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_a_file_is_not_a_checkpoint_directory(tmp_path):
     write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG))
     for name in ("config.json", "model.safetensors"):
