@@ -984,6 +984,9 @@ def test_configs_read_as_transformers_5_reads_them():
     with pytest.warns(UserWarning, match=r"rope_scaling read, rope_parameters left out"):
         assert LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling=linear, rope_parameters=dict(linear, factor=4.0))
                                      ).rope_scaling == RopeScaling("linear", 2.0)
+    with pytest.warns(UserWarning, match=r"partial_rotary_factor is given as .*: the RoPE dict's 0.5 read"):
+        assert LlamaConfig.from_dict(dict(PHI4_MINI, rope_scaling=None, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})).rotary_dim == 64
     with pytest.warns(UserWarning, match=r"rope_scaling key 'finetuned' = True \(1 such in all\) is not read by RoPE "
                                          r"type 'yarn'"):
         yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
