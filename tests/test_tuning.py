@@ -745,6 +745,10 @@ def test_fields_measured_together_share_one_note():
   single = tuning.with_measured_field(tuning.file_for(H100), "NVIDIA B200", tune, "gemm", "n", command="c", date="d",
                                       commit="x")
   assert single.provenance["note"].startswith("NOT MEASURED on NVIDIA B200 except the field gemm:")
+  # the device's own file under another spelling of its kind (`file_for` matches them by slug): still its own
+  spelt = tuning.with_measured_field(tuning.file_for(H100), H100.lower(), tune, pair, "the note", command="c",
+                                     date="d", commit="x")
+  assert spelt.provenance == own.provenance
 
 
 @pytest.mark.slow  # a tuning tool's robustness (CI time)

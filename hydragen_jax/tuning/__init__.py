@@ -599,7 +599,7 @@ def with_measured_field(base: TuningFile, device_kind: str, tuning: Tuning, fiel
   field was measured here."""
   names = (field,) if isinstance(field, str) else tuple(field)
   field = ("the field " if len(names) == 1 else "the fields ") + " and ".join(names)
-  if base.device_kind == device_kind:
+  if slug(base.device_kind) == slug(device_kind):  # the device's own file (`file_for` matches kinds by their slug)
     provenance = dict(base.provenance, fields=dict(base.provenance.get("fields", {})))
     if str(provenance.get("note", "")).startswith(f"NOT MEASURED on {device_kind} except the field"):
       provenance["note"] = provenance["note"].replace(" except the field", f" except {field} and the field", 1)

@@ -580,8 +580,8 @@ def main(argv: list[str] | None = None) -> None:
 
   # the notes and choice records of the fields this sweep leaves alone (e.g. the note of sweep_gemm.py's field, the
   # records of a full sweep before a partial one), where the base is this device's
-  own_base = base_file.device_kind == kind
-  base_measured = own_base and base_file.provenance.get("measured_on") == kind
+  own_base = tuning_lib.slug(base_file.device_kind) == tuning_lib.slug(kind)  # as `file_for` matches them
+  base_measured = own_base and tuning_lib.slug(str(base_file.provenance.get("measured_on"))) == tuning_lib.slug(kind)
   base_notes = base_file.provenance.get("fields", {}) if own_base else {}
   base_choices = base_file.provenance.get("choices", []) if own_base else []
 
