@@ -242,13 +242,16 @@ def plot_records(recs: list[dict], out_dir: str | pathlib.Path, stem: str) -> li
         groups[r["experiment"], r["device"]].append(r)
     kinds = {kind for kind, _ in groups}
     devices = {device for _, device in groups}
+    short = {d: tuning.slug(d.split(":", 1)[-1]) for d in devices}  # the results files' slug ("nvidia-h200")
+    if len(set(short.values())) < len(devices):  # two devices of one slug ("NVIDIA H200", "nvidia h200"): numbered
+        short = {d: f"{short[d]}-{i}" for i, d in enumerate(sorted(devices), 1)}
     for (kind, device), group in groups.items():
         plotter = PLOTTERS.get(kind)
         if plotter is None:
             continue
         name = stem if len(kinds) == 1 else f"{stem}-{kind}"
         if len(devices) > 1:
-            name += "-" + tuning.slug(device.split(":", 1)[-1])
+            name += "-" + short[device]
         paths += plotter(group, out_dir, name)
     return paths
 

@@ -1467,6 +1467,10 @@ def test_plot_of_several_devices_draws_one_set_per_device(tmp_path):
     assert sorted(len(group) for _, group in drawn) == [1, 2]
     # one device: the names stay as they were
     assert [p.name for p in plot_lib.plot_records(recs[:1], tmp_path, "one")] == ["one-throughput.png"]
+    # two spellings of one device's kind (one slug): numbered, not one file written over the other
+    twins = [recs[0], {**recs[1], "device": "gpu:nvidia h100 80gb hbm3"}]
+    assert sorted(p.name for p in plot_lib.plot_records(twins, tmp_path, "twins")) == [
+        "twins-nvidia-h100-80gb-hbm3-1-throughput.png", "twins-nvidia-h100-80gb-hbm3-2-throughput.png"]
 
 
 def test_plot_of_a_file_without_measured_records_says_so(tmp_path, capsys):
