@@ -133,9 +133,11 @@ def _open(fname: str):
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the shards save_checkpoint writes
 
 
-def _tensor_files(path: str) -> dict[str, str]:
+def _tensor_files(path: str) -> tuple[dict[str, str], set[str]]:
     """Map tensor name -> safetensors file, in transformers' order: `model.safetensors` alone if there is one, else
-    the index, else every `*.safetensors` file (shards without their index; a tensor in two of them is an error)."""
+    the index, else every `*.safetensors` file (shards without their index; a tensor in two of them is an error).
+    Also the names a listed shard holds that the index leaves out (read where needed, never required: transformers
+    reads such a shard whole, and the loader before it never saw them)."""
     index = os.path.join(path, INDEX_FILE)
     single = os.path.isfile(os.path.join(path, SINGLE_FILE))
     if os.path.exists(index) and not single:
@@ -170,7 +172,7 @@ def _tensor_files(path: str) -> dict[str, str]:
                                                   f"and {os.path.basename(fname)} ({INDEX_FILE} maps it to "
                                                   f"{os.path.basename(mapping.get(name, '(neither)'))})")
                         held[name] = fname
-        return {**{n: f for n, f in mapping.items() if not os.path.isfile(f)}, **held}
+        return {**{n: f for n, f in mapping.items() if not os.path.isfile(f)}, **held}, set(held) - set(mapping)
     if single:  # as transformers: that file alone, before any index
         files = [SINGLE_FILE]
     else:  # shards without their index: every *.safetensors file, no tensor in two of them
@@ -185,7 +187,7 @@ def _tensor_files(path: str) -> dict[str, str]:
                     raise CheckpointError(f"{path}: tensor {name!r} is in both {os.path.basename(mapping[name])} and "
                                           f"{fname}, and no {INDEX_FILE} says which to read")
                 mapping[name] = os.path.join(path, fname)
-    return mapping
+    return mapping, set()
 
 
 def model_dtype(caller: str, dtype) -> jnp.dtype:
@@ -273,12 +275,14 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
                               "and *.safetensors)")
     config = LlamaConfig.from_json(path)
     dtype = model_dtype("load_checkpoint", dtype)
-    files = _tensor_files(path)
+    files, unlisted = _tensor_files(path)
     stored: dict[str, str] = {}  # our (HF causal LM) name -> the file's, where they differ
-    if files and not any(n.startswith("model.") for n in files):
+    base_names = bool(files) and not any(n.startswith("model.") for n in files)
+    if base_names:
         # a base model's names ("embed_tokens.weight", "layers.0...."): transformers adds its prefix, "model."
         stored = {("model." + n if n != _HF_TOP["lm_head"] else n): n for n in files}
         files = {ours: files[theirs] for ours, theirs in stored.items()}
+        unlisted = {ours for ours, theirs in stored.items() if theirs in unlisted}
         stored = {ours: theirs for ours, theirs in stored.items() if ours != theirs}
     embed, head = _HF_TOP["embed"], _HF_TOP["lm_head"]
     tied_head = config.tie_word_embeddings and head in files
@@ -298,13 +302,13 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     expected = hf_tensor_shapes(config)
     missing = [n for n in expected if n not in files]
     if missing:  # named as the file would name it
-        name = missing[0].removeprefix("model.") if stored and missing[0] not in stored else missing[0]
+        name = missing[0].removeprefix("model.") if base_names and missing[0] not in stored else missing[0]
         gone = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
         raise CheckpointError(f"{path}: missing tensor {stored.get(missing[0], name)!r} "
                               f"({len(missing)} missing in all, expected shape {expected[missing[0]]})"
                               + (f"; the index lists {gone[0]}, which is not there" if gone else ""))
-    extra = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES) and not (tied_head and
-                                                                                                     n == head)]
+    extra = [n for n in files if n not in expected and n not in unlisted and not n.endswith(_IGNORED_SUFFIXES)
+             and not (tied_head and n == head)]
     if extra:
         raise CheckpointError(f"{path}: tensor {stored.get(extra[0], extra[0])!r} ({len(extra)} unexpected in all) "
                               f"is not part of a {config.model_type!r} model of this config, which would not use it")
@@ -331,10 +335,10 @@ def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, store
             name = f"model.layers.{layer}.{suffix}"
             if last.get("name") != name:
                 last.update(name=name, x=_read(files, [name], expected, path, stored)[name])
-            return _cast(path, name, _hf_layout(key, last["x"][start:end]), host_dtype)
+            return _cast(path, stored.get(name, name), _hf_layout(key, last["x"][start:end]), host_dtype)
         name = hf_name(key, layer)
         x = _read(files, [name], expected, path, stored)[name]
-        return _cast(path, name, _hf_layout(key, x), host_dtype)
+        return _cast(path, stored.get(name, name), _hf_layout(key, x), host_dtype)
 
     return read
 

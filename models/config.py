@@ -864,7 +864,7 @@ def _partial_rotary_factor(d: dict[str, Any], family: Family) -> float:
                       "transformers does", stacklevel=2)
         values = values[-1:]
     if values[0] != 1.0 and not family.partial_rotary:
-        raise CheckpointError(f"config: partial_rotary_factor={found[0][1]!r} is not supported for this model_type "
+        raise CheckpointError(f"config: partial_rotary_factor={found[-1][1]!r} is not supported for this model_type "
                               "(its transformers class rotates all of head_dim; Phi-3's reads the factor)")
     return values[0]
 

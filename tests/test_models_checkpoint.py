@@ -532,6 +532,30 @@ def test_an_index_that_misplaces_or_omits_a_tensor_is_read_as_transformers_reads
         load_checkpoint(tmp_path / "ck")
 
 
+def test_renamed_tensors_are_named_as_the_file_names_them(tmp_path):
+    """Errors name a tensor as its file does: a base model's without "model.", a tied pair saved as the head alone by
+    "lm_head.weight" (and its other tensors with "model."); a shard's tensor that the index leaves out is not
+    required (it loaded before the shards were read whole, and transformers ignores it)."""
+    cfg = dict(CONFIG, tie_word_embeddings=True)
+    t = make_tensors(cfg)
+    big = {k.removeprefix("model."): v for k, v in t.items()}
+    big["layers.0.mlp.up_proj.weight"] = np.full_like(big["layers.0.mlp.up_proj.weight"], 3.4e38)
+    write_checkpoint(tmp_path / "base", cfg, big)
+    with pytest.raises(CheckpointError, match=r"tensor 'layers\.0\.mlp\.up_proj\.weight' holds .*would load as inf"):
+        load_checkpoint(tmp_path / "base", jnp.bfloat16)
+    head_only = {k: v for k, v in t.items() if k not in ("model.embed_tokens.weight", "model.norm.weight")}
+    head_only["lm_head.weight"] = t["model.embed_tokens.weight"]
+    write_checkpoint(tmp_path / "head", cfg, head_only)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.norm\.weight'"):
+        load_checkpoint(tmp_path / "head")
+    write_checkpoint(tmp_path / "extra", cfg, {**t, "model.extra_buffer": np.ones(3, np.float32)}, shards=2)
+    index = tmp_path / "extra" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    del d["weight_map"]["model.extra_buffer"]
+    index.write_text(json.dumps(d))
+    load_checkpoint(tmp_path / "extra")
+
+
 def test_a_file_is_not_a_checkpoint_directory(tmp_path):
     write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG))
     for name in ("config.json", "model.safetensors"):

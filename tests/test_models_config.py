@@ -974,6 +974,10 @@ def test_configs_read_as_transformers_5_reads_them():
         LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={"rope_type": "dynamic"}))
     with pytest.raises(CheckpointError, match="layer_types"):  # a sliding layer still changes the math
         LlamaConfig.from_dict(dict(LLAMA2_7B, layer_types=["full_attention"] * 31 + ["sliding_attention"]))
+    with pytest.raises(CheckpointError, match=r"partial_rotary_factor=0.5 is not supported"), \
+            pytest.warns(UserWarning, match="the RoPE dict's 0.5 read"):  # the value read is the one named
+        LlamaConfig.from_dict(dict(LLAMA2_7B, partial_rotary_factor=1.0, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
     with pytest.raises(CheckpointError, match="attention_bias"):  # Qwen3 reads it (biases on q/k/v/o)
         LlamaConfig.from_dict(dict(QWEN3_8B, attention_bias=True))
     # the RoPE dict's theta over the top-level one; rope_scaling over rope_parameters; unread keys left out
