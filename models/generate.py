@@ -438,6 +438,8 @@ def _token_ids(prompt, i: int, arg: str) -> list[int]:
 
 
 def _as_tree(prompts_or_tree, max_depth: int, vocab_size: int) -> SharingTree:
+    """The sharing tree of `prefill`'s argument; prompts' token ids checked against the vocabulary here, by the
+    user's prompt and position (not by the tree's node built from them); a tree's by `prefill`."""
     if isinstance(prompts_or_tree, SharingTree):
         return prompts_or_tree
     if isinstance(prompts_or_tree, (str, bytes)) or not isinstance(prompts_or_tree, (Sequence, np.ndarray,
@@ -447,12 +449,7 @@ def _as_tree(prompts_or_tree, max_depth: int, vocab_size: int) -> SharingTree:
         raise ValueError(f"prompts_or_tree must be a SharingTree or a list of token-id prompts (one a sequence), got "
                          f"{what} (text: encode it first, or use generate(..., tokenizer=...))")
     prompts = [_token_ids(p, i, "prompts_or_tree") for i, p in enumerate(prompts_or_tree)]
-    for i, p in enumerate(prompts):  # named by the user's prompt and position, not the tree's node built from it
-        ids = np.asarray(p, np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
-            raise ValueError(f"prompts_or_tree[{i}], position {at}: token id {ids[at]} outside the vocabulary "
-                             f"[0, {vocab_size})")
+    _check_vocabulary([(f"prompts_or_tree[{i}]", p) for i, p in enumerate(prompts)], vocab_size)
     return build_sharing_tree(prompts, max_depth=max_depth)
 
 
@@ -497,13 +494,11 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
         if total + budgets[b] > config.max_length + _last_token_unused:
             raise ValueError(f"{_sequence_name(b, _samples)}: prompt of {total} tokens + max_new_tokens "
                              f"{int(given[b])} exceeds the model's {_length_limit(config)}")
-    parts = [(f"tree.levels[{i}].nodes[{j}]", n) for i, level in enumerate(tree.levels) for j, n in enumerate(level.nodes)]
-    for where, part in parts + [(f"tree.suffixes[{b}] (sequence {b}'s own tokens)", x) for b, x in enumerate(tree.suffixes)]:
-        ids = np.asarray(part, np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-            at = int(np.flatnonzero((ids < 0) | (ids >= config.vocab_size))[0])
-            raise ValueError(f"{where}, position {at}: token id {ids[at]} outside the vocabulary "
-                             f"[0, {config.vocab_size})")
+    if isinstance(prompts_or_tree, SharingTree):  # (prompts: checked by _as_tree)
+        _check_vocabulary([(f"tree.levels[{i}].nodes[{j}]", n) for i, level in enumerate(tree.levels)
+                           for j, n in enumerate(level.nodes)]
+                          + [(f"tree.suffixes[{b}] (sequence {b}'s own tokens)", x) for b, x in enumerate(tree.suffixes)],
+                          config.vocab_size)
     eos = tuple(config.eos_token_ids if eos_ids is None else _id_list("eos_ids", eos_ids, config.vocab_size))
     extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size)
               for b, s in enumerate(_stop_entries(stop_tokens, B, "sequence"))]
@@ -800,11 +795,14 @@ def _tokenize(prompts, tokenizer) -> list[list[int]]:
     return out
 
 
-def _check_vocabulary(prompts: list[list[int]], vocab_size: int) -> None:
-    """``ValueError`` naming the prompt and position of the first token id outside ``[0, vocab_size)``."""
-    for i, p in enumerate(prompts):
-        if bad := [j for j, t in enumerate(p) if not 0 <= t < vocab_size]:
-            raise ValueError(f"prompts: prompt {i}, position {bad[0]}: token id {p[bad[0]]} outside the vocabulary "
+def _check_vocabulary(parts, vocab_size: int) -> None:
+    """``ValueError`` naming where (each part's label: "prompts: prompt 3") and the position of the first token id
+    outside ``[0, vocab_size)``. parts: (label, ids) pairs (ids past int64 compared exactly, as Python ints)."""
+    for where, part in parts:
+        ids = np.asarray(part)
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size)) if ids.size else ()
+        if len(bad):
+            raise ValueError(f"{where}, position {bad[0]}: token id {part[bad[0]]} outside the vocabulary "
                              f"[0, {vocab_size})")
 
 
@@ -837,7 +835,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     num_samples = _positive_int("num_samples", num_samples)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     token_prompts = _tokenize(prompts, tokenizer)
-    _check_vocabulary(token_prompts, model.config.vocab_size)
+    _check_vocabulary([(f"prompts: prompt {i}", p) for i, p in enumerate(token_prompts)], model.config.vocab_size)
     sequences = expand_samples(token_prompts, num_samples)
     if tree is None:
         tree = build_sharing_tree(sequences, max_depth=max_depth)
