@@ -290,21 +290,23 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
         files[embed], tied_head = files[head], False
         stored[embed] = stored.pop(head, head)
         del files[head]
-    elif tied_head:  # a copy of the head beside a tied embedding: one if it is one, else (as transformers) untied
+    read_early: dict[str, np.ndarray] = {}  # tensors read to decide the config, handed to the reader (not read twice)
+    if tied_head:  # a copy of the head beside a tied embedding: one if it is one, else (as transformers) untied
         shapes = {embed: hf_tensor_shapes(config)[embed]}
-        both = _read(files, [embed, head], {**shapes, head: shapes[embed]}, path, stored)
-        if not np.array_equal(both[head], both[embed], equal_nan=True):
+        read_early = _read(files, [embed, head], {**shapes, head: shapes[embed]}, path, stored)
+        if not np.array_equal(read_early[head], read_early[embed], equal_nan=True):
             warnings.warn(f"{path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
                           "'model.embed_tokens.weight': loaded untied, each its own (as transformers loads it)",
                           stacklevel=2)
             config, tied_head = dataclasses.replace(config, tie_word_embeddings=False), False
-        del both
+        else:
+            del read_early[head]  # a copy: never read again
     expected = hf_tensor_shapes(config)
     missing = [n for n in expected if n not in files]
     if missing:  # named as the file would name it
-        name = missing[0].removeprefix("model.") if base_names and missing[0] not in stored else missing[0]
+        name = missing[0].removeprefix("model.") if base_names else missing[0]
         gone = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
-        raise CheckpointError(f"{path}: missing tensor {stored.get(missing[0], name)!r} "
+        raise CheckpointError(f"{path}: missing tensor {name!r} "
                               f"({len(missing)} missing in all, expected shape {expected[missing[0]]})"
                               + (f"; the index lists {gone[0]}, which is not there" if gone else ""))
     extra = [n for n in files if n not in expected and n not in unlisted and not n.endswith(_IGNORED_SUFFIXES)
@@ -312,7 +314,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
     if extra:
         raise CheckpointError(f"{path}: tensor {stored.get(extra[0], extra[0])!r} ({len(extra)} unexpected in all) "
                               f"is not part of a {config.model_type!r} model of this config, which would not use it")
-    read = _tensor_reader(config, files, expected, path, dtype, stored)
+    read = _tensor_reader(config, files, expected, path, dtype, stored, read_early)
     if mesh is None:
         return Llama(config, _build(config, read, _on_device(dtype)))
     from models import parallel
@@ -322,7 +324,8 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | Non
                                                               for k, x in arrays.items()}), mesh)
 
 
-def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, stored: dict[str, str]):
+def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, stored: dict[str, str],
+                   read_early: dict[str, np.ndarray]):
     """``read(key, layer)`` for ``_build``: one tensor from its file, checked, in our layout, in ``dtype`` on the host
     (bf16 as ml_dtypes'), so that the host holds one layer's tensors at a time, not the whole model in float32.
     A projection stored in a fused tensor (Phi-3) is its rows of it (the fused tensor read once for all of them)."""
@@ -337,7 +340,7 @@ def _tensor_reader(config: LlamaConfig, files, expected, path: str, dtype, store
                 last.update(name=name, x=_read(files, [name], expected, path, stored)[name])
             return _cast(path, stored.get(name, name), _hf_layout(key, last["x"][start:end]), host_dtype)
         name = hf_name(key, layer)
-        x = _read(files, [name], expected, path, stored)[name]
+        x = read_early.pop(name) if name in read_early else _read(files, [name], expected, path, stored)[name]
         return _cast(path, stored.get(name, name), _hf_layout(key, x), host_dtype)
 
     return read
