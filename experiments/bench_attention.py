@@ -348,11 +348,8 @@ def summarize(case: Case, by_s: dict[int, dict]) -> tuple[str, dict, str | None]
             results["max_abs_err_vs_reference"] = max(e for e in errs if e is not None)
         return "ok", results, None
     worst = next(s for s in ("oom", "error", "skipped") if s in statuses)
-    failed = [(s, r.get("reason", "")[:200]) for s, r in zip(points, recs) if r["status"] != "ok"]
-    if len(failed) == len(recs) and len({why for _, why in failed}) == 1:
-        reasons = failed[0][1]  # one reason at every s (an anchor not installed, a config that does not fit)
-    else:
-        reasons = "; ".join(f"s={s}: {why}" for s, why in failed)
+    # (a reason repeated at every s is said once where it is shown: `tables.not_measured`)
+    reasons = "; ".join(f"s={s}: {r.get('reason', '')[:200]}" for s, r in zip(points, recs) if r["status"] != "ok")
     return worst, base, reasons
 
 

@@ -902,12 +902,6 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
     theta = _number(theta, f"{where} rope_theta")
     if rope_type == "default":
         return theta, None
-    if rope_type == "dynamic":
-        if "factor" not in rs:
-            raise CheckpointError(f"config: {where} of type 'dynamic' needs 'factor'")
-        if _number(rs["factor"], f"{where} factor") <= 0:
-            raise CheckpointError(f"config: {where} factor must be positive, got {rs['factor']}")
-        return theta, None  # default RoPE up to max_position_embeddings (_ROPE_KEYS)
     if rope_type == "longrope":
         return theta, _parse_longrope(rs, where, max_pos, d)
     if "factor" not in rs:
@@ -917,6 +911,8 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
     factor = _number(rs["factor"], f"{where} factor")
     if factor <= 0:
         raise CheckpointError(f"config: {where} factor must be positive, got {factor}")
+    if rope_type == "dynamic":
+        return theta, None  # default RoPE up to max_position_embeddings (_ROPE_KEYS)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor)
     for key in ("low_freq_factor", "high_freq_factor"):
