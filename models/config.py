@@ -7,9 +7,9 @@ without RoPE (SmolLM3), multipliers of the embeddings, logit scale, residual bra
 the attention's and MLP's outputs instead of their inputs and of q and k over all heads (OLMo 2), checkpoint tensors
 of q/k/v and of gate/up fused (Phi-3), embeddings scaled by sqrt(hidden_size), norm weights stored as offsets from 1
 and a GELU-gated MLP (Gemma).
-Supported RoPE: any theta, ``llama3``, ``linear`` or ``yarn`` frequency scaling, and Phi-3's ``longrope`` (its short
-factors within its pretraining context, its long ones past it: ``LlamaConfig.with_long_rope``) and its
-``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE on the first 96 of 128 dimensions). Both ``config.json`` layouts
+Supported RoPE: any theta, ``llama3``, ``linear``, ``yarn`` or ``longrope`` frequency scaling (longrope, Phi-3's on
+any family as transformers runs it: its short factors within its pretraining context, its long ones past it:
+``LlamaConfig.with_long_rope``), and Phi-3's ``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE on the first 96 of 128 dimensions). Both ``config.json`` layouts
 are read: transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one
 flat dict); they give the same config for the same model.
 
@@ -54,7 +54,8 @@ class Family:
     # of q and k over all heads' width (q_proj's and k_proj's outputs), each norm's weight applied in float32
     fused_projections: bool = False  # Phi-3: q/k/v in one checkpoint tensor (qkv_proj), gate/up in one (gate_up_proj)
     longrope: bool = False  # Phi-3: RoPE scaling is longrope only (its configs' "su" and "yarn" read as longrope),
-    # its pretraining context the top-level original_max_position_embeddings (default 4096)
+    # its pretraining context the top-level original_max_position_embeddings (default 4096); the other families read
+    # a longrope dict as it is (its own original_max_position_embeddings, else max_position_embeddings)
     partial_rotary: bool = False  # Phi-3 / Phi-4-mini: partial_rotary_factor, RoPE on the first part of head_dim only
     scaled_embeddings: bool = False  # Gemma: the embeddings times sqrt(hidden_size), rounded to their dtype first
     unit_offset_norms: bool = False  # Gemma: every RMSNorm weight stored as its offset from 1 (x times 1 + weight),
@@ -363,9 +364,6 @@ class LlamaConfig:
                                  f"int({self.head_dim} * {f!r}) = {self.rotary_dim} rotated dimensions; RoPE needs an "
                                  "even number of at least 2")
         if self.longrope_context is not None:
-            if not self.family.longrope:
-                raise ValueError(f"config: longrope is read for model_type 'phi3' only, got model_type "
-                                 f"{self.model_type!r}")
             for name in ("short_factor", "long_factor"):
                 if len(getattr(self.rope_scaling, name)) != self.rotary_dim // 2:
                     raise ValueError(f"config: rope_scaling.{name} must have rotary_dim / 2 = {self.rotary_dim // 2} "
@@ -439,7 +437,7 @@ class LlamaConfig:
 
     def with_long_rope(self, long: bool) -> "LlamaConfig":
         """This config computing with longrope's long factors (``long``) or its short ones; itself without
-        longrope. transformers' Phi-3 takes the long factors for every position of a call whose longest sequence
+        longrope. transformers takes the long factors for every position of a call whose longest sequence
         (its largest position + 1) exceeds original_max_position_embeddings, the short ones otherwise."""
         if self.longrope_context is None or self.rope_scaling.use_long == long:
             return self
@@ -566,7 +564,7 @@ class LlamaConfig:
             if key in d and not (d[key] == value and isinstance(d[key], bool) == isinstance(value, bool)):
                 raise CheckpointError(f"config: {key}={d[key]!r} is not supported (transformers' Phi-3 does not read "
                                       f"it; only {value!r}, which changes nothing, is accepted)")
-        if scaling is not None and scaling.rope_type == "longrope" and head_dim * heads != hidden:
+        if family.longrope and scaling is not None and scaling.rope_type == "longrope" and head_dim * heads != hidden:
             raise CheckpointError(f"config: head_dim {head_dim} with longrope: transformers' Phi3Config checks the "
                                   f"factor lists against hidden_size / num_attention_heads = {hidden / heads:g}, "
                                   "and computes RoPE over head_dim: a config where they differ does not load there")
@@ -645,8 +643,8 @@ class LlamaConfig:
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
-        if self.longrope_context is not None:  # where Phi3Config reads it
-            d["original_max_position_embeddings"] = self.longrope_context
+        if self.longrope_context is not None and self.family.longrope:  # where Phi3Config reads it (the others:
+            d["original_max_position_embeddings"] = self.longrope_context  # the rope_scaling dict's, written there)
         if self.partial_rotary_factor != 1:
             d["partial_rotary_factor"] = self.partial_rotary_factor
         if self.family.nope_layers:
@@ -889,9 +887,6 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
             raise CheckpointError(f"config: {where} type {rope_type!r} for model_type {d.get('model_type')!r}: "
                                   "transformers' Phi-3 reads only default RoPE and longrope (its configs' 'yarn' and "
                                   "'su' are read as longrope)")
-    elif rope_type == "longrope":
-        raise CheckpointError(f"config: {where} type 'longrope' is read for model_type 'phi3' only (whose config "
-                              f"gives its pretraining context), got model_type {d.get('model_type', 'llama')!r}")
     if rope_type not in _ROPE_KEYS:
         raise CheckpointError(f"config: unsupported {where} type {rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
     extra = [k for k in rs if k not in _ROPE_KEYS[rope_type] | {"rope_type", "type", "partial_rotary_factor"}]
@@ -903,7 +898,7 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
     if rope_type == "default":
         return theta, None
     if rope_type == "longrope":
-        return theta, _parse_longrope(rs, where, max_pos, d)
+        return theta, _parse_longrope(rs, where, max_pos, d, family)
     if "factor" not in rs:
         raise CheckpointError(f"config: {where} of type {rope_type!r} needs 'factor'")
     if rope_type == "yarn":
@@ -933,16 +928,18 @@ def _original_context(rs: dict[str, Any], where: str, max_pos: int) -> int | flo
     return original
 
 
-def _parse_longrope(rs: dict[str, Any], where: str, max_pos: int, d: dict[str, Any]) -> RopeScaling:
-    """A Phi-3 longrope dict, read as transformers 5 reads it: the pretraining context is config.json's top-level
-    ``original_max_position_embeddings`` (Phi3Config's 4096 where absent), whatever the dict holds; a missing or null
-    ``factor`` is max_position_embeddings / that context; ``short_factor`` and ``long_factor`` lists of positive
+def _parse_longrope(rs: dict[str, Any], where: str, max_pos: int, d: dict[str, Any], family: Family) -> RopeScaling:
+    """A longrope dict, read as transformers 5 reads it: the pretraining context is, for Phi-3, config.json's
+    top-level ``original_max_position_embeddings`` (Phi3Config's 4096 where absent), whatever the dict holds; for the
+    other families (whose config classes keep no such top-level key) the dict's, else max_position_embeddings; a
+    missing or null ``factor`` is max_position_embeddings / that context; ``short_factor`` and ``long_factor`` lists of positive
     numbers (their length, rotary_dim / 2, is checked by the config); ``attention_factor`` given or derived
     (``RopeScaling.cos_sin_factor``)."""
-    original = d.get("original_max_position_embeddings", 4096)
+    key = "original_max_position_embeddings"
+    original, name = (d.get(key, 4096), key) if family.longrope else (rs.get(key, max_pos), f"{where} {key}")
     if not is_int(original) or original <= 0:
-        raise CheckpointError(f"config: original_max_position_embeddings must be a positive integer (longrope's "
-                              f"pretraining context), got {original!r}")
+        raise CheckpointError(f"config: {name} must be a positive integer (longrope's pretraining context), got "
+                              f"{original!r}")
     factor = max_pos / original if rs.get("factor") is None else _number(rs["factor"], f"{where} factor")
     attention_factor = rs.get("attention_factor")
     if attention_factor is not None:

@@ -567,7 +567,7 @@ def _length_limit(config: LlamaConfig) -> str:
 
 
 def _longrope_choice(config: LlamaConfig, tree: SharingTree) -> LlamaConfig:
-    """The factors a longrope model computes this batch with, as transformers' Phi-3 does for each sequence alone:
+    """The factors a longrope model computes this batch with, as transformers does for each sequence alone:
     the long ones where the prompts are longer than the pretraining context (from their first token: its prefill's
     largest position is past the context, and so is every decode step's), the short ones where they are not (the
     caller's ``max_length`` check then keeps prompt + new tokens within the context). A batch of both kinds is
@@ -936,7 +936,7 @@ def _sequence_name(b: int, samples: int) -> str:
 
 def _generate_across_longrope_context(model: Llama, sequences, max_new_tokens: int, stop_tokens, *, max_depth,
                                       samples: int = 1, **kw):
-    """``generate`` where longrope's factors change within the batch, as transformers' Phi-3 computes each sequence:
+    """``generate`` where longrope's factors change within the batch, as transformers computes each sequence:
     the short factors while a sequence holds at most original_max_position_embeddings (C) tokens, the long ones
     for every position of it from the step it holds C + 1 on (transformers drops its cache there and computes the
     whole sequence again). In two calls: the prompts within C generate with the short factors up to C + 1 tokens

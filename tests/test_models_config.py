@@ -550,8 +550,44 @@ def test_phi3_longrope():
     with pytest.raises(CheckpointError, match=r"head_dim 64 with longrope: .* hidden_size / num_attention_heads = 128"):
         LlamaConfig.from_dict(dict(phi35, head_dim=64, rope_scaling=dict(rs, short_factor=short[:32],
                                                                           long_factor=long_[:32])))
-    with pytest.raises(CheckpointError, match="type 'longrope' is read for model_type 'phi3' only.* 'llama'"):
-        LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={**rs, "short_factor": short, "long_factor": long_}))
+
+
+def test_longrope_on_other_families_reads_its_own_dict():
+    """longrope on a family other than Phi-3 (transformers runs it on every one: the same rotary class): the
+    pretraining context is the dict's original_max_position_embeddings, else max_position_embeddings (a top-level
+    one is Phi3Config's alone: an unknown key here), the factor max_position_embeddings / context where not given;
+    head_dim need not be hidden_size / heads (Phi3Config's check); saved with the context in the dict, no top-level
+    key. Against transformers' logits: tests/test_models_families.py (hf_llama_longrope)."""
+    short, long_ = [1.0 + i / 64 for i in range(64)], [4.0 + i for i in range(64)]
+    rs = {"rope_type": "longrope", "short_factor": short, "long_factor": long_, "original_max_position_embeddings": 1024}
+    c = LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling=rs))
+    assert (c.longrope_context, c.rope_scaling.factor, c.max_length) == (1024, 4.0, 1024)
+    assert math.isclose(c.rope_scaling.cos_sin_factor, math.sqrt(1 + math.log(4) / math.log(1024)), rel_tol=1e-12)
+    np.testing.assert_allclose(rope_inv_freq(c), 10000.0 ** (-np.arange(0, 128, 2) / 128) / np.array(short),
+                               rtol=1e-12)
+    assert c.with_long_rope(True).max_length == 4096
+    saved = c.to_dict()
+    assert "original_max_position_embeddings" not in saved and saved["rope_scaling"]["original_max_position_embeddings"] == 1024
+    assert LlamaConfig.from_dict(json.loads(json.dumps(saved))) == c
+    bare = LlamaConfig.from_dict(dict(LLAMA2_7B, rope_parameters={k: v for k, v in rs.items()
+                                                                   if k != "original_max_position_embeddings"}))
+    assert (bare.longrope_context, bare.rope_scaling.factor, bare.rope_scaling.cos_sin_factor) == (4096, 1.0, 1.0)
+    qwen = LlamaConfig.from_dict(dict(QWEN25_7B, head_dim=64, rope_scaling=dict(rs, short_factor=short[:32],
+                                                                               long_factor=long_[:32])))
+    assert qwen.longrope_context == 1024 and qwen.head_dim == 64
+    for bad, match in [(dict(LLAMA2_7B, rope_scaling=dict(rs, original_max_position_embeddings=1024.5)),
+                        r"rope_scaling original_max_position_embeddings must be a positive integer \(longrope's "
+                        r"pretraining context\), got 1024.5"),
+                       (dict(LLAMA2_7B, original_max_position_embeddings=1024, rope_scaling=rs),
+                        "key 'original_max_position_embeddings' = 1024 is not known to this loader"),
+                       (dict(LLAMA2_7B, rope_scaling=dict(rs, short_factor=short[:63])),
+                        r"short_factor must have rotary_dim / 2 = 64 entries")]:
+        with pytest.raises((CheckpointError, ValueError), match=match):
+            LlamaConfig.from_dict(bad)
+    # "yarn" is YaRN outside Phi-3 (Phi3Config alone renames it longrope)
+    with pytest.warns(UserWarning, match="key 'short_factor' .* is not read by RoPE type 'yarn'"), \
+            pytest.raises(CheckpointError, match="of type 'yarn' needs 'factor'"):
+        LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling=dict(rs, rope_type="yarn")))
 
 
 def test_phi4_mini_partial_rotary():
@@ -903,9 +939,9 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
      r"short_factor must be a non-empty tuple of positive finite numbers, got \(1.0, -1.0\)"),
     (lambda: RopeScaling("longrope", 2.0, original_max_position_embeddings=4096.0, short_factor=(1.0,),
                          long_factor=(1.0,)), "original_max_position_embeddings must be an integer for longrope"),
-    (lambda: LlamaConfig(**SMALL, rope_scaling=RopeScaling("longrope", 2.0, short_factor=(1.0,) * 4,
+    (lambda: LlamaConfig(**SMALL, rope_scaling=RopeScaling("longrope", 2.0, short_factor=(1.0,) * 3,
                                                            long_factor=(1.0,) * 4)),
-     "longrope is read for model_type 'phi3' only, got model_type 'llama'"),
+     r"short_factor must have rotary_dim / 2 = 4 entries \(one a frequency\), got 3"),
     (lambda: RopeScaling("yarn", 4.0, beta_fast=0.0), "rope_scaling.beta_fast must be a positive finite number"),
     (lambda: RopeScaling("yarn", 4.0, attention_factor=-1.0), "attention_factor must be a positive finite number"),
     (lambda: RopeScaling("yarn", 4.0, truncate="no"), "truncate must be True or False, got 'no'"),

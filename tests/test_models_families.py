@@ -166,6 +166,27 @@ def test_longrope_config_is_what_the_fixture_tests(misread):
     assert rel_err(logits[0], want) > 100 * FP32_TOL
 
 
+@pytest.mark.parametrize("misread", ["factor from the context", "no longrope", "short factors past the context"])
+def test_llama_longrope_is_what_the_fixture_tests(monkeypatch, misread):
+    """longrope on Llama (its context, 32, in the RoPE dict; factor 2 given, not 128 / 32): the factor derived as
+    Phi-3's is when absent (another cos / sin factor), default RoPE, or the short factors on prompts past the
+    context, each change transformers' logits far beyond the tolerance."""
+    m = model("hf_llama_longrope")
+    rs = m.config.rope_scaling
+    assert (m.config.longrope_context, rs.factor) == (32, 2.0)
+    outputs = "transformers_outputs_long.npz" if misread == "short factors past the context" else \
+        "transformers_outputs.npz"
+    config = m.config
+    if misread == "factor from the context":
+        config = dataclasses.replace(config, rope_scaling=dataclasses.replace(rs, factor=128 / 32))
+    elif misread == "no longrope":
+        config = dataclasses.replace(config, rope_scaling=None)
+    else:
+        monkeypatch.setattr(LlamaConfig, "with_long_rope", lambda self, long: self)
+    prompt, greedy, want = cases("hf_llama_longrope", outputs)[2]
+    assert rel_err(full_logits(Llama(config, m.params()), [prompt + greedy])[0], want) > 100 * FP32_TOL
+
+
 @pytest.mark.parametrize("misread", ["all of head_dim", "no longrope", "the last dimensions"])
 def test_partial_rotary_is_what_the_fixture_tests(monkeypatch, misread):
     """Phi-4-mini's partial rotary: RoPE over the whole head (default frequencies, as a loader ignoring the factor
@@ -210,7 +231,8 @@ def test_longrope_prefill_does_not_cross_the_pretraining_context():
 
 
 @pytest.mark.parametrize("name", [pytest.param("hf_phi3_longrope", marks=pytest.mark.slow),  # ~40 s each;
-                                  "hf_phi4_partial"])  # (Phi-4-mini's: longrope with partial rotary)
+                                  "hf_phi4_partial",  # (Phi-4-mini's: longrope with partial rotary)
+                                  pytest.param("hf_llama_longrope", marks=pytest.mark.slow)])
 def test_longrope_generation_across_the_pretraining_context_matches_transformers(name):
     """generate() over prompts of 8-12 tokens continued by 30 (context 32), as transformers computes each sequence
     (the long factors for every position from the step a sequence holds 33 tokens on: its uncached generate and
@@ -294,7 +316,7 @@ def test_longrope_calls_name_bad_eos_ids_first():
             generate(m, [[1] * 30], max_new_tokens=crossing, sampling="greedy", eos_ids=eos)
 
 
-@pytest.mark.parametrize("name", ["hf_phi3_longrope", "hf_phi4_partial"])
+@pytest.mark.parametrize("name", ["hf_phi3_longrope", "hf_phi4_partial", "hf_llama_longrope"])
 @pytest.mark.parametrize("mode", ["hydragen", pytest.param("standard", marks=pytest.mark.slow)])
 def test_longrope_prompts_past_the_pretraining_context_match_transformers(name, mode):
     """Prompts longer than original_max_position_embeddings (43, 41 and 45 tokens sharing 40, context 32):
