@@ -212,7 +212,9 @@ class RopeScaling:
     checkpoint's config.json does). ``long_factor`` is what transformers computes with, from the first token, where a
     call's sequences are longer than that context: ``use_long`` True selects it, a choice made per call
     (``LlamaConfig.with_long_rope``: ``models.generate.prefill`` and the dense forward make it), not a key of the
-    checkpoint (``to_dict`` leaves it out). The fields a type does not use keep their defaults."""
+    checkpoint (``to_dict`` leaves it out). "dynamic" (dynamic NTK) is default RoPE up to max_position_embeddings,
+    the longest sequence this model takes (its base grows only past it), kept so that a checkpoint saves as it was
+    read. The fields a type does not use keep their defaults."""
 
     rope_type: str
     factor: float
@@ -228,9 +230,9 @@ class RopeScaling:
     use_long: bool = False
 
     def __post_init__(self):
-        if self.rope_type not in ("linear", "llama3", "yarn", "longrope"):  # "default": rope_scaling=None
-            raise ValueError(f"config: rope_scaling.rope_type must be 'linear', 'llama3', 'yarn' or 'longrope' (no "
-                             f"scaling: rope_scaling=None), got {self.rope_type!r}")
+        if self.rope_type not in ("linear", "llama3", "yarn", "longrope", "dynamic"):  # default: rope_scaling=None
+            raise ValueError(f"config: rope_scaling.rope_type must be 'linear', 'llama3', 'yarn', 'longrope' or "
+                             f"'dynamic' (no scaling: rope_scaling=None), got {self.rope_type!r}")
         for name in ("short_factor", "long_factor"):
             value = getattr(self, name)
             if (self.rope_type == "longrope") != (value is not None):
@@ -906,8 +908,8 @@ def _parse_rope_dict(rs: Any, where: str, top_theta: Any, max_pos: int, family: 
     factor = _number(rs["factor"], f"{where} factor")
     if factor <= 0:
         raise CheckpointError(f"config: {where} factor must be positive, got {factor}")
-    if rope_type == "dynamic":
-        return theta, None  # default RoPE up to max_position_embeddings (_ROPE_KEYS)
+    if rope_type == "dynamic":  # default RoPE up to max_position_embeddings (_ROPE_KEYS), kept to be saved as read
+        return theta, RopeScaling("dynamic", factor)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor)
     for key in ("low_freq_factor", "high_freq_factor"):

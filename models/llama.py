@@ -296,7 +296,7 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     d = config.rotary_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     rs = config.rope_scaling
-    if rs is None:
+    if rs is None or rs.rope_type == "dynamic":  # dynamic NTK: the base unchanged up to max_position_embeddings
         return inv
     if rs.rope_type == "linear":
         return inv / rs.factor

@@ -932,7 +932,7 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 
 @pytest.mark.parametrize("scaling, match", [
-    (lambda: RopeScaling("dynamic", 2.0), "rope_type must be 'linear', 'llama3', 'yarn' or 'longrope'.*'dynamic'"),
+    (lambda: RopeScaling("ntk", 2.0), "rope_type must be 'linear', 'llama3', 'yarn', 'longrope' or 'dynamic'.*'ntk'"),
     (lambda: RopeScaling("longrope", 2.0), "short_factor is longrope's and needed by it; rope_type 'longrope'"),
     (lambda: RopeScaling("yarn", 2.0, long_factor=(1.0,)), "long_factor is longrope's .* rope_type 'yarn'"),
     (lambda: RopeScaling("longrope", 2.0, short_factor=(1.0, -1.0), long_factor=(1.0, 1.0)),
@@ -999,9 +999,14 @@ def test_configs_read_as_transformers_5_reads_them():
         for d in (dict(LLAMA2_7B, rope_scaling={}, rope_parameters=dict(linear, rope_theta=10000.0)),
                   dict(LLAMA2_7B, rope_scaling=linear, rope_parameters={})):
             assert LlamaConfig.from_dict(d).rope_scaling == RopeScaling("linear", 2.0)
-        # dynamic NTK changes nothing up to max_position_embeddings, the longest sequence here
+        # dynamic NTK changes nothing up to max_position_embeddings, the longest sequence here; kept, and saved, as
+        # it was read (it was saved as rope_scaling null: transformers' copy then differed past that length)
         dynamic = LlamaConfig.from_dict(dict(LLAMA2_7B, rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
-        assert dynamic.rope_scaling is None and dynamic.max_length == base.max_length
+        assert dynamic.rope_scaling == RopeScaling("dynamic", 4.0) and dynamic.max_length == base.max_length
+        np.testing.assert_array_equal(rope_inv_freq(dynamic), rope_inv_freq(base))
+        assert dynamic.rope_scaling.cos_sin_factor == 1.0
+        assert dynamic.to_dict()["rope_scaling"] == {"rope_type": "dynamic", "factor": 4.0}
+        assert LlamaConfig.from_dict(json.loads(json.dumps(dynamic.to_dict()))) == dynamic
         assert LlamaConfig.from_dict(dict(LLAMA2_7B, hidden_act="swish")).hidden_act == "silu"  # ACT2FN's SiLU
         assert LlamaConfig.from_dict(dict(LLAMA2_7B, layer_types=["full_attention"] * 32)) == base
         assert LlamaConfig.from_dict(dict(QWEN25_7B, attention_bias=True)) == LlamaConfig.from_dict(QWEN25_7B)
