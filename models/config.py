@@ -815,24 +815,29 @@ def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float,
     top_theta = d.get("rope_theta")
     legacy = d.get("rope_scaling")
     params = d.get("rope_parameters")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise CheckpointError(f"config: rope_parameters must be a dict or null, got {params!r}")
-        keyed = [k for k in params if k in LAYER_TYPES]  # (_layer_types admits no other type)
-        if keyed:  # transformers 5.17 fails to load these families' configs in that layout (or, without layer_types,
-            # reads the dict as flat and ignores the inner ones): no transformers writes it for them
-            raise CheckpointError(f"config: rope_parameters keyed by layer type ({keyed[0]!r} = {params[keyed[0]]!r}) "
-                                  f"is not a layout transformers reads for model_type {d.get('model_type', 'llama')!r}"
-                                  "; write one flat RoPE dict")
+    if params is not None and not isinstance(params, dict):  # (transformers' config class refuses it too)
+        raise CheckpointError(f"config: rope_parameters must be a dict or null, got {params!r}")
+    keyed = [k for k in params or () if k in LAYER_TYPES]  # (_layer_types admits no other type)
+    # transformers 5.17 fails to load these families' configs in that layout (or, without layer_types, reads the dict
+    # as flat and ignores the inner ones): no transformers writes it for them
+    keyed_error = keyed and (f"config: rope_parameters keyed by layer type ({keyed[0]!r} = {params[keyed[0]]!r}) is "
+                             f"not a layout transformers reads for model_type {d.get('model_type', 'llama')!r}; "
+                             "write one flat RoPE dict")
     # transformers 5 (`convert_rope_params_to_dict`): `rope_scaling or rope_parameters` (an empty dict is none), its
     # rope_theta first (`setdefault`), then the top-level one, then the family's default
     where, rs = ("rope_scaling", legacy) if legacy else ("rope_parameters", params)
+    if where == "rope_parameters" and keyed_error:
+        raise CheckpointError(keyed_error)
     if not rs:
         return (family.default_theta if top_theta is None else _number(top_theta, "rope_theta")), None
     value = _parse_rope_dict(rs, where, top_theta, max_pos, family, d)
-    if where == "rope_scaling" and params:
+    if where == "rope_scaling" and params:  # not read, as transformers does not read it then: a warning if it differs
         try:
-            other = _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)
+            if keyed_error:
+                raise CheckpointError(keyed_error)
+            with warnings.catch_warnings():  # (its unread keys: the warning below names it)
+                warnings.simplefilter("ignore")
+                other = _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)
         except CheckpointError as e:
             other = f"({e})"
         if other != value:

@@ -395,6 +395,18 @@ def test_rope_parameters_per_layer_type_are_refused(name):
         LlamaConfig.from_dict(to_v5(ALL[name], per_layer_type=True))
 
 
+def test_rope_parameters_beside_rope_scaling_are_not_read():
+    """transformers reads `rope_scaling or rope_parameters`: beside a non-empty rope_scaling, a rope_parameters it
+    would refuse on its own (keyed by layer type, an unknown RoPE type) is not read either, with a warning naming it
+    (both were refused here); a non-dict one is refused, as transformers' config class refuses it."""
+    want = LlamaConfig.from_dict(RLLAMA)
+    for params in ({"full_attention": {"rope_type": "yarn", "factor": 4.0}}, {"rope_type": "nonsense"}):
+        with pytest.warns(UserWarning, match=r"rope_scaling read, rope_parameters left out"):
+            assert LlamaConfig.from_dict(dict(RLLAMA, rope_parameters=params)) == want
+    with pytest.raises(CheckpointError, match="rope_parameters must be a dict or null, got 'abc'"):
+        LlamaConfig.from_dict(dict(RLLAMA, rope_parameters="abc"))
+
+
 def test_smollm3():
     """SmolLM3's NoPE layers: no_rope_layers as written (its first num_hidden_layers entries), else every
     no_rope_layer_interval-th layer (default 4) without RoPE; transformers' class defaults where keys are left out
@@ -845,7 +857,8 @@ RLLAMA, RQWEN = LLAMA31_8B, QWEN3_8B
     (dict(to_v5(RQWEN), rope_parameters={"sliding_attention": {"rope_type": "default"}}), "keyed by layer type"),
     (dict(to_v5(RQWEN), rope_parameters={"full_attention": {"rope_type": "default"}, "rope_theta": 1e6}),
      "keyed by layer type"),
-    (dict(RLLAMA, rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0}}), "keyed by layer type"),
+    (dict(to_v5(RLLAMA), rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0}}),
+     "keyed by layer type"),
     (dict(RQWEN, layer_types=["sliding_attention"] * 36), r"marks layers \[0, 1, .* but no sliding window applies"),
     (dict(LLAMA2_7B, num_attention_heads=7, num_key_value_heads=7), "not a multiple"),
     (dict(LLAMA2_7B, model_type="mistral"), "'LlamaForCausalLM' for model_type 'mistral'"),
