@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
-from models.config import CheckpointError, LlamaConfig
+from models.config import GENERATE_KEYS, RUNTIME_KEYS, CheckpointError, LlamaConfig
 from models.llama import (PACKED, Llama, Params, layer_keys, pack_layer, param_shapes, unpack_layer,
                           unpacked_layer_shapes)
 
@@ -431,9 +431,10 @@ def _loads_as(cfg: dict) -> LlamaConfig | None:
 _PACKED_FROM = {part: key for key, parts in PACKED.items() for part in parts}  # a projection -> its packed weight
 
 
-def _same_generation_eos(path: str, eos) -> None:
-    """The ``generation_config.json`` at ``path``, if any, with ``eos_token_id`` set to ``eos`` (config.json's):
-    its other keys kept; removed where it is not a JSON object."""
+def _same_generation_ids(path: str, cfg: dict) -> None:
+    """The ``generation_config.json`` at ``path``, if any, with config.json's (``cfg``) stop ids as its
+    ``eos_token_id``, and its ``bos_token_id`` / ``pad_token_id`` where it has them (transformers' generate reads
+    this file's ids, not config.json's); its other keys kept; removed where it is not a JSON object."""
     if not os.path.exists(path):
         return
     try:
@@ -444,7 +445,10 @@ def _same_generation_eos(path: str, eos) -> None:
     if not isinstance(gen, dict):
         os.remove(path)
         return
-    gen["eos_token_id"] = eos
+    gen["eos_token_id"] = cfg["eos_token_id"]
+    for key in ("bos_token_id", "pad_token_id"):  # (a save in place with other ids left these stale)
+        if key in gen:
+            gen[key] = cfg[key]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2)
 
@@ -459,24 +463,38 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     its other keys (transformers' sampling defaults); one that is not a JSON object is removed.
 
     ``dtype``: every tensor's (one of ``SAVE_DTYPES``), or None: each tensor in the model's dtype for it (config.json
-    names the embedding's). ``extra_config``: keys added to config.json (e.g. provenance); one that changes the
-    model it describes (``rope_theta``, ``num_hidden_layers``, …) is refused: change ``model.config`` instead."""
+    names the embedding's). ``extra_config``: keys added to config.json (e.g. provenance); refused: one that changes
+    the model it describes or restates one of its keys otherwise (``rope_theta``, ``num_hidden_layers``, a null
+    ``head_dim``, …: change ``model.config`` instead), a default of transformers' generate (``GENERATE_KEYS``: its
+    place is generation_config.json) and a switch of how transformers runs the model (``RUNTIME_KEYS``)."""
     path = os.fspath(path)
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes < 1):
         raise ValueError(f"save_checkpoint: max_shard_bytes must be a positive int (or None: one file), got "
                          f"{max_shard_bytes!r}")
     base = model.config.to_dict()
+    for k, v in (extra_config or {}).items():
+        if k in GENERATE_KEYS or k in RUNTIME_KEYS:
+            raise ValueError(f"save_checkpoint: extra_config key {k!r} = {v!r} is " + (
+                "a default of transformers' generate(), which it would apply to this checkpoint (this project's "
+                "generate does not read it): write it in generation_config.json" if k in GENERATE_KEYS else
+                "a switch of how transformers runs the model (it refuses or fails on some values): left to its "
+                "defaults"))
     cfg = {**base, **(extra_config or {})}
     try:  # what load_checkpoint will make of it: a key it refuses is refused now, before anything is written
         loaded = LlamaConfig.from_dict(cfg)
     except (ValueError, CheckpointError) as e:
         raise ValueError(f"save_checkpoint: extra_config {extra_config!r} gives a config.json that load_checkpoint "
                          f"refuses: {e}") from e
-    if extra_config and loaded != (plain := _loads_as(base)):  # the tensors written are the model's: config.json
-        # must describe it (plain: the model's config as saved without extra_config; read only where there is one)
-        changed = [k for k, v in extra_config.items() if _loads_as({**base, k: v}) != plain] or sorted(
-            extra_config)  # those that change it alone (else all: together)
+    # a key of the model's config.json restated with another value (a null head_dim, which this loader fills in as
+    # transformers' Llama does but its Qwen3 or Gemma refuses)
+    restated = [k for k, v in (extra_config or {}).items() if k in base and json.loads(json.dumps(v)) != base[k]]
+    # the tensors written are the model's: config.json must describe them (plain: the model's config as saved without
+    # extra_config; read only where there is one)
+    if extra_config and (restated or loaded != _loads_as(base)):
+        plain = _loads_as(base)
+        changed = [k for k, v in extra_config.items() if k in restated or _loads_as({**base, k: v}) != plain] or \
+            sorted(extra_config)  # those that change it alone (else all: together)
         raise ValueError(f"save_checkpoint: extra_config changes the model config.json describes (keys {changed}); "
                          f"expected keys that leave it as it is (e.g. provenance): change model.config instead")
     tensors = to_hf_tensors(model, dtype)
@@ -489,7 +507,7 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     for fname in os.listdir(path):
         if fname in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(fname):
             os.remove(os.path.join(path, fname))
-    _same_generation_eos(os.path.join(path, "generation_config.json"), cfg["eos_token_id"])
+    _same_generation_ids(os.path.join(path, "generation_config.json"), cfg)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     shards: list[dict[str, np.ndarray]] = [{}]

@@ -74,7 +74,9 @@ class Family:
     default_eos: int | None = 2
     default_pad: int | None = None
     # num_key_value_heads / head_dim where config.json leaves the key out (None: num_attention_heads /
-    # hidden_size // num_attention_heads); a key given as null takes those in every family, as transformers does
+    # hidden_size // num_attention_heads); a key given as null takes those in every family, as transformers' Llama
+    # does (5.17's Qwen3, Gemma, Phi-3, OLMo 2 config classes refuse a null head_dim, Mistral's and Gemma's a null
+    # num_key_value_heads: save_checkpoint never writes one)
     default_kv_heads: int | None = None
     default_head_dim: int | None = None
     default_tie: bool = False  # tie_word_embeddings
@@ -164,11 +166,25 @@ _COMMON_KEYS = frozenset({
     "hidden_act", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "tie_word_embeddings",
     "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias", "rope_interleaved"})
 # Keys known not to change the logits, whatever their value.
-HARMLESS_KEYS = frozenset({
+# defaults of transformers' generate(), not of the model (read from a config.json; not written by save_checkpoint's
+# extra_config, as transformers' generate would apply them to the saved checkpoint: generation_config.json's place)
+GENERATE_KEYS = frozenset({
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+# how transformers runs the model, not its math (read from a config.json; not written by save_checkpoint's
+# extra_config: transformers 5.17 refuses use_return_dict and unknown problem_type values, fails every forward with
+# return_dict false and generate() with is_encoder_decoder true, and an _attn_implementation it lacks)
+RUNTIME_KEYS = frozenset({"return_dict", "use_return_dict", "problem_type", "is_encoder_decoder",
+                          "_attn_implementation"})
+HARMLESS_KEYS = GENERATE_KEYS | RUNTIME_KEYS | frozenset({
     # bookkeeping written by transformers or the hub
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "id2label", "label2id",
-    "problem_type", "is_encoder_decoder", "is_decoder", "tokenizer_class", "_attn_implementation_autoset",
+    "output_attentions", "output_hidden_states", "id2label", "label2id",
+    "is_decoder", "tokenizer_class", "_attn_implementation_autoset",
     "torchscript", "use_bfloat16", "finetuning_task", "task_specific_params", "prefix", "sep_token_id",
     "decoder_start_token_id", "tf_legacy_loss", "add_cross_attention", "cross_attention_hidden_size",
     "tie_encoder_decoder",
@@ -187,14 +203,6 @@ HARMLESS_KEYS = frozenset({
     "attention_dropout",
     # the same products, split differently (tensor-parallel slices of pretraining, chunks of the MLP)
     "pretraining_tp", "chunk_size_feed_forward",
-    # defaults of transformers' generate(), not of the model
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    # which attention implementation transformers runs (eager, sdpa, flash): the same attention
-    "_attn_implementation",
 })
 # Keys that change nothing at their empty value ({}, [] or null), which full config dumps write: other values are
 # refused like any unknown key (pruned heads remove heads the loader's shapes would still expect).

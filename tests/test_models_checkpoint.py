@@ -6,6 +6,7 @@ Qwen2 / Qwen3 tensors (biases, q/k norms) round-trip; missing, unexpected, corru
 ``CheckpointError`` naming the tensor or file.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -313,10 +314,13 @@ def test_a_save_load_checkpoint_would_refuse_is_refused_before_writing(tmp_path,
 
 
 @pytest.mark.parametrize("extra", [{"rope_theta": 1e6}, {"rms_norm_eps": 0.5}, {"tie_word_embeddings": True},
-                                   {"num_hidden_layers": 1}, {"_name_or_path": "mine", "vocab_size": 7}])
+                                   {"num_hidden_layers": 1}, {"_name_or_path": "mine", "vocab_size": 7},
+                                   {"head_dim": None}, {"num_key_value_heads": None}])
 def test_extra_config_that_changes_the_model_is_refused(tmp_path, extra):
     """config.json must describe the tensors written: a key that changes the model (it saved a checkpoint that
-    loaded with other logits, or did not load) is refused by name, with nothing written."""
+    loaded with other logits, or did not load) is refused by name, with nothing written; so is one of its keys
+    restated otherwise (a null head_dim or num_key_value_heads: this loader fills them in, transformers' Qwen3,
+    Gemma, Mistral refuse them)."""
     model = _model(tmp_path / "a")
     changed = [k for k in extra if k != "_name_or_path"]
     with pytest.raises(ValueError, match=re.escape(f"extra_config changes the model config.json describes (keys "
@@ -343,9 +347,30 @@ def test_a_model_of_mixed_dtypes_is_saved_in_each_tensors_dtype(tmp_path):
                                   np.asarray(layers[0]["attn_norm"]))
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({"max_length": 8}, "'max_length' = 8 is a default of transformers' generate\\(\\), .* generation_config.json"),
+    ({"do_sample": True, "temperature": 0.5}, "'do_sample' = True is a default of transformers' generate"),
+    ({"use_return_dict": True}, "'use_return_dict' = True is a switch of how transformers runs the model"),
+    ({"return_dict": False}, "'return_dict' = False is a switch"),
+    ({"is_encoder_decoder": True}, "'is_encoder_decoder' = True is a switch"),
+    ({"_attn_implementation": "flash_attention_2"}, "'_attn_implementation' = 'flash_attention_2' is a switch"),
+])
+def test_extra_config_keys_transformers_acts_on_are_refused(tmp_path, extra, match):
+    """Keys the loader reads past (harmless in a checkpoint's config.json for this model's math) that transformers
+    acts on when it loads what save_checkpoint wrote (a review ran transformers 5.17 on each): generate() defaults
+    (it then sampled, or stopped after 4 tokens), and run-time switches it refuses or fails on (every forward with
+    return_dict false): refused by name, nothing written."""
+    model = _model(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"save_checkpoint: extra_config key " + match):
+        save_checkpoint(model, tmp_path / "b", extra_config=extra)
+    assert not (tmp_path / "b").exists()
+    assert LlamaConfig.from_dict(dict(CONFIG, **extra)) == model.config  # read past in a config.json
+
+
 def test_extra_config_the_loader_reads_is_saved(tmp_path):
     model = _model(tmp_path / "a")
-    save_checkpoint(model, tmp_path / "b", extra_config={"_name_or_path": "mine", "pruned_heads": {}})
+    save_checkpoint(model, tmp_path / "b", extra_config={"_name_or_path": "mine", "pruned_heads": {},
+                                                         "rms_norm_eps": model.config.rms_norm_eps})
     assert json.loads((tmp_path / "b" / "config.json").read_text())["_name_or_path"] == "mine"
     tokens = [3, 1, 4]
     np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "b"), tokens), model_logits(model, tokens))
@@ -596,6 +621,15 @@ def test_generation_config_gives_the_stop_ids(tmp_path):
     save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "ck", dtype=jnp.bfloat16)
     assert json.loads(gen.read_text()) == {"eos_token_id": 5, "do_sample": True, "top_p": 0.9}
     assert load_checkpoint(tmp_path / "ck").config.eos_token_ids == (5,)
+    # its bos / pad ids too, where it has them (a save in place with other ids left them stale for transformers)
+    gen.write_text(json.dumps({"bos_token_id": 1, "pad_token_id": 0, "eos_token_id": 5}))
+    m = load_checkpoint(tmp_path / "ck")
+    save_checkpoint(Llama(dataclasses.replace(m.config, bos_token_id=3, pad_token_id=4, eos_token_ids=(6,)),
+                          m.params()), tmp_path / "ck")
+    assert json.loads(gen.read_text()) == {"bos_token_id": 3, "pad_token_id": 4, "eos_token_id": 6}
+    gen.write_text(json.dumps({"eos_token_id": 5}))  # ids the file leaves out stay out
+    save_checkpoint(m, tmp_path / "ck")
+    assert json.loads(gen.read_text()) == {"eos_token_id": 5}
     (tmp_path / "saved" / "generation_config.json").write_text("[9]")  # not an object: removed
     save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "saved")
     assert not (tmp_path / "saved" / "generation_config.json").exists()
