@@ -170,23 +170,61 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   return out.astype(states[0][0].dtype), lse
 
 
+def saturate_int32(x: Array) -> Array:
+  """Integer `x` as int32, a wider type (uint32; int64, uint64 with `jax_enable_x64`) clipped to int32's range first:
+  past int32 is past any capacity or index, and the cast must not wrap it back into range (2^32 - 1 -> -1)."""
+  x = jnp.asarray(x)
+  info = jnp.iinfo(x.dtype)
+  if info.max > 2**31 - 1 or info.min < -2**31:
+    x = jnp.clip(x, max(info.min, -2**31), 2**31 - 1)
+  return x.astype(jnp.int32)
+
+
 def write_positions(lengths: Array, new_tokens: Array, num_slots: int, capacity: int) -> Array:
   """Cache position of each of a step's T query slots `[B, T]`: sequence b's new_tokens[b] real tokens are its last
   slots (right-aligned) and go to positions lengths[b], lengths[b] + 1, …; a padding slot t, and a slot whose
   position is at or past the capacity (or below 0), gets capacity + t (past the end: dropped; distinct within a
   row). new_tokens is clamped to [0, T]."""
   t = jnp.arange(num_slots)[None, :]
-  new_tokens = jnp.clip(new_tokens, 0, num_slots)[:, None]  # a count outside [0, T] means none or all slots
+  # int32 (a uint32 length near 2^32 wrapped to a slot inside the cache), lengths past the capacity at it (no sum
+  # overflows), a count outside [0, T] meaning none or all slots
+  lengths = jnp.minimum(saturate_int32(lengths), capacity)
+  new_tokens = jnp.clip(saturate_int32(new_tokens), 0, num_slots)[:, None]
   pos = lengths[:, None] + t - (num_slots - new_tokens)
   return jnp.where((t >= num_slots - new_tokens) & (pos >= 0) & (pos < capacity), pos, capacity + t)
 
 
+def check_write_args(where: str, k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
+                     ) -> tuple[int, int, int, int, int]:
+  """(B, T, S, Hkv, D) of a cache write's arguments (`write_at`'s, `models.kv_write.write`'s,
+  `models.pair_scatter.scatter`'s): caches
+  `[B, S, Hkv, D]` of one shape and dtype, k and v `[B, T, Hkv, D]`, integer positions `[B, T]`; else a ValueError
+  that names `where`, the argument and what it got."""
+  if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+    raise ValueError(f"{where}: k_cache {k_cache.dtype}{list(k_cache.shape)} and v_cache "
+                     f"{v_cache.dtype}{list(v_cache.shape)}; expected both [B, S, Hkv, D], one shape and dtype.")
+  b, s, hkv, d = k_cache.shape
+  if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[2:] != (hkv, d):
+    raise ValueError(f"{where}: k {list(k.shape)} and v {list(v.shape)}; expected both [{b}, T, {hkv}, {d}] (the "
+                     "caches' batch, KV heads and head dim).")
+  t = k.shape[1]
+  if positions.shape != (b, t) or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"{where}: positions {positions.dtype}{list(positions.shape)}; expected integers [{b}, {t}] (one "
+                     "slot a new token).")
+  return b, t, s, hkv, d
+
+
 def write_at(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array) -> tuple[Array, Array]:
-  """k, v `[B, T, Hkv, D]` written into the caches `[B, S, Hkv, D]` at `positions` `[B, T]` (`write_positions`'s:
-  distinct within a row; those at or past S dropped), in the caches' dtype: one scatter a cache."""
+  """k, v `[B, T, Hkv, D]` written into the caches `[B, S, Hkv, D]` at integer `positions` `[B, T]`
+  (`write_positions`'s: distinct within a row; those outside [0, S) dropped), in the caches' dtype: one scatter a
+  cache. Shapes are checked (`check_write_args`: a ValueError naming the argument)."""
   k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)  # numpy caches too (`.at` is jax's)
-  b, t = k.shape[:2]
+  k, v, positions = jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions)
+  b, t, s, _, _ = check_write_args("write_at", k_cache, v_cache, k, v, positions)
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  # a negative slot dropped, as the other writes drop it (`.at` would wrap it to S + p), past the end at S + t
+  # (distinct within the row)
+  positions = jnp.where(positions < 0, s + jnp.arange(t, dtype=jnp.int32)[None, :], positions)
   # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
   # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.
   hints = dict(mode="drop", indices_are_sorted=t == 1, unique_indices=True)

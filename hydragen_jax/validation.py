@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from hydragen_jax import reference
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.devices import default_platform
 from hydragen_jax.kernels import hopper, ops
@@ -253,14 +254,12 @@ def _int_vector(name: str, x, count: int, what: str) -> tuple[jax.Array | np.nda
 
 
 def _int32(x, value: np.ndarray | None):
-  """Integer `x` as int32. A traced value of a wider type (uint32; int64 and uint64 with `jax_enable_x64`) is
-  clipped to int32's range first: past int32 is past any capacity or index, and the cast must not wrap it back
-  into range (2^32 + 3 -> 3). A concrete value was range-checked (`_check_range`) before it is used."""
+  """Integer `x` as int32. A traced value of a wider type is clipped to int32's range first
+  (`reference.saturate_int32`: 2^32 + 3 must not wrap to 3). A concrete value was range-checked (`_check_range`)
+  before it is used."""
   if isinstance(x, np.ndarray):  # a constant (its value checked): stays numpy
     return x.astype(np.int32)
-  if value is None and (jnp.iinfo(x.dtype).max > 2**31 - 1 or jnp.iinfo(x.dtype).min < -2**31):
-    x = jnp.clip(x, max(jnp.iinfo(x.dtype).min, -2**31), 2**31 - 1)
-  return x.astype(np.int32)
+  return reference.saturate_int32(x) if value is None else x.astype(np.int32)
 
 
 def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bounds: str, what: str,
@@ -275,7 +274,10 @@ def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bou
       raise ValueError(f"{message} {got}.")
   elif checked and x.size:
     flat = jnp.reshape(x, (-1,))
-    bad = (flat < 0) | (flat > hi)
+    # compared in the argument's own type only where `hi` fits it (an int8 beside a capacity of 300 saw 44: valid
+    # lengths refused); where it does not, no value of the type exceeds it
+    over = flat > jnp.asarray(hi, flat.dtype) if hi < jnp.iinfo(flat.dtype).max else jnp.zeros(flat.shape, bool)
+    bad = (flat < 0) | over
     first = jnp.argmax(bad)
     if scalar or jnp.ndim(x) == 0:
       checkify.check(~jnp.any(bad), message + " {}.", flat[0])

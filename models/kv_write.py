@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hydragen_jax import reference
+
 Array = jax.Array
 
 
@@ -39,25 +41,6 @@ def _kernel(pos_ref, k_ref, v_ref, _k_cache, _v_cache, k_out, v_out, *, slots: i
   for src, dst in ((k_ref, k_out), (v_ref, v_out)):
     val = plgpu.load(src.at[i, pl.ds(jnp.int32(0), block)], mask=col_ok, other=0)
     plgpu.store(dst.at[i // slots, row, pl.ds(jnp.int32(0), block)], val, mask=keep)
-
-
-def check_write_args(where: str, k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
-                     ) -> tuple[int, int, int, int, int]:
-  """(B, T, S, Hkv, D) of a cache write's arguments (`write`'s; `models.pair_scatter.scatter`'s): caches
-  `[B, S, Hkv, D]` of one shape and dtype, k and v `[B, T, Hkv, D]`, integer positions `[B, T]`; else a ValueError
-  that names `where`, the argument and what it got."""
-  if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-    raise ValueError(f"{where}: k_cache {k_cache.dtype}{list(k_cache.shape)} and v_cache "
-                     f"{v_cache.dtype}{list(v_cache.shape)}; expected both [B, S, Hkv, D], one shape and dtype.")
-  b, s, hkv, d = k_cache.shape
-  if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[2:] != (hkv, d):
-    raise ValueError(f"{where}: k {list(k.shape)} and v {list(v.shape)}; expected both [{b}, T, {hkv}, {d}] (the "
-                     "caches' batch, KV heads and head dim).")
-  t = k.shape[1]
-  if positions.shape != (b, t) or not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise ValueError(f"{where}: positions {positions.dtype}{list(positions.shape)}; expected integers [{b}, {t}] (one "
-                     "slot a new token).")
-  return b, t, s, hkv, d
 
 
 def slots_int32(positions: Array, capacity: int) -> Array:
@@ -84,7 +67,7 @@ def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, 
   Returns:
     The updated `(k_cache, v_cache)` (in place under jit where the caches are not needed elsewhere).
   """
-  b, t, s, hkv, d = check_write_args("kv_write.write", k_cache, v_cache, k, v, positions)
+  b, t, s, hkv, d = reference.check_write_args("kv_write.write", k_cache, v_cache, k, v, positions)
   if b * t == 0 or s == 0 or hkv * d == 0:  # nothing to write, or nowhere to write it (every slot dropped)
     return k_cache, v_cache
   width = hkv * d

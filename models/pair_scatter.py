@@ -28,6 +28,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import mlir
 
+from hydragen_jax import reference
 from models import kv_write
 
 Array = jax.Array
@@ -78,7 +79,7 @@ def scatter(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
   Returns:
     The updated `(k_cache, v_cache)` (in place under jit where the caches are not needed elsewhere).
   """
-  b, t, s, hkv, d = kv_write.check_write_args("pair_scatter.scatter", k_cache, v_cache, k, v, positions)
+  b, t, s, hkv, d = reference.check_write_args("pair_scatter.scatter", k_cache, v_cache, k, v, positions)
   if b * t == 0 or s == 0 or hkv * d == 0:  # nothing to write, or nowhere to write it (every slot dropped)
     return k_cache, v_cache
   slots = kv_write.slots_int32(positions, s)

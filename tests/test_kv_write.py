@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,8 @@ def test_write_matches_the_scatters(kernel_backend, case, dtypes):
   k_cache, v_cache, k, v, pos = write_cases.inputs(case, dtypes)  # "wide": a negative slot, dropped too
   fn = jax.jit(lambda *a: kv_write.write(*a, interpret=kernel_backend.startswith("interpret")))
   got = fn(k_cache, v_cache, k, v, pos)
-  # the models' scatters (a negative slot as one past the end: jnp's .at would wrap it)
-  want = cache_lib.scatter_write(k_cache, v_cache, k, v, jnp.where(pos < 0, s, pos))
+  # the models' scatters (which drop a negative slot too: jnp's .at would wrap it, and did)
+  want = cache_lib.scatter_write(k_cache, v_cache, k, v, pos)
   for g, w in zip(got, want):
     assert g.dtype == w.dtype and g.shape == w.shape
     np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
@@ -92,6 +93,27 @@ def test_write_names_bad_shapes(args, match):
   kc, vc, k, p = args
   with pytest.raises(ValueError, match=match):
     kv_write.write(jnp.zeros(kc), jnp.zeros(vc), jnp.zeros(k), jnp.zeros(k), jnp.zeros(p, jnp.int32), interpret=True)
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_scatter_writes_name_bad_shapes_and_drop_negative_slots(pair):
+  """The models' scatters check what the kernel checks (with one scatter a cache, k of 1 KV head was broadcast
+  into 2-head caches and [B, 3] positions beside T = 1 wrote one token into 3 slots, silently), and drop a negative
+  slot as the kernel does (jnp's .at wrapped -1 to the last slot: the caches differed by `pair_write`)."""
+  kc = jnp.zeros((2, 4, 2, 4))
+  with pytest.raises(ValueError, match=r"k \[2, 1, 1, 4\] and v \[2, 1, 1, 4\]; expected both \[2, T, 2, 4\]"):
+    cache_lib.scatter_write(kc, kc, jnp.ones((2, 1, 1, 4)), jnp.ones((2, 1, 1, 4)), jnp.zeros((2, 1), jnp.int32),
+                            pair=pair)
+  with pytest.raises(ValueError, match=r"positions int32\[2, 3\]; expected integers \[2, 1\]"):
+    cache_lib.scatter_write(kc, kc, jnp.ones((2, 1, 2, 4)), jnp.ones((2, 1, 2, 4)), jnp.zeros((2, 3), jnp.int32),
+                            pair=pair)
+  with pytest.raises(ValueError, match=r"positions float32\[2, 1\]; expected integers"):
+    cache_lib.scatter_write(kc, kc, jnp.ones((2, 1, 2, 4)), jnp.ones((2, 1, 2, 4)), jnp.zeros((2, 1)), pair=pair)
+  k = jnp.ones((2, 2, 2, 4))
+  got, _ = jax.jit(functools.partial(cache_lib.scatter_write, pair=pair))(kc, kc, k, k, jnp.array([[-1, 1], [-4, -2]]))
+  want = np.zeros((2, 4))
+  want[0, 1] = 1
+  np.testing.assert_array_equal(np.asarray(got[:, :, 0, 0]), want)
 
 
 def test_write_names_float_positions():

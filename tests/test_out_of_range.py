@@ -136,6 +136,33 @@ def test_checked_mode_covers_nodes_layers_and_kv_lengths():
     err.throw()
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int16", "uint8"])
+def test_checked_mode_reads_narrow_integers_beside_bounds_their_type_cannot_hold(dtype):
+  """checked=True compared a traced argument with its bound in the argument's own type: an int8 length beside a
+  capacity of 300 (300 read as 44), an int16 one beside 40000, an int8 node index beside 200 nodes: valid values
+  refused. Valid ones now pass with the unchecked answer; invalid ones are still named."""
+  B, D, cap, nodes = 2, 8, 300 if dtype != "int16" else 40000, 200
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((B, 1, 2, D)), jnp.float32)
+  ks = jnp.asarray(rng.standard_normal((B, cap, 1, D)), jnp.float32)
+  attention = checkify.checkify(jax.jit(functools.partial(hj.attention, backend="xla", checked=True)))
+  lengths = jnp.array([100, 7], dtype)
+  err, out = attention(q, ks, ks, kv_lengths=lengths)
+  err.throw()
+  chex.assert_trees_all_close(out, hj.attention(q, ks, ks, kv_lengths=jnp.array([100, 7]), backend="xla"))
+  if dtype != "uint8":
+    err, _ = attention(q, ks, ks, kv_lengths=jnp.array([100, -7], dtype))
+    with pytest.raises(checkify.JaxRuntimeError, match=rf"kv_lengths must lie in \[0, {cap}\].*got -7 at index 1"):
+      err.throw()
+  node_k = jnp.asarray(rng.standard_normal((nodes, 4, 1, D)), jnp.float32)
+  tree = checkify.checkify(jax.jit(functools.partial(hj.tree_attention, backend="xla", checked=True)))
+  level = Level(node_k, node_k, jnp.full((nodes,), 4), jnp.array([1, 0], dtype))
+  err, out = tree(q, [level])
+  err.throw()
+  chex.assert_trees_all_close(out, hj.tree_attention(
+      q, [Level(node_k, node_k, jnp.full((nodes,), 4), jnp.array([1, 0]))], backend="xla"))
+
+
 def test_max_group_must_bound_the_readers_of_every_node(kernel_backend):
   """Level.max_group sizes the kernels' rows per node: a bound that a concrete seq_to_node breaks is refused (the
   kernels would leave the extra sequences' rows unwritten), a traced one is caught with checked=True, and a bound
@@ -293,6 +320,12 @@ def test_cache_write_positions_are_distinct_and_drop_what_does_not_fit():
     assert all(len(set(row)) == T for row in pos)
     one = np.asarray(write_positions(lengths, jnp.ones(4, jnp.int32), 1, cap))
     assert one.ravel().tolist() == [0, 2, 5, 6]  # one slot a row: (row, slot) pairs sorted by row
+    # lengths of a type wider than int32 near its end (uint32 2^32 - 1 wrapped to -1: slots 0-2 written) and of
+    # a narrow one beside a wider capacity land past the end, or where they say
+    near = np.asarray(write_positions(jnp.array([2**32 - 1, 2**31 + 3], jnp.uint32), jnp.array([4, 2]), T, cap))
+    assert (near >= cap).all() and all(len(set(row)) == T for row in near)
+    np.testing.assert_array_equal(np.asarray(write_positions(jnp.array([100], jnp.int8), jnp.array([2], jnp.int8), 2,
+                                                             300)), [[100, 101]])
     ks = (jnp.zeros((4, cap, 1, 2)),)
     k = jnp.arange(1, 4 * T + 1, dtype=jnp.float32).reshape(4, T, 1, 1) * jnp.ones((1, 1, 1, 2))
     got, _ = jax.jit(_write, static_argnums=2)(ks, ks, 0, k, k, lengths, new)
