@@ -18,8 +18,8 @@ tree whose root is one node read by all sequences and whose leaves are per seque
 bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
 at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what fails). Other steps run
 on the Triton kernels under every kernel backend. "pallas" takes it where the prefix product is large enough to
-pay (`validation.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_min_fill`,
-`hopper_split_min_rows` and `hopper_max_rows` in `hydragen_jax/tuning`).
+pay (`validation.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_seq_max_suffix`,
+`hopper_min_fill`, `hopper_split_min_rows` and `hopper_max_rows` in `hydragen_jax/tuning`).
 
 Out-of-range values. Concrete lengths and indices outside their range raise `ValueError`. Traced ones (under
 `jax.jit`) cannot be checked while tracing; every backend treats them as clamped: a length to [0, capacity], a
@@ -161,7 +161,8 @@ def _hopper_runs(q, levels: Sequence[Level], *, causal: Sequence[bool], batched:
   prefix_k = prefix.k[0]  # [P, Hkv, D]
   if hopper.supported(q, prefix_k, suffix.k) is not None:
     return False
-  return backend != "pallas" or check.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0])
+  return backend != "pallas" or check.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0],
+                                                  suffix_capacity=suffix.k.shape[1])
 
 
 def _hopper_parts(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,

@@ -74,10 +74,13 @@ def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: in
   return q_shape[0] * q_shape[1] * q_shape[2] // num_kv_heads * prefix_capacity
 
 
-def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.Tuning | None = None) -> bool:
-  """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads and a
-  prefix of `prefix_capacity` keys (where the levels are its case): on a Hopper GPU, where `pays_on_hopper`."""
-  return on_hopper() and pays_on_hopper(q.shape, num_kv_heads, prefix_capacity, tuning)
+def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.Tuning | None = None,
+                suffix_capacity: int | None = None) -> bool:
+  """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads, a prefix
+  of `prefix_capacity` keys and suffixes of `suffix_capacity` (where the levels are its case): on a Hopper GPU,
+  where `pays_on_hopper`."""
+  return on_hopper() and pays_on_hopper(q.shape, num_kv_heads, prefix_capacity, tuning,
+                                        suffix_capacity=suffix_capacity)
 
 
 def prefix_fill(q_shape: tuple[int, ...], num_kv_heads: int, num_cores: int) -> float:
@@ -86,10 +89,12 @@ def prefix_fill(q_shape: tuple[int, ...], num_kv_heads: int, num_cores: int) -> 
 
 
 def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int,
-                   tuning: tuning_lib.Tuning | None = None, num_cores: int | None = None) -> bool:
+                   tuning: tuning_lib.Tuning | None = None, num_cores: int | None = None, *,
+                   suffix_capacity: int | None = None) -> bool:
   """Whether the Hopper kernel pays on a Hopper GPU (any machine may ask: the sweep does): for a prefix product of
   at least `tuning.hopper_min_work` (None: `tuning.current()`), or of at least `tuning.hopper_min_seq_work` a
-  sequence (T·g rows × prefix capacity; 0: off), whose items fill the grid, at least
+  sequence (T·g rows × prefix capacity; 0: off) with suffixes of at most `tuning.hopper_seq_max_suffix` keys (0:
+  any; `suffix_capacity` None: not bounded), whose items fill the grid, at least
   `tuning.hopper_min_fill` per SM (`num_cores` SMs; None: the device's, `kernels.ops.num_cores`). There the product
   is compute-bound and the kernel overlaps it with the suffix stream; below, the Triton kernels are as fast or faster
   (measured per device: `hydragen_jax/tuning`; the work threshold was measured on GQA rows, T·g = 4). Any T·g: MHA
@@ -105,7 +110,8 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   rows = prefix_work((1, *q_shape[1:]), num_kv_heads, 1)  # T·g: one sequence's query rows a KV head
   if 0 < tuning.hopper_max_rows < rows:
     return False
-  enough = work >= tuning.hopper_min_work or 0 < tuning.hopper_min_seq_work <= rows * prefix_capacity
+  short = not tuning.hopper_seq_max_suffix or suffix_capacity is None or suffix_capacity <= tuning.hopper_seq_max_suffix
+  enough = work >= tuning.hopper_min_work or (0 < tuning.hopper_min_seq_work <= rows * prefix_capacity and short)
   fill = prefix_fill(q_shape, num_kv_heads, cores)
   if 0 < tuning.hopper_split_min_rows <= rows and work >= tuning.hopper_min_work:
     setting = hopper.with_grid(q_shape, num_kv_heads, prefix_capacity,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hydragen_jax as hj
 from hydragen_jax import tuning, validation
 from hydragen_jax.kernels import hopper, ops
 from scripts.tuning import sweep_device
@@ -570,6 +571,44 @@ def test_sweep_sets_the_mha_settings_by_prefix_length():
   seq = picks["hopper_min_seq_work"]
   assert seq.kernel == "pallas" and groups[seq.group] == tuple(range(len(configs))) and seq.candidates[0] == 0
   assert 4096 in seq.candidates and seq.read(seq.apply(base, 4096)) == 4096
+
+
+def test_hopper_seq_max_suffix_bounds_the_per_sequence_path_by_suffix_capacity(monkeypatch):
+  """`hopper_seq_max_suffix`: below hopper_min_work, one sequence's share takes the Hopper kernel only up to this
+  suffix capacity (the H200's 256: MHA, B = 256, P = 4K ran 0.92x Triton at 1024, bench row 4); above
+  hopper_min_work, and with no suffix capacity given or the field 0, it bounds nothing. The API passes the suffix
+  level's capacity; the sweep times 0 and the configs' capacities; the H100's file leaves it off."""
+  h200 = tuning.load(tuning.data_file("NVIDIA H200")).tuning
+  assert h200.hopper_seq_max_suffix == 256 and _h100().hopper_seq_max_suffix == 0
+  mha = lambda b: (b, 1, 32, 128)  # noqa: E731
+  takes = lambda shape, hkv, p, s, t=h200: validation.pays_on_hopper(  # noqa: E731
+      shape, hkv, p, t, num_cores=132, suffix_capacity=s)
+  assert validation.prefix_work(mha(256), 32, 4096) < h200.hopper_min_work
+  assert [takes(mha(256), 32, 4096, s) for s in (128, 256, 512, 1024, None)] == [True, True, False, False, True]
+  assert not takes(mha(512), 32, 4096, 1024)
+  assert all(takes(mha(256), 32, 4096, s, dataclasses.replace(h200, hopper_seq_max_suffix=0)) for s in (512, 1024))
+  gqa = (512, 1, 32, 128)  # bench row 6, 512 / 2K / 512 GQA 32/8: above hopper_min_work, no bound
+  assert validation.prefix_work(gqa, 8, 2048) >= h200.hopper_min_work and takes(gqa, 8, 2048, 4096)
+  with pytest.raises(ValueError, match="hopper_seq_max_suffix"):
+    dataclasses.replace(h200, hopper_seq_max_suffix=-1)
+  shipped = tuning.load(tuning.data_file("NVIDIA H200"))
+  assert tuning.loads(tuning.dumps(shipped), "x") == shipped
+  # the API asks with the suffix level's capacity
+  monkeypatch.setattr(validation, "on_hopper", lambda: True)
+  monkeypatch.setattr(tuning, "current", lambda: h200)
+  monkeypatch.setattr(ops, "num_cores", lambda *a: 132)
+  q = jnp.zeros(mha(256), jnp.bfloat16)
+  prefix = hj.Level(jnp.zeros((1, 4096, 32, 128), jnp.bfloat16), jnp.zeros((1, 4096, 32, 128), jnp.bfloat16),
+                    jnp.array([4096]))
+  runs = {s: hj.api._hopper_runs(q, [prefix, hj.Level(*(2 * [jnp.zeros((256, s, 32, 128), jnp.bfloat16)]),
+                                                      jnp.full((256,), 1))],
+                                 causal=[False, True], batched=[True, False], backend="pallas") for s in (256, 1024)}
+  assert runs == {256: True, 1024: False}
+  choice = {c.field: c for c in sweep_device.choices(sweep_device.CONFIGS, sweep_device.GROUPS)}[
+      "hopper_seq_max_suffix"]
+  assert choice.kernel == "pallas" and choice.candidates[0] == 0
+  assert set(choice.candidates[1:]) == {out for _, _, out, _, _ in sweep_device.CONFIGS}
+  assert choice.read(choice.apply(h200, 1024)) == 1024
 
 
 def _takes_hopper(tune: tuning.Tuning, configs) -> list[bool]:

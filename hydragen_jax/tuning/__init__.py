@@ -233,6 +233,9 @@ class Tuning:
       query rows × the prefix capacity) is at least this (0: off): long prefixes with few rows a sequence (MHA
       decode) keep the kernel's pair busy per item even at moderate B, where the same total work spread over more,
       shorter rows does not pay (the H200, B = 256 MHA: P = 8K 1.13× Triton, 4K 0.88×; B = 512, P = 4K 0.83×).
+    hopper_seq_max_suffix: ... that path (one sequence's share, below `hopper_min_work`) only up to this suffix
+      capacity (0: any): where the suffixes are long the Triton kernels' stream wins it back (the H200, MHA, B = 256,
+      P = 4K: the Hopper kernel 1.10 / 1.05x Triton at suffix capacity 128 / 256, 0.96 / 0.92x at 512 / 1024).
     hopper_split_min_rows: ... and from this many T·g rows (0: never), where the prefix product reaches
       `hopper_min_work`, the items that `hopper_min_fill` counts are those after the setting's key splits
       (`HopperTuning.prefix_fill`): on the H200 such split items beat Triton at T·g = 4, B = 32-128 and P = 16K-32K
@@ -327,6 +330,7 @@ class Tuning:
   hopper_split_min_rows: int = 0
   hopper_max_rows: int = 0
   launch_merge_max_rows: int = 0
+  hopper_seq_max_suffix: int = 0
   pair_write: bool = False
   write_in_attention: bool = False
 
@@ -334,7 +338,8 @@ class Tuning:
     _check_ints(self, ("hopper_min_work", "max_keys_per_program", "balanced_keys", "balanced_programs_per_core",
                        "interleave_rows", "batch_min_readers", "num_cores", "split_fill_max_keys"), least=1)
     _check_ints(self, ("batch_min_saved_bytes", "hopper_min_seq_work", "merge_max_rows", "write_max_rows",
-                       "hopper_split_min_rows", "hopper_max_rows", "launch_merge_max_rows"), least=0)
+                       "hopper_split_min_rows", "hopper_max_rows", "launch_merge_max_rows", "hopper_seq_max_suffix"),
+                least=0)
     for name in ("pair_write", "write_in_attention"):
       if not isinstance(getattr(self, name), bool):  # "false" or 0.5 would read as true
         raise ValueError(f"Tuning.{name} must be true or false; got {getattr(self, name)!r}.")

@@ -39,7 +39,7 @@ def check(shape: tuple[int, ...], backends: list[str], timing_kw=TIMING) -> dict
   fns = {be: jax.jit(fn) for be, fn in steps.items()}
   args = (q, pk[0], pv[0], sk, sv)
   want = np.asarray(fns["xla"](*args), np.float32)
-  row = {"shape": shape, "hopper": validation.hopper_pays(q, hkv, p)}
+  row = {"shape": shape, "hopper": validation.hopper_pays(q, hkv, p, suffix_capacity=sk.shape[1])}
   for be in backends:
     row[f"{be}_err"] = float(np.abs(np.asarray(fns[be](*args), np.float32) - want).max())
     row[f"{be}_s"] = timing.time_fn(timing.chain_steps(steps[be], STEPS), args, **timing_kw).median_s / STEPS

@@ -269,6 +269,8 @@ def choices(configs, groups) -> list[Choice]:
       # a prefix product below hopper_min_work still takes the kernel where one sequence's share (T·g rows × prefix
       # keys) reaches this (and the items fill hopper_min_fill): 0 (off) or the configs' own shares
       field_choice("hopper_min_seq_work", "pallas", "all", [0] + seq_works),
+      # ... and up to what suffix capacity that share takes it (0: any; the configs' own capacities)
+      field_choice("hopper_seq_max_suffix", "pallas", "all", [0] + sorted({out for _, _, out, _, _ in every})),
       # from how many T·g rows the fill counts the setting's key splits (0: never): shapes of T·g 4, 2 and 1 whose
       # items fill the SMs only with their keys split
       field_choice("hopper_split_min_rows", "pallas", "split", (0, 1, 2, 4, 8)),
@@ -359,7 +361,8 @@ class Sweep:
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
       # "pallas" as the API runs it: the Hopper kernel only on a Hopper GPU (a dry run traces it anywhere)
       on_hopper = self.dry_run or validation.on_hopper()
-      if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune)):
+      if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune,
+                                                                                   suffix_capacity=sk.shape[1])):
         return ("hopper", i, settings) if fits else None
     pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)
     specs = [prefix_plan(q, pk, pv, block=pb)[0], suffix_plan(q, sk, sv, np.ones((b,), np.int32), block=sb)[0]]
