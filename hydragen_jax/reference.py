@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -171,8 +172,13 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
 
 
 def saturate_int32(x: Array) -> Array:
-  """Integer `x` as int32, a wider type (uint32; int64, uint64 with `jax_enable_x64`) clipped to int32's range first:
-  past int32 is past any capacity or index, and the cast must not wrap it back into range (2^32 - 1 -> -1)."""
+  """Integer `x` as int32, a wider type (uint32; int64, uint64 with `jax_enable_x64`; numpy's and Python's at any
+  width) clipped to int32's range first: past int32 is past any capacity or index, and the cast must not wrap it
+  back into range (2^32 - 1 -> -1)."""
+  if not isinstance(x, jax.Array):  # numpy / Python: clipped before JAX would narrow it (2^32 + 3 -> 3 without x64)
+    x = np.asarray(x)
+    if x.dtype.kind in "iu":
+      x = np.clip(x, max(np.iinfo(x.dtype).min, -2**31), min(np.iinfo(x.dtype).max, 2**31 - 1)).astype(np.int32)
   x = jnp.asarray(x)
   info = jnp.iinfo(x.dtype)
   if info.max > 2**31 - 1 or info.min < -2**31:
@@ -219,11 +225,14 @@ def write_at(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Arra
   (`write_positions`'s: distinct within a row; those outside [0, S) dropped), in the caches' dtype: one scatter a
   cache. Shapes are checked (`check_write_args`: a ValueError naming the argument)."""
   k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)  # numpy caches too (`.at` is jax's)
-  k, v, positions = jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions)
+  k, v = jnp.asarray(k), jnp.asarray(v)
+  positions = positions if isinstance(positions, (jax.Array, np.ndarray)) else np.asarray(positions)
   b, t, s, _, _ = check_write_args("write_at", k_cache, v_cache, k, v, positions)
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-  # a negative slot dropped, as the other writes drop it (`.at` would wrap it to S + p), past the end at S + t
-  # (distinct within the row)
+  # int32 (a wider slot past the end stays past it: uint32 2^32 - 1 mixed with int32 read as -1), and a negative
+  # slot dropped, as the other writes drop it (`.at` would wrap it to S + p), past the end at S + t (distinct within
+  # the row)
+  positions = saturate_int32(positions)
   positions = jnp.where(positions < 0, s + jnp.arange(t, dtype=jnp.int32)[None, :], positions)
   # (row, position) pairs are distinct (`write_positions`): the hint lets XLA write without atomics. With one slot a
   # row (decode, T = 1) they are also sorted (by row); with more, a row's padding slots (past the end) come first.

@@ -446,11 +446,20 @@ def _same_generation_ids(path: str, cfg: dict) -> None:
         os.remove(path)
         return
     gen["eos_token_id"] = cfg["eos_token_id"]
-    for key in ("bos_token_id", "pad_token_id"):  # (a save in place with other ids left these stale)
-        if key in gen:
+    for key in ("bos_token_id", "pad_token_id"):  # (a save in place with other ids left these stale; an id that
+        if key in gen and cfg[key] is not None:  # config.json leaves out, e.g. Qwen's pad, stays the file's)
             gen[key] = cfg[key]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2)
+
+
+# extra_config keys whose values transformers 5.17's config classes check (strict dataclass fields): the check and
+# what it expects
+_EXTRA_CHECKS = {
+    "use_cache": (lambda v: isinstance(v, bool), "true or false"),
+    "initializer_range": (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v <= 1,
+                          "a number in [0, 1]"),
+}
 
 
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
@@ -466,7 +475,9 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     names the embedding's). ``extra_config``: keys added to config.json (e.g. provenance); refused: one that changes
     the model it describes or restates one of its keys otherwise (``rope_theta``, ``num_hidden_layers``, a null
     ``head_dim``, …: change ``model.config`` instead), a default of transformers' generate (``GENERATE_KEYS``: its
-    place is generation_config.json) and a switch of how transformers runs the model (``RUNTIME_KEYS``)."""
+    place is generation_config.json), a switch of how transformers runs the model (``RUNTIME_KEYS``), a value
+    transformers' config class refuses (``_EXTRA_CHECKS``) and one JSON cannot hold: each before anything is
+    written."""
     path = os.fspath(path)
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes < 1):
@@ -474,6 +485,13 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
                          f"{max_shard_bytes!r}")
     base = model.config.to_dict()
     for k, v in (extra_config or {}).items():
+        try:  # before anything is written (an in-place save removes the weight files first)
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"save_checkpoint: extra_config key {k!r} = {v!r} is not a JSON value ({e})") from e
+        if k in _EXTRA_CHECKS and not _EXTRA_CHECKS[k][0](v):
+            raise ValueError(f"save_checkpoint: extra_config key {k!r} = {v!r}; transformers expects "
+                             f"{_EXTRA_CHECKS[k][1]} (its config class refuses the saved copy otherwise)")
         if k in GENERATE_KEYS or k in RUNTIME_KEYS:
             raise ValueError(f"save_checkpoint: extra_config key {k!r} = {v!r} is " + (
                 "a default of transformers' generate(), which it would apply to this checkpoint (this project's "

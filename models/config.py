@@ -177,13 +177,14 @@ GENERATE_KEYS = frozenset({
 })
 # how transformers runs the model, not its math (read from a config.json; not written by save_checkpoint's
 # extra_config: transformers 5.17 refuses use_return_dict and unknown problem_type values, fails every forward with
-# return_dict false and generate() with is_encoder_decoder true, and an _attn_implementation it lacks)
+# return_dict false and generate() with is_encoder_decoder true, and an _attn_implementation it lacks; with
+# output_attentions / output_hidden_states its generate() returns an output object, not the tokens)
 RUNTIME_KEYS = frozenset({"return_dict", "use_return_dict", "problem_type", "is_encoder_decoder",
-                          "_attn_implementation"})
+                          "_attn_implementation", "output_attentions", "output_hidden_states"})
 HARMLESS_KEYS = GENERATE_KEYS | RUNTIME_KEYS | frozenset({
     # bookkeeping written by transformers or the hub
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "output_attentions", "output_hidden_states", "id2label", "label2id",
+    "id2label", "label2id",
     "is_decoder", "tokenizer_class", "_attn_implementation_autoset",
     "torchscript", "use_bfloat16", "finetuning_task", "task_specific_params", "prefix", "sep_token_id",
     "decoder_start_token_id", "tf_legacy_loss", "add_cross_attention", "cross_attention_hidden_size",

@@ -114,6 +114,10 @@ def test_scatter_writes_name_bad_shapes_and_drop_negative_slots(pair):
   want = np.zeros((2, 4))
   want[0, 1] = 1
   np.testing.assert_array_equal(np.asarray(got[:, :, 0, 0]), want)
+  # unsigned slots past the end stay past it (uint32 2^32 - 1 beside int32 read as -1: the last slot written)
+  for pos in (jnp.array([[0, 2**32 - 1], [2**31, 3]], jnp.uint32), np.array([[0, 2**32 + 1], [2**40, 3]])):
+    got, _ = cache_lib.scatter_write(kc, kc, k, k, pos, pair=pair)
+    np.testing.assert_array_equal(np.asarray(got[:, :, 0, 0]), [[1, 0, 0, 0], [0, 0, 0, 1]])
 
 
 def test_write_names_float_positions():

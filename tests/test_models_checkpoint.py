@@ -354,6 +354,11 @@ def test_a_model_of_mixed_dtypes_is_saved_in_each_tensors_dtype(tmp_path):
     ({"return_dict": False}, "'return_dict' = False is a switch"),
     ({"is_encoder_decoder": True}, "'is_encoder_decoder' = True is a switch"),
     ({"_attn_implementation": "flash_attention_2"}, "'_attn_implementation' = 'flash_attention_2' is a switch"),
+    ({"output_attentions": True}, "'output_attentions' = True is a switch"),
+    ({"output_hidden_states": True}, "'output_hidden_states' = True is a switch"),
+    ({"use_cache": "yes"}, "'use_cache' = 'yes'; transformers expects true or false"),
+    ({"initializer_range": 3.0}, r"'initializer_range' = 3.0; transformers expects a number in \[0, 1\]"),
+    ({"_name_or_path": np.float32(0.5)}, r"'_name_or_path' = .*0.5.* is not a JSON value"),
 ])
 def test_extra_config_keys_transformers_acts_on_are_refused(tmp_path, extra, match):
     """Keys the loader reads past (harmless in a checkpoint's config.json for this model's math) that transformers
@@ -364,7 +369,13 @@ def test_extra_config_keys_transformers_acts_on_are_refused(tmp_path, extra, mat
     with pytest.raises(ValueError, match=r"save_checkpoint: extra_config key " + match):
         save_checkpoint(model, tmp_path / "b", extra_config=extra)
     assert not (tmp_path / "b").exists()
-    assert LlamaConfig.from_dict(dict(CONFIG, **extra)) == model.config  # read past in a config.json
+    if not any(isinstance(v, np.generic) for v in extra.values()):
+        assert LlamaConfig.from_dict(dict(CONFIG, **extra)) == model.config  # read past in a config.json
+    # in place too: refused before the weight files are removed (a value json cannot write left a truncated
+    # config.json and no weights)
+    with pytest.raises(ValueError, match=r"save_checkpoint: extra_config key "):
+        save_checkpoint(model, tmp_path / "a", extra_config=extra)
+    assert load_checkpoint(tmp_path / "a").config == model.config
 
 
 def test_extra_config_the_loader_reads_is_saved(tmp_path):
@@ -630,6 +641,10 @@ def test_generation_config_gives_the_stop_ids(tmp_path):
     gen.write_text(json.dumps({"eos_token_id": 5}))  # ids the file leaves out stay out
     save_checkpoint(m, tmp_path / "ck")
     assert json.loads(gen.read_text()) == {"eos_token_id": 5}
+    # an id config.json leaves out (Qwen-Instruct's pad: generation_config.json's alone) stays the file's
+    gen.write_text(json.dumps({"pad_token_id": 7, "eos_token_id": 5}))
+    save_checkpoint(Llama(dataclasses.replace(m.config, pad_token_id=None), m.params()), tmp_path / "ck")
+    assert json.loads(gen.read_text()) == {"pad_token_id": 7, "eos_token_id": 5}
     (tmp_path / "saved" / "generation_config.json").write_text("[9]")  # not an object: removed
     save_checkpoint(load_checkpoint(tmp_path / "ck"), tmp_path / "saved")
     assert not (tmp_path / "saved" / "generation_config.json").exists()

@@ -326,6 +326,8 @@ def test_cache_write_positions_are_distinct_and_drop_what_does_not_fit():
     assert (near >= cap).all() and all(len(set(row)) == T for row in near)
     np.testing.assert_array_equal(np.asarray(write_positions(jnp.array([100], jnp.int8), jnp.array([2], jnp.int8), 2,
                                                              300)), [[100, 101]])
+    # numpy's int64 past int32 without x64 (JAX would narrow 2^32 + 3 to 3 before any clip)
+    assert (np.asarray(write_positions(np.array([2**32 + 3]), np.array([2]), 2, cap)) >= cap).all()
     ks = (jnp.zeros((4, cap, 1, 2)),)
     k = jnp.arange(1, 4 * T + 1, dtype=jnp.float32).reshape(4, T, 1, 1) * jnp.ones((1, 1, 1, 2))
     got, _ = jax.jit(_write, static_argnums=2)(ks, ks, 0, k, k, lengths, new)
