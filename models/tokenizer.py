@@ -468,6 +468,30 @@ def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     return tokenizer
 
 
+def _warn_rebuilds(path: str, tokenizer_class: str | None, spec: dict, config: dict) -> None:
+    """Warnings where transformers 5 builds the files' tokenizer otherwise than tokenizer.json says and the loader
+    does not follow (its ids follow tokenizer.json): a GPT2Tokenizer (rebuilt from the vocabulary and merges under
+    GPT-2's ByteLevel pre-tokenizer, no normalizer) or a Qwen2Tokenizer (NFC and ``add_prefix_space``) whose
+    tokenizer.json is not that; ``split_special_tokens`` (transformers then encodes special-token text as text)."""
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer") or {}
+    prefix_space = bool(config.get("add_prefix_space"))
+    differs = None
+    if tokenizer_class == "GPT2Tokenizer" and (normalizer is not None or pre.get("type") != "ByteLevel" or
+                                               bool(pre.get("add_prefix_space")) != prefix_space or
+                                               not pre.get("use_regex", True)):
+        differs = "rebuilds a GPT2Tokenizer from its vocabulary and merges under GPT-2's ByteLevel pre-tokenizer " \
+                  "alone (no normalizer, digit or other splits)"
+    elif tokenizer_class == "Qwen2Tokenizer" and ((normalizer or {}).get("type") != "NFC" or prefix_space):
+        differs = "rebuilds a Qwen2Tokenizer from its vocabulary and merges, with NFC and add_prefix_space " \
+                  f"{prefix_space}"
+    if differs:
+        warnings.warn(f"load_hf_tokenizer: for {path} transformers 5 {differs}, which this tokenizer.json is not: "
+                      "these ids follow tokenizer.json and may differ from transformers'", stacklevel=3)
+    if config.get("split_special_tokens"):
+        warnings.warn(f"load_hf_tokenizer: {path} sets split_special_tokens (transformers then encodes a special "
+                      "token's text as plain text): not followed, special tokens are matched whole", stacklevel=3)
+
+
 def load_hf_tokenizer(path) -> HFTokenizer:
     """The tokenizer of the HF checkpoint directory ``path`` (its tokenizer.json; tokenizer_config.json's special
     tokens and chat template, or chat_template.jinja). Needs ``tokenizers`` (and ``jinja2`` for chat templates).
@@ -488,8 +512,11 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     post-processor; the added tokens of tokenizer_config.json's added_tokens_decoder; "<mask>" among its default
     named tokens). Not followed, with a warning: the Gemma rebuild of a tokenizer.json that is not a BPE (a WordLevel
     one: transformers 5 spells its words letter by letter), the Llama rebuild of a tokenizer.json that is not a
-    SentencePiece-style BPE (byte-level: transformers 5's ids lose the spaces there), and a Llama class with
-    model_type qwen2 (transformers builds a Qwen2Tokenizer); those ids are tokenizer.json's."""
+    SentencePiece-style BPE (byte-level: transformers 5's ids lose the spaces there), a Llama class with
+    model_type qwen2 (transformers builds a Qwen2Tokenizer), and the GPT2Tokenizer / Qwen2Tokenizer rebuilds where
+    tokenizer.json is not what they make (``_warn_rebuilds``: SmolLM2's files name GPT2Tokenizer, whose rebuild drops
+    their digit splits); those ids are tokenizer.json's. Chat templates: tokenizer_config.json's, or the files that
+    win over it, chat_template.jinja ("default") and transformers 5's additional_chat_templates/NAME.jinja."""
     try:
         from tokenizers import AddedToken, Tokenizer
     except ImportError as e:
@@ -566,6 +593,8 @@ def load_hf_tokenizer(path) -> HFTokenizer:
             warnings.warn(f"load_hf_tokenizer: {path} names a Llama tokenizer class for model_type qwen2, for which "
                           "transformers 5 builds a Qwen2Tokenizer from tokenizer.json's vocabulary and merges: these "
                           "ids follow tokenizer.json", stacklevel=2)
+        _warn_rebuilds(path, tokenizer_class or _REGISTERED_CLASSES.get(model_config.get("model_type")),
+                       json.loads(tokenizer.to_str()), config)
         added = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
         missing = [t for t in dict.fromkeys(special.values()) if t not in added]
         if missing:  # matched whole and dropped by decode, as transformers' named special tokens are
@@ -577,15 +606,25 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     elif template is not None and not isinstance(template, str):
         raise CheckpointError(f"{os.path.join(path, 'tokenizer_config.json')}: chat_template must be a string (a Jinja "
                               f"template) or a list of named ones; got {template!r}")
+    # template files win over the config's entry: chat_template.jinja (transformers >= 4.43) as "default", and
+    # transformers 5's named templates, additional_chat_templates/NAME.jinja (e.g. "tool_use")
     jinja = os.path.join(path, "chat_template.jinja")
     if os.path.isdir(jinja):
         raise CheckpointError(f"{jinja} is a directory; expected the chat template's text")
-    if os.path.isfile(jinja):  # transformers >= 4.43 writes the template there (it wins over the config's)
-        with open(jinja, encoding="utf-8") as f:
+    named_dir = os.path.join(path, "additional_chat_templates")
+    files = {"default": jinja} if os.path.isfile(jinja) else {}
+    if os.path.isdir(named_dir):
+        files.update({f.removesuffix(".jinja"): os.path.join(named_dir, f) for f in sorted(os.listdir(named_dir))
+                      if f.endswith(".jinja") and os.path.isfile(os.path.join(named_dir, f))})
+    texts = {}
+    for name, file in files.items():
+        with open(file, encoding="utf-8") as f:
             try:
-                template = f.read()
+                texts[name] = f.read()
             except UnicodeDecodeError as e:
-                raise CheckpointError(f"{jinja}: not UTF-8 text ({e})") from e
+                raise CheckpointError(f"{file}: not UTF-8 text ({e})") from e
+    if texts:
+        template = texts["default"] if list(texts) == ["default"] else texts
     return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None, infilling)
 
 

@@ -72,6 +72,27 @@ def test_chat_template_in_tokenizer_config_and_missing_files(tmp_path):
         load_hf_tokenizer(tmp_path / "nowhere")
 
 
+def test_named_chat_templates_in_transformers_5s_files(tmp_path):
+    """transformers 5 saves named templates as additional_chat_templates/NAME.jinja beside chat_template.jinja (the
+    default), and reads them over tokenizer_config.json's entry: "tool_use" where tools are given (they were not
+    read: the default rendered with tools); without chat_template.jinja the files alone, no default."""
+    shutil.copy(FIXTURE / "tokenizer.json", tmp_path)
+    shutil.copy(FIXTURE / "tokenizer_config.json", tmp_path)
+    default = (FIXTURE / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.jinja").write_text(default)
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS " + default)
+    case = WANT["chats"][0]
+    tok = load_hf_tokenizer(tmp_path)
+    assert tok.apply_chat_template(case["messages"]) == case["text"]
+    assert tok.apply_chat_template(case["messages"], tools=[{"name": "f"}]) == "TOOLS " + case["text"]
+    (tmp_path / "chat_template.jinja").unlink()
+    tok = load_hf_tokenizer(tmp_path)
+    assert tok.apply_chat_template(case["messages"], tools=[]) == "TOOLS " + case["text"]
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template(case["messages"])
+
+
 def test_unreadable_tokenizer_json_and_chat_template_name_the_file(tmp_path):
     """A truncated or non-JSON tokenizer.json raised tokenizers' bare Exception without the path; a chat_template.jinja
     that is not UTF-8, a bare UnicodeDecodeError. Both are CheckpointErrors naming the file."""
@@ -285,12 +306,44 @@ def test_tokenizer_class_defaults_for_left_out_named_tokens(tmp_path):
     config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
     config = {k: v for k, v in config.items() if k not in ("pad_token", "eos_token")}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="Qwen2Tokenizer")))
-    tok = load_hf_tokenizer(tmp_path)
+    with pytest.warns(UserWarning, match="rebuilds a Qwen2Tokenizer"):  # (the fixture has no NFC normalizer)
+        tok = load_hf_tokenizer(tmp_path)
     assert tok.pad_id is not None and tok.pad_id == tok.eos_id == tok.encode("<|endoftext|>", add_bos=False)[0]
     assert tok.special["unk_token"] == "<|endoftext|>"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="Qwen2Tokenizer",
                                                                     pad_token=None)))
-    assert load_hf_tokenizer(tmp_path).pad_id is None
+    with pytest.warns(UserWarning, match="rebuilds a Qwen2Tokenizer"):
+        assert load_hf_tokenizer(tmp_path).pad_id is None
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"tokenizer_class": "GPT2Tokenizer"}, "rebuilds a GPT2Tokenizer from its vocabulary and merges under GPT-2's"),
+    ({"tokenizer_class": "Qwen2Tokenizer"}, r"rebuilds a Qwen2Tokenizer .* NFC and add_prefix_space False"),
+    ({"split_special_tokens": True}, "sets split_special_tokens .* not followed"),
+])
+def test_tokenizers_transformers_builds_otherwise_are_named(tmp_path, changes, match):
+    """Where transformers 5 builds another tokenizer than tokenizer.json says and the loader reads the file as
+    written (a review compared transformers' ids: SmolLM2's files name GPT2Tokenizer, whose rebuild drops their
+    digit splits; a Qwen2Tokenizer adds NFC and add_prefix_space; split_special_tokens), a warning says so (they
+    were silently other ids); the fixture as saved (its own class, a ByteLevel BPE) warns of nothing."""
+    shutil.copy(FIXTURE / "tokenizer.json", tmp_path)
+    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_hf_tokenizer(tmp_path)
+    if changes.get("tokenizer_class") == "GPT2Tokenizer":
+        with warnings.catch_warnings():  # the fixture's plain ByteLevel is what the rebuild makes: nothing to say
+            warnings.simplefilter("error")
+            (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, **changes)))
+            load_hf_tokenizer(tmp_path)
+        spec = json.loads((tmp_path / "tokenizer.json").read_text())  # SmolLM2's digit splits before it
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, **changes)))
+    with pytest.warns(UserWarning, match=match):
+        load_hf_tokenizer(tmp_path)
 
 
 def test_special_tokens_map_only_without_added_tokens_decoder(tmp_path):
