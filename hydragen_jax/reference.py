@@ -47,10 +47,13 @@ def accumulation_dtype(*arrays) -> jnp.dtype:
 
 
 def _softmax(logits: Array, visible: Array) -> tuple[Array, Array]:
-  """softmax over the visible keys (last axis) and its lse; a row with no visible key gets 0 and -inf."""
+  """softmax over the visible keys (last axis) and its lse; a row with no visible key gets 0 and -inf. The lse of
+  such a row is taken over finite stand-ins and replaced after: a logsumexp over -inf alone has a NaN tangent, which
+  forward-mode and second derivatives carried into the merge (its weight 0 times NaN)."""
+  seen = jnp.any(jnp.broadcast_to(visible, logits.shape), axis=-1)
   logits = jnp.where(visible, logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  return jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0), lse
+  lse = jax.nn.logsumexp(jnp.where(seen[..., None], logits, 0.0), axis=-1)
+  return jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0), jnp.where(seen, lse, -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))  # called eagerly: one program, not op by op
@@ -80,11 +83,13 @@ def attention(
   s, hkv = k.shape[1], k.shape[2]
   acc = accumulation_dtype(q, k, v)
   qg = q.astype(acc).reshape(b, t, hkv, hq // hkv, d)
-  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(acc)) * scale
+  # keys and values past a sequence's length are not its keys': whatever they hold (NaN in an unused cache tail)
+  # stays out, of the output and of its derivatives (a masked logit of a NaN key gave q a NaN gradient)
+  valid = (jnp.arange(s) < kv_lengths[:, None])[:, :, None, None]
+  logits = jnp.einsum("bthgd,bshd->bthgs", qg, jnp.where(valid, k.astype(acc), 0.0)) * scale
   visible = visible_keys(kv_lengths, s, t, causal)[:, :, None, None, :]
   probs, lse = _softmax(logits, visible)
-  # values past a sequence's length are not its keys': whatever they hold (NaN in an unused cache tail) stays out
-  v = jnp.where((jnp.arange(s) < kv_lengths[:, None])[:, :, None, None], v.astype(acc), 0.0)
+  v = jnp.where(valid, v.astype(acc), 0.0)
   out = jnp.einsum("bthgs,bshd->bthgd", probs, v)
   return out.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, t, hq)
 
@@ -105,8 +110,8 @@ def shared_attention(q: Array, k: Array, v: Array, length: Array, *, scale: floa
   p, hkv = k.shape[0], k.shape[1]
   acc = accumulation_dtype(q, k, v)
   qg = q.astype(acc).reshape(b, t, hkv, hq // hkv, d)
-  logits = jnp.einsum("bthgd,phd->bthgp", qg, k.astype(acc)) * scale
   visible = jnp.arange(p) < length
+  logits = jnp.einsum("bthgd,phd->bthgp", qg, jnp.where(visible[:, None, None], k.astype(acc), 0.0)) * scale
   probs, lse = _softmax(logits, visible)
   v = jnp.where(visible[:, None, None], v.astype(acc), 0.0)  # values past the length stay out, as above
   out = jnp.einsum("bthgp,phd->bthgd", probs, v)

@@ -982,3 +982,54 @@ def test_gradients_through_the_kernels_are_refused_by_name(backend):  # shapes a
   jax.test_util.check_grads(lambda q, k: fns["hydragen"](q, k, "xla"), (q, sk), order=1, modes=["rev"],
                             atol=1e-2, rtol=1e-2)  # against finite differences
   chex.assert_trees_all_close(fns["hydragen"](q, sk, backend), fns["hydragen"](q, sk, "xla"), rtol=1e-5, atol=1e-5)
+
+
+def _plain64(q, k, v, visible):
+  """Softmax attention in float64 over the keys `visible` `[B, T, S]` (0 where a query sees none): the oracle of the
+  derivatives below."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = q.astype(jnp.float64).reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float64)) / np.sqrt(d)
+  mask = visible[:, :, None, None, :]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  m = jnp.where(jnp.any(mask, -1), jnp.max(logits, -1), 0.0)
+  w = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
+  probs = w / jnp.maximum(jnp.sum(w, -1, keepdims=True), 1e-300)
+  return jnp.einsum("bthgs,bshd->bthgd", probs, v.astype(jnp.float64)).reshape(b, t, hq, d)
+
+
+def test_xla_derivatives_with_empty_parts_and_non_finite_tails_are_finite_and_exact():
+  """On "xla": forward-mode (jvp) and second derivatives where one part of a query's keys is empty (a suffix of
+  length 0 beside the prefix, a query that sees nothing) were NaN (the logsumexp of an all -inf row, times the
+  merge's weight 0); the gradient with respect to q was NaN where a cache held NaN past its length (a masked logit
+  of a NaN key). Now finite and equal to float64 plain attention over the concatenated keys."""
+  with jax.enable_x64(True):
+    b, p, s, d = 2, 5, 4, 8
+    q, pk, pv, sk, sv = (normal(jax.random.key(i), shape, jnp.float32) for i, shape in
+                         enumerate([(b, 1, 4, d), (p, 2, d), (p, 2, d), (b, s, 2, d), (b, s, 2, d)]))
+    lengths = jnp.array([3, 0])
+    sk_bad = sk.at[:, 3:].set(jnp.nan).at[1].set(jnp.inf)  # past each sequence's length only
+    fn = lambda q, sk: hj.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, backend="xla")  # noqa: E731
+
+    def want(q, sk):
+      k = jnp.concatenate([jnp.broadcast_to(pk, (b, p, 2, d)), sk], 1)
+      v = jnp.concatenate([jnp.broadcast_to(pv, (b, p, 2, d)), sv], 1)
+      visible = (jnp.arange(p + s)[None, :] < p + lengths[:, None])[:, None, :]
+      return _plain64(q, k, v, visible)
+
+    dq = normal(jax.random.key(9), q.shape, jnp.float32)
+    got_t = jax.jvp(lambda q: fn(q, sk), (q,), (dq,))[1]
+    want_t = jax.jvp(lambda q: want(q, sk), (q,), (dq,))[1]
+    assert np.isfinite(np.asarray(got_t)).all()
+    np.testing.assert_allclose(np.asarray(got_t, np.float64), np.asarray(want_t), rtol=1e-4, atol=1e-5)
+    loss = lambda f: (lambda q: jnp.sum(f(q) ** 2))  # noqa: E731
+    hvp = jax.jvp(jax.grad(loss(lambda q: fn(q, sk))), (q,), (dq,))[1]
+    want_hvp = jax.jvp(jax.grad(loss(lambda q: want(q, sk))), (q,), (dq,))[1]
+    np.testing.assert_allclose(np.asarray(hvp, np.float64), np.asarray(want_hvp), rtol=1e-3, atol=1e-4)
+    g_bad = jax.grad(loss(lambda q: fn(q, sk_bad)))(q)
+    np.testing.assert_allclose(np.asarray(g_bad), np.asarray(jax.grad(loss(lambda q: fn(q, sk)))(q)), rtol=1e-6)
+    # a query that sees no key at all: output 0, tangent 0
+    empty = lambda q: hj.attention(q, sk, sv, kv_lengths=jnp.array([0, 2]), backend="xla")[0]  # noqa: E731
+    t = jax.jvp(empty, (q,), (dq,))[1]
+    assert np.isfinite(np.asarray(t)).all() and not np.asarray(t[0]).any()
