@@ -177,7 +177,10 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
 
 def check_flag(name: str, x) -> None:
   if not isinstance(x, (bool, np.bool_)):
-    raise ValueError(f"{name} must be a bool, got {x!r}.")
+    traced = isinstance(x, jax.core.Tracer)  # a flag given to a jitted call as an ordinary (traced) argument
+    raise ValueError(f"{name} must be a bool, got {x!r}." + (
+        f" It decides the program's shape: pass it as a static argument (e.g. jax.jit(fn, "
+        f"static_argnames={name!r}), or functools.partial(fn, {name}=...) before jitting)." if traced else ""))
 
 
 def check_same(name_a: str, a, name_b: str, b) -> None:

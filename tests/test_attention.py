@@ -984,6 +984,16 @@ def test_gradients_through_the_kernels_are_refused_by_name(backend):  # shapes a
   chex.assert_trees_all_close(fns["hydragen"](q, sk, backend), fns["hydragen"](q, sk, "xla"), rtol=1e-5, atol=1e-5)
 
 
+def test_a_traced_flag_says_to_make_it_static():
+  """jax.jit(hj.attention)(..., causal=True) traces the flag: the error names it and says how to pass it (it said
+  only "causal must be a bool, got JitTracer(bool[])")."""
+  q, k = (normal(jax.random.key(i), (1, 1, 2, 8), jnp.float32) for i in range(2))
+  with pytest.raises(ValueError, match=r"causal must be a bool, got .*Tracer.*pass it as a static argument \(e\.g\. "
+                                       r"jax\.jit\(fn, static_argnames='causal'\)"):
+    jax.jit(hj.attention)(q, k, k, causal=True)
+  assert jax.jit(hj.attention, static_argnames="causal")(q, k, k, causal=True)[0].shape == q.shape
+
+
 def _plain64(q, k, v, visible):
   """Softmax attention in float64 over the keys `visible` `[B, T, S]` (0 where a query sees none): the oracle of the
   derivatives below."""
