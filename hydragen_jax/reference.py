@@ -180,15 +180,13 @@ def saturate_int32(x: Array) -> Array:
   """Integer `x` as int32, a wider type (uint32; int64, uint64 with `jax_enable_x64`; numpy's and Python's at any
   width) clipped to int32's range first: past int32 is past any capacity or index, and the cast must not wrap it
   back into range (2^32 - 1 -> -1)."""
-  if not isinstance(x, jax.Array):  # numpy / Python: clipped before JAX would narrow it (2^32 + 3 -> 3 without x64)
-    x = np.asarray(x)
-    if x.dtype.kind in "iu":
-      x = np.clip(x, max(np.iinfo(x.dtype).min, -2**31), min(np.iinfo(x.dtype).max, 2**31 - 1)).astype(np.int32)
-  x = jnp.asarray(x)
+  # numpy / Python values clipped in numpy, before JAX would narrow them (2^32 + 3 -> 3 without x64)
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = xp.asarray(x)
   info = jnp.iinfo(x.dtype)
   if info.max > 2**31 - 1 or info.min < -2**31:
-    x = jnp.clip(x, max(info.min, -2**31), 2**31 - 1)
-  return x.astype(jnp.int32)
+    x = xp.clip(x, max(info.min, -2**31), 2**31 - 1)
+  return jnp.asarray(x.astype(xp.int32))
 
 
 def write_positions(lengths: Array, new_tokens: Array, num_slots: int, capacity: int) -> Array:

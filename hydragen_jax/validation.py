@@ -110,7 +110,8 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   rows = prefix_work((1, *q_shape[1:]), num_kv_heads, 1)  # T·g: one sequence's query rows a KV head
   if 0 < tuning.hopper_max_rows < rows:
     return False
-  short = not tuning.hopper_seq_max_suffix or suffix_capacity is None or suffix_capacity <= tuning.hopper_seq_max_suffix
+  bound = tuning.hopper_seq_max_suffix
+  short = not bound or suffix_capacity is None or suffix_capacity <= bound
   enough = work >= tuning.hopper_min_work or (0 < tuning.hopper_min_seq_work <= rows * prefix_capacity and short)
   fill = prefix_fill(q_shape, num_kv_heads, cores)
   if 0 < tuning.hopper_split_min_rows <= rows and work >= tuning.hopper_min_work:

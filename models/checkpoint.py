@@ -504,17 +504,17 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     except (ValueError, CheckpointError) as e:
         raise ValueError(f"save_checkpoint: extra_config {extra_config!r} gives a config.json that load_checkpoint "
                          f"refuses: {e}") from e
-    # a key of the model's config.json restated with another value (a null head_dim, which this loader fills in as
-    # transformers' Llama does but its Qwen3 or Gemma refuses)
-    restated = [k for k, v in (extra_config or {}).items() if k in base and json.loads(json.dumps(v)) != base[k]]
-    # the tensors written are the model's: config.json must describe them (plain: the model's config as saved without
-    # extra_config; read only where there is one)
-    if extra_config and (restated or loaded != _loads_as(base)):
+    if extra_config:  # the tensors written are the model's: config.json must describe them (plain: the model's
+        # config as saved without extra_config); a key of it restated with another value is refused too (a null
+        # head_dim, which this loader fills in as transformers' Llama does but its Qwen3 or Gemma refuses)
         plain = _loads_as(base)
-        changed = [k for k, v in extra_config.items() if k in restated or _loads_as({**base, k: v}) != plain] or \
-            sorted(extra_config)  # those that change it alone (else all: together)
-        raise ValueError(f"save_checkpoint: extra_config changes the model config.json describes (keys {changed}); "
-                         f"expected keys that leave it as it is (e.g. provenance): change model.config instead")
+        restated = [k for k, v in extra_config.items() if k in base and json.loads(json.dumps(v)) != base[k]]
+        if restated or loaded != plain:
+            changed = [k for k, v in extra_config.items() if k in restated or _loads_as({**base, k: v}) != plain] \
+                or sorted(extra_config)  # those that change it alone (else all: together)
+            raise ValueError(f"save_checkpoint: extra_config changes the model config.json describes (keys "
+                             f"{changed}); expected keys that leave it as it is (e.g. provenance): change "
+                             "model.config instead")
     tensors = to_hf_tensors(model, dtype)
     os.makedirs(path, exist_ok=True)
     stored = next(iter(tensors.values())).dtype

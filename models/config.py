@@ -9,8 +9,8 @@ of q/k/v and of gate/up fused (Phi-3), embeddings scaled by sqrt(hidden_size), n
 and a GELU-gated MLP (Gemma).
 Supported RoPE: any theta, ``llama3``, ``linear``, ``yarn`` or ``longrope`` frequency scaling (longrope, Phi-3's on
 any family as transformers runs it: its short factors within its pretraining context, its long ones past it:
-``LlamaConfig.with_long_rope``), and Phi-3's ``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE on the first 96 of 128 dimensions). Both ``config.json`` layouts
-are read: transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one
+``LlamaConfig.with_long_rope``), and Phi-3's ``partial_rotary_factor`` (Phi-4-mini's 0.75: RoPE on the first 96 of
+128 dimensions). Both ``config.json`` layouts are read: transformers 4 (top-level ``rope_theta`` and ``rope_scaling``) and transformers 5 (``rope_parameters``, one
 flat dict); they give the same config for the same model.
 
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
@@ -841,14 +841,14 @@ def _parse_rope(d: dict[str, Any], max_pos: int, family: Family) -> tuple[float,
         return (family.default_theta if top_theta is None else _number(top_theta, "rope_theta")), None
     value = _parse_rope_dict(rs, where, top_theta, max_pos, family, d)
     if where == "rope_scaling" and params:  # not read, as transformers does not read it then: a warning if it differs
-        try:
-            if keyed_error:
-                raise CheckpointError(keyed_error)
-            with warnings.catch_warnings():  # (its unread keys: the warning below names it)
-                warnings.simplefilter("ignore")
-                other = _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)
-        except CheckpointError as e:
-            other = f"({e})"
+        other = f"({keyed_error})"
+        if not keyed_error:
+            try:
+                with warnings.catch_warnings():  # (its unread keys: the warning below names it)
+                    warnings.simplefilter("ignore")
+                    other = _parse_rope_dict(params, "rope_parameters", top_theta, max_pos, family, d)
+            except CheckpointError as e:
+                other = f"({e})"
         if other != value:
             warnings.warn(f"config: rope_scaling gives RoPE {value} and rope_parameters {other} (theta, scaling): "
                           "rope_scaling read, rope_parameters left out, as transformers does", stacklevel=2)
@@ -948,9 +948,9 @@ def _parse_longrope(rs: dict[str, Any], where: str, max_pos: int, d: dict[str, A
     """A longrope dict, read as transformers 5 reads it: the pretraining context is, for Phi-3, config.json's
     top-level ``original_max_position_embeddings`` (Phi3Config's 4096 where absent), whatever the dict holds; for the
     other families (whose config classes keep no such top-level key) the dict's, else max_position_embeddings; a
-    missing or null ``factor`` is max_position_embeddings / that context; ``short_factor`` and ``long_factor`` lists of positive
-    numbers (their length, rotary_dim / 2, is checked by the config); ``attention_factor`` given or derived
-    (``RopeScaling.cos_sin_factor``)."""
+    missing or null ``factor`` is max_position_embeddings / that context; ``short_factor`` and ``long_factor`` lists
+    of positive numbers (their length, rotary_dim / 2, is checked by the config); ``attention_factor`` given or
+    derived (``RopeScaling.cos_sin_factor``)."""
     key = "original_max_position_embeddings"
     original, name = (d.get(key, 4096), key) if family.longrope else (rs.get(key, max_pos), f"{where} {key}")
     if not is_int(original) or original <= 0:

@@ -468,12 +468,13 @@ def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     return tokenizer
 
 
-def _warn_rebuilds(path: str, tokenizer_class: str | None, spec: dict, config: dict) -> None:
+def _warn_rebuilds(path: str, tokenizer_class: str | None, tokenizer, config: dict) -> None:
     """Warnings where transformers 5 builds the files' tokenizer otherwise than tokenizer.json says and the loader
     does not follow (its ids follow tokenizer.json): a GPT2Tokenizer (rebuilt from the vocabulary and merges under
     GPT-2's ByteLevel pre-tokenizer, no normalizer) or a Qwen2Tokenizer (NFC and ``add_prefix_space``) whose
     tokenizer.json is not that; ``split_special_tokens`` (transformers then encodes special-token text as text)."""
-    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer") or {}
+    spec = json.loads(tokenizer.to_str()) if tokenizer_class in ("GPT2Tokenizer", "Qwen2Tokenizer") else {}
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer") or {}  # (the whole file: read where needed)
     prefix_space = bool(config.get("add_prefix_space"))
     differs = None
     if tokenizer_class == "GPT2Tokenizer" and (normalizer is not None or pre.get("type") != "ByteLevel" or
@@ -593,8 +594,8 @@ def load_hf_tokenizer(path) -> HFTokenizer:
             warnings.warn(f"load_hf_tokenizer: {path} names a Llama tokenizer class for model_type qwen2, for which "
                           "transformers 5 builds a Qwen2Tokenizer from tokenizer.json's vocabulary and merges: these "
                           "ids follow tokenizer.json", stacklevel=2)
-        _warn_rebuilds(path, tokenizer_class or _REGISTERED_CLASSES.get(model_config.get("model_type")),
-                       json.loads(tokenizer.to_str()), config)
+        _warn_rebuilds(path, tokenizer_class or _REGISTERED_CLASSES.get(model_config.get("model_type")), tokenizer,
+                       config)
         added = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
         missing = [t for t in dict.fromkeys(special.values()) if t not in added]
         if missing:  # matched whole and dropped by decode, as transformers' named special tokens are
