@@ -412,6 +412,7 @@ class LlamaConfig:
                 raise ValueError(f"config: sliding_window is for the families whose window covers every layer "
                                  f"(llama, mistral, phi3); model_type {self.model_type!r} applies it to some layers "
                                  f"only, which is not supported; got {self.sliding_window!r}")
+        self._canonicalise()
         if self.hidden_act is None:  # the family's default
             object.__setattr__(self, "hidden_act", self.family.hidden_acts[0])
         if self.hidden_act not in self.family.hidden_acts:
@@ -426,6 +427,18 @@ class LlamaConfig:
             if not self.family.multipliers and value != (1.0 if name != "attention_multiplier" else None):
                 raise ValueError(f"config: {name} is Granite's (model_type 'granite'); model_type "
                                  f"{self.model_type!r} has none, got {value!r}")
+
+    def _canonicalise(self):
+        """One spelling for each model, so that a config equals (and hashes as, for jit) itself after a save and
+        load: a sliding window no sequence reaches (W >= the context, as ``from_dict`` reads one), RoPE in every
+        layer of ``rope_layers`` and an ``attention_multiplier`` of exactly 1/sqrt(head_dim) are None."""
+        context = max(self.max_position_embeddings, self.yarn_context or 0)
+        if self.sliding_window is not None and self.sliding_window >= context:
+            object.__setattr__(self, "sliding_window", None)
+        if self.rope_layers is not None and all(self.rope_layers):
+            object.__setattr__(self, "rope_layers", None)
+        if self.attention_multiplier is not None and self.attention_multiplier == 1 / math.sqrt(self.head_dim):
+            object.__setattr__(self, "attention_multiplier", None)
 
     @property
     def max_length(self) -> int:

@@ -1064,3 +1064,24 @@ def test_generation_config_without_eos_stops_on_none(tmp_path):
             assert LlamaConfig.from_json(tmp_path).eos_token_ids == ()
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert LlamaConfig.from_json(tmp_path).eos_token_ids == (2, 7)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(sliding_window=4096, max_position_embeddings=4096),  # a window no sequence reaches
+    dict(sliding_window=10**6),
+    dict(model_type="smollm3", num_hidden_layers=3, rope_layers=(True,) * 3),  # RoPE in every layer
+    dict(model_type="smollm3", num_hidden_layers=3),
+    dict(model_type="granite", attention_multiplier=None),  # Llama's logit scale, saved as the number it is
+    dict(model_type="granite", attention_multiplier=1 / math.sqrt(8)),
+    dict(attention_multiplier=1 / math.sqrt(8)),  # the default scale, spelt out: no Granite key needed
+])
+def test_hand_built_config_equals_itself_after_a_round_trip(fields):
+    """A config built by hand is the config it saves: equal and of one hash after to_dict / from_dict (jit sees
+    the same static argument; no recompile), and with the same meaning (the window, RoPE layers, logit scale)."""
+    c = LlamaConfig(**dict(SMALL, **fields))
+    back = LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c and hash(back) == hash(c)
+    assert (c.max_length, c.query_scale, c.uses_rope(0)) == (back.max_length, 1.0, True)
+    assert c.sliding_window is None and c.rope_layers is None and c.attention_multiplier is None
+    kept = LlamaConfig(**dict(SMALL, sliding_window=4095, max_position_embeddings=4096))  # in effect: kept
+    assert kept.sliding_window == 4095 and LlamaConfig.from_dict(kept.to_dict()) == kept
