@@ -97,7 +97,7 @@ DEVICE_SCHEMA = {
 BANDWIDTH_PROBES = ("copy", "read", "pallas_read")  # the probes of experiments.device_rates
 
 # The device rates measured at the start of every run (experiments.device_rates): the floor's bandwidth is the best
-# of the probes, each over `copy_bytes` of data; the matmul rate is an n x n x n bf16 matmul.
+# of the probes, each over `copy_bytes` of data; the matmul rate is an n x n x n matmul in the run's dtype.
 RATES_SCHEMA = {
     "copy_bytes": positive_int(),
     "matmul_n": positive_int(),
@@ -185,9 +185,11 @@ MESH_SCHEMA = {
     "__optional__": True,
 }
 
-# The model runs' timing: no steps_per_call (bench-attention's), and a warm-up call at least (its time plans the
-# timed steps, experiments.e2e.time_decode)
-E2E_TIMING_SCHEMA = {**{k: v for k, v in TIMING_SCHEMA.items() if k != "steps_per_call"},
+# The model runs' timing: a warm-up call at least (its time plans the timed steps, experiments.e2e.time_decode); not
+# bench-attention's steps_per_call, min_repeat_s and max_inner (a decode call times its own steps; the device probes'
+# repeat length is rates.min_repeat_s)
+E2E_TIMING_SCHEMA = {**{k: v for k, v in TIMING_SCHEMA.items() if k not in ("steps_per_call", "min_repeat_s",
+                                                                           "max_inner")},
                      "warmup": positive_int("an integer >= 1 (the last warm-up call's time plans the timed steps)")}
 
 E2E_COMMON = {

@@ -182,18 +182,21 @@ def bandwidth(nbytes: int, timing_kw: dict, probes: tuple[str, ...] = PROBES) ->
 
 
 def matmul_rate(n: int, timing_kw: dict, dtype=jnp.bfloat16) -> dict:
-    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype` with the default (f32) accumulation: the best repeat
-    (the floor's rate: the fastest the GPU showed, as for the bandwidth; the median is recorded too). Calls run back
-    to back for >= PROBE_MIN_REPEAT_S (timing_kw's `probe_min_repeat_s`) per repeat, so that host dispatch is not
-    counted."""
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype` as the run's own products compute it (f32
+    accumulation; float32 operands at HIGHEST precision, exact fp32 products as the models' and kernels' are, not
+    TF32): the best repeat (the floor's rate: the fastest the GPU showed, as for the bandwidth; the median is recorded
+    too). Calls run back to back for >= PROBE_MIN_REPEAT_S (timing_kw's `probe_min_repeat_s`) per repeat, so that
+    host dispatch is not counted."""
+    dtype = jnp.dtype(dtype)
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.normal(ka, (n, n), dtype=dtype)
     b = jax.random.normal(kb, (n, n), dtype=dtype)
-    t = timing.time_fn(lambda x, y: x @ y, (a, b), **_back_to_back(timing_kw))
+    t = timing.time_fn(lambda x, y: jnp.matmul(x, y, precision=precision), (a, b), **_back_to_back(timing_kw))
     del a, b
     flops = 2.0 * n**3
-    return {"matmul_n": n, "matmul_time_s": min(t.times_s), "matmul_flops_per_s": flops / min(t.times_s),
-            "matmul_median_flops_per_s": flops / t.median_s}
+    return {"matmul_n": n, "matmul_dtype": dtype.name, "matmul_time_s": min(t.times_s),
+            "matmul_flops_per_s": flops / min(t.times_s), "matmul_median_flops_per_s": flops / t.median_s}
 
 
 def _back_to_back(timing_kw: dict) -> dict:
@@ -246,16 +249,20 @@ def allreduce_rates(devices: int, sizes: tuple[int, ...], timing_kw: dict, dtype
     return {"devices": devices, "probes": found, "bus_bytes_per_s": best["bus_bytes_per_s"], "bytes": best["bytes"]}
 
 
-def measure(copy_bytes: int, matmul_n: int, timing_kw: dict, probes: tuple[str, ...] = PROBES) -> dict:
-    """Device rates of one run: the bandwidth probes (see `bandwidth`), the matmul rate and the dispatch time."""
-    return {**bandwidth(copy_bytes, timing_kw, probes), **matmul_rate(matmul_n, timing_kw), **dispatch_time(timing_kw)}
+def measure(copy_bytes: int, matmul_n: int, timing_kw: dict, probes: tuple[str, ...] = PROBES,
+            dtype=jnp.bfloat16) -> dict:
+    """Device rates of one run: the bandwidth probes (see `bandwidth`), the matmul rate in the run's `dtype` and the
+    dispatch time."""
+    return {**bandwidth(copy_bytes, timing_kw, probes), **matmul_rate(matmul_n, timing_kw, dtype),
+            **dispatch_time(timing_kw)}
 
 
 def measure_for(config: dict, timing_kw: dict) -> dict:
-    """`measure` with a config's [rates] table."""
+    """`measure` with a config's [rates] table, the matmul in the dtype of its [bench] or [model] table."""
     rates = config["rates"]
+    dtype = (config.get("bench") or config.get("model") or {}).get("dtype", "bfloat16")
     return measure(rates["copy_bytes"], rates["matmul_n"], _probe_kw(config, timing_kw),
-                   tuple(rates.get("probes", PROBES)))
+                   tuple(rates.get("probes", PROBES)), dtype)
 
 
 def _probe_kw(config: dict, timing_kw: dict) -> dict:

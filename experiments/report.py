@@ -108,11 +108,21 @@ def _tensor_parallel(recs: list[dict]) -> bool:
     return any("tp" in r["point"] for r in recs)
 
 
+MEASURED = ("decode", "summary", "step")  # the records of a measurement (a file with none: a run stopped before)
+
+
+def measured(f: ResultsFile) -> bool:
+    """Whether a results file holds a measurement: a run stopped (its time limit, a crash) before its first point
+    leaves only its device rates, and must not hide the previous run of its name."""
+    return any(r["record"] in MEASURED for r in f.records)
+
+
 def newest_per_name(files: list[ResultsFile]) -> list[ResultsFile]:
-    """The newest file of each NAME (the latest run of each experiment), newest first."""
+    """The newest file of each NAME that holds a measurement (the latest run of each experiment), newest first."""
     newest: dict[str, ResultsFile] = {}
     for f in sorted(files, key=lambda f: f.stamp, reverse=True):
-        newest.setdefault(f.name, f)
+        if measured(f):
+            newest.setdefault(f.name, f)
     return list(newest.values())
 
 
@@ -156,24 +166,28 @@ def same_setup(f: ResultsFile) -> bool:
     dtype, the generated length, the unique prompt tokens and the backend (model runs), the benchmark's dtype, head
     dim and Hydragen backend. A run with another (e.g. the
     13B shape by `--set model.shape...`, float32 by `--set bench.dtype=...`) is left out of the tables, so that it
-    neither replaces their rows nor mixes under their headers; a run over a mesh (its own section) and one whose
-    config is not in experiments/configs are kept."""
-    cfg = _config_of(f)
-    if cfg is None or _tensor_parallel(f.records):
+    neither replaces their rows nor mixes under their headers; so is a run of a config not in experiments/configs
+    (no committed setup to compare with), unless over a mesh (the tensor-parallel section, headed per file)."""
+    if _tensor_parallel(f.records):
         return True
+    cfg = _config_of(f)
+    if cfg is None:
+        return False
     model, bench, grid = cfg.get("model", {}), cfg.get("bench", {}), cfg.get("grid", {})
+    tree = {k: v for k, v in cfg.get("tree", {}).items() if k != "variants"}  # tree_apps' workload
     gpu = f.device.startswith("gpu:")
     for r in f.records:
         point = r.get("point", {})
         if r["record"] == "model":
-            shape = point.get("shape", {})
-            if _mismatch(model.get("dtype"), point.get("dtype")) or any(
-                    _mismatch(v, shape.get(k)) for k, v in model.get("shape", {}).items()) or _mismatch(
+            if _mismatch(model.get("dtype"), point.get("dtype")) or _shape_differs(
+                    model.get("shape", {}), point.get("shape", {})) or _mismatch(
                     _backend(cfg.get("backend"), cfg.get("cpu_backend"), gpu, "default"),
                     r.get("results", {}).get("backend")):
                 return False
-        elif r["record"] == "decode" and (_mismatch(grid.get("generate"), point.get("generate"))
-                                          or _mismatch(grid.get("unique"), point.get("unique"))):
+        elif r["record"] in ("decode", "prefill") and (
+                _mismatch(grid.get("generate"), point.get("generate")) or _mismatch(grid.get("unique"),
+                                                                                   point.get("unique"))
+                or any(_mismatch(v, point.get(k)) for k, v in tree.items())):
             return False
         elif r["record"] in ("summary", "step") and (
                 _mismatch(bench.get("dtype"), point.get("dtype")) or _mismatch(bench.get("head_dim"),
@@ -182,6 +196,16 @@ def same_setup(f: ResultsFile) -> bool:
                              point.get("backend"))):
             return False
     return True
+
+
+def _shape_differs(committed: dict, ran: dict) -> bool:
+    """Whether a run's model shape (its record's, as its config gave it) differs from the committed config's: in a
+    field both name, or one only the run names (e.g. `--set model.shape.tie_word_embeddings=true`) against
+    models.LlamaConfig's default (a field only the committed config names: an older run's record, not compared)."""
+    from models.config import LlamaConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.default is not dataclasses.MISSING}
+    return any(_mismatch(committed.get(k, defaults.get(k)), v) for k, v in ran.items())
 
 
 def _backend(chosen: str | None, cpu_backend: str | None, gpu: bool, on_gpu: str) -> str | None:
@@ -204,9 +228,13 @@ def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, lis
         of_kind = [f for f in files if f.kind == kind and same_setup(f)]
         if not of_kind:
             continue
-        here = [f for f in of_kind if f.slug == device] or [f for f in of_kind
-                                                            if f.slug == max(of_kind, key=lambda f: f.stamp).slug]
-        chosen[kind] = newest_per_name(here)
+        # the picked device's runs, else the newest other accelerator's that has the kind (a CPU run, tiny sizes,
+        # never takes a section over from an accelerator: CPU runs show only where the picked device is the CPU)
+        others = [f for f in of_kind if f.slug != "cpu"]
+        here = [f for f in of_kind if f.slug == device] or [f for f in others
+                                                            if f.slug == max(others, key=lambda f: f.stamp).slug]
+        if newest := newest_per_name(here):
+            chosen[kind] = newest
     return chosen
 
 

@@ -227,11 +227,16 @@ def test_rates_min_repeat_s_sets_the_calls_of_a_probe_repeat():
     for bad in ("-1", "inf"):  # an infinite repeat would never end (an OverflowError counting its calls)
         with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
             config.load("e2e_throughput", smoke=True, assignments=[f"rates.min_repeat_s={bad}"])
-    for table in ("rates", "timing"):  # one field in both tables: the same refusals
+    for name, table in (("e2e_throughput", "rates"), ("bench_attention", "timing")):  # one field, same refusals
         with pytest.raises(config.ConfigError, match=r"min_repeat_s.*seconds >= 0"):
-            config.load("e2e_throughput", smoke=True, assignments=[f"{table}.min_repeat_s=inf"])
+            config.load(name, smoke=True, assignments=[f"{table}.min_repeat_s=inf"])
         with pytest.raises(config.ConfigError, match=r"min_repeat_s.*must be int or float, got True"):
-            config.load("e2e_throughput", smoke=True, assignments=[f"{table}.min_repeat_s=true"])
+            config.load(name, smoke=True, assignments=[f"{table}.min_repeat_s=true"])
+    # a model run's decode calls time their own steps: bench-attention's repeat options would be silently ignored
+    for key in ("min_repeat_s=0.1", "max_inner=4", "steps_per_call=2"):
+        for name in ("e2e_throughput", "long_document", "tree_apps", "e2e_tp"):
+            with pytest.raises(config.ConfigError, match=f"unknown key 'timing.{key.split('=')[0]}'"):
+                config.load(name, smoke=True, assignments=[f"timing.{key}"])
 
 
 def test_failed_probe_is_recorded_and_no_probe_is_an_error(monkeypatch):
@@ -429,6 +434,24 @@ def test_bench_checks_every_variant_against_the_reference_whatever_the_order(tmp
                      "bench.cpu_backend='xla'"]) == 0
     steps = [r for r in _check_records(out) if r["record"] == "step" and r["mode"] == "hydragen"]
     assert steps and all(r["results"]["max_abs_err_vs_reference"] < 1e-5 for r in steps), steps
+
+
+@pytest.mark.parametrize("table, dtype, precision", [("model", "float32", "HIGHEST"), ("bench", "float32", "HIGHEST"),
+                                                      ("model", "bfloat16", "DEFAULT"), (None, "bfloat16", "DEFAULT")])
+def test_matmul_rate_is_timed_in_the_runs_dtype(monkeypatch, table, dtype, precision):
+    """The floor's matmul rate is the run's own products' rate: a float32 run's (exact fp32 products, as the models
+    and kernels compute them; ~10x slower than bf16 on an H100) was timed in bf16, so its floor read ~6x too low."""
+    seen = []
+    monkeypatch.setattr(timing, "time_fn", lambda fn, args, **kw: seen.append((fn, args)) or timing.Timing(
+        compile_s=0.0, median_s=1.0, times_s=[1.0], inner=1))
+    monkeypatch.setattr(device_rates, "bandwidth", lambda *a, **k: {})
+    cfg = {"rates": {"copy_bytes": 1 << 16, "matmul_n": 64}, **({table: {"dtype": dtype}} if table else {})}
+    rates = device_rates.measure_for(cfg, {"warmup": 0, "repeats": 1})
+    fn, args = seen[0]
+    assert rates["matmul_dtype"] == dtype and all(a.dtype == jnp.dtype(dtype) for a in args)
+    with jax.default_matmul_precision("default"):  # as on the GPU (the test suite sets "highest")
+        jaxpr = str(jax.make_jaxpr(fn)(*args))
+    assert ("HIGHEST" in jaxpr) == (precision == "HIGHEST"), jaxpr
 
 
 def test_dispatch_probe_runs_calls_back_to_back_whatever_the_runs_timing(monkeypatch):
@@ -986,8 +1009,8 @@ def test_report_falls_back_to_another_device_per_experiment(tmp_path, readme):
     _write_results(res, "bench_attention", "20261130-100000", [
         _rates(), _bench_summary((64, 1024, 512, 32, 32), "hydragen", 5e5)])
     _write_results(res, "tree_apps", "20261125-010000", [_rec(
-        "tree_apps", "decode", {"fewshot": 8, "problem_prompt": 4, "problems": 2, "samples": 2, "generate": 8,
-                                "batch": 4, "levels": 2}, "two_level", {"decode_s": 1.0, "tokens_per_s": 32.0,
+        "tree_apps", "decode", {"fewshot": 2048, "problem_prompt": 512, "problems": 8, "samples": 16,
+                                "generate": 128, "batch": 128, "levels": 2}, "two_level", {"decode_s": 1.0, "tokens_per_s": 32.0,
                                                                          "cache_bytes": 1e6}, device=H100)], device=H100)
     report.update_readme(readme, res, plot=False)
     section = _section(readme)
@@ -995,6 +1018,40 @@ def test_report_falls_back_to_another_device_per_experiment(tmp_path, readme):
     assert "**[NVIDIA H100 80GB HBM3] APPS-like tree**" in section and "**[NVIDIA H200] One decode step" in section
     report.update_readme(readme, res, device="nvidia-h100-80gb-hbm3", plot=False)  # asked: H100 (bench falls back)
     assert "**[NVIDIA H200] One decode step" in _section(readme)
+
+
+def test_report_leaves_out_runs_of_another_setup_and_runs_stopped_before_a_measurement(tmp_path):
+    """A review's findings: a run of a config not in experiments/configs, a tree run with another workload, an e2e
+    run with a shape field the committed config leaves out, a newer file holding only device rates (a run stopped at
+    its time limit) and a CPU bench run where no accelerator has one never take a section's rows."""
+    res = tmp_path / "results"
+    tree = {"fewshot": 2048, "problem_prompt": 512, "problems": 8, "samples": 16, "generate": 128, "batch": 128,
+            "levels": 2}
+    two_level = {"decode_s": 1.0, "tokens_per_s": 32.0, "cache_bytes": 1e6}
+    _write_results(res, "tree_apps", "20261130-100000", [_rec("tree_apps", "decode", tree, "two_level", two_level)])
+    _write_results(res, "tree_apps", "20261130-110000", [_rates()])  # stopped before its first point
+    _write_results(res, "tree_apps-g16", "20261130-120000", [_rec(
+        "tree_apps", "decode", {**tree, "generate": 16}, "two_level", two_level)])
+    _write_results(res, "e2e_throughput-part1", "20261130-100000", [_model(), _decode(_e2e_point(1024, 8), "none",
+                                                                                        1e3)])
+    tied = _rec("e2e_throughput", "model", {"shape": {**SHAPE, "tie_word_embeddings": True}, "dtype": "bfloat16"},
+                None, {})
+    _write_results(res, "e2e_throughput-tied", "20261130-110000", [tied, _decode(_e2e_point(1024, 8), "none", 2e3)])
+    mine = {**_model(), "config": "my_13b"}
+    _write_results(res, "my_13b", "20261130-120000", [mine, {**_decode(_e2e_point(1024, 64), "none", 7e3),
+                                                             "config": "my_13b"}])
+    cpu = "cpu:cpu"
+    on_cpu = _bench_summary((64, 1024, 512, 32, 32), "hydragen", 5e5, device=cpu)  # the config's setup on a CPU
+    on_cpu["point"]["backend"] = "xla"
+    _write_results(res, "bench_attention", "20261130-130000", [_rates(device=cpu), on_cpu], device=cpu)
+    files = report.load_results(res)
+    assert report.newest_per_name([f for f in files if f.kind == "tree_apps"])[0].stamp.hour == 12  # measured
+    chosen = report.choose(files)
+    assert [f.label for f in chosen["tree_apps"]] == ["tree_apps-nvidia-h200-20261130-100000"]
+    assert [f.label for f in chosen["e2e_throughput"]] == ["e2e_throughput-part1-nvidia-h200-20261130-100000"]
+    assert "bench_attention" not in chosen
+    only_cpu = report.choose([f for f in files if f.slug == "cpu"])  # the only device: its runs are shown
+    assert [f.slug for f in only_cpu["bench_attention"]] == ["cpu"]
 
 
 def test_report_cli_check_markers_and_plot(tmp_path, readme, capsys):
