@@ -12,7 +12,9 @@ a Hopper), "interpret" /
 reference); None picks "pallas" on GPU and "xla" elsewhere. The compiled ones ("pallas", "triton", "mosaic") are
 refused where the default device is not a GPU, except inside `hydragen_jax.lowering_for_gpu()` (tracing, to lower
 for CUDA from another machine: its docstring says how). The kernel backends define no derivative: `jax.grad`
-through them raises (take "xla"). The Hopper kernel (`kernels/hopper.py`) applies to a
+through them raises (take "xla"); `jax.vmap` runs through them (an axis of size 0 included), `jax.shard_map` with
+check_vma=True, Explicit mesh axes and "interpret-mosaic" on several devices are refused by name
+(`validation.check_kernel_backend`; docs/API_CONTRACT.md). The Hopper kernel (`kernels/hopper.py`) applies to a
 one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level
 tree whose root is one node read by all sequences and whose leaves are per sequence, `seq_to_node=None`) in
 bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
@@ -260,6 +262,50 @@ def _merge(stacks, backend: str):
   return reference.merge_states([(o[i], l[i]) for o, l in stacks for i in range(o.shape[0])])
 
 
+def _step(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], scale: float,
+          backend: str) -> tuple[Array, Array]:
+  """(out in q's dtype, lse) of q over the validated levels."""
+  def step(q, levels):
+    out, lse = _merge(_attend(q, levels, causal=causal, batched=batched, scale=scale, backend=backend), backend)
+    return out.astype(check.dtype_of(q)), lse
+
+  return _kernel_call(step, backend, q, levels)
+
+
+def _kernel_call(fn, backend: str, *args):
+  """fn(*args), a step from its validated arguments. On the kernel backends the traced leaves of args go through
+  `_vmap_empty_ok`: `jax.vmap` over an axis of size 0 gives empty outputs, where Pallas' batching rule fails (it
+  slices a block of one row from the empty axis). The other leaves (concrete arrays, numpy constants that the
+  kernels' plans read on the host) stay as they are, closed over."""
+  leaves, tree = jax.tree.flatten(args)
+  traced = [isinstance(x, jax.core.Tracer) for x in leaves]
+  if backend == "xla" or not any(traced):  # jnp vmaps over empty axes; untraced arguments: no vmap
+    return fn(*args)
+
+  def call(*dynamic):
+    dynamic = iter(dynamic)
+    return fn(*jax.tree.unflatten(tree, [next(dynamic) if t else x for x, t in zip(leaves, traced)]))
+
+  return _vmap_empty_ok(call)(*(x for x, t in zip(leaves, traced) if t))
+
+
+def _vmap_empty_ok(fn):
+  """fn (of arrays) whose `jax.vmap` over an axis of size 0 gives its outputs zeros of that size along it (as on
+  "xla", which vmaps there), and over any other axis is fn's own vmap; an outer vmap's axis is handled alike."""
+  wrapped = jax.custom_batching.custom_vmap(fn)
+
+  @wrapped.def_vmap
+  def rule(axis_size, in_batched, *args):
+    if axis_size == 0:
+      one = [jax.ShapeDtypeStruct(x.shape[1:] if b else x.shape, x.dtype) for x, b in zip(args, in_batched)]
+      out = jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), jax.eval_shape(fn, *one))
+    else:
+      out = _vmap_empty_ok(jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched)))(*args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return wrapped
+
+
 def attention(
     q: Array,
     k: Array,
@@ -296,11 +342,9 @@ def attention(
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1], checked)
   backend = check.resolve_backend(backend)
-  check.check_kernel_backend("q", q, backend)
-  stacks = _attend(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
-                   backend=backend)
-  out, lse = _merge(stacks, backend)
-  return out.astype(check.dtype_of(q)), lse
+  check.check_kernel_backend(backend, q=q, k=k, v=v, kv_lengths=lengths)
+  return _step(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
+               backend=backend)
 
 
 def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
@@ -340,10 +384,8 @@ def tree_attention(
   check.check_flag("checked", checked)
   validated, causal, batched = _tree_levels(q, levels, batch_shared, checked)
   backend = check.resolve_backend(backend)
-  check.check_kernel_backend("q", q, backend)
-  stacks = _attend(q, validated, causal=causal, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)
-  out, _ = _merge(stacks, backend)
-  return out.astype(check.dtype_of(q))
+  check.check_kernel_backend(backend, q=q, levels=validated)
+  return _step(q, validated, causal=causal, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)[0]
 
 
 def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], list[bool], list[bool]]:
@@ -472,22 +514,26 @@ def tree_attention_append(
   counts = check.lengths_or_full("new_tokens", new_tokens, b, t, checked, what="(T, the query slots)")
   counts = jnp.clip(counts, 0, t)  # traced values out of range (module docstring)
   backend = check.resolve_backend(backend)
-  check.check_kernel_backend("q", q, backend)
+  check.check_kernel_backend(backend, q=q, levels=validated, new_k=new_k, new_v=new_v, new_tokens=counts)
   scale = _scale(scale, q.shape[-1])
-  old = jnp.clip(leaf.lengths, 0, leaf.k.shape[1])  # traced lengths clamped (module docstring)
-  total = old + counts  # at most S + T: the entries past S are dropped, the attention clamps to S
-  if _append_in_launch(q, validated, causal, batched, backend):
-    with jax.enable_x64(False):  # as `_attend`
-      stacks, written = _kernel_stacks(q, validated[:-1] + [dataclasses.replace(leaf, lengths=total)],
-                                       causal=causal, batched=batched, scale=scale, backend=backend,
-                                       new=(new_k, new_v, counts))
-    k_cache, v_cache = written
-  else:
-    k_cache, v_cache = reference.append(leaf.k, leaf.v, new_k, new_v, old, counts)
-    leaf = dataclasses.replace(leaf, k=k_cache, v=v_cache, lengths=total)
-    stacks = _attend(q, validated[:-1] + [leaf], causal=causal, batched=batched, scale=scale, backend=backend)
-  out, _ = _merge(stacks, backend)
-  return out.astype(check.dtype_of(q)), k_cache, v_cache
+
+  def step(q, levels, new_k, new_v, counts):
+    leaf = levels[-1]
+    old = jnp.clip(leaf.lengths, 0, leaf.k.shape[1])  # traced lengths clamped (module docstring)
+    total = old + counts  # at most S + T: the entries past S are dropped, the attention clamps to S
+    if _append_in_launch(q, levels, causal, batched, backend):
+      with jax.enable_x64(False):  # as `_attend`
+        stacks, (k_cache, v_cache) = _kernel_stacks(q, levels[:-1] + [dataclasses.replace(leaf, lengths=total)],
+                                                    causal=causal, batched=batched, scale=scale, backend=backend,
+                                                    new=(new_k, new_v, counts))
+    else:
+      k_cache, v_cache = reference.append(leaf.k, leaf.v, new_k, new_v, old, counts)
+      leaf = dataclasses.replace(leaf, k=k_cache, v=v_cache, lengths=total)
+      stacks = _attend(q, levels[:-1] + [leaf], causal=causal, batched=batched, scale=scale, backend=backend)
+    out, _ = _merge(stacks, backend)
+    return out.astype(check.dtype_of(q)), k_cache, v_cache
+
+  return _kernel_call(step, backend, q, validated, new_k, new_v, counts)
 
 
 def hydragen_attention(

@@ -200,18 +200,64 @@ def dtype_of(x) -> np.dtype:
   return jax.dtypes.canonicalize_dtype(x.dtype)
 
 
-def check_kernel_backend(name: str, x, backend: str) -> None:
-  """The kernel backends take 16- and 32-bit floats (float64, with `jax_enable_x64`, only on "xla"); they trace
-  as 32-bit under `jax_enable_x64` (`api._attend`). "interpret-mosaic" refuses the mode: Mosaic GPU's interpreter
-  evaluates the kernel when the step runs, in a callback, where the mode set by `jax.enable_x64(True)` makes its
-  loops' 32-bit counters fail to type-check (set globally it ran; the refusal does not depend on how it was set)."""
-  if backend != "xla" and dtype_of(x) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+def check_kernel_backend(backend: str, **inputs) -> None:
+  """Where the kernel backends cannot run a call, a `ValueError` that says what to take instead (an error of JAX's or
+  Pallas' own, or a poisoned process, otherwise). `inputs`: the call's arguments by name (pytrees of arrays, q
+  first: its dtype is the call's, the others were checked against it).
+
+  The kernels take 16- and 32-bit floats (float64, with `jax_enable_x64`, only on "xla"); they trace as 32-bit under
+  `jax_enable_x64` (`api._attend`). "interpret-mosaic" refuses the mode: Mosaic GPU's interpreter evaluates the
+  kernel when the step runs, in a callback, where the mode set by `jax.enable_x64(True)` makes its loops' 32-bit
+  counters fail to type-check (set globally it ran; the refusal does not depend on how it was set). Inside
+  `jax.shard_map` with `check_vma=True` (JAX 0.11): Pallas needs every output's varying mesh axes, which the kernels
+  do not give, and its interpreter fails even where they are given. Inputs sharded over Explicit mesh axes: the
+  kernels' indexing fails; Pallas' interpreter fails with any Explicit axis (an input's type, replicated, or the mesh
+  set in context). "interpret-mosaic" on several devices: `check_mesh_backend`."""
+  if backend == "xla":
+    return
+  name, q = next(iter(inputs.items()))
+  if dtype_of(q) not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"backend={backend!r} runs the Pallas kernels, which take float32, bfloat16 or float16; got "
-                     f"{name} {x.dtype} (backend='xla' takes any floating dtype).")
+                     f"{name} {q.dtype} (backend='xla' takes any floating dtype).")
   if backend == "interpret-mosaic" and jax.config.jax_enable_x64:
     raise ValueError("backend='interpret-mosaic' does not run with jax_enable_x64 on (Mosaic GPU's interpreter "
                      "evaluates the kernel at run time, where the mode breaks its 32-bit loops); on a CPU use "
                      "'interpret' (the Triton kernels interpreted) or 'xla', on a Hopper GPU 'mosaic'.")
+  if jax.config.check_vma:  # what Pallas asks of its outputs (set inside shard_map by check_vma=True)
+    raise ValueError(f"backend={backend!r} runs Pallas kernels, which do not run inside jax.shard_map with "
+                     "check_vma=True (the default): pass check_vma=False to jax.shard_map (each device runs the "
+                     "kernels on its own shard), or take backend='xla'.")
+  arrays = [(key + jax.tree_util.keystr(path), x) for key, value in inputs.items()
+            for path, x in jax.tree_util.tree_flatten_with_path(value)[0] if isinstance(x, jax.Array)]
+  mesh = jax.sharding.get_abstract_mesh()
+  typed = [(f"{name} {jax.typeof(x).str_short()}", jax.typeof(x).sharding) for name, x in arrays]
+  instead = ("call it inside jax.shard_map(..., check_vma=False), where each device runs the kernels on its own "
+             "shard, or on a mesh of Auto axes, or take backend='xla'.")
+  for what, sharding in typed:
+    if any(axis is not None for axis in sharding.spec):
+      raise ValueError(f"backend={backend!r} runs Pallas kernels, which take no input sharded over Explicit mesh "
+                       f"axes; got {what} ({sharding.spec}): {instead}")
+  if backend.startswith("interpret"):  # the interpreter fails on Explicit axes unsharded too (compiled Triton runs)
+    for what, on in [(what, sharding.mesh) for what, sharding in typed] + [
+        ("the mesh set in context (jax.set_mesh)", mesh)]:
+      if on.explicit_axes:
+        raise ValueError(f"backend={backend!r} runs Pallas' interpreter, which does not run with Explicit mesh axes "
+                         f"(replicated inputs included); got {what} with Explicit axes {on.explicit_axes}: {instead}")
+  check_mesh_backend(backend, max([1 if mesh.empty else mesh.size] + [
+      len(x.sharding.device_set) for _, x in arrays if not isinstance(x, jax.core.Tracer)]))
+
+
+def check_mesh_backend(backend: str | None, devices: int) -> None:
+  """`ValueError` for backend "interpret-mosaic" run on several `devices` (a mesh's, or those its inputs span): JAX's
+  Mosaic GPU interpreter (0.11) keeps one state for all devices, and a kernel ending on one device finds another
+  device's barriers still allocated (an AssertionError mid-run, and every later interpreted Mosaic call of the
+  process fails too). Under `jax.jit` without a mesh in context (`jax.set_mesh`, `jax.shard_map`), inputs sharded
+  over Auto axes are not seen (their traced types do not say)."""
+  if backend == "interpret-mosaic" and devices > 1:
+    raise ValueError(f"backend='interpret-mosaic' does not run on a mesh of {devices} devices: JAX's Mosaic GPU "
+                     "interpreter shares its state between the devices' kernels, which then fail ('Barrier remains "
+                     "allocated'); take backend='interpret' (the Triton kernels interpreted) or 'xla' there, or one "
+                     "device")
 
 
 def check_heads(q_name: str, q, kv_name: str, kv) -> None:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from hydragen_jax.validation import check_mesh_backend
 from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels,
                           empty_layers, level_sizes, make_attend)
 from models.config import LlamaConfig
@@ -689,14 +690,9 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
 
 
 def _check_mesh_backend(model: Llama, backend: str | None) -> None:
-    """``ValueError`` for backend "interpret-mosaic" on a mesh of several devices: JAX's Mosaic GPU interpreter (0.11)
-    keeps one state for all devices, and a kernel ending on one device finds another device's barriers still
-    allocated (an AssertionError mid-run, and every later interpreted Mosaic call of the process fails too)."""
-    if backend == "interpret-mosaic" and model.mesh is not None and model.mesh.devices.size > 1:
-        raise ValueError(f"backend='interpret-mosaic' does not run on a mesh of {model.mesh.devices.size} devices: "
-                         "JAX's Mosaic GPU interpreter shares its state between the devices' kernels, which then "
-                         "fail ('Barrier remains allocated'); take backend='interpret' (the Triton kernels "
-                         "interpreted) or 'xla' there, or one device")
+    """``ValueError`` for backend "interpret-mosaic" on a mesh of several devices
+    (`hydragen_jax.validation.check_mesh_backend`)."""
+    check_mesh_backend(backend, 1 if model.mesh is None else model.mesh.devices.size)
 
 
 @_in_32_bits
