@@ -165,16 +165,26 @@ class BPETokenizer:
 def render_chat(template: str | None, messages: Sequence[dict], add_generation_prompt: bool,
                 tools: Sequence[dict] | None, documents: Sequence[dict] | None, special: dict[str, str]) -> str:
     """``messages`` rendered with the Jinja chat ``template`` as transformers renders it (``_chat_environment``),
-    the named special tokens ``special`` (e.g. bos_token) defined."""
+    the named special tokens ``special`` (e.g. bos_token) defined. ValueError for no messages (as transformers) and
+    for a message that is not a dict with "role" and "content" or "tool_calls" (transformers renders what the
+    template makes of the missing keys, e.g. an empty role: a malformed prompt)."""
     if not template:
         raise ValueError("apply_chat_template: this tokenizer has no chat template")
+    messages = list(messages)
+    if not messages:
+        raise ValueError("apply_chat_template: no messages (an empty conversation); give at least one message")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or not {"content", "tool_calls"} & m.keys():
             raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content' (or "
                              f"'tool_calls'), got {m!r}")
     return _chat_environment().from_string(template).render(
-        messages=list(messages), tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+        messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
         **special)
+
+
+# transformers' clean_up_tokenization, in its order
+_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
 class HFTokenizer:
@@ -187,8 +197,9 @@ class HFTokenizer:
     text that holds its fill token in the infilling format (``_Infilling``)."""
 
     def __init__(self, tokenizer, special: dict[str, str], chat_template: str | dict[str, str] | None,
-                 infilling: _Infilling | None = None):
+                 infilling: _Infilling | None = None, clean_up: bool = False):
         self._tok = tokenizer
+        self.clean_up = clean_up
         self.special = special
         # named templates (a list in tokenizer_config.json): "default", and "tool_use" where tools are given
         self._templates = chat_template if isinstance(chat_template, dict) else {"default": chat_template}
@@ -210,8 +221,14 @@ class HFTokenizer:
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids) -> str:
-        """Text of ``ids``, special tokens left out (transformers' ``decode(ids, skip_special_tokens=True)``)."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text of ``ids``, special tokens left out (transformers' ``decode(ids, skip_special_tokens=True)``); spaces
+        before punctuation and English contractions removed where ``clean_up`` (tokenizer_config.json's
+        ``clean_up_tokenization_spaces`` on a model that is not BPE: transformers' ``clean_up_tokenization``)."""
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        if self.clean_up:
+            for before, after in _CLEAN_UP:
+                text = text.replace(before, after)
+        return text
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None) -> str:
@@ -276,8 +293,12 @@ _CODE_LLAMA_TOKENS = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>", "s
 # GemmaTokenizer's named tokens (its __init__ arguments: "<mask>" too, added where the vocabulary lacks it)
 _GEMMA_DEFAULTS = {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
                    "mask_token": "<mask>"}
+# GPT2Tokenizer's (no pad token: tokenizer.json's padding gives none either)
+_GPT2_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                  "pad_token": None}
 _CLASS_DEFAULTS = {"Qwen2Tokenizer": _QWEN2_DEFAULTS, "LlamaTokenizer": _LLAMA_DEFAULTS,
-                   "CodeLlamaTokenizer": {**_LLAMA_DEFAULTS, **_CODE_LLAMA_TOKENS}, "GemmaTokenizer": _GEMMA_DEFAULTS}
+                   "CodeLlamaTokenizer": {**_LLAMA_DEFAULTS, **_CODE_LLAMA_TOKENS}, "GemmaTokenizer": _GEMMA_DEFAULTS,
+                   "GPT2Tokenizer": _GPT2_DEFAULTS}
 # transformers' standard named tokens, in the order its tokenizers add those they lack (then a model's own)
 _STANDARD_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # AutoTokenizer (models/auto/tokenization_auto.py) for models.config.FAMILIES' model types: the tokenizer class
@@ -296,16 +317,58 @@ def _token_string(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _named_tokens(config: dict, legacy_map: dict, defaults: dict, padding: dict, config_file: str) -> dict:
+    """The named special tokens as transformers 5 reads them (``_from_pretrained``): name -> its value in the files (a
+    string or an AddedToken's dict), the first given of: special_tokens_map.json's standard names (``_STANDARD_NAMES``)
+    and the names of its ``extra_special_tokens`` object (where ``legacy_map`` is read); tokenizer_config.json's
+    (``config``) ``*_token`` keys and the names of its ``extra_special_tokens`` object (over those keys), a model's
+    own key only where it gives a string; special_tokens_map.json's other ``*_token`` keys; tokenizer_config.json's
+    own keys given null or a dict; the tokenizer class's ``defaults``; tokenizer.json's ``padding`` pad token. One
+    given as null is none. In tokenizer_config.json a dict is an AddedToken only with "__type": "AddedToken"
+    (``_typed_token``); anything else but a string or null is a CheckpointError naming the key for a standard name or
+    an extra_special_tokens name (transformers raises a TypeError), no named token for a model's own ``*_token`` key
+    (transformers ignores it)."""
+    legacy_extra, config_extra = (s.get("extra_special_tokens") for s in (legacy_map, config))
+    legacy_extra, config_extra = (x if isinstance(x, dict) else {} for x in (legacy_extra, config_extra))
+    own = {k: v for k, v in config.items() if k.endswith("_token")}
+    # a model's own name given as null or a dict yields to special_tokens_map.json's
+    later = {k: v for k, v in own.items() if k not in _STANDARD_NAMES and k not in config_extra and
+             not isinstance(v, str)}
+    entries = [(k, v, None) for k, v in legacy_map.items() if k in _STANDARD_NAMES]
+    entries += [(k, v, None) for k, v in legacy_extra.items()]
+    entries += [(k, v, "extra_special_tokens" if k in config_extra else k) for k, v in {**own, **config_extra}.items()
+                if k not in later]
+    entries += [(k, v, None) for k, v in legacy_map.items() if k.endswith("_token")]
+    entries += [(k, v, k) for k, v in later.items()]
+    entries += [(k, v, None) for source in (defaults, padding) for k, v in source.items()]
+    raw, given = {}, set()
+    for name, value, key in entries:  # key: tokenizer_config.json's key that gives it (None: another file's)
+        if name in given:
+            continue
+        if key is not None and not (value is None or isinstance(value, str) or _typed_token(value)):
+            if name in _STANDARD_NAMES or key == "extra_special_tokens":
+                where = key if key == name else f"{key}'s {name}"
+                raise CheckpointError(f"{config_file}: {where} must be a string, null or an AddedToken object "
+                                      f'({{"__type": "AddedToken", "content": ...}}), got {value!r} (transformers 5 '
+                                      "raises a TypeError)")
+            continue
+        given.add(name)  # given as null: none
+        if _token_string(value) is not None:
+            raw[name] = value
+    return raw
+
+
 def _auto_class(named, model_type) -> str | None:
     """The tokenizer class transformers' AutoTokenizer builds where the files name the class ``named`` (without
     "Fast": transformers 5 has one class for both) and config.json the ``model_type``. Only a Llama class is
     routed: config.json's model_type overrides it where a class other than the named one is registered for it, with
     TokenizersBackend (tokenizer.json as written: the files' class is not built), or with its own class where the
     files' is held wrong (qwen2); any other class is taken as named. Files that name no class take the class
-    registered for the model_type where it is GemmaTokenizer (Gemma's files without tokenizer_class)."""
+    registered for the model_type (GemmaTokenizer for Gemma's files without tokenizer_class; Qwen2Tokenizer, its
+    defaults included, for qwen2 / qwen3), None where none is."""
     named = named.removesuffix("Fast") if isinstance(named, str) else None
     registered = _REGISTERED_CLASSES.get(model_type)
-    if named is None and registered == "GemmaTokenizer":
+    if named is None:
         return registered
     if named not in _LLAMA_CLASSES or registered is None:
         return named
@@ -386,7 +449,7 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
     strip = prefix_space or code_llama
     tokenizer.decoder = decoders.Sequence(_sentencepiece_decoding() + ([decoders.Strip(" ", 1, 0)] if strip else []))
-    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, config_file, code_llama))
+    tokenizer.add_tokens(_added_tokens(_spec_added_tokens(spec), config, legacy_map, raw, config_file, code_llama))
 
     bos = special.get("bos_token")
     if not code_llama:
@@ -398,16 +461,74 @@ def _llama_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     return tokenizer
 
 
-def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, config_file: str,
-                  code_llama: bool = False) -> list:
-    """The added tokens of a tokenizer that transformers 5 rebuilds from tokenizer.json ``spec`` (``TokenizersBackend.
-    __init__``): tokenizer_config.json's added_tokens_decoder (else tokenizer.json's), in id order, a named one made
-    special, then the named tokens (``raw``: their values in the files) and extra special tokens not among them, as
-    special tokens (for CodeLlama, its infilling arguments among the latter). ``config_file``: the path of
-    tokenizer_config.json (``config``), named in errors."""
+def _spec_added_tokens(spec: dict) -> dict:
+    """tokenizer.json ``spec``'s added tokens, ``{id: tokenizers.AddedToken}``."""
     from tokenizers import AddedToken
 
-    special = {name: _token_string(value) for name, value in raw.items()}
+    return {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"}) for t in spec["added_tokens"]}
+
+
+def _typed_token(value) -> bool:
+    """Whether ``value`` is an AddedToken as tokenizer_config.json writes one: {"__type": "AddedToken", "content": ...}
+    (transformers reads a dict there as an AddedToken only so)."""
+    return isinstance(value, dict) and value.get("__type") == "AddedToken" and isinstance(value.get("content"), str)
+
+
+def _added_token(value, special: bool | None = True):
+    """The ``tokenizers.AddedToken`` transformers makes of a token in the files: a string (special, not normalized), or
+    an AddedToken's dict with its flags, made special (``special`` True) or as the dict says (None)."""
+    from tokenizers import AddedToken
+
+    if isinstance(value, str):
+        return AddedToken(value, special=True, normalized=False)
+    fields = {k: v for k, v in value.items() if k != "__type"}
+    return AddedToken(**(fields if special is None else {**fields, "special": special}))
+
+
+def _extra_special_tokens(config: dict, legacy_map: dict, config_file: str, code_llama: bool = False) -> list:
+    """The extra special tokens as transformers 5 reads them (``_from_pretrained``, ``PreTrainedTokenizerBase.
+    __init__``), AddedTokens: tokenizer_config.json's extra_special_tokens (else additional_special_tokens; strings,
+    or AddedToken dicts special only where they say so; an object there holds named tokens, not these) with
+    special_tokens_map.json's extra_special_tokens (strings or dicts, special); where neither file has those, its
+    additional_special_tokens (strings), to which CodeLlama appends its infilling arguments. An entry transformers 5
+    fails on (its TypeError: a dict without "__type" in tokenizer_config.json, any dict in additional_special_tokens of
+    special_tokens_map.json) is a CheckpointError naming the file and key."""
+    legacy_file = os.path.join(os.path.dirname(config_file), "special_tokens_map.json")
+
+    def tokens(file, source, key, dicts):  # dicts: "typed" (with "__type"), "any" or "none" (strings only)
+        values = source.get(key) if isinstance(source.get(key), list) else []
+        for v in values:
+            as_dict = {"typed": _typed_token(v), "none": False,
+                       "any": isinstance(v, dict) and isinstance(v.get("content"), str) and "special" not in v}[dicts]
+            if not isinstance(v, str) and not as_dict:
+                kind = {"typed": ' or an AddedToken object ({"__type": "AddedToken", "content": ...})',
+                        "any": ' or an AddedToken object ({"content": ...}, no "special")', "none": ""}[dicts]
+                raise CheckpointError(f"{file}: {key} holds {v!r}, which transformers 5 cannot read (a TypeError); "
+                                      f"expected a string{kind}")
+        return [_added_token(v, None if dicts == "typed" else True) for v in values]
+
+    key = "extra_special_tokens" if "extra_special_tokens" in config else "additional_special_tokens"
+    extra = tokens(config_file, config, key, "typed")
+    extra += tokens(legacy_file, legacy_map, "extra_special_tokens", "any")
+    if key in config and not isinstance(config[key], dict) or isinstance(legacy_map.get("extra_special_tokens"), list):
+        return extra  # (an extra_special_tokens object, named tokens, leaves the list unset)
+    extra = tokens(legacy_file, legacy_map, "additional_special_tokens", "none")
+    if code_llama:
+        extra += [_added_token(v) for v in _code_llama_arguments(config, legacy_map).values() if v is not None]
+    return extra
+
+
+def _added_tokens(file_tokens: dict, config: dict, legacy_map: dict, raw: dict, config_file: str,
+                  code_llama: bool = False, present: Sequence[str] = ()) -> list:
+    """The tokens transformers 5's ``TokenizersBackend.__init__`` adds to the tokenizer it builds (whose added tokens
+    are ``present``: tokenizer.json's where it reads the file as written, none where it rebuilds it): all of
+    tokenizer_config.json's added_tokens_decoder (else ``file_tokens``, tokenizer.json's ``{id: AddedToken}``), again,
+    with their flags, in id order (a token new to the tokenizer takes the next id, whatever id the file gives it), then
+    the named tokens (``raw``: their values in the files; for CodeLlama its infilling tokens among them) and extra
+    special tokens (``_extra_special_tokens``) not among those, with their flags; a named token made special.
+    ``config_file``: the path of tokenizer_config.json (``config``), named in errors."""
+    from tokenizers import AddedToken
+
     if "added_tokens_decoder" in config:
         entries = config["added_tokens_decoder"]
         try:
@@ -416,33 +537,17 @@ def _added_tokens(spec: dict, config: dict, legacy_map: dict, raw: dict, config_
             raise CheckpointError(f"{config_file}: added_tokens_decoder must map token ids (\"32000\") to "
                                   f"AddedToken objects (content, special, ...); got {str(entries)[:120]} ({e})") from e
     else:
-        decoder = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"}) for t in spec["added_tokens"]}
+        decoder = file_tokens
     tokens = [decoder[i] for i in sorted(decoder)]
-    for t in tokens:
-        t.special = t.special or t.content in special.values()
-    # extra special tokens: tokenizer_config.json's extra_special_tokens (else additional_special_tokens) with
-    # special_tokens_map.json's extra_special_tokens; else the latter's additional_special_tokens, to which CodeLlama
-    # appends its infilling arguments
-    lists = [source.get(key) for source, key in ((config, "extra_special_tokens"),
-                                                 (config, "additional_special_tokens"),
-                                                 (legacy_map, "extra_special_tokens"))]
-    extra = next((x for x in lists[:2] if isinstance(x, list)), None)
-    if isinstance(lists[2], list):
-        extra = (extra or []) + [t for t in lists[2] if t not in (extra or [])]
-    if extra is None:
-        extra = legacy_map.get("additional_special_tokens")
-        extra = list(extra) if isinstance(extra, list) else []
-        if code_llama:
-            extra += list(_code_llama_arguments(config, legacy_map).values())
-    known = {t.content for t in tokens}
+    known = {*present, *(t.content for t in tokens)}
     order = dict.fromkeys([*_STANDARD_NAMES, *(_CODE_LLAMA_TOKENS if code_llama else ()), *raw])
-    for value in [raw[name] for name in order if name in raw] + extra:
-        content = _token_string(value)
-        if content is not None and content not in known:
-            flags = {k: v for k, v in value.items() if k in ("single_word", "lstrip", "rstrip", "normalized")} \
-                if isinstance(value, dict) else {}
-            tokens.append(AddedToken(content, special=True, **flags))
-            known.add(content)
+    named = [_added_token(raw[name]) for name in order if name in raw]
+    for t in named + _extra_special_tokens(config, legacy_map, config_file, code_llama):
+        if t.content not in known and t not in tokens:  # (AddedTokens are equal with equal flags: of two tokens
+            tokens.append(t)                              # of one content, tokenizers keeps the last's flags)
+    names = {t.content for t in named}
+    for t in tokens:
+        t.special = t.special or t.content in names
     return tokens
 
 
@@ -463,7 +568,7 @@ def _gemma_tokenizer(spec: dict, post_processor, config: dict, legacy_map: dict,
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     tokenizer.decoder = decoders.Sequence(_sentencepiece_decoding())
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
-    tokenizer.add_tokens(_added_tokens(spec, config, legacy_map, raw, config_file))
+    tokenizer.add_tokens(_added_tokens(_spec_added_tokens(spec), config, legacy_map, raw, config_file))
     tokenizer.post_processor = post_processor
     return tokenizer
 
@@ -500,8 +605,11 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     As transformers' tokenizer of those files: truncation and padding saved in tokenizer.json are off; the named
     special tokens (bos_token, eos_token, ... and a model's own ``*_token`` keys) come from tokenizer_config.json and,
     where it has no added_tokens_decoder (old saves), special_tokens_map.json (whose bos_token, eos_token, ... win),
-    else the defaults of its Qwen2 / Llama / CodeLlama tokenizer class, and are matched whole (added as special tokens
-    where tokenizer.json does not have them as such); every ``*_token`` is defined in chat templates.
+    else the defaults of its Qwen2 / Llama / CodeLlama / Gemma / GPT-2 tokenizer class, else tokenizer.json's padding
+    (``_named_tokens``); tokenizer_config.json's added_tokens_decoder (its flags), then the named and extra special
+    tokens tokenizer.json lacks, are added as transformers 5 adds them (``_added_tokens``: matched whole, the named
+    ones special); every ``*_token`` is defined in chat templates; ``clean_up_tokenization_spaces`` cleans decoded
+    text of a model that is not BPE.
 
     A ``LlamaTokenizer`` / ``CodeLlamaTokenizer`` (Llama 2, TinyLlama, CodeLlama) is rebuilt as transformers 5
     rebuilds it (``_llama_tokenizer``: tokenizer.json's vocabulary and merges under a Metaspace pre-tokenizer, which
@@ -519,7 +627,7 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     their digit splits); those ids are tokenizer.json's. Chat templates: tokenizer_config.json's, or the files that
     win over it, chat_template.jinja ("default") and transformers 5's additional_chat_templates/NAME.jinja."""
     try:
-        from tokenizers import AddedToken, Tokenizer
+        from tokenizers import Tokenizer
     except ImportError as e:
         raise ImportError("load_hf_tokenizer needs the optional 'tokenizers' package: "
                           "pip install -e '.[demo]' (or bash scripts/setup_env.sh)") from e
@@ -531,6 +639,8 @@ def load_hf_tokenizer(path) -> HFTokenizer:
         tokenizer = Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception, without the path (a truncated download, say)
         raise CheckpointError(f"{file}: not a readable tokenizer.json ({e})") from e
+    # its padding's pad token is transformers' pad_token where no file and no class argument gives one
+    padding = {"pad_token": tokenizer.padding["pad_token"]} if tokenizer.padding else {}
     tokenizer.no_truncation()  # transformers sets them per call (off unless asked for)
     tokenizer.no_padding()
 
@@ -544,19 +654,9 @@ def load_hf_tokenizer(path) -> HFTokenizer:
     named_class = config.get("tokenizer_class") or model_config.get("tokenizer_class")
     tokenizer_class = _auto_class(named_class, model_config.get("model_type"))
     # old saves keep the named tokens in special_tokens_map.json: transformers reads it only where
-    # tokenizer_config.json has no added_tokens_decoder, and then its standard names over tokenizer_config.json's
+    # tokenizer_config.json has no added_tokens_decoder
     legacy_map = {} if "added_tokens_decoder" in config else read_json("special_tokens_map.json")
-    sources = ({k: v for k, v in legacy_map.items() if k in _STANDARD_NAMES}, config, legacy_map)
-    defaults = {k: v for k, v in _CLASS_DEFAULTS.get(tokenizer_class, {}).items()
-                if all(k not in source for source in sources)}
-    raw = {}  # name -> its value in the files (a string or an AddedToken's dict)
-    given = set()
-    for source in (*sources, defaults):
-        for name, value in source.items():
-            if name.endswith("_token") and name not in given:
-                given.add(name)  # given as null: none
-                if _token_string(value) is not None:
-                    raw[name] = value
+    raw = _named_tokens(config, legacy_map, _CLASS_DEFAULTS.get(tokenizer_class, {}), padding, config_file)
     special = {name: _token_string(value) for name, value in raw.items()}
     infilling = None
     spec = json.loads(tokenizer.to_str()) if tokenizer_class in (*_LLAMA_CLASSES, "GemmaTokenizer") else None
@@ -596,10 +696,9 @@ def load_hf_tokenizer(path) -> HFTokenizer:
                           "ids follow tokenizer.json", stacklevel=2)
         _warn_rebuilds(path, tokenizer_class or _REGISTERED_CLASSES.get(model_config.get("model_type")), tokenizer,
                        config)
-        added = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-        missing = [t for t in dict.fromkeys(special.values()) if t not in added]
-        if missing:  # matched whole and dropped by decode, as transformers' named special tokens are
-            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        present = tokenizer.get_added_tokens_decoder()
+        tokenizer.add_tokens(_added_tokens(present, config, legacy_map, raw, config_file,
+                                           present=[t.content for t in present.values()]))
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: "default", and "tool_use" for calls with tools
         template = {t["name"]: t["template"] for t in template
@@ -626,7 +725,12 @@ def load_hf_tokenizer(path) -> HFTokenizer:
                 raise CheckpointError(f"{file}: not UTF-8 text ({e})") from e
     if texts:
         template = texts["default"] if list(texts) == ["default"] else texts
-    return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None, infilling)
+    # transformers cleans up decoded text ("a ." -> "a.") where asked, but not for a BPE model unless told so twice
+    clean_up = bool(config.get("clean_up_tokenization_spaces")) and (
+        type(tokenizer.model).__name__ != "BPE" or
+        bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+    return HFTokenizer(tokenizer, special, template if isinstance(template, (str, dict)) else None, infilling,
+                       clean_up)
 
 
 @functools.cache
