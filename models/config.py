@@ -390,8 +390,8 @@ class LlamaConfig:
                           "never stops on them", stacklevel=3)
         for name in ("bos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not is_int(value):
-                raise ValueError(f"config: {name} must be an integer token id or None, got {value!r}")
+            if value is not None and not (is_int(value) and -2**31 <= value < 2**31):  # the models' token arrays
+                raise ValueError(f"config: {name} must be an integer token id (int32) or None, got {value!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"config: tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
         if self.rope_layers is not None:

@@ -115,12 +115,14 @@ def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     (1.0: every token, no work) or a traced scalar."""
     if not isinstance(p, jax.core.Tracer) and bool(np.all(np.asarray(p) >= 1.0)):  # a number or array, concrete
         return logits
-    desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # most likely first; of tied tokens the lower id first
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted entry
     keep = (before < p) | (p >= 1.0)  # a traced p of 1.0: every token (float32 sums can fall short of it)
-    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    # back to vocabulary order by position, not by a logit threshold, which would keep every token tied with the
+    # last one kept (transformers' TopPLogitsWarper keeps the set's mass, as here)
+    kept = jnp.put_along_axis(jnp.zeros_like(keep), order, keep, axis=-1, inplace=False)
+    return jnp.where(kept, logits, -jnp.inf)
 
 
 def categorical(key: jax.Array, x: jax.Array, vocab_size: int | None = None) -> jax.Array:
@@ -143,7 +145,12 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
     """Next tokens ``[B]`` int32 from logits ``[B, V']`` and their log-probs ``[B]`` under the model's
     unmodified distribution (log-softmax of the raw logits). vocab_size: the real vocabulary V <= V' (None: V');
     columns past it are padding (-inf) and the draw is that of the first V columns. temperature, top_p: values
-    (traced in the decode loop) in place of cfg's, whose greedy, top_k and top_p on / off still decide."""
+    (traced in the decode loop) in place of cfg's, whose greedy, top_k and top_p on / off still decide; concrete
+    ones are checked as SamplingConfig checks its own. cfg: anything ``SamplingConfig.make`` takes."""
+    cfg = SamplingConfig.make(cfg)
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0:
+            SamplingConfig(**{"temperature": 1.0, name: value})  # its range checks (naming the keyword)
     for name, value, on, what in (("temperature", temperature, lambda v: v != 0, not cfg.greedy),
                                   ("top_p", top_p, lambda v: v < 1.0, cfg._top_p_on)):
         if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0 and \
@@ -479,7 +486,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
                                                                                               prefill_chunk)
     tree = _as_tree(prompts_or_tree, max_depth, config.vocab_size)
     B = tree.num_sequences
-    raw = np.asarray(max_new_tokens)
+    raw = np.asarray(_clip_huge(max_new_tokens))
     if not np.issubdtype(raw.dtype, np.integer) or raw.ndim > 1 or (raw.ndim == 1 and raw.shape != (B,)):
         raise ValueError(f"max_new_tokens must be an integer or one integer per sequence ({B}), got "
                          f"{max_new_tokens!r}")
@@ -500,7 +507,9 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
                            for j, n in enumerate(level.nodes)]
                           + [(f"tree.suffixes[{b}] (sequence {b}'s own tokens)", x) for b, x in enumerate(tree.suffixes)],
                           config.vocab_size)
-    eos = tuple(config.eos_token_ids if eos_ids is None else _id_list("eos_ids", eos_ids, config.vocab_size))
+    # the config's ids outside the vocabulary (accepted with a warning, as transformers does) can never be drawn
+    eos = (tuple(i for i in config.eos_token_ids if 0 <= i < config.vocab_size) if eos_ids is None
+           else tuple(_id_list("eos_ids", eos_ids, config.vocab_size)))
     extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size)
               for b, s in enumerate(_stop_entries(stop_tokens, B, "sequence"))]
              if stop_tokens is not None else [[] for _ in range(B)])
@@ -689,6 +698,15 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     return _decode_32(model, state, num_steps, sampling=sampling, backend=backend)
 
 
+def _clip_huge(n):
+    """``max_new_tokens`` with Python integers past int64 (a numpy object array otherwise, refused as "not an
+    integer") brought to 2**62: past any model's length, which the caller then reports."""
+    big = lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 2**62  # noqa: E731
+    if big(n):
+        return 2**62
+    return [2**62 if big(x) else x for x in n] if isinstance(n, (list, tuple)) else n
+
+
 def _check_mesh_backend(model: Llama, backend: str | None) -> None:
     """``ValueError`` for backend "interpret-mosaic" on a mesh of several devices
     (`hydragen_jax.validation.check_mesh_backend`)."""
@@ -826,6 +844,9 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     (``_generate_across_longrope_context``: the trees built from the prompts, ``tree`` not used for the calls).
     """
     _check_mode(mode)
+    if tokenizer is not None and not all(callable(getattr(tokenizer, f, None)) for f in ("encode", "decode")):
+        raise ValueError(f"tokenizer must be None or an object with encode(text) and decode(ids) (e.g. "
+                         f"models.load_hf_tokenizer's), got {type(tokenizer).__name__} {str(tokenizer)[:40]!r}")
     sampling = SamplingConfig.make(sampling)
     chunk_steps = min(_positive_int("chunk_steps", chunk_steps), 2**31 - 1)  # more: as many as the tokens left
     num_samples = _positive_int("num_samples", num_samples)

@@ -1,5 +1,6 @@
 """models.generate: the attention modes agree, sampling, stops, chunked decode, bad input, GPU bf16."""
 
+import dataclasses
 import importlib
 
 import jax
@@ -327,6 +328,60 @@ def test_top_p_mask():
     assert keep(1.0) == [True, True, True, True]
 
 
+def test_top_p_mask_keeps_the_mass_of_tied_tokens_as_transformers():
+    """Tokens tied with the last one the nucleus needs are not all kept (a logit threshold kept them: [2, 1, 1, 1, 1]
+    at p = 0.5 kept all five); the set is transformers' TopPLogitsWarper's (its mass; of tied tokens the lower ids)."""
+    keep = lambda x, p: np.isfinite(np.asarray(top_p_mask(jnp.array([x], jnp.float32), p)))[0].tolist()  # noqa: E731
+    assert keep([2.0, 1, 1, 1, 1], 0.5) == [True, True, False, False, False]
+    assert keep([0.0, 0, 0, 0], 0.3) == [True, True, False, False]
+    assert keep([1.0, 3, 1, 3], 0.6) == [False, True, False, True]
+    logits = jnp.round(jax.random.normal(jax.random.key(3), (64, 50)) * 2) / 2  # many ties
+    for p in (0.1, 0.5, 0.9):
+        got = np.isfinite(np.asarray(top_p_mask(logits, p)))
+        x = np.asarray(logits, np.float64)  # transformers' rule: ascending sort, drop the tail of mass <= 1 - p
+        probs = np.exp(x - x.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        order = np.argsort(-x, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, -1)
+        kept_sorted = np.cumsum(sorted_p, -1) - sorted_p < p
+        want = np.zeros_like(got)
+        np.put_along_axis(want, order, kept_sorted, -1)
+        np.testing.assert_array_equal(got, want)
+        mass = (probs * got).sum(-1)
+        assert (mass >= p - 1e-6).all() and (mass - (probs * got).min(-1, where=got, initial=1) < p + 1e-6).all()
+
+
+def test_sample_checks_its_keyword_values_and_takes_any_config_form():
+    """sample()'s temperature / top_p keywords are checked as SamplingConfig's own (top_p 0 drew the second least
+    likely token, a negative temperature the inverted distribution, NaN always token 0); cfg may be what
+    decode / generate take (a dict, "greedy", None: an AttributeError before)."""
+    logits, key = jnp.array([[0.0, 1.0, 5.0, 0.5]] * 3), jax.random.key(0)
+    on = SamplingConfig(1.0, top_p=0.9)
+    for kw, match in ((dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"), (dict(top_p=-0.5), "top_p must be"),
+                      (dict(top_p=2.0), r"top_p must be in \(0, 1\], got 2.0"),
+                      (dict(temperature=-1.0), "temperature must be 0 .*got -1.0"),
+                      (dict(temperature=float("nan")), "temperature must be 0 .*got nan")):
+        with pytest.raises(ValueError, match=match):
+            sample(logits, key, on, **kw)
+    for cfg in ({"temperature": 1.0}, "greedy", None):
+        tok, _ = sample(logits, key, cfg)
+        assert tok.shape == (3,)
+    assert np.asarray(sample(logits, key, None)[0]).tolist() == [2, 2, 2]
+
+
+def test_config_token_ids_outside_int32():
+    """An eos id outside int32 (the config accepts ids outside the vocabulary, with a warning, as transformers) never
+    stops a sequence and no longer fails inside generate; a pad or bos id outside int32 is refused by name."""
+    with pytest.warns(UserWarning, match="outside the vocabulary"):
+        cfg = dataclasses.replace(CFG, eos_token_ids=(2**31, 5))
+    out = generate(init_random(cfg, jnp.float32, seed=0), [[1, 2, 3]], max_new_tokens=3)
+    assert out.tokens.shape[0] == 1
+    for name in ("pad_token_id", "bos_token_id"):
+        with pytest.raises(ValueError, match=rf"config: {name} must be an integer token id \(int32\) or None, got "
+                                             r"2147483648"):
+            dataclasses.replace(CFG, **{name: 2**31})
+
+
 def test_sample_at_small_temperatures_and_huge_logits_takes_the_largest_logit():
     """Scaled by a small temperature, or large to begin with, the logits must not overflow to ties of +inf, which
     would take the first index instead of the largest logit."""
@@ -501,6 +556,9 @@ def test_generate_calls_one_step_then_chunks(model, monkeypatch):
                                       r"JAX keeps its low 32 bits\)"),
     (dict(stop_tokens=5), "stop_tokens must be a list of stop-id lists, one per prompt, got 5"),
     (dict(tree=[[1, 2, 3], [1, 2, 4]]), r"tree must be a SharingTree \(models.build_sharing_tree\) or None, got list"),
+    # before anything compiles (it failed after the whole generation, as an AttributeError)
+    (dict(tokenizer="x"), r"tokenizer must be None or an object with encode\(text\) and decode\(ids\) .*got str"),
+    (dict(max_new_tokens=10**30), r"max_new_tokens 4611686018427387904 exceeds the model's"),  # not "an integer"
 ])
 def test_bad_input(model, kwargs, match):
     args = dict(prompts=[[1, 2, 3], [1, 2, 4]], max_new_tokens=4)
@@ -550,6 +608,9 @@ def test_numpy_and_jax_integers_are_integers(model):
     # the budget as given, not wrapped by a cast to a narrower type
     (dict(max_new_tokens=np.array([2**63, 2], np.uint64)), r"sequence 0: prompt of 6 tokens \+ max_new_tokens "
                                                           r"9223372036854775808 exceeds"),
+    # Python integers past int64: the length refused (was "must be an integer", a numpy object array)
+    (dict(max_new_tokens=[10**30, 3]), r"sequence 0: prompt of 6 tokens \+ max_new_tokens 4611686018427387904 exceeds"),
+    (dict(max_new_tokens=10**30), r"sequence 0: prompt of 6 tokens \+ max_new_tokens 4611686018427387904 exceeds"),
     (dict(stop_tokens=5), "stop_tokens must be a list of stop-id lists, one per sequence, got 5"),
     (dict(stop_tokens=[[1]] * 3), r"stop_tokens has 3 entries, expected one per sequence \(2\)"),
     (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
