@@ -1170,3 +1170,26 @@ def test_tuning_tools_refuse_bad_option_values(monkeypatch, capsys, module, argv
     importlib.import_module(module).main()
   err = capsys.readouterr().err
   assert exit_.value.code == 2 and message in err.splitlines()[-1], err
+
+
+def test_sweep_kernels_merges_with_the_swept_tuning(monkeypatch):
+  """A step of sweep_kernels with the merge kernel takes the merge rows and warps of the tuning it sweeps (it read
+  the device's in-force tuning: under --base or $HYDRAGEN_JAX_TUNING the merge was timed with other values); a
+  variant's own values still win."""
+  from hydragen_jax.kernels import merge as merge_kernel  # noqa: PLC0415
+  from hydragen_jax.kernels import ops  # noqa: PLC0415
+  from scripts.tuning import sweep_kernels  # noqa: PLC0415
+  seen = []
+  monkeypatch.setattr(ops, "run", lambda q, plans, **kw: [(jnp.zeros((2, *q.shape)), jnp.zeros((2, *q.shape[:-1])))])
+  monkeypatch.setattr(merge_kernel, "merge_stacks", lambda stacks, **kw: seen.append(kw) or stacks[0])
+  from hydragen_jax import tuning  # noqa: PLC0415
+  tune = dataclasses.replace(tuning.for_device_kind("NVIDIA H100 80GB HBM3"), merge_rows=8, merge_warps=2)
+  cfg = (4, 64, 16, 8, 2)
+  q = jnp.zeros((4, 1, 8, sweep_kernels.D), jnp.bfloat16)
+  pk = jnp.zeros((1, 64, 2, sweep_kernels.D), jnp.bfloat16)
+  sk = jnp.zeros((4, 16, 2, sweep_kernels.D), jnp.bfloat16)
+  for variant, want in ((dict(launch="auto", merge="pallas"), (8, 2)),
+                        (sweep_kernels.VARIANTS["auto_pmerge4w8"], (4, 8))):
+    fn, _ = sweep_kernels.step_fn(cfg, variant, tune)
+    fn(q, pk, pk, sk, sk, jnp.full((4,), 16, jnp.int32))
+    assert (seen[-1]["rows"], seen[-1]["num_warps"]) == want

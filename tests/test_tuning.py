@@ -284,9 +284,9 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d["tiles"].pop("32"), r"row tiles 16, 32, 64, ... .*got \[16, 64, 128\]"),
     (lambda d: d["tiles"].pop("128"), r"up to max_rows_alone=128 .*got \[16, 32, 64\]"),
     (lambda d: d["tiles"]["16"].update(block_k=48), r"tiles\[16\].block_k must be a power of two >= 16; got 48"),
-    (lambda d: d["tiles"]["16"].update(num_stages=2.5), r"tiles\[16\].num_stages must be an int >= 1; got 2.5"),
+    (lambda d: d["tiles"]["16"].update(num_stages=2.5), r"tiles\[16\].num_stages must be an int in \[1, 8\]; got 2.5"),
     (lambda d: d["tiles"]["16"].update(num_warps=True), r"tiles\[16\].num_warps must be one of .*; got True"),
-    (lambda d: d["tiles"]["16"].update(num_stages="3"), r"tiles\[16\].num_stages must be an int >= 1; got '3'"),
+    (lambda d: d["tiles"]["16"].update(num_stages="3"), r"tiles\[16\].num_stages must be an int in \[1, 8\]; got '3'"),
     (lambda d: d["hopper"]["1"].update(pingpong="false"), r"HopperTuning.pingpong must be true or false; got 'false'"),
     (lambda d: d["hopper"]["1"].update(suffix_pack=0.5), r"HopperTuning.suffix_pack must be true or false; got 0.5"),
     (lambda d: d["hopper"]["1"].update(prefix_keys=64.0), r"HopperTuning.prefix_keys must be 64 or 128; got 64.0"),
@@ -320,7 +320,12 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d.update(split_fill_max_keys=2048.0), "split_fill_max_keys must be a positive int; got 2048.0"),
     # each was accepted (a bool taken for 1, a wrong type for "none") or crashed without naming the field:
     (lambda d: d.update(tiles={}), r"Tuning.tiles must give a Tile for the row tiles 16, .*; got \[\]"),  # IndexError
+    # int() took "+16", " 16", "1_6" (and other scripts' digits) as 16: tile keys as strict as the hopper rows'
+    *[(lambda d, k=k: d.update(tiles={k if r == "16" else r: t for r, t in d["tiles"].items()}),
+       rf"tuning.tiles: keys must be row counts .*; got \[{re.escape(repr(k))}\]") for k in ("+16", " 16", "1_6", "016")],
     (lambda d: d.update(merge_rows=True), "Tuning.merge_rows must be a power of two; got True"),
+    (lambda d: d["tiles"]["16"].update(num_stages=2**70), r"Tuning.tiles\[16\].num_stages must be an int in \[1, 8\]"),
+    (lambda d: d["gemm"].update(num_stages=9), r"GemmTuning.num_stages must be at most 8; got 9"),  # (a hang)
     (lambda d: d.update(merge_warps=True), "Tuning.merge_warps must be a power of two up to 32; got True"),
     (lambda d: d.update(hopper_long=False, hopper_long_prefix=0), r"tuning.hopper_long: expected an object .*got bool"),
     (lambda d: d.update(hopper_long=[], hopper_long_prefix=0), r"tuning.hopper_long: expected an object .*got list"),
@@ -337,6 +342,36 @@ def test_bad_tuning_data_is_refused_by_name(edit, message):
   edit(data)
   with pytest.raises(ValueError, match=message):
     tuning.from_dict(data)
+
+
+def test_a_file_that_leaves_out_fields_says_which_defaults_apply(tmp_path):
+  """A file written before some fields existed loads with their defaults (the behaviour before them), and says so:
+  a field deleted by hand (the H200's hopper_seq_max_suffix 256 -> 0, any suffix) changed the kernels silently."""
+  data = json.loads(tuning.data_file("NVIDIA H200").read_text())
+  del data["tuning"]["hopper_seq_max_suffix"], data["tuning"]["split_min_fill"]
+  with pytest.warns(UserWarning, match=r"x.json: the tuning leaves out \['split_min_fill', 'hopper_seq_max_suffix'\]|"
+                                       r"x.json: the tuning leaves out \['hopper_seq_max_suffix', 'split_min_fill'\]"):
+    old = tuning.loads(json.dumps(data), "x.json")
+  assert old.tuning.hopper_seq_max_suffix == 0 and old.tuning.split_min_fill == 1.0
+  for kind in tuning.known_kinds():  # the package's own files name every field: no warning
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      tuning.load(pathlib.Path(str(tuning.data_file(kind))))
+
+
+def test_a_tuning_file_in_the_package_is_named_after_its_kind(tmp_path, monkeypatch):
+  """A sweep's --out in the package's folder under another name (an H200 NVL's sweep written as nvidia-h200.json,
+  as the docstring's example reads) made every H200 process fail, or an H100 PCIe's file go unused: refused."""
+  file = tuning.file_for(H100)
+  misnamed = pathlib.Path(str(tuning.data_file(H100))).parent / "nvidia-h200-test-misnamed.json"  # no device's
+  nvl = tuning.TuningFile("NVIDIA H200 NVL", file.tuning, file.provenance)
+  try:
+    with pytest.raises(ValueError, match=r"misnamed.json: a tuning file in the package's folder is named after its "
+                                         r"device kind, nvidia-h200-nvl.json for 'NVIDIA H200 NVL'"):
+      tuning.write(misnamed, nvl)
+  finally:
+    misnamed.unlink(missing_ok=True)  # (written where the check is missing)
+  tuning.write(tmp_path / "nvidia-h200.json", nvl)  # elsewhere any name (a --base, $HYDRAGEN_JAX_TUNING)
 
 
 def test_a_file_without_the_split_fill_fields_keeps_a_program_per_sm():
@@ -510,6 +545,23 @@ def test_sweep_picks_the_fastest_candidate_above_the_minimum_gain():
   tune, record = sweep_device.run_choice(fake, choice, base, (0, 1, 2), min_gain=0.02)
   assert tune == base and record["untimed"] == 1
   assert sweep_device.speedup([1.0, 1.0], [0.5, math.inf]) == 0.0
+
+
+def test_sweep_replaces_a_base_setting_whose_step_fails():
+  """A base value whose step fails (a compile error, a wrong output: inf) was kept, "not measured", and the file
+  written as a measurement; now the fastest candidate that runs every config replaces it, whatever the gain, and
+  where every candidate fails too the choice says so."""
+  choice = sweep_device.field_choice("interleave_lead", "triton", "gqa", (0.5, 0.75, 0.9))
+  base = dataclasses.replace(_h100(), interleave_lead=0.75)
+  fake = _FakeSweep({(1, 0.75): math.inf, (0, 0.5): 2.0, (1, 0.5): 1.0, (0, 0.9): 1.5, (1, 0.9): math.inf})
+  tune, record = sweep_device.run_choice(fake, choice, base, (0, 1, 2), min_gain=0.02)
+  assert tune.interleave_lead == 0.5 and record["status"] == "picked" and record["base_fails_on"] == [(2,)]
+  assert record["candidates"][1]["status"] == "leaves a config the base fails on failing"  # 0.9
+  notes = sweep_device.field_notes([record], 0.02)
+  assert "fails on [(2,)]" in notes["interleave_lead"] and "0.5 runs every config" in notes["interleave_lead"]
+  fake._seconds[(1, 0.5)] = math.inf
+  tune, record = sweep_device.run_choice(fake, choice, base, (0, 1, 2), min_gain=0.02)
+  assert tune == base and record["status"] == "not measured: the base step fails, and every candidate too"
 
 
 def test_sweep_times_the_hopper_thresholds_on_every_config():
@@ -689,11 +741,14 @@ def test_sweep_sets_the_other_few_row_windows_on_configs_of_their_own(first, las
 
 @pytest.mark.parametrize("argv,message", [
     (["--dry-run"], r"--out FILE is needed with --dry-run"),
-    pytest.param(["--budget-s", "10"], r"--out FILE is needed with off a GPU",
+    pytest.param(["--budget-s", "100"], r"--out FILE is needed with off a GPU",
                  marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="the rule off a GPU")),
     (["--dry-run", "--out", "x.json", "--step-timeout-s", "0"], r"--step-timeout-s must be > 0; got 0.0"),
     (["--dry-run", "--out", "x.json", "--budget-s", "-5"], r"--budget-s must be > 0; got -5.0"),
-    (["--dry-run", "--out", "x.json", "--final-s", "-1"], r"--final-s must be >= 0; got -1.0"),
+    (["--dry-run", "--out", "x.json", "--final-s", "-1"], r"--final-s must be >= 0 and below --budget-s .*; got -1.0"),
+    # the final check's reserve would leave the choices no time: nothing measured (a review's finding)
+    (["--dry-run", "--out", "x.json", "--budget-s", "60"], r"--final-s must be >= 0 and below --budget-s \(60: the "
+                                                           r"choices get the rest\); got 60.0"),
     (["--dry-run", "--out", "x.json", "--min-gain", "-0.5"], r"--min-gain must be >= 0 .*; got -0.5"),
 ])
 def test_sweep_options_are_checked_before_anything_runs(argv, message, capsys):
@@ -812,6 +867,40 @@ def test_sweep_stopped_from_outside_keeps_its_choices(tmp_path, monkeypatch):
   assert file.provenance["final_check"]["status"].startswith(
       "not run: written after the choice hopper_min_work+hopper_min_fill")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.json", "steps.jsonl"]  # no temporary file left
+
+
+def test_a_pick_the_final_check_finds_slower_is_not_written(tmp_path, monkeypatch):
+  """A choice picked on its own configs (their noise) that the final check over every config finds slower than the
+  base was written all the same; now the base's tuning is kept and the check says why. A failed step's ratio is
+  written as null (JSON has no Infinity)."""
+  out = tmp_path / "slower.json"
+  base = tuning.current()
+
+  def picks_lead_09(sweep, choice, tune, configs, min_gain):
+    return dataclasses.replace(tune, interleave_lead=0.9), dict(field=choice.field, kernel=choice.kernel,
+                                                                  configs=[], base=0.75, untimed=0, picked=0.9,
+                                                                  status="picked", candidates=[dict(
+                                                                      value=0.9, changed=[], speedup=1.1)])
+
+  slow = lambda self, i, tune, kernel: (math.inf if i == 0 else 2e-4) if tune.interleave_lead == 0.9 else 1e-4  # noqa: E731
+  monkeypatch.setattr(sweep_device, "run_choice", picks_lead_09)
+  monkeypatch.setattr(sweep_device.Sweep, "time", slow)
+  sweep_device.main(["--dry-run", "--out", str(out), "--fields", "interleave_lead"])
+  file = tuning.load(out)
+  final = file.provenance["final_check"]
+  assert final["status"].endswith("slower than the base: the base's tuning kept") and final["speedup"] is None
+  assert file.tuning.interleave_lead == base.interleave_lead and None in final["speedups"].values()
+  json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the file"))
+
+
+def test_hopper_config_num_ctas_is_checked():
+  """num_ctas=0 gave NaN outputs without an error; -4, 2.5, "8" were accepted."""
+  for bad in (0, -4, 2.5, "8", True):
+    with pytest.raises(ValueError, match=r"HopperConfig.num_ctas must be None or a positive int"):
+      hopper.HopperConfig(num_ctas=bad)
+  with pytest.raises(ValueError, match=r"num_ctas must be a multiple of cluster \(2\); got 131"):
+    hopper.HopperConfig(num_ctas=131, cluster=2)
+  assert hopper.HopperConfig(num_ctas=132, cluster=2).num_ctas == 132
 
 
 @pytest.mark.slow  # a tuning tool's robustness (CI time)

@@ -160,9 +160,12 @@ class HopperConfig(tuning_lib.HopperTuning):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.prefix_splits is not None and (not isinstance(self.prefix_splits, int) or isinstance(
-        self.prefix_splits, bool) or self.prefix_splits < 1):
-      raise ValueError(f"HopperConfig.prefix_splits must be None or a positive int; got {self.prefix_splits!r}.")
+    for name in ("prefix_splits", "num_ctas"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"HopperConfig.{name} must be None or a positive int; got {value!r}.")
+    if self.num_ctas is not None and self.num_ctas % self.cluster:  # (0 CTAs gave NaN outputs, no error)
+      raise ValueError(f"HopperConfig.num_ctas must be a multiple of cluster ({self.cluster}); got {self.num_ctas}.")
 
 
 def config_of(settings: tuning_lib.HopperTuning) -> HopperConfig:

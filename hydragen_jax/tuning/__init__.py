@@ -41,6 +41,7 @@ from hydragen_jax.devices import default_device
 FALLBACK_KIND = "NVIDIA H100 80GB HBM3"
 TUNING_ENV = "HYDRAGEN_JAX_TUNING"  # a tuning file to use whatever the device
 PROVENANCE_KEYS = ("measured_on", "command", "date", "commit", "note")
+MAX_STAGES = 8  # pipeline stages of a Triton launch at most (tiles, GEMM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,8 @@ class GemmTuning:
     if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
     _check_ints(self, ("num_stages",), least=1)
+    if self.num_stages > MAX_STAGES:
+      raise ValueError(f"GemmTuning.num_stages must be at most {MAX_STAGES}; got {self.num_stages!r}.")
     _check_ints(self, ("programs_per_core",), least=0)
 
   def covers(self, rows: int) -> bool:
@@ -378,7 +381,8 @@ class Tuning:
     for rows, tile in self.tiles:
       rules = {"block_k": (lambda v: _power_of_two(v) and v >= 16, "a power of two >= 16"),
                "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "one of 1, 2, 4, 8, 16"),
-               "num_stages": (lambda v: v >= 1, "an int >= 1")}
+               # (the shared-memory fit lowers stages one at a time: 2**70 of them never ended)
+               "num_stages": (lambda v: 1 <= v <= MAX_STAGES, f"an int in [1, {MAX_STAGES}]")}
       for field, (ok, what) in rules.items():
         value = getattr(tile, field)
         if not _is_int(value) or not ok(value):
@@ -484,10 +488,9 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
   tiles = data["tiles"]
   if not isinstance(tiles, dict):
     raise ValueError(f"{where}.tiles: expected an object keyed by row count; got {type(tiles).__name__}.")
-  try:
-    rows = sorted((int(key), key) for key in tiles)
-  except ValueError as e:
-    raise ValueError(f"{where}.tiles: keys must be row counts; got {sorted(tiles)}.") from e
+  if bad := [key for key in tiles if not (key.isascii() and key.isdigit() and key == str(int(key)))]:
+    raise ValueError(f"{where}.tiles: keys must be row counts (\"16\", as the hopper rows); got {bad}.")
+  rows = sorted((int(key), key) for key in tiles)
   data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
   data["hopper"] = _hopper_entries(data["hopper"], f"{where}.hopper")
   if data.get("hopper_long", {}) != {}:  # {}: none (`to_dict` of ()); null, [] or false are refused by name
@@ -560,6 +563,12 @@ def loads(text: str, where: str = "tuning file") -> TuningFile:
   if not isinstance(provenance, dict) or (missing := [k for k in PROVENANCE_KEYS if k not in provenance]):
     raise ValueError(f"{where}: provenance must record {list(PROVENANCE_KEYS)}; missing "
                      f"{missing if isinstance(provenance, dict) else 'all'}.")
+  if isinstance(data["tuning"], dict) and (left := [f.name for f in dataclasses.fields(Tuning)
+                                                     if f.name not in data["tuning"]]):
+    # a file written before these fields existed: their defaults, the behaviour before them, apply
+    warnings.warn(f"{where}: the tuning leaves out {left}; their defaults apply ("
+                  f"{', '.join(f'{n}={getattr(Tuning, n, None)!r}' for n in left)}): write every field to choose them "
+                  "(scripts/tuning/sweep_device.py writes them all)", stacklevel=2)
   return TuningFile(data["device_kind"], from_dict(data["tuning"], f"{where}: tuning"), provenance)
 
 
@@ -586,6 +595,11 @@ def write(path: str | pathlib.Path, file: TuningFile) -> None:
   text = dumps(file)
   loads(text, str(path))  # what is written must load
   path = pathlib.Path(path)
+  folder = pathlib.Path(str(importlib.resources.files(__name__))).resolve()
+  if path.absolute().parent.resolve() == folder and path.name != f"{slug(file.device_kind)}.json":
+    raise ValueError(f"{path}: a tuning file in the package's folder is named after its device kind, "
+                     f"{slug(file.device_kind)}.json for {file.device_kind!r} (a device finds its file by that name; "
+                     "under another, it would be ignored or refused as another kind's)")
   if why := file_path_problem(path):
     raise ValueError(f"{path}: {why}; a tuning file is written to a file path in an existing folder")
   temporary = path.with_name(f".{path.name}.tmp")

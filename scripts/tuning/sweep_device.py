@@ -474,10 +474,12 @@ def run_choice(sweep: Sweep, choice: Choice, tune: Tuning, configs: tuple[int, .
   base = {i: sweep.time(i, tune, choice.kernel) for i in configs}
   record = dict(field=choice.field, kernel=choice.kernel, configs=[sweep.configs[i] for i in configs],
                 base=jsonable(current), base_s=seconds_record(base.values()), candidates=[], untimed=0)
-  if any(t is None or math.isinf(t) for t in base.values()):
-    record["status"] = "not measured: " + ("time budget" if None in base.values() else "the base step fails")
+  if None in base.values():
+    record["status"] = "not measured: time budget"
     return tune, record
-  best, best_gain = None, 1.0 + min_gain
+  # a base step that fails: a candidate that runs every config wins, the fastest over the others' steps
+  broken = {i for i in configs if math.isinf(base[i])}
+  best, best_gain = None, (0.0 if broken else 1.0 + min_gain)
   for value in choice.candidates:
     if value == current:
       continue
@@ -496,13 +498,20 @@ def run_choice(sweep: Sweep, choice: Choice, tune: Tuning, configs: tuple[int, .
     elif None in times:
       record["untimed"] += 1
       entry["status"] = "not timed (time budget)"
+    elif broken and not (broken <= set(changed) and all(math.isfinite(t) for t in times)):
+      entry |= dict(seconds=seconds_record(times), status="leaves a config the base fails on failing")
     else:
-      gain = speedup([base[i] for i in changed], times)
+      others = [(base[i], t) for i, t in zip(changed, times) if i not in broken]
+      gain = speedup(*zip(*others)) if others else 1.0
       entry |= dict(seconds=seconds_record(times), speedup=round(gain, 4))
       if gain >= best_gain:
         best, best_gain = value, gain
   record["picked"] = jsonable(current if best is None else best)
-  record["status"] = "kept" if best is None else "picked"
+  if broken:  # the base's value cannot stay: picked, or the choice is not measured
+    record["base_fails_on"] = [sweep.configs[i] for i in sorted(broken)]
+    record["status"] = "picked" if best is not None else "not measured: the base step fails, and every candidate too"
+  else:
+    record["status"] = "kept" if best is None else "picked"
   return (tune if best is None else choice.apply(tune, best)), record
 
 
@@ -516,6 +525,9 @@ def field_notes(recs: list[dict], min_gain: float, base_notes: dict | None = Non
     best = max(timed, key=lambda c: c["speedup"], default=None)
     if r["status"].startswith("not measured"):
       text = f"{r['status']}: kept from the base" + (f" ({notes[r['field']]})" if r["field"] in notes else "")
+    elif r["status"] == "picked" and r.get("base_fails_on"):
+      text = (f"measured: {json.dumps(r['base'])} fails on {r['base_fails_on']}; {json.dumps(r['picked'])} runs every "
+              f"config, the fastest candidate that does")
     elif r["status"] == "picked":
       text = (f"measured: {json.dumps(r['picked'])} is {best['speedup']:.3f}x the speed of {json.dumps(r['base'])} "
               f"({r['kernel']} steps of {best['changed']})")
@@ -551,8 +563,9 @@ def main(argv: list[str] | None = None) -> None:
   for name in ("budget_s", "step_timeout_s"):
     if not getattr(args, name) > 0:
       parser.error(f"--{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
-  if not args.final_s >= 0:
-    parser.error(f"--final-s must be >= 0; got {args.final_s}")
+  if not 0 <= args.final_s < args.budget_s:
+    parser.error(f"--final-s must be >= 0 and below --budget-s ({args.budget_s:g}: the choices get the rest); got "
+                 f"{args.final_s}")
   if not args.min_gain >= 0:
     parser.error(f"--min-gain must be >= 0 (a candidate must be at least as fast); got {args.min_gain}")
   # the device's own file is written only by a measurement: a dry run, or a run off a GPU, names its --out
@@ -634,14 +647,24 @@ def main(argv: list[str] | None = None) -> None:
     if tune != base_file.tuning:
       pairs = [(sweep.time(i, base_file.tuning, "pallas"), sweep.time(i, tune, "pallas")) for i in groups["all"]]
       done = [(i, b, t) for i, (b, t) in zip(groups["all"], pairs) if b is not None and t is not None]
+      overall = speedup([b for _, b, _ in done], [t for _, _, t in done]) if done else None
       final = dict(status="timed" if len(done) == len(pairs) else "partial (time budget)",
-                   speedups={str(configs[i]): round(b / t, 4) for i, b, t in done},
-                   speedup=round(speedup([b for _, b, _ in done], [t for _, _, t in done]), 4) if done else None)
+                   speedups={str(configs[i]): _json_ratio(b / t) for i, b, t in done},
+                   speedup=None if overall is None else _json_ratio(overall))
+      if overall is not None and not overall >= 1.0:
+        # slower than the base over the configs (a pick's gain was the noise of its own configs): not written
+        final["status"] += "; slower than the base: the base's tuning kept"
+        tune = base_file.tuning
   finally:  # a sweep stopped from outside closes its log too
     if log:
       log.close()
   save(tune, recs, final)
   print(f"wrote {out} ({time.time() - start:.0f} s, {sweep.timed} steps timed); final check: {final}", flush=True)
+
+
+def _json_ratio(x: float) -> float | None:
+  """A speed-up for the file: None where a step failed (an infinite or zero ratio; JSON has no Infinity)."""
+  return round(x, 4) if math.isfinite(x) and x > 0 else None
 
 
 def _abort(status: int) -> None:

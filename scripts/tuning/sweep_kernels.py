@@ -247,8 +247,8 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
       return out
     if how == "pallas":
       stacks = ops.run(q, plans, scale=D**-0.5, interpret=False, launch=variant["launch"], tuning=tune, stacked=True)
-      out, _ = merge_kernel.merge_stacks(stacks, rows=variant.get("merge_rows"),
-                                         num_warps=variant.get("merge_warps"))  # None: the tuning's
+      out, _ = merge_kernel.merge_stacks(stacks, rows=variant.get("merge_rows", tune.merge_rows),
+                                         num_warps=variant.get("merge_warps", tune.merge_warps))  # the swept tuning's
       return out
     parts = run_plans(q, plans, launch=variant["launch"], tuning=tune)
     if how is False:
