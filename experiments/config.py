@@ -160,7 +160,7 @@ def _model_shape_schema() -> dict:
 
 
 MODEL_SCHEMA = {
-    "dtype": one_of("bfloat16", "float16", "float32"),
+    "dtype": one_of("bfloat16", "float32"),  # the models' (models.llama.model_dtype)
     "seed": random_seed(),
     "shape": _model_shape_schema(),
 }

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from models.config import GENERATE_KEYS, RUNTIME_KEYS, CheckpointError, LlamaConfig
-from models.llama import (PACKED, Llama, Params, layer_keys, pack_layer, param_shapes, unpack_layer,
+from models.llama import (PACKED, Llama, Params, layer_keys, model_dtype, pack_layer, param_shapes, unpack_layer,
                           unpacked_layer_shapes)
 
 __all__ = ["CheckpointError", "hf_name", "hf_tensor_shapes", "load_checkpoint", "save_checkpoint", "to_hf_tensors"]
@@ -188,17 +188,6 @@ def _tensor_files(path: str) -> tuple[dict[str, str], set[str]]:
                                           f"{fname}, and no {INDEX_FILE} says which to read")
                 mapping[name] = os.path.join(path, fname)
     return mapping, set()
-
-
-def model_dtype(caller: str, dtype) -> jnp.dtype:
-    """`dtype` as the parameters' dtype a loader takes (float32 or bfloat16); `ValueError` naming `caller` else."""
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"{caller}: dtype must be float32 or bfloat16, got {dtype}")
-    return dtype
 
 
 # safetensors dtypes read as weights (cast to float32 on the host, then to the model's dtype)
@@ -472,7 +461,9 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, dtype=None,
     its other keys (transformers' sampling defaults); one that is not a JSON object is removed.
 
     ``dtype``: every tensor's (one of ``SAVE_DTYPES``), or None: each tensor in the model's dtype for it (config.json
-    names the embedding's). ``extra_config``: keys added to config.json (e.g. provenance); refused: one that changes
+    names the embedding's). ``extra_config``: keys added to config.json: metadata under a
+    ``hydragen_`` name (``models.config.OWN_PREFIX``, e.g. ``{"hydragen_provenance": ...}``; the loader refuses other
+    keys it does not know) or keys of ``HARMLESS_KEYS`` (``_name_or_path``, ...); refused: one that changes
     the model it describes or restates one of its keys otherwise (``rope_theta``, ``num_hidden_layers``, a null
     ``head_dim``, …: change ``model.config`` instead), a default of transformers' generate (``GENERATE_KEYS``: its
     place is generation_config.json), a switch of how transformers runs the model (``RUNTIME_KEYS``), a value

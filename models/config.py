@@ -16,7 +16,8 @@ flat dict); they give the same config for the same model.
 Nothing that changes the model's output is ignored: an unsupported value (RoPE type, biases, a sliding window in
 effect, partial rotary outside Phi-3, another activation) or a key this module does not know raises
 ``CheckpointError`` naming the key and its value. ``HARMLESS_KEYS`` lists the keys known not to change the logits
-(``HARMLESS_WHEN_EMPTY`` those that change nothing at their empty value).
+(``HARMLESS_WHEN_EMPTY`` those that change nothing at their empty value; any key named ``hydragen_...``, this
+project's metadata, ``OWN_PREFIX``).
 A key that config.json leaves out takes the default of the family's transformers config class (``Family``): what
 transformers itself would use for that file (e.g. Mistral's 4096-token sliding window, which then caps the sequences).
 """
@@ -181,6 +182,9 @@ GENERATE_KEYS = frozenset({
 # output_attentions / output_hidden_states its generate() returns an output object, not the tokens)
 RUNTIME_KEYS = frozenset({"return_dict", "use_return_dict", "problem_type", "is_encoder_decoder",
                           "_attn_implementation", "output_attentions", "output_hidden_states"})
+# keys of this name are this project's metadata, read by no model (transformers keeps them as config attributes):
+# e.g. save_checkpoint(extra_config={"hydragen_provenance": ...})
+OWN_PREFIX = "hydragen_"
 HARMLESS_KEYS = GENERATE_KEYS | RUNTIME_KEYS | frozenset({
     # bookkeeping written by transformers or the hub
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
@@ -532,6 +536,7 @@ class LlamaConfig:
             raise CheckpointError(f"config: unsupported architecture {bad[0]!r} for model_type {model_type!r}"
                                   f"{missing} (supported: {SUPPORTED_ARCHITECTURES}, one per model_type)")
         unknown = [k for k in d if k not in _COMMON_KEYS | family.keys | HARMLESS_KEYS
+                   and not k.startswith(OWN_PREFIX)  # this project's metadata (save_checkpoint's extra_config)
                    and not (k in HARMLESS_WHEN_EMPTY and d[k] in ({}, [], None))
                    # every layer full attention: what a family without layer_types computes anyway
                    and not (k == "layer_types" and isinstance(d[k], list)

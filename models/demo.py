@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from hydragen_jax import tuning
+from hydragen_jax.devices import default_platform
 from hydragen_jax.validation import BACKENDS, resolve_backend
 from models.cache import MODES, cache_bytes
 from models.checkpoint import CheckpointError, load_checkpoint
@@ -146,7 +147,7 @@ PROBLEMS = [
 def load_default_model(dtype=None, path: str = DEFAULT_MODEL_DIR):
     """The embedded default model (fp32 on CPU, bf16 on GPU unless ``dtype`` is given)."""
     if dtype is None:
-        dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+        dtype = jnp.bfloat16 if default_platform() == "gpu" else jnp.float32
     if not os.path.exists(os.path.join(path, "config.json")):
         hint = "; train it with `python -m models.train_default`" if path == DEFAULT_MODEL_DIR else ""
         raise FileNotFoundError(f"no model at {path} (no config.json){hint}")
@@ -172,7 +173,7 @@ def _chat_prompts(tok) -> list[list[int]]:
 def _load(name: str):
     """(model, tokenizer, prompts as token ids, what each prompt asks) for ``--model``; on a GPU in bf16, else
     fp32."""
-    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    dtype = jnp.bfloat16 if default_platform() == "gpu" else jnp.float32
     if name == "smollm2" or name.endswith(".gguf") or os.path.isfile(name):  # a file can only be a GGUF file
         path = smollm2_path() if name == "smollm2" else name
         model, tok = load_gguf_with_tokenizer(path, dtype)  # one parse of the file's metadata
@@ -183,8 +184,12 @@ def _load(name: str):
         if tok.chat_template:
             return model, tok, _chat_prompts(tok), QUESTIONS
         return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
-    tok = ByteTokenizer()
-    return load_default_model(dtype, path), tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
+    tok, model = ByteTokenizer(), load_default_model(dtype, path)
+    if model.config.vocab_size != tok.vocab_size:  # (ids the byte tokenizer gives would mean other tokens)
+        raise CheckpointError(f"{path}: no tokenizer.json, and the model is not byte-level (vocabulary "
+                              f"{model.config.vocab_size}, the byte tokenizer's {tok.vocab_size}): put the "
+                              "checkpoint's tokenizer.json (and tokenizer_config.json) beside its config.json")
+    return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
 
 
 def _wrap(text: str, width: int = 100) -> str:
@@ -242,7 +247,7 @@ def main(argv=None) -> int:
     if args.model not in ("smollm2", "default") and not os.path.exists(args.model):
         ap.error(f"--model: expected smollm2, default, a GGUF file or a checkpoint directory, got {args.model!r} "
                  "(no such file or directory)")
-    samples = args.samples if args.samples is not None else (32 if jax.default_backend() == "gpu" else 4)
+    samples = args.samples if args.samples is not None else (32 if default_platform() == "gpu" else 4)
 
     try:
         model, tok, prompts, asks = _load(args.model)

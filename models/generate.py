@@ -38,6 +38,7 @@ from hydragen_jax.validation import check_mesh_backend
 from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels,
                           empty_layers, level_sizes, make_attend)
 from models.config import LlamaConfig
+from models import llama as llama_module
 from models.llama import COMPILER_OPTIONS, Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
 
@@ -147,6 +148,9 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
     columns past it are padding (-inf) and the draw is that of the first V columns. temperature, top_p: values
     (traced in the decode loop) in place of cfg's, whose greedy, top_k and top_p on / off still decide; concrete
     ones are checked as SamplingConfig checks its own. cfg: anything ``SamplingConfig.make`` takes."""
+    if jnp.ndim(logits) != 2:
+        raise ValueError(f"sample: logits must be [B, V'] (a row of logits a sequence), got shape "
+                         f"{jnp.shape(logits)}" + (" (one sequence: logits[None])" if jnp.ndim(logits) == 1 else ""))
     cfg = SamplingConfig.make(cfg)
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0:
@@ -479,6 +483,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     on bad input. (_last_token_unused: the caller drops the logits the last new token gives, so prompt + new tokens
     may exceed ``max_length`` by it: ``_generate_across_longrope_context``.)
     """
+    _check_model(model, "prefill")
     _check_mode(mode)
     config: LlamaConfig = model.config
     key = _key(seed)
@@ -688,6 +693,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     ``state`` is donated: use only the returned state. ``num_steps`` (an integer >= 0, or an integer scalar array)
     is traced (no recompile per value).
     """
+    _check_model(model, "decode")
     if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     if not isinstance(num_steps, jax.core.Tracer):  # more than int32 holds: as many as the tokens left (the cap)
@@ -705,6 +711,14 @@ def _clip_huge(n):
     if big(n):
         return 2**62
     return [2**62 if big(x) else x for x in n] if isinstance(n, (list, tuple)) else n
+
+
+def _check_model(model, fn: str) -> None:
+    """``ValueError`` naming ``fn`` where ``model`` is not a ``Llama`` (its parameters alone, None, ...)."""
+    if not isinstance(model, llama_module.Llama):  # (the module's class: tests subclass the name here)
+        hint = " (parameters alone: Llama(config, params))" if isinstance(model, dict) else ""
+        raise ValueError(f"{fn}: model must be a models.Llama (init_random, load_checkpoint, load_gguf, ...), got "
+                         f"{type(model).__name__}{hint}")
 
 
 def _check_mesh_backend(model: Llama, backend: str | None) -> None:
@@ -754,6 +768,7 @@ def compile_decode(model: Llama, state: DecodeState, *, sampling=None, backend=N
     """Ahead-of-time compiled decode: returns ``(fn, seconds)``; ``fn(params, state, num_steps)`` (a
     ``CompiledDecode``). Another temperature or top_p (not top_k, nor greedy against sampling, nor top_p on
     against off) reuses the compiled program: compiled again, it is found in JAX's cache."""
+    _check_model(model, "compile_decode")
     _check_state(model, state, "compile_decode")
     _check_mesh_backend(model, backend)
     sampling = SamplingConfig.make(sampling)
@@ -843,6 +858,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     both sides of it, generates in two calls, as transformers computes each sequence
     (``_generate_across_longrope_context``: the trees built from the prompts, ``tree`` not used for the calls).
     """
+    _check_model(model, "generate")
     _check_mode(mode)
     if tokenizer is not None and not all(callable(getattr(tokenizer, f, None)) for f in ("encode", "decode")):
         raise ValueError(f"tokenizer must be None or an object with encode(text) and decode(ids) (e.g. "

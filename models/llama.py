@@ -223,6 +223,18 @@ def _draw(shapes: tuple[tuple[str, tuple[int, ...]], ...], key: jax.Array, dtype
     return pack_layer(out, head_dim)
 
 
+def model_dtype(caller: str, dtype) -> jnp.dtype:
+    """`dtype` as a model's parameters' dtype (float32 or bfloat16: what the models compute in, and the loaders
+    take); `ValueError` naming `caller` else."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = repr(dtype)  # not a dtype at all ("bf16"): named as given below
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"{caller}: dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random parameters: norms that scale by 1 (weights 1; Gemma's, stored as offsets from 1, 0), biases 0, every
     matrix N(0, 1/fan_in) (embedding: N(0, 1/hidden_size)).
@@ -230,7 +242,8 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Param
     Generated on device, one jitted call for the top-level arrays and one per layer (all layers share one
     compilation): cheap enough for 7B-shaped benchmark models.
     """
-    return _init(config, key, lambda names_shapes, k: _draw(names_shapes, k, jnp.dtype(dtype), config.hidden_size,
+    dtype = model_dtype("init_params", dtype)
+    return _init(config, key, lambda names_shapes, k: _draw(names_shapes, k, dtype, config.hidden_size,
                                                             config.head_dim, _norm_weight(config)))
 
 
@@ -562,11 +575,12 @@ class Llama(nnx.Module):
 def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mesh | None = None) -> Llama:
     """A randomly initialised model (``init_params``; for tests and benchmarks). With ``mesh``, the parameters are
     generated in place on the mesh's devices, in its layout (the same values as on one device)."""
+    dtype = model_dtype("init_random", dtype)
     if mesh is None:
         return Llama(config, init_params(config, jax.random.key(seed), dtype))
     from models import parallel
 
-    s, dt = parallel.split(config, parallel.mesh_size(mesh)), jnp.dtype(dtype)
+    s, dt = parallel.split(config, parallel.mesh_size(mesh)), dtype
 
     @functools.cache  # one compilation a group: every layer has the same names and shapes
     def placed(names_shapes):  # _draw, then each array in its mesh layout, generated on its devices

@@ -170,6 +170,9 @@ def render_chat(template: str | None, messages: Sequence[dict], add_generation_p
     template makes of the missing keys, e.g. an empty role: a malformed prompt)."""
     if not template:
         raise ValueError("apply_chat_template: this tokenizer has no chat template")
+    if isinstance(messages, (str, bytes, dict)):  # (a string was read as its characters, each a "message")
+        raise ValueError(f"apply_chat_template: messages must be a list of message dicts ([{{'role': 'user', "
+                         f"'content': ...}}]), got {type(messages).__name__} {str(messages)[:40]!r}")
     messages = list(messages)
     if not messages:
         raise ValueError("apply_chat_template: no messages (an empty conversation); give at least one message")

