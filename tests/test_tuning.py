@@ -898,9 +898,7 @@ def test_hopper_config_num_ctas_is_checked():
   for bad in (0, -4, 2.5, "8", True):
     with pytest.raises(ValueError, match=r"HopperConfig.num_ctas must be None or a positive int"):
       hopper.HopperConfig(num_ctas=bad)
-  with pytest.raises(ValueError, match=r"num_ctas must be a multiple of cluster \(2\); got 131"):
-    hopper.HopperConfig(num_ctas=131, cluster=2)
-  assert hopper.HopperConfig(num_ctas=132, cluster=2).num_ctas == 132
+  assert hopper.HopperConfig(num_ctas=132, cluster=2).num_ctas == 132  # (a multiple of the cluster: checked at the call)
 
 
 @pytest.mark.slow  # a tuning tool's robustness (CI time)
