@@ -4,18 +4,20 @@ The text between the markers `<!-- report:begin ... -->` and `<!-- report:end --
 tables and sentences computed from experiments/results/*.jsonl (no number is typed by hand).
 
 Which files: results files are named `NAME-DEVICE-YYYYmmdd-HHMMSS.jsonl` (smoke runs are left out). Per
-experiment kind and device, the newest file of each NAME (e.g. `e2e_throughput-part1`, `e2e_tp-13b`): the latest
-run of each experiment, as experiments/results keeps them (a superseded run is deleted there, git keeps it; a NAME
+experiment kind and device, the newest file of each NAME (e.g. `e2e_throughput-part1`, `e2e_tp-13b`) that holds a
+measurement (one with device rates only, a run stopped before its first point, is passed over): the latest run of
+each experiment, as experiments/results keeps them (a superseded run is deleted there, git keeps it; a NAME
 no longer run is deleted too, or its last run stays in the report). A bench-attention row (one config), an
 end-to-end row (one prefix and batch) and a long-document row (one prefix) come whole from the newest of these files
 that measured them (every column of a row from one run; a row a newer run skipped or failed keeps an older run's
 measurement); tree_apps comes from its newest file. Runs of another setup than their committed config's (another
 model shape, dtype, generated length, unique prompt tokens or backend; the benchmark's dtype, head dim or Hydragen
-backend) are left out (`same_setup`): the
+backend; tree_apps' workload) and runs of configs not in experiments/configs are left out (`same_setup`): the
 section's headers describe the committed configs. The device is the one asked
 for (`--device`), else the one the README's begin marker names (`device SLUG`, written there by every report: so a
 newer run on another GPU does not take the section over), where it has results, else the newest accelerator results
-file's; a kind without results on it falls back to the newest device that has it (its section names the device).
+file's; a kind without results on it falls back to the newest accelerator that has it (never to a CPU run unless
+the section's device is the CPU; its section names the device).
 Each other accelerator with bench-attention or single-device end-to-end runs gets a line (`other_devices`). Files
 of tensor-parallel runs (points with `tp`) form a section of their own (report kind `e2e_tensor_parallel`): every
 NAME's newest file, one table set each; runs of the other kinds on a mesh are left out.
@@ -205,7 +207,8 @@ def _shape_differs(committed: dict, ran: dict) -> bool:
     from models.config import LlamaConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.default is not dataclasses.MISSING}
-    return any(_mismatch(committed.get(k, defaults.get(k)), v) for k, v in ran.items())
+    same = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (JSON's list, the config's tuple)
+    return any(_mismatch(same(committed.get(k, defaults.get(k))), same(v)) for k, v in ran.items())
 
 
 def _backend(chosen: str | None, cpu_backend: str | None, gpu: bool, on_gpu: str) -> str | None:
@@ -225,7 +228,7 @@ def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, lis
     device = pick_device(files, device)
     chosen = {}
     for kind in REPORT_KINDS:
-        of_kind = [f for f in files if f.kind == kind and same_setup(f)]
+        of_kind = [f for f in files if f.kind == kind and same_setup(f) and measured(f)]
         if not of_kind:
             continue
         # the picked device's runs, else the newest other accelerator's that has the kind (a CPU run, tiny sizes,

@@ -434,11 +434,9 @@ class LlamaConfig:
 
     def _canonicalise(self):
         """One spelling for each model, so that a config equals (and hashes as, for jit) itself after a save and
-        load: a sliding window no sequence reaches (W >= the context, as ``from_dict`` reads one), RoPE in every
-        layer of ``rope_layers`` and an ``attention_multiplier`` of exactly 1/sqrt(head_dim) are None."""
-        context = max(self.max_position_embeddings, self.yarn_context or 0)
-        if self.sliding_window is not None and self.sliding_window >= context:
-            object.__setattr__(self, "sliding_window", None)
+        load: RoPE in every layer of ``rope_layers`` and an ``attention_multiplier`` of exactly 1/sqrt(head_dim) are
+        None. (A sliding window >= the context stays as given: ``from_dict`` reads one as none, but a model built
+        with one still refuses longer inputs in a call, as transformers would window them.)"""
         if self.rope_layers is not None and all(self.rope_layers):
             object.__setattr__(self, "rope_layers", None)
         if self.attention_multiplier is not None and self.attention_multiplier == 1 / math.sqrt(self.head_dim):

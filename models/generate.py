@@ -121,7 +121,7 @@ def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted entry
     keep = (before < p) | (p >= 1.0)  # a traced p of 1.0: every token (float32 sums can fall short of it)
     # back to vocabulary order by position, not by a logit threshold, which would keep every token tied with the
-    # last one kept (transformers' TopPLogitsWarper keeps the set's mass, as here)
+    # last one kept (transformers' TopPLogitsWarper keeps the same mass)
     kept = jnp.put_along_axis(jnp.zeros_like(keep), order, keep, axis=-1, inplace=False)
     return jnp.where(kept, logits, -jnp.inf)
 
@@ -154,7 +154,11 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
     cfg = SamplingConfig.make(cfg)
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0:
-            SamplingConfig(**{"temperature": 1.0, name: value})  # its range checks (naming the keyword)
+            try:  # a 0-d numpy or JAX array as its number
+                value = float(np.asarray(value))
+            except (TypeError, ValueError):
+                pass  # (not a number: SamplingConfig names it)
+            SamplingConfig(**{"temperature": 1.0, name: value})  # its range checks
     for name, value, on, what in (("temperature", temperature, lambda v: v != 0, not cfg.greedy),
                                   ("top_p", top_p, lambda v: v < 1.0, cfg._top_p_on)):
         if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0 and \

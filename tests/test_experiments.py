@@ -1050,6 +1050,8 @@ def test_report_leaves_out_runs_of_another_setup_and_runs_stopped_before_a_measu
     assert [f.label for f in chosen["tree_apps"]] == ["tree_apps-nvidia-h200-20261130-100000"]
     assert [f.label for f in chosen["e2e_throughput"]] == ["e2e_throughput-part1-nvidia-h200-20261130-100000"]
     assert "bench_attention" not in chosen
+    assert not report._shape_differs({}, {"eos_token_ids": [2]})  # JSON's list against the config's default (2,)
+    assert report._shape_differs({}, {"eos_token_ids": [3]})
     only_cpu = report.choose([f for f in files if f.slug == "cpu"])  # the only device: its runs are shown
     assert [f.slug for f in only_cpu["bench_attention"]] == ["cpu"]
 

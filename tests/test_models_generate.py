@@ -330,7 +330,8 @@ def test_top_p_mask():
 
 def test_top_p_mask_keeps_the_mass_of_tied_tokens_as_transformers():
     """Tokens tied with the last one the nucleus needs are not all kept (a logit threshold kept them: [2, 1, 1, 1, 1]
-    at p = 0.5 kept all five); the set is transformers' TopPLogitsWarper's (its mass; of tied tokens the lower ids)."""
+    at p = 0.5 kept all five); the set has the mass of transformers' TopPLogitsWarper's (of tied tokens, the lower
+    ids here)."""
     keep = lambda x, p: np.isfinite(np.asarray(top_p_mask(jnp.array([x], jnp.float32), p)))[0].tolist()  # noqa: E731
     assert keep([2.0, 1, 1, 1, 1], 0.5) == [True, True, False, False, False]
     assert keep([0.0, 0, 0, 0], 0.3) == [True, True, False, False]
@@ -338,7 +339,8 @@ def test_top_p_mask_keeps_the_mass_of_tied_tokens_as_transformers():
     logits = jnp.round(jax.random.normal(jax.random.key(3), (64, 50)) * 2) / 2  # many ties
     for p in (0.1, 0.5, 0.9):
         got = np.isfinite(np.asarray(top_p_mask(logits, p)))
-        x = np.asarray(logits, np.float64)  # transformers' rule: ascending sort, drop the tail of mass <= 1 - p
+        x = np.asarray(logits, np.float64)  # the rule: the fewest most likely tokens of mass >= p; of tied tokens
+        # the lower ids first (transformers' warper keeps the same mass; which of tied tokens, its sort decides)
         probs = np.exp(x - x.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         order = np.argsort(-x, axis=-1, kind="stable")
@@ -363,6 +365,10 @@ def test_sample_checks_its_keyword_values_and_takes_any_config_form():
                       (dict(temperature=float("nan")), "temperature must be 0 .*got nan")):
         with pytest.raises(ValueError, match=match):
             sample(logits, key, on, **kw)
+    for value in (jnp.asarray(0.5), np.array(0.5), np.float32(0.5)):  # concrete 0-d arrays: numbers
+        sample(logits, key, on, top_p=value, temperature=value)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
+        sample(logits, key, on, top_p=jnp.asarray(0.0))
     for cfg in ({"temperature": 1.0}, "greedy", None):
         tok, _ = sample(logits, key, cfg)
         assert tok.shape == (3,)

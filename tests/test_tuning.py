@@ -322,7 +322,7 @@ def test_hopper_settings_go_by_query_rows():
     (lambda d: d.update(tiles={}), r"Tuning.tiles must give a Tile for the row tiles 16, .*; got \[\]"),  # IndexError
     # int() took "+16", " 16", "1_6" (and other scripts' digits) as 16: tile keys as strict as the hopper rows'
     *[(lambda d, k=k: d.update(tiles={k if r == "16" else r: t for r, t in d["tiles"].items()}),
-       rf"tuning.tiles: keys must be row counts .*; got \[{re.escape(repr(k))}\]") for k in ("+16", " 16", "1_6", "016")],
+       rf"tuning.tiles: keys must be row counts .*; got \[{re.escape(repr(k))}\]") for k in ("+16", " 16", "1_6", "016", 16)],
     (lambda d: d.update(merge_rows=True), "Tuning.merge_rows must be a power of two; got True"),
     (lambda d: d["tiles"]["16"].update(num_stages=2**70), r"Tuning.tiles\[16\].num_stages must be an int in \[1, 8\]"),
     (lambda d: d["gemm"].update(num_stages=9), r"GemmTuning.num_stages must be at most 8; got 9"),  # (a hang)
@@ -349,6 +349,13 @@ def test_a_file_that_leaves_out_fields_says_which_defaults_apply(tmp_path):
   a field deleted by hand (the H200's hopper_seq_max_suffix 256 -> 0, any suffix) changed the kernels silently."""
   data = json.loads(tuning.data_file("NVIDIA H200").read_text())
   del data["tuning"]["hopper_seq_max_suffix"], data["tuning"]["split_min_fill"]
+  required = json.loads(json.dumps(data))
+  del required["tuning"]["hopper_min_work"]  # no default: refused, not warned about as defaulted
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    with pytest.raises(ValueError, match=r"missing \['hopper_min_work'\]"):
+      tuning.loads(json.dumps(required), "x.json")
+  assert not [w for w in seen if "hopper_min_work" in str(w.message)], [str(w.message) for w in seen]
   with pytest.warns(UserWarning, match=r"x.json: the tuning leaves out \['split_min_fill', 'hopper_seq_max_suffix'\]|"
                                        r"x.json: the tuning leaves out \['hopper_seq_max_suffix', 'split_min_fill'\]"):
     old = tuning.loads(json.dumps(data), "x.json")
@@ -890,6 +897,9 @@ def test_a_pick_the_final_check_finds_slower_is_not_written(tmp_path, monkeypatc
   final = file.provenance["final_check"]
   assert final["status"].endswith("slower than the base: the base's tuning kept") and final["speedup"] is None
   assert file.tuning.interleave_lead == base.interleave_lead and None in final["speedups"].values()
+  # the notes say the pick was reverted (they said "measured: 0.9 is 1.100x ..." of a file holding 0.75)
+  assert file.provenance["choices"][-1]["status"] == "not measured: picked, then reverted by the final check"
+  assert file.provenance["fields"]["interleave_lead"].startswith("not measured: picked, then reverted")
   json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the file"))
 
 

@@ -488,7 +488,8 @@ def from_dict(data: dict, where: str = "tuning") -> Tuning:
   tiles = data["tiles"]
   if not isinstance(tiles, dict):
     raise ValueError(f"{where}.tiles: expected an object keyed by row count; got {type(tiles).__name__}.")
-  if bad := [key for key in tiles if not (key.isascii() and key.isdigit() and key == str(int(key)))]:
+  if bad := [key for key in tiles if not (isinstance(key, str) and key.isascii() and key.isdigit()
+                                          and key == str(int(key)))]:
     raise ValueError(f"{where}.tiles: keys must be row counts (\"16\", as the hopper rows); got {bad}.")
   rows = sorted((int(key), key) for key in tiles)
   data["tiles"] = tuple((r, Tile(**_fields(Tile, tiles[key], f"{where}.tiles[{key}]"))) for r, key in rows)
@@ -564,7 +565,8 @@ def loads(text: str, where: str = "tuning file") -> TuningFile:
     raise ValueError(f"{where}: provenance must record {list(PROVENANCE_KEYS)}; missing "
                      f"{missing if isinstance(provenance, dict) else 'all'}.")
   if isinstance(data["tuning"], dict) and (left := [f.name for f in dataclasses.fields(Tuning)
-                                                     if f.name not in data["tuning"]]):
+                                                     if f.name not in data["tuning"]
+                                                     and f.default is not dataclasses.MISSING]):
     # a file written before these fields existed: their defaults, the behaviour before them, apply
     warnings.warn(f"{where}: the tuning leaves out {left}; their defaults apply ("
                   f"{', '.join(f'{n}={getattr(Tuning, n, None)!r}' for n in left)}): write every field to choose them "

@@ -647,7 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     if tune != base_file.tuning:
       pairs = [(sweep.time(i, base_file.tuning, "pallas"), sweep.time(i, tune, "pallas")) for i in groups["all"]]
       done = [(i, b, t) for i, (b, t) in zip(groups["all"], pairs) if b is not None and t is not None]
-      overall = speedup([b for _, b, _ in done], [t for _, _, t in done]) if done else None
+      runs = [(b, t) for _, b, t in done if math.isfinite(b)]  # over the configs the base runs (where it fails,
+      overall = speedup(*zip(*runs)) if runs else None      # nothing to compare: a pick may have fixed it)
       final = dict(status="timed" if len(done) == len(pairs) else "partial (time budget)",
                    speedups={str(configs[i]): _json_ratio(b / t) for i, b, t in done},
                    speedup=None if overall is None else _json_ratio(overall))
@@ -655,6 +656,8 @@ def main(argv: list[str] | None = None) -> None:
         # slower than the base over the configs (a pick's gain was the noise of its own configs): not written
         final["status"] += "; slower than the base: the base's tuning kept"
         tune = base_file.tuning
+        recs = [dict(r, status="not measured: picked, then reverted by the final check") if r["status"] == "picked"
+                else r for r in recs]
   finally:  # a sweep stopped from outside closes its log too
     if log:
       log.close()
