@@ -971,7 +971,7 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
     (lambda: LlamaConfig(**SMALL, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
      "rope_scaling must be a models.RopeScaling or None, got dict"),
     (lambda: LlamaConfig(**SMALL, eos_token_ids=(2.0,)), r"eos_token_ids must be a tuple of integer token ids"),
-    (lambda: LlamaConfig(**SMALL, bos_token_id="1"), "bos_token_id must be an integer token id or None, got '1'"),
+    (lambda: LlamaConfig(**SMALL, bos_token_id="1"), "bos_token_id must be an integer token id \\(int32\\) or None, got '1'"),
     (lambda: LlamaConfig(**SMALL, tie_word_embeddings=1), "tie_word_embeddings must be True or False, got 1"),
 ])
 def test_a_config_built_by_hand_is_checked_as_one_read_from_a_file(scaling, match):
