@@ -1091,3 +1091,16 @@ def test_ci_runs_the_tests_of_the_options_a_shipped_file_sets(monkeypatch):
     assert ci_if_shipped(field).name == "slow", field
     monkeypatch.setattr(tuning, "file_for", files(**{field: on}))
     assert ci_if_shipped(field).name == "shipped" and ci_if_shipped(field).args == (field,), field
+
+
+@pytest.mark.filterwarnings("ignore:hydragen_jax. no tuning file")
+def test_a_partial_sweep_from_another_devices_base_is_not_this_devices_measurement(tmp_path, monkeypatch):
+  """A sweep of some choices on a base of another device kind (here the CPU's fallback, the H100's) wrote
+  measured_on = this device, as if the whole file were measured here; now, as `with_measured_field` does, the file
+  says which fields were measured here and is not marked measured."""
+  monkeypatch.setattr(sweep_device.Sweep, "_measure", lambda self, i, fn, signature: ([1e-4] * 3, 0.0))
+  out = tmp_path / "partial.json"
+  sweep_device.main(["--out", str(out), "--fields", "interleave_lead", "--budget-s", "100", "--final-s", "10"])
+  file = tuning.load(out)
+  assert file.provenance["steps_timed"] > 0 and file.provenance["measured_on"] is None
+  assert file.provenance["note"].startswith(f"NOT MEASURED on {tuning.device_kind()} except ['interleave_lead']")

@@ -606,8 +606,12 @@ def main(argv: list[str] | None = None) -> None:
     measured = [r["field"] for r in recs if not r["status"].startswith("not measured")]
     # nothing timed (the budget, a dry run) on a base that is not this device's measured file: the file says so
     timed = bool(measured) and sweep.timed > 0
-    measured_on = fixed["measured_on"] if timed or base_measured else None
+    # on another device's base, only a sweep of every choice measures this device's file (as with_measured_field)
+    whole = own_base or {c.field for c in choices(configs, groups)} <= set(measured)
+    measured_on = fixed["measured_on"] if (timed and whole) or base_measured else None
     note = (("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
+            + ("" if whole or not timed else f"NOT MEASURED on {kind} except {measured}: the other fields are "
+                                                f"{base_file.device_kind}'s (run every choice on this device). ")
             + f"Swept {measured} in {time.time() - start:.0f} s; the other fields are the base's. Greedy, one choice "
             f"at a time, a candidate kept if >= {args.min_gain:.0%} faster (geometric mean over the configs it "
             "changes), each step checked against the first timed on its config (scripts/tuning/sweep_device.py).")
