@@ -580,13 +580,13 @@ def init_random(config: LlamaConfig, dtype=jnp.float32, seed: int = 0, mesh: Mes
         return Llama(config, init_params(config, jax.random.key(seed), dtype))
     from models import parallel
 
-    s, dt = parallel.split(config, parallel.mesh_size(mesh)), dtype
+    s = parallel.split(config, parallel.mesh_size(mesh))
 
     @functools.cache  # one compilation a group: every layer has the same names and shapes
     def placed(names_shapes):  # _draw, then each array in its mesh layout, generated on its devices
         def draw(key):
             return {name: parallel.to_layout(name, x, config, s) for name, x in
-                    _draw(names_shapes, key, dt, config.hidden_size, config.head_dim, _norm_weight(config)).items()}
+                    _draw(names_shapes, key, dtype, config.hidden_size, config.head_dim, _norm_weight(config)).items()}
 
         names = jax.eval_shape(draw, jax.random.key(0))  # the names the draw gives (packed)
         return jax.jit(draw, out_shardings={name: NamedSharding(mesh, parallel.param_specs_of(name)) for name in names})

@@ -575,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
   base_file = field_sweep.base_file(args.base, kind)
   configs, groups = CONFIGS, GROUPS
   todo = choices(configs, groups)
+  every_field = {c.field for c in todo}  # (before --fields: a sweep of all of them measures the whole file)
   if args.fields:
     wanted = args.fields.split(",")
     # "hopper": every hopper[...] and hopper_long[...]; a field of a joint choice picks it ("hopper_min_fill":
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     # nothing timed (the budget, a dry run) on a base that is not this device's measured file: the file says so
     timed = bool(measured) and sweep.timed > 0
     # on another device's base, only a sweep of every choice measures this device's file (as with_measured_field)
-    whole = own_base or {c.field for c in choices(configs, groups)} <= set(measured)
+    whole = own_base or every_field <= set(measured)
     measured_on = fixed["measured_on"] if (timed and whole) or base_measured else None
     note = (("DRY RUN: nothing was run or timed (stand-in times); not a measurement. " if args.dry_run else "")
             + ("" if whole or not timed else f"NOT MEASURED on {kind} except {measured}: the other fields are "
