@@ -185,10 +185,16 @@ def _load(name: str):
             return model, tok, _chat_prompts(tok), QUESTIONS
         return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
     tok, model = ByteTokenizer(), load_default_model(dtype, path)
-    if model.config.vocab_size != tok.vocab_size:  # (ids the byte tokenizer gives would mean other tokens)
-        raise CheckpointError(f"{path}: no tokenizer.json, and the model is not byte-level (vocabulary "
-                              f"{model.config.vocab_size}, the byte tokenizer's {tok.vocab_size}): put the "
-                              "checkpoint's tokenizer.json (and tokenizer_config.json) beside its config.json")
+    c = model.config  # byte-level: the byte tokenizer's vocabulary and special ids (where config.json names them)
+    got = {"vocabulary": c.vocab_size, "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids),
+           "pad_token_id": c.pad_token_id}
+    want = {"vocabulary": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id],
+            "pad_token_id": tok.pad_id}
+    if wrong := [f"{k} {got[k]}, the byte tokenizer's {want[k]}" for k in got
+                 if got[k] not in (want[k], None, [])]:  # (ids the byte tokenizer gives would mean other tokens)
+        raise CheckpointError(f"{path}: no tokenizer.json, and the model is not byte-level ({'; '.join(wrong)}): "
+                              "put the checkpoint's tokenizer.json (and tokenizer_config.json) beside its "
+                              "config.json")
     return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
 
 

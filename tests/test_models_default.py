@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +95,21 @@ def test_demo_refuses_a_checkpoint_without_its_tokenizer_unless_byte_level(capsy
     small one (ids 256+ outside it), gibberish for a real one; now refused by name, the default model still runs."""
     assert main(["--model", str(pathlib.Path(__file__).parent / "fixtures" / "hf_llama3"), "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err
-    assert "hf_llama3: no tokenizer.json, and the model is not byte-level (vocabulary 128, the byte tokenizer's 259)" \
+    assert "hf_llama3: no tokenizer.json, and the model is not byte-level (vocabulary 128, the byte tokenizer's 259" \
         in err, err
+
+
+def test_demo_refuses_a_vocabulary_of_259_with_other_special_ids(tmp_path, capsys):
+    """A model of 259 tokens whose config.json names other BOS / EOS ids is not the byte tokenizer's (it was taken as
+    byte-level by its vocabulary alone: prompts began with id 256, which means another token there)."""
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(bos_token_id=1, eos_token_id=[2, 257])
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert main(["--model", str(tmp_path / "m"), "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert ("not byte-level (bos_token_id 1, the byte tokenizer's 256; eos_token_id [2, 257], the byte tokenizer's "
+            "[257])") in err, err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="reading GGUF files needs gguf")
