@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,8 @@ def _ints(values, what: str) -> Tokens:
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):  # (bool is not an integer dtype)
             raise ValueError(f"{what}: must be a 1-D array of integers, got dtype {a.dtype}, shape {a.shape}")
         return tuple(a.tolist())
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{what}: must be a sequence of integers, got {values!r} ({type(values).__name__})")
     out = tuple(values)
     if all(type(t) is int for t in out):  # the common case, fast on long prompts (type(True) is bool)
         return out
@@ -42,6 +44,18 @@ def _ints(values, what: str) -> Tokens:
     return tuple(checked)
 
 
+def _sequence(values, what: str, expected: str, nested: bool) -> tuple:
+    """``values`` as a tuple; ValueError naming ``what`` (``expected``: what it must be) unless it is a sequence
+    (not a string nor a 0-d array), with ``nested`` one of sequences (nodes, suffixes: not of bare token ids)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0:
+        raise ValueError(f"{what}: must be {expected}; got {type(values).__name__}")
+    out = tuple(values)
+    for i, x in enumerate(out if nested else ()):
+        if isinstance(x, (str, bytes)) or not isinstance(x, Iterable) or getattr(x, "ndim", 1) == 0:
+            raise ValueError(f"{what}: must be {expected}; element {i} is {x!r}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class SharedLevel:
     """One shared level: ``nodes[n]`` the tokens of node n, ``seq_to_node[b]`` the node sequence b reads."""
@@ -50,7 +64,8 @@ class SharedLevel:
     seq_to_node: tuple[int, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "nodes", tuple(_ints(n, f"SharedLevel: node {i}") for i, n in enumerate(self.nodes)))
+        nodes = _sequence(self.nodes, "SharedLevel: nodes", "a sequence of nodes, each a sequence of token ids", True)
+        object.__setattr__(self, "nodes", tuple(_ints(n, f"SharedLevel: node {i}") for i, n in enumerate(nodes)))
         object.__setattr__(self, "seq_to_node", _ints(self.seq_to_node, "SharedLevel: seq_to_node"))
 
 
@@ -62,9 +77,16 @@ class SharingTree:
     suffixes: tuple[Tokens, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "levels", tuple(self.levels))
+        object.__setattr__(self, "levels", _sequence(self.levels, "SharingTree: levels", "a sequence of SharedLevel",
+                                                     False))
+        suffixes = _sequence(self.suffixes, "SharingTree: suffixes",
+                             "a sequence of suffixes, each a sequence of token ids", True)
+        for l, level in enumerate(self.levels):
+            if not isinstance(level, SharedLevel):
+                raise ValueError(f"SharingTree: level {l} must be a SharedLevel(nodes, seq_to_node), got "
+                                 f"{type(level).__name__}")
         object.__setattr__(self, "suffixes",
-                           tuple(_ints(s, f"SharingTree: suffix of sequence {b}") for b, s in enumerate(self.suffixes)))
+                           tuple(_ints(s, f"SharingTree: suffix of sequence {b}") for b, s in enumerate(suffixes)))
         B = len(self.suffixes)
         if B == 0:
             raise ValueError("SharingTree: no sequences (empty suffixes)")

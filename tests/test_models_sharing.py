@@ -186,3 +186,25 @@ def test_token_ids_and_node_indices_must_be_integers():
     tree = build_sharing_tree([jnp.array([1, 2, 3]), np.array([1, 2, 4]), [1, 2, np.int32(5)]])
     assert spelled(tree, [[1, 2, 3], [1, 2, 4], [1, 2, 5]])
     assert all(type(t) is int for t in tree.prompt(0))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: SharedLevel(((1,),), 0), r"SharedLevel: seq_to_node: must be a sequence of integers, got 0"),
+    (lambda: SharedLevel((1, 2), (0, 0)), r"SharedLevel: nodes: must be a sequence of nodes, .*; element 0 is 1"),
+    (lambda: SharingTree(((((1, 2),), (0, 0)),), ((3,), (4,))),
+     r"SharingTree: level 0 must be a SharedLevel\(nodes, seq_to_node\), got tuple"),
+    (lambda: SharingTree(None, ((3,),)), r"SharingTree: levels: must be a sequence of SharedLevel; got NoneType"),
+    (lambda: SharingTree((), (3, 4)), r"SharingTree: suffixes: must be .*; element 0 is 3"),
+    (lambda: SharingTree((), (None, (4,))), r"SharingTree: suffixes: must be .*; element 0 is None"),
+    (lambda: SharingTree((), "ab"), r"SharingTree: suffixes: must be .*; got str"),
+])
+def test_malformed_trees_are_refused_by_name(make, message):
+    """A bare int, a flat list or a tuple where a level, nodes or suffixes belong: a ValueError naming the part (they
+    raised TypeError / AttributeError naming nothing)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_trees_take_iterators_and_arrays():
+    tree = SharingTree(iter([SharedLevel(iter([(1, 2)]), np.array([0, 0]))]), np.array([[3], [4]]))
+    assert tree.prompt(0) == (1, 2, 3) and tree.prompt(1) == (1, 2, 4)
