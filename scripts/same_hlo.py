@@ -30,6 +30,7 @@ import importlib, sys
 import jax, jax.numpy as jnp
 import models
 from models.config import LlamaConfig
+from models.sharing import build_sharing_tree
 g = importlib.import_module("models.generate")
 cfg = LlamaConfig(vocab_size=72, hidden_size=24, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=10, max_position_embeddings=256, model_type=sys.argv[1])
@@ -38,9 +39,9 @@ for mode in ("hydragen", "shared_storage", "standard", "none"):
     for dtype in (jnp.float32, jnp.bfloat16):
         model = models.init_random(cfg, dtype, 0)
         try:
-            plan, arrays = g._host_arrays(g._as_tree(prompts, 3), 4, 16, 2048, dense=mode == "standard")
+            plan, arrays = g._host_arrays(build_sharing_tree(prompts, 3), 4, 16, 2048, dense=mode == "standard")
         except TypeError:  # a revision before 2026-12-04, whose plan carried the dense capacity in every mode
-            plan, arrays = g._host_arrays(g._as_tree(prompts, 3), 4, 16, 2048)
+            plan, arrays = g._host_arrays(build_sharing_tree(prompts, 3), 4, 16, 2048)
         print(g._prefill_jit.lower(model.params(), jax.tree.map(jnp.asarray, arrays), config=cfg, plan=plan,
                                    mode=mode, backend="xla").as_text())
         state = models.prefill(model, prompts, 4, mode=mode, backend="xla")

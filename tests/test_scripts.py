@@ -183,6 +183,16 @@ def test_same_hlo_refuses_bad_arguments_and_names_a_tree_that_cannot_dump(monkey
       "same_hlo: the llama programs of HEAD could not be made: ValueError: no llama here"
 
 
+@pytest.mark.slow
+def test_same_hlo_dumps_this_tree():
+  """The dump runs on the current code (it called a private helper whose signature changed, and every comparison
+  failed with "could not be made"): programs of every mode, lowered and compiled."""
+  from scripts import same_hlo  # noqa: PLC0415
+
+  text = same_hlo.programs(same_hlo.ROOT, "llama")
+  assert sum(line.startswith("module @jit__prefill") for line in text) == 8, [l for l in text if "module @" in l]
+
+
 def test_gpu_check_runs_in_its_repository_from_anywhere_and_fails_with_its_tests(tmp_path):
   """`bash scripts/gpu_check.sh` from another folder (the repository's path with a space) runs pytest and the quick
   benchmark in the repository with it on PYTHONPATH, writes to a relative OUT of the caller's folder, and exits
