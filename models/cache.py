@@ -38,6 +38,7 @@ from flax import struct
 import hydragen_jax
 from hydragen_jax import Level
 from hydragen_jax import reference as hydragen_reference
+from hydragen_jax.reference import write_positions  # the library's rule, the models' too
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.validation import batching_pays, resolve_backend
 from models import kv_write, pair_scatter
@@ -58,7 +59,6 @@ class LevelCache:
     v: Layers
     lengths: jax.Array
     seq_to_node: tuple[int, ...] = struct.field(pytree_node=False)
-    max_group: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def nodes(self) -> np.ndarray:
@@ -105,13 +105,6 @@ def empty_layers(num_layers: int, shape: tuple[int, ...], dtype, sharding=None) 
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
     return tuple(zeros() for _ in range(num_layers)), tuple(zeros() for _ in range(num_layers))
-
-
-def write_positions(lengths: jax.Array, new_tokens: jax.Array, T: int, capacity: int) -> jax.Array:
-    """Cache slot of each right-aligned query slot ``[B, T]``; padding slot t and slots past the capacity get
-    ``capacity + t`` (past the end: dropped; distinct within a row, so (row, slot) pairs never repeat): the
-    library's rule, ``hydragen_jax.reference.write_positions``."""
-    return hydragen_reference.write_positions(lengths, new_tokens, T, capacity)
 
 
 def scatter_write(k_cache: jax.Array, v_cache: jax.Array, k, v, positions: jax.Array, pair: bool = False
@@ -178,20 +171,25 @@ def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tun
     return [mode == "hydragen" and batching_pays(batch, n, node_bytes, tuning) for n, node_bytes in levels]
 
 
+def check_mode(mode: str) -> None:
+    """ValueError unless ``mode`` is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+
+
 def make_attend(mode: str, new_tokens: jax.Array, backend: str | None = None, decode: bool = False):
     """The per-layer attention of ``mode`` (see module docstring). new_tokens ``[B]`` int. ``decode``: the decode
     loop's (its caches are the loop's carries, written every step), where the tuning's ``pair_write`` and
     ``write_in_attention`` apply (the latter: the write inside the attention's launch,
     ``hydragen_jax.tree_attention_append``, where the Triton kernels run the step); prefill writes once a call, and
     its caches are fresh values that the pair's barrier would copy."""
-    if mode not in MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+    check_mode(mode)
 
     def attend(cache: Any, layer: int, q, k, v):
         if mode == "none":
             return _no_attention(q, k, v, cache.lengths), cache
         shared = [] if mode == "standard" else cache.shared
-        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes, lc.max_group) for lc in shared]
+        levels = [Level(lc.k[layer], lc.v[layer], lc.lengths, lc.nodes) for lc in shared]
         batched = batched_levels(mode, q.shape[0], level_sizes(shared))
         if decode and tuning_lib.current().write_in_attention:
             before = levels + [Level(cache.k[layer], cache.v[layer], cache.lengths)]

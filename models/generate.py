@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -35,9 +34,9 @@ import numpy as np
 from flax import struct
 
 from hydragen_jax.validation import check_mesh_backend
-from models.cache import (MODES, Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels,
+from models.cache import (Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels, check_mode,
                           empty_layers, level_sizes, make_attend)
-from models.config import LlamaConfig
+from models.config import LlamaConfig, is_int
 from models import llama as llama_module
 from models.llama import COMPILER_OPTIONS, Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
@@ -187,7 +186,7 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
 class DecodeState:
     """Everything the decode loop carries (a pytree). B sequences, N = max new tokens.
 
-    cache: the mode's cache; logits ``[B, V]`` float32 for the next token; positions ``[B]`` RoPE position of
+    cache: the mode's cache; logits ``[B, V]`` float32 for the next token (on a mesh ``[B, V']``, padded -inf); positions ``[B]`` RoPE position of
     the next token fed; tokens ``[B, N]`` (pad after a sequence stops); logprobs ``[B, N]``; lengths ``[B]``
     tokens generated (stop token included); done ``[B]``; step () steps taken; key PRNG key; max_new ``[B]``
     per-sequence budgets; stop_tokens ``[B, K]`` ids that end each sequence (-1 = none); long_rope: longrope's long
@@ -273,7 +272,6 @@ class _Plan:
     level_nodes: tuple[int, ...]  # N_l
     level_tokens: tuple[int, ...]  # T_l: the token arrays' width for the longest node (_token_width)
     level_capacity: tuple[int, ...]  # storage length of each level
-    max_group: tuple[int, ...]
     seq_to_node: tuple[tuple[int, ...], ...]  # per level: the node of each sequence
     ancestors: tuple[tuple[tuple[int, ...], ...], ...]  # per level l, per level j < l: each node's ancestor node
     suffix_tokens: int  # U: the token arrays' width for the longest suffix (_token_width)
@@ -290,7 +288,7 @@ def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int,
     prefill."""
     B = tree.num_sequences
     arrays: dict[str, Any] = {"levels": []}
-    nodes, tokens, capacity, groups, seq_to_node, ancestors = [], [], [], [], [], []
+    nodes, tokens, capacity, seq_to_node, ancestors = [], [], [], [], []
     offsets = np.zeros((len(tree.levels) + 1, B), np.int32)  # start of level l in each sequence
     for l, level in enumerate(tree.levels):
         lens = np.array([len(n) for n in level.nodes], np.int32)
@@ -310,13 +308,12 @@ def _host_arrays(tree: SharingTree, max_new: int, pad_multiple: int, chunk: int,
         nodes.append(len(level.nodes))
         tokens.append(width)
         capacity.append(_round_up(T, pad_multiple))
-        groups.append(int(np.bincount(s2n).max()))
     u = np.array([len(s) for s in tree.suffixes], np.int32)
     U = int(u.max())
     suffix_width = _token_width(U, pad_multiple)
     arrays.update(suffix_tokens=_right_aligned(tree.suffixes, suffix_width), suffix_lengths=u, offsets=offsets)
     prompt_max = int((offsets[-1] + u).max())
-    plan = _Plan(tuple(nodes), tuple(tokens), tuple(capacity), tuple(groups), tuple(seq_to_node), tuple(ancestors),
+    plan = _Plan(tuple(nodes), tuple(tokens), tuple(capacity), tuple(seq_to_node), tuple(ancestors),
                  suffix_width, _round_up(U + max_new, pad_multiple),
                  _round_up(prompt_max + max_new, pad_multiple) if dense else 0, chunk)
     return plan, arrays
@@ -364,7 +361,7 @@ def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str
         own = TreeCache(ancestors, *empty_layers(L, (N, cap, Hkv, D), dtype, model.kv_sharding),
                         lengths=jnp.zeros((N,), jnp.int32))
         own, _ = _prefill_rows(model, own, la["tokens"], la["lengths"], la["start"], plan.chunk, backend)
-        shared.append(LevelCache(own.k, own.v, own.lengths, plan.seq_to_node[l], plan.max_group[l]))
+        shared.append(LevelCache(own.k, own.v, own.lengths, plan.seq_to_node[l]))
     B = arrays["suffix_lengths"].shape[0]
     S = plan.suffix_capacity
     tree_cache = TreeCache(tuple(shared), *empty_layers(L, (B, S, Hkv, D), dtype, model.kv_sharding),
@@ -432,11 +429,6 @@ def _model_jit(fn, **jit_kw):
 _prefill_jit = _model_jit(_prefill_impl, static_argnames=("config", "plan", "mode", "backend", "mesh"))
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
-
-
 def _token_ids(prompt, i: int, arg: str) -> list[int]:
     """Prompt ``i`` of argument ``arg`` as a list of Python ints. ``ValueError`` naming both for an empty prompt
     or ids that are not integers (floats such as 1.5 or even 2.0, bools, strings)."""
@@ -488,7 +480,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     may exceed ``max_length`` by it: ``_generate_across_longrope_context``.)
     """
     _check_model(model, "prefill")
-    _check_mode(mode)
+    check_mode(mode)
     config: LlamaConfig = model.config
     key = _key(seed)
     pad_multiple, prefill_chunk = _positive_int("pad_multiple", pad_multiple), _positive_int("prefill_chunk",
@@ -711,7 +703,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
 def _clip_huge(n):
     """``max_new_tokens`` with Python integers past int64 (a numpy object array otherwise, refused as "not an
     integer") brought to 2**62: past any model's length, which the caller then reports."""
-    big = lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 2**62  # noqa: E731
+    big = lambda x: is_int(x) and x > 2**62  # noqa: E731
     if big(n):
         return 2**62
     return [2**62 if big(x) else x for x in n] if isinstance(n, (list, tuple)) else n
@@ -863,7 +855,7 @@ def generate(model: Llama, prompts, *, num_samples: int = 1, max_new_tokens: int
     (``_generate_across_longrope_context``: the trees built from the prompts, ``tree`` not used for the calls).
     """
     _check_model(model, "generate")
-    _check_mode(mode)
+    check_mode(mode)
     if tokenizer is not None and not all(callable(getattr(tokenizer, f, None)) for f in ("encode", "decode")):
         raise ValueError(f"tokenizer must be None or an object with encode(text) and decode(ids) (e.g. "
                          f"models.load_hf_tokenizer's), got {type(tokenizer).__name__} {str(tokenizer)[:40]!r}")

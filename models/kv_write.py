@@ -43,15 +43,6 @@ def _kernel(pos_ref, k_ref, v_ref, _k_cache, _v_cache, k_out, v_out, *, slots: i
     plgpu.store(dst.at[i // slots, row, pl.ds(jnp.int32(0), block)], val, mask=keep)
 
 
-def slots_int32(positions: Array, capacity: int) -> Array:
-  """Integer `positions` as the kernel's int32 slots: int32 as it is (no work), a type of 16 bits or fewer cast
-  (exact: a capacity need not fit its type, an int8 position compared with a capacity of 300 saw 44), a wider one
-  mapped in its own type so that a slot outside [0, capacity) stays outside (a 64-bit 2^32 + 1 would wrap to 1)."""
-  if positions.dtype == jnp.int32 or jnp.iinfo(positions.dtype).bits <= 16:
-    return positions.astype(jnp.int32)
-  return jnp.where((positions >= 0) & (positions < capacity), positions, capacity).astype(jnp.int32)
-
-
 def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, *,
           interpret: bool = False) -> tuple[Array, Array]:
   """Writes k and v into their caches at `positions`, in one kernel launch.
@@ -74,7 +65,7 @@ def write(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array, 
   block = pl.next_power_of_2(width)
   rows = b * t
   # Free reshapes (contiguous arrays): rows of W = Hkv·D elements.
-  inputs = (slots_int32(positions, s).reshape(rows), k.astype(k_cache.dtype).reshape(rows, width),
+  inputs = (reference.saturate_int32(positions).reshape(rows), k.astype(k_cache.dtype).reshape(rows, width),
             v.astype(v_cache.dtype).reshape(rows, width), k_cache.reshape(b, s, width), v_cache.reshape(b, s, width))
 
   def whole(x):  # the kernel indexes inside the full array itself

@@ -1,7 +1,7 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN scaling), GQA, SwiGLU; with the
-q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without RoPE, Granite's multipliers, OLMo 2's
-norms after the attention and the MLP, and Gemma's scaled embeddings, norms of weights stored as offsets from 1 and
-GELU-gated MLP where the config's family has them.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 / linear / YaRN / longrope scaling, and Phi-3's
+partial rotary), GQA, SwiGLU; with the q/k/v biases of Qwen2, the q/k RMSNorm of Qwen3, SmolLM3's layers without
+RoPE, Granite's multipliers, OLMo 2's norms after the attention and the MLP, and Gemma's scaled embeddings, norms
+of weights stored as offsets from 1 and GELU-gated MLP where the config's family has them.
 
 Each layer's weights are arrays of their own (``params["layers"]`` is a list of per-layer dicts) and the layers
 run in a Python loop inside the jitted step: every GEMM reads its weight in place. (Weights stacked ``[L, ...]``
@@ -72,7 +72,7 @@ def compiler_options(xla_flags: str) -> dict[str, Any]:
 COMPILER_OPTIONS = compiler_options(os.environ.get("XLA_FLAGS", ""))
 
 Params = dict[str, Any]
-AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+AttendFn = Callable[[Any, int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]  # (cache, layer, q, k, v)
 
 LAYER_KEYS = ("attn_norm", "w_qkv", "wo", "mlp_norm", "w_gate_up", "w_down")  # every family but OLMo 2
 # OLMo 2 (family.post_norms): the norms of the attention's and the MLP's outputs, of q and k over all heads' width
@@ -269,8 +269,8 @@ def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_f32: bool = False,
              unit_offset: bool = False) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32, result in ``x.dtype``. HF Llama semantics: x cast back to its
-    dtype, then times the weight; ``weight_f32`` (OLMo 2's): the weight applied in float32, then the cast;
+    """RMSNorm over the last axis, computed in float32. HF Llama semantics: x cast back to its dtype, then times the
+    weight (the result in x's dtype promoted with the weight's, as HF's ``weight * x.to(dtype)``); ``weight_f32`` (OLMo 2's): the weight applied in float32, then the cast;
     ``unit_offset`` (Gemma's): the weight stored as its offset from 1, times (1 + weight) in float32, then the cast."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -374,7 +374,8 @@ def causal_attention(cache, layer, q, k, v):
 def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: jax.Array, positions: jax.Array,
                   cache: Any, attend: AttendFn, reduce: Callable[[jax.Array], jax.Array] | None = None,
                   mean: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, Any]:
-    """One pre-norm decoder layer: x ``[B, T, d]`` -> x + attention, then + gated MLP (act(gate) * up, act the
+    """One decoder layer: x ``[B, T, d]`` -> x + attention, then + gated MLP (pre-norm; OLMo 2's
+    ``family.post_norms``: the norms on the attention's and the MLP's outputs instead) (act(gate) * up, act the
     config's ``hidden_act``: SiLU, Gemma's GELU); returns (x, cache).
 
     reduce: applied to the outputs of the o and down projections before they join the residual (tensor parallelism:
@@ -562,7 +563,8 @@ class Llama(nnx.Module):
         return model_norm(c, x, self.final_norm.value), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden ``[..., d]`` -> float32 logits ``[..., V]`` (divided by Granite's logits_scaling)."""
+        """hidden ``[..., d]`` -> float32 logits ``[..., V]`` (divided by Granite's logits_scaling); on a mesh
+        ``[..., V']``, the vocabulary padded to a multiple of its devices with -inf."""
         if self.mesh is not None:
             from models import parallel
 

@@ -29,7 +29,6 @@ from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import mlir
 
 from hydragen_jax import reference
-from models import kv_write
 
 Array = jax.Array
 
@@ -82,7 +81,7 @@ def scatter(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Array
   b, t, s, hkv, d = reference.check_write_args("pair_scatter.scatter", k_cache, v_cache, k, v, positions)
   if b * t == 0 or s == 0 or hkv * d == 0:  # nothing to write, or nowhere to write it (every slot dropped)
     return k_cache, v_cache
-  slots = kv_write.slots_int32(positions, s)
+  slots = reference.saturate_int32(positions)  # (outside int32: clipped, still outside the cache)
   rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
   indices = jnp.stack([rows, slots], axis=-1)
   # XLA miscompiles a variadic scatter whose operands are one value (openxla/xla#29362: e.g. two fresh zero caches,

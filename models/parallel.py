@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig
-from models.llama import (Llama, check_shapes, head_logits, model_norm, pack_qkv, param_shape, param_shapes,
+from models.llama import (Llama, check_shapes, head_logits, model_norm, pack_qkv, param_shapes,
                           run_layers, scale_embeddings, unpack_qkv)
 
 AXIS = "model"
@@ -92,11 +92,15 @@ def mesh_size(mesh: Mesh) -> int:
     return mesh.shape[AXIS]
 
 
+def _is_integer(x) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 def make_mesh(devices: int) -> Mesh:
     """A mesh of the first ``devices`` devices along the axis ``"model"`` (a Python or numpy integer)."""
     available = jax.devices()
-    if (isinstance(devices, (bool, np.bool_)) or not isinstance(devices, numbers.Integral)
-            or not 1 <= devices <= len(available)):
+    if not _is_integer(devices) or not 1 <= devices <= len(available):
         raise ValueError(f"make_mesh: devices must be an integer in [1, {len(available)}] (the devices JAX sees), "
                          f"got {devices!r}")
     return Mesh(np.array(available[:int(devices)]), (AXIS,))
@@ -107,7 +111,7 @@ def split(config: LlamaConfig, devices: int) -> Split:
     do not divide: Hq must be a multiple of n, and Hkv a multiple or a divisor of n (then each KV head is
     replicated on n / Hkv devices, those of its query heads)."""
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
+    if not _is_integer(n) or n < 1:
         raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
     n = int(n)
     if hq % n:
@@ -207,11 +211,6 @@ def from_layout(key: str, x, config: LlamaConfig, s: Split, replicas: str = "fir
     if key == "w_gate_up":
         return x[..., :I]
     return x[:I] if key == "w_down" else x
-
-
-def canonical_shape(key: str, config: LlamaConfig) -> tuple[int, ...]:
-    """The single-device shape of parameter ``key``."""
-    return param_shape(key, param_shapes(config))
 
 
 def map_params(fn, params: dict[str, Any]) -> dict[str, Any]:

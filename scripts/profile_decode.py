@@ -135,7 +135,7 @@ def attention_alone(state, mode: str, steps: int, num_q_heads: int, backend: str
   cache = state.cache
   q = jax.random.normal(jax.random.key(0), (cache.lengths.shape[0], 1, num_q_heads, cache.k[0].shape[-1]),
                         cache.k[0].dtype)
-  layers = [[hj.Level(lc.k[i], lc.v[i], lc.lengths, lc.seq_to_node, lc.max_group) for lc in
+  layers = [[hj.Level(lc.k[i], lc.v[i], lc.lengths, lc.nodes) for lc in
              getattr(cache, "shared", ())] + [hj.Level(cache.k[i], cache.v[i], cache.lengths)]
             for i in range(len(cache.k))]
 

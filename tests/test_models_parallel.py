@@ -97,7 +97,7 @@ def test_layout_round_trip(hq, hkv, n, key):
     cfg = config(hq, hkv)
     s = parallel.split(cfg, n)
     family = {"b_qkv": (hkv, (hq // hkv + 2) * 8), "q_norm": (8,)}  # Qwen2's and Qwen3's
-    shape = family[key] if key in family else parallel.canonical_shape(key, cfg)
+    shape = family[key] if key in family else llama.param_shape(key, llama.param_shapes(cfg))
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     laid = parallel.to_layout(key, x, cfg, s)
     assert laid.shape == parallel.layout_shape(key, shape, s, 8)

@@ -328,6 +328,9 @@ def test_cache_write_positions_are_distinct_and_drop_what_does_not_fit():
                                                              300)), [[100, 101]])
     # numpy's int64 past int32 without x64 (JAX would narrow 2^32 + 3 to 3 before any clip)
     assert (np.asarray(write_positions(np.array([2**32 + 3]), np.array([2]), 2, cap)) >= cap).all()
+    # Python ints past 64 bits (numpy holds them as objects: "Invalid integer data type 'O'")
+    assert (np.asarray(write_positions([2**70], [2], 2, cap)) >= cap).all()
+    assert np.asarray(write_positions([3], [2**70], 2, cap)).tolist() == [[3, 4]]
     ks = (jnp.zeros((4, cap, 1, 2)),)
     k = jnp.arange(1, 4 * T + 1, dtype=jnp.float32).reshape(4, T, 1, 1) * jnp.ones((1, 1, 1, 2))
     got, _ = jax.jit(_write, static_argnums=2)(ks, ks, 0, k, k, lengths, new)
