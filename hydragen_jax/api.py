@@ -17,8 +17,8 @@ check_vma=True, Explicit mesh axes and "interpret-mosaic" on several devices are
 (`validation.check_kernel_backend`; docs/API_CONTRACT.md). The Hopper kernel (`kernels/hopper.py`) applies to a
 one-prefix-plus-suffixes step with the prefix batched (`hydragen_attention(batch_prefix=True)`, or a two-level
 tree whose root is one node read by all sequences and whose leaves are per sequence, `seq_to_node=None`) in
-bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities multiples of 8 (or
-at most 8), within the SM's shared memory, and no layer axis (`hopper.supported` names what fails). Other steps run
+bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities of 1-8 keys or a
+multiple of 8, within the SM's shared memory, and no layer axis (`hopper.supported` names what fails). Other steps run
 on the Triton kernels under every kernel backend. "pallas" takes it where the prefix product is large enough to
 pay (`validation.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_seq_max_suffix`,
 `hopper_min_fill`, `hopper_split_min_rows` and `hopper_max_rows` in `hydragen_jax/tuning`).
@@ -185,8 +185,7 @@ def _attend(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequ
   level's key splits on the Triton kernels; the reference's parts a stack of one each), to be merged by `_merge`.
   The Hopper kernel's parts come merged already, a stack of one: by `merge_states`, into whose fusions XLA folds
   the kernel's layout change of each part (`[Hkv, B·T·g, D]` -> `[B, T, Hq, D]`), which the merge kernel would
-  take only materialised, a copy a part (B = 64, P = 16K, GQA: 8 key splits and the suffixes, 121 µs a step with
-  them against ~68 µs for the kernel and this merge; experiments/PERF_NOTES.md)."""
+  take only materialised, a copy a part (the figures: docs/KERNELS.md, "Its parts")."""
   rows = q.shape[0] * q.shape[1] * q.shape[2]
   if rows == 0:  # no queries (B, T or Hq = 0): nothing to attend (kernels need a row)
     return _no_keys(q)

@@ -11,6 +11,9 @@ and for keys split into parts K = [K_1; K_2; …] with per-part results (o_i, ls
 
 Shapes follow `jax.nn.dot_product_attention`: q `[B, T, Hq, D]`, k and v `[B, S, Hkv, D]`. Query head i reads KV
 head i // g with g = Hq // Hkv (multi-head, grouped-query and multi-query attention alike).
+
+It also specifies the cache write a decode step does before attending (`append`: `write_positions` then
+`write_at`), which `tree_attention_append` and the models' cache writes are tested against.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def accumulation_dtype(*arrays) -> jnp.dtype:
 def _softmax(logits: Array, visible: Array) -> tuple[Array, Array]:
   """softmax over the visible keys (last axis) and its lse; a row with no visible key gets 0 and -inf. The lse of
   such a row is taken over finite stand-ins and replaced after: a logsumexp over -inf alone has a NaN tangent, which
-  forward-mode and second derivatives carried into the merge (its weight 0 times NaN)."""
+  forward-mode and second derivatives would carry into the merge (its weight 0 times NaN)."""
   seen = jnp.any(jnp.broadcast_to(visible, logits.shape), axis=-1)
   logits = jnp.where(visible, logits, -jnp.inf)
   lse = jax.nn.logsumexp(jnp.where(seen[..., None], logits, 0.0), axis=-1)
@@ -84,7 +87,7 @@ def attention(
   acc = accumulation_dtype(q, k, v)
   qg = q.astype(acc).reshape(b, t, hkv, hq // hkv, d)
   # keys and values past a sequence's length are not its keys': whatever they hold (NaN in an unused cache tail)
-  # stays out, of the output and of its derivatives (a masked logit of a NaN key gave q a NaN gradient)
+  # stays out, of the output and of its derivatives (else a masked logit of a NaN key gives q a NaN gradient)
   valid = (jnp.arange(s) < kv_lengths[:, None])[:, :, None, None]
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, jnp.where(valid, k.astype(acc), 0.0)) * scale
   visible = visible_keys(kv_lengths, s, t, causal)[:, :, None, None, :]
@@ -160,7 +163,8 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
       raise ValueError(f"merge_states: part {i} has out {jnp.shape(o)} and lse {jnp.shape(lse)}; expected out "
                        f"{shape} (as part 0) and lse {shape[:-1]} (out without its last axis).")
   # o = Σ_i o_i·e^{lse_i} / Σ_i e^{lse_i}, shifted by the largest lse for range. Written part by part (no stacking),
-  # so that XLA fuses the whole merge into one elementwise pass.
+  # so that XLA fuses it into elementwise passes without materialising a stack (on a GPU two kernels: the per-row
+  # weights, then the weighted sum; `kernels/merge.py` does it in one).
   acc = accumulation_dtype(*(x for state in states for x in state))
   lses = [jnp.asarray(lse, acc) for _, lse in states]
   top = functools.reduce(jnp.maximum, lses)
@@ -183,6 +187,8 @@ def saturate_int32(x: Array) -> Array:
   # numpy / Python values clipped in numpy, before JAX would narrow them (2^32 + 3 -> 3 without x64)
   xp = jnp if isinstance(x, jax.Array) else np
   x = xp.asarray(x)
+  if x.dtype == object:  # Python ints past 64 bits (numpy holds them as objects)
+    x = np.asarray(np.clip(x, -2**31, 2**31 - 1)).astype(np.int64)
   info = jnp.iinfo(x.dtype)
   if info.max > 2**31 - 1 or info.min < -2**31:
     x = xp.clip(x, max(info.min, -2**31), 2**31 - 1)

@@ -64,8 +64,7 @@ def gpu_without_hopper() -> bool:
 
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x: H100, H200), where the Hopper kernel runs."""
-  capability = ops.gpu_capability()
-  return capability is not None and capability.split(".")[0] == "9"
+  return ops.is_hopper(ops.gpu_capability())
 
 
 def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int) -> int:
@@ -74,13 +73,11 @@ def prefix_work(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: in
   return q_shape[0] * q_shape[1] * q_shape[2] // num_kv_heads * prefix_capacity
 
 
-def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, tuning: tuning_lib.Tuning | None = None,
-                suffix_capacity: int | None = None) -> bool:
+def hopper_pays(q, num_kv_heads: int, prefix_capacity: int, suffix_capacity: int | None = None) -> bool:
   """Whether "pallas" takes the Hopper kernel for queries q `[B, T, Hq, D]` over `num_kv_heads` KV heads, a prefix
   of `prefix_capacity` keys and suffixes of `suffix_capacity` (where the levels are its case): on a Hopper GPU,
-  where `pays_on_hopper`."""
-  return on_hopper() and pays_on_hopper(q.shape, num_kv_heads, prefix_capacity, tuning,
-                                        suffix_capacity=suffix_capacity)
+  where `pays_on_hopper` under the tuning in force."""
+  return on_hopper() and pays_on_hopper(q.shape, num_kv_heads, prefix_capacity, suffix_capacity=suffix_capacity)
 
 
 def prefix_fill(q_shape: tuple[int, ...], num_kv_heads: int, num_cores: int) -> float:
@@ -342,9 +339,10 @@ def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bou
 
 
 def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool = False,
-                    what: str = "(the KV capacity)", scalar: bool = False) -> jax.Array:
+                    what: str = "(the KV capacity)", scalar: bool = False) -> jax.Array | np.ndarray:
   """Validates `lengths` `[count]` of valid keys (<= capacity, which `what` names in errors); None means all
-  `capacity` keys are valid. `scalar`: `lengths` is one number reshaped to `[1]` (its errors name no index)."""
+  `capacity` keys are valid. `scalar`: `lengths` is one number reshaped to `[1]` (its errors name no index). int32, numpy where
+  known now (None, a numpy input: constants the kernels' plans read on the host)."""
   if lengths is None:
     return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")
@@ -352,8 +350,9 @@ def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool
   return _int32(lengths, value)
 
 
-def scalar_length(name: str, length, capacity: int, checked: bool = False) -> jax.Array:
-  """A single valid-key count (or None: all `capacity` keys)."""
+def scalar_length(name: str, length, capacity: int, checked: bool = False) -> jax.Array | np.ndarray:
+  """A single valid-key count (or None: all `capacity` keys), as an int32 `[1]` (a one-node level's lengths;
+  numpy where known now)."""
   if length is None:
     return np.full((1,), capacity, np.int32)
   length = _as_array(name, length)
@@ -376,7 +375,8 @@ def node_index(name: str, seq_to_node, batch: int, num_nodes: int, checked: bool
   return _int32(seq_to_node, value)
 
 
-def layer_index(name: str, layer, num_layers: int, checked: bool = False, reads: bool = True) -> jax.Array:
+def layer_index(name: str, layer, num_layers: int, checked: bool = False, reads: bool = True
+                ) -> jax.Array | np.ndarray:
   """Validates a scalar integer layer index in [0, num_layers)."""
   layer = _as_array(name, layer)
   if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):

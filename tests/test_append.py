@@ -252,16 +252,14 @@ def test_append_names_bad_input(change, match):
                              backend="xla")
 
 
-def test_a_launch_writes_one_fresh_level_and_only_through_fused_levels_write():
+def test_a_launch_writes_one_fresh_level_and_only_through_run_write():
   q, _, k_cache, v_cache, new_k, new_v, old, new = _inputs("decode", jnp.float32)
   spec, work = ops.per_sequence(q, k_cache, v_cache, old + new, causal=True, new=(new_k, new_v, new))
   assert spec.fresh
-  with pytest.raises(ValueError, match="fused_levels_write returns"):
-    flash.fused_levels(q, (work,), specs=(spec,), scale=0.125, interpret=True)
   with pytest.raises(ValueError, match="run_write returns the caches"):
     ops.run(q, [(spec, work)], scale=0.125, interpret=True)
   with pytest.raises(ValueError, match="at most one level"):
-    flash.fused_levels_write(q, (work, work), specs=(spec, spec), scale=0.125, interpret=True)
+    flash.fused_levels(q, (work, work), specs=(spec, spec), scale=0.125, interpret=True)
   with pytest.raises(ValueError, match="kv_index None"):
     ops.per_sequence(q, k_cache, v_cache, old, jnp.arange(3), causal=True, new=(new_k, new_v, new))
 

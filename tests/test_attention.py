@@ -870,10 +870,10 @@ def test_long_levels_fit_the_shared_memory(monkeypatch, dtype, d, tuning_kind, l
 
   def record(q, works, *, specs, **kw):
     launched.extend(spec.block for spec in specs)
-    return fused_levels_write(q, works, specs=specs, **kw)
+    return fused_levels(q, works, specs=specs, **kw)
 
-  fused_levels_write = ops.fused_levels_write
-  monkeypatch.setattr(ops, "fused_levels_write", record)
+  fused_levels = ops.fused_levels
+  monkeypatch.setattr(ops, "fused_levels", record)
   tune = tuning.current() if tuning_kind == "device" else tuning.for_device_kind(tuning_kind)
   keys = jax.random.split(jax.random.PRNGKey(d), 8)
   with tuning.override(tune):

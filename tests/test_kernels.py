@@ -467,10 +467,10 @@ def test_run_launches_with_stages_every_level_fits(monkeypatch):
 
   def record(q, works, *, specs, **kw):
     launched.append([spec.block.num_stages for spec in specs])
-    return fused_levels_write(q, works, specs=specs, **kw)
+    return fused_levels(q, works, specs=specs, **kw)
 
-  fused_levels_write = ops.fused_levels_write
-  monkeypatch.setattr(ops, "fused_levels_write", record)
+  fused_levels = ops.fused_levels
+  monkeypatch.setattr(ops, "fused_levels", record)
   keys = jax.random.split(jax.random.PRNGKey(5), 5)
   q = normal(keys[0], (4, 4, 4, 64), jnp.bfloat16)
   pk, pv = (normal(key, (1, 70, 4, 64), jnp.bfloat16) for key in keys[1:3])

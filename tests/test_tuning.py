@@ -162,7 +162,7 @@ def test_override_retraces_a_function_jitted_before():
 def test_run_takes_launch_and_lead_from_the_tuning(monkeypatch):
   """`ops.run`'s "auto" launch and its interleaving lead come from the tuning."""
   seen = []
-  monkeypatch.setattr(ops, "fused_levels_write", lambda q, works, *, specs, scale, interpret, lead, merge:
+  monkeypatch.setattr(ops, "fused_levels", lambda q, works, *, specs, scale, interpret, lead, merge:
                       seen.append(lead) or ([], None))
   q = jnp.zeros((4, 1, 8, 64), jnp.bfloat16)
   kv = jnp.zeros((1, 32, 2, 64), jnp.bfloat16)

@@ -26,7 +26,7 @@ so an out-of-range traced value never reads outside them. With `splits > 1` each
 partial (in q's dtype) and its lse; `merge_states` combines them in float32, or, with `fused_levels(merge=True)`,
 the launch itself: the program that completes a row's count of parts merges them (`_merge_if_last`).
 
-Keys written by the launch (`LevelSpec.fresh`, `fused_levels_write`). A decode step appends its new keys and values
+Keys written by the launch (`LevelSpec.fresh`, `fused_levels`). A decode step appends its new keys and values
 to each sequence's cache and then attends over them. On a per-sequence level the launch can do both: the last
 new_count[b] keys of sequence b (positions [L - n, L), L its kv_length; position p is slot p - L + T of the
 sequence's T query slots, right-aligned) are copied from the step's new k and v `[B·T, Hkv, D]` into the cache by
@@ -66,7 +66,8 @@ class BlockConfig:
     block_m: query rows per program (>= 16: the tensor-core minimum).
     block_k: keys per inner step.
     splits: programs that share one row block's keys (flash-decoding split).
-    num_warps, num_stages: Triton launch parameters (a fused launch takes the largest of its levels).
+    num_warps, num_stages: Triton launch parameters (a fused launch takes the most warps of its levels and the
+      most stages that fit every level's shared memory, `ops._shared_stages`).
     heads: KV heads per program (a power of two dividing Hkv). With few rows per KV head (decode: T·g < 16)
       a program packs the rows of `heads` KV heads into one tile and reads those heads' keys together, as
       `block_k` columns of (key, head) pairs; a row's score against another head's key is masked. This wastes
@@ -109,7 +110,8 @@ class LevelWork:
     order: `[B]` the sequences, group by group.
     seq_start, row_count, kv_index, kv_length: `[G]` each: group p's first position in `order`, its rows
       (sequences × T·heads·g), its KV row and its valid keys. (With LevelSpec.per_sequence only kv_length is
-      `[G]`: kv_index is `[1]`, the KV row of group 0, and order, seq_start, row_count are unused.)
+      `[G]`: kv_index is `[1]`, the KV row of group 0, and order, seq_start, row_count are unused; with
+      LevelSpec.identity_order, order is `[1]` and not read.)
     new_k, new_v, new_count: with LevelSpec.fresh, the step's new keys and values `[B, T, Hkv, D]` and `[B]` how
       many of sequence b's last slots are real: its keys at positions [kv_length - new_count, kv_length) (module
       docstring); None otherwise.
@@ -437,7 +439,7 @@ def _kernel(*refs, specs, counts, lead, merge: bool, interpret: bool, **static):
 
 @functools.partial(jax.jit, static_argnames=("specs", "scale", "interpret", "lead", "merge"))
 def _launch(q, works, *, specs, scale, interpret, lead, merge):
-  """`fused_levels_write`'s launch: (the parts, the fresh level's written `(k, v)` or None)."""
+  """`fused_levels`'s launch: (the parts, the fresh level's written `(k, v)` or None)."""
   b, t, hq, d = q.shape
   hkv = works[0].k.shape[2]
   fresh = [l for l, spec in enumerate(specs) if spec.fresh]
@@ -498,13 +500,14 @@ def _launch(q, works, *, specs, scale, interpret, lead, merge):
 def fused_levels(
     q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
     lead: float = 0.0, merge: bool = False,
-) -> list[tuple[Array, Array]]:
-  """Attention of q over every level in one kernel launch.
+) -> tuple[list[tuple[Array, Array]], tuple[Array, Array] | None]:
+  """Attention of q over every level in one kernel launch; one per-sequence level may be fresh (`LevelSpec.fresh`):
+  its new keys and values are read from its work's `new_k`, `new_v` and stored into its caches by the launch
+  (module docstring).
 
   Args:
     q: `[B, T, Hq, D]` queries.
-    works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level; none fresh (a launch that
-      writes a level's new keys is `fused_levels_write`).
+    works, specs: one `LevelWork` (arrays) and one `LevelSpec` (static) per level.
     scale: multiplies q·k.
     interpret: run the kernel in the Pallas interpreter (CPU).
     lead: 0 runs the levels' programs level after level; > 0 mixes them over the grid (see `_schedule`).
@@ -514,28 +517,12 @@ def fused_levels(
       of each); a row of no group is never merged (its output unwritten).
 
   Returns:
-    Per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own softmax sum, so a
-    16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]` float32. Query rows
-    that belong to no group of a level are left unwritten in its outputs. With merge: one stack of one part, the
-    merged out `[1, B, T, Hq, D]` in q's dtype and lse `[1, B, T, Hq]` float32 (out = 0, lse = -inf for a row
-    with no keys in any part).
-  """
-  if any(spec.fresh for spec in specs):
-    raise ValueError("fused_levels: a level is fresh (LevelSpec.fresh): its launch writes the level's caches, which "
-                     "fused_levels_write returns.")
-  return _launch(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret, lead=lead, merge=merge)[0]
-
-
-def fused_levels_write(
-    q: Array, works: tuple[LevelWork, ...], *, specs: tuple[LevelSpec, ...], scale: float, interpret: bool,
-    lead: float = 0.0, merge: bool = False,
-) -> tuple[list[tuple[Array, Array]], tuple[Array, Array] | None]:
-  """`fused_levels` where one level may be fresh (`LevelSpec.fresh`, a per-sequence level): its new keys and values
-  are read from its work's `new_k`, `new_v` and stored into its caches by the launch (module docstring).
-
-  Returns:
-    (the parts as `fused_levels` returns them, the fresh level's written `(k, v)` caches, or None without a fresh
-    level: its work's k and v with the new entries, in place where XLA can give the launch their buffers, e.g. a
-    decode loop's carries).
+    (parts, written). parts, per level: out `[splits, B, T, Hq, D]` in q's dtype (each split normalised by its own
+    softmax sum, so a 16-bit partial loses no range; merging is done in float32) and lse `[splits, B, T, Hq]`
+    float32; query rows that belong to no group of a level are left unwritten in its outputs. With merge: one
+    stack of one part, the merged out `[1, B, T, Hq, D]` in q's dtype and lse `[1, B, T, Hq]` float32 (out = 0,
+    lse = -inf for a row with no keys in any part). written: the fresh level's `(k, v)` caches with the new
+    entries (in place where XLA can give the launch their buffers, e.g. a decode loop's carries), or None without
+    a fresh level.
   """
   return _launch(q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret, lead=lead, merge=merge)

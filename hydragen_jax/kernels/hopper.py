@@ -47,21 +47,20 @@ Array = jax.Array
 ROWS = 64  # query rows of one warpgroup's wgmma tile
 PARTS = ("keys", "values")  # a ring slot's two tiles, each copied and released on its own barrier
 PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
-SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
+SMEM_LIMIT = ops.SHARED_MEMORY_BY_CAPABILITY["9.0"]  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
 _LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 (not NaN) while a row sees no key
 
 
 @dataclasses.dataclass(frozen=True)
 class HopperConfig(tuning_lib.HopperTuning):
-  """Static configuration of the Hopper kernel. The defaults are the H100's first measured setting (its T·g >= 9
-  entry today); `tuned_config()` gives
-  the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
+  """Static configuration of the Hopper kernel. The defaults equal the H100 file's T·g >= 9 setting;
+  `tuned_config()` gives the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
 
   num_ctas: CTAs of the persistent grid; None: one per SM of the device (either way no more than the work has items:
   `_busy_ctas`). prefix_stages / suffix_stages: key tiles
   in flight in the prefix pair's ring and in the suffix warpgroup's (shared memory: `_smem_bytes`, at most
-  SMEM_LIMIT; 203 KB for D = 128, T·g = 4 and 3 + 2 stages). pair_registers / suffix_registers: registers a thread
+  SMEM_LIMIT). pair_registers / suffix_registers: registers a thread
   of the pair / of the suffix warpgroup (setmaxnreg; multiples of 8, 2·pair + suffix <= `tuning.REGISTER_POOL`,
   504). pingpong: the pair takes turns on the tensor cores, one's softmax running under the other's products
   (FlashAttention-3's schedule; needs prefix_stages >= 2).
@@ -162,7 +161,7 @@ class HopperConfig(tuning_lib.HopperTuning):
     super().__post_init__()
     for name in ("prefix_splits", "num_ctas"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      if value is not None and (not tuning_lib.is_int(value) or value < 1):
         raise ValueError(f"HopperConfig.{name} must be None or a positive int; got {value!r}.")
 
 
@@ -542,7 +541,7 @@ def _flash_overlapped(q, k_smem, v_smem, p_smem, k_bar, v_bar, slot_of, keys_rea
     for j in 1 .. n-1:  issue S_j = q K_jᵀ, O += P_{j-1} V_{j-1};  wait S_j;  softmax_j -> P_j, α_j;  wait;  O *= α_j
     O += P_{n-1} V_{n-1}
 
-  The ping-pong hooks keep their count and order a tile (`before_pv` now gates both products of an iteration), so
+  The ping-pong hooks keep their count and order a tile (`before_pv` gates both products of an iteration), so
   the pair's barrier sees the same sequence of arrivals and waits as with `_flash`. Interpreted (p_smem given) the
   same sequence runs one product at a time (the interpreter has neither register operands nor in-place
   accumulators). With `value_keep` (as `_flash`'s), the value tiles of the masked loop's previous tiles and the last

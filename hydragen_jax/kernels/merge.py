@@ -47,7 +47,7 @@ def rows_per_program(n: int, d: int, rows: int | None = None) -> int:
 def applies(n: int, d: int, max_rows: int) -> bool:
   """Whether a step of n query rows (B·T·Hq) and head dim d merges its parts here under a tuning's `merge_max_rows`
   (the API's rule; the sweeps time steps by it too)."""
-  return 0 < n <= max_rows and rows_per_program(n, d) > 0
+  return 0 < n <= max_rows and rows_per_program(n, d, rows=1) > 0  # (a head dim the kernel takes)
 
 
 def method(n: int, d: int, tuning) -> str:
@@ -87,20 +87,19 @@ def _kernel(*refs, sizes: tuple[int, ...]):
   lse_ref[...] = lse
 
 
-def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, interpret: bool = False,
+def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, interpret: bool = False,
                  rows: int | None = None, num_warps: int | None = None) -> tuple[Array, Array]:
   """Merges stacks of parts by their log-sum-exp in one kernel launch.
 
   Args:
     stacks: `(out [P_i, ..., D], lse [P_i, ...])` pairs (P_i parts each: e.g. a level's key splits, `...` e.g.
       `B, T, Hq`); every part over the same rows, lse in natural log, -inf for a row with no keys in that part.
-    out_dtype: dtype of the merged out (default: the first stack's).
     interpret: run in the Pallas interpreter (CPU).
     rows, num_warps: rows a program (a power of two; the largest power of two up to it that divides n) and its
       warps; None: the tuning's `merge_rows` and `merge_warps` (`tuning.current()`).
 
   Returns:
-    out `[..., D]` in out_dtype and lse `[...]` float32, as `reference.merge_states` over every part of every stack.
+    out `[..., D]` in the first stack's dtype and lse `[...]` float32, as `reference.merge_states` over every part of every stack.
   """
   if not stacks:
     raise ValueError("merge_stacks: `stacks` is empty; expected at least one (out, lse) pair.")
@@ -122,7 +121,7 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, out_dtype=None, inter
   if not rows:
     raise ValueError(f"merge_stacks: {n} rows of head dim {d} are not supported (head dim a power of two up to "
                      "256, at least one row); use reference.merge_states.")
-  out_dtype = stacks[0][0].dtype if out_dtype is None else out_dtype
+  out_dtype = stacks[0][0].dtype
   in_specs, inputs = [], []
   for o, lse in stacks:  # each stack seen as [P, N, D] (a free reshape)
     in_specs += [pl.BlockSpec((o.shape[0], rows, d), lambda r: (0, r, 0)),

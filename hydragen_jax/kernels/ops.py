@@ -8,7 +8,7 @@ Two ways to read a level's KV (`k, v [R, S, Hkv, D]` rows):
   is read once per row block for all of them: Hydragen's inter-sequence batching.
 
 Each returns a plan (static `LevelSpec`, arrays `LevelWork`); `run` executes the plans of all levels in one
-kernel launch and returns each level's `(out, lse)` parts (one per key split) for `merge_states`. A per-sequence
+kernel launch (or one a level: `launch="separate"`) and returns each level's `(out, lse)` parts (one per key split) for `merge_states`. A per-sequence
 plan may carry the step's new keys and values (`per_sequence(new=...)`): the launch reads them from there and
 writes them into the level's caches, which `run_write` returns with the parts.
 """
@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.devices import default_device
-from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels_write, padded_head_dim
+from hydragen_jax.kernels.flash import BlockConfig, LevelSpec, LevelWork, fused_levels, padded_head_dim
 from hydragen_jax.tuning import Tuning
 
 Array = jax.Array
@@ -63,11 +63,16 @@ def shared_memory_limit() -> int | None:
   return None if capability is None else SHARED_MEMORY_BY_CAPABILITY.get(capability, SHARED_MEMORY_UNKNOWN)
 
 
+def is_hopper(capability: str | None) -> bool:
+  """Whether a compute capability ("9.0") is a Hopper GPU's (H100, H200)."""
+  return capability is not None and capability.split(".")[0] == "9"
+
+
 def _measured_layout() -> bool:
   """Whether the default device is one where `tile_shared_memory` was measured exact (a Hopper GPU; off a GPU the
   interpreter has no limit to keep room under)."""
   capability = gpu_capability()
-  return capability is None or capability.split(".")[0] == "9"
+  return capability is None or is_hopper(capability)
 
 
 def tile_shared_memory(block: BlockConfig, head_dim: int, itemsize: int, exact: bool = True) -> int:
@@ -184,7 +189,8 @@ def choose_block(max_rows: int, total_rows: int, num_groups: int, num_heads: int
     float32, D = 256 or a GPU with less shared memory (an A100, sm_89 cards) may need smaller ones.
   * Splits: until the level alone has a program per SM (`split_min_fill` of them where a program's keys, over its
     packed heads, stay within `split_fill_max_keys`), and at most `max_keys_per_program` keys per program
-    (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM). The fill
+    (`balanced_keys` while the level has fewer than `balanced_programs_per_core` programs per SM), while each
+    split keeps at least 4 key blocks (`block_k // heads` keys each). The fill
     rule is the launch's: `launch_fill` says which levels take it (the models' and the API's steps ask it).
   """
   tuning = tuning_lib.resolve(tuning)
@@ -373,7 +379,7 @@ def run_write(q: Array, plans: list[Plan | None], *, scale: float, interpret: bo
     specs, works = zip(*group)
     specs = _shared_stages(specs, q.shape[-1], q.dtype.itemsize, shared_memory_limit())
     merged = merge and len(groups) == 1 and sum(spec.block.splits for spec in specs) > 1
-    launch_parts, launch_written = fused_levels_write(
+    launch_parts, launch_written = fused_levels(
         q, tuple(works), specs=tuple(specs), scale=scale, interpret=interpret,
         lead=tuning.interleave_lead if launch == "interleaved" else 0.0, merge=merged)
     written = launch_written or written

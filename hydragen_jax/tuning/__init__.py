@@ -115,9 +115,9 @@ def check_hopper(config) -> None:
     if not isinstance(getattr(config, field), bool):  # "false" or 0.5 would read as true
       raise ValueError(f"{name}.{field} must be true or false; got {getattr(config, field)!r}.")
   for field in ("prefix_keys", "suffix_keys"):
-    if not _is_int(getattr(config, field)) or getattr(config, field) not in KEY_TILES:
+    if not is_int(getattr(config, field)) or getattr(config, field) not in KEY_TILES:
       raise ValueError(f"{name}.{field} must be 64 or 128; got {getattr(config, field)!r}.")
-  if not _is_int(config.cluster) or config.cluster not in (1, 2):
+  if not is_int(config.cluster) or config.cluster not in (1, 2):
     raise ValueError(f"{name}.cluster must be 1 or 2; got {config.cluster!r}.")
   if config.suffix_box and not config.suffix_pack:
     raise ValueError(f"{name}.suffix_box needs suffix_pack (it copies the tiles of packed suffix items); got "
@@ -129,7 +129,7 @@ def check_hopper(config) -> None:
     raise ValueError(f"{name}.prefix_early_keys and prefix_overlap are exclusive (prefix_overlap already releases a "
                      "slot's key tile before its value tile); got both true.")
   key_stages = config.prefix_key_stages
-  if not _is_int(key_stages) or key_stages < 0 or 0 < key_stages < config.prefix_stages:
+  if not is_int(key_stages) or key_stages < 0 or 0 < key_stages < config.prefix_stages:
     raise ValueError(f"{name}.prefix_key_stages must be 0 (as prefix_stages) or an int >= prefix_stages "
                      f"({config.prefix_stages}); got {key_stages!r}.")
   if key_stages > config.prefix_stages and not config.prefix_early_keys:
@@ -164,7 +164,7 @@ def _check_fraction(obj, name: str, zero: bool) -> None:
     raise ValueError(f"{type(obj).__name__}.{name} must be a number in {'[' if zero else '('}0, 1]; got {value!r}.")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
   """A Python int, not a bool (64.0 or True in a hand-edited file is refused, not taken for 64 or 1)."""
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -173,7 +173,7 @@ def _check_ints(obj, names: tuple[str, ...], least: int) -> None:
   """Each field of `obj` named in `names` is an int (not a bool) of at least `least`; else ValueError naming it."""
   for name in names:
     value = getattr(obj, name)
-    if not _is_int(value) or value < least:
+    if not is_int(value) or value < least:
       what = "a positive int" if least == 1 else f"an int >= {least}"
       raise ValueError(f"{type(obj).__name__}.{name} must be {what}; got {value!r}.")
 
@@ -198,9 +198,9 @@ class GemmTuning:
   programs_per_core: int
 
   def __post_init__(self):
-    if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or not 0 <= self.max_rows <= 128:
+    if not is_int(self.max_rows) or not 0 <= self.max_rows <= 128:
       raise ValueError(f"GemmTuning.max_rows must be an int in [0, 128]; got {self.max_rows!r}.")
-    if not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool) or not 1 <= self.min_rows <= 128:
+    if not is_int(self.min_rows) or not 1 <= self.min_rows <= 128:
       raise ValueError(f"GemmTuning.min_rows must be an int in [1, 128]; got {self.min_rows!r}.")
     if self.max_rows and self.min_rows > self.max_rows:
       raise ValueError(f"GemmTuning.min_rows ({self.min_rows}) must be at most max_rows ({self.max_rows}) "
@@ -209,7 +209,7 @@ class GemmTuning:
       value = getattr(self, name)
       if not _power_of_two(value) or value < 16:
         raise ValueError(f"GemmTuning.{name} must be a power of two >= 16; got {value!r}.")
-    if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
+    if not is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"GemmTuning.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}.")
     _check_ints(self, ("num_stages",), least=1)
     if self.num_stages > MAX_STAGES:
@@ -368,7 +368,7 @@ class Tuning:
     _check_ints(self, ("hopper_long_prefix",), least=0)
     for name in ("hopper", "hopper_long") if self.hopper_long or self.hopper_long_prefix else ("hopper",):
       starts = [rows for rows, _ in getattr(self, name)]
-      if not starts or starts[0] != 1 or any(not isinstance(r, int) or isinstance(r, bool) for r in starts) or (
+      if not starts or starts[0] != 1 or any(not is_int(r) for r in starts) or (
           starts != sorted(set(starts))):
         raise ValueError(f"Tuning.{name} must give (rows, HopperTuning) entries from rows 1 up, in increasing order "
                          f"of rows; got rows {starts}" + (f" (hopper_long_prefix={self.hopper_long_prefix})."
@@ -385,7 +385,7 @@ class Tuning:
                "num_stages": (lambda v: 1 <= v <= MAX_STAGES, f"an int in [1, {MAX_STAGES}]")}
       for field, (ok, what) in rules.items():
         value = getattr(tile, field)
-        if not _is_int(value) or not ok(value):
+        if not is_int(value) or not ok(value):
           raise ValueError(f"Tuning.tiles[{rows}].{field} must be {what}; got {value!r}.")
 
   def tile(self, block_m: int) -> Tile:
@@ -451,7 +451,7 @@ class TuningFile:
 
 
 def _power_of_two(x) -> bool:
-  return _is_int(x) and x > 0 and x & (x - 1) == 0
+  return is_int(x) and x > 0 and x & (x - 1) == 0
 
 
 def slug(device_kind: str) -> str:
@@ -699,8 +699,8 @@ def device_kind() -> str:
 
 
 def _file_at(path: str) -> TuningFile:
-  """The file at `path`, read again once it changes (its absolute path, modification time and size: an edit, or a
-  relative path after a chdir, took the first reading for the rest of the process)."""
+  """The file at `path`, read again once it changes (its absolute path, modification time and size: an edit,
+  or a relative path that names another file after a chdir, is read anew)."""
   try:
     stat = os.stat(path)
   except OSError as e:

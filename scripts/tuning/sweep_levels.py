@@ -31,7 +31,7 @@ import numpy as np
 
 import hydragen_jax as hj
 from experiments import timing
-from hydragen_jax import tuning as tuning_lib, validation
+from hydragen_jax import validation
 from scripts.tuning import field_sweep
 
 READERS = (2, 3, 4, 8)
