@@ -6,7 +6,7 @@ Public API: `attention`, `merge_states`, `hydragen_attention`, `tree_attention`,
 
 from hydragen_jax.api import (Level, append_in_launch, attention, hydragen_attention, merge_states, tree_attention,
                               tree_attention_append)
-from hydragen_jax.validation import BACKENDS, default_backend, lowering_for_gpu
+from hydragen_jax.dispatch import BACKENDS, default_backend, lowering_for_gpu
 
 __all__ = [
     "BACKENDS",

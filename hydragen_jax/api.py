@@ -20,7 +20,7 @@ tree whose root is one node read by all sequences and whose leaves are per seque
 bf16/f16 with D = 64 or 128, T·g whose 8-aligned window is at most 64 rows, cache capacities of 1-8 keys or a
 multiple of 8, within the SM's shared memory, and no layer axis (`hopper.supported` names what fails). Other steps run
 on the Triton kernels under every kernel backend. "pallas" takes it where the prefix product is large enough to
-pay (`validation.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_seq_max_suffix`,
+pay (`dispatch.hopper_pays`: the device's `hopper_min_work`, `hopper_min_seq_work`, `hopper_seq_max_suffix`,
 `hopper_min_fill`, `hopper_split_min_rows` and `hopper_max_rows` in `hydragen_jax/tuning`).
 
 Out-of-range values. Concrete lengths and indices outside their range raise `ValueError`. Traced ones (under
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydragen_jax import reference
+from hydragen_jax import dispatch, reference
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax import validation as check
 from hydragen_jax.kernels import hopper
@@ -151,9 +151,9 @@ def _kernel_plan(q, level: Level, *, causal: bool, batched: bool, shared_launch:
 def _hopper_runs(q, levels: Sequence[Level], *, causal: Sequence[bool], batched: Sequence[bool], backend: str) -> bool:
   """Whether the Hopper kernel runs a step: not where the levels are not its case (one prefix node shared by the
   whole batch and batched, then each sequence's own causal suffix, no layer axis, shapes `hopper.supported`
-  takes), nor with backend "pallas" where the Triton kernels are as fast (`validation.hopper_pays`), nor with
+  takes), nor with backend "pallas" where the Triton kernels are as fast (`dispatch.hopper_pays`), nor with
   "mosaic" on a GPU that is not a Hopper (its wgmma and TMA need one: Triton runs instead, as documented)."""
-  if backend not in ("mosaic", "interpret-mosaic", "pallas") or (backend == "mosaic" and check.gpu_without_hopper()):
+  if backend not in ("mosaic", "interpret-mosaic", "pallas") or (backend == "mosaic" and dispatch.gpu_without_hopper()):
     return False
   if len(levels) != 2 or not batched[0] or batched[1] or causal[0] or not causal[1]:
     return False
@@ -163,7 +163,7 @@ def _hopper_runs(q, levels: Sequence[Level], *, causal: Sequence[bool], batched:
   prefix_k = prefix.k[0]  # [P, Hkv, D]
   if hopper.supported(q, prefix_k, suffix.k) is not None:
     return False
-  return backend != "pallas" or check.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0],
+  return backend != "pallas" or dispatch.hopper_pays(q, prefix_k.shape[1], prefix_k.shape[0],
                                                   suffix_capacity=suffix.k.shape[1])
 
 
@@ -340,7 +340,7 @@ def attention(
   if k.shape[0] != q.shape[0]:
     raise ValueError(f"batch of k {k.shape} differs from batch of q {q.shape}.")
   lengths = check.lengths_or_full("kv_lengths", kv_lengths, q.shape[0], k.shape[1], checked)
-  backend = check.resolve_backend(backend)
+  backend = dispatch.resolve_backend(backend)
   check.check_kernel_backend(backend, q=q, k=k, v=v, kv_lengths=lengths)
   return _step(q, [Level(k, v, lengths)], causal=[causal], batched=[False], scale=_scale(scale, q.shape[-1]),
                backend=backend)
@@ -371,7 +371,7 @@ def tree_attention(
     backend: one of BACKENDS (module docstring) or None.
     batch_shared: stack the queries of all sequences that read a shared node into one matrix (Hydragen). False
       reads each shared node once per sequence (the shared-storage baseline); results are identical. A sequence
-      of one bool per shared level (all levels but the last) chooses per level (`validation.batching_pays` is the
+      of one bool per shared level (all levels but the last) chooses per level (`dispatch.batching_pays` is the
       models' choice).
     checked: check traced lengths, seq_to_node and layer with checkify (module docstring: "Out-of-range values").
 
@@ -382,7 +382,7 @@ def tree_attention(
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   check.check_flag("checked", checked)
   validated, causal, batched = _tree_levels(q, levels, batch_shared, checked)
-  backend = check.resolve_backend(backend)
+  backend = dispatch.resolve_backend(backend)
   check.check_kernel_backend(backend, q=q, levels=validated)
   return _step(q, validated, causal=causal, batched=batched, scale=_scale(scale, q.shape[-1]), backend=backend)[0]
 
@@ -454,7 +454,7 @@ def append_in_launch(q: Array, levels: Sequence[Level], *, backend: str | None =
   keep it where this is False. Arguments as `tree_attention`'s."""
   check.check_rank("q", q, 4, "[B, T, Hq, D]")
   validated, causal, batched = _tree_levels(q, levels, batch_shared, False)
-  return _append_in_launch(q, validated, causal, batched, check.resolve_backend(backend))
+  return _append_in_launch(q, validated, causal, batched, dispatch.resolve_backend(backend))
 
 
 def tree_attention_append(
@@ -512,7 +512,7 @@ def tree_attention_append(
     raise ValueError(f"new_k and new_v must be floating-point keys and values; got {new_k.dtype}.")
   counts = check.lengths_or_full("new_tokens", new_tokens, b, t, checked, what="(T, the query slots)")
   counts = jnp.clip(counts, 0, t)  # traced values out of range (module docstring)
-  backend = check.resolve_backend(backend)
+  backend = dispatch.resolve_backend(backend)
   check.check_kernel_backend(backend, q=q, levels=validated, new_k=new_k, new_v=new_v, new_tokens=counts)
   scale = _scale(scale, q.shape[-1])
 

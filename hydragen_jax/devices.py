@@ -1,5 +1,5 @@
 """The default device: the one that jitted calls of uncommitted arrays run on. It decides the default backend
-(`validation.default_backend`), the kernels' limits (shared memory a block, SMs: `kernels.ops`) and the tuning file
+(`dispatch.default_backend`), the kernels' limits (shared memory a block, SMs: `kernels.ops`) and the tuning file
 (`tuning.device_kind`), so that `with jax.default_device(d):` moves all of them to `d`'s kind together."""
 
 from __future__ import annotations

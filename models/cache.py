@@ -40,7 +40,7 @@ from hydragen_jax import Level
 from hydragen_jax import reference as hydragen_reference
 from hydragen_jax.reference import write_positions  # the library's rule, the models' too
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax.validation import batching_pays, resolve_backend
+from hydragen_jax.dispatch import batching_pays, resolve_backend
 from models import kv_write, pair_scatter
 
 MODES = ("hydragen", "standard", "shared_storage", "none")
@@ -166,7 +166,7 @@ def level_sizes(levels: Sequence[LevelCache]) -> list[tuple[int, int]]:
 def batched_levels(mode: str, batch: int, levels: Sequence[tuple[int, int]], tuning=None) -> list[bool]:
     """Which shared levels a step reads batched, each level given as (nodes, bytes of one node a layer:
     `level_sizes`): in `hydragen` mode those where batching pays (the device's cost model,
-    `hydragen_jax.validation.batching_pays`: readers a node and bytes saved; `tuning` None: the current one), the
+    `hydragen_jax.dispatch.batching_pays`: readers a node and bytes saved; `tuning` None: the current one), the
     others per sequence; none in the other modes."""
     return [mode == "hydragen" and batching_pays(batch, n, node_bytes, tuning) for n, node_bytes in levels]
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from hydragen_jax import tuning
 from hydragen_jax.devices import default_platform
-from hydragen_jax.validation import BACKENDS, resolve_backend
+from hydragen_jax.dispatch import BACKENDS, resolve_backend
 from models.cache import MODES, cache_bytes
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.generate import SamplingConfig, generate, prefill

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hydragen_jax as hj
-from hydragen_jax import Level, reference, tuning, validation
+from hydragen_jax import Level, dispatch, reference, tuning
 from hydragen_jax.kernels import hopper, ops
 from tests.attention_cases import expected_tree, normal, random_level, tol
 from tests.conftest import BACKEND_PARAMS, ci_if_shipped, grid, requires_gpu
@@ -315,7 +315,7 @@ def test_keys_and_values_past_the_lengths_never_enter(backend):
 @pytest.mark.parametrize("backend", [
     pytest.param("interpret-mosaic", id="interpret"),
     pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not validation.on_hopper(), reason="needs a Hopper GPU (H100/H200): the kernel uses wgmma and TMA")])])
+        not dispatch.on_hopper(), reason="needs a Hopper GPU (H100/H200): the kernel uses wgmma and TMA")])])
 def test_hopper_kernel_with_zero_value_tails_keeps_non_finite_tails_out(backend):
   """The Hopper kernel through the API with `zero_value_tails` on in the tuning (off in the shipped files: it
   costs 2-6 % on the H200): NaN / inf past the prefix's and a suffix's length leave the step as if those rows held zeros, as on the
@@ -520,7 +520,7 @@ def _ok():
 def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
   """backend="mosaic" takes the Hopper kernel except on a GPU that is not a Hopper (wgmma, TMA): Triton there, as
   documented."""
-  from hydragen_jax import api, validation  # noqa: PLC0415
+  from hydragen_jax import api  # noqa: PLC0415
 
   q = jnp.zeros((4, 1, 8, 64), jnp.bfloat16)
   prefix = Level(jnp.zeros((1, 16, 2, 64), jnp.bfloat16), jnp.zeros((1, 16, 2, 64), jnp.bfloat16), jnp.array([16]))
@@ -528,9 +528,9 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
   monkeypatch.setattr(api.hopper, "prefix_suffix_attention", lambda *a, **k: ["hopper parts"])
   parts = lambda: api._hopper_parts(q, [prefix, suffix], causal=[False, True], batched=[True, False],  # noqa: E731
                                     scale=0.125, backend="mosaic")
-  monkeypatch.setattr(validation, "gpu_without_hopper", lambda: True)  # an A100, say
+  monkeypatch.setattr(dispatch, "gpu_without_hopper", lambda: True)  # an A100, say
   assert parts() is None
-  monkeypatch.setattr(validation, "gpu_without_hopper", lambda: False)  # a Hopper, or lowering for one from a CPU
+  monkeypatch.setattr(dispatch, "gpu_without_hopper", lambda: False)  # a Hopper, or lowering for one from a CPU
   assert parts() == ["hopper parts"]
 
 
@@ -893,7 +893,7 @@ def test_long_levels_fit_the_shared_memory(monkeypatch, dtype, d, tuning_kind, l
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal off a GPU")
-@pytest.mark.parametrize("backend", validation.COMPILED_BACKENDS)
+@pytest.mark.parametrize("backend", dispatch.COMPILED_BACKENDS)
 def test_compiled_backends_are_refused_off_a_gpu_unless_lowering_for_one(backend):
   """On a CPU a compiled backend is refused by name before any work (it used to fail inside Pallas' lowering with
   "Only interpret mode is supported on CPU backend"); inside `lowering_for_gpu` it traces, for a lowering for CUDA
@@ -936,7 +936,7 @@ def test_the_default_device_decides_backend_limits_and_tuning_not_the_machine(mo
 
   def looks(kind):
     assert devices.default_platform() == kind
-    assert hj.default_backend() == validation.resolve_backend(None) == ("pallas" if kind == "gpu" else "xla")
+    assert hj.default_backend() == dispatch.resolve_backend(None) == ("pallas" if kind == "gpu" else "xla")
     assert gemm.default_backend(64, on) == ("pallas" if kind == "gpu" else "xla")
     assert kernel_ops.gpu_capability() == ("9.0" if kind == "gpu" else None)
     assert tuning.device_kind() == ("NVIDIA H200" if kind == "gpu" else "cpu")
@@ -944,9 +944,9 @@ def test_the_default_device_decides_backend_limits_and_tuning_not_the_machine(mo
     if kind == "cpu":
       with pytest.raises(ValueError, match=r"backend='pallas' runs compiled GPU kernels, and the default device is "
                                            r"'cpu'"):
-        validation.resolve_backend("pallas")
+        dispatch.resolve_backend("pallas")
     else:
-      assert validation.resolve_backend("pallas") == "pallas"
+      assert dispatch.resolve_backend("pallas") == "pallas"
 
   monkeypatch.setattr(jax, "devices", lambda backend=None: [gpu] if backend in (None, "gpu") else real(backend))
   looks("gpu")

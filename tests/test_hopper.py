@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import hydragen_jax as hj
-from hydragen_jax import reference, tuning, validation
+from hydragen_jax import dispatch, reference, tuning
 from hydragen_jax.kernels import hopper, ops
 from tests.attention_cases import assert_close_to_reference, expected_tree, normal, random_level, tol
 from tests.conftest import ci_if_shipped
 
-requires_hopper = pytest.mark.skipif(not validation.on_hopper(),
+requires_hopper = pytest.mark.skipif(not dispatch.on_hopper(),
                                      reason="needs a Hopper GPU (H100/H200): the compiled kernel uses wgmma and TMA")
 MOSAIC = [pytest.param("interpret-mosaic", id="interpret"),
           pytest.param("mosaic", id="compiled", marks=[pytest.mark.gpu, requires_hopper])]
@@ -1147,15 +1147,15 @@ def test_pallas_leaves_the_hopper_kernel_where_its_prefix_items_leave_sms_idle()
   assert hopper.prefix_items((3, 2, 4, 64), 2) == 2  # T·g = 4, 12 rows per KV head: one partial block
   assert hopper.prefix_items((129, 1, 2, 64), 2) == 4  # 129 rows: two blocks per KV head
   t = dataclasses.replace(tuning.current(), hopper_min_work=1, hopper_min_fill=0.75)
-  assert validation.prefix_fill(whole, 32, 132) == 128 / 132
-  assert validation.pays_on_hopper(whole, 32, 16384, t, num_cores=132)
-  assert not validation.pays_on_hopper(split, 16, 16384, t, num_cores=132)
-  assert validation.pays_on_hopper(split, 16, 16384, t, num_cores=78)  # a GPU of fewer SMs
-  assert validation.pays_on_hopper(split, 16, 16384, dataclasses.replace(t, hopper_min_fill=0.0), num_cores=132)
-  assert not validation.pays_on_hopper(whole, 32, 16384, dataclasses.replace(t, hopper_min_work=2 ** 40),
+  assert dispatch.prefix_fill(whole, 32, 132) == 128 / 132
+  assert dispatch.pays_on_hopper(whole, 32, 16384, t, num_cores=132)
+  assert not dispatch.pays_on_hopper(split, 16, 16384, t, num_cores=132)
+  assert dispatch.pays_on_hopper(split, 16, 16384, t, num_cores=78)  # a GPU of fewer SMs
+  assert dispatch.pays_on_hopper(split, 16, 16384, dataclasses.replace(t, hopper_min_fill=0.0), num_cores=132)
+  assert not dispatch.pays_on_hopper(whole, 32, 16384, dataclasses.replace(t, hopper_min_work=2 ** 40),
                                        num_cores=132)  # both rules hold, or the Triton kernels run
   with tuning.override(t):  # the device's SM count where none is given (the tuning's num_cores on CPU)
-    assert validation.pays_on_hopper(whole, 32, 16384) == (128 / ops.num_cores() >= 0.75)
+    assert dispatch.pays_on_hopper(whole, 32, 16384) == (128 / ops.num_cores() >= 0.75)
 
 
 def test_pallas_takes_the_hopper_kernel_for_a_long_prefix_per_sequence():
@@ -1164,14 +1164,14 @@ def test_pallas_takes_the_hopper_kernel_for_a_long_prefix_per_sequence():
   MHA: P = 8K faster than Triton, 4K slower, and B = 512, P = 4K, the same total work as 256 / 8K, slower)."""
   t = dataclasses.replace(tuning.current(), hopper_min_work=4194304, hopper_min_fill=0.4, hopper_min_seq_work=8192)
   mha = lambda b: (b, 1, 32, 128)  # noqa: E731
-  assert validation.prefix_work(mha(256), 32, 8192) == 2097152 < t.hopper_min_work
-  assert validation.pays_on_hopper(mha(256), 32, 8192, t, num_cores=132)  # 8192 a sequence; 64 items: fill 0.48
-  assert not validation.pays_on_hopper(mha(256), 32, 4096, t, num_cores=132)
-  assert not validation.pays_on_hopper(mha(512), 32, 4096, t, num_cores=132)  # 4096 a sequence
-  assert not validation.pays_on_hopper(mha(64), 32, 16384, t, num_cores=132)  # 16384 a sequence but fill 0.12
-  assert validation.pays_on_hopper((256, 1, 32, 128), 8, 2048, t, num_cores=132)  # GQA, T·g = 4: 8192 a sequence
-  assert validation.pays_on_hopper((128, 2, 32, 128), 8, 1024, t, num_cores=132)  # T = 2, g = 4: 8192 a sequence
-  assert not validation.pays_on_hopper(mha(256), 32, 8192, dataclasses.replace(t, hopper_min_seq_work=0),
+  assert dispatch.prefix_work(mha(256), 32, 8192) == 2097152 < t.hopper_min_work
+  assert dispatch.pays_on_hopper(mha(256), 32, 8192, t, num_cores=132)  # 8192 a sequence; 64 items: fill 0.48
+  assert not dispatch.pays_on_hopper(mha(256), 32, 4096, t, num_cores=132)
+  assert not dispatch.pays_on_hopper(mha(512), 32, 4096, t, num_cores=132)  # 4096 a sequence
+  assert not dispatch.pays_on_hopper(mha(64), 32, 16384, t, num_cores=132)  # 16384 a sequence but fill 0.12
+  assert dispatch.pays_on_hopper((256, 1, 32, 128), 8, 2048, t, num_cores=132)  # GQA, T·g = 4: 8192 a sequence
+  assert dispatch.pays_on_hopper((128, 2, 32, 128), 8, 1024, t, num_cores=132)  # T = 2, g = 4: 8192 a sequence
+  assert not dispatch.pays_on_hopper(mha(256), 32, 8192, dataclasses.replace(t, hopper_min_seq_work=0),
                                        num_cores=132)  # 0: off, only hopper_min_work decides
 
 
@@ -1187,7 +1187,7 @@ def test_pallas_counts_the_key_splits_in_the_fill_from_hopper_split_min_rows():
   t = dataclasses.replace(tuning.current(), hopper_min_work=4194304, hopper_min_fill=0.4, hopper_min_seq_work=4096,
                           hopper=((1, short),), hopper_long=((1, long),), hopper_long_prefix=16384,
                           hopper_split_min_rows=4)
-  pays = lambda b, p, hq, hkv, tun=t: validation.pays_on_hopper((b, 1, hq, 128), hkv, p, tun, num_cores=132)  # noqa: E731
+  pays = lambda b, p, hq, hkv, tun=t: dispatch.pays_on_hopper((b, 1, hq, 128), hkv, p, tun, num_cores=132)  # noqa: E731
   splits = lambda b, p, hq, hkv: hopper.with_grid((b, 1, hq, 128), hkv, p, hopper.HopperConfig(  # noqa: E731
       **dataclasses.asdict(long)), 132).prefix_splits
   assert hopper.prefix_items((128, 1, 32, 128), 8) == 32  # fill 0.24: below 0.4 before the splits
@@ -1195,7 +1195,7 @@ def test_pallas_counts_the_key_splits_in_the_fill_from_hopper_split_min_rows():
   assert pays(128, 16384, 32, 8) and pays(64, 16384, 32, 8) and pays(32, 32768, 32, 8)
   assert not pays(32, 16384, 32, 8)  # 2M < hopper_min_work (passed on hopper_min_seq_work): items as they are
   assert not pays(8, 16384, 32, 8) and not pays(16, 32768, 32, 8)
-  assert validation.prefix_work((128, 1, 32), 32, 32768) == validation.prefix_work((128, 1, 16), 8, 16384) == 2 ** 22
+  assert dispatch.prefix_work((128, 1, 32), 32, 32768) == dispatch.prefix_work((128, 1, 16), 8, 16384) == 2 ** 22
   assert not pays(128, 32768, 32, 32) and not pays(128, 16384, 16, 8)  # T·g = 1, 2: below hopper_split_min_rows
   assert pays(128, 16384, 16, 8, dataclasses.replace(t, hopper_split_min_rows=2))
   assert pays(128, 32768, 32, 32, dataclasses.replace(t, hopper_split_min_rows=1))
@@ -1220,14 +1220,14 @@ def test_pallas_leaves_windows_wider_than_hopper_max_rows_to_triton():
   the rows counted over the query steps too (T = 2, 3 with g = 4)."""
   h200 = tuning.file_for("NVIDIA H200").tuning
   def pays(b, hq, hkv, t=h200, p=16384):
-    return validation.pays_on_hopper((b, 1, hq, 128), hkv, p, t, num_cores=132)
+    return dispatch.pays_on_hopper((b, 1, hq, 128), hkv, p, t, num_cores=132)
 
   assert h200.hopper_max_rows == 8
   assert not pays(256, 32, 2) and not pays(512, 24, 2)  # T·g 16, 12
   assert pays(256, 32, 2, dataclasses.replace(h200, hopper_max_rows=0))  # the rest of the rule takes it
   assert pays(256, 32, 2, dataclasses.replace(h200, hopper_max_rows=16))
   assert pays(512, 32, 4) and pays(1024, 32, 8, p=8192)  # T·g 8 and 4
-  steps = lambda t: validation.pays_on_hopper((256, t, 32, 128), 8, 16384, h200, num_cores=132)  # noqa: E731
+  steps = lambda t: dispatch.pays_on_hopper((256, t, 32, 128), 8, 16384, h200, num_cores=132)  # noqa: E731
   assert steps(2) and not steps(3)  # T·g 8 from 2 steps of g = 4, 12 from 3
   with pytest.raises(ValueError, match="hopper_max_rows must be an int >= 0; got -1"):
     dataclasses.replace(h200, hopper_max_rows=-1)
@@ -1238,10 +1238,10 @@ def test_pallas_takes_the_hopper_kernel_only_for_a_large_prefix_product_on_hoppe
   hopper_min_work."""
   q = jnp.zeros((512, 1, 32, 8), jnp.bfloat16)  # 2048 rows per KV head (g = 4)
   min_work = tuning.current().hopper_min_work
-  assert validation.hopper_pays(q, 8, min_work // 2048) == validation.on_hopper()
-  assert not validation.hopper_pays(q, 8, min_work // 2048 - 8)
-  assert not validation.hopper_pays(q, 32, min_work // 2048)  # MHA: 512 rows
+  assert dispatch.hopper_pays(q, 8, min_work // 2048) == dispatch.on_hopper()
+  assert not dispatch.hopper_pays(q, 8, min_work // 2048 - 8)
+  assert not dispatch.hopper_pays(q, 32, min_work // 2048)  # MHA: 512 rows
   # MHA decode (T·g = 1) takes it too, where its product is large enough (measured on the H200: PERF_NOTES.md)
-  assert validation.pays_on_hopper(q.shape, 32, min_work // 512)
-  assert not validation.pays_on_hopper(q.shape, 32, min_work // 512 - 8)
-  assert validation.hopper_pays(q, 32, min_work // 512) == validation.on_hopper()
+  assert dispatch.pays_on_hopper(q.shape, 32, min_work // 512)
+  assert not dispatch.pays_on_hopper(q.shape, 32, min_work // 512 - 8)
+  assert dispatch.hopper_pays(q, 32, min_work // 512) == dispatch.on_hopper()

@@ -14,7 +14,7 @@ import pytest
 
 import models
 from hydragen_jax import tuning as tuning_lib
-from hydragen_jax import validation as hj_validation
+from hydragen_jax import dispatch as hj_dispatch
 from models.config import LlamaConfig
 from tests.conftest import ON_GPU
 
@@ -245,7 +245,7 @@ def test_xla_decode_step_writes_each_layer_in_place(mode, pair):
 def test_model_decode_takes_the_hopper_kernel_with_per_layer_caches():
   """A GQA model with one shared prefix decodes on the Hopper kernel (backend "mosaic"): each layer's caches are
   whole arrays, which it reads in place (a layer axis used to send every step to the Triton kernels)."""
-  if not hj_validation.on_hopper():
+  if not hj_dispatch.on_hopper():
     pytest.skip("not a Hopper GPU")
   config = LlamaConfig(vocab_size=72, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)

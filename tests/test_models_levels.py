@@ -1,4 +1,4 @@
-"""The models' cost model of a shared level (`hydragen_jax.validation.batching_pays`, the tuning's
+"""The models' cost model of a shared level (`hydragen_jax.dispatch.batching_pays`, the tuning's
 `batch_min_readers` and `batch_min_saved_bytes`): which levels a `hydragen` step reads batched, the same tokens
 either way, and what `generate` reports."""
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hydragen_jax import tuning, validation
+from hydragen_jax import dispatch, tuning
 from models import generate, prefill
 from models.cache import LevelCache, batched_levels, level_node_bytes, level_sizes
 from models.config import LlamaConfig
@@ -29,12 +29,12 @@ def _with(min_readers: int, min_saved: int = 0) -> tuning.Tuning:
 
 
 def test_batching_pays_from_the_tunings_readers_a_node_and_bytes_saved():
-  assert validation.batching_pays(8, 4, 1, _with(2)) and not validation.batching_pays(7, 4, 1, _with(2))
-  assert validation.batching_pays(8, 1, 1, _with(8)) and not validation.batching_pays(8, 2, 1, _with(8))
-  assert validation.batching_pays(3, 3, 0, _with(1))  # one reader a node pays where the tuning says so
+  assert dispatch.batching_pays(8, 4, 1, _with(2)) and not dispatch.batching_pays(7, 4, 1, _with(2))
+  assert dispatch.batching_pays(8, 1, 1, _with(8)) and not dispatch.batching_pays(8, 2, 1, _with(8))
+  assert dispatch.batching_pays(3, 3, 0, _with(1))  # one reader a node pays where the tuning says so
   # bytes saved: (B - N) nodes' reads of node_bytes each
-  assert validation.batching_pays(8, 2, 100, _with(2, 600)) and not validation.batching_pays(8, 2, 99, _with(2, 600))
-  assert not validation.batching_pays(8, 8, 10**9, _with(1, 1))  # one reader a node saves nothing
+  assert dispatch.batching_pays(8, 2, 100, _with(2, 600)) and not dispatch.batching_pays(8, 2, 99, _with(2, 600))
+  assert not dispatch.batching_pays(8, 8, 10**9, _with(1, 1))  # one reader a node saves nothing
   assert batched_levels("hydragen", 8, [(1, 10), (4, 10), (8, 10)], _with(2)) == [True, True, False]
   assert batched_levels("hydragen", 8, [(1, 10), (4, 10), (1, 2)], _with(2, 40)) == [True, True, False]
   assert batched_levels("shared_storage", 8, [(1, 10), (4, 10)], _with(2)) == [False, False]

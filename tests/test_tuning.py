@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import hydragen_jax as hj
-from hydragen_jax import tuning, validation
+from hydragen_jax import dispatch, tuning
 from hydragen_jax.kernels import hopper, ops
 from scripts.tuning import sweep_device
 
@@ -76,13 +76,13 @@ def test_current_follows_the_device_kind(data_dir, monkeypatch):
   assert tuning.current() == fast
   # the kernels read it: 32-row shared tiles, the Hopper threshold
   assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 32
-  monkeypatch.setattr(validation, "on_hopper", lambda: True)
-  assert validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)  # g = 4
-  assert validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 8, 1)  # MHA decode, T·g = 1
+  monkeypatch.setattr(dispatch, "on_hopper", lambda: True)
+  assert dispatch.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)  # g = 4
+  assert dispatch.hopper_pays(jnp.zeros((1, 1, 8, 64)), 8, 1)  # MHA decode, T·g = 1
   monkeypatch.setattr(tuning, "device_kind", lambda: "Other GPU")
   assert tuning.current() == _h100()
   assert ops.choose_block(4096, 4096, 1, 8, 4096, 128).block_m == 64
-  assert not validation.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)
+  assert not dispatch.hopper_pays(jnp.zeros((1, 1, 8, 64)), 2, 1)
 
 
 def test_a_variant_of_a_known_kind_takes_its_file_with_a_warning():
@@ -583,7 +583,7 @@ def test_sweep_times_the_hopper_thresholds_on_every_config():
   # hopper_max_rows off: that cap (8 on both devices) keeps the T·g = 16 config on Triton whatever the thresholds
   base, cores = dataclasses.replace(_h100(), hopper_max_rows=0), ops.num_cores()
   for b, p, _, hq, hkv in configs:
-    takes = {validation.pays_on_hopper((b, 1, hq), hkv, p, choice.apply(base, value), cores)
+    takes = {dispatch.pays_on_hopper((b, 1, hq), hkv, p, choice.apply(base, value), cores)
              for value in choice.candidates}
     assert takes == {True, False}, (b, p, hq, hkv)
   assert choice.read(choice.apply(base, (7, 0.25))) == (7, 0.25)
@@ -640,20 +640,20 @@ def test_hopper_seq_max_suffix_bounds_the_per_sequence_path_by_suffix_capacity(m
   h200 = tuning.load(tuning.data_file("NVIDIA H200")).tuning
   assert h200.hopper_seq_max_suffix == 256 and _h100().hopper_seq_max_suffix == 0
   mha = lambda b: (b, 1, 32, 128)  # noqa: E731
-  takes = lambda shape, hkv, p, s, t=h200: validation.pays_on_hopper(  # noqa: E731
+  takes = lambda shape, hkv, p, s, t=h200: dispatch.pays_on_hopper(  # noqa: E731
       shape, hkv, p, t, num_cores=132, suffix_capacity=s)
-  assert validation.prefix_work(mha(256), 32, 4096) < h200.hopper_min_work
+  assert dispatch.prefix_work(mha(256), 32, 4096) < h200.hopper_min_work
   assert [takes(mha(256), 32, 4096, s) for s in (128, 256, 512, 1024, None)] == [True, True, False, False, True]
   assert not takes(mha(512), 32, 4096, 1024)
   assert all(takes(mha(256), 32, 4096, s, dataclasses.replace(h200, hopper_seq_max_suffix=0)) for s in (512, 1024))
   gqa = (512, 1, 32, 128)  # bench row 6, 512 / 2K / 512 GQA 32/8: above hopper_min_work, no bound
-  assert validation.prefix_work(gqa, 8, 2048) >= h200.hopper_min_work and takes(gqa, 8, 2048, 4096)
+  assert dispatch.prefix_work(gqa, 8, 2048) >= h200.hopper_min_work and takes(gqa, 8, 2048, 4096)
   with pytest.raises(ValueError, match="hopper_seq_max_suffix"):
     dataclasses.replace(h200, hopper_seq_max_suffix=-1)
   shipped = tuning.load(tuning.data_file("NVIDIA H200"))
   assert tuning.loads(tuning.dumps(shipped), "x") == shipped
   # the API asks with the suffix level's capacity
-  monkeypatch.setattr(validation, "on_hopper", lambda: True)
+  monkeypatch.setattr(dispatch, "on_hopper", lambda: True)
   monkeypatch.setattr(tuning, "current", lambda: h200)
   monkeypatch.setattr(ops, "num_cores", lambda *a: 132)
   q = jnp.zeros(mha(256), jnp.bfloat16)
@@ -672,7 +672,7 @@ def test_hopper_seq_max_suffix_bounds_the_per_sequence_path_by_suffix_capacity(m
 
 def _takes_hopper(tune: tuning.Tuning, configs) -> list[bool]:
   """For each sweep config (B, P, out, Hq, Hkv): whether "pallas" takes the Hopper kernel under `tune` (132 SMs)."""
-  return [validation.pays_on_hopper((b, 1, hq, 128), hkv, p, tune, num_cores=132) for b, p, _, hq, hkv in configs]
+  return [dispatch.pays_on_hopper((b, 1, hq, 128), hkv, p, tune, num_cores=132) for b, p, _, hq, hkv in configs]
 
 
 def test_sweep_times_hopper_max_rows_on_a_wide_window_the_rule_sends_to_the_kernel():
@@ -712,8 +712,8 @@ def test_sweep_sets_the_gqa_long_prefix_settings_and_where_splits_count():
   assert split.kernel == "pallas" and split.candidates[0] == 0 and 4 in split.candidates
   few = [configs[i] for i in groups[split.group]]
   assert sorted(hq // hkv for _, _, _, hq, hkv in few) == [1, 2, 4]
-  assert all(validation.prefix_work((b, 1, hq), hkv, p) >= base.hopper_min_work and
-             validation.prefix_fill((b, 1, hq), hkv, 132) < base.hopper_min_fill for b, p, _, hq, hkv in few)
+  assert all(dispatch.prefix_work((b, 1, hq), hkv, p) >= base.hopper_min_work and
+             dispatch.prefix_fill((b, 1, hq), hkv, 132) < base.hopper_min_fill for b, p, _, hq, hkv in few)
   takes = lambda v: _takes_hopper(split.apply(base, v), few)  # noqa: E731
   assert len({tuple(takes(v)) for v in split.candidates}) == 4  # 0 (or 8), 4, 2, 1: each moves another config
   assert split.read(split.apply(base, 2)) == 2
@@ -968,7 +968,7 @@ def test_watchdog_ends_the_process_when_its_log_write_fails(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not validation.on_hopper(), reason="needs a Hopper GPU (the sweep times the Hopper kernel)")
+@pytest.mark.skipif(not dispatch.on_hopper(), reason="needs a Hopper GPU (the sweep times the Hopper kernel)")
 def test_sweep_times_and_checks_real_steps_on_the_gpu(tmp_path):
   """One choice of the real sweep (the Hopper thresholds, picked by one of their fields: Hopper and Triton steps of
   the configs, each output checked against the first on its config) under a short budget: a measured file, steps

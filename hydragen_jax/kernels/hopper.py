@@ -212,7 +212,7 @@ def supported(q: Array, prefix_k: Array, suffix_k: Array, config: HopperConfig |
 def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
   """Prefix items of queries `[B, T, Hq, D]` over `num_kv_heads` KV heads: (KV head, block of PAIR·ROWS = 128
   stacked query rows). The persistent grid has one CTA per SM and each item runs on one CTA's pair, so with fewer
-  items than SMs the prefix product uses only part of the tensor cores (`validation.pays_on_hopper`), unless its
+  items than SMs the prefix product uses only part of the tensor cores (`dispatch.pays_on_hopper`), unless its
   keys are split (`prefix_fill`: each split another item). Items of real rows only: with `cluster = 2` a KV head
   with an odd count of blocks runs one more item, of padding."""
   batch, steps, num_q_heads = q_shape[:3]
@@ -237,7 +237,7 @@ def with_grid(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int,
               num_cores: int) -> HopperConfig:
   """`config` with what it leaves open filled for queries `[B, T, Hq, D]`: `num_ctas`, one CTA per SM of a device
   of `num_cores` SMs in whole clusters, and `prefix_splits` (`prefix_splits_for`). What the kernel launches (before
-  capping the CTAs at the items), and what `validation.pays_on_hopper` counts."""
+  capping the CTAs at the items), and what `dispatch.pays_on_hopper` counts."""
   if config.num_ctas is None:
     config = dataclasses.replace(config, num_ctas=num_cores // config.cluster * config.cluster)
   if config.prefix_splits is None:

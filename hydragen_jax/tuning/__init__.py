@@ -227,7 +227,7 @@ class Tuning:
 
   Attributes:
     hopper_min_work: "pallas" takes the Hopper kernel when (stacked query rows per KV head, B·T·g) × (prefix
-      capacity) is at least this (`validation.hopper_pays`); below, the Triton kernels are as fast.
+      capacity) is at least this (`dispatch.hopper_pays`); below, the Triton kernels are as fast.
     hopper_min_fill: ... and its prefix items (KV heads × 128-row blocks: `kernels.hopper.prefix_items`) are at
       least this many per SM: with fewer, the persistent grid leaves SMs without prefix work (e.g. a layer's heads
       split over GPUs by tensor parallelism) and the Triton kernels are faster (measured before the kernel could
@@ -268,7 +268,7 @@ class Tuning:
       A long prefix's product is compute-bound and wants 128-key prefix tiles, whose shared memory leaves the
       suffixes 64-key tiles; with a shorter prefix the suffix stream decides, and 128-key suffix tiles pay.
     gemm: the model's decode GEMM kernel (`models.gemm`; off where `gemm.max_rows` is 0).
-    batch_min_readers, batch_min_saved_bytes: the models' cost model of a shared level (`validation.batching_pays`):
+    batch_min_readers, batch_min_saved_bytes: the models' cost model of a shared level (`dispatch.batching_pays`):
       its queries are stacked and the level read once (Hydragen) where its nodes have at least `batch_min_readers`
       readers on average and reading it batched saves at least `batch_min_saved_bytes` of K and V a layer, else
       each sequence reads its node (as shared storage does).

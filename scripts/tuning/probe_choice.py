@@ -1,7 +1,7 @@
 """Probe (development tool): what "pallas" chooses for a shape, and whether the choice is the faster one.
 
 For each shape (B, P, S, Hq, Hkv; D = 128, bf16, T = 1, suffixes half full) prints whether "pallas" takes the
-Hopper kernel (`validation.hopper_pays`, from the device's tuning), then, through the public `hydragen_attention`,
+Hopper kernel (`dispatch.hopper_pays`, from the device's tuning), then, through the public `hydragen_attention`,
 the max error of "pallas" and "triton" against the jnp reference ("xla") and their times (compiled, warmed up,
 median of repeats): the check of a tuning rule on the API path, which the probes of single kernels do not take.
 Two times a backend: a step of 16 chained in one call (`timing.chain_steps`, the device's time, as in a jitted
@@ -20,7 +20,7 @@ import numpy as np
 
 import hydragen_jax as hj
 from experiments import timing
-from hydragen_jax import validation
+from hydragen_jax import dispatch
 from scripts import cli
 from scripts.tuning.sweep_kernels import config_inputs, parse_shape
 
@@ -39,7 +39,7 @@ def check(shape: tuple[int, ...], backends: list[str], timing_kw=TIMING) -> dict
   fns = {be: jax.jit(fn) for be, fn in steps.items()}
   args = (q, pk[0], pv[0], sk, sv)
   want = np.asarray(fns["xla"](*args), np.float32)
-  row = {"shape": shape, "hopper": validation.hopper_pays(q, hkv, p, suffix_capacity=sk.shape[1])}
+  row = {"shape": shape, "hopper": dispatch.hopper_pays(q, hkv, p, suffix_capacity=sk.shape[1])}
   for be in backends:
     row[f"{be}_err"] = float(np.abs(np.asarray(fns[be](*args), np.float32) - want).max())
     row[f"{be}_s"] = timing.time_fn(timing.chain_steps(steps[be], STEPS), args, **timing_kw).median_s / STEPS
@@ -52,7 +52,7 @@ def main(argv=None):
   parser.add_argument("--shapes", default="128x16384x512x32x8,64x16384x512x32x8,8x16384x512x32x8")
   parser.add_argument("--backends", default="pallas,triton")
   args = parser.parse_args(argv)
-  backends = cli.listed(parser, "--backends", args.backends, choices=[b for b in validation.BACKENDS if b != "xla"])
+  backends = cli.listed(parser, "--backends", args.backends, choices=[b for b in dispatch.BACKENDS if b != "xla"])
   for shape in cli.listed(parser, "--shapes", args.shapes, parse_shape):
     row = check(shape, backends)
     print(f"{shape} hopper_pays {row['hopper']}; " + "; ".join(

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import floor, records, timing
-from hydragen_jax import merge_states, validation
+from hydragen_jax import dispatch, merge_states
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import hopper, merge, ops
 from hydragen_jax.tuning import HopperTuning, Tile, Tuning
@@ -246,10 +246,10 @@ def choices(configs, groups) -> list[Choice]:
   configs' own sizes as candidates, and twice the largest (none of them); the Hopper kernel's two, every pair of
   those (of equally fast pairs, the last: the larger thresholds)."""
   every = [configs[i] for i in groups["all"]]
-  works = sorted({validation.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in every})
-  seq_works = sorted({validation.prefix_work((1, 1, hq), hkv, p) for _, p, _, hq, hkv in every})
+  works = sorted({dispatch.prefix_work((b, 1, hq), hkv, p) for b, p, _, hq, hkv in every})
+  seq_works = sorted({dispatch.prefix_work((1, 1, hq), hkv, p) for _, p, _, hq, hkv in every})
   # fill thresholds: below every config's fill, between each two, above all (the configs' fills on this device)
-  fills = sorted({round(validation.prefix_fill((b, 1, hq), hkv, ops.num_cores()), 3) for b, _, _, hq, hkv in every})
+  fills = sorted({round(dispatch.prefix_fill((b, 1, hq), hkv, ops.num_cores()), 3) for b, _, _, hq, hkv in every})
   fill_cuts = [0.0] + [round((a + b) / 2, 3) for a, b in zip(fills, fills[1:])] + [2 * fills[-1]]
   rows = sorted({b * hq // hkv for b, _, _, hq, hkv in every})
   return [
@@ -360,8 +360,8 @@ class Sweep:
       settings = tune.hopper_for(hopper.query_rows(q.shape, hkv), p)
       fits = hopper.supported(q, jax.ShapeDtypeStruct(pk.shape[1:], pk.dtype), sk, hopper.config_of(settings)) is None
       # "pallas" as the API runs it: the Hopper kernel only on a Hopper GPU (a dry run traces it anywhere)
-      on_hopper = self.dry_run or validation.on_hopper()
-      if kernel == "hopper" or (fits and on_hopper and validation.pays_on_hopper(q.shape, hkv, p, tune,
+      on_hopper = self.dry_run or dispatch.on_hopper()
+      if kernel == "hopper" or (fits and on_hopper and dispatch.pays_on_hopper(q.shape, hkv, p, tune,
                                                                                    suffix_capacity=sk.shape[1])):
         return ("hopper", i, settings) if fits else None
     pb, sb = sweep_kernels.launch_blocks(cfg, {}, tune)

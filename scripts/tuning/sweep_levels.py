@@ -11,7 +11,7 @@ differences measured: session 11), median of repeats, at every (R, L, heads) of 
 other shapes (`EXTRA`: the demo's). The node map is static, as in the models (a tuple in `models.cache.LevelCache`:
 the sequences are grouped on the host); a traced map would time a device sort and count in every step.
 
-The cost model (`validation.batching_pays`) batches a level whose nodes have at least `batch_min_readers` readers
+The cost model (`dispatch.batching_pays`) batches a level whose nodes have at least `batch_min_readers` readers
 on average and which saves at least `batch_min_saved_bytes` of K and V a layer. `fit_rule` picks the two from the
 measured levels: the pair whose choices give the least total time over them (ties: the rule that batches more),
 taken from the reader counts and byte counts measured (a byte count above the largest: no measured level batched). The times, the bytes each level saves and the rule's
@@ -31,7 +31,7 @@ import numpy as np
 
 import hydragen_jax as hj
 from experiments import timing
-from hydragen_jax import validation
+from hydragen_jax import dispatch
 from scripts.tuning import field_sweep
 
 READERS = (2, 3, 4, 8)
@@ -62,10 +62,10 @@ def step_inputs(nodes: int, readers: int, node_keys: int, heads: tuple[int, int,
 
 
 def saved_bytes(nodes: int, readers: int, node_keys: int, heads: tuple[int, int, int], itemsize: int) -> int:
-  """Bytes of K and V of one layer's level that reading it batched does not read (`validation.batching_saves`,
+  """Bytes of K and V of one layer's level that reading it batched does not read (`dispatch.batching_saves`,
   a node's K and V being ``2 · L · Hkv · D · itemsize``, as `models.cache.level_node_bytes` counts them)."""
   _, hkv, d = heads
-  return validation.batching_saves(nodes * readers, nodes, 2 * node_keys * hkv * d * itemsize)
+  return dispatch.batching_saves(nodes * readers, nodes, 2 * node_keys * hkv * d * itemsize)
 
 
 def make_step(levels, batched: bool, backend: str | None):
@@ -98,9 +98,9 @@ class Measured:
 
 
 def batched_by(p: Measured, rule: tuple[int, int]) -> bool:
-  """Whether the rule (batch_min_readers, batch_min_saved_bytes) reads level `p` batched (`validation.batching_rule`,
+  """Whether the rule (batch_min_readers, batch_min_saved_bytes) reads level `p` batched (`dispatch.batching_rule`,
   `p.readers` readers of one node)."""
-  return validation.batching_rule(p.readers, 1, p.saved, *rule)
+  return dispatch.batching_rule(p.readers, 1, p.saved, *rule)
 
 
 def rule_seconds(points: list[Measured], rule: tuple[int, int]) -> float:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
   not_measured = ("--tiny" if args.tiny else None) or field_sweep.off_gpu()
   field_sweep.check_out(parser, args, not_measured)
   try:  # before the sweep's minutes: an unknown name, or a compiled backend off a GPU
-    validation.resolve_backend(args.backend)
+    dispatch.resolve_backend(args.backend)
   except ValueError as e:
     parser.error(f"--backend: {e}")
   run = field_sweep.Run.begin("sweep_levels", argv, args.base)
