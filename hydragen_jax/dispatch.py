@@ -96,7 +96,7 @@ def pays_on_hopper(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity:
   tuning = tuning_lib.resolve(tuning)
   cores = ops.num_cores(tuning) if num_cores is None else num_cores
   work = prefix_work(q_shape, num_kv_heads, prefix_capacity)
-  rows = prefix_work((1, *q_shape[1:]), num_kv_heads, 1)  # T·g: one sequence's query rows a KV head
+  rows = hopper.query_rows(q_shape, num_kv_heads)  # T·g: one sequence's query rows a KV head
   if 0 < tuning.hopper_max_rows < rows:
     return False
   bound = tuning.hopper_seq_max_suffix

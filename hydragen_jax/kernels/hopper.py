@@ -215,8 +215,7 @@ def prefix_items(q_shape: tuple[int, ...], num_kv_heads: int) -> int:
   items than SMs the prefix product uses only part of the tensor cores (`dispatch.pays_on_hopper`), unless its
   keys are split (`prefix_fill`: each split another item). Items of real rows only: with `cluster = 2` a KV head
   with an odd count of blocks runs one more item, of padding."""
-  batch, steps, num_q_heads = q_shape[:3]
-  rows = batch * steps * num_q_heads // num_kv_heads
+  rows = q_shape[0] * query_rows(q_shape, num_kv_heads)  # B·T·g
   return num_kv_heads * -(-rows // (PAIR * ROWS))
 
 
@@ -249,8 +248,7 @@ def with_grid(q_shape: tuple[int, ...], num_kv_heads: int, prefix_capacity: int,
 def _busy_ctas(q_shape: tuple[int, ...], num_kv_heads: int, config: HopperConfig) -> int:
   """CTAs that get an item (prefix: KV head × key split × 128-row block, the blocks padded to whole clusters;
   suffix: sequence or packed window × KV head) when there are at least as many CTAs, in whole clusters."""
-  batch, steps, num_q_heads = q_shape[:3]
-  qrows = steps * num_q_heads // num_kv_heads
+  batch, qrows = q_shape[0], query_rows(q_shape, num_kv_heads)
   block = PAIR * ROWS * config.cluster
   prefix = num_kv_heads * config.prefix_splits * (-(-batch * qrows // block) * config.cluster)
   suffix = num_kv_heads * -(-batch // suffix_pack_of(qrows, config))
