@@ -201,8 +201,8 @@ def _check_range(name: str, x: jax.Array, value: np.ndarray | None, hi: int, bou
 def lengths_or_full(name: str, lengths, count: int, capacity: int, checked: bool = False,
                     what: str = "(the KV capacity)", scalar: bool = False) -> jax.Array | np.ndarray:
   """Validates `lengths` `[count]` of valid keys (<= capacity, which `what` names in errors); None means all
-  `capacity` keys are valid. `scalar`: `lengths` is one number reshaped to `[1]` (its errors name no index). int32, numpy where
-  known now (None, a numpy input: constants the kernels' plans read on the host)."""
+  `capacity` keys are valid. `scalar`: `lengths` is one number reshaped to `[1]` (its errors name no index). int32,
+  numpy where known now (None, a numpy input: constants the kernels' plans read on the host)."""
   if lengths is None:
     return np.full((count,), capacity, np.int32)  # a constant: no device work
   lengths, value = _int_vector(name, lengths, count, "")

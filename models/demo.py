@@ -18,6 +18,7 @@ loop of every mode on the same prompts and prints a table. On a GPU the same com
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -185,17 +186,32 @@ def _load(name: str):
             return model, tok, _chat_prompts(tok), QUESTIONS
         return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
     tok, model = ByteTokenizer(), load_default_model(dtype, path)
-    c = model.config  # byte-level: the byte tokenizer's vocabulary and special ids (where config.json names them)
+    c = model.config  # byte-level: the byte tokenizer's vocabulary, and its special ids where the files name them
     got = {"vocabulary": c.vocab_size, "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids),
            "pad_token_id": c.pad_token_id}
     want = {"vocabulary": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id],
             "pad_token_id": tok.pad_id}
+    named = {"vocabulary"} | _named_ids(path)  # (not the family's defaults, which the loaded config fills in)
     if wrong := [f"{k} {got[k]}, the byte tokenizer's {want[k]}" for k in got
-                 if got[k] not in (want[k], None, [])]:  # (ids the byte tokenizer gives would mean other tokens)
+                 if k in named and got[k] not in (want[k], None, [])]:  # (its ids would mean other tokens)
         raise CheckpointError(f"{path}: no tokenizer.json, and the model is not byte-level ({'; '.join(wrong)}): "
                               "put the checkpoint's tokenizer.json (and tokenizer_config.json) beside its "
                               "config.json")
     return model, tok, [tok.encode(FEW_SHOT + p) for p in PROBLEMS], PROBLEMS
+
+
+def _named_ids(path: str) -> set[str]:
+    """The special-id keys that a checkpoint's config.json or generation_config.json gives a value."""
+    named = set()
+    for name in ("config.json", "generation_config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):  # (absent; config.json was read by the loader already)
+            continue
+        if isinstance(data, dict):
+            named |= {k for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
+    return named
 
 
 def _wrap(text: str, width: int = 100) -> str:

@@ -6,8 +6,9 @@ bytes over the memory bandwidth. `linear` computes ``x @ w`` for several weights
 launch (the model passes one a call: its q/k/v and gate/up weights are packed, `models.llama.pack_layer`):
 
 * the grid runs over (weight i, block of `block_n` columns, split of the K rows); each program streams its
-  `[block_k, block_n]` weight tiles through a `num_stages`-deep pipeline and multiplies them by the matching
-  `[M', block_k]` slice of x (M' = M rounded up to a power of two, at least 16, the tensor cores' smallest tile; x is tiny and read from L2);
+  `[block_k, block_n]` weight tiles through a `num_stages`-deep pipeline and multiplies them by the matching `[M',
+  block_k]` slice of x (M' = M rounded up to a power of two, at least 16, the tensor cores' smallest tile; x is tiny
+  and read from L2);
 * K is split until the launch has `programs_per_core` programs per SM, so that enough tiles are in flight to reach
   the bandwidth when N is small (o, down); the splits' float32 partial sums are then added by XLA (one more small
   kernel). With one split the result is stored in x's dtype directly.

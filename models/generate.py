@@ -186,11 +186,12 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, vocab_size: i
 class DecodeState:
     """Everything the decode loop carries (a pytree). B sequences, N = max new tokens.
 
-    cache: the mode's cache; logits ``[B, V]`` float32 for the next token (on a mesh ``[B, V']``, padded -inf); positions ``[B]`` RoPE position of
-    the next token fed; tokens ``[B, N]`` (pad after a sequence stops); logprobs ``[B, N]``; lengths ``[B]``
-    tokens generated (stop token included); done ``[B]``; step () steps taken; key PRNG key; max_new ``[B]``
-    per-sequence budgets; stop_tokens ``[B, K]`` ids that end each sequence (-1 = none); long_rope: longrope's long
-    factors in use (prompts past the pretraining context: ``prefill``), which ``decode`` keeps.
+    cache: the mode's cache; logits ``[B, V]`` float32 for the next token (on a mesh ``[B, V']``, padded -inf);
+    positions ``[B]`` RoPE position of the next token fed; tokens ``[B, N]`` (pad after a sequence stops); logprobs
+    ``[B, N]``; lengths ``[B]`` tokens generated (stop token included); done ``[B]``; step () steps taken; key PRNG
+    key; max_new ``[B]`` per-sequence budgets; stop_tokens ``[B, K]`` ids that end each sequence (-1 = none);
+    long_rope: longrope's long factors in use (prompts past the pretraining context: ``prefill``), which ``decode``
+    keeps.
     """
 
     cache: Cache

@@ -270,8 +270,9 @@ def _init(config: LlamaConfig, key: jax.Array, draw) -> Params:
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_f32: bool = False,
              unit_offset: bool = False) -> jax.Array:
     """RMSNorm over the last axis, computed in float32. HF Llama semantics: x cast back to its dtype, then times the
-    weight (the result in x's dtype promoted with the weight's, as HF's ``weight * x.to(dtype)``); ``weight_f32`` (OLMo 2's): the weight applied in float32, then the cast;
-    ``unit_offset`` (Gemma's): the weight stored as its offset from 1, times (1 + weight) in float32, then the cast."""
+    weight (the result in x's dtype promoted with the weight's, as HF's ``weight * x.to(dtype)``); ``weight_f32``
+    (OLMo 2's): the weight applied in float32, then the cast; ``unit_offset`` (Gemma's): the weight stored as its
+    offset from 1, times (1 + weight) in float32, then the cast."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if unit_offset:

@@ -135,21 +135,26 @@ def attention_alone(state, mode: str, steps: int, num_q_heads: int, backend: str
   cache = state.cache
   q = jax.random.normal(jax.random.key(0), (cache.lengths.shape[0], 1, num_q_heads, cache.k[0].shape[-1]),
                         cache.k[0].dtype)
-  layers = [[hj.Level(lc.k[i], lc.v[i], lc.lengths, lc.nodes) for lc in
-             getattr(cache, "shared", ())] + [hj.Level(cache.k[i], cache.v[i], cache.lengths)]
-            for i in range(len(cache.k))]
 
   @jax.jit
-  def chained(q, layers):
+  def chained(q, cache):
     def body(_, q):
-      for levels in layers:
+      for levels in cache_levels(cache):
         q = hj.tree_attention(q, levels, batch_shared=mode == "hydragen", backend=backend).astype(q.dtype)
       return q
     return jax.lax.fori_loop(0, steps, body, q)
 
-  jax.block_until_ready(chained(q, layers))
-  total, _, _ = gpu_kernel_ns(lambda: chained(q, layers), 3)
-  return sum(total.values()) / 3 / steps / len(layers) / 1e9
+  jax.block_until_ready(chained(q, cache))
+  total, _, _ = gpu_kernel_ns(lambda: chained(q, cache), 3)
+  return sum(total.values()) / 3 / steps / len(cache.k) / 1e9
+
+
+def cache_levels(cache) -> list[list[hj.Level]]:
+  """Each layer's levels of a mode's cache, as the model's attention reads them: the shared levels' node maps
+  numpy (static in the cache's pytree: the kernels group a node's readers on the host), then the per-sequence
+  level."""
+  return [[hj.Level(lc.k[i], lc.v[i], lc.lengths, lc.nodes) for lc in getattr(cache, "shared", ())]
+          + [hj.Level(cache.k[i], cache.v[i], cache.lengths)] for i in range(len(cache.k))]
 
 
 def main():

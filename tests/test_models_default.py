@@ -110,6 +110,12 @@ def test_demo_refuses_a_vocabulary_of_259_with_other_special_ids(tmp_path, capsy
     err = capsys.readouterr().err
     assert ("not byte-level (bos_token_id 1, the byte tokenizer's 256; eos_token_id [2, 257], the byte tokenizer's "
             "[257])") in err, err
+    # a config.json naming no special ids is byte-level by its vocabulary (the family's defaults, 1 and 2, the
+    # loaded config fills in, are not the checkpoint's)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config.pop(key)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert main(["--model", str(tmp_path / "m"), "--max-new-tokens", "2", "--samples", "1", "--modes", "hydragen"]) == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="reading GGUF files needs gguf")

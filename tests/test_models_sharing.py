@@ -208,3 +208,9 @@ def test_malformed_trees_are_refused_by_name(make, message):
 def test_trees_take_iterators_and_arrays():
     tree = SharingTree(iter([SharedLevel(iter([(1, 2)]), np.array([0, 0]))]), np.array([[3], [4]]))
     assert tree.prompt(0) == (1, 2, 3) and tree.prompt(1) == (1, 2, 4)
+
+
+def test_bytes_are_token_ids():
+    """bytes are a sequence of ints (a str is refused: it is text, not token ids)."""
+    assert build_sharing_tree([b"abc", b"abd"]).prompt(0) == (97, 98, 99)
+    assert SharingTree((SharedLevel((b"ab",), (0,)),), (b"c",)).prompt(0) == (97, 98, 99)

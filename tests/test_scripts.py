@@ -54,6 +54,33 @@ def test_profile_decode_runs_each_mode_and_refuses_demo_with_tp(monkeypatch, cap
 
 
 @pytest.mark.slow  # a tuning tool's plumbing (CI time): the slow tier, `bash scripts/test.sh --all`, runs it
+def test_profile_decode_reads_the_levels_as_the_model_does():
+  """The attention-alone timing builds each layer's levels inside its jitted step from the cache, so the shared
+  levels' node maps stay numpy (the kernels bound a node's readers on the host); passed as traced arguments they
+  sized every node's rows for the whole batch (twice the model's programs on the demo's second level)."""
+  import models  # noqa: PLC0415
+  from models.config import LlamaConfig  # noqa: PLC0415
+  from scripts.profile_decode import cache_levels  # noqa: PLC0415
+
+  cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+  state = models.prefill(models.init_random(cfg, jnp.float32, 0), [[1, 2, 3, 4], [1, 2, 3, 5], [1, 6, 7], [1, 6, 8]],
+                         2, mode="hydragen", backend="xla")
+  seen = []
+
+  @jax.jit
+  def step(cache):
+    levels = cache_levels(cache)
+    seen.append([(type(level.seq_to_node), level.k.shape) for level in levels[1]])
+    return levels[1][-1].k
+
+  step(state.cache)
+  shared = state.cache.shared
+  assert len(seen[0]) == len(shared) + 1 >= 3  # the root, the two branches, the suffixes
+  assert all(kind is np.ndarray for kind, _ in seen[0][:-1]), seen
+  assert [shape for _, shape in seen[0][:-1]] == [lc.k[1].shape for lc in shared]
+
+
 def test_profile_decode_write_profiles_each_cache_write(tmp_path):
   """`--write 0,8`: the decode step with XLA's scatters, then with the cache-write kernel (its compiled step holds
   the kernel, the other's not)."""

@@ -54,8 +54,8 @@ _M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 
 
 @dataclasses.dataclass(frozen=True)
 class HopperConfig(tuning_lib.HopperTuning):
-  """Static configuration of the Hopper kernel. The defaults equal the H100 file's T·g >= 9 setting;
-  `tuned_config()` gives the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
+  """Static configuration of the Hopper kernel. The defaults equal the H100 file's T·g >= 9 setting; `tuned_config()`
+  gives the device's (its `hydragen_jax.tuning` file), which the kernel takes where no config is passed.
 
   num_ctas: CTAs of the persistent grid; None: one per SM of the device (either way no more than the work has items:
   `_busy_ctas`). prefix_stages / suffix_stages: key tiles

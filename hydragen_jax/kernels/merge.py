@@ -99,7 +99,8 @@ def merge_stacks(stacks: Sequence[tuple[Array, Array]], *, interpret: bool = Fal
       warps; None: the tuning's `merge_rows` and `merge_warps` (`tuning.current()`).
 
   Returns:
-    out `[..., D]` in the first stack's dtype and lse `[...]` float32, as `reference.merge_states` over every part of every stack.
+    out `[..., D]` in the first stack's dtype and lse `[...]` float32, as `reference.merge_states` over every part of
+    every stack.
   """
   if not stacks:
     raise ValueError("merge_stacks: `stacks` is empty; expected at least one (out, lse) pair.")

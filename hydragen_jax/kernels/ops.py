@@ -7,10 +7,10 @@ Two ways to read a level's KV (`k, v [R, S, Hkv, D]` rows):
 * `batched`: the sequences that read one node are stacked into one row matrix (B_n·T·g rows), so each node's KV
   is read once per row block for all of them: Hydragen's inter-sequence batching.
 
-Each returns a plan (static `LevelSpec`, arrays `LevelWork`); `run` executes the plans of all levels in one
-kernel launch (or one a level: `launch="separate"`) and returns each level's `(out, lse)` parts (one per key split) for `merge_states`. A per-sequence
-plan may carry the step's new keys and values (`per_sequence(new=...)`): the launch reads them from there and
-writes them into the level's caches, which `run_write` returns with the parts.
+Each returns a plan (static `LevelSpec`, arrays `LevelWork`); `run` executes the plans of all levels in one kernel
+launch (or one a level: `launch="separate"`) and returns each level's `(out, lse)` parts (one per key split) for
+`merge_states`. A per-sequence plan may carry the step's new keys and values (`per_sequence(new=...)`): the launch
+reads them from there and writes them into the level's caches, which `run_write` returns with the parts.
 """
 
 from __future__ import annotations
