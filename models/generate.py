@@ -115,14 +115,17 @@ def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     (1.0: every token, no work) or a traced scalar."""
     if not isinstance(p, jax.core.Tracer) and bool(np.all(np.asarray(p) >= 1.0)):  # a number or array, concrete
         return logits
-    order = jnp.argsort(-logits, axis=-1, stable=True)  # most likely first; of tied tokens the lower id first
-    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    ranked = -jnp.sort(-logits, axis=-1)  # the values, most likely first (no indices: a sort, no scatter back)
+    probs = jax.nn.softmax(ranked, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted entry
     keep = (before < p) | (p >= 1.0)  # a traced p of 1.0: every token (float32 sums can fall short of it)
-    # back to vocabulary order by position, not by a logit threshold, which would keep every token tied with the
-    # last one kept (transformers' TopPLogitsWarper keeps the same mass)
-    kept = jnp.put_along_axis(jnp.zeros_like(keep), order, keep, axis=-1, inplace=False)
-    return jnp.where(kept, logits, -jnp.inf)
+    n = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)  # tokens kept (a prefix of the ranking)
+    last = jnp.take_along_axis(ranked, n - 1, axis=-1)  # the value of the last one kept
+    # the n first by position, not every token tied with the last one (transformers' TopPLogitsWarper keeps the
+    # same mass): those above it, then of those tied with it the lower ids first, as many as make n
+    above, tied = logits > last, logits == last
+    room = n - jnp.sum(above, axis=-1, keepdims=True)
+    return jnp.where(above | (tied & (jnp.cumsum(tied, axis=-1) <= room)), logits, -jnp.inf)
 
 
 def categorical(key: jax.Array, x: jax.Array, vocab_size: int | None = None) -> jax.Array:

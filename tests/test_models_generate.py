@@ -336,21 +336,29 @@ def test_top_p_mask_keeps_the_mass_of_tied_tokens_as_transformers():
     assert keep([2.0, 1, 1, 1, 1], 0.5) == [True, True, False, False, False]
     assert keep([0.0, 0, 0, 0], 0.3) == [True, True, False, False]
     assert keep([1.0, 3, 1, 3], 0.6) == [False, True, False, True]
-    logits = jnp.round(jax.random.normal(jax.random.key(3), (64, 50)) * 2) / 2  # many ties
-    for p in (0.1, 0.5, 0.9):
-        got = np.isfinite(np.asarray(top_p_mask(logits, p)))
-        x = np.asarray(logits, np.float64)  # the rule: the fewest most likely tokens of mass >= p; of tied tokens
-        # the lower ids first (transformers' warper keeps the same mass; which of tied tokens, its sort decides)
+    def nucleus(x, p):  # the rule: the fewest most likely tokens of mass >= p; of tied tokens the lower ids first
+        # (transformers' warper keeps the same mass; which of tied tokens, its sort decides)
+        x = np.asarray(x, np.float64)
         probs = np.exp(x - x.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         order = np.argsort(-x, axis=-1, kind="stable")
         sorted_p = np.take_along_axis(probs, order, -1)
-        kept_sorted = np.cumsum(sorted_p, -1) - sorted_p < p
-        want = np.zeros_like(got)
-        np.put_along_axis(want, order, kept_sorted, -1)
+        want = np.zeros(x.shape, bool)
+        np.put_along_axis(want, order, np.cumsum(sorted_p, -1) - sorted_p < p, -1)
+        return want, probs
+
+    logits = jnp.round(jax.random.normal(jax.random.key(3), (64, 50)) * 2) / 2  # many ties
+    for p in (0.1, 0.5, 0.9, 0.999):
+        got = np.isfinite(np.asarray(top_p_mask(logits, p)))
+        want, probs = nucleus(logits, p)
         np.testing.assert_array_equal(got, want)
         mass = (probs * got).sum(-1)
         assert (mass >= p - 1e-6).all() and (mass - (probs * got).min(-1, where=got, initial=1) < p + 1e-6).all()
+        # traced p; and after top_k: -inf entries (tied among themselves) never kept, ties at the k-th value kept
+        np.testing.assert_array_equal(np.isfinite(np.asarray(jax.jit(top_p_mask)(logits, jnp.float32(p)))), want)
+        masked = top_k_mask(logits, 5)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(top_p_mask(masked, p))), nucleus(masked, p)[0])
+    assert keep([-np.inf, 1.0, -np.inf, -np.inf], 0.999) == [False, True, False, False]
 
 
 def test_sample_checks_its_keyword_values_and_takes_any_config_form():
