@@ -17,7 +17,7 @@ writes its new entries in place.
   output is the queries, as in the paper's code). For throughput upper bounds ONLY: the generated text is
   meaningless.
 
-``make_attend(mode, new_tokens, backend)`` returns the ``attend(cache, layer, q, k, v)`` callback that
+``make_attend(mode, new_tokens, backend, decode)`` returns the ``attend(cache, layer, q, k, v)`` callback that
 ``models.llama.Llama`` calls in each layer: it writes the T new keys/values of each sequence (right-aligned:
 sequence b's ``new_tokens[b]`` real tokens are the last query slots) after the cache's valid entries, then
 attends causally with those entries included. After the forward, ``advance(cache, new_tokens)`` moves the

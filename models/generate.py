@@ -252,6 +252,7 @@ def _id_list(name: str, ids, vocab_size: int) -> list[int]:
 
 
 def _round_up(x: int, m: int) -> int:
+    """x rounded up to a multiple of m, at least m (a capacity of 0 keys still holds one tile)."""
     return max(m, -(-x // m) * m)
 
 
@@ -262,6 +263,7 @@ def _token_width(x: int, m: int) -> int:
 
 
 def _right_aligned(rows: Sequence[Sequence[int]], T: int) -> np.ndarray:
+    """rows of token ids as an int32 ``[len(rows), T]`` array, each row's ids at its end (zeros before)."""
     out = np.zeros((len(rows), T), np.int32)
     for i, r in enumerate(rows):
         if r:
@@ -355,6 +357,10 @@ def _prefill_rows(model: Llama, cache: TreeCache, tokens, lengths, start, plan_c
 
 
 def _prefill_impl(params, arrays, *, config: LlamaConfig, plan: _Plan, mode: str, backend, mesh=None):
+    """The prefill (jitted, `_prefill_jit`): each shared level's nodes through the model in `plan.chunk`-token
+    chunks, reading their ancestors' caches, then the suffixes; returns the mode's cache and the logits of each
+    sequence's last prompt token, and the RoPE position of each sequence's next token. ``arrays``: `_host_arrays`'
+    token arrays, lengths and offsets."""
     model = Llama(config, params, mesh)
     L, Hkv, D = config.num_hidden_layers, model.kv_heads, config.head_dim
     dtype = model.dtype
