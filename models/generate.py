@@ -524,7 +524,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     extra = ([_id_list(f"stop_tokens[{b}]", s, config.vocab_size)
               for b, s in enumerate(_stop_entries(stop_tokens, B, "sequence"))]
              if stop_tokens is not None else [[] for _ in range(B)])
-    K = max(1, max(len(eos) + len(s) for s in extra))
+    # K columns a sequence, a power of two of at least 4: other stop lists of up to K ids reuse the compiled loop
+    K = max(4, 1 << (max(len(eos) + len(s) for s in extra) - 1).bit_length())
     stops = np.full((B, K), -1, np.int32)
     for b, s in enumerate(extra):
         ids = list(eos) + s
@@ -697,15 +698,18 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     """Run up to ``num_steps`` decode steps (one token per sequence each) inside one ``lax.while_loop``.
 
     ``state`` is donated: use only the returned state. ``num_steps`` (an integer >= 0, or an integer scalar array)
-    is traced (no recompile per value).
+    is traced (no recompile per value); a JAX array's value is read on the device only (decode does not wait for
+    it; a negative one runs no step).
     """
     _check_model(model, "decode")
-    if not _is_int(num_steps) or (not isinstance(num_steps, jax.core.Tracer) and num_steps < 0):
+    on_device = isinstance(num_steps, jax.Array)  # traced, or an array maybe still being computed: never read here
+    if not _is_int(num_steps) or (not on_device and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
-    if not isinstance(num_steps, jax.core.Tracer):  # more than int32 holds: as many as the tokens left (the cap)
+    if not on_device:  # more than int32 holds: as many as the tokens left (the cap)
         num_steps = min(int(num_steps), 2**31 - 1)
-    elif jnp.iinfo(num_steps.dtype).max > 2**31 - 1:  # traced and wider than int32 (uint32; int64 with
-        # jax_enable_x64): clipped in its own type, here, before the 32-bit step below would wrap it
+    elif jnp.iinfo(num_steps.dtype).max > 2**31 - 1:  # wider than int32 (uint32; int64 with jax_enable_x64):
+        # clipped in its own type, on the device, before the 32-bit step below would wrap it (the loop takes a
+        # negative count as none)
         num_steps = jnp.clip(num_steps, 0, 2**31 - 1)
     return _decode_32(model, state, num_steps, sampling=sampling, backend=backend)
 

@@ -150,3 +150,23 @@ def test_vmap_over_nonempty_axes_is_unchanged(backend):
   _, k, v = _inputs()
   fn = lambda backend: jax.vmap(_calls(backend)["hydragen_attention"], in_axes=(0, None, None))
   np.testing.assert_allclose(np.float32(fn(backend)(q, k, v)[0]), np.float32(fn("xla")(q, k, v)[0]), atol=2e-2)
+
+
+def test_an_interpreted_call_does_not_recompile_what_was_jitted_before():
+  """The first interpreted kernel call imported Pallas' interpreter, which registers a config option (part of every
+  jit cache key): the function jitted just before compiled again at its next identical call. Run in a fresh process
+  (the import is once a process)."""
+  code = """
+import functools, jax, jax.numpy as jnp
+import hydragen_jax as hj
+q = jnp.ones((2, 1, 4, 16)); pk = jnp.ones((8, 2, 16)); sk = jnp.ones((2, 4, 2, 16))
+f = jax.jit(functools.partial(hj.hydragen_attention, backend="interpret"))
+for _ in range(2):
+  jax.block_until_ready(f(q, pk, pk, sk, sk))
+print("compiled", f._cache_size())
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "compiled 1" in run.stdout, run.stdout

@@ -153,6 +153,30 @@ def test_other_temperatures_and_top_ps_reuse_the_compiled_loop(model):
     assert not [name for name in events if "compile" in name and "backend" in name], events
 
 
+def test_other_stop_lists_reuse_the_compiled_loop(model):
+    """The state's stop ids are `[B, K]` with K a power of two of at least 4: eos and stop lists of other lengths
+    within it compile nothing (each width compiled a decode loop: a server's per-request stop ids recompiled), and
+    each list still stops its sequences."""
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    kw = dict(max_new_tokens=6, backend="xla")
+    free = generate(model, prompts, eos_ids=(), **kw)
+    first = int(free.tokens[0, 1])  # sequence 0's second token: stopping on it ends it after two
+    events = []
+    listener = lambda name, _secs, **_: events.append(name)  # noqa: E731
+    generate(model, prompts, eos_ids=(60,), **kw)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        two = generate(model, prompts, eos_ids=(60, 61), **kw)
+        out = generate(model, prompts, eos_ids=(60,), stop_tokens=[[62, 63, first], []], **kw)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not [name for name in events if "compile" in name and "backend" in name], events
+    np.testing.assert_array_equal(two.tokens, free.tokens)
+    assert out.lengths[0] == 2 and int(out.tokens[0, 1]) == first
+    state = prefill(model, prompts, 4, eos_ids=(60,), stop_tokens=[[1, 2, 3, 4], []], backend="xla")
+    assert state.stop_tokens.shape == (2, 8)
+
+
 def test_sample_refuses_a_value_for_a_setting_its_config_turns_off():
     """temperature / top_p replace the values of settings cfg turns on (the decode loop's traced ones): a value for
     one it turns off (ignored before) or a 0 temperature for a sampling cfg (NaN) is refused; a concrete top_p of 1.0,
@@ -679,6 +703,23 @@ def test_decode_and_sampling_bad_input(model):
     # counts past int32 as 0-d arrays too: as many steps as are left (not wrapped to 0 or below by the cast)
     for steps in (np.array(2**40), jnp.uint32(2**31), np.array(2**31, np.uint32)):
         assert int(decode(model, prefill(model, [[1, 2, 3]], 3), steps).step) == 3, steps
+    # a JAX array's count is read on the device only (never waited for here): a negative one runs no step
+    assert int(decode(model, prefill(model, [[1, 2, 3]], 3), jnp.int32(-3)).step) == 0
+
+
+def test_decode_does_not_wait_for_an_array_step_count(model, monkeypatch):
+    """A step count given as a JAX array (e.g. computed on the device from an earlier result) is passed to the loop
+    as it is: decode() read it on the host (its sign, int()), which waited for the work computing it."""
+    state = prefill(model, [[1, 2, 3]], 4)
+    count = jnp.int32(2)
+    reads = []
+    for name in ("__int__", "__bool__", "__index__"):
+        real = getattr(type(count), name)
+        monkeypatch.setattr(type(count), name, lambda self, real=real, name=name: reads.append(name) or real(self))
+    out = decode(model, state, count)
+    monkeypatch.undo()
+    assert not reads, reads
+    assert int(out.step) == 2
     assert SamplingConfig(top_k=np.int64(5), temperature=np.float32(0.5)) == SamplingConfig(0.5, 5)
     for kwargs, match in ((dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
                           (dict(temperature=True), "temperature must be 0 .*got True"),
