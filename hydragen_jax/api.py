@@ -65,7 +65,9 @@ class Level:
     k, v: `[N, L, Hkv, D]` keys and values of the level's N nodes; with `layer`, `[num_layers, N, L, Hkv, D]`.
     lengths: `[N]` valid tokens of each node (<= L); nodes may differ in length, 0 included.
     seq_to_node: `[B]` the node each sequence reads; None means sequence b reads node b (N == B). A numpy array
-      (a tree known when tracing) lets the kernels group the sequences on the host: no device work per step.
+      (a tree known when tracing) lets the kernels group the sequences on the host: no device work per step. (A
+      Level passed as an argument of a jitted function has its arrays traced, numpy ones too: build it inside the
+      function, or close over the numpy map, to keep the grouping; or give `max_group`.)
     max_group: static bound on how many sequences read one node (None: B, or with a numpy seq_to_node its most-read
       node's readers); the kernels give each node rows for that many sequences, so it must hold: checked
       against a concrete seq_to_node (ValueError) and, with `checked=True`, against a traced one (checkify); a
