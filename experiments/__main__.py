@@ -10,7 +10,7 @@ import sys
 def _run_options(parser) -> None:
     """The options shared by `run` and `bench-attention`."""
     parser.add_argument("--smoke", action="store_true", help="apply the config's [smoke] overrides (CPU-sized)")
-    parser.add_argument("--out", help="JSONL path (default experiments/results/NAME-DEVICE-DATE.jsonl)")
+    parser.add_argument("--out", help="JSONL path (default experiments/results/NAME[-smoke]-DEVICE-YYYYmmdd-HHMMSS.jsonl)")
     parser.add_argument("--plot", action="store_true", help="also draw the plots next to the results")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "list":
         for path in sorted(config_lib.CONFIG_DIR.glob("*.toml")):
-            print(path.stem)
+            print(f"{path.stem:16} {config_lib.load(path).get('description', '')}")
         return 0
     if args.command == "report":
         return report(args)

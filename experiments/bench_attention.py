@@ -1,9 +1,9 @@
 """Issue #5's attention microbenchmark: one decode step of B sequences sharing a P-token prefix.
 
 For each seed config and each suffix length s in (1, out/2, out), every variant is compiled and timed on the same
-random bf16 inputs (built once per (config, s), freed before the next). Per-step times are combined with Simpson's
-rule into tokens/s = B / mean step time; the floor (see `floor.py`) uses the copy bandwidth and matmul rate measured
-at the start of the same run.
+random inputs of `bench.dtype` (built once per (config, s), freed before the next). Per-step times are combined with
+Simpson's rule into tokens/s = B / mean step time; the floor (see `floor.py`) uses the bandwidth (the best of
+`device_rates`' probes) and the matmul rate measured at the start of the same run.
 
 Variants (`VARIANTS`):
   hydragen            hydragen_jax.hydragen_attention (pallas on GPU: the Hopper kernel where it pays, else
@@ -76,9 +76,6 @@ VARIANTS = {
     "flashinfer_cascade": Variant("flashinfer_cascade", prefix_copied=False, needs_gpu=True, outside=True,
                                   kv_copy=True),
 }
-BASELINES = ("reference", "cudnn_per_sequence", "xla_per_sequence", "shared_storage")
-
-
 def cases_from_config(config: dict) -> list[Case]:
     bench = config["bench"]
     return [Case(head_dim=bench["head_dim"], dtype=bench["dtype"], **row) for row in bench["configs"]]

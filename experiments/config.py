@@ -1,8 +1,8 @@
 """Experiment configs: TOML files with a `[smoke]` table of overrides, validated against a schema.
 
 A config names its `kind` (which experiment runs it); every kind has a schema (nested dict of expected keys).
-Leaves of a schema are `Field`s; a list of tables is described by `Rows(schema)`. Unknown or ill-typed keys raise
-`ConfigError` whose message names the dotted key (e.g. `bench.configs[2].batch`).
+Leaves of a schema are `Field`s (a list of values: `ListOf`); a list of tables is described by `Rows(schema)`.
+Unknown or ill-typed keys raise `ConfigError` whose message names the dotted key (e.g. `bench.configs[2].batch`).
 """
 
 from __future__ import annotations
@@ -262,9 +262,8 @@ def validate(data: dict, schema: dict, prefix: str = "") -> None:
     """Raise ConfigError naming the first bad key of `data` under `schema`."""
     if not isinstance(data, dict):
         raise ConfigError(f"key '{prefix.rstrip('.')}' must be a table, got {data!r}")
-    open_table = schema.get("__open__", False)
     for key in data:
-        if key.startswith("__") or (key not in schema and not open_table):  # "__": the schema's own markers
+        if key.startswith("__") or key not in schema:  # "__": the schema's own markers (__optional__)
             raise ConfigError(f"unknown key '{prefix}{key}'")
     for key, spec in schema.items():
         if key.startswith("__"):

@@ -1,4 +1,5 @@
-"""Measured device rates that define the floor: memory bandwidth and bf16 matmul rate (same run, same device).
+"""Measured device rates that define the floor: memory bandwidth and matmul rate in the run's dtype (same run, same
+device).
 
 The floor's bandwidth is the best of several probes, so that no slow way of moving bytes sets it:
   copy         a plain device-to-device copy of `nbytes` into a donated buffer (bytes read + written; no
@@ -208,9 +209,9 @@ def _back_to_back(timing_kw: dict) -> dict:
 
 
 def dispatch_time(timing_kw: dict) -> dict:
-    """Seconds per call of a trivial jitted op (x + 1 on 512 KiB) launched back to back (as the matmul probe's, for
-    >= the probes' repeat length: a config without its own min_repeat_s, the model runs', timed one call and its
-    wait): the host's cost of one dispatch, a lower bound on any step timed one call per step."""
+    """Seconds per call of a trivial jitted op (x + 1 on 512 KiB) launched back to back, timed as the matmul probe
+    (calls back to back for at least the probes' repeat length; the median per call): the host's cost of one
+    dispatch, a lower bound on any step timed one call per step."""
     x = jnp.ones((64, 32, 128), jnp.bfloat16)
     t = timing.time_fn(lambda a: a + 1, (x,), **_back_to_back(timing_kw))
     return {"dispatch_s": t.median_s}
@@ -295,4 +296,5 @@ def describe(rates: dict) -> str:
         if rates.get("read_bandwidth_bytes_per_s"):
             parts.append(f"read {rates['read_bandwidth_bytes_per_s'] / 1e12:.3f}")
     return (f"floor bandwidth {rates['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (best of: {', '.join(parts)} TB/s), "
-            f"bf16 matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (n = {rates['matmul_n']})")
+            f"{rates.get('matmul_dtype', 'bfloat16')} matmul {rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s "
+            f"(n = {rates['matmul_n']})")

@@ -91,8 +91,8 @@ class ModelShape:
 
 
 def tensor_parallel(shape: ModelShape, devices: int) -> ModelShape:
-    """One device's share of `shape` on `devices` devices (as models.parallel splits it: heads, MLP columns and
-    vocabulary rows divided, rounded up; a KV head per device where there are fewer KV heads than devices)."""
+    """One device's share of `shape` on `devices` devices (as models.parallel splits it: Hq/n query heads,
+    max(Hkv/n, 1) KV heads, the MLP columns and vocabulary rows divided rounded up, ⌈I/n⌉ and ⌈V/n⌉)."""
     if devices == 1:
         return shape
     return dataclasses.replace(shape, q_heads=shape.q_heads // devices, kv_heads=max(1, shape.kv_heads // devices),

@@ -18,7 +18,7 @@
 #   e2e-part1    e2e_throughput.toml, prefix 1K x batches 512, 64, 8                (~3-5 min)
 #   e2e-part2    e2e_throughput.toml, prefix 4K x batches 512, 64, 8                (~3-5 min)
 #   e2e-part3    e2e_throughput.toml, prefix 16K x batches 512, 64, 8               (~3-5 min)
-#   smoke        every config's [smoke] variant (checks the GPU code paths in ~1-2 min)
+#   smoke        the [smoke] variant of every single-device config (e2e_tp's: tp-smoke; ~1-2 min)
 # Tensor parallel (e2e_tp.toml; two GPUs, the nvidia-h200-x2 machine; TP = 1 and 2 in the same run):
 #   tp-smoke     e2e_tp's [smoke] variant on 2 GPUs, then every 2-device case of tests/tp_cases.py      (~3-6 min)
 #   tp-7b-1k     7B shape, prefix 1K, B = 512, 1024, 2048, 3072                                        (~4-6 min)

@@ -1,5 +1,6 @@
-"""The only module of experiments/ that touches `models`: build a random model, prefill, compile decode, and
-re-position a decode state for timing.
+"""The only module of experiments/ that runs `models`: build a random model, prefill, compile decode, and
+re-position a decode state for timing (config.py, e2e.py and report.py import only `models.LlamaConfig`, and
+config.py `models.parallel.split`, to check configs and estimate memory).
 
 Decode is timed by running a few steps from a chosen position of the generation (see `at_step`): the decode
 loop of `models.generate` is one jit-compiled `lax.while_loop` that donates its state, and its cost per step

@@ -475,7 +475,7 @@ def combined_plot(files: list[ResultsFile], records: list[dict], draw: bool = Tr
     if not path.exists() and draw:
         from experiments import plot
 
-        plot.plot_e2e_throughput(records, path.parent, path.stem.removesuffix("-throughput"))
+        plot.plot_e2e_throughput(records, path.parent, path.stem)
         drawn = path.parent / f"{path.stem}-throughput.png"
         drawn.rename(path)
         mine = re.compile(rf"e2e_throughput-combined-{re.escape(newest.slug)}-\d{{8}}(-\d{{6}})?\.png")

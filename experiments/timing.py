@@ -5,9 +5,9 @@ repeat launches the compiled function `inner` times back to back and blocks once
 calibrated from the warm-up so that a repeat lasts at least `min_repeat_s` (capped by `max_inner`). The reported
 time is the median over repeats of (repeat time / inner).
 
-Back-to-back calls still pay the host's cost of one dispatch per call (on the lent H100's host, 40–110 µs for a
-trivial jitted op), which is more than the whole GPU work of a small decode step. `chain_steps` runs several
-steps in one compiled call instead, as a jit-compiled decode loop does.
+Back-to-back calls still pay the host's cost of one dispatch per call (30–150 µs for a trivial jitted op on the lent
+machines' hosts: `dispatch_s` in experiments/README.md), which is more than the whole GPU work of a small decode
+step. `chain_steps` runs several steps in one compiled call instead, as a jit-compiled decode loop does.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ def chain_steps(fn: Callable, steps: int) -> Callable:
     return chained
 
 
-def compile_aot(fn: Callable, args: Sequence[Any], *, static_argnames=None) -> tuple[Callable, float]:
+def compile_aot(fn: Callable, args: Sequence[Any]) -> tuple[Callable, float]:
     """`jax.jit(fn).lower(*args).compile()`, returning the executable and its wall time in seconds."""
     start = time.perf_counter()
-    compiled = jax.jit(fn, static_argnames=static_argnames).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 

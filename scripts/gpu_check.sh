@@ -21,6 +21,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -m pytest -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-6}" -m "${1:-gpu}" tests 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 tests=$?
-"$PY" scripts/quick_bench.py 2>&1 | tee "$OUT/quick_bench.txt"
+"$PY" -m scripts.quick_bench 2>&1 | tee "$OUT/quick_bench.txt"
 bench=$?
 exit $((tests ? tests : bench))

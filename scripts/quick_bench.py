@@ -1,7 +1,8 @@
 """Quick kernel timing for development (the full benchmark is `python -m experiments bench-attention`).
 
 Times one decode step (T = 1) at suffix length s = out/2 for the nine seed configs
-(`experiments/configs/bench_attention.toml`) and prints the fraction of the floor. Usage: python scripts/quick_bench.py [--configs 0,1,...] [--variants a,b]
+(`experiments/configs/bench_attention.toml`) and prints the fraction of the floor. Usage:
+python -m scripts.quick_bench [--configs 0,1,...] [--variants a,b]
 """
 
 from __future__ import annotations

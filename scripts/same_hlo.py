@@ -73,7 +73,7 @@ def programs(tree: pathlib.Path, family: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="the revision to compare with (e.g. main, a27360f)")
     parser.add_argument("--families", default="llama,qwen2,qwen3")
     args = parser.parse_args(argv)
