@@ -239,7 +239,7 @@ def test_gpu_check_runs_in_its_repository_from_anywhere_and_fails_with_its_tests
                      text=True, timeout=60)
   lines = log.read_text().splitlines()
   assert [line.split(": ")[1].split()[:3] for line in lines] == [["-c", "import", "jax;"], ["-m", "pytest", "-q"],
-                                                                  ["scripts/quick_bench.py"]], lines
+                                                                  ["-m", "scripts.quick_bench"]], lines
   assert all(line.startswith(f"ran in {repo} with {repo}:") for line in lines), lines
   assert p.returncode == 3, (p.returncode, p.stderr)
   assert (elsewhere / "out" / "device.txt").read_text().startswith("NVIDIA H100")
@@ -253,7 +253,7 @@ def test_gpu_check_runs_in_its_repository_from_anywhere_and_fails_with_its_tests
   subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], cwd=elsewhere, env=env, capture_output=True,
                  text=True, timeout=60)
   assert [line.split()[:2] for line in log.read_text().splitlines()] == [
-      ["venv:", "-c"], ["venv:", "-c"], ["venv:", "-m"], ["venv:", "scripts/quick_bench.py"]], log.read_text()
+      ["venv:", "-c"], ["venv:", "-c"], ["venv:", "-m"], ["venv:", "-m"]], log.read_text()
   assert (repo / "gpu_check_out" / "device.txt").exists()
 
 
