@@ -15,15 +15,13 @@ import jax
 import jax.numpy as jnp
 
 import hydragen_jax as hj
+from experiments import config as config_lib
 from hydragen_jax.kernels import ops
 from scripts import cli
 
-SEED = [  # B, P, out, Hq, Hkv
-    (64, 1024, 512, 32, 32), (64, 2048, 512, 32, 32), (256, 2048, 512, 32, 32), (256, 2048, 1024, 32, 32),
-    (256, 4096, 1024, 32, 32), (512, 2048, 512, 32, 8), (512, 4096, 512, 32, 8), (1024, 4096, 512, 32, 8),
-    (1024, 8192, 512, 32, 8),
-]
-D = 128
+_BENCH = config_lib.load("bench_attention")["bench"]  # the seed rows are data: the benchmark's config
+SEED = [tuple(row[k] for k in ("batch", "prefix", "out", "q_heads", "kv_heads")) for row in _BENCH["configs"]]
+D = _BENCH["head_dim"]  # (B, P, out, Hq, Hkv) a row
 VARIANTS = ("hydragen", "prefix_half", "suffix_half", "shared_storage", "reference")
 
 
