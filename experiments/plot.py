@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import records, tables  # noqa: E402
-from hydragen_jax import tuning  # noqa: E402
 
 
 def _title(recs: list[dict], what: str) -> str:
@@ -242,7 +241,7 @@ def plot_records(recs: list[dict], out_dir: str | pathlib.Path, stem: str) -> li
         groups[r["experiment"], r["device"]].append(r)
     kinds = {kind for kind, _ in groups}
     devices = {device for _, device in groups}
-    short = {d: tuning.slug(d.split(":", 1)[-1]) for d in devices}  # the results files' slug ("nvidia-h200")
+    short = {d: records.device_slug(d) for d in devices}  # the results files' slug ("nvidia-h200")
     if len(set(short.values())) < len(devices):  # two devices of one slug ("NVIDIA H200", "nvidia h200"): numbered
         short = {d: f"{short[d]}-{i}" for i, d in enumerate(sorted(devices), 1)}
     for (kind, device), group in groups.items():

@@ -54,9 +54,10 @@ def device_kind() -> str:
     return f"{device.platform}:{device.device_kind}"
 
 
-def device_slug() -> str:
-    """The default device's kind as results files name it (the tuning files' slug: "nvidia-h200")."""
-    return tuning.slug(jax.devices()[0].device_kind)
+def device_slug(device: str | None = None) -> str:
+    """A device as results files name it, the tuning files' slug ('gpu:NVIDIA H100 80GB HBM3' or its kind ->
+    'nvidia-h100-80gb-hbm3'); None: this run's device (`device_kind`)."""
+    return tuning.slug((device_kind() if device is None else device).split(":", 1)[-1])
 
 
 def metadata() -> dict:

@@ -35,7 +35,6 @@ import re
 import urllib.parse
 
 from experiments import records, tables
-from hydragen_jax import tuning
 
 BEGIN = "<!-- report:begin"
 END = "<!-- report:end -->"
@@ -78,8 +77,8 @@ class ResultsFile:
 
 
 def device_slug(device: str) -> str:
-    """'gpu:NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (as records.device_slug names files)."""
-    return tuning.slug(device.split(":", 1)[-1])
+    """'gpu:NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (as results files are named: `records.device_slug`)."""
+    return records.device_slug(device)
 
 
 def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
