@@ -82,10 +82,9 @@ def cases_from_config(config: dict) -> list[Case]:
 
 
 def hydragen_backend(bench: dict) -> str:
-    chosen = bench["hydragen_backend"]
-    if chosen != "auto":
-        return chosen
-    return "pallas" if jax.devices()[0].platform == "gpu" else bench["cpu_backend"]
+    """The hydragen variant's backend on this run's device ("auto": pallas on a GPU)."""
+    return records.resolve_backend(bench["hydragen_backend"], bench["cpu_backend"],
+                                   jax.devices()[0].platform == "gpu", "pallas")
 
 
 # ---------------------------------------------------------------- inputs

@@ -57,10 +57,8 @@ class Job:
 
 
 def backend_of(config: dict) -> str | None:
-    chosen = config["backend"]
-    if chosen == "auto":
-        return None if jax.devices()[0].platform == "gpu" else config["cpu_backend"]
-    return chosen
+    """The models' backend on this run's device ("auto": None, the library's default, on a GPU)."""
+    return records.resolve_backend(config["backend"], config["cpu_backend"], jax.devices()[0].platform == "gpu", None)
 
 
 def jobs_for(config: dict, vocab: int) -> list[Job]:

@@ -54,6 +54,14 @@ def device_kind() -> str:
     return f"{device.platform}:{device.device_kind}"
 
 
+def resolve_backend(chosen: str | None, cpu_backend: str | None, gpu: bool, on_gpu: str | None) -> str | None:
+    """The backend a config's choice means on a device: `chosen`, except "auto": `on_gpu` on a GPU (`gpu`), else
+    `cpu_backend` (the runners resolve it for this run's device, the report for a record's)."""
+    if chosen != "auto":
+        return chosen
+    return on_gpu if gpu else cpu_backend
+
+
 def device_slug(device: str | None = None) -> str:
     """A device as results files name it, the tuning files' slug ('gpu:NVIDIA H100 80GB HBM3' or its kind ->
     'nvidia-h100-80gb-hbm3'); None: this run's device (`device_kind`)."""

@@ -182,7 +182,7 @@ def same_setup(f: ResultsFile) -> bool:
         if r["record"] == "model":
             if _mismatch(model.get("dtype"), point.get("dtype")) or _shape_differs(
                     model.get("shape", {}), point.get("shape", {})) or _mismatch(
-                    _backend(cfg.get("backend"), cfg.get("cpu_backend"), gpu, "default"),
+                    records.resolve_backend(cfg.get("backend"), cfg.get("cpu_backend"), gpu, "default"),
                     r.get("results", {}).get("backend")):
                 return False
         elif r["record"] in ("decode", "prefill") and (
@@ -193,8 +193,8 @@ def same_setup(f: ResultsFile) -> bool:
         elif r["record"] in ("summary", "step") and (
                 _mismatch(bench.get("dtype"), point.get("dtype")) or _mismatch(bench.get("head_dim"),
                                                                                point.get("head_dim"))
-                or _mismatch(_backend(bench.get("hydragen_backend"), bench.get("cpu_backend"), gpu, "pallas"),
-                             point.get("backend"))):
+                or _mismatch(records.resolve_backend(bench.get("hydragen_backend"), bench.get("cpu_backend"), gpu,
+                                                     "pallas"), point.get("backend"))):
             return False
     return True
 
@@ -208,14 +208,6 @@ def _shape_differs(committed: dict, ran: dict) -> bool:
     defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.default is not dataclasses.MISSING}
     same = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (JSON's list, the config's tuple)
     return any(_mismatch(same(committed.get(k, defaults.get(k))), same(v)) for k, v in ran.items())
-
-
-def _backend(chosen: str | None, cpu_backend: str | None, gpu: bool, on_gpu: str) -> str | None:
-    """The backend a config's `auto` resolves to on the run's device (as e2e.backend_of and
-    bench_attention.hydragen_backend resolve it: `on_gpu` on a GPU, else `cpu_backend`), or its own choice."""
-    if chosen != "auto":
-        return chosen
-    return on_gpu if gpu else cpu_backend
 
 
 def choose(files: list[ResultsFile], device: str | None = None) -> dict[str, list[ResultsFile]]:
