@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import timing
+
 ANCHORS = ("torch_hydragen", "flashinfer_cascade")
 PAGE_SIZE = 16
 WORKSPACE_BYTES = 256 * 2**20  # FlashInfer's float workspace (it recommends 128 MB)
@@ -175,9 +177,7 @@ def _event_times(fn: Callable[[], object], timing_kw: dict) -> tuple[list[float]
         return start.elapsed_time(end) / 1e3 / calls
 
     single = timed(1)
-    inner = 1
-    if timing_kw.get("min_repeat_s", 0) > 0 and timing_kw.get("max_inner", 1) > 1:
-        inner = int(min(timing_kw["max_inner"], max(1, math.ceil(timing_kw["min_repeat_s"] / max(single, 1e-9)))))
+    inner = timing.calls_per_repeat(single, timing_kw.get("min_repeat_s", 0), timing_kw.get("max_inner", 1))
     return [timed(inner) for _ in range(timing_kw["repeats"])], inner
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import math
 import statistics
 import time
 from typing import Any, Callable
@@ -57,7 +56,7 @@ def _time_calls(call: Callable[[Any], Any], state: Any, timing_kw: dict) -> tupl
         start = time.perf_counter()
         state = jax.block_until_ready(call(state))
         single = min(single, time.perf_counter() - start)
-    calls = int(min(PROBE_MAX_CALLS, max(1, math.ceil(min_repeat_s / max(single, 1e-9)))))
+    calls = timing.calls_per_repeat(single, min_repeat_s, PROBE_MAX_CALLS)
     times = []
     for _ in range(max(repeats, PROBE_MIN_REPEATS)):
         start = time.perf_counter()

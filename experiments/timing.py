@@ -87,6 +87,14 @@ def compile_aot(fn: Callable, args: Sequence[Any]) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - start
 
 
+def calls_per_repeat(single_s: float, min_repeat_s: float, max_calls: int) -> int:
+    """Calls back to back in one repeat so that it lasts at least `min_repeat_s` (one call took `single_s`), at most
+    `max_calls`; 1 where `min_repeat_s` is 0."""
+    if min_repeat_s <= 0 or max_calls <= 1:
+        return 1
+    return int(min(max_calls, max(1, math.ceil(min_repeat_s / max(single_s, 1e-9)))))
+
+
 def _run(compiled: Callable, args: Sequence[Any], inner: int) -> tuple[float, Any]:
     start = time.perf_counter()
     out = None
@@ -104,9 +112,7 @@ def time_compiled(compiled: Callable, args: Sequence[Any], *, warmup: int = 2, r
     single, out = _run(compiled, args, 1)  # first call: includes any lazy initialisation, never reported
     for _ in range(warmup):
         single, out = _run(compiled, args, 1)
-    inner = 1
-    if min_repeat_s > 0 and max_inner > 1:
-        inner = int(min(max_inner, max(1, math.ceil(min_repeat_s / max(single, 1e-9)))))
+    inner = calls_per_repeat(single, min_repeat_s, max_inner)
     times = []
     for _ in range(repeats):
         elapsed, out = _run(compiled, args, inner)

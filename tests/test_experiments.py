@@ -1730,3 +1730,15 @@ def test_model_runs_take_the_models_dtypes_only():
         with pytest.raises(config.ConfigError, match=r"model.dtype.*one of \['bfloat16', 'float32'\]"):
             config.load(name, smoke=True, assignments=["model.dtype='float16'"])
     assert config.load("bench_attention", smoke=True, assignments=["bench.dtype='float16'"])["bench"]["dtype"] == "float16"
+
+
+def test_calls_per_repeat_is_the_one_calibration_of_the_timers():
+    """One rule for the timers, the rate probes and the anchors: enough calls for a repeat of min_repeat_s, at most
+    max_calls, one where no minimum is asked."""
+    from experiments.timing import calls_per_repeat  # noqa: PLC0415
+
+    assert calls_per_repeat(1e-4, 0.05, 1000) == 500
+    assert calls_per_repeat(1e-4, 0.05, 100) == 100
+    assert calls_per_repeat(0.2, 0.05, 1000) == 1
+    assert calls_per_repeat(1e-4, 0.0, 1000) == 1 and calls_per_repeat(1e-4, 0.05, 1) == 1
+    assert calls_per_repeat(0.0, 0.05, 10**12) == 5 * 10**7  # a call timed at 0 s: as if 1 ns
