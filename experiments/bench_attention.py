@@ -133,7 +133,7 @@ def estimate_bytes(case: Case, s: int, variant: Variant) -> int:
 
 def plan(config: dict, capacity: int) -> list[dict]:
     """Each config x variant's estimated memory at s = out against `capacity` bytes (nothing is allocated)."""
-    usable = capacity * config.get("device", {}).get("memory_fraction", 0.92)
+    usable = memory.usable_bytes(capacity, config.get("device"))
     rows = []
     for case in cases_from_config(config):
         for name in config["bench"]["variants"]:

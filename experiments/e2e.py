@@ -180,7 +180,7 @@ def plan(config: dict, capacity: int) -> list[dict]:
     shape, dtype = config["model"]["shape"], config["model"]["dtype"]
     itemsize = jax.numpy.dtype(dtype).itemsize
     weights = model_api.shape_param_bytes(shape, itemsize)
-    usable = capacity * config.get("device", {}).get("memory_fraction", 0.92)
+    usable = memory.usable_bytes(capacity, config.get("device"))
     rows = []
     for tp in tensor_parallel_sizes(config):
         for job in jobs_for(config, shape["vocab_size"]):

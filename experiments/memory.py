@@ -36,12 +36,20 @@ def device_capacity(device_table: dict | None = None) -> int | None:
     return int(limit) if limit else None
 
 
+MEMORY_FRACTION = 0.92  # of a device's capacity that a point may plan to use, unless the config's device table says
+
+
+def usable_bytes(capacity: float, device_table: dict | None = None) -> int:
+    """Bytes a point may plan to use on a device of `capacity` bytes: the device table's `memory_fraction` of it."""
+    return int(capacity * (device_table or {}).get("memory_fraction", MEMORY_FRACTION))
+
+
 def check_fits(needed_bytes: int, device_table: dict | None = None) -> None:
     """Raise EstimatedOOM if `needed_bytes` exceeds memory_fraction * capacity (no-op if capacity is unknown)."""
     capacity = device_capacity(device_table)
     if capacity is None:
         return
-    usable = int(capacity * (device_table or {}).get("memory_fraction", 0.92))
+    usable = usable_bytes(capacity, device_table)
     if needed_bytes > usable:
         raise EstimatedOOM(needed_bytes, usable)
 
