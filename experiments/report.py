@@ -320,10 +320,10 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
     for i, (case, f, by) in enumerate(rows, 1):
         by_file.setdefault(f, []).append(i)
         floor_rate = next(iter(by.values()))["results"].get("floor_tokens_per_s")
-        cells = [tables._cell(by.get(v), "tokens_per_s", tables._fmt_rate) for v in ran]
-        cells += [tables._fmt_rate(floor_rate), tables._cell(by.get("hydragen"), "floor_fraction", lambda x: f"{x:.3f}")]
-        cells += [tables._cell(by.get("hydragen"), f"speedup_vs_{v}", lambda x: f"{x:.2f}x") for v in anchors]
-        lines.append(tables._case_cells(case) + cells)
+        cells = [tables.cell(by.get(v), "tokens_per_s", tables.fmt_rate) for v in ran]
+        cells += [tables.fmt_rate(floor_rate), tables.cell(by.get("hydragen"), "floor_fraction", lambda x: f"{x:.3f}")]
+        cells += [tables.cell(by.get("hydragen"), f"speedup_vs_{v}", lambda x: f"{x:.2f}x") for v in anchors]
+        lines.append(tables.case_cells(case) + cells)
     out = ["**One decode step of attention** (bench-attention: `bash experiments/gpu_full.sh bench`, or `bench-mha` + "
            "`bench-gqa`; bf16; tok/s = B / Simpson mean step time over s = 1, out/2, out; steps chained in each "
            "timed call as in a jit-compiled decode loop; floor = max(bytes / bandwidth, FLOPs / matmul rate) with "
@@ -336,7 +336,7 @@ def bench_section(files: list[ResultsFile]) -> list[str]:
         else:
             what = "rows " + ", ".join(map(str, idx))
         out.append(f"- {_file_line(f, what)}")
-    out += ["", tables._table(header, lines), ""]
+    out += ["", tables.table(header, lines), ""]
     hyd = [by.get("hydragen") for _, _, by in rows]
     fractions = [tables.result(r, "floor_fraction") for r in hyd]
     errors = [tables.result(r, "max_abs_err_vs_reference") for _, _, by in rows for r in by.values()]
@@ -397,9 +397,9 @@ def e2e_section(files: list[ResultsFile], plot: bool = True, link_base: pathlib.
     if picture is not None:
         out += ["", f"![decode throughput vs batch]({_link(picture, link_base)})"]
     header = ["prefix", "batch"] + [MODE_TITLES[m] for m in modes]
-    lines = [[tables.fmt_tokens(p[0]), str(p[1])] + [tables._cell(rows[p].get(m), "tokens_per_s", tables._fmt_rate) for m in modes]
+    lines = [[tables.fmt_tokens(p[0]), str(p[1])] + [tables.cell(rows[p].get(m), "tokens_per_s", tables.fmt_rate) for m in modes]
              for p in points]
-    out += ["", tables._table(header, lines), ""]
+    out += ["", tables.table(header, lines), ""]
     decode = [r for p in points for r in rows[p].values()]
     if tables.has_floors(decode):
         out += _e2e_floor_table(rows, points, modes)
@@ -420,16 +420,16 @@ def _e2e_floor_table(rows: dict, points: list[tuple], modes: list[str]) -> list[
     lines = []
     for p in points:
         v = vs_none.get(p, {})
-        lines.append([tables.fmt_tokens(p[0]), str(p[1]), tables._cell(rows[p].get("hydragen"), "floor_tokens_per_s", tables._fmt_rate)]
-                     + [tables._cell(rows[p].get(m), "floor_fraction", lambda x: f"{x:.3f}") for m in modes]
-                     + [tables._ms(v.get("extra_s")), tables._ms(v.get("attention_s")),
-                        tables._ratio(v.get("extra_s"), v.get("attention_s")),
-                        tables._ratio(v.get("extra_s"), v.get("levels_s"))])
+        lines.append([tables.fmt_tokens(p[0]), str(p[1]), tables.cell(rows[p].get("hydragen"), "floor_tokens_per_s", tables.fmt_rate)]
+                     + [tables.cell(rows[p].get(m), "floor_fraction", lambda x: f"{x:.3f}") for m in modes]
+                     + [tables.ms(v.get("extra_s")), tables.ms(v.get("attention_s")),
+                        tables.ratio(v.get("extra_s"), v.get("attention_s")),
+                        tables.ratio(v.get("extra_s"), v.get("levels_s"))])
     return ["Against the step floor (every op of a step at max(bytes / bandwidth, FLOPs / matmul rate): each layer's "
             "GEMMs, attention and cache write, the LM head; averaged over the timed steps as the timing is). "
             "Attention floor: the attention and cache writes of every layer at their floor, a layer's levels in one "
             "op (levels apart: each level alone), i.e. what `none` does not do; extra = Hydragen's step − none's.",
-            "", tables._table(header, lines), ""]
+            "", tables.table(header, lines), ""]
 
 
 def _against_none(rows: dict, points: list[tuple]) -> list[str]:
@@ -499,20 +499,20 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
                    "extra / levels apart"]
     lines = []
     for p in prefixes:
-        cells = [tables.fmt_tokens(p), tables._cell(by.get((p, "hydragen")), "tokens_per_s", tables._fmt_rate)]
+        cells = [tables.fmt_tokens(p), tables.cell(by.get((p, "hydragen")), "tokens_per_s", tables.fmt_rate)]
         for m in modes:
             rec, ref = by.get((p, m)), by.get((base, m))
             if rec is None or rec["status"] != "ok":
                 cells.append(rec["status"].upper() if rec else "–")
             else:
-                cells.append(tables._ratio(tables.result(rec, "tokens_per_s"), tables.result(ref, "tokens_per_s")))
+                cells.append(tables.ratio(tables.result(rec, "tokens_per_s"), tables.result(ref, "tokens_per_s")))
         if with_floors:
-            cells += [tables._ratio(tables.result(by.get((p, "hydragen")), "floor_tokens_per_s"),
+            cells += [tables.ratio(tables.result(by.get((p, "hydragen")), "floor_tokens_per_s"),
                                     tables.result(by.get((base, "hydragen")), "floor_tokens_per_s")),
-                      tables._cell(by.get((p, "hydragen")), "floor_fraction", lambda x: f"{x:.3f}"),
-                      tables._cell(by.get((p, "none")), "floor_fraction", lambda x: f"{x:.3f}")]
+                      tables.cell(by.get((p, "hydragen")), "floor_fraction", lambda x: f"{x:.3f}"),
+                      tables.cell(by.get((p, "none")), "floor_fraction", lambda x: f"{x:.3f}")]
             v = vs_none.get(p, {})
-            cells += [tables._ratio(v.get("extra_s"), v.get("attention_s")), tables._ratio(v.get("extra_s"),
+            cells += [tables.ratio(v.get("extra_s"), v.get("attention_s")), tables.ratio(v.get("extra_s"),
                                                                                             v.get("levels_s"))]
         lines.append(cells)
     batch = decode[0]["point"]["batch"]
@@ -522,7 +522,7 @@ def long_document_section(files: list[ResultsFile]) -> list[str]:
            + ("; extra = Hydragen's step − none's, against the attention floor as in the table above" if with_floors
               else "") + "):", ""]
     out += [f"- {_file_line(f)}" for f in sorted({source[p] for p in rows}, key=lambda f: f.name)]
-    out += ["", tables._table(header, lines), ""]
+    out += ["", tables.table(header, lines), ""]
     ratio = tables.prefix_ratio_line(decode, long=16384, short=base)
     if ratio:
         out += [ratio + " The paper: Hydragen loses under 15 % from 1K to 16K, the baselines over 90 %.", ""]

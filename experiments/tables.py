@@ -23,7 +23,7 @@ def paper_hydragen_over_none(prefix: int) -> float | None:
     return None if value is None else value / PAPER_NONE_KTOK_S
 
 
-def _fmt_rate(v) -> str:
+def fmt_rate(v) -> str:
     if v is None:
         return "–"
     if v >= 999_950:  # the unit after rounding: 999 960 is 1.00M, not 1000.0k
@@ -39,7 +39,7 @@ def _fmt_gb(nbytes: float | None) -> str:
     return f"{nbytes / 1e9:.2f}" if nbytes >= 1e7 else f"{nbytes / 1e9:.2e}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -59,12 +59,12 @@ def group_cases(summaries: list[dict]) -> tuple[list[tuple], list[str], dict]:
     return cases, variants, by
 
 
-def _case_cells(case: tuple) -> list[str]:
+def case_cells(case: tuple) -> list[str]:
     b, p, out, hq, hkv = case
     return [str(b), str(p), str(out), f"{hq}/{hkv}"]
 
 
-def _cell(rec: dict | None, key: str, fmt) -> str:
+def cell(rec: dict | None, key: str, fmt) -> str:
     if rec is None:
         return "–"
     if rec["status"] != "ok":
@@ -87,9 +87,9 @@ def bench_results_table(summaries: list[dict]) -> str:
         shared = next((r["results"].get("kv_cache_bytes_at_out") for n, r in recs.items()
                        if not n.endswith("per_sequence") and r["results"].get("kv_cache_bytes_at_out")), None)
         kv = f"{_fmt_gb(copied)} / {_fmt_gb(shared)}" if copied and shared else "–"
-        rows.append(_case_cells(case) + [_cell(recs.get(v), "tokens_per_s", _fmt_rate) for v in variants]
-                    + [_fmt_rate(floor_rate), kv])
-    return _table(header, rows)
+        rows.append(case_cells(case) + [cell(recs.get(v), "tokens_per_s", fmt_rate) for v in variants]
+                    + [fmt_rate(floor_rate), kv])
+    return table(header, rows)
 
 
 def bench_floor_table(summaries: list[dict]) -> str:
@@ -101,11 +101,11 @@ def bench_floor_table(summaries: list[dict]) -> str:
     rows = []
     for case in cases:
         recs = by[case]
-        cells = [_cell(recs.get(v), "floor_fraction", lambda x: f"{x:.3f}") for v in variants]
+        cells = [cell(recs.get(v), "floor_fraction", lambda x: f"{x:.3f}") for v in variants]
         if "hydragen" in variants:
-            cells += [_cell(recs.get("hydragen"), f"speedup_vs_{v}", lambda x: f"{x:.2f}x") for v in others]
-        rows.append(_case_cells(case) + cells)
-    return _table(header, rows)
+            cells += [cell(recs.get("hydragen"), f"speedup_vs_{v}", lambda x: f"{x:.2f}x") for v in others]
+        rows.append(case_cells(case) + cells)
+    return table(header, rows)
 
 
 def rates_line(rates: dict | None) -> str:
@@ -182,11 +182,11 @@ def e2e_table(records: list[dict], point_keys: list[str], value_key: str = "toke
     rows_by = by_point(records, point_keys)
     modes = list(dict.fromkeys(rec["mode"] for rec in records))
     order = sorted(rows_by, key=lambda key: tuple((v is None, v if isinstance(v, (int, float)) else 0) for v in key))
-    fmt = _fmt_rate if value_key.endswith("per_s") else (
+    fmt = fmt_rate if value_key.endswith("per_s") else (
         (lambda x: f"{x:.3f}") if value_key == "floor_fraction" else (lambda x: f"{x:.3g}"))  # fractions as elsewhere
     header = list(point_keys) + [f"{m} {value_key}" for m in modes]
-    rows = [[str(v) for v in key] + [_cell(rows_by[key].get(m), value_key, fmt) for m in modes] for key in order]
-    return _table(header, rows)
+    rows = [[str(v) for v in key] + [cell(rows_by[key].get(m), value_key, fmt) for m in modes] for key in order]
+    return table(header, rows)
 
 
 def tp_speedup_table(records: list[dict]) -> str:
@@ -204,7 +204,7 @@ def tp_speedup_table(records: list[dict]) -> str:
                 row.append(_speedup_cell(by.get((n, prefix, batch, m)), by.get((sizes[0], prefix, batch, m))))
         rows.append(row)
     header = ["prefix", "batch"] + [f"{m} tp={n} / tp={sizes[0]}" for n in sizes[1:] for m in modes]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def _speedup_cell(rec: dict | None, base: dict | None) -> str:
@@ -241,7 +241,7 @@ def relative_table(records: list[dict], x_key: str, value_key: str = "tokens_per
                 row.append(f"{result(rec, value_key) / result(base, value_key):.3f}")
         rows.append(row)
     what = "" if value_key == "tokens_per_s" else f"{value_key} "
-    return _table([x_key] + [f"{m} {what}(rel. to {x_key} {xs[0]})" for m in modes], rows)
+    return table([x_key] + [f"{m} {what}(rel. to {x_key} {xs[0]})" for m in modes], rows)
 
 
 def result(rec: dict | None, key: str):
@@ -281,11 +281,11 @@ def hydragen_vs_none_rows(records: list[dict], point_keys: list[str]) -> list[tu
     return rows
 
 
-def _ms(x) -> str:
+def ms(x) -> str:
     return "–" if x is None else f"{x * 1e3:.3f}"
 
 
-def _ratio(a, b, digits: int = 2) -> str:
+def ratio(a, b, digits: int = 2) -> str:
     return "–" if a is None or not b else f"{a / b:.{digits}f}"
 
 
@@ -300,10 +300,10 @@ def hydragen_vs_none_table(records: list[dict], point_keys: list[str]) -> str:
     for key, v in hydragen_vs_none_rows(records, point_keys):
         rows.append([str(x) for x in key] + [
             "–" if v["hydragen_over_none"] is None else f"{v['hydragen_over_none']:.3f}",
-            "–" if v["paper"] is None else f"{v['paper']:.2f}", _ms(v["extra_s"]),
-            _ms(v["attention_s"]), _ratio(v["extra_s"], v["attention_s"]), _ms(v["levels_s"]),
-            _ratio(v["extra_s"], v["levels_s"])])
-    return _table(header, rows)
+            "–" if v["paper"] is None else f"{v['paper']:.2f}", ms(v["extra_s"]),
+            ms(v["attention_s"]), ratio(v["extra_s"], v["attention_s"]), ms(v["levels_s"]),
+            ratio(v["extra_s"], v["levels_s"])])
+    return table(header, rows)
 
 
 def prefix_ratio_line(records: list[dict], long: int = 16384, short: int = 1024) -> str:
@@ -315,9 +315,9 @@ def prefix_ratio_line(records: list[dict], long: int = 16384, short: int = 1024)
         a, b = by.get((long, mode)), by.get((short, mode))
         if result(a, "tokens_per_s") is None or result(b, "tokens_per_s") is None:
             continue
-        text = f"{mode} {_ratio(a['results']['tokens_per_s'], b['results']['tokens_per_s'])}"
+        text = f"{mode} {ratio(a['results']['tokens_per_s'], b['results']['tokens_per_s'])}"
         if result(a, "floor_tokens_per_s") is not None and result(b, "floor_tokens_per_s") is not None:
-            text += f" (floors {_ratio(a['results']['floor_tokens_per_s'], b['results']['floor_tokens_per_s'])})"
+            text += f" (floors {ratio(a['results']['floor_tokens_per_s'], b['results']['floor_tokens_per_s'])})"
         parts.append(text)
     if not parts:
         return ""
@@ -341,13 +341,13 @@ def tree_table(records: list[dict]) -> str:
             decode, base_decode = r.get("decode_s"), result(base, "decode_s")  # null where not finite
             saved = f"{1 - decode / base_decode:+.1%}" if decode is not None and base_decode else "–"
             full = f"{r['decode_s_full']:.3f}" if r.get("decode_s_full") is not None else "–"
-            cells += ["–" if decode is None else f"{decode:.4g}", full, _fmt_rate(r.get("tokens_per_s")),
+            cells += ["–" if decode is None else f"{decode:.4g}", full, fmt_rate(r.get("tokens_per_s")),
                       _fmt_gb(r.get("cache_bytes")), saved]
             if floors:
-                cells.append(_cell(rec, "floor_fraction", lambda x: f"{x:.3f}"))
+                cells.append(cell(rec, "floor_fraction", lambda x: f"{x:.3f}"))
         else:
             cells += [rec["status"].upper()] + ["–"] * (5 if floors else 4)
         rows.append(cells)
     header = ["variant", "shared levels", "B", "decode s (G x mean step)", "decode s (whole G steps)", "tok/s",
               "cache GB", "time saved vs one_level"] + (["fraction of the step floor"] if floors else [])
-    return _table(header, rows)
+    return table(header, rows)

@@ -1466,7 +1466,7 @@ def test_plan_takes_the_accelerators_capacity(capsys, monkeypatch):
 def test_rates_take_their_unit_after_rounding_and_fractions_three_decimals():
     """999 960 tok/s is 1.00M, not 1000.0k (the unit was chosen before the rounding); e2e tables' floor fractions
     with three decimals as the others' (0.78 beside 0.748 before)."""
-    assert [tables._fmt_rate(v) for v in (999_960, 999_949, 999.7, 999.4, 1e6)] == ["1.00M", "999.9k", "1.0k", "999",
+    assert [tables.fmt_rate(v) for v in (999_960, 999_949, 999.7, 999.4, 1e6)] == ["1.00M", "999.9k", "1.0k", "999",
                                                                                     "1.00M"]
     recs = [{"record": "decode", "point": {"prefix": 1024, "batch": 64}, "mode": "hydragen", "status": "ok",
              "results": {"floor_fraction": 0.78039}}]
