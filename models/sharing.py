@@ -30,7 +30,7 @@ def _ints(values, what: str) -> Tokens:
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):  # (bool is not an integer dtype)
             raise ValueError(f"{what}: must be a 1-D array of integers, got dtype {a.dtype}, shape {a.shape}")
         return tuple(a.tolist())
-    if isinstance(values, str) or not isinstance(values, Iterable):
+    if _not_a_sequence(values):
         raise ValueError(f"{what}: must be a sequence of integers, got {values!r} ({type(values).__name__})")
     out = tuple(values)
     if all(type(t) is int for t in out):  # the common case, fast on long prompts (type(True) is bool)
@@ -44,15 +44,20 @@ def _ints(values, what: str) -> Tokens:
     return tuple(checked)
 
 
+def _not_a_sequence(x) -> bool:
+    """Whether ``x`` cannot be a sequence of token ids or of parts: a str (text, not ids), a scalar, a 0-d array
+    (bytes are token ids)."""
+    return isinstance(x, str) or not isinstance(x, Iterable) or getattr(x, "ndim", 1) == 0
+
+
 def _sequence(values, what: str, expected: str, nested: bool) -> tuple:
     """``values`` as a tuple; ValueError naming ``what`` (``expected``: what it must be) unless it is a sequence
-    (not a str nor a 0-d array; bytes are token ids), with ``nested`` one of sequences (nodes, suffixes: not of bare
-    token ids)."""
-    if isinstance(values, str) or not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0:
+    (`_not_a_sequence`), with ``nested`` one of sequences (nodes, suffixes: not of bare token ids)."""
+    if _not_a_sequence(values):
         raise ValueError(f"{what}: must be {expected}; got {type(values).__name__}")
     out = tuple(values)
     for i, x in enumerate(out if nested else ()):
-        if isinstance(x, str) or not isinstance(x, Iterable) or getattr(x, "ndim", 1) == 0:
+        if _not_a_sequence(x):
             raise ValueError(f"{what}: must be {expected}; element {i} is {x!r}")
     return out
 
