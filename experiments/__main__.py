@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tomllib
 
 
 def _run_options(parser) -> None:
     """The options shared by `run` and `bench-attention`."""
     parser.add_argument("--smoke", action="store_true", help="apply the config's [smoke] overrides (CPU-sized)")
-    parser.add_argument("--out", help="JSONL path (default experiments/results/NAME[-smoke]-DEVICE-YYYYmmdd-HHMMSS.jsonl)")
+    parser.add_argument("--out",
+                        help="JSONL path (default experiments/results/NAME[-smoke]-DEVICE-YYYYmmdd-HHMMSS.jsonl)")
     parser.add_argument("--plot", action="store_true", help="also draw the plots next to the results")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -62,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import config as config_lib
 
     if args.command == "list":
-        for path in sorted(config_lib.CONFIG_DIR.glob("*.toml")):
-            print(f"{path.stem:16} {config_lib.load(path).get('description', '')}")
+        for path in sorted(config_lib.CONFIG_DIR.glob("*.toml")):  # (read, not validated: a listing)
+            print(f"{path.stem:16} {tomllib.loads(path.read_text()).get('description', '')}")
         return 0
     if args.command == "report":
         return report(args)

@@ -69,16 +69,11 @@ class ResultsFile:
 
     @property
     def slug(self) -> str:
-        return device_slug(self.device)
+        return records.device_slug(self.device)
 
     @property
     def label(self) -> str:
         return self.path.name.removesuffix(".jsonl")
-
-
-def device_slug(device: str) -> str:
-    """'gpu:NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (as results files are named: `records.device_slug`)."""
-    return records.device_slug(device)
 
 
 def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
@@ -94,7 +89,7 @@ def load_results(results_dir: pathlib.Path) -> list[ResultsFile]:
         parallel = _tensor_parallel(recs)
         if parallel and recs[0]["experiment"] != "e2e_throughput":  # e.g. a tree run on a mesh: no part for it
             continue
-        slug = device_slug(recs[0]["device"])
+        slug = records.device_slug(recs[0]["device"])
         stem = path.name[: match.start()]
         name = stem.removesuffix(f"-{slug}")
         stamp = datetime.datetime.strptime(match.group(1), "%Y%m%d-%H%M%S")
@@ -135,7 +130,7 @@ def pick_device(files: list[ResultsFile], device: str | None = None, marked: str
     if device is None:
         device = marked if marked in slugs else max([f for f in files if f.slug != "cpu"] or files,
                                                      key=lambda f: f.stamp).slug
-    device = device_slug(device)  # a slug, a device kind or a records' "platform:kind" (slug of a slug: itself)
+    device = records.device_slug(device)  # a slug, a device kind or a records' "platform:kind" (slug of a slug: itself)
     if device not in slugs:
         raise ValueError(f"device {device!r}: no results of it; the results' devices are {sorted(slugs)}")
     return device

@@ -831,7 +831,7 @@ def _rec(kind, record, point, mode, results, status="ok", device=H200, reason=No
 
 def _write_results(folder, name, stamp, recs, device=H200):
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{report.device_slug(device)}-{stamp}.jsonl"
+    path = folder / f"{name}-{records.device_slug(device)}-{stamp}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
