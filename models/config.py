@@ -32,6 +32,8 @@ import os
 import warnings
 from typing import Any
 
+import numpy as np
+
 
 class CheckpointError(ValueError):
     """A checkpoint (config or tensors) is unsupported, incomplete or inconsistent."""
@@ -40,6 +42,17 @@ class CheckpointError(ValueError):
 def is_int(x: Any) -> bool:
     """Whether ``x`` is an integer and not a bool (which Python counts as one): a JSON or GGUF integer value."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_integer(x: Any) -> bool:
+    """Whether ``x`` is an integer given at run time: a Python or numpy integer, or a 0-d integer array (numpy or
+    jax); not a bool."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, numbers.Integral):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and getattr(x, "ndim", None) == 0 and np.issubdtype(dtype, np.integer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from flax import struct
 from hydragen_jax.validation import check_mesh_backend
 from models.cache import (Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels, check_mode,
                           empty_layers, level_sizes, make_attend)
-from models.config import LlamaConfig, is_int
+from models.config import LlamaConfig, is_int, is_integer
 from models import llama as llama_module
 from models.llama import COMPILER_OPTIONS, Llama
 from models.sharing import SharingTree, build_sharing_tree, expand_samples
@@ -223,17 +223,9 @@ def _in_32_bits(fn):
     return wrapper
 
 
-def _is_int(x) -> bool:
-    """An integer: Python, numpy, or a 0-d integer array (numpy or jax); not a bool."""
-    if isinstance(x, (bool, np.bool_)):
-        return False
-    return isinstance(x, numbers.Integral) or (isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0
-                                                and np.issubdtype(x.dtype, np.integer))
-
-
 def _positive_int(name: str, value) -> int:
     """``value`` as an int >= 1 (``_is_int``); ``ValueError`` naming ``name`` otherwise."""
-    if not _is_int(value) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -245,7 +237,7 @@ def _id_list(name: str, ids, vocab_size: int) -> list[int]:
     if isinstance(ids, (np.ndarray, jax.Array)):
         values = ids.tolist() if ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer) else None
     else:
-        values = list(ids) if isinstance(ids, (list, tuple, range)) and all(map(_is_int, ids)) else None
+        values = list(ids) if isinstance(ids, (list, tuple, range)) and all(map(is_integer, ids)) else None
     if values is None or any(not 0 <= int(t) < vocab_size for t in values):
         raise ValueError(f"{name} must be a sequence of token ids in [0, {vocab_size}), got {ids!r}")
     return [int(t) for t in values]
@@ -475,8 +467,7 @@ def _as_tree(prompts_or_tree, max_depth: int, vocab_size: int) -> SharingTree:
 def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
             *, mode: str = "hydragen", eos_ids: Sequence[int] | None = None,
             stop_tokens: Sequence[Sequence[int]] | None = None, seed: int = 0, backend: str | None = None,
-            max_depth: int = 3, pad_multiple: int = 16, prefill_chunk: int = 2048,
-            _compiled: dict | None = None, _last_token_unused: bool = False, _samples: int = 1) -> DecodeState:
+            max_depth: int = 3, pad_multiple: int = 16, prefill_chunk: int = 2048) -> DecodeState:
     """Caches and first-token logits for every sequence of a sharing tree (or of token-id prompts, one per
     sequence, whose tree is built by ``build_sharing_tree``).
 
@@ -486,9 +477,20 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     lengths within that rounding (over a tree of the same shape) reuse one compiled prefill (not the standard mode,
     whose per-sequence caches round each whole prompt; 1: exact widths, a compile a length); the state's tokens
     ``[B, N]`` are as wide as the largest budget N, which the decode loop is compiled for. Raises ``ValueError``
-    on bad input. (_last_token_unused: the caller drops the logits the last new token gives, so prompt + new tokens
-    may exceed ``max_length`` by it: ``_generate_across_longrope_context``.)
+    on bad input.
     """
+    return _prefill(model, prompts_or_tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens,
+                    seed=seed, backend=backend, max_depth=max_depth, pad_multiple=pad_multiple,
+                    prefill_chunk=prefill_chunk)
+
+
+def _prefill(model: Llama, prompts_or_tree, max_new_tokens, *, mode: str = "hydragen", eos_ids=None,
+             stop_tokens=None, seed=0, backend=None, max_depth=3, pad_multiple=16, prefill_chunk=2048,
+             stats: dict | None = None, last_token_unused: bool = False, samples: int = 1) -> DecodeState:
+    """``prefill``, for ``generate``: ``stats`` (a dict) gets the prefill's compile time, "prefill_compile_s";
+    ``last_token_unused``: the caller drops the logits the last new token gives, so prompt + new tokens may exceed
+    ``max_length`` by one (``_generate_across_longrope_context``); ``samples``: generate's num_samples, for the
+    refusals' names of sequences."""
     _check_model(model, "prefill")
     check_mode(mode)
     config: LlamaConfig = model.config
@@ -510,8 +512,8 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     config = _longrope_choice(config, tree)
     for b in range(B):
         total = tree.prefix_length(b) + len(tree.suffixes[b])
-        if total + budgets[b] > config.max_length + _last_token_unused:
-            raise ValueError(f"{_sequence_name(b, _samples)}: prompt of {total} tokens + max_new_tokens "
+        if total + budgets[b] > config.max_length + last_token_unused:
+            raise ValueError(f"{_sequence_name(b, samples)}: prompt of {total} tokens + max_new_tokens "
                              f"{int(given[b])} exceeds the model's {_length_limit(config)}")
     if isinstance(prompts_or_tree, SharingTree):  # (prompts: checked by _as_tree)
         _check_vocabulary([(f"tree.levels[{i}].nodes[{j}]", n) for i, level in enumerate(tree.levels)
@@ -535,10 +537,10 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
     plan, arrays = _host_arrays(tree, N, pad_multiple, prefill_chunk, dense=mode == "standard")
     args = (model.params(), jax.tree.map(jnp.asarray, arrays))
     kw = dict(config=config, plan=plan, mode=mode, backend=backend, mesh=model.mesh)
-    if _compiled is not None:
+    if stats is not None:
         t0 = time.perf_counter()
         fn = _prefill_jit.lower(*args, **kw).compile()
-        _compiled["prefill_compile_s"] = time.perf_counter() - t0
+        stats["prefill_compile_s"] = time.perf_counter() - t0
         cache, logits, positions = fn(*args)
     else:
         cache, logits, positions = _prefill_jit(*args, **kw)
@@ -554,7 +556,7 @@ def prefill(model: Llama, prompts_or_tree: SharingTree | Sequence[Sequence[int]]
 def _key(seed) -> jax.Array:
     """The sampling key of ``seed`` (JAX's: seeds that agree in their low 32 bits give the same key); ``ValueError``
     naming it where it is not an integer in JAX's range of seeds, [-2**63, 2**63)."""
-    if not _is_int(seed) or not -2**63 <= int(seed) < 2**63:
+    if not is_integer(seed) or not -2**63 <= int(seed) < 2**63:
         raise ValueError(f"seed must be an integer in [-2**63, 2**63) (the sampling key's seed; JAX keeps its low "
                          f"32 bits), got {seed!r}")
     return jax.random.key(seed)
@@ -703,7 +705,7 @@ def decode(model: Llama, state: DecodeState, num_steps: int, *, sampling: Sampli
     """
     _check_model(model, "decode")
     on_device = isinstance(num_steps, jax.Array)  # traced, or an array maybe still being computed: never read here
-    if not _is_int(num_steps) or (not on_device and num_steps < 0):
+    if not is_integer(num_steps) or (not on_device and num_steps < 0):
         raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     if not on_device:  # more than int32 holds: as many as the tokens left (the cap)
         num_steps = min(int(num_steps), 2**31 - 1)
@@ -923,8 +925,8 @@ def _generate_tree(model: Llama, tree: SharingTree, max_new_tokens, stop_tokens,
     sequence): their (tokens, lengths, logprobs, first-token logits, stats)."""
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
-    state = prefill(model, tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens, seed=seed,
-                    backend=backend, _compiled=stats, _last_token_unused=last_token_unused, _samples=samples)
+    state = _prefill(model, tree, max_new_tokens, mode=mode, eos_ids=eos_ids, stop_tokens=stop_tokens, seed=seed,
+                     backend=backend, stats=stats, last_token_unused=last_token_unused, samples=samples)
     first_logits = np.asarray(jax.device_get(state.logits))[:, :model.config.vocab_size]  # on a mesh: unpadded
     stats["prefill_s"] = time.perf_counter() - t0 - stats["prefill_compile_s"]
     # The shared levels, and how many of them a step reads batched (the device's cost model, models.cache)

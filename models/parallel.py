@@ -35,7 +35,6 @@ bookkeeping) is ordinary jitted code on the global arrays, partitioned by XLA.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import jax
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.config import LlamaConfig
+from models.config import LlamaConfig, is_integer
 from models.llama import (Llama, check_shapes, head_logits, model_norm, pack_qkv, param_shapes,
                           run_layers, scale_embeddings, unpack_qkv)
 
@@ -92,15 +91,10 @@ def mesh_size(mesh: Mesh) -> int:
     return mesh.shape[AXIS]
 
 
-def _is_integer(x) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
 def make_mesh(devices: int) -> Mesh:
     """A mesh of the first ``devices`` devices along the axis ``"model"`` (a Python or numpy integer)."""
     available = jax.devices()
-    if not _is_integer(devices) or not 1 <= devices <= len(available):
+    if not is_integer(devices) or not 1 <= devices <= len(available):
         raise ValueError(f"make_mesh: devices must be an integer in [1, {len(available)}] (the devices JAX sees), "
                          f"got {devices!r}")
     return Mesh(np.array(available[:int(devices)]), (AXIS,))
@@ -111,7 +105,7 @@ def split(config: LlamaConfig, devices: int) -> Split:
     do not divide: Hq must be a multiple of n, and Hkv a multiple or a divisor of n (then each KV head is
     replicated on n / Hkv devices, those of its query heads)."""
     n, hq, hkv = devices, config.num_attention_heads, config.num_key_value_heads
-    if not _is_integer(n) or n < 1:
+    if not is_integer(n) or n < 1:
         raise ValueError(f"tensor parallelism: devices must be a positive integer, got {n!r}")
     n = int(n)
     if hq % n:

@@ -14,10 +14,11 @@ prompts, up to ``max_depth`` levels), so "few-shot prefix -> problem -> samples"
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from models.config import is_integer
 
 Tokens = tuple[int, ...]
 
@@ -154,7 +155,7 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
     node; a sequence's edges below the ``max_depth``-th are merged into its deepest node (a node this leaves
     with one reader is un-shared); everything after a sequence's last shared edge is its suffix.
     """
-    if not isinstance(max_depth, numbers.Integral) or isinstance(max_depth, bool) or max_depth < 0:
+    if not is_integer(max_depth) or max_depth < 0:
         raise ValueError(f"max_depth must be an integer >= 0, got {max_depth!r}")
     prompts = [_ints(p, f"build_sharing_tree: prompt {b}") for b, p in enumerate(prompts)]
     if not prompts:
@@ -227,7 +228,7 @@ def _common_length(seqs: list[np.ndarray]) -> int:
 def expand_samples(prompts: Sequence[Sequence[int]], num_samples: int) -> list[Tokens]:
     """Each prompt repeated ``num_samples`` times, prompt-major (each prompt's samples adjacent: p0 p0 ... p1 p1 ...,
     the order of ``Generation``'s rows)."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+    if not is_integer(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     return [tuple(p) for p in prompts for _ in range(num_samples)]
 
@@ -237,7 +238,7 @@ def synthetic_tree(batch: int, shared_len: int, unique_len: int, vocab_size: int
     sequences, each with ``unique_len`` (>= 1) random tokens of its own. No text involved."""
     for name, value, least in (("batch", batch, 1), ("shared_len", shared_len, 0), ("unique_len", unique_len, 1),
                                ("vocab_size", vocab_size, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        if not is_integer(value) or value < least:
             raise ValueError(f"synthetic_tree: {name} must be an integer >= {least}, got {value!r}")
     rng = np.random.default_rng(seed)
     prefix = tuple(rng.integers(0, vocab_size, shared_len).tolist())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from models.checkpoint import CheckpointError as ReExported
-from models.config import HARMLESS_KEYS, CheckpointError, LlamaConfig, RopeScaling
+from models.config import HARMLESS_KEYS, CheckpointError, LlamaConfig, RopeScaling, is_int, is_integer
 from models.llama import rope_inv_freq
 
 LLAMA2_7B = {
@@ -1086,3 +1086,16 @@ def test_hand_built_config_equals_itself_after_a_round_trip(fields):
     # a window as long as the context stays as built (a model call refuses longer inputs, which transformers would
     # window), though from_dict reads it as none: another static config, not another result
     assert LlamaConfig(**dict(SMALL, sliding_window=4096, max_position_embeddings=4096)).sliding_window == 4096
+
+
+def test_integer_predicates():
+    """``is_int`` takes what a JSON / GGUF file spells as an integer; ``is_integer`` also numpy integers and 0-d
+    integer arrays (run-time arguments). Neither takes a bool, a float or a 1-d array."""
+    import jax.numpy as jnp
+    for x in (3, -1, 2**70):
+        assert is_int(x) and is_integer(x)
+    for x in (np.int64(3), np.array(3), jnp.int32(3), jnp.array(3, jnp.uint8)):
+        assert not is_int(x) and is_integer(x), x
+    for x in (True, np.bool_(True), jnp.array(True), 3.0, np.float32(3), np.array([3]), jnp.zeros((1,), int), "3",
+              None):
+        assert not is_int(x) and not is_integer(x), x
