@@ -74,12 +74,6 @@ COMPILER_OPTIONS = compiler_options(os.environ.get("XLA_FLAGS", ""))
 Params = dict[str, Any]
 AttendFn = Callable[[Any, int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]  # (cache, layer, q, k, v)
 
-LAYER_KEYS = ("attn_norm", "w_qkv", "wo", "mlp_norm", "w_gate_up", "w_down")  # every family but OLMo 2
-# OLMo 2 (family.post_norms): the norms of the attention's and the MLP's outputs, of q and k over all heads' width
-POST_NORM_LAYER_KEYS = ("w_qkv", "wo", "attn_out_norm", "w_gate_up", "w_down", "mlp_out_norm", "q_proj_norm",
-                        "k_proj_norm")
-QKV_BIAS_KEYS = ("b_qkv",)  # config.qkv_bias (Qwen2)
-QK_NORM_KEYS = ("q_norm", "k_norm")  # config.qk_norm (Qwen3)
 # A packed parameter and the projections it holds, in order (`pack_layer`): the checkpoints' names for them.
 PACKED = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
 # The MLP's activation (config.hidden_act; the family's `hidden_acts` say which it may take), as transformers'
@@ -89,50 +83,51 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.n
 
 
 def layer_keys(config: LlamaConfig, packed: bool = True) -> tuple[str, ...]:
-    """The per-layer parameter names of ``config``'s family (plain Llama: ``LAYER_KEYS``); ``packed=False``: with
-    each packed weight named as its projections (``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up``; Qwen2's ``bq``,
-    ``bk``, ``bv``), as checkpoints hold them."""
-    keys = POST_NORM_LAYER_KEYS if config.family.post_norms else LAYER_KEYS
-    keys = keys + (QKV_BIAS_KEYS if config.qkv_bias else ()) + (QK_NORM_KEYS if config.qk_norm else ())
-    return keys if packed else tuple(k for key in keys for k in PACKED.get(key, (key,)))
+    """The per-layer parameter names of ``config``'s family; ``packed=False``: with each packed weight named as its
+    projections (``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up``; Qwen2's ``bq``, ``bk``, ``bv``), as checkpoints hold
+    them."""
+    return tuple(packed_layer_shapes(config) if packed else unpacked_layer_shapes(config))
 
 
 def unpacked_layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of a layer's parameters with every projection apart (``layer_keys(config, packed=False)``)."""
+    """Shapes of a layer's parameters with every projection apart, as checkpoints hold them: the one place a
+    family's layer parameters are named (``packed_layer_shapes`` packs these)."""
     c = config
     d, I = c.hidden_size, c.intermediate_size
     hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     layer = {"attn_norm": (d,), "wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d),
              "mlp_norm": (d,), "w_gate": (d, I), "w_up": (d, I), "w_down": (I, d)}
-    if c.qkv_bias:
+    if c.qkv_bias:  # Qwen2
         layer.update(bq=(hq,), bk=(hkv,), bv=(hkv,))
-    if c.qk_norm:
+    if c.qk_norm:  # Qwen3: RMSNorm of each head of q and k
         layer.update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
-    if c.family.post_norms:
+    if c.family.post_norms:  # OLMo 2: norms of the attention's and the MLP's outputs, of q and k over all heads
         del layer["attn_norm"], layer["mlp_norm"]
         layer.update(attn_out_norm=(d,), mlp_out_norm=(d,), q_proj_norm=(hq,), k_proj_norm=(hkv,))
     return layer
 
 
+def packed_layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of a layer's parameters as the model holds them: ``pack_layer`` of ``unpacked_layer_shapes``
+    (``w_qkv [d, Hkv, (Hq/Hkv + 2)·D]``, ``b_qkv [Hkv, (Hq/Hkv + 2)·D]``, ``w_gate_up [d, 2, I]``)."""
+    return dict(_packed_shapes(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_shapes(config: LlamaConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``packed_layer_shapes``, traced (``jax.eval_shape``), not computed; once a config."""
+    abstract = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in unpacked_layer_shapes(config).items()}
+    packed = jax.eval_shape(lambda layer: pack_layer(layer, config.head_dim), abstract)
+    return tuple((k, tuple(x.shape)) for k, x in packed.items())
+
+
 def param_shapes(config: LlamaConfig) -> dict[str, Any]:
     """Shapes of every parameter: top-level arrays and ``layers``, a list of one dict per layer (packed)."""
     c = config
-    d, I, D, hkv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_key_value_heads
-    width = (c.num_attention_heads // hkv + 2) * D  # a KV head's group: its query heads, its key, its value
-    layer = {"attn_norm": (d,), "w_qkv": (d, hkv, width), "wo": (c.num_attention_heads * D, d), "mlp_norm": (d,),
-             "w_gate_up": (d, 2, I), "w_down": (I, d)}
-    if c.qkv_bias:
-        layer["b_qkv"] = (hkv, width)
-    if c.qk_norm:
-        layer.update(q_norm=(D,), k_norm=(D,))
-    if c.family.post_norms:
-        del layer["attn_norm"], layer["mlp_norm"]
-        layer.update(attn_out_norm=(d,), mlp_out_norm=(d,), q_proj_norm=(c.num_attention_heads * D,),
-                     k_proj_norm=(hkv * D,))
-    shapes = {"embed": (c.vocab_size, d), "final_norm": (d,),
-              "layers": [dict(layer) for _ in range(c.num_hidden_layers)]}
+    shapes = {"embed": (c.vocab_size, c.hidden_size), "final_norm": (c.hidden_size,),
+              "layers": [packed_layer_shapes(c) for _ in range(c.num_hidden_layers)]}
     if not c.tie_word_embeddings:
-        shapes["lm_head"] = (d, c.vocab_size)
+        shapes["lm_head"] = (c.hidden_size, c.vocab_size)
     return shapes
 
 
