@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hydragen_jax.validation import check_mesh_backend
 from models.cache import (Cache, DenseCache, LevelCache, NoCache, TreeCache, advance, batched_levels, check_mode,
@@ -545,12 +546,13 @@ def _prefill(model: Llama, prompts_or_tree, max_new_tokens, *, mode: str = "hydr
     else:
         cache, logits, positions = _prefill_jit(*args, **kw)
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    return DecodeState(
-        cache=cache, logits=logits, positions=positions,
-        tokens=jnp.full((B, N), pad, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
-        lengths=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32),
-        key=key, max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops),
-        mode=mode, pad_id=pad, long_rope=config.rope_scaling is not None and config.rope_scaling.use_long)
+    books = dict(tokens=jnp.full((B, N), pad, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
+                 lengths=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32),
+                 key=key, max_new=jnp.asarray(budgets, jnp.int32), stop_tokens=jnp.asarray(stops))
+    if model.mesh is not None:  # replicated, as decode returns them: a second decode() then hits its jit cache
+        books = jax.device_put(books, NamedSharding(model.mesh, P()))
+    return DecodeState(cache=cache, logits=logits, positions=positions, **books, mode=mode, pad_id=pad,
+                       long_rope=config.rope_scaling is not None and config.rope_scaling.use_long)
 
 
 def _key(seed) -> jax.Array:

@@ -10,6 +10,8 @@ compiled decode step communicates only the all-reduces of the row-parallel layer
 from __future__ import annotations
 
 import dataclasses
+import io
+import logging
 import pathlib
 import re
 
@@ -402,6 +404,43 @@ def test_e2e_runs_one_and_two_devices_in_the_same_run(tmp_path):
         assert res["floor_s"] == pytest.approx(floor.simpson(*res["floor_step_s"]))
     md = out.with_suffix(".md").read_text()
     assert "## Tensor parallel speed-up" in md and "hydragen tp=2 / tp=1" in md and "All-reduce over 2 devices" in md
+
+
+@needs(2)
+def test_decode_again_on_a_mesh_reuses_its_compiled_loop():
+    """prefill's fresh arrays (tokens, lengths, key, ...) are replicated on the mesh, as decode returns them: a
+    second decode() of the same shapes is a jit cache hit (they were uncommitted on one device, so the second call,
+    given decode's replicated outputs, compiled the loop again)."""
+    model = models.init_random(GQA, jnp.float32, seed=5, mesh=parallel.make_mesh(2))
+    state = models.prefill(model, prompts(96), 8, backend=BACKEND)
+    replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+    made = {name: getattr(state, name).sharding for name in ("tokens", "lengths", "done", "step", "max_new")}
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("jax").addHandler(handler)
+    compiles = []
+    try:
+        with jax.log_compiles(True):
+            for _ in range(3):
+                state = models.decode(model, state, 2, backend=BACKEND)
+                compiles.append(log.getvalue().count("compilation of jit(_decode_impl)"))
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert compiles in ([1, 1, 1], [0, 0, 0]), compiles  # (0: compiled by an earlier case, same shapes)
+    assert int(state.step) == 6
+    assert all(sharding.is_equivalent_to(replicated, 0) for sharding in made.values()), made
+
+
+@needs(2)
+def test_a_state_prefilled_without_a_mesh_decodes_on_one_of_the_same_layout():
+    """Where no layout differs (vocabulary 96 and 4 KV heads on 2 devices: no padding, no replicas), a state
+    prefilled on one device without a mesh decodes on the mesh to the tokens it decodes to there (models/README)."""
+    cfg = dataclasses.replace(MHA, vocab_size=96)
+    one = models.init_random(cfg, jnp.float32, seed=5)
+    on2 = parallel.shard_model(one, parallel.make_mesh(2))
+    want = models.decode(one, models.prefill(one, prompts(96), 6, backend=BACKEND), 6, backend=BACKEND)
+    got = models.decode(on2, models.prefill(one, prompts(96), 6, backend=BACKEND), 6, backend=BACKEND)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
 
 
 @needs(4)
