@@ -241,14 +241,18 @@ def time_chain(step: Callable, q, steps_per_call: int, timing_kw: dict) -> tuple
 
 
 def measure(name: str, inputs: dict, steps_per_call: int, timing_kw: dict) -> tuple[dict, jax.Array]:
-    """Time anchor `name` on the bench's inputs (q, prefix_k/v, suffix_k/v; see bench_attention.make_inputs).
+    """Time anchor `name` on the bench's inputs (q, prefix_k/v, suffix_k/v of which the first `s` tokens are
+    valid; see bench_attention.make_inputs).
     Returns (results, the chain's output as a JAX array, for the comparison with the reference)."""
     import torch
 
     reason = skip_reason(name)
     if reason is not None:
         raise RuntimeError(f"{name} cannot run here: {reason}")
-    t = {k: _torch(inputs[k]) for k in ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v")}
+    s = inputs["s"]  # the suffix caches hold `out` tokens: the anchors read arrays of the s valid ones
+    exact = {"suffix_k": inputs["suffix_k"][:, :s], "suffix_v": inputs["suffix_v"][:, :s]}
+    t = {k: _torch(exact.get(k, inputs[k])) for k in ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v")}
+    del exact
     versions = {"torch_version": torch.__version__}
     if name == "torch_hydragen":
         step = torch_hydragen_step(t["prefix_k"], t["prefix_v"], t["suffix_k"], t["suffix_v"])

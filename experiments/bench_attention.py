@@ -1,7 +1,8 @@
 """Issue #5's attention microbenchmark: one decode step of B sequences sharing a P-token prefix.
 
 For each seed config and each suffix length s in (1, out/2, out), every variant is compiled and timed on the same
-random inputs of `bench.dtype` (built once per (config, s), freed before the next). Per-step times are combined with
+random inputs of `bench.dtype` (built once per (config, s), freed before the next; suffix caches of `out` tokens of
+which s are valid, as a decode's: `make_inputs`). Per-step times are combined with
 Simpson's rule into tokens/s = B / mean step time; the floor (see `floor.py`) uses the bandwidth (the best of
 `device_rates`' probes) and the matmul rate measured at the start of the same run.
 
@@ -91,7 +92,16 @@ def hydragen_backend(bench: dict) -> str:
 
 
 def make_inputs(case: Case, s: int, seed: int) -> dict:
-    """Queries, the shared prefix KV and per-sequence suffix KV: random normal data, already on the device."""
+    """Queries, the shared prefix KV and per-sequence suffix caches: random normal data, already on the device.
+
+    The suffix caches hold `case.out` tokens a sequence (its capacity over the decode, as a decode loop's caches
+    do), of which the first s are valid (`suffix_lengths`): the kernels' choice (and Triton's tiles) follow the
+    capacity, as in a decode, so that a config runs the same kernels at every s. Returns q `[B, 1, Hq, D]`,
+    prefix_k / prefix_v `[P, Hkv, D]`, suffix_k / suffix_v `[B, out, Hkv, D]`, suffix_lengths `[B]` (int32, s) and
+    s (a Python int: the variants that read exact-length copies slice them with it)."""
+    if not 1 <= s <= case.out:
+        raise ValueError(f"make_inputs: s must be in [1, out = {case.out}] (the suffix caches hold out tokens); "
+                         f"got {s}")
     keys = jax.random.split(jax.random.key(seed), 5)
     dt = jnp.dtype(case.dtype)
     kv = (case.kv_heads, case.head_dim)
@@ -99,8 +109,10 @@ def make_inputs(case: Case, s: int, seed: int) -> dict:
         "q": jax.random.normal(keys[0], (case.batch, 1, case.q_heads, case.head_dim), dt),
         "prefix_k": jax.random.normal(keys[1], (case.prefix, *kv), dt),
         "prefix_v": jax.random.normal(keys[2], (case.prefix, *kv), dt),
-        "suffix_k": jax.random.normal(keys[3], (case.batch, s, *kv), dt),
-        "suffix_v": jax.random.normal(keys[4], (case.batch, s, *kv), dt),
+        "suffix_k": jax.random.normal(keys[3], (case.batch, case.out, *kv), dt),
+        "suffix_v": jax.random.normal(keys[4], (case.batch, case.out, *kv), dt),
+        "suffix_lengths": jnp.full((case.batch,), s, jnp.int32),
+        "s": s,
     }
 
 
@@ -113,22 +125,39 @@ def _per_sequence(prefix, suffix):
 
 def per_sequence_kv(inputs: dict) -> tuple[jax.Array, jax.Array]:
     """The concatenated per-sequence KV [B, P+s, Hkv, D] that the per-sequence baselines read."""
-    k = _per_sequence(inputs["prefix_k"], inputs["suffix_k"])
-    v = _per_sequence(inputs["prefix_v"], inputs["suffix_v"])
+    s = inputs["s"]
+    k = _per_sequence(inputs["prefix_k"], inputs["suffix_k"][:, :s])
+    v = _per_sequence(inputs["prefix_v"], inputs["suffix_v"][:, :s])
     return jax.block_until_ready((k, v))
 
 
 def estimate_bytes(case: Case, s: int, variant: Variant) -> int:
-    """Device bytes a variant needs at suffix s: shared inputs, its KV copies, output and f32 logits workspace."""
-    shared = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, False)
+    """Device bytes a variant needs at suffix s: the shared inputs (suffix caches of `out` tokens), its copies (the
+    per-sequence KV, the anchors' exact-length suffixes, FlashInfer's paged cache), output and f32 logits
+    workspace."""
+    shared = floor.kv_cache_bytes(case.batch, case.prefix, case.out, case.kv_heads, case.head_dim, case.itemsize,
+                                  False)
     q_and_out = 2 * case.batch * case.q_heads * case.head_dim * case.itemsize
     copies = 0
     if variant.prefix_copied:
-        copies = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
+        copies += floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
+    if variant.outside:
+        copies += floor.kv_cache_bytes(case.batch, 0, s, case.kv_heads, case.head_dim, case.itemsize, False)
     if variant.kv_copy:
-        copies = shared
+        copies += floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize,
+                                       False)
     logits = 2 * 4 * case.batch * case.q_heads * (case.prefix + s)
     return shared + q_and_out + copies + logits
+
+
+def step_floor(case: Case, s: int, rates: dict) -> dict:
+    """The floor of one decode step at suffix s (`floor.py`: the prefix once, s keys a sequence, queries and outputs;
+    4·D·Hq FLOPs a query-key pair) at a run's measured rates (`device_rates`): `floor_s`, `floor_bytes`,
+    `floor_flops`."""
+    nbytes = floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim, case.itemsize)
+    flops = floor.step_flops(case.batch, case.prefix, s, case.q_heads, case.head_dim)
+    return {"floor_s": floor.floor_time(nbytes, flops, rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"]),
+            "floor_bytes": nbytes, "floor_flops": flops}
 
 
 def plan(config: dict, capacity: int) -> list[dict]:
@@ -153,10 +182,11 @@ def build_variant(name: str, inputs: dict, per_seq: Callable[[], tuple], backend
         chosen = "xla" if name == "reference" else TRITON_ONLY[backend] if name == "hydragen_triton" else backend
         batch_prefix = name != "shared_storage"
 
-        def fn(q, pk, pv, sk, sv):
-            return hydragen_jax.hydragen_attention(q, pk, pv, sk, sv, backend=chosen, batch_prefix=batch_prefix)
+        def fn(q, pk, pv, sk, sv, lengths):
+            return hydragen_jax.hydragen_attention(q, pk, pv, sk, sv, suffix_lengths=lengths, backend=chosen,
+                                                   batch_prefix=batch_prefix)
 
-        return fn, (inputs["q"], inputs["prefix_k"], inputs["prefix_v"], inputs["suffix_k"], inputs["suffix_v"])
+        return fn, tuple(inputs[k] for k in ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v", "suffix_lengths"))
     if name in ("cudnn_per_sequence", "xla_per_sequence"):
         implementation = "cudnn" if name == "cudnn_per_sequence" else "xla"
 
@@ -250,11 +280,8 @@ def run(config: dict, writer: records.RecordWriter, *, progress: bool = True,
     work = [(case, s) for case in cases for s in floor.simpson_points(case.out)]
     for case, s in tqdm(work, desc="bench-attention", disable=not progress):
         point = {**case.point(), "suffix": s, "backend": backend}
-        nbytes = floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim,
-                                  case.itemsize)
-        flops = floor.step_flops(case.batch, case.prefix, s, case.q_heads, case.head_dim)
-        floor_s = floor.floor_time(nbytes, flops, rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
-        base = {"floor_s": floor_s, "floor_bytes": nbytes, "floor_flops": flops}
+        base = step_floor(case, s, rates)
+        floor_s = base["floor_s"]
 
         def record(name, status, results, reason=None):
             kv = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize,

@@ -13,6 +13,7 @@ import types
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import __main__ as cli
@@ -274,7 +275,7 @@ def test_triton_only_variant_runs_the_triton_kernels_or_is_skipped(monkeypatch):
     for backend, want in (("pallas", "triton"), ("mosaic", "triton"), ("triton", "triton"),
                           ("interpret", "interpret"), ("interpret-mosaic", "interpret")):
         fn, args = bench_attention.build_variant("hydragen_triton", dict.fromkeys(
-            ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v")), None, backend)
+            ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v", "suffix_lengths")), None, backend)
         fn(*args)
         assert used.pop() == want, backend
         assert bench_attention.skip_reason(bench_attention.VARIANTS["hydragen_triton"], backend) is None
@@ -301,8 +302,8 @@ def test_anchor_matches_the_reference_on_gpu(name):
     reason = anchors.skip_reason(name)
     if reason is not None:
         pytest.skip(reason)
-    case = bench_attention.Case(batch=8, prefix=40, out=4, q_heads=8, kv_heads=2, head_dim=128, dtype="bfloat16")
-    inputs = bench_attention.make_inputs(case, 19, 0)
+    case = bench_attention.Case(batch=8, prefix=40, out=24, q_heads=8, kv_heads=2, head_dim=128, dtype="bfloat16")
+    inputs = bench_attention.make_inputs(case, 19, 0)  # caches of 24 tokens, 19 valid
     kw = {"warmup": 1, "repeats": 2, "min_repeat_s": 0.0, "max_inner": 1}
     results, out = anchors.measure(name, inputs, 2, kw)
     fn, args = bench_attention.build_variant("reference", inputs, None, "xla")
@@ -1742,3 +1743,41 @@ def test_calls_per_repeat_is_the_one_calibration_of_the_timers():
     assert calls_per_repeat(0.2, 0.05, 1000) == 1
     assert calls_per_repeat(1e-4, 0.0, 1000) == 1 and calls_per_repeat(1e-4, 0.05, 1) == 1
     assert calls_per_repeat(0.0, 0.05, 10**12) == 5 * 10**7  # a call timed at 0 s: as if 1 ns
+
+
+def test_bench_inputs_are_a_decode_s_caches_at_every_point():
+    """The suffix caches hold `out` tokens at every Simpson point, s of them valid (`suffix_lengths`), so that the
+    kernel choice (which follows a cache's capacity, as in a decode) is the same at each point of a config; s past
+    out is refused. The sweeps' inputs (scripts/tuning/sweep_kernels) are the benchmark's, and so is their floor."""
+    from scripts.tuning import sweep_kernels  # noqa: PLC0415
+
+    case = bench_attention.Case(batch=3, prefix=5, out=7, q_heads=4, kv_heads=2, head_dim=8, dtype="float32")
+    shapes = set()
+    for s in floor.simpson_points(case.out):
+        x = bench_attention.make_inputs(case, s, 0)
+        shapes.add(tuple(x[k].shape for k in ("q", "prefix_k", "suffix_k", "suffix_v")))
+        assert x["s"] == s and x["suffix_lengths"].tolist() == [s] * 3
+        k, v = bench_attention.per_sequence_kv(x)  # the per-sequence baselines: the s valid tokens only
+        assert k.shape == v.shape == (3, 5 + s, 2, 8)
+        np.testing.assert_array_equal(np.asarray(k[:, 5:]), np.asarray(x["suffix_k"][:, :s]))
+        fn, args = bench_attention.build_variant("reference", x, None, "xla")
+        want = jax.nn.dot_product_attention(x["q"], k, v)  # one query sees every valid key
+        np.testing.assert_allclose(np.asarray(fn(*args)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert shapes == {((3, 1, 4, 8), (5, 2, 8), (3, 7, 2, 8), (3, 7, 2, 8))}
+    with pytest.raises(ValueError, match=r"s must be in \[1, out = 7\]"):
+        bench_attention.make_inputs(case, 8, 0)
+    cfg = (3, 5, 7, 4, 2)
+    assert [x.shape for x in sweep_kernels.config_inputs(cfg, 0)] == [
+        (3, 1, 4, sweep_kernels.D), (1, 5, 2, sweep_kernels.D), (1, 5, 2, sweep_kernels.D),
+        (3, 7, 2, sweep_kernels.D), (3, 7, 2, sweep_kernels.D)]
+    rates = {"bandwidth_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
+    bench_case = sweep_kernels.case(cfg)
+    assert sweep_kernels.floor_s(cfg, 4, rates) == bench_attention.step_floor(bench_case, 4, rates)["floor_s"] == (
+        floor.floor_time(floor.step_bytes(3, 5, 4, 4, 2, sweep_kernels.D, 2), floor.step_flops(3, 5, 4, 4,
+                                                                                               sweep_kernels.D),
+                         1e12, 1e14))
+    # the memory estimate counts the caches at their capacity, and the anchors' exact-length copies
+    variants = bench_attention.VARIANTS
+    plain = bench_attention.estimate_bytes(case, 1, variants["hydragen"])
+    assert plain >= floor.kv_cache_bytes(3, 5, 7, 2, 8, 4, False)
+    assert bench_attention.estimate_bytes(case, 1, variants["torch_hydragen"]) == plain + 2 * 3 * 1 * 2 * 8 * 4

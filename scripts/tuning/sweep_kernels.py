@@ -23,7 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments import device_rates, floor, timing
+from experiments import bench_attention, device_rates, floor, timing
 from hydragen_jax import merge_states
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import merge as merge_kernel
@@ -174,16 +174,18 @@ def launch_blocks(cfg, variant: dict, tuning: tuning_lib.Tuning) -> tuple[BlockC
                for which, fill in zip(("prefix", "suffix"), fills))
 
 
-def config_inputs(cfg, seed: int):
-  """Random bf16 inputs of config cfg = (B, P, out, Hq, Hkv): q `[B, 1, Hq, D]`, the prefix k, v `[1, P, Hkv, D]`,
-  the suffix caches k, v `[B, out, Hkv, D]`."""
+def case(cfg) -> bench_attention.Case:
+  """Config cfg = (B, P, out, Hq, Hkv) as the benchmark's case (head dim D, bfloat16)."""
   b, p, out, hq, hkv = cfg
-  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-  return (jax.random.normal(keys[0], (b, 1, hq, D), jnp.bfloat16),
-          jax.random.normal(keys[1], (1, p, hkv, D), jnp.bfloat16),
-          jax.random.normal(keys[2], (1, p, hkv, D), jnp.bfloat16),
-          jax.random.normal(keys[3], (b, out, hkv, D), jnp.bfloat16),
-          jax.random.normal(keys[4], (b, out, hkv, D), jnp.bfloat16))
+  return bench_attention.Case(batch=b, prefix=p, out=out, q_heads=hq, kv_heads=hkv, head_dim=D, dtype="bfloat16")
+
+
+def config_inputs(cfg, seed: int):
+  """The benchmark's inputs of config cfg = (B, P, out, Hq, Hkv) (`bench_attention.make_inputs`): q
+  `[B, 1, Hq, D]`, the prefix k, v `[1, P, Hkv, D]` (the plans' node axis), the suffix caches k, v
+  `[B, out, Hkv, D]`; each timing passes its own lengths."""
+  x = bench_attention.make_inputs(case(cfg), cfg[2], seed)
+  return x["q"], x["prefix_k"][None], x["prefix_v"][None], x["suffix_k"], x["suffix_v"]
 
 
 CONFIGS = list(SEED)  # the seed configs, then those of --shapes
@@ -260,9 +262,8 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
 
 
 def floor_s(cfg, s, rates):
-  b, p, out, hq, hkv = cfg
-  return floor.floor_time(floor.step_bytes(b, p, s, hq, hkv, D, 2), floor.step_flops(b, p, s, hq, D),
-                          rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+  """The benchmark's floor of one step of config cfg at suffix s (`bench_attention.step_floor`), in seconds."""
+  return bench_attention.step_floor(case(cfg), s, rates)["floor_s"]
 
 
 def sweep_steps(configs, names, rates, records):
@@ -313,9 +314,10 @@ def sweep_prefix(configs, rates, records):
 
 
 def sweep_suffix(configs, rates, records):
-  """The suffix attention alone under each tile of SUFFIX_TILES at s = 1, out/2, out: fraction of the bandwidth."""
+  """The suffix attention alone under each tile of SUFFIX_TILES at the Simpson points: fraction of the bandwidth
+  (the keys and values of s tokens a sequence, its query and output)."""
   for i in configs:
-    b, _, out, _, hkv = CONFIGS[i]
+    b, _, out, hq, hkv = CONFIGS[i]
     q, _, _, sk, sv = inputs(i)
     for heads, bk, w, st in SUFFIX_TILES:
       over = dict(block_k=bk, num_warps=w, num_stages=st, **({"heads": heads} if heads else {}))
@@ -323,11 +325,12 @@ def sweep_suffix(configs, rates, records):
       fn = lambda q, k, v, lengths, blk=blk: run_plans(q, [suffix_plan(q, k, v, lengths, block=blk)])
       try:
         compiled, _ = timing.compile_aot(fn, (q, sk, sv, jnp.ones((b,), jnp.int32)))
-        for s in (1, out // 2, out):
+        for s in floor.simpson_points(out):
           t = timing.time_compiled(compiled, (q, sk, sv, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
           records.append(dict(kind="suffix", config=CONFIGS[i], s=s, block=str(blk), step_s=t))
+          moved = floor.step_bytes(b, 0, s, hq, hkv, D, 2)  # s keys and values a sequence, its query and output
           print(f"  suffix [{i}] s={s} {blk}: {t * 1e6:7.1f} us "
-                f"{2 * b * s * hkv * D * 2 / t / rates['bandwidth_bytes_per_s']:.2f} of bandwidth", flush=True)
+                f"{moved / t / rates['bandwidth_bytes_per_s']:.2f} of bandwidth", flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"  suffix [{i}] {blk}: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
