@@ -6,8 +6,9 @@ Kinds:
   tree_apps       APPS-like two-level sharing vs one-level vs standard (time of the decode)
 
 Per point (tree of prompts, mode): `models.generate.prefill` (compile and run timed separately), then the decode
-loop (`models.generate.compile_decode`, compile timed) is timed over `steps_per_sample` steps at three positions
-of the generation, step 0, G/2 and G (positions of the suffix s = 1, G/2, G as in bench-attention); each position
+loop (`models.generate.compile_decode`, compile timed) is timed over windows of `steps_per_sample` steps centred
+on three positions of the generation, s = 1, G/2 and G as in bench-attention, clamped to [0, G) (`sample_starts`:
+with 64 steps of G = 128, steps 0-63, 31-94 and 64-127; the floor averages the same windows); each window's time
 is the median of `repeats` runs; Simpson's rule gives the mean step time, tokens/s = B / mean step time and the
 decode time of G tokens = G * mean step time. With `full_decode = true` one whole G-step decode is timed as well.
 `hydragen`, `shared_storage` and `none` share one prefill (the same TreeCache; see model_api.derive_mode);
@@ -371,7 +372,7 @@ def write_markdown(path, all_records: list[dict]) -> None:
         if rates["results"].get("allreduce"):
             line = device_rates.describe_allreduce(rates["results"]["allreduce"])
             parts.append(line[0].upper() + line[1:] + ".")
-    parts += ["", "Decode tokens/s = B / Simpson mean step time (steps timed at s = 1, G/2, G); OOM = did not fit.",
+    parts += ["", "Decode tokens/s = B / Simpson mean step time (steps timed in windows centred on s = 1, G/2, G); OOM = did not fit.",
               ""]
     by_tp = {tp: [r for r in decode if r["point"].get("tp") == tp]  # {None: all} without tensor parallelism
              for tp in sorted({r["point"].get("tp") for r in decode}, key=lambda v: v or 0)}

@@ -108,7 +108,8 @@ EXTRA_ARGS=()
 if [[ -n "${EXTRA:-}" ]]; then set -f; eval "EXTRA_ARGS=($EXTRA)"; set +f; fi
 FAILED=0  # the first failing experiment's status: the script's own, once every part's results are archived
 STAMP=$(date -u +%Y%m%d-%H%M%S)
-probe=$("$PYTHON" -c 'import jax, re; d = jax.devices()[0]; print(d.platform, re.sub(r"[^A-Za-z0-9]+", "-", d.device_kind).strip("-").lower())') \
+# the platform, and the device as the results' names spell it (records.device_slug: the tuning files' slug)
+probe=$("$PYTHON" -c 'import jax; from experiments import records; print(jax.devices()[0].platform, records.device_slug())') \
   || { echo "[gpu_full] $PYTHON cannot run JAX (above; set GPU_PYTHON to one that can)" >&2; exit 2; }
 read -r PLATFORM DEVICE <<<"$probe"
 RESULTS=experiments/results

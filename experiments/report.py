@@ -385,7 +385,7 @@ def e2e_section(files: list[ResultsFile], plot: bool = True, link_base: pathlib.
     generate = next(iter(rows[points[0]].values()))["point"].get("generate")
     out = [f"**End to end** (e2e_throughput: `bash experiments/gpu_full.sh e2e-part1|e2e-part2|e2e-part3`; "
            f"{_model_line(files)}; {generate} generated tokens; decode tok/s = B / Simpson mean step time, the "
-           "steps timed at s = 1, G/2, G; prefill and compile timed apart; OOM = does not fit):", ""]
+           "steps timed in windows of `steps_per_sample` steps centred on s = 1, G/2, G, clamped to the generation; prefill and compile timed apart; OOM = does not fit):", ""]
     used = sorted({source[p] for p in points}, key=lambda f: f.name)
     out += [f"- {_file_line(f)}" for f in used]
     picture = combined_plot(used, [r for p in points for r in rows[p].values()], draw=plot)
