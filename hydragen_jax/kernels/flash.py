@@ -51,11 +51,13 @@ from hydragen_jax.kernels import merge as merge_kernel
 
 Array = jax.Array
 
-# A row's running max before its first key: finite, so that exp2(m - m_new) never computes inf - inf. Masked scores
-# are -inf: exp2(-inf · c - m_new) = 0 exactly, for any scale c > 0 and any row max.
-_M_START = -1e30
-_LOG2_E = math.log2(math.e)
-_LN_2 = math.log(2.0)
+# The online softmax's constants, shared by the Triton (here) and Mosaic (hopper.py) kernels. A row's running max
+# before its first key: finite, so that exp2(m - m_new) never computes inf - inf. Masked scores are -inf:
+# exp2(-inf · c - m_new) = 0 exactly, for any scale c > 0 and any row max. Scores are taken to base 2 (exp2 is the
+# GPU's native exponential): q·k · scale · LOG2_E, and the log-sum-exp back to base e by LN_2.
+M_START = -1e30
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +285,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     # add an error that grows with the scale. c > 0 and a normal float32 (`api._scale`), so max(s)·c is the largest
     # scaled score. (Exact while the scaled logits stay far below 2^31: beyond, max(s)·c rounded to float32 can miss
     # the fused s·c by more than exp2's range.)
-    c = scale * _LOG2_E
+    c = scale * LOG2_E
 
     length = jnp.clip(kv_len_ref[p], 0, k_ref.shape[1])
     # A key block is block_k columns = block_k // heads keys × `heads` KV heads (column c: key c // heads, head
@@ -341,7 +343,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
 
     carry = (
         jnp.zeros((block.block_m, d_pad), jnp.float32),
-        jnp.full((block.block_m,), _M_START, jnp.float32),
+        jnp.full((block.block_m,), M_START, jnp.float32),
         jnp.zeros((block.block_m,), jnp.float32),
     )
     # Blocks wholly inside every row's visible keys need no masks; only the last one or two blocks do. (In an
@@ -355,7 +357,7 @@ def _attend(ids, ints, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: LevelSpec, 
     seen = l > 0
     safe_l = jnp.where(seen, l, 1.0)
     out = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0)
-    lse = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN_2, -jnp.inf)
+    lse = jnp.where(seen, (m + jnp.log2(safe_l)) * LN_2, -jnp.inf)
     plgpu.store(o_ref.at[sp, flat[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=tile_ok)
     plgpu.store(lse_ref.at[sp, flat], lse, mask=row_ok)
     if merge is not None:

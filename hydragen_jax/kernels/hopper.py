@@ -41,6 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import ops
+from hydragen_jax.kernels.flash import LOG2_E, M_START  # the online softmax's constants, as Triton's
 
 Array = jax.Array
 
@@ -48,8 +49,6 @@ ROWS = 64  # query rows of one warpgroup's wgmma tile
 PARTS = ("keys", "values")  # a ring slot's two tiles, each copied and released on its own barrier
 PAIR = 2  # warpgroups 0 and 1 run the prefix, warpgroup 2 the suffixes
 SMEM_LIMIT = ops.SHARED_MEMORY_BY_CAPABILITY["9.0"]  # bytes of shared memory a CTA may use on an H100 / H200 (227 KB)
-_LOG2E = math.log2(math.e)
-_M_INIT = -1e30  # finite start of the running max: exp2(m_old - m_new) stays 1 (not NaN) while a row sees no key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,10 +441,10 @@ def _softmax_tile(s, m, l, *, scale2, key_axis, late_sum=False):
 
 
 def _flash_start(acc_shape: tuple[int, int], num_q: int, key_axis: int):
-  """The online softmax's start in the wgmma's layouts: (acc 0 `acc_shape`, running max _M_INIT, sum 0) per query."""
+  """The online softmax's start in the wgmma's layouts: (acc 0 `acc_shape`, running max M_START, sum 0) per query."""
   wgmma = plgpu.Layout.WGMMA
   return (plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), wgmma),
-          plgpu.layout_cast(jnp.full((num_q,), _M_INIT, jnp.float32), wgmma.reduce(key_axis)),
+          plgpu.layout_cast(jnp.full((num_q,), M_START, jnp.float32), wgmma.reduce(key_axis)),
           plgpu.layout_cast(jnp.zeros((num_q,), jnp.float32), wgmma.reduce(key_axis)))
 
 
@@ -657,7 +656,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
   splits = op_ref.shape[0]  # key splits of the prefix
   pairs = op_ref.shape[2] // (PAIR * ROWS)  # 128-row blocks per KV head (a multiple of the cluster size)
   srows = q_smem.shape[-2]  # rows of a suffix item's window
-  flash = functools.partial(_flash, scale2=scale * _LOG2E)
+  flash = functools.partial(_flash, scale2=scale * LOG2_E)
   wgmma = plgpu.Layout.WGMMA
 
   def count(num_items, first=cta, step=num_ctas):  # items first, first + step, ... < num_items
@@ -772,7 +771,7 @@ def _kernel(qt_ref, pk_ref, pv_ref, sk_ref, sv_ref, lens_ref, op_ref, lp_ref, os
       if config.prefix_overlap:  # a slot's key tile is refilled once its scores are done, its value tile later
         acc, m, l = _flash_overlapped(*args, functools.partial(release, consumed, ("keys",)),
                                       functools.partial(release, consumed_v, ("values",)), n, visible // block_k,
-                                      visible, scale2=scale * _LOG2E, **keep, **hooks)
+                                      visible, scale2=scale * LOG2_E, **keep, **hooks)
       elif config.prefix_early_keys:  # the key tile refilled once both score products are done
         acc, m, l = flash(*args, functools.partial(release, consumed_v, ("values",)), n, visible // block_k, visible,
                           keys_major=False, keys_read=functools.partial(release, consumed, ("keys",)),
