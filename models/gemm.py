@@ -2,10 +2,10 @@
 
 A decode step multiplies M = B·T rows (B sequences, T = 1 new token each) by every weight of every layer. At
 M ≤ 64 the product is bound by reading the weights once (2·K·N bytes for 2·M·K·N FLOPs), so its floor is the weight
-bytes over the memory bandwidth. `linear` computes ``x @ w`` for several weights that share their input in one
-launch (the model passes one a call: its q/k/v and gate/up weights are packed, `models.llama.pack_layer`):
+bytes over the memory bandwidth. `linear` computes ``x @ w`` in one launch (the model's q/k/v and gate/up weights
+are packed, `models.llama.pack_layer`: one launch each):
 
-* the grid runs over (weight i, block of `block_n` columns, split of the K rows); each program streams its
+* the grid runs over (block of `block_n` columns, split of the K rows); each program streams its
   `[block_k, block_n]` weight tiles through a `num_stages`-deep pipeline and multiplies them by the matching `[M',
   block_k]` slice of x (M' = M rounded up to a power of two, at least 16, the tensor cores' smallest tile; x is tiny
   and read from L2);
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,24 +50,22 @@ def default_backend(rows: int, tuning: tuning_lib.Tuning | None = None) -> str:
   return "pallas" if default_platform() == "gpu" and covered else "xla"
 
 
-def supported(x: Array, weights: Sequence[Array], gemm: tuning_lib.GemmTuning) -> str | None:
-  """None if the kernel computes x `[M, K]` @ each of `weights` `[K, N_i]`, else why not."""
+def supported(x: Array, w: Array, gemm: tuning_lib.GemmTuning) -> str | None:
+  """None if the kernel computes x `[M, K]` @ w `[K, N]`, else why not."""
   m, k = x.shape
-  if {w.dtype for w in weights} != {x.dtype} or x.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtypes {x.dtype}/{[str(w.dtype) for w in weights]}: the kernel takes 16-bit operands, all the same"
+  if w.dtype != x.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtypes {x.dtype}/{w.dtype}: the kernel takes 16-bit operands, both the same"
   if m > 128:
     return f"{m} rows: the kernel is for decode steps (at most 128 rows)"
-  if any(w.ndim != 2 or w.shape[0] != k for w in weights):
-    return f"weights {[w.shape for w in weights]} do not all have K = {k} rows"
-  if k % gemm.block_k or any(w.shape[1] % gemm.block_n for w in weights):
-    return (f"K = {k} or N = {[w.shape[1] for w in weights]} not a multiple of the tiles "
-            f"({gemm.block_k}, {gemm.block_n})")
+  if w.ndim != 2 or w.shape[0] != k:
+    return f"weight {w.shape} does not have K = {k} rows"
+  if k % gemm.block_k or w.shape[1] % gemm.block_n:
+    return f"K = {k} or N = {w.shape[1]} not a multiple of the tiles ({gemm.block_k}, {gemm.block_n})"
   return None
 
 
-def linear(x: Array, weights: Sequence[Array], backend: str | None = None,
-           tuning: tuning_lib.Tuning | None = None) -> list[Array]:
-  """``[x @ w for w in weights]`` for x `[..., K]` and weights `[K, N_i]` of x's dtype: `[..., N_i]` each.
+def linear(x: Array, w: Array, backend: str | None = None, tuning: tuning_lib.Tuning | None = None) -> Array:
+  """``x @ w`` for x `[..., K]` and w `[K, N]` of x's dtype: `[..., N]`.
 
   backend: "pallas" (the kernel, compiled), "interpret" (the kernel in the Pallas interpreter: CPU tests), "xla"
   (``jnp.matmul``), or None: `default_backend` for this many rows. The kernel falls back to ``jnp.matmul`` where it
@@ -81,11 +78,10 @@ def linear(x: Array, weights: Sequence[Array], backend: str | None = None,
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or None for the default)")
   x2 = x.reshape(rows, k)
-  if backend == "xla" or rows == 0 or supported(x2, weights, tuning.gemm) is not None:
-    return [jnp.matmul(x, w, precision=matmul_precision(x.dtype)) for w in weights]
-  outs = skinny_matmul(x2, tuple(weights), gemm=tuning.gemm, cores=ops.num_cores(tuning),
-                       interpret=backend == "interpret")
-  return [o.reshape(*lead, o.shape[-1]) for o in outs]
+  if backend == "xla" or rows == 0 or supported(x2, w, tuning.gemm) is not None:
+    return jnp.matmul(x, w, precision=matmul_precision(x.dtype))
+  out = skinny_matmul(x2, w, gemm=tuning.gemm, cores=ops.num_cores(tuning), interpret=backend == "interpret")
+  return out.reshape(*lead, w.shape[1])
 
 
 def plan_splits(k: int, column_blocks: int, gemm: tuning_lib.GemmTuning, cores: int) -> tuple[int, int]:
@@ -100,62 +96,46 @@ def plan_splits(k: int, column_blocks: int, gemm: tuning_lib.GemmTuning, cores: 
   return -(-tiles // per_split), per_split
 
 
-def _kernel(x_ref, *refs, blocks: tuple[int, ...], splits: int, per_split: int, block_n: int, block_k: int,
-            precision):
-  """Program p: weight i, column block n, split s (s fastest: the splits of a column block run side by side)."""
-  n_w = len(blocks)
-  w_refs, o_refs = refs[:n_w], refs[n_w:]
+def _kernel(x_ref, w_ref, o_ref, *, splits: int, per_split: int, block_n: int, block_k: int, precision):
+  """Program p: column block p // splits, split p % splits (the splits of a column block run side by side)."""
   pid = pl.program_id(0)
-  start = 0
-  for w_ref, o_ref, count in zip(w_refs, o_refs, blocks):
-    mine = (pid >= start) & (pid < start + count * splits)
+  nb, s = pid // splits, pid % splits
+  cols = pl.ds(pl.multiple_of(nb * block_n, block_n), block_n)
+  first = s * per_split
+  last = jnp.minimum(first + per_split, x_ref.shape[1] // block_k)
 
-    @pl.when(mine)
-    def _(w_ref=w_ref, o_ref=o_ref, local=pid - start):
-      nb, s = local // splits, local % splits
-      cols = pl.ds(pl.multiple_of(nb * block_n, block_n), block_n)
-      first = s * per_split
-      last = jnp.minimum(first + per_split, x_ref.shape[1] // block_k)
+  def step(t, acc):
+    ks = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
+    return acc + plgpu.dot(plgpu.load(x_ref.at[:, ks]), plgpu.load(w_ref.at[ks, cols]), precision=precision)
 
-      def step(t, acc):
-        ks = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
-        return acc + plgpu.dot(plgpu.load(x_ref.at[:, ks]), plgpu.load(w_ref.at[ks, cols]), precision=precision)
-
-      acc = lax.fori_loop(first, last, step, jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
-      plgpu.store(o_ref.at[s, :, cols], acc.astype(o_ref.dtype))
-
-    start += count * splits
+  acc = lax.fori_loop(first, last, step, jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+  plgpu.store(o_ref.at[s, :, cols], acc.astype(o_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("gemm", "cores", "interpret"))
-def skinny_matmul(x: Array, weights: tuple[Array, ...], *, gemm: tuning_lib.GemmTuning, cores: int,
-                  interpret: bool = False) -> list[Array]:
-  """x `[M, K]` @ each weight `[K, N_i]` in one launch (shapes as `supported` takes): `[M, N_i]` in x's dtype,
-  accumulated in float32."""
+def skinny_matmul(x: Array, w: Array, *, gemm: tuning_lib.GemmTuning, cores: int, interpret: bool = False) -> Array:
+  """x `[M, K]` @ w `[K, N]` (shapes as `supported` takes): `[M, N]` in x's dtype, accumulated in float32."""
   m, k = x.shape
   rows = max(_MIN_ROWS, pl.next_power_of_2(m))
   xp = jnp.pad(x, ((0, rows - m), (0, 0)))
-  blocks = tuple(w.shape[1] // gemm.block_n for w in weights)
-  splits, per_split = plan_splits(k, sum(blocks), gemm, cores)
-  kernel = functools.partial(_kernel, blocks=blocks, splits=splits, per_split=per_split, block_n=gemm.block_n,
+  blocks = w.shape[1] // gemm.block_n
+  splits, per_split = plan_splits(k, blocks, gemm, cores)
+  kernel = functools.partial(_kernel, splits=splits, per_split=per_split, block_n=gemm.block_n,
                              block_k=gemm.block_k, precision=lax.Precision.DEFAULT)
   # One split: the program's sum is the result, stored in x's dtype. Several: float32 partials, added below.
-  out_dtype = x.dtype if splits == 1 else jnp.float32
-  out_shape = [jax.ShapeDtypeStruct((splits, rows, w.shape[1]), out_dtype) for w in weights]
-  inputs = [xp, *weights]
+  out_shape = jax.ShapeDtypeStruct((splits, rows, w.shape[1]), x.dtype if splits == 1 else jnp.float32)
 
   def whole(a):  # the kernel indexes inside the full arrays
     return pl.BlockSpec(a.shape, lambda *_: (0,) * len(a.shape))
 
   partials = pl.pallas_call(
       kernel,
-      grid=(sum(blocks) * splits,),
-      in_specs=[whole(a) for a in inputs],
-      out_specs=[whole(a) for a in out_shape],
+      grid=(blocks * splits,),
+      in_specs=[whole(xp), whole(w)],
+      out_specs=whole(out_shape),
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=gemm.num_warps, num_stages=gemm.num_stages),
       interpret=interpret,
       name="decode_gemm",
-  )(*inputs)
-  return [(p[0] if splits == 1 else p.sum(axis=0))[:m].astype(x.dtype) for p in partials]
-
+  )(xp, w)
+  return (partials[0] if splits == 1 else partials.sum(axis=0))[:m].astype(x.dtype)

@@ -387,7 +387,7 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
     # a packed weight viewed as `[K, N]` (a free reshape: the arrays are contiguous).
     post = c.family.post_norms  # OLMo 2: the norms on the outputs (below), none on the inputs
     h = x if post else model_norm(c, x, p["attn_norm"])
-    [qkv] = gemm.linear(h, [p["w_qkv"].reshape(d, -1)])
+    qkv = gemm.linear(h, p["w_qkv"].reshape(d, -1))
     qkv = qkv.reshape(B, T, S, g + 2, D)  # per KV head: its g query heads, its key, its value
     if c.qkv_bias:  # Qwen2
         qkv = qkv + p["b_qkv"].reshape(S, g + 2, D)
@@ -409,13 +409,13 @@ def decoder_layer(config: LlamaConfig, p: dict[str, jax.Array], layer: int, x: j
         q = (q.astype(jnp.float32) * c.query_scale).astype(q.dtype)
     o, cache = attend(cache, layer, q, k, v)
     reduce = reduce or (lambda y: y)
-    [attn] = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), [p["wo"]])
+    attn = gemm.linear(o.astype(x.dtype).reshape(B, T, -1), p["wo"])
     attn = reduce(attn)
     x = x + _residual(c, model_norm(c, attn, p["attn_out_norm"]) if post else attn)
     h = x if post else model_norm(c, x, p["mlp_norm"])
-    [gate_up] = gemm.linear(h, [p["w_gate_up"].reshape(d, -1)])
+    gate_up = gemm.linear(h, p["w_gate_up"].reshape(d, -1))
     gate_up = gate_up.reshape(B, T, 2, -1)
-    [down] = gemm.linear(ACTIVATIONS[c.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], [p["w_down"]])
+    down = gemm.linear(ACTIVATIONS[c.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"])
     down = reduce(down)
     x = x + _residual(c, model_norm(c, down, p["mlp_out_norm"]) if post else down)
     return x, cache

@@ -20,36 +20,34 @@ from tests.conftest import ON_GPU
 SMALL = dataclasses.replace(tuning.current().gemm, min_rows=1, max_rows=64, block_n=16, block_k=16)
 
 
-def _operands(m, k, widths, dtype, seed=0):
-  keys = jax.random.split(jax.random.key(seed), len(widths) + 1)
-  x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
-  ws = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype) for key, n in zip(keys[1:], widths)]
-  return x, ws
+def _operands(m, k, n, dtype, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+  return x, (jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
 
 
 def _expected(x, w):
   return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-@pytest.mark.parametrize("m,k,widths,cores", [
-    (1, 64, (16,), 4),  # one row, K split 4 ways (a tile each)
-    (8, 128, (64, 32, 32), 1),  # q/k/v-like: three weights in one launch, no split
-    (17, 48, (32,), 8),  # odd rows (padded to 32), 3 K tiles over 3 splits
-    (64, 160, (48, 16), 12),  # 64 rows, 10 K tiles in splits of 4, 4 and 2
+@pytest.mark.parametrize("m,k,n,cores", [
+    (1, 64, 16, 4),  # one row, K split 4 ways (a tile each)
+    (8, 128, 128, 1),  # q/k/v-like packed width, no split
+    (17, 48, 32, 8),  # odd rows (padded to 32), 3 K tiles over 3 splits
+    (64, 160, 64, 12),  # 64 rows, 10 K tiles in splits of 4, 4 and 2
 ])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_kernel_matches_matmul(m, k, widths, cores, dtype):
-  x, ws = _operands(m, k, widths, dtype)
-  outs = gemm.skinny_matmul(x, tuple(ws), gemm=SMALL, cores=cores, interpret=True)
-  for out, w in zip(outs, ws):
-    assert out.shape == (m, w.shape[1]) and out.dtype == dtype
-    chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=1e-2, atol=1e-2)
+def test_kernel_matches_matmul(m, k, n, cores, dtype):
+  x, w = _operands(m, k, n, dtype)
+  out = gemm.skinny_matmul(x, w, gemm=SMALL, cores=cores, interpret=True)
+  assert out.shape == (m, n) and out.dtype == dtype
+  chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=1e-2, atol=1e-2)
 
 
 def test_plans_of_the_kernel_cases():
   """The cases above cover one split, splits of one tile, and uneven splits of several tiles."""
-  assert [gemm.plan_splits(k, sum(n // SMALL.block_n for n in widths), SMALL, cores)
-          for k, widths, cores in [(64, (16,), 4), (128, (64, 32, 32), 1), (48, (32,), 8), (160, (48, 16), 12)]] == [
+  assert [gemm.plan_splits(k, n // SMALL.block_n, SMALL, cores)
+          for k, n, cores in [(64, 16, 4), (128, 128, 1), (48, 32, 8), (160, 64, 12)]] == [
               (4, 1), (1, 8), (3, 1), (3, 4)]
 
 
@@ -66,23 +64,23 @@ def test_k_is_split_until_the_launch_fills_the_sms():
 
 
 def test_linear_dispatch(monkeypatch):
-  x, ws = _operands(2 * 3, 32, (16, 32), jnp.bfloat16)
+  x, w = _operands(2 * 3, 32, 48, jnp.bfloat16)
   x3 = x.reshape(2, 3, 32)
   with tuning.override(dataclasses.replace(tuning.current(), gemm=SMALL)):
     assert gemm.default_backend(6) == ("pallas" if jax.default_backend() == "gpu" else "xla")
     assert gemm.default_backend(65) == "xla"
-    kernel = jax.make_jaxpr(lambda x: gemm.linear(x, ws, backend="interpret"))(x3)
+    kernel = jax.make_jaxpr(lambda x: gemm.linear(x, w, backend="interpret"))(x3)
     assert "pallas_call" in str(kernel)
-    outs = gemm.linear(x3, ws, backend="interpret")
-    for out, w in zip(outs, ws):
-      assert out.shape == (2, 3, w.shape[1])
-      chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w).reshape(2, 3, -1), rtol=1e-2, atol=1e-2)
+    out = gemm.linear(x3, w, backend="interpret")
+    assert out.shape == (2, 3, 48)
+    chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w).reshape(2, 3, -1), rtol=1e-2, atol=1e-2)
     # where the kernel does not apply: jnp.matmul (float32 at full precision; K not a multiple of the tile)
-    xf, wf = _operands(4, 24, (16,), jnp.float32)
+    xf, wf = _operands(4, 24, 16, jnp.float32)
     assert "pallas_call" not in str(jax.make_jaxpr(lambda x: gemm.linear(x, wf, backend="interpret"))(xf))
-    np.testing.assert_allclose(gemm.linear(xf, wf, backend="interpret")[0], _expected(xf, wf[0]), rtol=1e-6)
+    np.testing.assert_allclose(gemm.linear(xf, wf, backend="interpret"), _expected(xf, wf), rtol=1e-6)
     assert gemm.supported(xf, wf, SMALL).startswith("dtypes")
-    assert "not a multiple of the tiles" in gemm.supported(*_operands(4, 24, (16,), jnp.bfloat16), SMALL)
+    assert "not a multiple of the tiles" in gemm.supported(*_operands(4, 24, 16, jnp.bfloat16), SMALL)
+    assert "does not have K = 32 rows" in gemm.supported(x, w.T, SMALL)
   ranged = dataclasses.replace(SMALL, min_rows=8, max_rows=64)  # a range, as the H200's (64 to 64 rows)
   assert [ranged.covers(m) for m in (1, 7, 8, 64, 65)] == [False, False, True, True, False]
   assert not dataclasses.replace(ranged, max_rows=0).covers(8)  # max_rows 0: off whatever min_rows says
@@ -93,7 +91,7 @@ def test_linear_dispatch(monkeypatch):
     off = dataclasses.replace(tuning.current(), gemm=dataclasses.replace(SMALL, max_rows=0))
     assert gemm.default_backend(6, off) == "xla"  # off: the H100 file's value until measured
   with pytest.raises(ValueError, match="backend='cuda' is not one of"):
-    gemm.linear(x, ws, backend="cuda")
+    gemm.linear(x, w, backend="cuda")
 
 
 def test_kernel_lowers_to_triton_for_an_h200(monkeypatch):
@@ -103,10 +101,9 @@ def test_kernel_lowers_to_triton_for_an_h200(monkeypatch):
   monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
   g = tuning.for_device_kind("NVIDIA H200").gemm
   s = jax.ShapeDtypeStruct
-  for m, k, widths in [(8, 4096, (4096, 4096, 4096)), (64, 4096, (11008, 11008)), (64, 11008, (4096,))]:
-    weights = tuple(s((k, n), jnp.bfloat16) for n in widths)
+  for m, k, n in [(8, 4096, 6144), (64, 4096, 22016), (64, 11008, 4096)]:  # 7B's packed q/k/v, gate/up; down
     text = jax.jit(lambda x, w: gemm.skinny_matmul(x, w, gemm=g, cores=132)).trace(
-        s((m, k), jnp.bfloat16), weights).lower(lowering_platforms=("cuda",)).as_text()
+        s((m, k), jnp.bfloat16), s((k, n), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
     assert "decode_gemm" in text
 
 
@@ -143,9 +140,9 @@ def test_model_with_the_kernel_matches_xla_gemms(monkeypatch):
 @pytest.mark.parametrize("m", [1, 8, 64])
 def test_kernel_compiled_matches_matmul_at_7b_shapes(m):
   g = dataclasses.replace(tuning.current().gemm, max_rows=64)
-  x, ws = _operands(m, 4096, (4096, 1024, 1024), jnp.bfloat16)
-  for out, w in zip(gemm.linear(x, ws, backend="pallas", tuning=dataclasses.replace(tuning.current(), gemm=g)), ws):
-    chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=2e-2, atol=2e-2)
-  x, ws = _operands(m, 11008, (4096,), jnp.bfloat16, seed=1)
-  out = gemm.skinny_matmul(x, tuple(ws), gemm=g, cores=132)[0]
-  chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, ws[0]), rtol=2e-2, atol=2e-2)
+  x, w = _operands(m, 4096, 6144, jnp.bfloat16)
+  out = gemm.linear(x, w, backend="pallas", tuning=dataclasses.replace(tuning.current(), gemm=g))
+  chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=2e-2, atol=2e-2)
+  x, w = _operands(m, 11008, 4096, jnp.bfloat16, seed=1)
+  out = gemm.skinny_matmul(x, w, gemm=g, cores=132)
+  chex.assert_trees_all_close(out.astype(jnp.float32), _expected(x, w), rtol=2e-2, atol=2e-2)

@@ -98,11 +98,11 @@ def gemm_shape(config: dict) -> dict:
 def gemms(x, layers: list[dict], backend: str, tune: tuning_lib.Tuning):
   """The GEMMs of the layers in turn (attention and norms left out): x `[M, d]` -> `[M, d]`."""
   for p in layers:  # `probe_weight_layout.layer_weights`, "fused": the models' packed weights
-    [qkv] = gemm.linear(x, [p["qkv"]], backend, tune)
-    [o] = gemm.linear(qkv[:, :p["o"].shape[0]], [p["o"]], backend, tune)
-    [gate_up] = gemm.linear(x + o, [p["gate_up"]], backend, tune)
+    qkv = gemm.linear(x, p["qkv"], backend, tune)
+    o = gemm.linear(qkv[:, :p["o"].shape[0]], p["o"], backend, tune)
+    gate_up = gemm.linear(x + o, p["gate_up"], backend, tune)
     g, u = jnp.split(gate_up, 2, axis=-1)
-    [down] = gemm.linear(g * u, [p["down"]], backend, tune)
+    down = gemm.linear(g * u, p["down"], backend, tune)
     x = (x + o + down).astype(x.dtype)
   return x
 
@@ -204,12 +204,12 @@ def main(argv: list[str] | None = None) -> None:
       log.flush()
     return seconds
 
-  groups = [(shape["hidden"], (shape["q"] + 2 * shape["kv"],)), (shape["q"], (shape["hidden"],)),  # (K, N) as packed
-            (shape["hidden"], (2 * shape["intermediate"],)), (shape["intermediate"], (shape["hidden"],))]
+  groups = [(shape["hidden"], shape["q"] + 2 * shape["kv"]), (shape["q"], shape["hidden"]),  # (K, N) as packed
+            (shape["hidden"], 2 * shape["intermediate"]), (shape["intermediate"], shape["hidden"])]
 
   def applies(g: GemmTuning) -> bool:  # tiles that divide every GEMM of the layer (else XLA's would be timed)
     sds = jax.ShapeDtypeStruct
-    return all(gemm.supported(sds((8, k), dtype), [sds((k, n), dtype) for n in ns], g) is None for k, ns in groups)
+    return all(gemm.supported(sds((8, k), dtype), sds((k, n), dtype), g) is None for k, n in groups)
 
   scores = {}  # tiles -> geometric mean over pick_rows (a later pass re-times nothing it has timed)
 
