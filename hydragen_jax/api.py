@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,11 @@ def _scale(scale: float | None, head_dim: int) -> float:
     raise ValueError(f"scale must be a positive number known at trace time (a Python float), got {scale!r}.") from e
   if not (math.isfinite(value) and value > 0):
     raise ValueError(f"scale must be a positive finite number, got {value}.")
-  if float(np.float32(value * math.log2(math.e))) < float(np.finfo(np.float32).tiny):
+  scaled = value * math.log2(math.e)  # the kernels' exponents take scores times scale·log2 e, in float32
+  if scaled > float(np.finfo(np.float32).max):
+    raise ValueError(f"scale={value} is too large: scale·log2 e overflows float32 (at most "
+                     f"{float(np.finfo(np.float32).max) / math.log2(math.e):.4g}).")
+  if float(np.float32(scaled)) < float(np.finfo(np.float32).tiny):
     raise ValueError(f"scale={value} is too small: scale·log2 e is not a normal float32, which the kernels' exponents "
                      "need.")
   return value
@@ -351,6 +355,8 @@ def attention(
 def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
   """Exact log-sum-exp merge of `(out [..., D], lse [...])` parts over disjoint keys; empty parts (lse = -inf)
   contribute nothing and never produce NaN. Returns (out, lse)."""
+  if isinstance(states, Iterator):  # a generator: taken once, here (the jitted merge takes pytrees)
+    states = list(states)
   return reference.merge_states(states)
 
 
@@ -395,6 +401,9 @@ def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], l
   if isinstance(levels, Level):
     raise ValueError("levels must be a sequence of Level, root to leaf (the last one the per-sequence suffixes); "
                      "got one Level: pass [level].")
+  if not hasattr(levels, "__iter__") or hasattr(levels, "shape"):
+    raise ValueError(f"levels must be a sequence of Level, root to leaf; got {type(levels).__name__}.")
+  levels = list(levels)  # a generator or other iterable, taken once
   if not levels:
     raise ValueError("levels is empty; expected at least one Level.")
   batch = q.shape[0]
@@ -425,10 +434,17 @@ def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], l
              else None)
     validated.append(dataclasses.replace(level, lengths=lengths, seq_to_node=nodes, layer=layer, max_group=bound))
   last = [i == len(levels) - 1 for i in range(len(levels))]  # the leaf level is causal, shared ones are not
+  traced = isinstance(batch_shared, jax.core.Tracer) or (
+      isinstance(batch_shared, (list, tuple)) and any(isinstance(b, jax.core.Tracer) for b in batch_shared))
+  if traced:  # a flag given to a jitted call as an ordinary argument
+    raise ValueError(f"batch_shared={batch_shared!r}: expected a bool, or one bool per shared level, known at trace "
+                     "time: it decides the program's shape; pass it as a static argument (e.g. jax.jit(fn, "
+                     "static_argnames='batch_shared'), or functools.partial(fn, batch_shared=...) before jitting).")
   if isinstance(batch_shared, (bool, np.bool_)):
     batched = [bool(batch_shared) and not leaf for leaf in last]
   else:
-    ok_type = isinstance(batch_shared, (list, tuple, np.ndarray)) and np.ndim(batch_shared) == 1
+    ok_type = isinstance(batch_shared, (list, tuple)) or (isinstance(batch_shared, np.ndarray)
+                                                          and batch_shared.ndim == 1)
     batched = list(batch_shared) if ok_type else None
     if (batched is None or len(batched) != len(levels) - 1
         or not all(isinstance(b, (bool, np.bool_)) for b in batched)):
@@ -499,7 +515,7 @@ def tree_attention_append(
   check.check_flag("checked", checked)
   validated, causal, batched = _tree_levels(q, levels, batch_shared, checked)
   leaf = validated[-1]
-  name = f"levels[{len(levels) - 1}]"
+  name = f"levels[{len(validated) - 1}]"
   if given := [field for field in ("seq_to_node", "layer") if getattr(leaf, field) is not None]:
     raise ValueError(f"tree_attention_append writes the last level, which must be the sequences' own caches "
                      f"[B, S, Hkv, D]; {name} has {' and '.join(given)} set: expected None.")

@@ -149,12 +149,20 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
     out `[..., D]` in the dtype of the first part's out, and lse `[...]` float32 (float64 where a part's out or lse
     is float64: `accumulation_dtype`).
   """
+  if _is_array(states) or not hasattr(states, "__iter__"):
+    raise ValueError(f"merge_states: `states` must be a sequence of (out, lse) pairs; got {_describe(states)}.")
+  states = list(states)
   if not states:
     raise ValueError("merge_states: `states` is empty; expected at least one (out, lse) pair.")
   for i, state in enumerate(states):
     if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(map(_is_array, state))):
       raise ValueError(f"merge_states: part {i} must be an (out, lse) pair of arrays; got {_describe(state)}. "
                        f"`states` is a sequence of such pairs, e.g. [(out_1, lse_1), (out_2, lse_2)].")
+    for what, x in zip(("out", "lse"), state):
+      dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
+      if not jnp.issubdtype(dtype, jnp.floating) or jnp.dtype(dtype).itemsize < 2:
+        raise ValueError(f"merge_states: part {i}'s {what} has dtype {dtype}; expected float16, bfloat16, float32 "
+                         "or float64 (a weighted average of integers would be truncated).")
   shape = jnp.shape(states[0][0])
   if not shape:
     raise ValueError("merge_states: part 0's out is a scalar; expected out [..., D] (a head dim axis) and lse [...].")

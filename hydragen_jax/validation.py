@@ -75,7 +75,7 @@ def check_kernel_backend(backend: str, **inputs) -> None:
   name, q = next(iter(inputs.items()))
   if dtype_of(q) not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"backend={backend!r} runs the Pallas kernels, which take float32, bfloat16 or float16; got "
-                     f"{name} {q.dtype} (backend='xla' takes any floating dtype).")
+                     f"{name} {q.dtype} (backend='xla' takes float64 too).")
   if backend == "interpret-mosaic" and jax.config.jax_enable_x64:
     raise ValueError("backend='interpret-mosaic' does not run with jax_enable_x64 on (Mosaic GPU's interpreter "
                      "evaluates the kernel at run time, where the mode breaks its 32-bit loops); on a CPU use "
@@ -121,8 +121,9 @@ def check_heads(q_name: str, q, kv_name: str, kv) -> None:
   """q `[..., Hq, D]` against k `[..., Hkv, D]`: same D (at least 1), Hq a multiple of Hkv, same floating dtype."""
   hq, d = q.shape[-2:]
   hkv, dk = kv.shape[-2:]
-  if not jnp.issubdtype(dtype_of(q), jnp.floating):
-    raise ValueError(f"{q_name} must have a floating dtype (float32, bfloat16, float16); got {q.dtype}.")
+  if not jnp.issubdtype(dtype_of(q), jnp.floating) or dtype_of(q).itemsize < 2:
+    raise ValueError(f"{q_name} must have a floating dtype of 16 bits or more (float32, bfloat16, float16; float64 "
+                     f"on backend='xla'); got {q.dtype}.")
   if d < 1:
     raise ValueError(f"head dim of {q_name} {q.shape} must be at least 1; got D={d}.")
   if d != dk:

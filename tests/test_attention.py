@@ -234,6 +234,23 @@ def test_tree_batch_shared_per_level_must_name_every_shared_level(batch_shared):
     hj.tree_attention(q, levels, backend="xla", batch_shared=batch_shared)
 
 
+def test_tree_levels_and_batch_shared_given_otherwise():
+  """Levels as any iterable (a generator: taken once) give the list's result; a traced batch_shared (a bool, or one
+  in a list) is refused with the static-argument hint, not a TracerArrayConversionError."""
+  keys = jax.random.split(jax.random.PRNGKey(16), 3)
+  q = normal(keys[0], (2, 1, 4, 16), jnp.float32)
+  levels = [random_level(keys[1], 1, 8, [8], [0, 0], 2, 16, jnp.float32),
+            random_level(keys[2], 2, 8, [3, 5], None, 2, 16, jnp.float32)]
+  want = hj.tree_attention(q, levels, backend="xla")
+  chex.assert_trees_all_close(hj.tree_attention(q, (lv for lv in levels), backend="xla"), want)
+  with pytest.raises(ValueError, match=r"levels must be a sequence of Level, root to leaf; got int"):
+    hj.tree_attention(q, 3, backend="xla")
+  for flag in (lambda b: b, lambda b: [b]):
+    with pytest.raises(ValueError, match=r"batch_shared=.*Tracer.*pass it as a static argument \(e\.g\. "
+                                         r"jax\.jit\(fn, static_argnames='batch_shared'\)"):
+      jax.jit(lambda q, b: hj.tree_attention(q, levels, backend="xla", batch_shared=flag(b)))(q, True)
+
+
 @pytest.mark.mosaic_falls_back
 def test_tree_with_empty_leaf_level_sees_shared_levels_only(backend):
   keys = jax.random.split(jax.random.PRNGKey(12), 4)
@@ -473,6 +490,15 @@ def test_merge_names_a_part_that_is_not_a_pair_of_arrays():
     hj.merge_states([(np.asarray(out).tolist(), lse)])
   with pytest.raises(ValueError, match=r"part 0's out is a scalar; expected out \[\.\.\., D\]"):  # was out (1,)
     hj.merge_states([(jnp.float32(1.0), jnp.float32(0.0)), (jnp.float32(3.0), jnp.float32(0.0))])
+  # integer parts (a weighted average truncated), an array of parts, a number: refused by name; a generator taken
+  with pytest.raises(ValueError, match=r"part 1's out has dtype int32; expected float16, bfloat16, float32 or "):
+    hj.merge_states([(out, lse), (jnp.ones((1, 4), jnp.int32), lse)])
+  with pytest.raises(ValueError, match=r"`states` must be a sequence of \(out, lse\) pairs; got"):
+    hj.merge_states(jnp.stack([out, out]))
+  with pytest.raises(ValueError, match=r"`states` must be a sequence of \(out, lse\) pairs; got"):
+    hj.merge_states(3)
+  chex.assert_trees_all_close(hj.merge_states(p for p in [(out, lse), (out, lse)]),
+                              hj.merge_states([(out, lse), (out, lse)]))
 
 
 def test_merge_is_order_independent_and_keeps_dtype():
@@ -549,7 +575,9 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("lengths_float_list", r"kv_lengths must be integer; got dtype float64"),
     ("batch", r"batch of k .* differs from batch of q"),
     ("backend", r"backend='cuda' is not one of"),
-    ("int_dtype", r"q must have a floating dtype \(float32, bfloat16, float16\); got int32"),
+    ("int_dtype", r"q must have a floating dtype of 16 bits or more \(float32, bfloat16, float16; float64 on "
+                  r"backend='xla'\); got int32"),
+    ("float8_dtype", r"q must have a floating dtype of 16 bits or more .*got float8_e4m3fn"),
     ("no_head_dim", r"head dim of q \(2, 1, 4, 0\) must be at least 1; got D=0"),
     ("no_kv_heads", r"k \(2, 10, 0, 64\) has no KV heads \(Hkv=0\); expected at least one"),
     ("scale_negative", r"scale must be a positive finite number, got -0.1"),
@@ -557,6 +585,7 @@ def test_mosaic_off_a_hopper_gpu_runs_the_triton_kernels(monkeypatch):
     ("scale_nan", r"scale must be a positive finite number, got nan"),
     ("scale_str", r"scale must be a positive number known at trace time \(a Python float\), got 'x'"),
     ("scale_tiny", r"scale=1e-40 is too small: scale·log2 e is not a normal float32"),
+    ("scale_huge", r"scale=1e\+39 is too large: scale·log2 e overflows float32 \(at most 2.359e\+38\)"),
     ("scale_bool", r"scale must be a positive number known at trace time \(a Python float\), got True"),
     ("scale_numeric_str", r"scale must be a positive number known at trace time \(a Python float\), got '1'"),
     ("q_list", r"q must be an array of rank 4 \(\[B, T, Hq, D\]\); got list"),
@@ -597,13 +626,16 @@ def test_attention_bad_input(case, match):
     kwargs["backend"] = "cuda"
   elif case == "int_dtype":  # integers would be truncated on the way out, each backend differently
     kwargs = dict(q=q.astype(jnp.int32), k=k.astype(jnp.int32), v=k.astype(jnp.int32))
+  elif case == "float8_dtype":  # every backend, 'xla' too (it failed inside JAX's type promotion)
+    kwargs = dict(q=q.astype(jnp.float8_e4m3fn), k=k.astype(jnp.float8_e4m3fn), v=k.astype(jnp.float8_e4m3fn),
+                  backend="xla")
   elif case == "no_head_dim":
     kwargs = dict(q=q[..., :0], k=k[..., :0], v=k[..., :0])
   elif case == "no_kv_heads":
     kwargs["k"] = kwargs["v"] = jnp.zeros((2, 10, 0, 64))
   elif case.startswith("scale_"):
     kwargs["scale"] = {"scale_negative": -0.1, "scale_zero": 0.0, "scale_nan": float("nan"), "scale_str": "x",
-                       "scale_tiny": 1e-40, "scale_bool": True, "scale_numeric_str": "1"}[case]
+                       "scale_tiny": 1e-40, "scale_bool": True, "scale_numeric_str": "1", "scale_huge": 1e39}[case]
   elif case == "q_list":
     kwargs["q"] = np.asarray(q).tolist()
   elif case == "causal_str":
