@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import hydragen_jax as hj
+from experiments import floor
 from scripts import cli
 from scripts.tuning.sweep_kernels import SEED, inputs
 
@@ -88,7 +89,7 @@ def main():
     q, pk, pv, sk, sv = inputs(i)
     step = jax.jit(lambda q, pk, pv, sk, sv, n: hj.hydragen_attention(q, pk[0], pv[0], sk, sv, suffix_lengths=n,
                                                                       backend="pallas"))
-    for s in (1, out // 2, out):
+    for s in floor.simpson_points(out):
       n = jnp.full((b,), s, jnp.int32)
       jax.block_until_ready(step(q, pk, pv, sk, sv, n))
       jax.block_until_ready(step(q, pk, pv, sk, sv, n))
