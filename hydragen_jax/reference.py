@@ -162,7 +162,7 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
       dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
       if not jnp.issubdtype(dtype, jnp.floating) or jnp.dtype(dtype).itemsize < 2:
         raise ValueError(f"merge_states: part {i}'s {what} has dtype {dtype}; expected float16, bfloat16, float32 "
-                         "or float64 (a weighted average of integers would be truncated).")
+                         "or float64 (the merge is a weighted average in float32 or float64).")
   shape = jnp.shape(states[0][0])
   if not shape:
     raise ValueError("merge_states: part 0's out is a scalar; expected out [..., D] (a head dim axis) and lse [...].")

@@ -52,7 +52,10 @@ def is_integer(x: Any) -> bool:
     if isinstance(x, numbers.Integral):
         return True
     dtype = getattr(x, "dtype", None)
-    return dtype is not None and getattr(x, "ndim", None) == 0 and np.issubdtype(dtype, np.integer)
+    try:
+        return dtype is not None and getattr(x, "ndim", None) == 0 and np.issubdtype(dtype, np.integer)
+    except TypeError:  # a dtype numpy cannot read (a typed PRNG key's, another library's): not an integer
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

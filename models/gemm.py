@@ -59,6 +59,8 @@ def supported(x: Array, w: Array, gemm: tuning_lib.GemmTuning) -> str | None:
     return f"{m} rows: the kernel is for decode steps (at most 128 rows)"
   if w.ndim != 2 or w.shape[0] != k:
     return f"weight {w.shape} does not have K = {k} rows"
+  if k == 0 or w.shape[1] == 0:
+    return f"an empty product (K = {k}, N = {w.shape[1]})"
   if k % gemm.block_k or w.shape[1] % gemm.block_n:
     return f"K = {k} or N = {w.shape[1]} not a multiple of the tiles ({gemm.block_k}, {gemm.block_n})"
   return None

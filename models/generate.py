@@ -225,7 +225,7 @@ def _in_32_bits(fn):
 
 
 def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1 (``_is_int``); ``ValueError`` naming ``name`` otherwise."""
+    """``value`` as an int >= 1 (``models.config.is_integer``); ``ValueError`` naming ``name`` otherwise."""
     if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)

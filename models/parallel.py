@@ -92,7 +92,8 @@ def mesh_size(mesh: Mesh) -> int:
 
 
 def make_mesh(devices: int) -> Mesh:
-    """A mesh of the first ``devices`` devices along the axis ``"model"`` (a Python or numpy integer)."""
+    """A mesh of the first ``devices`` devices along the axis ``"model"`` (an integer: Python, numpy, or a 0-d integer
+    array; ``models.config.is_integer``)."""
     available = jax.devices()
     if not is_integer(devices) or not 1 <= devices <= len(available):
         raise ValueError(f"make_mesh: devices must be an integer in [1, {len(available)}] (the devices JAX sees), "

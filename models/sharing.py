@@ -157,6 +157,7 @@ def build_sharing_tree(prompts: Sequence[Sequence[int]], max_depth: int = 3) -> 
     """
     if not is_integer(max_depth) or max_depth < 0:
         raise ValueError(f"max_depth must be an integer >= 0, got {max_depth!r}")
+    max_depth = int(max_depth)
     prompts = [_ints(p, f"build_sharing_tree: prompt {b}") for b, p in enumerate(prompts)]
     if not prompts:
         raise ValueError("no prompts given (empty prompt list)")
@@ -230,7 +231,7 @@ def expand_samples(prompts: Sequence[Sequence[int]], num_samples: int) -> list[T
     the order of ``Generation``'s rows)."""
     if not is_integer(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    return [tuple(p) for p in prompts for _ in range(num_samples)]
+    return [tuple(p) for p in prompts for _ in range(int(num_samples))]
 
 
 def synthetic_tree(batch: int, shared_len: int, unique_len: int, vocab_size: int, seed: int = 0) -> SharingTree:
@@ -240,6 +241,7 @@ def synthetic_tree(batch: int, shared_len: int, unique_len: int, vocab_size: int
                                ("vocab_size", vocab_size, 1), ("seed", seed, 0)):
         if not is_integer(value) or value < least:
             raise ValueError(f"synthetic_tree: {name} must be an integer >= {least}, got {value!r}")
+    batch, shared_len, unique_len, vocab_size, seed = map(int, (batch, shared_len, unique_len, vocab_size, seed))
     rng = np.random.default_rng(seed)
     prefix = tuple(rng.integers(0, vocab_size, shared_len).tolist())
     uniques = rng.integers(0, vocab_size, (batch, unique_len)).tolist()

@@ -1091,11 +1091,24 @@ def test_hand_built_config_equals_itself_after_a_round_trip(fields):
 def test_integer_predicates():
     """``is_int`` takes what a JSON / GGUF file spells as an integer; ``is_integer`` also numpy integers and 0-d
     integer arrays (run-time arguments). Neither takes a bool, a float or a 1-d array."""
+    import jax
     import jax.numpy as jnp
     for x in (3, -1, 2**70):
         assert is_int(x) and is_integer(x)
     for x in (np.int64(3), np.array(3), jnp.int32(3), jnp.array(3, jnp.uint8)):
         assert not is_int(x) and is_integer(x), x
     for x in (True, np.bool_(True), jnp.array(True), 3.0, np.float32(3), np.array([3]), jnp.zeros((1,), int), "3",
-              None):
-        assert not is_int(x) and not is_integer(x), x
+              None, jax.random.key(0), type("Torchish", (), {"dtype": "torch.int64", "ndim": 0})()):
+        assert not is_int(x) and not is_integer(x), x  # (a typed key's dtype, numpy cannot read: False, not raised)
+    # the callers take 0-d arrays as the ints they hold, and refuse a key by name
+    import models  # noqa: PLC0415
+    from models import parallel  # noqa: PLC0415
+    tree = models.synthetic_tree(np.array(2), jnp.array(3), 2, 50, seed=np.array(1))
+    assert tree == models.synthetic_tree(2, 3, 2, 50, seed=1)
+    assert models.expand_samples([[1, 2]], jnp.array(2)) == [(1, 2), (1, 2)]
+    assert models.build_sharing_tree([[1, 2, 3], [1, 2, 4]], max_depth=np.array(1)).levels
+    for call in (lambda: models.synthetic_tree(2, 3, 2, 50, seed=jax.random.key(0)),
+                 lambda: parallel.make_mesh(jax.random.key(0)),
+                 lambda: models.build_sharing_tree([[1, 2]], max_depth=jax.random.key(0))):
+        with pytest.raises(ValueError, match="must be an integer"):
+            call()

@@ -81,6 +81,11 @@ def test_linear_dispatch(monkeypatch):
     assert gemm.supported(xf, wf, SMALL).startswith("dtypes")
     assert "not a multiple of the tiles" in gemm.supported(*_operands(4, 24, 16, jnp.bfloat16), SMALL)
     assert "does not have K = 32 rows" in gemm.supported(x, w.T, SMALL)
+    # empty products: XLA's (the kernel's plan divided by zero)
+    for k, n in ((0, 16), (16, 0)):
+      xe, we = _operands(2, k, n, jnp.bfloat16)
+      assert "an empty product" in gemm.supported(xe, we, SMALL)
+      assert gemm.linear(xe, we, backend="interpret").shape == (2, n)
   ranged = dataclasses.replace(SMALL, min_rows=8, max_rows=64)  # a range, as the H200's (64 to 64 rows)
   assert [ranged.covers(m) for m in (1, 7, 8, 64, 65)] == [False, False, True, True, False]
   assert not dataclasses.replace(ranged, max_rows=0).covers(8)  # max_rows 0: off whatever min_rows says
