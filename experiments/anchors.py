@@ -23,7 +23,7 @@ import importlib.util
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -198,8 +198,9 @@ def _capture(call: Callable, q):
     return graph, out
 
 
-def time_chain(step: Callable, q, steps_per_call: int, timing_kw: dict) -> tuple[dict, object]:
-    """Time `steps_per_call` chained steps from q (eager, then as a CUDA graph where it can be captured).
+def time_chain(step: Callable | Sequence[Callable], q, steps_per_call: int, timing_kw: dict) -> tuple[dict, object]:
+    """Time `steps_per_call` chained steps from q (eager, then as a CUDA graph where it can be captured); `step` a
+    list: step i of the chain is `step[i % len(step)]` (each over its own copy of the caches: `measure`'s copies).
 
     Returns (results, output of the chain as a torch tensor). results: `step_s` (the faster way, per step),
     `step_s_eager`, `step_s_graph` (None if the capture failed, with `graph_error`), `cuda_graph` (which one is
@@ -207,9 +208,11 @@ def time_chain(step: Callable, q, steps_per_call: int, timing_kw: dict) -> tuple
     any JIT compilation and set-up), `timer`."""
     import torch
 
+    fns = list(step) if isinstance(step, (list, tuple)) else [step]
+
     def call(x):
-        for _ in range(steps_per_call):
-            x = step(x)
+        for i in range(steps_per_call):
+            x = fns[i % len(fns)](x)
         return x
 
     begin = time.perf_counter()
@@ -240,9 +243,11 @@ def time_chain(step: Callable, q, steps_per_call: int, timing_kw: dict) -> tuple
     return results, output
 
 
-def measure(name: str, inputs: dict, steps_per_call: int, timing_kw: dict) -> tuple[dict, jax.Array]:
+def measure(name: str, inputs: dict, steps_per_call: int, timing_kw: dict,
+            copies: int = 1) -> tuple[dict, jax.Array]:
     """Time anchor `name` on the bench's inputs (q, prefix_k/v, suffix_k/v of which the first `s` tokens are
-    valid; see bench_attention.make_inputs).
+    valid; see bench_attention.make_inputs); `copies` > 1: the chain's steps read that many copies of the KV in
+    turn (as `timing.chain_steps`' copies: data smaller than L2 is not served from it step to step).
     Returns (results, the chain's output as a JAX array, for the comparison with the reference)."""
     import torch
 
@@ -254,16 +259,19 @@ def measure(name: str, inputs: dict, steps_per_call: int, timing_kw: dict) -> tu
     t = {k: _torch(exact.get(k, inputs[k])) for k in ("q", "prefix_k", "prefix_v", "suffix_k", "suffix_v")}
     del exact
     versions = {"torch_version": torch.__version__}
+    kv = ("prefix_k", "prefix_v", "suffix_k", "suffix_v")
+    sets = [tuple(t[k] for k in kv)] + [tuple(t[k].clone() for k in kv) for _ in range(copies - 1)]
     if name == "torch_hydragen":
-        step = torch_hydragen_step(t["prefix_k"], t["prefix_v"], t["suffix_k"], t["suffix_v"])
+        step = [torch_hydragen_step(*kv_set) for kv_set in sets]
     else:
         import flashinfer
 
-        step = flashinfer_step(t["prefix_k"], t["prefix_v"], t["suffix_k"], t["suffix_v"], t["q"].shape[2])
+        step = [flashinfer_step(*kv_set, t["q"].shape[2]) for kv_set in sets]
         versions["flashinfer_version"] = getattr(flashinfer, "__version__", None)
+    del sets
     torch.cuda.synchronize()
     results, out = time_chain(step, t["q"], steps_per_call, timing_kw)
     output = jnp.asarray(np.asarray(out.float().cpu()))
     del step, t
     torch.cuda.empty_cache()
-    return {**results, **versions}, output
+    return {**results, **versions, "l2_copies": copies}, output

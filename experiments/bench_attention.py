@@ -131,23 +131,43 @@ def per_sequence_kv(inputs: dict) -> tuple[jax.Array, jax.Array]:
     return jax.block_until_ready((k, v))
 
 
-def estimate_bytes(case: Case, s: int, variant: Variant) -> int:
+def estimate_bytes(case: Case, s: int, variant: Variant, copies: int = 1) -> int:
     """Device bytes a variant needs at suffix s: the shared inputs (suffix caches of `out` tokens), its copies (the
     per-sequence KV, the anchors' exact-length suffixes, FlashInfer's paged cache), output and f32 logits
-    workspace."""
+    workspace; with `copies` (`l2_copies`) > 1, an upper bound: copies - 1 more of the inputs and of its own."""
     shared = floor.kv_cache_bytes(case.batch, case.prefix, case.out, case.kv_heads, case.head_dim, case.itemsize,
                                   False)
     q_and_out = 2 * case.batch * case.q_heads * case.head_dim * case.itemsize
-    copies = 0
+    own = 0
     if variant.prefix_copied:
-        copies += floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
+        own += floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
     if variant.outside:
-        copies += floor.kv_cache_bytes(case.batch, 0, s, case.kv_heads, case.head_dim, case.itemsize, False)
+        own += floor.kv_cache_bytes(case.batch, 0, s, case.kv_heads, case.head_dim, case.itemsize, False)
     if variant.kv_copy:
-        copies += floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize,
-                                       False)
+        own += floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, False)
     logits = 2 * 4 * case.batch * case.q_heads * (case.prefix + s)
-    return shared + q_and_out + copies + logits
+    return copies * (shared + own) + q_and_out + logits
+
+
+def step_read_bytes(case: Case, s: int, variant: Variant) -> int:
+    """Bytes one step of a variant reads and writes: the floor's (`floor.step_bytes`: the prefix once, s tokens a
+    sequence, queries and outputs), the prefix once a sequence where the variant keeps per-sequence copies."""
+    copied = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
+    return (copied + 2 * case.batch * case.q_heads * case.head_dim * case.itemsize if variant.prefix_copied
+            else floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim,
+                                  case.itemsize))
+
+
+def l2_copies(case: Case, s: int, variant: Variant, l2_bytes: int, steps_per_call: int) -> int:
+    """Copies of a variant's KV that a timed chain reads in turn (`timing.chain_steps`' copies), so that together
+    they are at least twice the L2 cache (`l2_bytes`, the config's [device] table; 0: one copy): data a step reads
+    that would fit L2 is otherwise served from it from step to step, faster than the floor's HBM bandwidth (a
+    decode reads each layer's caches once a step). A power of two dividing `steps_per_call`."""
+    need = math.ceil(2 * l2_bytes / max(1, step_read_bytes(case, s, variant)))
+    copies = 1
+    while copies < need and steps_per_call % (2 * copies) == 0:
+        copies *= 2
+    return copies
 
 
 def step_floor(case: Case, s: int, rates: dict) -> dict:
@@ -223,22 +243,31 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
     """(status, results, reason, output) of one variant at one (config, s); failures become statuses.
 
     One timed call runs `steps_per_call` steps chained (`timing.chain_steps`: each step's output is the next one's
-    query); `step_s` is the call's median time / steps_per_call, and the output compared with the reference's is
-    that of the last step of the chain (the reference runs the same chain)."""
+    query), over `l2_copies` copies of the KV in turn; `step_s` is the call's median time / steps_per_call, and the
+    output compared with the reference's is that of the last step of the chain (the reference runs the same
+    chain)."""
     variant = VARIANTS[name]
     reason = skip_reason(variant, backend)
     if reason is not None:
         return "skipped", {}, reason, None
     args = None
+    copies = l2_copies(case, s, variant, (device_table or {}).get("l2_bytes", 0), steps_per_call)
+    capacity = memory.device_capacity(device_table)
+    while copies > 1 and capacity is not None and (estimate_bytes(case, s, variant, copies)
+                                                   > memory.usable_bytes(capacity, device_table)):
+        copies //= 2  # fewer copies where they would not fit (one copy: the estimate plan() checks)
     try:
-        memory.check_fits(estimate_bytes(case, s, variant), device_table)
+        memory.check_fits(estimate_bytes(case, s, variant, copies), device_table)
         if variant.outside:
-            results, output = anchors.measure(name, inputs, steps_per_call, timing_kw)
+            results, output = anchors.measure(name, inputs, steps_per_call, timing_kw, copies)
         else:
             fn, args = build(name, inputs, per_seq, backend)
+            # the KV again (copies - 1 times, fresh buffers): the chain reads one copy a step in turn
+            args = (*args, *(jnp.copy(a) for _ in range(copies - 1) for a in args[1:]))
             in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
-            t = timing.time_fn(timing.chain_steps(fn, steps_per_call), args, **timing_kw)
-            results = {**t.as_dict(), "steps_per_call": steps_per_call, "step_s": t.median_s / steps_per_call}
+            t = timing.time_fn(timing.chain_steps(fn, steps_per_call, copies), args, **timing_kw)
+            results = {**t.as_dict(), "steps_per_call": steps_per_call, "step_s": t.median_s / steps_per_call,
+                       "l2_copies": copies}
             output = t.output
             if in_use is not None:
                 results["device_bytes_in_use"] = in_use

@@ -92,6 +92,11 @@ DEVICE_SCHEMA = {
     "memory_capacity_bytes": Field((int,), required=False, check=lambda v: v > 0, hint="bytes > 0"),
     # Fraction of the capacity that an estimate may use before the point is recorded as out of memory.
     "memory_fraction": Field((float, int), required=False, check=lambda v: 0 < v <= 1, hint="in (0, 1]"),
+    # bench-attention: the device's L2 cache (bytes; 0 or absent: not counted). A timed chain of steps reads copies
+    # of the KV in turn, at least twice this together (bench_attention.l2_copies), so that a step's data is not
+    # served from L2 from step to step.
+    "l2_bytes": Field((int,), required=False, check=lambda v: not isinstance(v, bool) and v >= 0,
+                      hint="bytes >= 0"),
 }
 
 BANDWIDTH_PROBES = ("copy", "read", "pallas_read")  # the probes of experiments.device_rates

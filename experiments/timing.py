@@ -41,13 +41,18 @@ class Timing:
         }
 
 
-def chain_steps(fn: Callable, steps: int) -> Callable:
+def chain_steps(fn: Callable, steps: int, copies: int = 1) -> Callable:
     """`steps` steps of `fn(q, *rest) -> out` in one call, each step's output the next step's query.
 
     As in a jit-compiled decode loop, the host dispatches once for all the steps, so a step costs its device work
     (and the launch gaps between its kernels), not a Python dispatch. The chain is a real data dependency (out has
     q's shape and dtype), so the steps run one after the other. The loop is unrolled by 4: its host cost per
     iteration (~10 µs on the lent H100's host) is shared by 4 steps, and the compiled program stays small.
+
+    `copies` > 1: the chained function takes `copies` sets of `rest` one after the other (`q, *rest_1, ...,
+    *rest_copies`) and step i reads set i mod copies, so that data smaller than the GPU's L2 cache is not served
+    from L2 from step to step (a decode reads each layer's caches once a step; `steps` must be a multiple of
+    `copies`).
 
     Caveat: work that depends on `rest` alone (a layout change or dtype conversion of a KV cache) may be hoisted
     out of the chain by XLA and then paid once per call instead of once per step. Each step passes (q, *rest)
@@ -60,22 +65,36 @@ def chain_steps(fn: Callable, steps: int) -> Callable:
 
     Args:
       fn: `fn(q, *rest)` returning an array of q's shape (cast to q's dtype).
-      steps: >= 1; 1 returns `fn` itself.
+      steps: >= 1; 1 (with one copy) returns `fn` itself.
+      copies: >= 1, dividing `steps`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
+    if copies < 1 or steps % copies:
+        raise ValueError(f"copies must be >= 1 and divide steps ({steps}); got {copies}.")
     if steps == 1:
         return fn
 
     def chained(q, *rest):
-        def step(_, x):
-            x, *args = lax.optimization_barrier((x, *rest))
+        if len(rest) % copies:
+            raise ValueError(f"chain_steps: {len(rest)} arguments after q do not split into {copies} copies.")
+        width = len(rest) // copies
+        sets = [rest[i * width:(i + 1) * width] for i in range(copies)]
+
+        def one(x, args):
+            x, *args = lax.optimization_barrier((x, *args))
             out = fn(x, *args)
             if out.shape != x.shape:
                 raise ValueError(f"chain_steps: fn returned shape {out.shape}; expected the query's {x.shape}.")
             return out.astype(x.dtype)
 
-        return lax.fori_loop(0, steps, step, q, unroll=min(steps, 4))
+        def step(_, x):  # one step of each copy in turn
+            for args in sets:
+                x = one(x, args)
+            return x
+
+        rounds = steps // copies
+        return lax.fori_loop(0, rounds, step, q, unroll=min(rounds, max(1, 4 // copies)))
 
     return chained
 

@@ -544,6 +544,7 @@ def test_bench_smoke_results(bench_smoke):
             res = rec["results"]
             assert res["compile_s"] > 0 and res["repeats"] == cfg["timing"]["repeats"]
             assert res["steps_per_call"] == chained and res["step_s"] == pytest.approx(res["median_s"] / chained)
+            assert res["l2_copies"] == 2, rec  # KiB of KV against a 50 MiB L2: a copy a step of the two chained
     md = bench_smoke.with_suffix(".md").read_text()
     assert "floor frac" in md and "tok/s" in md
 
@@ -1781,3 +1782,50 @@ def test_bench_inputs_are_a_decode_s_caches_at_every_point():
     plain = bench_attention.estimate_bytes(case, 1, variants["hydragen"])
     assert plain >= floor.kv_cache_bytes(3, 5, 7, 2, 8, 4, False)
     assert bench_attention.estimate_bytes(case, 1, variants["torch_hydragen"]) == plain + 2 * 3 * 1 * 2 * 8 * 4
+
+
+def test_chain_steps_reads_its_copies_in_turn():
+    """copies = 2: step i reads the i mod 2-th set of arguments (x + a, then x + b, ...); steps must be a multiple."""
+    x, a, b = jnp.zeros(3), jnp.ones(3), 10 * jnp.ones(3)
+    chained = jax.jit(timing.chain_steps(lambda x, y: x + y, 4, copies=2))
+    np.testing.assert_array_equal(chained(x, a, b), 22 * jnp.ones(3))
+    np.testing.assert_array_equal(jax.jit(timing.chain_steps(lambda x, y: x * 2 + y, 3))(x, a), 7 * jnp.ones(3))
+    with pytest.raises(ValueError, match=r"copies must be >= 1 and divide steps \(4\); got 3"):
+        timing.chain_steps(lambda x, y: x, 4, copies=3)
+    with pytest.raises(ValueError, match="3 arguments after q do not split into 2 copies"):
+        chained(x, a, b, a)
+
+
+def test_l2_copies_cover_twice_the_cache():
+    """Copies of a point's KV, together >= 2 x L2 where the chain allows (a power of two dividing its steps); one
+    where its bytes exceed that already, where l2_bytes is 0, and for the per-sequence copies (B times the prefix)."""
+    v = bench_attention.VARIANTS
+    case = bench_attention.Case(batch=64, prefix=1024, out=512, q_heads=32, kv_heads=32, head_dim=128,
+                                dtype="bfloat16")
+    l2 = 50 * 2**20
+    assert bench_attention.step_read_bytes(case, 1, v["hydragen"]) == floor.step_bytes(64, 1024, 1, 32, 32, 128, 2)
+    assert bench_attention.l2_copies(case, 1, v["hydragen"], l2, 16) == 8  # 18.9 MB a step: 6 needed, 8
+    assert bench_attention.l2_copies(case, 1, v["hydragen"], l2, 4) == 4  # at most the chain's steps
+    assert bench_attention.l2_copies(case, 1, v["hydragen"], l2, 6) == 2  # a power of two dividing them
+    assert bench_attention.l2_copies(case, 256, v["hydragen"], l2, 16) == 1  # 286 MB
+    assert bench_attention.l2_copies(case, 1, v["hydragen"], 0, 16) == 1
+    assert bench_attention.l2_copies(case, 1, v["xla_per_sequence"], l2, 16) == 1  # 1 GB of copies a step
+    one = bench_attention.estimate_bytes(case, 1, v["hydragen"])
+    shared = floor.kv_cache_bytes(64, 1024, 512, 32, 128, 2, False)
+    assert bench_attention.estimate_bytes(case, 1, v["hydragen"], 8) == one + 7 * shared
+
+
+def test_l2_copies_fall_back_to_what_fits():
+    """Where the copies would not fit the device (the config's memory_capacity_bytes), fewer are timed, down to one:
+    never an estimated OOM that one copy would not have."""
+    case = bench_attention.Case(batch=2, prefix=8, out=4, q_heads=4, kv_heads=2, head_dim=8, dtype="float32")
+    hydragen = bench_attention.VARIANTS["hydragen"]
+    one = bench_attention.estimate_bytes(case, 1, hydragen)
+    inputs = bench_attention.make_inputs(case, 1, 0)
+    kw = {"warmup": 0, "repeats": 1, "min_repeat_s": 0.0, "max_inner": 1}
+    for capacity, want in ((one, 1), (bench_attention.estimate_bytes(case, 1, hydragen, 2), 2), (10**9, 4)):
+        table = {"memory_capacity_bytes": capacity, "memory_fraction": 1.0, "l2_bytes": 2**20}
+        status, results, reason, _ = bench_attention.measure_variant(
+            "hydragen", case, 1, inputs, None, backend="xla", build=bench_attention.build_variant, timing_kw=kw,
+            device_table=table, steps_per_call=4)
+        assert status == "ok" and results["l2_copies"] == want, (capacity, status, reason, results)
