@@ -439,23 +439,32 @@ class Sweep:
         self.on_hang()
 
   def _measure(self, i: int, fn: Callable, signature: tuple) -> tuple[list[float], float | None]:
-    """Step times at s = 1, out/2, out (alone: s = 1, the suffix is not read) and the max error of the outputs
-    against the first step timed on this config."""
+    """Step times at s = 1, out/2, out (alone: s = 1, the suffix is not read), chained over the config's
+    `sweep_kernels.l2_copies` copies of the KV, and the max error of the outputs against the first step timed on
+    this config."""
     b, _, out, _, _ = self.configs[i]
     alone = signature[0] == "alone"
     points = (1,) if alone else floor.simpson_points(out)
-    chained = timing.chain_steps(fn, STEPS)
+    copies = sweep_kernels.l2_copies(self.configs[i], STEPS)  # as the benchmark: its KV at s = 1 not L2-warm
+    chained = timing.chain_steps(fn, STEPS, copies)
+
+    def args(q, kv, s):  # q, then each copy of the KV with the lengths s
+      lengths = jnp.full((b,), s, jnp.int32) if not self.dry_run else jax.ShapeDtypeStruct((b,), jnp.int32)
+      return (q, *(x for copy in kv for x in (*copy, lengths)))
+
     if self.dry_run:
-      shapes = jax.eval_shape(chained, *self.structs(i), jax.ShapeDtypeStruct((b,), jnp.int32))
-      assert shapes.shape == self.structs(i)[0].shape
+      structs = self.structs(i)
+      shapes = jax.eval_shape(chained, *args(structs[0], [structs[1:]] * copies, 1))
+      assert shapes.shape == structs[0].shape
       return [stand_in_time((signature, s)) for s in points], None
     if i not in self._inputs:
-      self._inputs[i] = sweep_kernels.config_inputs(self.configs[i], i)
-    data = self._inputs[i]
-    compiled, _ = timing.compile_aot(chained, (*data, jnp.ones((b,), jnp.int32)))
+      q, *kv = sweep_kernels.config_inputs(self.configs[i], i)
+      self._inputs[i] = (q, [tuple(kv)] + [tuple(jnp.copy(x) for x in kv) for _ in range(copies - 1)])
+    q, kv = self._inputs[i]
+    compiled, _ = timing.compile_aot(chained, args(q, kv, 1))
     steps, outs = [], []
     for s in points:
-      tm = timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING)
+      tm = timing.time_compiled(compiled, args(q, kv, s), **TIMING)
       steps.append(tm.median_s / STEPS)
       outs.append(np.asarray(tm.output, np.float32))
     want = self._reference.setdefault((i, alone), outs)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_attention, device_rates, floor, timing
+from experiments import config as config_lib
 from hydragen_jax import merge_states
 from hydragen_jax import tuning as tuning_lib
 from hydragen_jax.kernels import merge as merge_kernel
@@ -189,6 +190,7 @@ def config_inputs(cfg, seed: int):
 
 
 CONFIGS = list(SEED)  # the seed configs, then those of --shapes
+L2_BYTES = config_lib.load("bench_attention").get("device", {}).get("l2_bytes", 0)  # the benchmark's (l2_copies)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -259,6 +261,13 @@ def step_fn(cfg, variant, tuning: tuning_lib.Tuning | None = None):
     return out.astype(q.dtype)
 
   return fn, (pb, sb)
+
+
+def l2_copies(cfg, steps: int) -> int:
+  """Copies of config cfg's KV a timed chain of `steps` reads in turn, as the benchmark's at s = 1
+  (`bench_attention.l2_copies` with its config's device.l2_bytes): where its s = 1 step's bytes would fit the L2
+  cache, the chain would otherwise read them from L2 step to step."""
+  return bench_attention.l2_copies(case(cfg), 1, bench_attention.VARIANTS["hydragen"], L2_BYTES, steps)
 
 
 def floor_s(cfg, s, rates):
