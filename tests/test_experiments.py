@@ -34,6 +34,8 @@ def test_floor_matches_hand_computation_for_seed_config():
     assert floor.step_bytes(suffixes=256, **args) == 286_261_248
     assert floor.step_bytes(suffixes=512, **args) == 554_696_704
     assert floor.step_bytes(suffixes=[1] * 64, **args) == 18_874_368
+    # T = 4 queries a sequence: four queries and outputs each (the KV once)
+    assert floor.step_bytes(suffixes=1, queries=4, **args) == 17_825_792 + 4 * 1_048_576
     # FLOPs = 4*128*32*64*(1024+1)
     assert floor.step_flops(64, 1024, 1, 32, 128) == 1_074_790_400
     bw, mm = 3.02e12, 671e12
@@ -90,6 +92,13 @@ def test_kv_cache_bytes_prefix_once_vs_copied():
 TINY = floor.ModelShape(hidden=8, intermediate=16, layers=2, q_heads=4, kv_heads=2, head_dim=4, vocab=32, itemsize=2)
 # B = 3: one shared node of 10 tokens read by all three, prompt suffixes of 1, 2, 3 tokens.
 TINY_SHARING = floor.Sharing(levels=(((10, 3),),), suffix_lengths=(1, 2, 3), prompt_lengths=(11, 12, 13))
+
+
+def test_sharing_needs_one_length_of_each_kind_a_sequence():
+    with pytest.raises(ValueError, match=r"must list the same B >= 1 sequences"):
+        floor.Sharing((), (), ())
+    with pytest.raises(ValueError, match=r"suffix_lengths \(2\) and prompt_lengths \(1\)"):
+        floor.Sharing((), (1, 2), (3,))
 
 
 def test_layer_gemms_and_lm_head_by_hand():

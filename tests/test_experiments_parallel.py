@@ -28,7 +28,7 @@ def test_tensor_parallel_shape_is_one_device_share():
 
 @pytest.mark.parametrize("heads,kv_heads,intermediate,vocab,devices", [
     (32, 32, 11008, 32000, 2), (32, 8, 14336, 128256, 4), (32, 8, 14336, 32001, 16), (40, 40, 13824, 32016, 8),
-    (12, 4, 1536, 49152, 4), (8, 2, 64, 99, 8)])
+    (12, 4, 1536, 49152, 4), (8, 2, 64, 99, 8), (8, 2, 50, 97, 4)])  # the last: I / n rounded up (13)
 def test_tensor_parallel_share_is_the_models_split(heads, kv_heads, intermediate, vocab, devices):
     """floor stays free of jax and models, so it has its own copy of the split: the same sizes as
     models.parallel.split (what the sharded model runs) on dense, GQA, replicated-KV and odd-vocabulary shapes."""

@@ -97,6 +97,9 @@ def test_explicit_tree_validation():
     lv = SharedLevel(nodes=((1, 2),), seq_to_node=(0, 0))
     tree = SharingTree((lv,), ((3,), (4, 5)))
     assert tree.prompt(1) == (1, 2, 4, 5) and tree.prefix_length(1) == 2
+    # each sequence's own nodes: 2 + 1 tokens for sequence 0, 3 + 1 for sequence 1
+    two = SharingTree((SharedLevel(((1, 2), (1, 2, 3)), (0, 1)), SharedLevel(((7,), (8,)), (0, 1))), ((3,), (4,)))
+    assert [two.prefix_length(b) for b in range(2)] == [3, 4]
     with pytest.raises(ValueError, match="suffix of sequence 0 is empty"):
         SharingTree((lv,), ((), (4,)))
     with pytest.raises(ValueError, match="maps 2 sequences, expected 3"):
