@@ -1230,3 +1230,24 @@ def test_sweep_kernels_merges_with_the_swept_tuning(monkeypatch):
     fn, _ = sweep_kernels.step_fn(cfg, variant, tune)
     fn(q, pk, pk, sk, sk, jnp.full((4,), 16, jnp.int32))
     assert (seen[-1]["rows"], seen[-1]["num_warps"]) == want
+
+
+def test_sweeps_chain_over_copies_of_the_kv():
+  """sweep_kernels.kv_copies / chain_args (the sweeps' chained steps over the bench's l2_copies): each copy in fresh
+  buffers with the same values, the lengths after each, and a chain over them gives the one-copy chain's output."""
+  from experiments import timing  # noqa: PLC0415
+  from scripts.tuning import sweep_kernels  # noqa: PLC0415
+
+  data = tuple(jnp.full((2, 3), float(i)) for i in range(5))
+  q, kv = sweep_kernels.kv_copies(data, 4)
+  assert len(kv) == 4 and all(len(c) == 4 for c in kv) and kv[0][0] is data[1] and kv[1][0] is not data[1]
+  lengths = jnp.array([1, 2])
+  args = sweep_kernels.chain_args(q, kv, lengths)
+  assert len(args) == 1 + 4 * 5 and args[5] is lengths and args[10] is lengths
+
+  def fn(q, pk, pv, sk, sv, n):
+    return q + pk + pv + sk + sv + n[:, None]
+
+  one = jax.jit(timing.chain_steps(fn, 8))(*sweep_kernels.chain_args(q, kv[:1], lengths))
+  np.testing.assert_array_equal(jax.jit(timing.chain_steps(fn, 8, 4))(*args), one)
+  assert sweep_kernels.l2_copies((64, 1024, 512, 32, 32), 16) == 8  # the bench's rule for row 0 at s = 1

@@ -448,23 +448,19 @@ class Sweep:
     copies = sweep_kernels.l2_copies(self.configs[i], STEPS)  # as the benchmark: its KV at s = 1 not L2-warm
     chained = timing.chain_steps(fn, STEPS, copies)
 
-    def args(q, kv, s):  # q, then each copy of the KV with the lengths s
-      lengths = jnp.full((b,), s, jnp.int32) if not self.dry_run else jax.ShapeDtypeStruct((b,), jnp.int32)
-      return (q, *(x for copy in kv for x in (*copy, lengths)))
-
     if self.dry_run:
       structs = self.structs(i)
-      shapes = jax.eval_shape(chained, *args(structs[0], [structs[1:]] * copies, 1))
-      assert shapes.shape == structs[0].shape
+      args = sweep_kernels.chain_args(structs[0], [structs[1:]] * copies, jax.ShapeDtypeStruct((b,), jnp.int32))
+      assert jax.eval_shape(chained, *args).shape == structs[0].shape
       return [stand_in_time((signature, s)) for s in points], None
     if i not in self._inputs:
-      q, *kv = sweep_kernels.config_inputs(self.configs[i], i)
-      self._inputs[i] = (q, [tuple(kv)] + [tuple(jnp.copy(x) for x in kv) for _ in range(copies - 1)])
+      self._inputs[i] = sweep_kernels.kv_copies(sweep_kernels.config_inputs(self.configs[i], i), copies)
     q, kv = self._inputs[i]
-    compiled, _ = timing.compile_aot(chained, args(q, kv, 1))
+    lengths = lambda s: jnp.full((b,), s, jnp.int32)  # noqa: E731
+    compiled, _ = timing.compile_aot(chained, sweep_kernels.chain_args(q, kv, lengths(1)))
     steps, outs = [], []
     for s in points:
-      tm = timing.time_compiled(compiled, args(q, kv, s), **TIMING)
+      tm = timing.time_compiled(compiled, sweep_kernels.chain_args(q, kv, lengths(s)), **TIMING)
       steps.append(tm.median_s / STEPS)
       outs.append(np.asarray(tm.output, np.float32))
     want = self._reference.setdefault((i, alone), outs)

@@ -270,6 +270,18 @@ def l2_copies(cfg, steps: int) -> int:
   return bench_attention.l2_copies(case(cfg), 1, bench_attention.VARIANTS["hydragen"], L2_BYTES, steps)
 
 
+def kv_copies(data, copies: int) -> tuple:
+  """`config_inputs`' (q, k, v, suffix k, suffix v) as (q, [the KV, then copies - 1 copies of it in fresh buffers])."""
+  q, *kv = data
+  return q, [tuple(kv)] + [tuple(jnp.copy(x) for x in kv) for _ in range(copies - 1)]
+
+
+def chain_args(q, kv_sets, lengths) -> tuple:
+  """The arguments of a step chained over copies (`timing.chain_steps(fn, steps, len(kv_sets))` of `fn(q, pk, pv, sk,
+  sv, lengths)`): q, then each copy of the KV with the lengths."""
+  return (q, *(x for kv in kv_sets for x in (*kv, lengths)))
+
+
 def floor_s(cfg, s, rates):
   """The benchmark's floor of one step of config cfg at suffix s (`bench_attention.step_floor`), in seconds."""
   return bench_attention.step_floor(case(cfg), s, rates)["floor_s"]
@@ -281,21 +293,23 @@ def sweep_steps(configs, names, rates, records):
   for i in configs:
     cfg = CONFIGS[i]
     b, out = cfg[0], cfg[2]
-    data = inputs(i)
+    copies = l2_copies(cfg, STEPS_PER_CALL)  # as the benchmark: the KV at s = 1 not served from L2 step to step
+    q, kv = kv_copies(inputs(i), copies)
     points = floor.simpson_points(out)
     floor_mean = floor.simpson(*(floor_s(cfg, s, rates) for s in points))
     cells = []
     for name in names:
       try:
         fn, (pb, sb) = step_fn(cfg, VARIANTS[name])
-        compiled, _ = timing.compile_aot(timing.chain_steps(fn, STEPS_PER_CALL), (*data, jnp.ones((b,), jnp.int32)))
-        steps = [timing.time_compiled(compiled, (*data, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
+        compiled, _ = timing.compile_aot(timing.chain_steps(fn, STEPS_PER_CALL, copies),
+                                         chain_args(q, kv, jnp.ones((b,), jnp.int32)))
+        steps = [timing.time_compiled(compiled, chain_args(q, kv, jnp.full((b,), s, jnp.int32)), **TIMING).median_s
                  / STEPS_PER_CALL for s in points]
         frac = floor_mean / floor.simpson(*steps)
         cells.append(f"{frac:5.3f}")
         records.append(dict(kind="step", config=cfg, variant=name, steps_s=steps, floor_mean_s=floor_mean,
                             fraction=frac, prefix_block=str(pb), suffix_block=str(sb),
-                            steps_per_call=STEPS_PER_CALL))
+                            steps_per_call=STEPS_PER_CALL, l2_copies=copies))
         print(f"  [{i}] {name}: {frac:.3f} ({' / '.join(f'{x * 1e6:.0f}' for x in steps)} us; floor "
               f"{floor_mean * 1e6:.0f} us mean)", flush=True)
       except Exception as e:  # noqa: BLE001 - report and go on
