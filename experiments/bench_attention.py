@@ -77,6 +77,8 @@ VARIANTS = {
     "flashinfer_cascade": Variant("flashinfer_cascade", prefix_copied=False, needs_gpu=True, outside=True,
                                   kv_copy=True),
 }
+
+
 def cases_from_config(config: dict) -> list[Case]:
     bench = config["bench"]
     return [Case(head_dim=bench["head_dim"], dtype=bench["dtype"], **row) for row in bench["configs"]]
@@ -152,10 +154,8 @@ def estimate_bytes(case: Case, s: int, variant: Variant, copies: int = 1) -> int
 def step_read_bytes(case: Case, s: int, variant: Variant) -> int:
     """Bytes one step of a variant reads and writes: the floor's (`floor.step_bytes`: the prefix once, s tokens a
     sequence, queries and outputs), the prefix once a sequence where the variant keeps per-sequence copies."""
-    copied = floor.kv_cache_bytes(case.batch, case.prefix, s, case.kv_heads, case.head_dim, case.itemsize, True)
-    return (copied + 2 * case.batch * case.q_heads * case.head_dim * case.itemsize if variant.prefix_copied
-            else floor.step_bytes(case.batch, case.prefix, s, case.q_heads, case.kv_heads, case.head_dim,
-                                  case.itemsize))
+    prefix = case.batch * case.prefix if variant.prefix_copied else case.prefix
+    return floor.step_bytes(case.batch, prefix, s, case.q_heads, case.kv_heads, case.head_dim, case.itemsize)
 
 
 def l2_copies(case: Case, s: int, variant: Variant, l2_bytes: int, steps_per_call: int) -> int:
@@ -252,9 +252,7 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
         return "skipped", {}, reason, None
     args = None
     copies = l2_copies(case, s, variant, (device_table or {}).get("l2_bytes", 0), steps_per_call)
-    capacity = memory.device_capacity(device_table)
-    while copies > 1 and capacity is not None and (estimate_bytes(case, s, variant, copies)
-                                                   > memory.usable_bytes(capacity, device_table)):
+    while copies > 1 and not memory.fits(estimate_bytes(case, s, variant, copies), device_table):
         copies //= 2  # fewer copies where they would not fit (one copy: the estimate plan() checks)
     try:
         memory.check_fits(estimate_bytes(case, s, variant, copies), device_table)
@@ -262,8 +260,7 @@ def measure_variant(name: str, case: Case, s: int, inputs: dict, per_seq: Callab
             results, output = anchors.measure(name, inputs, steps_per_call, timing_kw, copies)
         else:
             fn, args = build(name, inputs, per_seq, backend)
-            # the KV again (copies - 1 times, fresh buffers): the chain reads one copy a step in turn
-            args = (*args, *(jnp.copy(a) for _ in range(copies - 1) for a in args[1:]))
+            args = (args[0], *(a for kv in timing.fresh_copies(args[1:], copies) for a in kv))
             in_use = memory.bytes_in_use()  # inputs of this (config, s) + this variant's copies (GPU only)
             t = timing.time_fn(timing.chain_steps(fn, steps_per_call, copies), args, **timing_kw)
             results = {**t.as_dict(), "steps_per_call": steps_per_call, "step_s": t.median_s / steps_per_call,

@@ -44,6 +44,12 @@ def usable_bytes(capacity: float, device_table: dict | None = None) -> int:
     return int(capacity * (device_table or {}).get("memory_fraction", MEMORY_FRACTION))
 
 
+def fits(needed_bytes: int, device_table: dict | None = None) -> bool:
+    """Whether `needed_bytes` is within memory_fraction * capacity (True if the capacity is unknown)."""
+    capacity = device_capacity(device_table)
+    return capacity is None or needed_bytes <= usable_bytes(capacity, device_table)
+
+
 def check_fits(needed_bytes: int, device_table: dict | None = None) -> None:
     """Raise EstimatedOOM if `needed_bytes` exceeds memory_fraction * capacity (no-op if capacity is unknown)."""
     capacity = device_capacity(device_table)

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -97,6 +98,12 @@ def chain_steps(fn: Callable, steps: int, copies: int = 1) -> Callable:
         return lax.fori_loop(0, rounds, step, q, unroll=min(rounds, max(1, 4 // copies)))
 
     return chained
+
+
+def fresh_copies(arrays: Sequence[Any], copies: int) -> list[tuple]:
+    """`arrays` and copies - 1 copies of them in fresh device buffers (the sets `chain_steps`' copies read in
+    turn): a list of `copies` tuples, the first the arrays themselves."""
+    return [tuple(arrays)] + [tuple(jnp.copy(a) for a in arrays) for _ in range(copies - 1)]
 
 
 def compile_aot(fn: Callable, args: Sequence[Any]) -> tuple[Callable, float]:

@@ -273,7 +273,7 @@ def l2_copies(cfg, steps: int) -> int:
 def kv_copies(data, copies: int) -> tuple:
   """`config_inputs`' (q, k, v, suffix k, suffix v) as (q, [the KV, then copies - 1 copies of it in fresh buffers])."""
   q, *kv = data
-  return q, [tuple(kv)] + [tuple(jnp.copy(x) for x in kv) for _ in range(copies - 1)]
+  return q, timing.fresh_copies(kv, copies)
 
 
 def chain_args(q, kv_sets, lengths) -> tuple:
