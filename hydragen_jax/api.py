@@ -438,8 +438,7 @@ def _tree_levels(q, levels, batch_shared, checked: bool) -> tuple[list[Level], l
       isinstance(batch_shared, (list, tuple)) and any(isinstance(b, jax.core.Tracer) for b in batch_shared))
   if traced:  # a flag given to a jitted call as an ordinary argument
     raise ValueError(f"batch_shared={batch_shared!r}: expected a bool, or one bool per shared level, known at trace "
-                     "time: it decides the program's shape; pass it as a static argument (e.g. jax.jit(fn, "
-                     "static_argnames='batch_shared'), or functools.partial(fn, batch_shared=...) before jitting).")
+                     f"time. {check.static_hint('batch_shared')}")
   if isinstance(batch_shared, (bool, np.bool_)):
     batched = [bool(batch_shared) and not leaf for leaf in last]
   else:

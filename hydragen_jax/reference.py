@@ -158,10 +158,9 @@ def merge_states(states: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
     if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(map(_is_array, state))):
       raise ValueError(f"merge_states: part {i} must be an (out, lse) pair of arrays; got {_describe(state)}. "
                        f"`states` is a sequence of such pairs, e.g. [(out_1, lse_1), (out_2, lse_2)].")
-    for what, x in zip(("out", "lse"), state):
-      dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
-      if not jnp.issubdtype(dtype, jnp.floating) or jnp.dtype(dtype).itemsize < 2:
-        raise ValueError(f"merge_states: part {i}'s {what} has dtype {dtype}; expected float16, bfloat16, float32 "
+    for what, x in zip(("out", "lse"), state):  # (arrays: checked above)
+      if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize < 2:
+        raise ValueError(f"merge_states: part {i}'s {what} has dtype {x.dtype}; expected float16, bfloat16, float32 "
                          "or float64 (the merge is a weighted average in float32 or float64).")
   shape = jnp.shape(states[0][0])
   if not shape:

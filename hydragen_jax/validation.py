@@ -33,12 +33,17 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
     raise ValueError(f"{name} must have rank {rank} ({layout}); got shape {jnp.shape(x)}.")
 
 
+def static_hint(name: str) -> str:
+  """What to do with argument `name` given to a jitted call as an ordinary (traced) argument, where it decides the
+  program's shape."""
+  return (f"It decides the program's shape: pass it as a static argument (e.g. jax.jit(fn, "
+          f"static_argnames={name!r}), or functools.partial(fn, {name}=...) before jitting).")
+
+
 def check_flag(name: str, x) -> None:
   if not isinstance(x, (bool, np.bool_)):
     traced = isinstance(x, jax.core.Tracer)  # a flag given to a jitted call as an ordinary (traced) argument
-    raise ValueError(f"{name} must be a bool, got {x!r}." + (
-        f" It decides the program's shape: pass it as a static argument (e.g. jax.jit(fn, "
-        f"static_argnames={name!r}), or functools.partial(fn, {name}=...) before jitting)." if traced else ""))
+    raise ValueError(f"{name} must be a bool, got {x!r}." + (f" {static_hint(name)}" if traced else ""))
 
 
 def check_same(name_a: str, a, name_b: str, b) -> None:
